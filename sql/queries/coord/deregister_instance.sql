@@ -1,0 +1,1 @@
+DELETE FROM pgcrew.instances WHERE id = $1

@@ -1,0 +1,7 @@
+LISTEN pgcrew_run_state_changed;
+LISTEN pgcrew_instance_registered;
+LISTEN pgcrew_instance_deregistered;
+LISTEN pgcrew_leader_changed;
+LISTEN pgcrew_task_available;
+LISTEN pgcrew_run_event;
+LISTEN pgcrew_budget_status_changed;

@@ -1,0 +1,1 @@
+DELETE FROM pgcrew.leader WHERE name = $1 AND leader_id = $2

@@ -1,0 +1,102 @@
+//! The `pgcrew` command line: migrations, instances, leadership, runs, tasks, tenants,
+//! benchmarks and the demo. DSN from `--dsn` or `DATABASE_URL`.
+//!
+//! Exit codes: 0 success, 1 a check failed (e.g. an invalid ledger), 2 usage or connection error.
+
+mod coord;
+mod output;
+mod run;
+mod tasks;
+mod tenants;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Durable, multi-tenant AI-agent runs coordinated entirely inside PostgreSQL.
+#[derive(Debug, Parser)]
+#[command(name = "pgcrew", version, about, long_about = None, after_help = EXAMPLES)]
+pub struct Cli {
+    /// PostgreSQL DSN (URL or key/value form).
+    #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
+    pub dsn: Option<String>,
+
+    /// Log filter (e.g. `info`, `pgcrew=debug`); also RUST_LOG.
+    #[arg(long, global = true, default_value = "warn")]
+    pub log: String,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+const EXAMPLES: &str = "Examples:
+  pgcrew migrate --dsn postgres://root@127.0.0.1:5432/test
+  DATABASE_URL=postgres://root@127.0.0.1/test pgcrew serve --heartbeat-interval 500ms --leader-ttl 2s
+  pgcrew instances --json
+  pgcrew leader";
+
+/// Top-level commands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Apply the embedded migrations (idempotent).
+    Migrate,
+    /// Run a bare instance (registration, heartbeat, election, maintenance) until SIGINT/SIGTERM.
+    Serve(coord::ServeArgs),
+    /// List registered instances.
+    Instances(output::JsonFlag),
+    /// Show the leader lease.
+    Leader(output::JsonFlag),
+    /// Inspect and control runs.
+    #[command(subcommand)]
+    Run(run::RunCmd),
+    /// Inspect and control tasks.
+    #[command(subcommand)]
+    Tasks(tasks::TasksCmd),
+    /// Manage tenants.
+    #[command(subcommand)]
+    Tenants(tenants::TenantsCmd),
+}
+
+fn init_tracing(filter: &str) {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    rt.block_on(dispatch(cli))
+}
+
+async fn dispatch(cli: Cli) -> ExitCode {
+    let dsn = cli.dsn.clone();
+    let result = match cli.command {
+        Command::Migrate => coord::migrate(dsn).await,
+        Command::Serve(args) => coord::serve(dsn, args).await,
+        Command::Instances(f) => coord::instances(dsn, f.json).await,
+        Command::Leader(f) => coord::leader(dsn, f.json).await,
+        Command::Run(cmd) => run::exec(dsn, cmd).await,
+        Command::Tasks(cmd) => tasks::exec(dsn, cmd).await,
+        Command::Tenants(cmd) => tenants::exec(dsn, cmd).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}

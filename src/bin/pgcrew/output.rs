@@ -1,0 +1,65 @@
+//! Shared CLI plumbing: DSN resolution, `--json`, and table printing.
+
+use std::time::Duration;
+
+use clap::Args;
+use pgcrew::db::Db;
+use pgcrew::{Error, Result};
+
+/// A `--json` flag for read commands.
+#[derive(Debug, Args)]
+pub struct JsonFlag {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The DSN or a clear error saying how to give one.
+pub fn require_dsn(dsn: Option<String>) -> Result<String> {
+    dsn.filter(|d| !d.trim().is_empty()).ok_or_else(|| Error::Connect {
+        message: "no database given: pass --dsn or set DATABASE_URL (e.g. postgres://user@127.0.0.1:5432/db)".into(),
+    })
+}
+
+/// Connect a small pool and check the schema version.
+pub async fn connect(dsn: Option<String>) -> Result<Db> {
+    let dsn = require_dsn(dsn)?;
+    let db = Db::connect(&dsn, 4, Duration::from_secs(10)).await?;
+    db.check_schema().await?;
+    Ok(db)
+}
+
+/// Print rows as an aligned table with a header.
+pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i < widths.len() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                let pad = widths[i].saturating_sub(c.chars().count());
+                s.push_str(c);
+                s.push_str(&" ".repeat(pad + 2));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(headers.iter().map(|h| h.to_string()).collect());
+    for r in rows {
+        line(r.clone());
+    }
+}
+
+/// Print a value as pretty JSON.
+pub fn print_json<T: serde::Serialize>(v: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}

@@ -1,0 +1,316 @@
+//! Client configuration: a builder with documented defaults.
+//!
+//! | setting | default | meaning |
+//! |---|---|---|
+//! | `instance_id` | random UUID | this instance's id in `pgcrew.instances` |
+//! | `heartbeat_interval` | 30 s | how often the instance refreshes `last_heartbeat_at` |
+//! | `instance_ttl` | 2 min | silence after which the leader deletes an instance |
+//! | `leader_ttl` | 30 s | leader lease duration; renewed every `leader_ttl / 3` |
+//! | `maintenance_interval` | 1 min | how often the leader runs maintenance |
+//! | `stuck_run_timeout` | 1 h | a run `running` longer than this is failed with `run timed out` |
+//! | `notify_poll_interval` | 5 s | fallback poll interval of listeners (NOTIFY is only a wake-up) |
+//! | `pool_size` | 16 | maximum pooled connections |
+//! | `connect_timeout` | 10 s | timeout to open one connection |
+//! | `listen_dsn` | the main DSN | separate DSN for the LISTEN connection (e.g. bypassing PgBouncer) |
+//! | `poll_only` | false | no LISTEN connection at all; everything polls |
+//! | `migrate` | false | run the embedded migrations when the client is built |
+//! | `leader_election` | true | take part in leader election |
+//! | `task_retention` | 24 h | completed/discarded tasks older than this are deleted by maintenance |
+//! | `retention_batch_size` | 10 000 | rows deleted per retention statement |
+//! | `task_heartbeat_timeout` | 2 min | running tasks whose heartbeat is older than this are rescued |
+
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+use crate::ids::InstanceId;
+
+/// Configuration of a [`Client`](crate::Client). Build it with [`ClientConfig::builder`].
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// This instance's id.
+    pub instance_id: InstanceId,
+    /// Free-form metadata stored with the instance row.
+    pub metadata: serde_json::Value,
+    /// Agent names this instance can run (stored in `pgcrew.instance_agents`).
+    pub agents: Vec<String>,
+    /// Tool names this instance has registered (stored in `pgcrew.instance_tools`).
+    pub tools: Vec<String>,
+    /// Heartbeat interval.
+    pub heartbeat_interval: Duration,
+    /// Instance time-to-live without heartbeat.
+    pub instance_ttl: Duration,
+    /// Leader lease time-to-live.
+    pub leader_ttl: Duration,
+    /// Maintenance interval (leader only).
+    pub maintenance_interval: Duration,
+    /// Runs in `running` longer than this are failed by maintenance.
+    pub stuck_run_timeout: Duration,
+    /// Fallback polling interval for listeners.
+    pub notify_poll_interval: Duration,
+    /// Maximum pooled connections.
+    pub pool_size: usize,
+    /// Timeout to open one connection.
+    pub connect_timeout: Duration,
+    /// Separate DSN for the LISTEN connection.
+    pub listen_dsn: Option<String>,
+    /// Disable LISTEN entirely and rely on polling.
+    pub poll_only: bool,
+    /// Run the embedded migrations when the client is built.
+    pub migrate: bool,
+    /// Take part in leader election.
+    pub leader_election: bool,
+    /// Age after which completed/discarded tasks are deleted.
+    pub task_retention: Duration,
+    /// Rows deleted per retention statement.
+    pub retention_batch_size: i64,
+    /// Running tasks with a heartbeat older than this are returned to the queue.
+    pub task_heartbeat_timeout: Duration,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        Self {
+            instance_id: InstanceId::random(),
+            metadata: serde_json::json!({}),
+            agents: Vec::new(),
+            tools: Vec::new(),
+            heartbeat_interval: Duration::from_secs(30),
+            instance_ttl: Duration::from_secs(120),
+            leader_ttl: Duration::from_secs(30),
+            maintenance_interval: Duration::from_secs(60),
+            stuck_run_timeout: Duration::from_secs(3600),
+            notify_poll_interval: Duration::from_secs(5),
+            pool_size: 16,
+            connect_timeout: Duration::from_secs(10),
+            listen_dsn: None,
+            poll_only: false,
+            migrate: false,
+            leader_election: true,
+            task_retention: Duration::from_secs(24 * 3600),
+            retention_batch_size: 10_000,
+            task_heartbeat_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+impl ClientConfig {
+    /// A builder starting from the defaults.
+    pub fn builder() -> ClientConfigBuilder {
+        ClientConfigBuilder {
+            config: ClientConfig::default(),
+        }
+    }
+
+    /// The leader renewal interval: a third of the lease TTL.
+    pub fn leader_renew_interval(&self) -> Duration {
+        self.leader_ttl / 3
+    }
+
+    /// Check the invariants between settings.
+    pub fn validate(&self) -> Result<()> {
+        fn positive(name: &str, d: Duration) -> Result<()> {
+            if d.is_zero() {
+                return Err(Error::Config(format!("{name} must be greater than zero")));
+            }
+            Ok(())
+        }
+        positive("heartbeat_interval", self.heartbeat_interval)?;
+        positive("instance_ttl", self.instance_ttl)?;
+        positive("leader_ttl", self.leader_ttl)?;
+        positive("maintenance_interval", self.maintenance_interval)?;
+        positive("stuck_run_timeout", self.stuck_run_timeout)?;
+        positive("notify_poll_interval", self.notify_poll_interval)?;
+        positive("connect_timeout", self.connect_timeout)?;
+        positive("task_heartbeat_timeout", self.task_heartbeat_timeout)?;
+        if self.leader_ttl < Duration::from_millis(300) {
+            return Err(Error::Config(format!(
+                "leader_ttl is {:?}; it must be at least 300ms so the lease can be renewed in time",
+                self.leader_ttl
+            )));
+        }
+        if self.instance_ttl <= self.heartbeat_interval {
+            return Err(Error::Config(format!(
+                "instance_ttl ({:?}) must be longer than heartbeat_interval ({:?}), or live instances would be deleted",
+                self.instance_ttl, self.heartbeat_interval
+            )));
+        }
+        if self.pool_size < 2 {
+            return Err(Error::Config("pool_size must be at least 2".into()));
+        }
+        if self.retention_batch_size < 1 {
+            return Err(Error::Config(
+                "retention_batch_size must be at least 1".into(),
+            ));
+        }
+        for a in self.agents.iter().chain(self.tools.iter()) {
+            crate::ids::validate_text_id("agent or tool name", a)?;
+        }
+        Ok(())
+    }
+}
+
+/// Builder for [`ClientConfig`]. Every setter documents its default.
+#[derive(Debug, Clone)]
+pub struct ClientConfigBuilder {
+    config: ClientConfig,
+}
+
+macro_rules! setter {
+    ($(#[$doc:meta])* $name:ident: $ty:ty) => {
+        $(#[$doc])*
+        pub fn $name(mut self, value: $ty) -> Self {
+            self.config.$name = value;
+            self
+        }
+    };
+}
+
+impl ClientConfigBuilder {
+    /// This instance's id (default: a random UUID).
+    pub fn instance_id(mut self, id: InstanceId) -> Self {
+        self.config.instance_id = id;
+        self
+    }
+    setter!(
+        /// Metadata stored with the instance (default `{}`).
+        metadata: serde_json::Value
+    );
+    setter!(
+        /// Agent names this instance serves (default none).
+        agents: Vec<String>
+    );
+    setter!(
+        /// Tool names this instance has (default none).
+        tools: Vec<String>
+    );
+    setter!(
+        /// Heartbeat interval (default 30 s).
+        heartbeat_interval: Duration
+    );
+    setter!(
+        /// Instance TTL (default 2 min).
+        instance_ttl: Duration
+    );
+    setter!(
+        /// Leader lease TTL (default 30 s; renewed at TTL/3).
+        leader_ttl: Duration
+    );
+    setter!(
+        /// Maintenance interval (default 1 min).
+        maintenance_interval: Duration
+    );
+    setter!(
+        /// Stuck-run timeout (default 1 h).
+        stuck_run_timeout: Duration
+    );
+    setter!(
+        /// Listener fallback poll interval (default 5 s).
+        notify_poll_interval: Duration
+    );
+    setter!(
+        /// Pool size (default 16).
+        pool_size: usize
+    );
+    setter!(
+        /// Connect timeout (default 10 s).
+        connect_timeout: Duration
+    );
+    setter!(
+        /// Poll-only mode, no LISTEN connection (default false).
+        poll_only: bool
+    );
+    setter!(
+        /// Run migrations on build (default false).
+        migrate: bool
+    );
+    setter!(
+        /// Take part in leader election (default true).
+        leader_election: bool
+    );
+    setter!(
+        /// Task retention (default 24 h).
+        task_retention: Duration
+    );
+    setter!(
+        /// Retention batch size (default 10 000).
+        retention_batch_size: i64
+    );
+    setter!(
+        /// Task heartbeat timeout (default 2 min).
+        task_heartbeat_timeout: Duration
+    );
+
+    /// Separate DSN for the LISTEN connection (default: the main DSN).
+    pub fn listen_dsn(mut self, dsn: impl Into<String>) -> Self {
+        self.config.listen_dsn = Some(dsn.into());
+        self
+    }
+
+    /// Validate and return the configuration.
+    pub fn build(self) -> Result<ClientConfig> {
+        self.config.validate()?;
+        Ok(self.config)
+    }
+}
+
+/// Parse a human duration such as `500ms`, `2s`, `1m 30s` or `1h`, with a clear error.
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let d = humantime::parse_duration(s.trim()).map_err(|e| {
+        Error::invalid(
+            "duration",
+            format!("`{s}` is not a duration ({e}); use e.g. 500ms, 2s, 1m, 1h"),
+        )
+    })?;
+    if d.is_zero() {
+        return Err(Error::invalid(
+            "duration",
+            format!("`{s}` must be greater than zero"),
+        ));
+    }
+    Ok(d)
+}
+
+/// Render a duration as a PostgreSQL interval literal bound as a parameter (`'123 milliseconds'`)
+/// — whole microseconds, so intervals compare exactly with `now()` arithmetic.
+pub(crate) fn interval_micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_documented_values() {
+        let c = ClientConfig::builder().build().expect("defaults valid");
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(30));
+        assert_eq!(c.leader_ttl, Duration::from_secs(30));
+        assert_eq!(c.leader_renew_interval(), Duration::from_secs(10));
+        assert_eq!(c.instance_ttl, Duration::from_secs(120));
+        assert_eq!(c.maintenance_interval, Duration::from_secs(60));
+        assert_eq!(c.stuck_run_timeout, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn invalid_settings_are_rejected() {
+        assert!(
+            ClientConfig::builder()
+                .heartbeat_interval(Duration::from_secs(10))
+                .instance_ttl(Duration::from_secs(5))
+                .build()
+                .is_err()
+        );
+        assert!(
+            ClientConfig::builder()
+                .leader_ttl(Duration::ZERO)
+                .build()
+                .is_err()
+        );
+        assert!(parse_duration("abc").is_err());
+        assert!(parse_duration("0s").is_err());
+        assert_eq!(
+            parse_duration("500ms").ok(),
+            Some(Duration::from_millis(500))
+        );
+    }
+}

@@ -1,0 +1,106 @@
+//! The leader lease: one row per lease name in `pgcrew.leader`, taken or renewed by a single
+//! conditional upsert on database time, with a fencing `term` that changes with every holder.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tracing::instrument;
+
+use crate::config::interval_micros;
+use crate::db::Db;
+use crate::error::Result;
+use crate::ids::InstanceId;
+
+/// The lease name used by [`Client`](crate::Client) for maintenance leadership.
+pub const DEFAULT_LEASE: &str = "default";
+
+/// Outcome of an election attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Election {
+    /// We hold the lease with this term.
+    Leader {
+        /// Fencing term.
+        term: i64,
+    },
+    /// Someone else holds a valid lease.
+    Follower {
+        /// The current holder, if known.
+        leader_id: Option<String>,
+        /// Time until the current lease expires (database time), if known.
+        expires_in: Option<Duration>,
+    },
+}
+
+/// Try to take or renew `name` for `id` for `ttl`.
+#[instrument(skip(db), err)]
+pub async fn elect(db: &Db, name: &str, id: &InstanceId, ttl: Duration) -> Result<Election> {
+    let conn = db.get().await?;
+    let ttl_us = interval_micros(ttl);
+    if let Some(row) = conn
+        .query_opt(sql!("coord/elect"), &[&name, id, &ttl_us])
+        .await?
+    {
+        return Ok(Election::Leader { term: row.get(0) });
+    }
+    let row = conn.query_opt(sql!("coord/leader_wait"), &[&name]).await?;
+    Ok(match row {
+        Some(r) => {
+            let remaining: Option<i64> = r.get(2);
+            Election::Follower {
+                leader_id: r.get(0),
+                expires_in: remaining.map(|us| Duration::from_micros(us.max(0) as u64)),
+            }
+        }
+        None => Election::Follower {
+            leader_id: None,
+            expires_in: None,
+        },
+    })
+}
+
+/// Give up the lease if we hold it (DELETE fires the leader-changed NOTIFY, so followers
+/// elect at once). Returns whether we held it.
+#[instrument(skip(db), err)]
+pub async fn resign(db: &Db, name: &str, id: &InstanceId) -> Result<bool> {
+    let conn = db.get().await?;
+    Ok(conn.execute(sql!("coord/resign"), &[&name, id]).await? > 0)
+}
+
+/// A lease row.
+#[derive(Debug, Clone, Serialize)]
+pub struct LeaderRow {
+    /// Lease name.
+    pub name: String,
+    /// Holder.
+    pub leader_id: String,
+    /// Fencing term.
+    pub term: i64,
+    /// When the current holder took it.
+    pub elected_at: DateTime<Utc>,
+    /// When it expires unless renewed.
+    pub expires_at: DateTime<Utc>,
+    /// Whether it is still valid (database time).
+    pub valid: bool,
+    /// Milliseconds until expiry (negative when expired).
+    pub remaining_ms: i64,
+}
+
+/// All lease rows.
+#[instrument(skip(db), err)]
+pub async fn current(db: &Db) -> Result<Vec<LeaderRow>> {
+    let conn = db.get().await?;
+    let rows = conn.query(sql!("coord/current_leader"), &[]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| LeaderRow {
+            name: r.get("name"),
+            leader_id: r.get("leader_id"),
+            term: r.get("term"),
+            elected_at: r.get("elected_at"),
+            expires_at: r.get("expires_at"),
+            valid: r.get("valid"),
+            remaining_ms: r.get("remaining_ms"),
+        })
+        .collect())
+}

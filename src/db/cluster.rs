@@ -1,0 +1,357 @@
+//! A throwaway local PostgreSQL cluster for development, tests, examples and `pgcrew demo`.
+//!
+//! The cluster is created with the system's PostgreSQL binaries (found on `PATH`, through
+//! `pg_config --bindir`, or under `/usr/lib/postgresql/*/bin`) in a fresh temporary directory,
+//! listens on a free port on 127.0.0.1 (and a unix socket in its directory), and is stopped and
+//! removed when the [`TempCluster`] is dropped. A watchdog process also removes it if the owning
+//! process dies without dropping it (for example on `kill -9`). When running as root the cluster
+//! is created and run as the `postgres` user, because `initdb` refuses to run as root.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::error::{Error, Result};
+
+/// Options for [`TempCluster::start_with`].
+#[derive(Debug, Clone)]
+pub struct TempClusterOptions {
+    /// `max_connections` of the cluster (default 300).
+    pub max_connections: u32,
+    /// Turn off fsync and synchronous commit for speed (default true; never for real data).
+    pub unsafe_fast: bool,
+    /// Extra `-c name=value` settings.
+    pub settings: Vec<(String, String)>,
+    /// Fixed port instead of a free one (default: pick a free port).
+    pub port: Option<u16>,
+}
+
+impl Default for TempClusterOptions {
+    fn default() -> Self {
+        Self {
+            max_connections: 300,
+            unsafe_fast: true,
+            settings: Vec::new(),
+            port: None,
+        }
+    }
+}
+
+/// A running throwaway PostgreSQL cluster. Dropping it stops the server and deletes its files.
+#[derive(Debug)]
+pub struct TempCluster {
+    dir: PathBuf,
+    bindir: PathBuf,
+    port: u16,
+    run_as_postgres: bool,
+    watchdog: Option<std::process::Child>,
+    stopped: bool,
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn find_bindir() -> Result<PathBuf> {
+    if let Ok(dir) = std::env::var("PGCREW_PG_BINDIR") {
+        let p = PathBuf::from(dir);
+        if p.join("initdb").exists() {
+            return Ok(p);
+        }
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        for dir in std::env::split_paths(&path) {
+            let initdb = dir.join("initdb");
+            if initdb.exists() && dir.join("pg_ctl").exists() {
+                // Resolve symlinks (Debian links /usr/local/bin/initdb to the versioned dir),
+                // so that `postgres` is found next to it.
+                let real = std::fs::canonicalize(&initdb).unwrap_or(initdb);
+                if let Some(parent) = real.parent()
+                    && parent.join("postgres").exists()
+                {
+                    return Ok(parent.to_path_buf());
+                }
+            }
+        }
+    }
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
+        && out.status.success()
+    {
+        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if p.join("initdb").exists() {
+            return Ok(p);
+        }
+    }
+    let mut candidates: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    candidates.sort();
+    candidates.pop().map(|(_, p)| p).ok_or_else(|| {
+        Error::Cluster(
+            "no PostgreSQL server binaries found (initdb, pg_ctl, postgres): install the \
+             PostgreSQL server (e.g. `apt-get install postgresql`), put its bin directory on \
+             PATH or set PGCREW_PG_BINDIR, or set DATABASE_URL to an existing database"
+                .into(),
+        )
+    })
+}
+
+fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+impl TempCluster {
+    /// Create and start a cluster with the default options.
+    pub fn start() -> Result<TempCluster> {
+        Self::start_with(TempClusterOptions::default())
+    }
+
+    /// Create and start a cluster. Blocking (initdb takes about a second); call it from
+    /// `tokio::task::spawn_blocking` inside async code if that matters.
+    pub fn start_with(options: TempClusterOptions) -> Result<TempCluster> {
+        let bindir = find_bindir()?;
+        let run_as_postgres = is_root();
+        let base = std::env::temp_dir();
+        let dir = base.join(format!(
+            "pgcrew-{}",
+            &uuid::Uuid::new_v4().simple().to_string()[..12]
+        ));
+        std::fs::create_dir(&dir)?;
+        let mut cluster = TempCluster {
+            dir: dir.clone(),
+            bindir,
+            port: 0,
+            run_as_postgres,
+            watchdog: None,
+            stopped: false,
+        };
+        if run_as_postgres {
+            let status = Command::new("chown")
+                .args(["postgres:postgres"])
+                .arg(&dir)
+                .status()?;
+            if !status.success() {
+                return Err(Error::Cluster(
+                    "running as root, the cluster must be owned by the `postgres` user, but \
+                     `chown postgres` failed: create that user (the PostgreSQL packages do) or run \
+                     as a non-root user"
+                        .into(),
+                ));
+            }
+        }
+        cluster.spawn_watchdog()?;
+        let data = dir.join("data");
+        let initdb = cluster
+            .command("initdb")
+            .arg("-D")
+            .arg(&data)
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+            ])
+            .output()?;
+        if !initdb.status.success() {
+            return Err(Error::Cluster(format!(
+                "initdb failed: {}{}",
+                String::from_utf8_lossy(&initdb.stdout),
+                String::from_utf8_lossy(&initdb.stderr)
+            )));
+        }
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let port = match options.port {
+                Some(p) => p,
+                None => free_port()?,
+            };
+            cluster.port = port;
+            let mut opts = format!(
+                "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_connections={}",
+                dir.display(),
+                options.max_connections
+            );
+            if options.unsafe_fast {
+                opts.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
+            }
+            for (k, v) in &options.settings {
+                opts.push_str(&format!(" -c {k}={v}"));
+            }
+            let out = cluster
+                .command("pg_ctl")
+                .arg("-D")
+                .arg(&data)
+                .arg("-l")
+                .arg(dir.join("server.log"))
+                .args(["-w", "-t", "60", "-o"])
+                .arg(&opts)
+                .arg("start")
+                .stdin(Stdio::null())
+                .output()?;
+            if out.status.success() {
+                return Ok(cluster);
+            }
+            last_err = format!(
+                "{}{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr),
+                std::fs::read_to_string(dir.join("server.log")).unwrap_or_default()
+            );
+            if options.port.is_some() {
+                break;
+            }
+        }
+        Err(Error::Cluster(format!("pg_ctl start failed: {last_err}")))
+    }
+
+    fn command(&self, tool: &str) -> Command {
+        let exe = self.bindir.join(tool);
+        let mut cmd = if self.run_as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(exe);
+            c
+        } else {
+            Command::new(exe)
+        };
+        cmd.current_dir(&self.dir);
+        // The server must not be killed by a terminal's Ctrl-C aimed at the owner: the owner
+        // (or the watchdog) stops it.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        cmd
+    }
+
+    /// A watchdog that stops the server and deletes the directory once this process is gone.
+    fn spawn_watchdog(&mut self) -> Result<()> {
+        let pg_ctl = self.bindir.join("pg_ctl");
+        let data = self.dir.join("data");
+        let prefix = if self.run_as_postgres {
+            "runuser -u postgres -- "
+        } else {
+            ""
+        };
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
+             {prefix}'{pg_ctl}' -D '{data}' stop -m immediate >/dev/null 2>&1; rm -rf '{dir}'",
+            pid = std::process::id(),
+            pg_ctl = pg_ctl.display(),
+            data = data.display(),
+            dir = self.dir.display(),
+        );
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c")
+            .arg(script)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        self.watchdog = Some(cmd.spawn()?);
+        Ok(())
+    }
+
+    /// The TCP port the server listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The cluster's directory (data in `data/`, log in `server.log`, unix socket).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A DSN for database `dbname` as the superuser `postgres`.
+    pub fn dsn_for(&self, dbname: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{}", self.port, dbname)
+    }
+
+    /// A DSN for the `postgres` database.
+    pub fn dsn(&self) -> String {
+        self.dsn_for("postgres")
+    }
+
+    /// Stop the server (fast shutdown) without deleting its files; [`TempCluster::restart`] can
+    /// start it again. Used by fault tests.
+    pub fn stop_server(&self, mode: &str) -> Result<()> {
+        let out = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-w", "-m", mode, "stop"])
+            .output()?;
+        if !out.status.success() {
+            return Err(Error::Cluster(format!(
+                "pg_ctl stop failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Start the server again after [`TempCluster::stop_server`], on the same port.
+    pub fn restart(&self) -> Result<()> {
+        let out = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("server.log"))
+            .args(["-w", "-t", "60", "start"])
+            .stdin(Stdio::null())
+            .output()?;
+        if !out.status.success() {
+            return Err(Error::Cluster(format!(
+                "pg_ctl start failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(())
+    }
+
+    /// Wait until the server accepts connections (after a restart).
+    pub async fn wait_ready(&self, timeout: Duration) -> Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let cfg = super::parse_dsn(&self.dsn())?;
+            if cfg.connect(tokio_postgres::NoTls).await.is_ok() {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(Error::Timeout(timeout));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for TempCluster {
+    fn drop(&mut self) {
+        if self.stopped {
+            return;
+        }
+        self.stopped = true;
+        let _ = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-w", "-m", "immediate", "stop"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+}

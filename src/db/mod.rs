@@ -1,0 +1,175 @@
+//! Database access: the connection pool, embedded migrations, a throwaway local cluster for
+//! development and tests, and scratch databases.
+
+mod cluster;
+mod migrate;
+mod scratch;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
+use tokio_postgres::NoTls;
+use tracing::instrument;
+
+pub use cluster::{TempCluster, TempClusterOptions};
+pub use migrate::{MigrationReport, latest_version};
+pub use scratch::ScratchDatabase;
+
+use crate::error::{Error, Result};
+
+/// A pooled connection.
+pub type Conn = deadpool_postgres::Object;
+
+/// Parse a DSN (URL `postgres://...` or key/value `host=... user=...`) with a clear error.
+pub fn parse_dsn(dsn: &str) -> Result<tokio_postgres::Config> {
+    if dsn.trim().is_empty() {
+        return Err(Error::Connect {
+            message: "the DSN is empty: pass --dsn or set DATABASE_URL (e.g. postgres://user@127.0.0.1:5432/db)".into(),
+        });
+    }
+    tokio_postgres::Config::from_str(dsn).map_err(|e| Error::Connect {
+        message: format!(
+            "malformed DSN ({e}); expected e.g. postgres://user:password@host:5432/database or `host=... user=... dbname=...`"
+        ),
+    })
+}
+
+/// A handle on the pgcrew database: a connection pool plus the DSN it came from.
+///
+/// Cheap to clone; all clones share the pool.
+#[derive(Clone)]
+pub struct Db {
+    pool: Pool,
+    config: tokio_postgres::Config,
+}
+
+impl std::fmt::Debug for Db {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Db")
+            .field("hosts", &self.config.get_hosts())
+            .field("dbname", &self.config.get_dbname())
+            .field("pool", &self.pool.status())
+            .finish()
+    }
+}
+
+impl Db {
+    /// Connect a pool of at most `pool_size` connections and check that the server answers.
+    #[instrument(skip(dsn), err)]
+    pub async fn connect(dsn: &str, pool_size: usize, connect_timeout: Duration) -> Result<Db> {
+        let mut config = parse_dsn(dsn)?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(connect_timeout);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("pgcrew");
+        }
+        let manager = Manager::from_config(
+            config.clone(),
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(pool_size.max(1))
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(connect_timeout.max(Duration::from_secs(30))))
+            .create_timeout(Some(connect_timeout))
+            .recycle_timeout(Some(connect_timeout))
+            .build()
+            .map_err(|e| Error::Config(format!("cannot build the connection pool: {e}")))?;
+        let db = Db { pool, config };
+        // Fail fast with a classified error (refused, bad password, unknown database).
+        let conn = db.get().await?;
+        conn.simple_query(sql!("db/ping")).await?;
+        Ok(db)
+    }
+
+    /// Wrap an existing deadpool pool (the DSN-derived settings come from the pool's manager).
+    pub fn from_pool(pool: Pool, config: tokio_postgres::Config) -> Db {
+        Db { pool, config }
+    }
+
+    /// Take a connection from the pool.
+    pub async fn get(&self) -> Result<Conn> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// The underlying pool.
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    /// The parsed connection configuration.
+    pub fn config(&self) -> &tokio_postgres::Config {
+        &self.config
+    }
+
+    /// Open a dedicated connection outside the pool (used for LISTEN and long-lived sessions).
+    /// The connection task is spawned on the current runtime and ends when the client is dropped.
+    pub async fn connect_dedicated(
+        config: &tokio_postgres::Config,
+    ) -> Result<(
+        tokio_postgres::Client,
+        tokio::task::JoinHandle<()>,
+        tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::AsyncMessage>,
+    )> {
+        connect_with_messages(config).await
+    }
+
+    /// Run the embedded migrations (idempotent, safe to call from many instances at once).
+    #[instrument(skip(self), err)]
+    pub async fn migrate(&self) -> Result<MigrationReport> {
+        let mut conn = self.get().await?;
+        migrate::run(&mut conn).await
+    }
+
+    /// Check that the schema is installed and at the version this build expects.
+    /// Returns the database's schema version.
+    #[instrument(skip(self), err)]
+    pub async fn check_schema(&self) -> Result<i64> {
+        let conn = self.get().await?;
+        migrate::check(&conn).await
+    }
+}
+
+/// Connect one client outside any pool, forwarding asynchronous messages (notifications,
+/// notices) to the returned receiver.
+pub(crate) async fn connect_with_messages(
+    config: &tokio_postgres::Config,
+) -> Result<(
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::AsyncMessage>,
+)> {
+    use futures_util::StreamExt;
+    let (client, mut connection) = config.connect(NoTls).await?;
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let handle = tokio::spawn(async move {
+        let mut stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(msg) = stream.next().await {
+            match msg {
+                Ok(m) => {
+                    if tx.send(m).is_err() {
+                        // Receiver gone: keep driving the connection until the client closes it.
+                    }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "dedicated connection ended");
+                    break;
+                }
+            }
+        }
+    });
+    Ok((client, handle, rx))
+}
+
+/// The DSN tests and examples should use: `PGCREW_TEST_DATABASE_URL`, then `DATABASE_URL`.
+pub fn dsn_from_env() -> Option<String> {
+    ["PGCREW_TEST_DATABASE_URL", "DATABASE_URL"]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok())
+        .find(|v| !v.trim().is_empty())
+}

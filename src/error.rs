@@ -1,0 +1,327 @@
+//! The crate's single error type.
+//!
+//! Every fallible pgcrew API returns [`Result<T>`](crate::Result). Errors caused by the caller
+//! (bad input, unknown ids, illegal transitions) are distinct variants so they can be matched,
+//! and every message says what went wrong and, where there is one, what to do about it.
+
+use std::time::Duration;
+
+/// The pgcrew result alias.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Every error pgcrew can return.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A configuration value is invalid (the message names the setting and the accepted range).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+
+    /// An argument supplied by the caller is invalid; nothing was written.
+    #[error("invalid {field}: {message}")]
+    InvalidInput {
+        /// The argument or field that was rejected.
+        field: &'static str,
+        /// Why it was rejected.
+        message: String,
+    },
+
+    /// PostgreSQL could not be reached (refused, timed out, DNS failure, malformed DSN).
+    #[error("cannot connect to PostgreSQL: {message}")]
+    Connect {
+        /// What happened and what to check.
+        message: String,
+    },
+
+    /// PostgreSQL rejected the credentials.
+    #[error(
+        "PostgreSQL rejected the credentials: {message} (check the user and password in the DSN / DATABASE_URL)"
+    )]
+    Authentication {
+        /// The server's message.
+        message: String,
+    },
+
+    /// The pgcrew schema has not been installed in this database.
+    #[error(
+        "the pgcrew schema is not installed in this database: run `pgcrew migrate` (or build the client with `.migrate(true)`) first"
+    )]
+    SchemaMissing,
+
+    /// The database was migrated by a newer pgcrew than this one.
+    #[error(
+        "the database schema is at version {database} but this pgcrew ({crate_version}) supports at most version {supported}: upgrade pgcrew before connecting"
+    )]
+    SchemaTooNew {
+        /// The newest migration applied to the database.
+        database: i64,
+        /// The newest migration this build knows.
+        supported: i64,
+        /// This crate's version.
+        crate_version: &'static str,
+    },
+
+    /// The database schema is older than this pgcrew needs.
+    #[error(
+        "the database schema is at version {database} but this pgcrew needs version {required}: run `pgcrew migrate`"
+    )]
+    SchemaOutdated {
+        /// The newest migration applied to the database.
+        database: i64,
+        /// The newest migration this build knows.
+        required: i64,
+    },
+
+    /// Running the embedded migrations failed.
+    #[error("migration failed: {0}")]
+    Migration(String),
+
+    /// A database error that is not one of the classified cases.
+    #[error("database error: {0}")]
+    Database(#[source] tokio_postgres::Error),
+
+    /// No connection could be taken from the pool.
+    #[error("connection pool: {0}")]
+    Pool(String),
+
+    /// A row the caller named does not exist (or belongs to another tenant).
+    #[error("{kind} not found: {id}")]
+    NotFound {
+        /// What kind of thing was looked up (`run`, `task`, `tenant`, ...).
+        kind: &'static str,
+        /// The id that was looked up.
+        id: String,
+    },
+
+    /// A state machine transition that is not allowed (for example out of a terminal state).
+    #[error("illegal {entity} state transition for {id}: {from} -> {to}")]
+    IllegalTransition {
+        /// `run` or `task`.
+        entity: &'static str,
+        /// The id of the row.
+        id: String,
+        /// The current state.
+        from: String,
+        /// The requested state.
+        to: String,
+    },
+
+    /// A lease (run lease, task claim or leadership) is no longer held by the caller.
+    #[error("lease lost: {0}")]
+    LeaseLost(String),
+
+    /// The tenant's (or run's) budget cannot cover the requested reservation.
+    #[error(
+        "budget exceeded for tenant {tenant}: limit {limit_usd} USD, spent {spent_usd}, reserved {reserved_usd}, requested {requested_usd}"
+    )]
+    BudgetExceeded {
+        /// The tenant whose budget was checked.
+        tenant: String,
+        /// The budget limit.
+        limit_usd: f64,
+        /// Already spent.
+        spent_usd: f64,
+        /// Currently reserved by in-flight calls.
+        reserved_usd: f64,
+        /// The reservation that was refused.
+        requested_usd: f64,
+    },
+
+    /// The tenant lacks a capability required by a tool.
+    #[error("capability denied: tenant {tenant} lacks `{capability}` required by tool `{tool}`")]
+    CapabilityDenied {
+        /// The tenant.
+        tenant: String,
+        /// The missing capability.
+        capability: String,
+        /// The tool that requires it.
+        tool: String,
+    },
+
+    /// A per-tenant concurrency limit was reached and the caller asked to be rejected.
+    #[error("concurrency limit reached for tenant {tenant}: {message}")]
+    LimitReached {
+        /// The tenant.
+        tenant: String,
+        /// Which limit.
+        message: String,
+    },
+
+    /// No price is configured for a model.
+    #[error(
+        "no price is configured for model `{0}`: add it to the price table (PriceTable::set) before using it"
+    )]
+    UnknownModelPrice(String),
+
+    /// A recorded step does not match the current request under the strict replay policy.
+    #[error("replay consistency error at step `{step_key}`: {message}")]
+    ReplayConsistency {
+        /// The step key.
+        step_key: String,
+        /// What differed.
+        message: String,
+    },
+
+    /// A tool's outcome is unknown and must be reconciled before the run can continue.
+    #[error("tool `{tool}` at step `{step_key}` has an unknown outcome: call reconcile_tool")]
+    ToolOutcomeUnknown {
+        /// The tool.
+        tool: String,
+        /// The step key.
+        step_key: String,
+    },
+
+    /// A tool failed.
+    #[error("tool `{tool}` failed: {message}")]
+    ToolFailed {
+        /// The tool.
+        tool: String,
+        /// The tool's error message.
+        message: String,
+    },
+
+    /// The model provider returned an error.
+    #[error("model provider error ({kind}): {message}")]
+    Model {
+        /// Classification: `rate_limited`, `server`, `timeout`, `invalid_request`, `invalid_output`, ...
+        kind: String,
+        /// The provider's message.
+        message: String,
+    },
+
+    /// The operation was cancelled.
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+
+    /// The operation did not finish in time.
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+
+    /// The client is not running (call `start()` first) or is shutting down.
+    #[error("client is not running: {0}")]
+    NotRunning(String),
+
+    /// The throwaway local PostgreSQL cluster could not be created or started.
+    #[error("throwaway PostgreSQL cluster: {0}")]
+    Cluster(String),
+
+    /// JSON (de)serialisation failed.
+    #[error("JSON error: {0}")]
+    Json(#[from] serde_json::Error),
+
+    /// An I/O error.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl Error {
+    /// Shorthand for [`Error::InvalidInput`].
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        Error::InvalidInput {
+            field,
+            message: message.into(),
+        }
+    }
+
+    /// Shorthand for [`Error::NotFound`].
+    pub fn not_found(kind: &'static str, id: impl ToString) -> Self {
+        Error::NotFound {
+            kind,
+            id: id.to_string(),
+        }
+    }
+
+    /// The SQLSTATE code of an underlying database error, if any.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            Error::Database(e) => e.code().map(|c| c.code()),
+            _ => None,
+        }
+    }
+
+    /// True when the error is transient (connection lost, pool timeout, serialization failure)
+    /// and the operation may succeed if retried.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Connect { .. } | Error::Pool(_) | Error::Timeout(_) => true,
+            Error::Database(e) => {
+                e.is_closed()
+                    || matches!(
+                        e.code().map(|c| c.code()),
+                        Some(
+                            "40001"
+                                | "40P01"
+                                | "57P01"
+                                | "57P02"
+                                | "57P03"
+                                | "08000"
+                                | "08003"
+                                | "08006"
+                        )
+                    )
+                    || e.as_db_error().is_none()
+            }
+            _ => false,
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for Error {
+    fn from(e: tokio_postgres::Error) -> Self {
+        classify_pg_error(e)
+    }
+}
+
+impl From<deadpool_postgres::PoolError> for Error {
+    fn from(e: deadpool_postgres::PoolError) -> Self {
+        use deadpool_postgres::PoolError;
+        match e {
+            PoolError::Backend(pg) => classify_pg_error(pg),
+            PoolError::Timeout(kind) => Error::Pool(format!(
+                "timed out waiting for a connection ({kind:?}); the pool may be exhausted: raise pool_size or check the database"
+            )),
+            other => Error::Pool(other.to_string()),
+        }
+    }
+}
+
+/// Turn a driver error into the most specific variant, with an actionable message.
+pub(crate) fn classify_pg_error(e: tokio_postgres::Error) -> Error {
+    if let Some(db) = e.as_db_error() {
+        match db.code().code() {
+            "28P01" | "28000" => {
+                return Error::Authentication {
+                    message: db.message().to_string(),
+                };
+            }
+            "3D000" => {
+                return Error::Connect {
+                    message: format!("{} (create the database or fix the DSN)", db.message()),
+                };
+            }
+            "3F000" => return Error::SchemaMissing,
+            "42P01" | "42883" if db.message().contains("pgcrew.") => return Error::SchemaMissing,
+            _ => {}
+        }
+        return Error::Database(e);
+    }
+    // Errors without a server response before a connection was made are connection failures.
+    let text = e.to_string();
+    let source = std::error::Error::source(&e).map(|s| s.to_string());
+    if text.contains("error connecting")
+        || text.contains("invalid connection string")
+        || text.contains("configuration")
+        || text.contains("timeout")
+    {
+        let detail = match source {
+            Some(s) => format!("{text}: {s}"),
+            None => text,
+        };
+        return Error::Connect {
+            message: format!(
+                "{detail} (is PostgreSQL running and is the DSN / DATABASE_URL right? e.g. postgres://user@127.0.0.1:5432/db)"
+            ),
+        };
+    }
+    Error::Database(e)
+}

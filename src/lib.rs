@@ -1,0 +1,54 @@
+//! # pgcrew
+//!
+//! Durable, multi-tenant AI-agent runs coordinated entirely inside PostgreSQL.
+//!
+//! Services link this library and become *instances*; PostgreSQL is the only coordination point.
+//! Everything that matters is a row, and the SQL surface (tables, views, functions, NOTIFY
+//! channels in schema `pgcrew`) is public API.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use pgcrew::{Client, ClientConfig};
+//!
+//! # async fn demo() -> pgcrew::Result<()> {
+//! let config = ClientConfig::builder()
+//!     .heartbeat_interval(Duration::from_secs(10))
+//!     .migrate(true)
+//!     .build()?;
+//! let client = Client::connect("postgres://root@127.0.0.1:5432/test", config).await?;
+//! client.start().await?;
+//! println!("instance {} leader={}", client.instance_id(), client.is_leader());
+//! client.stop().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+/// Include a query from `sql/queries/<name>.sql` (all SQL lives in `.sql` files).
+macro_rules! sql {
+    ($name:literal) => {
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/sql/queries/",
+            $name,
+            ".sql"
+        ))
+    };
+}
+
+pub mod config;
+pub mod coord;
+pub mod db;
+pub mod error;
+pub mod ids;
+
+pub use config::{ClientConfig, ClientConfigBuilder};
+pub use coord::client::Client;
+pub use coord::notify::{Event, EventKind, Subscription};
+pub use db::Db;
+pub use error::{Error, Result};
+pub use ids::{ClaimToken, InstanceId, RunId, SessionId, TaskId, TenantId};
+
+/// This crate's version, recorded with every instance.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

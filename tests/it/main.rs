@@ -1,0 +1,7 @@
+//! Integration tests against a real PostgreSQL: `PGCREW_TEST_DATABASE_URL` / `DATABASE_URL`
+//! when set, otherwise a throwaway cluster started by the test process. Every test gets its own
+//! fresh database, so tests run in parallel.
+
+mod common;
+
+mod coord;
