@@ -29,7 +29,7 @@ pub enum DbSource {
     /// Connect a new pool to this DSN.
     Dsn(String),
     /// Use this handle (and its pool).
-    Db(Db),
+    Db(Box<Db>),
 }
 
 impl From<&str> for DbSource {
@@ -49,7 +49,7 @@ impl From<&String> for DbSource {
 }
 impl From<Db> for DbSource {
     fn from(db: Db) -> Self {
-        DbSource::Db(db)
+        DbSource::Db(Box::new(db))
     }
 }
 
@@ -135,7 +135,7 @@ impl ClientBuilder {
             DbSource::Dsn(dsn) => {
                 Db::connect(&dsn, self.config.pool_size, self.config.connect_timeout).await?
             }
-            DbSource::Db(db) => db,
+            DbSource::Db(db) => *db,
         };
         if self.config.migrate {
             db.migrate().await?;
