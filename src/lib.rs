@@ -42,6 +42,9 @@ pub mod coord;
 pub mod db;
 pub mod error;
 pub mod ids;
+pub mod queue;
+pub mod runs;
+pub mod tenancy;
 
 pub use config::{ClientConfig, ClientConfigBuilder};
 pub use coord::client::Client;

@@ -136,11 +136,15 @@ impl MaintenanceStep for ExpiredLeaders {
 
 /// The built-in steps, in order. Modules append their own steps here.
 pub fn default_steps() -> Vec<Arc<dyn MaintenanceStep>> {
-    vec![
+    let mut steps: Vec<Arc<dyn MaintenanceStep>> = vec![
         Arc::new(StaleInstances),
         Arc::new(StuckRuns),
         Arc::new(ExpiredLeaders),
-    ]
+    ];
+    steps.extend(crate::queue::maintenance_steps());
+    steps.extend(crate::runs::maintenance_steps());
+    steps.extend(crate::tenancy::maintenance_steps());
+    steps
 }
 
 /// Run every step once, each in its own fenced transaction. Stops with

@@ -5,3 +5,6 @@
 mod common;
 
 mod coord;
+mod queue;
+mod runs;
+mod tenancy;

@@ -3,6 +3,10 @@
 //!
 //! Exit codes: 0 success, 1 a check failed (e.g. an invalid ledger), 2 usage or connection error.
 
+mod bench;
+mod bench_fanout;
+mod bench_ledger;
+mod bench_queue;
 mod coord;
 mod output;
 mod run;
@@ -55,6 +59,8 @@ pub enum Command {
     /// Manage tenants.
     #[command(subcommand)]
     Tenants(tenants::TenantsCmd),
+    /// Benchmarks in a scratch database (never touches real data); default: the queue.
+    Bench(bench::BenchArgs),
 }
 
 fn init_tracing(filter: &str) {
@@ -91,6 +97,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Run(cmd) => run::exec(dsn, cmd).await,
         Command::Tasks(cmd) => tasks::exec(dsn, cmd).await,
         Command::Tenants(cmd) => tenants::exec(dsn, cmd).await,
+        Command::Bench(args) => bench::exec(dsn, args).await,
     };
     match result {
         Ok(code) => code,
