@@ -42,6 +42,7 @@ pub mod coord;
 pub mod db;
 pub mod error;
 pub mod ids;
+pub mod model;
 pub mod queue;
 pub mod runs;
 pub mod tenancy;

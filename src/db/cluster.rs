@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
+/// The superuser password of throwaway clusters (they listen on 127.0.0.1 only).
+pub const CLUSTER_PASSWORD: &str = "pgcrew";
+
 /// Options for [`TempCluster::start_with`].
 #[derive(Debug, Clone)]
 pub struct TempClusterOptions {
@@ -150,6 +153,16 @@ impl TempCluster {
         }
         cluster.spawn_watchdog()?;
         let data = dir.join("data");
+        // Local (unix socket) connections are trusted; TCP needs the password, so that
+        // authentication failures can be exercised like on a real server.
+        let pwfile = dir.join("pwfile");
+        std::fs::write(&pwfile, format!("{CLUSTER_PASSWORD}\n"))?;
+        if run_as_postgres {
+            let _ = Command::new("chown")
+                .arg("postgres:postgres")
+                .arg(&pwfile)
+                .status();
+        }
         let initdb = cluster
             .command("initdb")
             .arg("-D")
@@ -157,13 +170,13 @@ impl TempCluster {
             .args([
                 "-U",
                 "postgres",
-                "--auth=trust",
-                "-E",
-                "UTF8",
-                "--no-sync",
-                "--locale=C",
+                "--auth-local=trust",
+                "--auth-host=scram-sha-256",
             ])
+            .arg(format!("--pwfile={}", pwfile.display()))
+            .args(["-E", "UTF8", "--no-sync", "--locale=C"])
             .output()?;
+        let _ = std::fs::remove_file(&pwfile);
         if !initdb.status.success() {
             return Err(Error::Cluster(format!(
                 "initdb failed: {}{}",
@@ -270,9 +283,12 @@ impl TempCluster {
         &self.dir
     }
 
-    /// A DSN for database `dbname` as the superuser `postgres`.
+    /// A DSN for database `dbname` as the superuser `postgres` (over TCP, with its password).
     pub fn dsn_for(&self, dbname: &str) -> String {
-        format!("postgres://postgres@127.0.0.1:{}/{}", self.port, dbname)
+        format!(
+            "postgres://postgres:{CLUSTER_PASSWORD}@127.0.0.1:{}/{}",
+            self.port, dbname
+        )
     }
 
     /// A DSN for the `postgres` database.

@@ -108,3 +108,412 @@ async fn subscribers_receive_run_state_changes() {
     }
     client.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn thousand_subscribers_and_listen_reconnect_with_resync() {
+    let t = test_db().await;
+    let client = Client::builder(t.db.clone())
+        .config(fast_config("fanout"))
+        .build()
+        .await
+        .unwrap();
+    client.start().await.unwrap();
+    assert!(
+        client
+            .notifier()
+            .wait_connected(Duration::from_secs(5))
+            .await
+    );
+    let conn = t.db.get().await.unwrap();
+
+    // 1,000 subscribers in one process all receive each run-state change.
+    let mut subs: Vec<_> = (0..1000)
+        .map(|_| client.subscribe(&[EventKind::RunStateChanged]))
+        .collect();
+    let run_id = uuid::Uuid::new_v4();
+    conn.execute(
+        "INSERT INTO pgcrew.runs (id, tenant_id) VALUES ($1, 'default')",
+        &[&run_id],
+    )
+    .await
+    .unwrap();
+    conn.execute(
+        "UPDATE pgcrew.runs SET state = 'running' WHERE id = $1",
+        &[&run_id],
+    )
+    .await
+    .unwrap();
+    for s in subs.iter_mut() {
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            let ev = tokio::time::timeout(Duration::from_secs(5), s.recv())
+                .await
+                .expect("event in time")
+                .expect("notifier alive");
+            if let pgcrew::Event::RunStateChanged { run_id: r, to, .. } = ev {
+                assert_eq!(r.0, run_id);
+                seen.push(to);
+            }
+        }
+        assert_eq!(seen, vec!["pending".to_string(), "running".to_string()]);
+    }
+    drop(subs);
+
+    // Kill the LISTEN connection from the server side: the notifier reconnects, emits Resync,
+    // and later events arrive.
+    let mut sub = client.subscribe(&[EventKind::RunStateChanged]);
+    let killed = conn
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid))::int8 FROM pg_stat_activity \
+             WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(killed, 1, "exactly one LISTEN connection per instance");
+    let ev = tokio::time::timeout(Duration::from_secs(10), sub.recv())
+        .await
+        .expect("resync in time")
+        .unwrap();
+    assert_eq!(ev, pgcrew::Event::Resync);
+    assert!(client.notifier().reconnects() >= 1);
+    assert!(
+        client
+            .notifier()
+            .wait_connected(Duration::from_secs(5))
+            .await
+    );
+    conn.execute(
+        "UPDATE pgcrew.runs SET state = 'completed' WHERE id = $1",
+        &[&run_id],
+    )
+    .await
+    .unwrap();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+            .await
+            .expect("event after reconnect")
+            .unwrap();
+        if let pgcrew::Event::RunStateChanged { to, .. } = ev {
+            assert_eq!(to, "completed");
+            break;
+        }
+    }
+    client.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn callback_subscription_unsubscribes_on_drop() {
+    let t = test_db().await;
+    let client = Client::builder(t.db.clone())
+        .config(fast_config("callbacks"))
+        .build()
+        .await
+        .unwrap();
+    client.start().await.unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let c = count.clone();
+    let before = client.notifier().subscriber_count();
+    let handle = client
+        .notifier()
+        .on(&[EventKind::InstanceRegistered], move |_| {
+            c.fetch_add(1, Ordering::SeqCst);
+        });
+    let other = Client::builder(t.db.clone())
+        .config(fast_config("other"))
+        .build()
+        .await
+        .unwrap();
+    other.start().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            count.load(Ordering::SeqCst) >= 1
+        })
+        .await
+    );
+    drop(handle);
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            client.notifier().subscriber_count() == before
+        })
+        .await
+    );
+    other.stop().await.unwrap();
+    client.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn exactly_one_leader_while_instances_stop_and_start() {
+    let t = test_db().await;
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let c = Client::builder(t.db.clone())
+            .config(fast_config(&format!("node-{i}")))
+            .build()
+            .await
+            .unwrap();
+        c.start().await.unwrap();
+        clients.push(c);
+    }
+    let mut last_term = 0i64;
+    let mut terms_seen = Vec::new();
+    // Stop and restart each instance in turn while sampling continuously.
+    for round in 0..6 {
+        let victim = round % 3;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
+        let mut saw_leader = false;
+        while tokio::time::Instant::now() < deadline {
+            let leaders: Vec<i64> = clients.iter().filter_map(|c| c.leader_term()).collect();
+            assert!(leaders.len() <= 1, "two leaders at once: {leaders:?}");
+            if let Some(&term) = leaders.first() {
+                saw_leader = true;
+                assert!(
+                    term >= last_term,
+                    "term went backwards: {term} < {last_term}"
+                );
+                if term > last_term {
+                    terms_seen.push(term);
+                    last_term = term;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(saw_leader, "no leader in round {round}");
+        clients[victim].stop().await.unwrap();
+        let c = Client::builder(t.db.clone())
+            .config(fast_config(&format!("node-{victim}")))
+            .build()
+            .await
+            .unwrap();
+        c.start().await.unwrap();
+        clients[victim] = c;
+    }
+    assert!(terms_seen.windows(2).all(|w| w[0] < w[1]));
+    assert!(
+        terms_seen.len() >= 2,
+        "leadership should have moved: {terms_seen:?}"
+    );
+    for c in &clients {
+        c.stop().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn leader_that_cannot_renew_steps_down_before_lease_expires() {
+    let t = test_db().await;
+    let lost = Arc::new(AtomicUsize::new(0));
+    let l = lost.clone();
+    let client = Client::builder(t.db.clone())
+        .config(fast_config("blocked"))
+        .on_lost_leadership(move || {
+            l.fetch_add(1, Ordering::SeqCst);
+        })
+        .build()
+        .await
+        .unwrap();
+    client.start().await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    // Hold the leader row locked so every renewal blocks.
+    let mut conn = t.db.get().await.unwrap();
+    let tx = conn.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM pgcrew.leader WHERE name = 'default' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert!(eventually(Duration::from_secs(3), || async { !client.is_leader() }).await);
+    // It stepped down while its lease is still valid in the database: nobody else could have
+    // been elected yet.
+    let still_valid: bool = tx
+        .query_one(
+            "SELECT expires_at > now() FROM pgcrew.leader WHERE name = 'default'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        still_valid,
+        "leader must stop acting before its lease expires"
+    );
+    assert_eq!(lost.load(Ordering::SeqCst), 1);
+    tx.rollback().await.unwrap();
+    // Once renewals go through again it is re-elected with a new term.
+    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    client.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn maintenance_removes_stale_instances_and_fails_stuck_runs() {
+    let t = test_db().await;
+    let conn = t.db.get().await.unwrap();
+    conn.execute(
+        "INSERT INTO pgcrew.instances (id, hostname, pid, version, last_heartbeat_at) \
+         VALUES ('ghost', 'h', 1, 'x', now() - interval '1 hour')",
+        &[],
+    )
+    .await
+    .unwrap();
+    conn.execute(
+        "INSERT INTO pgcrew.instance_tools (instance_id, tool_name) VALUES ('ghost', 't')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let stuck = uuid::Uuid::new_v4();
+    let fresh = uuid::Uuid::new_v4();
+    conn.execute(
+        "INSERT INTO pgcrew.runs (id, tenant_id) VALUES ($1, 'default'), ($2, 'default')",
+        &[&stuck, &fresh],
+    )
+    .await
+    .unwrap();
+    conn.execute(
+        "UPDATE pgcrew.runs SET state = 'running', started_at = now() - interval '2 hours' WHERE id = $1",
+        &[&stuck],
+    )
+    .await
+    .unwrap();
+    conn.execute(
+        "UPDATE pgcrew.runs SET state = 'running', started_at = now() WHERE id = $1",
+        &[&fresh],
+    )
+    .await
+    .unwrap();
+    let client = Client::builder(t.db.clone())
+        .config(fast_config("janitor"))
+        .build()
+        .await
+        .unwrap();
+    client.start().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            conn.query_one(
+                "SELECT count(*) FROM pgcrew.instances WHERE id = 'ghost'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+                == 0
+        })
+        .await
+    );
+    let links: i64 = conn
+        .query_one(
+            "SELECT count(*) FROM pgcrew.instance_tools WHERE instance_id = 'ghost'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(links, 0, "links cascade");
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let r = conn
+                .query_one(
+                    "SELECT state, error_message FROM pgcrew.runs WHERE id = $1",
+                    &[&stuck],
+                )
+                .await
+                .unwrap();
+            r.get::<_, String>(0) == "failed"
+                && r.get::<_, Option<String>>(1).as_deref() == Some("run timed out")
+        })
+        .await
+    );
+    let fresh_state: String = conn
+        .query_one("SELECT state FROM pgcrew.runs WHERE id = $1", &[&fresh])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(fresh_state, "running");
+    // The live instance itself is never removed.
+    assert_eq!(instance::list(&t.db).await.unwrap().len(), 1);
+    client.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_connection_input_gets_clear_errors() {
+    // Malformed DSN.
+    let err = pgcrew::Db::connect("postgres://%%%", 2, Duration::from_secs(2))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    assert!(err.to_string().contains("DSN"), "{err}");
+    // Unreachable server.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let err = pgcrew::Db::connect(
+        &format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+        2,
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    assert!(err.to_string().contains("is PostgreSQL running"), "{err}");
+    // Unknown database, and (on the throwaway cluster, which enforces passwords over TCP)
+    // a wrong password.
+    let t = test_db().await;
+    let cfg = pgcrew::db::parse_dsn(t.dsn()).unwrap();
+    let host = match &cfg.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+    };
+    let port = cfg.get_ports()[0];
+    let user = cfg.get_user().unwrap_or("postgres").to_string();
+    let password = cfg
+        .get_password()
+        .map(|p| format!(":{}", String::from_utf8_lossy(p)))
+        .unwrap_or_default();
+    let err = pgcrew::Db::connect(
+        &format!("postgres://{user}{password}@{host}:{port}/pgcrew_no_such_db"),
+        2,
+        Duration::from_secs(2),
+    )
+    .await
+    .unwrap_err();
+    assert!(matches!(err, Error::Connect { .. }), "{err}");
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    if pgcrew::db::dsn_from_env().is_none() {
+        let err = pgcrew::Db::connect(
+            &format!("postgres://postgres:wrong@{host}:{port}/postgres"),
+            2,
+            Duration::from_secs(2),
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, Error::Authentication { .. }), "{err}");
+        assert!(err.to_string().contains("password"), "{err}");
+    }
+}
+
+#[tokio::test]
+async fn newer_schema_is_refused() {
+    let t = test_db().await;
+    let conn = t.db.get().await.unwrap();
+    conn.execute(
+        "INSERT INTO pgcrew.refinery_schema_history (version, name, applied_on, checksum) \
+         VALUES (999, 'from_the_future', '2030-01-01T00:00:00Z', '0')",
+        &[],
+    )
+    .await
+    .unwrap();
+    let err = t.db.check_schema().await.unwrap_err();
+    assert!(
+        matches!(err, Error::SchemaTooNew { database: 999, .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("upgrade pgcrew"), "{err}");
+    let err = t.db.migrate().await.unwrap_err();
+    assert!(matches!(err, Error::SchemaTooNew { .. }), "{err}");
+    let err = Client::connect(t.db.clone(), ClientConfig::default())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::SchemaTooNew { .. }), "{err}");
+}

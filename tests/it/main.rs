@@ -5,6 +5,8 @@
 mod common;
 
 mod coord;
+mod coord_process;
+mod model;
 mod queue;
 mod runs;
 mod tenancy;

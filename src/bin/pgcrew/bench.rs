@@ -33,3 +33,44 @@ pub async fn exec(dsn: Option<String>, args: BenchArgs) -> Result<ExitCode> {
         Some(BenchKind::Fanout(a)) => crate::bench_fanout::run(dsn, a).await,
     }
 }
+
+/// A scratch database for a benchmark: on the given server (`CREATE DATABASE`, dropped
+/// afterwards) or, without a DSN, on a throwaway local cluster. Never touches existing data.
+pub struct BenchDb {
+    /// DSN of the scratch database.
+    pub dsn: String,
+    _scratch: pgcrew::db::ScratchDatabase,
+    _cluster: Option<pgcrew::db::TempCluster>,
+}
+
+/// Create the benchmark's scratch database (migrated), printing where it lives.
+pub async fn scratch_db(dsn: Option<String>) -> Result<BenchDb> {
+    let (admin, cluster) = match dsn.filter(|d| !d.trim().is_empty()) {
+        Some(d) => (d, None),
+        None => {
+            eprintln!("no DATABASE_URL/--dsn: starting a throwaway PostgreSQL cluster");
+            let c = tokio::task::spawn_blocking(pgcrew::db::TempCluster::start)
+                .await
+                .map_err(|e| pgcrew::Error::Cluster(e.to_string()))??;
+            (c.dsn(), Some(c))
+        }
+    };
+    let scratch = pgcrew::db::ScratchDatabase::create(&admin, "pgcrew_bench").await?;
+    let db = pgcrew::Db::connect(scratch.dsn(), 2, std::time::Duration::from_secs(10)).await?;
+    db.migrate().await?;
+    eprintln!("benchmark database: {}", scratch.name());
+    Ok(BenchDb {
+        dsn: scratch.dsn().to_string(),
+        _scratch: scratch,
+        _cluster: cluster,
+    })
+}
+
+/// The `p`-th percentile (0..=100) of sorted samples, in microseconds.
+pub fn percentile_us(sorted: &[std::time::Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
+    sorted[idx.min(sorted.len() - 1)].as_secs_f64() * 1e6
+}

@@ -1,0 +1,1 @@
+//! Model port integration tests.
