@@ -1,0 +1,1 @@
+SELECT id, state FROM pgcrew.rescue_tasks($1, $2)

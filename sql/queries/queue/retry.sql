@@ -1,0 +1,1 @@
+SELECT previous_state, state FROM pgcrew.retry_task($1)

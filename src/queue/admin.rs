@@ -1,0 +1,237 @@
+//! Inspecting and controlling tasks: stats, listing, cancel, retry, per-queue tenant limits.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_postgres::GenericClient;
+use tracing::instrument;
+use uuid::Uuid;
+
+use super::TaskState;
+use super::claim::invalid_state;
+use crate::error::{Error, Result};
+use crate::ids::{TaskId, TenantId, validate_text_id};
+
+/// One row of [`stats`]: tasks of a queue in a state.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskStats {
+    /// Queue.
+    pub queue: String,
+    /// State.
+    pub state: String,
+    /// Number of tasks.
+    pub tasks: i64,
+    /// For `available`: seconds since the oldest available task became due.
+    pub oldest_available_age_s: Option<f64>,
+}
+
+/// Task counts per queue and state (the `pgcrew.queue_stats` view).
+#[instrument(skip(client), err)]
+pub async fn stats<C: GenericClient + Sync>(client: &C) -> Result<Vec<TaskStats>> {
+    let rows = client.query(sql!("queue/stats"), &[]).await?;
+    Ok(rows
+        .iter()
+        .map(|r| TaskStats {
+            queue: r.get("queue"),
+            state: r.get("state"),
+            tasks: r.get("tasks"),
+            oldest_available_age_s: r.get("oldest_available_age_s"),
+        })
+        .collect())
+}
+
+/// A task as stored.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct TaskRow {
+    /// Id.
+    pub id: TaskId,
+    /// Queue.
+    pub queue: String,
+    /// Kind.
+    pub kind: String,
+    /// Tenant.
+    pub tenant_id: String,
+    /// Run.
+    pub run_id: Option<Uuid>,
+    /// Priority (0 critical .. 4 batch).
+    pub priority: i16,
+    /// State.
+    pub state: TaskState,
+    /// Payload.
+    pub payload: serde_json::Value,
+    /// Attempts made.
+    pub attempts: i32,
+    /// Attempts allowed.
+    pub max_attempts: i32,
+    /// Due time.
+    pub run_at: DateTime<Utc>,
+    /// Instance that claimed it last.
+    pub claimed_by: Option<String>,
+    /// Last heartbeat while running.
+    pub heartbeat_at: Option<DateTime<Utc>>,
+    /// Last error.
+    pub last_error: Option<String>,
+    /// Every error, oldest first (`[{attempt, at, error}]`).
+    pub errors: serde_json::Value,
+    /// Unique key.
+    pub unique_key: Option<String>,
+    /// Parents.
+    pub depends_on: Option<Vec<i64>>,
+    /// Parents not yet completed.
+    pub pending_deps: i32,
+    /// When cancellation of the running task was requested.
+    pub cancel_requested_at: Option<DateTime<Utc>>,
+    /// Enqueue time.
+    pub created_at: DateTime<Utc>,
+    /// When it reached a final state.
+    pub finalized_at: Option<DateTime<Utc>>,
+}
+
+fn task_row(r: &tokio_postgres::Row) -> Result<TaskRow> {
+    let state: String = r.get("state");
+    Ok(TaskRow {
+        id: TaskId(r.get("id")),
+        queue: r.get("queue"),
+        kind: r.get("kind"),
+        tenant_id: r.get("tenant_id"),
+        run_id: r.get("run_id"),
+        priority: r.get("priority"),
+        state: state.parse()?,
+        payload: r.get("payload"),
+        attempts: r.get("attempts"),
+        max_attempts: r.get("max_attempts"),
+        run_at: r.get("run_at"),
+        claimed_by: r.get("claimed_by"),
+        heartbeat_at: r.get("heartbeat_at"),
+        last_error: r.get("last_error"),
+        errors: r.get("errors"),
+        unique_key: r.get("unique_key"),
+        depends_on: r.get("depends_on"),
+        pending_deps: r.get("pending_deps"),
+        cancel_requested_at: r.get("cancel_requested_at"),
+        created_at: r.get("created_at"),
+        finalized_at: r.get("finalized_at"),
+    })
+}
+
+/// One task.
+#[instrument(skip(client), err)]
+pub async fn get<C: GenericClient + Sync>(client: &C, id: TaskId) -> Result<TaskRow> {
+    let row = client
+        .query_opt(sql!("queue/get"), &[&id])
+        .await?
+        .ok_or_else(|| Error::not_found("task", id))?;
+    task_row(&row)
+}
+
+/// The newest tasks (at most `limit`), optionally filtered by state, queue and tenant.
+#[instrument(skip(client), err)]
+pub async fn list<C: GenericClient + Sync>(
+    client: &C,
+    state: Option<TaskState>,
+    queue: Option<&str>,
+    tenant: Option<&TenantId>,
+    limit: i64,
+) -> Result<Vec<TaskRow>> {
+    if limit < 1 {
+        return Err(Error::invalid("limit", "must be at least 1"));
+    }
+    let st = state.map(|s| s.as_str());
+    let tn = tenant.map(|t| t.as_str());
+    let rows = client
+        .query(sql!("queue/list"), &[&st, &queue, &tn, &limit])
+        .await?;
+    rows.iter().map(task_row).collect()
+}
+
+/// Cancel a task. A task that has not started is cancelled at once (with its dependants);
+/// a running task gets a cancellation request that its worker sees at the next heartbeat (the
+/// handler's cancellation token fires). Returns the state after the call. A task already in a
+/// final state is an [`Error::IllegalTransition`].
+#[instrument(skip(client), err)]
+pub async fn cancel<C: GenericClient + Sync>(client: &C, id: TaskId) -> Result<TaskState> {
+    let row = client
+        .query_opt(sql!("queue/cancel"), &[&id])
+        .await?
+        .ok_or_else(|| Error::not_found("task", id))?;
+    let prev: String = row.get("previous_state");
+    let now: String = row.get("state");
+    let prev_state: TaskState = prev.parse()?;
+    if prev_state.is_final() {
+        return Err(invalid_state(id, &prev, "cancelled"));
+    }
+    now.parse()
+}
+
+/// Make a task available again now (discarded, cancelled, completed, retryable or scheduled),
+/// with at least one attempt left. A running task is an [`Error::IllegalTransition`]. Fails
+/// with a clear error when another non-final task holds the same unique key.
+#[instrument(skip(client), err)]
+pub async fn retry<C: GenericClient + Sync>(client: &C, id: TaskId) -> Result<TaskState> {
+    let row = client
+        .query_opt(sql!("queue/retry"), &[&id])
+        .await
+        .map_err(|e| {
+            if e.as_db_error().map(|d| d.code().code()) == Some("23505") {
+                Error::invalid(
+                    "task",
+                    format!(
+                        "task {id} cannot be retried: another unfinished task holds its unique key"
+                    ),
+                )
+            } else {
+                Error::from(e)
+            }
+        })?
+        .ok_or_else(|| Error::not_found("task", id))?;
+    let prev: String = row.get("previous_state");
+    if prev == "running" {
+        return Err(invalid_state(id, &prev, "available"));
+    }
+    let now: String = row.get("state");
+    now.parse()
+}
+
+/// Limit how many tasks of `tenant` may run at once in `queue` (in addition to the tenant's
+/// `max_concurrent_tasks` over all queues).
+#[instrument(skip(client), err)]
+pub async fn set_queue_limit<C: GenericClient + Sync>(
+    client: &C,
+    tenant: &TenantId,
+    queue: &str,
+    max_concurrent_tasks: i32,
+) -> Result<()> {
+    validate_text_id("queue", queue)?;
+    if max_concurrent_tasks < 1 {
+        return Err(Error::invalid(
+            "max_concurrent_tasks",
+            "must be at least 1 (clear the limit instead)",
+        ));
+    }
+    client
+        .execute(
+            sql!("queue/set_queue_limit"),
+            &[tenant, &queue, &max_concurrent_tasks],
+        )
+        .await
+        .map_err(|e| {
+            if e.as_db_error().map(|d| d.code().code()) == Some("23503") {
+                Error::not_found("tenant", tenant)
+            } else {
+                Error::from(e)
+            }
+        })?;
+    Ok(())
+}
+
+/// Remove a per-queue tenant limit. Returns whether one existed.
+#[instrument(skip(client), err)]
+pub async fn clear_queue_limit<C: GenericClient + Sync>(
+    client: &C,
+    tenant: &TenantId,
+    queue: &str,
+) -> Result<bool> {
+    Ok(client
+        .execute(sql!("queue/clear_queue_limit"), &[tenant, &queue])
+        .await?
+        == 1)
+}

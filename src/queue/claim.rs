@@ -1,0 +1,247 @@
+//! Claiming, acknowledging and heartbeating tasks (the low-level API the worker pool uses).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_postgres::GenericClient;
+use tokio_postgres::types::ToSql;
+use tracing::{instrument, warn};
+use uuid::Uuid;
+
+use super::{Priority, TaskState};
+use crate::config::interval_micros;
+use crate::error::{Error, Result};
+use crate::ids::{ClaimToken, InstanceId, RunId, TaskId};
+
+/// A task claimed for execution.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ClaimedTask {
+    /// Task id.
+    pub id: TaskId,
+    /// Queue.
+    pub queue: String,
+    /// Kind.
+    pub kind: String,
+    /// Tenant.
+    pub tenant: String,
+    /// Run, if any.
+    pub run_id: Option<RunId>,
+    /// Priority.
+    pub priority: Priority,
+    /// Payload.
+    pub payload: serde_json::Value,
+    /// This attempt's number (1-based).
+    pub attempt: i32,
+    /// Attempts allowed.
+    pub max_attempts: i32,
+    /// The claim token every acknowledgement must carry.
+    pub token: ClaimToken,
+    /// When the task became due.
+    pub run_at: DateTime<Utc>,
+    /// When it was enqueued.
+    pub created_at: DateTime<Utc>,
+    /// How long it waited after becoming due (database clock).
+    pub lag: Duration,
+}
+
+/// Claim up to `limit` tasks from `queues` for `instance` (which must be registered, or the
+/// leader's maintenance will rescue the tasks). Fair across tenants, within tenant limits.
+#[instrument(skip(client, queues), fields(limit), err)]
+pub async fn claim<C: GenericClient + Sync>(
+    client: &C,
+    queues: &[String],
+    limit: i32,
+    instance: &InstanceId,
+) -> Result<Vec<ClaimedTask>> {
+    claim_with(client, sql!("queue/claim"), queues, limit, instance).await
+}
+
+pub(crate) async fn claim_with<C, T>(
+    client: &C,
+    query: &T,
+    queues: &[String],
+    limit: i32,
+    instance: &InstanceId,
+) -> Result<Vec<ClaimedTask>>
+where
+    C: GenericClient + Sync,
+    T: ?Sized + tokio_postgres::ToStatement + Sync + Send,
+{
+    if limit <= 0 || queues.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = client.query(query, &[&queues, &limit, instance]).await?;
+    rows.iter()
+        .map(|r| {
+            let prio: i16 = r.get("priority");
+            let run: Option<Uuid> = r.get("run_id");
+            let lag_us: i64 = r.get("lag_us");
+            let token: Uuid = r.get("claim_token");
+            Ok(ClaimedTask {
+                id: TaskId(r.get("id")),
+                queue: r.get("queue"),
+                kind: r.get("kind"),
+                tenant: r.get("tenant_id"),
+                run_id: run.map(RunId::from),
+                priority: Priority::from_i16(prio).unwrap_or_default(),
+                payload: r.get("payload"),
+                attempt: r.get("attempts"),
+                max_attempts: r.get("max_attempts"),
+                token: ClaimToken::from(token),
+                run_at: r.get("run_at"),
+                created_at: r.get("created_at"),
+                lag: Duration::from_micros(lag_us.max(0) as u64),
+            })
+        })
+        .collect()
+}
+
+/// What happened to a claimed task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum AckOutcome {
+    /// It succeeded.
+    Complete,
+    /// It failed: retry after `retry_in` (or discard when out of attempts); `error` is kept.
+    Fail {
+        /// The error, kept in the task's `errors`.
+        error: String,
+        /// Backoff before the next attempt.
+        retry_in: Duration,
+    },
+    /// Run it again after this delay without consuming an attempt.
+    Snooze(Duration),
+    /// Give up now; `error` is kept.
+    Discard {
+        /// The reason.
+        error: String,
+    },
+}
+
+/// One acknowledgement.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Ack {
+    /// The task.
+    pub id: TaskId,
+    /// The token of the claim being acknowledged.
+    pub token: ClaimToken,
+    /// The outcome.
+    pub outcome: AckOutcome,
+}
+
+/// The result of [`ack`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct AckReport {
+    /// Applied acknowledgements and the state each task went to.
+    pub applied: Vec<(TaskId, TaskState)>,
+    /// Rejected acknowledgements: the claim token was stale (the task was rescued, maybe
+    /// reclaimed) or the task was no longer running. Nothing was changed for them.
+    pub stale: Vec<TaskId>,
+}
+
+/// Acknowledge many tasks in one statement. Acks whose claim token is stale are rejected,
+/// logged and reported in [`AckReport::stale`]; they never change the task.
+#[instrument(skip(client, acks), fields(n = acks.len()), err)]
+pub async fn ack<C: GenericClient + Sync>(client: &C, acks: &[Ack]) -> Result<AckReport> {
+    ack_with(client, sql!("queue/ack"), acks).await
+}
+
+pub(crate) async fn ack_with<C, T>(client: &C, query: &T, acks: &[Ack]) -> Result<AckReport>
+where
+    C: GenericClient + Sync,
+    T: ?Sized + tokio_postgres::ToStatement + Sync + Send,
+{
+    if acks.is_empty() {
+        return Ok(AckReport::default());
+    }
+    let mut ids = Vec::with_capacity(acks.len());
+    let mut tokens = Vec::with_capacity(acks.len());
+    let mut outcomes = Vec::with_capacity(acks.len());
+    let mut delays = Vec::with_capacity(acks.len());
+    let mut errors: Vec<Option<&str>> = Vec::with_capacity(acks.len());
+    for a in acks {
+        ids.push(a.id.0);
+        tokens.push(a.token.as_uuid());
+        let (o, d, e) = match &a.outcome {
+            AckOutcome::Complete => ("complete", 0, None),
+            AckOutcome::Fail { error, retry_in } => {
+                ("fail", interval_micros(*retry_in), Some(error.as_str()))
+            }
+            AckOutcome::Snooze(d) => ("snooze", interval_micros(*d), None),
+            AckOutcome::Discard { error } => ("discard", 0, Some(error.as_str())),
+        };
+        outcomes.push(o);
+        delays.push(d);
+        errors.push(e);
+    }
+    let params: [&(dyn ToSql + Sync); 5] = [&ids, &tokens, &outcomes, &delays, &errors];
+    let rows = client.query(query, &params).await?;
+    let mut report = AckReport::default();
+    for r in &rows {
+        let state: String = r.get("state");
+        report
+            .applied
+            .push((TaskId(r.get("id")), state.parse::<TaskState>()?));
+    }
+    if report.applied.len() < acks.len() {
+        let applied: std::collections::HashSet<TaskId> =
+            report.applied.iter().map(|(id, _)| *id).collect();
+        for a in acks {
+            if !applied.contains(&a.id) {
+                warn!(task = %a.id, token = %a.token, "rejected a stale task acknowledgement (the task was rescued or is no longer running)");
+                report.stale.push(a.id);
+            }
+        }
+    }
+    Ok(report)
+}
+
+/// The result of [`heartbeat`].
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct HeartbeatReport {
+    /// Tasks still claimed by this instance.
+    pub alive: Vec<TaskId>,
+    /// Of those, the ones whose cancellation was requested.
+    pub cancel_requested: Vec<TaskId>,
+}
+
+/// Refresh the heartbeat of every task `instance` is running, in one statement.
+#[instrument(skip(client, ids), fields(n = ids.len()), err)]
+pub async fn heartbeat<C: GenericClient + Sync>(
+    client: &C,
+    instance: &InstanceId,
+    ids: &[TaskId],
+) -> Result<HeartbeatReport> {
+    let raw: Vec<i64> = ids.iter().map(|t| t.0).collect();
+    let rows = client
+        .query(sql!("queue/heartbeat"), &[&raw, instance])
+        .await?;
+    let mut rep = HeartbeatReport::default();
+    for r in &rows {
+        let id = TaskId(r.get("id"));
+        rep.alive.push(id);
+        if r.get::<_, bool>("cancel_requested") {
+            rep.cancel_requested.push(id);
+        }
+    }
+    Ok(rep)
+}
+
+/// How long until the next scheduled or retryable task of `queues` is due (`None`: none).
+#[instrument(skip(client, queues), err)]
+pub async fn next_due<C: GenericClient + Sync>(
+    client: &C,
+    queues: &[String],
+) -> Result<Option<Duration>> {
+    let row = client.query_opt(sql!("queue/next_due"), &[&queues]).await?;
+    Ok(row.map(|r| Duration::from_micros(r.get::<_, i64>(0).max(0) as u64)))
+}
+
+pub(crate) fn invalid_state(id: TaskId, from: &str, to: &str) -> Error {
+    Error::IllegalTransition {
+        entity: "task",
+        id: id.to_string(),
+        from: from.to_string(),
+        to: to.to_string(),
+    }
+}

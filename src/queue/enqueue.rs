@@ -1,0 +1,156 @@
+//! Enqueueing: single (with dependencies and unique keys) and bulk, on any client or inside the
+//! caller's transaction.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tokio_postgres::GenericClient;
+use tracing::instrument;
+use uuid::Uuid;
+
+use super::{NewTask, TaskState};
+use crate::error::{Error, Result};
+use crate::ids::TaskId;
+
+/// The result of [`enqueue`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Enqueued {
+    /// The task's id (the existing task's when `duplicate`).
+    pub id: TaskId,
+    /// Its state right after the call.
+    pub state: TaskState,
+    /// True when the unique key matched an existing non-final task and nothing was inserted.
+    pub duplicate: bool,
+}
+
+/// Enqueue one task. Works on a plain client, inside the caller's transaction (the task then
+/// exists only if that transaction commits) or on a pooled connection (`&**conn`).
+///
+/// Dependencies are locked while the task is inserted, so a parent finishing concurrently is
+/// always accounted for. Unknown parents, an unknown tenant or an oversized payload are
+/// rejected with [`Error::InvalidInput`] and nothing is written.
+#[instrument(skip(client, task), fields(kind = %task.kind, queue = %task.queue), err)]
+pub async fn enqueue<C: GenericClient + Sync>(client: &C, task: &NewTask) -> Result<Enqueued> {
+    task.validate()?;
+    let deps: Option<Vec<i64>> = if task.depends_on.is_empty() {
+        None
+    } else {
+        Some(task.depends_on.iter().map(|t| t.0).collect())
+    };
+    let run: Option<Uuid> = task.run_id.map(|r| r.as_uuid());
+    let row = client
+        .query_one(
+            sql!("queue/enqueue"),
+            &[
+                &task.queue,
+                &task.kind,
+                &task.tenant,
+                &run,
+                &task.priority.as_i16(),
+                &task.payload,
+                &task.delay_us(),
+                &task.run_at,
+                &task.max_attempts,
+                &task.unique_key,
+                &deps,
+            ],
+        )
+        .await
+        .map_err(map_enqueue_error)?;
+    let state: String = row.get("state");
+    Ok(Enqueued {
+        id: TaskId(row.get("id")),
+        state: state.parse()?,
+        duplicate: row.get("duplicate"),
+    })
+}
+
+/// Enqueue many tasks in one statement (thousands per call). Tasks whose unique key is taken by
+/// a non-final task are skipped; the ids of the inserted tasks are returned in input order of
+/// the inserted ones. Every task is validated first: one invalid task rejects the whole batch
+/// and nothing is written. Dependencies are not supported here (use [`enqueue`]).
+#[instrument(skip(client, tasks), fields(n = tasks.len()), err)]
+pub async fn enqueue_many<C: GenericClient + Sync>(
+    client: &C,
+    tasks: &[NewTask],
+) -> Result<Vec<TaskId>> {
+    if tasks.is_empty() {
+        return Ok(Vec::new());
+    }
+    for (i, t) in tasks.iter().enumerate() {
+        t.validate().map_err(|e| match e {
+            Error::InvalidInput { field, message } => Error::InvalidInput {
+                field,
+                message: format!("(task #{i} of the batch) {message}"),
+            },
+            other => other,
+        })?;
+        if !t.depends_on.is_empty() {
+            return Err(Error::invalid(
+                "depends_on",
+                format!(
+                    "(task #{i} of the batch) bulk enqueue does not take dependencies: enqueue tasks with depends_on one at a time with queue::enqueue"
+                ),
+            ));
+        }
+    }
+    let n = tasks.len();
+    let mut queues = Vec::with_capacity(n);
+    let mut kinds = Vec::with_capacity(n);
+    let mut tenants = Vec::with_capacity(n);
+    let mut runs: Vec<Option<Uuid>> = Vec::with_capacity(n);
+    let mut prios = Vec::with_capacity(n);
+    let mut payloads = Vec::with_capacity(n);
+    let mut max_attempts = Vec::with_capacity(n);
+    let mut run_ats: Vec<Option<DateTime<Utc>>> = Vec::with_capacity(n);
+    let mut delays = Vec::with_capacity(n);
+    let mut keys: Vec<Option<&str>> = Vec::with_capacity(n);
+    for t in tasks {
+        queues.push(t.queue.as_str());
+        kinds.push(t.kind.as_str());
+        tenants.push(t.tenant.as_str());
+        runs.push(t.run_id.map(|r| r.as_uuid()));
+        prios.push(t.priority.as_i16());
+        payloads.push(&t.payload);
+        max_attempts.push(t.max_attempts);
+        run_ats.push(t.run_at);
+        delays.push(t.delay_us());
+        keys.push(t.unique_key.as_deref());
+    }
+    let rows = client
+        .query(
+            sql!("queue/enqueue_many"),
+            &[
+                &queues,
+                &kinds,
+                &tenants,
+                &runs,
+                &prios,
+                &payloads,
+                &max_attempts,
+                &run_ats,
+                &delays,
+                &keys,
+            ],
+        )
+        .await
+        .map_err(map_enqueue_error)?;
+    Ok(rows.iter().map(|r| TaskId(r.get(0))).collect())
+}
+
+/// Turn the database's complaints about an enqueue into actionable input errors.
+pub(crate) fn map_enqueue_error(e: tokio_postgres::Error) -> Error {
+    if let Some(db) = e.as_db_error()
+        && db.code().code() == "23503"
+    {
+        if db.hint() == Some("pgcrew_missing_dependency") {
+            return Error::invalid("depends_on", db.message().to_string());
+        }
+        if db.constraint() == Some("tasks_tenant_id_fkey") {
+            return Error::invalid(
+                "tenant",
+                "the tenant does not exist: create it first (`pgcrew tenants create` or the tenancy API)",
+            );
+        }
+    }
+    Error::from(e)
+}

@@ -1,0 +1,775 @@
+//! The worker pool: a [`Service`] that claims tasks for the handlers registered by kind, runs
+//! them with bounded concurrency, and acknowledges them in batches.
+//!
+//! Inside one instance: a fetcher claims batches sized to free capacity (nothing when full), a
+//! fixed set of executors run handlers (timeout, cancellation token, panic capture), one acker
+//! writes many acknowledgements per statement, and one heartbeat statement per interval keeps
+//! every claimed task alive and picks up cancellation requests. Idle fetchers wake on
+//! `pgcrew_task_available` and poll on a slow fallback interval (or when the next delayed task
+//! is due). On stop the pool drains: it claims nothing more, finishes what it holds, flushes
+//! every acknowledgement, and only then returns.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use futures_util::FutureExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, warn};
+
+use super::claim::{Ack, AckOutcome, ClaimedTask, ack_with, claim_with, heartbeat, next_due};
+use super::retry::RetryPolicy;
+use crate::coord::client::{Client, Service};
+use crate::coord::notify::{Event, EventKind};
+use crate::db::{Conn, Db};
+use crate::error::{Error, Result};
+use crate::ids::{ClaimToken, RunId, TaskId, validate_text_id};
+
+/// The error type handlers return (anything convertible with `?`).
+pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;
+
+/// What a handler decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskOutcome {
+    /// Done: the task completes.
+    Complete,
+    /// Run again after this delay without consuming an attempt.
+    Snooze(Duration),
+    /// Give up for good (the reason is kept); no retry.
+    Discard(String),
+}
+
+/// What a handler gets besides its payload.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    /// The task.
+    pub id: TaskId,
+    /// Its queue.
+    pub queue: String,
+    /// Its kind.
+    pub kind: String,
+    /// Its tenant.
+    pub tenant: String,
+    /// Its run, if any.
+    pub run_id: Option<RunId>,
+    /// This attempt (1-based).
+    pub attempt: i32,
+    /// Attempts allowed.
+    pub max_attempts: i32,
+    /// The claim token.
+    pub token: ClaimToken,
+    /// Fires when the task is cancelled, its claim is lost, or the pool's shutdown timeout
+    /// passes. The handler future is dropped right after; pass the token to sub-tasks.
+    pub cancel: CancellationToken,
+    /// The client running the pool (database access for the handler).
+    pub client: Client,
+}
+
+type BoxFuture =
+    Pin<Box<dyn Future<Output = std::result::Result<TaskOutcome, HandlerError>> + Send>>;
+type Handler = Arc<dyn Fn(TaskContext, serde_json::Value) -> BoxFuture + Send + Sync>;
+
+/// Counters of one pool (cumulative since the pool was built).
+#[derive(Debug)]
+pub struct WorkerMetrics {
+    started: Instant,
+    claimed: AtomicU64,
+    executed: AtomicU64,
+    succeeded: AtomicU64,
+    failed: AtomicU64,
+    snoozed: AtomicU64,
+    stale_acks: AtomicU64,
+    in_flight: AtomicUsize,
+    lag_us: AtomicU64,
+}
+
+impl Default for WorkerMetrics {
+    fn default() -> Self {
+        WorkerMetrics {
+            started: Instant::now(),
+            claimed: AtomicU64::new(0),
+            executed: AtomicU64::new(0),
+            succeeded: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            snoozed: AtomicU64::new(0),
+            stale_acks: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            lag_us: AtomicU64::new(0),
+        }
+    }
+}
+
+/// A point-in-time copy of [`WorkerMetrics`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct WorkerMetricsSnapshot {
+    /// Tasks claimed.
+    pub claimed: u64,
+    /// Handler runs finished (any outcome).
+    pub executed: u64,
+    /// Completed.
+    pub succeeded: u64,
+    /// Failed (error, panic, timeout, cancellation, discard).
+    pub failed: u64,
+    /// Snoozed.
+    pub snoozed: u64,
+    /// Acknowledgements rejected as stale.
+    pub stale_acks: u64,
+    /// Tasks held right now (running or claimed and waiting for an executor).
+    pub in_flight: usize,
+    /// Executed tasks per second since the pool was built.
+    pub throughput_per_sec: f64,
+    /// Queue lag of the most recent claim: how long its oldest task waited after becoming due.
+    pub queue_lag_ms: f64,
+}
+
+impl WorkerMetrics {
+    /// A snapshot.
+    pub fn snapshot(&self) -> WorkerMetricsSnapshot {
+        let executed = self.executed.load(Ordering::Relaxed);
+        let secs = self.started.elapsed().as_secs_f64().max(1e-9);
+        WorkerMetricsSnapshot {
+            claimed: self.claimed.load(Ordering::Relaxed),
+            executed,
+            succeeded: self.succeeded.load(Ordering::Relaxed),
+            failed: self.failed.load(Ordering::Relaxed),
+            snoozed: self.snoozed.load(Ordering::Relaxed),
+            stale_acks: self.stale_acks.load(Ordering::Relaxed),
+            in_flight: self.in_flight.load(Ordering::Relaxed),
+            throughput_per_sec: executed as f64 / secs,
+            queue_lag_ms: self.lag_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        }
+    }
+}
+
+/// Builder of a [`WorkerPool`]; see [`WorkerPool::builder`].
+pub struct WorkerPoolBuilder {
+    queues: Vec<String>,
+    handlers: HashMap<String, Handler>,
+    concurrency: usize,
+    prefetch: usize,
+    max_batch: usize,
+    poll_interval: Duration,
+    heartbeat_interval: Duration,
+    timeout: Option<Duration>,
+    shutdown_timeout: Option<Duration>,
+    retry: RetryPolicy,
+    error: Option<Error>,
+}
+
+impl std::fmt::Debug for WorkerPoolBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerPoolBuilder")
+            .field("queues", &self.queues)
+            .field("kinds", &self.handlers.keys().collect::<Vec<_>>())
+            .field("concurrency", &self.concurrency)
+            .finish_non_exhaustive()
+    }
+}
+
+impl WorkerPoolBuilder {
+    /// Work this queue (call again for more; claimed in the order given). Default: `default`.
+    pub fn queue(mut self, queue: impl Into<String>) -> Self {
+        let q = queue.into();
+        if let Err(e) = validate_text_id("queue", &q) {
+            self.error.get_or_insert(e);
+        }
+        if !self.queues.contains(&q) {
+            self.queues.push(q);
+        }
+        self
+    }
+
+    /// Register the handler of `kind`. The payload is deserialised into `P`; a payload that
+    /// does not deserialise discards the task (retrying cannot fix it).
+    pub fn handler<P, F, Fut>(mut self, kind: impl Into<String>, f: F) -> Self
+    where
+        P: DeserializeOwned + Send + 'static,
+        F: Fn(TaskContext, P) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = std::result::Result<TaskOutcome, HandlerError>> + Send + 'static,
+    {
+        let kind = kind.into();
+        if let Err(e) = validate_text_id("kind", &kind) {
+            self.error.get_or_insert(e);
+        }
+        let f = Arc::new(f);
+        let h: Handler = Arc::new(move |ctx, payload| {
+            let f = f.clone();
+            Box::pin(async move {
+                match serde_json::from_value::<P>(payload) {
+                    Ok(p) => f(ctx, p).await,
+                    Err(e) => Ok(TaskOutcome::Discard(format!(
+                        "payload does not match the handler's type: {e}"
+                    ))),
+                }
+            })
+        });
+        self.handlers.insert(kind, h);
+        self
+    }
+
+    /// Most handlers running at once (default 10).
+    pub fn concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n;
+        self
+    }
+
+    /// Extra tasks claimed ahead and held locally while all executors are busy (default 0).
+    /// They count as running for tenant limits and are heartbeated like running tasks.
+    pub fn prefetch(mut self, n: usize) -> Self {
+        self.prefetch = n;
+        self
+    }
+
+    /// Largest claim batch (default 100).
+    pub fn max_batch(mut self, n: usize) -> Self {
+        self.max_batch = n;
+        self
+    }
+
+    /// Fallback poll interval of an idle pool (default 1 s).
+    pub fn poll_interval(mut self, d: Duration) -> Self {
+        self.poll_interval = d;
+        self
+    }
+
+    /// Task heartbeat interval (default 5 s; keep it well under the client's
+    /// `task_heartbeat_timeout`). Cancellation requests are picked up at this pace.
+    pub fn heartbeat_interval(mut self, d: Duration) -> Self {
+        self.heartbeat_interval = d;
+        self
+    }
+
+    /// Per-task timeout (default none): a handler running longer fails the attempt.
+    pub fn timeout(mut self, d: Duration) -> Self {
+        self.timeout = Some(d);
+        self
+    }
+
+    /// On stop, cancel handlers still running after this long (default: wait for them).
+    pub fn shutdown_timeout(mut self, d: Duration) -> Self {
+        self.shutdown_timeout = Some(d);
+        self
+    }
+
+    /// Backoff between attempts (default: 1 s doubling to 1 h, ±20 % jitter).
+    pub fn retry_policy(mut self, p: RetryPolicy) -> Self {
+        self.retry = p;
+        self
+    }
+
+    /// Validate and build. Pass the result to [`ClientBuilder::service`](crate::coord::client::ClientBuilder::service).
+    pub fn build(mut self) -> Result<Arc<WorkerPool>> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        if self.concurrency == 0 {
+            return Err(Error::invalid("concurrency", "must be at least 1"));
+        }
+        if self.max_batch == 0 {
+            return Err(Error::invalid("max_batch", "must be at least 1"));
+        }
+        if self.handlers.is_empty() {
+            return Err(Error::invalid(
+                "handlers",
+                "register at least one handler with .handler(kind, f)",
+            ));
+        }
+        for (field, d) in [
+            ("poll_interval", self.poll_interval),
+            ("heartbeat_interval", self.heartbeat_interval),
+        ] {
+            if d.is_zero() {
+                return Err(Error::invalid(field, "must be greater than zero"));
+            }
+        }
+        if self.queues.is_empty() {
+            self.queues.push(super::DEFAULT_QUEUE.to_string());
+        }
+        Ok(Arc::new(WorkerPool {
+            queues: self.queues,
+            handlers: self.handlers,
+            concurrency: self.concurrency,
+            prefetch: self.prefetch,
+            max_batch: self.max_batch,
+            poll_interval: self.poll_interval,
+            heartbeat_interval: self.heartbeat_interval,
+            timeout: self.timeout,
+            shutdown_timeout: self.shutdown_timeout,
+            retry: self.retry,
+            metrics: Arc::new(WorkerMetrics::default()),
+        }))
+    }
+}
+
+/// A pool of task executors for one instance. Build with [`WorkerPool::builder`], register
+/// with [`ClientBuilder::service`](crate::coord::client::ClientBuilder::service); it runs
+/// between the client's `start()` and `stop()`.
+pub struct WorkerPool {
+    queues: Vec<String>,
+    handlers: HashMap<String, Handler>,
+    concurrency: usize,
+    prefetch: usize,
+    max_batch: usize,
+    poll_interval: Duration,
+    heartbeat_interval: Duration,
+    timeout: Option<Duration>,
+    shutdown_timeout: Option<Duration>,
+    retry: RetryPolicy,
+    metrics: Arc<WorkerMetrics>,
+}
+
+impl std::fmt::Debug for WorkerPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WorkerPool")
+            .field("queues", &self.queues)
+            .field("kinds", &self.handlers.keys().collect::<Vec<_>>())
+            .field("concurrency", &self.concurrency)
+            .field("prefetch", &self.prefetch)
+            .finish_non_exhaustive()
+    }
+}
+
+/// State shared by the pool's loops during one `run`.
+#[derive(Default)]
+struct Shared {
+    /// Claimed tasks held (queued for an executor or running) and their cancellation tokens.
+    held: Mutex<HashMap<TaskId, CancellationToken>>,
+    /// Signalled when an executor frees a slot.
+    slot_freed: Notify,
+    /// Signalled by notifications and acknowledgement flushes.
+    wake: Notify,
+}
+
+impl Shared {
+    fn held_ids(&self) -> Vec<TaskId> {
+        match self.held.lock() {
+            Ok(g) => g.keys().copied().collect(),
+            Err(p) => p.into_inner().keys().copied().collect(),
+        }
+    }
+    fn with_held<R>(&self, f: impl FnOnce(&mut HashMap<TaskId, CancellationToken>) -> R) -> R {
+        match self.held.lock() {
+            Ok(mut g) => f(&mut g),
+            Err(p) => f(&mut p.into_inner()),
+        }
+    }
+}
+
+impl WorkerPool {
+    /// A builder with the defaults.
+    pub fn builder() -> WorkerPoolBuilder {
+        WorkerPoolBuilder {
+            queues: Vec::new(),
+            handlers: HashMap::new(),
+            concurrency: 10,
+            prefetch: 0,
+            max_batch: 100,
+            poll_interval: Duration::from_secs(1),
+            heartbeat_interval: Duration::from_secs(5),
+            timeout: None,
+            shutdown_timeout: None,
+            retry: RetryPolicy::default(),
+            error: None,
+        }
+    }
+
+    /// This pool's metrics.
+    pub fn metrics(&self) -> &Arc<WorkerMetrics> {
+        &self.metrics
+    }
+
+    /// The queues this pool works.
+    pub fn queues(&self) -> &[String] {
+        &self.queues
+    }
+
+    async fn fetch_loop(
+        &self,
+        client: &Client,
+        shared: &Shared,
+        work_tx: &mpsc::UnboundedSender<ClaimedTask>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
+        let capacity = self.concurrency + self.prefetch;
+        let mut conn: Option<Conn> = None;
+        let mut backoff = Duration::from_millis(50);
+        loop {
+            if *shutdown.borrow() {
+                return;
+            }
+            let held = self.metrics.in_flight.load(Ordering::SeqCst);
+            let free = capacity.saturating_sub(held);
+            if free == 0 {
+                tokio::select! {
+                    _ = shared.slot_freed.notified() => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            let limit = free.min(self.max_batch);
+            match self.claim_once(client, &mut conn, limit).await {
+                Ok(tasks) => {
+                    backoff = Duration::from_millis(50);
+                    let got = tasks.len();
+                    if let Some(max_lag) = tasks.iter().map(|t| t.lag).max() {
+                        self.metrics
+                            .lag_us
+                            .store(max_lag.as_micros() as u64, Ordering::Relaxed);
+                    }
+                    self.metrics
+                        .claimed
+                        .fetch_add(got as u64, Ordering::Relaxed);
+                    for t in tasks {
+                        self.metrics.in_flight.fetch_add(1, Ordering::SeqCst);
+                        shared.with_held(|h| h.insert(t.id, CancellationToken::new()));
+                        if work_tx.send(t).is_err() {
+                            return;
+                        }
+                    }
+                    if got == 0 {
+                        self.idle_wait(&mut conn, shared, shutdown).await;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "worker pool: claim failed; retrying");
+                    conn = None;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn claim_once(
+        &self,
+        client: &Client,
+        conn: &mut Option<Conn>,
+        limit: usize,
+    ) -> Result<Vec<ClaimedTask>> {
+        if conn.is_none() {
+            *conn = Some(client.db().get().await?);
+        }
+        let Some(c) = conn.as_ref() else {
+            return Ok(Vec::new());
+        };
+        let stmt = c.prepare_cached(sql!("queue/claim")).await?;
+        claim_with(
+            &***c,
+            &stmt,
+            &self.queues,
+            i32::try_from(limit).unwrap_or(i32::MAX),
+            client.instance_id(),
+        )
+        .await
+    }
+
+    /// Nothing to claim: wait for a notification, the next due task, the fallback poll or stop.
+    async fn idle_wait(
+        &self,
+        conn: &mut Option<Conn>,
+        shared: &Shared,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
+        let mut wait = self.poll_interval;
+        if let Some(c) = conn.as_ref() {
+            match next_due(&***c, &self.queues).await {
+                Ok(Some(d)) => wait = wait.min(d),
+                Ok(None) => {}
+                Err(e) => {
+                    debug!(error = %e, "worker pool: next_due failed");
+                    *conn = None;
+                }
+            }
+        }
+        tokio::select! {
+            _ = shared.wake.notified() => {}
+            _ = tokio::time::sleep(wait) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+
+    async fn execute(
+        &self,
+        client: &Client,
+        task: ClaimedTask,
+        cancel: CancellationToken,
+    ) -> AckOutcome {
+        let ClaimedTask {
+            id,
+            queue,
+            kind,
+            tenant,
+            run_id,
+            payload,
+            attempt,
+            max_attempts,
+            token,
+            ..
+        } = task;
+        let fail = |error: String| AckOutcome::Fail {
+            error,
+            retry_in: self.retry.delay(attempt),
+        };
+        if cancel.is_cancelled() {
+            return fail("cancelled before it started".into());
+        }
+        let Some(handler) = self.handlers.get(&kind) else {
+            return fail(format!(
+                "no handler is registered for kind `{kind}` in this worker pool"
+            ));
+        };
+        let ctx = TaskContext {
+            id,
+            queue,
+            kind,
+            tenant,
+            run_id,
+            attempt,
+            max_attempts,
+            token,
+            cancel: cancel.clone(),
+            client: client.clone(),
+        };
+        let fut = AssertUnwindSafe(handler(ctx, payload)).catch_unwind();
+        let timed = async {
+            match self.timeout {
+                Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| t),
+                None => Ok(fut.await),
+            }
+        };
+        let result = tokio::select! {
+            r = timed => r,
+            _ = cancel.cancelled() => return fail("cancelled while running".into()),
+        };
+        match result {
+            Ok(Ok(Ok(TaskOutcome::Complete))) => AckOutcome::Complete,
+            Ok(Ok(Ok(TaskOutcome::Snooze(d)))) => AckOutcome::Snooze(d),
+            Ok(Ok(Ok(TaskOutcome::Discard(reason)))) => AckOutcome::Discard { error: reason },
+            Ok(Ok(Err(e))) => fail(e.to_string()),
+            Ok(Err(panic)) => {
+                let msg = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| s.to_string())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_else(|| "unknown panic".into());
+                fail(format!("handler panicked: {msg}"))
+            }
+            Err(t) => fail(format!("timed out after {t:?}")),
+        }
+    }
+
+    async fn executor_loop(
+        self: Arc<Self>,
+        client: Client,
+        shared: Arc<Shared>,
+        work_rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ClaimedTask>>>,
+        ack_tx: mpsc::UnboundedSender<Ack>,
+    ) {
+        loop {
+            let next = {
+                let mut rx = work_rx.lock().await;
+                rx.recv().await
+            };
+            let Some(task) = next else { return };
+            let id = task.id;
+            let token = task.token;
+            let cancel = shared
+                .with_held(|h| h.get(&id).cloned())
+                .unwrap_or_default();
+            let outcome = self.execute(&client, task, cancel).await;
+            let m = &self.metrics;
+            m.executed.fetch_add(1, Ordering::Relaxed);
+            match &outcome {
+                AckOutcome::Complete => m.succeeded.fetch_add(1, Ordering::Relaxed),
+                AckOutcome::Snooze(_) => m.snoozed.fetch_add(1, Ordering::Relaxed),
+                _ => m.failed.fetch_add(1, Ordering::Relaxed),
+            };
+            if let AckOutcome::Fail { error, .. } | AckOutcome::Discard { error } = &outcome {
+                debug!(task = %id, error = %error, "task attempt failed");
+            }
+            shared.with_held(|h| h.remove(&id));
+            let _ = ack_tx.send(Ack { id, token, outcome });
+            m.in_flight.fetch_sub(1, Ordering::SeqCst);
+            shared.slot_freed.notify_one();
+        }
+    }
+
+    async fn heartbeat_loop(
+        self: Arc<Self>,
+        client: Client,
+        shared: Arc<Shared>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(self.heartbeat_interval) => {}
+                _ = stop.changed() => return,
+            }
+            let ids = shared.held_ids();
+            if ids.is_empty() {
+                continue;
+            }
+            let result = async {
+                let conn = client.db().get().await?;
+                heartbeat(&**conn, client.instance_id(), &ids).await
+            }
+            .await;
+            match result {
+                Ok(rep) => {
+                    let alive: std::collections::HashSet<TaskId> =
+                        rep.alive.iter().copied().collect();
+                    shared.with_held(|h| {
+                        for id in &rep.cancel_requested {
+                            if let Some(t) = h.get(id) {
+                                t.cancel();
+                            }
+                        }
+                        for id in &ids {
+                            if !alive.contains(id)
+                                && let Some(t) = h.get(id)
+                            {
+                                warn!(task = %id, "task claim lost (rescued by maintenance); cancelling its handler");
+                                t.cancel();
+                            }
+                        }
+                    });
+                }
+                Err(e) => warn!(error = %e, "worker pool: task heartbeat failed"),
+            }
+        }
+    }
+}
+
+async fn acker_loop(
+    db: Db,
+    mut rx: mpsc::UnboundedReceiver<Ack>,
+    metrics: Arc<WorkerMetrics>,
+    shared: Arc<Shared>,
+) {
+    let mut conn: Option<Conn> = None;
+    while let Some(first) = rx.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < 1000 {
+            match rx.try_recv() {
+                Ok(a) => batch.push(a),
+                Err(_) => break,
+            }
+        }
+        let mut attempt = 0u32;
+        loop {
+            match flush(&db, &mut conn, &batch).await {
+                Ok(stale) => {
+                    metrics.stale_acks.fetch_add(stale, Ordering::Relaxed);
+                    shared.wake.notify_one();
+                    break;
+                }
+                Err(e) => {
+                    conn = None;
+                    attempt += 1;
+                    if attempt >= 20 {
+                        error!(error = %e, n = batch.len(), "worker pool: giving up on acknowledgements; the tasks will be rescued and retried");
+                        break;
+                    }
+                    warn!(error = %e, attempt, "worker pool: acknowledgement failed; retrying");
+                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                }
+            }
+        }
+    }
+}
+
+async fn flush(db: &Db, conn: &mut Option<Conn>, batch: &[Ack]) -> Result<u64> {
+    if conn.is_none() {
+        *conn = Some(db.get().await?);
+    }
+    let Some(c) = conn.as_ref() else {
+        return Ok(0);
+    };
+    let stmt = c.prepare_cached(sql!("queue/ack")).await?;
+    let rep = ack_with(&***c, &stmt, batch).await?;
+    Ok(rep.stale.len() as u64)
+}
+
+#[async_trait]
+impl Service for WorkerPool {
+    fn name(&self) -> &'static str {
+        "worker_pool"
+    }
+
+    async fn run(self: Arc<Self>, client: Client, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+        let shared = Arc::new(Shared::default());
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Ack>();
+        let (work_tx, work_rx) = mpsc::unbounded_channel::<ClaimedTask>();
+        let work_rx = Arc::new(tokio::sync::Mutex::new(work_rx));
+        let acker = tokio::spawn(acker_loop(
+            client.db().clone(),
+            ack_rx,
+            self.metrics.clone(),
+            shared.clone(),
+        ));
+        let mut executors = Vec::with_capacity(self.concurrency);
+        for _ in 0..self.concurrency {
+            executors.push(tokio::spawn(self.clone().executor_loop(
+                client.clone(),
+                shared.clone(),
+                work_rx.clone(),
+                ack_tx.clone(),
+            )));
+        }
+        drop(ack_tx);
+        let (hb_stop, hb_rx) = watch::channel(false);
+        let hb = tokio::spawn(
+            self.clone()
+                .heartbeat_loop(client.clone(), shared.clone(), hb_rx),
+        );
+        let mut sub = client.subscribe(&[EventKind::TaskAvailable]);
+        let queues = self.queues.clone();
+        let waker = shared.clone();
+        let listener = tokio::spawn(async move {
+            while let Some(ev) = sub.recv().await {
+                match ev {
+                    Event::TaskAvailable { queue } if queues.contains(&queue) => {
+                        waker.wake.notify_one()
+                    }
+                    Event::Resync => waker.wake.notify_one(),
+                    _ => {}
+                }
+            }
+        });
+
+        self.fetch_loop(&client, &shared, &work_tx, &mut shutdown)
+            .await;
+
+        // Drain: no more claims; executors finish what is held, then the acker flushes.
+        drop(work_tx);
+        listener.abort();
+        let canceller = self.shutdown_timeout.map(|t| {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(t).await;
+                shared.with_held(|h| h.values().for_each(|c| c.cancel()));
+            })
+        });
+        for e in executors {
+            let _ = e.await;
+        }
+        if let Some(c) = canceller {
+            c.abort();
+        }
+        let _ = acker.await;
+        let _ = hb_stop.send(true);
+        let _ = hb.await;
+        Ok(())
+    }
+}
