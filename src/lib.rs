@@ -54,5 +54,10 @@ pub use db::Db;
 pub use error::{Error, Result};
 pub use ids::{ClaimToken, InstanceId, RunId, SessionId, TaskId, TenantId};
 
+/// The README's examples, compiled as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;
+
 /// This crate's version, recorded with every instance.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -146,9 +146,13 @@ impl ClientBuilder {
             Some(dsn) => crate::db::parse_dsn(dsn)?,
             None => db.config().clone(),
         };
+        // Heartbeats, elections and maintenance get their own small pool so that application
+        // work exhausting the main pool can never cost this instance its leadership or liveness.
+        let core_db = db.sibling(3, self.config.connect_timeout).await?;
         Ok(Client {
             inner: Arc::new(Inner {
                 db,
+                core_db,
                 config: Arc::new(self.config),
                 notifier: Notifier::new(4096),
                 listen_config,
@@ -179,6 +183,7 @@ struct Running {
 
 struct Inner {
     db: Db,
+    core_db: Db,
     config: Arc<ClientConfig>,
     notifier: Notifier,
     listen_config: tokio_postgres::Config,
@@ -296,7 +301,7 @@ impl Client {
         if running.is_some() {
             return Err(Error::Config("client is already running".into()));
         }
-        instance::register(&self.inner.db, &self.instance_info()).await?;
+        instance::register(&self.inner.core_db, &self.instance_info()).await?;
         info!(instance = %self.instance_id(), "instance registered");
         let notifier_task = self.inner.notifier.spawn_listener(NotifierConfig {
             pg_config: self.inner.listen_config.clone(),
@@ -358,7 +363,7 @@ impl Client {
         for t in r.core_tasks {
             let _ = t.await;
         }
-        let result = instance::deregister(&self.inner.db, self.instance_id()).await;
+        let result = instance::deregister(&self.inner.core_db, self.instance_id()).await;
         r.notifier_task.stop().await;
         self.inner.is_running.store(false, Ordering::SeqCst);
         info!(instance = %self.instance_id(), "instance stopped");
@@ -371,7 +376,7 @@ impl Client {
             .leader_term()
             .ok_or_else(|| Error::NotRunning("this instance is not the leader".into()))?;
         maintenance::run_once(
-            &self.inner.db,
+            &self.inner.core_db,
             &self.inner.steps,
             &self.maintenance_ctx(term),
         )
@@ -390,11 +395,12 @@ impl Client {
     async fn heartbeat_loop(self, mut shutdown: watch::Receiver<bool>) {
         let interval = self.inner.config.heartbeat_interval;
         while !sleep_or_shutdown(interval, &mut shutdown).await {
-            match instance::heartbeat(&self.inner.db, self.instance_id()).await {
+            match instance::heartbeat(&self.inner.core_db, self.instance_id()).await {
                 Ok(true) => {}
                 Ok(false) => {
                     warn!(instance = %self.instance_id(), "instance row was removed; re-registering");
-                    if let Err(e) = instance::register(&self.inner.db, &self.instance_info()).await
+                    if let Err(e) =
+                        instance::register(&self.inner.core_db, &self.instance_info()).await
                     {
                         self.report_error(&e);
                     }
@@ -439,7 +445,7 @@ impl Client {
             let deadline = current.map(|l| l.deadline);
             let sent = Instant::now();
             let attempt = tokio::select! {
-                r = leader::elect(&self.inner.db, DEFAULT_LEASE, &me, ttl) => Some(r),
+                r = leader::elect(&self.inner.core_db, DEFAULT_LEASE, &me, ttl) => Some(r),
                 _ = sleep_until_opt(deadline) => None,
                 _ = shutdown.changed() => break,
             };
@@ -515,7 +521,7 @@ impl Client {
             let _ = h.await;
         }
         if self.set_leader(None).is_some() {
-            if let Err(e) = leader::resign(&self.inner.db, DEFAULT_LEASE, &me).await {
+            if let Err(e) = leader::resign(&self.inner.core_db, DEFAULT_LEASE, &me).await {
                 self.report_error(&e);
             }
             if let Some(cb) = &self.inner.callbacks.on_lost_leadership {
@@ -523,7 +529,7 @@ impl Client {
             }
         } else {
             // We may hold a lease we never learned about (reply lost): release it if ours.
-            let _ = leader::resign(&self.inner.db, DEFAULT_LEASE, &me).await;
+            let _ = leader::resign(&self.inner.core_db, DEFAULT_LEASE, &me).await;
         }
     }
 
@@ -533,7 +539,7 @@ impl Client {
             if self.leader_term() != Some(term) {
                 return;
             }
-            match maintenance::run_once(&self.inner.db, &self.inner.steps, &ctx).await {
+            match maintenance::run_once(&self.inner.core_db, &self.inner.steps, &ctx).await {
                 Ok(report) => {
                     let total: u64 = report.steps.iter().map(|(_, n)| n).sum();
                     if total > 0 {

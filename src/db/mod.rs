@@ -65,6 +65,20 @@ impl Db {
         if config.get_application_name().is_none() {
             config.application_name("pgcrew");
         }
+        Self::connect_config(config, pool_size, connect_timeout).await
+    }
+
+    /// A second, independent pool on the same database (used so that heartbeats and leader
+    /// renewals never wait behind application work for a connection).
+    pub async fn sibling(&self, pool_size: usize, connect_timeout: Duration) -> Result<Db> {
+        Self::connect_config(self.config.clone(), pool_size, connect_timeout).await
+    }
+
+    async fn connect_config(
+        config: tokio_postgres::Config,
+        pool_size: usize,
+        connect_timeout: Duration,
+    ) -> Result<Db> {
         let manager = Manager::from_config(
             config.clone(),
             NoTls,

@@ -517,3 +517,35 @@ async fn newer_schema_is_refused() {
         .unwrap_err();
     assert!(matches!(err, Error::SchemaTooNew { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn poll_only_mode_has_no_listen_connection_and_ticks_resync() {
+    let t = test_db().await;
+    let config = ClientConfig::builder()
+        .instance_id(InstanceId::new("poller").unwrap())
+        .poll_only(true)
+        .notify_poll_interval(Duration::from_millis(200))
+        .leader_election(false)
+        .build()
+        .unwrap();
+    let client = Client::connect(t.db.clone(), config).await.unwrap();
+    client.start().await.unwrap();
+    let mut sub = client.subscribe(&[EventKind::RunStateChanged]);
+    let ev = tokio::time::timeout(Duration::from_secs(3), sub.recv())
+        .await
+        .expect("a resync tick")
+        .unwrap();
+    assert_eq!(ev, pgcrew::Event::Resync);
+    let conn = t.db.get().await.unwrap();
+    let listeners: i64 = conn
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(listeners, 0);
+    assert!(!client.is_leader());
+    client.stop().await.unwrap();
+}
