@@ -61,6 +61,7 @@ pub struct OpenAiConfig {
     initial_backoff: Duration,
     max_backoff: Duration,
     name: String,
+    max_completion_tokens: bool,
 }
 
 impl fmt::Debug for OpenAiConfig {
@@ -183,6 +184,7 @@ pub struct OpenAiConfigBuilder {
     initial_backoff: Duration,
     max_backoff: Duration,
     name: String,
+    max_completion_tokens: bool,
 }
 
 impl fmt::Debug for OpenAiConfigBuilder {
@@ -207,6 +209,7 @@ impl Default for OpenAiConfigBuilder {
             initial_backoff: OpenAiConfig::DEFAULT_INITIAL_BACKOFF,
             max_backoff: OpenAiConfig::DEFAULT_MAX_BACKOFF,
             name: "openai".to_string(),
+            max_completion_tokens: false,
         }
     }
 }
@@ -280,6 +283,14 @@ impl OpenAiConfigBuilder {
         self
     }
 
+    /// Send the request's `max_tokens` as `max_completion_tokens` (required by OpenAI's
+    /// reasoning models such as o1/o3) instead of `max_tokens` (understood by every
+    /// OpenAI-compatible server). Default: false (`max_tokens`).
+    pub fn max_completion_tokens(mut self, yes: bool) -> Self {
+        self.max_completion_tokens = yes;
+        self
+    }
+
     /// Validate and build.
     pub fn build(self) -> Result<OpenAiConfig> {
         let base_url = self.base_url.trim().trim_end_matches('/').to_string();
@@ -343,6 +354,7 @@ impl OpenAiConfigBuilder {
             initial_backoff: self.initial_backoff,
             max_backoff: self.max_backoff,
             name: self.name,
+            max_completion_tokens: self.max_completion_tokens,
         })
     }
 }
@@ -487,7 +499,7 @@ fn classify(e: OpenAIError, config: &OpenAiConfig) -> Error {
 
 /// The chat completions body for `request` (typed through async-openai, then merged with the
 /// request's free-form `extra` options).
-fn request_body(request: &ModelRequest) -> Result<Value> {
+fn request_body(request: &ModelRequest, max_completion_tokens: bool) -> Result<Value> {
     let messages = request
         .messages
         .iter()
@@ -523,8 +535,9 @@ fn request_body(request: &ModelRequest) -> Result<Value> {
     let typed = CreateChatCompletionRequest {
         messages,
         model: request.model.clone(),
-        // `max_tokens` (deprecated by OpenAI in favour of max_completion_tokens) is what every
-        // compatible server understands; OpenAI still accepts it for non-reasoning models.
+        // Rewritten to `max_tokens` below unless the config asks for max_completion_tokens:
+        // `max_tokens` (deprecated by OpenAI) is what every compatible server understands, and
+        // OpenAI still accepts it for non-reasoning models.
         max_completion_tokens: request.max_tokens,
         temperature: request.temperature.map(|t| t as f32),
         tools,
@@ -537,7 +550,9 @@ fn request_body(request: &ModelRequest) -> Result<Value> {
             // Keep the exact f64 the caller gave (f32 widening would send 0.699999988...).
             map.insert("temperature".into(), Value::from(t));
         }
-        if let Some(m) = request.max_tokens {
+        if let Some(m) = request.max_tokens
+            && !max_completion_tokens
+        {
             map.insert("max_tokens".into(), Value::from(m));
             map.remove("max_completion_tokens");
         }
@@ -692,7 +707,7 @@ impl ModelPort for OpenAiModel {
 
     async fn complete(&self, request: &ModelRequest) -> Result<ModelResponse> {
         request.validate()?;
-        let body = request_body(request)?;
+        let body = request_body(request, self.config.max_completion_tokens)?;
         let mut retry = 0u32;
         loop {
             match self.attempt(&body).await {
@@ -809,7 +824,7 @@ mod tests {
             .max_tokens(50)
             .temperature(0.7)
             .extra("top_k", json!(5));
-        let body = request_body(&req).unwrap();
+        let body = request_body(&req, false).unwrap();
         assert_eq!(body["model"], "gpt-4o-mini");
         assert_eq!(body["max_tokens"], 50);
         assert!(body.get("max_completion_tokens").is_none());
@@ -829,6 +844,9 @@ mod tests {
         );
         assert_eq!(msgs[3]["role"], "tool");
         assert_eq!(msgs[3]["tool_call_id"], "call_1");
+        let reasoning = request_body(&req, true).unwrap();
+        assert_eq!(reasoning["max_completion_tokens"], 50);
+        assert!(reasoning.get("max_tokens").is_none());
     }
 
     use crate::model::port::ToolSpec;

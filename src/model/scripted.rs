@@ -99,6 +99,8 @@ pub struct ScriptedModel {
     mode: Mode,
     delay: Duration,
     calls: AtomicU64,
+    /// Valid requests answered in sequence mode (an invalid request does not use up a reply).
+    served: AtomicU64,
     requests: Mutex<Vec<ModelRequest>>,
 }
 
@@ -134,12 +136,13 @@ impl ScriptedModel {
             mode,
             delay: Duration::ZERO,
             calls: AtomicU64::new(0),
+            served: AtomicU64::new(0),
             requests: Mutex::new(Vec::new()),
         }
     }
 
-    /// The n-th call (counted from 0 on this instance) gets `replies[n]`; a call past the end
-    /// fails with kind `script_exhausted`.
+    /// The n-th valid call (counted from 0 on this instance) gets `replies[n]`; a call past
+    /// the end fails with kind `script_exhausted`.
     pub fn sequence(replies: Vec<ScriptedReply>) -> Self {
         Self::with_mode(Mode::Sequence(replies))
     }
@@ -419,7 +422,7 @@ impl ModelPort for ScriptedModel {
     }
 
     async fn complete(&self, request: &ModelRequest) -> Result<ModelResponse> {
-        let n = self.calls.fetch_add(1, Ordering::SeqCst);
+        self.calls.fetch_add(1, Ordering::SeqCst);
         self.requests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -436,6 +439,7 @@ impl ModelPort for ScriptedModel {
         };
         match &self.mode {
             Mode::Sequence(replies) => {
+                let n = self.served.fetch_add(1, Ordering::SeqCst);
                 let i = usize::try_from(n).unwrap_or(usize::MAX);
                 let reply = replies.get(i).ok_or_else(|| exhausted(i, replies.len()))?;
                 Self::reply(request, reply)

@@ -665,6 +665,9 @@ async fn scripted_sequence_counts_calls_and_reports_exhaustion() {
     let req = ModelRequest::new("gpt-4o-mini")
         .user("hi")
         .tool(weather_tool());
+    // An invalid request is counted but does not use up a scripted reply.
+    let err = model.complete(&ModelRequest::new("m")).await.unwrap_err();
+    assert!(matches!(err, Error::InvalidInput { .. }), "{err:?}");
     assert_eq!(model.complete(&req).await.unwrap().content_text(), "first");
     let second = model.complete(&req).await.unwrap();
     assert_eq!(second.finish_reason, FinishReason::ToolCalls);
@@ -675,8 +678,8 @@ async fn scripted_sequence_counts_calls_and_reports_exhaustion() {
     assert_eq!(model_kind(&err), "rate_limited");
     let err = model.complete(&req).await.unwrap_err();
     assert_eq!(model_kind(&err), "script_exhausted");
-    assert_eq!(model.calls(), 4);
-    assert_eq!(model.requests().len(), 4);
+    assert_eq!(model.calls(), 5);
+    assert_eq!(model.requests().len(), 5);
     assert_eq!(model.name(), "scripted");
 }
 
