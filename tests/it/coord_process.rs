@@ -57,11 +57,11 @@ async fn wait_new_leader(
 ) -> (String, i64, Duration) {
     let start = Instant::now();
     loop {
-        if let Some((id, term)) = current_leader(conn).await {
-            if id != old {
-                assert!(term > old_term, "term must increase: {term} <= {old_term}");
-                return (id, term, start.elapsed());
-            }
+        if let Some((id, term)) = current_leader(conn).await
+            && id != old
+        {
+            assert!(term > old_term, "term must increase: {term} <= {old_term}");
+            return (id, term, start.elapsed());
         }
         assert!(
             start.elapsed() < within,
