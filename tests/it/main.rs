@@ -6,6 +6,7 @@ mod common;
 
 mod coord;
 mod coord_process;
+mod kernel;
 mod model;
 mod queue;
 mod runs;

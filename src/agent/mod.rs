@@ -1,0 +1,1 @@
+//! Agents (being built by issue 8).

@@ -1,0 +1,1 @@
+//! The durable kernel (being built by issue 8).
