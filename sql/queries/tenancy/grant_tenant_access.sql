@@ -1,0 +1,1 @@
+SELECT pgcrew.grant_tenant_access($1) AS granted

@@ -1,0 +1,1 @@
+SELECT capabilities FROM pgcrew.tenants WHERE id = $1

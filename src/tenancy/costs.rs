@@ -1,0 +1,123 @@
+//! Cost breakdown by tenant, day (UTC), category and model, from the `pgcrew.tenant_costs` view,
+//! and budget snapshots from the `pgcrew.budget_status` view.
+
+use chrono::NaiveDate;
+use serde::Serialize;
+use tracing::instrument;
+
+use crate::db::Db;
+use crate::error::{Error, Result};
+use crate::ids::TenantId;
+use crate::tenancy::status::{BudgetSnapshot, BudgetThresholds};
+
+/// Which costs to break down.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CostFilter {
+    /// Only this tenant.
+    pub tenant_id: Option<TenantId>,
+    /// From this day (UTC, inclusive).
+    pub since: Option<NaiveDate>,
+    /// Until this day (UTC, inclusive).
+    pub until: Option<NaiveDate>,
+}
+
+impl CostFilter {
+    /// All costs of one tenant.
+    pub fn tenant(tenant: TenantId) -> Self {
+        Self {
+            tenant_id: Some(tenant),
+            ..Self::default()
+        }
+    }
+}
+
+/// One line of the breakdown.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CostRow {
+    /// The tenant.
+    pub tenant_id: String,
+    /// The day (UTC).
+    pub day: NaiveDate,
+    /// The category (`llm`, `tool`, `retrieval`, `storage`, `other`).
+    pub category: String,
+    /// The model (empty when none).
+    pub model: String,
+    /// Number of cost entries.
+    pub entries: i64,
+    /// Prompt tokens.
+    pub prompt_tokens: i64,
+    /// Completion tokens.
+    pub completion_tokens: i64,
+    /// Total cost (USD).
+    pub cost_usd: f64,
+}
+
+/// The cost breakdown, ordered by day, tenant, category, model.
+#[instrument(skip(db), err)]
+pub async fn cost_breakdown(db: &Db, filter: &CostFilter) -> Result<Vec<CostRow>> {
+    if let (Some(s), Some(u)) = (filter.since, filter.until)
+        && s > u
+    {
+        return Err(Error::invalid(
+            "cost filter",
+            format!("since ({s}) is after until ({u})"),
+        ));
+    }
+    let conn = db.get().await?;
+    let rows = conn
+        .query(
+            sql!("tenancy/cost_breakdown"),
+            &[&filter.tenant_id, &filter.since, &filter.until],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(CostRow {
+                tenant_id: r.try_get("tenant_id")?,
+                day: r.try_get("day")?,
+                category: r.try_get("category")?,
+                model: r.try_get("model")?,
+                entries: r.try_get("entries")?,
+                prompt_tokens: r.try_get("prompt_tokens")?,
+                completion_tokens: r.try_get("completion_tokens")?,
+                cost_usd: r.try_get("cost_usd")?,
+            })
+        })
+        .collect()
+}
+
+/// A tenant's budget figures and status (`pgcrew.budget_status`), or [`Error::NotFound`].
+#[instrument(skip(db), err)]
+pub async fn budget_status(db: &Db, tenant: &TenantId) -> Result<BudgetSnapshot> {
+    let conn = db.get().await?;
+    let r = conn
+        .query_opt(sql!("tenancy/budget_status"), &[tenant])
+        .await?
+        .ok_or_else(|| Error::not_found("tenant", tenant))?;
+    let status: String = r.try_get("status")?;
+    Ok(BudgetSnapshot {
+        tenant_id: r.try_get("tenant_id")?,
+        budget_usd_limit: r.try_get("budget_usd_limit")?,
+        spent_usd: r.try_get("spent_usd")?,
+        reserved_usd: r.try_get("reserved_usd")?,
+        remaining_usd: r.try_get("remaining_usd")?,
+        used_pct: r.try_get("used_pct")?,
+        status: status.parse()?,
+        thresholds: BudgetThresholds {
+            warning: r.try_get("warning_threshold")?,
+            critical: r.try_get("critical_threshold")?,
+        },
+        active_reservations: r.try_get("active_reservations")?,
+    })
+}
+
+/// Spend per tenant as recorded in the ledger (`model_completed` events carry `cost_usd`):
+/// the operator query from the README, `(tenant_id, spend)` by tenant.
+#[instrument(skip(db), err)]
+pub async fn spend_from_events(db: &Db) -> Result<Vec<(String, f64)>> {
+    let conn = db.get().await?;
+    let rows = conn.query(sql!("tenancy/spend_from_events"), &[]).await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("tenant_id")?, r.try_get("spend")?)))
+        .collect()
+}
