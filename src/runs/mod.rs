@@ -1,10 +1,96 @@
-//! (runs: being built by its issue.)
+//! Runs, sessions and the hash-chained event ledger.
+//!
+//! * [`state`]: sessions, runs and their state machine (`pending → running → completed | failed |
+//!   cancelled`), the per-tenant concurrent-runs limit and cancellation. Every transition is
+//!   recorded in the ledger in the same transaction (and notified by the database trigger).
+//! * [`ledger`]: append-only, per-run events sequenced under `pg_advisory_xact_lock` and chained
+//!   with SHA-256 (formula in [`ledger::event_hash`]), batch and idempotent appends, appends inside
+//!   a caller's transaction, streaming verification, retention with chain anchors.
+//! * [`lease`]: fenced run leases on database time.
+//! * [`artifacts`]: versioned per-run key/value JSON artifacts and typed summaries.
+//! * [`follow`]: [`follow::subscribe_run`], a gap-free stream of a run's new events.
+//! * [`watch`]: [`watch::RunWatcher`], cancellation tokens that fire when a run is cancelled.
 
 use std::sync::Arc;
 
-use crate::coord::maintenance::MaintenanceStep;
+use async_trait::async_trait;
+use tracing::info;
+
+use crate::coord::maintenance::{MaintenanceContext, MaintenanceStep};
+use crate::error::{Error, Result};
+
+pub mod artifacts;
+pub mod follow;
+pub mod lease;
+pub mod ledger;
+pub mod state;
+pub mod watch;
+
+pub use artifacts::{
+    Artifact, Summary, SummaryContent, add_summary, artifact_history, get_artifact, list_artifacts,
+    list_summaries, put_artifact,
+};
+pub use follow::subscribe_run;
+pub use lease::{RunLease, acquire_run_lease, release_run_lease, renew_run_lease};
+pub use ledger::{
+    AppendedEvent, ChainAnchor, ChainVerification, LedgerEvent, NewEvent, append_event,
+    append_events, append_events_in, event_hash, purge_run, read_events, verify_run_chain,
+    verify_run_chain_sql,
+};
+pub use state::{
+    LimitPolicy, NewRun, Run, RunFilter, RunOutcome, RunState, Session, StartOutcome, cancel_run,
+    complete_run, create_run, fail_run, fail_run_in, get_run, get_session, list_runs, new_session,
+    start_run,
+};
+pub use watch::RunWatcher;
+
+/// Map the ledger's and leases' custom SQLSTATEs (PC001 lease lost, PC002 run not found) and the
+/// state-machine trigger's error to typed errors.
+pub(crate) fn map_db_error(e: tokio_postgres::Error, run: crate::ids::RunId) -> Error {
+    if let Some(db) = e.as_db_error() {
+        match db.code().code() {
+            "PC001" => return Error::LeaseLost(db.message().to_string()),
+            "PC002" => return Error::not_found("run", run),
+            "23514" if db.hint() == Some("pgcrew_illegal_transition") => {
+                return Error::IllegalTransition {
+                    entity: "run",
+                    id: run.to_string(),
+                    from: "?".into(),
+                    to: db.message().to_string(),
+                };
+            }
+            _ => {}
+        }
+    }
+    Error::from(e)
+}
+
+/// Releases run leases held by instances that are no longer in `pgcrew.instances` (the stale
+/// instance step runs first, so leases of instances it removed are freed in the same pass).
+#[derive(Debug)]
+pub struct DeadInstanceLeases;
+
+#[async_trait]
+impl MaintenanceStep for DeadInstanceLeases {
+    fn name(&self) -> &'static str {
+        "dead_instance_run_leases"
+    }
+    async fn run(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        _ctx: &MaintenanceContext,
+    ) -> Result<u64> {
+        let rows = tx.query(sql!("runs/release_dead_leases"), &[]).await?;
+        for r in &rows {
+            let id: uuid::Uuid = r.get(0);
+            let owner: String = r.get(1);
+            info!(run = %id, owner = %owner, "maintenance: released run lease of a dead instance");
+        }
+        Ok(rows.len() as u64)
+    }
+}
 
 /// Maintenance steps this module contributes to the leader's maintenance pass.
 pub fn maintenance_steps() -> Vec<Arc<dyn MaintenanceStep>> {
-    Vec::new()
+    vec![Arc::new(DeadInstanceLeases)]
 }

@@ -1,17 +1,304 @@
-//! `pgcrew run ...` (being built: see the open issue for this command group).
+//! `pgcrew run list|tail|status|verify-ledger|summaries|artifacts|cancel`.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Subcommand;
-use pgcrew::{Error, Result};
+use futures_util::StreamExt;
+use pgcrew::coord::notify::{Notifier, NotifierConfig};
+use pgcrew::runs::{self, LedgerEvent, RunFilter, RunState};
+use pgcrew::{Result, RunId, TenantId};
+
+use crate::output::{connect, print_json, print_table};
 
 /// `pgcrew run` subcommands.
 #[derive(Debug, Subcommand)]
-pub enum RunCmd {}
+pub enum RunCmd {
+    /// List runs, newest first (one run id per line without --json).
+    List {
+        /// Only this tenant.
+        #[arg(long)]
+        tenant: Option<TenantId>,
+        /// Only this state (pending, running, completed, failed, cancelled).
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many runs.
+        #[arg(long, default_value_t = 50)]
+        limit: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print a run's ledger events: `seq<TAB>timestamp<TAB>event_type<TAB>step_key`.
+    Tail {
+        /// The run id.
+        run: RunId,
+        /// Keep streaming new events until the run has finished (or Ctrl-C).
+        #[arg(long)]
+        follow: bool,
+        /// Only events after this seq.
+        #[arg(long, default_value_t = 0)]
+        after: i64,
+    },
+    /// Show a run's state, usage and lease.
+    Status {
+        /// The run id.
+        run: RunId,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify a run's hash chain: prints `valid` (exit 0) or `invalid at seq N` (exit 1).
+    VerifyLedger {
+        /// The run id.
+        run: RunId,
+        /// Use the SQL function pgcrew.verify_run_chain instead of the streaming Rust verifier.
+        #[arg(long)]
+        sql: bool,
+    },
+    /// List a run's summaries, newest first.
+    Summaries {
+        /// The run id.
+        run: RunId,
+        /// Only this summary type.
+        #[arg(long = "type")]
+        summary_type: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// List the latest version of each of a run's artifacts.
+    Artifacts {
+        /// The run id.
+        run: RunId,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a pending or running run (the instance working on it stops promptly).
+    Cancel {
+        /// The run id.
+        run: RunId,
+        /// Why.
+        #[arg(long, default_value = "cancelled from the CLI")]
+        reason: String,
+    },
+}
+
+fn opt(s: &Option<String>) -> String {
+    s.clone().unwrap_or_else(|| "-".into())
+}
+
+fn print_event(e: &LedgerEvent) {
+    println!(
+        "{}\t{}\t{}\t{}",
+        e.seq,
+        e.created_at
+            .to_rfc3339_opts(chrono::SecondsFormat::Micros, true),
+        e.event_type,
+        e.step_key.as_deref().unwrap_or("")
+    );
+}
 
 /// Execute a `pgcrew run` subcommand.
-pub async fn exec(_dsn: Option<String>, cmd: RunCmd) -> Result<ExitCode> {
-    match cmd {}
-    #[allow(unreachable_code)]
-    Err(Error::Config("unreachable".into()))
+pub async fn exec(dsn: Option<String>, cmd: RunCmd) -> Result<ExitCode> {
+    // Validate arguments before connecting.
+    if let RunCmd::List { state: Some(s), .. } = &cmd {
+        s.parse::<RunState>()?;
+    }
+    let db = connect(dsn).await?;
+    match cmd {
+        RunCmd::List {
+            tenant,
+            state,
+            limit,
+            json,
+        } => {
+            let filter = RunFilter {
+                tenant,
+                state: state.map(|s| s.parse()).transpose()?,
+                limit,
+            };
+            let list = runs::list_runs(&db, &filter).await?;
+            if json {
+                print_json(&list)?;
+            } else {
+                for r in list {
+                    println!("{}", r.id);
+                }
+            }
+        }
+        RunCmd::Tail { run, follow, after } => {
+            runs::get_run(&db, run).await?;
+            let mut last = after;
+            loop {
+                let batch = runs::read_events(&db, run, last, 1000).await?;
+                let n = batch.len();
+                for e in &batch {
+                    print_event(e);
+                    last = e.seq;
+                }
+                if n < 1000 {
+                    break;
+                }
+            }
+            if follow {
+                follow_run(&db, run, last).await?;
+            }
+        }
+        RunCmd::Status { run, json } => {
+            let r = runs::get_run(&db, run).await?;
+            if json {
+                print_json(&r)?;
+            } else {
+                let rows = vec![
+                    vec!["id".into(), r.id.to_string()],
+                    vec!["tenant".into(), r.tenant_id.clone()],
+                    vec!["agent".into(), opt(&r.agent_name)],
+                    vec!["state".into(), r.state.to_string()],
+                    vec!["instance".into(), opt(&r.instance_id)],
+                    vec!["stop_reason".into(), opt(&r.stop_reason)],
+                    vec!["input_tokens".into(), r.input_tokens.to_string()],
+                    vec!["output_tokens".into(), r.output_tokens.to_string()],
+                    vec!["cost_usd".into(), format!("{:.6}", r.cost_usd)],
+                    vec!["error_type".into(), opt(&r.error_type)],
+                    vec!["error_message".into(), opt(&r.error_message)],
+                    vec!["cancel_reason".into(), opt(&r.cancel_reason)],
+                    vec![
+                        "lease".into(),
+                        match (&r.lease_owner, r.lease_valid) {
+                            (Some(o), true) => format!("{o} (token {})", r.lease_token),
+                            (Some(o), false) => format!("{o} (expired, token {})", r.lease_token),
+                            (None, _) => "-".into(),
+                        },
+                    ],
+                    vec!["created_at".into(), r.created_at.to_rfc3339()],
+                    vec![
+                        "started_at".into(),
+                        r.started_at.map(|t| t.to_rfc3339()).unwrap_or("-".into()),
+                    ],
+                    vec![
+                        "finalized_at".into(),
+                        r.finalized_at.map(|t| t.to_rfc3339()).unwrap_or("-".into()),
+                    ],
+                ];
+                print_table(&["field", "value"], &rows);
+            }
+        }
+        RunCmd::VerifyLedger { run, sql } => {
+            let v = if sql {
+                runs::verify_run_chain_sql(&db, run).await?
+            } else {
+                runs::verify_run_chain(&db, run).await?
+            };
+            match v.first_bad_seq {
+                None => {
+                    println!("valid");
+                    match &v.anchor {
+                        Some(a) => eprintln!(
+                            "{} events checked; ledger purged ({}), anchor at seq {}",
+                            v.checked, a.reason, a.last_seq
+                        ),
+                        None => eprintln!("{} events checked", v.checked),
+                    }
+                }
+                Some(seq) => {
+                    println!("invalid at seq {seq}");
+                    return Ok(ExitCode::from(1));
+                }
+            }
+        }
+        RunCmd::Summaries {
+            run,
+            summary_type,
+            limit,
+            json,
+        } => {
+            let list = runs::list_summaries(&db, run, summary_type.as_deref(), limit).await?;
+            if json {
+                print_json(&list)?;
+            } else {
+                let rows = list
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s.id.to_string(),
+                            s.summary_type.clone(),
+                            s.created_at.to_rfc3339(),
+                            match &s.content {
+                                runs::SummaryContent::Text(t) => t.replace('\n', " "),
+                                runs::SummaryContent::Json(j) => j.to_string(),
+                            },
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                print_table(&["id", "type", "created_at", "content"], &rows);
+            }
+        }
+        RunCmd::Artifacts { run, json } => {
+            let list = runs::list_artifacts(&db, run).await?;
+            if json {
+                print_json(&list)?;
+            } else {
+                let rows = list
+                    .iter()
+                    .map(|a| {
+                        vec![
+                            a.key.clone(),
+                            a.version.to_string(),
+                            a.created_at.to_rfc3339(),
+                            a.value.to_string(),
+                        ]
+                    })
+                    .collect::<Vec<_>>();
+                print_table(&["key", "version", "created_at", "value"], &rows);
+            }
+        }
+        RunCmd::Cancel { run, reason } => {
+            let r = runs::cancel_run(&db, run, &reason).await?;
+            println!("{} {}", r.id, r.state);
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Stream new events until the run is finished and fully printed, or Ctrl-C.
+async fn follow_run(db: &pgcrew::Db, run: RunId, after: i64) -> Result<()> {
+    let notifier = Notifier::new(1024);
+    let listener = notifier.spawn_listener(NotifierConfig {
+        pg_config: db.config().clone(),
+        poll_only: false,
+        poll_interval: Duration::from_secs(2),
+    });
+    let stream = runs::subscribe_run(
+        db.clone(),
+        &notifier,
+        run,
+        after,
+        Duration::from_millis(500),
+    );
+    let mut stream = std::pin::pin!(stream);
+    let mut last = after;
+    let mut check = tokio::time::interval(Duration::from_millis(500));
+    let result = loop {
+        tokio::select! {
+            item = stream.next() => match item {
+                Some(Ok(e)) => { last = e.seq; print_event(&e); }
+                Some(Err(e)) => eprintln!("warning: {e}; retrying"),
+                None => break Ok(()),
+            },
+            _ = check.tick() => {
+                let r = runs::get_run(db, run).await?;
+                if r.state.is_terminal() && runs::read_events(db, run, last, 1).await?.is_empty() {
+                    break Ok(());
+                }
+            }
+            _ = tokio::signal::ctrl_c() => break Ok(()),
+        }
+    };
+    listener.stop().await;
+    result
 }

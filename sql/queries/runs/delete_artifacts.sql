@@ -1,0 +1,1 @@
+DELETE FROM pgcrew.artifacts WHERE run_id = $1

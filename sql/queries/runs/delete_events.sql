@@ -1,0 +1,1 @@
+DELETE FROM pgcrew.events WHERE run_id = $1

@@ -1,0 +1,1 @@
+DELETE FROM pgcrew.summaries WHERE run_id = $1

@@ -1,0 +1,1 @@
+SELECT EXISTS (SELECT 1 FROM pgcrew.runs WHERE id = $1)

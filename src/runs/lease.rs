@@ -1,0 +1,115 @@
+//! Fenced run leases on database time.
+//!
+//! A worker takes a run with [`acquire_run_lease`] and gets a fencing token
+//! (`pgcrew.runs.lease_token`, incremented whenever a new holder takes the run). Appends and
+//! state changes made with that token are rejected with [`Error::LeaseLost`] once the lease has
+//! expired or another worker holds the run. Expired leases can be taken over. Lease owners are
+//! instance ids (optionally `instance-id/worker`), so the leader's maintenance can release the
+//! leases of instances that are gone.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use tracing::instrument;
+
+use super::map_db_error;
+use crate::config::interval_micros;
+use crate::db::Db;
+use crate::error::{Error, Result};
+use crate::ids::RunId;
+
+/// A held run lease.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RunLease {
+    /// The run.
+    pub run_id: RunId,
+    /// The holder.
+    pub owner: String,
+    /// The fencing token to pass with appends and transitions.
+    pub token: i64,
+    /// Expiry (database time).
+    pub expires_at: DateTime<Utc>,
+}
+
+fn check_ttl(ttl: Duration) -> Result<i64> {
+    if ttl < Duration::from_millis(1) {
+        return Err(Error::invalid("ttl", "must be at least 1ms"));
+    }
+    Ok(interval_micros(ttl))
+}
+
+/// Take the lease on a pending or running run for `owner` for `ttl`. Returns `Ok(None)` when
+/// another owner holds an unexpired lease; re-acquiring one's own live lease keeps the token.
+#[instrument(skip(db), err)]
+pub async fn acquire_run_lease(
+    db: &Db,
+    run: RunId,
+    owner: &str,
+    ttl: Duration,
+) -> Result<Option<RunLease>> {
+    crate::ids::validate_text_id("lease owner", owner)?;
+    let ttl = check_ttl(ttl)?;
+    let conn = db.get().await?;
+    let row = conn
+        .query_opt(sql!("runs/acquire_lease"), &[&run, &owner, &ttl])
+        .await
+        .map_err(|e| map_db_error(e, run))?;
+    match row {
+        Some(r) => Ok(Some(RunLease {
+            run_id: run,
+            owner: owner.to_string(),
+            token: r.get(0),
+            expires_at: r.get(1),
+        })),
+        None => {
+            // Distinguish "held by someone else" from "no such run" / "finished".
+            let run_row = super::state::get_run(db, run).await?;
+            if run_row.state.is_terminal() {
+                return Err(Error::IllegalTransition {
+                    entity: "run",
+                    id: run.to_string(),
+                    from: run_row.state.to_string(),
+                    to: "leased".into(),
+                });
+            }
+            Ok(None)
+        }
+    }
+}
+
+/// Extend a lease for `ttl` from now. [`Error::LeaseLost`] when it expired or was taken.
+#[instrument(skip(db, lease), fields(run = %lease.run_id, token = lease.token), err)]
+pub async fn renew_run_lease(db: &Db, lease: &RunLease, ttl: Duration) -> Result<RunLease> {
+    let ttl = check_ttl(ttl)?;
+    let conn = db.get().await?;
+    let row = conn
+        .query_opt(
+            sql!("runs/renew_lease"),
+            &[&lease.run_id, &lease.owner, &lease.token, &ttl],
+        )
+        .await?;
+    match row {
+        Some(r) => Ok(RunLease {
+            expires_at: r.get(0),
+            ..lease.clone()
+        }),
+        None => Err(Error::LeaseLost(format!(
+            "run {}: lease token {} of {} expired or was taken over",
+            lease.run_id, lease.token, lease.owner
+        ))),
+    }
+}
+
+/// Give a lease up. Returns false when it was no longer held (nothing changed).
+#[instrument(skip(db, lease), fields(run = %lease.run_id, token = lease.token), err)]
+pub async fn release_run_lease(db: &Db, lease: &RunLease) -> Result<bool> {
+    let conn = db.get().await?;
+    let row = conn
+        .query_one(
+            sql!("runs/release_lease"),
+            &[&lease.run_id, &lease.owner, &lease.token],
+        )
+        .await?;
+    Ok(row.get(0))
+}
