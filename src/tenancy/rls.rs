@@ -7,7 +7,9 @@
 //! `budget_status` are `security_invoker`, so they obey the same policies.
 //!
 //! The role that owns the schema (the one pgcrew migrates and runs with) is not affected, nor
-//! are superusers and `BYPASSRLS` roles. To give tenant `acme` read access:
+//! are superusers and `BYPASSRLS` roles. **pgcrew itself must run as the owner of the tables or
+//! as a `BYPASSRLS` role**: a non-owner application role would see no rows at all. (The policies
+//! are not `FORCE`d for that reason.) To give tenant `acme` read access:
 //!
 //! ```sql
 //! CREATE ROLE acme_reader LOGIN PASSWORD '...';

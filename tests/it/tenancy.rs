@@ -945,3 +945,63 @@ async fn cli_tenants_set_list_show() {
     let stored = tenancy::get(&t.db, &tid("acme")).await.unwrap();
     assert_eq!(stored.context.budget_usd_limit, Some(12.5));
 }
+
+/// Books stay exact under sustained concurrent reserve/settle load; prints the rate (no timed
+/// assertion).
+#[tokio::test]
+async fn sustained_reserve_settle_keeps_books_exact() {
+    let t = test_db().await;
+    let acme = tenant(&t.db, "acme", Some(1_000_000.0)).await;
+    let run = new_run(&t.db, &acme).await;
+    let (workers, per_worker) = (4usize, 250usize);
+    let started = std::time::Instant::now();
+    let mut handles = Vec::new();
+    for w in 0..workers {
+        let db = t.db.clone();
+        let acme = acme.clone();
+        handles.push(tokio::spawn(async move {
+            for i in 0..per_worker {
+                let r = tenancy::reserve(&db, &ReserveRequest::new(acme.clone(), 0.002).run(run))
+                    .await
+                    .unwrap();
+                let mut conn = db.get().await.unwrap();
+                let tx = conn.transaction().await.unwrap();
+                tenancy::settle_in_tx(
+                    &tx,
+                    &r,
+                    &CostInput::llm("gpt-4o-mini", 10, 10, 0.0012345678901)
+                        .step(format!("w{w}-{i}")),
+                )
+                .await
+                .unwrap();
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    for h in handles {
+        h.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let n = workers * per_worker;
+    eprintln!(
+        "reserve+settle: {n} cycles with {workers} workers in {elapsed:?} = {:.0} cycles/s",
+        n as f64 / elapsed.as_secs_f64()
+    );
+    let row = tenancy::get(&t.db, &acme).await.unwrap();
+    // Each cost is rounded once to 10 decimals: 0.0012345679 x 1000.
+    let conn = t.db.get().await.unwrap();
+    let exact: bool = conn
+        .query_one(
+            "SELECT spent_usd = 1000 * 0.0012345679 AND reserved_usd = 0 FROM pgcrew.tenants WHERE id = 'acme'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        exact,
+        "spent {} reserved {}",
+        row.spent_usd, row.reserved_usd
+    );
+    assert!(books_balance(&t.db, &acme).await);
+}
