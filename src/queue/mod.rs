@@ -3,7 +3,8 @@
 //! Tasks live in `pgcrew.tasks`. They are enqueued singly ([`enqueue`]), in bulk
 //! ([`enqueue_many`], thousands per statement) or inside the caller's own transaction (both take
 //! any [`tokio_postgres::GenericClient`]: a `Client`, a `Transaction`, or `&**conn` of a pooled
-//! connection), claimed with `FOR UPDATE SKIP LOCKED` by the `pgcrew.claim_tasks` function —
+//! connection; `&*tx` for a deadpool transaction), claimed with `FOR UPDATE SKIP LOCKED` by
+//! the `pgcrew.claim_tasks` function —
 //! fairly across tenants and within every tenant's concurrency limit — and acknowledged in
 //! batches with a claim token ([`ack`]). The [`WorkerPool`] service runs handlers registered by
 //! kind inside a [`Client`](crate::Client); the leader's maintenance rescues tasks of dead
@@ -364,10 +365,7 @@ impl NewTask {
         {
             return Err(Error::invalid(
                 "unique_key",
-                format!(
-                    "must be 1..={MAX_UNIQUE_KEY_LEN} bytes (got {})",
-                    k.len()
-                ),
+                format!("must be 1..={MAX_UNIQUE_KEY_LEN} bytes (got {})", k.len()),
             ));
         }
         if let Some(bad) = self.depends_on.iter().find(|t| t.0 <= 0) {
@@ -380,9 +378,7 @@ impl NewTask {
     }
 
     pub(crate) fn delay_us(&self) -> i64 {
-        self.delay
-            .map(crate::config::interval_micros)
-            .unwrap_or(0)
+        self.delay.map(crate::config::interval_micros).unwrap_or(0)
     }
 }
 
@@ -424,6 +420,9 @@ mod tests {
         );
         assert!(ok.clone().depends_on([TaskId(0)]).validate().is_err());
         assert!("bogus".parse::<TaskState>().is_err());
-        assert_eq!("running".parse::<TaskState>().ok(), Some(TaskState::Running));
+        assert_eq!(
+            "running".parse::<TaskState>().ok(),
+            Some(TaskState::Running)
+        );
     }
 }

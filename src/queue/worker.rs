@@ -222,7 +222,10 @@ impl WorkerPoolBuilder {
     }
 
     /// Extra tasks claimed ahead and held locally while all executors are busy (default 0).
-    /// They count as running for tenant limits and are heartbeated like running tasks.
+    /// They count as running for tenant limits and are heartbeated like running tasks. With a
+    /// prefetch the pool refills once half of `concurrency + prefetch` is free, so claims stay
+    /// large: on a slow link or for short tasks this multiplies throughput, at the cost of
+    /// holding up to that many tasks that another instance could have run.
     pub fn prefetch(mut self, n: usize) -> Self {
         self.prefetch = n;
         self
@@ -407,7 +410,14 @@ impl WorkerPool {
             }
             let held = self.metrics.in_flight.load(Ordering::SeqCst);
             let free = capacity.saturating_sub(held);
-            if free == 0 {
+            // Without prefetch, claim for any free slot (latency); with prefetch, refill once
+            // half the capacity is free so claims stay large (throughput).
+            let threshold = if self.prefetch == 0 {
+                1
+            } else {
+                (capacity / 2).clamp(1, self.max_batch)
+            };
+            if free == 0 || (held > 0 && free < threshold) {
                 tokio::select! {
                     _ = shared.slot_freed.notified() => {}
                     _ = shutdown.changed() => {}
@@ -707,7 +717,11 @@ impl Service for WorkerPool {
         "worker_pool"
     }
 
-    async fn run(self: Arc<Self>, client: Client, mut shutdown: watch::Receiver<bool>) -> Result<()> {
+    async fn run(
+        self: Arc<Self>,
+        client: Client,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<()> {
         let shared = Arc::new(Shared::default());
         let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Ack>();
         let (work_tx, work_rx) = mpsc::unbounded_channel::<ClaimedTask>();

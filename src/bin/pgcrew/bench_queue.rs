@@ -1,15 +1,236 @@
-//! `pgcrew bench queue` (being built by its issue).
+//! `pgcrew bench queue`: bulk enqueue, processing throughput and idle wake-up latency, in a
+//! scratch database (on `--dsn`'s server, or a throwaway local cluster) that is dropped after.
 
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::Args;
-use pgcrew::{Error, Result};
+use pgcrew::db::{Db, ScratchDatabase, TempCluster};
+use pgcrew::queue::{self, NewTask, TaskOutcome, WorkerPool};
+use pgcrew::{Client, ClientConfig, Error, InstanceId, Result};
+use serde::Serialize;
+use tokio::sync::mpsc;
 
 /// Arguments of `pgcrew bench queue`.
-#[derive(Debug, Args, Default)]
-pub struct QueueBenchArgs {}
+#[derive(Debug, Args)]
+pub struct QueueBenchArgs {
+    /// Tasks to enqueue (bulk) and process.
+    #[arg(long, default_value_t = 20_000)]
+    pub tasks: usize,
+    /// Handlers running at once per instance.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// In-process instances (each a Client with its own worker pool).
+    #[arg(long, default_value_t = 1)]
+    pub instances: usize,
+    /// Tasks claimed ahead per instance beyond `concurrency` (0 = claim only for free slots).
+    #[arg(long, default_value_t = 0)]
+    pub prefetch: usize,
+    /// Tasks per bulk-enqueue statement.
+    #[arg(long, default_value_t = 5_000)]
+    pub batch: usize,
+    /// Wake-up latency samples (tasks enqueued one at a time to an idle pool).
+    #[arg(long, default_value_t = 200)]
+    pub wakeups: usize,
+    /// Gap between wake-up samples.
+    #[arg(long, default_value = "5ms", value_parser = pgcrew::config::parse_duration)]
+    pub wakeup_gap: Duration,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Default for QueueBenchArgs {
+    fn default() -> Self {
+        QueueBenchArgs {
+            tasks: 20_000,
+            concurrency: 4,
+            instances: 1,
+            prefetch: 0,
+            batch: 5_000,
+            wakeups: 200,
+            wakeup_gap: Duration::from_millis(5),
+            json: false,
+        }
+    }
+}
+
+/// The figures printed.
+#[derive(Debug, Serialize)]
+struct Report {
+    tasks: usize,
+    concurrency: usize,
+    instances: usize,
+    prefetch: usize,
+    enqueue_secs: f64,
+    enqueue_per_sec: f64,
+    process_secs: f64,
+    processed_per_sec: f64,
+    wakeup_samples: usize,
+    wakeup_p50_ms: f64,
+    wakeup_p99_ms: f64,
+    wakeup_max_ms: f64,
+}
 
 /// Run the benchmark.
-pub async fn run(_dsn: Option<String>, _args: QueueBenchArgs) -> Result<ExitCode> {
-    Err(Error::Config("the queue benchmark is not built yet".into()))
+pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> {
+    if args.tasks == 0 || args.concurrency == 0 || args.instances == 0 || args.batch == 0 {
+        return Err(Error::invalid(
+            "bench",
+            "--tasks, --concurrency, --instances and --batch must be at least 1",
+        ));
+    }
+    // Keep the cluster (if any) alive until the scratch database is dropped.
+    let (_cluster, admin) = match dsn.filter(|d| !d.trim().is_empty()) {
+        Some(d) => (None, d),
+        None => {
+            eprintln!("no --dsn / DATABASE_URL: starting a throwaway local PostgreSQL cluster");
+            let cluster = tokio::task::spawn_blocking(TempCluster::start)
+                .await
+                .map_err(|e| Error::Cluster(e.to_string()))??;
+            let dsn = cluster.dsn();
+            (Some(cluster), dsn)
+        }
+    };
+    let scratch = ScratchDatabase::create(&admin, "pgcrew_bench").await?;
+    let result = bench(scratch.dsn(), &args).await;
+    drop(scratch);
+    let report = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "pgcrew bench queue: {} no-op tasks, concurrency {} x {} instance(s), prefetch {}",
+            report.tasks, report.concurrency, report.instances, report.prefetch
+        );
+        println!(
+            "  enqueue (bulk, {} per statement): {:>10.0} tasks/s  ({:.3} s)",
+            args.batch, report.enqueue_per_sec, report.enqueue_secs
+        );
+        println!(
+            "  processed:                         {:>10.0} tasks/s  ({:.3} s)",
+            report.processed_per_sec, report.process_secs
+        );
+        println!(
+            "  wake-up latency (idle pool, {} tasks one at a time, {:?} apart, enqueue call to handler start): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+            report.wakeup_samples,
+            args.wakeup_gap,
+            report.wakeup_p50_ms,
+            report.wakeup_p99_ms,
+            report.wakeup_max_ms
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
+    let pool_size = 4 + args.instances * 4;
+    let db = Db::connect(dsn, pool_size, Duration::from_secs(10)).await?;
+    db.migrate().await?;
+
+    // 1. Bulk enqueue.
+    let tasks: Vec<NewTask> = (0..args.tasks)
+        .map(|i| NewTask::new("noop", &serde_json::json!({ "i": i })))
+        .collect::<Result<_>>()?;
+    let conn = db.get().await?;
+    let t0 = Instant::now();
+    for chunk in tasks.chunks(args.batch) {
+        queue::enqueue_many(&**conn, chunk).await?;
+    }
+    let enqueue_secs = t0.elapsed().as_secs_f64();
+    drop(conn);
+
+    // 2. Processing across instances.
+    let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<Instant>();
+    let mut clients = Vec::new();
+    let mut pools = Vec::new();
+    for i in 0..args.instances {
+        let wake_tx = wake_tx.clone();
+        let pool = WorkerPool::builder()
+            .queue("default")
+            .concurrency(args.concurrency)
+            .prefetch(args.prefetch)
+            .poll_interval(Duration::from_secs(1))
+            .handler("noop", |_ctx, _p: serde_json::Value| async move {
+                Ok(TaskOutcome::Complete)
+            })
+            .handler("wake", move |_ctx, _p: serde_json::Value| {
+                let _ = wake_tx.send(Instant::now());
+                async move { Ok(TaskOutcome::Complete) }
+            })
+            .build()?;
+        let config = ClientConfig::builder()
+            .instance_id(InstanceId::new(format!("bench-{i}"))?)
+            .pool_size(8)
+            .build()?;
+        let client = Client::builder(dsn)
+            .config(config)
+            .service(pool.clone())
+            .build()
+            .await?;
+        clients.push(client);
+        pools.push(pool);
+    }
+    drop(wake_tx);
+    let t1 = Instant::now();
+    for c in &clients {
+        c.start().await?;
+    }
+    let total = args.tasks as u64;
+    let executed = || {
+        pools
+            .iter()
+            .map(|p| p.metrics().snapshot().executed)
+            .sum::<u64>()
+    };
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while executed() < total {
+        if Instant::now() > deadline {
+            return Err(Error::Timeout(Duration::from_secs(600)));
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let process_secs = t1.elapsed().as_secs_f64();
+
+    // 3. Wake-up latency: the pools are idle now.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let conn = db.get().await?;
+    let mut samples = Vec::with_capacity(args.wakeups);
+    for i in 0..args.wakeups {
+        let task = NewTask::new("wake", &serde_json::json!({ "i": i }))?;
+        let sent = Instant::now();
+        queue::enqueue(&**conn, &task).await?;
+        match tokio::time::timeout(Duration::from_secs(10), wake_rx.recv()).await {
+            Ok(Some(at)) => samples.push(at.duration_since(sent).as_secs_f64() * 1000.0),
+            _ => return Err(Error::Timeout(Duration::from_secs(10))),
+        }
+        tokio::time::sleep(args.wakeup_gap).await;
+    }
+    drop(conn);
+    for c in &clients {
+        c.stop().await?;
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    Ok(Report {
+        tasks: args.tasks,
+        concurrency: args.concurrency,
+        instances: args.instances,
+        prefetch: args.prefetch,
+        enqueue_secs,
+        enqueue_per_sec: args.tasks as f64 / enqueue_secs,
+        process_secs,
+        processed_per_sec: args.tasks as f64 / process_secs,
+        wakeup_samples: samples.len(),
+        wakeup_p50_ms: percentile(&samples, 0.50),
+        wakeup_p99_ms: percentile(&samples, 0.99),
+        wakeup_max_ms: samples.last().copied().unwrap_or(0.0),
+    })
 }

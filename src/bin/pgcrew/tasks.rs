@@ -1,17 +1,346 @@
-//! `pgcrew tasks ...` (being built: see the open issue for this command group).
+//! `pgcrew tasks stats|list|cancel|retry|enqueue` (and the hidden `work`, a worker process used
+//! by process-level tests and demos).
 
 use std::process::ExitCode;
+use std::time::Duration;
 
-use clap::Subcommand;
-use pgcrew::{Error, Result};
+use clap::{Args, Subcommand};
+use pgcrew::config::parse_duration;
+use pgcrew::queue::{self, NewTask, Priority, TaskOutcome, TaskState, WorkerPool};
+use pgcrew::{Client, ClientConfig, Error, InstanceId, Result, TaskId, TenantId};
+
+use crate::output::{JsonFlag, connect, print_json, print_table, require_dsn};
+
+/// Records one execution of a task (used by `pgcrew tasks work --record-effects`).
+const RECORD_EFFECT: &str = include_str!("../../../sql/queries/queue/record_effect.sql");
+
+fn duration_arg(s: &str) -> std::result::Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
 
 /// `pgcrew tasks` subcommands.
 #[derive(Debug, Subcommand)]
-pub enum TasksCmd {}
+pub enum TasksCmd {
+    /// Task counts per queue and state, with the age of the oldest available task.
+    Stats(JsonFlag),
+    /// List the newest tasks.
+    List(ListArgs),
+    /// Cancel a task (a running task is cancelled at its worker's next heartbeat).
+    Cancel(IdArgs),
+    /// Make a task available again now.
+    Retry(IdArgs),
+    /// Enqueue one task.
+    Enqueue(EnqueueArgs),
+    /// Run a worker pool until SIGINT/SIGTERM (testing aid: handlers record executions).
+    #[command(hide = true)]
+    Work(WorkArgs),
+}
+
+/// Flags of `pgcrew tasks list`.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only tasks in this state.
+    #[arg(long)]
+    pub state: Option<String>,
+    /// Only tasks of this queue.
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Only tasks of this tenant.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// At most this many (newest first).
+    #[arg(long, default_value_t = 50)]
+    pub limit: i64,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// A task id argument.
+#[derive(Debug, Args)]
+pub struct IdArgs {
+    /// The task id.
+    pub id: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `pgcrew tasks enqueue`.
+#[derive(Debug, Args)]
+pub struct EnqueueArgs {
+    /// Kind (selects the handler).
+    #[arg(long)]
+    pub kind: String,
+    /// JSON payload.
+    #[arg(long, default_value = "{}")]
+    pub payload: String,
+    /// Queue.
+    #[arg(long, default_value = "default")]
+    pub queue: String,
+    /// Tenant.
+    #[arg(long, default_value = "default")]
+    pub tenant: String,
+    /// Priority: critical, high, normal, low, batch.
+    #[arg(long, default_value = "normal")]
+    pub priority: String,
+    /// Delay (e.g. 30s).
+    #[arg(long, value_parser = duration_arg)]
+    pub delay: Option<Duration>,
+    /// Maximum attempts.
+    #[arg(long, default_value_t = 25)]
+    pub max_attempts: i32,
+    /// Unique key.
+    #[arg(long)]
+    pub unique_key: Option<String>,
+    /// Dependencies (task ids, comma separated).
+    #[arg(long, value_delimiter = ',')]
+    pub depends_on: Vec<String>,
+    /// Enqueue this many copies (bulk, one statement).
+    #[arg(long, default_value_t = 1)]
+    pub count: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of the hidden `pgcrew tasks work`.
+#[derive(Debug, Args)]
+pub struct WorkArgs {
+    /// Instance id.
+    #[arg(long)]
+    pub instance_id: Option<String>,
+    /// Queues to work.
+    #[arg(long, default_value = "default")]
+    pub queue: Vec<String>,
+    /// Kinds handled (each records an execution when --record-effects is set).
+    #[arg(long, default_value = "effect")]
+    pub kind: Vec<String>,
+    /// Handler concurrency.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Prefetch.
+    #[arg(long, default_value_t = 0)]
+    pub prefetch: usize,
+    /// How long each handler sleeps.
+    #[arg(long, value_parser = duration_arg, default_value = "5ms")]
+    pub task_time: Duration,
+    /// Task heartbeat interval.
+    #[arg(long, value_parser = duration_arg, default_value = "1s")]
+    pub heartbeat_interval: Duration,
+    /// Insert (task_id, instance_id) into table `pgcrew_task_effects` for every execution.
+    #[arg(long)]
+    pub record_effects: bool,
+}
 
 /// Execute a `pgcrew tasks` subcommand.
-pub async fn exec(_dsn: Option<String>, cmd: TasksCmd) -> Result<ExitCode> {
-    match cmd {}
-    #[allow(unreachable_code)]
-    Err(Error::Config("unreachable".into()))
+pub async fn exec(dsn: Option<String>, cmd: TasksCmd) -> Result<ExitCode> {
+    match cmd {
+        TasksCmd::Stats(f) => stats(dsn, f.json).await,
+        TasksCmd::List(a) => list(dsn, a).await,
+        TasksCmd::Cancel(a) => cancel(dsn, a).await,
+        TasksCmd::Retry(a) => retry(dsn, a).await,
+        TasksCmd::Enqueue(a) => enqueue(dsn, a).await,
+        TasksCmd::Work(a) => work(dsn, a).await,
+    }
+}
+
+async fn stats(dsn: Option<String>, json: bool) -> Result<ExitCode> {
+    let db = connect(dsn).await?;
+    let conn = db.get().await?;
+    let rows = queue::stats(&**conn).await?;
+    if json {
+        print_json(&rows)?;
+    } else if rows.is_empty() {
+        println!("no tasks");
+    } else {
+        let table: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.queue.clone(),
+                    r.state.clone(),
+                    r.tasks.to_string(),
+                    r.oldest_available_age_s
+                        .map(|s| format!("{s:.3}s"))
+                        .unwrap_or_default(),
+                ]
+            })
+            .collect();
+        print_table(&["QUEUE", "STATE", "TASKS", "OLDEST AVAILABLE"], &table);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn list(dsn: Option<String>, a: ListArgs) -> Result<ExitCode> {
+    let state = a.state.as_deref().map(str::parse::<TaskState>).transpose()?;
+    let tenant = a.tenant.map(TenantId::new).transpose()?;
+    let db = connect(dsn).await?;
+    let conn = db.get().await?;
+    let rows = queue::list(&**conn, state, a.queue.as_deref(), tenant.as_ref(), a.limit).await?;
+    if a.json {
+        print_json(&rows)?;
+    } else if rows.is_empty() {
+        println!("no tasks");
+    } else {
+        let table: Vec<Vec<String>> = rows
+            .iter()
+            .map(|r| {
+                vec![
+                    r.id.to_string(),
+                    r.queue.clone(),
+                    r.kind.clone(),
+                    r.tenant_id.clone(),
+                    r.state.to_string(),
+                    format!("{}/{}", r.attempts, r.max_attempts),
+                    r.run_at.to_rfc3339(),
+                    r.last_error.clone().unwrap_or_default(),
+                ]
+            })
+            .collect();
+        print_table(
+            &[
+                "ID", "QUEUE", "KIND", "TENANT", "STATE", "ATTEMPTS", "RUN AT", "LAST ERROR",
+            ],
+            &table,
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn cancel(dsn: Option<String>, a: IdArgs) -> Result<ExitCode> {
+    let id: TaskId = a.id.parse()?;
+    let db = connect(dsn).await?;
+    let conn = db.get().await?;
+    let state = queue::cancel(&**conn, id).await?;
+    if a.json {
+        print_json(&serde_json::json!({ "id": id, "state": state }))?;
+    } else if state == TaskState::Running {
+        println!("task {id} is running: cancellation requested (its worker cancels it at the next heartbeat)");
+    } else {
+        println!("task {id} {state}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn retry(dsn: Option<String>, a: IdArgs) -> Result<ExitCode> {
+    let id: TaskId = a.id.parse()?;
+    let db = connect(dsn).await?;
+    let conn = db.get().await?;
+    let state = queue::retry(&**conn, id).await?;
+    if a.json {
+        print_json(&serde_json::json!({ "id": id, "state": state }))?;
+    } else {
+        println!("task {id} {state}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn enqueue(dsn: Option<String>, a: EnqueueArgs) -> Result<ExitCode> {
+    let payload: serde_json::Value = serde_json::from_str(&a.payload).map_err(|e| {
+        Error::invalid("payload", format!("is not valid JSON ({e}); e.g. '{{\"a\": 1}}'"))
+    })?;
+    let mut task = NewTask::new(a.kind, &payload)?
+        .queue(a.queue)
+        .tenant(TenantId::new(a.tenant)?)
+        .priority(a.priority.parse::<Priority>()?)
+        .max_attempts(a.max_attempts);
+    if let Some(d) = a.delay {
+        task = task.delay(d);
+    }
+    if let Some(k) = a.unique_key {
+        task = task.unique_key(k);
+    }
+    let deps = a
+        .depends_on
+        .iter()
+        .map(|s| s.parse::<TaskId>())
+        .collect::<Result<Vec<_>>>()?;
+    task = task.depends_on(deps);
+    if a.count == 0 {
+        return Err(Error::invalid("count", "must be at least 1"));
+    }
+    let db = connect(dsn).await?;
+    let conn = db.get().await?;
+    if a.count == 1 {
+        let r = queue::enqueue(&**conn, &task).await?;
+        if a.json {
+            print_json(&r)?;
+        } else if r.duplicate {
+            println!("task {} already exists ({}) with that unique key", r.id, r.state);
+        } else {
+            println!("task {} {}", r.id, r.state);
+        }
+    } else {
+        let tasks = vec![task; a.count];
+        let ids = queue::enqueue_many(&**conn, &tasks).await?;
+        if a.json {
+            print_json(&ids)?;
+        } else {
+            println!("enqueued {} tasks", ids.len());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn work(dsn: Option<String>, a: WorkArgs) -> Result<ExitCode> {
+    let dsn = require_dsn(dsn)?;
+    let mut b = WorkerPool::builder()
+        .concurrency(a.concurrency)
+        .prefetch(a.prefetch)
+        .heartbeat_interval(a.heartbeat_interval)
+        .poll_interval(Duration::from_millis(200));
+    for q in &a.queue {
+        b = b.queue(q.clone());
+    }
+    let record = a.record_effects;
+    let sleep = a.task_time;
+    for k in &a.kind {
+        b = b.handler(k.clone(), move |ctx, _p: serde_json::Value| async move {
+            if record {
+                let conn = ctx.client.db().get().await?;
+                conn.execute(RECORD_EFFECT, &[&ctx.id, ctx.client.instance_id()])
+                    .await?;
+            }
+            tokio::time::sleep(sleep).await;
+            Ok(TaskOutcome::Complete)
+        });
+    }
+    let pool = b.build()?;
+    let mut cb = ClientConfig::builder()
+        .heartbeat_interval(Duration::from_millis(500))
+        .instance_ttl(Duration::from_secs(5))
+        .leader_election(false)
+        .pool_size(a.concurrency + 4);
+    if let Some(id) = a.instance_id {
+        cb = cb.instance_id(InstanceId::new(id)?);
+    }
+    let client = Client::builder(dsn)
+        .config(cb.build()?)
+        .service(pool)
+        .build()
+        .await?;
+    client.start().await?;
+    println!("working as instance {}", client.instance_id());
+    wait_for_signal().await;
+    client.stop().await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut i), Ok(mut t)) => {
+            tokio::select! {
+                _ = i.recv() => {}
+                _ = t.recv() => {}
+            }
+        }
+        _ => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }

@@ -1,0 +1,1 @@
+INSERT INTO pgcrew_task_effects (task_id, instance_id) VALUES ($1, $2)
