@@ -308,6 +308,30 @@ async fn rls_hides_other_tenants_rows() {
             .await
             .unwrap();
         let conn = t.db.get().await.unwrap();
+        conn.execute(
+            "INSERT INTO pgcrew.tasks (queue, kind, tenant_id, run_id) VALUES ('q', 'k', $1, $2)",
+            &[tenant, &run],
+        )
+        .await
+        .unwrap();
+        conn.execute(
+            "INSERT INTO pgcrew.artifacts (run_id, key, version, value) VALUES ($1, 'k', 1, '{}')",
+            &[&run],
+        )
+        .await
+        .unwrap();
+        conn.execute(
+            "INSERT INTO pgcrew.summaries (run_id, summary_type, content_text) VALUES ($1, 's', 'x')",
+            &[&run],
+        )
+        .await
+        .unwrap();
+        conn.execute(
+            "INSERT INTO pgcrew.sessions (id, tenant_id, identifier) VALUES ($1, $2, 'chat')",
+            &[&uuid::Uuid::new_v4(), tenant],
+        )
+        .await
+        .unwrap();
         conn.query(
             "SELECT * FROM pgcrew.append_events($1, NULL, ARRAY['model_completed'], ARRAY['s1'], ARRAY['{\"cost_usd\": 0.5}'::jsonb], ARRAY[false])",
             &[&run],
@@ -329,6 +353,10 @@ async fn rls_hides_other_tenants_rows() {
         "tenants",
         "tenant_costs",
         "budget_status",
+        "tasks",
+        "artifacts",
+        "summaries",
+        "sessions",
     ] {
         assert!(
             granted.iter().any(|g| g == table),
@@ -360,11 +388,17 @@ async fn rls_hides_other_tenants_rows() {
         "SELECT count(*) FROM pgcrew.tenants",
         "SELECT count(*) FROM pgcrew.tenant_costs",
         "SELECT count(*) FROM pgcrew.budget_status",
+        "SELECT count(*) FROM pgcrew.tasks",
+        "SELECT count(*) FROM pgcrew.artifacts",
+        "SELECT count(*) FROM pgcrew.summaries",
+        "SELECT count(*) FROM pgcrew.sessions",
     ];
     for sql in checks {
         assert_eq!(count(sql).await, 1, "{sql}");
     }
     let foreign = [
+        "SELECT count(*) FROM pgcrew.tasks WHERE tenant_id <> 'tenant-a'",
+        "SELECT count(*) FROM pgcrew.sessions WHERE tenant_id <> 'tenant-a'",
         "SELECT count(*) FROM pgcrew.runs WHERE tenant_id <> 'tenant-a'",
         "SELECT count(*) FROM pgcrew.events WHERE tenant_id <> 'tenant-a'",
         "SELECT count(*) FROM pgcrew.cost_entries WHERE tenant_id <> 'tenant-a'",
