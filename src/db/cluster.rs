@@ -46,6 +46,7 @@ pub struct TempCluster {
     dir: PathBuf,
     bindir: PathBuf,
     port: u16,
+    start_opts: String,
     run_as_postgres: bool,
     watchdog: Option<std::process::Child>,
     stopped: bool,
@@ -133,6 +134,7 @@ impl TempCluster {
             dir: dir.clone(),
             bindir,
             port: 0,
+            start_opts: String::new(),
             run_as_postgres,
             watchdog: None,
             stopped: false,
@@ -214,6 +216,7 @@ impl TempCluster {
                 .stdin(Stdio::null())
                 .output()?;
             if out.status.success() {
+                cluster.start_opts = opts;
                 return Ok(cluster);
             }
             last_err = format!(
@@ -322,7 +325,9 @@ impl TempCluster {
             .arg(self.dir.join("data"))
             .arg("-l")
             .arg(self.dir.join("server.log"))
-            .args(["-w", "-t", "60", "start"])
+            .args(["-w", "-t", "60", "-o"])
+            .arg(&self.start_opts)
+            .arg("start")
             .stdin(Stdio::null())
             .output()?;
         if !out.status.success() {

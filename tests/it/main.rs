@@ -6,8 +6,10 @@ mod common;
 
 mod coord;
 mod coord_process;
+mod faults;
 mod kernel;
 mod model;
+mod proxy;
 mod queue;
 mod runs;
 mod tenancy;

@@ -1,0 +1,181 @@
+//! Coordination under faults: a silent network partition between the leader and PostgreSQL,
+//! and a PostgreSQL restart.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use pgcrew::db::{ScratchDatabase, TempCluster};
+use pgcrew::{Client, ClientConfig, EventKind, InstanceId};
+
+use crate::common::{eventually, test_db};
+use crate::proxy::Proxy;
+
+fn config(id: &str) -> ClientConfig {
+    ClientConfig::builder()
+        .instance_id(InstanceId::new(id).unwrap())
+        .heartbeat_interval(Duration::from_millis(200))
+        .instance_ttl(Duration::from_secs(3))
+        .leader_ttl(Duration::from_secs(1))
+        .maintenance_interval(Duration::from_millis(200))
+        .notify_poll_interval(Duration::from_millis(500))
+        .connect_timeout(Duration::from_secs(2))
+        .pool_size(4)
+        .build()
+        .unwrap()
+}
+
+fn with_port(dsn: &str, port: u16) -> String {
+    let cfg = pgcrew::db::parse_dsn(dsn).unwrap();
+    let user = cfg.get_user().unwrap_or("postgres");
+    let password = cfg
+        .get_password()
+        .map(|p| format!(" password='{}'", String::from_utf8_lossy(p)))
+        .unwrap_or_default();
+    format!(
+        "host=127.0.0.1 port={port} user='{user}'{password} dbname='{}'",
+        cfg.get_dbname().unwrap()
+    )
+}
+
+fn upstream(dsn: &str) -> String {
+    let cfg = pgcrew::db::parse_dsn(dsn).unwrap();
+    let host = match &cfg.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        tokio_postgres::config::Host::Unix(_) => "127.0.0.1".into(),
+    };
+    format!("{host}:{}", cfg.get_ports()[0])
+}
+
+#[tokio::test]
+async fn partitioned_leader_steps_down_before_another_is_elected() {
+    let t = test_db().await;
+    let proxy = Proxy::start(upstream(t.dsn())).await;
+    let events: Arc<Mutex<Vec<(&'static str, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
+
+    let e1 = events.clone();
+    let e2 = events.clone();
+    let cut = Client::builder(with_port(t.dsn(), proxy.port()))
+        .config(config("cut"))
+        .on_lost_leadership(move || e1.lock().unwrap().push(("cut lost", Instant::now())))
+        .on_became_leader(move |_| e2.lock().unwrap().push(("cut won", Instant::now())))
+        .build()
+        .await
+        .unwrap();
+    cut.start().await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || async { cut.is_leader() }).await);
+
+    let e3 = events.clone();
+    let other = Client::builder(t.db.clone())
+        .config(config("other"))
+        .on_became_leader(move |_| e3.lock().unwrap().push(("other won", Instant::now())))
+        .build()
+        .await
+        .unwrap();
+    other.start().await.unwrap();
+
+    proxy.pause();
+    assert!(
+        eventually(Duration::from_secs(10), || async { other.is_leader() }).await,
+        "the connected instance takes over"
+    );
+    assert!(!cut.is_leader());
+    let ev = events.lock().unwrap().clone();
+    let lost = ev.iter().find(|(n, _)| *n == "cut lost").map(|e| e.1);
+    let won = ev.iter().find(|(n, _)| *n == "other won").map(|e| e.1);
+    let (lost, won) = (lost.expect("cut lost leadership"), won.expect("other won"));
+    assert!(
+        lost < won,
+        "the cut leader must stop acting before another is elected"
+    );
+
+    // Heal: the cut instance reconnects and stays a follower; exactly one leader.
+    proxy.resume();
+    proxy.drop_connections();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(other.is_leader() ^ cut.is_leader());
+    other.stop().await.unwrap();
+    // After the healthy leader resigns, the healed instance can lead again.
+    assert!(eventually(Duration::from_secs(10), || async { cut.is_leader() }).await);
+    cut.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn postgres_restart_reconnects_listen_and_reelects() {
+    let cluster = tokio::task::spawn_blocking(TempCluster::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let scratch = ScratchDatabase::create(&cluster.dsn(), "pgcrew_fault")
+        .await
+        .unwrap();
+    let db = pgcrew::Db::connect(scratch.dsn(), 4, Duration::from_secs(2))
+        .await
+        .unwrap();
+    db.migrate().await.unwrap();
+    let a = Client::connect(db.clone(), config("a")).await.unwrap();
+    let b = Client::connect(scratch.dsn(), config("b")).await.unwrap();
+    a.start().await.unwrap();
+    b.start().await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            a.is_leader() || b.is_leader()
+        })
+        .await
+    );
+    let mut sub = b.subscribe(&[EventKind::RunStateChanged]);
+
+    cluster.stop_server("fast").unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    cluster.restart().unwrap();
+
+    // Leadership is re-established and the notifiers reconnect (with a Resync).
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            (a.is_leader() ^ b.is_leader())
+                && a.notifier().reconnects() >= 1
+                && b.notifier().reconnects() >= 1
+        })
+        .await,
+        "leader re-elected and LISTEN re-established after restart"
+    );
+    let mut saw_resync = false;
+    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(100), sub.recv()).await {
+        if ev == pgcrew::Event::Resync {
+            saw_resync = true;
+        }
+    }
+    assert!(saw_resync);
+    // Heartbeats resumed: both instances are registered and fresh.
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            match pgcrew::coord::instance::list(&db).await {
+                Ok(rows) => rows.len() == 2 && rows.iter().all(|r| r.silent_ms < 1000),
+                Err(_) => false,
+            }
+        })
+        .await
+    );
+    // Notifications flow again.
+    let conn = db.get().await.unwrap();
+    let run_id = uuid::Uuid::new_v4();
+    conn.execute(
+        "INSERT INTO pgcrew.runs (id, tenant_id) VALUES ($1, 'default')",
+        &[&run_id],
+    )
+    .await
+    .unwrap();
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(5), sub.recv())
+            .await
+            .expect("event after restart")
+            .unwrap();
+        if let pgcrew::Event::RunStateChanged { run_id: r, .. } = ev {
+            assert_eq!(r.0, run_id);
+            break;
+        }
+    }
+    a.stop().await.unwrap();
+    b.stop().await.unwrap();
+    drop(scratch);
+    drop(cluster);
+}
