@@ -55,6 +55,7 @@ pub use coord::notify::{Event, EventKind, Subscription};
 pub use db::Db;
 pub use error::{Error, Result};
 pub use ids::{ClaimToken, InstanceId, RunId, SessionId, TaskId, TenantId};
+pub use tenancy::{BudgetStatus, PriceTable, TenantContext};
 
 /// The README's examples, compiled as doctests.
 #[cfg(doctest)]
