@@ -1,0 +1,178 @@
+//! Workflow steps: deterministic code checkpointed in the ledger.
+//!
+//! [`Kernel::run_workflow`] runs a closure that receives a [`WorkflowCtx`]; each
+//! [`WorkflowCtx::step`] runs its function once and records the serialised result as
+//! `workflow_step_completed` (step key `wf/<name>`). Re-running the workflow after a crash
+//! returns recorded results instead of running those steps again, so it resumes where it
+//! stopped; a workflow whose `workflow_completed` is recorded returns its recorded result
+//! without running the closure at all.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tracing::instrument;
+
+use super::{Kernel, RunScope, validate_step_key};
+use crate::error::{Error, Result};
+use crate::ids::RunId;
+use crate::runs::{NewEvent, append_events};
+
+const COMPLETED_KEY: &str = "wf";
+
+/// The context handed to a workflow closure (cheap to clone).
+#[derive(Debug, Clone)]
+pub struct WorkflowCtx {
+    kernel: Kernel,
+    scope: RunScope,
+    recorded: Arc<BTreeMap<String, Value>>,
+    used: Arc<Mutex<BTreeSet<String>>>,
+}
+
+impl WorkflowCtx {
+    /// The run.
+    pub fn run(&self) -> RunId {
+        self.scope.run
+    }
+
+    /// The run scope (for model and tool steps inside the workflow).
+    pub fn scope(&self) -> &RunScope {
+        &self.scope
+    }
+
+    /// The kernel (for [`Kernel::step_model`] / [`Kernel::step_tool`] inside the workflow).
+    pub fn kernel(&self) -> &Kernel {
+        &self.kernel
+    }
+
+    /// True when step `name` has a recorded result (it will not run again).
+    pub fn is_recorded(&self, name: &str) -> bool {
+        self.recorded.contains_key(&step_key(name))
+    }
+
+    /// Run `f` once for this run and step `name` and checkpoint its result; on a re-run return
+    /// the recorded result without calling `f`. A step name may be used once per execution
+    /// ([`Error::InvalidInput`] otherwise). An error from `f` is recorded as
+    /// `workflow_step_failed` and returned (the step runs again on the next execution).
+    pub async fn step<T, F, Fut>(&self, name: &str, f: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let key = step_key(name);
+        validate_step_key(&key)?;
+        {
+            let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+            if !used.insert(key.clone()) {
+                return Err(Error::invalid(
+                    "workflow step",
+                    format!(
+                        "step `{name}` is used twice in one workflow: give each step a unique name"
+                    ),
+                ));
+            }
+        }
+        if let Some(v) = self.recorded.get(&key) {
+            return serde_json::from_value(v.clone()).map_err(|e| Error::ReplayConsistency {
+                step_key: key.clone(),
+                message: format!(
+                    "the recorded result does not deserialise into the step's type: {e}"
+                ),
+            });
+        }
+        match f().await {
+            Ok(v) => {
+                let output = serde_json::to_value(&v)?;
+                let ev = NewEvent::new("workflow_step_completed", json!({ "output": output }))
+                    .step(key)
+                    .idempotent();
+                append_events(
+                    self.kernel.db(),
+                    self.scope.run,
+                    &[ev],
+                    self.scope.lease_token,
+                )
+                .await?;
+                Ok(v)
+            }
+            Err(e) => {
+                self.kernel
+                    .record(
+                        &self.scope,
+                        &key,
+                        "workflow_step_failed",
+                        json!({ "message": e.to_string() }),
+                    )
+                    .await?;
+                Err(e)
+            }
+        }
+    }
+}
+
+fn step_key(name: &str) -> String {
+    format!("wf/{name}")
+}
+
+impl Kernel {
+    /// Run a checkpointed workflow on `scope.run` (see the [module docs](self)).
+    #[instrument(skip(self, f), fields(run = %scope.run), err)]
+    pub async fn run_workflow<T, F, Fut>(&self, scope: &RunScope, f: F) -> Result<T>
+    where
+        T: Serialize + DeserializeOwned,
+        F: FnOnce(WorkflowCtx) -> Fut,
+        Fut: Future<Output = Result<T>>,
+    {
+        let mut recorded = BTreeMap::new();
+        let mut completed = None;
+        {
+            let conn = self.db().get().await?;
+            let stmt = conn.prepare_cached(sql!("kernel/run_step_events")).await?;
+            for r in conn.query(&stmt, &[&scope.run]).await? {
+                let event_type: String = r.try_get(1)?;
+                let key: String = r.try_get(2)?;
+                let payload: Value = r.try_get(3)?;
+                match event_type.as_str() {
+                    "workflow_step_completed" => {
+                        recorded.insert(key, payload.get("output").cloned().unwrap_or(Value::Null));
+                    }
+                    "workflow_completed" if key == COMPLETED_KEY => {
+                        completed = Some(payload.get("output").cloned().unwrap_or(Value::Null));
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if let Some(v) = completed {
+            return Ok(serde_json::from_value(v)?);
+        }
+        crate::runs::get_run(self.db(), scope.run)
+            .await
+            .and_then(|r| {
+                if r.tenant_id == scope.tenant.as_str() {
+                    Ok(())
+                } else {
+                    Err(Error::not_found("run", scope.run))
+                }
+            })?;
+        let ctx = WorkflowCtx {
+            kernel: self.clone(),
+            scope: scope.clone(),
+            recorded: Arc::new(recorded),
+            used: Arc::new(Mutex::new(BTreeSet::new())),
+        };
+        let out = f(ctx).await?;
+        let ev = NewEvent::new(
+            "workflow_completed",
+            json!({ "output": serde_json::to_value(&out)? }),
+        )
+        .step(COMPLETED_KEY)
+        .idempotent();
+        append_events(self.db(), scope.run, &[ev], scope.lease_token).await?;
+        Ok(out)
+    }
+}
