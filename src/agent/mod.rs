@@ -6,3 +6,9 @@ pub mod schema;
 pub mod tool;
 
 pub use tool::{Tool, ToolBuilder, ToolContext, ToolError, ToolRegistry, validate_tool_name};
+pub mod runtime;
+
+pub use runtime::{
+    AGENT_RUN_KIND, AgentDef, AgentRunTask, AgentRuntime, agent_queue, get_agent, register_agent,
+    register_tools,
+};

@@ -12,7 +12,9 @@ use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{Db, Error, TenantId};
 use serde_json::{Value, json};
 
-use crate::common::{TestDb, test_db};
+use std::time::Duration;
+
+use crate::common::{TestDb, eventually, test_db};
 
 async fn tenant(db: &Db, id: &str, caps: &[&str], budget: Option<f64>) -> TenantId {
     let ctx = TenantContext::new(id)
@@ -619,4 +621,296 @@ async fn workflow_resume_skips_completed_steps() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::InvalidInput { .. }), "{err}");
+}
+
+// ------------------------------------------------------------------------------------------
+// Agents
+// ------------------------------------------------------------------------------------------
+
+use pgcrew::agent::{AgentDef, AgentRuntime, register_agent, register_tools};
+use pgcrew::model::{ModelPort, ModelResponse};
+
+fn weather_tool(body_runs: Arc<AtomicU64>) -> Tool {
+    Tool::builder("lookup_weather")
+        .description("weather of a city")
+        .input_schema(json!({
+            "type": "object",
+            "properties": {"city": {"type": "string"}},
+            "required": ["city"]
+        }))
+        .handler(move |_ctx, args| {
+            let body_runs = body_runs.clone();
+            async move {
+                body_runs.fetch_add(1, Ordering::SeqCst);
+                Ok(json!({"city": args["city"], "forecast": "sunny"}))
+            }
+        })
+        .build()
+        .unwrap()
+}
+
+fn weather_agent() -> AgentDef {
+    AgentDef::new("forecaster", "gpt-4o-mini")
+        .description("answers weather questions")
+        .system_prompt("use the tool")
+        .tool("lookup_weather")
+        .max_tokens(100)
+        .temperature(0.0)
+        .max_iterations(4)
+}
+
+fn weather_script() -> Vec<ScriptedReply> {
+    vec![
+        ScriptedReply::tool_call("lookup_weather", json!({"city": "Oslo"})),
+        ScriptedReply::text("It is sunny in Oslo."),
+    ]
+}
+
+/// A model that answers the first `turns` turns from a script and then never answers (the
+/// instance "dies" during that call).
+struct HangsAfter {
+    inner: ScriptedModel,
+    turns: usize,
+}
+
+#[async_trait::async_trait]
+impl ModelPort for HangsAfter {
+    fn name(&self) -> &str {
+        "hangs-after"
+    }
+    async fn complete(&self, request: &ModelRequest) -> pgcrew::Result<ModelResponse> {
+        let turn = request
+            .messages
+            .iter()
+            .filter(|m| m.role() == "assistant")
+            .count();
+        if turn >= self.turns {
+            std::future::pending::<()>().await;
+        }
+        self.inner.complete(request).await
+    }
+}
+
+#[tokio::test]
+async fn agent_run_resumes_on_another_instance_without_repeating_steps() {
+    let (t, scope) = setup(&[], Some(10.0)).await;
+    let _ = scope;
+    let body_runs = Arc::new(AtomicU64::new(0));
+    let tools = || {
+        ToolRegistry::new()
+            .with(weather_tool(body_runs.clone()))
+            .unwrap()
+    };
+    register_agent(&t.db, &weather_agent()).await.unwrap();
+    register_tools(&t.db, &tools()).await.unwrap();
+
+    // Instance A: answers turn 0, then hangs in the turn-1 call and is killed.
+    let model_a = Arc::new(HangsAfter {
+        inner: ScriptedModel::by_turn(weather_script()),
+        turns: 1,
+    });
+    let a = AgentRuntime::new(
+        Kernel::new(t.db.clone(), model_a).with_tools(tools()),
+        "instance-a",
+    )
+    .lease_ttl(Duration::from_millis(800));
+    let tenant = TenantId::new("acme").unwrap();
+    let session = a.new_session(&tenant, "user-1").await.unwrap();
+    let run = a
+        .submit("forecaster", session.id, "weather in Oslo?")
+        .await
+        .unwrap();
+    let a_task = tokio::spawn({
+        let a = a.clone();
+        async move { a.execute(run, None).await }
+    });
+    let scope = RunScope::new(run, tenant.clone());
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            let evs = events(&t.db, &scope).await;
+            evs.iter()
+                .any(|(ty, k, _)| ty == "model_requested" && k.as_deref() == Some("iter-1/model"))
+        })
+        .await
+    );
+    a_task.abort(); // kill -9 of instance A
+    assert_eq!(body_runs.load(Ordering::SeqCst), 1);
+
+    // Instance B takes over once A's lease expires.
+    let model_b = Arc::new(ScriptedModel::by_turn(weather_script()));
+    let b = AgentRuntime::new(
+        Kernel::new(t.db.clone(), model_b.clone()).with_tools(tools()),
+        "instance-b",
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let done = loop {
+        match b.execute(run, None).await {
+            Ok(r) => break r,
+            Err(Error::LeaseLost(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(done.state, runs::RunState::Completed);
+    assert_eq!(done.response_text.as_deref(), Some("It is sunny in Oslo."));
+    assert!(done.input_tokens > 0 && done.output_tokens > 0);
+    assert!(done.cost_usd > 0.0);
+    // B replayed iter-0 (no model call, no tool run) and made only the turn-1 call.
+    assert_eq!(model_b.calls(), 1);
+    assert_eq!(body_runs.load(Ordering::SeqCst), 1);
+    let evs = events(&t.db, &scope).await;
+    assert_eq!(count(&evs, "model_completed"), 2);
+    assert_eq!(count(&evs, "tool_completed"), 1);
+    assert!(evs.iter().any(|(ty, k, _)| ty == "tool_completed"
+        && k.as_deref().is_some_and(|k| k.starts_with("iter-0/tool-"))));
+    assert!(runs::verify_run_chain(&t.db, run).await.unwrap().valid);
+}
+
+#[tokio::test]
+async fn agent_run_is_claimed_from_the_queue_by_an_instance_with_its_tools() {
+    let t = test_db().await;
+    let tenant = tenant(&t.db, "acme", &[], Some(10.0)).await;
+    let body_runs = Arc::new(AtomicU64::new(0));
+    let tools = ToolRegistry::new()
+        .with(weather_tool(body_runs.clone()))
+        .unwrap();
+    register_agent(&t.db, &weather_agent()).await.unwrap();
+    let model = Arc::new(ScriptedModel::by_turn(weather_script()));
+    let rt = AgentRuntime::new(
+        Kernel::new(t.db.clone(), model.clone()).with_tools(tools),
+        "worker-1",
+    );
+    let pool = rt
+        .clone()
+        .install(
+            pgcrew::queue::WorkerPool::builder().poll_interval(Duration::from_millis(100)),
+            &["forecaster"],
+        )
+        .build()
+        .unwrap();
+    let cfg = pgcrew::ClientConfig::builder()
+        .instance_id(pgcrew::InstanceId::new("worker-1").unwrap())
+        .build()
+        .unwrap();
+    let client = pgcrew::Client::builder(t.dsn())
+        .config(cfg)
+        .service(pool)
+        .build()
+        .await
+        .unwrap();
+    client.start().await.unwrap();
+    let session = rt.new_session(&tenant, "s").await.unwrap();
+    let run = rt
+        .submit("forecaster", session.id, "weather in Oslo?")
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || async {
+            runs::get_run(&t.db, run).await.unwrap().state == runs::RunState::Completed
+        })
+        .await
+    );
+    client.stop().await.unwrap();
+    assert_eq!(model.calls(), 2);
+    assert_eq!(body_runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn unknown_agent_max_iterations_and_cancellation_are_recorded() {
+    let t = test_db().await;
+    let tenant = tenant(&t.db, "acme", &[], None).await;
+    let body_runs = Arc::new(AtomicU64::new(0));
+    let tools = ToolRegistry::new()
+        .with(weather_tool(body_runs.clone()))
+        .unwrap();
+    // Always calls the tool: never finishes.
+    let model = Arc::new(ScriptedModel::from_fn(|req| {
+        ScriptedModel::reply(
+            req,
+            &ScriptedReply::tool_call("lookup_weather", json!({"city": "Rome"})),
+        )
+    }));
+    let rt = AgentRuntime::new(
+        Kernel::new(t.db.clone(), model.clone()).with_tools(tools),
+        "i1",
+    );
+    let session = rt.new_session(&tenant, "s").await.unwrap();
+
+    // Unknown agent at submit: clear error, nothing written.
+    let err = rt.submit("ghost", session.id, "hi").await.unwrap_err();
+    assert!(
+        matches!(&err, Error::NotFound { kind: "agent", .. }),
+        "{err}"
+    );
+    let n = runs::list_runs(&t.db, &runs::RunFilter::default())
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(n, 0);
+
+    // Unknown agent at execution (e.g. definition removed): the run fails, recorded.
+    let ghost = runs::create_run(
+        &t.db,
+        NewRun::new(tenant.clone()).agent("ghost").prompt("hi"),
+    )
+    .await
+    .unwrap();
+    let r = rt.execute(ghost, None).await.unwrap();
+    assert_eq!(r.state, runs::RunState::Failed);
+    assert_eq!(r.error_type.as_deref(), Some("unknown_agent"));
+    let evs = events(&t.db, &RunScope::new(ghost, tenant.clone())).await;
+    assert!(
+        evs.iter()
+            .any(|(ty, _, p)| ty == "run_failed" && p.to_string().contains("unknown_agent"))
+    );
+
+    // Max iterations.
+    register_agent(&t.db, &weather_agent().max_iterations(2))
+        .await
+        .unwrap();
+    let run = rt.submit("forecaster", session.id, "loop").await.unwrap();
+    let r = rt.execute(run, None).await.unwrap();
+    assert_eq!(r.state, runs::RunState::Failed);
+    assert_eq!(r.error_type.as_deref(), Some("max_iterations"));
+    assert_eq!(model.calls(), 2);
+    assert_eq!(body_runs.load(Ordering::SeqCst), 2);
+
+    // Cancellation mid-run: the tool cancels the run; the loop stops at the next iteration.
+    let db = t.db.clone();
+    let canceller = Tool::builder("lookup_weather")
+        .input_schema(json!({"type": "object"}))
+        .handler(move |ctx, _args| {
+            let db = db.clone();
+            async move {
+                runs::cancel_run(&db, ctx.run, "user pressed stop")
+                    .await
+                    .map_err(|e| ToolError::Failed(e.to_string()))?;
+                Ok(json!({"ok": true}))
+            }
+        })
+        .build()
+        .unwrap();
+    let model2 = Arc::new(ScriptedModel::from_fn(|req| {
+        ScriptedModel::reply(
+            req,
+            &ScriptedReply::tool_call("lookup_weather", json!({"city": "Rome"})),
+        )
+    }));
+    let rt2 = AgentRuntime::new(
+        Kernel::new(t.db.clone(), model2.clone())
+            .with_tools(ToolRegistry::new().with(canceller).unwrap()),
+        "i2",
+    );
+    let run = rt2
+        .submit("forecaster", session.id, "stop me")
+        .await
+        .unwrap();
+    let r = rt2.execute(run, None).await;
+    let r = match r {
+        Ok(r) => r,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(r.state, runs::RunState::Cancelled);
+    assert_eq!(model2.calls(), 1);
 }

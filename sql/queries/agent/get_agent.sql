@@ -1,0 +1,3 @@
+-- One agent definition by name.
+SELECT name, description, model, system_prompt, tools, max_tokens, temperature, max_iterations
+  FROM pgcrew.agents WHERE name = $1

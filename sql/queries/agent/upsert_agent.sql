@@ -1,0 +1,9 @@
+-- Register (or update) an agent definition.
+INSERT INTO pgcrew.agents (name, description, model, system_prompt, tools, max_tokens, temperature,
+                           max_iterations)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+ON CONFLICT (name) DO UPDATE
+   SET description = EXCLUDED.description, model = EXCLUDED.model,
+       system_prompt = EXCLUDED.system_prompt, tools = EXCLUDED.tools,
+       max_tokens = EXCLUDED.max_tokens, temperature = EXCLUDED.temperature,
+       max_iterations = EXCLUDED.max_iterations, updated_at = now()
