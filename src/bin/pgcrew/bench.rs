@@ -22,6 +22,8 @@ pub enum BenchKind {
     Ledger(crate::bench_ledger::LedgerBenchArgs),
     /// LISTEN/NOTIFY fan-out to many subscribers.
     Fanout(crate::bench_fanout::FanoutBenchArgs),
+    /// Leader failover time with real processes (kill -9 and graceful stop).
+    Failover(crate::bench_failover::FailoverBenchArgs),
 }
 
 /// Run the chosen benchmark.
@@ -31,6 +33,7 @@ pub async fn exec(dsn: Option<String>, args: BenchArgs) -> Result<ExitCode> {
         Some(BenchKind::Queue(a)) => crate::bench_queue::run(dsn, a).await,
         Some(BenchKind::Ledger(a)) => crate::bench_ledger::run(dsn, a).await,
         Some(BenchKind::Fanout(a)) => crate::bench_fanout::run(dsn, a).await,
+        Some(BenchKind::Failover(a)) => crate::bench_failover::run(dsn, a).await,
     }
 }
 

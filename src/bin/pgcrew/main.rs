@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 a check failed (e.g. an invalid ledger), 2 usage or connection error.
 
 mod bench;
+mod bench_failover;
 mod bench_fanout;
 mod bench_ledger;
 mod bench_queue;
