@@ -187,3 +187,19 @@ pub fn dsn_from_env() -> Option<String> {
         .filter_map(|k| std::env::var(k).ok())
         .find(|v| !v.trim().is_empty())
 }
+
+/// A database for examples, demos and benchmarks: `DATABASE_URL` when set, otherwise a
+/// throwaway local cluster (announced on stderr) that lives as long as the returned guard.
+pub async fn database_url_or_throwaway() -> Result<(String, Option<TempCluster>)> {
+    if let Some(dsn) = std::env::var("DATABASE_URL")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+    {
+        return Ok((dsn, None));
+    }
+    eprintln!("DATABASE_URL is not set: starting a throwaway PostgreSQL cluster");
+    let cluster = tokio::task::spawn_blocking(TempCluster::start)
+        .await
+        .map_err(|e| Error::Cluster(e.to_string()))??;
+    Ok((cluster.dsn(), Some(cluster)))
+}
