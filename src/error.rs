@@ -180,6 +180,16 @@ pub enum Error {
         message: String,
     },
 
+    /// A harness unit finished its work but its clean-state check failed: it is not marked
+    /// done and runs again on the next `harness.run`.
+    #[error("harness unit `{unit}` did not leave a clean state: {message}")]
+    UncleanState {
+        /// The unit.
+        unit: String,
+        /// What the check found.
+        message: String,
+    },
+
     /// The model provider returned an error.
     #[error("model provider error ({kind}): {message}")]
     Model {

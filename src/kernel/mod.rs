@@ -40,8 +40,10 @@ use crate::model::{ModelPort, ModelRequest, ModelResponse, PriceTable};
 use crate::runs::{NewEvent, NewRun, append_events, append_events_in, create_run, get_run};
 use crate::tenancy::{self, CostInput, ReserveRequest};
 
+pub mod harness;
 pub mod workflow;
 
+pub use harness::{Harness, HarnessReport, UnitCtx};
 pub use workflow::WorkflowCtx;
 
 /// `max_tokens` assumed for the budget reservation when a request does not set one.

@@ -914,3 +914,105 @@ async fn unknown_agent_max_iterations_and_cancellation_are_recorded() {
     assert_eq!(r.state, runs::RunState::Cancelled);
     assert_eq!(model2.calls(), 1);
 }
+
+// ------------------------------------------------------------------------------------------
+// Incremental harness
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn harness_run_twice_does_only_the_remaining_work() {
+    use pgcrew::kernel::Harness;
+    let (t, scope) = setup(&[], None).await;
+    let k = kernel(
+        &t.db,
+        Arc::new(ScriptedModel::sequence(vec![])),
+        ToolRegistry::new(),
+    );
+    let a_runs = Arc::new(AtomicU64::new(0));
+    let b_runs = Arc::new(AtomicU64::new(0));
+    let c_runs = Arc::new(AtomicU64::new(0));
+    // Unit b processes 4 items, saving progress after each; the first time it crashes after 2.
+    let crash_b = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    // Unit c's clean-state check fails once (a temp file was left behind).
+    let dirty_c = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let items_done = Arc::new(Mutex::new(Vec::<i64>::new()));
+
+    let build = || {
+        let (a, b, c) = (a_runs.clone(), b_runs.clone(), c_runs.clone());
+        let (crash, dirty, items) = (crash_b.clone(), dirty_c.clone(), items_done.clone());
+        Harness::new(k.clone())
+            .unit("a", move |_ctx| {
+                let a = a.clone();
+                async move {
+                    a.fetch_add(1, Ordering::SeqCst);
+                    Ok(json!("a done"))
+                }
+            })
+            .unit("b", move |ctx| {
+                let (b, crash, items) = (b.clone(), crash.clone(), items.clone());
+                async move {
+                    b.fetch_add(1, Ordering::SeqCst);
+                    let start = ctx.progress().and_then(|p| p["next"].as_i64()).unwrap_or(0);
+                    for i in start..4 {
+                        items.lock().unwrap().push(i);
+                        ctx.save_progress(json!({"next": i + 1})).await?;
+                        if i == 1 && crash.swap(false, Ordering::SeqCst) {
+                            return Err(Error::Cancelled("crash in unit b".into()));
+                        }
+                    }
+                    Ok(json!({"items": 4}))
+                }
+            })
+            .unit("c", move |_ctx| {
+                let c = c.clone();
+                async move {
+                    c.fetch_add(1, Ordering::SeqCst);
+                    Ok(json!("c done"))
+                }
+            })
+            .clean_check(move |_ctx, _out| {
+                let dirty = dirty.clone();
+                async move {
+                    if dirty.load(Ordering::SeqCst) {
+                        Err("temp file /tmp/c.lock still exists".to_string())
+                    } else {
+                        Ok(())
+                    }
+                }
+            })
+            .unit("d", |_ctx| async move { Ok(json!(null)) })
+    };
+
+    let err = build().run(&scope).await.unwrap_err();
+    assert!(matches!(err, Error::Cancelled(_)), "{err}");
+    assert_eq!(*items_done.lock().unwrap(), vec![0, 1]);
+
+    let err = build().run(&scope).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::UncleanState { unit, .. } if unit == "c"),
+        "{err}"
+    );
+    // b resumed from its progress snapshot: items 2 and 3 only.
+    assert_eq!(*items_done.lock().unwrap(), vec![0, 1, 2, 3]);
+
+    dirty_c.store(false, Ordering::SeqCst);
+    let report = build().run(&scope).await.unwrap();
+    assert_eq!(report.skipped, vec!["a".to_string(), "b".to_string()]);
+    assert_eq!(report.ran, vec!["c".to_string(), "d".to_string()]);
+    let report = build().run(&scope).await.unwrap();
+    assert!(report.ran.is_empty());
+    assert_eq!(report.skipped.len(), 4);
+    assert_eq!(report.outputs[1].1, json!({"items": 4}));
+
+    assert_eq!(a_runs.load(Ordering::SeqCst), 1);
+    assert_eq!(b_runs.load(Ordering::SeqCst), 2);
+    assert_eq!(c_runs.load(Ordering::SeqCst), 2);
+    let evs = events(&t.db, &scope).await;
+    assert_eq!(count(&evs, "harness_unit_completed"), 4);
+    assert_eq!(count(&evs, "harness_unit_unclean"), 1);
+    assert_eq!(count(&evs, "harness_unit_failed"), 1);
+    let history = runs::artifact_history(&t.db, scope.run, "harness/b/progress")
+        .await
+        .unwrap();
+    assert_eq!(history.len(), 4);
+}
