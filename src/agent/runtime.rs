@@ -214,6 +214,14 @@ pub async fn get_agent(db: &crate::Db, name: &str) -> Result<AgentDef> {
     })
 }
 
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The payload of an [`AGENT_RUN_KIND`] task.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct AgentRunTask {
@@ -339,7 +347,21 @@ impl AgentRuntime {
             .ok_or_else(|| {
                 Error::LeaseLost(format!("run {run} is leased by another live instance"))
             })?;
+        // Keep the lease alive during long model calls; stopped when this future ends or is
+        // dropped (a killed worker stops renewing, so another instance can take over).
+        let renewer = AbortOnDrop(tokio::spawn({
+            let (db, lease, ttl) = (db.clone(), lease.clone(), self.lease_ttl);
+            async move {
+                loop {
+                    tokio::time::sleep(ttl / 3).await;
+                    if runs::renew_run_lease(&db, &lease, ttl).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }));
         let mut result = self.drive(&current, &lease, cancel).await;
+        drop(renewer);
         if let Err(Error::LeaseLost(_)) = &result {
             // Cancelled (or finalized) from elsewhere while we worked: report the final run.
             let now = runs::get_run(db, run).await?;

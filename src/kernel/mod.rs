@@ -571,13 +571,20 @@ impl Kernel {
             });
         }
         let t = self.check_tool(scope, step_key, tool, &arguments).await?;
-        self.record(
-            scope,
-            step_key,
+        let ev = NewEvent::new(
             "tool_requested",
             json!({"tool": tool, "arguments": arguments, "idempotency_key": key}),
         )
-        .await?;
+        .step(step_key)
+        .idempotent();
+        let appended = append_events(&self.db, scope.run, &[ev], scope.lease_token).await?;
+        if appended.first().is_some_and(|a| !a.inserted) {
+            // A concurrent attempt requested this call first: its outcome is not ours to know.
+            return Err(Error::ToolOutcomeUnknown {
+                tool: tool.to_string(),
+                step_key: step_key.to_string(),
+            });
+        }
         self.invoke(scope, step_key, &t, arguments, key, false)
             .await
     }

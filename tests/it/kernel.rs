@@ -1016,3 +1016,47 @@ async fn harness_run_twice_does_only_the_remaining_work() {
         .unwrap();
     assert_eq!(history.len(), 4);
 }
+
+#[tokio::test]
+async fn agent_run_fails_with_budget_exceeded_and_nothing_is_overspent() {
+    let limit = 0.05;
+    let t = test_db().await;
+    let tenant = tenant(&t.db, "acme", &[], Some(limit)).await;
+    let body_runs = Arc::new(AtomicU64::new(0));
+    let tools = ToolRegistry::new()
+        .with(weather_tool(body_runs.clone()))
+        .unwrap();
+    // A model that always calls the tool (the run never finishes by itself), priced high.
+    let model = Arc::new(ScriptedModel::from_fn(|req| {
+        ScriptedModel::reply(
+            req,
+            &ScriptedReply::tool_call("lookup_weather", json!({"city": "Rome"})),
+        )
+    }));
+    let prices = PriceTable::empty().with("pricey", 50.0, 50.0).unwrap();
+    let def = AgentDef::new("spender", "pricey")
+        .tool("lookup_weather")
+        .max_tokens(200)
+        .max_iterations(500);
+    register_agent(&t.db, &def).await.unwrap();
+    let rt = AgentRuntime::new(
+        Kernel::new(t.db.clone(), model.clone())
+            .with_tools(tools)
+            .with_prices(prices),
+        "i1",
+    );
+    let session = rt.new_session(&tenant, "s").await.unwrap();
+    let run = rt.submit("spender", session.id, "go").await.unwrap();
+    let r = rt.execute(run, None).await.unwrap();
+    assert_eq!(r.state, runs::RunState::Failed);
+    assert_eq!(r.error_type.as_deref(), Some("budget_exceeded"));
+    assert!(model.calls() >= 2, "some iterations ran first");
+    let tn = tenancy::get(&t.db, &tenant).await.unwrap();
+    assert!(tn.spent_usd > 0.0);
+    assert!(tn.spent_usd <= limit + 1e-12, "spent {}", tn.spent_usd);
+    assert!(tn.reserved_usd.abs() < 1e-12);
+    let evs = events(&t.db, &RunScope::new(run, tenant.clone())).await;
+    assert_eq!(count(&evs, "budget_exceeded"), 1);
+    assert_eq!(count(&evs, "model_completed") as u64, model.calls());
+    assert_eq!(count(&evs, "run_failed"), 1);
+}
