@@ -1,17 +1,294 @@
-//! `pgcrew bench ledger` (being built by its issue).
+//! `pgcrew bench ledger`: sequenced hash-chained appends (raw SQL baseline vs pgcrew), batch
+//! appends, and verification of a large run — all measured in one run, in a scratch database.
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use clap::Args;
-use pgcrew::{Error, Result};
+use pgcrew::db::{Db, ScratchDatabase, TempCluster};
+use pgcrew::runs::{self, NewEvent, NewRun};
+use pgcrew::{Error, Result, RunId, TenantId};
+use serde::Serialize;
+use serde_json::json;
 
 /// Arguments of `pgcrew bench ledger`.
-#[derive(Debug, Args, Default)]
-pub struct LedgerBenchArgs {}
+#[derive(Debug, Args)]
+pub struct LedgerBenchArgs {
+    /// Concurrent writers.
+    #[arg(long, default_value_t = 4)]
+    pub writers: usize,
+    /// Runs the writers spread their appends over.
+    #[arg(long, default_value_t = 16)]
+    pub runs: usize,
+    /// Seconds per append phase.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    /// Events per batch in the batch phase.
+    #[arg(long, default_value_t = 10)]
+    pub batch: usize,
+    /// Events in the run that is verified.
+    #[arg(long, default_value_t = 100_000)]
+    pub verify_events: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl Default for LedgerBenchArgs {
+    fn default() -> Self {
+        LedgerBenchArgs {
+            writers: 4,
+            runs: 16,
+            seconds: 3.0,
+            batch: 10,
+            verify_events: 100_000,
+            json: false,
+        }
+    }
+}
+
+/// The figures.
+#[derive(Debug, Serialize)]
+struct Report {
+    writers: usize,
+    runs: usize,
+    raw_appends_per_s: f64,
+    pgcrew_appends_per_s: f64,
+    pgcrew_vs_raw: f64,
+    batch_size: usize,
+    batch_events_per_s: f64,
+    batch_vs_single: f64,
+    verify_events: usize,
+    verify_rust_ms: f64,
+    verify_sql_ms: f64,
+    chains_valid: bool,
+}
 
 /// Run the benchmark.
-pub async fn run(_dsn: Option<String>, _args: LedgerBenchArgs) -> Result<ExitCode> {
-    Err(Error::Config(
-        "the ledger benchmark is not built yet".into(),
+pub async fn run(dsn: Option<String>, args: LedgerBenchArgs) -> Result<ExitCode> {
+    if args.writers == 0 || args.runs == 0 || args.batch == 0 || args.verify_events == 0 {
+        return Err(Error::invalid(
+            "arguments",
+            "--writers, --runs, --batch and --verify-events must be at least 1",
+        ));
+    }
+    if !(args.seconds > 0.0 && args.seconds.is_finite()) {
+        return Err(Error::invalid("--seconds", "must be a positive number"));
+    }
+    let (_cluster, admin) = match dsn.filter(|d| !d.trim().is_empty()) {
+        Some(d) => (None, d),
+        None => {
+            eprintln!("no --dsn / DATABASE_URL: starting a throwaway local PostgreSQL cluster");
+            let cluster = tokio::task::spawn_blocking(TempCluster::start)
+                .await
+                .map_err(|e| Error::Cluster(e.to_string()))??;
+            let dsn = cluster.dsn();
+            (Some(cluster), dsn)
+        }
+    };
+    let scratch = ScratchDatabase::create(&admin, "pgcrew_bench").await?;
+    let result = bench(scratch.dsn(), &args).await;
+    drop(scratch);
+    let r = result?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "pgcrew bench ledger: {} writers on {} runs, {:.1} s per phase",
+            r.writers, r.runs, args.seconds
+        );
+        println!(
+            "  raw sequenced hash-chained append (plain SQL)  {:>9.0} appends/s",
+            r.raw_appends_per_s
+        );
+        println!(
+            "  pgcrew append_event                            {:>9.0} appends/s  ({:.2} x raw; target >= 0.8)",
+            r.pgcrew_appends_per_s, r.pgcrew_vs_raw
+        );
+        println!(
+            "  pgcrew append_events, batch of {:<3}             {:>9.0} events/s   ({:.2} x single; target >= 3)",
+            r.batch_size, r.batch_events_per_s, r.batch_vs_single
+        );
+        println!(
+            "  verify a {}-event run: Rust (streaming) {:.0} ms, SQL function {:.0} ms (target < 1000 ms)",
+            r.verify_events, r.verify_rust_ms, r.verify_sql_ms
+        );
+        println!(
+            "  all chains valid afterwards: {}",
+            if r.chains_valid { "yes" } else { "NO" }
+        );
+    }
+    Ok(if r.chains_valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+async fn bench(dsn: &str, args: &LedgerBenchArgs) -> Result<Report> {
+    let db = Db::connect(dsn, args.writers + 4, Duration::from_secs(10)).await?;
+    db.migrate().await?;
+    let tenant = TenantId::new("default")?;
+    let mut raw_runs = Vec::new();
+    let mut pg_runs = Vec::new();
+    for _ in 0..args.runs {
+        raw_runs.push(runs::create_run(&db, NewRun::new(tenant.clone())).await?);
+        pg_runs.push(runs::create_run(&db, NewRun::new(tenant.clone())).await?);
+    }
+    let phase = Duration::from_secs_f64(args.seconds);
+
+    let raw = measure(args.writers, phase, raw_runs.clone(), {
+        let db = db.clone();
+        move |run, i| {
+            let db = db.clone();
+            async move { raw_append(&db, run, i).await.map(|_| 1) }
+        }
+    })
+    .await?;
+    let single = measure(args.writers, phase, pg_runs.clone(), {
+        let db = db.clone();
+        move |run, i| {
+            let db = db.clone();
+            async move {
+                runs::append_event(&db, run, NewEvent::new("bench", json!({"i": i})), None)
+                    .await
+                    .map(|_| 1)
+            }
+        }
+    })
+    .await?;
+    let batch_n = args.batch;
+    let batch = measure(args.writers, phase, pg_runs.clone(), {
+        let db = db.clone();
+        move |run, i| {
+            let db = db.clone();
+            async move {
+                let evs: Vec<NewEvent> = (0..batch_n)
+                    .map(|j| NewEvent::new("bench", json!({"i": i, "j": j})))
+                    .collect();
+                runs::append_events(&db, run, &evs, None)
+                    .await
+                    .map(|v| v.len() as u64)
+            }
+        }
+    })
+    .await?;
+
+    // A large run for verification, appended in big batches.
+    let big = runs::create_run(&db, NewRun::new(tenant)).await?;
+    let mut left = args.verify_events.saturating_sub(1);
+    let mut k = 0u64;
+    while left > 0 {
+        let n = left.min(runs::ledger::MAX_BATCH);
+        let evs: Vec<NewEvent> = (0..n)
+            .map(|j| {
+                k += 1;
+                NewEvent::new(
+                    "bench",
+                    json!({"k": k, "text": "a typical small payload", "j": j}),
+                )
+            })
+            .collect();
+        runs::append_events(&db, big, &evs, None).await?;
+        left -= n;
+    }
+    let t = Instant::now();
+    let rust = runs::verify_run_chain(&db, big).await?;
+    let verify_rust = t.elapsed();
+    let t = Instant::now();
+    let sql = runs::verify_run_chain_sql(&db, big).await?;
+    let verify_sql = t.elapsed();
+
+    let mut valid = rust.valid && sql.valid && rust.checked == args.verify_events as u64;
+    for r in raw_runs.iter().chain(pg_runs.iter()) {
+        valid &= runs::verify_run_chain(&db, *r).await?.valid;
+    }
+    Ok(Report {
+        writers: args.writers,
+        runs: args.runs,
+        raw_appends_per_s: raw,
+        pgcrew_appends_per_s: single,
+        pgcrew_vs_raw: single / raw.max(1e-9),
+        batch_size: args.batch,
+        batch_events_per_s: batch,
+        batch_vs_single: batch / single.max(1e-9),
+        verify_events: args.verify_events,
+        verify_rust_ms: verify_rust.as_secs_f64() * 1e3,
+        verify_sql_ms: verify_sql.as_secs_f64() * 1e3,
+        chains_valid: valid,
+    })
+}
+
+/// Run `op` from `writers` tasks for `phase`, spreading over `runs`; returns items per second.
+async fn measure<F, Fut>(writers: usize, phase: Duration, runs: Vec<RunId>, op: F) -> Result<f64>
+where
+    F: Fn(RunId, u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<u64>> + Send,
+{
+    let done = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + phase;
+    let mut handles = Vec::new();
+    for w in 0..writers {
+        let op = op.clone();
+        let done = done.clone();
+        let runs = runs.clone();
+        handles.push(tokio::spawn(async move {
+            let mut i = w as u64;
+            while Instant::now() < deadline {
+                let run = runs[fastrand::usize(..runs.len())];
+                let n = op(run, i).await?;
+                done.fetch_add(n, Ordering::Relaxed);
+                i += writers as u64;
+            }
+            Ok::<(), Error>(())
+        }));
+    }
+    for h in handles {
+        h.await.map_err(|e| Error::Io(std::io::Error::other(e)))??;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    Ok(done.load(Ordering::Relaxed) as f64 / elapsed)
+}
+
+/// The raw baseline: BEGIN; advisory xact lock; read the last (seq, hash); insert seq + 1; COMMIT.
+async fn raw_append(db: &Db, run: RunId, i: u64) -> Result<()> {
+    let mut conn = db.get().await?;
+    let lock = conn.prepare_cached(sql_lock()).await?;
+    let last = conn.prepare_cached(sql_last()).await?;
+    let insert = conn.prepare_cached(sql_insert()).await?;
+    let tx = conn.transaction().await?;
+    tx.execute(&lock, &[&run]).await?;
+    let (seq, prev): (i64, Vec<u8>) = match tx.query_opt(&last, &[&run]).await? {
+        Some(r) => (r.get(0), r.get(1)),
+        None => (0, vec![0u8; 32]),
+    };
+    let payload = json!({ "i": i });
+    tx.execute(&insert, &[&run, &(seq + 1), &prev, &payload])
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+fn sql_lock() -> &'static str {
+    include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sql/queries/runs/bench_raw_lock.sql"
+    ))
+}
+
+fn sql_last() -> &'static str {
+    include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sql/queries/runs/bench_raw_last.sql"
+    ))
+}
+
+fn sql_insert() -> &'static str {
+    include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sql/queries/runs/bench_raw_insert.sql"
     ))
 }
