@@ -1060,3 +1060,180 @@ async fn agent_run_fails_with_budget_exceeded_and_nothing_is_overspent() {
     assert_eq!(count(&evs, "model_completed") as u64, model.calls());
     assert_eq!(count(&evs, "run_failed"), 1);
 }
+
+// ------------------------------------------------------------------------------------------
+// Resume against an OpenAI-compatible mock server on loopback
+// ------------------------------------------------------------------------------------------
+
+/// A minimal OpenAI-compatible chat server: turn 0 calls `lookup_weather`, turn 1 answers;
+/// while `hang` is set, turn-1 requests never get an answer. Counts requests and completed
+/// responses per turn.
+struct MockOpenAi {
+    base_url: String,
+    requests: Arc<Mutex<Vec<usize>>>,
+    answered: Arc<Mutex<Vec<usize>>>,
+    hang: Arc<std::sync::atomic::AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MockOpenAi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn mock_openai() -> MockOpenAi {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let answered = Arc::new(Mutex::new(Vec::new()));
+    let hang = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let (rq, an, hg) = (requests.clone(), answered.clone(), hang.clone());
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (rq, an, hg) = (rq.clone(), an.clone(), hg.clone());
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 8192];
+                let (head_end, len) = loop {
+                    let n = stream.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+                        let len = head
+                            .lines()
+                            .find_map(|l| l.strip_prefix("content-length:"))
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .unwrap_or(0);
+                        break (i + 4, len);
+                    }
+                };
+                while buf.len() < head_end + len {
+                    let n = stream.read(&mut chunk).await.unwrap_or(0);
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                }
+                let body: Value = serde_json::from_slice(&buf[head_end..]).unwrap_or(Value::Null);
+                let turn = body["messages"]
+                    .as_array()
+                    .map(|m| m.iter().filter(|m| m["role"] == "assistant").count())
+                    .unwrap_or(0);
+                rq.lock().unwrap().push(turn);
+                let message = if turn == 0 {
+                    json!({"role": "assistant", "content": null, "tool_calls": [{
+                        "id": "call_abc", "type": "function",
+                        "function": {"name": "lookup_weather", "arguments": "{\"city\":\"Oslo\"}"}}]})
+                } else {
+                    if hg.load(Ordering::SeqCst) {
+                        std::future::pending::<()>().await;
+                    }
+                    json!({"role": "assistant", "content": "It is sunny in Oslo."})
+                };
+                let finish = if turn == 0 { "tool_calls" } else { "stop" };
+                let out = json!({
+                    "id": "chatcmpl-1", "object": "chat.completion", "created": 1_700_000_000u32,
+                    "model": "gpt-4o-mini",
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                    "usage": {"prompt_tokens": 40, "completion_tokens": 9, "total_tokens": 49}
+                })
+                .to_string();
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{out}",
+                    out.len()
+                );
+                if stream.write_all(response.as_bytes()).await.is_ok() {
+                    an.lock().unwrap().push(turn);
+                }
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    MockOpenAi {
+        base_url,
+        requests,
+        answered,
+        hang,
+        task,
+    }
+}
+
+fn openai(server: &MockOpenAi) -> Arc<pgcrew::model::OpenAiModel> {
+    Arc::new(pgcrew::model::OpenAiModel::new(
+        pgcrew::model::OpenAiConfig::builder()
+            .base_url(&server.base_url)
+            .api_key("sk-test")
+            .timeout(Duration::from_secs(60))
+            .max_retries(0)
+            .build()
+            .unwrap(),
+    ))
+}
+
+#[tokio::test]
+async fn killed_instance_mid_agent_run_openai_mock_sees_each_completed_step_once() {
+    let t = test_db().await;
+    let tenant = tenant(&t.db, "acme", &[], Some(10.0)).await;
+    let server = mock_openai().await;
+    let body_runs = Arc::new(AtomicU64::new(0));
+    let tools = || {
+        ToolRegistry::new()
+            .with(weather_tool(body_runs.clone()))
+            .unwrap()
+    };
+    register_agent(&t.db, &weather_agent()).await.unwrap();
+    let a = AgentRuntime::new(
+        Kernel::new(t.db.clone(), openai(&server)).with_tools(tools()),
+        "instance-a",
+    )
+    .lease_ttl(Duration::from_millis(900));
+    let session = a.new_session(&tenant, "u").await.unwrap();
+    let run = a
+        .submit("forecaster", session.id, "weather in Oslo?")
+        .await
+        .unwrap();
+    let a_task = tokio::spawn({
+        let a = a.clone();
+        async move { a.execute(run, None).await }
+    });
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            server.requests.lock().unwrap().contains(&1)
+        })
+        .await
+    );
+    a_task.abort(); // instance A dies in the middle of the turn-1 call
+    server.hang.store(false, Ordering::SeqCst);
+
+    let b = AgentRuntime::new(
+        Kernel::new(t.db.clone(), openai(&server)).with_tools(tools()),
+        "instance-b",
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let done = loop {
+        match b.execute(run, None).await {
+            Ok(r) => break r,
+            Err(Error::LeaseLost(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    assert_eq!(done.state, runs::RunState::Completed);
+    assert_eq!(done.response_text.as_deref(), Some("It is sunny in Oslo."));
+    assert_eq!(done.input_tokens, 80);
+    assert_eq!(done.output_tokens, 18);
+    // Each completed model step was answered by the server exactly once; the tool ran once.
+    let mut answered = server.answered.lock().unwrap().clone();
+    answered.sort();
+    assert_eq!(answered, vec![0, 1]);
+    let mut requests = server.requests.lock().unwrap().clone();
+    requests.sort();
+    assert_eq!(requests, vec![0, 1, 1], "B did not repeat the turn-0 call");
+    assert_eq!(body_runs.load(Ordering::SeqCst), 1);
+}
