@@ -561,7 +561,7 @@ impl Kernel {
         validate_step_key(step_key)?;
         let key = Self::idempotency_key(scope.run, step_key);
         let events = self.step_events(scope.run, step_key).await?;
-        if let Some(out) = recorded_outcome(&events, tool, step_key, &key)? {
+        if let Some(out) = recorded_outcome(&events, tool, &key)? {
             return Ok(out);
         }
         if events.iter().any(|e| e.event_type == "tool_requested") {
@@ -612,7 +612,7 @@ impl Kernel {
             .and_then(Value::as_str)
             .unwrap_or_default()
             .to_string();
-        if let Some(out) = recorded_outcome(&events, &tool, step_key, &key)? {
+        if let Some(out) = recorded_outcome(&events, &tool, &key)? {
             return Ok(out);
         }
         let arguments = req.payload.get("arguments").cloned().unwrap_or(Value::Null);
@@ -697,7 +697,7 @@ impl Kernel {
                 if appended.first().is_some_and(|a| !a.inserted) {
                     // A concurrent attempt recorded first: its outcome stands.
                     let events = self.step_events(scope.run, step_key).await?;
-                    if let Some(out) = recorded_outcome(&events, t.name(), step_key, &key)? {
+                    if let Some(out) = recorded_outcome(&events, t.name(), &key)? {
                         return Ok(out);
                     }
                 }
@@ -740,13 +740,7 @@ impl Kernel {
 
 /// The recorded definitive outcome of a tool step, if any: `Ok(Some)` for a completion,
 /// `Err(ToolFailed)` for a failure.
-fn recorded_outcome(
-    events: &[StepEvent],
-    tool: &str,
-    step_key: &str,
-    key: &str,
-) -> Result<Option<ToolStep>> {
-    let _ = step_key;
+fn recorded_outcome(events: &[StepEvent], tool: &str, key: &str) -> Result<Option<ToolStep>> {
     for e in events.iter().rev() {
         match e.event_type.as_str() {
             "tool_completed" => {

@@ -405,14 +405,11 @@ async fn replay_policies_with_prompt_and_option_drift() {
     assert_eq!(model.calls(), 2);
 
     // fork_on_drift with prompt drift, from a run that has an earlier step to carry over.
-    k.step_model(
-        &fork_scope,
-        "m2",
-        &request("second").model("gpt-4o"),
-        ReplayPolicy::Strict,
-    )
-    .await
-    .unwrap();
+    let mut other_model = request("second");
+    other_model.model = "gpt-4o".into();
+    k.step_model(&fork_scope, "m2", &other_model, ReplayPolicy::Strict)
+        .await
+        .unwrap();
     let s2 = k
         .step_model(
             &fork_scope,
@@ -439,16 +436,6 @@ async fn replay_policies_with_prompt_and_option_drift() {
     assert!(r.replayed);
     assert_eq!(model.calls(), calls);
     assert!(runs::verify_run_chain(&t.db, s.run).await.unwrap().valid);
-}
-
-trait ModelName {
-    fn model(self, m: &str) -> Self;
-}
-impl ModelName for ModelRequest {
-    fn model(mut self, m: &str) -> Self {
-        self.model = m.to_string();
-        self
-    }
 }
 
 #[tokio::test]
@@ -1236,4 +1223,73 @@ async fn killed_instance_mid_agent_run_openai_mock_sees_each_completed_step_once
     requests.sort();
     assert_eq!(requests, vec![0, 1, 1], "B did not repeat the turn-0 call");
     assert_eq!(body_runs.load(Ordering::SeqCst), 1);
+}
+
+#[tokio::test]
+async fn agent_feeds_unknown_tool_and_bad_arguments_back_and_records_them() {
+    let t = test_db().await;
+    let tenant = tenant(&t.db, "acme", &[], None).await;
+    let body_runs = Arc::new(AtomicU64::new(0));
+    let tools = ToolRegistry::new()
+        .with(weather_tool(body_runs.clone()))
+        .unwrap();
+    register_agent(&t.db, &weather_agent()).await.unwrap();
+    let model = Arc::new(ScriptedModel::by_turn(vec![
+        ScriptedReply::tool_call("teleport", json!({"to": "Mars"})),
+        ScriptedReply::tool_call("lookup_weather", json!({"town": 7})),
+        ScriptedReply::text("Sorry, I could not look that up."),
+    ]));
+    let rt = AgentRuntime::new(
+        Kernel::new(t.db.clone(), model.clone()).with_tools(tools),
+        "i1",
+    );
+    let session = rt.new_session(&tenant, "s").await.unwrap();
+    let run = rt
+        .submit("forecaster", session.id, "weather?")
+        .await
+        .unwrap();
+    let r = rt.execute(run, None).await.unwrap();
+    assert_eq!(r.state, runs::RunState::Completed);
+    assert_eq!(body_runs.load(Ordering::SeqCst), 0);
+    // The model saw both errors as tool results.
+    let last = model.requests().pop().unwrap();
+    let tool_texts: Vec<String> = last
+        .messages
+        .iter()
+        .filter(|m| m.role() == "tool")
+        .map(|m| m.text().to_string())
+        .collect();
+    assert_eq!(tool_texts.len(), 2);
+    assert!(
+        tool_texts[0].contains("tool not found: teleport"),
+        "{tool_texts:?}"
+    );
+    assert!(
+        tool_texts[1].contains("missing required property `city`"),
+        "{tool_texts:?}"
+    );
+    let evs = events(&t.db, &RunScope::new(run, tenant.clone())).await;
+    let reasons: Vec<_> = evs
+        .iter()
+        .filter(|(ty, _, _)| ty == "tool_rejected")
+        .map(|(_, k, p)| {
+            (
+                k.clone().unwrap(),
+                p["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        reasons,
+        vec![
+            (
+                "iter-0/tool-call_0_0".to_string(),
+                "unknown_tool".to_string()
+            ),
+            (
+                "iter-1/tool-call_1_0".to_string(),
+                "invalid_arguments".to_string()
+            ),
+        ]
+    );
 }
