@@ -67,6 +67,7 @@ impl UnitCtx {
     }
 
     /// Persist a progress snapshot (a new version of artifact `harness/<unit>/progress`).
+    #[instrument(skip(self, value), fields(run = %self.scope.run, unit = %self.unit), err)]
     pub async fn save_progress(&self, value: Value) -> Result<()> {
         runs::put_artifact(
             self.kernel.db(),

@@ -457,8 +457,13 @@ impl Kernel {
             response.usage.prompt_tokens,
             response.usage.completion_tokens,
         )?;
-        let mut conn = self.db.get().await?;
-        let tx = conn.transaction().await?;
+        let input = CostInput::llm(
+            request.model.clone(),
+            response.usage.prompt_tokens,
+            response.usage.completion_tokens,
+            cost,
+        )
+        .step(step_key);
         let ev = NewEvent::new(
             "model_completed",
             json!({"model": request.model, "fingerprint": fingerprint,
@@ -467,23 +472,25 @@ impl Kernel {
         )
         .step(step_key)
         .idempotent();
-        let appended = append_events_in(&tx, scope.run, &[ev], scope.lease_token).await?;
-        if appended.first().is_some_and(|a| !a.inserted) {
-            // Another attempt recorded this step concurrently: keep its record, charge nothing.
-            tenancy::release_in_tx(&tx, &reservation).await?;
-            tx.commit().await?;
-            drop(conn);
-            return Box::pin(self.step_model(scope, step_key, request, ReplayPolicy::Strict)).await;
+        match self
+            .record_completion(scope, ev, &reservation, &input)
+            .await
+        {
+            Ok(true) => {}
+            Ok(false) => {
+                // Another attempt recorded this step concurrently: its record stands.
+                return Box::pin(self.step_model(scope, step_key, request, ReplayPolicy::Strict))
+                    .await;
+            }
+            Err(e) => {
+                // The call was made and paid for even though it could not be recorded (for
+                // example the run lease was lost): charge it so the budget stays truthful.
+                if let Err(e2) = self.charge_unrecorded(&reservation, &input).await {
+                    tracing::warn!(error = %e2, "could not charge an unrecorded model call");
+                }
+                return Err(e);
+            }
         }
-        let input = CostInput::llm(
-            request.model.clone(),
-            response.usage.prompt_tokens,
-            response.usage.completion_tokens,
-            cost,
-        )
-        .step(step_key);
-        tenancy::settle_in_tx(&tx, &reservation, &input).await?;
-        tx.commit().await?;
         Ok(ModelStep {
             run: scope.run,
             response,
@@ -492,6 +499,40 @@ impl Kernel {
             drift: false,
             forked_from: None,
         })
+    }
+
+    /// Record `model_completed` and settle in one transaction; `Ok(false)` when the step was
+    /// already recorded (the reservation is then released and nothing charged).
+    async fn record_completion(
+        &self,
+        scope: &RunScope,
+        ev: NewEvent,
+        reservation: &tenancy::Reservation,
+        input: &CostInput,
+    ) -> Result<bool> {
+        let mut conn = self.db.get().await?;
+        let tx = conn.transaction().await?;
+        let appended = append_events_in(&tx, scope.run, &[ev], scope.lease_token).await?;
+        if appended.first().is_some_and(|a| !a.inserted) {
+            tenancy::release_in_tx(&tx, reservation).await?;
+            tx.commit().await?;
+            return Ok(false);
+        }
+        tenancy::settle_in_tx(&tx, reservation, input).await?;
+        tx.commit().await?;
+        Ok(true)
+    }
+
+    async fn charge_unrecorded(
+        &self,
+        reservation: &tenancy::Reservation,
+        input: &CostInput,
+    ) -> Result<()> {
+        let mut conn = self.db.get().await?;
+        let tx = conn.transaction().await?;
+        tenancy::settle_in_tx(&tx, reservation, input).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// [`step_model`](Self::step_model) with structured output parsed into `T`. Invalid JSON

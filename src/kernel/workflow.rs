@@ -57,6 +57,7 @@ impl WorkflowCtx {
     /// the recorded result without calling `f`. A step name may be used once per execution
     /// ([`Error::InvalidInput`] otherwise). An error from `f` is recorded as
     /// `workflow_step_failed` and returned (the step runs again on the next execution).
+    #[instrument(skip(self, f), fields(run = %self.scope.run), err)]
     pub async fn step<T, F, Fut>(&self, name: &str, f: F) -> Result<T>
     where
         T: Serialize + DeserializeOwned,

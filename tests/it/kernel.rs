@@ -1293,3 +1293,50 @@ async fn agent_feeds_unknown_tool_and_bad_arguments_back_and_records_them() {
         ]
     );
 }
+
+/// A model whose call outlives the caller's run lease (the run is cancelled during the call).
+struct LosesLease {
+    db: Db,
+    inner: ScriptedModel,
+}
+
+#[async_trait::async_trait]
+impl ModelPort for LosesLease {
+    fn name(&self) -> &str {
+        "loses-lease"
+    }
+    async fn complete(&self, request: &ModelRequest) -> pgcrew::Result<ModelResponse> {
+        let run = runs::list_runs(&self.db, &runs::RunFilter::default())
+            .await?
+            .remove(0)
+            .id;
+        runs::cancel_run(&self.db, run, "stop during the call").await?;
+        self.inner.complete(request).await
+    }
+}
+
+#[tokio::test]
+async fn model_call_that_cannot_be_recorded_is_still_charged() {
+    let (t, scope) = setup(&[], Some(10.0)).await;
+    let lease = runs::acquire_run_lease(&t.db, scope.run, "me", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    let scope = scope.with_lease(lease.token);
+    let model = Arc::new(LosesLease {
+        db: t.db.clone(),
+        inner: ScriptedModel::sequence(vec![ScriptedReply::text("late")]),
+    });
+    let k = Kernel::new(t.db.clone(), model);
+    let err = k
+        .step_model(&scope, "m1", &request("hi"), ReplayPolicy::Strict)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::LeaseLost(_)), "{err}");
+    let tn = tenancy::get(&t.db, &scope.tenant).await.unwrap();
+    assert!(tn.spent_usd > 0.0, "the paid call was charged");
+    assert!(tn.reserved_usd.abs() < 1e-12);
+    let evs = events(&t.db, &scope).await;
+    assert_eq!(count(&evs, "model_requested"), 1);
+    assert_eq!(count(&evs, "model_completed"), 0);
+}
