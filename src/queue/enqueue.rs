@@ -139,13 +139,14 @@ pub async fn enqueue_many<C: GenericClient + Sync>(
 
 /// Turn the database's complaints about an enqueue into actionable input errors.
 pub(crate) fn map_enqueue_error(e: tokio_postgres::Error) -> Error {
-    if let Some(db) = e.as_db_error()
-        && db.code().code() == "23503"
-    {
-        if db.hint() == Some("pgcrew_missing_dependency") {
+    if let Some(db) = e.as_db_error() {
+        let code = db.code().code();
+        if code == "23503" && db.hint() == Some("pgcrew_missing_dependency") {
             return Error::invalid("depends_on", db.message().to_string());
         }
-        if db.constraint() == Some("tasks_tenant_id_fkey") {
+        if (code == "23503" && db.hint() == Some("pgcrew_unknown_tenant"))
+            || (code == "23502" && db.column() == Some("tenant_id"))
+        {
             return Error::invalid(
                 "tenant",
                 "the tenant does not exist: create it first (`pgcrew tenants create` or the tenancy API)",

@@ -84,14 +84,21 @@ async fn claim_and_ack_with_stale_token_rejected() {
     let t = test_db().await;
     let me = register(&t, "w1").await;
     let conn = t.db.get().await.unwrap();
-    let e = queue::enqueue(&**conn, &task("k").queue("q1")).await.unwrap();
+    let e = queue::enqueue(&**conn, &task("k").queue("q1"))
+        .await
+        .unwrap();
     assert_eq!(e.state, TaskState::Available);
     assert!(!e.duplicate);
     let claimed = queue::claim(&**conn, &q("q1"), 10, &me).await.unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].id, e.id);
     assert_eq!(claimed[0].attempt, 1);
-    assert!(queue::claim(&**conn, &q("q1"), 10, &me).await.unwrap().is_empty());
+    assert!(
+        queue::claim(&**conn, &q("q1"), 10, &me)
+            .await
+            .unwrap()
+            .is_empty()
+    );
 
     // A wrong token is rejected and changes nothing.
     let bad = Ack {
@@ -99,7 +106,9 @@ async fn claim_and_ack_with_stale_token_rejected() {
         token: ClaimToken::new(),
         outcome: AckOutcome::Complete,
     };
-    let rep = queue::ack(&**conn, std::slice::from_ref(&bad)).await.unwrap();
+    let rep = queue::ack(&**conn, std::slice::from_ref(&bad))
+        .await
+        .unwrap();
     assert_eq!(rep.stale, vec![e.id]);
     assert!(rep.applied.is_empty());
     assert_eq!(state_of(&t, e.id).await, TaskState::Running);
@@ -109,7 +118,9 @@ async fn claim_and_ack_with_stale_token_rejected() {
         token: claimed[0].token,
         outcome: AckOutcome::Complete,
     };
-    let rep = queue::ack(&**conn, std::slice::from_ref(&good)).await.unwrap();
+    let rep = queue::ack(&**conn, std::slice::from_ref(&good))
+        .await
+        .unwrap();
     assert_eq!(rep.applied, vec![(e.id, TaskState::Completed)]);
     // Acking again (e.g. a duplicate after a retry) is stale too.
     let rep = queue::ack(&**conn, &[good]).await.unwrap();
@@ -126,7 +137,9 @@ async fn rescued_task_rejects_the_old_claims_ack() {
     let e = queue::enqueue(&**conn, &task("k")).await.unwrap();
     // Claimed by an instance that is not registered: maintenance rescues it.
     let ghost = InstanceId::new("ghost").unwrap();
-    let first = queue::claim(&**conn, &q("default"), 1, &ghost).await.unwrap();
+    let first = queue::claim(&**conn, &q("default"), 1, &ghost)
+        .await
+        .unwrap();
     assert_eq!(first.len(), 1);
     let report = leader.run_maintenance().await.unwrap();
     assert_eq!(report.count("rescue_tasks"), 1);
@@ -172,7 +185,9 @@ async fn transactional_enqueue_rolls_back_with_the_caller() {
     {
         let tx = conn.transaction().await.unwrap();
         queue::enqueue(&*tx, &task("k")).await.unwrap();
-        queue::enqueue_many(&*tx, &[task("k"), task("k")]).await.unwrap();
+        queue::enqueue_many(&*tx, &[task("k"), task("k")])
+            .await
+            .unwrap();
         tx.rollback().await.unwrap();
     }
     assert_eq!(scalar(&t, "SELECT count(*) FROM pgcrew.tasks").await, 0);
@@ -191,17 +206,31 @@ async fn invalid_input_is_rejected_and_nothing_is_stored() {
     let big = NewTask::new("k", &"x".repeat(queue::MAX_PAYLOAD_BYTES + 10)).unwrap();
     let err = queue::enqueue(&**conn, &big).await.unwrap_err();
     assert!(
-        matches!(err, Error::InvalidInput { field: "payload", .. }),
+        matches!(
+            err,
+            Error::InvalidInput {
+                field: "payload",
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("at most"), "{err}");
-    let err = queue::enqueue_many(&**conn, &[task("k"), big]).await.unwrap_err();
+    let err = queue::enqueue_many(&**conn, &[task("k"), big])
+        .await
+        .unwrap_err();
     assert!(err.to_string().contains("task #1"), "{err}");
     let err = queue::enqueue(&**conn, &task("k").depends_on([TaskId(424242)]))
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::InvalidInput { field: "depends_on", .. }),
+        matches!(
+            err,
+            Error::InvalidInput {
+                field: "depends_on",
+                ..
+            }
+        ),
         "{err}"
     );
     assert!(err.to_string().contains("424242"), "{err}");
@@ -209,10 +238,45 @@ async fn invalid_input_is_rejected_and_nothing_is_stored() {
         .await
         .unwrap_err();
     assert!(
-        matches!(err, Error::InvalidInput { field: "tenant", .. }),
+        matches!(
+            err,
+            Error::InvalidInput {
+                field: "tenant",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let err = queue::enqueue_many(
+        &**conn,
+        &[
+            task("k"),
+            task("k").tenant(TenantId::new("nobody").unwrap()),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidInput {
+                field: "tenant",
+                ..
+            }
+        ),
         "{err}"
     );
     assert_eq!(scalar(&t, "SELECT count(*) FROM pgcrew.tasks").await, 0);
+    // A tenant with tasks cannot be deleted from under them.
+    let gone = create_tenant(&t, "gone", None).await;
+    queue::enqueue(&**conn, &task("k").tenant(gone))
+        .await
+        .unwrap();
+    let del = conn
+        .execute("DELETE FROM pgcrew.tenants WHERE id = 'gone'", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(del.code().map(|c| c.code()), Some("23503"), "{del}");
 }
 
 #[tokio::test]
@@ -220,8 +284,12 @@ async fn unique_keys_dedupe_among_unfinished_tasks() {
     let t = test_db().await;
     let me = register(&t, "w").await;
     let conn = t.db.get().await.unwrap();
-    let a = queue::enqueue(&**conn, &task("k").unique_key("u1")).await.unwrap();
-    let b = queue::enqueue(&**conn, &task("k").unique_key("u1")).await.unwrap();
+    let a = queue::enqueue(&**conn, &task("k").unique_key("u1"))
+        .await
+        .unwrap();
+    let b = queue::enqueue(&**conn, &task("k").unique_key("u1"))
+        .await
+        .unwrap();
     assert!(!a.duplicate);
     assert!(b.duplicate);
     assert_eq!(a.id, b.id);
@@ -254,7 +322,9 @@ async fn unique_keys_dedupe_among_unfinished_tasks() {
         })
         .collect();
     queue::ack(&**conn, &acks).await.unwrap();
-    let d = queue::enqueue(&**conn, &task("k").unique_key("u1")).await.unwrap();
+    let d = queue::enqueue(&**conn, &task("k").unique_key("u1"))
+        .await
+        .unwrap();
     assert!(!d.duplicate);
     assert_ne!(d.id, a.id);
 }
@@ -273,7 +343,9 @@ async fn priorities_are_claimed_in_order() {
     ];
     let mut by_prio = HashMap::new();
     for p in order {
-        let e = queue::enqueue(&**conn, &task("k").priority(p)).await.unwrap();
+        let e = queue::enqueue(&**conn, &task("k").priority(p))
+            .await
+            .unwrap();
         by_prio.insert(e.id, p);
     }
     let mut got = Vec::new();
@@ -304,9 +376,20 @@ async fn delayed_tasks_wait_for_database_time() {
         .await
         .unwrap();
     assert_eq!(e.state, TaskState::Scheduled);
-    assert!(queue::claim(&**conn, &q("default"), 10, &me).await.unwrap().is_empty());
-    let due = queue::next_due(&**conn, &q("default")).await.unwrap().unwrap();
-    assert!(due > Duration::from_millis(100) && due <= Duration::from_millis(600), "{due:?}");
+    assert!(
+        queue::claim(&**conn, &q("default"), 10, &me)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let due = queue::next_due(&**conn, &q("default"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        due > Duration::from_millis(100) && due <= Duration::from_millis(600),
+        "{due:?}"
+    );
     let before = std::time::Instant::now();
     let mut got = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
@@ -352,7 +435,12 @@ async fn dependencies_gate_availability_and_failures_cancel_dependants() {
         outcome: AckOutcome::Complete,
     };
     queue::ack(&**conn, &[done(a)]).await.unwrap();
-    assert!(queue::claim(&**conn, &q("default"), 10, &me).await.unwrap().is_empty());
+    assert!(
+        queue::claim(&**conn, &q("default"), 10, &me)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(state_of(&t, child.id).await, TaskState::Scheduled);
     queue::ack(&**conn, &[done(b)]).await.unwrap();
     let next = queue::claim(&**conn, &q("default"), 10, &me).await.unwrap();
@@ -381,7 +469,9 @@ async fn dependencies_gate_availability_and_failures_cancel_dependants() {
         .unwrap();
     assert_eq!(late.state, TaskState::Cancelled);
     // Depending on a completed task: available at once.
-    let after_done = queue::enqueue(&**conn, &task("x").depends_on([a])).await.unwrap();
+    let after_done = queue::enqueue(&**conn, &task("x").depends_on([a]))
+        .await
+        .unwrap();
     assert_eq!(after_done.state, TaskState::Available);
 }
 
@@ -390,7 +480,9 @@ async fn failures_back_off_then_discard_with_errors_kept_and_snooze_keeps_attemp
     let t = test_db().await;
     let me = register(&t, "w").await;
     let conn = t.db.get().await.unwrap();
-    let e = queue::enqueue(&**conn, &task("k").max_attempts(2)).await.unwrap();
+    let e = queue::enqueue(&**conn, &task("k").max_attempts(2))
+        .await
+        .unwrap();
     let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
     let rep = queue::ack(
         &**conn,
@@ -415,7 +507,12 @@ async fn failures_back_off_then_discard_with_errors_kept_and_snooze_keeps_attemp
         .unwrap()
         .get(0);
     assert!((28.0..=30.0).contains(&wait), "{wait}");
-    assert!(queue::claim(&**conn, &q("default"), 1, &me).await.unwrap().is_empty());
+    assert!(
+        queue::claim(&**conn, &q("default"), 1, &me)
+            .await
+            .unwrap()
+            .is_empty()
+    );
     conn.execute(
         "UPDATE pgcrew.tasks SET run_at = now() WHERE id = $1",
         &[&e.id],
@@ -528,7 +625,10 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
     .unwrap()
     .id;
     let slow = queue::enqueue(&**conn, &task("slow")).await.unwrap().id;
-    let panics = queue::enqueue(&**conn, &task("panics").max_attempts(1)).await.unwrap().id;
+    let panics = queue::enqueue(&**conn, &task("panics").max_attempts(1))
+        .await
+        .unwrap()
+        .id;
     let unknown = queue::enqueue(&**conn, &task("nobody-handles-this").max_attempts(1))
         .await
         .unwrap()
@@ -559,7 +659,12 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
         .await
     );
     let row = queue::get(&**conn, slow).await.unwrap();
-    assert!(row.errors[0]["error"].as_str().unwrap().contains("timed out"));
+    assert!(
+        row.errors[0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("timed out")
+    );
     assert!(
         eventually(Duration::from_secs(10), || async {
             state_of(&t, panics).await == TaskState::Discarded
@@ -587,7 +692,10 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
         })
         .await
     );
-    assert_eq!(queue::cancel(&**conn, forever).await.unwrap(), TaskState::Running);
+    assert_eq!(
+        queue::cancel(&**conn, forever).await.unwrap(),
+        TaskState::Running
+    );
     assert!(
         eventually(Duration::from_secs(5), || async {
             state_of(&t, forever).await == TaskState::Cancelled
@@ -596,19 +704,32 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
     );
     assert!(cancelled_seen.load(Ordering::SeqCst));
     let row = queue::get(&**conn, forever).await.unwrap();
-    assert!(row.last_error.unwrap().contains("cancelled"), "{:?}", row.errors);
+    assert!(
+        row.last_error.unwrap().contains("cancelled"),
+        "{:?}",
+        row.errors
+    );
     // Cancelling a finished task is an illegal transition; retry brings it back.
     assert!(matches!(
         queue::cancel(&**conn, forever).await,
         Err(Error::IllegalTransition { .. })
     ));
     let m = pool.metrics().snapshot();
-    assert!(m.executed >= 8 && m.failed >= 5 && m.succeeded >= 2, "{m:?}");
+    assert!(
+        m.executed >= 8 && m.failed >= 5 && m.succeeded >= 2,
+        "{m:?}"
+    );
     client.stop().await.unwrap();
     // Not-started tasks cancel at once; retry makes them available again.
     let idle = queue::enqueue(&**conn, &task("flaky")).await.unwrap().id;
-    assert_eq!(queue::cancel(&**conn, idle).await.unwrap(), TaskState::Cancelled);
-    assert_eq!(queue::retry(&**conn, idle).await.unwrap(), TaskState::Available);
+    assert_eq!(
+        queue::cancel(&**conn, idle).await.unwrap(),
+        TaskState::Cancelled
+    );
+    assert_eq!(
+        queue::retry(&**conn, idle).await.unwrap(),
+        TaskState::Available
+    );
     assert!(matches!(
         queue::retry(&**conn, TaskId(999_999)).await,
         Err(Error::NotFound { .. })
@@ -623,7 +744,11 @@ async fn tenant_limit_holds_under_16_concurrent_claimers() {
     let conn = t.db.get().await.unwrap();
     let mut tasks = Vec::new();
     for i in 0..600 {
-        let tn = if i % 3 == 0 { free.clone() } else { limited.clone() };
+        let tn = if i % 3 == 0 {
+            free.clone()
+        } else {
+            limited.clone()
+        };
         tasks.push(task("k").tenant(tn));
     }
     queue::enqueue_many(&**conn, &tasks).await.unwrap();
@@ -692,17 +817,29 @@ async fn tenant_limit_holds_under_16_concurrent_claimers() {
     done.store(true, Ordering::SeqCst);
     let (db_max, samples) = sampler.await.unwrap();
     assert!(samples > 50, "only {samples} samples");
-    assert!(db_max <= 3, "database saw {db_max} running for a tenant limited to 3");
-    assert!(db_max >= 2, "the limit was never approached ({db_max}): test is not exercising it");
+    assert!(
+        db_max <= 3,
+        "database saw {db_max} running for a tenant limited to 3"
+    );
+    assert!(
+        db_max >= 2,
+        "the limit was never approached ({db_max}): test is not exercising it"
+    );
     let lm = local_max.load(Ordering::SeqCst);
     assert!(lm <= 3, "claimers held {lm} limited tasks at once");
     assert_eq!(
-        scalar(&t, "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'").await,
+        scalar(
+            &t,
+            "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'"
+        )
+        .await,
         0
     );
 
     // A per-queue limit on top: 1 at a time in queue `narrow`.
-    queue::set_queue_limit(&**conn, &free, "narrow", 1).await.unwrap();
+    queue::set_queue_limit(&**conn, &free, "narrow", 1)
+        .await
+        .unwrap();
     queue::enqueue_many(
         &**conn,
         &[
@@ -714,9 +851,24 @@ async fn tenant_limit_holds_under_16_concurrent_claimers() {
     .unwrap();
     let c = queue::claim(&**conn, &q("narrow"), 10, &me).await.unwrap();
     assert_eq!(c.len(), 1);
-    assert!(queue::claim(&**conn, &q("narrow"), 10, &me).await.unwrap().is_empty());
-    assert!(queue::clear_queue_limit(&**conn, &free, "narrow").await.unwrap());
-    assert_eq!(queue::claim(&**conn, &q("narrow"), 10, &me).await.unwrap().len(), 1);
+    assert!(
+        queue::claim(&**conn, &q("narrow"), 10, &me)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(
+        queue::clear_queue_limit(&**conn, &free, "narrow")
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        queue::claim(&**conn, &q("narrow"), 10, &me)
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
 }
 
 #[tokio::test]
@@ -785,7 +937,11 @@ async fn exactly_once_100k_tasks_16_claimers_across_instances() {
     }
     assert!(
         eventually(Duration::from_secs(150), || async {
-            scalar(&t, "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'").await
+            scalar(
+                &t,
+                "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'",
+            )
+            .await
                 == 100_000
         })
         .await,
@@ -800,7 +956,11 @@ async fn exactly_once_100k_tasks_16_claimers_across_instances() {
         100_000
     );
     assert_eq!(
-        scalar(&t, "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'").await,
+        scalar(
+            &t,
+            "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'"
+        )
+        .await,
         0
     );
     assert_eq!(
@@ -869,9 +1029,19 @@ async fn kill_9_of_a_worker_process_loses_no_task() {
         .iter()
         .map(|r| r.get(0))
         .collect();
-    assert!(!held.is_empty(), "killed with nothing in flight: not a mid-batch crash");
-    let remaining = scalar(&t, "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'").await;
-    assert!(remaining > 0, "the process finished everything before the kill");
+    assert!(
+        !held.is_empty(),
+        "killed with nothing in flight: not a mid-batch crash"
+    );
+    let remaining = scalar(
+        &t,
+        "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'",
+    )
+    .await;
+    assert!(
+        remaining > 0,
+        "the process finished everything before the kill"
+    );
 
     // A survivor (leader: rescues the dead instance's tasks) finishes the work.
     let pool = WorkerPool::builder()
@@ -891,14 +1061,23 @@ async fn kill_9_of_a_worker_process_loses_no_task() {
     let survivor = start_client(&t, "survivor", Some(pool), true).await;
     assert!(
         eventually(Duration::from_secs(60), || async {
-            scalar(&t, "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'").await == 0
+            scalar(
+                &t,
+                "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'",
+            )
+            .await
+                == 0
         })
         .await,
         "tasks of the killed process were not recovered"
     );
     survivor.stop().await.unwrap();
     assert_eq!(
-        scalar(&t, "SELECT count(DISTINCT task_id) FROM pgcrew_task_effects").await,
+        scalar(
+            &t,
+            "SELECT count(DISTINCT task_id) FROM pgcrew_task_effects"
+        )
+        .await,
         3000
     );
     let repeated: HashSet<i64> = conn
@@ -917,7 +1096,11 @@ async fn kill_9_of_a_worker_process_loses_no_task() {
         repeated.difference(&held).collect::<Vec<_>>()
     );
     assert_eq!(
-        scalar(&t, "SELECT max(n) FROM (SELECT count(*) AS n FROM pgcrew_task_effects GROUP BY task_id) x").await,
+        scalar(
+            &t,
+            "SELECT max(n) FROM (SELECT count(*) AS n FROM pgcrew_task_effects GROUP BY task_id) x"
+        )
+        .await,
         if repeated.is_empty() { 1 } else { 2 }
     );
 }
@@ -928,7 +1111,11 @@ async fn retention_deletes_old_finished_tasks_in_batches() {
     let mut cfg = config("keeper");
     cfg.task_retention = Duration::from_secs(3600);
     cfg.retention_batch_size = 2;
-    let leader = Client::builder(t.db.clone()).config(cfg).build().await.unwrap();
+    let leader = Client::builder(t.db.clone())
+        .config(cfg)
+        .build()
+        .await
+        .unwrap();
     leader.start().await.unwrap();
     assert!(eventually(Duration::from_secs(5), || async { leader.is_leader() }).await);
     let conn = t.db.get().await.unwrap();
@@ -957,7 +1144,11 @@ async fn retention_deletes_old_finished_tasks_in_batches() {
         .await
     );
     assert_eq!(
-        scalar(&t, "SELECT count(*) FROM pgcrew.tasks WHERE finalized_at > now() - interval '1 minute'").await,
+        scalar(
+            &t,
+            "SELECT count(*) FROM pgcrew.tasks WHERE finalized_at > now() - interval '1 minute'"
+        )
+        .await,
         1
     );
     leader.stop().await.unwrap();
@@ -983,7 +1174,9 @@ async fn idle_pool_wakes_on_notify_and_stats_report_queues() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let conn = t.db.get().await.unwrap();
     for i in 1..=3 {
-        queue::enqueue(&**conn, &task("k").queue("fast")).await.unwrap();
+        queue::enqueue(&**conn, &task("k").queue("fast"))
+            .await
+            .unwrap();
         assert!(
             eventually(Duration::from_secs(3), || async {
                 runs.load(Ordering::SeqCst) == i
@@ -992,7 +1185,9 @@ async fn idle_pool_wakes_on_notify_and_stats_report_queues() {
             "idle pool did not wake on enqueue #{i}"
         );
     }
-    queue::enqueue(&**conn, &task("k").queue("elsewhere")).await.unwrap();
+    queue::enqueue(&**conn, &task("k").queue("elsewhere"))
+        .await
+        .unwrap();
     let stats = queue::stats(&**conn).await.unwrap();
     let find = |q: &str, s: &str| {
         stats

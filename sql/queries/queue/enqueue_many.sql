@@ -1,14 +1,26 @@
+-- Bulk enqueue. The named tenants are locked FOR KEY SHARE once (not per row); a task naming an
+-- unknown tenant gets a NULL tenant_id and the whole statement fails on NOT NULL.
+WITH n AS (
+    SELECT *
+      FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[], $5::int2[], $6::jsonb[],
+                  $7::int4[], $8::timestamptz[], $9::int8[], $10::text[])
+           WITH ORDINALITY
+           AS n(queue, kind, tenant_id, run_id, priority, payload, max_attempts, run_at,
+                delay_us, unique_key, ord)),
+tn AS (
+    SELECT tn.id FROM pgcrew.tenants tn
+     WHERE tn.id IN (SELECT DISTINCT n.tenant_id FROM n)
+       FOR KEY SHARE)
 INSERT INTO pgcrew.tasks AS t (queue, kind, tenant_id, run_id, priority, state, payload,
                                max_attempts, run_at, unique_key)
-SELECT n.queue, n.kind, n.tenant_id, n.run_id, n.priority,
+SELECT n.queue, n.kind, tn.id, n.run_id, n.priority,
        CASE WHEN coalesce(n.run_at, now() + n.delay_us * interval '1 microsecond') > now()
             THEN 'scheduled' ELSE 'available' END,
        n.payload, n.max_attempts,
        coalesce(n.run_at, now() + n.delay_us * interval '1 microsecond'),
        n.unique_key
-  FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[], $5::int2[], $6::jsonb[],
-              $7::int4[], $8::timestamptz[], $9::int8[], $10::text[])
-       AS n(queue, kind, tenant_id, run_id, priority, payload, max_attempts, run_at, delay_us, unique_key)
+  FROM n LEFT JOIN tn ON tn.id = n.tenant_id
+ ORDER BY n.ord
 ON CONFLICT (tenant_id, queue, unique_key)
     WHERE unique_key IS NOT NULL AND state IN ('scheduled', 'available', 'running', 'retryable')
     DO NOTHING

@@ -24,11 +24,14 @@ pub struct QueueBenchArgs {
     #[arg(long, default_value_t = 1)]
     pub instances: usize,
     /// Tasks claimed ahead per instance beyond `concurrency` (0 = claim only for free slots).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 100)]
     pub prefetch: usize,
     /// Tasks per bulk-enqueue statement.
     #[arg(long, default_value_t = 5_000)]
     pub batch: usize,
+    /// Connections enqueueing concurrently (each sends whole batches).
+    #[arg(long, default_value_t = 2)]
+    pub producers: usize,
     /// Wake-up latency samples (tasks enqueued one at a time to an idle pool).
     #[arg(long, default_value_t = 200)]
     pub wakeups: usize,
@@ -46,8 +49,9 @@ impl Default for QueueBenchArgs {
             tasks: 20_000,
             concurrency: 4,
             instances: 1,
-            prefetch: 0,
+            prefetch: 100,
             batch: 5_000,
+            producers: 2,
             wakeups: 200,
             wakeup_gap: Duration::from_millis(5),
             json: false,
@@ -74,10 +78,15 @@ struct Report {
 
 /// Run the benchmark.
 pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> {
-    if args.tasks == 0 || args.concurrency == 0 || args.instances == 0 || args.batch == 0 {
+    if args.tasks == 0
+        || args.concurrency == 0
+        || args.instances == 0
+        || args.batch == 0
+        || args.producers == 0
+    {
         return Err(Error::invalid(
             "bench",
-            "--tasks, --concurrency, --instances and --batch must be at least 1",
+            "--tasks, --concurrency, --instances, --batch and --producers must be at least 1",
         ));
     }
     // Keep the cluster (if any) alive until the scratch database is dropped.
@@ -104,11 +113,11 @@ pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> 
             report.tasks, report.concurrency, report.instances, report.prefetch
         );
         println!(
-            "  enqueue (bulk, {} per statement): {:>10.0} tasks/s  ({:.3} s)",
-            args.batch, report.enqueue_per_sec, report.enqueue_secs
+            "  enqueue (bulk, {} per statement, {} connections): {:>10.0} tasks/s  ({:.3} s)",
+            args.batch, args.producers, report.enqueue_per_sec, report.enqueue_secs
         );
         println!(
-            "  processed:                         {:>10.0} tasks/s  ({:.3} s)",
+            "  processed: {:>10.0} tasks/s  ({:.3} s)",
             report.processed_per_sec, report.process_secs
         );
         println!(
@@ -136,17 +145,34 @@ async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
     let db = Db::connect(dsn, pool_size, Duration::from_secs(10)).await?;
     db.migrate().await?;
 
-    // 1. Bulk enqueue.
+    // 1. Bulk enqueue: whole batches from `producers` connections at once.
     let tasks: Vec<NewTask> = (0..args.tasks)
         .map(|i| NewTask::new("noop", &serde_json::json!({ "i": i })))
         .collect::<Result<_>>()?;
-    let conn = db.get().await?;
+    let chunks: Vec<Vec<NewTask>> = tasks.chunks(args.batch).map(<[NewTask]>::to_vec).collect();
+    let mut conns = Vec::with_capacity(args.producers);
+    for _ in 0..args.producers {
+        conns.push(db.get().await?);
+    }
     let t0 = Instant::now();
-    for chunk in tasks.chunks(args.batch) {
-        queue::enqueue_many(&**conn, chunk).await?;
+    let mut lanes: Vec<Vec<Vec<NewTask>>> = (0..args.producers).map(|_| Vec::new()).collect();
+    for (i, c) in chunks.into_iter().enumerate() {
+        lanes[i % args.producers].push(c);
+    }
+    let mut producers = Vec::new();
+    for (conn, lane) in conns.into_iter().zip(lanes) {
+        producers.push(tokio::spawn(async move {
+            for chunk in &lane {
+                queue::enqueue_many(&**conn, chunk).await?;
+            }
+            Ok::<_, Error>(())
+        }));
+    }
+    for p in producers {
+        p.await
+            .map_err(|e| Error::Config(format!("producer task failed: {e}")))??;
     }
     let enqueue_secs = t0.elapsed().as_secs_f64();
-    drop(conn);
 
     // 2. Processing across instances.
     let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<Instant>();
@@ -180,10 +206,12 @@ async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
         pools.push(pool);
     }
     drop(wake_tx);
-    let t1 = Instant::now();
+    // Clients start (register, LISTEN) before the clock starts; their pools begin claiming as
+    // the last step of `start`, so at most a few tasks run before `t1`.
     for c in &clients {
         c.start().await?;
     }
+    let t1 = Instant::now();
     let total = args.tasks as u64;
     let executed = || {
         pools

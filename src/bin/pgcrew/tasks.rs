@@ -173,7 +173,11 @@ async fn stats(dsn: Option<String>, json: bool) -> Result<ExitCode> {
 }
 
 async fn list(dsn: Option<String>, a: ListArgs) -> Result<ExitCode> {
-    let state = a.state.as_deref().map(str::parse::<TaskState>).transpose()?;
+    let state = a
+        .state
+        .as_deref()
+        .map(str::parse::<TaskState>)
+        .transpose()?;
     let tenant = a.tenant.map(TenantId::new).transpose()?;
     let db = connect(dsn).await?;
     let conn = db.get().await?;
@@ -200,7 +204,14 @@ async fn list(dsn: Option<String>, a: ListArgs) -> Result<ExitCode> {
             .collect();
         print_table(
             &[
-                "ID", "QUEUE", "KIND", "TENANT", "STATE", "ATTEMPTS", "RUN AT", "LAST ERROR",
+                "ID",
+                "QUEUE",
+                "KIND",
+                "TENANT",
+                "STATE",
+                "ATTEMPTS",
+                "RUN AT",
+                "LAST ERROR",
             ],
             &table,
         );
@@ -216,7 +227,9 @@ async fn cancel(dsn: Option<String>, a: IdArgs) -> Result<ExitCode> {
     if a.json {
         print_json(&serde_json::json!({ "id": id, "state": state }))?;
     } else if state == TaskState::Running {
-        println!("task {id} is running: cancellation requested (its worker cancels it at the next heartbeat)");
+        println!(
+            "task {id} is running: cancellation requested (its worker cancels it at the next heartbeat)"
+        );
     } else {
         println!("task {id} {state}");
     }
@@ -238,7 +251,10 @@ async fn retry(dsn: Option<String>, a: IdArgs) -> Result<ExitCode> {
 
 async fn enqueue(dsn: Option<String>, a: EnqueueArgs) -> Result<ExitCode> {
     let payload: serde_json::Value = serde_json::from_str(&a.payload).map_err(|e| {
-        Error::invalid("payload", format!("is not valid JSON ({e}); e.g. '{{\"a\": 1}}'"))
+        Error::invalid(
+            "payload",
+            format!("is not valid JSON ({e}); e.g. '{{\"a\": 1}}'"),
+        )
     })?;
     let mut task = NewTask::new(a.kind, &payload)?
         .queue(a.queue)
@@ -267,7 +283,10 @@ async fn enqueue(dsn: Option<String>, a: EnqueueArgs) -> Result<ExitCode> {
         if a.json {
             print_json(&r)?;
         } else if r.duplicate {
-            println!("task {} already exists ({}) with that unique key", r.id, r.state);
+            println!(
+                "task {} already exists ({}) with that unique key",
+                r.id, r.state
+            );
         } else {
             println!("task {} {}", r.id, r.state);
         }
