@@ -55,6 +55,10 @@ pub use coord::notify::{Event, EventKind, Subscription};
 pub use db::Db;
 pub use error::{Error, Result};
 pub use ids::{ClaimToken, InstanceId, RunId, SessionId, TaskId, TenantId};
+pub use agent::{AgentDef, AgentRuntime, Tool, ToolRegistry};
+pub use kernel::{Harness, Kernel, ReplayPolicy, RunScope};
+pub use model::{ModelPort, ModelRequest, ModelResponse, OpenAiModel, ScriptedModel};
+pub use queue::{NewTask, Priority, TaskOutcome, WorkerPool};
 pub use tenancy::{BudgetStatus, PriceTable, TenantContext};
 
 /// The README's examples, compiled as doctests.
