@@ -465,3 +465,64 @@ pub async fn purge_run(db: &Db, run: RunId, reason: &str) -> Result<ChainAnchor>
         .await?
         .ok_or_else(|| Error::not_found("chain anchor", run))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_hash_covers_every_field() {
+        let base = event_hash(&[0u8; 32], 1, "t", "e", Some("k"), 5, "{}");
+        // The same input gives the same hash; changing any field changes it.
+        assert_eq!(
+            base,
+            event_hash(&[0u8; 32], 1, "t", "e", Some("k"), 5, "{}")
+        );
+        assert_ne!(
+            base,
+            event_hash(&[1u8; 32], 1, "t", "e", Some("k"), 5, "{}")
+        );
+        assert_ne!(
+            base,
+            event_hash(&[0u8; 32], 2, "t", "e", Some("k"), 5, "{}")
+        );
+        assert_ne!(
+            base,
+            event_hash(&[0u8; 32], 1, "u", "e", Some("k"), 5, "{}")
+        );
+        assert_ne!(
+            base,
+            event_hash(&[0u8; 32], 1, "t", "f", Some("k"), 5, "{}")
+        );
+        assert_ne!(base, event_hash(&[0u8; 32], 1, "t", "e", None, 5, "{}"));
+        assert_ne!(
+            base,
+            event_hash(&[0u8; 32], 1, "t", "e", Some("k"), 6, "{}")
+        );
+        assert_ne!(
+            base,
+            event_hash(&[0u8; 32], 1, "t", "e", Some("k"), 5, "[]")
+        );
+        // The 0x00 separators keep field boundaries unambiguous.
+        assert_ne!(
+            event_hash(&[0u8; 32], 1, "ab", "c", None, 5, "{}"),
+            event_hash(&[0u8; 32], 1, "a", "bc", None, 5, "{}")
+        );
+        // No step key hashes like an empty one (coalesce(step_key, '')).
+        assert_eq!(
+            event_hash(&[0u8; 32], 1, "t", "e", None, 5, "{}"),
+            event_hash(&[0u8; 32], 1, "t", "e", Some(""), 5, "{}")
+        );
+    }
+
+    #[test]
+    fn appends_are_validated_before_touching_the_database() {
+        assert!(params(&[]).is_err());
+        assert!(params(&[NewEvent::new("", serde_json::json!({}))]).is_err());
+        assert!(params(&[NewEvent::new("a", serde_json::json!({})).step("x\n")]).is_err());
+        assert!(
+            params(&[NewEvent::new("a", serde_json::json!({})).step("k".repeat(513))]).is_err()
+        );
+        assert!(params(&[NewEvent::new("a", serde_json::json!({})).step("k")]).is_ok());
+    }
+}

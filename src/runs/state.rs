@@ -710,3 +710,34 @@ pub async fn cancel_run(db: &Db, run: RunId, reason: &str) -> Result<Run> {
     };
     done(transition(db, run, RunState::Cancelled, change).await?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_machine_allows_only_documented_transitions() {
+        use RunState::*;
+        let all = [Pending, Running, Completed, Failed, Cancelled];
+        let allowed = [
+            (Pending, Running),
+            (Pending, Failed),
+            (Pending, Cancelled),
+            (Running, Completed),
+            (Running, Failed),
+            (Running, Cancelled),
+        ];
+        for from in all {
+            for to in all {
+                assert_eq!(
+                    from.can_transition_to(to),
+                    allowed.contains(&(from, to)),
+                    "{from} -> {to}"
+                );
+            }
+            assert_eq!(from.as_str().parse::<RunState>().ok(), Some(from));
+        }
+        assert!("done".parse::<RunState>().is_err());
+        assert!(Completed.is_terminal() && !Running.is_terminal());
+    }
+}

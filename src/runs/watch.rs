@@ -85,6 +85,16 @@ impl RunWatcher {
         RunWatcher { inner, task }
     }
 
+    /// A watcher on a client's database and notifier, polling at the client's
+    /// `notify_poll_interval` as a fallback.
+    pub fn for_client(client: &crate::Client) -> RunWatcher {
+        RunWatcher::spawn(
+            client.db().clone(),
+            client.notifier(),
+            client.config().notify_poll_interval,
+        )
+    }
+
     /// A token that is cancelled when the run is cancelled or finished by someone else. When it
     /// already is, the token is returned cancelled. Watching the same run twice returns clones
     /// of the same token.

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
+use pgcrew::coord::notify::{Notifier, NotifierConfig};
 use pgcrew::db::{Db, ScratchDatabase, TempCluster};
 use pgcrew::runs::{self, NewEvent, NewRun};
 use pgcrew::{Error, Result, RunId, TenantId};
@@ -63,6 +64,9 @@ struct Report {
     verify_events: usize,
     verify_rust_ms: f64,
     verify_sql_ms: f64,
+    cancel_samples: usize,
+    cancel_p50_ms: f64,
+    cancel_p99_ms: f64,
     chains_valid: bool,
 }
 
@@ -114,6 +118,10 @@ pub async fn run(dsn: Option<String>, args: LedgerBenchArgs) -> Result<ExitCode>
         println!(
             "  verify a {}-event run: Rust (streaming) {:.0} ms, SQL function {:.0} ms (target < 1000 ms)",
             r.verify_events, r.verify_rust_ms, r.verify_sql_ms
+        );
+        println!(
+            "  cancellation: cancel_run call -> watcher token fired ({} samples): p50 {:.2} ms, p99 {:.2} ms",
+            r.cancel_samples, r.cancel_p50_ms, r.cancel_p99_ms
         );
         println!(
             "  all chains valid afterwards: {}",
@@ -201,6 +209,8 @@ async fn bench(dsn: &str, args: &LedgerBenchArgs) -> Result<Report> {
     let sql = runs::verify_run_chain_sql(&db, big).await?;
     let verify_sql = t.elapsed();
 
+    let (cancel_p50, cancel_p99) = cancel_latency(&db, CANCEL_SAMPLES).await?;
+
     let mut valid = rust.valid && sql.valid && rust.checked == args.verify_events as u64;
     for r in raw_runs.iter().chain(pg_runs.iter()) {
         valid &= runs::verify_run_chain(&db, *r).await?.valid;
@@ -217,8 +227,48 @@ async fn bench(dsn: &str, args: &LedgerBenchArgs) -> Result<Report> {
         verify_events: args.verify_events,
         verify_rust_ms: verify_rust.as_secs_f64() * 1e3,
         verify_sql_ms: verify_sql.as_secs_f64() * 1e3,
+        cancel_samples: CANCEL_SAMPLES,
+        cancel_p50_ms: cancel_p50,
+        cancel_p99_ms: cancel_p99,
         chains_valid: valid,
     })
+}
+
+/// Runs cancelled in the cancellation-latency phase.
+const CANCEL_SAMPLES: usize = 100;
+
+/// Latency from calling `cancel_run` (another connection, as another instance would) until a
+/// [`RunWatcher`](runs::RunWatcher) token fires through LISTEN/NOTIFY: (p50, p99) in ms.
+async fn cancel_latency(db: &Db, samples: usize) -> Result<(f64, f64)> {
+    let notifier = Notifier::new(1024);
+    let listener = notifier.spawn_listener(NotifierConfig {
+        pg_config: db.config().clone(),
+        poll_only: false,
+        poll_interval: Duration::from_secs(5),
+    });
+    if !notifier.wait_connected(Duration::from_secs(10)).await {
+        listener.stop().await;
+        return Err(Error::Timeout(Duration::from_secs(10)));
+    }
+    let watcher = runs::RunWatcher::spawn(db.clone(), &notifier, Duration::from_secs(5));
+    let tenant = TenantId::new("default")?;
+    let mut lat = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let run = runs::create_run(db, NewRun::new(tenant.clone())).await?;
+        runs::start_run(db, run, None, None, runs::LimitPolicy::Reject).await?;
+        let token = watcher.watch(run).await?;
+        let t = Instant::now();
+        runs::cancel_run(db, run, "bench").await?;
+        tokio::time::timeout(Duration::from_secs(10), token.cancelled())
+            .await
+            .map_err(|_| Error::Timeout(Duration::from_secs(10)))?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    drop(watcher);
+    listener.stop().await;
+    lat.sort_by(f64::total_cmp);
+    let pct = |p: f64| lat[((lat.len() as f64 - 1.0) * p).round() as usize];
+    Ok((pct(0.5), pct(0.99)))
 }
 
 /// Run `op` from `writers` tasks for `phase`, spreading over `runs`; returns items per second.
