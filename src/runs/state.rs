@@ -661,7 +661,14 @@ fn failure(error_type: &str, error_message: &str, lease_token: Option<i64>) -> R
     Ok(Change {
         error_type: Some(error_type.to_string()),
         error_message: Some(error_message.to_string()),
-        stop_reason: Some("error".into()),
+        stop_reason: Some(
+            if error_type == "timeout" {
+                "timeout"
+            } else {
+                "error"
+            }
+            .into(),
+        ),
         lease_token,
         details: json!({ "error_type": error_type, "error_message": error_message }),
         ..Change::default()
@@ -692,6 +699,35 @@ pub async fn fail_run_in(
 ) -> Result<Run> {
     let change = failure(error_type, error_message, None)?;
     done(transition_in(tx, run, RunState::Failed, change).await?)
+}
+
+/// Fail runs that have been `running` for longer than `timeout` (at most `limit` of them) with
+/// error type `timeout` / `run timed out`, each recording `run_failed` in the ledger, inside the
+/// caller's transaction (the leader's fenced maintenance transaction). Returns the runs failed.
+/// A run that finished meanwhile is skipped.
+#[instrument(skip(tx), err)]
+pub async fn fail_stuck_runs_in(
+    tx: &tokio_postgres::Transaction<'_>,
+    timeout: std::time::Duration,
+    limit: i64,
+) -> Result<Vec<RunId>> {
+    if limit < 1 {
+        return Err(Error::invalid("limit", "must be at least 1"));
+    }
+    let micros = crate::config::interval_micros(timeout);
+    let rows = tx
+        .query(sql!("runs/stuck_running"), &[&micros, &limit])
+        .await?;
+    let mut failed = Vec::new();
+    for r in rows {
+        let run: RunId = r.get(0);
+        match fail_run_in(tx, run, "timeout", "run timed out").await {
+            Ok(_) => failed.push(run),
+            Err(Error::IllegalTransition { .. }) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(failed)
 }
 
 /// Cancel a pending or running run from anywhere (any instance, the CLI). The state change is

@@ -969,6 +969,36 @@ async fn maintenance_releases_leases_of_dead_instances_and_fail_run_in_records_t
     let evs = runs::read_events(&t.db, run, 0, 10).await.unwrap();
     assert_eq!(evs.last().unwrap().event_type, "run_failed");
 
+    // Stuck runs are failed with their ledger event, inside the caller's transaction.
+    let stuck = new_run(&t.db).await;
+    let fresh = new_run(&t.db).await;
+    for r in [stuck, fresh] {
+        runs::start_run(&t.db, r, None, None, LimitPolicy::Reject)
+            .await
+            .unwrap();
+    }
+    exec(
+        &t.db,
+        "UPDATE pgcrew.runs SET started_at = now() - interval '2 hours' WHERE id = $1",
+        stuck,
+    )
+    .await;
+    let tx = conn.transaction().await.unwrap();
+    let failed = runs::fail_stuck_runs_in(&tx, Duration::from_secs(3600), 100)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(failed, vec![stuck]);
+    let s = runs::get_run(&t.db, stuck).await.unwrap();
+    assert_eq!(s.state, RunState::Failed);
+    assert_eq!(s.error_message.as_deref(), Some("run timed out"));
+    assert_eq!(
+        runs::get_run(&t.db, fresh).await.unwrap().state,
+        RunState::Running
+    );
+    let sev = runs::read_events(&t.db, stuck, 0, 10).await.unwrap();
+    assert_eq!(sev.last().unwrap().event_type, "run_failed");
+
     // Retention keeps an anchor of the finished run's chain.
     let last = evs.last().unwrap().clone();
     let anchor = runs::purge_run(&t.db, run, "retention test").await.unwrap();
