@@ -400,8 +400,8 @@ pub async fn verify_run_chain(db: &Db, run: RunId) -> Result<ChainVerification> 
 }
 
 async fn count_events(client: &tokio_postgres::Client, run: RunId) -> Result<u64> {
-    let row = client.query_one(sql!("runs/verify_chain"), &[&run]).await?;
-    let n: i64 = row.get(2);
+    let row = client.query_one(sql!("runs/count_events"), &[&run]).await?;
+    let n: i64 = row.get(0);
     Ok(u64::try_from(n).unwrap_or(0))
 }
 

@@ -1,0 +1,1 @@
+SELECT count(*) FROM pgcrew.events WHERE run_id = $1
