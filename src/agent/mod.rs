@@ -2,6 +2,7 @@
 //! small JSON Schema validator for tool arguments ([`schema`]), and agent definitions with the
 //! durable agent loop.
 
+pub mod demo;
 pub mod schema;
 pub mod tool;
 

@@ -4,8 +4,10 @@
 
 mod common;
 
+mod agent_process;
 mod coord;
 mod coord_process;
+mod demo;
 mod faults;
 mod kernel;
 mod model;

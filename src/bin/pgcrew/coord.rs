@@ -17,6 +17,7 @@ fn duration_arg(s: &str) -> std::result::Result<Duration, String> {
 
 /// Flags of `pgcrew serve`.
 #[derive(Debug, Args)]
+#[command(after_help = SERVE_EXAMPLES)]
 pub struct ServeArgs {
     /// Instance id (default: a random UUID).
     #[arg(long)]
@@ -51,6 +52,97 @@ pub struct ServeArgs {
     /// Print one line per leadership change on stdout (for scripts and tests).
     #[arg(long)]
     pub print_events: bool,
+    /// Host agents: `demo` (the built-in `support` and `billing` agents and their tools) or a
+    /// comma-separated list of demo agent names. Registers them and runs their queues.
+    #[arg(long, value_delimiter = ',')]
+    pub agents: Vec<String>,
+    /// Work these queues (comma-separated) with the demo task kinds `demo.sleep` and `demo.noop`.
+    #[arg(long, value_delimiter = ',')]
+    pub queues: Vec<String>,
+    /// Most tasks (agent runs included) this instance runs at once.
+    #[arg(long, default_value_t = 4)]
+    pub concurrency: usize,
+    /// Use the OpenAI-compatible adapter at this base URL (key from OPENAI_API_KEY, if any).
+    /// Default: the adapter when OPENAI_API_KEY or OPENAI_BASE_URL is set, else the offline
+    /// scripted demo model.
+    #[arg(long)]
+    pub model_base_url: Option<String>,
+    /// Model name of the hosted demo agents.
+    #[arg(long, default_value = pgcrew::agent::demo::DEMO_MODEL)]
+    pub model: String,
+    /// Simulated latency of each call of the offline scripted model.
+    #[arg(long, value_parser = duration_arg, default_value = "300ms")]
+    pub model_latency: Duration,
+    /// Simulated latency of each demo tool call.
+    #[arg(long, value_parser = duration_arg, default_value = "150ms")]
+    pub tool_latency: Duration,
+    /// Run lease TTL of agent runs (another instance resumes a run after its holder is silent
+    /// this long).
+    #[arg(long, value_parser = duration_arg, default_value = "30s")]
+    pub run_lease_ttl: Duration,
+    /// Running tasks whose heartbeat is older than this are rescued by the leader.
+    #[arg(long, value_parser = duration_arg, default_value = "2m")]
+    pub task_heartbeat_timeout: Duration,
+    /// Fallback poll interval of the worker pool.
+    #[arg(long, value_parser = duration_arg, default_value = "1s")]
+    pub worker_poll_interval: Duration,
+}
+
+const SERVE_EXAMPLES: &str = "Examples:
+  pgcrew serve --migrate
+  pgcrew serve --agents demo --queues default --concurrency 8
+  pgcrew serve --agents demo --model-base-url http://localhost:11434/v1 --model llama3.1
+  pgcrew serve --agents demo --heartbeat-interval 500ms --leader-ttl 2s --run-lease-ttl 2s \\
+      --task-heartbeat-timeout 2s --maintenance-interval 500ms";
+
+/// The agent names `--agents` selects (`demo` = all demo agents).
+fn hosted_agents(requested: &[String]) -> Result<Vec<String>> {
+    use pgcrew::agent::demo::{BILLING_AGENT, SUPPORT_AGENT};
+    let mut out: Vec<String> = Vec::new();
+    for a in requested.iter().map(|a| a.trim()).filter(|a| !a.is_empty()) {
+        let names: Vec<&str> = match a {
+            "demo" => vec![SUPPORT_AGENT, BILLING_AGENT],
+            SUPPORT_AGENT | BILLING_AGENT => vec![a],
+            other => {
+                return Err(pgcrew::Error::invalid(
+                    "agents",
+                    format!(
+                        "unknown agent `{other}`: `pgcrew serve` hosts `demo` (or `{SUPPORT_AGENT}`, `{BILLING_AGENT}`); link the library to host your own agents"
+                    ),
+                ));
+            }
+        };
+        for n in names {
+            if !out.iter().any(|o| o == n) {
+                out.push(n.to_string());
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The model port of hosted agents (see `--model-base-url`).
+fn model_port(args: &ServeArgs) -> Result<(std::sync::Arc<dyn pgcrew::model::ModelPort>, String)> {
+    use pgcrew::model::{OpenAiConfig, OpenAiModel, ScriptedModel};
+    let env_set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
+    if let Some(url) = &args.model_base_url {
+        let mut b = OpenAiConfig::from_env().base_url(url);
+        if !env_set("OPENAI_API_KEY") {
+            b = b.api_key("sk-none");
+        }
+        let m = OpenAiModel::new(b.build()?);
+        return Ok((
+            std::sync::Arc::new(m),
+            format!("OpenAI-compatible at {url}"),
+        ));
+    }
+    if env_set("OPENAI_API_KEY") || env_set("OPENAI_BASE_URL") {
+        let m = OpenAiModel::from_env()?;
+        let what = format!("OpenAI-compatible at {}", m.config().base_url());
+        return Ok((std::sync::Arc::new(m), what));
+    }
+    let m = ScriptedModel::demo_agent().with_delay(args.model_latency);
+    Ok((std::sync::Arc::new(m), "offline scripted demo model".into()))
 }
 
 /// `pgcrew migrate`.
@@ -72,7 +164,7 @@ pub async fn migrate(dsn: Option<String>) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// `pgcrew serve`.
+/// `pgcrew serve` (examples: [`SERVE_EXAMPLES`]).
 pub async fn serve(dsn: Option<String>, args: ServeArgs) -> Result<ExitCode> {
     let dsn = require_dsn(dsn)?;
     let mut b = ClientConfig::builder()
@@ -84,16 +176,75 @@ pub async fn serve(dsn: Option<String>, args: ServeArgs) -> Result<ExitCode> {
         .notify_poll_interval(args.poll_interval)
         .poll_only(args.poll_only)
         .migrate(args.migrate);
-    if let Some(id) = args.instance_id {
+    if let Some(id) = args.instance_id.clone() {
         b = b.instance_id(InstanceId::new(id)?);
     }
-    if let Some(l) = args.listen_dsn {
+    if let Some(l) = args.listen_dsn.clone() {
         b = b.listen_dsn(l);
+    }
+    let agents = hosted_agents(&args.agents)?;
+    let queues: Vec<String> = args
+        .queues
+        .iter()
+        .map(|q| q.trim().to_string())
+        .filter(|q| !q.is_empty())
+        .collect();
+    if args.concurrency == 0 {
+        return Err(pgcrew::Error::invalid("concurrency", "must be at least 1"));
+    }
+    b = b.task_heartbeat_timeout(args.task_heartbeat_timeout);
+    let mut pool = None;
+    if !agents.is_empty() || !queues.is_empty() {
+        use pgcrew::agent::{AgentRuntime, demo, register_agent, register_tools};
+        use pgcrew::kernel::Kernel;
+        use pgcrew::queue::WorkerPool;
+        let tools = demo::demo_tools(args.tool_latency)?;
+        let defs: Vec<_> = demo::demo_agents(&args.model)
+            .into_iter()
+            .filter(|d| agents.contains(&d.name))
+            .collect();
+        let mut tool_names: Vec<String> = defs.iter().flat_map(|d| d.tools.clone()).collect();
+        tool_names.sort();
+        tool_names.dedup();
+        b = b.agents(agents.clone()).tools(tool_names);
+        let config = b.clone().build()?;
+        let mut wb = WorkerPool::builder()
+            .concurrency(args.concurrency)
+            .poll_interval(args.worker_poll_interval)
+            .heartbeat_interval((args.task_heartbeat_timeout / 4).min(Duration::from_secs(5)));
+        for q in &queues {
+            wb = wb.queue(q.clone());
+        }
+        wb = demo::install_demo_tasks(wb);
+        if !defs.is_empty() {
+            let db = Db::connect(&dsn, 4, config.connect_timeout).await?;
+            if args.migrate {
+                db.migrate().await?;
+            }
+            for d in &defs {
+                register_agent(&db, d).await?;
+            }
+            register_tools(&db, &tools).await?;
+            let (model, what) = model_port(&args)?;
+            let kernel = Kernel::new(db, model)
+                .with_tools(tools)
+                .with_instance(config.instance_id.clone());
+            let rt = AgentRuntime::new(kernel, config.instance_id.as_str())
+                .with_instance(config.instance_id.clone())
+                .lease_ttl(args.run_lease_ttl);
+            let names: Vec<&str> = agents.iter().map(String::as_str).collect();
+            wb = rt.install(wb, &names);
+            eprintln!("pgcrew serve: hosting agents {} ({what})", agents.join(","));
+        }
+        pool = Some(wb.build()?);
     }
     let config = b.build()?;
     let print = args.print_events;
-    let client = Client::builder(dsn)
-        .config(config)
+    let mut cb = Client::builder(dsn).config(config);
+    if let Some(p) = pool {
+        cb = cb.service(p);
+    }
+    let client = cb
         .on_error(|e| eprintln!("pgcrew serve: {e}"))
         .on_became_leader(move |term| {
             if print {

@@ -1,0 +1,321 @@
+//! Real processes: two `pgcrew serve --agents demo` instances against an OpenAI-compatible
+//! mock server on loopback; the instance executing an agent run is killed with SIGKILL in the
+//! middle of a model call and the other one finishes the run from the ledger.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use pgcrew::agent::AgentRuntime;
+use pgcrew::kernel::Kernel;
+use pgcrew::model::ScriptedModel;
+use pgcrew::runs::{self, RunState};
+use pgcrew::tenancy::{self, TenantContext};
+use pgcrew::{Db, RunId};
+use serde_json::{Value, json};
+
+use crate::common::{eventually, pgcrew_bin, test_db};
+
+/// An OpenAI-compatible chat server for the demo `support` agent: turn 0 calls
+/// `lookup_order` and `get_weather`, turn 1 answers. While `hang` is set, turn-1 requests
+/// never get an answer (the instance is killed while it waits). Records the turn of every
+/// request received and of every response written.
+struct MockOpenAi {
+    base_url: String,
+    requests: Arc<Mutex<Vec<usize>>>,
+    answered: Arc<Mutex<Vec<usize>>>,
+    hang: Arc<AtomicBool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for MockOpenAi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<Value> {
+    use tokio::io::AsyncReadExt;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let (head_end, len) = loop {
+        let n = stream.read(&mut chunk).await.unwrap_or(0);
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            break (i + 4, len);
+        }
+    };
+    while buf.len() < head_end + len {
+        let n = stream.read(&mut chunk).await.unwrap_or(0);
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    serde_json::from_slice(&buf[head_end..]).ok()
+}
+
+async fn mock_openai() -> MockOpenAi {
+    use tokio::io::AsyncWriteExt;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let answered = Arc::new(Mutex::new(Vec::new()));
+    let hang = Arc::new(AtomicBool::new(true));
+    let (rq, an, hg) = (requests.clone(), answered.clone(), hang.clone());
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (rq, an, hg) = (rq.clone(), an.clone(), hg.clone());
+            tokio::spawn(async move {
+                let Some(body) = read_request(&mut stream).await else {
+                    return;
+                };
+                let turn = body["messages"]
+                    .as_array()
+                    .map(|m| m.iter().filter(|m| m["role"] == "assistant").count())
+                    .unwrap_or(0);
+                rq.lock().unwrap().push(turn);
+                // Decided on arrival: a request that came in while `hang` was set never gets
+                // an answer, even after `hang` is cleared.
+                let hang_this = turn > 0 && hg.load(Ordering::SeqCst);
+                // A little provider latency so that runs take a visible moment.
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let message = if turn == 0 {
+                    json!({"role": "assistant", "content": null, "tool_calls": [
+                        {"id": "call_order", "type": "function", "function":
+                            {"name": "lookup_order", "arguments": "{\"order_id\":\"A-1001\"}"}},
+                        {"id": "call_weather", "type": "function", "function":
+                            {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]})
+                } else {
+                    if hang_this {
+                        std::future::pending::<()>().await;
+                    }
+                    json!({"role": "assistant", "content": "Order A-1001 is on its way."})
+                };
+                let finish = if turn == 0 { "tool_calls" } else { "stop" };
+                let out = json!({
+                    "id": "chatcmpl-1", "object": "chat.completion", "created": 1_700_000_000u32,
+                    "model": "gpt-4o-mini",
+                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
+                    "usage": {"prompt_tokens": 50, "completion_tokens": 10, "total_tokens": 60}
+                })
+                .to_string();
+                let response = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{out}",
+                    out.len()
+                );
+                if stream.write_all(response.as_bytes()).await.is_ok() {
+                    an.lock().unwrap().push(turn);
+                }
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    MockOpenAi {
+        base_url,
+        requests,
+        answered,
+        hang,
+        task,
+    }
+}
+
+/// A `pgcrew serve` child, killed (SIGKILL) on drop.
+struct Serve {
+    id: String,
+    child: Child,
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn serve(dsn: &str, id: &str, model_url: &str) -> Serve {
+    let child = Command::new(pgcrew_bin())
+        .env("DATABASE_URL", dsn)
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .args([
+            "serve",
+            "--agents",
+            "demo",
+            "--model-base-url",
+            model_url,
+            "--instance-id",
+            id,
+            "--heartbeat-interval",
+            "300ms",
+            "--instance-ttl",
+            "2s",
+            "--leader-ttl",
+            "1500ms",
+            "--maintenance-interval",
+            "300ms",
+            "--run-lease-ttl",
+            "1500ms",
+            "--task-heartbeat-timeout",
+            "1500ms",
+            "--worker-poll-interval",
+            "200ms",
+            "--poll-interval",
+            "500ms",
+            "--tool-latency",
+            "50ms",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn pgcrew serve");
+    Serve {
+        id: id.to_string(),
+        child,
+    }
+}
+
+async fn event_counts(db: &Db, run: RunId) -> Vec<(String, String)> {
+    runs::read_events(db, run, 0, 10_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.event_type, e.step_key.unwrap_or_default()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_mid_agent_run_other_serve_process_finishes_it_without_repeating_steps() {
+    let t = test_db().await;
+    let server = mock_openai().await;
+    let ctx = TenantContext::new("acme").unwrap().budget_usd(Some(5.0));
+    tenancy::upsert(&t.db, &ctx).await.unwrap();
+    let tenant = ctx.tenant_id.clone();
+
+    let mut a = Some(serve(t.dsn(), "serve-a", &server.base_url));
+    let mut b = Some(serve(t.dsn(), "serve-b", &server.base_url));
+    // Both instances registered the demo agents and tools, and are alive.
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            let ok_agent = pgcrew::agent::get_agent(&t.db, "support").await.is_ok();
+            let n = pgcrew::coord::instance::list(&t.db)
+                .await
+                .map(|l| l.len())
+                .unwrap_or(0);
+            ok_agent && n == 2
+        })
+        .await,
+        "serve processes did not come up"
+    );
+
+    // Submit from this process (a client that does not execute runs).
+    let submitter = AgentRuntime::new(
+        Kernel::new(t.db.clone(), Arc::new(ScriptedModel::demo_agent())),
+        "submitter",
+    );
+    let session = submitter.new_session(&tenant, "user-1").await.unwrap();
+    let run = submitter
+        .submit("support", session.id, "Where is order A-1001?")
+        .await
+        .unwrap();
+
+    // Wait until the executing instance is in the middle of the turn-1 model call.
+    assert!(
+        eventually(Duration::from_secs(30), || async {
+            server.requests.lock().unwrap().contains(&1)
+        })
+        .await,
+        "the run never reached its second model call"
+    );
+    let owner = runs::get_run(&t.db, run).await.unwrap();
+    assert_eq!(owner.state, RunState::Running);
+    let conn = t.db.get().await.unwrap();
+    let lease_owner: Option<String> = conn
+        .query_one("SELECT lease_owner FROM pgcrew.runs WHERE id = $1", &[&run])
+        .await
+        .unwrap()
+        .get(0);
+    drop(conn);
+    let lease_owner = lease_owner.expect("the running run has a lease owner");
+    let victim = if a.as_ref().is_some_and(|s| s.id == lease_owner) {
+        a.take()
+    } else {
+        b.take()
+    };
+    let victim = victim.expect("lease owner is one of the serve processes");
+    assert_eq!(victim.id, lease_owner);
+    // The ledger before the kill: turn 0 and both tools are recorded.
+    let before = event_counts(&t.db, run).await;
+    assert!(
+        before
+            .iter()
+            .any(|(ty, k)| ty == "model_completed" && k == "iter-0/model")
+    );
+    assert_eq!(
+        before
+            .iter()
+            .filter(|(ty, _)| ty == "tool_completed")
+            .count(),
+        2
+    );
+    drop(victim); // kill -9
+    server.hang.store(false, Ordering::SeqCst);
+
+    // The survivor resumes the run after the lease / task heartbeat timeouts.
+    assert!(
+        eventually(Duration::from_secs(45), || async {
+            runs::get_run(&t.db, run).await.unwrap().state.is_terminal()
+        })
+        .await,
+        "the surviving instance did not finish the run"
+    );
+    let done = runs::get_run(&t.db, run).await.unwrap();
+    assert_eq!(done.state, RunState::Completed, "{:?}", done.error_message);
+    assert_eq!(
+        done.response_text.as_deref(),
+        Some("Order A-1001 is on its way.")
+    );
+    assert_eq!(done.input_tokens, 100);
+    assert_eq!(done.output_tokens, 20);
+    // The survivor is still alive (it finished the run; the victim is dead).
+    let survivor = a.as_mut().or(b.as_mut()).unwrap();
+    assert!(survivor.child.try_wait().unwrap().is_none());
+
+    // Each completed model step was answered exactly once; the turn-0 call was not repeated.
+    let mut answered = server.answered.lock().unwrap().clone();
+    answered.sort();
+    assert_eq!(answered, vec![0, 1]);
+    let mut requests = server.requests.lock().unwrap().clone();
+    requests.sort();
+    assert_eq!(requests, vec![0, 1, 1], "turn 0 was requested again");
+    let evs = event_counts(&t.db, run).await;
+    for key in ["iter-0/model", "iter-1/model"] {
+        assert_eq!(
+            evs.iter()
+                .filter(|(ty, k)| ty == "model_completed" && k == key)
+                .count(),
+            1,
+            "{key}"
+        );
+    }
+    // The tools ran once each (recorded completions are never re-executed).
+    assert_eq!(
+        evs.iter().filter(|(ty, _)| ty == "tool_requested").count(),
+        2
+    );
+    assert_eq!(
+        evs.iter().filter(|(ty, _)| ty == "tool_completed").count(),
+        2
+    );
+    assert!(runs::verify_run_chain(&t.db, run).await.unwrap().valid);
+}

@@ -1,0 +1,1 @@
+//! `pgcrew demo` and `pgcrew init`, end to end.
