@@ -99,18 +99,17 @@ impl MaintenanceStep for StuckRuns {
         tx: &tokio_postgres::Transaction<'_>,
         ctx: &MaintenanceContext,
     ) -> Result<u64> {
-        let timeout = interval_micros(ctx.config.stuck_run_timeout);
-        let rows = tx
-            .query(
-                sql!("coord/fail_stuck_runs"),
-                &[&timeout, &ctx.config.retention_batch_size],
-            )
-            .await?;
-        for r in &rows {
-            let id: uuid::Uuid = r.get(0);
+        // Fails each run through the state machine, recording `run_failed` in its ledger.
+        let failed = crate::runs::fail_stuck_runs_in(
+            tx,
+            ctx.config.stuck_run_timeout,
+            ctx.config.retention_batch_size,
+        )
+        .await?;
+        for id in &failed {
             info!(run = %id, "maintenance: failed stuck run (run timed out)");
         }
-        Ok(rows.len() as u64)
+        Ok(failed.len() as u64)
     }
 }
 

@@ -424,6 +424,20 @@ async fn maintenance_removes_stale_instances_and_fails_stuck_runs() {
         })
         .await
     );
+    // The transition is recorded in the run's ledger, and the chain verifies.
+    let recorded: i64 = conn
+        .query_one(
+            "SELECT count(*) FROM pgcrew.events WHERE run_id = $1 AND event_type = 'run_failed'",
+            &[&stuck],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, 1);
+    let verified = pgcrew::runs::verify_run_chain(&t.db, pgcrew::RunId(stuck))
+        .await
+        .unwrap();
+    assert!(verified.valid, "{verified:?}");
     let fresh_state: String = conn
         .query_one("SELECT state FROM pgcrew.runs WHERE id = $1", &[&fresh])
         .await
