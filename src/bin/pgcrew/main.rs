@@ -9,6 +9,8 @@ mod bench_fanout;
 mod bench_ledger;
 mod bench_queue;
 mod coord;
+mod demo;
+mod init;
 mod output;
 mod run;
 mod tasks;
@@ -35,6 +37,8 @@ pub struct Cli {
 }
 
 const EXAMPLES: &str = "Examples:
+  pgcrew demo                      # the guided tour (no setup: throwaway PostgreSQL)
+  pgcrew init my-service           # scaffold a service that links the library
   pgcrew migrate --dsn postgres://root@127.0.0.1:5432/test
   DATABASE_URL=postgres://root@127.0.0.1/test pgcrew serve --heartbeat-interval 500ms --leader-ttl 2s
   pgcrew instances --json
@@ -62,6 +66,12 @@ pub enum Command {
     Tenants(tenants::TenantsCmd),
     /// Benchmarks in a scratch database (never touches real data); default: the queue.
     Bench(bench::BenchArgs),
+    /// The guided tour: 3 instances, 2 tenants, agent runs and tasks, a leader killed mid-way
+    /// (throwaway cluster unless DATABASE_URL is set; then a scratch database on it).
+    Demo(demo::DemoArgs),
+    /// Scaffold a starter service (Cargo.toml, src/main.rs with an agent, a tool and a task
+    /// handler) in a new or empty directory.
+    Init(init::InitArgs),
 }
 
 fn init_tracing(filter: &str) {
@@ -99,6 +109,8 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Tasks(cmd) => tasks::exec(dsn, cmd).await,
         Command::Tenants(cmd) => tenants::exec(dsn, cmd).await,
         Command::Bench(args) => bench::exec(dsn, args).await,
+        Command::Demo(args) => demo::exec(dsn, args).await,
+        Command::Init(args) => init::exec(args),
     };
     match result {
         Ok(code) => code,
