@@ -49,7 +49,7 @@ CREATE TABLE pgcrew.tasks (
 CREATE INDEX tasks_available_idx ON pgcrew.tasks (queue, tenant_id, priority, run_at, id)
     WHERE state = 'available';
 -- Promotion of due scheduled / retryable tasks.
-CREATE INDEX tasks_due_idx ON pgcrew.tasks (run_at)
+CREATE INDEX tasks_due_idx ON pgcrew.tasks (queue, run_at)
     WHERE state IN ('scheduled', 'retryable') AND pending_deps = 0;
 -- Running tasks: tenant limits, heartbeat rescue.
 CREATE INDEX tasks_running_idx ON pgcrew.tasks (tenant_id, queue) WHERE state = 'running';
@@ -274,16 +274,15 @@ BEGIN
     IF p_limit IS NULL OR p_limit <= 0 THEN
         RETURN;
     END IF;
-    -- Promote due scheduled / retryable tasks.
-    UPDATE pgcrew.tasks t SET state = 'available'
-     WHERE t.id IN (SELECT s.id FROM pgcrew.tasks s
-                     WHERE s.state IN ('scheduled', 'retryable') AND s.pending_deps = 0
-                       AND s.run_at <= now() AND s.queue = ANY (p_queues)
-                     ORDER BY s.run_at LIMIT 1000
-                     FOR UPDATE SKIP LOCKED);
-
     FOREACH v_q IN ARRAY p_queues LOOP
         EXIT WHEN v_left <= 0;
+        -- Promote this queue's due scheduled / retryable tasks (bounded per claim).
+        UPDATE pgcrew.tasks t SET state = 'available'
+         WHERE t.id IN (SELECT s.id FROM pgcrew.tasks s
+                         WHERE s.state IN ('scheduled', 'retryable') AND s.pending_deps = 0
+                           AND s.queue = v_q AND s.run_at <= now()
+                         ORDER BY s.run_at LIMIT 1000
+                         FOR UPDATE SKIP LOCKED);
         -- Tenants with available work in this queue (loose index scan).
         WITH RECURSIVE act(tid) AS (
             (SELECT a.tenant_id FROM pgcrew.tasks a

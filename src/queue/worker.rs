@@ -494,7 +494,9 @@ impl WorkerPool {
         let mut wait = self.poll_interval;
         if let Some(c) = conn.as_ref() {
             match next_due(&***c, &self.queues).await {
-                Ok(Some(d)) => wait = wait.min(d),
+                // At least 1 ms: a due task another claimer is promoting right now must not
+                // turn this into a busy loop.
+                Ok(Some(d)) => wait = wait.min(d).max(Duration::from_millis(1)),
                 Ok(None) => {}
                 Err(e) => {
                     debug!(error = %e, "worker pool: next_due failed");
@@ -722,6 +724,13 @@ impl Service for WorkerPool {
         client: Client,
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<()> {
+        if self.heartbeat_interval * 2 >= client.config().task_heartbeat_timeout {
+            warn!(
+                heartbeat = ?self.heartbeat_interval,
+                timeout = ?client.config().task_heartbeat_timeout,
+                "worker pool: the task heartbeat interval is not well under the client's task_heartbeat_timeout; running tasks may be rescued while alive"
+            );
+        }
         let shared = Arc::new(Shared::default());
         let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Ack>();
         let (work_tx, work_rx) = mpsc::unbounded_channel::<ClaimedTask>();
