@@ -563,3 +563,34 @@ async fn poll_only_mode_has_no_listen_connection_and_ticks_resync() {
     assert!(!client.is_leader());
     client.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn renewals_and_failed_attempts_do_not_consume_terms() {
+    let t = test_db().await;
+    let a = Client::builder(t.db.clone())
+        .config(fast_config("term-a"))
+        .build()
+        .await
+        .unwrap();
+    a.start().await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || async { a.is_leader() }).await);
+    let first = a.leader_term().unwrap();
+    let b = Client::builder(t.db.clone())
+        .config(fast_config("term-b"))
+        .build()
+        .await
+        .unwrap();
+    b.start().await.unwrap();
+    // Several renewal periods (TTL/3) pass with a follower trying: the term stays.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(a.leader_term(), Some(first));
+    assert!(!b.is_leader());
+    a.stop().await.unwrap();
+    assert!(eventually(Duration::from_secs(2), || async { b.is_leader() }).await);
+    assert_eq!(
+        b.leader_term(),
+        Some(first + 1),
+        "the next holder gets the next term"
+    );
+    b.stop().await.unwrap();
+}
