@@ -4,7 +4,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio_postgres::GenericClient;
-use tokio_postgres::types::Type;
+use tokio_postgres::types::{ToSql, Type};
 use tracing::instrument;
 use uuid::Uuid;
 
@@ -39,25 +39,30 @@ pub async fn enqueue<C: GenericClient + Sync>(client: &C, task: &NewTask) -> Res
     };
     let run: Option<Uuid> = task.run_id.map(|r| r.as_uuid());
     // Typed parameters: one round trip (no separate prepare), which is most of an enqueue.
-    let row = client
-        .query_typed_one(
-            sql!("queue/enqueue"),
-            &[
-                (&task.queue, Type::TEXT),
-                (&task.kind, Type::TEXT),
-                (&task.tenant, Type::TEXT),
-                (&run, Type::UUID),
-                (&task.priority.as_i16(), Type::INT2),
-                (&task.payload, Type::JSONB),
-                (&task.delay_us(), Type::INT8),
-                (&task.run_at, Type::TIMESTAMPTZ),
-                (&task.max_attempts, Type::INT4),
-                (&task.unique_key, Type::TEXT),
-                (&deps, Type::INT8_ARRAY),
-            ],
-        )
-        .await
-        .map_err(map_enqueue_error)?;
+    // Without dependencies or a unique key a plain INSERT does (no PL/pgSQL call).
+    let simple = deps.is_none() && task.unique_key.is_none();
+    let params: &[(&(dyn ToSql + Sync), Type)] = &[
+        (&task.queue, Type::TEXT),
+        (&task.kind, Type::TEXT),
+        (&task.tenant, Type::TEXT),
+        (&run, Type::UUID),
+        (&task.priority.as_i16(), Type::INT2),
+        (&task.payload, Type::JSONB),
+        (&task.delay_us(), Type::INT8),
+        (&task.run_at, Type::TIMESTAMPTZ),
+        (&task.max_attempts, Type::INT4),
+        (&task.unique_key, Type::TEXT),
+        (&deps, Type::INT8_ARRAY),
+    ];
+    let row = if simple {
+        // The same parameters minus the unique key and dependencies.
+        client
+            .query_typed_one(sql!("queue/enqueue_simple"), &params[..9])
+            .await
+    } else {
+        client.query_typed_one(sql!("queue/enqueue"), params).await
+    }
+    .map_err(map_enqueue_error)?;
     let state: String = row.get("state");
     Ok(Enqueued {
         id: TaskId(row.get("id")),

@@ -28,7 +28,7 @@ use tracing::{debug, error, warn};
 use super::claim::{Ack, AckOutcome, ClaimedTask, ack_with, claim_with, heartbeat, next_due};
 use super::retry::RetryPolicy;
 use crate::coord::client::{Client, Service};
-use crate::coord::notify::{Event, EventKind};
+use crate::coord::notify::{Event, EventKind, Subscription};
 use crate::db::{Conn, Db};
 use crate::error::{Error, Result};
 use crate::ids::{ClaimToken, RunId, TaskId, validate_text_id};
@@ -399,6 +399,7 @@ impl WorkerPool {
         client: &Client,
         shared: &Shared,
         work_tx: &mpsc::UnboundedSender<ClaimedTask>,
+        sub: &mut Subscription,
         shutdown: &mut watch::Receiver<bool>,
     ) {
         let capacity = self.concurrency + self.prefetch;
@@ -425,6 +426,8 @@ impl WorkerPool {
                 continue;
             }
             let limit = free.min(self.max_batch);
+            // Wake-ups received so far are answered by this claim; only later ones count.
+            while let Some(Some(_)) = sub.recv().now_or_never() {}
             match self.claim_once(client, &mut conn, limit).await {
                 Ok(tasks) => {
                     backoff = Duration::from_millis(50);
@@ -445,7 +448,7 @@ impl WorkerPool {
                         }
                     }
                     if got == 0 {
-                        self.idle_wait(&mut conn, shared, shutdown).await;
+                        self.idle_wait(&mut conn, shared, sub, shutdown).await;
                     }
                 }
                 Err(e) => {
@@ -484,11 +487,14 @@ impl WorkerPool {
         .await
     }
 
-    /// Nothing to claim: wait for a notification, the next due task, the fallback poll or stop.
+    /// Nothing to claim: wait for a notification on one of our queues (read directly from the
+    /// subscription: no extra task hop), an acknowledgement flush, the next due task, the
+    /// fallback poll, or stop.
     async fn idle_wait(
         &self,
         conn: &mut Option<Conn>,
         shared: &Shared,
+        sub: &mut Subscription,
         shutdown: &mut watch::Receiver<bool>,
     ) {
         let mut wait = self.poll_interval;
@@ -504,10 +510,21 @@ impl WorkerPool {
                 }
             }
         }
-        tokio::select! {
-            _ = shared.wake.notified() => {}
-            _ = tokio::time::sleep(wait) => {}
-            _ = shutdown.changed() => {}
+        let sleep = tokio::time::sleep(wait);
+        tokio::pin!(sleep);
+        let mut listening = true;
+        loop {
+            tokio::select! {
+                ev = sub.recv(), if listening => match ev {
+                    Some(Event::TaskAvailable { queue }) if !self.queues.contains(&queue) => {}
+                    Some(_) => return,
+                    // The notifier is gone: rely on the poll.
+                    None => listening = false,
+                },
+                _ = shared.wake.notified() => return,
+                _ = &mut sleep => return,
+                _ = shutdown.changed() => return,
+            }
         }
     }
 
@@ -757,26 +774,12 @@ impl Service for WorkerPool {
                 .heartbeat_loop(client.clone(), shared.clone(), hb_rx),
         );
         let mut sub = client.subscribe(&[EventKind::TaskAvailable]);
-        let queues = self.queues.clone();
-        let waker = shared.clone();
-        let listener = tokio::spawn(async move {
-            while let Some(ev) = sub.recv().await {
-                match ev {
-                    Event::TaskAvailable { queue } if queues.contains(&queue) => {
-                        waker.wake.notify_one()
-                    }
-                    Event::Resync => waker.wake.notify_one(),
-                    _ => {}
-                }
-            }
-        });
-
-        self.fetch_loop(&client, &shared, &work_tx, &mut shutdown)
+        self.fetch_loop(&client, &shared, &work_tx, &mut sub, &mut shutdown)
             .await;
+        drop(sub);
 
         // Drain: no more claims; executors finish what is held, then the acker flushes.
         drop(work_tx);
-        listener.abort();
         let canceller = self.shutdown_timeout.map(|t| {
             let shared = shared.clone();
             tokio::spawn(async move {
