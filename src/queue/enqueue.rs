@@ -62,7 +62,7 @@ pub async fn enqueue<C: GenericClient + Sync>(client: &C, task: &NewTask) -> Res
     } else {
         client.query_typed_one(sql!("queue/enqueue"), params).await
     }
-    .map_err(map_enqueue_error)?;
+    .map_err(|e| map_enqueue_error(e, Some(task.tenant.as_str())))?;
     let state: String = row.get("state");
     Ok(Enqueued {
         id: TaskId(row.get("id")),
@@ -140,12 +140,13 @@ pub async fn enqueue_many<C: GenericClient + Sync>(
             ],
         )
         .await
-        .map_err(map_enqueue_error)?;
+        .map_err(|e| map_enqueue_error(e, None))?;
     Ok(rows.iter().map(|r| TaskId(r.get(0))).collect())
 }
 
 /// Turn the database's complaints about an enqueue into actionable input errors.
-pub(crate) fn map_enqueue_error(e: tokio_postgres::Error) -> Error {
+/// `tenant` names the tenant when the statement could not say which one was unknown.
+pub(crate) fn map_enqueue_error(e: tokio_postgres::Error, tenant: Option<&str>) -> Error {
     if let Some(db) = e.as_db_error() {
         let code = db.code().code();
         if code == "23503" && db.hint() == Some("pgcrew_missing_dependency") {
@@ -154,9 +155,14 @@ pub(crate) fn map_enqueue_error(e: tokio_postgres::Error) -> Error {
         if (code == "23503" && db.hint() == Some("pgcrew_unknown_tenant"))
             || (code == "23502" && db.column() == Some("tenant_id"))
         {
+            let what = match tenant {
+                _ if code == "23503" => db.message().to_string(),
+                Some(t) => format!("tenant {t} does not exist"),
+                None => "the tenant does not exist".to_string(),
+            };
             return Error::invalid(
                 "tenant",
-                "the tenant does not exist: create it first (`pgcrew tenants create` or the tenancy API)",
+                format!("{what}: create it first (`pgcrew tenants set <id>` or the tenancy API)"),
             );
         }
     }

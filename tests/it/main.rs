@@ -5,10 +5,12 @@
 mod common;
 
 mod agent_process;
+mod bad_input;
 mod coord;
 mod coord_process;
 mod demo;
 mod faults;
+mod faults_load;
 mod kernel;
 mod model;
 mod proxy;
