@@ -11,6 +11,7 @@ mod coord_process;
 mod demo;
 mod faults;
 mod faults_load;
+mod fuzz_smoke;
 mod kernel;
 mod model;
 mod proxy;
