@@ -287,24 +287,16 @@ impl AgentRuntime {
             .session(session)
             .agent(agent)
             .prompt(prompt);
-        let run = runs::create_run(self.kernel.db(), new).await?;
+        let mut conn = self.kernel.db().get().await?;
+        let tx = conn.transaction().await?;
+        let run = runs::create_run_in(&tx, new).await?;
         let task = NewTask::new(AGENT_RUN_KIND, &AgentRunTask { run_id: run })?
             .queue(agent_queue(agent))
             .tenant(tenant)
             .run(run)
             .unique_key(format!("agent_run:{run}"));
-        let conn = self.kernel.db().get().await?;
-        if let Err(e) = queue::enqueue(&**conn, &task).await {
-            let _ = runs::fail_run(
-                self.kernel.db(),
-                run,
-                "enqueue_failed",
-                &e.to_string(),
-                None,
-            )
-            .await;
-            return Err(e);
-        }
+        queue::enqueue(&*tx, &task).await?;
+        tx.commit().await?;
         Ok(run)
     }
 

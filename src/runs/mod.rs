@@ -39,8 +39,8 @@ pub use ledger::{
 };
 pub use state::{
     LimitPolicy, NewRun, Run, RunFilter, RunOutcome, RunState, Session, StartOutcome, cancel_run,
-    complete_run, create_run, fail_run, fail_run_in, fail_stuck_runs_in, get_run, get_session,
-    list_runs, new_session, start_run,
+    complete_run, create_run, create_run_in, fail_run, fail_run_in, fail_stuck_runs_in, get_run,
+    get_session, list_runs, new_session, start_run,
 };
 pub use watch::RunWatcher;
 

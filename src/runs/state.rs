@@ -376,28 +376,50 @@ async fn ensure_tenant(client: &tokio_postgres::Client, tenant: &TenantId) -> Re
 /// Create a `pending` run and record `run_created` (seq 1) in the same transaction.
 #[instrument(skip(db, new), fields(tenant = %new.tenant_id), err)]
 pub async fn create_run(db: &Db, new: NewRun) -> Result<RunId> {
+    let mut conn = db.get().await?;
+    let tx = conn.transaction().await?;
+    let id = create_run_in(&tx, new).await?;
+    tx.commit().await?;
+    Ok(id)
+}
+
+/// [`create_run`] inside the caller's transaction, so a run can be created atomically with
+/// other writes (for example enqueueing the task that will execute it). Nothing is written when
+/// the tenant, session or parent run is unknown or belongs to another tenant.
+#[instrument(skip(tx, new), fields(tenant = %new.tenant_id), err)]
+pub async fn create_run_in(tx: &tokio_postgres::Transaction<'_>, new: NewRun) -> Result<RunId> {
     if let Some(a) = &new.agent_name {
         crate::ids::validate_text_id("agent name", a)?;
     }
     if new.forked_at_seq.is_some_and(|s| s < 0) {
         return Err(Error::invalid("forked_at_seq", "must not be negative"));
     }
-    let mut conn = db.get().await?;
-    ensure_tenant(&conn, &new.tenant_id).await?;
+    let exists: bool = tx
+        .query_one(sql!("runs/tenant_exists"), &[&new.tenant_id])
+        .await?
+        .get(0);
+    if !exists {
+        return Err(Error::not_found("tenant", &new.tenant_id));
+    }
     if let Some(s) = new.session_id {
-        let session = get_session(db, s).await?;
-        if session.tenant_id != new.tenant_id.as_str() {
+        let row = tx
+            .query_opt(sql!("runs/get_session"), &[&s])
+            .await?
+            .ok_or_else(|| Error::not_found("session", s))?;
+        if session_from_row(&row).tenant_id != new.tenant_id.as_str() {
             return Err(Error::not_found("session", s));
         }
     }
     if let Some(p) = new.parent_run_id {
-        let parent = get_run(db, p).await?;
-        if parent.tenant_id != new.tenant_id.as_str() {
+        let row = tx
+            .query_opt(sql!("runs/get_run"), &[&p])
+            .await?
+            .ok_or_else(|| Error::not_found("run", p))?;
+        if Run::from_row(&row)?.tenant_id != new.tenant_id.as_str() {
             return Err(Error::not_found("run", p));
         }
     }
     let id = RunId::new();
-    let tx = conn.transaction().await?;
     tx.execute(
         sql!("runs/insert_run"),
         &[
@@ -422,8 +444,7 @@ pub async fn create_run(db: &Db, new: NewRun) -> Result<RunId> {
             "forked_at_seq": new.forked_at_seq,
         }),
     );
-    append_events_in(&tx, id, &[ev], None).await?;
-    tx.commit().await?;
+    append_events_in(tx, id, &[ev], None).await?;
     Ok(id)
 }
 
