@@ -52,6 +52,11 @@ $$;
 -- run's current, unexpired lease. Rows with p_dedupe[i] return the existing event with the same
 -- (event_type, step_key) when there is one (o_inserted = false).
 -- Notifies pgcrew_run_event {run_id, seq} at most once per transaction and run.
+-- The ledger head: the last appended seq and hash, kept on the run row by append_events.
+ALTER TABLE pgcrew.runs
+    ADD COLUMN ledger_head_seq bigint NOT NULL DEFAULT 0,
+    ADD COLUMN ledger_head_hash bytea;
+
 CREATE FUNCTION pgcrew.append_events(p_run uuid, p_lease_token bigint, p_types text[],
                                      p_step_keys text[], p_payloads jsonb[], p_dedupe boolean[])
 RETURNS TABLE (o_seq bigint, o_hash bytea, o_created_at timestamptz, o_inserted boolean)
@@ -70,8 +75,9 @@ DECLARE
     i         integer;
 BEGIN
     PERFORM pg_advisory_xact_lock(1885827701, hashtext(p_run::text));
-    SELECT r.tenant_id, r.lease_token, r.lease_owner, r.lease_expires_at
-      INTO v_tenant, v_token, v_owner, v_expires
+    SELECT r.tenant_id, r.lease_token, r.lease_owner, r.lease_expires_at,
+           r.ledger_head_seq, r.ledger_head_hash
+      INTO v_tenant, v_token, v_owner, v_expires, v_seq, v_hash
       FROM pgcrew.runs r WHERE r.id = p_run;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'run % not found', p_run USING ERRCODE = 'PC002';
@@ -81,9 +87,9 @@ BEGIN
         RAISE EXCEPTION 'the lease on run % with token % is no longer held (current token %)',
             p_run, p_lease_token, v_token USING ERRCODE = 'PC001';
     END IF;
-    SELECT e.seq, e.hash INTO v_seq, v_hash
-      FROM pgcrew.events e WHERE e.run_id = p_run ORDER BY e.seq DESC LIMIT 1;
-    IF NOT FOUND THEN
+    -- The run row carries the ledger head (last seq and hash), so truncating the ledger is
+    -- detectable and appends need no lookup of the last event.
+    IF v_hash IS NULL THEN
         v_seq := 0;
         v_hash := decode(repeat('00', 32), 'hex');
     END IF;
@@ -118,6 +124,7 @@ BEGIN
         RETURN NEXT;
     END LOOP;
     IF v_first IS NOT NULL THEN
+        UPDATE pgcrew.runs SET ledger_head_seq = v_seq, ledger_head_hash = v_hash WHERE id = p_run;
         v_done := coalesce(current_setting('pgcrew.notified_runs', true), '');
         IF position(p_run::text IN v_done) = 0 THEN
             PERFORM pg_notify('pgcrew_run_event',
@@ -157,12 +164,30 @@ LANGUAGE sql STABLE AS $$
           FROM pgcrew.events e
          WHERE e.run_id = run
     ),
-    bad AS (
+    row_bad AS (
         SELECT CASE WHEN o.seq <> o.rn THEN o.rn ELSE o.seq END AS bad_seq
           FROM ordered o
          WHERE o.seq <> o.rn OR o.prev_hash <> o.expected_prev OR o.hash <> o.computed
          ORDER BY o.seq
          LIMIT 1
+    ),
+    -- Truncation: events missing after the last stored one, or a last event that is not the
+    -- recorded head (runs whose events were purged keep a chain anchor instead).
+    head_bad AS (
+        SELECT CASE WHEN coalesce(l.seq, 0) < r.ledger_head_seq THEN coalesce(l.seq, 0) + 1
+                    ELSE r.ledger_head_seq END AS bad_seq
+          FROM pgcrew.runs r
+          LEFT JOIN LATERAL (SELECT e.seq, e.hash FROM pgcrew.events e WHERE e.run_id = r.id
+                              ORDER BY e.seq DESC LIMIT 1) l ON true
+         WHERE r.id = run
+           AND r.ledger_head_seq > 0
+           AND NOT EXISTS (SELECT 1 FROM pgcrew.chain_anchors a WHERE a.run_id = r.id)
+           AND (coalesce(l.seq, 0) < r.ledger_head_seq
+                OR (l.seq = r.ledger_head_seq AND l.hash <> r.ledger_head_hash))
+    ),
+    bad AS (
+        SELECT min(bad_seq) AS bad_seq FROM (SELECT bad_seq FROM row_bad
+                                             UNION ALL SELECT bad_seq FROM head_bad) b
     )
     SELECT (SELECT bad_seq FROM bad) IS NULL,
            (SELECT bad_seq FROM bad),

@@ -385,6 +385,20 @@ pub async fn verify_run_chain(db: &Db, run: RunId) -> Result<ChainVerification> 
         }
     }
     drop(portal);
+    // Truncation: the recorded head must be the last event we saw.
+    if first_bad.is_none() {
+        let head = tx.query_one(sql!("runs/ledger_head"), &[&run]).await?;
+        let head_seq: i64 = head.get(0);
+        let head_hash: Option<&[u8]> = head.get(1);
+        let purged: bool = head.get(2);
+        if !purged && head_seq > 0 {
+            if rn < head_seq {
+                first_bad = Some(rn + 1);
+            } else if rn == head_seq && head_hash != Some(expected_prev.as_slice()) {
+                first_bad = Some(head_seq);
+            }
+        }
+    }
     tx.commit().await?;
     let checked = match first_bad {
         // Like the SQL function, report the number of events stored.

@@ -202,6 +202,17 @@ async fn tampering_is_reported_at_the_right_seq_by_both_verifiers() {
     )
     .await;
     assert_eq!(both_verifiers(&t.db, d).await, (Some(7), Some(7)));
+
+    // Truncated ledger: the last events deleted. The run row's recorded head exposes it at the
+    // first missing seq.
+    let e = run_with_events(&t.db, 6).await;
+    exec(
+        &t.db,
+        "DELETE FROM pgcrew.events WHERE run_id = $1 AND seq >= 6",
+        e,
+    )
+    .await;
+    assert_eq!(both_verifiers(&t.db, e).await, (Some(6), Some(6)));
 }
 
 #[tokio::test]
