@@ -757,13 +757,13 @@ async fn instance_clocks_skewed_by_minutes_change_nothing() {
         })
         .collect();
     queue::enqueue_many(&**conn, &tasks).await.unwrap();
-    // A delayed task: due by database time in 3 s, whatever the workers' clocks say.
+    // A delayed task: due by database time in 6 s, whatever the workers' clocks say.
     let delayed = queue::enqueue(
         &**conn,
         &NewTask::new("effect", &serde_json::json!({}))
             .unwrap()
             .queue("skew")
-            .delay(Duration::from_secs(3)),
+            .delay(Duration::from_secs(6)),
     )
     .await
     .unwrap()

@@ -66,7 +66,9 @@ fn mutate(rng: &mut fastrand::Rng, seed: &[u8]) -> Vec<u8> {
             }
             1 => {
                 let i = rng.usize(0..=v.len());
-                let b = *rng.choice(b"{}[]\",:0123456789-.eE sms\\u\n\0".iter()).unwrap_or(&b'x');
+                let b = *rng
+                    .choice(b"{}[]\",:0123456789-.eE sms\\u\n\0".iter())
+                    .unwrap_or(&b'x');
                 v.insert(i, b);
             }
             2 if !v.is_empty() => {
