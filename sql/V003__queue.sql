@@ -84,14 +84,29 @@ CREATE TABLE pgcrew.tenant_queue_limits (
     PRIMARY KEY (tenant_id, queue)
 );
 
--- Wake-up: one NOTIFY per queue per inserting statement (PostgreSQL folds identical payloads
--- within a transaction, so at most one per transaction per queue is delivered).
+-- Worker pools that ran out of work and wait for more register here per queue (and leave when
+-- they are saturated). NOTIFY is only sent for queues that have a waiting pool, so a busy
+-- system pays nothing for wake-ups. Unlogged: after a crash pools re-register on their next
+-- idle cycle (and poll meanwhile).
+CREATE UNLOGGED TABLE pgcrew.queue_waiters (
+    queue       text NOT NULL,
+    pool_id     uuid NOT NULL,
+    instance_id text NOT NULL REFERENCES pgcrew.instances (id) ON DELETE CASCADE,
+    since       timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (queue, pool_id)
+);
+
+-- Wake-up: one NOTIFY per queue with a waiting pool per inserting statement (PostgreSQL folds
+-- identical payloads within a transaction, so at most one per transaction per queue is
+-- delivered).
 CREATE FUNCTION pgcrew.notify_tasks_inserted() RETURNS trigger LANGUAGE plpgsql AS $$
 #variable_conflict use_column
 DECLARE
     q text;
 BEGIN
-    FOR q IN SELECT DISTINCT n.queue FROM new_tasks n WHERE n.state = 'available' LOOP
+    FOR q IN SELECT DISTINCT n.queue FROM new_tasks n
+              WHERE n.state = 'available'
+                AND EXISTS (SELECT 1 FROM pgcrew.queue_waiters w WHERE w.queue = n.queue) LOOP
         PERFORM pg_notify('pgcrew_task_available', json_build_object('queue', q)::text);
     END LOOP;
     RETURN NULL;

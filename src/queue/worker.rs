@@ -308,6 +308,7 @@ impl WorkerPoolBuilder {
             shutdown_timeout: self.shutdown_timeout,
             retry: self.retry,
             metrics: Arc::new(WorkerMetrics::default()),
+            pool_id: uuid::Uuid::new_v4(),
         }))
     }
 }
@@ -327,6 +328,8 @@ pub struct WorkerPool {
     shutdown_timeout: Option<Duration>,
     retry: RetryPolicy,
     metrics: Arc<WorkerMetrics>,
+    /// Identifies this pool in `pgcrew.queue_waiters`.
+    pool_id: uuid::Uuid,
 }
 
 impl std::fmt::Debug for WorkerPool {
@@ -405,8 +408,13 @@ impl WorkerPool {
         let capacity = self.concurrency + self.prefetch;
         let mut conn: Option<Conn> = None;
         let mut backoff = Duration::from_millis(50);
+        // Whether this pool is registered in `pgcrew.queue_waiters` (so enqueues NOTIFY it).
+        let mut waiting = false;
         loop {
             if *shutdown.borrow() {
+                if waiting {
+                    self.set_waiting(client, &mut conn, false).await;
+                }
                 return;
             }
             let held = self.metrics.in_flight.load(Ordering::SeqCst);
@@ -419,6 +427,10 @@ impl WorkerPool {
                 (capacity / 2).clamp(1, self.max_batch)
             };
             if free == 0 || (held > 0 && free < threshold) {
+                // Saturated: enqueues need not wake us (keeps NOTIFY off the hot path).
+                if waiting {
+                    waiting = !self.set_waiting(client, &mut conn, false).await;
+                }
                 tokio::select! {
                     _ = shared.slot_freed.notified() => {}
                     _ = shutdown.changed() => {}
@@ -448,6 +460,14 @@ impl WorkerPool {
                         }
                     }
                     if got == 0 {
+                        if !waiting {
+                            // Out of work: ask for wake-ups, then claim once more so a task
+                            // enqueued before the registration is not left to the poll.
+                            waiting = self.set_waiting(client, &mut conn, true).await;
+                            if waiting {
+                                continue;
+                            }
+                        }
                         self.idle_wait(&mut conn, shared, sub, shutdown).await;
                     }
                 }
@@ -460,6 +480,41 @@ impl WorkerPool {
                     }
                     backoff = (backoff * 2).min(Duration::from_secs(5));
                 }
+            }
+        }
+    }
+
+    /// Register (`true`) or unregister this pool as waiting for work on its queues. Returns
+    /// whether the change was made; failures are logged (the fallback poll still finds work).
+    async fn set_waiting(&self, client: &Client, conn: &mut Option<Conn>, on: bool) -> bool {
+        if conn.is_none() {
+            match client.db().get().await {
+                Ok(c) => *conn = Some(c),
+                Err(e) => {
+                    debug!(error = %e, "worker pool: no connection to update the waiter row");
+                    return false;
+                }
+            }
+        }
+        let Some(c) = conn.as_ref() else {
+            return false;
+        };
+        let result = if on {
+            c.execute(
+                sql!("queue/register_waiter"),
+                &[&self.queues, &self.pool_id, client.instance_id()],
+            )
+            .await
+        } else {
+            c.execute(sql!("queue/unregister_waiter"), &[&self.pool_id])
+                .await
+        };
+        match result {
+            Ok(_) => true,
+            Err(e) => {
+                debug!(error = %e, "worker pool: cannot update the waiter row");
+                *conn = None;
+                false
             }
         }
     }

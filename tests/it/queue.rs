@@ -1342,3 +1342,92 @@ async fn cli_tasks_enqueue_stats_list_cancel_retry() {
     assert_eq!(code, Some(2));
     assert!(err.contains("not valid JSON"), "{err}");
 }
+
+#[tokio::test]
+async fn saturated_pools_get_no_notifications_idle_ones_do() {
+    let t = test_db().await;
+    // Count NOTIFYs on the wake-up channel from a separate LISTEN connection.
+    let cfg = pgcrew::db::parse_dsn(t.dsn()).unwrap();
+    let (listener, driver, mut notes) = pgcrew::Db::connect_dedicated(&cfg).await.unwrap();
+    listener
+        .batch_execute("LISTEN pgcrew_task_available")
+        .await
+        .unwrap();
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let started = Arc::new(AtomicUsize::new(0));
+    let (rel, st) = (release.clone(), started.clone());
+    let pool = WorkerPool::builder()
+        .queue("busy")
+        .concurrency(1)
+        .poll_interval(Duration::from_secs(60))
+        .handler("block", move |_ctx, _p: serde_json::Value| {
+            let rel = rel.clone();
+            st.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let _permit = rel.acquire().await;
+                Ok(TaskOutcome::Complete)
+            }
+        })
+        .build()
+        .unwrap();
+    let client = start_client(&t, "saturated", Some(pool), false).await;
+    // Idle: the pool registers as a waiter, and an enqueue wakes it through NOTIFY.
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            scalar(
+                &t,
+                "SELECT count(*) FROM pgcrew.queue_waiters WHERE queue = 'busy'",
+            )
+            .await
+                == 1
+        })
+        .await
+    );
+    let conn = t.db.get().await.unwrap();
+    queue::enqueue(&**conn, &task("block").queue("busy"))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            started.load(Ordering::SeqCst) == 1
+        })
+        .await
+    );
+    // Saturated (its one slot is blocked): it leaves the waiters, and enqueues send no NOTIFY.
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            scalar(&t, "SELECT count(*) FROM pgcrew.queue_waiters").await == 0
+        })
+        .await
+    );
+    while tokio::time::timeout(Duration::from_millis(200), notes.recv())
+        .await
+        .is_ok()
+    {}
+    for _ in 0..20 {
+        queue::enqueue(&**conn, &task("block").queue("busy"))
+            .await
+            .unwrap();
+    }
+    let got = tokio::time::timeout(Duration::from_millis(500), notes.recv()).await;
+    assert!(
+        got.is_err(),
+        "no NOTIFY while the only pool is saturated: {got:?}"
+    );
+    // Release everything: all tasks complete (claimed by the pool as slots free up).
+    release.add_permits(100);
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            scalar(
+                &t,
+                "SELECT count(*) FROM pgcrew.tasks WHERE queue = 'busy' AND state = 'completed'",
+            )
+            .await
+                == 21
+        })
+        .await
+    );
+    client.stop().await.unwrap();
+    drop(listener);
+    driver.abort();
+}
