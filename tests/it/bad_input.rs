@@ -328,7 +328,28 @@ async fn unknown_ids_and_illegal_transitions_are_refused_and_change_nothing() {
     let run = runs::create_run(&t.db, NewRun::new(tenant.clone()))
         .await
         .unwrap();
+    let submitter = pgcrew::AgentRuntime::new(
+        pgcrew::Kernel::new(
+            t.db.clone(),
+            std::sync::Arc::new(pgcrew::ScriptedModel::demo_agent()),
+        ),
+        "bad-input",
+    );
+    let session = submitter.new_session(&tenant, "user").await.unwrap();
     let before = checksum(&t.db).await;
+    // An unknown agent: refused, no run and no task stored.
+    let e = submitter
+        .submit("no-such-agent", session.id, "hello")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("no-such-agent"), "{e:?}");
+    assert!(
+        submitter
+            .submit("no-such-agent", SessionId::new(), "hello")
+            .await
+            .is_err()
+    );
+    assert_eq!(before, checksum(&t.db).await);
     let ghost = RunId::new();
     for e in [
         runs::get_run(&t.db, ghost).await.unwrap_err(),
