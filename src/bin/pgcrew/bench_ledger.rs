@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use pgcrew::coord::notify::{Notifier, NotifierConfig};
-use pgcrew::db::{Db, ScratchDatabase, TempCluster};
+use pgcrew::db::Db;
 use pgcrew::runs::{self, NewEvent, NewRun};
 use pgcrew::{Error, Result, RunId, TenantId};
 use serde::Serialize;
@@ -81,19 +81,9 @@ pub async fn run(dsn: Option<String>, args: LedgerBenchArgs) -> Result<ExitCode>
     if !(args.seconds > 0.0 && args.seconds.is_finite()) {
         return Err(Error::invalid("--seconds", "must be a positive number"));
     }
-    let (_cluster, admin) = match dsn.filter(|d| !d.trim().is_empty()) {
-        Some(d) => (None, d),
-        None => {
-            eprintln!("no --dsn / DATABASE_URL: starting a throwaway local PostgreSQL cluster");
-            let cluster = tokio::task::spawn_blocking(TempCluster::start)
-                .await
-                .map_err(|e| Error::Cluster(e.to_string()))??;
-            let dsn = cluster.dsn();
-            (Some(cluster), dsn)
-        }
-    };
-    let scratch = ScratchDatabase::create(&admin, "pgcrew_bench").await?;
-    let result = bench(scratch.dsn(), &args).await;
+    // A scratch database (on a throwaway cluster without a DSN), dropped afterwards.
+    let scratch = crate::bench::scratch_db(dsn).await?;
+    let result = bench(&scratch.dsn, &args).await;
     drop(scratch);
     let r = result?;
     if args.json {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use pgcrew::db::{Db, ScratchDatabase, TempCluster};
+use pgcrew::db::Db;
 use pgcrew::queue::{self, NewTask, TaskOutcome, WorkerPool};
 use pgcrew::{Client, ClientConfig, Error, InstanceId, Result};
 use serde::Serialize;
@@ -91,20 +91,9 @@ pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> 
             "--tasks, --concurrency, --instances, --batch and --producers must be at least 1",
         ));
     }
-    // Keep the cluster (if any) alive until the scratch database is dropped.
-    let (_cluster, admin) = match dsn.filter(|d| !d.trim().is_empty()) {
-        Some(d) => (None, d),
-        None => {
-            eprintln!("no --dsn / DATABASE_URL: starting a throwaway local PostgreSQL cluster");
-            let cluster = tokio::task::spawn_blocking(TempCluster::start)
-                .await
-                .map_err(|e| Error::Cluster(e.to_string()))??;
-            let dsn = cluster.dsn();
-            (Some(cluster), dsn)
-        }
-    };
-    let scratch = ScratchDatabase::create(&admin, "pgcrew_bench").await?;
-    let result = bench(scratch.dsn(), &args).await;
+    // A scratch database (on a throwaway cluster without a DSN), dropped afterwards.
+    let scratch = crate::bench::scratch_db(dsn).await?;
+    let result = bench(&scratch.dsn, &args).await;
     drop(scratch);
     let report = result?;
     if args.json {
