@@ -11,6 +11,7 @@
 //! | `notify_poll_interval` | 5 s | fallback poll interval of listeners (NOTIFY is only a wake-up) |
 //! | `pool_size` | 16 | maximum pooled connections |
 //! | `connect_timeout` | 10 s | timeout to open one connection |
+//! | `pool_wait_timeout` | 30 s | how long a caller waits for a pooled connection before `Error::Pool` |
 //! | `listen_dsn` | the main DSN | separate DSN for the LISTEN connection (e.g. bypassing PgBouncer) |
 //! | `poll_only` | false | no LISTEN connection at all; everything polls |
 //! | `migrate` | false | run the embedded migrations when the client is built |
@@ -51,6 +52,8 @@ pub struct ClientConfig {
     pub pool_size: usize,
     /// Timeout to open one connection.
     pub connect_timeout: Duration,
+    /// How long a caller waits for a free pooled connection before `Error::Pool`.
+    pub pool_wait_timeout: Duration,
     /// Separate DSN for the LISTEN connection.
     pub listen_dsn: Option<String>,
     /// Disable LISTEN entirely and rely on polling.
@@ -82,6 +85,7 @@ impl Default for ClientConfig {
             notify_poll_interval: Duration::from_secs(5),
             pool_size: 16,
             connect_timeout: Duration::from_secs(10),
+            pool_wait_timeout: Duration::from_secs(30),
             listen_dsn: None,
             poll_only: false,
             migrate: false,
@@ -121,6 +125,7 @@ impl ClientConfig {
         positive("stuck_run_timeout", self.stuck_run_timeout)?;
         positive("notify_poll_interval", self.notify_poll_interval)?;
         positive("connect_timeout", self.connect_timeout)?;
+        positive("pool_wait_timeout", self.pool_wait_timeout)?;
         positive("task_heartbeat_timeout", self.task_heartbeat_timeout)?;
         if self.leader_ttl < Duration::from_millis(300) {
             return Err(Error::Config(format!(
@@ -214,6 +219,10 @@ impl ClientConfigBuilder {
     setter!(
         /// Connect timeout (default 10 s).
         connect_timeout: Duration
+    );
+    setter!(
+        /// Wait for a free pooled connection at most this long (default 30 s).
+        pool_wait_timeout: Duration
     );
     setter!(
         /// Poll-only mode, no LISTEN connection (default false).

@@ -133,7 +133,15 @@ impl ClientBuilder {
         self.config.validate()?;
         let db = match self.source {
             DbSource::Dsn(dsn) => {
-                Db::connect(&dsn, self.config.pool_size, self.config.connect_timeout).await?
+                Db::connect_with(
+                    &dsn,
+                    crate::db::PoolOptions {
+                        size: self.config.pool_size,
+                        connect_timeout: self.config.connect_timeout,
+                        wait_timeout: self.config.pool_wait_timeout,
+                    },
+                )
+                .await?
             }
             DbSource::Db(db) => *db,
         };

@@ -35,6 +35,27 @@ pub fn parse_dsn(dsn: &str) -> Result<tokio_postgres::Config> {
     })
 }
 
+/// Pool settings for [`Db::connect_with`].
+#[derive(Debug, Clone, Copy)]
+pub struct PoolOptions {
+    /// Maximum pooled connections (default 16).
+    pub size: usize,
+    /// Timeout to open one connection (default 10 s).
+    pub connect_timeout: Duration,
+    /// How long a caller waits for a free connection before `Error::Pool` (default 30 s).
+    pub wait_timeout: Duration,
+}
+
+impl Default for PoolOptions {
+    fn default() -> Self {
+        Self {
+            size: 16,
+            connect_timeout: Duration::from_secs(10),
+            wait_timeout: Duration::from_secs(30),
+        }
+    }
+}
+
 /// A handle on the pgcrew database: a connection pool plus the DSN it came from.
 ///
 /// Cheap to clone; all clones share the pool.
@@ -58,27 +79,50 @@ impl Db {
     /// Connect a pool of at most `pool_size` connections and check that the server answers.
     #[instrument(skip(dsn), err)]
     pub async fn connect(dsn: &str, pool_size: usize, connect_timeout: Duration) -> Result<Db> {
+        Self::connect_with(
+            dsn,
+            PoolOptions {
+                size: pool_size,
+                connect_timeout,
+                ..PoolOptions::default()
+            },
+        )
+        .await
+    }
+
+    /// Connect a pool with explicit [`PoolOptions`] and check that the server answers.
+    #[instrument(skip(dsn), err)]
+    pub async fn connect_with(dsn: &str, options: PoolOptions) -> Result<Db> {
         let mut config = parse_dsn(dsn)?;
         if config.get_connect_timeout().is_none() {
-            config.connect_timeout(connect_timeout);
+            config.connect_timeout(options.connect_timeout);
         }
         if config.get_application_name().is_none() {
             config.application_name("pgcrew");
         }
-        Self::connect_config(config, pool_size, connect_timeout).await
+        Self::connect_config(config, options).await
     }
 
     /// A second, independent pool on the same database (used so that heartbeats and leader
     /// renewals never wait behind application work for a connection).
     pub async fn sibling(&self, pool_size: usize, connect_timeout: Duration) -> Result<Db> {
-        Self::connect_config(self.config.clone(), pool_size, connect_timeout).await
+        Self::connect_config(
+            self.config.clone(),
+            PoolOptions {
+                size: pool_size,
+                connect_timeout,
+                ..PoolOptions::default()
+            },
+        )
+        .await
     }
 
-    async fn connect_config(
-        config: tokio_postgres::Config,
-        pool_size: usize,
-        connect_timeout: Duration,
-    ) -> Result<Db> {
+    async fn connect_config(config: tokio_postgres::Config, options: PoolOptions) -> Result<Db> {
+        let PoolOptions {
+            size: pool_size,
+            connect_timeout,
+            wait_timeout,
+        } = options;
         let manager = Manager::from_config(
             config.clone(),
             NoTls,
@@ -89,7 +133,7 @@ impl Db {
         let pool = Pool::builder(manager)
             .max_size(pool_size.max(1))
             .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(connect_timeout.max(Duration::from_secs(30))))
+            .wait_timeout(Some(wait_timeout))
             .create_timeout(Some(connect_timeout))
             .recycle_timeout(Some(connect_timeout))
             .build()

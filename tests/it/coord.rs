@@ -594,3 +594,24 @@ async fn renewals_and_failed_attempts_do_not_consume_terms() {
     );
     b.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn exhausted_pool_fails_after_the_wait_timeout_with_a_clear_error() {
+    let t = test_db().await;
+    let db = pgcrew::Db::connect_with(
+        t.dsn(),
+        pgcrew::db::PoolOptions {
+            size: 1,
+            connect_timeout: Duration::from_secs(5),
+            wait_timeout: Duration::from_millis(200),
+        },
+    )
+    .await
+    .unwrap();
+    let held = db.get().await.unwrap();
+    let err = db.get().await.unwrap_err();
+    assert!(matches!(err, Error::Pool(_)), "{err}");
+    assert!(err.to_string().contains("pool_size"), "{err}");
+    drop(held);
+    assert!(db.get().await.is_ok());
+}

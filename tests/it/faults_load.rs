@@ -721,8 +721,15 @@ fn faketime_available() -> bool {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instance_clocks_skewed_by_minutes_change_nothing() {
     if !faketime_available() {
-        // Say so loudly: without libfaketime this test cannot skew a process clock.
-        panic!("faketime is not installed (apt-get install faketime)");
+        // CI installs libfaketime and sets PGCREW_REQUIRE_FAULT_TOOLS, so there the test cannot
+        // be skipped; on a developer machine without it, say so loudly and skip.
+        if std::env::var_os("PGCREW_REQUIRE_FAULT_TOOLS").is_some() {
+            panic!("faketime is not installed (apt-get install faketime)");
+        }
+        eprintln!(
+            "SKIPPED instance_clocks_skewed_by_minutes_change_nothing: libfaketime is not installed (apt-get install faketime)"
+        );
+        return;
     }
     // The skew really applies to the child processes.
     let now = std::time::SystemTime::now()
