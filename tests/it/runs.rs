@@ -1030,3 +1030,24 @@ async fn maintenance_releases_leases_of_dead_instances_and_fail_run_in_records_t
         Err(Error::InvalidInput { .. })
     ));
 }
+
+#[tokio::test]
+async fn cli_tail_json_prints_one_event_per_line() {
+    let t = test_db().await;
+    let run = run_with_events(&t.db, 4).await;
+    let out = tokio::process::Command::new(pgcrew_bin())
+        .arg("--dsn")
+        .arg(t.dsn())
+        .args(["run", "tail", &run.to_string(), "--json"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let seqs: Vec<i64> = lines.iter().map(|v| v["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, (1..=5).collect::<Vec<_>>());
+    assert!(lines.iter().all(|v| v["event_type"].is_string()));
+}

@@ -39,6 +39,9 @@ pub enum RunCmd {
         /// Only events after this seq.
         #[arg(long, default_value_t = 0)]
         after: i64,
+        /// Print one JSON object per event (JSON Lines, with payload and hashes).
+        #[arg(long)]
+        json: bool,
     },
     /// Show a run's state, usage and lease.
     Status {
@@ -92,7 +95,14 @@ fn opt(s: &Option<String>) -> String {
     s.clone().unwrap_or_else(|| "-".into())
 }
 
-fn print_event(e: &LedgerEvent) {
+fn print_event(e: &LedgerEvent, json: bool) {
+    if json {
+        match serde_json::to_string(e) {
+            Ok(line) => println!("{line}"),
+            Err(err) => eprintln!("warning: cannot encode event {}: {err}", e.seq),
+        }
+        return;
+    }
     println!(
         "{}\t{}\t{}\t{}",
         e.seq,
@@ -131,14 +141,19 @@ pub async fn exec(dsn: Option<String>, cmd: RunCmd) -> Result<ExitCode> {
                 }
             }
         }
-        RunCmd::Tail { run, follow, after } => {
+        RunCmd::Tail {
+            run,
+            follow,
+            after,
+            json,
+        } => {
             runs::get_run(&db, run).await?;
             let mut last = after;
             loop {
                 let batch = runs::read_events(&db, run, last, 1000).await?;
                 let n = batch.len();
                 for e in &batch {
-                    print_event(e);
+                    print_event(e, json);
                     last = e.seq;
                 }
                 if n < 1000 {
@@ -146,7 +161,7 @@ pub async fn exec(dsn: Option<String>, cmd: RunCmd) -> Result<ExitCode> {
                 }
             }
             if follow {
-                follow_run(&db, run, last).await?;
+                follow_run(&db, run, last, json).await?;
             }
         }
         RunCmd::Status { run, json } => {
@@ -266,7 +281,7 @@ pub async fn exec(dsn: Option<String>, cmd: RunCmd) -> Result<ExitCode> {
 }
 
 /// Stream new events until the run is finished and fully printed, or Ctrl-C.
-async fn follow_run(db: &pgcrew::Db, run: RunId, after: i64) -> Result<()> {
+async fn follow_run(db: &pgcrew::Db, run: RunId, after: i64, json: bool) -> Result<()> {
     let notifier = Notifier::new(1024);
     let listener = notifier.spawn_listener(NotifierConfig {
         pg_config: db.config().clone(),
@@ -286,7 +301,7 @@ async fn follow_run(db: &pgcrew::Db, run: RunId, after: i64) -> Result<()> {
     let result = loop {
         tokio::select! {
             item = stream.next() => match item {
-                Some(Ok(e)) => { last = e.seq; print_event(&e); }
+                Some(Ok(e)) => { last = e.seq; print_event(&e, json); }
                 Some(Err(e)) => eprintln!("warning: {e}; retrying"),
                 None => break Ok(()),
             },
