@@ -37,11 +37,11 @@ macro_rules! sql {
     };
 }
 
+pub mod agent;
 pub mod config;
 pub mod coord;
 pub mod db;
 pub mod error;
-pub mod agent;
 pub mod ids;
 pub mod kernel;
 pub mod model;
@@ -49,13 +49,13 @@ pub mod queue;
 pub mod runs;
 pub mod tenancy;
 
+pub use agent::{AgentDef, AgentRuntime, Tool, ToolRegistry};
 pub use config::{ClientConfig, ClientConfigBuilder};
 pub use coord::client::Client;
 pub use coord::notify::{Event, EventKind, Subscription};
 pub use db::Db;
 pub use error::{Error, Result};
 pub use ids::{ClaimToken, InstanceId, RunId, SessionId, TaskId, TenantId};
-pub use agent::{AgentDef, AgentRuntime, Tool, ToolRegistry};
 pub use kernel::{Harness, Kernel, ReplayPolicy, RunScope};
 pub use model::{ModelPort, ModelRequest, ModelResponse, OpenAiModel, ScriptedModel};
 pub use queue::{NewTask, Priority, TaskOutcome, WorkerPool};
