@@ -8,7 +8,7 @@ use pgcrew::db::{ScratchDatabase, TempCluster};
 use pgcrew::{Client, ClientConfig, EventKind, InstanceId};
 
 use crate::common::{eventually, test_db};
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, upstream, with_port};
 
 fn config(id: &str) -> ClientConfig {
     ClientConfig::builder()
@@ -22,28 +22,6 @@ fn config(id: &str) -> ClientConfig {
         .pool_size(4)
         .build()
         .unwrap()
-}
-
-fn with_port(dsn: &str, port: u16) -> String {
-    let cfg = pgcrew::db::parse_dsn(dsn).unwrap();
-    let user = cfg.get_user().unwrap_or("postgres");
-    let password = cfg
-        .get_password()
-        .map(|p| format!(" password='{}'", String::from_utf8_lossy(p)))
-        .unwrap_or_default();
-    format!(
-        "host=127.0.0.1 port={port} user='{user}'{password} dbname='{}'",
-        cfg.get_dbname().unwrap()
-    )
-}
-
-fn upstream(dsn: &str) -> String {
-    let cfg = pgcrew::db::parse_dsn(dsn).unwrap();
-    let host = match &cfg.get_hosts()[0] {
-        tokio_postgres::config::Host::Tcp(h) => h.clone(),
-        tokio_postgres::config::Host::Unix(_) => "127.0.0.1".into(),
-    };
-    format!("{host}:{}", cfg.get_ports()[0])
 }
 
 #[tokio::test]

@@ -20,7 +20,7 @@ use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{Client, ClientConfig, Db, Error, InstanceId, RunId};
 
 use crate::common::{eventually, pgcrew_bin, test_db};
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, upstream, with_port};
 
 /// The full scale runs by default (about 45 s here); `PGCREW_FAULT_SCALE=small` runs
 /// a fifth of it.
@@ -71,28 +71,6 @@ async fn executions(db: &Db, table: &str) -> HashMap<i64, i64> {
     .iter()
     .map(|r| (r.get(0), r.get(1)))
     .collect()
-}
-
-fn with_port(dsn: &str, port: u16) -> String {
-    let cfg = pgcrew::db::parse_dsn(dsn).unwrap();
-    let user = cfg.get_user().unwrap_or("postgres");
-    let password = cfg
-        .get_password()
-        .map(|p| format!(" password='{}'", String::from_utf8_lossy(p)))
-        .unwrap_or_default();
-    format!(
-        "host=127.0.0.1 port={port} user='{user}'{password} dbname='{}'",
-        cfg.get_dbname().unwrap()
-    )
-}
-
-fn upstream(dsn: &str) -> String {
-    let cfg = pgcrew::db::parse_dsn(dsn).unwrap();
-    let host = match &cfg.get_hosts()[0] {
-        tokio_postgres::config::Host::Tcp(h) => h.clone(),
-        tokio_postgres::config::Host::Unix(_) => "127.0.0.1".into(),
-    };
-    format!("{host}:{}", cfg.get_ports()[0])
 }
 
 /// A `pgcrew tasks work --record-effects` process (optionally under `faketime`).

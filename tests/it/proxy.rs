@@ -133,3 +133,27 @@ async fn pump(
         }
     }
 }
+
+/// The same DSN, pointed at 127.0.0.1:`port` (a proxy in front of the server).
+pub fn with_port(dsn: &str, port: u16) -> String {
+    let cfg = pgcrew::db::parse_dsn(dsn).unwrap();
+    let user = cfg.get_user().unwrap_or("postgres");
+    let password = cfg
+        .get_password()
+        .map(|p| format!(" password='{}'", String::from_utf8_lossy(p)))
+        .unwrap_or_default();
+    format!(
+        "host=127.0.0.1 port={port} user='{user}'{password} dbname='{}'",
+        cfg.get_dbname().unwrap()
+    )
+}
+
+/// The `host:port` a DSN connects to (the proxy's upstream).
+pub fn upstream(dsn: &str) -> String {
+    let cfg = pgcrew::db::parse_dsn(dsn).unwrap();
+    let host = match &cfg.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        tokio_postgres::config::Host::Unix(_) => "127.0.0.1".into(),
+    };
+    format!("{host}:{}", cfg.get_ports()[0])
+}
