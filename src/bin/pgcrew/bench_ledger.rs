@@ -137,6 +137,10 @@ async fn bench(dsn: &str, args: &LedgerBenchArgs) -> Result<Report> {
     }
     let phase = Duration::from_secs_f64(args.seconds);
 
+    eprintln!(
+        "[1/5] raw sequenced append (plain SQL) for {:.1} s ...",
+        args.seconds
+    );
     let raw = measure(args.writers, phase, raw_runs.clone(), {
         let db = db.clone();
         move |run, i| {
@@ -145,6 +149,7 @@ async fn bench(dsn: &str, args: &LedgerBenchArgs) -> Result<Report> {
         }
     })
     .await?;
+    eprintln!("[2/5] pgcrew append_event for {:.1} s ...", args.seconds);
     let single = measure(args.writers, phase, pg_runs.clone(), {
         let db = db.clone();
         move |run, i| {
@@ -158,6 +163,7 @@ async fn bench(dsn: &str, args: &LedgerBenchArgs) -> Result<Report> {
     })
     .await?;
     let batch_n = args.batch;
+    eprintln!("[3/5] pgcrew batch append for {:.1} s ...", args.seconds);
     let batch = measure(args.writers, phase, pg_runs.clone(), {
         let db = db.clone();
         move |run, i| {
@@ -176,6 +182,10 @@ async fn bench(dsn: &str, args: &LedgerBenchArgs) -> Result<Report> {
 
     // A large run for verification, appended in big batches.
     let big = runs::create_run(&db, NewRun::new(tenant)).await?;
+    eprintln!(
+        "[4/5] building and verifying a {}-event run ...",
+        args.verify_events
+    );
     let mut left = args.verify_events.saturating_sub(1);
     let mut k = 0u64;
     while left > 0 {
@@ -199,6 +209,7 @@ async fn bench(dsn: &str, args: &LedgerBenchArgs) -> Result<Report> {
     let sql = runs::verify_run_chain_sql(&db, big).await?;
     let verify_sql = t.elapsed();
 
+    eprintln!("[5/5] cancellation latency ({CANCEL_SAMPLES} runs) ...");
     let (cancel_p50, cancel_p99) = cancel_latency(&db, CANCEL_SAMPLES).await?;
 
     let mut valid = rust.valid && sql.valid && rust.checked == args.verify_events as u64;

@@ -141,6 +141,7 @@ async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
     db.migrate().await?;
 
     // 1. Bulk enqueue: whole batches from `producers` connections at once.
+    eprintln!("[1/3] bulk enqueue of {} tasks ...", args.tasks);
     let tasks: Vec<NewTask> = (0..args.tasks)
         .map(|i| NewTask::new("noop", &serde_json::json!({ "i": i })))
         .collect::<Result<_>>()?;
@@ -170,6 +171,7 @@ async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
     let enqueue_secs = t0.elapsed().as_secs_f64();
 
     // 2. Processing across instances.
+    eprintln!("[2/3] processing them ...");
     let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<Instant>();
     let mut clients = Vec::new();
     let mut pools = Vec::new();
@@ -224,6 +226,10 @@ async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
     let process_secs = t1.elapsed().as_secs_f64();
 
     // 3. Wake-up latency: the pools are idle now.
+    eprintln!(
+        "[3/3] wake-up latency ({} tasks one at a time) ...",
+        args.wakeups
+    );
     tokio::time::sleep(Duration::from_millis(200)).await;
     let conn = db.get().await?;
     let mut samples = Vec::with_capacity(args.wakeups);
