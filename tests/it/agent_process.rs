@@ -3,8 +3,8 @@
 //! middle of a model call and the other one finishes the run from the ledger.
 
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use pgcrew::agent::AgentRuntime;
@@ -13,121 +13,25 @@ use pgcrew::model::ScriptedModel;
 use pgcrew::runs::{self, RunState};
 use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{Db, RunId};
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::common::{eventually, pgcrew_bin, test_db};
+use crate::mock_openai::{MockOpenAi, MockScript, mock_openai};
 
-/// An OpenAI-compatible chat server for the demo `support` agent: turn 0 calls
-/// `lookup_order` and `get_weather`, turn 1 answers. While `hang` is set, turn-1 requests
-/// never get an answer (the instance is killed while it waits). Records the turn of every
-/// request received and of every response written.
-struct MockOpenAi {
-    base_url: String,
-    requests: Arc<Mutex<Vec<usize>>>,
-    answered: Arc<Mutex<Vec<usize>>>,
-    hang: Arc<AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for MockOpenAi {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn read_request(stream: &mut tokio::net::TcpStream) -> Option<Value> {
-    use tokio::io::AsyncReadExt;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 8192];
-    let (head_end, len) = loop {
-        let n = stream.read(&mut chunk).await.unwrap_or(0);
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
-            let len = head
-                .lines()
-                .find_map(|l| l.strip_prefix("content-length:"))
-                .and_then(|v| v.trim().parse::<usize>().ok())
-                .unwrap_or(0);
-            break (i + 4, len);
-        }
-    };
-    while buf.len() < head_end + len {
-        let n = stream.read(&mut chunk).await.unwrap_or(0);
-        if n == 0 {
-            return None;
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    serde_json::from_slice(&buf[head_end..]).ok()
-}
-
-async fn mock_openai() -> MockOpenAi {
-    use tokio::io::AsyncWriteExt;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
-    let requests = Arc::new(Mutex::new(Vec::new()));
-    let answered = Arc::new(Mutex::new(Vec::new()));
-    let hang = Arc::new(AtomicBool::new(true));
-    let (rq, an, hg) = (requests.clone(), answered.clone(), hang.clone());
-    let task = tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let (rq, an, hg) = (rq.clone(), an.clone(), hg.clone());
-            tokio::spawn(async move {
-                let Some(body) = read_request(&mut stream).await else {
-                    return;
-                };
-                let turn = body["messages"]
-                    .as_array()
-                    .map(|m| m.iter().filter(|m| m["role"] == "assistant").count())
-                    .unwrap_or(0);
-                rq.lock().unwrap().push(turn);
-                // Decided on arrival: a request that came in while `hang` was set never gets
-                // an answer, even after `hang` is cleared.
-                let hang_this = turn > 0 && hg.load(Ordering::SeqCst);
-                // A little provider latency so that runs take a visible moment.
-                tokio::time::sleep(Duration::from_millis(200)).await;
-                let message = if turn == 0 {
-                    json!({"role": "assistant", "content": null, "tool_calls": [
-                        {"id": "call_order", "type": "function", "function":
-                            {"name": "lookup_order", "arguments": "{\"order_id\":\"A-1001\"}"}},
-                        {"id": "call_weather", "type": "function", "function":
-                            {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]})
-                } else {
-                    if hang_this {
-                        std::future::pending::<()>().await;
-                    }
-                    json!({"role": "assistant", "content": "Order A-1001 is on its way."})
-                };
-                let finish = if turn == 0 { "tool_calls" } else { "stop" };
-                let out = json!({
-                    "id": "chatcmpl-1", "object": "chat.completion", "created": 1_700_000_000u32,
-                    "model": "gpt-4o-mini",
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-                    "usage": {"prompt_tokens": 50, "completion_tokens": 10, "total_tokens": 60}
-                })
-                .to_string();
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{out}",
-                    out.len()
-                );
-                if stream.write_all(response.as_bytes()).await.is_ok() {
-                    an.lock().unwrap().push(turn);
-                }
-                let _ = stream.shutdown().await;
-            });
-        }
-    });
-    MockOpenAi {
-        base_url,
-        requests,
-        answered,
-        hang,
-        task,
-    }
+/// The mock for the demo `support` agent: turn 0 calls `lookup_order` and `get_weather`.
+async fn support_mock() -> MockOpenAi {
+    mock_openai(MockScript {
+        tool_calls: json!([
+            {"id": "call_order", "type": "function", "function":
+                {"name": "lookup_order", "arguments": "{\"order_id\":\"A-1001\"}"}},
+            {"id": "call_weather", "type": "function", "function":
+                {"name": "get_weather", "arguments": "{\"city\":\"Oslo\"}"}}]),
+        final_text: "Order A-1001 is on its way.",
+        // A little provider latency so that runs take a visible moment.
+        latency: Duration::from_millis(200),
+        usage: (50, 10),
+    })
+    .await
 }
 
 /// A `pgcrew serve` child, killed (SIGKILL) on drop.
@@ -197,7 +101,7 @@ async fn event_counts(db: &Db, run: RunId) -> Vec<(String, String)> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_agent_run_other_serve_process_finishes_it_without_repeating_steps() {
     let t = test_db().await;
-    let server = mock_openai().await;
+    let server = support_mock().await;
     let ctx = TenantContext::new("acme").unwrap().budget_usd(Some(5.0));
     tenancy::upsert(&t.db, &ctx).await.unwrap();
     let tenant = ctx.tenant_id.clone();

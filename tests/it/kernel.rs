@@ -15,6 +15,7 @@ use serde_json::{Value, json};
 use std::time::Duration;
 
 use crate::common::{TestDb, eventually, test_db};
+use crate::mock_openai::{MockOpenAi, MockScript, mock_openai};
 
 async fn tenant(db: &Db, id: &str, caps: &[&str], budget: Option<f64>) -> TenantId {
     let ctx = TenantContext::new(id)
@@ -1052,102 +1053,17 @@ async fn agent_run_fails_with_budget_exceeded_and_nothing_is_overspent() {
 // Resume against an OpenAI-compatible mock server on loopback
 // ------------------------------------------------------------------------------------------
 
-/// A minimal OpenAI-compatible chat server: turn 0 calls `lookup_weather`, turn 1 answers;
-/// while `hang` is set, turn-1 requests never get an answer. Counts requests and completed
-/// responses per turn.
-struct MockOpenAi {
-    base_url: String,
-    requests: Arc<Mutex<Vec<usize>>>,
-    answered: Arc<Mutex<Vec<usize>>>,
-    hang: Arc<std::sync::atomic::AtomicBool>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for MockOpenAi {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-async fn mock_openai() -> MockOpenAi {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
-    let requests = Arc::new(Mutex::new(Vec::new()));
-    let answered = Arc::new(Mutex::new(Vec::new()));
-    let hang = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let (rq, an, hg) = (requests.clone(), answered.clone(), hang.clone());
-    let task = tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            let (rq, an, hg) = (rq.clone(), an.clone(), hg.clone());
-            tokio::spawn(async move {
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 8192];
-                let (head_end, len) = loop {
-                    let n = stream.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                    if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&buf[..i]).to_ascii_lowercase();
-                        let len = head
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse::<usize>().ok())
-                            .unwrap_or(0);
-                        break (i + 4, len);
-                    }
-                };
-                while buf.len() < head_end + len {
-                    let n = stream.read(&mut chunk).await.unwrap_or(0);
-                    if n == 0 {
-                        return;
-                    }
-                    buf.extend_from_slice(&chunk[..n]);
-                }
-                let body: Value = serde_json::from_slice(&buf[head_end..]).unwrap_or(Value::Null);
-                let turn = body["messages"]
-                    .as_array()
-                    .map(|m| m.iter().filter(|m| m["role"] == "assistant").count())
-                    .unwrap_or(0);
-                rq.lock().unwrap().push(turn);
-                let message = if turn == 0 {
-                    json!({"role": "assistant", "content": null, "tool_calls": [{
-                        "id": "call_abc", "type": "function",
-                        "function": {"name": "lookup_weather", "arguments": "{\"city\":\"Oslo\"}"}}]})
-                } else {
-                    if hg.load(Ordering::SeqCst) {
-                        std::future::pending::<()>().await;
-                    }
-                    json!({"role": "assistant", "content": "It is sunny in Oslo."})
-                };
-                let finish = if turn == 0 { "tool_calls" } else { "stop" };
-                let out = json!({
-                    "id": "chatcmpl-1", "object": "chat.completion", "created": 1_700_000_000u32,
-                    "model": "gpt-4o-mini",
-                    "choices": [{"index": 0, "message": message, "finish_reason": finish}],
-                    "usage": {"prompt_tokens": 40, "completion_tokens": 9, "total_tokens": 49}
-                })
-                .to_string();
-                let response = format!(
-                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{out}",
-                    out.len()
-                );
-                if stream.write_all(response.as_bytes()).await.is_ok() {
-                    an.lock().unwrap().push(turn);
-                }
-                let _ = stream.shutdown().await;
-            });
-        }
-    });
-    MockOpenAi {
-        base_url,
-        requests,
-        answered,
-        hang,
-        task,
-    }
+/// The mock for the weather agent: turn 0 calls `lookup_weather`, turn 1 answers.
+async fn weather_mock() -> MockOpenAi {
+    mock_openai(MockScript {
+        tool_calls: json!([{
+            "id": "call_abc", "type": "function",
+            "function": {"name": "lookup_weather", "arguments": "{\"city\":\"Oslo\"}"}}]),
+        final_text: "It is sunny in Oslo.",
+        latency: Duration::ZERO,
+        usage: (40, 9),
+    })
+    .await
 }
 
 fn openai(server: &MockOpenAi) -> Arc<pgcrew::model::OpenAiModel> {
@@ -1166,7 +1082,7 @@ fn openai(server: &MockOpenAi) -> Arc<pgcrew::model::OpenAiModel> {
 async fn killed_instance_mid_agent_run_openai_mock_sees_each_completed_step_once() {
     let t = test_db().await;
     let tenant = tenant(&t.db, "acme", &[], Some(10.0)).await;
-    let server = mock_openai().await;
+    let server = weather_mock().await;
     let body_runs = Arc::new(AtomicU64::new(0));
     let tools = || {
         ToolRegistry::new()
