@@ -330,7 +330,7 @@ pub async fn new_session(
 ) -> Result<Session> {
     crate::ids::validate_text_id("session identifier", identifier)?;
     let conn = db.get().await?;
-    ensure_tenant(&conn, tenant).await?;
+    ensure_tenant(&**conn, tenant).await?;
     let row = conn
         .query_one(
             sql!("runs/upsert_session"),
@@ -361,7 +361,10 @@ pub async fn get_session(db: &Db, id: SessionId) -> Result<Session> {
     Ok(session_from_row(&row))
 }
 
-async fn ensure_tenant(client: &tokio_postgres::Client, tenant: &TenantId) -> Result<()> {
+async fn ensure_tenant<C: tokio_postgres::GenericClient + Sync>(
+    client: &C,
+    tenant: &TenantId,
+) -> Result<()> {
     let exists: bool = client
         .query_one(sql!("runs/tenant_exists"), &[tenant])
         .await?
@@ -394,13 +397,7 @@ pub async fn create_run_in(tx: &tokio_postgres::Transaction<'_>, new: NewRun) ->
     if new.forked_at_seq.is_some_and(|s| s < 0) {
         return Err(Error::invalid("forked_at_seq", "must not be negative"));
     }
-    let exists: bool = tx
-        .query_one(sql!("runs/tenant_exists"), &[&new.tenant_id])
-        .await?
-        .get(0);
-    if !exists {
-        return Err(Error::not_found("tenant", &new.tenant_id));
-    }
+    ensure_tenant(tx, &new.tenant_id).await?;
     if let Some(s) = new.session_id {
         let row = tx
             .query_opt(sql!("runs/get_session"), &[&s])
