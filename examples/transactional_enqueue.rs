@@ -43,7 +43,7 @@ async fn place_order(
         order_id,
         email: email.to_string(),
     };
-    let task = queue::enqueue(&*tx, &NewTask::new("send_receipt", &receipt)?).await?;
+    let task = queue::enqueue(&tx, &NewTask::new("send_receipt", &receipt)?).await?;
     println!(
         "  in the transaction: order {order_id} written, task {} enqueued ({})",
         task.id, task.state

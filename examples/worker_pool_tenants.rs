@@ -139,7 +139,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 };
                 tasks.push(task.tenant(tenant.clone()));
             }
-            let ids = queue::enqueue_many(&**conn, &tasks).await?;
+            let ids = queue::enqueue_many(&conn, &tasks).await?;
             println!("enqueued {} tasks for {name}", ids.len());
         }
     }

@@ -295,7 +295,7 @@ impl AgentRuntime {
             .tenant(tenant)
             .run(run)
             .unique_key(format!("agent_run:{run}"));
-        queue::enqueue(&*tx, &task).await?;
+        queue::enqueue(&tx, &task).await?;
         tx.commit().await?;
         Ok(run)
     }

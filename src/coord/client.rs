@@ -21,7 +21,8 @@ use super::notify::{Event, EventKind, Notifier, NotifierConfig, NotifierTask, Su
 use crate::config::ClientConfig;
 use crate::db::Db;
 use crate::error::{Error, Result};
-use crate::ids::InstanceId;
+use crate::ids::{InstanceId, TaskId};
+use crate::queue::{self, Enqueued, NewTask};
 
 /// Where the client gets its connections: a DSN, an existing deadpool pool, or a [`Db`].
 #[derive(Debug, Clone)]
@@ -241,6 +242,20 @@ impl Client {
     /// The database handle.
     pub fn db(&self) -> &Db {
         &self.inner.db
+    }
+
+    /// Enqueue one task on a pooled connection (its prepared statement is cached per
+    /// connection). To enqueue inside your own transaction, use [`queue::enqueue`] with it.
+    /// Works whether or not the client is started.
+    pub async fn enqueue(&self, task: &NewTask) -> Result<Enqueued> {
+        let conn = self.inner.db.get().await?;
+        queue::enqueue(&conn, task).await
+    }
+
+    /// Enqueue many tasks in one statement on a pooled connection; see [`queue::enqueue_many`].
+    pub async fn enqueue_many(&self, tasks: &[NewTask]) -> Result<Vec<TaskId>> {
+        let conn = self.inner.db.get().await?;
+        queue::enqueue_many(&conn, tasks).await
     }
 
     /// The configuration.

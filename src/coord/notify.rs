@@ -468,8 +468,26 @@ async fn listen_once(
     shutdown: &mut watch::Receiver<bool>,
     first: bool,
 ) -> ListenEnd {
-    let (client, driver, mut messages) =
-        match crate::db::connect_with_messages(&config.pg_config).await {
+    // The connection's driver task parses and broadcasts each notification itself: one task
+    // hop from the socket to the subscribers.
+    let tx = shared.tx.clone();
+    let (client, mut driver) =
+        match crate::db::connect_with_handler(&config.pg_config, move |msg| {
+            if let tokio_postgres::AsyncMessage::Notification(n) = msg {
+                match Event::parse(n.channel(), n.payload()) {
+                    Some(ev) => {
+                        let _ = tx.send(ev);
+                    }
+                    None => debug!(
+                        channel = n.channel(),
+                        payload = n.payload(),
+                        "ignoring malformed notification"
+                    ),
+                }
+            }
+        })
+        .await
+        {
             Ok(c) => c,
             Err(e) => {
                 warn!(error = %e, "notifier: cannot connect the LISTEN connection; retrying");
@@ -494,19 +512,10 @@ async fn listen_once(
     ping.tick().await;
     loop {
         tokio::select! {
-            msg = messages.recv() => match msg {
-                Some(tokio_postgres::AsyncMessage::Notification(n)) => {
-                    match Event::parse(n.channel(), n.payload()) {
-                        Some(ev) => { let _ = shared.tx.send(ev); }
-                        None => debug!(channel = n.channel(), payload = n.payload(), "ignoring malformed notification"),
-                    }
-                }
-                Some(_) => {}
-                None => {
-                    warn!("notifier: LISTEN connection lost; reconnecting");
-                    return ListenEnd::Lost { was_up: true };
-                }
-            },
+            _ = &mut driver => {
+                warn!("notifier: LISTEN connection lost; reconnecting");
+                return ListenEnd::Lost { was_up: true };
+            }
             _ = ping.tick() => {
                 // Detect half-open connections that would otherwise never report an error.
                 if tokio::time::timeout(config.poll_interval, client.simple_query(sql!("db/ping"))).await.map(|r| r.is_err()).unwrap_or(true) {

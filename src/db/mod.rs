@@ -2,6 +2,7 @@
 //! development and tests, and scratch databases.
 
 mod cluster;
+mod executor;
 mod migrate;
 mod scratch;
 
@@ -13,6 +14,7 @@ use tokio_postgres::NoTls;
 use tracing::instrument;
 
 pub use cluster::{TempCluster, TempClusterOptions};
+pub use executor::Executor;
 pub use migrate::{MigrationReport, latest_version};
 pub use scratch::ScratchDatabase;
 
@@ -202,18 +204,32 @@ pub(crate) async fn connect_with_messages(
     tokio::task::JoinHandle<()>,
     tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::AsyncMessage>,
 )> {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let (client, handle) = connect_with_handler(config, move |m| {
+        // Receiver gone: keep driving the connection until the client closes it.
+        let _ = tx.send(m);
+    })
+    .await?;
+    Ok((client, handle, rx))
+}
+
+/// Connect one client outside any pool; the task driving the connection hands every
+/// asynchronous message (notification, notice) to `on_message` as it arrives, with no further
+/// task hop. The task ends when the client is dropped or the connection fails.
+pub(crate) async fn connect_with_handler<F>(
+    config: &tokio_postgres::Config,
+    mut on_message: F,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)>
+where
+    F: FnMut(tokio_postgres::AsyncMessage) + Send + 'static,
+{
     use futures_util::StreamExt;
     let (client, mut connection) = config.connect(NoTls).await?;
-    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let handle = tokio::spawn(async move {
         let mut stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(msg) = stream.next().await {
             match msg {
-                Ok(m) => {
-                    if tx.send(m).is_err() {
-                        // Receiver gone: keep driving the connection until the client closes it.
-                    }
-                }
+                Ok(m) => on_message(m),
                 Err(e) => {
                     tracing::debug!(error = %e, "dedicated connection ended");
                     break;
@@ -221,7 +237,7 @@ pub(crate) async fn connect_with_messages(
             }
         }
     });
-    Ok((client, handle, rx))
+    Ok((client, handle))
 }
 
 /// The DSN tests and examples should use: `PGCREW_TEST_DATABASE_URL`, then `DATABASE_URL`.

@@ -2,8 +2,10 @@
 //!
 //! Tasks live in `pgcrew.tasks`. They are enqueued singly ([`enqueue`]), in bulk
 //! ([`enqueue_many`], thousands per statement) or inside the caller's own transaction (both take
-//! any [`tokio_postgres::GenericClient`]: a `Client`, a `Transaction`, or `&**conn` of a pooled
-//! connection; `&*tx` for a deadpool transaction), claimed with `FOR UPDATE SKIP LOCKED` by
+//! any [`Executor`](crate::db::Executor): a tokio-postgres `Client` or `Transaction`, or a pooled
+//! connection `&conn` or pooled transaction `&tx`, which cache the prepared statement per
+//! connection; [`Client::enqueue`](crate::Client::enqueue) takes a pooled connection for you),
+//! claimed with `FOR UPDATE SKIP LOCKED` by
 //! the `pgcrew.claim_tasks` function —
 //! fairly across tenants and within every tenant's concurrency limit — and acknowledged in
 //! batches with a claim token ([`ack`]). The [`WorkerPool`] service runs handlers registered by
@@ -33,8 +35,12 @@
 //!     .build()
 //!     .await?;
 //! client.start().await?;
-//! let conn = client.db().get().await?;
-//! queue::enqueue(&**conn, &NewTask::new("send_email", &Email { to: "a@b.c".into() })?).await?;
+//! client.enqueue(&NewTask::new("send_email", &Email { to: "x@y.z".into() })?).await?;
+//! // Or inside your own transaction: the task exists only if it commits.
+//! let mut conn = client.db().get().await?;
+//! let tx = conn.transaction().await?;
+//! queue::enqueue(&tx, &NewTask::new("send_email", &Email { to: "a@b.c".into() })?).await?;
+//! tx.commit().await?;
 //! # tokio::time::sleep(Duration::from_secs(1)).await;
 //! client.stop().await?;
 //! # Ok(())

@@ -275,6 +275,136 @@ async fn transactional_enqueue_rolls_back_with_the_caller() {
     assert_eq!(scalar(&t, "SELECT count(*) FROM pgcrew.tasks").await, 1);
 }
 
+/// Every kind of `db::Executor` enqueues; pooled connections and transactions prepare each
+/// statement once per connection and reuse it; transactions still decide whether tasks exist;
+/// input errors keep their meaning on the cached path.
+#[tokio::test]
+async fn enqueue_runs_on_every_executor_and_pooled_ones_cache_the_statement() {
+    let t = test_db().await;
+    let count = |kind: &'static str| {
+        let t = &t;
+        async move {
+            let conn = t.db.get().await.unwrap();
+            let n: i64 = conn
+                .query_one(
+                    "SELECT count(*) FROM pgcrew.tasks WHERE kind = $1",
+                    &[&kind],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            n
+        }
+    };
+
+    // A plain tokio-postgres client and transaction (no cache).
+    let cfg = pgcrew::db::parse_dsn(t.dsn()).unwrap();
+    let (mut plain, driver) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+    let driver = tokio::spawn(driver);
+    queue::enqueue(&plain, &task("plain")).await.unwrap();
+    queue::enqueue_many(&plain, &[task("plain"), task("plain")])
+        .await
+        .unwrap();
+    let tx = plain.transaction().await.unwrap();
+    queue::enqueue(&tx, &task("plain_tx")).await.unwrap();
+    tx.rollback().await.unwrap();
+    let tx = plain.transaction().await.unwrap();
+    queue::enqueue(&tx, &task("plain_tx")).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(count("plain").await, 3);
+    assert_eq!(count("plain_tx").await, 1);
+    drop(plain);
+    let _ = driver.await;
+
+    // A pooled connection: one cached statement per distinct SQL, reused on later calls.
+    let mut conn = t.db.get().await.unwrap();
+    conn.statement_cache.clear();
+    queue::enqueue(&conn, &task("pooled")).await.unwrap();
+    assert_eq!(conn.statement_cache.size(), 1, "simple enqueue is cached");
+    queue::enqueue(&conn, &task("pooled")).await.unwrap();
+    queue::enqueue(&*conn, &task("pooled")).await.unwrap();
+    assert_eq!(
+        conn.statement_cache.size(),
+        1,
+        "the same statement is reused"
+    );
+    let keyed = task("pooled").unique_key("k1");
+    let first = queue::enqueue(&conn, &keyed).await.unwrap();
+    let again = queue::enqueue(&conn, &keyed).await.unwrap();
+    assert!(!first.duplicate && again.duplicate && again.id == first.id);
+    assert_eq!(
+        conn.statement_cache.size(),
+        2,
+        "the unique-key statement is cached too"
+    );
+    queue::enqueue_many(&conn, &[task("pooled"), task("pooled")])
+        .await
+        .unwrap();
+    assert_eq!(conn.statement_cache.size(), 3);
+    assert_eq!(count("pooled").await, 6);
+
+    // Errors on the cached path are the same actionable input errors.
+    let err = queue::enqueue(
+        &conn,
+        &task("pooled").tenant(TenantId::new("nobody").unwrap()),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidInput { field, message } if *field == "tenant" && message.contains("nobody")),
+        "{err}"
+    );
+    let err = queue::enqueue(&conn, &task("pooled").depends_on([TaskId(i64::MAX)]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidInput { field, .. } if *field == "depends_on"),
+        "{err}"
+    );
+    // The connection is still usable after those errors.
+    queue::enqueue(&conn, &task("pooled")).await.unwrap();
+    assert_eq!(count("pooled").await, 7);
+
+    // A pooled transaction: cached on its connection, and rolled back means no task.
+    let before = conn.statement_cache.size();
+    {
+        let tx = conn.transaction().await.unwrap();
+        queue::enqueue(&tx, &task("pooled_tx")).await.unwrap();
+        queue::enqueue_many(&tx, &[task("pooled_tx")])
+            .await
+            .unwrap();
+        tx.rollback().await.unwrap();
+    }
+    assert_eq!(count("pooled_tx").await, 0);
+    {
+        let tx = conn.transaction().await.unwrap();
+        queue::enqueue(&tx, &task("pooled_tx")).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(count("pooled_tx").await, 1);
+    assert_eq!(
+        conn.statement_cache.size(),
+        before,
+        "the transaction reused the cache"
+    );
+    drop(conn);
+
+    // The Client's own entry points.
+    let client = Client::builder(t.db.clone())
+        .config(config("exec-client"))
+        .build()
+        .await
+        .unwrap();
+    let e = client.enqueue(&task("via_client")).await.unwrap();
+    assert_eq!(e.state, TaskState::Available);
+    let ids = client
+        .enqueue_many(&[task("via_client"), task("via_client")])
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 2);
+    assert_eq!(count("via_client").await, 3);
+}
+
 #[tokio::test]
 async fn invalid_input_is_rejected_and_nothing_is_stored() {
     let t = test_db().await;

@@ -159,7 +159,7 @@ async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
     for (conn, lane) in conns.into_iter().zip(lanes) {
         producers.push(tokio::spawn(async move {
             for chunk in &lane {
-                queue::enqueue_many(&**conn, chunk).await?;
+                queue::enqueue_many(&conn, chunk).await?;
             }
             Ok::<_, Error>(())
         }));
@@ -237,7 +237,7 @@ async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
     for i in 0..args.wakeups {
         let task = NewTask::new("wake", &serde_json::json!({ "i": i }))?;
         let sent = Instant::now();
-        queue::enqueue(&**conn, &task).await?;
+        queue::enqueue(&conn, &task).await?;
         let committed = Instant::now();
         match tokio::time::timeout(Duration::from_secs(10), wake_rx.recv()).await {
             Ok(Some(at)) => {

@@ -332,7 +332,7 @@ async fn run(dsn: Option<String>, args: DemoArgs) -> Result<ExitCode> {
                     },
                 )?
             };
-            queue::enqueue(&**conn, &task.queue(QUEUE).tenant(tenant.clone())).await?;
+            queue::enqueue(&conn, &task.queue(QUEUE).tenant(tenant.clone())).await?;
         }
     }
     println!(

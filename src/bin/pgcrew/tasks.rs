@@ -279,7 +279,7 @@ async fn enqueue(dsn: Option<String>, a: EnqueueArgs) -> Result<ExitCode> {
     let db = connect(dsn).await?;
     let conn = db.get().await?;
     if a.count == 1 {
-        let r = queue::enqueue(&**conn, &task).await?;
+        let r = queue::enqueue(&conn, &task).await?;
         if a.json {
             print_json(&r)?;
         } else if r.duplicate {
@@ -292,7 +292,7 @@ async fn enqueue(dsn: Option<String>, a: EnqueueArgs) -> Result<ExitCode> {
         }
     } else {
         let tasks = vec![task; a.count];
-        let ids = queue::enqueue_many(&**conn, &tasks).await?;
+        let ids = queue::enqueue_many(&conn, &tasks).await?;
         if a.json {
             print_json(&ids)?;
         } else {
