@@ -20,7 +20,7 @@ use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 
-use crate::ids::RunId;
+use crate::ids::{RunId, TaskId};
 
 /// Every NOTIFY channel pgcrew uses.
 pub const CHANNELS: &[&str] = &[
@@ -31,6 +31,7 @@ pub const CHANNELS: &[&str] = &[
     "pgcrew_task_available",
     "pgcrew_run_event",
     "pgcrew_budget_status_changed",
+    "pgcrew_task_cancel_requested",
 ];
 
 /// The kind of an [`Event`], used to filter subscriptions.
@@ -51,6 +52,8 @@ pub enum EventKind {
     RunEvent,
     /// `pgcrew_budget_status_changed`.
     BudgetStatusChanged,
+    /// `pgcrew_task_cancel_requested`.
+    TaskCancelRequested,
     /// The notifier (re)connected or the subscriber fell behind: re-read state.
     Resync,
 }
@@ -108,6 +111,14 @@ pub enum Event {
         /// The new status (`HEALTHY`, `WARNING`, `CRITICAL`, `EXCEEDED`).
         status: String,
     },
+    /// Cancellation of a running task was requested (`pgcrew.cancel_task`); the claiming
+    /// instance's worker pool re-reads its tasks' cancellation flags at once.
+    TaskCancelRequested {
+        /// The task.
+        task_id: TaskId,
+        /// The instance that claimed it (`None` if the row had no claimant).
+        instance_id: Option<String>,
+    },
     /// Notifications may have been missed: re-read state.
     Resync,
 }
@@ -123,6 +134,7 @@ impl Event {
             Event::TaskAvailable { .. } => EventKind::TaskAvailable,
             Event::RunEvent { .. } => EventKind::RunEvent,
             Event::BudgetStatusChanged { .. } => EventKind::BudgetStatusChanged,
+            Event::TaskCancelRequested { .. } => EventKind::TaskCancelRequested,
             Event::Resync => EventKind::Resync,
         }
     }
@@ -163,6 +175,11 @@ impl Event {
         struct RunEv {
             run_id: RunId,
             seq: i64,
+        }
+        #[derive(Deserialize)]
+        struct Cancel {
+            task_id: i64,
+            instance_id: Option<String>,
         }
         #[derive(Deserialize)]
         struct Budget {
@@ -208,6 +225,13 @@ impl Event {
                 Event::BudgetStatusChanged {
                     tenant_id: p.tenant_id,
                     status: p.status,
+                }
+            }
+            "pgcrew_task_cancel_requested" => {
+                let p: Cancel = serde_json::from_str(payload).ok()?;
+                Event::TaskCancelRequested {
+                    task_id: TaskId(p.task_id),
+                    instance_id: p.instance_id,
                 }
             }
             _ => return None,
@@ -563,6 +587,20 @@ mod tests {
                 leader_id: None,
                 term: 3
             })
+        );
+        assert_eq!(
+            Event::parse(
+                "pgcrew_task_cancel_requested",
+                r#"{"task_id":42,"instance_id":"w1"}"#
+            ),
+            Some(Event::TaskCancelRequested {
+                task_id: TaskId(42),
+                instance_id: Some("w1".into())
+            })
+        );
+        assert_eq!(
+            Event::parse("pgcrew_task_cancel_requested", r#"{"task_id":"x"}"#),
+            None
         );
         assert_eq!(Event::parse("pgcrew_task_available", "not json"), None);
         assert_eq!(Event::parse("other", "{}"), None);

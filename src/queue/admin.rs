@@ -144,9 +144,10 @@ pub async fn list<C: GenericClient + Sync>(
 }
 
 /// Cancel a task. A task that has not started is cancelled at once (with its dependants);
-/// a running task gets a cancellation request that its worker sees at the next heartbeat (the
-/// handler's cancellation token fires). Returns the state after the call. A task already in a
-/// final state is an [`Error::IllegalTransition`].
+/// a running task gets a cancellation request, announced on `pgcrew_task_cancel_requested`: the
+/// claiming worker pool re-reads its tasks' flags at once (or at its next heartbeat, if the
+/// notification is missed) and the handler's cancellation token fires. Returns the state after
+/// the call. A task already in a final state is an [`Error::IllegalTransition`].
 #[instrument(skip(client), err)]
 pub async fn cancel<C: GenericClient + Sync>(client: &C, id: TaskId) -> Result<TaskState> {
     let row = client

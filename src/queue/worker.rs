@@ -689,17 +689,37 @@ impl WorkerPool {
         }
     }
 
+    /// Heartbeat held tasks every interval, and at once when a cancellation of one of them is
+    /// announced (or notifications may have been missed): the heartbeat re-reads the tasks'
+    /// cancellation flags, so a cancelled running task's token fires within a round trip.
     async fn heartbeat_loop(
         self: Arc<Self>,
         client: Client,
         shared: Arc<Shared>,
         mut stop: watch::Receiver<bool>,
     ) {
+        let mut sub = client.subscribe(&[EventKind::TaskCancelRequested]);
+        let mut listening = true;
+        let mut next = tokio::time::Instant::now() + self.heartbeat_interval;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(self.heartbeat_interval) => {}
+                _ = tokio::time::sleep_until(next) => {
+                    next = tokio::time::Instant::now() + self.heartbeat_interval;
+                }
+                ev = sub.recv(), if listening => match ev {
+                    Some(Event::TaskCancelRequested { task_id, instance_id }) => {
+                        let ours = instance_id.as_deref() == Some(client.instance_id().as_str());
+                        if !ours || shared.with_held(|h| !h.contains_key(&task_id)) {
+                            continue;
+                        }
+                    }
+                    Some(_) => {}
+                    None => listening = false,
+                },
                 _ = stop.changed() => return,
             }
+            // One heartbeat answers every announcement received so far.
+            while let Some(Some(_)) = sub.recv().now_or_never() {}
             let ids = shared.held_ids();
             if ids.is_empty() {
                 continue;

@@ -773,6 +773,80 @@ struct Flaky {
     fail_times: i32,
 }
 
+/// Cancelling a running task reaches its handler through `pgcrew_task_cancel_requested`, not
+/// at the pool's next heartbeat: with a 10-minute heartbeat interval the token still fires.
+/// A repeated request is not announced again.
+#[tokio::test]
+async fn running_task_cancellation_is_announced_not_left_to_the_heartbeat() {
+    let t = test_db().await;
+    let seen = Arc::new(AtomicBool::new(false));
+    let seen_in = seen.clone();
+    let pool = WorkerPool::builder()
+        .queue("cancel_me")
+        .heartbeat_interval(Duration::from_secs(600))
+        .handler("wait", move |ctx, _p: serde_json::Value| {
+            let seen = seen_in.clone();
+            async move {
+                let cancel = ctx.cancel.clone();
+                tokio::spawn(async move {
+                    cancel.cancelled().await;
+                    seen.store(true, Ordering::SeqCst);
+                });
+                tokio::time::sleep(Duration::from_secs(600)).await;
+                Ok(TaskOutcome::Complete)
+            }
+        })
+        .build()
+        .unwrap();
+    let client = start_client(&t, "canceller", Some(pool.clone()), false).await;
+    let mut announcements = client.subscribe(&[pgcrew::EventKind::TaskCancelRequested]);
+    let conn = t.db.get().await.unwrap();
+    let id = queue::enqueue(&conn, &task("wait").queue("cancel_me").max_attempts(1))
+        .await
+        .unwrap()
+        .id;
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            state_of(&t, id).await == TaskState::Running
+        })
+        .await
+    );
+    assert_eq!(
+        queue::cancel(&**conn, id).await.unwrap(),
+        TaskState::Running
+    );
+    assert_eq!(
+        queue::cancel(&**conn, id).await.unwrap(),
+        TaskState::Running
+    );
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            state_of(&t, id).await == TaskState::Cancelled
+        })
+        .await,
+        "the cancellation did not reach the handler before the (10-minute) heartbeat"
+    );
+    assert!(seen.load(Ordering::SeqCst));
+    let ev = tokio::time::timeout(Duration::from_secs(5), announcements.recv())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        ev,
+        pgcrew::Event::TaskCancelRequested {
+            task_id: id,
+            instance_id: Some("canceller".into())
+        }
+    );
+    // The second request found the flag already set: no second announcement.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), announcements.recv())
+            .await
+            .is_err()
+    );
+    client.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
     let t = test_db().await;

@@ -5,3 +5,4 @@ LISTEN pgcrew_leader_changed;
 LISTEN pgcrew_task_available;
 LISTEN pgcrew_run_event;
 LISTEN pgcrew_budget_status_changed;
+LISTEN pgcrew_task_cancel_requested;
