@@ -47,6 +47,12 @@ pub struct ClaimedTask {
 
 /// Claim up to `limit` tasks from `queues` for `instance` (which must be registered, or the
 /// leader's maintenance will rescue the tasks). Fair across tenants, within tenant limits.
+///
+/// A claim on a single queue first runs a one-statement fast path (no PL/pgSQL call) that
+/// applies when exactly one tenant has work there, without a concurrency limit, and no delayed
+/// or retryable task of the queue is due; otherwise it runs `pgcrew.claim_tasks`, which shares
+/// the batch fairly, holds limits and promotes due tasks. Both claim the same tasks in the same
+/// order.
 #[instrument(skip(client, queues), fields(limit), err)]
 pub async fn claim<C: GenericClient + Sync>(
     client: &C,
@@ -54,6 +60,12 @@ pub async fn claim<C: GenericClient + Sync>(
     limit: i32,
     instance: &InstanceId,
 ) -> Result<Vec<ClaimedTask>> {
+    if let [queue] = queues
+        && let Some(tasks) =
+            claim_fast(client, sql!("queue/claim_fast"), queue, limit, instance).await?
+    {
+        return Ok(tasks);
+    }
     claim_with(client, sql!("queue/claim"), queues, limit, instance).await
 }
 
@@ -72,29 +84,56 @@ where
         return Ok(Vec::new());
     }
     let rows = client.query(query, &[&queues, &limit, instance]).await?;
+    rows.iter().map(task_from_row).collect()
+}
+
+/// The worker pool's single-queue claim in one statement (`queue/claim_fast`): `Ok(None)` when
+/// the queue needs the general path (several tenants with work, a tenant limit, or due tasks
+/// to promote) and nothing was claimed; then call `pgcrew.claim_tasks`.
+pub(crate) async fn claim_fast<C, T>(
+    client: &C,
+    query: &T,
+    queue: &str,
+    limit: i32,
+    instance: &InstanceId,
+) -> Result<Option<Vec<ClaimedTask>>>
+where
+    C: GenericClient + Sync,
+    T: ?Sized + tokio_postgres::ToStatement + Sync + Send,
+{
+    if limit <= 0 {
+        return Ok(Some(Vec::new()));
+    }
+    let rows = client.query(query, &[&queue, &limit, instance]).await?;
+    if rows.iter().any(|r| !r.get::<_, bool>("fast")) {
+        return Ok(None);
+    }
     rows.iter()
-        .map(|r| {
-            let prio: i16 = r.get("priority");
-            let run: Option<Uuid> = r.get("run_id");
-            let lag_us: i64 = r.get("lag_us");
-            let token: Uuid = r.get("claim_token");
-            Ok(ClaimedTask {
-                id: TaskId(r.get("id")),
-                queue: r.get("queue"),
-                kind: r.get("kind"),
-                tenant: r.get("tenant_id"),
-                run_id: run.map(RunId::from),
-                priority: Priority::from_i16(prio).unwrap_or_default(),
-                payload: r.get("payload"),
-                attempt: r.get("attempts"),
-                max_attempts: r.get("max_attempts"),
-                token: ClaimToken::from(token),
-                run_at: r.get("run_at"),
-                created_at: r.get("created_at"),
-                lag: Duration::from_micros(lag_us.max(0) as u64),
-            })
-        })
-        .collect()
+        .map(task_from_row)
+        .collect::<Result<_>>()
+        .map(Some)
+}
+
+fn task_from_row(r: &tokio_postgres::Row) -> Result<ClaimedTask> {
+    let prio: i16 = r.get("priority");
+    let run: Option<Uuid> = r.get("run_id");
+    let lag_us: i64 = r.get("lag_us");
+    let token: Uuid = r.get("claim_token");
+    Ok(ClaimedTask {
+        id: TaskId(r.get("id")),
+        queue: r.get("queue"),
+        kind: r.get("kind"),
+        tenant: r.get("tenant_id"),
+        run_id: run.map(RunId::from),
+        priority: Priority::from_i16(prio).unwrap_or_default(),
+        payload: r.get("payload"),
+        attempt: r.get("attempts"),
+        max_attempts: r.get("max_attempts"),
+        token: ClaimToken::from(token),
+        run_at: r.get("run_at"),
+        created_at: r.get("created_at"),
+        lag: Duration::from_micros(lag_us.max(0) as u64),
+    })
 }
 
 /// What happened to a claimed task.
@@ -233,7 +272,19 @@ pub async fn next_due<C: GenericClient + Sync>(
     client: &C,
     queues: &[String],
 ) -> Result<Option<Duration>> {
-    let row = client.query_opt(sql!("queue/next_due"), &[&queues]).await?;
+    next_due_with(client, sql!("queue/next_due"), queues).await
+}
+
+pub(crate) async fn next_due_with<C, T>(
+    client: &C,
+    query: &T,
+    queues: &[String],
+) -> Result<Option<Duration>>
+where
+    C: GenericClient + Sync,
+    T: ?Sized + tokio_postgres::ToStatement + Sync + Send,
+{
+    let row = client.query_opt(query, &[&queues]).await?;
     Ok(row.map(|r| Duration::from_micros(r.get::<_, i64>(0).max(0) as u64)))
 }
 

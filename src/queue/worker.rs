@@ -25,7 +25,9 @@ use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
-use super::claim::{Ack, AckOutcome, ClaimedTask, ack_with, claim_with, heartbeat, next_due};
+use super::claim::{
+    Ack, AckOutcome, ClaimedTask, ack_with, claim_fast, claim_with, heartbeat, next_due_with,
+};
 use super::retry::RetryPolicy;
 use crate::coord::client::{Client, Service};
 use crate::coord::notify::{Event, EventKind, Subscription};
@@ -410,6 +412,8 @@ impl WorkerPool {
         let mut backoff = Duration::from_millis(50);
         // Whether this pool is registered in `pgcrew.queue_waiters` (so enqueues NOTIFY it).
         let mut waiting = false;
+        // Whether the next claim tries the single-statement fast path first.
+        let mut try_fast = true;
         loop {
             if *shutdown.borrow() {
                 if waiting {
@@ -440,7 +444,10 @@ impl WorkerPool {
             let limit = free.min(self.max_batch);
             // Wake-ups received so far are answered by this claim; only later ones count.
             while let Some(Some(_)) = sub.recv().now_or_never() {}
-            match self.claim_once(client, &mut conn, limit).await {
+            match self
+                .claim_once(client, &mut conn, limit, &mut try_fast)
+                .await
+            {
                 Ok(tasks) => {
                     backoff = Duration::from_millis(50);
                     let got = tasks.len();
@@ -458,6 +465,10 @@ impl WorkerPool {
                         if work_tx.send(t).is_err() {
                             return;
                         }
+                    }
+                    if got > 0 {
+                        // Let the executors pick the tasks up before the next claim is sent.
+                        tokio::task::yield_now().await;
                     }
                     if got == 0 {
                         if !waiting {
@@ -519,11 +530,16 @@ impl WorkerPool {
         }
     }
 
+    /// Claim up to `limit` tasks. A single-queue pool first tries the one-statement fast path
+    /// (`queue/claim_fast`, the common single-tenant, unlimited case); when that says the queue
+    /// needs the general `pgcrew.claim_tasks` (several tenants with work, limits, due tasks), the
+    /// pool uses the general path until it next runs out of work (`try_fast`).
     async fn claim_once(
         &self,
         client: &Client,
         conn: &mut Option<Conn>,
         limit: usize,
+        try_fast: &mut bool,
     ) -> Result<Vec<ClaimedTask>> {
         if conn.is_none() {
             *conn = Some(client.db().get().await?);
@@ -531,15 +547,22 @@ impl WorkerPool {
         let Some(c) = conn.as_ref() else {
             return Ok(Vec::new());
         };
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        if let [queue] = self.queues.as_slice()
+            && *try_fast
+        {
+            let stmt = c.prepare_cached(sql!("queue/claim_fast")).await?;
+            match claim_fast(&***c, &stmt, queue, limit, client.instance_id()).await? {
+                Some(tasks) => return Ok(tasks),
+                None => *try_fast = false,
+            }
+        }
         let stmt = c.prepare_cached(sql!("queue/claim")).await?;
-        claim_with(
-            &***c,
-            &stmt,
-            &self.queues,
-            i32::try_from(limit).unwrap_or(i32::MAX),
-            client.instance_id(),
-        )
-        .await
+        let tasks = claim_with(&***c, &stmt, &self.queues, limit, client.instance_id()).await?;
+        if tasks.is_empty() {
+            *try_fast = true;
+        }
+        Ok(tasks)
     }
 
     /// Nothing to claim: wait for a notification on one of our queues (read directly from the
@@ -554,7 +577,11 @@ impl WorkerPool {
     ) {
         let mut wait = self.poll_interval;
         if let Some(c) = conn.as_ref() {
-            match next_due(&***c, &self.queues).await {
+            let due = match c.prepare_cached(sql!("queue/next_due")).await {
+                Ok(stmt) => next_due_with(&***c, &stmt, &self.queues).await,
+                Err(e) => Err(e.into()),
+            };
+            match due {
                 // At least 1 ms: a due task another claimer is promoting right now must not
                 // turn this into a busy loop.
                 Ok(Some(d)) => wait = wait.min(d).max(Duration::from_millis(1)),

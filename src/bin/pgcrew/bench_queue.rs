@@ -76,6 +76,11 @@ struct Report {
     wakeup_max_ms: f64,
     wakeup_from_commit_p50_ms: f64,
     wakeup_from_commit_p99_ms: f64,
+    /// The same loop in plain SQL on three connections (INSERT + NOTIFY, LISTEN, claim by
+    /// `UPDATE ... FOR UPDATE SKIP LOCKED`): the floor this server and machine allow.
+    raw_wakeup_p50_ms: f64,
+    /// p99 of the plain-SQL loop.
+    raw_wakeup_p99_ms: f64,
 }
 
 /// Run the benchmark.
@@ -123,6 +128,10 @@ pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> 
             "  wake-up latency from the enqueue's commit (call returned) to handler start: p50 {:.3} ms, p99 {:.3} ms",
             report.wakeup_from_commit_p50_ms, report.wakeup_from_commit_p99_ms
         );
+        println!(
+            "  raw PostgreSQL floor (plain INSERT+NOTIFY, LISTEN, UPDATE ... SKIP LOCKED claim; no handler): p50 {:.3} ms, p99 {:.3} ms",
+            report.raw_wakeup_p50_ms, report.raw_wakeup_p99_ms
+        );
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -141,7 +150,7 @@ async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
     db.migrate().await?;
 
     // 1. Bulk enqueue: whole batches from `producers` connections at once.
-    eprintln!("[1/3] bulk enqueue of {} tasks ...", args.tasks);
+    eprintln!("[1/4] bulk enqueue of {} tasks ...", args.tasks);
     let tasks: Vec<NewTask> = (0..args.tasks)
         .map(|i| NewTask::new("noop", &serde_json::json!({ "i": i })))
         .collect::<Result<_>>()?;
@@ -171,7 +180,7 @@ async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
     let enqueue_secs = t0.elapsed().as_secs_f64();
 
     // 2. Processing across instances.
-    eprintln!("[2/3] processing them ...");
+    eprintln!("[2/4] processing them ...");
     let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<Instant>();
     let mut clients = Vec::new();
     let mut pools = Vec::new();
@@ -227,7 +236,7 @@ async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
 
     // 3. Wake-up latency: the pools are idle now.
     eprintln!(
-        "[3/3] wake-up latency ({} tasks one at a time) ...",
+        "[3/4] wake-up latency ({} tasks one at a time) ...",
         args.wakeups
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -254,6 +263,11 @@ async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
     }
     samples.sort_by(|a, b| a.total_cmp(b));
     from_commit.sort_by(|a, b| a.total_cmp(b));
+
+    // 4. The same wake-up loop in plain SQL, for the floor.
+    eprintln!("[4/4] raw PostgreSQL wake-up floor ...");
+    let mut raw = raw_wakeups(&db, args).await?;
+    raw.sort_by(|a, b| a.total_cmp(b));
     Ok(Report {
         tasks: args.tasks,
         concurrency: args.concurrency,
@@ -269,5 +283,57 @@ async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
         wakeup_max_ms: samples.last().copied().unwrap_or(0.0),
         wakeup_from_commit_p50_ms: percentile(&from_commit, 0.50),
         wakeup_from_commit_p99_ms: percentile(&from_commit, 0.99),
+        raw_wakeup_p50_ms: percentile(&raw, 0.50),
+        raw_wakeup_p99_ms: percentile(&raw, 0.99),
     })
 }
+
+/// The wake-up loop with no pgcrew code on the path: a prepared INSERT that NOTIFYs in the same
+/// statement, a dedicated LISTEN connection, and a prepared one-row `SKIP LOCKED` claim on a
+/// third connection once the notification arrives. Milliseconds from the INSERT call to the
+/// claim's row.
+async fn raw_wakeups(db: &Db, args: &QueueBenchArgs) -> Result<Vec<f64>> {
+    let setup = db.get().await?;
+    setup.batch_execute(RAW_SETUP).await?;
+    let (listener, driver, mut notes) = Db::connect_dedicated(db.config()).await?;
+    listener.batch_execute("LISTEN bench_raw_wake").await?;
+    let producer = db.get().await?;
+    let claimer = db.get().await?;
+    let insert = producer.prepare(RAW_INSERT).await?;
+    let claim = claimer.prepare(RAW_CLAIM).await?;
+    let mut samples = Vec::with_capacity(args.wakeups);
+    for i in 0..args.wakeups {
+        let payload = serde_json::json!({ "i": i });
+        let sent = Instant::now();
+        producer.query_one(&insert, &[&payload]).await?;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), notes.recv()).await {
+                Ok(Some(tokio_postgres::AsyncMessage::Notification(_))) => break,
+                Ok(Some(_)) => {}
+                _ => return Err(Error::Timeout(Duration::from_secs(10))),
+            }
+        }
+        let rows = claimer.query(&claim, &[]).await?;
+        if rows.len() != 1 {
+            return Err(Error::Config(format!(
+                "raw wake-up loop claimed {} rows instead of 1",
+                rows.len()
+            )));
+        }
+        samples.push(sent.elapsed().as_secs_f64() * 1000.0);
+        tokio::time::sleep(args.wakeup_gap).await;
+    }
+    drop(listener);
+    let _ = driver.await;
+    setup.batch_execute("DROP TABLE bench_raw_wake").await?;
+    Ok(samples)
+}
+
+const RAW_SETUP: &str = "CREATE TABLE bench_raw_wake (id bigserial PRIMARY KEY, \
+    state text NOT NULL DEFAULT 'available', payload jsonb NOT NULL); \
+    CREATE INDEX bench_raw_wake_available ON bench_raw_wake (id) WHERE state = 'available'";
+const RAW_INSERT: &str = "WITH i AS (INSERT INTO bench_raw_wake (payload) VALUES ($1) RETURNING id) \
+    SELECT i.id, pg_notify('bench_raw_wake', '') FROM i";
+const RAW_CLAIM: &str = "UPDATE bench_raw_wake SET state = 'running' WHERE id = (SELECT id \
+    FROM bench_raw_wake WHERE state = 'available' ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) \
+    RETURNING id, payload";
