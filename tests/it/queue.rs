@@ -1635,3 +1635,67 @@ async fn saturated_pools_get_no_notifications_idle_ones_do() {
     drop(listener);
     driver.abort();
 }
+
+/// `pgcrew bench queue` runs end to end in its own scratch database (small sizes), reports every
+/// figure, including the plain-SQL wake-up floor, and drops its database afterwards.
+#[tokio::test]
+async fn cli_bench_queue_reports_every_figure_and_cleans_up() {
+    let t = test_db().await;
+    let out = tokio::task::spawn_blocking({
+        let dsn = t.dsn().to_string();
+        move || {
+            std::process::Command::new(pgcrew_bin())
+                .args([
+                    "bench",
+                    "queue",
+                    "--tasks",
+                    "300",
+                    "--batch",
+                    "100",
+                    "--wakeups",
+                    "5",
+                    "--wakeup-gap",
+                    "1ms",
+                    "--json",
+                ])
+                .env("DATABASE_URL", dsn)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["tasks"], 300);
+    assert_eq!(v["wakeup_samples"], 5);
+    for field in [
+        "enqueue_per_sec",
+        "processed_per_sec",
+        "wakeup_p50_ms",
+        "wakeup_p99_ms",
+        "wakeup_from_commit_p50_ms",
+        "wakeup_after_burst_p50_ms",
+        "raw_wakeup_p50_ms",
+        "raw_wakeup_p99_ms",
+    ] {
+        let x = v[field].as_f64().unwrap_or(f64::NAN);
+        assert!(x.is_finite() && x > 0.0, "{field} = {:?}", v[field]);
+    }
+    let name = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("benchmark database: "))
+        .expect("the bench names its database")
+        .trim()
+        .to_string();
+    assert_eq!(
+        scalar(
+            &t,
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'")
+        )
+        .await,
+        0,
+        "the benchmark database {name} was not dropped"
+    );
+}
