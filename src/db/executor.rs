@@ -36,72 +36,70 @@ pub trait Executor: private::Sealed + Sync {
     ) -> impl Future<Output = Result<Row, tokio_postgres::Error>> + Send;
 }
 
-impl private::Sealed for tokio_postgres::Client {}
-impl Executor for tokio_postgres::Client {
-    fn query_typed_rows(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send {
-        self.query_typed(sql, params)
-    }
+/// The plain kinds: one round trip with the typed parameters, nothing cached.
+macro_rules! plain_executor {
+    ($($ty:ty),*) => {$(
+        impl private::Sealed for $ty {}
+        impl Executor for $ty {
+            fn query_typed_rows(
+                &self,
+                sql: &str,
+                params: &[(&(dyn ToSql + Sync), Type)],
+            ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send {
+                self.query_typed(sql, params)
+            }
 
-    fn query_typed_row(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> impl Future<Output = Result<Row, tokio_postgres::Error>> + Send {
-        self.query_typed_one(sql, params)
-    }
+            fn query_typed_row(
+                &self,
+                sql: &str,
+                params: &[(&(dyn ToSql + Sync), Type)],
+            ) -> impl Future<Output = Result<Row, tokio_postgres::Error>> + Send {
+                self.query_typed_one(sql, params)
+            }
+        }
+    )*};
 }
 
-impl private::Sealed for tokio_postgres::Transaction<'_> {}
-impl Executor for tokio_postgres::Transaction<'_> {
-    fn query_typed_rows(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send {
-        self.query_typed(sql, params)
-    }
+/// The pooled kinds: the statement is prepared once per connection (deadpool's statement
+/// cache) and executed with the values.
+macro_rules! cached_executor {
+    ($($ty:ty),*) => {$(
+        impl private::Sealed for $ty {}
+        impl Executor for $ty {
+            async fn query_typed_rows(
+                &self,
+                sql: &str,
+                params: &[(&(dyn ToSql + Sync), Type)],
+            ) -> Result<Vec<Row>, tokio_postgres::Error> {
+                let (types, values) = split(params);
+                let stmt = self.prepare_typed_cached(sql, &types).await?;
+                self.query(&stmt, &values).await
+            }
 
-    fn query_typed_row(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> impl Future<Output = Result<Row, tokio_postgres::Error>> + Send {
-        self.query_typed_one(sql, params)
-    }
+            async fn query_typed_row(
+                &self,
+                sql: &str,
+                params: &[(&(dyn ToSql + Sync), Type)],
+            ) -> Result<Row, tokio_postgres::Error> {
+                let (types, values) = split(params);
+                let stmt = self.prepare_typed_cached(sql, &types).await?;
+                self.query_one(&stmt, &values).await
+            }
+        }
+    )*};
 }
+
+plain_executor!(tokio_postgres::Client, tokio_postgres::Transaction<'_>);
+cached_executor!(
+    deadpool_postgres::ClientWrapper,
+    deadpool_postgres::Transaction<'_>
+);
 
 /// Split typed parameters into the statement's types and the values.
 fn split<'a>(
     params: &[(&'a (dyn ToSql + Sync), Type)],
 ) -> (Vec<Type>, Vec<&'a (dyn ToSql + Sync)>) {
     params.iter().map(|(v, t)| (t.clone(), *v)).unzip()
-}
-
-impl private::Sealed for deadpool_postgres::ClientWrapper {}
-impl Executor for deadpool_postgres::ClientWrapper {
-    async fn query_typed_rows(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        let (types, values) = split(params);
-        let stmt = self.prepare_typed_cached(sql, &types).await?;
-        self.query(&stmt, &values).await
-    }
-
-    async fn query_typed_row(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Row, tokio_postgres::Error> {
-        let (types, values) = split(params);
-        let stmt = self.prepare_typed_cached(sql, &types).await?;
-        self.query_one(&stmt, &values).await
-    }
 }
 
 impl private::Sealed for deadpool_postgres::Object {}
@@ -122,28 +120,5 @@ impl Executor for deadpool_postgres::Object {
     ) -> impl Future<Output = Result<Row, tokio_postgres::Error>> + Send {
         let wrapper: &deadpool_postgres::ClientWrapper = self;
         wrapper.query_typed_row(sql, params)
-    }
-}
-
-impl private::Sealed for deadpool_postgres::Transaction<'_> {}
-impl Executor for deadpool_postgres::Transaction<'_> {
-    async fn query_typed_rows(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Vec<Row>, tokio_postgres::Error> {
-        let (types, values) = split(params);
-        let stmt = self.prepare_typed_cached(sql, &types).await?;
-        self.query(&stmt, &values).await
-    }
-
-    async fn query_typed_row(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Row, tokio_postgres::Error> {
-        let (types, values) = split(params);
-        let stmt = self.prepare_typed_cached(sql, &types).await?;
-        self.query_one(&stmt, &values).await
     }
 }
