@@ -578,6 +578,8 @@ async fn delayed_tasks_wait_for_database_time() {
     let t = test_db().await;
     let me = register(&t, "w").await;
     let conn = t.db.get().await.unwrap();
+    // Taken before the enqueue: the claim cannot succeed until 600 ms of database time later.
+    let before = std::time::Instant::now();
     let e = queue::enqueue(&**conn, &task("k").delay(Duration::from_millis(600)))
         .await
         .unwrap();
@@ -596,7 +598,6 @@ async fn delayed_tasks_wait_for_database_time() {
         due > Duration::from_millis(100) && due <= Duration::from_millis(600),
         "{due:?}"
     );
-    let before = std::time::Instant::now();
     let mut got = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while got.is_empty() && std::time::Instant::now() < deadline {
@@ -604,7 +605,7 @@ async fn delayed_tasks_wait_for_database_time() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(got[0].id, e.id);
-    assert!(before.elapsed() >= Duration::from_millis(300));
+    assert!(before.elapsed() >= Duration::from_millis(590));
     // The row's run_at agrees with the delay measured on the database clock.
     let gap: f64 = conn
         .query_one(
@@ -897,6 +898,8 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
         .unwrap();
     let client = start_client(&t, "pool", Some(pool.clone()), false).await;
     let conn = t.db.get().await.unwrap();
+    // Before the enqueue: the idle pool may start the first attempt at once.
+    let t0 = std::time::Instant::now();
     let flaky = queue::enqueue(
         &**conn,
         &NewTask::new("flaky", &Flaky { fail_times: 2 }).unwrap(),
@@ -920,7 +923,6 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
     .await
     .unwrap()
     .id;
-    let t0 = std::time::Instant::now();
     assert!(
         eventually(Duration::from_secs(10), || async {
             state_of(&t, flaky).await == TaskState::Completed
