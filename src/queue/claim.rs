@@ -60,16 +60,50 @@ pub async fn claim<C: GenericClient + Sync>(
     limit: i32,
     instance: &InstanceId,
 ) -> Result<Vec<ClaimedTask>> {
-    if let [queue] = queues
-        && let Some(tasks) =
-            claim_fast(client, sql!("queue/claim_fast"), queue, limit, instance).await?
-    {
-        return Ok(tasks);
-    }
-    claim_with(client, sql!("queue/claim"), queues, limit, instance).await
+    claim_routed(
+        client,
+        sql!("queue/claim_fast"),
+        sql!("queue/claim"),
+        queues,
+        limit,
+        instance,
+        &mut true,
+    )
+    .await
 }
 
-pub(crate) async fn claim_with<C, T>(
+/// The fast path first for a single queue while `try_fast`, else `pgcrew.claim_tasks`. When the
+/// fast path does not apply, `try_fast` turns false so a caller that keeps it (the worker pool)
+/// goes straight to the general path until a claim comes back empty.
+pub(crate) async fn claim_routed<C, T>(
+    client: &C,
+    fast: &T,
+    general: &T,
+    queues: &[String],
+    limit: i32,
+    instance: &InstanceId,
+    try_fast: &mut bool,
+) -> Result<Vec<ClaimedTask>>
+where
+    C: GenericClient + Sync,
+    T: ?Sized + tokio_postgres::ToStatement + Sync + Send,
+{
+    if let [queue] = queues
+        && *try_fast
+    {
+        match claim_fast(client, fast, queue, limit, instance).await? {
+            Some(tasks) => return Ok(tasks),
+            None => *try_fast = false,
+        }
+    }
+    let tasks = claim_with(client, general, queues, limit, instance).await?;
+    if tasks.is_empty() {
+        *try_fast = true;
+    }
+    Ok(tasks)
+}
+
+async fn claim_with<C, T>(
     client: &C,
     query: &T,
     queues: &[String],
@@ -90,7 +124,7 @@ where
 /// The worker pool's single-queue claim in one statement (`queue/claim_fast`): `Ok(None)` when
 /// the queue needs the general path (several tenants with work, a tenant limit, or due tasks
 /// to promote) and nothing was claimed; then call `pgcrew.claim_tasks`.
-pub(crate) async fn claim_fast<C, T>(
+async fn claim_fast<C, T>(
     client: &C,
     query: &T,
     queue: &str,

@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, warn};
 
 use super::claim::{
-    Ack, AckOutcome, ClaimedTask, ack_with, claim_fast, claim_with, heartbeat, next_due_with,
+    Ack, AckOutcome, ClaimedTask, ack_with, claim_routed, heartbeat, next_due_with,
 };
 use super::retry::RetryPolicy;
 use crate::coord::client::{Client, Service};
@@ -246,7 +246,8 @@ impl WorkerPoolBuilder {
     }
 
     /// Task heartbeat interval (default 5 s; keep it well under the client's
-    /// `task_heartbeat_timeout`). Cancellation requests are picked up at this pace.
+    /// `task_heartbeat_timeout`). Cancellation requests arrive at once through
+    /// `pgcrew_task_cancel_requested`; this interval is their fallback if a notification is lost.
     pub fn heartbeat_interval(mut self, d: Duration) -> Self {
         self.heartbeat_interval = d;
         self
@@ -547,22 +548,18 @@ impl WorkerPool {
         let Some(c) = conn.as_ref() else {
             return Ok(Vec::new());
         };
-        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
-        if let [queue] = self.queues.as_slice()
-            && *try_fast
-        {
-            let stmt = c.prepare_cached(sql!("queue/claim_fast")).await?;
-            match claim_fast(&***c, &stmt, queue, limit, client.instance_id()).await? {
-                Some(tasks) => return Ok(tasks),
-                None => *try_fast = false,
-            }
-        }
-        let stmt = c.prepare_cached(sql!("queue/claim")).await?;
-        let tasks = claim_with(&***c, &stmt, &self.queues, limit, client.instance_id()).await?;
-        if tasks.is_empty() {
-            *try_fast = true;
-        }
-        Ok(tasks)
+        let fast = c.prepare_cached(sql!("queue/claim_fast")).await?;
+        let general = c.prepare_cached(sql!("queue/claim")).await?;
+        claim_routed(
+            &***c,
+            &fast,
+            &general,
+            &self.queues,
+            i32::try_from(limit).unwrap_or(i32::MAX),
+            client.instance_id(),
+            try_fast,
+        )
+        .await
     }
 
     /// Nothing to claim: wait for a notification on one of our queues (read directly from the

@@ -282,19 +282,9 @@ async fn transactional_enqueue_rolls_back_with_the_caller() {
 async fn enqueue_runs_on_every_executor_and_pooled_ones_cache_the_statement() {
     let t = test_db().await;
     let count = |kind: &'static str| {
+        let sql = format!("SELECT count(*) FROM pgcrew.tasks WHERE kind = '{kind}'");
         let t = &t;
-        async move {
-            let conn = t.db.get().await.unwrap();
-            let n: i64 = conn
-                .query_one(
-                    "SELECT count(*) FROM pgcrew.tasks WHERE kind = $1",
-                    &[&kind],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            n
-        }
+        async move { scalar(t, &sql).await }
     };
 
     // A plain tokio-postgres client and transaction (no cache).
