@@ -46,13 +46,14 @@ pub struct ClaimedTask {
 }
 
 /// Claim up to `limit` tasks from `queues` for `instance` (which must be registered, or the
-/// leader's maintenance will rescue the tasks). Fair across tenants, within tenant limits.
+/// leader's maintenance will rescue the tasks). Fair across tenants, within tenant limits. The
+/// tasks come back in execution order: priority, then due time, then id.
 ///
 /// A claim on a single queue first runs a one-statement fast path (no PL/pgSQL call) that
 /// applies when exactly one tenant has work there, without a concurrency limit, and no delayed
-/// or retryable task of the queue is due; otherwise it runs `pgcrew.claim_tasks`, which shares
-/// the batch fairly, holds limits and promotes due tasks. Both claim the same tasks in the same
-/// order.
+/// or retryable task of the queue is due; when it claims nothing, `pgcrew.claim_tasks` runs,
+/// which shares the batch fairly, holds limits and promotes due tasks. Both claim the same tasks
+/// in the same order.
 #[instrument(skip(client, queues), fields(limit), err)]
 pub async fn claim<C: GenericClient + Sync>(
     client: &C,
@@ -72,9 +73,11 @@ pub async fn claim<C: GenericClient + Sync>(
     .await
 }
 
-/// The fast path first for a single queue while `try_fast`, else `pgcrew.claim_tasks`. When the
-/// fast path does not apply, `try_fast` turns false so a caller that keeps it (the worker pool)
-/// goes straight to the general path until a claim comes back empty.
+/// The fast path first for a single queue while `try_fast`, then (when it claimed nothing)
+/// `pgcrew.claim_tasks`. An empty fast claim means "no work, or the fast path does not apply";
+/// when the general claim then finds work, the fast path did not apply and `try_fast` turns
+/// false, so a caller that keeps it (the worker pool) goes straight to the general path until a
+/// claim comes back empty.
 pub(crate) async fn claim_routed<C, T>(
     client: &C,
     fast: &T,
@@ -88,64 +91,28 @@ where
     C: GenericClient + Sync,
     T: ?Sized + tokio_postgres::ToStatement + Sync + Send,
 {
-    if let [queue] = queues
-        && *try_fast
-    {
-        match claim_fast(client, fast, queue, limit, instance).await? {
-            Some(tasks) => return Ok(tasks),
-            None => *try_fast = false,
-        }
-    }
-    let tasks = claim_with(client, general, queues, limit, instance).await?;
-    if tasks.is_empty() {
-        *try_fast = true;
-    }
-    Ok(tasks)
-}
-
-async fn claim_with<C, T>(
-    client: &C,
-    query: &T,
-    queues: &[String],
-    limit: i32,
-    instance: &InstanceId,
-) -> Result<Vec<ClaimedTask>>
-where
-    C: GenericClient + Sync,
-    T: ?Sized + tokio_postgres::ToStatement + Sync + Send,
-{
     if limit <= 0 || queues.is_empty() {
         return Ok(Vec::new());
     }
-    let rows = client.query(query, &[&queues, &limit, instance]).await?;
-    rows.iter().map(task_from_row).collect()
+    if let [queue] = queues
+        && *try_fast
+    {
+        let rows = client.query(fast, &[queue, &limit, instance]).await?;
+        if !rows.is_empty() {
+            return in_order(&rows);
+        }
+    }
+    let rows = client.query(general, &[&queues, &limit, instance]).await?;
+    *try_fast = rows.is_empty();
+    in_order(&rows)
 }
 
-/// The worker pool's single-queue claim in one statement (`queue/claim_fast`): `Ok(None)` when
-/// the queue needs the general path (several tenants with work, a tenant limit, or due tasks
-/// to promote) and nothing was claimed; then call `pgcrew.claim_tasks`.
-async fn claim_fast<C, T>(
-    client: &C,
-    query: &T,
-    queue: &str,
-    limit: i32,
-    instance: &InstanceId,
-) -> Result<Option<Vec<ClaimedTask>>>
-where
-    C: GenericClient + Sync,
-    T: ?Sized + tokio_postgres::ToStatement + Sync + Send,
-{
-    if limit <= 0 {
-        return Ok(Some(Vec::new()));
-    }
-    let rows = client.query(query, &[&queue, &limit, instance]).await?;
-    if rows.iter().any(|r| !r.get::<_, bool>("fast")) {
-        return Ok(None);
-    }
-    rows.iter()
-        .map(task_from_row)
-        .collect::<Result<_>>()
-        .map(Some)
+/// Claimed rows as tasks in execution order (priority, due time, id): `UPDATE ... RETURNING`
+/// returns them in whatever order the rows were updated.
+fn in_order(rows: &[tokio_postgres::Row]) -> Result<Vec<ClaimedTask>> {
+    let mut tasks = rows.iter().map(task_from_row).collect::<Result<Vec<_>>>()?;
+    tasks.sort_by_key(|t| (t.priority.as_i16(), t.run_at, t.id.0));
+    Ok(tasks)
 }
 
 fn task_from_row(r: &tokio_postgres::Row) -> Result<ClaimedTask> {

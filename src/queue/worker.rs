@@ -532,9 +532,10 @@ impl WorkerPool {
     }
 
     /// Claim up to `limit` tasks. A single-queue pool first tries the one-statement fast path
-    /// (`queue/claim_fast`, the common single-tenant, unlimited case); when that says the queue
-    /// needs the general `pgcrew.claim_tasks` (several tenants with work, limits, due tasks), the
-    /// pool uses the general path until it next runs out of work (`try_fast`).
+    /// (`queue/claim_fast`, the common single-tenant, unlimited case); when that claims nothing,
+    /// the general `pgcrew.claim_tasks` runs, and if it finds work (several tenants with work,
+    /// limits, due tasks), the pool uses the general path until it next runs out of work
+    /// (`try_fast`).
     async fn claim_once(
         &self,
         client: &Client,

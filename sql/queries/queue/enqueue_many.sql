@@ -1,5 +1,6 @@
 -- Bulk enqueue. The named tenants are locked FOR KEY SHARE once (not per row); a task naming an
--- unknown tenant gets a NULL tenant_id and the whole statement fails on NOT NULL.
+-- unknown tenant gets a NULL tenant_id and the whole statement fails on NOT NULL. Queues that
+-- got available tasks and have a waiting pool are notified once each (`pgcrew.wake_queues`).
 WITH n AS (
     SELECT *
       FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[], $5::int2[], $6::jsonb[],
@@ -10,18 +11,24 @@ WITH n AS (
 tn AS (
     SELECT tn.id FROM pgcrew.tenants tn
      WHERE tn.id IN (SELECT DISTINCT n.tenant_id FROM n)
-       FOR KEY SHARE)
-INSERT INTO pgcrew.tasks AS t (queue, kind, tenant_id, run_id, priority, state, payload,
-                               max_attempts, run_at, unique_key)
-SELECT n.queue, n.kind, tn.id, n.run_id, n.priority,
-       CASE WHEN coalesce(n.run_at, now() + n.delay_us * interval '1 microsecond') > now()
-            THEN 'scheduled' ELSE 'available' END,
-       n.payload, n.max_attempts,
-       coalesce(n.run_at, now() + n.delay_us * interval '1 microsecond'),
-       n.unique_key
-  FROM n LEFT JOIN tn ON tn.id = n.tenant_id
- ORDER BY n.ord
-ON CONFLICT (tenant_id, queue, unique_key)
-    WHERE unique_key IS NOT NULL AND state IN ('scheduled', 'available', 'running', 'retryable')
-    DO NOTHING
-RETURNING t.id
+       FOR KEY SHARE),
+ins AS (
+    INSERT INTO pgcrew.tasks AS t (queue, kind, tenant_id, run_id, priority, state, payload,
+                                   max_attempts, run_at, unique_key)
+    SELECT n.queue, n.kind, tn.id, n.run_id, n.priority,
+           CASE WHEN coalesce(n.run_at, now() + n.delay_us * interval '1 microsecond') > now()
+                THEN 'scheduled' ELSE 'available' END,
+           n.payload, n.max_attempts,
+           coalesce(n.run_at, now() + n.delay_us * interval '1 microsecond'),
+           n.unique_key
+      FROM n LEFT JOIN tn ON tn.id = n.tenant_id
+     ORDER BY n.ord
+    ON CONFLICT (tenant_id, queue, unique_key)
+        WHERE unique_key IS NOT NULL AND state IN ('scheduled', 'available', 'running', 'retryable')
+        DO NOTHING
+    RETURNING t.id, t.state, t.queue),
+woke AS (
+    SELECT pgcrew.wake_queues(array_agg(DISTINCT ins.queue)) AS n
+      FROM ins WHERE ins.state = 'available')
+-- Input order: the CTE keeps the insertion order; `woke` is one row, evaluated once.
+SELECT ins.id FROM ins WHERE (SELECT woke.n FROM woke) IS NOT NULL
