@@ -97,7 +97,11 @@ where
     if let [queue] = queues
         && *try_fast
     {
-        let rows = client.query(fast, &[queue, &limit, instance]).await?;
+        // A fresh random token per claim, as pgcrew.claim_tasks draws one.
+        let token = Uuid::new_v4();
+        let rows = client
+            .query(fast, &[queue, &limit, instance, &token])
+            .await?;
         if !rows.is_empty() {
             return in_order(&rows);
         }
