@@ -1,6 +1,7 @@
 -- Bulk enqueue. The named tenants are locked FOR KEY SHARE once (not per row); a task naming an
 -- unknown tenant gets a NULL tenant_id and the whole statement fails on NOT NULL. Queues that
--- got available tasks and have a waiting pool are notified once each (`pgcrew.wake_queues`).
+-- got available tasks and have a waiting pool are notified once each: the test of
+-- `pgcrew.wake_queues`, inline (a call to it costs more than a small enqueue; see V007).
 WITH n AS (
     SELECT *
       FROM unnest($1::text[], $2::text[], $3::text[], $4::uuid[], $5::int2[], $6::jsonb[],
@@ -28,7 +29,11 @@ ins AS (
         DO NOTHING
     RETURNING t.id, t.state, t.queue),
 woke AS (
-    SELECT pgcrew.wake_queues(array_agg(DISTINCT ins.queue)) AS n
-      FROM ins WHERE ins.state = 'available')
+    SELECT count(*) AS n
+      FROM (SELECT DISTINCT ins.queue FROM ins WHERE ins.state = 'available') q
+     WHERE CASE WHEN EXISTS (SELECT FROM pgcrew.queue_waiters w WHERE w.queue = q.queue)
+                THEN EXISTS (SELECT FROM pg_notify('pgcrew_task_available',
+                                                   json_build_object('queue', q.queue)::text))
+                ELSE false END)
 -- Input order: the CTE keeps the insertion order; `woke` is one row, evaluated once.
 SELECT ins.id FROM ins WHERE (SELECT woke.n FROM woke) IS NOT NULL

@@ -1,7 +1,8 @@
 -- Enqueue one task without dependencies or unique key: a plain INSERT (the tenant is locked
 -- FOR KEY SHARE; an unknown tenant yields NULL and fails on NOT NULL). When the task is available
 -- at once and a pool waits on its queue, the same statement NOTIFYs `pgcrew_task_available`
--- (the CASE keeps the NOTIFY from running otherwise).
+-- (the CASE keeps the NOTIFY from running otherwise): the test of `pgcrew.wake_queues`,
+-- inline, because calling it nearly doubles this statement's cost on an idle backend (V007).
 WITH tn AS (
     SELECT tn.id FROM pgcrew.tenants tn WHERE tn.id = $3 FOR KEY SHARE),
 v AS (
