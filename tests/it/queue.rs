@@ -60,6 +60,23 @@ async fn register(t: &TestDb, id: &str) -> InstanceId {
     InstanceId::new(id).unwrap()
 }
 
+/// A connection of its own listening on `pgcrew_task_available`, to see every wake-up NOTIFY
+/// whatever the pools do: (client, connection driver, notifications).
+async fn listen_task_available(
+    t: &TestDb,
+) -> (
+    tokio_postgres::Client,
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::AsyncMessage>,
+) {
+    let (listener, driver, notes) = pgcrew::Db::connect_dedicated(t.db.config()).await.unwrap();
+    listener
+        .batch_execute("LISTEN pgcrew_task_available")
+        .await
+        .unwrap();
+    (listener, driver, notes)
+}
+
 fn task(kind: &str) -> NewTask {
     NewTask::new(kind, &serde_json::json!({})).unwrap()
 }
@@ -1583,12 +1600,7 @@ async fn cli_tasks_enqueue_stats_list_cancel_retry() {
 async fn saturated_pools_get_no_notifications_idle_ones_do() {
     let t = test_db().await;
     // Count NOTIFYs on the wake-up channel from a separate LISTEN connection.
-    let cfg = pgcrew::db::parse_dsn(t.dsn()).unwrap();
-    let (listener, driver, mut notes) = pgcrew::Db::connect_dedicated(&cfg).await.unwrap();
-    listener
-        .batch_execute("LISTEN pgcrew_task_available")
-        .await
-        .unwrap();
+    let (listener, driver, mut notes) = listen_task_available(&t).await;
     let release = Arc::new(tokio::sync::Semaphore::new(0));
     let started = Arc::new(AtomicUsize::new(0));
     let (rel, st) = (release.clone(), started.clone());
@@ -1675,12 +1687,7 @@ async fn saturated_pools_get_no_notifications_idle_ones_do() {
 #[tokio::test]
 async fn every_enqueue_path_notifies_waiting_queues_and_only_those() {
     let t = test_db().await;
-    let cfg = pgcrew::db::parse_dsn(t.dsn()).unwrap();
-    let (listener, driver, mut notes) = pgcrew::Db::connect_dedicated(&cfg).await.unwrap();
-    listener
-        .batch_execute("LISTEN pgcrew_task_available")
-        .await
-        .unwrap();
+    let (listener, driver, mut notes) = listen_task_available(&t).await;
     let inst = register(&t, "waiting").await;
     let mut conn = t.db.get().await.unwrap();
     for q in ["w1", "w2"] {
