@@ -547,3 +547,13 @@ async fn sql_metacharacters_and_unicode_in_ids_and_names_are_stored_verbatim_or_
             .is_ok()
     );
 }
+
+/// Benchmarks refuse sizes they cannot run before creating anything.
+#[tokio::test]
+async fn bench_sizes_out_of_range_are_refused_before_anything_is_created() {
+    let t = test_db().await;
+    cli_refuses(&t, &["bench", "queue", "--tasks", "0"], "--tasks").await;
+    cli_refuses(&t, &["bench", "scale", "--batch", "0"], "--batch").await;
+    cli_refuses(&t, &["bench", "scale", "--batch", "1001"], "--batch").await;
+    cli_refuses(&t, &["bench", "scale", "--samples", "0"], "--samples").await;
+}

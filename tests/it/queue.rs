@@ -1207,11 +1207,18 @@ async fn claiming_is_fair_across_tenants() {
     let small = create_tenant(&t, "small", None).await;
     let me = register(&t, "w").await;
     let conn = t.db.get().await.unwrap();
-    let backlog: Vec<NewTask> = (0..50_000).map(|_| task("k").tenant(big.clone())).collect();
-    for chunk in backlog.chunks(10_000) {
-        queue::enqueue_many(&**conn, chunk).await.unwrap();
-    }
-    // The big tenant's backlog is older and higher priority than the small tenant's task.
+    // A backlog of a million tasks, written in one statement (enqueue_many is covered
+    // elsewhere): older and higher priority than the small tenant's task.
+    let seeded = conn
+        .execute(
+            "INSERT INTO pgcrew.tasks (queue, kind, tenant_id, priority, run_at) \
+             SELECT 'default', 'k', $1, 1, now() - interval '1 hour' \
+               FROM generate_series(1, 1000000)",
+            &[&big.as_str()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(seeded, 1_000_000);
     let single = queue::enqueue(&**conn, &task("k").tenant(small).priority(Priority::Low))
         .await
         .unwrap()
@@ -1865,4 +1872,135 @@ async fn cli_bench_queue_reports_every_figure_and_cleans_up() {
         0,
         "the benchmark database {name} was not dropped"
     );
+}
+
+/// `pgcrew bench scale` runs end to end in its own scratch database (small sizes): the table
+/// grows phase by phase as asked, every claim is measured, the late tenant's single task is
+/// claimed within one claim cycle, and the database is dropped afterwards.
+#[tokio::test]
+async fn cli_bench_scale_grows_the_table_and_reports_fairness() {
+    let t = test_db().await;
+    let out = tokio::task::spawn_blocking({
+        let dsn = t.dsn().to_string();
+        move || {
+            std::process::Command::new(pgcrew_bin())
+                .args([
+                    "bench",
+                    "scale",
+                    "--finished",
+                    "3000",
+                    "--backlog",
+                    "4000",
+                    "--samples",
+                    "20",
+                    "--batch",
+                    "6",
+                    "--json",
+                ])
+                .env("DATABASE_URL", dsn)
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    // Each phase enqueues 20 x 6 tasks for each of two tenants and claims 20 x 6 of them.
+    let rows = |p: &str| v[p]["table_rows"].as_i64().unwrap();
+    let available = |p: &str| v[p]["available"].as_i64().unwrap();
+    assert_eq!(rows("only_measured"), 240);
+    assert_eq!(available("only_measured"), 240);
+    assert_eq!(rows("with_finished"), 240 + 3000 + 240);
+    assert_eq!(available("with_finished"), 120 + 240);
+    assert_eq!(rows("with_backlog"), 240 + 3000 + 240 + 4000 + 240);
+    assert_eq!(available("with_backlog"), 240 + 4000 + 240);
+    for p in ["only_measured", "with_finished", "with_backlog"] {
+        for f in ["claim_p50_ms", "claim_p99_ms", "ack_p50_ms"] {
+            let x = v[p][f].as_f64().unwrap_or(f64::NAN);
+            assert!(x.is_finite() && x > 0.0, "{p}.{f} = {:?}", v[p][f]);
+        }
+    }
+    // Big (backlog), small (leftovers) and late.
+    assert_eq!(v["tenants_with_work"], 3);
+    assert_eq!(v["fair_claims_batch"], 1);
+    let single = v["fair_claims_single"].as_i64().unwrap();
+    assert!((1..=3).contains(&single), "claims of 1: {single}");
+    let name = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("benchmark database: "))
+        .expect("the bench names its database")
+        .trim()
+        .to_string();
+    assert_eq!(
+        scalar(
+            &t,
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'")
+        )
+        .await,
+        0,
+        "the benchmark database {name} was not dropped"
+    );
+}
+
+/// The fast claim's probes of the tasks table (another tenant with work? a due delayed task?)
+/// stay on their indexes whatever the statistics say. With two tenants' rows in the statistics
+/// an EXISTS probe was planned as a sequential scan, which reads the whole heap when the other
+/// tenant's rows sit at its end: every idle wake-up of a multi-tenant queue paid for it.
+#[tokio::test]
+async fn fast_claim_probes_stay_on_indexes_whatever_the_statistics() {
+    let t = test_db().await;
+    create_tenant(&t, "a", None).await;
+    create_tenant(&t, "b", None).await;
+    let conn = t.db.get().await.unwrap();
+    // Tenant a's available tasks fill the heap first, then b's; many delayed tasks are not due.
+    conn.batch_execute(
+        "INSERT INTO pgcrew.tasks (queue, kind, tenant_id) \
+           SELECT 'default', 'k', 'a' FROM generate_series(1, 20000); \
+         INSERT INTO pgcrew.tasks (queue, kind, tenant_id, state, run_at) \
+           SELECT 'default', 'k', 'a', 'scheduled', now() + interval '1 day' \
+             FROM generate_series(1, 20000); \
+         INSERT INTO pgcrew.tasks (queue, kind, tenant_id) \
+           SELECT 'default', 'k', 'b' FROM generate_series(1, 20000); \
+         ANALYZE pgcrew.tasks",
+    )
+    .await
+    .unwrap();
+    let claim_fast = include_str!("../../sql/queries/queue/claim_fast.sql");
+    for mode in ["force_generic_plan", "force_custom_plan"] {
+        conn.batch_execute(&format!(
+            "SET plan_cache_mode = {mode}; \
+             PREPARE fast_probe(text, integer, text, uuid) AS {claim_fast}"
+        ))
+        .await
+        .unwrap();
+        let plan: Vec<String> = conn
+            .query(
+                "EXPLAIN EXECUTE fast_probe('default', 10, 'w', gen_random_uuid())",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(
+            !plan.contains("Seq Scan on tasks"),
+            "{mode}: the fast claim scans the tasks table sequentially:\n{plan}"
+        );
+        conn.batch_execute("DEALLOCATE fast_probe; RESET plan_cache_mode")
+            .await
+            .unwrap();
+    }
+    // And it does what it is for: two tenants with work, so it claims nothing (the general
+    // path shares the batch).
+    let me = register(&t, "w").await;
+    let token = uuid::Uuid::new_v4();
+    let rows = conn
+        .query(claim_fast, &[&"default", &10i32, &me.as_str(), &token])
+        .await
+        .unwrap();
+    assert!(rows.is_empty());
 }

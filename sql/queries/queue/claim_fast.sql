@@ -8,6 +8,11 @@
 -- The checks are one-time filters of the locking subquery, and the UPDATE is the top-level
 -- statement (no CTE materialisation, no marker row): on a backend that was idle this is the
 -- cheapest shape measured (pgbench, 5 ms idle before each statement).
+-- The two probes of pgcrew.tasks are ordered LIMIT 1 subqueries, not EXISTS: for an EXISTS the
+-- planner may pick a sequential scan when it expects many matching rows (several tenants in
+-- the statistics), which reads the whole heap when the matching rows sit at its end
+-- (`pgcrew bench scale` saw claims double). ORDER BY the index's own order keeps them on
+-- tasks_available_idx / tasks_due_idx.
 -- The claim token comes from the caller ($4, random, one per claim as in pgcrew.claim_tasks):
 -- gen_random_uuid() cost ~0.04 ms on an idle backend, a tenth of the whole statement.
 -- $1 queue, $2 limit, $3 claiming instance, $4 claim token.
@@ -22,13 +27,15 @@ UPDATE pgcrew.tasks t
     SELECT a.id FROM pgcrew.tasks a
      WHERE a.state = 'available' AND a.queue = $1 AND a.tenant_id = (SELECT t1.tenant_id FROM t1)
        -- Another tenant has work: fair shares are pgcrew.claim_tasks's job.
-       AND NOT EXISTS (SELECT FROM pgcrew.tasks o
-                        WHERE o.state = 'available' AND o.queue = $1
-                          AND o.tenant_id > (SELECT t1.tenant_id FROM t1))
+       AND (SELECT o.tenant_id FROM pgcrew.tasks o
+             WHERE o.state = 'available' AND o.queue = $1
+               AND o.tenant_id > (SELECT t1.tenant_id FROM t1)
+             ORDER BY o.tenant_id LIMIT 1) IS NULL
        -- A delayed or retryable task is due: pgcrew.claim_tasks promotes it.
-       AND NOT EXISTS (SELECT FROM pgcrew.tasks s
-                        WHERE s.state IN ('scheduled', 'retryable') AND s.pending_deps = 0
-                          AND s.queue = $1 AND s.run_at <= now())
+       AND (SELECT s.run_at FROM pgcrew.tasks s
+             WHERE s.state IN ('scheduled', 'retryable') AND s.pending_deps = 0
+               AND s.queue = $1 AND s.run_at <= now()
+             ORDER BY s.run_at LIMIT 1) IS NULL
        -- The tenant is limited: pgcrew.claim_tasks counts its running tasks under a lock.
        AND NOT EXISTS (SELECT FROM pgcrew.tenants tn
                         WHERE tn.id = (SELECT t1.tenant_id FROM t1)

@@ -1,4 +1,4 @@
-//! `pgcrew bench [queue|ledger|fanout]`: benchmarks that run in their own scratch database.
+//! `pgcrew bench [queue|ledger|fanout|failover|scale]`: benchmarks that run in their own scratch database.
 
 use std::process::ExitCode;
 
@@ -24,6 +24,9 @@ pub enum BenchKind {
     Fanout(crate::bench_fanout::FanoutBenchArgs),
     /// Leader failover time with real processes (kill -9 and graceful stop).
     Failover(crate::bench_failover::FailoverBenchArgs),
+    /// Claim latency as the tasks table grows to millions of rows; fairness behind a
+    /// million-task backlog of one tenant.
+    Scale(crate::bench_scale::ScaleBenchArgs),
 }
 
 /// Run the chosen benchmark.
@@ -34,6 +37,7 @@ pub async fn exec(dsn: Option<String>, args: BenchArgs) -> Result<ExitCode> {
         Some(BenchKind::Ledger(a)) => crate::bench_ledger::run(dsn, a).await,
         Some(BenchKind::Fanout(a)) => crate::bench_fanout::run(dsn, a).await,
         Some(BenchKind::Failover(a)) => crate::bench_failover::run(dsn, a).await,
+        Some(BenchKind::Scale(a)) => crate::bench_scale::run(dsn, a).await,
     }
 }
 
@@ -67,6 +71,15 @@ pub async fn scratch_db(dsn: Option<String>) -> Result<BenchDb> {
         _scratch: scratch,
         _cluster: cluster,
     })
+}
+
+/// The `q`-quantile (0..=1) of sorted samples in milliseconds (0 when there are none).
+pub fn percentile_ms(sorted: &[f64], q: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * q).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
 }
 
 /// The `p`-th percentile (0..=100) of sorted samples, in microseconds.

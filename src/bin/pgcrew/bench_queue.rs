@@ -11,6 +11,8 @@ use pgcrew::{Client, ClientConfig, Error, InstanceId, Result};
 use serde::Serialize;
 use tokio::sync::mpsc;
 
+use crate::bench::percentile_ms;
+
 /// Arguments of `pgcrew bench queue`.
 #[derive(Debug, Args)]
 pub struct QueueBenchArgs {
@@ -148,14 +150,6 @@ pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
-}
-
 async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
     let pool_size = 4 + args.instances * 4;
     let db = Db::connect(dsn, pool_size, Duration::from_secs(10)).await?;
@@ -256,7 +250,8 @@ async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let conn = db.get().await?;
     let (mut burst, _) = wake_samples(&conn, &mut wake_rx, args).await?;
-    conn.batch_execute("VACUUM (ANALYZE) pgcrew.tasks").await?;
+    conn.batch_execute(pgcrew_query!("queue/bench_vacuum"))
+        .await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (mut samples, mut from_commit) = wake_samples(&conn, &mut wake_rx, args).await?;
     drop(conn);
@@ -282,16 +277,16 @@ async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
         process_secs,
         processed_per_sec: args.tasks as f64 / process_secs,
         wakeup_samples: samples.len(),
-        wakeup_p50_ms: percentile(&samples, 0.50),
-        wakeup_p99_ms: percentile(&samples, 0.99),
+        wakeup_p50_ms: percentile_ms(&samples, 0.50),
+        wakeup_p99_ms: percentile_ms(&samples, 0.99),
         wakeup_max_ms: samples.last().copied().unwrap_or(0.0),
-        wakeup_from_commit_p50_ms: percentile(&from_commit, 0.50),
-        wakeup_from_commit_p99_ms: percentile(&from_commit, 0.99),
-        wakeup_after_burst_p50_ms: percentile(&burst, 0.50),
-        wakeup_after_burst_p99_ms: percentile(&burst, 0.99),
-        raw_wakeup_p50_ms: percentile(&raw, 0.50),
-        raw_wakeup_p99_ms: percentile(&raw, 0.99),
-        raw_wakeup_from_commit_p50_ms: percentile(&raw_commit, 0.50),
+        wakeup_from_commit_p50_ms: percentile_ms(&from_commit, 0.50),
+        wakeup_from_commit_p99_ms: percentile_ms(&from_commit, 0.99),
+        wakeup_after_burst_p50_ms: percentile_ms(&burst, 0.50),
+        wakeup_after_burst_p99_ms: percentile_ms(&burst, 0.99),
+        raw_wakeup_p50_ms: percentile_ms(&raw, 0.50),
+        raw_wakeup_p99_ms: percentile_ms(&raw, 0.99),
+        raw_wakeup_from_commit_p50_ms: percentile_ms(&raw_commit, 0.50),
     })
 }
 
@@ -327,13 +322,21 @@ async fn wake_samples(
 /// claim's row.
 async fn raw_wakeups(db: &Db, args: &QueueBenchArgs) -> Result<(Vec<f64>, Vec<f64>)> {
     let setup = db.get().await?;
-    setup.batch_execute(RAW_SETUP).await?;
+    setup
+        .batch_execute(pgcrew_query!("queue/bench_raw_setup"))
+        .await?;
     let (listener, driver, mut notes) = Db::connect_dedicated(db.config()).await?;
-    listener.batch_execute("LISTEN bench_raw_wake").await?;
+    listener
+        .batch_execute(pgcrew_query!("queue/bench_raw_listen"))
+        .await?;
     let producer = db.get().await?;
     let claimer = db.get().await?;
-    let insert = producer.prepare(RAW_INSERT).await?;
-    let claim = claimer.prepare(RAW_CLAIM).await?;
+    let insert = producer
+        .prepare(pgcrew_query!("queue/bench_raw_insert"))
+        .await?;
+    let claim = claimer
+        .prepare(pgcrew_query!("queue/bench_raw_claim"))
+        .await?;
     let mut samples = Vec::with_capacity(args.wakeups);
     let mut from_commit = Vec::with_capacity(args.wakeups);
     for i in 0..args.wakeups {
@@ -361,15 +364,8 @@ async fn raw_wakeups(db: &Db, args: &QueueBenchArgs) -> Result<(Vec<f64>, Vec<f6
     }
     drop(listener);
     let _ = driver.await;
-    setup.batch_execute("DROP TABLE bench_raw_wake").await?;
+    setup
+        .batch_execute(pgcrew_query!("queue/bench_raw_teardown"))
+        .await?;
     Ok((samples, from_commit))
 }
-
-const RAW_SETUP: &str = "CREATE TABLE bench_raw_wake (id bigserial PRIMARY KEY, \
-    state text NOT NULL DEFAULT 'available', payload jsonb NOT NULL); \
-    CREATE INDEX bench_raw_wake_available ON bench_raw_wake (id) WHERE state = 'available'";
-const RAW_INSERT: &str = "WITH i AS (INSERT INTO bench_raw_wake (payload) VALUES ($1) RETURNING id) \
-    SELECT i.id, pg_notify('bench_raw_wake', '') FROM i";
-const RAW_CLAIM: &str = "UPDATE bench_raw_wake SET state = 'running' WHERE id = (SELECT id \
-    FROM bench_raw_wake WHERE state = 'available' ORDER BY id LIMIT 1 FOR UPDATE SKIP LOCKED) \
-    RETURNING id, payload";
