@@ -96,6 +96,45 @@ fn q(name: &str) -> Vec<String> {
     vec![name.to_string()]
 }
 
+/// Run `pgcrew bench <args> --json` on the test database's server: its JSON report and stderr.
+async fn run_bench(t: &TestDb, args: &[&str]) -> (serde_json::Value, String) {
+    let mut argv = vec!["bench".to_string()];
+    argv.extend(args.iter().map(|a| a.to_string()));
+    argv.push("--json".into());
+    let dsn = t.dsn().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(pgcrew_bin())
+            .args(&argv)
+            .env("DATABASE_URL", dsn)
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    (serde_json::from_slice(&out.stdout).unwrap(), stderr)
+}
+
+/// The scratch database a bench named on stderr no longer exists.
+async fn assert_bench_database_dropped(t: &TestDb, stderr: &str) {
+    let name = stderr
+        .lines()
+        .find_map(|l| l.strip_prefix("benchmark database: "))
+        .expect("the bench names its database")
+        .trim()
+        .to_string();
+    assert_eq!(
+        scalar(
+            t,
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'")
+        )
+        .await,
+        0,
+        "the benchmark database {name} was not dropped"
+    );
+}
+
 #[tokio::test]
 async fn claim_and_ack_with_stale_token_rejected() {
     let t = test_db().await;
@@ -1810,33 +1849,21 @@ async fn every_enqueue_path_notifies_waiting_queues_and_only_those() {
 #[tokio::test]
 async fn cli_bench_queue_reports_every_figure_and_cleans_up() {
     let t = test_db().await;
-    let out = tokio::task::spawn_blocking({
-        let dsn = t.dsn().to_string();
-        move || {
-            std::process::Command::new(pgcrew_bin())
-                .args([
-                    "bench",
-                    "queue",
-                    "--tasks",
-                    "300",
-                    "--batch",
-                    "100",
-                    "--wakeups",
-                    "5",
-                    "--wakeup-gap",
-                    "1ms",
-                    "--json",
-                ])
-                .env("DATABASE_URL", dsn)
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (v, stderr) = run_bench(
+        &t,
+        &[
+            "queue",
+            "--tasks",
+            "300",
+            "--batch",
+            "100",
+            "--wakeups",
+            "5",
+            "--wakeup-gap",
+            "1ms",
+        ],
+    )
+    .await;
     assert_eq!(v["tasks"], 300);
     assert_eq!(v["wakeup_samples"], 5);
     for field in [
@@ -1857,21 +1884,7 @@ async fn cli_bench_queue_reports_every_figure_and_cleans_up() {
         let x = v[field].as_f64().unwrap_or(f64::NAN);
         assert!(x.is_finite() && x >= 0.0, "{field} = {:?}", v[field]);
     }
-    let name = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("benchmark database: "))
-        .expect("the bench names its database")
-        .trim()
-        .to_string();
-    assert_eq!(
-        scalar(
-            &t,
-            &format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'")
-        )
-        .await,
-        0,
-        "the benchmark database {name} was not dropped"
-    );
+    assert_bench_database_dropped(&t, &stderr).await;
 }
 
 /// `pgcrew bench scale` runs end to end in its own scratch database (small sizes): the table
@@ -1880,33 +1893,21 @@ async fn cli_bench_queue_reports_every_figure_and_cleans_up() {
 #[tokio::test]
 async fn cli_bench_scale_grows_the_table_and_reports_fairness() {
     let t = test_db().await;
-    let out = tokio::task::spawn_blocking({
-        let dsn = t.dsn().to_string();
-        move || {
-            std::process::Command::new(pgcrew_bin())
-                .args([
-                    "bench",
-                    "scale",
-                    "--finished",
-                    "3000",
-                    "--backlog",
-                    "4000",
-                    "--samples",
-                    "20",
-                    "--batch",
-                    "6",
-                    "--json",
-                ])
-                .env("DATABASE_URL", dsn)
-                .output()
-                .unwrap()
-        }
-    })
-    .await
-    .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{stderr}");
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (v, stderr) = run_bench(
+        &t,
+        &[
+            "scale",
+            "--finished",
+            "3000",
+            "--backlog",
+            "4000",
+            "--samples",
+            "20",
+            "--batch",
+            "6",
+        ],
+    )
+    .await;
     // Each phase enqueues 20 x 6 tasks for each of two tenants and claims 20 x 6 of them.
     let rows = |p: &str| v[p]["table_rows"].as_i64().unwrap();
     let available = |p: &str| v[p]["available"].as_i64().unwrap();
@@ -1927,21 +1928,7 @@ async fn cli_bench_scale_grows_the_table_and_reports_fairness() {
     assert_eq!(v["fair_claims_batch"], 1);
     let single = v["fair_claims_single"].as_i64().unwrap();
     assert!((1..=3).contains(&single), "claims of 1: {single}");
-    let name = stderr
-        .lines()
-        .find_map(|l| l.strip_prefix("benchmark database: "))
-        .expect("the bench names its database")
-        .trim()
-        .to_string();
-    assert_eq!(
-        scalar(
-            &t,
-            &format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'")
-        )
-        .await,
-        0,
-        "the benchmark database {name} was not dropped"
-    );
+    assert_bench_database_dropped(&t, &stderr).await;
 }
 
 /// The fast claim's probes of the tasks table (another tenant with work? a due delayed task?)

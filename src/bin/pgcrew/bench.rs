@@ -73,6 +73,18 @@ pub async fn scratch_db(dsn: Option<String>) -> Result<BenchDb> {
     })
 }
 
+/// Run `f` on a scratch database ([`scratch_db`]), which is dropped afterwards whatever `f`
+/// returned.
+pub async fn in_scratch<T>(
+    dsn: Option<String>,
+    f: impl AsyncFnOnce(&str) -> Result<T>,
+) -> Result<T> {
+    let scratch = scratch_db(dsn).await?;
+    let result = f(&scratch.dsn).await;
+    drop(scratch);
+    result
+}
+
 /// The `q`-quantile (0..=1) of sorted samples in milliseconds (0 when there are none).
 pub fn percentile_ms(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {

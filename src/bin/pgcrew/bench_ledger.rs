@@ -81,11 +81,7 @@ pub async fn run(dsn: Option<String>, args: LedgerBenchArgs) -> Result<ExitCode>
     if !(args.seconds > 0.0 && args.seconds.is_finite()) {
         return Err(Error::invalid("--seconds", "must be a positive number"));
     }
-    // A scratch database (on a throwaway cluster without a DSN), dropped afterwards.
-    let scratch = crate::bench::scratch_db(dsn).await?;
-    let result = bench(&scratch.dsn, &args).await;
-    drop(scratch);
-    let r = result?;
+    let r = crate::bench::in_scratch(dsn, async |dsn| bench(dsn, &args).await).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

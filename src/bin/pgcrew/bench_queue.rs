@@ -104,11 +104,7 @@ pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> 
             "--tasks, --concurrency, --instances, --batch and --producers must be at least 1",
         ));
     }
-    // A scratch database (on a throwaway cluster without a DSN), dropped afterwards.
-    let scratch = crate::bench::scratch_db(dsn).await?;
-    let result = bench(&scratch.dsn, &args).await;
-    drop(scratch);
-    let report = result?;
+    let report = crate::bench::in_scratch(dsn, async |dsn| bench(dsn, &args).await).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use pgcrew::db::Conn;
-use pgcrew::queue::{self, Ack, AckOutcome, NewTask, Priority};
+use pgcrew::queue::{self, Ack, AckOutcome, ClaimedTask, NewTask, Priority};
 use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{Client, ClientConfig, Db, Error, InstanceId, Result, TenantId};
 use serde::Serialize;
@@ -85,10 +85,7 @@ pub async fn run(dsn: Option<String>, args: ScaleBenchArgs) -> Result<ExitCode> 
             "--samples must be between 1 and 100000 and --batch between 1 and 1000",
         ));
     }
-    let scratch = crate::bench::scratch_db(dsn).await?;
-    let result = bench(&scratch.dsn, &args).await;
-    drop(scratch);
-    let r = result?;
+    let r = crate::bench::in_scratch(dsn, async |dsn| bench(dsn, &args).await).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
         return Ok(ExitCode::SUCCESS);
@@ -221,24 +218,9 @@ async fn phase(conn: &Conn, me: &InstanceId, args: &ScaleBenchArgs) -> Result<Ph
                 args.batch
             )));
         }
-        let batch: Vec<Ack> = claimed
-            .iter()
-            .map(|c| Ack {
-                id: c.id,
-                token: c.token,
-                outcome: AckOutcome::Complete,
-            })
-            .collect();
         let t = Instant::now();
-        let report = queue::ack(&***conn, &batch).await?;
+        complete_all(conn, &claimed).await?;
         acks.push(t.elapsed().as_secs_f64() * 1000.0);
-        if report.applied.len() != batch.len() {
-            return Err(Error::Config(format!(
-                "bench scale: {} of {} acknowledgements were rejected",
-                batch.len() - report.applied.len(),
-                batch.len()
-            )));
-        }
     }
     claims.sort_by(f64::total_cmp);
     acks.sort_by(f64::total_cmp);
@@ -249,6 +231,27 @@ async fn phase(conn: &Conn, me: &InstanceId, args: &ScaleBenchArgs) -> Result<Ph
         claim_p99_ms: percentile_ms(&claims, 0.99),
         ack_p50_ms: percentile_ms(&acks, 0.50),
     })
+}
+
+/// Complete `claimed` in one acknowledgement statement; an error if any was rejected.
+async fn complete_all(conn: &Conn, claimed: &[ClaimedTask]) -> Result<()> {
+    let acks: Vec<Ack> = claimed
+        .iter()
+        .map(|c| Ack {
+            id: c.id,
+            token: c.token,
+            outcome: AckOutcome::Complete,
+        })
+        .collect();
+    let report = queue::ack(&***conn, &acks).await?;
+    if report.applied.len() != acks.len() {
+        return Err(Error::Config(format!(
+            "bench scale: {} of {} acknowledgements were rejected",
+            acks.len() - report.applied.len(),
+            acks.len()
+        )));
+    }
+    Ok(())
 }
 
 /// Enqueue one low-priority task of `late` and count claims of `batch` until it is claimed.
@@ -268,15 +271,7 @@ async fn claims_until_served(
     // A bound far above any fair answer, so an unfair claim shows up as a failure, not a hang.
     for n in 1..=1000 {
         let claimed = queue::claim(&***conn, &queues, limit, me).await?;
-        let acks: Vec<Ack> = claimed
-            .iter()
-            .map(|c| Ack {
-                id: c.id,
-                token: c.token,
-                outcome: AckOutcome::Complete,
-            })
-            .collect();
-        queue::ack(&***conn, &acks).await?;
+        complete_all(conn, &claimed).await?;
         if claimed.iter().any(|c| c.id == id) {
             return Ok(n);
         }
