@@ -45,6 +45,18 @@ pub struct ClaimedTask {
     pub lag: Duration,
 }
 
+impl ClaimedTask {
+    /// The acknowledgement of this claim with `outcome`. It carries the claim token, so it is
+    /// rejected as stale if the task was rescued (and maybe claimed again) in the meantime.
+    pub fn ack(&self, outcome: AckOutcome) -> Ack {
+        Ack {
+            id: self.id,
+            token: self.token,
+            outcome,
+        }
+    }
+}
+
 /// Claim up to `limit` tasks from `queues` for `instance` (which must be registered, or the
 /// leader's maintenance will rescue the tasks). Fair across tenants, within tenant limits. The
 /// tasks come back in execution order: priority, then due time, then id.

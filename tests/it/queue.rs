@@ -567,11 +567,7 @@ async fn unique_keys_dedupe_among_unfinished_tasks() {
     let claimed = queue::claim(&**conn, &q("default"), 10, &me).await.unwrap();
     let acks: Vec<Ack> = claimed
         .iter()
-        .map(|c| Ack {
-            id: c.id,
-            token: c.token,
-            outcome: AckOutcome::Complete,
-        })
+        .map(|c| c.ack(AckOutcome::Complete))
         .collect();
     queue::ack(&**conn, &acks).await.unwrap();
     let d = queue::enqueue(&**conn, &task("k").unique_key("u1"))
@@ -1145,14 +1141,7 @@ async fn tenant_limit_holds_under_16_concurrent_claimers() {
                 local_max.fetch_max(now, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 local_now.fetch_sub(n_lim, Ordering::SeqCst);
-                let acks: Vec<Ack> = c
-                    .iter()
-                    .map(|x| Ack {
-                        id: x.id,
-                        token: x.token,
-                        outcome: AckOutcome::Complete,
-                    })
-                    .collect();
+                let acks: Vec<Ack> = c.iter().map(|x| x.ack(AckOutcome::Complete)).collect();
                 queue::ack(&**conn, &acks).await.unwrap();
             }
         }));

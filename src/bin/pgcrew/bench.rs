@@ -85,20 +85,19 @@ pub async fn in_scratch<T>(
     result
 }
 
-/// The `q`-quantile (0..=1) of sorted samples in milliseconds (0 when there are none).
-pub fn percentile_ms(sorted: &[f64], q: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let idx = ((sorted.len() as f64 - 1.0) * q).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
+/// The `q`-quantile (0..=1) of sorted samples: the sample nearest to rank `q x (n - 1)`.
+fn quantile<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
+    let last = sorted.len().checked_sub(1)?;
+    let idx = (last as f64 * q).round() as usize;
+    Some(sorted[idx.min(last)])
 }
 
-/// The `p`-th percentile (0..=100) of sorted samples, in microseconds.
+/// The `q`-quantile (0..=1) of sorted samples in milliseconds (0 when there are none).
+pub fn percentile_ms(sorted: &[f64], q: f64) -> f64 {
+    quantile(sorted, q).unwrap_or(0.0)
+}
+
+/// The `p`-th percentile (0..=100) of sorted samples, in microseconds (NaN when there are none).
 pub fn percentile_us(sorted: &[std::time::Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let idx = ((p / 100.0) * (sorted.len() - 1) as f64).round() as usize;
-    sorted[idx.min(sorted.len() - 1)].as_secs_f64() * 1e6
+    quantile(sorted, p / 100.0).map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
 }

@@ -133,18 +133,14 @@ async fn bench(dsn: &str, args: &ScaleBenchArgs) -> Result<Report> {
     let only_measured = phase(&conn, &me, args).await?;
 
     eprintln!("[2/4] adding {} finished tasks ...", args.finished);
-    let t0 = Instant::now();
-    seed(&conn, args.finished, "completed").await?;
-    let mut seed_secs = t0.elapsed().as_secs_f64();
+    let mut seed_secs = seed(&conn, args.finished, "completed").await?;
     let with_finished = phase(&conn, &me, args).await?;
 
     eprintln!(
         "[3/4] adding a backlog of {} available tasks of tenant big ...",
         args.backlog
     );
-    let t0 = Instant::now();
-    seed(&conn, args.backlog, "available").await?;
-    seed_secs += t0.elapsed().as_secs_f64();
+    seed_secs += seed(&conn, args.backlog, "available").await?;
     let with_backlog = phase(&conn, &me, args).await?;
 
     eprintln!("[4/4] fairness: one task of tenant late behind the backlog ...");
@@ -171,14 +167,15 @@ async fn bench(dsn: &str, args: &ScaleBenchArgs) -> Result<Report> {
 }
 
 /// Add `n` tasks of tenant big in `state`, then VACUUM ANALYZE as autovacuum would soon do
-/// (the table's autovacuum thresholds are low).
-async fn seed(conn: &Conn, n: u64, state: &str) -> Result<()> {
+/// (the table's autovacuum thresholds are low). Returns the seconds it took.
+async fn seed(conn: &Conn, n: u64, state: &str) -> Result<f64> {
     let n = i64::try_from(n).map_err(|_| Error::invalid("bench", "too many tasks to seed"))?;
+    let t0 = Instant::now();
     conn.execute(pgcrew_query!("queue/bench_seed"), &[&n, &"big", &state])
         .await?;
     conn.batch_execute(pgcrew_query!("queue/bench_vacuum"))
         .await?;
-    Ok(())
+    Ok(t0.elapsed().as_secs_f64())
 }
 
 async fn scalar(conn: &Conn, sql: &str) -> Result<i64> {
@@ -190,14 +187,13 @@ async fn scalar(conn: &Conn, sql: &str) -> Result<i64> {
 /// differ only in what else the table holds.
 async fn phase(conn: &Conn, me: &InstanceId, args: &ScaleBenchArgs) -> Result<Phase> {
     let n = args.samples * args.batch;
-    let tasks: Vec<NewTask> =
-        (0..2 * n)
-            .map(|i| {
-                let tenant = if i < n { "small" } else { "big" };
-                Ok(NewTask::new("noop", &serde_json::json!({ "i": i }))?
-                    .tenant(TenantId::new(tenant)?))
-            })
-            .collect::<Result<_>>()?;
+    let (small, big) = (TenantId::new("small")?, TenantId::new("big")?);
+    let tasks: Vec<NewTask> = (0..2 * n)
+        .map(|i| {
+            let tenant = if i < n { &small } else { &big };
+            Ok(NewTask::new("noop", &serde_json::json!({ "i": i }))?.tenant(tenant.clone()))
+        })
+        .collect::<Result<_>>()?;
     for chunk in tasks.chunks(5_000) {
         queue::enqueue_many(conn, chunk).await?;
     }
@@ -237,11 +233,7 @@ async fn phase(conn: &Conn, me: &InstanceId, args: &ScaleBenchArgs) -> Result<Ph
 async fn complete_all(conn: &Conn, claimed: &[ClaimedTask]) -> Result<()> {
     let acks: Vec<Ack> = claimed
         .iter()
-        .map(|c| Ack {
-            id: c.id,
-            token: c.token,
-            outcome: AckOutcome::Complete,
-        })
+        .map(|c| c.ack(AckOutcome::Complete))
         .collect();
     let report = queue::ack(&***conn, &acks).await?;
     if report.applied.len() != acks.len() {
