@@ -12,9 +12,13 @@ mod embedded {
 /// Where refinery records applied migrations.
 pub(crate) const HISTORY_TABLE: &str = "pgcrew.refinery_schema_history";
 
-/// Advisory lock key serialising concurrent migrators (`hashtext('pgcrew.migrate')` is not
-/// stable across versions, so a fixed constant is used).
-const MIGRATE_LOCK_KEY: i64 = 0x7067_6372_6577_0001;
+/// Advisory lock key serialising migrators until the installation secret exists (V008);
+/// from then on the key is derived with the secret (`pgcrew.lock_key('migrate', 'pgcrew')`), so a
+/// role that can connect but cannot read the secret cannot hold every migrator hostage.
+const LEGACY_MIGRATE_LOCK_KEY: i64 = 0x7067_6372_6577_0001;
+
+/// The migration that creates the installation secret.
+const SECRET_VERSION: i32 = 8;
 
 /// What a migration run did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,20 +61,66 @@ fn too_new(database: i64) -> Error {
 }
 
 /// Run all pending migrations.
+///
+/// Migrators are serialised by a session advisory lock. Once the installation secret exists
+/// its key is secret-derived; a database older than V008 is first migrated up to V008 under the
+/// legacy key (re-checking the secret once the lock is held), then the rest runs under the new
+/// key, so two migrators never run under different keys at once.
 pub(crate) async fn run(client: &mut tokio_postgres::Client) -> Result<MigrationReport> {
-    client
-        .execute(sql!("db/advisory_lock"), &[&MIGRATE_LOCK_KEY])
-        .await?;
-    let result = run_locked(client).await;
-    let unlock = client
-        .execute(sql!("db/advisory_unlock"), &[&MIGRATE_LOCK_KEY])
-        .await;
-    let report = result?;
-    unlock?;
-    Ok(report)
+    let mut total: Option<MigrationReport> = None;
+    loop {
+        let secret = client
+            .query_one(sql!("db/installation_secret_exists"), &[])
+            .await?
+            .get::<_, bool>(0);
+        let (key, target) = if secret {
+            let key: i64 = client
+                .query_one(sql!("db/migrate_lock_key"), &[])
+                .await?
+                .get(0);
+            (key, None)
+        } else {
+            (LEGACY_MIGRATE_LOCK_KEY, Some(SECRET_VERSION))
+        };
+        client.execute(sql!("db/advisory_lock"), &[&key]).await?;
+        let result = if target.is_some()
+            && client
+                .query_one(sql!("db/installation_secret_exists"), &[])
+                .await
+                .map(|r| r.get::<_, bool>(0))
+                .unwrap_or(false)
+        {
+            // Another migrator created the secret while we waited: switch keys.
+            None
+        } else {
+            Some(run_locked(client, target).await)
+        };
+        let unlock = client.execute(sql!("db/advisory_unlock"), &[&key]).await;
+        let Some(result) = result else {
+            unlock?;
+            continue;
+        };
+        let report = result?;
+        unlock?;
+        let done = target.is_none();
+        total = Some(match total {
+            None => report,
+            Some(mut t) => {
+                t.to_version = report.to_version;
+                t.applied.extend(report.applied);
+                t
+            }
+        });
+        if done {
+            return total.ok_or_else(|| Error::Migration("no migration report".into()));
+        }
+    }
 }
 
-async fn run_locked(client: &mut tokio_postgres::Client) -> Result<MigrationReport> {
+async fn run_locked(
+    client: &mut tokio_postgres::Client,
+    target: Option<i32>,
+) -> Result<MigrationReport> {
     let before = current_version(client).await?.unwrap_or(0);
     let latest = latest_version();
     if before > latest {
@@ -79,6 +129,9 @@ async fn run_locked(client: &mut tokio_postgres::Client) -> Result<MigrationRepo
     client.batch_execute(sql!("db/create_schema")).await?;
     let mut runner = embedded::migrations::runner();
     runner.set_migration_table_name(HISTORY_TABLE);
+    if let Some(version) = target {
+        runner = runner.set_target(refinery::Target::Version(version));
+    }
     let report = runner
         .run_async(client)
         .await

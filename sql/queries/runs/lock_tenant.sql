@@ -1,2 +1,2 @@
--- Serialise run admission for one tenant (count + transition).
-SELECT pg_advisory_xact_lock(1885827700, hashtext($1::text))
+-- Serialise run admission for one tenant (count + transition); the key is secret-derived.
+SELECT pg_advisory_xact_lock(pgcrew.lock_key('tenant_runs', $1::text))

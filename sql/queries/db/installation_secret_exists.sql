@@ -1,0 +1,1 @@
+SELECT to_regclass('pgcrew.installation_secret') IS NOT NULL
