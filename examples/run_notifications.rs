@@ -38,16 +38,17 @@ async fn main() -> pgcrew::Result<()> {
     tenancy::upsert(&db, &tenant).await?;
     let tenant = tenant.tenant_id;
 
-    // Every run-state change, as it happens.
+    // Every run-state change, as it happens. The notification carries the run id only (any
+    // role can LISTEN, so states stay out of payloads): re-read the run for its state.
     let mut states = client.subscribe(&[EventKind::RunStateChanged]);
+    let state_db = db.clone();
     let printer = tokio::spawn(async move {
         while let Some(event) = states.recv().await {
-            if let Event::RunStateChanged {
-                run_id, from, to, ..
-            } = event
-            {
-                let from = from.as_deref().unwrap_or("(new)");
-                println!("  [state]  run {run_id}: {from} -> {to}");
+            if let Event::RunStateChanged { run_id, .. } = event {
+                match runs::get_run(&state_db, run_id).await {
+                    Ok(run) => println!("  [state]  run {run_id}: now {}", run.state),
+                    Err(e) => println!("  [state]  run {run_id}: cannot re-read ({e})"),
+                }
             }
         }
     });

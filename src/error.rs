@@ -77,7 +77,7 @@ pub enum Error {
     Migration(String),
 
     /// A database error that is not one of the classified cases.
-    #[error("database error: {0}")]
+    #[error("database error: {}", describe_pg_error(.0))]
     Database(#[source] tokio_postgres::Error),
 
     /// No connection could be taken from the pool.
@@ -293,6 +293,28 @@ impl From<deadpool_postgres::PoolError> for Error {
             other => Error::Pool(other.to_string()),
         }
     }
+}
+
+/// PostgreSQL's own words for a driver error: message, SQLSTATE, and detail, hint and
+/// constraint where present (the driver's `Display` says only `db error`).
+pub(crate) fn describe_pg_error(e: &tokio_postgres::Error) -> String {
+    let Some(db) = e.as_db_error() else {
+        return match std::error::Error::source(e) {
+            Some(source) => format!("{e}: {source}"),
+            None => e.to_string(),
+        };
+    };
+    let mut out = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+    if let Some(detail) = db.detail() {
+        out.push_str(&format!("; detail: {detail}"));
+    }
+    if let Some(hint) = db.hint() {
+        out.push_str(&format!("; hint: {hint}"));
+    }
+    if let Some(constraint) = db.constraint() {
+        out.push_str(&format!("; constraint: {constraint}"));
+    }
+    out
 }
 
 /// Turn a driver error into the most specific variant, with an actionable message.

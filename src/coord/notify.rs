@@ -62,16 +62,12 @@ pub enum EventKind {
 #[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum Event {
-    /// A run was created (`from` is `None`) or changed state.
+    /// A run was created or changed state. The payload carries the run id only (any role can
+    /// LISTEN on any channel, so tenant ids and states stay out of payloads): re-read the run
+    /// (e.g. [`crate::runs::get_run`]) for its tenant and state.
     RunStateChanged {
         /// The run.
         run_id: RunId,
-        /// Its tenant.
-        tenant_id: String,
-        /// The previous state (`None` on creation).
-        from: Option<String>,
-        /// The new state.
-        to: String,
     },
     /// An instance registered.
     InstanceRegistered {
@@ -104,13 +100,9 @@ pub enum Event {
         /// The event's sequence number.
         seq: i64,
     },
-    /// A tenant's budget status changed.
-    BudgetStatusChanged {
-        /// The tenant.
-        tenant_id: String,
-        /// The new status (`HEALTHY`, `WARNING`, `CRITICAL`, `EXCEEDED`).
-        status: String,
-    },
+    /// Some tenant's budget status changed. The payload names no tenant (any role can LISTEN
+    /// on any channel): re-read `pgcrew.budget_status` (e.g. [`crate::tenancy::budget_status`]).
+    BudgetStatusChanged,
     /// Cancellation of a running task was requested (`pgcrew.cancel_task`); the claiming
     /// instance's worker pool re-reads its tasks' cancellation flags at once.
     TaskCancelRequested {
@@ -133,7 +125,7 @@ impl Event {
             Event::LeaderChanged { .. } => EventKind::LeaderChanged,
             Event::TaskAvailable { .. } => EventKind::TaskAvailable,
             Event::RunEvent { .. } => EventKind::RunEvent,
-            Event::BudgetStatusChanged { .. } => EventKind::BudgetStatusChanged,
+            Event::BudgetStatusChanged => EventKind::BudgetStatusChanged,
             Event::TaskCancelRequested { .. } => EventKind::TaskCancelRequested,
             Event::Resync => EventKind::Resync,
         }
@@ -153,9 +145,6 @@ impl Event {
         #[derive(Deserialize)]
         struct RunState {
             run_id: RunId,
-            tenant_id: String,
-            from: Option<String>,
-            to: String,
         }
         #[derive(Deserialize)]
         struct Instance {
@@ -181,20 +170,10 @@ impl Event {
             task_id: i64,
             instance_id: Option<String>,
         }
-        #[derive(Deserialize)]
-        struct Budget {
-            tenant_id: String,
-            status: String,
-        }
         let ev = match channel {
             "pgcrew_run_state_changed" => {
                 let p: RunState = serde_json::from_str(payload).ok()?;
-                Event::RunStateChanged {
-                    run_id: p.run_id,
-                    tenant_id: p.tenant_id,
-                    from: p.from,
-                    to: p.to,
-                }
+                Event::RunStateChanged { run_id: p.run_id }
             }
             "pgcrew_instance_registered" => Event::InstanceRegistered {
                 instance_id: serde_json::from_str::<Instance>(payload).ok()?.instance_id,
@@ -220,13 +199,7 @@ impl Event {
                     seq: p.seq,
                 }
             }
-            "pgcrew_budget_status_changed" => {
-                let p: Budget = serde_json::from_str(payload).ok()?;
-                Event::BudgetStatusChanged {
-                    tenant_id: p.tenant_id,
-                    status: p.status,
-                }
-            }
+            "pgcrew_budget_status_changed" => Event::BudgetStatusChanged,
             "pgcrew_task_cancel_requested" => {
                 let p: Cancel = serde_json::from_str(payload).ok()?;
                 Event::TaskCancelRequested {
@@ -566,16 +539,18 @@ mod tests {
         let id = RunId::new();
         let ev = Event::parse(
             "pgcrew_run_state_changed",
-            &format!(r#"{{"run_id":"{id}","tenant_id":"t","from":null,"to":"pending"}}"#),
+            &format!(r#"{{"run_id":"{id}"}}"#),
+        );
+        assert_eq!(ev, Some(Event::RunStateChanged { run_id: id }));
+        // Payloads of instances from before V010 carried more fields: still a wake-up.
+        let old = format!(r#"{{"run_id":"{id}","tenant_id":"t","from":null,"to":"pending"}}"#);
+        assert_eq!(
+            Event::parse("pgcrew_run_state_changed", &old),
+            Some(Event::RunStateChanged { run_id: id })
         );
         assert_eq!(
-            ev,
-            Some(Event::RunStateChanged {
-                run_id: id,
-                tenant_id: "t".into(),
-                from: None,
-                to: "pending".into()
-            })
+            Event::parse("pgcrew_budget_status_changed", "{}"),
+            Some(Event::BudgetStatusChanged)
         );
         assert_eq!(
             Event::parse(

@@ -46,7 +46,9 @@ pub use degradation::{
     Decision, DegradationAction, DegradationPolicy, DegradationRule, StepRequest, decide,
 };
 pub use prices::{ModelPrice, PriceTable};
-pub use rls::{grant_tenant_access, set_tenant_in_tx};
+pub use rls::{
+    TenantRole, grant_tenant_access, grant_tenant_role, list_tenant_roles, revoke_tenant_role,
+};
 pub use status::{BudgetSnapshot, BudgetStatus, BudgetThresholds};
 pub use tenants::{
     MAX_BUDGET_USD, Tenant, TenantContext, get, list, require_capability, require_capability_in_tx,

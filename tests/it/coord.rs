@@ -99,9 +99,8 @@ async fn subscribers_receive_run_state_changes() {
                 .await
                 .unwrap()
                 .unwrap();
-            if let pgcrew::Event::RunStateChanged { run_id: r, to, .. } = ev {
+            if let pgcrew::Event::RunStateChanged { run_id: r } = ev {
                 assert_eq!(r.0, run_id);
-                assert_eq!(to, "pending");
                 break;
             }
         }
@@ -144,18 +143,19 @@ async fn thousand_subscribers_and_listen_reconnect_with_resync() {
     .await
     .unwrap();
     for s in subs.iter_mut() {
-        let mut seen = Vec::new();
-        while seen.len() < 2 {
+        // Creation and the change to running: two notifications naming the run (and nothing
+        // else: payloads carry opaque ids only).
+        let mut seen = 0;
+        while seen < 2 {
             let ev = tokio::time::timeout(Duration::from_secs(5), s.recv())
                 .await
                 .expect("event in time")
                 .expect("notifier alive");
-            if let pgcrew::Event::RunStateChanged { run_id: r, to, .. } = ev {
+            if let pgcrew::Event::RunStateChanged { run_id: r } = ev {
                 assert_eq!(r.0, run_id);
-                seen.push(to);
+                seen += 1;
             }
         }
-        assert_eq!(seen, vec!["pending".to_string(), "running".to_string()]);
     }
     drop(subs);
 
@@ -195,8 +195,8 @@ async fn thousand_subscribers_and_listen_reconnect_with_resync() {
             .await
             .expect("event after reconnect")
             .unwrap();
-        if let pgcrew::Event::RunStateChanged { to, .. } = ev {
-            assert_eq!(to, "completed");
+        if let pgcrew::Event::RunStateChanged { run_id: r } = ev {
+            assert_eq!(r.0, run_id);
             break;
         }
     }

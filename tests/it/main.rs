@@ -19,3 +19,4 @@ mod proxy;
 mod queue;
 mod runs;
 mod tenancy;
+mod tenant_isolation;

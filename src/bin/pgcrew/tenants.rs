@@ -1,4 +1,4 @@
-//! `pgcrew tenants set|list|show`.
+//! `pgcrew tenants set|list|show|grant-role|revoke-role|roles`.
 
 use std::process::ExitCode;
 
@@ -17,6 +17,29 @@ pub enum TenantsCmd {
     List(crate::output::JsonFlag),
     /// Show one tenant: configuration, budget status and cost breakdown.
     Show(ShowArgs),
+    /// Bind an existing PostgreSQL role to a tenant and grant it read access: row-level
+    /// security then shows it that tenant's rows only, whatever it sets.
+    GrantRole(GrantRoleArgs),
+    /// Unbind a role from its tenant and revoke its access to pgcrew's objects.
+    RevokeRole(RevokeRoleArgs),
+    /// List the roles bound to tenants.
+    Roles(crate::output::JsonFlag),
+}
+
+/// Flags of `pgcrew tenants grant-role`.
+#[derive(Debug, Args)]
+pub struct GrantRoleArgs {
+    /// The PostgreSQL role (must exist; not a superuser, BYPASSRLS or the pgcrew owner).
+    pub role: String,
+    /// The tenant it is bound to.
+    pub tenant: String,
+}
+
+/// Flags of `pgcrew tenants revoke-role`.
+#[derive(Debug, Args)]
+pub struct RevokeRoleArgs {
+    /// The PostgreSQL role.
+    pub role: String,
 }
 
 /// Flags of `pgcrew tenants set`.
@@ -78,6 +101,9 @@ pub async fn exec(dsn: Option<String>, cmd: TenantsCmd) -> Result<ExitCode> {
         TenantsCmd::Set(args) => set(dsn, args).await,
         TenantsCmd::List(f) => list(dsn, f.json).await,
         TenantsCmd::Show(args) => show(dsn, args).await,
+        TenantsCmd::GrantRole(args) => grant_role(dsn, args).await,
+        TenantsCmd::RevokeRole(args) => revoke_role(dsn, args).await,
+        TenantsCmd::Roles(f) => roles(dsn, f.json).await,
     }
 }
 
@@ -254,5 +280,54 @@ async fn show(dsn: Option<String>, args: ShowArgs) -> Result<ExitCode> {
             &rows,
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn grant_role(dsn: Option<String>, args: GrantRoleArgs) -> Result<ExitCode> {
+    let tenant = TenantId::new(args.tenant)?;
+    let db = connect(dsn).await?;
+    let granted = tenancy::grant_tenant_role(&db, &args.role, &tenant).await?;
+    println!(
+        "role {} is bound to tenant {tenant}; it can read: {}",
+        args.role,
+        granted.join(", ")
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn revoke_role(dsn: Option<String>, args: RevokeRoleArgs) -> Result<ExitCode> {
+    let db = connect(dsn).await?;
+    if tenancy::revoke_tenant_role(&db, &args.role).await? {
+        println!(
+            "role {} is no longer bound to a tenant; its access to pgcrew was revoked",
+            args.role
+        );
+    } else {
+        println!(
+            "role {} was not bound to a tenant; any access it had to pgcrew was revoked",
+            args.role
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn roles(dsn: Option<String>, json: bool) -> Result<ExitCode> {
+    let db = connect(dsn).await?;
+    let roles = tenancy::list_tenant_roles(&db).await?;
+    if json {
+        print_json(&roles)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows: Vec<Vec<String>> = roles
+        .iter()
+        .map(|r| {
+            vec![
+                r.role.clone(),
+                r.tenant_id.to_string(),
+                r.granted_at.to_rfc3339(),
+            ]
+        })
+        .collect();
+    print_table(&["ROLE", "TENANT", "GRANTED_AT"], &rows);
     Ok(ExitCode::SUCCESS)
 }
