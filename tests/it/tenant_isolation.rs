@@ -167,7 +167,7 @@ async fn seed_tenant(db: &Db, tenant: &TenantId) -> RunId {
         db,
         tenant,
         Some(run),
-        &tenancy::CostInput::llm(&format!("model-{mark}"), 10, 10, 0.5),
+        &tenancy::CostInput::llm(format!("model-{mark}"), 10, 10, 0.5),
     )
     .await
     .unwrap();
