@@ -32,15 +32,18 @@ SELECT r.oid, t.id
  WHERE c.setting LIKE 'pgcrew.tenant_id=%'
 ON CONFLICT (role_oid) DO NOTHING;
 
--- The tenant of the effective role, or NULL (which matches no row).
+-- The tenant of the effective role, or NULL (which matches no row). PL/pgSQL so that its plan
+-- is cached per session (a SQL-language function that cannot be inlined is planned on every
+-- call); to_regrole() is a catalog-cache lookup where the pg_roles view would be a join.
 CREATE OR REPLACE FUNCTION pgcrew.current_tenant() RETURNS text
-LANGUAGE sql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-    SELECT m.tenant_id
-      FROM pg_catalog.pg_roles r
-      JOIN pgcrew.tenant_roles m ON m.role_oid = r.oid
-     WHERE r.rolname = (CASE WHEN current_setting('role') = 'none' THEN session_user::text
-                             ELSE current_setting('role') END)::name
-$$;
+LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+BEGIN
+    RETURN (SELECT m.tenant_id
+              FROM pgcrew.tenant_roles m
+             WHERE m.role_oid = to_regrole(quote_ident(
+                       CASE WHEN current_setting('role') = 'none' THEN session_user::text
+                            ELSE current_setting('role') END))::oid);
+END $$;
 
 -- Every tenant_isolation policy again, now evaluating current_tenant() once per statement.
 DO $$

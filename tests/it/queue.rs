@@ -97,7 +97,7 @@ fn q(name: &str) -> Vec<String> {
 }
 
 /// Run `pgcrew bench <args> --json` on the test database's server: its JSON report and stderr.
-async fn run_bench(t: &TestDb, args: &[&str]) -> (serde_json::Value, String) {
+pub(crate) async fn run_bench(t: &TestDb, args: &[&str]) -> (serde_json::Value, String) {
     let mut argv = vec!["bench".to_string()];
     argv.extend(args.iter().map(|a| a.to_string()));
     argv.push("--json".into());
@@ -117,7 +117,7 @@ async fn run_bench(t: &TestDb, args: &[&str]) -> (serde_json::Value, String) {
 }
 
 /// The scratch database a bench named on stderr no longer exists.
-async fn assert_bench_database_dropped(t: &TestDb, stderr: &str) {
+pub(crate) async fn assert_bench_database_dropped(t: &TestDb, stderr: &str) {
     let name = stderr
         .lines()
         .find_map(|l| l.strip_prefix("benchmark database: "))

@@ -680,3 +680,36 @@ async fn cli_grant_role_and_revoke_role() {
 fn within<T>(what: &str, r: Result<T, tokio::time::error::Elapsed>) -> T {
     r.unwrap_or_else(|_| panic!("{what} was blocked by the tenant role's advisory locks"))
 }
+
+#[tokio::test]
+async fn bench_rls_smoke() {
+    let t = test_db().await;
+    let (v, stderr) = crate::queue::run_bench(
+        &t,
+        &["rls", "--events", "2000", "--runs", "20", "--samples", "2"],
+    )
+    .await;
+    let reads = v["reads"].as_array().unwrap();
+    assert_eq!(reads.len(), 3);
+    // Each read returns the same rows for owner and tenant role (the bench checks), and the
+    // tenant's half of the ledger is what the scan reads.
+    assert_eq!(reads[0]["rows"], json!(100));
+    assert_eq!(reads[1]["rows"], json!(100));
+    assert_eq!(reads[2]["rows"], json!(1000));
+    for r in reads {
+        assert!(r["owner_ms"].as_f64().unwrap() > 0.0);
+        assert!(r["tenant_ms"].as_f64().unwrap() > 0.0);
+    }
+    crate::queue::assert_bench_database_dropped(&t, &stderr).await;
+    // The bench's role is gone too.
+    let owner = t.db.get().await.unwrap();
+    let roles: i64 = owner
+        .query_one(
+            "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'pgcrew_bench_%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(roles, 0);
+}

@@ -1,4 +1,4 @@
-//! `pgcrew bench [queue|ledger|fanout|failover|scale]`: benchmarks that run in their own scratch database.
+//! `pgcrew bench [queue|ledger|fanout|failover|scale|rls]`: benchmarks that run in their own scratch database.
 
 use std::process::ExitCode;
 
@@ -27,6 +27,9 @@ pub enum BenchKind {
     /// Claim latency as the tasks table grows to millions of rows; fairness behind a
     /// million-task backlog of one tenant.
     Scale(crate::bench_scale::ScaleBenchArgs),
+    /// Reads by a tenant role under row-level security against the owner's, on a million
+    /// ledger events.
+    Rls(crate::bench_rls::RlsBenchArgs),
 }
 
 /// Run the chosen benchmark.
@@ -38,6 +41,7 @@ pub async fn exec(dsn: Option<String>, args: BenchArgs) -> Result<ExitCode> {
         Some(BenchKind::Fanout(a)) => crate::bench_fanout::run(dsn, a).await,
         Some(BenchKind::Failover(a)) => crate::bench_failover::run(dsn, a).await,
         Some(BenchKind::Scale(a)) => crate::bench_scale::run(dsn, a).await,
+        Some(BenchKind::Rls(a)) => crate::bench_rls::run(dsn, a).await,
     }
 }
 

@@ -21,6 +21,7 @@ mod bench_failover;
 mod bench_fanout;
 mod bench_ledger;
 mod bench_queue;
+mod bench_rls;
 mod bench_scale;
 mod coord;
 mod demo;
