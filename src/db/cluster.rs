@@ -129,6 +129,19 @@ fn find_bindir() -> Result<PathBuf> {
     })
 }
 
+/// Give the PostgreSQL tools (and the server they start) only `PATH` and `TZ` from our
+/// environment. Ours may hold secrets (`DATABASE_URL`, API keys), and a server run as the
+/// `postgres` user could read them in its own `/proc/<pid>/environ`; stray `PG*` variables
+/// cannot change what initdb and pg_ctl do either.
+fn minimal_env(cmd: &mut Command) {
+    cmd.env_clear();
+    for key in ["PATH", "TZ"] {
+        if let Some(v) = std::env::var_os(key) {
+            cmd.env(key, v);
+        }
+    }
+}
+
 fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
@@ -297,6 +310,7 @@ impl TempCluster {
             Command::new(exe)
         };
         cmd.current_dir(&self.dir);
+        minimal_env(&mut cmd);
         // The server must not be killed by a terminal's Ctrl-C aimed at the owner: the owner
         // (or the watchdog) stops it.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
@@ -321,6 +335,7 @@ impl TempCluster {
             dir = self.dir.display(),
         );
         let mut cmd = Command::new("sh");
+        minimal_env(&mut cmd);
         cmd.arg("-c")
             .arg(script)
             .stdin(Stdio::null())

@@ -64,6 +64,20 @@ async fn throwaway_cluster_is_private_to_its_owner_and_tcp_needs_its_password() 
         "the initdb password file is removed"
     );
 
+    // The server does not inherit our environment (which may hold secrets, and which the
+    // `postgres` OS user could read in the server's /proc/<pid>/environ when we are root).
+    let pid_file = std::fs::read_to_string(dir.join("data/postmaster.pid")).unwrap();
+    let postmaster: u32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+    let environ = std::fs::read(format!("/proc/{postmaster}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    // (`cargo test` sets CARGO_MANIFEST_DIR for the test process.)
+    if std::env::var_os("CARGO_MANIFEST_DIR").is_some() {
+        assert!(
+            !environ.contains("CARGO_MANIFEST_DIR"),
+            "the server inherited the test's environment: {environ:?}"
+        );
+    }
+
     // No `trust` over TCP.
     let hba = std::fs::read_to_string(dir.join("data/pg_hba.conf")).unwrap();
     for line in hba.lines().map(str::trim) {
@@ -194,7 +208,7 @@ async fn errors_and_cli_output_for_bad_dsns_do_not_show_the_password() {
         "{e}"
     );
 
-    // The CLI's error output, with the DSN from the environment or from --dsn.
+    // The CLI's error output and logs, with the DSN from the environment or from --dsn.
     for dsn in &cases {
         for via_flag in [false, true] {
             let mut cmd = std::process::Command::new(pgcrew_bin());
@@ -204,7 +218,12 @@ async fn errors_and_cli_output_for_bad_dsns_do_not_show_the_password() {
             } else {
                 cmd.env("DATABASE_URL", dsn);
             }
-            let out = cmd.args(["tasks", "stats"]).output().unwrap();
+            // With every log line on, so that logged errors are checked too.
+            let out = cmd
+                .args(["--log", "trace", "tasks", "stats"])
+                .env_remove("RUST_LOG")
+                .output()
+                .unwrap();
             let text = format!(
                 "{}{}",
                 String::from_utf8_lossy(&out.stdout),
