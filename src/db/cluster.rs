@@ -14,7 +14,7 @@
 //! put on a command line (which `ps` shows to everyone).
 
 use std::io::Write;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -163,9 +163,10 @@ impl TempCluster {
             "pgcrew-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         ));
-        // `create_dir` fails if the path exists (no pre-planted directory or symlink is used);
-        // the mode is set explicitly because the umask could leave it wider (or narrower).
-        std::fs::create_dir(&dir)?;
+        // Creation fails if the path exists (no pre-planted directory or symlink is used). It
+        // is created 0700 (never wider, even for a moment), and the mode is set again because
+        // the umask could have narrowed it.
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
         let password = super::secret::random_password().map_err(|e| {
             Error::Cluster(format!(
