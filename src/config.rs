@@ -26,7 +26,9 @@ use crate::error::{Error, Result};
 use crate::ids::InstanceId;
 
 /// Configuration of a [`Client`](crate::Client). Build it with [`ClientConfig::builder`].
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` output shows `listen_dsn` with its password redacted.
+#[derive(Clone)]
 pub struct ClientConfig {
     /// This instance's id.
     pub instance_id: InstanceId,
@@ -54,7 +56,7 @@ pub struct ClientConfig {
     pub connect_timeout: Duration,
     /// How long a caller waits for a free pooled connection before `Error::Pool`.
     pub pool_wait_timeout: Duration,
-    /// Separate DSN for the LISTEN connection.
+    /// Separate DSN for the LISTEN connection (redacted in `Debug` output).
     pub listen_dsn: Option<String>,
     /// Disable LISTEN entirely and rely on polling.
     pub poll_only: bool,
@@ -94,6 +96,59 @@ impl Default for ClientConfig {
             retention_batch_size: 10_000,
             task_heartbeat_timeout: Duration::from_secs(120),
         }
+    }
+}
+
+impl std::fmt::Debug for ClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Destructured so that a new field cannot be forgotten here.
+        let ClientConfig {
+            instance_id,
+            metadata,
+            agents,
+            tools,
+            heartbeat_interval,
+            instance_ttl,
+            leader_ttl,
+            maintenance_interval,
+            stuck_run_timeout,
+            notify_poll_interval,
+            pool_size,
+            connect_timeout,
+            pool_wait_timeout,
+            listen_dsn,
+            poll_only,
+            migrate,
+            leader_election,
+            task_retention,
+            retention_batch_size,
+            task_heartbeat_timeout,
+        } = self;
+        f.debug_struct("ClientConfig")
+            .field("instance_id", instance_id)
+            .field("metadata", metadata)
+            .field("agents", agents)
+            .field("tools", tools)
+            .field("heartbeat_interval", heartbeat_interval)
+            .field("instance_ttl", instance_ttl)
+            .field("leader_ttl", leader_ttl)
+            .field("maintenance_interval", maintenance_interval)
+            .field("stuck_run_timeout", stuck_run_timeout)
+            .field("notify_poll_interval", notify_poll_interval)
+            .field("pool_size", pool_size)
+            .field("connect_timeout", connect_timeout)
+            .field("pool_wait_timeout", pool_wait_timeout)
+            .field(
+                "listen_dsn",
+                &listen_dsn.as_deref().map(crate::db::redact_dsn),
+            )
+            .field("poll_only", poll_only)
+            .field("migrate", migrate)
+            .field("leader_election", leader_election)
+            .field("task_retention", task_retention)
+            .field("retention_batch_size", retention_batch_size)
+            .field("task_heartbeat_timeout", task_heartbeat_timeout)
+            .finish()
     }
 }
 

@@ -25,12 +25,26 @@ use crate::ids::{InstanceId, TaskId};
 use crate::queue::{self, Enqueued, NewTask};
 
 /// Where the client gets its connections: a DSN, an existing deadpool pool, or a [`Db`].
-#[derive(Debug, Clone)]
+///
+/// Its `Debug` output shows a DSN with its password redacted.
+#[derive(Clone)]
 pub enum DbSource {
     /// Connect a new pool to this DSN.
     Dsn(String),
     /// Use this handle (and its pool).
     Db(Box<Db>),
+}
+
+impl std::fmt::Debug for DbSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DbSource::Dsn(dsn) => f
+                .debug_tuple("Dsn")
+                .field(&crate::db::redact_dsn(dsn))
+                .finish(),
+            DbSource::Db(db) => f.debug_tuple("Db").field(db).finish(),
+        }
+    }
 }
 
 impl From<&str> for DbSource {

@@ -6,15 +6,20 @@
 //! removed when the [`TempCluster`] is dropped. A watchdog process also removes it if the owning
 //! process dies without dropping it (for example on `kill -9`). When running as root the cluster
 //! is created and run as the `postgres` user, because `initdb` refuses to run as root.
+//!
+//! Other local users get nothing from a throwaway cluster: its directory (data, log and unix
+//! socket) is mode 0700 and owned by the cluster's OS user, TCP connections need the
+//! superuser's password (`scram-sha-256`, never `trust`), and that password is random per
+//! cluster, handed to `initdb` in an owner-only file that is removed right after, and never
+//! put on a command line (which `ps` shows to everyone).
 
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use crate::error::{Error, Result};
-
-/// The superuser password of throwaway clusters (they listen on 127.0.0.1 only).
-pub const CLUSTER_PASSWORD: &str = "pgcrew";
 
 /// Options for [`TempCluster::start_with`].
 #[derive(Debug, Clone)]
@@ -41,15 +46,31 @@ impl Default for TempClusterOptions {
 }
 
 /// A running throwaway PostgreSQL cluster. Dropping it stops the server and deletes its files.
-#[derive(Debug)]
+///
+/// Its `Debug` output leaves out the superuser password.
 pub struct TempCluster {
     dir: PathBuf,
     bindir: PathBuf,
     port: u16,
+    password: String,
     start_opts: String,
     run_as_postgres: bool,
     watchdog: Option<std::process::Child>,
     stopped: bool,
+}
+
+impl std::fmt::Debug for TempCluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TempCluster")
+            .field("dir", &self.dir)
+            .field("bindir", &self.bindir)
+            .field("port", &self.port)
+            .field("password", &"<redacted>")
+            .field("start_opts", &self.start_opts)
+            .field("run_as_postgres", &self.run_as_postgres)
+            .field("stopped", &self.stopped)
+            .finish_non_exhaustive()
+    }
 }
 
 fn is_root() -> bool {
@@ -108,6 +129,19 @@ fn find_bindir() -> Result<PathBuf> {
     })
 }
 
+/// Give the PostgreSQL tools (and the server they start) only `PATH` and `TZ` from our
+/// environment. Ours may hold secrets (`DATABASE_URL`, API keys), and a server run as the
+/// `postgres` user could read them in its own `/proc/<pid>/environ`; stray `PG*` variables
+/// cannot change what initdb and pg_ctl do either.
+fn minimal_env(cmd: &mut Command) {
+    cmd.env_clear();
+    for key in ["PATH", "TZ"] {
+        if let Some(v) = std::env::var_os(key) {
+            cmd.env(key, v);
+        }
+    }
+}
+
 fn free_port() -> Result<u16> {
     let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(listener.local_addr()?.port())
@@ -129,11 +163,21 @@ impl TempCluster {
             "pgcrew-{}",
             &uuid::Uuid::new_v4().simple().to_string()[..12]
         ));
-        std::fs::create_dir(&dir)?;
+        // Creation fails if the path exists (no pre-planted directory or symlink is used). It
+        // is created 0700 (never wider, even for a moment), and the mode is set again because
+        // the umask could have narrowed it.
+        std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+        let password = super::secret::random_password().map_err(|e| {
+            Error::Cluster(format!(
+                "cannot read /dev/urandom for the cluster's random password: {e}"
+            ))
+        })?;
         let mut cluster = TempCluster {
             dir: dir.clone(),
             bindir,
             port: 0,
+            password,
             start_opts: String::new(),
             run_as_postgres,
             watchdog: None,
@@ -155,15 +199,38 @@ impl TempCluster {
         }
         cluster.spawn_watchdog()?;
         let data = dir.join("data");
-        // Local (unix socket) connections are trusted; TCP needs the password, so that
-        // authentication failures can be exercised like on a real server.
+        // Authentication: TCP (127.0.0.1 only) always needs the random password
+        // (scram-sha-256; `trust` over TCP would let every local user in). Unix-socket
+        // connections are trusted: the socket lives in the cluster directory, which only the
+        // cluster's OS user (and root) can enter, and that user can read the data directory
+        // anyway, so `trust` there grants nobody anything new (and keeps `psql -h <dir>` working
+        // for debugging).
+        //
+        // The password reaches initdb through a file that only the owner can read (created
+        // with mode 0600 inside the 0700 directory), never through argv, and is removed as soon
+        // as initdb has read it.
         let pwfile = dir.join("pwfile");
-        std::fs::write(&pwfile, format!("{CLUSTER_PASSWORD}\n"))?;
+        {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&pwfile)?;
+            f.write_all(format!("{}\n", cluster.password).as_bytes())?;
+        }
         if run_as_postgres {
-            let _ = Command::new("chown")
+            let status = Command::new("chown")
                 .arg("postgres:postgres")
                 .arg(&pwfile)
                 .status();
+            if !status.is_ok_and(|s| s.success()) {
+                let _ = std::fs::remove_file(&pwfile);
+                return Err(Error::Cluster(
+                    "running as root, the password file must be handed to the `postgres` user, \
+                     but `chown postgres` failed"
+                        .into(),
+                ));
+            }
         }
         let initdb = cluster
             .command("initdb")
@@ -177,8 +244,9 @@ impl TempCluster {
             ])
             .arg(format!("--pwfile={}", pwfile.display()))
             .args(["-E", "UTF8", "--no-sync", "--locale=C"])
-            .output()?;
+            .output();
         let _ = std::fs::remove_file(&pwfile);
+        let initdb = initdb?;
         if !initdb.status.success() {
             return Err(Error::Cluster(format!(
                 "initdb failed: {}{}",
@@ -194,7 +262,8 @@ impl TempCluster {
             };
             cluster.port = port;
             let mut opts = format!(
-                "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c max_connections={}",
+                "-p {port} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} \
+                 -c unix_socket_permissions=0700 -c max_connections={}",
                 dir.display(),
                 options.max_connections
             );
@@ -242,6 +311,7 @@ impl TempCluster {
             Command::new(exe)
         };
         cmd.current_dir(&self.dir);
+        minimal_env(&mut cmd);
         // The server must not be killed by a terminal's Ctrl-C aimed at the owner: the owner
         // (or the watchdog) stops it.
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
@@ -266,6 +336,7 @@ impl TempCluster {
             dir = self.dir.display(),
         );
         let mut cmd = Command::new("sh");
+        minimal_env(&mut cmd);
         cmd.arg("-c")
             .arg(script)
             .stdin(Stdio::null())
@@ -286,12 +357,20 @@ impl TempCluster {
         &self.dir
     }
 
-    /// A DSN for database `dbname` as the superuser `postgres` (over TCP, with its password).
+    /// A DSN for database `dbname` as the superuser `postgres` (over TCP, with the cluster's
+    /// password). It contains the password: hand it to child processes through the environment
+    /// (`DATABASE_URL`), never on a command line, and print it only through
+    /// [`redact_dsn`](crate::db::redact_dsn).
     pub fn dsn_for(&self, dbname: &str) -> String {
         format!(
-            "postgres://postgres:{CLUSTER_PASSWORD}@127.0.0.1:{}/{}",
-            self.port, dbname
+            "postgres://postgres:{}@127.0.0.1:{}/{}",
+            self.password, self.port, dbname
         )
+    }
+
+    /// The superuser's password: random per cluster (192 bits from the kernel's CSPRNG).
+    pub fn password(&self) -> &str {
+        &self.password
     }
 
     /// A DSN for the `postgres` database.

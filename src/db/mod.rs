@@ -5,6 +5,7 @@ mod cluster;
 mod executor;
 mod migrate;
 mod scratch;
+mod secret;
 
 use std::str::FromStr;
 use std::time::Duration;
@@ -17,6 +18,7 @@ pub use cluster::{TempCluster, TempClusterOptions};
 pub use executor::Executor;
 pub use migrate::{MigrationReport, latest_version};
 pub use scratch::ScratchDatabase;
+pub use secret::redact_dsn;
 
 use crate::error::{Error, Result};
 
@@ -30,10 +32,20 @@ pub fn parse_dsn(dsn: &str) -> Result<tokio_postgres::Config> {
             message: "the DSN is empty: pass --dsn or set DATABASE_URL (e.g. postgres://user@127.0.0.1:5432/db)".into(),
         });
     }
-    tokio_postgres::Config::from_str(dsn).map_err(|e| Error::Connect {
-        message: format!(
-            "malformed DSN ({e}); expected e.g. postgres://user:password@host:5432/database or `host=... user=... dbname=...`"
-        ),
+    tokio_postgres::Config::from_str(dsn).map_err(|e| {
+        // The driver's detail may quote part of the string (`unknown option `...``), which can
+        // be a piece of a malformed password: keep only parameter names, and show the DSN
+        // redacted.
+        let detail = match std::error::Error::source(&e) {
+            Some(s) => format!("{e}: {}", secret::scrub_parse_detail(&s.to_string())),
+            None => e.to_string(),
+        };
+        Error::Connect {
+            message: format!(
+                "malformed DSN `{}` ({detail}); expected e.g. postgres://user:password@host:5432/database or `host=... user=... dbname=...`",
+                redact_dsn(dsn)
+            ),
+        }
     })
 }
 

@@ -6,16 +6,28 @@ use std::sync::OnceLock;
 
 use tracing::warn;
 
-use super::{TempCluster, dsn_from_env, parse_dsn};
+use super::{TempCluster, dsn_from_env, parse_dsn, redact_dsn};
 use crate::error::{Error, Result};
 
 /// A uniquely named database that is dropped (`WITH (FORCE)`) when this handle is dropped.
-#[derive(Debug)]
+///
+/// Its `Debug` output shows the DSNs with their passwords redacted.
 pub struct ScratchDatabase {
     admin_dsn: String,
     name: String,
     dsn: String,
     keep: bool,
+}
+
+impl std::fmt::Debug for ScratchDatabase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ScratchDatabase")
+            .field("admin_dsn", &redact_dsn(&self.admin_dsn))
+            .field("name", &self.name)
+            .field("dsn", &redact_dsn(&self.dsn))
+            .field("keep", &self.keep)
+            .finish()
+    }
 }
 
 fn with_dbname(dsn: &str, dbname: &str) -> Result<String> {
@@ -105,7 +117,8 @@ impl ScratchDatabase {
         &self.name
     }
 
-    /// A DSN for the database.
+    /// A DSN for the database (with the admin DSN's password, if any: print it only through
+    /// [`redact_dsn`]).
     pub fn dsn(&self) -> &str {
         &self.dsn
     }

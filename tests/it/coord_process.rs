@@ -18,8 +18,10 @@ impl Drop for Serve {
 }
 
 fn spawn_serve(dsn: &str, id: &str, leader_ttl: &str) -> Serve {
+    // The DSN goes through the environment: a password on argv is visible to every local user.
     let child = Command::new(pgcrew_bin())
-        .args(["serve", "--dsn", dsn, "--instance-id", id])
+        .env("DATABASE_URL", dsn)
+        .args(["serve", "--instance-id", id])
         .args(["--heartbeat-interval", "200ms", "--instance-ttl", "2s"])
         .args([
             "--leader-ttl",
@@ -27,7 +29,6 @@ fn spawn_serve(dsn: &str, id: &str, leader_ttl: &str) -> Serve {
             "--maintenance-interval",
             "200ms",
         ])
-        .env_remove("DATABASE_URL")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())

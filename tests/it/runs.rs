@@ -223,8 +223,7 @@ async fn cli_verify_ledger_exit_codes() {
         let dsn = t.dsn().to_string();
         async move {
             tokio::process::Command::new(pgcrew_bin())
-                .arg("--dsn")
-                .arg(dsn)
+                .env("DATABASE_URL", dsn)
                 .args(args)
                 .output()
                 .await
@@ -714,8 +713,7 @@ async fn tail_follow_sees_events_appended_by_another_process() {
     let t = test_db().await;
     let run = run_with_events(&t.db, 2).await;
     let mut child = tokio::process::Command::new(pgcrew_bin())
-        .arg("--dsn")
-        .arg(t.dsn())
+        .env("DATABASE_URL", t.dsn())
         .args(["run", "tail", &run.to_string(), "--follow"])
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)
@@ -854,8 +852,7 @@ async fn artifacts_and_summaries() {
     );
     // The CLI shows them.
     let out = tokio::process::Command::new(pgcrew_bin())
-        .arg("--dsn")
-        .arg(t.dsn())
+        .env("DATABASE_URL", t.dsn())
         .args(["run", "artifacts", &run.to_string(), "--json"])
         .output()
         .await
@@ -895,8 +892,7 @@ async fn sessions_list_and_cli_list_status_cancel() {
         let dsn = t.dsn().to_string();
         async move {
             tokio::process::Command::new(pgcrew_bin())
-                .arg("--dsn")
-                .arg(dsn)
+                .env("DATABASE_URL", dsn)
                 .args(args)
                 .output()
                 .await
@@ -1036,8 +1032,7 @@ async fn cli_tail_json_prints_one_event_per_line() {
     let t = test_db().await;
     let run = run_with_events(&t.db, 4).await;
     let out = tokio::process::Command::new(pgcrew_bin())
-        .arg("--dsn")
-        .arg(t.dsn())
+        .env("DATABASE_URL", t.dsn())
         .args(["run", "tail", &run.to_string(), "--json"])
         .output()
         .await

@@ -52,8 +52,10 @@ impl Drop for Node {
 
 fn spawn(dsn: &str, id: &str, ttl: Duration) -> Result<Node> {
     let exe = std::env::current_exe()?;
+    // The DSN (with its password) goes through the environment: argv is public to local users.
     let child = Command::new(exe)
-        .args(["serve", "--dsn", dsn, "--instance-id", id])
+        .env("DATABASE_URL", dsn)
+        .args(["serve", "--instance-id", id])
         .args(["--heartbeat-interval", "200ms", "--instance-ttl", "5s"])
         .arg("--leader-ttl")
         .arg(format!("{}ms", ttl.as_millis()))

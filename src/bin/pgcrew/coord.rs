@@ -42,7 +42,7 @@ pub struct ServeArgs {
     pub poll_interval: Duration,
     /// Separate DSN for LISTEN (e.g. direct to PostgreSQL when DATABASE_URL goes through PgBouncer).
     #[arg(long, env = "PGCREW_LISTEN_DSN", hide_env_values = true)]
-    pub listen_dsn: Option<String>,
+    pub listen_dsn: Option<crate::output::DsnArg>,
     /// Do not LISTEN; poll only.
     #[arg(long)]
     pub poll_only: bool,
@@ -180,7 +180,7 @@ pub async fn serve(dsn: Option<String>, args: ServeArgs) -> Result<ExitCode> {
         b = b.instance_id(InstanceId::new(id)?);
     }
     if let Some(l) = args.listen_dsn.clone() {
-        b = b.listen_dsn(l);
+        b = b.listen_dsn(l.0);
     }
     let agents = hosted_agents(&args.agents)?;
     let queues: Vec<String> = args

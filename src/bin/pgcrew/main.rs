@@ -39,9 +39,10 @@ use clap::{Parser, Subcommand};
 #[derive(Debug, Parser)]
 #[command(name = "pgcrew", version, about, long_about = None, after_help = EXAMPLES)]
 pub struct Cli {
-    /// PostgreSQL DSN (URL or key/value form).
+    /// PostgreSQL DSN (URL or key/value form). Prefer DATABASE_URL for a DSN with a password:
+    /// every local user can read a process's command line.
     #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
-    pub dsn: Option<String>,
+    pub dsn: Option<output::DsnArg>,
 
     /// Log filter (e.g. `info`, `pgcrew=debug`); also RUST_LOG.
     #[arg(long, global = true, default_value = "warn")]
@@ -114,7 +115,7 @@ fn main() -> ExitCode {
 }
 
 async fn dispatch(cli: Cli) -> ExitCode {
-    let dsn = cli.dsn.clone();
+    let dsn = cli.dsn.clone().map(|d| d.0);
     let result = match cli.command {
         Command::Migrate => coord::migrate(dsn).await,
         Command::Serve(args) => coord::serve(dsn, args).await,

@@ -14,6 +14,27 @@ pub struct JsonFlag {
     pub json: bool,
 }
 
+/// A DSN from the command line or the environment. Its `Debug` output redacts the password,
+/// so that `Debug` of the parsed arguments never shows it.
+#[derive(Clone)]
+pub struct DsnArg(pub String);
+
+impl std::str::FromStr for DsnArg {
+    type Err = std::convert::Infallible;
+
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        Ok(DsnArg(s.to_string()))
+    }
+}
+
+impl std::fmt::Debug for DsnArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("DsnArg")
+            .field(&pgcrew::db::redact_dsn(&self.0))
+            .finish()
+    }
+}
+
 /// The DSN or a clear error saying how to give one.
 pub fn require_dsn(dsn: Option<String>) -> Result<String> {
     dsn.filter(|d| !d.trim().is_empty()).ok_or_else(|| Error::Connect {
