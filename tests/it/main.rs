@@ -9,6 +9,7 @@ mod bad_input;
 mod coord;
 mod coord_process;
 mod demo;
+mod errors;
 mod faults;
 mod faults_load;
 mod fuzz_smoke;

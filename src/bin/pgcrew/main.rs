@@ -91,11 +91,26 @@ pub enum Command {
 }
 
 fn init_tracing(filter: &str) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
-    let _ = tracing_subscriber::fmt()
+    let subscriber = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
         .with_writer(std::io::stderr)
-        .try_init();
+        .finish()
+        .with(tracing_subscriber::filter::filter_fn(|meta| {
+            !is_returned_error_event(meta)
+        }));
+    let _ = subscriber.try_init();
+}
+
+/// The event `#[instrument(err)]` emits when a library call returns an error: a lone `error`
+/// field. The CLI prints the error it gets back exactly once, so these would only repeat it.
+fn is_returned_error_event(meta: &tracing::Metadata<'_>) -> bool {
+    meta.is_event() && {
+        let mut fields = meta.fields().iter();
+        matches!((fields.next(), fields.next()), (Some(f), None) if f.name() == "error")
+    }
 }
 
 fn main() -> ExitCode {
