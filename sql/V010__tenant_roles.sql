@@ -106,7 +106,8 @@ BEGIN
         SELECT p.oid::regprocedure::text
           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
          WHERE n.nspname = 'pgcrew'
-           AND (p.proname IN ('current_tenant', 'verify_run_chain') OR p.proname LIKE 'event\_hash%')
+           AND (p.proname IN ('current_tenant', 'verify_run_chain', 'ledger_event_hash')
+                OR p.proname LIKE 'event\_hash%')
          ORDER BY 1
     LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %I', t, role_name);

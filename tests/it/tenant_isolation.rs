@@ -362,7 +362,10 @@ async fn sweep_as_a_tenant_role_over_every_object_pgcrew_creates() {
         .collect();
     for f in &executable {
         assert!(
-            f == "current_tenant" || f == "verify_run_chain" || f.starts_with("event_hash"),
+            f == "current_tenant"
+                || f == "verify_run_chain"
+                || f == "ledger_event_hash"
+                || f.starts_with("event_hash"),
             "the tenant role may execute pgcrew.{f}"
         );
     }
