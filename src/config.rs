@@ -7,7 +7,7 @@
 //! | `instance_ttl` | 2 min | silence after which the leader deletes an instance |
 //! | `leader_ttl` | 30 s | leader lease duration; renewed every `leader_ttl / 3` |
 //! | `maintenance_interval` | 1 min | how often the leader runs maintenance |
-//! | `stuck_run_timeout` | 1 h | a run `running` longer than this is failed with `run timed out` |
+//! | `stuck_run_timeout` | 1 h | a run `running` longer than this with no live lease is failed with `run timed out` (a renewed lease keeps it alive) |
 //! | `notify_poll_interval` | 5 s | fallback poll interval of listeners (NOTIFY is only a wake-up) |
 //! | `pool_size` | 16 | maximum pooled connections |
 //! | `connect_timeout` | 10 s | timeout to open one connection |
@@ -46,7 +46,8 @@ pub struct ClientConfig {
     pub leader_ttl: Duration,
     /// Maintenance interval (leader only).
     pub maintenance_interval: Duration,
-    /// Runs in `running` longer than this are failed by maintenance.
+    /// Runs `running` longer than this with no live lease are failed by maintenance (a run
+    /// whose lease is being renewed is never failed as stuck).
     pub stuck_run_timeout: Duration,
     /// Fallback polling interval for listeners.
     pub notify_poll_interval: Duration,

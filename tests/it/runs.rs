@@ -976,20 +976,44 @@ async fn maintenance_releases_leases_of_dead_instances_and_fail_run_in_records_t
     let evs = runs::read_events(&t.db, run, 0, 10).await.unwrap();
     assert_eq!(evs.last().unwrap().event_type, "run_failed");
 
-    // Stuck runs are failed with their ledger event, inside the caller's transaction.
+    // Stuck runs are failed with their ledger event, inside the caller's transaction. They are
+    // judged by their lease: a run running for two hours whose lease is being renewed is live.
     let stuck = new_run(&t.db).await;
     let fresh = new_run(&t.db).await;
-    for r in [stuck, fresh] {
+    let long_lived = new_run(&t.db).await;
+    for r in [stuck, fresh, long_lived] {
         runs::start_run(&t.db, r, None, None, LimitPolicy::Reject)
             .await
             .unwrap();
     }
-    exec(
-        &t.db,
-        "UPDATE pgcrew.runs SET started_at = now() - interval '2 hours' WHERE id = $1",
-        stuck,
-    )
-    .await;
+    for r in [stuck, long_lived] {
+        exec(
+            &t.db,
+            "UPDATE pgcrew.runs SET started_at = now() - interval '2 hours' WHERE id = $1",
+            r,
+        )
+        .await;
+    }
+    let live_lease =
+        runs::acquire_run_lease(&t.db, long_lived, "busy-instance", Duration::from_secs(60))
+            .await
+            .unwrap()
+            .unwrap();
+    runs::renew_run_lease(&t.db, &live_lease, Duration::from_secs(60))
+        .await
+        .unwrap();
+    let listed: Vec<uuid::Uuid> = conn
+        .query("SELECT run_id FROM pgcrew.stuck_runs", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(listed.contains(&stuck.0), "{listed:?}");
+    assert!(
+        !listed.contains(&long_lived.0),
+        "a run with a live lease is not stuck"
+    );
     let tx = conn.transaction().await.unwrap();
     let failed = runs::fail_stuck_runs_in(&tx, Duration::from_secs(3600), 100)
         .await
@@ -999,10 +1023,12 @@ async fn maintenance_releases_leases_of_dead_instances_and_fail_run_in_records_t
     let s = runs::get_run(&t.db, stuck).await.unwrap();
     assert_eq!(s.state, RunState::Failed);
     assert_eq!(s.error_message.as_deref(), Some("run timed out"));
-    assert_eq!(
-        runs::get_run(&t.db, fresh).await.unwrap().state,
-        RunState::Running
-    );
+    for r in [fresh, long_lived] {
+        assert_eq!(
+            runs::get_run(&t.db, r).await.unwrap().state,
+            RunState::Running
+        );
+    }
     let sev = runs::read_events(&t.db, stuck, 0, 10).await.unwrap();
     assert_eq!(sev.last().unwrap().event_type, "run_failed");
 
