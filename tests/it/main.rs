@@ -13,6 +13,7 @@ mod faults;
 mod faults_load;
 mod fuzz_smoke;
 mod kernel;
+mod ledger_forgery;
 mod mock_openai;
 mod model;
 mod proxy;
