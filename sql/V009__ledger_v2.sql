@@ -60,10 +60,13 @@ $$;
 -- ---------------------------------------------------------------------------------------------
 -- Guards: the ledger head (runs.ledger_head_seq / ledger_head_hash), the ledger format and the
 -- chain anchors are written only by pgcrew's own functions (append_events, purge_run_ledger),
--- which mark the run they write in the transaction-local setting pgcrew.ledger_writer. Plain SQL
--- writes are refused with SQLSTATE PC005. The table owner can switch triggers off, so this stops
--- mistakes, not a determined operator: the signed checkpoints are what expose a forgery.
--- On the append hot path the guard costs one WHEN test, no function call.
+-- which set the transaction-local setting pgcrew.ledger_writer around their write (and clear it
+-- right after). Plain SQL writes are refused with SQLSTATE PC005. The table owner can switch
+-- triggers off (or set the setting), so this stops mistakes, not a determined operator: the
+-- signed checkpoints are what expose a forgery. Roles other than the owner cannot write these
+-- tables at all. On the append hot path the guard costs one WHEN test of an AFTER trigger (no
+-- function call; a BEFORE trigger would re-fetch and lock the row, a comparison of OLD and NEW
+-- measured a few µs more).
 -- ---------------------------------------------------------------------------------------------
 CREATE FUNCTION pgcrew.refuse_ledger_head_write() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
@@ -83,11 +86,9 @@ BEGIN
 END $$;
 
 CREATE TRIGGER runs_ledger_head_guard
-    BEFORE UPDATE OF ledger_head_seq, ledger_head_hash, ledger_format ON pgcrew.runs
+    AFTER UPDATE OF ledger_head_seq, ledger_head_hash, ledger_format ON pgcrew.runs
     FOR EACH ROW
-    WHEN ((OLD.ledger_head_seq, OLD.ledger_head_hash, OLD.ledger_format)
-              IS DISTINCT FROM (NEW.ledger_head_seq, NEW.ledger_head_hash, NEW.ledger_format)
-          AND current_setting('pgcrew.ledger_writer', true) IS DISTINCT FROM NEW.id::text)
+    WHEN (current_setting('pgcrew.ledger_writer', true) IS DISTINCT FROM 'append')
     EXECUTE FUNCTION pgcrew.refuse_ledger_head_write();
 
 CREATE TRIGGER runs_ledger_head_insert_guard
@@ -125,6 +126,7 @@ DECLARE
     v_now     timestamptz;
     v_first   bigint;
     v_done    text;
+    v_ignore  text;
     i         integer;
 BEGIN
     PERFORM pg_advisory_xact_lock(pgcrew.lock_key('run', p_run::text));
@@ -191,9 +193,10 @@ BEGIN
         RETURN NEXT;
     END LOOP;
     IF v_first IS NOT NULL THEN
-        PERFORM set_config('pgcrew.ledger_writer', p_run::text, true);
+        -- Assignments, not PERFORM: plpgsql evaluates them without a full query execution.
+        v_ignore := set_config('pgcrew.ledger_writer', 'append', true);
         UPDATE pgcrew.runs SET ledger_head_seq = v_seq, ledger_head_hash = v_hash WHERE id = p_run;
-        PERFORM set_config('pgcrew.ledger_writer', '', true);
+        v_ignore := set_config('pgcrew.ledger_writer', '', true);
         v_done := coalesce(current_setting('pgcrew.notified_runs', true), '');
         IF position(p_run::text IN v_done) = 0 THEN
             PERFORM pg_notify('pgcrew_run_event',

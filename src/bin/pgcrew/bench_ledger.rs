@@ -34,6 +34,9 @@ pub struct LedgerBenchArgs {
     /// Events in the run that is verified.
     #[arg(long, default_value_t = 100_000)]
     pub verify_events: usize,
+    /// Sign a checkpoint of the v2 runs at most every this many appended events.
+    #[arg(long, default_value_t = pgcrew::ledger_key::DEFAULT_CHECKPOINT_INTERVAL)]
+    pub checkpoint_interval: u32,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -47,6 +50,7 @@ impl Default for LedgerBenchArgs {
             seconds: 3.0,
             batch: 10,
             verify_events: 100_000,
+            checkpoint_interval: pgcrew::ledger_key::DEFAULT_CHECKPOINT_INTERVAL,
             json: false,
         }
     }
@@ -80,10 +84,15 @@ struct Report {
 
 /// Run the benchmark.
 pub async fn run(dsn: Option<String>, args: LedgerBenchArgs) -> Result<ExitCode> {
-    if args.writers == 0 || args.runs == 0 || args.batch == 0 || args.verify_events == 0 {
+    if args.writers == 0
+        || args.runs == 0
+        || args.batch == 0
+        || args.verify_events == 0
+        || args.checkpoint_interval == 0
+    {
         return Err(Error::invalid(
             "arguments",
-            "--writers, --runs, --batch and --verify-events must be at least 1",
+            "--writers, --runs, --batch, --verify-events and --checkpoint-interval must be at least 1",
         ));
     }
     if !(args.seconds > 0.0 && args.seconds.is_finite()) {
@@ -142,7 +151,10 @@ async fn bench(dsn: &str, args: &LedgerBenchArgs) -> Result<Report> {
     db.migrate().await?;
     // A random key for this run only.
     let key_bytes: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
-    let signed = db.clone().with_ledger_key(LedgerKey::new(&key_bytes)?);
+    let signed = db
+        .clone()
+        .with_ledger_key(LedgerKey::new(&key_bytes)?)
+        .with_checkpoint_interval(args.checkpoint_interval);
     let key = signed.ledger_key().cloned();
     let tenant = TenantId::new("default")?;
     let mut raw_runs = Vec::new();
