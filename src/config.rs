@@ -19,11 +19,14 @@
 //! | `task_retention` | 24 h | completed/discarded tasks older than this are deleted by maintenance |
 //! | `retention_batch_size` | 10 000 | rows deleted per retention statement |
 //! | `task_heartbeat_timeout` | 2 min | running tasks whose heartbeat is older than this are rescued |
+//! | `ledger_key` | `PGCREW_LEDGER_KEY` / `PGCREW_LEDGER_KEY_FILE`, else none | signs ledger checkpoints ([`LedgerKey`]) |
+//! | `checkpoint_interval` | 64 | sign a run's ledger head at most every this many appends (and when it finishes) |
 
 use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::ids::InstanceId;
+use crate::ledger_key::{DEFAULT_CHECKPOINT_INTERVAL, LedgerKey};
 
 /// Configuration of a [`Client`](crate::Client). Build it with [`ClientConfig::builder`].
 ///
@@ -71,6 +74,11 @@ pub struct ClientConfig {
     pub retention_batch_size: i64,
     /// Running tasks with a heartbeat older than this are returned to the queue.
     pub task_heartbeat_timeout: Duration,
+    /// The key signing ledger checkpoints. `None`: the client reads it from the environment
+    /// when it is built ([`LedgerKey::from_env`]); no key there means checkpoints are not signed.
+    pub ledger_key: Option<LedgerKey>,
+    /// Sign a run's ledger head at most every this many appended events (at least 1).
+    pub checkpoint_interval: u32,
 }
 
 impl Default for ClientConfig {
@@ -96,6 +104,8 @@ impl Default for ClientConfig {
             task_retention: Duration::from_secs(24 * 3600),
             retention_batch_size: 10_000,
             task_heartbeat_timeout: Duration::from_secs(120),
+            ledger_key: None,
+            checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
         }
     }
 }
@@ -124,6 +134,8 @@ impl std::fmt::Debug for ClientConfig {
             task_retention,
             retention_batch_size,
             task_heartbeat_timeout,
+            ledger_key,
+            checkpoint_interval,
         } = self;
         f.debug_struct("ClientConfig")
             .field("instance_id", instance_id)
@@ -148,6 +160,8 @@ impl std::fmt::Debug for ClientConfig {
             .field("leader_election", leader_election)
             .field("task_retention", task_retention)
             .field("retention_batch_size", retention_batch_size)
+            .field("ledger_key", ledger_key)
+            .field("checkpoint_interval", checkpoint_interval)
             .field("task_heartbeat_timeout", task_heartbeat_timeout)
             .finish()
     }
@@ -197,6 +211,11 @@ impl ClientConfig {
         }
         if self.pool_size < 2 {
             return Err(Error::Config("pool_size must be at least 2".into()));
+        }
+        if self.checkpoint_interval < 1 {
+            return Err(Error::Config(
+                "checkpoint_interval must be at least 1".into(),
+            ));
         }
         if self.retention_batch_size < 1 {
             return Err(Error::Config(
@@ -304,6 +323,18 @@ impl ClientConfigBuilder {
         /// Task heartbeat timeout (default 2 min).
         task_heartbeat_timeout: Duration
     );
+
+    setter!(
+        /// Sign a run's ledger head at most every this many appends (default 64).
+        checkpoint_interval: u32
+    );
+
+    /// The key signing ledger checkpoints (default: `PGCREW_LEDGER_KEY` or
+    /// `PGCREW_LEDGER_KEY_FILE`, read when the client is built).
+    pub fn ledger_key(mut self, key: LedgerKey) -> Self {
+        self.config.ledger_key = Some(key);
+        self
+    }
 
     /// Separate DSN for the LISTEN connection (default: the main DSN).
     pub fn listen_dsn(mut self, dsn: impl Into<String>) -> Self {

@@ -110,6 +110,29 @@ pub enum Error {
     #[error("lease lost: {0}")]
     LeaseLost(String),
 
+    /// The ledger key is missing, unreadable or too short (the message never contains the key).
+    #[error("ledger key: {0}")]
+    LedgerKey(String),
+
+    /// An append to a finished (or purged) run was refused: its ledger is closed.
+    #[error("ledger of run {run} is closed: {message}")]
+    LedgerClosed {
+        /// The run.
+        run: String,
+        /// The database's message (the run's state).
+        message: String,
+    },
+
+    /// The stored ledger was written outside pgcrew (for example an event inserted beyond the
+    /// recorded head): appends stop until it is checked (`pgcrew run verify-ledger`) and repaired.
+    #[error("ledger of run {run} was changed outside pgcrew: {message}")]
+    LedgerTampered {
+        /// The run.
+        run: String,
+        /// What was found.
+        message: String,
+    },
+
     /// The tenant's (or run's) budget cannot cover the requested reservation.
     #[error(
         "budget exceeded for tenant {tenant}: limit {limit_usd} USD, spent {spent_usd}, reserved {reserved_usd}, requested {requested_usd}"

@@ -144,8 +144,11 @@ impl ClientBuilder {
     }
 
     /// Connect (and migrate when configured, otherwise check the schema version).
-    pub async fn build(self) -> Result<Client> {
+    pub async fn build(mut self) -> Result<Client> {
         self.config.validate()?;
+        if self.config.ledger_key.is_none() {
+            self.config.ledger_key = crate::ledger_key::LedgerKey::from_env()?;
+        }
         let db = match self.source {
             DbSource::Dsn(dsn) => {
                 Db::connect_with(
@@ -159,6 +162,13 @@ impl ClientBuilder {
                 .await?
             }
             DbSource::Db(db) => *db,
+        };
+        // Appends and transitions through the client's handle sign ledger checkpoints.
+        let db = match &self.config.ledger_key {
+            Some(key) => db
+                .with_ledger_key(key.clone())
+                .with_checkpoint_interval(self.config.checkpoint_interval),
+            None => db,
         };
         if self.config.migrate {
             db.migrate().await?;

@@ -99,11 +99,13 @@ impl MaintenanceStep for StuckRuns {
         tx: &tokio_postgres::Transaction<'_>,
         ctx: &MaintenanceContext,
     ) -> Result<u64> {
-        // Fails each run through the state machine, recording `run_failed` in its ledger.
+        // Fails each run through the state machine, recording `run_failed` in its ledger and
+        // signing the run's final head with the ledger key (when configured).
         let failed = crate::runs::fail_stuck_runs_in(
             tx,
             ctx.config.stuck_run_timeout,
             ctx.config.retention_batch_size,
+            ctx.config.ledger_key.as_ref(),
         )
         .await?;
         for id in &failed {

@@ -77,6 +77,9 @@ impl Default for PoolOptions {
 pub struct Db {
     pool: Pool,
     config: tokio_postgres::Config,
+    /// Signs ledger checkpoints (see [`Db::with_ledger_key`]).
+    ledger_key: Option<crate::ledger_key::LedgerKey>,
+    checkpoint_interval: u32,
 }
 
 impl std::fmt::Debug for Db {
@@ -85,6 +88,7 @@ impl std::fmt::Debug for Db {
             .field("hosts", &self.config.get_hosts())
             .field("dbname", &self.config.get_dbname())
             .field("pool", &self.pool.status())
+            .field("ledger_key", &self.ledger_key.is_some())
             .finish()
     }
 }
@@ -120,7 +124,7 @@ impl Db {
     /// A second, independent pool on the same database (used so that heartbeats and leader
     /// renewals never wait behind application work for a connection).
     pub async fn sibling(&self, pool_size: usize, connect_timeout: Duration) -> Result<Db> {
-        Self::connect_config(
+        let db = Self::connect_config(
             self.config.clone(),
             PoolOptions {
                 size: pool_size,
@@ -128,7 +132,12 @@ impl Db {
                 ..PoolOptions::default()
             },
         )
-        .await
+        .await?;
+        Ok(Db {
+            ledger_key: self.ledger_key.clone(),
+            checkpoint_interval: self.checkpoint_interval,
+            ..db
+        })
     }
 
     async fn connect_config(config: tokio_postgres::Config, options: PoolOptions) -> Result<Db> {
@@ -152,7 +161,7 @@ impl Db {
             .recycle_timeout(Some(connect_timeout))
             .build()
             .map_err(|e| Error::Config(format!("cannot build the connection pool: {e}")))?;
-        let db = Db { pool, config };
+        let db = Db::from_pool(pool, config);
         // Fail fast with a classified error (refused, bad password, unknown database).
         let conn = db.get().await?;
         conn.simple_query(sql!("db/ping")).await?;
@@ -161,7 +170,36 @@ impl Db {
 
     /// Wrap an existing deadpool pool (the DSN-derived settings come from the pool's manager).
     pub fn from_pool(pool: Pool, config: tokio_postgres::Config) -> Db {
-        Db { pool, config }
+        Db {
+            pool,
+            config,
+            ledger_key: None,
+            checkpoint_interval: crate::ledger_key::DEFAULT_CHECKPOINT_INTERVAL,
+        }
+    }
+
+    /// Sign ledger checkpoints with `key`: appends through this handle sign the run's head at
+    /// most every [`Db::checkpoint_interval`] events, and terminal transitions sign it when the
+    /// run finishes (see [`crate::runs::ledger`]).
+    pub fn with_ledger_key(mut self, key: crate::ledger_key::LedgerKey) -> Db {
+        self.ledger_key = Some(key);
+        self
+    }
+
+    /// Sign a run's head at most every `every` appended events (default 64; 0 counts as 1).
+    pub fn with_checkpoint_interval(mut self, every: u32) -> Db {
+        self.checkpoint_interval = every.max(1);
+        self
+    }
+
+    /// The ledger key this handle signs checkpoints with, if any.
+    pub fn ledger_key(&self) -> Option<&crate::ledger_key::LedgerKey> {
+        self.ledger_key.as_ref()
+    }
+
+    /// How many appended events apart this handle signs checkpoints at most.
+    pub fn checkpoint_interval(&self) -> u32 {
+        self.checkpoint_interval
     }
 
     /// Take a connection from the pool.

@@ -4,8 +4,9 @@
 //!   cancelled`), the per-tenant concurrent-runs limit and cancellation. Every transition is
 //!   recorded in the ledger in the same transaction (and notified by the database trigger).
 //! * [`ledger`]: append-only, per-run events sequenced under `pg_advisory_xact_lock` and chained
-//!   with SHA-256 (formula in [`ledger::event_hash`]), batch and idempotent appends, appends inside
-//!   a caller's transaction, streaming verification, retention with chain anchors.
+//!   with SHA-256 (formats v1 and v2 in [`ledger`]), batch and idempotent appends, appends inside
+//!   a caller's transaction, signed checkpoints (HMAC-SHA-256 with a key held outside the
+//!   database), streaming verification with and without the key, retention with chain anchors.
 //! * [`lease`]: fenced run leases on database time.
 //! * [`artifacts`]: versioned per-run key/value JSON artifacts and typed summaries.
 //! * [`follow`]: [`follow::subscribe_run`], a gap-free stream of a run's new events.
@@ -33,9 +34,9 @@ pub use artifacts::{
 pub use follow::subscribe_run;
 pub use lease::{RunLease, acquire_run_lease, release_run_lease, renew_run_lease};
 pub use ledger::{
-    AppendedEvent, ChainAnchor, ChainVerification, LedgerEvent, NewEvent, append_event,
-    append_events, append_events_in, event_hash, purge_run, read_events, verify_run_chain,
-    verify_run_chain_sql,
+    AppendedEvent, ChainAnchor, ChainVerification, LedgerEvent, LedgerFormat, NewEvent,
+    SignedVerification, append_event, append_events, append_events_in, event_hash, event_hash_v2,
+    purge_run, read_events, verify_run_chain, verify_run_chain_signed, verify_run_chain_sql,
 };
 pub use state::{
     LimitPolicy, NewRun, Run, RunFilter, RunOutcome, RunState, Session, StartOutcome, cancel_run,
@@ -44,13 +45,26 @@ pub use state::{
 };
 pub use watch::RunWatcher;
 
-/// Map the ledger's and leases' custom SQLSTATEs (PC001 lease lost, PC002 run not found) and the
-/// state-machine trigger's error to typed errors.
+/// Map the ledger's and leases' custom SQLSTATEs (PC001 lease lost, PC002 run not found, PC003
+/// ledger closed, PC004 ledger written outside pgcrew) and the state-machine trigger's error to
+/// typed errors.
 pub(crate) fn map_db_error(e: tokio_postgres::Error, run: crate::ids::RunId) -> Error {
     if let Some(db) = e.as_db_error() {
         match db.code().code() {
             "PC001" => return Error::LeaseLost(db.message().to_string()),
             "PC002" => return Error::not_found("run", run),
+            "PC003" => {
+                return Error::LedgerClosed {
+                    run: run.to_string(),
+                    message: db.message().to_string(),
+                };
+            }
+            "PC004" => {
+                return Error::LedgerTampered {
+                    run: run.to_string(),
+                    message: db.message().to_string(),
+                };
+            }
             "23514" if db.hint() == Some("pgcrew_illegal_transition") => {
                 return Error::IllegalTransition {
                     entity: "run",

@@ -6,6 +6,8 @@
 //! optionally checks the caller's lease token, updates the row (the database trigger notifies
 //! `pgcrew_run_state_changed`) and appends the matching ledger event (`run_started`,
 //! `run_completed`, `run_failed`, `run_cancelled`; creation appends `run_created`).
+//! A terminal transition also signs the run's final ledger head with the ledger key (when the
+//! [`Db`] or the caller has one), in the same transaction: see [`crate::runs::ledger`].
 //!
 //! Starting a run enforces the tenant's `max_concurrent_runs` exactly: admission is serialised
 //! per tenant with an advisory transaction lock around count + transition.
@@ -18,11 +20,12 @@ use serde::Serialize;
 use serde_json::json;
 use tracing::instrument;
 
-use super::ledger::{NewEvent, append_events_in};
+use super::ledger::{NewEvent, append_events_in, sign_head_in};
 use super::map_db_error;
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::ids::{InstanceId, RunId, SessionId, TenantId};
+use crate::ledger_key::LedgerKey;
 
 /// A run's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -497,6 +500,7 @@ async fn transition_in(
     run: RunId,
     to: RunState,
     change: Change,
+    key: Option<&LedgerKey>,
 ) -> Result<Applied> {
     if to == RunState::Running {
         // Admission: serialise per tenant (tenant lock before run lock, always).
@@ -563,8 +567,9 @@ async fn transition_in(
         other => format!("run_{}", other.as_str()),
     };
     let ev = NewEvent::new(event_type, details);
-    // Record first (the lease check needs the lease the terminal update clears).
-    append_events_in(tx, run, &[ev], change.lease_token).await?;
+    // Record first (the lease check needs the lease the terminal update clears, and appends to a
+    // finished run are refused).
+    let appended = append_events_in(tx, run, &[ev], change.lease_token).await?;
     tx.execute(
         sql!("runs/update_state"),
         &[
@@ -583,6 +588,13 @@ async fn transition_in(
     )
     .await
     .map_err(|e| map_db_error(e, run))?;
+    // Sign the final head in the same transaction: a finished run's ledger is closed, and its
+    // last event is covered by a checkpoint.
+    if to.is_terminal()
+        && let (Some(key), Some(last)) = (key, appended.last())
+    {
+        sign_head_in(tx, key, run, last.seq, &last.hash, true).await?;
+    }
     let row = tx
         .query_one(sql!("runs/get_run"), &[&run])
         .await
@@ -593,7 +605,7 @@ async fn transition_in(
 async fn transition(db: &Db, run: RunId, to: RunState, change: Change) -> Result<Applied> {
     let mut conn = db.get().await?;
     let tx = conn.transaction().await?;
-    let applied = transition_in(&tx, run, to, change).await?;
+    let applied = transition_in(&tx, run, to, change, db.ledger_key()).await?;
     if matches!(applied, Applied::Done(_)) {
         tx.commit().await?;
     }
@@ -707,27 +719,32 @@ pub async fn fail_run(
 }
 
 /// Fail a run and record `run_failed` inside the caller's transaction (used by maintenance for
-/// stuck runs). No lease check: the caller (the fenced leader) overrides any holder.
-#[instrument(skip(tx, error_message), err)]
+/// stuck runs). No lease check: the caller (the fenced leader) overrides any holder. With `key`,
+/// the run's final ledger head is signed in that transaction; without one it stays unsigned (and
+/// a keyed verification reports the run).
+#[instrument(skip(tx, error_message, key), err)]
 pub async fn fail_run_in(
     tx: &tokio_postgres::Transaction<'_>,
     run: RunId,
     error_type: &str,
     error_message: &str,
+    key: Option<&LedgerKey>,
 ) -> Result<Run> {
     let change = failure(error_type, error_message, None)?;
-    done(transition_in(tx, run, RunState::Failed, change).await?)
+    done(transition_in(tx, run, RunState::Failed, change, key).await?)
 }
 
 /// Fail runs that have been `running` for longer than `timeout` (at most `limit` of them) with
 /// error type `timeout` / `run timed out`, each recording `run_failed` in the ledger, inside the
-/// caller's transaction (the leader's fenced maintenance transaction). Returns the runs failed.
-/// A run that finished meanwhile is skipped.
-#[instrument(skip(tx), err)]
+/// caller's transaction (the leader's fenced maintenance transaction), signing each final head
+/// with `key` (see [`fail_run_in`]). Returns the runs failed. A run that finished meanwhile is
+/// skipped.
+#[instrument(skip(tx, key), err)]
 pub async fn fail_stuck_runs_in(
     tx: &tokio_postgres::Transaction<'_>,
     timeout: std::time::Duration,
     limit: i64,
+    key: Option<&LedgerKey>,
 ) -> Result<Vec<RunId>> {
     if limit < 1 {
         return Err(Error::invalid("limit", "must be at least 1"));
@@ -739,7 +756,7 @@ pub async fn fail_stuck_runs_in(
     let mut failed = Vec::new();
     for r in rows {
         let run: RunId = r.get(0);
-        match fail_run_in(tx, run, "timeout", "run timed out").await {
+        match fail_run_in(tx, run, "timeout", "run timed out", key).await {
             Ok(_) => failed.push(run),
             Err(Error::IllegalTransition { .. }) => {}
             Err(e) => return Err(e),

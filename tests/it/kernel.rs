@@ -437,6 +437,14 @@ async fn replay_policies_with_prompt_and_option_drift() {
     assert!(r.replayed);
     assert_eq!(model.calls(), calls);
     assert!(runs::verify_run_chain(&t.db, s.run).await.unwrap().valid);
+    // Forks re-append the carried events through append_events: fresh v2 hashes bound to the
+    // fork, valid under both verifiers.
+    for fork in [s.run, s2.run] {
+        let v = runs::verify_run_chain(&t.db, fork).await.unwrap();
+        assert!(v.valid && v.format == 2, "{v:?}");
+        let v = runs::verify_run_chain_sql(&t.db, fork).await.unwrap();
+        assert!(v.valid && v.format == 2, "{v:?}");
+    }
 }
 
 #[tokio::test]

@@ -14,6 +14,7 @@ mod faults;
 mod faults_load;
 mod fuzz_smoke;
 mod kernel;
+mod ledger_forgery;
 mod local_security;
 mod mock_openai;
 mod model;

@@ -142,8 +142,10 @@ async fn hash_formula_matches_the_documented_one() {
     // created_at round-trips exactly: the returned value is the stored and hashed one.
     assert_eq!(created, ev.created_at);
     assert_eq!(row.get::<_, i64>(3), ev.created_at.timestamp_micros());
-    let computed = runs::event_hash(
+    // New runs use ledger format v2: the run id is hashed right after the previous hash.
+    let computed = runs::event_hash_v2(
         &prev,
+        run,
         ev.seq,
         row.get(0),
         row.get(1),
@@ -232,7 +234,10 @@ async fn cli_verify_ledger_exit_codes() {
     };
     let ok = out(vec!["run".into(), "verify-ledger".into(), run.to_string()]).await;
     assert_eq!(ok.status.code(), Some(0));
-    assert_eq!(String::from_utf8_lossy(&ok.stdout).trim(), "valid");
+    let stdout = String::from_utf8_lossy(&ok.stdout);
+    assert!(stdout.starts_with("valid: 6 events"), "{stdout}");
+    // Without a key the CLI says plainly what it cannot see.
+    assert!(stdout.contains("full rewrite"), "{stdout}");
     exec(
         &t.db,
         "UPDATE pgcrew.events SET payload = '{}' WHERE run_id = $1 AND seq = 3",
@@ -246,10 +251,8 @@ async fn cli_verify_ledger_exit_codes() {
         }
         let bad = out(args).await;
         assert_eq!(bad.status.code(), Some(1));
-        assert_eq!(
-            String::from_utf8_lossy(&bad.stdout).trim(),
-            "invalid at seq 3"
-        );
+        let stdout = String::from_utf8_lossy(&bad.stdout);
+        assert!(stdout.starts_with("invalid at seq 3: "), "{stdout}");
     }
     let unknown = out(vec![
         "run".into(),
@@ -958,7 +961,7 @@ async fn maintenance_releases_leases_of_dead_instances_and_fail_run_in_records_t
         released += step.run(&tx, &ctx).await.unwrap();
     }
     assert_eq!(released, 1);
-    let failed = runs::fail_run_in(&tx, run, "timeout", "run timed out")
+    let failed = runs::fail_run_in(&tx, run, "timeout", "run timed out", None)
         .await
         .unwrap();
     assert_eq!(failed.state, RunState::Failed);
@@ -1015,7 +1018,7 @@ async fn maintenance_releases_leases_of_dead_instances_and_fail_run_in_records_t
         "a run with a live lease is not stuck"
     );
     let tx = conn.transaction().await.unwrap();
-    let failed = runs::fail_stuck_runs_in(&tx, Duration::from_secs(3600), 100)
+    let failed = runs::fail_stuck_runs_in(&tx, Duration::from_secs(3600), 100, None)
         .await
         .unwrap();
     tx.commit().await.unwrap();

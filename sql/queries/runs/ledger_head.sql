@@ -1,5 +1,4 @@
--- The recorded ledger head of a run (0/NULL when nothing was appended), and whether its events
--- were purged (then the chain anchor stands in for them).
-SELECT r.ledger_head_seq, r.ledger_head_hash,
-       EXISTS (SELECT 1 FROM pgcrew.chain_anchors a WHERE a.run_id = r.id) AS purged
+-- The recorded ledger head of a run (0/NULL when nothing was appended), its state and ledger
+-- format (1 or 2).
+SELECT r.ledger_head_seq, r.ledger_head_hash, r.state, r.ledger_format
 FROM pgcrew.runs r WHERE r.id = $1

@@ -1,1 +1,1 @@
-SELECT valid, first_bad_seq, checked FROM pgcrew.verify_run_chain($1::uuid)
+SELECT valid, first_bad_seq, checked, problem FROM pgcrew.verify_run_chain($1::uuid)

@@ -1,5 +1,7 @@
-//! `pgcrew bench ledger`: sequenced hash-chained appends (raw SQL baseline vs pgcrew), batch
-//! appends, and verification of a large run — all measured in one run, in a scratch database.
+//! `pgcrew bench ledger`: sequenced hash-chained appends (raw SQL baseline vs pgcrew; pgcrew's
+//! v1-format runs without a key vs v2-format runs signing checkpoints with a key, measured in
+//! alternating phases), batch appends, and verification of a large run with and without the key —
+//! all measured in one run, in a scratch database.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,7 +12,7 @@ use clap::Args;
 use pgcrew::coord::notify::{Notifier, NotifierConfig};
 use pgcrew::db::Db;
 use pgcrew::runs::{self, NewEvent, NewRun};
-use pgcrew::{Error, Result, RunId, TenantId};
+use pgcrew::{Error, LedgerKey, Result, RunId, TenantId};
 use serde::Serialize;
 use serde_json::json;
 
@@ -23,7 +25,7 @@ pub struct LedgerBenchArgs {
     /// Runs the writers spread their appends over.
     #[arg(long, default_value_t = 16)]
     pub runs: usize,
-    /// Seconds per append phase.
+    /// Seconds per append phase (the v1 and v2 single-append phases alternate in halves).
     #[arg(long, default_value_t = 3.0)]
     pub seconds: f64,
     /// Events per batch in the batch phase.
@@ -32,6 +34,9 @@ pub struct LedgerBenchArgs {
     /// Events in the run that is verified.
     #[arg(long, default_value_t = 100_000)]
     pub verify_events: usize,
+    /// Sign a checkpoint of the v2 runs at most every this many appended events.
+    #[arg(long, default_value_t = pgcrew::ledger_key::DEFAULT_CHECKPOINT_INTERVAL)]
+    pub checkpoint_interval: u32,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -45,6 +50,7 @@ impl Default for LedgerBenchArgs {
             seconds: 3.0,
             batch: 10,
             verify_events: 100_000,
+            checkpoint_interval: pgcrew::ledger_key::DEFAULT_CHECKPOINT_INTERVAL,
             json: false,
         }
     }
@@ -56,13 +62,19 @@ struct Report {
     writers: usize,
     runs: usize,
     raw_appends_per_s: f64,
+    /// v2 format, signing a checkpoint every `checkpoint_interval` appends with a ledger key.
     pgcrew_appends_per_s: f64,
     pgcrew_vs_raw: f64,
+    /// v1 format (runs created before the v2 migration), no key: the old append path.
+    v1_unkeyed_appends_per_s: f64,
+    v2_signed_vs_v1: f64,
+    checkpoint_interval: u32,
     batch_size: usize,
     batch_events_per_s: f64,
     batch_vs_single: f64,
     verify_events: usize,
     verify_rust_ms: f64,
+    verify_signed_ms: f64,
     verify_sql_ms: f64,
     cancel_samples: usize,
     cancel_p50_ms: f64,
@@ -72,10 +84,15 @@ struct Report {
 
 /// Run the benchmark.
 pub async fn run(dsn: Option<String>, args: LedgerBenchArgs) -> Result<ExitCode> {
-    if args.writers == 0 || args.runs == 0 || args.batch == 0 || args.verify_events == 0 {
+    if args.writers == 0
+        || args.runs == 0
+        || args.batch == 0
+        || args.verify_events == 0
+        || args.checkpoint_interval == 0
+    {
         return Err(Error::invalid(
             "arguments",
-            "--writers, --runs, --batch and --verify-events must be at least 1",
+            "--writers, --runs, --batch, --verify-events and --checkpoint-interval must be at least 1",
         ));
     }
     if !(args.seconds > 0.0 && args.seconds.is_finite()) {
@@ -94,16 +111,20 @@ pub async fn run(dsn: Option<String>, args: LedgerBenchArgs) -> Result<ExitCode>
             r.raw_appends_per_s
         );
         println!(
-            "  pgcrew append_event                            {:>9.0} appends/s  ({:.2} x raw; target >= 0.8)",
-            r.pgcrew_appends_per_s, r.pgcrew_vs_raw
+            "  pgcrew append_event, v1 run, no key            {:>9.0} appends/s",
+            r.v1_unkeyed_appends_per_s
+        );
+        println!(
+            "  pgcrew append_event, v2 run, signed every {:<4} {:>9.0} appends/s  ({:.2} x v1; target >= 0.95) ({:.2} x raw; target >= 0.8)",
+            r.checkpoint_interval, r.pgcrew_appends_per_s, r.v2_signed_vs_v1, r.pgcrew_vs_raw
         );
         println!(
             "  pgcrew append_events, batch of {:<3}             {:>9.0} events/s   ({:.2} x single; target >= 3)",
             r.batch_size, r.batch_events_per_s, r.batch_vs_single
         );
         println!(
-            "  verify a {}-event run: Rust (streaming) {:.0} ms, SQL function {:.0} ms (target < 1000 ms)",
-            r.verify_events, r.verify_rust_ms, r.verify_sql_ms
+            "  verify a {}-event run: Rust (streaming) {:.0} ms, Rust with the key {:.0} ms, SQL function {:.0} ms (target < 1000 ms)",
+            r.verify_events, r.verify_rust_ms, r.verify_signed_ms, r.verify_sql_ms
         );
         println!(
             "  cancellation: cancel_run call -> watcher token fired ({} samples): p50 {:.2} ms, p99 {:.2} ms",
@@ -121,15 +142,33 @@ pub async fn run(dsn: Option<String>, args: LedgerBenchArgs) -> Result<ExitCode>
     })
 }
 
+/// Alternating halves per phase for the v1 / v2 single-append comparison (so load changes on a
+/// shared machine hit both alike).
+const ROUNDS: u32 = 4;
+
 async fn bench(dsn: &str, args: &LedgerBenchArgs) -> Result<Report> {
     let db = Db::connect(dsn, args.writers + 4, Duration::from_secs(10)).await?;
     db.migrate().await?;
+    // A random key for this run only.
+    let key_bytes: Vec<u8> = (0..32).map(|_| fastrand::u8(..)).collect();
+    let signed = db
+        .clone()
+        .with_ledger_key(LedgerKey::new(&key_bytes)?)
+        .with_checkpoint_interval(args.checkpoint_interval);
+    let key = signed.ledger_key().cloned();
     let tenant = TenantId::new("default")?;
     let mut raw_runs = Vec::new();
+    let mut v1_runs = Vec::new();
     let mut pg_runs = Vec::new();
     for _ in 0..args.runs {
         raw_runs.push(runs::create_run(&db, NewRun::new(tenant.clone())).await?);
-        pg_runs.push(runs::create_run(&db, NewRun::new(tenant.clone())).await?);
+        pg_runs.push(runs::create_run(&signed, NewRun::new(tenant.clone())).await?);
+        let v1 = RunId::new();
+        db.get()
+            .await?
+            .execute(sql_v1_run(), &[&v1, &tenant.as_str()])
+            .await?;
+        v1_runs.push(v1);
     }
     let phase = Duration::from_secs_f64(args.seconds);
 
@@ -145,9 +184,11 @@ async fn bench(dsn: &str, args: &LedgerBenchArgs) -> Result<Report> {
         }
     })
     .await?;
-    eprintln!("[2/5] pgcrew append_event for {:.1} s ...", args.seconds);
-    let single = measure(args.writers, phase, pg_runs.clone(), {
-        let db = db.clone();
+    eprintln!(
+        "[2/5] pgcrew append_event, v1 unkeyed and v2 signed, alternating, {:.1} s each ...",
+        args.seconds
+    );
+    let single = |db: Db| {
         move |run, i| {
             let db = db.clone();
             async move {
@@ -156,12 +197,34 @@ async fn bench(dsn: &str, args: &LedgerBenchArgs) -> Result<Report> {
                     .map(|_| 1)
             }
         }
-    })
-    .await?;
+    };
+    let half = phase / ROUNDS;
+    let (mut v1_sum, mut v2_sum) = (0.0, 0.0);
+    for round in 0..ROUNDS {
+        // Alternate which goes first, too.
+        let (a, b) = if round % 2 == 0 {
+            (true, false)
+        } else {
+            (false, true)
+        };
+        for is_v1 in [a, b] {
+            if is_v1 {
+                v1_sum += measure(args.writers, half, v1_runs.clone(), single(db.clone())).await?;
+            } else {
+                v2_sum +=
+                    measure(args.writers, half, pg_runs.clone(), single(signed.clone())).await?;
+            }
+        }
+    }
+    let v1_rate = v1_sum / f64::from(ROUNDS);
+    let v2_rate = v2_sum / f64::from(ROUNDS);
     let batch_n = args.batch;
-    eprintln!("[3/5] pgcrew batch append for {:.1} s ...", args.seconds);
+    eprintln!(
+        "[3/5] pgcrew batch append (v2, signed) for {:.1} s ...",
+        args.seconds
+    );
     let batch = measure(args.writers, phase, pg_runs.clone(), {
-        let db = db.clone();
+        let db = signed.clone();
         move |run, i| {
             let db = db.clone();
             async move {
@@ -177,7 +240,7 @@ async fn bench(dsn: &str, args: &LedgerBenchArgs) -> Result<Report> {
     .await?;
 
     // A large run for verification, appended in big batches.
-    let big = runs::create_run(&db, NewRun::new(tenant)).await?;
+    let big = runs::create_run(&signed, NewRun::new(tenant)).await?;
     eprintln!(
         "[4/5] building and verifying a {}-event run ...",
         args.verify_events
@@ -195,34 +258,51 @@ async fn bench(dsn: &str, args: &LedgerBenchArgs) -> Result<Report> {
                 )
             })
             .collect();
-        runs::append_events(&db, big, &evs, None).await?;
+        runs::append_events(&signed, big, &evs, None).await?;
         left -= n;
     }
     let t = Instant::now();
     let rust = runs::verify_run_chain(&db, big).await?;
     let verify_rust = t.elapsed();
+    let mut valid = rust.valid && rust.checked == args.verify_events as u64;
+    let t = Instant::now();
+    if let Some(key) = &key {
+        let v = runs::verify_run_chain_signed(&db, big, key).await?;
+        valid &= v.valid && v.signed_seq.is_some();
+    }
+    let verify_signed = t.elapsed();
     let t = Instant::now();
     let sql = runs::verify_run_chain_sql(&db, big).await?;
     let verify_sql = t.elapsed();
+    valid &= sql.valid;
 
     eprintln!("[5/5] cancellation latency ({CANCEL_SAMPLES} runs) ...");
     let (cancel_p50, cancel_p99) = cancel_latency(&db, CANCEL_SAMPLES).await?;
 
-    let mut valid = rust.valid && sql.valid && rust.checked == args.verify_events as u64;
-    for r in raw_runs.iter().chain(pg_runs.iter()) {
+    // The raw baseline bypasses pgcrew (no recorded head, v1 hashes): not a pgcrew ledger.
+    for r in v1_runs.iter().chain(pg_runs.iter()) {
         valid &= runs::verify_run_chain(&db, *r).await?.valid;
+    }
+    if let Some(key) = &key {
+        for r in &pg_runs {
+            valid &= runs::verify_run_chain_signed(&db, *r, key).await?.valid;
+        }
     }
     Ok(Report {
         writers: args.writers,
         runs: args.runs,
         raw_appends_per_s: raw,
-        pgcrew_appends_per_s: single,
-        pgcrew_vs_raw: single / raw.max(1e-9),
+        pgcrew_appends_per_s: v2_rate,
+        pgcrew_vs_raw: v2_rate / raw.max(1e-9),
+        v1_unkeyed_appends_per_s: v1_rate,
+        v2_signed_vs_v1: v2_rate / v1_rate.max(1e-9),
+        checkpoint_interval: signed.checkpoint_interval(),
         batch_size: args.batch,
         batch_events_per_s: batch,
-        batch_vs_single: batch / single.max(1e-9),
+        batch_vs_single: batch / v2_rate.max(1e-9),
         verify_events: args.verify_events,
         verify_rust_ms: verify_rust.as_secs_f64() * 1e3,
+        verify_signed_ms: verify_signed.as_secs_f64() * 1e3,
         verify_sql_ms: verify_sql.as_secs_f64() * 1e3,
         cancel_samples: CANCEL_SAMPLES,
         cancel_p50_ms: cancel_p50,
@@ -317,6 +397,13 @@ async fn raw_append(db: &Db, run: RunId, i: u64) -> Result<()> {
         .await?;
     tx.commit().await?;
     Ok(())
+}
+
+fn sql_v1_run() -> &'static str {
+    include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/sql/queries/runs/bench_v1_run.sql"
+    ))
 }
 
 fn sql_lock() -> &'static str {

@@ -7,7 +7,7 @@ use clap::Subcommand;
 use futures_util::StreamExt;
 use pgcrew::coord::notify::{Notifier, NotifierConfig};
 use pgcrew::runs::{self, LedgerEvent, RunFilter, RunState};
-use pgcrew::{Result, RunId, TenantId};
+use pgcrew::{LedgerKey, Result, RunId, TenantId};
 
 use crate::output::{connect, print_json, print_table};
 
@@ -51,13 +51,21 @@ pub enum RunCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Verify a run's hash chain: prints `valid` (exit 0) or `invalid at seq N` (exit 1).
+    /// Verify a run's ledger: prints `valid ...` (exit 0) or `invalid at seq N: ...` (exit 1).
+    ///
+    /// With the ledger key (--key-file, or PGCREW_LEDGER_KEY / PGCREW_LEDGER_KEY_FILE) the signed
+    /// checkpoints are checked too, which exposes a full rewrite; without it, it is not covered.
     VerifyLedger {
         /// The run id.
         run: RunId,
-        /// Use the SQL function pgcrew.verify_run_chain instead of the streaming Rust verifier.
+        /// Also check the chain with the SQL function pgcrew.verify_run_chain (without a key: instead
+        /// of the streaming Rust verifier).
         #[arg(long)]
         sql: bool,
+        /// A file holding the ledger key (a trailing newline is ignored). Default: the key in
+        /// PGCREW_LEDGER_KEY or the file named by PGCREW_LEDGER_KEY_FILE.
+        #[arg(long, value_name = "FILE")]
+        key_file: Option<std::path::PathBuf>,
     },
     /// List a run's summaries, newest first.
     Summaries {
@@ -119,6 +127,14 @@ pub async fn exec(dsn: Option<String>, cmd: RunCmd) -> Result<ExitCode> {
     if let RunCmd::List { state: Some(s), .. } = &cmd {
         s.parse::<RunState>()?;
     }
+    // The ledger key, read before connecting (a bad key is a usage error).
+    let key = match &cmd {
+        RunCmd::VerifyLedger {
+            key_file: Some(f), ..
+        } => Some(LedgerKey::from_file(f)?),
+        RunCmd::VerifyLedger { .. } => LedgerKey::from_env()?,
+        _ => None,
+    };
     let db = connect(dsn).await?;
     match cmd {
         RunCmd::List {
@@ -203,28 +219,8 @@ pub async fn exec(dsn: Option<String>, cmd: RunCmd) -> Result<ExitCode> {
                 print_table(&["field", "value"], &rows);
             }
         }
-        RunCmd::VerifyLedger { run, sql } => {
-            let v = if sql {
-                runs::verify_run_chain_sql(&db, run).await?
-            } else {
-                runs::verify_run_chain(&db, run).await?
-            };
-            match v.first_bad_seq {
-                None => {
-                    println!("valid");
-                    match &v.anchor {
-                        Some(a) => eprintln!(
-                            "{} events checked; ledger purged ({}), anchor at seq {}",
-                            v.checked, a.reason, a.last_seq
-                        ),
-                        None => eprintln!("{} events checked", v.checked),
-                    }
-                }
-                Some(seq) => {
-                    println!("invalid at seq {seq}");
-                    return Ok(ExitCode::from(1));
-                }
-            }
+        RunCmd::VerifyLedger { run, sql, .. } => {
+            return verify_ledger(&db, run, sql, key).await;
         }
         RunCmd::Summaries {
             run,
@@ -276,6 +272,72 @@ pub async fn exec(dsn: Option<String>, cmd: RunCmd) -> Result<ExitCode> {
             let r = runs::cancel_run(&db, run, &reason).await?;
             println!("{} {}", r.id, r.state);
         }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `pgcrew run verify-ledger`: one line `valid ...` (exit 0) or `invalid at seq N: ...` (exit 1),
+/// then, without a key, a line saying what is not covered.
+async fn verify_ledger(
+    db: &pgcrew::Db,
+    run: RunId,
+    sql: bool,
+    key: Option<LedgerKey>,
+) -> Result<ExitCode> {
+    let invalid = |v: &runs::ChainVerification, problem: Option<&str>| {
+        let problem = problem
+            .or(v.problem.as_deref())
+            .unwrap_or("the ledger does not verify");
+        match v.first_bad_seq {
+            Some(seq) => println!("invalid at seq {seq}: {problem}"),
+            None => println!("invalid: {problem}"),
+        }
+        Ok(ExitCode::from(1))
+    };
+    let chain = if sql {
+        runs::verify_run_chain_sql(db, run).await?
+    } else {
+        runs::verify_run_chain(db, run).await?
+    };
+    if !chain.valid {
+        return invalid(&chain, None);
+    }
+    let events = match &chain.anchor {
+        Some(a) => format!(
+            "ledger purged ({}): {} events, chain anchor at seq {}",
+            a.reason, a.event_count, a.last_seq
+        ),
+        None => format!("{} events", chain.checked),
+    };
+    let Some(key) = key else {
+        println!(
+            "valid: {events}, chain intact and ending at the recorded head (ledger format v{})",
+            chain.format
+        );
+        println!(
+            "not covered without the ledger key: a full rewrite with recomputed hashes and head; pass --key-file (or set PGCREW_LEDGER_KEY / PGCREW_LEDGER_KEY_FILE) to check the signed checkpoints"
+        );
+        return Ok(ExitCode::SUCCESS);
+    };
+    let v = runs::verify_run_chain_signed(db, run, &key).await?;
+    if !v.valid {
+        let problem = v.problem.clone();
+        return invalid(&v.chain, problem.as_deref());
+    }
+    let head = v.chain.head_seq;
+    match (v.state.is_terminal(), v.signed_seq) {
+        (true, _) => println!(
+            "valid: {events}, chain intact, run {}, head seq {head} covered by a signed checkpoint ({} checkpoints, ledger format v{})",
+            v.state, v.checkpoints, v.chain.format
+        ),
+        (false, Some(s)) => println!(
+            "valid: {events}, chain intact, run {}: signed up to seq {s} of {head} (events after seq {s} are covered by the next checkpoint)",
+            v.state
+        ),
+        (false, None) => println!(
+            "valid: {events}, chain intact, run {}: nothing signed yet (head seq {head}); the run is signed when it finishes",
+            v.state
+        ),
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -1,1 +1,0 @@
-DELETE FROM pgcrew.artifacts WHERE run_id = $1

@@ -1,1 +1,0 @@
-DELETE FROM pgcrew.events WHERE run_id = $1

@@ -1,1 +1,0 @@
-DELETE FROM pgcrew.summaries WHERE run_id = $1
