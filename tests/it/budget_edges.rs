@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use pgcrew::agent::{AgentDef, AgentRuntime, Tool, ToolRegistry, register_agent};
+use pgcrew::agent::{
+    AgentDef, AgentRuntime, CapabilityDenialPolicy, Tool, ToolRegistry, register_agent,
+};
 use pgcrew::kernel::{DEFAULT_RESERVE_MAX_TOKENS, Kernel, ReplayPolicy, RunScope};
 use pgcrew::model::{
     ModelRequest, OpenAiConfig, OpenAiModel, PriceTable, ScriptedModel, ScriptedReply,
@@ -165,10 +167,6 @@ const EDGE_MODEL: &str = "edge-model";
 fn edge_prices() -> PriceTable {
     // USD per 1M tokens: prompt 3, completion 15.
     PriceTable::empty().with(EDGE_MODEL, 3.0, 15.0).unwrap()
-}
-
-fn edge_cost(prompt: u64, completion: u64) -> f64 {
-    (prompt as f64 * 3.0 + completion as f64 * 15.0) / 1e6
 }
 
 /// Text in one of several scripts: Latin, CJK, emoji, Arabic, Cyrillic, Devanagari, mixed.
@@ -336,15 +334,16 @@ async fn concurrent_steps_at_the_edge_never_pass_the_budget() {
         for (i, h) in handles.into_iter().enumerate() {
             match h.await.unwrap() {
                 Ok(_) => ok += 1,
-                Err(e @ Error::BudgetExceeded { .. }) => {
-                    let _ = e;
-                    refused += 1
-                }
+                Err(e) if e.is_budget_exceeded() => refused += 1,
                 Err(e) => panic!("seed {seed}, step {i} ({}): {e}", scripts[i]),
             }
         }
+        eprintln!("seed {seed}: limit {limit:.4}, {ok} steps settled, {refused} refused");
         assert_eq!(ok + refused, 64);
-        assert!(ok > 0 && refused > 0, "seed {seed}: ok {ok}, refused {refused}");
+        assert!(
+            ok > 0 && refused > 0,
+            "seed {seed}: ok {ok}, refused {refused}"
+        );
         let (within, figures) = spent_exact_le_limit(&t.db, &acme).await;
         assert!(
             within,
@@ -415,6 +414,119 @@ async fn overrun_settlement_is_recorded_flagged_and_blocks_reservations() {
         .unwrap_err();
     assert!(matches!(err, Error::BudgetExceeded { .. }), "{err}");
     assert_eq!(mock.bodies.lock().unwrap().len(), 1);
+    let evs = events(&t.db, run).await;
+    let refused = evs
+        .iter()
+        .rfind(|(t, _, _)| t == "budget_exceeded")
+        .unwrap();
+    assert_eq!(refused.2["scope"], "tenant");
+    // The books still balance: the overrun is a real, recorded cost.
+    let conn = t.db.get().await.unwrap();
+    let balanced: bool = conn
+        .query_one(
+            "SELECT (SELECT sum(cost_usd) FROM pgcrew.cost_entries WHERE tenant_id = 'acme') = spent_usd
+               FROM pgcrew.tenants WHERE id = 'acme'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(balanced);
+
+    // A run budget: the overrun is flagged on the run's scope and the run refuses further
+    // reservations while the tenant (with room left) still accepts them for other runs.
+    let globex = tenant(&t.db, "globex", &[], Some(100.0)).await;
+    let run2 = new_run(&t.db, &globex).await;
+    tenancy::set_run_budget(&t.db, &globex, run2, Some(0.01))
+        .await
+        .unwrap();
+    let scope2 = RunScope::new(run2, globex.clone());
+    k.step_model(&scope2, "m1", &request, ReplayPolicy::Strict)
+        .await
+        .unwrap();
+    let evs = events(&t.db, run2).await;
+    let overrun: Vec<_> = evs
+        .iter()
+        .filter(|(t, _, _)| t == "budget_overrun")
+        .collect();
+    assert_eq!(overrun.len(), 1, "{evs:?}");
+    assert_eq!(overrun[0].2["scope"], "run");
+    let tn = tenancy::get(&t.db, &globex).await.unwrap();
+    assert_ne!(tn.status, BudgetStatus::Exceeded);
+    let err = k
+        .step_model(&scope2, "m2", &request, ReplayPolicy::Strict)
+        .await
+        .unwrap_err();
+    match &err {
+        Error::RunBudgetExceeded { run, tenant, .. } => {
+            assert_eq!(
+                (run.as_str(), tenant.as_str()),
+                (run2.to_string().as_str(), "globex")
+            );
+        }
+        e => panic!("expected RunBudgetExceeded, got {e}"),
+    }
+    let evs = events(&t.db, run2).await;
+    let refused = evs
+        .iter()
+        .rfind(|(t, _, _)| t == "budget_exceeded")
+        .unwrap();
+    assert_eq!(refused.2["scope"], "run");
+    let other = new_run(&t.db, &globex).await;
+    tenancy::reserve(&t.db, &ReserveRequest::new(globex.clone(), 0.5).run(other))
+        .await
+        .unwrap();
+}
+
+/// `settle_in_tx` / `charge_in_tx` report overruns to any caller (not only the kernel).
+#[tokio::test]
+async fn charges_past_the_limit_are_reported_by_the_settlement() {
+    let t = test_db().await;
+    let acme = tenant(&t.db, "acme", &[], Some(1.0)).await;
+    let run = new_run(&t.db, &acme).await;
+    let r = tenancy::reserve(&t.db, &ReserveRequest::new(acme.clone(), 0.5).run(run))
+        .await
+        .unwrap();
+    let mut conn = t.db.get().await.unwrap();
+    let tx = conn.transaction().await.unwrap();
+    let s = tenancy::settle_in_tx(&tx, &r, &tenancy::CostInput::llm("m", 1, 1, 0.4))
+        .await
+        .unwrap();
+    assert!(s.overruns.is_empty());
+    tx.commit().await.unwrap();
+    let s = tenancy::charge(
+        &t.db,
+        &acme,
+        Some(run),
+        &tenancy::CostInput::other(tenancy::CostCategory::Tool, 0.7),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        s.overruns,
+        vec![tenancy::BudgetOverrun {
+            scope: tenancy::BudgetScope::Tenant,
+            limit_usd: 1.0,
+            spent_usd: 1.1,
+        }]
+    );
+    assert_eq!(s.status, BudgetStatus::Exceeded);
+    // A zero cost after the overrun is not another overrun.
+    let s = tenancy::charge(
+        &t.db,
+        &acme,
+        None,
+        &tenancy::CostInput::other(tenancy::CostCategory::Other, 0.0),
+    )
+    .await
+    .unwrap();
+    assert!(s.overruns.is_empty());
+    assert!(
+        tenancy::reserve(&t.db, &ReserveRequest::new(acme.clone(), 0.0))
+            .await
+            .unwrap_err()
+            .is_budget_exceeded()
+    );
 }
 
 // ------------------------------------------------------------------------------------------
@@ -539,7 +651,10 @@ async fn the_database_refuses_bad_money_whoever_writes() {
         assert!(r.is_err(), "{what} accepted a bad value");
     }
     let (spent, reserved) = money_text(&t.db, &acme).await;
-    assert_eq!((spent.as_str(), reserved.as_str()), ("0.0000000000", "0.0000000000"));
+    assert_eq!(
+        (spent.as_str(), reserved.as_str()),
+        ("0.0000000000", "0.0000000000")
+    );
 }
 
 /// A database that already holds NaN (written before V012) is repaired by the migration.
@@ -594,11 +709,17 @@ async fn migration_repairs_a_database_that_already_holds_nan() {
         .await
         .unwrap();
     let status: String = client
-        .query_one("SELECT budget_status FROM pgcrew.tenants WHERE id = 'acme'", &[])
+        .query_one(
+            "SELECT budget_status FROM pgcrew.tenants WHERE id = 'acme'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
-    assert_eq!(status, "EXCEEDED", "the NaN tenant is stuck before the repair");
+    assert_eq!(
+        status, "EXCEEDED",
+        "the NaN tenant is stuck before the repair"
+    );
     drop(client);
     conn_task.abort();
 
@@ -622,7 +743,19 @@ async fn migration_repairs_a_database_that_already_holds_nan() {
         )
         .await
         .unwrap();
-    let got: (String, String, String, String, String, String, i64, i64, i64, String, String) = (
+    let got: (
+        String,
+        String,
+        String,
+        String,
+        String,
+        String,
+        i64,
+        i64,
+        i64,
+        String,
+        String,
+    ) = (
         row.get(0),
         row.get(1),
         row.get(2),
@@ -663,9 +796,12 @@ async fn migration_repairs_a_database_that_already_holds_nan() {
         .get(0);
     assert!(repairs >= 8, "{repairs} repairs logged");
     // The tenant works again.
-    tenancy::reserve(&db, &ReserveRequest::new(TenantId::new("acme").unwrap(), 1.0))
-        .await
-        .unwrap();
+    tenancy::reserve(
+        &db,
+        &ReserveRequest::new(TenantId::new("acme").unwrap(), 1.0),
+    )
+    .await
+    .unwrap();
 }
 
 // ------------------------------------------------------------------------------------------
@@ -691,8 +827,14 @@ fn non_ascii_model_names_never_panic_in_price_lookup() {
         let r = std::panic::catch_unwind(|| table.get(name));
         assert!(r.is_ok(), "PriceTable::get({name:?}) panicked");
     }
-    assert_eq!(table.get("modèle-2024-08-06").unwrap().prompt_per_million, 1.0);
-    assert_eq!(table.get("模型-2024-08-06").unwrap().prompt_per_million, 1.0);
+    assert_eq!(
+        table.get("modèle-2024-08-06").unwrap().prompt_per_million,
+        1.0
+    );
+    assert_eq!(
+        table.get("模型-2024-08-06").unwrap().prompt_per_million,
+        1.0
+    );
     assert!(matches!(
         table.get("modèle-2024-08"),
         Err(Error::UnknownModelPrice(_))
@@ -742,7 +884,11 @@ async fn agent_with_a_non_ascii_model_name_fails_cleanly() {
             .unwrap_or_else(|e| panic!("{name}: the agent run panicked: {e}"))
             .unwrap();
         assert_eq!(r.state, RunState::Failed, "{name}");
-        assert_eq!(r.error_type.as_deref(), Some("unknown_model_price"), "{name}");
+        assert_eq!(
+            r.error_type.as_deref(),
+            Some("unknown_model_price"),
+            "{name}"
+        );
     }
     assert_eq!(model.calls(), 0);
 }
@@ -779,6 +925,63 @@ fn payer_script() -> Vec<ScriptedReply> {
 }
 
 #[tokio::test]
+async fn capability_denial_returned_to_the_model_when_the_agent_says_so() {
+    let t = test_db().await;
+    let acme = tenant(&t.db, "acme", &[], Some(1.0)).await;
+    let body_runs = Arc::new(AtomicU64::new(0));
+    let tools = ToolRegistry::new()
+        .with(charge_tool(body_runs.clone()))
+        .unwrap();
+    let def = AgentDef::new("lenient", "gpt-4o-mini")
+        .tool("charge_card")
+        .max_tokens(100)
+        .on_capability_denied(CapabilityDenialPolicy::ReturnToModel);
+    register_agent(&t.db, &def).await.unwrap();
+    assert_eq!(
+        pgcrew::agent::get_agent(&t.db, "lenient")
+            .await
+            .unwrap()
+            .on_capability_denied,
+        CapabilityDenialPolicy::ReturnToModel
+    );
+    let model = Arc::new(ScriptedModel::by_turn(payer_script()));
+    let rt = AgentRuntime::new(
+        Kernel::new(t.db.clone(), model.clone()).with_tools(tools),
+        "i1",
+    );
+    let session = rt.new_session(&acme, "s").await.unwrap();
+    let run = rt
+        .submit("lenient", session.id, "charge 5 USD")
+        .await
+        .unwrap();
+    let r = rt.execute(run, None).await.unwrap();
+    assert_eq!(r.state, RunState::Completed);
+    assert_eq!(
+        r.response_text.as_deref(),
+        Some("I could not charge the card.")
+    );
+    assert_eq!(body_runs.load(Ordering::SeqCst), 0, "the tool did not run");
+    // The model saw the denial as the tool's result.
+    let last = model.requests().pop().unwrap();
+    let tool_text = last
+        .messages
+        .iter()
+        .find(|m| m.role() == "tool")
+        .map(|m| m.text().to_string())
+        .unwrap();
+    assert!(tool_text.contains("capability denied"), "{tool_text}");
+    assert!(tool_text.contains("payments:charge"), "{tool_text}");
+    let evs = events(&t.db, run).await;
+    assert_eq!(count(&evs, "capability_denied"), 1);
+    let denied = evs
+        .iter()
+        .find(|(t, _, _)| t == "capability_denied")
+        .unwrap();
+    assert_eq!(denied.2["capability"], "payments:charge");
+    assert_eq!(count(&evs, "run_completed"), 1);
+}
+
+#[tokio::test]
 async fn capability_denial_fails_the_agent_run_by_default() {
     let t = test_db().await;
     let acme = tenant(&t.db, "acme", &[], Some(1.0)).await;
@@ -789,6 +992,7 @@ async fn capability_denial_fails_the_agent_run_by_default() {
     let def = AgentDef::new("payer", "gpt-4o-mini")
         .tool("charge_card")
         .max_tokens(100);
+    assert_eq!(def.on_capability_denied, CapabilityDenialPolicy::FailRun);
     register_agent(&t.db, &def).await.unwrap();
     let model = Arc::new(ScriptedModel::by_turn(payer_script()));
     let rt = AgentRuntime::new(
@@ -796,7 +1000,10 @@ async fn capability_denial_fails_the_agent_run_by_default() {
         "i1",
     );
     let session = rt.new_session(&acme, "s").await.unwrap();
-    let run = rt.submit("payer", session.id, "charge 5 USD").await.unwrap();
+    let run = rt
+        .submit("payer", session.id, "charge 5 USD")
+        .await
+        .unwrap();
     let r = rt.execute(run, None).await.unwrap();
     assert_eq!(r.state, RunState::Failed);
     assert_eq!(r.error_type.as_deref(), Some("capability_denied"));
