@@ -63,6 +63,11 @@ LANGUAGE sql IMMUTABLE AS $$
     SELECT v IS NULL OR (v <> 'NaN'::numeric AND v >= 0 AND v < 'Infinity'::numeric)
 $$;
 
+-- Only the pgcrew owner's queries use these (tenant roles and other roles do not need them).
+REVOKE ALL ON FUNCTION pgcrew.money_amount(float8, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgcrew.token_count(bigint, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgcrew.is_valid_money(numeric) FROM PUBLIC;
+
 -- ---------------------------------------------------------------------------------------------
 -- 2. Repair (a no-op on a healthy database)
 -- ---------------------------------------------------------------------------------------------
@@ -218,26 +223,29 @@ BEGIN
 END $$;
 
 -- ---------------------------------------------------------------------------------------------
--- 3. Constraints: NOT VALID first (no scan under the exclusive lock), then VALIDATE.
+-- 3. Constraints: NOT VALID first (no scan under the exclusive lock), then VALIDATE. The
+--    expressions are inline (no function call), so any role allowed to write these tables can,
+--    whatever its EXECUTE privileges. `x <> 'NaN'` is needed: numeric NaN sorts above every
+--    number, so `x >= 0` alone accepts it.
 -- ---------------------------------------------------------------------------------------------
 ALTER TABLE pgcrew.tenants
-    ADD CONSTRAINT tenants_spent_usd_valid CHECK (pgcrew.is_valid_money(spent_usd)) NOT VALID,
-    ADD CONSTRAINT tenants_reserved_usd_valid CHECK (pgcrew.is_valid_money(reserved_usd)) NOT VALID,
-    ADD CONSTRAINT tenants_budget_usd_limit_valid CHECK (pgcrew.is_valid_money(budget_usd_limit)) NOT VALID;
+    ADD CONSTRAINT tenants_spent_usd_valid CHECK (spent_usd <> 'NaN'::numeric AND spent_usd >= 0 AND spent_usd < 'Infinity'::numeric) NOT VALID,
+    ADD CONSTRAINT tenants_reserved_usd_valid CHECK (reserved_usd <> 'NaN'::numeric AND reserved_usd >= 0 AND reserved_usd < 'Infinity'::numeric) NOT VALID,
+    ADD CONSTRAINT tenants_budget_usd_limit_valid CHECK (budget_usd_limit <> 'NaN'::numeric AND budget_usd_limit >= 0 AND budget_usd_limit < 'Infinity'::numeric) NOT VALID;
 
 ALTER TABLE pgcrew.runs
-    ADD CONSTRAINT runs_cost_usd_valid CHECK (pgcrew.is_valid_money(cost_usd)) NOT VALID,
-    ADD CONSTRAINT runs_budget_usd_limit_valid CHECK (pgcrew.is_valid_money(budget_usd_limit)) NOT VALID,
-    ADD CONSTRAINT runs_budget_spent_usd_valid CHECK (pgcrew.is_valid_money(budget_spent_usd)) NOT VALID,
-    ADD CONSTRAINT runs_budget_reserved_usd_valid CHECK (pgcrew.is_valid_money(budget_reserved_usd)) NOT VALID,
+    ADD CONSTRAINT runs_cost_usd_valid CHECK (cost_usd <> 'NaN'::numeric AND cost_usd >= 0 AND cost_usd < 'Infinity'::numeric) NOT VALID,
+    ADD CONSTRAINT runs_budget_usd_limit_valid CHECK (budget_usd_limit <> 'NaN'::numeric AND budget_usd_limit >= 0 AND budget_usd_limit < 'Infinity'::numeric) NOT VALID,
+    ADD CONSTRAINT runs_budget_spent_usd_valid CHECK (budget_spent_usd <> 'NaN'::numeric AND budget_spent_usd >= 0 AND budget_spent_usd < 'Infinity'::numeric) NOT VALID,
+    ADD CONSTRAINT runs_budget_reserved_usd_valid CHECK (budget_reserved_usd <> 'NaN'::numeric AND budget_reserved_usd >= 0 AND budget_reserved_usd < 'Infinity'::numeric) NOT VALID,
     ADD CONSTRAINT runs_input_tokens_valid CHECK (input_tokens >= 0) NOT VALID,
     ADD CONSTRAINT runs_output_tokens_valid CHECK (output_tokens >= 0) NOT VALID;
 
 ALTER TABLE pgcrew.budget_reservations
-    ADD CONSTRAINT budget_reservations_amount_usd_valid CHECK (pgcrew.is_valid_money(amount_usd)) NOT VALID;
+    ADD CONSTRAINT budget_reservations_amount_usd_valid CHECK (amount_usd <> 'NaN'::numeric AND amount_usd >= 0 AND amount_usd < 'Infinity'::numeric) NOT VALID;
 
 ALTER TABLE pgcrew.cost_entries
-    ADD CONSTRAINT cost_entries_cost_usd_valid CHECK (pgcrew.is_valid_money(cost_usd)) NOT VALID,
+    ADD CONSTRAINT cost_entries_cost_usd_valid CHECK (cost_usd <> 'NaN'::numeric AND cost_usd >= 0 AND cost_usd < 'Infinity'::numeric) NOT VALID,
     ADD CONSTRAINT cost_entries_tokens_valid CHECK (prompt_tokens >= 0 AND completion_tokens >= 0) NOT VALID;
 
 ALTER TABLE pgcrew.tenants VALIDATE CONSTRAINT tenants_spent_usd_valid;
