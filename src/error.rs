@@ -150,6 +150,27 @@ pub enum Error {
         requested_usd: f64,
     },
 
+    /// A run's own budget ([`set_run_budget`](crate::tenancy::set_run_budget)) cannot cover
+    /// the requested reservation; the tenant's budget could. ([`Error::BudgetExceeded`] is the
+    /// tenant's budget; [`Error::is_budget_exceeded`] matches both.)
+    #[error(
+        "run budget exceeded for run {run} of tenant {tenant}: limit {limit_usd} USD, spent {spent_usd}, reserved {reserved_usd}, requested {requested_usd}"
+    )]
+    RunBudgetExceeded {
+        /// The tenant.
+        tenant: String,
+        /// The run whose budget was checked.
+        run: String,
+        /// The run's budget limit.
+        limit_usd: f64,
+        /// Already spent by the run.
+        spent_usd: f64,
+        /// Currently reserved by the run's in-flight calls.
+        reserved_usd: f64,
+        /// The reservation that was refused.
+        requested_usd: f64,
+    },
+
     /// The tenant lacks a capability required by a tool.
     #[error("capability denied: tenant {tenant} lacks `{capability}` required by tool `{tool}`")]
     CapabilityDenied {
@@ -264,6 +285,15 @@ impl Error {
         }
     }
 
+    /// True for [`Error::BudgetExceeded`] (the tenant's budget) and
+    /// [`Error::RunBudgetExceeded`] (the run's budget).
+    pub fn is_budget_exceeded(&self) -> bool {
+        matches!(
+            self,
+            Error::BudgetExceeded { .. } | Error::RunBudgetExceeded { .. }
+        )
+    }
+
     /// The SQLSTATE code of an underlying database error, if any.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {
@@ -355,6 +385,8 @@ pub(crate) fn classify_pg_error(e: tokio_postgres::Error) -> Error {
                 };
             }
             "3F000" => return Error::SchemaMissing,
+            // pgcrew.money_amount / pgcrew.token_count (V012): an invalid amount or count.
+            "PC030" => return Error::invalid("amount", db.message()),
             "42P01" | "42883" if db.message().contains("pgcrew.") => return Error::SchemaMissing,
             _ => {}
         }

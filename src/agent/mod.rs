@@ -10,6 +10,6 @@ pub use tool::{Tool, ToolBuilder, ToolContext, ToolError, ToolRegistry, validate
 pub mod runtime;
 
 pub use runtime::{
-    AGENT_RUN_KIND, AgentDef, AgentRunTask, AgentRuntime, agent_queue, get_agent, register_agent,
-    register_tools,
+    AGENT_RUN_KIND, AgentDef, AgentRunTask, AgentRuntime, CapabilityDenialPolicy, agent_queue,
+    get_agent, register_agent, register_tools,
 };

@@ -40,6 +40,53 @@ pub fn agent_queue(agent: &str) -> String {
     format!("agent.{agent}")
 }
 
+/// What an agent run does when the model calls a tool whose capability the run's tenant lacks
+/// (the tool never runs and the ledger records `capability_denied` either way). Stored per
+/// agent in `pgcrew.agents.on_capability_denied`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum CapabilityDenialPolicy {
+    /// The default: the run fails with `error_type` `capability_denied` and the denial
+    /// ([`Error::CapabilityDenied`]) as its error message; the model is not called again.
+    #[default]
+    FailRun,
+    /// The denial is returned to the model as the tool's result (`{"error": "capability
+    /// denied: ..."}`) and the run continues, so the model can answer without the tool.
+    ReturnToModel,
+}
+
+impl CapabilityDenialPolicy {
+    /// The stored name: `fail_run` or `return_to_model`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CapabilityDenialPolicy::FailRun => "fail_run",
+            CapabilityDenialPolicy::ReturnToModel => "return_to_model",
+        }
+    }
+}
+
+impl std::fmt::Display for CapabilityDenialPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for CapabilityDenialPolicy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "fail_run" => Ok(CapabilityDenialPolicy::FailRun),
+            "return_to_model" => Ok(CapabilityDenialPolicy::ReturnToModel),
+            other => Err(Error::invalid(
+                "on_capability_denied",
+                format!("`{other}` is not one of fail_run, return_to_model"),
+            )),
+        }
+    }
+}
+
 /// An agent definition.
 #[derive(Debug, Clone, PartialEq)]
 pub struct AgentDef {
@@ -59,6 +106,9 @@ pub struct AgentDef {
     pub temperature: Option<f64>,
     /// Most iterations (model calls) per run.
     pub max_iterations: u32,
+    /// What a run does when a tool call is denied for lack of a capability (default
+    /// [`CapabilityDenialPolicy::FailRun`]).
+    pub on_capability_denied: CapabilityDenialPolicy,
 }
 
 impl AgentDef {
@@ -73,6 +123,7 @@ impl AgentDef {
             max_tokens: None,
             temperature: None,
             max_iterations: DEFAULT_MAX_ITERATIONS,
+            on_capability_denied: CapabilityDenialPolicy::default(),
         }
     }
 
@@ -109,6 +160,12 @@ impl AgentDef {
     /// Set the most iterations per run.
     pub fn max_iterations(mut self, n: u32) -> Self {
         self.max_iterations = n;
+        self
+    }
+
+    /// Set what a run does when a tool call is denied for lack of a capability.
+    pub fn on_capability_denied(mut self, policy: CapabilityDenialPolicy) -> Self {
+        self.on_capability_denied = policy;
         self
     }
 
@@ -165,6 +222,7 @@ pub async fn register_agent(db: &crate::Db, def: &AgentDef) -> Result<()> {
             &max_tokens,
             &def.temperature,
             &iterations,
+            &def.on_capability_denied.as_str(),
         ],
     )
     .await?;
@@ -202,6 +260,7 @@ pub async fn get_agent(db: &crate::Db, name: &str) -> Result<AgentDef> {
         .ok_or_else(|| Error::not_found("agent", name))?;
     let max_tokens: Option<i32> = row.try_get("max_tokens")?;
     let iterations: i32 = row.try_get("max_iterations")?;
+    let policy: String = row.try_get("on_capability_denied")?;
     Ok(AgentDef {
         name: row.try_get("name")?,
         description: row.try_get("description")?,
@@ -211,6 +270,7 @@ pub async fn get_agent(db: &crate::Db, name: &str) -> Result<AgentDef> {
         max_tokens: max_tokens.and_then(|n| u32::try_from(n).ok()),
         temperature: row.try_get("temperature")?,
         max_iterations: u32::try_from(iterations).unwrap_or(DEFAULT_MAX_ITERATIONS),
+        on_capability_denied: policy.parse()?,
     })
 }
 
@@ -325,8 +385,10 @@ impl AgentRuntime {
 
     /// Drive a run to a terminal state (or until cancelled / the lease is lost). Resumes from
     /// the ledger: recorded model and tool steps are replayed, not repeated. Failures of the
-    /// run itself (unknown agent, budget exceeded, model error, max iterations, unresolvable
-    /// tool outcome) fail the run with a typed `error_type` and return the failed run.
+    /// run itself (unknown agent, budget exceeded — the tenant's or the run's, model error, max
+    /// iterations, unresolvable tool outcome, and a capability denial under
+    /// [`CapabilityDenialPolicy::FailRun`]) fail the run with a typed `error_type` and return
+    /// the failed run. Unknown tools and invalid arguments are returned to the model.
     #[instrument(skip(self, cancel), err)]
     pub async fn execute(&self, run: RunId, cancel: Option<CancellationToken>) -> Result<Run> {
         let db = self.kernel.db();
@@ -454,7 +516,7 @@ impl AgentRuntime {
                 .await
             {
                 Ok(s) => s,
-                Err(e @ Error::BudgetExceeded { .. }) => return fail("budget_exceeded", e).await,
+                Err(e) if e.is_budget_exceeded() => return fail("budget_exceeded", e).await,
                 Err(e @ Error::Model { .. }) => return fail("model_error", e).await,
                 Err(e @ Error::ReplayConsistency { .. }) => {
                     return fail("replay_consistency", e).await;
@@ -498,6 +560,11 @@ impl AgentRuntime {
                     Ok(t) => t.output.to_string(),
                     Err(e @ Error::ToolOutcomeUnknown { .. }) => {
                         return fail("tool_outcome_unknown", e).await;
+                    }
+                    Err(e @ Error::CapabilityDenied { .. })
+                        if def.on_capability_denied == CapabilityDenialPolicy::FailRun =>
+                    {
+                        return fail("capability_denied", e).await;
                     }
                     Err(
                         e @ (Error::ToolFailed { .. }

@@ -4,7 +4,7 @@
 //! crash (on any instance) replays recorded steps instead of repeating model calls or tools.
 //!
 //! Ledger events written here (all carry the step key):
-//! `model_requested`, `model_completed`, `model_failed`, `budget_exceeded`,
+//! `model_requested`, `model_completed`, `model_failed`, `budget_exceeded`, `budget_overrun`,
 //! `replayed_with_drift`, `replay_rejected`, `run_forked`, `tool_requested`, `tool_completed`,
 //! `tool_failed`, `tool_outcome_unknown`, `tool_rejected`, `capability_denied`,
 //! `output_invalid`, `workflow_step_completed`, `workflow_step_failed`, `workflow_completed`.
@@ -35,7 +35,7 @@ use crate::agent::{Tool, ToolContext, ToolError, ToolRegistry};
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::ids::{InstanceId, RunId, TenantId};
-use crate::model::port::estimate_prompt_tokens;
+use crate::model::port::prompt_token_bound;
 use crate::model::{ModelPort, ModelRequest, ModelResponse, PriceTable};
 use crate::runs::{NewEvent, NewRun, append_events, append_events_in, create_run, get_run};
 use crate::tenancy::{self, CostInput, ReserveRequest};
@@ -46,7 +46,8 @@ pub mod workflow;
 pub use harness::{Harness, HarnessReport, UnitCtx};
 pub use workflow::WorkflowCtx;
 
-/// `max_tokens` assumed for the budget reservation when a request does not set one.
+/// `max_tokens` reserved for — and sent to the provider as the completion cap — when a request
+/// does not set one.
 pub const DEFAULT_RESERVE_MAX_TOKENS: u32 = 4096;
 
 /// What to do when a recorded model step is replayed with a request whose fingerprint differs
@@ -230,12 +231,17 @@ impl Kernel {
 
     /// A durable model call keyed by `(run, step_key)`.
     ///
-    /// First execution: reserve the worst-case cost (prompt estimate + `max_tokens`, priced with
-    /// the price table) → record `model_requested` → call the model → in one transaction record
-    /// `model_completed` (output, usage, cost, fingerprint, model), settle the reservation and
-    /// insert the cost entry. A refused reservation records `budget_exceeded` and returns
-    /// [`Error::BudgetExceeded`]; a provider error records `model_failed` (typed kind) and
-    /// releases the reservation.
+    /// First execution: reserve the worst-case cost (the prompt's upper bound
+    /// [`prompt_token_bound`](crate::model::port::prompt_token_bound) + `max_tokens`, or
+    /// [`DEFAULT_RESERVE_MAX_TOKENS`] when unset, priced with the price table) → record
+    /// `model_requested` → call the model with that completion cap (always sent, so the provider
+    /// cannot produce more than was reserved) → in one transaction record `model_completed`
+    /// (output, usage, cost, fingerprint, model), settle the reservation and insert the cost
+    /// entry. A refused reservation records `budget_exceeded` (with `scope` `tenant` or `run`)
+    /// and returns [`Error::BudgetExceeded`] / [`Error::RunBudgetExceeded`]; a provider error
+    /// records `model_failed` (typed kind) and releases the reservation. A provider reporting
+    /// more usage than reserved is charged in full: if that passes a limit, `budget_overrun` is
+    /// recorded in the same transaction and the budget refuses further reservations.
     ///
     /// Replay (a `model_completed` is recorded for the step): no model call. The recorded
     /// output is returned when the fingerprint matches; otherwise `policy` decides.
@@ -374,12 +380,16 @@ impl Kernel {
         step_key: &str,
         request: &ModelRequest,
     ) -> Result<ModelStep> {
+        // The fingerprint is the caller's request (replays stay stable); the provider gets the
+        // completion cap that is reserved for, so it cannot produce more than was reserved.
         let fingerprint = request.fingerprint()?;
-        let prompt_tokens = estimate_prompt_tokens(request);
+        let prompt_tokens = prompt_token_bound(request);
         let max_tokens = request.max_tokens.unwrap_or(DEFAULT_RESERVE_MAX_TOKENS);
         let estimate =
             self.prices
                 .worst_case_cost(&request.model, prompt_tokens, u64::from(max_tokens))?;
+        let mut capped = request.clone();
+        capped.max_tokens = Some(max_tokens);
         let mut req = ReserveRequest::new(scope.tenant.clone(), estimate)
             .run(scope.run)
             .model(request.model.clone());
@@ -388,30 +398,45 @@ impl Kernel {
         }
         let reservation = match tenancy::reserve(&self.db, &req).await {
             Ok(r) => r,
-            Err(e @ Error::BudgetExceeded { .. }) => {
-                if let Error::BudgetExceeded {
-                    limit_usd,
-                    spent_usd,
-                    reserved_usd,
-                    requested_usd,
-                    ..
-                } = &e
-                {
-                    let limit = if limit_usd.is_finite() {
-                        json!(limit_usd)
-                    } else {
-                        Value::Null
-                    };
-                    self.record(
-                        scope,
-                        step_key,
-                        "budget_exceeded",
-                        json!({"model": request.model, "estimate_usd": requested_usd,
-                               "limit_usd": limit, "spent_usd": spent_usd,
-                               "reserved_usd": reserved_usd, "message": e.to_string()}),
-                    )
-                    .await?;
-                }
+            Err(e) if e.is_budget_exceeded() => {
+                let (scope_name, limit_usd, spent_usd, reserved_usd, requested_usd) = match &e {
+                    Error::RunBudgetExceeded {
+                        limit_usd,
+                        spent_usd,
+                        reserved_usd,
+                        requested_usd,
+                        ..
+                    } => ("run", *limit_usd, *spent_usd, *reserved_usd, *requested_usd),
+                    Error::BudgetExceeded {
+                        limit_usd,
+                        spent_usd,
+                        reserved_usd,
+                        requested_usd,
+                        ..
+                    } => (
+                        "tenant",
+                        *limit_usd,
+                        *spent_usd,
+                        *reserved_usd,
+                        *requested_usd,
+                    ),
+                    _ => ("tenant", f64::INFINITY, 0.0, 0.0, estimate),
+                };
+                let limit = if limit_usd.is_finite() {
+                    json!(limit_usd)
+                } else {
+                    Value::Null
+                };
+                self.record(
+                    scope,
+                    step_key,
+                    "budget_exceeded",
+                    json!({"model": request.model, "scope": scope_name,
+                           "estimate_usd": requested_usd,
+                           "limit_usd": limit, "spent_usd": spent_usd,
+                           "reserved_usd": reserved_usd, "message": e.to_string()}),
+                )
+                .await?;
                 return Err(e);
             }
             Err(e) => return Err(e),
@@ -423,6 +448,7 @@ impl Kernel {
                 "model_requested",
                 json!({"model": request.model, "fingerprint": fingerprint,
                        "estimate_usd": estimate, "reservation_id": reservation.id,
+                       "prompt_token_bound": prompt_tokens, "max_tokens": max_tokens,
                        "messages": request.messages.len(), "port": self.model.name()}),
             )
             .await;
@@ -430,7 +456,7 @@ impl Kernel {
             let _ = tenancy::release(&self.db, &reservation).await;
             return Err(e);
         }
-        let response = match self.model.complete(request).await {
+        let response = match self.model.complete(&capped).await {
             Ok(r) => r,
             Err(e) => {
                 let kind = match &e {
@@ -440,6 +466,8 @@ impl Kernel {
                 };
                 let mut conn = self.db.get().await?;
                 let tx = conn.transaction().await?;
+                // Lock order: ledger lock, tenant row, run row (see kernel/lock_run.sql).
+                tx.execute(sql!("kernel/lock_run"), &[&scope.run]).await?;
                 tenancy::release_in_tx(&tx, &reservation).await?;
                 let ev = NewEvent::new(
                     "model_failed",
@@ -473,7 +501,7 @@ impl Kernel {
         .step(step_key)
         .idempotent();
         match self
-            .record_completion(scope, ev, &reservation, &input)
+            .record_completion(scope, step_key, ev, &reservation, &input)
             .await
         {
             Ok(true) => {}
@@ -502,23 +530,58 @@ impl Kernel {
     }
 
     /// Record `model_completed` and settle in one transaction; `Ok(false)` when the step was
-    /// already recorded (the reservation is then released and nothing charged).
+    /// already recorded (the reservation is then released and nothing charged). A settlement
+    /// that takes a budget past its limit also records `budget_overrun` in that transaction.
     async fn record_completion(
         &self,
         scope: &RunScope,
+        step_key: &str,
         ev: NewEvent,
         reservation: &tenancy::Reservation,
         input: &CostInput,
     ) -> Result<bool> {
         let mut conn = self.db.get().await?;
         let tx = conn.transaction().await?;
-        let appended = append_events_in(&tx, scope.run, &[ev], scope.lease_token).await?;
-        if appended.first().is_some_and(|a| !a.inserted) {
+        // Lock order: the run's ledger lock, then (settle) the tenant row and the run row, then
+        // the appends (whose run-row update is then already ours). Reservations lock the tenant
+        // row then the run row and appends the ledger lock then the run row, so this order
+        // cannot deadlock with concurrent steps of the same run.
+        tx.execute(sql!("kernel/lock_run"), &[&scope.run]).await?;
+        let done: bool = tx
+            .query_one(sql!("kernel/step_completed"), &[&scope.run, &step_key])
+            .await?
+            .try_get("done")?;
+        if done {
             tenancy::release_in_tx(&tx, reservation).await?;
             tx.commit().await?;
             return Ok(false);
         }
-        tenancy::settle_in_tx(&tx, reservation, input).await?;
+        let settlement = tenancy::settle_in_tx(&tx, reservation, input).await?;
+        let mut events = vec![ev];
+        for o in &settlement.overruns {
+            events.push(
+                NewEvent::new(
+                    "budget_overrun",
+                    json!({"scope": o.scope.as_str(), "limit_usd": o.limit_usd,
+                           "spent_usd": o.spent_usd, "cost_usd": settlement.cost_usd,
+                           "reserved_usd": reservation.amount_usd,
+                           "model": input.model, "prompt_tokens": input.prompt_tokens,
+                           "completion_tokens": input.completion_tokens,
+                           "message": format!(
+                               "the actual cost {} USD passed the {} budget of {} USD (spent {} USD); further reservations are refused",
+                               settlement.cost_usd, o.scope, o.limit_usd, o.spent_usd)}),
+                )
+                .step(step_key),
+            );
+        }
+        let appended = append_events_in(&tx, scope.run, &events, scope.lease_token).await?;
+        if appended.first().is_some_and(|a| !a.inserted) {
+            // Recorded meanwhile by a writer that did not take the ledger lock first: undo the
+            // settlement (rollback) and release the reservation; that record stands.
+            drop(tx);
+            tenancy::release(&self.db, reservation).await?;
+            return Ok(false);
+        }
         tx.commit().await?;
         Ok(true)
     }

@@ -44,8 +44,8 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::model::port::{
-    FinishReason, Message, ModelPort, ModelRequest, ModelResponse, ToolCall, Usage, error_kind,
-    estimate_prompt_tokens, estimate_tokens, model_error, truncate,
+    FinishReason, Message, ModelPort, ModelRequest, ModelResponse, ToolCall, Usage,
+    completion_token_bound, error_kind, model_error, prompt_token_bound, truncate,
 };
 
 /// Configuration of an [`OpenAiModel`]. Build it with [`OpenAiConfig::builder`] (nothing from
@@ -673,18 +673,17 @@ fn from_oai_response(
     };
     let usage = match resp.usage {
         Some(u) => Usage::new(u64::from(u.prompt_tokens), u64::from(u.completion_tokens)),
-        None => {
-            let out_chars = content.as_deref().map_or(0, |c| c.chars().count())
-                + tool_calls
-                    .iter()
-                    .map(|c| c.name.len() + c.arguments.to_string().len())
-                    .sum::<usize>();
-            Usage {
-                prompt_tokens: estimate_prompt_tokens(request),
-                completion_tokens: estimate_tokens(out_chars),
-                estimated: true,
-            }
-        }
+        // No usage reported: charge the conservative bounds (never less than was really used,
+        // never more than was reserved for).
+        None => Usage {
+            prompt_tokens: prompt_token_bound(request),
+            completion_tokens: completion_token_bound(
+                content.as_deref(),
+                &tool_calls,
+                request.max_tokens,
+            ),
+            estimated: true,
+        },
     };
     Ok(ModelResponse {
         content,

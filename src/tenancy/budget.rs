@@ -10,13 +10,22 @@
 //!   cost to the tenant's (and run's) spend and inserts the `pgcrew.cost_entries` row, in one
 //!   statement. Amounts are `numeric` rounded once to 10 decimals, so
 //!   `sum(cost_entries.cost_usd) = tenants.spent_usd` exactly.
+//!   A cost is charged in full even when it takes spend past a limit (it was really spent): the
+//!   [`Settlement`] then lists a [`BudgetOverrun`], the tenant's status is EXCEEDED and every
+//!   further reservation is refused until the limit is raised (the kernel records a
+//!   `budget_overrun` ledger event on the run).
+//! * Money reaching the database is checked there too: `pgcrew.money_amount` refuses NaN,
+//!   infinite and negative amounts (SQLSTATE PC030, mapped to [`Error::InvalidInput`]) and CHECK
+//!   constraints (V012) refuse them in every money column, whoever writes.
 //! * [`release`] drops a reservation without charging (the call failed before costing anything).
 //! * [`ReleaseOrphanedReservations`] (a leader maintenance step) releases reservations whose
 //!   instance is gone or that are older than a timeout.
 //!
-//! Lock order: reservation row, tenant row, run row. A caller that settles inside a transaction
-//! that already updated the run row should not hold reservations for that run in other
-//! transactions at the same time.
+//! Lock order: reservation row, tenant row, run row. A caller that settles and appends ledger
+//! events in one transaction must take the run's ledger lock (`pgcrew.lock_run`) first, settle,
+//! and append afterwards — as the kernel does — because an append updates the run row: appending
+//! first and settling second can deadlock with a concurrent reservation for the same run (which
+//! holds the tenant row and waits for the run row).
 
 use std::fmt;
 use std::str::FromStr;
@@ -225,6 +234,45 @@ impl CostInput {
     }
 }
 
+/// Which budget: the tenant's or the run's own ([`set_run_budget`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BudgetScope {
+    /// The tenant's budget (`tenants.budget_usd_limit`).
+    Tenant,
+    /// The run's own budget (`runs.budget_usd_limit`).
+    Run,
+}
+
+impl BudgetScope {
+    /// `tenant` or `run`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            BudgetScope::Tenant => "tenant",
+            BudgetScope::Run => "run",
+        }
+    }
+}
+
+impl fmt::Display for BudgetScope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A settlement that took spend past a limit (the actual cost exceeded what was reserved, or
+/// a cost was charged without a reservation). The cost is recorded in full; the budget is then
+/// EXCEEDED and refuses every further reservation.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct BudgetOverrun {
+    /// Which budget was passed.
+    pub scope: BudgetScope,
+    /// Its limit.
+    pub limit_usd: f64,
+    /// Its spend after this settlement (above the limit).
+    pub spent_usd: f64,
+}
+
 /// The result of settling or charging a cost.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Settlement {
@@ -241,6 +289,8 @@ pub struct Settlement {
     pub tenant_reserved_usd: f64,
     /// The tenant's budget status after this cost.
     pub status: BudgetStatus,
+    /// The budgets this cost took past their limit (empty normally).
+    pub overruns: Vec<BudgetOverrun>,
 }
 
 fn validate_amount(field: &'static str, usd: f64) -> Result<()> {
@@ -259,7 +309,8 @@ pub async fn reserve(db: &Db, req: &ReserveRequest) -> Result<Reservation> {
 }
 
 /// Reserve inside the caller's transaction: [`Error::BudgetExceeded`] (with the current figures)
-/// when the tenant's or the run's budget cannot cover the estimate, [`Error::NotFound`] for an
+/// when the tenant's budget cannot cover the estimate, [`Error::RunBudgetExceeded`] when the
+/// run's own budget cannot (a budget already past its limit refuses every estimate, even 0), [`Error::NotFound`] for an
 /// unknown tenant or a run that is not the tenant's. On error the caller must roll back (the
 /// tenant row may already carry the reservation within the transaction).
 #[instrument(skip(tx, req), fields(tenant = %req.tenant_id, estimate = req.estimate_usd), err)]
@@ -299,8 +350,9 @@ pub async fn reserve_in_tx(
                 .query_opt(sql!("tenancy/run_budget_figures"), &[&run, tenant])
                 .await?
                 .ok_or_else(|| Error::not_found("run", run))?;
-            return Err(Error::BudgetExceeded {
-                tenant: format!("{tenant} (run {run} budget)"),
+            return Err(Error::RunBudgetExceeded {
+                tenant: tenant.to_string(),
+                run: run.to_string(),
                 limit_usd: figures
                     .try_get::<_, Option<f64>>("limit_usd")?
                     .unwrap_or(f64::INFINITY),
@@ -339,7 +391,9 @@ pub async fn reserve_in_tx(
 /// `model_completed` event): release the reservation, add `cost.cost_usd` to the tenant's and
 /// the run's spend and insert the cost entry. If maintenance already released the reservation
 /// the cost is still charged (`released == false`). The actual cost may exceed the estimate; it
-/// is charged in full (spend reflects what was really spent).
+/// is charged in full (spend reflects what was really spent), and if that takes a budget past
+/// its limit the settlement lists it in [`Settlement::overruns`] (logged as a warning): the
+/// tenant's status is then EXCEEDED and further reservations are refused.
 #[instrument(skip(tx, reservation, cost), fields(reservation = %reservation.id, tenant = %reservation.tenant_id, cost = cost.cost_usd), err)]
 pub async fn settle_in_tx(
     tx: &tokio_postgres::Transaction<'_>,
@@ -422,6 +476,31 @@ async fn settle_query(
         .await?
         .ok_or_else(|| Error::not_found("tenant", tenant))?;
     let status: String = row.try_get("budget_status")?;
+    let mut overruns = Vec::new();
+    if row.try_get::<_, bool>("tenant_overrun")? {
+        overruns.push(BudgetOverrun {
+            scope: BudgetScope::Tenant,
+            limit_usd: row
+                .try_get::<_, Option<f64>>("tenant_limit_usd")?
+                .unwrap_or(f64::INFINITY),
+            spent_usd: row.try_get("spent_usd")?,
+        });
+    }
+    if row.try_get::<_, bool>("run_overrun")? {
+        overruns.push(BudgetOverrun {
+            scope: BudgetScope::Run,
+            limit_usd: row
+                .try_get::<_, Option<f64>>("run_limit_usd")?
+                .unwrap_or(f64::INFINITY),
+            spent_usd: row
+                .try_get::<_, Option<f64>>("run_spent_usd")?
+                .unwrap_or_default(),
+        });
+    }
+    for o in &overruns {
+        tracing::warn!(tenant = %tenant, run = ?run, scope = %o.scope, limit = o.limit_usd,
+            spent = o.spent_usd, cost = cost.cost_usd, "budget overrun: a settled cost passed the limit");
+    }
     Ok(Settlement {
         entry_id: row.try_get("entry_id")?,
         cost_usd: row.try_get("cost_usd")?,
@@ -429,6 +508,7 @@ async fn settle_query(
         tenant_spent_usd: row.try_get("spent_usd")?,
         tenant_reserved_usd: row.try_get("reserved_usd")?,
         status: status.parse()?,
+        overruns,
     })
 }
 

@@ -37,9 +37,9 @@ pub mod status;
 pub mod tenants;
 
 pub use budget::{
-    CostCategory, CostInput, ReleaseOrphanedReservations, Reservation, ReserveRequest, Settlement,
-    charge, charge_in_tx, release, release_in_tx, reserve, reserve_in_tx, set_run_budget,
-    settle_in_tx,
+    BudgetOverrun, BudgetScope, CostCategory, CostInput, ReleaseOrphanedReservations, Reservation,
+    ReserveRequest, Settlement, charge, charge_in_tx, release, release_in_tx, reserve,
+    reserve_in_tx, set_run_budget, settle_in_tx,
 };
 pub use costs::{CostFilter, CostRow, budget_status, cost_breakdown, spend_from_events};
 pub use degradation::{

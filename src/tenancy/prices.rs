@@ -155,21 +155,29 @@ impl PriceTable {
     }
 }
 
-/// `name-YYYY-MM-DD` -> `name`.
+/// `name-YYYY-MM-DD` -> `name`. Works on bytes: the suffix must be the 11 ASCII bytes
+/// `-DDDD-DD-DD`, so the cut falls on a character boundary whatever script `name` is in (model
+/// names come from agent definitions and may be any Unicode text).
 fn strip_date_suffix(model: &str) -> Option<&str> {
+    const SUFFIX_LEN: usize = 11;
     let bytes = model.as_bytes();
-    if bytes.len() < 12 {
+    if bytes.len() <= SUFFIX_LEN {
         return None;
     }
-    let (base, suffix) = model.split_at(model.len() - 11);
-    let s = suffix.as_bytes();
+    let cut = bytes.len() - SUFFIX_LEN;
+    let s = &bytes[cut..];
     let shape = s[0] == b'-'
         && s[5] == b'-'
         && s[8] == b'-'
         && s[1..5].iter().all(u8::is_ascii_digit)
         && s[6..8].iter().all(u8::is_ascii_digit)
         && s[9..11].iter().all(u8::is_ascii_digit);
-    shape.then_some(base)
+    if !shape {
+        return None;
+    }
+    // `s[0]` is the ASCII `-`, so `cut` is a character boundary; `get` keeps this panic-free
+    // even if that reasoning were ever wrong.
+    model.get(..cut)
 }
 
 #[cfg(test)]
@@ -204,6 +212,58 @@ mod tests {
         t.set("gpt-4o", 1.0, 2.0).unwrap();
         assert_eq!(t.get("gpt-4o").unwrap().completion_per_million, 2.0);
         assert!(PriceTable::empty().get("gpt-4o").is_err());
+    }
+
+    #[test]
+    fn non_ascii_model_names_do_not_panic() {
+        let mut t = PriceTable::builtin();
+        t.set("modèle", 1.0, 2.0).unwrap();
+        t.set("模型", 3.0, 4.0).unwrap();
+        assert!(matches!(
+            t.get("modèle-2024-08"),
+            Err(Error::UnknownModelPrice(_))
+        ));
+        assert_eq!(t.get("modèle-2024-08-06").unwrap().prompt_per_million, 1.0);
+        assert_eq!(t.get("模型-2024-08-06").unwrap().prompt_per_million, 3.0);
+        // Full-width digits are not a date suffix.
+        assert!(t.get("gpt-4o-mini-２０２４-０７-１８").is_err());
+        for name in [
+            "é-2024-08-0",
+            "🤖-2024-08-0",
+            "ü1234567890",
+            "ééééééé",
+            "-2024-08-06",
+        ] {
+            assert!(t.get(name).is_err(), "{name}");
+        }
+        assert_eq!(strip_date_suffix("é-2024-08-06"), Some("é"));
+        assert_eq!(strip_date_suffix("-2024-08-06"), None);
+    }
+
+    #[test]
+    fn random_unicode_model_names_never_panic() {
+        let t = PriceTable::builtin();
+        let mut rng = fastrand::Rng::with_seed(0x15);
+        for _ in 0..50_000 {
+            let len = rng.usize(0..20);
+            let mut s: String = (0..len)
+                .map(|_| match rng.u8(..5) {
+                    0 => rng.char('0'..='9'),
+                    1 => '-',
+                    2 => rng.char('\u{80}'..='\u{7ff}'),
+                    3 => rng.char('\u{10000}'..='\u{10ffff}'),
+                    _ => rng.char(..),
+                })
+                .collect();
+            if rng.bool() {
+                s.push_str(["-2024-08-06", "-2024-08-0", "-2024-0８-06"][rng.usize(..3)]);
+            }
+            // Must return (Ok or Err), never panic.
+            let _ = t.get(&s);
+            if let Some(base) = strip_date_suffix(&s) {
+                assert!(s.starts_with(base) && s.len() == base.len() + 11, "{s:?}");
+            }
+        }
     }
 
     #[test]

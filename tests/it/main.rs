@@ -6,6 +6,7 @@ mod common;
 
 mod agent_process;
 mod bad_input;
+mod budget_edges;
 mod coord;
 mod coord_process;
 mod demo;

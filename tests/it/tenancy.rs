@@ -254,14 +254,19 @@ async fn per_run_budget_is_enforced_and_refusal_rolls_back() {
     let err = tenancy::reserve(&t.db, &ReserveRequest::new(acme.clone(), 0.6).run(run))
         .await
         .unwrap_err();
+    assert!(err.is_budget_exceeded());
     match &err {
-        Error::BudgetExceeded {
-            tenant,
+        Error::RunBudgetExceeded {
+            tenant: who,
+            run: which,
             limit_usd,
             reserved_usd,
             ..
         } => {
-            assert!(tenant.contains("run"), "{tenant}");
+            assert_eq!(
+                (who.as_str(), which.as_str()),
+                ("acme", run.to_string().as_str())
+            );
             assert_eq!((*limit_usd, *reserved_usd), (1.0, 0.6));
         }
         e => panic!("unexpected {e}"),

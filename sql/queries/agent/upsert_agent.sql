@@ -1,9 +1,10 @@
 -- Register (or update) an agent definition.
 INSERT INTO pgcrew.agents (name, description, model, system_prompt, tools, max_tokens, temperature,
-                           max_iterations)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                           max_iterations, on_capability_denied)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
 ON CONFLICT (name) DO UPDATE
    SET description = EXCLUDED.description, model = EXCLUDED.model,
        system_prompt = EXCLUDED.system_prompt, tools = EXCLUDED.tools,
        max_tokens = EXCLUDED.max_tokens, temperature = EXCLUDED.temperature,
-       max_iterations = EXCLUDED.max_iterations, updated_at = now()
+       max_iterations = EXCLUDED.max_iterations,
+       on_capability_denied = EXCLUDED.on_capability_denied, updated_at = now()
