@@ -1,4 +1,4 @@
--- pgcrew V013: per-agent policy for a capability denial inside an agent run (issue #15).
+-- pgcrew V014: per-agent policy for a capability denial inside an agent run (issue #15).
 --
 -- `fail_run` (the default): the run fails with error_type `capability_denied` (the tenant gets
 -- `Error::CapabilityDenied`, as the README promises). `return_to_model`: the denial is returned to
