@@ -460,3 +460,7 @@ BEGIN
         RETURN NEXT;
     END LOOP;
 END $$;
+
+-- Functions: nothing for PUBLIC (as V010; per-schema default privileges cannot revoke the global
+-- default, so every migration creating functions revokes again).
+REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA pgcrew FROM PUBLIC;

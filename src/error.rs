@@ -138,7 +138,9 @@ pub enum Error {
 
     /// A write to a finished run's artifacts or summaries was refused (SQLSTATE `PC041`):
     /// finished runs are closed.
-    #[error("run {run} is {state}: finished runs are closed (artifacts and summaries cannot be changed)")]
+    #[error(
+        "run {run} is {state}: finished runs are closed (artifacts and summaries cannot be changed)"
+    )]
     RunFinished {
         /// The run.
         run: String,

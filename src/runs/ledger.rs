@@ -439,8 +439,7 @@ pub async fn append_events(
     events: &[NewEvent],
     lease_token: Option<i64>,
 ) -> Result<Vec<AppendedEvent>> {
-    let (types, keys, payloads, dedupe) =
-        params(events, db.run_limits().max_event_payload_bytes)?;
+    let (types, keys, payloads, dedupe) = params(events, db.run_limits().max_event_payload_bytes)?;
     let conn = db.get().await?;
     let stmt = conn.prepare_cached(sql!("runs/append_events")).await?;
     let rows = conn
@@ -523,8 +522,7 @@ pub async fn append_events_in(
     events: &[NewEvent],
     lease_token: Option<i64>,
 ) -> Result<Vec<AppendedEvent>> {
-    let (types, keys, payloads, dedupe) =
-        params(events, super::limits::MAX_EVENT_PAYLOAD_BYTES)?;
+    let (types, keys, payloads, dedupe) = params(events, super::limits::MAX_EVENT_PAYLOAD_BYTES)?;
     let rows = tx
         .query(
             sql!("runs/append_events"),
@@ -1051,7 +1049,11 @@ mod tests {
         assert!(params(std::slice::from_ref(&big), 102).is_ok());
         assert!(matches!(
             params(&[big], 101),
-            Err(Error::TooLarge { size: 102, limit: 101, .. })
+            Err(Error::TooLarge {
+                size: 102,
+                limit: 101,
+                ..
+            })
         ));
     }
 

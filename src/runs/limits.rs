@@ -75,7 +75,11 @@ impl RunLimits {
                 self.max_artifact_bytes,
                 MAX_ARTIFACT_BYTES,
             ),
-            ("max_summary_bytes", self.max_summary_bytes, MAX_SUMMARY_BYTES),
+            (
+                "max_summary_bytes",
+                self.max_summary_bytes,
+                MAX_SUMMARY_BYTES,
+            ),
         ] {
             if value == 0 || value > cap {
                 return Err(Error::Config(format!(

@@ -24,8 +24,8 @@ use crate::error::{Error, Result};
 pub mod artifacts;
 pub mod follow;
 pub mod lease;
-pub mod limits;
 pub mod ledger;
+pub mod limits;
 pub mod state;
 pub mod watch;
 
@@ -34,13 +34,13 @@ pub use artifacts::{
     list_summaries, put_artifact,
 };
 pub use follow::subscribe_run;
-pub use limits::RunLimits;
 pub use lease::{RunLease, acquire_run_lease, release_run_lease, renew_run_lease};
 pub use ledger::{
     AppendedEvent, ChainAnchor, ChainVerification, LedgerEvent, LedgerFormat, NewEvent,
     SignedVerification, append_event, append_events, append_events_in, event_hash, event_hash_v2,
     purge_run, read_events, verify_run_chain, verify_run_chain_signed, verify_run_chain_sql,
 };
+pub use limits::RunLimits;
 pub use state::{
     LimitPolicy, NewRun, Run, RunFilter, RunOutcome, RunState, Session, StartOutcome, cancel_run,
     complete_run, create_run, create_run_in, fail_run, fail_run_in, fail_stuck_runs_in, get_run,

@@ -826,9 +826,15 @@ async fn artifacts_and_summaries() {
     )
     .await
     .unwrap();
-    runs::add_summary(&t.db, run, "plan", SummaryContent::Json(json!({"a": 1})), None)
-        .await
-        .unwrap();
+    runs::add_summary(
+        &t.db,
+        run,
+        "plan",
+        SummaryContent::Json(json!({"a": 1})),
+        None,
+    )
+    .await
+    .unwrap();
     runs::add_summary(
         &t.db,
         run,

@@ -181,7 +181,10 @@ async fn library_limits_are_typed_and_configurable() {
         runs::append_events(
             &t.db,
             run,
-            &[NewEvent::new("note", json!(1)), NewEvent::new("note", big.clone())],
+            &[
+                NewEvent::new("note", json!(1)),
+                NewEvent::new("note", big.clone())
+            ],
             None
         )
         .await,
@@ -196,7 +199,14 @@ async fn library_limits_are_typed_and_configurable() {
         Err(Error::TooLarge { ref field, .. }) if field == "summary content"
     ));
     assert!(matches!(
-        runs::add_summary(&t.db, run, "s", SummaryContent::Text("x".repeat(MIB + 1)), None).await,
+        runs::add_summary(
+            &t.db,
+            run,
+            "s",
+            SummaryContent::Text("x".repeat(MIB + 1)),
+            None
+        )
+        .await,
         Err(Error::TooLarge { .. })
     ));
     assert!(matches!(
@@ -205,9 +215,8 @@ async fn library_limits_are_typed_and_configurable() {
     ));
     // Under the library cap but over the database's (jsonb text adds a space after each ':'):
     // the database refuses it with the same typed error.
-    let spaced: serde_json::Map<String, serde_json::Value> = (0..90_000)
-        .map(|i| (format!("{i:06}"), json!(0)))
-        .collect();
+    let spaced: serde_json::Map<String, serde_json::Value> =
+        (0..90_000).map(|i| (format!("{i:06}"), json!(0))).collect();
     let spaced = serde_json::Value::Object(spaced);
     assert!(serde_json::to_string(&spaced).unwrap().len() <= MIB);
     assert!(matches!(
@@ -216,22 +225,36 @@ async fn library_limits_are_typed_and_configurable() {
     ));
     assert_eq!(events_of(&t.db, run).await, before);
     // A lower limit on the handle.
-    let small = t
-        .db
-        .clone()
-        .with_run_limits(RunLimits {
-            max_event_payload_bytes: 100,
-            max_artifact_bytes: 50,
-            max_summary_bytes: 10,
-        })
-        .unwrap();
+    let small =
+        t.db.clone()
+            .with_run_limits(RunLimits {
+                max_event_payload_bytes: 100,
+                max_artifact_bytes: 50,
+                max_summary_bytes: 10,
+            })
+            .unwrap();
     assert!(matches!(
-        runs::append_event(&small, run, NewEvent::new("note", json!("a".repeat(99))), None).await,
-        Err(Error::TooLarge { size: 101, limit: 100, .. })
+        runs::append_event(
+            &small,
+            run,
+            NewEvent::new("note", json!("a".repeat(99))),
+            None
+        )
+        .await,
+        Err(Error::TooLarge {
+            size: 101,
+            limit: 100,
+            ..
+        })
     ));
-    runs::append_event(&small, run, NewEvent::new("note", json!("a".repeat(98))), None)
-        .await
-        .unwrap();
+    runs::append_event(
+        &small,
+        run,
+        NewEvent::new("note", json!("a".repeat(98))),
+        None,
+    )
+    .await
+    .unwrap();
     assert!(matches!(
         runs::put_artifact(&small, run, "k", json!("a".repeat(60)), None).await,
         Err(Error::TooLarge { limit: 50, .. })
@@ -299,16 +322,29 @@ async fn artifacts_and_summaries_need_the_lease_and_an_open_run() {
     runs::put_artifact(&t.db, run, "plan", json!(1), Some(lease.token))
         .await
         .unwrap();
-    runs::add_summary(&t.db, run, "s", SummaryContent::Text("a".into()), Some(lease.token))
-        .await
-        .unwrap();
+    runs::add_summary(
+        &t.db,
+        run,
+        "s",
+        SummaryContent::Text("a".into()),
+        Some(lease.token),
+    )
+    .await
+    .unwrap();
     // A stale token.
     assert!(matches!(
         runs::put_artifact(&t.db, run, "plan", json!(2), Some(lease.token - 1)).await,
         Err(Error::LeaseLost(_))
     ));
     assert!(matches!(
-        runs::add_summary(&t.db, run, "s", SummaryContent::Text("b".into()), Some(lease.token + 1)).await,
+        runs::add_summary(
+            &t.db,
+            run,
+            "s",
+            SummaryContent::Text("b".into()),
+            Some(lease.token + 1)
+        )
+        .await,
         Err(Error::LeaseLost(_))
     ));
     // The lease released: the old token no longer writes.
@@ -318,7 +354,14 @@ async fn artifacts_and_summaries_need_the_lease_and_an_open_run() {
         Err(Error::LeaseLost(_))
     ));
     assert!(matches!(
-        runs::add_summary(&t.db, run, "s", SummaryContent::Text("c".into()), Some(lease.token)).await,
+        runs::add_summary(
+            &t.db,
+            run,
+            "s",
+            SummaryContent::Text("c".into()),
+            Some(lease.token)
+        )
+        .await,
         Err(Error::LeaseLost(_))
     ));
     // An expired lease.
@@ -338,7 +381,11 @@ async fn artifacts_and_summaries_need_the_lease_and_an_open_run() {
         Err(Error::LeaseLost(_))
     ));
     let hist = runs::artifact_history(&t.db, run, "plan").await.unwrap();
-    assert_eq!(hist.len(), 1, "only the write under the live lease was stored");
+    assert_eq!(
+        hist.len(),
+        1,
+        "only the write under the live lease was stored"
+    );
     // Finished: refused with or without a token.
     runs::cancel_run(&t.db, run, "done").await.unwrap();
     for token in [None, Some(short.token)] {
@@ -392,20 +439,37 @@ async fn finished_run(db: &Db, age_days: i32) -> RunId {
         .await
         .unwrap()
         .unwrap();
-    runs::start_run(db, run, None, Some(lease.token), runs::LimitPolicy::StayPending)
+    runs::start_run(
+        db,
+        run,
+        None,
+        Some(lease.token),
+        runs::LimitPolicy::StayPending,
+    )
+    .await
+    .unwrap();
+    for i in 0..5 {
+        runs::append_event(
+            db,
+            run,
+            NewEvent::new("note", json!({ "i": i })),
+            Some(lease.token),
+        )
         .await
         .unwrap();
-    for i in 0..5 {
-        runs::append_event(db, run, NewEvent::new("note", json!({ "i": i })), Some(lease.token))
-            .await
-            .unwrap();
     }
     runs::put_artifact(db, run, "a", json!({"v": 1}), Some(lease.token))
         .await
         .unwrap();
-    runs::add_summary(db, run, "s", SummaryContent::Text("sum".into()), Some(lease.token))
-        .await
-        .unwrap();
+    runs::add_summary(
+        db,
+        run,
+        "s",
+        SummaryContent::Text("sum".into()),
+        Some(lease.token),
+    )
+    .await
+    .unwrap();
     add_costs(db, Some(run)).await;
     runs::complete_run(db, run, RunOutcome::default(), Some(lease.token))
         .await
@@ -472,11 +536,10 @@ async fn stored(db: &Db, run: RunId) -> (i64, i64, i64, i64) {
 #[tokio::test]
 async fn run_retention_is_off_by_default() {
     let t = test_db().await;
-    let db = t
-        .db
-        .clone()
-        .with_ledger_key(LedgerKey::new(KEY).unwrap())
-        .with_checkpoint_interval(2);
+    let db =
+        t.db.clone()
+            .with_ledger_key(LedgerKey::new(KEY).unwrap())
+            .with_checkpoint_interval(2);
     let old = finished_run(&db, 400).await;
     let config = ClientConfig::default();
     assert_eq!(config.run_retention, None);
@@ -494,11 +557,10 @@ async fn run_retention_is_off_by_default() {
 async fn run_retention_purges_old_finished_runs_in_batches_keeping_anchors_and_costs() {
     let t = test_db().await;
     let key = LedgerKey::new(KEY).unwrap();
-    let db = t
-        .db
-        .clone()
-        .with_ledger_key(key.clone())
-        .with_checkpoint_interval(2);
+    let db =
+        t.db.clone()
+            .with_ledger_key(key.clone())
+            .with_checkpoint_interval(2);
     let mut old = Vec::new();
     for _ in 0..5 {
         old.push(finished_run(&db, 10).await);
@@ -534,7 +596,10 @@ async fn run_retention_purges_old_finished_runs_in_batches_keeping_anchors_and_c
     .await
     .unwrap();
     let spent_before: String = conn
-        .query_one("SELECT spent_usd::text FROM pgcrew.tenants WHERE id = 'default'", &[])
+        .query_one(
+            "SELECT spent_usd::text FROM pgcrew.tenants WHERE id = 'default'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
@@ -611,7 +676,10 @@ async fn run_retention_purges_old_finished_runs_in_batches_keeping_anchors_and_c
     // The cost figures are identical; the aggregate holds the retained entries.
     assert_eq!(tenant_costs(&db).await, costs_before);
     let spent_after: String = conn
-        .query_one("SELECT spent_usd::text FROM pgcrew.tenants WHERE id = 'default'", &[])
+        .query_one(
+            "SELECT spent_usd::text FROM pgcrew.tenants WHERE id = 'default'",
+            &[],
+        )
         .await
         .unwrap()
         .get(0);
