@@ -91,8 +91,10 @@ END $$;
 -- Functions: nothing for PUBLIC. A function body runs with its caller's rights (except
 -- current_tenant), so this is defence in depth: a tenant role cannot even compute a lock key.
 -- ---------------------------------------------------------------------------------------------
+-- (A per-schema ALTER DEFAULT PRIVILEGES cannot take back the global default grant to PUBLIC,
+-- so every later migration revokes EXECUTE on the functions it creates, and the migrator runs
+-- this same REVOKE after every migration run: sql/queries/db/revoke_public_execute.sql.)
 REVOKE EXECUTE ON ALL FUNCTIONS IN SCHEMA pgcrew FROM PUBLIC;
-ALTER DEFAULT PRIVILEGES IN SCHEMA pgcrew REVOKE EXECUTE ON FUNCTIONS FROM PUBLIC;
 
 -- What a tenant role may read: the tenant-scoped tables (RLS), two security_invoker views, and
 -- the functions reading needs (current_tenant for the policies, chain verification).

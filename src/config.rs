@@ -21,12 +21,16 @@
 //! | `task_heartbeat_timeout` | 2 min | running tasks whose heartbeat is older than this are rescued |
 //! | `ledger_key` | `PGCREW_LEDGER_KEY` / `PGCREW_LEDGER_KEY_FILE`, else none | signs ledger checkpoints ([`LedgerKey`]) |
 //! | `checkpoint_interval` | 64 | sign a run's ledger head at most every this many appends (and when it finishes) |
+//! | `run_limits` | the database's hard caps (1 MiB payload/artifact/summary) | refuse larger run inputs in the library ([`RunLimits`]; lower only) |
+//! | `run_retention` | off | finished runs older than this lose their ledger (chain anchor and final checkpoint kept), artifacts, summaries and cost entries (folded into `pgcrew.cost_daily`) |
+//! | `run_retention_batch_size` | 100 | finished runs retained per maintenance pass |
 
 use std::time::Duration;
 
 use crate::error::{Error, Result};
 use crate::ids::InstanceId;
 use crate::ledger_key::{DEFAULT_CHECKPOINT_INTERVAL, LedgerKey};
+use crate::runs::limits::RunLimits;
 
 /// Configuration of a [`Client`](crate::Client). Build it with [`ClientConfig::builder`].
 ///
@@ -79,6 +83,15 @@ pub struct ClientConfig {
     pub ledger_key: Option<LedgerKey>,
     /// Sign a run's ledger head at most every this many appended events (at least 1).
     pub checkpoint_interval: u32,
+    /// Limits on run inputs enforced by the client's handle (each at most the database's cap).
+    pub run_limits: RunLimits,
+    /// Retain finished runs older than this (finalized before `now() - run_retention`): their
+    /// events (a chain anchor and the final signed checkpoint stay), artifacts, summaries and
+    /// cost entries (totals kept in `pgcrew.cost_daily`) are removed by the leader.
+    /// `None` (the default): never.
+    pub run_retention: Option<Duration>,
+    /// Finished runs retained per maintenance pass (at least 1).
+    pub run_retention_batch_size: i64,
 }
 
 impl Default for ClientConfig {
@@ -106,6 +119,9 @@ impl Default for ClientConfig {
             task_heartbeat_timeout: Duration::from_secs(120),
             ledger_key: None,
             checkpoint_interval: DEFAULT_CHECKPOINT_INTERVAL,
+            run_limits: RunLimits::default(),
+            run_retention: None,
+            run_retention_batch_size: 100,
         }
     }
 }
@@ -136,6 +152,9 @@ impl std::fmt::Debug for ClientConfig {
             task_heartbeat_timeout,
             ledger_key,
             checkpoint_interval,
+            run_limits,
+            run_retention,
+            run_retention_batch_size,
         } = self;
         f.debug_struct("ClientConfig")
             .field("instance_id", instance_id)
@@ -163,6 +182,9 @@ impl std::fmt::Debug for ClientConfig {
             .field("ledger_key", ledger_key)
             .field("checkpoint_interval", checkpoint_interval)
             .field("task_heartbeat_timeout", task_heartbeat_timeout)
+            .field("run_limits", run_limits)
+            .field("run_retention", run_retention)
+            .field("run_retention_batch_size", run_retention_batch_size)
             .finish()
     }
 }
@@ -215,6 +237,12 @@ impl ClientConfig {
         if self.checkpoint_interval < 1 {
             return Err(Error::Config(
                 "checkpoint_interval must be at least 1".into(),
+            ));
+        }
+        self.run_limits.validate()?;
+        if self.run_retention_batch_size < 1 {
+            return Err(Error::Config(
+                "run_retention_batch_size must be at least 1".into(),
             ));
         }
         if self.retention_batch_size < 1 {
@@ -333,6 +361,23 @@ impl ClientConfigBuilder {
     /// `PGCREW_LEDGER_KEY_FILE`, read when the client is built).
     pub fn ledger_key(mut self, key: LedgerKey) -> Self {
         self.config.ledger_key = Some(key);
+        self
+    }
+
+    setter!(
+        /// Limits on run inputs (default: the database's hard caps; lower only).
+        run_limits: RunLimits
+    );
+    setter!(
+        /// Finished runs retained per maintenance pass (default 100).
+        run_retention_batch_size: i64
+    );
+
+    /// Retain finished runs older than `age` (default: off): the leader removes their ledger
+    /// (keeping a chain anchor and the final signed checkpoint), artifacts, summaries and cost
+    /// entries (folding the totals into `pgcrew.cost_daily`).
+    pub fn run_retention(mut self, age: Duration) -> Self {
+        self.config.run_retention = Some(age);
         self
     }
 

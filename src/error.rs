@@ -123,6 +123,31 @@ pub enum Error {
         message: String,
     },
 
+    /// A run input (ledger payload, artifact value, summary, prompt, ...) is larger than its limit
+    /// (the library's configured limit, or the database's hard cap: SQLSTATE `PC040`); nothing
+    /// was stored.
+    #[error("{field} is {size} bytes; at most {limit} are allowed (nothing was stored)")]
+    TooLarge {
+        /// What was too large (`event payload`, `artifact value`, `summary content`, ...).
+        field: String,
+        /// Its size in bytes (as measured by whoever refused it).
+        size: u64,
+        /// The limit in bytes.
+        limit: u64,
+    },
+
+    /// A write to a finished run's artifacts or summaries was refused (SQLSTATE `PC041`):
+    /// finished runs are closed.
+    #[error(
+        "run {run} is {state}: finished runs are closed (artifacts and summaries cannot be changed)"
+    )]
+    RunFinished {
+        /// The run.
+        run: String,
+        /// Its terminal state (`completed`, `failed`, `cancelled`).
+        state: String,
+    },
+
     /// The stored ledger was written outside pgcrew (for example an event inserted beyond the
     /// recorded head): appends stop until it is checked (`pgcrew run verify-ledger`) and repaired.
     #[error("ledger of run {run} was changed outside pgcrew: {message}")]
@@ -387,6 +412,7 @@ pub(crate) fn classify_pg_error(e: tokio_postgres::Error) -> Error {
             "3F000" => return Error::SchemaMissing,
             // pgcrew.money_amount / pgcrew.token_count (V012): an invalid amount or count.
             "PC030" => return Error::invalid("amount", db.message()),
+            "PC040" => return too_large_from_db(db),
             "42P01" | "42883" if db.message().contains("pgcrew.") => return Error::SchemaMissing,
             _ => {}
         }
@@ -411,4 +437,20 @@ pub(crate) fn classify_pg_error(e: tokio_postgres::Error) -> Error {
         };
     }
     Error::Database(e)
+}
+
+/// `PC040` (a run input over its database cap): the DETAIL carries
+/// `{"field": ..., "size": ..., "limit": ...}`.
+fn too_large_from_db(db: &tokio_postgres::error::DbError) -> Error {
+    let detail: serde_json::Value = db
+        .detail()
+        .and_then(|d| serde_json::from_str(d).ok())
+        .unwrap_or(serde_json::Value::Null);
+    Error::TooLarge {
+        field: detail["field"]
+            .as_str()
+            .map_or_else(|| db.message().to_string(), str::to_string),
+        size: detail["size"].as_u64().unwrap_or(0),
+        limit: detail["limit"].as_u64().unwrap_or(0),
+    }
 }

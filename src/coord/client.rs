@@ -170,6 +170,7 @@ impl ClientBuilder {
                 .with_checkpoint_interval(self.config.checkpoint_interval),
             None => db,
         };
+        let db = db.with_run_limits(self.config.run_limits)?;
         if self.config.migrate {
             db.migrate().await?;
         } else {

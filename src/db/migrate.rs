@@ -141,6 +141,9 @@ async fn run_locked(
         .iter()
         .map(|m| format!("V{:03}__{}", m.version(), m.name()))
         .collect();
+    client
+        .batch_execute(sql!("db/revoke_public_execute"))
+        .await?;
     let after = current_version(client).await?.unwrap_or(0);
     for name in &applied {
         info!(migration = %name, "applied migration");

@@ -80,6 +80,8 @@ pub struct Db {
     /// Signs ledger checkpoints (see [`Db::with_ledger_key`]).
     ledger_key: Option<crate::ledger_key::LedgerKey>,
     checkpoint_interval: u32,
+    /// Limits on run inputs (see [`Db::with_run_limits`]).
+    run_limits: crate::runs::limits::RunLimits,
 }
 
 impl std::fmt::Debug for Db {
@@ -136,6 +138,7 @@ impl Db {
         Ok(Db {
             ledger_key: self.ledger_key.clone(),
             checkpoint_interval: self.checkpoint_interval,
+            run_limits: self.run_limits,
             ..db
         })
     }
@@ -175,6 +178,7 @@ impl Db {
             config,
             ledger_key: None,
             checkpoint_interval: crate::ledger_key::DEFAULT_CHECKPOINT_INTERVAL,
+            run_limits: crate::runs::limits::RunLimits::default(),
         }
     }
 
@@ -190,6 +194,19 @@ impl Db {
     pub fn with_checkpoint_interval(mut self, every: u32) -> Db {
         self.checkpoint_interval = every.max(1);
         self
+    }
+
+    /// Refuse run inputs over `limits` before sending them ([`crate::runs::limits`]); each limit
+    /// must be at most the database's hard cap ([`Error::Config`] otherwise).
+    pub fn with_run_limits(mut self, limits: crate::runs::limits::RunLimits) -> Result<Db> {
+        limits.validate()?;
+        self.run_limits = limits;
+        Ok(self)
+    }
+
+    /// The limits on run inputs this handle enforces.
+    pub fn run_limits(&self) -> &crate::runs::limits::RunLimits {
+        &self.run_limits
     }
 
     /// The ledger key this handle signs checkpoints with, if any.

@@ -74,6 +74,7 @@ impl UnitCtx {
             self.scope.run,
             &progress_key(&self.unit),
             value,
+            self.scope.lease_token,
         )
         .await?;
         Ok(())

@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tracing::instrument;
 
+use super::{limits, map_db_error};
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::ids::RunId;
@@ -103,22 +104,33 @@ async fn ensure_run(client: &tokio_postgres::Client, run: RunId) -> Result<()> {
 }
 
 /// Store a new version of `key` for a run (version = previous + 1, serialised per run).
+///
+/// Like [`append_event`](super::append_event): with `lease_token`, the write is refused with
+/// [`Error::LeaseLost`] unless that token is the run's current, unexpired lease. Writes to a
+/// finished run are refused with [`Error::RunFinished`], a value over the handle's limit
+/// ([`Db::run_limits`], at most the 1 MiB hard cap) with [`Error::TooLarge`]; nothing is stored.
 #[instrument(skip(db, value), err)]
 pub async fn put_artifact(
     db: &Db,
     run: RunId,
     key: &str,
     value: serde_json::Value,
+    lease_token: Option<i64>,
 ) -> Result<Artifact> {
     validate_key(key)?;
-    let mut conn = db.get().await?;
-    ensure_run(&conn, run).await?;
-    let tx = conn.transaction().await?;
-    tx.execute(sql!("runs/lock_run"), &[&run]).await?;
-    let row = tx
-        .query_one(sql!("runs/put_artifact"), &[&run, &key, &value])
-        .await?;
-    tx.commit().await?;
+    limits::check(
+        "artifact value",
+        limits::json_len(&value),
+        db.run_limits().max_artifact_bytes,
+    )?;
+    let conn = db.get().await?;
+    let row = conn
+        .query_one(
+            sql!("runs/put_artifact"),
+            &[&run, &lease_token, &key, &value],
+        )
+        .await
+        .map_err(|e| map_db_error(e, run))?;
     Ok(artifact(&row))
 }
 
@@ -152,26 +164,37 @@ pub async fn list_artifacts(db: &Db, run: RunId) -> Result<Vec<Artifact>> {
 }
 
 /// Add a summary to a run.
+///
+/// With `lease_token`, refused with [`Error::LeaseLost`] unless that token is the run's current,
+/// unexpired lease; refused with [`Error::RunFinished`] on a finished run and with
+/// [`Error::TooLarge`] when the content (text, or compact JSON) is over the handle's limit
+/// ([`Db::run_limits`], at most the 1 MiB hard cap); nothing is stored.
 #[instrument(skip(db, content), err)]
 pub async fn add_summary(
     db: &Db,
     run: RunId,
     summary_type: &str,
     content: SummaryContent,
+    lease_token: Option<i64>,
 ) -> Result<Summary> {
     crate::ids::validate_text_id("summary type", summary_type)?;
-    let conn = db.get().await?;
-    ensure_run(&conn, run).await?;
+    let size = match &content {
+        SummaryContent::Text(t) => t.len(),
+        SummaryContent::Json(j) => limits::json_len(j),
+    };
+    limits::check("summary content", size, db.run_limits().max_summary_bytes)?;
     let (text, json) = match content {
         SummaryContent::Text(t) => (Some(t), None),
         SummaryContent::Json(j) => (None, Some(j)),
     };
+    let conn = db.get().await?;
     let row = conn
         .query_one(
             sql!("runs/add_summary"),
-            &[&run, &summary_type, &text, &json],
+            &[&run, &lease_token, &summary_type, &text, &json],
         )
-        .await?;
+        .await
+        .map_err(|e| map_db_error(e, run))?;
     Ok(summary(&row))
 }
 

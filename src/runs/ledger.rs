@@ -375,7 +375,7 @@ type AppendParams = (
     Vec<bool>,
 );
 
-fn params(events: &[NewEvent]) -> Result<AppendParams> {
+fn params(events: &[NewEvent], max_payload: usize) -> Result<AppendParams> {
     if events.is_empty() {
         return Err(Error::invalid("events", "at least one event is required"));
     }
@@ -390,6 +390,11 @@ fn params(events: &[NewEvent]) -> Result<AppendParams> {
     }
     for e in events {
         e.validate()?;
+        super::limits::check(
+            "event payload",
+            super::limits::json_len(&e.payload),
+            max_payload,
+        )?;
     }
     Ok((
         events.iter().map(|e| e.event_type.clone()).collect(),
@@ -424,7 +429,9 @@ pub async fn append_event(
         .ok_or_else(|| Error::Migration("pgcrew.append_events returned no row".into()))
 }
 
-/// Append several events to a run in one transaction (consecutive seqs).
+/// Append several events to a run in one transaction (consecutive seqs). A payload over the
+/// handle's limit ([`Db::run_limits`], at most the 1 MiB hard cap) is refused with
+/// [`Error::TooLarge`] and nothing of the batch is stored.
 #[instrument(skip(db, events), fields(n = events.len()), err)]
 pub async fn append_events(
     db: &Db,
@@ -432,7 +439,7 @@ pub async fn append_events(
     events: &[NewEvent],
     lease_token: Option<i64>,
 ) -> Result<Vec<AppendedEvent>> {
-    let (types, keys, payloads, dedupe) = params(events)?;
+    let (types, keys, payloads, dedupe) = params(events, db.run_limits().max_event_payload_bytes)?;
     let conn = db.get().await?;
     let stmt = conn.prepare_cached(sql!("runs/append_events")).await?;
     let rows = conn
@@ -506,7 +513,8 @@ pub(crate) async fn sign_head_in(
 
 /// Append events inside the caller's transaction (for example the one settling a budget). The
 /// run stays locked for appends until that transaction ends; `pgcrew_run_event` is notified at
-/// most once per transaction and run, at commit.
+/// most once per transaction and run, at commit. Payloads are checked against the hard cap
+/// ([`super::limits::MAX_EVENT_PAYLOAD_BYTES`]; [`Error::TooLarge`]).
 #[instrument(skip(tx, events), fields(n = events.len()), err)]
 pub async fn append_events_in(
     tx: &tokio_postgres::Transaction<'_>,
@@ -514,7 +522,7 @@ pub async fn append_events_in(
     events: &[NewEvent],
     lease_token: Option<i64>,
 ) -> Result<Vec<AppendedEvent>> {
-    let (types, keys, payloads, dedupe) = params(events)?;
+    let (types, keys, payloads, dedupe) = params(events, super::limits::MAX_EVENT_PAYLOAD_BYTES)?;
     let rows = tx
         .query(
             sql!("runs/append_events"),
@@ -1029,12 +1037,27 @@ mod tests {
 
     #[test]
     fn appends_are_validated_before_touching_the_database() {
-        assert!(params(&[]).is_err());
-        assert!(params(&[NewEvent::new("", serde_json::json!({}))]).is_err());
-        assert!(params(&[NewEvent::new("a", serde_json::json!({})).step("x\n")]).is_err());
+        assert!(params_max(&[]).is_err());
+        assert!(params_max(&[NewEvent::new("", serde_json::json!({}))]).is_err());
+        assert!(params_max(&[NewEvent::new("a", serde_json::json!({})).step("x\n")]).is_err());
         assert!(
-            params(&[NewEvent::new("a", serde_json::json!({})).step("k".repeat(513))]).is_err()
+            params_max(&[NewEvent::new("a", serde_json::json!({})).step("k".repeat(513))]).is_err()
         );
-        assert!(params(&[NewEvent::new("a", serde_json::json!({})).step("k")]).is_ok());
+        assert!(params_max(&[NewEvent::new("a", serde_json::json!({})).step("k")]).is_ok());
+        // Payload limit: compact JSON text, refused with TooLarge.
+        let big = NewEvent::new("a", serde_json::json!("x".repeat(100)));
+        assert!(params(std::slice::from_ref(&big), 102).is_ok());
+        assert!(matches!(
+            params(&[big], 101),
+            Err(Error::TooLarge {
+                size: 102,
+                limit: 101,
+                ..
+            })
+        ));
+    }
+
+    fn params_max(events: &[NewEvent]) -> Result<AppendParams> {
+        params(events, crate::runs::limits::MAX_EVENT_PAYLOAD_BYTES)
     }
 }

@@ -8,6 +8,7 @@
 //!   a caller's transaction, signed checkpoints (HMAC-SHA-256 with a key held outside the
 //!   database), streaming verification with and without the key, retention with chain anchors.
 //! * [`lease`]: fenced run leases on database time.
+//! * [`limits`]: size limits on every stored run input ([`RunLimits`], database hard caps).
 //! * [`artifacts`]: versioned per-run key/value JSON artifacts and typed summaries.
 //! * [`follow`]: [`follow::subscribe_run`], a gap-free stream of a run's new events.
 //! * [`watch`]: [`watch::RunWatcher`], cancellation tokens that fire when a run is cancelled.
@@ -24,6 +25,7 @@ pub mod artifacts;
 pub mod follow;
 pub mod lease;
 pub mod ledger;
+pub mod limits;
 pub mod state;
 pub mod watch;
 
@@ -38,6 +40,7 @@ pub use ledger::{
     SignedVerification, append_event, append_events, append_events_in, event_hash, event_hash_v2,
     purge_run, read_events, verify_run_chain, verify_run_chain_signed, verify_run_chain_sql,
 };
+pub use limits::RunLimits;
 pub use state::{
     LimitPolicy, NewRun, Run, RunFilter, RunOutcome, RunState, Session, StartOutcome, cancel_run,
     complete_run, create_run, create_run_in, fail_run, fail_run_in, fail_stuck_runs_in, get_run,
@@ -63,6 +66,12 @@ pub(crate) fn map_db_error(e: tokio_postgres::Error, run: crate::ids::RunId) -> 
                 return Error::LedgerTampered {
                     run: run.to_string(),
                     message: db.message().to_string(),
+                };
+            }
+            "PC041" => {
+                return Error::RunFinished {
+                    run: run.to_string(),
+                    state: db.detail().unwrap_or("finished").to_string(),
                 };
             }
             "23514" if db.hint() == Some("pgcrew_illegal_transition") => {
@@ -104,7 +113,49 @@ impl MaintenanceStep for DeadInstanceLeases {
     }
 }
 
+/// Retention of finished runs (`ClientConfig::run_retention`; off by default): one bounded batch
+/// (`run_retention_batch_size` runs, oldest first) per pass through the SQL function
+/// `pgcrew.retain_finished_runs`. A retained run keeps its row, its chain anchor and its final
+/// signed checkpoint; its events, artifacts, summaries, other checkpoints, prompt and response
+/// text and cost entries go (the cost totals move to `pgcrew.cost_daily`, so
+/// `pgcrew.tenant_costs` is unchanged).
+#[derive(Debug)]
+pub struct RunRetention;
+
+#[async_trait]
+impl MaintenanceStep for RunRetention {
+    fn name(&self) -> &'static str {
+        "run_retention"
+    }
+    async fn run(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        ctx: &MaintenanceContext,
+    ) -> Result<u64> {
+        let Some(age) = ctx.config.run_retention else {
+            return Ok(0);
+        };
+        // At most a century: `now() - age` must stay a valid timestamp.
+        let age = crate::config::interval_micros(age).min(100 * 365 * 86_400 * 1_000_000);
+        let batch = i32::try_from(ctx.config.run_retention_batch_size).unwrap_or(i32::MAX);
+        let rows = tx
+            .query(sql!("runs/retain_finished_runs"), &[&age, &batch])
+            .await?;
+        for r in &rows {
+            let id: uuid::Uuid = r.get(0);
+            let events: i64 = r.get(1);
+            let artifacts: i64 = r.get(2);
+            let summaries: i64 = r.get(3);
+            let checkpoints: i64 = r.get(4);
+            let cost_entries: i64 = r.get(5);
+            info!(run = %id, events, artifacts, summaries, checkpoints, cost_entries,
+                "maintenance: retained finished run (chain anchor and final checkpoint kept)");
+        }
+        Ok(rows.len() as u64)
+    }
+}
+
 /// Maintenance steps this module contributes to the leader's maintenance pass.
 pub fn maintenance_steps() -> Vec<Arc<dyn MaintenanceStep>> {
-    vec![Arc::new(DeadInstanceLeases)]
+    vec![Arc::new(DeadInstanceLeases), Arc::new(RunRetention)]
 }

@@ -397,6 +397,14 @@ pub async fn create_run_in(tx: &tokio_postgres::Transaction<'_>, new: NewRun) ->
     if let Some(a) = &new.agent_name {
         crate::ids::validate_text_id("agent name", a)?;
     }
+    if let Some(p) = &new.prompt {
+        super::limits::check("run prompt", p.len(), super::limits::MAX_PROMPT_BYTES)?;
+    }
+    super::limits::check(
+        "run metadata",
+        super::limits::json_len(&new.metadata),
+        super::limits::MAX_RUN_METADATA_BYTES,
+    )?;
     if new.forked_at_seq.is_some_and(|s| s < 0) {
         return Err(Error::invalid("forked_at_seq", "must not be negative"));
     }

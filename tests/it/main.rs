@@ -22,5 +22,6 @@ mod model;
 mod proxy;
 mod queue;
 mod runs;
+mod runs_edges;
 mod tenancy;
 mod tenant_isolation;

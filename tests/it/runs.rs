@@ -780,13 +780,13 @@ async fn tail_follow_sees_events_appended_by_another_process() {
 async fn artifacts_and_summaries() {
     let t = test_db().await;
     let run = new_run(&t.db).await;
-    let v1 = runs::put_artifact(&t.db, run, "plan", json!({"steps": 1}))
+    let v1 = runs::put_artifact(&t.db, run, "plan", json!({"steps": 1}), None)
         .await
         .unwrap();
-    let v2 = runs::put_artifact(&t.db, run, "plan", json!({"steps": 2}))
+    let v2 = runs::put_artifact(&t.db, run, "plan", json!({"steps": 2}), None)
         .await
         .unwrap();
-    runs::put_artifact(&t.db, run, "notes", json!("x"))
+    runs::put_artifact(&t.db, run, "notes", json!("x"), None)
         .await
         .unwrap();
     assert_eq!((v1.version, v2.version), (1, 2));
@@ -814,7 +814,7 @@ async fn artifacts_and_summaries() {
             .is_none()
     );
     assert!(matches!(
-        runs::put_artifact(&t.db, run, "", json!(1)).await,
+        runs::put_artifact(&t.db, run, "", json!(1), None).await,
         Err(Error::InvalidInput { .. })
     ));
     runs::add_summary(
@@ -822,17 +822,25 @@ async fn artifacts_and_summaries() {
         run,
         "conversation",
         SummaryContent::Text("hello".into()),
+        None,
     )
     .await
     .unwrap();
-    runs::add_summary(&t.db, run, "plan", SummaryContent::Json(json!({"a": 1})))
-        .await
-        .unwrap();
+    runs::add_summary(
+        &t.db,
+        run,
+        "plan",
+        SummaryContent::Json(json!({"a": 1})),
+        None,
+    )
+    .await
+    .unwrap();
     runs::add_summary(
         &t.db,
         run,
         "conversation",
         SummaryContent::Text("bye".into()),
+        None,
     )
     .await
     .unwrap();

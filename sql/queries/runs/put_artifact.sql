@@ -1,6 +1,4 @@
--- Store a new version of an artifact (the caller holds the run's lock).
-INSERT INTO pgcrew.artifacts (run_id, key, version, value)
-SELECT $1, $2, coalesce(max(a.version), 0) + 1, $3
-FROM pgcrew.artifacts a
-WHERE a.run_id = $1 AND a.key = $2
-RETURNING run_id, key, version, value, created_at
+-- Store a new version of an artifact (pgcrew.put_artifact locks and checks the run: PC002
+-- unknown, PC041 finished, PC001 lease not held; PC040 value over the hard cap).
+SELECT run_id, key, version, value, created_at
+FROM pgcrew.put_artifact($1::uuid, $2::int8, $3::text, $4::jsonb)

@@ -1,0 +1,697 @@
+//! Issue #15, runs part: "every promise holds at the edges". Limits on every stored run input
+//! (library and SQL), retention of finished runs (anchors, final checkpoints and cost totals
+//! kept), and artifacts/summaries written under the run lease and never to finished runs.
+//!
+//! The `sql_*` tests use the SQL surface only (they compile and ran red against the code before
+//! the fix); the others use the library API this issue added.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgcrew::coord::maintenance::{MaintenanceContext, MaintenanceStep};
+use pgcrew::db::Db;
+use pgcrew::runs::{self, NewEvent, NewRun, RunLimits, RunOutcome, SummaryContent};
+use pgcrew::{ClientConfig, Error, InstanceId, LedgerKey, RunId, TenantId};
+use serde_json::json;
+
+use crate::common::test_db;
+
+const MIB: usize = 1 << 20;
+
+fn tenant() -> TenantId {
+    TenantId::new("default").unwrap()
+}
+
+async fn new_run(db: &Db) -> RunId {
+    runs::create_run(db, NewRun::new(tenant()).agent("edges"))
+        .await
+        .unwrap()
+}
+
+fn sqlstate(e: &tokio_postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_default()
+}
+
+async fn count(db: &Db, sql: &str, run: RunId) -> i64 {
+    db.get()
+        .await
+        .unwrap()
+        .query_one(sql, &[&run])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn events_of(db: &Db, run: RunId) -> i64 {
+    count(
+        db,
+        "SELECT count(*) FROM pgcrew.events WHERE run_id = $1",
+        run,
+    )
+    .await
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Unbounded inputs
+// ---------------------------------------------------------------------------------------------
+
+/// The SQL surface refuses oversized inputs with PC040 and stores nothing.
+#[tokio::test]
+async fn sql_append_events_refuses_oversized_inputs() {
+    let t = test_db().await;
+    let run = new_run(&t.db).await;
+    let before = events_of(&t.db, run).await;
+    let conn = t.db.get().await.unwrap();
+    let big = json!({ "blob": "x".repeat(MIB + 10) });
+    let small = json!({ "ok": 1 });
+    // An oversized payload, alone and after a good event in the same batch.
+    for payloads in [vec![big.clone()], vec![small.clone(), big.clone()]] {
+        let n = payloads.len();
+        let types = vec!["note".to_string(); n];
+        let keys: Vec<Option<String>> = vec![None; n];
+        let dedupe = vec![false; n];
+        let err = conn
+            .query(
+                "SELECT * FROM pgcrew.append_events($1, NULL, $2, $3, $4, $5)",
+                &[&run, &types, &keys, &payloads, &dedupe],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&err), "PC040", "{err:?}");
+    }
+    // Event type and step key over their limits (the library already refused them).
+    for (ty, key) in [
+        ("t".repeat(129), None),
+        ("note".to_string(), Some("k".repeat(513))),
+    ] {
+        let err = conn
+            .query(
+                "SELECT * FROM pgcrew.append_events($1, NULL, ARRAY[$2::text], ARRAY[$3::text], ARRAY['{}'::jsonb], ARRAY[false])",
+                &[&run, &ty, &key],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&err), "PC040", "{err:?}");
+    }
+    assert_eq!(events_of(&t.db, run).await, before, "nothing was stored");
+    // At the cap is fine.
+    conn.query(
+        "SELECT * FROM pgcrew.append_events($1, NULL, ARRAY['note'], ARRAY[NULL::text], ARRAY[$2::jsonb], ARRAY[false])",
+        &[&run, &json!("y".repeat(MIB - 2))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(events_of(&t.db, run).await, before + 1);
+    assert!(runs::verify_run_chain(&t.db, run).await.unwrap().valid);
+}
+
+/// Artifacts, summaries and run inputs are capped in the tables too (trigger + CHECK).
+#[tokio::test]
+async fn sql_artifacts_summaries_and_runs_refuse_oversized_values() {
+    let t = test_db().await;
+    let run = new_run(&t.db).await;
+    let conn = t.db.get().await.unwrap();
+    let big = json!("z".repeat(MIB + 1));
+    let err = conn
+        .execute(
+            "INSERT INTO pgcrew.artifacts (run_id, key, version, value) VALUES ($1, 'k', 1, $2)",
+            &[&run, &big],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "PC040", "{err:?}");
+    let err = conn
+        .execute(
+            "INSERT INTO pgcrew.summaries (run_id, summary_type, content_text) VALUES ($1, 's', $2)",
+            &[&run, &"z".repeat(MIB + 1)],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "PC040", "{err:?}");
+    let err = conn
+        .execute(
+            "INSERT INTO pgcrew.summaries (run_id, summary_type, content_json) VALUES ($1, 's', $2)",
+            &[&run, &big],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "PC040", "{err:?}");
+    let err = conn
+        .execute(
+            "INSERT INTO pgcrew.runs (id, tenant_id, prompt) VALUES (gen_random_uuid(), 'default', $1)",
+            &[&"p".repeat(MIB + 1)],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "PC040", "{err:?}");
+    assert_eq!(
+        count(
+            &t.db,
+            "SELECT (SELECT count(*) FROM pgcrew.artifacts WHERE run_id = $1) + (SELECT count(*) FROM pgcrew.summaries WHERE run_id = $1)",
+            run
+        )
+        .await,
+        0
+    );
+    // The caps are also CHECK constraints on the tables.
+    let checks: i64 = conn
+        .query_one(
+            "SELECT count(*) FROM pg_constraint WHERE conname IN ('artifacts_value_size', 'summaries_content_size') AND contype = 'c'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(checks, 2);
+}
+
+/// The library refuses oversized inputs with a typed error before sending them, at its
+/// configured (lower) limits or the hard caps, and nothing is stored.
+#[tokio::test]
+async fn library_limits_are_typed_and_configurable() {
+    let t = test_db().await;
+    let run = new_run(&t.db).await;
+    let before = events_of(&t.db, run).await;
+    let big = json!("x".repeat(MIB + 1));
+    assert!(matches!(
+        runs::append_event(&t.db, run, NewEvent::new("note", big.clone()), None).await,
+        Err(Error::TooLarge { ref field, .. }) if field == "event payload"
+    ));
+    assert!(matches!(
+        runs::append_events(
+            &t.db,
+            run,
+            &[
+                NewEvent::new("note", json!(1)),
+                NewEvent::new("note", big.clone())
+            ],
+            None
+        )
+        .await,
+        Err(Error::TooLarge { .. })
+    ));
+    assert!(matches!(
+        runs::put_artifact(&t.db, run, "k", big.clone(), None).await,
+        Err(Error::TooLarge { ref field, .. }) if field == "artifact value"
+    ));
+    assert!(matches!(
+        runs::add_summary(&t.db, run, "s", SummaryContent::Json(big.clone()), None).await,
+        Err(Error::TooLarge { ref field, .. }) if field == "summary content"
+    ));
+    assert!(matches!(
+        runs::add_summary(
+            &t.db,
+            run,
+            "s",
+            SummaryContent::Text("x".repeat(MIB + 1)),
+            None
+        )
+        .await,
+        Err(Error::TooLarge { .. })
+    ));
+    assert!(matches!(
+        runs::create_run(&t.db, NewRun::new(tenant()).prompt("p".repeat(MIB + 1))).await,
+        Err(Error::TooLarge { ref field, .. }) if field == "run prompt"
+    ));
+    // Under the library cap but over the database's (jsonb text adds a space after each ':'):
+    // the database refuses it with the same typed error.
+    let spaced: serde_json::Map<String, serde_json::Value> =
+        (0..90_000).map(|i| (format!("{i:06}"), json!(0))).collect();
+    let spaced = serde_json::Value::Object(spaced);
+    assert!(serde_json::to_string(&spaced).unwrap().len() <= MIB);
+    assert!(matches!(
+        runs::append_event(&t.db, run, NewEvent::new("note", spaced), None).await,
+        Err(Error::TooLarge { ref field, limit, .. }) if field == "event payload" && limit == MIB as u64
+    ));
+    assert_eq!(events_of(&t.db, run).await, before);
+    // A lower limit on the handle.
+    let small =
+        t.db.clone()
+            .with_run_limits(RunLimits {
+                max_event_payload_bytes: 100,
+                max_artifact_bytes: 50,
+                max_summary_bytes: 10,
+            })
+            .unwrap();
+    assert!(matches!(
+        runs::append_event(
+            &small,
+            run,
+            NewEvent::new("note", json!("a".repeat(99))),
+            None
+        )
+        .await,
+        Err(Error::TooLarge {
+            size: 101,
+            limit: 100,
+            ..
+        })
+    ));
+    runs::append_event(
+        &small,
+        run,
+        NewEvent::new("note", json!("a".repeat(98))),
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        runs::put_artifact(&small, run, "k", json!("a".repeat(60)), None).await,
+        Err(Error::TooLarge { limit: 50, .. })
+    ));
+    assert!(matches!(
+        runs::add_summary(&small, run, "s", SummaryContent::Text("a".repeat(11)), None).await,
+        Err(Error::TooLarge { limit: 10, .. })
+    ));
+    runs::add_summary(&small, run, "s", SummaryContent::Text("a".repeat(10)), None)
+        .await
+        .unwrap();
+    // Never above the hard cap, on the handle or in the client configuration.
+    let too_high = RunLimits {
+        max_event_payload_bytes: MIB + 1,
+        ..RunLimits::default()
+    };
+    assert!(matches!(
+        t.db.clone().with_run_limits(too_high),
+        Err(Error::Config(_))
+    ));
+    assert!(matches!(
+        ClientConfig::builder().run_limits(too_high).build(),
+        Err(Error::Config(_))
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Artifacts and summaries: the run lease, finished runs
+// ---------------------------------------------------------------------------------------------
+
+/// Raw SQL cannot add artifacts or summaries to a finished run.
+#[tokio::test]
+async fn sql_finished_runs_refuse_artifacts_and_summaries() {
+    let t = test_db().await;
+    let run = new_run(&t.db).await;
+    runs::cancel_run(&t.db, run, "done").await.unwrap();
+    let conn = t.db.get().await.unwrap();
+    let err = conn
+        .execute(
+            "INSERT INTO pgcrew.artifacts (run_id, key, version, value) VALUES ($1, 'k', 1, '1')",
+            &[&run],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "PC041", "{err:?}");
+    let err = conn
+        .execute(
+            "INSERT INTO pgcrew.summaries (run_id, summary_type, content_text) VALUES ($1, 's', 'x')",
+            &[&run],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&err), "PC041", "{err:?}");
+}
+
+/// Artifacts and summaries carry the run lease token and are refused on finished runs.
+#[tokio::test]
+async fn artifacts_and_summaries_need_the_lease_and_an_open_run() {
+    let t = test_db().await;
+    let run = new_run(&t.db).await;
+    let lease = runs::acquire_run_lease(&t.db, run, "worker-a", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    runs::put_artifact(&t.db, run, "plan", json!(1), Some(lease.token))
+        .await
+        .unwrap();
+    runs::add_summary(
+        &t.db,
+        run,
+        "s",
+        SummaryContent::Text("a".into()),
+        Some(lease.token),
+    )
+    .await
+    .unwrap();
+    // A stale token.
+    assert!(matches!(
+        runs::put_artifact(&t.db, run, "plan", json!(2), Some(lease.token - 1)).await,
+        Err(Error::LeaseLost(_))
+    ));
+    assert!(matches!(
+        runs::add_summary(
+            &t.db,
+            run,
+            "s",
+            SummaryContent::Text("b".into()),
+            Some(lease.token + 1)
+        )
+        .await,
+        Err(Error::LeaseLost(_))
+    ));
+    // The lease released: the old token no longer writes.
+    assert!(runs::release_run_lease(&t.db, &lease).await.unwrap());
+    assert!(matches!(
+        runs::put_artifact(&t.db, run, "plan", json!(3), Some(lease.token)).await,
+        Err(Error::LeaseLost(_))
+    ));
+    assert!(matches!(
+        runs::add_summary(
+            &t.db,
+            run,
+            "s",
+            SummaryContent::Text("c".into()),
+            Some(lease.token)
+        )
+        .await,
+        Err(Error::LeaseLost(_))
+    ));
+    // An expired lease.
+    let short = runs::acquire_run_lease(&t.db, run, "worker-b", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    let conn = t.db.get().await.unwrap();
+    conn.execute(
+        "UPDATE pgcrew.runs SET lease_expires_at = now() - interval '1 second' WHERE id = $1",
+        &[&run],
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        runs::put_artifact(&t.db, run, "plan", json!(4), Some(short.token)).await,
+        Err(Error::LeaseLost(_))
+    ));
+    let hist = runs::artifact_history(&t.db, run, "plan").await.unwrap();
+    assert_eq!(
+        hist.len(),
+        1,
+        "only the write under the live lease was stored"
+    );
+    // Finished: refused with or without a token.
+    runs::cancel_run(&t.db, run, "done").await.unwrap();
+    for token in [None, Some(short.token)] {
+        assert!(matches!(
+            runs::put_artifact(&t.db, run, "plan", json!(5), token).await,
+            Err(Error::RunFinished { ref state, .. }) if state == "cancelled"
+        ));
+        assert!(matches!(
+            runs::add_summary(&t.db, run, "s", SummaryContent::Text("d".into()), token).await,
+            Err(Error::RunFinished { .. })
+        ));
+    }
+    // An unknown run.
+    assert!(matches!(
+        runs::put_artifact(&t.db, RunId::new(), "plan", json!(1), None).await,
+        Err(Error::NotFound { .. })
+    ));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. Growth: retention of finished runs
+// ---------------------------------------------------------------------------------------------
+
+const KEY: [u8; 32] = [0x33; 32];
+
+fn ctx(config: ClientConfig) -> MaintenanceContext {
+    MaintenanceContext {
+        config: Arc::new(config),
+        instance_id: InstanceId::new("leader").unwrap(),
+        lease: "pgcrew".into(),
+        term: 1,
+    }
+}
+
+async fn retention_pass(db: &Db, config: &ClientConfig) -> u64 {
+    let mut conn = db.get().await.unwrap();
+    let tx = conn.transaction().await.unwrap();
+    let n = runs::RunRetention
+        .run(&tx, &ctx(config.clone()))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    n
+}
+
+/// A run with events, artifacts, summaries and cost entries (on two days), finished through a
+/// keyed handle (intermediate and final checkpoints), finalized `age_days` ago.
+async fn finished_run(db: &Db, age_days: i32) -> RunId {
+    let run = new_run(db).await;
+    let lease = runs::acquire_run_lease(db, run, "w", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    runs::start_run(
+        db,
+        run,
+        None,
+        Some(lease.token),
+        runs::LimitPolicy::StayPending,
+    )
+    .await
+    .unwrap();
+    for i in 0..5 {
+        runs::append_event(
+            db,
+            run,
+            NewEvent::new("note", json!({ "i": i })),
+            Some(lease.token),
+        )
+        .await
+        .unwrap();
+    }
+    runs::put_artifact(db, run, "a", json!({"v": 1}), Some(lease.token))
+        .await
+        .unwrap();
+    runs::add_summary(
+        db,
+        run,
+        "s",
+        SummaryContent::Text("sum".into()),
+        Some(lease.token),
+    )
+    .await
+    .unwrap();
+    add_costs(db, Some(run)).await;
+    runs::complete_run(db, run, RunOutcome::default(), Some(lease.token))
+        .await
+        .unwrap();
+    db.get()
+        .await
+        .unwrap()
+        .execute(
+            "UPDATE pgcrew.runs SET finalized_at = now() - make_interval(days => $2) WHERE id = $1",
+            &[&run, &age_days],
+        )
+        .await
+        .unwrap();
+    run
+}
+
+async fn add_costs(db: &Db, run: Option<RunId>) {
+    db.get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO pgcrew.cost_entries (tenant_id, run_id, category, model, prompt_tokens, completion_tokens, cost_usd, created_at)
+             VALUES ('default', $1, 'llm', 'gpt', 10, 5, 0.0123456789, now() - interval '3 days'),
+                    ('default', $1, 'llm', 'gpt', 1, 2, 0.5, now() - interval '3 days'),
+                    ('default', $1, 'tool', NULL, 0, 0, 0.25, now())",
+            &[&run],
+        )
+        .await
+        .unwrap();
+}
+
+async fn tenant_costs(db: &Db) -> Vec<String> {
+    db.get()
+        .await
+        .unwrap()
+        .query(
+            "SELECT row(t.*)::text FROM pgcrew.tenant_costs t ORDER BY tenant_id, day, category, model",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+async fn stored(db: &Db, run: RunId) -> (i64, i64, i64, i64) {
+    let row = db
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT (SELECT count(*) FROM pgcrew.events WHERE run_id = $1),
+                    (SELECT count(*) FROM pgcrew.artifacts WHERE run_id = $1),
+                    (SELECT count(*) FROM pgcrew.summaries WHERE run_id = $1),
+                    (SELECT count(*) FROM pgcrew.cost_entries WHERE run_id = $1)",
+            &[&run],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2), row.get(3))
+}
+
+#[tokio::test]
+async fn run_retention_is_off_by_default() {
+    let t = test_db().await;
+    let db =
+        t.db.clone()
+            .with_ledger_key(LedgerKey::new(KEY).unwrap())
+            .with_checkpoint_interval(2);
+    let old = finished_run(&db, 400).await;
+    let config = ClientConfig::default();
+    assert_eq!(config.run_retention, None);
+    assert_eq!(retention_pass(&db, &config).await, 0);
+    assert_eq!(stored(&db, old).await, (8, 1, 1, 3));
+    // The step is part of the leader's maintenance.
+    assert!(
+        pgcrew::coord::maintenance::default_steps()
+            .iter()
+            .any(|s| s.name() == "run_retention")
+    );
+}
+
+#[tokio::test]
+async fn run_retention_purges_old_finished_runs_in_batches_keeping_anchors_and_costs() {
+    let t = test_db().await;
+    let key = LedgerKey::new(KEY).unwrap();
+    let db =
+        t.db.clone()
+            .with_ledger_key(key.clone())
+            .with_checkpoint_interval(2);
+    let mut old = Vec::new();
+    for _ in 0..5 {
+        old.push(finished_run(&db, 10).await);
+    }
+    // Untouched: a recent finished run, a running run, a pending run, costs without a run.
+    let recent = finished_run(&db, 0).await;
+    let running = new_run(&db).await;
+    let lease = runs::acquire_run_lease(&db, running, "w", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    runs::start_run(
+        &db,
+        running,
+        None,
+        Some(lease.token),
+        runs::LimitPolicy::StayPending,
+    )
+    .await
+    .unwrap();
+    runs::put_artifact(&db, running, "a", json!(1), Some(lease.token))
+        .await
+        .unwrap();
+    add_costs(&db, Some(running)).await;
+    let pending = new_run(&db).await;
+    add_costs(&db, None).await;
+    let conn = db.get().await.unwrap();
+    // Make the running/pending runs old too: only finished runs are retained.
+    conn.execute(
+        "UPDATE pgcrew.runs SET created_at = now() - interval '30 days' WHERE id = ANY($1)",
+        &[&vec![running, pending]],
+    )
+    .await
+    .unwrap();
+    let spent_before: String = conn
+        .query_one(
+            "SELECT spent_usd::text FROM pgcrew.tenants WHERE id = 'default'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let costs_before = tenant_costs(&db).await;
+    let heads: Vec<i64> = {
+        let mut v = Vec::new();
+        for r in &old {
+            v.push(runs::verify_run_chain(&db, *r).await.unwrap().head_seq);
+        }
+        v
+    };
+    let untouched = [
+        (recent, stored(&db, recent).await),
+        (running, stored(&db, running).await),
+        (pending, stored(&db, pending).await),
+    ];
+
+    let config = ClientConfig::builder()
+        .run_retention(Duration::from_secs(86_400))
+        .run_retention_batch_size(2)
+        .build()
+        .unwrap();
+    // Bounded batches: 2 + 2 + 1, then nothing left.
+    let mut passes = Vec::new();
+    loop {
+        let n = retention_pass(&db, &config).await;
+        passes.push(n);
+        if n == 0 {
+            break;
+        }
+    }
+    assert_eq!(passes, vec![2, 2, 1, 0]);
+
+    for (r, head) in old.iter().zip(&heads) {
+        assert_eq!(stored(&db, *r).await, (0, 0, 0, 0), "run {r} retained");
+        // The anchor is kept and verifies, without and with the key.
+        let v = runs::verify_run_chain(&db, *r).await.unwrap();
+        assert!(v.valid, "{v:?}");
+        let anchor = v.anchor.expect("chain anchor kept");
+        assert_eq!(anchor.last_seq, *head);
+        assert_eq!(anchor.reason, "retention");
+        assert!(runs::verify_run_chain_sql(&db, *r).await.unwrap().valid);
+        let signed = runs::verify_run_chain_signed(&db, *r, &key).await.unwrap();
+        assert!(signed.valid, "{signed:?}");
+        assert_eq!(signed.signed_seq, Some(*head));
+        // Only the final checkpoint stays.
+        assert_eq!(
+            count(
+                &db,
+                "SELECT count(*) FROM pgcrew.ledger_checkpoints WHERE run_id = $1",
+                *r
+            )
+            .await,
+            1
+        );
+        // The run row stays (closed), its prompt and response are gone.
+        let run = runs::get_run(&db, *r).await.unwrap();
+        assert!(run.state.is_terminal());
+        assert!(matches!(
+            runs::append_event(&db, *r, NewEvent::new("x", json!(1)), None).await,
+            Err(Error::LedgerClosed { .. })
+        ));
+    }
+    for (r, before) in untouched {
+        assert_eq!(stored(&db, r).await, before, "run {r} untouched");
+        assert!(
+            runs::verify_run_chain(&db, r)
+                .await
+                .unwrap()
+                .anchor
+                .is_none()
+        );
+    }
+    // The cost figures are identical; the aggregate holds the retained entries.
+    assert_eq!(tenant_costs(&db).await, costs_before);
+    let spent_after: String = conn
+        .query_one(
+            "SELECT spent_usd::text FROM pgcrew.tenants WHERE id = 'default'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(spent_after, spent_before);
+    let folded: i64 = conn
+        .query_one("SELECT sum(entries)::int8 FROM pgcrew.cost_daily", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(folded, 15);
+    let breakdown = pgcrew::tenancy::cost_breakdown(&db, &pgcrew::tenancy::CostFilter::default())
+        .await
+        .unwrap();
+    assert_eq!(breakdown.iter().map(|r| r.entries).sum::<i64>(), 15 + 6 + 3);
+}
