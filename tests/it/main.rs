@@ -18,6 +18,7 @@ mod mock_openai;
 mod model;
 mod proxy;
 mod queue;
+mod queue_edges;
 mod runs;
 mod tenancy;
 mod tenant_isolation;
