@@ -37,11 +37,13 @@ COMMENT ON FUNCTION pgcrew.queue_limits() IS
 
 -- An error text bounded to 8192 characters: a longer one keeps its beginning and ends with
 -- ` … [truncated: N characters in all]` (the whole is exactly 8192 characters).
+-- (Immutable operators only, so that it is inlined into the calling statement.)
 CREATE FUNCTION pgcrew.bound_task_error(p_error text) RETURNS text
 LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
     SELECT CASE WHEN length(p_error) <= 8192 THEN p_error
-                ELSE left(p_error, 8192 - length(format(' … [truncated: %s characters in all]', length(p_error))))
-                     || format(' … [truncated: %s characters in all]', length(p_error)) END
+                ELSE left(p_error, 8192 - length(' … [truncated:  characters in all]')
+                                        - length(length(p_error)::text))
+                     || ' … [truncated: ' || length(p_error)::text || ' characters in all]' END
 $$;
 
 -- A task's error history with one more entry, keeping the 100 most recent.
@@ -92,7 +94,8 @@ BEGIN
         SELECT a.id, a.token, a.outcome,
                -- 0 .. 3650 days (pgcrew.queue_limits()).
                least(greatest(coalesce(a.delay_us, 0), 0), 315360000000000) AS delay_us,
-               pgcrew.bound_task_error(a.err) AS err
+               CASE WHEN length(a.err) > 8192 THEN pgcrew.bound_task_error(a.err)
+                    ELSE a.err END AS err
           FROM unnest(p_ids, p_tokens, p_outcomes, p_delays_us, p_errors)
                AS a(id, token, outcome, delay_us, err)),
     u AS (
