@@ -56,6 +56,12 @@ RETURNS jsonb LANGUAGE sql STABLE PARALLEL SAFE AS $$
                                                    'error', p_error))
 $$;
 
+-- Like every pgcrew function, not executable by PUBLIC (V010: per-schema default privileges
+-- cannot take away PostgreSQL's global default EXECUTE for PUBLIC, so each is revoked here).
+REVOKE ALL ON FUNCTION pgcrew.queue_limits() FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgcrew.bound_task_error(text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgcrew.append_task_error(jsonb, integer, text) FROM PUBLIC;
+
 CREATE OR REPLACE FUNCTION pgcrew.ack_tasks(p_ids bigint[], p_tokens uuid[], p_outcomes text[],
                                             p_delays_us bigint[], p_errors text[])
 RETURNS TABLE (id bigint, state text)
