@@ -361,10 +361,13 @@ impl AgentRuntime {
     }
 
     /// Register the agent-run handler on a worker pool builder and listen on the queues of
-    /// `agents` (the caller lists the agents whose tools this instance has).
+    /// `agents` (the caller lists the agents whose tools this instance has), in addition to
+    /// every queue the builder works: its named queues, or the implicit `default` queue of a
+    /// builder that names none. To work only the agents' queues, name them on the builder
+    /// (`.queue(agent_queue(name))`).
     pub fn install(self, mut builder: WorkerPoolBuilder, agents: &[&str]) -> WorkerPoolBuilder {
         for a in agents {
-            builder = builder.queue(agent_queue(a));
+            builder = builder.also_queue(agent_queue(a));
         }
         let rt = Arc::new(self);
         builder.handler(AGENT_RUN_KIND, move |ctx, task: AgentRunTask| {

@@ -164,23 +164,27 @@ pub async fn cancel<C: GenericClient + Sync>(client: &C, id: TaskId) -> Result<T
 }
 
 /// Make a task available again now (discarded, cancelled, completed, retryable or scheduled),
-/// with at least one attempt left. A running task is an [`Error::IllegalTransition`]. Fails
-/// with a clear error when another non-final task holds the same unique key.
+/// with at least one attempt left. A dependant waits for its parents again: it becomes
+/// [`TaskState::Scheduled`] while one of them has not completed (parents deleted by retention
+/// count as completed). A running task is an [`Error::IllegalTransition`]. Fails with
+/// [`Error::InvalidInput`] (field `task`) when another non-final task holds the same unique
+/// key, or when a parent was discarded or cancelled (it can never complete: retry it first).
 #[instrument(skip(client), err)]
 pub async fn retry<C: GenericClient + Sync>(client: &C, id: TaskId) -> Result<TaskState> {
     let row = client
         .query_opt(sql!("queue/retry"), &[&id])
         .await
         .map_err(|e| {
-            if e.as_db_error().map(|d| d.code().code()) == Some("23505") {
-                Error::invalid(
+            match e.as_db_error().map(|d| (d.code().code(), d.message())) {
+                Some(("23505", _)) => Error::invalid(
                     "task",
                     format!(
                         "task {id} cannot be retried: another unfinished task holds its unique key"
                     ),
-                )
-            } else {
-                Error::from(e)
+                ),
+                // A parent was discarded or cancelled (V011).
+                Some(("PC024", message)) => Error::invalid("task", message.to_string()),
+                _ => Error::from(e),
             }
         })?
         .ok_or_else(|| Error::not_found("task", id))?;

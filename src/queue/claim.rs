@@ -1,5 +1,6 @@
 //! Claiming, acknowledging and heartbeating tasks (the low-level API the worker pool uses).
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -9,7 +10,7 @@ use tokio_postgres::types::ToSql;
 use tracing::{instrument, warn};
 use uuid::Uuid;
 
-use super::{Priority, TaskState};
+use super::{Priority, TaskState, bound_error_text};
 use crate::config::interval_micros;
 use crate::error::{Error, Result};
 use crate::ids::{ClaimToken, InstanceId, RunId, TaskId};
@@ -197,6 +198,11 @@ pub struct AckReport {
 
 /// Acknowledge many tasks in one statement. Acks whose claim token is stale are rejected,
 /// logged and reported in [`AckReport::stale`]; they never change the task.
+///
+/// Every entry is made storable first, so one entry cannot fail the statement for the others:
+/// snooze and retry delays are clamped to [`MAX_TASK_DELAY`](super::MAX_TASK_DELAY), error
+/// texts go through [`bound_error_text`](super::bound_error_text) (NUL made visible as `␀`,
+/// at most [`MAX_ERROR_CHARS`](super::MAX_ERROR_CHARS) characters, truncation marked).
 #[instrument(skip(client, acks), fields(n = acks.len()), err)]
 pub async fn ack<C: GenericClient + Sync>(client: &C, acks: &[Ack]) -> Result<AckReport> {
     ack_with(client, sql!("queue/ack"), acks).await
@@ -214,22 +220,28 @@ where
     let mut tokens = Vec::with_capacity(acks.len());
     let mut outcomes = Vec::with_capacity(acks.len());
     let mut delays = Vec::with_capacity(acks.len());
-    let mut errors: Vec<Option<&str>> = Vec::with_capacity(acks.len());
+    let mut errors: Vec<Option<Cow<'_, str>>> = Vec::with_capacity(acks.len());
     for a in acks {
         ids.push(a.id.0);
         tokens.push(a.token.as_uuid());
+        // Every entry storable, so none can fail the statement for the others: delays within
+        // MAX_TASK_DELAY (Duration::MAX overflows an interval), error texts without NUL (which
+        // PostgreSQL text cannot hold) and within MAX_ERROR_CHARS.
         let (o, d, e) = match &a.outcome {
             AckOutcome::Complete => ("complete", 0, None),
-            AckOutcome::Fail { error, retry_in } => {
-                ("fail", interval_micros(*retry_in), Some(error.as_str()))
-            }
-            AckOutcome::Snooze(d) => ("snooze", interval_micros(*d), None),
-            AckOutcome::Discard { error } => ("discard", 0, Some(error.as_str())),
+            AckOutcome::Fail { error, retry_in } => (
+                "fail",
+                bounded_delay_us(*retry_in),
+                Some(bound_error_text(error)),
+            ),
+            AckOutcome::Snooze(d) => ("snooze", bounded_delay_us(*d), None),
+            AckOutcome::Discard { error } => ("discard", 0, Some(bound_error_text(error))),
         };
         outcomes.push(o);
         delays.push(d);
         errors.push(e);
     }
+    let errors: Vec<Option<&str>> = errors.iter().map(|e| e.as_deref()).collect();
     let params: [&(dyn ToSql + Sync); 5] = [&ids, &tokens, &outcomes, &delays, &errors];
     let rows = client.query(query, &params).await?;
     let mut report = AckReport::default();
@@ -303,6 +315,11 @@ where
 {
     let row = client.query_opt(query, &[&queues]).await?;
     Ok(row.map(|r| Duration::from_micros(r.get::<_, i64>(0).max(0) as u64)))
+}
+
+/// `d` in microseconds, clamped to [`MAX_TASK_DELAY`](super::MAX_TASK_DELAY).
+fn bounded_delay_us(d: Duration) -> i64 {
+    interval_micros(d.min(super::MAX_TASK_DELAY))
 }
 
 pub(crate) fn invalid_state(id: TaskId, from: &str, to: &str) -> Error {

@@ -29,8 +29,10 @@ pub struct Enqueued {
 /// planning it on every call; see [`Executor`]).
 ///
 /// Dependencies are locked while the task is inserted, so a parent finishing concurrently is
-/// always accounted for. Unknown parents, an unknown tenant or an oversized payload are
-/// rejected with [`Error::InvalidInput`] and nothing is written.
+/// always accounted for. Unknown parents, an unknown tenant, an oversized payload (see
+/// [`MAX_PAYLOAD_BYTES`](super::MAX_PAYLOAD_BYTES)) or a delay beyond
+/// [`MAX_TASK_DELAY`](super::MAX_TASK_DELAY) are rejected with [`Error::InvalidInput`] and
+/// nothing is written.
 #[instrument(skip(client, task), fields(kind = %task.kind, queue = %task.queue), err)]
 pub async fn enqueue<E: Executor + ?Sized>(client: &E, task: &NewTask) -> Result<Enqueued> {
     task.validate()?;
@@ -77,7 +79,8 @@ pub async fn enqueue<E: Executor + ?Sized>(client: &E, task: &NewTask) -> Result
 /// Enqueue many tasks in one statement (thousands per call). Tasks whose unique key is taken by
 /// a non-final task are skipped; the ids of the inserted tasks are returned in input order of
 /// the inserted ones. Every task is validated first: one invalid task rejects the whole batch
-/// and nothing is written. Dependencies are not supported here (use [`enqueue`]).
+/// and nothing is written. At most [`MAX_ENQUEUE_BATCH`](super::MAX_ENQUEUE_BATCH) tasks per
+/// call. Dependencies are not supported here (use [`enqueue`]).
 #[instrument(skip(client, tasks), fields(n = tasks.len()), err)]
 pub async fn enqueue_many<E: Executor + ?Sized>(
     client: &E,
@@ -85,6 +88,16 @@ pub async fn enqueue_many<E: Executor + ?Sized>(
 ) -> Result<Vec<TaskId>> {
     if tasks.is_empty() {
         return Ok(Vec::new());
+    }
+    if tasks.len() > super::MAX_ENQUEUE_BATCH {
+        return Err(Error::invalid(
+            "tasks",
+            format!(
+                "{} tasks in one bulk enqueue; at most {} are allowed: split them into several calls",
+                tasks.len(),
+                super::MAX_ENQUEUE_BATCH
+            ),
+        ));
     }
     for (i, t) in tasks.iter().enumerate() {
         t.validate().map_err(|e| match e {
@@ -152,6 +165,22 @@ pub async fn enqueue_many<E: Executor + ?Sized>(
 pub(crate) fn map_enqueue_error(e: tokio_postgres::Error, tenant: Option<&str>) -> Error {
     if let Some(db) = e.as_db_error() {
         let code = db.code().code();
+        match code {
+            // pgcrew.enqueue_task: payload too large, delay too long (V011).
+            "PC021" => return Error::invalid("payload", db.message().to_string()),
+            "PC022" => return Error::invalid("delay", db.message().to_string()),
+            // A run_at PostgreSQL cannot represent.
+            "22008" => {
+                return Error::invalid(
+                    "run_at",
+                    format!(
+                        "{}: give a time between 4713 BC and 294276 AD",
+                        db.message()
+                    ),
+                );
+            }
+            _ => {}
+        }
         if code == "23503" && db.hint() == Some("pgcrew_missing_dependency") {
             return Error::invalid("depends_on", db.message().to_string());
         }

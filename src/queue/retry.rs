@@ -28,7 +28,9 @@ impl Default for RetryPolicy {
 }
 
 impl RetryPolicy {
-    /// The delay before the retry that follows failed attempt `attempt` (1-based).
+    /// The delay before the retry that follows failed attempt `attempt` (1-based), never more
+    /// than [`MAX_TASK_DELAY`](super::MAX_TASK_DELAY) whatever the policy's values (a `max`
+    /// of `Duration::MAX` or a NaN factor included).
     pub fn delay(&self, attempt: i32) -> Duration {
         let exp = (attempt.max(1) - 1).min(64);
         let raw = self.base.as_secs_f64() * self.factor.max(1.0).powi(exp);
@@ -39,7 +41,10 @@ impl RetryPolicy {
         } else {
             1.0
         };
-        Duration::from_secs_f64((capped * spread).max(0.0))
+        // try_from: an overflowing (or NaN) value would make from_secs_f64 panic.
+        Duration::try_from_secs_f64((capped * spread).max(0.0))
+            .unwrap_or(super::MAX_TASK_DELAY)
+            .min(super::MAX_TASK_DELAY)
     }
 }
 
@@ -68,5 +73,14 @@ mod tests {
             ..RetryPolicy::default()
         };
         assert_eq!(none.delay(2), Duration::from_secs(2));
+        let extreme = RetryPolicy {
+            base: Duration::MAX,
+            factor: f64::NAN,
+            max: Duration::MAX,
+            jitter: f64::NAN,
+        };
+        for attempt in [i32::MIN, 1, 64, i32::MAX] {
+            assert_eq!(extreme.delay(attempt), crate::queue::MAX_TASK_DELAY);
+        }
     }
 }

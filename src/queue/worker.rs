@@ -8,6 +8,11 @@
 //! `pgcrew_task_available` and poll on a slow fallback interval (or when the next delayed task
 //! is due). On stop the pool drains: it claims nothing more, finishes what it holds, flushes
 //! every acknowledgement, and only then returns.
+//!
+//! Acknowledgements are never dropped while the process lives: each is clamped and sanitised
+//! before it is sent (see [`ack`](super::ack)); a batch the database refuses is split and its
+//! parts retried, so one bad entry never holds back the others (an entry refused on its own is
+//! logged with its task id); transient failures are retried with backoff until they succeed.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -89,6 +94,7 @@ pub struct WorkerMetrics {
     failed: AtomicU64,
     snoozed: AtomicU64,
     stale_acks: AtomicU64,
+    rejected_acks: AtomicU64,
     in_flight: AtomicUsize,
     lag_us: AtomicU64,
 }
@@ -103,6 +109,7 @@ impl Default for WorkerMetrics {
             failed: AtomicU64::new(0),
             snoozed: AtomicU64::new(0),
             stale_acks: AtomicU64::new(0),
+            rejected_acks: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             lag_us: AtomicU64::new(0),
         }
@@ -124,6 +131,10 @@ pub struct WorkerMetricsSnapshot {
     pub snoozed: u64,
     /// Acknowledgements rejected as stale.
     pub stale_acks: u64,
+    /// Acknowledgements the database refused on their own (logged with the task id; the task
+    /// is rescued after its heartbeat timeout). Entries are clamped and sanitised before they
+    /// are sent, so this stays 0 unless something outside the pool is wrong (e.g. permissions).
+    pub rejected_acks: u64,
     /// Tasks held right now (running or claimed and waiting for an executor).
     pub in_flight: usize,
     /// Executed tasks per second since the pool was built.
@@ -144,6 +155,7 @@ impl WorkerMetrics {
             failed: self.failed.load(Ordering::Relaxed),
             snoozed: self.snoozed.load(Ordering::Relaxed),
             stale_acks: self.stale_acks.load(Ordering::Relaxed),
+            rejected_acks: self.rejected_acks.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             throughput_per_sec: executed as f64 / secs,
             queue_lag_ms: self.lag_us.load(Ordering::Relaxed) as f64 / 1000.0,
@@ -154,6 +166,9 @@ impl WorkerMetrics {
 /// Builder of a [`WorkerPool`]; see [`WorkerPool::builder`].
 pub struct WorkerPoolBuilder {
     queues: Vec<String>,
+    /// Whether a queue was named with [`WorkerPoolBuilder::queue`] (else `default` is worked
+    /// too, in front of queues added by others, such as `AgentRuntime::install`).
+    queues_named: bool,
     handlers: HashMap<String, Handler>,
     concurrency: usize,
     prefetch: usize,
@@ -177,9 +192,22 @@ impl std::fmt::Debug for WorkerPoolBuilder {
 }
 
 impl WorkerPoolBuilder {
-    /// Work this queue (call again for more; claimed in the order given). Default: `default`.
+    /// Work this queue (call again for more; claimed in the order given). Default: `default`
+    /// (worked when no queue is named here, also when
+    /// [`AgentRuntime::install`](crate::agent::AgentRuntime::install) adds its agents'
+    /// queues).
     pub fn queue(mut self, queue: impl Into<String>) -> Self {
-        let q = queue.into();
+        self.queues_named = true;
+        self.add_queue(queue.into())
+    }
+
+    /// Work `queue` in addition to the configured ones, without replacing the implicit
+    /// `default` queue of a builder that names none (what `AgentRuntime::install` uses).
+    pub(crate) fn also_queue(self, queue: impl Into<String>) -> Self {
+        self.add_queue(queue.into())
+    }
+
+    fn add_queue(mut self, q: String) -> Self {
         if let Err(e) = validate_text_id("queue", &q) {
             self.error.get_or_insert(e);
         }
@@ -259,7 +287,9 @@ impl WorkerPoolBuilder {
         self
     }
 
-    /// On stop, cancel handlers still running after this long (default: wait for them).
+    /// On stop, cancel handlers still running after this long (default: wait for them). Also
+    /// bounds how long a stopping pool keeps retrying acknowledgements while the database is
+    /// unreachable (default: until they are delivered; a running pool never gives up on one).
     pub fn shutdown_timeout(mut self, d: Duration) -> Self {
         self.shutdown_timeout = Some(d);
         self
@@ -296,8 +326,9 @@ impl WorkerPoolBuilder {
                 return Err(Error::invalid(field, "must be greater than zero"));
             }
         }
-        if self.queues.is_empty() {
-            self.queues.push(super::DEFAULT_QUEUE.to_string());
+        let default = super::DEFAULT_QUEUE.to_string();
+        if !self.queues_named && !self.queues.contains(&default) {
+            self.queues.insert(0, default);
         }
         Ok(Arc::new(WorkerPool {
             queues: self.queues,
@@ -355,6 +386,9 @@ struct Shared {
     slot_freed: Notify,
     /// Signalled by notifications and acknowledgement flushes.
     wake: Notify,
+    /// Set while stopping with a shutdown timeout: acknowledgements still failing with
+    /// transient errors after this instant are given up (logged with their task ids).
+    ack_deadline: Mutex<Option<tokio::time::Instant>>,
 }
 
 impl Shared {
@@ -363,6 +397,13 @@ impl Shared {
             Ok(g) => g.keys().copied().collect(),
             Err(p) => p.into_inner().keys().copied().collect(),
         }
+    }
+    fn ack_deadline_passed(&self) -> bool {
+        let deadline = match self.ack_deadline.lock() {
+            Ok(g) => *g,
+            Err(p) => *p.into_inner(),
+        };
+        deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
     }
     fn with_held<R>(&self, f: impl FnOnce(&mut HashMap<TaskId, CancellationToken>) -> R) -> R {
         match self.held.lock() {
@@ -377,6 +418,7 @@ impl WorkerPool {
     pub fn builder() -> WorkerPoolBuilder {
         WorkerPoolBuilder {
             queues: Vec::new(),
+            queues_named: false,
             handlers: HashMap::new(),
             concurrency: 10,
             prefetch: 0,
@@ -780,6 +822,9 @@ impl WorkerPool {
     }
 }
 
+/// Acknowledgements per statement.
+const ACK_BATCH: usize = 1000;
+
 async fn acker_loop(
     db: Db,
     mut rx: mpsc::UnboundedReceiver<Ack>,
@@ -789,30 +834,81 @@ async fn acker_loop(
     let mut conn: Option<Conn> = None;
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
-        while batch.len() < 1000 {
+        while batch.len() < ACK_BATCH {
             match rx.try_recv() {
                 Ok(a) => batch.push(a),
                 Err(_) => break,
             }
         }
-        let mut attempt = 0u32;
-        loop {
-            match flush(&db, &mut conn, &batch).await {
-                Ok(stale) => {
-                    metrics.stale_acks.fetch_add(stale, Ordering::Relaxed);
-                    shared.wake.notify_one();
-                    break;
+        deliver(&db, &mut conn, batch, &metrics, &shared).await;
+        shared.wake.notify_one();
+    }
+}
+
+/// Deliver one batch of acknowledgements; returns when every one of them was applied, found
+/// stale, or rejected on its own.
+///
+/// * A transient failure (connection lost, pool timeout, serialization failure) retries the
+///   same part with a backoff growing to 5 s, for as long as the process lives; only a pool
+///   that is stopping with a `shutdown_timeout` gives up, once that timeout passed after its
+///   handlers finished, logging every task id.
+/// * Any other failure means an entry the database refuses: the part is split in halves and
+///   each half delivered on its own, so one bad entry never holds back the others. An entry
+///   refused on its own is logged with its task id and counted in `rejected_acks`; its task is
+///   rescued after its heartbeat timeout, like the task of a crashed worker.
+///
+/// Entries are validated and clamped before they are sent (see [`ack`](super::ack)), so on
+/// the happy path this is one statement per batch.
+async fn deliver(
+    db: &Db,
+    conn: &mut Option<Conn>,
+    batch: Vec<Ack>,
+    metrics: &WorkerMetrics,
+    shared: &Shared,
+) {
+    let mut parts = vec![batch];
+    let mut backoff = Duration::from_millis(50);
+    let mut failures = 0u32;
+    while let Some(part) = parts.pop() {
+        match flush(db, conn, &part).await {
+            Ok(stale) => {
+                metrics.stale_acks.fetch_add(stale, Ordering::Relaxed);
+                backoff = Duration::from_millis(50);
+                failures = 0;
+            }
+            Err(e) if e.is_transient() => {
+                *conn = None;
+                failures += 1;
+                if shared.ack_deadline_passed() {
+                    let ids: Vec<String> = parts
+                        .iter()
+                        .chain(std::iter::once(&part))
+                        .flatten()
+                        .map(|a| a.id.to_string())
+                        .collect();
+                    error!(error = %e, tasks = %ids.join(","), "worker pool: stopping, and the database is still unreachable after the shutdown timeout: giving up on these acknowledgements; the tasks will be rescued and run again");
+                    return;
                 }
-                Err(e) => {
-                    conn = None;
-                    attempt += 1;
-                    if attempt >= 20 {
-                        error!(error = %e, n = batch.len(), "worker pool: giving up on acknowledgements; the tasks will be rescued and retried");
-                        break;
-                    }
-                    warn!(error = %e, attempt, "worker pool: acknowledgement failed; retrying");
-                    tokio::time::sleep(Duration::from_millis(50 * u64::from(attempt))).await;
+                if failures == 1 || failures.is_power_of_two() {
+                    warn!(error = %e, n = part.len(), failures, "worker pool: acknowledgement failed; retrying until the database answers");
                 }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                parts.push(part);
+            }
+            Err(e) if part.len() == 1 => {
+                metrics.rejected_acks.fetch_add(1, Ordering::Relaxed);
+                if let Some(a) = part.first() {
+                    error!(task = %a.id, token = %a.token, error = %e, "worker pool: the database rejected this task's acknowledgement; the task stays running until it is rescued after its heartbeat timeout");
+                }
+            }
+            Err(e) => {
+                debug!(error = %e, n = part.len(), "worker pool: acknowledgement batch refused; splitting it");
+                let mut first = part;
+                let second = first.split_off(first.len() / 2);
+                // Delivered in order: the first half first.
+                parts.push(second);
+                parts.push(first);
             }
         }
     }
@@ -892,6 +988,16 @@ impl Service for WorkerPool {
         }
         if let Some(c) = canceller {
             c.abort();
+        }
+        // Every acknowledgement is sent now. The acker retries transient failures for as long
+        // as it takes, except that a pool with a shutdown timeout stops waiting for an
+        // unreachable database once that timeout passed again.
+        if let Some(t) = self.shutdown_timeout {
+            let deadline = tokio::time::Instant::now() + t;
+            match shared.ack_deadline.lock() {
+                Ok(mut g) => *g = Some(deadline),
+                Err(p) => *p.into_inner() = Some(deadline),
+            }
         }
         let _ = acker.await;
         let _ = hb_stop.send(true);

@@ -21,6 +21,7 @@ mod mock_openai;
 mod model;
 mod proxy;
 mod queue;
+mod queue_edges;
 mod runs;
 mod runs_edges;
 mod tenancy;

@@ -215,6 +215,12 @@ pub async fn serve(dsn: Option<String>, args: ServeArgs) -> Result<ExitCode> {
         for q in &queues {
             wb = wb.queue(q.clone());
         }
+        if queues.is_empty() {
+            // Only the agents' queues (install keeps an unnamed pool's `default` queue).
+            for a in &agents {
+                wb = wb.queue(pgcrew::agent::agent_queue(a));
+            }
+        }
         wb = demo::install_demo_tasks(wb);
         if !defs.is_empty() {
             let db = Db::connect(&dsn, 4, config.connect_timeout).await?;

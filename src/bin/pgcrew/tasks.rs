@@ -18,6 +18,22 @@ fn duration_arg(s: &str) -> std::result::Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
 }
 
+/// `--count`: 1 ..= [`queue::MAX_ENQUEUE_BATCH`] (refused by the argument parser: exit 2,
+/// nothing stored).
+fn count_arg(s: &str) -> std::result::Result<usize, String> {
+    let n: usize = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("`{s}` is not a whole number"))?;
+    if n == 0 || n > queue::MAX_ENQUEUE_BATCH {
+        return Err(format!(
+            "{n} is out of range: enqueue 1 to {} tasks per command (run it several times for more)",
+            queue::MAX_ENQUEUE_BATCH
+        ));
+    }
+    Ok(n)
+}
+
 /// `pgcrew tasks` subcommands.
 #[derive(Debug, Subcommand)]
 pub enum TasksCmd {
@@ -96,8 +112,9 @@ pub struct EnqueueArgs {
     /// Dependencies (task ids, comma separated).
     #[arg(long, value_delimiter = ',')]
     pub depends_on: Vec<String>,
-    /// Enqueue this many copies (bulk, one statement).
-    #[arg(long, default_value_t = 1)]
+    /// Enqueue this many copies (bulk, one statement; 1 to 100000, the library's
+    /// `queue::MAX_ENQUEUE_BATCH`).
+    #[arg(long, default_value_t = 1, value_parser = count_arg)]
     pub count: usize,
     /// Print JSON.
     #[arg(long)]
@@ -273,9 +290,6 @@ async fn enqueue(dsn: Option<String>, a: EnqueueArgs) -> Result<ExitCode> {
         .map(|s| s.parse::<TaskId>())
         .collect::<Result<Vec<_>>>()?;
     task = task.depends_on(deps);
-    if a.count == 0 {
-        return Err(Error::invalid("count", "must be at least 1"));
-    }
     let db = connect(dsn).await?;
     let conn = db.get().await?;
     if a.count == 1 {

@@ -6,7 +6,7 @@
 #![allow(missing_docs)]
 
 use pgcrew::coord::notify::{CHANNELS, Event};
-use pgcrew::queue::{MAX_PAYLOAD_BYTES, NewTask};
+use pgcrew::queue::{MAX_PAYLOAD_BYTES, NewTask, payload_size};
 use pgcrew::{RunId, TaskId, TenantId};
 use serde_json::{Value, json};
 
@@ -68,15 +68,28 @@ struct TypedPayload {
 }
 
 /// Task payloads: JSON text → a task (size-checked) → the typed payload a handler decodes
-/// (`serde_json::from_value::<P>`, as the worker pool does).
+/// (`serde_json::from_value::<P>`, as the worker pool does). The limit applies to PostgreSQL's
+/// JSON text of the payload (`queue::payload_size`), which is never shorter than the compact
+/// JSON text by more than one byte (a lone `-0` prints as `0`).
 pub fn task_payload(data: &[u8]) {
     let Ok(v) = serde_json::from_slice::<Value>(data) else {
         return;
     };
     if let Ok(task) = NewTask::new("fuzz", &v) {
         let ok = task.validate().is_ok();
-        let size = serde_json::to_string(&v).map(|s| s.len()).unwrap_or(0);
-        assert_eq!(ok, size <= MAX_PAYLOAD_BYTES, "size {size}");
+        let measured = payload_size(&v);
+        assert_eq!(
+            ok,
+            measured.as_ref().is_ok_and(|n| *n <= MAX_PAYLOAD_BYTES),
+            "{measured:?}"
+        );
+        let compact = serde_json::to_string(&v).map(|s| s.len()).unwrap_or(0);
+        if let Ok(n) = measured {
+            assert!(n + 1 >= compact, "measured {n}, compact {compact}");
+        }
+        if compact > MAX_PAYLOAD_BYTES + 1 {
+            assert!(!ok, "compact size {compact}");
+        }
     }
     let _ = serde_json::from_value::<TypedPayload>(v.clone());
     let _ = serde_json::from_value::<serde_json::Map<String, Value>>(v);
