@@ -47,7 +47,8 @@ pub use degradation::{
 };
 pub use prices::{ModelPrice, PriceTable};
 pub use rls::{
-    TenantRole, grant_tenant_access, grant_tenant_role, list_tenant_roles, revoke_tenant_role,
+    TenantRole, grant_tenant_access, grant_tenant_role, list_tenant_roles,
+    pg_locks_readable_by_public, revoke_tenant_role,
 };
 pub use status::{BudgetSnapshot, BudgetStatus, BudgetThresholds};
 pub use tenants::{

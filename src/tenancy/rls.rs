@@ -106,6 +106,21 @@ pub async fn revoke_tenant_role(db: &Db, role: &str) -> Result<bool> {
     Ok(was)
 }
 
+/// Whether `PUBLIC` (so every tenant role) can read `pg_catalog.pg_locks`, where PostgreSQL
+/// shows the keys of advisory locks while they are held. Advisory-lock keys are derived from
+/// an installation secret no tenant can read, but a tenant that polls `pg_locks` can learn a
+/// key while another tenant's transaction holds it and take it afterwards. Where tenants have
+/// SQL access, a superuser should run `REVOKE SELECT ON pg_catalog.pg_locks FROM PUBLIC;` in
+/// the pgcrew database (`pgcrew tenants grant-role` warns while it has not).
+#[instrument(skip(db), err)]
+pub async fn pg_locks_readable_by_public(db: &Db) -> Result<bool> {
+    let conn = db.get().await?;
+    Ok(conn
+        .query_one(sql!("tenancy/pg_locks_public"), &[])
+        .await?
+        .get(0))
+}
+
 /// Every role bound to a tenant, by tenant.
 #[instrument(skip(db), err)]
 pub async fn list_tenant_roles(db: &Db) -> Result<Vec<TenantRole>> {

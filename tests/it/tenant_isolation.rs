@@ -638,13 +638,13 @@ async fn cli_grant_role_and_revoke_role() {
         assert!(err.contains("SQLSTATE"), "{args:?}: {err}");
     }
     assert!(tenancy::list_tenant_roles(&t.db).await.unwrap().is_empty());
-    // Grant: the role reads acme's rows.
+    // Grant: the role reads acme's rows; the CLI warns that pg_locks shows held lock keys.
     let out = cli(s(&["grant-role", &role, "acme"])).await;
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("REVOKE SELECT ON pg_catalog.pg_locks FROM PUBLIC"),
+        "{err}"
     );
     let out = cli(s(&["roles", "--json"])).await;
     let roles: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
@@ -715,4 +715,37 @@ async fn bench_rls_smoke() {
         .unwrap()
         .get(0);
     assert_eq!(roles, 0);
+}
+
+#[tokio::test]
+async fn held_advisory_lock_keys_are_hidden_once_pg_locks_is_revoked() {
+    let h = hostile().await;
+    let (c, _task) = h.connect().await;
+    // acme's transaction holds its run lock.
+    let mut owner = h.owner().await;
+    let tx = owner.transaction().await.unwrap();
+    tx.execute("SELECT pgcrew.lock_run($1)", &[&h.acme_run])
+        .await
+        .unwrap();
+    let spy = "SELECT count(*) FROM pg_catalog.pg_locks WHERE locktype = 'advisory'";
+    // By default PostgreSQL shows every role the held keys: this is the exposure the README
+    // documents, and what grant-role warns about.
+    let seen: i64 = c.query_one(spy, &[]).await.unwrap().get(0);
+    assert!(
+        seen >= 1,
+        "the held key should be visible before the hardening"
+    );
+    assert!(tenancy::pg_locks_readable_by_public(&h.t.db).await.unwrap());
+    // The documented hardening, run as a superuser in the pgcrew database.
+    h.t.db
+        .get()
+        .await
+        .unwrap()
+        .batch_execute("REVOKE SELECT ON pg_catalog.pg_locks FROM PUBLIC")
+        .await
+        .unwrap();
+    let e = c.query_one(spy, &[]).await.unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("42501"));
+    assert!(!tenancy::pg_locks_readable_by_public(&h.t.db).await.unwrap());
+    tx.rollback().await.unwrap();
 }

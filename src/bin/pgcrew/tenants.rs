@@ -292,6 +292,13 @@ async fn grant_role(dsn: Option<String>, args: GrantRoleArgs) -> Result<ExitCode
         args.role,
         granted.join(", ")
     );
+    if tenancy::pg_locks_readable_by_public(&db).await? {
+        eprintln!(
+            "warning: every role can read pg_catalog.pg_locks, where the keys of advisory locks show while they are held; \
+             a tenant role could learn another tenant's run lock key there and hold it. As a superuser, in this database: \
+             REVOKE SELECT ON pg_catalog.pg_locks FROM PUBLIC;"
+        );
+    }
     Ok(ExitCode::SUCCESS)
 }
 
