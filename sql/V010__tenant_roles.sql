@@ -35,8 +35,11 @@ ON CONFLICT (role_oid) DO NOTHING;
 -- The tenant of the effective role, or NULL (which matches no row). PL/pgSQL so that its plan
 -- is cached per session (a SQL-language function that cannot be inlined is planned on every
 -- call); to_regrole() is a catalog-cache lookup where the pg_roles view would be a join.
+-- PARALLEL SAFE: it reads the mapping and the session's own identity (both the same in a parallel
+-- worker), and a parallel-unsafe function in a policy would forbid parallel plans for every
+-- tenant-role query (a 500k-row scan took 1.6 x the owner's).
 CREATE OR REPLACE FUNCTION pgcrew.current_tenant() RETURNS text
-LANGUAGE plpgsql STABLE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
+LANGUAGE plpgsql STABLE PARALLEL SAFE SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 BEGIN
     RETURN (SELECT m.tenant_id
               FROM pgcrew.tenant_roles m
