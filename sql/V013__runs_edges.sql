@@ -69,9 +69,15 @@ BEGIN
               DETAIL = json_build_object('field', p_field, 'size', p_size, 'limit', p_limit)::text;
 END $$;
 
--- Appends as in V009, plus the limits: payload (its text is computed once, for both the size
--- check and the hash: the hash expression of pgcrew.event_hash / event_hash_v2 is inlined here),
--- event type and step key. Any refusal aborts the whole batch (nothing is stored).
+-- Appends (secret-keyed run lock, V008), with the ledger v2 rules (V009) and the limits:
+--  * hashed in the run's ledger format (v2 for new runs);
+--  * refused on finished (and so on purged) runs: SQLSTATE PC003;
+--  * a row already stored at the next seq (written outside this function, beyond the recorded
+--    head) stops the append with SQLSTATE PC004 instead of a duplicate-key error;
+--  * payload, event type and step key within their caps (PC040). The payload text is computed
+--    once, for both the size check and the hash (the hash expression of pgcrew.event_hash /
+--    event_hash_v2 is inlined here).
+-- Any refusal aborts the whole batch (nothing is stored).
 CREATE OR REPLACE FUNCTION pgcrew.append_events(p_run uuid, p_lease_token bigint, p_types text[],
                                      p_step_keys text[], p_payloads jsonb[], p_dedupe boolean[])
 RETURNS TABLE (o_seq bigint, o_hash bytea, o_created_at timestamptz, o_inserted boolean)
