@@ -695,3 +695,111 @@ async fn run_retention_purges_old_finished_runs_in_batches_keeping_anchors_and_c
         .unwrap();
     assert_eq!(breakdown.iter().map(|r| r.entries).sum::<i64>(), 15 + 6 + 3);
 }
+
+// ---------------------------------------------------------------------------------------------
+// 4. Run row rules without CHECK constraints (V015)
+// ---------------------------------------------------------------------------------------------
+
+/// PostgreSQL prepares every CHECK constraint of a table in each statement that writes it, so
+/// `pgcrew.runs` carries none (each ledger append updates the run's head): its rules live in the
+/// `runs_check_row` trigger, which refuses the same values with the same SQLSTATE and constraint
+/// names, on UPDATE and INSERT, and still refuses illegal transitions.
+#[tokio::test]
+async fn sql_run_row_rules_hold_without_check_constraints() {
+    let t = test_db().await;
+    let run = new_run(&t.db).await;
+    let conn = t.db.get().await.unwrap();
+    let checks: i64 = conn
+        .query_one(
+            "SELECT count(*) FROM pg_constraint WHERE conrelid = 'pgcrew.runs'::regclass AND contype = 'c'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        checks, 0,
+        "CHECK constraints on pgcrew.runs cost every ledger append"
+    );
+
+    let bad = [
+        ("state = 'bogus'", "runs_state_check"),
+        ("ledger_format = 3", "runs_ledger_format_check"),
+        ("cost_usd = 'NaN'", "runs_cost_usd_valid"),
+        ("cost_usd = -1", "runs_cost_usd_valid"),
+        ("budget_usd_limit = -1", "runs_budget_usd_limit_valid"),
+        ("budget_spent_usd = 'NaN'", "runs_budget_spent_usd_valid"),
+        (
+            "budget_reserved_usd = -0.5",
+            "runs_budget_reserved_usd_valid",
+        ),
+        ("input_tokens = -1", "runs_input_tokens_valid"),
+        ("output_tokens = -1", "runs_output_tokens_valid"),
+    ];
+    for (set, constraint) in bad {
+        let e = conn
+            .execute(
+                &format!("UPDATE pgcrew.runs SET {set} WHERE id = $1"),
+                &[&run],
+            )
+            .await
+            .expect_err(set);
+        assert_eq!(sqlstate(&e), "23514", "{set}: {e}");
+        let db = e.as_db_error().unwrap();
+        assert_eq!(db.constraint(), Some(constraint), "{set}");
+        assert!(db.message().contains(constraint), "{set}: {}", db.message());
+    }
+    // Inserts are checked too.
+    let e = conn
+        .execute(
+            "INSERT INTO pgcrew.runs (id, tenant_id, cost_usd) VALUES (gen_random_uuid(), 'default', 'NaN')",
+            &[],
+        )
+        .await
+        .expect_err("NaN insert");
+    assert_eq!(
+        e.as_db_error().unwrap().constraint(),
+        Some("runs_cost_usd_valid")
+    );
+    let e = conn
+        .execute(
+            "INSERT INTO pgcrew.runs (id, tenant_id, state) VALUES (gen_random_uuid(), 'default', 'bogus')",
+            &[],
+        )
+        .await
+        .expect_err("bogus state insert");
+    assert_eq!(
+        e.as_db_error().unwrap().constraint(),
+        Some("runs_state_check")
+    );
+
+    // Nothing was stored, and good writes and the state machine still work.
+    let row = conn
+        .query_one(
+            "SELECT state, cost_usd::text, input_tokens FROM pgcrew.runs WHERE id = $1",
+            &[&run],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "pending");
+    assert_eq!(row.get::<_, String>(1), "0.0000000000");
+    assert_eq!(row.get::<_, i64>(2), 0);
+    conn.execute(
+        "UPDATE pgcrew.runs SET cost_usd = 0.5, input_tokens = 3, state = 'cancelled' WHERE id = $1",
+        &[&run],
+    )
+    .await
+    .unwrap();
+    let e = conn
+        .execute(
+            "UPDATE pgcrew.runs SET state = 'running' WHERE id = $1",
+            &[&run],
+        )
+        .await
+        .expect_err("cancelled -> running");
+    assert_eq!(sqlstate(&e), "23514");
+    assert_eq!(
+        e.as_db_error().unwrap().hint(),
+        Some("pgcrew_illegal_transition")
+    );
+}
