@@ -152,6 +152,55 @@ async fn plaintext_healthy_deployment_passes_every_check_but_tls() {
     d.stop().await;
 }
 
+#[tokio::test]
+async fn unix_socket_connections_are_reported_as_such_not_as_plaintext() {
+    let (cluster, dsn) = own_cluster(TempClusterOptions::default()).await;
+    // The deployment's connections come through the cluster's unix socket.
+    let socket_dsn = format!(
+        "host={} port={} user=postgres dbname=postgres",
+        cluster.dir().display(),
+        cluster.port()
+    );
+    let db = Db::connect(&socket_dsn, 2, Duration::from_secs(10))
+        .await
+        .unwrap();
+    db.migrate().await.unwrap();
+    // The doctor itself over TCP: its own session is never counted.
+    let doctor_db = Db::connect(&dsn, 1, Duration::from_secs(10)).await.unwrap();
+    let report = doctor::run(&doctor_db, &DoctorOptions::default())
+        .await
+        .unwrap();
+    let tls = finding(&report, CheckId::Tls);
+    assert_eq!(tls.status, Status::Pass, "{tls:#?}");
+    assert!(
+        tls.message
+            .contains("over a unix socket, where TLS does not apply"),
+        "{tls:#?}"
+    );
+    assert!(
+        tls.message.contains("this doctor's connection: no TLS"),
+        "{tls:#?}"
+    );
+    let conns = finding(&report, CheckId::MaxConnections);
+    assert!(
+        conns
+            .items
+            .iter()
+            .any(|i| i.contains("pgcrew from a unix socket")),
+        "{conns:#?}"
+    );
+    // A TCP connection without TLS turns it into a failure naming that one only.
+    let tcp = Db::connect(&dsn, 1, Duration::from_secs(10)).await.unwrap();
+    let report = doctor::run(&doctor_db, &DoctorOptions::default())
+        .await
+        .unwrap();
+    let tls = finding(&report, CheckId::Tls);
+    assert_eq!(tls.status, Status::Fail, "{tls:#?}");
+    assert_eq!(tls.items.len(), 1, "{tls:#?}");
+    assert!(tls.items[0].contains("from 127.0.0.1:"), "{tls:#?}");
+    drop(tcp);
+}
+
 /// Run a statement on the database (test setup).
 async fn exec(db: &Db, sql: &str) {
     db.get()
