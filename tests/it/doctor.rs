@@ -551,6 +551,22 @@ async fn a_role_without_privileges_gets_warnings_per_check_not_a_crash() {
     // The CLI (its own session being the only one of this role) says the same and exits 0:
     // warnings only.
     drop(nobody);
+    let gone = crate::common::eventually(Duration::from_secs(10), || async {
+        let n: i64 = db
+            .get()
+            .await
+            .unwrap()
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE usename = 'doctor_nobody'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 0
+    })
+    .await;
+    assert!(gone, "the library's session of doctor_nobody ended");
     assert!(!report.failed(), "{report:#?}");
     let out = doctor_cli(&nobody_dsn, &["--json"], &[]).await;
     assert_eq!(json_statuses(&out).len(), CheckId::ALL.len(), "{out:?}");
