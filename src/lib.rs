@@ -41,6 +41,7 @@ pub mod agent;
 pub mod config;
 pub mod coord;
 pub mod db;
+pub mod doctor;
 pub mod error;
 pub mod ids;
 pub mod kernel;

@@ -10,6 +10,7 @@ mod budget_edges;
 mod coord;
 mod coord_process;
 mod demo;
+mod doctor;
 mod errors;
 mod faults;
 mod faults_load;

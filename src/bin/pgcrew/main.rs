@@ -1,5 +1,5 @@
-//! The `pgcrew` command line: migrations, instances, leadership, runs, tasks, tenants,
-//! benchmarks and the demo. DSN from `--dsn` or `DATABASE_URL`.
+//! The `pgcrew` command line: migrations, instances, leadership, runs, tasks, tenants, the
+//! doctor, benchmarks and the demo. DSN from `--dsn` or `DATABASE_URL`.
 //!
 //! Exit codes: 0 success, 1 a check failed (e.g. an invalid ledger), 2 usage or connection error.
 
@@ -25,6 +25,7 @@ mod bench_rls;
 mod bench_scale;
 mod coord;
 mod demo;
+mod doctor;
 mod init;
 mod output;
 mod run;
@@ -85,6 +86,8 @@ pub enum Command {
     /// The guided tour: 3 instances, 2 tenants, agent runs and tasks, a leader killed mid-way
     /// (throwaway cluster unless DATABASE_URL is set; then a scratch database on it).
     Demo(demo::DemoArgs),
+    /// Check a running deployment against the production checklist (exit 1 when a check fails).
+    Doctor(doctor::DoctorArgs),
     /// Scaffold a starter service (Cargo.toml, src/main.rs with an agent, a tool and a task
     /// handler) in a new or empty directory.
     Init(init::InitArgs),
@@ -141,6 +144,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Tenants(cmd) => tenants::exec(dsn, cmd).await,
         Command::Bench(args) => bench::exec(dsn, args).await,
         Command::Demo(args) => demo::exec(dsn, args).await,
+        Command::Doctor(args) => doctor::exec(dsn, args).await,
         Command::Init(args) => init::exec(args),
     };
     match result {

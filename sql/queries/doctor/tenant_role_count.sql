@@ -1,0 +1,2 @@
+-- pgcrew doctor: how many roles are bound to tenants.
+SELECT count(*) FROM pgcrew.tenant_roles
