@@ -1023,3 +1023,48 @@ async fn cli_verify_ledger_with_and_without_the_key() {
     assert_eq!(code, Some(1), "{out}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `pgcrew run cancel` signs the run's final checkpoint when the ledger key is in the
+/// environment, as instances do (before, the CLI's handle had no key and cancelled runs were
+/// left unsigned).
+#[tokio::test]
+async fn cli_cancel_signs_the_final_checkpoint_with_the_environment_key() {
+    let t = test_db().await;
+    let db = keyed(&t.db);
+    let dir = std::env::temp_dir().join(format!("pgcrew-key-{}", RunId::new()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let key_file = dir.join("key");
+    std::fs::write(&key_file, [&KEY[..], b"\n"].concat()).unwrap();
+    let run = running_run(&db, 3).await;
+    let out = tokio::process::Command::new(pgcrew_bin())
+        .arg("--dsn")
+        .arg(t.dsn())
+        .args(["run", "cancel", &run.to_string()])
+        .env_remove("PGCREW_LEDGER_KEY")
+        .env("PGCREW_LEDGER_KEY_FILE", &key_file)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let finals: i64 =
+        t.db.get()
+            .await
+            .unwrap()
+            .query_one(
+                "SELECT count(*) FROM pgcrew.ledger_checkpoints WHERE run_id = $1 AND final",
+                &[&run],
+            )
+            .await
+            .unwrap()
+            .get(0);
+    assert_eq!(finals, 1, "the cancelled run's final head is signed");
+    let report = runs::verify_run_chain_signed(&t.db, run, &key())
+        .await
+        .unwrap();
+    assert!(report.valid, "{report:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -42,12 +42,18 @@ pub fn require_dsn(dsn: Option<String>) -> Result<String> {
     })
 }
 
-/// Connect a small pool and check the schema version.
+/// Connect a small pool and check the schema version. With a ledger key in the environment
+/// (`PGCREW_LEDGER_KEY` / `PGCREW_LEDGER_KEY_FILE`), runs the command finishes (`run cancel`)
+/// get their final checkpoint signed, as an instance would sign them.
 pub async fn connect(dsn: Option<String>) -> Result<Db> {
     let dsn = require_dsn(dsn)?;
+    let key = pgcrew::LedgerKey::from_env()?;
     let db = Db::connect(&dsn, 4, Duration::from_secs(10)).await?;
     db.check_schema().await?;
-    Ok(db)
+    Ok(match key {
+        Some(key) => db.with_ledger_key(key),
+        None => db,
+    })
 }
 
 /// Print rows as an aligned table with a header.
