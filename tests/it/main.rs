@@ -26,3 +26,4 @@ mod runs;
 mod runs_edges;
 mod tenancy;
 mod tenant_isolation;
+mod tls;
