@@ -600,7 +600,14 @@ impl PgConfig {
             }) => format!(
                 "the server's certificate does not match the host name: name mismatch ({} is not among the names it is valid for: {}); connect by one of those names or use sslmode=verify-ca",
                 expected.to_str(),
-                presented.join(", ")
+                presented
+                    .iter()
+                    .map(|n| n
+                        .strip_prefix("DnsName(\"")
+                        .and_then(|n| n.strip_suffix("\")"))
+                        .unwrap_or(n))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ),
             TlsFailure::Certificate(
                 CertificateError::Expired | CertificateError::ExpiredContext { .. },
@@ -677,12 +684,20 @@ pub(crate) async fn connect_raw(
     let mut cfg = pg.clone();
     cfg.ssl_mode(driver_mode);
     match cfg.connect(connector.clone()).await {
-        Err(e) if mode == SslMode::Allow && !unix_only && e.as_db_error().is_some() => {
+        // The server was reached but the plaintext attempt failed (refused by pg_hba, or the
+        // authentication it asked for failed): try again with TLS, as libpq does.
+        Err(e) if mode == SslMode::Allow && !unix_only && reached_server(&e) => {
             cfg.ssl_mode(DriverSslMode::Require);
             cfg.connect(connector).await
         }
         other => other,
     }
+}
+
+/// Whether a failed attempt got as far as the server (not a refused or timed-out TCP connect).
+fn reached_server(e: &tokio_postgres::Error) -> bool {
+    let text = e.to_string();
+    !(text.starts_with("error connecting to server") || text.contains("timeout"))
 }
 
 /// The pool's way of opening connections: the same TLS settings as every other connection.
