@@ -489,11 +489,20 @@ impl std::ops::DerefMut for PgConfig {
 }
 
 impl From<tokio_postgres::Config> for PgConfig {
-    /// Default TLS settings (`prefer`, no files), whatever `ssl_mode` the config says.
+    /// TLS without files: the config's `ssl_mode` (disable, prefer or require; the
+    /// certificate is not verified).
     fn from(pg: tokio_postgres::Config) -> Self {
+        let mode = match pg.get_ssl_mode() {
+            DriverSslMode::Disable => SslMode::Disable,
+            DriverSslMode::Require => SslMode::Require,
+            _ => SslMode::Prefer,
+        };
         PgConfig {
             pg,
-            tls: TlsSettings::default(),
+            tls: TlsSettings {
+                mode,
+                ..TlsSettings::default()
+            },
         }
     }
 }
