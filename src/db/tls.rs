@@ -696,7 +696,9 @@ pub(crate) async fn connect_raw(
         // The server was reached but the plaintext attempt failed (refused by pg_hba, or the
         // authentication it asked for failed): try again with TLS, as libpq does.
         Err(e) if mode == SslMode::Allow && !unix_only && reached_server(&e) => {
-            cfg.ssl_mode(DriverSslMode::Require);
+            // Prefer, not Require: a server without TLS then fails as it did the first time
+            // instead of with "server does not support TLS", which would hide the cause.
+            cfg.ssl_mode(DriverSslMode::Prefer);
             cfg.connect(connector).await
         }
         other => other,

@@ -329,6 +329,14 @@ async fn allow_falls_back_to_tls_when_the_server_refuses_plaintext() {
         key.display()
     );
     assert!(backend_ssl(&dsn).await.unwrap());
+    // Against a server without TLS, `allow` reports the server's own refusal.
+    let plain = plain_cluster();
+    let dsn = format!(
+        "host=127.0.0.1 port={} user=postgres password=wrong dbname=postgres sslmode=allow",
+        plain.port()
+    );
+    let e = connect_err(&dsn).await;
+    assert!(e.contains("password authentication failed"), "{e}");
 }
 
 async fn create_cert_role(c: &TempCluster) {
