@@ -425,6 +425,7 @@ pub(crate) fn classify_pg_error(e: tokio_postgres::Error) -> Error {
         || text.contains("invalid connection string")
         || text.contains("configuration")
         || text.contains("timeout")
+        || text.contains("TLS")
     {
         let detail = match source {
             Some(s) => format!("{text}: {s}"),

@@ -220,7 +220,7 @@ struct Inner {
     core_db: Db,
     config: Arc<ClientConfig>,
     notifier: Notifier,
-    listen_config: tokio_postgres::Config,
+    listen_config: crate::db::PgConfig,
     callbacks: Callbacks,
     steps: Vec<Arc<dyn MaintenanceStep>>,
     services: Vec<Arc<dyn Service>>,

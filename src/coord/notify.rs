@@ -217,7 +217,7 @@ impl Event {
 #[derive(Debug, Clone)]
 pub struct NotifierConfig {
     /// Where to LISTEN.
-    pub pg_config: tokio_postgres::Config,
+    pub pg_config: crate::db::PgConfig,
     /// No LISTEN connection: emit `Resync` every `poll_interval` instead.
     pub poll_only: bool,
     /// Fallback poll interval (a `Resync` tick in poll-only mode).

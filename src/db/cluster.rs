@@ -32,6 +32,13 @@ pub struct TempClusterOptions {
     pub settings: Vec<(String, String)>,
     /// Fixed port instead of a free one (default: pick a free port).
     pub port: Option<u16>,
+    /// Serve TLS (`ssl=on`) with a server certificate for `localhost` and `127.0.0.1` signed by
+    /// a CA made for this cluster (default false); clients trust it through
+    /// [`TempCluster::tls_root_cert`].
+    pub tls: bool,
+    /// Roles that must log in over TLS with a client certificate (`hostssl all <role>
+    /// 127.0.0.1/32 cert`), issued by [`TempCluster::issue_client_cert`]; needs `tls`.
+    pub tls_cert_auth_roles: Vec<String>,
 }
 
 impl Default for TempClusterOptions {
@@ -41,6 +48,8 @@ impl Default for TempClusterOptions {
             unsafe_fast: true,
             settings: Vec::new(),
             port: None,
+            tls: false,
+            tls_cert_auth_roles: Vec::new(),
         }
     }
 }
@@ -57,6 +66,8 @@ pub struct TempCluster {
     run_as_postgres: bool,
     watchdog: Option<std::process::Child>,
     stopped: bool,
+    /// The cluster's CA and the path of its certificate, when it serves TLS.
+    tls: Option<(super::certs::CertificateAuthority, PathBuf)>,
 }
 
 impl std::fmt::Debug for TempCluster {
@@ -69,6 +80,7 @@ impl std::fmt::Debug for TempCluster {
             .field("start_opts", &self.start_opts)
             .field("run_as_postgres", &self.run_as_postgres)
             .field("stopped", &self.stopped)
+            .field("tls", &self.tls.as_ref().map(|t| &t.1))
             .finish_non_exhaustive()
     }
 }
@@ -182,6 +194,7 @@ impl TempCluster {
             run_as_postgres,
             watchdog: None,
             stopped: false,
+            tls: None,
         };
         if run_as_postgres {
             let status = Command::new("chown")
@@ -254,6 +267,15 @@ impl TempCluster {
                 String::from_utf8_lossy(&initdb.stderr)
             )));
         }
+        let tls_opts = if options.tls {
+            cluster.setup_tls(&data, &options.tls_cert_auth_roles)?
+        } else if !options.tls_cert_auth_roles.is_empty() {
+            return Err(Error::Config(
+                "TempClusterOptions::tls_cert_auth_roles needs tls: true".into(),
+            ));
+        } else {
+            String::new()
+        };
         let mut last_err = String::new();
         for _ in 0..5 {
             let port = match options.port {
@@ -270,6 +292,7 @@ impl TempCluster {
             if options.unsafe_fast {
                 opts.push_str(" -c fsync=off -c synchronous_commit=off -c full_page_writes=off");
             }
+            opts.push_str(&tls_opts);
             for (k, v) in &options.settings {
                 opts.push_str(&format!(" -c {k}={v}"));
             }
@@ -299,6 +322,98 @@ impl TempCluster {
             }
         }
         Err(Error::Cluster(format!("pg_ctl start failed: {last_err}")))
+    }
+
+    /// Make the CA and the server certificate, hand them to the server's OS user, and add the
+    /// `hostssl ... cert` lines; returns the `-c` options that turn TLS on.
+    fn setup_tls(&mut self, data: &Path, cert_auth_roles: &[String]) -> Result<String> {
+        use super::certs::{CertificateAuthority, Validity, write_file};
+        let ca = CertificateAuthority::new("pgcrew throwaway cluster CA")?;
+        let ca_path = self.dir.join("ca.crt");
+        write_file(&ca_path, ca.cert_pem(), 0o644)?;
+        let server = ca.issue_server(&["localhost", "127.0.0.1"], Validity::Long)?;
+        let (cert, key) = server.write(&self.dir, "server")?;
+        self.chown_to_server(&[&ca_path, &cert, &key])?;
+        if !cert_auth_roles.is_empty() {
+            let hba = data.join("pg_hba.conf");
+            let mut text = String::from("# pgcrew: client-certificate roles\n");
+            for role in cert_auth_roles {
+                if role.is_empty() || !role.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                    return Err(Error::Config(format!(
+                        "tls_cert_auth_roles: `{role}` is not a plain role name (letters, digits, _)"
+                    )));
+                }
+                text.push_str(&format!("hostssl all {role} 127.0.0.1/32 cert\n"));
+            }
+            text.push_str(&std::fs::read_to_string(&hba)?);
+            std::fs::write(&hba, text)?;
+        }
+        let opts = format!(
+            " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={} -c ssl_ca_file={}",
+            cert.display(),
+            key.display(),
+            ca_path.display()
+        );
+        self.tls = Some((ca, ca_path));
+        Ok(opts)
+    }
+
+    fn chown_to_server(&self, paths: &[&Path]) -> Result<()> {
+        if !self.run_as_postgres {
+            return Ok(());
+        }
+        let status = Command::new("chown")
+            .arg("postgres:postgres")
+            .args(paths)
+            .status()?;
+        if !status.success() {
+            return Err(Error::Cluster(
+                "cannot hand the TLS files to the `postgres` user (chown failed)".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The CA certificate (PEM file) that signed the server's certificate, when the cluster
+    /// was started with `tls: true`: use it as `sslrootcert`.
+    pub fn tls_root_cert(&self) -> Option<&Path> {
+        self.tls.as_ref().map(|t| t.1.as_path())
+    }
+
+    /// Issue a client certificate for `role` from the cluster's CA (for the roles in
+    /// `tls_cert_auth_roles`), written to the cluster's directory; returns the certificate
+    /// and key paths (`sslcert`, `sslkey`).
+    pub fn issue_client_cert(&self, role: &str) -> Result<(PathBuf, PathBuf)> {
+        let (ca, _) = self.tls.as_ref().ok_or_else(|| {
+            Error::Config("issue_client_cert needs a cluster started with tls: true".into())
+        })?;
+        ca.issue_client(role)?
+            .write(&self.dir, &format!("client-{role}"))
+    }
+
+    /// Replace the server's certificate and key (e.g. with one from another CA, or an expired
+    /// one) and reload the server; new connections get it.
+    pub fn replace_server_cert(&self, cert: &super::certs::IssuedCert) -> Result<()> {
+        if self.tls.is_none() {
+            return Err(Error::Config(
+                "replace_server_cert needs a cluster started with tls: true".into(),
+            ));
+        }
+        let (crt, key) = cert.write(&self.dir, "server")?;
+        self.chown_to_server(&[&crt, &key])?;
+        let out = self
+            .command("pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("reload")
+            .output()?;
+        if !out.status.success() {
+            return Err(Error::Cluster(format!(
+                "pg_ctl reload failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            )));
+        }
+        Ok(())
     }
 
     fn command(&self, tool: &str) -> Command {
@@ -423,7 +538,7 @@ impl TempCluster {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let cfg = super::parse_dsn(&self.dsn())?;
-            if cfg.connect(tokio_postgres::NoTls).await.is_ok() {
+            if cfg.open().await.is_ok() {
                 return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {

@@ -1,17 +1,17 @@
 //! Database access: the connection pool, embedded migrations, a throwaway local cluster for
 //! development and tests, and scratch databases.
 
+pub mod certs;
 mod cluster;
 mod executor;
 mod migrate;
 mod scratch;
 mod secret;
+pub mod tls;
 
-use std::str::FromStr;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::NoTls;
 use tracing::instrument;
 
 pub use cluster::{TempCluster, TempClusterOptions};
@@ -19,34 +19,40 @@ pub use executor::Executor;
 pub use migrate::{MigrationReport, latest_version};
 pub use scratch::ScratchDatabase;
 pub use secret::redact_dsn;
+pub use tls::{PgConfig, PgConnection, RootCert, SslMode, TlsSettings};
 
 use crate::error::{Error, Result};
 
 /// A pooled connection.
 pub type Conn = deadpool_postgres::Object;
 
-/// Parse a DSN (URL `postgres://...` or key/value `host=... user=...`) with a clear error.
-pub fn parse_dsn(dsn: &str) -> Result<tokio_postgres::Config> {
+/// Parse a DSN (URL `postgres://...` or key/value `host=... user=...`) with a clear error,
+/// including its TLS settings (`sslmode`, `sslrootcert`, `sslcert`, `sslkey`: see [`tls`]).
+/// Certificate and key files are read here, so a bad one is reported at start-up.
+pub fn parse_dsn(dsn: &str) -> Result<PgConfig> {
     if dsn.trim().is_empty() {
         return Err(Error::Connect {
             message: "the DSN is empty: pass --dsn or set DATABASE_URL (e.g. postgres://user@127.0.0.1:5432/db)".into(),
         });
     }
-    tokio_postgres::Config::from_str(dsn).map_err(|e| {
-        // The driver's detail may quote part of the string (`unknown option `...``), which can
-        // be a piece of a malformed password: keep only parameter names, and show the DSN
-        // redacted.
-        let detail = match std::error::Error::source(&e) {
-            Some(s) => format!("{e}: {}", secret::scrub_parse_detail(&s.to_string())),
-            None => e.to_string(),
-        };
-        Error::Connect {
-            message: format!(
-                "malformed DSN `{}` ({detail}); expected e.g. postgres://user:password@host:5432/database or `host=... user=... dbname=...`",
-                redact_dsn(dsn)
-            ),
-        }
-    })
+    PgConfig::parse(dsn)
+}
+
+/// The error for a DSN tokio-postgres cannot parse.
+pub(crate) fn describe_parse_error(dsn: &str, e: &tokio_postgres::Error) -> Error {
+    // The driver's detail may quote part of the string (`unknown option `...``), which can
+    // be a piece of a malformed password: keep only parameter names, and show the DSN
+    // redacted.
+    let detail = match std::error::Error::source(e) {
+        Some(s) => format!("{e}: {}", secret::scrub_parse_detail(&s.to_string())),
+        None => e.to_string(),
+    };
+    Error::Connect {
+        message: format!(
+            "malformed DSN `{}` ({detail}); expected e.g. postgres://user:password@host:5432/database or `host=... user=... dbname=...`",
+            redact_dsn(dsn)
+        ),
+    }
 }
 
 /// Pool settings for [`Db::connect_with`].
@@ -76,7 +82,7 @@ impl Default for PoolOptions {
 #[derive(Clone)]
 pub struct Db {
     pool: Pool,
-    config: tokio_postgres::Config,
+    config: PgConfig,
     /// Signs ledger checkpoints (see [`Db::with_ledger_key`]).
     ledger_key: Option<crate::ledger_key::LedgerKey>,
     checkpoint_interval: u32,
@@ -89,6 +95,7 @@ impl std::fmt::Debug for Db {
         f.debug_struct("Db")
             .field("hosts", &self.config.get_hosts())
             .field("dbname", &self.config.get_dbname())
+            .field("sslmode", &self.config.ssl_mode())
             .field("pool", &self.pool.status())
             .field("ledger_key", &self.ledger_key.is_some())
             .finish()
@@ -143,15 +150,18 @@ impl Db {
         })
     }
 
-    async fn connect_config(config: tokio_postgres::Config, options: PoolOptions) -> Result<Db> {
+    async fn connect_config(config: PgConfig, options: PoolOptions) -> Result<Db> {
         let PoolOptions {
             size: pool_size,
             connect_timeout,
             wait_timeout,
         } = options;
-        let manager = Manager::from_config(
-            config.clone(),
-            NoTls,
+        let manager = Manager::from_connect(
+            config.pg_config().clone(),
+            tls::PoolConnect {
+                mode: config.ssl_mode(),
+                connector: config.tls().connector()?,
+            },
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -165,17 +175,23 @@ impl Db {
             .build()
             .map_err(|e| Error::Config(format!("cannot build the connection pool: {e}")))?;
         let db = Db::from_pool(pool, config);
-        // Fail fast with a classified error (refused, bad password, unknown database).
-        let conn = db.get().await?;
+        // Fail fast with a classified error (refused, bad password, unknown database, a
+        // certificate that does not verify).
+        let conn = match db.pool.get().await {
+            Ok(conn) => conn,
+            Err(deadpool_postgres::PoolError::Backend(e)) => return Err(db.config.explain(e)),
+            Err(e) => return Err(e.into()),
+        };
         conn.simple_query(sql!("db/ping")).await?;
         Ok(db)
     }
 
-    /// Wrap an existing deadpool pool (the DSN-derived settings come from the pool's manager).
-    pub fn from_pool(pool: Pool, config: tokio_postgres::Config) -> Db {
+    /// Wrap an existing deadpool pool (the DSN-derived settings come from the pool's manager;
+    /// `config` is what [`Db::sibling`] and dedicated connections use).
+    pub fn from_pool(pool: Pool, config: impl Into<PgConfig>) -> Db {
         Db {
             pool,
-            config,
+            config: config.into(),
             ledger_key: None,
             checkpoint_interval: crate::ledger_key::DEFAULT_CHECKPOINT_INTERVAL,
             run_limits: crate::runs::limits::RunLimits::default(),
@@ -229,15 +245,15 @@ impl Db {
         &self.pool
     }
 
-    /// The parsed connection configuration.
-    pub fn config(&self) -> &tokio_postgres::Config {
+    /// The parsed connection configuration (with its TLS settings).
+    pub fn config(&self) -> &PgConfig {
         &self.config
     }
 
     /// Open a dedicated connection outside the pool (used for LISTEN and long-lived sessions).
     /// The connection task is spawned on the current runtime and ends when the client is dropped.
     pub async fn connect_dedicated(
-        config: &tokio_postgres::Config,
+        config: &PgConfig,
     ) -> Result<(
         tokio_postgres::Client,
         tokio::task::JoinHandle<()>,
@@ -265,7 +281,7 @@ impl Db {
 /// Connect one client outside any pool, forwarding asynchronous messages (notifications,
 /// notices) to the returned receiver.
 pub(crate) async fn connect_with_messages(
-    config: &tokio_postgres::Config,
+    config: &PgConfig,
 ) -> Result<(
     tokio_postgres::Client,
     tokio::task::JoinHandle<()>,
@@ -284,14 +300,14 @@ pub(crate) async fn connect_with_messages(
 /// asynchronous message (notification, notice) to `on_message` as it arrives, with no further
 /// task hop. The task ends when the client is dropped or the connection fails.
 pub(crate) async fn connect_with_handler<F>(
-    config: &tokio_postgres::Config,
+    config: &PgConfig,
     mut on_message: F,
 ) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>)>
 where
     F: FnMut(tokio_postgres::AsyncMessage) + Send + 'static,
 {
     use futures_util::StreamExt;
-    let (client, mut connection) = config.connect(NoTls).await?;
+    let (client, mut connection) = config.open().await?;
     let handle = tokio::spawn(async move {
         let mut stream = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(msg) = stream.next().await {

@@ -69,6 +69,10 @@ fn with_dbname(dsn: &str, dbname: &str) -> Result<String> {
     if let Some(p) = cfg.get_password() {
         out.push_str(&format!("password={} ", quote(&String::from_utf8_lossy(p))));
     }
+    // TLS settings (tokio-postgres' config does not hold them all).
+    for (k, v) in cfg.tls().dsn_params() {
+        out.push_str(&format!("{k}={} ", quote(&v)));
+    }
     out.push_str(&format!("dbname={}", quote(dbname)));
     Ok(out)
 }
@@ -86,7 +90,7 @@ impl ScratchDatabase {
             &uuid::Uuid::new_v4().simple().to_string()[..16]
         );
         let cfg = parse_dsn(admin_dsn)?;
-        let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+        let (client, conn) = cfg.open().await?;
         let driver = tokio::spawn(conn);
         client
             .batch_execute(&sql!("db/create_database").replace("{name}", &name))
@@ -161,7 +165,7 @@ impl Drop for ScratchDatabase {
             };
             rt.block_on(async move {
                 let Ok(cfg) = parse_dsn(&admin) else { return };
-                let Ok((client, conn)) = cfg.connect(tokio_postgres::NoTls).await else {
+                let Ok((client, conn)) = cfg.open().await else {
                     return;
                 };
                 tokio::spawn(conn);

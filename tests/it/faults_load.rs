@@ -654,7 +654,7 @@ async fn pool_exhaustion_waits_and_timeouts_surface_as_clear_pool_errors() {
     // with an actionable message, and stores nothing.
     let cfg = pgcrew::db::parse_dsn(t.dsn()).unwrap();
     let manager = deadpool_postgres::Manager::from_config(
-        cfg.clone(),
+        cfg.pg_config().clone(),
         tokio_postgres::NoTls,
         deadpool_postgres::ManagerConfig {
             recycling_method: deadpool_postgres::RecyclingMethod::Fast,

@@ -27,3 +27,4 @@ mod runs;
 mod runs_edges;
 mod tenancy;
 mod tenant_isolation;
+mod tls;

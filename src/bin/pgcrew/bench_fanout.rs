@@ -141,7 +141,7 @@ async fn raw_latencies(dsn: &str, run_id: RunId, n: usize) -> Result<Vec<Duratio
     let cfg = pgcrew::db::parse_dsn(dsn)?;
     let (listener, driver, mut rx) = pgcrew::Db::connect_dedicated(&cfg).await?;
     listener.batch_execute(LISTEN_SQL).await?;
-    let (sender, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+    let (sender, conn) = cfg.open().await?;
     let sender_task = tokio::spawn(conn);
     let stmt = sender.prepare(NOTIFY_SQL).await?;
     let mut lat = Vec::with_capacity(n);

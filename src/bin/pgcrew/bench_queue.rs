@@ -63,17 +63,17 @@ impl Default for QueueBenchArgs {
 
 /// The figures printed.
 #[derive(Debug, Serialize)]
-struct Report {
+pub(crate) struct Report {
     tasks: usize,
     concurrency: usize,
     instances: usize,
     prefetch: usize,
     enqueue_secs: f64,
-    enqueue_per_sec: f64,
+    pub(crate) enqueue_per_sec: f64,
     process_secs: f64,
-    processed_per_sec: f64,
+    pub(crate) processed_per_sec: f64,
     wakeup_samples: usize,
-    wakeup_p50_ms: f64,
+    pub(crate) wakeup_p50_ms: f64,
     wakeup_p99_ms: f64,
     wakeup_max_ms: f64,
     wakeup_from_commit_p50_ms: f64,
@@ -146,7 +146,8 @@ pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
+/// One run of the benchmark on `dsn` (a database it may fill; `pgcrew bench tls` reuses it).
+pub(crate) async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
     let pool_size = 4 + args.instances * 4;
     let db = Db::connect(dsn, pool_size, Duration::from_secs(10)).await?;
     db.migrate().await?;

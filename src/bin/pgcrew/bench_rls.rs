@@ -115,7 +115,7 @@ async fn bench(dsn: &str, args: &RlsBenchArgs) -> Result<Report> {
         tenancy::grant_tenant_role(&db, &role, &tenant).await?;
         let mut cfg = db.config().clone();
         cfg.user(&role).password(password.as_str());
-        let (tenant_client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+        let (tenant_client, conn) = cfg.open().await?;
         let driver = tokio::spawn(conn);
         eprintln!("[3/3] timing reads ...");
         let reads = measure(&owner, &tenant_client, &tenant, args.samples).await;

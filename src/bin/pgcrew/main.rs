@@ -23,6 +23,7 @@ mod bench_ledger;
 mod bench_queue;
 mod bench_rls;
 mod bench_scale;
+mod bench_tls;
 mod coord;
 mod demo;
 mod doctor;
