@@ -11,6 +11,7 @@ mod coord;
 mod coord_process;
 mod demo;
 mod doctor;
+mod doctor_tls;
 mod errors;
 mod faults;
 mod faults_load;
