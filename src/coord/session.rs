@@ -32,7 +32,7 @@ pub(crate) enum CoordConn {
     /// The coordination session.
     Session(Arc<tokio_postgres::Client>),
     /// A pooled connection (fallback).
-    Pooled(Conn),
+    Pooled(Box<Conn>),
 }
 
 impl Deref for CoordConn {
@@ -57,7 +57,7 @@ enum Source {
     /// The notifier's LISTEN connection.
     Listen(watch::Receiver<Option<Arc<tokio_postgres::Client>>>),
     /// Our own connection (poll-only mode).
-    Own(Mutex<Own>),
+    Own(Box<Mutex<Own>>),
 }
 
 /// The instance's coordination connection (see the module docs).
@@ -96,7 +96,7 @@ impl Session {
             backoff: MIN_BACKOFF,
             next_attempt: None,
         };
-        Session::new(Source::Own(Mutex::new(own)), pool, config)
+        Session::new(Source::Own(Box::new(Mutex::new(own))), pool, config)
     }
 
     fn new(source: Source, pool: Db, config: &ClientConfig) -> Session {
@@ -120,7 +120,7 @@ impl Session {
             Err(e) => {
                 debug!(error = %e, "coordination connection down; borrowing a pooled connection");
                 match tokio::time::timeout(self.wait, self.pool.get()).await {
-                    Ok(Ok(c)) => Ok(CoordConn::Pooled(c)),
+                    Ok(Ok(c)) => Ok(CoordConn::Pooled(Box::new(c))),
                     Ok(Err(pool_err)) => Err(pool_err),
                     Err(_) => Err(e),
                 }
