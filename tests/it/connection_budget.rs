@@ -353,3 +353,48 @@ async fn budgets_too_small_for_the_work_are_refused_at_start_up() {
         assert!(stderr.contains("max_connections"), "{args:?}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn renewal_blocked_on_the_leader_row_does_not_hold_up_heartbeats() {
+    let t = test_db().await;
+    let app = "budget-blocked";
+    let client = Client::builder(named_dsn(&t, app))
+        .config(budget_config("blocked", 4))
+        .build()
+        .await
+        .unwrap();
+    client.start().await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    // Hold the leader row as a long maintenance step would (FOR SHARE): every renewal waits on
+    // it. The heartbeats share the renewals' connection and must still get through.
+    let mut holder = t.db.get().await.unwrap();
+    let tx = holder.transaction().await.unwrap();
+    tx.execute(
+        "SELECT 1 FROM pgcrew.leader WHERE name = 'default' FOR SHARE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let observer = t.db.get().await.unwrap();
+    let mut samples = Vec::new();
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(3) {
+        samples.push(sample(&observer, "blocked", app).await);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tx.rollback().await.unwrap();
+    for s in &samples {
+        let age = s.heartbeat_age.expect("the instance row stays");
+        assert!(
+            age < INSTANCE_TTL.as_secs_f64(),
+            "heartbeat gap of {age:.3} s while a renewal waited on the leader row: {samples:?}"
+        );
+        assert!(s.backends <= 4, "{samples:?}");
+    }
+    // Nor did the wait cost the LISTEN connection (a liveness ping stuck behind the renewal
+    // would have made the notifier drop it and open another).
+    assert_eq!(client.notifier().reconnects(), 0);
+    // Renewals go through again once the row is free.
+    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    client.stop().await.unwrap();
+}
