@@ -9,7 +9,8 @@
 //! | `maintenance_interval` | 1 min | how often the leader runs maintenance |
 //! | `stuck_run_timeout` | 1 h | a run `running` longer than this with no live lease is failed with `run timed out` (a renewed lease keeps it alive) |
 //! | `notify_poll_interval` | 5 s | fallback poll interval of listeners (NOTIFY is only a wake-up) |
-//! | `pool_size` | 16 | maximum pooled connections |
+//! | `pool_size` | 16 | maximum pooled connections (ignored when `max_connections` is set) |
+//! | `max_connections` | unset (= `pool_size` + 1 = 17) | total connection budget of a started instance: the pool gets `max_connections - 1`, the coordination connection (which is also the LISTEN connection) the last one; at least 3, at least 4 with a worker pool |
 //! | `connect_timeout` | 10 s | timeout to open one connection |
 //! | `pool_wait_timeout` | 30 s | how long a caller waits for a pooled connection before `Error::Pool` |
 //! | `listen_dsn` | the main DSN | separate DSN for the LISTEN connection (e.g. bypassing PgBouncer) |
@@ -31,6 +32,27 @@ use crate::error::{Error, Result};
 use crate::ids::InstanceId;
 use crate::ledger_key::{DEFAULT_CHECKPOINT_INTERVAL, LedgerKey};
 use crate::runs::limits::RunLimits;
+
+/// Pooled connections of an instance by default ([`ClientConfig::pool_size`]).
+pub const DEFAULT_POOL_SIZE: usize = 16;
+
+/// Connections a started instance holds outside its pool: one coordination connection, which
+/// runs heartbeats and leader renewals and is also the LISTEN connection (in `poll_only` mode
+/// it only coordinates). Total = pool + this.
+pub const COORDINATION_CONNECTIONS: usize = 1;
+
+/// The smallest pool a client accepts.
+pub const MIN_POOL_SIZE: usize = 2;
+
+/// The smallest `max_connections` a client accepts: [`MIN_POOL_SIZE`] pooled connections plus
+/// the coordination connection. An instance running a worker pool needs one more
+/// ([`MIN_WORKER_CONNECTIONS`]).
+pub const MIN_CONNECTIONS: usize = MIN_POOL_SIZE + COORDINATION_CONNECTIONS;
+
+/// The smallest `max_connections` of an instance running a
+/// [`WorkerPool`](crate::queue::WorkerPool): the pool holds one connection for claims and one
+/// for acknowledgements, and needs a third for task heartbeats and handlers.
+pub const MIN_WORKER_CONNECTIONS: usize = 3 + COORDINATION_CONNECTIONS;
 
 /// Configuration of a [`Client`](crate::Client). Build it with [`ClientConfig::builder`].
 ///
@@ -58,8 +80,15 @@ pub struct ClientConfig {
     pub stuck_run_timeout: Duration,
     /// Fallback polling interval for listeners.
     pub notify_poll_interval: Duration,
-    /// Maximum pooled connections.
+    /// Maximum pooled connections. Ignored when [`ClientConfig::max_connections`] is set (the
+    /// pool then gets the budget minus the coordination connection); see
+    /// [`ClientConfig::pool_connections`].
     pub pool_size: usize,
+    /// The instance's total connection budget: `Some(n)` gives the pool `n - 1` connections
+    /// and the coordination connection (heartbeats, leader renewals, and LISTEN unless
+    /// `poll_only`) the last one. `None`: the pool has `pool_size` connections and the instance
+    /// `pool_size + 1` in all. See [`ClientConfig::connections_needed`].
+    pub max_connections: Option<usize>,
     /// Timeout to open one connection.
     pub connect_timeout: Duration,
     /// How long a caller waits for a free pooled connection before `Error::Pool`.
@@ -107,7 +136,8 @@ impl Default for ClientConfig {
             maintenance_interval: Duration::from_secs(60),
             stuck_run_timeout: Duration::from_secs(3600),
             notify_poll_interval: Duration::from_secs(5),
-            pool_size: 16,
+            pool_size: DEFAULT_POOL_SIZE,
+            max_connections: None,
             connect_timeout: Duration::from_secs(10),
             pool_wait_timeout: Duration::from_secs(30),
             listen_dsn: None,
@@ -141,6 +171,7 @@ impl std::fmt::Debug for ClientConfig {
             stuck_run_timeout,
             notify_poll_interval,
             pool_size,
+            max_connections,
             connect_timeout,
             pool_wait_timeout,
             listen_dsn,
@@ -168,6 +199,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("stuck_run_timeout", stuck_run_timeout)
             .field("notify_poll_interval", notify_poll_interval)
             .field("pool_size", pool_size)
+            .field("max_connections", max_connections)
             .field("connect_timeout", connect_timeout)
             .field("pool_wait_timeout", pool_wait_timeout)
             .field(
@@ -194,7 +226,37 @@ impl ClientConfig {
     pub fn builder() -> ClientConfigBuilder {
         ClientConfigBuilder {
             config: ClientConfig::default(),
+            pool_size_set: false,
         }
+    }
+
+    /// The size of the instance's connection pool: `max_connections - 1` when a budget is set,
+    /// otherwise `pool_size`.
+    pub fn pool_connections(&self) -> usize {
+        match self.max_connections {
+            Some(m) => m.saturating_sub(COORDINATION_CONNECTIONS),
+            None => self.pool_size,
+        }
+    }
+
+    /// Connections a started instance with this configuration opens at most, LISTEN included:
+    /// `pool_connections() + 1` (the coordination connection). With the defaults, 17.
+    /// Size the server's `max_connections` as the sum over instances plus what other clients
+    /// (migrations, the CLI, superuser_reserved_connections) need. When the client is built on
+    /// an existing [`Db`](crate::Db), its pool is that handle's instead.
+    pub fn connections_needed(&self) -> usize {
+        self.pool_connections() + COORDINATION_CONNECTIONS
+    }
+
+    /// How long a coordination statement waits for a row lock before it fails and is retried
+    /// (`lock_timeout` of the coordination connection): a leader renewal waiting behind the
+    /// leader's own maintenance step must not hold up the heartbeats queued behind it on the
+    /// same connection, nor the LISTEN connection's liveness ping. The lesser of the renewal
+    /// interval and half the notify poll interval, at least 50 ms.
+    pub fn coordination_lock_timeout(&self) -> Duration {
+        self.leader_renew_interval()
+            .min(self.notify_poll_interval / 2)
+            .max(Duration::from_millis(50))
     }
 
     /// The leader renewal interval: a third of the lease TTL.
@@ -231,8 +293,19 @@ impl ClientConfig {
                 self.instance_ttl, self.heartbeat_interval
             )));
         }
-        if self.pool_size < 2 {
-            return Err(Error::Config("pool_size must be at least 2".into()));
+        match self.max_connections {
+            Some(m) if m < MIN_CONNECTIONS => {
+                return Err(Error::Config(format!(
+                    "max_connections is {m}; an instance needs at least {MIN_CONNECTIONS} ({MIN_POOL_SIZE} pooled + {COORDINATION_CONNECTIONS} coordination/LISTEN connection), and at least {MIN_WORKER_CONNECTIONS} to run a worker pool"
+                )));
+            }
+            Some(_) => {}
+            None if self.pool_size < MIN_POOL_SIZE => {
+                return Err(Error::Config(format!(
+                    "pool_size must be at least {MIN_POOL_SIZE}"
+                )));
+            }
+            None => {}
         }
         if self.checkpoint_interval < 1 {
             return Err(Error::Config(
@@ -261,6 +334,8 @@ impl ClientConfig {
 #[derive(Debug, Clone)]
 pub struct ClientConfigBuilder {
     config: ClientConfig,
+    /// Whether `pool_size` was set explicitly (then it must agree with `max_connections`).
+    pool_size_set: bool,
 }
 
 macro_rules! setter {
@@ -315,10 +390,22 @@ impl ClientConfigBuilder {
         /// Listener fallback poll interval (default 5 s).
         notify_poll_interval: Duration
     );
-    setter!(
-        /// Pool size (default 16).
-        pool_size: usize
-    );
+    /// Pool size (default 16; ignored when [`max_connections`](Self::max_connections) is set,
+    /// and then it must agree with it if given: `pool_size + 1 == max_connections`).
+    pub fn pool_size(mut self, value: usize) -> Self {
+        self.config.pool_size = value;
+        self.pool_size_set = true;
+        self
+    }
+
+    /// The instance's total connection budget, LISTEN included (default: unset, i.e.
+    /// `pool_size + 1`): the pool gets `n - 1` connections and the coordination connection the
+    /// last one. At least 3, and at least 4 to run a worker pool (checked when the client is
+    /// built).
+    pub fn max_connections(mut self, n: usize) -> Self {
+        self.config.max_connections = Some(n);
+        self
+    }
     setter!(
         /// Connect timeout (default 10 s).
         connect_timeout: Duration
@@ -388,7 +475,16 @@ impl ClientConfigBuilder {
     }
 
     /// Validate and return the configuration.
-    pub fn build(self) -> Result<ClientConfig> {
+    pub fn build(mut self) -> Result<ClientConfig> {
+        if let Some(m) = self.config.max_connections {
+            if self.pool_size_set && self.config.pool_size + COORDINATION_CONNECTIONS != m {
+                return Err(Error::Config(format!(
+                    "pool_size {} and max_connections {m} disagree: an instance uses pool_size + {COORDINATION_CONNECTIONS} connections (the coordination connection, which also LISTENs); set only one of them",
+                    self.config.pool_size
+                )));
+            }
+            self.config.pool_size = m.saturating_sub(COORDINATION_CONNECTIONS);
+        }
         self.config.validate()?;
         Ok(self.config)
     }

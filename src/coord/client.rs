@@ -18,7 +18,8 @@ use super::maintenance::{
     self, MaintenanceContext, MaintenanceReport, MaintenanceStep, sleep_or_shutdown,
 };
 use super::notify::{Event, EventKind, Notifier, NotifierConfig, NotifierTask, Subscription};
-use crate::config::ClientConfig;
+use super::session::Session;
+use crate::config::{COORDINATION_CONNECTIONS, ClientConfig};
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::ids::{InstanceId, TaskId};
@@ -76,6 +77,12 @@ pub trait Service: Send + Sync {
     fn name(&self) -> &'static str;
     /// Run until shutdown.
     async fn run(self: Arc<Self>, client: Client, shutdown: watch::Receiver<bool>) -> Result<()>;
+    /// Pooled connections the service holds for as long as it runs (default 0). The client
+    /// refuses to build ([`Error::Config`]) unless its pool has these plus one to spare for
+    /// everything else.
+    fn held_connections(&self) -> usize {
+        0
+    }
 }
 
 type ErrorCallback = Arc<dyn Fn(&Error) + Send + Sync>;
@@ -154,7 +161,7 @@ impl ClientBuilder {
                 Db::connect_with(
                     &dsn,
                     crate::db::PoolOptions {
-                        size: self.config.pool_size,
+                        size: self.config.pool_connections(),
                         connect_timeout: self.config.connect_timeout,
                         wait_timeout: self.config.pool_wait_timeout,
                     },
@@ -176,19 +183,36 @@ impl ClientBuilder {
         } else {
             db.check_schema().await?;
         }
-        let listen_config = match &self.config.listen_dsn {
+        check_budget(&self.config, &db, &self.services)?;
+        let mut listen_config = match &self.config.listen_dsn {
             Some(dsn) => crate::db::parse_dsn(dsn)?,
             None => db.config().clone(),
         };
-        // Heartbeats, elections and maintenance get their own small pool so that application
-        // work exhausting the main pool can never cost this instance its leadership or liveness.
-        let core_db = db.sibling(3, self.config.connect_timeout).await?;
+        // The coordination connection is told apart from the pooled ones (same name plus
+        // ` coordination`), for `pg_stat_activity` and `pg_terminate_backend`.
+        let app = format!(
+            "{} coordination",
+            listen_config.get_application_name().unwrap_or("pgcrew")
+        );
+        listen_config.application_name(&app);
+        if listen_config.get_connect_timeout().is_none() {
+            listen_config.connect_timeout(self.config.connect_timeout);
+        }
+        // Heartbeats and leader renewals run on one connection outside the pool (the LISTEN
+        // connection, or in poll-only mode a dedicated one), so that application work
+        // exhausting the pool can never cost this instance its leadership or liveness.
+        let notifier = Notifier::new(4096);
+        let session = if self.config.poll_only {
+            Session::dedicated(listen_config.clone(), db.clone(), &self.config)
+        } else {
+            Session::on_listen(notifier.session(), db.clone(), &self.config)
+        };
         Ok(Client {
             inner: Arc::new(Inner {
                 db,
-                core_db,
+                session,
                 config: Arc::new(self.config),
-                notifier: Notifier::new(4096),
+                notifier,
                 listen_config,
                 callbacks: self.callbacks,
                 steps: self.steps,
@@ -217,7 +241,8 @@ struct Running {
 
 struct Inner {
     db: Db,
-    core_db: Db,
+    /// The coordination connection (heartbeats, leader renewals).
+    session: Session,
     config: Arc<ClientConfig>,
     notifier: Notifier,
     listen_config: crate::db::PgConfig,
@@ -349,7 +374,7 @@ impl Client {
         if running.is_some() {
             return Err(Error::Config("client is already running".into()));
         }
-        instance::register(&self.inner.core_db, &self.instance_info()).await?;
+        instance::register(&self.inner.db, &self.instance_info()).await?;
         info!(instance = %self.instance_id(), "instance registered");
         let notifier_task = self.inner.notifier.spawn_listener(NotifierConfig {
             pg_config: self.inner.listen_config.clone(),
@@ -411,8 +436,9 @@ impl Client {
         for t in r.core_tasks {
             let _ = t.await;
         }
-        let result = instance::deregister(&self.inner.core_db, self.instance_id()).await;
+        let result = instance::deregister(&self.inner.db, self.instance_id()).await;
         r.notifier_task.stop().await;
+        self.inner.session.close().await;
         self.inner.is_running.store(false, Ordering::SeqCst);
         info!(instance = %self.instance_id(), "instance stopped");
         result.map(|_| ())
@@ -424,7 +450,7 @@ impl Client {
             .leader_term()
             .ok_or_else(|| Error::NotRunning("this instance is not the leader".into()))?;
         maintenance::run_once(
-            &self.inner.core_db,
+            &self.inner.db,
             &self.inner.steps,
             &self.maintenance_ctx(term),
         )
@@ -443,12 +469,15 @@ impl Client {
     async fn heartbeat_loop(self, mut shutdown: watch::Receiver<bool>) {
         let interval = self.inner.config.heartbeat_interval;
         while !sleep_or_shutdown(interval, &mut shutdown).await {
-            match instance::heartbeat(&self.inner.core_db, self.instance_id()).await {
+            let beat = async {
+                let conn = self.inner.session.get().await?;
+                instance::heartbeat_on(&conn, self.instance_id()).await
+            };
+            match beat.await {
                 Ok(true) => {}
                 Ok(false) => {
                     warn!(instance = %self.instance_id(), "instance row was removed; re-registering");
-                    if let Err(e) =
-                        instance::register(&self.inner.core_db, &self.instance_info()).await
+                    if let Err(e) = instance::register(&self.inner.db, &self.instance_info()).await
                     {
                         self.report_error(&e);
                     }
@@ -492,8 +521,12 @@ impl Client {
             let current = self.inner.leader.lock().ok().and_then(|g| *g);
             let deadline = current.map(|l| l.deadline);
             let sent = Instant::now();
+            let elect = async {
+                let conn = self.inner.session.get().await?;
+                leader::elect_on(&conn, DEFAULT_LEASE, &me, ttl).await
+            };
             let attempt = tokio::select! {
-                r = leader::elect(&self.inner.core_db, DEFAULT_LEASE, &me, ttl) => Some(r),
+                r = elect => Some(r),
                 _ = sleep_until_opt(deadline) => None,
                 _ = shutdown.changed() => break,
             };
@@ -530,8 +563,14 @@ impl Client {
                     };
                 }
                 Some(Err(e)) => {
-                    self.report_error(&e);
-                    next = renew.min(Duration::from_secs(1));
+                    if is_lock_timeout(&e) {
+                        // Our own maintenance step holds the leader row: retry shortly.
+                        tracing::debug!(error = %e, "leader renewal waited for the leader row; retrying");
+                        next = renew.min(Duration::from_millis(100));
+                    } else {
+                        self.report_error(&e);
+                        next = renew.min(Duration::from_secs(1));
+                    }
                 }
             }
             let deadline = self
@@ -569,7 +608,7 @@ impl Client {
             let _ = h.await;
         }
         if self.set_leader(None).is_some() {
-            if let Err(e) = leader::resign(&self.inner.core_db, DEFAULT_LEASE, &me).await {
+            if let Err(e) = self.resign(&me).await {
                 self.report_error(&e);
             }
             if let Some(cb) = &self.inner.callbacks.on_lost_leadership {
@@ -577,8 +616,13 @@ impl Client {
             }
         } else {
             // We may hold a lease we never learned about (reply lost): release it if ours.
-            let _ = leader::resign(&self.inner.core_db, DEFAULT_LEASE, &me).await;
+            let _ = self.resign(&me).await;
         }
+    }
+
+    async fn resign(&self, me: &InstanceId) -> Result<bool> {
+        let conn = self.inner.session.get().await?;
+        leader::resign_on(&conn, DEFAULT_LEASE, me).await
     }
 
     async fn maintenance_loop(self, term: i64) {
@@ -587,7 +631,7 @@ impl Client {
             if self.leader_term() != Some(term) {
                 return;
             }
-            match maintenance::run_once(&self.inner.core_db, &self.inner.steps, &ctx).await {
+            match maintenance::run_once(&self.inner.db, &self.inner.steps, &ctx).await {
                 Ok(report) => {
                     let total: u64 = report.steps.iter().map(|(_, n)| n).sum();
                     if total > 0 {
@@ -603,6 +647,41 @@ impl Client {
             tokio::time::sleep(self.inner.config.maintenance_interval).await;
         }
     }
+}
+
+/// Whether `e` is a `lock_timeout` expiry (SQLSTATE 55P03).
+fn is_lock_timeout(e: &Error) -> bool {
+    matches!(e, Error::Database(db) if db.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE))
+}
+
+/// Refuse a configuration whose pool cannot serve the instance: a `Db` handed in with a pool
+/// beyond `max_connections`, or services holding more pooled connections than the pool has to
+/// spare.
+fn check_budget(config: &ClientConfig, db: &Db, services: &[Arc<dyn Service>]) -> Result<()> {
+    let pool = db.pool().status().max_size;
+    if let Some(max) = config.max_connections
+        && pool + COORDINATION_CONNECTIONS > max
+    {
+        return Err(Error::Config(format!(
+            "the database handle's pool has {pool} connections; with the coordination connection this instance would use {} > max_connections {max}",
+            pool + COORDINATION_CONNECTIONS
+        )));
+    }
+    let held: usize = services.iter().map(|s| s.held_connections()).sum();
+    if held > 0 && held + 1 > pool {
+        let names: Vec<&str> = services
+            .iter()
+            .filter(|s| s.held_connections() > 0)
+            .map(|s| s.name())
+            .collect();
+        return Err(Error::Config(format!(
+            "too few connections for the configured work: {} hold {held} pooled connections while running (a worker pool: one for claims, one for acknowledgements) and need at least one more for task heartbeats and handlers, but the pool has {pool}; raise max_connections to at least {} (= pool + {COORDINATION_CONNECTIONS} coordination/LISTEN connection) or pool_size to at least {}",
+            names.join(", "),
+            held + 1 + COORDINATION_CONNECTIONS,
+            held + 1
+        )));
+    }
+    Ok(())
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

@@ -74,6 +74,11 @@ pub async fn register(db: &Db, info: &InstanceInfo) -> Result<()> {
 #[instrument(skip(db), err)]
 pub async fn heartbeat(db: &Db, id: &InstanceId) -> Result<bool> {
     let conn = db.get().await?;
+    heartbeat_on(&conn, id).await
+}
+
+/// [`heartbeat`] on a given connection (the instance's coordination connection).
+pub(crate) async fn heartbeat_on(conn: &tokio_postgres::Client, id: &InstanceId) -> Result<bool> {
     Ok(conn.execute(sql!("coord/heartbeat"), &[id]).await? == 1)
 }
 

@@ -36,6 +36,16 @@ pub enum Election {
 #[instrument(skip(db), err)]
 pub async fn elect(db: &Db, name: &str, id: &InstanceId, ttl: Duration) -> Result<Election> {
     let conn = db.get().await?;
+    elect_on(&conn, name, id, ttl).await
+}
+
+/// [`elect`] on a given connection (the instance's coordination connection).
+pub(crate) async fn elect_on(
+    conn: &tokio_postgres::Client,
+    name: &str,
+    id: &InstanceId,
+    ttl: Duration,
+) -> Result<Election> {
     let ttl_us = interval_micros(ttl);
     if let Some(row) = conn
         .query_opt(sql!("coord/elect"), &[&name, id, &ttl_us])
@@ -64,6 +74,15 @@ pub async fn elect(db: &Db, name: &str, id: &InstanceId, ttl: Duration) -> Resul
 #[instrument(skip(db), err)]
 pub async fn resign(db: &Db, name: &str, id: &InstanceId) -> Result<bool> {
     let conn = db.get().await?;
+    resign_on(&conn, name, id).await
+}
+
+/// [`resign`] on a given connection (the instance's coordination connection).
+pub(crate) async fn resign_on(
+    conn: &tokio_postgres::Client,
+    name: &str,
+    id: &InstanceId,
+) -> Result<bool> {
     Ok(conn.execute(sql!("coord/resign"), &[&name, id]).await? > 0)
 }
 

@@ -6,3 +6,4 @@ pub mod instance;
 pub mod leader;
 pub mod maintenance;
 pub mod notify;
+mod session;

@@ -228,6 +228,9 @@ struct Shared {
     tx: broadcast::Sender<Event>,
     reconnects: AtomicU64,
     connected: watch::Sender<bool>,
+    /// The live LISTEN connection, shared with the client's coordination work (heartbeats and
+    /// leader renewals run on it, so they need no connection of their own).
+    session: watch::Sender<Option<Arc<tokio_postgres::Client>>>,
 }
 
 /// The per-instance notification hub. Cheap to clone.
@@ -266,11 +269,13 @@ impl Notifier {
     pub fn new(capacity: usize) -> Notifier {
         let (tx, _) = broadcast::channel(capacity.max(16));
         let (connected, _) = watch::channel(false);
+        let (session, _) = watch::channel(None);
         Notifier {
             shared: Arc::new(Shared {
                 tx,
                 reconnects: AtomicU64::new(0),
                 connected,
+                session,
             }),
         }
     }
@@ -314,6 +319,11 @@ impl Notifier {
             }
         });
         CallbackHandle { handle }
+    }
+
+    /// The LISTEN connection while it is up (`None` while reconnecting or in poll-only mode).
+    pub(crate) fn session(&self) -> watch::Receiver<Option<Arc<tokio_postgres::Client>>> {
+        self.shared.session.subscribe()
     }
 
     /// Number of live subscribers.
@@ -496,6 +506,8 @@ async fn listen_once(
         driver.abort();
         return ListenEnd::Lost { was_up: false };
     }
+    let client = Arc::new(client);
+    let _ = shared.session.send(Some(client.clone()));
     let _ = shared.connected.send(true);
     if first {
         info!("notifier: listening on {} channels", CHANNELS.len());
@@ -510,18 +522,21 @@ async fn listen_once(
     loop {
         tokio::select! {
             _ = &mut driver => {
+                let _ = shared.session.send(None);
                 warn!("notifier: LISTEN connection lost; reconnecting");
                 return ListenEnd::Lost { was_up: true };
             }
             _ = ping.tick() => {
                 // Detect half-open connections that would otherwise never report an error.
                 if tokio::time::timeout(config.poll_interval, client.simple_query(sql!("db/ping"))).await.map(|r| r.is_err()).unwrap_or(true) {
+                    let _ = shared.session.send(None);
                     warn!("notifier: LISTEN connection unresponsive; reconnecting");
                     driver.abort();
                     return ListenEnd::Lost { was_up: true };
                 }
             }
             _ = shutdown.changed() => {
+                let _ = shared.session.send(None);
                 drop(client);
                 let _ = driver.await;
                 return ListenEnd::Shutdown;

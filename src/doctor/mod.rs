@@ -351,8 +351,8 @@ pub struct DoctorOptions {
     pub instance_ttl: Duration,
     /// The leader lease that must be held (default `default`, the one [`crate::Client`] takes).
     pub lease_name: String,
-    /// The connections one instance may open (its pool, its coordination pool and its LISTEN
-    /// connection); default: [`connections_per_instance`] of [`ClientConfig::default`].
+    /// The connections one instance may open (its pool and its coordination connection, which
+    /// is also its LISTEN connection); default: [`connections_per_instance`] of [`ClientConfig::default`].
     pub connections_per_instance: u32,
     /// The share of the usable connection slots to keep free (default 0.2): more in use (by the
     /// instances' budget and the other open sessions) is a warning.
@@ -384,12 +384,11 @@ pub struct DoctorOptions {
     pub max_items: usize,
 }
 
-/// The connections one instance configured by `config` opens at most: its pool
-/// (`pool_size`), its coordination pool (heartbeat, election, maintenance: 3) and its LISTEN
-/// connection (none with `poll_only`).
+/// The connections one instance configured by `config` opens at most, LISTEN included:
+/// [`ClientConfig::connections_needed`] (its pool plus the one coordination connection, which is
+/// also the LISTEN connection).
 pub fn connections_per_instance(config: &ClientConfig) -> u32 {
-    let listen = usize::from(!config.poll_only);
-    u32::try_from(config.pool_size + 3 + listen).unwrap_or(u32::MAX)
+    u32::try_from(config.connections_needed()).unwrap_or(u32::MAX)
 }
 
 impl Default for DoctorOptions {

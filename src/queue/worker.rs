@@ -932,6 +932,11 @@ impl Service for WorkerPool {
         "worker_pool"
     }
 
+    /// The claim loop and the acknowledger each keep one pooled connection.
+    fn held_connections(&self) -> usize {
+        2
+    }
+
     async fn run(
         self: Arc<Self>,
         client: Client,

@@ -160,12 +160,14 @@ async fn thousand_subscribers_and_listen_reconnect_with_resync() {
     drop(subs);
 
     // Kill the LISTEN connection from the server side: the notifier reconnects, emits Resync,
-    // and later events arrive.
+    // and later events arrive. (It is also the coordination connection, named after the pool's
+    // application_name plus ` coordination`; its last statement may be a heartbeat.)
     let mut sub = client.subscribe(&[EventKind::RunStateChanged]);
     let killed = conn
         .query_one(
             "SELECT count(pg_terminate_backend(pid))::int8 FROM pg_stat_activity \
-             WHERE datname = current_database() AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+             WHERE datname = current_database() AND application_name = 'pgcrew coordination' \
+             AND pid <> pg_backend_pid()",
             &[],
         )
         .await

@@ -1,4 +1,4 @@
-//! `pgcrew bench [queue|ledger|fanout|failover|scale|rls|tls]`: benchmarks that run in their own scratch database.
+//! `pgcrew bench [queue|ledger|fanout|failover|scale|rls|tls|budget]`: benchmarks that run in their own scratch database.
 
 use std::process::ExitCode;
 
@@ -33,6 +33,9 @@ pub enum BenchKind {
     /// The queue benchmark without TLS and with TLS (`verify-full`) against the same server,
     /// alternating, and the ratio.
     Tls(crate::bench_tls::TlsBenchArgs),
+    /// The queue benchmark with the default connections and with a 4-connection budget per
+    /// instance, alternating; prints both and the ratio.
+    Budget(crate::bench_budget::BudgetBenchArgs),
 }
 
 /// Run the chosen benchmark.
@@ -46,6 +49,7 @@ pub async fn exec(dsn: Option<String>, args: BenchArgs) -> Result<ExitCode> {
         Some(BenchKind::Scale(a)) => crate::bench_scale::run(dsn, a).await,
         Some(BenchKind::Rls(a)) => crate::bench_rls::run(dsn, a).await,
         Some(BenchKind::Tls(a)) => crate::bench_tls::run(dsn, a).await,
+        Some(BenchKind::Budget(a)) => crate::bench_budget::run(dsn, a).await,
     }
 }
 

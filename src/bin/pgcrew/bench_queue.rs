@@ -40,6 +40,10 @@ pub struct QueueBenchArgs {
     /// Gap between wake-up samples.
     #[arg(long, default_value = "5ms", value_parser = pgcrew::config::parse_duration)]
     pub wakeup_gap: Duration,
+    /// Connection budget of each instance (`ClientConfig::max_connections`, LISTEN included);
+    /// default: a pool of 8 plus the coordination connection.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -56,6 +60,7 @@ impl Default for QueueBenchArgs {
             producers: 2,
             wakeups: 1000,
             wakeup_gap: Duration::from_millis(5),
+            max_connections: None,
             json: false,
         }
     }
@@ -68,13 +73,15 @@ pub(crate) struct Report {
     concurrency: usize,
     instances: usize,
     prefetch: usize,
+    /// Connections per instance (pool + coordination).
+    pub(crate) connections_per_instance: usize,
     enqueue_secs: f64,
     pub(crate) enqueue_per_sec: f64,
     process_secs: f64,
     pub(crate) processed_per_sec: f64,
     wakeup_samples: usize,
     pub(crate) wakeup_p50_ms: f64,
-    wakeup_p99_ms: f64,
+    pub(crate) wakeup_p99_ms: f64,
     wakeup_max_ms: f64,
     wakeup_from_commit_p50_ms: f64,
     wakeup_from_commit_p99_ms: f64,
@@ -91,8 +98,8 @@ pub(crate) struct Report {
     raw_wakeup_from_commit_p50_ms: f64,
 }
 
-/// Run the benchmark.
-pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> {
+/// Refuse arguments the benchmark cannot run with.
+pub(crate) fn check_args(args: &QueueBenchArgs) -> Result<()> {
     if args.tasks == 0
         || args.concurrency == 0
         || args.instances == 0
@@ -104,13 +111,23 @@ pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> 
             "--tasks, --concurrency, --instances, --batch and --producers must be at least 1",
         ));
     }
+    Ok(())
+}
+
+/// Run the benchmark.
+pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> {
+    check_args(&args)?;
     let report = crate::bench::in_scratch(dsn, async |dsn| bench(dsn, &args).await).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         println!(
-            "pgcrew bench queue: {} no-op tasks, concurrency {} x {} instance(s), prefetch {}",
-            report.tasks, report.concurrency, report.instances, report.prefetch
+            "pgcrew bench queue: {} no-op tasks, concurrency {} x {} instance(s), prefetch {}, {} connections per instance",
+            report.tasks,
+            report.concurrency,
+            report.instances,
+            report.prefetch,
+            report.connections_per_instance
         );
         println!(
             "  enqueue (bulk, {} per statement, {} connections): {:>10.0} tasks/s  ({:.3} s)",
@@ -146,7 +163,8 @@ pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// One run of the benchmark on `dsn` (a database it may fill; `pgcrew bench tls` reuses it).
+/// One run of the benchmark on `dsn` (a database it may fill; `pgcrew bench tls` and
+/// `pgcrew bench budget` reuse it).
 pub(crate) async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
     let pool_size = 4 + args.instances * 4;
     let db = Db::connect(dsn, pool_size, Duration::from_secs(10)).await?;
@@ -185,7 +203,7 @@ pub(crate) async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
     // 2. Processing across instances.
     eprintln!("[2/4] processing them ...");
     let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<Instant>();
-    let mut clients = Vec::new();
+    let mut clients: Vec<Client> = Vec::new();
     let mut pools = Vec::new();
     for i in 0..args.instances {
         let wake_tx = wake_tx.clone();
@@ -202,10 +220,12 @@ pub(crate) async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
                 async move { Ok(TaskOutcome::Complete) }
             })
             .build()?;
-        let config = ClientConfig::builder()
-            .instance_id(InstanceId::new(format!("bench-{i}"))?)
-            .pool_size(8)
-            .build()?;
+        let config = ClientConfig::builder().instance_id(InstanceId::new(format!("bench-{i}"))?);
+        let config = match args.max_connections {
+            Some(n) => config.max_connections(n),
+            None => config.pool_size(8),
+        }
+        .build()?;
         let client = Client::builder(dsn)
             .config(config)
             .service(pool.clone())
@@ -269,6 +289,9 @@ pub(crate) async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
         concurrency: args.concurrency,
         instances: args.instances,
         prefetch: args.prefetch,
+        connections_per_instance: clients
+            .first()
+            .map_or(0, |c| c.config().connections_needed()),
         enqueue_secs,
         enqueue_per_sec: args.tasks as f64 / enqueue_secs,
         process_secs,

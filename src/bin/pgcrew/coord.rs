@@ -86,6 +86,12 @@ pub struct ServeArgs {
     /// Fallback poll interval of the worker pool.
     #[arg(long, value_parser = duration_arg, default_value = "1s")]
     pub worker_poll_interval: Duration,
+    /// Connections this instance may open in all, LISTEN included: the pool gets N - 1, the
+    /// coordination connection (heartbeats, leader renewals, LISTEN) the last one; hosted agents
+    /// share the pool. At least 3, at least 4 with `--agents`/`--queues`. Default: a pool of 16,
+    /// 17 in all.
+    #[arg(long, value_name = "N")]
+    pub max_connections: Option<usize>,
 }
 
 const SERVE_EXAMPLES: &str = "Examples:
@@ -176,6 +182,9 @@ pub async fn serve(dsn: Option<String>, args: ServeArgs) -> Result<ExitCode> {
         .notify_poll_interval(args.poll_interval)
         .poll_only(args.poll_only)
         .migrate(args.migrate);
+    if let Some(n) = args.max_connections {
+        b = b.max_connections(n);
+    }
     if let Some(id) = args.instance_id.clone() {
         b = b.instance_id(InstanceId::new(id)?);
     }
@@ -194,6 +203,8 @@ pub async fn serve(dsn: Option<String>, args: ServeArgs) -> Result<ExitCode> {
     }
     b = b.task_heartbeat_timeout(args.task_heartbeat_timeout);
     let mut pool = None;
+    // Hosted agents run on the client's own pool, so the instance stays within its budget.
+    let mut shared_db = None;
     if !agents.is_empty() || !queues.is_empty() {
         use pgcrew::agent::{AgentRuntime, demo, register_agent, register_tools};
         use pgcrew::kernel::Kernel;
@@ -223,7 +234,16 @@ pub async fn serve(dsn: Option<String>, args: ServeArgs) -> Result<ExitCode> {
         }
         wb = demo::install_demo_tasks(wb);
         if !defs.is_empty() {
-            let db = Db::connect(&dsn, 4, config.connect_timeout).await?;
+            let db = Db::connect_with(
+                &dsn,
+                pgcrew::db::PoolOptions {
+                    size: config.pool_connections(),
+                    connect_timeout: config.connect_timeout,
+                    wait_timeout: config.pool_wait_timeout,
+                },
+            )
+            .await?;
+            shared_db = Some(db.clone());
             if args.migrate {
                 db.migrate().await?;
             }
@@ -246,7 +266,11 @@ pub async fn serve(dsn: Option<String>, args: ServeArgs) -> Result<ExitCode> {
     }
     let config = b.build()?;
     let print = args.print_events;
-    let mut cb = Client::builder(dsn).config(config);
+    let source: pgcrew::coord::client::DbSource = match shared_db {
+        Some(db) => db.into(),
+        None => dsn.into(),
+    };
+    let mut cb = Client::builder(source).config(config);
     if let Some(p) = pool {
         cb = cb.service(p);
     }

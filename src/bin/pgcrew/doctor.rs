@@ -50,8 +50,8 @@ pub struct DoctorArgs {
     /// The instances' instance TTL: an instance silent for longer is stale.
     #[arg(long, value_parser = duration_arg, default_value = "2m")]
     pub instance_ttl: Duration,
-    /// The connections one instance opens at most (its pool, coordination pool and LISTEN
-    /// connection); default: an instance with the default configuration.
+    /// The connections one instance opens at most (its pool and its coordination connection,
+    /// which is also its LISTEN connection); default: an instance with the default configuration.
     #[arg(long, default_value_t = doctor::connections_per_instance(&ClientConfig::default()), value_parser = clap::value_parser!(u32).range(1..))]
     pub connections_per_instance: u32,
     /// Share of the usable connection slots to keep free (0 to <1).

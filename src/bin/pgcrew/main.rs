@@ -17,6 +17,7 @@ macro_rules! pgcrew_query {
 }
 
 mod bench;
+mod bench_budget;
 mod bench_failover;
 mod bench_fanout;
 mod bench_ledger;
