@@ -157,6 +157,7 @@ impl ClientBuilder {
                         size: self.config.pool_size,
                         connect_timeout: self.config.connect_timeout,
                         wait_timeout: self.config.pool_wait_timeout,
+                        statements: self.config.statements,
                     },
                 )
                 .await?
@@ -172,7 +173,15 @@ impl ClientBuilder {
         };
         let db = db.with_run_limits(self.config.run_limits)?;
         if self.config.migrate {
-            db.migrate().await?;
+            match (&self.config.listen_dsn, db.statements()) {
+                // Behind a transaction pooler: migrate over the direct (LISTEN) connection.
+                (Some(direct), crate::db::StatementMode::Unnamed) => {
+                    db.migrate_direct(direct).await?;
+                }
+                _ => {
+                    db.migrate().await?;
+                }
+            }
         } else {
             db.check_schema().await?;
         }

@@ -9,6 +9,7 @@ use tracing::instrument;
 
 use crate::config::interval_micros;
 use crate::db::Db;
+use crate::db::Executor;
 use crate::error::Result;
 use crate::ids::InstanceId;
 
@@ -38,12 +39,14 @@ pub async fn elect(db: &Db, name: &str, id: &InstanceId, ttl: Duration) -> Resul
     let conn = db.get().await?;
     let ttl_us = interval_micros(ttl);
     if let Some(row) = conn
-        .query_opt(sql!("coord/elect"), &[&name, id, &ttl_us])
+        .query_typed_opt_row(sql!("coord/elect"), typed![&name, id, &ttl_us])
         .await?
     {
         return Ok(Election::Leader { term: row.get(0) });
     }
-    let row = conn.query_opt(sql!("coord/leader_wait"), &[&name]).await?;
+    let row = conn
+        .query_typed_opt_row(sql!("coord/leader_wait"), typed![&name])
+        .await?;
     Ok(match row {
         Some(r) => {
             let remaining: Option<i64> = r.get(2);
@@ -64,7 +67,10 @@ pub async fn elect(db: &Db, name: &str, id: &InstanceId, ttl: Duration) -> Resul
 #[instrument(skip(db), err)]
 pub async fn resign(db: &Db, name: &str, id: &InstanceId) -> Result<bool> {
     let conn = db.get().await?;
-    Ok(conn.execute(sql!("coord/resign"), &[&name, id]).await? > 0)
+    Ok(conn
+        .execute_typed_count(sql!("coord/resign"), typed![&name, id])
+        .await?
+        > 0)
 }
 
 /// A lease row.
@@ -90,7 +96,9 @@ pub struct LeaderRow {
 #[instrument(skip(db), err)]
 pub async fn current(db: &Db) -> Result<Vec<LeaderRow>> {
     let conn = db.get().await?;
-    let rows = conn.query(sql!("coord/current_leader"), &[]).await?;
+    let rows = conn
+        .query_typed_rows(sql!("coord/current_leader"), typed![])
+        .await?;
     Ok(rows
         .iter()
         .map(|r| LeaderRow {

@@ -1,4 +1,4 @@
-//! `pgcrew bench [queue|ledger|fanout|failover|scale|rls]`: benchmarks that run in their own scratch database.
+//! `pgcrew bench [queue|ledger|fanout|failover|scale|rls|pgbouncer]`: benchmarks that run in their own scratch database.
 
 use std::process::ExitCode;
 
@@ -30,6 +30,9 @@ pub enum BenchKind {
     /// Reads by a tenant role under row-level security against the owner's, on a million
     /// ledger events.
     Rls(crate::bench_rls::RlsBenchArgs),
+    /// `bench queue` directly and through PgBouncer (transaction mode) in front of the same
+    /// server, alternating; plus unnamed against cached statements directly.
+    Pgbouncer(crate::bench_pgbouncer::PgBouncerBenchArgs),
 }
 
 /// Run the chosen benchmark.
@@ -42,6 +45,7 @@ pub async fn exec(dsn: Option<String>, args: BenchArgs) -> Result<ExitCode> {
         Some(BenchKind::Failover(a)) => crate::bench_failover::run(dsn, a).await,
         Some(BenchKind::Scale(a)) => crate::bench_scale::run(dsn, a).await,
         Some(BenchKind::Rls(a)) => crate::bench_rls::run(dsn, a).await,
+        Some(BenchKind::Pgbouncer(a)) => crate::bench_pgbouncer::run(dsn, a).await,
     }
 }
 
