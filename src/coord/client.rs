@@ -185,6 +185,17 @@ impl ClientBuilder {
         } else {
             db.check_schema().await?;
         }
+        if db.statements() == crate::db::StatementMode::Unnamed
+            && self.config.listen_dsn.is_none()
+            && !self.config.poll_only
+        {
+            // Behind a transaction pooler LISTEN does not stay on one server connection:
+            // notifications would be missed and everything would wait for the fallback poll.
+            tracing::warn!(
+                "unnamed statements (a transaction pooler?) without listen_dsn: LISTEN goes through the \
+                 main DSN; point listen_dsn at PostgreSQL directly"
+            );
+        }
         let listen_config = match &self.config.listen_dsn {
             Some(dsn) => crate::db::parse_dsn(dsn)?,
             None => db.config().clone(),
