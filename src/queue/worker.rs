@@ -592,6 +592,12 @@ impl WorkerPool {
         let Some(c) = conn.as_ref() else {
             return Ok(Vec::new());
         };
+        if client.db().statements() == crate::db::StatementMode::Unnamed {
+            // Unnamed statements are planned on every call: the fast path's statement would be
+            // too, while `pgcrew.claim_tasks` (PL/pgSQL) keeps its plans in the server session,
+            // whichever client the pooler lends that session to.
+            *try_fast = false;
+        }
         claim_routed(
             c,
             sql!("queue/claim_fast"),

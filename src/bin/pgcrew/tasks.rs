@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use pgcrew::config::parse_duration;
-use pgcrew::db::Executor;
+use pgcrew::db::{Executor, sql_type_of};
 use pgcrew::queue::{self, NewTask, Priority, TaskOutcome, TaskState, WorkerPool};
 use pgcrew::{Client, ClientConfig, Error, InstanceId, Result, TaskId, TenantId};
-use tokio_postgres::types::Type;
 
 use crate::output::{JsonFlag, connect, print_json, print_table, require_dsn};
 
@@ -337,8 +336,11 @@ async fn work(dsn: Option<String>, a: WorkArgs) -> Result<ExitCode> {
                 conn.execute_typed_count(
                     RECORD_EFFECT,
                     &[
-                        (&ctx.id, Type::INT8),
-                        (ctx.client.instance_id(), Type::UUID),
+                        (&ctx.id, sql_type_of(&ctx.id)),
+                        (
+                            ctx.client.instance_id(),
+                            sql_type_of(ctx.client.instance_id()),
+                        ),
                     ],
                 )
                 .await?;
