@@ -308,7 +308,13 @@ impl Db {
     /// PostgreSQL directly or through a session pooler; the same database as this handle's).
     #[instrument(skip(self, dsn), err)]
     pub async fn migrate_direct(&self, dsn: &str) -> Result<MigrationReport> {
-        let config = parse_dsn(dsn)?;
+        let mut config = parse_dsn(dsn)?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(PoolOptions::default().connect_timeout);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("pgcrew");
+        }
         let (mut client, driver) = connect_with_handler(&config, |_| {}).await?;
         let report = migrate::run(&mut client).await;
         drop(client);
