@@ -14,6 +14,7 @@
 //! | `connect_timeout` | 10 s | timeout to open one connection |
 //! | `pool_wait_timeout` | 30 s | how long a caller waits for a pooled connection before `Error::Pool` |
 //! | `listen_dsn` | the main DSN | separate DSN for the LISTEN connection (e.g. bypassing PgBouncer) |
+//! | `statements` | `cached` | `unnamed`: every statement goes out unnamed in one round trip (behind PgBouncer in transaction mode; see [`StatementMode`]) |
 //! | `poll_only` | false | no LISTEN connection at all; everything polls |
 //! | `migrate` | false | run the embedded migrations when the client is built |
 //! | `leader_election` | true | take part in leader election |
@@ -28,6 +29,7 @@
 
 use std::time::Duration;
 
+use crate::db::StatementMode;
 use crate::error::{Error, Result};
 use crate::ids::InstanceId;
 use crate::ledger_key::{DEFAULT_CHECKPOINT_INTERVAL, LedgerKey};
@@ -95,6 +97,9 @@ pub struct ClientConfig {
     pub pool_wait_timeout: Duration,
     /// Separate DSN for the LISTEN connection (redacted in `Debug` output).
     pub listen_dsn: Option<String>,
+    /// How statements go out on the pools' connections (`Unnamed` behind PgBouncer in
+    /// transaction mode; migrations then run over `listen_dsn`).
+    pub statements: StatementMode,
     /// Disable LISTEN entirely and rely on polling.
     pub poll_only: bool,
     /// Run the embedded migrations when the client is built.
@@ -142,6 +147,7 @@ impl Default for ClientConfig {
             pool_wait_timeout: Duration::from_secs(30),
             listen_dsn: None,
             poll_only: false,
+            statements: StatementMode::Cached,
             migrate: false,
             leader_election: true,
             task_retention: Duration::from_secs(24 * 3600),
@@ -175,6 +181,7 @@ impl std::fmt::Debug for ClientConfig {
             connect_timeout,
             pool_wait_timeout,
             listen_dsn,
+            statements,
             poll_only,
             migrate,
             leader_election,
@@ -206,6 +213,7 @@ impl std::fmt::Debug for ClientConfig {
                 "listen_dsn",
                 &listen_dsn.as_deref().map(crate::db::redact_dsn),
             )
+            .field("statements", statements)
             .field("poll_only", poll_only)
             .field("migrate", migrate)
             .field("leader_election", leader_election)
@@ -471,6 +479,14 @@ impl ClientConfigBuilder {
     /// Separate DSN for the LISTEN connection (default: the main DSN).
     pub fn listen_dsn(mut self, dsn: impl Into<String>) -> Self {
         self.config.listen_dsn = Some(dsn.into());
+        self
+    }
+
+    /// How statements go out (default [`StatementMode::Cached`]). Behind PgBouncer in
+    /// transaction mode use [`StatementMode::Unnamed`] and point `listen_dsn` at PostgreSQL
+    /// directly (LISTEN and migrations go there).
+    pub fn statements(mut self, mode: StatementMode) -> Self {
+        self.config.statements = mode;
         self
     }
 

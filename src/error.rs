@@ -410,6 +410,11 @@ pub(crate) fn classify_pg_error(e: tokio_postgres::Error) -> Error {
                 };
             }
             "3F000" => return Error::SchemaMissing,
+            // A named prepared statement missing (or its name taken) on the server connection:
+            // a transaction pooler moved this client to another server.
+            "26000" | "42P05" if db.message().contains("prepared statement") => {
+                return crate::db::cached_statements_lost(&describe_pg_error(&e));
+            }
             // pgcrew.money_amount / pgcrew.token_count (V012): an invalid amount or count.
             "PC030" => return Error::invalid("amount", db.message()),
             "PC040" => return too_large_from_db(db),

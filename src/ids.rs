@@ -91,6 +91,14 @@ macro_rules! uuid_id {
             postgres_types::to_sql_checked!();
         }
 
+        impl crate::db::SqlType for $name {
+            const TYPE: postgres_types::Type = postgres_types::Type::UUID;
+        }
+
+        impl crate::db::SqlArrayElement for $name {
+            const ARRAY: postgres_types::Type = postgres_types::Type::UUID_ARRAY;
+        }
+
         impl<'a> postgres_types::FromSql<'a> for $name {
             fn from_sql(
                 ty: &postgres_types::Type,
@@ -174,6 +182,14 @@ macro_rules! text_id {
             postgres_types::to_sql_checked!();
         }
 
+        impl crate::db::SqlType for $name {
+            const TYPE: postgres_types::Type = postgres_types::Type::TEXT;
+        }
+
+        impl crate::db::SqlArrayElement for $name {
+            const ARRAY: postgres_types::Type = postgres_types::Type::TEXT_ARRAY;
+        }
+
         impl<'a> postgres_types::FromSql<'a> for $name {
             fn from_sql(
                 ty: &postgres_types::Type,
@@ -254,6 +270,14 @@ impl postgres_types::ToSql for TaskId {
     }
     postgres_types::accepts!(INT8);
     postgres_types::to_sql_checked!();
+}
+
+impl crate::db::SqlType for TaskId {
+    const TYPE: postgres_types::Type = postgres_types::Type::INT8;
+}
+
+impl crate::db::SqlArrayElement for TaskId {
+    const ARRAY: postgres_types::Type = postgres_types::Type::INT8_ARRAY;
 }
 
 impl<'a> postgres_types::FromSql<'a> for TaskId {

@@ -37,6 +37,20 @@ macro_rules! sql {
     };
 }
 
+/// Typed statement parameters for an [`db::Executor`]: `typed![&a, &b]` gives each value the
+/// PostgreSQL type of its Rust type ([`db::SqlType`]); `typed![&a => Type::NAME]` names one.
+macro_rules! typed {
+    ($($e:expr $(=> $t:expr)?),* $(,)?) => {
+        &[$(typed!(@one $e $(, $t)?)),*]
+    };
+    (@one $e:expr) => {
+        (&$e as &(dyn ::tokio_postgres::types::ToSql + Sync), $crate::db::sql_type_of(&$e))
+    };
+    (@one $e:expr, $t:expr) => {
+        (&$e as &(dyn ::tokio_postgres::types::ToSql + Sync), $t)
+    };
+}
+
 pub mod agent;
 pub mod config;
 pub mod coord;

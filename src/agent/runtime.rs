@@ -17,6 +17,7 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{instrument, warn};
 
+use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::{InstanceId, RunId, SessionId, TenantId};
 use crate::kernel::{Kernel, ReplayPolicy, RunScope};
@@ -211,9 +212,9 @@ pub async fn register_agent(db: &crate::Db, def: &AgentDef) -> Result<()> {
         .transpose()?;
     let iterations = to_i32("max_iterations", def.max_iterations)?;
     let conn = db.get().await?;
-    conn.execute(
+    conn.execute_typed_count(
         sql!("agent/upsert_agent"),
-        &[
+        typed![
             &def.name,
             &def.description,
             &def.model,
@@ -235,9 +236,9 @@ pub async fn register_tools(db: &crate::Db, tools: &ToolRegistry) -> Result<()> 
     let mut conn = db.get().await?;
     let tx = conn.transaction().await?;
     for t in tools.iter() {
-        tx.execute(
+        tx.execute_typed_count(
             sql!("agent/upsert_tool"),
-            &[
+            typed![
                 &t.name(),
                 &t.description(),
                 t.input_schema(),
@@ -255,7 +256,7 @@ pub async fn register_tools(db: &crate::Db, tools: &ToolRegistry) -> Result<()> 
 pub async fn get_agent(db: &crate::Db, name: &str) -> Result<AgentDef> {
     let conn = db.get().await?;
     let row = conn
-        .query_opt(sql!("agent/get_agent"), &[&name])
+        .query_typed_opt_row(sql!("agent/get_agent"), typed![&name])
         .await?
         .ok_or_else(|| Error::not_found("agent", name))?;
     let max_tokens: Option<i32> = row.try_get("max_tokens")?;
@@ -597,7 +598,7 @@ impl AgentRuntime {
     async fn totals(&self, run: RunId) -> Result<(i64, i64, f64)> {
         let conn = self.kernel.db().get().await?;
         let row = conn
-            .query_one(sql!("kernel/run_model_totals"), &[&run])
+            .query_typed_row(sql!("kernel/run_model_totals"), typed![&run])
             .await?;
         Ok((
             row.try_get("input_tokens")?,

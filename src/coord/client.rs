@@ -164,6 +164,7 @@ impl ClientBuilder {
                         size: self.config.pool_connections(),
                         connect_timeout: self.config.connect_timeout,
                         wait_timeout: self.config.pool_wait_timeout,
+                        statements: self.config.statements,
                     },
                 )
                 .await?
@@ -179,11 +180,30 @@ impl ClientBuilder {
         };
         let db = db.with_run_limits(self.config.run_limits)?;
         if self.config.migrate {
-            db.migrate().await?;
+            match (&self.config.listen_dsn, db.statements()) {
+                // Behind a transaction pooler: migrate over the direct (LISTEN) connection.
+                (Some(direct), crate::db::StatementMode::Unnamed) => {
+                    db.migrate_direct(direct).await?;
+                }
+                _ => {
+                    db.migrate().await?;
+                }
+            }
         } else {
             db.check_schema().await?;
         }
         check_budget(&self.config, &db, &self.services)?;
+        if db.statements() == crate::db::StatementMode::Unnamed
+            && self.config.listen_dsn.is_none()
+            && !self.config.poll_only
+        {
+            // Behind a transaction pooler LISTEN does not stay on one server connection:
+            // notifications would be missed and everything would wait for the fallback poll.
+            tracing::warn!(
+                "unnamed statements (a transaction pooler?) without listen_dsn: LISTEN goes through the \
+                 main DSN; point listen_dsn at PostgreSQL directly"
+            );
+        }
         let mut listen_config = match &self.config.listen_dsn {
             Some(dsn) => crate::db::parse_dsn(dsn)?,
             None => db.config().clone(),

@@ -5,6 +5,7 @@ use serde::Serialize;
 use tracing::instrument;
 
 use crate::db::Db;
+use crate::db::Executor;
 use crate::error::Result;
 use crate::ids::InstanceId;
 
@@ -42,9 +43,9 @@ pub fn hostname() -> String {
 pub async fn register(db: &Db, info: &InstanceInfo) -> Result<()> {
     let mut conn = db.get().await?;
     let tx = conn.transaction().await?;
-    tx.execute(
+    tx.execute_typed_count(
         sql!("coord/register_instance"),
-        &[
+        typed![
             &info.id,
             &info.hostname,
             &info.pid,
@@ -53,16 +54,16 @@ pub async fn register(db: &Db, info: &InstanceInfo) -> Result<()> {
         ],
     )
     .await?;
-    tx.execute(sql!("coord/clear_instance_links"), &[&info.id])
+    tx.execute_typed_count(sql!("coord/clear_instance_links"), typed![&info.id])
         .await?;
-    tx.execute(
+    tx.execute_typed_count(
         sql!("coord/insert_instance_agents"),
-        &[&info.id, &info.agents],
+        typed![&info.id, &info.agents],
     )
     .await?;
-    tx.execute(
+    tx.execute_typed_count(
         sql!("coord/insert_instance_tools"),
-        &[&info.id, &info.tools],
+        typed![&info.id, &info.tools],
     )
     .await?;
     tx.commit().await?;
@@ -79,7 +80,10 @@ pub async fn heartbeat(db: &Db, id: &InstanceId) -> Result<bool> {
 
 /// [`heartbeat`] on a given connection (the instance's coordination connection).
 pub(crate) async fn heartbeat_on(conn: &tokio_postgres::Client, id: &InstanceId) -> Result<bool> {
-    Ok(conn.execute(sql!("coord/heartbeat"), &[id]).await? == 1)
+    Ok(conn
+        .execute_typed_count(sql!("coord/heartbeat"), typed![id])
+        .await?
+        == 1)
 }
 
 /// Delete the instance row (links cascade; the deregistration NOTIFY fires).
@@ -87,7 +91,7 @@ pub(crate) async fn heartbeat_on(conn: &tokio_postgres::Client, id: &InstanceId)
 pub async fn deregister(db: &Db, id: &InstanceId) -> Result<bool> {
     let conn = db.get().await?;
     Ok(conn
-        .execute(sql!("coord/deregister_instance"), &[id])
+        .execute_typed_count(sql!("coord/deregister_instance"), typed![id])
         .await?
         == 1)
 }
@@ -123,7 +127,9 @@ pub struct InstanceRow {
 #[instrument(skip(db), err)]
 pub async fn list(db: &Db) -> Result<Vec<InstanceRow>> {
     let conn = db.get().await?;
-    let rows = conn.query(sql!("coord/list_instances"), &[]).await?;
+    let rows = conn
+        .query_typed_rows(sql!("coord/list_instances"), typed![])
+        .await?;
     Ok(rows
         .iter()
         .map(|r| InstanceRow {

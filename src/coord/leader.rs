@@ -9,6 +9,7 @@ use tracing::instrument;
 
 use crate::config::interval_micros;
 use crate::db::Db;
+use crate::db::Executor;
 use crate::error::Result;
 use crate::ids::InstanceId;
 
@@ -48,12 +49,14 @@ pub(crate) async fn elect_on(
 ) -> Result<Election> {
     let ttl_us = interval_micros(ttl);
     if let Some(row) = conn
-        .query_opt(sql!("coord/elect"), &[&name, id, &ttl_us])
+        .query_typed_opt_row(sql!("coord/elect"), typed![&name, id, &ttl_us])
         .await?
     {
         return Ok(Election::Leader { term: row.get(0) });
     }
-    let row = conn.query_opt(sql!("coord/leader_wait"), &[&name]).await?;
+    let row = conn
+        .query_typed_opt_row(sql!("coord/leader_wait"), typed![&name])
+        .await?;
     Ok(match row {
         Some(r) => {
             let remaining: Option<i64> = r.get(2);
@@ -83,7 +86,10 @@ pub(crate) async fn resign_on(
     name: &str,
     id: &InstanceId,
 ) -> Result<bool> {
-    Ok(conn.execute(sql!("coord/resign"), &[&name, id]).await? > 0)
+    Ok(conn
+        .execute_typed_count(sql!("coord/resign"), typed![&name, id])
+        .await?
+        > 0)
 }
 
 /// A lease row.
@@ -109,7 +115,9 @@ pub struct LeaderRow {
 #[instrument(skip(db), err)]
 pub async fn current(db: &Db) -> Result<Vec<LeaderRow>> {
     let conn = db.get().await?;
-    let rows = conn.query(sql!("coord/current_leader"), &[]).await?;
+    let rows = conn
+        .query_typed_rows(sql!("coord/current_leader"), typed![])
+        .await?;
     Ok(rows
         .iter()
         .map(|r| LeaderRow {

@@ -11,6 +11,7 @@ use tracing::{debug, info, instrument};
 
 use crate::config::{ClientConfig, interval_micros};
 use crate::db::Db;
+use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::InstanceId;
 
@@ -75,7 +76,7 @@ impl MaintenanceStep for StaleInstances {
     ) -> Result<u64> {
         let ttl = interval_micros(ctx.config.instance_ttl);
         let rows = tx
-            .query(sql!("coord/delete_stale_instances"), &[&ttl])
+            .query_typed_rows(sql!("coord/delete_stale_instances"), typed![&ttl])
             .await?;
         for r in &rows {
             let id: String = r.get(0);
@@ -130,7 +131,7 @@ impl MaintenanceStep for ExpiredLeaders {
         ctx: &MaintenanceContext,
     ) -> Result<u64> {
         Ok(tx
-            .execute(sql!("coord/delete_expired_leaders"), &[&ctx.lease])
+            .execute_typed_count(sql!("coord/delete_expired_leaders"), typed![&ctx.lease])
             .await?)
     }
 }
@@ -161,9 +162,9 @@ pub async fn run_once(
         let mut conn = db.get().await?;
         let tx = conn.transaction().await?;
         let fenced = tx
-            .query_opt(
+            .query_typed_opt_row(
                 sql!("coord/fence_leader"),
-                &[&ctx.lease, &ctx.instance_id, &ctx.term],
+                typed![&ctx.lease, &ctx.instance_id, &ctx.term],
             )
             .await?;
         if fenced.is_none() {

@@ -1,10 +1,107 @@
-//! [`Executor`]: what the enqueue functions run on — a plain client or transaction, or a pooled
-//! connection or transaction whose prepared statements are cached per connection.
+//! [`Executor`]: what pgcrew's statements run on — a plain client or transaction, or a pooled
+//! connection or transaction whose prepared statements are cached per connection (unless its
+//! pool was built with [`StatementMode::Unnamed`]).
+//!
+//! Every statement the library sends goes through an [`Executor`] with explicit parameter
+//! types, so it can go out either way:
+//!
+//! * [`StatementMode::Cached`] (the default): on a pooled connection each statement is prepared
+//!   once per connection (a *named* server-side statement) and then executed with the values;
+//!   PostgreSQL skips parsing and, after a few calls, planning.
+//! * [`StatementMode::Unnamed`]: every statement goes out as an *unnamed* statement with its
+//!   parameters in one round trip (Parse/Bind/Execute/Sync). Nothing outlives the statement, so
+//!   it works behind a pooler that hands a client a different server connection for every
+//!   transaction (PgBouncer in transaction mode before 1.21, or 1.21+ without
+//!   `max_prepared_statements`).
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, LazyLock, RwLock, Weak};
 
+use deadpool_postgres::StatementCache;
 use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
+
+use crate::error::{Error, Result};
+
+/// How pgcrew sends statements on the connections of a pool ([`crate::db::PoolOptions`],
+/// [`crate::ClientConfig`], the CLI's `--statements`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StatementMode {
+    /// Prepare each statement once per pooled connection and reuse it (the default; fastest).
+    /// Needs a server connection that keeps its prepared statements: PostgreSQL directly, or a
+    /// pooler in session mode, or PgBouncer 1.21+ with `max_prepared_statements` set.
+    #[default]
+    Cached,
+    /// Send every statement unnamed, with its parameters, in one round trip; nothing is kept on
+    /// the server between statements. Use it behind PgBouncer in transaction mode (1.20 and
+    /// older, or any version without `max_prepared_statements`).
+    Unnamed,
+}
+
+impl StatementMode {
+    /// The setting's spelling (`cached`, `unnamed`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StatementMode::Cached => "cached",
+            StatementMode::Unnamed => "unnamed",
+        }
+    }
+}
+
+impl std::fmt::Display for StatementMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for StatementMode {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "cached" => Ok(StatementMode::Cached),
+            "unnamed" => Ok(StatementMode::Unnamed),
+            other => Err(Error::Config(format!(
+                "unknown statement mode `{other}`: use `cached` (the default) or `unnamed` (behind PgBouncer in transaction mode)"
+            ))),
+        }
+    }
+}
+
+/// The statement caches of pooled connections whose pool runs in [`StatementMode::Unnamed`],
+/// keyed by address. A pooled connection carries no other per-pool data, and its statement
+/// cache (shared with its transactions) is the one thing every pooled executor can see. The
+/// weak reference keeps the allocation, so an address cannot be reused while its entry exists.
+static UNNAMED: LazyLock<RwLock<HashMap<usize, Weak<StatementCache>>>> =
+    LazyLock::new(|| RwLock::new(HashMap::new()));
+/// How many entries `UNNAMED` holds: zero (no unnamed pool in the process) skips the lookup.
+static UNNAMED_LEN: AtomicUsize = AtomicUsize::new(0);
+
+fn key(cache: &Arc<StatementCache>) -> usize {
+    Arc::as_ptr(cache) as usize
+}
+
+/// Mark a new pooled connection (its statement cache) as unnamed-mode.
+pub(crate) fn register_unnamed(cache: &Arc<StatementCache>) {
+    let mut map = UNNAMED.write().unwrap_or_else(|p| p.into_inner());
+    map.retain(|_, w| w.strong_count() > 0);
+    map.insert(key(cache), Arc::downgrade(cache));
+    UNNAMED_LEN.store(map.len(), Ordering::Relaxed);
+}
+
+/// Whether a pooled connection (by its statement cache) belongs to an unnamed-mode pool.
+fn is_unnamed(cache: &Arc<StatementCache>) -> bool {
+    if UNNAMED_LEN.load(Ordering::Relaxed) == 0 {
+        return false;
+    }
+    UNNAMED
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .contains_key(&key(cache))
+}
 
 mod private {
     pub trait Sealed {}
@@ -15,9 +112,11 @@ mod private {
 /// [`deadpool_postgres::ClientWrapper`] or [`deadpool_postgres::Transaction`].
 ///
 /// The pooled kinds prepare each statement once per connection and reuse it (PostgreSQL then
-/// skips parsing and, after a few calls, planning); the plain kinds send the statement with its
-/// parameters in one round trip each time. Pass the pooled connection itself (`&conn`, `&tx`)
-/// to get the cache; `&**conn` and `&*tx` still work, uncached.
+/// skips parsing and, after a few calls, planning) — unless their pool runs in
+/// [`StatementMode::Unnamed`], where they behave like the plain kinds. The plain kinds send the
+/// statement unnamed with its parameters in one round trip each time (which also works behind
+/// PgBouncer in transaction mode). Pass the pooled connection itself (`&conn`, `&tx`) to get
+/// the pool's mode; `&**conn` and `&*tx` still work, uncached.
 ///
 /// The trait is sealed: it cannot be implemented outside pgcrew.
 pub trait Executor: private::Sealed + Sync {
@@ -34,6 +133,20 @@ pub trait Executor: private::Sealed + Sync {
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> impl Future<Output = Result<Row, tokio_postgres::Error>> + Send;
+
+    /// Run `sql` with `params` and return its row, if any (an error when more than one).
+    fn query_typed_opt_row(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> impl Future<Output = Result<Option<Row>, tokio_postgres::Error>> + Send;
+
+    /// Run `sql` with `params` and return the number of rows it affected.
+    fn execute_typed_count(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> impl Future<Output = Result<u64, tokio_postgres::Error>> + Send;
 }
 
 /// The plain kinds: one round trip with the typed parameters, nothing cached.
@@ -56,13 +169,30 @@ macro_rules! plain_executor {
             ) -> impl Future<Output = Result<Row, tokio_postgres::Error>> + Send {
                 self.query_typed_one(sql, params)
             }
+
+            fn query_typed_opt_row(
+                &self,
+                sql: &str,
+                params: &[(&(dyn ToSql + Sync), Type)],
+            ) -> impl Future<Output = Result<Option<Row>, tokio_postgres::Error>> + Send {
+                self.query_typed_opt(sql, params)
+            }
+
+            fn execute_typed_count(
+                &self,
+                sql: &str,
+                params: &[(&(dyn ToSql + Sync), Type)],
+            ) -> impl Future<Output = Result<u64, tokio_postgres::Error>> + Send {
+                self.execute_typed(sql, params)
+            }
         }
     )*};
 }
 
-/// The pooled kinds: the statement is prepared once per connection (deadpool's statement
-/// cache) and executed with the values.
-macro_rules! cached_executor {
+/// The pooled kinds: in [`StatementMode::Cached`] the statement is prepared once per
+/// connection (deadpool's statement cache) and executed with the values; in
+/// [`StatementMode::Unnamed`] it goes out as the plain kinds send it.
+macro_rules! pooled_executor {
     ($($ty:ty),*) => {$(
         impl private::Sealed for $ty {}
         impl Executor for $ty {
@@ -71,6 +201,9 @@ macro_rules! cached_executor {
                 sql: &str,
                 params: &[(&(dyn ToSql + Sync), Type)],
             ) -> Result<Vec<Row>, tokio_postgres::Error> {
+                if is_unnamed(&self.statement_cache) {
+                    return (**self).query_typed(sql, params).await;
+                }
                 let (types, values) = split(params);
                 let stmt = self.prepare_typed_cached(sql, &types).await?;
                 self.query(&stmt, &values).await
@@ -81,16 +214,45 @@ macro_rules! cached_executor {
                 sql: &str,
                 params: &[(&(dyn ToSql + Sync), Type)],
             ) -> Result<Row, tokio_postgres::Error> {
+                if is_unnamed(&self.statement_cache) {
+                    return (**self).query_typed_one(sql, params).await;
+                }
                 let (types, values) = split(params);
                 let stmt = self.prepare_typed_cached(sql, &types).await?;
                 self.query_one(&stmt, &values).await
+            }
+
+            async fn query_typed_opt_row(
+                &self,
+                sql: &str,
+                params: &[(&(dyn ToSql + Sync), Type)],
+            ) -> Result<Option<Row>, tokio_postgres::Error> {
+                if is_unnamed(&self.statement_cache) {
+                    return (**self).query_typed_opt(sql, params).await;
+                }
+                let (types, values) = split(params);
+                let stmt = self.prepare_typed_cached(sql, &types).await?;
+                self.query_opt(&stmt, &values).await
+            }
+
+            async fn execute_typed_count(
+                &self,
+                sql: &str,
+                params: &[(&(dyn ToSql + Sync), Type)],
+            ) -> Result<u64, tokio_postgres::Error> {
+                if is_unnamed(&self.statement_cache) {
+                    return (**self).execute_typed(sql, params).await;
+                }
+                let (types, values) = split(params);
+                let stmt = self.prepare_typed_cached(sql, &types).await?;
+                self.execute(&stmt, &values).await
             }
         }
     )*};
 }
 
 plain_executor!(tokio_postgres::Client, tokio_postgres::Transaction<'_>);
-cached_executor!(
+pooled_executor!(
     deadpool_postgres::ClientWrapper,
     deadpool_postgres::Transaction<'_>
 );
@@ -121,4 +283,91 @@ impl Executor for deadpool_postgres::Object {
         let wrapper: &deadpool_postgres::ClientWrapper = self;
         wrapper.query_typed_row(sql, params)
     }
+
+    fn query_typed_opt_row(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> impl Future<Output = Result<Option<Row>, tokio_postgres::Error>> + Send {
+        let wrapper: &deadpool_postgres::ClientWrapper = self;
+        wrapper.query_typed_opt_row(sql, params)
+    }
+
+    fn execute_typed_count(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> impl Future<Output = Result<u64, tokio_postgres::Error>> + Send {
+        let wrapper: &deadpool_postgres::ClientWrapper = self;
+        wrapper.execute_typed_count(sql, params)
+    }
+}
+
+/// The PostgreSQL type a Rust value is sent as (used by the `typed!` macro to give every
+/// parameter its explicit type).
+pub trait SqlType {
+    /// The type.
+    const TYPE: Type;
+}
+
+/// An element type of arrays: the PostgreSQL array type of `Vec<Self>` / `[Self]`.
+pub trait SqlArrayElement {
+    /// The array type.
+    const ARRAY: Type;
+}
+
+macro_rules! sql_types {
+    ($($rust:ty => $t:ident / $arr:ident),* $(,)?) => {$(
+        impl SqlType for $rust {
+            const TYPE: Type = Type::$t;
+        }
+        impl SqlArrayElement for $rust {
+            const ARRAY: Type = Type::$arr;
+        }
+    )*};
+}
+
+sql_types!(
+    bool => BOOL / BOOL_ARRAY,
+    i16 => INT2 / INT2_ARRAY,
+    i32 => INT4 / INT4_ARRAY,
+    i64 => INT8 / INT8_ARRAY,
+    f32 => FLOAT4 / FLOAT4_ARRAY,
+    f64 => FLOAT8 / FLOAT8_ARRAY,
+    str => TEXT / TEXT_ARRAY,
+    String => TEXT / TEXT_ARRAY,
+    uuid::Uuid => UUID / UUID_ARRAY,
+    serde_json::Value => JSONB / JSONB_ARRAY,
+    chrono::DateTime<chrono::Utc> => TIMESTAMPTZ / TIMESTAMPTZ_ARRAY,
+    chrono::NaiveDate => DATE / DATE_ARRAY,
+);
+
+impl SqlType for [u8] {
+    const TYPE: Type = Type::BYTEA;
+}
+impl SqlType for Vec<u8> {
+    const TYPE: Type = Type::BYTEA;
+}
+impl<T: SqlType + ?Sized> SqlType for &T {
+    const TYPE: Type = T::TYPE;
+}
+impl<T: SqlType> SqlType for Option<T> {
+    const TYPE: Type = T::TYPE;
+}
+impl<T: SqlArrayElement + ?Sized> SqlArrayElement for &T {
+    const ARRAY: Type = T::ARRAY;
+}
+impl<T: SqlArrayElement> SqlArrayElement for Option<T> {
+    const ARRAY: Type = T::ARRAY;
+}
+impl<T: SqlArrayElement> SqlType for [T] {
+    const TYPE: Type = T::ARRAY;
+}
+impl<T: SqlArrayElement> SqlType for Vec<T> {
+    const TYPE: Type = T::ARRAY;
+}
+
+/// The type of a value (for the `typed!` macro).
+pub fn sql_type_of<T: SqlType + ?Sized>(_: &T) -> Type {
+    T::TYPE
 }

@@ -3,6 +3,7 @@
 
 use tracing::info;
 
+use crate::db::Executor;
 use crate::error::{Error, Result};
 
 mod embedded {
@@ -43,12 +44,14 @@ pub fn latest_version() -> i64 {
 
 async fn current_version(client: &tokio_postgres::Client) -> Result<Option<i64>> {
     let row = client
-        .query_one(sql!("db/schema_history_exists"), &[])
+        .query_typed_row(sql!("db/schema_history_exists"), typed![])
         .await?;
     if !row.get::<_, bool>(0) {
         return Ok(None);
     }
-    let row = client.query_one(sql!("db/schema_version"), &[]).await?;
+    let row = client
+        .query_typed_row(sql!("db/schema_version"), typed![])
+        .await?;
     Ok(Some(row.get(0)))
 }
 
@@ -70,22 +73,24 @@ pub(crate) async fn run(client: &mut tokio_postgres::Client) -> Result<Migration
     let mut total: Option<MigrationReport> = None;
     loop {
         let secret = client
-            .query_one(sql!("db/installation_secret_exists"), &[])
+            .query_typed_row(sql!("db/installation_secret_exists"), typed![])
             .await?
             .get::<_, bool>(0);
         let (key, target) = if secret {
             let key: i64 = client
-                .query_one(sql!("db/migrate_lock_key"), &[])
+                .query_typed_row(sql!("db/migrate_lock_key"), typed![])
                 .await?
                 .get(0);
             (key, None)
         } else {
             (LEGACY_MIGRATE_LOCK_KEY, Some(SECRET_VERSION))
         };
-        client.execute(sql!("db/advisory_lock"), &[&key]).await?;
+        client
+            .execute_typed_count(sql!("db/advisory_lock"), typed![&key])
+            .await?;
         let result = if target.is_some()
             && client
-                .query_one(sql!("db/installation_secret_exists"), &[])
+                .query_typed_row(sql!("db/installation_secret_exists"), typed![])
                 .await
                 .map(|r| r.get::<_, bool>(0))
                 .unwrap_or(false)
@@ -95,7 +100,9 @@ pub(crate) async fn run(client: &mut tokio_postgres::Client) -> Result<Migration
         } else {
             Some(run_locked(client, target).await)
         };
-        let unlock = client.execute(sql!("db/advisory_unlock"), &[&key]).await;
+        let unlock = client
+            .execute_typed_count(sql!("db/advisory_unlock"), typed![&key])
+            .await;
         let Some(result) = result else {
             unlock?;
             continue;

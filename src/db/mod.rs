@@ -5,6 +5,8 @@ pub mod certs;
 mod cluster;
 mod executor;
 mod migrate;
+pub mod pgbouncer;
+mod pooler;
 mod scratch;
 mod secret;
 pub mod tls;
@@ -15,11 +17,14 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tracing::instrument;
 
 pub use cluster::{TempCluster, TempClusterOptions};
-pub use executor::Executor;
+pub use executor::{Executor, SqlArrayElement, SqlType, StatementMode, sql_type_of};
 pub use migrate::{MigrationReport, latest_version};
+pub use pgbouncer::TempPgBouncer;
 pub use scratch::ScratchDatabase;
 pub use secret::redact_dsn;
 pub use tls::{PgConfig, PgConnection, RootCert, SslMode, TlsSettings};
+
+pub(crate) use pooler::cached_statements_lost;
 
 use crate::error::{Error, Result};
 
@@ -64,6 +69,9 @@ pub struct PoolOptions {
     pub connect_timeout: Duration,
     /// How long a caller waits for a free connection before `Error::Pool` (default 30 s).
     pub wait_timeout: Duration,
+    /// How statements go out on the pool's connections (default [`StatementMode::Cached`];
+    /// [`StatementMode::Unnamed`] behind PgBouncer in transaction mode).
+    pub statements: StatementMode,
 }
 
 impl Default for PoolOptions {
@@ -72,6 +80,7 @@ impl Default for PoolOptions {
             size: 16,
             connect_timeout: Duration::from_secs(10),
             wait_timeout: Duration::from_secs(30),
+            statements: StatementMode::Cached,
         }
     }
 }
@@ -88,6 +97,8 @@ pub struct Db {
     checkpoint_interval: u32,
     /// Limits on run inputs (see [`Db::with_run_limits`]).
     run_limits: crate::runs::limits::RunLimits,
+    /// How statements go out on the pool's connections.
+    statements: StatementMode,
 }
 
 impl std::fmt::Debug for Db {
@@ -98,6 +109,7 @@ impl std::fmt::Debug for Db {
             .field("sslmode", &self.config.ssl_mode())
             .field("pool", &self.pool.status())
             .field("ledger_key", &self.ledger_key.is_some())
+            .field("statements", &self.statements)
             .finish()
     }
 }
@@ -127,7 +139,14 @@ impl Db {
         if config.get_application_name().is_none() {
             config.application_name("pgcrew");
         }
-        Self::connect_config(config, options).await
+        let db = Self::connect_config(config, options).await?;
+        if options.statements == StatementMode::Cached {
+            // Cached statements need a server connection that keeps them: refuse at start-up
+            // a pooler that would lose them between transactions (see `pooler`).
+            let conn = db.get().await?;
+            pooler::check_cached_statements(&conn, &db.config, options.connect_timeout).await?;
+        }
+        Ok(db)
     }
 
     /// A second, independent pool on the same database (used so that heartbeats and leader
@@ -138,6 +157,7 @@ impl Db {
             PoolOptions {
                 size: pool_size,
                 connect_timeout,
+                statements: self.statements,
                 ..PoolOptions::default()
             },
         )
@@ -155,6 +175,7 @@ impl Db {
             size: pool_size,
             connect_timeout,
             wait_timeout,
+            statements,
         } = options;
         let manager = Manager::from_connect(
             config.pg_config().clone(),
@@ -166,7 +187,15 @@ impl Db {
                 recycling_method: RecyclingMethod::Fast,
             },
         );
-        let pool = Pool::builder(manager)
+        let mut builder = Pool::builder(manager);
+        if statements == StatementMode::Unnamed {
+            // Mark every connection of this pool: the executors then send unnamed statements.
+            builder = builder.post_create(deadpool_postgres::Hook::sync_fn(|conn, _| {
+                executor::register_unnamed(&conn.statement_cache);
+                Ok(())
+            }));
+        }
+        let pool = builder
             .max_size(pool_size.max(1))
             .runtime(Runtime::Tokio1)
             .wait_timeout(Some(wait_timeout))
@@ -174,7 +203,8 @@ impl Db {
             .recycle_timeout(Some(connect_timeout))
             .build()
             .map_err(|e| Error::Config(format!("cannot build the connection pool: {e}")))?;
-        let db = Db::from_pool(pool, config);
+        let mut db = Db::from_pool(pool, config);
+        db.statements = statements;
         // Fail fast with a classified error (refused, bad password, unknown database, a
         // certificate that does not verify).
         let conn = match db.pool.get().await {
@@ -195,7 +225,13 @@ impl Db {
             ledger_key: None,
             checkpoint_interval: crate::ledger_key::DEFAULT_CHECKPOINT_INTERVAL,
             run_limits: crate::runs::limits::RunLimits::default(),
+            statements: StatementMode::Cached,
         }
+    }
+
+    /// How statements go out on this handle's pool ([`PoolOptions::statements`]).
+    pub fn statements(&self) -> StatementMode {
+        self.statements
     }
 
     /// Sign ledger checkpoints with `key`: appends through this handle sign the run's head at
@@ -263,10 +299,43 @@ impl Db {
     }
 
     /// Run the embedded migrations (idempotent, safe to call from many instances at once).
+    ///
+    /// Migrators take a session advisory lock and the migration tool prepares statements, so
+    /// migrations need a session of their own: with [`StatementMode::Unnamed`] (a pool behind a
+    /// transaction pooler) this refuses with [`Error::Config`]; run them over a direct
+    /// connection with [`Db::migrate_direct`].
     #[instrument(skip(self), err)]
     pub async fn migrate(&self) -> Result<MigrationReport> {
+        if self.statements == StatementMode::Unnamed {
+            return Err(Error::Config(
+                "migrations need a direct connection to PostgreSQL (a session advisory lock \
+                 serialises migrators, which a transaction pooler such as PgBouncer cannot keep): \
+                 this pool uses unnamed statements, so run them with a direct DSN \
+                 (`pgcrew migrate --dsn <direct>`, Db::migrate_direct, or set listen_dsn, which \
+                 the client then migrates through)"
+                    .into(),
+            ));
+        }
         let mut conn = self.get().await?;
         migrate::run(&mut conn).await
+    }
+
+    /// Run the embedded migrations over a dedicated connection to `dsn` (which must reach
+    /// PostgreSQL directly or through a session pooler; the same database as this handle's).
+    #[instrument(skip(self, dsn), err)]
+    pub async fn migrate_direct(&self, dsn: &str) -> Result<MigrationReport> {
+        let mut config = parse_dsn(dsn)?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(PoolOptions::default().connect_timeout);
+        }
+        if config.get_application_name().is_none() {
+            config.application_name("pgcrew");
+        }
+        let (mut client, driver) = connect_with_handler(&config, |_| {}).await?;
+        let report = migrate::run(&mut client).await;
+        drop(client);
+        driver.abort();
+        report
     }
 
     /// Check that the schema is installed and at the version this build expects.

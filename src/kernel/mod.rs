@@ -33,6 +33,7 @@ use tracing::instrument;
 
 use crate::agent::{Tool, ToolContext, ToolError, ToolRegistry};
 use crate::db::Db;
+use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::{InstanceId, RunId, TenantId};
 use crate::model::port::prompt_token_bound;
@@ -204,8 +205,9 @@ impl Kernel {
 
     pub(crate) async fn step_events(&self, run: RunId, step_key: &str) -> Result<Vec<StepEvent>> {
         let conn = self.db.get().await?;
-        let stmt = conn.prepare_cached(sql!("kernel/step_events")).await?;
-        let rows = conn.query(&stmt, &[&run, &step_key]).await?;
+        let rows = conn
+            .query_typed_rows(sql!("kernel/step_events"), typed![&run, &step_key])
+            .await?;
         rows.iter()
             .map(|r| {
                 Ok(StepEvent {
@@ -340,9 +342,9 @@ impl Kernel {
         let forked_at = before_seq - 1;
         let rows = {
             let conn = self.db.get().await?;
-            conn.query(
+            conn.query_typed_rows(
                 sql!("kernel/step_events_before"),
-                &[&scope.run, &before_seq],
+                typed![&scope.run, &before_seq],
             )
             .await?
         };
@@ -467,7 +469,8 @@ impl Kernel {
                 let mut conn = self.db.get().await?;
                 let tx = conn.transaction().await?;
                 // Lock order: ledger lock, tenant row, run row (see kernel/lock_run.sql).
-                tx.execute(sql!("kernel/lock_run"), &[&scope.run]).await?;
+                tx.execute_typed_count(sql!("kernel/lock_run"), typed![&scope.run])
+                    .await?;
                 tenancy::release_in_tx(&tx, &reservation).await?;
                 let ev = NewEvent::new(
                     "model_failed",
@@ -546,9 +549,10 @@ impl Kernel {
         // the appends (whose run-row update is then already ours). Reservations lock the tenant
         // row then the run row and appends the ledger lock then the run row, so this order
         // cannot deadlock with concurrent steps of the same run.
-        tx.execute(sql!("kernel/lock_run"), &[&scope.run]).await?;
+        tx.execute_typed_count(sql!("kernel/lock_run"), typed![&scope.run])
+            .await?;
         let done: bool = tx
-            .query_one(sql!("kernel/step_completed"), &[&scope.run, &step_key])
+            .query_typed_row(sql!("kernel/step_completed"), typed![&scope.run, &step_key])
             .await?
             .try_get("done")?;
         if done {

@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 use tracing::instrument;
 
 use super::{Kernel, RunScope, validate_step_key};
+use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::RunId;
 use crate::runs::{NewEvent, append_events};
@@ -132,8 +133,10 @@ impl Kernel {
         let mut completed = None;
         {
             let conn = self.db().get().await?;
-            let stmt = conn.prepare_cached(sql!("kernel/run_step_events")).await?;
-            for r in conn.query(&stmt, &[&scope.run]).await? {
+            for r in conn
+                .query_typed_rows(sql!("kernel/run_step_events"), typed![&scope.run])
+                .await?
+            {
                 let event_type: String = r.try_get(1)?;
                 let key: String = r.try_get(2)?;
                 let payload: Value = r.try_get(3)?;

@@ -2,12 +2,12 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tokio_postgres::GenericClient;
 use tracing::instrument;
 use uuid::Uuid;
 
 use super::TaskState;
 use super::claim::invalid_state;
+use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::{TaskId, TenantId, validate_text_id};
 
@@ -26,8 +26,10 @@ pub struct TaskStats {
 
 /// Task counts per queue and state (the `pgcrew.queue_stats` view).
 #[instrument(skip(client), err)]
-pub async fn stats<C: GenericClient + Sync>(client: &C) -> Result<Vec<TaskStats>> {
-    let rows = client.query(sql!("queue/stats"), &[]).await?;
+pub async fn stats<C: Executor + ?Sized>(client: &C) -> Result<Vec<TaskStats>> {
+    let rows = client
+        .query_typed_rows(sql!("queue/stats"), typed![])
+        .await?;
     Ok(rows
         .iter()
         .map(|r| TaskStats {
@@ -115,9 +117,9 @@ fn task_row(r: &tokio_postgres::Row) -> Result<TaskRow> {
 
 /// One task.
 #[instrument(skip(client), err)]
-pub async fn get<C: GenericClient + Sync>(client: &C, id: TaskId) -> Result<TaskRow> {
+pub async fn get<C: Executor + ?Sized>(client: &C, id: TaskId) -> Result<TaskRow> {
     let row = client
-        .query_opt(sql!("queue/get"), &[&id])
+        .query_typed_opt_row(sql!("queue/get"), typed![&id])
         .await?
         .ok_or_else(|| Error::not_found("task", id))?;
     task_row(&row)
@@ -125,7 +127,7 @@ pub async fn get<C: GenericClient + Sync>(client: &C, id: TaskId) -> Result<Task
 
 /// The newest tasks (at most `limit`), optionally filtered by state, queue and tenant.
 #[instrument(skip(client), err)]
-pub async fn list<C: GenericClient + Sync>(
+pub async fn list<C: Executor + ?Sized>(
     client: &C,
     state: Option<TaskState>,
     queue: Option<&str>,
@@ -138,7 +140,7 @@ pub async fn list<C: GenericClient + Sync>(
     let st = state.map(|s| s.as_str());
     let tn = tenant.map(|t| t.as_str());
     let rows = client
-        .query(sql!("queue/list"), &[&st, &queue, &tn, &limit])
+        .query_typed_rows(sql!("queue/list"), typed![&st, &queue, &tn, &limit])
         .await?;
     rows.iter().map(task_row).collect()
 }
@@ -149,9 +151,9 @@ pub async fn list<C: GenericClient + Sync>(
 /// notification is missed) and the handler's cancellation token fires. Returns the state after
 /// the call. A task already in a final state is an [`Error::IllegalTransition`].
 #[instrument(skip(client), err)]
-pub async fn cancel<C: GenericClient + Sync>(client: &C, id: TaskId) -> Result<TaskState> {
+pub async fn cancel<C: Executor + ?Sized>(client: &C, id: TaskId) -> Result<TaskState> {
     let row = client
-        .query_opt(sql!("queue/cancel"), &[&id])
+        .query_typed_opt_row(sql!("queue/cancel"), typed![&id])
         .await?
         .ok_or_else(|| Error::not_found("task", id))?;
     let prev: String = row.get("previous_state");
@@ -170,9 +172,9 @@ pub async fn cancel<C: GenericClient + Sync>(client: &C, id: TaskId) -> Result<T
 /// [`Error::InvalidInput`] (field `task`) when another non-final task holds the same unique
 /// key, or when a parent was discarded or cancelled (it can never complete: retry it first).
 #[instrument(skip(client), err)]
-pub async fn retry<C: GenericClient + Sync>(client: &C, id: TaskId) -> Result<TaskState> {
+pub async fn retry<C: Executor + ?Sized>(client: &C, id: TaskId) -> Result<TaskState> {
     let row = client
-        .query_opt(sql!("queue/retry"), &[&id])
+        .query_typed_opt_row(sql!("queue/retry"), typed![&id])
         .await
         .map_err(|e| {
             match e.as_db_error().map(|d| (d.code().code(), d.message())) {
@@ -199,7 +201,7 @@ pub async fn retry<C: GenericClient + Sync>(client: &C, id: TaskId) -> Result<Ta
 /// Limit how many tasks of `tenant` may run at once in `queue` (in addition to the tenant's
 /// `max_concurrent_tasks` over all queues).
 #[instrument(skip(client), err)]
-pub async fn set_queue_limit<C: GenericClient + Sync>(
+pub async fn set_queue_limit<C: Executor + ?Sized>(
     client: &C,
     tenant: &TenantId,
     queue: &str,
@@ -213,9 +215,9 @@ pub async fn set_queue_limit<C: GenericClient + Sync>(
         ));
     }
     client
-        .execute(
+        .execute_typed_count(
             sql!("queue/set_queue_limit"),
-            &[tenant, &queue, &max_concurrent_tasks],
+            typed![tenant, &queue, &max_concurrent_tasks],
         )
         .await
         .map_err(|e| {
@@ -230,13 +232,13 @@ pub async fn set_queue_limit<C: GenericClient + Sync>(
 
 /// Remove a per-queue tenant limit. Returns whether one existed.
 #[instrument(skip(client), err)]
-pub async fn clear_queue_limit<C: GenericClient + Sync>(
+pub async fn clear_queue_limit<C: Executor + ?Sized>(
     client: &C,
     tenant: &TenantId,
     queue: &str,
 ) -> Result<bool> {
     Ok(client
-        .execute(sql!("queue/clear_queue_limit"), &[tenant, &queue])
+        .execute_typed_count(sql!("queue/clear_queue_limit"), typed![tenant, &queue])
         .await?
         == 1)
 }

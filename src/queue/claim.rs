@@ -5,13 +5,12 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tokio_postgres::GenericClient;
-use tokio_postgres::types::ToSql;
 use tracing::{instrument, warn};
 use uuid::Uuid;
 
 use super::{Priority, TaskState, bound_error_text};
 use crate::config::interval_micros;
+use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::{ClaimToken, InstanceId, RunId, TaskId};
 
@@ -68,8 +67,8 @@ impl ClaimedTask {
 /// which shares the batch fairly, holds limits and promotes due tasks. Both claim the same tasks
 /// in the same order.
 #[instrument(skip(client, queues), fields(limit), err)]
-pub async fn claim<C: GenericClient + Sync>(
-    client: &C,
+pub async fn claim<E: Executor + ?Sized>(
+    client: &E,
     queues: &[String],
     limit: i32,
     instance: &InstanceId,
@@ -91,19 +90,15 @@ pub async fn claim<C: GenericClient + Sync>(
 /// when the general claim then finds work, the fast path did not apply and `try_fast` turns
 /// false, so a caller that keeps it (the worker pool) goes straight to the general path until a
 /// claim comes back empty.
-pub(crate) async fn claim_routed<C, T>(
-    client: &C,
-    fast: &T,
-    general: &T,
+pub(crate) async fn claim_routed<E: Executor + ?Sized>(
+    client: &E,
+    fast: &str,
+    general: &str,
     queues: &[String],
     limit: i32,
     instance: &InstanceId,
     try_fast: &mut bool,
-) -> Result<Vec<ClaimedTask>>
-where
-    C: GenericClient + Sync,
-    T: ?Sized + tokio_postgres::ToStatement + Sync + Send,
-{
+) -> Result<Vec<ClaimedTask>> {
     if limit <= 0 || queues.is_empty() {
         return Ok(Vec::new());
     }
@@ -113,13 +108,15 @@ where
         // A fresh random token per claim, as pgcrew.claim_tasks draws one.
         let token = Uuid::new_v4();
         let rows = client
-            .query(fast, &[queue, &limit, instance, &token])
+            .query_typed_rows(fast, typed![queue, limit, instance, token])
             .await?;
         if !rows.is_empty() {
             return in_order(&rows);
         }
     }
-    let rows = client.query(general, &[&queues, &limit, instance]).await?;
+    let rows = client
+        .query_typed_rows(general, typed![queues, limit, instance])
+        .await?;
     *try_fast = rows.is_empty();
     in_order(&rows)
 }
@@ -204,15 +201,15 @@ pub struct AckReport {
 /// texts go through [`bound_error_text`](super::bound_error_text) (NUL made visible as `␀`,
 /// at most [`MAX_ERROR_CHARS`](super::MAX_ERROR_CHARS) characters, truncation marked).
 #[instrument(skip(client, acks), fields(n = acks.len()), err)]
-pub async fn ack<C: GenericClient + Sync>(client: &C, acks: &[Ack]) -> Result<AckReport> {
+pub async fn ack<E: Executor + ?Sized>(client: &E, acks: &[Ack]) -> Result<AckReport> {
     ack_with(client, sql!("queue/ack"), acks).await
 }
 
-pub(crate) async fn ack_with<C, T>(client: &C, query: &T, acks: &[Ack]) -> Result<AckReport>
-where
-    C: GenericClient + Sync,
-    T: ?Sized + tokio_postgres::ToStatement + Sync + Send,
-{
+pub(crate) async fn ack_with<E: Executor + ?Sized>(
+    client: &E,
+    query: &str,
+    acks: &[Ack],
+) -> Result<AckReport> {
     if acks.is_empty() {
         return Ok(AckReport::default());
     }
@@ -242,8 +239,9 @@ where
         errors.push(e);
     }
     let errors: Vec<Option<&str>> = errors.iter().map(|e| e.as_deref()).collect();
-    let params: [&(dyn ToSql + Sync); 5] = [&ids, &tokens, &outcomes, &delays, &errors];
-    let rows = client.query(query, &params).await?;
+    let rows = client
+        .query_typed_rows(query, typed![ids, tokens, outcomes, delays, errors])
+        .await?;
     let mut report = AckReport::default();
     for r in &rows {
         let state: String = r.get("state");
@@ -275,14 +273,14 @@ pub struct HeartbeatReport {
 
 /// Refresh the heartbeat of every task `instance` is running, in one statement.
 #[instrument(skip(client, ids), fields(n = ids.len()), err)]
-pub async fn heartbeat<C: GenericClient + Sync>(
-    client: &C,
+pub async fn heartbeat<E: Executor + ?Sized>(
+    client: &E,
     instance: &InstanceId,
     ids: &[TaskId],
 ) -> Result<HeartbeatReport> {
     let raw: Vec<i64> = ids.iter().map(|t| t.0).collect();
     let rows = client
-        .query(sql!("queue/heartbeat"), &[&raw, instance])
+        .query_typed_rows(sql!("queue/heartbeat"), typed![raw, instance])
         .await?;
     let mut rep = HeartbeatReport::default();
     for r in &rows {
@@ -297,23 +295,19 @@ pub async fn heartbeat<C: GenericClient + Sync>(
 
 /// How long until the next scheduled or retryable task of `queues` is due (`None`: none).
 #[instrument(skip(client, queues), err)]
-pub async fn next_due<C: GenericClient + Sync>(
-    client: &C,
+pub async fn next_due<E: Executor + ?Sized>(
+    client: &E,
     queues: &[String],
 ) -> Result<Option<Duration>> {
     next_due_with(client, sql!("queue/next_due"), queues).await
 }
 
-pub(crate) async fn next_due_with<C, T>(
-    client: &C,
-    query: &T,
+pub(crate) async fn next_due_with<E: Executor + ?Sized>(
+    client: &E,
+    query: &str,
     queues: &[String],
-) -> Result<Option<Duration>>
-where
-    C: GenericClient + Sync,
-    T: ?Sized + tokio_postgres::ToStatement + Sync + Send,
-{
-    let row = client.query_opt(query, &[&queues]).await?;
+) -> Result<Option<Duration>> {
+    let row = client.query_typed_opt_row(query, typed![queues]).await?;
     Ok(row.map(|r| Duration::from_micros(r.get::<_, i64>(0).max(0) as u64)))
 }
 

@@ -5,6 +5,7 @@ use tracing::{info, warn};
 
 use crate::config::interval_micros;
 use crate::coord::maintenance::{MaintenanceContext, MaintenanceStep};
+use crate::db::Executor;
 use crate::error::Result;
 
 /// Returns running tasks whose instance is gone (not in `pgcrew.instances`) or whose heartbeat
@@ -25,7 +26,9 @@ impl MaintenanceStep for RescueTasks {
     ) -> Result<u64> {
         let timeout = interval_micros(ctx.config.task_heartbeat_timeout);
         let limit = i32::try_from(ctx.config.retention_batch_size).unwrap_or(i32::MAX);
-        let rows = tx.query(sql!("queue/rescue"), &[&timeout, &limit]).await?;
+        let rows = tx
+            .query_typed_rows(sql!("queue/rescue"), typed![&timeout, &limit])
+            .await?;
         for r in &rows {
             let id: i64 = r.get(0);
             let state: String = r.get(1);
@@ -52,9 +55,9 @@ impl MaintenanceStep for TaskRetention {
     ) -> Result<u64> {
         let age = interval_micros(ctx.config.task_retention);
         let n = tx
-            .execute(
+            .execute_typed_count(
                 sql!("queue/retention"),
-                &[&age, &ctx.config.retention_batch_size],
+                typed![&age, &ctx.config.retention_batch_size],
             )
             .await?;
         if n > 0 {

@@ -36,6 +36,7 @@ use super::claim::{
 use super::retry::RetryPolicy;
 use crate::coord::client::{Client, Service};
 use crate::coord::notify::{Event, EventKind, Subscription};
+use crate::db::Executor;
 use crate::db::{Conn, Db};
 use crate::error::{Error, Result};
 use crate::ids::{ClaimToken, RunId, TaskId, validate_text_id};
@@ -554,13 +555,13 @@ impl WorkerPool {
             return false;
         };
         let result = if on {
-            c.execute(
+            c.execute_typed_count(
                 sql!("queue/register_waiter"),
-                &[&self.queues, &self.pool_id, client.instance_id()],
+                typed![self.queues, self.pool_id, client.instance_id()],
             )
             .await
         } else {
-            c.execute(sql!("queue/unregister_waiter"), &[&self.pool_id])
+            c.execute_typed_count(sql!("queue/unregister_waiter"), typed![self.pool_id])
                 .await
         };
         match result {
@@ -591,12 +592,16 @@ impl WorkerPool {
         let Some(c) = conn.as_ref() else {
             return Ok(Vec::new());
         };
-        let fast = c.prepare_cached(sql!("queue/claim_fast")).await?;
-        let general = c.prepare_cached(sql!("queue/claim")).await?;
+        if client.db().statements() == crate::db::StatementMode::Unnamed {
+            // Unnamed statements are planned on every call: the fast path's statement would be
+            // too, while `pgcrew.claim_tasks` (PL/pgSQL) keeps its plans in the server session,
+            // whichever client the pooler lends that session to.
+            *try_fast = false;
+        }
         claim_routed(
-            &***c,
-            &fast,
-            &general,
+            c,
+            sql!("queue/claim_fast"),
+            sql!("queue/claim"),
             &self.queues,
             i32::try_from(limit).unwrap_or(i32::MAX),
             client.instance_id(),
@@ -617,10 +622,7 @@ impl WorkerPool {
     ) {
         let mut wait = self.poll_interval;
         if let Some(c) = conn.as_ref() {
-            let due = match c.prepare_cached(sql!("queue/next_due")).await {
-                Ok(stmt) => next_due_with(&***c, &stmt, &self.queues).await,
-                Err(e) => Err(e.into()),
-            };
+            let due = next_due_with(c, sql!("queue/next_due"), &self.queues).await;
             match due {
                 // At least 1 ms: a due task another claimer is promoting right now must not
                 // turn this into a busy loop.
@@ -793,7 +795,7 @@ impl WorkerPool {
             }
             let result = async {
                 let conn = client.db().get().await?;
-                heartbeat(&**conn, client.instance_id(), &ids).await
+                heartbeat(&conn, client.instance_id(), &ids).await
             }
             .await;
             match result {
@@ -921,8 +923,7 @@ async fn flush(db: &Db, conn: &mut Option<Conn>, batch: &[Ack]) -> Result<u64> {
     let Some(c) = conn.as_ref() else {
         return Ok(0);
     };
-    let stmt = c.prepare_cached(sql!("queue/ack")).await?;
-    let rep = ack_with(&***c, &stmt, batch).await?;
+    let rep = ack_with(c, sql!("queue/ack"), batch).await?;
     Ok(rep.stale.len() as u64)
 }
 

@@ -7,6 +7,7 @@ use tracing::instrument;
 
 use super::{limits, map_db_error};
 use crate::db::Db;
+use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::RunId;
 
@@ -93,7 +94,7 @@ fn validate_key(key: &str) -> Result<()> {
 
 async fn ensure_run(client: &tokio_postgres::Client, run: RunId) -> Result<()> {
     let exists: bool = client
-        .query_one(sql!("runs/run_exists"), &[&run])
+        .query_typed_row(sql!("runs/run_exists"), typed![&run])
         .await?
         .get(0);
     if exists {
@@ -125,9 +126,9 @@ pub async fn put_artifact(
     )?;
     let conn = db.get().await?;
     let row = conn
-        .query_one(
+        .query_typed_row(
             sql!("runs/put_artifact"),
-            &[&run, &lease_token, &key, &value],
+            typed![&run, &lease_token, &key, &value],
         )
         .await
         .map_err(|e| map_db_error(e, run))?;
@@ -139,7 +140,7 @@ pub async fn put_artifact(
 pub async fn get_artifact(db: &Db, run: RunId, key: &str) -> Result<Option<Artifact>> {
     let conn = db.get().await?;
     let row = conn
-        .query_opt(sql!("runs/get_artifact"), &[&run, &key])
+        .query_typed_opt_row(sql!("runs/get_artifact"), typed![&run, &key])
         .await?;
     Ok(row.as_ref().map(artifact))
 }
@@ -149,7 +150,7 @@ pub async fn get_artifact(db: &Db, run: RunId, key: &str) -> Result<Option<Artif
 pub async fn artifact_history(db: &Db, run: RunId, key: &str) -> Result<Vec<Artifact>> {
     let conn = db.get().await?;
     let rows = conn
-        .query(sql!("runs/artifact_history"), &[&run, &key])
+        .query_typed_rows(sql!("runs/artifact_history"), typed![&run, &key])
         .await?;
     Ok(rows.iter().map(artifact).collect())
 }
@@ -159,7 +160,9 @@ pub async fn artifact_history(db: &Db, run: RunId, key: &str) -> Result<Vec<Arti
 pub async fn list_artifacts(db: &Db, run: RunId) -> Result<Vec<Artifact>> {
     let conn = db.get().await?;
     ensure_run(&conn, run).await?;
-    let rows = conn.query(sql!("runs/list_artifacts"), &[&run]).await?;
+    let rows = conn
+        .query_typed_rows(sql!("runs/list_artifacts"), typed![&run])
+        .await?;
     Ok(rows.iter().map(artifact).collect())
 }
 
@@ -189,9 +192,9 @@ pub async fn add_summary(
     };
     let conn = db.get().await?;
     let row = conn
-        .query_one(
+        .query_typed_row(
             sql!("runs/add_summary"),
-            &[&run, &lease_token, &summary_type, &text, &json],
+            typed![&run, &lease_token, &summary_type, &text, &json],
         )
         .await
         .map_err(|e| map_db_error(e, run))?;
@@ -212,7 +215,10 @@ pub async fn list_summaries(
     let conn = db.get().await?;
     ensure_run(&conn, run).await?;
     let rows = conn
-        .query(sql!("runs/list_summaries"), &[&run, &summary_type, &limit])
+        .query_typed_rows(
+            sql!("runs/list_summaries"),
+            typed![&run, &summary_type, &limit],
+        )
         .await?;
     Ok(rows.iter().map(summary).collect())
 }

@@ -16,6 +16,7 @@ use tracing::instrument;
 use super::map_db_error;
 use crate::config::interval_micros;
 use crate::db::Db;
+use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::RunId;
 
@@ -52,7 +53,7 @@ pub async fn acquire_run_lease(
     let ttl = check_ttl(ttl)?;
     let conn = db.get().await?;
     let row = conn
-        .query_opt(sql!("runs/acquire_lease"), &[&run, &owner, &ttl])
+        .query_typed_opt_row(sql!("runs/acquire_lease"), typed![&run, &owner, &ttl])
         .await
         .map_err(|e| map_db_error(e, run))?;
     match row {
@@ -84,9 +85,9 @@ pub async fn renew_run_lease(db: &Db, lease: &RunLease, ttl: Duration) -> Result
     let ttl = check_ttl(ttl)?;
     let conn = db.get().await?;
     let row = conn
-        .query_opt(
+        .query_typed_opt_row(
             sql!("runs/renew_lease"),
-            &[&lease.run_id, &lease.owner, &lease.token, &ttl],
+            typed![&lease.run_id, &lease.owner, &lease.token, &ttl],
         )
         .await?;
     match row {
@@ -106,9 +107,9 @@ pub async fn renew_run_lease(db: &Db, lease: &RunLease, ttl: Duration) -> Result
 pub async fn release_run_lease(db: &Db, lease: &RunLease) -> Result<bool> {
     let conn = db.get().await?;
     let row = conn
-        .query_one(
+        .query_typed_row(
             sql!("runs/release_lease"),
-            &[&lease.run_id, &lease.owner, &lease.token],
+            typed![&lease.run_id, &lease.owner, &lease.token],
         )
         .await?;
     Ok(row.get(0))

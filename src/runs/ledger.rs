@@ -56,12 +56,14 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use tokio_postgres::GenericClient;
 use tracing::{info, instrument, warn};
 
 use super::map_db_error;
 use super::state::RunState;
-use crate::db::Db;
+use futures_util::StreamExt;
+use tokio_postgres::types::{ToSql, Type};
+
+use crate::db::{Db, Executor};
 use crate::error::{Error, Result};
 use crate::ids::RunId;
 use crate::ledger_key::LedgerKey;
@@ -70,8 +72,6 @@ use crate::ledger_key::LedgerKey;
 pub const MAX_STEP_KEY_LEN: usize = 512;
 /// Most events accepted by one batch append.
 pub const MAX_BATCH: usize = 10_000;
-/// Rows fetched per cursor round trip by the Rust verifier.
-const VERIFY_FETCH: i32 = 5_000;
 
 /// An event to append.
 #[derive(Debug, Clone, PartialEq)]
@@ -441,11 +441,10 @@ pub async fn append_events(
 ) -> Result<Vec<AppendedEvent>> {
     let (types, keys, payloads, dedupe) = params(events, db.run_limits().max_event_payload_bytes)?;
     let conn = db.get().await?;
-    let stmt = conn.prepare_cached(sql!("runs/append_events")).await?;
     let rows = conn
-        .query(
-            &stmt,
-            &[&run, &lease_token, &types, &keys, &payloads, &dedupe],
+        .query_typed_rows(
+            sql!("runs/append_events"),
+            typed![&run, &lease_token, &types, &keys, &payloads, &dedupe],
         )
         .await
         .map_err(|e| map_db_error(e, run))?;
@@ -478,10 +477,9 @@ async fn checkpoint_after_append(
     }
     let mac = key.sign(run, last.seq, &last.hash);
     let stored = async {
-        let stmt = conn.prepare_cached(sql!("runs/add_checkpoint")).await?;
-        conn.execute(
-            &stmt,
-            &[&run, &last.seq, &last.hash, &mac.as_slice(), &false],
+        conn.execute_typed_count(
+            sql!("runs/add_checkpoint"),
+            typed![&run, &last.seq, &last.hash, &mac.as_slice(), &false],
         )
         .await
     }
@@ -502,9 +500,9 @@ pub(crate) async fn sign_head_in(
     last: bool,
 ) -> Result<()> {
     let mac = key.sign(run, seq, head_hash);
-    tx.execute(
+    tx.execute_typed_count(
         sql!("runs/add_checkpoint"),
-        &[&run, &seq, &head_hash, &mac.as_slice(), &last],
+        typed![&run, &seq, &head_hash, &mac.as_slice(), &last],
     )
     .await
     .map_err(|e| map_db_error(e, run))?;
@@ -524,9 +522,9 @@ pub async fn append_events_in(
 ) -> Result<Vec<AppendedEvent>> {
     let (types, keys, payloads, dedupe) = params(events, super::limits::MAX_EVENT_PAYLOAD_BYTES)?;
     let rows = tx
-        .query(
+        .query_typed_rows(
             sql!("runs/append_events"),
-            &[&run, &lease_token, &types, &keys, &payloads, &dedupe],
+            typed![&run, &lease_token, &types, &keys, &payloads, &dedupe],
         )
         .await
         .map_err(|e| map_db_error(e, run))?;
@@ -559,13 +557,16 @@ pub async fn read_events(
         return Err(Error::invalid("limit", "must be at least 1"));
     }
     let conn = db.get().await?;
-    let stmt = conn.prepare_cached(sql!("runs/read_events")).await?;
-    let rows = conn.query(&stmt, &[&run, &after_seq, &limit]).await?;
+    let rows = conn
+        .query_typed_rows(sql!("runs/read_events"), typed![&run, &after_seq, &limit])
+        .await?;
     Ok(rows.iter().map(|r| ledger_event(run, r)).collect())
 }
 
-async fn anchor<C: GenericClient + Sync>(client: &C, run: RunId) -> Result<Option<ChainAnchor>> {
-    let row = client.query_opt(sql!("runs/get_anchor"), &[&run]).await?;
+async fn anchor<C: Executor + ?Sized>(client: &C, run: RunId) -> Result<Option<ChainAnchor>> {
+    let row = client
+        .query_typed_opt_row(sql!("runs/get_anchor"), typed![&run])
+        .await?;
     Ok(row.map(|r| ChainAnchor {
         last_seq: r.get(0),
         last_hash: r.get(1),
@@ -575,9 +576,9 @@ async fn anchor<C: GenericClient + Sync>(client: &C, run: RunId) -> Result<Optio
     }))
 }
 
-async fn ensure_run<C: GenericClient + Sync>(client: &C, run: RunId) -> Result<()> {
+async fn ensure_run<C: Executor + ?Sized>(client: &C, run: RunId) -> Result<()> {
     let exists: bool = client
-        .query_one(sql!("runs/run_exists"), &[&run])
+        .query_typed_row(sql!("runs/run_exists"), typed![&run])
         .await?
         .get(0);
     if exists {
@@ -622,7 +623,7 @@ async fn scan(db: &Db, run: RunId, with_checkpoints: bool) -> Result<Scan> {
         .start()
         .await?;
     let head = tx
-        .query_opt(sql!("runs/ledger_head"), &[&run])
+        .query_typed_opt_row(sql!("runs/ledger_head"), typed![&run])
         .await?
         .ok_or_else(|| Error::not_found("run", run))?;
     let head_seq: i64 = head.get(0);
@@ -633,7 +634,7 @@ async fn scan(db: &Db, run: RunId, with_checkpoints: bool) -> Result<Scan> {
     let format = LedgerFormat::from_i16(format_value)?;
     let anchor = anchor(&*tx, run).await?;
     let mut checkpoints: Vec<Checkpoint> = if with_checkpoints {
-        tx.query(sql!("runs/list_checkpoints"), &[&run])
+        tx.query_typed_rows(sql!("runs/list_checkpoints"), typed![&run])
             .await?
             .iter()
             .map(|r| Checkpoint {
@@ -646,16 +647,24 @@ async fn scan(db: &Db, run: RunId, with_checkpoints: bool) -> Result<Scan> {
     } else {
         Vec::new()
     };
-    let stmt = tx.prepare(sql!("runs/verify_rows")).await?;
-    let portal = tx.bind(&stmt, &[&run]).await?;
+    // Streamed row by row, as an unnamed statement (nothing is left on the server connection,
+    // which behind a transaction pooler may serve another client next).
+    let rows = tx
+        .query_typed_raw(
+            sql!("runs/verify_rows"),
+            [(&run as &(dyn ToSql + Sync), Type::UUID)],
+        )
+        .await?;
+    let mut rows = Box::pin(rows);
     let mut expected_prev = vec![0u8; 32];
     let mut rn: i64 = 0;
     let mut next_ck = 0usize;
     let mut first_bad: Option<(i64, String)> = None;
     'outer: loop {
-        let rows = tx.query_portal(&portal, VERIFY_FETCH).await?;
-        let n = rows.len();
-        for r in rows {
+        let Some(r) = rows.next().await.transpose()? else {
+            break;
+        };
+        {
             rn += 1;
             let seq: i64 = r.get(0);
             let tenant: &str = r.get(1);
@@ -695,11 +704,8 @@ async fn scan(db: &Db, run: RunId, with_checkpoints: bool) -> Result<Scan> {
             expected_prev.clear();
             expected_prev.extend_from_slice(hash);
         }
-        if n < VERIFY_FETCH as usize {
-            break;
-        }
     }
-    drop(portal);
+    drop(rows);
     // A bad row past head + 1 means rows are stored beyond the recorded head: report that first,
     // like the SQL function (which sees every row).
     if let Some((bad, _)) = &first_bad
@@ -916,8 +922,10 @@ fn judge_signed(run: RunId, key: &LedgerKey, scan: Scan) -> SignedVerification {
     verdict(None, signed)
 }
 
-async fn count_events<C: GenericClient + Sync>(client: &C, run: RunId) -> Result<u64> {
-    let row = client.query_one(sql!("runs/count_events"), &[&run]).await?;
+async fn count_events<C: Executor + ?Sized>(client: &C, run: RunId) -> Result<u64> {
+    let row = client
+        .query_typed_row(sql!("runs/count_events"), typed![&run])
+        .await?;
     let n: i64 = row.get(0);
     Ok(u64::try_from(n).unwrap_or(0))
 }
@@ -936,10 +944,12 @@ pub async fn verify_run_chain_sql(db: &Db, run: RunId) -> Result<ChainVerificati
         .await?;
     let anchor = anchor(&*tx, run).await?;
     let head = tx
-        .query_opt(sql!("runs/ledger_head"), &[&run])
+        .query_typed_opt_row(sql!("runs/ledger_head"), typed![&run])
         .await?
         .ok_or_else(|| Error::not_found("run", run))?;
-    let row = tx.query_one(sql!("runs/verify_chain"), &[&run]).await?;
+    let row = tx
+        .query_typed_row(sql!("runs/verify_chain"), typed![&run])
+        .await?;
     tx.commit().await?;
     let checked: i64 = row.get(2);
     Ok(ChainVerification {
@@ -967,7 +977,7 @@ pub async fn purge_run(db: &Db, run: RunId, reason: &str) -> Result<ChainAnchor>
     }
     let conn = db.get().await?;
     let row = conn
-        .query_one(sql!("runs/purge_ledger"), &[&run, &reason])
+        .query_typed_row(sql!("runs/purge_ledger"), typed![&run, &reason])
         .await
         .map_err(|e| match e.as_db_error() {
             Some(d) if d.code().code() == "55000" => Error::invalid("run", d.message()),

@@ -19,6 +19,7 @@ use async_trait::async_trait;
 use tracing::info;
 
 use crate::coord::maintenance::{MaintenanceContext, MaintenanceStep};
+use crate::db::Executor;
 use crate::error::{Error, Result};
 
 pub mod artifacts;
@@ -103,7 +104,9 @@ impl MaintenanceStep for DeadInstanceLeases {
         tx: &tokio_postgres::Transaction<'_>,
         _ctx: &MaintenanceContext,
     ) -> Result<u64> {
-        let rows = tx.query(sql!("runs/release_dead_leases"), &[]).await?;
+        let rows = tx
+            .query_typed_rows(sql!("runs/release_dead_leases"), typed![])
+            .await?;
         for r in &rows {
             let id: uuid::Uuid = r.get(0);
             let owner: String = r.get(1);
@@ -139,7 +142,7 @@ impl MaintenanceStep for RunRetention {
         let age = crate::config::interval_micros(age).min(100 * 365 * 86_400 * 1_000_000);
         let batch = i32::try_from(ctx.config.run_retention_batch_size).unwrap_or(i32::MAX);
         let rows = tx
-            .query(sql!("runs/retain_finished_runs"), &[&age, &batch])
+            .query_typed_rows(sql!("runs/retain_finished_runs"), typed![&age, &batch])
             .await?;
         for r in &rows {
             let id: uuid::Uuid = r.get(0);

@@ -23,6 +23,7 @@ use tracing::instrument;
 use super::ledger::{NewEvent, append_events_in, sign_head_in};
 use super::map_db_error;
 use crate::db::Db;
+use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::{InstanceId, RunId, SessionId, TenantId};
 use crate::ledger_key::LedgerKey;
@@ -335,9 +336,9 @@ pub async fn new_session(
     let conn = db.get().await?;
     ensure_tenant(&**conn, tenant).await?;
     let row = conn
-        .query_one(
+        .query_typed_row(
             sql!("runs/upsert_session"),
-            &[&SessionId::new(), tenant, &identifier, &metadata],
+            typed![&SessionId::new(), tenant, &identifier, &metadata],
         )
         .await?;
     Ok(session_from_row(&row))
@@ -358,18 +359,15 @@ fn session_from_row(row: &tokio_postgres::Row) -> Session {
 pub async fn get_session(db: &Db, id: SessionId) -> Result<Session> {
     let conn = db.get().await?;
     let row = conn
-        .query_opt(sql!("runs/get_session"), &[&id])
+        .query_typed_opt_row(sql!("runs/get_session"), typed![&id])
         .await?
         .ok_or_else(|| Error::not_found("session", id))?;
     Ok(session_from_row(&row))
 }
 
-async fn ensure_tenant<C: tokio_postgres::GenericClient + Sync>(
-    client: &C,
-    tenant: &TenantId,
-) -> Result<()> {
+async fn ensure_tenant<C: Executor + ?Sized>(client: &C, tenant: &TenantId) -> Result<()> {
     let exists: bool = client
-        .query_one(sql!("runs/tenant_exists"), &[tenant])
+        .query_typed_row(sql!("runs/tenant_exists"), typed![tenant])
         .await?
         .get(0);
     if exists {
@@ -411,7 +409,7 @@ pub async fn create_run_in(tx: &tokio_postgres::Transaction<'_>, new: NewRun) ->
     ensure_tenant(tx, &new.tenant_id).await?;
     if let Some(s) = new.session_id {
         let row = tx
-            .query_opt(sql!("runs/get_session"), &[&s])
+            .query_typed_opt_row(sql!("runs/get_session"), typed![&s])
             .await?
             .ok_or_else(|| Error::not_found("session", s))?;
         if session_from_row(&row).tenant_id != new.tenant_id.as_str() {
@@ -420,7 +418,7 @@ pub async fn create_run_in(tx: &tokio_postgres::Transaction<'_>, new: NewRun) ->
     }
     if let Some(p) = new.parent_run_id {
         let row = tx
-            .query_opt(sql!("runs/get_run"), &[&p])
+            .query_typed_opt_row(sql!("runs/get_run"), typed![&p])
             .await?
             .ok_or_else(|| Error::not_found("run", p))?;
         if Run::from_row(&row)?.tenant_id != new.tenant_id.as_str() {
@@ -428,9 +426,9 @@ pub async fn create_run_in(tx: &tokio_postgres::Transaction<'_>, new: NewRun) ->
         }
     }
     let id = RunId::new();
-    tx.execute(
+    tx.execute_typed_count(
         sql!("runs/insert_run"),
-        &[
+        typed![
             &id,
             &new.tenant_id,
             &new.session_id,
@@ -461,7 +459,7 @@ pub async fn create_run_in(tx: &tokio_postgres::Transaction<'_>, new: NewRun) ->
 pub async fn get_run(db: &Db, run: RunId) -> Result<Run> {
     let conn = db.get().await?;
     let row = conn
-        .query_opt(sql!("runs/get_run"), &[&run])
+        .query_typed_opt_row(sql!("runs/get_run"), typed![&run])
         .await?
         .ok_or_else(|| Error::not_found("run", run))?;
     Run::from_row(&row)
@@ -477,7 +475,10 @@ pub async fn list_runs(db: &Db, filter: &RunFilter) -> Result<Vec<Run>> {
     let state = filter.state.map(|s| s.as_str());
     let tenant = filter.tenant.as_ref().map(|t| t.as_str());
     let rows = conn
-        .query(sql!("runs/list_runs"), &[&tenant, &state, &filter.limit])
+        .query_typed_rows(
+            sql!("runs/list_runs"),
+            typed![&tenant, &state, &filter.limit],
+        )
         .await?;
     rows.iter().map(Run::from_row).collect()
 }
@@ -513,15 +514,17 @@ async fn transition_in(
     if to == RunState::Running {
         // Admission: serialise per tenant (tenant lock before run lock, always).
         let row = tx
-            .query_opt(sql!("runs/get_run"), &[&run])
+            .query_typed_opt_row(sql!("runs/get_run"), typed![&run])
             .await?
             .ok_or_else(|| Error::not_found("run", run))?;
         let tenant: String = row.get("tenant_id");
-        tx.execute(sql!("runs/lock_tenant"), &[&tenant]).await?;
+        tx.execute_typed_count(sql!("runs/lock_tenant"), typed![&tenant])
+            .await?;
     }
-    tx.execute(sql!("runs/lock_run"), &[&run]).await?;
+    tx.execute_typed_count(sql!("runs/lock_run"), typed![&run])
+        .await?;
     let row = tx
-        .query_opt(sql!("runs/get_run_for_update"), &[&run])
+        .query_typed_opt_row(sql!("runs/get_run_for_update"), typed![&run])
         .await?
         .ok_or_else(|| Error::not_found("run", run))?;
     let current = Run::from_row(&row)?;
@@ -544,7 +547,7 @@ async fn transition_in(
     }
     if to == RunState::Running {
         let row = tx
-            .query_one(sql!("runs/count_running"), &[&current.tenant_id])
+            .query_typed_row(sql!("runs/count_running"), typed![&current.tenant_id])
             .await?;
         let running: i64 = row.get(0);
         let limit: Option<i32> = row.get(1);
@@ -578,9 +581,9 @@ async fn transition_in(
     // Record first (the lease check needs the lease the terminal update clears, and appends to a
     // finished run are refused).
     let appended = append_events_in(tx, run, &[ev], change.lease_token).await?;
-    tx.execute(
+    tx.execute_typed_count(
         sql!("runs/update_state"),
-        &[
+        typed![
             &run,
             &to.as_str(),
             &change.instance,
@@ -604,7 +607,7 @@ async fn transition_in(
         sign_head_in(tx, key, run, last.seq, &last.hash, true).await?;
     }
     let row = tx
-        .query_one(sql!("runs/get_run"), &[&run])
+        .query_typed_row(sql!("runs/get_run"), typed![&run])
         .await
         .map_err(|e| map_db_error(e, run))?;
     Ok(Applied::Done(Box::new(Run::from_row(&row)?)))
@@ -759,7 +762,7 @@ pub async fn fail_stuck_runs_in(
     }
     let micros = crate::config::interval_micros(timeout);
     let rows = tx
-        .query(sql!("runs/stuck_running"), &[&micros, &limit])
+        .query_typed_rows(sql!("runs/stuck_running"), typed![&micros, &limit])
         .await?;
     let mut failed = Vec::new();
     for r in rows {

@@ -15,6 +15,7 @@ use tracing::{debug, instrument, warn};
 
 use crate::coord::notify::{Event, EventKind, Notifier};
 use crate::db::Db;
+use crate::db::Executor;
 use crate::error::Result;
 use crate::ids::RunId;
 
@@ -122,7 +123,9 @@ async fn check_runs(inner: &Inner) -> Result<()> {
         return Ok(());
     }
     let conn = inner.db.get().await?;
-    let rows = conn.query(sql!("runs/watched_runs"), &[&ids]).await?;
+    let rows = conn
+        .query_typed_rows(sql!("runs/watched_runs"), typed![&ids])
+        .await?;
     let mut tokens = lock(inner);
     for r in rows {
         let id: RunId = r.get(0);

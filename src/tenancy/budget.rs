@@ -40,6 +40,7 @@ use uuid::Uuid;
 use crate::config::interval_micros;
 use crate::coord::maintenance::{MaintenanceContext, MaintenanceStep};
 use crate::db::Db;
+use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::{InstanceId, RunId, TenantId, validate_text_id};
 use crate::tenancy::status::BudgetStatus;
@@ -321,11 +322,14 @@ pub async fn reserve_in_tx(
     req.validate()?;
     let tenant = &req.tenant_id;
     let updated = tx
-        .query_opt(sql!("tenancy/reserve_tenant"), &[tenant, &req.estimate_usd])
+        .query_typed_opt_row(
+            sql!("tenancy/reserve_tenant"),
+            typed![tenant, &req.estimate_usd],
+        )
         .await?;
     if updated.is_none() {
         let figures = tx
-            .query_opt(sql!("tenancy/tenant_budget_figures"), &[tenant])
+            .query_typed_opt_row(sql!("tenancy/tenant_budget_figures"), typed![tenant])
             .await?
             .ok_or_else(|| Error::not_found("tenant", tenant))?;
         return Err(Error::BudgetExceeded {
@@ -340,14 +344,14 @@ pub async fn reserve_in_tx(
     }
     if let Some(run) = req.run_id {
         let ok = tx
-            .query_opt(
+            .query_typed_opt_row(
                 sql!("tenancy/reserve_run"),
-                &[&run, tenant, &req.estimate_usd],
+                typed![&run, tenant, &req.estimate_usd],
             )
             .await?;
         if ok.is_none() {
             let figures = tx
-                .query_opt(sql!("tenancy/run_budget_figures"), &[&run, tenant])
+                .query_typed_opt_row(sql!("tenancy/run_budget_figures"), typed![&run, tenant])
                 .await?
                 .ok_or_else(|| Error::not_found("run", run))?;
             return Err(Error::RunBudgetExceeded {
@@ -364,9 +368,9 @@ pub async fn reserve_in_tx(
     }
     let id = Uuid::new_v4();
     let row = tx
-        .query_one(
+        .query_typed_row(
             sql!("tenancy/insert_reservation"),
-            &[
+            typed![
                 &id,
                 tenant,
                 &req.run_id,
@@ -425,7 +429,7 @@ pub async fn charge_in_tx(
     let (p, c) = cost.validate()?;
     if let Some(r) = run
         && tx
-            .query_opt(sql!("tenancy/run_owned"), &[&r, tenant])
+            .query_typed_opt_row(sql!("tenancy/run_owned"), typed![&r, tenant])
             .await?
             .is_none()
     {
@@ -459,9 +463,9 @@ async fn settle_query(
     completion_tokens: i64,
 ) -> Result<Settlement> {
     let row = tx
-        .query_opt(
+        .query_typed_opt_row(
             sql!("tenancy/settle"),
-            &[
+            typed![
                 &reservation,
                 tenant,
                 &run,
@@ -529,9 +533,9 @@ pub async fn release_in_tx(
     reservation: &Reservation,
 ) -> Result<bool> {
     let row = tx
-        .query_one(
+        .query_typed_row(
             sql!("tenancy/release_reservation"),
-            &[&reservation.id, &reservation.tenant_id],
+            typed![&reservation.id, &reservation.tenant_id],
         )
         .await?;
     Ok(row.try_get::<_, i64>("released")? > 0)
@@ -549,9 +553,12 @@ pub async fn set_run_budget(
         validate_budget("run budget_usd_limit", l)?;
     }
     let conn = db.get().await?;
-    conn.query_opt(sql!("tenancy/set_run_budget"), &[&run, tenant, &limit_usd])
-        .await?
-        .ok_or_else(|| Error::not_found("run", run))?;
+    conn.query_typed_opt_row(
+        sql!("tenancy/set_run_budget"),
+        typed![&run, tenant, &limit_usd],
+    )
+    .await?
+    .ok_or_else(|| Error::not_found("run", run))?;
     Ok(())
 }
 
@@ -577,9 +584,9 @@ impl MaintenanceStep for ReleaseOrphanedReservations {
     ) -> Result<u64> {
         let age = interval_micros(self.max_age.unwrap_or(ctx.config.stuck_run_timeout));
         let rows = tx
-            .query(
+            .query_typed_rows(
                 sql!("tenancy/release_orphaned_reservations"),
-                &[&age, &ctx.config.retention_batch_size],
+                typed![&age, &ctx.config.retention_batch_size],
             )
             .await?;
         for r in &rows {

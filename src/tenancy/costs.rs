@@ -6,6 +6,7 @@ use serde::Serialize;
 use tracing::instrument;
 
 use crate::db::Db;
+use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::TenantId;
 use crate::tenancy::status::{BudgetSnapshot, BudgetThresholds};
@@ -65,9 +66,9 @@ pub async fn cost_breakdown(db: &Db, filter: &CostFilter) -> Result<Vec<CostRow>
     }
     let conn = db.get().await?;
     let rows = conn
-        .query(
+        .query_typed_rows(
             sql!("tenancy/cost_breakdown"),
-            &[&filter.tenant_id, &filter.since, &filter.until],
+            typed![&filter.tenant_id, &filter.since, &filter.until],
         )
         .await?;
     rows.iter()
@@ -91,7 +92,7 @@ pub async fn cost_breakdown(db: &Db, filter: &CostFilter) -> Result<Vec<CostRow>
 pub async fn budget_status(db: &Db, tenant: &TenantId) -> Result<BudgetSnapshot> {
     let conn = db.get().await?;
     let r = conn
-        .query_opt(sql!("tenancy/budget_status"), &[tenant])
+        .query_typed_opt_row(sql!("tenancy/budget_status"), typed![tenant])
         .await?
         .ok_or_else(|| Error::not_found("tenant", tenant))?;
     let status: String = r.try_get("status")?;
@@ -116,7 +117,9 @@ pub async fn budget_status(db: &Db, tenant: &TenantId) -> Result<BudgetSnapshot>
 #[instrument(skip(db), err)]
 pub async fn spend_from_events(db: &Db) -> Result<Vec<(String, f64)>> {
     let conn = db.get().await?;
-    let rows = conn.query(sql!("tenancy/spend_from_events"), &[]).await?;
+    let rows = conn
+        .query_typed_rows(sql!("tenancy/spend_from_events"), typed![])
+        .await?;
     rows.iter()
         .map(|r| Ok((r.try_get("tenant_id")?, r.try_get("spend")?)))
         .collect()

@@ -29,6 +29,7 @@ use serde::Serialize;
 use tracing::{info, instrument};
 
 use crate::db::Db;
+use crate::db::Executor;
 use crate::error::Result;
 use crate::ids::TenantId;
 
@@ -65,7 +66,7 @@ pub async fn grant_tenant_access(db: &Db, role: &str) -> Result<Vec<String>> {
     validate_role(role)?;
     let conn = db.get().await?;
     let rows = conn
-        .query(sql!("tenancy/grant_tenant_access"), &[&role])
+        .query_typed_rows(sql!("tenancy/grant_tenant_access"), typed![&role])
         .await?;
     rows.iter().map(|r| Ok(r.try_get("granted")?)).collect()
 }
@@ -79,7 +80,7 @@ pub async fn grant_tenant_role(db: &Db, role: &str, tenant: &TenantId) -> Result
     let mut conn = db.get().await?;
     let tx = conn.transaction().await?;
     let rows = tx
-        .query(sql!("tenancy/grant_tenant_role"), &[&role, tenant])
+        .query_typed_rows(sql!("tenancy/grant_tenant_role"), typed![&role, tenant])
         .await?;
     let granted = rows
         .iter()
@@ -98,7 +99,7 @@ pub async fn revoke_tenant_role(db: &Db, role: &str) -> Result<bool> {
     let mut conn = db.get().await?;
     let tx = conn.transaction().await?;
     let was: bool = tx
-        .query_one(sql!("tenancy/revoke_tenant_role"), &[&role])
+        .query_typed_row(sql!("tenancy/revoke_tenant_role"), typed![&role])
         .await?
         .get(0);
     tx.commit().await?;
@@ -116,7 +117,7 @@ pub async fn revoke_tenant_role(db: &Db, role: &str) -> Result<bool> {
 pub async fn pg_locks_readable_by_public(db: &Db) -> Result<bool> {
     let conn = db.get().await?;
     Ok(conn
-        .query_one(sql!("tenancy/pg_locks_public"), &[])
+        .query_typed_row(sql!("tenancy/pg_locks_public"), typed![])
         .await?
         .get(0))
 }
@@ -125,7 +126,9 @@ pub async fn pg_locks_readable_by_public(db: &Db) -> Result<bool> {
 #[instrument(skip(db), err)]
 pub async fn list_tenant_roles(db: &Db) -> Result<Vec<TenantRole>> {
     let conn = db.get().await?;
-    let rows = conn.query(sql!("tenancy/list_tenant_roles"), &[]).await?;
+    let rows = conn
+        .query_typed_rows(sql!("tenancy/list_tenant_roles"), typed![])
+        .await?;
     rows.iter()
         .map(|r| {
             Ok(TenantRole {

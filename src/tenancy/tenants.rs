@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use tracing::instrument;
 
 use crate::db::Db;
+use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::{TenantId, validate_text_id};
 use crate::tenancy::degradation::DegradationPolicy;
@@ -238,9 +239,9 @@ pub async fn upsert(db: &Db, ctx: &TenantContext) -> Result<bool> {
     let policy = serde_json::to_value(&ctx.degradation)?;
     let conn = db.get().await?;
     let row = conn
-        .query_one(
+        .query_typed_row(
             sql!("tenancy/upsert_tenant"),
-            &[
+            typed![
                 &ctx.tenant_id,
                 &ctx.capabilities,
                 &ctx.budget_usd_limit,
@@ -260,7 +261,7 @@ pub async fn upsert(db: &Db, ctx: &TenantContext) -> Result<bool> {
 pub async fn get(db: &Db, tenant: &TenantId) -> Result<Tenant> {
     let conn = db.get().await?;
     let row = conn
-        .query_opt(sql!("tenancy/get_tenant"), &[tenant])
+        .query_typed_opt_row(sql!("tenancy/get_tenant"), typed![tenant])
         .await?
         .ok_or_else(|| Error::not_found("tenant", tenant))?;
     tenant_from_row(&row)
@@ -270,7 +271,9 @@ pub async fn get(db: &Db, tenant: &TenantId) -> Result<Tenant> {
 #[instrument(skip(db), err)]
 pub async fn list(db: &Db) -> Result<Vec<Tenant>> {
     let conn = db.get().await?;
-    let rows = conn.query(sql!("tenancy/list_tenants"), &[]).await?;
+    let rows = conn
+        .query_typed_rows(sql!("tenancy/list_tenants"), typed![])
+        .await?;
     rows.iter().map(tenant_from_row).collect()
 }
 
@@ -289,7 +292,7 @@ pub async fn require_capability_in_tx(
         return Ok(());
     };
     let row = tx
-        .query_opt(sql!("tenancy/tenant_capabilities"), &[tenant])
+        .query_typed_opt_row(sql!("tenancy/tenant_capabilities"), typed![tenant])
         .await?
         .ok_or_else(|| Error::not_found("tenant", tenant))?;
     let caps: Vec<String> = row.try_get(0)?;

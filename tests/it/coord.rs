@@ -606,6 +606,7 @@ async fn exhausted_pool_fails_after_the_wait_timeout_with_a_clear_error() {
             size: 1,
             connect_timeout: Duration::from_secs(5),
             wait_timeout: Duration::from_millis(200),
+            ..Default::default()
         },
     )
     .await

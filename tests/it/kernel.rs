@@ -17,7 +17,7 @@ use std::time::Duration;
 use crate::common::{TestDb, eventually, test_db};
 use crate::mock_openai::{MockOpenAi, MockScript, mock_openai};
 
-async fn tenant(db: &Db, id: &str, caps: &[&str], budget: Option<f64>) -> TenantId {
+pub(crate) async fn tenant(db: &Db, id: &str, caps: &[&str], budget: Option<f64>) -> TenantId {
     let ctx = TenantContext::new(id)
         .unwrap()
         .capabilities(caps.iter().copied())
@@ -626,7 +626,7 @@ async fn workflow_resume_skips_completed_steps() {
 use pgcrew::agent::{AgentDef, AgentRuntime, register_agent, register_tools};
 use pgcrew::model::{ModelPort, ModelResponse};
 
-fn weather_tool(body_runs: Arc<AtomicU64>) -> Tool {
+pub(crate) fn weather_tool(body_runs: Arc<AtomicU64>) -> Tool {
     Tool::builder("lookup_weather")
         .description("weather of a city")
         .input_schema(json!({
@@ -645,7 +645,7 @@ fn weather_tool(body_runs: Arc<AtomicU64>) -> Tool {
         .unwrap()
 }
 
-fn weather_agent() -> AgentDef {
+pub(crate) fn weather_agent() -> AgentDef {
     AgentDef::new("forecaster", "gpt-4o-mini")
         .description("answers weather questions")
         .system_prompt("use the tool")
@@ -1062,7 +1062,7 @@ async fn agent_run_fails_with_budget_exceeded_and_nothing_is_overspent() {
 // ------------------------------------------------------------------------------------------
 
 /// The mock for the weather agent: turn 0 calls `lookup_weather`, turn 1 answers.
-async fn weather_mock() -> MockOpenAi {
+pub(crate) async fn weather_mock() -> MockOpenAi {
     mock_openai(MockScript {
         tool_calls: json!([{
             "id": "call_abc", "type": "function",
@@ -1074,7 +1074,7 @@ async fn weather_mock() -> MockOpenAi {
     .await
 }
 
-fn openai(server: &MockOpenAi) -> Arc<pgcrew::model::OpenAiModel> {
+pub(crate) fn openai(server: &MockOpenAi) -> Arc<pgcrew::model::OpenAiModel> {
     Arc::new(pgcrew::model::OpenAiModel::new(
         pgcrew::model::OpenAiConfig::builder()
             .base_url(&server.base_url)

@@ -22,6 +22,7 @@ mod ledger_forgery;
 mod local_security;
 mod mock_openai;
 mod model;
+mod pgbouncer;
 mod proxy;
 mod queue;
 mod queue_edges;

@@ -1,4 +1,4 @@
-//! `pgcrew bench [queue|ledger|fanout|failover|scale|rls|tls|budget]`: benchmarks that run in their own scratch database.
+//! `pgcrew bench [queue|ledger|fanout|failover|scale|rls|tls|budget|pgbouncer]`: benchmarks that run in their own scratch database.
 
 use std::process::ExitCode;
 
@@ -36,6 +36,9 @@ pub enum BenchKind {
     /// The queue benchmark with the default connections and with a 4-connection budget per
     /// instance, alternating; prints both and the ratio.
     Budget(crate::bench_budget::BudgetBenchArgs),
+    /// `bench queue` directly and through PgBouncer (transaction mode) in front of the same
+    /// server, alternating; plus unnamed against cached statements directly.
+    Pgbouncer(crate::bench_pgbouncer::PgBouncerBenchArgs),
 }
 
 /// Run the chosen benchmark.
@@ -50,6 +53,7 @@ pub async fn exec(dsn: Option<String>, args: BenchArgs) -> Result<ExitCode> {
         Some(BenchKind::Rls(a)) => crate::bench_rls::run(dsn, a).await,
         Some(BenchKind::Tls(a)) => crate::bench_tls::run(dsn, a).await,
         Some(BenchKind::Budget(a)) => crate::bench_budget::run(dsn, a).await,
+        Some(BenchKind::Pgbouncer(a)) => crate::bench_pgbouncer::run(dsn, a).await,
     }
 }
 

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::Args;
-use pgcrew::db::Db;
+use pgcrew::db::{Db, StatementMode};
 use pgcrew::queue::{self, NewTask, TaskOutcome, WorkerPool};
 use pgcrew::{Client, ClientConfig, Error, InstanceId, Result};
 use serde::Serialize;
@@ -166,9 +166,44 @@ pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> 
 /// One run of the benchmark on `dsn` (a database it may fill; `pgcrew bench tls` and
 /// `pgcrew bench budget` reuse it).
 pub(crate) async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
+    bench_on(
+        Target {
+            pool_dsn: dsn,
+            direct_dsn: dsn,
+            statements: StatementMode::Cached,
+            raw_floor: true,
+        },
+        args,
+    )
+    .await
+}
+
+/// Where the queue benchmark's connections go.
+pub(crate) struct Target<'a> {
+    /// The pools' DSN (maybe through PgBouncer).
+    pub(crate) pool_dsn: &'a str,
+    /// A direct DSN to the same database: LISTEN and migrations.
+    pub(crate) direct_dsn: &'a str,
+    /// The pools' statement mode.
+    pub(crate) statements: StatementMode,
+    /// Also measure the plain-SQL wake-up floor (prepared statements on the pool's DSN).
+    pub(crate) raw_floor: bool,
+}
+
+/// The queue benchmark on `target`'s database (already migrated or not).
+pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Result<Report> {
     let pool_size = 4 + args.instances * 4;
-    let db = Db::connect(dsn, pool_size, Duration::from_secs(10)).await?;
-    db.migrate().await?;
+    let db = Db::connect_with(
+        target.pool_dsn,
+        pgcrew::db::PoolOptions {
+            size: pool_size,
+            statements: target.statements,
+            ..Default::default()
+        },
+    )
+    .await?;
+    db.migrate_direct(target.direct_dsn).await?;
+    let dsn = target.pool_dsn;
 
     // 1. Bulk enqueue: whole batches from `producers` connections at once.
     eprintln!("[1/4] bulk enqueue of {} tasks ...", args.tasks);
@@ -220,7 +255,10 @@ pub(crate) async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
                 async move { Ok(TaskOutcome::Complete) }
             })
             .build()?;
-        let config = ClientConfig::builder().instance_id(InstanceId::new(format!("bench-{i}"))?);
+        let config = ClientConfig::builder()
+            .instance_id(InstanceId::new(format!("bench-{i}"))?)
+            .statements(target.statements)
+            .listen_dsn(target.direct_dsn);
         let config = match args.max_connections {
             Some(n) => config.max_connections(n),
             None => config.pool_size(8),
@@ -281,7 +319,11 @@ pub(crate) async fn bench(dsn: &str, args: &QueueBenchArgs) -> Result<Report> {
 
     // 4. The same wake-up loop in plain SQL, for the floor.
     eprintln!("[4/4] raw PostgreSQL wake-up floor ...");
-    let (mut raw, mut raw_commit) = raw_wakeups(&db, args).await?;
+    let (mut raw, mut raw_commit) = if target.raw_floor {
+        raw_wakeups(&db, args).await?
+    } else {
+        (Vec::new(), Vec::new())
+    };
     raw.sort_by(|a, b| a.total_cmp(b));
     raw_commit.sort_by(|a, b| a.total_cmp(b));
     Ok(Report {

@@ -6,7 +6,6 @@ use std::time::Duration;
 use clap::Args;
 use pgcrew::config::parse_duration;
 use pgcrew::coord::{instance, leader};
-use pgcrew::db::Db;
 use pgcrew::{Client, ClientConfig, InstanceId, Result};
 
 use crate::output::{connect, print_json, print_table, require_dsn};
@@ -154,7 +153,7 @@ fn model_port(args: &ServeArgs) -> Result<(std::sync::Arc<dyn pgcrew::model::Mod
 /// `pgcrew migrate`.
 pub async fn migrate(dsn: Option<String>) -> Result<ExitCode> {
     let dsn = require_dsn(dsn)?;
-    let db = Db::connect(&dsn, 2, Duration::from_secs(10)).await?;
+    let db = crate::output::connect_pool(&dsn, 2, Duration::from_secs(10)).await?;
     let report = db.migrate().await?;
     if report.applied.is_empty() {
         println!("schema is up to date (version {})", report.to_version);
@@ -181,6 +180,7 @@ pub async fn serve(dsn: Option<String>, args: ServeArgs) -> Result<ExitCode> {
         .stuck_run_timeout(args.stuck_run_timeout)
         .notify_poll_interval(args.poll_interval)
         .poll_only(args.poll_only)
+        .statements(crate::output::statements())
         .migrate(args.migrate);
     if let Some(n) = args.max_connections {
         b = b.max_connections(n);
@@ -234,12 +234,13 @@ pub async fn serve(dsn: Option<String>, args: ServeArgs) -> Result<ExitCode> {
         }
         wb = demo::install_demo_tasks(wb);
         if !defs.is_empty() {
-            let db = Db::connect_with(
+            let db = pgcrew::Db::connect_with(
                 &dsn,
                 pgcrew::db::PoolOptions {
                     size: config.pool_connections(),
                     connect_timeout: config.connect_timeout,
                     wait_timeout: config.pool_wait_timeout,
+                    statements: crate::output::statements(),
                 },
             )
             .await?;

@@ -21,6 +21,7 @@ mod bench_budget;
 mod bench_failover;
 mod bench_fanout;
 mod bench_ledger;
+mod bench_pgbouncer;
 mod bench_queue;
 mod bench_rls;
 mod bench_scale;
@@ -46,6 +47,16 @@ pub struct Cli {
     /// every local user can read a process's command line.
     #[arg(long, global = true, env = "DATABASE_URL", hide_env_values = true)]
     pub dsn: Option<output::DsnArg>,
+
+    /// How statements go out: `cached` (prepared once per connection; the default) or `unnamed`
+    /// (one round trip each, nothing kept on the server: behind PgBouncer in transaction mode).
+    #[arg(
+        long,
+        global = true,
+        env = "PGCREW_STATEMENTS",
+        default_value = "cached"
+    )]
+    pub statements: pgcrew::db::StatementMode,
 
     /// Log filter (e.g. `info`, `pgcrew=debug`); also RUST_LOG.
     #[arg(long, global = true, default_value = "warn")]
@@ -136,6 +147,7 @@ fn main() -> ExitCode {
 
 async fn dispatch(cli: Cli) -> ExitCode {
     let dsn = cli.dsn.clone().map(|d| d.0);
+    output::set_statements(cli.statements);
     let result = match cli.command {
         Command::Migrate => coord::migrate(dsn).await,
         Command::Serve(args) => coord::serve(dsn, args).await,

@@ -42,13 +42,39 @@ pub fn require_dsn(dsn: Option<String>) -> Result<String> {
     })
 }
 
+static STATEMENTS: std::sync::OnceLock<pgcrew::db::StatementMode> = std::sync::OnceLock::new();
+
+/// Record the `--statements` setting (once, from `main`).
+pub fn set_statements(mode: pgcrew::db::StatementMode) {
+    let _ = STATEMENTS.set(mode);
+}
+
+/// The `--statements` setting (`cached` unless given).
+pub fn statements() -> pgcrew::db::StatementMode {
+    STATEMENTS.get().copied().unwrap_or_default()
+}
+
+/// Connect a pool of `size` with the CLI's `--statements` setting.
+pub async fn connect_pool(dsn: &str, size: usize, connect_timeout: Duration) -> Result<Db> {
+    Db::connect_with(
+        dsn,
+        pgcrew::db::PoolOptions {
+            size,
+            connect_timeout,
+            statements: statements(),
+            ..Default::default()
+        },
+    )
+    .await
+}
+
 /// Connect a small pool and check the schema version. With a ledger key in the environment
 /// (`PGCREW_LEDGER_KEY` / `PGCREW_LEDGER_KEY_FILE`), runs the command finishes (`run cancel`)
 /// get their final checkpoint signed, as an instance would sign them.
 pub async fn connect(dsn: Option<String>) -> Result<Db> {
     let dsn = require_dsn(dsn)?;
     let key = pgcrew::LedgerKey::from_env()?;
-    let db = Db::connect(&dsn, 4, Duration::from_secs(10)).await?;
+    let db = connect_pool(&dsn, 4, Duration::from_secs(10)).await?;
     db.check_schema().await?;
     Ok(match key {
         Some(key) => db.with_ledger_key(key),

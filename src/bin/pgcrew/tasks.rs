@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand};
 use pgcrew::config::parse_duration;
+use pgcrew::db::{Executor, sql_type_of};
 use pgcrew::queue::{self, NewTask, Priority, TaskOutcome, TaskState, WorkerPool};
 use pgcrew::{Client, ClientConfig, Error, InstanceId, Result, TaskId, TenantId};
 
@@ -332,8 +333,17 @@ async fn work(dsn: Option<String>, a: WorkArgs) -> Result<ExitCode> {
         b = b.handler(k.clone(), move |ctx, _p: serde_json::Value| async move {
             if record {
                 let conn = ctx.client.db().get().await?;
-                conn.execute(RECORD_EFFECT, &[&ctx.id, ctx.client.instance_id()])
-                    .await?;
+                conn.execute_typed_count(
+                    RECORD_EFFECT,
+                    &[
+                        (&ctx.id, sql_type_of(&ctx.id)),
+                        (
+                            ctx.client.instance_id(),
+                            sql_type_of(ctx.client.instance_id()),
+                        ),
+                    ],
+                )
+                .await?;
             }
             tokio::time::sleep(sleep).await;
             Ok(TaskOutcome::Complete)
@@ -344,6 +354,7 @@ async fn work(dsn: Option<String>, a: WorkArgs) -> Result<ExitCode> {
         .heartbeat_interval(Duration::from_millis(500))
         .instance_ttl(Duration::from_secs(5))
         .leader_election(false)
+        .statements(crate::output::statements())
         .pool_size(a.concurrency + 4);
     if let Some(id) = a.instance_id {
         cb = cb.instance_id(InstanceId::new(id)?);

@@ -1,0 +1,1 @@
+BEGIN; SELECT pg_backend_pid()

@@ -1,0 +1,187 @@
+//! `pgcrew bench pgbouncer`: `pgcrew bench queue` directly on PostgreSQL and through a
+//! PgBouncer (transaction mode, unnamed statements, LISTEN direct) in front of the same server,
+//! alternating, plus the direct cost of unnamed statements against the default cached ones.
+
+use std::process::ExitCode;
+
+use clap::Args;
+use pgcrew::Result;
+use pgcrew::db::pgbouncer::PoolMode;
+use pgcrew::db::{StatementMode, TempPgBouncer};
+use serde::Serialize;
+
+use crate::bench_queue::{QueueBenchArgs, Target, bench_on};
+
+/// Arguments of `pgcrew bench pgbouncer`.
+#[derive(Debug, Args)]
+pub struct PgBouncerBenchArgs {
+    /// Rounds; each runs direct (cached), direct (unnamed) and through PgBouncer once.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// The queue benchmark's settings.
+    #[command(flatten)]
+    pub queue: QueueBenchArgs,
+}
+
+/// Rates of one configuration over the rounds.
+#[derive(Debug, Default, Serialize)]
+struct Rates {
+    enqueue_per_sec: Vec<f64>,
+    processed_per_sec: Vec<f64>,
+}
+
+impl Rates {
+    fn median(v: &[f64]) -> f64 {
+        let mut v = v.to_vec();
+        v.sort_by(|a, b| a.total_cmp(b));
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    }
+}
+
+/// The figures printed.
+#[derive(Debug, Serialize)]
+struct Report {
+    pgbouncer_version: String,
+    rounds: usize,
+    tasks: usize,
+    direct_cached: Rates,
+    direct_unnamed: Rates,
+    pgbouncer_unnamed: Rates,
+    /// Median processed/s through PgBouncer over median direct (cached, the default).
+    pgbouncer_over_direct_processed: f64,
+    /// The same for bulk enqueue.
+    pgbouncer_over_direct_enqueue: f64,
+    /// Median processed/s direct with unnamed statements over cached.
+    unnamed_over_cached_processed: f64,
+    /// The same for bulk enqueue.
+    unnamed_over_cached_enqueue: f64,
+}
+
+/// Run the benchmark.
+pub async fn run(dsn: Option<String>, args: PgBouncerBenchArgs) -> Result<ExitCode> {
+    if args.rounds == 0 {
+        return Err(pgcrew::Error::invalid("rounds", "must be at least 1"));
+    }
+    let exe = TempPgBouncer::binary().ok_or_else(|| {
+        pgcrew::Error::Config("pgbouncer is not installed (apt-get install pgbouncer)".into())
+    })?;
+    let version = std::process::Command::new(&exe)
+        .arg("--version")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .and_then(|s| s.lines().next().map(str::to_string))
+        .unwrap_or_default();
+    // One server for every round: the given one, or a throwaway cluster.
+    let (admin, _cluster) = match dsn.filter(|d| !d.trim().is_empty()) {
+        Some(d) => (d, None),
+        None => {
+            eprintln!("no DATABASE_URL/--dsn: starting a throwaway PostgreSQL cluster");
+            let c = tokio::task::spawn_blocking(pgcrew::db::TempCluster::start)
+                .await
+                .map_err(|e| pgcrew::Error::Cluster(e.to_string()))??;
+            (c.dsn(), Some(c))
+        }
+    };
+    let upstream = admin.clone();
+    let bouncer =
+        tokio::task::spawn_blocking(move || TempPgBouncer::start(&upstream, PoolMode::Transaction))
+            .await
+            .map_err(|e| pgcrew::Error::Config(e.to_string()))??;
+    eprintln!(
+        "{version} in transaction mode on 127.0.0.1:{}",
+        bouncer.port()
+    );
+    let mut direct_cached = Rates::default();
+    let mut direct_unnamed = Rates::default();
+    let mut through = Rates::default();
+    for round in 1..=args.rounds {
+        for (label, mode, via_bouncer, rates) in [
+            (
+                "direct, cached",
+                StatementMode::Cached,
+                false,
+                &mut direct_cached,
+            ),
+            (
+                "direct, unnamed",
+                StatementMode::Unnamed,
+                false,
+                &mut direct_unnamed,
+            ),
+            (
+                "pgbouncer, unnamed",
+                StatementMode::Unnamed,
+                true,
+                &mut through,
+            ),
+        ] {
+            eprintln!("round {round}/{}: {label}", args.rounds);
+            let report = crate::bench::in_scratch(Some(admin.clone()), async |direct| {
+                let db_name = pgcrew::db::parse_dsn(direct)?
+                    .get_dbname()
+                    .unwrap_or("postgres")
+                    .to_string();
+                let pooled = bouncer.dsn_for(&db_name);
+                bench_on(
+                    Target {
+                        pool_dsn: if via_bouncer { &pooled } else { direct },
+                        direct_dsn: direct,
+                        statements: mode,
+                        raw_floor: false,
+                    },
+                    &args.queue,
+                )
+                .await
+            })
+            .await?;
+            rates.enqueue_per_sec.push(report.enqueue_per_sec);
+            rates.processed_per_sec.push(report.processed_per_sec);
+        }
+    }
+    let m = Rates::median;
+    let report = Report {
+        pgbouncer_version: version,
+        rounds: args.rounds,
+        tasks: args.queue.tasks,
+        pgbouncer_over_direct_processed: m(&through.processed_per_sec)
+            / m(&direct_cached.processed_per_sec),
+        pgbouncer_over_direct_enqueue: m(&through.enqueue_per_sec)
+            / m(&direct_cached.enqueue_per_sec),
+        unnamed_over_cached_processed: m(&direct_unnamed.processed_per_sec)
+            / m(&direct_cached.processed_per_sec),
+        unnamed_over_cached_enqueue: m(&direct_unnamed.enqueue_per_sec)
+            / m(&direct_cached.enqueue_per_sec),
+        direct_cached,
+        direct_unnamed,
+        pgbouncer_unnamed: through,
+    };
+    if args.queue.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "pgcrew bench pgbouncer: {} rounds of `bench queue` ({} tasks) alternating; {}",
+            report.rounds, report.tasks, report.pgbouncer_version
+        );
+        for (label, r) in [
+            ("direct, cached statements (default)", &report.direct_cached),
+            ("direct, unnamed statements", &report.direct_unnamed),
+            ("through PgBouncer, unnamed", &report.pgbouncer_unnamed),
+        ] {
+            println!(
+                "  {label:<38} processed {:>8.0} tasks/s  enqueue {:>8.0} tasks/s  (medians)",
+                m(&r.processed_per_sec),
+                m(&r.enqueue_per_sec)
+            );
+        }
+        println!(
+            "  PgBouncer / direct: processed {:.2}x, enqueue {:.2}x",
+            report.pgbouncer_over_direct_processed, report.pgbouncer_over_direct_enqueue
+        );
+        println!(
+            "  unnamed / cached (direct): processed {:.2}x, enqueue {:.2}x",
+            report.unnamed_over_cached_processed, report.unnamed_over_cached_enqueue
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
