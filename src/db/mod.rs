@@ -149,8 +149,8 @@ impl Db {
         Ok(db)
     }
 
-    /// A second, independent pool on the same database (used so that heartbeats and leader
-    /// renewals never wait behind application work for a connection).
+    /// A second, independent pool on the same database and with the same settings (TLS, statement
+    /// mode, ledger key, limits), for work that must not wait behind this pool's users.
     pub async fn sibling(&self, pool_size: usize, connect_timeout: Duration) -> Result<Db> {
         let db = Self::connect_config(
             self.config.clone(),
