@@ -39,6 +39,25 @@ pub async fn doctor_cli(dsn: &str, args: &[&str], env: &[(&str, &str)]) -> Outpu
         .expect("run pgcrew doctor")
 }
 
+/// `pgcrew doctor` against the healthy deployment `d` as its instances are configured (instance
+/// TTL, connections per instance, the deployment's ledger key): the `--json` run, then the text
+/// run.
+pub async fn deployment_cli(d: &crate::common::Deployment, dsn: &str) -> (Output, Output) {
+    let per_instance = d.doctor_options().connections_per_instance.to_string();
+    let args = [
+        "--instance-ttl",
+        "5s",
+        "--connections-per-instance",
+        per_instance.as_str(),
+    ];
+    let key_env = [("PGCREW_LEDGER_KEY", DEPLOYMENT_LEDGER_KEY)];
+    let mut json_args = args.to_vec();
+    json_args.push("--json");
+    let json = doctor_cli(dsn, &json_args, &key_env).await;
+    let text = doctor_cli(dsn, &args, &key_env).await;
+    (json, text)
+}
+
 /// The statuses of a `--json` report by check name.
 pub fn json_statuses(out: &Output) -> std::collections::BTreeMap<String, String> {
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -120,17 +139,7 @@ async fn plaintext_healthy_deployment_passes_every_check_but_tls() {
     );
 
     // The CLI says the same, in JSON and text; exit 1 because TLS failed.
-    let per_instance = d.doctor_options().connections_per_instance.to_string();
-    let args = [
-        "--instance-ttl",
-        "5s",
-        "--connections-per-instance",
-        per_instance.as_str(),
-    ];
-    let key_env = [("PGCREW_LEDGER_KEY", DEPLOYMENT_LEDGER_KEY)];
-    let mut json_args = args.to_vec();
-    json_args.push("--json");
-    let out = doctor_cli(&dsn, &json_args, &key_env).await;
+    let (out, text_out) = deployment_cli(&d, &dsn).await;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let statuses = json_statuses(&out);
     assert_eq!(statuses.len(), CheckId::ALL.len());
@@ -138,7 +147,7 @@ async fn plaintext_healthy_deployment_passes_every_check_but_tls() {
         let want = if check == "tls" { "fail" } else { "pass" };
         assert_eq!(status, want, "{check}: {}", text(&out));
     }
-    let out = doctor_cli(&dsn, &args, &key_env).await;
+    let out = text_out;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let t = text(&out);
     assert!(t.contains("FAIL  tls"), "{t}");

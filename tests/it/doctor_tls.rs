@@ -9,8 +9,8 @@ use std::time::Duration;
 use pgcrew::db::{Db, TempClusterOptions};
 use pgcrew::doctor::{self, CheckId, Status};
 
-use crate::common::{DEPLOYMENT_LEDGER_KEY, healthy_deployment, own_cluster};
-use crate::doctor::{doctor_cli, finding, json_statuses};
+use crate::common::{healthy_deployment, own_cluster};
+use crate::doctor::{deployment_cli, finding, json_statuses};
 
 #[tokio::test]
 async fn healthy_deployment_over_tls_passes_every_check() {
@@ -43,22 +43,12 @@ async fn healthy_deployment_over_tls_passes_every_check() {
     );
 
     // The CLI agrees and exits 0.
-    let per_instance = d.doctor_options().connections_per_instance.to_string();
-    let args = [
-        "--instance-ttl",
-        "5s",
-        "--connections-per-instance",
-        per_instance.as_str(),
-    ];
-    let key_env = [("PGCREW_LEDGER_KEY", DEPLOYMENT_LEDGER_KEY)];
-    let mut json_args = args.to_vec();
-    json_args.push("--json");
-    let out = doctor_cli(&dsn, &json_args, &key_env).await;
+    let (out, text_out) = deployment_cli(&d, &dsn).await;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let statuses = json_statuses(&out);
     assert_eq!(statuses.len(), CheckId::ALL.len());
     assert!(statuses.values().all(|s| s == "pass"), "{statuses:?}");
-    let out = doctor_cli(&dsn, &args, &key_env).await;
+    let out = text_out;
     assert_eq!(out.status.code(), Some(0), "{out:?}");
     let text = String::from_utf8_lossy(&out.stdout);
     for check in CheckId::ALL {
