@@ -18,6 +18,7 @@ mod faults;
 mod faults_load;
 mod fuzz_smoke;
 mod kernel;
+mod ledger_batch;
 mod ledger_forgery;
 mod local_security;
 mod mock_openai;
