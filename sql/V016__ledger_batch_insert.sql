@@ -19,7 +19,7 @@
 -- NOTHING and compares the rows stored with the rows computed: fewer means an event already sat
 -- beyond the head (PC004, naming the lowest such seq; nothing of the batch is kept). A single
 -- event, or a batch with idempotent events (whose lookups must see the events before them in
--- the same batch), takes the per-event path of V015, unchanged.
+-- the same batch), takes the per-event path of V015 (same rules, fewer statements).
 --
 -- The same rules as V013/V015 otherwise: the secret-keyed run lock, the lease check (PC001),
 -- closed ledgers (PC003), the input caps (PC040; in a batch all caps are checked before
