@@ -5,18 +5,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgcrew::db::{ScratchDatabase, TempCluster};
-use pgcrew::{Client, ClientConfig, EventKind, InstanceId};
+use pgcrew::{Client, ClientConfig, EventKind};
 
-use crate::common::{eventually, test_db};
+use crate::common::{eventually, fast_config, insert_run, next_run_state_change, test_db};
 use crate::proxy::{Proxy, upstream, with_port};
 
+/// [`fast_config`] with a 3 s instance TTL, a 500 ms fallback poll, a 2 s connect timeout
+/// and four connections.
 fn config(id: &str) -> ClientConfig {
-    ClientConfig::builder()
-        .instance_id(InstanceId::new(id).unwrap())
-        .heartbeat_interval(Duration::from_millis(200))
+    fast_config(id)
         .instance_ttl(Duration::from_secs(3))
-        .leader_ttl(Duration::from_secs(1))
-        .maintenance_interval(Duration::from_millis(200))
         .notify_poll_interval(Duration::from_millis(500))
         .connect_timeout(Duration::from_secs(2))
         .pool_size(4)
@@ -134,24 +132,9 @@ async fn postgres_restart_reconnects_listen_and_reelects() {
         .await
     );
     // Notifications flow again.
-    let conn = db.get().await.unwrap();
-    let run_id = uuid::Uuid::new_v4();
-    conn.execute(
-        "INSERT INTO pgcrew.runs (id, tenant_id) VALUES ($1, 'default')",
-        &[&run_id],
-    )
-    .await
-    .unwrap();
-    loop {
-        let ev = tokio::time::timeout(Duration::from_secs(5), sub.recv())
-            .await
-            .expect("event after restart")
-            .unwrap();
-        if let pgcrew::Event::RunStateChanged { run_id: r, .. } = ev {
-            assert_eq!(r.0, run_id);
-            break;
-        }
-    }
+    let run_id = insert_run(&db).await;
+    let r = next_run_state_change(&mut sub, Duration::from_secs(5), "event after restart").await;
+    assert_eq!(r.0, run_id);
     a.stop().await.unwrap();
     b.stop().await.unwrap();
     drop(scratch);

@@ -17,9 +17,11 @@ use pgcrew::model::ScriptedModel;
 use pgcrew::queue::{self, NewTask, TaskOutcome, WorkerPool};
 use pgcrew::runs::{self, RunState};
 use pgcrew::tenancy::{self, TenantContext};
-use pgcrew::{Client, ClientConfig, Db, Error, InstanceId, RunId};
+use pgcrew::{Client, ClientConfig, Db, Error, RunId};
 
-use crate::common::{eventually, pgcrew_bin, test_db};
+use crate::common::{
+    Serve, eventually, fast_config, pgcrew_bin, scalar, serve, test_db, wait_for_scalar,
+};
 use crate::proxy::{Proxy, upstream, with_port};
 
 /// The full scale runs by default (about 45 s here); `PGCREW_FAULT_SCALE=small` runs
@@ -28,12 +30,12 @@ fn full_scale() -> bool {
     !std::env::var("PGCREW_FAULT_SCALE").is_ok_and(|v| v == "small")
 }
 
+/// [`fast_config`] at a 250 ms pace, with a 3 s instance TTL and task heartbeat timeout, a
+/// 500 ms fallback poll, a 2 s connect timeout, eight connections and leader election on or off.
 fn config(id: &str, leader: bool) -> ClientConfig {
-    ClientConfig::builder()
-        .instance_id(InstanceId::new(id).unwrap())
+    fast_config(id)
         .heartbeat_interval(Duration::from_millis(250))
         .instance_ttl(Duration::from_secs(3))
-        .leader_ttl(Duration::from_secs(1))
         .maintenance_interval(Duration::from_millis(250))
         .notify_poll_interval(Duration::from_millis(500))
         .task_heartbeat_timeout(Duration::from_secs(3))
@@ -42,11 +44,6 @@ fn config(id: &str, leader: bool) -> ClientConfig {
         .pool_size(8)
         .build()
         .unwrap()
-}
-
-async fn scalar(db: &Db, sql: &str) -> i64 {
-    let conn = db.get().await.unwrap();
-    conn.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 async fn ids(db: &Db, sql: &str) -> HashSet<i64> {
@@ -110,41 +107,25 @@ fn spawn_worker(dsn: &str, id: &str, queue: &str, faketime: Option<&str>) -> tok
 }
 
 /// A `pgcrew serve --agents demo` process on the offline scripted demo model.
-fn spawn_serve(dsn: &str, id: &str) -> tokio::process::Child {
-    tokio::process::Command::new(pgcrew_bin())
-        .env("DATABASE_URL", dsn)
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("OPENAI_BASE_URL")
+fn spawn_serve(dsn: &str, id: &str) -> Serve {
+    serve(dsn, id)
+        .args(["--agents", "demo"])
+        .args(["--heartbeat-interval", "300ms", "--instance-ttl", "3s"])
+        .args(["--leader-ttl", "1500ms", "--maintenance-interval", "300ms"])
         .args([
-            "serve",
-            "--agents",
-            "demo",
-            "--instance-id",
-            id,
-            "--heartbeat-interval",
-            "300ms",
-            "--instance-ttl",
-            "3s",
-            "--leader-ttl",
-            "1500ms",
-            "--maintenance-interval",
-            "300ms",
             "--run-lease-ttl",
             "1500ms",
             "--task-heartbeat-timeout",
             "3s",
+        ])
+        .args([
             "--worker-poll-interval",
             "200ms",
             "--poll-interval",
             "500ms",
-            "--tool-latency",
-            "20ms",
         ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
+        .args(["--tool-latency", "20ms"])
         .spawn()
-        .expect("spawn pgcrew serve")
 }
 
 async fn kill_9(child: &mut tokio::process::Child) {
@@ -188,8 +169,8 @@ async fn kill_9_of_random_instances_loses_no_task_repeats_only_in_flight_and_run
 
     // Agent runs on two `pgcrew serve --agents demo` processes.
     let mut serves = vec![
-        (String::from("serve-0"), spawn_serve(t.dsn(), "serve-0")),
-        (String::from("serve-1"), spawn_serve(t.dsn(), "serve-1")),
+        spawn_serve(t.dsn(), "serve-0"),
+        spawn_serve(t.dsn(), "serve-1"),
     ];
     assert!(
         eventually(Duration::from_secs(30), || async {
@@ -262,29 +243,22 @@ async fn kill_9_of_random_instances_loses_no_task_repeats_only_in_flight_and_run
         // Every third round, an agent-hosting instance dies too.
         if round % 3 == 1 {
             let s = rng.usize(0..serves.len());
-            let (_, mut child) = serves.remove(s);
-            kill_9(&mut child).await;
+            // Dropping the process kills it (SIGKILL) and reaps it.
+            drop(serves.remove(s));
             let id = format!("serve-{s}-g{gen_}");
-            serves.insert(s, (id.clone(), spawn_serve(t.dsn(), &id)));
+            serves.insert(s, spawn_serve(t.dsn(), &id));
         }
     }
     assert!(kills >= 1, "no instance was killed while tasks remained");
 
-    assert!(
-        eventually(
-            Duration::from_secs(if full_scale() { 600 } else { 120 }),
-            || async {
-                scalar(
-                &t.db,
-                "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed' AND queue = 'load'",
-            )
-            .await
-                == 0
-            }
-        )
-        .await,
-        "tasks were lost: not all completed"
-    );
+    wait_for_scalar(
+        &t.db,
+        Duration::from_secs(if full_scale() { 600 } else { 120 }),
+        "tasks were lost: not all completed",
+        "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed' AND queue = 'load'",
+        |got| got == 0,
+    )
+    .await;
     let exec = executions(&t.db, "pgcrew_task_effects").await;
     assert_eq!(exec.len(), n_tasks, "every task executed at least once");
     for (task, n) in &exec {
@@ -331,9 +305,10 @@ async fn kill_9_of_random_instances_loses_no_task_repeats_only_in_flight_and_run
             "{r}"
         );
     }
-    for (_, mut c) in workers.into_iter().chain(serves) {
+    for (_, mut c) in workers {
         kill_9(&mut c).await;
     }
+    drop(serves);
     leader.stop().await.unwrap();
 }
 
@@ -407,13 +382,14 @@ async fn postgres_restart_mid_load_loses_no_task_and_leadership_returns() {
     enqueue_load(&db, n).await;
     let (a, pa) = worker_client(scratch.dsn(), "a", true, Duration::from_millis(2)).await;
     let (b, pb) = worker_client(scratch.dsn(), "b", true, Duration::from_millis(2)).await;
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            scalar(&db, "SELECT count(*) FROM effects").await >= 300
-        })
-        .await,
-        "work did not start"
-    );
+    wait_for_scalar(
+        &db,
+        Duration::from_secs(30),
+        "work did not start",
+        "SELECT count(*) FROM effects",
+        |got| got >= 300,
+    )
+    .await;
     cluster.stop_server("fast").unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     cluster.restart().unwrap();
@@ -479,18 +455,14 @@ async fn network_cut_instance_loses_its_claims_and_its_stale_acks_are_rejected()
         Duration::from_millis(100),
     )
     .await;
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            scalar(
-                &t.db,
-                "SELECT count(*) FROM effects WHERE instance_id = 'cut'",
-            )
-            .await
-                >= 40
-        })
-        .await,
-        "the cut instance did not work"
-    );
+    wait_for_scalar(
+        &t.db,
+        Duration::from_secs(20),
+        "the cut instance did not work",
+        "SELECT count(*) FROM effects WHERE instance_id = 'cut'",
+        |got| got >= 40,
+    )
+    .await;
     proxy.pause();
     // Statements already delivered settle; after that nothing from `cut` reaches the server.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -500,18 +472,14 @@ async fn network_cut_instance_loses_its_claims_and_its_stale_acks_are_rejected()
     )
     .await;
     assert!(!lost.is_empty(), "the cut instance held nothing");
-    assert!(
-        eventually(Duration::from_secs(60), || async {
-            scalar(
-                &t.db,
-                "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'",
-            )
-            .await
-                == 0
-        })
-        .await,
-        "the cut instance's claims were not taken over"
-    );
+    wait_for_scalar(
+        &t.db,
+        Duration::from_secs(60),
+        "the cut instance's claims were not taken over",
+        "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'",
+        |got| got == 0,
+    )
+    .await;
     // The lost claims were finished by the healthy instance under new tokens.
     let taken_over = ids(
         &t.db,
@@ -592,18 +560,14 @@ async fn slow_database_slows_work_but_nothing_fails_or_is_lost() {
         Duration::from_millis(1),
     )
     .await;
-    assert!(
-        eventually(Duration::from_secs(120), || async {
-            scalar(
-                &t.db,
-                "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'",
-            )
-            .await
-                == n as i64
-        })
-        .await,
-        "work did not finish through the slow link"
-    );
+    wait_for_scalar(
+        &t.db,
+        Duration::from_secs(120),
+        "work did not finish through the slow link",
+        "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'",
+        |got| got == n as i64,
+    )
+    .await;
     c.stop().await.unwrap();
     let exec = executions(&t.db, "effects").await;
     assert_eq!(exec.len(), n);
@@ -761,18 +725,14 @@ async fn instance_clocks_skewed_by_minutes_change_nothing() {
     leader.start().await.unwrap();
     let mut ahead = spawn_worker(t.dsn(), "ahead", "skew", Some("+15m"));
     let mut behind = spawn_worker(t.dsn(), "behind", "skew", Some("-15m"));
-    assert!(
-        eventually(Duration::from_secs(60), || async {
-            scalar(
-                &t.db,
-                "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'",
-            )
-            .await
-                >= n as i64
-        })
-        .await,
-        "skewed workers did not finish the work"
-    );
+    wait_for_scalar(
+        &t.db,
+        Duration::from_secs(60),
+        "skewed workers did not finish the work",
+        "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'",
+        |got| got >= n as i64,
+    )
+    .await;
     // The delayed task is not claimed early by the instance that is 15 minutes ahead.
     let row = queue::get(&**conn, delayed).await.unwrap();
     let due: bool = conn
@@ -786,17 +746,14 @@ async fn instance_clocks_skewed_by_minutes_change_nothing() {
     if !due {
         assert_eq!(row.state, queue::TaskState::Scheduled, "claimed before due");
     }
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            scalar(
-                &t.db,
-                "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'",
-            )
-            .await
-                == 0
-        })
-        .await
-    );
+    wait_for_scalar(
+        &t.db,
+        Duration::from_secs(20),
+        "",
+        "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'",
+        |got| got == 0,
+    )
+    .await;
     // Both skewed instances worked, nobody's claims or registration expired because of the
     // skew: every task ran exactly once on its first attempt, both instances are registered.
     assert_eq!(

@@ -16,7 +16,7 @@ use pgcrew::runs::{self, NewEvent, NewRun, RunOutcome, RunState};
 use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId, Kernel, TenantId, ToolRegistry};
 use serde_json::json;
 
-use crate::common::{TestDb, eventually, pgcrew_bin, test_db};
+use crate::common::{TestDb, eventually, fast_config, next_run_state_change, pgcrew_bin, test_db};
 
 /// A migrated test database and a PgBouncer (transaction mode) in front of its server.
 struct Bounced {
@@ -372,12 +372,7 @@ async fn kernel_model_and_tool_steps_through_pgbouncer() {
 #[tokio::test]
 async fn client_pool_through_pgbouncer_listen_direct() {
     let Some(b) = bounced().await else { return };
-    let config = ClientConfig::builder()
-        .instance_id(InstanceId::new("bounced").unwrap())
-        .heartbeat_interval(Duration::from_millis(200))
-        .instance_ttl(Duration::from_secs(2))
-        .leader_ttl(Duration::from_secs(1))
-        .maintenance_interval(Duration::from_millis(200))
+    let config = fast_config("bounced")
         .notify_poll_interval(Duration::from_secs(30))
         .pool_size(4)
         .statements(StatementMode::Unnamed)
@@ -400,17 +395,14 @@ async fn client_pool_through_pgbouncer_listen_direct() {
     let run = runs::create_run(client.db(), NewRun::new(TenantId::new("default").unwrap()))
         .await
         .unwrap();
-    loop {
-        let ev = tokio::time::timeout(Duration::from_secs(10), sub.recv())
-            .await
-            .expect("notification within 10 s")
-            .unwrap();
-        if let pgcrew::Event::RunStateChanged { run_id } = ev
-            && run_id == run
-        {
-            break;
-        }
-    }
+    while next_run_state_change(
+        &mut sub,
+        Duration::from_secs(10),
+        "notification within 10 s",
+    )
+    .await
+        != run
+    {}
     let e = client.enqueue(&task("via-client")).await.unwrap();
     assert_eq!(e.state, TaskState::Available);
     // Heartbeats keep the instance listed; it is the leader.

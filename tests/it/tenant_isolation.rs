@@ -687,7 +687,7 @@ fn within<T>(what: &str, r: Result<T, tokio::time::error::Elapsed>) -> T {
 #[tokio::test]
 async fn bench_rls_smoke() {
     let t = test_db().await;
-    let (v, stderr) = crate::queue::run_bench(
+    let (v, stderr) = crate::common::run_bench(
         &t,
         &["rls", "--events", "2000", "--runs", "20", "--samples", "2"],
     )
@@ -703,7 +703,7 @@ async fn bench_rls_smoke() {
         assert!(r["owner_ms"].as_f64().unwrap() > 0.0);
         assert!(r["tenant_ms"].as_f64().unwrap() > 0.0);
     }
-    crate::queue::assert_bench_database_dropped(&t, &stderr).await;
+    crate::common::assert_bench_database_dropped(&t, &stderr).await;
     // The bench's role is gone too.
     let owner = t.db.get().await.unwrap();
     let roles: i64 = owner

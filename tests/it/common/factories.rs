@@ -1,0 +1,75 @@
+//! Row factories: tenants, instances, tasks and run events.
+
+use pgcrew::runs::{self, NewEvent};
+use pgcrew::tenancy::{self, TenantContext};
+use pgcrew::{Db, InstanceId, NewTask, RunId, TenantId};
+use serde_json::json;
+
+/// A tenant row with a concurrent-task limit (plain SQL, every other column defaulted).
+pub async fn create_tenant(db: &Db, id: &str, limit: Option<i32>) -> TenantId {
+    let conn = db.get().await.unwrap();
+    conn.execute(
+        "INSERT INTO pgcrew.tenants (id, max_concurrent_tasks) VALUES ($1, $2)",
+        &[&id, &limit],
+    )
+    .await
+    .unwrap();
+    TenantId::new(id).unwrap()
+}
+
+/// A tenant through `tenancy::upsert`, with capabilities and a budget.
+pub async fn tenant(db: &Db, id: &str, caps: &[&str], budget: Option<f64>) -> TenantId {
+    let ctx = TenantContext::new(id)
+        .unwrap()
+        .capabilities(caps.iter().copied())
+        .budget_usd(budget);
+    tenancy::upsert(db, &ctx).await.unwrap();
+    ctx.tenant_id
+}
+
+/// An instance row for `id`, as if an instance had registered (no process behind it).
+pub async fn register_instance(db: &Db, id: &str) -> InstanceId {
+    let conn = db.get().await.unwrap();
+    conn.execute(
+        "INSERT INTO pgcrew.instances (id, hostname, pid, version) VALUES ($1, 'test', 1, 'test')",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    InstanceId::new(id).unwrap()
+}
+
+/// A task of `kind` with an empty JSON object as its arguments.
+pub fn task(kind: &str) -> NewTask {
+    NewTask::new(kind, &json!({})).unwrap()
+}
+
+/// Append `n` `note` events (`{"i": i, "text": "event i"}`, steps `s0`, `s1`, ...) to `run`.
+pub async fn append_notes(db: &Db, run: RunId, n: usize) {
+    for i in 0..n {
+        runs::append_event(
+            db,
+            run,
+            NewEvent::new("note", json!({"i": i, "text": format!("event {i}")}))
+                .step(format!("s{i}")),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// A run row of tenant `default` written with plain SQL (no ledger event): its id.
+pub async fn insert_run(db: &Db) -> uuid::Uuid {
+    let run_id = uuid::Uuid::new_v4();
+    db.get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO pgcrew.runs (id, tenant_id) VALUES ($1, 'default')",
+            &[&run_id],
+        )
+        .await
+        .unwrap();
+    run_id
+}

@@ -1,0 +1,140 @@
+//! Shared test helpers: a fresh database per test, waiting for conditions, and (in the
+//! submodules) client configurations, row factories, `pgcrew` child processes and a
+//! checklist-conform deployment.
+
+#![allow(dead_code)]
+
+mod client;
+mod deployment;
+mod factories;
+mod process;
+
+use std::ops::Deref;
+use std::time::Duration;
+
+use pgcrew::db::{Db, ScratchDatabase};
+
+pub use client::{fast_config, next_run_state_change, start_client};
+pub use deployment::{DEPLOYMENT_LEDGER_KEY, Deployment, healthy_deployment};
+pub use factories::{append_notes, create_tenant, insert_run, register_instance, task, tenant};
+pub use process::{Serve, assert_bench_database_dropped, cli, pgcrew_bin, run_bench, serve};
+
+/// A fresh, migrated database for one test, dropped with the returned guard.
+pub struct TestDb {
+    /// The scratch database (dropped on drop).
+    pub scratch: ScratchDatabase,
+    /// A pool on it.
+    pub db: Db,
+}
+
+impl TestDb {
+    /// The DSN of the test database.
+    pub fn dsn(&self) -> &str {
+        self.scratch.dsn()
+    }
+}
+
+/// A test database stands for its pool wherever a `&Db` is wanted.
+impl Deref for TestDb {
+    type Target = Db;
+
+    fn deref(&self) -> &Db {
+        &self.db
+    }
+}
+
+/// Create a fresh migrated database.
+pub async fn test_db() -> TestDb {
+    let scratch = ScratchDatabase::for_tests()
+        .await
+        .expect("create scratch database (is PostgreSQL installed?)");
+    let db = Db::connect(scratch.dsn(), 24, Duration::from_secs(10))
+        .await
+        .expect("connect to scratch database");
+    db.migrate().await.expect("migrate");
+    TestDb { scratch, db }
+}
+
+/// Poll `f` every 20 ms until it returns true or `timeout` passes; returns whether it did.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Poll `f` (as [`eventually`]) and panic with `what` if it is not true within `timeout`.
+#[track_caller]
+pub fn wait_until<'a, F, Fut>(
+    timeout: Duration,
+    what: &'a str,
+    f: F,
+) -> impl std::future::Future<Output = ()> + 'a
+where
+    F: FnMut() -> Fut + 'a,
+    Fut: std::future::Future<Output = bool> + 'a,
+{
+    let caller = std::panic::Location::caller();
+    async move {
+        assert!(
+            eventually(timeout, f).await,
+            "not within {timeout:?}: {what} (waited at {caller})"
+        );
+    }
+}
+
+/// The single `int8` value `sql` returns.
+pub async fn scalar(db: &Db, sql: &str) -> i64 {
+    let conn = db.get().await.unwrap();
+    conn.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// Wait until the single `int8` value of `sql` satisfies `ok`, or panic after `timeout` with
+/// `what` (may be empty), the query and its last value.
+#[track_caller]
+pub fn wait_for_scalar<'a>(
+    db: &'a Db,
+    timeout: Duration,
+    what: &'a str,
+    sql: &'a str,
+    ok: impl Fn(i64) -> bool + 'a,
+) -> impl std::future::Future<Output = ()> + 'a {
+    let caller = std::panic::Location::caller();
+    async move {
+        let last = std::cell::Cell::new(None);
+        let met = eventually(timeout, || async {
+            let n = scalar(db, sql).await;
+            last.set(Some(n));
+            ok(n)
+        })
+        .await;
+        assert!(
+            met,
+            "{what} (not within {timeout:?}: `{sql}`, last value {:?}, waited at {caller})",
+            last.get()
+        );
+    }
+}
+
+/// A throwaway cluster of the test's own (its roles, pg_hba.conf and pg_stat_activity are the
+/// test's alone) and a DSN for its `postgres` database.
+pub async fn own_cluster(
+    options: pgcrew::db::TempClusterOptions,
+) -> (pgcrew::db::TempCluster, String) {
+    let cluster = tokio::task::spawn_blocking(move || pgcrew::db::TempCluster::start_with(options))
+        .await
+        .expect("cluster start task")
+        .expect("start a throwaway cluster (is PostgreSQL installed?)");
+    let dsn = cluster.dsn();
+    (cluster, dsn)
+}

@@ -1,0 +1,137 @@
+//! Crash recovery: kill -9 of a worker process.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use pgcrew::queue::{self, NewTask, TaskOutcome, WorkerPool};
+
+use super::start_client;
+use crate::common::{pgcrew_bin, scalar, task, test_db, wait_for_scalar};
+
+#[tokio::test]
+async fn kill_9_of_a_worker_process_loses_no_task() {
+    let t = test_db().await;
+    let conn = t.db.get().await.unwrap();
+    conn.batch_execute(
+        "CREATE TABLE pgcrew_task_effects (task_id bigint NOT NULL, instance_id text NOT NULL)",
+    )
+    .await
+    .unwrap();
+    let tasks: Vec<NewTask> = (0..3000).map(|_| task("effect").queue("crash")).collect();
+    queue::enqueue_many(&**conn, &tasks).await.unwrap();
+    let mut child = tokio::process::Command::new(pgcrew_bin())
+        .args([
+            "tasks",
+            "work",
+            "--instance-id",
+            "doomed",
+            "--queue",
+            "crash",
+            "--kind",
+            "effect",
+            "--concurrency",
+            "8",
+            "--prefetch",
+            "16",
+            "--task-time",
+            "2ms",
+            "--record-effects",
+        ])
+        .env("DATABASE_URL", t.dsn())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    wait_for_scalar(
+        &t,
+        Duration::from_secs(30),
+        "the worker process did not start working",
+        "SELECT count(*) FROM pgcrew_task_effects",
+        |got| got >= 500,
+    )
+    .await;
+    child.start_kill().unwrap();
+    child.wait().await.unwrap();
+    // What the dead process held at the moment it died (nothing can change it any more).
+    let held: HashSet<i64> = conn
+        .query(
+            "SELECT id FROM pgcrew.tasks WHERE state = 'running' AND claimed_by = 'doomed'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        !held.is_empty(),
+        "killed with nothing in flight: not a mid-batch crash"
+    );
+    let remaining = scalar(
+        &t,
+        "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'",
+    )
+    .await;
+    assert!(
+        remaining > 0,
+        "the process finished everything before the kill"
+    );
+
+    // A survivor (leader: rescues the dead instance's tasks) finishes the work.
+    let pool = WorkerPool::builder()
+        .queue("crash")
+        .concurrency(8)
+        .handler("effect", |ctx, _p: serde_json::Value| async move {
+            let conn = ctx.client.db().get().await?;
+            conn.execute(
+                "INSERT INTO pgcrew_task_effects VALUES ($1, $2)",
+                &[&ctx.id, &ctx.client.instance_id().as_str()],
+            )
+            .await?;
+            Ok(TaskOutcome::Complete)
+        })
+        .build()
+        .unwrap();
+    let survivor = start_client(&t, "survivor", Some(pool), true).await;
+    wait_for_scalar(
+        &t,
+        Duration::from_secs(60),
+        "tasks of the killed process were not recovered",
+        "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'",
+        |got| got == 0,
+    )
+    .await;
+    survivor.stop().await.unwrap();
+    assert_eq!(
+        scalar(
+            &t,
+            "SELECT count(DISTINCT task_id) FROM pgcrew_task_effects"
+        )
+        .await,
+        3000
+    );
+    let repeated: HashSet<i64> = conn
+        .query(
+            "SELECT task_id FROM pgcrew_task_effects GROUP BY task_id HAVING count(*) > 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        repeated.is_subset(&held),
+        "tasks repeated that were not in flight in the killed process: {:?}",
+        repeated.difference(&held).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        scalar(
+            &t,
+            "SELECT max(n) FROM (SELECT count(*) AS n FROM pgcrew_task_effects GROUP BY task_id) x"
+        )
+        .await,
+        if repeated.is_empty() { 1 } else { 2 }
+    );
+}
