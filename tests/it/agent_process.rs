@@ -2,7 +2,6 @@
 //! mock server on loopback; the instance executing an agent run is killed with SIGKILL in the
 //! middle of a model call and the other one finishes the run from the ledger.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -15,7 +14,7 @@ use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{Db, RunId};
 use serde_json::json;
 
-use crate::common::{eventually, pgcrew_bin, test_db};
+use crate::common::{Serve, eventually, serve, submit_run, test_db};
 use crate::mock_openai::{MockOpenAi, MockScript, mock_openai};
 
 /// The mock for the demo `support` agent: turn 0 calls `lookup_order` and `get_weather`.
@@ -34,59 +33,26 @@ async fn support_mock() -> MockOpenAi {
     .await
 }
 
-/// A `pgcrew serve` child, killed (SIGKILL) on drop.
-struct Serve {
-    id: String,
-    child: Child,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(dsn: &str, id: &str, model_url: &str) -> Serve {
-    let child = Command::new(pgcrew_bin())
-        .env("DATABASE_URL", dsn)
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("OPENAI_BASE_URL")
+/// A `pgcrew serve --agents demo` child on the mock model, killed (SIGKILL) on drop.
+fn spawn_serve(dsn: &str, id: &str, model_url: &str) -> Serve {
+    serve(dsn, id)
+        .args(["--agents", "demo", "--model-base-url", model_url])
+        .args(["--heartbeat-interval", "300ms", "--instance-ttl", "2s"])
+        .args(["--leader-ttl", "1500ms", "--maintenance-interval", "300ms"])
         .args([
-            "serve",
-            "--agents",
-            "demo",
-            "--model-base-url",
-            model_url,
-            "--instance-id",
-            id,
-            "--heartbeat-interval",
-            "300ms",
-            "--instance-ttl",
-            "2s",
-            "--leader-ttl",
-            "1500ms",
-            "--maintenance-interval",
-            "300ms",
             "--run-lease-ttl",
             "1500ms",
             "--task-heartbeat-timeout",
             "1500ms",
+        ])
+        .args([
             "--worker-poll-interval",
             "200ms",
             "--poll-interval",
             "500ms",
-            "--tool-latency",
-            "50ms",
         ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .args(["--tool-latency", "50ms"])
         .spawn()
-        .expect("spawn pgcrew serve");
-    Serve {
-        id: id.to_string(),
-        child,
-    }
 }
 
 async fn event_counts(db: &Db, run: RunId) -> Vec<(String, String)> {
@@ -106,8 +72,8 @@ async fn kill_9_mid_agent_run_other_serve_process_finishes_it_without_repeating_
     tenancy::upsert(&t.db, &ctx).await.unwrap();
     let tenant = ctx.tenant_id.clone();
 
-    let mut a = Some(serve(t.dsn(), "serve-a", &server.base_url));
-    let mut b = Some(serve(t.dsn(), "serve-b", &server.base_url));
+    let mut a = Some(spawn_serve(t.dsn(), "serve-a", &server.base_url));
+    let mut b = Some(spawn_serve(t.dsn(), "serve-b", &server.base_url));
     // Both instances registered the demo agents and tools, and are alive.
     assert!(
         eventually(Duration::from_secs(30), || async {
@@ -127,11 +93,14 @@ async fn kill_9_mid_agent_run_other_serve_process_finishes_it_without_repeating_
         Kernel::new(t.db.clone(), Arc::new(ScriptedModel::demo_agent())),
         "submitter",
     );
-    let session = submitter.new_session(&tenant, "user-1").await.unwrap();
-    let run = submitter
-        .submit("support", session.id, "Where is order A-1001?")
-        .await
-        .unwrap();
+    let run = submit_run(
+        &submitter,
+        &tenant,
+        "user-1",
+        "support",
+        "Where is order A-1001?",
+    )
+    .await;
 
     // Wait until the executing instance is in the middle of the turn-1 model call.
     assert!(

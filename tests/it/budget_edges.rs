@@ -16,26 +16,17 @@ use pgcrew::model::{
     ModelRequest, OpenAiConfig, OpenAiModel, PriceTable, ScriptedModel, ScriptedReply,
 };
 use pgcrew::runs::{self, NewRun, RunState};
-use pgcrew::tenancy::{self, BudgetStatus, ReserveRequest, TenantContext};
+use pgcrew::tenancy::{self, BudgetStatus, ReserveRequest};
 use pgcrew::{Db, Error, RunId, TenantId};
 use serde_json::{Value, json};
 use tokio_postgres::NoTls;
 
-use crate::common::test_db;
+use crate::common::{agent_runtime, submit_run, tenant, test_db};
 use crate::mock_openai::read_json_request;
 
 // ------------------------------------------------------------------------------------------
 // Helpers
 // ------------------------------------------------------------------------------------------
-
-async fn tenant(db: &Db, id: &str, caps: &[&str], budget: Option<f64>) -> TenantId {
-    let ctx = TenantContext::new(id)
-        .unwrap()
-        .capabilities(caps.iter().copied())
-        .budget_usd(budget);
-    tenancy::upsert(db, &ctx).await.unwrap();
-    ctx.tenant_id
-}
 
 async fn new_run(db: &Db, tenant: &TenantId) -> RunId {
     runs::create_run(db, NewRun::new(tenant.clone()))
@@ -945,15 +936,8 @@ async fn capability_denial_returned_to_the_model_when_the_agent_says_so() {
         CapabilityDenialPolicy::ReturnToModel
     );
     let model = Arc::new(ScriptedModel::by_turn(payer_script()));
-    let rt = AgentRuntime::new(
-        Kernel::new(t.db.clone(), model.clone()).with_tools(tools),
-        "i1",
-    );
-    let session = rt.new_session(&acme, "s").await.unwrap();
-    let run = rt
-        .submit("lenient", session.id, "charge 5 USD")
-        .await
-        .unwrap();
+    let rt = agent_runtime(&t.db, model.clone(), tools, "i1");
+    let run = submit_run(&rt, &acme, "s", "lenient", "charge 5 USD").await;
     let r = rt.execute(run, None).await.unwrap();
     assert_eq!(r.state, RunState::Completed);
     assert_eq!(
@@ -995,15 +979,8 @@ async fn capability_denial_fails_the_agent_run_by_default() {
     assert_eq!(def.on_capability_denied, CapabilityDenialPolicy::FailRun);
     register_agent(&t.db, &def).await.unwrap();
     let model = Arc::new(ScriptedModel::by_turn(payer_script()));
-    let rt = AgentRuntime::new(
-        Kernel::new(t.db.clone(), model.clone()).with_tools(tools),
-        "i1",
-    );
-    let session = rt.new_session(&acme, "s").await.unwrap();
-    let run = rt
-        .submit("payer", session.id, "charge 5 USD")
-        .await
-        .unwrap();
+    let rt = agent_runtime(&t.db, model.clone(), tools, "i1");
+    let run = submit_run(&rt, &acme, "s", "payer", "charge 5 USD").await;
     let r = rt.execute(run, None).await.unwrap();
     assert_eq!(r.state, RunState::Failed);
     assert_eq!(r.error_type.as_deref(), Some("capability_denied"));

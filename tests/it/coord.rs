@@ -9,8 +9,7 @@ use pgcrew::coord::leader;
 use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId};
 
 use crate::common::{
-    eventually, fast_config, insert_run, next_run_state_change, start_client, test_db,
-    wait_for_scalar,
+    eventually, fast_config, insert_run, next_run_state_change, start_client, test_db, wait_for,
 };
 
 /// [`fast_config`] with four connections.
@@ -314,13 +313,12 @@ async fn maintenance_removes_stale_instances_and_fails_stuck_runs() {
     .await
     .unwrap();
     let client = start_client(t.db.clone(), config("janitor"), None).await;
-    wait_for_scalar(
+    wait_for(
         &t.db,
-        Duration::from_secs(5),
-        "the stale instance is removed",
         "SELECT count(*) FROM pgcrew.instances WHERE id = 'ghost'",
-        |n| n == 0,
     )
+    .within(Duration::from_secs(5))
+    .until(|n| n == 0, "the stale instance is removed")
     .await;
     let links: i64 = conn
         .query_one(

@@ -19,9 +19,7 @@ use pgcrew::runs::{self, RunState};
 use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{Client, ClientConfig, Db, Error, RunId};
 
-use crate::common::{
-    Serve, eventually, fast_config, pgcrew_bin, scalar, serve, test_db, wait_for_scalar,
-};
+use crate::common::{Serve, eventually, fast_config, pgcrew_bin, scalar, serve, test_db, wait_for};
 use crate::proxy::{Proxy, upstream, with_port};
 
 /// The full scale runs by default (about 45 s here); `PGCREW_FAULT_SCALE=small` runs
@@ -251,13 +249,12 @@ async fn kill_9_of_random_instances_loses_no_task_repeats_only_in_flight_and_run
     }
     assert!(kills >= 1, "no instance was killed while tasks remained");
 
-    wait_for_scalar(
+    wait_for(
         &t.db,
-        Duration::from_secs(if full_scale() { 600 } else { 120 }),
-        "tasks were lost: not all completed",
         "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed' AND queue = 'load'",
-        |got| got == 0,
     )
+    .within(Duration::from_secs(if full_scale() { 600 } else { 120 }))
+    .until(|n| n == 0, "tasks were lost: not all completed")
     .await;
     let exec = executions(&t.db, "pgcrew_task_effects").await;
     assert_eq!(exec.len(), n_tasks, "every task executed at least once");
@@ -382,14 +379,10 @@ async fn postgres_restart_mid_load_loses_no_task_and_leadership_returns() {
     enqueue_load(&db, n).await;
     let (a, pa) = worker_client(scratch.dsn(), "a", true, Duration::from_millis(2)).await;
     let (b, pb) = worker_client(scratch.dsn(), "b", true, Duration::from_millis(2)).await;
-    wait_for_scalar(
-        &db,
-        Duration::from_secs(30),
-        "work did not start",
-        "SELECT count(*) FROM effects",
-        |got| got >= 300,
-    )
-    .await;
+    wait_for(&db, "SELECT count(*) FROM effects")
+        .within(Duration::from_secs(30))
+        .until(|n| n >= 300, "work did not start")
+        .await;
     cluster.stop_server("fast").unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     cluster.restart().unwrap();
@@ -455,13 +448,12 @@ async fn network_cut_instance_loses_its_claims_and_its_stale_acks_are_rejected()
         Duration::from_millis(100),
     )
     .await;
-    wait_for_scalar(
+    wait_for(
         &t.db,
-        Duration::from_secs(20),
-        "the cut instance did not work",
         "SELECT count(*) FROM effects WHERE instance_id = 'cut'",
-        |got| got >= 40,
     )
+    .within(Duration::from_secs(20))
+    .until(|n| n >= 40, "the cut instance did not work")
     .await;
     proxy.pause();
     // Statements already delivered settle; after that nothing from `cut` reaches the server.
@@ -472,13 +464,12 @@ async fn network_cut_instance_loses_its_claims_and_its_stale_acks_are_rejected()
     )
     .await;
     assert!(!lost.is_empty(), "the cut instance held nothing");
-    wait_for_scalar(
+    wait_for(
         &t.db,
-        Duration::from_secs(60),
-        "the cut instance's claims were not taken over",
         "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'",
-        |got| got == 0,
     )
+    .within(Duration::from_secs(60))
+    .until(|n| n == 0, "the cut instance's claims were not taken over")
     .await;
     // The lost claims were finished by the healthy instance under new tokens.
     let taken_over = ids(
@@ -560,12 +551,14 @@ async fn slow_database_slows_work_but_nothing_fails_or_is_lost() {
         Duration::from_millis(1),
     )
     .await;
-    wait_for_scalar(
+    wait_for(
         &t.db,
-        Duration::from_secs(120),
-        "work did not finish through the slow link",
         "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'",
+    )
+    .within(Duration::from_secs(120))
+    .until(
         |got| got == n as i64,
+        "work did not finish through the slow link",
     )
     .await;
     c.stop().await.unwrap();
@@ -725,12 +718,14 @@ async fn instance_clocks_skewed_by_minutes_change_nothing() {
     leader.start().await.unwrap();
     let mut ahead = spawn_worker(t.dsn(), "ahead", "skew", Some("+15m"));
     let mut behind = spawn_worker(t.dsn(), "behind", "skew", Some("-15m"));
-    wait_for_scalar(
+    wait_for(
         &t.db,
-        Duration::from_secs(60),
-        "skewed workers did not finish the work",
         "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'",
+    )
+    .within(Duration::from_secs(60))
+    .until(
         |got| got >= n as i64,
+        "skewed workers did not finish the work",
     )
     .await;
     // The delayed task is not claimed early by the instance that is 15 minutes ahead.
@@ -746,13 +741,12 @@ async fn instance_clocks_skewed_by_minutes_change_nothing() {
     if !due {
         assert_eq!(row.state, queue::TaskState::Scheduled, "claimed before due");
     }
-    wait_for_scalar(
+    wait_for(
         &t.db,
-        Duration::from_secs(20),
-        "",
         "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'",
-        |got| got == 0,
     )
+    .within(Duration::from_secs(20))
+    .until(|n| n == 0, "every task completes")
     .await;
     // Both skewed instances worked, nobody's claims or registration expired because of the
     // skew: every task ran exactly once on its first attempt, both instances are registered.

@@ -8,23 +8,14 @@ use pgcrew::agent::{Tool, ToolError, ToolRegistry};
 use pgcrew::kernel::{Kernel, ReplayPolicy, RunScope};
 use pgcrew::model::{ModelRequest, PriceTable, ScriptedModel, ScriptedReply, error_kind};
 use pgcrew::runs::{self, NewRun};
-use pgcrew::tenancy::{self, TenantContext};
+use pgcrew::tenancy;
 use pgcrew::{Db, Error, TenantId};
 use serde_json::{Value, json};
 
 use std::time::Duration;
 
-use crate::common::{TestDb, eventually, test_db};
+use crate::common::{TestDb, agent_runtime, eventually, submit_run, tenant, test_db};
 use crate::mock_openai::{MockOpenAi, MockScript, mock_openai};
-
-pub(crate) async fn tenant(db: &Db, id: &str, caps: &[&str], budget: Option<f64>) -> TenantId {
-    let ctx = TenantContext::new(id)
-        .unwrap()
-        .capabilities(caps.iter().copied())
-        .budget_usd(budget);
-    tenancy::upsert(db, &ctx).await.unwrap();
-    ctx.tenant_id
-}
 
 async fn setup(caps: &[&str], budget: Option<f64>) -> (TestDb, RunScope) {
     let t = test_db().await;
@@ -687,6 +678,21 @@ impl ModelPort for HangsAfter {
     }
 }
 
+/// `rt` executes `run`, retrying while the lease of the instance that died is still valid
+/// (for 10 s at most).
+async fn execute_once_lease_expires(rt: &AgentRuntime, run: pgcrew::RunId) -> pgcrew::runs::Run {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match rt.execute(run, None).await {
+            Ok(r) => return r,
+            Err(Error::LeaseLost(_)) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+}
+
 #[tokio::test]
 async fn agent_run_resumes_on_another_instance_without_repeating_steps() {
     let (t, scope) = setup(&[], Some(10.0)).await;
@@ -705,17 +711,10 @@ async fn agent_run_resumes_on_another_instance_without_repeating_steps() {
         inner: ScriptedModel::by_turn(weather_script()),
         turns: 1,
     });
-    let a = AgentRuntime::new(
-        Kernel::new(t.db.clone(), model_a).with_tools(tools()),
-        "instance-a",
-    )
-    .lease_ttl(Duration::from_millis(800));
+    let a =
+        agent_runtime(&t.db, model_a, tools(), "instance-a").lease_ttl(Duration::from_millis(800));
     let tenant = TenantId::new("acme").unwrap();
-    let session = a.new_session(&tenant, "user-1").await.unwrap();
-    let run = a
-        .submit("forecaster", session.id, "weather in Oslo?")
-        .await
-        .unwrap();
+    let run = submit_run(&a, &tenant, "user-1", "forecaster", "weather in Oslo?").await;
     let a_task = tokio::spawn({
         let a = a.clone();
         async move { a.execute(run, None).await }
@@ -734,20 +733,8 @@ async fn agent_run_resumes_on_another_instance_without_repeating_steps() {
 
     // Instance B takes over once A's lease expires.
     let model_b = Arc::new(ScriptedModel::by_turn(weather_script()));
-    let b = AgentRuntime::new(
-        Kernel::new(t.db.clone(), model_b.clone()).with_tools(tools()),
-        "instance-b",
-    );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let done = loop {
-        match b.execute(run, None).await {
-            Ok(r) => break r,
-            Err(Error::LeaseLost(_)) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let b = agent_runtime(&t.db, model_b.clone(), tools(), "instance-b");
+    let done = execute_once_lease_expires(&b, run).await;
     assert_eq!(done.state, runs::RunState::Completed);
     assert_eq!(done.response_text.as_deref(), Some("It is sunny in Oslo."));
     assert!(done.input_tokens > 0 && done.output_tokens > 0);
@@ -773,10 +760,7 @@ async fn agent_run_is_claimed_from_the_queue_by_an_instance_with_its_tools() {
         .unwrap();
     register_agent(&t.db, &weather_agent()).await.unwrap();
     let model = Arc::new(ScriptedModel::by_turn(weather_script()));
-    let rt = AgentRuntime::new(
-        Kernel::new(t.db.clone(), model.clone()).with_tools(tools),
-        "worker-1",
-    );
+    let rt = agent_runtime(&t.db, model.clone(), tools, "worker-1");
     let pool = rt
         .clone()
         .install(
@@ -796,11 +780,7 @@ async fn agent_run_is_claimed_from_the_queue_by_an_instance_with_its_tools() {
         .await
         .unwrap();
     client.start().await.unwrap();
-    let session = rt.new_session(&tenant, "s").await.unwrap();
-    let run = rt
-        .submit("forecaster", session.id, "weather in Oslo?")
-        .await
-        .unwrap();
+    let run = submit_run(&rt, &tenant, "s", "forecaster", "weather in Oslo?").await;
     assert!(
         eventually(Duration::from_secs(20), || async {
             runs::get_run(&t.db, run).await.unwrap().state == runs::RunState::Completed
@@ -827,10 +807,7 @@ async fn unknown_agent_max_iterations_and_cancellation_are_recorded() {
             &ScriptedReply::tool_call("lookup_weather", json!({"city": "Rome"})),
         )
     }));
-    let rt = AgentRuntime::new(
-        Kernel::new(t.db.clone(), model.clone()).with_tools(tools),
-        "i1",
-    );
+    let rt = agent_runtime(&t.db, model.clone(), tools, "i1");
     let session = rt.new_session(&tenant, "s").await.unwrap();
 
     // Unknown agent at submit: clear error, nothing written.
@@ -1041,8 +1018,7 @@ async fn agent_run_fails_with_budget_exceeded_and_nothing_is_overspent() {
             .with_prices(prices),
         "i1",
     );
-    let session = rt.new_session(&tenant, "s").await.unwrap();
-    let run = rt.submit("spender", session.id, "go").await.unwrap();
+    let run = submit_run(&rt, &tenant, "s", "spender", "go").await;
     let r = rt.execute(run, None).await.unwrap();
     assert_eq!(r.state, runs::RunState::Failed);
     assert_eq!(r.error_type.as_deref(), Some("budget_exceeded"));
@@ -1098,16 +1074,9 @@ async fn killed_instance_mid_agent_run_openai_mock_sees_each_completed_step_once
             .unwrap()
     };
     register_agent(&t.db, &weather_agent()).await.unwrap();
-    let a = AgentRuntime::new(
-        Kernel::new(t.db.clone(), openai(&server)).with_tools(tools()),
-        "instance-a",
-    )
-    .lease_ttl(Duration::from_millis(900));
-    let session = a.new_session(&tenant, "u").await.unwrap();
-    let run = a
-        .submit("forecaster", session.id, "weather in Oslo?")
-        .await
-        .unwrap();
+    let a = agent_runtime(&t.db, openai(&server), tools(), "instance-a")
+        .lease_ttl(Duration::from_millis(900));
+    let run = submit_run(&a, &tenant, "u", "forecaster", "weather in Oslo?").await;
     let a_task = tokio::spawn({
         let a = a.clone();
         async move { a.execute(run, None).await }
@@ -1121,20 +1090,8 @@ async fn killed_instance_mid_agent_run_openai_mock_sees_each_completed_step_once
     a_task.abort(); // instance A dies in the middle of the turn-1 call
     server.hang.store(false, Ordering::SeqCst);
 
-    let b = AgentRuntime::new(
-        Kernel::new(t.db.clone(), openai(&server)).with_tools(tools()),
-        "instance-b",
-    );
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    let done = loop {
-        match b.execute(run, None).await {
-            Ok(r) => break r,
-            Err(Error::LeaseLost(_)) if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("{e}"),
-        }
-    };
+    let b = agent_runtime(&t.db, openai(&server), tools(), "instance-b");
+    let done = execute_once_lease_expires(&b, run).await;
     assert_eq!(done.state, runs::RunState::Completed);
     assert_eq!(done.response_text.as_deref(), Some("It is sunny in Oslo."));
     assert_eq!(done.input_tokens, 80);
@@ -1163,15 +1120,8 @@ async fn agent_feeds_unknown_tool_and_bad_arguments_back_and_records_them() {
         ScriptedReply::tool_call("lookup_weather", json!({"town": 7})),
         ScriptedReply::text("Sorry, I could not look that up."),
     ]));
-    let rt = AgentRuntime::new(
-        Kernel::new(t.db.clone(), model.clone()).with_tools(tools),
-        "i1",
-    );
-    let session = rt.new_session(&tenant, "s").await.unwrap();
-    let run = rt
-        .submit("forecaster", session.id, "weather?")
-        .await
-        .unwrap();
+    let rt = agent_runtime(&t.db, model.clone(), tools, "i1");
+    let run = submit_run(&rt, &tenant, "s", "forecaster", "weather?").await;
     let r = rt.execute(run, None).await.unwrap();
     assert_eq!(r.state, runs::RunState::Completed);
     assert_eq!(body_runs.load(Ordering::SeqCst), 0);

@@ -9,7 +9,7 @@ use pgcrew::runs::{self, ChainVerification, NewEvent, NewRun, RunOutcome, Signed
 use pgcrew::{Client, ClientConfig, Error, InstanceId, LedgerKey, RunId, TenantId};
 use serde_json::json;
 
-use crate::common::{pgcrew_bin, test_db};
+use crate::common::{append_notes, pgcrew_bin, test_db};
 
 const KEY: [u8; 32] = [0x5a; 32];
 
@@ -43,17 +43,7 @@ async fn running_run(db: &Db, n: usize) -> RunId {
     runs::start_run(db, run, None, None, runs::LimitPolicy::Reject)
         .await
         .unwrap();
-    for i in 0..n {
-        runs::append_event(
-            db,
-            run,
-            NewEvent::new("note", json!({"i": i, "text": format!("event {i}")}))
-                .step(format!("s{i}")),
-            None,
-        )
-        .await
-        .unwrap();
-    }
+    append_notes(db, run, n).await;
     run
 }
 

@@ -11,7 +11,7 @@ use pgcrew::runs::{
 use pgcrew::{Client, ClientConfig, Error, InstanceId, RunId, TenantId};
 use serde_json::json;
 
-use crate::common::{pgcrew_bin, test_db};
+use crate::common::{append_notes, cli, pgcrew_bin, test_db};
 
 fn tenant(id: &str) -> TenantId {
     TenantId::new(id).unwrap()
@@ -37,17 +37,7 @@ async fn new_run(db: &Db) -> RunId {
 
 async fn run_with_events(db: &Db, n: usize) -> RunId {
     let run = new_run(db).await;
-    for i in 0..n {
-        runs::append_event(
-            db,
-            run,
-            NewEvent::new("note", json!({"i": i, "text": format!("event {i}")}))
-                .step(format!("s{i}")),
-            None,
-        )
-        .await
-        .unwrap();
-    }
+    append_notes(db, run, n).await;
     run
 }
 
@@ -899,18 +889,8 @@ async fn sessions_list_and_cli_list_status_cancel() {
     let r2 = runs::create_run(&t.db, NewRun::new(tenant("other")))
         .await
         .unwrap();
-    let cli = |args: Vec<String>| {
-        let dsn = t.dsn().to_string();
-        async move {
-            tokio::process::Command::new(pgcrew_bin())
-                .env("DATABASE_URL", dsn)
-                .args(args)
-                .output()
-                .await
-                .unwrap()
-        }
-    };
-    let list = cli(vec![
+    let run_cli = |args: Vec<String>| cli(t.dsn(), args);
+    let list = run_cli(vec![
         "run".into(),
         "list".into(),
         "--tenant".into(),
@@ -919,7 +899,7 @@ async fn sessions_list_and_cli_list_status_cancel() {
     .await;
     assert_eq!(list.status.code(), Some(0));
     assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), r2.to_string());
-    let bad = cli(vec![
+    let bad = run_cli(vec![
         "run".into(),
         "list".into(),
         "--state".into(),
@@ -927,9 +907,9 @@ async fn sessions_list_and_cli_list_status_cancel() {
     ])
     .await;
     assert_eq!(bad.status.code(), Some(2));
-    let cancel = cli(vec!["run".into(), "cancel".into(), r1.to_string()]).await;
+    let cancel = run_cli(vec!["run".into(), "cancel".into(), r1.to_string()]).await;
     assert_eq!(cancel.status.code(), Some(0), "{cancel:?}");
-    let status = cli(vec![
+    let status = run_cli(vec![
         "run".into(),
         "status".into(),
         r1.to_string(),
@@ -939,7 +919,7 @@ async fn sessions_list_and_cli_list_status_cancel() {
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(v["state"], "cancelled");
     assert_eq!(v["session_id"], s.id.to_string());
-    let again = cli(vec!["run".into(), "cancel".into(), r1.to_string()]).await;
+    let again = run_cli(vec!["run".into(), "cancel".into(), r1.to_string()]).await;
     assert_eq!(again.status.code(), Some(2));
 }
 

@@ -1,8 +1,12 @@
 //! Row factories: tenants, instances, tasks and run events.
 
+use std::sync::Arc;
+
 use pgcrew::runs::{self, NewEvent};
 use pgcrew::tenancy::{self, TenantContext};
-use pgcrew::{Db, InstanceId, NewTask, RunId, TenantId};
+use pgcrew::{
+    AgentRuntime, Db, InstanceId, Kernel, ModelPort, NewTask, RunId, TenantId, ToolRegistry,
+};
 use serde_json::json;
 
 /// A tenant row with a concurrent-task limit (plain SQL, every other column defaulted).
@@ -72,4 +76,26 @@ pub async fn insert_run(db: &Db) -> uuid::Uuid {
         .await
         .unwrap();
     run_id
+}
+
+/// An agent runtime named `owner` on a kernel with `model` and `tools`.
+pub fn agent_runtime(
+    db: &Db,
+    model: Arc<dyn ModelPort>,
+    tools: ToolRegistry,
+    owner: &str,
+) -> AgentRuntime {
+    AgentRuntime::new(Kernel::new(db.clone(), model).with_tools(tools), owner)
+}
+
+/// A new session of `user` for `tenant` on `rt`, and a run of `agent` submitted in it.
+pub async fn submit_run(
+    rt: &AgentRuntime,
+    tenant: &TenantId,
+    user: &str,
+    agent: &str,
+    prompt: &str,
+) -> RunId {
+    let session = rt.new_session(tenant, user).await.unwrap();
+    rt.submit(agent, session.id, prompt).await.unwrap()
 }

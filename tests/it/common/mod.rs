@@ -16,7 +16,10 @@ use pgcrew::db::{Db, ScratchDatabase};
 
 pub use client::{fast_config, next_run_state_change, start_client};
 pub use deployment::{DEPLOYMENT_LEDGER_KEY, Deployment, healthy_deployment};
-pub use factories::{append_notes, create_tenant, insert_run, register_instance, task, tenant};
+pub use factories::{
+    agent_runtime, append_notes, create_tenant, insert_run, register_instance, submit_run, task,
+    tenant,
+};
 pub use process::{Serve, assert_bench_database_dropped, cli, pgcrew_bin, run_bench, serve};
 
 /// A fresh, migrated database for one test, dropped with the returned guard.
@@ -99,30 +102,54 @@ pub async fn scalar(db: &Db, sql: &str) -> i64 {
     conn.query_one(sql, &[]).await.unwrap().get(0)
 }
 
-/// Wait until the single `int8` value of `sql` satisfies `ok`, or panic after `timeout` with
-/// `what` (may be empty), the query and its last value.
-#[track_caller]
-pub fn wait_for_scalar<'a>(
+/// Wait on the single `int8` value of `sql`:
+/// `wait_for(db, sql).within(timeout).until(|n| n == 0, "what it means").await`.
+pub fn wait_for<'a>(db: &'a Db, sql: &'a str) -> ScalarWait<'a> {
+    ScalarWait {
+        db,
+        sql,
+        timeout: Duration::from_secs(10),
+    }
+}
+
+/// A wait on a query's value (see [`wait_for`]).
+pub struct ScalarWait<'a> {
     db: &'a Db,
-    timeout: Duration,
-    what: &'a str,
     sql: &'a str,
-    ok: impl Fn(i64) -> bool + 'a,
-) -> impl std::future::Future<Output = ()> + 'a {
-    let caller = std::panic::Location::caller();
-    async move {
-        let last = std::cell::Cell::new(None);
-        let met = eventually(timeout, || async {
-            let n = scalar(db, sql).await;
-            last.set(Some(n));
-            ok(n)
-        })
-        .await;
-        assert!(
-            met,
-            "{what} (not within {timeout:?}: `{sql}`, last value {:?}, waited at {caller})",
-            last.get()
-        );
+    timeout: Duration,
+}
+
+impl ScalarWait<'_> {
+    /// How long to wait (default 10 s).
+    pub fn within(self, timeout: Duration) -> Self {
+        Self { timeout, ..self }
+    }
+
+    /// Poll (as [`eventually`]) until the value satisfies `ok`; otherwise panic with `what`,
+    /// the query and its last value.
+    #[track_caller]
+    pub fn until(
+        self,
+        ok: impl Fn(i64) -> bool,
+        what: &str,
+    ) -> impl std::future::Future<Output = ()> {
+        let caller = std::panic::Location::caller();
+        async move {
+            let last = std::cell::Cell::new(None);
+            let met = eventually(self.timeout, || async {
+                let n = scalar(self.db, self.sql).await;
+                last.set(Some(n));
+                ok(n)
+            })
+            .await;
+            assert!(
+                met,
+                "{what} (not within {:?}: `{}`, last value {:?}, waited at {caller})",
+                self.timeout,
+                self.sql,
+                last.get()
+            );
+        }
     }
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use pgcrew::queue::{self, NewTask, TaskOutcome, WorkerPool};
 
 use super::start_client;
-use crate::common::{pgcrew_bin, scalar, task, test_db, wait_for_scalar};
+use crate::common::{pgcrew_bin, scalar, task, test_db, wait_for};
 
 #[tokio::test]
 async fn kill_9_of_a_worker_process_loses_no_task() {
@@ -43,14 +43,10 @@ async fn kill_9_of_a_worker_process_loses_no_task() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    wait_for_scalar(
-        &t,
-        Duration::from_secs(30),
-        "the worker process did not start working",
-        "SELECT count(*) FROM pgcrew_task_effects",
-        |got| got >= 500,
-    )
-    .await;
+    wait_for(&t, "SELECT count(*) FROM pgcrew_task_effects")
+        .within(Duration::from_secs(30))
+        .until(|n| n >= 500, "the worker process did not start working")
+        .await;
     child.start_kill().unwrap();
     child.wait().await.unwrap();
     // What the dead process held at the moment it died (nothing can change it any more).
@@ -94,13 +90,12 @@ async fn kill_9_of_a_worker_process_loses_no_task() {
         .build()
         .unwrap();
     let survivor = start_client(&t, "survivor", Some(pool), true).await;
-    wait_for_scalar(
+    wait_for(
         &t,
-        Duration::from_secs(60),
-        "tasks of the killed process were not recovered",
         "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'",
-        |got| got == 0,
     )
+    .within(Duration::from_secs(60))
+    .until(|n| n == 0, "tasks of the killed process were not recovered")
     .await;
     survivor.stop().await.unwrap();
     assert_eq!(

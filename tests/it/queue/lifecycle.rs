@@ -7,7 +7,7 @@ use pgcrew::queue::{self, Ack, AckOutcome, Priority, TaskState};
 use pgcrew::{ClaimToken, Client, TaskId};
 
 use super::{config, q, state_of};
-use crate::common::{eventually, register_instance, scalar, task, test_db, wait_for_scalar};
+use crate::common::{eventually, register_instance, scalar, task, test_db, wait_for};
 
 #[tokio::test]
 async fn priorities_are_claimed_in_order() {
@@ -76,7 +76,10 @@ async fn priorities_are_claimed_in_order() {
         "SELECT count(*) FROM pgcrew.tasks WHERE id = {} AND run_at <= now()",
         urgent.id.0
     );
-    wait_for_scalar(&t, Duration::from_secs(5), "", &due, |got| got == 1).await;
+    wait_for(&t, &due)
+        .within(Duration::from_secs(5))
+        .until(|n| n == 1, "the urgent task is due")
+        .await;
     let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
     assert_eq!(c.len(), 1);
     assert_eq!(c[0].id, urgent.id, "the due critical task comes first");
@@ -310,14 +313,10 @@ async fn retention_deletes_old_finished_tasks_in_batches() {
     // The background maintenance may run too; check the end state and the batch bound.
     let first = leader.run_maintenance().await.unwrap();
     assert!(first.count("task_retention") <= 2);
-    wait_for_scalar(
-        &t,
-        Duration::from_secs(10),
-        "",
-        "SELECT count(*) FROM pgcrew.tasks",
-        |got| got == 1,
-    )
-    .await;
+    wait_for(&t, "SELECT count(*) FROM pgcrew.tasks")
+        .within(Duration::from_secs(10))
+        .until(|n| n == 1, "retention leaves only the unfinished task")
+        .await;
     assert_eq!(
         scalar(
             &t,

@@ -8,7 +8,7 @@ use pgcrew::TenantId;
 use pgcrew::queue::{self, Ack, AckOutcome, NewTask, Priority, TaskOutcome, WorkerPool};
 
 use super::{q, start_client};
-use crate::common::{create_tenant, register_instance, scalar, task, test_db, wait_for_scalar};
+use crate::common::{create_tenant, register_instance, scalar, task, test_db, wait_for};
 
 #[tokio::test]
 async fn tenant_limit_holds_under_16_concurrent_claimers() {
@@ -209,13 +209,12 @@ async fn exactly_once_100k_tasks_16_claimers_across_instances() {
             .unwrap();
         clients.push(start_client(&t, &format!("worker-{i}"), Some(pool), i == 0).await);
     }
-    wait_for_scalar(
+    wait_for(
         &t,
-        Duration::from_secs(150),
-        "not all tasks completed",
         "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'",
-        |got| got == 100_000,
     )
+    .within(Duration::from_secs(150))
+    .until(|n| n == 100_000, "not all tasks completed")
     .await;
     for c in &clients {
         c.stop().await.unwrap();

@@ -7,7 +7,7 @@ use std::time::Duration;
 use pgcrew::queue::{self, TaskOutcome, WorkerPool};
 
 use super::{listen_task_available, start_client};
-use crate::common::{eventually, register_instance, task, test_db, wait_for_scalar};
+use crate::common::{eventually, register_instance, task, test_db, wait_for};
 
 #[tokio::test]
 async fn idle_pool_wakes_on_notify_and_stats_report_queues() {
@@ -94,13 +94,12 @@ async fn saturated_pools_get_no_notifications_idle_ones_do() {
         .unwrap();
     let client = start_client(&t, "saturated", Some(pool), false).await;
     // Idle: the pool registers as a waiter, and an enqueue wakes it through NOTIFY.
-    wait_for_scalar(
+    wait_for(
         &t,
-        Duration::from_secs(3),
-        "",
         "SELECT count(*) FROM pgcrew.queue_waiters WHERE queue = 'busy'",
-        |got| got == 1,
     )
+    .within(Duration::from_secs(3))
+    .until(|n| n == 1, "the idle pool waits on queue busy")
     .await;
     let conn = t.db.get().await.unwrap();
     queue::enqueue(&**conn, &task("block").queue("busy"))
@@ -113,14 +112,10 @@ async fn saturated_pools_get_no_notifications_idle_ones_do() {
         .await
     );
     // Saturated (its one slot is blocked): it leaves the waiters, and enqueues send no NOTIFY.
-    wait_for_scalar(
-        &t,
-        Duration::from_secs(3),
-        "",
-        "SELECT count(*) FROM pgcrew.queue_waiters",
-        |got| got == 0,
-    )
-    .await;
+    wait_for(&t, "SELECT count(*) FROM pgcrew.queue_waiters")
+        .within(Duration::from_secs(3))
+        .until(|n| n == 0, "the saturated pool leaves the waiters")
+        .await;
     while tokio::time::timeout(Duration::from_millis(200), notes.recv())
         .await
         .is_ok()
@@ -137,13 +132,12 @@ async fn saturated_pools_get_no_notifications_idle_ones_do() {
     );
     // Release everything: all tasks complete (claimed by the pool as slots free up).
     release.add_permits(100);
-    wait_for_scalar(
+    wait_for(
         &t,
-        Duration::from_secs(10),
-        "",
         "SELECT count(*) FROM pgcrew.tasks WHERE queue = 'busy' AND state = 'completed'",
-        |got| got == 21,
     )
+    .within(Duration::from_secs(10))
+    .until(|n| n == 21, "every busy task completes")
     .await;
     client.stop().await.unwrap();
     drop(listener);

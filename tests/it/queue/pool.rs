@@ -9,7 +9,7 @@ use pgcrew::{Error, TaskId};
 use serde::{Deserialize, Serialize};
 
 use super::{start_client, state_of};
-use crate::common::{eventually, scalar, task, test_db, wait_for_scalar};
+use crate::common::{eventually, scalar, task, test_db, wait_for};
 
 #[tokio::test]
 async fn stop_drains_in_flight_tasks_and_flushes_acks() {
@@ -28,13 +28,12 @@ async fn stop_drains_in_flight_tasks_and_flushes_acks() {
     queue::enqueue_many(&**conn, &(0..8).map(|_| task("slow")).collect::<Vec<_>>())
         .await
         .unwrap();
-    wait_for_scalar(
+    wait_for(
         &t,
-        Duration::from_secs(5),
-        "the pool did not claim and prefetch the tasks",
         "SELECT count(*) FROM pgcrew.tasks WHERE state = 'running'",
-        |got| got == 8,
     )
+    .within(Duration::from_secs(5))
+    .until(|n| n == 8, "the pool did not claim and prefetch the tasks")
     .await;
     client.stop().await.unwrap();
     // Everything it held ran to completion and was acknowledged before stop returned.
