@@ -21,7 +21,7 @@ use pgcrew::{Db, Error, RunId, TenantId};
 use serde_json::{Value, json};
 use tokio_postgres::NoTls;
 
-use crate::common::{agent_runtime, submit_run, tenant, test_db};
+use crate::common::{agent_runtime, count, ledger_events, submit_run, tenant, test_db};
 use crate::mock_openai::read_json_request;
 
 // ------------------------------------------------------------------------------------------
@@ -35,16 +35,7 @@ async fn new_run(db: &Db, tenant: &TenantId) -> RunId {
 }
 
 async fn events(db: &Db, run: RunId) -> Vec<(String, Option<String>, Value)> {
-    runs::read_events(db, run, 0, 100_000)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| (e.event_type, e.step_key, e.payload))
-        .collect()
-}
-
-fn count(evs: &[(String, Option<String>, Value)], ty: &str) -> usize {
-    evs.iter().filter(|(t, _, _)| t == ty).count()
+    ledger_events(db, run).await
 }
 
 /// What a byte-level BPE tokenizer (GPT, Llama 3, ...) can produce at most for the messages of

@@ -19,7 +19,10 @@ use pgcrew::runs::{self, RunState};
 use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{Client, ClientConfig, Db, Error, RunId};
 
-use crate::common::{Serve, eventually, fast_config, pgcrew_bin, scalar, serve, test_db, wait_for};
+use crate::common::{
+    COMPLETED_TASKS, OPEN_TASKS, Serve, eventually, fast_config, pgcrew_bin, scalar, serve,
+    test_db, wait_for,
+};
 use crate::proxy::{Proxy, upstream, with_port};
 
 /// The full scale runs by default (about 45 s here); `PGCREW_FAULT_SCALE=small` runs
@@ -464,13 +467,10 @@ async fn network_cut_instance_loses_its_claims_and_its_stale_acks_are_rejected()
     )
     .await;
     assert!(!lost.is_empty(), "the cut instance held nothing");
-    wait_for(
-        &t.db,
-        "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'",
-    )
-    .within(Duration::from_secs(60))
-    .until(|n| n == 0, "the cut instance's claims were not taken over")
-    .await;
+    wait_for(&t.db, OPEN_TASKS)
+        .within(Duration::from_secs(60))
+        .until(|n| n == 0, "the cut instance's claims were not taken over")
+        .await;
     // The lost claims were finished by the healthy instance under new tokens.
     let taken_over = ids(
         &t.db,
@@ -551,16 +551,13 @@ async fn slow_database_slows_work_but_nothing_fails_or_is_lost() {
         Duration::from_millis(1),
     )
     .await;
-    wait_for(
-        &t.db,
-        "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'",
-    )
-    .within(Duration::from_secs(120))
-    .until(
-        |got| got == n as i64,
-        "work did not finish through the slow link",
-    )
-    .await;
+    wait_for(&t.db, COMPLETED_TASKS)
+        .within(Duration::from_secs(120))
+        .until(
+            |got| got == n as i64,
+            "work did not finish through the slow link",
+        )
+        .await;
     c.stop().await.unwrap();
     let exec = executions(&t.db, "effects").await;
     assert_eq!(exec.len(), n);
@@ -718,16 +715,13 @@ async fn instance_clocks_skewed_by_minutes_change_nothing() {
     leader.start().await.unwrap();
     let mut ahead = spawn_worker(t.dsn(), "ahead", "skew", Some("+15m"));
     let mut behind = spawn_worker(t.dsn(), "behind", "skew", Some("-15m"));
-    wait_for(
-        &t.db,
-        "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'",
-    )
-    .within(Duration::from_secs(60))
-    .until(
-        |got| got >= n as i64,
-        "skewed workers did not finish the work",
-    )
-    .await;
+    wait_for(&t.db, COMPLETED_TASKS)
+        .within(Duration::from_secs(60))
+        .until(
+            |got| got >= n as i64,
+            "skewed workers did not finish the work",
+        )
+        .await;
     // The delayed task is not claimed early by the instance that is 15 minutes ahead.
     let row = queue::get(&**conn, delayed).await.unwrap();
     let due: bool = conn
@@ -741,13 +735,10 @@ async fn instance_clocks_skewed_by_minutes_change_nothing() {
     if !due {
         assert_eq!(row.state, queue::TaskState::Scheduled, "claimed before due");
     }
-    wait_for(
-        &t.db,
-        "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'",
-    )
-    .within(Duration::from_secs(20))
-    .until(|n| n == 0, "every task completes")
-    .await;
+    wait_for(&t.db, OPEN_TASKS)
+        .within(Duration::from_secs(20))
+        .until(|n| n == 0, "every task completes")
+        .await;
     // Both skewed instances worked, nobody's claims or registration expired because of the
     // skew: every task ran exactly once on its first attempt, both instances are registered.
     assert_eq!(

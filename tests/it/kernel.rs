@@ -14,7 +14,9 @@ use serde_json::{Value, json};
 
 use std::time::Duration;
 
-use crate::common::{TestDb, agent_runtime, eventually, submit_run, tenant, test_db};
+use crate::common::{
+    TestDb, agent_runtime, count, eventually, ledger_events, submit_run, tenant, test_db,
+};
 use crate::mock_openai::{MockOpenAi, MockScript, mock_openai};
 
 async fn setup(caps: &[&str], budget: Option<f64>) -> (TestDb, RunScope) {
@@ -27,16 +29,7 @@ async fn setup(caps: &[&str], budget: Option<f64>) -> (TestDb, RunScope) {
 }
 
 async fn events(db: &Db, scope: &RunScope) -> Vec<(String, Option<String>, Value)> {
-    runs::read_events(db, scope.run, 0, 10_000)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| (e.event_type, e.step_key, e.payload))
-        .collect()
-}
-
-fn count(evs: &[(String, Option<String>, Value)], ty: &str) -> usize {
-    evs.iter().filter(|(t, _, _)| t == ty).count()
+    ledger_events(db, scope.run).await
 }
 
 /// A fake payment provider: remembers charges by idempotency key.

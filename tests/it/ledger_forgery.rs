@@ -47,6 +47,24 @@ async fn running_run(db: &Db, n: usize) -> RunId {
     run
 }
 
+/// Replace `to`'s ledger (events and recorded head) by a copy of `from`'s, with the guard
+/// triggers off.
+async fn copy_ledger(db: &Db, from: RunId, to: RunId) {
+    let conn = db.get().await.unwrap();
+    conn.batch_execute(&format!(
+        "BEGIN; SET LOCAL session_replication_role = replica; \
+         DELETE FROM pgcrew.events WHERE run_id = '{to}'; \
+         INSERT INTO pgcrew.events (run_id, seq, tenant_id, event_type, step_key, payload, prev_hash, hash, created_at, dedupe) \
+         SELECT '{to}', seq, tenant_id, event_type, step_key, payload, prev_hash, hash, created_at, dedupe \
+         FROM pgcrew.events WHERE run_id = '{from}'; \
+         UPDATE pgcrew.runs SET (ledger_head_seq, ledger_head_hash) = \
+         (SELECT ledger_head_seq, ledger_head_hash FROM pgcrew.runs WHERE id = '{from}') WHERE id = '{to}'; \
+         COMMIT;"
+    ))
+    .await
+    .unwrap();
+}
+
 /// Run statements as the owner with the guard triggers off (`session_replication_role = replica`:
 /// what an owner or superuser can always do). `$1` is the run.
 async fn as_owner(db: &Db, run: RunId, statements: &[&str]) {
@@ -391,21 +409,7 @@ async fn attack(db: &Db, run: RunId, other: RunId, a: Attack) {
             )
             .await
         }
-        Attack::CopyFromOtherRun => {
-            let conn = db.get().await.unwrap();
-            conn.batch_execute(&format!(
-                "BEGIN; SET LOCAL session_replication_role = replica; \
-                 DELETE FROM pgcrew.events WHERE run_id = '{run}'; \
-                 INSERT INTO pgcrew.events (run_id, seq, tenant_id, event_type, step_key, payload, prev_hash, hash, created_at, dedupe) \
-                 SELECT '{run}', seq, tenant_id, event_type, step_key, payload, prev_hash, hash, created_at, dedupe \
-                 FROM pgcrew.events WHERE run_id = '{other}'; \
-                 UPDATE pgcrew.runs SET (ledger_head_seq, ledger_head_hash) = \
-                 (SELECT ledger_head_seq, ledger_head_hash FROM pgcrew.runs WHERE id = '{other}') WHERE id = '{run}'; \
-                 COMMIT;"
-            ))
-            .await
-            .unwrap();
-        }
+        Attack::CopyFromOtherRun => copy_ledger(db, other, run).await,
         Attack::ForgedAnchor => {
             as_owner(
                 db,
@@ -733,19 +737,7 @@ async fn v1_runs_still_verify() {
         runs::append_events(&db, r, &evs, None).await.unwrap();
         runs::cancel_run(&db, r, "done").await.unwrap();
     }
-    let conn = t.db.get().await.unwrap();
-    conn.batch_execute(&format!(
-        "BEGIN; SET LOCAL session_replication_role = replica; \
-         DELETE FROM pgcrew.events WHERE run_id = '{b}'; \
-         INSERT INTO pgcrew.events (run_id, seq, tenant_id, event_type, step_key, payload, prev_hash, hash, created_at, dedupe) \
-         SELECT '{b}', seq, tenant_id, event_type, step_key, payload, prev_hash, hash, created_at, dedupe \
-         FROM pgcrew.events WHERE run_id = '{a}'; \
-         UPDATE pgcrew.runs SET (ledger_head_seq, ledger_head_hash) = \
-         (SELECT ledger_head_seq, ledger_head_hash FROM pgcrew.runs WHERE id = '{a}') WHERE id = '{b}'; \
-         COMMIT;"
-    ))
-    .await
-    .unwrap();
+    copy_ledger(&t.db, a, b).await;
     let v = verdicts(&t.db, b).await;
     assert!(v.rust.valid && !v.signed.valid, "{:?}", v.signed);
 }

@@ -164,64 +164,57 @@ async fn tampering_is_reported_at_the_right_seq_by_both_verifiers() {
     .await;
     assert_eq!(both_verifiers(&t.db, a).await, (Some(5), Some(5)));
 
-    // Deleted row.
-    let b = run_with_events(&t.db, 10).await;
-    exec(
-        &t.db,
-        "DELETE FROM pgcrew.events WHERE run_id = $1 AND seq = 4",
-        b,
-    )
-    .await;
-    assert_eq!(both_verifiers(&t.db, b).await, (Some(4), Some(4)));
-
-    // Two rows swapped (seq numbers exchanged).
-    let c = run_with_events(&t.db, 10).await;
-    for sql in [
-        "UPDATE pgcrew.events SET seq = 1000 WHERE run_id = $1 AND seq = 3",
-        "UPDATE pgcrew.events SET seq = 3 WHERE run_id = $1 AND seq = 7",
-        "UPDATE pgcrew.events SET seq = 7 WHERE run_id = $1 AND seq = 1000",
-    ] {
-        exec(&t.db, sql, c).await;
+    // (what, events written, tampering statements, the seq both verifiers report)
+    let cases: [(&str, usize, &[&str], i64); 4] = [
+        (
+            "deleted row",
+            10,
+            &["DELETE FROM pgcrew.events WHERE run_id = $1 AND seq = 4"],
+            4,
+        ),
+        (
+            "two rows swapped (seq numbers exchanged)",
+            10,
+            &[
+                "UPDATE pgcrew.events SET seq = 1000 WHERE run_id = $1 AND seq = 3",
+                "UPDATE pgcrew.events SET seq = 3 WHERE run_id = $1 AND seq = 7",
+                "UPDATE pgcrew.events SET seq = 7 WHERE run_id = $1 AND seq = 1000",
+            ],
+            3,
+        ),
+        (
+            "rewritten step key on the last row",
+            6,
+            &["UPDATE pgcrew.events SET step_key = 'other' WHERE run_id = $1 AND seq = 7"],
+            7,
+        ),
+        // The last events deleted: the run row's recorded head exposes it at the first
+        // missing seq.
+        (
+            "truncated ledger",
+            6,
+            &["DELETE FROM pgcrew.events WHERE run_id = $1 AND seq >= 6"],
+            6,
+        ),
+    ];
+    for (what, events, statements, seq) in cases {
+        let run = run_with_events(&t.db, events).await;
+        for sql in statements {
+            exec(&t.db, sql, run).await;
+        }
+        assert_eq!(
+            both_verifiers(&t.db, run).await,
+            (Some(seq), Some(seq)),
+            "{what}"
+        );
     }
-    assert_eq!(both_verifiers(&t.db, c).await, (Some(3), Some(3)));
-
-    // Rewritten step key on the last row.
-    let d = run_with_events(&t.db, 6).await;
-    exec(
-        &t.db,
-        "UPDATE pgcrew.events SET step_key = 'other' WHERE run_id = $1 AND seq = 7",
-        d,
-    )
-    .await;
-    assert_eq!(both_verifiers(&t.db, d).await, (Some(7), Some(7)));
-
-    // Truncated ledger: the last events deleted. The run row's recorded head exposes it at the
-    // first missing seq.
-    let e = run_with_events(&t.db, 6).await;
-    exec(
-        &t.db,
-        "DELETE FROM pgcrew.events WHERE run_id = $1 AND seq >= 6",
-        e,
-    )
-    .await;
-    assert_eq!(both_verifiers(&t.db, e).await, (Some(6), Some(6)));
 }
 
 #[tokio::test]
 async fn cli_verify_ledger_exit_codes() {
     let t = test_db().await;
     let run = run_with_events(&t.db, 5).await;
-    let out = |args: Vec<String>| {
-        let dsn = t.dsn().to_string();
-        async move {
-            tokio::process::Command::new(pgcrew_bin())
-                .env("DATABASE_URL", dsn)
-                .args(args)
-                .output()
-                .await
-                .unwrap()
-        }
-    };
+    let out = |args: Vec<String>| cli(t.dsn(), args);
     let ok = out(vec!["run".into(), "verify-ledger".into(), run.to_string()]).await;
     assert_eq!(ok.status.code(), Some(0));
     let stdout = String::from_utf8_lossy(&ok.stdout);

@@ -750,28 +750,21 @@ async fn sql_run_row_rules_hold_without_check_constraints() {
         assert!(db.message().contains(constraint), "{set}: {}", db.message());
     }
     // Inserts are checked too.
-    let e = conn
-        .execute(
+    for (insert, what, constraint) in [
+        (
             "INSERT INTO pgcrew.runs (id, tenant_id, cost_usd) VALUES (gen_random_uuid(), 'default', 'NaN')",
-            &[],
-        )
-        .await
-        .expect_err("NaN insert");
-    assert_eq!(
-        e.as_db_error().unwrap().constraint(),
-        Some("runs_cost_usd_valid")
-    );
-    let e = conn
-        .execute(
+            "NaN insert",
+            "runs_cost_usd_valid",
+        ),
+        (
             "INSERT INTO pgcrew.runs (id, tenant_id, state) VALUES (gen_random_uuid(), 'default', 'bogus')",
-            &[],
-        )
-        .await
-        .expect_err("bogus state insert");
-    assert_eq!(
-        e.as_db_error().unwrap().constraint(),
-        Some("runs_state_check")
-    );
+            "bogus state insert",
+            "runs_state_check",
+        ),
+    ] {
+        let e = conn.execute(insert, &[]).await.expect_err(what);
+        assert_eq!(e.as_db_error().unwrap().constraint(), Some(constraint));
+    }
 
     // Nothing was stored, and good writes and the state machine still work.
     let row = conn

@@ -12,7 +12,9 @@ mod process;
 use std::ops::Deref;
 use std::time::Duration;
 
+use pgcrew::RunId;
 use pgcrew::db::{Db, ScratchDatabase};
+use serde_json::Value;
 
 pub use client::{fast_config, next_run_state_change, start_client};
 pub use deployment::{DEPLOYMENT_LEDGER_KEY, Deployment, healthy_deployment};
@@ -102,6 +104,12 @@ pub async fn scalar(db: &Db, sql: &str) -> i64 {
     conn.query_one(sql, &[]).await.unwrap().get(0)
 }
 
+/// How many tasks are not completed (for [`wait_for`]).
+pub const OPEN_TASKS: &str = "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'";
+
+/// How many tasks are completed (for [`wait_for`]).
+pub const COMPLETED_TASKS: &str = "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'";
+
 /// Wait on the single `int8` value of `sql`:
 /// `wait_for(db, sql).within(timeout).until(|n| n == 0, "what it means").await`.
 pub fn wait_for<'a>(db: &'a Db, sql: &'a str) -> ScalarWait<'a> {
@@ -151,6 +159,21 @@ impl ScalarWait<'_> {
             );
         }
     }
+}
+
+/// A run's ledger events as (type, step key, payload), in order.
+pub async fn ledger_events(db: &Db, run: RunId) -> Vec<(String, Option<String>, Value)> {
+    pgcrew::runs::read_events(db, run, 0, 100_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.event_type, e.step_key, e.payload))
+        .collect()
+}
+
+/// How many of `evs` (see [`ledger_events`]) are of type `ty`.
+pub fn count(evs: &[(String, Option<String>, Value)], ty: &str) -> usize {
+    evs.iter().filter(|(t, _, _)| t == ty).count()
 }
 
 /// A throwaway cluster of the test's own (its roles, pg_hba.conf and pg_stat_activity are the

@@ -6,7 +6,7 @@ use std::time::Duration;
 use pgcrew::queue::{self, NewTask, TaskOutcome, WorkerPool};
 
 use super::start_client;
-use crate::common::{pgcrew_bin, scalar, task, test_db, wait_for};
+use crate::common::{OPEN_TASKS, pgcrew_bin, scalar, task, test_db, wait_for};
 
 #[tokio::test]
 async fn kill_9_of_a_worker_process_loses_no_task() {
@@ -90,13 +90,10 @@ async fn kill_9_of_a_worker_process_loses_no_task() {
         .build()
         .unwrap();
     let survivor = start_client(&t, "survivor", Some(pool), true).await;
-    wait_for(
-        &t,
-        "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'",
-    )
-    .within(Duration::from_secs(60))
-    .until(|n| n == 0, "tasks of the killed process were not recovered")
-    .await;
+    wait_for(&t, OPEN_TASKS)
+        .within(Duration::from_secs(60))
+        .until(|n| n == 0, "tasks of the killed process were not recovered")
+        .await;
     survivor.stop().await.unwrap();
     assert_eq!(
         scalar(

@@ -8,7 +8,9 @@ use pgcrew::TenantId;
 use pgcrew::queue::{self, Ack, AckOutcome, NewTask, Priority, TaskOutcome, WorkerPool};
 
 use super::{q, start_client};
-use crate::common::{create_tenant, register_instance, scalar, task, test_db, wait_for};
+use crate::common::{
+    COMPLETED_TASKS, create_tenant, register_instance, scalar, task, test_db, wait_for,
+};
 
 #[tokio::test]
 async fn tenant_limit_holds_under_16_concurrent_claimers() {
@@ -209,13 +211,10 @@ async fn exactly_once_100k_tasks_16_claimers_across_instances() {
             .unwrap();
         clients.push(start_client(&t, &format!("worker-{i}"), Some(pool), i == 0).await);
     }
-    wait_for(
-        &t,
-        "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'",
-    )
-    .within(Duration::from_secs(150))
-    .until(|n| n == 100_000, "not all tasks completed")
-    .await;
+    wait_for(&t, COMPLETED_TASKS)
+        .within(Duration::from_secs(150))
+        .until(|n| n == 100_000, "not all tasks completed")
+        .await;
     for c in &clients {
         c.stop().await.unwrap();
     }
