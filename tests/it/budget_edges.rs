@@ -21,7 +21,7 @@ use pgcrew::{Db, Error, RunId, TenantId};
 use serde_json::{Value, json};
 use tokio_postgres::NoTls;
 
-use crate::common::{agent_runtime, count, ledger_events, submit_run, tenant, test_db};
+use crate::common::{agent_runtime, count, ledger_events, scalar_on, submit_run, tenant, test_db};
 use crate::mock_openai::read_json_request;
 
 // ------------------------------------------------------------------------------------------
@@ -771,11 +771,7 @@ async fn migration_repairs_a_database_that_already_holds_nan() {
         )
     );
     // Every repair is logged for the operator.
-    let repairs: i64 = conn
-        .query_one("SELECT count(*) FROM pgcrew.money_repairs", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let repairs = scalar_on(&conn, "SELECT count(*) FROM pgcrew.money_repairs").await;
     assert!(repairs >= 8, "{repairs} repairs logged");
     // The tenant works again.
     tenancy::reserve(

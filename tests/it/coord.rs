@@ -9,7 +9,8 @@ use pgcrew::coord::leader;
 use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId};
 
 use crate::common::{
-    eventually, fast_config, insert_run, next_run_state_change, start_client, test_db, wait_for,
+    eventually, fast_config, insert_run, next_run_state_change, scalar_on, start_client, test_db,
+    wait_for,
 };
 
 /// [`fast_config`] with four connections.
@@ -320,14 +321,11 @@ async fn maintenance_removes_stale_instances_and_fails_stuck_runs() {
     .within(Duration::from_secs(5))
     .until(|n| n == 0, "the stale instance is removed")
     .await;
-    let links: i64 = conn
-        .query_one(
-            "SELECT count(*) FROM pgcrew.instance_tools WHERE instance_id = 'ghost'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let links = scalar_on(
+        &conn,
+        "SELECT count(*) FROM pgcrew.instance_tools WHERE instance_id = 'ghost'",
+    )
+    .await;
     assert_eq!(links, 0, "links cascade");
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -470,14 +468,7 @@ async fn poll_only_mode_has_no_listen_connection_and_ticks_resync() {
         .unwrap();
     assert_eq!(ev, pgcrew::Event::Resync);
     let conn = t.db.get().await.unwrap();
-    let listeners: i64 = conn
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let listeners = scalar_on(&conn, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'").await;
     assert_eq!(listeners, 0);
     assert!(!client.is_leader());
     client.stop().await.unwrap();

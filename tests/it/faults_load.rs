@@ -20,8 +20,8 @@ use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{Client, ClientConfig, Db, Error, RunId};
 
 use crate::common::{
-    COMPLETED_TASKS, OPEN_TASKS, Serve, eventually, fast_config, pgcrew_bin, scalar, serve,
-    test_db, wait_for,
+    COMPLETED_TASKS, OPEN_TASKS, Serve, eventually, fast_config, first_column, pgcrew_bin, scalar,
+    serve, test_db, wait_for,
 };
 use crate::proxy::{Proxy, upstream, with_port};
 
@@ -48,13 +48,7 @@ fn config(id: &str, leader: bool) -> ClientConfig {
 }
 
 async fn ids(db: &Db, sql: &str) -> HashSet<i64> {
-    let conn = db.get().await.unwrap();
-    conn.query(sql, &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    first_column(&db.get().await.unwrap(), sql).await
 }
 
 /// Executions per task from the side-effect table (`task_id` column).

@@ -11,8 +11,8 @@ use pgcrew::queue::{WorkerPool, WorkerPoolBuilder};
 use pgcrew::{Client, ClientConfig, Error};
 
 use crate::common::{
-    TestDb, create_tenant, eventually, fast_config, pgcrew_bin, register_instance, scalar,
-    start_client, task, test_db,
+    TestDb, create_tenant, eventually, fast_config, first_column, pgcrew_bin, register_instance,
+    scalar, start_client, task, test_db,
 };
 
 /// [`fast_config`] with a 2 s task heartbeat timeout, eight connections and leader election
@@ -202,13 +202,8 @@ async fn a_refused_batch_is_split_and_the_rest_applied() {
     assert_eq!(dups, 0);
     assert_eq!(metrics.snapshot().rejected_acks, 1);
     // The refused task is still running (the rescue will give it back), nothing else is.
-    let running: Vec<i64> = conn
-        .query("SELECT id FROM pgcrew.tasks WHERE state = 'running'", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let running: Vec<i64> =
+        first_column(&conn, "SELECT id FROM pgcrew.tasks WHERE state = 'running'").await;
     assert_eq!(running, vec![bad.0]);
     client.stop().await.unwrap();
 }

@@ -14,7 +14,7 @@ use pgcrew::runs::{self, NewEvent, NewRun, RunLimits, RunOutcome, SummaryContent
 use pgcrew::{ClientConfig, Error, InstanceId, LedgerKey, RunId, TenantId};
 use serde_json::json;
 
-use crate::common::test_db;
+use crate::common::{scalar_on, test_db};
 
 const MIB: usize = 1 << 20;
 
@@ -154,14 +154,7 @@ async fn sql_artifacts_summaries_and_runs_refuse_oversized_values() {
         0
     );
     // The caps are also CHECK constraints on the tables.
-    let checks: i64 = conn
-        .query_one(
-            "SELECT count(*) FROM pg_constraint WHERE conname IN ('artifacts_value_size', 'summaries_content_size') AND contype = 'c'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let checks = scalar_on(&conn, "SELECT count(*) FROM pg_constraint WHERE conname IN ('artifacts_value_size', 'summaries_content_size') AND contype = 'c'").await;
     assert_eq!(checks, 2);
 }
 
@@ -684,11 +677,7 @@ async fn run_retention_purges_old_finished_runs_in_batches_keeping_anchors_and_c
         .unwrap()
         .get(0);
     assert_eq!(spent_after, spent_before);
-    let folded: i64 = conn
-        .query_one("SELECT sum(entries)::int8 FROM pgcrew.cost_daily", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let folded = scalar_on(&conn, "SELECT sum(entries)::int8 FROM pgcrew.cost_daily").await;
     assert_eq!(folded, 15);
     let breakdown = pgcrew::tenancy::cost_breakdown(&db, &pgcrew::tenancy::CostFilter::default())
         .await
@@ -709,14 +698,7 @@ async fn sql_run_row_rules_hold_without_check_constraints() {
     let t = test_db().await;
     let run = new_run(&t.db).await;
     let conn = t.db.get().await.unwrap();
-    let checks: i64 = conn
-        .query_one(
-            "SELECT count(*) FROM pg_constraint WHERE conrelid = 'pgcrew.runs'::regclass AND contype = 'c'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let checks = scalar_on(&conn, "SELECT count(*) FROM pg_constraint WHERE conrelid = 'pgcrew.runs'::regclass AND contype = 'c'").await;
     assert_eq!(
         checks, 0,
         "CHECK constraints on pgcrew.runs cost every ledger append"

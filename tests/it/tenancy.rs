@@ -13,7 +13,7 @@ use pgcrew::tenancy::{
 };
 use pgcrew::{ClientConfig, Error, Event, InstanceId, RunId, TenantId};
 
-use crate::common::{eventually, test_db};
+use crate::common::{eventually, scalar_on, test_db};
 
 fn tid(s: &str) -> TenantId {
     TenantId::new(s).unwrap()
@@ -440,11 +440,7 @@ async fn rls_hides_other_tenants_rows() {
             .is_err()
     );
     // The owner still sees everything.
-    let all: i64 = conn
-        .query_one("SELECT count(*) FROM pgcrew.runs", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let all = scalar_on(&conn, "SELECT count(*) FROM pgcrew.runs").await;
     assert_eq!(all, 2);
     drop(client);
     let _ = conn_task.await;

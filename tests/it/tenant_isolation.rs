@@ -11,7 +11,7 @@ use pgcrew::{InstanceId, RunId, TenantId};
 use serde_json::json;
 use tokio_postgres::Client as PgClient;
 
-use crate::common::{TestDb, cli, test_db};
+use crate::common::{TestDb, cli, scalar_on, test_db};
 
 /// A marker stored in every piece of acme's data: a tenant role must never read it.
 const SECRET: &str = "ACME-SECRET-7f3a";
@@ -456,14 +456,7 @@ async fn notifications_tell_a_tenant_role_nothing_about_other_tenants() {
             .unwrap();
     }
     let owner = h.owner().await;
-    let task: i64 = owner
-        .query_one(
-            "SELECT id FROM pgcrew.enqueue_task('acme-q', 'k', 'acme', NULL, 0::smallint, '{}'::jsonb, 0, NULL, 3, NULL, NULL)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let task = scalar_on(&owner, "SELECT id FROM pgcrew.enqueue_task('acme-q', 'k', 'acme', NULL, 0::smallint, '{}'::jsonb, 0, NULL, 3, NULL, NULL)").await;
     owner
         .query(
             "SELECT * FROM pgcrew.claim_tasks(ARRAY['acme-q'], 1, 'w')",
@@ -641,11 +634,7 @@ async fn cli_grant_role_and_revoke_role() {
     assert_eq!(roles[0]["role"], json!(role));
     assert_eq!(roles[0]["tenant_id"], json!("acme"));
     let (c, _task) = connect_as(&t.db, &role, &password).await;
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM pgcrew.tenants", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = scalar_on(&c, "SELECT count(*) FROM pgcrew.tenants").await;
     assert_eq!(n, 1);
     // Bound to another tenant: refused until revoked.
     tenancy::upsert(&t.db, &TenantContext::new("other").unwrap())
@@ -696,14 +685,11 @@ async fn bench_rls_smoke() {
     crate::common::assert_bench_database_dropped(&t, &stderr).await;
     // The bench's role is gone too.
     let owner = t.db.get().await.unwrap();
-    let roles: i64 = owner
-        .query_one(
-            "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'pgcrew_bench_%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let roles = scalar_on(
+        &owner,
+        "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'pgcrew_bench_%'",
+    )
+    .await;
     assert_eq!(roles, 0);
 }
 

@@ -100,7 +100,25 @@ where
 
 /// The single `int8` value `sql` returns.
 pub async fn scalar(db: &Db, sql: &str) -> i64 {
-    let conn = db.get().await.unwrap();
+    scalar_on(&db.get().await.unwrap(), sql).await
+}
+
+/// The first column of every row `sql` returns on the connection `conn`.
+pub async fn first_column<T, C>(conn: &tokio_postgres::Client, sql: &str) -> C
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+    C: FromIterator<T>,
+{
+    conn.query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// The single `int8` value `sql` returns on the connection `conn`.
+pub async fn scalar_on(conn: &tokio_postgres::Client, sql: &str) -> i64 {
     conn.query_one(sql, &[]).await.unwrap().get(0)
 }
 

@@ -6,7 +6,7 @@ use std::time::Duration;
 use pgcrew::queue::{self, NewTask, TaskOutcome, WorkerPool};
 
 use super::start_client;
-use crate::common::{OPEN_TASKS, pgcrew_bin, scalar, task, test_db, wait_for};
+use crate::common::{OPEN_TASKS, first_column, pgcrew_bin, scalar, task, test_db, wait_for};
 
 #[tokio::test]
 async fn kill_9_of_a_worker_process_loses_no_task() {
@@ -50,16 +50,11 @@ async fn kill_9_of_a_worker_process_loses_no_task() {
     child.start_kill().unwrap();
     child.wait().await.unwrap();
     // What the dead process held at the moment it died (nothing can change it any more).
-    let held: HashSet<i64> = conn
-        .query(
-            "SELECT id FROM pgcrew.tasks WHERE state = 'running' AND claimed_by = 'doomed'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let held: HashSet<i64> = first_column(
+        &conn,
+        "SELECT id FROM pgcrew.tasks WHERE state = 'running' AND claimed_by = 'doomed'",
+    )
+    .await;
     assert!(
         !held.is_empty(),
         "killed with nothing in flight: not a mid-batch crash"
@@ -103,16 +98,11 @@ async fn kill_9_of_a_worker_process_loses_no_task() {
         .await,
         3000
     );
-    let repeated: HashSet<i64> = conn
-        .query(
-            "SELECT task_id FROM pgcrew_task_effects GROUP BY task_id HAVING count(*) > 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let repeated: HashSet<i64> = first_column(
+        &conn,
+        "SELECT task_id FROM pgcrew_task_effects GROUP BY task_id HAVING count(*) > 1",
+    )
+    .await;
     assert!(
         repeated.is_subset(&held),
         "tasks repeated that were not in flight in the killed process: {:?}",

@@ -9,7 +9,7 @@ use pgcrew::queue::{self, Ack, AckOutcome, NewTask, Priority, TaskOutcome, Worke
 
 use super::{q, start_client};
 use crate::common::{
-    COMPLETED_TASKS, create_tenant, register_instance, scalar, task, test_db, wait_for,
+    COMPLETED_TASKS, create_tenant, register_instance, scalar, scalar_on, task, test_db, wait_for,
 };
 
 #[tokio::test]
@@ -66,14 +66,7 @@ async fn tenant_limit_holds_under_16_concurrent_claimers() {
             let conn = db.get().await.unwrap();
             let (mut max, mut samples) = (0i64, 0u64);
             while !done.load(Ordering::SeqCst) {
-                let n: i64 = conn
-                    .query_one(
-                        "SELECT count(*) FROM pgcrew.tasks WHERE tenant_id = 'limited' AND state = 'running'",
-                        &[],
-                    )
-                    .await
-                    .unwrap()
-                    .get(0);
+                let n = scalar_on(&conn, "SELECT count(*) FROM pgcrew.tasks WHERE tenant_id = 'limited' AND state = 'running'").await;
                 max = max.max(n);
                 samples += 1;
             }
