@@ -20,8 +20,8 @@ use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{Client, ClientConfig, Db, Error, RunId};
 
 use crate::common::{
-    COMPLETED_TASKS, OPEN_TASKS, Serve, eventually, fast_config, first_column, pgcrew_bin, scalar,
-    serve, test_db, wait_for,
+    COMPLETED_TASKS, OPEN_TASKS, Serve, create_task_effects, effect_tasks, eventually, fast_config,
+    first_column, pgcrew_bin, scalar, serve, test_db, wait_for,
 };
 use crate::proxy::{Proxy, upstream, with_port};
 
@@ -49,6 +49,20 @@ fn config(id: &str, leader: bool) -> ClientConfig {
 
 async fn ids(db: &Db, sql: &str) -> HashSet<i64> {
     first_column(&db.get().await.unwrap(), sql).await
+}
+
+/// Every task's (id, state, claimed by, claim token), by id.
+async fn task_claims(db: &Db) -> Vec<(i64, String, String, Option<uuid::Uuid>)> {
+    let conn = db.get().await.unwrap();
+    conn.query(
+        "SELECT id, state::text, claimed_by, claim_token FROM pgcrew.tasks ORDER BY id",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
 }
 
 /// Executions per task from the side-effect table (`task_id` column).
@@ -136,21 +150,10 @@ async fn kill_9_of_random_instances_loses_no_task_repeats_only_in_flight_and_run
         (20_000, 20, 6)
     };
     let t = test_db().await;
+    create_task_effects(&t.db).await;
     {
         let conn = t.db.get().await.unwrap();
-        conn.batch_execute(
-            "CREATE TABLE pgcrew_task_effects (task_id bigint NOT NULL, instance_id text NOT NULL)",
-        )
-        .await
-        .unwrap();
-        let tasks: Vec<NewTask> = (0..n_tasks)
-            .map(|_| {
-                NewTask::new("effect", &serde_json::json!({}))
-                    .unwrap()
-                    .queue("load")
-            })
-            .collect();
-        for chunk in tasks.chunks(10_000) {
+        for chunk in effect_tasks(n_tasks, "load").chunks(10_000) {
             queue::enqueue_many(&**conn, chunk).await.unwrap();
         }
     }
@@ -349,14 +352,9 @@ const EFFECTS: &str = "CREATE TABLE effects (task_id bigint NOT NULL, token uuid
 async fn enqueue_load(db: &Db, n: usize) {
     let conn = db.get().await.unwrap();
     conn.batch_execute(EFFECTS).await.unwrap();
-    let tasks: Vec<NewTask> = (0..n)
-        .map(|_| {
-            NewTask::new("effect", &serde_json::json!({}))
-                .unwrap()
-                .queue("load")
-        })
-        .collect();
-    queue::enqueue_many(&**conn, &tasks).await.unwrap();
+    queue::enqueue_many(&**conn, &effect_tasks(n, "load"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -472,18 +470,7 @@ async fn network_cut_instance_loses_its_claims_and_its_stale_acks_are_rejected()
     )
     .await;
     assert!(lost.is_subset(&taken_over));
-    let before_heal: Vec<(i64, String, String, Option<uuid::Uuid>)> = {
-        let conn = t.db.get().await.unwrap();
-        conn.query(
-            "SELECT id, state::text, claimed_by, claim_token FROM pgcrew.tasks ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect()
-    };
+    let before_heal = task_claims(&t.db).await;
 
     // Heal: whatever the cut instance still wanted to acknowledge is rejected as stale.
     proxy.resume();
@@ -495,18 +482,7 @@ async fn network_cut_instance_loses_its_claims_and_its_stale_acks_are_rejected()
         "the healed instance did not settle its stale work"
     );
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after_heal: Vec<(i64, String, String, Option<uuid::Uuid>)> = {
-        let conn = t.db.get().await.unwrap();
-        conn.query(
-            "SELECT id, state::text, claimed_by, claim_token FROM pgcrew.tasks ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect()
-    };
+    let after_heal = task_claims(&t.db).await;
     assert_eq!(before_heal, after_heal, "a stale ack changed a task");
     // No double execution of any task whose claim was not lost.
     let exec = executions(&t.db, "effects").await;
@@ -677,21 +653,12 @@ async fn instance_clocks_skewed_by_minutes_change_nothing() {
     }
 
     let t = test_db().await;
+    create_task_effects(&t.db).await;
     let conn = t.db.get().await.unwrap();
-    conn.batch_execute(
-        "CREATE TABLE pgcrew_task_effects (task_id bigint NOT NULL, instance_id text NOT NULL)",
-    )
-    .await
-    .unwrap();
     let n = 2000;
-    let tasks: Vec<NewTask> = (0..n)
-        .map(|_| {
-            NewTask::new("effect", &serde_json::json!({}))
-                .unwrap()
-                .queue("skew")
-        })
-        .collect();
-    queue::enqueue_many(&**conn, &tasks).await.unwrap();
+    queue::enqueue_many(&**conn, &effect_tasks(n, "skew"))
+        .await
+        .unwrap();
     // A delayed task: due by database time in 6 s, whatever the workers' clocks say.
     let delayed = queue::enqueue(
         &**conn,

@@ -32,6 +32,16 @@ fn sqlstate(e: &tokio_postgres::Error) -> String {
     e.code().map(|c| c.code().to_string()).unwrap_or_default()
 }
 
+/// Executing `sql` with `params` on `conn` fails as oversized (SQLSTATE PC040).
+async fn refused_as_oversized(
+    conn: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) {
+    let err = conn.execute(sql, params).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "PC040", "{err:?}");
+}
+
 async fn count(db: &Db, sql: &str, run: RunId) -> i64 {
     db.get()
         .await
@@ -112,38 +122,30 @@ async fn sql_artifacts_summaries_and_runs_refuse_oversized_values() {
     let run = new_run(&t.db).await;
     let conn = t.db.get().await.unwrap();
     let big = json!("z".repeat(MIB + 1));
-    let err = conn
-        .execute(
-            "INSERT INTO pgcrew.artifacts (run_id, key, version, value) VALUES ($1, 'k', 1, $2)",
-            &[&run, &big],
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&err), "PC040", "{err:?}");
-    let err = conn
-        .execute(
-            "INSERT INTO pgcrew.summaries (run_id, summary_type, content_text) VALUES ($1, 's', $2)",
-            &[&run, &"z".repeat(MIB + 1)],
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&err), "PC040", "{err:?}");
-    let err = conn
-        .execute(
-            "INSERT INTO pgcrew.summaries (run_id, summary_type, content_json) VALUES ($1, 's', $2)",
-            &[&run, &big],
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&err), "PC040", "{err:?}");
-    let err = conn
-        .execute(
-            "INSERT INTO pgcrew.runs (id, tenant_id, prompt) VALUES (gen_random_uuid(), 'default', $1)",
-            &[&"p".repeat(MIB + 1)],
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&err), "PC040", "{err:?}");
+    refused_as_oversized(
+        &conn,
+        "INSERT INTO pgcrew.artifacts (run_id, key, version, value) VALUES ($1, 'k', 1, $2)",
+        &[&run, &big],
+    )
+    .await;
+    refused_as_oversized(
+        &conn,
+        "INSERT INTO pgcrew.summaries (run_id, summary_type, content_text) VALUES ($1, 's', $2)",
+        &[&run, &"z".repeat(MIB + 1)],
+    )
+    .await;
+    refused_as_oversized(
+        &conn,
+        "INSERT INTO pgcrew.summaries (run_id, summary_type, content_json) VALUES ($1, 's', $2)",
+        &[&run, &big],
+    )
+    .await;
+    refused_as_oversized(
+        &conn,
+        "INSERT INTO pgcrew.runs (id, tenant_id, prompt) VALUES (gen_random_uuid(), 'default', $1)",
+        &[&"p".repeat(MIB + 1)],
+    )
+    .await;
     assert_eq!(
         count(
             &t.db,

@@ -99,3 +99,20 @@ pub async fn submit_run(
     let session = rt.new_session(tenant, user).await.unwrap();
     rt.submit(agent, session.id, prompt).await.unwrap()
 }
+
+/// The side-effect table of `pgcrew tasks work --record-effects`: (task id, instance id).
+pub async fn create_task_effects(db: &Db) {
+    db.get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE pgcrew_task_effects (task_id bigint NOT NULL, instance_id text NOT NULL)",
+        )
+        .await
+        .unwrap();
+}
+
+/// `n` tasks of kind `effect` on `queue`.
+pub fn effect_tasks(n: usize, queue: &str) -> Vec<NewTask> {
+    (0..n).map(|_| task("effect").queue(queue)).collect()
+}

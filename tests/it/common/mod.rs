@@ -19,8 +19,8 @@ use serde_json::Value;
 pub use client::{fast_config, next_run_state_change, start_client};
 pub use deployment::{DEPLOYMENT_LEDGER_KEY, Deployment, healthy_deployment};
 pub use factories::{
-    agent_runtime, append_notes, create_tenant, insert_run, register_instance, submit_run, task,
-    tenant,
+    agent_runtime, append_notes, create_task_effects, create_tenant, effect_tasks, insert_run,
+    register_instance, submit_run, task, tenant,
 };
 pub use process::{Serve, assert_bench_database_dropped, cli, pgcrew_bin, run_bench, serve};
 
@@ -192,6 +192,15 @@ pub async fn ledger_events(db: &Db, run: RunId) -> Vec<(String, Option<String>, 
 /// How many of `evs` (see [`ledger_events`]) are of type `ty`.
 pub fn count(evs: &[(String, Option<String>, Value)], ty: &str) -> usize {
     evs.iter().filter(|(t, _, _)| t == ty).count()
+}
+
+/// `err` is `Error::InvalidInput` for `field`.
+#[track_caller]
+pub fn assert_invalid_input(err: &pgcrew::Error, field: &str) {
+    assert!(
+        matches!(err, pgcrew::Error::InvalidInput { field: f, .. } if *f == field),
+        "{err}"
+    );
 }
 
 /// A throwaway cluster of the test's own (its roles, pg_hba.conf and pg_stat_activity are the

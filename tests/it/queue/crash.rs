@@ -3,22 +3,22 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use pgcrew::queue::{self, NewTask, TaskOutcome, WorkerPool};
+use pgcrew::queue::{self, TaskOutcome, WorkerPool};
 
 use super::start_client;
-use crate::common::{OPEN_TASKS, first_column, pgcrew_bin, scalar, task, test_db, wait_for};
+use crate::common::{
+    OPEN_TASKS, create_task_effects, effect_tasks, first_column, pgcrew_bin, scalar, test_db,
+    wait_for,
+};
 
 #[tokio::test]
 async fn kill_9_of_a_worker_process_loses_no_task() {
     let t = test_db().await;
+    create_task_effects(&t).await;
     let conn = t.db.get().await.unwrap();
-    conn.batch_execute(
-        "CREATE TABLE pgcrew_task_effects (task_id bigint NOT NULL, instance_id text NOT NULL)",
-    )
-    .await
-    .unwrap();
-    let tasks: Vec<NewTask> = (0..3000).map(|_| task("effect").queue("crash")).collect();
-    queue::enqueue_many(&**conn, &tasks).await.unwrap();
+    queue::enqueue_many(&**conn, &effect_tasks(3000, "crash"))
+        .await
+        .unwrap();
     let mut child = tokio::process::Command::new(pgcrew_bin())
         .args([
             "tasks",

@@ -7,7 +7,9 @@ use pgcrew::queue::{self, Ack, AckOutcome, NewTask, TaskState};
 use pgcrew::{ClaimToken, Client, Error, InstanceId, TaskId, TenantId};
 
 use super::{config, q, state_of};
-use crate::common::{create_tenant, eventually, register_instance, scalar, task, test_db};
+use crate::common::{
+    assert_invalid_input, create_tenant, eventually, register_instance, scalar, task, test_db,
+};
 
 #[tokio::test]
 async fn claim_and_ack_with_stale_token_rejected() {
@@ -287,16 +289,7 @@ async fn invalid_input_is_rejected_and_nothing_is_stored() {
     let conn = t.db.get().await.unwrap();
     let big = NewTask::new("k", &"x".repeat(queue::MAX_PAYLOAD_BYTES + 10)).unwrap();
     let err = queue::enqueue(&**conn, &big).await.unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::InvalidInput {
-                field: "payload",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_invalid_input(&err, "payload");
     assert!(err.to_string().contains("at most"), "{err}");
     let err = queue::enqueue_many(&**conn, &[task("k"), big])
         .await
@@ -305,30 +298,12 @@ async fn invalid_input_is_rejected_and_nothing_is_stored() {
     let err = queue::enqueue(&**conn, &task("k").depends_on([TaskId(424242)]))
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::InvalidInput {
-                field: "depends_on",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_invalid_input(&err, "depends_on");
     assert!(err.to_string().contains("424242"), "{err}");
     let err = queue::enqueue(&**conn, &task("k").tenant(TenantId::new("nobody").unwrap()))
         .await
         .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::InvalidInput {
-                field: "tenant",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_invalid_input(&err, "tenant");
     let err = queue::enqueue_many(
         &**conn,
         &[
@@ -338,16 +313,7 @@ async fn invalid_input_is_rejected_and_nothing_is_stored() {
     )
     .await
     .unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::InvalidInput {
-                field: "tenant",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_invalid_input(&err, "tenant");
     assert_eq!(scalar(&t, "SELECT count(*) FROM pgcrew.tasks").await, 0);
     // A tenant with tasks cannot be deleted from under them.
     let gone = create_tenant(&t, "gone", None).await;
