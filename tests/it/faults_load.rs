@@ -20,8 +20,8 @@ use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{Client, ClientConfig, Db, Error, RunId};
 
 use crate::common::{
-    COMPLETED_TASKS, OPEN_TASKS, Serve, create_task_effects, effect_tasks, eventually, fast_config,
-    first_column, pgcrew_bin, scalar, serve, test_db, wait_for,
+    COMPLETED_TASKS, OPEN_TASKS, Serve, create_task_effects, effect_tasks, effect_worker,
+    eventually, fast_config, first_column, scalar, serve, test_db, wait_for,
 };
 use crate::proxy::{Proxy, upstream, with_port};
 
@@ -81,36 +81,14 @@ async fn executions(db: &Db, table: &str) -> HashMap<i64, i64> {
 
 /// A `pgcrew tasks work --record-effects` process (optionally under `faketime`).
 fn spawn_worker(dsn: &str, id: &str, queue: &str, faketime: Option<&str>) -> tokio::process::Child {
-    let args = [
-        "tasks",
-        "work",
-        "--instance-id",
-        id,
-        "--queue",
-        queue,
-        "--kind",
-        "effect",
-        "--concurrency",
-        "8",
-        "--prefetch",
-        "16",
-        "--task-time",
-        "1ms",
-        "--heartbeat-interval",
-        "500ms",
-        "--record-effects",
-    ];
-    let mut cmd = tokio::process::Command::new(pgcrew_bin());
-    cmd.args(args);
+    let mut cmd = effect_worker(dsn, id, queue, "1ms");
+    cmd.args(["--heartbeat-interval", "500ms"]);
     // libfaketime preloaded into the process itself (the `faketime` wrapper forks, so a kill
     // would miss the real process).
     if let Some(offset) = faketime {
         cmd.env("LD_PRELOAD", LIBFAKETIME).env("FAKETIME", offset);
     }
-    cmd.env("DATABASE_URL", dsn)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
+    cmd.stderr(Stdio::inherit())
         .spawn()
         .expect("spawn pgcrew tasks work")
 }

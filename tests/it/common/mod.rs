@@ -22,7 +22,9 @@ pub use factories::{
     agent_runtime, append_notes, create_task_effects, create_tenant, effect_tasks, insert_run,
     register_instance, submit_run, task, tenant,
 };
-pub use process::{Serve, assert_bench_database_dropped, cli, pgcrew_bin, run_bench, serve};
+pub use process::{
+    Serve, assert_bench_database_dropped, cli, effect_worker, pgcrew_bin, run_bench, serve,
+};
 
 /// A fresh, migrated database for one test, dropped with the returned guard.
 pub struct TestDb {

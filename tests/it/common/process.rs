@@ -128,3 +128,17 @@ pub async fn assert_bench_database_dropped(db: &Db, stderr: &str) {
         "the benchmark database {name} was not dropped"
     );
 }
+
+/// `pgcrew tasks work --record-effects` on `dsn` for the `effect` tasks of `queue` (eight at a
+/// time, sixteen prefetched, each taking `task_time`), stdout closed, killed on drop; add
+/// arguments or environment and spawn it.
+pub fn effect_worker(dsn: &str, id: &str, queue: &str, task_time: &str) -> tokio::process::Command {
+    let mut cmd = tokio::process::Command::new(pgcrew_bin());
+    cmd.args(["tasks", "work", "--instance-id", id, "--queue", queue])
+        .args(["--kind", "effect", "--concurrency", "8", "--prefetch", "16"])
+        .args(["--task-time", task_time, "--record-effects"])
+        .env("DATABASE_URL", dsn)
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    cmd
+}

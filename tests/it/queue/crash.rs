@@ -7,7 +7,7 @@ use pgcrew::queue::{self, TaskOutcome, WorkerPool};
 
 use super::start_client;
 use crate::common::{
-    OPEN_TASKS, create_task_effects, effect_tasks, first_column, pgcrew_bin, scalar, test_db,
+    OPEN_TASKS, create_task_effects, effect_tasks, effect_worker, first_column, scalar, test_db,
     wait_for,
 };
 
@@ -19,28 +19,8 @@ async fn kill_9_of_a_worker_process_loses_no_task() {
     queue::enqueue_many(&**conn, &effect_tasks(3000, "crash"))
         .await
         .unwrap();
-    let mut child = tokio::process::Command::new(pgcrew_bin())
-        .args([
-            "tasks",
-            "work",
-            "--instance-id",
-            "doomed",
-            "--queue",
-            "crash",
-            "--kind",
-            "effect",
-            "--concurrency",
-            "8",
-            "--prefetch",
-            "16",
-            "--task-time",
-            "2ms",
-            "--record-effects",
-        ])
-        .env("DATABASE_URL", t.dsn())
-        .stdout(std::process::Stdio::null())
+    let mut child = effect_worker(t.dsn(), "doomed", "crash", "2ms")
         .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
         .spawn()
         .unwrap();
     wait_for(&t, "SELECT count(*) FROM pgcrew_task_effects")

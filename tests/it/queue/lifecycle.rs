@@ -6,7 +6,7 @@ use std::time::Duration;
 use pgcrew::queue::{self, Ack, AckOutcome, Priority, TaskState};
 use pgcrew::{ClaimToken, Client, TaskId};
 
-use super::{config, q, state_of};
+use super::{config, failed, q, state_of};
 use crate::common::{eventually, register_instance, scalar, task, test_db, wait_for};
 
 #[tokio::test]
@@ -205,14 +205,7 @@ async fn failures_back_off_then_discard_with_errors_kept_and_snooze_keeps_attemp
     let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
     let rep = queue::ack(
         &**conn,
-        &[Ack {
-            id: e.id,
-            token: c[0].token,
-            outcome: AckOutcome::Fail {
-                error: "first".into(),
-                retry_in: Duration::from_secs(30),
-            },
-        }],
+        &[failed(e.id, c[0].token, "first", Duration::from_secs(30))],
     )
     .await
     .unwrap();
@@ -257,14 +250,7 @@ async fn failures_back_off_then_discard_with_errors_kept_and_snooze_keeps_attemp
     assert_eq!(c[0].attempt, 2);
     let rep = queue::ack(
         &**conn,
-        &[Ack {
-            id: e.id,
-            token: c[0].token,
-            outcome: AckOutcome::Fail {
-                error: "second".into(),
-                retry_in: Duration::from_secs(1),
-            },
-        }],
+        &[failed(e.id, c[0].token, "second", Duration::from_secs(1))],
     )
     .await
     .unwrap();

@@ -12,8 +12,8 @@ mod sql;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgcrew::queue::{self, TaskState, WorkerPool};
-use pgcrew::{Client, ClientConfig, TaskId};
+use pgcrew::queue::{self, Ack, AckOutcome, TaskState, WorkerPool};
+use pgcrew::{ClaimToken, Client, ClientConfig, TaskId};
 
 use crate::common::{self, TestDb, fast_config};
 
@@ -54,6 +54,18 @@ async fn listen_task_available(
         .await
         .unwrap();
     (listener, driver, notes)
+}
+
+/// An acknowledgement failing claim `token` of task `id` with `error`, retried after `retry_in`.
+fn failed(id: TaskId, token: ClaimToken, error: &str, retry_in: Duration) -> Ack {
+    Ack {
+        id,
+        token,
+        outcome: AckOutcome::Fail {
+            error: error.into(),
+            retry_in,
+        },
+    }
 }
 
 fn q(name: &str) -> Vec<String> {

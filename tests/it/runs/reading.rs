@@ -109,33 +109,15 @@ async fn artifacts_and_summaries() {
         runs::put_artifact(&t.db, run, "", json!(1), None).await,
         Err(Error::InvalidInput { .. })
     ));
-    runs::add_summary(
-        &t.db,
-        run,
-        "conversation",
-        SummaryContent::Text("hello".into()),
-        None,
-    )
-    .await
-    .unwrap();
-    runs::add_summary(
-        &t.db,
-        run,
-        "plan",
-        SummaryContent::Json(json!({"a": 1})),
-        None,
-    )
-    .await
-    .unwrap();
-    runs::add_summary(
-        &t.db,
-        run,
-        "conversation",
-        SummaryContent::Text("bye".into()),
-        None,
-    )
-    .await
-    .unwrap();
+    for (kind, content) in [
+        ("conversation", SummaryContent::Text("hello".into())),
+        ("plan", SummaryContent::Json(json!({"a": 1}))),
+        ("conversation", SummaryContent::Text("bye".into())),
+    ] {
+        runs::add_summary(&t.db, run, kind, content, None)
+            .await
+            .unwrap();
+    }
     let conv = runs::list_summaries(&t.db, run, Some("conversation"), 10)
         .await
         .unwrap();
