@@ -14,7 +14,7 @@ use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{Db, RunId};
 use serde_json::json;
 
-use crate::common::{Serve, eventually, serve, submit_run, test_db};
+use crate::common::{Serve, serve, submit_run, test_db, wait_until};
 use crate::mock_openai::{MockOpenAi, MockScript, mock_openai};
 
 /// The mock for the demo `support` agent: turn 0 calls `lookup_order` and `get_weather`.
@@ -75,18 +75,19 @@ async fn kill_9_mid_agent_run_other_serve_process_finishes_it_without_repeating_
     let mut a = Some(spawn_serve(t.dsn(), "serve-a", &server.base_url));
     let mut b = Some(spawn_serve(t.dsn(), "serve-b", &server.base_url));
     // Both instances registered the demo agents and tools, and are alive.
-    assert!(
-        eventually(Duration::from_secs(30), || async {
+    wait_until(
+        Duration::from_secs(30),
+        "serve processes did not come up",
+        || async {
             let ok_agent = pgcrew::agent::get_agent(&t.db, "support").await.is_ok();
             let n = pgcrew::coord::instance::list(&t.db)
                 .await
                 .map(|l| l.len())
                 .unwrap_or(0);
             ok_agent && n == 2
-        })
-        .await,
-        "serve processes did not come up"
-    );
+        },
+    )
+    .await;
 
     // Submit from this process (a client that does not execute runs).
     let submitter = AgentRuntime::new(
@@ -103,13 +104,12 @@ async fn kill_9_mid_agent_run_other_serve_process_finishes_it_without_repeating_
     .await;
 
     // Wait until the executing instance is in the middle of the turn-1 model call.
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            server.requests.lock().unwrap().contains(&1)
-        })
-        .await,
-        "the run never reached its second model call"
-    );
+    wait_until(
+        Duration::from_secs(30),
+        "the run never reached its second model call",
+        || async { server.requests.lock().unwrap().contains(&1) },
+    )
+    .await;
     let owner = runs::get_run(&t.db, run).await.unwrap();
     assert_eq!(owner.state, RunState::Running);
     let conn = t.db.get().await.unwrap();
@@ -145,13 +145,12 @@ async fn kill_9_mid_agent_run_other_serve_process_finishes_it_without_repeating_
     server.hang.store(false, Ordering::SeqCst);
 
     // The survivor resumes the run after the lease / task heartbeat timeouts.
-    assert!(
-        eventually(Duration::from_secs(45), || async {
-            runs::get_run(&t.db, run).await.unwrap().state.is_terminal()
-        })
-        .await,
-        "the surviving instance did not finish the run"
-    );
+    wait_until(
+        Duration::from_secs(45),
+        "the surviving instance did not finish the run",
+        || async { runs::get_run(&t.db, run).await.unwrap().state.is_terminal() },
+    )
+    .await;
     let done = runs::get_run(&t.db, run).await.unwrap();
     assert_eq!(done.state, RunState::Completed, "{:?}", done.error_message);
     assert_eq!(

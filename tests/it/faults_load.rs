@@ -21,7 +21,7 @@ use pgcrew::{Client, ClientConfig, Db, Error, RunId};
 
 use crate::common::{
     COMPLETED_TASKS, OPEN_TASKS, Serve, create_task_effects, effect_tasks, effect_worker,
-    eventually, fast_config, first_column, scalar, serve, test_db, wait_for,
+    eventually, fast_config, first_column, scalar, serve, test_db, wait_for, wait_until,
 };
 use crate::proxy::{Proxy, upstream, with_port};
 
@@ -148,13 +148,12 @@ async fn kill_9_of_random_instances_loses_no_task_repeats_only_in_flight_and_run
         spawn_serve(t.dsn(), "serve-0"),
         spawn_serve(t.dsn(), "serve-1"),
     ];
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            pgcrew::agent::get_agent(&t.db, "support").await.is_ok()
-        })
-        .await,
-        "serve processes did not register the demo agents"
-    );
+    wait_until(
+        Duration::from_secs(30),
+        "serve processes did not register the demo agents",
+        || async { pgcrew::agent::get_agent(&t.db, "support").await.is_ok() },
+    )
+    .await;
     let ctx = TenantContext::new("acme").unwrap().budget_usd(Some(1000.0));
     tenancy::upsert(&t.db, &ctx).await.unwrap();
     let submitter = AgentRuntime::new(
@@ -251,8 +250,10 @@ async fn kill_9_of_random_instances_loses_no_task_repeats_only_in_flight_and_run
     );
 
     // Every agent run finishes and every ledger verifies.
-    assert!(
-        eventually(Duration::from_secs(120), || async {
+    wait_until(
+        Duration::from_secs(120),
+        "agent runs did not all finish",
+        || async {
             let mut done = 0;
             for r in &run_ids {
                 if runs::get_run(&t.db, *r)
@@ -263,10 +264,9 @@ async fn kill_9_of_random_instances_loses_no_task_repeats_only_in_flight_and_run
                 }
             }
             done == run_ids.len()
-        })
-        .await,
-        "agent runs did not all finish"
-    );
+        },
+    )
+    .await;
     for r in &run_ids {
         let run = runs::get_run(&t.db, *r).await.unwrap();
         assert_eq!(
@@ -364,8 +364,10 @@ async fn postgres_restart_mid_load_loses_no_task_and_leadership_returns() {
         (after_restart as usize) < n,
         "everything finished before the restart"
     );
-    assert!(
-        eventually(Duration::from_secs(90), || async {
+    wait_until(
+        Duration::from_secs(90),
+        "tasks were lost across the restart",
+        || async {
             match db.get().await {
                 Ok(c) => c
                     .query_one(
@@ -376,17 +378,15 @@ async fn postgres_restart_mid_load_loses_no_task_and_leadership_returns() {
                     .is_ok_and(|r| r.get::<_, i64>(0) == 0),
                 Err(_) => false,
             }
-        })
-        .await,
-        "tasks were lost across the restart"
-    );
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            a.is_leader() ^ b.is_leader()
-        })
-        .await,
-        "leadership was not re-established"
-    );
+        },
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(15),
+        "leadership was not re-established",
+        || async { a.is_leader() ^ b.is_leader() },
+    )
+    .await;
     let exec = executions(&db, "effects").await;
     assert_eq!(exec.len(), n);
     // Only tasks in flight at the restart can run again: at most once more each, and no more
@@ -452,13 +452,12 @@ async fn network_cut_instance_loses_its_claims_and_its_stale_acks_are_rejected()
 
     // Heal: whatever the cut instance still wanted to acknowledge is rejected as stale.
     proxy.resume();
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            cp.metrics().snapshot().in_flight == 0
-        })
-        .await,
-        "the healed instance did not settle its stale work"
-    );
+    wait_until(
+        Duration::from_secs(20),
+        "the healed instance did not settle its stale work",
+        || async { cp.metrics().snapshot().in_flight == 0 },
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let after_heal = task_claims(&t.db).await;
     assert_eq!(before_heal, after_heal, "a stale ack changed a task");

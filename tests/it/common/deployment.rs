@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use pgcrew::db::Db;
 
-use super::eventually;
+use super::wait_until;
 
 /// The ledger key text of [`healthy_deployment`] (also what `PGCREW_LEDGER_KEY` holds for it).
 pub const DEPLOYMENT_LEDGER_KEY: &str = "doctor-test-ledger-key-0123456789abcdef";
@@ -81,13 +81,10 @@ pub async fn healthy_deployment(dsn: &str) -> Deployment {
         client.start().await.expect("instance starts");
         clients.push(client);
     }
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            clients.iter().any(|c| c.is_leader())
-        })
-        .await,
-        "an instance leads"
-    );
+    wait_until(Duration::from_secs(10), "an instance leads", || async {
+        clients.iter().any(|c| c.is_leader())
+    })
+    .await;
     let acme = TenantId::new("acme").expect("tenant id");
     pgcrew::tenancy::upsert(
         &db,

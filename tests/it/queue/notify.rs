@@ -7,7 +7,7 @@ use std::time::Duration;
 use pgcrew::queue::{self, TaskOutcome, WorkerPool};
 
 use super::{listen_task_available, start_client};
-use crate::common::{eventually, register_instance, task, test_db, wait_for};
+use crate::common::{eventually, register_instance, task, test_db, wait_for, wait_until};
 
 #[tokio::test]
 async fn idle_pool_wakes_on_notify_and_stats_report_queues() {
@@ -32,13 +32,12 @@ async fn idle_pool_wakes_on_notify_and_stats_report_queues() {
         queue::enqueue(&**conn, &task("k").queue("fast"))
             .await
             .unwrap();
-        assert!(
-            eventually(Duration::from_secs(3), || async {
-                runs.load(Ordering::SeqCst) == i
-            })
-            .await,
-            "idle pool did not wake on enqueue #{i}"
-        );
+        wait_until(
+            Duration::from_secs(3),
+            "idle pool did not wake on enqueue #{i}",
+            || async { runs.load(Ordering::SeqCst) == i },
+        )
+        .await;
     }
     queue::enqueue(&**conn, &task("k").queue("elsewhere"))
         .await

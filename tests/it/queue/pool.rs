@@ -9,7 +9,7 @@ use pgcrew::{Error, TaskId};
 use serde::{Deserialize, Serialize};
 
 use super::{start_client, state_of};
-use crate::common::{eventually, scalar, task, test_db, wait_for};
+use crate::common::{eventually, scalar, task, test_db, wait_for, wait_until};
 
 #[tokio::test]
 async fn stop_drains_in_flight_tasks_and_flushes_acks() {
@@ -101,13 +101,12 @@ async fn running_task_cancellation_is_announced_not_left_to_the_heartbeat() {
         queue::cancel(&**conn, id).await.unwrap(),
         TaskState::Running
     );
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            state_of(&t, id).await == TaskState::Cancelled
-        })
-        .await,
-        "the cancellation did not reach the handler before the (10-minute) heartbeat"
-    );
+    wait_until(
+        Duration::from_secs(10),
+        "the cancellation did not reach the handler before the (10-minute) heartbeat",
+        || async { state_of(&t, id).await == TaskState::Cancelled },
+    )
+    .await;
     assert!(seen.load(Ordering::SeqCst));
     let ev = tokio::time::timeout(Duration::from_secs(5), announcements.recv())
         .await
