@@ -2,7 +2,6 @@
 //! mock server on loopback; the instance executing an agent run is killed with SIGKILL in the
 //! middle of a model call and the other one finishes the run from the ledger.
 
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -15,7 +14,7 @@ use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{Db, RunId};
 use serde_json::json;
 
-use crate::common::{eventually, pgcrew_bin, test_db};
+use crate::common::{Serve, serve, submit_run, test_db, wait_until};
 use crate::mock_openai::{MockOpenAi, MockScript, mock_openai};
 
 /// The mock for the demo `support` agent: turn 0 calls `lookup_order` and `get_weather`.
@@ -34,59 +33,26 @@ async fn support_mock() -> MockOpenAi {
     .await
 }
 
-/// A `pgcrew serve` child, killed (SIGKILL) on drop.
-struct Serve {
-    id: String,
-    child: Child,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn serve(dsn: &str, id: &str, model_url: &str) -> Serve {
-    let child = Command::new(pgcrew_bin())
-        .env("DATABASE_URL", dsn)
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("OPENAI_BASE_URL")
+/// A `pgcrew serve --agents demo` child on the mock model, killed (SIGKILL) on drop.
+fn spawn_serve(dsn: &str, id: &str, model_url: &str) -> Serve {
+    serve(dsn, id)
+        .args(["--agents", "demo", "--model-base-url", model_url])
+        .args(["--heartbeat-interval", "300ms", "--instance-ttl", "2s"])
+        .args(["--leader-ttl", "1500ms", "--maintenance-interval", "300ms"])
         .args([
-            "serve",
-            "--agents",
-            "demo",
-            "--model-base-url",
-            model_url,
-            "--instance-id",
-            id,
-            "--heartbeat-interval",
-            "300ms",
-            "--instance-ttl",
-            "2s",
-            "--leader-ttl",
-            "1500ms",
-            "--maintenance-interval",
-            "300ms",
             "--run-lease-ttl",
             "1500ms",
             "--task-heartbeat-timeout",
             "1500ms",
+        ])
+        .args([
             "--worker-poll-interval",
             "200ms",
             "--poll-interval",
             "500ms",
-            "--tool-latency",
-            "50ms",
         ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
+        .args(["--tool-latency", "50ms"])
         .spawn()
-        .expect("spawn pgcrew serve");
-    Serve {
-        id: id.to_string(),
-        child,
-    }
 }
 
 async fn event_counts(db: &Db, run: RunId) -> Vec<(String, String)> {
@@ -106,41 +72,44 @@ async fn kill_9_mid_agent_run_other_serve_process_finishes_it_without_repeating_
     tenancy::upsert(&t.db, &ctx).await.unwrap();
     let tenant = ctx.tenant_id.clone();
 
-    let mut a = Some(serve(t.dsn(), "serve-a", &server.base_url));
-    let mut b = Some(serve(t.dsn(), "serve-b", &server.base_url));
+    let mut a = Some(spawn_serve(t.dsn(), "serve-a", &server.base_url));
+    let mut b = Some(spawn_serve(t.dsn(), "serve-b", &server.base_url));
     // Both instances registered the demo agents and tools, and are alive.
-    assert!(
-        eventually(Duration::from_secs(30), || async {
+    wait_until(
+        Duration::from_secs(30),
+        "serve processes did not come up",
+        || async {
             let ok_agent = pgcrew::agent::get_agent(&t.db, "support").await.is_ok();
             let n = pgcrew::coord::instance::list(&t.db)
                 .await
                 .map(|l| l.len())
                 .unwrap_or(0);
             ok_agent && n == 2
-        })
-        .await,
-        "serve processes did not come up"
-    );
+        },
+    )
+    .await;
 
     // Submit from this process (a client that does not execute runs).
     let submitter = AgentRuntime::new(
         Kernel::new(t.db.clone(), Arc::new(ScriptedModel::demo_agent())),
         "submitter",
     );
-    let session = submitter.new_session(&tenant, "user-1").await.unwrap();
-    let run = submitter
-        .submit("support", session.id, "Where is order A-1001?")
-        .await
-        .unwrap();
+    let run = submit_run(
+        &submitter,
+        &tenant,
+        "user-1",
+        "support",
+        "Where is order A-1001?",
+    )
+    .await;
 
     // Wait until the executing instance is in the middle of the turn-1 model call.
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            server.requests.lock().unwrap().contains(&1)
-        })
-        .await,
-        "the run never reached its second model call"
-    );
+    wait_until(
+        Duration::from_secs(30),
+        "the run never reached its second model call",
+        || async { server.requests.lock().unwrap().contains(&1) },
+    )
+    .await;
     let owner = runs::get_run(&t.db, run).await.unwrap();
     assert_eq!(owner.state, RunState::Running);
     let conn = t.db.get().await.unwrap();
@@ -176,13 +145,12 @@ async fn kill_9_mid_agent_run_other_serve_process_finishes_it_without_repeating_
     server.hang.store(false, Ordering::SeqCst);
 
     // The survivor resumes the run after the lease / task heartbeat timeouts.
-    assert!(
-        eventually(Duration::from_secs(45), || async {
-            runs::get_run(&t.db, run).await.unwrap().state.is_terminal()
-        })
-        .await,
-        "the surviving instance did not finish the run"
-    );
+    wait_until(
+        Duration::from_secs(45),
+        "the surviving instance did not finish the run",
+        || async { runs::get_run(&t.db, run).await.unwrap().state.is_terminal() },
+    )
+    .await;
     let done = runs::get_run(&t.db, run).await.unwrap();
     assert_eq!(done.state, RunState::Completed, "{:?}", done.error_message);
     assert_eq!(

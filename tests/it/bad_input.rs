@@ -12,22 +12,17 @@ use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{Db, Error, RunId, SessionId, TaskId, TenantId, Tool};
 use serde_json::json;
 
-use crate::common::{TestDb, pgcrew_bin, test_db};
+use crate::common::{TestDb, first_column, pgcrew_bin, test_db};
 
 /// Row count and content hash of every table in schema `pgcrew`.
 async fn checksum(db: &Db) -> Vec<(String, i64, String)> {
     let conn = db.get().await.unwrap();
-    let tables: Vec<String> = conn
-        .query(
-            "SELECT table_name::text FROM information_schema.tables \
+    let tables: Vec<String> = first_column(
+        &conn,
+        "SELECT table_name::text FROM information_schema.tables \
              WHERE table_schema = 'pgcrew' AND table_type = 'BASE TABLE' ORDER BY 1",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    )
+    .await;
     assert!(tables.len() >= 10, "pgcrew tables: {tables:?}");
     let mut out = Vec::new();
     for t in tables {

@@ -8,19 +8,14 @@ use pgcrew::coord::instance;
 use pgcrew::coord::leader;
 use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId};
 
-use crate::common::{eventually, test_db};
+use crate::common::{
+    eventually, fast_config, insert_run, next_run_state_change, scalar_on, start_client, test_db,
+    wait_for,
+};
 
-fn fast_config(id: &str) -> ClientConfig {
-    ClientConfig::builder()
-        .instance_id(InstanceId::new(id).unwrap())
-        .heartbeat_interval(Duration::from_millis(200))
-        .instance_ttl(Duration::from_secs(2))
-        .leader_ttl(Duration::from_secs(1))
-        .maintenance_interval(Duration::from_millis(200))
-        .notify_poll_interval(Duration::from_secs(1))
-        .pool_size(4)
-        .build()
-        .unwrap()
+/// [`fast_config`] with four connections.
+fn config(id: &str) -> ClientConfig {
+    fast_config(id).pool_size(4).build().unwrap()
 }
 
 #[tokio::test]
@@ -41,7 +36,7 @@ async fn start_registers_elects_and_stop_deregisters() {
     let became = Arc::new(AtomicUsize::new(0));
     let b = became.clone();
     let client = Client::builder(t.db.clone())
-        .config(fast_config("solo"))
+        .config(config("solo"))
         .on_became_leader(move |_| {
             b.fetch_add(1, Ordering::SeqCst);
         })
@@ -76,34 +71,14 @@ async fn client_without_schema_gets_clear_error() {
 #[tokio::test]
 async fn subscribers_receive_run_state_changes() {
     let t = test_db().await;
-    let client = Client::builder(t.db.clone())
-        .config(fast_config("listener"))
-        .build()
-        .await
-        .unwrap();
-    client.start().await.unwrap();
+    let client = start_client(t.db.clone(), config("listener"), None).await;
     let mut subs: Vec<_> = (0..50)
         .map(|_| client.subscribe(&[EventKind::RunStateChanged]))
         .collect();
-    let conn = t.db.get().await.unwrap();
-    let run_id = uuid::Uuid::new_v4();
-    conn.execute(
-        "INSERT INTO pgcrew.runs (id, tenant_id) VALUES ($1, 'default')",
-        &[&run_id],
-    )
-    .await
-    .unwrap();
+    let run_id = insert_run(&t.db).await;
     for s in subs.iter_mut() {
-        loop {
-            let ev = tokio::time::timeout(Duration::from_secs(5), s.recv())
-                .await
-                .unwrap()
-                .unwrap();
-            if let pgcrew::Event::RunStateChanged { run_id: r } = ev {
-                assert_eq!(r.0, run_id);
-                break;
-            }
-        }
+        let r = next_run_state_change(s, Duration::from_secs(5), "run state change in time").await;
+        assert_eq!(r.0, run_id);
     }
     client.stop().await.unwrap();
 }
@@ -111,12 +86,7 @@ async fn subscribers_receive_run_state_changes() {
 #[tokio::test]
 async fn thousand_subscribers_and_listen_reconnect_with_resync() {
     let t = test_db().await;
-    let client = Client::builder(t.db.clone())
-        .config(fast_config("fanout"))
-        .build()
-        .await
-        .unwrap();
-    client.start().await.unwrap();
+    let client = start_client(t.db.clone(), config("fanout"), None).await;
     assert!(
         client
             .notifier()
@@ -129,13 +99,7 @@ async fn thousand_subscribers_and_listen_reconnect_with_resync() {
     let mut subs: Vec<_> = (0..1000)
         .map(|_| client.subscribe(&[EventKind::RunStateChanged]))
         .collect();
-    let run_id = uuid::Uuid::new_v4();
-    conn.execute(
-        "INSERT INTO pgcrew.runs (id, tenant_id) VALUES ($1, 'default')",
-        &[&run_id],
-    )
-    .await
-    .unwrap();
+    let run_id = insert_run(&t.db).await;
     conn.execute(
         "UPDATE pgcrew.runs SET state = 'running' WHERE id = $1",
         &[&run_id],
@@ -145,16 +109,9 @@ async fn thousand_subscribers_and_listen_reconnect_with_resync() {
     for s in subs.iter_mut() {
         // Creation and the change to running: two notifications naming the run (and nothing
         // else: payloads carry opaque ids only).
-        let mut seen = 0;
-        while seen < 2 {
-            let ev = tokio::time::timeout(Duration::from_secs(5), s.recv())
-                .await
-                .expect("event in time")
-                .expect("notifier alive");
-            if let pgcrew::Event::RunStateChanged { run_id: r } = ev {
-                assert_eq!(r.0, run_id);
-                seen += 1;
-            }
+        for _ in 0..2 {
+            let r = next_run_state_change(s, Duration::from_secs(5), "event in time").await;
+            assert_eq!(r.0, run_id);
         }
     }
     drop(subs);
@@ -192,28 +149,15 @@ async fn thousand_subscribers_and_listen_reconnect_with_resync() {
     )
     .await
     .unwrap();
-    loop {
-        let ev = tokio::time::timeout(Duration::from_secs(5), sub.recv())
-            .await
-            .expect("event after reconnect")
-            .unwrap();
-        if let pgcrew::Event::RunStateChanged { run_id: r } = ev {
-            assert_eq!(r.0, run_id);
-            break;
-        }
-    }
+    let r = next_run_state_change(&mut sub, Duration::from_secs(5), "event after reconnect").await;
+    assert_eq!(r.0, run_id);
     client.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn callback_subscription_unsubscribes_on_drop() {
     let t = test_db().await;
-    let client = Client::builder(t.db.clone())
-        .config(fast_config("callbacks"))
-        .build()
-        .await
-        .unwrap();
-    client.start().await.unwrap();
+    let client = start_client(t.db.clone(), config("callbacks"), None).await;
     let count = Arc::new(AtomicUsize::new(0));
     let c = count.clone();
     let before = client.notifier().subscriber_count();
@@ -222,12 +166,7 @@ async fn callback_subscription_unsubscribes_on_drop() {
         .on(&[EventKind::InstanceRegistered], move |_| {
             c.fetch_add(1, Ordering::SeqCst);
         });
-    let other = Client::builder(t.db.clone())
-        .config(fast_config("other"))
-        .build()
-        .await
-        .unwrap();
-    other.start().await.unwrap();
+    let other = start_client(t.db.clone(), config("other"), None).await;
     assert!(
         eventually(Duration::from_secs(5), || async {
             count.load(Ordering::SeqCst) >= 1
@@ -250,12 +189,7 @@ async fn exactly_one_leader_while_instances_stop_and_start() {
     let t = test_db().await;
     let mut clients = Vec::new();
     for i in 0..3 {
-        let c = Client::builder(t.db.clone())
-            .config(fast_config(&format!("node-{i}")))
-            .build()
-            .await
-            .unwrap();
-        c.start().await.unwrap();
+        let c = start_client(t.db.clone(), config(&format!("node-{i}")), None).await;
         clients.push(c);
     }
     let mut last_term = 0i64;
@@ -283,12 +217,7 @@ async fn exactly_one_leader_while_instances_stop_and_start() {
         }
         assert!(saw_leader, "no leader in round {round}");
         clients[victim].stop().await.unwrap();
-        let c = Client::builder(t.db.clone())
-            .config(fast_config(&format!("node-{victim}")))
-            .build()
-            .await
-            .unwrap();
-        c.start().await.unwrap();
+        let c = start_client(t.db.clone(), config(&format!("node-{victim}")), None).await;
         clients[victim] = c;
     }
     assert!(terms_seen.windows(2).all(|w| w[0] < w[1]));
@@ -307,7 +236,7 @@ async fn leader_that_cannot_renew_steps_down_before_lease_expires() {
     let lost = Arc::new(AtomicUsize::new(0));
     let l = lost.clone();
     let client = Client::builder(t.db.clone())
-        .config(fast_config("blocked"))
+        .config(config("blocked"))
         .on_lost_leadership(move || {
             l.fetch_add(1, Ordering::SeqCst);
         })
@@ -384,33 +313,19 @@ async fn maintenance_removes_stale_instances_and_fails_stuck_runs() {
     )
     .await
     .unwrap();
-    let client = Client::builder(t.db.clone())
-        .config(fast_config("janitor"))
-        .build()
-        .await
-        .unwrap();
-    client.start().await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            conn.query_one(
-                "SELECT count(*) FROM pgcrew.instances WHERE id = 'ghost'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-                == 0
-        })
-        .await
-    );
-    let links: i64 = conn
-        .query_one(
-            "SELECT count(*) FROM pgcrew.instance_tools WHERE instance_id = 'ghost'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let client = start_client(t.db.clone(), config("janitor"), None).await;
+    wait_for(
+        &t.db,
+        "SELECT count(*) FROM pgcrew.instances WHERE id = 'ghost'",
+    )
+    .within(Duration::from_secs(5))
+    .until(|n| n == 0, "the stale instance is removed")
+    .await;
+    let links = scalar_on(
+        &conn,
+        "SELECT count(*) FROM pgcrew.instance_tools WHERE instance_id = 'ghost'",
+    )
+    .await;
     assert_eq!(links, 0, "links cascade");
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -553,14 +468,7 @@ async fn poll_only_mode_has_no_listen_connection_and_ticks_resync() {
         .unwrap();
     assert_eq!(ev, pgcrew::Event::Resync);
     let conn = t.db.get().await.unwrap();
-    let listeners: i64 = conn
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let listeners = scalar_on(&conn, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN%'").await;
     assert_eq!(listeners, 0);
     assert!(!client.is_leader());
     client.stop().await.unwrap();
@@ -569,20 +477,10 @@ async fn poll_only_mode_has_no_listen_connection_and_ticks_resync() {
 #[tokio::test]
 async fn renewals_and_failed_attempts_do_not_consume_terms() {
     let t = test_db().await;
-    let a = Client::builder(t.db.clone())
-        .config(fast_config("term-a"))
-        .build()
-        .await
-        .unwrap();
-    a.start().await.unwrap();
+    let a = start_client(t.db.clone(), config("term-a"), None).await;
     assert!(eventually(Duration::from_secs(5), || async { a.is_leader() }).await);
     let first = a.leader_term().unwrap();
-    let b = Client::builder(t.db.clone())
-        .config(fast_config("term-b"))
-        .build()
-        .await
-        .unwrap();
-    b.start().await.unwrap();
+    let b = start_client(t.db.clone(), config("term-b"), None).await;
     // Several renewal periods (TTL/3) pass with a follower trying: the term stays.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(a.leader_term(), Some(first));

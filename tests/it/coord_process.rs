@@ -1,27 +1,12 @@
 //! Leader failover with real `pgcrew serve` processes: kill -9 and graceful stop.
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::common::{eventually, pgcrew_bin, test_db};
+use crate::common::{Serve, eventually, scalar, serve, test_db, wait_for};
 
-struct Serve {
-    id: String,
-    child: Child,
-}
-
-impl Drop for Serve {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// A quiet `pgcrew serve` child with a 200 ms pace and a 2 s instance TTL.
 fn spawn_serve(dsn: &str, id: &str, leader_ttl: &str) -> Serve {
-    // The DSN goes through the environment: a password on argv is visible to every local user.
-    let child = Command::new(pgcrew_bin())
-        .env("DATABASE_URL", dsn)
-        .args(["serve", "--instance-id", id])
+    serve(dsn, id)
         .args(["--heartbeat-interval", "200ms", "--instance-ttl", "2s"])
         .args([
             "--leader-ttl",
@@ -29,15 +14,8 @@ fn spawn_serve(dsn: &str, id: &str, leader_ttl: &str) -> Serve {
             "--maintenance-interval",
             "200ms",
         ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .quiet()
         .spawn()
-        .expect("spawn pgcrew serve");
-    Serve {
-        id: id.to_string(),
-        child,
-    }
 }
 
 async fn current_leader(conn: &deadpool_postgres::Object) -> Option<(String, i64)> {
@@ -80,17 +58,10 @@ async fn leader_failover_after_kill_and_after_graceful_stop() {
     let mut nodes: Vec<Serve> = (0..3)
         .map(|i| spawn_serve(t.dsn(), &format!("proc-{i}"), "2s"))
         .collect();
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            conn.query_one("SELECT count(*) FROM pgcrew.instances", &[])
-                .await
-                .unwrap()
-                .get::<_, i64>(0)
-                == 3
-        })
-        .await,
-        "three instances register"
-    );
+    wait_for(&t, "SELECT count(*) FROM pgcrew.instances")
+        .within(Duration::from_secs(20))
+        .until(|n| n == 3, "three instances register")
+        .await;
     assert!(
         eventually(Duration::from_secs(10), || async {
             current_leader(&conn).await.is_some()
@@ -110,20 +81,11 @@ async fn leader_failover_after_kill_and_after_graceful_stop() {
     assert_ne!(new_leader, leader);
 
     // The dead instance is removed by maintenance after the instance TTL.
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            conn.query_one(
-                "SELECT count(*) FROM pgcrew.instances WHERE id = $1",
-                &[&leader],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-                == 0
-        })
-        .await,
-        "killed instance removed by maintenance"
-    );
+    let leader_rows = format!("SELECT count(*) FROM pgcrew.instances WHERE id = '{leader}'");
+    wait_for(&t, &leader_rows)
+        .within(Duration::from_secs(10))
+        .until(|n| n == 0, "killed instance removed by maintenance")
+        .await;
 
     // Graceful stop (SIGTERM) of the new leader: another takes over within 1 s.
     let idx = nodes.iter().position(|n| n.id == new_leader).unwrap();
@@ -138,13 +100,10 @@ async fn leader_failover_after_kill_and_after_graceful_stop() {
     let status = stopping.child.wait().unwrap();
     assert!(status.success(), "graceful stop exits 0: {status:?}");
     // Graceful stop deregistered it at once.
-    let gone: i64 = conn
-        .query_one(
-            "SELECT count(*) FROM pgcrew.instances WHERE id = $1",
-            &[&new_leader],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let gone = scalar(
+        &t,
+        &format!("SELECT count(*) FROM pgcrew.instances WHERE id = '{new_leader}'"),
+    )
+    .await;
     assert_eq!(gone, 0);
 }

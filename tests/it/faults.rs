@@ -5,18 +5,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use pgcrew::db::{ScratchDatabase, TempCluster};
-use pgcrew::{Client, ClientConfig, EventKind, InstanceId};
+use pgcrew::{Client, ClientConfig, EventKind};
 
-use crate::common::{eventually, test_db};
+use crate::common::{
+    eventually, fast_config, insert_run, next_run_state_change, test_db, wait_until,
+};
 use crate::proxy::{Proxy, upstream, with_port};
 
+/// [`fast_config`] with a 3 s instance TTL, a 500 ms fallback poll, a 2 s connect timeout
+/// and four connections.
 fn config(id: &str) -> ClientConfig {
-    ClientConfig::builder()
-        .instance_id(InstanceId::new(id).unwrap())
-        .heartbeat_interval(Duration::from_millis(200))
+    fast_config(id)
         .instance_ttl(Duration::from_secs(3))
-        .leader_ttl(Duration::from_secs(1))
-        .maintenance_interval(Duration::from_millis(200))
         .notify_poll_interval(Duration::from_millis(500))
         .connect_timeout(Duration::from_secs(2))
         .pool_size(4)
@@ -52,10 +52,12 @@ async fn partitioned_leader_steps_down_before_another_is_elected() {
     other.start().await.unwrap();
 
     proxy.pause();
-    assert!(
-        eventually(Duration::from_secs(10), || async { other.is_leader() }).await,
-        "the connected instance takes over"
-    );
+    wait_until(
+        Duration::from_secs(10),
+        "the connected instance takes over",
+        || async { other.is_leader() },
+    )
+    .await;
     assert!(!cut.is_leader());
     let ev = events.lock().unwrap().clone();
     let lost = ev.iter().find(|(n, _)| *n == "cut lost").map(|e| e.1);
@@ -107,15 +109,16 @@ async fn postgres_restart_reconnects_listen_and_reelects() {
     cluster.restart().unwrap();
 
     // Leadership is re-established and the notifiers reconnect (with a Resync).
-    assert!(
-        eventually(Duration::from_secs(15), || async {
+    wait_until(
+        Duration::from_secs(15),
+        "leader re-elected and LISTEN re-established after restart",
+        || async {
             (a.is_leader() ^ b.is_leader())
                 && a.notifier().reconnects() >= 1
                 && b.notifier().reconnects() >= 1
-        })
-        .await,
-        "leader re-elected and LISTEN re-established after restart"
-    );
+        },
+    )
+    .await;
     let mut saw_resync = false;
     while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(100), sub.recv()).await {
         if ev == pgcrew::Event::Resync {
@@ -134,24 +137,9 @@ async fn postgres_restart_reconnects_listen_and_reelects() {
         .await
     );
     // Notifications flow again.
-    let conn = db.get().await.unwrap();
-    let run_id = uuid::Uuid::new_v4();
-    conn.execute(
-        "INSERT INTO pgcrew.runs (id, tenant_id) VALUES ($1, 'default')",
-        &[&run_id],
-    )
-    .await
-    .unwrap();
-    loop {
-        let ev = tokio::time::timeout(Duration::from_secs(5), sub.recv())
-            .await
-            .expect("event after restart")
-            .unwrap();
-        if let pgcrew::Event::RunStateChanged { run_id: r, .. } = ev {
-            assert_eq!(r.0, run_id);
-            break;
-        }
-    }
+    let run_id = insert_run(&db).await;
+    let r = next_run_state_change(&mut sub, Duration::from_secs(5), "event after restart").await;
+    assert_eq!(r.0, run_id);
     a.stop().await.unwrap();
     b.stop().await.unwrap();
     drop(scratch);

@@ -17,9 +17,12 @@ use pgcrew::model::ScriptedModel;
 use pgcrew::queue::{self, NewTask, TaskOutcome, WorkerPool};
 use pgcrew::runs::{self, RunState};
 use pgcrew::tenancy::{self, TenantContext};
-use pgcrew::{Client, ClientConfig, Db, Error, InstanceId, RunId};
+use pgcrew::{Client, ClientConfig, Db, Error, RunId};
 
-use crate::common::{eventually, pgcrew_bin, test_db};
+use crate::common::{
+    COMPLETED_TASKS, OPEN_TASKS, Serve, create_task_effects, effect_tasks, effect_worker,
+    eventually, fast_config, first_column, scalar, serve, test_db, wait_for, wait_until,
+};
 use crate::proxy::{Proxy, upstream, with_port};
 
 /// The issue's full scale runs by default (about 45 s here); `PGCREW_FAULT_SCALE=small` runs
@@ -28,12 +31,12 @@ fn full_scale() -> bool {
     !std::env::var("PGCREW_FAULT_SCALE").is_ok_and(|v| v == "small")
 }
 
+/// [`fast_config`] at a 250 ms pace, with a 3 s instance TTL and task heartbeat timeout, a
+/// 500 ms fallback poll, a 2 s connect timeout, eight connections and leader election on or off.
 fn config(id: &str, leader: bool) -> ClientConfig {
-    ClientConfig::builder()
-        .instance_id(InstanceId::new(id).unwrap())
+    fast_config(id)
         .heartbeat_interval(Duration::from_millis(250))
         .instance_ttl(Duration::from_secs(3))
-        .leader_ttl(Duration::from_secs(1))
         .maintenance_interval(Duration::from_millis(250))
         .notify_poll_interval(Duration::from_millis(500))
         .task_heartbeat_timeout(Duration::from_secs(3))
@@ -44,19 +47,22 @@ fn config(id: &str, leader: bool) -> ClientConfig {
         .unwrap()
 }
 
-async fn scalar(db: &Db, sql: &str) -> i64 {
-    let conn = db.get().await.unwrap();
-    conn.query_one(sql, &[]).await.unwrap().get(0)
+async fn ids(db: &Db, sql: &str) -> HashSet<i64> {
+    first_column(&db.get().await.unwrap(), sql).await
 }
 
-async fn ids(db: &Db, sql: &str) -> HashSet<i64> {
+/// Every task's (id, state, claimed by, claim token), by id.
+async fn task_claims(db: &Db) -> Vec<(i64, String, String, Option<uuid::Uuid>)> {
     let conn = db.get().await.unwrap();
-    conn.query(sql, &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    conn.query(
+        "SELECT id, state::text, claimed_by, claim_token FROM pgcrew.tasks ORDER BY id",
+        &[],
+    )
+    .await
+    .unwrap()
+    .iter()
+    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+    .collect()
 }
 
 /// Executions per task from the side-effect table (`task_id` column).
@@ -75,76 +81,38 @@ async fn executions(db: &Db, table: &str) -> HashMap<i64, i64> {
 
 /// A `pgcrew tasks work --record-effects` process (optionally under `faketime`).
 fn spawn_worker(dsn: &str, id: &str, queue: &str, faketime: Option<&str>) -> tokio::process::Child {
-    let args = [
-        "tasks",
-        "work",
-        "--instance-id",
-        id,
-        "--queue",
-        queue,
-        "--kind",
-        "effect",
-        "--concurrency",
-        "8",
-        "--prefetch",
-        "16",
-        "--task-time",
-        "1ms",
-        "--heartbeat-interval",
-        "500ms",
-        "--record-effects",
-    ];
-    let mut cmd = tokio::process::Command::new(pgcrew_bin());
-    cmd.args(args);
+    let mut cmd = effect_worker(dsn, id, queue, "1ms");
+    cmd.args(["--heartbeat-interval", "500ms"]);
     // libfaketime preloaded into the process itself (the `faketime` wrapper forks, so a kill
     // would miss the real process).
     if let Some(offset) = faketime {
         cmd.env("LD_PRELOAD", LIBFAKETIME).env("FAKETIME", offset);
     }
-    cmd.env("DATABASE_URL", dsn)
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
+    cmd.stderr(Stdio::inherit())
         .spawn()
         .expect("spawn pgcrew tasks work")
 }
 
 /// A `pgcrew serve --agents demo` process on the offline scripted demo model.
-fn spawn_serve(dsn: &str, id: &str) -> tokio::process::Child {
-    tokio::process::Command::new(pgcrew_bin())
-        .env("DATABASE_URL", dsn)
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("OPENAI_BASE_URL")
+fn spawn_serve(dsn: &str, id: &str) -> Serve {
+    serve(dsn, id)
+        .args(["--agents", "demo"])
+        .args(["--heartbeat-interval", "300ms", "--instance-ttl", "3s"])
+        .args(["--leader-ttl", "1500ms", "--maintenance-interval", "300ms"])
         .args([
-            "serve",
-            "--agents",
-            "demo",
-            "--instance-id",
-            id,
-            "--heartbeat-interval",
-            "300ms",
-            "--instance-ttl",
-            "3s",
-            "--leader-ttl",
-            "1500ms",
-            "--maintenance-interval",
-            "300ms",
             "--run-lease-ttl",
             "1500ms",
             "--task-heartbeat-timeout",
             "3s",
+        ])
+        .args([
             "--worker-poll-interval",
             "200ms",
             "--poll-interval",
             "500ms",
-            "--tool-latency",
-            "20ms",
         ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .kill_on_drop(true)
+        .args(["--tool-latency", "20ms"])
         .spawn()
-        .expect("spawn pgcrew serve")
 }
 
 async fn kill_9(child: &mut tokio::process::Child) {
@@ -160,21 +128,10 @@ async fn kill_9_of_random_instances_loses_no_task_repeats_only_in_flight_and_run
         (20_000, 20, 6)
     };
     let t = test_db().await;
+    create_task_effects(&t.db).await;
     {
         let conn = t.db.get().await.unwrap();
-        conn.batch_execute(
-            "CREATE TABLE pgcrew_task_effects (task_id bigint NOT NULL, instance_id text NOT NULL)",
-        )
-        .await
-        .unwrap();
-        let tasks: Vec<NewTask> = (0..n_tasks)
-            .map(|_| {
-                NewTask::new("effect", &serde_json::json!({}))
-                    .unwrap()
-                    .queue("load")
-            })
-            .collect();
-        for chunk in tasks.chunks(10_000) {
+        for chunk in effect_tasks(n_tasks, "load").chunks(10_000) {
             queue::enqueue_many(&**conn, chunk).await.unwrap();
         }
     }
@@ -188,16 +145,15 @@ async fn kill_9_of_random_instances_loses_no_task_repeats_only_in_flight_and_run
 
     // Agent runs on two `pgcrew serve --agents demo` processes.
     let mut serves = vec![
-        (String::from("serve-0"), spawn_serve(t.dsn(), "serve-0")),
-        (String::from("serve-1"), spawn_serve(t.dsn(), "serve-1")),
+        spawn_serve(t.dsn(), "serve-0"),
+        spawn_serve(t.dsn(), "serve-1"),
     ];
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            pgcrew::agent::get_agent(&t.db, "support").await.is_ok()
-        })
-        .await,
-        "serve processes did not register the demo agents"
-    );
+    wait_until(
+        Duration::from_secs(30),
+        "serve processes did not register the demo agents",
+        || async { pgcrew::agent::get_agent(&t.db, "support").await.is_ok() },
+    )
+    .await;
     let ctx = TenantContext::new("acme").unwrap().budget_usd(Some(1000.0));
     tenancy::upsert(&t.db, &ctx).await.unwrap();
     let submitter = AgentRuntime::new(
@@ -262,29 +218,21 @@ async fn kill_9_of_random_instances_loses_no_task_repeats_only_in_flight_and_run
         // Every third round, an agent-hosting instance dies too.
         if round % 3 == 1 {
             let s = rng.usize(0..serves.len());
-            let (_, mut child) = serves.remove(s);
-            kill_9(&mut child).await;
+            // Dropping the process kills it (SIGKILL) and reaps it.
+            drop(serves.remove(s));
             let id = format!("serve-{s}-g{gen_}");
-            serves.insert(s, (id.clone(), spawn_serve(t.dsn(), &id)));
+            serves.insert(s, spawn_serve(t.dsn(), &id));
         }
     }
     assert!(kills >= 1, "no instance was killed while tasks remained");
 
-    assert!(
-        eventually(
-            Duration::from_secs(if full_scale() { 600 } else { 120 }),
-            || async {
-                scalar(
-                &t.db,
-                "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed' AND queue = 'load'",
-            )
-            .await
-                == 0
-            }
-        )
-        .await,
-        "tasks were lost: not all completed"
-    );
+    wait_for(
+        &t.db,
+        "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed' AND queue = 'load'",
+    )
+    .within(Duration::from_secs(if full_scale() { 600 } else { 120 }))
+    .until(|n| n == 0, "tasks were lost: not all completed")
+    .await;
     let exec = executions(&t.db, "pgcrew_task_effects").await;
     assert_eq!(exec.len(), n_tasks, "every task executed at least once");
     for (task, n) in &exec {
@@ -302,8 +250,10 @@ async fn kill_9_of_random_instances_loses_no_task_repeats_only_in_flight_and_run
     );
 
     // Every agent run finishes and every ledger verifies.
-    assert!(
-        eventually(Duration::from_secs(120), || async {
+    wait_until(
+        Duration::from_secs(120),
+        "agent runs did not all finish",
+        || async {
             let mut done = 0;
             for r in &run_ids {
                 if runs::get_run(&t.db, *r)
@@ -314,10 +264,9 @@ async fn kill_9_of_random_instances_loses_no_task_repeats_only_in_flight_and_run
                 }
             }
             done == run_ids.len()
-        })
-        .await,
-        "agent runs did not all finish"
-    );
+        },
+    )
+    .await;
     for r in &run_ids {
         let run = runs::get_run(&t.db, *r).await.unwrap();
         assert_eq!(
@@ -331,9 +280,10 @@ async fn kill_9_of_random_instances_loses_no_task_repeats_only_in_flight_and_run
             "{r}"
         );
     }
-    for (_, mut c) in workers.into_iter().chain(serves) {
+    for (_, mut c) in workers {
         kill_9(&mut c).await;
     }
+    drop(serves);
     leader.stop().await.unwrap();
 }
 
@@ -380,14 +330,9 @@ const EFFECTS: &str = "CREATE TABLE effects (task_id bigint NOT NULL, token uuid
 async fn enqueue_load(db: &Db, n: usize) {
     let conn = db.get().await.unwrap();
     conn.batch_execute(EFFECTS).await.unwrap();
-    let tasks: Vec<NewTask> = (0..n)
-        .map(|_| {
-            NewTask::new("effect", &serde_json::json!({}))
-                .unwrap()
-                .queue("load")
-        })
-        .collect();
-    queue::enqueue_many(&**conn, &tasks).await.unwrap();
+    queue::enqueue_many(&**conn, &effect_tasks(n, "load"))
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -407,13 +352,10 @@ async fn postgres_restart_mid_load_loses_no_task_and_leadership_returns() {
     enqueue_load(&db, n).await;
     let (a, pa) = worker_client(scratch.dsn(), "a", true, Duration::from_millis(2)).await;
     let (b, pb) = worker_client(scratch.dsn(), "b", true, Duration::from_millis(2)).await;
-    assert!(
-        eventually(Duration::from_secs(30), || async {
-            scalar(&db, "SELECT count(*) FROM effects").await >= 300
-        })
-        .await,
-        "work did not start"
-    );
+    wait_for(&db, "SELECT count(*) FROM effects")
+        .within(Duration::from_secs(30))
+        .until(|n| n >= 300, "work did not start")
+        .await;
     cluster.stop_server("fast").unwrap();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     cluster.restart().unwrap();
@@ -422,8 +364,10 @@ async fn postgres_restart_mid_load_loses_no_task_and_leadership_returns() {
         (after_restart as usize) < n,
         "everything finished before the restart"
     );
-    assert!(
-        eventually(Duration::from_secs(90), || async {
+    wait_until(
+        Duration::from_secs(90),
+        "tasks were lost across the restart",
+        || async {
             match db.get().await {
                 Ok(c) => c
                     .query_one(
@@ -434,17 +378,15 @@ async fn postgres_restart_mid_load_loses_no_task_and_leadership_returns() {
                     .is_ok_and(|r| r.get::<_, i64>(0) == 0),
                 Err(_) => false,
             }
-        })
-        .await,
-        "tasks were lost across the restart"
-    );
-    assert!(
-        eventually(Duration::from_secs(15), || async {
-            a.is_leader() ^ b.is_leader()
-        })
-        .await,
-        "leadership was not re-established"
-    );
+        },
+    )
+    .await;
+    wait_until(
+        Duration::from_secs(15),
+        "leadership was not re-established",
+        || async { a.is_leader() ^ b.is_leader() },
+    )
+    .await;
     let exec = executions(&db, "effects").await;
     assert_eq!(exec.len(), n);
     // Only tasks in flight at the restart can run again: at most once more each, and no more
@@ -479,18 +421,13 @@ async fn network_cut_instance_loses_its_claims_and_its_stale_acks_are_rejected()
         Duration::from_millis(100),
     )
     .await;
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            scalar(
-                &t.db,
-                "SELECT count(*) FROM effects WHERE instance_id = 'cut'",
-            )
-            .await
-                >= 40
-        })
-        .await,
-        "the cut instance did not work"
-    );
+    wait_for(
+        &t.db,
+        "SELECT count(*) FROM effects WHERE instance_id = 'cut'",
+    )
+    .within(Duration::from_secs(20))
+    .until(|n| n >= 40, "the cut instance did not work")
+    .await;
     proxy.pause();
     // Statements already delivered settle; after that nothing from `cut` reaches the server.
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -500,18 +437,10 @@ async fn network_cut_instance_loses_its_claims_and_its_stale_acks_are_rejected()
     )
     .await;
     assert!(!lost.is_empty(), "the cut instance held nothing");
-    assert!(
-        eventually(Duration::from_secs(60), || async {
-            scalar(
-                &t.db,
-                "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'",
-            )
-            .await
-                == 0
-        })
-        .await,
-        "the cut instance's claims were not taken over"
-    );
+    wait_for(&t.db, OPEN_TASKS)
+        .within(Duration::from_secs(60))
+        .until(|n| n == 0, "the cut instance's claims were not taken over")
+        .await;
     // The lost claims were finished by the healthy instance under new tokens.
     let taken_over = ids(
         &t.db,
@@ -519,41 +448,18 @@ async fn network_cut_instance_loses_its_claims_and_its_stale_acks_are_rejected()
     )
     .await;
     assert!(lost.is_subset(&taken_over));
-    let before_heal: Vec<(i64, String, String, Option<uuid::Uuid>)> = {
-        let conn = t.db.get().await.unwrap();
-        conn.query(
-            "SELECT id, state::text, claimed_by, claim_token FROM pgcrew.tasks ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect()
-    };
+    let before_heal = task_claims(&t.db).await;
 
     // Heal: whatever the cut instance still wanted to acknowledge is rejected as stale.
     proxy.resume();
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            cp.metrics().snapshot().in_flight == 0
-        })
-        .await,
-        "the healed instance did not settle its stale work"
-    );
+    wait_until(
+        Duration::from_secs(20),
+        "the healed instance did not settle its stale work",
+        || async { cp.metrics().snapshot().in_flight == 0 },
+    )
+    .await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let after_heal: Vec<(i64, String, String, Option<uuid::Uuid>)> = {
-        let conn = t.db.get().await.unwrap();
-        conn.query(
-            "SELECT id, state::text, claimed_by, claim_token FROM pgcrew.tasks ORDER BY id",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-        .collect()
-    };
+    let after_heal = task_claims(&t.db).await;
     assert_eq!(before_heal, after_heal, "a stale ack changed a task");
     // No double execution of any task whose claim was not lost.
     let exec = executions(&t.db, "effects").await;
@@ -592,18 +498,13 @@ async fn slow_database_slows_work_but_nothing_fails_or_is_lost() {
         Duration::from_millis(1),
     )
     .await;
-    assert!(
-        eventually(Duration::from_secs(120), || async {
-            scalar(
-                &t.db,
-                "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'",
-            )
-            .await
-                == n as i64
-        })
-        .await,
-        "work did not finish through the slow link"
-    );
+    wait_for(&t.db, COMPLETED_TASKS)
+        .within(Duration::from_secs(120))
+        .until(
+            |got| got == n as i64,
+            "work did not finish through the slow link",
+        )
+        .await;
     c.stop().await.unwrap();
     let exec = executions(&t.db, "effects").await;
     assert_eq!(exec.len(), n);
@@ -729,21 +630,12 @@ async fn instance_clocks_skewed_by_minutes_change_nothing() {
     }
 
     let t = test_db().await;
+    create_task_effects(&t.db).await;
     let conn = t.db.get().await.unwrap();
-    conn.batch_execute(
-        "CREATE TABLE pgcrew_task_effects (task_id bigint NOT NULL, instance_id text NOT NULL)",
-    )
-    .await
-    .unwrap();
     let n = 2000;
-    let tasks: Vec<NewTask> = (0..n)
-        .map(|_| {
-            NewTask::new("effect", &serde_json::json!({}))
-                .unwrap()
-                .queue("skew")
-        })
-        .collect();
-    queue::enqueue_many(&**conn, &tasks).await.unwrap();
+    queue::enqueue_many(&**conn, &effect_tasks(n, "skew"))
+        .await
+        .unwrap();
     // A delayed task: due by database time in 6 s, whatever the workers' clocks say.
     let delayed = queue::enqueue(
         &**conn,
@@ -761,18 +653,13 @@ async fn instance_clocks_skewed_by_minutes_change_nothing() {
     leader.start().await.unwrap();
     let mut ahead = spawn_worker(t.dsn(), "ahead", "skew", Some("+15m"));
     let mut behind = spawn_worker(t.dsn(), "behind", "skew", Some("-15m"));
-    assert!(
-        eventually(Duration::from_secs(60), || async {
-            scalar(
-                &t.db,
-                "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'",
-            )
-            .await
-                >= n as i64
-        })
-        .await,
-        "skewed workers did not finish the work"
-    );
+    wait_for(&t.db, COMPLETED_TASKS)
+        .within(Duration::from_secs(60))
+        .until(
+            |got| got >= n as i64,
+            "skewed workers did not finish the work",
+        )
+        .await;
     // The delayed task is not claimed early by the instance that is 15 minutes ahead.
     let row = queue::get(&**conn, delayed).await.unwrap();
     let due: bool = conn
@@ -786,17 +673,10 @@ async fn instance_clocks_skewed_by_minutes_change_nothing() {
     if !due {
         assert_eq!(row.state, queue::TaskState::Scheduled, "claimed before due");
     }
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            scalar(
-                &t.db,
-                "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'",
-            )
-            .await
-                == 0
-        })
-        .await
-    );
+    wait_for(&t.db, OPEN_TASKS)
+        .within(Duration::from_secs(20))
+        .until(|n| n == 0, "every task completes")
+        .await;
     // Both skewed instances worked, nobody's claims or registration expired because of the
     // skew: every task ran exactly once on its first attempt, both instances are registered.
     assert_eq!(

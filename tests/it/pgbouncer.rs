@@ -7,16 +7,19 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use pgcrew::agent::{AgentRuntime, register_agent};
+use pgcrew::agent::register_agent;
 use pgcrew::coord::instance::{self, InstanceInfo};
 use pgcrew::db::pgbouncer::PoolMode;
 use pgcrew::db::{Db, PoolOptions, StatementMode, TempPgBouncer};
 use pgcrew::queue::{self, Ack, AckOutcome, NewTask, TaskState};
 use pgcrew::runs::{self, NewEvent, NewRun, RunOutcome, RunState};
-use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId, Kernel, TenantId, ToolRegistry};
+use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId, TenantId, ToolRegistry};
 use serde_json::json;
 
-use crate::common::{TestDb, eventually, pgcrew_bin, test_db};
+use crate::common::{
+    TestDb, agent_runtime, eventually, fast_config, next_run_state_change, pgcrew_bin, submit_run,
+    test_db,
+};
 
 /// A migrated test database and a PgBouncer (transaction mode) in front of its server.
 struct Bounced {
@@ -333,7 +336,7 @@ async fn runs_ledger_verify_and_terminal_transitions_through_pgbouncer() {
 async fn kernel_model_and_tool_steps_through_pgbouncer() {
     let Some(b) = bounced().await else { return };
     let db = unnamed_db(&b.through(), 8).await;
-    let tenant = crate::kernel::tenant(&db, "acme", &[], Some(10.0)).await;
+    let tenant = crate::common::tenant(&db, "acme", &[], Some(10.0)).await;
     let server = crate::kernel::weather_mock().await;
     server.hang.store(false, Ordering::SeqCst);
     let body_runs = Arc::new(AtomicU64::new(0));
@@ -343,15 +346,13 @@ async fn kernel_model_and_tool_steps_through_pgbouncer() {
     register_agent(&db, &crate::kernel::weather_agent())
         .await
         .unwrap();
-    let rt = AgentRuntime::new(
-        Kernel::new(db.clone(), crate::kernel::openai(&server)).with_tools(tools),
+    let rt = agent_runtime(
+        &db,
+        crate::kernel::openai(&server),
+        tools,
         "bounced-instance",
     );
-    let session = rt.new_session(&tenant, "u").await.unwrap();
-    let run = rt
-        .submit("forecaster", session.id, "weather in Oslo?")
-        .await
-        .unwrap();
+    let run = submit_run(&rt, &tenant, "u", "forecaster", "weather in Oslo?").await;
     let done = rt.execute(run, None).await.unwrap();
     assert_eq!(done.state, RunState::Completed);
     assert_eq!(done.response_text.as_deref(), Some("It is sunny in Oslo."));
@@ -372,12 +373,7 @@ async fn kernel_model_and_tool_steps_through_pgbouncer() {
 #[tokio::test]
 async fn client_pool_through_pgbouncer_listen_direct() {
     let Some(b) = bounced().await else { return };
-    let config = ClientConfig::builder()
-        .instance_id(InstanceId::new("bounced").unwrap())
-        .heartbeat_interval(Duration::from_millis(200))
-        .instance_ttl(Duration::from_secs(2))
-        .leader_ttl(Duration::from_secs(1))
-        .maintenance_interval(Duration::from_millis(200))
+    let config = fast_config("bounced")
         .notify_poll_interval(Duration::from_secs(30))
         .pool_size(4)
         .statements(StatementMode::Unnamed)
@@ -400,17 +396,14 @@ async fn client_pool_through_pgbouncer_listen_direct() {
     let run = runs::create_run(client.db(), NewRun::new(TenantId::new("default").unwrap()))
         .await
         .unwrap();
-    loop {
-        let ev = tokio::time::timeout(Duration::from_secs(10), sub.recv())
-            .await
-            .expect("notification within 10 s")
-            .unwrap();
-        if let pgcrew::Event::RunStateChanged { run_id } = ev
-            && run_id == run
-        {
-            break;
-        }
-    }
+    while next_run_state_change(
+        &mut sub,
+        Duration::from_secs(10),
+        "notification within 10 s",
+    )
+    .await
+        != run
+    {}
     let e = client.enqueue(&task("via-client")).await.unwrap();
     assert_eq!(e.state, TaskState::Available);
     // Heartbeats keep the instance listed; it is the leader.

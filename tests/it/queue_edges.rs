@@ -8,66 +8,26 @@ use std::time::Duration;
 
 use pgcrew::queue::{self, Ack, AckOutcome, NewTask, RetryPolicy, TaskOutcome, TaskState};
 use pgcrew::queue::{WorkerPool, WorkerPoolBuilder};
-use pgcrew::{Client, ClientConfig, Error, InstanceId, TenantId};
+use pgcrew::{Client, ClientConfig, Error};
 
-use crate::common::{TestDb, eventually, pgcrew_bin, test_db};
+use crate::common::{
+    TestDb, create_tenant, eventually, fast_config, first_column, pgcrew_bin, register_instance,
+    scalar, start_client, task, test_db,
+};
 
+/// [`fast_config`] with a 2 s task heartbeat timeout, eight connections and leader election
+/// on or off.
 fn config(id: &str, leader: bool) -> ClientConfig {
-    let mut c = ClientConfig::builder()
-        .instance_id(InstanceId::new(id).unwrap())
-        .heartbeat_interval(Duration::from_millis(200))
-        .instance_ttl(Duration::from_secs(2))
-        .leader_ttl(Duration::from_secs(1))
-        .maintenance_interval(Duration::from_millis(200))
-        .notify_poll_interval(Duration::from_secs(1))
+    fast_config(id)
         .task_heartbeat_timeout(Duration::from_secs(2))
         .pool_size(8)
+        .leader_election(leader)
         .build()
-        .unwrap();
-    c.leader_election = leader;
-    c
+        .unwrap()
 }
 
 async fn start(t: &TestDb, id: &str, pool: Arc<WorkerPool>, leader: bool) -> Client {
-    let c = Client::builder(t.dsn())
-        .config(config(id, leader))
-        .service(pool)
-        .build()
-        .await
-        .unwrap();
-    c.start().await.unwrap();
-    c
-}
-
-async fn scalar(t: &TestDb, sql: &str) -> i64 {
-    let conn = t.db.get().await.unwrap();
-    conn.query_one(sql, &[]).await.unwrap().get(0)
-}
-
-async fn register(t: &TestDb, id: &str) -> InstanceId {
-    let conn = t.db.get().await.unwrap();
-    conn.execute(
-        "INSERT INTO pgcrew.instances (id, hostname, pid, version) VALUES ($1, 'test', 1, 'test')",
-        &[&id],
-    )
-    .await
-    .unwrap();
-    InstanceId::new(id).unwrap()
-}
-
-async fn create_tenant(t: &TestDb, id: &str, limit: Option<i32>) -> TenantId {
-    let conn = t.db.get().await.unwrap();
-    conn.execute(
-        "INSERT INTO pgcrew.tenants (id, max_concurrent_tasks) VALUES ($1, $2)",
-        &[&id, &limit],
-    )
-    .await
-    .unwrap();
-    TenantId::new(id).unwrap()
-}
-
-fn task(kind: &str) -> NewTask {
-    NewTask::new(kind, &serde_json::json!({})).unwrap()
+    start_client(t.dsn(), config(id, leader), Some(pool)).await
 }
 
 fn qs(names: &[&str]) -> Vec<String> {
@@ -242,13 +202,8 @@ async fn a_refused_batch_is_split_and_the_rest_applied() {
     assert_eq!(dups, 0);
     assert_eq!(metrics.snapshot().rejected_acks, 1);
     // The refused task is still running (the rescue will give it back), nothing else is.
-    let running: Vec<i64> = conn
-        .query("SELECT id FROM pgcrew.tasks WHERE state = 'running'", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let running: Vec<i64> =
+        first_column(&conn, "SELECT id FROM pgcrew.tasks WHERE state = 'running'").await;
     assert_eq!(running, vec![bad.0]);
     client.stop().await.unwrap();
 }
@@ -258,7 +213,7 @@ async fn a_refused_batch_is_split_and_the_rest_applied() {
 #[tokio::test]
 async fn ack_clamps_delays_and_sanitises_error_text() {
     let t = test_db().await;
-    let me = register(&t, "acker").await;
+    let me = register_instance(&t, "acker").await;
     let conn = t.db.get().await.unwrap();
     let tasks: Vec<NewTask> = (0..5).map(|_| task("k").max_attempts(5)).collect();
     queue::enqueue_many(&**conn, &tasks).await.unwrap();
@@ -317,7 +272,7 @@ async fn ack_clamps_delays_and_sanitises_error_text() {
 #[tokio::test]
 async fn sql_ack_tasks_clamps_and_validates() {
     let t = test_db().await;
-    let me = register(&t, "sqlacker").await;
+    let me = register_instance(&t, "sqlacker").await;
     let conn = t.db.get().await.unwrap();
     let tasks: Vec<NewTask> = (0..3).map(|_| task("k")).collect();
     queue::enqueue_many(&**conn, &tasks).await.unwrap();
@@ -388,7 +343,7 @@ async fn sql_ack_tasks_clamps_and_validates() {
 #[tokio::test]
 async fn error_history_is_bounded() {
     let t = test_db().await;
-    let me = register(&t, "failer").await;
+    let me = register_instance(&t, "failer").await;
     let conn = t.db.get().await.unwrap();
     let id = queue::enqueue(&**conn, &task("k").max_attempts(1000))
         .await
@@ -432,7 +387,7 @@ async fn error_history_is_bounded() {
 #[tokio::test]
 async fn multi_queue_claims_hold_tenant_and_queue_limits() {
     let t = test_db().await;
-    let me = register(&t, "w1").await;
+    let me = register_instance(&t, "w1").await;
     let one = create_tenant(&t, "one", Some(1)).await;
     let conn = t.db.get().await.unwrap();
     for q in ["qa", "qb"] {
@@ -492,7 +447,7 @@ type Books = HashMap<(String, Option<String>), i64>;
 async fn limit_property(seed: u64) {
     let mut rng = fastrand::Rng::with_seed(seed);
     let t = test_db().await;
-    let me = register(&t, "prop").await;
+    let me = register_instance(&t, "prop").await;
     let queues = ["qa", "qb", "qc"];
     let mut tenant_limits: HashMap<String, i64> = HashMap::new();
     let mut queue_limits: HashMap<(String, String), i64> = HashMap::new();
@@ -680,7 +635,7 @@ async fn limit_property(seed: u64) {
 #[tokio::test]
 async fn retried_dependant_waits_for_its_parent() {
     let t = test_db().await;
-    let me = register(&t, "deps").await;
+    let me = register_instance(&t, "deps").await;
     let conn = t.db.get().await.unwrap();
     let parent = queue::enqueue(&**conn, &task("k").queue("dq"))
         .await

@@ -14,7 +14,7 @@ use pgcrew::runs::{self, NewEvent, NewRun, RunLimits, RunOutcome, SummaryContent
 use pgcrew::{ClientConfig, Error, InstanceId, LedgerKey, RunId, TenantId};
 use serde_json::json;
 
-use crate::common::test_db;
+use crate::common::{scalar_on, test_db};
 
 const MIB: usize = 1 << 20;
 
@@ -30,6 +30,16 @@ async fn new_run(db: &Db) -> RunId {
 
 fn sqlstate(e: &tokio_postgres::Error) -> String {
     e.code().map(|c| c.code().to_string()).unwrap_or_default()
+}
+
+/// Executing `sql` with `params` on `conn` fails as oversized (SQLSTATE PC040).
+async fn refused_as_oversized(
+    conn: &tokio_postgres::Client,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) {
+    let err = conn.execute(sql, params).await.unwrap_err();
+    assert_eq!(sqlstate(&err), "PC040", "{err:?}");
 }
 
 async fn count(db: &Db, sql: &str, run: RunId) -> i64 {
@@ -112,38 +122,30 @@ async fn sql_artifacts_summaries_and_runs_refuse_oversized_values() {
     let run = new_run(&t.db).await;
     let conn = t.db.get().await.unwrap();
     let big = json!("z".repeat(MIB + 1));
-    let err = conn
-        .execute(
-            "INSERT INTO pgcrew.artifacts (run_id, key, version, value) VALUES ($1, 'k', 1, $2)",
-            &[&run, &big],
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&err), "PC040", "{err:?}");
-    let err = conn
-        .execute(
-            "INSERT INTO pgcrew.summaries (run_id, summary_type, content_text) VALUES ($1, 's', $2)",
-            &[&run, &"z".repeat(MIB + 1)],
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&err), "PC040", "{err:?}");
-    let err = conn
-        .execute(
-            "INSERT INTO pgcrew.summaries (run_id, summary_type, content_json) VALUES ($1, 's', $2)",
-            &[&run, &big],
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&err), "PC040", "{err:?}");
-    let err = conn
-        .execute(
-            "INSERT INTO pgcrew.runs (id, tenant_id, prompt) VALUES (gen_random_uuid(), 'default', $1)",
-            &[&"p".repeat(MIB + 1)],
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&err), "PC040", "{err:?}");
+    refused_as_oversized(
+        &conn,
+        "INSERT INTO pgcrew.artifacts (run_id, key, version, value) VALUES ($1, 'k', 1, $2)",
+        &[&run, &big],
+    )
+    .await;
+    refused_as_oversized(
+        &conn,
+        "INSERT INTO pgcrew.summaries (run_id, summary_type, content_text) VALUES ($1, 's', $2)",
+        &[&run, &"z".repeat(MIB + 1)],
+    )
+    .await;
+    refused_as_oversized(
+        &conn,
+        "INSERT INTO pgcrew.summaries (run_id, summary_type, content_json) VALUES ($1, 's', $2)",
+        &[&run, &big],
+    )
+    .await;
+    refused_as_oversized(
+        &conn,
+        "INSERT INTO pgcrew.runs (id, tenant_id, prompt) VALUES (gen_random_uuid(), 'default', $1)",
+        &[&"p".repeat(MIB + 1)],
+    )
+    .await;
     assert_eq!(
         count(
             &t.db,
@@ -154,14 +156,7 @@ async fn sql_artifacts_summaries_and_runs_refuse_oversized_values() {
         0
     );
     // The caps are also CHECK constraints on the tables.
-    let checks: i64 = conn
-        .query_one(
-            "SELECT count(*) FROM pg_constraint WHERE conname IN ('artifacts_value_size', 'summaries_content_size') AND contype = 'c'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let checks = scalar_on(&conn, "SELECT count(*) FROM pg_constraint WHERE conname IN ('artifacts_value_size', 'summaries_content_size') AND contype = 'c'").await;
     assert_eq!(checks, 2);
 }
 
@@ -684,11 +679,7 @@ async fn run_retention_purges_old_finished_runs_in_batches_keeping_anchors_and_c
         .unwrap()
         .get(0);
     assert_eq!(spent_after, spent_before);
-    let folded: i64 = conn
-        .query_one("SELECT sum(entries)::int8 FROM pgcrew.cost_daily", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let folded = scalar_on(&conn, "SELECT sum(entries)::int8 FROM pgcrew.cost_daily").await;
     assert_eq!(folded, 15);
     let breakdown = pgcrew::tenancy::cost_breakdown(&db, &pgcrew::tenancy::CostFilter::default())
         .await
@@ -709,14 +700,7 @@ async fn sql_run_row_rules_hold_without_check_constraints() {
     let t = test_db().await;
     let run = new_run(&t.db).await;
     let conn = t.db.get().await.unwrap();
-    let checks: i64 = conn
-        .query_one(
-            "SELECT count(*) FROM pg_constraint WHERE conrelid = 'pgcrew.runs'::regclass AND contype = 'c'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let checks = scalar_on(&conn, "SELECT count(*) FROM pg_constraint WHERE conrelid = 'pgcrew.runs'::regclass AND contype = 'c'").await;
     assert_eq!(
         checks, 0,
         "CHECK constraints on pgcrew.runs cost every ledger append"
@@ -750,28 +734,21 @@ async fn sql_run_row_rules_hold_without_check_constraints() {
         assert!(db.message().contains(constraint), "{set}: {}", db.message());
     }
     // Inserts are checked too.
-    let e = conn
-        .execute(
+    for (insert, what, constraint) in [
+        (
             "INSERT INTO pgcrew.runs (id, tenant_id, cost_usd) VALUES (gen_random_uuid(), 'default', 'NaN')",
-            &[],
-        )
-        .await
-        .expect_err("NaN insert");
-    assert_eq!(
-        e.as_db_error().unwrap().constraint(),
-        Some("runs_cost_usd_valid")
-    );
-    let e = conn
-        .execute(
+            "NaN insert",
+            "runs_cost_usd_valid",
+        ),
+        (
             "INSERT INTO pgcrew.runs (id, tenant_id, state) VALUES (gen_random_uuid(), 'default', 'bogus')",
-            &[],
-        )
-        .await
-        .expect_err("bogus state insert");
-    assert_eq!(
-        e.as_db_error().unwrap().constraint(),
-        Some("runs_state_check")
-    );
+            "bogus state insert",
+            "runs_state_check",
+        ),
+    ] {
+        let e = conn.execute(insert, &[]).await.expect_err(what);
+        assert_eq!(e.as_db_error().unwrap().constraint(), Some(constraint));
+    }
 
     // Nothing was stored, and good writes and the state machine still work.
     let row = conn

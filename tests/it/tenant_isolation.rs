@@ -11,7 +11,7 @@ use pgcrew::{InstanceId, RunId, TenantId};
 use serde_json::json;
 use tokio_postgres::Client as PgClient;
 
-use crate::common::{TestDb, pgcrew_bin, test_db};
+use crate::common::{TestDb, cli, scalar_on, test_db};
 
 /// A marker stored in every piece of acme's data: a tenant role must never read it.
 const SECRET: &str = "ACME-SECRET-7f3a";
@@ -456,14 +456,7 @@ async fn notifications_tell_a_tenant_role_nothing_about_other_tenants() {
             .unwrap();
     }
     let owner = h.owner().await;
-    let task: i64 = owner
-        .query_one(
-            "SELECT id FROM pgcrew.enqueue_task('acme-q', 'k', 'acme', NULL, 0::smallint, '{}'::jsonb, 0, NULL, 3, NULL, NULL)",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let task = scalar_on(&owner, "SELECT id FROM pgcrew.enqueue_task('acme-q', 'k', 'acme', NULL, 0::smallint, '{}'::jsonb, 0, NULL, 3, NULL, NULL)").await;
     owner
         .query(
             "SELECT * FROM pgcrew.claim_tasks(ARRAY['acme-q'], 1, 'w')",
@@ -598,18 +591,8 @@ async fn cli_grant_role_and_revoke_role() {
         .batch_execute(&format!("CREATE ROLE {role} LOGIN PASSWORD '{password}'"))
         .await
         .unwrap();
-    let cli = |args: Vec<String>| {
-        let dsn = t.dsn().to_string();
-        async move {
-            tokio::process::Command::new(pgcrew_bin())
-                .env("DATABASE_URL", dsn)
-                .arg("tenants")
-                .args(args)
-                .output()
-                .await
-                .unwrap()
-        }
-    };
+    let tenants_cli =
+        |args: Vec<String>| cli(t.dsn(), std::iter::once("tenants".to_string()).chain(args));
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
     let superuser: String = owner
         .query_one(
@@ -631,7 +614,7 @@ async fn cli_grant_role_and_revoke_role() {
         ),
         (s(&["grant-role", &superuser, "acme"]), "superuser"),
     ] {
-        let out = cli(args.clone()).await;
+        let out = tenants_cli(args.clone()).await;
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
         assert!(err.contains(says), "{args:?}: {err}");
@@ -639,33 +622,29 @@ async fn cli_grant_role_and_revoke_role() {
     }
     assert!(tenancy::list_tenant_roles(&t.db).await.unwrap().is_empty());
     // Grant: the role reads acme's rows; the CLI warns that pg_locks shows held lock keys.
-    let out = cli(s(&["grant-role", &role, "acme"])).await;
+    let out = tenants_cli(s(&["grant-role", &role, "acme"])).await;
     let err = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(0), "{err}");
     assert!(
         err.contains("REVOKE SELECT ON pg_catalog.pg_locks FROM PUBLIC"),
         "{err}"
     );
-    let out = cli(s(&["roles", "--json"])).await;
+    let out = tenants_cli(s(&["roles", "--json"])).await;
     let roles: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(roles[0]["role"], json!(role));
     assert_eq!(roles[0]["tenant_id"], json!("acme"));
     let (c, _task) = connect_as(&t.db, &role, &password).await;
-    let n: i64 = c
-        .query_one("SELECT count(*) FROM pgcrew.tenants", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let n = scalar_on(&c, "SELECT count(*) FROM pgcrew.tenants").await;
     assert_eq!(n, 1);
     // Bound to another tenant: refused until revoked.
     tenancy::upsert(&t.db, &TenantContext::new("other").unwrap())
         .await
         .unwrap();
-    let out = cli(s(&["grant-role", &role, "other"])).await;
+    let out = tenants_cli(s(&["grant-role", &role, "other"])).await;
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("already bound to tenant \"acme\""));
     // Revoke: no access at all.
-    let out = cli(s(&["revoke-role", &role])).await;
+    let out = tenants_cli(s(&["revoke-role", &role])).await;
     assert_eq!(out.status.code(), Some(0));
     let e = c
         .query_one("SELECT count(*) FROM pgcrew.tenants", &[])
@@ -687,7 +666,7 @@ fn within<T>(what: &str, r: Result<T, tokio::time::error::Elapsed>) -> T {
 #[tokio::test]
 async fn bench_rls_smoke() {
     let t = test_db().await;
-    let (v, stderr) = crate::queue::run_bench(
+    let (v, stderr) = crate::common::run_bench(
         &t,
         &["rls", "--events", "2000", "--runs", "20", "--samples", "2"],
     )
@@ -703,17 +682,14 @@ async fn bench_rls_smoke() {
         assert!(r["owner_ms"].as_f64().unwrap() > 0.0);
         assert!(r["tenant_ms"].as_f64().unwrap() > 0.0);
     }
-    crate::queue::assert_bench_database_dropped(&t, &stderr).await;
+    crate::common::assert_bench_database_dropped(&t, &stderr).await;
     // The bench's role is gone too.
     let owner = t.db.get().await.unwrap();
-    let roles: i64 = owner
-        .query_one(
-            "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'pgcrew_bench_%'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let roles = scalar_on(
+        &owner,
+        "SELECT count(*) FROM pg_roles WHERE rolname LIKE 'pgcrew_bench_%'",
+    )
+    .await;
     assert_eq!(roles, 0);
 }
 

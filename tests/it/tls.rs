@@ -10,7 +10,7 @@ use pgcrew::db::certs::{CertificateAuthority, Validity};
 use pgcrew::db::{Db, ScratchDatabase, SslMode, TempCluster, TempClusterOptions, parse_dsn};
 use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId};
 
-use crate::common::pgcrew_bin;
+use crate::common::{insert_run, next_run_state_change, pgcrew_bin};
 
 /// The role that must log in with a client certificate on the TLS cluster.
 const CERT_ROLE: &str = "tls_cert_user";
@@ -127,23 +127,14 @@ async fn verify_full_pool_sibling_and_listen_are_encrypted() {
     let mut sub = client.subscribe(&[EventKind::RunStateChanged]);
     let db = client.db().clone();
     let conn = db.get().await.unwrap();
-    let run_id = uuid::Uuid::new_v4();
-    conn.execute(
-        "INSERT INTO pgcrew.runs (id, tenant_id) VALUES ($1, 'default')",
-        &[&run_id],
+    let run_id = insert_run(&db).await;
+    let r = next_run_state_change(
+        &mut sub,
+        Duration::from_secs(10),
+        "a notification over the TLS LISTEN connection",
     )
-    .await
-    .unwrap();
-    loop {
-        let ev = tokio::time::timeout(Duration::from_secs(10), sub.recv())
-            .await
-            .expect("a notification over the TLS LISTEN connection")
-            .unwrap();
-        if let pgcrew::Event::RunStateChanged { run_id: r } = ev {
-            assert_eq!(r.0, run_id);
-            break;
-        }
-    }
+    .await;
+    assert_eq!(r.0, run_id);
     // Every backend of this database (pool, and the coordination connection that is also the
     // LISTEN connection) is encrypted.
     let rows = conn

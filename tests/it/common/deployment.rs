@@ -1,73 +1,10 @@
-//! Shared test helpers.
-
-#![allow(dead_code)]
+//! A deployment set up the way the production checklist asks (doctor tests).
 
 use std::time::Duration;
 
-use pgcrew::db::{Db, ScratchDatabase};
+use pgcrew::db::Db;
 
-/// A fresh, migrated database for one test, dropped with the returned guard.
-pub struct TestDb {
-    /// The scratch database (dropped on drop).
-    pub scratch: ScratchDatabase,
-    /// A pool on it.
-    pub db: Db,
-}
-
-impl TestDb {
-    /// The DSN of the test database.
-    pub fn dsn(&self) -> &str {
-        self.scratch.dsn()
-    }
-}
-
-/// Create a fresh migrated database.
-pub async fn test_db() -> TestDb {
-    let scratch = ScratchDatabase::for_tests()
-        .await
-        .expect("create scratch database (is PostgreSQL installed?)");
-    let db = Db::connect(scratch.dsn(), 24, Duration::from_secs(10))
-        .await
-        .expect("connect to scratch database");
-    db.migrate().await.expect("migrate");
-    TestDb { scratch, db }
-}
-
-/// Poll `f` every 20 ms until it returns true or `timeout` passes; returns whether it did.
-pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if f().await {
-            return true;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Path of the built `pgcrew` binary.
-pub fn pgcrew_bin() -> &'static str {
-    env!("CARGO_BIN_EXE_pgcrew")
-}
-
-/// A throwaway cluster of the test's own (its roles, pg_hba.conf and pg_stat_activity are the
-/// test's alone) and a DSN for its `postgres` database.
-pub async fn own_cluster(
-    options: pgcrew::db::TempClusterOptions,
-) -> (pgcrew::db::TempCluster, String) {
-    let cluster = tokio::task::spawn_blocking(move || pgcrew::db::TempCluster::start_with(options))
-        .await
-        .expect("cluster start task")
-        .expect("start a throwaway cluster (is PostgreSQL installed?)");
-    let dsn = cluster.dsn();
-    (cluster, dsn)
-}
+use super::wait_until;
 
 /// The ledger key text of [`healthy_deployment`] (also what `PGCREW_LEDGER_KEY` holds for it).
 pub const DEPLOYMENT_LEDGER_KEY: &str = "doctor-test-ledger-key-0123456789abcdef";
@@ -144,13 +81,10 @@ pub async fn healthy_deployment(dsn: &str) -> Deployment {
         client.start().await.expect("instance starts");
         clients.push(client);
     }
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            clients.iter().any(|c| c.is_leader())
-        })
-        .await,
-        "an instance leads"
-    );
+    wait_until(Duration::from_secs(10), "an instance leads", || async {
+        clients.iter().any(|c| c.is_leader())
+    })
+    .await;
     let acme = TenantId::new("acme").expect("tenant id");
     pgcrew::tenancy::upsert(
         &db,

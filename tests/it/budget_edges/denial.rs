@@ -1,0 +1,114 @@
+//! Capability denial inside an agent run.
+
+use super::*;
+
+fn charge_tool(body_runs: Arc<AtomicU64>) -> Tool {
+    Tool::builder("charge_card")
+        .description("charges a card")
+        .input_schema(json!({
+            "type": "object",
+            "properties": {"amount_cents": {"type": "integer"}},
+            "required": ["amount_cents"]
+        }))
+        .requires_capability("payments:charge")
+        .handler(move |_ctx, args| {
+            let body_runs = body_runs.clone();
+            async move {
+                body_runs.fetch_add(1, Ordering::SeqCst);
+                Ok(json!({"charged": args["amount_cents"]}))
+            }
+        })
+        .build()
+        .unwrap()
+}
+
+fn payer_script() -> Vec<ScriptedReply> {
+    vec![
+        ScriptedReply::tool_call("charge_card", json!({"amount_cents": 500})),
+        ScriptedReply::text("I could not charge the card."),
+    ]
+}
+
+#[tokio::test]
+async fn capability_denial_returned_to_the_model_when_the_agent_says_so() {
+    let t = test_db().await;
+    let acme = tenant(&t.db, "acme", &[], Some(1.0)).await;
+    let body_runs = Arc::new(AtomicU64::new(0));
+    let tools = ToolRegistry::new()
+        .with(charge_tool(body_runs.clone()))
+        .unwrap();
+    let def = AgentDef::new("lenient", "gpt-4o-mini")
+        .tool("charge_card")
+        .max_tokens(100)
+        .on_capability_denied(CapabilityDenialPolicy::ReturnToModel);
+    register_agent(&t.db, &def).await.unwrap();
+    assert_eq!(
+        pgcrew::agent::get_agent(&t.db, "lenient")
+            .await
+            .unwrap()
+            .on_capability_denied,
+        CapabilityDenialPolicy::ReturnToModel
+    );
+    let model = Arc::new(ScriptedModel::by_turn(payer_script()));
+    let rt = agent_runtime(&t.db, model.clone(), tools, "i1");
+    let run = submit_run(&rt, &acme, "s", "lenient", "charge 5 USD").await;
+    let r = rt.execute(run, None).await.unwrap();
+    assert_eq!(r.state, RunState::Completed);
+    assert_eq!(
+        r.response_text.as_deref(),
+        Some("I could not charge the card.")
+    );
+    assert_eq!(body_runs.load(Ordering::SeqCst), 0, "the tool did not run");
+    // The model saw the denial as the tool's result.
+    let last = model.requests().pop().unwrap();
+    let tool_text = last
+        .messages
+        .iter()
+        .find(|m| m.role() == "tool")
+        .map(|m| m.text().to_string())
+        .unwrap();
+    assert!(tool_text.contains("capability denied"), "{tool_text}");
+    assert!(tool_text.contains("payments:charge"), "{tool_text}");
+    let evs = events(&t.db, run).await;
+    assert_eq!(count(&evs, "capability_denied"), 1);
+    let denied = evs
+        .iter()
+        .find(|(t, _, _)| t == "capability_denied")
+        .unwrap();
+    assert_eq!(denied.2["capability"], "payments:charge");
+    assert_eq!(count(&evs, "run_completed"), 1);
+}
+
+#[tokio::test]
+async fn capability_denial_fails_the_agent_run_by_default() {
+    let t = test_db().await;
+    let acme = tenant(&t.db, "acme", &[], Some(1.0)).await;
+    let body_runs = Arc::new(AtomicU64::new(0));
+    let tools = ToolRegistry::new()
+        .with(charge_tool(body_runs.clone()))
+        .unwrap();
+    let def = AgentDef::new("payer", "gpt-4o-mini")
+        .tool("charge_card")
+        .max_tokens(100);
+    assert_eq!(def.on_capability_denied, CapabilityDenialPolicy::FailRun);
+    register_agent(&t.db, &def).await.unwrap();
+    let model = Arc::new(ScriptedModel::by_turn(payer_script()));
+    let rt = agent_runtime(&t.db, model.clone(), tools, "i1");
+    let run = submit_run(&rt, &acme, "s", "payer", "charge 5 USD").await;
+    let r = rt.execute(run, None).await.unwrap();
+    assert_eq!(r.state, RunState::Failed);
+    assert_eq!(r.error_type.as_deref(), Some("capability_denied"));
+    assert!(
+        r.error_message
+            .as_deref()
+            .unwrap_or_default()
+            .contains("payments:charge"),
+        "{:?}",
+        r.error_message
+    );
+    assert_eq!(body_runs.load(Ordering::SeqCst), 0, "the tool did not run");
+    assert_eq!(model.calls(), 1, "the model was not asked again");
+    let evs = events(&t.db, run).await;
+    assert_eq!(count(&evs, "capability_denied"), 1);
+    assert_eq!(count(&evs, "run_failed"), 1);
+}

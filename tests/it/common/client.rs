@@ -1,0 +1,50 @@
+//! Clients for tests: a fast configuration, a started client, and waiting for events.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use pgcrew::coord::client::DbSource;
+use pgcrew::queue::WorkerPool;
+use pgcrew::{Client, ClientConfig, ClientConfigBuilder, Event, InstanceId, RunId, Subscription};
+
+/// A configuration for instance `id` with timings short enough for tests: heartbeats and
+/// maintenance every 200 ms, a 2 s instance TTL, a 1 s leader lease and a 1 s fallback poll.
+/// Callers override what their test needs and call `build()`.
+pub fn fast_config(id: &str) -> ClientConfigBuilder {
+    ClientConfig::builder()
+        .instance_id(InstanceId::new(id).unwrap())
+        .heartbeat_interval(Duration::from_millis(200))
+        .instance_ttl(Duration::from_secs(2))
+        .leader_ttl(Duration::from_secs(1))
+        .maintenance_interval(Duration::from_millis(200))
+        .notify_poll_interval(Duration::from_secs(1))
+}
+
+/// A client on `source` with `config` (and the worker pool, if any), built and started.
+pub async fn start_client(
+    source: impl Into<DbSource>,
+    config: ClientConfig,
+    pool: Option<Arc<WorkerPool>>,
+) -> Client {
+    let mut b = Client::builder(source).config(config);
+    if let Some(p) = pool {
+        b = b.service(p);
+    }
+    let c = b.build().await.unwrap();
+    c.start().await.unwrap();
+    c
+}
+
+/// The run of the next `RunStateChanged` event on `sub` (other events are skipped); each
+/// receive waits at most `timeout`, and running out of it panics with `what`.
+pub async fn next_run_state_change(sub: &mut Subscription, timeout: Duration, what: &str) -> RunId {
+    loop {
+        let ev = tokio::time::timeout(timeout, sub.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{what}"))
+            .expect("notifier alive");
+        if let Event::RunStateChanged { run_id, .. } = ev {
+            return run_id;
+        }
+    }
+}

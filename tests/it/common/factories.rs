@@ -1,0 +1,118 @@
+//! Row factories: tenants, instances, tasks and run events.
+
+use std::sync::Arc;
+
+use pgcrew::runs::{self, NewEvent};
+use pgcrew::tenancy::{self, TenantContext};
+use pgcrew::{
+    AgentRuntime, Db, InstanceId, Kernel, ModelPort, NewTask, RunId, TenantId, ToolRegistry,
+};
+use serde_json::json;
+
+/// A tenant row with a concurrent-task limit (plain SQL, every other column defaulted).
+pub async fn create_tenant(db: &Db, id: &str, limit: Option<i32>) -> TenantId {
+    let conn = db.get().await.unwrap();
+    conn.execute(
+        "INSERT INTO pgcrew.tenants (id, max_concurrent_tasks) VALUES ($1, $2)",
+        &[&id, &limit],
+    )
+    .await
+    .unwrap();
+    TenantId::new(id).unwrap()
+}
+
+/// A tenant through `tenancy::upsert`, with capabilities and a budget.
+pub async fn tenant(db: &Db, id: &str, caps: &[&str], budget: Option<f64>) -> TenantId {
+    let ctx = TenantContext::new(id)
+        .unwrap()
+        .capabilities(caps.iter().copied())
+        .budget_usd(budget);
+    tenancy::upsert(db, &ctx).await.unwrap();
+    ctx.tenant_id
+}
+
+/// An instance row for `id`, as if an instance had registered (no process behind it).
+pub async fn register_instance(db: &Db, id: &str) -> InstanceId {
+    let conn = db.get().await.unwrap();
+    conn.execute(
+        "INSERT INTO pgcrew.instances (id, hostname, pid, version) VALUES ($1, 'test', 1, 'test')",
+        &[&id],
+    )
+    .await
+    .unwrap();
+    InstanceId::new(id).unwrap()
+}
+
+/// A task of `kind` with an empty JSON object as its arguments.
+pub fn task(kind: &str) -> NewTask {
+    NewTask::new(kind, &json!({})).unwrap()
+}
+
+/// Append `n` `note` events (`{"i": i, "text": "event i"}`, steps `s0`, `s1`, ...) to `run`.
+pub async fn append_notes(db: &Db, run: RunId, n: usize) {
+    for i in 0..n {
+        runs::append_event(
+            db,
+            run,
+            NewEvent::new("note", json!({"i": i, "text": format!("event {i}")}))
+                .step(format!("s{i}")),
+            None,
+        )
+        .await
+        .unwrap();
+    }
+}
+
+/// A run row of tenant `default` written with plain SQL (no ledger event): its id.
+pub async fn insert_run(db: &Db) -> uuid::Uuid {
+    let run_id = uuid::Uuid::new_v4();
+    db.get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO pgcrew.runs (id, tenant_id) VALUES ($1, 'default')",
+            &[&run_id],
+        )
+        .await
+        .unwrap();
+    run_id
+}
+
+/// An agent runtime named `owner` on a kernel with `model` and `tools`.
+pub fn agent_runtime(
+    db: &Db,
+    model: Arc<dyn ModelPort>,
+    tools: ToolRegistry,
+    owner: &str,
+) -> AgentRuntime {
+    AgentRuntime::new(Kernel::new(db.clone(), model).with_tools(tools), owner)
+}
+
+/// A new session of `user` for `tenant` on `rt`, and a run of `agent` submitted in it.
+pub async fn submit_run(
+    rt: &AgentRuntime,
+    tenant: &TenantId,
+    user: &str,
+    agent: &str,
+    prompt: &str,
+) -> RunId {
+    let session = rt.new_session(tenant, user).await.unwrap();
+    rt.submit(agent, session.id, prompt).await.unwrap()
+}
+
+/// The side-effect table of `pgcrew tasks work --record-effects`: (task id, instance id).
+pub async fn create_task_effects(db: &Db) {
+    db.get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "CREATE TABLE pgcrew_task_effects (task_id bigint NOT NULL, instance_id text NOT NULL)",
+        )
+        .await
+        .unwrap();
+}
+
+/// `n` tasks of kind `effect` on `queue`.
+pub fn effect_tasks(n: usize, queue: &str) -> Vec<NewTask> {
+    (0..n).map(|_| task("effect").queue(queue)).collect()
+}

@@ -1,0 +1,219 @@
+//! Shared test helpers: a fresh database per test, waiting for conditions, and (in the
+//! submodules) client configurations, row factories, `pgcrew` child processes and a
+//! checklist-conform deployment.
+
+#![allow(dead_code)]
+
+mod client;
+mod deployment;
+mod factories;
+mod process;
+
+use std::ops::Deref;
+use std::time::Duration;
+
+use pgcrew::RunId;
+use pgcrew::db::{Db, ScratchDatabase};
+use serde_json::Value;
+
+pub use client::{fast_config, next_run_state_change, start_client};
+pub use deployment::{DEPLOYMENT_LEDGER_KEY, Deployment, healthy_deployment};
+pub use factories::{
+    agent_runtime, append_notes, create_task_effects, create_tenant, effect_tasks, insert_run,
+    register_instance, submit_run, task, tenant,
+};
+pub use process::{
+    Serve, assert_bench_database_dropped, cli, effect_worker, pgcrew_bin, run_bench, serve,
+};
+
+/// A fresh, migrated database for one test, dropped with the returned guard.
+pub struct TestDb {
+    /// The scratch database (dropped on drop).
+    pub scratch: ScratchDatabase,
+    /// A pool on it.
+    pub db: Db,
+}
+
+impl TestDb {
+    /// The DSN of the test database.
+    pub fn dsn(&self) -> &str {
+        self.scratch.dsn()
+    }
+}
+
+/// A test database stands for its pool wherever a `&Db` is wanted.
+impl Deref for TestDb {
+    type Target = Db;
+
+    fn deref(&self) -> &Db {
+        &self.db
+    }
+}
+
+/// Create a fresh migrated database.
+pub async fn test_db() -> TestDb {
+    let scratch = ScratchDatabase::for_tests()
+        .await
+        .expect("create scratch database (is PostgreSQL installed?)");
+    let db = Db::connect(scratch.dsn(), 24, Duration::from_secs(10))
+        .await
+        .expect("connect to scratch database");
+    db.migrate().await.expect("migrate");
+    TestDb { scratch, db }
+}
+
+/// Poll `f` every 20 ms until it returns true or `timeout` passes; returns whether it did.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Poll `f` (as [`eventually`]) and panic with `what` if it is not true within `timeout`.
+#[track_caller]
+pub fn wait_until<'a, F, Fut>(
+    timeout: Duration,
+    what: &'a str,
+    f: F,
+) -> impl std::future::Future<Output = ()> + 'a
+where
+    F: FnMut() -> Fut + 'a,
+    Fut: std::future::Future<Output = bool> + 'a,
+{
+    let caller = std::panic::Location::caller();
+    async move {
+        assert!(
+            eventually(timeout, f).await,
+            "not within {timeout:?}: {what} (waited at {caller})"
+        );
+    }
+}
+
+/// The single `int8` value `sql` returns.
+pub async fn scalar(db: &Db, sql: &str) -> i64 {
+    scalar_on(&db.get().await.unwrap(), sql).await
+}
+
+/// The first column of every row `sql` returns on the connection `conn`.
+pub async fn first_column<T, C>(conn: &tokio_postgres::Client, sql: &str) -> C
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+    C: FromIterator<T>,
+{
+    conn.query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// The single `int8` value `sql` returns on the connection `conn`.
+pub async fn scalar_on(conn: &tokio_postgres::Client, sql: &str) -> i64 {
+    conn.query_one(sql, &[]).await.unwrap().get(0)
+}
+
+/// How many tasks are not completed (for [`wait_for`]).
+pub const OPEN_TASKS: &str = "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'";
+
+/// How many tasks are completed (for [`wait_for`]).
+pub const COMPLETED_TASKS: &str = "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'";
+
+/// Wait on the single `int8` value of `sql`:
+/// `wait_for(db, sql).within(timeout).until(|n| n == 0, "what it means").await`.
+pub fn wait_for<'a>(db: &'a Db, sql: &'a str) -> ScalarWait<'a> {
+    ScalarWait {
+        db,
+        sql,
+        timeout: Duration::from_secs(10),
+    }
+}
+
+/// A wait on a query's value (see [`wait_for`]).
+pub struct ScalarWait<'a> {
+    db: &'a Db,
+    sql: &'a str,
+    timeout: Duration,
+}
+
+impl ScalarWait<'_> {
+    /// How long to wait (default 10 s).
+    pub fn within(self, timeout: Duration) -> Self {
+        Self { timeout, ..self }
+    }
+
+    /// Poll (as [`eventually`]) until the value satisfies `ok`; otherwise panic with `what`,
+    /// the query and its last value.
+    #[track_caller]
+    pub fn until(
+        self,
+        ok: impl Fn(i64) -> bool,
+        what: &str,
+    ) -> impl std::future::Future<Output = ()> {
+        let caller = std::panic::Location::caller();
+        async move {
+            let last = std::cell::Cell::new(None);
+            let met = eventually(self.timeout, || async {
+                let n = scalar(self.db, self.sql).await;
+                last.set(Some(n));
+                ok(n)
+            })
+            .await;
+            assert!(
+                met,
+                "{what} (not within {:?}: `{}`, last value {:?}, waited at {caller})",
+                self.timeout,
+                self.sql,
+                last.get()
+            );
+        }
+    }
+}
+
+/// A run's ledger events as (type, step key, payload), in order.
+pub async fn ledger_events(db: &Db, run: RunId) -> Vec<(String, Option<String>, Value)> {
+    pgcrew::runs::read_events(db, run, 0, 100_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.event_type, e.step_key, e.payload))
+        .collect()
+}
+
+/// How many of `evs` (see [`ledger_events`]) are of type `ty`.
+pub fn count(evs: &[(String, Option<String>, Value)], ty: &str) -> usize {
+    evs.iter().filter(|(t, _, _)| t == ty).count()
+}
+
+/// `err` is `Error::InvalidInput` for `field`.
+#[track_caller]
+pub fn assert_invalid_input(err: &pgcrew::Error, field: &str) {
+    assert!(
+        matches!(err, pgcrew::Error::InvalidInput { field: f, .. } if *f == field),
+        "{err}"
+    );
+}
+
+/// A throwaway cluster of the test's own (its roles, pg_hba.conf and pg_stat_activity are the
+/// test's alone) and a DSN for its `postgres` database.
+pub async fn own_cluster(
+    options: pgcrew::db::TempClusterOptions,
+) -> (pgcrew::db::TempCluster, String) {
+    let cluster = tokio::task::spawn_blocking(move || pgcrew::db::TempCluster::start_with(options))
+        .await
+        .expect("cluster start task")
+        .expect("start a throwaway cluster (is PostgreSQL installed?)");
+    let dsn = cluster.dsn();
+    (cluster, dsn)
+}

@@ -1,0 +1,216 @@
+//! Issue #14 item 4: a ledger that is tamper-evident against anyone without the key.
+//!
+//! Forgeries made as the database owner (plain SQL, guard triggers bypassed the way an owner can)
+//! against both unkeyed verifiers (Rust streaming and `pgcrew.verify_run_chain`) and the keyed
+//! one (signed checkpoints), closed ledgers, v1 runs, key loading and the CLI.
+
+mod closed;
+mod findings;
+mod key;
+mod matrix;
+
+use pgcrew::db::Db;
+use pgcrew::runs::{self, ChainVerification, NewEvent, NewRun, RunOutcome, SignedVerification};
+use pgcrew::{Client, ClientConfig, Error, InstanceId, LedgerKey, RunId, TenantId};
+use serde_json::json;
+
+use crate::common::{append_notes, pgcrew_bin, test_db};
+
+const KEY: [u8; 32] = [0x5a; 32];
+
+fn key() -> LedgerKey {
+    LedgerKey::new(KEY).unwrap()
+}
+
+/// A handle that signs checkpoints every 4 appends.
+fn keyed(db: &Db) -> Db {
+    db.clone()
+        .with_ledger_key(key())
+        .with_checkpoint_interval(4)
+}
+
+fn tenant() -> TenantId {
+    TenantId::new("default").unwrap()
+}
+
+/// run_created (1), run_started (2), `n` notes (3..), then run_completed: finished and signed
+/// (checkpoints at 4 and 8 with n = 8, and the final one at 11).
+async fn finished_run(db: &Db, n: usize) -> RunId {
+    let run = running_run(db, n).await;
+    runs::complete_run(db, run, RunOutcome::default(), None)
+        .await
+        .unwrap();
+    run
+}
+
+async fn running_run(db: &Db, n: usize) -> RunId {
+    let run = runs::create_run(db, NewRun::new(tenant())).await.unwrap();
+    runs::start_run(db, run, None, None, runs::LimitPolicy::Reject)
+        .await
+        .unwrap();
+    append_notes(db, run, n).await;
+    run
+}
+
+/// Replace `to`'s ledger (events and recorded head) by a copy of `from`'s, with the guard
+/// triggers off.
+async fn copy_ledger(db: &Db, from: RunId, to: RunId) {
+    let conn = db.get().await.unwrap();
+    conn.batch_execute(&format!(
+        "BEGIN; SET LOCAL session_replication_role = replica; \
+         DELETE FROM pgcrew.events WHERE run_id = '{to}'; \
+         INSERT INTO pgcrew.events (run_id, seq, tenant_id, event_type, step_key, payload, prev_hash, hash, created_at, dedupe) \
+         SELECT '{to}', seq, tenant_id, event_type, step_key, payload, prev_hash, hash, created_at, dedupe \
+         FROM pgcrew.events WHERE run_id = '{from}'; \
+         UPDATE pgcrew.runs SET (ledger_head_seq, ledger_head_hash) = \
+         (SELECT ledger_head_seq, ledger_head_hash FROM pgcrew.runs WHERE id = '{from}') WHERE id = '{to}'; \
+         COMMIT;"
+    ))
+    .await
+    .unwrap();
+}
+
+/// Run statements as the owner with the guard triggers off (`session_replication_role = replica`:
+/// what an owner or superuser can always do). `$1` is the run.
+async fn as_owner(db: &Db, run: RunId, statements: &[&str]) {
+    let mut conn = db.get().await.unwrap();
+    let tx = conn.transaction().await.unwrap();
+    tx.batch_execute("SET LOCAL session_replication_role = replica")
+        .await
+        .unwrap();
+    for s in statements {
+        if s.contains("$1") {
+            tx.execute(*s, &[&run]).await.unwrap();
+        } else {
+            tx.batch_execute(s).await.unwrap();
+        }
+    }
+    tx.commit().await.unwrap();
+}
+
+/// Plain SQL with the guards in place; returns the SQLSTATE of the error, if any.
+async fn plain(db: &Db, run: RunId, sql: &str) -> Option<String> {
+    let conn = db.get().await.unwrap();
+    match conn.execute(sql, &[&run]).await {
+        Ok(_) => None,
+        Err(e) => Some(e.code().map(|c| c.code().to_string()).unwrap_or_default()),
+    }
+}
+
+struct Verdicts {
+    rust: ChainVerification,
+    sql: ChainVerification,
+    signed: SignedVerification,
+}
+
+async fn verdicts(db: &Db, run: RunId) -> Verdicts {
+    let rust = runs::verify_run_chain(db, run).await.unwrap();
+    let sql = runs::verify_run_chain_sql(db, run).await.unwrap();
+    let signed = runs::verify_run_chain_signed(db, run, &key())
+        .await
+        .unwrap();
+    // The two unkeyed verifiers agree, and valid means "no bad seq".
+    assert_eq!(rust.valid, sql.valid, "rust {rust:?} sql {sql:?}");
+    assert_eq!(
+        rust.first_bad_seq, sql.first_bad_seq,
+        "rust {rust:?} sql {sql:?}"
+    );
+    assert_eq!(rust.problem, sql.problem, "rust {rust:?} sql {sql:?}");
+    assert_eq!(rust.checked, sql.checked);
+    assert_eq!(rust.valid, rust.first_bad_seq.is_none());
+    assert_eq!(rust.valid, rust.problem.is_none());
+    assert!(
+        !signed.valid || rust.valid,
+        "keyed valid implies unkeyed valid"
+    );
+    assert_eq!(signed.valid, signed.problem.is_none(), "{signed:?}");
+    Verdicts { rust, sql, signed }
+}
+
+struct Row {
+    seq: i64,
+    tenant: String,
+    event_type: String,
+    step_key: Option<String>,
+    created_us: i64,
+    payload: String,
+}
+
+async fn rows(db: &Db, run: RunId) -> Vec<Row> {
+    db.get()
+        .await
+        .unwrap()
+        .query(
+            "SELECT seq, tenant_id, event_type, step_key, \
+             (extract(epoch FROM created_at) * 1000000)::int8, payload::text \
+             FROM pgcrew.events WHERE run_id = $1 ORDER BY seq",
+            &[&run],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| Row {
+            seq: r.get(0),
+            tenant: r.get(1),
+            event_type: r.get(2),
+            step_key: r.get(3),
+            created_us: r.get(4),
+            payload: r.get(5),
+        })
+        .collect()
+}
+
+/// The forger's tool: recompute every hash of `run`'s stored events with the public v2 formula
+/// and write them and the recorded head back by plain SQL as the owner.
+async fn recompute_chain(db: &Db, run: RunId) {
+    let rows = rows(db, run).await;
+    let mut conn = db.get().await.unwrap();
+    let tx = conn.transaction().await.unwrap();
+    tx.batch_execute("SET LOCAL session_replication_role = replica")
+        .await
+        .unwrap();
+    let mut prev = vec![0u8; 32];
+    for r in &rows {
+        let h = runs::event_hash_v2(
+            &prev,
+            run,
+            r.seq,
+            &r.tenant,
+            &r.event_type,
+            r.step_key.as_deref(),
+            r.created_us,
+            &r.payload,
+        );
+        tx.execute(
+            "UPDATE pgcrew.events SET prev_hash = $3, hash = $4 WHERE run_id = $1 AND seq = $2",
+            &[&run, &r.seq, &prev, &h.as_slice()],
+        )
+        .await
+        .unwrap();
+        prev = h.to_vec();
+    }
+    let last = rows.last().map_or(0, |r| r.seq);
+    tx.execute(
+        "UPDATE pgcrew.runs SET ledger_head_seq = $2, ledger_head_hash = $3 WHERE id = $1",
+        &[&run, &last, &prev],
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+}
+
+// ---------------------------------------------------------------------------------------------
+// The four findings, reproduced.
+// ---------------------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------------------
+// The forgery matrix: every attack against both unkeyed verifiers and the keyed one.
+// ---------------------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------------------
+// Closed ledgers, purge, guards, v1 runs, terminal paths.
+// ---------------------------------------------------------------------------------------------
+
+// ---------------------------------------------------------------------------------------------
+// The key: loading, and the CLI.
+// ---------------------------------------------------------------------------------------------

@@ -1,0 +1,315 @@
+//! A task's life in the table: priorities, delays, dependencies, retries and retention.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use pgcrew::queue::{self, Ack, AckOutcome, Priority, TaskState};
+use pgcrew::{ClaimToken, Client, TaskId};
+
+use super::{config, failed, q, state_of};
+use crate::common::{eventually, register_instance, scalar, task, test_db, wait_for};
+
+#[tokio::test]
+async fn priorities_are_claimed_in_order() {
+    let t = test_db().await;
+    let me = register_instance(&t, "w").await;
+    let conn = t.db.get().await.unwrap();
+    let order = [
+        Priority::Batch,
+        Priority::Low,
+        Priority::Normal,
+        Priority::High,
+        Priority::Critical,
+    ];
+    let mut by_prio = HashMap::new();
+    for p in order {
+        let e = queue::enqueue(&**conn, &task("k").priority(p))
+            .await
+            .unwrap();
+        by_prio.insert(e.id, p);
+    }
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
+        assert_eq!(c.len(), 1);
+        assert_eq!(c[0].priority, by_prio[&c[0].id]);
+        got.push(c[0].priority);
+    }
+    assert_eq!(
+        got,
+        vec![
+            Priority::Critical,
+            Priority::High,
+            Priority::Normal,
+            Priority::Low,
+            Priority::Batch
+        ]
+    );
+
+    // One claim of several tasks hands them over in execution order too.
+    for p in order {
+        queue::enqueue(&**conn, &task("k").priority(p))
+            .await
+            .unwrap();
+    }
+    let batch = queue::claim(&**conn, &q("default"), 10, &me).await.unwrap();
+    let prios: Vec<Priority> = batch.iter().map(|c| c.priority).collect();
+    assert_eq!(prios, got, "a batch is returned in priority order");
+
+    // A delayed task that has come due competes by priority with the available ones: the claim
+    // promotes it before taking any of them (the single-statement path must not claim around
+    // it).
+    let urgent = queue::enqueue(
+        &**conn,
+        &task("k")
+            .priority(Priority::Critical)
+            .delay(Duration::from_millis(300)),
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        queue::enqueue(&**conn, &task("k").priority(Priority::Batch))
+            .await
+            .unwrap();
+    }
+    let due = format!(
+        "SELECT count(*) FROM pgcrew.tasks WHERE id = {} AND run_at <= now()",
+        urgent.id.0
+    );
+    wait_for(&t, &due)
+        .within(Duration::from_secs(5))
+        .until(|n| n == 1, "the urgent task is due")
+        .await;
+    let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
+    assert_eq!(c.len(), 1);
+    assert_eq!(c[0].id, urgent.id, "the due critical task comes first");
+}
+
+#[tokio::test]
+async fn delayed_tasks_wait_for_database_time() {
+    let t = test_db().await;
+    let me = register_instance(&t, "w").await;
+    let conn = t.db.get().await.unwrap();
+    // Taken before the enqueue: the claim cannot succeed until 600 ms of database time later.
+    let before = std::time::Instant::now();
+    let e = queue::enqueue(&**conn, &task("k").delay(Duration::from_millis(600)))
+        .await
+        .unwrap();
+    assert_eq!(e.state, TaskState::Scheduled);
+    assert!(
+        queue::claim(&**conn, &q("default"), 10, &me)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let due = queue::next_due(&**conn, &q("default"))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(
+        due > Duration::from_millis(100) && due <= Duration::from_millis(600),
+        "{due:?}"
+    );
+    let mut got = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while got.is_empty() && std::time::Instant::now() < deadline {
+        got = queue::claim(&**conn, &q("default"), 10, &me).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(got[0].id, e.id);
+    assert!(before.elapsed() >= Duration::from_millis(590));
+    // The row's run_at agrees with the delay measured on the database clock.
+    let gap: f64 = conn
+        .query_one(
+            "SELECT extract(epoch FROM run_at - created_at)::float8 FROM pgcrew.tasks WHERE id = $1",
+            &[&e.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!((0.59..0.7).contains(&gap), "{gap}");
+}
+
+#[tokio::test]
+async fn dependencies_gate_availability_and_failures_cancel_dependants() {
+    let t = test_db().await;
+    let me = register_instance(&t, "w").await;
+    let conn = t.db.get().await.unwrap();
+    let a = queue::enqueue(&**conn, &task("a")).await.unwrap().id;
+    let b = queue::enqueue(&**conn, &task("b")).await.unwrap().id;
+    let child = queue::enqueue(&**conn, &task("child").depends_on([a, b]))
+        .await
+        .unwrap();
+    assert_eq!(child.state, TaskState::Scheduled);
+    let grandchild = queue::enqueue(&**conn, &task("gc").depends_on([child.id]))
+        .await
+        .unwrap();
+    let claimed = queue::claim(&**conn, &q("default"), 10, &me).await.unwrap();
+    let ids: HashSet<TaskId> = claimed.iter().map(|c| c.id).collect();
+    assert_eq!(ids, HashSet::from([a, b]));
+    let tok: HashMap<TaskId, ClaimToken> = claimed.iter().map(|c| (c.id, c.token)).collect();
+    let done = |id: TaskId| Ack {
+        id,
+        token: tok[&id],
+        outcome: AckOutcome::Complete,
+    };
+    queue::ack(&**conn, &[done(a)]).await.unwrap();
+    assert!(
+        queue::claim(&**conn, &q("default"), 10, &me)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(state_of(&t, child.id).await, TaskState::Scheduled);
+    queue::ack(&**conn, &[done(b)]).await.unwrap();
+    let next = queue::claim(&**conn, &q("default"), 10, &me).await.unwrap();
+    assert_eq!(next.len(), 1);
+    assert_eq!(next[0].id, child.id);
+    // The child is discarded: the grandchild is cancelled with a reason.
+    queue::ack(
+        &**conn,
+        &[Ack {
+            id: child.id,
+            token: next[0].token,
+            outcome: AckOutcome::Discard {
+                error: "boom".into(),
+            },
+        }],
+    )
+    .await
+    .unwrap();
+    assert_eq!(state_of(&t, child.id).await, TaskState::Discarded);
+    let gc = queue::get(&**conn, grandchild.id).await.unwrap();
+    assert_eq!(gc.state, TaskState::Cancelled);
+    assert!(gc.last_error.unwrap().contains("dependency"));
+    // A new dependant of a discarded task is cancelled at once.
+    let late = queue::enqueue(&**conn, &task("late").depends_on([child.id]))
+        .await
+        .unwrap();
+    assert_eq!(late.state, TaskState::Cancelled);
+    // Depending on a completed task: available at once.
+    let after_done = queue::enqueue(&**conn, &task("x").depends_on([a]))
+        .await
+        .unwrap();
+    assert_eq!(after_done.state, TaskState::Available);
+}
+
+#[tokio::test]
+async fn failures_back_off_then_discard_with_errors_kept_and_snooze_keeps_attempts() {
+    let t = test_db().await;
+    let me = register_instance(&t, "w").await;
+    let conn = t.db.get().await.unwrap();
+    let e = queue::enqueue(&**conn, &task("k").max_attempts(2))
+        .await
+        .unwrap();
+    let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
+    let rep = queue::ack(
+        &**conn,
+        &[failed(e.id, c[0].token, "first", Duration::from_secs(30))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(rep.applied, vec![(e.id, TaskState::Retryable)]);
+    let wait: f64 = conn
+        .query_one(
+            "SELECT extract(epoch FROM run_at - now())::float8 FROM pgcrew.tasks WHERE id = $1",
+            &[&e.id],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!((28.0..=30.0).contains(&wait), "{wait}");
+    assert!(
+        queue::claim(&**conn, &q("default"), 1, &me)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    conn.execute(
+        "UPDATE pgcrew.tasks SET run_at = now() WHERE id = $1",
+        &[&e.id],
+    )
+    .await
+    .unwrap();
+    let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
+    assert_eq!(c[0].attempt, 2);
+    // Snooze gives the attempt back.
+    queue::ack(
+        &**conn,
+        &[Ack {
+            id: e.id,
+            token: c[0].token,
+            outcome: AckOutcome::Snooze(Duration::ZERO),
+        }],
+    )
+    .await
+    .unwrap();
+    let row = queue::get(&**conn, e.id).await.unwrap();
+    assert_eq!((row.state, row.attempts), (TaskState::Scheduled, 1));
+    let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
+    assert_eq!(c[0].attempt, 2);
+    let rep = queue::ack(
+        &**conn,
+        &[failed(e.id, c[0].token, "second", Duration::from_secs(1))],
+    )
+    .await
+    .unwrap();
+    assert_eq!(rep.applied, vec![(e.id, TaskState::Discarded)]);
+    let row = queue::get(&**conn, e.id).await.unwrap();
+    let errors: Vec<String> = row
+        .errors
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["error"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(errors, vec!["first", "second"]);
+    assert!(row.finalized_at.is_some());
+}
+
+#[tokio::test]
+async fn retention_deletes_old_finished_tasks_in_batches() {
+    let t = test_db().await;
+    let mut cfg = config("keeper");
+    cfg.task_retention = Duration::from_secs(3600);
+    cfg.retention_batch_size = 2;
+    let leader = Client::builder(t.db.clone())
+        .config(cfg)
+        .build()
+        .await
+        .unwrap();
+    leader.start().await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || async { leader.is_leader() }).await);
+    let conn = t.db.get().await.unwrap();
+    let ids = queue::enqueue_many(&**conn, &(0..5).map(|_| task("k")).collect::<Vec<_>>())
+        .await
+        .unwrap();
+    conn.execute(
+        "UPDATE pgcrew.tasks SET state = 'completed', finalized_at = now() - interval '2 hours' WHERE id = ANY($1)",
+        &[&ids[..4].iter().map(|i| i.0).collect::<Vec<_>>()],
+    )
+    .await
+    .unwrap();
+    conn.execute(
+        "UPDATE pgcrew.tasks SET state = 'completed', finalized_at = now() WHERE id = $1",
+        &[&ids[4]],
+    )
+    .await
+    .unwrap();
+    // The background maintenance may run too; check the end state and the batch bound.
+    let first = leader.run_maintenance().await.unwrap();
+    assert!(first.count("task_retention") <= 2);
+    wait_for(&t, "SELECT count(*) FROM pgcrew.tasks")
+        .within(Duration::from_secs(10))
+        .until(|n| n == 1, "retention leaves only the unfinished task")
+        .await;
+    assert_eq!(
+        scalar(
+            &t,
+            "SELECT count(*) FROM pgcrew.tasks WHERE finalized_at > now() - interval '1 minute'"
+        )
+        .await,
+        1
+    );
+    leader.stop().await.unwrap();
+}

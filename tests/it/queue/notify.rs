@@ -1,0 +1,262 @@
+//! Wake-ups: which enqueues notify which waiting pools.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use pgcrew::queue::{self, TaskOutcome, WorkerPool};
+
+use super::{listen_task_available, start_client};
+use crate::common::{eventually, register_instance, task, test_db, wait_for, wait_until};
+
+#[tokio::test]
+async fn idle_pool_wakes_on_notify_and_stats_report_queues() {
+    let t = test_db().await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let pool = WorkerPool::builder()
+        .queue("fast")
+        .concurrency(2)
+        // A fallback poll far longer than the test: only NOTIFY can wake the pool.
+        .poll_interval(Duration::from_secs(60))
+        .handler("k", move |_ctx, _p: serde_json::Value| {
+            r.fetch_add(1, Ordering::SeqCst);
+            async move { Ok(TaskOutcome::Complete) }
+        })
+        .build()
+        .unwrap();
+    let client = start_client(&t, "idle", Some(pool.clone()), false).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let conn = t.db.get().await.unwrap();
+    for i in 1..=3 {
+        queue::enqueue(&**conn, &task("k").queue("fast"))
+            .await
+            .unwrap();
+        wait_until(
+            Duration::from_secs(3),
+            "idle pool did not wake on enqueue #{i}",
+            || async { runs.load(Ordering::SeqCst) == i },
+        )
+        .await;
+    }
+    queue::enqueue(&**conn, &task("k").queue("elsewhere"))
+        .await
+        .unwrap();
+    let stats = queue::stats(&**conn).await.unwrap();
+    let find = |q: &str, s: &str| {
+        stats
+            .iter()
+            .find(|r| r.queue == q && r.state == s)
+            .map(|r| r.tasks)
+    };
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            let conn = t.db.get().await.unwrap();
+            queue::stats(&**conn)
+                .await
+                .unwrap()
+                .iter()
+                .any(|r| r.queue == "fast" && r.state == "completed" && r.tasks == 3)
+        })
+        .await
+    );
+    assert_eq!(find("elsewhere", "available"), Some(1));
+    let avail = stats.iter().find(|r| r.queue == "elsewhere").unwrap();
+    assert!(avail.oldest_available_age_s.unwrap() >= 0.0);
+    let m = pool.metrics().snapshot();
+    assert_eq!(m.executed, 3);
+    assert_eq!(m.in_flight, 0);
+    client.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn saturated_pools_get_no_notifications_idle_ones_do() {
+    let t = test_db().await;
+    // Count NOTIFYs on the wake-up channel from a separate LISTEN connection.
+    let (listener, driver, mut notes) = listen_task_available(&t).await;
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let started = Arc::new(AtomicUsize::new(0));
+    let (rel, st) = (release.clone(), started.clone());
+    let pool = WorkerPool::builder()
+        .queue("busy")
+        .concurrency(1)
+        .poll_interval(Duration::from_secs(60))
+        .handler("block", move |_ctx, _p: serde_json::Value| {
+            let rel = rel.clone();
+            st.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let _permit = rel.acquire().await;
+                Ok(TaskOutcome::Complete)
+            }
+        })
+        .build()
+        .unwrap();
+    let client = start_client(&t, "saturated", Some(pool), false).await;
+    // Idle: the pool registers as a waiter, and an enqueue wakes it through NOTIFY.
+    wait_for(
+        &t,
+        "SELECT count(*) FROM pgcrew.queue_waiters WHERE queue = 'busy'",
+    )
+    .within(Duration::from_secs(3))
+    .until(|n| n == 1, "the idle pool waits on queue busy")
+    .await;
+    let conn = t.db.get().await.unwrap();
+    queue::enqueue(&**conn, &task("block").queue("busy"))
+        .await
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            started.load(Ordering::SeqCst) == 1
+        })
+        .await
+    );
+    // Saturated (its one slot is blocked): it leaves the waiters, and enqueues send no NOTIFY.
+    wait_for(&t, "SELECT count(*) FROM pgcrew.queue_waiters")
+        .within(Duration::from_secs(3))
+        .until(|n| n == 0, "the saturated pool leaves the waiters")
+        .await;
+    while tokio::time::timeout(Duration::from_millis(200), notes.recv())
+        .await
+        .is_ok()
+    {}
+    for _ in 0..20 {
+        queue::enqueue(&**conn, &task("block").queue("busy"))
+            .await
+            .unwrap();
+    }
+    let got = tokio::time::timeout(Duration::from_millis(500), notes.recv()).await;
+    assert!(
+        got.is_err(),
+        "no NOTIFY while the only pool is saturated: {got:?}"
+    );
+    // Release everything: all tasks complete (claimed by the pool as slots free up).
+    release.add_permits(100);
+    wait_for(
+        &t,
+        "SELECT count(*) FROM pgcrew.tasks WHERE queue = 'busy' AND state = 'completed'",
+    )
+    .within(Duration::from_secs(10))
+    .until(|n| n == 21, "every busy task completes")
+    .await;
+    client.stop().await.unwrap();
+    drop(listener);
+    driver.abort();
+}
+
+/// Every enqueue path wakes the pools waiting on the queues it made work available in (the
+/// NOTIFY is sent by the enqueue itself, once per queue and transaction), and nothing else:
+/// no NOTIFY for queues without a waiting pool, for delayed tasks or for unique-key duplicates.
+/// Rows written by plain SQL do not notify until `pgcrew.wake_queues` is called.
+#[tokio::test]
+async fn every_enqueue_path_notifies_waiting_queues_and_only_those() {
+    let t = test_db().await;
+    let (listener, driver, mut notes) = listen_task_available(&t).await;
+    let inst = register_instance(&t, "waiting").await;
+    let mut conn = t.db.get().await.unwrap();
+    for q in ["w1", "w2"] {
+        conn.execute(
+            "INSERT INTO pgcrew.queue_waiters (queue, pool_id, instance_id) \
+             VALUES ($1, gen_random_uuid(), $2)",
+            &[&q, &inst.as_str()],
+        )
+        .await
+        .unwrap();
+    }
+    // The queues notified since the last call, sorted.
+    let mut woken = async || {
+        let mut got = Vec::new();
+        while let Ok(Some(msg)) =
+            tokio::time::timeout(Duration::from_millis(300), notes.recv()).await
+        {
+            if let tokio_postgres::AsyncMessage::Notification(n) = msg {
+                let v: serde_json::Value = serde_json::from_str(n.payload()).unwrap();
+                got.push(v["queue"].as_str().unwrap().to_string());
+            }
+        }
+        got.sort();
+        got
+    };
+
+    queue::enqueue(&conn, &task("k").queue("w1")).await.unwrap();
+    assert_eq!(woken().await, ["w1"], "single enqueue");
+    queue::enqueue(&conn, &task("k").queue("nobody"))
+        .await
+        .unwrap();
+    queue::enqueue(&conn, &task("k").queue("w1").delay(Duration::from_secs(60)))
+        .await
+        .unwrap();
+    assert!(woken().await.is_empty(), "no waiter / delayed task");
+
+    // The PL/pgSQL path (unique key, dependencies) notifies too, but not for a duplicate.
+    let first = queue::enqueue(&conn, &task("k").queue("w2").unique_key("u"))
+        .await
+        .unwrap();
+    assert_eq!(woken().await, ["w2"], "enqueue with a unique key");
+    let dup = queue::enqueue(&conn, &task("k").queue("w2").unique_key("u"))
+        .await
+        .unwrap();
+    assert!(dup.duplicate && dup.id == first.id);
+    assert!(woken().await.is_empty(), "duplicate");
+
+    // Bulk: one NOTIFY per waiting queue with available work, ids in input order.
+    let batch = vec![
+        task("k").queue("w1"),
+        task("k").queue("nobody"),
+        task("k").queue("w2"),
+        task("k").queue("w1"),
+        task("k").queue("w1").delay(Duration::from_secs(60)),
+    ];
+    let ids = queue::enqueue_many(&conn, &batch).await.unwrap();
+    assert_eq!(ids.len(), 5);
+    assert!(ids.windows(2).all(|w| w[0].0 < w[1].0), "{ids:?}");
+    let queues: Vec<String> = {
+        let raw: Vec<i64> = ids.iter().map(|i| i.0).collect();
+        conn.query(
+            "SELECT queue FROM pgcrew.tasks WHERE id = ANY ($1) ORDER BY id",
+            &[&raw],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+    };
+    assert_eq!(queues, ["w1", "nobody", "w2", "w1", "w1"]);
+    assert_eq!(woken().await, ["w1", "w2"], "bulk enqueue");
+    let only_delayed = vec![task("k").queue("w1").delay(Duration::from_secs(60))];
+    queue::enqueue_many(&conn, &only_delayed).await.unwrap();
+    assert!(woken().await.is_empty(), "bulk of delayed tasks");
+
+    // Several enqueues in one transaction: one NOTIFY per queue, sent at commit.
+    let tx = conn.transaction().await.unwrap();
+    for _ in 0..3 {
+        queue::enqueue(&tx, &task("k").queue("w2")).await.unwrap();
+    }
+    queue::enqueue_many(&tx, &[task("k").queue("w2")])
+        .await
+        .unwrap();
+    assert!(woken().await.is_empty(), "nothing before commit");
+    tx.commit().await.unwrap();
+    assert_eq!(woken().await, ["w2"], "one per queue per transaction");
+
+    // Plain SQL writes are silent until pgcrew.wake_queues is called.
+    conn.execute(
+        "INSERT INTO pgcrew.tasks (queue, kind) VALUES ('w1', 'k'), ('w2', 'k')",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert!(woken().await.is_empty(), "plain INSERT");
+    let n: i32 = conn
+        .query_one(
+            "SELECT pgcrew.wake_queues(ARRAY['w1', 'nobody', NULL, 'w1'])",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    assert_eq!(woken().await, ["w1"], "wake_queues");
+    drop(listener);
+    driver.abort();
+}

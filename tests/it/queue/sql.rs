@@ -1,0 +1,435 @@
+//! Enqueue, claim and acknowledge at the SQL level: tokens, executors, input checks, unique
+//! keys and the fast claim's plans.
+
+use std::time::Duration;
+
+use pgcrew::queue::{self, Ack, AckOutcome, NewTask, TaskState};
+use pgcrew::{ClaimToken, Client, Error, InstanceId, TaskId, TenantId};
+
+use super::{config, q, state_of};
+use crate::common::{
+    assert_invalid_input, create_tenant, eventually, register_instance, scalar, task, test_db,
+};
+
+#[tokio::test]
+async fn claim_and_ack_with_stale_token_rejected() {
+    let t = test_db().await;
+    let me = register_instance(&t, "w1").await;
+    let conn = t.db.get().await.unwrap();
+    let e = queue::enqueue(&**conn, &task("k").queue("q1"))
+        .await
+        .unwrap();
+    assert_eq!(e.state, TaskState::Available);
+    assert!(!e.duplicate);
+    let claimed = queue::claim(&**conn, &q("q1"), 10, &me).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].id, e.id);
+    assert_eq!(claimed[0].attempt, 1);
+    assert!(
+        queue::claim(&**conn, &q("q1"), 10, &me)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // A wrong token is rejected and changes nothing.
+    let bad = Ack {
+        id: e.id,
+        token: ClaimToken::new(),
+        outcome: AckOutcome::Complete,
+    };
+    let rep = queue::ack(&**conn, std::slice::from_ref(&bad))
+        .await
+        .unwrap();
+    assert_eq!(rep.stale, vec![e.id]);
+    assert!(rep.applied.is_empty());
+    assert_eq!(state_of(&t, e.id).await, TaskState::Running);
+
+    let good = Ack {
+        id: e.id,
+        token: claimed[0].token,
+        outcome: AckOutcome::Complete,
+    };
+    let rep = queue::ack(&**conn, std::slice::from_ref(&good))
+        .await
+        .unwrap();
+    assert_eq!(rep.applied, vec![(e.id, TaskState::Completed)]);
+    // Acking again (e.g. a duplicate after a retry) is stale too.
+    let rep = queue::ack(&**conn, &[good]).await.unwrap();
+    assert_eq!(rep.stale, vec![e.id]);
+    assert_eq!(state_of(&t, e.id).await, TaskState::Completed);
+}
+
+#[tokio::test]
+async fn rescued_task_rejects_the_old_claims_ack() {
+    let t = test_db().await;
+    // Maintenance only when asked (the background pass runs hourly).
+    let mut cfg = config("leader");
+    cfg.maintenance_interval = Duration::from_secs(3600);
+    let leader = Client::builder(t.dsn()).config(cfg).build().await.unwrap();
+    leader.start().await.unwrap();
+    assert!(eventually(Duration::from_secs(5), || async { leader.is_leader() }).await);
+    let conn = t.db.get().await.unwrap();
+    let e = queue::enqueue(&**conn, &task("k")).await.unwrap();
+    // Claimed by an instance that is not registered: maintenance rescues it.
+    let ghost = InstanceId::new("ghost").unwrap();
+    let first = queue::claim(&**conn, &q("default"), 1, &ghost)
+        .await
+        .unwrap();
+    assert_eq!(first.len(), 1);
+    let report = leader.run_maintenance().await.unwrap();
+    assert!(report.count("rescue_tasks") <= 1);
+    let row = queue::get(&**conn, e.id).await.unwrap();
+    assert_eq!(row.state, TaskState::Retryable);
+    assert!(row.last_error.unwrap().contains("rescued"));
+    // Reclaimed by a live instance; the ghost's late ack is rejected, the new one applies.
+    let live = queue::claim(&**conn, &q("default"), 1, leader.instance_id())
+        .await
+        .unwrap();
+    assert_eq!(live.len(), 1);
+    assert_eq!(live[0].attempt, 2);
+    let stale = queue::ack(
+        &**conn,
+        &[Ack {
+            id: e.id,
+            token: first[0].token,
+            outcome: AckOutcome::Complete,
+        }],
+    )
+    .await
+    .unwrap();
+    assert_eq!(stale.stale, vec![e.id]);
+    assert_eq!(state_of(&t, e.id).await, TaskState::Running);
+    let ok = queue::ack(
+        &**conn,
+        &[Ack {
+            id: e.id,
+            token: live[0].token,
+            outcome: AckOutcome::Complete,
+        }],
+    )
+    .await
+    .unwrap();
+    assert_eq!(ok.applied, vec![(e.id, TaskState::Completed)]);
+
+    // A live instance whose heartbeat on a task went stale loses it too; out of attempts, the
+    // task is discarded with the reason kept.
+    let last = queue::enqueue(&**conn, &task("k").max_attempts(1))
+        .await
+        .unwrap();
+    let c = queue::claim(&**conn, &q("default"), 1, leader.instance_id())
+        .await
+        .unwrap();
+    assert_eq!(c[0].id, last.id);
+    let fresh = leader.run_maintenance().await.unwrap();
+    assert_eq!(
+        fresh.count("rescue_tasks"),
+        0,
+        "a fresh heartbeat was rescued"
+    );
+    assert_eq!(state_of(&t, last.id).await, TaskState::Running);
+    conn.execute(
+        "UPDATE pgcrew.tasks SET heartbeat_at = now() - interval '1 hour' WHERE id = $1",
+        &[&last.id],
+    )
+    .await
+    .unwrap();
+    let report = leader.run_maintenance().await.unwrap();
+    assert!(report.count("rescue_tasks") <= 1);
+    let row = queue::get(&**conn, last.id).await.unwrap();
+    assert_eq!(row.state, TaskState::Discarded);
+    assert!(row.last_error.unwrap().contains("rescued"));
+    leader.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn transactional_enqueue_rolls_back_with_the_caller() {
+    let t = test_db().await;
+    let mut conn = t.db.get().await.unwrap();
+    {
+        let tx = conn.transaction().await.unwrap();
+        queue::enqueue(&*tx, &task("k")).await.unwrap();
+        queue::enqueue_many(&*tx, &[task("k"), task("k")])
+            .await
+            .unwrap();
+        tx.rollback().await.unwrap();
+    }
+    assert_eq!(scalar(&t, "SELECT count(*) FROM pgcrew.tasks").await, 0);
+    {
+        let tx = conn.transaction().await.unwrap();
+        queue::enqueue(&*tx, &task("k")).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(scalar(&t, "SELECT count(*) FROM pgcrew.tasks").await, 1);
+}
+
+/// Every kind of `db::Executor` enqueues; pooled connections and transactions prepare each
+/// statement once per connection and reuse it; transactions still decide whether tasks exist;
+/// input errors keep their meaning on the cached path.
+#[tokio::test]
+async fn enqueue_runs_on_every_executor_and_pooled_ones_cache_the_statement() {
+    let t = test_db().await;
+    let count = |kind: &'static str| {
+        let sql = format!("SELECT count(*) FROM pgcrew.tasks WHERE kind = '{kind}'");
+        let t = &t;
+        async move { scalar(t, &sql).await }
+    };
+
+    // A plain tokio-postgres client and transaction (no cache).
+    let cfg = pgcrew::db::parse_dsn(t.dsn()).unwrap();
+    let (mut plain, driver) = cfg.connect(tokio_postgres::NoTls).await.unwrap();
+    let driver = tokio::spawn(driver);
+    queue::enqueue(&plain, &task("plain")).await.unwrap();
+    queue::enqueue_many(&plain, &[task("plain"), task("plain")])
+        .await
+        .unwrap();
+    let tx = plain.transaction().await.unwrap();
+    queue::enqueue(&tx, &task("plain_tx")).await.unwrap();
+    tx.rollback().await.unwrap();
+    let tx = plain.transaction().await.unwrap();
+    queue::enqueue(&tx, &task("plain_tx")).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(count("plain").await, 3);
+    assert_eq!(count("plain_tx").await, 1);
+    drop(plain);
+    let _ = driver.await;
+
+    // A pooled connection: one cached statement per distinct SQL, reused on later calls.
+    let mut conn = t.db.get().await.unwrap();
+    conn.statement_cache.clear();
+    queue::enqueue(&conn, &task("pooled")).await.unwrap();
+    assert_eq!(conn.statement_cache.size(), 1, "simple enqueue is cached");
+    queue::enqueue(&conn, &task("pooled")).await.unwrap();
+    queue::enqueue(&*conn, &task("pooled")).await.unwrap();
+    assert_eq!(
+        conn.statement_cache.size(),
+        1,
+        "the same statement is reused"
+    );
+    let keyed = task("pooled").unique_key("k1");
+    let first = queue::enqueue(&conn, &keyed).await.unwrap();
+    let again = queue::enqueue(&conn, &keyed).await.unwrap();
+    assert!(!first.duplicate && again.duplicate && again.id == first.id);
+    assert_eq!(
+        conn.statement_cache.size(),
+        2,
+        "the unique-key statement is cached too"
+    );
+    queue::enqueue_many(&conn, &[task("pooled"), task("pooled")])
+        .await
+        .unwrap();
+    assert_eq!(conn.statement_cache.size(), 3);
+    assert_eq!(count("pooled").await, 6);
+
+    // Errors on the cached path are the same actionable input errors.
+    let err = queue::enqueue(
+        &conn,
+        &task("pooled").tenant(TenantId::new("nobody").unwrap()),
+    )
+    .await
+    .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidInput { field, message } if *field == "tenant" && message.contains("nobody")),
+        "{err}"
+    );
+    let err = queue::enqueue(&conn, &task("pooled").depends_on([TaskId(i64::MAX)]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidInput { field, .. } if *field == "depends_on"),
+        "{err}"
+    );
+    // The connection is still usable after those errors.
+    queue::enqueue(&conn, &task("pooled")).await.unwrap();
+    assert_eq!(count("pooled").await, 7);
+
+    // A pooled transaction: cached on its connection, and rolled back means no task.
+    let before = conn.statement_cache.size();
+    {
+        let tx = conn.transaction().await.unwrap();
+        queue::enqueue(&tx, &task("pooled_tx")).await.unwrap();
+        queue::enqueue_many(&tx, &[task("pooled_tx")])
+            .await
+            .unwrap();
+        tx.rollback().await.unwrap();
+    }
+    assert_eq!(count("pooled_tx").await, 0);
+    {
+        let tx = conn.transaction().await.unwrap();
+        queue::enqueue(&tx, &task("pooled_tx")).await.unwrap();
+        tx.commit().await.unwrap();
+    }
+    assert_eq!(count("pooled_tx").await, 1);
+    assert_eq!(
+        conn.statement_cache.size(),
+        before,
+        "the transaction reused the cache"
+    );
+    drop(conn);
+
+    // The Client's own entry points.
+    let client = Client::builder(t.db.clone())
+        .config(config("exec-client"))
+        .build()
+        .await
+        .unwrap();
+    let e = client.enqueue(&task("via_client")).await.unwrap();
+    assert_eq!(e.state, TaskState::Available);
+    let ids = client
+        .enqueue_many(&[task("via_client"), task("via_client")])
+        .await
+        .unwrap();
+    assert_eq!(ids.len(), 2);
+    assert_eq!(count("via_client").await, 3);
+}
+
+#[tokio::test]
+async fn invalid_input_is_rejected_and_nothing_is_stored() {
+    let t = test_db().await;
+    let conn = t.db.get().await.unwrap();
+    let big = NewTask::new("k", &"x".repeat(queue::MAX_PAYLOAD_BYTES + 10)).unwrap();
+    let err = queue::enqueue(&**conn, &big).await.unwrap_err();
+    assert_invalid_input(&err, "payload");
+    assert!(err.to_string().contains("at most"), "{err}");
+    let err = queue::enqueue_many(&**conn, &[task("k"), big])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("task #1"), "{err}");
+    let err = queue::enqueue(&**conn, &task("k").depends_on([TaskId(424242)]))
+        .await
+        .unwrap_err();
+    assert_invalid_input(&err, "depends_on");
+    assert!(err.to_string().contains("424242"), "{err}");
+    let err = queue::enqueue(&**conn, &task("k").tenant(TenantId::new("nobody").unwrap()))
+        .await
+        .unwrap_err();
+    assert_invalid_input(&err, "tenant");
+    let err = queue::enqueue_many(
+        &**conn,
+        &[
+            task("k"),
+            task("k").tenant(TenantId::new("nobody").unwrap()),
+        ],
+    )
+    .await
+    .unwrap_err();
+    assert_invalid_input(&err, "tenant");
+    assert_eq!(scalar(&t, "SELECT count(*) FROM pgcrew.tasks").await, 0);
+    // A tenant with tasks cannot be deleted from under them.
+    let gone = create_tenant(&t, "gone", None).await;
+    queue::enqueue(&**conn, &task("k").tenant(gone))
+        .await
+        .unwrap();
+    let del = conn
+        .execute("DELETE FROM pgcrew.tenants WHERE id = 'gone'", &[])
+        .await
+        .unwrap_err();
+    assert_eq!(del.code().map(|c| c.code()), Some("23503"), "{del}");
+}
+
+#[tokio::test]
+async fn unique_keys_dedupe_among_unfinished_tasks() {
+    let t = test_db().await;
+    let me = register_instance(&t, "w").await;
+    let conn = t.db.get().await.unwrap();
+    let a = queue::enqueue(&**conn, &task("k").unique_key("u1"))
+        .await
+        .unwrap();
+    let b = queue::enqueue(&**conn, &task("k").unique_key("u1"))
+        .await
+        .unwrap();
+    assert!(!a.duplicate);
+    assert!(b.duplicate);
+    assert_eq!(a.id, b.id);
+    // Other tenant or other queue: not a duplicate.
+    let other = create_tenant(&t, "other", None).await;
+    let c = queue::enqueue(&**conn, &task("k").unique_key("u1").tenant(other))
+        .await
+        .unwrap();
+    assert!(!c.duplicate);
+    // Bulk: duplicates (with existing rows and within the batch) are skipped.
+    let ids = queue::enqueue_many(
+        &**conn,
+        &[
+            task("k").unique_key("u1"),
+            task("k").unique_key("u2"),
+            task("k").unique_key("u2"),
+        ],
+    )
+    .await
+    .unwrap();
+    assert_eq!(ids.len(), 1);
+    // Once the task is finished, the key is free again.
+    let claimed = queue::claim(&**conn, &q("default"), 10, &me).await.unwrap();
+    let acks: Vec<Ack> = claimed
+        .iter()
+        .map(|c| c.ack(AckOutcome::Complete))
+        .collect();
+    queue::ack(&**conn, &acks).await.unwrap();
+    let d = queue::enqueue(&**conn, &task("k").unique_key("u1"))
+        .await
+        .unwrap();
+    assert!(!d.duplicate);
+    assert_ne!(d.id, a.id);
+}
+
+/// The fast claim's probes of the tasks table (another tenant with work? a due delayed task?)
+/// stay on their indexes whatever the statistics say. With two tenants' rows in the statistics
+/// an EXISTS probe was planned as a sequential scan, which reads the whole heap when the other
+/// tenant's rows sit at its end: every idle wake-up of a multi-tenant queue paid for it.
+#[tokio::test]
+async fn fast_claim_probes_stay_on_indexes_whatever_the_statistics() {
+    let t = test_db().await;
+    create_tenant(&t, "a", None).await;
+    create_tenant(&t, "b", None).await;
+    let conn = t.db.get().await.unwrap();
+    // Tenant a's available tasks fill the heap first, then b's; many delayed tasks are not due.
+    conn.batch_execute(
+        "INSERT INTO pgcrew.tasks (queue, kind, tenant_id) \
+           SELECT 'default', 'k', 'a' FROM generate_series(1, 20000); \
+         INSERT INTO pgcrew.tasks (queue, kind, tenant_id, state, run_at) \
+           SELECT 'default', 'k', 'a', 'scheduled', now() + interval '1 day' \
+             FROM generate_series(1, 20000); \
+         INSERT INTO pgcrew.tasks (queue, kind, tenant_id) \
+           SELECT 'default', 'k', 'b' FROM generate_series(1, 20000); \
+         ANALYZE pgcrew.tasks",
+    )
+    .await
+    .unwrap();
+    let claim_fast = include_str!("../../../sql/queries/queue/claim_fast.sql");
+    for mode in ["force_generic_plan", "force_custom_plan"] {
+        conn.batch_execute(&format!(
+            "SET plan_cache_mode = {mode}; \
+             PREPARE fast_probe(text, integer, text, uuid) AS {claim_fast}"
+        ))
+        .await
+        .unwrap();
+        let plan: Vec<String> = conn
+            .query(
+                "EXPLAIN EXECUTE fast_probe('default', 10, 'w', gen_random_uuid())",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, String>(0))
+            .collect();
+        let plan = plan.join("\n");
+        assert!(
+            !plan.contains("Seq Scan on tasks"),
+            "{mode}: the fast claim scans the tasks table sequentially:\n{plan}"
+        );
+        conn.batch_execute("DEALLOCATE fast_probe; RESET plan_cache_mode")
+            .await
+            .unwrap();
+    }
+    // And it does what it is for: two tenants with work, so it claims nothing (the general
+    // path shares the batch).
+    let me = register_instance(&t, "w").await;
+    let token = uuid::Uuid::new_v4();
+    let rows = conn
+        .query(claim_fast, &[&"default", &10i32, &me.as_str(), &token])
+        .await
+        .unwrap();
+    assert!(rows.is_empty());
+}
