@@ -10,10 +10,10 @@ use pgcrew::db::{Executor, sql_type_of};
 use pgcrew::queue::{self, NewTask, Priority, TaskOutcome, TaskState, WorkerPool};
 use pgcrew::{Client, ClientConfig, Error, InstanceId, Result, TaskId, TenantId};
 
-use crate::output::{JsonFlag, connect, print_json, print_table, require_dsn};
+use crate::output::{JsonFlag, connect, print_json, print_rows, require_dsn};
 
 /// Records one execution of a task (used by `pgcrew tasks work --record-effects`).
-const RECORD_EFFECT: &str = include_str!("../../../sql/queries/queue/record_effect.sql");
+const RECORD_EFFECT: &str = pgcrew::sql!("queue/record_effect");
 
 fn duration_arg(s: &str) -> std::result::Result<Duration, String> {
     parse_duration(s).map_err(|e| e.to_string())
@@ -167,26 +167,17 @@ async fn stats(dsn: Option<String>, json: bool) -> Result<ExitCode> {
     let db = connect(dsn).await?;
     let conn = db.get().await?;
     let rows = queue::stats(&**conn).await?;
-    if json {
-        print_json(&rows)?;
-    } else if rows.is_empty() {
-        println!("no tasks");
-    } else {
-        let table: Vec<Vec<String>> = rows
-            .iter()
-            .map(|r| {
-                vec![
-                    r.queue.clone(),
-                    r.state.clone(),
-                    r.tasks.to_string(),
-                    r.oldest_available_age_s
-                        .map(|s| format!("{s:.3}s"))
-                        .unwrap_or_default(),
-                ]
-            })
-            .collect();
-        print_table(&["QUEUE", "STATE", "TASKS", "OLDEST AVAILABLE"], &table);
-    }
+    let headers = ["QUEUE", "STATE", "TASKS", "OLDEST AVAILABLE"];
+    print_rows(json, &rows, Some("no tasks"), &headers, |r| {
+        vec![
+            r.queue.clone(),
+            r.state.clone(),
+            r.tasks.to_string(),
+            r.oldest_available_age_s
+                .map(|s| format!("{s:.3}s"))
+                .unwrap_or_default(),
+        ]
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -200,40 +191,28 @@ async fn list(dsn: Option<String>, a: ListArgs) -> Result<ExitCode> {
     let db = connect(dsn).await?;
     let conn = db.get().await?;
     let rows = queue::list(&**conn, state, a.queue.as_deref(), tenant.as_ref(), a.limit).await?;
-    if a.json {
-        print_json(&rows)?;
-    } else if rows.is_empty() {
-        println!("no tasks");
-    } else {
-        let table: Vec<Vec<String>> = rows
-            .iter()
-            .map(|r| {
-                vec![
-                    r.id.to_string(),
-                    r.queue.clone(),
-                    r.kind.clone(),
-                    r.tenant_id.clone(),
-                    r.state.to_string(),
-                    format!("{}/{}", r.attempts, r.max_attempts),
-                    r.run_at.to_rfc3339(),
-                    r.last_error.clone().unwrap_or_default(),
-                ]
-            })
-            .collect();
-        print_table(
-            &[
-                "ID",
-                "QUEUE",
-                "KIND",
-                "TENANT",
-                "STATE",
-                "ATTEMPTS",
-                "RUN AT",
-                "LAST ERROR",
-            ],
-            &table,
-        );
-    }
+    let headers = [
+        "ID",
+        "QUEUE",
+        "KIND",
+        "TENANT",
+        "STATE",
+        "ATTEMPTS",
+        "RUN AT",
+        "LAST ERROR",
+    ];
+    print_rows(a.json, &rows, Some("no tasks"), &headers, |r| {
+        vec![
+            r.id.to_string(),
+            r.queue.clone(),
+            r.kind.clone(),
+            r.tenant_id.clone(),
+            r.state.to_string(),
+            format!("{}/{}", r.attempts, r.max_attempts),
+            r.run_at.to_rfc3339(),
+            r.last_error.clone().unwrap_or_default(),
+        ]
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

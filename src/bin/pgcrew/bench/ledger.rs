@@ -400,29 +400,17 @@ async fn raw_append(db: &Db, run: RunId, i: u64) -> Result<()> {
 }
 
 fn sql_v1_run() -> &'static str {
-    include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/sql/queries/runs/bench_v1_run.sql"
-    ))
+    pgcrew::sql!("bench/runs_v1_run")
 }
 
 fn sql_lock() -> &'static str {
-    include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/sql/queries/runs/bench_raw_lock.sql"
-    ))
+    pgcrew::sql!("bench/runs_raw_lock")
 }
 
 fn sql_last() -> &'static str {
-    include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/sql/queries/runs/bench_raw_last.sql"
-    ))
+    pgcrew::sql!("bench/runs_raw_last")
 }
 
 fn sql_insert() -> &'static str {
-    include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/sql/queries/runs/bench_raw_insert.sql"
-    ))
+    pgcrew::sql!("bench/runs_raw_insert")
 }

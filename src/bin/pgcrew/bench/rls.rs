@@ -85,7 +85,7 @@ async fn bench(dsn: &str, args: &RlsBenchArgs) -> Result<Report> {
     let owner = db.get().await?;
     owner
         .execute(
-            pgcrew_query!("tenancy/bench_rls_seed"),
+            pgcrew::sql!("bench/tenancy_rls_seed"),
             &[&args.runs, &args.events],
         )
         .await?;
@@ -145,7 +145,7 @@ async fn measure(
     samples: usize,
 ) -> Result<Vec<ReadFigure>> {
     let run: uuid::Uuid = owner
-        .query_one(pgcrew_query!("tenancy/bench_rls_run_of"), &[])
+        .query_one(pgcrew::sql!("bench/tenancy_rls_run_of"), &[])
         .await?
         .get(0);
     let t = tenant.as_str();
@@ -156,17 +156,17 @@ async fn measure(
     ); 3] = [
         (
             "one run's ledger",
-            pgcrew_query!("tenancy/bench_rls_ledger"),
+            pgcrew::sql!("bench/tenancy_rls_ledger"),
             vec![&run, &t],
         ),
         (
             "a tenant's 100 newest events",
-            pgcrew_query!("tenancy/bench_rls_recent"),
+            pgcrew::sql!("bench/tenancy_rls_recent"),
             vec![&t],
         ),
         (
             "all of a tenant's events",
-            pgcrew_query!("tenancy/bench_rls_scan"),
+            pgcrew::sql!("bench/tenancy_rls_scan"),
             vec![&t],
         ),
     ];

@@ -9,7 +9,7 @@ use clap::Args;
 use pgcrew::Result;
 use serde::Serialize;
 
-use crate::bench_queue::{QueueBenchArgs, bench, check_args};
+use crate::bench::queue::{QueueBenchArgs, bench, check_args};
 
 /// Arguments of `pgcrew bench budget`.
 #[derive(Debug, Args)]
@@ -62,7 +62,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     crate::bench::percentile_ms(&v, 0.5)
 }
 
-fn side(runs: &[crate::bench_queue::Report]) -> Side {
+fn side(runs: &[crate::bench::queue::Report]) -> Side {
     let per_sec: Vec<f64> = runs.iter().map(|r| r.processed_per_sec).collect();
     Side {
         connections_per_instance: runs.first().map_or(0, |r| r.connections_per_instance),

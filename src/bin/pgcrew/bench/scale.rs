@@ -145,8 +145,7 @@ async fn bench(dsn: &str, args: &ScaleBenchArgs) -> Result<Report> {
 
     eprintln!("[4/4] fairness: one task of tenant late behind the backlog ...");
     let late = TenantId::new("late")?;
-    let tenants_with_work =
-        scalar(&conn, pgcrew_query!("queue/bench_tenants_with_work")).await? + 1;
+    let tenants_with_work = scalar(&conn, pgcrew::sql!("bench/queue_tenants_with_work")).await? + 1;
     let fair_claims_batch = claims_until_served(&conn, &me, &late, args.batch).await?;
     let fair_claims_single = claims_until_served(&conn, &me, &late, 1).await?;
     drop(conn);
@@ -171,9 +170,9 @@ async fn bench(dsn: &str, args: &ScaleBenchArgs) -> Result<Report> {
 async fn seed(conn: &Conn, n: u64, state: &str) -> Result<f64> {
     let n = i64::try_from(n).map_err(|_| Error::invalid("bench", "too many tasks to seed"))?;
     let t0 = Instant::now();
-    conn.execute(pgcrew_query!("queue/bench_seed"), &[&n, &"big", &state])
+    conn.execute(pgcrew::sql!("bench/queue_seed"), &[&n, &"big", &state])
         .await?;
-    conn.batch_execute(pgcrew_query!("queue/bench_vacuum"))
+    conn.batch_execute(pgcrew::sql!("bench/queue_vacuum"))
         .await?;
     Ok(t0.elapsed().as_secs_f64())
 }
@@ -197,8 +196,8 @@ async fn phase(conn: &Conn, me: &InstanceId, args: &ScaleBenchArgs) -> Result<Ph
     for chunk in tasks.chunks(5_000) {
         queue::enqueue_many(conn, chunk).await?;
     }
-    let table_rows = scalar(conn, pgcrew_query!("queue/bench_table_rows")).await?;
-    let available = scalar(conn, pgcrew_query!("queue/bench_available")).await?;
+    let table_rows = scalar(conn, pgcrew::sql!("bench/queue_table_rows")).await?;
+    let available = scalar(conn, pgcrew::sql!("bench/queue_available")).await?;
     let queues = vec!["default".to_string()];
     let limit = i32::try_from(args.batch).unwrap_or(i32::MAX);
     let mut claims = Vec::with_capacity(args.samples);
