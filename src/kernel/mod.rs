@@ -105,6 +105,17 @@ pub(crate) struct StepEvent {
     pub(crate) payload: Value,
 }
 
+impl StepEvent {
+    /// The payload's text field `field` (empty when absent or not text).
+    pub(crate) fn text(&self, field: &str) -> String {
+        self.payload
+            .get(field)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
 /// The durable kernel (see the [module docs](self)). Cheap to clone.
 #[derive(Clone)]
 pub struct Kernel {

@@ -140,12 +140,7 @@ impl Kernel {
         policy: ReplayPolicy,
     ) -> Result<ModelStep> {
         let fingerprint = &prepared.fingerprint;
-        let recorded_fp = done
-            .payload
-            .get("fingerprint")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
+        let recorded_fp = done.text("fingerprint");
         let response: ModelResponse =
             serde_json::from_value(done.payload.get("response").cloned().unwrap_or(Value::Null))?;
         if &recorded_fp == fingerprint {

@@ -101,12 +101,7 @@ impl Kernel {
                 ),
             ));
         };
-        let tool = req
-            .payload
-            .get("tool")
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string();
+        let tool = req.text("tool");
         if let Some(out) = recorded_outcome(&events, &tool, &key)? {
             return Ok(out);
         }
@@ -203,31 +198,31 @@ impl Kernel {
                     idempotency_key: key,
                 })
             }
-            Err(ToolError::Failed(message)) => {
+            Err(e) => {
+                let tool = t.name().to_string();
+                let (event_type, message, error) = match e {
+                    ToolError::Failed(message) => (
+                        "tool_failed",
+                        message.clone(),
+                        Error::ToolFailed { tool, message },
+                    ),
+                    ToolError::UnknownOutcome(message) => (
+                        "tool_outcome_unknown",
+                        message,
+                        Error::ToolOutcomeUnknown {
+                            tool,
+                            step_key: step_key.to_string(),
+                        },
+                    ),
+                };
                 self.record(
                     scope,
                     step_key,
-                    "tool_failed",
+                    event_type,
                     json!({"tool": t.name(), "message": message, "reconciled": reconciliation}),
                 )
                 .await?;
-                Err(Error::ToolFailed {
-                    tool: t.name().to_string(),
-                    message,
-                })
-            }
-            Err(ToolError::UnknownOutcome(message)) => {
-                self.record(
-                    scope,
-                    step_key,
-                    "tool_outcome_unknown",
-                    json!({"tool": t.name(), "message": message, "reconciled": reconciliation}),
-                )
-                .await?;
-                Err(Error::ToolOutcomeUnknown {
-                    tool: t.name().to_string(),
-                    step_key: step_key.to_string(),
-                })
+                Err(error)
             }
         }
     }

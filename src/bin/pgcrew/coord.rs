@@ -4,15 +4,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use pgcrew::config::parse_duration;
 use pgcrew::coord::{instance, leader};
 use pgcrew::{Client, ClientConfig, InstanceId, Result};
 
-use crate::output::{connect, print_rows, require_dsn};
-
-fn duration_arg(s: &str) -> std::result::Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
-}
+use crate::output::{connect, duration_arg, print_rows, require_dsn};
 
 /// Flags of `pgcrew serve`.
 #[derive(Debug, Args)]

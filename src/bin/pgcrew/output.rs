@@ -14,6 +14,11 @@ pub struct JsonFlag {
     pub json: bool,
 }
 
+/// Parse a duration argument (`500ms`, `2s`, `1m`, ...) for clap.
+pub fn duration_arg(s: &str) -> std::result::Result<Duration, String> {
+    pgcrew::config::parse_duration(s).map_err(|e| e.to_string())
+}
+
 /// A DSN from the command line or the environment. Its `Debug` output redacts the password,
 /// so that `Debug` of the parsed arguments never shows it.
 #[derive(Clone)]

@@ -5,19 +5,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use pgcrew::config::parse_duration;
 use pgcrew::db::{Executor, sql_type_of};
 use pgcrew::queue::{self, NewTask, Priority, TaskOutcome, TaskState, WorkerPool};
 use pgcrew::{Client, ClientConfig, Error, InstanceId, Result, TaskId, TenantId};
 
-use crate::output::{JsonFlag, connect, print_json, print_rows, require_dsn};
+use crate::output::{JsonFlag, connect, duration_arg, print_json, print_rows, require_dsn};
 
 /// Records one execution of a task (used by `pgcrew tasks work --record-effects`).
 const RECORD_EFFECT: &str = pgcrew::sql!("queue/record_effect");
-
-fn duration_arg(s: &str) -> std::result::Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
-}
 
 /// `--count`: 1 ..= [`queue::MAX_ENQUEUE_BATCH`] (refused by the argument parser: exit 2,
 /// nothing stored).
@@ -221,12 +216,19 @@ async fn cancel(dsn: Option<String>, a: IdArgs) -> Result<ExitCode> {
     let db = connect(dsn).await?;
     let conn = db.get().await?;
     let state = queue::cancel(&**conn, id).await?;
-    if a.json {
-        print_json(&serde_json::json!({ "id": id, "state": state }))?;
-    } else if state == TaskState::Running {
+    if !a.json && state == TaskState::Running {
         println!(
             "task {id} is running: cancellation requested (its worker cancels it at the next heartbeat)"
         );
+        return Ok(ExitCode::SUCCESS);
+    }
+    print_task_state(a.json, id, state)
+}
+
+/// `{"id", "state"}` with `--json`, else `task <id> <state>`.
+fn print_task_state(json: bool, id: TaskId, state: TaskState) -> Result<ExitCode> {
+    if json {
+        print_json(&serde_json::json!({ "id": id, "state": state }))?;
     } else {
         println!("task {id} {state}");
     }
@@ -238,12 +240,7 @@ async fn retry(dsn: Option<String>, a: IdArgs) -> Result<ExitCode> {
     let db = connect(dsn).await?;
     let conn = db.get().await?;
     let state = queue::retry(&**conn, id).await?;
-    if a.json {
-        print_json(&serde_json::json!({ "id": id, "state": state }))?;
-    } else {
-        println!("task {id} {state}");
-    }
-    Ok(ExitCode::SUCCESS)
+    print_task_state(a.json, id, state)
 }
 
 async fn enqueue(dsn: Option<String>, a: EnqueueArgs) -> Result<ExitCode> {

@@ -119,9 +119,7 @@ pub async fn run(dsn: Option<String>, args: BudgetBenchArgs) -> Result<ExitCode>
         defaults,
         budget,
     };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+    super::print_report(args.json, &report, |report| {
         println!(
             "pgcrew bench budget: queue benchmark, {} no-op tasks, concurrency {}, {} rounds (medians)",
             report.tasks, report.concurrency, report.rounds
@@ -139,6 +137,7 @@ pub async fn run(dsn: Option<String>, args: BudgetBenchArgs) -> Result<ExitCode>
             "  ratio budget/defaults: throughput {:.3}, wake-up p50 {:.3}",
             report.throughput_ratio, report.wakeup_p50_ratio
         );
-    }
+        Ok(())
+    })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -100,6 +100,19 @@ pub async fn throwaway_unless(
     .await
 }
 
+/// Print a benchmark's report: pretty JSON with `--json`, else the text `text` prints.
+pub fn print_report<R: serde::Serialize>(
+    json: bool,
+    report: &R,
+    text: impl FnOnce(&R) -> Result<()>,
+) -> Result<()> {
+    if json {
+        crate::output::print_json(report)
+    } else {
+        text(report)
+    }
+}
+
 /// Run `f` on a scratch database ([`scratch_db`]), which is dropped afterwards whatever `f`
 /// returned.
 pub async fn in_scratch<T>(

@@ -147,9 +147,7 @@ pub async fn run(dsn: Option<String>, args: PgBouncerBenchArgs) -> Result<ExitCo
         direct_unnamed,
         pgbouncer_unnamed: through,
     };
-    if args.queue.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+    super::print_report(args.queue.json, &report, |report| {
         println!(
             "pgcrew bench pgbouncer: {} rounds of `bench queue` ({} tasks) alternating; {}",
             report.rounds, report.tasks, report.pgbouncer_version
@@ -173,6 +171,7 @@ pub async fn run(dsn: Option<String>, args: PgBouncerBenchArgs) -> Result<ExitCo
             "  unnamed / cached (direct): processed {:.2}x, enqueue {:.2}x",
             report.unnamed_over_cached_processed, report.unnamed_over_cached_enqueue
         );
-    }
+        Ok(())
+    })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -118,9 +118,7 @@ pub(crate) fn check_args(args: &QueueBenchArgs) -> Result<()> {
 pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> {
     check_args(&args)?;
     let report = crate::bench::in_scratch(dsn, async |dsn| bench(dsn, &args).await).await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+    super::print_report(args.json, &report, |report| {
         println!(
             "pgcrew bench queue: {} no-op tasks, concurrency {} x {} instance(s), prefetch {}, {} connections per instance",
             report.tasks,
@@ -159,7 +157,8 @@ pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> 
             report.raw_wakeup_p99_ms,
             report.raw_wakeup_from_commit_p50_ms
         );
-    }
+        Ok(())
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

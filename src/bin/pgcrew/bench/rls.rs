@@ -55,20 +55,19 @@ pub async fn run(dsn: Option<String>, args: RlsBenchArgs) -> Result<ExitCode> {
         ));
     }
     let r = crate::bench::in_scratch(dsn, async |dsn| bench(dsn, &args).await).await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!(
-        "pgcrew bench rls: {} events on {} runs of two tenants, median of {} reads each",
-        r.events, r.runs, r.samples
-    );
-    for f in &r.reads {
+    super::print_report(args.json, &r, |r| {
         println!(
-            "  {:<28} {:>7} rows  owner {:>8.2} ms  tenant role {:>8.2} ms  ({:.2} x; target <= 1.2)",
-            f.read, f.rows, f.owner_ms, f.tenant_ms, f.ratio
+            "pgcrew bench rls: {} events on {} runs of two tenants, median of {} reads each",
+            r.events, r.runs, r.samples
         );
-    }
+        for f in &r.reads {
+            println!(
+                "  {:<28} {:>7} rows  owner {:>8.2} ms  tenant role {:>8.2} ms  ({:.2} x; target <= 1.2)",
+                f.read, f.rows, f.owner_ms, f.tenant_ms, f.ratio
+            );
+        }
+        Ok(())
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

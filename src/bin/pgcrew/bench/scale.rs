@@ -86,28 +86,27 @@ pub async fn run(dsn: Option<String>, args: ScaleBenchArgs) -> Result<ExitCode> 
         ));
     }
     let r = crate::bench::in_scratch(dsn, async |dsn| bench(dsn, &args).await).await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!(
-        "pgcrew bench scale: claims of {} tasks + complete, {} per phase (seeding took {:.1} s)",
-        r.batch, r.samples, r.seed_secs
-    );
-    for (name, p) in [
-        ("only the measured tasks", &r.only_measured),
-        ("+ finished tasks", &r.with_finished),
-        ("+ one tenant's backlog", &r.with_backlog),
-    ] {
+    super::print_report(args.json, &r, |r| {
         println!(
-            "  {name:<24} {:>9} rows, {:>9} available: claim p50 {:.3} ms, p99 {:.3} ms; ack p50 {:.3} ms",
-            p.table_rows, p.available, p.claim_p50_ms, p.claim_p99_ms, p.ack_p50_ms
+            "pgcrew bench scale: claims of {} tasks + complete, {} per phase (seeding took {:.1} s)",
+            r.batch, r.samples, r.seed_secs
         );
-    }
-    println!(
-        "  fairness behind the backlog ({} tenants with work): the late tenant's task was claimed by claim #{} (claims of {}), #{} (claims of 1)",
-        r.tenants_with_work, r.fair_claims_batch, r.batch, r.fair_claims_single
-    );
+        for (name, p) in [
+            ("only the measured tasks", &r.only_measured),
+            ("+ finished tasks", &r.with_finished),
+            ("+ one tenant's backlog", &r.with_backlog),
+        ] {
+            println!(
+                "  {name:<24} {:>9} rows, {:>9} available: claim p50 {:.3} ms, p99 {:.3} ms; ack p50 {:.3} ms",
+                p.table_rows, p.available, p.claim_p50_ms, p.claim_p99_ms, p.ack_p50_ms
+            );
+        }
+        println!(
+            "  fairness behind the backlog ({} tenants with work): the late tenant's task was claimed by claim #{} (claims of {}), #{} (claims of 1)",
+            r.tenants_with_work, r.fair_claims_batch, r.batch, r.fair_claims_single
+        );
+        Ok(())
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -178,9 +178,7 @@ pub async fn run(dsn: Option<String>, args: TlsBenchArgs) -> Result<ExitCode> {
         plaintext: plain,
         tls,
     };
-    if args.queue.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+    super::print_report(args.queue.json, &report, |report| {
         println!(
             "pgcrew bench tls: queue benchmark, {} no-op tasks, {} samples per mode, same server",
             report.tasks, report.samples
@@ -209,7 +207,8 @@ pub async fn run(dsn: Option<String>, args: TlsBenchArgs) -> Result<ExitCode> {
                 "NOT met"
             }
         );
-    }
+        Ok(())
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
