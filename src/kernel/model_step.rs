@@ -80,7 +80,7 @@ impl Kernel {
     /// A durable model call keyed by `(run, step_key)`.
     ///
     /// First execution: reserve the worst-case cost (the prompt's upper bound
-    /// [`prompt_token_bound`](crate::model::port::prompt_token_bound) + `max_tokens`, or
+    /// [`prompt_token_bound`] + `max_tokens`, or
     /// [`DEFAULT_RESERVE_MAX_TOKENS`] when unset, priced with the price table) → record
     /// `model_requested` → call the model with that completion cap (always sent, so the provider
     /// cannot produce more than was reserved) → in one transaction record `model_completed`

@@ -17,7 +17,7 @@ pub struct Usage {
     /// Completion (output) tokens.
     pub completion_tokens: u64,
     /// True when the provider reported no usage and pgcrew estimated it. The OpenAI adapter
-    /// then charges the conservative bounds ([`prompt_token_bound`], [`completion_token_bound`]);
+    /// then charges the conservative bounds ([`prompt_token_bound`](super::tokens::prompt_token_bound), [`completion_token_bound`](super::tokens::completion_token_bound));
     /// the scripted model reports realistic figures (~4 characters per token).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub estimated: bool,
@@ -100,7 +100,7 @@ impl ModelResponse {
         self.content.as_deref().unwrap_or("")
     }
 
-    /// The cost of this call in USD under `prices` ([`Error::UnknownModelPrice`] when the
+    /// The cost of this call in USD under `prices` ([`Error::UnknownModelPrice`](crate::Error::UnknownModelPrice) when the
     /// model has no price).
     pub fn cost(&self, prices: &PriceTable) -> Result<f64> {
         prices.cost(
@@ -111,7 +111,7 @@ impl ModelResponse {
     }
 
     /// Parse the structured output (the text content) into `T`. A missing answer, invalid
-    /// JSON or JSON that does not match `T` is an [`Error::Model`] of kind `invalid_output`. A
+    /// JSON or JSON that does not match `T` is an [`Error::Model`](crate::Error::Model) of kind `invalid_output`. A
     /// surrounding Markdown code fence (```` ```json ````), which some local models add, is
     /// tolerated.
     pub fn parse_output<T: DeserializeOwned>(&self) -> Result<T> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use crate::error::{Error, Result};
 
-/// Configuration of an [`OpenAiModel`]. Build it with [`OpenAiConfig::builder`] (nothing from
+/// Configuration of an [`OpenAiModel`](super::OpenAiModel). Build it with [`OpenAiConfig::builder`] (nothing from
 /// the environment) or [`OpenAiConfig::from_env`] (base URL and key from the environment).
 #[derive(Clone)]
 pub struct OpenAiConfig {
