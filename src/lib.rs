@@ -25,7 +25,10 @@
 
 #![warn(missing_docs)]
 
-/// Include a query from `sql/queries/<name>.sql` (all SQL lives in `.sql` files).
+/// Include a query from `sql/queries/<name>.sql` (all SQL lives in `.sql` files). Exported
+/// (hidden) for the `pgcrew` binary, whose queries live there too.
+#[doc(hidden)]
+#[macro_export]
 macro_rules! sql {
     ($name:literal) => {
         include_str!(concat!(

@@ -1,15 +1,26 @@
 //! Agents and tools: tool definitions with JSON input schemas ([`Tool`], [`ToolRegistry`]), a
 //! small JSON Schema validator for tool arguments ([`schema`]), and agent definitions with the
 //! durable agent loop.
+//!
+//! [`def`] holds the definitions and their rows; [`runtime`] drives a run through the
+//! [`Kernel`](crate::kernel::Kernel) (model steps, then tool steps, per iteration). The tool
+//! types live in [`crate::kernel::tool`] and are re-exported here.
 
+pub mod def;
 pub mod demo;
 pub mod schema;
-pub mod tool;
 
-pub use tool::{Tool, ToolBuilder, ToolContext, ToolError, ToolRegistry, validate_tool_name};
 pub mod runtime;
 
-pub use runtime::{
-    AGENT_RUN_KIND, AgentDef, AgentRunTask, AgentRuntime, CapabilityDenialPolicy, agent_queue,
-    get_agent, register_agent, register_tools,
+/// The tool types live in [`crate::kernel::tool`] (the kernel executes tools); kept at their
+/// old path `pgcrew::agent::tool`.
+pub use crate::kernel::tool;
+pub use crate::kernel::tool::{
+    Tool, ToolBuilder, ToolContext, ToolError, ToolRegistry, validate_tool_name,
 };
+
+pub use def::{
+    AGENT_RUN_KIND, AgentDef, CapabilityDenialPolicy, agent_queue, get_agent, register_agent,
+    register_tools,
+};
+pub use runtime::{AgentRunTask, AgentRuntime};

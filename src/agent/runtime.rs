@@ -20,259 +20,51 @@ use tracing::{instrument, warn};
 use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::{InstanceId, RunId, SessionId, TenantId};
-use crate::kernel::{Kernel, ReplayPolicy, RunScope};
-use crate::model::{Message, ModelRequest};
+use crate::kernel::{Kernel, ModelStep, ReplayPolicy, RunScope};
+use crate::model::{Message, ModelRequest, ToolCall, ToolSpec};
 use crate::queue::{self, NewTask, TaskOutcome, WorkerPoolBuilder};
 use crate::runs::{
     self, LimitPolicy, NewRun, Run, RunLease, RunOutcome, RunState, Session, StartOutcome,
 };
 
-use super::tool::ToolRegistry;
+pub use super::def::{
+    AGENT_RUN_KIND, AgentDef, CapabilityDenialPolicy, DEFAULT_MAX_ITERATIONS, agent_queue,
+    get_agent, register_agent, register_tools,
+};
 
-/// The task kind of agent runs.
-pub const AGENT_RUN_KIND: &str = "pgcrew.agent_run";
-
-/// Default most model/tool iterations per run.
-pub const DEFAULT_MAX_ITERATIONS: u32 = 10;
-
-/// The queue an agent's runs are enqueued on (`agent.<name>`): only instances that can run the
-/// agent (they have its tools) listen on it.
-pub fn agent_queue(agent: &str) -> String {
-    format!("agent.{agent}")
+/// What becomes of an error of a step: the run fails with this `error_type`, the error goes
+/// back to the model as the tool's result, or it is returned to the caller (the run stays).
+enum Route {
+    Fail(&'static str),
+    ToModel,
+    Return,
 }
 
-/// What an agent run does when the model calls a tool whose capability the run's tenant lacks
-/// (the tool never runs and the ledger records `capability_denied` either way). Stored per
-/// agent in `pgcrew.agents.on_capability_denied`.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum CapabilityDenialPolicy {
-    /// The default: the run fails with `error_type` `capability_denied` and the denial
-    /// ([`Error::CapabilityDenied`]) as its error message; the model is not called again.
-    #[default]
-    FailRun,
-    /// The denial is returned to the model as the tool's result (`{"error": "capability
-    /// denied: ..."}`) and the run continues, so the model can answer without the tool.
-    ReturnToModel,
+/// The route of a model step's error.
+fn model_error_route(e: &Error) -> Route {
+    match e {
+        e if e.is_budget_exceeded() => Route::Fail("budget_exceeded"),
+        Error::Model { .. } => Route::Fail("model_error"),
+        Error::ReplayConsistency { .. } => Route::Fail("replay_consistency"),
+        Error::UnknownModelPrice(_) => Route::Fail("unknown_model_price"),
+        Error::InvalidInput { .. } => Route::Fail("invalid_request"),
+        _ => Route::Return,
+    }
 }
 
-impl CapabilityDenialPolicy {
-    /// The stored name: `fail_run` or `return_to_model`.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            CapabilityDenialPolicy::FailRun => "fail_run",
-            CapabilityDenialPolicy::ReturnToModel => "return_to_model",
+/// The route of a tool step's error under the agent's capability-denial policy.
+fn tool_error_route(e: &Error, policy: CapabilityDenialPolicy) -> Route {
+    match e {
+        Error::ToolOutcomeUnknown { .. } => Route::Fail("tool_outcome_unknown"),
+        Error::CapabilityDenied { .. } if policy == CapabilityDenialPolicy::FailRun => {
+            Route::Fail("capability_denied")
         }
+        Error::ToolFailed { .. }
+        | Error::InvalidInput { .. }
+        | Error::NotFound { kind: "tool", .. }
+        | Error::CapabilityDenied { .. } => Route::ToModel,
+        _ => Route::Return,
     }
-}
-
-impl std::fmt::Display for CapabilityDenialPolicy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl std::str::FromStr for CapabilityDenialPolicy {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.trim() {
-            "fail_run" => Ok(CapabilityDenialPolicy::FailRun),
-            "return_to_model" => Ok(CapabilityDenialPolicy::ReturnToModel),
-            other => Err(Error::invalid(
-                "on_capability_denied",
-                format!("`{other}` is not one of fail_run, return_to_model"),
-            )),
-        }
-    }
-}
-
-/// An agent definition.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AgentDef {
-    /// Unique name.
-    pub name: String,
-    /// What the agent does.
-    pub description: String,
-    /// The model it calls.
-    pub model: String,
-    /// Its system prompt.
-    pub system_prompt: String,
-    /// Names of the tools it may call.
-    pub tools: Vec<String>,
-    /// `max_tokens` of each model call.
-    pub max_tokens: Option<u32>,
-    /// Sampling temperature.
-    pub temperature: Option<f64>,
-    /// Most iterations (model calls) per run.
-    pub max_iterations: u32,
-    /// What a run does when a tool call is denied for lack of a capability (default
-    /// [`CapabilityDenialPolicy::FailRun`]).
-    pub on_capability_denied: CapabilityDenialPolicy,
-}
-
-impl AgentDef {
-    /// A definition with defaults (no tools, no system prompt, 10 iterations).
-    pub fn new(name: impl Into<String>, model: impl Into<String>) -> Self {
-        Self {
-            name: name.into(),
-            description: String::new(),
-            model: model.into(),
-            system_prompt: String::new(),
-            tools: Vec::new(),
-            max_tokens: None,
-            temperature: None,
-            max_iterations: DEFAULT_MAX_ITERATIONS,
-            on_capability_denied: CapabilityDenialPolicy::default(),
-        }
-    }
-
-    /// Set the description.
-    pub fn description(mut self, d: impl Into<String>) -> Self {
-        self.description = d.into();
-        self
-    }
-
-    /// Set the system prompt.
-    pub fn system_prompt(mut self, p: impl Into<String>) -> Self {
-        self.system_prompt = p.into();
-        self
-    }
-
-    /// Allow a tool.
-    pub fn tool(mut self, name: impl Into<String>) -> Self {
-        self.tools.push(name.into());
-        self
-    }
-
-    /// Set `max_tokens` per model call.
-    pub fn max_tokens(mut self, n: u32) -> Self {
-        self.max_tokens = Some(n);
-        self
-    }
-
-    /// Set the temperature.
-    pub fn temperature(mut self, t: f64) -> Self {
-        self.temperature = Some(t);
-        self
-    }
-
-    /// Set the most iterations per run.
-    pub fn max_iterations(mut self, n: u32) -> Self {
-        self.max_iterations = n;
-        self
-    }
-
-    /// Set what a run does when a tool call is denied for lack of a capability.
-    pub fn on_capability_denied(mut self, policy: CapabilityDenialPolicy) -> Self {
-        self.on_capability_denied = policy;
-        self
-    }
-
-    /// Check the definition (names, ranges).
-    pub fn validate(&self) -> Result<()> {
-        crate::ids::validate_text_id("agent name", &self.name)?;
-        crate::ids::validate_text_id("agent model", &self.model)?;
-        for t in &self.tools {
-            super::tool::validate_tool_name(t)?;
-        }
-        if self.max_iterations == 0 || self.max_iterations > 1000 {
-            return Err(Error::invalid(
-                "max_iterations",
-                format!("{} is outside 1 to 1000", self.max_iterations),
-            ));
-        }
-        if self.max_tokens == Some(0) {
-            return Err(Error::invalid("max_tokens", "must be at least 1"));
-        }
-        if let Some(t) = self.temperature
-            && !(t.is_finite() && (0.0..=2.0).contains(&t))
-        {
-            return Err(Error::invalid(
-                "temperature",
-                format!("{t} is outside 0 to 2"),
-            ));
-        }
-        Ok(())
-    }
-}
-
-fn to_i32(field: &'static str, v: u32) -> Result<i32> {
-    i32::try_from(v).map_err(|_| Error::invalid(field, format!("{v} is too large")))
-}
-
-/// Upsert an agent definition into `pgcrew.agents`.
-#[instrument(skip(db, def), fields(agent = %def.name), err)]
-pub async fn register_agent(db: &crate::Db, def: &AgentDef) -> Result<()> {
-    def.validate()?;
-    let max_tokens = def
-        .max_tokens
-        .map(|n| to_i32("max_tokens", n))
-        .transpose()?;
-    let iterations = to_i32("max_iterations", def.max_iterations)?;
-    let conn = db.get().await?;
-    conn.execute_typed_count(
-        sql!("agent/upsert_agent"),
-        typed![
-            &def.name,
-            &def.description,
-            &def.model,
-            &def.system_prompt,
-            &def.tools,
-            &max_tokens,
-            &def.temperature,
-            &iterations,
-            &def.on_capability_denied.as_str(),
-        ],
-    )
-    .await?;
-    Ok(())
-}
-
-/// Upsert every tool of a registry into `pgcrew.tools`, in one transaction.
-#[instrument(skip(db, tools), err)]
-pub async fn register_tools(db: &crate::Db, tools: &ToolRegistry) -> Result<()> {
-    let mut conn = db.get().await?;
-    let tx = conn.transaction().await?;
-    for t in tools.iter() {
-        tx.execute_typed_count(
-            sql!("agent/upsert_tool"),
-            typed![
-                &t.name(),
-                &t.description(),
-                t.input_schema(),
-                &t.requires_capability(),
-            ],
-        )
-        .await?;
-    }
-    tx.commit().await?;
-    Ok(())
-}
-
-/// Load an agent definition ([`Error::NotFound`] with kind `agent` when unknown).
-#[instrument(skip(db), err)]
-pub async fn get_agent(db: &crate::Db, name: &str) -> Result<AgentDef> {
-    let conn = db.get().await?;
-    let row = conn
-        .query_typed_opt_row(sql!("agent/get_agent"), typed![&name])
-        .await?
-        .ok_or_else(|| Error::not_found("agent", name))?;
-    let max_tokens: Option<i32> = row.try_get("max_tokens")?;
-    let iterations: i32 = row.try_get("max_iterations")?;
-    let policy: String = row.try_get("on_capability_denied")?;
-    Ok(AgentDef {
-        name: row.try_get("name")?,
-        description: row.try_get("description")?,
-        model: row.try_get("model")?,
-        system_prompt: row.try_get("system_prompt")?,
-        tools: row.try_get("tools")?,
-        max_tokens: max_tokens.and_then(|n| u32::try_from(n).ok()),
-        temperature: row.try_get("temperature")?,
-        max_iterations: u32::try_from(iterations).unwrap_or(DEFAULT_MAX_ITERATIONS),
-        on_capability_denied: policy.parse()?,
-    })
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
@@ -433,6 +225,8 @@ impl AgentRuntime {
         result
     }
 
+    /// One run under its lease: start it, then iterate model step → tool steps until the model
+    /// answers without tool calls, the run ends elsewhere, or `max_iterations` is reached.
     async fn drive(
         &self,
         current: &Run,
@@ -442,54 +236,19 @@ impl AgentRuntime {
         let db = self.kernel.db();
         let run = current.id;
         let token = Some(lease.token);
-        if current.state == RunState::Pending {
-            match runs::start_run(
-                db,
-                run,
-                self.instance.as_ref(),
-                token,
-                LimitPolicy::StayPending,
-            )
-            .await?
-            {
-                StartOutcome::Started(_) => {}
-                StartOutcome::LimitReached { running, limit } => {
-                    return Err(Error::LimitReached {
-                        tenant: current.tenant_id.clone(),
-                        message: format!("{running} of {limit} concurrent runs"),
-                    });
-                }
-            }
-        }
+        self.start(current, token).await?;
         let tenant = TenantId::new(current.tenant_id.clone())?;
         let scope = RunScope::new(run, tenant).with_lease(lease.token);
-        let fail = |error_type: &'static str, e: Error| async move {
-            runs::fail_run(db, run, error_type, &e.to_string(), token).await
+        let Some(agent_name) = current.agent_name.as_deref() else {
+            let e = Error::invalid("agent", "the run names no agent");
+            return self.fail(&scope, "unknown_agent", e).await;
         };
-        let Some(agent_name) = current.agent_name.clone() else {
-            return fail(
-                "unknown_agent",
-                Error::invalid("agent", "the run names no agent"),
-            )
-            .await;
-        };
-        let def = match get_agent(db, &agent_name).await {
+        let def = match get_agent(db, agent_name).await {
             Ok(d) => d,
-            Err(e @ Error::NotFound { .. }) => return fail("unknown_agent", e).await,
+            Err(e @ Error::NotFound { .. }) => return self.fail(&scope, "unknown_agent", e).await,
             Err(e) => return Err(e),
         };
-        let mut specs = Vec::new();
-        for t in &def.tools {
-            match self.kernel.tools().get(t) {
-                Some(tool) => specs.push(tool.spec()),
-                None => {
-                    return Err(Error::not_found(
-                        "tool",
-                        format!("{t} (agent {} needs it; this instance lacks it)", def.name),
-                    ));
-                }
-            }
-        }
+        let specs = self.tool_specs(&def)?;
         let mut messages = Vec::new();
         if !def.system_prompt.is_empty() {
             messages.push(Message::system(def.system_prompt.clone()));
@@ -509,88 +268,133 @@ impl AgentRuntime {
             request.tools = specs.clone();
             request.max_tokens = def.max_tokens;
             request.temperature = def.temperature;
+            let key = format!("iter-{n}/model");
             let step = match self
                 .kernel
-                .step_model(
-                    &scope,
-                    &format!("iter-{n}/model"),
-                    &request,
-                    ReplayPolicy::Strict,
-                )
+                .step_model(&scope, &key, &request, ReplayPolicy::Strict)
                 .await
             {
                 Ok(s) => s,
-                Err(e) if e.is_budget_exceeded() => return fail("budget_exceeded", e).await,
-                Err(e @ Error::Model { .. }) => return fail("model_error", e).await,
-                Err(e @ Error::ReplayConsistency { .. }) => {
-                    return fail("replay_consistency", e).await;
-                }
-                Err(e @ Error::UnknownModelPrice(_)) => {
-                    return fail("unknown_model_price", e).await;
-                }
-                Err(e @ Error::InvalidInput { .. }) => return fail("invalid_request", e).await,
-                Err(e) => return Err(e),
+                Err(e) => return self.settle(&scope, model_error_route(&e), e).await,
             };
             messages.push(Message::from_response(&step.response));
             if step.response.tool_calls.is_empty() {
-                let (input_tokens, output_tokens, cost_usd) = self.totals(run).await?;
-                let outcome = RunOutcome {
-                    response_text: step.response.content.clone(),
-                    stop_reason: Some(
-                        serde_json::to_value(step.response.finish_reason)?
-                            .as_str()
-                            .unwrap_or("stop")
-                            .to_string(),
-                    ),
-                    input_tokens,
-                    output_tokens,
-                    cost_usd,
-                };
-                return runs::complete_run(db, run, outcome, token).await;
+                return self.complete(&scope, &step).await;
             }
             for call in &step.response.tool_calls {
-                let key = format!("iter-{n}/tool-{}", call.id);
-                let result = match self
-                    .kernel
-                    .step_tool(&scope, &key, &call.name, call.arguments.clone())
-                    .await
-                {
-                    Err(Error::ToolOutcomeUnknown { .. }) => {
-                        self.kernel.reconcile_tool(&scope, &key).await
-                    }
-                    other => other,
-                };
-                let content = match result {
-                    Ok(t) => t.output.to_string(),
-                    Err(e @ Error::ToolOutcomeUnknown { .. }) => {
-                        return fail("tool_outcome_unknown", e).await;
-                    }
-                    Err(e @ Error::CapabilityDenied { .. })
-                        if def.on_capability_denied == CapabilityDenialPolicy::FailRun =>
-                    {
-                        return fail("capability_denied", e).await;
-                    }
-                    Err(
-                        e @ (Error::ToolFailed { .. }
-                        | Error::InvalidInput { .. }
-                        | Error::NotFound { kind: "tool", .. }
-                        | Error::CapabilityDenied { .. }),
-                    ) => json!({"error": e.to_string()}).to_string(),
-                    Err(e) => return Err(e),
+                let content = match self.call_tool(&scope, n, call).await {
+                    Ok(output) => output,
+                    Err(e) => match tool_error_route(&e, def.on_capability_denied) {
+                        Route::ToModel => json!({"error": e.to_string()}).to_string(),
+                        route => return self.settle(&scope, route, e).await,
+                    },
                 };
                 messages.push(Message::tool_result(call.id.clone(), content));
             }
             lease = runs::renew_run_lease(db, &lease, self.lease_ttl).await?;
         }
-        fail(
+        let e = Error::invalid(
             "max_iterations",
-            Error::invalid(
-                "max_iterations",
-                format!(
-                    "the agent did not finish within {} iterations",
-                    def.max_iterations
-                ),
+            format!(
+                "the agent did not finish within {} iterations",
+                def.max_iterations
             ),
+        );
+        self.fail(&scope, "max_iterations", e).await
+    }
+
+    /// Start a pending run (fenced by the lease); a tenant at its concurrent-run limit is
+    /// [`Error::LimitReached`] (the task is snoozed).
+    async fn start(&self, current: &Run, token: Option<i64>) -> Result<()> {
+        if current.state != RunState::Pending {
+            return Ok(());
+        }
+        let db = self.kernel.db();
+        let started = runs::start_run(
+            db,
+            current.id,
+            self.instance.as_ref(),
+            token,
+            LimitPolicy::StayPending,
+        )
+        .await?;
+        match started {
+            StartOutcome::Started(_) => Ok(()),
+            StartOutcome::LimitReached { running, limit } => Err(Error::LimitReached {
+                tenant: current.tenant_id.clone(),
+                message: format!("{running} of {limit} concurrent runs"),
+            }),
+        }
+    }
+
+    /// The specs of the agent's tools; a tool this instance lacks is [`Error::NotFound`].
+    fn tool_specs(&self, def: &AgentDef) -> Result<Vec<ToolSpec>> {
+        def.tools
+            .iter()
+            .map(|t| {
+                self.kernel
+                    .tools()
+                    .get(t)
+                    .map(|tool| tool.spec())
+                    .ok_or_else(|| {
+                        Error::not_found(
+                            "tool",
+                            format!("{t} (agent {} needs it; this instance lacks it)", def.name),
+                        )
+                    })
+            })
+            .collect()
+    }
+
+    /// One durable tool step of iteration `n` (reconciled once if its outcome is unknown):
+    /// the tool's output as text.
+    async fn call_tool(&self, scope: &RunScope, n: u32, call: &ToolCall) -> Result<String> {
+        let key = format!("iter-{n}/tool-{}", call.id);
+        let result = match self
+            .kernel
+            .step_tool(scope, &key, &call.name, call.arguments.clone())
+            .await
+        {
+            Err(Error::ToolOutcomeUnknown { .. }) => self.kernel.reconcile_tool(scope, &key).await,
+            other => other,
+        };
+        Ok(result?.output.to_string())
+    }
+
+    /// Complete the run with the model's final answer and the run's model totals.
+    async fn complete(&self, scope: &RunScope, step: &ModelStep) -> Result<Run> {
+        let (input_tokens, output_tokens, cost_usd) = self.totals(scope.run).await?;
+        let outcome = RunOutcome {
+            response_text: step.response.content.clone(),
+            stop_reason: Some(
+                serde_json::to_value(step.response.finish_reason)?
+                    .as_str()
+                    .unwrap_or("stop")
+                    .to_string(),
+            ),
+            input_tokens,
+            output_tokens,
+            cost_usd,
+        };
+        runs::complete_run(self.kernel.db(), scope.run, outcome, scope.lease_token).await
+    }
+
+    /// Fail the run for `e` or return `e`, as `route` says.
+    async fn settle(&self, scope: &RunScope, route: Route, e: Error) -> Result<Run> {
+        match route {
+            Route::Fail(error_type) => self.fail(scope, error_type, e).await,
+            Route::ToModel | Route::Return => Err(e),
+        }
+    }
+
+    /// Fail the run with a typed `error_type` and the error's message.
+    async fn fail(&self, scope: &RunScope, error_type: &'static str, e: Error) -> Result<Run> {
+        runs::fail_run(
+            self.kernel.db(),
+            scope.run,
+            error_type,
+            &e.to_string(),
+            scope.lease_token,
         )
         .await
     }

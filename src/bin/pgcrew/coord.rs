@@ -4,15 +4,10 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use pgcrew::config::parse_duration;
 use pgcrew::coord::{instance, leader};
 use pgcrew::{Client, ClientConfig, InstanceId, Result};
 
-use crate::output::{connect, print_json, print_table, require_dsn};
-
-fn duration_arg(s: &str) -> std::result::Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
-}
+use crate::output::{connect, duration_arg, print_rows, require_dsn};
 
 /// Flags of `pgcrew serve`.
 #[derive(Debug, Args)]
@@ -317,35 +312,25 @@ async fn wait_for_signal() {
 pub async fn instances(dsn: Option<String>, json: bool) -> Result<ExitCode> {
     let db = connect(dsn).await?;
     let rows = instance::list(&db).await?;
-    if json {
-        print_json(&rows)?;
-    } else {
-        let table: Vec<Vec<String>> = rows
-            .iter()
-            .map(|r| {
-                vec![
-                    r.id.clone(),
-                    r.hostname.clone(),
-                    r.pid.to_string(),
-                    r.version.clone(),
-                    if r.is_leader {
-                        "leader".into()
-                    } else {
-                        "".into()
-                    },
-                    format!("{:.1}s", r.silent_ms as f64 / 1000.0),
-                    r.agents.join(","),
-                    r.tools.join(","),
-                ]
-            })
-            .collect();
-        print_table(
-            &[
-                "ID", "HOST", "PID", "VERSION", "ROLE", "SILENT", "AGENTS", "TOOLS",
-            ],
-            &table,
-        );
-    }
+    let headers = [
+        "ID", "HOST", "PID", "VERSION", "ROLE", "SILENT", "AGENTS", "TOOLS",
+    ];
+    print_rows(json, &rows, None, &headers, |r| {
+        vec![
+            r.id.clone(),
+            r.hostname.clone(),
+            r.pid.to_string(),
+            r.version.clone(),
+            if r.is_leader {
+                "leader".into()
+            } else {
+                "".into()
+            },
+            format!("{:.1}s", r.silent_ms as f64 / 1000.0),
+            r.agents.join(","),
+            r.tools.join(","),
+        ]
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -353,31 +338,19 @@ pub async fn instances(dsn: Option<String>, json: bool) -> Result<ExitCode> {
 pub async fn leader(dsn: Option<String>, json: bool) -> Result<ExitCode> {
     let db = connect(dsn).await?;
     let rows = leader::current(&db).await?;
-    if json {
-        print_json(&rows)?;
-    } else if rows.is_empty() {
-        println!("no leader");
-    } else {
-        let table: Vec<Vec<String>> = rows
-            .iter()
-            .map(|r| {
-                vec![
-                    r.name.clone(),
-                    r.leader_id.clone(),
-                    r.term.to_string(),
-                    r.elected_at.to_rfc3339(),
-                    if r.valid {
-                        format!("{:.1}s", r.remaining_ms as f64 / 1000.0)
-                    } else {
-                        "expired".into()
-                    },
-                ]
-            })
-            .collect();
-        print_table(
-            &["LEASE", "LEADER", "TERM", "ELECTED_AT", "EXPIRES_IN"],
-            &table,
-        );
-    }
+    let headers = ["LEASE", "LEADER", "TERM", "ELECTED_AT", "EXPIRES_IN"];
+    print_rows(json, &rows, Some("no leader"), &headers, |r| {
+        vec![
+            r.name.clone(),
+            r.leader_id.clone(),
+            r.term.to_string(),
+            r.elected_at.to_rfc3339(),
+            if r.valid {
+                format!("{:.1}s", r.remaining_ms as f64 / 1000.0)
+            } else {
+                "expired".into()
+            },
+        ]
+    })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -5,16 +5,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use pgcrew::config::parse_duration;
 use pgcrew::db::Db;
 use pgcrew::doctor::{self, DOCTOR_APPLICATION_NAME, DoctorOptions, Report, Status};
 use pgcrew::{ClientConfig, LedgerKey, Result};
 
-use crate::output::{print_json, require_dsn};
-
-fn duration_arg(s: &str) -> std::result::Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
-}
+use crate::output::{duration_arg, print_json, require_dsn};
 
 fn fraction_arg(s: &str) -> std::result::Result<f64, String> {
     let v: f64 = s

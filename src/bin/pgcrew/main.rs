@@ -3,29 +3,7 @@
 //!
 //! Exit codes: 0 success, 1 a check failed (e.g. an invalid ledger), 2 usage or connection error.
 
-/// The text of `sql/queries/<name>.sql`, compiled into the binary (the CLI's SQL lives in
-/// `.sql` files, as the library's does).
-macro_rules! pgcrew_query {
-    ($name:literal) => {
-        include_str!(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/sql/queries/",
-            $name,
-            ".sql"
-        ))
-    };
-}
-
 mod bench;
-mod bench_budget;
-mod bench_failover;
-mod bench_fanout;
-mod bench_ledger;
-mod bench_pgbouncer;
-mod bench_queue;
-mod bench_rls;
-mod bench_scale;
-mod bench_tls;
 mod coord;
 mod demo;
 mod doctor;

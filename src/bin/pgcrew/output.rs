@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Args;
-use pgcrew::db::Db;
+use pgcrew::db::{Db, TempCluster};
 use pgcrew::{Error, Result};
 
 /// A `--json` flag for read commands.
@@ -12,6 +12,11 @@ pub struct JsonFlag {
     /// Print JSON instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Parse a duration argument (`500ms`, `2s`, `1m`, ...) for clap.
+pub fn duration_arg(s: &str) -> std::result::Result<Duration, String> {
+    pgcrew::config::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// A DSN from the command line or the environment. Its `Debug` output redacts the password,
@@ -108,6 +113,43 @@ pub fn print_table(headers: &[&str], rows: &[Vec<String>]) {
     line(headers.iter().map(|h| h.to_string()).collect());
     for r in rows {
         line(r.clone());
+    }
+}
+
+/// Print `rows`: as pretty JSON with `--json`; otherwise `empty` when there are none (if
+/// given), or an aligned table of `headers` with one `row(item)` per item.
+pub fn print_rows<T: serde::Serialize>(
+    json: bool,
+    rows: &[T],
+    empty: Option<&str>,
+    headers: &[&str],
+    row: impl Fn(&T) -> Vec<String>,
+) -> Result<()> {
+    if json {
+        return print_json(&rows);
+    }
+    match empty {
+        Some(message) if rows.is_empty() => println!("{message}"),
+        _ => print_table(headers, &rows.iter().map(row).collect::<Vec<_>>()),
+    }
+    Ok(())
+}
+
+/// The server to work on: `dsn`, or without one a throwaway local cluster, started after
+/// `announce` said so. The cluster is removed when the returned guard is dropped.
+pub async fn dsn_or_cluster(
+    dsn: Option<String>,
+    announce: impl FnOnce(),
+) -> Result<(String, Option<TempCluster>)> {
+    match dsn {
+        Some(d) => Ok((d, None)),
+        None => {
+            announce();
+            let c = tokio::task::spawn_blocking(TempCluster::start)
+                .await
+                .map_err(|e| Error::Cluster(e.to_string()))??;
+            Ok((c.dsn(), Some(c)))
+        }
     }
 }
 

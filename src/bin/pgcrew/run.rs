@@ -9,7 +9,7 @@ use pgcrew::coord::notify::{Notifier, NotifierConfig};
 use pgcrew::runs::{self, LedgerEvent, RunFilter, RunState};
 use pgcrew::{LedgerKey, Result, RunId, TenantId};
 
-use crate::output::{connect, print_json, print_table};
+use crate::output::{connect, print_json, print_rows, print_table};
 
 /// `pgcrew run` subcommands.
 #[derive(Debug, Subcommand)]
@@ -229,44 +229,30 @@ pub async fn exec(dsn: Option<String>, cmd: RunCmd) -> Result<ExitCode> {
             json,
         } => {
             let list = runs::list_summaries(&db, run, summary_type.as_deref(), limit).await?;
-            if json {
-                print_json(&list)?;
-            } else {
-                let rows = list
-                    .iter()
-                    .map(|s| {
-                        vec![
-                            s.id.to_string(),
-                            s.summary_type.clone(),
-                            s.created_at.to_rfc3339(),
-                            match &s.content {
-                                runs::SummaryContent::Text(t) => t.replace('\n', " "),
-                                runs::SummaryContent::Json(j) => j.to_string(),
-                            },
-                        ]
-                    })
-                    .collect::<Vec<_>>();
-                print_table(&["id", "type", "created_at", "content"], &rows);
-            }
+            let headers = ["id", "type", "created_at", "content"];
+            print_rows(json, &list, None, &headers, |s| {
+                vec![
+                    s.id.to_string(),
+                    s.summary_type.clone(),
+                    s.created_at.to_rfc3339(),
+                    match &s.content {
+                        runs::SummaryContent::Text(t) => t.replace('\n', " "),
+                        runs::SummaryContent::Json(j) => j.to_string(),
+                    },
+                ]
+            })?;
         }
         RunCmd::Artifacts { run, json } => {
             let list = runs::list_artifacts(&db, run).await?;
-            if json {
-                print_json(&list)?;
-            } else {
-                let rows = list
-                    .iter()
-                    .map(|a| {
-                        vec![
-                            a.key.clone(),
-                            a.version.to_string(),
-                            a.created_at.to_rfc3339(),
-                            a.value.to_string(),
-                        ]
-                    })
-                    .collect::<Vec<_>>();
-                print_table(&["key", "version", "created_at", "value"], &rows);
-            }
+            let headers = ["key", "version", "created_at", "value"];
+            print_rows(json, &list, None, &headers, |a| {
+                vec![
+                    a.key.clone(),
+                    a.version.to_string(),
+                    a.created_at.to_rfc3339(),
+                    a.value.to_string(),
+                ]
+            })?;
         }
         RunCmd::Cancel { run, reason } => {
             let r = runs::cancel_run(&db, run, &reason).await?;

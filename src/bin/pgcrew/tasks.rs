@@ -5,19 +5,14 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use pgcrew::config::parse_duration;
 use pgcrew::db::{Executor, sql_type_of};
 use pgcrew::queue::{self, NewTask, Priority, TaskOutcome, TaskState, WorkerPool};
 use pgcrew::{Client, ClientConfig, Error, InstanceId, Result, TaskId, TenantId};
 
-use crate::output::{JsonFlag, connect, print_json, print_table, require_dsn};
+use crate::output::{JsonFlag, connect, duration_arg, print_json, print_rows, require_dsn};
 
 /// Records one execution of a task (used by `pgcrew tasks work --record-effects`).
-const RECORD_EFFECT: &str = include_str!("../../../sql/queries/queue/record_effect.sql");
-
-fn duration_arg(s: &str) -> std::result::Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
-}
+const RECORD_EFFECT: &str = pgcrew::sql!("queue/record_effect");
 
 /// `--count`: 1 ..= [`queue::MAX_ENQUEUE_BATCH`] (refused by the argument parser: exit 2,
 /// nothing stored).
@@ -167,26 +162,17 @@ async fn stats(dsn: Option<String>, json: bool) -> Result<ExitCode> {
     let db = connect(dsn).await?;
     let conn = db.get().await?;
     let rows = queue::stats(&**conn).await?;
-    if json {
-        print_json(&rows)?;
-    } else if rows.is_empty() {
-        println!("no tasks");
-    } else {
-        let table: Vec<Vec<String>> = rows
-            .iter()
-            .map(|r| {
-                vec![
-                    r.queue.clone(),
-                    r.state.clone(),
-                    r.tasks.to_string(),
-                    r.oldest_available_age_s
-                        .map(|s| format!("{s:.3}s"))
-                        .unwrap_or_default(),
-                ]
-            })
-            .collect();
-        print_table(&["QUEUE", "STATE", "TASKS", "OLDEST AVAILABLE"], &table);
-    }
+    let headers = ["QUEUE", "STATE", "TASKS", "OLDEST AVAILABLE"];
+    print_rows(json, &rows, Some("no tasks"), &headers, |r| {
+        vec![
+            r.queue.clone(),
+            r.state.clone(),
+            r.tasks.to_string(),
+            r.oldest_available_age_s
+                .map(|s| format!("{s:.3}s"))
+                .unwrap_or_default(),
+        ]
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -200,40 +186,28 @@ async fn list(dsn: Option<String>, a: ListArgs) -> Result<ExitCode> {
     let db = connect(dsn).await?;
     let conn = db.get().await?;
     let rows = queue::list(&**conn, state, a.queue.as_deref(), tenant.as_ref(), a.limit).await?;
-    if a.json {
-        print_json(&rows)?;
-    } else if rows.is_empty() {
-        println!("no tasks");
-    } else {
-        let table: Vec<Vec<String>> = rows
-            .iter()
-            .map(|r| {
-                vec![
-                    r.id.to_string(),
-                    r.queue.clone(),
-                    r.kind.clone(),
-                    r.tenant_id.clone(),
-                    r.state.to_string(),
-                    format!("{}/{}", r.attempts, r.max_attempts),
-                    r.run_at.to_rfc3339(),
-                    r.last_error.clone().unwrap_or_default(),
-                ]
-            })
-            .collect();
-        print_table(
-            &[
-                "ID",
-                "QUEUE",
-                "KIND",
-                "TENANT",
-                "STATE",
-                "ATTEMPTS",
-                "RUN AT",
-                "LAST ERROR",
-            ],
-            &table,
-        );
-    }
+    let headers = [
+        "ID",
+        "QUEUE",
+        "KIND",
+        "TENANT",
+        "STATE",
+        "ATTEMPTS",
+        "RUN AT",
+        "LAST ERROR",
+    ];
+    print_rows(a.json, &rows, Some("no tasks"), &headers, |r| {
+        vec![
+            r.id.to_string(),
+            r.queue.clone(),
+            r.kind.clone(),
+            r.tenant_id.clone(),
+            r.state.to_string(),
+            format!("{}/{}", r.attempts, r.max_attempts),
+            r.run_at.to_rfc3339(),
+            r.last_error.clone().unwrap_or_default(),
+        ]
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -242,12 +216,19 @@ async fn cancel(dsn: Option<String>, a: IdArgs) -> Result<ExitCode> {
     let db = connect(dsn).await?;
     let conn = db.get().await?;
     let state = queue::cancel(&**conn, id).await?;
-    if a.json {
-        print_json(&serde_json::json!({ "id": id, "state": state }))?;
-    } else if state == TaskState::Running {
+    if !a.json && state == TaskState::Running {
         println!(
             "task {id} is running: cancellation requested (its worker cancels it at the next heartbeat)"
         );
+        return Ok(ExitCode::SUCCESS);
+    }
+    print_task_state(a.json, id, state)
+}
+
+/// `{"id", "state"}` with `--json`, else `task <id> <state>`.
+fn print_task_state(json: bool, id: TaskId, state: TaskState) -> Result<ExitCode> {
+    if json {
+        print_json(&serde_json::json!({ "id": id, "state": state }))?;
     } else {
         println!("task {id} {state}");
     }
@@ -259,12 +240,7 @@ async fn retry(dsn: Option<String>, a: IdArgs) -> Result<ExitCode> {
     let db = connect(dsn).await?;
     let conn = db.get().await?;
     let state = queue::retry(&**conn, id).await?;
-    if a.json {
-        print_json(&serde_json::json!({ "id": id, "state": state }))?;
-    } else {
-        println!("task {id} {state}");
-    }
-    Ok(ExitCode::SUCCESS)
+    print_task_state(a.json, id, state)
 }
 
 async fn enqueue(dsn: Option<String>, a: EnqueueArgs) -> Result<ExitCode> {

@@ -6,7 +6,7 @@ use clap::{Args, Subcommand};
 use pgcrew::tenancy::{self, BudgetThresholds, CostFilter, DegradationPolicy, TenantContext};
 use pgcrew::{Error, Result, TenantId};
 
-use crate::output::{connect, print_json, print_table};
+use crate::output::{connect, print_json, print_rows, print_table};
 
 /// `pgcrew tenants` subcommands.
 #[derive(Debug, Subcommand)]
@@ -171,42 +171,32 @@ async fn set(dsn: Option<String>, args: SetArgs) -> Result<ExitCode> {
 async fn list(dsn: Option<String>, json: bool) -> Result<ExitCode> {
     let db = connect(dsn).await?;
     let tenants = tenancy::list(&db).await?;
-    if json {
-        print_json(&tenants)?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    let rows: Vec<Vec<String>> = tenants
-        .iter()
-        .map(|t| {
-            vec![
-                t.context.tenant_id.to_string(),
-                t.status.to_string(),
-                usd(t.context.budget_usd_limit),
-                usd(Some(t.spent_usd)),
-                usd(Some(t.reserved_usd)),
-                t.context
-                    .max_concurrent_runs
-                    .map_or("-".into(), |n| n.to_string()),
-                t.context
-                    .max_concurrent_tasks
-                    .map_or("-".into(), |n| n.to_string()),
-                t.context.capabilities.join(","),
-            ]
-        })
-        .collect();
-    print_table(
-        &[
-            "TENANT",
-            "STATUS",
-            "LIMIT_USD",
-            "SPENT_USD",
-            "RESERVED_USD",
-            "MAX_RUNS",
-            "MAX_TASKS",
-            "CAPABILITIES",
-        ],
-        &rows,
-    );
+    let headers = [
+        "TENANT",
+        "STATUS",
+        "LIMIT_USD",
+        "SPENT_USD",
+        "RESERVED_USD",
+        "MAX_RUNS",
+        "MAX_TASKS",
+        "CAPABILITIES",
+    ];
+    print_rows(json, &tenants, None, &headers, |t| {
+        vec![
+            t.context.tenant_id.to_string(),
+            t.status.to_string(),
+            usd(t.context.budget_usd_limit),
+            usd(Some(t.spent_usd)),
+            usd(Some(t.reserved_usd)),
+            t.context
+                .max_concurrent_runs
+                .map_or("-".into(), |n| n.to_string()),
+            t.context
+                .max_concurrent_tasks
+                .map_or("-".into(), |n| n.to_string()),
+            t.context.capabilities.join(","),
+        ]
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -321,20 +311,13 @@ async fn revoke_role(dsn: Option<String>, args: RevokeRoleArgs) -> Result<ExitCo
 async fn roles(dsn: Option<String>, json: bool) -> Result<ExitCode> {
     let db = connect(dsn).await?;
     let roles = tenancy::list_tenant_roles(&db).await?;
-    if json {
-        print_json(&roles)?;
-        return Ok(ExitCode::SUCCESS);
-    }
-    let rows: Vec<Vec<String>> = roles
-        .iter()
-        .map(|r| {
-            vec![
-                r.role.clone(),
-                r.tenant_id.to_string(),
-                r.granted_at.to_rfc3339(),
-            ]
-        })
-        .collect();
-    print_table(&["ROLE", "TENANT", "GRANTED_AT"], &rows);
+    let headers = ["ROLE", "TENANT", "GRANTED_AT"];
+    print_rows(json, &roles, None, &headers, |r| {
+        vec![
+            r.role.clone(),
+            r.tenant_id.to_string(),
+            r.granted_at.to_rfc3339(),
+        ]
+    })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,4 +1,4 @@
-//! `pgcrew bench tls`: the queue benchmark ([`crate::bench_queue`]) against one server without
+//! `pgcrew bench tls`: the queue benchmark ([`crate::bench::queue`]) against one server without
 //! TLS (`sslmode=disable`) and with TLS (`sslmode=verify-full`), alternating, each sample in a
 //! fresh scratch database; prints both rates and the TLS / plaintext ratio.
 //!
@@ -13,7 +13,7 @@ use pgcrew::db::{ScratchDatabase, SslMode, TempCluster, TempClusterOptions, pars
 use pgcrew::{Error, Result};
 use serde::Serialize;
 
-use crate::bench_queue::QueueBenchArgs;
+use crate::bench::queue::QueueBenchArgs;
 
 /// Arguments of `pgcrew bench tls`.
 #[derive(Debug, Args)]
@@ -146,7 +146,7 @@ pub async fn run(dsn: Option<String>, args: TlsBenchArgs) -> Result<ExitCode> {
             );
             let scratch = ScratchDatabase::create(admin, "pgcrew_bench_tls").await?;
             let ssl = backend_ssl(scratch.dsn()).await?;
-            let report = crate::bench_queue::bench(scratch.dsn(), &args.queue).await;
+            let report = crate::bench::queue::bench(scratch.dsn(), &args.queue).await;
             drop(scratch);
             let report = report?;
             let mode = if is_tls { &mut tls } else { &mut plain };
@@ -178,9 +178,7 @@ pub async fn run(dsn: Option<String>, args: TlsBenchArgs) -> Result<ExitCode> {
         plaintext: plain,
         tls,
     };
-    if args.queue.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+    super::print_report(args.queue.json, &report, |report| {
         println!(
             "pgcrew bench tls: queue benchmark, {} no-op tasks, {} samples per mode, same server",
             report.tasks, report.samples
@@ -209,7 +207,8 @@ pub async fn run(dsn: Option<String>, args: TlsBenchArgs) -> Result<ExitCode> {
                 "NOT met"
             }
         );
-    }
+        Ok(())
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -218,7 +217,7 @@ async fn backend_ssl(dsn: &str) -> Result<bool> {
     let (client, conn) = parse_dsn(dsn)?.open().await?;
     let driver = tokio::spawn(conn);
     let row = client
-        .query_one(pgcrew_query!("db/backend_ssl"), &[])
+        .query_one(pgcrew::sql!("db/backend_ssl"), &[])
         .await?;
     let ssl: bool = row.try_get(0)?;
     drop(client);

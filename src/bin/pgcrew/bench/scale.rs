@@ -86,28 +86,27 @@ pub async fn run(dsn: Option<String>, args: ScaleBenchArgs) -> Result<ExitCode> 
         ));
     }
     let r = crate::bench::in_scratch(dsn, async |dsn| bench(dsn, &args).await).await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!(
-        "pgcrew bench scale: claims of {} tasks + complete, {} per phase (seeding took {:.1} s)",
-        r.batch, r.samples, r.seed_secs
-    );
-    for (name, p) in [
-        ("only the measured tasks", &r.only_measured),
-        ("+ finished tasks", &r.with_finished),
-        ("+ one tenant's backlog", &r.with_backlog),
-    ] {
+    super::print_report(args.json, &r, |r| {
         println!(
-            "  {name:<24} {:>9} rows, {:>9} available: claim p50 {:.3} ms, p99 {:.3} ms; ack p50 {:.3} ms",
-            p.table_rows, p.available, p.claim_p50_ms, p.claim_p99_ms, p.ack_p50_ms
+            "pgcrew bench scale: claims of {} tasks + complete, {} per phase (seeding took {:.1} s)",
+            r.batch, r.samples, r.seed_secs
         );
-    }
-    println!(
-        "  fairness behind the backlog ({} tenants with work): the late tenant's task was claimed by claim #{} (claims of {}), #{} (claims of 1)",
-        r.tenants_with_work, r.fair_claims_batch, r.batch, r.fair_claims_single
-    );
+        for (name, p) in [
+            ("only the measured tasks", &r.only_measured),
+            ("+ finished tasks", &r.with_finished),
+            ("+ one tenant's backlog", &r.with_backlog),
+        ] {
+            println!(
+                "  {name:<24} {:>9} rows, {:>9} available: claim p50 {:.3} ms, p99 {:.3} ms; ack p50 {:.3} ms",
+                p.table_rows, p.available, p.claim_p50_ms, p.claim_p99_ms, p.ack_p50_ms
+            );
+        }
+        println!(
+            "  fairness behind the backlog ({} tenants with work): the late tenant's task was claimed by claim #{} (claims of {}), #{} (claims of 1)",
+            r.tenants_with_work, r.fair_claims_batch, r.batch, r.fair_claims_single
+        );
+        Ok(())
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -145,8 +144,7 @@ async fn bench(dsn: &str, args: &ScaleBenchArgs) -> Result<Report> {
 
     eprintln!("[4/4] fairness: one task of tenant late behind the backlog ...");
     let late = TenantId::new("late")?;
-    let tenants_with_work =
-        scalar(&conn, pgcrew_query!("queue/bench_tenants_with_work")).await? + 1;
+    let tenants_with_work = scalar(&conn, pgcrew::sql!("bench/queue_tenants_with_work")).await? + 1;
     let fair_claims_batch = claims_until_served(&conn, &me, &late, args.batch).await?;
     let fair_claims_single = claims_until_served(&conn, &me, &late, 1).await?;
     drop(conn);
@@ -171,9 +169,9 @@ async fn bench(dsn: &str, args: &ScaleBenchArgs) -> Result<Report> {
 async fn seed(conn: &Conn, n: u64, state: &str) -> Result<f64> {
     let n = i64::try_from(n).map_err(|_| Error::invalid("bench", "too many tasks to seed"))?;
     let t0 = Instant::now();
-    conn.execute(pgcrew_query!("queue/bench_seed"), &[&n, &"big", &state])
+    conn.execute(pgcrew::sql!("bench/queue_seed"), &[&n, &"big", &state])
         .await?;
-    conn.batch_execute(pgcrew_query!("queue/bench_vacuum"))
+    conn.batch_execute(pgcrew::sql!("bench/queue_vacuum"))
         .await?;
     Ok(t0.elapsed().as_secs_f64())
 }
@@ -197,8 +195,8 @@ async fn phase(conn: &Conn, me: &InstanceId, args: &ScaleBenchArgs) -> Result<Ph
     for chunk in tasks.chunks(5_000) {
         queue::enqueue_many(conn, chunk).await?;
     }
-    let table_rows = scalar(conn, pgcrew_query!("queue/bench_table_rows")).await?;
-    let available = scalar(conn, pgcrew_query!("queue/bench_available")).await?;
+    let table_rows = scalar(conn, pgcrew::sql!("bench/queue_table_rows")).await?;
+    let available = scalar(conn, pgcrew::sql!("bench/queue_available")).await?;
     let queues = vec!["default".to_string()];
     let limit = i32::try_from(args.batch).unwrap_or(i32::MAX);
     let mut claims = Vec::with_capacity(args.samples);

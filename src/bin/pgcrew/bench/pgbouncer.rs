@@ -10,7 +10,7 @@ use pgcrew::db::pgbouncer::PoolMode;
 use pgcrew::db::{StatementMode, TempPgBouncer};
 use serde::Serialize;
 
-use crate::bench_queue::{QueueBenchArgs, Target, bench_on};
+use crate::bench::queue::{QueueBenchArgs, Target, bench_on};
 
 /// Arguments of `pgcrew bench pgbouncer`.
 #[derive(Debug, Args)]
@@ -73,16 +73,7 @@ pub async fn run(dsn: Option<String>, args: PgBouncerBenchArgs) -> Result<ExitCo
         .and_then(|s| s.lines().next().map(str::to_string))
         .unwrap_or_default();
     // One server for every round: the given one, or a throwaway cluster.
-    let (admin, _cluster) = match dsn.filter(|d| !d.trim().is_empty()) {
-        Some(d) => (d, None),
-        None => {
-            eprintln!("no DATABASE_URL/--dsn: starting a throwaway PostgreSQL cluster");
-            let c = tokio::task::spawn_blocking(pgcrew::db::TempCluster::start)
-                .await
-                .map_err(|e| pgcrew::Error::Cluster(e.to_string()))??;
-            (c.dsn(), Some(c))
-        }
-    };
+    let (admin, _cluster) = super::throwaway_unless(dsn).await?;
     let upstream = admin.clone();
     let bouncer =
         tokio::task::spawn_blocking(move || TempPgBouncer::start(&upstream, PoolMode::Transaction))
@@ -156,9 +147,7 @@ pub async fn run(dsn: Option<String>, args: PgBouncerBenchArgs) -> Result<ExitCo
         direct_unnamed,
         pgbouncer_unnamed: through,
     };
-    if args.queue.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+    super::print_report(args.queue.json, &report, |report| {
         println!(
             "pgcrew bench pgbouncer: {} rounds of `bench queue` ({} tasks) alternating; {}",
             report.rounds, report.tasks, report.pgbouncer_version
@@ -182,6 +171,7 @@ pub async fn run(dsn: Option<String>, args: PgBouncerBenchArgs) -> Result<ExitCo
             "  unnamed / cached (direct): processed {:.2}x, enqueue {:.2}x",
             report.unnamed_over_cached_processed, report.unnamed_over_cached_enqueue
         );
-    }
+        Ok(())
+    })?;
     Ok(ExitCode::SUCCESS)
 }

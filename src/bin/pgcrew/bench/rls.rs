@@ -55,20 +55,19 @@ pub async fn run(dsn: Option<String>, args: RlsBenchArgs) -> Result<ExitCode> {
         ));
     }
     let r = crate::bench::in_scratch(dsn, async |dsn| bench(dsn, &args).await).await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!(
-        "pgcrew bench rls: {} events on {} runs of two tenants, median of {} reads each",
-        r.events, r.runs, r.samples
-    );
-    for f in &r.reads {
+    super::print_report(args.json, &r, |r| {
         println!(
-            "  {:<28} {:>7} rows  owner {:>8.2} ms  tenant role {:>8.2} ms  ({:.2} x; target <= 1.2)",
-            f.read, f.rows, f.owner_ms, f.tenant_ms, f.ratio
+            "pgcrew bench rls: {} events on {} runs of two tenants, median of {} reads each",
+            r.events, r.runs, r.samples
         );
-    }
+        for f in &r.reads {
+            println!(
+                "  {:<28} {:>7} rows  owner {:>8.2} ms  tenant role {:>8.2} ms  ({:.2} x; target <= 1.2)",
+                f.read, f.rows, f.owner_ms, f.tenant_ms, f.ratio
+            );
+        }
+        Ok(())
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -85,7 +84,7 @@ async fn bench(dsn: &str, args: &RlsBenchArgs) -> Result<Report> {
     let owner = db.get().await?;
     owner
         .execute(
-            pgcrew_query!("tenancy/bench_rls_seed"),
+            pgcrew::sql!("bench/tenancy_rls_seed"),
             &[&args.runs, &args.events],
         )
         .await?;
@@ -145,7 +144,7 @@ async fn measure(
     samples: usize,
 ) -> Result<Vec<ReadFigure>> {
     let run: uuid::Uuid = owner
-        .query_one(pgcrew_query!("tenancy/bench_rls_run_of"), &[])
+        .query_one(pgcrew::sql!("bench/tenancy_rls_run_of"), &[])
         .await?
         .get(0);
     let t = tenant.as_str();
@@ -156,17 +155,17 @@ async fn measure(
     ); 3] = [
         (
             "one run's ledger",
-            pgcrew_query!("tenancy/bench_rls_ledger"),
+            pgcrew::sql!("bench/tenancy_rls_ledger"),
             vec![&run, &t],
         ),
         (
             "a tenant's 100 newest events",
-            pgcrew_query!("tenancy/bench_rls_recent"),
+            pgcrew::sql!("bench/tenancy_rls_recent"),
             vec![&t],
         ),
         (
             "all of a tenant's events",
-            pgcrew_query!("tenancy/bench_rls_scan"),
+            pgcrew::sql!("bench/tenancy_rls_scan"),
             vec![&t],
         ),
     ];

@@ -118,9 +118,7 @@ pub(crate) fn check_args(args: &QueueBenchArgs) -> Result<()> {
 pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> {
     check_args(&args)?;
     let report = crate::bench::in_scratch(dsn, async |dsn| bench(dsn, &args).await).await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+    super::print_report(args.json, &report, |report| {
         println!(
             "pgcrew bench queue: {} no-op tasks, concurrency {} x {} instance(s), prefetch {}, {} connections per instance",
             report.tasks,
@@ -159,7 +157,8 @@ pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> 
             report.raw_wakeup_p99_ms,
             report.raw_wakeup_from_commit_p50_ms
         );
-    }
+        Ok(())
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -305,7 +304,7 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
     tokio::time::sleep(Duration::from_millis(200)).await;
     let conn = db.get().await?;
     let (mut burst, _) = wake_samples(&conn, &mut wake_rx, args).await?;
-    conn.batch_execute(pgcrew_query!("queue/bench_vacuum"))
+    conn.batch_execute(pgcrew::sql!("bench/queue_vacuum"))
         .await?;
     tokio::time::sleep(Duration::from_millis(200)).await;
     let (mut samples, mut from_commit) = wake_samples(&conn, &mut wake_rx, args).await?;
@@ -385,19 +384,19 @@ async fn wake_samples(
 async fn raw_wakeups(db: &Db, args: &QueueBenchArgs) -> Result<(Vec<f64>, Vec<f64>)> {
     let setup = db.get().await?;
     setup
-        .batch_execute(pgcrew_query!("queue/bench_raw_setup"))
+        .batch_execute(pgcrew::sql!("bench/queue_raw_setup"))
         .await?;
     let (listener, driver, mut notes) = Db::connect_dedicated(db.config()).await?;
     listener
-        .batch_execute(pgcrew_query!("queue/bench_raw_listen"))
+        .batch_execute(pgcrew::sql!("bench/queue_raw_listen"))
         .await?;
     let producer = db.get().await?;
     let claimer = db.get().await?;
     let insert = producer
-        .prepare(pgcrew_query!("queue/bench_raw_insert"))
+        .prepare(pgcrew::sql!("bench/queue_raw_insert"))
         .await?;
     let claim = claimer
-        .prepare(pgcrew_query!("queue/bench_raw_claim"))
+        .prepare(pgcrew::sql!("bench/queue_raw_claim"))
         .await?;
     let mut samples = Vec::with_capacity(args.wakeups);
     let mut from_commit = Vec::with_capacity(args.wakeups);
@@ -427,7 +426,7 @@ async fn raw_wakeups(db: &Db, args: &QueueBenchArgs) -> Result<(Vec<f64>, Vec<f6
     drop(listener);
     let _ = driver.await;
     setup
-        .batch_execute(pgcrew_query!("queue/bench_raw_teardown"))
+        .batch_execute(pgcrew::sql!("bench/queue_raw_teardown"))
         .await?;
     Ok((samples, from_commit))
 }

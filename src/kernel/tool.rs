@@ -129,7 +129,7 @@ impl Tool {
     /// Validate `arguments` against the input schema: [`Error::InvalidInput`] listing every
     /// violation.
     pub fn validate_arguments(&self, arguments: &Value) -> Result<()> {
-        let errors = super::schema::validate(&self.input_schema, arguments);
+        let errors = crate::agent::schema::validate(&self.input_schema, arguments);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -203,7 +203,7 @@ impl ToolBuilder {
     /// Check the definition and build the tool.
     pub fn build(self) -> Result<Tool> {
         validate_tool_name(&self.name)?;
-        super::schema::check_schema(&self.input_schema)?;
+        crate::agent::schema::check_schema(&self.input_schema)?;
         if !self.input_schema.is_object()
             || self.input_schema.get("type").is_some_and(|t| t != "object")
         {

@@ -99,9 +99,7 @@ pub async fn run(dsn: Option<String>, args: LedgerBenchArgs) -> Result<ExitCode>
         return Err(Error::invalid("--seconds", "must be a positive number"));
     }
     let r = crate::bench::in_scratch(dsn, async |dsn| bench(dsn, &args).await).await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&r)?);
-    } else {
+    super::print_report(args.json, &r, |r| {
         println!(
             "pgcrew bench ledger: {} writers on {} runs, {:.1} s per phase",
             r.writers, r.runs, args.seconds
@@ -134,7 +132,8 @@ pub async fn run(dsn: Option<String>, args: LedgerBenchArgs) -> Result<ExitCode>
             "  all chains valid afterwards: {}",
             if r.chains_valid { "yes" } else { "NO" }
         );
-    }
+        Ok(())
+    })?;
     Ok(if r.chains_valid {
         ExitCode::SUCCESS
     } else {
@@ -400,29 +399,17 @@ async fn raw_append(db: &Db, run: RunId, i: u64) -> Result<()> {
 }
 
 fn sql_v1_run() -> &'static str {
-    include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/sql/queries/runs/bench_v1_run.sql"
-    ))
+    pgcrew::sql!("bench/runs_v1_run")
 }
 
 fn sql_lock() -> &'static str {
-    include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/sql/queries/runs/bench_raw_lock.sql"
-    ))
+    pgcrew::sql!("bench/runs_raw_lock")
 }
 
 fn sql_last() -> &'static str {
-    include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/sql/queries/runs/bench_raw_last.sql"
-    ))
+    pgcrew::sql!("bench/runs_raw_last")
 }
 
 fn sql_insert() -> &'static str {
-    include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/sql/queries/runs/bench_raw_insert.sql"
-    ))
+    pgcrew::sql!("bench/runs_raw_insert")
 }

@@ -29,14 +29,8 @@ impl Default for FailoverBenchArgs {
     }
 }
 
-const CURRENT_LEADER: &str = include_str!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/sql/queries/coord/bench_current_leader.sql"
-));
-const INSTANCE_COUNT: &str = include_str!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/sql/queries/coord/bench_instance_count.sql"
-));
+const CURRENT_LEADER: &str = pgcrew::sql!("bench/coord_current_leader");
+const INSTANCE_COUNT: &str = pgcrew::sql!("bench/coord_instance_count");
 
 struct Node {
     id: String,

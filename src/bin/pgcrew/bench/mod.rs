@@ -1,5 +1,15 @@
 //! `pgcrew bench [queue|ledger|fanout|failover|scale|rls|tls|budget|pgbouncer]`: benchmarks that run in their own scratch database.
 
+pub mod budget;
+pub mod failover;
+pub mod fanout;
+pub mod ledger;
+pub mod pgbouncer;
+pub mod queue;
+pub mod rls;
+pub mod scale;
+pub mod tls;
+
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
@@ -17,43 +27,43 @@ pub struct BenchArgs {
 #[derive(Debug, Subcommand)]
 pub enum BenchKind {
     /// Task queue: bulk enqueue, processing throughput, wake-up latency.
-    Queue(crate::bench_queue::QueueBenchArgs),
+    Queue(queue::QueueBenchArgs),
     /// Ledger: sequenced hash-chained appends, batch appends, verification.
-    Ledger(crate::bench_ledger::LedgerBenchArgs),
+    Ledger(ledger::LedgerBenchArgs),
     /// LISTEN/NOTIFY fan-out to many subscribers.
-    Fanout(crate::bench_fanout::FanoutBenchArgs),
+    Fanout(fanout::FanoutBenchArgs),
     /// Leader failover time with real processes (kill -9 and graceful stop).
-    Failover(crate::bench_failover::FailoverBenchArgs),
+    Failover(failover::FailoverBenchArgs),
     /// Claim latency as the tasks table grows to millions of rows; fairness behind a
     /// million-task backlog of one tenant.
-    Scale(crate::bench_scale::ScaleBenchArgs),
+    Scale(scale::ScaleBenchArgs),
     /// Reads by a tenant role under row-level security against the owner's, on a million
     /// ledger events.
-    Rls(crate::bench_rls::RlsBenchArgs),
+    Rls(rls::RlsBenchArgs),
     /// The queue benchmark without TLS and with TLS (`verify-full`) against the same server,
     /// alternating, and the ratio.
-    Tls(crate::bench_tls::TlsBenchArgs),
+    Tls(tls::TlsBenchArgs),
     /// The queue benchmark with the default connections and with a 4-connection budget per
     /// instance, alternating; prints both and the ratio.
-    Budget(crate::bench_budget::BudgetBenchArgs),
+    Budget(budget::BudgetBenchArgs),
     /// `bench queue` directly and through PgBouncer (transaction mode) in front of the same
     /// server, alternating; plus unnamed against cached statements directly.
-    Pgbouncer(crate::bench_pgbouncer::PgBouncerBenchArgs),
+    Pgbouncer(pgbouncer::PgBouncerBenchArgs),
 }
 
 /// Run the chosen benchmark.
 pub async fn exec(dsn: Option<String>, args: BenchArgs) -> Result<ExitCode> {
     match args.which {
-        None => crate::bench_queue::run(dsn, crate::bench_queue::QueueBenchArgs::default()).await,
-        Some(BenchKind::Queue(a)) => crate::bench_queue::run(dsn, a).await,
-        Some(BenchKind::Ledger(a)) => crate::bench_ledger::run(dsn, a).await,
-        Some(BenchKind::Fanout(a)) => crate::bench_fanout::run(dsn, a).await,
-        Some(BenchKind::Failover(a)) => crate::bench_failover::run(dsn, a).await,
-        Some(BenchKind::Scale(a)) => crate::bench_scale::run(dsn, a).await,
-        Some(BenchKind::Rls(a)) => crate::bench_rls::run(dsn, a).await,
-        Some(BenchKind::Tls(a)) => crate::bench_tls::run(dsn, a).await,
-        Some(BenchKind::Budget(a)) => crate::bench_budget::run(dsn, a).await,
-        Some(BenchKind::Pgbouncer(a)) => crate::bench_pgbouncer::run(dsn, a).await,
+        None => queue::run(dsn, queue::QueueBenchArgs::default()).await,
+        Some(BenchKind::Queue(a)) => queue::run(dsn, a).await,
+        Some(BenchKind::Ledger(a)) => ledger::run(dsn, a).await,
+        Some(BenchKind::Fanout(a)) => fanout::run(dsn, a).await,
+        Some(BenchKind::Failover(a)) => failover::run(dsn, a).await,
+        Some(BenchKind::Scale(a)) => scale::run(dsn, a).await,
+        Some(BenchKind::Rls(a)) => rls::run(dsn, a).await,
+        Some(BenchKind::Tls(a)) => tls::run(dsn, a).await,
+        Some(BenchKind::Budget(a)) => budget::run(dsn, a).await,
+        Some(BenchKind::Pgbouncer(a)) => pgbouncer::run(dsn, a).await,
     }
 }
 
@@ -68,16 +78,7 @@ pub struct BenchDb {
 
 /// Create the benchmark's scratch database (migrated), printing where it lives.
 pub async fn scratch_db(dsn: Option<String>) -> Result<BenchDb> {
-    let (admin, cluster) = match dsn.filter(|d| !d.trim().is_empty()) {
-        Some(d) => (d, None),
-        None => {
-            eprintln!("no DATABASE_URL/--dsn: starting a throwaway PostgreSQL cluster");
-            let c = tokio::task::spawn_blocking(pgcrew::db::TempCluster::start)
-                .await
-                .map_err(|e| pgcrew::Error::Cluster(e.to_string()))??;
-            (c.dsn(), Some(c))
-        }
-    };
+    let (admin, cluster) = throwaway_unless(dsn).await?;
     let scratch = pgcrew::db::ScratchDatabase::create(&admin, "pgcrew_bench").await?;
     let db = pgcrew::Db::connect(scratch.dsn(), 2, std::time::Duration::from_secs(10)).await?;
     db.migrate().await?;
@@ -87,6 +88,29 @@ pub async fn scratch_db(dsn: Option<String>) -> Result<BenchDb> {
         _scratch: scratch,
         _cluster: cluster,
     })
+}
+
+/// The benchmark's server: the DSN (when not blank), or a throwaway local cluster.
+pub async fn throwaway_unless(
+    dsn: Option<String>,
+) -> Result<(String, Option<pgcrew::db::TempCluster>)> {
+    crate::output::dsn_or_cluster(dsn.filter(|d| !d.trim().is_empty()), || {
+        eprintln!("no DATABASE_URL/--dsn: starting a throwaway PostgreSQL cluster")
+    })
+    .await
+}
+
+/// Print a benchmark's report: pretty JSON with `--json`, else the text `text` prints.
+pub fn print_report<R: serde::Serialize>(
+    json: bool,
+    report: &R,
+    text: impl FnOnce(&R) -> Result<()>,
+) -> Result<()> {
+    if json {
+        crate::output::print_json(report)
+    } else {
+        text(report)
+    }
 }
 
 /// Run `f` on a scratch database ([`scratch_db`]), which is dropped afterwards whatever `f`

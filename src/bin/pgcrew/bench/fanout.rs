@@ -33,15 +33,9 @@ impl Default for FanoutBenchArgs {
     }
 }
 
-const NOTIFY_SQL: &str = include_str!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/sql/queries/coord/bench_notify.sql"
-));
+const NOTIFY_SQL: &str = pgcrew::sql!("bench/coord_notify");
 
-const LISTEN_SQL: &str = include_str!(concat!(
-    env!("CARGO_MANIFEST_DIR"),
-    "/sql/queries/coord/listen.sql"
-));
+const LISTEN_SQL: &str = pgcrew::sql!("coord/listen");
 
 /// Run the benchmark.
 pub async fn run(dsn: Option<String>, args: FanoutBenchArgs) -> Result<ExitCode> {

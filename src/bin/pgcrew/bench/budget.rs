@@ -9,7 +9,7 @@ use clap::Args;
 use pgcrew::Result;
 use serde::Serialize;
 
-use crate::bench_queue::{QueueBenchArgs, bench, check_args};
+use crate::bench::queue::{QueueBenchArgs, bench, check_args};
 
 /// Arguments of `pgcrew bench budget`.
 #[derive(Debug, Args)]
@@ -62,7 +62,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     crate::bench::percentile_ms(&v, 0.5)
 }
 
-fn side(runs: &[crate::bench_queue::Report]) -> Side {
+fn side(runs: &[crate::bench::queue::Report]) -> Side {
     let per_sec: Vec<f64> = runs.iter().map(|r| r.processed_per_sec).collect();
     Side {
         connections_per_instance: runs.first().map_or(0, |r| r.connections_per_instance),
@@ -119,9 +119,7 @@ pub async fn run(dsn: Option<String>, args: BudgetBenchArgs) -> Result<ExitCode>
         defaults,
         budget,
     };
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
-    } else {
+    super::print_report(args.json, &report, |report| {
         println!(
             "pgcrew bench budget: queue benchmark, {} no-op tasks, concurrency {}, {} rounds (medians)",
             report.tasks, report.concurrency, report.rounds
@@ -139,6 +137,7 @@ pub async fn run(dsn: Option<String>, args: BudgetBenchArgs) -> Result<ExitCode>
             "  ratio budget/defaults: throughput {:.3}, wake-up p50 {:.3}",
             report.throughput_ratio, report.wakeup_p50_ratio
         );
-    }
+        Ok(())
+    })?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,256 @@
+//! Agent definitions: [`AgentDef`] (name, model, system prompt, tools, limits), its
+//! capability-denial policy, and their rows in `pgcrew.agents` / `pgcrew.tools`.
+
+use tracing::instrument;
+
+use crate::db::Executor;
+use crate::error::{Error, Result};
+use crate::kernel::ToolRegistry;
+
+/// The task kind of agent runs.
+pub const AGENT_RUN_KIND: &str = "pgcrew.agent_run";
+
+/// Default most model/tool iterations per run.
+pub const DEFAULT_MAX_ITERATIONS: u32 = 10;
+
+/// The queue an agent's runs are enqueued on (`agent.<name>`): only instances that can run the
+/// agent (they have its tools) listen on it.
+pub fn agent_queue(agent: &str) -> String {
+    format!("agent.{agent}")
+}
+
+/// What an agent run does when the model calls a tool whose capability the run's tenant lacks
+/// (the tool never runs and the ledger records `capability_denied` either way). Stored per
+/// agent in `pgcrew.agents.on_capability_denied`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "snake_case")]
+pub enum CapabilityDenialPolicy {
+    /// The default: the run fails with `error_type` `capability_denied` and the denial
+    /// ([`Error::CapabilityDenied`]) as its error message; the model is not called again.
+    #[default]
+    FailRun,
+    /// The denial is returned to the model as the tool's result (`{"error": "capability
+    /// denied: ..."}`) and the run continues, so the model can answer without the tool.
+    ReturnToModel,
+}
+
+impl CapabilityDenialPolicy {
+    /// The stored name: `fail_run` or `return_to_model`.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            CapabilityDenialPolicy::FailRun => "fail_run",
+            CapabilityDenialPolicy::ReturnToModel => "return_to_model",
+        }
+    }
+}
+
+impl std::fmt::Display for CapabilityDenialPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for CapabilityDenialPolicy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        let s = s.trim();
+        [Self::FailRun, Self::ReturnToModel]
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .ok_or_else(|| {
+                Error::invalid(
+                    "on_capability_denied",
+                    format!("`{s}` is not one of fail_run, return_to_model"),
+                )
+            })
+    }
+}
+
+/// An agent definition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentDef {
+    /// Unique name.
+    pub name: String,
+    /// What the agent does.
+    pub description: String,
+    /// The model it calls.
+    pub model: String,
+    /// Its system prompt.
+    pub system_prompt: String,
+    /// Names of the tools it may call.
+    pub tools: Vec<String>,
+    /// `max_tokens` of each model call.
+    pub max_tokens: Option<u32>,
+    /// Sampling temperature.
+    pub temperature: Option<f64>,
+    /// Most iterations (model calls) per run.
+    pub max_iterations: u32,
+    /// What a run does when a tool call is denied for lack of a capability (default
+    /// [`CapabilityDenialPolicy::FailRun`]).
+    pub on_capability_denied: CapabilityDenialPolicy,
+}
+
+impl AgentDef {
+    /// A definition with defaults (no tools, no system prompt, 10 iterations).
+    pub fn new(name: impl Into<String>, model: impl Into<String>) -> Self {
+        Self {
+            name: name.into(),
+            description: String::new(),
+            model: model.into(),
+            system_prompt: String::new(),
+            tools: Vec::new(),
+            max_tokens: None,
+            temperature: None,
+            max_iterations: DEFAULT_MAX_ITERATIONS,
+            on_capability_denied: CapabilityDenialPolicy::default(),
+        }
+    }
+
+    /// Set the description.
+    pub fn description(mut self, d: impl Into<String>) -> Self {
+        self.description = d.into();
+        self
+    }
+
+    /// Set the system prompt.
+    pub fn system_prompt(mut self, p: impl Into<String>) -> Self {
+        self.system_prompt = p.into();
+        self
+    }
+
+    /// Allow a tool.
+    pub fn tool(mut self, name: impl Into<String>) -> Self {
+        self.tools.push(name.into());
+        self
+    }
+
+    /// Set `max_tokens` per model call.
+    pub fn max_tokens(mut self, n: u32) -> Self {
+        self.max_tokens = Some(n);
+        self
+    }
+
+    /// Set the temperature.
+    pub fn temperature(mut self, t: f64) -> Self {
+        self.temperature = Some(t);
+        self
+    }
+
+    /// Set the most iterations per run.
+    pub fn max_iterations(mut self, n: u32) -> Self {
+        self.max_iterations = n;
+        self
+    }
+
+    /// Set what a run does when a tool call is denied for lack of a capability.
+    pub fn on_capability_denied(mut self, policy: CapabilityDenialPolicy) -> Self {
+        self.on_capability_denied = policy;
+        self
+    }
+
+    /// Check the definition (names, ranges).
+    pub fn validate(&self) -> Result<()> {
+        crate::ids::validate_text_id("agent name", &self.name)?;
+        crate::ids::validate_text_id("agent model", &self.model)?;
+        for t in &self.tools {
+            crate::kernel::validate_tool_name(t)?;
+        }
+        if self.max_iterations == 0 || self.max_iterations > 1000 {
+            return Err(Error::invalid(
+                "max_iterations",
+                format!("{} is outside 1 to 1000", self.max_iterations),
+            ));
+        }
+        if self.max_tokens == Some(0) {
+            return Err(Error::invalid("max_tokens", "must be at least 1"));
+        }
+        if let Some(t) = self.temperature
+            && !(t.is_finite() && (0.0..=2.0).contains(&t))
+        {
+            return Err(Error::invalid(
+                "temperature",
+                format!("{t} is outside 0 to 2"),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn to_i32(field: &'static str, v: u32) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::invalid(field, format!("{v} is too large")))
+}
+
+/// Upsert an agent definition into `pgcrew.agents`.
+#[instrument(skip(db, def), fields(agent = %def.name), err)]
+pub async fn register_agent(db: &crate::Db, def: &AgentDef) -> Result<()> {
+    def.validate()?;
+    let max_tokens = def
+        .max_tokens
+        .map(|n| to_i32("max_tokens", n))
+        .transpose()?;
+    let iterations = to_i32("max_iterations", def.max_iterations)?;
+    let conn = db.get().await?;
+    conn.execute_typed_count(
+        sql!("agent/upsert_agent"),
+        typed![
+            &def.name,
+            &def.description,
+            &def.model,
+            &def.system_prompt,
+            &def.tools,
+            &max_tokens,
+            &def.temperature,
+            &iterations,
+            &def.on_capability_denied.as_str(),
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Upsert every tool of a registry into `pgcrew.tools`, in one transaction.
+#[instrument(skip(db, tools), err)]
+pub async fn register_tools(db: &crate::Db, tools: &ToolRegistry) -> Result<()> {
+    let mut conn = db.get().await?;
+    let tx = conn.transaction().await?;
+    for t in tools.iter() {
+        tx.execute_typed_count(
+            sql!("agent/upsert_tool"),
+            typed![
+                &t.name(),
+                &t.description(),
+                t.input_schema(),
+                &t.requires_capability(),
+            ],
+        )
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Load an agent definition ([`Error::NotFound`] with kind `agent` when unknown).
+#[instrument(skip(db), err)]
+pub async fn get_agent(db: &crate::Db, name: &str) -> Result<AgentDef> {
+    let conn = db.get().await?;
+    let row = conn
+        .query_typed_opt_row(sql!("agent/get_agent"), typed![&name])
+        .await?
+        .ok_or_else(|| Error::not_found("agent", name))?;
+    let max_tokens: Option<i32> = row.try_get("max_tokens")?;
+    let iterations: i32 = row.try_get("max_iterations")?;
+    let policy: String = row.try_get("on_capability_denied")?;
+    Ok(AgentDef {
+        name: row.try_get("name")?,
+        description: row.try_get("description")?,
+        model: row.try_get("model")?,
+        system_prompt: row.try_get("system_prompt")?,
+        tools: row.try_get("tools")?,
+        max_tokens: max_tokens.and_then(|n| u32::try_from(n).ok()),
+        temperature: row.try_get("temperature")?,
+        max_iterations: u32::try_from(iterations).unwrap_or(DEFAULT_MAX_ITERATIONS),
+        on_capability_denied: policy.parse()?,
+    })
+}
