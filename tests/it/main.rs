@@ -31,3 +31,4 @@ mod runs_edges;
 mod tenancy;
 mod tenant_isolation;
 mod tls;
+mod tool_schema;
