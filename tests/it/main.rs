@@ -7,6 +7,7 @@ mod common;
 mod agent_process;
 mod bad_input;
 mod budget_edges;
+mod claim_paths;
 mod connection_budget;
 mod coord;
 mod coord_process;
