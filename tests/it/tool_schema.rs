@@ -7,210 +7,38 @@ use pgcrew::agent::schema::{check_schema, validate};
 use pgcrew::{Error, Tool};
 use serde_json::{Value, json};
 
-struct Case {
-    keyword: &'static str,
-    schema: Value,
-    valid: Value,
-    invalid: Value,
-    /// Every one must appear in the violations of `invalid`.
-    expect: &'static [&'static str],
-}
-
-/// An object schema with one property `x` of schema `x`.
-fn prop(x: Value) -> Value {
-    json!({"type": "object", "properties": {"x": x}})
-}
-
-fn cases() -> Vec<Case> {
-    vec![
-        // Keywords the old validator ignored.
-        Case {
-            keyword: "pattern",
-            schema: prop(json!({"type": "string", "pattern": "^[A-Z]{3}-[0-9]+$"})),
-            valid: json!({"x": "ABC-42"}),
-            invalid: json!({"x": "abc-42"}),
-            expect: &["/x: \"abc-42\" does not match the pattern `^[A-Z]{3}-[0-9]+$`"],
-        },
-        Case {
-            keyword: "anyOf",
-            schema: prop(
-                json!({"anyOf": [{"type": "integer"}, {"type": "string", "minLength": 2}]}),
-            ),
-            valid: json!({"x": "ok"}),
-            invalid: json!({"x": "z"}),
-            expect: &[
-                "/x: matches none of the `anyOf` alternatives",
-                "alternative 1: /x: expected integer, got string",
-                "alternative 2: /x: shorter than 2 characters",
-            ],
-        },
-        Case {
-            keyword: "oneOf (none)",
-            schema: prop(json!({"oneOf": [{"type": "integer"}, {"type": "boolean"}]})),
-            valid: json!({"x": true}),
-            invalid: json!({"x": "yes"}),
-            expect: &["/x: matches none of the `oneOf` alternatives"],
-        },
-        Case {
-            keyword: "oneOf (several)",
-            schema: prop(json!({"oneOf": [{"type": "integer"}, {"type": "number", "minimum": 0}]})),
-            valid: json!({"x": 0.5}),
-            invalid: json!({"x": 3}),
-            expect: &["/x: matches more than one of the `oneOf` alternatives"],
-        },
-        Case {
-            keyword: "allOf",
-            schema: prop(json!({"allOf": [{"type": "integer"}, {"minimum": 10}, {"maximum": 20}]})),
-            valid: json!({"x": 15}),
-            invalid: json!({"x": 25}),
-            expect: &["/x: 25 is greater than the maximum 20"],
-        },
-        Case {
-            keyword: "$ref (#/$defs)",
-            schema: json!({
-                "type": "object",
-                "$defs": {"money": {"type": "object", "required": ["cents"],
-                                    "properties": {"cents": {"type": "integer", "minimum": 1}}}},
-                "properties": {"price": {"$ref": "#/$defs/money"}}
-            }),
-            valid: json!({"price": {"cents": 5}}),
-            invalid: json!({"price": {"cents": 0}}),
-            expect: &["/price/cents: 0 is less than the minimum 1"],
-        },
-        Case {
-            keyword: "$ref (#/definitions)",
-            schema: json!({
-                "type": "object",
-                "definitions": {"code": {"type": "string", "maxLength": 3}},
-                "properties": {"codes": {"type": "array", "items": {"$ref": "#/definitions/code"}}}
-            }),
-            valid: json!({"codes": ["a", "abc"]}),
-            invalid: json!({"codes": ["a", "abcd"]}),
-            expect: &["/codes/1: longer than 3 characters"],
-        },
-        Case {
-            keyword: "format: email",
-            schema: prop(json!({"type": "string", "format": "email"})),
-            valid: json!({"x": "ada@example.com"}),
-            invalid: json!({"x": "not an address"}),
-            expect: &["/x: \"not an address\" is not a valid `email` (format)"],
-        },
-        Case {
-            keyword: "format: date-time",
-            schema: prop(json!({"type": "string", "format": "date-time"})),
-            valid: json!({"x": "2026-11-29T04:12:08Z"}),
-            invalid: json!({"x": "2026-13-40 25:00"}),
-            expect: &["/x: \"2026-13-40 25:00\" is not a valid `date-time` (format)"],
-        },
-        Case {
-            keyword: "format: uuid",
-            schema: prop(json!({"type": "string", "format": "uuid"})),
-            valid: json!({"x": "67e55044-10b1-426f-9247-bb680e5fe0c8"}),
-            invalid: json!({"x": "67e55044-10b1-426f"}),
-            expect: &["/x: \"67e55044-10b1-426f\" is not a valid `uuid` (format)"],
-        },
-        // Keywords enforced before, with the same messages.
-        Case {
-            keyword: "type",
-            schema: prop(json!({"type": ["integer", "null"]})),
-            valid: json!({"x": null}),
-            invalid: json!({"x": "1"}),
-            expect: &["/x: expected integer or null, got string"],
-        },
-        Case {
-            keyword: "required",
-            schema: json!({"type": "object", "required": ["a", "b"]}),
-            valid: json!({"a": 1, "b": 2}),
-            invalid: json!({"b": 2}),
-            expect: &["/: missing required property `a`"],
-        },
-        Case {
-            keyword: "properties",
-            schema: prop(json!({"type": "boolean"})),
-            valid: json!({"x": false, "y": "anything"}),
-            invalid: json!({"x": 0}),
-            expect: &["/x: expected boolean, got number"],
-        },
-        Case {
-            keyword: "additionalProperties: false",
-            schema: json!({"type": "object", "properties": {"a": {}}, "additionalProperties": false}),
-            valid: json!({"a": 1}),
-            invalid: json!({"a": 1, "b": 2, "c": 3}),
-            expect: &["/: unexpected property `b`", "/: unexpected property `c`"],
-        },
-        Case {
-            keyword: "enum",
-            schema: prop(json!({"enum": ["usd", "eur"]})),
-            valid: json!({"x": "eur"}),
-            invalid: json!({"x": "gbp"}),
-            expect: &["/x: \"gbp\" is not one of [\"usd\",\"eur\"]"],
-        },
-        Case {
-            keyword: "minimum",
-            schema: prop(json!({"type": "number", "minimum": 1.5})),
-            valid: json!({"x": 1.5}),
-            invalid: json!({"x": 1}),
-            expect: &["/x: 1 is less than the minimum 1.5"],
-        },
-        Case {
-            keyword: "maximum",
-            schema: prop(json!({"type": "integer", "maximum": 100})),
-            valid: json!({"x": 100}),
-            invalid: json!({"x": 101}),
-            expect: &["/x: 101 is greater than the maximum 100"],
-        },
-        Case {
-            keyword: "items",
-            schema: prop(
-                json!({"type": "array", "items": {"type": "string"}, "minItems": 1, "maxItems": 2}),
-            ),
-            valid: json!({"x": ["a"]}),
-            invalid: json!({"x": ["a", 2, "c"]}),
-            expect: &["/x/1: expected string, got number", "/x: more than 2 items"],
-        },
-        Case {
-            keyword: "minItems",
-            schema: prop(json!({"type": "array", "minItems": 1})),
-            valid: json!({"x": [0]}),
-            invalid: json!({"x": []}),
-            expect: &["/x: fewer than 1 items"],
-        },
-        Case {
-            keyword: "minLength",
-            schema: prop(json!({"type": "string", "minLength": 2})),
-            valid: json!({"x": "éé"}),
-            invalid: json!({"x": "é"}),
-            expect: &["/x: shorter than 2 characters"],
-        },
-        Case {
-            keyword: "maxLength",
-            schema: prop(json!({"type": "string", "maxLength": 2})),
-            valid: json!({"x": "ab"}),
-            invalid: json!({"x": "abc"}),
-            expect: &["/x: longer than 2 characters"],
-        },
-    ]
-}
+/// The table: one row per keyword, the ones the old validator ignored first. A row is
+/// `{"keyword", "schema" (or "x": the schema of property `x` of an object), "valid",
+/// "invalid", "expect": [texts every one of which the violations of "invalid" contain]}`.
+const CASES: &str = include_str!("tool_schema_cases.json");
 
 #[test]
 fn every_keyword_is_enforced_with_its_path_and_rule() {
+    let cases: Vec<Value> = serde_json::from_str(CASES).unwrap();
+    assert_eq!(cases.len(), 21);
     // Every case runs; the failures are listed together.
     let mut failures = Vec::new();
-    for c in cases() {
-        if let Err(e) = check_schema(&c.schema) {
-            failures.push(format!("{}: schema rejected: {e}", c.keyword));
+    for c in &cases {
+        let keyword = &c["keyword"];
+        let schema = match c.get("x") {
+            Some(x) => json!({"type": "object", "properties": {"x": x}}),
+            None => c["schema"].clone(),
+        };
+        if let Err(e) = check_schema(&schema) {
+            failures.push(format!("{keyword}: schema rejected: {e}"));
             continue;
         }
-        let ok = validate(&c.schema, &c.valid);
+        let ok = validate(&schema, &c["valid"]);
         if !ok.is_empty() {
-            failures.push(format!("{}: {} rejected: {ok:?}", c.keyword, c.valid));
+            failures.push(format!("{keyword}: {} rejected: {ok:?}", c["valid"]));
         }
-        let text = validate(&c.schema, &c.invalid).join("\n");
-        for want in c.expect {
+        let text = validate(&schema, &c["invalid"]).join("\n");
+        for want in c["expect"].as_array().unwrap() {
+            let want = want.as_str().unwrap();
             if !text.contains(want) {
                 failures.push(format!(
-                    "{}: {} gave [{text}] without `{want}`",
-                    c.keyword, c.invalid
+                    "{keyword}: {} gave [{text}] without `{want}`",
+                    c["invalid"]
                 ));
             }
         }
