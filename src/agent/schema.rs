@@ -1,114 +1,81 @@
-//! A small JSON Schema validator for tool arguments.
+//! JSON Schema validation of tool arguments, with the maintained [`jsonschema`] crate.
 //!
-//! Supported keywords: `type` (a string or an array of strings: `object`, `array`, `string`,
-//! `number`, `integer`, `boolean`, `null`), `properties`, `required`, `additionalProperties`
-//! (`false` or a schema), `enum`, `const`, `items`, `minimum`, `maximum`, `exclusiveMinimum`,
-//! `exclusiveMaximum`, `minLength`, `maxLength`, `minItems`, `maxItems`. Other keywords (such
-//! as `description`) are ignored. Every violation is reported with its JSON pointer.
+//! A schema is read as JSON Schema draft 2020-12 unless its `$schema` names another draft, and
+//! every keyword of that draft is enforced: `type`, `properties`, `required`,
+//! `additionalProperties`, `enum`, `const`, `items`, the numeric and length limits, and also
+//! `pattern`, `anyOf`, `oneOf`, `allOf`, `not`, `$ref`, `$defs`, `uniqueItems`, ... Unknown
+//! keywords (such as `description`) are ignored, as the standard says.
+//!
+//! **Formats are asserted**: a `"format"` the crate knows (`email`, `date-time`, `date`,
+//! `uuid`, `uri`, `ipv4`, ...) is a rule, not an annotation; an unknown format name is ignored.
+//!
+//! **No remote references**: `$ref` resolves inside the schema (`#/$defs/name`,
+//! `#/definitions/name`, anchors). A `$ref` to a URL or a file is never fetched (the crate is
+//! built without its network and file features, and pgcrew installs a retriever that refuses):
+//! [`check_schema`] rejects such a schema with an error naming the reference.
+//!
+//! Every violation is reported with its JSON pointer (the instance location) and the rule.
 
+use jsonschema::error::{TypeKind, ValidationErrorKind};
+use jsonschema::{JsonTypeSet, Retrieve, Uri, ValidationError, Validator};
 use serde_json::Value;
 
 use crate::error::{Error, Result};
 
-const TYPES: &[&str] = &[
-    "object", "array", "string", "number", "integer", "boolean", "null",
-];
+/// Refuses every reference that is not inside the schema itself: nothing is fetched.
+struct NoRemoteRefs;
 
-/// Check that `schema` only uses keywords with the shapes this validator understands (called
-/// when a tool is registered, so a broken schema is rejected before any call).
+impl Retrieve for NoRemoteRefs {
+    fn retrieve(
+        &self,
+        uri: &Uri<String>,
+    ) -> std::result::Result<Value, Box<dyn std::error::Error + Send + Sync>> {
+        Err(format!(
+            "`{uri}` is not fetched: pgcrew resolves only references inside the schema (such as `#/$defs/name`); copy the definition under `$defs`"
+        )
+        .into())
+    }
+}
+
+/// The validator for `schema`: formats asserted, no remote references.
+fn compile(schema: &Value) -> std::result::Result<Validator, ValidationError<'static>> {
+    jsonschema::options()
+        .should_validate_formats(true)
+        .with_retriever(NoRemoteRefs)
+        .build(schema)
+}
+
+/// Check that `schema` is a valid JSON Schema whose references all resolve (called when a tool
+/// is registered, so a broken schema is rejected before any call).
 pub fn check_schema(schema: &Value) -> Result<()> {
-    check_schema_at(schema, "#")
+    compile(schema).map(drop).map_err(|e| bad_schema(&e))
 }
 
-fn bad_schema(path: &str, message: impl std::fmt::Display) -> Error {
-    Error::invalid("input schema", format!("at {path}: {message}"))
+fn bad_schema(e: &ValidationError<'_>) -> Error {
+    Error::invalid("input schema", schema_error_text(e))
 }
 
-fn check_schema_at(schema: &Value, path: &str) -> Result<()> {
-    let Some(obj) = schema.as_object() else {
-        if schema.is_boolean() {
-            return Ok(());
-        }
-        return Err(bad_schema(path, "a schema must be a JSON object"));
+/// `at #<pointer into the schema>: <why>`.
+fn schema_error_text(e: &ValidationError<'_>) -> String {
+    let why = match e.kind() {
+        ValidationErrorKind::Referencing(r) => format!("cannot resolve a `$ref`: {r}"),
+        _ => format!("not a valid JSON Schema (`{}`): {e}", e.kind().keyword()),
     };
-    if let Some(t) = obj.get("type") {
-        let names: Vec<&Value> = match t {
-            Value::Array(a) => a.iter().collect(),
-            other => vec![other],
-        };
-        for n in names {
-            match n.as_str() {
-                Some(s) if TYPES.contains(&s) => {}
-                _ => {
-                    return Err(bad_schema(
-                        path,
-                        format!("`type` {n} is not one of {}", TYPES.join(", ")),
-                    ));
-                }
-            }
-        }
-    }
-    if let Some(p) = obj.get("properties") {
-        let Some(props) = p.as_object() else {
-            return Err(bad_schema(path, "`properties` must be an object"));
-        };
-        for (k, s) in props {
-            check_schema_at(s, &format!("{path}/properties/{k}"))?;
-        }
-    }
-    if let Some(r) = obj.get("required")
-        && !r.as_array().is_some_and(|a| a.iter().all(Value::is_string))
-    {
-        return Err(bad_schema(path, "`required` must be an array of strings"));
-    }
-    if let Some(e) = obj.get("enum")
-        && !e.is_array()
-    {
-        return Err(bad_schema(path, "`enum` must be an array"));
-    }
-    if let Some(i) = obj.get("items") {
-        check_schema_at(i, &format!("{path}/items"))?;
-    }
-    if let Some(a) = obj.get("additionalProperties") {
-        check_schema_at(a, &format!("{path}/additionalProperties"))?;
-    }
-    for k in ["minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"] {
-        if let Some(v) = obj.get(k)
-            && !v.is_number()
-        {
-            return Err(bad_schema(path, format!("`{k}` must be a number")));
-        }
-    }
-    for k in ["minLength", "maxLength", "minItems", "maxItems"] {
-        if let Some(v) = obj.get(k)
-            && !v.is_u64()
-        {
-            return Err(bad_schema(
-                path,
-                format!("`{k}` must be a non-negative integer"),
-            ));
-        }
-    }
-    Ok(())
+    format!("at #{}: {why}", e.instance_path())
 }
 
-/// Validate `value` against `schema`; returns every violation (empty when valid).
+/// Validate `value` against `schema`; returns every violation (empty when valid). A schema that
+/// [`check_schema`] rejects gives one violation saying why.
 pub fn validate(schema: &Value, value: &Value) -> Vec<String> {
-    let mut errors = Vec::new();
-    validate_at(schema, value, "", &mut errors);
-    errors
-}
-
-fn type_matches(t: &str, v: &Value) -> bool {
-    match t {
-        "object" => v.is_object(),
-        "array" => v.is_array(),
-        "string" => v.is_string(),
-        "number" => v.is_number(),
-        "integer" => v.is_i64() || v.is_u64() || v.as_f64().is_some_and(|f| f.fract() == 0.0),
-        "boolean" => v.is_boolean(),
-        "null" => v.is_null(),
-        _ => false,
+    match compile(schema) {
+        Ok(validator) => validator
+            .iter_errors(value)
+            .flat_map(|e| describe(schema, &e))
+            .collect(),
+        Err(e) => vec![format!(
+            "/: the input schema is invalid: {}",
+            schema_error_text(&e)
+        )],
     }
 }
 
@@ -116,127 +83,116 @@ fn ptr(path: &str) -> &str {
     if path.is_empty() { "/" } else { path }
 }
 
-fn validate_at(schema: &Value, value: &Value, path: &str, errors: &mut Vec<String>) {
-    let obj = match schema {
-        Value::Bool(true) => return,
-        Value::Bool(false) => {
-            errors.push(format!("{}: no value is allowed here", ptr(path)));
-            return;
-        }
-        Value::Object(o) => o,
-        _ => return,
+/// A number as the messages show it (`0`, `1.5`).
+fn num(v: &Value) -> String {
+    v.as_f64().map_or_else(|| v.to_string(), |n| n.to_string())
+}
+
+/// The types a failed `type` asked for, in the schema's own order when the keyword can be
+/// found at the error's schema path (the crate's type set has an order of its own).
+fn type_names(schema: &Value, e: &ValidationError<'_>, kind: &TypeKind) -> String {
+    let names = |v: &Value| match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(a) => a
+            .iter()
+            .map(|n| n.as_str().map(str::to_string))
+            .collect::<Option<Vec<_>>>()
+            .map(|n| n.join(" or ")),
+        _ => None,
     };
-    if let Some(t) = obj.get("type") {
-        let names: Vec<&str> = match t {
-            Value::Array(a) => a.iter().filter_map(Value::as_str).collect(),
-            Value::String(s) => vec![s.as_str()],
-            _ => vec![],
-        };
-        if !names.is_empty() && !names.iter().any(|n| type_matches(n, value)) {
-            errors.push(format!(
-                "{}: expected {}, got {}",
-                ptr(path),
-                names.join(" or "),
-                kind_of(value)
-            ));
-            return;
-        }
+    if let Some(written) = schema.pointer(e.schema_path().as_str()).and_then(names) {
+        return written;
     }
-    if let Some(Value::Array(options)) = obj.get("enum")
-        && !options.contains(value)
-    {
-        errors.push(format!(
-            "{}: {value} is not one of {}",
-            ptr(path),
-            Value::Array(options.clone())
-        ));
+    match kind {
+        TypeKind::Single(t) => t.to_string(),
+        TypeKind::Multiple(set) => names_of(*set),
     }
-    if let Some(c) = obj.get("const")
-        && c != value
-    {
-        errors.push(format!("{}: must be {c}", ptr(path)));
-    }
-    if let Some(n) = value.as_f64() {
-        let limit = |k: &str| obj.get(k).and_then(Value::as_f64);
-        if let Some(m) = limit("minimum")
-            && n < m
-        {
-            errors.push(format!("{}: {n} is less than the minimum {m}", ptr(path)));
+}
+
+fn names_of(set: JsonTypeSet) -> String {
+    set.iter()
+        .map(|t| t.as_str())
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
+
+/// The alternatives of an `anyOf` / `oneOf` and why each failed.
+fn alternatives(schema: &Value, context: &[Vec<ValidationError<'static>>]) -> String {
+    context
+        .iter()
+        .enumerate()
+        .map(|(i, errors)| {
+            let why: Vec<String> = errors.iter().flat_map(|e| describe(schema, e)).collect();
+            format!("alternative {}: {}", i + 1, why.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// One violation of `schema` as `<pointer>: <what is wrong>` lines (one per unexpected
+/// property).
+fn describe(schema: &Value, e: &ValidationError<'_>) -> Vec<String> {
+    use ValidationErrorKind as K;
+    let at = ptr(e.instance_path().as_str());
+    let value = e.instance();
+    let text = match e.kind() {
+        K::Type { kind } => format!(
+            "{at}: expected {}, got {}",
+            type_names(schema, e, kind),
+            kind_of(value)
+        ),
+        K::Enum { options } => format!("{at}: {value} is not one of {options}"),
+        K::Constant { expected_value } => format!("{at}: must be {expected_value}"),
+        K::Minimum { limit } => format!(
+            "{at}: {} is less than the minimum {}",
+            num(value),
+            num(limit)
+        ),
+        K::Maximum { limit } => format!(
+            "{at}: {} is greater than the maximum {}",
+            num(value),
+            num(limit)
+        ),
+        K::ExclusiveMinimum { limit } => {
+            format!("{at}: {} must be greater than {}", num(value), num(limit))
         }
-        if let Some(m) = limit("maximum")
-            && n > m
-        {
-            errors.push(format!(
-                "{}: {n} is greater than the maximum {m}",
-                ptr(path)
-            ));
+        K::ExclusiveMaximum { limit } => {
+            format!("{at}: {} must be less than {}", num(value), num(limit))
         }
-        if let Some(m) = limit("exclusiveMinimum")
-            && n <= m
-        {
-            errors.push(format!("{}: {n} must be greater than {m}", ptr(path)));
+        K::MinLength { limit } => format!("{at}: shorter than {limit} characters"),
+        K::MaxLength { limit } => format!("{at}: longer than {limit} characters"),
+        K::MinItems { limit } => format!("{at}: fewer than {limit} items"),
+        K::MaxItems { limit } => format!("{at}: more than {limit} items"),
+        K::Required { property } => format!(
+            "{at}: missing required property `{}`",
+            property
+                .as_str()
+                .map_or_else(|| property.to_string(), str::to_string)
+        ),
+        K::AdditionalProperties { unexpected } => {
+            return unexpected
+                .iter()
+                .map(|k| format!("{at}: unexpected property `{k}`"))
+                .collect();
         }
-        if let Some(m) = limit("exclusiveMaximum")
-            && n >= m
-        {
-            errors.push(format!("{}: {n} must be less than {m}", ptr(path)));
+        K::FalseSchema => format!("{at}: no value is allowed here"),
+        K::Pattern { pattern } => format!("{at}: {value} does not match the pattern `{pattern}`"),
+        K::Format { format } => format!("{at}: {value} is not a valid `{format}` (format)"),
+        K::AnyOf { context } => format!(
+            "{at}: matches none of the `anyOf` alternatives ({})",
+            alternatives(schema, context)
+        ),
+        K::OneOfNotValid { context } => format!(
+            "{at}: matches none of the `oneOf` alternatives ({})",
+            alternatives(schema, context)
+        ),
+        K::OneOfMultipleValid { .. } => {
+            format!("{at}: matches more than one of the `oneOf` alternatives")
         }
-    }
-    let count = |k: &str| obj.get(k).and_then(Value::as_u64);
-    if let Some(s) = value.as_str() {
-        let len = s.chars().count() as u64;
-        if let Some(m) = count("minLength")
-            && len < m
-        {
-            errors.push(format!("{}: shorter than {m} characters", ptr(path)));
-        }
-        if let Some(m) = count("maxLength")
-            && len > m
-        {
-            errors.push(format!("{}: longer than {m} characters", ptr(path)));
-        }
-    }
-    if let Some(items) = value.as_array() {
-        let len = items.len() as u64;
-        if let Some(m) = count("minItems")
-            && len < m
-        {
-            errors.push(format!("{}: fewer than {m} items", ptr(path)));
-        }
-        if let Some(m) = count("maxItems")
-            && len > m
-        {
-            errors.push(format!("{}: more than {m} items", ptr(path)));
-        }
-        if let Some(item_schema) = obj.get("items") {
-            for (i, item) in items.iter().enumerate() {
-                validate_at(item_schema, item, &format!("{path}/{i}"), errors);
-            }
-        }
-    }
-    if let Some(map) = value.as_object() {
-        let props = obj.get("properties").and_then(Value::as_object);
-        if let Some(Value::Array(required)) = obj.get("required") {
-            for r in required.iter().filter_map(Value::as_str) {
-                if !map.contains_key(r) {
-                    errors.push(format!("{}: missing required property `{r}`", ptr(path)));
-                }
-            }
-        }
-        for (k, v) in map {
-            let child = format!("{path}/{k}");
-            match props.and_then(|p| p.get(k)) {
-                Some(s) => validate_at(s, v, &child, errors),
-                None => match obj.get("additionalProperties") {
-                    Some(Value::Bool(false)) => {
-                        errors.push(format!("{}: unexpected property `{k}`", ptr(path)));
-                    }
-                    Some(s @ Value::Object(_)) => validate_at(s, v, &child, errors),
-                    _ => {}
-                },
-            }
-        }
-    }
+        K::Referencing(r) => format!("{at}: cannot resolve a `$ref`: {r}"),
+        other => format!("{at}: {e} (`{}`)", other.keyword()),
+    };
+    vec![text]
 }
 
 fn kind_of(v: &Value) -> &'static str {

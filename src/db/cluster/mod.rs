@@ -13,11 +13,16 @@
 //! cluster, handed to `initdb` in an owner-only file that is removed right after, and never
 //! put on a command line (which `ps` shows to everyone).
 
+mod process;
+mod tls;
+
 use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
+
+use process::{find_bindir, free_port, is_root};
 
 use crate::error::{Error, Result};
 
@@ -83,80 +88,6 @@ impl std::fmt::Debug for TempCluster {
             .field("tls", &self.tls.as_ref().map(|t| &t.1))
             .finish_non_exhaustive()
     }
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn find_bindir() -> Result<PathBuf> {
-    if let Ok(dir) = std::env::var("PGCREW_PG_BINDIR") {
-        let p = PathBuf::from(dir);
-        if p.join("initdb").exists() {
-            return Ok(p);
-        }
-    }
-    if let Some(path) = std::env::var_os("PATH") {
-        for dir in std::env::split_paths(&path) {
-            let initdb = dir.join("initdb");
-            if initdb.exists() && dir.join("pg_ctl").exists() {
-                // Resolve symlinks (Debian links /usr/local/bin/initdb to the versioned dir),
-                // so that `postgres` is found next to it.
-                let real = std::fs::canonicalize(&initdb).unwrap_or(initdb);
-                if let Some(parent) = real.parent()
-                    && parent.join("postgres").exists()
-                {
-                    return Ok(parent.to_path_buf());
-                }
-            }
-        }
-    }
-    if let Ok(out) = Command::new("pg_config").arg("--bindir").output()
-        && out.status.success()
-    {
-        let p = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        if p.join("initdb").exists() {
-            return Ok(p);
-        }
-    }
-    let mut candidates: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let v = e.file_name().to_string_lossy().parse::<u32>().ok()?;
-            let bin = e.path().join("bin");
-            bin.join("initdb").exists().then_some((v, bin))
-        })
-        .collect();
-    candidates.sort();
-    candidates.pop().map(|(_, p)| p).ok_or_else(|| {
-        Error::Cluster(
-            "no PostgreSQL server binaries found (initdb, pg_ctl, postgres): install the \
-             PostgreSQL server (e.g. `apt-get install postgresql`), put its bin directory on \
-             PATH or set PGCREW_PG_BINDIR, or set DATABASE_URL to an existing database"
-                .into(),
-        )
-    })
-}
-
-/// Give the PostgreSQL tools (and the server they start) only `PATH` and `TZ` from our
-/// environment. Ours may hold secrets (`DATABASE_URL`, API keys), and a server run as the
-/// `postgres` user could read them in its own `/proc/<pid>/environ`; stray `PG*` variables
-/// cannot change what initdb and pg_ctl do either.
-fn minimal_env(cmd: &mut Command) {
-    cmd.env_clear();
-    for key in ["PATH", "TZ"] {
-        if let Some(v) = std::env::var_os(key) {
-            cmd.env(key, v);
-        }
-    }
-}
-
-fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
 }
 
 impl TempCluster {
@@ -324,144 +255,6 @@ impl TempCluster {
         Err(Error::Cluster(format!("pg_ctl start failed: {last_err}")))
     }
 
-    /// Make the CA and the server certificate, hand them to the server's OS user, and add the
-    /// `hostssl ... cert` lines; returns the `-c` options that turn TLS on.
-    fn setup_tls(&mut self, data: &Path, cert_auth_roles: &[String]) -> Result<String> {
-        use super::certs::{CertificateAuthority, Validity, write_file};
-        let ca = CertificateAuthority::new("pgcrew throwaway cluster CA")?;
-        let ca_path = self.dir.join("ca.crt");
-        write_file(&ca_path, ca.cert_pem(), 0o644)?;
-        let server = ca.issue_server(&["localhost", "127.0.0.1"], Validity::Long)?;
-        let (cert, key) = server.write(&self.dir, "server")?;
-        self.chown_to_server(&[&ca_path, &cert, &key])?;
-        if !cert_auth_roles.is_empty() {
-            let hba = data.join("pg_hba.conf");
-            let mut text = String::from("# pgcrew: client-certificate roles\n");
-            for role in cert_auth_roles {
-                if role.is_empty() || !role.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                    return Err(Error::Config(format!(
-                        "tls_cert_auth_roles: `{role}` is not a plain role name (letters, digits, _)"
-                    )));
-                }
-                text.push_str(&format!("hostssl all {role} 127.0.0.1/32 cert\n"));
-            }
-            text.push_str(&std::fs::read_to_string(&hba)?);
-            std::fs::write(&hba, text)?;
-        }
-        let opts = format!(
-            " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={} -c ssl_ca_file={}",
-            cert.display(),
-            key.display(),
-            ca_path.display()
-        );
-        self.tls = Some((ca, ca_path));
-        Ok(opts)
-    }
-
-    fn chown_to_server(&self, paths: &[&Path]) -> Result<()> {
-        if !self.run_as_postgres {
-            return Ok(());
-        }
-        let status = Command::new("chown")
-            .arg("postgres:postgres")
-            .args(paths)
-            .status()?;
-        if !status.success() {
-            return Err(Error::Cluster(
-                "cannot hand the TLS files to the `postgres` user (chown failed)".into(),
-            ));
-        }
-        Ok(())
-    }
-
-    /// The CA certificate (PEM file) that signed the server's certificate, when the cluster
-    /// was started with `tls: true`: use it as `sslrootcert`.
-    pub fn tls_root_cert(&self) -> Option<&Path> {
-        self.tls.as_ref().map(|t| t.1.as_path())
-    }
-
-    /// Issue a client certificate for `role` from the cluster's CA (for the roles in
-    /// `tls_cert_auth_roles`), written to the cluster's directory; returns the certificate
-    /// and key paths (`sslcert`, `sslkey`).
-    pub fn issue_client_cert(&self, role: &str) -> Result<(PathBuf, PathBuf)> {
-        let (ca, _) = self.tls.as_ref().ok_or_else(|| {
-            Error::Config("issue_client_cert needs a cluster started with tls: true".into())
-        })?;
-        ca.issue_client(role)?
-            .write(&self.dir, &format!("client-{role}"))
-    }
-
-    /// Replace the server's certificate and key (e.g. with one from another CA, or an expired
-    /// one) and reload the server; new connections get it.
-    pub fn replace_server_cert(&self, cert: &super::certs::IssuedCert) -> Result<()> {
-        if self.tls.is_none() {
-            return Err(Error::Config(
-                "replace_server_cert needs a cluster started with tls: true".into(),
-            ));
-        }
-        let (crt, key) = cert.write(&self.dir, "server")?;
-        self.chown_to_server(&[&crt, &key])?;
-        let out = self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .arg("reload")
-            .output()?;
-        if !out.status.success() {
-            return Err(Error::Cluster(format!(
-                "pg_ctl reload failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
-        Ok(())
-    }
-
-    fn command(&self, tool: &str) -> Command {
-        let exe = self.bindir.join(tool);
-        let mut cmd = if self.run_as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(exe);
-            c
-        } else {
-            Command::new(exe)
-        };
-        cmd.current_dir(&self.dir);
-        minimal_env(&mut cmd);
-        // The server must not be killed by a terminal's Ctrl-C aimed at the owner: the owner
-        // (or the watchdog) stops it.
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        cmd
-    }
-
-    /// A watchdog that stops the server and deletes the directory once this process is gone.
-    fn spawn_watchdog(&mut self) -> Result<()> {
-        let pg_ctl = self.bindir.join("pg_ctl");
-        let data = self.dir.join("data");
-        let prefix = if self.run_as_postgres {
-            "runuser -u postgres -- "
-        } else {
-            ""
-        };
-        let script = format!(
-            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
-             {prefix}'{pg_ctl}' -D '{data}' stop -m immediate >/dev/null 2>&1; rm -rf '{dir}'",
-            pid = std::process::id(),
-            pg_ctl = pg_ctl.display(),
-            data = data.display(),
-            dir = self.dir.display(),
-        );
-        let mut cmd = Command::new("sh");
-        minimal_env(&mut cmd);
-        cmd.arg("-c")
-            .arg(script)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        self.watchdog = Some(cmd.spawn()?);
-        Ok(())
-    }
-
     /// The TCP port the server listens on (127.0.0.1).
     pub fn port(&self) -> u16 {
         self.port
@@ -496,41 +289,21 @@ impl TempCluster {
     /// Stop the server (fast shutdown) without deleting its files; [`TempCluster::restart`] can
     /// start it again. Used by fault tests.
     pub fn stop_server(&self, mode: &str) -> Result<()> {
-        let out = self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .args(["-w", "-m", mode, "stop"])
-            .output()?;
-        if !out.status.success() {
-            return Err(Error::Cluster(format!(
-                "pg_ctl stop failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
-        Ok(())
+        self.pg_ctl("stop", |c| {
+            c.args(["-w", "-m", mode, "stop"]);
+        })
     }
 
     /// Start the server again after [`TempCluster::stop_server`], on the same port.
     pub fn restart(&self) -> Result<()> {
-        let out = self
-            .command("pg_ctl")
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .arg("-l")
-            .arg(self.dir.join("server.log"))
-            .args(["-w", "-t", "60", "-o"])
-            .arg(&self.start_opts)
-            .arg("start")
-            .stdin(Stdio::null())
-            .output()?;
-        if !out.status.success() {
-            return Err(Error::Cluster(format!(
-                "pg_ctl start failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            )));
-        }
-        Ok(())
+        self.pg_ctl("start", |c| {
+            c.arg("-l")
+                .arg(self.dir.join("server.log"))
+                .args(["-w", "-t", "60", "-o"])
+                .arg(&self.start_opts)
+                .arg("start")
+                .stdin(Stdio::null());
+        })
     }
 
     /// Wait until the server accepts connections (after a restart).
