@@ -52,6 +52,7 @@ macro_rules! typed {
 }
 
 pub mod agent;
+pub mod client;
 pub mod config;
 pub mod coord;
 pub mod db;
@@ -66,8 +67,8 @@ pub mod runs;
 pub mod tenancy;
 
 pub use agent::{AgentDef, AgentRuntime, Tool, ToolRegistry};
+pub use client::Client;
 pub use config::{ClientConfig, ClientConfigBuilder};
-pub use coord::client::Client;
 pub use coord::notify::{Event, EventKind, Subscription};
 pub use db::Db;
 pub use error::{Error, Result};

@@ -4,12 +4,12 @@
 //! ([`enqueue_many`], thousands per statement) or inside the caller's own transaction (both take
 //! any [`Executor`](crate::db::Executor): a tokio-postgres `Client` or `Transaction`, or a pooled
 //! connection `&conn` or pooled transaction `&tx`, which cache the prepared statement per
-//! connection; [`Client::enqueue`](crate::Client::enqueue) takes a pooled connection for you),
+//! connection; `Client::enqueue` takes a pooled connection for you),
 //! claimed with `FOR UPDATE SKIP LOCKED` by
 //! the `pgcrew.claim_tasks` function —
 //! fairly across tenants and within every tenant's concurrency limit — and acknowledged in
 //! batches with a claim token ([`ack`]). The [`WorkerPool`] service runs handlers registered by
-//! kind inside a [`Client`](crate::Client); the leader's maintenance rescues tasks of dead
+//! kind inside a `Client`; the leader's maintenance rescues tasks of dead
 //! instances and deletes old finished tasks ([`maintenance_steps`]).
 //!
 //! ```no_run
@@ -55,7 +55,6 @@ mod retry;
 mod worker;
 
 use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -68,14 +67,13 @@ pub use claim::{
     Ack, AckOutcome, AckReport, ClaimedTask, HeartbeatReport, ack, claim, heartbeat, next_due,
 };
 pub use enqueue::{Enqueued, enqueue, enqueue_many};
-pub use maintenance::{RescueTasks, TaskRetention};
+pub use maintenance::{RescueTasks, TaskRetention, maintenance_steps};
 pub use retry::RetryPolicy;
 pub use worker::{
     HandlerError, TaskContext, TaskOutcome, WorkerMetrics, WorkerMetricsSnapshot, WorkerPool,
     WorkerPoolBuilder,
 };
 
-use crate::coord::maintenance::MaintenanceStep;
 use crate::error::{Error, Result};
 use crate::ids::{RunId, TaskId, TenantId, validate_text_id};
 
@@ -113,12 +111,6 @@ pub const DEFAULT_QUEUE: &str = "default";
 
 /// The tenant that owns work naming no tenant.
 pub const DEFAULT_TENANT: &str = "default";
-
-/// Maintenance steps this module contributes to the leader's maintenance pass: rescue of tasks
-/// of dead instances or with stale heartbeats, then retention of finished tasks.
-pub fn maintenance_steps() -> Vec<Arc<dyn MaintenanceStep>> {
-    vec![Arc::new(RescueTasks), Arc::new(TaskRetention)]
-}
 
 /// Task priority: claimed in this order within a tenant (stored as 0..=4).
 #[derive(
