@@ -21,7 +21,9 @@ pub mod lease;
 pub mod ledger;
 pub mod limits;
 mod maintenance;
+mod session;
 pub mod state;
+mod transition;
 pub mod watch;
 
 pub use artifacts::{
