@@ -12,20 +12,6 @@ use crate::error::{Error, Result};
 use crate::ids::validate_text_id;
 use crate::queue::RetryPolicy;
 
-/// Setters that store their argument in the builder's [`Settings`] (one line each, with their
-/// docs, instead of a five-line body each).
-macro_rules! settings {
-    ($($(#[$doc:meta])* $name:ident($arg:ident: $ty:ty) => $field:ident = $value:expr;)*) => {
-        $(
-            $(#[$doc])*
-            pub fn $name(mut self, $arg: $ty) -> Self {
-                self.settings.$field = $value;
-                self
-            }
-        )*
-    };
-}
-
 /// Builder of a [`WorkerPool`]; see [`WorkerPool::builder`].
 pub struct WorkerPoolBuilder {
     queues: Vec<String>,
@@ -101,7 +87,8 @@ impl WorkerPoolBuilder {
         self
     }
 
-    settings! {
+    setters! {
+        settings;
         /// Most handlers running at once (default 10).
         concurrency(n: usize) => concurrency = n;
 

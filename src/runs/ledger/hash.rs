@@ -36,7 +36,7 @@ impl LedgerFormat {
         }
     }
 
-    /// The chain hash of one event in this format.
+    /// The chain hash of one event in this format (v1 ignores `run`).
     #[allow(clippy::too_many_arguments)]
     pub fn hash(
         self,
@@ -49,24 +49,24 @@ impl LedgerFormat {
         created_at_micros: i64,
         payload_text: &str,
     ) -> [u8; 32] {
-        let run = match self {
-            LedgerFormat::V1 => None,
-            LedgerFormat::V2 => Some(run),
-        };
-        hash_fields(
-            prev_hash,
-            run,
-            seq,
-            tenant_id,
-            event_type,
-            step_key,
-            created_at_micros,
-            payload_text,
-        )
+        let mut h = Sha256::new();
+        h.update(prev_hash);
+        if self == LedgerFormat::V2 {
+            h.update(run.as_uuid().as_bytes());
+        }
+        h.update(seq.to_be_bytes());
+        for field in [tenant_id, event_type, step_key.unwrap_or("")] {
+            h.update(field.as_bytes());
+            h.update([0u8]);
+        }
+        h.update(created_at_micros.to_be_bytes());
+        h.update(payload_text.as_bytes());
+        h.finalize().into()
     }
 }
 
-/// Compute an event's v1 chain hash (runs created before the v2 migration; see the module docs).
+/// Compute an event's v1 chain hash (runs created before the v2 migration; see the module docs):
+/// [`LedgerFormat::hash`] of [`LedgerFormat::V1`], which hashes no run id.
 #[allow(clippy::too_many_arguments)]
 pub fn event_hash(
     prev_hash: &[u8],
@@ -77,9 +77,10 @@ pub fn event_hash(
     created_at_micros: i64,
     payload_text: &str,
 ) -> [u8; 32] {
-    hash_fields(
+    let no_run = RunId(uuid::Uuid::nil());
+    LedgerFormat::V1.hash(
         prev_hash,
-        None,
+        no_run,
         seq,
         tenant_id,
         event_type,
@@ -90,7 +91,7 @@ pub fn event_hash(
 }
 
 /// Compute an event's v2 chain hash (every new run; the run id is hashed right after the previous
-/// hash; see the module docs).
+/// hash; see the module docs): [`LedgerFormat::hash`] of [`LedgerFormat::V2`].
 #[allow(clippy::too_many_arguments)]
 pub fn event_hash_v2(
     prev_hash: &[u8],
@@ -102,9 +103,9 @@ pub fn event_hash_v2(
     created_at_micros: i64,
     payload_text: &str,
 ) -> [u8; 32] {
-    hash_fields(
+    LedgerFormat::V2.hash(
         prev_hash,
-        Some(run),
+        run,
         seq,
         tenant_id,
         event_type,
@@ -114,80 +115,37 @@ pub fn event_hash_v2(
     )
 }
 
-#[allow(clippy::too_many_arguments)]
-fn hash_fields(
-    prev_hash: &[u8],
-    run: Option<RunId>,
-    seq: i64,
-    tenant_id: &str,
-    event_type: &str,
-    step_key: Option<&str>,
-    created_at_micros: i64,
-    payload_text: &str,
-) -> [u8; 32] {
-    let mut h = Sha256::new();
-    h.update(prev_hash);
-    if let Some(run) = run {
-        h.update(run.as_uuid().as_bytes());
-    }
-    h.update(seq.to_be_bytes());
-    h.update(tenant_id.as_bytes());
-    h.update([0u8]);
-    h.update(event_type.as_bytes());
-    h.update([0u8]);
-    h.update(step_key.unwrap_or("").as_bytes());
-    h.update([0u8]);
-    h.update(created_at_micros.to_be_bytes());
-    h.update(payload_text.as_bytes());
-    h.finalize().into()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn event_hash_covers_every_field() {
-        let base = event_hash(&[0u8; 32], 1, "t", "e", Some("k"), 5, "{}");
+        let zero = [0u8; 32];
+        let base = event_hash(&zero, 1, "t", "e", Some("k"), 5, "{}");
         // The same input gives the same hash; changing any field changes it.
-        assert_eq!(
-            base,
-            event_hash(&[0u8; 32], 1, "t", "e", Some("k"), 5, "{}")
-        );
-        assert_ne!(
-            base,
-            event_hash(&[1u8; 32], 1, "t", "e", Some("k"), 5, "{}")
-        );
-        assert_ne!(
-            base,
-            event_hash(&[0u8; 32], 2, "t", "e", Some("k"), 5, "{}")
-        );
-        assert_ne!(
-            base,
-            event_hash(&[0u8; 32], 1, "u", "e", Some("k"), 5, "{}")
-        );
-        assert_ne!(
-            base,
-            event_hash(&[0u8; 32], 1, "t", "f", Some("k"), 5, "{}")
-        );
-        assert_ne!(base, event_hash(&[0u8; 32], 1, "t", "e", None, 5, "{}"));
-        assert_ne!(
-            base,
-            event_hash(&[0u8; 32], 1, "t", "e", Some("k"), 6, "{}")
-        );
-        assert_ne!(
-            base,
-            event_hash(&[0u8; 32], 1, "t", "e", Some("k"), 5, "[]")
-        );
+        assert_eq!(base, event_hash(&zero, 1, "t", "e", Some("k"), 5, "{}"));
+        let changed = [
+            event_hash(&[1u8; 32], 1, "t", "e", Some("k"), 5, "{}"),
+            event_hash(&zero, 2, "t", "e", Some("k"), 5, "{}"),
+            event_hash(&zero, 1, "u", "e", Some("k"), 5, "{}"),
+            event_hash(&zero, 1, "t", "f", Some("k"), 5, "{}"),
+            event_hash(&zero, 1, "t", "e", None, 5, "{}"),
+            event_hash(&zero, 1, "t", "e", Some("k"), 6, "{}"),
+            event_hash(&zero, 1, "t", "e", Some("k"), 5, "[]"),
+        ];
+        for (i, other) in changed.iter().enumerate() {
+            assert_ne!(&base, other, "field change {i}");
+        }
         // The 0x00 separators keep field boundaries unambiguous.
         assert_ne!(
-            event_hash(&[0u8; 32], 1, "ab", "c", None, 5, "{}"),
-            event_hash(&[0u8; 32], 1, "a", "bc", None, 5, "{}")
+            event_hash(&zero, 1, "ab", "c", None, 5, "{}"),
+            event_hash(&zero, 1, "a", "bc", None, 5, "{}")
         );
         // No step key hashes like an empty one (coalesce(step_key, '')).
         assert_eq!(
-            event_hash(&[0u8; 32], 1, "t", "e", None, 5, "{}"),
-            event_hash(&[0u8; 32], 1, "t", "e", Some(""), 5, "{}")
+            event_hash(&zero, 1, "t", "e", None, 5, "{}"),
+            event_hash(&zero, 1, "t", "e", Some(""), 5, "{}")
         );
     }
 }

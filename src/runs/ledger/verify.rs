@@ -6,7 +6,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tracing::instrument;
 
 use super::{ChainAnchor, ChainVerification, LedgerFormat, SignedVerification};
-use crate::db::{Db, Executor};
+use crate::db::{Conn, Db, Executor};
 use crate::error::{Error, Result};
 use crate::ids::RunId;
 use crate::ledger_key::LedgerKey;
@@ -48,17 +48,23 @@ struct Scan {
     checkpoints: Vec<Checkpoint>,
 }
 
-/// Stream a run's events (and, with `with_checkpoints`, its checkpoints) in one read-only,
-/// repeatable-read snapshot and apply the unkeyed checks, exactly like `pgcrew.verify_run_chain`.
-async fn scan(db: &Db, run: RunId, with_checkpoints: bool) -> Result<Scan> {
-    let mut conn = db.get().await?;
-    ensure_run(&conn, run).await?;
-    let tx = conn
+/// One read-only, repeatable-read transaction on `conn` (a consistent snapshot of the run's
+/// ledger), once the run is known to exist.
+async fn snapshot(conn: &mut Conn, run: RunId) -> Result<deadpool_postgres::Transaction<'_>> {
+    ensure_run(&*conn, run).await?;
+    Ok(conn
         .build_transaction()
         .read_only(true)
         .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
         .start()
-        .await?;
+        .await?)
+}
+
+/// Stream a run's events (and, with `with_checkpoints`, its checkpoints) in one read-only,
+/// repeatable-read snapshot and apply the unkeyed checks, exactly like `pgcrew.verify_run_chain`.
+async fn scan(db: &Db, run: RunId, with_checkpoints: bool) -> Result<Scan> {
+    let mut conn = db.get().await?;
+    let tx = snapshot(&mut conn, run).await?;
     let head = tx
         .query_typed_opt_row(sql!("runs/ledger_head"), typed![&run])
         .await?
@@ -372,13 +378,7 @@ async fn count_events<C: Executor + ?Sized>(client: &C, run: RunId) -> Result<u6
 #[instrument(skip(db), err)]
 pub async fn verify_run_chain_sql(db: &Db, run: RunId) -> Result<ChainVerification> {
     let mut conn = db.get().await?;
-    ensure_run(&conn, run).await?;
-    let tx = conn
-        .build_transaction()
-        .read_only(true)
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .await?;
+    let tx = snapshot(&mut conn, run).await?;
     let anchor = anchor(&*tx, run).await?;
     let head = tx
         .query_typed_opt_row(sql!("runs/ledger_head"), typed![&run])

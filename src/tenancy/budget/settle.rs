@@ -44,13 +44,12 @@ pub async fn reserve_in_tx(
             .query_typed_opt_row(sql!("tenancy/tenant_budget_figures"), typed![tenant])
             .await?
             .ok_or_else(|| Error::not_found("tenant", tenant))?;
+        let (limit_usd, spent_usd, reserved_usd) = budget_figures(&figures)?;
         return Err(Error::BudgetExceeded {
             tenant: tenant.to_string(),
-            limit_usd: figures
-                .try_get::<_, Option<f64>>("limit_usd")?
-                .unwrap_or(f64::INFINITY),
-            spent_usd: figures.try_get("spent_usd")?,
-            reserved_usd: figures.try_get("reserved_usd")?,
+            limit_usd,
+            spent_usd,
+            reserved_usd,
             requested_usd: req.estimate_usd,
         });
     }
@@ -66,14 +65,13 @@ pub async fn reserve_in_tx(
                 .query_typed_opt_row(sql!("tenancy/run_budget_figures"), typed![&run, tenant])
                 .await?
                 .ok_or_else(|| Error::not_found("run", run))?;
+            let (limit_usd, spent_usd, reserved_usd) = budget_figures(&figures)?;
             return Err(Error::RunBudgetExceeded {
                 tenant: tenant.to_string(),
                 run: run.to_string(),
-                limit_usd: figures
-                    .try_get::<_, Option<f64>>("limit_usd")?
-                    .unwrap_or(f64::INFINITY),
-                spent_usd: figures.try_get("spent_usd")?,
-                reserved_usd: figures.try_get("reserved_usd")?,
+                limit_usd,
+                spent_usd,
+                reserved_usd,
                 requested_usd: req.estimate_usd,
             });
         }
@@ -101,6 +99,16 @@ pub async fn reserve_in_tx(
         amount_usd: row.try_get("amount_usd")?,
         created_at: row.try_get("created_at")?,
     })
+}
+
+/// `(limit, spent, reserved)` of a budget-figures row (no limit reads as infinite).
+fn budget_figures(row: &tokio_postgres::Row) -> Result<(f64, f64, f64)> {
+    let limit: Option<f64> = row.try_get("limit_usd")?;
+    Ok((
+        limit.unwrap_or(f64::INFINITY),
+        row.try_get("spent_usd")?,
+        row.try_get("reserved_usd")?,
+    ))
 }
 
 /// Settle a reservation inside the caller's transaction (the one that records the
