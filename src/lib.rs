@@ -51,16 +51,24 @@ macro_rules! typed {
     };
 }
 
-/// Builder setters that store their argument in a field of `self.<part>` (what the builder
-/// collects), one line each with its docs:
-/// `setters! { part; /// doc
-/// name(arg: Type) => field = value; ... }`.
+/// Builder setters, one line each with its docs, that store their argument in a field of
+/// `self.<part>` (what the builder collects) — `setters! { part; /// doc
+/// name(arg: Type) => field = value; ... }` — or, without `part;`, of `self`.
 macro_rules! setters {
     ($part:ident; $($(#[$doc:meta])* $name:ident($arg:ident: $ty:ty) => $field:ident = $value:expr;)*) => {
         $(
             $(#[$doc])*
             pub fn $name(mut self, $arg: $ty) -> Self {
                 self.$part.$field = $value;
+                self
+            }
+        )*
+    };
+    ($($(#[$doc:meta])* $name:ident($arg:ident: $ty:ty) => $field:ident = $value:expr;)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, $arg: $ty) -> Self {
+                self.$field = $value;
                 self
             }
         )*

@@ -57,46 +57,25 @@ impl NewTask {
         })
     }
 
-    /// Set the queue.
-    pub fn queue(mut self, queue: impl Into<String>) -> Self {
-        self.queue = queue.into();
-        self
+    setters! {
+        /// Set the queue.
+        queue(queue: impl Into<String>) => queue = queue.into();
+        /// Set the tenant.
+        tenant(tenant: TenantId) => tenant = tenant;
+        /// Attach to a run.
+        run(run: RunId) => run_id = Some(run);
+        /// Set the priority.
+        priority(priority: Priority) => priority = priority;
+        /// Run no earlier than `at`.
+        run_at(at: DateTime<Utc>) => run_at = Some(at);
+        /// Run no earlier than `now() + delay` (database time).
+        delay(delay: Duration) => delay = Some(delay);
+        /// Set the maximum number of attempts (≥ 1).
+        max_attempts(n: i32) => max_attempts = n;
+        /// Deduplicate on `key` among this tenant's non-final tasks in the queue.
+        unique_key(key: impl Into<String>) => unique_key = Some(key.into());
     }
-    /// Set the tenant.
-    pub fn tenant(mut self, tenant: TenantId) -> Self {
-        self.tenant = tenant;
-        self
-    }
-    /// Attach to a run.
-    pub fn run(mut self, run: RunId) -> Self {
-        self.run_id = Some(run);
-        self
-    }
-    /// Set the priority.
-    pub fn priority(mut self, priority: Priority) -> Self {
-        self.priority = priority;
-        self
-    }
-    /// Run no earlier than `at`.
-    pub fn run_at(mut self, at: DateTime<Utc>) -> Self {
-        self.run_at = Some(at);
-        self
-    }
-    /// Run no earlier than `now() + delay` (database time).
-    pub fn delay(mut self, delay: Duration) -> Self {
-        self.delay = Some(delay);
-        self
-    }
-    /// Set the maximum number of attempts (≥ 1).
-    pub fn max_attempts(mut self, n: i32) -> Self {
-        self.max_attempts = n;
-        self
-    }
-    /// Deduplicate on `key` among this tenant's non-final tasks in the queue.
-    pub fn unique_key(mut self, key: impl Into<String>) -> Self {
-        self.unique_key = Some(key.into());
-        self
-    }
+
     /// Become available only once all of `parents` completed (a discarded or cancelled parent
     /// cancels this task).
     pub fn depends_on(mut self, parents: impl IntoIterator<Item = TaskId>) -> Self {
