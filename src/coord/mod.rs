@@ -1,6 +1,6 @@
 //! The distributed core below the client: instance registration and heartbeats, the leader
 //! lease, the leader-only maintenance runner, LISTEN/NOTIFY fan-out, and what background
-//! services are given ([`service::ServiceContext`]). The client (`crate::client`) that runs
+//! services are given ([`service::ServiceContext`]). The client (`Client`) that runs
 //! them sits above: nothing here imports it.
 
 pub mod instance;

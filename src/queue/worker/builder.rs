@@ -36,7 +36,7 @@ impl std::fmt::Debug for WorkerPoolBuilder {
 impl WorkerPoolBuilder {
     /// Work this queue (call again for more; claimed in the order given). Default: `default`
     /// (worked when no queue is named here, also when
-    /// [`AgentRuntime::install`](crate::agent::AgentRuntime::install) adds its agents'
+    /// `AgentRuntime::install` adds its agents'
     /// queues).
     pub fn queue(mut self, queue: impl Into<String>) -> Self {
         self.queues_named = true;
@@ -124,7 +124,7 @@ impl WorkerPoolBuilder {
         retry_policy(p: RetryPolicy) => retry = p;
     }
 
-    /// Validate and build. Pass the result to [`ClientBuilder::service`](crate::client::ClientBuilder::service).
+    /// Validate and build. Pass the result to `ClientBuilder::service`.
     pub fn build(mut self) -> Result<Arc<WorkerPool>> {
         if let Some(e) = self.error.take() {
             return Err(e);

@@ -199,7 +199,7 @@ impl Default for Settings {
 }
 
 /// A pool of task executors for one instance. Build with [`WorkerPool::builder`], register
-/// with [`ClientBuilder::service`](crate::client::ClientBuilder::service); it runs
+/// with `ClientBuilder::service`; it runs
 /// between the client's `start()` and `stop()`.
 pub struct WorkerPool {
     queues: Vec<String>,
