@@ -54,7 +54,32 @@ macro_rules! typed {
     };
 }
 
+/// Builder setters, one line each with its docs, that store their argument in a field of
+/// `self.<part>` (what the builder collects) — `setters! { part; /// doc
+/// name(arg: Type) => field = value; ... }` — or, without `part;`, of `self`.
+macro_rules! setters {
+    ($part:ident; $($(#[$doc:meta])* $name:ident($arg:ident: $ty:ty) => $field:ident = $value:expr;)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, $arg: $ty) -> Self {
+                self.$part.$field = $value;
+                self
+            }
+        )*
+    };
+    ($($(#[$doc:meta])* $name:ident($arg:ident: $ty:ty) => $field:ident = $value:expr;)*) => {
+        $(
+            $(#[$doc])*
+            pub fn $name(mut self, $arg: $ty) -> Self {
+                self.$field = $value;
+                self
+            }
+        )*
+    };
+}
+
 pub mod agent;
+pub mod client;
 pub mod config;
 pub mod coord;
 pub mod db;
@@ -69,8 +94,8 @@ pub mod runs;
 pub mod tenancy;
 
 pub use agent::{AgentDef, AgentRuntime, Tool, ToolRegistry};
+pub use client::Client;
 pub use config::{ClientConfig, ClientConfigBuilder};
-pub use coord::client::Client;
 pub use coord::notify::{Event, EventKind, Subscription};
 pub use db::Db;
 pub use error::{Error, Result};

@@ -13,7 +13,7 @@ use crate::db::Executor;
 use crate::error::Result;
 use crate::ids::InstanceId;
 
-/// The lease name used by [`Client`](crate::Client) for maintenance leadership.
+/// The lease name the client (`Client`) takes for maintenance leadership.
 pub const DEFAULT_LEASE: &str = "default";
 
 /// Outcome of an election attempt.

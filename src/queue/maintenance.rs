@@ -1,5 +1,7 @@
 //! Leader maintenance for the queue: rescue of orphaned running tasks, retention.
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 use tracing::{info, warn};
 
@@ -65,4 +67,10 @@ impl MaintenanceStep for TaskRetention {
         }
         Ok(n)
     }
+}
+
+/// Maintenance steps this module contributes to the leader's maintenance pass: rescue of tasks
+/// of dead instances or with stale heartbeats, then retention of finished tasks.
+pub fn maintenance_steps() -> Vec<Arc<dyn MaintenanceStep>> {
+    vec![Arc::new(RescueTasks), Arc::new(TaskRetention)]
 }

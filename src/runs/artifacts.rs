@@ -5,6 +5,7 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tracing::instrument;
 
+use super::state::ensure_run;
 use super::{limits, map_db_error};
 use crate::db::Db;
 use crate::db::Executor;
@@ -90,18 +91,6 @@ fn validate_key(key: &str) -> Result<()> {
         ));
     }
     Ok(())
-}
-
-async fn ensure_run(client: &tokio_postgres::Client, run: RunId) -> Result<()> {
-    let exists: bool = client
-        .query_typed_row(sql!("runs/run_exists"), typed![&run])
-        .await?
-        .get(0);
-    if exists {
-        Ok(())
-    } else {
-        Err(Error::not_found("run", run))
-    }
 }
 
 /// Store a new version of `key` for a run (version = previous + 1, serialised per run).

@@ -1,4 +1,5 @@
-//! Sessions, runs and the run state machine.
+//! Runs: their state, their rows, creating and reading them. Sessions are in `session`, the
+//! state machine's transitions in `transition` (both re-exported here).
 //!
 //! `pending → running → completed | failed | cancelled` (and `pending → failed | cancelled`);
 //! terminal states are final. Every transition happens in one transaction that locks the run,
@@ -20,13 +21,18 @@ use serde::Serialize;
 use serde_json::json;
 use tracing::instrument;
 
-use super::ledger::{NewEvent, append_events_in, sign_head_in};
-use super::map_db_error;
+use super::ledger::{NewEvent, append_events_in};
+use super::session::{ensure_tenant, session_from_row};
 use crate::db::Db;
 use crate::db::Executor;
 use crate::error::{Error, Result};
-use crate::ids::{InstanceId, RunId, SessionId, TenantId};
-use crate::ledger_key::LedgerKey;
+use crate::ids::{RunId, SessionId, TenantId};
+
+pub use super::session::{Session, get_session, new_session};
+pub use super::transition::{
+    LimitPolicy, RunOutcome, StartOutcome, cancel_run, complete_run, fail_run, fail_run_in,
+    fail_stuck_runs_in, start_run,
+};
 
 /// A run's state.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
@@ -106,21 +112,6 @@ impl FromStr for RunState {
     }
 }
 
-/// A session: a tenant's conversation or job grouping runs.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Session {
-    /// Id.
-    pub id: SessionId,
-    /// Tenant.
-    pub tenant_id: String,
-    /// The caller's identifier, unique per tenant.
-    pub identifier: String,
-    /// Metadata given at creation.
-    pub metadata: serde_json::Value,
-    /// Creation time.
-    pub created_at: DateTime<Utc>,
-}
-
 /// A run row.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Run {
@@ -179,7 +170,7 @@ pub struct Run {
 }
 
 impl Run {
-    fn from_row(r: &tokio_postgres::Row) -> Result<Run> {
+    pub(super) fn from_row(r: &tokio_postgres::Row) -> Result<Run> {
         let state: String = r.get("state");
         Ok(Run {
             id: r.get("id"),
@@ -264,45 +255,6 @@ impl NewRun {
     }
 }
 
-/// What to do when starting a run would exceed the tenant's `max_concurrent_runs`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum LimitPolicy {
-    /// Leave the run `pending` and report [`StartOutcome::LimitReached`].
-    #[default]
-    StayPending,
-    /// Fail the call with [`Error::LimitReached`].
-    Reject,
-}
-
-/// The result of [`start_run`].
-#[derive(Debug, Clone, PartialEq)]
-pub enum StartOutcome {
-    /// The run is now `running`.
-    Started(Box<Run>),
-    /// The tenant is at its limit; the run stays `pending`.
-    LimitReached {
-        /// Runs of the tenant running now.
-        running: i64,
-        /// The tenant's limit.
-        limit: i64,
-    },
-}
-
-/// Usage and result recorded when a run completes.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RunOutcome {
-    /// Final response text.
-    pub response_text: Option<String>,
-    /// Why it stopped (`end_turn`, `max_steps`, ...).
-    pub stop_reason: Option<String>,
-    /// Input tokens to add to the run's total.
-    pub input_tokens: i64,
-    /// Output tokens to add.
-    pub output_tokens: i64,
-    /// Cost in USD to add.
-    pub cost_usd: f64,
-}
-
 /// Filter for [`list_runs`].
 #[derive(Debug, Clone)]
 pub struct RunFilter {
@@ -321,59 +273,6 @@ impl Default for RunFilter {
             state: None,
             limit: 100,
         }
-    }
-}
-
-/// Create (or fetch, when `(tenant, identifier)` exists) a session.
-#[instrument(skip(db, metadata), err)]
-pub async fn new_session(
-    db: &Db,
-    tenant: &TenantId,
-    identifier: &str,
-    metadata: serde_json::Value,
-) -> Result<Session> {
-    crate::ids::validate_text_id("session identifier", identifier)?;
-    let conn = db.get().await?;
-    ensure_tenant(&**conn, tenant).await?;
-    let row = conn
-        .query_typed_row(
-            sql!("runs/upsert_session"),
-            typed![&SessionId::new(), tenant, &identifier, &metadata],
-        )
-        .await?;
-    Ok(session_from_row(&row))
-}
-
-fn session_from_row(row: &tokio_postgres::Row) -> Session {
-    Session {
-        id: row.get(0),
-        tenant_id: row.get(1),
-        identifier: row.get(2),
-        metadata: row.get(3),
-        created_at: row.get(4),
-    }
-}
-
-/// Fetch a session.
-#[instrument(skip(db), err)]
-pub async fn get_session(db: &Db, id: SessionId) -> Result<Session> {
-    let conn = db.get().await?;
-    let row = conn
-        .query_typed_opt_row(sql!("runs/get_session"), typed![&id])
-        .await?
-        .ok_or_else(|| Error::not_found("session", id))?;
-    Ok(session_from_row(&row))
-}
-
-async fn ensure_tenant<C: Executor + ?Sized>(client: &C, tenant: &TenantId) -> Result<()> {
-    let exists: bool = client
-        .query_typed_row(sql!("runs/tenant_exists"), typed![tenant])
-        .await?
-        .get(0);
-    if exists {
-        Ok(())
-    } else {
-        Err(Error::not_found("tenant", tenant))
     }
 }
 
@@ -483,314 +382,17 @@ pub async fn list_runs(db: &Db, filter: &RunFilter) -> Result<Vec<Run>> {
     rows.iter().map(Run::from_row).collect()
 }
 
-#[derive(Debug, Default)]
-struct Change {
-    instance: Option<String>,
-    response_text: Option<String>,
-    stop_reason: Option<String>,
-    input_tokens: i64,
-    output_tokens: i64,
-    cost_usd: f64,
-    error_type: Option<String>,
-    error_message: Option<String>,
-    cancel_reason: Option<String>,
-    lease_token: Option<i64>,
-    limit: Option<LimitPolicy>,
-    details: serde_json::Value,
-}
-
-enum Applied {
-    Done(Box<Run>),
-    Limited { running: i64, limit: i64 },
-}
-
-async fn transition_in(
-    tx: &tokio_postgres::Transaction<'_>,
-    run: RunId,
-    to: RunState,
-    change: Change,
-    key: Option<&LedgerKey>,
-) -> Result<Applied> {
-    if to == RunState::Running {
-        // Admission: serialise per tenant (tenant lock before run lock, always).
-        let row = tx
-            .query_typed_opt_row(sql!("runs/get_run"), typed![&run])
-            .await?
-            .ok_or_else(|| Error::not_found("run", run))?;
-        let tenant: String = row.get("tenant_id");
-        tx.execute_typed_count(sql!("runs/lock_tenant"), typed![&tenant])
-            .await?;
-    }
-    tx.execute_typed_count(sql!("runs/lock_run"), typed![&run])
-        .await?;
-    let row = tx
-        .query_typed_opt_row(sql!("runs/get_run_for_update"), typed![&run])
+/// [`Error::NotFound`] unless the run exists.
+pub(crate) async fn ensure_run<C: Executor + ?Sized>(client: &C, run: RunId) -> Result<()> {
+    let exists: bool = client
+        .query_typed_row(sql!("runs/run_exists"), typed![&run])
         .await?
-        .ok_or_else(|| Error::not_found("run", run))?;
-    let current = Run::from_row(&row)?;
-    if !current.state.can_transition_to(to) {
-        return Err(Error::IllegalTransition {
-            entity: "run",
-            id: run.to_string(),
-            from: current.state.to_string(),
-            to: to.to_string(),
-        });
+        .get(0);
+    if exists {
+        Ok(())
+    } else {
+        Err(Error::not_found("run", run))
     }
-    if let Some(token) = change.lease_token
-        && (current.lease_token != token || !current.lease_valid)
-    {
-        return Err(Error::LeaseLost(format!(
-            "run {run}: lease token {token} is no longer held (current token {}, owner {})",
-            current.lease_token,
-            current.lease_owner.as_deref().unwrap_or("none")
-        )));
-    }
-    if to == RunState::Running {
-        let row = tx
-            .query_typed_row(sql!("runs/count_running"), typed![&current.tenant_id])
-            .await?;
-        let running: i64 = row.get(0);
-        let limit: Option<i32> = row.get(1);
-        if let Some(limit) = limit
-            && running >= i64::from(limit)
-        {
-            return match change.limit.unwrap_or_default() {
-                LimitPolicy::StayPending => Ok(Applied::Limited {
-                    running,
-                    limit: i64::from(limit),
-                }),
-                LimitPolicy::Reject => Err(Error::LimitReached {
-                    tenant: current.tenant_id.clone(),
-                    message: format!(
-                        "max_concurrent_runs is {limit} and {running} runs are running; run {run} stays pending"
-                    ),
-                }),
-            };
-        }
-    }
-    let mut details = change.details;
-    if let Some(obj) = details.as_object_mut() {
-        obj.insert("from".into(), json!(current.state.as_str()));
-        obj.insert("to".into(), json!(to.as_str()));
-    }
-    let event_type = match to {
-        RunState::Running => "run_started".to_string(),
-        other => format!("run_{}", other.as_str()),
-    };
-    let ev = NewEvent::new(event_type, details);
-    // Record first (the lease check needs the lease the terminal update clears, and appends to a
-    // finished run are refused).
-    let appended = append_events_in(tx, run, &[ev], change.lease_token).await?;
-    tx.execute_typed_count(
-        sql!("runs/update_state"),
-        typed![
-            &run,
-            &to.as_str(),
-            &change.instance,
-            &change.response_text,
-            &change.stop_reason,
-            &change.input_tokens,
-            &change.output_tokens,
-            &change.cost_usd,
-            &change.error_type,
-            &change.error_message,
-            &change.cancel_reason,
-        ],
-    )
-    .await
-    .map_err(|e| map_db_error(e, run))?;
-    // Sign the final head in the same transaction: a finished run's ledger is closed, and its
-    // last event is covered by a checkpoint.
-    if to.is_terminal()
-        && let (Some(key), Some(last)) = (key, appended.last())
-    {
-        sign_head_in(tx, key, run, last.seq, &last.hash, true).await?;
-    }
-    let row = tx
-        .query_typed_row(sql!("runs/get_run"), typed![&run])
-        .await
-        .map_err(|e| map_db_error(e, run))?;
-    Ok(Applied::Done(Box::new(Run::from_row(&row)?)))
-}
-
-async fn transition(db: &Db, run: RunId, to: RunState, change: Change) -> Result<Applied> {
-    let mut conn = db.get().await?;
-    let tx = conn.transaction().await?;
-    let applied = transition_in(&tx, run, to, change, db.ledger_key()).await?;
-    if matches!(applied, Applied::Done(_)) {
-        tx.commit().await?;
-    }
-    Ok(applied)
-}
-
-/// Start a pending run (`pending → running`), recording the instance that runs it.
-///
-/// Enforces the tenant's `max_concurrent_runs` exactly under concurrency; `policy` decides
-/// whether a run over the limit stays pending or the call fails. With `lease_token`, the caller
-/// must hold the run's lease.
-#[instrument(skip(db), err)]
-pub async fn start_run(
-    db: &Db,
-    run: RunId,
-    instance: Option<&InstanceId>,
-    lease_token: Option<i64>,
-    policy: LimitPolicy,
-) -> Result<StartOutcome> {
-    let change = Change {
-        instance: instance.map(|i| i.to_string()),
-        lease_token,
-        limit: Some(policy),
-        details: json!({ "instance_id": instance.map(|i| i.to_string()) }),
-        ..Change::default()
-    };
-    match transition(db, run, RunState::Running, change).await? {
-        Applied::Done(r) => Ok(StartOutcome::Started(r)),
-        Applied::Limited { running, limit } => Ok(StartOutcome::LimitReached { running, limit }),
-    }
-}
-
-fn done(a: Applied) -> Result<Run> {
-    match a {
-        Applied::Done(r) => Ok(*r),
-        Applied::Limited { .. } => Err(Error::Migration(
-            "unexpected admission result for a terminal transition".into(),
-        )),
-    }
-}
-
-/// Complete a running run, adding the outcome's usage to its totals.
-#[instrument(skip(db, outcome), err)]
-pub async fn complete_run(
-    db: &Db,
-    run: RunId,
-    outcome: RunOutcome,
-    lease_token: Option<i64>,
-) -> Result<Run> {
-    if outcome.input_tokens < 0 || outcome.output_tokens < 0 {
-        return Err(Error::invalid("tokens", "must not be negative"));
-    }
-    if !outcome.cost_usd.is_finite() || outcome.cost_usd < 0.0 {
-        return Err(Error::invalid(
-            "cost_usd",
-            "must be a finite, non-negative number",
-        ));
-    }
-    let details = json!({
-        "stop_reason": outcome.stop_reason,
-        "input_tokens": outcome.input_tokens,
-        "output_tokens": outcome.output_tokens,
-        "cost_usd": outcome.cost_usd,
-    });
-    let change = Change {
-        response_text: outcome.response_text,
-        stop_reason: outcome.stop_reason,
-        input_tokens: outcome.input_tokens,
-        output_tokens: outcome.output_tokens,
-        cost_usd: outcome.cost_usd,
-        lease_token,
-        details,
-        ..Change::default()
-    };
-    done(transition(db, run, RunState::Completed, change).await?)
-}
-
-fn failure(error_type: &str, error_message: &str, lease_token: Option<i64>) -> Result<Change> {
-    crate::ids::validate_text_id("error type", error_type)?;
-    if error_message.is_empty() {
-        return Err(Error::invalid("error message", "must not be empty"));
-    }
-    Ok(Change {
-        error_type: Some(error_type.to_string()),
-        error_message: Some(error_message.to_string()),
-        stop_reason: Some(
-            if error_type == "timeout" {
-                "timeout"
-            } else {
-                "error"
-            }
-            .into(),
-        ),
-        lease_token,
-        details: json!({ "error_type": error_type, "error_message": error_message }),
-        ..Change::default()
-    })
-}
-
-/// Fail a pending or running run.
-#[instrument(skip(db, error_message), err)]
-pub async fn fail_run(
-    db: &Db,
-    run: RunId,
-    error_type: &str,
-    error_message: &str,
-    lease_token: Option<i64>,
-) -> Result<Run> {
-    let change = failure(error_type, error_message, lease_token)?;
-    done(transition(db, run, RunState::Failed, change).await?)
-}
-
-/// Fail a run and record `run_failed` inside the caller's transaction (used by maintenance for
-/// stuck runs). No lease check: the caller (the fenced leader) overrides any holder. With `key`,
-/// the run's final ledger head is signed in that transaction; without one it stays unsigned (and
-/// a keyed verification reports the run).
-#[instrument(skip(tx, error_message, key), err)]
-pub async fn fail_run_in(
-    tx: &tokio_postgres::Transaction<'_>,
-    run: RunId,
-    error_type: &str,
-    error_message: &str,
-    key: Option<&LedgerKey>,
-) -> Result<Run> {
-    let change = failure(error_type, error_message, None)?;
-    done(transition_in(tx, run, RunState::Failed, change, key).await?)
-}
-
-/// Fail runs that have been `running` for longer than `timeout` (at most `limit` of them) with
-/// error type `timeout` / `run timed out`, each recording `run_failed` in the ledger, inside the
-/// caller's transaction (the leader's fenced maintenance transaction), signing each final head
-/// with `key` (see [`fail_run_in`]). Returns the runs failed. A run that finished meanwhile is
-/// skipped.
-#[instrument(skip(tx, key), err)]
-pub async fn fail_stuck_runs_in(
-    tx: &tokio_postgres::Transaction<'_>,
-    timeout: std::time::Duration,
-    limit: i64,
-    key: Option<&LedgerKey>,
-) -> Result<Vec<RunId>> {
-    if limit < 1 {
-        return Err(Error::invalid("limit", "must be at least 1"));
-    }
-    let micros = crate::config::interval_micros(timeout);
-    let rows = tx
-        .query_typed_rows(sql!("runs/stuck_running"), typed![&micros, &limit])
-        .await?;
-    let mut failed = Vec::new();
-    for r in rows {
-        let run: RunId = r.get(0);
-        match fail_run_in(tx, run, "timeout", "run timed out", key).await {
-            Ok(_) => failed.push(run),
-            Err(Error::IllegalTransition { .. }) => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(failed)
-}
-
-/// Cancel a pending or running run from anywhere (any instance, the CLI). The state change is
-/// notified, so the instance working on the run sees it at once (see
-/// [`RunWatcher`](super::RunWatcher)); `run_cancelled` is recorded with the reason.
-#[instrument(skip(db), err)]
-pub async fn cancel_run(db: &Db, run: RunId, reason: &str) -> Result<Run> {
-    if reason.trim().is_empty() {
-        return Err(Error::invalid("reason", "say why the run is cancelled"));
-    }
-    let change = Change {
-        cancel_reason: Some(reason.to_string()),
-        stop_reason: Some("cancelled".into()),
-        details: json!({ "reason": reason }),
-        ..Change::default()
-    };
-    done(transition(db, run, RunState::Cancelled, change).await?)
 }
 
 #[cfg(test)]

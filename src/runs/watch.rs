@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, instrument, warn};
 
 use crate::coord::notify::{Event, EventKind, Notifier};
+use crate::coord::service::ServiceContext;
 use crate::db::Db;
 use crate::db::Executor;
 use crate::error::Result;
@@ -86,13 +87,13 @@ impl RunWatcher {
         RunWatcher { inner, task }
     }
 
-    /// A watcher on a client's database and notifier, polling at the client's
-    /// `notify_poll_interval` as a fallback.
-    pub fn for_client(client: &crate::Client) -> RunWatcher {
+    /// A watcher on a service context's database and notifier (`Client::run_watcher` makes
+    /// one for a client), polling at the instance's `notify_poll_interval` as a fallback.
+    pub fn for_context(ctx: &ServiceContext) -> RunWatcher {
         RunWatcher::spawn(
-            client.db().clone(),
-            client.notifier(),
-            client.config().notify_poll_interval,
+            ctx.db().clone(),
+            ctx.notifier(),
+            ctx.config().notify_poll_interval,
         )
     }
 

@@ -24,13 +24,10 @@
 //! # }
 //! ```
 
-use std::sync::Arc;
-
-use crate::coord::maintenance::MaintenanceStep;
-
 pub mod budget;
 pub mod costs;
 pub mod degradation;
+mod maintenance;
 pub mod prices;
 pub mod rls;
 pub mod status;
@@ -45,6 +42,7 @@ pub use costs::{CostFilter, CostRow, budget_status, cost_breakdown, spend_from_e
 pub use degradation::{
     Decision, DegradationAction, DegradationPolicy, DegradationRule, StepRequest, decide,
 };
+pub use maintenance::maintenance_steps;
 pub use prices::{ModelPrice, PriceTable};
 pub use rls::{
     TenantRole, grant_tenant_access, grant_tenant_role, list_tenant_roles,
@@ -66,10 +64,4 @@ pub async fn decide_for_tenant(
 ) -> crate::Result<Decision> {
     let t = get(db, tenant).await?;
     Ok(decide(&t.context.degradation, t.status, request))
-}
-
-/// Maintenance steps this module contributes to the leader's maintenance pass: releasing budget
-/// reservations of instances that are gone (or that are too old).
-pub fn maintenance_steps() -> Vec<Arc<dyn MaintenanceStep>> {
-    vec![Arc::new(ReleaseOrphanedReservations::default())]
 }

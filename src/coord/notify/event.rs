@@ -1,0 +1,248 @@
+//! The notifications: channels, kinds and decoded events.
+
+use serde::Deserialize;
+
+use crate::ids::{RunId, TaskId};
+
+/// Every NOTIFY channel pgcrew uses.
+pub const CHANNELS: &[&str] = &[
+    "pgcrew_run_state_changed",
+    "pgcrew_instance_registered",
+    "pgcrew_instance_deregistered",
+    "pgcrew_leader_changed",
+    "pgcrew_task_available",
+    "pgcrew_run_event",
+    "pgcrew_budget_status_changed",
+    "pgcrew_task_cancel_requested",
+];
+
+/// The kind of an [`Event`], used to filter subscriptions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum EventKind {
+    /// `pgcrew_run_state_changed`.
+    RunStateChanged,
+    /// `pgcrew_instance_registered`.
+    InstanceRegistered,
+    /// `pgcrew_instance_deregistered`.
+    InstanceDeregistered,
+    /// `pgcrew_leader_changed`.
+    LeaderChanged,
+    /// `pgcrew_task_available`.
+    TaskAvailable,
+    /// `pgcrew_run_event`.
+    RunEvent,
+    /// `pgcrew_budget_status_changed`.
+    BudgetStatusChanged,
+    /// `pgcrew_task_cancel_requested`.
+    TaskCancelRequested,
+    /// The notifier (re)connected or the subscriber fell behind: re-read state.
+    Resync,
+}
+
+/// A notification, decoded from its channel's JSON payload.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum Event {
+    /// A run was created or changed state. The payload carries the run id only (any role can
+    /// LISTEN on any channel, so tenant ids and states stay out of payloads): re-read the run
+    /// (e.g. `runs::get_run`) for its tenant and state.
+    RunStateChanged {
+        /// The run.
+        run_id: RunId,
+    },
+    /// An instance registered.
+    InstanceRegistered {
+        /// The instance.
+        instance_id: String,
+    },
+    /// An instance deregistered or was removed by maintenance.
+    InstanceDeregistered {
+        /// The instance.
+        instance_id: String,
+    },
+    /// The leader of `name` changed (`leader_id` is `None` when the lease was released).
+    LeaderChanged {
+        /// The lease name.
+        name: String,
+        /// The new holder, if any.
+        leader_id: Option<String>,
+        /// The fencing term.
+        term: i64,
+    },
+    /// Tasks became available on a queue.
+    TaskAvailable {
+        /// The queue.
+        queue: String,
+    },
+    /// A run's ledger got a new event.
+    RunEvent {
+        /// The run.
+        run_id: RunId,
+        /// The event's sequence number.
+        seq: i64,
+    },
+    /// Some tenant's budget status changed. The payload names no tenant (any role can LISTEN
+    /// on any channel): re-read `pgcrew.budget_status` (e.g. `tenancy::budget_status`).
+    BudgetStatusChanged,
+    /// Cancellation of a running task was requested (`pgcrew.cancel_task`); the claiming
+    /// instance's worker pool re-reads its tasks' cancellation flags at once.
+    TaskCancelRequested {
+        /// The task.
+        task_id: TaskId,
+        /// The instance that claimed it (`None` if the row had no claimant).
+        instance_id: Option<String>,
+    },
+    /// Notifications may have been missed: re-read state.
+    Resync,
+}
+
+impl Event {
+    /// This event's kind.
+    pub fn kind(&self) -> EventKind {
+        match self {
+            Event::RunStateChanged { .. } => EventKind::RunStateChanged,
+            Event::InstanceRegistered { .. } => EventKind::InstanceRegistered,
+            Event::InstanceDeregistered { .. } => EventKind::InstanceDeregistered,
+            Event::LeaderChanged { .. } => EventKind::LeaderChanged,
+            Event::TaskAvailable { .. } => EventKind::TaskAvailable,
+            Event::RunEvent { .. } => EventKind::RunEvent,
+            Event::BudgetStatusChanged => EventKind::BudgetStatusChanged,
+            Event::TaskCancelRequested { .. } => EventKind::TaskCancelRequested,
+            Event::Resync => EventKind::Resync,
+        }
+    }
+
+    /// The run this event concerns, if any.
+    pub fn run_id(&self) -> Option<RunId> {
+        match self {
+            Event::RunStateChanged { run_id, .. } | Event::RunEvent { run_id, .. } => Some(*run_id),
+            _ => None,
+        }
+    }
+
+    /// Decode a notification. Unknown channels and malformed payloads give `None` (and are
+    /// logged by the notifier): a payload is never trusted beyond being a wake-up.
+    pub fn parse(channel: &str, payload: &str) -> Option<Event> {
+        #[derive(Deserialize)]
+        struct RunState {
+            run_id: RunId,
+        }
+        #[derive(Deserialize)]
+        struct Instance {
+            instance_id: String,
+        }
+        #[derive(Deserialize)]
+        struct Leader {
+            name: String,
+            leader_id: Option<String>,
+            term: i64,
+        }
+        #[derive(Deserialize)]
+        struct Task {
+            queue: String,
+        }
+        #[derive(Deserialize)]
+        struct RunEv {
+            run_id: RunId,
+            seq: i64,
+        }
+        #[derive(Deserialize)]
+        struct Cancel {
+            task_id: i64,
+            instance_id: Option<String>,
+        }
+        let ev = match channel {
+            "pgcrew_run_state_changed" => {
+                let p: RunState = serde_json::from_str(payload).ok()?;
+                Event::RunStateChanged { run_id: p.run_id }
+            }
+            "pgcrew_instance_registered" => Event::InstanceRegistered {
+                instance_id: serde_json::from_str::<Instance>(payload).ok()?.instance_id,
+            },
+            "pgcrew_instance_deregistered" => Event::InstanceDeregistered {
+                instance_id: serde_json::from_str::<Instance>(payload).ok()?.instance_id,
+            },
+            "pgcrew_leader_changed" => {
+                let p: Leader = serde_json::from_str(payload).ok()?;
+                Event::LeaderChanged {
+                    name: p.name,
+                    leader_id: p.leader_id,
+                    term: p.term,
+                }
+            }
+            "pgcrew_task_available" => Event::TaskAvailable {
+                queue: serde_json::from_str::<Task>(payload).ok()?.queue,
+            },
+            "pgcrew_run_event" => {
+                let p: RunEv = serde_json::from_str(payload).ok()?;
+                Event::RunEvent {
+                    run_id: p.run_id,
+                    seq: p.seq,
+                }
+            }
+            "pgcrew_budget_status_changed" => Event::BudgetStatusChanged,
+            "pgcrew_task_cancel_requested" => {
+                let p: Cancel = serde_json::from_str(payload).ok()?;
+                Event::TaskCancelRequested {
+                    task_id: TaskId(p.task_id),
+                    instance_id: p.instance_id,
+                }
+            }
+            _ => return None,
+        };
+        Some(ev)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_channel_payloads() {
+        let id = RunId::new();
+        let ev = Event::parse(
+            "pgcrew_run_state_changed",
+            &format!(r#"{{"run_id":"{id}"}}"#),
+        );
+        assert_eq!(ev, Some(Event::RunStateChanged { run_id: id }));
+        // Payloads of instances from before V010 carried more fields: still a wake-up.
+        let old = format!(r#"{{"run_id":"{id}","tenant_id":"t","from":null,"to":"pending"}}"#);
+        assert_eq!(
+            Event::parse("pgcrew_run_state_changed", &old),
+            Some(Event::RunStateChanged { run_id: id })
+        );
+        assert_eq!(
+            Event::parse("pgcrew_budget_status_changed", "{}"),
+            Some(Event::BudgetStatusChanged)
+        );
+        assert_eq!(
+            Event::parse(
+                "pgcrew_leader_changed",
+                r#"{"name":"default","leader_id":null,"term":3}"#
+            ),
+            Some(Event::LeaderChanged {
+                name: "default".into(),
+                leader_id: None,
+                term: 3
+            })
+        );
+        assert_eq!(
+            Event::parse(
+                "pgcrew_task_cancel_requested",
+                r#"{"task_id":42,"instance_id":"w1"}"#
+            ),
+            Some(Event::TaskCancelRequested {
+                task_id: TaskId(42),
+                instance_id: Some("w1".into())
+            })
+        );
+        assert_eq!(
+            Event::parse("pgcrew_task_cancel_requested", r#"{"task_id":"x"}"#),
+            None
+        );
+        assert_eq!(Event::parse("pgcrew_task_available", "not json"), None);
+        assert_eq!(Event::parse("other", "{}"), None);
+    }
+}

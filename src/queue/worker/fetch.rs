@@ -1,0 +1,225 @@
+//! Fetching (River's producer): claim batches sized to free capacity, register as a waiter
+//! when out of work, and wait for a notification, a flush, the next due task or the poll.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures_util::FutureExt;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::{Shared, WorkerPool};
+use crate::coord::notify::{Event, Subscription};
+use crate::coord::service::ServiceContext;
+use crate::db::{Conn, Executor};
+use crate::error::Result;
+use crate::queue::claim::{ClaimedTask, claim_routed, next_due_with};
+
+impl WorkerPool {
+    pub(super) async fn fetch_loop(
+        &self,
+        ctx: &ServiceContext,
+        shared: &Shared,
+        work_tx: &mpsc::UnboundedSender<ClaimedTask>,
+        sub: &mut Subscription,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
+        let capacity = self.settings.concurrency + self.settings.prefetch;
+        let mut conn: Option<Conn> = None;
+        let mut backoff = Duration::from_millis(50);
+        // Whether this pool is registered in `pgcrew.queue_waiters` (so enqueues NOTIFY it).
+        let mut waiting = false;
+        // Whether the next claim tries the single-statement fast path first.
+        let mut try_fast = true;
+        loop {
+            if *shutdown.borrow() {
+                if waiting {
+                    self.set_waiting(ctx, &mut conn, false).await;
+                }
+                return;
+            }
+            let held = self.metrics.in_flight.load(Ordering::SeqCst);
+            let free = capacity.saturating_sub(held);
+            // Without prefetch, claim for any free slot (latency); with prefetch, refill once
+            // half the capacity is free so claims stay large (throughput).
+            let threshold = if self.settings.prefetch == 0 {
+                1
+            } else {
+                (capacity / 2).clamp(1, self.settings.max_batch)
+            };
+            if free == 0 || (held > 0 && free < threshold) {
+                // Saturated: enqueues need not wake us (keeps NOTIFY off the hot path).
+                if waiting {
+                    waiting = !self.set_waiting(ctx, &mut conn, false).await;
+                }
+                tokio::select! {
+                    _ = shared.slot_freed.notified() => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+            let limit = free.min(self.settings.max_batch);
+            // Wake-ups received so far are answered by this claim; only later ones count.
+            while let Some(Some(_)) = sub.recv().now_or_never() {}
+            match self.claim_once(ctx, &mut conn, limit, &mut try_fast).await {
+                Ok(tasks) => {
+                    backoff = Duration::from_millis(50);
+                    let got = tasks.len();
+                    if let Some(max_lag) = tasks.iter().map(|t| t.lag).max() {
+                        self.metrics
+                            .lag_us
+                            .store(max_lag.as_micros() as u64, Ordering::Relaxed);
+                    }
+                    self.metrics
+                        .claimed
+                        .fetch_add(got as u64, Ordering::Relaxed);
+                    for t in tasks {
+                        self.metrics.in_flight.fetch_add(1, Ordering::SeqCst);
+                        shared.with_held(|h| h.insert(t.id, CancellationToken::new()));
+                        if work_tx.send(t).is_err() {
+                            return;
+                        }
+                    }
+                    if got > 0 {
+                        // Let the executors pick the tasks up before the next claim is sent.
+                        tokio::task::yield_now().await;
+                    }
+                    if got == 0 {
+                        if !waiting {
+                            // Out of work: ask for wake-ups, then claim once more so a task
+                            // enqueued before the registration is not left to the poll.
+                            waiting = self.set_waiting(ctx, &mut conn, true).await;
+                            if waiting {
+                                continue;
+                            }
+                        }
+                        self.idle_wait(&mut conn, shared, sub, shutdown).await;
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "worker pool: claim failed; retrying");
+                    conn = None;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    /// Register (`true`) or unregister this pool as waiting for work on its queues. Returns
+    /// whether the change was made; failures are logged (the fallback poll still finds work).
+    async fn set_waiting(&self, ctx: &ServiceContext, conn: &mut Option<Conn>, on: bool) -> bool {
+        if conn.is_none() {
+            match ctx.db().get().await {
+                Ok(c) => *conn = Some(c),
+                Err(e) => {
+                    debug!(error = %e, "worker pool: no connection to update the waiter row");
+                    return false;
+                }
+            }
+        }
+        let Some(c) = conn.as_ref() else {
+            return false;
+        };
+        let result = if on {
+            c.execute_typed_count(
+                sql!("queue/register_waiter"),
+                typed![self.queues, self.pool_id, ctx.instance_id()],
+            )
+            .await
+        } else {
+            c.execute_typed_count(sql!("queue/unregister_waiter"), typed![self.pool_id])
+                .await
+        };
+        match result {
+            Ok(_) => true,
+            Err(e) => {
+                debug!(error = %e, "worker pool: cannot update the waiter row");
+                *conn = None;
+                false
+            }
+        }
+    }
+
+    /// Claim up to `limit` tasks. A single-queue pool first tries the one-statement fast path
+    /// (`queue/claim_fast`, the common single-tenant, unlimited case); when that claims nothing,
+    /// the general `pgcrew.claim_tasks` runs, and if it finds work (several tenants with work,
+    /// limits, due tasks), the pool uses the general path until it next runs out of work
+    /// (`try_fast`).
+    async fn claim_once(
+        &self,
+        ctx: &ServiceContext,
+        conn: &mut Option<Conn>,
+        limit: usize,
+        try_fast: &mut bool,
+    ) -> Result<Vec<ClaimedTask>> {
+        if conn.is_none() {
+            *conn = Some(ctx.db().get().await?);
+        }
+        let Some(c) = conn.as_ref() else {
+            return Ok(Vec::new());
+        };
+        if ctx.db().statements() == crate::db::StatementMode::Unnamed {
+            // Unnamed statements are planned on every call: the fast path's statement would be
+            // too, while `pgcrew.claim_tasks` (PL/pgSQL) keeps its plans in the server session,
+            // whichever client the pooler lends that session to.
+            *try_fast = false;
+        }
+        claim_routed(
+            c,
+            sql!("queue/claim_fast"),
+            sql!("queue/claim"),
+            &self.queues,
+            i32::try_from(limit).unwrap_or(i32::MAX),
+            ctx.instance_id(),
+            try_fast,
+        )
+        .await
+    }
+
+    /// Nothing to claim: wait for a notification on one of our queues (read directly from the
+    /// subscription: no extra task hop), an acknowledgement flush, the next due task, the
+    /// fallback poll, or stop.
+    async fn idle_wait(
+        &self,
+        conn: &mut Option<Conn>,
+        shared: &Shared,
+        sub: &mut Subscription,
+        shutdown: &mut watch::Receiver<bool>,
+    ) {
+        let mut wait = self.settings.poll_interval;
+        if let Some(c) = conn.as_ref() {
+            let due = next_due_with(c, sql!("queue/next_due"), &self.queues).await;
+            match due {
+                // At least 1 ms: a due task another claimer is promoting right now must not
+                // turn this into a busy loop.
+                Ok(Some(d)) => wait = wait.min(d).max(Duration::from_millis(1)),
+                Ok(None) => {}
+                Err(e) => {
+                    debug!(error = %e, "worker pool: next_due failed");
+                    *conn = None;
+                }
+            }
+        }
+        let sleep = tokio::time::sleep(wait);
+        tokio::pin!(sleep);
+        let mut listening = true;
+        loop {
+            tokio::select! {
+                ev = sub.recv(), if listening => match ev {
+                    Some(Event::TaskAvailable { queue }) if !self.queues.contains(&queue) => {}
+                    Some(_) => return,
+                    // The notifier is gone: rely on the poll.
+                    None => listening = false,
+                },
+                _ = shared.wake.notified() => return,
+                _ = &mut sleep => return,
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+}
