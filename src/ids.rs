@@ -262,6 +262,25 @@ mod tests {
     }
 
     #[test]
+    fn ids_accept_the_same_sql_types() {
+        use postgres_types::{FromSql, ToSql, Type};
+        fn both<T: ToSql + for<'a> FromSql<'a>>(ty: &Type) -> (bool, bool) {
+            (<T as ToSql>::accepts(ty), <T as FromSql>::accepts(ty))
+        }
+        assert_eq!(both::<RunId>(&Type::UUID), (true, true));
+        assert_eq!(both::<ClaimToken>(&Type::TEXT), (false, false));
+        for ty in [Type::TEXT, Type::VARCHAR] {
+            assert_eq!(both::<TenantId>(&ty), (true, true), "{ty}");
+            assert_eq!(both::<InstanceId>(&ty), (true, true), "{ty}");
+        }
+        for ty in [Type::BPCHAR, Type::NAME, Type::UUID] {
+            assert_eq!(both::<TenantId>(&ty), (false, false), "{ty}");
+        }
+        assert_eq!(both::<TaskId>(&Type::INT8), (true, true));
+        assert_eq!(both::<TaskId>(&Type::INT4), (false, false));
+    }
+
+    #[test]
     fn uuid_and_task_ids_parse() {
         assert!("not-a-uuid".parse::<RunId>().is_err());
         let r = RunId::new();

@@ -303,6 +303,28 @@ mod tests {
     }
 
     #[test]
+    fn a_compiled_schema_reports_what_validate_reports() {
+        let compiled = CompiledSchema::compile(schema()).unwrap();
+        assert_eq!(compiled.schema(), &schema());
+        for value in [
+            json!({"amount_cents": 500, "currency": "usd"}),
+            json!({"amount_cents": 0, "currency": "gbp", "tags": ["", "b", "c"], "x": 1}),
+            json!("hello"),
+        ] {
+            assert_eq!(compiled.validate(&value), validate(&schema(), &value));
+        }
+        let broken = json!({"type": "strnig"});
+        let (a, b) = (
+            CompiledSchema::compile(broken.clone()),
+            check_schema(&broken),
+        );
+        assert_eq!(
+            a.map(drop).map_err(|e| e.to_string()),
+            b.map_err(|e| e.to_string())
+        );
+    }
+
+    #[test]
     fn rejects_broken_schemas() {
         assert!(check_schema(&json!({"type": "strnig"})).is_err());
         assert!(check_schema(&json!({"properties": []})).is_err());
