@@ -460,3 +460,15 @@ fn too_large_from_db(db: &tokio_postgres::error::DbError) -> Error {
         limit: detail["limit"].as_u64().unwrap_or(0),
     }
 }
+
+/// `impl Display` for enums named by their `as_str()` (the stored or printed name).
+macro_rules! display_as_str {
+    ($($t:ty),+ $(,)?) => {$(
+        impl std::fmt::Display for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    )+};
+}
+pub(crate) use display_as_str;

@@ -34,6 +34,44 @@ pub fn validate_text_id(field: &'static str, value: &str) -> Result<()> {
     Ok(())
 }
 
+/// The PostgreSQL side of an id newtype around `$inner`: `ToSql` / `FromSql` delegating to the
+/// inner value and accepting exactly the listed types, and the column / array types it binds as.
+/// (Not the `postgres-types` derive: `transparent` would accept every type `$inner` accepts,
+/// such as `bpchar` and `name` for `String`.)
+macro_rules! sql_newtype {
+    ($name:ident, $inner:ty, [$($accepts:ident),+], $sql:ident, $array:ident) => {
+        impl postgres_types::ToSql for $name {
+            fn to_sql(
+                &self,
+                ty: &postgres_types::Type,
+                out: &mut postgres_types::private::BytesMut,
+            ) -> std::result::Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+                self.0.to_sql(ty, out)
+            }
+            postgres_types::accepts!($($accepts),+);
+            postgres_types::to_sql_checked!();
+        }
+
+        impl<'a> postgres_types::FromSql<'a> for $name {
+            fn from_sql(
+                ty: &postgres_types::Type,
+                raw: &'a [u8],
+            ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+                <$inner as postgres_types::FromSql>::from_sql(ty, raw).map(Self)
+            }
+            postgres_types::accepts!($($accepts),+);
+        }
+
+        impl crate::db::SqlType for $name {
+            const TYPE: postgres_types::Type = postgres_types::Type::$sql;
+        }
+
+        impl crate::db::SqlArrayElement for $name {
+            const ARRAY: postgres_types::Type = postgres_types::Type::$array;
+        }
+    };
+}
+
 macro_rules! uuid_id {
     ($(#[$doc:meta])* $name:ident, $kind:literal) => {
         $(#[$doc])*
@@ -79,35 +117,7 @@ macro_rules! uuid_id {
             }
         }
 
-        impl postgres_types::ToSql for $name {
-            fn to_sql(
-                &self,
-                ty: &postgres_types::Type,
-                out: &mut postgres_types::private::BytesMut,
-            ) -> std::result::Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-                self.0.to_sql(ty, out)
-            }
-            postgres_types::accepts!(UUID);
-            postgres_types::to_sql_checked!();
-        }
-
-        impl crate::db::SqlType for $name {
-            const TYPE: postgres_types::Type = postgres_types::Type::UUID;
-        }
-
-        impl crate::db::SqlArrayElement for $name {
-            const ARRAY: postgres_types::Type = postgres_types::Type::UUID_ARRAY;
-        }
-
-        impl<'a> postgres_types::FromSql<'a> for $name {
-            fn from_sql(
-                ty: &postgres_types::Type,
-                raw: &'a [u8],
-            ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-                Uuid::from_sql(ty, raw).map(Self)
-            }
-            postgres_types::accepts!(UUID);
-        }
+        sql_newtype!($name, Uuid, [UUID], UUID, UUID_ARRAY);
     };
 }
 
@@ -170,36 +180,8 @@ macro_rules! text_id {
             }
         }
 
-        impl postgres_types::ToSql for $name {
-            fn to_sql(
-                &self,
-                ty: &postgres_types::Type,
-                out: &mut postgres_types::private::BytesMut,
-            ) -> std::result::Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-                self.0.to_sql(ty, out)
-            }
-            postgres_types::accepts!(TEXT, VARCHAR);
-            postgres_types::to_sql_checked!();
-        }
-
-        impl crate::db::SqlType for $name {
-            const TYPE: postgres_types::Type = postgres_types::Type::TEXT;
-        }
-
-        impl crate::db::SqlArrayElement for $name {
-            const ARRAY: postgres_types::Type = postgres_types::Type::TEXT_ARRAY;
-        }
-
-        impl<'a> postgres_types::FromSql<'a> for $name {
-            fn from_sql(
-                ty: &postgres_types::Type,
-                raw: &'a [u8],
-            ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-                // Rows were validated on the way in; accept what the database holds.
-                String::from_sql(ty, raw).map(Self)
-            }
-            postgres_types::accepts!(TEXT, VARCHAR);
-        }
+        // Rows were validated on the way in; accept what the database holds.
+        sql_newtype!($name, String, [TEXT, VARCHAR], TEXT, TEXT_ARRAY);
     };
 }
 
@@ -260,35 +242,7 @@ impl FromStr for TaskId {
     }
 }
 
-impl postgres_types::ToSql for TaskId {
-    fn to_sql(
-        &self,
-        ty: &postgres_types::Type,
-        out: &mut postgres_types::private::BytesMut,
-    ) -> std::result::Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        self.0.to_sql(ty, out)
-    }
-    postgres_types::accepts!(INT8);
-    postgres_types::to_sql_checked!();
-}
-
-impl crate::db::SqlType for TaskId {
-    const TYPE: postgres_types::Type = postgres_types::Type::INT8;
-}
-
-impl crate::db::SqlArrayElement for TaskId {
-    const ARRAY: postgres_types::Type = postgres_types::Type::INT8_ARRAY;
-}
-
-impl<'a> postgres_types::FromSql<'a> for TaskId {
-    fn from_sql(
-        ty: &postgres_types::Type,
-        raw: &'a [u8],
-    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        i64::from_sql(ty, raw).map(TaskId)
-    }
-    postgres_types::accepts!(INT8);
-}
+sql_newtype!(TaskId, i64, [INT8], INT8, INT8_ARRAY);
 
 #[cfg(test)]
 mod tests {
@@ -305,6 +259,25 @@ mod tests {
                 .ok(),
             Some("acme'; DROP TABLE x; --ü".to_string())
         );
+    }
+
+    #[test]
+    fn ids_accept_the_same_sql_types() {
+        use postgres_types::{FromSql, ToSql, Type};
+        fn both<T: ToSql + for<'a> FromSql<'a>>(ty: &Type) -> (bool, bool) {
+            (<T as ToSql>::accepts(ty), <T as FromSql>::accepts(ty))
+        }
+        assert_eq!(both::<RunId>(&Type::UUID), (true, true));
+        assert_eq!(both::<ClaimToken>(&Type::TEXT), (false, false));
+        for ty in [Type::TEXT, Type::VARCHAR] {
+            assert_eq!(both::<TenantId>(&ty), (true, true), "{ty}");
+            assert_eq!(both::<InstanceId>(&ty), (true, true), "{ty}");
+        }
+        for ty in [Type::BPCHAR, Type::NAME, Type::UUID] {
+            assert_eq!(both::<TenantId>(&ty), (false, false), "{ty}");
+        }
+        assert_eq!(both::<TaskId>(&Type::INT8), (true, true));
+        assert_eq!(both::<TaskId>(&Type::INT4), (false, false));
     }
 
     #[test]

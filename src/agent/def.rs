@@ -46,11 +46,7 @@ impl CapabilityDenialPolicy {
     }
 }
 
-impl std::fmt::Display for CapabilityDenialPolicy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::error::display_as_str!(CapabilityDenialPolicy);
 
 impl std::str::FromStr for CapabilityDenialPolicy {
     type Err = Error;
@@ -92,6 +88,17 @@ pub struct AgentDef {
     pub on_capability_denied: CapabilityDenialPolicy,
 }
 
+/// Builder-style setters of [`AgentDef`] fields: `field(arg: Type) => value stored;`.
+macro_rules! setters {
+    ($($(#[$doc:meta])* $field:ident($arg:ident: $ty:ty) => $value:expr;)+) => {$(
+        $(#[$doc])*
+        pub fn $field(mut self, $arg: $ty) -> Self {
+            self.$field = $value;
+            self
+        }
+    )+};
+}
+
 impl AgentDef {
     /// A definition with defaults (no tools, no system prompt, 10 iterations).
     pub fn new(name: impl Into<String>, model: impl Into<String>) -> Self {
@@ -108,45 +115,24 @@ impl AgentDef {
         }
     }
 
-    /// Set the description.
-    pub fn description(mut self, d: impl Into<String>) -> Self {
-        self.description = d.into();
-        self
-    }
-
-    /// Set the system prompt.
-    pub fn system_prompt(mut self, p: impl Into<String>) -> Self {
-        self.system_prompt = p.into();
-        self
+    setters! {
+        /// Set the description.
+        description(d: impl Into<String>) => d.into();
+        /// Set the system prompt.
+        system_prompt(p: impl Into<String>) => p.into();
+        /// Set `max_tokens` per model call.
+        max_tokens(n: u32) => Some(n);
+        /// Set the temperature.
+        temperature(t: f64) => Some(t);
+        /// Set the most iterations per run.
+        max_iterations(n: u32) => n;
+        /// Set what a run does when a tool call is denied for lack of a capability.
+        on_capability_denied(policy: CapabilityDenialPolicy) => policy;
     }
 
     /// Allow a tool.
     pub fn tool(mut self, name: impl Into<String>) -> Self {
         self.tools.push(name.into());
-        self
-    }
-
-    /// Set `max_tokens` per model call.
-    pub fn max_tokens(mut self, n: u32) -> Self {
-        self.max_tokens = Some(n);
-        self
-    }
-
-    /// Set the temperature.
-    pub fn temperature(mut self, t: f64) -> Self {
-        self.temperature = Some(t);
-        self
-    }
-
-    /// Set the most iterations per run.
-    pub fn max_iterations(mut self, n: u32) -> Self {
-        self.max_iterations = n;
-        self
-    }
-
-    /// Set what a run does when a tool call is denied for lack of a capability.
-    pub fn on_capability_denied(mut self, policy: CapabilityDenialPolicy) -> Self {
-        self.on_capability_denied = policy;
         self
     }
 

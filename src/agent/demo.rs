@@ -95,34 +95,46 @@ pub fn charge_id_for(idempotency_key: &str) -> String {
     format!("ch_{}", &hex(&digest(&["charge", idempotency_key]))[..16])
 }
 
+/// A demo tool taking one required string argument `(name, description)`: it sleeps `latency`,
+/// then answers `answer(argument)`.
+fn text_arg_tool(
+    tool: &str,
+    description: &str,
+    (arg, arg_description): (&'static str, &str),
+    latency: Duration,
+    answer: fn(&str) -> Value,
+) -> Result<Tool> {
+    Tool::builder(tool)
+        .description(description)
+        .input_schema(json!({
+            "type": "object",
+            "properties": {arg: {"type": "string", "description": arg_description}},
+            "required": [arg],
+            "additionalProperties": false
+        }))
+        .handler(move |_ctx: ToolContext, args: Value| async move {
+            tokio::time::sleep(latency).await;
+            Ok(answer(text_arg(&args, arg)?))
+        })
+        .build()
+}
+
 /// The demo tools, each sleeping `latency` before answering.
 pub fn demo_tools(latency: Duration) -> Result<ToolRegistry> {
-    let lookup = Tool::builder(LOOKUP_ORDER)
-        .description("Look up an order by id: status, number of items, total")
-        .input_schema(json!({
-            "type": "object",
-            "properties": {"order_id": {"type": "string", "description": "the order id"}},
-            "required": ["order_id"],
-            "additionalProperties": false
-        }))
-        .handler(move |_ctx: ToolContext, args: Value| async move {
-            tokio::time::sleep(latency).await;
-            Ok(lookup_order_result(text_arg(&args, "order_id")?))
-        })
-        .build()?;
-    let weather = Tool::builder(GET_WEATHER)
-        .description("The current weather in a city")
-        .input_schema(json!({
-            "type": "object",
-            "properties": {"city": {"type": "string", "description": "the city"}},
-            "required": ["city"],
-            "additionalProperties": false
-        }))
-        .handler(move |_ctx: ToolContext, args: Value| async move {
-            tokio::time::sleep(latency).await;
-            Ok(weather_result(text_arg(&args, "city")?))
-        })
-        .build()?;
+    let lookup = text_arg_tool(
+        LOOKUP_ORDER,
+        "Look up an order by id: status, number of items, total",
+        ("order_id", "the order id"),
+        latency,
+        lookup_order_result,
+    )?;
+    let weather = text_arg_tool(
+        GET_WEATHER,
+        "The current weather in a city",
+        ("city", "the city"),
+        latency,
+        weather_result,
+    )?;
     let charge = Tool::builder(CHARGE_CREDIT_CARD)
         .description("Charge the customer's card on file (idempotent per step)")
         .input_schema(json!({

@@ -1,6 +1,6 @@
-//! Agents and tools: tool definitions with JSON input schemas ([`Tool`], [`ToolRegistry`]), a
-//! small JSON Schema validator for tool arguments ([`schema`]), and agent definitions with the
-//! durable agent loop.
+//! Agents and tools: tool definitions with JSON input schemas ([`Tool`], [`ToolRegistry`]), the
+//! JSON Schema validation of tool arguments ([`schema`]), and agent definitions with the durable
+//! agent loop.
 //!
 //! [`def`] holds the definitions and their rows; [`runtime`] drives a run through the
 //! [`Kernel`](crate::kernel::Kernel) (model steps, then tool steps, per iteration). The tool
@@ -8,13 +8,16 @@
 
 pub mod def;
 pub mod demo;
-pub mod schema;
 
 pub mod runtime;
 
 /// The tool types live in [`crate::kernel::tool`] (the kernel executes tools); kept at their
 /// old path `pgcrew::agent::tool`.
 pub use crate::kernel::tool;
+
+/// Tool-argument validation lives in [`crate::kernel::schema`]; kept at its old path
+/// `pgcrew::agent::schema`.
+pub use crate::kernel::schema;
 pub use crate::kernel::tool::{
     Tool, ToolBuilder, ToolContext, ToolError, ToolRegistry, validate_tool_name,
 };

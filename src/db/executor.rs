@@ -51,11 +51,7 @@ impl StatementMode {
     }
 }
 
-impl std::fmt::Display for StatementMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::error::display_as_str!(StatementMode);
 
 impl std::str::FromStr for StatementMode {
     type Err = Error;

@@ -103,10 +103,9 @@ pub struct Db {
 
 impl std::fmt::Debug for Db {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The connection settings as `PgConfig` shows them (the password redacted).
         f.debug_struct("Db")
-            .field("hosts", &self.config.get_hosts())
-            .field("dbname", &self.config.get_dbname())
-            .field("sslmode", &self.config.ssl_mode())
+            .field("config", &self.config)
             .field("pool", &self.pool.status())
             .field("ledger_key", &self.ledger_key.is_some())
             .field("statements", &self.statements)
@@ -288,13 +287,7 @@ impl Db {
 
     /// Open a dedicated connection outside the pool (used for LISTEN and long-lived sessions).
     /// The connection task is spawned on the current runtime and ends when the client is dropped.
-    pub async fn connect_dedicated(
-        config: &PgConfig,
-    ) -> Result<(
-        tokio_postgres::Client,
-        tokio::task::JoinHandle<()>,
-        tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::AsyncMessage>,
-    )> {
+    pub async fn connect_dedicated(config: &PgConfig) -> Result<DedicatedConnection> {
         connect_with_messages(config).await
     }
 
@@ -347,15 +340,17 @@ impl Db {
     }
 }
 
-/// Connect one client outside any pool, forwarding asynchronous messages (notifications,
-/// notices) to the returned receiver.
-pub(crate) async fn connect_with_messages(
-    config: &PgConfig,
-) -> Result<(
+/// A connection outside the pool: the client, the task driving it (it ends when the client is
+/// dropped) and the asynchronous messages (notifications, notices) it received.
+pub type DedicatedConnection = (
     tokio_postgres::Client,
     tokio::task::JoinHandle<()>,
     tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::AsyncMessage>,
-)> {
+);
+
+/// Connect one client outside any pool, forwarding asynchronous messages (notifications,
+/// notices) to the returned receiver.
+pub(crate) async fn connect_with_messages(config: &PgConfig) -> Result<DedicatedConnection> {
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
     let (client, handle) = connect_with_handler(config, move |m| {
         // Receiver gone: keep driving the connection until the client closes it.

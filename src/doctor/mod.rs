@@ -146,11 +146,7 @@ impl CheckId {
     }
 }
 
-impl std::fmt::Display for CheckId {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::error::display_as_str!(CheckId);
 
 impl std::str::FromStr for CheckId {
     type Err = Error;
@@ -195,11 +191,7 @@ impl Status {
     }
 }
 
-impl std::fmt::Display for Status {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::error::display_as_str!(Status);
 
 /// The outcome of one check.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

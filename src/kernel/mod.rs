@@ -39,6 +39,7 @@ use crate::runs::{NewEvent, append_events};
 mod fork;
 pub mod harness;
 mod model_step;
+pub mod schema;
 pub mod tool;
 mod tool_step;
 pub mod workflow;

@@ -25,6 +25,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use super::schema::CompiledSchema;
 use crate::error::{Error, Result};
 use crate::ids::{RunId, TenantId};
 use crate::model::ToolSpec;
@@ -75,7 +76,7 @@ type Handler = dyn Fn(ToolContext, Value) -> BoxFut + Send + Sync;
 pub struct Tool {
     name: String,
     description: String,
-    input_schema: Value,
+    input_schema: CompiledSchema,
     requires_capability: Option<String>,
     handler: Arc<Handler>,
 }
@@ -113,7 +114,7 @@ impl Tool {
 
     /// The JSON schema of the arguments.
     pub fn input_schema(&self) -> &Value {
-        &self.input_schema
+        self.input_schema.schema()
     }
 
     /// The capability a tenant needs to call this tool, if any.
@@ -123,13 +124,17 @@ impl Tool {
 
     /// The tool as offered to a model.
     pub fn spec(&self) -> ToolSpec {
-        ToolSpec::new(&self.name, &self.description, self.input_schema.clone())
+        ToolSpec::new(
+            &self.name,
+            &self.description,
+            self.input_schema.schema().clone(),
+        )
     }
 
     /// Validate `arguments` against the input schema: [`Error::InvalidInput`] listing every
     /// violation.
     pub fn validate_arguments(&self, arguments: &Value) -> Result<()> {
-        let errors = crate::agent::schema::validate(&self.input_schema, arguments);
+        let errors = self.input_schema.validate(arguments);
         if errors.is_empty() {
             Ok(())
         } else {
@@ -203,10 +208,9 @@ impl ToolBuilder {
     /// Check the definition and build the tool.
     pub fn build(self) -> Result<Tool> {
         validate_tool_name(&self.name)?;
-        crate::agent::schema::check_schema(&self.input_schema)?;
-        if !self.input_schema.is_object()
-            || self.input_schema.get("type").is_some_and(|t| t != "object")
-        {
+        let input_schema = CompiledSchema::compile(self.input_schema)?;
+        let schema = input_schema.schema();
+        if !schema.is_object() || schema.get("type").is_some_and(|t| t != "object") {
             return Err(Error::invalid(
                 "input schema",
                 format!(
@@ -227,7 +231,7 @@ impl ToolBuilder {
         Ok(Tool {
             name: self.name,
             description: self.description,
-            input_schema: self.input_schema,
+            input_schema,
             requires_capability: self.requires_capability,
             handler,
         })

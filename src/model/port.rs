@@ -97,11 +97,7 @@ impl ModelErrorKind {
     }
 }
 
-impl std::fmt::Display for ModelErrorKind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::error::display_as_str!(ModelErrorKind);
 
 /// The `kind` strings of [`Error::Model`] ([`ModelErrorKind::as_str`]), as produced by the
 /// adapters in this module.

@@ -151,8 +151,8 @@ pub async fn exec(dsn: Option<String>, cmd: TasksCmd) -> Result<ExitCode> {
     match cmd {
         TasksCmd::Stats(f) => stats(dsn, f.json).await,
         TasksCmd::List(a) => list(dsn, a).await,
-        TasksCmd::Cancel(a) => cancel(dsn, a).await,
-        TasksCmd::Retry(a) => retry(dsn, a).await,
+        TasksCmd::Cancel(a) => change_state(dsn, a, true).await,
+        TasksCmd::Retry(a) => change_state(dsn, a, false).await,
         TasksCmd::Enqueue(a) => enqueue(dsn, a).await,
         TasksCmd::Work(a) => work(dsn, a).await,
     }
@@ -211,12 +211,18 @@ async fn list(dsn: Option<String>, a: ListArgs) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-async fn cancel(dsn: Option<String>, a: IdArgs) -> Result<ExitCode> {
+/// `pgcrew tasks cancel` (with `cancel`) or `pgcrew tasks retry`: change the task's state and print
+/// the state it is in afterwards.
+async fn change_state(dsn: Option<String>, a: IdArgs, cancel: bool) -> Result<ExitCode> {
     let id: TaskId = a.id.parse()?;
     let db = connect(dsn).await?;
     let conn = db.get().await?;
-    let state = queue::cancel(&**conn, id).await?;
-    if !a.json && state == TaskState::Running {
+    let state = if cancel {
+        queue::cancel(&**conn, id).await?
+    } else {
+        queue::retry(&**conn, id).await?
+    };
+    if cancel && !a.json && state == TaskState::Running {
         println!(
             "task {id} is running: cancellation requested (its worker cancels it at the next heartbeat)"
         );
@@ -233,14 +239,6 @@ fn print_task_state(json: bool, id: TaskId, state: TaskState) -> Result<ExitCode
         println!("task {id} {state}");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-async fn retry(dsn: Option<String>, a: IdArgs) -> Result<ExitCode> {
-    let id: TaskId = a.id.parse()?;
-    let db = connect(dsn).await?;
-    let conn = db.get().await?;
-    let state = queue::retry(&**conn, id).await?;
-    print_task_state(a.json, id, state)
 }
 
 async fn enqueue(dsn: Option<String>, a: EnqueueArgs) -> Result<ExitCode> {

@@ -87,11 +87,7 @@ impl SslMode {
     }
 }
 
-impl std::fmt::Display for SslMode {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+crate::error::display_as_str!(SslMode);
 
 /// Where trusted CA certificates come from (`sslrootcert`).
 #[derive(Debug, Clone, PartialEq, Eq)]

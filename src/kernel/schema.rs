@@ -15,6 +15,12 @@
 //! [`check_schema`] rejects such a schema with an error naming the reference.
 //!
 //! Every violation is reported with its JSON pointer (the instance location) and the rule.
+//!
+//! A [`Tool`](crate::kernel::Tool) compiles its schema once ([`CompiledSchema`]) when it is
+//! built; [`validate`] compiles on every call and gives the same violations.
+
+use std::fmt;
+use std::sync::Arc;
 
 use jsonschema::error::{TypeKind, ValidationErrorKind};
 use jsonschema::{JsonTypeSet, Retrieve, Uri, ValidationError, Validator};
@@ -45,6 +51,41 @@ fn compile(schema: &Value) -> std::result::Result<Validator, ValidationError<'st
         .build(schema)
 }
 
+/// A schema checked and compiled once, kept with its validator so that every validation reuses
+/// it (cheap to clone).
+#[derive(Clone)]
+pub struct CompiledSchema {
+    schema: Value,
+    validator: Arc<Validator>,
+}
+
+impl fmt::Debug for CompiledSchema {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_tuple("CompiledSchema").field(&self.schema).finish()
+    }
+}
+
+impl CompiledSchema {
+    /// Check and compile `schema`; the error is the one [`check_schema`] gives.
+    pub fn compile(schema: Value) -> Result<Self> {
+        let validator = compile(&schema).map_err(|e| bad_schema(&e))?;
+        Ok(Self {
+            schema,
+            validator: Arc::new(validator),
+        })
+    }
+
+    /// The schema as written.
+    pub fn schema(&self) -> &Value {
+        &self.schema
+    }
+
+    /// Every violation of `value` (empty when valid), as [`validate`] reports them.
+    pub fn validate(&self, value: &Value) -> Vec<String> {
+        violations(&self.validator, &self.schema, value)
+    }
+}
+
 /// Check that `schema` is a valid JSON Schema whose references all resolve (called when a tool
 /// is registered, so a broken schema is rejected before any call).
 pub fn check_schema(schema: &Value) -> Result<()> {
@@ -68,15 +109,20 @@ fn schema_error_text(e: &ValidationError<'_>) -> String {
 /// [`check_schema`] rejects gives one violation saying why.
 pub fn validate(schema: &Value, value: &Value) -> Vec<String> {
     match compile(schema) {
-        Ok(validator) => validator
-            .iter_errors(value)
-            .flat_map(|e| describe(schema, &e))
-            .collect(),
+        Ok(validator) => violations(&validator, schema, value),
         Err(e) => vec![format!(
             "/: the input schema is invalid: {}",
             schema_error_text(&e)
         )],
     }
+}
+
+/// The violations `validator` (compiled from `schema`) finds in `value`.
+fn violations(validator: &Validator, schema: &Value, value: &Value) -> Vec<String> {
+    validator
+        .iter_errors(value)
+        .flat_map(|e| describe(schema, &e))
+        .collect()
 }
 
 fn ptr(path: &str) -> &str {
@@ -254,6 +300,28 @@ mod tests {
         );
         let wrong = validate(&schema(), &json!("hello"));
         assert_eq!(wrong, vec!["/: expected object, got string".to_string()]);
+    }
+
+    #[test]
+    fn a_compiled_schema_reports_what_validate_reports() {
+        let compiled = CompiledSchema::compile(schema()).unwrap();
+        assert_eq!(compiled.schema(), &schema());
+        for value in [
+            json!({"amount_cents": 500, "currency": "usd"}),
+            json!({"amount_cents": 0, "currency": "gbp", "tags": ["", "b", "c"], "x": 1}),
+            json!("hello"),
+        ] {
+            assert_eq!(compiled.validate(&value), validate(&schema(), &value));
+        }
+        let broken = json!({"type": "strnig"});
+        let (a, b) = (
+            CompiledSchema::compile(broken.clone()),
+            check_schema(&broken),
+        );
+        assert_eq!(
+            a.map(drop).map_err(|e| e.to_string()),
+            b.map_err(|e| e.to_string())
+        );
     }
 
     #[test]
