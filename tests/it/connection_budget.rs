@@ -9,7 +9,7 @@ use std::time::Duration;
 use pgcrew::queue::{NewTask, TaskOutcome, WorkerPool};
 use pgcrew::{Client, ClientConfig, Error, InstanceId};
 
-use crate::common::{TestDb, eventually, test_db};
+use crate::common::{TestDb, test_db, wait_until};
 
 const INSTANCE_TTL: Duration = Duration::from_secs(2);
 const LEADER_TTL: Duration = Duration::from_millis(1500);
@@ -102,7 +102,10 @@ async fn four_connections_keep_heartbeats_and_leadership_while_workers_saturate_
     assert_eq!(client.config().connections_needed(), 4);
     assert_eq!(client.db().pool().status().max_size, 3);
     client.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    wait_until(Duration::from_secs(5), "client becomes leader", || async {
+        client.is_leader()
+    })
+    .await;
 
     // More work than the pool can serve: the claim loop and the acknowledger hold two pooled
     // connections, so one handler at a time sleeps on the third while the others wait for it.
@@ -159,7 +162,10 @@ async fn killed_coordination_connection_reconnects_and_heartbeats_resume() {
         .await
         .unwrap();
     client.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    wait_until(Duration::from_secs(5), "client becomes leader", || async {
+        client.is_leader()
+    })
+    .await;
     enqueue_holds(&client, 30).await;
     let observer = t.db.get().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -236,24 +242,29 @@ async fn poll_only_instance_coordinates_on_one_connection() {
         .unwrap();
     let client = Client::connect(named_dsn(&t, app), config).await.unwrap();
     client.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    wait_until(Duration::from_secs(5), "client becomes leader", || async {
+        client.is_leader()
+    })
+    .await;
     let observer = t.db.get().await.unwrap();
     let coordination = format!("{app} coordination");
-    assert!(
-        eventually(Duration::from_secs(3), || async {
+    wait_until(
+        Duration::from_secs(3),
+        "the coordination connection is open",
+        || async {
             let n: i64 = observer
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity \
-                     WHERE datname = current_database() AND application_name = $1",
+                 WHERE datname = current_database() AND application_name = $1",
                     &[&coordination],
                 )
                 .await
                 .unwrap()
                 .get(0);
             n == 1
-        })
-        .await
-    );
+        },
+    )
+    .await;
     // Killed, it is re-opened (with backoff) and the heartbeats go on.
     let killed_at: chrono::DateTime<chrono::Utc> = observer
         .query_one("SELECT now()", &[])
@@ -268,8 +279,10 @@ async fn poll_only_instance_coordinates_on_one_connection() {
         )
         .await
         .unwrap();
-    assert!(
-        eventually(Duration::from_secs(3), || async {
+    wait_until(
+        Duration::from_secs(3),
+        "the killed coordination connection is re-opened and heartbeats go on",
+        || async {
             let s = sample(&observer, "poller", app).await;
             let last: chrono::DateTime<chrono::Utc> = observer
                 .query_one(
@@ -280,9 +293,9 @@ async fn poll_only_instance_coordinates_on_one_connection() {
                 .unwrap()
                 .get(0);
             last > killed_at && s.term.is_some() && s.backends <= 3
-        })
-        .await
-    );
+        },
+    )
+    .await;
     client.stop().await.unwrap();
 }
 
@@ -364,7 +377,10 @@ async fn renewal_blocked_on_the_leader_row_does_not_hold_up_heartbeats() {
         .await
         .unwrap();
     client.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    wait_until(Duration::from_secs(5), "client becomes leader", || async {
+        client.is_leader()
+    })
+    .await;
     // Hold the leader row as a long maintenance step would (FOR SHARE): every renewal waits on
     // it. The heartbeats share the renewals' connection and must still get through.
     let mut holder = t.db.get().await.unwrap();
@@ -395,6 +411,9 @@ async fn renewal_blocked_on_the_leader_row_does_not_hold_up_heartbeats() {
     // would have made the notifier drop it and open another).
     assert_eq!(client.notifier().reconnects(), 0);
     // Renewals go through again once the row is free.
-    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    wait_until(Duration::from_secs(5), "client becomes leader", || async {
+        client.is_leader()
+    })
+    .await;
     client.stop().await.unwrap();
 }

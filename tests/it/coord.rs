@@ -9,8 +9,8 @@ use pgcrew::coord::leader;
 use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId};
 
 use crate::common::{
-    eventually, fast_config, insert_run, next_run_state_change, scalar_on, start_client, test_db,
-    wait_for,
+    fast_config, insert_run, next_run_state_change, scalar_on, start_client, test_db, wait_for,
+    wait_until,
 };
 
 /// [`fast_config`] with four connections.
@@ -45,7 +45,10 @@ async fn start_registers_elects_and_stop_deregisters() {
         .unwrap();
     client.start().await.unwrap();
     assert!(client.is_running());
-    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    wait_until(Duration::from_secs(5), "client becomes leader", || async {
+        client.is_leader()
+    })
+    .await;
     assert_eq!(became.load(Ordering::SeqCst), 1);
     let rows = instance::list(&t.db).await.unwrap();
     assert_eq!(rows.len(), 1);
@@ -167,19 +170,19 @@ async fn callback_subscription_unsubscribes_on_drop() {
             c.fetch_add(1, Ordering::SeqCst);
         });
     let other = start_client(t.db.clone(), config("other"), None).await;
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            count.load(Ordering::SeqCst) >= 1
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(5),
+        "the other instance delivered the event",
+        || async { count.load(Ordering::SeqCst) >= 1 },
+    )
+    .await;
     drop(handle);
-    assert!(
-        eventually(Duration::from_secs(2), || async {
-            client.notifier().subscriber_count() == before
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(2),
+        "the dropped subscription is removed",
+        || async { client.notifier().subscriber_count() == before },
+    )
+    .await;
     other.stop().await.unwrap();
     client.stop().await.unwrap();
 }
@@ -244,7 +247,10 @@ async fn leader_that_cannot_renew_steps_down_before_lease_expires() {
         .await
         .unwrap();
     client.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    wait_until(Duration::from_secs(5), "client becomes leader", || async {
+        client.is_leader()
+    })
+    .await;
     // Hold the leader row locked so every renewal blocks.
     let mut conn = t.db.get().await.unwrap();
     let tx = conn.transaction().await.unwrap();
@@ -254,7 +260,10 @@ async fn leader_that_cannot_renew_steps_down_before_lease_expires() {
     )
     .await
     .unwrap();
-    assert!(eventually(Duration::from_secs(3), || async { !client.is_leader() }).await);
+    wait_until(Duration::from_secs(3), "client steps down", || async {
+        !client.is_leader()
+    })
+    .await;
     // It stepped down while its lease is still valid in the database: nobody else could have
     // been elected yet.
     let still_valid: bool = tx
@@ -272,7 +281,10 @@ async fn leader_that_cannot_renew_steps_down_before_lease_expires() {
     assert_eq!(lost.load(Ordering::SeqCst), 1);
     tx.rollback().await.unwrap();
     // Once renewals go through again it is re-elected with a new term.
-    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    wait_until(Duration::from_secs(5), "client becomes leader", || async {
+        client.is_leader()
+    })
+    .await;
     client.stop().await.unwrap();
 }
 
@@ -327,8 +339,10 @@ async fn maintenance_removes_stale_instances_and_fails_stuck_runs() {
     )
     .await;
     assert_eq!(links, 0, "links cascade");
-    assert!(
-        eventually(Duration::from_secs(5), || async {
+    wait_until(
+        Duration::from_secs(5),
+        "maintenance fails the stuck run with \"run timed out\"",
+        || async {
             let r = conn
                 .query_one(
                     "SELECT state, error_message FROM pgcrew.runs WHERE id = $1",
@@ -338,9 +352,9 @@ async fn maintenance_removes_stale_instances_and_fails_stuck_runs() {
                 .unwrap();
             r.get::<_, String>(0) == "failed"
                 && r.get::<_, Option<String>>(1).as_deref() == Some("run timed out")
-        })
-        .await
-    );
+        },
+    )
+    .await;
     // The transition is recorded in the run's ledger, and the chain verifies.
     let recorded: i64 = conn
         .query_one(
@@ -478,7 +492,10 @@ async fn poll_only_mode_has_no_listen_connection_and_ticks_resync() {
 async fn renewals_and_failed_attempts_do_not_consume_terms() {
     let t = test_db().await;
     let a = start_client(t.db.clone(), config("term-a"), None).await;
-    assert!(eventually(Duration::from_secs(5), || async { a.is_leader() }).await);
+    wait_until(Duration::from_secs(5), "a becomes leader", || async {
+        a.is_leader()
+    })
+    .await;
     let first = a.leader_term().unwrap();
     let b = start_client(t.db.clone(), config("term-b"), None).await;
     // Several renewal periods (TTL/3) pass with a follower trying: the term stays.
@@ -486,7 +503,10 @@ async fn renewals_and_failed_attempts_do_not_consume_terms() {
     assert_eq!(a.leader_term(), Some(first));
     assert!(!b.is_leader());
     a.stop().await.unwrap();
-    assert!(eventually(Duration::from_secs(2), || async { b.is_leader() }).await);
+    wait_until(Duration::from_secs(2), "b becomes leader", || async {
+        b.is_leader()
+    })
+    .await;
     assert_eq!(
         b.leader_term(),
         Some(first + 1),

@@ -7,9 +7,7 @@ use std::time::{Duration, Instant};
 use pgcrew::db::{ScratchDatabase, TempCluster};
 use pgcrew::{Client, ClientConfig, EventKind};
 
-use crate::common::{
-    eventually, fast_config, insert_run, next_run_state_change, test_db, wait_until,
-};
+use crate::common::{fast_config, insert_run, next_run_state_change, test_db, wait_until};
 use crate::proxy::{Proxy, upstream, with_port};
 
 /// [`fast_config`] with a 3 s instance TTL, a 500 ms fallback poll, a 2 s connect timeout
@@ -40,7 +38,10 @@ async fn partitioned_leader_steps_down_before_another_is_elected() {
         .await
         .unwrap();
     cut.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || async { cut.is_leader() }).await);
+    wait_until(Duration::from_secs(5), "cut becomes leader", || async {
+        cut.is_leader()
+    })
+    .await;
 
     let e3 = events.clone();
     let other = Client::builder(t.db.clone())
@@ -75,7 +76,10 @@ async fn partitioned_leader_steps_down_before_another_is_elected() {
     assert!(other.is_leader() ^ cut.is_leader());
     other.stop().await.unwrap();
     // After the healthy leader resigns, the healed instance can lead again.
-    assert!(eventually(Duration::from_secs(10), || async { cut.is_leader() }).await);
+    wait_until(Duration::from_secs(10), "cut becomes leader", || async {
+        cut.is_leader()
+    })
+    .await;
     cut.stop().await.unwrap();
 }
 
@@ -96,12 +100,12 @@ async fn postgres_restart_reconnects_listen_and_reelects() {
     let b = Client::connect(scratch.dsn(), config("b")).await.unwrap();
     a.start().await.unwrap();
     b.start().await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            a.is_leader() || b.is_leader()
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(5),
+        "one of the two clients becomes leader",
+        || async { a.is_leader() || b.is_leader() },
+    )
+    .await;
     let mut sub = b.subscribe(&[EventKind::RunStateChanged]);
 
     cluster.stop_server("fast").unwrap();
@@ -127,15 +131,17 @@ async fn postgres_restart_reconnects_listen_and_reelects() {
     }
     assert!(saw_resync);
     // Heartbeats resumed: both instances are registered and fresh.
-    assert!(
-        eventually(Duration::from_secs(10), || async {
+    wait_until(
+        Duration::from_secs(10),
+        "both instances heartbeat again after the restart",
+        || async {
             match pgcrew::coord::instance::list(&db).await {
                 Ok(rows) => rows.len() == 2 && rows.iter().all(|r| r.silent_ms < 1000),
                 Err(_) => false,
             }
-        })
-        .await
-    );
+        },
+    )
+    .await;
     // Notifications flow again.
     let run_id = insert_run(&db).await;
     let r = next_run_state_change(&mut sub, Duration::from_secs(5), "event after restart").await;

@@ -21,7 +21,7 @@ use pgcrew::{Client, ClientConfig, Db, Error, RunId};
 
 use crate::common::{
     COMPLETED_TASKS, OPEN_TASKS, Serve, create_task_effects, effect_tasks, effect_worker,
-    eventually, fast_config, first_column, scalar, serve, test_db, wait_for, wait_until,
+    fast_config, first_column, scalar, serve, test_db, wait_for, wait_until,
 };
 use crate::proxy::{Proxy, upstream, with_port};
 
@@ -141,7 +141,10 @@ async fn kill_9_of_random_instances_loses_no_task_repeats_only_in_flight_and_run
         .await
         .unwrap();
     leader.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(10), || async { leader.is_leader() }).await);
+    wait_until(Duration::from_secs(10), "leader becomes leader", || async {
+        leader.is_leader()
+    })
+    .await;
 
     // Agent runs on two `pgcrew serve --agents demo` processes.
     let mut serves = vec![
@@ -413,7 +416,12 @@ async fn network_cut_instance_loses_its_claims_and_its_stale_acks_are_rejected()
     let proxy = Proxy::start(upstream(t.dsn())).await;
     let (healthy, _hp) =
         worker_client(t.db.clone(), "healthy", true, Duration::from_millis(100)).await;
-    assert!(eventually(Duration::from_secs(10), || async { healthy.is_leader() }).await);
+    wait_until(
+        Duration::from_secs(10),
+        "healthy becomes leader",
+        || async { healthy.is_leader() },
+    )
+    .await;
     let (cut, cp) = worker_client(
         with_port(t.dsn(), proxy.port()),
         "cut",

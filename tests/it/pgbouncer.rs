@@ -17,8 +17,8 @@ use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId, TenantId, ToolR
 use serde_json::json;
 
 use crate::common::{
-    TestDb, agent_runtime, eventually, fast_config, next_run_state_change, pgcrew_bin, submit_run,
-    test_db,
+    TestDb, agent_runtime, fast_config, next_run_state_change, pgcrew_bin, submit_run, test_db,
+    wait_until,
 };
 
 /// A migrated test database and a PgBouncer (transaction mode) in front of its server.
@@ -383,7 +383,10 @@ async fn client_pool_through_pgbouncer_listen_direct() {
         .unwrap();
     let client = Client::connect(&b.through(), config).await.unwrap();
     client.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(10), || async { client.is_leader() }).await);
+    wait_until(Duration::from_secs(10), "client becomes leader", || async {
+        client.is_leader()
+    })
+    .await;
     assert!(
         client
             .notifier()

@@ -29,14 +29,16 @@ async fn agent_run_resumes_on_another_instance_without_repeating_steps() {
         async move { a.execute(run, None).await }
     });
     let scope = RunScope::new(run, tenant.clone());
-    assert!(
-        eventually(Duration::from_secs(10), || async {
+    wait_until(
+        Duration::from_secs(10),
+        "the run reached its first model request",
+        || async {
             let evs = events(&t.db, &scope).await;
             evs.iter()
                 .any(|(ty, k, _)| ty == "model_requested" && k.as_deref() == Some("iter-1/model"))
-        })
-        .await
-    );
+        },
+    )
+    .await;
     a_task.abort(); // kill -9 of instance A
     assert_eq!(body_runs.load(Ordering::SeqCst), 1);
 
@@ -90,12 +92,10 @@ async fn agent_run_is_claimed_from_the_queue_by_an_instance_with_its_tools() {
         .unwrap();
     client.start().await.unwrap();
     let run = submit_run(&rt, &tenant, "s", "forecaster", "weather in Oslo?").await;
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            runs::get_run(&t.db, run).await.unwrap().state == runs::RunState::Completed
-        })
-        .await
-    );
+    wait_until(Duration::from_secs(20), "the run completes", || async {
+        runs::get_run(&t.db, run).await.unwrap().state == runs::RunState::Completed
+    })
+    .await;
     client.stop().await.unwrap();
     assert_eq!(model.calls(), 2);
     assert_eq!(body_runs.load(Ordering::SeqCst), 1);

@@ -20,7 +20,7 @@ use serde_json::{Value, json};
 use std::time::Duration;
 
 use crate::common::{
-    TestDb, agent_runtime, count, eventually, ledger_events, submit_run, tenant, test_db,
+    TestDb, agent_runtime, count, ledger_events, submit_run, tenant, test_db, wait_until,
 };
 use crate::mock_openai::{MockOpenAi, MockScript, mock_openai};
 

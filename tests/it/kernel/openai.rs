@@ -21,12 +21,12 @@ async fn killed_instance_mid_agent_run_openai_mock_sees_each_completed_step_once
         let a = a.clone();
         async move { a.execute(run, None).await }
     });
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            server.requests.lock().unwrap().contains(&1)
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(10),
+        "instance A sent the turn-1 request",
+        || async { server.requests.lock().unwrap().contains(&1) },
+    )
+    .await;
     a_task.abort(); // instance A dies in the middle of the turn-1 call
     server.hang.store(false, Ordering::SeqCst);
 

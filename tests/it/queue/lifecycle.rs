@@ -7,7 +7,7 @@ use pgcrew::queue::{self, Ack, AckOutcome, Priority, TaskState};
 use pgcrew::{ClaimToken, Client, TaskId};
 
 use super::{config, failed, q, state_of};
-use crate::common::{eventually, register_instance, scalar, task, test_db, wait_for};
+use crate::common::{register_instance, scalar, task, test_db, wait_for, wait_until};
 
 #[tokio::test]
 async fn priorities_are_claimed_in_order() {
@@ -279,7 +279,10 @@ async fn retention_deletes_old_finished_tasks_in_batches() {
         .await
         .unwrap();
     leader.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || async { leader.is_leader() }).await);
+    wait_until(Duration::from_secs(5), "leader becomes leader", || async {
+        leader.is_leader()
+    })
+    .await;
     let conn = t.db.get().await.unwrap();
     let ids = queue::enqueue_many(&**conn, &(0..5).map(|_| task("k")).collect::<Vec<_>>())
         .await

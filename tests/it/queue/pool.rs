@@ -9,7 +9,7 @@ use pgcrew::{Error, TaskId};
 use serde::{Deserialize, Serialize};
 
 use super::{start_client, state_of};
-use crate::common::{eventually, scalar, task, test_db, wait_for, wait_until};
+use crate::common::{scalar, task, test_db, wait_for, wait_until};
 
 #[tokio::test]
 async fn stop_drains_in_flight_tasks_and_flushes_acks() {
@@ -87,12 +87,10 @@ async fn running_task_cancellation_is_announced_not_left_to_the_heartbeat() {
         .await
         .unwrap()
         .id;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            state_of(&t, id).await == TaskState::Running
-        })
-        .await
-    );
+    wait_until(Duration::from_secs(10), "the task is running", || async {
+        state_of(&t, id).await == TaskState::Running
+    })
+    .await;
     assert_eq!(
         queue::cancel(&**conn, id).await.unwrap(),
         TaskState::Running
@@ -203,23 +201,23 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
     .await
     .unwrap()
     .id;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            state_of(&t, flaky).await == TaskState::Completed
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(10),
+        "the flaky task completes after its retries",
+        || async { state_of(&t, flaky).await == TaskState::Completed },
+    )
+    .await;
     // Two failures with 100 ms then 200 ms backoff.
     assert!(t0.elapsed() >= Duration::from_millis(300));
     let row = queue::get(&**conn, flaky).await.unwrap();
     assert_eq!(row.attempts, 3);
     assert_eq!(row.errors.as_array().unwrap().len(), 2);
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            state_of(&t, slow).await == TaskState::Completed
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(10),
+        "the slow task completes",
+        || async { state_of(&t, slow).await == TaskState::Completed },
+    )
+    .await;
     let row = queue::get(&**conn, slow).await.unwrap();
     assert!(
         row.errors[0]["error"]
@@ -227,14 +225,16 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
             .unwrap()
             .contains("timed out")
     );
-    assert!(
-        eventually(Duration::from_secs(10), || async {
+    wait_until(
+        Duration::from_secs(10),
+        "the panicking, unknown-kind and bad-payload tasks are discarded",
+        || async {
             state_of(&t, panics).await == TaskState::Discarded
                 && state_of(&t, unknown).await == TaskState::Discarded
                 && state_of(&t, bad_payload).await == TaskState::Discarded
-        })
-        .await
-    );
+        },
+    )
+    .await;
     let p = queue::get(&**conn, panics).await.unwrap();
     assert!(p.last_error.unwrap().contains("handler bug"));
     let u = queue::get(&**conn, unknown).await.unwrap();
@@ -248,22 +248,22 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
         .await
         .unwrap()
         .id;
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            state_of(&t, forever).await == TaskState::Running
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(5),
+        "the endless task is running",
+        || async { state_of(&t, forever).await == TaskState::Running },
+    )
+    .await;
     assert_eq!(
         queue::cancel(&**conn, forever).await.unwrap(),
         TaskState::Running
     );
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            state_of(&t, forever).await == TaskState::Cancelled
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(5),
+        "the endless task is cancelled",
+        || async { state_of(&t, forever).await == TaskState::Cancelled },
+    )
+    .await;
     assert!(cancelled_seen.load(Ordering::SeqCst));
     let row = queue::get(&**conn, forever).await.unwrap();
     assert!(

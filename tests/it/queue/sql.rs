@@ -8,7 +8,7 @@ use pgcrew::{ClaimToken, Client, Error, InstanceId, TaskId, TenantId};
 
 use super::{config, q, state_of};
 use crate::common::{
-    assert_invalid_input, create_tenant, eventually, register_instance, scalar, task, test_db,
+    assert_invalid_input, create_tenant, register_instance, scalar, task, test_db, wait_until,
 };
 
 #[tokio::test]
@@ -68,7 +68,10 @@ async fn rescued_task_rejects_the_old_claims_ack() {
     cfg.maintenance_interval = Duration::from_secs(3600);
     let leader = Client::builder(t.dsn()).config(cfg).build().await.unwrap();
     leader.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || async { leader.is_leader() }).await);
+    wait_until(Duration::from_secs(5), "leader becomes leader", || async {
+        leader.is_leader()
+    })
+    .await;
     let conn = t.db.get().await.unwrap();
     let e = queue::enqueue(&**conn, &task("k")).await.unwrap();
     // Claimed by an instance that is not registered: maintenance rescues it.
