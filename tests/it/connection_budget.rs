@@ -9,7 +9,7 @@ use std::time::Duration;
 use pgcrew::queue::{NewTask, TaskOutcome, WorkerPool};
 use pgcrew::{Client, ClientConfig, Error, InstanceId};
 
-use crate::common::{TestDb, test_db, wait_until};
+use crate::common::{TestDb, start_leader, test_db, wait_leader, wait_until};
 
 const INSTANCE_TTL: Duration = Duration::from_secs(2);
 const LEADER_TTL: Duration = Duration::from_millis(1500);
@@ -101,11 +101,7 @@ async fn four_connections_keep_heartbeats_and_leadership_while_workers_saturate_
         .unwrap();
     assert_eq!(client.config().connections_needed(), 4);
     assert_eq!(client.db().pool().status().max_size, 3);
-    client.start().await.unwrap();
-    wait_until(Duration::from_secs(5), "client becomes leader", || async {
-        client.is_leader()
-    })
-    .await;
+    start_leader(&client, Duration::from_secs(5)).await;
 
     // More work than the pool can serve: the claim loop and the acknowledger hold two pooled
     // connections, so one handler at a time sleeps on the third while the others wait for it.
@@ -161,11 +157,7 @@ async fn killed_coordination_connection_reconnects_and_heartbeats_resume() {
         .build()
         .await
         .unwrap();
-    client.start().await.unwrap();
-    wait_until(Duration::from_secs(5), "client becomes leader", || async {
-        client.is_leader()
-    })
-    .await;
+    start_leader(&client, Duration::from_secs(5)).await;
     enqueue_holds(&client, 30).await;
     let observer = t.db.get().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -241,11 +233,7 @@ async fn poll_only_instance_coordinates_on_one_connection() {
         .build()
         .unwrap();
     let client = Client::connect(named_dsn(&t, app), config).await.unwrap();
-    client.start().await.unwrap();
-    wait_until(Duration::from_secs(5), "client becomes leader", || async {
-        client.is_leader()
-    })
-    .await;
+    start_leader(&client, Duration::from_secs(5)).await;
     let observer = t.db.get().await.unwrap();
     let coordination = format!("{app} coordination");
     wait_until(
@@ -376,11 +364,7 @@ async fn renewal_blocked_on_the_leader_row_does_not_hold_up_heartbeats() {
         .build()
         .await
         .unwrap();
-    client.start().await.unwrap();
-    wait_until(Duration::from_secs(5), "client becomes leader", || async {
-        client.is_leader()
-    })
-    .await;
+    start_leader(&client, Duration::from_secs(5)).await;
     // Hold the leader row as a long maintenance step would (FOR SHARE): every renewal waits on
     // it. The heartbeats share the renewals' connection and must still get through.
     let mut holder = t.db.get().await.unwrap();
@@ -411,9 +395,6 @@ async fn renewal_blocked_on_the_leader_row_does_not_hold_up_heartbeats() {
     // would have made the notifier drop it and open another).
     assert_eq!(client.notifier().reconnects(), 0);
     // Renewals go through again once the row is free.
-    wait_until(Duration::from_secs(5), "client becomes leader", || async {
-        client.is_leader()
-    })
-    .await;
+    wait_leader(&client, Duration::from_secs(5)).await;
     client.stop().await.unwrap();
 }

@@ -9,8 +9,8 @@ use pgcrew::coord::leader;
 use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId};
 
 use crate::common::{
-    fast_config, insert_run, next_run_state_change, scalar_on, start_client, test_db, wait_for,
-    wait_until,
+    fast_config, insert_run, next_run_state_change, scalar_on, start_client, start_leader, test_db,
+    wait_for, wait_leader, wait_until,
 };
 
 /// [`fast_config`] with four connections.
@@ -45,10 +45,7 @@ async fn start_registers_elects_and_stop_deregisters() {
         .unwrap();
     client.start().await.unwrap();
     assert!(client.is_running());
-    wait_until(Duration::from_secs(5), "client becomes leader", || async {
-        client.is_leader()
-    })
-    .await;
+    wait_leader(&client, Duration::from_secs(5)).await;
     assert_eq!(became.load(Ordering::SeqCst), 1);
     let rows = instance::list(&t.db).await.unwrap();
     assert_eq!(rows.len(), 1);
@@ -246,11 +243,7 @@ async fn leader_that_cannot_renew_steps_down_before_lease_expires() {
         .build()
         .await
         .unwrap();
-    client.start().await.unwrap();
-    wait_until(Duration::from_secs(5), "client becomes leader", || async {
-        client.is_leader()
-    })
-    .await;
+    start_leader(&client, Duration::from_secs(5)).await;
     // Hold the leader row locked so every renewal blocks.
     let mut conn = t.db.get().await.unwrap();
     let tx = conn.transaction().await.unwrap();
@@ -281,10 +274,7 @@ async fn leader_that_cannot_renew_steps_down_before_lease_expires() {
     assert_eq!(lost.load(Ordering::SeqCst), 1);
     tx.rollback().await.unwrap();
     // Once renewals go through again it is re-elected with a new term.
-    wait_until(Duration::from_secs(5), "client becomes leader", || async {
-        client.is_leader()
-    })
-    .await;
+    wait_leader(&client, Duration::from_secs(5)).await;
     client.stop().await.unwrap();
 }
 
@@ -492,10 +482,7 @@ async fn poll_only_mode_has_no_listen_connection_and_ticks_resync() {
 async fn renewals_and_failed_attempts_do_not_consume_terms() {
     let t = test_db().await;
     let a = start_client(t.db.clone(), config("term-a"), None).await;
-    wait_until(Duration::from_secs(5), "a becomes leader", || async {
-        a.is_leader()
-    })
-    .await;
+    wait_leader(&a, Duration::from_secs(5)).await;
     let first = a.leader_term().unwrap();
     let b = start_client(t.db.clone(), config("term-b"), None).await;
     // Several renewal periods (TTL/3) pass with a follower trying: the term stays.
@@ -503,10 +490,7 @@ async fn renewals_and_failed_attempts_do_not_consume_terms() {
     assert_eq!(a.leader_term(), Some(first));
     assert!(!b.is_leader());
     a.stop().await.unwrap();
-    wait_until(Duration::from_secs(2), "b becomes leader", || async {
-        b.is_leader()
-    })
-    .await;
+    wait_leader(&b, Duration::from_secs(2)).await;
     assert_eq!(
         b.leader_term(),
         Some(first + 1),

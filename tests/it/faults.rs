@@ -7,7 +7,9 @@ use std::time::{Duration, Instant};
 use pgcrew::db::{ScratchDatabase, TempCluster};
 use pgcrew::{Client, ClientConfig, EventKind};
 
-use crate::common::{fast_config, insert_run, next_run_state_change, test_db, wait_until};
+use crate::common::{
+    fast_config, insert_run, next_run_state_change, start_leader, test_db, wait_leader, wait_until,
+};
 use crate::proxy::{Proxy, upstream, with_port};
 
 /// [`fast_config`] with a 3 s instance TTL, a 500 ms fallback poll, a 2 s connect timeout
@@ -37,11 +39,7 @@ async fn partitioned_leader_steps_down_before_another_is_elected() {
         .build()
         .await
         .unwrap();
-    cut.start().await.unwrap();
-    wait_until(Duration::from_secs(5), "cut becomes leader", || async {
-        cut.is_leader()
-    })
-    .await;
+    start_leader(&cut, Duration::from_secs(5)).await;
 
     let e3 = events.clone();
     let other = Client::builder(t.db.clone())
@@ -76,10 +74,7 @@ async fn partitioned_leader_steps_down_before_another_is_elected() {
     assert!(other.is_leader() ^ cut.is_leader());
     other.stop().await.unwrap();
     // After the healthy leader resigns, the healed instance can lead again.
-    wait_until(Duration::from_secs(10), "cut becomes leader", || async {
-        cut.is_leader()
-    })
-    .await;
+    wait_leader(&cut, Duration::from_secs(10)).await;
     cut.stop().await.unwrap();
 }
 

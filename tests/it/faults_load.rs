@@ -21,7 +21,7 @@ use pgcrew::{Client, ClientConfig, Db, Error, RunId};
 
 use crate::common::{
     COMPLETED_TASKS, OPEN_TASKS, Serve, create_task_effects, effect_tasks, effect_worker,
-    fast_config, first_column, scalar, serve, test_db, wait_for, wait_until,
+    fast_config, first_column, scalar, serve, start_leader, test_db, wait_for, wait_until,
 };
 use crate::proxy::{Proxy, upstream, with_port};
 
@@ -140,11 +140,7 @@ async fn kill_9_of_random_instances_loses_no_task_repeats_only_in_flight_and_run
     let leader = Client::connect(t.db.clone(), config("leader", true))
         .await
         .unwrap();
-    leader.start().await.unwrap();
-    wait_until(Duration::from_secs(10), "leader becomes leader", || async {
-        leader.is_leader()
-    })
-    .await;
+    start_leader(&leader, Duration::from_secs(10)).await;
 
     // Agent runs on two `pgcrew serve --agents demo` processes.
     let mut serves = vec![

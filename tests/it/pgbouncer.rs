@@ -17,8 +17,8 @@ use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId, TenantId, ToolR
 use serde_json::json;
 
 use crate::common::{
-    TestDb, agent_runtime, fast_config, next_run_state_change, pgcrew_bin, submit_run, test_db,
-    wait_until,
+    TestDb, agent_runtime, fast_config, next_run_state_change, pgcrew_bin, start_leader,
+    submit_run, test_db,
 };
 
 /// A migrated test database and a PgBouncer (transaction mode) in front of its server.
@@ -382,11 +382,7 @@ async fn client_pool_through_pgbouncer_listen_direct() {
         .build()
         .unwrap();
     let client = Client::connect(&b.through(), config).await.unwrap();
-    client.start().await.unwrap();
-    wait_until(Duration::from_secs(10), "client becomes leader", || async {
-        client.is_leader()
-    })
-    .await;
+    start_leader(&client, Duration::from_secs(10)).await;
     assert!(
         client
             .notifier()

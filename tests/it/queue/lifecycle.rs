@@ -7,7 +7,7 @@ use pgcrew::queue::{self, Ack, AckOutcome, Priority, TaskState};
 use pgcrew::{ClaimToken, Client, TaskId};
 
 use super::{config, failed, q, state_of};
-use crate::common::{register_instance, scalar, task, test_db, wait_for, wait_until};
+use crate::common::{register_instance, scalar, start_leader, task, test_db, wait_for};
 
 #[tokio::test]
 async fn priorities_are_claimed_in_order() {
@@ -278,11 +278,7 @@ async fn retention_deletes_old_finished_tasks_in_batches() {
         .build()
         .await
         .unwrap();
-    leader.start().await.unwrap();
-    wait_until(Duration::from_secs(5), "leader becomes leader", || async {
-        leader.is_leader()
-    })
-    .await;
+    start_leader(&leader, Duration::from_secs(5)).await;
     let conn = t.db.get().await.unwrap();
     let ids = queue::enqueue_many(&**conn, &(0..5).map(|_| task("k")).collect::<Vec<_>>())
         .await

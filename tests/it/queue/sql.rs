@@ -8,7 +8,7 @@ use pgcrew::{ClaimToken, Client, Error, InstanceId, TaskId, TenantId};
 
 use super::{config, q, state_of};
 use crate::common::{
-    assert_invalid_input, create_tenant, register_instance, scalar, task, test_db, wait_until,
+    assert_invalid_input, create_tenant, register_instance, scalar, start_leader, task, test_db,
 };
 
 #[tokio::test]
@@ -67,11 +67,7 @@ async fn rescued_task_rejects_the_old_claims_ack() {
     let mut cfg = config("leader");
     cfg.maintenance_interval = Duration::from_secs(3600);
     let leader = Client::builder(t.dsn()).config(cfg).build().await.unwrap();
-    leader.start().await.unwrap();
-    wait_until(Duration::from_secs(5), "leader becomes leader", || async {
-        leader.is_leader()
-    })
-    .await;
+    start_leader(&leader, Duration::from_secs(5)).await;
     let conn = t.db.get().await.unwrap();
     let e = queue::enqueue(&**conn, &task("k")).await.unwrap();
     // Claimed by an instance that is not registered: maintenance rescues it.
