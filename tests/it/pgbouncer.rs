@@ -13,7 +13,7 @@ use pgcrew::db::pgbouncer::PoolMode;
 use pgcrew::db::{Db, PoolOptions, StatementMode, TempPgBouncer};
 use pgcrew::queue::{self, Ack, AckOutcome, NewTask, TaskState};
 use pgcrew::runs::{self, NewEvent, NewRun, RunOutcome, RunState};
-use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId, TenantId, ToolRegistry};
+use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId, TenantId};
 use serde_json::json;
 
 use crate::common::{
@@ -340,9 +340,7 @@ async fn kernel_model_and_tool_steps_through_pgbouncer() {
     let server = crate::kernel::weather_mock().await;
     server.hang.store(false, Ordering::SeqCst);
     let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = ToolRegistry::new()
-        .with(crate::kernel::weather_tool(body_runs.clone()))
-        .unwrap();
+    let tools = crate::kernel::weather_registry(&body_runs);
     register_agent(&db, &crate::kernel::weather_agent())
         .await
         .unwrap();

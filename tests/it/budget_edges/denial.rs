@@ -2,8 +2,10 @@
 
 use super::*;
 
-fn charge_tool(body_runs: Arc<AtomicU64>) -> Tool {
-    Tool::builder("charge_card")
+/// A registry holding `charge_card` (needs `payments:charge`), counting its handler's runs.
+fn charge_tools(body_runs: &Arc<AtomicU64>) -> ToolRegistry {
+    let body_runs = body_runs.clone();
+    let charge = Tool::builder("charge_card")
         .description("charges a card")
         .input_schema(json!({
             "type": "object",
@@ -19,7 +21,8 @@ fn charge_tool(body_runs: Arc<AtomicU64>) -> Tool {
             }
         })
         .build()
-        .unwrap()
+        .unwrap();
+    ToolRegistry::new().with(charge).unwrap()
 }
 
 fn payer_script() -> Vec<ScriptedReply> {
@@ -34,9 +37,7 @@ async fn capability_denial_returned_to_the_model_when_the_agent_says_so() {
     let t = test_db().await;
     let acme = tenant(&t.db, "acme", &[], Some(1.0)).await;
     let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = ToolRegistry::new()
-        .with(charge_tool(body_runs.clone()))
-        .unwrap();
+    let tools = charge_tools(&body_runs);
     let def = AgentDef::new("lenient", "gpt-4o-mini")
         .tool("charge_card")
         .max_tokens(100)
@@ -84,9 +85,7 @@ async fn capability_denial_fails_the_agent_run_by_default() {
     let t = test_db().await;
     let acme = tenant(&t.db, "acme", &[], Some(1.0)).await;
     let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = ToolRegistry::new()
-        .with(charge_tool(body_runs.clone()))
-        .unwrap();
+    let tools = charge_tools(&body_runs);
     let def = AgentDef::new("payer", "gpt-4o-mini")
         .tool("charge_card")
         .max_tokens(100);

@@ -21,6 +21,22 @@ pub async fn create_tenant(db: &Db, id: &str, limit: Option<i32>) -> TenantId {
     TenantId::new(id).unwrap()
 }
 
+/// A run row in ledger format 1 (as every run created before the v2 migration): its row is
+/// written with the format chosen before its first append.
+pub async fn v1_run(db: &Db) -> RunId {
+    let run = RunId::new();
+    db.get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO pgcrew.runs (id, tenant_id, ledger_format) VALUES ($1, 'default', 1)",
+            &[&run],
+        )
+        .await
+        .unwrap();
+    run
+}
+
 /// A tenant through `tenancy::upsert`, with capabilities and a budget.
 pub async fn tenant(db: &Db, id: &str, caps: &[&str], budget: Option<f64>) -> TenantId {
     let ctx = TenantContext::new(id)

@@ -7,11 +7,7 @@ async fn agent_run_resumes_on_another_instance_without_repeating_steps() {
     let (t, scope) = setup(&[], Some(10.0)).await;
     let _ = scope;
     let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = || {
-        ToolRegistry::new()
-            .with(weather_tool(body_runs.clone()))
-            .unwrap()
-    };
+    let tools = || weather_registry(&body_runs);
     register_agent(&t.db, &weather_agent()).await.unwrap();
     register_tools(&t.db, &tools()).await.unwrap();
 
@@ -66,9 +62,7 @@ async fn agent_run_is_claimed_from_the_queue_by_an_instance_with_its_tools() {
     let t = test_db().await;
     let tenant = tenant(&t.db, "acme", &[], Some(10.0)).await;
     let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = ToolRegistry::new()
-        .with(weather_tool(body_runs.clone()))
-        .unwrap();
+    let tools = weather_registry(&body_runs);
     register_agent(&t.db, &weather_agent()).await.unwrap();
     let model = Arc::new(ScriptedModel::by_turn(weather_script()));
     let rt = agent_runtime(&t.db, model.clone(), tools, "worker-1");
@@ -106,16 +100,9 @@ async fn unknown_agent_max_iterations_and_cancellation_are_recorded() {
     let t = test_db().await;
     let tenant = tenant(&t.db, "acme", &[], None).await;
     let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = ToolRegistry::new()
-        .with(weather_tool(body_runs.clone()))
-        .unwrap();
+    let tools = weather_registry(&body_runs);
     // Always calls the tool: never finishes.
-    let model = Arc::new(ScriptedModel::from_fn(|req| {
-        ScriptedModel::reply(
-            req,
-            &ScriptedReply::tool_call("lookup_weather", json!({"city": "Rome"})),
-        )
-    }));
+    let model = always_calls_weather();
     let rt = agent_runtime(&t.db, model.clone(), tools, "i1");
     let session = rt.new_session(&tenant, "s").await.unwrap();
 
@@ -173,12 +160,7 @@ async fn unknown_agent_max_iterations_and_cancellation_are_recorded() {
         })
         .build()
         .unwrap();
-    let model2 = Arc::new(ScriptedModel::from_fn(|req| {
-        ScriptedModel::reply(
-            req,
-            &ScriptedReply::tool_call("lookup_weather", json!({"city": "Rome"})),
-        )
-    }));
+    let model2 = always_calls_weather();
     let rt2 = AgentRuntime::new(
         Kernel::new(t.db.clone(), model2.clone())
             .with_tools(ToolRegistry::new().with(canceller).unwrap()),
@@ -305,16 +287,9 @@ async fn agent_run_fails_with_budget_exceeded_and_nothing_is_overspent() {
     let t = test_db().await;
     let tenant = tenant(&t.db, "acme", &[], Some(limit)).await;
     let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = ToolRegistry::new()
-        .with(weather_tool(body_runs.clone()))
-        .unwrap();
+    let tools = weather_registry(&body_runs);
     // A model that always calls the tool (the run never finishes by itself), priced high.
-    let model = Arc::new(ScriptedModel::from_fn(|req| {
-        ScriptedModel::reply(
-            req,
-            &ScriptedReply::tool_call("lookup_weather", json!({"city": "Rome"})),
-        )
-    }));
+    let model = always_calls_weather();
     let prices = PriceTable::empty().with("pricey", 50.0, 50.0).unwrap();
     let def = AgentDef::new("spender", "pricey")
         .tool("lookup_weather")

@@ -140,6 +140,23 @@ pub(crate) fn weather_tool(body_runs: Arc<AtomicU64>) -> Tool {
         .unwrap()
 }
 
+/// A registry holding [`weather_tool`], counting its handler's runs in `body_runs`.
+pub(crate) fn weather_registry(body_runs: &Arc<AtomicU64>) -> ToolRegistry {
+    ToolRegistry::new()
+        .with(weather_tool(body_runs.clone()))
+        .unwrap()
+}
+
+/// A scripted model that always calls `lookup_weather` (a run never finishes by itself).
+fn always_calls_weather() -> Arc<ScriptedModel> {
+    Arc::new(ScriptedModel::from_fn(|req| {
+        ScriptedModel::reply(
+            req,
+            &ScriptedReply::tool_call("lookup_weather", json!({"city": "Rome"})),
+        )
+    }))
+}
+
 pub(crate) fn weather_agent() -> AgentDef {
     AgentDef::new("forecaster", "gpt-4o-mini")
         .description("answers weather questions")

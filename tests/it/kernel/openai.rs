@@ -8,11 +8,7 @@ async fn killed_instance_mid_agent_run_openai_mock_sees_each_completed_step_once
     let tenant = tenant(&t.db, "acme", &[], Some(10.0)).await;
     let server = weather_mock().await;
     let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = || {
-        ToolRegistry::new()
-            .with(weather_tool(body_runs.clone()))
-            .unwrap()
-    };
+    let tools = || weather_registry(&body_runs);
     register_agent(&t.db, &weather_agent()).await.unwrap();
     let a = agent_runtime(&t.db, openai(&server), tools(), "instance-a")
         .lease_ttl(Duration::from_millis(900));
@@ -51,9 +47,7 @@ async fn agent_feeds_unknown_tool_and_bad_arguments_back_and_records_them() {
     let t = test_db().await;
     let tenant = tenant(&t.db, "acme", &[], None).await;
     let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = ToolRegistry::new()
-        .with(weather_tool(body_runs.clone()))
-        .unwrap();
+    let tools = weather_registry(&body_runs);
     register_agent(&t.db, &weather_agent()).await.unwrap();
     let model = Arc::new(ScriptedModel::by_turn(vec![
         ScriptedReply::tool_call("teleport", json!({"to": "Mars"})),
