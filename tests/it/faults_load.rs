@@ -21,7 +21,8 @@ use pgcrew::{Client, ClientConfig, Db, Error, RunId};
 
 use crate::common::{
     COMPLETED_TASKS, OPEN_TASKS, Serve, create_task_effects, effect_tasks, effect_worker,
-    fast_config, first_column, scalar, serve, start_leader, test_db, wait_for, wait_until,
+    fast_config, first_column, first_two_columns, scalar, serve, start_leader, test_db, wait_for,
+    wait_until,
 };
 use crate::proxy::{Proxy, upstream, with_port};
 
@@ -67,16 +68,8 @@ async fn task_claims(db: &Db) -> Vec<(i64, String, String, Option<uuid::Uuid>)> 
 
 /// Executions per task from the side-effect table (`task_id` column).
 async fn executions(db: &Db, table: &str) -> HashMap<i64, i64> {
-    let conn = db.get().await.unwrap();
-    conn.query(
-        &format!("SELECT task_id, count(*) FROM {table} GROUP BY task_id"),
-        &[],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect()
+    let sql = format!("SELECT task_id, count(*) FROM {table} GROUP BY task_id");
+    first_two_columns(&db.get().await.unwrap(), &sql).await
 }
 
 /// A `pgcrew tasks work --record-effects` process (optionally under `faketime`).

@@ -314,32 +314,20 @@ async fn artifacts_and_summaries_need_the_lease_and_an_open_run() {
         .await
         .unwrap()
         .unwrap();
+    let summary = |text: &str, token| {
+        runs::add_summary(&t.db, run, "s", SummaryContent::Text(text.into()), token)
+    };
     runs::put_artifact(&t.db, run, "plan", json!(1), Some(lease.token))
         .await
         .unwrap();
-    runs::add_summary(
-        &t.db,
-        run,
-        "s",
-        SummaryContent::Text("a".into()),
-        Some(lease.token),
-    )
-    .await
-    .unwrap();
+    summary("a", Some(lease.token)).await.unwrap();
     // A stale token.
     assert!(matches!(
         runs::put_artifact(&t.db, run, "plan", json!(2), Some(lease.token - 1)).await,
         Err(Error::LeaseLost(_))
     ));
     assert!(matches!(
-        runs::add_summary(
-            &t.db,
-            run,
-            "s",
-            SummaryContent::Text("b".into()),
-            Some(lease.token + 1)
-        )
-        .await,
+        summary("b", Some(lease.token + 1)).await,
         Err(Error::LeaseLost(_))
     ));
     // The lease released: the old token no longer writes.
@@ -349,14 +337,7 @@ async fn artifacts_and_summaries_need_the_lease_and_an_open_run() {
         Err(Error::LeaseLost(_))
     ));
     assert!(matches!(
-        runs::add_summary(
-            &t.db,
-            run,
-            "s",
-            SummaryContent::Text("c".into()),
-            Some(lease.token)
-        )
-        .await,
+        summary("c", Some(lease.token)).await,
         Err(Error::LeaseLost(_))
     ));
     // An expired lease.
@@ -389,7 +370,7 @@ async fn artifacts_and_summaries_need_the_lease_and_an_open_run() {
             Err(Error::RunFinished { ref state, .. }) if state == "cancelled"
         ));
         assert!(matches!(
-            runs::add_summary(&t.db, run, "s", SummaryContent::Text("d".into()), token).await,
+            summary("d", token).await,
             Err(Error::RunFinished { .. })
         ));
     }

@@ -119,6 +119,21 @@ where
         .collect()
 }
 
+/// The first two columns of every row `sql` returns on the connection `conn`.
+pub async fn first_two_columns<A, B, C>(conn: &tokio_postgres::Client, sql: &str) -> C
+where
+    A: for<'a> tokio_postgres::types::FromSql<'a>,
+    B: for<'a> tokio_postgres::types::FromSql<'a>,
+    C: FromIterator<(A, B)>,
+{
+    conn.query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
 /// The single `int8` value `sql` returns on the connection `conn`.
 pub async fn scalar_on(conn: &tokio_postgres::Client, sql: &str) -> i64 {
     conn.query_one(sql, &[]).await.unwrap().get(0)

@@ -44,16 +44,7 @@ async fn paused_lease_holder_loses_the_run_and_its_late_writes_are_rejected() {
     .await;
     assert!(matches!(late, Err(Error::LeaseLost(_))), "{late:?}");
     drop(paused_tx);
-    assert!(matches!(
-        runs::append_event(
-            &t.db,
-            run,
-            NewEvent::new("a-late", json!({})),
-            Some(a.token)
-        )
-        .await,
-        Err(Error::LeaseLost(_))
-    ));
+    assert!(append_lease_lost(&t.db, run, "a-late", a.token).await);
     assert!(matches!(
         runs::renew_run_lease(&t.db, &a, ttl).await,
         Err(Error::LeaseLost(_))
@@ -394,16 +385,7 @@ async fn maintenance_releases_leases_of_dead_instances_and_fail_run_in_records_t
         .unwrap();
     assert_eq!(failed.state, RunState::Failed);
     tx.commit().await.unwrap();
-    assert!(matches!(
-        runs::append_event(
-            &t.db,
-            run,
-            NewEvent::new("late", json!({})),
-            Some(lease.token)
-        )
-        .await,
-        Err(Error::LeaseLost(_))
-    ));
+    assert!(append_lease_lost(&t.db, run, "late", lease.token).await);
     let evs = runs::read_events(&t.db, run, 0, 10).await.unwrap();
     assert_eq!(evs.last().unwrap().event_type, "run_failed");
 
@@ -482,4 +464,13 @@ async fn maintenance_releases_leases_of_dead_instances_and_fail_run_in_records_t
         runs::purge_run(&t.db, live, "nope").await,
         Err(Error::InvalidInput { .. })
     ));
+}
+
+/// Whether appending an empty event of type `ty` under the lease `token` is refused with
+/// `LeaseLost`.
+async fn append_lease_lost(db: &Db, run: RunId, ty: &str, token: i64) -> bool {
+    matches!(
+        runs::append_event(db, run, NewEvent::new(ty, json!({})), Some(token)).await,
+        Err(Error::LeaseLost(_))
+    )
 }
