@@ -289,21 +289,22 @@ async fn poll_only_instance_coordinates_on_one_connection() {
 
 #[tokio::test]
 async fn budgets_too_small_for_the_work_are_refused_at_start_up() {
-    // Below the minimum.
-    let err = ClientConfig::builder()
-        .max_connections(2)
-        .build()
-        .unwrap_err();
-    assert!(matches!(err, Error::Config(_)), "{err}");
-    assert!(err.to_string().contains("max_connections is 2"), "{err}");
-    // Contradicting pool size.
-    let err = ClientConfig::builder()
-        .pool_size(8)
-        .max_connections(4)
-        .build()
-        .unwrap_err();
-    assert!(matches!(err, Error::Config(_)), "{err}");
-    assert!(err.to_string().contains("disagree"), "{err}");
+    for (config, says) in [
+        // Below the minimum.
+        (
+            ClientConfig::builder().max_connections(2),
+            "max_connections is 2",
+        ),
+        // Contradicting pool size.
+        (
+            ClientConfig::builder().pool_size(8).max_connections(4),
+            "disagree",
+        ),
+    ] {
+        let err = config.build().unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{err}");
+        assert!(err.to_string().contains(says), "{err}");
+    }
     // A consistent pair, and the derived sizes.
     let c = ClientConfig::builder()
         .pool_size(3)

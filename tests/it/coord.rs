@@ -9,13 +9,20 @@ use pgcrew::coord::leader;
 use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId};
 
 use crate::common::{
-    fast_config, insert_run, next_run_state_change, scalar_on, start_client, start_leader, test_db,
-    wait_for, wait_leader, wait_until,
+    TestDb, fast_config, insert_run, next_run_state_change, scalar_on, start_client, start_leader,
+    test_db, wait_for, wait_leader, wait_until,
 };
 
 /// [`fast_config`] with four connections.
 fn config(id: &str) -> ClientConfig {
     fast_config(id).pool_size(4).build().unwrap()
+}
+
+/// A scratch database and a started client (with [`config`]) for instance `id` on it.
+async fn started(id: &str) -> (TestDb, Client) {
+    let t = test_db().await;
+    let client = start_client(t.db.clone(), config(id), None).await;
+    (t, client)
 }
 
 #[tokio::test]
@@ -70,8 +77,7 @@ async fn client_without_schema_gets_clear_error() {
 
 #[tokio::test]
 async fn subscribers_receive_run_state_changes() {
-    let t = test_db().await;
-    let client = start_client(t.db.clone(), config("listener"), None).await;
+    let (t, client) = started("listener").await;
     let mut subs: Vec<_> = (0..50)
         .map(|_| client.subscribe(&[EventKind::RunStateChanged]))
         .collect();
@@ -85,8 +91,7 @@ async fn subscribers_receive_run_state_changes() {
 
 #[tokio::test]
 async fn thousand_subscribers_and_listen_reconnect_with_resync() {
-    let t = test_db().await;
-    let client = start_client(t.db.clone(), config("fanout"), None).await;
+    let (t, client) = started("fanout").await;
     assert!(
         client
             .notifier()
@@ -156,8 +161,7 @@ async fn thousand_subscribers_and_listen_reconnect_with_resync() {
 
 #[tokio::test]
 async fn callback_subscription_unsubscribes_on_drop() {
-    let t = test_db().await;
-    let client = start_client(t.db.clone(), config("callbacks"), None).await;
+    let (t, client) = started("callbacks").await;
     let count = Arc::new(AtomicUsize::new(0));
     let c = count.clone();
     let before = client.notifier().subscriber_count();

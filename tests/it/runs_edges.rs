@@ -287,22 +287,13 @@ async fn sql_finished_runs_refuse_artifacts_and_summaries() {
     let run = new_run(&t.db).await;
     runs::cancel_run(&t.db, run, "done").await.unwrap();
     let conn = t.db.get().await.unwrap();
-    let err = conn
-        .execute(
-            "INSERT INTO pgcrew.artifacts (run_id, key, version, value) VALUES ($1, 'k', 1, '1')",
-            &[&run],
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&err), "PC041", "{err:?}");
-    let err = conn
-        .execute(
-            "INSERT INTO pgcrew.summaries (run_id, summary_type, content_text) VALUES ($1, 's', 'x')",
-            &[&run],
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&err), "PC041", "{err:?}");
+    for sql in [
+        "INSERT INTO pgcrew.artifacts (run_id, key, version, value) VALUES ($1, 'k', 1, '1')",
+        "INSERT INTO pgcrew.summaries (run_id, summary_type, content_text) VALUES ($1, 's', 'x')",
+    ] {
+        let err = conn.execute(sql, &[&run]).await.unwrap_err();
+        assert_eq!(sqlstate(&err), "PC041", "{sql}: {err:?}");
+    }
 }
 
 /// Artifacts and summaries carry the run lease token and are refused on finished runs.

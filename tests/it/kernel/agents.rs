@@ -187,11 +187,7 @@ async fn unknown_agent_max_iterations_and_cancellation_are_recorded() {
 async fn harness_run_twice_does_only_the_remaining_work() {
     use pgcrew::kernel::Harness;
     let (t, scope) = setup(&[], None).await;
-    let k = kernel(
-        &t.db,
-        Arc::new(ScriptedModel::sequence(vec![])),
-        ToolRegistry::new(),
-    );
+    let k = bare_kernel(&t.db);
     let a_runs = Arc::new(AtomicU64::new(0));
     let b_runs = Arc::new(AtomicU64::new(0));
     let c_runs = Arc::new(AtomicU64::new(0));

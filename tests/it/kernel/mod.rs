@@ -95,6 +95,15 @@ fn kernel(db: &Db, model: Arc<ScriptedModel>, tools: ToolRegistry) -> Kernel {
     Kernel::new(db.clone(), model).with_tools(tools)
 }
 
+/// A kernel without tools and with a model without turns (for workflows of plain steps).
+fn bare_kernel(db: &Db) -> Kernel {
+    kernel(
+        db,
+        Arc::new(ScriptedModel::sequence(vec![])),
+        ToolRegistry::new(),
+    )
+}
+
 /// The payment tool's name.
 const CHARGE: &str = "charge_credit_card";
 

@@ -9,7 +9,7 @@ use pgcrew::{Error, TaskId};
 use serde::{Deserialize, Serialize};
 
 use super::{start_client, state_of};
-use crate::common::{scalar, task, test_db, wait_for, wait_until};
+use crate::common::{COMPLETED_TASKS, scalar, task, test_db, wait_for, wait_until};
 
 #[tokio::test]
 async fn stop_drains_in_flight_tasks_and_flushes_acks() {
@@ -37,14 +37,7 @@ async fn stop_drains_in_flight_tasks_and_flushes_acks() {
     .await;
     client.stop().await.unwrap();
     // Everything it held ran to completion and was acknowledged before stop returned.
-    assert_eq!(
-        scalar(
-            &t,
-            "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'"
-        )
-        .await,
-        8
-    );
+    assert_eq!(scalar(&t, COMPLETED_TASKS).await, 8);
     let m = pool.metrics().snapshot();
     assert_eq!((m.executed, m.succeeded, m.in_flight), (8, 8, 0));
     assert!(m.queue_lag_ms >= 0.0 && m.throughput_per_sec > 0.0);

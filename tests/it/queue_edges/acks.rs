@@ -149,13 +149,7 @@ async fn a_refused_batch_is_split_and_the_rest_applied() {
     let metrics = pool.metrics().clone();
     let client = start(&t, "splitter", pool, false).await;
     let applied = eventually(Duration::from_secs(60), || async {
-        scalar(
-            &t,
-            "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'",
-        )
-        .await
-            == 299
-            && metrics.snapshot().rejected_acks >= 1
+        scalar(&t, COMPLETED_TASKS).await == 299 && metrics.snapshot().rejected_acks >= 1
     })
     .await;
     let dups = scalar(

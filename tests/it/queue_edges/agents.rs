@@ -38,12 +38,7 @@ async fn installing_agents_keeps_the_pools_queues() {
     }
     let client = start(&t, "agents", pool, false).await;
     let all = eventually(Duration::from_secs(60), || async {
-        scalar(
-            &t,
-            "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'",
-        )
-        .await
-            == 503
+        scalar(&t, COMPLETED_TASKS).await == 503
     })
     .await;
     client.stop().await.unwrap();

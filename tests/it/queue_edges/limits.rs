@@ -237,11 +237,7 @@ async fn limit_property(seed: u64) {
         "seed {seed}: no limit was ever reached: the test did not exercise them"
     );
     assert_eq!(
-        scalar(
-            &t,
-            "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'"
-        )
-        .await,
+        scalar(&t, OPEN_TASKS).await,
         0,
         "seed {seed}: tasks left over"
     );

@@ -68,12 +68,7 @@ async fn paused_lease_holder_loses_the_run_and_its_late_writes_are_rejected() {
         .unwrap();
     assert_eq!(done.state, RunState::Completed);
     assert_eq!(done.lease_owner, None);
-    let types: Vec<String> = runs::read_events(&t.db, run, 0, 100)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.event_type)
-        .collect();
+    let types = event_types(&t.db, run).await;
     assert_eq!(
         types,
         vec!["run_created", "a1", "b1", "run_started", "run_completed"]
@@ -143,12 +138,7 @@ async fn illegal_transitions_are_errors_and_change_nothing() {
     let after = runs::get_run(&t.db, run).await.unwrap();
     assert_eq!(after.state, RunState::Completed);
     assert_eq!(after.response_text.as_deref(), Some("hi"));
-    let types: Vec<String> = runs::read_events(&t.db, run, 0, 100)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.event_type)
-        .collect();
+    let types = event_types(&t.db, run).await;
     assert_eq!(types, vec!["run_created", "run_started", "run_completed"]);
     // Bad input: negative usage, empty reason, unknown tenant/run.
     let r2 = new_run(&t.db).await;
@@ -473,4 +463,14 @@ async fn append_lease_lost(db: &Db, run: RunId, ty: &str, token: i64) -> bool {
         runs::append_event(db, run, NewEvent::new(ty, json!({})), Some(token)).await,
         Err(Error::LeaseLost(_))
     )
+}
+
+/// The types of a run's first 100 ledger events, in order.
+async fn event_types(db: &Db, run: RunId) -> Vec<String> {
+    runs::read_events(db, run, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect()
 }
