@@ -9,8 +9,8 @@ use pgcrew::coord::leader;
 use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId};
 
 use crate::common::{
-    TestDb, fast_config, insert_run, next_run_state_change, scalar_on, start_client, start_leader,
-    test_db, wait_for, wait_leader, wait_until,
+    TestDb, connect_error, fast_config, host_port, insert_run, next_run_state_change, scalar_on,
+    start_client, start_leader, test_db, wait_for, wait_leader, wait_until,
 };
 
 /// [`fast_config`] with four connections.
@@ -377,9 +377,7 @@ async fn maintenance_removes_stale_instances_and_fails_stuck_runs() {
 #[tokio::test]
 async fn bad_connection_input_gets_clear_errors() {
     // Malformed DSN.
-    let err = pgcrew::Db::connect("postgres://%%%", 2, Duration::from_secs(2))
-        .await
-        .unwrap_err();
+    let err = connect_error("postgres://%%%", 2).await;
     assert!(matches!(err, Error::Connect { .. }), "{err}");
     assert!(err.to_string().contains("DSN"), "{err}");
     // Unreachable server.
@@ -387,46 +385,32 @@ async fn bad_connection_input_gets_clear_errors() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let err = pgcrew::Db::connect(
-        &format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-        2,
-        Duration::from_secs(2),
-    )
-    .await
-    .unwrap_err();
+    let err = connect_error(&format!("postgres://postgres@127.0.0.1:{port}/postgres"), 2).await;
     assert!(matches!(err, Error::Connect { .. }), "{err}");
     assert!(err.to_string().contains("is PostgreSQL running"), "{err}");
     // Unknown database, and (on the throwaway cluster, which enforces passwords over TCP)
     // a wrong password.
     let t = test_db().await;
     let cfg = pgcrew::db::parse_dsn(t.dsn()).unwrap();
-    let host = match &cfg.get_hosts()[0] {
-        tokio_postgres::config::Host::Tcp(h) => h.clone(),
-        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-    };
-    let port = cfg.get_ports()[0];
+    let (host, port) = host_port(t.dsn());
     let user = cfg.get_user().unwrap_or("postgres").to_string();
     let password = cfg
         .get_password()
         .map(|p| format!(":{}", String::from_utf8_lossy(p)))
         .unwrap_or_default();
-    let err = pgcrew::Db::connect(
+    let err = connect_error(
         &format!("postgres://{user}{password}@{host}:{port}/pgcrew_no_such_db"),
         2,
-        Duration::from_secs(2),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(matches!(err, Error::Connect { .. }), "{err}");
     assert!(err.to_string().contains("does not exist"), "{err}");
     if pgcrew::db::dsn_from_env().is_none() {
-        let err = pgcrew::Db::connect(
+        let err = connect_error(
             &format!("postgres://postgres:wrong@{host}:{port}/postgres"),
             2,
-            Duration::from_secs(2),
         )
-        .await
-        .unwrap_err();
+        .await;
         assert!(matches!(err, Error::Authentication { .. }), "{err}");
         assert!(err.to_string().contains("password"), "{err}");
     }

@@ -100,6 +100,23 @@ where
     }
 }
 
+/// How `Db::connect` fails on `dsn` (with `pool_size` connections and a 2 s timeout).
+pub async fn connect_error(dsn: &str, pool_size: usize) -> pgcrew::Error {
+    Db::connect(dsn, pool_size, Duration::from_secs(2))
+        .await
+        .unwrap_err()
+}
+
+/// The host (a TCP name or a socket directory) and port of `dsn`.
+pub fn host_port(dsn: &str) -> (String, u16) {
+    let cfg = pgcrew::db::parse_dsn(dsn).unwrap();
+    let host = match &cfg.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+    };
+    (host, cfg.get_ports()[0])
+}
+
 /// The single `int8` value `sql` returns.
 pub async fn scalar(db: &Db, sql: &str) -> i64 {
     scalar_on(&db.get().await.unwrap(), sql).await
