@@ -398,9 +398,8 @@ async fn retention_pass(db: &Db, config: &ClientConfig) -> u64 {
     n
 }
 
-/// A run with events, artifacts, summaries and cost entries (on two days), finished through a
-/// keyed handle (intermediate and final checkpoints), finalized `age_days` ago.
-async fn finished_run(db: &Db, age_days: i32) -> RunId {
+/// A new run, started under a 60 s lease of owner `w`: the run and its lease.
+async fn started_run(db: &Db) -> (RunId, runs::RunLease) {
     let run = new_run(db).await;
     let lease = runs::acquire_run_lease(db, run, "w", Duration::from_secs(60))
         .await
@@ -415,6 +414,13 @@ async fn finished_run(db: &Db, age_days: i32) -> RunId {
     )
     .await
     .unwrap();
+    (run, lease)
+}
+
+/// A run with events, artifacts, summaries and cost entries (on two days), finished through a
+/// keyed handle (intermediate and final checkpoints), finalized `age_days` ago.
+async fn finished_run(db: &Db, age_days: i32) -> RunId {
+    let (run, lease) = started_run(db).await;
     for i in 0..5 {
         runs::append_event(
             db,
@@ -534,20 +540,7 @@ async fn run_retention_purges_old_finished_runs_in_batches_keeping_anchors_and_c
     }
     // Untouched: a recent finished run, a running run, a pending run, costs without a run.
     let recent = finished_run(&db, 0).await;
-    let running = new_run(&db).await;
-    let lease = runs::acquire_run_lease(&db, running, "w", Duration::from_secs(60))
-        .await
-        .unwrap()
-        .unwrap();
-    runs::start_run(
-        &db,
-        running,
-        None,
-        Some(lease.token),
-        runs::LimitPolicy::StayPending,
-    )
-    .await
-    .unwrap();
+    let (running, lease) = started_run(&db).await;
     runs::put_artifact(&db, running, "a", json!(1), Some(lease.token))
         .await
         .unwrap();

@@ -69,6 +69,12 @@ async fn backend_ssl(dsn: &str) -> pgcrew::Result<bool> {
     Ok(row.get(0))
 }
 
+/// The row `sql` returns on a connection of a new pool to `dsn`.
+async fn query_on_new_pool(dsn: &str, sql: &str) -> tokio_postgres::Row {
+    let db = Db::connect(dsn, 2, Duration::from_secs(10)).await.unwrap();
+    db.get().await.unwrap().query_one(sql, &[]).await.unwrap()
+}
+
 /// Connecting with `dsn` fails (see [`connect_err`]) with an error containing each of `says`;
 /// `context` starts the failure message.
 async fn assert_connect_fails(dsn: &str, says: &[&str], context: &str) {
@@ -301,19 +307,11 @@ async fn prefer_is_the_default_and_uses_tls_only_when_offered() {
             .unwrap()
     );
     // A pool made with the default mode is encrypted on the TLS server.
-    let db = Db::connect(&tls.dsn(), 2, Duration::from_secs(10))
-        .await
-        .unwrap();
-    let row = db
-        .get()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap();
+    let row = query_on_new_pool(
+        &tls.dsn(),
+        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+    )
+    .await;
     assert!(row.get::<_, bool>(0));
 }
 
@@ -365,19 +363,7 @@ async fn client_certificate_authentication() {
         cert.display(),
         key.display()
     );
-    let db = Db::connect(&with_cert, 2, Duration::from_secs(10))
-        .await
-        .unwrap();
-    let row = db
-        .get()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT current_user::text, s.ssl, s.client_dn FROM pg_stat_ssl s WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap();
+    let row = query_on_new_pool(&with_cert, "SELECT current_user::text, s.ssl, s.client_dn FROM pg_stat_ssl s WHERE pid = pg_backend_pid()").await;
     assert_eq!(row.get::<_, String>(0), CERT_ROLE);
     assert!(row.get::<_, bool>(1));
     assert!(

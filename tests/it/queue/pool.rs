@@ -8,7 +8,7 @@ use pgcrew::queue::{self, NewTask, RetryPolicy, TaskOutcome, TaskState, WorkerPo
 use pgcrew::{Error, TaskId};
 use serde::{Deserialize, Serialize};
 
-use super::{start_client, state_of};
+use super::{start_client, state_of, wait_state};
 use crate::common::{COMPLETED_TASKS, scalar, task, test_db, wait_for, wait_until};
 
 #[tokio::test]
@@ -80,9 +80,13 @@ async fn running_task_cancellation_is_announced_not_left_to_the_heartbeat() {
         .await
         .unwrap()
         .id;
-    wait_until(Duration::from_secs(10), "the task is running", || async {
-        state_of(&t, id).await == TaskState::Running
-    })
+    wait_state(
+        &t,
+        id,
+        TaskState::Running,
+        Duration::from_secs(10),
+        "the task is running",
+    )
     .await;
     assert_eq!(
         queue::cancel(&**conn, id).await.unwrap(),
@@ -92,10 +96,12 @@ async fn running_task_cancellation_is_announced_not_left_to_the_heartbeat() {
         queue::cancel(&**conn, id).await.unwrap(),
         TaskState::Running
     );
-    wait_until(
+    wait_state(
+        &t,
+        id,
+        TaskState::Cancelled,
         Duration::from_secs(10),
         "the cancellation did not reach the handler before the (10-minute) heartbeat",
-        || async { state_of(&t, id).await == TaskState::Cancelled },
     )
     .await;
     assert!(seen.load(Ordering::SeqCst));
@@ -194,10 +200,12 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
     .await
     .unwrap()
     .id;
-    wait_until(
+    wait_state(
+        &t,
+        flaky,
+        TaskState::Completed,
         Duration::from_secs(10),
         "the flaky task completes after its retries",
-        || async { state_of(&t, flaky).await == TaskState::Completed },
     )
     .await;
     // Two failures with 100 ms then 200 ms backoff.
@@ -205,10 +213,12 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
     let row = queue::get(&**conn, flaky).await.unwrap();
     assert_eq!(row.attempts, 3);
     assert_eq!(row.errors.as_array().unwrap().len(), 2);
-    wait_until(
+    wait_state(
+        &t,
+        slow,
+        TaskState::Completed,
         Duration::from_secs(10),
         "the slow task completes",
-        || async { state_of(&t, slow).await == TaskState::Completed },
     )
     .await;
     let row = queue::get(&**conn, slow).await.unwrap();
@@ -241,20 +251,24 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
         .await
         .unwrap()
         .id;
-    wait_until(
+    wait_state(
+        &t,
+        forever,
+        TaskState::Running,
         Duration::from_secs(5),
         "the endless task is running",
-        || async { state_of(&t, forever).await == TaskState::Running },
     )
     .await;
     assert_eq!(
         queue::cancel(&**conn, forever).await.unwrap(),
         TaskState::Running
     );
-    wait_until(
+    wait_state(
+        &t,
+        forever,
+        TaskState::Cancelled,
         Duration::from_secs(5),
         "the endless task is cancelled",
-        || async { state_of(&t, forever).await == TaskState::Cancelled },
     )
     .await;
     assert!(cancelled_seen.load(Ordering::SeqCst));
