@@ -9,7 +9,7 @@ use std::time::Duration;
 use pgcrew::queue::{NewTask, TaskOutcome, WorkerPool};
 use pgcrew::{Client, ClientConfig, Error, InstanceId};
 
-use crate::common::{TestDb, start_leader, test_db, wait_leader, wait_until};
+use crate::common::{TestDb, lock_leader_row, start_leader, test_db, wait_leader, wait_until};
 
 const INSTANCE_TTL: Duration = Duration::from_secs(2);
 const LEADER_TTL: Duration = Duration::from_millis(1500);
@@ -370,12 +370,7 @@ async fn renewal_blocked_on_the_leader_row_does_not_hold_up_heartbeats() {
     // it. The heartbeats share the renewals' connection and must still get through.
     let mut holder = t.db.get().await.unwrap();
     let tx = holder.transaction().await.unwrap();
-    tx.execute(
-        "SELECT 1 FROM pgcrew.leader WHERE name = 'default' FOR SHARE",
-        &[],
-    )
-    .await
-    .unwrap();
+    lock_leader_row(&tx, "FOR SHARE").await;
     let observer = t.db.get().await.unwrap();
     let mut samples = Vec::new();
     let start = tokio::time::Instant::now();

@@ -9,8 +9,9 @@ use pgcrew::coord::leader;
 use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId};
 
 use crate::common::{
-    TestDb, connect_error, fast_config, host_port, insert_run, next_run_state_change, scalar_on,
-    start_client, start_leader, test_db, wait_for, wait_leader, wait_until,
+    TestDb, connect_error, fast_config, host_port, insert_run, lock_leader_row,
+    next_run_state_change, scalar_on, start_client, start_leader, test_db, wait_for, wait_leader,
+    wait_until,
 };
 
 /// [`fast_config`] with four connections.
@@ -251,12 +252,7 @@ async fn leader_that_cannot_renew_steps_down_before_lease_expires() {
     // Hold the leader row locked so every renewal blocks.
     let mut conn = t.db.get().await.unwrap();
     let tx = conn.transaction().await.unwrap();
-    tx.execute(
-        "SELECT 1 FROM pgcrew.leader WHERE name = 'default' FOR UPDATE",
-        &[],
-    )
-    .await
-    .unwrap();
+    lock_leader_row(&tx, "FOR UPDATE").await;
     wait_until(Duration::from_secs(3), "client steps down", || async {
         !client.is_leader()
     })

@@ -14,7 +14,7 @@ use pgcrew::runs::{self, NewEvent, NewRun, RunLimits, RunOutcome, SummaryContent
 use pgcrew::{ClientConfig, Error, InstanceId, LedgerKey, RunId, TenantId};
 use serde_json::json;
 
-use crate::common::{scalar_on, test_db};
+use crate::common::{first_column, scalar_on, test_db};
 
 const MIB: usize = 1 << 20;
 
@@ -475,18 +475,17 @@ async fn add_costs(db: &Db, run: Option<RunId>) {
 }
 
 async fn tenant_costs(db: &Db) -> Vec<String> {
-    db.get()
-        .await
-        .unwrap()
-        .query(
-            "SELECT row(t.*)::text FROM pgcrew.tenant_costs t ORDER BY tenant_id, day, category, model",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    first_column(
+        &db.get().await.unwrap(),
+        "SELECT row(t.*)::text FROM pgcrew.tenant_costs t ORDER BY tenant_id, day, category, model",
+    )
+    .await
+}
+
+/// The default tenant's spending, as text.
+async fn default_spent(conn: &tokio_postgres::Client) -> String {
+    let sql = "SELECT spent_usd::text FROM pgcrew.tenants WHERE id = 'default'";
+    conn.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 async fn stored(db: &Db, run: RunId) -> (i64, i64, i64, i64) {
@@ -555,14 +554,7 @@ async fn run_retention_purges_old_finished_runs_in_batches_keeping_anchors_and_c
     )
     .await
     .unwrap();
-    let spent_before: String = conn
-        .query_one(
-            "SELECT spent_usd::text FROM pgcrew.tenants WHERE id = 'default'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let spent_before = default_spent(&conn).await;
     let costs_before = tenant_costs(&db).await;
     let heads: Vec<i64> = {
         let mut v = Vec::new();
@@ -635,14 +627,7 @@ async fn run_retention_purges_old_finished_runs_in_batches_keeping_anchors_and_c
     }
     // The cost figures are identical; the aggregate holds the retained entries.
     assert_eq!(tenant_costs(&db).await, costs_before);
-    let spent_after: String = conn
-        .query_one(
-            "SELECT spent_usd::text FROM pgcrew.tenants WHERE id = 'default'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let spent_after = default_spent(&conn).await;
     assert_eq!(spent_after, spent_before);
     let folded = scalar_on(&conn, "SELECT sum(entries)::int8 FROM pgcrew.cost_daily").await;
     assert_eq!(folded, 15);

@@ -117,6 +117,13 @@ pub fn host_port(dsn: &str) -> (String, u16) {
     (host, cfg.get_ports()[0])
 }
 
+/// Lock the leader row in `tx` with `lock` (`FOR SHARE`, `FOR UPDATE`), as a long statement
+/// would: renewals wait on it until `tx` ends.
+pub async fn lock_leader_row(tx: &tokio_postgres::Transaction<'_>, lock: &str) {
+    let sql = format!("SELECT 1 FROM pgcrew.leader WHERE name = 'default' {lock}");
+    tx.execute(&sql, &[]).await.unwrap();
+}
+
 /// The single `int8` value `sql` returns.
 pub async fn scalar(db: &Db, sql: &str) -> i64 {
     scalar_on(&db.get().await.unwrap(), sql).await

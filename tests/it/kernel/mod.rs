@@ -107,6 +107,16 @@ fn bare_kernel(db: &Db) -> Kernel {
 /// The payment tool's name.
 const CHARGE: &str = "charge_credit_card";
 
+/// The tool step `step` of the payment tool with `args`.
+async fn charge(
+    k: &Kernel,
+    scope: &RunScope,
+    step: &str,
+    args: Value,
+) -> pgcrew::Result<pgcrew::kernel::ToolStep> {
+    k.step_tool(scope, step, CHARGE, args).await
+}
+
 /// A kernel with only the payment tool of `provider` (and a model without turns).
 fn payment_kernel(db: &Db, provider: &Arc<Provider>) -> Kernel {
     let tools = ToolRegistry::new()
