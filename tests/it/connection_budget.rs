@@ -88,17 +88,22 @@ async fn sample(observer: &pgcrew::db::Conn, id: &str, app: &str) -> Sample {
     }
 }
 
+/// A client (not started) on the DSN named `app`, with [`budget_config`] for instance `id`
+/// (four connections) and the worker pool, if any.
+async fn budget_client(t: &TestDb, app: &str, id: &str, pool: Option<Arc<WorkerPool>>) -> Client {
+    let mut b = Client::builder(named_dsn(t, app)).config(budget_config(id, 4));
+    if let Some(p) = pool {
+        b = b.service(p);
+    }
+    b.build().await.unwrap()
+}
+
 #[tokio::test]
 async fn four_connections_keep_heartbeats_and_leadership_while_workers_saturate_the_pool() {
     let t = test_db().await;
     let app = "budget-saturated";
     let pool = holding_pool(0.25);
-    let client = Client::builder(named_dsn(&t, app))
-        .config(budget_config("saturated", 4))
-        .service(pool.clone())
-        .build()
-        .await
-        .unwrap();
+    let client = budget_client(&t, app, "saturated", Some(pool.clone())).await;
     assert_eq!(client.config().connections_needed(), 4);
     assert_eq!(client.db().pool().status().max_size, 3);
     start_leader(&client, Duration::from_secs(5)).await;
@@ -151,12 +156,7 @@ async fn killed_coordination_connection_reconnects_and_heartbeats_resume() {
     let t = test_db().await;
     let app = "budget-killed";
     let pool = holding_pool(0.2);
-    let client = Client::builder(named_dsn(&t, app))
-        .config(budget_config("killed", 4))
-        .service(pool)
-        .build()
-        .await
-        .unwrap();
+    let client = budget_client(&t, app, "killed", Some(pool)).await;
     start_leader(&client, Duration::from_secs(5)).await;
     enqueue_holds(&client, 30).await;
     let observer = t.db.get().await.unwrap();
@@ -360,11 +360,7 @@ async fn budgets_too_small_for_the_work_are_refused_at_start_up() {
 async fn renewal_blocked_on_the_leader_row_does_not_hold_up_heartbeats() {
     let t = test_db().await;
     let app = "budget-blocked";
-    let client = Client::builder(named_dsn(&t, app))
-        .config(budget_config("blocked", 4))
-        .build()
-        .await
-        .unwrap();
+    let client = budget_client(&t, app, "blocked", None).await;
     start_leader(&client, Duration::from_secs(5)).await;
     // Hold the leader row as a long maintenance step would (FOR SHARE): every renewal waits on
     // it. The heartbeats share the renewals' connection and must still get through.

@@ -6,7 +6,7 @@ use std::time::Duration;
 use pgcrew::queue::{self, Ack, AckOutcome, Priority, TaskState};
 use pgcrew::{ClaimToken, Client, TaskId};
 
-use super::{config, failed, q, state_of};
+use super::{completed, config, failed, q, state_of};
 use crate::common::{register_instance, scalar, start_leader, task, test_db, wait_for};
 
 #[tokio::test]
@@ -148,11 +148,7 @@ async fn dependencies_gate_availability_and_failures_cancel_dependants() {
     let ids: HashSet<TaskId> = claimed.iter().map(|c| c.id).collect();
     assert_eq!(ids, HashSet::from([a, b]));
     let tok: HashMap<TaskId, ClaimToken> = claimed.iter().map(|c| (c.id, c.token)).collect();
-    let done = |id: TaskId| Ack {
-        id,
-        token: tok[&id],
-        outcome: AckOutcome::Complete,
-    };
+    let done = |id: TaskId| completed(id, tok[&id]);
     queue::ack(&**conn, &[done(a)]).await.unwrap();
     assert!(
         queue::claim(&**conn, &q("default"), 10, &me)

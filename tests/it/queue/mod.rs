@@ -61,6 +61,15 @@ async fn listen_task_available(
     (listener, driver, notes)
 }
 
+/// An acknowledgement completing claim `token` of task `id`.
+fn completed(id: TaskId, token: ClaimToken) -> Ack {
+    Ack {
+        id,
+        token,
+        outcome: AckOutcome::Complete,
+    }
+}
+
 /// An acknowledgement failing claim `token` of task `id` with `error`, retried after `retry_in`.
 fn failed(id: TaskId, token: ClaimToken, error: &str, retry_in: Duration) -> Ack {
     Ack {

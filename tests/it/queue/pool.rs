@@ -60,13 +60,8 @@ async fn running_task_cancellation_is_announced_not_left_to_the_heartbeat() {
         .queue("cancel_me")
         .heartbeat_interval(Duration::from_secs(600))
         .handler("wait", move |ctx, _p: serde_json::Value| {
-            let seen = seen_in.clone();
+            flag_on_cancel(&ctx.cancel, &seen_in);
             async move {
-                let cancel = ctx.cancel.clone();
-                tokio::spawn(async move {
-                    cancel.cancelled().await;
-                    seen.store(true, Ordering::SeqCst);
-                });
                 tokio::time::sleep(Duration::from_secs(600)).await;
                 Ok(TaskOutcome::Complete)
             }
@@ -153,13 +148,8 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
             Ok(TaskOutcome::Complete)
         })
         .handler("forever", move |ctx, _p: serde_json::Value| {
-            let seen = seen.clone();
+            flag_on_cancel(&ctx.cancel, &seen);
             async move {
-                let cancel = ctx.cancel.clone();
-                tokio::spawn(async move {
-                    cancel.cancelled().await;
-                    seen.store(true, Ordering::SeqCst);
-                });
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 Ok(TaskOutcome::Complete)
             }
@@ -303,4 +293,13 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
         queue::retry(&**conn, TaskId(999_999)).await,
         Err(Error::NotFound { .. })
     ));
+}
+
+/// Set `seen` once `cancel` fires (from a task of its own, while the handler sleeps).
+fn flag_on_cancel(cancel: &tokio_util::sync::CancellationToken, seen: &Arc<AtomicBool>) {
+    let (cancel, seen) = (cancel.clone(), seen.clone());
+    tokio::spawn(async move {
+        cancel.cancelled().await;
+        seen.store(true, Ordering::SeqCst);
+    });
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use pgcrew::queue::{self, Ack, AckOutcome, NewTask, TaskState};
 use pgcrew::{ClaimToken, Client, Error, InstanceId, TaskId, TenantId};
 
-use super::{config, q, state_of};
+use super::{completed, config, q, state_of};
 use crate::common::{
     assert_invalid_input, create_tenant, register_instance, scalar, start_leader, task, test_db,
 };
@@ -33,11 +33,7 @@ async fn claim_and_ack_with_stale_token_rejected() {
     );
 
     // A wrong token is rejected and changes nothing.
-    let bad = Ack {
-        id: e.id,
-        token: ClaimToken::new(),
-        outcome: AckOutcome::Complete,
-    };
+    let bad = completed(e.id, ClaimToken::new());
     let rep = queue::ack(&**conn, std::slice::from_ref(&bad))
         .await
         .unwrap();
@@ -45,11 +41,7 @@ async fn claim_and_ack_with_stale_token_rejected() {
     assert!(rep.applied.is_empty());
     assert_eq!(state_of(&t, e.id).await, TaskState::Running);
 
-    let good = Ack {
-        id: e.id,
-        token: claimed[0].token,
-        outcome: AckOutcome::Complete,
-    };
+    let good = completed(e.id, claimed[0].token);
     let rep = queue::ack(&**conn, std::slice::from_ref(&good))
         .await
         .unwrap();
@@ -87,28 +79,14 @@ async fn rescued_task_rejects_the_old_claims_ack() {
         .unwrap();
     assert_eq!(live.len(), 1);
     assert_eq!(live[0].attempt, 2);
-    let stale = queue::ack(
-        &**conn,
-        &[Ack {
-            id: e.id,
-            token: first[0].token,
-            outcome: AckOutcome::Complete,
-        }],
-    )
-    .await
-    .unwrap();
+    let stale = queue::ack(&**conn, &[completed(e.id, first[0].token)])
+        .await
+        .unwrap();
     assert_eq!(stale.stale, vec![e.id]);
     assert_eq!(state_of(&t, e.id).await, TaskState::Running);
-    let ok = queue::ack(
-        &**conn,
-        &[Ack {
-            id: e.id,
-            token: live[0].token,
-            outcome: AckOutcome::Complete,
-        }],
-    )
-    .await
-    .unwrap();
+    let ok = queue::ack(&**conn, &[completed(e.id, live[0].token)])
+        .await
+        .unwrap();
     assert_eq!(ok.applied, vec![(e.id, TaskState::Completed)]);
 
     // A live instance whose heartbeat on a task went stale loses it too; out of attempts, the
