@@ -164,12 +164,12 @@ async fn kill_9_mid_agent_run_other_serve_process_finishes_it_without_repeating_
     assert!(survivor.child.try_wait().unwrap().is_none());
 
     // Each completed model step was answered exactly once; the turn-0 call was not repeated.
-    let mut answered = server.answered.lock().unwrap().clone();
-    answered.sort();
-    assert_eq!(answered, vec![0, 1]);
-    let mut requests = server.requests.lock().unwrap().clone();
-    requests.sort();
-    assert_eq!(requests, vec![0, 1, 1], "turn 0 was requested again");
+    assert_eq!(server.answered_turns(), vec![0, 1]);
+    assert_eq!(
+        server.requested_turns(),
+        vec![0, 1, 1],
+        "turn 0 was requested again"
+    );
     let evs = event_counts(&t.db, run).await;
     for key in ["iter-0/model", "iter-1/model"] {
         assert_eq!(

@@ -11,7 +11,7 @@ use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId};
 use crate::common::{
     TestDb, connect_error, fast_config, host_port, insert_run, lock_leader_row,
     next_run_state_change, scalar_on, start_client, start_leader, test_db, wait_for, wait_leader,
-    wait_until,
+    wait_listening, wait_until,
 };
 
 /// [`fast_config`] with four connections.
@@ -93,12 +93,7 @@ async fn subscribers_receive_run_state_changes() {
 #[tokio::test]
 async fn thousand_subscribers_and_listen_reconnect_with_resync() {
     let (t, client) = started("fanout").await;
-    assert!(
-        client
-            .notifier()
-            .wait_connected(Duration::from_secs(5))
-            .await
-    );
+    wait_listening(&client, Duration::from_secs(5)).await;
     let conn = t.db.get().await.unwrap();
 
     // 1,000 subscribers in one process all receive each run-state change.
@@ -143,12 +138,7 @@ async fn thousand_subscribers_and_listen_reconnect_with_resync() {
         .unwrap();
     assert_eq!(ev, pgcrew::Event::Resync);
     assert!(client.notifier().reconnects() >= 1);
-    assert!(
-        client
-            .notifier()
-            .wait_connected(Duration::from_secs(5))
-            .await
-    );
+    wait_listening(&client, Duration::from_secs(5)).await;
     conn.execute(
         "UPDATE pgcrew.runs SET state = 'completed' WHERE id = $1",
         &[&run_id],

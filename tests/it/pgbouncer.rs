@@ -18,7 +18,7 @@ use serde_json::json;
 
 use crate::common::{
     TestDb, agent_runtime, fast_config, next_run_state_change, pgcrew_bin, start_leader,
-    submit_run, test_db,
+    submit_run, test_db, wait_listening,
 };
 
 /// A migrated test database and a PgBouncer (transaction mode) in front of its server.
@@ -381,12 +381,7 @@ async fn client_pool_through_pgbouncer_listen_direct() {
         .unwrap();
     let client = Client::connect(&b.through(), config).await.unwrap();
     start_leader(&client, Duration::from_secs(10)).await;
-    assert!(
-        client
-            .notifier()
-            .wait_connected(Duration::from_secs(10))
-            .await
-    );
+    wait_listening(&client, Duration::from_secs(10)).await;
     // A notification raised through PgBouncer arrives on the direct LISTEN connection (the
     // fallback poll is 30 s away, so this is the NOTIFY).
     let mut sub = client.subscribe(&[EventKind::RunStateChanged]);

@@ -10,7 +10,7 @@ use pgcrew::db::certs::{CertificateAuthority, Validity};
 use pgcrew::db::{Db, ScratchDatabase, SslMode, TempCluster, TempClusterOptions, parse_dsn};
 use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId};
 
-use crate::common::{insert_run, next_run_state_change, pgcrew_bin};
+use crate::common::{insert_run, next_run_state_change, pgcrew_bin, wait_listening};
 
 /// The role that must log in with a client certificate on the TLS cluster.
 const CERT_ROLE: &str = "tls_cert_user";
@@ -133,12 +133,7 @@ async fn verify_full_pool_sibling_and_listen_are_encrypted() {
         .await
         .unwrap();
     client.start().await.unwrap();
-    assert!(
-        client
-            .notifier()
-            .wait_connected(Duration::from_secs(20))
-            .await
-    );
+    wait_listening(&client, Duration::from_secs(20)).await;
     let mut sub = client.subscribe(&[EventKind::RunStateChanged]);
     let db = client.db().clone();
     let conn = db.get().await.unwrap();

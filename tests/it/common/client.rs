@@ -50,6 +50,20 @@ pub fn wait_leader(client: &Client, timeout: Duration) -> impl Future<Output = (
     }
 }
 
+/// Wait until the notifier of `client` has its LISTEN connection; panics (naming the instance
+/// and the caller) if it has not within `timeout`.
+#[track_caller]
+pub fn wait_listening(client: &Client, timeout: Duration) -> impl Future<Output = ()> + '_ {
+    let caller = std::panic::Location::caller();
+    async move {
+        assert!(
+            client.notifier().wait_connected(timeout).await,
+            "not within {timeout:?}: the notifier of instance {} connects (waited at {caller})",
+            client.instance_id()
+        );
+    }
+}
+
 /// Start `client` and wait (as [`wait_leader`]) until it is the leader.
 #[track_caller]
 pub fn start_leader(client: &Client, timeout: Duration) -> impl Future<Output = ()> + '_ {

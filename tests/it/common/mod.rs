@@ -16,7 +16,9 @@ use pgcrew::RunId;
 use pgcrew::db::{Db, ScratchDatabase};
 use serde_json::Value;
 
-pub use client::{fast_config, next_run_state_change, start_client, start_leader, wait_leader};
+pub use client::{
+    fast_config, next_run_state_change, start_client, start_leader, wait_leader, wait_listening,
+};
 pub use deployment::{DEPLOYMENT_LEDGER_KEY, Deployment, healthy_deployment};
 pub use factories::{
     agent_runtime, append_notes, create_task_effects, create_tenant, effect_tasks, insert_run,

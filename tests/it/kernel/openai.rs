@@ -33,12 +33,12 @@ async fn killed_instance_mid_agent_run_openai_mock_sees_each_completed_step_once
     assert_eq!(done.input_tokens, 80);
     assert_eq!(done.output_tokens, 18);
     // Each completed model step was answered by the server exactly once; the tool ran once.
-    let mut answered = server.answered.lock().unwrap().clone();
-    answered.sort();
-    assert_eq!(answered, vec![0, 1]);
-    let mut requests = server.requests.lock().unwrap().clone();
-    requests.sort();
-    assert_eq!(requests, vec![0, 1, 1], "B did not repeat the turn-0 call");
+    assert_eq!(server.answered_turns(), vec![0, 1]);
+    assert_eq!(
+        server.requested_turns(),
+        vec![0, 1, 1],
+        "B did not repeat the turn-0 call"
+    );
     assert_eq!(body_runs.load(Ordering::SeqCst), 1);
 }
 

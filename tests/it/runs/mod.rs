@@ -15,7 +15,7 @@ use pgcrew::runs::{
 use pgcrew::{Client, ClientConfig, Error, InstanceId, RunId, TenantId};
 use serde_json::json;
 
-use crate::common::{append_notes, cli, pgcrew_bin, test_db};
+use crate::common::{append_notes, cli, pgcrew_bin, test_db, wait_listening};
 
 fn tenant(id: &str) -> TenantId {
     TenantId::new(id).unwrap()
@@ -65,11 +65,6 @@ async fn started_client(db: &Db) -> Client {
         .unwrap();
     let client = Client::connect(db.clone(), config).await.unwrap();
     client.start().await.unwrap();
-    assert!(
-        client
-            .notifier()
-            .wait_connected(Duration::from_secs(10))
-            .await
-    );
+    wait_listening(&client, Duration::from_secs(10)).await;
     client
 }
