@@ -4,11 +4,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgcrew::db::{ScratchDatabase, TempCluster};
 use pgcrew::{Client, ClientConfig, EventKind};
 
 use crate::common::{
-    fast_config, insert_run, next_run_state_change, start_leader, test_db, wait_leader, wait_until,
+    cluster_db, fast_config, insert_run, next_run_state_change, start_leader, test_db, wait_leader,
+    wait_until,
 };
 use crate::proxy::{Proxy, upstream, with_port};
 
@@ -80,17 +80,7 @@ async fn partitioned_leader_steps_down_before_another_is_elected() {
 
 #[tokio::test]
 async fn postgres_restart_reconnects_listen_and_reelects() {
-    let cluster = tokio::task::spawn_blocking(TempCluster::start)
-        .await
-        .unwrap()
-        .unwrap();
-    let scratch = ScratchDatabase::create(&cluster.dsn(), "pgcrew_fault")
-        .await
-        .unwrap();
-    let db = pgcrew::Db::connect(scratch.dsn(), 4, Duration::from_secs(2))
-        .await
-        .unwrap();
-    db.migrate().await.unwrap();
+    let (cluster, scratch, db) = cluster_db("pgcrew_fault").await;
     let a = Client::connect(db.clone(), config("a")).await.unwrap();
     let b = Client::connect(scratch.dsn(), config("b")).await.unwrap();
     a.start().await.unwrap();

@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgcrew::agent::AgentRuntime;
-use pgcrew::db::{ScratchDatabase, TempCluster};
 use pgcrew::kernel::Kernel;
 use pgcrew::model::ScriptedModel;
 use pgcrew::queue::{self, NewTask, TaskOutcome, WorkerPool};
@@ -20,9 +19,9 @@ use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{Client, ClientConfig, Db, Error, RunId};
 
 use crate::common::{
-    COMPLETED_TASKS, OPEN_TASKS, Serve, create_task_effects, effect_tasks, effect_worker,
-    fast_config, first_column, first_two_columns, scalar, serve, start_leader, test_db, wait_for,
-    wait_until,
+    COMPLETED_TASKS, OPEN_TASKS, Serve, cluster_db, create_task_effects, effect_tasks,
+    effect_worker, fast_config, first_column, first_two_columns, scalar, serve, start_leader,
+    test_db, wait_for, wait_until,
 };
 use crate::proxy::{Proxy, upstream, with_port};
 
@@ -329,17 +328,7 @@ async fn enqueue_load(db: &Db, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_mid_load_loses_no_task_and_leadership_returns() {
-    let cluster = tokio::task::spawn_blocking(TempCluster::start)
-        .await
-        .unwrap()
-        .unwrap();
-    let scratch = ScratchDatabase::create(&cluster.dsn(), "pgcrew_fault_load")
-        .await
-        .unwrap();
-    let db = Db::connect(scratch.dsn(), 4, Duration::from_secs(2))
-        .await
-        .unwrap();
-    db.migrate().await.unwrap();
+    let (cluster, scratch, db) = cluster_db("pgcrew_fault_load").await;
     let n = 3000;
     enqueue_load(&db, n).await;
     let (a, pa) = worker_client(scratch.dsn(), "a", true, Duration::from_millis(2)).await;

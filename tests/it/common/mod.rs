@@ -258,3 +258,18 @@ pub async fn own_cluster(
     let dsn = cluster.dsn();
     (cluster, dsn)
 }
+
+/// A throwaway cluster ([`pgcrew::db::TempCluster::start`]) with a migrated scratch database
+/// `name` on it and a four-connection pool to that database.
+pub async fn cluster_db(name: &str) -> (pgcrew::db::TempCluster, ScratchDatabase, Db) {
+    let cluster = tokio::task::spawn_blocking(pgcrew::db::TempCluster::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let scratch = ScratchDatabase::create(&cluster.dsn(), name).await.unwrap();
+    let db = Db::connect(scratch.dsn(), 4, Duration::from_secs(2))
+        .await
+        .unwrap();
+    db.migrate().await.unwrap();
+    (cluster, scratch, db)
+}
