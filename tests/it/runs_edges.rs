@@ -14,7 +14,7 @@ use pgcrew::runs::{self, NewEvent, NewRun, RunLimits, RunOutcome, SummaryContent
 use pgcrew::{ClientConfig, Error, InstanceId, LedgerKey, RunId, TenantId};
 use serde_json::json;
 
-use crate::common::{first_column, scalar_on, test_db};
+use crate::common::{execute, first_column, scalar_on, test_db};
 
 const MIB: usize = 1 << 20;
 
@@ -447,31 +447,20 @@ async fn finished_run(db: &Db, age_days: i32) -> RunId {
     runs::complete_run(db, run, RunOutcome::default(), Some(lease.token))
         .await
         .unwrap();
-    db.get()
-        .await
-        .unwrap()
-        .execute(
-            "UPDATE pgcrew.runs SET finalized_at = now() - make_interval(days => $2) WHERE id = $1",
-            &[&run, &age_days],
-        )
-        .await
-        .unwrap();
+    execute(
+        db,
+        "UPDATE pgcrew.runs SET finalized_at = now() - make_interval(days => $2) WHERE id = $1",
+        &[&run, &age_days],
+    )
+    .await;
     run
 }
 
 async fn add_costs(db: &Db, run: Option<RunId>) {
-    db.get()
-        .await
-        .unwrap()
-        .execute(
-            "INSERT INTO pgcrew.cost_entries (tenant_id, run_id, category, model, prompt_tokens, completion_tokens, cost_usd, created_at)
+    execute(db, "INSERT INTO pgcrew.cost_entries (tenant_id, run_id, category, model, prompt_tokens, completion_tokens, cost_usd, created_at)
              VALUES ('default', $1, 'llm', 'gpt', 10, 5, 0.0123456789, now() - interval '3 days'),
                     ('default', $1, 'llm', 'gpt', 1, 2, 0.5, now() - interval '3 days'),
-                    ('default', $1, 'tool', NULL, 0, 0, 0.25, now())",
-            &[&run],
-        )
-        .await
-        .unwrap();
+                    ('default', $1, 'tool', NULL, 0, 0, 0.25, now())", &[&run]).await;
 }
 
 async fn tenant_costs(db: &Db) -> Vec<String> {

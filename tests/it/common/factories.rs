@@ -21,6 +21,13 @@ pub async fn create_tenant(db: &Db, id: &str, limit: Option<i32>) -> TenantId {
     TenantId::new(id).unwrap()
 }
 
+/// A scratch database with instance `id` registered in it.
+pub async fn db_with_instance(id: &str) -> (crate::common::TestDb, InstanceId) {
+    let t = crate::common::test_db().await;
+    let me = register_instance(&t, id).await;
+    (t, me)
+}
+
 /// A run row in ledger format 1 (as every run created before the v2 migration): its row is
 /// written with the format chosen before its first append.
 pub async fn v1_run(db: &Db) -> RunId {

@@ -21,8 +21,8 @@ pub use client::{
 };
 pub use deployment::{DEPLOYMENT_LEDGER_KEY, Deployment, healthy_deployment};
 pub use factories::{
-    agent_runtime, append_notes, create_task_effects, create_tenant, effect_tasks, insert_run,
-    register_instance, submit_run, task, tenant, v1_run,
+    agent_runtime, append_notes, create_task_effects, create_tenant, db_with_instance,
+    effect_tasks, insert_run, register_instance, submit_run, task, tenant, v1_run,
 };
 pub use process::{
     Serve, assert_bench_database_dropped, cli, effect_worker, pgcrew_bin, run_bench, serve,
@@ -124,6 +124,15 @@ pub fn host_port(dsn: &str) -> (String, u16) {
 pub async fn lock_leader_row(tx: &tokio_postgres::Transaction<'_>, lock: &str) {
     let sql = format!("SELECT 1 FROM pgcrew.leader WHERE name = 'default' {lock}");
     tx.execute(&sql, &[]).await.unwrap();
+}
+
+/// Execute `sql` with `params` on a connection of `db`; the number of rows it touched.
+pub async fn execute(
+    db: &Db,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> u64 {
+    db.get().await.unwrap().execute(sql, params).await.unwrap()
 }
 
 /// The single `int8` value `sql` returns.

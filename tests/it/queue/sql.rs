@@ -8,13 +8,13 @@ use pgcrew::{ClaimToken, Client, Error, InstanceId, TaskId, TenantId};
 
 use super::{completed, config, q, state_of};
 use crate::common::{
-    assert_invalid_input, create_tenant, register_instance, scalar, start_leader, task, test_db,
+    assert_invalid_input, create_tenant, db_with_instance, register_instance, scalar, start_leader,
+    task, test_db,
 };
 
 #[tokio::test]
 async fn claim_and_ack_with_stale_token_rejected() {
-    let t = test_db().await;
-    let me = register_instance(&t, "w1").await;
+    let (t, me) = db_with_instance("w1").await;
     let conn = t.db.get().await.unwrap();
     let e = queue::enqueue(&**conn, &task("k").queue("q1"))
         .await
@@ -306,8 +306,7 @@ async fn invalid_input_is_rejected_and_nothing_is_stored() {
 
 #[tokio::test]
 async fn unique_keys_dedupe_among_unfinished_tasks() {
-    let t = test_db().await;
-    let me = register_instance(&t, "w").await;
+    let (t, me) = db_with_instance("w").await;
     let conn = t.db.get().await.unwrap();
     let a = queue::enqueue(&**conn, &task("k").unique_key("u1"))
         .await

@@ -171,8 +171,7 @@ async fn a_refused_batch_is_split_and_the_rest_applied() {
 /// large for an interval: every acknowledgement is applied, values clamped and marked.
 #[tokio::test]
 async fn ack_clamps_delays_and_sanitises_error_text() {
-    let t = test_db().await;
-    let me = register_instance(&t, "acker").await;
+    let (t, me) = db_with_instance("acker").await;
     let conn = t.db.get().await.unwrap();
     let tasks: Vec<NewTask> = (0..5).map(|_| task("k").max_attempts(5)).collect();
     queue::enqueue_many(&**conn, &tasks).await.unwrap();
@@ -230,8 +229,7 @@ async fn ack_clamps_delays_and_sanitises_error_text() {
 /// a clear error instead of misapplying them.
 #[tokio::test]
 async fn sql_ack_tasks_clamps_and_validates() {
-    let t = test_db().await;
-    let me = register_instance(&t, "sqlacker").await;
+    let (t, me) = db_with_instance("sqlacker").await;
     let conn = t.db.get().await.unwrap();
     let tasks: Vec<NewTask> = (0..3).map(|_| task("k")).collect();
     queue::enqueue_many(&**conn, &tasks).await.unwrap();
@@ -301,8 +299,7 @@ async fn sql_ack_tasks_clamps_and_validates() {
 /// entries are kept, each numbered by its attempt).
 #[tokio::test]
 async fn error_history_is_bounded() {
-    let t = test_db().await;
-    let me = register_instance(&t, "failer").await;
+    let (t, me) = db_with_instance("failer").await;
     let conn = t.db.get().await.unwrap();
     let id = queue::enqueue(&**conn, &task("k").max_attempts(1000))
         .await

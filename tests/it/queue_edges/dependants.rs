@@ -4,8 +4,7 @@ use super::*;
 
 #[tokio::test]
 async fn retried_dependant_waits_for_its_parent() {
-    let t = test_db().await;
-    let me = register_instance(&t, "deps").await;
+    let (t, me) = db_with_instance("deps").await;
     let conn = t.db.get().await.unwrap();
     let parent = queue::enqueue(&**conn, &task("k").queue("dq"))
         .await

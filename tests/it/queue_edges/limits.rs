@@ -5,8 +5,7 @@ use super::*;
 
 #[tokio::test]
 async fn multi_queue_claims_hold_tenant_and_queue_limits() {
-    let t = test_db().await;
-    let me = register_instance(&t, "w1").await;
+    let (t, me) = db_with_instance("w1").await;
     let one = create_tenant(&t, "one", Some(1)).await;
     let conn = t.db.get().await.unwrap();
     for q in ["qa", "qb"] {
@@ -65,8 +64,7 @@ type Books = HashMap<(String, Option<String>), i64>;
 
 async fn limit_property(seed: u64) {
     let mut rng = fastrand::Rng::with_seed(seed);
-    let t = test_db().await;
-    let me = register_instance(&t, "prop").await;
+    let (t, me) = db_with_instance("prop").await;
     let queues = ["qa", "qb", "qc"];
     let mut tenant_limits: HashMap<String, i64> = HashMap::new();
     let mut queue_limits: HashMap<(String, String), i64> = HashMap::new();

@@ -15,22 +15,19 @@ use pgcrew::runs::{
 use pgcrew::{Client, ClientConfig, Error, InstanceId, RunId, TenantId};
 use serde_json::json;
 
-use crate::common::{append_notes, cli, pgcrew_bin, test_db, wait_listening};
+use crate::common::{append_notes, cli, execute, pgcrew_bin, test_db, wait_listening};
 
 fn tenant(id: &str) -> TenantId {
     TenantId::new(id).unwrap()
 }
 
 async fn add_tenant(db: &Db, id: &str, max_runs: Option<i32>) {
-    db.get()
-        .await
-        .unwrap()
-        .execute(
-            "INSERT INTO pgcrew.tenants (id, max_concurrent_runs) VALUES ($1, $2)",
-            &[&id, &max_runs],
-        )
-        .await
-        .unwrap();
+    execute(
+        db,
+        "INSERT INTO pgcrew.tenants (id, max_concurrent_runs) VALUES ($1, $2)",
+        &[&id, &max_runs],
+    )
+    .await;
 }
 
 async fn new_run(db: &Db) -> RunId {
