@@ -190,3 +190,11 @@ fn script_text(rng: &mut fastrand::Rng, chars: usize) -> (String, &'static str) 
 // ------------------------------------------------------------------------------------------
 // 4. Capability denial inside an agent run
 // ------------------------------------------------------------------------------------------
+
+/// The events of type `ty` among `evs`.
+fn of_type<'a>(
+    evs: &'a [(String, Option<String>, Value)],
+    ty: &str,
+) -> Vec<&'a (String, Option<String>, Value)> {
+    evs.iter().filter(|(t, _, _)| t == ty).collect()
+}

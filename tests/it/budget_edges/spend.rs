@@ -205,10 +205,7 @@ async fn overrun_settlement_is_recorded_flagged_and_blocks_reservations() {
     assert_eq!(tn.spent_usd, step.cost_usd, "charged in full");
     assert_eq!(tn.status, BudgetStatus::Exceeded);
     let evs = events(&t.db, run).await;
-    let overrun: Vec<_> = evs
-        .iter()
-        .filter(|(t, _, _)| t == "budget_overrun")
-        .collect();
+    let overrun = of_type(&evs, "budget_overrun");
     assert_eq!(overrun.len(), 1, "{evs:?}");
     assert_eq!(overrun[0].1.as_deref(), Some("m1"));
     assert_eq!(overrun[0].2["scope"], "tenant");
@@ -255,10 +252,7 @@ async fn overrun_settlement_is_recorded_flagged_and_blocks_reservations() {
         .await
         .unwrap();
     let evs = events(&t.db, run2).await;
-    let overrun: Vec<_> = evs
-        .iter()
-        .filter(|(t, _, _)| t == "budget_overrun")
-        .collect();
+    let overrun = of_type(&evs, "budget_overrun");
     assert_eq!(overrun.len(), 1, "{evs:?}");
     assert_eq!(overrun[0].2["scope"], "run");
     let tn = tenancy::get(&t.db, &globex).await.unwrap();

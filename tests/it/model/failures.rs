@@ -14,10 +14,7 @@ async fn openai_429_then_200_succeeds_after_one_retry() {
     })
     .await;
     let model = adapter(&server, 3, Duration::from_secs(10));
-    let r = model
-        .complete(&ModelRequest::new("gpt-4o-mini").user("hi"))
-        .await
-        .unwrap();
+    let r = say_hi(&model).await.unwrap();
     assert_eq!(r.content_text(), "after retry");
     assert_eq!(server.calls(), 2, "one failed attempt and one retry");
     // Both attempts sent the same body.
@@ -32,10 +29,7 @@ async fn openai_persistent_500_is_server_error_after_configured_retries() {
             MockServer::start(|_, _| Reply::status(500, json!({"error": {"message": "boom"}})))
                 .await;
         let model = adapter(&server, retries, Duration::from_secs(10));
-        let err = model
-            .complete(&ModelRequest::new("gpt-4o-mini").user("hi"))
-            .await
-            .unwrap_err();
+        let err = say_hi(&model).await.unwrap_err();
         assert_eq!(model_kind(&err), "server", "{err}");
         assert!(err.to_string().contains("500"), "{err}");
         assert_eq!(
@@ -53,10 +47,7 @@ async fn openai_timeout_is_a_timeout_error_and_is_retried() {
     })
     .await;
     let model = adapter(&server, 1, Duration::from_millis(300));
-    let err = model
-        .complete(&ModelRequest::new("gpt-4o-mini").user("hi"))
-        .await
-        .unwrap_err();
+    let err = say_hi(&model).await.unwrap_err();
     assert_eq!(model_kind(&err), "timeout", "{err}");
     assert!(
         common_eventually_calls(&server, 2).await,
@@ -90,10 +81,7 @@ async fn openai_non_retryable_errors_are_typed_and_sent_once() {
     ] {
         let server = MockServer::start(move |_, _| Reply::status(status, body.clone())).await;
         let model = adapter(&server, 3, Duration::from_secs(10));
-        let err = model
-            .complete(&ModelRequest::new("gpt-4o-mini").user("hi"))
-            .await
-            .unwrap_err();
+        let err = say_hi(&model).await.unwrap_err();
         assert_eq!(model_kind(&err), kind, "{err}");
         assert_eq!(server.calls(), 1, "{kind} must not be retried");
     }
@@ -126,10 +114,7 @@ async fn openai_connection_refused_is_a_connection_error() {
 async fn openai_non_completion_body_is_invalid_response() {
     let server = MockServer::start(|_, _| Reply::ok(json!({"hello": "world"}))).await;
     let model = adapter(&server, 3, Duration::from_secs(10));
-    let err = model
-        .complete(&ModelRequest::new("gpt-4o-mini").user("hi"))
-        .await
-        .unwrap_err();
+    let err = say_hi(&model).await.unwrap_err();
     assert_eq!(model_kind(&err), "invalid_response", "{err}");
     assert_eq!(server.calls(), 1);
 }

@@ -203,6 +203,13 @@ fn api_error(message: &str, ty: &str) -> Value {
     json!({"error": {"message": message, "type": ty, "param": null, "code": null}})
 }
 
+/// `model`'s answer to a plain "hi" for gpt-4o-mini.
+async fn say_hi(model: &OpenAiModel) -> pgcrew::Result<ModelResponse> {
+    model
+        .complete(&ModelRequest::new("gpt-4o-mini").user("hi"))
+        .await
+}
+
 /// An adapter pointed at the mock with fast backoff.
 fn adapter(server: &MockServer, retries: u32, timeout: Duration) -> OpenAiModel {
     OpenAiModel::new(

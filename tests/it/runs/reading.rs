@@ -173,37 +173,22 @@ async fn sessions_list_and_cli_list_status_cancel() {
     let r2 = runs::create_run(&t.db, NewRun::new(tenant("other")))
         .await
         .unwrap();
-    let run_cli = |args: Vec<String>| cli(t.dsn(), args);
-    let list = run_cli(vec![
-        "run".into(),
-        "list".into(),
-        "--tenant".into(),
-        "other".into(),
-    ])
-    .await;
+    let run_cli = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        cli(t.dsn(), args)
+    };
+    let list = run_cli(&["run", "list", "--tenant", "other"]).await;
     assert_eq!(list.status.code(), Some(0));
     assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), r2.to_string());
-    let bad = run_cli(vec![
-        "run".into(),
-        "list".into(),
-        "--state".into(),
-        "weird".into(),
-    ])
-    .await;
+    let bad = run_cli(&["run", "list", "--state", "weird"]).await;
     assert_eq!(bad.status.code(), Some(2));
-    let cancel = run_cli(vec!["run".into(), "cancel".into(), r1.to_string()]).await;
+    let cancel = run_cli(&["run", "cancel", &r1.to_string()]).await;
     assert_eq!(cancel.status.code(), Some(0), "{cancel:?}");
-    let status = run_cli(vec![
-        "run".into(),
-        "status".into(),
-        r1.to_string(),
-        "--json".into(),
-    ])
-    .await;
+    let status = run_cli(&["run", "status", &r1.to_string(), "--json"]).await;
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(v["state"], "cancelled");
     assert_eq!(v["session_id"], s.id.to_string());
-    let again = run_cli(vec!["run".into(), "cancel".into(), r1.to_string()]).await;
+    let again = run_cli(&["run", "cancel", &r1.to_string()]).await;
     assert_eq!(again.status.code(), Some(2));
 }
 
