@@ -2,9 +2,11 @@
 
 use super::*;
 
-/// A registry holding `charge_card` (needs `payments:charge`), counting its handler's runs.
-fn charge_tools(body_runs: &Arc<AtomicU64>) -> ToolRegistry {
-    let body_runs = body_runs.clone();
+/// A registry holding `charge_card` (needs `payments:charge`) and the counter of its handler's
+/// runs.
+fn charge_tools() -> (ToolRegistry, Arc<AtomicU64>) {
+    let body_runs = Arc::new(AtomicU64::new(0));
+    let counter = body_runs.clone();
     let charge = Tool::builder("charge_card")
         .description("charges a card")
         .input_schema(json!({
@@ -22,7 +24,7 @@ fn charge_tools(body_runs: &Arc<AtomicU64>) -> ToolRegistry {
         })
         .build()
         .unwrap();
-    ToolRegistry::new().with(charge).unwrap()
+    (ToolRegistry::new().with(charge).unwrap(), counter)
 }
 
 fn payer_script() -> Vec<ScriptedReply> {
@@ -36,8 +38,7 @@ fn payer_script() -> Vec<ScriptedReply> {
 async fn capability_denial_returned_to_the_model_when_the_agent_says_so() {
     let t = test_db().await;
     let acme = tenant(&t.db, "acme", &[], Some(1.0)).await;
-    let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = charge_tools(&body_runs);
+    let (tools, body_runs) = charge_tools();
     let def = AgentDef::new("lenient", "gpt-4o-mini")
         .tool("charge_card")
         .max_tokens(100)
@@ -84,8 +85,7 @@ async fn capability_denial_returned_to_the_model_when_the_agent_says_so() {
 async fn capability_denial_fails_the_agent_run_by_default() {
     let t = test_db().await;
     let acme = tenant(&t.db, "acme", &[], Some(1.0)).await;
-    let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = charge_tools(&body_runs);
+    let (tools, body_runs) = charge_tools();
     let def = AgentDef::new("payer", "gpt-4o-mini")
         .tool("charge_card")
         .max_tokens(100);

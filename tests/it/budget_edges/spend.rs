@@ -222,10 +222,7 @@ async fn overrun_settlement_is_recorded_flagged_and_blocks_reservations() {
     assert!(matches!(err, Error::BudgetExceeded { .. }), "{err}");
     assert_eq!(mock.bodies.lock().unwrap().len(), 1);
     let evs = events(&t.db, run).await;
-    let refused = evs
-        .iter()
-        .rfind(|(t, _, _)| t == "budget_exceeded")
-        .unwrap();
+    let refused = *of_type(&evs, "budget_exceeded").last().unwrap();
     assert_eq!(refused.2["scope"], "tenant");
     // The books still balance: the overrun is a real, recorded cost.
     let conn = t.db.get().await.unwrap();
@@ -271,10 +268,7 @@ async fn overrun_settlement_is_recorded_flagged_and_blocks_reservations() {
         e => panic!("expected RunBudgetExceeded, got {e}"),
     }
     let evs = events(&t.db, run2).await;
-    let refused = evs
-        .iter()
-        .rfind(|(t, _, _)| t == "budget_exceeded")
-        .unwrap();
+    let refused = *of_type(&evs, "budget_exceeded").last().unwrap();
     assert_eq!(refused.2["scope"], "run");
     let other = new_run(&t.db, &globex).await;
     tenancy::reserve(&t.db, &ReserveRequest::new(globex.clone(), 0.5).run(other))

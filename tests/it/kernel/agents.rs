@@ -61,8 +61,7 @@ async fn agent_run_resumes_on_another_instance_without_repeating_steps() {
 async fn agent_run_is_claimed_from_the_queue_by_an_instance_with_its_tools() {
     let t = test_db().await;
     let tenant = tenant(&t.db, "acme", &[], Some(10.0)).await;
-    let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = weather_registry(&body_runs);
+    let (tools, body_runs) = weather_tools();
     register_agent(&t.db, &weather_agent()).await.unwrap();
     let model = Arc::new(ScriptedModel::by_turn(weather_script()));
     let rt = agent_runtime(&t.db, model.clone(), tools, "worker-1");
@@ -99,8 +98,7 @@ async fn agent_run_is_claimed_from_the_queue_by_an_instance_with_its_tools() {
 async fn unknown_agent_max_iterations_and_cancellation_are_recorded() {
     let t = test_db().await;
     let tenant = tenant(&t.db, "acme", &[], None).await;
-    let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = weather_registry(&body_runs);
+    let (tools, body_runs) = weather_tools();
     // Always calls the tool: never finishes.
     let model = always_calls_weather();
     let rt = agent_runtime(&t.db, model.clone(), tools, "i1");
@@ -282,8 +280,7 @@ async fn agent_run_fails_with_budget_exceeded_and_nothing_is_overspent() {
     let limit = 0.05;
     let t = test_db().await;
     let tenant = tenant(&t.db, "acme", &[], Some(limit)).await;
-    let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = weather_registry(&body_runs);
+    let (tools, _) = weather_tools();
     // A model that always calls the tool (the run never finishes by itself), priced high.
     let model = always_calls_weather();
     let prices = PriceTable::empty().with("pricey", 50.0, 50.0).unwrap();

@@ -166,6 +166,12 @@ pub(crate) fn weather_registry(body_runs: &Arc<AtomicU64>) -> ToolRegistry {
         .unwrap()
 }
 
+/// A registry holding [`weather_tool`] and the counter of its handler's runs.
+fn weather_tools() -> (ToolRegistry, Arc<AtomicU64>) {
+    let body_runs = Arc::new(AtomicU64::new(0));
+    (weather_registry(&body_runs), body_runs)
+}
+
 /// A scripted model that always calls `lookup_weather` (a run never finishes by itself).
 fn always_calls_weather() -> Arc<ScriptedModel> {
     Arc::new(ScriptedModel::from_fn(|req| {

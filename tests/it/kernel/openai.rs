@@ -46,8 +46,7 @@ async fn killed_instance_mid_agent_run_openai_mock_sees_each_completed_step_once
 async fn agent_feeds_unknown_tool_and_bad_arguments_back_and_records_them() {
     let t = test_db().await;
     let tenant = tenant(&t.db, "acme", &[], None).await;
-    let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = weather_registry(&body_runs);
+    let (tools, body_runs) = weather_tools();
     register_agent(&t.db, &weather_agent()).await.unwrap();
     let model = Arc::new(ScriptedModel::by_turn(vec![
         ScriptedReply::tool_call("teleport", json!({"to": "Mars"})),

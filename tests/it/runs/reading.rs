@@ -1,6 +1,7 @@
 //! Reading runs: following the ledger, artifacts and summaries, sessions, and the `run` CLI.
 
 use super::*;
+use crate::common::cli;
 
 #[tokio::test]
 async fn tail_follow_sees_events_appended_by_another_process() {
@@ -136,12 +137,7 @@ async fn artifacts_and_summaries() {
         2
     );
     // The CLI shows them.
-    let out = tokio::process::Command::new(pgcrew_bin())
-        .env("DATABASE_URL", t.dsn())
-        .args(["run", "artifacts", &run.to_string(), "--json"])
-        .output()
-        .await
-        .unwrap();
+    let out = cli(t.dsn(), ["run", "artifacts", &run.to_string(), "--json"]).await;
     assert_eq!(out.status.code(), Some(0));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 2);
@@ -196,12 +192,7 @@ async fn sessions_list_and_cli_list_status_cancel() {
 async fn cli_tail_json_prints_one_event_per_line() {
     let t = test_db().await;
     let run = run_with_events(&t.db, 4).await;
-    let out = tokio::process::Command::new(pgcrew_bin())
-        .env("DATABASE_URL", t.dsn())
-        .args(["run", "tail", &run.to_string(), "--json"])
-        .output()
-        .await
-        .unwrap();
+    let out = cli(t.dsn(), ["run", "tail", &run.to_string(), "--json"]).await;
     assert_eq!(out.status.code(), Some(0));
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()
