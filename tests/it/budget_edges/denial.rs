@@ -36,8 +36,7 @@ fn payer_script() -> Vec<ScriptedReply> {
 
 #[tokio::test]
 async fn capability_denial_returned_to_the_model_when_the_agent_says_so() {
-    let t = test_db().await;
-    let acme = tenant(&t.db, "acme", &[], Some(1.0)).await;
+    let (t, acme) = db_with_tenant("acme", &[], Some(1.0)).await;
     let (tools, body_runs) = charge_tools();
     let def = AgentDef::new("lenient", "gpt-4o-mini")
         .tool("charge_card")
@@ -83,8 +82,7 @@ async fn capability_denial_returned_to_the_model_when_the_agent_says_so() {
 
 #[tokio::test]
 async fn capability_denial_fails_the_agent_run_by_default() {
-    let t = test_db().await;
-    let acme = tenant(&t.db, "acme", &[], Some(1.0)).await;
+    let (t, acme) = db_with_tenant("acme", &[], Some(1.0)).await;
     let (tools, body_runs) = charge_tools();
     let def = AgentDef::new("payer", "gpt-4o-mini")
         .tool("charge_card")

@@ -26,7 +26,9 @@ use pgcrew::{Db, Error, RunId, TenantId};
 use serde_json::{Value, json};
 use tokio_postgres::NoTls;
 
-use crate::common::{agent_runtime, count, ledger_events, scalar_on, submit_run, tenant, test_db};
+use crate::common::{
+    agent_runtime, count, db_with_tenant, ledger_events, scalar_on, submit_run, tenant, test_db,
+};
 use crate::mock_openai::read_json_request;
 
 // ------------------------------------------------------------------------------------------

@@ -4,8 +4,7 @@ use super::*;
 
 #[tokio::test]
 async fn unset_max_tokens_sends_the_reserved_cap_to_the_provider() {
-    let t = test_db().await;
-    let acme = tenant(&t.db, "acme", &[], Some(100.0)).await;
+    let (t, acme) = db_with_tenant("acme", &[], Some(100.0)).await;
     let run = new_run(&t.db, &acme).await;
     let mock = edge_mock(Usage::Edge).await;
     let k = Kernel::new(t.db.clone(), openai(&mock.base_url)).with_prices(edge_prices());
@@ -38,8 +37,7 @@ async fn unset_max_tokens_sends_the_reserved_cap_to_the_provider() {
 
 #[tokio::test]
 async fn prompt_estimate_bounds_the_tokens_of_any_script() {
-    let t = test_db().await;
-    let acme = tenant(&t.db, "acme", &[], None).await;
+    let (t, acme) = db_with_tenant("acme", &[], None).await;
     let run = new_run(&t.db, &acme).await;
     let mock = edge_mock(Usage::Edge).await;
     let k = Kernel::new(t.db.clone(), openai(&mock.base_url)).with_prices(edge_prices());
@@ -279,8 +277,7 @@ async fn overrun_settlement_is_recorded_flagged_and_blocks_reservations() {
 /// `settle_in_tx` / `charge_in_tx` report overruns to any caller (not only the kernel).
 #[tokio::test]
 async fn charges_past_the_limit_are_reported_by_the_settlement() {
-    let t = test_db().await;
-    let acme = tenant(&t.db, "acme", &[], Some(1.0)).await;
+    let (t, acme) = db_with_tenant("acme", &[], Some(1.0)).await;
     let run = new_run(&t.db, &acme).await;
     let r = tenancy::reserve(&t.db, &ReserveRequest::new(acme.clone(), 0.5).run(run))
         .await

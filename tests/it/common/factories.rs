@@ -28,6 +28,17 @@ pub async fn db_with_instance(id: &str) -> (crate::common::TestDb, InstanceId) {
     (t, me)
 }
 
+/// A scratch database with a tenant (as [`tenant`]) in it.
+pub async fn db_with_tenant(
+    id: &str,
+    caps: &[&str],
+    budget: Option<f64>,
+) -> (crate::common::TestDb, TenantId) {
+    let t = crate::common::test_db().await;
+    let tenant = tenant(&t, id, caps, budget).await;
+    (t, tenant)
+}
+
 /// A run row in ledger format 1 (as every run created before the v2 migration): its row is
 /// written with the format chosen before its first append.
 pub async fn v1_run(db: &Db) -> RunId {

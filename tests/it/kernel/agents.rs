@@ -59,8 +59,7 @@ async fn agent_run_resumes_on_another_instance_without_repeating_steps() {
 
 #[tokio::test]
 async fn agent_run_is_claimed_from_the_queue_by_an_instance_with_its_tools() {
-    let t = test_db().await;
-    let tenant = tenant(&t.db, "acme", &[], Some(10.0)).await;
+    let (t, tenant) = db_with_tenant("acme", &[], Some(10.0)).await;
     let (tools, body_runs) = weather_tools();
     register_agent(&t.db, &weather_agent()).await.unwrap();
     let model = Arc::new(ScriptedModel::by_turn(weather_script()));
@@ -96,8 +95,7 @@ async fn agent_run_is_claimed_from_the_queue_by_an_instance_with_its_tools() {
 
 #[tokio::test]
 async fn unknown_agent_max_iterations_and_cancellation_are_recorded() {
-    let t = test_db().await;
-    let tenant = tenant(&t.db, "acme", &[], None).await;
+    let (t, tenant) = db_with_tenant("acme", &[], None).await;
     let (tools, body_runs) = weather_tools();
     // Always calls the tool: never finishes.
     let model = always_calls_weather();
@@ -278,8 +276,7 @@ async fn harness_run_twice_does_only_the_remaining_work() {
 #[tokio::test]
 async fn agent_run_fails_with_budget_exceeded_and_nothing_is_overspent() {
     let limit = 0.05;
-    let t = test_db().await;
-    let tenant = tenant(&t.db, "acme", &[], Some(limit)).await;
+    let (t, tenant) = db_with_tenant("acme", &[], Some(limit)).await;
     let (tools, _) = weather_tools();
     // A model that always calls the tool (the run never finishes by itself), priced high.
     let model = always_calls_weather();

@@ -20,13 +20,12 @@ use serde_json::{Value, json};
 use std::time::Duration;
 
 use crate::common::{
-    TestDb, agent_runtime, count, ledger_events, submit_run, tenant, test_db, wait_until,
+    TestDb, agent_runtime, count, db_with_tenant, ledger_events, submit_run, wait_until,
 };
 use crate::mock_openai::{MockOpenAi, MockScript, mock_openai};
 
 async fn setup(caps: &[&str], budget: Option<f64>) -> (TestDb, RunScope) {
-    let t = test_db().await;
-    let tenant = tenant(&t.db, "acme", caps, budget).await;
+    let (t, tenant) = db_with_tenant("acme", caps, budget).await;
     let run = runs::create_run(&t.db, NewRun::new(tenant.clone()))
         .await
         .unwrap();

@@ -4,8 +4,7 @@ use super::*;
 
 #[tokio::test]
 async fn killed_instance_mid_agent_run_openai_mock_sees_each_completed_step_once() {
-    let t = test_db().await;
-    let tenant = tenant(&t.db, "acme", &[], Some(10.0)).await;
+    let (t, tenant) = db_with_tenant("acme", &[], Some(10.0)).await;
     let server = weather_mock().await;
     let body_runs = Arc::new(AtomicU64::new(0));
     let tools = || weather_registry(&body_runs);
@@ -44,8 +43,7 @@ async fn killed_instance_mid_agent_run_openai_mock_sees_each_completed_step_once
 
 #[tokio::test]
 async fn agent_feeds_unknown_tool_and_bad_arguments_back_and_records_them() {
-    let t = test_db().await;
-    let tenant = tenant(&t.db, "acme", &[], None).await;
+    let (t, tenant) = db_with_tenant("acme", &[], None).await;
     let (tools, body_runs) = weather_tools();
     register_agent(&t.db, &weather_agent()).await.unwrap();
     let model = Arc::new(ScriptedModel::by_turn(vec![
