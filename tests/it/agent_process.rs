@@ -36,22 +36,8 @@ async fn support_mock() -> MockOpenAi {
 /// A `pgcrew serve --agents demo` child on the mock model, killed (SIGKILL) on drop.
 fn spawn_serve(dsn: &str, id: &str, model_url: &str) -> Serve {
     serve(dsn, id)
-        .args(["--agents", "demo", "--model-base-url", model_url])
-        .args(["--heartbeat-interval", "300ms", "--instance-ttl", "2s"])
-        .args(["--leader-ttl", "1500ms", "--maintenance-interval", "300ms"])
-        .args([
-            "--run-lease-ttl",
-            "1500ms",
-            "--task-heartbeat-timeout",
-            "1500ms",
-        ])
-        .args([
-            "--worker-poll-interval",
-            "200ms",
-            "--poll-interval",
-            "500ms",
-        ])
-        .args(["--tool-latency", "50ms"])
+        .demo_agents("2s", "1500ms", "50ms")
+        .args(["--model-base-url", model_url])
         .spawn()
 }
 

@@ -87,24 +87,7 @@ fn spawn_worker(dsn: &str, id: &str, queue: &str, faketime: Option<&str>) -> tok
 
 /// A `pgcrew serve --agents demo` process on the offline scripted demo model.
 fn spawn_serve(dsn: &str, id: &str) -> Serve {
-    serve(dsn, id)
-        .args(["--agents", "demo"])
-        .args(["--heartbeat-interval", "300ms", "--instance-ttl", "3s"])
-        .args(["--leader-ttl", "1500ms", "--maintenance-interval", "300ms"])
-        .args([
-            "--run-lease-ttl",
-            "1500ms",
-            "--task-heartbeat-timeout",
-            "3s",
-        ])
-        .args([
-            "--worker-poll-interval",
-            "200ms",
-            "--poll-interval",
-            "500ms",
-        ])
-        .args(["--tool-latency", "20ms"])
-        .spawn()
+    serve(dsn, id).demo_agents("3s", "3s", "20ms").spawn()
 }
 
 async fn kill_9(child: &mut tokio::process::Child) {
