@@ -12,9 +12,7 @@ use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{Db, Error, RunId, SessionId, TaskId, TenantId, Tool};
 use serde_json::json;
 
-use crate::common::{
-    DsnParts, TestDb, connect_error, dsn_parts, first_column, pgcrew_bin, test_db,
-};
+use crate::common::{TestDb, connect_error, dsn_parts, first_column, pgcrew_bin, test_db};
 
 /// Row count and content hash of every table in schema `pgcrew`.
 async fn checksum(db: &Db) -> Vec<(String, i64, String)> {
@@ -107,12 +105,7 @@ async fn malformed_dsn_unknown_database_and_wrong_credentials_get_clear_errors()
         );
         assert!(!e.to_string().is_empty());
     }
-    let DsnParts {
-        host,
-        port,
-        user,
-        password,
-    } = dsn_parts(t.dsn());
+    let (host, port, user, password) = dsn_parts(t.dsn());
     // A role that does not exist: an authentication error naming the problem.
     let e = connect_error(
         &format!("host={host} port={port} user=no_such_role_x password=wrong dbname=postgres"),

@@ -9,7 +9,7 @@ use pgcrew::coord::leader;
 use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId};
 
 use crate::common::{
-    DsnParts, TestDb, connect_error, dsn_parts, fast_config, insert_run, lock_leader_row,
+    TestDb, connect_error, dsn_parts, fast_config, insert_run, lock_leader_row,
     next_run_state_change, scalar_on, start_client, start_leader, test_db, wait_for, wait_leader,
     wait_listening, wait_until,
 };
@@ -377,12 +377,7 @@ async fn bad_connection_input_gets_clear_errors() {
     // Unknown database, and (on the throwaway cluster, which enforces passwords over TCP)
     // a wrong password.
     let t = test_db().await;
-    let DsnParts {
-        host,
-        port,
-        user,
-        password,
-    } = dsn_parts(t.dsn());
+    let (host, port, user, password) = dsn_parts(t.dsn());
     let password = password.map(|p| format!(":{p}")).unwrap_or_default();
     let err = connect_error(
         &format!("postgres://{user}{password}@{host}:{port}/pgcrew_no_such_db"),

@@ -109,30 +109,19 @@ pub async fn connect_error(dsn: &str, pool_size: usize) -> pgcrew::Error {
         .unwrap_err()
 }
 
-/// What a DSN names: host (a TCP name or a socket directory), port, user (default
-/// `postgres`) and password.
-pub struct DsnParts {
-    pub host: String,
-    pub port: u16,
-    pub user: String,
-    pub password: Option<String>,
-}
-
-/// The parts of `dsn` (see [`DsnParts`]).
-pub fn dsn_parts(dsn: &str) -> DsnParts {
+/// What `dsn` names: (host, a TCP name or a socket directory; port; user, default `postgres`;
+/// password).
+pub fn dsn_parts(dsn: &str) -> (String, u16, String, Option<String>) {
     let cfg = pgcrew::db::parse_dsn(dsn).unwrap();
     let host = match &cfg.get_hosts()[0] {
         tokio_postgres::config::Host::Tcp(h) => h.clone(),
         tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
     };
-    DsnParts {
-        host,
-        port: cfg.get_ports()[0],
-        user: cfg.get_user().unwrap_or("postgres").to_string(),
-        password: cfg
-            .get_password()
-            .map(|p| String::from_utf8_lossy(p).into_owned()),
-    }
+    let user = cfg.get_user().unwrap_or("postgres").to_string();
+    let password = cfg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    (host, cfg.get_ports()[0], user, password)
 }
 
 /// Lock the leader row in `tx` with `lock` (`FOR SHARE`, `FOR UPDATE`), as a long statement
