@@ -5,7 +5,7 @@ use std::sync::Arc;
 use pgcrew::runs::{self, NewEvent};
 use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{
-    AgentRuntime, Db, InstanceId, Kernel, ModelPort, NewTask, RunId, TenantId, ToolRegistry,
+    AgentRuntime, Db, InstanceId, Kernel, ModelPort, NewTask, RunId, TaskId, TenantId, ToolRegistry,
 };
 use serde_json::json;
 
@@ -37,6 +37,18 @@ pub async fn db_with_tenant(
     let t = crate::common::test_db().await;
     let tenant = tenant(&t, id, caps, budget).await;
     (t, tenant)
+}
+
+/// Run `ddl` (say, the table a test's handlers record their executions in), then enqueue
+/// `tasks` in batches of `batch`: the new tasks' ids, in order.
+pub async fn setup_and_enqueue(db: &Db, ddl: &str, tasks: &[NewTask], batch: usize) -> Vec<TaskId> {
+    let conn = db.get().await.unwrap();
+    conn.batch_execute(ddl).await.unwrap();
+    let mut ids = Vec::with_capacity(tasks.len());
+    for chunk in tasks.chunks(batch) {
+        ids.extend(pgcrew::queue::enqueue_many(&**conn, chunk).await.unwrap());
+    }
+    ids
 }
 
 /// A run row in ledger format 1 (as every run created before the v2 migration): its row is

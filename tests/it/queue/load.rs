@@ -9,8 +9,8 @@ use pgcrew::queue::{self, Ack, AckOutcome, NewTask, Priority, TaskOutcome, Worke
 
 use super::{q, start_client};
 use crate::common::{
-    COMPLETED_TASKS, OPEN_TASKS, create_tenant, register_instance, scalar, scalar_on, task,
-    test_db, wait_for,
+    COMPLETED_TASKS, OPEN_TASKS, create_tenant, register_instance, scalar, scalar_on,
+    setup_and_enqueue, task, test_db, wait_for,
 };
 
 #[tokio::test]
@@ -173,16 +173,9 @@ async fn claiming_is_fair_across_tenants() {
 #[tokio::test]
 async fn exactly_once_100k_tasks_16_claimers_across_instances() {
     let t = test_db().await;
-    {
-        let conn = t.db.get().await.unwrap();
-        conn.batch_execute("CREATE TABLE effects (task_id bigint NOT NULL)")
-            .await
-            .unwrap();
-        let tasks: Vec<NewTask> = (0..100_000).map(|_| task("effect")).collect();
-        for chunk in tasks.chunks(10_000) {
-            queue::enqueue_many(&**conn, chunk).await.unwrap();
-        }
-    }
+    let tasks: Vec<NewTask> = (0..100_000).map(|_| task("effect")).collect();
+    let ddl = "CREATE TABLE effects (task_id bigint NOT NULL)";
+    setup_and_enqueue(&t, ddl, &tasks, 10_000).await;
     let mut clients = Vec::new();
     for i in 0..16 {
         let pool = WorkerPool::builder()

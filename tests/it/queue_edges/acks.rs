@@ -8,18 +8,11 @@ use super::*;
 #[tokio::test]
 async fn poison_acks_never_hold_back_a_batch() {
     let t = test_db().await;
-    {
-        let conn = t.db.get().await.unwrap();
-        conn.batch_execute("CREATE TABLE executions (task_id bigint NOT NULL, i int NOT NULL)")
-            .await
-            .unwrap();
-        let tasks: Vec<NewTask> = (0..10_000)
-            .map(|i| NewTask::new("edge", &serde_json::json!({ "i": i })).unwrap())
-            .collect();
-        for chunk in tasks.chunks(5_000) {
-            queue::enqueue_many(&**conn, chunk).await.unwrap();
-        }
-    }
+    let tasks: Vec<NewTask> = (0..10_000)
+        .map(|i| NewTask::new("edge", &serde_json::json!({ "i": i })).unwrap())
+        .collect();
+    let ddl = "CREATE TABLE executions (task_id bigint NOT NULL, i int NOT NULL)";
+    setup_and_enqueue(&t, ddl, &tasks, 5_000).await;
     let mut clients = Vec::new();
     for w in 0..2 {
         let pool = WorkerPool::builder()
@@ -113,12 +106,10 @@ async fn poison_acks_never_hold_back_a_batch() {
 #[tokio::test]
 async fn a_refused_batch_is_split_and_the_rest_applied() {
     let t = test_db().await;
-    let conn = t.db.get().await.unwrap();
-    conn.batch_execute("CREATE TABLE executions (task_id bigint NOT NULL)")
-        .await
-        .unwrap();
     let tasks: Vec<NewTask> = (0..300).map(|_| task("edge")).collect();
-    let ids = queue::enqueue_many(&**conn, &tasks).await.unwrap();
+    let ddl = "CREATE TABLE executions (task_id bigint NOT NULL)";
+    let ids = setup_and_enqueue(&t, ddl, &tasks, tasks.len()).await;
+    let conn = t.db.get().await.unwrap();
     let bad = ids[150];
     conn.batch_execute(&format!(
         "CREATE FUNCTION refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$
