@@ -141,6 +141,18 @@ pub async fn execute(
     db.get().await.unwrap().execute(sql, params).await.unwrap()
 }
 
+/// Cancel task `id`: the state `queue::cancel` reports.
+pub async fn cancel_task(db: &Db, id: pgcrew::TaskId) -> pgcrew::queue::TaskState {
+    let conn = db.get().await.unwrap();
+    pgcrew::queue::cancel(&**conn, id).await.unwrap()
+}
+
+/// Retry task `id`: the state `queue::retry` reports.
+pub async fn retry_task(db: &Db, id: pgcrew::TaskId) -> pgcrew::queue::TaskState {
+    let conn = db.get().await.unwrap();
+    pgcrew::queue::retry(&**conn, id).await.unwrap()
+}
+
 /// The single `int8` value `sql` returns.
 pub async fn scalar(db: &Db, sql: &str) -> i64 {
     scalar_on(&db.get().await.unwrap(), sql).await

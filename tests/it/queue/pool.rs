@@ -9,7 +9,9 @@ use pgcrew::{Error, TaskId};
 use serde::{Deserialize, Serialize};
 
 use super::{start_client, state_of, wait_state};
-use crate::common::{COMPLETED_TASKS, scalar, task, test_db, wait_for, wait_until};
+use crate::common::{
+    COMPLETED_TASKS, cancel_task, retry_task, scalar, task, test_db, wait_for, wait_until,
+};
 
 #[tokio::test]
 async fn stop_drains_in_flight_tasks_and_flushes_acks() {
@@ -83,14 +85,8 @@ async fn running_task_cancellation_is_announced_not_left_to_the_heartbeat() {
         "the task is running",
     )
     .await;
-    assert_eq!(
-        queue::cancel(&**conn, id).await.unwrap(),
-        TaskState::Running
-    );
-    assert_eq!(
-        queue::cancel(&**conn, id).await.unwrap(),
-        TaskState::Running
-    );
+    assert_eq!(cancel_task(&t, id).await, TaskState::Running);
+    assert_eq!(cancel_task(&t, id).await, TaskState::Running);
     wait_state(
         &t,
         id,
@@ -249,10 +245,7 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
         "the endless task is running",
     )
     .await;
-    assert_eq!(
-        queue::cancel(&**conn, forever).await.unwrap(),
-        TaskState::Running
-    );
+    assert_eq!(cancel_task(&t, forever).await, TaskState::Running);
     wait_state(
         &t,
         forever,
@@ -281,14 +274,8 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
     client.stop().await.unwrap();
     // Not-started tasks cancel at once; retry makes them available again.
     let idle = queue::enqueue(&**conn, &task("flaky")).await.unwrap().id;
-    assert_eq!(
-        queue::cancel(&**conn, idle).await.unwrap(),
-        TaskState::Cancelled
-    );
-    assert_eq!(
-        queue::retry(&**conn, idle).await.unwrap(),
-        TaskState::Available
-    );
+    assert_eq!(cancel_task(&t, idle).await, TaskState::Cancelled);
+    assert_eq!(retry_task(&t, idle).await, TaskState::Available);
     assert!(matches!(
         queue::retry(&**conn, TaskId(999_999)).await,
         Err(Error::NotFound { .. })

@@ -15,15 +15,9 @@ async fn retried_dependant_waits_for_its_parent() {
         .unwrap();
     assert_eq!(child.state, TaskState::Scheduled);
     let child = child.id;
-    assert_eq!(
-        queue::cancel(&**conn, child).await.unwrap(),
-        TaskState::Cancelled
-    );
+    assert_eq!(cancel_task(&t, child).await, TaskState::Cancelled);
     // Retried while the parent has not run: the child waits for it.
-    assert_eq!(
-        queue::retry(&**conn, child).await.unwrap(),
-        TaskState::Scheduled
-    );
+    assert_eq!(retry_task(&t, child).await, TaskState::Scheduled);
     let c = queue::claim(&**conn, &qs(&["dq"]), 10, &me).await.unwrap();
     assert_eq!(
         c.iter().map(|x| x.id).collect::<Vec<_>>(),
@@ -39,10 +33,7 @@ async fn retried_dependant_waits_for_its_parent() {
         .await
         .unwrap();
     // Retried after the parent completed: available at once.
-    assert_eq!(
-        queue::retry(&**conn, child).await.unwrap(),
-        TaskState::Available
-    );
+    assert_eq!(retry_task(&t, child).await, TaskState::Available);
 
     // A parent that was cancelled will never complete: retrying its dependant is refused
     // with a pointer to the parent, and nothing changes.
@@ -70,12 +61,6 @@ async fn retried_dependant_waits_for_its_parent() {
         TaskState::Cancelled
     );
     // Retry the parent first, then the child: it waits for the parent again.
-    assert_eq!(
-        queue::retry(&**conn, p2).await.unwrap(),
-        TaskState::Available
-    );
-    assert_eq!(
-        queue::retry(&**conn, c2).await.unwrap(),
-        TaskState::Scheduled
-    );
+    assert_eq!(retry_task(&t, p2).await, TaskState::Available);
+    assert_eq!(retry_task(&t, c2).await, TaskState::Scheduled);
 }
