@@ -36,22 +36,8 @@ async fn support_mock() -> MockOpenAi {
 /// A `pgcrew serve --agents demo` child on the mock model, killed (SIGKILL) on drop.
 fn spawn_serve(dsn: &str, id: &str, model_url: &str) -> Serve {
     serve(dsn, id)
-        .args(["--agents", "demo", "--model-base-url", model_url])
-        .args(["--heartbeat-interval", "300ms", "--instance-ttl", "2s"])
-        .args(["--leader-ttl", "1500ms", "--maintenance-interval", "300ms"])
-        .args([
-            "--run-lease-ttl",
-            "1500ms",
-            "--task-heartbeat-timeout",
-            "1500ms",
-        ])
-        .args([
-            "--worker-poll-interval",
-            "200ms",
-            "--poll-interval",
-            "500ms",
-        ])
-        .args(["--tool-latency", "50ms"])
+        .demo_agents("2s", "1500ms", "50ms")
+        .args(["--model-base-url", model_url])
         .spawn()
 }
 
@@ -164,12 +150,12 @@ async fn kill_9_mid_agent_run_other_serve_process_finishes_it_without_repeating_
     assert!(survivor.child.try_wait().unwrap().is_none());
 
     // Each completed model step was answered exactly once; the turn-0 call was not repeated.
-    let mut answered = server.answered.lock().unwrap().clone();
-    answered.sort();
-    assert_eq!(answered, vec![0, 1]);
-    let mut requests = server.requests.lock().unwrap().clone();
-    requests.sort();
-    assert_eq!(requests, vec![0, 1, 1], "turn 0 was requested again");
+    assert_eq!(server.answered_turns(), vec![0, 1]);
+    assert_eq!(
+        server.requested_turns(),
+        vec![0, 1, 1],
+        "turn 0 was requested again"
+    );
     let evs = event_counts(&t.db, run).await;
     for key in ["iter-0/model", "iter-1/model"] {
         assert_eq!(

@@ -9,7 +9,7 @@ use std::time::Duration;
 use pgcrew::queue::{NewTask, TaskOutcome, WorkerPool};
 use pgcrew::{Client, ClientConfig, Error, InstanceId};
 
-use crate::common::{TestDb, eventually, test_db};
+use crate::common::{TestDb, lock_leader_row, start_leader, test_db, wait_leader, wait_until};
 
 const INSTANCE_TTL: Duration = Duration::from_secs(2);
 const LEADER_TTL: Duration = Duration::from_millis(1500);
@@ -88,21 +88,25 @@ async fn sample(observer: &pgcrew::db::Conn, id: &str, app: &str) -> Sample {
     }
 }
 
+/// A client (not started) on the DSN named `app`, with [`budget_config`] for instance `id`
+/// (four connections) and the worker pool, if any.
+async fn budget_client(t: &TestDb, app: &str, id: &str, pool: Option<Arc<WorkerPool>>) -> Client {
+    let mut b = Client::builder(named_dsn(t, app)).config(budget_config(id, 4));
+    if let Some(p) = pool {
+        b = b.service(p);
+    }
+    b.build().await.unwrap()
+}
+
 #[tokio::test]
 async fn four_connections_keep_heartbeats_and_leadership_while_workers_saturate_the_pool() {
     let t = test_db().await;
     let app = "budget-saturated";
     let pool = holding_pool(0.25);
-    let client = Client::builder(named_dsn(&t, app))
-        .config(budget_config("saturated", 4))
-        .service(pool.clone())
-        .build()
-        .await
-        .unwrap();
+    let client = budget_client(&t, app, "saturated", Some(pool.clone())).await;
     assert_eq!(client.config().connections_needed(), 4);
     assert_eq!(client.db().pool().status().max_size, 3);
-    client.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    start_leader(&client, Duration::from_secs(5)).await;
 
     // More work than the pool can serve: the claim loop and the acknowledger hold two pooled
     // connections, so one handler at a time sleeps on the third while the others wait for it.
@@ -152,14 +156,8 @@ async fn killed_coordination_connection_reconnects_and_heartbeats_resume() {
     let t = test_db().await;
     let app = "budget-killed";
     let pool = holding_pool(0.2);
-    let client = Client::builder(named_dsn(&t, app))
-        .config(budget_config("killed", 4))
-        .service(pool)
-        .build()
-        .await
-        .unwrap();
-    client.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    let client = budget_client(&t, app, "killed", Some(pool)).await;
+    start_leader(&client, Duration::from_secs(5)).await;
     enqueue_holds(&client, 30).await;
     let observer = t.db.get().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -235,25 +233,26 @@ async fn poll_only_instance_coordinates_on_one_connection() {
         .build()
         .unwrap();
     let client = Client::connect(named_dsn(&t, app), config).await.unwrap();
-    client.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    start_leader(&client, Duration::from_secs(5)).await;
     let observer = t.db.get().await.unwrap();
     let coordination = format!("{app} coordination");
-    assert!(
-        eventually(Duration::from_secs(3), || async {
+    wait_until(
+        Duration::from_secs(3),
+        "the coordination connection is open",
+        || async {
             let n: i64 = observer
                 .query_one(
                     "SELECT count(*) FROM pg_stat_activity \
-                     WHERE datname = current_database() AND application_name = $1",
+                 WHERE datname = current_database() AND application_name = $1",
                     &[&coordination],
                 )
                 .await
                 .unwrap()
                 .get(0);
             n == 1
-        })
-        .await
-    );
+        },
+    )
+    .await;
     // Killed, it is re-opened (with backoff) and the heartbeats go on.
     let killed_at: chrono::DateTime<chrono::Utc> = observer
         .query_one("SELECT now()", &[])
@@ -268,8 +267,10 @@ async fn poll_only_instance_coordinates_on_one_connection() {
         )
         .await
         .unwrap();
-    assert!(
-        eventually(Duration::from_secs(3), || async {
+    wait_until(
+        Duration::from_secs(3),
+        "the killed coordination connection is re-opened and heartbeats go on",
+        || async {
             let s = sample(&observer, "poller", app).await;
             let last: chrono::DateTime<chrono::Utc> = observer
                 .query_one(
@@ -280,29 +281,30 @@ async fn poll_only_instance_coordinates_on_one_connection() {
                 .unwrap()
                 .get(0);
             last > killed_at && s.term.is_some() && s.backends <= 3
-        })
-        .await
-    );
+        },
+    )
+    .await;
     client.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn budgets_too_small_for_the_work_are_refused_at_start_up() {
-    // Below the minimum.
-    let err = ClientConfig::builder()
-        .max_connections(2)
-        .build()
-        .unwrap_err();
-    assert!(matches!(err, Error::Config(_)), "{err}");
-    assert!(err.to_string().contains("max_connections is 2"), "{err}");
-    // Contradicting pool size.
-    let err = ClientConfig::builder()
-        .pool_size(8)
-        .max_connections(4)
-        .build()
-        .unwrap_err();
-    assert!(matches!(err, Error::Config(_)), "{err}");
-    assert!(err.to_string().contains("disagree"), "{err}");
+    for (config, says) in [
+        // Below the minimum.
+        (
+            ClientConfig::builder().max_connections(2),
+            "max_connections is 2",
+        ),
+        // Contradicting pool size.
+        (
+            ClientConfig::builder().pool_size(8).max_connections(4),
+            "disagree",
+        ),
+    ] {
+        let err = config.build().unwrap_err();
+        assert!(matches!(err, Error::Config(_)), "{err}");
+        assert!(err.to_string().contains(says), "{err}");
+    }
     // A consistent pair, and the derived sizes.
     let c = ClientConfig::builder()
         .pool_size(3)
@@ -358,23 +360,13 @@ async fn budgets_too_small_for_the_work_are_refused_at_start_up() {
 async fn renewal_blocked_on_the_leader_row_does_not_hold_up_heartbeats() {
     let t = test_db().await;
     let app = "budget-blocked";
-    let client = Client::builder(named_dsn(&t, app))
-        .config(budget_config("blocked", 4))
-        .build()
-        .await
-        .unwrap();
-    client.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    let client = budget_client(&t, app, "blocked", None).await;
+    start_leader(&client, Duration::from_secs(5)).await;
     // Hold the leader row as a long maintenance step would (FOR SHARE): every renewal waits on
     // it. The heartbeats share the renewals' connection and must still get through.
     let mut holder = t.db.get().await.unwrap();
     let tx = holder.transaction().await.unwrap();
-    tx.execute(
-        "SELECT 1 FROM pgcrew.leader WHERE name = 'default' FOR SHARE",
-        &[],
-    )
-    .await
-    .unwrap();
+    lock_leader_row(&tx, "FOR SHARE").await;
     let observer = t.db.get().await.unwrap();
     let mut samples = Vec::new();
     let start = tokio::time::Instant::now();
@@ -395,6 +387,6 @@ async fn renewal_blocked_on_the_leader_row_does_not_hold_up_heartbeats() {
     // would have made the notifier drop it and open another).
     assert_eq!(client.notifier().reconnects(), 0);
     // Renewals go through again once the row is free.
-    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    wait_leader(&client, Duration::from_secs(5)).await;
     client.stop().await.unwrap();
 }

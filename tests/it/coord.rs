@@ -9,13 +9,21 @@ use pgcrew::coord::leader;
 use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId};
 
 use crate::common::{
-    eventually, fast_config, insert_run, next_run_state_change, scalar_on, start_client, test_db,
-    wait_for,
+    TestDb, connect_error, dsn_parts, fast_config, insert_run, lock_leader_row,
+    next_run_state_change, scalar_on, start_client, start_leader, test_db, wait_for, wait_leader,
+    wait_listening, wait_until,
 };
 
 /// [`fast_config`] with four connections.
 fn config(id: &str) -> ClientConfig {
     fast_config(id).pool_size(4).build().unwrap()
+}
+
+/// A scratch database and a started client (with [`config`]) for instance `id` on it.
+async fn started(id: &str) -> (TestDb, Client) {
+    let t = test_db().await;
+    let client = start_client(t.db.clone(), config(id), None).await;
+    (t, client)
 }
 
 #[tokio::test]
@@ -45,7 +53,7 @@ async fn start_registers_elects_and_stop_deregisters() {
         .unwrap();
     client.start().await.unwrap();
     assert!(client.is_running());
-    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    wait_leader(&client, Duration::from_secs(5)).await;
     assert_eq!(became.load(Ordering::SeqCst), 1);
     let rows = instance::list(&t.db).await.unwrap();
     assert_eq!(rows.len(), 1);
@@ -70,8 +78,7 @@ async fn client_without_schema_gets_clear_error() {
 
 #[tokio::test]
 async fn subscribers_receive_run_state_changes() {
-    let t = test_db().await;
-    let client = start_client(t.db.clone(), config("listener"), None).await;
+    let (t, client) = started("listener").await;
     let mut subs: Vec<_> = (0..50)
         .map(|_| client.subscribe(&[EventKind::RunStateChanged]))
         .collect();
@@ -85,14 +92,8 @@ async fn subscribers_receive_run_state_changes() {
 
 #[tokio::test]
 async fn thousand_subscribers_and_listen_reconnect_with_resync() {
-    let t = test_db().await;
-    let client = start_client(t.db.clone(), config("fanout"), None).await;
-    assert!(
-        client
-            .notifier()
-            .wait_connected(Duration::from_secs(5))
-            .await
-    );
+    let (t, client) = started("fanout").await;
+    wait_listening(&client, Duration::from_secs(5)).await;
     let conn = t.db.get().await.unwrap();
 
     // 1,000 subscribers in one process all receive each run-state change.
@@ -137,12 +138,7 @@ async fn thousand_subscribers_and_listen_reconnect_with_resync() {
         .unwrap();
     assert_eq!(ev, pgcrew::Event::Resync);
     assert!(client.notifier().reconnects() >= 1);
-    assert!(
-        client
-            .notifier()
-            .wait_connected(Duration::from_secs(5))
-            .await
-    );
+    wait_listening(&client, Duration::from_secs(5)).await;
     conn.execute(
         "UPDATE pgcrew.runs SET state = 'completed' WHERE id = $1",
         &[&run_id],
@@ -156,8 +152,7 @@ async fn thousand_subscribers_and_listen_reconnect_with_resync() {
 
 #[tokio::test]
 async fn callback_subscription_unsubscribes_on_drop() {
-    let t = test_db().await;
-    let client = start_client(t.db.clone(), config("callbacks"), None).await;
+    let (t, client) = started("callbacks").await;
     let count = Arc::new(AtomicUsize::new(0));
     let c = count.clone();
     let before = client.notifier().subscriber_count();
@@ -167,19 +162,19 @@ async fn callback_subscription_unsubscribes_on_drop() {
             c.fetch_add(1, Ordering::SeqCst);
         });
     let other = start_client(t.db.clone(), config("other"), None).await;
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            count.load(Ordering::SeqCst) >= 1
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(5),
+        "the other instance delivered the event",
+        || async { count.load(Ordering::SeqCst) >= 1 },
+    )
+    .await;
     drop(handle);
-    assert!(
-        eventually(Duration::from_secs(2), || async {
-            client.notifier().subscriber_count() == before
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(2),
+        "the dropped subscription is removed",
+        || async { client.notifier().subscriber_count() == before },
+    )
+    .await;
     other.stop().await.unwrap();
     client.stop().await.unwrap();
 }
@@ -243,18 +238,15 @@ async fn leader_that_cannot_renew_steps_down_before_lease_expires() {
         .build()
         .await
         .unwrap();
-    client.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    start_leader(&client, Duration::from_secs(5)).await;
     // Hold the leader row locked so every renewal blocks.
     let mut conn = t.db.get().await.unwrap();
     let tx = conn.transaction().await.unwrap();
-    tx.execute(
-        "SELECT 1 FROM pgcrew.leader WHERE name = 'default' FOR UPDATE",
-        &[],
-    )
-    .await
-    .unwrap();
-    assert!(eventually(Duration::from_secs(3), || async { !client.is_leader() }).await);
+    lock_leader_row(&tx, "FOR UPDATE").await;
+    wait_until(Duration::from_secs(3), "client steps down", || async {
+        !client.is_leader()
+    })
+    .await;
     // It stepped down while its lease is still valid in the database: nobody else could have
     // been elected yet.
     let still_valid: bool = tx
@@ -272,7 +264,7 @@ async fn leader_that_cannot_renew_steps_down_before_lease_expires() {
     assert_eq!(lost.load(Ordering::SeqCst), 1);
     tx.rollback().await.unwrap();
     // Once renewals go through again it is re-elected with a new term.
-    assert!(eventually(Duration::from_secs(5), || async { client.is_leader() }).await);
+    wait_leader(&client, Duration::from_secs(5)).await;
     client.stop().await.unwrap();
 }
 
@@ -327,8 +319,10 @@ async fn maintenance_removes_stale_instances_and_fails_stuck_runs() {
     )
     .await;
     assert_eq!(links, 0, "links cascade");
-    assert!(
-        eventually(Duration::from_secs(5), || async {
+    wait_until(
+        Duration::from_secs(5),
+        "maintenance fails the stuck run with \"run timed out\"",
+        || async {
             let r = conn
                 .query_one(
                     "SELECT state, error_message FROM pgcrew.runs WHERE id = $1",
@@ -338,9 +332,9 @@ async fn maintenance_removes_stale_instances_and_fails_stuck_runs() {
                 .unwrap();
             r.get::<_, String>(0) == "failed"
                 && r.get::<_, Option<String>>(1).as_deref() == Some("run timed out")
-        })
-        .await
-    );
+        },
+    )
+    .await;
     // The transition is recorded in the run's ledger, and the chain verifies.
     let recorded: i64 = conn
         .query_one(
@@ -369,9 +363,7 @@ async fn maintenance_removes_stale_instances_and_fails_stuck_runs() {
 #[tokio::test]
 async fn bad_connection_input_gets_clear_errors() {
     // Malformed DSN.
-    let err = pgcrew::Db::connect("postgres://%%%", 2, Duration::from_secs(2))
-        .await
-        .unwrap_err();
+    let err = connect_error("postgres://%%%", 2).await;
     assert!(matches!(err, Error::Connect { .. }), "{err}");
     assert!(err.to_string().contains("DSN"), "{err}");
     // Unreachable server.
@@ -379,46 +371,27 @@ async fn bad_connection_input_gets_clear_errors() {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         l.local_addr().unwrap().port()
     };
-    let err = pgcrew::Db::connect(
-        &format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-        2,
-        Duration::from_secs(2),
-    )
-    .await
-    .unwrap_err();
+    let err = connect_error(&format!("postgres://postgres@127.0.0.1:{port}/postgres"), 2).await;
     assert!(matches!(err, Error::Connect { .. }), "{err}");
     assert!(err.to_string().contains("is PostgreSQL running"), "{err}");
     // Unknown database, and (on the throwaway cluster, which enforces passwords over TCP)
     // a wrong password.
     let t = test_db().await;
-    let cfg = pgcrew::db::parse_dsn(t.dsn()).unwrap();
-    let host = match &cfg.get_hosts()[0] {
-        tokio_postgres::config::Host::Tcp(h) => h.clone(),
-        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
-    };
-    let port = cfg.get_ports()[0];
-    let user = cfg.get_user().unwrap_or("postgres").to_string();
-    let password = cfg
-        .get_password()
-        .map(|p| format!(":{}", String::from_utf8_lossy(p)))
-        .unwrap_or_default();
-    let err = pgcrew::Db::connect(
+    let (host, port, user, password) = dsn_parts(t.dsn());
+    let password = password.map(|p| format!(":{p}")).unwrap_or_default();
+    let err = connect_error(
         &format!("postgres://{user}{password}@{host}:{port}/pgcrew_no_such_db"),
         2,
-        Duration::from_secs(2),
     )
-    .await
-    .unwrap_err();
+    .await;
     assert!(matches!(err, Error::Connect { .. }), "{err}");
     assert!(err.to_string().contains("does not exist"), "{err}");
     if pgcrew::db::dsn_from_env().is_none() {
-        let err = pgcrew::Db::connect(
+        let err = connect_error(
             &format!("postgres://postgres:wrong@{host}:{port}/postgres"),
             2,
-            Duration::from_secs(2),
         )
-        .await
-        .unwrap_err();
+        .await;
         assert!(matches!(err, Error::Authentication { .. }), "{err}");
         assert!(err.to_string().contains("password"), "{err}");
     }
@@ -478,7 +451,7 @@ async fn poll_only_mode_has_no_listen_connection_and_ticks_resync() {
 async fn renewals_and_failed_attempts_do_not_consume_terms() {
     let t = test_db().await;
     let a = start_client(t.db.clone(), config("term-a"), None).await;
-    assert!(eventually(Duration::from_secs(5), || async { a.is_leader() }).await);
+    wait_leader(&a, Duration::from_secs(5)).await;
     let first = a.leader_term().unwrap();
     let b = start_client(t.db.clone(), config("term-b"), None).await;
     // Several renewal periods (TTL/3) pass with a follower trying: the term stays.
@@ -486,7 +459,7 @@ async fn renewals_and_failed_attempts_do_not_consume_terms() {
     assert_eq!(a.leader_term(), Some(first));
     assert!(!b.is_leader());
     a.stop().await.unwrap();
-    assert!(eventually(Duration::from_secs(2), || async { b.is_leader() }).await);
+    wait_leader(&b, Duration::from_secs(2)).await;
     assert_eq!(
         b.leader_term(),
         Some(first + 1),

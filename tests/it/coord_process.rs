@@ -2,7 +2,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::common::{Serve, eventually, scalar, serve, test_db, wait_for};
+use crate::common::{Serve, scalar, serve, test_db, wait_for, wait_until};
 
 /// A quiet `pgcrew serve` child with a 200 ms pace and a 2 s instance TTL.
 fn spawn_serve(dsn: &str, id: &str, leader_ttl: &str) -> Serve {
@@ -62,12 +62,12 @@ async fn leader_failover_after_kill_and_after_graceful_stop() {
         .within(Duration::from_secs(20))
         .until(|n| n == 3, "three instances register")
         .await;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            current_leader(&conn).await.is_some()
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(10),
+        "a serve process becomes leader",
+        || async { current_leader(&conn).await.is_some() },
+    )
+    .await;
     let (leader, term) = current_leader(&conn).await.unwrap();
 
     // kill -9 the leader: a follower takes over within TTL + 1 s.

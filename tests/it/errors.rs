@@ -1,7 +1,7 @@
 //! Issue #15, errors shown to people: PostgreSQL's message, SQLSTATE, detail and constraint,
 //! and the CLI prints each error once.
 
-use crate::common::{pgcrew_bin, test_db};
+use crate::common::{cli, pgcrew_bin, test_db};
 
 #[tokio::test]
 async fn database_errors_carry_postgres_message_sqlstate_detail_and_constraint() {
@@ -55,12 +55,11 @@ async fn the_cli_prints_an_error_once() {
     );
     // And a database error from a command, too (the tenant does not exist).
     let t = test_db().await;
-    let out = tokio::process::Command::new(pgcrew_bin())
-        .env("DATABASE_URL", t.dsn())
-        .args(["tenants", "grant-role", "no_such_role_y", "default"])
-        .output()
-        .await
-        .unwrap();
+    let out = cli(
+        t.dsn(),
+        ["tenants", "grant-role", "no_such_role_y", "default"],
+    )
+    .await;
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(stderr.matches("does not exist").count(), 1, "{stderr}");

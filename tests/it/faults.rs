@@ -4,11 +4,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use pgcrew::db::{ScratchDatabase, TempCluster};
 use pgcrew::{Client, ClientConfig, EventKind};
 
 use crate::common::{
-    eventually, fast_config, insert_run, next_run_state_change, test_db, wait_until,
+    cluster_db, fast_config, insert_run, next_run_state_change, start_leader, test_db, wait_leader,
+    wait_until,
 };
 use crate::proxy::{Proxy, upstream, with_port};
 
@@ -39,8 +39,7 @@ async fn partitioned_leader_steps_down_before_another_is_elected() {
         .build()
         .await
         .unwrap();
-    cut.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || async { cut.is_leader() }).await);
+    start_leader(&cut, Duration::from_secs(5)).await;
 
     let e3 = events.clone();
     let other = Client::builder(t.db.clone())
@@ -75,33 +74,23 @@ async fn partitioned_leader_steps_down_before_another_is_elected() {
     assert!(other.is_leader() ^ cut.is_leader());
     other.stop().await.unwrap();
     // After the healthy leader resigns, the healed instance can lead again.
-    assert!(eventually(Duration::from_secs(10), || async { cut.is_leader() }).await);
+    wait_leader(&cut, Duration::from_secs(10)).await;
     cut.stop().await.unwrap();
 }
 
 #[tokio::test]
 async fn postgres_restart_reconnects_listen_and_reelects() {
-    let cluster = tokio::task::spawn_blocking(TempCluster::start)
-        .await
-        .unwrap()
-        .unwrap();
-    let scratch = ScratchDatabase::create(&cluster.dsn(), "pgcrew_fault")
-        .await
-        .unwrap();
-    let db = pgcrew::Db::connect(scratch.dsn(), 4, Duration::from_secs(2))
-        .await
-        .unwrap();
-    db.migrate().await.unwrap();
+    let (cluster, scratch, db) = cluster_db("pgcrew_fault").await;
     let a = Client::connect(db.clone(), config("a")).await.unwrap();
     let b = Client::connect(scratch.dsn(), config("b")).await.unwrap();
     a.start().await.unwrap();
     b.start().await.unwrap();
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            a.is_leader() || b.is_leader()
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(5),
+        "one of the two clients becomes leader",
+        || async { a.is_leader() || b.is_leader() },
+    )
+    .await;
     let mut sub = b.subscribe(&[EventKind::RunStateChanged]);
 
     cluster.stop_server("fast").unwrap();
@@ -127,15 +116,17 @@ async fn postgres_restart_reconnects_listen_and_reelects() {
     }
     assert!(saw_resync);
     // Heartbeats resumed: both instances are registered and fresh.
-    assert!(
-        eventually(Duration::from_secs(10), || async {
+    wait_until(
+        Duration::from_secs(10),
+        "both instances heartbeat again after the restart",
+        || async {
             match pgcrew::coord::instance::list(&db).await {
                 Ok(rows) => rows.len() == 2 && rows.iter().all(|r| r.silent_ms < 1000),
                 Err(_) => false,
             }
-        })
-        .await
-    );
+        },
+    )
+    .await;
     // Notifications flow again.
     let run_id = insert_run(&db).await;
     let r = next_run_state_change(&mut sub, Duration::from_secs(5), "event after restart").await;

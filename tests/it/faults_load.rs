@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use pgcrew::agent::AgentRuntime;
-use pgcrew::db::{ScratchDatabase, TempCluster};
 use pgcrew::kernel::Kernel;
 use pgcrew::model::ScriptedModel;
 use pgcrew::queue::{self, NewTask, TaskOutcome, WorkerPool};
@@ -20,8 +19,9 @@ use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{Client, ClientConfig, Db, Error, RunId};
 
 use crate::common::{
-    COMPLETED_TASKS, OPEN_TASKS, Serve, create_task_effects, effect_tasks, effect_worker,
-    eventually, fast_config, first_column, scalar, serve, test_db, wait_for, wait_until,
+    COMPLETED_TASKS, OPEN_TASKS, Serve, cluster_db, create_task_effects, effect_tasks,
+    effect_worker, fast_config, first_column, first_two_columns, scalar, serve, start_leader,
+    test_db, wait_for, wait_until,
 };
 use crate::proxy::{Proxy, upstream, with_port};
 
@@ -67,16 +67,8 @@ async fn task_claims(db: &Db) -> Vec<(i64, String, String, Option<uuid::Uuid>)> 
 
 /// Executions per task from the side-effect table (`task_id` column).
 async fn executions(db: &Db, table: &str) -> HashMap<i64, i64> {
-    let conn = db.get().await.unwrap();
-    conn.query(
-        &format!("SELECT task_id, count(*) FROM {table} GROUP BY task_id"),
-        &[],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect()
+    let sql = format!("SELECT task_id, count(*) FROM {table} GROUP BY task_id");
+    first_two_columns(&db.get().await.unwrap(), &sql).await
 }
 
 /// A `pgcrew tasks work --record-effects` process (optionally under `faketime`).
@@ -95,24 +87,7 @@ fn spawn_worker(dsn: &str, id: &str, queue: &str, faketime: Option<&str>) -> tok
 
 /// A `pgcrew serve --agents demo` process on the offline scripted demo model.
 fn spawn_serve(dsn: &str, id: &str) -> Serve {
-    serve(dsn, id)
-        .args(["--agents", "demo"])
-        .args(["--heartbeat-interval", "300ms", "--instance-ttl", "3s"])
-        .args(["--leader-ttl", "1500ms", "--maintenance-interval", "300ms"])
-        .args([
-            "--run-lease-ttl",
-            "1500ms",
-            "--task-heartbeat-timeout",
-            "3s",
-        ])
-        .args([
-            "--worker-poll-interval",
-            "200ms",
-            "--poll-interval",
-            "500ms",
-        ])
-        .args(["--tool-latency", "20ms"])
-        .spawn()
+    serve(dsn, id).demo_agents("3s", "3s", "20ms").spawn()
 }
 
 async fn kill_9(child: &mut tokio::process::Child) {
@@ -140,8 +115,7 @@ async fn kill_9_of_random_instances_loses_no_task_repeats_only_in_flight_and_run
     let leader = Client::connect(t.db.clone(), config("leader", true))
         .await
         .unwrap();
-    leader.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(10), || async { leader.is_leader() }).await);
+    start_leader(&leader, Duration::from_secs(10)).await;
 
     // Agent runs on two `pgcrew serve --agents demo` processes.
     let mut serves = vec![
@@ -337,17 +311,7 @@ async fn enqueue_load(db: &Db, n: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn postgres_restart_mid_load_loses_no_task_and_leadership_returns() {
-    let cluster = tokio::task::spawn_blocking(TempCluster::start)
-        .await
-        .unwrap()
-        .unwrap();
-    let scratch = ScratchDatabase::create(&cluster.dsn(), "pgcrew_fault_load")
-        .await
-        .unwrap();
-    let db = Db::connect(scratch.dsn(), 4, Duration::from_secs(2))
-        .await
-        .unwrap();
-    db.migrate().await.unwrap();
+    let (cluster, scratch, db) = cluster_db("pgcrew_fault_load").await;
     let n = 3000;
     enqueue_load(&db, n).await;
     let (a, pa) = worker_client(scratch.dsn(), "a", true, Duration::from_millis(2)).await;
@@ -413,7 +377,12 @@ async fn network_cut_instance_loses_its_claims_and_its_stale_acks_are_rejected()
     let proxy = Proxy::start(upstream(t.dsn())).await;
     let (healthy, _hp) =
         worker_client(t.db.clone(), "healthy", true, Duration::from_millis(100)).await;
-    assert!(eventually(Duration::from_secs(10), || async { healthy.is_leader() }).await);
+    wait_until(
+        Duration::from_secs(10),
+        "healthy becomes leader",
+        || async { healthy.is_leader() },
+    )
+    .await;
     let (cut, cp) = worker_client(
         with_port(t.dsn(), proxy.port()),
         "cut",

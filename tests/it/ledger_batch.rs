@@ -7,27 +7,12 @@ use pgcrew::runs::{self, NewEvent, NewRun};
 use pgcrew::{Error, RunId, TenantId};
 use serde_json::json;
 
-use crate::common::test_db;
+use crate::common::{test_db, v1_run};
 
 async fn running_run(db: &Db) -> RunId {
     let tenant = TenantId::new("default").unwrap();
     let run = runs::create_run(db, NewRun::new(tenant)).await.unwrap();
     runs::start_run(db, run, None, None, runs::LimitPolicy::Reject)
-        .await
-        .unwrap();
-    run
-}
-
-/// A run in ledger format 1 (runs created before the v2 migration).
-async fn v1_run(db: &Db) -> RunId {
-    let run = RunId::new();
-    db.get()
-        .await
-        .unwrap()
-        .execute(
-            "INSERT INTO pgcrew.runs (id, tenant_id, ledger_format) VALUES ($1, 'default', 1)",
-            &[&run],
-        )
         .await
         .unwrap();
     run

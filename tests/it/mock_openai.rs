@@ -36,6 +36,24 @@ pub struct MockOpenAi {
     task: tokio::task::JoinHandle<()>,
 }
 
+impl MockOpenAi {
+    /// The turns of every request received, sorted.
+    pub fn requested_turns(&self) -> Vec<usize> {
+        sorted(&self.requests)
+    }
+
+    /// The turns of every response written, sorted.
+    pub fn answered_turns(&self) -> Vec<usize> {
+        sorted(&self.answered)
+    }
+}
+
+fn sorted(turns: &Mutex<Vec<usize>>) -> Vec<usize> {
+    let mut v = turns.lock().unwrap().clone();
+    v.sort();
+    v
+}
+
 impl Drop for MockOpenAi {
     fn drop(&mut self) {
         self.task.abort();

@@ -13,12 +13,12 @@ use pgcrew::db::pgbouncer::PoolMode;
 use pgcrew::db::{Db, PoolOptions, StatementMode, TempPgBouncer};
 use pgcrew::queue::{self, Ack, AckOutcome, NewTask, TaskState};
 use pgcrew::runs::{self, NewEvent, NewRun, RunOutcome, RunState};
-use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId, TenantId, ToolRegistry};
+use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId, TenantId};
 use serde_json::json;
 
 use crate::common::{
-    TestDb, agent_runtime, eventually, fast_config, next_run_state_change, pgcrew_bin, submit_run,
-    test_db,
+    TestDb, agent_runtime, fast_config, next_run_state_change, pgcrew_bin, start_leader,
+    submit_run, test_db, wait_listening,
 };
 
 /// A migrated test database and a PgBouncer (transaction mode) in front of its server.
@@ -340,9 +340,7 @@ async fn kernel_model_and_tool_steps_through_pgbouncer() {
     let server = crate::kernel::weather_mock().await;
     server.hang.store(false, Ordering::SeqCst);
     let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = ToolRegistry::new()
-        .with(crate::kernel::weather_tool(body_runs.clone()))
-        .unwrap();
+    let tools = crate::kernel::weather_registry(&body_runs);
     register_agent(&db, &crate::kernel::weather_agent())
         .await
         .unwrap();
@@ -382,14 +380,8 @@ async fn client_pool_through_pgbouncer_listen_direct() {
         .build()
         .unwrap();
     let client = Client::connect(&b.through(), config).await.unwrap();
-    client.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(10), || async { client.is_leader() }).await);
-    assert!(
-        client
-            .notifier()
-            .wait_connected(Duration::from_secs(10))
-            .await
-    );
+    start_leader(&client, Duration::from_secs(10)).await;
+    wait_listening(&client, Duration::from_secs(10)).await;
     // A notification raised through PgBouncer arrives on the direct LISTEN connection (the
     // fallback poll is 30 s away, so this is the NOTIFY).
     let mut sub = client.subscribe(&[EventKind::RunStateChanged]);

@@ -14,7 +14,7 @@ use pgcrew::runs::{self, NewEvent, NewRun, RunLimits, RunOutcome, SummaryContent
 use pgcrew::{ClientConfig, Error, InstanceId, LedgerKey, RunId, TenantId};
 use serde_json::json;
 
-use crate::common::{scalar_on, test_db};
+use crate::common::{execute, first_column, scalar_on, test_db};
 
 const MIB: usize = 1 << 20;
 
@@ -287,22 +287,13 @@ async fn sql_finished_runs_refuse_artifacts_and_summaries() {
     let run = new_run(&t.db).await;
     runs::cancel_run(&t.db, run, "done").await.unwrap();
     let conn = t.db.get().await.unwrap();
-    let err = conn
-        .execute(
-            "INSERT INTO pgcrew.artifacts (run_id, key, version, value) VALUES ($1, 'k', 1, '1')",
-            &[&run],
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&err), "PC041", "{err:?}");
-    let err = conn
-        .execute(
-            "INSERT INTO pgcrew.summaries (run_id, summary_type, content_text) VALUES ($1, 's', 'x')",
-            &[&run],
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(sqlstate(&err), "PC041", "{err:?}");
+    for sql in [
+        "INSERT INTO pgcrew.artifacts (run_id, key, version, value) VALUES ($1, 'k', 1, '1')",
+        "INSERT INTO pgcrew.summaries (run_id, summary_type, content_text) VALUES ($1, 's', 'x')",
+    ] {
+        let err = conn.execute(sql, &[&run]).await.unwrap_err();
+        assert_eq!(sqlstate(&err), "PC041", "{sql}: {err:?}");
+    }
 }
 
 /// Artifacts and summaries carry the run lease token and are refused on finished runs.
@@ -314,32 +305,20 @@ async fn artifacts_and_summaries_need_the_lease_and_an_open_run() {
         .await
         .unwrap()
         .unwrap();
+    let summary = |text: &str, token| {
+        runs::add_summary(&t.db, run, "s", SummaryContent::Text(text.into()), token)
+    };
     runs::put_artifact(&t.db, run, "plan", json!(1), Some(lease.token))
         .await
         .unwrap();
-    runs::add_summary(
-        &t.db,
-        run,
-        "s",
-        SummaryContent::Text("a".into()),
-        Some(lease.token),
-    )
-    .await
-    .unwrap();
+    summary("a", Some(lease.token)).await.unwrap();
     // A stale token.
     assert!(matches!(
         runs::put_artifact(&t.db, run, "plan", json!(2), Some(lease.token - 1)).await,
         Err(Error::LeaseLost(_))
     ));
     assert!(matches!(
-        runs::add_summary(
-            &t.db,
-            run,
-            "s",
-            SummaryContent::Text("b".into()),
-            Some(lease.token + 1)
-        )
-        .await,
+        summary("b", Some(lease.token + 1)).await,
         Err(Error::LeaseLost(_))
     ));
     // The lease released: the old token no longer writes.
@@ -349,14 +328,7 @@ async fn artifacts_and_summaries_need_the_lease_and_an_open_run() {
         Err(Error::LeaseLost(_))
     ));
     assert!(matches!(
-        runs::add_summary(
-            &t.db,
-            run,
-            "s",
-            SummaryContent::Text("c".into()),
-            Some(lease.token)
-        )
-        .await,
+        summary("c", Some(lease.token)).await,
         Err(Error::LeaseLost(_))
     ));
     // An expired lease.
@@ -389,7 +361,7 @@ async fn artifacts_and_summaries_need_the_lease_and_an_open_run() {
             Err(Error::RunFinished { ref state, .. }) if state == "cancelled"
         ));
         assert!(matches!(
-            runs::add_summary(&t.db, run, "s", SummaryContent::Text("d".into()), token).await,
+            summary("d", token).await,
             Err(Error::RunFinished { .. })
         ));
     }
@@ -426,9 +398,8 @@ async fn retention_pass(db: &Db, config: &ClientConfig) -> u64 {
     n
 }
 
-/// A run with events, artifacts, summaries and cost entries (on two days), finished through a
-/// keyed handle (intermediate and final checkpoints), finalized `age_days` ago.
-async fn finished_run(db: &Db, age_days: i32) -> RunId {
+/// A new run, started under a 60 s lease of owner `w`: the run and its lease.
+async fn started_run(db: &Db) -> (RunId, runs::RunLease) {
     let run = new_run(db).await;
     let lease = runs::acquire_run_lease(db, run, "w", Duration::from_secs(60))
         .await
@@ -443,6 +414,13 @@ async fn finished_run(db: &Db, age_days: i32) -> RunId {
     )
     .await
     .unwrap();
+    (run, lease)
+}
+
+/// A run with events, artifacts, summaries and cost entries (on two days), finished through a
+/// keyed handle (intermediate and final checkpoints), finalized `age_days` ago.
+async fn finished_run(db: &Db, age_days: i32) -> RunId {
+    let (run, lease) = started_run(db).await;
     for i in 0..5 {
         runs::append_event(
             db,
@@ -469,46 +447,34 @@ async fn finished_run(db: &Db, age_days: i32) -> RunId {
     runs::complete_run(db, run, RunOutcome::default(), Some(lease.token))
         .await
         .unwrap();
-    db.get()
-        .await
-        .unwrap()
-        .execute(
-            "UPDATE pgcrew.runs SET finalized_at = now() - make_interval(days => $2) WHERE id = $1",
-            &[&run, &age_days],
-        )
-        .await
-        .unwrap();
+    execute(
+        db,
+        "UPDATE pgcrew.runs SET finalized_at = now() - make_interval(days => $2) WHERE id = $1",
+        &[&run, &age_days],
+    )
+    .await;
     run
 }
 
 async fn add_costs(db: &Db, run: Option<RunId>) {
-    db.get()
-        .await
-        .unwrap()
-        .execute(
-            "INSERT INTO pgcrew.cost_entries (tenant_id, run_id, category, model, prompt_tokens, completion_tokens, cost_usd, created_at)
+    execute(db, "INSERT INTO pgcrew.cost_entries (tenant_id, run_id, category, model, prompt_tokens, completion_tokens, cost_usd, created_at)
              VALUES ('default', $1, 'llm', 'gpt', 10, 5, 0.0123456789, now() - interval '3 days'),
                     ('default', $1, 'llm', 'gpt', 1, 2, 0.5, now() - interval '3 days'),
-                    ('default', $1, 'tool', NULL, 0, 0, 0.25, now())",
-            &[&run],
-        )
-        .await
-        .unwrap();
+                    ('default', $1, 'tool', NULL, 0, 0, 0.25, now())", &[&run]).await;
 }
 
 async fn tenant_costs(db: &Db) -> Vec<String> {
-    db.get()
-        .await
-        .unwrap()
-        .query(
-            "SELECT row(t.*)::text FROM pgcrew.tenant_costs t ORDER BY tenant_id, day, category, model",
-            &[],
-        )
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect()
+    first_column(
+        &db.get().await.unwrap(),
+        "SELECT row(t.*)::text FROM pgcrew.tenant_costs t ORDER BY tenant_id, day, category, model",
+    )
+    .await
+}
+
+/// The default tenant's spending, as text.
+async fn default_spent(conn: &tokio_postgres::Client) -> String {
+    let sql = "SELECT spent_usd::text FROM pgcrew.tenants WHERE id = 'default'";
+    conn.query_one(sql, &[]).await.unwrap().get(0)
 }
 
 async fn stored(db: &Db, run: RunId) -> (i64, i64, i64, i64) {
@@ -562,20 +528,7 @@ async fn run_retention_purges_old_finished_runs_in_batches_keeping_anchors_and_c
     }
     // Untouched: a recent finished run, a running run, a pending run, costs without a run.
     let recent = finished_run(&db, 0).await;
-    let running = new_run(&db).await;
-    let lease = runs::acquire_run_lease(&db, running, "w", Duration::from_secs(60))
-        .await
-        .unwrap()
-        .unwrap();
-    runs::start_run(
-        &db,
-        running,
-        None,
-        Some(lease.token),
-        runs::LimitPolicy::StayPending,
-    )
-    .await
-    .unwrap();
+    let (running, lease) = started_run(&db).await;
     runs::put_artifact(&db, running, "a", json!(1), Some(lease.token))
         .await
         .unwrap();
@@ -590,14 +543,7 @@ async fn run_retention_purges_old_finished_runs_in_batches_keeping_anchors_and_c
     )
     .await
     .unwrap();
-    let spent_before: String = conn
-        .query_one(
-            "SELECT spent_usd::text FROM pgcrew.tenants WHERE id = 'default'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let spent_before = default_spent(&conn).await;
     let costs_before = tenant_costs(&db).await;
     let heads: Vec<i64> = {
         let mut v = Vec::new();
@@ -670,14 +616,7 @@ async fn run_retention_purges_old_finished_runs_in_batches_keeping_anchors_and_c
     }
     // The cost figures are identical; the aggregate holds the retained entries.
     assert_eq!(tenant_costs(&db).await, costs_before);
-    let spent_after: String = conn
-        .query_one(
-            "SELECT spent_usd::text FROM pgcrew.tenants WHERE id = 'default'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let spent_after = default_spent(&conn).await;
     assert_eq!(spent_after, spent_before);
     let folded = scalar_on(&conn, "SELECT sum(entries)::int8 FROM pgcrew.cost_daily").await;
     assert_eq!(folded, 15);

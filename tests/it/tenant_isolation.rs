@@ -11,7 +11,7 @@ use pgcrew::{InstanceId, RunId, TenantId};
 use serde_json::json;
 use tokio_postgres::Client as PgClient;
 
-use crate::common::{TestDb, cli, scalar_on, test_db};
+use crate::common::{TestDb, cli, first_two_columns, scalar_on, test_db};
 
 /// A marker stored in every piece of acme's data: a tenant role must never read it.
 const SECRET: &str = "ACME-SECRET-7f3a";
@@ -182,16 +182,12 @@ async fn seed_tenant(db: &Db, tenant: &TenantId) -> RunId {
 
 /// Every relation (table, view) of schema pgcrew, as the owner sees it.
 async fn relations(conn: &PgClient) -> Vec<(String, String)> {
-    conn.query(
+    first_two_columns(
+        conn,
         "SELECT c.relname::text, c.relkind::text FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
          WHERE n.nspname = 'pgcrew' AND c.relkind IN ('r', 'p', 'v', 'm') ORDER BY 1",
-        &[],
     )
     .await
-    .unwrap()
-    .iter()
-    .map(|r| (r.get(0), r.get(1)))
-    .collect()
 }
 
 /// Each relation's whole content as text (the owner's view), to prove nothing changed.

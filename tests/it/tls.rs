@@ -10,7 +10,7 @@ use pgcrew::db::certs::{CertificateAuthority, Validity};
 use pgcrew::db::{Db, ScratchDatabase, SslMode, TempCluster, TempClusterOptions, parse_dsn};
 use pgcrew::{Client, ClientConfig, Error, EventKind, InstanceId};
 
-use crate::common::{insert_run, next_run_state_change, pgcrew_bin};
+use crate::common::{insert_run, next_run_state_change, pgcrew_bin, wait_listening};
 
 /// The role that must log in with a client certificate on the TLS cluster.
 const CERT_ROLE: &str = "tls_cert_user";
@@ -69,6 +69,21 @@ async fn backend_ssl(dsn: &str) -> pgcrew::Result<bool> {
     Ok(row.get(0))
 }
 
+/// The row `sql` returns on a connection of a new pool to `dsn`.
+async fn query_on_new_pool(dsn: &str, sql: &str) -> tokio_postgres::Row {
+    let db = Db::connect(dsn, 2, Duration::from_secs(10)).await.unwrap();
+    db.get().await.unwrap().query_one(sql, &[]).await.unwrap()
+}
+
+/// Connecting with `dsn` fails (see [`connect_err`]) with an error containing each of `says`;
+/// `context` starts the failure message.
+async fn assert_connect_fails(dsn: &str, says: &[&str], context: &str) {
+    let e = connect_err(dsn).await;
+    for part in says {
+        assert!(e.contains(part), "{context}{e}");
+    }
+}
+
 /// Connect a pool (which opens and checks one connection) and give the error text, failing
 /// the test if it hangs.
 async fn connect_err(dsn: &str) -> String {
@@ -118,12 +133,7 @@ async fn verify_full_pool_sibling_and_listen_are_encrypted() {
         .await
         .unwrap();
     client.start().await.unwrap();
-    assert!(
-        client
-            .notifier()
-            .wait_connected(Duration::from_secs(20))
-            .await
-    );
+    wait_listening(&client, Duration::from_secs(20)).await;
     let mut sub = client.subscribe(&[EventKind::RunStateChanged]);
     let db = client.db().clone();
     let conn = db.get().await.unwrap();
@@ -169,10 +179,12 @@ async fn wrong_host_name_fails_naming_host_and_reason() {
         "db.wrong.example",
         &format!("hostaddr=127.0.0.1 sslmode=verify-full sslrootcert={r}"),
     );
-    let e = connect_err(&dsn).await;
-    assert!(e.contains("db.wrong.example"), "{e}");
-    assert!(e.contains("name mismatch"), "{e}");
-    assert!(e.contains("verify-full"), "{e}");
+    assert_connect_fails(
+        &dsn,
+        &["db.wrong.example", "name mismatch", "verify-full"],
+        "",
+    )
+    .await;
     // verify-ca checks the chain only.
     let dsn = kv(
         c,
@@ -199,10 +211,8 @@ async fn unknown_ca_fails_and_require_follows_libpq() {
             "127.0.0.1",
             &format!("sslmode={mode} sslrootcert={other_root}"),
         );
-        let e = connect_err(&dsn).await;
-        assert!(e.contains("127.0.0.1"), "{mode}: {e}");
-        assert!(e.contains("unknown CA"), "{mode}: {e}");
-        assert!(e.contains(&other_root), "{mode}: {e}");
+        let says = ["127.0.0.1", "unknown CA", &other_root];
+        assert_connect_fails(&dsn, &says, &format!("{mode}: ")).await;
     }
     // `require` without a CA encrypts without verifying (libpq), so it connects.
     assert!(
@@ -261,9 +271,9 @@ async fn require_and_verify_against_a_server_without_tls_fail_at_once() {
         format!("sslmode=verify-ca sslrootcert={ca_file}"),
         format!("sslmode=verify-full sslrootcert={ca_file}"),
     ] {
-        let e = connect_err(&kv(c, "127.0.0.1", &params)).await;
-        assert!(e.contains("does not support TLS"), "{params}: {e}");
-        assert!(e.contains("127.0.0.1"), "{params}: {e}");
+        let dsn = kv(c, "127.0.0.1", &params);
+        let says = ["does not support TLS", "127.0.0.1"];
+        assert_connect_fails(&dsn, &says, &format!("{params}: ")).await;
     }
     // The LISTEN / dedicated path says the same.
     let cfg = parse_dsn(&kv(c, "127.0.0.1", "sslmode=require")).unwrap();
@@ -292,19 +302,11 @@ async fn prefer_is_the_default_and_uses_tls_only_when_offered() {
             .unwrap()
     );
     // A pool made with the default mode is encrypted on the TLS server.
-    let db = Db::connect(&tls.dsn(), 2, Duration::from_secs(10))
-        .await
-        .unwrap();
-    let row = db
-        .get()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap();
+    let row = query_on_new_pool(
+        &tls.dsn(),
+        "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+    )
+    .await;
     assert!(row.get::<_, bool>(0));
 }
 
@@ -356,19 +358,7 @@ async fn client_certificate_authentication() {
         cert.display(),
         key.display()
     );
-    let db = Db::connect(&with_cert, 2, Duration::from_secs(10))
-        .await
-        .unwrap();
-    let row = db
-        .get()
-        .await
-        .unwrap()
-        .query_one(
-            "SELECT current_user::text, s.ssl, s.client_dn FROM pg_stat_ssl s WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await
-        .unwrap();
+    let row = query_on_new_pool(&with_cert, "SELECT current_user::text, s.ssl, s.client_dn FROM pg_stat_ssl s WHERE pid = pg_backend_pid()").await;
     assert_eq!(row.get::<_, String>(0), CERT_ROLE);
     assert!(row.get::<_, bool>(1));
     assert!(

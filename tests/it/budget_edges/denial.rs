@@ -2,8 +2,12 @@
 
 use super::*;
 
-fn charge_tool(body_runs: Arc<AtomicU64>) -> Tool {
-    Tool::builder("charge_card")
+/// A registry holding `charge_card` (needs `payments:charge`) and the counter of its handler's
+/// runs.
+fn charge_tools() -> (ToolRegistry, Arc<AtomicU64>) {
+    let body_runs = Arc::new(AtomicU64::new(0));
+    let counter = body_runs.clone();
+    let charge = Tool::builder("charge_card")
         .description("charges a card")
         .input_schema(json!({
             "type": "object",
@@ -19,7 +23,8 @@ fn charge_tool(body_runs: Arc<AtomicU64>) -> Tool {
             }
         })
         .build()
-        .unwrap()
+        .unwrap();
+    (ToolRegistry::new().with(charge).unwrap(), counter)
 }
 
 fn payer_script() -> Vec<ScriptedReply> {
@@ -31,12 +36,8 @@ fn payer_script() -> Vec<ScriptedReply> {
 
 #[tokio::test]
 async fn capability_denial_returned_to_the_model_when_the_agent_says_so() {
-    let t = test_db().await;
-    let acme = tenant(&t.db, "acme", &[], Some(1.0)).await;
-    let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = ToolRegistry::new()
-        .with(charge_tool(body_runs.clone()))
-        .unwrap();
+    let (t, acme) = db_with_tenant("acme", &[], Some(1.0)).await;
+    let (tools, body_runs) = charge_tools();
     let def = AgentDef::new("lenient", "gpt-4o-mini")
         .tool("charge_card")
         .max_tokens(100)
@@ -81,12 +82,8 @@ async fn capability_denial_returned_to_the_model_when_the_agent_says_so() {
 
 #[tokio::test]
 async fn capability_denial_fails_the_agent_run_by_default() {
-    let t = test_db().await;
-    let acme = tenant(&t.db, "acme", &[], Some(1.0)).await;
-    let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = ToolRegistry::new()
-        .with(charge_tool(body_runs.clone()))
-        .unwrap();
+    let (t, acme) = db_with_tenant("acme", &[], Some(1.0)).await;
+    let (tools, body_runs) = charge_tools();
     let def = AgentDef::new("payer", "gpt-4o-mini")
         .tool("charge_card")
         .max_tokens(100);

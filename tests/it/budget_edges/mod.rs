@@ -26,7 +26,9 @@ use pgcrew::{Db, Error, RunId, TenantId};
 use serde_json::{Value, json};
 use tokio_postgres::NoTls;
 
-use crate::common::{agent_runtime, count, ledger_events, scalar_on, submit_run, tenant, test_db};
+use crate::common::{
+    agent_runtime, count, db_with_tenant, ledger_events, scalar_on, submit_run, tenant, test_db,
+};
 use crate::mock_openai::read_json_request;
 
 // ------------------------------------------------------------------------------------------
@@ -190,3 +192,11 @@ fn script_text(rng: &mut fastrand::Rng, chars: usize) -> (String, &'static str) 
 // ------------------------------------------------------------------------------------------
 // 4. Capability denial inside an agent run
 // ------------------------------------------------------------------------------------------
+
+/// The events of type `ty` among `evs`.
+fn of_type<'a>(
+    evs: &'a [(String, Option<String>, Value)],
+    ty: &str,
+) -> Vec<&'a (String, Option<String>, Value)> {
+    evs.iter().filter(|(t, _, _)| t == ty).collect()
+}

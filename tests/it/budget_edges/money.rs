@@ -21,8 +21,7 @@ async fn money_text(db: &Db, tenant: &TenantId) -> (String, String) {
 
 #[tokio::test]
 async fn nan_and_infinite_money_is_refused_by_the_sql_queries() {
-    let t = test_db().await;
-    let limited = tenant(&t.db, "limited", &[], Some(10.0)).await;
+    let (t, limited) = db_with_tenant("limited", &[], Some(10.0)).await;
     let unlimited = tenant(&t.db, "unlimited", &[], None).await;
     let conn = t.db.get().await.unwrap();
     for bad in [f64::NAN, f64::INFINITY, -1.0] {
@@ -99,8 +98,7 @@ async fn nan_and_infinite_money_is_refused_by_the_sql_queries() {
 
 #[tokio::test]
 async fn the_database_refuses_bad_money_whoever_writes() {
-    let t = test_db().await;
-    let acme = tenant(&t.db, "acme", &[], Some(10.0)).await;
+    let (t, acme) = db_with_tenant("acme", &[], Some(10.0)).await;
     let run = new_run(&t.db, &acme).await;
     let conn = t.db.get().await.unwrap();
     let statements: Vec<(&str, String)> = vec![

@@ -55,8 +55,7 @@ fn non_ascii_model_names_never_panic_in_price_lookup() {
 
 #[tokio::test]
 async fn agent_with_a_non_ascii_model_name_fails_cleanly() {
-    let t = test_db().await;
-    let acme = tenant(&t.db, "acme", &[], Some(1.0)).await;
+    let (t, acme) = db_with_tenant("acme", &[], Some(1.0)).await;
     let model = Arc::new(ScriptedModel::by_turn(vec![ScriptedReply::text("bonjour")]));
     let rt = AgentRuntime::new(Kernel::new(t.db.clone(), model.clone()), "i1");
     let session = rt.new_session(&acme, "s").await.unwrap();

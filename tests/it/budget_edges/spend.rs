@@ -4,8 +4,7 @@ use super::*;
 
 #[tokio::test]
 async fn unset_max_tokens_sends_the_reserved_cap_to_the_provider() {
-    let t = test_db().await;
-    let acme = tenant(&t.db, "acme", &[], Some(100.0)).await;
+    let (t, acme) = db_with_tenant("acme", &[], Some(100.0)).await;
     let run = new_run(&t.db, &acme).await;
     let mock = edge_mock(Usage::Edge).await;
     let k = Kernel::new(t.db.clone(), openai(&mock.base_url)).with_prices(edge_prices());
@@ -38,8 +37,7 @@ async fn unset_max_tokens_sends_the_reserved_cap_to_the_provider() {
 
 #[tokio::test]
 async fn prompt_estimate_bounds_the_tokens_of_any_script() {
-    let t = test_db().await;
-    let acme = tenant(&t.db, "acme", &[], None).await;
+    let (t, acme) = db_with_tenant("acme", &[], None).await;
     let run = new_run(&t.db, &acme).await;
     let mock = edge_mock(Usage::Edge).await;
     let k = Kernel::new(t.db.clone(), openai(&mock.base_url)).with_prices(edge_prices());
@@ -205,10 +203,7 @@ async fn overrun_settlement_is_recorded_flagged_and_blocks_reservations() {
     assert_eq!(tn.spent_usd, step.cost_usd, "charged in full");
     assert_eq!(tn.status, BudgetStatus::Exceeded);
     let evs = events(&t.db, run).await;
-    let overrun: Vec<_> = evs
-        .iter()
-        .filter(|(t, _, _)| t == "budget_overrun")
-        .collect();
+    let overrun = of_type(&evs, "budget_overrun");
     assert_eq!(overrun.len(), 1, "{evs:?}");
     assert_eq!(overrun[0].1.as_deref(), Some("m1"));
     assert_eq!(overrun[0].2["scope"], "tenant");
@@ -225,10 +220,7 @@ async fn overrun_settlement_is_recorded_flagged_and_blocks_reservations() {
     assert!(matches!(err, Error::BudgetExceeded { .. }), "{err}");
     assert_eq!(mock.bodies.lock().unwrap().len(), 1);
     let evs = events(&t.db, run).await;
-    let refused = evs
-        .iter()
-        .rfind(|(t, _, _)| t == "budget_exceeded")
-        .unwrap();
+    let refused = *of_type(&evs, "budget_exceeded").last().unwrap();
     assert_eq!(refused.2["scope"], "tenant");
     // The books still balance: the overrun is a real, recorded cost.
     let conn = t.db.get().await.unwrap();
@@ -255,10 +247,7 @@ async fn overrun_settlement_is_recorded_flagged_and_blocks_reservations() {
         .await
         .unwrap();
     let evs = events(&t.db, run2).await;
-    let overrun: Vec<_> = evs
-        .iter()
-        .filter(|(t, _, _)| t == "budget_overrun")
-        .collect();
+    let overrun = of_type(&evs, "budget_overrun");
     assert_eq!(overrun.len(), 1, "{evs:?}");
     assert_eq!(overrun[0].2["scope"], "run");
     let tn = tenancy::get(&t.db, &globex).await.unwrap();
@@ -277,10 +266,7 @@ async fn overrun_settlement_is_recorded_flagged_and_blocks_reservations() {
         e => panic!("expected RunBudgetExceeded, got {e}"),
     }
     let evs = events(&t.db, run2).await;
-    let refused = evs
-        .iter()
-        .rfind(|(t, _, _)| t == "budget_exceeded")
-        .unwrap();
+    let refused = *of_type(&evs, "budget_exceeded").last().unwrap();
     assert_eq!(refused.2["scope"], "run");
     let other = new_run(&t.db, &globex).await;
     tenancy::reserve(&t.db, &ReserveRequest::new(globex.clone(), 0.5).run(other))
@@ -291,8 +277,7 @@ async fn overrun_settlement_is_recorded_flagged_and_blocks_reservations() {
 /// `settle_in_tx` / `charge_in_tx` report overruns to any caller (not only the kernel).
 #[tokio::test]
 async fn charges_past_the_limit_are_reported_by_the_settlement() {
-    let t = test_db().await;
-    let acme = tenant(&t.db, "acme", &[], Some(1.0)).await;
+    let (t, acme) = db_with_tenant("acme", &[], Some(1.0)).await;
     let run = new_run(&t.db, &acme).await;
     let r = tenancy::reserve(&t.db, &ReserveRequest::new(acme.clone(), 0.5).run(run))
         .await

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use super::eventually;
 use pgcrew::coord::client::DbSource;
 use pgcrew::queue::WorkerPool;
 use pgcrew::{Client, ClientConfig, ClientConfigBuilder, Event, InstanceId, RunId, Subscription};
@@ -33,6 +34,44 @@ pub async fn start_client(
     let c = b.build().await.unwrap();
     c.start().await.unwrap();
     c
+}
+
+/// Wait until `client` is the leader; panics (naming the instance and the caller) if it is
+/// not within `timeout`.
+#[track_caller]
+pub fn wait_leader(client: &Client, timeout: Duration) -> impl Future<Output = ()> + '_ {
+    let caller = std::panic::Location::caller();
+    async move {
+        assert!(
+            eventually(timeout, || async { client.is_leader() }).await,
+            "not within {timeout:?}: instance {} becomes leader (waited at {caller})",
+            client.instance_id()
+        );
+    }
+}
+
+/// Wait until the notifier of `client` has its LISTEN connection; panics (naming the instance
+/// and the caller) if it has not within `timeout`.
+#[track_caller]
+pub fn wait_listening(client: &Client, timeout: Duration) -> impl Future<Output = ()> + '_ {
+    let caller = std::panic::Location::caller();
+    async move {
+        assert!(
+            client.notifier().wait_connected(timeout).await,
+            "not within {timeout:?}: the notifier of instance {} connects (waited at {caller})",
+            client.instance_id()
+        );
+    }
+}
+
+/// Start `client` and wait (as [`wait_leader`]) until it is the leader.
+#[track_caller]
+pub fn start_leader(client: &Client, timeout: Duration) -> impl Future<Output = ()> + '_ {
+    let leads = wait_leader(client, timeout);
+    async move {
+        client.start().await.unwrap();
+        leads.await;
+    }
 }
 
 /// The run of the next `RunStateChanged` event on `sub` (other events are skipped); each

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use pgcrew::runs::{self, NewEvent};
 use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{
-    AgentRuntime, Db, InstanceId, Kernel, ModelPort, NewTask, RunId, TenantId, ToolRegistry,
+    AgentRuntime, Db, InstanceId, Kernel, ModelPort, NewTask, RunId, TaskId, TenantId, ToolRegistry,
 };
 use serde_json::json;
 
@@ -19,6 +19,52 @@ pub async fn create_tenant(db: &Db, id: &str, limit: Option<i32>) -> TenantId {
     .await
     .unwrap();
     TenantId::new(id).unwrap()
+}
+
+/// A scratch database with instance `id` registered in it.
+pub async fn db_with_instance(id: &str) -> (crate::common::TestDb, InstanceId) {
+    let t = crate::common::test_db().await;
+    let me = register_instance(&t, id).await;
+    (t, me)
+}
+
+/// A scratch database with a tenant (as [`tenant`]) in it.
+pub async fn db_with_tenant(
+    id: &str,
+    caps: &[&str],
+    budget: Option<f64>,
+) -> (crate::common::TestDb, TenantId) {
+    let t = crate::common::test_db().await;
+    let tenant = tenant(&t, id, caps, budget).await;
+    (t, tenant)
+}
+
+/// Run `ddl` (say, the table a test's handlers record their executions in), then enqueue
+/// `tasks` in batches of `batch`: the new tasks' ids, in order.
+pub async fn setup_and_enqueue(db: &Db, ddl: &str, tasks: &[NewTask], batch: usize) -> Vec<TaskId> {
+    let conn = db.get().await.unwrap();
+    conn.batch_execute(ddl).await.unwrap();
+    let mut ids = Vec::with_capacity(tasks.len());
+    for chunk in tasks.chunks(batch) {
+        ids.extend(pgcrew::queue::enqueue_many(&**conn, chunk).await.unwrap());
+    }
+    ids
+}
+
+/// A run row in ledger format 1 (as every run created before the v2 migration): its row is
+/// written with the format chosen before its first append.
+pub async fn v1_run(db: &Db) -> RunId {
+    let run = RunId::new();
+    db.get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO pgcrew.runs (id, tenant_id, ledger_format) VALUES ($1, 'default', 1)",
+            &[&run],
+        )
+        .await
+        .unwrap();
+    run
 }
 
 /// A tenant through `tenancy::upsert`, with capabilities and a budget.

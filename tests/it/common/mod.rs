@@ -16,11 +16,14 @@ use pgcrew::RunId;
 use pgcrew::db::{Db, ScratchDatabase};
 use serde_json::Value;
 
-pub use client::{fast_config, next_run_state_change, start_client};
+pub use client::{
+    fast_config, next_run_state_change, start_client, start_leader, wait_leader, wait_listening,
+};
 pub use deployment::{DEPLOYMENT_LEDGER_KEY, Deployment, healthy_deployment};
 pub use factories::{
-    agent_runtime, append_notes, create_task_effects, create_tenant, effect_tasks, insert_run,
-    register_instance, submit_run, task, tenant,
+    agent_runtime, append_notes, create_task_effects, create_tenant, db_with_instance,
+    db_with_tenant, effect_tasks, insert_run, register_instance, setup_and_enqueue, submit_run,
+    task, tenant, v1_run,
 };
 pub use process::{
     Serve, assert_bench_database_dropped, cli, effect_worker, pgcrew_bin, run_bench, serve,
@@ -100,6 +103,56 @@ where
     }
 }
 
+/// How `Db::connect` fails on `dsn` (with `pool_size` connections and a 2 s timeout).
+pub async fn connect_error(dsn: &str, pool_size: usize) -> pgcrew::Error {
+    Db::connect(dsn, pool_size, Duration::from_secs(2))
+        .await
+        .unwrap_err()
+}
+
+/// What `dsn` names: (host, a TCP name or a socket directory; port; user, default `postgres`;
+/// password).
+pub fn dsn_parts(dsn: &str) -> (String, u16, String, Option<String>) {
+    let cfg = pgcrew::db::parse_dsn(dsn).unwrap();
+    let host = match &cfg.get_hosts()[0] {
+        tokio_postgres::config::Host::Tcp(h) => h.clone(),
+        tokio_postgres::config::Host::Unix(p) => p.display().to_string(),
+    };
+    let user = cfg.get_user().unwrap_or("postgres").to_string();
+    let password = cfg
+        .get_password()
+        .map(|p| String::from_utf8_lossy(p).into_owned());
+    (host, cfg.get_ports()[0], user, password)
+}
+
+/// Lock the leader row in `tx` with `lock` (`FOR SHARE`, `FOR UPDATE`), as a long statement
+/// would: renewals wait on it until `tx` ends.
+pub async fn lock_leader_row(tx: &tokio_postgres::Transaction<'_>, lock: &str) {
+    let sql = format!("SELECT 1 FROM pgcrew.leader WHERE name = 'default' {lock}");
+    tx.execute(&sql, &[]).await.unwrap();
+}
+
+/// Execute `sql` with `params` on a connection of `db`; the number of rows it touched.
+pub async fn execute(
+    db: &Db,
+    sql: &str,
+    params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+) -> u64 {
+    db.get().await.unwrap().execute(sql, params).await.unwrap()
+}
+
+/// Cancel task `id`: the state `queue::cancel` reports.
+pub async fn cancel_task(db: &Db, id: pgcrew::TaskId) -> pgcrew::queue::TaskState {
+    let conn = db.get().await.unwrap();
+    pgcrew::queue::cancel(&**conn, id).await.unwrap()
+}
+
+/// Retry task `id`: the state `queue::retry` reports.
+pub async fn retry_task(db: &Db, id: pgcrew::TaskId) -> pgcrew::queue::TaskState {
+    let conn = db.get().await.unwrap();
+    pgcrew::queue::retry(&**conn, id).await.unwrap()
+}
+
 /// The single `int8` value `sql` returns.
 pub async fn scalar(db: &Db, sql: &str) -> i64 {
     scalar_on(&db.get().await.unwrap(), sql).await
@@ -116,6 +169,21 @@ where
         .unwrap()
         .iter()
         .map(|r| r.get(0))
+        .collect()
+}
+
+/// The first two columns of every row `sql` returns on the connection `conn`.
+pub async fn first_two_columns<A, B, C>(conn: &tokio_postgres::Client, sql: &str) -> C
+where
+    A: for<'a> tokio_postgres::types::FromSql<'a>,
+    B: for<'a> tokio_postgres::types::FromSql<'a>,
+    C: FromIterator<(A, B)>,
+{
+    conn.query(sql, &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
         .collect()
 }
 
@@ -216,4 +284,19 @@ pub async fn own_cluster(
         .expect("start a throwaway cluster (is PostgreSQL installed?)");
     let dsn = cluster.dsn();
     (cluster, dsn)
+}
+
+/// A throwaway cluster ([`pgcrew::db::TempCluster::start`]) with a migrated scratch database
+/// `name` on it and a four-connection pool to that database.
+pub async fn cluster_db(name: &str) -> (pgcrew::db::TempCluster, ScratchDatabase, Db) {
+    let cluster = tokio::task::spawn_blocking(pgcrew::db::TempCluster::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let scratch = ScratchDatabase::create(&cluster.dsn(), name).await.unwrap();
+    let db = Db::connect(scratch.dsn(), 4, Duration::from_secs(2))
+        .await
+        .unwrap();
+    db.migrate().await.unwrap();
+    (cluster, scratch, db)
 }

@@ -63,6 +63,34 @@ impl ServeCommand {
         self
     }
 
+    /// `--agents demo` with test timings: heartbeats, maintenance and worker polls every few
+    /// hundred milliseconds, a 1.5 s leader TTL and run lease, and the given instance TTL, task
+    /// heartbeat timeout and tool latency.
+    pub fn demo_agents(
+        self,
+        instance_ttl: &str,
+        task_heartbeat_timeout: &str,
+        tool_latency: &str,
+    ) -> Self {
+        self.args(["--agents", "demo"])
+            .args([
+                "--heartbeat-interval",
+                "300ms",
+                "--instance-ttl",
+                instance_ttl,
+            ])
+            .args(["--leader-ttl", "1500ms", "--maintenance-interval", "300ms"])
+            .args(["--run-lease-ttl", "1500ms"])
+            .args(["--task-heartbeat-timeout", task_heartbeat_timeout])
+            .args([
+                "--worker-poll-interval",
+                "200ms",
+                "--poll-interval",
+                "500ms",
+            ])
+            .args(["--tool-latency", tool_latency])
+    }
+
     /// Discard the process's stderr.
     pub fn quiet(mut self) -> Self {
         self.cmd.stderr(Stdio::null());

@@ -7,11 +7,7 @@ async fn agent_run_resumes_on_another_instance_without_repeating_steps() {
     let (t, scope) = setup(&[], Some(10.0)).await;
     let _ = scope;
     let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = || {
-        ToolRegistry::new()
-            .with(weather_tool(body_runs.clone()))
-            .unwrap()
-    };
+    let tools = || weather_registry(&body_runs);
     register_agent(&t.db, &weather_agent()).await.unwrap();
     register_tools(&t.db, &tools()).await.unwrap();
 
@@ -29,14 +25,16 @@ async fn agent_run_resumes_on_another_instance_without_repeating_steps() {
         async move { a.execute(run, None).await }
     });
     let scope = RunScope::new(run, tenant.clone());
-    assert!(
-        eventually(Duration::from_secs(10), || async {
+    wait_until(
+        Duration::from_secs(10),
+        "the run reached its first model request",
+        || async {
             let evs = events(&t.db, &scope).await;
             evs.iter()
                 .any(|(ty, k, _)| ty == "model_requested" && k.as_deref() == Some("iter-1/model"))
-        })
-        .await
-    );
+        },
+    )
+    .await;
     a_task.abort(); // kill -9 of instance A
     assert_eq!(body_runs.load(Ordering::SeqCst), 1);
 
@@ -61,12 +59,8 @@ async fn agent_run_resumes_on_another_instance_without_repeating_steps() {
 
 #[tokio::test]
 async fn agent_run_is_claimed_from_the_queue_by_an_instance_with_its_tools() {
-    let t = test_db().await;
-    let tenant = tenant(&t.db, "acme", &[], Some(10.0)).await;
-    let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = ToolRegistry::new()
-        .with(weather_tool(body_runs.clone()))
-        .unwrap();
+    let (t, tenant) = db_with_tenant("acme", &[], Some(10.0)).await;
+    let (tools, body_runs) = weather_tools();
     register_agent(&t.db, &weather_agent()).await.unwrap();
     let model = Arc::new(ScriptedModel::by_turn(weather_script()));
     let rt = agent_runtime(&t.db, model.clone(), tools, "worker-1");
@@ -90,12 +84,10 @@ async fn agent_run_is_claimed_from_the_queue_by_an_instance_with_its_tools() {
         .unwrap();
     client.start().await.unwrap();
     let run = submit_run(&rt, &tenant, "s", "forecaster", "weather in Oslo?").await;
-    assert!(
-        eventually(Duration::from_secs(20), || async {
-            runs::get_run(&t.db, run).await.unwrap().state == runs::RunState::Completed
-        })
-        .await
-    );
+    wait_until(Duration::from_secs(20), "the run completes", || async {
+        runs::get_run(&t.db, run).await.unwrap().state == runs::RunState::Completed
+    })
+    .await;
     client.stop().await.unwrap();
     assert_eq!(model.calls(), 2);
     assert_eq!(body_runs.load(Ordering::SeqCst), 1);
@@ -103,19 +95,10 @@ async fn agent_run_is_claimed_from_the_queue_by_an_instance_with_its_tools() {
 
 #[tokio::test]
 async fn unknown_agent_max_iterations_and_cancellation_are_recorded() {
-    let t = test_db().await;
-    let tenant = tenant(&t.db, "acme", &[], None).await;
-    let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = ToolRegistry::new()
-        .with(weather_tool(body_runs.clone()))
-        .unwrap();
+    let (t, tenant) = db_with_tenant("acme", &[], None).await;
+    let (tools, body_runs) = weather_tools();
     // Always calls the tool: never finishes.
-    let model = Arc::new(ScriptedModel::from_fn(|req| {
-        ScriptedModel::reply(
-            req,
-            &ScriptedReply::tool_call("lookup_weather", json!({"city": "Rome"})),
-        )
-    }));
+    let model = always_calls_weather();
     let rt = agent_runtime(&t.db, model.clone(), tools, "i1");
     let session = rt.new_session(&tenant, "s").await.unwrap();
 
@@ -173,12 +156,7 @@ async fn unknown_agent_max_iterations_and_cancellation_are_recorded() {
         })
         .build()
         .unwrap();
-    let model2 = Arc::new(ScriptedModel::from_fn(|req| {
-        ScriptedModel::reply(
-            req,
-            &ScriptedReply::tool_call("lookup_weather", json!({"city": "Rome"})),
-        )
-    }));
+    let model2 = always_calls_weather();
     let rt2 = AgentRuntime::new(
         Kernel::new(t.db.clone(), model2.clone())
             .with_tools(ToolRegistry::new().with(canceller).unwrap()),
@@ -205,11 +183,7 @@ async fn unknown_agent_max_iterations_and_cancellation_are_recorded() {
 async fn harness_run_twice_does_only_the_remaining_work() {
     use pgcrew::kernel::Harness;
     let (t, scope) = setup(&[], None).await;
-    let k = kernel(
-        &t.db,
-        Arc::new(ScriptedModel::sequence(vec![])),
-        ToolRegistry::new(),
-    );
+    let k = bare_kernel(&t.db);
     let a_runs = Arc::new(AtomicU64::new(0));
     let b_runs = Arc::new(AtomicU64::new(0));
     let c_runs = Arc::new(AtomicU64::new(0));
@@ -302,19 +276,10 @@ async fn harness_run_twice_does_only_the_remaining_work() {
 #[tokio::test]
 async fn agent_run_fails_with_budget_exceeded_and_nothing_is_overspent() {
     let limit = 0.05;
-    let t = test_db().await;
-    let tenant = tenant(&t.db, "acme", &[], Some(limit)).await;
-    let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = ToolRegistry::new()
-        .with(weather_tool(body_runs.clone()))
-        .unwrap();
+    let (t, tenant) = db_with_tenant("acme", &[], Some(limit)).await;
+    let (tools, _) = weather_tools();
     // A model that always calls the tool (the run never finishes by itself), priced high.
-    let model = Arc::new(ScriptedModel::from_fn(|req| {
-        ScriptedModel::reply(
-            req,
-            &ScriptedReply::tool_call("lookup_weather", json!({"city": "Rome"})),
-        )
-    }));
+    let model = always_calls_weather();
     let prices = PriceTable::empty().with("pricey", 50.0, 50.0).unwrap();
     let def = AgentDef::new("spender", "pricey")
         .tool("lookup_weather")

@@ -20,13 +20,12 @@ use serde_json::{Value, json};
 use std::time::Duration;
 
 use crate::common::{
-    TestDb, agent_runtime, count, eventually, ledger_events, submit_run, tenant, test_db,
+    TestDb, agent_runtime, count, db_with_tenant, ledger_events, submit_run, wait_until,
 };
 use crate::mock_openai::{MockOpenAi, MockScript, mock_openai};
 
 async fn setup(caps: &[&str], budget: Option<f64>) -> (TestDb, RunScope) {
-    let t = test_db().await;
-    let tenant = tenant(&t.db, "acme", caps, budget).await;
+    let (t, tenant) = db_with_tenant("acme", caps, budget).await;
     let run = runs::create_run(&t.db, NewRun::new(tenant.clone()))
         .await
         .unwrap();
@@ -95,8 +94,27 @@ fn kernel(db: &Db, model: Arc<ScriptedModel>, tools: ToolRegistry) -> Kernel {
     Kernel::new(db.clone(), model).with_tools(tools)
 }
 
+/// A kernel without tools and with a model without turns (for workflows of plain steps).
+fn bare_kernel(db: &Db) -> Kernel {
+    kernel(
+        db,
+        Arc::new(ScriptedModel::sequence(vec![])),
+        ToolRegistry::new(),
+    )
+}
+
 /// The payment tool's name.
 const CHARGE: &str = "charge_credit_card";
+
+/// The tool step `step` of the payment tool with `args`.
+async fn charge(
+    k: &Kernel,
+    scope: &RunScope,
+    step: &str,
+    args: Value,
+) -> pgcrew::Result<pgcrew::kernel::ToolStep> {
+    k.step_tool(scope, step, CHARGE, args).await
+}
 
 /// A kernel with only the payment tool of `provider` (and a model without turns).
 fn payment_kernel(db: &Db, provider: &Arc<Provider>) -> Kernel {
@@ -138,6 +156,29 @@ pub(crate) fn weather_tool(body_runs: Arc<AtomicU64>) -> Tool {
         })
         .build()
         .unwrap()
+}
+
+/// A registry holding [`weather_tool`], counting its handler's runs in `body_runs`.
+pub(crate) fn weather_registry(body_runs: &Arc<AtomicU64>) -> ToolRegistry {
+    ToolRegistry::new()
+        .with(weather_tool(body_runs.clone()))
+        .unwrap()
+}
+
+/// A registry holding [`weather_tool`] and the counter of its handler's runs.
+fn weather_tools() -> (ToolRegistry, Arc<AtomicU64>) {
+    let body_runs = Arc::new(AtomicU64::new(0));
+    (weather_registry(&body_runs), body_runs)
+}
+
+/// A scripted model that always calls `lookup_weather` (a run never finishes by itself).
+fn always_calls_weather() -> Arc<ScriptedModel> {
+    Arc::new(ScriptedModel::from_fn(|req| {
+        ScriptedModel::reply(
+            req,
+            &ScriptedReply::tool_call("lookup_weather", json!({"city": "Rome"})),
+        )
+    }))
 }
 
 pub(crate) fn weather_agent() -> AgentDef {

@@ -261,11 +261,7 @@ async fn provider_errors_and_invalid_structured_output_are_recorded() {
 #[tokio::test]
 async fn workflow_resume_skips_completed_steps() {
     let (t, scope) = setup(&[], None).await;
-    let k = kernel(
-        &t.db,
-        Arc::new(ScriptedModel::sequence(vec![])),
-        ToolRegistry::new(),
-    );
+    let k = bare_kernel(&t.db);
     let runs_a = Arc::new(AtomicU64::new(0));
     let runs_b = Arc::new(AtomicU64::new(0));
     let crash = Arc::new(std::sync::atomic::AtomicBool::new(true));

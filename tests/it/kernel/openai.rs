@@ -4,15 +4,10 @@ use super::*;
 
 #[tokio::test]
 async fn killed_instance_mid_agent_run_openai_mock_sees_each_completed_step_once() {
-    let t = test_db().await;
-    let tenant = tenant(&t.db, "acme", &[], Some(10.0)).await;
+    let (t, tenant) = db_with_tenant("acme", &[], Some(10.0)).await;
     let server = weather_mock().await;
     let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = || {
-        ToolRegistry::new()
-            .with(weather_tool(body_runs.clone()))
-            .unwrap()
-    };
+    let tools = || weather_registry(&body_runs);
     register_agent(&t.db, &weather_agent()).await.unwrap();
     let a = agent_runtime(&t.db, openai(&server), tools(), "instance-a")
         .lease_ttl(Duration::from_millis(900));
@@ -21,12 +16,12 @@ async fn killed_instance_mid_agent_run_openai_mock_sees_each_completed_step_once
         let a = a.clone();
         async move { a.execute(run, None).await }
     });
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            server.requests.lock().unwrap().contains(&1)
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(10),
+        "instance A sent the turn-1 request",
+        || async { server.requests.lock().unwrap().contains(&1) },
+    )
+    .await;
     a_task.abort(); // instance A dies in the middle of the turn-1 call
     server.hang.store(false, Ordering::SeqCst);
 
@@ -37,23 +32,19 @@ async fn killed_instance_mid_agent_run_openai_mock_sees_each_completed_step_once
     assert_eq!(done.input_tokens, 80);
     assert_eq!(done.output_tokens, 18);
     // Each completed model step was answered by the server exactly once; the tool ran once.
-    let mut answered = server.answered.lock().unwrap().clone();
-    answered.sort();
-    assert_eq!(answered, vec![0, 1]);
-    let mut requests = server.requests.lock().unwrap().clone();
-    requests.sort();
-    assert_eq!(requests, vec![0, 1, 1], "B did not repeat the turn-0 call");
+    assert_eq!(server.answered_turns(), vec![0, 1]);
+    assert_eq!(
+        server.requested_turns(),
+        vec![0, 1, 1],
+        "B did not repeat the turn-0 call"
+    );
     assert_eq!(body_runs.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]
 async fn agent_feeds_unknown_tool_and_bad_arguments_back_and_records_them() {
-    let t = test_db().await;
-    let tenant = tenant(&t.db, "acme", &[], None).await;
-    let body_runs = Arc::new(AtomicU64::new(0));
-    let tools = ToolRegistry::new()
-        .with(weather_tool(body_runs.clone()))
-        .unwrap();
+    let (t, tenant) = db_with_tenant("acme", &[], None).await;
+    let (tools, body_runs) = weather_tools();
     register_agent(&t.db, &weather_agent()).await.unwrap();
     let model = Arc::new(ScriptedModel::by_turn(vec![
         ScriptedReply::tool_call("teleport", json!({"to": "Mars"})),

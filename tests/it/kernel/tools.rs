@@ -75,15 +75,14 @@ async fn crash_between_requested_and_completed_needs_reconciliation() {
     .unwrap();
     provider.body_runs.store(1, Ordering::SeqCst); // the crashed attempt ran the body once
     let k = payment_kernel(&t.db, &provider);
-    let err = k
-        .step_tool(
-            &scope,
-            "pay",
-            CHARGE,
-            json!({"amount_cents": 99, "card": "4242"}),
-        )
-        .await
-        .unwrap_err();
+    let err = charge(
+        &k,
+        &scope,
+        "pay",
+        json!({"amount_cents": 99, "card": "4242"}),
+    )
+    .await
+    .unwrap_err();
     assert!(matches!(err, Error::ToolOutcomeUnknown { .. }), "{err}");
     assert_eq!(provider.body_runs.load(Ordering::SeqCst), 1);
     let done = k.reconcile_tool(&scope, "pay").await.unwrap();
@@ -99,15 +98,14 @@ async fn tool_rejections_are_recorded_and_the_tool_does_not_run() {
     let provider = Arc::new(Provider::default());
     let k = payment_kernel(&t.db, &provider);
 
-    let bad = k
-        .step_tool(
-            &scope,
-            "s1",
-            CHARGE,
-            json!({"amount_cents": "ten", "card": "4242", "extra": 1}),
-        )
-        .await
-        .unwrap_err();
+    let bad = charge(
+        &k,
+        &scope,
+        "s1",
+        json!({"amount_cents": "ten", "card": "4242", "extra": 1}),
+    )
+    .await
+    .unwrap_err();
     let text = bad.to_string();
     assert!(matches!(bad, Error::InvalidInput { .. }), "{text}");
     assert!(text.contains("/amount_cents: expected integer"), "{text}");
@@ -122,13 +120,7 @@ async fn tool_rejections_are_recorded_and_the_tool_does_not_run() {
         "{unknown}"
     );
 
-    let denied = k
-        .step_tool(
-            &scope,
-            "s3",
-            CHARGE,
-            json!({"amount_cents": 5, "card": "4242"}),
-        )
+    let denied = charge(&k, &scope, "s3", json!({"amount_cents": 5, "card": "4242"}))
         .await
         .unwrap_err();
     assert!(matches!(denied, Error::CapabilityDenied { .. }), "{denied}");

@@ -4,8 +4,7 @@ use super::*;
 
 #[tokio::test]
 async fn appends_to_a_finished_run_are_refused() {
-    let t = test_db().await;
-    let db = keyed(&t.db);
+    let (t, db) = keyed_db().await;
     for finish in 0..3 {
         let run = running_run(&db, 1).await;
         let finished = match finish {
@@ -37,8 +36,7 @@ async fn appends_to_a_finished_run_are_refused() {
 
 #[tokio::test]
 async fn an_append_after_purge_is_refused_and_the_run_stays_verifiable() {
-    let t = test_db().await;
-    let db = keyed(&t.db);
+    let (t, db) = keyed_db().await;
     let run = finished_run(&db, 5).await;
     let anchor = runs::purge_run(&db, run, "retention").await.unwrap();
     assert_eq!(anchor.last_seq, 8);
@@ -121,26 +119,9 @@ async fn heads_and_anchors_are_written_only_by_pgcrew_functions() {
     assert!(verdicts(&t.db, run).await.rust.valid);
 }
 
-/// A run in ledger format 1 (as every run created before the v2 migration): its row is written
-/// with the format chosen before its first append.
-async fn v1_run(db: &Db) -> RunId {
-    let run = RunId::new();
-    db.get()
-        .await
-        .unwrap()
-        .execute(
-            "INSERT INTO pgcrew.runs (id, tenant_id, ledger_format) VALUES ($1, 'default', 1)",
-            &[&run],
-        )
-        .await
-        .unwrap();
-    run
-}
-
 #[tokio::test]
 async fn v1_runs_still_verify() {
-    let t = test_db().await;
-    let db = keyed(&t.db);
+    let (t, db) = keyed_db().await;
     let run = v1_run(&t.db).await;
     let evs: Vec<_> = (0..6)
         .map(|i| NewEvent::new("old", json!({"i": i})))
@@ -200,8 +181,7 @@ async fn v1_runs_still_verify() {
 
 #[tokio::test]
 async fn every_terminal_path_signs_the_final_head() {
-    let t = test_db().await;
-    let db = keyed(&t.db);
+    let (t, db) = keyed_db().await;
     let mut finished = Vec::new();
     // complete, fail, cancel (running and pending).
     let r = running_run(&db, 1).await;

@@ -4,8 +4,7 @@ use super::*;
 
 #[tokio::test]
 async fn finding_a_forged_anchor_no_longer_switches_the_truncation_check_off() {
-    let t = test_db().await;
-    let db = keyed(&t.db);
+    let (t, db) = keyed_db().await;
     let run = finished_run(&db, 8).await;
     // Plain SQL cannot write an anchor at all.
     assert_eq!(
@@ -53,8 +52,7 @@ async fn finding_a_forged_anchor_no_longer_switches_the_truncation_check_off() {
 
 #[tokio::test]
 async fn finding_b_rows_after_the_head_are_reported_and_stop_appends_with_a_typed_error() {
-    let t = test_db().await;
-    let db = keyed(&t.db);
+    let (t, db) = keyed_db().await;
     let run = running_run(&db, 2).await; // head seq 4
     // A well-formed event (correct v2 hash) inserted by plain SQL after the recorded head.
     let head: (i64, Vec<u8>) = {
@@ -107,8 +105,7 @@ async fn finding_b_rows_after_the_head_are_reported_and_stop_appends_with_a_type
 
 #[tokio::test]
 async fn finding_c_events_copied_between_runs_fail_under_v2() {
-    let t = test_db().await;
-    let db = keyed(&t.db);
+    let (t, db) = keyed_db().await;
     let a = finished_run(&db, 3).await;
     let b = finished_run(&db, 3).await;
     // Run B's ledger replaced by a copy of run A's (same tenant), head and all.
@@ -145,8 +142,7 @@ async fn finding_c_events_copied_between_runs_fail_under_v2() {
 
 #[tokio::test]
 async fn finding_d_a_full_rewrite_passes_without_the_key_and_fails_with_it() {
-    let t = test_db().await;
-    let db = keyed(&t.db);
+    let (t, db) = keyed_db().await;
     let run = finished_run(&db, 8).await;
     as_owner(
         &t.db,

@@ -4,8 +4,7 @@ use super::*;
 
 #[tokio::test]
 async fn ledger_keys_load_from_files_and_the_environment() {
-    let dir = std::env::temp_dir().join(format!("pgcrew-key-{}", RunId::new()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = key_dir();
     let secret = "ZZZZ-a-ledger-key-of-forty-bytes-ZZZZZZ";
     let file = dir.join("key");
     std::fs::write(&file, format!("{secret}\n")).unwrap();
@@ -53,12 +52,8 @@ async fn ledger_keys_load_from_files_and_the_environment() {
 
 #[tokio::test]
 async fn cli_verify_ledger_with_and_without_the_key() {
-    let t = test_db().await;
-    let db = keyed(&t.db);
-    let dir = std::env::temp_dir().join(format!("pgcrew-key-{}", RunId::new()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let key_file = dir.join("key");
-    std::fs::write(&key_file, [&KEY[..], b"\n"].concat()).unwrap();
+    let (t, db) = keyed_db().await;
+    let (dir, key_file) = key_file_dir();
     let short_file = dir.join("short");
     std::fs::write(&short_file, "short\n").unwrap();
     let run = finished_run(&db, 8).await;
@@ -171,12 +166,8 @@ async fn cli_verify_ledger_with_and_without_the_key() {
 /// left unsigned).
 #[tokio::test]
 async fn cli_cancel_signs_the_final_checkpoint_with_the_environment_key() {
-    let t = test_db().await;
-    let db = keyed(&t.db);
-    let dir = std::env::temp_dir().join(format!("pgcrew-key-{}", RunId::new()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let key_file = dir.join("key");
-    std::fs::write(&key_file, [&KEY[..], b"\n"].concat()).unwrap();
+    let (t, db) = keyed_db().await;
+    let (dir, key_file) = key_file_dir();
     let run = running_run(&db, 3).await;
     let out = tokio::process::Command::new(pgcrew_bin())
         .arg("--dsn")

@@ -96,8 +96,7 @@ async fn attack(db: &Db, run: RunId, other: RunId, a: Attack) {
 #[tokio::test]
 async fn forgery_matrix_against_both_verifiers_with_and_without_the_key() {
     use Attack::*;
-    let t = test_db().await;
-    let db = keyed(&t.db);
+    let (t, db) = keyed_db().await;
     // (attack, unkeyed verdict, keyed verdict, first bad seq of the unkeyed verifiers)
     let cases = [
         (None, true, true, Option::None),
@@ -138,8 +137,7 @@ async fn forgery_matrix_against_both_verifiers_with_and_without_the_key() {
 
 #[tokio::test]
 async fn a_running_run_reports_how_far_it_is_signed() {
-    let t = test_db().await;
-    let db = keyed(&t.db);
+    let (t, db) = keyed_db().await;
     let run = running_run(&db, 9).await; // head 11; checkpoints at 4 and 8
     let v = verdicts(&t.db, run).await;
     assert!(v.signed.valid, "{:?}", v.signed);

@@ -14,7 +14,7 @@ use pgcrew::runs::{self, ChainVerification, NewEvent, NewRun, RunOutcome, Signed
 use pgcrew::{Client, ClientConfig, Error, InstanceId, LedgerKey, RunId, TenantId};
 use serde_json::json;
 
-use crate::common::{append_notes, pgcrew_bin, test_db};
+use crate::common::{TestDb, append_notes, pgcrew_bin, test_db, v1_run};
 
 const KEY: [u8; 32] = [0x5a; 32];
 
@@ -27,6 +27,28 @@ fn keyed(db: &Db) -> Db {
     db.clone()
         .with_ledger_key(key())
         .with_checkpoint_interval(4)
+}
+
+/// A scratch database and a [`keyed`] handle on it.
+async fn keyed_db() -> (TestDb, Db) {
+    let t = test_db().await;
+    let db = keyed(&t.db);
+    (t, db)
+}
+
+/// A fresh temporary directory for key files.
+fn key_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("pgcrew-key-{}", RunId::new()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// [`key_dir`] with the test key (and a trailing newline) in its file `key`: (dir, key file).
+fn key_file_dir() -> (std::path::PathBuf, std::path::PathBuf) {
+    let dir = key_dir();
+    let key_file = dir.join("key");
+    std::fs::write(&key_file, [&KEY[..], b"\n"].concat()).unwrap();
+    (dir, key_file)
 }
 
 fn tenant() -> TenantId {

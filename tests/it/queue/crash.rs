@@ -39,11 +39,7 @@ async fn kill_9_of_a_worker_process_loses_no_task() {
         !held.is_empty(),
         "killed with nothing in flight: not a mid-batch crash"
     );
-    let remaining = scalar(
-        &t,
-        "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'",
-    )
-    .await;
+    let remaining = scalar(&t, OPEN_TASKS).await;
     assert!(
         remaining > 0,
         "the process finished everything before the kill"

@@ -6,13 +6,12 @@ use std::time::Duration;
 use pgcrew::queue::{self, Ack, AckOutcome, Priority, TaskState};
 use pgcrew::{ClaimToken, Client, TaskId};
 
-use super::{config, failed, q, state_of};
-use crate::common::{eventually, register_instance, scalar, task, test_db, wait_for};
+use super::{completed, config, failed, q, state_of};
+use crate::common::{db_with_instance, scalar, start_leader, task, test_db, wait_for};
 
 #[tokio::test]
 async fn priorities_are_claimed_in_order() {
-    let t = test_db().await;
-    let me = register_instance(&t, "w").await;
+    let (t, me) = db_with_instance("w").await;
     let conn = t.db.get().await.unwrap();
     let order = [
         Priority::Batch,
@@ -87,8 +86,7 @@ async fn priorities_are_claimed_in_order() {
 
 #[tokio::test]
 async fn delayed_tasks_wait_for_database_time() {
-    let t = test_db().await;
-    let me = register_instance(&t, "w").await;
+    let (t, me) = db_with_instance("w").await;
     let conn = t.db.get().await.unwrap();
     // Taken before the enqueue: the claim cannot succeed until 600 ms of database time later.
     let before = std::time::Instant::now();
@@ -132,8 +130,7 @@ async fn delayed_tasks_wait_for_database_time() {
 
 #[tokio::test]
 async fn dependencies_gate_availability_and_failures_cancel_dependants() {
-    let t = test_db().await;
-    let me = register_instance(&t, "w").await;
+    let (t, me) = db_with_instance("w").await;
     let conn = t.db.get().await.unwrap();
     let a = queue::enqueue(&**conn, &task("a")).await.unwrap().id;
     let b = queue::enqueue(&**conn, &task("b")).await.unwrap().id;
@@ -148,11 +145,7 @@ async fn dependencies_gate_availability_and_failures_cancel_dependants() {
     let ids: HashSet<TaskId> = claimed.iter().map(|c| c.id).collect();
     assert_eq!(ids, HashSet::from([a, b]));
     let tok: HashMap<TaskId, ClaimToken> = claimed.iter().map(|c| (c.id, c.token)).collect();
-    let done = |id: TaskId| Ack {
-        id,
-        token: tok[&id],
-        outcome: AckOutcome::Complete,
-    };
+    let done = |id: TaskId| completed(id, tok[&id]);
     queue::ack(&**conn, &[done(a)]).await.unwrap();
     assert!(
         queue::claim(&**conn, &q("default"), 10, &me)
@@ -196,8 +189,7 @@ async fn dependencies_gate_availability_and_failures_cancel_dependants() {
 
 #[tokio::test]
 async fn failures_back_off_then_discard_with_errors_kept_and_snooze_keeps_attempts() {
-    let t = test_db().await;
-    let me = register_instance(&t, "w").await;
+    let (t, me) = db_with_instance("w").await;
     let conn = t.db.get().await.unwrap();
     let e = queue::enqueue(&**conn, &task("k").max_attempts(2))
         .await
@@ -278,8 +270,7 @@ async fn retention_deletes_old_finished_tasks_in_batches() {
         .build()
         .await
         .unwrap();
-    leader.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || async { leader.is_leader() }).await);
+    start_leader(&leader, Duration::from_secs(5)).await;
     let conn = t.db.get().await.unwrap();
     let ids = queue::enqueue_many(&**conn, &(0..5).map(|_| task("k")).collect::<Vec<_>>())
         .await

@@ -9,7 +9,8 @@ use pgcrew::queue::{self, Ack, AckOutcome, NewTask, Priority, TaskOutcome, Worke
 
 use super::{q, start_client};
 use crate::common::{
-    COMPLETED_TASKS, create_tenant, register_instance, scalar, scalar_on, task, test_db, wait_for,
+    COMPLETED_TASKS, OPEN_TASKS, create_tenant, register_instance, scalar, scalar_on,
+    setup_and_enqueue, task, test_db, wait_for,
 };
 
 #[tokio::test]
@@ -89,14 +90,7 @@ async fn tenant_limit_holds_under_16_concurrent_claimers() {
     );
     let lm = local_max.load(Ordering::SeqCst);
     assert!(lm <= 3, "claimers held {lm} limited tasks at once");
-    assert_eq!(
-        scalar(
-            &t,
-            "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'"
-        )
-        .await,
-        0
-    );
+    assert_eq!(scalar(&t, OPEN_TASKS).await, 0);
 
     // A per-queue limit on top: 1 at a time in queue `narrow`.
     queue::set_queue_limit(&**conn, &free, "narrow", 1)
@@ -179,16 +173,9 @@ async fn claiming_is_fair_across_tenants() {
 #[tokio::test]
 async fn exactly_once_100k_tasks_16_claimers_across_instances() {
     let t = test_db().await;
-    {
-        let conn = t.db.get().await.unwrap();
-        conn.batch_execute("CREATE TABLE effects (task_id bigint NOT NULL)")
-            .await
-            .unwrap();
-        let tasks: Vec<NewTask> = (0..100_000).map(|_| task("effect")).collect();
-        for chunk in tasks.chunks(10_000) {
-            queue::enqueue_many(&**conn, chunk).await.unwrap();
-        }
-    }
+    let tasks: Vec<NewTask> = (0..100_000).map(|_| task("effect")).collect();
+    let ddl = "CREATE TABLE effects (task_id bigint NOT NULL)";
+    setup_and_enqueue(&t, ddl, &tasks, 10_000).await;
     let mut clients = Vec::new();
     for i in 0..16 {
         let pool = WorkerPool::builder()
@@ -216,14 +203,7 @@ async fn exactly_once_100k_tasks_16_claimers_across_instances() {
         scalar(&t, "SELECT count(DISTINCT task_id) FROM effects").await,
         100_000
     );
-    assert_eq!(
-        scalar(
-            &t,
-            "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'"
-        )
-        .await,
-        0
-    );
+    assert_eq!(scalar(&t, OPEN_TASKS).await, 0);
     assert_eq!(
         scalar(&t, "SELECT count(*) FROM pgcrew.tasks WHERE attempts <> 1").await,
         0

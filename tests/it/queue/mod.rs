@@ -39,6 +39,11 @@ async fn state_of(t: &TestDb, id: TaskId) -> TaskState {
     queue::get(&**conn, id).await.unwrap().state
 }
 
+/// Wait until task `id` is in `state`; panics with `what` if it is not within `timeout`.
+async fn wait_state(t: &TestDb, id: TaskId, state: TaskState, timeout: Duration, what: &str) {
+    common::wait_until(timeout, what, || async { state_of(t, id).await == state }).await
+}
+
 /// A connection of its own listening on `pgcrew_task_available`, to see every wake-up NOTIFY
 /// whatever the pools do: (client, connection driver, notifications).
 async fn listen_task_available(
@@ -54,6 +59,15 @@ async fn listen_task_available(
         .await
         .unwrap();
     (listener, driver, notes)
+}
+
+/// An acknowledgement completing claim `token` of task `id`.
+fn completed(id: TaskId, token: ClaimToken) -> Ack {
+    Ack {
+        id,
+        token,
+        outcome: AckOutcome::Complete,
+    }
 }
 
 /// An acknowledgement failing claim `token` of task `id` with `error`, retried after `retry_in`.

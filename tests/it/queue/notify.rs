@@ -7,7 +7,7 @@ use std::time::Duration;
 use pgcrew::queue::{self, TaskOutcome, WorkerPool};
 
 use super::{listen_task_available, start_client};
-use crate::common::{eventually, register_instance, task, test_db, wait_for, wait_until};
+use crate::common::{register_instance, task, test_db, wait_for, wait_until};
 
 #[tokio::test]
 async fn idle_pool_wakes_on_notify_and_stats_report_queues() {
@@ -49,17 +49,19 @@ async fn idle_pool_wakes_on_notify_and_stats_report_queues() {
             .find(|r| r.queue == q && r.state == s)
             .map(|r| r.tasks)
     };
-    assert!(
-        eventually(Duration::from_secs(3), || async {
+    wait_until(
+        Duration::from_secs(3),
+        "the three fast tasks complete",
+        || async {
             let conn = t.db.get().await.unwrap();
             queue::stats(&**conn)
                 .await
                 .unwrap()
                 .iter()
                 .any(|r| r.queue == "fast" && r.state == "completed" && r.tasks == 3)
-        })
-        .await
-    );
+        },
+    )
+    .await;
     assert_eq!(find("elsewhere", "available"), Some(1));
     let avail = stats.iter().find(|r| r.queue == "elsewhere").unwrap();
     assert!(avail.oldest_available_age_s.unwrap() >= 0.0);
@@ -104,12 +106,12 @@ async fn saturated_pools_get_no_notifications_idle_ones_do() {
     queue::enqueue(&**conn, &task("block").queue("busy"))
         .await
         .unwrap();
-    assert!(
-        eventually(Duration::from_secs(3), || async {
-            started.load(Ordering::SeqCst) == 1
-        })
-        .await
-    );
+    wait_until(
+        Duration::from_secs(3),
+        "the blocking handler started",
+        || async { started.load(Ordering::SeqCst) == 1 },
+    )
+    .await;
     // Saturated (its one slot is blocked): it leaves the waiters, and enqueues send no NOTIFY.
     wait_for(&t, "SELECT count(*) FROM pgcrew.queue_waiters")
         .within(Duration::from_secs(3))

@@ -8,8 +8,10 @@ use pgcrew::queue::{self, NewTask, RetryPolicy, TaskOutcome, TaskState, WorkerPo
 use pgcrew::{Error, TaskId};
 use serde::{Deserialize, Serialize};
 
-use super::{start_client, state_of};
-use crate::common::{eventually, scalar, task, test_db, wait_for, wait_until};
+use super::{start_client, state_of, wait_state};
+use crate::common::{
+    COMPLETED_TASKS, cancel_task, retry_task, scalar, task, test_db, wait_for, wait_until,
+};
 
 #[tokio::test]
 async fn stop_drains_in_flight_tasks_and_flushes_acks() {
@@ -37,14 +39,7 @@ async fn stop_drains_in_flight_tasks_and_flushes_acks() {
     .await;
     client.stop().await.unwrap();
     // Everything it held ran to completion and was acknowledged before stop returned.
-    assert_eq!(
-        scalar(
-            &t,
-            "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'"
-        )
-        .await,
-        8
-    );
+    assert_eq!(scalar(&t, COMPLETED_TASKS).await, 8);
     let m = pool.metrics().snapshot();
     assert_eq!((m.executed, m.succeeded, m.in_flight), (8, 8, 0));
     assert!(m.queue_lag_ms >= 0.0 && m.throughput_per_sec > 0.0);
@@ -67,13 +62,8 @@ async fn running_task_cancellation_is_announced_not_left_to_the_heartbeat() {
         .queue("cancel_me")
         .heartbeat_interval(Duration::from_secs(600))
         .handler("wait", move |ctx, _p: serde_json::Value| {
-            let seen = seen_in.clone();
+            flag_on_cancel(&ctx.cancel, &seen_in);
             async move {
-                let cancel = ctx.cancel.clone();
-                tokio::spawn(async move {
-                    cancel.cancelled().await;
-                    seen.store(true, Ordering::SeqCst);
-                });
                 tokio::time::sleep(Duration::from_secs(600)).await;
                 Ok(TaskOutcome::Complete)
             }
@@ -87,24 +77,22 @@ async fn running_task_cancellation_is_announced_not_left_to_the_heartbeat() {
         .await
         .unwrap()
         .id;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            state_of(&t, id).await == TaskState::Running
-        })
-        .await
-    );
-    assert_eq!(
-        queue::cancel(&**conn, id).await.unwrap(),
-        TaskState::Running
-    );
-    assert_eq!(
-        queue::cancel(&**conn, id).await.unwrap(),
-        TaskState::Running
-    );
-    wait_until(
+    wait_state(
+        &t,
+        id,
+        TaskState::Running,
+        Duration::from_secs(10),
+        "the task is running",
+    )
+    .await;
+    assert_eq!(cancel_task(&t, id).await, TaskState::Running);
+    assert_eq!(cancel_task(&t, id).await, TaskState::Running);
+    wait_state(
+        &t,
+        id,
+        TaskState::Cancelled,
         Duration::from_secs(10),
         "the cancellation did not reach the handler before the (10-minute) heartbeat",
-        || async { state_of(&t, id).await == TaskState::Cancelled },
     )
     .await;
     assert!(seen.load(Ordering::SeqCst));
@@ -156,13 +144,8 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
             Ok(TaskOutcome::Complete)
         })
         .handler("forever", move |ctx, _p: serde_json::Value| {
-            let seen = seen.clone();
+            flag_on_cancel(&ctx.cancel, &seen);
             async move {
-                let cancel = ctx.cancel.clone();
-                tokio::spawn(async move {
-                    cancel.cancelled().await;
-                    seen.store(true, Ordering::SeqCst);
-                });
                 tokio::time::sleep(Duration::from_secs(60)).await;
                 Ok(TaskOutcome::Complete)
             }
@@ -203,23 +186,27 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
     .await
     .unwrap()
     .id;
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            state_of(&t, flaky).await == TaskState::Completed
-        })
-        .await
-    );
+    wait_state(
+        &t,
+        flaky,
+        TaskState::Completed,
+        Duration::from_secs(10),
+        "the flaky task completes after its retries",
+    )
+    .await;
     // Two failures with 100 ms then 200 ms backoff.
     assert!(t0.elapsed() >= Duration::from_millis(300));
     let row = queue::get(&**conn, flaky).await.unwrap();
     assert_eq!(row.attempts, 3);
     assert_eq!(row.errors.as_array().unwrap().len(), 2);
-    assert!(
-        eventually(Duration::from_secs(10), || async {
-            state_of(&t, slow).await == TaskState::Completed
-        })
-        .await
-    );
+    wait_state(
+        &t,
+        slow,
+        TaskState::Completed,
+        Duration::from_secs(10),
+        "the slow task completes",
+    )
+    .await;
     let row = queue::get(&**conn, slow).await.unwrap();
     assert!(
         row.errors[0]["error"]
@@ -227,14 +214,16 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
             .unwrap()
             .contains("timed out")
     );
-    assert!(
-        eventually(Duration::from_secs(10), || async {
+    wait_until(
+        Duration::from_secs(10),
+        "the panicking, unknown-kind and bad-payload tasks are discarded",
+        || async {
             state_of(&t, panics).await == TaskState::Discarded
                 && state_of(&t, unknown).await == TaskState::Discarded
                 && state_of(&t, bad_payload).await == TaskState::Discarded
-        })
-        .await
-    );
+        },
+    )
+    .await;
     let p = queue::get(&**conn, panics).await.unwrap();
     assert!(p.last_error.unwrap().contains("handler bug"));
     let u = queue::get(&**conn, unknown).await.unwrap();
@@ -248,22 +237,23 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
         .await
         .unwrap()
         .id;
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            state_of(&t, forever).await == TaskState::Running
-        })
-        .await
-    );
-    assert_eq!(
-        queue::cancel(&**conn, forever).await.unwrap(),
-        TaskState::Running
-    );
-    assert!(
-        eventually(Duration::from_secs(5), || async {
-            state_of(&t, forever).await == TaskState::Cancelled
-        })
-        .await
-    );
+    wait_state(
+        &t,
+        forever,
+        TaskState::Running,
+        Duration::from_secs(5),
+        "the endless task is running",
+    )
+    .await;
+    assert_eq!(cancel_task(&t, forever).await, TaskState::Running);
+    wait_state(
+        &t,
+        forever,
+        TaskState::Cancelled,
+        Duration::from_secs(5),
+        "the endless task is cancelled",
+    )
+    .await;
     assert!(cancelled_seen.load(Ordering::SeqCst));
     let row = queue::get(&**conn, forever).await.unwrap();
     assert!(
@@ -284,16 +274,19 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
     client.stop().await.unwrap();
     // Not-started tasks cancel at once; retry makes them available again.
     let idle = queue::enqueue(&**conn, &task("flaky")).await.unwrap().id;
-    assert_eq!(
-        queue::cancel(&**conn, idle).await.unwrap(),
-        TaskState::Cancelled
-    );
-    assert_eq!(
-        queue::retry(&**conn, idle).await.unwrap(),
-        TaskState::Available
-    );
+    assert_eq!(cancel_task(&t, idle).await, TaskState::Cancelled);
+    assert_eq!(retry_task(&t, idle).await, TaskState::Available);
     assert!(matches!(
         queue::retry(&**conn, TaskId(999_999)).await,
         Err(Error::NotFound { .. })
     ));
+}
+
+/// Set `seen` once `cancel` fires (from a task of its own, while the handler sleeps).
+fn flag_on_cancel(cancel: &tokio_util::sync::CancellationToken, seen: &Arc<AtomicBool>) {
+    let (cancel, seen) = (cancel.clone(), seen.clone());
+    tokio::spawn(async move {
+        cancel.cancelled().await;
+        seen.store(true, Ordering::SeqCst);
+    });
 }

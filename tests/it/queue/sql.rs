@@ -6,15 +6,15 @@ use std::time::Duration;
 use pgcrew::queue::{self, Ack, AckOutcome, NewTask, TaskState};
 use pgcrew::{ClaimToken, Client, Error, InstanceId, TaskId, TenantId};
 
-use super::{config, q, state_of};
+use super::{completed, config, q, state_of};
 use crate::common::{
-    assert_invalid_input, create_tenant, eventually, register_instance, scalar, task, test_db,
+    assert_invalid_input, create_tenant, db_with_instance, register_instance, scalar, start_leader,
+    task, test_db,
 };
 
 #[tokio::test]
 async fn claim_and_ack_with_stale_token_rejected() {
-    let t = test_db().await;
-    let me = register_instance(&t, "w1").await;
+    let (t, me) = db_with_instance("w1").await;
     let conn = t.db.get().await.unwrap();
     let e = queue::enqueue(&**conn, &task("k").queue("q1"))
         .await
@@ -33,11 +33,7 @@ async fn claim_and_ack_with_stale_token_rejected() {
     );
 
     // A wrong token is rejected and changes nothing.
-    let bad = Ack {
-        id: e.id,
-        token: ClaimToken::new(),
-        outcome: AckOutcome::Complete,
-    };
+    let bad = completed(e.id, ClaimToken::new());
     let rep = queue::ack(&**conn, std::slice::from_ref(&bad))
         .await
         .unwrap();
@@ -45,11 +41,7 @@ async fn claim_and_ack_with_stale_token_rejected() {
     assert!(rep.applied.is_empty());
     assert_eq!(state_of(&t, e.id).await, TaskState::Running);
 
-    let good = Ack {
-        id: e.id,
-        token: claimed[0].token,
-        outcome: AckOutcome::Complete,
-    };
+    let good = completed(e.id, claimed[0].token);
     let rep = queue::ack(&**conn, std::slice::from_ref(&good))
         .await
         .unwrap();
@@ -67,8 +59,7 @@ async fn rescued_task_rejects_the_old_claims_ack() {
     let mut cfg = config("leader");
     cfg.maintenance_interval = Duration::from_secs(3600);
     let leader = Client::builder(t.dsn()).config(cfg).build().await.unwrap();
-    leader.start().await.unwrap();
-    assert!(eventually(Duration::from_secs(5), || async { leader.is_leader() }).await);
+    start_leader(&leader, Duration::from_secs(5)).await;
     let conn = t.db.get().await.unwrap();
     let e = queue::enqueue(&**conn, &task("k")).await.unwrap();
     // Claimed by an instance that is not registered: maintenance rescues it.
@@ -88,28 +79,14 @@ async fn rescued_task_rejects_the_old_claims_ack() {
         .unwrap();
     assert_eq!(live.len(), 1);
     assert_eq!(live[0].attempt, 2);
-    let stale = queue::ack(
-        &**conn,
-        &[Ack {
-            id: e.id,
-            token: first[0].token,
-            outcome: AckOutcome::Complete,
-        }],
-    )
-    .await
-    .unwrap();
+    let stale = queue::ack(&**conn, &[completed(e.id, first[0].token)])
+        .await
+        .unwrap();
     assert_eq!(stale.stale, vec![e.id]);
     assert_eq!(state_of(&t, e.id).await, TaskState::Running);
-    let ok = queue::ack(
-        &**conn,
-        &[Ack {
-            id: e.id,
-            token: live[0].token,
-            outcome: AckOutcome::Complete,
-        }],
-    )
-    .await
-    .unwrap();
+    let ok = queue::ack(&**conn, &[completed(e.id, live[0].token)])
+        .await
+        .unwrap();
     assert_eq!(ok.applied, vec![(e.id, TaskState::Completed)]);
 
     // A live instance whose heartbeat on a task went stale loses it too; out of attempts, the
@@ -329,8 +306,7 @@ async fn invalid_input_is_rejected_and_nothing_is_stored() {
 
 #[tokio::test]
 async fn unique_keys_dedupe_among_unfinished_tasks() {
-    let t = test_db().await;
-    let me = register_instance(&t, "w").await;
+    let (t, me) = db_with_instance("w").await;
     let conn = t.db.get().await.unwrap();
     let a = queue::enqueue(&**conn, &task("k").unique_key("u1"))
         .await

@@ -44,16 +44,7 @@ async fn paused_lease_holder_loses_the_run_and_its_late_writes_are_rejected() {
     .await;
     assert!(matches!(late, Err(Error::LeaseLost(_))), "{late:?}");
     drop(paused_tx);
-    assert!(matches!(
-        runs::append_event(
-            &t.db,
-            run,
-            NewEvent::new("a-late", json!({})),
-            Some(a.token)
-        )
-        .await,
-        Err(Error::LeaseLost(_))
-    ));
+    assert!(append_lease_lost(&t.db, run, "a-late", a.token).await);
     assert!(matches!(
         runs::renew_run_lease(&t.db, &a, ttl).await,
         Err(Error::LeaseLost(_))
@@ -77,12 +68,7 @@ async fn paused_lease_holder_loses_the_run_and_its_late_writes_are_rejected() {
         .unwrap();
     assert_eq!(done.state, RunState::Completed);
     assert_eq!(done.lease_owner, None);
-    let types: Vec<String> = runs::read_events(&t.db, run, 0, 100)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.event_type)
-        .collect();
+    let types = event_types(&t.db, run).await;
     assert_eq!(
         types,
         vec!["run_created", "a1", "b1", "run_started", "run_completed"]
@@ -152,12 +138,7 @@ async fn illegal_transitions_are_errors_and_change_nothing() {
     let after = runs::get_run(&t.db, run).await.unwrap();
     assert_eq!(after.state, RunState::Completed);
     assert_eq!(after.response_text.as_deref(), Some("hi"));
-    let types: Vec<String> = runs::read_events(&t.db, run, 0, 100)
-        .await
-        .unwrap()
-        .into_iter()
-        .map(|e| e.event_type)
-        .collect();
+    let types = event_types(&t.db, run).await;
     assert_eq!(types, vec!["run_created", "run_started", "run_completed"]);
     // Bad input: negative usage, empty reason, unknown tenant/run.
     let r2 = new_run(&t.db).await;
@@ -394,16 +375,7 @@ async fn maintenance_releases_leases_of_dead_instances_and_fail_run_in_records_t
         .unwrap();
     assert_eq!(failed.state, RunState::Failed);
     tx.commit().await.unwrap();
-    assert!(matches!(
-        runs::append_event(
-            &t.db,
-            run,
-            NewEvent::new("late", json!({})),
-            Some(lease.token)
-        )
-        .await,
-        Err(Error::LeaseLost(_))
-    ));
+    assert!(append_lease_lost(&t.db, run, "late", lease.token).await);
     let evs = runs::read_events(&t.db, run, 0, 10).await.unwrap();
     assert_eq!(evs.last().unwrap().event_type, "run_failed");
 
@@ -482,4 +454,23 @@ async fn maintenance_releases_leases_of_dead_instances_and_fail_run_in_records_t
         runs::purge_run(&t.db, live, "nope").await,
         Err(Error::InvalidInput { .. })
     ));
+}
+
+/// Whether appending an empty event of type `ty` under the lease `token` is refused with
+/// `LeaseLost`.
+async fn append_lease_lost(db: &Db, run: RunId, ty: &str, token: i64) -> bool {
+    matches!(
+        runs::append_event(db, run, NewEvent::new(ty, json!({})), Some(token)).await,
+        Err(Error::LeaseLost(_))
+    )
+}
+
+/// The types of a run's first 100 ledger events, in order.
+async fn event_types(db: &Db, run: RunId) -> Vec<String> {
+    runs::read_events(db, run, 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.event_type)
+        .collect()
 }

@@ -15,22 +15,19 @@ use pgcrew::runs::{
 use pgcrew::{Client, ClientConfig, Error, InstanceId, RunId, TenantId};
 use serde_json::json;
 
-use crate::common::{append_notes, cli, pgcrew_bin, test_db};
+use crate::common::{append_notes, cli, execute, pgcrew_bin, test_db, wait_listening};
 
 fn tenant(id: &str) -> TenantId {
     TenantId::new(id).unwrap()
 }
 
 async fn add_tenant(db: &Db, id: &str, max_runs: Option<i32>) {
-    db.get()
-        .await
-        .unwrap()
-        .execute(
-            "INSERT INTO pgcrew.tenants (id, max_concurrent_runs) VALUES ($1, $2)",
-            &[&id, &max_runs],
-        )
-        .await
-        .unwrap();
+    execute(
+        db,
+        "INSERT INTO pgcrew.tenants (id, max_concurrent_runs) VALUES ($1, $2)",
+        &[&id, &max_runs],
+    )
+    .await;
 }
 
 async fn new_run(db: &Db) -> RunId {
@@ -65,11 +62,6 @@ async fn started_client(db: &Db) -> Client {
         .unwrap();
     let client = Client::connect(db.clone(), config).await.unwrap();
     client.start().await.unwrap();
-    assert!(
-        client
-            .notifier()
-            .wait_connected(Duration::from_secs(10))
-            .await
-    );
+    wait_listening(&client, Duration::from_secs(10)).await;
     client
 }

@@ -1,6 +1,7 @@
 //! Reading runs: following the ledger, artifacts and summaries, sessions, and the `run` CLI.
 
 use super::*;
+use crate::common::cli;
 
 #[tokio::test]
 async fn tail_follow_sees_events_appended_by_another_process() {
@@ -136,12 +137,7 @@ async fn artifacts_and_summaries() {
         2
     );
     // The CLI shows them.
-    let out = tokio::process::Command::new(pgcrew_bin())
-        .env("DATABASE_URL", t.dsn())
-        .args(["run", "artifacts", &run.to_string(), "--json"])
-        .output()
-        .await
-        .unwrap();
+    let out = cli(t.dsn(), ["run", "artifacts", &run.to_string(), "--json"]).await;
     assert_eq!(out.status.code(), Some(0));
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v.as_array().unwrap().len(), 2);
@@ -173,37 +169,22 @@ async fn sessions_list_and_cli_list_status_cancel() {
     let r2 = runs::create_run(&t.db, NewRun::new(tenant("other")))
         .await
         .unwrap();
-    let run_cli = |args: Vec<String>| cli(t.dsn(), args);
-    let list = run_cli(vec![
-        "run".into(),
-        "list".into(),
-        "--tenant".into(),
-        "other".into(),
-    ])
-    .await;
+    let run_cli = |args: &[&str]| {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        cli(t.dsn(), args)
+    };
+    let list = run_cli(&["run", "list", "--tenant", "other"]).await;
     assert_eq!(list.status.code(), Some(0));
     assert_eq!(String::from_utf8_lossy(&list.stdout).trim(), r2.to_string());
-    let bad = run_cli(vec![
-        "run".into(),
-        "list".into(),
-        "--state".into(),
-        "weird".into(),
-    ])
-    .await;
+    let bad = run_cli(&["run", "list", "--state", "weird"]).await;
     assert_eq!(bad.status.code(), Some(2));
-    let cancel = run_cli(vec!["run".into(), "cancel".into(), r1.to_string()]).await;
+    let cancel = run_cli(&["run", "cancel", &r1.to_string()]).await;
     assert_eq!(cancel.status.code(), Some(0), "{cancel:?}");
-    let status = run_cli(vec![
-        "run".into(),
-        "status".into(),
-        r1.to_string(),
-        "--json".into(),
-    ])
-    .await;
+    let status = run_cli(&["run", "status", &r1.to_string(), "--json"]).await;
     let v: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
     assert_eq!(v["state"], "cancelled");
     assert_eq!(v["session_id"], s.id.to_string());
-    let again = run_cli(vec!["run".into(), "cancel".into(), r1.to_string()]).await;
+    let again = run_cli(&["run", "cancel", &r1.to_string()]).await;
     assert_eq!(again.status.code(), Some(2));
 }
 
@@ -211,12 +192,7 @@ async fn sessions_list_and_cli_list_status_cancel() {
 async fn cli_tail_json_prints_one_event_per_line() {
     let t = test_db().await;
     let run = run_with_events(&t.db, 4).await;
-    let out = tokio::process::Command::new(pgcrew_bin())
-        .env("DATABASE_URL", t.dsn())
-        .args(["run", "tail", &run.to_string(), "--json"])
-        .output()
-        .await
-        .unwrap();
+    let out = cli(t.dsn(), ["run", "tail", &run.to_string(), "--json"]).await;
     assert_eq!(out.status.code(), Some(0));
     let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
         .lines()

@@ -7,31 +7,15 @@ async fn cost_breakdown_by_tenant_model_category_and_day() {
     let t = test_db().await;
     let a = tenant(&t.db, "a", None).await;
     let b = tenant(&t.db, "b", None).await;
-    tenancy::charge(&t.db, &a, None, &CostInput::llm("gpt-4o", 100, 50, 0.25))
-        .await
-        .unwrap();
-    tenancy::charge(&t.db, &a, None, &CostInput::llm("gpt-4o", 10, 5, 0.125))
-        .await
-        .unwrap();
-    tenancy::charge(&t.db, &a, None, &CostInput::llm("gpt-4o-mini", 1, 1, 0.01))
-        .await
-        .unwrap();
-    tenancy::charge(
-        &t.db,
-        &a,
-        None,
-        &CostInput::other(CostCategory::Retrieval, 0.02),
-    )
-    .await
-    .unwrap();
-    tenancy::charge(
-        &t.db,
-        &b,
-        None,
-        &CostInput::other(CostCategory::Storage, 1.0),
-    )
-    .await
-    .unwrap();
+    for (tenant, cost) in [
+        (&a, CostInput::llm("gpt-4o", 100, 50, 0.25)),
+        (&a, CostInput::llm("gpt-4o", 10, 5, 0.125)),
+        (&a, CostInput::llm("gpt-4o-mini", 1, 1, 0.01)),
+        (&a, CostInput::other(CostCategory::Retrieval, 0.02)),
+        (&b, CostInput::other(CostCategory::Storage, 1.0)),
+    ] {
+        tenancy::charge(&t.db, tenant, None, &cost).await.unwrap();
+    }
     let rows = tenancy::cost_breakdown(&t.db, &CostFilter::tenant(a.clone()))
         .await
         .unwrap();
