@@ -91,6 +91,7 @@ pub mod ledger_key;
 pub mod model;
 pub mod queue;
 pub mod runs;
+pub mod sqlstate;
 pub mod tenancy;
 
 pub use agent::{AgentDef, AgentRuntime, Tool, ToolRegistry};

@@ -223,7 +223,7 @@ pub async fn start_run(
 fn done(a: Applied) -> Result<Run> {
     match a {
         Applied::Done(r) => Ok(*r),
-        Applied::Limited { .. } => Err(Error::Migration(
+        Applied::Limited { .. } => Err(Error::Internal(
             "unexpected admission result for a terminal transition".into(),
         )),
     }
