@@ -93,6 +93,7 @@ pub mod queue;
 pub mod runs;
 pub mod sqlstate;
 pub mod tenancy;
+pub mod vocab;
 
 pub use agent::{AgentDef, AgentRuntime, Tool, ToolRegistry};
 pub use client::Client;
