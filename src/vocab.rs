@@ -1,5 +1,6 @@
 //! The shared vocabulary: the closed sets of names that travel between modules and into the
-//! database (a task's state, a run's state, a task's priority, a tenant's budget status).
+//! database (a task's state, a run's state, a task's priority, a tenant's budget status, the
+//! ledger event types pgcrew writes).
 //!
 //! Each enum is declared once with [`vocab!`](crate::vocab!): its variants and their stored
 //! names, from which come `ALL`, `as_str`, `from_name`, `Display` and comparisons with `&str`.
@@ -139,6 +140,67 @@ vocab! {
     }
 }
 
+vocab! {
+    /// The ledger event types pgcrew itself writes (`pgcrew.run_events.event_type`); callers
+    /// may append events of their own types too.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum EventType {
+        /// The run was created (always seq 1).
+        RunCreated = "run_created",
+        /// pending → running.
+        RunStarted = "run_started",
+        /// running → completed (finishes the run).
+        RunCompleted = "run_completed",
+        /// → failed (finishes the run).
+        RunFailed = "run_failed",
+        /// → cancelled (finishes the run).
+        RunCancelled = "run_cancelled",
+        /// The run was forked from another run's ledger.
+        RunForked = "run_forked",
+        /// A model call was reserved and is about to be made.
+        ModelRequested = "model_requested",
+        /// A model call answered (its usage settled).
+        ModelCompleted = "model_completed",
+        /// A model call failed (its reservation released).
+        ModelFailed = "model_failed",
+        /// A reservation was refused by the tenant's or the run's budget.
+        BudgetExceeded = "budget_exceeded",
+        /// A settled cost was above its reservation.
+        BudgetOverrun = "budget_overrun",
+        /// Replay found a different request and the policy refused it.
+        ReplayRejected = "replay_rejected",
+        /// Replay found a different request and the policy allowed it.
+        ReplayedWithDrift = "replayed_with_drift",
+        /// A tool call is about to be invoked.
+        ToolRequested = "tool_requested",
+        /// A tool call returned.
+        ToolCompleted = "tool_completed",
+        /// A tool call failed.
+        ToolFailed = "tool_failed",
+        /// A tool call's outcome is not known (the process died during the call).
+        ToolOutcomeUnknown = "tool_outcome_unknown",
+        /// A tool call was refused before invocation (unknown tool, bad arguments).
+        ToolRejected = "tool_rejected",
+        /// A tool call was refused for a missing capability.
+        CapabilityDenied = "capability_denied",
+        /// A workflow step recorded its output.
+        WorkflowStepCompleted = "workflow_step_completed",
+        /// A harness unit recorded its output.
+        HarnessUnitCompleted = "harness_unit_completed",
+    }
+}
+
+impl EventType {
+    /// True for the events a terminal transition records (a finished run's last event).
+    pub fn finishes_run(&self) -> bool {
+        matches!(
+            self,
+            EventType::RunCompleted | EventType::RunFailed | EventType::RunCancelled
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -156,6 +218,10 @@ mod tests {
         for s in BudgetStatus::ALL {
             assert_eq!(BudgetStatus::from_name(s.as_str()), Some(s));
             assert_eq!(serde_json::to_value(s).ok(), Some(s.as_str().into()));
+        }
+        for e in EventType::ALL {
+            assert_eq!(EventType::from_name(e.as_str()), Some(e));
+            assert_eq!(serde_json::to_value(e).ok(), Some(e.as_str().into()));
         }
         for p in Priority::ALL {
             assert_eq!(serde_json::to_value(p).ok(), Some(p.as_str().into()));

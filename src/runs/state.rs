@@ -33,6 +33,7 @@ pub use super::transition::{
     fail_stuck_runs_in, start_run,
 };
 
+use crate::vocab::EventType;
 pub use crate::vocab::RunState;
 
 impl RunState {
@@ -300,7 +301,7 @@ pub async fn create_run_in(tx: &tokio_postgres::Transaction<'_>, new: NewRun) ->
     )
     .await?;
     let ev = NewEvent::new(
-        "run_created",
+        EventType::RunCreated.as_str(),
         json!({
             "state": "pending",
             "agent_name": new.agent_name,
