@@ -4,6 +4,7 @@
 //! (bad input, unknown ids, illegal transitions) are distinct variants so they can be matched,
 //! and every message says what went wrong and, where there is one, what to do about it.
 
+use crate::sqlstate;
 use std::time::Duration;
 
 /// The pgcrew result alias.
@@ -75,6 +76,11 @@ pub enum Error {
     /// Running the embedded migrations failed.
     #[error("migration failed: {0}")]
     Migration(String),
+
+    /// A broken invariant inside pgcrew (a statement that must return a row returned none, a
+    /// result that cannot happen on this path): a bug, not a problem with the input.
+    #[error("internal error: {0}")]
+    Internal(String),
 
     /// A database error that is not one of the classified cases.
     #[error("database error: {}", describe_pg_error(.0))]
@@ -337,14 +343,14 @@ impl Error {
                     || matches!(
                         e.code().map(|c| c.code()),
                         Some(
-                            "40001"
-                                | "40P01"
-                                | "57P01"
-                                | "57P02"
-                                | "57P03"
-                                | "08000"
-                                | "08003"
-                                | "08006"
+                            sqlstate::SERIALIZATION_FAILURE
+                                | sqlstate::DEADLOCK_DETECTED
+                                | sqlstate::ADMIN_SHUTDOWN
+                                | sqlstate::CRASH_SHUTDOWN
+                                | sqlstate::CANNOT_CONNECT_NOW
+                                | sqlstate::CONNECTION_EXCEPTION
+                                | sqlstate::CONNECTION_DOES_NOT_EXIST
+                                | sqlstate::CONNECTION_FAILURE
                         )
                     )
                     || e.as_db_error().is_none()
@@ -399,26 +405,32 @@ pub(crate) fn describe_pg_error(e: &tokio_postgres::Error) -> String {
 pub(crate) fn classify_pg_error(e: tokio_postgres::Error) -> Error {
     if let Some(db) = e.as_db_error() {
         match db.code().code() {
-            "28P01" | "28000" => {
+            sqlstate::INVALID_PASSWORD | sqlstate::INVALID_AUTHORIZATION => {
                 return Error::Authentication {
                     message: db.message().to_string(),
                 };
             }
-            "3D000" => {
+            sqlstate::INVALID_CATALOG_NAME => {
                 return Error::Connect {
                     message: format!("{} (create the database or fix the DSN)", db.message()),
                 };
             }
-            "3F000" => return Error::SchemaMissing,
+            sqlstate::INVALID_SCHEMA_NAME => return Error::SchemaMissing,
             // A named prepared statement missing (or its name taken) on the server connection:
             // a transaction pooler moved this client to another server.
-            "26000" | "42P05" if db.message().contains("prepared statement") => {
+            sqlstate::INVALID_SQL_STATEMENT_NAME | sqlstate::DUPLICATE_PREPARED_STATEMENT
+                if db.message().contains("prepared statement") =>
+            {
                 return crate::db::cached_statements_lost(&describe_pg_error(&e));
             }
             // pgcrew.money_amount / pgcrew.token_count (V012): an invalid amount or count.
-            "PC030" => return Error::invalid("amount", db.message()),
-            "PC040" => return too_large_from_db(db),
-            "42P01" | "42883" if db.message().contains("pgcrew.") => return Error::SchemaMissing,
+            sqlstate::INVALID_AMOUNT => return Error::invalid("amount", db.message()),
+            sqlstate::TOO_LARGE => return too_large_from_db(db),
+            sqlstate::UNDEFINED_TABLE | sqlstate::UNDEFINED_FUNCTION
+                if db.message().contains("pgcrew.") =>
+            {
+                return Error::SchemaMissing;
+            }
             _ => {}
         }
         return Error::Database(e);

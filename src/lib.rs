@@ -91,7 +91,9 @@ pub mod ledger_key;
 pub mod model;
 pub mod queue;
 pub mod runs;
+pub mod sqlstate;
 pub mod tenancy;
+pub mod vocab;
 
 pub use agent::{AgentDef, AgentRuntime, Tool, ToolRegistry};
 pub use client::Client;

@@ -205,7 +205,7 @@ impl Client {
 }
 /// Whether `e` is a `lock_timeout` expiry (SQLSTATE 55P03).
 fn is_lock_timeout(e: &Error) -> bool {
-    matches!(e, Error::Database(db) if db.code() == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE))
+    e.sqlstate() == Some(crate::sqlstate::LOCK_NOT_AVAILABLE)
 }
 
 async fn sleep_until_opt(deadline: Option<Instant>) {

@@ -10,6 +10,7 @@ use super::claim::invalid_state;
 use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::{TaskId, TenantId, validate_text_id};
+use crate::sqlstate;
 
 /// One row of [`stats`]: tasks of a queue in a state.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -178,14 +179,16 @@ pub async fn retry<C: Executor + ?Sized>(client: &C, id: TaskId) -> Result<TaskS
         .await
         .map_err(|e| {
             match e.as_db_error().map(|d| (d.code().code(), d.message())) {
-                Some(("23505", _)) => Error::invalid(
+                Some((sqlstate::UNIQUE_VIOLATION, _)) => Error::invalid(
                     "task",
                     format!(
                         "task {id} cannot be retried: another unfinished task holds its unique key"
                     ),
                 ),
                 // A parent was discarded or cancelled (V011).
-                Some(("PC024", message)) => Error::invalid("task", message.to_string()),
+                Some((sqlstate::PARENT_FINISHED, message)) => {
+                    Error::invalid("task", message.to_string())
+                }
                 _ => Error::from(e),
             }
         })?
@@ -221,7 +224,7 @@ pub async fn set_queue_limit<C: Executor + ?Sized>(
         )
         .await
         .map_err(|e| {
-            if e.as_db_error().map(|d| d.code().code()) == Some("23503") {
+            if sqlstate::of(&e) == Some(sqlstate::FOREIGN_KEY_VIOLATION) {
                 Error::not_found("tenant", tenant)
             } else {
                 Error::from(e)

@@ -163,14 +163,17 @@ pub async fn enqueue_many<E: Executor + ?Sized>(
 /// Turn the database's complaints about an enqueue into actionable input errors.
 /// `tenant` names the tenant when the statement could not say which one was unknown.
 pub(crate) fn map_enqueue_error(e: tokio_postgres::Error, tenant: Option<&str>) -> Error {
+    use crate::sqlstate;
     if let Some(db) = e.as_db_error() {
         let code = db.code().code();
         match code {
             // pgcrew.enqueue_task: payload too large, delay too long (V011).
-            "PC021" => return Error::invalid("payload", db.message().to_string()),
-            "PC022" => return Error::invalid("delay", db.message().to_string()),
+            sqlstate::PAYLOAD_TOO_LARGE => {
+                return Error::invalid("payload", db.message().to_string());
+            }
+            sqlstate::DELAY_TOO_LONG => return Error::invalid("delay", db.message().to_string()),
             // A run_at PostgreSQL cannot represent.
-            "22008" => {
+            sqlstate::DATETIME_FIELD_OVERFLOW => {
                 return Error::invalid(
                     "run_at",
                     format!(
@@ -181,14 +184,15 @@ pub(crate) fn map_enqueue_error(e: tokio_postgres::Error, tenant: Option<&str>) 
             }
             _ => {}
         }
-        if code == "23503" && db.hint() == Some("pgcrew_missing_dependency") {
+        if code == sqlstate::FOREIGN_KEY_VIOLATION && db.hint() == Some("pgcrew_missing_dependency")
+        {
             return Error::invalid("depends_on", db.message().to_string());
         }
-        if (code == "23503" && db.hint() == Some("pgcrew_unknown_tenant"))
-            || (code == "23502" && db.column() == Some("tenant_id"))
+        if (code == sqlstate::FOREIGN_KEY_VIOLATION && db.hint() == Some("pgcrew_unknown_tenant"))
+            || (code == sqlstate::NOT_NULL_VIOLATION && db.column() == Some("tenant_id"))
         {
             let what = match tenant {
-                _ if code == "23503" => db.message().to_string(),
+                _ if code == sqlstate::FOREIGN_KEY_VIOLATION => db.message().to_string(),
                 Some(t) => format!("tenant {t} does not exist"),
                 None => "the tenant does not exist".to_string(),
             };

@@ -2,28 +2,9 @@
 
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
-
 use crate::error::{Error, Result};
 
-/// Task priority: claimed in this order within a tenant (stored as 0..=4).
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
-)]
-#[serde(rename_all = "snake_case")]
-pub enum Priority {
-    /// 0: before everything else.
-    Critical,
-    /// 1.
-    High,
-    /// 2: the default.
-    #[default]
-    Normal,
-    /// 3.
-    Low,
-    /// 4: bulk/background work.
-    Batch,
-}
+pub use crate::vocab::{Priority, TaskState};
 
 impl Priority {
     /// The stored value (0 = critical .. 4 = batch).
@@ -48,83 +29,22 @@ impl Priority {
             _ => return None,
         })
     }
-
-    /// The lowercase name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Priority::Critical => "critical",
-            Priority::High => "high",
-            Priority::Normal => "normal",
-            Priority::Low => "low",
-            Priority::Batch => "batch",
-        }
-    }
 }
 
 impl FromStr for Priority {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s.trim().to_ascii_lowercase().as_str() {
-            "critical" => Priority::Critical,
-            "high" => Priority::High,
-            "normal" => Priority::Normal,
-            "low" => Priority::Low,
-            "batch" => Priority::Batch,
-            other => {
-                return Err(Error::invalid(
-                    "priority",
-                    format!("`{other}` is not one of critical, high, normal, low, batch"),
-                ));
-            }
+        let name = s.trim().to_ascii_lowercase();
+        Priority::from_name(&name).ok_or_else(|| {
+            Error::invalid(
+                "priority",
+                format!("`{name}` is not one of critical, high, normal, low, batch"),
+            )
         })
     }
 }
 
-/// A task's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum TaskState {
-    /// Delayed, snoozed, or waiting for its dependencies.
-    Scheduled,
-    /// Ready to be claimed.
-    Available,
-    /// Claimed by a worker.
-    Running,
-    /// Finished successfully (final).
-    Completed,
-    /// Failed; will become available again after its backoff.
-    Retryable,
-    /// Failed for good (out of attempts, or discarded by its handler) (final).
-    Discarded,
-    /// Cancelled (final).
-    Cancelled,
-}
-
 impl TaskState {
-    /// All states, in lifecycle order.
-    pub const ALL: [TaskState; 7] = [
-        TaskState::Scheduled,
-        TaskState::Available,
-        TaskState::Running,
-        TaskState::Completed,
-        TaskState::Retryable,
-        TaskState::Discarded,
-        TaskState::Cancelled,
-    ];
-
-    /// The stored name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            TaskState::Scheduled => "scheduled",
-            TaskState::Available => "available",
-            TaskState::Running => "running",
-            TaskState::Completed => "completed",
-            TaskState::Retryable => "retryable",
-            TaskState::Discarded => "discarded",
-            TaskState::Cancelled => "cancelled",
-        }
-    }
-
     /// Whether the state is final (completed, discarded, cancelled).
     pub fn is_final(self) -> bool {
         matches!(
@@ -134,20 +54,11 @@ impl TaskState {
     }
 }
 
-impl std::fmt::Display for TaskState {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 impl FromStr for TaskState {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
         let t = s.trim().to_ascii_lowercase();
-        TaskState::ALL
-            .into_iter()
-            .find(|st| st.as_str() == t)
-            .ok_or_else(|| {
+        TaskState::from_name(&t).ok_or_else(|| {
                 Error::invalid(
                     "state",
                     format!(

@@ -50,29 +50,30 @@ pub use watch::RunWatcher;
 /// ledger closed, PC004 ledger written outside pgcrew) and the state-machine trigger's error to
 /// typed errors.
 pub(crate) fn map_db_error(e: tokio_postgres::Error, run: crate::ids::RunId) -> Error {
+    use crate::sqlstate;
     if let Some(db) = e.as_db_error() {
         match db.code().code() {
-            "PC001" => return Error::LeaseLost(db.message().to_string()),
-            "PC002" => return Error::not_found("run", run),
-            "PC003" => {
+            sqlstate::LEASE_LOST => return Error::LeaseLost(db.message().to_string()),
+            sqlstate::RUN_NOT_FOUND => return Error::not_found("run", run),
+            sqlstate::LEDGER_CLOSED => {
                 return Error::LedgerClosed {
                     run: run.to_string(),
                     message: db.message().to_string(),
                 };
             }
-            "PC004" => {
+            sqlstate::LEDGER_TAMPERED => {
                 return Error::LedgerTampered {
                     run: run.to_string(),
                     message: db.message().to_string(),
                 };
             }
-            "PC041" => {
+            sqlstate::RUN_FINISHED => {
                 return Error::RunFinished {
                     run: run.to_string(),
                     state: db.detail().unwrap_or("finished").to_string(),
                 };
             }
-            "23514" if db.hint() == Some("pgcrew_illegal_transition") => {
+            sqlstate::CHECK_VIOLATION if db.hint() == Some("pgcrew_illegal_transition") => {
                 return Error::IllegalTransition {
                     entity: "run",
                     id: run.to_string(),

@@ -13,7 +13,6 @@
 //! Starting a run enforces the tenant's `max_concurrent_runs` exactly: admission is serialised
 //! per tenant with an advisory transaction lock around count + transition.
 
-use std::fmt;
 use std::str::FromStr;
 
 use chrono::{DateTime, Utc};
@@ -34,34 +33,10 @@ pub use super::transition::{
     fail_stuck_runs_in, start_run,
 };
 
-/// A run's state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RunState {
-    /// Created, not started.
-    Pending,
-    /// Being worked on.
-    Running,
-    /// Finished successfully (terminal).
-    Completed,
-    /// Finished with an error (terminal).
-    Failed,
-    /// Cancelled (terminal).
-    Cancelled,
-}
+use crate::vocab::EventType;
+pub use crate::vocab::RunState;
 
 impl RunState {
-    /// The state's name as stored.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            RunState::Pending => "pending",
-            RunState::Running => "running",
-            RunState::Completed => "completed",
-            RunState::Failed => "failed",
-            RunState::Cancelled => "cancelled",
-        }
-    }
-
     /// True for completed, failed and cancelled.
     pub fn is_terminal(&self) -> bool {
         matches!(
@@ -85,29 +60,15 @@ impl RunState {
     }
 }
 
-impl fmt::Display for RunState {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 impl FromStr for RunState {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s.trim() {
-            "pending" => RunState::Pending,
-            "running" => RunState::Running,
-            "completed" => RunState::Completed,
-            "failed" => RunState::Failed,
-            "cancelled" => RunState::Cancelled,
-            other => {
-                return Err(Error::invalid(
-                    "run state",
-                    format!(
-                        "`{other}` is not one of pending, running, completed, failed, cancelled"
-                    ),
-                ));
-            }
+        let name = s.trim();
+        RunState::from_name(name).ok_or_else(|| {
+            Error::invalid(
+                "run state",
+                format!("`{name}` is not one of pending, running, completed, failed, cancelled"),
+            )
         })
     }
 }
@@ -340,7 +301,7 @@ pub async fn create_run_in(tx: &tokio_postgres::Transaction<'_>, new: NewRun) ->
     )
     .await?;
     let ev = NewEvent::new(
-        "run_created",
+        EventType::RunCreated.as_str(),
         json!({
             "state": "pending",
             "agent_name": new.agent_name,

@@ -14,6 +14,7 @@ use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::{InstanceId, RunId};
 use crate::ledger_key::LedgerKey;
+use crate::vocab::EventType;
 
 /// What to do when starting a run would exceed the tenant's `max_concurrent_runs`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -145,10 +146,17 @@ async fn transition_in(
         obj.insert("to".into(), json!(to.as_str()));
     }
     let event_type = match to {
-        RunState::Running => "run_started".to_string(),
-        other => format!("run_{}", other.as_str()),
+        RunState::Running => EventType::RunStarted,
+        RunState::Completed => EventType::RunCompleted,
+        RunState::Failed => EventType::RunFailed,
+        RunState::Cancelled => EventType::RunCancelled,
+        RunState::Pending => {
+            return Err(Error::Internal(format!(
+                "run {run}: no transition leads to pending"
+            )));
+        }
     };
-    let ev = NewEvent::new(event_type, details);
+    let ev = NewEvent::new(event_type.as_str(), details);
     // Record first (the lease check needs the lease the terminal update clears, and appends to a
     // finished run are refused).
     let appended = append_events_in(tx, run, &[ev], change.lease_token).await?;
@@ -223,7 +231,7 @@ pub async fn start_run(
 fn done(a: Applied) -> Result<Run> {
     match a {
         Applied::Done(r) => Ok(*r),
-        Applied::Limited { .. } => Err(Error::Migration(
+        Applied::Limited { .. } => Err(Error::Internal(
             "unexpected admission result for a terminal transition".into(),
         )),
     }

@@ -4,38 +4,15 @@
 //! `budget_status` current from `spent_usd`, the limit and the tenant's thresholds) and every
 //! change is announced on `pgcrew_budget_status_changed` `{tenant_id, status}`.
 
-use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
 
-/// A tenant's budget status, ordered from best to worst.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum BudgetStatus {
-    /// Spent below the warning threshold (or no limit).
-    Healthy,
-    /// Spent at or above the warning threshold (default 80 %).
-    Warning,
-    /// Spent at or above the critical threshold (default 90 %).
-    Critical,
-    /// Spent at or above the limit.
-    Exceeded,
-}
+pub use crate::vocab::BudgetStatus;
 
 impl BudgetStatus {
-    /// The status as stored and notified (`HEALTHY`, ...).
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            BudgetStatus::Healthy => "HEALTHY",
-            BudgetStatus::Warning => "WARNING",
-            BudgetStatus::Critical => "CRITICAL",
-            BudgetStatus::Exceeded => "EXCEEDED",
-        }
-    }
-
     /// The status for `spent` against `limit` with the given thresholds (fractions of the
     /// limit) — the same rule as the database's `pgcrew.budget_status_of`.
     pub fn compute(spent: f64, limit: Option<f64>, thresholds: BudgetThresholds) -> Self {
@@ -49,25 +26,15 @@ impl BudgetStatus {
     }
 }
 
-impl fmt::Display for BudgetStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
 impl FromStr for BudgetStatus {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {
-        match s.trim().to_ascii_uppercase().as_str() {
-            "HEALTHY" => Ok(BudgetStatus::Healthy),
-            "WARNING" => Ok(BudgetStatus::Warning),
-            "CRITICAL" => Ok(BudgetStatus::Critical),
-            "EXCEEDED" => Ok(BudgetStatus::Exceeded),
-            _ => Err(Error::invalid(
+        BudgetStatus::from_name(&s.trim().to_ascii_uppercase()).ok_or_else(|| {
+            Error::invalid(
                 "budget status",
                 format!("`{s}` is not one of HEALTHY, WARNING, CRITICAL, EXCEEDED"),
-            )),
-        }
+            )
+        })
     }
 }
 

@@ -63,7 +63,7 @@ pub async fn append_event(
 ) -> Result<AppendedEvent> {
     let mut v = append_events(db, run, std::slice::from_ref(&event), lease_token).await?;
     v.pop()
-        .ok_or_else(|| Error::Migration("pgcrew.append_events returned no row".into()))
+        .ok_or_else(|| Error::Internal("pgcrew.append_events returned no row".into()))
 }
 
 /// Append several events to a run in one transaction (consecutive seqs). A payload over the

@@ -25,7 +25,9 @@ pub async fn purge_run(db: &Db, run: RunId, reason: &str) -> Result<ChainAnchor>
         .query_typed_row(sql!("runs/purge_ledger"), typed![&run, &reason])
         .await
         .map_err(|e| match e.as_db_error() {
-            Some(d) if d.code().code() == "55000" => Error::invalid("run", d.message()),
+            Some(d) if d.code().code() == crate::sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE => {
+                Error::invalid("run", d.message())
+            }
             _ => map_db_error(e, run),
         })?;
     let events: i64 = row.get(5);

@@ -36,7 +36,7 @@ struct Checkpoint {
 
 /// The event types a terminal transition records (always a finished run's last event).
 fn finishes_run(event_type: &str) -> bool {
-    matches!(event_type, "run_completed" | "run_failed" | "run_cancelled")
+    crate::vocab::EventType::from_name(event_type).is_some_and(|e| e.finishes_run())
 }
 
 /// What one consistent scan of a run's ledger found.

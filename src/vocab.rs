@@ -1,0 +1,232 @@
+//! The shared vocabulary: the closed sets of names that travel between modules and into the
+//! database (a task's state, a run's state, a task's priority, a tenant's budget status, the
+//! ledger event types pgcrew writes).
+//!
+//! Each enum is declared once with [`vocab!`](crate::vocab!): its variants and their stored
+//! names, from which come `ALL`, `as_str`, `from_name`, `Display` and comparisons with `&str`.
+//! `FromStr` (with each type's own error text) stays next to the type's module. This module
+//! imports nothing above `error`.
+
+/// Declare a vocabulary enum: `vocab! { /// doc #[attrs] pub enum Name { /// doc Variant = "name", .. } }`.
+/// Generates the enum, `ALL` (declaration order), `as_str`, `from_name` (exact match),
+/// `Display` (the name) and `PartialEq<str>` / `PartialEq<&str>`.
+#[macro_export]
+#[doc(hidden)]
+macro_rules! vocab {
+    ($(#[$meta:meta])* pub enum $name:ident {
+        $($(#[$vmeta:meta])* $variant:ident = $text:literal,)+
+    }) => {
+        $(#[$meta])*
+        pub enum $name {
+            $($(#[$vmeta])* $variant,)+
+        }
+
+        impl $name {
+            /// Every value, in declaration order.
+            pub const ALL: [$name; [$($text),+].len()] = [$($name::$variant),+];
+
+            /// The name as stored and sent.
+            pub fn as_str(&self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+
+            /// The value named exactly `name`, if any.
+            pub fn from_name(name: &str) -> Option<Self> {
+                match name {
+                    $($text => Some($name::$variant),)+
+                    _ => None,
+                }
+            }
+        }
+
+        impl ::std::fmt::Display for $name {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.as_str() == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.as_str() == *other
+            }
+        }
+    };
+}
+
+use serde::{Deserialize, Serialize};
+
+vocab! {
+    /// Task priority: claimed in this order within a tenant (stored as 0..=4).
+    #[derive(
+        Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default, Serialize, Deserialize,
+    )]
+    #[serde(rename_all = "snake_case")]
+    pub enum Priority {
+        /// 0: before everything else.
+        Critical = "critical",
+        /// 1.
+        High = "high",
+        /// 2: the default.
+        #[default]
+        Normal = "normal",
+        /// 3.
+        Low = "low",
+        /// 4: bulk/background work.
+        Batch = "batch",
+    }
+}
+
+vocab! {
+    /// A task's state.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum TaskState {
+        /// Delayed, snoozed, or waiting for its dependencies.
+        Scheduled = "scheduled",
+        /// Ready to be claimed.
+        Available = "available",
+        /// Claimed by a worker.
+        Running = "running",
+        /// Finished successfully (final).
+        Completed = "completed",
+        /// Failed; will become available again after its backoff.
+        Retryable = "retryable",
+        /// Failed for good (out of attempts, or discarded by its handler) (final).
+        Discarded = "discarded",
+        /// Cancelled (final).
+        Cancelled = "cancelled",
+    }
+}
+
+vocab! {
+    /// A run's state.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+    #[serde(rename_all = "lowercase")]
+    pub enum RunState {
+        /// Created, not started.
+        Pending = "pending",
+        /// Being worked on.
+        Running = "running",
+        /// Finished successfully (terminal).
+        Completed = "completed",
+        /// Finished with an error (terminal).
+        Failed = "failed",
+        /// Cancelled (terminal).
+        Cancelled = "cancelled",
+    }
+}
+
+vocab! {
+    /// A tenant's budget status, ordered from best to worst.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+    #[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+    pub enum BudgetStatus {
+        /// Spent below the warning threshold (or no limit).
+        Healthy = "HEALTHY",
+        /// Spent at or above the warning threshold (default 80 %).
+        Warning = "WARNING",
+        /// Spent at or above the critical threshold (default 90 %).
+        Critical = "CRITICAL",
+        /// Spent at or above the limit.
+        Exceeded = "EXCEEDED",
+    }
+}
+
+vocab! {
+    /// The ledger event types pgcrew itself writes (`pgcrew.run_events.event_type`); callers
+    /// may append events of their own types too.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum EventType {
+        /// The run was created (always seq 1).
+        RunCreated = "run_created",
+        /// pending → running.
+        RunStarted = "run_started",
+        /// running → completed (finishes the run).
+        RunCompleted = "run_completed",
+        /// → failed (finishes the run).
+        RunFailed = "run_failed",
+        /// → cancelled (finishes the run).
+        RunCancelled = "run_cancelled",
+        /// The run was forked from another run's ledger.
+        RunForked = "run_forked",
+        /// A model call was reserved and is about to be made.
+        ModelRequested = "model_requested",
+        /// A model call answered (its usage settled).
+        ModelCompleted = "model_completed",
+        /// A model call failed (its reservation released).
+        ModelFailed = "model_failed",
+        /// A reservation was refused by the tenant's or the run's budget.
+        BudgetExceeded = "budget_exceeded",
+        /// A settled cost was above its reservation.
+        BudgetOverrun = "budget_overrun",
+        /// Replay found a different request and the policy refused it.
+        ReplayRejected = "replay_rejected",
+        /// Replay found a different request and the policy allowed it.
+        ReplayedWithDrift = "replayed_with_drift",
+        /// A tool call is about to be invoked.
+        ToolRequested = "tool_requested",
+        /// A tool call returned.
+        ToolCompleted = "tool_completed",
+        /// A tool call failed.
+        ToolFailed = "tool_failed",
+        /// A tool call's outcome is not known (the process died during the call).
+        ToolOutcomeUnknown = "tool_outcome_unknown",
+        /// A tool call was refused before invocation (unknown tool, bad arguments).
+        ToolRejected = "tool_rejected",
+        /// A tool call was refused for a missing capability.
+        CapabilityDenied = "capability_denied",
+        /// A workflow step recorded its output.
+        WorkflowStepCompleted = "workflow_step_completed",
+        /// A harness unit recorded its output.
+        HarnessUnitCompleted = "harness_unit_completed",
+    }
+}
+
+impl EventType {
+    /// True for the events a terminal transition records (a finished run's last event).
+    pub fn finishes_run(&self) -> bool {
+        matches!(
+            self,
+            EventType::RunCompleted | EventType::RunFailed | EventType::RunCancelled
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_and_match_serde() {
+        for s in TaskState::ALL {
+            assert_eq!(TaskState::from_name(s.as_str()), Some(s));
+            assert_eq!(serde_json::to_value(s).ok(), Some(s.as_str().into()));
+        }
+        for s in RunState::ALL {
+            assert_eq!(RunState::from_name(s.as_str()), Some(s));
+            assert_eq!(serde_json::to_value(s).ok(), Some(s.as_str().into()));
+        }
+        for s in BudgetStatus::ALL {
+            assert_eq!(BudgetStatus::from_name(s.as_str()), Some(s));
+            assert_eq!(serde_json::to_value(s).ok(), Some(s.as_str().into()));
+        }
+        for e in EventType::ALL {
+            assert_eq!(EventType::from_name(e.as_str()), Some(e));
+            assert_eq!(serde_json::to_value(e).ok(), Some(e.as_str().into()));
+        }
+        for p in Priority::ALL {
+            assert_eq!(serde_json::to_value(p).ok(), Some(p.as_str().into()));
+        }
+        assert!(RunState::Running == "running");
+        assert_eq!(RunState::from_name("runnin"), None);
+    }
+}
