@@ -508,7 +508,7 @@ async fn run_retention_is_off_by_default() {
     assert_eq!(stored(&db, old).await, (8, 1, 1, 3));
     // The step is part of the leader's maintenance.
     assert!(
-        pgcrew::coord::maintenance::default_steps()
+        pgcrew::client::default_maintenance_steps()
             .iter()
             .any(|s| s.name() == "run_retention")
     );

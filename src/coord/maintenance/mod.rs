@@ -22,20 +22,6 @@ mod steps;
 
 pub use steps::{ExpiredLeaders, StaleInstances};
 
-// Old paths still named by tests (tests/it is not this change's to edit): the stuck-run step,
-// now `runs::StuckRuns`, and the default step list, now
-// `client::default_maintenance_steps()`. They are the only place below the client that names
-// runs or the client; delete both once no test uses `coord::maintenance::{StuckRuns,
-// default_steps}`.
-#[doc(hidden)]
-pub use crate::runs::StuckRuns;
-
-/// Old path of `client::default_maintenance_steps()`.
-#[doc(hidden)]
-pub fn default_steps() -> Vec<Arc<dyn MaintenanceStep>> {
-    crate::client::default_maintenance_steps()
-}
-
 /// What a maintenance step sees.
 #[derive(Debug, Clone)]
 pub struct MaintenanceContext {

@@ -234,7 +234,7 @@ async fn every_terminal_path_signs_the_final_head() {
         };
         let mut conn = t.db.get().await.unwrap();
         let tx = conn.transaction().await.unwrap();
-        let step = pgcrew::coord::maintenance::StuckRuns;
+        let step = pgcrew::runs::StuckRuns;
         use pgcrew::coord::maintenance::MaintenanceStep;
         assert_eq!(step.run(&tx, &ctx).await.unwrap(), 1);
         tx.commit().await.unwrap();
