@@ -9,7 +9,7 @@
 
 /// Declare a vocabulary enum: `vocab! { /// doc #[attrs] pub enum Name { /// doc Variant = "name", .. } }`.
 /// Generates the enum, `ALL` (declaration order), `as_str`, `from_name` (exact match),
-/// `Display` (the name) and `PartialEq<str>` / `PartialEq<&str>`.
+/// `Display` (the name), `PartialEq<str>` / `PartialEq<&str>` and `From<_> for String`.
 #[macro_export]
 #[doc(hidden)]
 macro_rules! vocab {
@@ -56,6 +56,12 @@ macro_rules! vocab {
         impl PartialEq<&str> for $name {
             fn eq(&self, other: &&str) -> bool {
                 self.as_str() == *other
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(v: $name) -> String {
+                v.as_str().to_string()
             }
         }
     };
@@ -164,6 +170,8 @@ vocab! {
         ModelCompleted = "model_completed",
         /// A model call failed (its reservation released).
         ModelFailed = "model_failed",
+        /// A model's structured output did not parse into the expected shape.
+        OutputInvalid = "output_invalid",
         /// A reservation was refused by the tenant's or the run's budget.
         BudgetExceeded = "budget_exceeded",
         /// A settled cost was above its reservation.
@@ -186,8 +194,18 @@ vocab! {
         CapabilityDenied = "capability_denied",
         /// A workflow step recorded its output.
         WorkflowStepCompleted = "workflow_step_completed",
+        /// A workflow step failed.
+        WorkflowStepFailed = "workflow_step_failed",
+        /// A workflow finished and recorded its output.
+        WorkflowCompleted = "workflow_completed",
+        /// A harness unit started (or resumed from its progress).
+        HarnessUnitStarted = "harness_unit_started",
         /// A harness unit recorded its output.
         HarnessUnitCompleted = "harness_unit_completed",
+        /// A harness unit failed.
+        HarnessUnitFailed = "harness_unit_failed",
+        /// A harness unit left an unclean state behind.
+        HarnessUnitUnclean = "harness_unit_unclean",
     }
 }
 

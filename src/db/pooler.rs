@@ -23,6 +23,7 @@ use tokio_postgres::SimpleQueryMessage;
 
 use super::{Conn, StatementMode};
 use crate::error::{Error, Result};
+use crate::sqlstate;
 
 /// The error for a pooler that loses prepared statements between transactions.
 pub(crate) fn cached_statements_lost(what: &str) -> Error {
@@ -49,8 +50,11 @@ fn first_int(messages: &[SimpleQueryMessage]) -> Option<i64> {
 /// Is `e` a prepared statement that is gone (26000) or a name already taken on the server
 /// (42P05: another client's statement on a shared server connection)?
 fn is_lost_statement(e: &tokio_postgres::Error) -> bool {
-    e.as_db_error()
-        .is_some_and(|d| matches!(d.code().code(), "26000" | "42P05"))
+    e.as_db_error().is_some_and(|d| {
+        let code = d.code().code();
+        code == sqlstate::INVALID_SQL_STATEMENT_NAME
+            || code == sqlstate::DUPLICATE_PREPARED_STATEMENT
+    })
 }
 
 /// Refuse [`StatementMode::Cached`] when prepared statements do not survive on the server

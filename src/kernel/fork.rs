@@ -10,6 +10,7 @@ use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::RunId;
 use crate::runs::{NewEvent, NewRun, append_events, create_run, get_run};
+use crate::vocab::EventType;
 
 impl Kernel {
     /// Create a fork of `scope.run` carrying its step events with `seq < before_seq`.
@@ -48,7 +49,7 @@ impl Kernel {
             events.push(NewEvent::new(event_type, payload).step(step_key));
         }
         events.push(NewEvent::new(
-            "run_forked",
+            EventType::RunForked,
             json!({"parent_run_id": scope.run, "forked_at_seq": forked_at,
                    "copied_events": rows.len()}),
         ));

@@ -31,6 +31,7 @@ use tracing::instrument;
 use super::{Kernel, RunScope, validate_step_key};
 use crate::error::{Error, Result};
 use crate::runs::{self, NewEvent, append_events};
+use crate::vocab::EventType;
 
 type BoxFut<T> = Pin<Box<dyn Future<Output = Result<T>> + Send>>;
 type Work = Arc<dyn Fn(UnitCtx) -> BoxFut<Value> + Send + Sync>;
@@ -195,7 +196,7 @@ impl Harness {
             let events = self.kernel.step_events(scope.run, &key).await?;
             if let Some(done) = events
                 .iter()
-                .find(|e| e.event_type == "harness_unit_completed")
+                .find(|e| e.event_type == EventType::HarnessUnitCompleted.as_str())
             {
                 report.skipped.push(u.name.clone());
                 report.outputs.push((
@@ -217,7 +218,7 @@ impl Harness {
                 .record(
                     scope,
                     &key,
-                    "harness_unit_started",
+                    EventType::HarnessUnitStarted,
                     json!({"resumed_from_progress": ctx.progress.is_some()}),
                 )
                 .await?;
@@ -228,7 +229,7 @@ impl Harness {
                         .record(
                             scope,
                             &key,
-                            "harness_unit_failed",
+                            EventType::HarnessUnitFailed,
                             json!({"message": e.to_string()}),
                         )
                         .await?;
@@ -244,7 +245,7 @@ impl Harness {
                     .record(
                         scope,
                         &key,
-                        "harness_unit_unclean",
+                        EventType::HarnessUnitUnclean,
                         json!({"message": message}),
                     )
                     .await?;
@@ -253,7 +254,7 @@ impl Harness {
                     message,
                 });
             }
-            let ev = NewEvent::new("harness_unit_completed", json!({"output": output}))
+            let ev = NewEvent::new(EventType::HarnessUnitCompleted, json!({"output": output}))
                 .step(key)
                 .idempotent();
             append_events(self.kernel.db(), scope.run, &[ev], scope.lease_token).await?;

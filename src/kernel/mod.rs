@@ -3,7 +3,7 @@
 //! `(run, step_key)` and recorded in the run's hash-chained ledger, so a run resumed after a
 //! crash (on any instance) replays recorded steps instead of repeating model calls or tools.
 //!
-//! Ledger events written here (all carry the step key):
+//! Ledger events written here (all carry the step key; [`crate::vocab::EventType`] names them):
 //! `model_requested`, `model_completed`, `model_failed`, `budget_exceeded`, `budget_overrun`,
 //! `replayed_with_drift`, `replay_rejected`, `run_forked`, `tool_requested`, `tool_completed`,
 //! `tool_failed`, `tool_outcome_unknown`, `tool_rejected`, `capability_denied`,
@@ -35,6 +35,7 @@ use crate::error::{Error, Result};
 use crate::ids::{InstanceId, RunId, TenantId};
 use crate::model::{ModelPort, PriceTable};
 use crate::runs::{NewEvent, append_events};
+use crate::vocab::EventType;
 
 mod fork;
 pub mod harness;
@@ -207,7 +208,7 @@ impl Kernel {
         &self,
         scope: &RunScope,
         step_key: &str,
-        event_type: &str,
+        event_type: EventType,
         payload: Value,
     ) -> Result<()> {
         let ev = NewEvent::new(event_type, payload).step(step_key);

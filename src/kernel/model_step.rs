@@ -17,6 +17,7 @@ use crate::model::port::prompt_token_bound;
 use crate::model::{ModelErrorKind, ModelRequest, ModelResponse};
 use crate::runs::{NewEvent, append_events_in};
 use crate::tenancy::{self, CostInput, Reservation, ReserveRequest};
+use crate::vocab::EventType;
 
 /// The result of [`Kernel::step_model`].
 #[derive(Debug, Clone, PartialEq)]
@@ -118,7 +119,7 @@ impl Kernel {
         match events
             .iter()
             .rev()
-            .find(|e| e.event_type == "model_completed")
+            .find(|e| e.event_type == EventType::ModelCompleted.as_str())
         {
             Some(done) => {
                 let first_seq = events.first().map_or(done.seq, |e| e.seq);
@@ -154,7 +155,7 @@ impl Kernel {
                 self.record(
                     scope,
                     step_key,
-                    "replay_rejected",
+                    EventType::ReplayRejected,
                     json!({"recorded_fingerprint": recorded_fp, "fingerprint": fingerprint,
                            "policy": "strict"}),
                 )
@@ -168,7 +169,7 @@ impl Kernel {
                 self.record(
                     scope,
                     step_key,
-                    "replayed_with_drift",
+                    EventType::ReplayedWithDrift,
                     json!({"recorded_fingerprint": recorded_fp, "fingerprint": fingerprint}),
                 )
                 .await?;
@@ -199,7 +200,7 @@ impl Kernel {
             .record(
                 scope,
                 step_key,
-                "model_requested",
+                EventType::ModelRequested,
                 json!({"model": prepared.request.model, "fingerprint": prepared.fingerprint,
                        "estimate_usd": reserved.estimate,
                        "reservation_id": reserved.reservation.id,
@@ -246,7 +247,7 @@ impl Kernel {
             }),
             Err(e) if e.is_budget_exceeded() => {
                 let payload = budget_exceeded_payload(&e, &request.model, estimate);
-                self.record(scope, step_key, "budget_exceeded", payload)
+                self.record(scope, step_key, EventType::BudgetExceeded, payload)
                     .await?;
                 Err(e)
             }
@@ -282,7 +283,7 @@ impl Kernel {
             .await?;
         tenancy::release_in_tx(&tx, &reserved.reservation).await?;
         let ev = NewEvent::new(
-            "model_failed",
+            EventType::ModelFailed,
             json!({"model": prepared.request.model, "fingerprint": prepared.fingerprint,
                    "kind": kind, "message": e.to_string()}),
         )
@@ -316,7 +317,7 @@ impl Kernel {
         )
         .step(step_key);
         let ev = NewEvent::new(
-            "model_completed",
+            EventType::ModelCompleted,
             json!({"model": request.model, "fingerprint": prepared.fingerprint,
                    "response": response, "usage": response.usage, "cost_usd": cost,
                    "output": response.content}),
@@ -383,7 +384,7 @@ impl Kernel {
         for o in &settlement.overruns {
             events.push(
                 NewEvent::new(
-                    "budget_overrun",
+                    EventType::BudgetOverrun,
                     json!({"scope": o.scope.as_str(), "limit_usd": o.limit_usd,
                            "spent_usd": o.spent_usd, "cost_usd": settlement.cost_usd,
                            "reserved_usd": reservation.amount_usd,
@@ -444,7 +445,7 @@ impl Kernel {
                 self.record(
                     &s,
                     step_key,
-                    "output_invalid",
+                    EventType::OutputInvalid,
                     json!({"kind": ModelErrorKind::InvalidOutput.as_str(),
                            "message": e.to_string()}),
                 )

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use crate::ids::RunId;
 use crate::runs::{NewEvent, append_events};
 use crate::tenancy;
+use crate::vocab::EventType;
 
 /// The result of [`Kernel::step_tool`] / [`Kernel::reconcile_tool`].
 #[derive(Debug, Clone, PartialEq)]
@@ -59,7 +60,10 @@ impl Kernel {
         if let Some(out) = recorded_outcome(&events, tool, &key)? {
             return Ok(out);
         }
-        if events.iter().any(|e| e.event_type == "tool_requested") {
+        if events
+            .iter()
+            .any(|e| e.event_type == EventType::ToolRequested.as_str())
+        {
             return Err(Error::ToolOutcomeUnknown {
                 tool: tool.to_string(),
                 step_key: step_key.to_string(),
@@ -67,7 +71,7 @@ impl Kernel {
         }
         let t = self.check_tool(scope, step_key, tool, &arguments).await?;
         let ev = NewEvent::new(
-            "tool_requested",
+            EventType::ToolRequested,
             json!({"tool": tool, "arguments": arguments, "idempotency_key": key}),
         )
         .step(step_key)
@@ -92,7 +96,10 @@ impl Kernel {
         validate_step_key(step_key)?;
         let key = Self::idempotency_key(scope.run, step_key);
         let events = self.step_events(scope.run, step_key).await?;
-        let Some(req) = events.iter().find(|e| e.event_type == "tool_requested") else {
+        let Some(req) = events
+            .iter()
+            .find(|e| e.event_type == EventType::ToolRequested.as_str())
+        else {
             return Err(Error::invalid(
                 "step_key",
                 format!(
@@ -122,7 +129,7 @@ impl Kernel {
             self.record(
                 scope,
                 step_key,
-                "tool_rejected",
+                EventType::ToolRejected,
                 json!({"tool": tool, "reason": "unknown_tool",
                        "message": format!("no tool named `{tool}` is registered on this instance (registered: {known:?})")}),
             )
@@ -133,7 +140,7 @@ impl Kernel {
             self.record(
                 scope,
                 step_key,
-                "tool_rejected",
+                EventType::ToolRejected,
                 json!({"tool": tool, "reason": "invalid_arguments", "arguments": arguments,
                        "message": e.to_string()}),
             )
@@ -148,7 +155,7 @@ impl Kernel {
                 self.record(
                     scope,
                     step_key,
-                    "capability_denied",
+                    EventType::CapabilityDenied,
                     json!({"tool": tool, "capability": t.requires_capability(),
                            "message": e.to_string()}),
                 )
@@ -178,7 +185,7 @@ impl Kernel {
         match t.call(ctx, arguments).await {
             Ok(output) => {
                 let ev = NewEvent::new(
-                    "tool_completed",
+                    EventType::ToolCompleted,
                     json!({"tool": t.name(), "output": output, "reconciled": reconciliation}),
                 )
                 .step(step_key)
@@ -202,12 +209,12 @@ impl Kernel {
                 let tool = t.name().to_string();
                 let (event_type, message, error) = match e {
                     ToolError::Failed(message) => (
-                        "tool_failed",
+                        EventType::ToolFailed,
                         message.clone(),
                         Error::ToolFailed { tool, message },
                     ),
                     ToolError::UnknownOutcome(message) => (
-                        "tool_outcome_unknown",
+                        EventType::ToolOutcomeUnknown,
                         message,
                         Error::ToolOutcomeUnknown {
                             tool,
@@ -232,8 +239,8 @@ impl Kernel {
 /// `Err(ToolFailed)` for a failure.
 fn recorded_outcome(events: &[StepEvent], tool: &str, key: &str) -> Result<Option<ToolStep>> {
     for e in events.iter().rev() {
-        match e.event_type.as_str() {
-            "tool_completed" => {
+        match EventType::from_name(&e.event_type) {
+            Some(EventType::ToolCompleted) => {
                 return Ok(Some(ToolStep {
                     output: e.payload.get("output").cloned().unwrap_or(Value::Null),
                     replayed: true,
@@ -245,7 +252,7 @@ fn recorded_outcome(events: &[StepEvent], tool: &str, key: &str) -> Result<Optio
                     idempotency_key: key.to_string(),
                 }));
             }
-            "tool_failed" => {
+            Some(EventType::ToolFailed) => {
                 return Err(Error::ToolFailed {
                     tool: tool.to_string(),
                     message: e

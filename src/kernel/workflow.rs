@@ -21,6 +21,7 @@ use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::RunId;
 use crate::runs::{NewEvent, append_events};
+use crate::vocab::EventType;
 
 const COMPLETED_KEY: &str = "wf";
 
@@ -89,9 +90,12 @@ impl WorkflowCtx {
         match f().await {
             Ok(v) => {
                 let output = serde_json::to_value(&v)?;
-                let ev = NewEvent::new("workflow_step_completed", json!({ "output": output }))
-                    .step(key)
-                    .idempotent();
+                let ev = NewEvent::new(
+                    EventType::WorkflowStepCompleted,
+                    json!({ "output": output }),
+                )
+                .step(key)
+                .idempotent();
                 append_events(
                     self.kernel.db(),
                     self.scope.run,
@@ -106,7 +110,7 @@ impl WorkflowCtx {
                     .record(
                         &self.scope,
                         &key,
-                        "workflow_step_failed",
+                        EventType::WorkflowStepFailed,
                         json!({ "message": e.to_string() }),
                     )
                     .await?;
@@ -140,11 +144,11 @@ impl Kernel {
                 let event_type: String = r.try_get(1)?;
                 let key: String = r.try_get(2)?;
                 let payload: Value = r.try_get(3)?;
-                match event_type.as_str() {
-                    "workflow_step_completed" => {
+                match EventType::from_name(&event_type) {
+                    Some(EventType::WorkflowStepCompleted) => {
                         recorded.insert(key, payload.get("output").cloned().unwrap_or(Value::Null));
                     }
-                    "workflow_completed" if key == COMPLETED_KEY => {
+                    Some(EventType::WorkflowCompleted) if key == COMPLETED_KEY => {
                         completed = Some(payload.get("output").cloned().unwrap_or(Value::Null));
                     }
                     _ => {}
@@ -171,7 +175,7 @@ impl Kernel {
         };
         let out = f(ctx).await?;
         let ev = NewEvent::new(
-            "workflow_completed",
+            EventType::WorkflowCompleted,
             json!({ "output": serde_json::to_value(&out)? }),
         )
         .step(COMPLETED_KEY)
