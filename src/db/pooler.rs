@@ -50,11 +50,10 @@ fn first_int(messages: &[SimpleQueryMessage]) -> Option<i64> {
 /// Is `e` a prepared statement that is gone (26000) or a name already taken on the server
 /// (42P05: another client's statement on a shared server connection)?
 fn is_lost_statement(e: &tokio_postgres::Error) -> bool {
-    e.as_db_error().is_some_and(|d| {
-        let code = d.code().code();
-        code == sqlstate::INVALID_SQL_STATEMENT_NAME
-            || code == sqlstate::DUPLICATE_PREPARED_STATEMENT
-    })
+    matches!(
+        sqlstate::of(e),
+        Some(sqlstate::INVALID_SQL_STATEMENT_NAME | sqlstate::DUPLICATE_PREPARED_STATEMENT)
+    )
 }
 
 /// Refuse [`StatementMode::Cached`] when prepared statements do not survive on the server
