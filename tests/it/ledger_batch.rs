@@ -3,20 +3,11 @@
 //! as they did with one INSERT an event, in both ledger formats.
 
 use pgcrew::db::Db;
-use pgcrew::runs::{self, NewEvent, NewRun};
-use pgcrew::{Error, RunId, TenantId};
+use pgcrew::runs::{self, NewEvent};
+use pgcrew::{Error, RunId};
 use serde_json::json;
 
-use crate::common::{test_db, v1_run};
-
-async fn running_run(db: &Db) -> RunId {
-    let tenant = TenantId::new("default").unwrap();
-    let run = runs::create_run(db, NewRun::new(tenant)).await.unwrap();
-    runs::start_run(db, run, None, None, runs::LimitPolicy::Reject)
-        .await
-        .unwrap();
-    run
-}
+use crate::common::{running_run, test_db, v1_run};
 
 fn notes(tag: &str, n: usize) -> Vec<NewEvent> {
     (0..n)
@@ -65,7 +56,7 @@ async fn append_sql(
 #[tokio::test]
 async fn batches_and_single_appends_chain_in_both_formats() {
     let t = test_db().await;
-    for run in [running_run(&t.db).await, v1_run(&t.db).await] {
+    for run in [running_run(&t.db, 0).await, v1_run(&t.db).await] {
         let mut expected = Vec::new();
         for (tag, n) in [("a", 1), ("b", 2), ("c", 7), ("d", 1), ("e", 30)] {
             let out = runs::append_events(&t.db, run, &notes(tag, n), None)
@@ -111,7 +102,7 @@ async fn batches_and_single_appends_chain_in_both_formats() {
 #[tokio::test]
 async fn a_batch_stops_at_an_event_beyond_the_head_and_stores_nothing() {
     let t = test_db().await;
-    let run = running_run(&t.db).await;
+    let run = running_run(&t.db, 0).await;
     runs::append_events(&t.db, run, &notes("a", 3), None)
         .await
         .unwrap();
@@ -171,7 +162,7 @@ async fn a_batch_stops_at_an_event_beyond_the_head_and_stores_nothing() {
 #[tokio::test]
 async fn a_batch_with_an_input_over_its_cap_stores_nothing() {
     let t = test_db().await;
-    let run = running_run(&t.db).await;
+    let run = running_run(&t.db, 0).await;
     let before = stored(&t.db, run).await;
     let big = json!({"blob": "x".repeat(1_048_576)});
     let small = json!({"ok": true});
@@ -203,7 +194,7 @@ async fn a_batch_with_an_input_over_its_cap_stores_nothing() {
 #[tokio::test]
 async fn idempotent_events_in_one_batch_return_the_first() {
     let t = test_db().await;
-    let run = running_run(&t.db).await;
+    let run = running_run(&t.db, 0).await;
     let evs = vec![
         NewEvent::new("tool", json!({"n": 1}))
             .step("k")

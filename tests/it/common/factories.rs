@@ -94,6 +94,19 @@ pub fn task(kind: &str) -> NewTask {
     NewTask::new(kind, &json!({})).unwrap()
 }
 
+/// A started run of tenant `default` with `n` `note` events after its lifecycle events.
+pub async fn running_run(db: &Db, n: usize) -> RunId {
+    let tenant = TenantId::new("default").unwrap();
+    let run = runs::create_run(db, runs::NewRun::new(tenant))
+        .await
+        .unwrap();
+    runs::start_run(db, run, None, None, runs::LimitPolicy::Reject)
+        .await
+        .unwrap();
+    append_notes(db, run, n).await;
+    run
+}
+
 /// Append `n` `note` events (`{"i": i, "text": "event i"}`, steps `s0`, `s1`, ...) to `run`.
 pub async fn append_notes(db: &Db, run: RunId, n: usize) {
     for i in 0..n {

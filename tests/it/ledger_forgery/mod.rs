@@ -14,7 +14,7 @@ use pgcrew::runs::{self, ChainVerification, NewEvent, NewRun, RunOutcome, Signed
 use pgcrew::{Client, ClientConfig, Error, InstanceId, LedgerKey, RunId, TenantId};
 use serde_json::json;
 
-use crate::common::{TestDb, append_notes, pgcrew_bin, test_db, v1_run};
+use crate::common::{TestDb, pgcrew_bin, running_run, test_db, v1_run};
 
 const KEY: [u8; 32] = [0x5a; 32];
 
@@ -62,15 +62,6 @@ async fn finished_run(db: &Db, n: usize) -> RunId {
     runs::complete_run(db, run, RunOutcome::default(), None)
         .await
         .unwrap();
-    run
-}
-
-async fn running_run(db: &Db, n: usize) -> RunId {
-    let run = runs::create_run(db, NewRun::new(tenant())).await.unwrap();
-    runs::start_run(db, run, None, None, runs::LimitPolicy::Reject)
-        .await
-        .unwrap();
-    append_notes(db, run, n).await;
     run
 }
 
