@@ -71,6 +71,7 @@ DECLARE
     v_hashes   bytea[];
     v_prevs    bytea[];
     v_stored   bigint;
+    v_stray    bigint;
     v_first    bigint;
     v_done     text;
     v_ignore   text;
@@ -135,11 +136,11 @@ BEGIN
         ON CONFLICT (run_id, seq) DO NOTHING;
         GET DIAGNOSTICS v_stored = ROW_COUNT;
         IF v_stored <> v_seq - v_head THEN
-            SELECT min(e.seq) INTO v_first FROM pgcrew.events e
+            SELECT min(e.seq) INTO v_stray FROM pgcrew.events e
              WHERE e.run_id = p_run AND e.seq > v_head AND e.seq <= v_seq
                AND e.hash IS DISTINCT FROM v_hashes[e.seq - v_head];
             RAISE EXCEPTION 'the ledger of run % already has an event at seq %, beyond its recorded head (seq %): it was written outside pgcrew.append_events; check it with pgcrew run verify-ledger',
-                p_run, v_first, v_head USING ERRCODE = 'PC004';
+                p_run, v_stray, v_head USING ERRCODE = 'PC004';
         END IF;
         v_first := v_head + 1;
     ELSE
