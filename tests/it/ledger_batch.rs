@@ -7,7 +7,7 @@ use pgcrew::runs::{self, NewEvent};
 use pgcrew::{Error, RunId};
 use serde_json::json;
 
-use crate::common::{running_run, test_db, v1_run};
+use crate::common::{running_run, test_db, v1_run, wait_until};
 
 fn notes(tag: &str, n: usize) -> Vec<NewEvent> {
     (0..n)
@@ -215,4 +215,79 @@ async fn idempotent_events_in_one_batch_return_the_first() {
         .unwrap();
     assert_eq!((again[0].seq, again[0].inserted), (out[0].seq, false));
     assert!(runs::verify_run_chain(&t.db, run).await.unwrap().valid);
+}
+
+/// V017: a run keeps its secret-keyed lock key (`runs.lock_key`), set when it is inserted and
+/// never changed, so append_events can lock without deriving it and still takes the same lock as
+/// every other holder of the run lock (`pgcrew.lock_run`, leases, transitions).
+#[tokio::test]
+async fn runs_keep_their_derived_lock_key_and_appends_take_the_run_lock() {
+    let t = test_db().await;
+    let run = running_run(&t.db, 0).await;
+    let conn = t.db.get().await.unwrap();
+    let same: bool = conn
+        .query_one(
+            "SELECT lock_key = pgcrew.lock_key('run', id::text) FROM pgcrew.runs WHERE id = $1",
+            &[&run],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(same, "the stored key is not the derived one");
+    // An INSERT cannot choose the key.
+    let forged = RunId::new();
+    conn.execute(
+        "INSERT INTO pgcrew.runs (id, tenant_id, lock_key) VALUES ($1, 'default', 42)",
+        &[&forged],
+    )
+    .await
+    .unwrap();
+    let key: i64 = conn
+        .query_one("SELECT lock_key FROM pgcrew.runs WHERE id = $1", &[&forged])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(key, 42, "an INSERT chose the run's lock key");
+    // Nor can an UPDATE change it, or the id it is derived from.
+    for sql in [
+        "UPDATE pgcrew.runs SET lock_key = 42 WHERE id = $1",
+        "UPDATE pgcrew.runs SET id = gen_random_uuid() WHERE id = $1",
+    ] {
+        let e = conn.execute(sql, &[&run]).await.unwrap_err();
+        let d = e.as_db_error().unwrap();
+        assert_eq!(d.code().code(), "PC005", "{sql}: {}", d.message());
+        assert!(d.message().contains("lock_key"), "{}", d.message());
+    }
+    // While another transaction holds the run lock, an append waits on that advisory lock and
+    // goes on once it is released.
+    let mut holder = t.db.get().await.unwrap();
+    let tx = holder.transaction().await.unwrap();
+    tx.execute("SELECT pgcrew.lock_run($1)", &[&run])
+        .await
+        .unwrap();
+    let db = t.db.clone();
+    let append = tokio::spawn(async move {
+        runs::append_event(&db, run, NewEvent::new("waited", json!({})), None).await
+    });
+    wait_until(
+        std::time::Duration::from_secs(20),
+        "the append waits on the run's advisory lock",
+        || async {
+            conn.query_one(
+                "SELECT count(*) FROM pg_stat_activity \
+                  WHERE wait_event_type = 'Lock' AND wait_event = 'advisory' \
+                    AND query LIKE '%append_events%'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+                == 1
+        },
+    )
+    .await;
+    assert!(!append.is_finished());
+    tx.commit().await.unwrap();
+    let ev = append.await.unwrap().unwrap();
+    assert_eq!(ev.seq, 1);
 }
