@@ -11,7 +11,7 @@ pub const RUN_NOT_FOUND: &str = "PC002";
 pub const LEDGER_CLOSED: &str = "PC003";
 /// PC004: a ledger row written outside pgcrew (a forged or replaced head).
 pub const LEDGER_TAMPERED: &str = "PC004";
-/// PC005: a plain SQL write to the ledger table (only `pgcrew.append_events` may write).
+/// PC005: a plain SQL write to a ledger head, a chain anchor or a run's lock key (only pgcrew's functions write them).
 pub const LEDGER_WRITE_REFUSED: &str = "PC005";
 /// PC010: the tenant does not exist (tenant roles, V010).
 pub const UNKNOWN_TENANT: &str = "PC010";

@@ -259,7 +259,8 @@ async fn runs_keep_their_derived_lock_key_and_appends_take_the_run_lock() {
         assert!(d.message().contains("lock_key"), "{}", d.message());
     }
     // While another transaction holds the run lock, an append waits on that advisory lock and
-    // goes on once it is released.
+    // goes on once it is released, after the recorded head.
+    let (_, head) = stored(&t.db, run).await;
     let mut holder = t.db.get().await.unwrap();
     let tx = holder.transaction().await.unwrap();
     tx.execute("SELECT pgcrew.lock_run($1)", &[&run])
@@ -289,5 +290,5 @@ async fn runs_keep_their_derived_lock_key_and_appends_take_the_run_lock() {
     assert!(!append.is_finished());
     tx.commit().await.unwrap();
     let ev = append.await.unwrap().unwrap();
-    assert_eq!(ev.seq, 1);
+    assert_eq!(ev.seq, head + 1);
 }
