@@ -11,7 +11,7 @@ use pgcrew::db::Db;
 use serde::Deserialize;
 use uuid::Uuid;
 
-use crate::common::{TestDb, test_db};
+use crate::common::{TestDb, rows_of, test_db};
 
 /// The fast statement `queue::claim` runs first for a single queue.
 const FAST: &str = include_str!("../../sql/queries/queue/claim_fast.sql");
@@ -135,16 +135,11 @@ async fn claim_routed(db: &Db, queues: &[String], limit: i32) -> (Vec<i64>, bool
 
 /// Every task row's id, queue, state, attempts and claimer.
 async fn task_rows(db: &Db) -> Vec<(i64, String, String, i32, Option<String>)> {
-    let conn = db.get().await.unwrap();
-    conn.query(
-        "SELECT id, queue, state, attempts, claimed_by FROM pgcrew.tasks ORDER BY id",
-        &[],
-    )
+    let sql = "SELECT id, queue, state, attempts, claimed_by FROM pgcrew.tasks ORDER BY id";
+    rows_of(db, sql, |r| {
+        (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4))
+    })
     .await
-    .unwrap()
-    .iter()
-    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
-    .collect()
 }
 
 #[tokio::test]

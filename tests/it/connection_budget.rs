@@ -88,6 +88,66 @@ async fn sample(observer: &pgcrew::db::Conn, id: &str, app: &str) -> Sample {
     }
 }
 
+/// [`sample`]s of instance `id` every `every_ms` milliseconds for `span`.
+async fn samples_for(
+    observer: &pgcrew::db::Conn,
+    id: &str,
+    app: &str,
+    span: Duration,
+    every_ms: u64,
+) -> Vec<Sample> {
+    let mut samples = Vec::new();
+    let start = tokio::time::Instant::now();
+    while start.elapsed() < span {
+        samples.push(sample(observer, id, app).await);
+        tokio::time::sleep(Duration::from_millis(every_ms)).await;
+    }
+    samples
+}
+
+/// In every one of `samples` the instance's heartbeat is younger than [`INSTANCE_TTL`] (`when`
+/// says when, in the message) and it has at most 4 backends (its budget).
+fn assert_alive_within_budget(samples: &[Sample], when: &str) {
+    for s in samples {
+        let age = s.heartbeat_age.expect("the instance row stays");
+        assert!(
+            age < INSTANCE_TTL.as_secs_f64(),
+            "heartbeat gap of {age:.3} s {when}: {samples:?}"
+        );
+        assert!(
+            s.backends <= 4,
+            "{} backends for a budget of 4: {samples:?}",
+            s.backends
+        );
+    }
+}
+
+/// `aggregate` (of `int8` type, say `count(*)`) over the backends of `app`'s coordination
+/// connection.
+async fn on_coordination(observer: &pgcrew::db::Conn, app: &str, aggregate: &str) -> i64 {
+    let sql = format!(
+        "SELECT {aggregate} FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = $1"
+    );
+    let name = format!("{app} coordination");
+    observer.query_one(&sql, &[&name]).await.unwrap().get(0)
+}
+
+/// The database's clock.
+async fn db_now(observer: &pgcrew::db::Conn) -> chrono::DateTime<chrono::Utc> {
+    observer
+        .query_one("SELECT now()", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Instance `id`'s last heartbeat.
+async fn last_heartbeat(observer: &pgcrew::db::Conn, id: &str) -> chrono::DateTime<chrono::Utc> {
+    let sql = "SELECT last_heartbeat_at FROM pgcrew.instances WHERE id = $1";
+    observer.query_one(sql, &[&id]).await.unwrap().get(0)
+}
+
 /// A client (not started) on the DSN named `app`, with [`budget_config`] for instance `id`
 /// (four connections) and the worker pool, if any.
 async fn budget_client(t: &TestDb, app: &str, id: &str, pool: Option<Arc<WorkerPool>>) -> Client {
@@ -130,21 +190,12 @@ async fn four_connections_keep_heartbeats_and_leadership_while_workers_saturate_
     );
     assert!(executed > 0 && executed < 40, "{executed} tasks ran");
     let term = samples[0].term.expect("leader when sampling starts");
+    assert_alive_within_budget(&samples, "exceeds the instance TTL");
     for s in &samples {
-        let age = s.heartbeat_age.expect("the instance row stays");
-        assert!(
-            age < INSTANCE_TTL.as_secs_f64(),
-            "heartbeat gap of {age:.3} s exceeds the instance TTL: {samples:?}"
-        );
         assert_eq!(
             s.term,
             Some(term),
             "leadership lost or term changed: {samples:?}"
-        );
-        assert!(
-            s.backends <= 4,
-            "{} backends for a budget of 4: {samples:?}",
-            s.backends
         );
     }
     // The budget was used: the pool and the coordination connection were all open.
@@ -162,57 +213,18 @@ async fn killed_coordination_connection_reconnects_and_heartbeats_resume() {
     let observer = t.db.get().await.unwrap();
     tokio::time::sleep(Duration::from_millis(300)).await;
 
-    let killed_at: chrono::DateTime<chrono::Utc> = observer
-        .query_one("SELECT now()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    let killed: i64 = observer
-        .query_one(
-            "SELECT count(pg_terminate_backend(pid))::int8 FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name = $1",
-            &[&format!("{app} coordination")],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let killed_at = db_now(&observer).await;
+    let killed = on_coordination(&observer, app, "count(pg_terminate_backend(pid))").await;
     assert_eq!(killed, 1, "one coordination connection per instance");
 
-    let mut samples = Vec::new();
-    let start = tokio::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(4) {
-        samples.push(sample(&observer, "killed", app).await);
-        tokio::time::sleep(Duration::from_millis(150)).await;
-    }
-    for s in &samples {
-        let age = s.heartbeat_age.expect("the instance row stays");
-        assert!(
-            age < INSTANCE_TTL.as_secs_f64(),
-            "heartbeat gap of {age:.3} s after the kill: {samples:?}"
-        );
-        assert!(s.backends <= 4, "{samples:?}");
-    }
+    let samples = samples_for(&observer, "killed", app, Duration::from_secs(4), 150).await;
+    assert_alive_within_budget(&samples, "after the kill");
     // Heartbeats were written after the kill, the coordination connection is back (the
     // notifier reconnected), and the instance leads (kept or re-acquired).
-    let last: chrono::DateTime<chrono::Utc> = observer
-        .query_one(
-            "SELECT last_heartbeat_at FROM pgcrew.instances WHERE id = 'killed'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let last = last_heartbeat(&observer, "killed").await;
     assert!(last > killed_at, "no heartbeat since the kill");
     assert!(client.notifier().reconnects() >= 1);
-    let back: i64 = observer
-        .query_one(
-            "SELECT count(*) FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name = $1",
-            &[&format!("{app} coordination")],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let back = on_coordination(&observer, app, "count(*)").await;
     assert_eq!(back, 1, "the coordination connection was re-opened");
     assert!(samples.last().and_then(|s| s.term).is_some(), "{samples:?}");
     assert!(client.is_leader());
@@ -235,51 +247,21 @@ async fn poll_only_instance_coordinates_on_one_connection() {
     let client = Client::connect(named_dsn(&t, app), config).await.unwrap();
     start_leader(&client, Duration::from_secs(5)).await;
     let observer = t.db.get().await.unwrap();
-    let coordination = format!("{app} coordination");
     wait_until(
         Duration::from_secs(3),
         "the coordination connection is open",
-        || async {
-            let n: i64 = observer
-                .query_one(
-                    "SELECT count(*) FROM pg_stat_activity \
-                 WHERE datname = current_database() AND application_name = $1",
-                    &[&coordination],
-                )
-                .await
-                .unwrap()
-                .get(0);
-            n == 1
-        },
+        || async { on_coordination(&observer, app, "count(*)").await == 1 },
     )
     .await;
     // Killed, it is re-opened (with backoff) and the heartbeats go on.
-    let killed_at: chrono::DateTime<chrono::Utc> = observer
-        .query_one("SELECT now()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    observer
-        .execute(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
-             WHERE datname = current_database() AND application_name = $1",
-            &[&coordination],
-        )
-        .await
-        .unwrap();
+    let killed_at = db_now(&observer).await;
+    on_coordination(&observer, app, "count(pg_terminate_backend(pid))").await;
     wait_until(
         Duration::from_secs(3),
         "the killed coordination connection is re-opened and heartbeats go on",
         || async {
             let s = sample(&observer, "poller", app).await;
-            let last: chrono::DateTime<chrono::Utc> = observer
-                .query_one(
-                    "SELECT last_heartbeat_at FROM pgcrew.instances WHERE id = 'poller'",
-                    &[],
-                )
-                .await
-                .unwrap()
-                .get(0);
+            let last = last_heartbeat(&observer, "poller").await;
             last > killed_at && s.term.is_some() && s.backends <= 3
         },
     )
@@ -368,21 +350,9 @@ async fn renewal_blocked_on_the_leader_row_does_not_hold_up_heartbeats() {
     let tx = holder.transaction().await.unwrap();
     lock_leader_row(&tx, "FOR SHARE").await;
     let observer = t.db.get().await.unwrap();
-    let mut samples = Vec::new();
-    let start = tokio::time::Instant::now();
-    while start.elapsed() < Duration::from_secs(3) {
-        samples.push(sample(&observer, "blocked", app).await);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let samples = samples_for(&observer, "blocked", app, Duration::from_secs(3), 100).await;
     tx.rollback().await.unwrap();
-    for s in &samples {
-        let age = s.heartbeat_age.expect("the instance row stays");
-        assert!(
-            age < INSTANCE_TTL.as_secs_f64(),
-            "heartbeat gap of {age:.3} s while a renewal waited on the leader row: {samples:?}"
-        );
-        assert!(s.backends <= 4, "{samples:?}");
-    }
+    assert_alive_within_budget(&samples, "while a renewal waited on the leader row");
     // Nor did the wait cost the LISTEN connection (a liveness ping stuck behind the renewal
     // would have made the notifier drop it and open another).
     assert_eq!(client.notifier().reconnects(), 0);

@@ -3,7 +3,7 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use crate::common::pgcrew_bin;
+use crate::common::{assert_contains_all, pgcrew_bin};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pgcrew_demo_runs_end_to_end_on_a_throwaway_cluster() {
@@ -128,14 +128,15 @@ fn pgcrew_init_scaffolds_cargo_toml_and_main_with_agent_tool_and_task_handler() 
         "{toml}"
     );
     let main = std::fs::read_to_string(dir.join("src/main.rs")).unwrap();
-    for needle in [
-        "AgentDef::new",
-        "Tool::builder",
-        ".handler(\"send_email\"",
-        "Client::builder",
-    ] {
-        assert!(main.contains(needle), "missing {needle}");
-    }
+    assert_contains_all(
+        &main,
+        &[
+            "AgentDef::new",
+            "Tool::builder",
+            ".handler(\"send_email\"",
+            "Client::builder",
+        ],
+    );
     assert!(!main.contains("{{NAME}}"));
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -12,7 +12,9 @@ use pgcrew::doctor::{self, CheckId, DoctorOptions, Finding, Report, Status};
 use pgcrew::runs::{self, LimitPolicy, NewRun, RunOutcome};
 use pgcrew::{InstanceId, LedgerKey, NewTask, RunId, TenantContext, TenantId};
 
-use crate::common::{DEPLOYMENT_LEDGER_KEY, healthy_deployment, own_cluster, pgcrew_bin};
+use crate::common::{
+    DEPLOYMENT_LEDGER_KEY, assert_contains_all, healthy_deployment, own_cluster, pgcrew_bin,
+};
 
 /// The finding of `check` (the report always has one per check).
 pub fn finding(report: &Report, check: CheckId) -> &Finding {
@@ -82,6 +84,26 @@ pub fn json_statuses(out: &Output) -> std::collections::BTreeMap<String, String>
 
 fn text(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The doctor's report on `db` with the default options.
+async fn default_report(db: &Db) -> Report {
+    doctor::run(db, &DoctorOptions::default()).await.unwrap()
+}
+
+/// `doctor --json` (`out`) exited with `code` and gave each finding of `report` its status.
+fn assert_cli_agrees(out: &Output, code: i32, report: &Report) {
+    assert_eq!(out.status.code(), Some(code), "{out:?}");
+    let statuses = json_statuses(out);
+    for f in &report.findings {
+        assert_eq!(
+            statuses.get(f.check.as_str()).map(String::as_str),
+            Some(f.status.as_str()),
+            "{}: {}",
+            f.check,
+            text(out)
+        );
+    }
 }
 
 #[tokio::test]
@@ -176,9 +198,7 @@ async fn unix_socket_connections_are_reported_as_such_not_as_plaintext() {
     db.migrate().await.unwrap();
     // The doctor itself over TCP: its own session is never counted.
     let doctor_db = Db::connect(&dsn, 1, Duration::from_secs(10)).await.unwrap();
-    let report = doctor::run(&doctor_db, &DoctorOptions::default())
-        .await
-        .unwrap();
+    let report = default_report(&doctor_db).await;
     let tls = finding(&report, CheckId::Tls);
     assert_eq!(tls.status, Status::Pass, "{tls:#?}");
     assert!(
@@ -200,9 +220,7 @@ async fn unix_socket_connections_are_reported_as_such_not_as_plaintext() {
     );
     // A TCP connection without TLS turns it into a failure naming that one only.
     let tcp = Db::connect(&dsn, 1, Duration::from_secs(10)).await.unwrap();
-    let report = doctor::run(&doctor_db, &DoctorOptions::default())
-        .await
-        .unwrap();
+    let report = default_report(&doctor_db).await;
     let tls = finding(&report, CheckId::Tls);
     assert_eq!(tls.status, Status::Fail, "{tls:#?}");
     assert_eq!(tls.items.len(), 1, "{tls:#?}");
@@ -479,34 +497,25 @@ async fn misconfigured_deployment_has_each_fault_named() {
     let mut json_args = args.to_vec();
     json_args.push("--json");
     let out = doctor_cli(&dsn, &json_args, &[]).await;
-    assert_eq!(out.status.code(), Some(1), "{out:?}");
-    let statuses = json_statuses(&out);
-    for finding in &report.findings {
-        assert_eq!(
-            statuses.get(finding.check.as_str()).map(String::as_str),
-            Some(finding.status.as_str()),
-            "{}: {}",
-            finding.check,
-            text(&out)
-        );
-    }
+    assert_cli_agrees(&out, 1, &report);
     let out = doctor_cli(&dsn, &args, &[]).await;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let t = text(&out);
-    for needle in [
-        "FAIL  leader",
-        "FAIL  instances",
-        "doctor-stale",
-        "FAIL  stuck_runs",
-        stuck.to_string().as_str(),
-        "FAIL  tls",
-        "WARN  tenant_budgets",
-        "tenant nobudget",
-        "doctor_evil",
-        "what to do:",
-    ] {
-        assert!(t.contains(needle), "{needle}: {t}");
-    }
+    assert_contains_all(
+        &t,
+        &[
+            "FAIL  leader",
+            "FAIL  instances",
+            "doctor-stale",
+            "FAIL  stuck_runs",
+            stuck.to_string().as_str(),
+            "FAIL  tls",
+            "WARN  tenant_budgets",
+            "tenant nobudget",
+            "doctor_evil",
+            "what to do:",
+        ],
+    );
     // Text mode names the unsigned run too, and the summary counts each status.
     assert!(t.contains(&unsigned.to_string()), "{t}");
     assert!(
@@ -530,9 +539,7 @@ async fn a_role_without_privileges_gets_warnings_per_check_not_a_crash() {
     let nobody = Db::connect(&nobody_dsn, 1, Duration::from_secs(10))
         .await
         .unwrap();
-    let report = doctor::run(&nobody, &DoctorOptions::default())
-        .await
-        .unwrap();
+    let report = default_report(&nobody).await;
     assert_eq!(report.findings.len(), CheckId::ALL.len());
     for check in [
         CheckId::Migrations,
@@ -579,16 +586,7 @@ async fn a_role_without_privileges_gets_warnings_per_check_not_a_crash() {
     assert!(!report.failed(), "{report:#?}");
     let out = doctor_cli(&nobody_dsn, &["--json"], &[]).await;
     assert_eq!(json_statuses(&out).len(), CheckId::ALL.len(), "{out:?}");
-    assert_eq!(out.status.code(), Some(0), "{out:?}");
-    let statuses = json_statuses(&out);
-    for f in &report.findings {
-        assert_eq!(
-            statuses.get(f.check.as_str()).map(String::as_str),
-            Some(f.status.as_str()),
-            "{}",
-            f.check
-        );
-    }
+    assert_cli_agrees(&out, 0, &report);
 }
 
 #[tokio::test]

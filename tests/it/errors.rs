@@ -1,7 +1,7 @@
 //! Issue #15, errors shown to people: PostgreSQL's message, SQLSTATE, detail and constraint,
 //! and the CLI prints each error once.
 
-use crate::common::{cli, pgcrew_bin, test_db};
+use crate::common::{assert_contains_all, cli, pgcrew_bin, test_db};
 
 #[tokio::test]
 async fn database_errors_carry_postgres_message_sqlstate_detail_and_constraint() {
@@ -13,14 +13,15 @@ async fn database_errors_carry_postgres_message_sqlstate_detail_and_constraint()
         .await
         .unwrap_err();
     let shown = pgcrew::Error::from(e).to_string();
-    for part in [
-        "duplicate key value violates unique constraint",
-        "SQLSTATE 23505",
-        "detail: Key (id)=(default) already exists",
-        "constraint: tenants_pkey",
-    ] {
-        assert!(shown.contains(part), "`{part}` missing from: {shown}");
-    }
+    assert_contains_all(
+        &shown,
+        &[
+            "duplicate key value violates unique constraint",
+            "SQLSTATE 23505",
+            "detail: Key (id)=(default) already exists",
+            "constraint: tenants_pkey",
+        ],
+    );
     assert!(!shown.contains("db error"), "{shown}");
     // A deadlock and a constraint violation are told apart by their SQLSTATE.
     let e = conn

@@ -19,9 +19,9 @@ use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{Client, ClientConfig, Db, Error, RunId};
 
 use crate::common::{
-    COMPLETED_TASKS, OPEN_TASKS, Serve, cluster_db, create_task_effects, effect_tasks,
-    effect_worker, fast_config, first_column, first_two_columns, scalar, serve, start_leader,
-    test_db, wait_for, wait_until,
+    COMPLETED_TASKS, OPEN_TASKS, Serve, TestDb, cluster_db, create_task_effects, effect_tasks,
+    effect_worker, fast_config, first_column, first_two_columns, rows_of, scalar, serve,
+    start_leader, test_db, wait_for, wait_until,
 };
 use crate::proxy::{Proxy, upstream, with_port};
 
@@ -53,16 +53,8 @@ async fn ids(db: &Db, sql: &str) -> HashSet<i64> {
 
 /// Every task's (id, state, claimed by, claim token), by id.
 async fn task_claims(db: &Db) -> Vec<(i64, String, String, Option<uuid::Uuid>)> {
-    let conn = db.get().await.unwrap();
-    conn.query(
-        "SELECT id, state::text, claimed_by, claim_token FROM pgcrew.tasks ORDER BY id",
-        &[],
-    )
-    .await
-    .unwrap()
-    .iter()
-    .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
-    .collect()
+    let sql = "SELECT id, state::text, claimed_by, claim_token FROM pgcrew.tasks ORDER BY id";
+    rows_of(db, sql, |r| (r.get(0), r.get(1), r.get(2), r.get(3))).await
 }
 
 /// Executions per task from the side-effect table (`task_id` column).
@@ -263,6 +255,25 @@ async fn kill_9_of_random_instances_loses_no_task_repeats_only_in_flight_and_run
 
 /// An in-process worker instance whose handler records (task, claim token, instance) and then
 /// holds the task for `hold`.
+/// A test database with `n` tasks of [`enqueue_load`] and a proxy in front of its server.
+async fn load_behind_proxy(n: usize) -> (TestDb, Proxy) {
+    let t = test_db().await;
+    enqueue_load(&t.db, n).await;
+    let proxy = Proxy::start(upstream(t.dsn())).await;
+    (t, proxy)
+}
+
+/// [`worker_client`] for instance `id` reaching the test database through `proxy`.
+async fn proxied_worker(
+    t: &TestDb,
+    proxy: &Proxy,
+    id: &str,
+    leader: bool,
+    hold: Duration,
+) -> (Client, Arc<WorkerPool>) {
+    worker_client(with_port(t.dsn(), proxy.port()), id, leader, hold).await
+}
+
 async fn worker_client(
     dsn_or_db: impl Into<pgcrew::coord::client::DbSource>,
     id: &str,
@@ -371,10 +382,8 @@ async fn postgres_restart_mid_load_loses_no_task_and_leadership_returns() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn network_cut_instance_loses_its_claims_and_its_stale_acks_are_rejected() {
-    let t = test_db().await;
     let n = 600;
-    enqueue_load(&t.db, n).await;
-    let proxy = Proxy::start(upstream(t.dsn())).await;
+    let (t, proxy) = load_behind_proxy(n).await;
     let (healthy, _hp) =
         worker_client(t.db.clone(), "healthy", true, Duration::from_millis(100)).await;
     wait_until(
@@ -383,13 +392,7 @@ async fn network_cut_instance_loses_its_claims_and_its_stale_acks_are_rejected()
         || async { healthy.is_leader() },
     )
     .await;
-    let (cut, cp) = worker_client(
-        with_port(t.dsn(), proxy.port()),
-        "cut",
-        false,
-        Duration::from_millis(100),
-    )
-    .await;
+    let (cut, cp) = proxied_worker(&t, &proxy, "cut", false, Duration::from_millis(100)).await;
     wait_for(
         &t.db,
         "SELECT count(*) FROM effects WHERE instance_id = 'cut'",
@@ -455,18 +458,10 @@ async fn network_cut_instance_loses_its_claims_and_its_stale_acks_are_rejected()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_database_slows_work_but_nothing_fails_or_is_lost() {
-    let t = test_db().await;
     let n = 300;
-    enqueue_load(&t.db, n).await;
-    let proxy = Proxy::start(upstream(t.dsn())).await;
+    let (t, proxy) = load_behind_proxy(n).await;
     proxy.set_latency(Duration::from_millis(15));
-    let (c, p) = worker_client(
-        with_port(t.dsn(), proxy.port()),
-        "slow",
-        true,
-        Duration::from_millis(1),
-    )
-    .await;
+    let (c, p) = proxied_worker(&t, &proxy, "slow", true, Duration::from_millis(1)).await;
     wait_for(&t.db, COMPLETED_TASKS)
         .within(Duration::from_secs(120))
         .until(

@@ -661,12 +661,7 @@ fn within<T>(what: &str, r: Result<T, tokio::time::error::Elapsed>) -> T {
 
 #[tokio::test]
 async fn bench_rls_smoke() {
-    let t = test_db().await;
-    let (v, stderr) = crate::common::run_bench(
-        &t,
-        &["rls", "--events", "2000", "--runs", "20", "--samples", "2"],
-    )
-    .await;
+    let (t, v, stderr) = crate::common::run_bench("rls --events 2000 --runs 20 --samples 2").await;
     let reads = v["reads"].as_array().unwrap();
     assert_eq!(reads.len(), 3);
     // Each read returns the same rows for owner and tenant role (the bench checks), and the

@@ -105,6 +105,18 @@ fn write_pem(dir: &Path, name: &str, pem: &str) -> String {
     p.display().to_string()
 }
 
+/// A new certificate authority named `name`, its root certificate written to `file` in a
+/// fresh [`temp_dir`]: (the directory, the authority, the certificate file's path).
+fn ca_file_in_temp_dir(
+    name: &str,
+    file: &str,
+) -> (std::path::PathBuf, CertificateAuthority, String) {
+    let dir = temp_dir();
+    let ca = CertificateAuthority::new(name).unwrap();
+    let ca_file = write_pem(&dir, file, ca.cert_pem());
+    (dir, ca, ca_file)
+}
+
 fn temp_dir() -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("pgcrew-tls-test-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir(&d).unwrap();
@@ -202,9 +214,7 @@ async fn wrong_host_name_fails_naming_host_and_reason() {
 #[tokio::test]
 async fn unknown_ca_fails_and_require_follows_libpq() {
     let c = tls_cluster();
-    let dir = temp_dir();
-    let other = CertificateAuthority::new("some other CA").unwrap();
-    let other_root = write_pem(&dir, "other.crt", other.cert_pem());
+    let (dir, _other, other_root) = ca_file_in_temp_dir("some other CA", "other.crt");
     for mode in ["verify-full", "verify-ca", "require"] {
         let dsn = kv(
             c,
@@ -234,9 +244,7 @@ async fn expired_server_certificate_is_named() {
     .await
     .unwrap()
     .unwrap();
-    let dir = temp_dir();
-    let ca = CertificateAuthority::new("expiry CA").unwrap();
-    let ca_file = write_pem(&dir, "ca.crt", ca.cert_pem());
+    let (dir, ca, ca_file) = ca_file_in_temp_dir("expiry CA", "ca.crt");
     let expired = ca
         .issue_server(&["localhost", "127.0.0.1"], Validity::Expired)
         .unwrap();
@@ -263,9 +271,7 @@ async fn expired_server_certificate_is_named() {
 #[tokio::test]
 async fn require_and_verify_against_a_server_without_tls_fail_at_once() {
     let c = plain_cluster();
-    let dir = temp_dir();
-    let ca = CertificateAuthority::new("unused CA").unwrap();
-    let ca_file = write_pem(&dir, "ca.crt", ca.cert_pem());
+    let (dir, _unused, ca_file) = ca_file_in_temp_dir("unused CA", "ca.crt");
     for params in [
         "sslmode=require".to_string(),
         format!("sslmode=verify-ca sslrootcert={ca_file}"),

@@ -3,9 +3,11 @@
 //! local `$ref`, `format`). Every case is a row: a schema, a value that passes, and a value that
 //! fails with a message naming the failing path and the rule. No database needed.
 
+use pgcrew::Tool;
 use pgcrew::agent::schema::{check_schema, validate};
-use pgcrew::{Error, Tool};
 use serde_json::{Value, json};
+
+use crate::common::assert_invalid_input;
 
 /// The table: one row per keyword, the ones the old validator ignored first. A row is
 /// `{"keyword", "schema" (or "x": the schema of property `x` of an object), "valid",
@@ -70,16 +72,7 @@ fn a_tool_rejects_arguments_naming_the_tool_path_and_rule() {
         )
         .unwrap_err();
     let text = e.to_string();
-    assert!(
-        matches!(
-            e,
-            Error::InvalidInput {
-                field: "tool arguments",
-                ..
-            }
-        ),
-        "{text}"
-    );
+    assert_invalid_input(&e, "tool arguments");
     assert!(
         text.contains("arguments for tool `book_meeting` do not match its input schema"),
         "{text}"
@@ -127,16 +120,7 @@ fn invalid_schemas_are_rejected_when_the_tool_is_built() {
     for (schema, want) in cases {
         let e = build_tool(schema.clone()).expect_err("an invalid schema was accepted");
         let text = e.to_string();
-        assert!(
-            matches!(
-                e,
-                Error::InvalidInput {
-                    field: "input schema",
-                    ..
-                }
-            ),
-            "{text}"
-        );
+        assert_invalid_input(&e, "input schema");
         assert!(text.contains(want), "{schema}: {text} lacks `{want}`");
         assert!(check_schema(schema).is_err(), "{schema}");
     }

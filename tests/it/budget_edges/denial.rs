@@ -34,15 +34,52 @@ fn payer_script() -> Vec<ScriptedReply> {
     ]
 }
 
-#[tokio::test]
-async fn capability_denial_returned_to_the_model_when_the_agent_says_so() {
-    let (t, acme) = db_with_tenant("acme", &[], Some(1.0)).await;
-    let (tools, body_runs) = charge_tools();
-    let def = AgentDef::new("lenient", "gpt-4o-mini")
+/// An agent `name` on gpt-4o-mini that may call `charge_card`, with 100 tokens a turn.
+fn payer_agent(name: &str) -> AgentDef {
+    AgentDef::new(name, "gpt-4o-mini")
         .tool("charge_card")
         .max_tokens(100)
-        .on_capability_denied(CapabilityDenialPolicy::ReturnToModel);
-    register_agent(&t.db, &def).await.unwrap();
+}
+
+/// A run of agent `def` (registered in a fresh database) for tenant `acme` (no capabilities,
+/// a 1 USD budget), with [`charge_tools`] and the model answering [`payer_script`], executed.
+struct PayerRun {
+    t: TestDb,
+    run: RunId,
+    /// The run as it ended.
+    r: runs::Run,
+    model: Arc<ScriptedModel>,
+    /// How often `charge_card`'s handler ran.
+    body_runs: Arc<AtomicU64>,
+}
+
+async fn payer_run(def: &AgentDef) -> PayerRun {
+    let (t, acme) = db_with_tenant("acme", &[], Some(1.0)).await;
+    let (tools, body_runs) = charge_tools();
+    register_agent(&t.db, def).await.unwrap();
+    let model = Arc::new(ScriptedModel::by_turn(payer_script()));
+    let rt = agent_runtime(&t.db, model.clone(), tools, "i1");
+    let run = submit_run(&rt, &acme, "s", &def.name, "charge 5 USD").await;
+    let r = rt.execute(run, None).await.unwrap();
+    PayerRun {
+        t,
+        run,
+        r,
+        model,
+        body_runs,
+    }
+}
+
+#[tokio::test]
+async fn capability_denial_returned_to_the_model_when_the_agent_says_so() {
+    let def = payer_agent("lenient").on_capability_denied(CapabilityDenialPolicy::ReturnToModel);
+    let PayerRun {
+        t,
+        run,
+        r,
+        model,
+        body_runs,
+    } = payer_run(&def).await;
     assert_eq!(
         pgcrew::agent::get_agent(&t.db, "lenient")
             .await
@@ -50,10 +87,6 @@ async fn capability_denial_returned_to_the_model_when_the_agent_says_so() {
             .on_capability_denied,
         CapabilityDenialPolicy::ReturnToModel
     );
-    let model = Arc::new(ScriptedModel::by_turn(payer_script()));
-    let rt = agent_runtime(&t.db, model.clone(), tools, "i1");
-    let run = submit_run(&rt, &acme, "s", "lenient", "charge 5 USD").await;
-    let r = rt.execute(run, None).await.unwrap();
     assert_eq!(r.state, RunState::Completed);
     assert_eq!(
         r.response_text.as_deref(),
@@ -82,17 +115,15 @@ async fn capability_denial_returned_to_the_model_when_the_agent_says_so() {
 
 #[tokio::test]
 async fn capability_denial_fails_the_agent_run_by_default() {
-    let (t, acme) = db_with_tenant("acme", &[], Some(1.0)).await;
-    let (tools, body_runs) = charge_tools();
-    let def = AgentDef::new("payer", "gpt-4o-mini")
-        .tool("charge_card")
-        .max_tokens(100);
+    let def = payer_agent("payer");
     assert_eq!(def.on_capability_denied, CapabilityDenialPolicy::FailRun);
-    register_agent(&t.db, &def).await.unwrap();
-    let model = Arc::new(ScriptedModel::by_turn(payer_script()));
-    let rt = agent_runtime(&t.db, model.clone(), tools, "i1");
-    let run = submit_run(&rt, &acme, "s", "payer", "charge 5 USD").await;
-    let r = rt.execute(run, None).await.unwrap();
+    let PayerRun {
+        t,
+        run,
+        r,
+        model,
+        body_runs,
+    } = payer_run(&def).await;
     assert_eq!(r.state, RunState::Failed);
     assert_eq!(r.error_type.as_deref(), Some("capability_denied"));
     assert!(

@@ -27,7 +27,8 @@ use serde_json::{Value, json};
 use tokio_postgres::NoTls;
 
 use crate::common::{
-    agent_runtime, count, db_with_tenant, ledger_events, scalar_on, submit_run, tenant, test_db,
+    TestDb, agent_runtime, count, db_with_tenant, ledger_events, scalar_on, submit_run, tenant,
+    test_db,
 };
 use crate::mock_openai::read_json_request;
 

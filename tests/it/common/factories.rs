@@ -2,6 +2,8 @@
 
 use std::sync::Arc;
 
+use pgcrew::db::{Conn, Executor};
+use pgcrew::queue::{Enqueued, TaskOutcome, WorkerPoolBuilder};
 use pgcrew::runs::{self, NewEvent};
 use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{
@@ -26,6 +28,33 @@ pub async fn db_with_instance(id: &str) -> (crate::common::TestDb, InstanceId) {
     let t = crate::common::test_db().await;
     let me = register_instance(&t, id).await;
     (t, me)
+}
+
+/// [`db_with_instance`] and a pooled connection to that database.
+pub async fn db_with_instance_conn(id: &str) -> (crate::common::TestDb, InstanceId, Conn) {
+    let (t, me) = db_with_instance(id).await;
+    let conn = t.db.get().await.unwrap();
+    (t, me, conn)
+}
+
+/// `task` enqueued on `conn` (which must accept it): the task as enqueued.
+pub async fn enqueued<E: Executor + ?Sized>(conn: &E, task: &NewTask) -> Enqueued {
+    pgcrew::queue::enqueue(conn, task).await.unwrap()
+}
+
+/// `builder` with a handler for `kind` that records each task's id in `table` (its one
+/// `bigint` column) and completes the task.
+pub fn recording_handler(
+    builder: WorkerPoolBuilder,
+    kind: &str,
+    table: &'static str,
+) -> WorkerPoolBuilder {
+    builder.handler(kind, move |ctx, _p: serde_json::Value| async move {
+        let conn = ctx.client.db().get().await?;
+        conn.execute(&format!("INSERT INTO {table} VALUES ($1)"), &[&ctx.id])
+            .await?;
+        Ok(TaskOutcome::Complete)
+    })
 }
 
 /// A scratch database with a tenant (as [`tenant`]) in it.

@@ -22,8 +22,8 @@ pub use client::{
 pub use deployment::{DEPLOYMENT_LEDGER_KEY, Deployment, healthy_deployment};
 pub use factories::{
     agent_runtime, append_notes, create_task_effects, create_tenant, db_with_instance,
-    db_with_tenant, effect_tasks, insert_run, register_instance, running_run, setup_and_enqueue,
-    submit_run, task, tenant, v1_run,
+    db_with_instance_conn, db_with_tenant, effect_tasks, enqueued, insert_run, recording_handler,
+    register_instance, running_run, setup_and_enqueue, submit_run, task, tenant, v1_run,
 };
 pub use process::{
     Serve, assert_bench_database_dropped, cli, effect_worker, pgcrew_bin, run_bench, serve,
@@ -158,6 +158,12 @@ pub async fn scalar(db: &Db, sql: &str) -> i64 {
     scalar_on(&db.get().await.unwrap(), sql).await
 }
 
+/// Every row `sql` returns on a connection of `db`, each mapped by `f`.
+pub async fn rows_of<T>(db: &Db, sql: &str, f: impl Fn(&tokio_postgres::Row) -> T) -> Vec<T> {
+    let conn = db.get().await.unwrap();
+    conn.query(sql, &[]).await.unwrap().iter().map(f).collect()
+}
+
 /// The first column of every row `sql` returns on the connection `conn`.
 pub async fn first_column<T, C>(conn: &tokio_postgres::Client, sql: &str) -> C
 where
@@ -189,7 +195,15 @@ where
 
 /// The single `int8` value `sql` returns on the connection `conn`.
 pub async fn scalar_on(conn: &tokio_postgres::Client, sql: &str) -> i64 {
-    conn.query_one(sql, &[]).await.unwrap().get(0)
+    value_on(conn, sql, 0).await
+}
+
+/// Column `column` of the single row `sql` returns on the connection `conn`.
+pub async fn value_on<T>(conn: &tokio_postgres::Client, sql: &str, column: usize) -> T
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    conn.query_one(sql, &[]).await.unwrap().get(column)
 }
 
 /// How many tasks are not completed (for [`wait_for`]).
@@ -197,6 +211,9 @@ pub const OPEN_TASKS: &str = "SELECT count(*) FROM pgcrew.tasks WHERE state <> '
 
 /// How many tasks are completed (for [`wait_for`]).
 pub const COMPLETED_TASKS: &str = "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'";
+
+/// How many tasks are running (for [`wait_for`]).
+pub const RUNNING_TASKS: &str = "SELECT count(*) FROM pgcrew.tasks WHERE state = 'running'";
 
 /// Wait on the single `int8` value of `sql`:
 /// `wait_for(db, sql).within(timeout).until(|n| n == 0, "what it means").await`.
@@ -262,6 +279,14 @@ pub async fn ledger_events(db: &Db, run: RunId) -> Vec<(String, Option<String>, 
 /// How many of `evs` (see [`ledger_events`]) are of type `ty`.
 pub fn count(evs: &[(String, Option<String>, Value)], ty: &str) -> usize {
     evs.iter().filter(|(t, _, _)| t == ty).count()
+}
+
+/// Every one of `needles` is in `text`.
+#[track_caller]
+pub fn assert_contains_all(text: &str, needles: &[&str]) {
+    for needle in needles {
+        assert!(text.contains(needle), "`{needle}` missing from: {text}");
+    }
 }
 
 /// `err` is `Error::InvalidInput` for `field`.

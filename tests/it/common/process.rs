@@ -118,10 +118,12 @@ where
         .unwrap()
 }
 
-/// Run `pgcrew bench <args> --json` on the test database's server: its JSON report and stderr.
-pub async fn run_bench(t: &TestDb, args: &[&str]) -> (serde_json::Value, String) {
+/// A fresh test database, and `pgcrew bench <args> --json` run on its server (`args` split at
+/// white space): the database, the bench's JSON report and its stderr.
+pub async fn run_bench(args: &str) -> (TestDb, serde_json::Value, String) {
+    let t = crate::common::test_db().await;
     let mut argv = vec!["bench".to_string()];
-    argv.extend(args.iter().map(|a| a.to_string()));
+    argv.extend(args.split_whitespace().map(str::to_string));
     argv.push("--json".into());
     let dsn = t.dsn().to_string();
     let out = tokio::task::spawn_blocking(move || {
@@ -135,7 +137,7 @@ pub async fn run_bench(t: &TestDb, args: &[&str]) -> (serde_json::Value, String)
     .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(out.status.success(), "{stderr}");
-    (serde_json::from_slice(&out.stdout).unwrap(), stderr)
+    (t, serde_json::from_slice(&out.stdout).unwrap(), stderr)
 }
 
 /// The scratch database a bench named on stderr no longer exists.

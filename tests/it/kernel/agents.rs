@@ -12,10 +12,7 @@ async fn agent_run_resumes_on_another_instance_without_repeating_steps() {
     register_tools(&t.db, &tools()).await.unwrap();
 
     // Instance A: answers turn 0, then hangs in the turn-1 call and is killed.
-    let model_a = Arc::new(HangsAfter {
-        inner: ScriptedModel::by_turn(weather_script()),
-        turns: 1,
-    });
+    let model_a = Arc::new(hangs_after(ScriptedModel::by_turn(weather_script()), 1));
     let a =
         agent_runtime(&t.db, model_a, tools(), "instance-a").lease_ttl(Duration::from_millis(800));
     let tenant = TenantId::new("acme").unwrap();

@@ -198,28 +198,52 @@ fn weather_script() -> Vec<ScriptedReply> {
     ]
 }
 
-/// A model that answers the first `turns` turns from a script and then never answers (the
-/// instance "dies" during that call).
-struct HangsAfter {
+/// What a [`Hooked`] model does first on each call: given the request, a future that must end
+/// (and may fail the call) before the scripted answer is given.
+type BeforeCall = Box<
+    dyn Fn(&ModelRequest) -> futures_util::future::BoxFuture<'static, pgcrew::Result<()>>
+        + Send
+        + Sync,
+>;
+
+/// A scripted model named `name` that runs `before` first on each call.
+struct Hooked {
+    name: &'static str,
     inner: ScriptedModel,
-    turns: usize,
+    before: BeforeCall,
 }
 
 #[async_trait::async_trait]
-impl ModelPort for HangsAfter {
+impl ModelPort for Hooked {
     fn name(&self) -> &str {
-        "hangs-after"
+        self.name
     }
     async fn complete(&self, request: &ModelRequest) -> pgcrew::Result<ModelResponse> {
+        (self.before)(request).await?;
+        self.inner.complete(request).await
+    }
+}
+
+/// A model that answers the first `turns` turns from `inner` and then never answers (the
+/// instance "dies" during that call).
+fn hangs_after(inner: ScriptedModel, turns: usize) -> Hooked {
+    let before: BeforeCall = Box::new(move |request: &ModelRequest| {
         let turn = request
             .messages
             .iter()
             .filter(|m| m.role() == "assistant")
             .count();
-        if turn >= self.turns {
-            std::future::pending::<()>().await;
-        }
-        self.inner.complete(request).await
+        Box::pin(async move {
+            if turn >= turns {
+                std::future::pending::<()>().await;
+            }
+            Ok(())
+        })
+    });
+    Hooked {
+        name: "hangs-after",
+        inner,
+        before,
     }
 }
 

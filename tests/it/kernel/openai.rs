@@ -100,23 +100,22 @@ async fn agent_feeds_unknown_tool_and_bad_arguments_back_and_records_them() {
 }
 
 /// A model whose call outlives the caller's run lease (the run is cancelled during the call).
-struct LosesLease {
-    db: Db,
-    inner: ScriptedModel,
-}
-
-#[async_trait::async_trait]
-impl ModelPort for LosesLease {
-    fn name(&self) -> &str {
-        "loses-lease"
-    }
-    async fn complete(&self, request: &ModelRequest) -> pgcrew::Result<ModelResponse> {
-        let run = runs::list_runs(&self.db, &runs::RunFilter::default())
-            .await?
-            .remove(0)
-            .id;
-        runs::cancel_run(&self.db, run, "stop during the call").await?;
-        self.inner.complete(request).await
+fn loses_lease(db: Db, inner: ScriptedModel) -> Hooked {
+    let before: BeforeCall = Box::new(move |_: &ModelRequest| {
+        let db = db.clone();
+        Box::pin(async move {
+            let run = runs::list_runs(&db, &runs::RunFilter::default())
+                .await?
+                .remove(0)
+                .id;
+            runs::cancel_run(&db, run, "stop during the call").await?;
+            Ok(())
+        })
+    });
+    Hooked {
+        name: "loses-lease",
+        inner,
+        before,
     }
 }
 
@@ -128,10 +127,8 @@ async fn model_call_that_cannot_be_recorded_is_still_charged() {
         .unwrap()
         .unwrap();
     let scope = scope.with_lease(lease.token);
-    let model = Arc::new(LosesLease {
-        db: t.db.clone(),
-        inner: ScriptedModel::sequence(vec![ScriptedReply::text("late")]),
-    });
+    let late = ScriptedModel::sequence(vec![ScriptedReply::text("late")]);
+    let model = Arc::new(loses_lease(t.db.clone(), late));
     let k = Kernel::new(t.db.clone(), model);
     let err = k
         .step_model(&scope, "m1", &request("hi"), ReplayPolicy::Strict)

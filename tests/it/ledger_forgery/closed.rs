@@ -57,26 +57,12 @@ async fn an_append_after_purge_is_refused_and_the_run_stays_verifiable() {
         runs::purge_run(&db, run, "again").await,
         Err(Error::InvalidInput { .. })
     ));
-    assert_eq!(
-        plain(
-            &t.db,
-            run,
-            "UPDATE pgcrew.chain_anchors SET last_seq = 3 WHERE run_id = $1"
-        )
-        .await
-        .as_deref(),
-        Some("PC005")
-    );
-    assert_eq!(
-        plain(
-            &t.db,
-            run,
-            "DELETE FROM pgcrew.chain_anchors WHERE run_id = $1"
-        )
-        .await
-        .as_deref(),
-        Some("PC005")
-    );
+    for sql in [
+        "UPDATE pgcrew.chain_anchors SET last_seq = 3 WHERE run_id = $1",
+        "DELETE FROM pgcrew.chain_anchors WHERE run_id = $1",
+    ] {
+        assert_guarded(&t.db, run, sql).await;
+    }
     // A forged final checkpoint on the purged run is exposed.
     as_owner(
         &t.db,
@@ -97,11 +83,7 @@ async fn heads_and_anchors_are_written_only_by_pgcrew_functions() {
         "UPDATE pgcrew.runs SET ledger_format = 1 WHERE id = $1",
         "INSERT INTO pgcrew.runs (id, tenant_id, ledger_head_seq) VALUES (gen_random_uuid(), 'default', 3 + 0 * length($1::uuid::text))",
     ] {
-        assert_eq!(
-            plain(&t.db, run, sql).await.as_deref(),
-            Some("PC005"),
-            "{sql}"
-        );
+        assert_guarded(&t.db, run, sql).await;
     }
     // Other columns of the run stay writable, and appends still move the head.
     assert_eq!(
@@ -156,12 +138,7 @@ async fn v1_runs_still_verify() {
     );
     assert_eq!((v.rust.format, v.sql.format), (1, 1));
     // Tampering is still found in v1 runs.
-    as_owner(
-        &t.db,
-        run,
-        &["UPDATE pgcrew.events SET payload = '{}' WHERE run_id = $1 AND seq = 3"],
-    )
-    .await;
+    edit_payload(&t.db, run, 3, "{}").await;
     let v = verdicts(&t.db, run).await;
     assert_eq!(v.rust.first_bad_seq, Some(3));
     assert!(!v.signed.valid);
@@ -218,12 +195,7 @@ async fn every_terminal_path_signs_the_final_head() {
     finished.push(r);
     // Maintenance's stuck-run step, with the key from the client configuration.
     let stuck = running_run(&db, 1).await;
-    as_owner(
-        &t.db,
-        stuck,
-        &["UPDATE pgcrew.runs SET started_at = now() - interval '2 hours' WHERE id = $1"],
-    )
-    .await;
+    set_run_row(&t.db, stuck, "started_at = now() - interval '2 hours'").await;
     {
         let config = ClientConfig::builder().ledger_key(key()).build().unwrap();
         let ctx = pgcrew::coord::maintenance::MaintenanceContext {

@@ -7,29 +7,15 @@ async fn finding_a_forged_anchor_no_longer_switches_the_truncation_check_off() {
     let (t, db) = keyed_db().await;
     let run = finished_run(&db, 8).await;
     // Plain SQL cannot write an anchor at all.
-    assert_eq!(
-        plain(
-            &t.db,
-            run,
-            "INSERT INTO pgcrew.chain_anchors (run_id, tenant_id, last_seq, last_hash, event_count, reason) \
-             VALUES ($1, 'default', 5, '\\x00', 5, 'forged')"
-        )
-        .await
-        .as_deref(),
-        Some("PC005")
-    );
-    // The owner truncates the ledger and forges an anchor that "explains" it.
-    as_owner(
+    assert_guarded(
         &t.db,
         run,
-        &[
-            "DELETE FROM pgcrew.events WHERE run_id = $1 AND seq > 6",
-            "INSERT INTO pgcrew.chain_anchors (run_id, tenant_id, last_seq, last_hash, event_count, reason) \
-             SELECT $1, 'default', ledger_head_seq, ledger_head_hash, ledger_head_seq, 'forged' \
-             FROM pgcrew.runs WHERE id = $1",
-        ],
+        "INSERT INTO pgcrew.chain_anchors (run_id, tenant_id, last_seq, last_hash, event_count, reason) \
+         VALUES ($1, 'default', 5, '\\x00', 5, 'forged')",
     )
     .await;
+    // The owner truncates the ledger and forges an anchor that "explains" it.
+    as_owner(&t.db, run, &TRUNCATED_WITH_FORGED_ANCHOR).await;
     let v = verdicts(&t.db, run).await;
     assert!(!v.rust.valid && !v.sql.valid && !v.signed.valid);
     assert_eq!(v.rust.first_bad_seq, Some(7));
@@ -37,14 +23,7 @@ async fn finding_a_forged_anchor_no_longer_switches_the_truncation_check_off() {
 
     // An anchor on an intact ledger is reported too.
     let intact = finished_run(&db, 3).await;
-    as_owner(
-        &t.db,
-        intact,
-        &["INSERT INTO pgcrew.chain_anchors (run_id, tenant_id, last_seq, last_hash, event_count, reason) \
-           SELECT $1, 'default', ledger_head_seq, ledger_head_hash, ledger_head_seq, 'forged' \
-           FROM pgcrew.runs WHERE id = $1"],
-    )
-    .await;
+    as_owner(&t.db, intact, &[FORGED_ANCHOR]).await;
     let v = verdicts(&t.db, intact).await;
     assert!(!v.rust.valid && !v.signed.valid);
     assert!(v.rust.problem.unwrap().contains("chain anchor"));
@@ -144,13 +123,7 @@ async fn finding_c_events_copied_between_runs_fail_under_v2() {
 async fn finding_d_a_full_rewrite_passes_without_the_key_and_fails_with_it() {
     let (t, db) = keyed_db().await;
     let run = finished_run(&db, 8).await;
-    as_owner(
-        &t.db,
-        run,
-        &["UPDATE pgcrew.events SET payload = '{\"i\": 999, \"forged\": true}' WHERE run_id = $1 AND seq = 5"],
-    )
-    .await;
-    recompute_chain(&t.db, run).await;
+    rewrite_event_5(&t.db, run, r#"{"i": 999, "forged": true}"#).await;
     let v = verdicts(&t.db, run).await;
     // Only a key can catch this.
     assert!(v.rust.valid && v.sql.valid, "{:?}", v.rust);

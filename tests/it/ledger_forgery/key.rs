@@ -115,13 +115,7 @@ async fn cli_verify_ledger_with_and_without_the_key() {
         "{out}"
     );
     // A full rewrite: unkeyed still valid, keyed invalid (also with --sql).
-    as_owner(
-        &t.db,
-        run,
-        &["UPDATE pgcrew.events SET payload = '{}' WHERE run_id = $1 AND seq = 5"],
-    )
-    .await;
-    recompute_chain(&t.db, run).await;
+    rewrite_event_5(&t.db, run, "{}").await;
     let (code, out, _) = cli(verify(run, &[]), vec![]).await;
     assert_eq!(code, Some(0), "{out}");
     for extra in [

@@ -19,77 +19,55 @@ enum Attack {
     TruncatedToEarlierCheckpoint,
 }
 
-async fn attack(db: &Db, run: RunId, other: RunId, a: Attack) {
-    match a {
-        Attack::None => {}
-        Attack::EditPayload => {
-            as_owner(db, run, &["UPDATE pgcrew.events SET payload = '{\"i\": 42}' WHERE run_id = $1 AND seq = 5"]).await
-        }
-        Attack::DeleteMiddleEvent => {
-            as_owner(db, run, &["DELETE FROM pgcrew.events WHERE run_id = $1 AND seq = 5"]).await
-        }
-        Attack::DeleteLastEvent => {
-            as_owner(db, run, &["DELETE FROM pgcrew.events WHERE run_id = $1 AND seq = 11"]).await
-        }
-        Attack::InsertAfterHead => {
-            as_owner(
-                db,
-                run,
-                &["INSERT INTO pgcrew.events (run_id, seq, tenant_id, event_type, payload, prev_hash, hash, created_at) \
-                   SELECT run_id, 12, tenant_id, 'note', '{}', hash, hash, now() \
-                   FROM pgcrew.events WHERE run_id = $1 AND seq = 11"],
-            )
-            .await
-        }
-        Attack::CopyFromOtherRun => copy_ledger(db, other, run).await,
-        Attack::ForgedAnchor => {
-            as_owner(
-                db,
-                run,
-                &[
-                    "DELETE FROM pgcrew.events WHERE run_id = $1 AND seq > 6",
-                    "INSERT INTO pgcrew.chain_anchors (run_id, tenant_id, last_seq, last_hash, event_count, reason) \
-                     SELECT $1, 'default', ledger_head_seq, ledger_head_hash, ledger_head_seq, 'forged' \
-                     FROM pgcrew.runs WHERE id = $1",
-                ],
-            )
-            .await
-        }
-        Attack::FullRewrite | Attack::FullRewriteWithoutCheckpoints => {
-            as_owner(db, run, &["UPDATE pgcrew.events SET payload = '{\"i\": 42}' WHERE run_id = $1 AND seq = 5"]).await;
-            recompute_chain(db, run).await;
-            if matches!(a, Attack::FullRewriteWithoutCheckpoints) {
-                as_owner(db, run, &["DELETE FROM pgcrew.ledger_checkpoints WHERE run_id = $1"]).await;
+impl Attack {
+    /// The statements the owner runs for this attack (`$1` is the run), all in one transaction.
+    fn statements(self) -> &'static [&'static str] {
+        use Attack::*;
+        match self {
+            None | CopyFromOtherRun => &[],
+            EditPayload | FullRewrite | FullRewriteWithoutCheckpoints => {
+                &["UPDATE pgcrew.events SET payload = '{\"i\": 42}' WHERE run_id = $1 AND seq = 5"]
             }
-        }
-        Attack::ForgedCheckpointMac => {
-            as_owner(
-                db,
-                run,
-                &["UPDATE pgcrew.ledger_checkpoints SET mac = sha256(mac) WHERE run_id = $1 AND seq = 8"],
-            )
-            .await
-        }
-        Attack::DeletedCheckpoints => {
-            as_owner(db, run, &["DELETE FROM pgcrew.ledger_checkpoints WHERE run_id = $1"]).await
-        }
-        Attack::DeletedFinalCheckpoint => {
-            as_owner(db, run, &["DELETE FROM pgcrew.ledger_checkpoints WHERE run_id = $1 AND final"]).await
-        }
-        Attack::TruncatedToEarlierCheckpoint => {
+            DeleteMiddleEvent => &["DELETE FROM pgcrew.events WHERE run_id = $1 AND seq = 5"],
+            DeleteLastEvent => &["DELETE FROM pgcrew.events WHERE run_id = $1 AND seq = 11"],
+            InsertAfterHead => &[
+                "INSERT INTO pgcrew.events (run_id, seq, tenant_id, event_type, payload, prev_hash, hash, created_at) \
+                 SELECT run_id, 12, tenant_id, 'note', '{}', hash, hash, now() \
+                 FROM pgcrew.events WHERE run_id = $1 AND seq = 11",
+            ],
+            ForgedAnchor => &TRUNCATED_WITH_FORGED_ANCHOR,
+            ForgedCheckpointMac => &[
+                "UPDATE pgcrew.ledger_checkpoints SET mac = sha256(mac) WHERE run_id = $1 AND seq = 8",
+            ],
+            DeletedCheckpoints => &["DELETE FROM pgcrew.ledger_checkpoints WHERE run_id = $1"],
+            DeletedFinalCheckpoint => {
+                &["DELETE FROM pgcrew.ledger_checkpoints WHERE run_id = $1 AND final"]
+            }
             // Back to the checkpoint at seq 8, head and all: a consistent, signed prefix.
-            as_owner(
-                db,
-                run,
-                &[
-                    "DELETE FROM pgcrew.events WHERE run_id = $1 AND seq > 8",
-                    "DELETE FROM pgcrew.ledger_checkpoints WHERE run_id = $1 AND seq > 8",
-                    "UPDATE pgcrew.runs SET (ledger_head_seq, ledger_head_hash) = \
-                     (SELECT seq, hash FROM pgcrew.events WHERE run_id = $1 AND seq = 8) WHERE id = $1",
-                ],
-            )
-            .await
+            TruncatedToEarlierCheckpoint => &[
+                "DELETE FROM pgcrew.events WHERE run_id = $1 AND seq > 8",
+                "DELETE FROM pgcrew.ledger_checkpoints WHERE run_id = $1 AND seq > 8",
+                "UPDATE pgcrew.runs SET (ledger_head_seq, ledger_head_hash) = \
+                 (SELECT seq, hash FROM pgcrew.events WHERE run_id = $1 AND seq = 8) WHERE id = $1",
+            ],
         }
+    }
+}
+
+/// Attack `run` as `a` says (`other` is the finished run a copied ledger comes from).
+async fn attack(db: &Db, run: RunId, other: RunId, a: Attack) {
+    if matches!(a, Attack::CopyFromOtherRun) {
+        copy_ledger(db, other, run).await;
+    }
+    if !a.statements().is_empty() {
+        as_owner(db, run, a.statements()).await;
+    }
+    let without_checkpoints = matches!(a, Attack::FullRewriteWithoutCheckpoints);
+    if without_checkpoints || matches!(a, Attack::FullRewrite) {
+        recompute_chain(db, run).await;
+    }
+    if without_checkpoints {
+        as_owner(db, run, Attack::DeletedCheckpoints.statements()).await;
     }
 }
 
@@ -151,23 +129,13 @@ async fn a_running_run_reports_how_far_it_is_signed() {
     let v = verdicts(&t.db, run).await;
     assert_eq!(v.signed.signed_seq, Some(17));
     // Deleting its checkpoints cannot be proven for a running run, but the report shows it.
-    as_owner(
-        &t.db,
-        run,
-        &["DELETE FROM pgcrew.ledger_checkpoints WHERE run_id = $1"],
-    )
-    .await;
+    attack(&t.db, run, run, Attack::DeletedCheckpoints).await;
     let v = verdicts(&t.db, run).await;
     assert!(v.signed.valid);
     assert_eq!(v.signed.signed_seq, Option::None);
     // A signed finish on a run the row says is still running is exposed.
     let fin = finished_run(&db, 1).await;
-    as_owner(
-        &t.db,
-        fin,
-        &["UPDATE pgcrew.runs SET state = 'running' WHERE id = $1"],
-    )
-    .await;
+    set_run_row(&t.db, fin, "state = 'running'").await;
     let v = verdicts(&t.db, fin).await;
     assert!(v.rust.valid && !v.signed.valid, "{:?}", v.signed);
 }

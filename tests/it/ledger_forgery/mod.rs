@@ -101,6 +101,42 @@ async fn as_owner(db: &Db, run: RunId, statements: &[&str]) {
     tx.commit().await.unwrap();
 }
 
+/// Event `seq`'s payload set to `payload` (a JSON literal) as the owner; its hash is left as is.
+async fn edit_payload(db: &Db, run: RunId, seq: i64, payload: &str) {
+    let sql =
+        format!("UPDATE pgcrew.events SET payload = '{payload}' WHERE run_id = $1 AND seq = {seq}");
+    as_owner(db, run, &[&sql]).await;
+}
+
+/// `run`'s row updated by the owner with `assignments` (the `SET` list), guards off.
+async fn set_run_row(db: &Db, run: RunId, assignments: &str) {
+    let sql = format!("UPDATE pgcrew.runs SET {assignments} WHERE id = $1");
+    as_owner(db, run, &[&sql]).await;
+}
+
+/// A full rewrite: event 5's payload set to `payload` ([`edit_payload`]) and the whole chain
+/// recomputed ([`recompute_chain`]), which no unkeyed verifier can tell from the original.
+async fn rewrite_event_5(db: &Db, run: RunId, payload: &str) {
+    edit_payload(db, run, 5, payload).await;
+    recompute_chain(db, run).await;
+}
+
+/// An owner statement (`$1` is the run) forging an anchor that "explains" the ledger as it is.
+const FORGED_ANCHOR: &str = "INSERT INTO pgcrew.chain_anchors (run_id, tenant_id, last_seq, last_hash, event_count, reason) \
+     SELECT $1, 'default', ledger_head_seq, ledger_head_hash, ledger_head_seq, 'forged' \
+     FROM pgcrew.runs WHERE id = $1";
+
+/// Owner statements: the ledger truncated after seq 6, with a [`FORGED_ANCHOR`] to explain it.
+const TRUNCATED_WITH_FORGED_ANCHOR: [&str; 2] = [
+    "DELETE FROM pgcrew.events WHERE run_id = $1 AND seq > 6",
+    FORGED_ANCHOR,
+];
+
+/// Plain SQL `sql` (`$1` is the run) is refused by the guard triggers (SQLSTATE PC005).
+async fn assert_guarded(db: &Db, run: RunId, sql: &str) {
+    assert_eq!(plain(db, run, sql).await.as_deref(), Some("PC005"), "{sql}");
+}
+
 /// Plain SQL with the guards in place; returns the SQLSTATE of the error, if any.
 async fn plain(db: &Db, run: RunId, sql: &str) -> Option<String> {
     let conn = db.get().await.unwrap();

@@ -190,18 +190,13 @@ async fn scripted_model_works_as_a_trait_object() {
     let req = ModelRequest::new("m")
         .user("Oslo")
         .output_schema("weather", weather_schema());
-    let w: Weather = ports[1]
-        .complete(&req)
-        .await
-        .unwrap()
-        .parse_output()
-        .unwrap();
+    let w = weather_from(ports[1].as_ref(), &req).await;
     assert_eq!(w.city, "Oslo");
-    let demo: Weather = ports[0]
-        .complete(&req)
-        .await
-        .unwrap()
-        .parse_output()
-        .unwrap();
+    let demo = weather_from(ports[0].as_ref(), &req).await;
     assert!(demo.city.contains("Oslo"));
+}
+
+/// The structured output of `port`'s answer to `req`, parsed as a [`Weather`].
+async fn weather_from(port: &dyn ModelPort, req: &ModelRequest) -> Weather {
+    port.complete(req).await.unwrap().parse_output().unwrap()
 }

@@ -58,22 +58,8 @@ async fn cli_tasks_enqueue_stats_list_cancel_retry() {
 /// figure, including the plain-SQL wake-up floor, and drops its database afterwards.
 #[tokio::test]
 async fn cli_bench_queue_reports_every_figure_and_cleans_up() {
-    let t = test_db().await;
-    let (v, stderr) = run_bench(
-        &t,
-        &[
-            "queue",
-            "--tasks",
-            "300",
-            "--batch",
-            "100",
-            "--wakeups",
-            "5",
-            "--wakeup-gap",
-            "1ms",
-        ],
-    )
-    .await;
+    let (t, v, stderr) =
+        run_bench("queue --tasks 300 --batch 100 --wakeups 5 --wakeup-gap 1ms").await;
     assert_eq!(v["tasks"], 300);
     assert_eq!(v["wakeup_samples"], 5);
     for field in [
@@ -102,22 +88,8 @@ async fn cli_bench_queue_reports_every_figure_and_cleans_up() {
 /// claimed within one claim cycle, and the database is dropped afterwards.
 #[tokio::test]
 async fn cli_bench_scale_grows_the_table_and_reports_fairness() {
-    let t = test_db().await;
-    let (v, stderr) = run_bench(
-        &t,
-        &[
-            "scale",
-            "--finished",
-            "3000",
-            "--backlog",
-            "4000",
-            "--samples",
-            "20",
-            "--batch",
-            "6",
-        ],
-    )
-    .await;
+    let (t, v, stderr) =
+        run_bench("scale --finished 3000 --backlog 4000 --samples 20 --batch 6").await;
     // Each phase enqueues 20 x 6 tasks for each of two tenants and claims 20 x 6 of them.
     let rows = |p: &str| v[p]["table_rows"].as_i64().unwrap();
     let available = |p: &str| v[p]["available"].as_i64().unwrap();

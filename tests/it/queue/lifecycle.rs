@@ -7,12 +7,13 @@ use pgcrew::queue::{self, Ack, AckOutcome, Priority, TaskState};
 use pgcrew::{ClaimToken, Client, TaskId};
 
 use super::{completed, config, failed, q, state_of};
-use crate::common::{db_with_instance, scalar, start_leader, task, test_db, wait_for};
+use crate::common::{
+    db_with_instance_conn, enqueued, scalar, start_leader, task, test_db, wait_for,
+};
 
 #[tokio::test]
 async fn priorities_are_claimed_in_order() {
-    let (t, me) = db_with_instance("w").await;
-    let conn = t.db.get().await.unwrap();
+    let (t, me, conn) = db_with_instance_conn("w").await;
     let order = [
         Priority::Batch,
         Priority::Low,
@@ -22,9 +23,7 @@ async fn priorities_are_claimed_in_order() {
     ];
     let mut by_prio = HashMap::new();
     for p in order {
-        let e = queue::enqueue(&**conn, &task("k").priority(p))
-            .await
-            .unwrap();
+        let e = enqueued(&**conn, &task("k").priority(p)).await;
         by_prio.insert(e.id, p);
     }
     let mut got = Vec::new();
@@ -47,9 +46,7 @@ async fn priorities_are_claimed_in_order() {
 
     // One claim of several tasks hands them over in execution order too.
     for p in order {
-        queue::enqueue(&**conn, &task("k").priority(p))
-            .await
-            .unwrap();
+        enqueued(&**conn, &task("k").priority(p)).await;
     }
     let batch = queue::claim(&**conn, &q("default"), 10, &me).await.unwrap();
     let prios: Vec<Priority> = batch.iter().map(|c| c.priority).collect();
@@ -67,9 +64,7 @@ async fn priorities_are_claimed_in_order() {
     .await
     .unwrap();
     for _ in 0..3 {
-        queue::enqueue(&**conn, &task("k").priority(Priority::Batch))
-            .await
-            .unwrap();
+        enqueued(&**conn, &task("k").priority(Priority::Batch)).await;
     }
     let due = format!(
         "SELECT count(*) FROM pgcrew.tasks WHERE id = {} AND run_at <= now()",
@@ -86,13 +81,10 @@ async fn priorities_are_claimed_in_order() {
 
 #[tokio::test]
 async fn delayed_tasks_wait_for_database_time() {
-    let (t, me) = db_with_instance("w").await;
-    let conn = t.db.get().await.unwrap();
+    let (_t, me, conn) = db_with_instance_conn("w").await;
     // Taken before the enqueue: the claim cannot succeed until 600 ms of database time later.
     let before = std::time::Instant::now();
-    let e = queue::enqueue(&**conn, &task("k").delay(Duration::from_millis(600)))
-        .await
-        .unwrap();
+    let e = enqueued(&**conn, &task("k").delay(Duration::from_millis(600))).await;
     assert_eq!(e.state, TaskState::Scheduled);
     assert!(
         queue::claim(&**conn, &q("default"), 10, &me)
@@ -117,30 +109,18 @@ async fn delayed_tasks_wait_for_database_time() {
     assert_eq!(got[0].id, e.id);
     assert!(before.elapsed() >= Duration::from_millis(590));
     // The row's run_at agrees with the delay measured on the database clock.
-    let gap: f64 = conn
-        .query_one(
-            "SELECT extract(epoch FROM run_at - created_at)::float8 FROM pgcrew.tasks WHERE id = $1",
-            &[&e.id],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let gap = seconds_to_run_at(&conn, e.id, "created_at").await;
     assert!((0.59..0.7).contains(&gap), "{gap}");
 }
 
 #[tokio::test]
 async fn dependencies_gate_availability_and_failures_cancel_dependants() {
-    let (t, me) = db_with_instance("w").await;
-    let conn = t.db.get().await.unwrap();
+    let (t, me, conn) = db_with_instance_conn("w").await;
     let a = queue::enqueue(&**conn, &task("a")).await.unwrap().id;
     let b = queue::enqueue(&**conn, &task("b")).await.unwrap().id;
-    let child = queue::enqueue(&**conn, &task("child").depends_on([a, b]))
-        .await
-        .unwrap();
+    let child = enqueued(&**conn, &task("child").depends_on([a, b])).await;
     assert_eq!(child.state, TaskState::Scheduled);
-    let grandchild = queue::enqueue(&**conn, &task("gc").depends_on([child.id]))
-        .await
-        .unwrap();
+    let grandchild = enqueued(&**conn, &task("gc").depends_on([child.id])).await;
     let claimed = queue::claim(&**conn, &q("default"), 10, &me).await.unwrap();
     let ids: HashSet<TaskId> = claimed.iter().map(|c| c.id).collect();
     assert_eq!(ids, HashSet::from([a, b]));
@@ -176,40 +156,21 @@ async fn dependencies_gate_availability_and_failures_cancel_dependants() {
     assert_eq!(gc.state, TaskState::Cancelled);
     assert!(gc.last_error.unwrap().contains("dependency"));
     // A new dependant of a discarded task is cancelled at once.
-    let late = queue::enqueue(&**conn, &task("late").depends_on([child.id]))
-        .await
-        .unwrap();
+    let late = enqueued(&**conn, &task("late").depends_on([child.id])).await;
     assert_eq!(late.state, TaskState::Cancelled);
     // Depending on a completed task: available at once.
-    let after_done = queue::enqueue(&**conn, &task("x").depends_on([a]))
-        .await
-        .unwrap();
+    let after_done = enqueued(&**conn, &task("x").depends_on([a])).await;
     assert_eq!(after_done.state, TaskState::Available);
 }
 
 #[tokio::test]
 async fn failures_back_off_then_discard_with_errors_kept_and_snooze_keeps_attempts() {
-    let (t, me) = db_with_instance("w").await;
-    let conn = t.db.get().await.unwrap();
-    let e = queue::enqueue(&**conn, &task("k").max_attempts(2))
-        .await
-        .unwrap();
+    let (_t, me, conn) = db_with_instance_conn("w").await;
+    let e = enqueued(&**conn, &task("k").max_attempts(2)).await;
     let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
-    let rep = queue::ack(
-        &**conn,
-        &[failed(e.id, c[0].token, "first", Duration::from_secs(30))],
-    )
-    .await
-    .unwrap();
-    assert_eq!(rep.applied, vec![(e.id, TaskState::Retryable)]);
-    let wait: f64 = conn
-        .query_one(
-            "SELECT extract(epoch FROM run_at - now())::float8 FROM pgcrew.tasks WHERE id = $1",
-            &[&e.id],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let applied = ack_failed(&conn, e.id, c[0].token, "first", Duration::from_secs(30)).await;
+    assert_eq!(applied, vec![(e.id, TaskState::Retryable)]);
+    let wait = seconds_to_run_at(&conn, e.id, "now()").await;
     assert!((28.0..=30.0).contains(&wait), "{wait}");
     assert!(
         queue::claim(&**conn, &q("default"), 1, &me)
@@ -240,13 +201,8 @@ async fn failures_back_off_then_discard_with_errors_kept_and_snooze_keeps_attemp
     assert_eq!((row.state, row.attempts), (TaskState::Scheduled, 1));
     let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
     assert_eq!(c[0].attempt, 2);
-    let rep = queue::ack(
-        &**conn,
-        &[failed(e.id, c[0].token, "second", Duration::from_secs(1))],
-    )
-    .await
-    .unwrap();
-    assert_eq!(rep.applied, vec![(e.id, TaskState::Discarded)]);
+    let applied = ack_failed(&conn, e.id, c[0].token, "second", Duration::from_secs(1)).await;
+    assert_eq!(applied, vec![(e.id, TaskState::Discarded)]);
     let row = queue::get(&**conn, e.id).await.unwrap();
     let errors: Vec<String> = row
         .errors
@@ -303,4 +259,25 @@ async fn retention_deletes_old_finished_tasks_in_batches() {
         1
     );
     leader.stop().await.unwrap();
+}
+
+/// Seconds from `since` (an SQL expression on task `id`'s row) to the task's `run_at`.
+async fn seconds_to_run_at(conn: &tokio_postgres::Client, id: TaskId, since: &str) -> f64 {
+    let sql = format!(
+        "SELECT extract(epoch FROM run_at - {since})::float8 FROM pgcrew.tasks WHERE id = $1"
+    );
+    conn.query_one(&sql, &[&id]).await.unwrap().get(0)
+}
+
+/// Fail claim `token` of task `id` with `error`, retried after `retry_in` ([`failed`]): the
+/// (task, new state) pairs the acknowledgement applied.
+async fn ack_failed(
+    conn: &tokio_postgres::Client,
+    id: TaskId,
+    token: ClaimToken,
+    error: &str,
+    retry_in: Duration,
+) -> Vec<(TaskId, TaskState)> {
+    let ack = failed(id, token, error, retry_in);
+    queue::ack(conn, &[ack]).await.unwrap().applied
 }

@@ -5,12 +5,12 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use pgcrew::TenantId;
-use pgcrew::queue::{self, Ack, AckOutcome, NewTask, Priority, TaskOutcome, WorkerPool};
+use pgcrew::queue::{self, Ack, AckOutcome, NewTask, Priority, WorkerPool};
 
 use super::{q, start_client};
 use crate::common::{
-    COMPLETED_TASKS, OPEN_TASKS, create_tenant, register_instance, scalar, scalar_on,
-    setup_and_enqueue, task, test_db, wait_for,
+    COMPLETED_TASKS, OPEN_TASKS, create_tenant, recording_handler, register_instance, scalar,
+    scalar_on, setup_and_enqueue, task, test_db, wait_for,
 };
 
 #[tokio::test]
@@ -178,15 +178,8 @@ async fn exactly_once_100k_tasks_16_claimers_across_instances() {
     setup_and_enqueue(&t, ddl, &tasks, 10_000).await;
     let mut clients = Vec::new();
     for i in 0..16 {
-        let pool = WorkerPool::builder()
-            .concurrency(2)
-            .prefetch(30)
-            .handler("effect", |ctx, _p: serde_json::Value| async move {
-                let conn = ctx.client.db().get().await?;
-                conn.execute("INSERT INTO effects VALUES ($1)", &[&ctx.id])
-                    .await?;
-                Ok(TaskOutcome::Complete)
-            })
+        let builder = WorkerPool::builder().concurrency(2).prefetch(30);
+        let pool = recording_handler(builder, "effect", "effects")
             .build()
             .unwrap();
         clients.push(start_client(&t, &format!("worker-{i}"), Some(pool), i == 0).await);

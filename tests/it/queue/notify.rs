@@ -4,10 +4,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use pgcrew::queue::{self, TaskOutcome, WorkerPool};
+use pgcrew::queue::{self, NewTask, TaskOutcome, WorkerPool};
 
 use super::{listen_task_available, start_client};
-use crate::common::{register_instance, task, test_db, wait_for, wait_until};
+use crate::common::{
+    COMPLETED_TASKS, enqueued, register_instance, task, test_db, wait_for, wait_until,
+};
 
 #[tokio::test]
 async fn idle_pool_wakes_on_notify_and_stats_report_queues() {
@@ -29,15 +31,8 @@ async fn idle_pool_wakes_on_notify_and_stats_report_queues() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let conn = t.db.get().await.unwrap();
     for i in 1..=3 {
-        queue::enqueue(&**conn, &task("k").queue("fast"))
-            .await
-            .unwrap();
-        wait_until(
-            Duration::from_secs(3),
-            "idle pool did not wake on enqueue #{i}",
-            || async { runs.load(Ordering::SeqCst) == i },
-        )
-        .await;
+        let what = "idle pool did not wake on enqueue #{i}";
+        enqueue_and_count_to(&conn, &task("k").queue("fast"), &runs, i, what).await;
     }
     queue::enqueue(&**conn, &task("k").queue("elsewhere"))
         .await
@@ -95,25 +90,16 @@ async fn saturated_pools_get_no_notifications_idle_ones_do() {
         .unwrap();
     let client = start_client(&t, "saturated", Some(pool), false).await;
     // Idle: the pool registers as a waiter, and an enqueue wakes it through NOTIFY.
-    wait_for(
-        &t,
-        "SELECT count(*) FROM pgcrew.queue_waiters WHERE queue = 'busy'",
-    )
-    .within(Duration::from_secs(3))
-    .until(|n| n == 1, "the idle pool waits on queue busy")
-    .await;
+    let waiters = "SELECT count(*) FROM pgcrew.queue_waiters";
+    wait_for(&t, &format!("{waiters} WHERE queue = 'busy'"))
+        .within(Duration::from_secs(3))
+        .until(|n| n == 1, "the idle pool waits on queue busy")
+        .await;
     let conn = t.db.get().await.unwrap();
-    queue::enqueue(&**conn, &task("block").queue("busy"))
-        .await
-        .unwrap();
-    wait_until(
-        Duration::from_secs(3),
-        "the blocking handler started",
-        || async { started.load(Ordering::SeqCst) == 1 },
-    )
-    .await;
+    let what = "the blocking handler started";
+    enqueue_and_count_to(&conn, &task("block").queue("busy"), &started, 1, what).await;
     // Saturated (its one slot is blocked): it leaves the waiters, and enqueues send no NOTIFY.
-    wait_for(&t, "SELECT count(*) FROM pgcrew.queue_waiters")
+    wait_for(&t, waiters)
         .within(Duration::from_secs(3))
         .until(|n| n == 0, "the saturated pool leaves the waiters")
         .await;
@@ -133,13 +119,10 @@ async fn saturated_pools_get_no_notifications_idle_ones_do() {
     );
     // Release everything: all tasks complete (claimed by the pool as slots free up).
     release.add_permits(100);
-    wait_for(
-        &t,
-        "SELECT count(*) FROM pgcrew.tasks WHERE queue = 'busy' AND state = 'completed'",
-    )
-    .within(Duration::from_secs(10))
-    .until(|n| n == 21, "every busy task completes")
-    .await;
+    wait_for(&t, &format!("{COMPLETED_TASKS} AND queue = 'busy'"))
+        .within(Duration::from_secs(10))
+        .until(|n| n == 21, "every busy task completes")
+        .await;
     client.stop().await.unwrap();
     drop(listener);
     driver.abort();
@@ -261,4 +244,19 @@ async fn every_enqueue_path_notifies_waiting_queues_and_only_those() {
     assert_eq!(woken().await, ["w1"], "wake_queues");
     drop(listener);
     driver.abort();
+}
+
+/// Enqueue `task`, then wait (up to 3 s, panicking with `what`) until `count` is `n`.
+async fn enqueue_and_count_to(
+    conn: &tokio_postgres::Client,
+    task: &NewTask,
+    count: &AtomicUsize,
+    n: usize,
+    what: &str,
+) {
+    enqueued(conn, task).await;
+    wait_until(Duration::from_secs(3), what, || async {
+        count.load(Ordering::SeqCst) == n
+    })
+    .await;
 }

@@ -10,7 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::{start_client, state_of, wait_state};
 use crate::common::{
-    COMPLETED_TASKS, cancel_task, retry_task, scalar, task, test_db, wait_for, wait_until,
+    COMPLETED_TASKS, RUNNING_TASKS, TestDb, cancel_task, enqueued, retry_task, scalar, task,
+    test_db, wait_for, wait_until,
 };
 
 #[tokio::test]
@@ -30,13 +31,10 @@ async fn stop_drains_in_flight_tasks_and_flushes_acks() {
     queue::enqueue_many(&**conn, &(0..8).map(|_| task("slow")).collect::<Vec<_>>())
         .await
         .unwrap();
-    wait_for(
-        &t,
-        "SELECT count(*) FROM pgcrew.tasks WHERE state = 'running'",
-    )
-    .within(Duration::from_secs(5))
-    .until(|n| n == 8, "the pool did not claim and prefetch the tasks")
-    .await;
+    wait_for(&t, RUNNING_TASKS)
+        .within(Duration::from_secs(5))
+        .until(|n| n == 8, "the pool did not claim and prefetch the tasks")
+        .await;
     client.stop().await.unwrap();
     // Everything it held ran to completion and was acknowledged before stop returned.
     assert_eq!(scalar(&t, COMPLETED_TASKS).await, 8);
@@ -73,28 +71,12 @@ async fn running_task_cancellation_is_announced_not_left_to_the_heartbeat() {
     let client = start_client(&t, "canceller", Some(pool.clone()), false).await;
     let mut announcements = client.subscribe(&[pgcrew::EventKind::TaskCancelRequested]);
     let conn = t.db.get().await.unwrap();
-    let id = queue::enqueue(&conn, &task("wait").queue("cancel_me").max_attempts(1))
+    let id = enqueued(&conn, &task("wait").queue("cancel_me").max_attempts(1))
         .await
-        .unwrap()
         .id;
-    wait_state(
-        &t,
-        id,
-        TaskState::Running,
-        Duration::from_secs(10),
-        "the task is running",
-    )
-    .await;
-    assert_eq!(cancel_task(&t, id).await, TaskState::Running);
-    assert_eq!(cancel_task(&t, id).await, TaskState::Running);
-    wait_state(
-        &t,
-        id,
-        TaskState::Cancelled,
-        Duration::from_secs(10),
-        "the cancellation did not reach the handler before the (10-minute) heartbeat",
-    )
-    .await;
+    // Cancelled within 10 s: the cancellation reached the handler before the (10-minute)
+    // heartbeat.
+    cancel_while_running(&t, id, 2, Duration::from_secs(10), "the task").await;
     assert!(seen.load(Ordering::SeqCst));
     let ev = tokio::time::timeout(Duration::from_secs(5), announcements.recv())
         .await
@@ -233,27 +215,8 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
 
     // Cancel a running task: the handler's token fires and the task ends cancelled. The
     // pool-wide timeout (500 ms) is longer than the cancel path (heartbeat 100 ms).
-    let forever = queue::enqueue(&**conn, &task("forever").max_attempts(1))
-        .await
-        .unwrap()
-        .id;
-    wait_state(
-        &t,
-        forever,
-        TaskState::Running,
-        Duration::from_secs(5),
-        "the endless task is running",
-    )
-    .await;
-    assert_eq!(cancel_task(&t, forever).await, TaskState::Running);
-    wait_state(
-        &t,
-        forever,
-        TaskState::Cancelled,
-        Duration::from_secs(5),
-        "the endless task is cancelled",
-    )
-    .await;
+    let forever = enqueued(&**conn, &task("forever").max_attempts(1)).await.id;
+    cancel_while_running(&t, forever, 1, Duration::from_secs(5), "the endless task").await;
     assert!(cancelled_seen.load(Ordering::SeqCst));
     let row = queue::get(&**conn, forever).await.unwrap();
     assert!(
@@ -289,4 +252,23 @@ fn flag_on_cancel(cancel: &tokio_util::sync::CancellationToken, seen: &Arc<Atomi
         cancel.cancelled().await;
         seen.store(true, Ordering::SeqCst);
     });
+}
+
+/// Cancel task `id` (named `what` in the panic messages) while it runs: wait (up to `timeout`)
+/// until it is running, request its cancellation `requests` times (each finding it still
+/// running), then wait (up to `timeout` again) until it ends cancelled.
+async fn cancel_while_running(
+    t: &TestDb,
+    id: TaskId,
+    requests: usize,
+    timeout: Duration,
+    what: &str,
+) {
+    let running = format!("{what} is running");
+    wait_state(t, id, TaskState::Running, timeout, &running).await;
+    for _ in 0..requests {
+        assert_eq!(cancel_task(t, id).await, TaskState::Running);
+    }
+    let cancelled = format!("{what} is cancelled");
+    wait_state(t, id, TaskState::Cancelled, timeout, &cancelled).await;
 }

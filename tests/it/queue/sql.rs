@@ -8,17 +8,14 @@ use pgcrew::{ClaimToken, Client, Error, InstanceId, TaskId, TenantId};
 
 use super::{completed, config, q, state_of};
 use crate::common::{
-    assert_invalid_input, create_tenant, db_with_instance, register_instance, scalar, start_leader,
-    task, test_db,
+    assert_invalid_input, create_tenant, db_with_instance_conn, enqueued, register_instance,
+    scalar, start_leader, task, test_db,
 };
 
 #[tokio::test]
 async fn claim_and_ack_with_stale_token_rejected() {
-    let (t, me) = db_with_instance("w1").await;
-    let conn = t.db.get().await.unwrap();
-    let e = queue::enqueue(&**conn, &task("k").queue("q1"))
-        .await
-        .unwrap();
+    let (t, me, conn) = db_with_instance_conn("w1").await;
+    let e = enqueued(&**conn, &task("k").queue("q1")).await;
     assert_eq!(e.state, TaskState::Available);
     assert!(!e.duplicate);
     let claimed = queue::claim(&**conn, &q("q1"), 10, &me).await.unwrap();
@@ -91,9 +88,7 @@ async fn rescued_task_rejects_the_old_claims_ack() {
 
     // A live instance whose heartbeat on a task went stale loses it too; out of attempts, the
     // task is discarded with the reason kept.
-    let last = queue::enqueue(&**conn, &task("k").max_attempts(1))
-        .await
-        .unwrap();
+    let last = enqueued(&**conn, &task("k").max_attempts(1)).await;
     let c = queue::claim(&**conn, &q("default"), 1, leader.instance_id())
         .await
         .unwrap();
@@ -294,9 +289,7 @@ async fn invalid_input_is_rejected_and_nothing_is_stored() {
     assert_eq!(scalar(&t, "SELECT count(*) FROM pgcrew.tasks").await, 0);
     // A tenant with tasks cannot be deleted from under them.
     let gone = create_tenant(&t, "gone", None).await;
-    queue::enqueue(&**conn, &task("k").tenant(gone))
-        .await
-        .unwrap();
+    enqueued(&**conn, &task("k").tenant(gone)).await;
     let del = conn
         .execute("DELETE FROM pgcrew.tenants WHERE id = 'gone'", &[])
         .await
@@ -306,22 +299,15 @@ async fn invalid_input_is_rejected_and_nothing_is_stored() {
 
 #[tokio::test]
 async fn unique_keys_dedupe_among_unfinished_tasks() {
-    let (t, me) = db_with_instance("w").await;
-    let conn = t.db.get().await.unwrap();
-    let a = queue::enqueue(&**conn, &task("k").unique_key("u1"))
-        .await
-        .unwrap();
-    let b = queue::enqueue(&**conn, &task("k").unique_key("u1"))
-        .await
-        .unwrap();
+    let (t, me, conn) = db_with_instance_conn("w").await;
+    let a = enqueued(&**conn, &task("k").unique_key("u1")).await;
+    let b = enqueued(&**conn, &task("k").unique_key("u1")).await;
     assert!(!a.duplicate);
     assert!(b.duplicate);
     assert_eq!(a.id, b.id);
     // Other tenant or other queue: not a duplicate.
     let other = create_tenant(&t, "other", None).await;
-    let c = queue::enqueue(&**conn, &task("k").unique_key("u1").tenant(other))
-        .await
-        .unwrap();
+    let c = enqueued(&**conn, &task("k").unique_key("u1").tenant(other)).await;
     assert!(!c.duplicate);
     // Bulk: duplicates (with existing rows and within the batch) are skipped.
     let ids = queue::enqueue_many(
@@ -342,9 +328,7 @@ async fn unique_keys_dedupe_among_unfinished_tasks() {
         .map(|c| c.ack(AckOutcome::Complete))
         .collect();
     queue::ack(&**conn, &acks).await.unwrap();
-    let d = queue::enqueue(&**conn, &task("k").unique_key("u1"))
-        .await
-        .unwrap();
+    let d = enqueued(&**conn, &task("k").unique_key("u1")).await;
     assert!(!d.duplicate);
     assert_ne!(d.id, a.id);
 }

@@ -3,6 +3,15 @@
 
 use super::*;
 
+/// How many task executions recorded in table `executions` repeat an earlier one's task.
+async fn duplicate_executions(t: &TestDb) -> i64 {
+    scalar(
+        t,
+        "SELECT count(*) - count(DISTINCT task_id) FROM executions",
+    )
+    .await
+}
+
 /// 10,000 tasks; 1 % of handlers fail with an error text holding a NUL byte, 1 % snooze for
 /// `Duration::MAX`. Every other task completes exactly once, and no task runs twice.
 #[tokio::test]
@@ -55,49 +64,35 @@ async fn poison_acks_never_hold_back_a_batch() {
     })
     .await;
     // Checked before stopping: a pool that cannot deliver its acknowledgements may not stop.
-    let dups = scalar(
-        &t,
-        "SELECT count(*) - count(DISTINCT task_id) FROM executions",
-    )
-    .await;
+    let dups = duplicate_executions(&t).await;
     assert_eq!(dups, 0, "{dups} duplicate executions");
     assert!(settled, "the tasks never settled");
     for c in &clients {
         c.stop().await.unwrap();
     }
     assert_eq!(scalar(&t, "SELECT count(*) FROM executions").await, 10_000);
-    assert_eq!(
-        scalar(
-            &t,
-            "SELECT count(*) FROM pgcrew.tasks
-              WHERE (payload->>'i')::int % 100 NOT IN (7, 13) AND state = 'completed'"
-        )
-        .await,
-        9_800
-    );
-    // The failures are kept, with the NUL made visible.
-    assert_eq!(
-        scalar(
-            &t,
-            "SELECT count(*) FROM pgcrew.tasks
-              WHERE (payload->>'i')::int % 100 = 7 AND state = 'retryable' AND attempts = 1
+    for (tasks_where, expected) in [
+        (
+            "(payload->>'i')::int % 100 NOT IN (7, 13) AND state = 'completed'",
+            9_800,
+        ),
+        // The failures are kept, with the NUL made visible.
+        (
+            "(payload->>'i')::int % 100 = 7 AND state = 'retryable' AND attempts = 1
                 AND last_error LIKE 'bad' || chr(9216) || 'byte in task %'
-                AND jsonb_array_length(errors) = 1"
-        )
-        .await,
-        100
-    );
-    // The snoozes are clamped to the documented maximum delay (years away), not lost.
-    assert_eq!(
-        scalar(
-            &t,
-            "SELECT count(*) FROM pgcrew.tasks
-              WHERE (payload->>'i')::int % 100 = 13 AND state = 'scheduled' AND attempts = 0
-                AND run_at > now() + interval '9 years'"
-        )
-        .await,
-        100
-    );
+                AND jsonb_array_length(errors) = 1",
+            100,
+        ),
+        // The snoozes are clamped to the documented maximum delay (years away), not lost.
+        (
+            "(payload->>'i')::int % 100 = 13 AND state = 'scheduled' AND attempts = 0
+                AND run_at > now() + interval '9 years'",
+            100,
+        ),
+    ] {
+        let sql = format!("SELECT count(*) FROM pgcrew.tasks WHERE {tasks_where}");
+        assert_eq!(scalar(&t, &sql).await, expected, "{tasks_where}");
+    }
 }
 
 /// A batch the database refuses (here a trigger rejects one task's completion) is split and
@@ -124,17 +119,12 @@ async fn a_refused_batch_is_split_and_the_rest_applied() {
     ))
     .await
     .unwrap();
-    let pool = WorkerPool::builder()
+    let builder = WorkerPool::builder()
         .concurrency(4)
         .prefetch(300)
         .max_batch(300)
-        .heartbeat_interval(Duration::from_millis(500))
-        .handler("edge", |ctx, _p: serde_json::Value| async move {
-            let conn = ctx.client.db().get().await?;
-            conn.execute("INSERT INTO executions VALUES ($1)", &[&ctx.id])
-                .await?;
-            Ok(TaskOutcome::Complete)
-        })
+        .heartbeat_interval(Duration::from_millis(500));
+    let pool = recording_handler(builder, "edge", "executions")
         .build()
         .unwrap();
     let metrics = pool.metrics().clone();
@@ -143,11 +133,7 @@ async fn a_refused_batch_is_split_and_the_rest_applied() {
         scalar(&t, COMPLETED_TASKS).await == 299 && metrics.snapshot().rejected_acks >= 1
     })
     .await;
-    let dups = scalar(
-        &t,
-        "SELECT count(*) - count(DISTINCT task_id) FROM executions",
-    )
-    .await;
+    let dups = duplicate_executions(&t).await;
     assert!(applied, "{:?}", metrics.snapshot());
     assert_eq!(dups, 0);
     assert_eq!(metrics.snapshot().rejected_acks, 1);
@@ -162,8 +148,7 @@ async fn a_refused_batch_is_split_and_the_rest_applied() {
 /// large for an interval: every acknowledgement is applied, values clamped and marked.
 #[tokio::test]
 async fn ack_clamps_delays_and_sanitises_error_text() {
-    let (t, me) = db_with_instance("acker").await;
-    let conn = t.db.get().await.unwrap();
+    let (_t, me, conn) = db_with_instance_conn("acker").await;
     let tasks: Vec<NewTask> = (0..5).map(|_| task("k").max_attempts(5)).collect();
     queue::enqueue_many(&**conn, &tasks).await.unwrap();
     let c = queue::claim(&**conn, &qs(&["default"]), 10, &me)
@@ -220,8 +205,7 @@ async fn ack_clamps_delays_and_sanitises_error_text() {
 /// a clear error instead of misapplying them.
 #[tokio::test]
 async fn sql_ack_tasks_clamps_and_validates() {
-    let (t, me) = db_with_instance("sqlacker").await;
-    let conn = t.db.get().await.unwrap();
+    let (t, me, conn) = db_with_instance_conn("sqlacker").await;
     let tasks: Vec<NewTask> = (0..3).map(|_| task("k")).collect();
     queue::enqueue_many(&**conn, &tasks).await.unwrap();
     let c = queue::claim(&**conn, &qs(&["default"]), 10, &me)
@@ -229,32 +213,17 @@ async fn sql_ack_tasks_clamps_and_validates() {
         .unwrap();
     let ids: Vec<i64> = c.iter().map(|x| x.id.0).collect();
     let tokens: Vec<uuid::Uuid> = c.iter().map(|x| x.token.as_uuid()).collect();
-    // Unknown outcome: refused, nothing changed.
-    let err = conn
-        .query(
-            "SELECT * FROM pgcrew.ack_tasks($1, $2, ARRAY['complete', 'explode', 'complete'], NULL, NULL)",
-            &[&ids, &tokens],
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(err.code().map(|c| c.code()), Some("PC020"), "{err:?}");
-    // Arrays of different lengths: refused.
-    let err = conn
-        .query(
-            "SELECT * FROM pgcrew.ack_tasks($1, $2, ARRAY['complete'], NULL, NULL)",
-            &[&ids, &tokens],
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(err.code().map(|c| c.code()), Some("PC020"), "{err:?}");
-    assert_eq!(
-        scalar(
-            &t,
-            "SELECT count(*) FROM pgcrew.tasks WHERE state = 'running'"
-        )
-        .await,
-        3
-    );
+    for outcomes in [
+        // Unknown outcome: refused, nothing changed.
+        "ARRAY['complete', 'explode', 'complete']",
+        // Arrays of different lengths: refused.
+        "ARRAY['complete']",
+    ] {
+        let sql = format!("SELECT * FROM pgcrew.ack_tasks($1, $2, {outcomes}, NULL, NULL)");
+        let err = conn.query(&sql, &[&ids, &tokens]).await.unwrap_err();
+        assert_eq!(err.code().map(|c| c.code()), Some("PC020"), "{err:?}");
+    }
+    assert_eq!(scalar(&t, RUNNING_TASKS).await, 3);
     // Huge delays and texts are clamped.
     let rows = conn
         .query(
@@ -290,12 +259,8 @@ async fn sql_ack_tasks_clamps_and_validates() {
 /// entries are kept, each numbered by its attempt).
 #[tokio::test]
 async fn error_history_is_bounded() {
-    let (t, me) = db_with_instance("failer").await;
-    let conn = t.db.get().await.unwrap();
-    let id = queue::enqueue(&**conn, &task("k").max_attempts(1000))
-        .await
-        .unwrap()
-        .id;
+    let (_t, me, conn) = db_with_instance_conn("failer").await;
+    let id = enqueued(&**conn, &task("k").max_attempts(1000)).await.id;
     for n in 0..120 {
         let c = queue::claim(&**conn, &qs(&["default"]), 1, &me)
             .await

@@ -4,15 +4,9 @@ use super::*;
 
 #[tokio::test]
 async fn retried_dependant_waits_for_its_parent() {
-    let (t, me) = db_with_instance("deps").await;
-    let conn = t.db.get().await.unwrap();
-    let parent = queue::enqueue(&**conn, &task("k").queue("dq"))
-        .await
-        .unwrap()
-        .id;
-    let child = queue::enqueue(&**conn, &task("k").queue("dq").depends_on([parent]))
-        .await
-        .unwrap();
+    let (t, me, conn) = db_with_instance_conn("deps").await;
+    let parent = enqueued(&**conn, &task("k").queue("dq")).await.id;
+    let child = enqueued(&**conn, &task("k").queue("dq").depends_on([parent])).await;
     assert_eq!(child.state, TaskState::Scheduled);
     let child = child.id;
     assert_eq!(cancel_task(&t, child).await, TaskState::Cancelled);
@@ -37,13 +31,9 @@ async fn retried_dependant_waits_for_its_parent() {
 
     // A parent that was cancelled will never complete: retrying its dependant is refused
     // with a pointer to the parent, and nothing changes.
-    let p2 = queue::enqueue(&**conn, &task("k").queue("dq2"))
+    let p2 = enqueued(&**conn, &task("k").queue("dq2")).await.id;
+    let c2 = enqueued(&**conn, &task("k").queue("dq2").depends_on([p2]))
         .await
-        .unwrap()
-        .id;
-    let c2 = queue::enqueue(&**conn, &task("k").queue("dq2").depends_on([p2]))
-        .await
-        .unwrap()
         .id;
     queue::cancel(&**conn, p2).await.unwrap();
     assert_eq!(

@@ -18,9 +18,10 @@ use pgcrew::queue::{WorkerPool, WorkerPoolBuilder};
 use pgcrew::{Client, ClientConfig, Error};
 
 use crate::common::{
-    COMPLETED_TASKS, OPEN_TASKS, TestDb, cancel_task, create_tenant, db_with_instance, eventually,
-    fast_config, first_column, pgcrew_bin, retry_task, scalar, setup_and_enqueue, start_client,
-    task, test_db,
+    COMPLETED_TASKS, OPEN_TASKS, RUNNING_TASKS, TestDb, cancel_task, create_tenant,
+    db_with_instance, db_with_instance_conn, enqueued, eventually, fast_config, first_column,
+    pgcrew_bin, recording_handler, retry_task, scalar, setup_and_enqueue, start_client, task,
+    test_db,
 };
 
 /// [`fast_config`] with a 2 s task heartbeat timeout, eight connections and leader election

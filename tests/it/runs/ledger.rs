@@ -4,8 +4,7 @@ use super::*;
 
 #[tokio::test]
 async fn eight_concurrent_writers_get_gapless_seqs_and_a_valid_chain() {
-    let t = test_db().await;
-    let run = new_run(&t.db).await;
+    let (t, run) = db_with_run().await;
     let mut handles = Vec::new();
     for w in 0..8 {
         let db = t.db.clone();
@@ -20,14 +19,7 @@ async fn eight_concurrent_writers_get_gapless_seqs_and_a_valid_chain() {
                     assert_eq!(got[1].seq, got[0].seq + 1);
                     assert_eq!(got[2].seq, got[0].seq + 2);
                 } else {
-                    runs::append_event(
-                        &db,
-                        run,
-                        NewEvent::new("single", json!({"w": w, "i": i})),
-                        None,
-                    )
-                    .await
-                    .unwrap();
+                    append_from_writer(&db, run, "single", w, i).await;
                 }
             }
         }));
@@ -53,8 +45,7 @@ async fn eight_concurrent_writers_get_gapless_seqs_and_a_valid_chain() {
 
 #[tokio::test]
 async fn hash_formula_matches_the_documented_one() {
-    let t = test_db().await;
-    let run = new_run(&t.db).await;
+    let (t, run) = db_with_run().await;
     let ev = runs::append_event(
         &t.db,
         run,
@@ -200,8 +191,7 @@ async fn cli_verify_ledger_exit_codes() {
 
 #[tokio::test]
 async fn idempotent_batch_and_in_transaction_appends() {
-    let t = test_db().await;
-    let run = new_run(&t.db).await;
+    let (t, run) = db_with_run().await;
     let ev = NewEvent::new("model_completed", json!({"tokens": 5}))
         .step("turn-1")
         .idempotent();

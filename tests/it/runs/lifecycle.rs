@@ -4,8 +4,7 @@ use super::*;
 
 #[tokio::test]
 async fn paused_lease_holder_loses_the_run_and_its_late_writes_are_rejected() {
-    let t = test_db().await;
-    let run = new_run(&t.db).await;
+    let (t, run) = db_with_run().await;
     let ttl = Duration::from_millis(400);
     let a = runs::acquire_run_lease(&t.db, run, "worker-a", ttl)
         .await
@@ -83,8 +82,7 @@ async fn paused_lease_holder_loses_the_run_and_its_late_writes_are_rejected() {
 
 #[tokio::test]
 async fn illegal_transitions_are_errors_and_change_nothing() {
-    let t = test_db().await;
-    let run = new_run(&t.db).await;
+    let (t, run) = db_with_run().await;
     let r = runs::complete_run(&t.db, run, RunOutcome::default(), None).await;
     assert!(
         matches!(&r, Err(Error::IllegalTransition { from, to, .. }) if from == "pending" && to == "completed"),
@@ -316,14 +314,7 @@ async fn subscribe_run_streams_new_events_in_order_without_gaps() {
             let db = t.db.clone();
             tokio::spawn(async move {
                 for i in 0..10 {
-                    runs::append_event(
-                        &db,
-                        run,
-                        NewEvent::new("live", json!({"w": w, "i": i})),
-                        None,
-                    )
-                    .await
-                    .unwrap();
+                    append_from_writer(&db, run, "live", w, i).await;
                 }
             })
         })
@@ -346,8 +337,7 @@ async fn subscribe_run_streams_new_events_in_order_without_gaps() {
 
 #[tokio::test]
 async fn maintenance_releases_leases_of_dead_instances_and_fail_run_in_records_the_event() {
-    let t = test_db().await;
-    let run = new_run(&t.db).await;
+    let (t, run) = db_with_run().await;
     let lease = runs::acquire_run_lease(
         &t.db,
         run,

@@ -15,7 +15,7 @@ use pgcrew::runs::{
 use pgcrew::{Client, ClientConfig, Error, InstanceId, RunId, TenantId};
 use serde_json::json;
 
-use crate::common::{append_notes, cli, execute, pgcrew_bin, test_db, wait_listening};
+use crate::common::{TestDb, append_notes, cli, execute, pgcrew_bin, test_db, wait_listening};
 
 fn tenant(id: &str) -> TenantId {
     TenantId::new(id).unwrap()
@@ -30,10 +30,23 @@ async fn add_tenant(db: &Db, id: &str, max_runs: Option<i32>) {
     .await;
 }
 
+/// Append one `ty` event with payload `{"w": w, "i": i}` (writer `w`'s `i`th) to `run`.
+async fn append_from_writer(db: &Db, run: RunId, ty: &str, w: usize, i: usize) {
+    let event = NewEvent::new(ty, json!({"w": w, "i": i}));
+    runs::append_event(db, run, event, None).await.unwrap();
+}
+
 async fn new_run(db: &Db) -> RunId {
     runs::create_run(db, NewRun::new(tenant("default")).agent("tester"))
         .await
         .unwrap()
+}
+
+/// A scratch database with one [`new_run`] in it.
+async fn db_with_run() -> (TestDb, RunId) {
+    let t = test_db().await;
+    let run = new_run(&t.db).await;
+    (t, run)
 }
 
 async fn run_with_events(db: &Db, n: usize) -> RunId {

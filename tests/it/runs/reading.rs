@@ -71,8 +71,7 @@ async fn tail_follow_sees_events_appended_by_another_process() {
 
 #[tokio::test]
 async fn artifacts_and_summaries() {
-    let t = test_db().await;
-    let run = new_run(&t.db).await;
+    let (t, run) = db_with_run().await;
     let v1 = runs::put_artifact(&t.db, run, "plan", json!({"steps": 1}), None)
         .await
         .unwrap();

@@ -60,24 +60,20 @@ async fn concurrent_model_steps_never_exceed_the_budget() {
     assert_eq!(spend[0].0, "acme");
     assert!((spend[0].1 - row.spent_usd).abs() < 1e-9);
     let conn = t.db.get().await.unwrap();
-    let direct: f64 = conn
-        .query_one(
-            "SELECT tenant_id, COALESCE(SUM((payload ->> 'cost_usd')::double precision), 0.0) AS spend FROM pgcrew.events WHERE event_type = 'model_completed' GROUP BY tenant_id;",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(1);
+    let direct: f64 = value_on(
+        &conn,
+        "SELECT tenant_id, COALESCE(SUM((payload ->> 'cost_usd')::double precision), 0.0) AS spend FROM pgcrew.events WHERE event_type = 'model_completed' GROUP BY tenant_id;",
+        1,
+    )
+    .await;
     assert!((direct - row.spent_usd).abs() < 1e-9);
     // Per-run budget columns add up to the tenant's spend.
-    let runs_spent: f64 = conn
-        .query_one(
-            "SELECT sum(budget_spent_usd)::float8 FROM pgcrew.runs WHERE tenant_id = 'acme'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let runs_spent: f64 = value_on(
+        &conn,
+        "SELECT sum(budget_spent_usd)::float8 FROM pgcrew.runs WHERE tenant_id = 'acme'",
+        0,
+    )
+    .await;
     assert_eq!(runs_spent, row.spent_usd);
 }
 
@@ -457,14 +453,12 @@ async fn sustained_reserve_settle_keeps_books_exact() {
     let row = tenancy::get(&t.db, &acme).await.unwrap();
     // Each cost is rounded once to 10 decimals: 0.0012345679 x 1000.
     let conn = t.db.get().await.unwrap();
-    let exact: bool = conn
-        .query_one(
-            "SELECT spent_usd = 1000 * 0.0012345679 AND reserved_usd = 0 FROM pgcrew.tenants WHERE id = 'acme'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
+    let exact: bool = value_on(
+        &conn,
+        "SELECT spent_usd = 1000 * 0.0012345679 AND reserved_usd = 0 FROM pgcrew.tenants WHERE id = 'acme'",
+        0,
+    )
+    .await;
     assert!(
         exact,
         "spent {} reserved {}",

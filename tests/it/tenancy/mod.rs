@@ -17,7 +17,7 @@ use pgcrew::tenancy::{
 };
 use pgcrew::{ClientConfig, Error, Event, InstanceId, RunId, TenantId};
 
-use crate::common::{eventually, scalar_on, test_db};
+use crate::common::{eventually, scalar_on, test_db, value_on};
 
 fn tid(s: &str) -> TenantId {
     TenantId::new(s).unwrap()

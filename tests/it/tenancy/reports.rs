@@ -84,7 +84,17 @@ async fn cli_tenants_set_list_show() {
             .output()
             .unwrap()
     };
-    let out = run(&[
+    // A command that must succeed: its output.
+    let succeed = |args: &[&str]| {
+        let out = run(args);
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    };
+    let out = succeed(&[
         "tenants",
         "set",
         "acme",
@@ -95,14 +105,9 @@ async fn cli_tenants_set_list_show() {
         "--max-concurrent-runs",
         "3",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("created tenant acme"));
     // Partial update keeps the other settings.
-    let out = run(&[
+    let out = succeed(&[
         "tenants",
         "set",
         "acme",
@@ -110,11 +115,6 @@ async fn cli_tenants_set_list_show() {
         "0.5",
         "--json",
     ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tenant_id"], "acme");
     assert_eq!(v["budget_usd_limit"], 12.5);
@@ -147,19 +147,13 @@ async fn cli_tenants_set_list_show() {
     )
     .await
     .unwrap();
-    let out = run(&["tenants", "show", "acme", "--json"]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let out = succeed(&["tenants", "show", "acme", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["tenant"]["budget_usd_limit"], 12.5);
     assert_eq!(v["budget"]["spent_usd"], 1.5);
     assert_eq!(v["budget"]["status"], "HEALTHY");
     assert_eq!(v["costs"][0]["model"], "gpt-4o");
-    let out = run(&["tenants", "show", "acme"]);
-    assert!(out.status.success());
+    let out = succeed(&["tenants", "show", "acme"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("capabilities:  email, web"));
     let out = run(&["tenants", "list", "--json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
