@@ -78,6 +78,30 @@ macro_rules! setters {
     };
 }
 
+/// A leader maintenance step without settings: a unit struct, its name in reports, and the body
+/// of its `run` (the fenced transaction `tx`, the pass's context `ctx`; returns the rows it
+/// affected). `maintenance_step! { /// doc
+/// Name, "report_name", |tx, ctx| { ... } }`.
+macro_rules! maintenance_step {
+    ($(#[$doc:meta])* $name:ident, $step:literal, |$tx:ident, $ctx:ident| $body:block) => {
+        $(#[$doc])*
+        #[derive(Debug)]
+        pub struct $name;
+
+        #[async_trait::async_trait]
+        impl $crate::coord::maintenance::MaintenanceStep for $name {
+            fn name(&self) -> &'static str {
+                $step
+            }
+            async fn run(
+                &self,
+                $tx: &tokio_postgres::Transaction<'_>,
+                $ctx: &$crate::coord::maintenance::MaintenanceContext,
+            ) -> $crate::error::Result<u64> $body
+        }
+    };
+}
+
 pub mod agent;
 pub mod client;
 pub mod config;

@@ -3,27 +3,14 @@
 
 use std::sync::Arc;
 
-use async_trait::async_trait;
 use tracing::info;
 
-use crate::coord::maintenance::{MaintenanceContext, MaintenanceStep};
+use crate::coord::maintenance::{MaintenanceStep, log_rows};
 use crate::db::Executor;
-use crate::error::Result;
 
-/// Fails runs stuck in `running` longer than the stuck-run timeout with `run timed out`.
-#[derive(Debug)]
-pub struct StuckRuns;
-
-#[async_trait]
-impl MaintenanceStep for StuckRuns {
-    fn name(&self) -> &'static str {
-        "stuck_runs"
-    }
-    async fn run(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-        ctx: &MaintenanceContext,
-    ) -> Result<u64> {
+maintenance_step! {
+    /// Fails runs stuck in `running` longer than the stuck-run timeout with `run timed out`.
+    StuckRuns, "stuck_runs", |tx, ctx| {
         // Fails each run through the state machine, recording `run_failed` in its ledger and
         // signing the run's final head with the ledger key (when configured).
         let failed = super::fail_stuck_runs_in(
@@ -40,52 +27,30 @@ impl MaintenanceStep for StuckRuns {
     }
 }
 
-/// Releases run leases held by instances that are no longer in `pgcrew.instances` (the stale
-/// instance step runs first, so leases of instances it removed are freed in the same pass).
-#[derive(Debug)]
-pub struct DeadInstanceLeases;
-
-#[async_trait]
-impl MaintenanceStep for DeadInstanceLeases {
-    fn name(&self) -> &'static str {
-        "dead_instance_run_leases"
-    }
-    async fn run(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-        _ctx: &MaintenanceContext,
-    ) -> Result<u64> {
+maintenance_step! {
+    /// Releases run leases held by instances that are no longer in `pgcrew.instances` (the stale
+    /// instance step runs first, so leases of instances it removed are freed in the same pass).
+    DeadInstanceLeases, "dead_instance_run_leases", |tx, _ctx| {
         let rows = tx
             .query_typed_rows(sql!("runs/release_dead_leases"), typed![])
             .await?;
-        for r in &rows {
-            let id: uuid::Uuid = r.get(0);
-            let owner: String = r.get(1);
+        log_rows(&rows, |r| {
+            let id: uuid::Uuid = r.try_get(0)?;
+            let owner: String = r.try_get(1)?;
             info!(run = %id, owner = %owner, "maintenance: released run lease of a dead instance");
-        }
-        Ok(rows.len() as u64)
+            Ok(())
+        })
     }
 }
 
-/// Retention of finished runs (`ClientConfig::run_retention`; off by default): one bounded batch
-/// (`run_retention_batch_size` runs, oldest first) per pass through the SQL function
-/// `pgcrew.retain_finished_runs`. A retained run keeps its row, its chain anchor and its final
-/// signed checkpoint; its events, artifacts, summaries, other checkpoints, prompt and response
-/// text and cost entries go (the cost totals move to `pgcrew.cost_daily`, so
-/// `pgcrew.tenant_costs` is unchanged).
-#[derive(Debug)]
-pub struct RunRetention;
-
-#[async_trait]
-impl MaintenanceStep for RunRetention {
-    fn name(&self) -> &'static str {
-        "run_retention"
-    }
-    async fn run(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-        ctx: &MaintenanceContext,
-    ) -> Result<u64> {
+maintenance_step! {
+    /// Retention of finished runs (`ClientConfig::run_retention`; off by default): one bounded
+    /// batch (`run_retention_batch_size` runs, oldest first) per pass through the SQL function
+    /// `pgcrew.retain_finished_runs`. A retained run keeps its row, its chain anchor and its
+    /// final signed checkpoint; its events, artifacts, summaries, other checkpoints, prompt and
+    /// response text and cost entries go (the cost totals move to `pgcrew.cost_daily`, so
+    /// `pgcrew.tenant_costs` is unchanged).
+    RunRetention, "run_retention", |tx, ctx| {
         let Some(age) = ctx.config.run_retention else {
             return Ok(0);
         };
@@ -95,17 +60,19 @@ impl MaintenanceStep for RunRetention {
         let rows = tx
             .query_typed_rows(sql!("runs/retain_finished_runs"), typed![&age, &batch])
             .await?;
-        for r in &rows {
-            let id: uuid::Uuid = r.get(0);
-            let events: i64 = r.get(1);
-            let artifacts: i64 = r.get(2);
-            let summaries: i64 = r.get(3);
-            let checkpoints: i64 = r.get(4);
-            let cost_entries: i64 = r.get(5);
+        log_rows(&rows, |r| {
+            let id: uuid::Uuid = r.try_get(0)?;
+            let [events, artifacts, summaries, checkpoints, cost_entries]: [i64; 5] = [
+                r.try_get(1)?,
+                r.try_get(2)?,
+                r.try_get(3)?,
+                r.try_get(4)?,
+                r.try_get(5)?,
+            ];
             info!(run = %id, events, artifacts, summaries, checkpoints, cost_entries,
                 "maintenance: retained finished run (chain anchor and final checkpoint kept)");
-        }
-        Ok(rows.len() as u64)
+            Ok(())
+        })
     }
 }
 

@@ -9,7 +9,7 @@ use tracing::info;
 use uuid::Uuid;
 
 use crate::config::interval_micros;
-use crate::coord::maintenance::{MaintenanceContext, MaintenanceStep};
+use crate::coord::maintenance::{MaintenanceContext, MaintenanceStep, log_rows};
 use crate::db::Executor;
 use crate::error::Result;
 
@@ -40,15 +40,15 @@ impl MaintenanceStep for ReleaseOrphanedReservations {
                 typed![&age, &ctx.config.retention_batch_size],
             )
             .await?;
-        for r in &rows {
+        log_rows(&rows, |r| {
             let id: Uuid = r.try_get("id")?;
             let tenant: String = r.try_get("tenant_id")?;
             let instance: Option<String> = r.try_get("instance_id")?;
             let amount: f64 = r.try_get("amount_usd")?;
             info!(reservation = %id, tenant, instance = ?instance, amount,
                 "maintenance: released orphaned budget reservation");
-        }
-        Ok(rows.len() as u64)
+            Ok(())
+        })
     }
 }
 

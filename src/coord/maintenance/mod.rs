@@ -67,6 +67,16 @@ impl MaintenanceReport {
     }
 }
 
+/// Hand each row a step's statement returned to `log` (which reads and logs it) and count them:
+/// what most steps report.
+pub fn log_rows(
+    rows: &[tokio_postgres::Row],
+    mut log: impl FnMut(&tokio_postgres::Row) -> Result<()>,
+) -> Result<u64> {
+    rows.iter().try_for_each(&mut log)?;
+    Ok(rows.len() as u64)
+}
+
 /// Run every step once, each in its own fenced transaction. Stops with
 /// [`Error::LeaseLost`] as soon as the term no longer holds.
 #[instrument(skip(db, steps, ctx), fields(term = ctx.term), err)]

@@ -1,53 +1,29 @@
 //! Coordination's own maintenance steps: stale instances and expired leases.
 
-use async_trait::async_trait;
 use tracing::info;
 
-use super::{MaintenanceContext, MaintenanceStep};
+use super::log_rows;
 use crate::config::interval_micros;
 use crate::db::Executor;
-use crate::error::Result;
 
-/// Deletes instances silent for longer than the instance TTL (links cascade).
-#[derive(Debug)]
-pub struct StaleInstances;
-
-#[async_trait]
-impl MaintenanceStep for StaleInstances {
-    fn name(&self) -> &'static str {
-        "stale_instances"
-    }
-    async fn run(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-        ctx: &MaintenanceContext,
-    ) -> Result<u64> {
+maintenance_step! {
+    /// Deletes instances silent for longer than the instance TTL (links cascade).
+    StaleInstances, "stale_instances", |tx, ctx| {
         let ttl = interval_micros(ctx.config.instance_ttl);
         let rows = tx
             .query_typed_rows(sql!("coord/delete_stale_instances"), typed![&ttl])
             .await?;
-        for r in &rows {
-            let id: String = r.get(0);
+        log_rows(&rows, |r| {
+            let id: String = r.try_get(0)?;
             info!(instance = %id, "maintenance: removed stale instance");
-        }
-        Ok(rows.len() as u64)
+            Ok(())
+        })
     }
 }
 
-/// Deletes expired rows of other lease names.
-#[derive(Debug)]
-pub struct ExpiredLeaders;
-
-#[async_trait]
-impl MaintenanceStep for ExpiredLeaders {
-    fn name(&self) -> &'static str {
-        "expired_leaders"
-    }
-    async fn run(
-        &self,
-        tx: &tokio_postgres::Transaction<'_>,
-        ctx: &MaintenanceContext,
-    ) -> Result<u64> {
+maintenance_step! {
+    /// Deletes expired rows of other lease names.
+    ExpiredLeaders, "expired_leaders", |tx, ctx| {
         Ok(tx
             .execute_typed_count(sql!("coord/delete_expired_leaders"), typed![&ctx.lease])
             .await?)
