@@ -75,9 +75,7 @@ fn side(runs: &[crate::bench::queue::Report]) -> Side {
 
 /// Run the comparison.
 pub async fn run(dsn: Option<String>, args: BudgetBenchArgs) -> Result<ExitCode> {
-    if args.rounds == 0 {
-        return Err(pgcrew::Error::invalid("rounds", "must be at least 1"));
-    }
+    crate::bench::at_least_one(&[("--rounds", args.rounds as u64)])?;
     let queue_args = |max_connections| QueueBenchArgs {
         tasks: args.tasks,
         concurrency: args.concurrency,

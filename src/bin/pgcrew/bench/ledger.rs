@@ -84,17 +84,13 @@ struct Report {
 
 /// Run the benchmark.
 pub async fn run(dsn: Option<String>, args: LedgerBenchArgs) -> Result<ExitCode> {
-    if args.writers == 0
-        || args.runs == 0
-        || args.batch == 0
-        || args.verify_events == 0
-        || args.checkpoint_interval == 0
-    {
-        return Err(Error::invalid(
-            "arguments",
-            "--writers, --runs, --batch, --verify-events and --checkpoint-interval must be at least 1",
-        ));
-    }
+    super::at_least_one(&[
+        ("--writers", args.writers as u64),
+        ("--runs", args.runs as u64),
+        ("--batch", args.batch as u64),
+        ("--verify-events", args.verify_events as u64),
+        ("--checkpoint-interval", u64::from(args.checkpoint_interval)),
+    ])?;
     if !(args.seconds > 0.0 && args.seconds.is_finite()) {
         return Err(Error::invalid("--seconds", "must be a positive number"));
     }

@@ -125,6 +125,22 @@ pub async fn in_scratch<T>(
     result
 }
 
+/// Refuse the flags among `flags` (`("--writers", value)`) that are zero, naming each of them.
+pub fn at_least_one(flags: &[(&str, u64)]) -> Result<()> {
+    let zero: Vec<&str> = flags
+        .iter()
+        .filter(|(_, v)| *v == 0)
+        .map(|(f, _)| *f)
+        .collect();
+    if zero.is_empty() {
+        return Ok(());
+    }
+    Err(pgcrew::Error::invalid(
+        "arguments",
+        format!("{} must be at least 1", zero.join(", ")),
+    ))
+}
+
 /// The `q`-quantile (0..=1) of sorted samples: the sample nearest to rank `q x (n - 1)`.
 fn quantile<T: Copy>(sorted: &[T], q: f64) -> Option<T> {
     let last = sorted.len().checked_sub(1)?;

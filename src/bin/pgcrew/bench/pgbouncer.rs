@@ -59,9 +59,7 @@ struct Report {
 
 /// Run the benchmark.
 pub async fn run(dsn: Option<String>, args: PgBouncerBenchArgs) -> Result<ExitCode> {
-    if args.rounds == 0 {
-        return Err(pgcrew::Error::invalid("rounds", "must be at least 1"));
-    }
+    crate::bench::at_least_one(&[("--rounds", args.rounds as u64)])?;
     let exe = TempPgBouncer::binary().ok_or_else(|| {
         pgcrew::Error::Config("pgbouncer is not installed (apt-get install pgbouncer)".into())
     })?;

@@ -100,18 +100,13 @@ pub(crate) struct Report {
 
 /// Refuse arguments the benchmark cannot run with.
 pub(crate) fn check_args(args: &QueueBenchArgs) -> Result<()> {
-    if args.tasks == 0
-        || args.concurrency == 0
-        || args.instances == 0
-        || args.batch == 0
-        || args.producers == 0
-    {
-        return Err(Error::invalid(
-            "bench",
-            "--tasks, --concurrency, --instances, --batch and --producers must be at least 1",
-        ));
-    }
-    Ok(())
+    super::at_least_one(&[
+        ("--tasks", args.tasks as u64),
+        ("--concurrency", args.concurrency as u64),
+        ("--instances", args.instances as u64),
+        ("--batch", args.batch as u64),
+        ("--producers", args.producers as u64),
+    ])
 }
 
 /// Run the benchmark.

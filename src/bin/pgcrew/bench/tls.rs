@@ -80,9 +80,7 @@ fn with_sslmode(dsn: &str, mode: SslMode) -> String {
 
 /// Run the benchmark.
 pub async fn run(dsn: Option<String>, args: TlsBenchArgs) -> Result<ExitCode> {
-    if args.samples == 0 {
-        return Err(Error::invalid("bench", "--samples must be at least 1"));
-    }
+    crate::bench::at_least_one(&[("--samples", args.samples as u64)])?;
     let (tls_dsn, _cluster) = match dsn.filter(|d| !d.trim().is_empty()) {
         Some(d) => {
             let mode = parse_dsn(&d)?.ssl_mode();
