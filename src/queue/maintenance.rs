@@ -28,9 +28,7 @@ impl MaintenanceStep for RescueTasks {
     ) -> Result<u64> {
         let timeout = interval_micros(ctx.config.task_heartbeat_timeout);
         let limit = i32::try_from(ctx.config.retention_batch_size).unwrap_or(i32::MAX);
-        let rows = tx
-            .query_typed_rows(sql!("queue/rescue"), typed![&timeout, &limit])
-            .await?;
+        let rows = Executor::query(tx, sql!("queue/rescue"), typed![&timeout, &limit]).await?;
         for r in &rows {
             let id: i64 = r.get(0);
             let state: String = r.get(1);
@@ -56,12 +54,12 @@ impl MaintenanceStep for TaskRetention {
         ctx: &MaintenanceContext,
     ) -> Result<u64> {
         let age = interval_micros(ctx.config.task_retention);
-        let n = tx
-            .execute_typed_count(
-                sql!("queue/retention"),
-                typed![&age, &ctx.config.retention_batch_size],
-            )
-            .await?;
+        let n = Executor::execute(
+            tx,
+            sql!("queue/retention"),
+            typed![&age, &ctx.config.retention_batch_size],
+        )
+        .await?;
         if n > 0 {
             info!(deleted = n, "maintenance: deleted old finished tasks");
         }

@@ -26,7 +26,7 @@ impl MaintenanceStep for StuckRuns {
     ) -> Result<u64> {
         // Fails each run through the state machine, recording `run_failed` in its ledger and
         // signing the run's final head with the ledger key (when configured).
-        let failed = super::fail_stuck_runs_in(
+        let failed = super::fail_stuck_runs(
             tx,
             ctx.config.stuck_run_timeout,
             ctx.config.retention_batch_size,
@@ -55,9 +55,7 @@ impl MaintenanceStep for DeadInstanceLeases {
         tx: &tokio_postgres::Transaction<'_>,
         _ctx: &MaintenanceContext,
     ) -> Result<u64> {
-        let rows = tx
-            .query_typed_rows(sql!("runs/release_dead_leases"), typed![])
-            .await?;
+        let rows = Executor::query(tx, sql!("runs/release_dead_leases"), typed![]).await?;
         for r in &rows {
             let id: uuid::Uuid = r.get(0);
             let owner: String = r.get(1);
@@ -92,9 +90,8 @@ impl MaintenanceStep for RunRetention {
         // At most a century: `now() - age` must stay a valid timestamp.
         let age = crate::config::interval_micros(age).min(100 * 365 * 86_400 * 1_000_000);
         let batch = i32::try_from(ctx.config.run_retention_batch_size).unwrap_or(i32::MAX);
-        let rows = tx
-            .query_typed_rows(sql!("runs/retain_finished_runs"), typed![&age, &batch])
-            .await?;
+        let rows =
+            Executor::query(tx, sql!("runs/retain_finished_runs"), typed![&age, &batch]).await?;
         for r in &rows {
             let id: uuid::Uuid = r.get(0);
             let events: i64 = r.get(1);

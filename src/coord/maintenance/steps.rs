@@ -23,9 +23,7 @@ impl MaintenanceStep for StaleInstances {
         ctx: &MaintenanceContext,
     ) -> Result<u64> {
         let ttl = interval_micros(ctx.config.instance_ttl);
-        let rows = tx
-            .query_typed_rows(sql!("coord/delete_stale_instances"), typed![&ttl])
-            .await?;
+        let rows = Executor::query(tx, sql!("coord/delete_stale_instances"), typed![&ttl]).await?;
         for r in &rows {
             let id: String = r.get(0);
             info!(instance = %id, "maintenance: removed stale instance");
@@ -48,8 +46,6 @@ impl MaintenanceStep for ExpiredLeaders {
         tx: &tokio_postgres::Transaction<'_>,
         ctx: &MaintenanceContext,
     ) -> Result<u64> {
-        Ok(tx
-            .execute_typed_count(sql!("coord/delete_expired_leaders"), typed![&ctx.lease])
-            .await?)
+        Ok(Executor::execute(tx, sql!("coord/delete_expired_leaders"), typed![&ctx.lease]).await?)
     }
 }

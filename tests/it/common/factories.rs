@@ -46,7 +46,7 @@ pub async fn setup_and_enqueue(db: &Db, ddl: &str, tasks: &[NewTask], batch: usi
     conn.batch_execute(ddl).await.unwrap();
     let mut ids = Vec::with_capacity(tasks.len());
     for chunk in tasks.chunks(batch) {
-        ids.extend(pgcrew::queue::enqueue_many(&**conn, chunk).await.unwrap());
+        ids.extend(pgcrew::queue::enqueue_many(&conn, chunk).await.unwrap());
     }
     ids
 }

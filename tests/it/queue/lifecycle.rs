@@ -22,14 +22,12 @@ async fn priorities_are_claimed_in_order() {
     ];
     let mut by_prio = HashMap::new();
     for p in order {
-        let e = queue::enqueue(&**conn, &task("k").priority(p))
-            .await
-            .unwrap();
+        let e = queue::enqueue(&conn, &task("k").priority(p)).await.unwrap();
         by_prio.insert(e.id, p);
     }
     let mut got = Vec::new();
     for _ in 0..5 {
-        let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
+        let c = queue::claim(&conn, &q("default"), 1, &me).await.unwrap();
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].priority, by_prio[&c[0].id]);
         got.push(c[0].priority);
@@ -47,11 +45,9 @@ async fn priorities_are_claimed_in_order() {
 
     // One claim of several tasks hands them over in execution order too.
     for p in order {
-        queue::enqueue(&**conn, &task("k").priority(p))
-            .await
-            .unwrap();
+        queue::enqueue(&conn, &task("k").priority(p)).await.unwrap();
     }
-    let batch = queue::claim(&**conn, &q("default"), 10, &me).await.unwrap();
+    let batch = queue::claim(&conn, &q("default"), 10, &me).await.unwrap();
     let prios: Vec<Priority> = batch.iter().map(|c| c.priority).collect();
     assert_eq!(prios, got, "a batch is returned in priority order");
 
@@ -59,7 +55,7 @@ async fn priorities_are_claimed_in_order() {
     // promotes it before taking any of them (the single-statement path must not claim around
     // it).
     let urgent = queue::enqueue(
-        &**conn,
+        &conn,
         &task("k")
             .priority(Priority::Critical)
             .delay(Duration::from_millis(300)),
@@ -67,7 +63,7 @@ async fn priorities_are_claimed_in_order() {
     .await
     .unwrap();
     for _ in 0..3 {
-        queue::enqueue(&**conn, &task("k").priority(Priority::Batch))
+        queue::enqueue(&conn, &task("k").priority(Priority::Batch))
             .await
             .unwrap();
     }
@@ -79,7 +75,7 @@ async fn priorities_are_claimed_in_order() {
         .within(Duration::from_secs(5))
         .until(|n| n == 1, "the urgent task is due")
         .await;
-    let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
+    let c = queue::claim(&conn, &q("default"), 1, &me).await.unwrap();
     assert_eq!(c.len(), 1);
     assert_eq!(c[0].id, urgent.id, "the due critical task comes first");
 }
@@ -90,17 +86,17 @@ async fn delayed_tasks_wait_for_database_time() {
     let conn = t.db.get().await.unwrap();
     // Taken before the enqueue: the claim cannot succeed until 600 ms of database time later.
     let before = std::time::Instant::now();
-    let e = queue::enqueue(&**conn, &task("k").delay(Duration::from_millis(600)))
+    let e = queue::enqueue(&conn, &task("k").delay(Duration::from_millis(600)))
         .await
         .unwrap();
     assert_eq!(e.state, TaskState::Scheduled);
     assert!(
-        queue::claim(&**conn, &q("default"), 10, &me)
+        queue::claim(&conn, &q("default"), 10, &me)
             .await
             .unwrap()
             .is_empty()
     );
-    let due = queue::next_due(&**conn, &q("default"))
+    let due = queue::next_due(&conn, &q("default"))
         .await
         .unwrap()
         .unwrap();
@@ -111,7 +107,7 @@ async fn delayed_tasks_wait_for_database_time() {
     let mut got = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while got.is_empty() && std::time::Instant::now() < deadline {
-        got = queue::claim(&**conn, &q("default"), 10, &me).await.unwrap();
+        got = queue::claim(&conn, &q("default"), 10, &me).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(got[0].id, e.id);
@@ -132,35 +128,35 @@ async fn delayed_tasks_wait_for_database_time() {
 async fn dependencies_gate_availability_and_failures_cancel_dependants() {
     let (t, me) = db_with_instance("w").await;
     let conn = t.db.get().await.unwrap();
-    let a = queue::enqueue(&**conn, &task("a")).await.unwrap().id;
-    let b = queue::enqueue(&**conn, &task("b")).await.unwrap().id;
-    let child = queue::enqueue(&**conn, &task("child").depends_on([a, b]))
+    let a = queue::enqueue(&conn, &task("a")).await.unwrap().id;
+    let b = queue::enqueue(&conn, &task("b")).await.unwrap().id;
+    let child = queue::enqueue(&conn, &task("child").depends_on([a, b]))
         .await
         .unwrap();
     assert_eq!(child.state, TaskState::Scheduled);
-    let grandchild = queue::enqueue(&**conn, &task("gc").depends_on([child.id]))
+    let grandchild = queue::enqueue(&conn, &task("gc").depends_on([child.id]))
         .await
         .unwrap();
-    let claimed = queue::claim(&**conn, &q("default"), 10, &me).await.unwrap();
+    let claimed = queue::claim(&conn, &q("default"), 10, &me).await.unwrap();
     let ids: HashSet<TaskId> = claimed.iter().map(|c| c.id).collect();
     assert_eq!(ids, HashSet::from([a, b]));
     let tok: HashMap<TaskId, ClaimToken> = claimed.iter().map(|c| (c.id, c.token)).collect();
     let done = |id: TaskId| completed(id, tok[&id]);
-    queue::ack(&**conn, &[done(a)]).await.unwrap();
+    queue::ack(&conn, &[done(a)]).await.unwrap();
     assert!(
-        queue::claim(&**conn, &q("default"), 10, &me)
+        queue::claim(&conn, &q("default"), 10, &me)
             .await
             .unwrap()
             .is_empty()
     );
     assert_eq!(state_of(&t, child.id).await, TaskState::Scheduled);
-    queue::ack(&**conn, &[done(b)]).await.unwrap();
-    let next = queue::claim(&**conn, &q("default"), 10, &me).await.unwrap();
+    queue::ack(&conn, &[done(b)]).await.unwrap();
+    let next = queue::claim(&conn, &q("default"), 10, &me).await.unwrap();
     assert_eq!(next.len(), 1);
     assert_eq!(next[0].id, child.id);
     // The child is discarded: the grandchild is cancelled with a reason.
     queue::ack(
-        &**conn,
+        &conn,
         &[Ack {
             id: child.id,
             token: next[0].token,
@@ -172,16 +168,16 @@ async fn dependencies_gate_availability_and_failures_cancel_dependants() {
     .await
     .unwrap();
     assert_eq!(state_of(&t, child.id).await, TaskState::Discarded);
-    let gc = queue::get(&**conn, grandchild.id).await.unwrap();
+    let gc = queue::get(&conn, grandchild.id).await.unwrap();
     assert_eq!(gc.state, TaskState::Cancelled);
     assert!(gc.last_error.unwrap().contains("dependency"));
     // A new dependant of a discarded task is cancelled at once.
-    let late = queue::enqueue(&**conn, &task("late").depends_on([child.id]))
+    let late = queue::enqueue(&conn, &task("late").depends_on([child.id]))
         .await
         .unwrap();
     assert_eq!(late.state, TaskState::Cancelled);
     // Depending on a completed task: available at once.
-    let after_done = queue::enqueue(&**conn, &task("x").depends_on([a]))
+    let after_done = queue::enqueue(&conn, &task("x").depends_on([a]))
         .await
         .unwrap();
     assert_eq!(after_done.state, TaskState::Available);
@@ -191,12 +187,12 @@ async fn dependencies_gate_availability_and_failures_cancel_dependants() {
 async fn failures_back_off_then_discard_with_errors_kept_and_snooze_keeps_attempts() {
     let (t, me) = db_with_instance("w").await;
     let conn = t.db.get().await.unwrap();
-    let e = queue::enqueue(&**conn, &task("k").max_attempts(2))
+    let e = queue::enqueue(&conn, &task("k").max_attempts(2))
         .await
         .unwrap();
-    let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
+    let c = queue::claim(&conn, &q("default"), 1, &me).await.unwrap();
     let rep = queue::ack(
-        &**conn,
+        &conn,
         &[failed(e.id, c[0].token, "first", Duration::from_secs(30))],
     )
     .await
@@ -212,7 +208,7 @@ async fn failures_back_off_then_discard_with_errors_kept_and_snooze_keeps_attemp
         .get(0);
     assert!((28.0..=30.0).contains(&wait), "{wait}");
     assert!(
-        queue::claim(&**conn, &q("default"), 1, &me)
+        queue::claim(&conn, &q("default"), 1, &me)
             .await
             .unwrap()
             .is_empty()
@@ -223,11 +219,11 @@ async fn failures_back_off_then_discard_with_errors_kept_and_snooze_keeps_attemp
     )
     .await
     .unwrap();
-    let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
+    let c = queue::claim(&conn, &q("default"), 1, &me).await.unwrap();
     assert_eq!(c[0].attempt, 2);
     // Snooze gives the attempt back.
     queue::ack(
-        &**conn,
+        &conn,
         &[Ack {
             id: e.id,
             token: c[0].token,
@@ -236,18 +232,18 @@ async fn failures_back_off_then_discard_with_errors_kept_and_snooze_keeps_attemp
     )
     .await
     .unwrap();
-    let row = queue::get(&**conn, e.id).await.unwrap();
+    let row = queue::get(&conn, e.id).await.unwrap();
     assert_eq!((row.state, row.attempts), (TaskState::Scheduled, 1));
-    let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
+    let c = queue::claim(&conn, &q("default"), 1, &me).await.unwrap();
     assert_eq!(c[0].attempt, 2);
     let rep = queue::ack(
-        &**conn,
+        &conn,
         &[failed(e.id, c[0].token, "second", Duration::from_secs(1))],
     )
     .await
     .unwrap();
     assert_eq!(rep.applied, vec![(e.id, TaskState::Discarded)]);
-    let row = queue::get(&**conn, e.id).await.unwrap();
+    let row = queue::get(&conn, e.id).await.unwrap();
     let errors: Vec<String> = row
         .errors
         .as_array()
@@ -272,7 +268,7 @@ async fn retention_deletes_old_finished_tasks_in_batches() {
         .unwrap();
     start_leader(&leader, Duration::from_secs(5)).await;
     let conn = t.db.get().await.unwrap();
-    let ids = queue::enqueue_many(&**conn, &(0..5).map(|_| task("k")).collect::<Vec<_>>())
+    let ids = queue::enqueue_many(&conn, &(0..5).map(|_| task("k")).collect::<Vec<_>>())
         .await
         .unwrap();
     conn.execute(

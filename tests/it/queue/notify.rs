@@ -29,7 +29,7 @@ async fn idle_pool_wakes_on_notify_and_stats_report_queues() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let conn = t.db.get().await.unwrap();
     for i in 1..=3 {
-        queue::enqueue(&**conn, &task("k").queue("fast"))
+        queue::enqueue(&conn, &task("k").queue("fast"))
             .await
             .unwrap();
         wait_until(
@@ -39,10 +39,10 @@ async fn idle_pool_wakes_on_notify_and_stats_report_queues() {
         )
         .await;
     }
-    queue::enqueue(&**conn, &task("k").queue("elsewhere"))
+    queue::enqueue(&conn, &task("k").queue("elsewhere"))
         .await
         .unwrap();
-    let stats = queue::stats(&**conn).await.unwrap();
+    let stats = queue::stats(&conn).await.unwrap();
     let find = |q: &str, s: &str| {
         stats
             .iter()
@@ -54,7 +54,7 @@ async fn idle_pool_wakes_on_notify_and_stats_report_queues() {
         "the three fast tasks complete",
         || async {
             let conn = t.db.get().await.unwrap();
-            queue::stats(&**conn)
+            queue::stats(&conn)
                 .await
                 .unwrap()
                 .iter()
@@ -103,7 +103,7 @@ async fn saturated_pools_get_no_notifications_idle_ones_do() {
     .until(|n| n == 1, "the idle pool waits on queue busy")
     .await;
     let conn = t.db.get().await.unwrap();
-    queue::enqueue(&**conn, &task("block").queue("busy"))
+    queue::enqueue(&conn, &task("block").queue("busy"))
         .await
         .unwrap();
     wait_until(
@@ -122,7 +122,7 @@ async fn saturated_pools_get_no_notifications_idle_ones_do() {
         .is_ok()
     {}
     for _ in 0..20 {
-        queue::enqueue(&**conn, &task("block").queue("busy"))
+        queue::enqueue(&conn, &task("block").queue("busy"))
             .await
             .unwrap();
     }
