@@ -1,7 +1,8 @@
 //! Enqueueing a task inside your own transaction, next to a business write.
 //!
-//! `queue::enqueue` takes any `GenericClient`, including the caller's open transaction: the task
-//! then exists exactly when the transaction commits. The example writes an order row and
+//! `queue::enqueue` takes any `db::Executor` (the pool, a connection, a transaction), so it can
+//! run in the caller's open transaction: the task then exists exactly when the transaction
+//! commits. The example writes an order row and
 //! enqueues its `send_receipt` task in one transaction twice: the first transaction commits
 //! (order and task exist, and a worker pool sends the receipt), the second rolls back (neither
 //! the order nor the task exists, so no receipt is ever sent for an order that was never made).
@@ -122,7 +123,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let conn = client.db().get().await?;
     let kept_state = loop {
-        let state = queue::get(&**conn, kept_task).await?.state;
+        let state = queue::get(&conn, kept_task).await?.state;
         if state.is_final() || tokio::time::Instant::now() >= deadline {
             break state;
         }
@@ -134,7 +135,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         "  order {kept_order}: exists = {}; task {kept_task}: {kept_state}",
         order_exists(client.db(), kept_order).await?
     );
-    let lost = match queue::get(&**conn, lost_task).await {
+    let lost = match queue::get(&conn, lost_task).await {
         Ok(row) => format!("unexpectedly exists ({})", row.state),
         Err(Error::NotFound { .. }) => "does not exist".to_string(),
         Err(e) => return Err(e.into()),

@@ -176,7 +176,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (name, _) in limits {
         let tenant = pgcrew::TenantId::new(name)?;
         let completed = queue::list(
-            &**conn,
+            &conn,
             Some(queue::TaskState::Completed),
             None,
             Some(&tenant),

@@ -325,6 +325,16 @@ impl Error {
         )
     }
 
+    /// The driver's error behind an [`Error::Database`] (a statement's error that was not
+    /// classified as anything more specific), for callers that map its SQLSTATE further; any
+    /// other error comes back as it is.
+    pub(crate) fn into_driver(self) -> std::result::Result<tokio_postgres::Error, Error> {
+        match self {
+            Error::Database(e) => Ok(e),
+            other => Err(other),
+        }
+    }
+
     /// The SQLSTATE code of an underlying database error, if any.
     pub fn sqlstate(&self) -> Option<&str> {
         match self {

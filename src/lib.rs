@@ -42,9 +42,11 @@ macro_rules! sql {
 
 /// Typed statement parameters for an [`db::Executor`]: `typed![&a, &b]` gives each value the
 /// PostgreSQL type of its Rust type ([`db::SqlType`]); `typed![&a => Type::NAME]` names one.
+/// The slice is always typed (even `typed![]`), so it can never be taken for the untyped
+/// parameters of a tokio-postgres method of the same name (see [`db::Executor`]).
 macro_rules! typed {
     ($($e:expr $(=> $t:expr)?),* $(,)?) => {
-        &[$(typed!(@one $e $(, $t)?)),*]
+        $crate::db::typed_params(&[$(typed!(@one $e $(, $t)?)),*])
     };
     (@one $e:expr) => {
         (&$e as &(dyn ::tokio_postgres::types::ToSql + Sync), $crate::db::sql_type_of(&$e))

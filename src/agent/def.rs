@@ -178,7 +178,7 @@ pub async fn register_agent(db: &crate::Db, def: &AgentDef) -> Result<()> {
         .transpose()?;
     let iterations = to_i32("max_iterations", def.max_iterations)?;
     let conn = db.get().await?;
-    conn.execute_typed_count(
+    conn.execute(
         sql!("agent/upsert_agent"),
         typed![
             &def.name,
@@ -202,7 +202,7 @@ pub async fn register_tools(db: &crate::Db, tools: &ToolRegistry) -> Result<()> 
     let mut conn = db.get().await?;
     let tx = conn.transaction().await?;
     for t in tools.iter() {
-        tx.execute_typed_count(
+        tx.execute(
             sql!("agent/upsert_tool"),
             typed![
                 &t.name(),
@@ -222,7 +222,7 @@ pub async fn register_tools(db: &crate::Db, tools: &ToolRegistry) -> Result<()> 
 pub async fn get_agent(db: &crate::Db, name: &str) -> Result<AgentDef> {
     let conn = db.get().await?;
     let row = conn
-        .query_typed_opt_row(sql!("agent/get_agent"), typed![&name])
+        .query_opt(sql!("agent/get_agent"), typed![&name])
         .await?
         .ok_or_else(|| Error::not_found("agent", name))?;
     let max_tokens: Option<i32> = row.try_get("max_tokens")?;

@@ -142,7 +142,7 @@ impl AgentRuntime {
             .prompt(prompt);
         let mut conn = self.kernel.db().get().await?;
         let tx = conn.transaction().await?;
-        let run = runs::create_run_in(&tx, new).await?;
+        let run = runs::create_run(&tx, new).await?;
         let task = NewTask::new(AGENT_RUN_KIND, &AgentRunTask { run_id: run })?
             .queue(agent_queue(agent))
             .tenant(tenant)
@@ -402,7 +402,7 @@ impl AgentRuntime {
     async fn totals(&self, run: RunId) -> Result<(i64, i64, f64)> {
         let conn = self.kernel.db().get().await?;
         let row = conn
-            .query_typed_row(sql!("kernel/run_model_totals"), typed![&run])
+            .query_one(sql!("kernel/run_model_totals"), typed![&run])
             .await?;
         Ok((
             row.try_get("input_tokens")?,

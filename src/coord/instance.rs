@@ -43,7 +43,7 @@ pub fn hostname() -> String {
 pub async fn register(db: &Db, info: &InstanceInfo) -> Result<()> {
     let mut conn = db.get().await?;
     let tx = conn.transaction().await?;
-    tx.execute_typed_count(
+    tx.execute(
         sql!("coord/register_instance"),
         typed![
             &info.id,
@@ -54,14 +54,14 @@ pub async fn register(db: &Db, info: &InstanceInfo) -> Result<()> {
         ],
     )
     .await?;
-    tx.execute_typed_count(sql!("coord/clear_instance_links"), typed![&info.id])
+    tx.execute(sql!("coord/clear_instance_links"), typed![&info.id])
         .await?;
-    tx.execute_typed_count(
+    tx.execute(
         sql!("coord/insert_instance_agents"),
         typed![&info.id, &info.agents],
     )
     .await?;
-    tx.execute_typed_count(
+    tx.execute(
         sql!("coord/insert_instance_tools"),
         typed![&info.id, &info.tools],
     )
@@ -80,10 +80,7 @@ pub async fn heartbeat(db: &Db, id: &InstanceId) -> Result<bool> {
 
 /// [`heartbeat`] on a given connection (the instance's coordination connection).
 pub(crate) async fn heartbeat_on(conn: &tokio_postgres::Client, id: &InstanceId) -> Result<bool> {
-    Ok(conn
-        .execute_typed_count(sql!("coord/heartbeat"), typed![id])
-        .await?
-        == 1)
+    Ok(Executor::execute(conn, sql!("coord/heartbeat"), typed![id]).await? == 1)
 }
 
 /// Delete the instance row (links cascade; the deregistration NOTIFY fires).
@@ -91,7 +88,7 @@ pub(crate) async fn heartbeat_on(conn: &tokio_postgres::Client, id: &InstanceId)
 pub async fn deregister(db: &Db, id: &InstanceId) -> Result<bool> {
     let conn = db.get().await?;
     Ok(conn
-        .execute_typed_count(sql!("coord/deregister_instance"), typed![id])
+        .execute(sql!("coord/deregister_instance"), typed![id])
         .await?
         == 1)
 }
@@ -127,9 +124,7 @@ pub struct InstanceRow {
 #[instrument(skip(db), err)]
 pub async fn list(db: &Db) -> Result<Vec<InstanceRow>> {
     let conn = db.get().await?;
-    let rows = conn
-        .query_typed_rows(sql!("coord/list_instances"), typed![])
-        .await?;
+    let rows = conn.query(sql!("coord/list_instances"), typed![]).await?;
     Ok(rows
         .iter()
         .map(|r| InstanceRow {

@@ -48,15 +48,12 @@ pub(crate) async fn elect_on(
     ttl: Duration,
 ) -> Result<Election> {
     let ttl_us = interval_micros(ttl);
-    if let Some(row) = conn
-        .query_typed_opt_row(sql!("coord/elect"), typed![&name, id, &ttl_us])
-        .await?
+    if let Some(row) =
+        Executor::query_opt(conn, sql!("coord/elect"), typed![&name, id, &ttl_us]).await?
     {
         return Ok(Election::Leader { term: row.get(0) });
     }
-    let row = conn
-        .query_typed_opt_row(sql!("coord/leader_wait"), typed![&name])
-        .await?;
+    let row = Executor::query_opt(conn, sql!("coord/leader_wait"), typed![&name]).await?;
     Ok(match row {
         Some(r) => {
             let remaining: Option<i64> = r.get(2);
@@ -86,10 +83,7 @@ pub(crate) async fn resign_on(
     name: &str,
     id: &InstanceId,
 ) -> Result<bool> {
-    Ok(conn
-        .execute_typed_count(sql!("coord/resign"), typed![&name, id])
-        .await?
-        > 0)
+    Ok(Executor::execute(conn, sql!("coord/resign"), typed![&name, id]).await? > 0)
 }
 
 /// A lease row.
@@ -115,9 +109,7 @@ pub struct LeaderRow {
 #[instrument(skip(db), err)]
 pub async fn current(db: &Db) -> Result<Vec<LeaderRow>> {
     let conn = db.get().await?;
-    let rows = conn
-        .query_typed_rows(sql!("coord/current_leader"), typed![])
-        .await?;
+    let rows = conn.query(sql!("coord/current_leader"), typed![]).await?;
     Ok(rows
         .iter()
         .map(|r| LeaderRow {

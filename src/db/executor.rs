@@ -1,6 +1,6 @@
-//! [`Executor`]: what pgcrew's statements run on — a plain client or transaction, or a pooled
-//! connection or transaction whose prepared statements are cached per connection (unless its
-//! pool was built with [`StatementMode::Unnamed`]).
+//! [`Executor`]: what pgcrew's statements run on — the pool ([`Db`]), a pooled connection or
+//! transaction (whose prepared statements are cached per connection unless its pool was built
+//! with [`StatementMode::Unnamed`]), or a plain client or transaction.
 //!
 //! Every statement the library sends goes through an [`Executor`] with explicit parameter
 //! types, so it can go out either way:
@@ -23,6 +23,7 @@ use deadpool_postgres::StatementCache;
 use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
 
+use super::Db;
 use crate::error::{Error, Result};
 
 /// How pgcrew sends statements on the connections of a pool ([`crate::db::PoolOptions`],
@@ -99,50 +100,97 @@ fn is_unnamed(cache: &Arc<StatementCache>) -> bool {
         .contains_key(&key(cache))
 }
 
-mod private {
-    pub trait Sealed {}
+pub(crate) mod private {
+    /// Seals [`Executor`](super::Executor); its method is crate-internal plumbing.
+    pub trait Sealed {
+        /// The handle whose settings (ledger key, checkpoint interval, run limits) apply to
+        /// statements on this executor, if any.
+        fn handle(&self) -> super::Handle<'_> {
+            super::Handle::None
+        }
+    }
 }
 
-/// Something a statement can run on: a [`tokio_postgres::Client`] or
-/// [`tokio_postgres::Transaction`], or a pooled [`deadpool_postgres::Object`] (a [`Conn`](super::Conn)),
-/// [`deadpool_postgres::ClientWrapper`] or [`deadpool_postgres::Transaction`].
+/// Which [`Db`] handle's settings apply on an executor (crate-internal; see [`handle_of`]).
+#[doc(hidden)]
+#[derive(Clone, Copy)]
+pub enum Handle<'a> {
+    /// No handle: a plain or pooled connection or transaction (hard caps, no signing).
+    None,
+    /// The handle itself: every statement autocommits on a connection of its pool.
+    Pool(&'a Db),
+    /// A transaction begun or joined through the handle ([`Db::join`], [`super::Acquire`]).
+    Transaction(&'a Db),
+}
+
+impl<'a> Handle<'a> {
+    /// The handle, whether the executor is the pool or a transaction through it.
+    pub(crate) fn db(self) -> Option<&'a Db> {
+        match self {
+            Handle::None => None,
+            Handle::Pool(db) | Handle::Transaction(db) => Some(db),
+        }
+    }
+}
+
+/// The handle whose settings apply to statements on `on` (see [`Handle`]).
+pub(crate) fn handle_of<E: Executor + ?Sized>(on: &E) -> Handle<'_> {
+    private::Sealed::handle(on)
+}
+
+/// Something a statement can run on: the pool itself ([`Db`]: each statement on a connection
+/// taken from the pool), a pooled connection ([`Conn`](super::Conn), or its
+/// [`deadpool_postgres::ClientWrapper`]) or pooled [`deadpool_postgres::Transaction`], a plain
+/// [`tokio_postgres::Client`] or [`tokio_postgres::Transaction`], or an [`Atomic`](super::Atomic)
+/// unit. Library functions take `&impl Executor`, so `&db`, `&conn` and `&tx` all work.
 ///
-/// The pooled kinds prepare each statement once per connection and reuse it (PostgreSQL then
-/// skips parsing and, after a few calls, planning) — unless their pool runs in
-/// [`StatementMode::Unnamed`], where they behave like the plain kinds. The plain kinds send the
-/// statement unnamed with its parameters in one round trip each time (which also works behind
-/// PgBouncer in transaction mode). Pass the pooled connection itself (`&conn`, `&tx`) to get
-/// the pool's mode; `&**conn` and `&*tx` still work, uncached.
+/// The pool and the pooled kinds prepare each statement once per connection and reuse it
+/// (PostgreSQL then skips parsing and, after a few calls, planning) — unless their pool runs in
+/// [`StatementMode::Unnamed`], where they send each statement unnamed with its parameters in
+/// one round trip, as the plain kinds always do (which also works behind PgBouncer in
+/// transaction mode).
+///
+/// Parameters carry their PostgreSQL type (build them with [`typed!`](crate::typed)); errors
+/// come back classified as the crate's [`Error`].
+///
+/// # Method names on plain tokio-postgres types
+///
+/// [`tokio_postgres::Client`] and [`tokio_postgres::Transaction`] have inherent methods of the
+/// same names (`query`, `query_one`, `query_opt`, `execute`, taking untyped parameters), and
+/// inherent methods win over trait methods in method-call syntax. In generic code
+/// (`E: Executor`) and on every other executor the short names resolve to this trait; on a
+/// value whose type is one of those two, call the trait explicitly:
+/// `Executor::query(&client, sql, typed![..])`.
 ///
 /// The trait is sealed: it cannot be implemented outside pgcrew.
 pub trait Executor: private::Sealed + Sync {
     /// Run `sql` with `params` (each with its PostgreSQL type) and return all rows.
-    fn query_typed_rows(
+    fn query(
         &self,
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send;
+    ) -> impl Future<Output = Result<Vec<Row>>> + Send;
 
     /// Run `sql` with `params` and return its single row (an error unless exactly one).
-    fn query_typed_row(
+    fn query_one(
         &self,
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> impl Future<Output = Result<Row, tokio_postgres::Error>> + Send;
+    ) -> impl Future<Output = Result<Row>> + Send;
 
     /// Run `sql` with `params` and return its row, if any (an error when more than one).
-    fn query_typed_opt_row(
+    fn query_opt(
         &self,
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> impl Future<Output = Result<Option<Row>, tokio_postgres::Error>> + Send;
+    ) -> impl Future<Output = Result<Option<Row>>> + Send;
 
     /// Run `sql` with `params` and return the number of rows it affected.
-    fn execute_typed_count(
+    fn execute(
         &self,
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> impl Future<Output = Result<u64, tokio_postgres::Error>> + Send;
+    ) -> impl Future<Output = Result<u64>> + Send;
 }
 
 /// The plain kinds: one round trip with the typed parameters, nothing cached.
@@ -150,98 +198,103 @@ macro_rules! plain_executor {
     ($($ty:ty),*) => {$(
         impl private::Sealed for $ty {}
         impl Executor for $ty {
-            fn query_typed_rows(
+            async fn query(
                 &self,
                 sql: &str,
                 params: &[(&(dyn ToSql + Sync), Type)],
-            ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send {
-                self.query_typed(sql, params)
+            ) -> Result<Vec<Row>> {
+                Ok(self.query_typed(sql, params).await?)
             }
 
-            fn query_typed_row(
+            async fn query_one(
                 &self,
                 sql: &str,
                 params: &[(&(dyn ToSql + Sync), Type)],
-            ) -> impl Future<Output = Result<Row, tokio_postgres::Error>> + Send {
-                self.query_typed_one(sql, params)
+            ) -> Result<Row> {
+                Ok(self.query_typed_one(sql, params).await?)
             }
 
-            fn query_typed_opt_row(
+            async fn query_opt(
                 &self,
                 sql: &str,
                 params: &[(&(dyn ToSql + Sync), Type)],
-            ) -> impl Future<Output = Result<Option<Row>, tokio_postgres::Error>> + Send {
-                self.query_typed_opt(sql, params)
+            ) -> Result<Option<Row>> {
+                Ok(self.query_typed_opt(sql, params).await?)
             }
 
-            fn execute_typed_count(
+            async fn execute(
                 &self,
                 sql: &str,
                 params: &[(&(dyn ToSql + Sync), Type)],
-            ) -> impl Future<Output = Result<u64, tokio_postgres::Error>> + Send {
-                self.execute_typed(sql, params)
+            ) -> Result<u64> {
+                Ok(self.execute_typed(sql, params).await?)
             }
         }
     )*};
 }
 
-/// The pooled kinds: in [`StatementMode::Cached`] the statement is prepared once per
-/// connection (deadpool's statement cache) and executed with the values; in
-/// [`StatementMode::Unnamed`] it goes out as the plain kinds send it.
+/// The pooled kinds (each with the plain type it wraps): in [`StatementMode::Cached`] the
+/// statement is prepared once per connection (deadpool's statement cache) and executed with
+/// the values; in [`StatementMode::Unnamed`] it goes out as the plain kinds send it. The plain
+/// type's inherent methods are called by path (the trait's methods share their names).
 macro_rules! pooled_executor {
-    ($($ty:ty),*) => {$(
+    ($($ty:ty => $plain:ty),*) => {$(
         impl private::Sealed for $ty {}
         impl Executor for $ty {
-            async fn query_typed_rows(
+            async fn query(
                 &self,
                 sql: &str,
                 params: &[(&(dyn ToSql + Sync), Type)],
-            ) -> Result<Vec<Row>, tokio_postgres::Error> {
+            ) -> Result<Vec<Row>> {
+                let plain: &$plain = self;
                 if is_unnamed(&self.statement_cache) {
-                    return (**self).query_typed(sql, params).await;
+                    return Ok(plain.query_typed(sql, params).await?);
                 }
                 let (types, values) = split(params);
                 let stmt = self.prepare_typed_cached(sql, &types).await?;
-                self.query(&stmt, &values).await
+                Ok(<$plain>::query(plain, &stmt, &values).await?)
             }
 
-            async fn query_typed_row(
+            async fn query_one(
                 &self,
                 sql: &str,
                 params: &[(&(dyn ToSql + Sync), Type)],
-            ) -> Result<Row, tokio_postgres::Error> {
+            ) -> Result<Row> {
+                let plain: &$plain = self;
                 if is_unnamed(&self.statement_cache) {
-                    return (**self).query_typed_one(sql, params).await;
+                    return Ok(plain.query_typed_one(sql, params).await?);
                 }
                 let (types, values) = split(params);
                 let stmt = self.prepare_typed_cached(sql, &types).await?;
-                self.query_one(&stmt, &values).await
+                Ok(<$plain>::query_one(plain, &stmt, &values).await?)
             }
 
-            async fn query_typed_opt_row(
+            async fn query_opt(
                 &self,
                 sql: &str,
                 params: &[(&(dyn ToSql + Sync), Type)],
-            ) -> Result<Option<Row>, tokio_postgres::Error> {
+            ) -> Result<Option<Row>> {
+                let plain: &$plain = self;
                 if is_unnamed(&self.statement_cache) {
-                    return (**self).query_typed_opt(sql, params).await;
+                    return Ok(plain.query_typed_opt(sql, params).await?);
                 }
                 let (types, values) = split(params);
                 let stmt = self.prepare_typed_cached(sql, &types).await?;
-                self.query_opt(&stmt, &values).await
+                Ok(<$plain>::query_opt(plain, &stmt, &values).await?)
             }
 
-            async fn execute_typed_count(
+            async fn execute(
                 &self,
                 sql: &str,
                 params: &[(&(dyn ToSql + Sync), Type)],
-            ) -> Result<u64, tokio_postgres::Error> {
+            ) -> Result<u64> {
+                let plain: &$plain = self;
                 if is_unnamed(&self.statement_cache) {
-                    return (**self).execute_typed(sql, params).await;
+                    return Ok(plain.execute_typed(sql, params).await?);
                 }
                 let (types, values) = split(params);
                 let stmt = self.prepare_typed_cached(sql, &types).await?;
-                self.execute(&stmt, &values).await
+                Ok(<$plain>::execute(plain, &stmt, &values).await?)
             }
         }
     )*};
@@ -249,8 +302,8 @@ macro_rules! pooled_executor {
 
 plain_executor!(tokio_postgres::Client, tokio_postgres::Transaction<'_>);
 pooled_executor!(
-    deadpool_postgres::ClientWrapper,
-    deadpool_postgres::Transaction<'_>
+    deadpool_postgres::ClientWrapper => tokio_postgres::Client,
+    deadpool_postgres::Transaction<'_> => tokio_postgres::Transaction<'_>
 );
 
 /// Split typed parameters into the statement's types and the values.
@@ -260,42 +313,76 @@ fn split<'a>(
     params.iter().map(|(v, t)| (t.clone(), *v)).unzip()
 }
 
+/// A pooled connection: its [`deadpool_postgres::ClientWrapper`]'s statements.
 impl private::Sealed for deadpool_postgres::Object {}
 impl Executor for deadpool_postgres::Object {
-    fn query_typed_rows(
+    fn query(
         &self,
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> impl Future<Output = Result<Vec<Row>, tokio_postgres::Error>> + Send {
+    ) -> impl Future<Output = Result<Vec<Row>>> + Send {
         let wrapper: &deadpool_postgres::ClientWrapper = self;
-        wrapper.query_typed_rows(sql, params)
+        wrapper.query(sql, params)
     }
 
-    fn query_typed_row(
+    fn query_one(
         &self,
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> impl Future<Output = Result<Row, tokio_postgres::Error>> + Send {
+    ) -> impl Future<Output = Result<Row>> + Send {
         let wrapper: &deadpool_postgres::ClientWrapper = self;
-        wrapper.query_typed_row(sql, params)
+        wrapper.query_one(sql, params)
     }
 
-    fn query_typed_opt_row(
+    fn query_opt(
         &self,
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> impl Future<Output = Result<Option<Row>, tokio_postgres::Error>> + Send {
+    ) -> impl Future<Output = Result<Option<Row>>> + Send {
         let wrapper: &deadpool_postgres::ClientWrapper = self;
-        wrapper.query_typed_opt_row(sql, params)
+        wrapper.query_opt(sql, params)
     }
 
-    fn execute_typed_count(
+    fn execute(
         &self,
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> impl Future<Output = Result<u64, tokio_postgres::Error>> + Send {
+    ) -> impl Future<Output = Result<u64>> + Send {
         let wrapper: &deadpool_postgres::ClientWrapper = self;
-        wrapper.execute_typed_count(sql, params)
+        wrapper.execute(sql, params)
+    }
+}
+
+/// The pool: each statement runs (autocommitted) on a connection taken from the pool for it,
+/// in the pool's [`StatementMode`].
+impl private::Sealed for Db {
+    fn handle(&self) -> Handle<'_> {
+        Handle::Pool(self)
+    }
+}
+impl Executor for Db {
+    async fn query(&self, sql: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Vec<Row>> {
+        let conn = self.get().await?;
+        conn.query(sql, params).await
+    }
+
+    async fn query_one(&self, sql: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Row> {
+        let conn = self.get().await?;
+        conn.query_one(sql, params).await
+    }
+
+    async fn query_opt(
+        &self,
+        sql: &str,
+        params: &[(&(dyn ToSql + Sync), Type)],
+    ) -> Result<Option<Row>> {
+        let conn = self.get().await?;
+        conn.query_opt(sql, params).await
+    }
+
+    async fn execute(&self, sql: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<u64> {
+        let conn = self.get().await?;
+        conn.execute(sql, params).await
     }
 }
 
@@ -361,6 +448,14 @@ impl<T: SqlArrayElement> SqlType for [T] {
 }
 impl<T: SqlArrayElement> SqlType for Vec<T> {
     const TYPE: Type = T::ARRAY;
+}
+
+/// Typed parameters as the slice [`Executor`]'s methods take (for the `typed!` macro: an
+/// empty list gets its type too).
+pub(crate) fn typed_params<'a>(
+    params: &'a [(&'a (dyn ToSql + Sync), Type)],
+) -> &'a [(&'a (dyn ToSql + Sync), Type)] {
+    params
 }
 
 /// The type of a value (for the `typed!` macro).

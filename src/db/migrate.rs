@@ -43,15 +43,11 @@ pub fn latest_version() -> i64 {
 }
 
 async fn current_version(client: &tokio_postgres::Client) -> Result<Option<i64>> {
-    let row = client
-        .query_typed_row(sql!("db/schema_history_exists"), typed![])
-        .await?;
+    let row = Executor::query_one(client, sql!("db/schema_history_exists"), typed![]).await?;
     if !row.get::<_, bool>(0) {
         return Ok(None);
     }
-    let row = client
-        .query_typed_row(sql!("db/schema_version"), typed![])
-        .await?;
+    let row = Executor::query_one(client, sql!("db/schema_version"), typed![]).await?;
     Ok(Some(row.get(0)))
 }
 
@@ -72,25 +68,20 @@ fn too_new(database: i64) -> Error {
 pub(crate) async fn run(client: &mut tokio_postgres::Client) -> Result<MigrationReport> {
     let mut total: Option<MigrationReport> = None;
     loop {
-        let secret = client
-            .query_typed_row(sql!("db/installation_secret_exists"), typed![])
+        let secret = Executor::query_one(client, sql!("db/installation_secret_exists"), typed![])
             .await?
             .get::<_, bool>(0);
         let (key, target) = if secret {
-            let key: i64 = client
-                .query_typed_row(sql!("db/migrate_lock_key"), typed![])
+            let key: i64 = Executor::query_one(client, sql!("db/migrate_lock_key"), typed![])
                 .await?
                 .get(0);
             (key, None)
         } else {
             (LEGACY_MIGRATE_LOCK_KEY, Some(SECRET_VERSION))
         };
-        client
-            .execute_typed_count(sql!("db/advisory_lock"), typed![&key])
-            .await?;
+        Executor::execute(client, sql!("db/advisory_lock"), typed![&key]).await?;
         let result = if target.is_some()
-            && client
-                .query_typed_row(sql!("db/installation_secret_exists"), typed![])
+            && Executor::query_one(client, sql!("db/installation_secret_exists"), typed![])
                 .await
                 .map(|r| r.get::<_, bool>(0))
                 .unwrap_or(false)
@@ -100,9 +91,7 @@ pub(crate) async fn run(client: &mut tokio_postgres::Client) -> Result<Migration
         } else {
             Some(run_locked(client, target).await)
         };
-        let unlock = client
-            .execute_typed_count(sql!("db/advisory_unlock"), typed![&key])
-            .await;
+        let unlock = Executor::execute(client, sql!("db/advisory_unlock"), typed![&key]).await;
         let Some(result) = result else {
             unlock?;
             continue;

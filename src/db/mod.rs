@@ -1,6 +1,7 @@
 //! Database access: the connection pool, embedded migrations, a throwaway local cluster for
 //! development and tests, and scratch databases.
 
+pub mod atomic;
 pub mod certs;
 mod cluster;
 mod executor;
@@ -16,6 +17,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tracing::instrument;
 
+pub use atomic::{Acquire, Acquired, Atomic, Joined};
 pub use cluster::{TempCluster, TempClusterOptions};
 pub use executor::{Executor, SqlArrayElement, SqlType, StatementMode, sql_type_of};
 pub use migrate::{MigrationReport, latest_version};
@@ -24,6 +26,7 @@ pub use scratch::ScratchDatabase;
 pub use secret::redact_dsn;
 pub use tls::{PgConfig, PgConnection, RootCert, SslMode, TlsSettings};
 
+pub(crate) use executor::{Handle, handle_of, typed_params};
 pub(crate) use pooler::cached_statements_lost;
 
 use crate::error::{Error, Result};

@@ -23,7 +23,7 @@ impl Kernel {
         let forked_at = before_seq - 1;
         let rows = {
             let conn = self.db.get().await?;
-            conn.query_typed_rows(
+            conn.query(
                 sql!("kernel/step_events_before"),
                 typed![&scope.run, &before_seq],
             )

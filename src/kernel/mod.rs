@@ -191,7 +191,7 @@ impl Kernel {
     pub(crate) async fn step_events(&self, run: RunId, step_key: &str) -> Result<Vec<StepEvent>> {
         let conn = self.db.get().await?;
         let rows = conn
-            .query_typed_rows(sql!("kernel/step_events"), typed![&run, &step_key])
+            .query(sql!("kernel/step_events"), typed![&run, &step_key])
             .await?;
         rows.iter()
             .map(|r| {

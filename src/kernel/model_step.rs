@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::ids::RunId;
 use crate::model::port::prompt_token_bound;
 use crate::model::{ModelErrorKind, ModelRequest, ModelResponse};
-use crate::runs::{NewEvent, append_events_in};
+use crate::runs::{NewEvent, append_events};
 use crate::tenancy::{self, CostInput, Reservation, ReserveRequest};
 use crate::vocab::EventType;
 
@@ -279,16 +279,16 @@ impl Kernel {
         let mut conn = self.db.get().await?;
         let tx = conn.transaction().await?;
         // Lock order: ledger lock, tenant row, run row (see kernel/lock_run.sql).
-        tx.execute_typed_count(sql!("kernel/lock_run"), typed![&scope.run])
+        tx.execute(sql!("kernel/lock_run"), typed![&scope.run])
             .await?;
-        tenancy::release_in_tx(&tx, &reserved.reservation).await?;
+        tenancy::release(&tx, &reserved.reservation).await?;
         let ev = NewEvent::new(
             EventType::ModelFailed,
             json!({"model": prepared.request.model, "fingerprint": prepared.fingerprint,
                    "kind": kind, "message": e.to_string()}),
         )
         .step(step_key);
-        append_events_in(&tx, scope.run, &[ev], scope.lease_token).await?;
+        append_events(&tx, scope.run, &[ev], scope.lease_token).await?;
         tx.commit().await?;
         Err(e)
     }
@@ -368,18 +368,18 @@ impl Kernel {
         // the appends (whose run-row update is then already ours). Reservations lock the tenant
         // row then the run row and appends the ledger lock then the run row, so this order
         // cannot deadlock with concurrent steps of the same run.
-        tx.execute_typed_count(sql!("kernel/lock_run"), typed![&scope.run])
+        tx.execute(sql!("kernel/lock_run"), typed![&scope.run])
             .await?;
         let done: bool = tx
-            .query_typed_row(sql!("kernel/step_completed"), typed![&scope.run, &step_key])
+            .query_one(sql!("kernel/step_completed"), typed![&scope.run, &step_key])
             .await?
             .try_get("done")?;
         if done {
-            tenancy::release_in_tx(&tx, reservation).await?;
+            tenancy::release(&tx, reservation).await?;
             tx.commit().await?;
             return Ok(false);
         }
-        let settlement = tenancy::settle_in_tx(&tx, reservation, input).await?;
+        let settlement = tenancy::settle(&tx, reservation, input).await?;
         let mut events = vec![ev];
         for o in &settlement.overruns {
             events.push(
@@ -397,7 +397,7 @@ impl Kernel {
                 .step(step_key),
             );
         }
-        let appended = append_events_in(&tx, scope.run, &events, scope.lease_token).await?;
+        let appended = append_events(&tx, scope.run, &events, scope.lease_token).await?;
         if appended.first().is_some_and(|a| !a.inserted) {
             // Recorded meanwhile by a writer that did not take the ledger lock first: undo the
             // settlement (rollback) and release the reservation; that record stands.
@@ -412,7 +412,7 @@ impl Kernel {
     async fn charge_unrecorded(&self, reservation: &Reservation, input: &CostInput) -> Result<()> {
         let mut conn = self.db.get().await?;
         let tx = conn.transaction().await?;
-        tenancy::settle_in_tx(&tx, reservation, input).await?;
+        tenancy::settle(&tx, reservation, input).await?;
         tx.commit().await?;
         Ok(())
     }

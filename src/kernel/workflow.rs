@@ -138,7 +138,7 @@ impl Kernel {
         {
             let conn = self.db().get().await?;
             for r in conn
-                .query_typed_rows(sql!("kernel/run_step_events"), typed![&scope.run])
+                .query(sql!("kernel/run_step_events"), typed![&scope.run])
                 .await?
             {
                 let event_type: String = r.try_get(1)?;

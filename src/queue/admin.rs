@@ -28,9 +28,7 @@ pub struct TaskStats {
 /// Task counts per queue and state (the `pgcrew.queue_stats` view).
 #[instrument(skip(client), err)]
 pub async fn stats<C: Executor + ?Sized>(client: &C) -> Result<Vec<TaskStats>> {
-    let rows = client
-        .query_typed_rows(sql!("queue/stats"), typed![])
-        .await?;
+    let rows = client.query(sql!("queue/stats"), typed![]).await?;
     Ok(rows
         .iter()
         .map(|r| TaskStats {
@@ -120,7 +118,7 @@ fn task_row(r: &tokio_postgres::Row) -> Result<TaskRow> {
 #[instrument(skip(client), err)]
 pub async fn get<C: Executor + ?Sized>(client: &C, id: TaskId) -> Result<TaskRow> {
     let row = client
-        .query_typed_opt_row(sql!("queue/get"), typed![&id])
+        .query_opt(sql!("queue/get"), typed![&id])
         .await?
         .ok_or_else(|| Error::not_found("task", id))?;
     task_row(&row)
@@ -141,7 +139,7 @@ pub async fn list<C: Executor + ?Sized>(
     let st = state.map(|s| s.as_str());
     let tn = tenant.map(|t| t.as_str());
     let rows = client
-        .query_typed_rows(sql!("queue/list"), typed![&st, &queue, &tn, &limit])
+        .query(sql!("queue/list"), typed![&st, &queue, &tn, &limit])
         .await?;
     rows.iter().map(task_row).collect()
 }
@@ -154,7 +152,7 @@ pub async fn list<C: Executor + ?Sized>(
 #[instrument(skip(client), err)]
 pub async fn cancel<C: Executor + ?Sized>(client: &C, id: TaskId) -> Result<TaskState> {
     let row = client
-        .query_typed_opt_row(sql!("queue/cancel"), typed![&id])
+        .query_opt(sql!("queue/cancel"), typed![&id])
         .await?
         .ok_or_else(|| Error::not_found("task", id))?;
     let prev: String = row.get("previous_state");
@@ -175,9 +173,13 @@ pub async fn cancel<C: Executor + ?Sized>(client: &C, id: TaskId) -> Result<Task
 #[instrument(skip(client), err)]
 pub async fn retry<C: Executor + ?Sized>(client: &C, id: TaskId) -> Result<TaskState> {
     let row = client
-        .query_typed_opt_row(sql!("queue/retry"), typed![&id])
+        .query_opt(sql!("queue/retry"), typed![&id])
         .await
         .map_err(|e| {
+            let e = match e.into_driver() {
+                Ok(e) => e,
+                Err(other) => return other,
+            };
             match e.as_db_error().map(|d| (d.code().code(), d.message())) {
                 Some((sqlstate::UNIQUE_VIOLATION, _)) => Error::invalid(
                     "task",
@@ -218,16 +220,16 @@ pub async fn set_queue_limit<C: Executor + ?Sized>(
         ));
     }
     client
-        .execute_typed_count(
+        .execute(
             sql!("queue/set_queue_limit"),
             typed![tenant, &queue, &max_concurrent_tasks],
         )
         .await
         .map_err(|e| {
-            if sqlstate::of(&e) == Some(sqlstate::FOREIGN_KEY_VIOLATION) {
+            if e.sqlstate() == Some(sqlstate::FOREIGN_KEY_VIOLATION) {
                 Error::not_found("tenant", tenant)
             } else {
-                Error::from(e)
+                e
             }
         })?;
     Ok(())
@@ -241,7 +243,7 @@ pub async fn clear_queue_limit<C: Executor + ?Sized>(
     queue: &str,
 ) -> Result<bool> {
     Ok(client
-        .execute_typed_count(sql!("queue/clear_queue_limit"), typed![tenant, &queue])
+        .execute(sql!("queue/clear_queue_limit"), typed![tenant, &queue])
         .await?
         == 1)
 }

@@ -108,14 +108,14 @@ pub(crate) async fn claim_routed<E: Executor + ?Sized>(
         // A fresh random token per claim, as pgcrew.claim_tasks draws one.
         let token = Uuid::new_v4();
         let rows = client
-            .query_typed_rows(fast, typed![queue, limit, instance, token])
+            .query(fast, typed![queue, limit, instance, token])
             .await?;
         if !rows.is_empty() {
             return in_order(&rows);
         }
     }
     let rows = client
-        .query_typed_rows(general, typed![queues, limit, instance])
+        .query(general, typed![queues, limit, instance])
         .await?;
     *try_fast = rows.is_empty();
     in_order(&rows)
@@ -240,7 +240,7 @@ pub(crate) async fn ack_with<E: Executor + ?Sized>(
     }
     let errors: Vec<Option<&str>> = errors.iter().map(|e| e.as_deref()).collect();
     let rows = client
-        .query_typed_rows(query, typed![ids, tokens, outcomes, delays, errors])
+        .query(query, typed![ids, tokens, outcomes, delays, errors])
         .await?;
     let mut report = AckReport::default();
     for r in &rows {
@@ -280,7 +280,7 @@ pub async fn heartbeat<E: Executor + ?Sized>(
 ) -> Result<HeartbeatReport> {
     let raw: Vec<i64> = ids.iter().map(|t| t.0).collect();
     let rows = client
-        .query_typed_rows(sql!("queue/heartbeat"), typed![raw, instance])
+        .query(sql!("queue/heartbeat"), typed![raw, instance])
         .await?;
     let mut rep = HeartbeatReport::default();
     for r in &rows {
@@ -307,7 +307,7 @@ pub(crate) async fn next_due_with<E: Executor + ?Sized>(
     query: &str,
     queues: &[String],
 ) -> Result<Option<Duration>> {
-    let row = client.query_typed_opt_row(query, typed![queues]).await?;
+    let row = client.query_opt(query, typed![queues]).await?;
     Ok(row.map(|r| Duration::from_micros(r.get::<_, i64>(0).max(0) as u64)))
 }
 

@@ -62,10 +62,10 @@ pub async fn enqueue<E: Executor + ?Sized>(client: &E, task: &NewTask) -> Result
     let row = if simple {
         // The same parameters minus the unique key and dependencies.
         client
-            .query_typed_row(sql!("queue/enqueue_simple"), &params[..9])
+            .query_one(sql!("queue/enqueue_simple"), &params[..9])
             .await
     } else {
-        client.query_typed_row(sql!("queue/enqueue"), params).await
+        client.query_one(sql!("queue/enqueue"), params).await
     }
     .map_err(|e| map_enqueue_error(e, Some(task.tenant.as_str())))?;
     let state: String = row.get("state");
@@ -140,7 +140,7 @@ pub async fn enqueue_many<E: Executor + ?Sized>(
         keys.push(t.unique_key.as_deref());
     }
     let rows = client
-        .query_typed_rows(
+        .query(
             sql!("queue/enqueue_many"),
             &[
                 (&queues, Type::TEXT_ARRAY),
@@ -162,8 +162,12 @@ pub async fn enqueue_many<E: Executor + ?Sized>(
 
 /// Turn the database's complaints about an enqueue into actionable input errors.
 /// `tenant` names the tenant when the statement could not say which one was unknown.
-pub(crate) fn map_enqueue_error(e: tokio_postgres::Error, tenant: Option<&str>) -> Error {
+pub(crate) fn map_enqueue_error(e: Error, tenant: Option<&str>) -> Error {
     use crate::sqlstate;
+    let e = match e.into_driver() {
+        Ok(e) => e,
+        Err(other) => return other,
+    };
     if let Some(db) = e.as_db_error() {
         let code = db.code().code();
         match code {

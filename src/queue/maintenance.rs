@@ -15,9 +15,7 @@ maintenance_step! {
     RescueTasks, "rescue_tasks", |tx, ctx| {
         let timeout = interval_micros(ctx.config.task_heartbeat_timeout);
         let limit = i32::try_from(ctx.config.retention_batch_size).unwrap_or(i32::MAX);
-        let rows = tx
-            .query_typed_rows(sql!("queue/rescue"), typed![&timeout, &limit])
-            .await?;
+        let rows = Executor::query(tx, sql!("queue/rescue"), typed![&timeout, &limit]).await?;
         log_rows(&rows, |r| {
             let id: i64 = r.try_get(0)?;
             let state: String = r.try_get(1)?;
@@ -32,12 +30,10 @@ maintenance_step! {
     /// ago, at most `retention_batch_size` per pass.
     TaskRetention, "task_retention", |tx, ctx| {
         let age = interval_micros(ctx.config.task_retention);
-        let n = tx
-            .execute_typed_count(
+        let n = Executor::execute(tx,
                 sql!("queue/retention"),
                 typed![&age, &ctx.config.retention_batch_size],
-            )
-            .await?;
+            ).await?;
         if n > 0 {
             info!(deleted = n, "maintenance: deleted old finished tasks");
         }

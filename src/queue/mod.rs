@@ -2,9 +2,9 @@
 //!
 //! Tasks live in `pgcrew.tasks`. They are enqueued singly ([`enqueue`]), in bulk
 //! ([`enqueue_many`], thousands per statement) or inside the caller's own transaction (both take
-//! any [`Executor`](crate::db::Executor): a tokio-postgres `Client` or `Transaction`, or a pooled
-//! connection `&conn` or pooled transaction `&tx`, which cache the prepared statement per
-//! connection; `Client::enqueue` takes a pooled connection for you),
+//! any [`Executor`](crate::db::Executor): the pool `&db`, a pooled connection `&conn` or pooled
+//! transaction `&tx`, which cache the prepared statement per connection, or a tokio-postgres
+//! `Client` or `Transaction`; `Client::enqueue` uses the client's pool),
 //! claimed with `FOR UPDATE SKIP LOCKED` by
 //! the `pgcrew.claim_tasks` function —
 //! fairly across tenants and within every tenant's concurrency limit — and acknowledged in

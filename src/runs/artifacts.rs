@@ -115,7 +115,7 @@ pub async fn put_artifact(
     )?;
     let conn = db.get().await?;
     let row = conn
-        .query_typed_row(
+        .query_one(
             sql!("runs/put_artifact"),
             typed![&run, &lease_token, &key, &value],
         )
@@ -129,7 +129,7 @@ pub async fn put_artifact(
 pub async fn get_artifact(db: &Db, run: RunId, key: &str) -> Result<Option<Artifact>> {
     let conn = db.get().await?;
     let row = conn
-        .query_typed_opt_row(sql!("runs/get_artifact"), typed![&run, &key])
+        .query_opt(sql!("runs/get_artifact"), typed![&run, &key])
         .await?;
     Ok(row.as_ref().map(artifact))
 }
@@ -139,7 +139,7 @@ pub async fn get_artifact(db: &Db, run: RunId, key: &str) -> Result<Option<Artif
 pub async fn artifact_history(db: &Db, run: RunId, key: &str) -> Result<Vec<Artifact>> {
     let conn = db.get().await?;
     let rows = conn
-        .query_typed_rows(sql!("runs/artifact_history"), typed![&run, &key])
+        .query(sql!("runs/artifact_history"), typed![&run, &key])
         .await?;
     Ok(rows.iter().map(artifact).collect())
 }
@@ -150,7 +150,7 @@ pub async fn list_artifacts(db: &Db, run: RunId) -> Result<Vec<Artifact>> {
     let conn = db.get().await?;
     ensure_run(&conn, run).await?;
     let rows = conn
-        .query_typed_rows(sql!("runs/list_artifacts"), typed![&run])
+        .query(sql!("runs/list_artifacts"), typed![&run])
         .await?;
     Ok(rows.iter().map(artifact).collect())
 }
@@ -181,7 +181,7 @@ pub async fn add_summary(
     };
     let conn = db.get().await?;
     let row = conn
-        .query_typed_row(
+        .query_one(
             sql!("runs/add_summary"),
             typed![&run, &lease_token, &summary_type, &text, &json],
         )
@@ -204,7 +204,7 @@ pub async fn list_summaries(
     let conn = db.get().await?;
     ensure_run(&conn, run).await?;
     let rows = conn
-        .query_typed_rows(
+        .query(
             sql!("runs/list_summaries"),
             typed![&run, &summary_type, &limit],
         )

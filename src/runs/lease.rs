@@ -53,7 +53,7 @@ pub async fn acquire_run_lease(
     let ttl = check_ttl(ttl)?;
     let conn = db.get().await?;
     let row = conn
-        .query_typed_opt_row(sql!("runs/acquire_lease"), typed![&run, &owner, &ttl])
+        .query_opt(sql!("runs/acquire_lease"), typed![&run, &owner, &ttl])
         .await
         .map_err(|e| map_db_error(e, run))?;
     match row {
@@ -85,7 +85,7 @@ pub async fn renew_run_lease(db: &Db, lease: &RunLease, ttl: Duration) -> Result
     let ttl = check_ttl(ttl)?;
     let conn = db.get().await?;
     let row = conn
-        .query_typed_opt_row(
+        .query_opt(
             sql!("runs/renew_lease"),
             typed![&lease.run_id, &lease.owner, &lease.token, &ttl],
         )
@@ -107,7 +107,7 @@ pub async fn renew_run_lease(db: &Db, lease: &RunLease, ttl: Duration) -> Result
 pub async fn release_run_lease(db: &Db, lease: &RunLease) -> Result<bool> {
     let conn = db.get().await?;
     let row = conn
-        .query_typed_row(
+        .query_one(
             sql!("runs/release_lease"),
             typed![&lease.run_id, &lease.owner, &lease.token],
         )

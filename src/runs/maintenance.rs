@@ -13,13 +13,12 @@ maintenance_step! {
     StuckRuns, "stuck_runs", |tx, ctx| {
         // Fails each run through the state machine, recording `run_failed` in its ledger and
         // signing the run's final head with the ledger key (when configured).
-        let failed = super::fail_stuck_runs_in(
+        let failed = super::fail_stuck_runs(
             tx,
             ctx.config.stuck_run_timeout,
             ctx.config.retention_batch_size,
             ctx.config.ledger_key.as_ref(),
-        )
-        .await?;
+        ).await?;
         for id in &failed {
             info!(run = %id, "maintenance: failed stuck run (run timed out)");
         }
@@ -31,9 +30,7 @@ maintenance_step! {
     /// Releases run leases held by instances that are no longer in `pgcrew.instances` (the stale
     /// instance step runs first, so leases of instances it removed are freed in the same pass).
     DeadInstanceLeases, "dead_instance_run_leases", |tx, _ctx| {
-        let rows = tx
-            .query_typed_rows(sql!("runs/release_dead_leases"), typed![])
-            .await?;
+        let rows = Executor::query(tx, sql!("runs/release_dead_leases"), typed![]).await?;
         log_rows(&rows, |r| {
             let id: uuid::Uuid = r.try_get(0)?;
             let owner: String = r.try_get(1)?;
@@ -57,9 +54,7 @@ maintenance_step! {
         // At most a century: `now() - age` must stay a valid timestamp.
         let age = crate::config::interval_micros(age).min(100 * 365 * 86_400 * 1_000_000);
         let batch = i32::try_from(ctx.config.run_retention_batch_size).unwrap_or(i32::MAX);
-        let rows = tx
-            .query_typed_rows(sql!("runs/retain_finished_runs"), typed![&age, &batch])
-            .await?;
+        let rows = Executor::query(tx, sql!("runs/retain_finished_runs"), typed![&age, &batch]).await?;
         log_rows(&rows, |r| {
             let id: uuid::Uuid = r.try_get(0)?;
             let [events, artifacts, summaries, checkpoints, cost_entries]: [i64; 5] = [

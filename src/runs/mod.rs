@@ -34,23 +34,27 @@ pub use follow::subscribe_run;
 pub use lease::{RunLease, acquire_run_lease, release_run_lease, renew_run_lease};
 pub use ledger::{
     AppendedEvent, ChainAnchor, ChainVerification, LedgerEvent, LedgerFormat, NewEvent,
-    SignedVerification, append_event, append_events, append_events_in, event_hash, event_hash_v2,
-    purge_run, read_events, verify_run_chain, verify_run_chain_signed, verify_run_chain_sql,
+    SignedVerification, append_event, append_events, event_hash, event_hash_v2, purge_run,
+    read_events, verify_run_chain, verify_run_chain_signed, verify_run_chain_sql,
 };
 pub use limits::RunLimits;
 pub use maintenance::{DeadInstanceLeases, RunRetention, StuckRuns, maintenance_steps};
 pub use state::{
     LimitPolicy, NewRun, Run, RunFilter, RunOutcome, RunState, Session, StartOutcome, cancel_run,
-    complete_run, create_run, create_run_in, fail_run, fail_run_in, fail_stuck_runs_in, get_run,
-    get_session, list_runs, new_session, start_run,
+    complete_run, create_run, fail_run, fail_stuck_runs, get_run, get_session, list_runs,
+    new_session, start_run,
 };
 pub use watch::RunWatcher;
 
 /// Map the ledger's and leases' custom SQLSTATEs (PC001 lease lost, PC002 run not found, PC003
 /// ledger closed, PC004 ledger written outside pgcrew) and the state-machine trigger's error to
 /// typed errors.
-pub(crate) fn map_db_error(e: tokio_postgres::Error, run: crate::ids::RunId) -> Error {
+pub(crate) fn map_db_error(e: Error, run: crate::ids::RunId) -> Error {
     use crate::sqlstate;
+    let e = match e.into_driver() {
+        Ok(e) => e,
+        Err(other) => return other,
+    };
     if let Some(db) = e.as_db_error() {
         match db.code().code() {
             sqlstate::LEASE_LOST => return Error::LeaseLost(db.message().to_string()),

@@ -36,7 +36,7 @@ pub async fn new_session(
     let conn = db.get().await?;
     ensure_tenant(&conn, tenant).await?;
     let row = conn
-        .query_typed_row(
+        .query_one(
             sql!("runs/upsert_session"),
             typed![&SessionId::new(), tenant, &identifier, &metadata],
         )
@@ -59,7 +59,7 @@ pub(super) fn session_from_row(row: &tokio_postgres::Row) -> Session {
 pub async fn get_session(db: &Db, id: SessionId) -> Result<Session> {
     let conn = db.get().await?;
     let row = conn
-        .query_typed_opt_row(sql!("runs/get_session"), typed![&id])
+        .query_opt(sql!("runs/get_session"), typed![&id])
         .await?
         .ok_or_else(|| Error::not_found("session", id))?;
     Ok(session_from_row(&row))
@@ -70,7 +70,7 @@ pub(super) async fn ensure_tenant<C: Executor + ?Sized>(
     tenant: &TenantId,
 ) -> Result<()> {
     let exists: bool = client
-        .query_typed_row(sql!("runs/tenant_exists"), typed![tenant])
+        .query_one(sql!("runs/tenant_exists"), typed![tenant])
         .await?
         .get(0);
     if exists {

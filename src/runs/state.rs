@@ -20,17 +20,17 @@ use serde::Serialize;
 use serde_json::json;
 use tracing::instrument;
 
-use super::ledger::{NewEvent, append_events_in};
+use super::ledger::{NewEvent, append_rows};
 use super::session::{ensure_tenant, session_from_row};
 use crate::db::Db;
-use crate::db::Executor;
+use crate::db::{Acquire, Atomic, Executor};
 use crate::error::{Error, Result};
 use crate::ids::{RunId, SessionId, TenantId};
 
 pub use super::session::{Session, get_session, new_session};
 pub use super::transition::{
-    LimitPolicy, RunOutcome, StartOutcome, cancel_run, complete_run, fail_run, fail_run_in,
-    fail_stuck_runs_in, start_run,
+    LimitPolicy, RunOutcome, StartOutcome, cancel_run, complete_run, fail_run, fail_stuck_runs,
+    start_run,
 };
 
 use crate::vocab::EventType;
@@ -237,21 +237,22 @@ impl Default for RunFilter {
     }
 }
 
-/// Create a `pending` run and record `run_created` (seq 1) in the same transaction.
-#[instrument(skip(db, new), fields(tenant = %new.tenant_id), err)]
-pub async fn create_run(db: &Db, new: NewRun) -> Result<RunId> {
-    let mut conn = db.get().await?;
-    let tx = conn.transaction().await?;
-    let id = create_run_in(&tx, new).await?;
+/// Create a `pending` run and record `run_created` (seq 1) atomically: given the pool, in a
+/// transaction of its own; given a transaction, inside it (see [`crate::db::Acquire`]), so a run
+/// can be created atomically with other writes (for example enqueueing the task that will
+/// execute it). Nothing is written when the tenant, session or parent run is unknown or belongs
+/// to another tenant.
+#[instrument(skip(on, new), fields(tenant = %new.tenant_id), err)]
+pub async fn create_run<E: Acquire + ?Sized>(on: &E, new: NewRun) -> Result<RunId> {
+    let mut conn = on.acquire().await?;
+    let tx = conn.begin().await?;
+    let id = create_run_steps(&tx, new).await?;
     tx.commit().await?;
     Ok(id)
 }
 
-/// [`create_run`] inside the caller's transaction, so a run can be created atomically with
-/// other writes (for example enqueueing the task that will execute it). Nothing is written when
-/// the tenant, session or parent run is unknown or belongs to another tenant.
-#[instrument(skip(tx, new), fields(tenant = %new.tenant_id), err)]
-pub async fn create_run_in(tx: &tokio_postgres::Transaction<'_>, new: NewRun) -> Result<RunId> {
+/// [`create_run`]'s statements, on the unit.
+async fn create_run_steps(tx: &Atomic<'_>, new: NewRun) -> Result<RunId> {
     if let Some(a) = &new.agent_name {
         crate::ids::validate_text_id("agent name", a)?;
     }
@@ -269,7 +270,7 @@ pub async fn create_run_in(tx: &tokio_postgres::Transaction<'_>, new: NewRun) ->
     ensure_tenant(tx, &new.tenant_id).await?;
     if let Some(s) = new.session_id {
         let row = tx
-            .query_typed_opt_row(sql!("runs/get_session"), typed![&s])
+            .query_opt(sql!("runs/get_session"), typed![&s])
             .await?
             .ok_or_else(|| Error::not_found("session", s))?;
         if session_from_row(&row).tenant_id != new.tenant_id.as_str() {
@@ -278,7 +279,7 @@ pub async fn create_run_in(tx: &tokio_postgres::Transaction<'_>, new: NewRun) ->
     }
     if let Some(p) = new.parent_run_id {
         let row = tx
-            .query_typed_opt_row(sql!("runs/get_run"), typed![&p])
+            .query_opt(sql!("runs/get_run"), typed![&p])
             .await?
             .ok_or_else(|| Error::not_found("run", p))?;
         if Run::from_row(&row)?.tenant_id != new.tenant_id.as_str() {
@@ -286,7 +287,7 @@ pub async fn create_run_in(tx: &tokio_postgres::Transaction<'_>, new: NewRun) ->
         }
     }
     let id = RunId::new();
-    tx.execute_typed_count(
+    tx.execute(
         sql!("runs/insert_run"),
         typed![
             &id,
@@ -310,7 +311,7 @@ pub async fn create_run_in(tx: &tokio_postgres::Transaction<'_>, new: NewRun) ->
             "forked_at_seq": new.forked_at_seq,
         }),
     );
-    append_events_in(tx, id, &[ev], None).await?;
+    append_rows(tx, id, &[ev], None, super::limits::MAX_EVENT_PAYLOAD_BYTES).await?;
     Ok(id)
 }
 
@@ -319,7 +320,7 @@ pub async fn create_run_in(tx: &tokio_postgres::Transaction<'_>, new: NewRun) ->
 pub async fn get_run(db: &Db, run: RunId) -> Result<Run> {
     let conn = db.get().await?;
     let row = conn
-        .query_typed_opt_row(sql!("runs/get_run"), typed![&run])
+        .query_opt(sql!("runs/get_run"), typed![&run])
         .await?
         .ok_or_else(|| Error::not_found("run", run))?;
     Run::from_row(&row)
@@ -335,7 +336,7 @@ pub async fn list_runs(db: &Db, filter: &RunFilter) -> Result<Vec<Run>> {
     let state = filter.state.map(|s| s.as_str());
     let tenant = filter.tenant.as_ref().map(|t| t.as_str());
     let rows = conn
-        .query_typed_rows(
+        .query(
             sql!("runs/list_runs"),
             typed![&tenant, &state, &filter.limit],
         )
@@ -346,7 +347,7 @@ pub async fn list_runs(db: &Db, filter: &RunFilter) -> Result<Vec<Run>> {
 /// [`Error::NotFound`] unless the run exists.
 pub(crate) async fn ensure_run<C: Executor + ?Sized>(client: &C, run: RunId) -> Result<()> {
     let exists: bool = client
-        .query_typed_row(sql!("runs/run_exists"), typed![&run])
+        .query_one(sql!("runs/run_exists"), typed![&run])
         .await?
         .get(0);
     if exists {

@@ -1,16 +1,22 @@
 //! The run state machine's transitions: start (with the tenant's concurrent-runs limit),
-//! complete, fail, cancel, and maintenance's stuck-run failure. Each is one transaction that
+//! complete, fail, cancel, and maintenance's stuck-run failure. Each is one atomic unit that
 //! locks the run, checks the transition, updates the row and appends the matching ledger event;
 //! a terminal transition also signs the run's final ledger head.
+//!
+//! Every transition takes `&impl Acquire` ([`crate::db::Acquire`]): given the pool (`&db`) it
+//! runs in a transaction of its own; given a transaction it joins it (on an error the caller
+//! rolls back). The final head is signed with the ledger key of the handle the call goes
+//! through: `&db`, or `&db.join(&tx)` inside your own transaction ([`Db::join`]); a bare
+//! transaction carries no key, and the run's head then stays unsigned.
 
 use serde_json::json;
 use tracing::instrument;
 
-use super::ledger::{NewEvent, append_events_in, sign_head_in};
+use super::ledger::{NewEvent, append_rows, sign_head};
+use super::limits::MAX_EVENT_PAYLOAD_BYTES;
 use super::map_db_error;
 use super::state::{Run, RunState};
-use crate::db::Db;
-use crate::db::Executor;
+use crate::db::{Acquire, Atomic, Db, Executor, handle_of};
 use crate::error::{Error, Result};
 use crate::ids::{InstanceId, RunId};
 use crate::ledger_key::LedgerKey;
@@ -76,8 +82,8 @@ enum Applied {
     Limited { running: i64, limit: i64 },
 }
 
-async fn transition_in(
-    tx: &tokio_postgres::Transaction<'_>,
+async fn transition_steps(
+    tx: &Atomic<'_>,
     run: RunId,
     to: RunState,
     change: Change,
@@ -86,17 +92,16 @@ async fn transition_in(
     if to == RunState::Running {
         // Admission: serialise per tenant (tenant lock before run lock, always).
         let row = tx
-            .query_typed_opt_row(sql!("runs/get_run"), typed![&run])
+            .query_opt(sql!("runs/get_run"), typed![&run])
             .await?
             .ok_or_else(|| Error::not_found("run", run))?;
         let tenant: String = row.get("tenant_id");
-        tx.execute_typed_count(sql!("runs/lock_tenant"), typed![&tenant])
+        tx.execute(sql!("runs/lock_tenant"), typed![&tenant])
             .await?;
     }
-    tx.execute_typed_count(sql!("runs/lock_run"), typed![&run])
-        .await?;
+    tx.execute(sql!("runs/lock_run"), typed![&run]).await?;
     let row = tx
-        .query_typed_opt_row(sql!("runs/get_run_for_update"), typed![&run])
+        .query_opt(sql!("runs/get_run_for_update"), typed![&run])
         .await?
         .ok_or_else(|| Error::not_found("run", run))?;
     let current = Run::from_row(&row)?;
@@ -119,7 +124,7 @@ async fn transition_in(
     }
     if to == RunState::Running {
         let row = tx
-            .query_typed_row(sql!("runs/count_running"), typed![&current.tenant_id])
+            .query_one(sql!("runs/count_running"), typed![&current.tenant_id])
             .await?;
         let running: i64 = row.get(0);
         let limit: Option<i32> = row.get(1);
@@ -159,8 +164,8 @@ async fn transition_in(
     let ev = NewEvent::new(event_type.as_str(), details);
     // Record first (the lease check needs the lease the terminal update clears, and appends to a
     // finished run are refused).
-    let appended = append_events_in(tx, run, &[ev], change.lease_token).await?;
-    tx.execute_typed_count(
+    let appended = append_rows(tx, run, &[ev], change.lease_token, MAX_EVENT_PAYLOAD_BYTES).await?;
+    tx.execute(
         sql!("runs/update_state"),
         typed![
             &run,
@@ -183,19 +188,29 @@ async fn transition_in(
     if to.is_terminal()
         && let (Some(key), Some(last)) = (key, appended.last())
     {
-        sign_head_in(tx, key, run, last.seq, &last.hash, true).await?;
+        sign_head(tx, key, run, last.seq, &last.hash, true).await?;
     }
     let row = tx
-        .query_typed_row(sql!("runs/get_run"), typed![&run])
+        .query_one(sql!("runs/get_run"), typed![&run])
         .await
         .map_err(|e| map_db_error(e, run))?;
     Ok(Applied::Done(Box::new(Run::from_row(&row)?)))
 }
 
-async fn transition(db: &Db, run: RunId, to: RunState, change: Change) -> Result<Applied> {
-    let mut conn = db.get().await?;
-    let tx = conn.transaction().await?;
-    let applied = transition_in(&tx, run, to, change, db.ledger_key()).await?;
+/// Apply a transition atomically on `on` (its own transaction given the pool, the caller's
+/// given one), signing a terminal transition's final head with `key` or else the key of the
+/// handle `on` goes through.
+async fn transition<E: Acquire + ?Sized>(
+    on: &E,
+    run: RunId,
+    to: RunState,
+    change: Change,
+    key: Option<&LedgerKey>,
+) -> Result<Applied> {
+    let mut conn = on.acquire().await?;
+    let tx = conn.begin().await?;
+    let key = key.or_else(|| handle_of(&tx).db().and_then(Db::ledger_key));
+    let applied = transition_steps(&tx, run, to, change, key).await?;
     if matches!(applied, Applied::Done(_)) {
         tx.commit().await?;
     }
@@ -207,9 +222,9 @@ async fn transition(db: &Db, run: RunId, to: RunState, change: Change) -> Result
 /// Enforces the tenant's `max_concurrent_runs` exactly under concurrency; `policy` decides
 /// whether a run over the limit stays pending or the call fails. With `lease_token`, the caller
 /// must hold the run's lease.
-#[instrument(skip(db), err)]
-pub async fn start_run(
-    db: &Db,
+#[instrument(skip(on), err)]
+pub async fn start_run<E: Acquire + ?Sized>(
+    on: &E,
     run: RunId,
     instance: Option<&InstanceId>,
     lease_token: Option<i64>,
@@ -222,7 +237,7 @@ pub async fn start_run(
         details: json!({ "instance_id": instance.map(|i| i.to_string()) }),
         ..Change::default()
     };
-    match transition(db, run, RunState::Running, change).await? {
+    match transition(on, run, RunState::Running, change, None).await? {
         Applied::Done(r) => Ok(StartOutcome::Started(r)),
         Applied::Limited { running, limit } => Ok(StartOutcome::LimitReached { running, limit }),
     }
@@ -238,9 +253,9 @@ fn done(a: Applied) -> Result<Run> {
 }
 
 /// Complete a running run, adding the outcome's usage to its totals.
-#[instrument(skip(db, outcome), err)]
-pub async fn complete_run(
-    db: &Db,
+#[instrument(skip(on, outcome), err)]
+pub async fn complete_run<E: Acquire + ?Sized>(
+    on: &E,
     run: RunId,
     outcome: RunOutcome,
     lease_token: Option<i64>,
@@ -270,7 +285,7 @@ pub async fn complete_run(
         details,
         ..Change::default()
     };
-    done(transition(db, run, RunState::Completed, change).await?)
+    done(transition(on, run, RunState::Completed, change, None).await?)
 }
 
 fn failure(error_type: &str, error_message: &str, lease_token: Option<i64>) -> Result<Change> {
@@ -295,43 +310,29 @@ fn failure(error_type: &str, error_message: &str, lease_token: Option<i64>) -> R
     })
 }
 
-/// Fail a pending or running run.
-#[instrument(skip(db, error_message), err)]
-pub async fn fail_run(
-    db: &Db,
+/// Fail a pending or running run. With `lease_token`, the caller must hold the run's lease;
+/// without one there is no lease check (maintenance overrides any holder).
+#[instrument(skip(on, error_message), err)]
+pub async fn fail_run<E: Acquire + ?Sized>(
+    on: &E,
     run: RunId,
     error_type: &str,
     error_message: &str,
     lease_token: Option<i64>,
 ) -> Result<Run> {
     let change = failure(error_type, error_message, lease_token)?;
-    done(transition(db, run, RunState::Failed, change).await?)
-}
-
-/// Fail a run and record `run_failed` inside the caller's transaction (used by maintenance for
-/// stuck runs). No lease check: the caller (the fenced leader) overrides any holder. With `key`,
-/// the run's final ledger head is signed in that transaction; without one it stays unsigned (and
-/// a keyed verification reports the run).
-#[instrument(skip(tx, error_message, key), err)]
-pub async fn fail_run_in(
-    tx: &tokio_postgres::Transaction<'_>,
-    run: RunId,
-    error_type: &str,
-    error_message: &str,
-    key: Option<&LedgerKey>,
-) -> Result<Run> {
-    let change = failure(error_type, error_message, None)?;
-    done(transition_in(tx, run, RunState::Failed, change, key).await?)
+    done(transition(on, run, RunState::Failed, change, None).await?)
 }
 
 /// Fail runs that have been `running` for longer than `timeout` (at most `limit` of them) with
-/// error type `timeout` / `run timed out`, each recording `run_failed` in the ledger, inside the
-/// caller's transaction (the leader's fenced maintenance transaction), signing each final head
-/// with `key` (see [`fail_run_in`]). Returns the runs failed. A run that finished meanwhile is
-/// skipped.
-#[instrument(skip(tx, key), err)]
-pub async fn fail_stuck_runs_in(
-    tx: &tokio_postgres::Transaction<'_>,
+/// error type `timeout` / `run timed out`, each recording `run_failed` in the ledger (no lease
+/// check: the caller, the fenced leader, overrides any holder), atomically on `on` — maintenance
+/// passes its fenced transaction. Each final head is signed with `key`, or else the key of the
+/// handle `on` goes through; without either it stays unsigned (and a keyed verification reports
+/// the run). Returns the runs failed. A run that finished meanwhile is skipped.
+#[instrument(skip(on, key), err)]
+pub async fn fail_stuck_runs<E: Acquire + ?Sized>(
+    on: &E,
     timeout: std::time::Duration,
     limit: i64,
     key: Option<&LedgerKey>,
@@ -339,27 +340,31 @@ pub async fn fail_stuck_runs_in(
     if limit < 1 {
         return Err(Error::invalid("limit", "must be at least 1"));
     }
+    let mut conn = on.acquire().await?;
+    let tx = conn.begin().await?;
     let micros = crate::config::interval_micros(timeout);
     let rows = tx
-        .query_typed_rows(sql!("runs/stuck_running"), typed![&micros, &limit])
+        .query(sql!("runs/stuck_running"), typed![&micros, &limit])
         .await?;
     let mut failed = Vec::new();
     for r in rows {
         let run: RunId = r.get(0);
-        match fail_run_in(tx, run, "timeout", "run timed out", key).await {
+        let change = failure("timeout", "run timed out", None)?;
+        match transition(&tx, run, RunState::Failed, change, key).await {
             Ok(_) => failed.push(run),
             Err(Error::IllegalTransition { .. }) => {}
             Err(e) => return Err(e),
         }
     }
+    tx.commit().await?;
     Ok(failed)
 }
 
 /// Cancel a pending or running run from anywhere (any instance, the CLI). The state change is
 /// notified, so the instance working on the run sees it at once (see
 /// [`RunWatcher`](super::RunWatcher)); `run_cancelled` is recorded with the reason.
-#[instrument(skip(db), err)]
-pub async fn cancel_run(db: &Db, run: RunId, reason: &str) -> Result<Run> {
+#[instrument(skip(on), err)]
+pub async fn cancel_run<E: Acquire + ?Sized>(on: &E, run: RunId, reason: &str) -> Result<Run> {
     if reason.trim().is_empty() {
         return Err(Error::invalid("reason", "say why the run is cancelled"));
     }
@@ -369,5 +374,5 @@ pub async fn cancel_run(db: &Db, run: RunId, reason: &str) -> Result<Run> {
         details: json!({ "reason": reason }),
         ..Change::default()
     };
-    done(transition(db, run, RunState::Cancelled, change).await?)
+    done(transition(on, run, RunState::Cancelled, change, None).await?)
 }

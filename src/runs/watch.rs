@@ -124,9 +124,7 @@ async fn check_runs(inner: &Inner) -> Result<()> {
         return Ok(());
     }
     let conn = inner.db.get().await?;
-    let rows = conn
-        .query_typed_rows(sql!("runs/watched_runs"), typed![&ids])
-        .await?;
+    let rows = conn.query(sql!("runs/watched_runs"), typed![&ids]).await?;
     let mut tokens = lock(inner);
     for r in rows {
         let id: RunId = r.get(0);

@@ -66,7 +66,7 @@ pub async fn cost_breakdown(db: &Db, filter: &CostFilter) -> Result<Vec<CostRow>
     }
     let conn = db.get().await?;
     let rows = conn
-        .query_typed_rows(
+        .query(
             sql!("tenancy/cost_breakdown"),
             typed![&filter.tenant_id, &filter.since, &filter.until],
         )
@@ -92,7 +92,7 @@ pub async fn cost_breakdown(db: &Db, filter: &CostFilter) -> Result<Vec<CostRow>
 pub async fn budget_status(db: &Db, tenant: &TenantId) -> Result<BudgetSnapshot> {
     let conn = db.get().await?;
     let r = conn
-        .query_typed_opt_row(sql!("tenancy/budget_status"), typed![tenant])
+        .query_opt(sql!("tenancy/budget_status"), typed![tenant])
         .await?
         .ok_or_else(|| Error::not_found("tenant", tenant))?;
     let status: String = r.try_get("status")?;
@@ -118,7 +118,7 @@ pub async fn budget_status(db: &Db, tenant: &TenantId) -> Result<BudgetSnapshot>
 pub async fn spend_from_events(db: &Db) -> Result<Vec<(String, f64)>> {
     let conn = db.get().await?;
     let rows = conn
-        .query_typed_rows(sql!("tenancy/spend_from_events"), typed![])
+        .query(sql!("tenancy/spend_from_events"), typed![])
         .await?;
     rows.iter()
         .map(|r| Ok((r.try_get("tenant_id")?, r.try_get("spend")?)))

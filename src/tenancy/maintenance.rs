@@ -34,12 +34,12 @@ impl MaintenanceStep for ReleaseOrphanedReservations {
         ctx: &MaintenanceContext,
     ) -> Result<u64> {
         let age = interval_micros(self.max_age.unwrap_or(ctx.config.stuck_run_timeout));
-        let rows = tx
-            .query_typed_rows(
-                sql!("tenancy/release_orphaned_reservations"),
-                typed![&age, &ctx.config.retention_batch_size],
-            )
-            .await?;
+        let rows = Executor::query(
+            tx,
+            sql!("tenancy/release_orphaned_reservations"),
+            typed![&age, &ctx.config.retention_batch_size],
+        )
+        .await?;
         log_rows(&rows, |r| {
             let id: Uuid = r.try_get("id")?;
             let tenant: String = r.try_get("tenant_id")?;

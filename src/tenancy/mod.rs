@@ -18,7 +18,7 @@
 //! let mut conn = db.get().await?;
 //! let tx = conn.transaction().await?;
 //! // (the kernel appends the `model_completed` event with `cost_usd` here, in the same tx)
-//! tenancy::settle_in_tx(&tx, &reservation, &CostInput::llm("gpt-4o-mini", 1_180, 230, actual)).await?;
+//! tenancy::settle(&tx, &reservation, &CostInput::llm("gpt-4o-mini", 1_180, 230, actual)).await?;
 //! tx.commit().await?;
 //! # Ok(())
 //! # }
@@ -35,8 +35,7 @@ pub mod tenants;
 
 pub use budget::{
     BudgetOverrun, BudgetScope, CostCategory, CostInput, ReleaseOrphanedReservations, Reservation,
-    ReserveRequest, Settlement, charge, charge_in_tx, release, release_in_tx, reserve,
-    reserve_in_tx, set_run_budget, settle_in_tx,
+    ReserveRequest, Settlement, charge, release, reserve, set_run_budget, settle,
 };
 pub use costs::{CostFilter, CostRow, budget_status, cost_breakdown, spend_from_events};
 pub use degradation::{
@@ -50,8 +49,7 @@ pub use rls::{
 };
 pub use status::{BudgetSnapshot, BudgetStatus, BudgetThresholds};
 pub use tenants::{
-    MAX_BUDGET_USD, Tenant, TenantContext, get, list, require_capability, require_capability_in_tx,
-    upsert, validate_budget,
+    MAX_BUDGET_USD, Tenant, TenantContext, get, list, require_capability, upsert, validate_budget,
 };
 
 /// Decide how to run a model step for a stored tenant: loads its status and degradation policy

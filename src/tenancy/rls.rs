@@ -66,7 +66,7 @@ pub async fn grant_tenant_access(db: &Db, role: &str) -> Result<Vec<String>> {
     validate_role(role)?;
     let conn = db.get().await?;
     let rows = conn
-        .query_typed_rows(sql!("tenancy/grant_tenant_access"), typed![&role])
+        .query(sql!("tenancy/grant_tenant_access"), typed![&role])
         .await?;
     rows.iter().map(|r| Ok(r.try_get("granted")?)).collect()
 }
@@ -80,7 +80,7 @@ pub async fn grant_tenant_role(db: &Db, role: &str, tenant: &TenantId) -> Result
     let mut conn = db.get().await?;
     let tx = conn.transaction().await?;
     let rows = tx
-        .query_typed_rows(sql!("tenancy/grant_tenant_role"), typed![&role, tenant])
+        .query(sql!("tenancy/grant_tenant_role"), typed![&role, tenant])
         .await?;
     let granted = rows
         .iter()
@@ -99,7 +99,7 @@ pub async fn revoke_tenant_role(db: &Db, role: &str) -> Result<bool> {
     let mut conn = db.get().await?;
     let tx = conn.transaction().await?;
     let was: bool = tx
-        .query_typed_row(sql!("tenancy/revoke_tenant_role"), typed![&role])
+        .query_one(sql!("tenancy/revoke_tenant_role"), typed![&role])
         .await?
         .get(0);
     tx.commit().await?;
@@ -117,7 +117,7 @@ pub async fn revoke_tenant_role(db: &Db, role: &str) -> Result<bool> {
 pub async fn pg_locks_readable_by_public(db: &Db) -> Result<bool> {
     let conn = db.get().await?;
     Ok(conn
-        .query_typed_row(sql!("tenancy/pg_locks_public"), typed![])
+        .query_one(sql!("tenancy/pg_locks_public"), typed![])
         .await?
         .get(0))
 }
@@ -127,7 +127,7 @@ pub async fn pg_locks_readable_by_public(db: &Db) -> Result<bool> {
 pub async fn list_tenant_roles(db: &Db) -> Result<Vec<TenantRole>> {
     let conn = db.get().await?;
     let rows = conn
-        .query_typed_rows(sql!("tenancy/list_tenant_roles"), typed![])
+        .query(sql!("tenancy/list_tenant_roles"), typed![])
         .await?;
     rows.iter()
         .map(|r| {

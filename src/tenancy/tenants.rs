@@ -97,7 +97,7 @@ impl TenantContext {
     }
 
     /// Check that the tenant may call `tool`, which requires `required` (if anything):
-    /// [`Error::CapabilityDenied`] otherwise. Pure; see [`require_capability_in_tx`] for the
+    /// [`Error::CapabilityDenied`] otherwise. Pure; see [`require_capability`] for the
     /// check against the stored row.
     pub fn check_capability(&self, tool: &str, required: Option<&str>) -> Result<()> {
         check_capability(&self.tenant_id, &self.capabilities, tool, required)
@@ -239,7 +239,7 @@ pub async fn upsert(db: &Db, ctx: &TenantContext) -> Result<bool> {
     let policy = serde_json::to_value(&ctx.degradation)?;
     let conn = db.get().await?;
     let row = conn
-        .query_typed_row(
+        .query_one(
             sql!("tenancy/upsert_tenant"),
             typed![
                 &ctx.tenant_id,
@@ -261,7 +261,7 @@ pub async fn upsert(db: &Db, ctx: &TenantContext) -> Result<bool> {
 pub async fn get(db: &Db, tenant: &TenantId) -> Result<Tenant> {
     let conn = db.get().await?;
     let row = conn
-        .query_typed_opt_row(sql!("tenancy/get_tenant"), typed![tenant])
+        .query_opt(sql!("tenancy/get_tenant"), typed![tenant])
         .await?
         .ok_or_else(|| Error::not_found("tenant", tenant))?;
     tenant_from_row(&row)
@@ -271,19 +271,17 @@ pub async fn get(db: &Db, tenant: &TenantId) -> Result<Tenant> {
 #[instrument(skip(db), err)]
 pub async fn list(db: &Db) -> Result<Vec<Tenant>> {
     let conn = db.get().await?;
-    let rows = conn
-        .query_typed_rows(sql!("tenancy/list_tenants"), typed![])
-        .await?;
+    let rows = conn.query(sql!("tenancy/list_tenants"), typed![]).await?;
     rows.iter().map(tenant_from_row).collect()
 }
 
-/// Check, inside the caller's transaction, that `tenant` holds the capability `required` by
-/// `tool`: [`Error::CapabilityDenied`] when it does not ([`Error::NotFound`] for an unknown
-/// tenant). The kernel calls this before running a tool and records the audit event in the same
-/// transaction.
-#[instrument(skip(tx), err)]
-pub async fn require_capability_in_tx(
-    tx: &tokio_postgres::Transaction<'_>,
+/// Check that `tenant` holds the capability `required` by `tool`: [`Error::CapabilityDenied`]
+/// when it does not ([`Error::NotFound`] for an unknown tenant). One statement, on the pool or
+/// inside the caller's transaction (the kernel checks before running a tool and records the
+/// audit event in the same transaction).
+#[instrument(skip(on), err)]
+pub async fn require_capability<E: Executor + ?Sized>(
+    on: &E,
     tenant: &TenantId,
     tool: &str,
     required: Option<&str>,
@@ -291,25 +289,10 @@ pub async fn require_capability_in_tx(
     let Some(cap) = required else {
         return Ok(());
     };
-    let row = tx
-        .query_typed_opt_row(sql!("tenancy/tenant_capabilities"), typed![tenant])
+    let row = on
+        .query_opt(sql!("tenancy/tenant_capabilities"), typed![tenant])
         .await?
         .ok_or_else(|| Error::not_found("tenant", tenant))?;
     let caps: Vec<String> = row.try_get(0)?;
     check_capability(tenant, &caps, tool, Some(cap))
-}
-
-/// [`require_capability_in_tx`] in its own short transaction.
-#[instrument(skip(db), err)]
-pub async fn require_capability(
-    db: &Db,
-    tenant: &TenantId,
-    tool: &str,
-    required: Option<&str>,
-) -> Result<()> {
-    let mut conn = db.get().await?;
-    let tx = conn.transaction().await?;
-    let r = require_capability_in_tx(&tx, tenant, tool, required).await;
-    tx.commit().await?;
-    r
 }

@@ -190,15 +190,15 @@ async fn task_inputs_oversized_invalid_or_unknown_are_refused_and_store_nothing(
     let before = checksum(&t.db).await;
     // Payload over the limit.
     let big = NewTask::new("k", &"x".repeat(MAX_PAYLOAD_BYTES + 1)).unwrap();
-    let e = queue::enqueue(&**conn, &big).await.unwrap_err();
+    let e = queue::enqueue(&conn, &big).await.unwrap_err();
     assert!(matches!(e, Error::InvalidInput { .. }), "{e:?}");
     assert!(e.to_string().contains("bytes"), "{e}");
     // A batch with one bad task stores none of them.
     let batch = vec![NewTask::new("k", &json!({})).unwrap(), big.clone()];
-    assert!(queue::enqueue_many(&**conn, &batch).await.is_err());
+    assert!(queue::enqueue_many(&conn, &batch).await.is_err());
     // Unknown tenant, unknown dependency, empty kind, bad attempts.
     let e = queue::enqueue(
-        &**conn,
+        &conn,
         &NewTask::new("k", &json!({}))
             .unwrap()
             .tenant(TenantId::new("no-such-tenant").unwrap()),
@@ -207,7 +207,7 @@ async fn task_inputs_oversized_invalid_or_unknown_are_refused_and_store_nothing(
     .unwrap_err();
     assert!(e.to_string().contains("no-such-tenant"), "{e}");
     let e = queue::enqueue(
-        &**conn,
+        &conn,
         &NewTask::new("k", &json!({}))
             .unwrap()
             .depends_on([TaskId(987_654_321)]),
@@ -216,20 +216,20 @@ async fn task_inputs_oversized_invalid_or_unknown_are_refused_and_store_nothing(
     .unwrap_err();
     assert!(e.to_string().contains("987654321"), "{e}");
     assert!(
-        queue::enqueue(&**conn, &NewTask::new("", &json!({})).unwrap())
+        queue::enqueue(&conn, &NewTask::new("", &json!({})).unwrap())
             .await
             .is_err()
     );
     assert!(
         queue::enqueue(
-            &**conn,
+            &conn,
             &NewTask::new("k", &json!({})).unwrap().max_attempts(0)
         )
         .await
         .is_err()
     );
     // Unknown task ids.
-    let e = queue::get(&**conn, TaskId(987_654_321)).await.unwrap_err();
+    let e = queue::get(&conn, TaskId(987_654_321)).await.unwrap_err();
     assert!(matches!(e, Error::NotFound { .. }), "{e:?}");
     assert_eq!(before, checksum(&t.db).await);
 
@@ -473,7 +473,7 @@ async fn sql_metacharacters_and_unicode_in_ids_and_names_are_stored_verbatim_or_
                 );
                 // A task in a queue and kind of that name, on that tenant.
                 let e = queue::enqueue(
-                    &**conn,
+                    &conn,
                     &NewTask::new(*s, &json!({ "name": s }))
                         .unwrap()
                         .queue(*s)
@@ -482,7 +482,7 @@ async fn sql_metacharacters_and_unicode_in_ids_and_names_are_stored_verbatim_or_
                 .await;
                 match e {
                     Ok(e) => {
-                        let row = queue::get(&**conn, e.id).await.unwrap();
+                        let row = queue::get(&conn, e.id).await.unwrap();
                         assert_eq!(row.queue, *s);
                         assert_eq!(row.kind, *s);
                         assert_eq!(row.tenant_id, id.as_str());

@@ -99,7 +99,7 @@ async fn kill_9_of_random_instances_loses_no_task_repeats_only_in_flight_and_run
     {
         let conn = t.db.get().await.unwrap();
         for chunk in effect_tasks(n_tasks, "load").chunks(10_000) {
-            queue::enqueue_many(&**conn, chunk).await.unwrap();
+            queue::enqueue_many(&conn, chunk).await.unwrap();
         }
     }
     // The leader lives in this process (never killed): it removes dead instances and
@@ -315,7 +315,7 @@ const EFFECTS: &str = "CREATE TABLE effects (task_id bigint NOT NULL, token uuid
 async fn enqueue_load(db: &Db, n: usize) {
     let conn = db.get().await.unwrap();
     conn.batch_execute(EFFECTS).await.unwrap();
-    queue::enqueue_many(&**conn, &effect_tasks(n, "load"))
+    queue::enqueue_many(&conn, &effect_tasks(n, "load"))
         .await
         .unwrap();
 }
@@ -500,7 +500,7 @@ async fn pool_exhaustion_waits_and_timeouts_surface_as_clear_pool_errors() {
             let conn = db.get().await?;
             conn.simple_query("SELECT pg_sleep(0.02)").await?;
             let task = NewTask::new("effect", &serde_json::json!({"i": i}))?.queue("tiny");
-            queue::enqueue(&**conn, &task).await
+            queue::enqueue(&conn, &task).await
         }));
     }
     for h in handles {
@@ -597,12 +597,12 @@ async fn instance_clocks_skewed_by_minutes_change_nothing() {
     create_task_effects(&t.db).await;
     let conn = t.db.get().await.unwrap();
     let n = 2000;
-    queue::enqueue_many(&**conn, &effect_tasks(n, "skew"))
+    queue::enqueue_many(&conn, &effect_tasks(n, "skew"))
         .await
         .unwrap();
     // A delayed task: due by database time in 6 s, whatever the workers' clocks say.
     let delayed = queue::enqueue(
-        &**conn,
+        &conn,
         &NewTask::new("effect", &serde_json::json!({}))
             .unwrap()
             .queue("skew")
@@ -625,7 +625,7 @@ async fn instance_clocks_skewed_by_minutes_change_nothing() {
         )
         .await;
     // The delayed task is not claimed early by the instance that is 15 minutes ahead.
-    let row = queue::get(&**conn, delayed).await.unwrap();
+    let row = queue::get(&conn, delayed).await.unwrap();
     let due: bool = conn
         .query_one(
             "SELECT run_at <= now() FROM pgcrew.tasks WHERE id = $1",

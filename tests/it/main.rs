@@ -15,6 +15,7 @@ mod demo;
 mod doctor;
 mod doctor_tls;
 mod errors;
+mod executor;
 mod faults;
 mod faults_load;
 mod fuzz_smoke;

@@ -556,12 +556,7 @@ async fn advisory_locks_a_tenant_role_can_name_block_no_one() {
     let instance = InstanceId::new("w1").unwrap();
     let claimed = tokio::time::timeout(
         Duration::from_secs(10),
-        pgcrew::queue::claim(
-            &**db.get().await.unwrap(),
-            &["q".to_string()],
-            10,
-            &instance,
-        ),
+        pgcrew::queue::claim(&db.get().await.unwrap(), &["q".to_string()], 10, &instance),
     )
     .await;
     let claimed = within("a claim", claimed).unwrap();

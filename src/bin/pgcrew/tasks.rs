@@ -161,7 +161,7 @@ pub async fn exec(dsn: Option<String>, cmd: TasksCmd) -> Result<ExitCode> {
 async fn stats(dsn: Option<String>, json: bool) -> Result<ExitCode> {
     let db = connect(dsn).await?;
     let conn = db.get().await?;
-    let rows = queue::stats(&**conn).await?;
+    let rows = queue::stats(&conn).await?;
     let headers = ["QUEUE", "STATE", "TASKS", "OLDEST AVAILABLE"];
     print_rows(json, &rows, Some("no tasks"), &headers, |r| {
         vec![
@@ -185,7 +185,7 @@ async fn list(dsn: Option<String>, a: ListArgs) -> Result<ExitCode> {
     let tenant = a.tenant.map(TenantId::new).transpose()?;
     let db = connect(dsn).await?;
     let conn = db.get().await?;
-    let rows = queue::list(&**conn, state, a.queue.as_deref(), tenant.as_ref(), a.limit).await?;
+    let rows = queue::list(&conn, state, a.queue.as_deref(), tenant.as_ref(), a.limit).await?;
     let headers = [
         "ID",
         "QUEUE",
@@ -218,9 +218,9 @@ async fn change_state(dsn: Option<String>, a: IdArgs, cancel: bool) -> Result<Ex
     let db = connect(dsn).await?;
     let conn = db.get().await?;
     let state = if cancel {
-        queue::cancel(&**conn, id).await?
+        queue::cancel(&conn, id).await?
     } else {
-        queue::retry(&**conn, id).await?
+        queue::retry(&conn, id).await?
     };
     if cancel && !a.json && state == TaskState::Running {
         println!(
@@ -307,7 +307,7 @@ async fn work(dsn: Option<String>, a: WorkArgs) -> Result<ExitCode> {
         b = b.handler(k.clone(), move |ctx, _p: serde_json::Value| async move {
             if record {
                 let conn = ctx.client.db().get().await?;
-                conn.execute_typed_count(
+                conn.execute(
                     RECORD_EFFECT,
                     &[
                         (&ctx.id, sql_type_of(&ctx.id)),

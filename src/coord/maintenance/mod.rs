@@ -90,7 +90,7 @@ pub async fn run_once(
         let mut conn = db.get().await?;
         let tx = conn.transaction().await?;
         let fenced = tx
-            .query_typed_opt_row(
+            .query_opt(
                 sql!("coord/fence_leader"),
                 typed![&ctx.lease, &ctx.instance_id, &ctx.term],
             )

@@ -10,9 +10,7 @@ maintenance_step! {
     /// Deletes instances silent for longer than the instance TTL (links cascade).
     StaleInstances, "stale_instances", |tx, ctx| {
         let ttl = interval_micros(ctx.config.instance_ttl);
-        let rows = tx
-            .query_typed_rows(sql!("coord/delete_stale_instances"), typed![&ttl])
-            .await?;
+        let rows = Executor::query(tx, sql!("coord/delete_stale_instances"), typed![&ttl]).await?;
         log_rows(&rows, |r| {
             let id: String = r.try_get(0)?;
             info!(instance = %id, "maintenance: removed stale instance");
@@ -24,8 +22,6 @@ maintenance_step! {
 maintenance_step! {
     /// Deletes expired rows of other lease names.
     ExpiredLeaders, "expired_leaders", |tx, ctx| {
-        Ok(tx
-            .execute_typed_count(sql!("coord/delete_expired_leaders"), typed![&ctx.lease])
-            .await?)
+        Ok(Executor::execute(tx, sql!("coord/delete_expired_leaders"), typed![&ctx.lease]).await?)
     }
 }

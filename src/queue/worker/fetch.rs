@@ -126,13 +126,13 @@ impl WorkerPool {
             return false;
         };
         let result = if on {
-            c.execute_typed_count(
+            c.execute(
                 sql!("queue/register_waiter"),
                 typed![self.queues, self.pool_id, ctx.instance_id()],
             )
             .await
         } else {
-            c.execute_typed_count(sql!("queue/unregister_waiter"), typed![self.pool_id])
+            c.execute(sql!("queue/unregister_waiter"), typed![self.pool_id])
                 .await
         };
         match result {

@@ -1,9 +1,10 @@
-//! Appends: one event, a batch, or inside the caller's transaction; periodic signed checkpoints.
+//! Appends: one event or a batch, on the pool or inside the caller's transaction; periodic
+//! signed checkpoints.
 
 use tracing::{instrument, warn};
 
 use super::{AppendedEvent, LedgerEvent, MAX_BATCH, NewEvent};
-use crate::db::{Db, Executor};
+use crate::db::{Db, Executor, Handle, handle_of};
 use crate::error::{Error, Result};
 use crate::ids::RunId;
 use crate::ledger_key::LedgerKey;
@@ -52,51 +53,77 @@ fn appended(rows: Vec<tokio_postgres::Row>) -> Vec<AppendedEvent> {
         .collect()
 }
 
-/// Append one event to a run in its own transaction. With `lease_token`, the append is rejected
-/// with [`Error::LeaseLost`] unless that token is the run's current, unexpired lease.
-#[instrument(skip(db, event), fields(event_type = %event.event_type), err)]
-pub async fn append_event(
-    db: &Db,
+/// Append one event to a run (see [`append_events`]). With `lease_token`, the append is
+/// rejected with [`Error::LeaseLost`] unless that token is the run's current, unexpired lease.
+#[instrument(skip(on, event), fields(event_type = %event.event_type), err)]
+pub async fn append_event<E: Executor + ?Sized>(
+    on: &E,
     run: RunId,
     event: NewEvent,
     lease_token: Option<i64>,
 ) -> Result<AppendedEvent> {
-    let mut v = append_events(db, run, std::slice::from_ref(&event), lease_token).await?;
+    let mut v = append_events(on, run, std::slice::from_ref(&event), lease_token).await?;
     v.pop()
         .ok_or_else(|| Error::Internal("pgcrew.append_events returned no row".into()))
 }
 
-/// Append several events to a run in one transaction (consecutive seqs). A payload over the
-/// handle's limit ([`Db::run_limits`], at most the 1 MiB hard cap) is refused with
-/// [`Error::TooLarge`] and nothing of the batch is stored.
-#[instrument(skip(db, events), fields(n = events.len()), err)]
-pub async fn append_events(
-    db: &Db,
+/// Append several events to a run in one statement (consecutive seqs; nothing of the batch is
+/// stored on error). With `lease_token`, the append is rejected with [`Error::LeaseLost`] unless
+/// that token is the run's current, unexpired lease.
+///
+/// Given the pool (`&db`), the batch commits on its own, a payload over the handle's limit
+/// ([`Db::run_limits`], at most the 1 MiB hard cap) is refused with [`Error::TooLarge`], and the
+/// head is signed every [`Db::checkpoint_interval`] events when the handle has a ledger key.
+/// Given a transaction (for example the one settling a budget), the run stays locked for appends
+/// until that transaction ends, `pgcrew_run_event` is notified at most once per transaction and
+/// run, at commit, and payloads are checked against the hard cap
+/// ([`limits::MAX_EVENT_PAYLOAD_BYTES`]) — or the handle's limit when joined through one
+/// ([`Db::join`]); no periodic checkpoint is signed there (a run's final head is, when it
+/// finishes).
+#[instrument(skip(on, events), fields(n = events.len()), err)]
+pub async fn append_events<E: Executor + ?Sized>(
+    on: &E,
     run: RunId,
     events: &[NewEvent],
     lease_token: Option<i64>,
 ) -> Result<Vec<AppendedEvent>> {
-    let (types, keys, payloads, dedupe) = params(events, db.run_limits().max_event_payload_bytes)?;
-    let conn = db.get().await?;
-    let rows = conn
-        .query_typed_rows(
+    let handle = handle_of(on);
+    let max_payload = handle.db().map_or(limits::MAX_EVENT_PAYLOAD_BYTES, |db| {
+        db.run_limits().max_event_payload_bytes
+    });
+    let out = append_rows(on, run, events, lease_token, max_payload).await?;
+    if let Handle::Pool(db) = handle
+        && let Some(key) = db.ledger_key()
+    {
+        checkpoint_after_append(on, key, db.checkpoint_interval(), run, &out).await;
+    }
+    Ok(out)
+}
+
+/// Append `events` with payloads of at most `max_payload` bytes, nothing else.
+pub(crate) async fn append_rows<E: Executor + ?Sized>(
+    on: &E,
+    run: RunId,
+    events: &[NewEvent],
+    lease_token: Option<i64>,
+    max_payload: usize,
+) -> Result<Vec<AppendedEvent>> {
+    let (types, keys, payloads, dedupe) = params(events, max_payload)?;
+    let rows = on
+        .query(
             sql!("runs/append_events"),
             typed![&run, &lease_token, &types, &keys, &payloads, &dedupe],
         )
         .await
         .map_err(|e| map_db_error(e, run))?;
-    let out = appended(rows);
-    if let Some(key) = db.ledger_key() {
-        checkpoint_after_append(&conn, key, db.checkpoint_interval(), run, &out).await;
-    }
-    Ok(out)
+    Ok(appended(rows))
 }
 
 /// Sign the head reached by an append when the append crossed a multiple of `every` (so a run
 /// is signed at most every `every` events). The append has committed: a checkpoint that cannot
 /// be stored is logged and left to the next one (or to the run's final checkpoint).
-async fn checkpoint_after_append(
-    conn: &crate::db::Conn,
+async fn checkpoint_after_append<E: Executor + ?Sized>(
+    conn: &E,
     key: &LedgerKey,
     every: u32,
     run: RunId,
@@ -114,7 +141,7 @@ async fn checkpoint_after_append(
     }
     let mac = key.sign(run, last.seq, &last.hash);
     let stored = async {
-        conn.execute_typed_count(
+        conn.execute(
             sql!("runs/add_checkpoint"),
             typed![&run, &last.seq, &last.hash, &mac.as_slice(), &false],
         )
@@ -128,8 +155,8 @@ async fn checkpoint_after_append(
 
 /// Sign a run's head `(seq, head_hash)` with `key` and store the checkpoint inside the caller's
 /// transaction (`last` marks the checkpoint signed when the run finished).
-pub(crate) async fn sign_head_in(
-    tx: &tokio_postgres::Transaction<'_>,
+pub(crate) async fn sign_head<E: Executor + ?Sized>(
+    tx: &E,
     key: &LedgerKey,
     run: RunId,
     seq: i64,
@@ -137,35 +164,13 @@ pub(crate) async fn sign_head_in(
     last: bool,
 ) -> Result<()> {
     let mac = key.sign(run, seq, head_hash);
-    tx.execute_typed_count(
+    tx.execute(
         sql!("runs/add_checkpoint"),
         typed![&run, &seq, &head_hash, &mac.as_slice(), &last],
     )
     .await
     .map_err(|e| map_db_error(e, run))?;
     Ok(())
-}
-
-/// Append events inside the caller's transaction (for example the one settling a budget). The
-/// run stays locked for appends until that transaction ends; `pgcrew_run_event` is notified at
-/// most once per transaction and run, at commit. Payloads are checked against the hard cap
-/// ([`limits::MAX_EVENT_PAYLOAD_BYTES`]; [`Error::TooLarge`]).
-#[instrument(skip(tx, events), fields(n = events.len()), err)]
-pub async fn append_events_in(
-    tx: &tokio_postgres::Transaction<'_>,
-    run: RunId,
-    events: &[NewEvent],
-    lease_token: Option<i64>,
-) -> Result<Vec<AppendedEvent>> {
-    let (types, keys, payloads, dedupe) = params(events, limits::MAX_EVENT_PAYLOAD_BYTES)?;
-    let rows = tx
-        .query_typed_rows(
-            sql!("runs/append_events"),
-            typed![&run, &lease_token, &types, &keys, &payloads, &dedupe],
-        )
-        .await
-        .map_err(|e| map_db_error(e, run))?;
-    Ok(appended(rows))
 }
 
 fn ledger_event(run: RunId, r: &tokio_postgres::Row) -> LedgerEvent {
@@ -195,7 +200,7 @@ pub async fn read_events(
     }
     let conn = db.get().await?;
     let rows = conn
-        .query_typed_rows(sql!("runs/read_events"), typed![&run, &after_seq, &limit])
+        .query(sql!("runs/read_events"), typed![&run, &after_seq, &limit])
         .await?;
     Ok(rows.iter().map(|r| ledger_event(run, r)).collect())
 }

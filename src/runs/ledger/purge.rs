@@ -22,13 +22,16 @@ pub async fn purge_run(db: &Db, run: RunId, reason: &str) -> Result<ChainAnchor>
     }
     let conn = db.get().await?;
     let row = conn
-        .query_typed_row(sql!("runs/purge_ledger"), typed![&run, &reason])
+        .query_one(sql!("runs/purge_ledger"), typed![&run, &reason])
         .await
-        .map_err(|e| match e.as_db_error() {
-            Some(d) if d.code().code() == crate::sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE => {
-                Error::invalid("run", d.message())
-            }
-            _ => map_db_error(e, run),
+        .map_err(|e| match e.into_driver() {
+            Ok(pg) => match pg.as_db_error() {
+                Some(d) if d.code().code() == crate::sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE => {
+                    Error::invalid("run", d.message())
+                }
+                _ => map_db_error(Error::Database(pg), run),
+            },
+            Err(other) => map_db_error(other, run),
         })?;
     let events: i64 = row.get(5);
     let artifacts: i64 = row.get(6);

@@ -14,7 +14,7 @@ use crate::runs::state::{RunState, ensure_run};
 
 async fn anchor<C: Executor + ?Sized>(client: &C, run: RunId) -> Result<Option<ChainAnchor>> {
     let row = client
-        .query_typed_opt_row(sql!("runs/get_anchor"), typed![&run])
+        .query_opt(sql!("runs/get_anchor"), typed![&run])
         .await?;
     Ok(row.map(|r| ChainAnchor {
         last_seq: r.get(0),
@@ -66,7 +66,7 @@ async fn scan(db: &Db, run: RunId, with_checkpoints: bool) -> Result<Scan> {
     let mut conn = db.get().await?;
     let tx = snapshot(&mut conn, run).await?;
     let head = tx
-        .query_typed_opt_row(sql!("runs/ledger_head"), typed![&run])
+        .query_opt(sql!("runs/ledger_head"), typed![&run])
         .await?
         .ok_or_else(|| Error::not_found("run", run))?;
     let head_seq: i64 = head.get(0);
@@ -75,9 +75,9 @@ async fn scan(db: &Db, run: RunId, with_checkpoints: bool) -> Result<Scan> {
     let state: RunState = state.parse()?;
     let format_value: i16 = head.get(3);
     let format = LedgerFormat::from_i16(format_value)?;
-    let anchor = anchor(&*tx, run).await?;
+    let anchor = anchor(&tx, run).await?;
     let mut checkpoints: Vec<Checkpoint> = if with_checkpoints {
-        tx.query_typed_rows(sql!("runs/list_checkpoints"), typed![&run])
+        tx.query(sql!("runs/list_checkpoints"), typed![&run])
             .await?
             .iter()
             .map(|r| Checkpoint {
@@ -198,7 +198,7 @@ async fn scan(db: &Db, run: RunId, with_checkpoints: bool) -> Result<Scan> {
     }
     let checked = match first_bad {
         // Like the SQL function, report the number of events stored.
-        Some(_) => count_events(&*tx, run).await?,
+        Some(_) => count_events(&tx, run).await?,
         None => u64::try_from(rn).unwrap_or(0),
     };
     tx.commit().await?;
@@ -367,7 +367,7 @@ fn judge_signed(run: RunId, key: &LedgerKey, scan: Scan) -> SignedVerification {
 
 async fn count_events<C: Executor + ?Sized>(client: &C, run: RunId) -> Result<u64> {
     let row = client
-        .query_typed_row(sql!("runs/count_events"), typed![&run])
+        .query_one(sql!("runs/count_events"), typed![&run])
         .await?;
     let n: i64 = row.get(0);
     Ok(u64::try_from(n).unwrap_or(0))
@@ -379,13 +379,13 @@ async fn count_events<C: Executor + ?Sized>(client: &C, run: RunId) -> Result<u6
 pub async fn verify_run_chain_sql(db: &Db, run: RunId) -> Result<ChainVerification> {
     let mut conn = db.get().await?;
     let tx = snapshot(&mut conn, run).await?;
-    let anchor = anchor(&*tx, run).await?;
+    let anchor = anchor(&tx, run).await?;
     let head = tx
-        .query_typed_opt_row(sql!("runs/ledger_head"), typed![&run])
+        .query_opt(sql!("runs/ledger_head"), typed![&run])
         .await?
         .ok_or_else(|| Error::not_found("run", run))?;
     let row = tx
-        .query_typed_row(sql!("runs/verify_chain"), typed![&run])
+        .query_one(sql!("runs/verify_chain"), typed![&run])
         .await?;
     tx.commit().await?;
     let checked: i64 = row.get(2);

@@ -3,9 +3,10 @@
 //! * [`reserve`] checks and reserves the worst-case cost with ONE conditional `UPDATE` of the
 //!   tenant row (`spent + reserved + estimate <= limit`), so concurrent reservations can never
 //!   overcommit the budget; the optional per-run budget is checked the same way in the same
-//!   transaction. Each reservation is a row in `pgcrew.budget_reservations`, tagged with the
+//!   transaction (its own when given the pool, the caller's when given a transaction: see
+//!   [`crate::db::Acquire`]). Each reservation is a row in `pgcrew.budget_reservations`, tagged with the
 //!   instance that made it.
-//! * [`settle_in_tx`] runs in the CALLER's transaction (the one that writes the
+//! * [`settle`] runs in the CALLER's transaction (the one that writes the
 //!   `model_completed` event): it deletes the reservation, releases its amount, adds the actual
 //!   cost to the tenant's (and run's) spend and inserts the `pgcrew.cost_entries` row, in one
 //!   statement. Amounts are `numeric` rounded once to 10 decimals, so
@@ -42,10 +43,7 @@ use crate::tenancy::tenants::validate_budget;
 mod settle;
 
 pub use super::maintenance::ReleaseOrphanedReservations;
-pub use settle::{
-    charge, charge_in_tx, release, release_in_tx, reserve, reserve_in_tx, set_run_budget,
-    settle_in_tx,
-};
+pub use settle::{charge, release, reserve, set_run_budget, settle};
 
 /// What a cost was spent on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -4,44 +4,42 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::{BudgetOverrun, BudgetScope, CostInput, Reservation, ReserveRequest, Settlement};
-use crate::db::Db;
-use crate::db::Executor;
+use crate::db::{Acquire, Atomic, Executor};
 use crate::error::{Error, Result};
 use crate::ids::{RunId, TenantId};
 use crate::tenancy::tenants::validate_budget;
 
-/// Reserve in its own transaction (committed on success, so other instances see it).
-#[instrument(skip(db, req), fields(tenant = %req.tenant_id, estimate = req.estimate_usd), err)]
-pub async fn reserve(db: &Db, req: &ReserveRequest) -> Result<Reservation> {
+/// Reserve `req.estimate_usd` against the tenant's budget (and the run's, with `req.run_id`):
+/// [`Error::BudgetExceeded`] (with the current figures) when the tenant's budget cannot cover
+/// the estimate, [`Error::RunBudgetExceeded`] when the run's own budget cannot (a budget already
+/// past its limit refuses every estimate, even 0), [`Error::NotFound`] for an unknown tenant or a
+/// run that is not the tenant's.
+///
+/// Given the pool (`&db`), it runs in its own transaction, committed on success so other
+/// instances see it. Given a transaction, it joins it (see [`Acquire`]): on error the caller
+/// must roll back (the tenant row may already carry the reservation within the transaction).
+#[instrument(skip(on, req), fields(tenant = %req.tenant_id, estimate = req.estimate_usd), err)]
+pub async fn reserve<E: Acquire + ?Sized>(on: &E, req: &ReserveRequest) -> Result<Reservation> {
     req.validate()?;
-    let mut conn = db.get().await?;
-    let tx = conn.transaction().await?;
-    let r = reserve_in_tx(&tx, req).await?;
+    let mut conn = on.acquire().await?;
+    let tx = conn.begin().await?;
+    let r = reserve_steps(&tx, req).await?;
     tx.commit().await?;
     Ok(r)
 }
 
-/// Reserve inside the caller's transaction: [`Error::BudgetExceeded`] (with the current figures)
-/// when the tenant's budget cannot cover the estimate, [`Error::RunBudgetExceeded`] when the
-/// run's own budget cannot (a budget already past its limit refuses every estimate, even 0), [`Error::NotFound`] for an
-/// unknown tenant or a run that is not the tenant's. On error the caller must roll back (the
-/// tenant row may already carry the reservation within the transaction).
-#[instrument(skip(tx, req), fields(tenant = %req.tenant_id, estimate = req.estimate_usd), err)]
-pub async fn reserve_in_tx(
-    tx: &tokio_postgres::Transaction<'_>,
-    req: &ReserveRequest,
-) -> Result<Reservation> {
-    req.validate()?;
+/// [`reserve`]'s statements, on the unit.
+async fn reserve_steps(tx: &Atomic<'_>, req: &ReserveRequest) -> Result<Reservation> {
     let tenant = &req.tenant_id;
     let updated = tx
-        .query_typed_opt_row(
+        .query_opt(
             sql!("tenancy/reserve_tenant"),
             typed![tenant, &req.estimate_usd],
         )
         .await?;
     if updated.is_none() {
         let figures = tx
-            .query_typed_opt_row(sql!("tenancy/tenant_budget_figures"), typed![tenant])
+            .query_opt(sql!("tenancy/tenant_budget_figures"), typed![tenant])
             .await?
             .ok_or_else(|| Error::not_found("tenant", tenant))?;
         let (limit_usd, spent_usd, reserved_usd) = budget_figures(&figures)?;
@@ -55,14 +53,14 @@ pub async fn reserve_in_tx(
     }
     if let Some(run) = req.run_id {
         let ok = tx
-            .query_typed_opt_row(
+            .query_opt(
                 sql!("tenancy/reserve_run"),
                 typed![&run, tenant, &req.estimate_usd],
             )
             .await?;
         if ok.is_none() {
             let figures = tx
-                .query_typed_opt_row(sql!("tenancy/run_budget_figures"), typed![&run, tenant])
+                .query_opt(sql!("tenancy/run_budget_figures"), typed![&run, tenant])
                 .await?
                 .ok_or_else(|| Error::not_found("run", run))?;
             let (limit_usd, spent_usd, reserved_usd) = budget_figures(&figures)?;
@@ -78,7 +76,7 @@ pub async fn reserve_in_tx(
     }
     let id = Uuid::new_v4();
     let row = tx
-        .query_typed_row(
+        .query_one(
             sql!("tenancy/insert_reservation"),
             typed![
                 &id,
@@ -111,22 +109,22 @@ fn budget_figures(row: &tokio_postgres::Row) -> Result<(f64, f64, f64)> {
     ))
 }
 
-/// Settle a reservation inside the caller's transaction (the one that records the
+/// Settle a reservation, typically inside the caller's transaction (the one that records the
 /// `model_completed` event): release the reservation, add `cost.cost_usd` to the tenant's and
-/// the run's spend and insert the cost entry. If maintenance already released the reservation
-/// the cost is still charged (`released == false`). The actual cost may exceed the estimate; it
-/// is charged in full (spend reflects what was really spent), and if that takes a budget past
-/// its limit the settlement lists it in [`Settlement::overruns`] (logged as a warning): the
-/// tenant's status is then EXCEEDED and further reservations are refused.
-#[instrument(skip(tx, reservation, cost), fields(reservation = %reservation.id, tenant = %reservation.tenant_id, cost = cost.cost_usd), err)]
-pub async fn settle_in_tx(
-    tx: &tokio_postgres::Transaction<'_>,
+/// the run's spend and insert the cost entry, in one statement. If maintenance already released
+/// the reservation the cost is still charged (`released == false`). The actual cost may exceed
+/// the estimate; it is charged in full (spend reflects what was really spent), and if that takes
+/// a budget past its limit the settlement lists it in [`Settlement::overruns`] (logged as a
+/// warning): the tenant's status is then EXCEEDED and further reservations are refused.
+#[instrument(skip(on, reservation, cost), fields(reservation = %reservation.id, tenant = %reservation.tenant_id, cost = cost.cost_usd), err)]
+pub async fn settle<E: Executor + ?Sized>(
+    on: &E,
     reservation: &Reservation,
     cost: &CostInput,
 ) -> Result<Settlement> {
     let (p, c) = cost.validate()?;
     settle_query(
-        tx,
+        on,
         Some(reservation.id),
         &reservation.tenant_id,
         reservation.run_id,
@@ -137,44 +135,34 @@ pub async fn settle_in_tx(
     .await
 }
 
-/// Charge a cost that had no reservation (tool, retrieval, storage, ...) inside the caller's
-/// transaction. The run, when given, must belong to the tenant.
-#[instrument(skip(tx, cost), fields(cost = cost.cost_usd), err)]
-pub async fn charge_in_tx(
-    tx: &tokio_postgres::Transaction<'_>,
+/// Charge a cost that had no reservation (tool, retrieval, storage, ...). The run, when given,
+/// must belong to the tenant. Given the pool, it runs in its own transaction; given a
+/// transaction, it joins it (see [`Acquire`]).
+#[instrument(skip(on, cost), fields(cost = cost.cost_usd), err)]
+pub async fn charge<E: Acquire + ?Sized>(
+    on: &E,
     tenant: &TenantId,
     run: Option<RunId>,
     cost: &CostInput,
 ) -> Result<Settlement> {
     let (p, c) = cost.validate()?;
+    let mut conn = on.acquire().await?;
+    let tx = conn.begin().await?;
     if let Some(r) = run
         && tx
-            .query_typed_opt_row(sql!("tenancy/run_owned"), typed![&r, tenant])
+            .query_opt(sql!("tenancy/run_owned"), typed![&r, tenant])
             .await?
             .is_none()
     {
         return Err(Error::not_found("run", r));
     }
-    settle_query(tx, None, tenant, run, cost, p, c).await
-}
-
-/// [`charge_in_tx`] in its own transaction.
-#[instrument(skip(db, cost), fields(cost = cost.cost_usd), err)]
-pub async fn charge(
-    db: &Db,
-    tenant: &TenantId,
-    run: Option<RunId>,
-    cost: &CostInput,
-) -> Result<Settlement> {
-    let mut conn = db.get().await?;
-    let tx = conn.transaction().await?;
-    let s = charge_in_tx(&tx, tenant, run, cost).await?;
+    let s = settle_query(&tx, None, tenant, run, cost, p, c).await?;
     tx.commit().await?;
     Ok(s)
 }
 
-async fn settle_query(
-    tx: &tokio_postgres::Transaction<'_>,
+async fn settle_query<E: Executor + ?Sized>(
+    tx: &E,
     reservation: Option<Uuid>,
     tenant: &TenantId,
     run: Option<RunId>,
@@ -183,7 +171,7 @@ async fn settle_query(
     completion_tokens: i64,
 ) -> Result<Settlement> {
     let row = tx
-        .query_typed_opt_row(
+        .query_opt(
             sql!("tenancy/settle"),
             typed![
                 &reservation,
@@ -236,24 +224,12 @@ async fn settle_query(
     })
 }
 
-/// Release a reservation without charging anything. Returns `false` when it was already gone.
-#[instrument(skip(db, reservation), fields(reservation = %reservation.id), err)]
-pub async fn release(db: &Db, reservation: &Reservation) -> Result<bool> {
-    let mut conn = db.get().await?;
-    let tx = conn.transaction().await?;
-    let released = release_in_tx(&tx, reservation).await?;
-    tx.commit().await?;
-    Ok(released)
-}
-
-/// [`release`] inside the caller's transaction.
-#[instrument(skip(tx, reservation), fields(reservation = %reservation.id), err)]
-pub async fn release_in_tx(
-    tx: &tokio_postgres::Transaction<'_>,
-    reservation: &Reservation,
-) -> Result<bool> {
-    let row = tx
-        .query_typed_row(
+/// Release a reservation without charging anything (one statement: on the pool, or inside the
+/// caller's transaction). Returns `false` when it was already gone.
+#[instrument(skip(on, reservation), fields(reservation = %reservation.id), err)]
+pub async fn release<E: Executor + ?Sized>(on: &E, reservation: &Reservation) -> Result<bool> {
+    let row = on
+        .query_one(
             sql!("tenancy/release_reservation"),
             typed![&reservation.id, &reservation.tenant_id],
         )
@@ -262,9 +238,9 @@ pub async fn release_in_tx(
 }
 
 /// Set (or clear, with `None`) a run's own budget limit. The run must belong to the tenant.
-#[instrument(skip(db), err)]
-pub async fn set_run_budget(
-    db: &Db,
+#[instrument(skip(on), err)]
+pub async fn set_run_budget<E: Executor + ?Sized>(
+    on: &E,
     tenant: &TenantId,
     run: RunId,
     limit_usd: Option<f64>,
@@ -272,8 +248,7 @@ pub async fn set_run_budget(
     if let Some(l) = limit_usd {
         validate_budget("run budget_usd_limit", l)?;
     }
-    let conn = db.get().await?;
-    conn.query_typed_opt_row(
+    on.query_opt(
         sql!("tenancy/set_run_budget"),
         typed![&run, tenant, &limit_usd],
     )

@@ -274,7 +274,7 @@ async fn overrun_settlement_is_recorded_flagged_and_blocks_reservations() {
         .unwrap();
 }
 
-/// `settle_in_tx` / `charge_in_tx` report overruns to any caller (not only the kernel).
+/// `settle` / `charge` report overruns to any caller (not only the kernel).
 #[tokio::test]
 async fn charges_past_the_limit_are_reported_by_the_settlement() {
     let (t, acme) = db_with_tenant("acme", &[], Some(1.0)).await;
@@ -284,7 +284,7 @@ async fn charges_past_the_limit_are_reported_by_the_settlement() {
         .unwrap();
     let mut conn = t.db.get().await.unwrap();
     let tx = conn.transaction().await.unwrap();
-    let s = tenancy::settle_in_tx(&tx, &r, &tenancy::CostInput::llm("m", 1, 1, 0.4))
+    let s = tenancy::settle(&tx, &r, &tenancy::CostInput::llm("m", 1, 1, 0.4))
         .await
         .unwrap();
     assert!(s.overruns.is_empty());

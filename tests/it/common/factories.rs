@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use pgcrew::db::{Conn, Executor};
+use pgcrew::db::Conn;
 use pgcrew::queue::{Enqueued, TaskOutcome, WorkerPoolBuilder};
 use pgcrew::runs::{self, NewEvent};
 use pgcrew::tenancy::{self, TenantContext};
@@ -38,7 +38,7 @@ pub async fn db_with_instance_conn(id: &str) -> (crate::common::TestDb, Instance
 }
 
 /// `task` enqueued on `conn` (which must accept it): the task as enqueued.
-pub async fn enqueued<E: Executor + ?Sized>(conn: &E, task: &NewTask) -> Enqueued {
+pub async fn enqueued<E: pgcrew::db::Executor + ?Sized>(conn: &E, task: &NewTask) -> Enqueued {
     pgcrew::queue::enqueue(conn, task).await.unwrap()
 }
 
@@ -75,7 +75,7 @@ pub async fn setup_and_enqueue(db: &Db, ddl: &str, tasks: &[NewTask], batch: usi
     conn.batch_execute(ddl).await.unwrap();
     let mut ids = Vec::with_capacity(tasks.len());
     for chunk in tasks.chunks(batch) {
-        ids.extend(pgcrew::queue::enqueue_many(&**conn, chunk).await.unwrap());
+        ids.extend(pgcrew::queue::enqueue_many(&conn, chunk).await.unwrap());
     }
     ids
 }

@@ -144,13 +144,13 @@ pub async fn execute(
 /// Cancel task `id`: the state `queue::cancel` reports.
 pub async fn cancel_task(db: &Db, id: pgcrew::TaskId) -> pgcrew::queue::TaskState {
     let conn = db.get().await.unwrap();
-    pgcrew::queue::cancel(&**conn, id).await.unwrap()
+    pgcrew::queue::cancel(&conn, id).await.unwrap()
 }
 
 /// Retry task `id`: the state `queue::retry` reports.
 pub async fn retry_task(db: &Db, id: pgcrew::TaskId) -> pgcrew::queue::TaskState {
     let conn = db.get().await.unwrap();
-    pgcrew::queue::retry(&**conn, id).await.unwrap()
+    pgcrew::queue::retry(&conn, id).await.unwrap()
 }
 
 /// The single `int8` value `sql` returns.

@@ -182,12 +182,13 @@ async fn every_terminal_path_signs_the_final_head() {
         .await
         .unwrap();
     finished.push(r);
-    // fail_run_in with the key, in the caller's transaction.
+    // fail_run with the key, in the caller's transaction (joined by a keyed handle).
     let r = running_run(&db, 1).await;
     {
+        let keyed = t.db.clone().with_ledger_key(key());
         let mut conn = t.db.get().await.unwrap();
         let tx = conn.transaction().await.unwrap();
-        runs::fail_run_in(&tx, r, "timeout", "run timed out", Some(&key()))
+        runs::fail_run(&keyed.join(&tx), r, "timeout", "run timed out", None)
             .await
             .unwrap();
         tx.commit().await.unwrap();

@@ -16,7 +16,7 @@ async fn kill_9_of_a_worker_process_loses_no_task() {
     let t = test_db().await;
     create_task_effects(&t).await;
     let conn = t.db.get().await.unwrap();
-    queue::enqueue_many(&**conn, &effect_tasks(3000, "crash"))
+    queue::enqueue_many(&conn, &effect_tasks(3000, "crash"))
         .await
         .unwrap();
     let mut child = effect_worker(t.dsn(), "doomed", "crash", "2ms")

@@ -23,12 +23,12 @@ async fn priorities_are_claimed_in_order() {
     ];
     let mut by_prio = HashMap::new();
     for p in order {
-        let e = enqueued(&**conn, &task("k").priority(p)).await;
+        let e = enqueued(&conn, &task("k").priority(p)).await;
         by_prio.insert(e.id, p);
     }
     let mut got = Vec::new();
     for _ in 0..5 {
-        let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
+        let c = queue::claim(&conn, &q("default"), 1, &me).await.unwrap();
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].priority, by_prio[&c[0].id]);
         got.push(c[0].priority);
@@ -46,9 +46,9 @@ async fn priorities_are_claimed_in_order() {
 
     // One claim of several tasks hands them over in execution order too.
     for p in order {
-        enqueued(&**conn, &task("k").priority(p)).await;
+        enqueued(&conn, &task("k").priority(p)).await;
     }
-    let batch = queue::claim(&**conn, &q("default"), 10, &me).await.unwrap();
+    let batch = queue::claim(&conn, &q("default"), 10, &me).await.unwrap();
     let prios: Vec<Priority> = batch.iter().map(|c| c.priority).collect();
     assert_eq!(prios, got, "a batch is returned in priority order");
 
@@ -56,7 +56,7 @@ async fn priorities_are_claimed_in_order() {
     // promotes it before taking any of them (the single-statement path must not claim around
     // it).
     let urgent = queue::enqueue(
-        &**conn,
+        &conn,
         &task("k")
             .priority(Priority::Critical)
             .delay(Duration::from_millis(300)),
@@ -64,7 +64,7 @@ async fn priorities_are_claimed_in_order() {
     .await
     .unwrap();
     for _ in 0..3 {
-        enqueued(&**conn, &task("k").priority(Priority::Batch)).await;
+        enqueued(&conn, &task("k").priority(Priority::Batch)).await;
     }
     let due = format!(
         "SELECT count(*) FROM pgcrew.tasks WHERE id = {} AND run_at <= now()",
@@ -74,7 +74,7 @@ async fn priorities_are_claimed_in_order() {
         .within(Duration::from_secs(5))
         .until(|n| n == 1, "the urgent task is due")
         .await;
-    let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
+    let c = queue::claim(&conn, &q("default"), 1, &me).await.unwrap();
     assert_eq!(c.len(), 1);
     assert_eq!(c[0].id, urgent.id, "the due critical task comes first");
 }
@@ -84,15 +84,15 @@ async fn delayed_tasks_wait_for_database_time() {
     let (_t, me, conn) = db_with_instance_conn("w").await;
     // Taken before the enqueue: the claim cannot succeed until 600 ms of database time later.
     let before = std::time::Instant::now();
-    let e = enqueued(&**conn, &task("k").delay(Duration::from_millis(600))).await;
+    let e = enqueued(&conn, &task("k").delay(Duration::from_millis(600))).await;
     assert_eq!(e.state, TaskState::Scheduled);
     assert!(
-        queue::claim(&**conn, &q("default"), 10, &me)
+        queue::claim(&conn, &q("default"), 10, &me)
             .await
             .unwrap()
             .is_empty()
     );
-    let due = queue::next_due(&**conn, &q("default"))
+    let due = queue::next_due(&conn, &q("default"))
         .await
         .unwrap()
         .unwrap();
@@ -103,7 +103,7 @@ async fn delayed_tasks_wait_for_database_time() {
     let mut got = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while got.is_empty() && std::time::Instant::now() < deadline {
-        got = queue::claim(&**conn, &q("default"), 10, &me).await.unwrap();
+        got = queue::claim(&conn, &q("default"), 10, &me).await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(got[0].id, e.id);
@@ -116,31 +116,31 @@ async fn delayed_tasks_wait_for_database_time() {
 #[tokio::test]
 async fn dependencies_gate_availability_and_failures_cancel_dependants() {
     let (t, me, conn) = db_with_instance_conn("w").await;
-    let a = queue::enqueue(&**conn, &task("a")).await.unwrap().id;
-    let b = queue::enqueue(&**conn, &task("b")).await.unwrap().id;
-    let child = enqueued(&**conn, &task("child").depends_on([a, b])).await;
+    let a = queue::enqueue(&conn, &task("a")).await.unwrap().id;
+    let b = queue::enqueue(&conn, &task("b")).await.unwrap().id;
+    let child = enqueued(&conn, &task("child").depends_on([a, b])).await;
     assert_eq!(child.state, TaskState::Scheduled);
-    let grandchild = enqueued(&**conn, &task("gc").depends_on([child.id])).await;
-    let claimed = queue::claim(&**conn, &q("default"), 10, &me).await.unwrap();
+    let grandchild = enqueued(&conn, &task("gc").depends_on([child.id])).await;
+    let claimed = queue::claim(&conn, &q("default"), 10, &me).await.unwrap();
     let ids: HashSet<TaskId> = claimed.iter().map(|c| c.id).collect();
     assert_eq!(ids, HashSet::from([a, b]));
     let tok: HashMap<TaskId, ClaimToken> = claimed.iter().map(|c| (c.id, c.token)).collect();
     let done = |id: TaskId| completed(id, tok[&id]);
-    queue::ack(&**conn, &[done(a)]).await.unwrap();
+    queue::ack(&conn, &[done(a)]).await.unwrap();
     assert!(
-        queue::claim(&**conn, &q("default"), 10, &me)
+        queue::claim(&conn, &q("default"), 10, &me)
             .await
             .unwrap()
             .is_empty()
     );
     assert_eq!(state_of(&t, child.id).await, TaskState::Scheduled);
-    queue::ack(&**conn, &[done(b)]).await.unwrap();
-    let next = queue::claim(&**conn, &q("default"), 10, &me).await.unwrap();
+    queue::ack(&conn, &[done(b)]).await.unwrap();
+    let next = queue::claim(&conn, &q("default"), 10, &me).await.unwrap();
     assert_eq!(next.len(), 1);
     assert_eq!(next[0].id, child.id);
     // The child is discarded: the grandchild is cancelled with a reason.
     queue::ack(
-        &**conn,
+        &conn,
         &[Ack {
             id: child.id,
             token: next[0].token,
@@ -152,28 +152,28 @@ async fn dependencies_gate_availability_and_failures_cancel_dependants() {
     .await
     .unwrap();
     assert_eq!(state_of(&t, child.id).await, TaskState::Discarded);
-    let gc = queue::get(&**conn, grandchild.id).await.unwrap();
+    let gc = queue::get(&conn, grandchild.id).await.unwrap();
     assert_eq!(gc.state, TaskState::Cancelled);
     assert!(gc.last_error.unwrap().contains("dependency"));
     // A new dependant of a discarded task is cancelled at once.
-    let late = enqueued(&**conn, &task("late").depends_on([child.id])).await;
+    let late = enqueued(&conn, &task("late").depends_on([child.id])).await;
     assert_eq!(late.state, TaskState::Cancelled);
     // Depending on a completed task: available at once.
-    let after_done = enqueued(&**conn, &task("x").depends_on([a])).await;
+    let after_done = enqueued(&conn, &task("x").depends_on([a])).await;
     assert_eq!(after_done.state, TaskState::Available);
 }
 
 #[tokio::test]
 async fn failures_back_off_then_discard_with_errors_kept_and_snooze_keeps_attempts() {
     let (_t, me, conn) = db_with_instance_conn("w").await;
-    let e = enqueued(&**conn, &task("k").max_attempts(2)).await;
-    let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
+    let e = enqueued(&conn, &task("k").max_attempts(2)).await;
+    let c = queue::claim(&conn, &q("default"), 1, &me).await.unwrap();
     let applied = ack_failed(&conn, e.id, c[0].token, "first", Duration::from_secs(30)).await;
     assert_eq!(applied, vec![(e.id, TaskState::Retryable)]);
     let wait = seconds_to_run_at(&conn, e.id, "now()").await;
     assert!((28.0..=30.0).contains(&wait), "{wait}");
     assert!(
-        queue::claim(&**conn, &q("default"), 1, &me)
+        queue::claim(&conn, &q("default"), 1, &me)
             .await
             .unwrap()
             .is_empty()
@@ -184,11 +184,11 @@ async fn failures_back_off_then_discard_with_errors_kept_and_snooze_keeps_attemp
     )
     .await
     .unwrap();
-    let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
+    let c = queue::claim(&conn, &q("default"), 1, &me).await.unwrap();
     assert_eq!(c[0].attempt, 2);
     // Snooze gives the attempt back.
     queue::ack(
-        &**conn,
+        &conn,
         &[Ack {
             id: e.id,
             token: c[0].token,
@@ -197,13 +197,13 @@ async fn failures_back_off_then_discard_with_errors_kept_and_snooze_keeps_attemp
     )
     .await
     .unwrap();
-    let row = queue::get(&**conn, e.id).await.unwrap();
+    let row = queue::get(&conn, e.id).await.unwrap();
     assert_eq!((row.state, row.attempts), (TaskState::Scheduled, 1));
-    let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
+    let c = queue::claim(&conn, &q("default"), 1, &me).await.unwrap();
     assert_eq!(c[0].attempt, 2);
     let applied = ack_failed(&conn, e.id, c[0].token, "second", Duration::from_secs(1)).await;
     assert_eq!(applied, vec![(e.id, TaskState::Discarded)]);
-    let row = queue::get(&**conn, e.id).await.unwrap();
+    let row = queue::get(&conn, e.id).await.unwrap();
     let errors: Vec<String> = row
         .errors
         .as_array()
@@ -228,7 +228,7 @@ async fn retention_deletes_old_finished_tasks_in_batches() {
         .unwrap();
     start_leader(&leader, Duration::from_secs(5)).await;
     let conn = t.db.get().await.unwrap();
-    let ids = queue::enqueue_many(&**conn, &(0..5).map(|_| task("k")).collect::<Vec<_>>())
+    let ids = queue::enqueue_many(&conn, &(0..5).map(|_| task("k")).collect::<Vec<_>>())
         .await
         .unwrap();
     conn.execute(
@@ -262,7 +262,7 @@ async fn retention_deletes_old_finished_tasks_in_batches() {
 }
 
 /// Seconds from `since` (an SQL expression on task `id`'s row) to the task's `run_at`.
-async fn seconds_to_run_at(conn: &tokio_postgres::Client, id: TaskId, since: &str) -> f64 {
+async fn seconds_to_run_at(conn: &pgcrew::db::Conn, id: TaskId, since: &str) -> f64 {
     let sql = format!(
         "SELECT extract(epoch FROM run_at - {since})::float8 FROM pgcrew.tasks WHERE id = $1"
     );
@@ -272,7 +272,7 @@ async fn seconds_to_run_at(conn: &tokio_postgres::Client, id: TaskId, since: &st
 /// Fail claim `token` of task `id` with `error`, retried after `retry_in` ([`failed`]): the
 /// (task, new state) pairs the acknowledgement applied.
 async fn ack_failed(
-    conn: &tokio_postgres::Client,
+    conn: &pgcrew::db::Conn,
     id: TaskId,
     token: ClaimToken,
     error: &str,

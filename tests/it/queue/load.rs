@@ -28,7 +28,7 @@ async fn tenant_limit_holds_under_16_concurrent_claimers() {
         };
         tasks.push(task("k").tenant(tn));
     }
-    queue::enqueue_many(&**conn, &tasks).await.unwrap();
+    queue::enqueue_many(&conn, &tasks).await.unwrap();
     let me = register_instance(&t, "claimers").await;
     let done = Arc::new(AtomicBool::new(false));
     let local_max = Arc::new(AtomicI64::new(0));
@@ -42,7 +42,7 @@ async fn tenant_limit_holds_under_16_concurrent_claimers() {
             let conn = db.get().await.unwrap();
             let mut idle = 0;
             while idle < 20 {
-                let c = queue::claim(&**conn, &q("default"), 4, &me).await.unwrap();
+                let c = queue::claim(&conn, &q("default"), 4, &me).await.unwrap();
                 if c.is_empty() {
                     idle += 1;
                     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -55,7 +55,7 @@ async fn tenant_limit_holds_under_16_concurrent_claimers() {
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 local_now.fetch_sub(n_lim, Ordering::SeqCst);
                 let acks: Vec<Ack> = c.iter().map(|x| x.ack(AckOutcome::Complete)).collect();
-                queue::ack(&**conn, &acks).await.unwrap();
+                queue::ack(&conn, &acks).await.unwrap();
             }
         }));
     }
@@ -93,11 +93,11 @@ async fn tenant_limit_holds_under_16_concurrent_claimers() {
     assert_eq!(scalar(&t, OPEN_TASKS).await, 0);
 
     // A per-queue limit on top: 1 at a time in queue `narrow`.
-    queue::set_queue_limit(&**conn, &free, "narrow", 1)
+    queue::set_queue_limit(&conn, &free, "narrow", 1)
         .await
         .unwrap();
     queue::enqueue_many(
-        &**conn,
+        &conn,
         &[
             task("k").tenant(free.clone()).queue("narrow"),
             task("k").tenant(free.clone()).queue("narrow"),
@@ -105,21 +105,21 @@ async fn tenant_limit_holds_under_16_concurrent_claimers() {
     )
     .await
     .unwrap();
-    let c = queue::claim(&**conn, &q("narrow"), 10, &me).await.unwrap();
+    let c = queue::claim(&conn, &q("narrow"), 10, &me).await.unwrap();
     assert_eq!(c.len(), 1);
     assert!(
-        queue::claim(&**conn, &q("narrow"), 10, &me)
+        queue::claim(&conn, &q("narrow"), 10, &me)
             .await
             .unwrap()
             .is_empty()
     );
     assert!(
-        queue::clear_queue_limit(&**conn, &free, "narrow")
+        queue::clear_queue_limit(&conn, &free, "narrow")
             .await
             .unwrap()
     );
     assert_eq!(
-        queue::claim(&**conn, &q("narrow"), 10, &me)
+        queue::claim(&conn, &q("narrow"), 10, &me)
             .await
             .unwrap()
             .len(),
@@ -146,11 +146,11 @@ async fn claiming_is_fair_across_tenants() {
         .await
         .unwrap();
     assert_eq!(seeded, 1_000_000);
-    let single = queue::enqueue(&**conn, &task("k").tenant(small).priority(Priority::Low))
+    let single = queue::enqueue(&conn, &task("k").tenant(small).priority(Priority::Low))
         .await
         .unwrap()
         .id;
-    let c = queue::claim(&**conn, &q("default"), 10, &me).await.unwrap();
+    let c = queue::claim(&conn, &q("default"), 10, &me).await.unwrap();
     assert_eq!(c.len(), 10);
     assert!(
         c.iter().any(|x| x.id == single),
@@ -158,13 +158,13 @@ async fn claiming_is_fair_across_tenants() {
     );
     assert_eq!(c.iter().filter(|x| x.tenant == "big").count(), 9);
     // Even a claim of 1 alternates: the small tenant gets its turn within 2 claims.
-    let s2 = queue::enqueue(&**conn, &task("k").tenant(TenantId::new("small").unwrap()))
+    let s2 = queue::enqueue(&conn, &task("k").tenant(TenantId::new("small").unwrap()))
         .await
         .unwrap()
         .id;
     let mut seen = false;
     for _ in 0..2 {
-        let c = queue::claim(&**conn, &q("default"), 1, &me).await.unwrap();
+        let c = queue::claim(&conn, &q("default"), 1, &me).await.unwrap();
         seen |= c.iter().any(|x| x.id == s2);
     }
     assert!(seen);

@@ -36,7 +36,7 @@ async fn start_client(t: &TestDb, id: &str, pool: Option<Arc<WorkerPool>>, leade
 
 async fn state_of(t: &TestDb, id: TaskId) -> TaskState {
     let conn = t.db.get().await.unwrap();
-    queue::get(&**conn, id).await.unwrap().state
+    queue::get(&conn, id).await.unwrap().state
 }
 
 /// Wait until task `id` is in `state`; panics with `what` if it is not within `timeout`.

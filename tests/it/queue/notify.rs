@@ -34,10 +34,10 @@ async fn idle_pool_wakes_on_notify_and_stats_report_queues() {
         let what = "idle pool did not wake on enqueue #{i}";
         enqueue_and_count_to(&conn, &task("k").queue("fast"), &runs, i, what).await;
     }
-    queue::enqueue(&**conn, &task("k").queue("elsewhere"))
+    queue::enqueue(&conn, &task("k").queue("elsewhere"))
         .await
         .unwrap();
-    let stats = queue::stats(&**conn).await.unwrap();
+    let stats = queue::stats(&conn).await.unwrap();
     let find = |q: &str, s: &str| {
         stats
             .iter()
@@ -49,7 +49,7 @@ async fn idle_pool_wakes_on_notify_and_stats_report_queues() {
         "the three fast tasks complete",
         || async {
             let conn = t.db.get().await.unwrap();
-            queue::stats(&**conn)
+            queue::stats(&conn)
                 .await
                 .unwrap()
                 .iter()
@@ -108,7 +108,7 @@ async fn saturated_pools_get_no_notifications_idle_ones_do() {
         .is_ok()
     {}
     for _ in 0..20 {
-        queue::enqueue(&**conn, &task("block").queue("busy"))
+        queue::enqueue(&conn, &task("block").queue("busy"))
             .await
             .unwrap();
     }
@@ -248,7 +248,7 @@ async fn every_enqueue_path_notifies_waiting_queues_and_only_those() {
 
 /// Enqueue `task`, then wait (up to 3 s, panicking with `what`) until `count` is `n`.
 async fn enqueue_and_count_to(
-    conn: &tokio_postgres::Client,
+    conn: &pgcrew::db::Conn,
     task: &NewTask,
     count: &AtomicUsize,
     n: usize,

@@ -28,7 +28,7 @@ async fn stop_drains_in_flight_tasks_and_flushes_acks() {
         .unwrap();
     let client = start_client(&t, "drainer", Some(pool.clone()), false).await;
     let conn = t.db.get().await.unwrap();
-    queue::enqueue_many(&**conn, &(0..8).map(|_| task("slow")).collect::<Vec<_>>())
+    queue::enqueue_many(&conn, &(0..8).map(|_| task("slow")).collect::<Vec<_>>())
         .await
         .unwrap();
     wait_for(&t, RUNNING_TASKS)
@@ -146,23 +146,23 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
     // Before the enqueue: the idle pool may start the first attempt at once.
     let t0 = std::time::Instant::now();
     let flaky = queue::enqueue(
-        &**conn,
+        &conn,
         &NewTask::new("flaky", &Flaky { fail_times: 2 }).unwrap(),
     )
     .await
     .unwrap()
     .id;
-    let slow = queue::enqueue(&**conn, &task("slow")).await.unwrap().id;
-    let panics = queue::enqueue(&**conn, &task("panics").max_attempts(1))
+    let slow = queue::enqueue(&conn, &task("slow")).await.unwrap().id;
+    let panics = queue::enqueue(&conn, &task("panics").max_attempts(1))
         .await
         .unwrap()
         .id;
-    let unknown = queue::enqueue(&**conn, &task("nobody-handles-this").max_attempts(1))
+    let unknown = queue::enqueue(&conn, &task("nobody-handles-this").max_attempts(1))
         .await
         .unwrap()
         .id;
     let bad_payload = queue::enqueue(
-        &**conn,
+        &conn,
         &NewTask::new("flaky", &serde_json::json!({"wrong": true})).unwrap(),
     )
     .await
@@ -178,7 +178,7 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
     .await;
     // Two failures with 100 ms then 200 ms backoff.
     assert!(t0.elapsed() >= Duration::from_millis(300));
-    let row = queue::get(&**conn, flaky).await.unwrap();
+    let row = queue::get(&conn, flaky).await.unwrap();
     assert_eq!(row.attempts, 3);
     assert_eq!(row.errors.as_array().unwrap().len(), 2);
     wait_state(
@@ -189,7 +189,7 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
         "the slow task completes",
     )
     .await;
-    let row = queue::get(&**conn, slow).await.unwrap();
+    let row = queue::get(&conn, slow).await.unwrap();
     assert!(
         row.errors[0]["error"]
             .as_str()
@@ -206,19 +206,19 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
         },
     )
     .await;
-    let p = queue::get(&**conn, panics).await.unwrap();
+    let p = queue::get(&conn, panics).await.unwrap();
     assert!(p.last_error.unwrap().contains("handler bug"));
-    let u = queue::get(&**conn, unknown).await.unwrap();
+    let u = queue::get(&conn, unknown).await.unwrap();
     assert!(u.last_error.unwrap().contains("no handler"));
-    let b = queue::get(&**conn, bad_payload).await.unwrap();
+    let b = queue::get(&conn, bad_payload).await.unwrap();
     assert!(b.last_error.unwrap().contains("payload"));
 
     // Cancel a running task: the handler's token fires and the task ends cancelled. The
     // pool-wide timeout (500 ms) is longer than the cancel path (heartbeat 100 ms).
-    let forever = enqueued(&**conn, &task("forever").max_attempts(1)).await.id;
+    let forever = enqueued(&conn, &task("forever").max_attempts(1)).await.id;
     cancel_while_running(&t, forever, 1, Duration::from_secs(5), "the endless task").await;
     assert!(cancelled_seen.load(Ordering::SeqCst));
-    let row = queue::get(&**conn, forever).await.unwrap();
+    let row = queue::get(&conn, forever).await.unwrap();
     assert!(
         row.last_error.unwrap().contains("cancelled"),
         "{:?}",
@@ -226,7 +226,7 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
     );
     // Cancelling a finished task is an illegal transition; retry brings it back.
     assert!(matches!(
-        queue::cancel(&**conn, forever).await,
+        queue::cancel(&conn, forever).await,
         Err(Error::IllegalTransition { .. })
     ));
     let m = pool.metrics().snapshot();
@@ -236,11 +236,11 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
     );
     client.stop().await.unwrap();
     // Not-started tasks cancel at once; retry makes them available again.
-    let idle = queue::enqueue(&**conn, &task("flaky")).await.unwrap().id;
+    let idle = queue::enqueue(&conn, &task("flaky")).await.unwrap().id;
     assert_eq!(cancel_task(&t, idle).await, TaskState::Cancelled);
     assert_eq!(retry_task(&t, idle).await, TaskState::Available);
     assert!(matches!(
-        queue::retry(&**conn, TaskId(999_999)).await,
+        queue::retry(&conn, TaskId(999_999)).await,
         Err(Error::NotFound { .. })
     ));
 }

@@ -15,15 +15,15 @@ use crate::common::{
 #[tokio::test]
 async fn claim_and_ack_with_stale_token_rejected() {
     let (t, me, conn) = db_with_instance_conn("w1").await;
-    let e = enqueued(&**conn, &task("k").queue("q1")).await;
+    let e = enqueued(&conn, &task("k").queue("q1")).await;
     assert_eq!(e.state, TaskState::Available);
     assert!(!e.duplicate);
-    let claimed = queue::claim(&**conn, &q("q1"), 10, &me).await.unwrap();
+    let claimed = queue::claim(&conn, &q("q1"), 10, &me).await.unwrap();
     assert_eq!(claimed.len(), 1);
     assert_eq!(claimed[0].id, e.id);
     assert_eq!(claimed[0].attempt, 1);
     assert!(
-        queue::claim(&**conn, &q("q1"), 10, &me)
+        queue::claim(&conn, &q("q1"), 10, &me)
             .await
             .unwrap()
             .is_empty()
@@ -31,20 +31,18 @@ async fn claim_and_ack_with_stale_token_rejected() {
 
     // A wrong token is rejected and changes nothing.
     let bad = completed(e.id, ClaimToken::new());
-    let rep = queue::ack(&**conn, std::slice::from_ref(&bad))
-        .await
-        .unwrap();
+    let rep = queue::ack(&conn, std::slice::from_ref(&bad)).await.unwrap();
     assert_eq!(rep.stale, vec![e.id]);
     assert!(rep.applied.is_empty());
     assert_eq!(state_of(&t, e.id).await, TaskState::Running);
 
     let good = completed(e.id, claimed[0].token);
-    let rep = queue::ack(&**conn, std::slice::from_ref(&good))
+    let rep = queue::ack(&conn, std::slice::from_ref(&good))
         .await
         .unwrap();
     assert_eq!(rep.applied, vec![(e.id, TaskState::Completed)]);
     // Acking again (e.g. a duplicate after a retry) is stale too.
-    let rep = queue::ack(&**conn, &[good]).await.unwrap();
+    let rep = queue::ack(&conn, &[good]).await.unwrap();
     assert_eq!(rep.stale, vec![e.id]);
     assert_eq!(state_of(&t, e.id).await, TaskState::Completed);
 }
@@ -58,38 +56,36 @@ async fn rescued_task_rejects_the_old_claims_ack() {
     let leader = Client::builder(t.dsn()).config(cfg).build().await.unwrap();
     start_leader(&leader, Duration::from_secs(5)).await;
     let conn = t.db.get().await.unwrap();
-    let e = queue::enqueue(&**conn, &task("k")).await.unwrap();
+    let e = queue::enqueue(&conn, &task("k")).await.unwrap();
     // Claimed by an instance that is not registered: maintenance rescues it.
     let ghost = InstanceId::new("ghost").unwrap();
-    let first = queue::claim(&**conn, &q("default"), 1, &ghost)
-        .await
-        .unwrap();
+    let first = queue::claim(&conn, &q("default"), 1, &ghost).await.unwrap();
     assert_eq!(first.len(), 1);
     let report = leader.run_maintenance().await.unwrap();
     assert!(report.count("rescue_tasks") <= 1);
-    let row = queue::get(&**conn, e.id).await.unwrap();
+    let row = queue::get(&conn, e.id).await.unwrap();
     assert_eq!(row.state, TaskState::Retryable);
     assert!(row.last_error.unwrap().contains("rescued"));
     // Reclaimed by a live instance; the ghost's late ack is rejected, the new one applies.
-    let live = queue::claim(&**conn, &q("default"), 1, leader.instance_id())
+    let live = queue::claim(&conn, &q("default"), 1, leader.instance_id())
         .await
         .unwrap();
     assert_eq!(live.len(), 1);
     assert_eq!(live[0].attempt, 2);
-    let stale = queue::ack(&**conn, &[completed(e.id, first[0].token)])
+    let stale = queue::ack(&conn, &[completed(e.id, first[0].token)])
         .await
         .unwrap();
     assert_eq!(stale.stale, vec![e.id]);
     assert_eq!(state_of(&t, e.id).await, TaskState::Running);
-    let ok = queue::ack(&**conn, &[completed(e.id, live[0].token)])
+    let ok = queue::ack(&conn, &[completed(e.id, live[0].token)])
         .await
         .unwrap();
     assert_eq!(ok.applied, vec![(e.id, TaskState::Completed)]);
 
     // A live instance whose heartbeat on a task went stale loses it too; out of attempts, the
     // task is discarded with the reason kept.
-    let last = enqueued(&**conn, &task("k").max_attempts(1)).await;
-    let c = queue::claim(&**conn, &q("default"), 1, leader.instance_id())
+    let last = enqueued(&conn, &task("k").max_attempts(1)).await;
+    let c = queue::claim(&conn, &q("default"), 1, leader.instance_id())
         .await
         .unwrap();
     assert_eq!(c[0].id, last.id);
@@ -108,7 +104,7 @@ async fn rescued_task_rejects_the_old_claims_ack() {
     .unwrap();
     let report = leader.run_maintenance().await.unwrap();
     assert!(report.count("rescue_tasks") <= 1);
-    let row = queue::get(&**conn, last.id).await.unwrap();
+    let row = queue::get(&conn, last.id).await.unwrap();
     assert_eq!(row.state, TaskState::Discarded);
     assert!(row.last_error.unwrap().contains("rescued"));
     leader.stop().await.unwrap();
@@ -260,24 +256,24 @@ async fn invalid_input_is_rejected_and_nothing_is_stored() {
     let t = test_db().await;
     let conn = t.db.get().await.unwrap();
     let big = NewTask::new("k", &"x".repeat(queue::MAX_PAYLOAD_BYTES + 10)).unwrap();
-    let err = queue::enqueue(&**conn, &big).await.unwrap_err();
+    let err = queue::enqueue(&conn, &big).await.unwrap_err();
     assert_invalid_input(&err, "payload");
     assert!(err.to_string().contains("at most"), "{err}");
-    let err = queue::enqueue_many(&**conn, &[task("k"), big])
+    let err = queue::enqueue_many(&conn, &[task("k"), big])
         .await
         .unwrap_err();
     assert!(err.to_string().contains("task #1"), "{err}");
-    let err = queue::enqueue(&**conn, &task("k").depends_on([TaskId(424242)]))
+    let err = queue::enqueue(&conn, &task("k").depends_on([TaskId(424242)]))
         .await
         .unwrap_err();
     assert_invalid_input(&err, "depends_on");
     assert!(err.to_string().contains("424242"), "{err}");
-    let err = queue::enqueue(&**conn, &task("k").tenant(TenantId::new("nobody").unwrap()))
+    let err = queue::enqueue(&conn, &task("k").tenant(TenantId::new("nobody").unwrap()))
         .await
         .unwrap_err();
     assert_invalid_input(&err, "tenant");
     let err = queue::enqueue_many(
-        &**conn,
+        &conn,
         &[
             task("k"),
             task("k").tenant(TenantId::new("nobody").unwrap()),
@@ -289,7 +285,7 @@ async fn invalid_input_is_rejected_and_nothing_is_stored() {
     assert_eq!(scalar(&t, "SELECT count(*) FROM pgcrew.tasks").await, 0);
     // A tenant with tasks cannot be deleted from under them.
     let gone = create_tenant(&t, "gone", None).await;
-    enqueued(&**conn, &task("k").tenant(gone)).await;
+    enqueued(&conn, &task("k").tenant(gone)).await;
     let del = conn
         .execute("DELETE FROM pgcrew.tenants WHERE id = 'gone'", &[])
         .await
@@ -300,18 +296,18 @@ async fn invalid_input_is_rejected_and_nothing_is_stored() {
 #[tokio::test]
 async fn unique_keys_dedupe_among_unfinished_tasks() {
     let (t, me, conn) = db_with_instance_conn("w").await;
-    let a = enqueued(&**conn, &task("k").unique_key("u1")).await;
-    let b = enqueued(&**conn, &task("k").unique_key("u1")).await;
+    let a = enqueued(&conn, &task("k").unique_key("u1")).await;
+    let b = enqueued(&conn, &task("k").unique_key("u1")).await;
     assert!(!a.duplicate);
     assert!(b.duplicate);
     assert_eq!(a.id, b.id);
     // Other tenant or other queue: not a duplicate.
     let other = create_tenant(&t, "other", None).await;
-    let c = enqueued(&**conn, &task("k").unique_key("u1").tenant(other)).await;
+    let c = enqueued(&conn, &task("k").unique_key("u1").tenant(other)).await;
     assert!(!c.duplicate);
     // Bulk: duplicates (with existing rows and within the batch) are skipped.
     let ids = queue::enqueue_many(
-        &**conn,
+        &conn,
         &[
             task("k").unique_key("u1"),
             task("k").unique_key("u2"),
@@ -322,13 +318,13 @@ async fn unique_keys_dedupe_among_unfinished_tasks() {
     .unwrap();
     assert_eq!(ids.len(), 1);
     // Once the task is finished, the key is free again.
-    let claimed = queue::claim(&**conn, &q("default"), 10, &me).await.unwrap();
+    let claimed = queue::claim(&conn, &q("default"), 10, &me).await.unwrap();
     let acks: Vec<Ack> = claimed
         .iter()
         .map(|c| c.ack(AckOutcome::Complete))
         .collect();
-    queue::ack(&**conn, &acks).await.unwrap();
-    let d = enqueued(&**conn, &task("k").unique_key("u1")).await;
+    queue::ack(&conn, &acks).await.unwrap();
+    let d = enqueued(&conn, &task("k").unique_key("u1")).await;
     assert!(!d.duplicate);
     assert_ne!(d.id, a.id);
 }

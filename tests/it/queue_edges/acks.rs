@@ -150,8 +150,8 @@ async fn a_refused_batch_is_split_and_the_rest_applied() {
 async fn ack_clamps_delays_and_sanitises_error_text() {
     let (_t, me, conn) = db_with_instance_conn("acker").await;
     let tasks: Vec<NewTask> = (0..5).map(|_| task("k").max_attempts(5)).collect();
-    queue::enqueue_many(&**conn, &tasks).await.unwrap();
-    let c = queue::claim(&**conn, &qs(&["default"]), 10, &me)
+    queue::enqueue_many(&conn, &tasks).await.unwrap();
+    let c = queue::claim(&conn, &qs(&["default"]), 10, &me)
         .await
         .unwrap();
     assert_eq!(c.len(), 5);
@@ -168,7 +168,7 @@ async fn ack_clamps_delays_and_sanitises_error_text() {
         }),
         c[4].ack(AckOutcome::Complete),
     ];
-    let rep = queue::ack(&**conn, &acks).await.unwrap();
+    let rep = queue::ack(&conn, &acks).await.unwrap();
     assert_eq!(rep.applied.len(), 5, "{rep:?}");
     assert!(rep.stale.is_empty());
     let row = conn
@@ -207,8 +207,8 @@ async fn ack_clamps_delays_and_sanitises_error_text() {
 async fn sql_ack_tasks_clamps_and_validates() {
     let (t, me, conn) = db_with_instance_conn("sqlacker").await;
     let tasks: Vec<NewTask> = (0..3).map(|_| task("k")).collect();
-    queue::enqueue_many(&**conn, &tasks).await.unwrap();
-    let c = queue::claim(&**conn, &qs(&["default"]), 10, &me)
+    queue::enqueue_many(&conn, &tasks).await.unwrap();
+    let c = queue::claim(&conn, &qs(&["default"]), 10, &me)
         .await
         .unwrap();
     let ids: Vec<i64> = c.iter().map(|x| x.id.0).collect();
@@ -260,14 +260,14 @@ async fn sql_ack_tasks_clamps_and_validates() {
 #[tokio::test]
 async fn error_history_is_bounded() {
     let (_t, me, conn) = db_with_instance_conn("failer").await;
-    let id = enqueued(&**conn, &task("k").max_attempts(1000)).await.id;
+    let id = enqueued(&conn, &task("k").max_attempts(1000)).await.id;
     for n in 0..120 {
-        let c = queue::claim(&**conn, &qs(&["default"]), 1, &me)
+        let c = queue::claim(&conn, &qs(&["default"]), 1, &me)
             .await
             .unwrap();
         assert_eq!(c.len(), 1, "cycle {n}");
         let rep = queue::ack(
-            &**conn,
+            &conn,
             &[c[0].ack(AckOutcome::Fail {
                 error: format!("failure {n}"),
                 retry_in: Duration::ZERO,

@@ -34,7 +34,7 @@ async fn installing_agents_keeps_the_pools_queues() {
     {
         let conn = t.db.get().await.unwrap();
         let tasks = vec![task("plain"); 503];
-        queue::enqueue_many(&**conn, &tasks).await.unwrap();
+        queue::enqueue_many(&conn, &tasks).await.unwrap();
     }
     let client = start(&t, "agents", pool, false).await;
     let all = eventually(Duration::from_secs(60), || async {

@@ -33,27 +33,27 @@ async fn payload_limit_is_the_same_on_every_path() {
         assert_eq!(queue::payload_size(&v).unwrap(), pg as usize, "{v}");
     }
     let ok = NewTask::new("k", &fits).unwrap();
-    queue::enqueue(&**conn, &ok).await.unwrap();
-    queue::enqueue(&**conn, &ok.clone().unique_key("u1"))
+    queue::enqueue(&conn, &ok).await.unwrap();
+    queue::enqueue(&conn, &ok.clone().unique_key("u1"))
         .await
         .unwrap();
-    queue::enqueue_many(&**conn, std::slice::from_ref(&ok))
+    queue::enqueue_many(&conn, std::slice::from_ref(&ok))
         .await
         .unwrap();
     assert_eq!(scalar(&t, "SELECT count(*) FROM pgcrew.tasks").await, 3);
 
     let big = NewTask::new("k", &over).unwrap();
     for (what, r) in [
-        ("enqueue", queue::enqueue(&**conn, &big).await.map(|_| ())),
+        ("enqueue", queue::enqueue(&conn, &big).await.map(|_| ())),
         (
             "enqueue with unique key",
-            queue::enqueue(&**conn, &big.clone().unique_key("u2"))
+            queue::enqueue(&conn, &big.clone().unique_key("u2"))
                 .await
                 .map(|_| ()),
         ),
         (
             "enqueue_many",
-            queue::enqueue_many(&**conn, std::slice::from_ref(&big))
+            queue::enqueue_many(&conn, std::slice::from_ref(&big))
                 .await
                 .map(|_| ()),
         ),
@@ -85,13 +85,13 @@ async fn payload_limit_is_the_same_on_every_path() {
     for (what, r) in [
         (
             "enqueue",
-            queue::enqueue(&**conn, &task("k").delay(Duration::MAX))
+            queue::enqueue(&conn, &task("k").delay(Duration::MAX))
                 .await
                 .map(|_| ()),
         ),
         (
             "enqueue_many",
-            queue::enqueue_many(&**conn, &[task("k").delay(Duration::MAX)])
+            queue::enqueue_many(&conn, &[task("k").delay(Duration::MAX)])
                 .await
                 .map(|_| ()),
         ),
@@ -136,15 +136,13 @@ async fn enqueue_count_is_bounded() {
 
     let conn = t.db.get().await.unwrap();
     let tasks = vec![task("k"); 100_001];
-    let err = queue::enqueue_many(&**conn, &tasks).await.unwrap_err();
+    let err = queue::enqueue_many(&conn, &tasks).await.unwrap_err();
     assert!(
         matches!(err, Error::InvalidInput { field: "tasks", .. }),
         "{err}"
     );
     assert_eq!(scalar(&t, "SELECT count(*) FROM pgcrew.tasks").await, 0);
-    queue::enqueue_many(&**conn, &tasks[..100_000])
-        .await
-        .unwrap();
+    queue::enqueue_many(&conn, &tasks[..100_000]).await.unwrap();
     assert_eq!(
         scalar(&t, "SELECT count(*) FROM pgcrew.tasks").await,
         100_000

@@ -9,7 +9,7 @@ async fn multi_queue_claims_hold_tenant_and_queue_limits() {
     let one = create_tenant(&t, "one", Some(1)).await;
     let conn = t.db.get().await.unwrap();
     for q in ["qa", "qb"] {
-        queue::enqueue(&**conn, &task("k").tenant(one.clone()).queue(q))
+        queue::enqueue(&conn, &task("k").tenant(one.clone()).queue(q))
             .await
             .unwrap();
     }
@@ -27,22 +27,22 @@ async fn multi_queue_claims_hold_tenant_and_queue_limits() {
         rows.len()
     );
     assert!(
-        queue::claim(&**conn, &qs(&["qa", "qb"]), 10, &me)
+        queue::claim(&conn, &qs(&["qa", "qb"]), 10, &me)
             .await
             .unwrap()
             .is_empty()
     );
     // A per-queue limit, with the queue named twice.
     let narrow = create_tenant(&t, "narrow", None).await;
-    queue::set_queue_limit(&**conn, &narrow, "qn", 1)
+    queue::set_queue_limit(&conn, &narrow, "qn", 1)
         .await
         .unwrap();
     for _ in 0..3 {
-        queue::enqueue(&**conn, &task("k").tenant(narrow.clone()).queue("qn"))
+        queue::enqueue(&conn, &task("k").tenant(narrow.clone()).queue("qn"))
             .await
             .unwrap();
     }
-    let c = queue::claim(&**conn, &qs(&["qn", "qb", "qn"]), 10, &me)
+    let c = queue::claim(&conn, &qs(&["qn", "qb", "qn"]), 10, &me)
         .await
         .unwrap();
     assert_eq!(c.len(), 1, "queue limited to 1 got {}", c.len());
@@ -88,7 +88,7 @@ async fn limit_property(seed: u64) {
         for q in queues {
             if rng.u32(0..3) == 0 {
                 let l = rng.i32(1..3);
-                queue::set_queue_limit(&**conn, &tn, q, l).await.unwrap();
+                queue::set_queue_limit(&conn, &tn, q, l).await.unwrap();
                 queue_limits.insert((name.clone(), q.to_string()), l as i64);
             }
         }
@@ -101,7 +101,7 @@ async fn limit_property(seed: u64) {
                 .queue(queues[rng.usize(0..queues.len())])
         })
         .collect();
-    queue::enqueue_many(&**conn, &tasks).await.unwrap();
+    queue::enqueue_many(&conn, &tasks).await.unwrap();
 
     let books: Arc<Mutex<Books>> = Arc::default();
     let violations: Arc<Mutex<Vec<String>>> = Arc::default();
@@ -130,7 +130,7 @@ async fn limit_property(seed: u64) {
             let conn = db.get().await.unwrap();
             let mut idle = 0;
             while idle < 30 {
-                let got = queue::claim(&**conn, &mine, claim_n, &me).await.unwrap();
+                let got = queue::claim(&conn, &mine, claim_n, &me).await.unwrap();
                 if got.is_empty() {
                     idle += 1;
                     tokio::time::sleep(Duration::from_millis(3)).await;
@@ -171,7 +171,7 @@ async fn limit_property(seed: u64) {
                     }
                 }
                 let acks: Vec<Ack> = got.iter().map(|x| x.ack(AckOutcome::Complete)).collect();
-                queue::ack(&**conn, &acks).await.unwrap();
+                queue::ack(&conn, &acks).await.unwrap();
             }
         }));
     }

@@ -210,7 +210,7 @@ async fn idempotent_batch_and_in_transaction_appends() {
     let mut conn = t.db.get().await.unwrap();
     {
         let tx = conn.transaction().await.unwrap();
-        let got = runs::append_events_in(&tx, run, &[NewEvent::new("x", json!(1))], None)
+        let got = runs::append_events(&tx, run, &[NewEvent::new("x", json!(1))], None)
             .await
             .unwrap();
         assert_eq!(got[0].seq, first.seq + 1);
@@ -218,10 +218,9 @@ async fn idempotent_batch_and_in_transaction_appends() {
     }
     {
         let tx = conn.transaction().await.unwrap();
-        let got =
-            runs::append_events_in(&tx, run, &[NewEvent::new("y", json!(2)), ev.clone()], None)
-                .await
-                .unwrap();
+        let got = runs::append_events(&tx, run, &[NewEvent::new("y", json!(2)), ev.clone()], None)
+            .await
+            .unwrap();
         assert_eq!(got[0].seq, first.seq + 1);
         assert!(got[0].inserted);
         assert!(!got[1].inserted);

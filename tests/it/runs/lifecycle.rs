@@ -34,7 +34,7 @@ async fn paused_lease_holder_loses_the_run_and_its_late_writes_are_rejected() {
     assert!(b.token > a.token);
 
     // A wakes up: everything it tries under its old token is rejected.
-    let late = runs::append_events_in(
+    let late = runs::append_events(
         &paused_tx,
         run,
         &[NewEvent::new("a-late", json!({}))],
@@ -336,7 +336,7 @@ async fn subscribe_run_streams_new_events_in_order_without_gaps() {
 }
 
 #[tokio::test]
-async fn maintenance_releases_leases_of_dead_instances_and_fail_run_in_records_the_event() {
+async fn maintenance_releases_dead_leases_and_fail_run_in_a_transaction_records_the_event() {
     let (t, run) = db_with_run().await;
     let lease = runs::acquire_run_lease(
         &t.db,
@@ -360,7 +360,7 @@ async fn maintenance_releases_leases_of_dead_instances_and_fail_run_in_records_t
         released += step.run(&tx, &ctx).await.unwrap();
     }
     assert_eq!(released, 1);
-    let failed = runs::fail_run_in(&tx, run, "timeout", "run timed out", None)
+    let failed = runs::fail_run(&tx, run, "timeout", "run timed out", None)
         .await
         .unwrap();
     assert_eq!(failed.state, RunState::Failed);
@@ -408,7 +408,7 @@ async fn maintenance_releases_leases_of_dead_instances_and_fail_run_in_records_t
         "a run with a live lease is not stuck"
     );
     let tx = conn.transaction().await.unwrap();
-    let failed = runs::fail_stuck_runs_in(&tx, Duration::from_secs(3600), 100, None)
+    let failed = runs::fail_stuck_runs(&tx, Duration::from_secs(3600), 100, None)
         .await
         .unwrap();
     tx.commit().await.unwrap();

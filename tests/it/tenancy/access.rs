@@ -187,11 +187,11 @@ async fn capability_checks() {
     let mut conn = t.db.get().await.unwrap();
     let tx = conn.transaction().await.unwrap();
     assert!(matches!(
-        tenancy::require_capability_in_tx(&tx, &acme, "shell", Some("exec")).await,
+        tenancy::require_capability(&tx, &acme, "shell", Some("exec")).await,
         Err(Error::CapabilityDenied { .. })
     ));
     assert!(matches!(
-        tenancy::require_capability_in_tx(&tx, &tid("ghost"), "shell", Some("exec")).await,
+        tenancy::require_capability(&tx, &tid("ghost"), "shell", Some("exec")).await,
         Err(Error::NotFound { kind: "tenant", .. })
     ));
     tx.rollback().await.unwrap();

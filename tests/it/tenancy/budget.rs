@@ -306,7 +306,7 @@ async fn maintenance_releases_reservations_of_dead_instances() {
     // released twice.
     let mut conn = t.db.get().await.unwrap();
     let tx = conn.transaction().await.unwrap();
-    let s = tenancy::settle_in_tx(&tx, &dead, &CostInput::llm("m", 1, 1, 2.0))
+    let s = tenancy::settle(&tx, &dead, &CostInput::llm("m", 1, 1, 2.0))
         .await
         .unwrap();
     tx.commit().await.unwrap();
@@ -429,7 +429,7 @@ async fn sustained_reserve_settle_keeps_books_exact() {
                     .unwrap();
                 let mut conn = db.get().await.unwrap();
                 let tx = conn.transaction().await.unwrap();
-                tenancy::settle_in_tx(
+                tenancy::settle(
                     &tx,
                     &r,
                     &CostInput::llm("gpt-4o-mini", 10, 10, 0.0012345678901)

@@ -95,7 +95,7 @@ async fn model_step(
     let mut conn = db.get().await?;
     let tx = conn.transaction().await?;
     let cost = CostInput::llm("gpt-4o-mini", 1000, 500, actual).step(format!("step-{step}"));
-    let s = tenancy::settle_in_tx(&tx, &reservation, &cost).await?;
+    let s = tenancy::settle(&tx, &reservation, &cost).await?;
     assert!(s.released);
     let payload = serde_json::json!({"cost_usd": s.cost_usd, "model": "gpt-4o-mini"});
     tx.query(

@@ -31,7 +31,7 @@ pub(super) async fn tick(db: &Db) -> Result<(Tick, Vec<runs::Run>)> {
         *by_state.entry(r.state.as_str()).or_insert(0) += 1;
     }
     let conn = db.get().await?;
-    let stats = queue::stats(&**conn).await?;
+    let stats = queue::stats(&conn).await?;
     let (mut done, mut total) = (0, 0);
     for s in stats.iter().filter(|s| s.queue == QUEUE) {
         total += s.tasks;
