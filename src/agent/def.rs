@@ -177,8 +177,7 @@ pub async fn register_agent(db: &crate::Db, def: &AgentDef) -> Result<()> {
         .map(|n| to_i32("max_tokens", n))
         .transpose()?;
     let iterations = to_i32("max_iterations", def.max_iterations)?;
-    let conn = db.get().await?;
-    conn.execute(
+    db.execute(
         sql!("agent/upsert_agent"),
         typed![
             &def.name,
@@ -220,8 +219,7 @@ pub async fn register_tools(db: &crate::Db, tools: &ToolRegistry) -> Result<()> 
 /// Load an agent definition ([`Error::NotFound`] with kind `agent` when unknown).
 #[instrument(skip(db), err)]
 pub async fn get_agent(db: &crate::Db, name: &str) -> Result<AgentDef> {
-    let conn = db.get().await?;
-    let row = conn
+    let row = db
         .query_opt(sql!("agent/get_agent"), typed![&name])
         .await?
         .ok_or_else(|| Error::not_found("agent", name))?;

@@ -86,8 +86,7 @@ pub(crate) async fn heartbeat_on(conn: &tokio_postgres::Client, id: &InstanceId)
 /// Delete the instance row (links cascade; the deregistration NOTIFY fires).
 #[instrument(skip(db), err)]
 pub async fn deregister(db: &Db, id: &InstanceId) -> Result<bool> {
-    let conn = db.get().await?;
-    Ok(conn
+    Ok(db
         .execute(sql!("coord/deregister_instance"), typed![id])
         .await?
         == 1)
@@ -123,8 +122,7 @@ pub struct InstanceRow {
 /// All registered instances, oldest first.
 #[instrument(skip(db), err)]
 pub async fn list(db: &Db) -> Result<Vec<InstanceRow>> {
-    let conn = db.get().await?;
-    let rows = conn.query(sql!("coord/list_instances"), typed![]).await?;
+    let rows = db.query(sql!("coord/list_instances"), typed![]).await?;
     Ok(rows
         .iter()
         .map(|r| InstanceRow {

@@ -108,8 +108,7 @@ pub struct LeaderRow {
 /// All lease rows.
 #[instrument(skip(db), err)]
 pub async fn current(db: &Db) -> Result<Vec<LeaderRow>> {
-    let conn = db.get().await?;
-    let rows = conn.query(sql!("coord/current_leader"), typed![]).await?;
+    let rows = db.query(sql!("coord/current_leader"), typed![]).await?;
     Ok(rows
         .iter()
         .map(|r| LeaderRow {

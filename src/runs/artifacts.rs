@@ -113,8 +113,7 @@ pub async fn put_artifact(
         limits::json_len(&value),
         db.run_limits().max_artifact_bytes,
     )?;
-    let conn = db.get().await?;
-    let row = conn
+    let row = db
         .query_one(
             sql!("runs/put_artifact"),
             typed![&run, &lease_token, &key, &value],
@@ -127,8 +126,7 @@ pub async fn put_artifact(
 /// The latest version of an artifact, if any.
 #[instrument(skip(db), err)]
 pub async fn get_artifact(db: &Db, run: RunId, key: &str) -> Result<Option<Artifact>> {
-    let conn = db.get().await?;
-    let row = conn
+    let row = db
         .query_opt(sql!("runs/get_artifact"), typed![&run, &key])
         .await?;
     Ok(row.as_ref().map(artifact))
@@ -137,8 +135,7 @@ pub async fn get_artifact(db: &Db, run: RunId, key: &str) -> Result<Option<Artif
 /// Every version of an artifact, oldest first.
 #[instrument(skip(db), err)]
 pub async fn artifact_history(db: &Db, run: RunId, key: &str) -> Result<Vec<Artifact>> {
-    let conn = db.get().await?;
-    let rows = conn
+    let rows = db
         .query(sql!("runs/artifact_history"), typed![&run, &key])
         .await?;
     Ok(rows.iter().map(artifact).collect())
@@ -179,8 +176,7 @@ pub async fn add_summary(
         SummaryContent::Text(t) => (Some(t), None),
         SummaryContent::Json(j) => (None, Some(j)),
     };
-    let conn = db.get().await?;
-    let row = conn
+    let row = db
         .query_one(
             sql!("runs/add_summary"),
             typed![&run, &lease_token, &summary_type, &text, &json],

@@ -51,8 +51,7 @@ pub async fn acquire_run_lease(
 ) -> Result<Option<RunLease>> {
     crate::ids::validate_text_id("lease owner", owner)?;
     let ttl = check_ttl(ttl)?;
-    let conn = db.get().await?;
-    let row = conn
+    let row = db
         .query_opt(sql!("runs/acquire_lease"), typed![&run, &owner, &ttl])
         .await
         .map_err(|e| map_db_error(e, run))?;
@@ -83,8 +82,7 @@ pub async fn acquire_run_lease(
 #[instrument(skip(db, lease), fields(run = %lease.run_id, token = lease.token), err)]
 pub async fn renew_run_lease(db: &Db, lease: &RunLease, ttl: Duration) -> Result<RunLease> {
     let ttl = check_ttl(ttl)?;
-    let conn = db.get().await?;
-    let row = conn
+    let row = db
         .query_opt(
             sql!("runs/renew_lease"),
             typed![&lease.run_id, &lease.owner, &lease.token, &ttl],
@@ -105,8 +103,7 @@ pub async fn renew_run_lease(db: &Db, lease: &RunLease, ttl: Duration) -> Result
 /// Give a lease up. Returns false when it was no longer held (nothing changed).
 #[instrument(skip(db, lease), fields(run = %lease.run_id, token = lease.token), err)]
 pub async fn release_run_lease(db: &Db, lease: &RunLease) -> Result<bool> {
-    let conn = db.get().await?;
-    let row = conn
+    let row = db
         .query_one(
             sql!("runs/release_lease"),
             typed![&lease.run_id, &lease.owner, &lease.token],

@@ -57,8 +57,7 @@ pub(super) fn session_from_row(row: &tokio_postgres::Row) -> Session {
 /// Fetch a session.
 #[instrument(skip(db), err)]
 pub async fn get_session(db: &Db, id: SessionId) -> Result<Session> {
-    let conn = db.get().await?;
-    let row = conn
+    let row = db
         .query_opt(sql!("runs/get_session"), typed![&id])
         .await?
         .ok_or_else(|| Error::not_found("session", id))?;

@@ -64,8 +64,7 @@ fn validate_role(role: &str) -> Result<()> {
 #[instrument(skip(db), err)]
 pub async fn grant_tenant_access(db: &Db, role: &str) -> Result<Vec<String>> {
     validate_role(role)?;
-    let conn = db.get().await?;
-    let rows = conn
+    let rows = db
         .query(sql!("tenancy/grant_tenant_access"), typed![&role])
         .await?;
     rows.iter().map(|r| Ok(r.try_get("granted")?)).collect()
@@ -115,8 +114,7 @@ pub async fn revoke_tenant_role(db: &Db, role: &str) -> Result<bool> {
 /// the pgcrew database (`pgcrew tenants grant-role` warns while it has not).
 #[instrument(skip(db), err)]
 pub async fn pg_locks_readable_by_public(db: &Db) -> Result<bool> {
-    let conn = db.get().await?;
-    Ok(conn
+    Ok(db
         .query_one(sql!("tenancy/pg_locks_public"), typed![])
         .await?
         .get(0))
@@ -125,8 +123,7 @@ pub async fn pg_locks_readable_by_public(db: &Db) -> Result<bool> {
 /// Every role bound to a tenant, by tenant.
 #[instrument(skip(db), err)]
 pub async fn list_tenant_roles(db: &Db) -> Result<Vec<TenantRole>> {
-    let conn = db.get().await?;
-    let rows = conn
+    let rows = db
         .query(sql!("tenancy/list_tenant_roles"), typed![])
         .await?;
     rows.iter()

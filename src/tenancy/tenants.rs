@@ -237,8 +237,7 @@ pub async fn upsert(db: &Db, ctx: &TenantContext) -> Result<bool> {
     let mut ctx = ctx.clone();
     ctx.validate()?;
     let policy = serde_json::to_value(&ctx.degradation)?;
-    let conn = db.get().await?;
-    let row = conn
+    let row = db
         .query_one(
             sql!("tenancy/upsert_tenant"),
             typed![
@@ -259,8 +258,7 @@ pub async fn upsert(db: &Db, ctx: &TenantContext) -> Result<bool> {
 /// A tenant, or [`Error::NotFound`].
 #[instrument(skip(db), err)]
 pub async fn get(db: &Db, tenant: &TenantId) -> Result<Tenant> {
-    let conn = db.get().await?;
-    let row = conn
+    let row = db
         .query_opt(sql!("tenancy/get_tenant"), typed![tenant])
         .await?
         .ok_or_else(|| Error::not_found("tenant", tenant))?;
@@ -270,8 +268,7 @@ pub async fn get(db: &Db, tenant: &TenantId) -> Result<Tenant> {
 /// All tenants, by id.
 #[instrument(skip(db), err)]
 pub async fn list(db: &Db) -> Result<Vec<Tenant>> {
-    let conn = db.get().await?;
-    let rows = conn.query(sql!("tenancy/list_tenants"), typed![]).await?;
+    let rows = db.query(sql!("tenancy/list_tenants"), typed![]).await?;
     rows.iter().map(tenant_from_row).collect()
 }
 

@@ -198,8 +198,7 @@ pub async fn read_events(
     if limit < 1 {
         return Err(Error::invalid("limit", "must be at least 1"));
     }
-    let conn = db.get().await?;
-    let rows = conn
+    let rows = db
         .query(sql!("runs/read_events"), typed![&run, &after_seq, &limit])
         .await?;
     Ok(rows.iter().map(|r| ledger_event(run, r)).collect())

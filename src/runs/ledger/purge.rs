@@ -20,8 +20,7 @@ pub async fn purge_run(db: &Db, run: RunId, reason: &str) -> Result<ChainAnchor>
             "say why the run's ledger is removed",
         ));
     }
-    let conn = db.get().await?;
-    let row = conn
+    let row = db
         .query_one(sql!("runs/purge_ledger"), typed![&run, &reason])
         .await
         .map_err(|e| match e.into_driver() {
