@@ -12,7 +12,7 @@ use super::state::{Run, RunState};
 use crate::db::Db;
 use crate::db::Executor;
 use crate::error::{Error, Result};
-use crate::ids::{InstanceId, RunId};
+use crate::ids::{InstanceId, RunId, TenantId};
 use crate::ledger_key::LedgerKey;
 use crate::vocab::EventType;
 
@@ -89,7 +89,7 @@ async fn transition_in(
             .query_typed_opt_row(sql!("runs/get_run"), typed![&run])
             .await?
             .ok_or_else(|| Error::not_found("run", run))?;
-        let tenant: String = row.get("tenant_id");
+        let tenant: TenantId = row.get("tenant_id");
         tx.execute_typed_count(sql!("runs/lock_tenant"), typed![&tenant])
             .await?;
     }
@@ -132,7 +132,7 @@ async fn transition_in(
                     limit: i64::from(limit),
                 }),
                 LimitPolicy::Reject => Err(Error::LimitReached {
-                    tenant: current.tenant_id.clone(),
+                    tenant: current.tenant_id.to_string(),
                     message: format!(
                         "max_concurrent_runs is {limit} and {running} runs are running; run {run} stays pending"
                     ),

@@ -9,6 +9,7 @@ use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::{RunId, TenantId};
 use crate::tenancy::tenants::validate_budget;
+use crate::vocab::BudgetStatus;
 
 /// Reserve in its own transaction (committed on success, so other instances see it).
 #[instrument(skip(db, req), fields(tenant = %req.tenant_id, estimate = req.estimate_usd), err)]
@@ -199,7 +200,7 @@ async fn settle_query(
         )
         .await?
         .ok_or_else(|| Error::not_found("tenant", tenant))?;
-    let status: String = row.try_get("budget_status")?;
+    let status: BudgetStatus = row.try_get("budget_status")?;
     let mut overruns = Vec::new();
     if row.try_get::<_, bool>("tenant_overrun")? {
         overruns.push(BudgetOverrun {
@@ -231,7 +232,7 @@ async fn settle_query(
         released: row.try_get::<_, i64>("released")? > 0,
         tenant_spent_usd: row.try_get("spent_usd")?,
         tenant_reserved_usd: row.try_get("reserved_usd")?,
-        status: status.parse()?,
+        status,
         overruns,
     })
 }
