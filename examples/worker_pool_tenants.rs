@@ -78,7 +78,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 async move {
                     // A real handler would fetch, resize and store the image here.
                     let _ = (job.image_id, job.width);
-                    progress.work(&ctx.tenant, Duration::from_millis(60)).await;
+                    progress
+                        .work(ctx.tenant.as_str(), Duration::from_millis(60))
+                        .await;
                     Ok(TaskOutcome::Complete)
                 }
             }
@@ -89,7 +91,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 let progress = progress.clone();
                 async move {
                     let _ = (email.to, email.subject);
-                    progress.work(&ctx.tenant, Duration::from_millis(40)).await;
+                    progress
+                        .work(ctx.tenant.as_str(), Duration::from_millis(40))
+                        .await;
                     Ok(TaskOutcome::Complete)
                 }
             }

@@ -5,6 +5,7 @@
 //! and every message says what went wrong and, where there is one, what to do about it.
 
 use crate::sqlstate;
+use crate::vocab::ModelErrorKind;
 use std::time::Duration;
 
 /// The pgcrew result alias.
@@ -268,8 +269,9 @@ pub enum Error {
     /// The model provider returned an error.
     #[error("model provider error ({kind}): {message}")]
     Model {
-        /// Classification: `rate_limited`, `server`, `timeout`, `invalid_request`, `invalid_output`, ...
-        kind: String,
+        /// Classification (shown as its name: `rate_limited`, `server`, `timeout`,
+        /// `invalid_request`, `invalid_output`, ...).
+        kind: ModelErrorKind,
         /// The provider's message.
         message: String,
     },

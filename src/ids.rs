@@ -180,6 +180,42 @@ macro_rules! text_id {
             }
         }
 
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0 == other
+            }
+        }
+
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl PartialEq<String> for $name {
+            fn eq(&self, other: &String) -> bool {
+                self.0 == *other
+            }
+        }
+
+        impl PartialEq<$name> for str {
+            fn eq(&self, other: &$name) -> bool {
+                self == other.0
+            }
+        }
+
+        impl PartialEq<$name> for &str {
+            fn eq(&self, other: &$name) -> bool {
+                *self == other.0
+            }
+        }
+
+        impl PartialEq<$name> for String {
+            fn eq(&self, other: &$name) -> bool {
+                *self == other.0
+            }
+        }
+
         // Rows were validated on the way in; accept what the database holds.
         sql_newtype!($name, String, [TEXT, VARCHAR], TEXT, TEXT_ARRAY);
     };
@@ -278,6 +314,19 @@ mod tests {
         }
         assert_eq!(both::<TaskId>(&Type::INT8), (true, true));
         assert_eq!(both::<TaskId>(&Type::INT4), (false, false));
+    }
+
+    #[test]
+    fn text_ids_compare_with_strings() {
+        let t = TenantId::new("acme").unwrap();
+        let owned = String::from("acme");
+        assert!(t == "acme" && t == *"acme" && t == owned);
+        assert!("acme" == t && *"acme" == t && owned == t);
+        assert!(t != "acme2" && "other" != t);
+        assert_eq!(t, "acme");
+        let i = InstanceId::new("worker-1").unwrap();
+        assert_eq!(i, "worker-1");
+        assert_ne!(i, "worker-2");
     }
 
     #[test]

@@ -135,7 +135,7 @@ impl AgentRuntime {
         }
         get_agent(self.kernel.db(), agent).await?;
         let s = runs::get_session(self.kernel.db(), session).await?;
-        let tenant = TenantId::new(s.tenant_id.clone())?;
+        let tenant = s.tenant_id;
         let new = NewRun::new(tenant.clone())
             .session(session)
             .agent(agent)
@@ -237,8 +237,7 @@ impl AgentRuntime {
         let run = current.id;
         let token = Some(lease.token);
         self.start(current, token).await?;
-        let tenant = TenantId::new(current.tenant_id.clone())?;
-        let scope = RunScope::new(run, tenant).with_lease(lease.token);
+        let scope = RunScope::new(run, current.tenant_id.clone()).with_lease(lease.token);
         let Some(agent_name) = current.agent_name.as_deref() else {
             let e = Error::invalid("agent", "the run names no agent");
             return self.fail(&scope, "unknown_agent", e).await;
@@ -321,7 +320,7 @@ impl AgentRuntime {
         match started {
             StartOutcome::Started(_) => Ok(()),
             StartOutcome::LimitReached { running, limit } => Err(Error::LimitReached {
-                tenant: current.tenant_id.clone(),
+                tenant: current.tenant_id.to_string(),
                 message: format!("{running} of {limit} concurrent runs"),
             }),
         }

@@ -17,7 +17,7 @@ impl Kernel {
     #[instrument(skip(self), fields(run = %scope.run), err)]
     pub async fn fork_run(&self, scope: &RunScope, before_seq: i64) -> Result<RunId> {
         let parent = get_run(&self.db, scope.run).await?;
-        if parent.tenant_id != scope.tenant.as_str() {
+        if parent.tenant_id != scope.tenant {
             return Err(Error::not_found("run", scope.run));
         }
         let forked_at = before_seq - 1;

@@ -187,7 +187,7 @@ impl Harness {
     pub async fn run(&self, scope: &RunScope) -> Result<HarnessReport> {
         self.validate()?;
         let run = runs::get_run(self.kernel.db(), scope.run).await?;
-        if run.tenant_id != scope.tenant.as_str() {
+        if run.tenant_id != scope.tenant {
             return Err(Error::not_found("run", scope.run));
         }
         let mut report = HarnessReport::default();

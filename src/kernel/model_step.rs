@@ -272,9 +272,9 @@ impl Kernel {
             Err(e) => e,
         };
         let kind = match &e {
-            Error::Model { kind, .. } => kind.clone(),
-            Error::InvalidInput { .. } => ModelErrorKind::InvalidRequest.as_str().to_string(),
-            _ => "other".to_string(),
+            Error::Model { kind, .. } => kind.as_str(),
+            Error::InvalidInput { .. } => ModelErrorKind::InvalidRequest.as_str(),
+            _ => "other",
         };
         let mut conn = self.db.get().await?;
         let tx = conn.transaction().await?;

@@ -161,7 +161,7 @@ impl Kernel {
         crate::runs::get_run(self.db(), scope.run)
             .await
             .and_then(|r| {
-                if r.tenant_id == scope.tenant.as_str() {
+                if r.tenant_id == scope.tenant {
                     Ok(())
                 } else {
                     Err(Error::not_found("run", scope.run))

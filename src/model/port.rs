@@ -17,87 +17,22 @@ pub use super::tokens::{
     completion_token_bound, estimate_prompt_tokens, estimate_tokens, prompt_token_bound,
 };
 
-/// The kinds of [`Error::Model`]: each has a stable string (its `kind`, recorded in the ledger
-/// as `model_failed.kind`), also available as the [`error_kind`] constants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum ModelErrorKind {
-    /// The provider rate-limited the call (HTTP 429); retried with backoff.
-    RateLimited,
-    /// The account has no quota left (HTTP 429 `insufficient_quota`); not retried.
-    QuotaExceeded,
-    /// The provider failed (HTTP 5xx); retried with backoff.
-    Server,
-    /// The call did not finish within the per-request timeout; retried with backoff.
-    Timeout,
-    /// The provider could not be reached or the connection broke; retried with backoff.
-    Connection,
-    /// The provider rejected the credentials (HTTP 401/403).
-    Auth,
-    /// The provider (or pgcrew, before sending) rejected the request as malformed.
-    InvalidRequest,
-    /// The provider answered with something that is not a chat completion.
-    InvalidResponse,
-    /// The model's output is unusable: invalid JSON, JSON not matching the expected type, or
-    /// tool-call arguments that are not JSON.
-    InvalidOutput,
-    /// A scripted model ran out of scripted replies.
-    ScriptExhausted,
-}
+pub use crate::vocab::ModelErrorKind;
 
 impl ModelErrorKind {
-    /// Every kind.
-    pub const ALL: [ModelErrorKind; 10] = [
-        Self::RateLimited,
-        Self::QuotaExceeded,
-        Self::Server,
-        Self::Timeout,
-        Self::Connection,
-        Self::Auth,
-        Self::InvalidRequest,
-        Self::InvalidResponse,
-        Self::InvalidOutput,
-        Self::ScriptExhausted,
-    ];
-
-    /// The kind's stable string.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            Self::RateLimited => "rate_limited",
-            Self::QuotaExceeded => "quota_exceeded",
-            Self::Server => "server",
-            Self::Timeout => "timeout",
-            Self::Connection => "connection",
-            Self::Auth => "auth",
-            Self::InvalidRequest => "invalid_request",
-            Self::InvalidResponse => "invalid_response",
-            Self::InvalidOutput => "invalid_output",
-            Self::ScriptExhausted => "script_exhausted",
-        }
-    }
-
     /// The kind named by `kind`, if it is one of pgcrew's.
     pub fn parse(kind: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.as_str() == kind)
+        Self::from_name(kind)
     }
 
-    /// The kind of an [`Error::Model`] (`None` for other errors and unknown kinds).
+    /// The kind of an [`Error::Model`] (`None` for other errors).
     pub fn of(error: &Error) -> Option<Self> {
         match error {
-            Error::Model { kind, .. } => Self::parse(kind),
+            Error::Model { kind, .. } => Some(*kind),
             _ => None,
         }
     }
-
-    /// True for the kinds that are transient and worth retrying.
-    pub fn is_retryable(self) -> bool {
-        matches!(
-            self,
-            Self::RateLimited | Self::Server | Self::Timeout | Self::Connection
-        )
-    }
 }
-
-crate::error::display_as_str!(ModelErrorKind);
 
 /// The `kind` strings of [`Error::Model`] ([`ModelErrorKind::as_str`]), as produced by the
 /// adapters in this module.
@@ -132,9 +67,9 @@ pub mod error_kind {
 }
 
 /// Shorthand for an [`Error::Model`].
-pub fn model_error(kind: &str, message: impl Into<String>) -> Error {
+pub fn model_error(kind: ModelErrorKind, message: impl Into<String>) -> Error {
     Error::Model {
-        kind: kind.to_string(),
+        kind,
         message: message.into(),
     }
 }
@@ -161,4 +96,28 @@ pub trait ModelPort: Send + Sync {
     /// [`ModelRequest::validate`] and [`Error::Model`] (see [`error_kind`]) for provider
     /// failures.
     async fn complete(&self, request: &ModelRequest) -> Result<ModelResponse>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_errors_carry_their_kind_and_show_its_name() {
+        let e = model_error(ModelErrorKind::RateLimited, "slow down");
+        assert_eq!(
+            e.to_string(),
+            "model provider error (rate_limited): slow down"
+        );
+        assert_eq!(ModelErrorKind::of(&e), Some(ModelErrorKind::RateLimited));
+        assert!(matches!(&e, Error::Model { kind, .. } if kind == error_kind::RATE_LIMITED));
+        assert_eq!(ModelErrorKind::of(&Error::Config("x".into())), None);
+        assert_eq!(
+            ModelErrorKind::parse("timeout"),
+            Some(ModelErrorKind::Timeout)
+        );
+        assert_eq!(ModelErrorKind::parse("nope"), None);
+        assert!(error_kind::is_retryable(error_kind::SERVER));
+        assert!(!error_kind::is_retryable(error_kind::AUTH));
+    }
 }

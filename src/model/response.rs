@@ -5,7 +5,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use super::message::ToolCall;
-use super::port::{error_kind, model_error, truncate};
+use super::port::{ModelErrorKind, model_error, truncate};
 use crate::error::Result;
 use crate::model::PriceTable;
 
@@ -123,7 +123,7 @@ impl ModelResponse {
 pub fn parse_structured<T: DeserializeOwned>(content: Option<&str>) -> Result<T> {
     let Some(text) = content else {
         return Err(model_error(
-            error_kind::INVALID_OUTPUT,
+            ModelErrorKind::InvalidOutput,
             "the model returned no text where structured JSON output was expected",
         ));
     };
@@ -138,7 +138,7 @@ pub fn parse_structured<T: DeserializeOwned>(content: Option<&str>) -> Result<T>
             "the model returned invalid JSON".to_string()
         };
         model_error(
-            error_kind::INVALID_OUTPUT,
+            ModelErrorKind::InvalidOutput,
             format!("{what}: {e}; output was: {}", truncate(text, 300)),
         )
     })

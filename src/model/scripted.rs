@@ -36,7 +36,7 @@ use serde_json::{Map, Value, json};
 
 use crate::error::Result;
 use crate::model::port::{
-    FinishReason, Message, ModelPort, ModelRequest, ModelResponse, ToolCall, Usage, error_kind,
+    FinishReason, Message, ModelErrorKind, ModelPort, ModelRequest, ModelResponse, ToolCall, Usage,
     estimate_prompt_tokens, estimate_tokens, model_error,
 };
 
@@ -52,8 +52,8 @@ pub enum ScriptedReply {
     Json(Value),
     /// A provider error ([`crate::Error::Model`] with this kind and message).
     Error {
-        /// The error kind (see [`error_kind`]).
-        kind: String,
+        /// The error kind.
+        kind: ModelErrorKind,
         /// The message.
         message: String,
     },
@@ -76,9 +76,9 @@ impl ScriptedReply {
     }
 
     /// A provider error.
-    pub fn error(kind: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn error(kind: ModelErrorKind, message: impl Into<String>) -> Self {
         ScriptedReply::Error {
-            kind: kind.into(),
+            kind,
             message: message.into(),
         }
     }
@@ -211,7 +211,7 @@ impl ScriptedModel {
                     .collect();
                 Ok(tool_response(request, calls))
             }
-            ScriptedReply::Error { kind, message } => Err(model_error(kind, message.clone())),
+            ScriptedReply::Error { kind, message } => Err(model_error(*kind, message.clone())),
         }
     }
 }
@@ -433,7 +433,7 @@ impl ModelPort for ScriptedModel {
         }
         let exhausted = |i: usize, len: usize| {
             model_error(
-                error_kind::SCRIPT_EXHAUSTED,
+                ModelErrorKind::ScriptExhausted,
                 format!("the scripted model has {len} replies and reply {i} was asked for"),
             )
         };

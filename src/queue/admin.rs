@@ -18,7 +18,7 @@ pub struct TaskStats {
     /// Queue.
     pub queue: String,
     /// State.
-    pub state: String,
+    pub state: TaskState,
     /// Number of tasks.
     pub tasks: i64,
     /// For `available`: seconds since the oldest available task became due.
@@ -29,15 +29,16 @@ pub struct TaskStats {
 #[instrument(skip(client), err)]
 pub async fn stats<C: Executor + ?Sized>(client: &C) -> Result<Vec<TaskStats>> {
     let rows = client.query(sql!("queue/stats"), typed![]).await?;
-    Ok(rows
-        .iter()
-        .map(|r| TaskStats {
-            queue: r.get("queue"),
-            state: r.get("state"),
-            tasks: r.get("tasks"),
-            oldest_available_age_s: r.get("oldest_available_age_s"),
+    rows.iter()
+        .map(|r| {
+            Ok(TaskStats {
+                queue: r.get("queue"),
+                state: r.try_get("state")?,
+                tasks: r.get("tasks"),
+                oldest_available_age_s: r.get("oldest_available_age_s"),
+            })
         })
-        .collect())
+        .collect()
 }
 
 /// A task as stored.
@@ -50,7 +51,7 @@ pub struct TaskRow {
     /// Kind.
     pub kind: String,
     /// Tenant.
-    pub tenant_id: String,
+    pub tenant_id: TenantId,
     /// Run.
     pub run_id: Option<Uuid>,
     /// Priority (0 critical .. 4 batch).
@@ -88,7 +89,6 @@ pub struct TaskRow {
 }
 
 fn task_row(r: &tokio_postgres::Row) -> Result<TaskRow> {
-    let state: String = r.get("state");
     Ok(TaskRow {
         id: TaskId(r.get("id")),
         queue: r.get("queue"),
@@ -96,7 +96,7 @@ fn task_row(r: &tokio_postgres::Row) -> Result<TaskRow> {
         tenant_id: r.get("tenant_id"),
         run_id: r.get("run_id"),
         priority: r.get("priority"),
-        state: state.parse()?,
+        state: r.try_get("state")?,
         payload: r.get("payload"),
         attempts: r.get("attempts"),
         max_attempts: r.get("max_attempts"),
@@ -136,10 +136,8 @@ pub async fn list<C: Executor + ?Sized>(
     if limit < 1 {
         return Err(Error::invalid("limit", "must be at least 1"));
     }
-    let st = state.map(|s| s.as_str());
-    let tn = tenant.map(|t| t.as_str());
     let rows = client
-        .query(sql!("queue/list"), typed![&st, &queue, &tn, &limit])
+        .query(sql!("queue/list"), typed![&state, &queue, &tenant, &limit])
         .await?;
     rows.iter().map(task_row).collect()
 }
@@ -155,13 +153,11 @@ pub async fn cancel<C: Executor + ?Sized>(client: &C, id: TaskId) -> Result<Task
         .query_opt(sql!("queue/cancel"), typed![&id])
         .await?
         .ok_or_else(|| Error::not_found("task", id))?;
-    let prev: String = row.get("previous_state");
-    let now: String = row.get("state");
-    let prev_state: TaskState = prev.parse()?;
-    if prev_state.is_final() {
-        return Err(invalid_state(id, &prev, "cancelled"));
+    let prev: TaskState = row.try_get("previous_state")?;
+    if prev.is_final() {
+        return Err(invalid_state(id, prev.as_str(), "cancelled"));
     }
-    now.parse()
+    Ok(row.try_get("state")?)
 }
 
 /// Make a task available again now (discarded, cancelled, completed, retryable or scheduled),
@@ -195,12 +191,11 @@ pub async fn retry<C: Executor + ?Sized>(client: &C, id: TaskId) -> Result<TaskS
             }
         })?
         .ok_or_else(|| Error::not_found("task", id))?;
-    let prev: String = row.get("previous_state");
-    if prev == "running" {
-        return Err(invalid_state(id, &prev, "available"));
+    let prev: TaskState = row.try_get("previous_state")?;
+    if prev == TaskState::Running {
+        return Err(invalid_state(id, prev.as_str(), "available"));
     }
-    let now: String = row.get("state");
-    now.parse()
+    Ok(row.try_get("state")?)
 }
 
 /// Limit how many tasks of `tenant` may run at once in `queue` (in addition to the tenant's

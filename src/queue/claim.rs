@@ -12,7 +12,7 @@ use super::{Priority, TaskState, bound_error_text};
 use crate::config::interval_micros;
 use crate::db::Executor;
 use crate::error::{Error, Result};
-use crate::ids::{ClaimToken, InstanceId, RunId, TaskId};
+use crate::ids::{ClaimToken, InstanceId, RunId, TaskId, TenantId};
 
 /// A task claimed for execution.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -24,7 +24,7 @@ pub struct ClaimedTask {
     /// Kind.
     pub kind: String,
     /// Tenant.
-    pub tenant: String,
+    pub tenant: TenantId,
     /// Run, if any.
     pub run_id: Option<RunId>,
     /// Priority.
@@ -130,7 +130,6 @@ fn in_order(rows: &[tokio_postgres::Row]) -> Result<Vec<ClaimedTask>> {
 }
 
 fn task_from_row(r: &tokio_postgres::Row) -> Result<ClaimedTask> {
-    let prio: i16 = r.get("priority");
     let run: Option<Uuid> = r.get("run_id");
     let lag_us: i64 = r.get("lag_us");
     let token: Uuid = r.get("claim_token");
@@ -140,7 +139,7 @@ fn task_from_row(r: &tokio_postgres::Row) -> Result<ClaimedTask> {
         kind: r.get("kind"),
         tenant: r.get("tenant_id"),
         run_id: run.map(RunId::from),
-        priority: Priority::from_i16(prio).unwrap_or_default(),
+        priority: r.try_get("priority")?,
         payload: r.get("payload"),
         attempt: r.get("attempts"),
         max_attempts: r.get("max_attempts"),
@@ -244,10 +243,9 @@ pub(crate) async fn ack_with<E: Executor + ?Sized>(
         .await?;
     let mut report = AckReport::default();
     for r in &rows {
-        let state: String = r.get("state");
         report
             .applied
-            .push((TaskId(r.get("id")), state.parse::<TaskState>()?));
+            .push((TaskId(r.get("id")), r.try_get::<_, TaskState>("state")?));
     }
     if report.applied.len() < acks.len() {
         let applied: std::collections::HashSet<TaskId> =

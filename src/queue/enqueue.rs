@@ -51,7 +51,7 @@ pub async fn enqueue<E: Executor + ?Sized>(client: &E, task: &NewTask) -> Result
         (&task.kind, Type::TEXT),
         (&task.tenant, Type::TEXT),
         (&run, Type::UUID),
-        (&task.priority.as_i16(), Type::INT2),
+        (&task.priority, Type::INT2),
         (&task.payload, Type::JSONB),
         (&task.delay_us(), Type::INT8),
         (&task.run_at, Type::TIMESTAMPTZ),
@@ -68,10 +68,9 @@ pub async fn enqueue<E: Executor + ?Sized>(client: &E, task: &NewTask) -> Result
         client.query_one(sql!("queue/enqueue"), params).await
     }
     .map_err(|e| map_enqueue_error(e, Some(task.tenant.as_str())))?;
-    let state: String = row.get("state");
     Ok(Enqueued {
         id: TaskId(row.get("id")),
-        state: state.parse()?,
+        state: row.try_get("state")?,
         duplicate: row.get("duplicate"),
     })
 }
@@ -132,7 +131,7 @@ pub async fn enqueue_many<E: Executor + ?Sized>(
         kinds.push(t.kind.as_str());
         tenants.push(t.tenant.as_str());
         runs.push(t.run_id.map(|r| r.as_uuid()));
-        prios.push(t.priority.as_i16());
+        prios.push(t.priority);
         payloads.push(&t.payload);
         max_attempts.push(t.max_attempts);
         run_ats.push(t.run_at);

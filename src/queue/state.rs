@@ -6,31 +6,6 @@ use crate::error::{Error, Result};
 
 pub use crate::vocab::{Priority, TaskState};
 
-impl Priority {
-    /// The stored value (0 = critical .. 4 = batch).
-    pub fn as_i16(self) -> i16 {
-        match self {
-            Priority::Critical => 0,
-            Priority::High => 1,
-            Priority::Normal => 2,
-            Priority::Low => 3,
-            Priority::Batch => 4,
-        }
-    }
-
-    /// From the stored value.
-    pub fn from_i16(v: i16) -> Option<Priority> {
-        Some(match v {
-            0 => Priority::Critical,
-            1 => Priority::High,
-            2 => Priority::Normal,
-            3 => Priority::Low,
-            4 => Priority::Batch,
-            _ => return None,
-        })
-    }
-}
-
 impl FromStr for Priority {
     type Err = Error;
     fn from_str(s: &str) -> Result<Self> {

@@ -15,7 +15,7 @@ pub struct Session {
     /// Id.
     pub id: SessionId,
     /// Tenant.
-    pub tenant_id: String,
+    pub tenant_id: TenantId,
     /// The caller's identifier, unique per tenant.
     pub identifier: String,
     /// Metadata given at creation.

@@ -79,7 +79,7 @@ pub struct Run {
     /// Id.
     pub id: RunId,
     /// Tenant.
-    pub tenant_id: String,
+    pub tenant_id: TenantId,
     /// Session, if any.
     pub session_id: Option<SessionId>,
     /// Agent name.
@@ -132,13 +132,12 @@ pub struct Run {
 
 impl Run {
     pub(super) fn from_row(r: &tokio_postgres::Row) -> Result<Run> {
-        let state: String = r.get("state");
         Ok(Run {
             id: r.get("id"),
             tenant_id: r.get("tenant_id"),
             session_id: r.get("session_id"),
             agent_name: r.get("agent_name"),
-            state: state.parse()?,
+            state: r.try_get("state")?,
             prompt: r.get("prompt"),
             response_text: r.get("response_text"),
             stop_reason: r.get("stop_reason"),
@@ -273,7 +272,7 @@ async fn create_run_steps(tx: &Atomic<'_>, new: NewRun) -> Result<RunId> {
             .query_opt(sql!("runs/get_session"), typed![&s])
             .await?
             .ok_or_else(|| Error::not_found("session", s))?;
-        if session_from_row(&row).tenant_id != new.tenant_id.as_str() {
+        if session_from_row(&row).tenant_id != new.tenant_id {
             return Err(Error::not_found("session", s));
         }
     }
@@ -282,7 +281,7 @@ async fn create_run_steps(tx: &Atomic<'_>, new: NewRun) -> Result<RunId> {
             .query_opt(sql!("runs/get_run"), typed![&p])
             .await?
             .ok_or_else(|| Error::not_found("run", p))?;
-        if Run::from_row(&row)?.tenant_id != new.tenant_id.as_str() {
+        if Run::from_row(&row)?.tenant_id != new.tenant_id {
             return Err(Error::not_found("run", p));
         }
     }
@@ -333,12 +332,10 @@ pub async fn list_runs(db: &Db, filter: &RunFilter) -> Result<Vec<Run>> {
         return Err(Error::invalid("limit", "must be between 1 and 10000"));
     }
     let conn = db.get().await?;
-    let state = filter.state.map(|s| s.as_str());
-    let tenant = filter.tenant.as_ref().map(|t| t.as_str());
     let rows = conn
         .query(
             sql!("runs/list_runs"),
-            typed![&tenant, &state, &filter.limit],
+            typed![&filter.tenant, &filter.state, &filter.limit],
         )
         .await?;
     rows.iter().map(Run::from_row).collect()

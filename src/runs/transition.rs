@@ -18,7 +18,7 @@ use super::map_db_error;
 use super::state::{Run, RunState};
 use crate::db::{Acquire, Atomic, Db, Executor, handle_of};
 use crate::error::{Error, Result};
-use crate::ids::{InstanceId, RunId};
+use crate::ids::{InstanceId, RunId, TenantId};
 use crate::ledger_key::LedgerKey;
 use crate::vocab::EventType;
 
@@ -95,7 +95,7 @@ async fn transition_steps(
             .query_opt(sql!("runs/get_run"), typed![&run])
             .await?
             .ok_or_else(|| Error::not_found("run", run))?;
-        let tenant: String = row.get("tenant_id");
+        let tenant: TenantId = row.get("tenant_id");
         tx.execute(sql!("runs/lock_tenant"), typed![&tenant])
             .await?;
     }
@@ -137,7 +137,7 @@ async fn transition_steps(
                     limit: i64::from(limit),
                 }),
                 LimitPolicy::Reject => Err(Error::LimitReached {
-                    tenant: current.tenant_id.clone(),
+                    tenant: current.tenant_id.to_string(),
                     message: format!(
                         "max_concurrent_runs is {limit} and {running} runs are running; run {run} stays pending"
                     ),

@@ -36,7 +36,7 @@ impl CostFilter {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct CostRow {
     /// The tenant.
-    pub tenant_id: String,
+    pub tenant_id: TenantId,
     /// The day (UTC).
     pub day: NaiveDate,
     /// The category (`llm`, `tool`, `retrieval`, `storage`, `other`).
@@ -95,7 +95,6 @@ pub async fn budget_status(db: &Db, tenant: &TenantId) -> Result<BudgetSnapshot>
         .query_opt(sql!("tenancy/budget_status"), typed![tenant])
         .await?
         .ok_or_else(|| Error::not_found("tenant", tenant))?;
-    let status: String = r.try_get("status")?;
     Ok(BudgetSnapshot {
         tenant_id: r.try_get("tenant_id")?,
         budget_usd_limit: r.try_get("budget_usd_limit")?,
@@ -103,7 +102,7 @@ pub async fn budget_status(db: &Db, tenant: &TenantId) -> Result<BudgetSnapshot>
         reserved_usd: r.try_get("reserved_usd")?,
         remaining_usd: r.try_get("remaining_usd")?,
         used_pct: r.try_get("used_pct")?,
-        status: status.parse()?,
+        status: r.try_get("status")?,
         thresholds: BudgetThresholds {
             warning: r.try_get("warning_threshold")?,
             critical: r.try_get("critical_threshold")?,

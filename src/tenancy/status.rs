@@ -9,6 +9,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
+use crate::ids::TenantId;
 
 pub use crate::vocab::BudgetStatus;
 
@@ -89,7 +90,7 @@ impl BudgetThresholds {
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct BudgetSnapshot {
     /// The tenant.
-    pub tenant_id: String,
+    pub tenant_id: TenantId,
     /// The limit (`None`: unlimited).
     pub budget_usd_limit: Option<f64>,
     /// Spent so far.

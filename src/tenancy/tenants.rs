@@ -203,12 +203,10 @@ pub struct Tenant {
 }
 
 fn tenant_from_row(r: &tokio_postgres::Row) -> Result<Tenant> {
-    let status: String = r.try_get("budget_status")?;
     let policy: serde_json::Value = r.try_get("degradation_policy")?;
-    let id: String = r.try_get("id")?;
     Ok(Tenant {
         context: TenantContext {
-            tenant_id: TenantId::new(id)?,
+            tenant_id: r.try_get("id")?,
             capabilities: r.try_get("capabilities")?,
             budget_usd_limit: r.try_get("budget_usd_limit")?,
             max_concurrent_runs: r.try_get("max_concurrent_runs")?,
@@ -221,7 +219,7 @@ fn tenant_from_row(r: &tokio_postgres::Row) -> Result<Tenant> {
         },
         spent_usd: r.try_get("spent_usd")?,
         reserved_usd: r.try_get("reserved_usd")?,
-        status: status.parse()?,
+        status: r.try_get("budget_status")?,
         active_reservations: r.try_get("active_reservations")?,
         metadata: r.try_get("metadata")?,
         created_at: r.try_get("created_at")?,

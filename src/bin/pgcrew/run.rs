@@ -187,7 +187,7 @@ pub async fn exec(dsn: Option<String>, cmd: RunCmd) -> Result<ExitCode> {
             } else {
                 let rows = vec![
                     vec!["id".into(), r.id.to_string()],
-                    vec!["tenant".into(), r.tenant_id.clone()],
+                    vec!["tenant".into(), r.tenant_id.to_string()],
                     vec!["agent".into(), opt(&r.agent_name)],
                     vec!["state".into(), r.state.to_string()],
                     vec!["instance".into(), opt(&r.instance_id)],

@@ -166,7 +166,7 @@ async fn stats(dsn: Option<String>, json: bool) -> Result<ExitCode> {
     print_rows(json, &rows, Some("no tasks"), &headers, |r| {
         vec![
             r.queue.clone(),
-            r.state.clone(),
+            r.state.to_string(),
             r.tasks.to_string(),
             r.oldest_available_age_s
                 .map(|s| format!("{s:.3}s"))
@@ -201,7 +201,7 @@ async fn list(dsn: Option<String>, a: ListArgs) -> Result<ExitCode> {
             r.id.to_string(),
             r.queue.clone(),
             r.kind.clone(),
-            r.tenant_id.clone(),
+            r.tenant_id.to_string(),
             r.state.to_string(),
             format!("{}/{}", r.attempts, r.max_attempts),
             r.run_at.to_rfc3339(),

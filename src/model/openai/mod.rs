@@ -33,7 +33,7 @@ use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::model::port::{
-    ModelErrorKind, ModelPort, ModelRequest, ModelResponse, error_kind, model_error, truncate,
+    ModelErrorKind, ModelPort, ModelRequest, ModelResponse, model_error, truncate,
 };
 
 mod config;
@@ -92,7 +92,7 @@ impl OpenAiModel {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(classify(e, &self.config)),
             Err(_) => Err(model_error(
-                error_kind::TIMEOUT,
+                ModelErrorKind::Timeout,
                 format!(
                     "no response from {} within {:?} (raise the timeout with OpenAiConfigBuilder::timeout)",
                     self.config.base_url, self.config.timeout
@@ -115,33 +115,33 @@ fn classify(e: OpenAIError, config: &OpenAiConfig) -> Error {
                 429 if resp.api_error.r#type.as_deref() == Some("insufficient_quota")
                     || resp.api_error.code.as_deref() == Some("insufficient_quota") =>
                 {
-                    error_kind::QUOTA_EXCEEDED
+                    ModelErrorKind::QuotaExceeded
                 }
-                429 => error_kind::RATE_LIMITED,
+                429 => ModelErrorKind::RateLimited,
                 401 | 403 => {
                     return model_error(
-                        error_kind::AUTH,
+                        ModelErrorKind::Auth,
                         format!(
                             "{msg} (check the API key: OpenAiConfigBuilder::api_key or OPENAI_API_KEY)"
                         ),
                     );
                 }
-                408 => error_kind::TIMEOUT,
-                500..=599 => error_kind::SERVER,
-                _ => error_kind::INVALID_REQUEST,
+                408 => ModelErrorKind::Timeout,
+                500..=599 => ModelErrorKind::Server,
+                _ => ModelErrorKind::InvalidRequest,
             };
             model_error(kind, msg)
         }
         OpenAIError::Reqwest(re) => {
             let kind = if re.is_timeout() {
-                error_kind::TIMEOUT
+                ModelErrorKind::Timeout
             } else if re.is_builder() {
-                error_kind::INVALID_REQUEST
+                ModelErrorKind::InvalidRequest
             } else if re.is_decode() {
-                error_kind::INVALID_RESPONSE
+                ModelErrorKind::InvalidResponse
             } else {
                 // connect, request, body: the transport failed.
-                error_kind::CONNECTION
+                ModelErrorKind::Connection
             };
             let mut msg = format!("{re}");
             let mut src = std::error::Error::source(&re);
@@ -155,19 +155,19 @@ fn classify(e: OpenAIError, config: &OpenAiConfig) -> Error {
             )
         }
         OpenAIError::JSONDeserialize(err, content) => model_error(
-            error_kind::INVALID_RESPONSE,
+            ModelErrorKind::InvalidResponse,
             format!(
                 "{} did not answer with a chat completion ({err}); body was: {}",
                 config.base_url,
                 truncate(&content, 500)
             ),
         ),
-        OpenAIError::InvalidArgument(m) => model_error(error_kind::INVALID_REQUEST, m),
+        OpenAIError::InvalidArgument(m) => model_error(ModelErrorKind::InvalidRequest, m),
         OpenAIError::Boxed(b) => model_error(
-            error_kind::CONNECTION,
+            ModelErrorKind::Connection,
             format!("request to {} failed: {b}", config.base_url),
         ),
-        other => model_error(error_kind::INVALID_REQUEST, other.to_string()),
+        other => model_error(ModelErrorKind::InvalidRequest, other.to_string()),
     }
 }
 #[async_trait]

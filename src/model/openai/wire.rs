@@ -15,8 +15,8 @@ use serde_json::Value;
 
 use crate::error::Result;
 use crate::model::port::{
-    FinishReason, Message, ModelRequest, ModelResponse, ToolCall, Usage, completion_token_bound,
-    error_kind, model_error, prompt_token_bound, truncate,
+    FinishReason, Message, ModelErrorKind, ModelRequest, ModelResponse, ToolCall, Usage,
+    completion_token_bound, model_error, prompt_token_bound, truncate,
 };
 
 /// The chat completions body for `request` (typed through async-openai, then merged with the
@@ -141,7 +141,7 @@ pub(super) fn from_oai_response(
 ) -> Result<ModelResponse> {
     let Some(choice) = resp.choices.into_iter().next() else {
         return Err(model_error(
-            error_kind::INVALID_RESPONSE,
+            ModelErrorKind::InvalidResponse,
             "the provider returned a chat completion with no choices",
         ));
     };
@@ -156,7 +156,7 @@ pub(super) fn from_oai_response(
                 } else {
                     serde_json::from_str(raw).map_err(|e| {
                         model_error(
-                            error_kind::INVALID_OUTPUT,
+                            ModelErrorKind::InvalidOutput,
                             format!(
                                 "the model called tool `{}` with arguments that are not valid JSON ({e}): {}",
                                 f.function.name,

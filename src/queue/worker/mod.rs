@@ -36,7 +36,7 @@ use super::retry::RetryPolicy;
 use crate::coord::notify::EventKind;
 use crate::coord::service::{Service, ServiceContext};
 use crate::error::Result;
-use crate::ids::{ClaimToken, RunId, TaskId};
+use crate::ids::{ClaimToken, RunId, TaskId, TenantId};
 
 mod ack;
 mod builder;
@@ -69,7 +69,7 @@ pub struct TaskContext {
     /// Its kind.
     pub kind: String,
     /// Its tenant.
-    pub tenant: String,
+    pub tenant: TenantId,
     /// Its run, if any.
     pub run_id: Option<RunId>,
     /// This attempt (1-based).

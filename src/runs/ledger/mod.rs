@@ -58,7 +58,7 @@ use serde::Serialize;
 
 use super::state::RunState;
 use crate::error::{Error, Result};
-use crate::ids::RunId;
+use crate::ids::{RunId, TenantId};
 
 mod append;
 mod hash;
@@ -157,7 +157,7 @@ pub struct LedgerEvent {
     /// Sequence number (1, 2, ...).
     pub seq: i64,
     /// The run's tenant.
-    pub tenant_id: String,
+    pub tenant_id: TenantId,
     /// Event type.
     pub event_type: String,
     /// Step key.

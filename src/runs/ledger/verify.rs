@@ -71,8 +71,7 @@ async fn scan(db: &Db, run: RunId, with_checkpoints: bool) -> Result<Scan> {
         .ok_or_else(|| Error::not_found("run", run))?;
     let head_seq: i64 = head.get(0);
     let head_hash: Option<Vec<u8>> = head.get(1);
-    let state: String = head.get(2);
-    let state: RunState = state.parse()?;
+    let state: RunState = head.try_get(2)?;
     let format_value: i16 = head.get(3);
     let format = LedgerFormat::from_i16(format_value)?;
     let anchor = anchor(&tx, run).await?;

@@ -8,6 +8,7 @@ use crate::db::{Acquire, Atomic, Executor};
 use crate::error::{Error, Result};
 use crate::ids::{RunId, TenantId};
 use crate::tenancy::tenants::validate_budget;
+use crate::vocab::BudgetStatus;
 
 /// Reserve `req.estimate_usd` against the tenant's budget (and the run's, with `req.run_id`):
 /// [`Error::BudgetExceeded`] (with the current figures) when the tenant's budget cannot cover
@@ -187,7 +188,7 @@ async fn settle_query<E: Executor + ?Sized>(
         )
         .await?
         .ok_or_else(|| Error::not_found("tenant", tenant))?;
-    let status: String = row.try_get("budget_status")?;
+    let status: BudgetStatus = row.try_get("budget_status")?;
     let mut overruns = Vec::new();
     if row.try_get::<_, bool>("tenant_overrun")? {
         overruns.push(BudgetOverrun {
@@ -219,7 +220,7 @@ async fn settle_query<E: Executor + ?Sized>(
         released: row.try_get::<_, i64>("released")? > 0,
         tenant_spent_usd: row.try_get("spent_usd")?,
         tenant_reserved_usd: row.try_get("reserved_usd")?,
-        status: status.parse()?,
+        status,
         overruns,
     })
 }

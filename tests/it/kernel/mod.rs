@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use pgcrew::agent::{Tool, ToolError, ToolRegistry};
 use pgcrew::kernel::{Kernel, ReplayPolicy, RunScope};
-use pgcrew::model::{ModelRequest, PriceTable, ScriptedModel, ScriptedReply, error_kind};
+use pgcrew::model::{
+    ModelErrorKind, ModelRequest, PriceTable, ScriptedModel, ScriptedReply, error_kind,
+};
 use pgcrew::runs::{self, NewRun};
 use pgcrew::tenancy;
 use pgcrew::{Db, Error, TenantId};

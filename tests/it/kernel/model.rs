@@ -211,7 +211,7 @@ async fn budget_exhausted_mid_run_is_recorded_and_nothing_is_overspent() {
 async fn provider_errors_and_invalid_structured_output_are_recorded() {
     let (t, scope) = setup(&[], Some(10.0)).await;
     let model = Arc::new(ScriptedModel::sequence(vec![
-        ScriptedReply::error(error_kind::RATE_LIMITED, "slow down"),
+        ScriptedReply::error(ModelErrorKind::RateLimited, "slow down"),
         ScriptedReply::text("not json {"),
     ]));
     let k = kernel(&t.db, model.clone(), ToolRegistry::new());

@@ -15,8 +15,8 @@ use std::time::Duration;
 
 use pgcrew::Error;
 use pgcrew::model::{
-    FinishReason, Message, ModelPort, ModelRequest, ModelResponse, OpenAiConfig, OpenAiModel,
-    ScriptedModel, ScriptedReply, ToolSpec, Usage,
+    FinishReason, Message, ModelErrorKind, ModelPort, ModelRequest, ModelResponse, OpenAiConfig,
+    OpenAiModel, ScriptedModel, ScriptedReply, ToolSpec, Usage,
 };
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -227,7 +227,7 @@ fn adapter(server: &MockServer, retries: u32, timeout: Duration) -> OpenAiModel 
 
 fn model_kind(e: &Error) -> &str {
     match e {
-        Error::Model { kind, .. } => kind,
+        Error::Model { kind, .. } => kind.as_str(),
         other => panic!("expected Error::Model, got {other:?}"),
     }
 }

@@ -7,7 +7,7 @@ async fn scripted_sequence_counts_calls_and_reports_exhaustion() {
     let model = ScriptedModel::sequence(vec![
         ScriptedReply::text("first"),
         ScriptedReply::tool_call("get_weather", json!({"city": "Rome"})),
-        ScriptedReply::error("rate_limited", "scripted 429"),
+        ScriptedReply::error(ModelErrorKind::RateLimited, "scripted 429"),
     ]);
     let req = ModelRequest::new("gpt-4o-mini")
         .user("hi")

@@ -141,8 +141,8 @@ async fn limit_property(seed: u64) {
                     let mut b = books.lock().unwrap();
                     for x in &got {
                         for key in [
-                            (x.tenant.clone(), None),
-                            (x.tenant.clone(), Some(x.queue.clone())),
+                            (x.tenant.to_string(), None),
+                            (x.tenant.to_string(), Some(x.queue.clone())),
                         ] {
                             let n = b.entry(key.clone()).or_default();
                             *n += 1;
@@ -165,8 +165,8 @@ async fn limit_property(seed: u64) {
                 {
                     let mut b = books.lock().unwrap();
                     for x in &got {
-                        *b.entry((x.tenant.clone(), None)).or_default() -= 1;
-                        *b.entry((x.tenant.clone(), Some(x.queue.clone())))
+                        *b.entry((x.tenant.to_string(), None)).or_default() -= 1;
+                        *b.entry((x.tenant.to_string(), Some(x.queue.clone())))
                             .or_default() -= 1;
                     }
                 }

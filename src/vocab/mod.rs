@@ -4,8 +4,11 @@
 //!
 //! Each enum is declared once with [`vocab!`](crate::vocab!): its variants and their stored
 //! names, from which come `ALL`, `as_str`, `from_name`, `Display` and comparisons with `&str`.
-//! `FromStr` (with each type's own error text) stays next to the type's module. This module
-//! imports nothing above `error`.
+//! `FromStr` (with each type's own error text) stays next to the type's module; the
+//! PostgreSQL side (`ToSql` / `FromSql`) is in `vocab/sql.rs`. This module imports nothing above
+//! `error`.
+
+mod sql;
 
 /// Declare a vocabulary enum: `vocab! { /// doc #[attrs] pub enum Name { /// doc Variant = "name", .. } }`.
 /// Generates the enum, `ALL` (declaration order), `as_str`, `from_name` (exact match),
@@ -26,7 +29,7 @@ macro_rules! vocab {
             pub const ALL: [$name; [$($text),+].len()] = [$($name::$variant),+];
 
             /// The name as stored and sent.
-            pub fn as_str(&self) -> &'static str {
+            pub const fn as_str(&self) -> &'static str {
                 match self {
                     $($name::$variant => $text,)+
                 }
@@ -87,6 +90,31 @@ vocab! {
         Low = "low",
         /// 4: bulk/background work.
         Batch = "batch",
+    }
+}
+
+impl Priority {
+    /// The stored value (0 = critical .. 4 = batch).
+    pub fn as_i16(self) -> i16 {
+        match self {
+            Priority::Critical => 0,
+            Priority::High => 1,
+            Priority::Normal => 2,
+            Priority::Low => 3,
+            Priority::Batch => 4,
+        }
+    }
+
+    /// From the stored value.
+    pub fn from_i16(v: i16) -> Option<Priority> {
+        Some(match v {
+            0 => Priority::Critical,
+            1 => Priority::High,
+            2 => Priority::Normal,
+            3 => Priority::Low,
+            4 => Priority::Batch,
+            _ => return None,
+        })
     }
 }
 
@@ -219,6 +247,46 @@ impl EventType {
     }
 }
 
+vocab! {
+    /// The kinds of [`Error::Model`](crate::Error::Model): each has a stable name (its `kind`,
+    /// recorded in the ledger as `model_failed.kind`), also available as the
+    /// [`error_kind`](crate::model::error_kind) constants.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+    pub enum ModelErrorKind {
+        /// The provider rate-limited the call (HTTP 429); retried with backoff.
+        RateLimited = "rate_limited",
+        /// The account has no quota left (HTTP 429 `insufficient_quota`); not retried.
+        QuotaExceeded = "quota_exceeded",
+        /// The provider failed (HTTP 5xx); retried with backoff.
+        Server = "server",
+        /// The call did not finish within the per-request timeout; retried with backoff.
+        Timeout = "timeout",
+        /// The provider could not be reached or the connection broke; retried with backoff.
+        Connection = "connection",
+        /// The provider rejected the credentials (HTTP 401/403).
+        Auth = "auth",
+        /// The provider (or pgcrew, before sending) rejected the request as malformed.
+        InvalidRequest = "invalid_request",
+        /// The provider answered with something that is not a chat completion.
+        InvalidResponse = "invalid_response",
+        /// The model's output is unusable: invalid JSON, JSON not matching the expected type, or
+        /// tool-call arguments that are not JSON.
+        InvalidOutput = "invalid_output",
+        /// A scripted model ran out of scripted replies.
+        ScriptExhausted = "script_exhausted",
+    }
+}
+
+impl ModelErrorKind {
+    /// True for the kinds that are transient and worth retrying.
+    pub fn is_retryable(self) -> bool {
+        matches!(
+            self,
+            Self::RateLimited | Self::Server | Self::Timeout | Self::Connection
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -246,5 +314,40 @@ mod tests {
         }
         assert!(RunState::Running == "running");
         assert_eq!(RunState::from_name("runnin"), None);
+    }
+
+    #[test]
+    fn model_error_kinds_keep_their_names() {
+        let names: Vec<&str> = ModelErrorKind::ALL.iter().map(|k| k.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "rate_limited",
+                "quota_exceeded",
+                "server",
+                "timeout",
+                "connection",
+                "auth",
+                "invalid_request",
+                "invalid_response",
+                "invalid_output",
+                "script_exhausted"
+            ]
+        );
+        assert_eq!(ModelErrorKind::RateLimited.to_string(), "rate_limited");
+        assert!(ModelErrorKind::Timeout == "timeout");
+        let retryable: Vec<ModelErrorKind> = ModelErrorKind::ALL
+            .into_iter()
+            .filter(|k| k.is_retryable())
+            .collect();
+        assert_eq!(
+            retryable,
+            [
+                ModelErrorKind::RateLimited,
+                ModelErrorKind::Server,
+                ModelErrorKind::Timeout,
+                ModelErrorKind::Connection
+            ]
+        );
     }
 }
