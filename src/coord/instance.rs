@@ -93,7 +93,7 @@ pub async fn deregister(db: &Db, id: &InstanceId) -> Result<bool> {
 }
 
 /// An instance row as listed by [`list`].
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, postgres_from_row::FromRow)]
 pub struct InstanceRow {
     /// Instance id.
     pub id: String,
@@ -123,20 +123,5 @@ pub struct InstanceRow {
 #[instrument(skip(db), err)]
 pub async fn list(db: &Db) -> Result<Vec<InstanceRow>> {
     let rows = db.query(sql!("coord/list_instances"), typed![]).await?;
-    Ok(rows
-        .iter()
-        .map(|r| InstanceRow {
-            id: r.get("id"),
-            hostname: r.get("hostname"),
-            pid: r.get("pid"),
-            version: r.get("version"),
-            metadata: r.get("metadata"),
-            created_at: r.get("created_at"),
-            last_heartbeat_at: r.get("last_heartbeat_at"),
-            silent_ms: r.get("silent_ms"),
-            is_leader: r.get("is_leader"),
-            agents: r.get("agents"),
-            tools: r.get("tools"),
-        })
-        .collect())
+    crate::db::rows_as(&rows)
 }

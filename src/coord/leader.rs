@@ -87,7 +87,7 @@ pub(crate) async fn resign_on(
 }
 
 /// A lease row.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, postgres_from_row::FromRow)]
 pub struct LeaderRow {
     /// Lease name.
     pub name: String,
@@ -109,16 +109,5 @@ pub struct LeaderRow {
 #[instrument(skip(db), err)]
 pub async fn current(db: &Db) -> Result<Vec<LeaderRow>> {
     let rows = db.query(sql!("coord/current_leader"), typed![]).await?;
-    Ok(rows
-        .iter()
-        .map(|r| LeaderRow {
-            name: r.get("name"),
-            leader_id: r.get("leader_id"),
-            term: r.get("term"),
-            elected_at: r.get("elected_at"),
-            expires_at: r.get("expires_at"),
-            valid: r.get("valid"),
-            remaining_ms: r.get("remaining_ms"),
-        })
-        .collect())
+    crate::db::rows_as(&rows)
 }

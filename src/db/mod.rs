@@ -18,6 +18,16 @@ use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tracing::instrument;
 
 pub use atomic::{Acquire, Acquired, Atomic, Joined};
+
+/// Read `rows` into a type deriving `postgres_from_row::FromRow` (each field from the column of
+/// its name): a missing column or a type mismatch is an error, never a panic.
+pub(crate) fn rows_as<T: postgres_from_row::FromRow>(
+    rows: &[tokio_postgres::Row],
+) -> crate::error::Result<Vec<T>> {
+    rows.iter()
+        .map(|r| T::try_from_row(r).map_err(crate::error::Error::from))
+        .collect()
+}
 pub use cluster::{TempCluster, TempClusterOptions};
 pub use executor::{Executor, SqlArrayElement, SqlType, StatementMode, sql_type_of};
 pub use migrate::{MigrationReport, latest_version};

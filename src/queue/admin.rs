@@ -13,7 +13,7 @@ use crate::ids::{TaskId, TenantId, validate_text_id};
 use crate::sqlstate;
 
 /// One row of [`stats`]: tasks of a queue in a state.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, postgres_from_row::FromRow)]
 pub struct TaskStats {
     /// Queue.
     pub queue: String,
@@ -29,20 +29,11 @@ pub struct TaskStats {
 #[instrument(skip(client), err)]
 pub async fn stats<C: Executor + ?Sized>(client: &C) -> Result<Vec<TaskStats>> {
     let rows = client.query(sql!("queue/stats"), typed![]).await?;
-    rows.iter()
-        .map(|r| {
-            Ok(TaskStats {
-                queue: r.get("queue"),
-                state: r.try_get("state")?,
-                tasks: r.get("tasks"),
-                oldest_available_age_s: r.get("oldest_available_age_s"),
-            })
-        })
-        .collect()
+    crate::db::rows_as(&rows)
 }
 
 /// A task as stored.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, postgres_from_row::FromRow)]
 pub struct TaskRow {
     /// Id.
     pub id: TaskId,
@@ -88,32 +79,6 @@ pub struct TaskRow {
     pub finalized_at: Option<DateTime<Utc>>,
 }
 
-fn task_row(r: &tokio_postgres::Row) -> Result<TaskRow> {
-    Ok(TaskRow {
-        id: TaskId(r.get("id")),
-        queue: r.get("queue"),
-        kind: r.get("kind"),
-        tenant_id: r.get("tenant_id"),
-        run_id: r.get("run_id"),
-        priority: r.get("priority"),
-        state: r.try_get("state")?,
-        payload: r.get("payload"),
-        attempts: r.get("attempts"),
-        max_attempts: r.get("max_attempts"),
-        run_at: r.get("run_at"),
-        claimed_by: r.get("claimed_by"),
-        heartbeat_at: r.get("heartbeat_at"),
-        last_error: r.get("last_error"),
-        errors: r.get("errors"),
-        unique_key: r.get("unique_key"),
-        depends_on: r.get("depends_on"),
-        pending_deps: r.get("pending_deps"),
-        cancel_requested_at: r.get("cancel_requested_at"),
-        created_at: r.get("created_at"),
-        finalized_at: r.get("finalized_at"),
-    })
-}
-
 /// One task.
 #[instrument(skip(client), err)]
 pub async fn get<C: Executor + ?Sized>(client: &C, id: TaskId) -> Result<TaskRow> {
@@ -121,7 +86,7 @@ pub async fn get<C: Executor + ?Sized>(client: &C, id: TaskId) -> Result<TaskRow
         .query_opt(sql!("queue/get"), typed![&id])
         .await?
         .ok_or_else(|| Error::not_found("task", id))?;
-    task_row(&row)
+    Ok(<TaskRow as postgres_from_row::FromRow>::try_from_row(&row)?)
 }
 
 /// The newest tasks (at most `limit`), optionally filtered by state, queue and tenant.
@@ -139,7 +104,7 @@ pub async fn list<C: Executor + ?Sized>(
     let rows = client
         .query(sql!("queue/list"), typed![&state, &queue, &tenant, &limit])
         .await?;
-    rows.iter().map(task_row).collect()
+    crate::db::rows_as(&rows)
 }
 
 /// Cancel a task. A task that has not started is cancelled at once (with its dependants);

@@ -74,7 +74,7 @@ impl FromStr for RunState {
 }
 
 /// A run row.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, postgres_from_row::FromRow)]
 pub struct Run {
     /// Id.
     pub id: RunId,
@@ -132,34 +132,7 @@ pub struct Run {
 
 impl Run {
     pub(super) fn from_row(r: &tokio_postgres::Row) -> Result<Run> {
-        Ok(Run {
-            id: r.get("id"),
-            tenant_id: r.get("tenant_id"),
-            session_id: r.get("session_id"),
-            agent_name: r.get("agent_name"),
-            state: r.try_get("state")?,
-            prompt: r.get("prompt"),
-            response_text: r.get("response_text"),
-            stop_reason: r.get("stop_reason"),
-            input_tokens: r.get("input_tokens"),
-            output_tokens: r.get("output_tokens"),
-            cost_usd: r.get("cost_usd"),
-            error_message: r.get("error_message"),
-            error_type: r.get("error_type"),
-            instance_id: r.get("instance_id"),
-            lease_owner: r.get("lease_owner"),
-            lease_token: r.get("lease_token"),
-            lease_expires_at: r.get("lease_expires_at"),
-            parent_run_id: r.get("parent_run_id"),
-            forked_at_seq: r.get("forked_at_seq"),
-            metadata: r.get("metadata"),
-            cancel_requested_at: r.get("cancel_requested_at"),
-            cancel_reason: r.get("cancel_reason"),
-            created_at: r.get("created_at"),
-            started_at: r.get("started_at"),
-            finalized_at: r.get("finalized_at"),
-            lease_valid: r.get("lease_valid"),
-        })
+        Ok(<Run as postgres_from_row::FromRow>::try_from_row(r)?)
     }
 }
 
@@ -317,8 +290,7 @@ async fn create_run_steps(tx: &Atomic<'_>, new: NewRun) -> Result<RunId> {
 /// Fetch a run.
 #[instrument(skip(db), err)]
 pub async fn get_run(db: &Db, run: RunId) -> Result<Run> {
-    let conn = db.get().await?;
-    let row = conn
+    let row = db
         .query_opt(sql!("runs/get_run"), typed![&run])
         .await?
         .ok_or_else(|| Error::not_found("run", run))?;
@@ -331,8 +303,7 @@ pub async fn list_runs(db: &Db, filter: &RunFilter) -> Result<Vec<Run>> {
     if !(1..=10_000).contains(&filter.limit) {
         return Err(Error::invalid("limit", "must be between 1 and 10000"));
     }
-    let conn = db.get().await?;
-    let rows = conn
+    let rows = db
         .query(
             sql!("runs/list_runs"),
             typed![&filter.tenant, &filter.state, &filter.limit],

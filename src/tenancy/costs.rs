@@ -33,7 +33,7 @@ impl CostFilter {
 }
 
 /// One line of the breakdown.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, postgres_from_row::FromRow)]
 pub struct CostRow {
     /// The tenant.
     pub tenant_id: TenantId,
@@ -64,34 +64,19 @@ pub async fn cost_breakdown(db: &Db, filter: &CostFilter) -> Result<Vec<CostRow>
             format!("since ({s}) is after until ({u})"),
         ));
     }
-    let conn = db.get().await?;
-    let rows = conn
+    let rows = db
         .query(
             sql!("tenancy/cost_breakdown"),
             typed![&filter.tenant_id, &filter.since, &filter.until],
         )
         .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(CostRow {
-                tenant_id: r.try_get("tenant_id")?,
-                day: r.try_get("day")?,
-                category: r.try_get("category")?,
-                model: r.try_get("model")?,
-                entries: r.try_get("entries")?,
-                prompt_tokens: r.try_get("prompt_tokens")?,
-                completion_tokens: r.try_get("completion_tokens")?,
-                cost_usd: r.try_get("cost_usd")?,
-            })
-        })
-        .collect()
+    crate::db::rows_as(&rows)
 }
 
 /// A tenant's budget figures and status (`pgcrew.budget_status`), or [`Error::NotFound`].
 #[instrument(skip(db), err)]
 pub async fn budget_status(db: &Db, tenant: &TenantId) -> Result<BudgetSnapshot> {
-    let conn = db.get().await?;
-    let r = conn
+    let r = db
         .query_opt(sql!("tenancy/budget_status"), typed![tenant])
         .await?
         .ok_or_else(|| Error::not_found("tenant", tenant))?;
@@ -115,8 +100,7 @@ pub async fn budget_status(db: &Db, tenant: &TenantId) -> Result<BudgetSnapshot>
 /// the operator query from the README, `(tenant_id, spend)` by tenant.
 #[instrument(skip(db), err)]
 pub async fn spend_from_events(db: &Db) -> Result<Vec<(String, f64)>> {
-    let conn = db.get().await?;
-    let rows = conn
+    let rows = db
         .query(sql!("tenancy/spend_from_events"), typed![])
         .await?;
     rows.iter()
