@@ -34,41 +34,12 @@ pub fn validate_text_id(field: &'static str, value: &str) -> Result<()> {
     Ok(())
 }
 
-/// The PostgreSQL side of an id newtype around `$inner`: `ToSql` / `FromSql` delegating to the
-/// inner value and accepting exactly the listed types, and the column / array types it binds as.
-/// (Not the `postgres-types` derive: `transparent` would accept every type `$inner` accepts,
-/// such as `bpchar` and `name` for `String`.)
+/// The PostgreSQL side of an id newtype around `$inner` (see `sql_value!`): rows were validated
+/// on the way in, so any value of the listed types is accepted.
 macro_rules! sql_newtype {
     ($name:ident, $inner:ty, [$($accepts:ident),+], $sql:ident, $array:ident) => {
-        impl postgres_types::ToSql for $name {
-            fn to_sql(
-                &self,
-                ty: &postgres_types::Type,
-                out: &mut postgres_types::private::BytesMut,
-            ) -> std::result::Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-                self.0.to_sql(ty, out)
-            }
-            postgres_types::accepts!($($accepts),+);
-            postgres_types::to_sql_checked!();
-        }
-
-        impl<'a> postgres_types::FromSql<'a> for $name {
-            fn from_sql(
-                ty: &postgres_types::Type,
-                raw: &'a [u8],
-            ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-                <$inner as postgres_types::FromSql>::from_sql(ty, raw).map(Self)
-            }
-            postgres_types::accepts!($($accepts),+);
-        }
-
-        impl crate::db::SqlType for $name {
-            const TYPE: postgres_types::Type = postgres_types::Type::$sql;
-        }
-
-        impl crate::db::SqlArrayElement for $name {
-            const ARRAY: postgres_types::Type = postgres_types::Type::$array;
-        }
+        sql_value!($name as $inner, [$($accepts),+], $sql, $array,
+                   to: |s| s.0, from: |v| Ok(Self(v)));
     };
 }
 

@@ -104,6 +104,49 @@ macro_rules! maintenance_step {
     };
 }
 
+/// The PostgreSQL side of a value type carried as `$inner`: `ToSql` / `FromSql` through `$inner`
+/// (`to: |self| value` gives the `$inner` to send, `from: |v| result` builds the type from
+/// the `$inner` read, an error naming a value it does not know), accepting exactly the listed
+/// types, and the column / array types it binds as. (Not the `postgres-types` derive:
+/// `transparent` would accept every type `$inner` accepts, such as `bpchar` and `name` for
+/// `String`.)
+macro_rules! sql_value {
+    ($name:ty as $inner:ty, [$($accepts:ident),+], $sql:ident, $array:ident,
+     to: |$s:ident| $to:expr, from: |$v:ident| $from:expr $(,)?) => {
+        impl postgres_types::ToSql for $name {
+            fn to_sql(
+                &self,
+                ty: &postgres_types::Type,
+                out: &mut postgres_types::private::BytesMut,
+            ) -> std::result::Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
+                let $s = self;
+                <$inner as postgres_types::ToSql>::to_sql(&$to, ty, out)
+            }
+            postgres_types::accepts!($($accepts),+);
+            postgres_types::to_sql_checked!();
+        }
+
+        impl<'a> postgres_types::FromSql<'a> for $name {
+            fn from_sql(
+                ty: &postgres_types::Type,
+                raw: &'a [u8],
+            ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+                let $v = <$inner as postgres_types::FromSql>::from_sql(ty, raw)?;
+                $from
+            }
+            postgres_types::accepts!($($accepts),+);
+        }
+
+        impl crate::db::SqlType for $name {
+            const TYPE: postgres_types::Type = postgres_types::Type::$sql;
+        }
+
+        impl crate::db::SqlArrayElement for $name {
+            const ARRAY: postgres_types::Type = postgres_types::Type::$array;
+        }
+    };
+}
+
 pub mod agent;
 pub mod client;
 pub mod config;

@@ -193,109 +193,80 @@ pub trait Executor: private::Sealed + Sync {
     ) -> impl Future<Output = Result<u64>> + Send;
 }
 
-/// The plain kinds: one round trip with the typed parameters, nothing cached.
-macro_rules! plain_executor {
-    ($($ty:ty),*) => {$(
-        impl private::Sealed for $ty {}
-        impl Executor for $ty {
-            async fn query(
-                &self,
-                sql: &str,
-                params: &[(&(dyn ToSql + Sync), Type)],
-            ) -> Result<Vec<Row>> {
-                Ok(self.query_typed(sql, params).await?)
-            }
+/// Call `$mac!` with the table of [`Executor`]'s methods: each with its output and the typed
+/// tokio-postgres method it corresponds to (`$arg;` first, when given).
+macro_rules! for_each_method {
+    ($mac:ident $(, $arg:ty)?) => {
+        $mac!($($arg;)?
+            query -> Vec<Row> = query_typed,
+            query_one -> Row = query_typed_one,
+            query_opt -> Option<Row> = query_typed_opt,
+            execute -> u64 = execute_typed);
+    };
+}
 
-            async fn query_one(
-                &self,
-                sql: &str,
-                params: &[(&(dyn ToSql + Sync), Type)],
-            ) -> Result<Row> {
-                Ok(self.query_typed_one(sql, params).await?)
-            }
-
-            async fn query_opt(
-                &self,
-                sql: &str,
-                params: &[(&(dyn ToSql + Sync), Type)],
-            ) -> Result<Option<Row>> {
-                Ok(self.query_typed_opt(sql, params).await?)
-            }
-
-            async fn execute(
-                &self,
-                sql: &str,
-                params: &[(&(dyn ToSql + Sync), Type)],
-            ) -> Result<u64> {
-                Ok(self.execute_typed(sql, params).await?)
-            }
+/// The plain kinds' methods: one round trip with the typed parameters, nothing cached.
+macro_rules! plain_methods {
+    ($($m:ident -> $out:ty = $typed:ident),*) => {$(
+        async fn $m(&self, sql: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<$out> {
+            Ok(self.$typed(sql, params).await?)
         }
     )*};
 }
 
-/// The pooled kinds (each with the plain type it wraps): in [`StatementMode::Cached`] the
-/// statement is prepared once per connection (deadpool's statement cache) and executed with
-/// the values; in [`StatementMode::Unnamed`] it goes out as the plain kinds send it. The plain
-/// type's inherent methods are called by path (the trait's methods share their names).
+/// The pooled kinds' methods (each kind with the plain type it wraps): in
+/// [`StatementMode::Cached`] the statement is prepared once per connection (deadpool's statement
+/// cache) and executed with the values; in [`StatementMode::Unnamed`] it goes out as the plain
+/// kinds send it. The plain type's inherent methods are called by path (the trait's methods
+/// share their names).
+macro_rules! pooled_methods {
+    ($plain:ty; $($m:ident -> $out:ty = $typed:ident),*) => {$(
+        async fn $m(&self, sql: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<$out> {
+            let plain: &$plain = self;
+            if is_unnamed(&self.statement_cache) {
+                return Ok(plain.$typed(sql, params).await?);
+            }
+            let (types, values) = split(params);
+            let stmt = self.prepare_typed_cached(sql, &types).await?;
+            Ok(<$plain>::$m(plain, &stmt, &values).await?)
+        }
+    )*};
+}
+
+/// A pooled connection's methods: its [`deadpool_postgres::ClientWrapper`]'s.
+macro_rules! object_methods {
+    ($($m:ident -> $out:ty = $typed:ident),*) => {$(
+        async fn $m(&self, sql: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<$out> {
+            let wrapper: &deadpool_postgres::ClientWrapper = self;
+            wrapper.$m(sql, params).await
+        }
+    )*};
+}
+
+/// The pool's methods: each statement on a connection taken from the pool for it.
+macro_rules! pool_methods {
+    ($($m:ident -> $out:ty = $typed:ident),*) => {$(
+        async fn $m(&self, sql: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<$out> {
+            let conn = self.get().await?;
+            conn.$m(sql, params).await
+        }
+    )*};
+}
+
+macro_rules! plain_executor {
+    ($($ty:ty),*) => {$(
+        impl private::Sealed for $ty {}
+        impl Executor for $ty {
+            for_each_method!(plain_methods);
+        }
+    )*};
+}
+
 macro_rules! pooled_executor {
     ($($ty:ty => $plain:ty),*) => {$(
         impl private::Sealed for $ty {}
         impl Executor for $ty {
-            async fn query(
-                &self,
-                sql: &str,
-                params: &[(&(dyn ToSql + Sync), Type)],
-            ) -> Result<Vec<Row>> {
-                let plain: &$plain = self;
-                if is_unnamed(&self.statement_cache) {
-                    return Ok(plain.query_typed(sql, params).await?);
-                }
-                let (types, values) = split(params);
-                let stmt = self.prepare_typed_cached(sql, &types).await?;
-                Ok(<$plain>::query(plain, &stmt, &values).await?)
-            }
-
-            async fn query_one(
-                &self,
-                sql: &str,
-                params: &[(&(dyn ToSql + Sync), Type)],
-            ) -> Result<Row> {
-                let plain: &$plain = self;
-                if is_unnamed(&self.statement_cache) {
-                    return Ok(plain.query_typed_one(sql, params).await?);
-                }
-                let (types, values) = split(params);
-                let stmt = self.prepare_typed_cached(sql, &types).await?;
-                Ok(<$plain>::query_one(plain, &stmt, &values).await?)
-            }
-
-            async fn query_opt(
-                &self,
-                sql: &str,
-                params: &[(&(dyn ToSql + Sync), Type)],
-            ) -> Result<Option<Row>> {
-                let plain: &$plain = self;
-                if is_unnamed(&self.statement_cache) {
-                    return Ok(plain.query_typed_opt(sql, params).await?);
-                }
-                let (types, values) = split(params);
-                let stmt = self.prepare_typed_cached(sql, &types).await?;
-                Ok(<$plain>::query_opt(plain, &stmt, &values).await?)
-            }
-
-            async fn execute(
-                &self,
-                sql: &str,
-                params: &[(&(dyn ToSql + Sync), Type)],
-            ) -> Result<u64> {
-                let plain: &$plain = self;
-                if is_unnamed(&self.statement_cache) {
-                    return Ok(plain.execute_typed(sql, params).await?);
-                }
-                let (types, values) = split(params);
-                let stmt = self.prepare_typed_cached(sql, &types).await?;
-                Ok(<$plain>::execute(plain, &stmt, &values).await?)
-            }
+            for_each_method!(pooled_methods, $plain);
         }
     )*};
 }
@@ -316,41 +287,7 @@ fn split<'a>(
 /// A pooled connection: its [`deadpool_postgres::ClientWrapper`]'s statements.
 impl private::Sealed for deadpool_postgres::Object {}
 impl Executor for deadpool_postgres::Object {
-    fn query(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> impl Future<Output = Result<Vec<Row>>> + Send {
-        let wrapper: &deadpool_postgres::ClientWrapper = self;
-        wrapper.query(sql, params)
-    }
-
-    fn query_one(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> impl Future<Output = Result<Row>> + Send {
-        let wrapper: &deadpool_postgres::ClientWrapper = self;
-        wrapper.query_one(sql, params)
-    }
-
-    fn query_opt(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> impl Future<Output = Result<Option<Row>>> + Send {
-        let wrapper: &deadpool_postgres::ClientWrapper = self;
-        wrapper.query_opt(sql, params)
-    }
-
-    fn execute(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> impl Future<Output = Result<u64>> + Send {
-        let wrapper: &deadpool_postgres::ClientWrapper = self;
-        wrapper.execute(sql, params)
-    }
+    for_each_method!(object_methods);
 }
 
 /// The pool: each statement runs (autocommitted) on a connection taken from the pool for it,
@@ -361,29 +298,7 @@ impl private::Sealed for Db {
     }
 }
 impl Executor for Db {
-    async fn query(&self, sql: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Vec<Row>> {
-        let conn = self.get().await?;
-        conn.query(sql, params).await
-    }
-
-    async fn query_one(&self, sql: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<Row> {
-        let conn = self.get().await?;
-        conn.query_one(sql, params).await
-    }
-
-    async fn query_opt(
-        &self,
-        sql: &str,
-        params: &[(&(dyn ToSql + Sync), Type)],
-    ) -> Result<Option<Row>> {
-        let conn = self.get().await?;
-        conn.query_opt(sql, params).await
-    }
-
-    async fn execute(&self, sql: &str, params: &[(&(dyn ToSql + Sync), Type)]) -> Result<u64> {
-        let conn = self.get().await?;
-        conn.execute(sql, params).await
-    }
+    for_each_method!(pool_methods);
 }
 
 /// The PostgreSQL type a Rust value is sent as (used by the `typed!` macro to give every

@@ -4,79 +4,25 @@
 
 use super::{BudgetStatus, EventType, Priority, RunState, TaskState};
 
-/// The PostgreSQL side of text-stored vocabulary types: `ToSql` / `FromSql` as `text`
-/// (accepting exactly `text` and `varchar`, like the text ids), and the column / array types
-/// they bind as. Reading a name that is not one of the type's values is an error naming it.
+/// The PostgreSQL side of text-stored vocabulary types (see `sql_value!`): `text`, accepting
+/// exactly `text` and `varchar` like the text ids. Reading a name that is not one of the type's
+/// values is an error naming it.
 macro_rules! sql_text_vocab {
     ($($name:ident),+ $(,)?) => {$(
-        impl postgres_types::ToSql for $name {
-            fn to_sql(
-                &self,
-                ty: &postgres_types::Type,
-                out: &mut postgres_types::private::BytesMut,
-            ) -> std::result::Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-                self.as_str().to_sql(ty, out)
-            }
-            postgres_types::accepts!(TEXT, VARCHAR);
-            postgres_types::to_sql_checked!();
-        }
-
-        impl<'a> postgres_types::FromSql<'a> for $name {
-            fn from_sql(
-                ty: &postgres_types::Type,
-                raw: &'a [u8],
-            ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-                let name = <&str as postgres_types::FromSql>::from_sql(ty, raw)?;
-                $name::from_name(name).ok_or_else(|| {
-                    format!(concat!("`{}` is not a known ", stringify!($name)), name).into()
-                })
-            }
-            postgres_types::accepts!(TEXT, VARCHAR);
-        }
-
-        impl crate::db::SqlType for $name {
-            const TYPE: postgres_types::Type = postgres_types::Type::TEXT;
-        }
-
-        impl crate::db::SqlArrayElement for $name {
-            const ARRAY: postgres_types::Type = postgres_types::Type::TEXT_ARRAY;
-        }
+        sql_value!($name as &str, [TEXT, VARCHAR], TEXT, TEXT_ARRAY,
+            to: |s| s.as_str(),
+            from: |name| $name::from_name(name).ok_or_else(|| {
+                format!(concat!("`{}` is not a known ", stringify!($name)), name).into()
+            }));
     )+};
 }
 
 sql_text_vocab!(TaskState, RunState, BudgetStatus, EventType);
 
 // Priority is stored as its number (`pgcrew.tasks.priority smallint`), so it is `int2` in SQL.
-impl postgres_types::ToSql for Priority {
-    fn to_sql(
-        &self,
-        ty: &postgres_types::Type,
-        out: &mut postgres_types::private::BytesMut,
-    ) -> std::result::Result<postgres_types::IsNull, Box<dyn std::error::Error + Sync + Send>> {
-        self.as_i16().to_sql(ty, out)
-    }
-    postgres_types::accepts!(INT2);
-    postgres_types::to_sql_checked!();
-}
-
-impl<'a> postgres_types::FromSql<'a> for Priority {
-    fn from_sql(
-        ty: &postgres_types::Type,
-        raw: &'a [u8],
-    ) -> std::result::Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        let v = <i16 as postgres_types::FromSql>::from_sql(ty, raw)?;
-        Priority::from_i16(v).ok_or_else(|| format!("`{v}` is not a known Priority (0..=4)").into())
-    }
-    postgres_types::accepts!(INT2);
-}
-
-impl crate::db::SqlType for Priority {
-    const TYPE: postgres_types::Type = postgres_types::Type::INT2;
-}
-
-impl crate::db::SqlArrayElement for Priority {
-    const ARRAY: postgres_types::Type = postgres_types::Type::INT2_ARRAY;
-}
+sql_value!(Priority as i16, [INT2], INT2, INT2_ARRAY,
+    to: |s| s.as_i16(),
+    from: |v| Priority::from_i16(v).ok_or_else(|| format!("`{v}` is not a known Priority (0..=4)").into()));
 
 #[cfg(test)]
 mod tests {
