@@ -99,7 +99,7 @@ pub async fn budget_status(db: &Db, tenant: &TenantId) -> Result<BudgetSnapshot>
 /// Spend per tenant as recorded in the ledger (`model_completed` events carry `cost_usd`):
 /// the operator query from the README, `(tenant_id, spend)` by tenant.
 #[instrument(skip(db), err)]
-pub async fn spend_from_events(db: &Db) -> Result<Vec<(String, f64)>> {
+pub async fn spend_from_events(db: &Db) -> Result<Vec<(TenantId, f64)>> {
     let rows = db
         .query(sql!("tenancy/spend_from_events"), typed![])
         .await?;

@@ -28,6 +28,20 @@ async fn events<E: Executor + ?Sized>(on: &E, run: RunId) -> i64 {
     .get(0)
 }
 
+/// A new run of the default tenant, created through `on`.
+async fn new_run<E: Acquire + ?Sized>(on: &E) -> RunId {
+    runs::create_run(on, NewRun::new(default_tenant()))
+        .await
+        .unwrap()
+}
+
+/// Append one event of type `ty` to `run` through `on`.
+async fn note<E: Executor + ?Sized>(on: &E, run: RunId, ty: &str, n: i64) {
+    runs::append_event(on, run, NewEvent::new(ty, json!(n)), None)
+        .await
+        .unwrap();
+}
+
 async fn reserved(db: &Db, tenant: &TenantId) -> f64 {
     tenancy::get(db, tenant).await.unwrap().reserved_usd
 }
@@ -37,32 +51,20 @@ async fn the_same_functions_run_on_the_pool_a_connection_and_a_transaction() {
     let t = test_db().await;
     let db = &t.db;
     // The pool.
-    let run = runs::create_run(db, NewRun::new(default_tenant()))
-        .await
-        .unwrap();
-    runs::append_event(db, run, NewEvent::new("on_db", json!(1)), None)
-        .await
-        .unwrap();
+    let run = new_run(db).await;
+    note(db, run, "on_db", 1).await;
     assert_eq!(events(db, run).await, 2);
     // A pooled connection.
     let conn = db.get().await.unwrap();
-    runs::append_event(&conn, run, NewEvent::new("on_conn", json!(2)), None)
-        .await
-        .unwrap();
+    note(&conn, run, "on_conn", 2).await;
     assert_eq!(events(&conn, run).await, 3);
     drop(conn);
     // A pooled transaction, committed: the run and its events exist afterwards.
     let mut conn = db.get().await.unwrap();
     let tx = conn.transaction().await.unwrap();
-    let in_tx = runs::create_run(&tx, NewRun::new(default_tenant()))
-        .await
-        .unwrap();
-    runs::append_event(&tx, in_tx, NewEvent::new("on_tx", json!(3)), None)
-        .await
-        .unwrap();
-    runs::append_event(&tx, run, NewEvent::new("on_tx", json!(4)), None)
-        .await
-        .unwrap();
+    let in_tx = new_run(&tx).await;
+    note(&tx, in_tx, "on_tx", 3).await;
+    note(&tx, run, "on_tx", 4).await;
     assert_eq!(events(&tx, in_tx).await, 2);
     tx.commit().await.unwrap();
     drop(conn);
@@ -72,9 +74,7 @@ async fn the_same_functions_run_on_the_pool_a_connection_and_a_transaction() {
     let mut conn = db.get().await.unwrap();
     let plain: &mut tokio_postgres::Client = &mut conn;
     let tx = plain.transaction().await.unwrap();
-    runs::append_event(&tx, run, NewEvent::new("on_plain_tx", json!(5)), None)
-        .await
-        .unwrap();
+    note(&tx, run, "on_plain_tx", 5).await;
     tx.commit().await.unwrap();
     assert_eq!(events(db, run).await, 5);
 }
@@ -85,18 +85,12 @@ async fn work_in_a_transaction_rolls_back_with_it() {
     let db = &t.db;
     let acme = TenantContext::new("acme").unwrap().budget_usd(Some(10.0));
     tenancy::upsert(db, &acme).await.unwrap();
-    let run = runs::create_run(db, NewRun::new(default_tenant()))
-        .await
-        .unwrap();
+    let run = new_run(db).await;
 
     let mut conn = db.get().await.unwrap();
     let tx = conn.transaction().await.unwrap();
-    let created = runs::create_run(&tx, NewRun::new(default_tenant()))
-        .await
-        .unwrap();
-    runs::append_event(&tx, run, NewEvent::new("gone", json!(1)), None)
-        .await
-        .unwrap();
+    let created = new_run(&tx).await;
+    note(&tx, run, "gone", 1).await;
     runs::fail_run(&tx, run, "boom", "it broke", None)
         .await
         .unwrap();
@@ -145,12 +139,8 @@ async fn an_atomic_unit_commits_or_rolls_back_as_one() {
         let mut conn = db.acquire().await.unwrap();
         let tx = conn.begin().await.unwrap();
         assert!(tx.is_own());
-        let run = runs::create_run(&tx, NewRun::new(default_tenant()))
-            .await
-            .unwrap();
-        runs::append_event(&tx, run, NewEvent::new("x", json!(1)), None)
-            .await
-            .unwrap();
+        let run = new_run(&tx).await;
+        note(&tx, run, "x", 1).await;
         assert_eq!(events(&tx, run).await, 2);
         run
     };
@@ -161,9 +151,7 @@ async fn an_atomic_unit_commits_or_rolls_back_as_one() {
     // Committed, it all stays.
     let mut conn = db.acquire().await.unwrap();
     let tx = conn.begin().await.unwrap();
-    let run = runs::create_run(&tx, NewRun::new(default_tenant()))
-        .await
-        .unwrap();
+    let run = new_run(&tx).await;
     runs::start_run(&tx, run, None, None, runs::LimitPolicy::Reject)
         .await
         .unwrap();

@@ -3,10 +3,10 @@
 
 use std::collections::BTreeMap;
 
-use pgcrew::Result;
 use pgcrew::db::Db;
 use pgcrew::runs::{self, RunState};
 use pgcrew::tenancy::{self, costs::CostFilter};
+use pgcrew::{Result, TenantId};
 
 use super::watch::{Failover, tick};
 use super::workload::Workload;
@@ -45,7 +45,7 @@ pub(super) async fn summary(db: &Db, workload: &Workload, f: &Failover) -> Resul
     println!(
         "cost per tenant (view pgcrew.tenant_costs; spend from the ledger's model_completed events):"
     );
-    let spend: BTreeMap<String, f64> = tenancy::costs::spend_from_events(db)
+    let spend: BTreeMap<TenantId, f64> = tenancy::costs::spend_from_events(db)
         .await?
         .into_iter()
         .collect();
@@ -65,7 +65,7 @@ pub(super) async fn summary(db: &Db, workload: &Workload, f: &Failover) -> Resul
         println!(
             "  {:<8} ${cost:.6} ({tokens} tokens; ledger ${:.6}) budget {} status {:?}; runs completed {}, failed {}",
             tenant.as_str(),
-            spend.get(tenant.as_str()).copied().unwrap_or(0.0),
+            spend.get(tenant).copied().unwrap_or(0.0),
             status
                 .budget_usd_limit
                 .map(|l| format!("${l}"))
