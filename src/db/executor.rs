@@ -150,7 +150,7 @@ pub(crate) fn handle_of<E: Executor + ?Sized>(on: &E) -> Handle<'_> {
 /// one round trip, as the plain kinds always do (which also works behind PgBouncer in
 /// transaction mode).
 ///
-/// Parameters carry their PostgreSQL type (build them with [`typed!`](crate::typed)); errors
+/// Parameters carry their PostgreSQL type (`(&value, type)` pairs; [`sql_type_of`] gives a value's); errors
 /// come back classified as the crate's [`Error`].
 ///
 /// # Method names on plain tokio-postgres types

@@ -16,16 +16,20 @@ fn default_tenant() -> TenantId {
     TenantId::new("default").unwrap()
 }
 
+/// `count(*)` of `sql` (one `$1`: the run) through the executor itself.
+async fn count_for<E: Executor + ?Sized>(on: &E, sql: &str, run: RunId) -> i64 {
+    let params: &[(&(dyn ToSql + Sync), Type)] = &[(&run, sql_type_of(&run))];
+    on.query_one(sql, params).await.unwrap().get(0)
+}
+
 /// Events of `run`, counted through the executor itself.
 async fn events<E: Executor + ?Sized>(on: &E, run: RunId) -> i64 {
-    let params: &[(&(dyn ToSql + Sync), Type)] = &[(&run, sql_type_of(&run))];
-    on.query_one(
+    count_for(
+        on,
         "SELECT count(*) FROM pgcrew.events WHERE run_id = $1",
-        params,
+        run,
     )
     .await
-    .unwrap()
-    .get(0)
 }
 
 /// A new run of the default tenant, created through `on`.
@@ -171,14 +175,8 @@ async fn a_joined_handle_signs_inside_the_callers_transaction() {
     let checkpoints = |run: RunId| {
         let db = t.db.clone();
         async move {
-            let params: &[(&(dyn ToSql + Sync), Type)] = &[(&run, sql_type_of(&run))];
-            db.query_one(
-                "SELECT count(*) FROM pgcrew.ledger_checkpoints WHERE run_id = $1 AND final",
-                params,
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
+            let sql = "SELECT count(*) FROM pgcrew.ledger_checkpoints WHERE run_id = $1 AND final";
+            count_for(&db, sql, run).await
         }
     };
     // A bare transaction carries no key: the final head stays unsigned.
