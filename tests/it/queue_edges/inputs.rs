@@ -1,6 +1,8 @@
 //! Unbounded inputs: the payload limit on every enqueue path and bounded enqueue counts.
 
 use super::*;
+use pgcrew::TaskId;
+use pgcrew::queue::{Priority, TaskRow};
 
 /// The payload limit is the size of PostgreSQL's JSON text of the payload, the same on every
 /// enqueue path, the SQL function included; refused payloads store nothing.
@@ -147,4 +149,80 @@ async fn enqueue_count_is_bounded() {
         scalar(&t, "SELECT count(*) FROM pgcrew.tasks").await,
         100_000
     );
+}
+
+/// `pgcrew.enqueue_task` from SQL with named arguments (issue #18, item 2): only the kind is
+/// required, every omitted argument means the library's default, a plain integer priority
+/// works, and an explicit NULL or an out-of-range priority is a clear error that stores nothing.
+#[tokio::test]
+async fn sql_enqueue_takes_named_arguments_with_the_library_defaults() {
+    let t = test_db().await;
+    let conn = t.db.get().await.unwrap();
+    let lib = queue::enqueue(&conn, &task("send_email")).await.unwrap().id;
+    let row = conn
+        .query_one(
+            "SELECT id FROM pgcrew.enqueue_task(p_kind => 'send_email', p_payload => '{}')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let sql: TaskId = row.get(0);
+    let defaults = |r: queue::TaskRow| {
+        let TaskRow {
+            queue,
+            tenant_id,
+            priority,
+            max_attempts,
+            state,
+            payload,
+            ..
+        } = r;
+        (queue, tenant_id, priority, max_attempts, state, payload)
+    };
+    assert_eq!(
+        defaults(queue::get(&conn, lib).await.unwrap()),
+        defaults(queue::get(&conn, sql).await.unwrap()),
+        "the SQL defaults are not the library's"
+    );
+    let low: TaskId = conn
+        .query_one(
+            "SELECT id FROM pgcrew.enqueue_task(p_kind => 'k', p_priority => 3, p_queue => 'q')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let low = queue::get(&conn, low).await.unwrap();
+    assert_eq!(
+        (low.priority, low.queue.as_str()),
+        (Priority::Low.as_i16(), "q")
+    );
+    for (sql, code, names) in [
+        (
+            "SELECT * FROM pgcrew.enqueue_task(p_queue => 'q')",
+            "22004",
+            "p_kind",
+        ),
+        (
+            "SELECT * FROM pgcrew.enqueue_task(p_kind => 'k', p_priority => NULL)",
+            "22004",
+            "p_priority",
+        ),
+        (
+            "SELECT * FROM pgcrew.enqueue_task(p_kind => 'k', p_tenant => NULL)",
+            "22004",
+            "p_tenant",
+        ),
+        (
+            "SELECT * FROM pgcrew.enqueue_task(p_kind => 'k', p_priority => 9)",
+            "23514",
+            "p_priority is 9",
+        ),
+    ] {
+        let err = conn.query(sql, &[]).await.unwrap_err();
+        let db = err.as_db_error().unwrap();
+        assert_eq!(db.code().code(), code, "{sql}: {}", db.message());
+        assert!(db.message().contains(names), "{sql}: {}", db.message());
+    }
+    assert_eq!(scalar(&t, "SELECT count(*) FROM pgcrew.tasks").await, 3);
 }
