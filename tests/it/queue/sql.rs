@@ -9,7 +9,7 @@ use pgcrew::{ClaimToken, Client, Error, InstanceId, TaskId, TenantId};
 use super::{completed, config, q, state_of};
 use crate::common::{
     assert_invalid_input, create_tenant, db_with_instance_conn, enqueued, register_instance,
-    scalar, start_leader, task, test_db,
+    scalar, start_leader, task, test_db, wait_until,
 };
 
 #[tokio::test]
@@ -47,6 +47,15 @@ async fn claim_and_ack_with_stale_token_rejected() {
     assert_eq!(state_of(&t, e.id).await, TaskState::Completed);
 }
 
+/// Wait (at most 10 s) until task `id` is in state `to`.
+async fn rescued(t: &crate::common::TestDb, id: TaskId, to: TaskState) {
+    let what = format!("task {id} rescued to {to}");
+    wait_until(Duration::from_secs(10), &what, || async {
+        state_of(t, id).await == to
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn rescued_task_rejects_the_old_claims_ack() {
     let t = test_db().await;
@@ -63,6 +72,9 @@ async fn rescued_task_rejects_the_old_claims_ack() {
     assert_eq!(first.len(), 1);
     let report = leader.run_maintenance().await.unwrap();
     assert!(report.count("rescue_tasks") <= 1);
+    // The pass the leader runs when elected may be rescuing it at the same time (the row is then
+    // locked and skipped by ours): wait for that pass to commit.
+    rescued(&t, e.id, TaskState::Retryable).await;
     let row = queue::get(&conn, e.id).await.unwrap();
     assert_eq!(row.state, TaskState::Retryable);
     assert!(row.last_error.unwrap().contains("rescued"));
@@ -104,6 +116,7 @@ async fn rescued_task_rejects_the_old_claims_ack() {
     .unwrap();
     let report = leader.run_maintenance().await.unwrap();
     assert!(report.count("rescue_tasks") <= 1);
+    rescued(&t, last.id, TaskState::Discarded).await;
     let row = queue::get(&conn, last.id).await.unwrap();
     assert_eq!(row.state, TaskState::Discarded);
     assert!(row.last_error.unwrap().contains("rescued"));
