@@ -19,14 +19,19 @@ use tracing::instrument;
 
 pub use atomic::{Acquire, Acquired, Atomic, Joined};
 
-/// Read `rows` into a type deriving `postgres_from_row::FromRow` (each field from the column of
+/// Read `row` into a type deriving `postgres_from_row::FromRow` (each field from the column of
 /// its name): a missing column or a type mismatch is an error, never a panic.
+pub(crate) fn row_as<T: postgres_from_row::FromRow>(
+    row: &tokio_postgres::Row,
+) -> crate::error::Result<T> {
+    Ok(T::try_from_row(row)?)
+}
+
+/// [`row_as`] for each of `rows`.
 pub(crate) fn rows_as<T: postgres_from_row::FromRow>(
     rows: &[tokio_postgres::Row],
 ) -> crate::error::Result<Vec<T>> {
-    rows.iter()
-        .map(|r| T::try_from_row(r).map_err(crate::error::Error::from))
-        .collect()
+    rows.iter().map(row_as).collect()
 }
 pub use cluster::{TempCluster, TempClusterOptions};
 pub use executor::{Executor, SqlArrayElement, SqlType, StatementMode, sql_type_of};

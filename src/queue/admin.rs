@@ -86,7 +86,7 @@ pub async fn get<C: Executor + ?Sized>(client: &C, id: TaskId) -> Result<TaskRow
         .query_opt(sql!("queue/get"), typed![&id])
         .await?
         .ok_or_else(|| Error::not_found("task", id))?;
-    Ok(<TaskRow as postgres_from_row::FromRow>::try_from_row(&row)?)
+    crate::db::row_as(&row)
 }
 
 /// The newest tasks (at most `limit`), optionally filtered by state, queue and tenant.

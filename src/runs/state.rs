@@ -130,12 +130,6 @@ pub struct Run {
     pub lease_valid: bool,
 }
 
-impl Run {
-    pub(super) fn from_row(r: &tokio_postgres::Row) -> Result<Run> {
-        Ok(<Run as postgres_from_row::FromRow>::try_from_row(r)?)
-    }
-}
-
 /// A run to create.
 #[derive(Debug, Clone)]
 pub struct NewRun {
@@ -254,7 +248,7 @@ async fn create_run_steps(tx: &Atomic<'_>, new: NewRun) -> Result<RunId> {
             .query_opt(sql!("runs/get_run"), typed![&p])
             .await?
             .ok_or_else(|| Error::not_found("run", p))?;
-        if Run::from_row(&row)?.tenant_id != new.tenant_id {
+        if crate::db::row_as::<Run>(&row)?.tenant_id != new.tenant_id {
             return Err(Error::not_found("run", p));
         }
     }
@@ -294,7 +288,7 @@ pub async fn get_run(db: &Db, run: RunId) -> Result<Run> {
         .query_opt(sql!("runs/get_run"), typed![&run])
         .await?
         .ok_or_else(|| Error::not_found("run", run))?;
-    Run::from_row(&row)
+    crate::db::row_as(&row)
 }
 
 /// List runs, newest first.
@@ -309,7 +303,7 @@ pub async fn list_runs(db: &Db, filter: &RunFilter) -> Result<Vec<Run>> {
             typed![&filter.tenant, &filter.state, &filter.limit],
         )
         .await?;
-    rows.iter().map(Run::from_row).collect()
+    crate::db::rows_as(&rows)
 }
 
 /// [`Error::NotFound`] unless the run exists.

@@ -104,7 +104,7 @@ async fn transition_steps(
         .query_opt(sql!("runs/get_run_for_update"), typed![&run])
         .await?
         .ok_or_else(|| Error::not_found("run", run))?;
-    let current = Run::from_row(&row)?;
+    let current = crate::db::row_as::<Run>(&row)?;
     if !current.state.can_transition_to(to) {
         return Err(Error::IllegalTransition {
             entity: "run",
@@ -194,7 +194,7 @@ async fn transition_steps(
         .query_one(sql!("runs/get_run"), typed![&run])
         .await
         .map_err(|e| map_db_error(e, run))?;
-    Ok(Applied::Done(Box::new(Run::from_row(&row)?)))
+    Ok(Applied::Done(Box::new(crate::db::row_as::<Run>(&row)?)))
 }
 
 /// Apply a transition atomically on `on` (its own transaction given the pool, the caller's

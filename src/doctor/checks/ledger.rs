@@ -5,10 +5,14 @@ use crate::doctor::{CheckId, DoctorOptions, Finding};
 use crate::error::Result;
 use crate::ids::RunId;
 
+#[derive(postgres_from_row::FromRow)]
 struct FinishedRun {
+    #[from_row(rename = "id")]
     run: RunId,
     state: String,
+    #[from_row(rename = "ledger_head_seq")]
     head_seq: i64,
+    #[from_row(rename = "ledger_head_hash")]
     head_hash: Option<Vec<u8>>,
     mac: Option<Vec<u8>>,
 }
@@ -19,11 +23,6 @@ async fn finished_runs(ctx: &Ctx<'_>) -> Result<Vec<FinishedRun>> {
         ctx.client,
         sql!("doctor/recent_checkpoints"),
         &[&window, &ctx.opts.ledger_sample],
-        |r| {
-            Ok(from_row! { r, FinishedRun {
-                run = "id", state, head_seq = "ledger_head_seq", head_hash = "ledger_head_hash", mac,
-            } })
-        },
     )
     .await
 }

@@ -2,19 +2,6 @@
 //! reads (settings, backends, instances) here, the checks in one file per group (server,
 //! connections, coordination, tenancy, ledger).
 
-/// `Type { field: row.try_get("field")?, ... }`; `field = "column"` reads another column.
-macro_rules! from_row {
-    (@column $field:ident $column:literal) => {
-        $column
-    };
-    (@column $field:ident) => {
-        stringify!($field)
-    };
-    ($row:ident, $ty:ident { $($field:ident $(= $column:literal)?),* $(,)? }) => {
-        $ty { $($field: $row.try_get(from_row!(@column $field $($column)?))?),* }
-    };
-}
-
 mod connections;
 mod coordination;
 mod ledger;
@@ -51,7 +38,7 @@ struct Setting {
 }
 
 /// A backend from `pg_stat_activity` (with `pg_stat_ssl`).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, postgres_from_row::FromRow)]
 struct Backend {
     pid: i32,
     this_db: bool,
@@ -117,7 +104,7 @@ struct Ctx<'a> {
     instances: Option<Vec<InstanceRow>>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, postgres_from_row::FromRow)]
 struct InstanceRow {
     id: String,
     hostname: String,
@@ -255,36 +242,21 @@ async fn read_once<'s, T>(
         .ok_or_else(|| Error::Config(format!("{what} was not read")))
 }
 
-/// Every row of `query`, each made a `T` by `from_row`.
-async fn read_rows<T>(
+/// Every row of `query`, each read into a `T` (columns by field name).
+async fn read_rows<T: postgres_from_row::FromRow>(
     client: &Client,
     query: &str,
     params: &[&(dyn ToSql + Sync)],
-    from_row: impl Fn(&Row) -> Result<T>,
 ) -> Result<Vec<T>> {
-    client
-        .query(query, params)
-        .await?
-        .iter()
-        .map(from_row)
-        .collect()
+    crate::db::rows_as(&client.query(query, params).await?)
 }
 
 async fn read_backends(client: &Client) -> Result<Vec<Backend>> {
-    read_rows(client, sql!("doctor/backends"), &[], |r| {
-        Ok(from_row! { r, Backend {
-            pid, this_db, usename, application_name, backend_type, client_addr, client_port,
-            has_user, hidden, ssl, tls_version,
-        } })
-    })
-    .await
+    read_rows(client, sql!("doctor/backends"), &[]).await
 }
 
 async fn read_instances(client: &Client) -> Result<Vec<InstanceRow>> {
-    read_rows(client, sql!("doctor/instances"), &[], |r| {
-        Ok(from_row! { r, InstanceRow { id, hostname, pid, silent_ms } })
-    })
-    .await
+    read_rows(client, sql!("doctor/instances"), &[]).await
 }
 
 /// `26h 2m 3s` for whole seconds (hours as the largest unit; under a second, milliseconds).

@@ -6,10 +6,10 @@ use std::time::Duration;
 use pgcrew::queue::{self, Ack, AckOutcome, NewTask, TaskState};
 use pgcrew::{ClaimToken, Client, Error, InstanceId, TaskId, TenantId};
 
-use super::{completed, config, q, state_of};
+use super::{completed, config, q, state_of, wait_state};
 use crate::common::{
     assert_invalid_input, create_tenant, db_with_instance_conn, enqueued, register_instance,
-    scalar, start_leader, task, test_db, wait_until,
+    scalar, start_leader, task, test_db,
 };
 
 #[tokio::test]
@@ -47,15 +47,6 @@ async fn claim_and_ack_with_stale_token_rejected() {
     assert_eq!(state_of(&t, e.id).await, TaskState::Completed);
 }
 
-/// Wait (at most 10 s) until task `id` is in state `to`.
-async fn rescued(t: &crate::common::TestDb, id: TaskId, to: TaskState) {
-    let what = format!("task {id} rescued to {to}");
-    wait_until(Duration::from_secs(10), &what, || async {
-        state_of(t, id).await == to
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn rescued_task_rejects_the_old_claims_ack() {
     let t = test_db().await;
@@ -74,7 +65,15 @@ async fn rescued_task_rejects_the_old_claims_ack() {
     assert!(report.count("rescue_tasks") <= 1);
     // The pass the leader runs when elected may be rescuing it at the same time (the row is then
     // locked and skipped by ours): wait for that pass to commit.
-    rescued(&t, e.id, TaskState::Retryable).await;
+    let what = "the rescue of the ghost's task committed";
+    wait_state(
+        &t,
+        e.id,
+        TaskState::Retryable,
+        Duration::from_secs(10),
+        what,
+    )
+    .await;
     let row = queue::get(&conn, e.id).await.unwrap();
     assert_eq!(row.state, TaskState::Retryable);
     assert!(row.last_error.unwrap().contains("rescued"));
@@ -116,7 +115,15 @@ async fn rescued_task_rejects_the_old_claims_ack() {
     .unwrap();
     let report = leader.run_maintenance().await.unwrap();
     assert!(report.count("rescue_tasks") <= 1);
-    rescued(&t, last.id, TaskState::Discarded).await;
+    let what = "the rescue of the stale task committed";
+    wait_state(
+        &t,
+        last.id,
+        TaskState::Discarded,
+        Duration::from_secs(10),
+        what,
+    )
+    .await;
     let row = queue::get(&conn, last.id).await.unwrap();
     assert_eq!(row.state, TaskState::Discarded);
     assert!(row.last_error.unwrap().contains("rescued"));
