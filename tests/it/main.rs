@@ -22,6 +22,7 @@ mod fuzz_smoke;
 mod kernel;
 mod ledger_batch;
 mod ledger_forgery;
+mod ledger_single;
 mod local_security;
 mod mock_openai;
 mod model;

@@ -109,13 +109,24 @@ pub(crate) async fn append_rows<E: Executor + ?Sized>(
     max_payload: usize,
 ) -> Result<Vec<AppendedEvent>> {
     let (types, keys, payloads, dedupe) = params(events, max_payload)?;
-    let rows = on
-        .query(
-            sql!("runs/append_events"),
-            typed![&run, &lease_token, &types, &keys, &payloads, &dedupe],
-        )
-        .await
-        .map_err(|e| map_db_error(e, run))?;
+    let rows = match (&types[..], &keys[..], &payloads[..], &dedupe[..]) {
+        // One event: pgcrew.append_event, the same path with scalar arguments (V023).
+        ([ty], [key], [payload], [idempotent]) => {
+            on.query(
+                sql!("runs/append_event"),
+                typed![&run, &lease_token, ty, key, payload, idempotent],
+            )
+            .await
+        }
+        _ => {
+            on.query(
+                sql!("runs/append_events"),
+                typed![&run, &lease_token, &types, &keys, &payloads, &dedupe],
+            )
+            .await
+        }
+    }
+    .map_err(|e| map_db_error(e, run))?;
     Ok(appended(rows))
 }
 
