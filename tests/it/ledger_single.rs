@@ -19,6 +19,9 @@ async fn head_of(db: &Db, run: RunId) -> i64 {
     .await
 }
 
+/// An event's (type, step key, payload, idempotent).
+type Event<'a> = (&'a str, Option<&'a str>, &'a Value, bool);
+
 /// Which SQL function appends.
 #[derive(Debug, Clone, Copy)]
 enum Via {
@@ -32,7 +35,7 @@ async fn append(
     via: Via,
     run: uuid::Uuid,
     token: Option<i64>,
-    (ty, key, payload, dedupe): (&str, Option<&str>, &Value, bool),
+    (ty, key, payload, dedupe): Event<'_>,
 ) -> Result<(i64, bool), (String, String)> {
     let conn = db.get().await.unwrap();
     let result = match via {
@@ -63,7 +66,7 @@ async fn both(
     db: &Db,
     run: uuid::Uuid,
     token: Option<i64>,
-    event: (&str, Option<&str>, &Value, bool),
+    event: Event<'_>,
 ) -> [Result<(i64, bool), (String, String)>; 2] {
     [
         append(db, Via::Scalar, run, token, event).await,
@@ -79,13 +82,7 @@ async fn the_scalar_append_refuses_what_append_events_refuses_with_the_same_erro
     let big = json!({"blob": "x".repeat(1_048_576)});
     let long_type = "t".repeat(129);
     let long_key = "k".repeat(513);
-    let cases: Vec<(
-        &str,
-        uuid::Uuid,
-        Option<i64>,
-        (&str, Option<&str>, &Value, bool),
-        &str,
-    )> = vec![
+    let cases: Vec<(&str, uuid::Uuid, Option<i64>, Event, &str)> = vec![
         (
             "unknown run",
             uuid::Uuid::new_v4(),
