@@ -264,3 +264,42 @@ async fn wait_for_run_is_woken_by_the_run_state_notification() {
     );
     client.stop().await.unwrap();
 }
+
+#[test]
+fn pgcrew_init_generates_the_one_builder_service() {
+    let dir =
+        std::env::temp_dir().join(format!("pgcrew-init-svc-{}", uuid::Uuid::new_v4().simple()));
+    let out = std::process::Command::new(crate::common::pgcrew_bin())
+        .arg("init")
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let main = std::fs::read_to_string(dir.join("src/main.rs")).unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    crate::common::assert_contains_all(
+        &main,
+        &[
+            "Client::builder(dsn)",
+            ".agent(agent())",
+            ".tool(lookup_customer()?)",
+            ".model(model()?)",
+            ".worker_pool(workers)",
+            "client\n        .submit(",
+            "client.wait_for_run(",
+        ],
+    );
+    // The pieces the builder now wires are not repeated by hand.
+    for gone in [
+        "register_agent",
+        "register_tools",
+        "AgentRuntime",
+        "Kernel::new",
+        "Db::connect",
+    ] {
+        assert!(
+            !main.contains(gone),
+            "the scaffold still wires {gone} by hand"
+        );
+    }
+}

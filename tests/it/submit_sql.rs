@@ -31,6 +31,16 @@ async fn submit_sql<C: tokio_postgres::GenericClient>(
     Ok(RunId(row.get(0)))
 }
 
+/// A refused submit: what, agent, tenant, session, input, the expected SQLSTATE.
+type Case<'a> = (
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<&'a str>,
+    Option<Value>,
+    &'a str,
+);
+
 fn code(e: &tokio_postgres::Error) -> &str {
     e.code().map(|c| c.code()).unwrap_or("none")
 }
@@ -164,119 +174,23 @@ async fn bad_input_is_refused_with_clear_sqlstates_and_writes_nothing() {
     let conn = t.db.get().await.unwrap();
     let prompt = || Some(json!({"prompt": "hi"}));
     let long = "x".repeat(129);
-    let cases: Vec<(
-        &str,
-        Option<&str>,
-        Option<&str>,
-        Option<&str>,
-        Option<Value>,
-        &str,
-    )> = vec![
-        ("NULL agent", None, Some("acme"), None, prompt(), "22004"),
-        (
-            "NULL tenant",
-            Some("support"),
-            None,
-            None,
-            prompt(),
-            "22004",
-        ),
-        (
-            "NULL input",
-            Some("support"),
-            Some("acme"),
-            None,
-            None,
-            "22004",
-        ),
-        (
-            "empty agent",
-            Some(""),
-            Some("acme"),
-            None,
-            prompt(),
-            "22023",
-        ),
-        (
-            "long tenant",
-            Some("support"),
-            Some(&long),
-            None,
-            prompt(),
-            "22023",
-        ),
-        (
-            "control chars in session",
-            Some("support"),
-            Some("acme"),
-            Some("a\nb"),
-            prompt(),
-            "22023",
-        ),
-        (
-            "empty session",
-            Some("support"),
-            Some("acme"),
-            Some(""),
-            prompt(),
-            "22023",
-        ),
-        (
-            "unknown tenant",
-            Some("support"),
-            Some("nobody"),
-            None,
-            prompt(),
-            "PC010",
-        ),
-        (
-            "unknown agent",
-            Some("ghost"),
-            Some("acme"),
-            None,
-            prompt(),
-            "PC060",
-        ),
-        (
-            "input not an object",
-            Some("support"),
-            Some("acme"),
-            None,
-            Some(json!(["hi"])),
-            "22023",
-        ),
-        (
-            "no prompt",
-            Some("support"),
-            Some("acme"),
-            None,
-            Some(json!({})),
-            "22023",
-        ),
-        (
-            "prompt not a string",
-            Some("support"),
-            Some("acme"),
-            None,
-            Some(json!({"prompt": 1})),
-            "22023",
-        ),
-        (
-            "blank prompt",
-            Some("support"),
-            Some("acme"),
-            Some("s"),
-            Some(json!({"prompt": " \n\t"})),
-            "22023",
-        ),
-        (
-            "prompt over 1 MiB",
-            Some("support"),
-            Some("acme"),
-            Some("s"),
-            Some(json!({"prompt": "x".repeat(1_048_577)})),
-            "PC040",
-        ),
+    let (s, a) = (Some("support"), Some("acme"));
+    #[rustfmt::skip]
+    let cases: Vec<Case> = vec![
+        ("NULL agent", None, a, None, prompt(), "22004"),
+        ("NULL tenant", s, None, None, prompt(), "22004"),
+        ("NULL input", s, a, None, None, "22004"),
+        ("empty agent", Some(""), a, None, prompt(), "22023"),
+        ("long tenant", s, Some(&long), None, prompt(), "22023"),
+        ("control chars in session", s, a, Some("a\nb"), prompt(), "22023"),
+        ("empty session", s, a, Some(""), prompt(), "22023"),
+        ("unknown tenant", s, Some("nobody"), None, prompt(), "PC010"),
+        ("unknown agent", Some("ghost"), a, None, prompt(), "PC060"),
+        ("input not an object", s, a, None, Some(json!(["hi"])), "22023"),
+        ("no prompt", s, a, None, Some(json!({})), "22023"),
+        ("prompt not a string", s, a, None, Some(json!({"prompt": 1})), "22023"),
+        ("blank prompt", s, a, Some("s"), Some(json!({"prompt": " \n\t"})), "22023"),
+        ("prompt over 1 MiB", s, a, Some("s"), Some(json!({"prompt": "x".repeat(1_048_577)})), "PC040"),
     ];
     for (what, agent, tenant, session, input, expected) in cases {
         let e = submit_sql(&**conn, agent, tenant, session, input)
