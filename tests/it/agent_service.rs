@@ -303,3 +303,47 @@ fn pgcrew_init_generates_the_one_builder_service() {
         );
     }
 }
+
+#[tokio::test]
+async fn run_lease_ttl_reaches_the_hosted_runs() {
+    let t = test_db().await;
+    let acme = tenant(&t.db, "acme", &[], None).await;
+    let support = demo::demo_agents(demo::DEMO_MODEL).remove(0);
+    // Slow tools, so the run is seen holding its lease.
+    let mut b = Client::builder(t.db.clone())
+        .config(fast_config("svc-ttl").build().unwrap())
+        .agent(support)
+        .model(Arc::new(ScriptedModel::demo_agent()))
+        .run_lease_ttl(Duration::from_secs(3));
+    for tool in demo::demo_tools(Duration::from_millis(1500))
+        .unwrap()
+        .iter()
+    {
+        b = b.tool(tool.clone());
+    }
+    let client = b.build().await.unwrap();
+    client.start().await.unwrap();
+    let run = client
+        .submit(SUPPORT_AGENT, &acme, "u", "Where is order A-1?")
+        .await
+        .unwrap();
+    let sql = format!(
+        "SELECT count(*) FROM pgcrew.runs WHERE id = '{run}' AND state = 'running' \
+         AND lease_expires_at > now() AND lease_expires_at <= now() + interval '3 seconds'"
+    );
+    wait_until(
+        Duration::from_secs(10),
+        "the run leased for at most 3 s",
+        || {
+            let (db, sql) = (t.db.clone(), sql.clone());
+            async move { scalar(&db, &sql).await == 1 }
+        },
+    )
+    .await;
+    let done = client
+        .wait_for_run(run, Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert_eq!(done.state, RunState::Completed);
+    client.stop().await.unwrap();
+}
