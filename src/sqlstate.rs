@@ -31,6 +31,8 @@ pub const INVALID_AMOUNT: &str = "PC030";
 pub const TOO_LARGE: &str = "PC040";
 /// PC041: the run is finished; DETAIL is its state.
 pub const RUN_FINISHED: &str = "PC041";
+/// PC060: the agent is not registered (`pgcrew.submit_run`, V019).
+pub const UNKNOWN_AGENT: &str = "PC060";
 
 /// 08000 connection_exception.
 pub const CONNECTION_EXCEPTION: &str = "08000";
@@ -38,8 +40,12 @@ pub const CONNECTION_EXCEPTION: &str = "08000";
 pub const CONNECTION_DOES_NOT_EXIST: &str = "08003";
 /// 08006 connection_failure.
 pub const CONNECTION_FAILURE: &str = "08006";
+/// 22004 null_value_not_allowed.
+pub const NULL_VALUE_NOT_ALLOWED: &str = "22004";
 /// 22008 datetime_field_overflow.
 pub const DATETIME_FIELD_OVERFLOW: &str = "22008";
+/// 22023 invalid_parameter_value.
+pub const INVALID_PARAMETER_VALUE: &str = "22023";
 /// 23502 not_null_violation.
 pub const NOT_NULL_VIOLATION: &str = "23502";
 /// 23503 foreign_key_violation.

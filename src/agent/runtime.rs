@@ -22,10 +22,8 @@ use crate::error::{Error, Result};
 use crate::ids::{InstanceId, RunId, SessionId, TenantId};
 use crate::kernel::{Kernel, ModelStep, ReplayPolicy, RunScope};
 use crate::model::{Message, ModelRequest, ToolCall, ToolSpec};
-use crate::queue::{self, NewTask, TaskOutcome, WorkerPoolBuilder};
-use crate::runs::{
-    self, LimitPolicy, NewRun, Run, RunLease, RunOutcome, RunState, Session, StartOutcome,
-};
+use crate::queue::{self, TaskOutcome, WorkerPoolBuilder};
+use crate::runs::{self, LimitPolicy, Run, RunLease, RunOutcome, RunState, Session, StartOutcome};
 
 pub use super::def::{
     AGENT_RUN_KIND, AgentDef, CapabilityDenialPolicy, DEFAULT_MAX_ITERATIONS, agent_queue,
@@ -128,6 +126,7 @@ impl AgentRuntime {
 
     /// Create a run of `agent` in `session` with `prompt` and enqueue it on the agent's queue
     /// in the same transaction. An unknown agent or session is an error and nothing is written.
+    /// The writes are `pgcrew.create_agent_run`'s, the same as `pgcrew.submit_run`'s (V019).
     #[instrument(skip(self, prompt), err)]
     pub async fn submit(&self, agent: &str, session: SessionId, prompt: &str) -> Result<RunId> {
         if prompt.trim().is_empty() {
@@ -135,22 +134,15 @@ impl AgentRuntime {
         }
         get_agent(self.kernel.db(), agent).await?;
         let s = runs::get_session(self.kernel.db(), session).await?;
-        let tenant = s.tenant_id;
-        let new = NewRun::new(tenant.clone())
-            .session(session)
-            .agent(agent)
-            .prompt(prompt);
-        let mut conn = self.kernel.db().get().await?;
-        let tx = conn.transaction().await?;
-        let run = runs::create_run(&tx, new).await?;
-        let task = NewTask::new(AGENT_RUN_KIND, &AgentRunTask { run_id: run })?
-            .queue(agent_queue(agent))
-            .tenant(tenant)
-            .run(run)
-            .unique_key(format!("agent_run:{run}"));
-        queue::enqueue(&tx, &task).await?;
-        tx.commit().await?;
-        Ok(run)
+        let row = self
+            .kernel
+            .db()
+            .query_one(
+                sql!("agent/create_agent_run"),
+                typed![&agent, &s.tenant_id, &session, &prompt],
+            )
+            .await?;
+        Ok(RunId(row.try_get(0)?))
     }
 
     /// Register the agent-run handler on a worker pool builder and listen on the queues of

@@ -1,9 +1,13 @@
-//! [`ClientBuilder`]: connects, migrates or checks the schema, and checks the connection budget.
+//! [`ClientBuilder`]: connects, migrates or checks the schema, assembles the agent service
+//! (agents, tools, model, worker pool) and checks the connection budget.
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use super::agents::AgentService;
 use super::{Callbacks, Client, Inner, Service, default_maintenance_steps};
+use crate::agent::{AgentDef, Tool};
 use crate::config::{COORDINATION_CONNECTIONS, ClientConfig};
 use crate::coord::maintenance::MaintenanceStep;
 use crate::coord::notify::Notifier;
@@ -11,14 +15,22 @@ use crate::coord::session::Session;
 use crate::coord::source::DbSource;
 use crate::db::Db;
 use crate::error::{Error, Result};
+use crate::model::ModelPort;
+use crate::queue::WorkerPoolBuilder;
 
 /// Builder for [`Client`]; see [`Client::builder`].
+///
+/// An agent service says each fact once: `.agent(def)`, `.tool(tool)`, `.model(model)` and,
+/// optionally, `.worker_pool(builder)` with the service's own queues and handlers. `build()`
+/// registers the agents and tools, builds the kernel on the client's database and instance and
+/// installs the agent runtime on the worker pool; `start()` starts it and `stop()` drains it.
 pub struct ClientBuilder {
     source: DbSource,
     config: ClientConfig,
     callbacks: Callbacks,
     steps: Vec<Arc<dyn MaintenanceStep>>,
     services: Vec<Arc<dyn Service>>,
+    agents: AgentService,
 }
 
 impl std::fmt::Debug for ClientBuilder {
@@ -37,7 +49,44 @@ impl ClientBuilder {
             callbacks: Callbacks::default(),
             steps: default_maintenance_steps(),
             services: Vec::new(),
+            agents: AgentService::default(),
         }
+    }
+
+    /// Host this agent: registered in `pgcrew.agents` by `build()`, its runs (submitted from
+    /// any instance or from SQL) are worked on its queue `agent.<name>`. Its tools must be
+    /// added with [`tool`](Self::tool) and a [`model`](Self::model) must be set.
+    pub fn agent(mut self, def: AgentDef) -> Self {
+        self.agents.agents.push(def);
+        self
+    }
+
+    /// Add a tool this instance can run (registered in `pgcrew.tools` by `build()`).
+    pub fn tool(mut self, tool: Tool) -> Self {
+        self.agents.tools.push(tool);
+        self
+    }
+
+    /// The model the hosted agents call.
+    pub fn model(mut self, model: Arc<dyn ModelPort>) -> Self {
+        self.agents.model = Some(model);
+        self
+    }
+
+    /// The worker pool the agent runtime is installed on, with the service's own queues and
+    /// handlers and the pool's settings (concurrency, ...): it works its queues (`default` if
+    /// it names none) and the agents' queues. Without it the client gets a pool working only
+    /// the agents' queues (when it hosts agents). Started and drained with the client.
+    pub fn worker_pool(mut self, pool: WorkerPoolBuilder) -> Self {
+        self.agents.pool = Some(pool);
+        self
+    }
+
+    /// The run lease TTL of the hosted agents' runs (default 60 s; renewed after every step):
+    /// how long a run of a crashed instance waits before another instance resumes it.
+    pub fn run_lease_ttl(mut self, ttl: Duration) -> Self {
+        self.agents.run_lease_ttl = Some(ttl);
+        self
     }
 
     /// Use this configuration (default: [`ClientConfig::default`]).
@@ -76,8 +125,11 @@ impl ClientBuilder {
         self
     }
 
-    /// Connect (and migrate when configured, otherwise check the schema version).
+    /// Connect (and migrate when configured, otherwise check the schema version), then register
+    /// the agents and tools and build the worker pool of an agent service.
     pub async fn build(mut self) -> Result<Client> {
+        let agents = std::mem::take(&mut self.agents);
+        let tools = agents.prepare(&mut self.config)?;
         self.config.validate()?;
         if self.config.ledger_key.is_none() {
             self.config.ledger_key = crate::ledger_key::LedgerKey::from_env()?;
@@ -117,6 +169,11 @@ impl ClientBuilder {
             }
         } else {
             db.check_schema().await?;
+        }
+        if let Some(tools) = tools
+            && let Some(pool) = agents.install(&db, &self.config, tools).await?
+        {
+            self.services.push(pool);
         }
         check_budget(&self.config, &db, &self.services)?;
         if db.statements() == crate::db::StatementMode::Unnamed

@@ -27,12 +27,15 @@ use crate::ids::{InstanceId, TaskId};
 use crate::queue::{self, Enqueued, NewTask};
 use crate::runs::RunWatcher;
 
+mod agents;
 mod background;
 mod builder;
+mod submit;
 
 pub use crate::coord::service::{Service, ServiceContext};
 pub use crate::coord::source::DbSource;
 pub use builder::ClientBuilder;
+pub use submit::{submit_run, wait_for_run};
 
 /// The maintenance every client runs while it is leader, in order: coordination's stale
 /// instances, stuck runs, coordination's expired leases, then the queue's, the runs' and

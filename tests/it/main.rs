@@ -5,6 +5,7 @@
 mod common;
 
 mod agent_process;
+mod agent_service;
 mod bad_input;
 mod budget_edges;
 mod claim_paths;
@@ -32,6 +33,7 @@ mod queue;
 mod queue_edges;
 mod runs;
 mod runs_edges;
+mod submit_sql;
 mod tenancy;
 mod tenant_isolation;
 mod tls;

@@ -1,4 +1,4 @@
-//! `pgcrew run list|tail|status|verify-ledger|summaries|artifacts|cancel`.
+//! `pgcrew run list|tail|status|verify-ledger|summaries|artifacts|cancel|submit`.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -97,6 +97,9 @@ pub enum RunCmd {
         #[arg(long, default_value = "cancelled from the CLI")]
         reason: String,
     },
+    /// Submit a run of an agent (through pgcrew.submit_run) and print its id; with --wait exit 0
+    /// when it completes, 1 when it fails or is cancelled.
+    Submit(crate::submit::SubmitArgs),
 }
 
 fn opt(s: &Option<String>) -> String {
@@ -254,6 +257,7 @@ pub async fn exec(dsn: Option<String>, cmd: RunCmd) -> Result<ExitCode> {
                 ]
             })?;
         }
+        RunCmd::Submit(args) => return crate::submit::exec(&db, args).await,
         RunCmd::Cancel { run, reason } => {
             let r = runs::cancel_run(&db, run, &reason).await?;
             println!("{} {}", r.id, r.state);
