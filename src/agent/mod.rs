@@ -10,6 +10,7 @@ pub mod def;
 pub mod demo;
 
 pub mod runtime;
+pub mod subagent;
 
 /// The tool types live in [`crate::kernel::tool`] (the kernel executes tools); kept at their
 /// old path `pgcrew::agent::tool`.
@@ -27,3 +28,4 @@ pub use def::{
     register_tools,
 };
 pub use runtime::{AgentRunTask, AgentRuntime};
+pub use subagent::{ChildRun, Subagent, child_runs};

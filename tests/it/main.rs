@@ -31,6 +31,7 @@ mod queue;
 mod queue_edges;
 mod runs;
 mod runs_edges;
+mod subagents;
 mod tenancy;
 mod tenant_isolation;
 mod tls;
