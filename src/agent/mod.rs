@@ -3,7 +3,8 @@
 //! agent loop.
 //!
 //! [`def`] holds the definitions and their rows; [`runtime`] drives a run through the
-//! [`Kernel`](crate::kernel::Kernel) (model steps, then tool steps, per iteration). The tool
+//! [`Kernel`](crate::kernel::Kernel) (model steps, then tool steps, per iteration);
+//! [`subagent`] lets an agent call another agent as a tool (a child run of its own). The tool
 //! types live in [`crate::kernel::tool`] and are re-exported here.
 
 pub mod def;

@@ -303,7 +303,18 @@ impl AgentRuntime {
             }
         };
         let child = self.start_child(scope, sub, step_key, prompt).await?;
-        let run = execute_child(self, child, cancel).await?;
+        let run = match execute_child(self, child, cancel).await {
+            Ok(run) => run,
+            // Not the model's concern: this instance cannot run the child (the child waits,
+            // as a top-level run would, for an instance that can).
+            Err(Error::NotFound { kind: "tool", id }) => {
+                return Err(Error::Config(format!(
+                    "sub-agent run {child} of `{}` needs tool {id}: a parent runs its sub-agents on its own instance, so the instances that run it need their tools",
+                    sub.agent
+                )));
+            }
+            Err(e) => return Err(e),
+        };
         if !run.state.is_terminal() {
             return Err(Error::Internal(format!(
                 "sub-agent run {child} returned in state {}",

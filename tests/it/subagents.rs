@@ -726,3 +726,39 @@ async fn subagents_run_inside_their_parents_slot_of_the_concurrency_limit() {
     let held = runs::start_run(&t.db, other, None, None, runs::LimitPolicy::Reject).await;
     assert!(matches!(held, Err(Error::LimitReached { .. })), "{held:?}");
 }
+
+#[tokio::test]
+async fn an_instance_without_the_subagents_tools_leaves_the_child_to_one_with_them() {
+    let (t, tenant) = setup().await;
+    register_agent(&t.db, &agent("lead", "lead-m").subagent("researcher"))
+        .await
+        .unwrap();
+    register_agent(&t.db, &agent("researcher", "sub-m").tool("lookup"))
+        .await
+        .unwrap();
+    let script = |agent: &str, turn: usize, req: &ModelRequest| match (agent, turn) {
+        ("lead", 0) => ScriptedReply::tool_call("researcher", json!({"prompt": "weather?"})),
+        ("researcher", 0) => ScriptedReply::tool_call("lookup", json!({})),
+        (_, _) => ScriptedReply::text(format!("{agent}: {}", tool_results(req))),
+    };
+    let bare = runtime(&t.db, team_model(script), ToolRegistry::new(), "bare");
+    let run = submit_with_budget(&bare, &tenant, "lead", Some(100.0)).await;
+    let err = bare.execute(run, None).await.unwrap_err();
+    assert!(
+        matches!(&err, Error::Config(m) if m.contains("lookup")),
+        "{err}"
+    );
+    // Not a tool result for the model: the parent is still running, the child waits.
+    let child = child_runs(&t.db, run).await.unwrap();
+    assert_eq!(child.len(), 1);
+    assert_eq!(child[0].state, RunState::Running);
+    assert_eq!(
+        count(&ledger_events(&t.db, run).await, "child_run_completed"),
+        0
+    );
+    let calls = Arc::new(AtomicU64::new(0));
+    let full = runtime(&t.db, team_model(script), lookup_tool(None, calls), "full");
+    let done = full.execute(run, None).await.unwrap();
+    assert_eq!(done.state, RunState::Completed, "{:?}", done.error_message);
+    assert_eq!(child_runs(&t.db, run).await.unwrap()[0].id, child[0].id);
+}
