@@ -697,6 +697,17 @@ async fn the_sql_surface_keys_children_by_step_and_cascades_a_plain_sql_cancel()
         runs::get_run(&t.db, fork).await.unwrap().state,
         RunState::Pending
     );
+    // Spend settled on a finished child later (a call in flight at the cancel) reaches every
+    // ancestor once.
+    conn.execute(
+        "UPDATE pgcrew.runs SET budget_spent_usd = budget_spent_usd + 2 WHERE id = $1",
+        &[&grandchild],
+    )
+    .await
+    .unwrap();
+    for r in [grandchild, child, parent] {
+        assert_eq!(run_budget(&t.db, r).await.1, 2.0, "run {r}");
+    }
 }
 
 #[tokio::test]
