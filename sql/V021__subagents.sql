@@ -7,10 +7,10 @@
 --    tool step that started the child (unique per parent), runs.carved_budget_usd what was
 --    carved out of the parent for it, runs.subagent_depth its depth (0 for a top-level run).
 --  * pgcrew.agent_subagents: the sub-agents an agent may call (pgcrew.set_subagents, which
---    refuses a definition that closes a cycle, SQLSTATE PC060).
+--    refuses a definition that closes a cycle, SQLSTATE PC070).
 --  * pgcrew.start_child_run: creates the child (or returns the one already created for the
---    step), refusing a cycle along the parent chain (PC060), a depth over the limit (PC061) and
---    a carve the parent's remaining budget cannot cover (PC062).
+--    step), refusing a cycle along the parent chain (PC070), a depth over the limit (PC071) and
+--    a carve the parent's remaining budget cannot cover (PC072).
 --  * Triggers: a child that finishes returns its unused carve to the parent (the parent's
 --    reservation drops by the carve and its spend grows by the child's), spend settled on a
 --    finished child later is passed up too, and a parent that is cancelled or fails cancels its
@@ -102,7 +102,7 @@ $$;
 
 -- Replace the sub-agents of p_agent (which must be registered) with p_subagents, each with the
 -- budget at the same index of p_budgets (NULL: the parent's whole remaining budget). A list
--- that closes a cycle is refused with PC060 and nothing changes.
+-- that closes a cycle is refused with PC070 and nothing changes.
 CREATE FUNCTION pgcrew.set_subagents(p_agent text, p_subagents text[], p_budgets float8[] DEFAULT NULL)
 RETURNS integer LANGUAGE plpgsql AS $$
 DECLARE
@@ -133,7 +133,7 @@ BEGIN
     v_cycle := pgcrew.subagent_cycle(p_agent);
     IF v_cycle IS NOT NULL THEN
         RAISE EXCEPTION 'sub-agent cycle: %', array_to_string(v_cycle, ' -> ')
-            USING ERRCODE = 'PC060',
+            USING ERRCODE = 'PC070',
                   DETAIL = json_build_object('agent', p_agent, 'chain', v_cycle)::text;
     END IF;
     RETURN v_n;
@@ -141,9 +141,9 @@ END $$;
 
 -- Start the sub-agent run of the parent's step p_step_key, or return the one already started
 -- for it (created = false). In one statement: the parent is locked; the agents along its parent
--- chain must not include p_agent (PC060) and the child's depth must not pass p_max_depth
--- (PC061); the child's budget (p_budget_usd, or the parent's whole remaining budget when NULL)
--- is reserved on the parent, refused with PC062 (DETAIL: limit, spent, reserved, requested)
+-- chain must not include p_agent (PC070) and the child's depth must not pass p_max_depth
+-- (PC071); the child's budget (p_budget_usd, or the parent's whole remaining budget when NULL)
+-- is reserved on the parent, refused with PC072 (DETAIL: limit, spent, reserved, requested)
 -- when the parent's remaining budget cannot cover it. The child has the parent's tenant and
 -- session, its budget as its run budget, and a `run_created` event.
 CREATE FUNCTION pgcrew.start_child_run(p_parent uuid, p_step_key text, p_agent text, p_prompt text,
@@ -191,13 +191,13 @@ BEGIN
     SELECT array_agg(coalesce(agent, '?') ORDER BY n DESC) INTO v_chain FROM up;
     IF p_agent = ANY (v_chain) THEN
         RAISE EXCEPTION 'sub-agent cycle: % -> %', array_to_string(v_chain, ' -> '), p_agent
-            USING ERRCODE = 'PC060',
+            USING ERRCODE = 'PC070',
                   DETAIL = json_build_object('agent', p_agent, 'chain', v_chain || p_agent)::text;
     END IF;
     IF v_parent.subagent_depth + 1 > p_max_depth THEN
         RAISE EXCEPTION 'sub-agent % would run at depth %, over the limit of % (chain %)',
             p_agent, v_parent.subagent_depth + 1, p_max_depth, array_to_string(v_chain, ' -> ')
-            USING ERRCODE = 'PC061',
+            USING ERRCODE = 'PC071',
                   DETAIL = json_build_object('agent', p_agent, 'depth', v_parent.subagent_depth + 1,
                                              'limit', p_max_depth)::text;
     END IF;
@@ -210,7 +210,7 @@ BEGIN
         IF v_carve > v_remaining OR v_carve = 0 THEN
             RAISE EXCEPTION 'run %: its remaining budget of % USD cannot cover sub-agent % (% USD)',
                 p_parent, v_remaining, p_agent, v_carve
-                USING ERRCODE = 'PC062',
+                USING ERRCODE = 'PC072',
                       DETAIL = json_build_object(
                           'limit_usd', v_parent.budget_usd_limit::float8,
                           'spent_usd', v_parent.budget_spent_usd::float8,

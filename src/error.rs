@@ -257,7 +257,7 @@ pub enum Error {
     },
 
     /// A sub-agent call or definition was refused: it closes a cycle of agents calling each
-    /// other (`reason` `cycle`, SQLSTATE `PC060`) or passes the depth limit (`depth`, `PC061`).
+    /// other (`reason` `cycle`, SQLSTATE `PC070`) or passes the depth limit (`depth`, `PC071`).
     /// In a run, no child is started and the refusal (`child_run_refused`) goes back to the model.
     #[error("sub-agent `{agent}` refused ({reason}): {message}")]
     SubagentRefused {

@@ -31,13 +31,13 @@ pub const INVALID_AMOUNT: &str = "PC030";
 pub const TOO_LARGE: &str = "PC040";
 /// PC041: the run is finished; DETAIL is its state.
 pub const RUN_FINISHED: &str = "PC041";
-/// PC060: a sub-agent cycle (`pgcrew.set_subagents`, `pgcrew.start_child_run`, V021).
-pub const SUBAGENT_CYCLE: &str = "PC060";
-/// PC061: a sub-agent over the depth limit (`pgcrew.start_child_run`, V021).
-pub const SUBAGENT_DEPTH: &str = "PC061";
-/// PC062: a sub-agent budget the parent's remaining run budget cannot cover; DETAIL is
+/// PC070: a sub-agent cycle (`pgcrew.set_subagents`, `pgcrew.start_child_run`, V021).
+pub const SUBAGENT_CYCLE: &str = "PC070";
+/// PC071: a sub-agent over the depth limit (`pgcrew.start_child_run`, V021).
+pub const SUBAGENT_DEPTH: &str = "PC071";
+/// PC072: a sub-agent budget the parent's remaining run budget cannot cover; DETAIL is
 /// `{"limit_usd", "spent_usd", "reserved_usd", "requested_usd"}` (`pgcrew.start_child_run`, V021).
-pub const SUBAGENT_BUDGET: &str = "PC062";
+pub const SUBAGENT_BUDGET: &str = "PC072";
 
 /// 08000 connection_exception.
 pub const CONNECTION_EXCEPTION: &str = "08000";

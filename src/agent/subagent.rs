@@ -172,7 +172,7 @@ pub(crate) async fn specs(db: &Db, def: &AgentDef) -> Result<Vec<ToolSpec>> {
     Ok(out)
 }
 
-/// Map the sub-agent SQLSTATEs (PC060 cycle, PC061 depth, PC062 budget) to typed errors; the
+/// Map the sub-agent SQLSTATEs (PC070 cycle, PC071 depth, PC072 budget) to typed errors; the
 /// run's own codes go through the runs mapper.
 fn classify(e: Error, agent: &str, scope: Option<&RunScope>) -> Error {
     let e = match e.into_driver() {

@@ -630,9 +630,9 @@ async fn the_sql_surface_keys_children_by_step_and_cascades_a_plain_sql_cancel()
         (child, false)
     );
     let grandchild: RunId = start(child, "iter-0/tool-b", "leaf").await.unwrap().get(0);
-    // lead -> helper -> lead closes a cycle: PC060, nothing created.
+    // lead -> helper -> lead closes a cycle: PC070, nothing created.
     let cycle = start(child, "iter-0/tool-c", "lead").await.unwrap_err();
-    assert_eq!(cycle.code().map(|c| c.code()), Some("PC060"));
+    assert_eq!(cycle.code().map(|c| c.code()), Some("PC070"));
     assert_eq!(
         scalar(
             &t.db,
