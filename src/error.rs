@@ -256,6 +256,19 @@ pub enum Error {
         message: String,
     },
 
+    /// A sub-agent call or definition was refused: it closes a cycle of agents calling each
+    /// other (`reason` `cycle`, SQLSTATE `PC070`) or passes the depth limit (`depth`, `PC071`).
+    /// In a run, no child is started and the refusal (`child_run_refused`) goes back to the model.
+    #[error("sub-agent `{agent}` refused ({reason}): {message}")]
+    SubagentRefused {
+        /// The sub-agent that was called (or defined).
+        agent: String,
+        /// `cycle` or `depth`.
+        reason: &'static str,
+        /// The database's message (the chain of agents).
+        message: String,
+    },
+
     /// A harness unit finished its work but its clean-state check failed: it is not marked
     /// done and runs again on the next `harness.run`.
     #[error("harness unit `{unit}` did not leave a clean state: {message}")]

@@ -33,6 +33,13 @@ pub const TOO_LARGE: &str = "PC040";
 pub const RUN_FINISHED: &str = "PC041";
 /// PC060: the agent is not registered (`pgcrew.submit_run`, V019).
 pub const UNKNOWN_AGENT: &str = "PC060";
+/// PC070: a sub-agent cycle (`pgcrew.set_subagents`, `pgcrew.start_child_run`, V021).
+pub const SUBAGENT_CYCLE: &str = "PC070";
+/// PC071: a sub-agent over the depth limit (`pgcrew.start_child_run`, V021).
+pub const SUBAGENT_DEPTH: &str = "PC071";
+/// PC072: a sub-agent budget the parent's remaining run budget cannot cover; DETAIL is
+/// `{"limit_usd", "spent_usd", "reserved_usd", "requested_usd"}` (`pgcrew.start_child_run`, V021).
+pub const SUBAGENT_BUDGET: &str = "PC072";
 
 /// 08000 connection_exception.
 pub const CONNECTION_EXCEPTION: &str = "08000";

@@ -7,6 +7,8 @@ use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::kernel::ToolRegistry;
 
+use super::subagent::{self, Subagent};
+
 /// The task kind of agent runs.
 pub const AGENT_RUN_KIND: &str = "pgcrew.agent_run";
 
@@ -86,6 +88,8 @@ pub struct AgentDef {
     /// What a run does when a tool call is denied for lack of a capability (default
     /// [`CapabilityDenialPolicy::FailRun`]).
     pub on_capability_denied: CapabilityDenialPolicy,
+    /// The agents it may call as tools ([`super::subagent`]).
+    pub subagents: Vec<Subagent>,
 }
 
 /// Builder-style setters of [`AgentDef`] fields: `field(arg: Type) => value stored;`.
@@ -112,6 +116,7 @@ impl AgentDef {
             temperature: None,
             max_iterations: DEFAULT_MAX_ITERATIONS,
             on_capability_denied: CapabilityDenialPolicy::default(),
+            subagents: Vec::new(),
         }
     }
 
@@ -136,12 +141,37 @@ impl AgentDef {
         self
     }
 
+    /// Allow calling agent `name` as a tool (a sub-agent with the caller's remaining budget).
+    pub fn subagent(self, name: impl Into<String>) -> Self {
+        self.subagent_with(Subagent::new(name))
+    }
+
+    /// Allow calling a sub-agent with its settings (for example a budget per call).
+    pub fn subagent_with(mut self, sub: Subagent) -> Self {
+        self.subagents.push(sub);
+        self
+    }
+
     /// Check the definition (names, ranges).
     pub fn validate(&self) -> Result<()> {
         crate::ids::validate_text_id("agent name", &self.name)?;
         crate::ids::validate_text_id("agent model", &self.model)?;
         for t in &self.tools {
             crate::kernel::validate_tool_name(t)?;
+        }
+        for (i, s) in self.subagents.iter().enumerate() {
+            s.validate()?;
+            if self.tools.contains(&s.agent)
+                || self.subagents[..i].iter().any(|o| o.agent == s.agent)
+            {
+                return Err(Error::invalid(
+                    "subagent",
+                    format!(
+                        "`{}` is named twice among the agent's tools and sub-agents",
+                        s.agent
+                    ),
+                ));
+            }
         }
         if self.max_iterations == 0 || self.max_iterations > 1000 {
             return Err(Error::invalid(
@@ -168,7 +198,9 @@ fn to_i32(field: &'static str, v: u32) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::invalid(field, format!("{v} is too large")))
 }
 
-/// Upsert an agent definition into `pgcrew.agents`.
+/// Upsert an agent definition into `pgcrew.agents` and its sub-agents into
+/// `pgcrew.agent_subagents`, in one transaction; sub-agents that close a cycle of agents calling
+/// each other are [`Error::SubagentRefused`] and nothing is written.
 #[instrument(skip(db, def), fields(agent = %def.name), err)]
 pub async fn register_agent(db: &crate::Db, def: &AgentDef) -> Result<()> {
     def.validate()?;
@@ -177,7 +209,9 @@ pub async fn register_agent(db: &crate::Db, def: &AgentDef) -> Result<()> {
         .map(|n| to_i32("max_tokens", n))
         .transpose()?;
     let iterations = to_i32("max_iterations", def.max_iterations)?;
-    db.execute(
+    let mut conn = db.get().await?;
+    let tx = conn.transaction().await?;
+    tx.execute(
         sql!("agent/upsert_agent"),
         typed![
             &def.name,
@@ -192,6 +226,8 @@ pub async fn register_agent(db: &crate::Db, def: &AgentDef) -> Result<()> {
         ],
     )
     .await?;
+    subagent::store(&tx, def).await?;
+    tx.commit().await?;
     Ok(())
 }
 
@@ -236,5 +272,6 @@ pub async fn get_agent(db: &crate::Db, name: &str) -> Result<AgentDef> {
         temperature: row.try_get("temperature")?,
         max_iterations: u32::try_from(iterations).unwrap_or(DEFAULT_MAX_ITERATIONS),
         on_capability_denied: policy.parse()?,
+        subagents: subagent::load(db, name).await?,
     })
 }

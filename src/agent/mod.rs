@@ -3,13 +3,15 @@
 //! agent loop.
 //!
 //! [`def`] holds the definitions and their rows; [`runtime`] drives a run through the
-//! [`Kernel`](crate::kernel::Kernel) (model steps, then tool steps, per iteration). The tool
+//! [`Kernel`](crate::kernel::Kernel) (model steps, then tool steps, per iteration);
+//! [`subagent`] lets an agent call another agent as a tool (a child run of its own). The tool
 //! types live in [`crate::kernel::tool`] and are re-exported here.
 
 pub mod def;
 pub mod demo;
 
 pub mod runtime;
+pub mod subagent;
 
 /// The tool types live in [`crate::kernel::tool`] (the kernel executes tools); kept at their
 /// old path `pgcrew::agent::tool`.
@@ -27,3 +29,4 @@ pub use def::{
     register_tools,
 };
 pub use runtime::{AgentRunTask, AgentRuntime};
+pub use subagent::{ChildRun, Subagent, child_runs};

@@ -54,13 +54,16 @@ fn model_error_route(e: &Error) -> Route {
 fn tool_error_route(e: &Error, policy: CapabilityDenialPolicy) -> Route {
     match e {
         Error::ToolOutcomeUnknown { .. } => Route::Fail("tool_outcome_unknown"),
+        // A sub-agent's budget the run cannot carve out of its own.
+        e if e.is_budget_exceeded() => Route::Fail("budget_exceeded"),
         Error::CapabilityDenied { .. } if policy == CapabilityDenialPolicy::FailRun => {
             Route::Fail("capability_denied")
         }
         Error::ToolFailed { .. }
         | Error::InvalidInput { .. }
         | Error::NotFound { kind: "tool", .. }
-        | Error::CapabilityDenied { .. } => Route::ToModel,
+        | Error::CapabilityDenied { .. }
+        | Error::SubagentRefused { .. } => Route::ToModel,
         _ => Route::Return,
     }
 }
@@ -87,6 +90,7 @@ pub struct AgentRuntime {
     owner: String,
     instance: Option<InstanceId>,
     lease_ttl: Duration,
+    max_subagent_depth: u32,
 }
 
 impl AgentRuntime {
@@ -98,6 +102,7 @@ impl AgentRuntime {
             owner: owner.into(),
             instance: None,
             lease_ttl: Duration::from_secs(60),
+            max_subagent_depth: super::subagent::DEFAULT_MAX_SUBAGENT_DEPTH,
         }
     }
 
@@ -111,6 +116,18 @@ impl AgentRuntime {
     pub fn lease_ttl(mut self, ttl: Duration) -> Self {
         self.lease_ttl = ttl;
         self
+    }
+
+    /// The deepest sub-agent nesting this runtime starts (default
+    /// [`DEFAULT_MAX_SUBAGENT_DEPTH`](super::subagent::DEFAULT_MAX_SUBAGENT_DEPTH)); a deeper
+    /// call is refused and returned to the model.
+    pub fn max_subagent_depth(mut self, depth: u32) -> Self {
+        self.max_subagent_depth = depth;
+        self
+    }
+
+    pub(crate) fn subagent_depth_limit(&self) -> u32 {
+        self.max_subagent_depth
     }
 
     /// The kernel.
@@ -239,7 +256,8 @@ impl AgentRuntime {
             Err(e @ Error::NotFound { .. }) => return self.fail(&scope, "unknown_agent", e).await,
             Err(e) => return Err(e),
         };
-        let specs = self.tool_specs(&def)?;
+        let mut specs = self.tool_specs(&def)?;
+        specs.extend(super::subagent::specs(db, &def).await?);
         let mut messages = Vec::new();
         if !def.system_prompt.is_empty() {
             messages.push(Message::system(def.system_prompt.clone()));
@@ -273,7 +291,15 @@ impl AgentRuntime {
                 return self.complete(&scope, &step).await;
             }
             for call in &step.response.tool_calls {
-                let content = match self.call_tool(&scope, n, call).await {
+                let called = match super::subagent::find(&def, &call.name) {
+                    Some(sub) => {
+                        let key = format!("iter-{n}/tool-{}", call.id);
+                        self.call_subagent(&scope, sub, &key, call, cancel.clone())
+                            .await
+                    }
+                    None => self.call_tool(&scope, n, call).await,
+                };
+                let content = match called {
                     Ok(output) => output,
                     Err(e) => match tool_error_route(&e, def.on_capability_denied) {
                         Route::ToModel => json!({"error": e.to_string()}).to_string(),

@@ -124,7 +124,7 @@ async fn transition_steps(
     }
     if to == RunState::Running {
         let row = tx
-            .query_one(sql!("runs/count_running"), typed![&current.tenant_id])
+            .query_one(sql!("runs/count_running"), typed![&current.tenant_id, &run])
             .await?;
         let running: i64 = row.get(0);
         let limit: Option<i32> = row.get(1);
@@ -189,6 +189,17 @@ async fn transition_steps(
         && let (Some(key), Some(last)) = (key, appended.last())
     {
         sign_head(tx, key, run, last.seq, &last.hash, true).await?;
+        // Sub-agent runs the database cancelled with this one (V021) close with it.
+        let cascades = matches!(to, RunState::Cancelled | RunState::Failed);
+        let rows = if cascades {
+            tx.query(sql!("runs/cascaded_heads"), typed![&run]).await?
+        } else {
+            Vec::new()
+        };
+        for r in rows {
+            let hash: Vec<u8> = r.try_get(2)?;
+            sign_head(tx, key, r.try_get(0)?, r.try_get(1)?, &hash, true).await?;
+        }
     }
     let row = tx
         .query_one(sql!("runs/get_run"), typed![&run])

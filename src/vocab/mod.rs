@@ -226,6 +226,12 @@ vocab! {
         WorkflowStepFailed = "workflow_step_failed",
         /// A workflow finished and recorded its output.
         WorkflowCompleted = "workflow_completed",
+        /// A sub-agent run was started for a tool step (payload: the child's run id).
+        ChildRunStarted = "child_run_started",
+        /// A sub-agent run finished (payload: the child's run id, state and result).
+        ChildRunCompleted = "child_run_completed",
+        /// A sub-agent call was refused before a child started (a cycle or the depth limit).
+        ChildRunRefused = "child_run_refused",
         /// A harness unit started (or resumed from its progress).
         HarnessUnitStarted = "harness_unit_started",
         /// A harness unit recorded its output.

@@ -33,6 +33,7 @@ mod queue;
 mod queue_edges;
 mod runs;
 mod runs_edges;
+mod subagents;
 mod submit_sql;
 mod tenancy;
 mod tenant_isolation;
