@@ -5,7 +5,7 @@ use tracing::instrument;
 
 use crate::db::Executor;
 use crate::error::{Error, Result};
-use crate::kernel::ToolRegistry;
+use crate::kernel::{ReplayPolicy, ToolRegistry};
 
 /// The task kind of agent runs.
 pub const AGENT_RUN_KIND: &str = "pgcrew.agent_run";
@@ -86,6 +86,12 @@ pub struct AgentDef {
     /// What a run does when a tool call is denied for lack of a capability (default
     /// [`CapabilityDenialPolicy::FailRun`]).
     pub on_capability_denied: CapabilityDenialPolicy,
+    /// How a resumed run replays a model step whose request changed (default
+    /// [`ReplayPolicy::Strict`]; see [`AgentRuntime::execute`](super::AgentRuntime::execute)).
+    pub replay_policy: ReplayPolicy,
+    /// Names of the skills the agent may load with its built-in `load_skill` tool (see
+    /// [`skills`](super::skills)).
+    pub skills: Vec<String>,
 }
 
 /// Builder-style setters of [`AgentDef`] fields: `field(arg: Type) => value stored;`.
@@ -112,6 +118,8 @@ impl AgentDef {
             temperature: None,
             max_iterations: DEFAULT_MAX_ITERATIONS,
             on_capability_denied: CapabilityDenialPolicy::default(),
+            replay_policy: ReplayPolicy::default(),
+            skills: Vec::new(),
         }
     }
 
@@ -128,6 +136,14 @@ impl AgentDef {
         max_iterations(n: u32) => n;
         /// Set what a run does when a tool call is denied for lack of a capability.
         on_capability_denied(policy: CapabilityDenialPolicy) => policy;
+        /// Set how a resumed run replays a model step whose request changed.
+        replay_policy(policy: ReplayPolicy) => policy;
+    }
+
+    /// Allow a skill to be loaded (through the built-in `load_skill` tool).
+    pub fn skill(mut self, name: impl Into<String>) -> Self {
+        self.skills.push(name.into());
+        self
     }
 
     /// Allow a tool.
@@ -142,6 +158,9 @@ impl AgentDef {
         crate::ids::validate_text_id("agent model", &self.model)?;
         for t in &self.tools {
             crate::kernel::validate_tool_name(t)?;
+        }
+        for k in &self.skills {
+            super::skills::validate_skill_name(k)?;
         }
         if self.max_iterations == 0 || self.max_iterations > 1000 {
             return Err(Error::invalid(
@@ -189,6 +208,8 @@ pub async fn register_agent(db: &crate::Db, def: &AgentDef) -> Result<()> {
             &def.temperature,
             &iterations,
             &def.on_capability_denied.as_str(),
+            &def.replay_policy.as_str(),
+            &def.skills,
         ],
     )
     .await?;
@@ -226,6 +247,7 @@ pub async fn get_agent(db: &crate::Db, name: &str) -> Result<AgentDef> {
     let max_tokens: Option<i32> = row.try_get("max_tokens")?;
     let iterations: i32 = row.try_get("max_iterations")?;
     let policy: String = row.try_get("on_capability_denied")?;
+    let replay: String = row.try_get("replay_policy")?;
     Ok(AgentDef {
         name: row.try_get("name")?,
         description: row.try_get("description")?,
@@ -236,5 +258,7 @@ pub async fn get_agent(db: &crate::Db, name: &str) -> Result<AgentDef> {
         temperature: row.try_get("temperature")?,
         max_iterations: u32::try_from(iterations).unwrap_or(DEFAULT_MAX_ITERATIONS),
         on_capability_denied: policy.parse()?,
+        replay_policy: replay.parse()?,
+        skills: row.try_get("skills")?,
     })
 }

@@ -8,8 +8,10 @@
 
 pub mod def;
 pub mod demo;
+mod fork;
 
 pub mod runtime;
+pub mod skills;
 
 /// The tool types live in [`crate::kernel::tool`] (the kernel executes tools); kept at their
 /// old path `pgcrew::agent::tool`.
@@ -27,3 +29,4 @@ pub use def::{
     register_tools,
 };
 pub use runtime::{AgentRunTask, AgentRuntime};
+pub use skills::{LOAD_SKILL_TOOL, Skill, get_skills, register_skills};

@@ -176,9 +176,21 @@ impl Kernel {
                 Ok(ModelStep::replayed(scope.run, response, true))
             }
             ReplayPolicy::ForkOnDrift => {
-                let fork = self.fork_run(scope, first_seq).await?;
+                // A fork made earlier for this step (say, by an attempt that crashed before it
+                // could go on in it) is continued: its step replays, or executes if it never
+                // completed there, so the drifted call is made and charged once.
+                let fork = match self.existing_fork(scope, first_seq).await? {
+                    Some(f) => f,
+                    None => self.fork_run(scope, first_seq).await?,
+                };
                 let fork_scope = RunScope::new(fork, scope.tenant.clone());
-                let mut step = self.execute_model(&fork_scope, step_key, prepared).await?;
+                let mut step = Box::pin(self.model_step(
+                    &fork_scope,
+                    step_key,
+                    prepared,
+                    ReplayPolicy::ForkOnDrift,
+                ))
+                .await?;
                 step.drift = true;
                 step.forked_from = Some(scope.run);
                 Ok(step)

@@ -220,6 +220,8 @@ vocab! {
         ToolRejected = "tool_rejected",
         /// A tool call was refused for a missing capability.
         CapabilityDenied = "capability_denied",
+        /// An agent loaded a skill (its tools and instructions joined the run's context).
+        SkillLoaded = "skill_loaded",
         /// A workflow step recorded its output.
         WorkflowStepCompleted = "workflow_step_completed",
         /// A workflow step failed.

@@ -4,6 +4,7 @@
 
 mod common;
 
+mod agent_drift;
 mod agent_process;
 mod bad_input;
 mod budget_edges;
@@ -31,6 +32,7 @@ mod queue;
 mod queue_edges;
 mod runs;
 mod runs_edges;
+mod skills;
 mod tenancy;
 mod tenant_isolation;
 mod tls;
