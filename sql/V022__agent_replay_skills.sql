@@ -27,3 +27,20 @@ CREATE TABLE pgcrew.skills (
     created_at   timestamptz NOT NULL DEFAULT now(),
     updated_at   timestamptz NOT NULL DEFAULT now()
 );
+
+-- Live model output (issue #18, item 7): streamed deltas of a run go out as NOTIFY on a
+-- channel of its own, never into the ledger. Any role may LISTEN on any channel, so the
+-- channel's name is derived with the installation secret, which only the owner can read:
+-- another tenant's role cannot learn the name of a run's channel (payloads carry the deltas,
+-- so the name is what keeps them private).
+CREATE FUNCTION pgcrew.run_output_channel(p_run uuid) RETURNS text
+LANGUAGE plpgsql STABLE PARALLEL SAFE AS $$
+DECLARE
+    v_secret bytea;
+BEGIN
+    SELECT s.secret INTO STRICT v_secret FROM pgcrew.installation_secret s;
+    RETURN 'pgcrew_run_output_'
+        || encode(substr(sha256(v_secret || convert_to('run_output', 'UTF8') || '\x00'::bytea
+                                || convert_to(p_run::text, 'UTF8')), 1, 16), 'hex');
+END $$;
+REVOKE ALL ON FUNCTION pgcrew.run_output_channel(uuid) FROM PUBLIC;

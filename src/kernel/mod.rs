@@ -141,6 +141,7 @@ pub struct Kernel {
     prices: Arc<PriceTable>,
     tools: Arc<ToolRegistry>,
     instance: Option<InstanceId>,
+    streaming: bool,
 }
 
 impl std::fmt::Debug for Kernel {
@@ -161,7 +162,17 @@ impl Kernel {
             prices: Arc::new(PriceTable::builtin()),
             tools: Arc::new(ToolRegistry::new()),
             instance: None,
+            streaming: false,
         }
+    }
+
+    /// Stream model calls ([`ModelPort::stream`]): while a model step runs, its output reaches
+    /// [`runs::subscribe_output`](crate::runs::subscribe_output) on this instance and
+    /// [`runs::listen_output`](crate::runs::listen_output) on any instance. What is recorded
+    /// (`model_completed`) and charged is the same as without streaming. Default: off.
+    pub fn with_streaming(mut self) -> Self {
+        self.streaming = true;
+        self
     }
 
     /// Use this price table for reservations and costs.

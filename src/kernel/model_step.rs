@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::ids::RunId;
 use crate::model::port::prompt_token_bound;
 use crate::model::{ModelErrorKind, ModelRequest, ModelResponse};
-use crate::runs::{NewEvent, append_events};
+use crate::runs::{NewEvent, OutputPublisher, append_events};
 use crate::tenancy::{self, CostInput, Reservation, ReserveRequest};
 use crate::vocab::EventType;
 
@@ -279,7 +279,7 @@ impl Kernel {
     ) -> Result<ModelResponse> {
         let mut capped = prepared.request.clone();
         capped.max_tokens = Some(reserved.max_tokens);
-        let e = match self.model.complete(&capped).await {
+        let e = match self.call_port(scope, step_key, &capped).await {
             Ok(r) => return Ok(r),
             Err(e) => e,
         };
@@ -303,6 +303,24 @@ impl Kernel {
         append_events(&tx, scope.run, &[ev], scope.lease_token).await?;
         tx.commit().await?;
         Err(e)
+    }
+
+    /// One call of the model port: streamed, with its output published live, when the kernel
+    /// streams ([`Kernel::with_streaming`]); the final output is the same either way.
+    async fn call_port(
+        &self,
+        scope: &RunScope,
+        step_key: &str,
+        request: &ModelRequest,
+    ) -> Result<ModelResponse> {
+        if !self.streaming {
+            return self.model.complete(request).await;
+        }
+        let publisher = OutputPublisher::start(self.db.clone(), scope.run, step_key);
+        let sink = publisher.sink();
+        let result = self.model.stream(request, &sink).await;
+        publisher.finish(result.is_ok()).await;
+        result
     }
 
     /// Price the response and record `model_completed` with the settlement; a step recorded

@@ -276,6 +276,9 @@ vocab! {
         InvalidOutput = "invalid_output",
         /// A scripted model ran out of scripted replies.
         ScriptExhausted = "script_exhausted",
+        /// A streamed answer broke off before it finished (the connection was cut or the
+        /// stream ended without a finish reason); retried with backoff. Nothing is charged.
+        StreamCut = "stream_cut",
     }
 }
 
@@ -284,7 +287,7 @@ impl ModelErrorKind {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            Self::RateLimited | Self::Server | Self::Timeout | Self::Connection
+            Self::RateLimited | Self::Server | Self::Timeout | Self::Connection | Self::StreamCut
         )
     }
 }
@@ -333,7 +336,8 @@ mod tests {
                 "invalid_request",
                 "invalid_response",
                 "invalid_output",
-                "script_exhausted"
+                "script_exhausted",
+                "stream_cut"
             ]
         );
         assert_eq!(ModelErrorKind::RateLimited.to_string(), "rate_limited");
@@ -348,7 +352,8 @@ mod tests {
                 ModelErrorKind::RateLimited,
                 ModelErrorKind::Server,
                 ModelErrorKind::Timeout,
-                ModelErrorKind::Connection
+                ModelErrorKind::Connection,
+                ModelErrorKind::StreamCut
             ]
         );
     }

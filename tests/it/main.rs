@@ -33,6 +33,7 @@ mod queue_edges;
 mod runs;
 mod runs_edges;
 mod skills;
+mod streaming;
 mod tenancy;
 mod tenant_isolation;
 mod tls;
