@@ -4,7 +4,9 @@
 //!
 //! The hand-over is one transaction: the fork's agent-run task is enqueued (so any instance
 //! resumes the fork if this one dies) and the parent is cancelled with a reason naming the
-//! fork. The fork is then driven at once, on this instance, by the same runtime. A crash before
+//! fork. The fork is then driven at once, on this instance, under a lease owner of its own
+//! (`{instance}/fork`: the fork's task, claimed meanwhile by another worker, finds the lease
+//! held and is snoozed until the fork is finished). A crash before
 //! the hand-over commits is harmless: the parent's retried task replays to the same drift, the
 //! kernel finds the fork already made, replays its recorded step, and hands over then.
 
@@ -43,6 +45,7 @@ impl AgentRuntime {
         );
         runs::cancel_run(&tx, scope.run, &reason).await?;
         tx.commit().await?;
-        Box::pin(self.execute(fork, cancel)).await
+        let driver = self.sub_owner("fork");
+        Box::pin(driver.execute(fork, cancel)).await
     }
 }

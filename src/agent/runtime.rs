@@ -121,6 +121,16 @@ impl AgentRuntime {
         &self.kernel
     }
 
+    /// This runtime taking run leases as `{owner}/{suffix}` (a hand-over to a fork drives the
+    /// fork under an owner of its own, so a worker of this instance that claims the fork's task
+    /// meanwhile cannot share the lease; maintenance still ties the owner to this instance).
+    pub(super) fn sub_owner(&self, suffix: &str) -> Self {
+        Self {
+            owner: format!("{}/{suffix}", self.owner),
+            ..self.clone()
+        }
+    }
+
     /// Create (or fetch) a session for `tenant`.
     #[instrument(skip(self), err)]
     pub async fn new_session(&self, tenant: &TenantId, identifier: &str) -> Result<Session> {
