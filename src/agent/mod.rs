@@ -3,8 +3,10 @@
 //! agent loop.
 //!
 //! [`def`] holds the definitions and their rows; [`runtime`] drives a run through the
-//! [`Kernel`](crate::kernel::Kernel) (model steps, then tool steps, per iteration). The tool
-//! types live in [`crate::kernel::tool`] and are re-exported here.
+//! [`Kernel`](crate::kernel::Kernel) (model steps, then tool steps, per iteration); [`skills`]
+//! are the bundles of tools and instructions an agent loads on demand; a run replayed under
+//! `fork_on_drift` is handed over to its fork (module `fork`). The tool types live in
+//! [`crate::kernel::tool`] and are re-exported here.
 
 pub mod def;
 pub mod demo;

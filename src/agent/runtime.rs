@@ -389,11 +389,15 @@ impl AgentRuntime {
         skills: &mut SkillSet,
     ) -> Result<String> {
         let key = format!("iter-{n}/tool-{}", call.id);
-        if call.name == LOAD_SKILL_TOOL && !def.skills.is_empty() {
+        let registered = self.kernel.tools().get(&call.name).is_some();
+        if call.name == LOAD_SKILL_TOOL && !registered {
             return skills.load(&self.kernel, scope, &key, call).await;
         }
-        if !skills.allows(&def.tools, &call.name) && self.kernel.tools().get(&call.name).is_some() {
-            return skills.refuse(&self.kernel, scope, &key, call).await;
+        if registered
+            && !skills.allows(&def.tools, &call.name)
+            && let Some(refusal) = skills.refuse(&self.kernel, scope, &key, call).await?
+        {
+            return Ok(refusal);
         }
         let result = match self
             .kernel

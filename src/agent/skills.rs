@@ -248,8 +248,8 @@ impl SkillSet {
     }
 
     /// The `load_skill` call `call` of step `step_key`: replayed from its `skill_loaded` event
-    /// when recorded, else checked and recorded. The tool result for the model (the skill's
-    /// instructions and tools, or the error), and whether a skill was loaded.
+    /// when recorded, else checked and recorded. The tool result for the model: the skill's
+    /// instructions and tools, or the error.
     pub(super) async fn load(
         &mut self,
         kernel: &Kernel,
@@ -314,14 +314,22 @@ impl SkillSet {
     }
 
     /// Refuse a call of a tool the agent has not been given: recorded once as `tool_rejected`
-    /// (reason `not_available`); the message for the model.
+    /// (reason `not_available`); the message for the model. `None` when the step already
+    /// recorded a call of the tool (a replay: the recorded outcome stands).
     pub(super) async fn refuse(
         &self,
         kernel: &Kernel,
         scope: &RunScope,
         step_key: &str,
         call: &ToolCall,
-    ) -> Result<String> {
+    ) -> Result<Option<String>> {
+        let events = kernel.step_events(scope.run, step_key).await?;
+        if events
+            .iter()
+            .any(|e| e.event_type == EventType::ToolRequested.as_str())
+        {
+            return Ok(None);
+        }
         let providers: Vec<&str> = self
             .available
             .values()
@@ -336,7 +344,7 @@ impl SkillSet {
                 call.name
             )
         };
-        if kernel.step_events(scope.run, step_key).await?.is_empty() {
+        if events.is_empty() {
             kernel
                 .record(
                     scope,
@@ -346,6 +354,6 @@ impl SkillSet {
                 )
                 .await?;
         }
-        Ok(json!({"error": message}).to_string())
+        Ok(Some(json!({"error": message}).to_string()))
     }
 }
