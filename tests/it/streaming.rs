@@ -361,3 +361,28 @@ async fn output_channels_are_secret_per_run_and_closed_to_other_roles() {
         0
     );
 }
+
+#[tokio::test]
+async fn an_agent_run_on_a_streaming_kernel_publishes_its_model_steps() {
+    use crate::kernel::{weather_agent, weather_registry, weather_script};
+    let (t, tenant) = db_with_tenant("acme", &[], Some(10.0)).await;
+    let body_runs = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    pgcrew::agent::register_agent(&t.db, &weather_agent())
+        .await
+        .unwrap();
+    let model = Arc::new(ScriptedModel::by_turn(weather_script()));
+    let kernel = Kernel::new(t.db.clone(), model)
+        .with_tools(weather_registry(&body_runs))
+        .with_streaming();
+    let rt = pgcrew::AgentRuntime::new(kernel, "i1");
+    let run = crate::common::submit_run(&rt, &tenant, "u", "forecaster", "weather?").await;
+    let mut local = runs::subscribe_output(run);
+    let done = rt.execute(run, None).await.unwrap();
+    assert_eq!(done.state, runs::RunState::Completed);
+    // iter-0 (a tool call, no text) and iter-1 (the answer) each end with Done.
+    let first = until_done(async || local.recv().await).await;
+    assert_eq!(first[0].step_key, "iter-0/model");
+    let second = until_done(async || local.recv().await).await;
+    assert_eq!(second[0].step_key, "iter-1/model");
+    assert_eq!(text(&second), "It is sunny in Oslo.");
+}
