@@ -5,7 +5,7 @@ use tracing::instrument;
 
 use crate::db::Executor;
 use crate::error::{Error, Result};
-use crate::kernel::ToolRegistry;
+use crate::kernel::{ReplayPolicy, ToolRegistry};
 
 use super::subagent::{self, Subagent};
 
@@ -90,6 +90,12 @@ pub struct AgentDef {
     pub on_capability_denied: CapabilityDenialPolicy,
     /// The agents it may call as tools ([`super::subagent`]).
     pub subagents: Vec<Subagent>,
+    /// How a resumed run replays a model step whose request changed (default
+    /// [`ReplayPolicy::Strict`]; see [`AgentRuntime::execute`](super::AgentRuntime::execute)).
+    pub replay_policy: ReplayPolicy,
+    /// Names of the skills the agent may load with its built-in `load_skill` tool (see
+    /// [`skills`](super::skills)).
+    pub skills: Vec<String>,
 }
 
 /// Builder-style setters of [`AgentDef`] fields: `field(arg: Type) => value stored;`.
@@ -117,6 +123,8 @@ impl AgentDef {
             max_iterations: DEFAULT_MAX_ITERATIONS,
             on_capability_denied: CapabilityDenialPolicy::default(),
             subagents: Vec::new(),
+            replay_policy: ReplayPolicy::default(),
+            skills: Vec::new(),
         }
     }
 
@@ -133,6 +141,14 @@ impl AgentDef {
         max_iterations(n: u32) => n;
         /// Set what a run does when a tool call is denied for lack of a capability.
         on_capability_denied(policy: CapabilityDenialPolicy) => policy;
+        /// Set how a resumed run replays a model step whose request changed.
+        replay_policy(policy: ReplayPolicy) => policy;
+    }
+
+    /// Allow a skill to be loaded (through the built-in `load_skill` tool).
+    pub fn skill(mut self, name: impl Into<String>) -> Self {
+        self.skills.push(name.into());
+        self
     }
 
     /// Allow a tool.
@@ -172,6 +188,9 @@ impl AgentDef {
                     ),
                 ));
             }
+        }
+        for k in &self.skills {
+            super::skills::validate_skill_name(k)?;
         }
         if self.max_iterations == 0 || self.max_iterations > 1000 {
             return Err(Error::invalid(
@@ -223,6 +242,8 @@ pub async fn register_agent(db: &crate::Db, def: &AgentDef) -> Result<()> {
             &def.temperature,
             &iterations,
             &def.on_capability_denied.as_str(),
+            &def.replay_policy.as_str(),
+            &def.skills,
         ],
     )
     .await?;
@@ -262,6 +283,7 @@ pub async fn get_agent(db: &crate::Db, name: &str) -> Result<AgentDef> {
     let max_tokens: Option<i32> = row.try_get("max_tokens")?;
     let iterations: i32 = row.try_get("max_iterations")?;
     let policy: String = row.try_get("on_capability_denied")?;
+    let replay: String = row.try_get("replay_policy")?;
     Ok(AgentDef {
         name: row.try_get("name")?,
         description: row.try_get("description")?,
@@ -273,5 +295,7 @@ pub async fn get_agent(db: &crate::Db, name: &str) -> Result<AgentDef> {
         max_iterations: u32::try_from(iterations).unwrap_or(DEFAULT_MAX_ITERATIONS),
         on_capability_denied: policy.parse()?,
         subagents: subagent::load(db, name).await?,
+        replay_policy: replay.parse()?,
+        skills: row.try_get("skills")?,
     })
 }

@@ -4,13 +4,17 @@
 //!
 //! [`def`] holds the definitions and their rows; [`runtime`] drives a run through the
 //! [`Kernel`](crate::kernel::Kernel) (model steps, then tool steps, per iteration);
-//! [`subagent`] lets an agent call another agent as a tool (a child run of its own). The tool
-//! types live in [`crate::kernel::tool`] and are re-exported here.
+//! [`subagent`] lets an agent call another agent as a tool (a child run of its own); [`skills`]
+//! are the bundles of tools and instructions an agent loads on demand; a run replayed under
+//! `fork_on_drift` is handed over to its fork (module `fork`). The tool types live in
+//! [`crate::kernel::tool`] and are re-exported here.
 
 pub mod def;
 pub mod demo;
+mod fork;
 
 pub mod runtime;
+pub mod skills;
 pub mod subagent;
 
 /// The tool types live in [`crate::kernel::tool`] (the kernel executes tools); kept at their
@@ -30,3 +34,4 @@ pub use def::{
 };
 pub use runtime::{AgentRunTask, AgentRuntime};
 pub use subagent::{ChildRun, Subagent, child_runs};
+pub use skills::{LOAD_SKILL_TOOL, Skill, get_skills, register_skills};

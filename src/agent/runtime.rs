@@ -20,7 +20,7 @@ use tracing::{instrument, warn};
 use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::{InstanceId, RunId, SessionId, TenantId};
-use crate::kernel::{Kernel, ModelStep, ReplayPolicy, RunScope};
+use crate::kernel::{Kernel, ModelStep, RunScope};
 use crate::model::{Message, ModelRequest, ToolCall, ToolSpec};
 use crate::queue::{self, TaskOutcome, WorkerPoolBuilder};
 use crate::runs::{self, LimitPolicy, Run, RunLease, RunOutcome, RunState, Session, StartOutcome};
@@ -29,6 +29,7 @@ pub use super::def::{
     AGENT_RUN_KIND, AgentDef, CapabilityDenialPolicy, DEFAULT_MAX_ITERATIONS, agent_queue,
     get_agent, register_agent, register_tools,
 };
+use super::skills::{LOAD_SKILL_TOOL, SkillSet};
 
 /// What becomes of an error of a step: the run fails with this `error_type`, the error goes
 /// back to the model as the tool's result, or it is returned to the caller (the run stays).
@@ -135,6 +136,16 @@ impl AgentRuntime {
         &self.kernel
     }
 
+    /// This runtime taking run leases as `{owner}/{suffix}` (a hand-over to a fork drives the
+    /// fork under an owner of its own, so a worker of this instance that claims the fork's task
+    /// meanwhile cannot share the lease; maintenance still ties the owner to this instance).
+    pub(super) fn sub_owner(&self, suffix: &str) -> Self {
+        Self {
+            owner: format!("{}/{suffix}", self.owner),
+            ..self.clone()
+        }
+    }
+
     /// Create (or fetch) a session for `tenant`.
     #[instrument(skip(self), err)]
     pub async fn new_session(&self, tenant: &TenantId, identifier: &str) -> Result<Session> {
@@ -194,6 +205,13 @@ impl AgentRuntime {
     /// iterations, unresolvable tool outcome, and a capability denial under
     /// [`CapabilityDenialPolicy::FailRun`]) fail the run with a typed `error_type` and return
     /// the failed run. Unknown tools and invalid arguments are returned to the model.
+    ///
+    /// A model step whose request changed since it was recorded (say, the system prompt was
+    /// edited between a crash and this resume) is replayed under the agent's
+    /// [`ReplayPolicy`](crate::kernel::ReplayPolicy): `strict` fails the run with error_type
+    /// `replay_consistency`, `allow_prompt_drift` keeps the recorded answer, `fork_on_drift`
+    /// cancels this run in favour of a fork that carries the steps before the drift and
+    /// continues there, so the run returned is then the fork (its `parent_run_id` is `run`).
     #[instrument(skip(self, cancel), err)]
     pub async fn execute(&self, run: RunId, cancel: Option<CancellationToken>) -> Result<Run> {
         let db = self.kernel.db();
@@ -256,6 +274,11 @@ impl AgentRuntime {
             Err(e @ Error::NotFound { .. }) => return self.fail(&scope, "unknown_agent", e).await,
             Err(e) => return Err(e),
         };
+        let mut skills = match SkillSet::for_agent(db, &def).await {
+            Ok(s) => s,
+            Err(e @ Error::NotFound { .. }) => return self.fail(&scope, "unknown_skill", e).await,
+            Err(e) => return Err(e),
+        };
         let mut specs = self.tool_specs(&def)?;
         specs.extend(super::subagent::specs(db, &def).await?);
         let mut messages = Vec::new();
@@ -274,18 +297,27 @@ impl AgentRuntime {
             }
             let mut request = ModelRequest::new(def.model.clone());
             request.messages = messages.clone();
-            request.tools = specs.clone();
+            request.tools = [
+                specs.clone(),
+                skills.specs(&def.tools, self.kernel.tools())?,
+            ]
+            .concat();
             request.max_tokens = def.max_tokens;
             request.temperature = def.temperature;
             let key = format!("iter-{n}/model");
             let step = match self
                 .kernel
-                .step_model(&scope, &key, &request, ReplayPolicy::Strict)
+                .step_model(&scope, &key, &request, def.replay_policy)
                 .await
             {
                 Ok(s) => s,
                 Err(e) => return self.settle(&scope, model_error_route(&e), e).await,
             };
+            if step.run != run {
+                return self
+                    .continue_in_fork(&scope, &def.name, &key, &step, cancel)
+                    .await;
+            }
             messages.push(Message::from_response(&step.response));
             if step.response.tool_calls.is_empty() {
                 return self.complete(&scope, &step).await;
@@ -297,7 +329,7 @@ impl AgentRuntime {
                         self.call_subagent(&scope, sub, &key, call, cancel.clone())
                             .await
                     }
-                    None => self.call_tool(&scope, n, call).await,
+                    None => self.call_tool(&scope, n, call, &def, &mut skills).await,
                 };
                 let content = match called {
                     Ok(output) => output,
@@ -364,9 +396,27 @@ impl AgentRuntime {
     }
 
     /// One durable tool step of iteration `n` (reconciled once if its outcome is unknown):
-    /// the tool's output as text.
-    async fn call_tool(&self, scope: &RunScope, n: u32, call: &ToolCall) -> Result<String> {
+    /// the tool's output as text. `load_skill` and tools the agent has not been given are
+    /// answered by its [`SkillSet`].
+    async fn call_tool(
+        &self,
+        scope: &RunScope,
+        n: u32,
+        call: &ToolCall,
+        def: &AgentDef,
+        skills: &mut SkillSet,
+    ) -> Result<String> {
         let key = format!("iter-{n}/tool-{}", call.id);
+        let registered = self.kernel.tools().get(&call.name).is_some();
+        if call.name == LOAD_SKILL_TOOL && !registered {
+            return skills.load(&self.kernel, scope, &key, call).await;
+        }
+        if registered
+            && !skills.allows(&def.tools, &call.name)
+            && let Some(refusal) = skills.refuse(&self.kernel, scope, &key, call).await?
+        {
+            return Ok(refusal);
+        }
         let result = match self
             .kernel
             .step_tool(scope, &key, &call.name, call.arguments.clone())

@@ -13,7 +13,8 @@ use crate::runs::{NewEvent, NewRun, append_events, create_run, get_run};
 use crate::vocab::EventType;
 
 impl Kernel {
-    /// Create a fork of `scope.run` carrying its step events with `seq < before_seq`.
+    /// Create a fork of `scope.run` carrying its step events with `seq < before_seq`, in one
+    /// transaction (a fork exists with all its copied events or not at all).
     #[instrument(skip(self), fields(run = %scope.run), err)]
     pub async fn fork_run(&self, scope: &RunScope, before_seq: i64) -> Result<RunId> {
         let parent = get_run(&self.db, scope.run).await?;
@@ -36,7 +37,9 @@ impl Kernel {
         new.metadata = parent.metadata.clone();
         new.parent_run_id = Some(scope.run);
         new.forked_at_seq = Some(forked_at);
-        let fork = create_run(&self.db, new).await?;
+        let mut conn = self.db.get().await?;
+        let tx = conn.transaction().await?;
+        let fork = create_run(&tx, new).await?;
         let mut events = Vec::with_capacity(rows.len() + 1);
         for r in &rows {
             let seq: i64 = r.try_get(0)?;
@@ -53,7 +56,26 @@ impl Kernel {
             json!({"parent_run_id": scope.run, "forked_at_seq": forked_at,
                    "copied_events": rows.len()}),
         ));
-        append_events(&self.db, fork, &events, None).await?;
+        append_events(&tx, fork, &events, None).await?;
+        tx.commit().await?;
         Ok(fork)
+    }
+
+    /// The fork of `scope.run` made before `before_seq` by [`fork_run`](Self::fork_run), if
+    /// one exists (the first one made, when several were).
+    pub(crate) async fn existing_fork(
+        &self,
+        scope: &RunScope,
+        before_seq: i64,
+    ) -> Result<Option<RunId>> {
+        let forked_at = before_seq - 1;
+        let row = self
+            .db
+            .query_opt(
+                sql!("kernel/find_fork"),
+                typed![&scope.run, &forked_at, &scope.tenant],
+            )
+            .await?;
+        Ok(row.map(|r| r.try_get(0)).transpose()?)
     }
 }

@@ -55,19 +55,34 @@ pub use workflow::WorkflowCtx;
 /// does not set one.
 pub const DEFAULT_RESERVE_MAX_TOKENS: u32 = 4096;
 
-/// What to do when a recorded model step is replayed with a request whose fingerprint differs
-/// from the recorded one.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReplayPolicy {
-    /// Fail with [`Error::ReplayConsistency`] (and record `replay_rejected`).
-    #[default]
-    Strict,
-    /// Return the recorded output and record `replayed_with_drift`.
-    AllowPromptDrift,
-    /// Fork a new run carrying the parent's step events before this step
-    /// (`parent_run_id`, `forked_at_seq`) and execute the step there.
-    ForkOnDrift,
+crate::vocab! {
+    /// What to do when a recorded model step is replayed with a request whose fingerprint
+    /// differs from the recorded one. Stored per agent in `pgcrew.agents.replay_policy`.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum ReplayPolicy {
+        /// Fail with [`Error::ReplayConsistency`] (and record `replay_rejected`).
+        #[default]
+        Strict = "strict",
+        /// Return the recorded output and record `replayed_with_drift`.
+        AllowPromptDrift = "allow_prompt_drift",
+        /// Fork a new run carrying the parent's step events before this step
+        /// (`parent_run_id`, `forked_at_seq`) and execute the step there. The same drift of the
+        /// same step forks once: a later replay finds that fork and continues in it.
+        ForkOnDrift = "fork_on_drift",
+    }
+}
+
+impl std::str::FromStr for ReplayPolicy {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Self::from_name(s.trim()).ok_or_else(|| {
+            Error::invalid(
+                "replay_policy",
+                format!("`{s}` is not one of strict, allow_prompt_drift, fork_on_drift"),
+            )
+        })
+    }
 }
 
 /// The run a step belongs to, with the caller's run lease token (when it holds one: every
@@ -126,6 +141,7 @@ pub struct Kernel {
     prices: Arc<PriceTable>,
     tools: Arc<ToolRegistry>,
     instance: Option<InstanceId>,
+    streaming: bool,
 }
 
 impl std::fmt::Debug for Kernel {
@@ -146,7 +162,17 @@ impl Kernel {
             prices: Arc::new(PriceTable::builtin()),
             tools: Arc::new(ToolRegistry::new()),
             instance: None,
+            streaming: false,
         }
+    }
+
+    /// Stream model calls ([`ModelPort::stream`]): while a model step runs, its output reaches
+    /// [`runs::subscribe_output`](crate::runs::subscribe_output) on this instance and
+    /// [`runs::listen_output`](crate::runs::listen_output) on any instance. What is recorded
+    /// (`model_completed`) and charged is the same as without streaming. Default: off.
+    pub fn with_streaming(mut self) -> Self {
+        self.streaming = true;
+        self
     }
 
     /// Use this price table for reservations and costs.

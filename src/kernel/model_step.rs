@@ -15,7 +15,7 @@ use crate::error::{Error, Result};
 use crate::ids::RunId;
 use crate::model::port::prompt_token_bound;
 use crate::model::{ModelErrorKind, ModelRequest, ModelResponse};
-use crate::runs::{NewEvent, append_events};
+use crate::runs::{NewEvent, OutputPublisher, append_events};
 use crate::tenancy::{self, CostInput, Reservation, ReserveRequest};
 use crate::vocab::EventType;
 
@@ -176,9 +176,21 @@ impl Kernel {
                 Ok(ModelStep::replayed(scope.run, response, true))
             }
             ReplayPolicy::ForkOnDrift => {
-                let fork = self.fork_run(scope, first_seq).await?;
+                // A fork made earlier for this step (say, by an attempt that crashed before it
+                // could go on in it) is continued: its step replays, or executes if it never
+                // completed there, so the drifted call is made and charged once.
+                let fork = match self.existing_fork(scope, first_seq).await? {
+                    Some(f) => f,
+                    None => self.fork_run(scope, first_seq).await?,
+                };
                 let fork_scope = RunScope::new(fork, scope.tenant.clone());
-                let mut step = self.execute_model(&fork_scope, step_key, prepared).await?;
+                let mut step = Box::pin(self.model_step(
+                    &fork_scope,
+                    step_key,
+                    prepared,
+                    ReplayPolicy::ForkOnDrift,
+                ))
+                .await?;
                 step.drift = true;
                 step.forked_from = Some(scope.run);
                 Ok(step)
@@ -267,7 +279,7 @@ impl Kernel {
     ) -> Result<ModelResponse> {
         let mut capped = prepared.request.clone();
         capped.max_tokens = Some(reserved.max_tokens);
-        let e = match self.model.complete(&capped).await {
+        let e = match self.call_port(scope, step_key, &capped).await {
             Ok(r) => return Ok(r),
             Err(e) => e,
         };
@@ -291,6 +303,24 @@ impl Kernel {
         append_events(&tx, scope.run, &[ev], scope.lease_token).await?;
         tx.commit().await?;
         Err(e)
+    }
+
+    /// One call of the model port: streamed, with its output published live, when the kernel
+    /// streams ([`Kernel::with_streaming`]); the final output is the same either way.
+    async fn call_port(
+        &self,
+        scope: &RunScope,
+        step_key: &str,
+        request: &ModelRequest,
+    ) -> Result<ModelResponse> {
+        if !self.streaming {
+            return self.model.complete(request).await;
+        }
+        let publisher = OutputPublisher::start(self.db.clone(), scope.run, step_key);
+        let sink = publisher.sink();
+        let result = self.model.stream(request, &sink).await;
+        publisher.finish(result.is_ok()).await;
+        result
     }
 
     /// Price the response and record `model_completed` with the settlement; a step recorded

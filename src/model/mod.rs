@@ -13,12 +13,13 @@ pub mod prices;
 pub mod request;
 pub mod response;
 pub mod scripted;
+pub mod stream;
 pub mod tokens;
 
 pub use openai::{OpenAiConfig, OpenAiConfigBuilder, OpenAiModel};
 pub use port::{
-    FinishReason, Message, ModelErrorKind, ModelPort, ModelRequest, ModelResponse, OutputSchema,
-    ToolCall, ToolSpec, Usage, error_kind, parse_structured,
+    DeltaSink, FinishReason, Message, ModelDelta, ModelErrorKind, ModelPort, ModelRequest,
+    ModelResponse, OutputSchema, ToolCall, ToolSpec, Usage, error_kind, parse_structured,
 };
 pub use prices::{ModelPrice, PriceTable};
 pub use scripted::{ScriptedModel, ScriptedReply};

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 pub use super::message::{Message, OutputSchema, ToolCall, ToolSpec};
 pub use super::request::ModelRequest;
 pub use super::response::{FinishReason, ModelResponse, Usage, parse_structured};
+pub use super::stream::{DeltaSink, ModelDelta};
 pub use super::tokens::{
     BOUND_TOKENS_PER_MESSAGE, BOUND_TOKENS_PER_REQUEST, BOUND_TOKENS_PER_TOOL,
     completion_token_bound, estimate_prompt_tokens, estimate_tokens, prompt_token_bound,
@@ -59,6 +60,8 @@ pub mod error_kind {
     pub const INVALID_OUTPUT: &str = ModelErrorKind::InvalidOutput.as_str();
     /// [`ModelErrorKind::ScriptExhausted`].
     pub const SCRIPT_EXHAUSTED: &str = ModelErrorKind::ScriptExhausted.as_str();
+    /// [`ModelErrorKind::StreamCut`].
+    pub const STREAM_CUT: &str = ModelErrorKind::StreamCut.as_str();
 
     /// True for the kinds that are transient and worth retrying.
     pub fn is_retryable(kind: &str) -> bool {
@@ -96,6 +99,18 @@ pub trait ModelPort: Send + Sync {
     /// [`ModelRequest::validate`] and [`Error::Model`] (see [`error_kind`]) for provider
     /// failures.
     async fn complete(&self, request: &ModelRequest) -> Result<ModelResponse>;
+
+    /// Run one chat completion, handing the answer to `sink` piece by piece while it is
+    /// produced; the result is what [`complete`](Self::complete) would return. The default
+    /// calls `complete` and hands the whole text over as one delta; adapters that can stream
+    /// (the OpenAI adapter) override it.
+    async fn stream(&self, request: &ModelRequest, sink: &DeltaSink) -> Result<ModelResponse> {
+        let response = self.complete(request).await?;
+        if let Some(text) = response.content.as_deref().filter(|t| !t.is_empty()) {
+            sink(ModelDelta::text(text));
+        }
+        Ok(response)
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,8 @@
 //! * [`artifacts`]: versioned per-run key/value JSON artifacts and typed summaries.
 //! * [`follow`]: [`follow::subscribe_run`], a gap-free stream of a run's new events.
 //! * [`watch`]: [`watch::RunWatcher`], cancellation tokens that fire when a run is cancelled.
+//! * [`output`]: live model output of running steps ([`subscribe_output`], [`listen_output`]),
+//!   never written to the ledger.
 
 use crate::error::Error;
 
@@ -21,6 +23,7 @@ pub mod lease;
 pub mod ledger;
 pub mod limits;
 mod maintenance;
+pub mod output;
 mod session;
 pub mod state;
 mod transition;
@@ -39,6 +42,10 @@ pub use ledger::{
 };
 pub use limits::RunLimits;
 pub use maintenance::{DeadInstanceLeases, RunRetention, StuckRuns, maintenance_steps};
+pub use output::{
+    OutputEvent, OutputListener, OutputPublisher, OutputSubscription, RunOutput, listen_output,
+    subscribe_output,
+};
 pub use state::{
     LimitPolicy, NewRun, Run, RunFilter, RunOutcome, RunState, Session, StartOutcome, cancel_run,
     complete_run, create_run, fail_run, fail_stuck_runs, get_run, get_session, list_runs,

@@ -220,6 +220,8 @@ vocab! {
         ToolRejected = "tool_rejected",
         /// A tool call was refused for a missing capability.
         CapabilityDenied = "capability_denied",
+        /// An agent loaded a skill (its tools and instructions joined the run's context).
+        SkillLoaded = "skill_loaded",
         /// A workflow step recorded its output.
         WorkflowStepCompleted = "workflow_step_completed",
         /// A workflow step failed.
@@ -280,6 +282,9 @@ vocab! {
         InvalidOutput = "invalid_output",
         /// A scripted model ran out of scripted replies.
         ScriptExhausted = "script_exhausted",
+        /// A streamed answer broke off before it finished (the connection was cut or the
+        /// stream ended without a finish reason); retried with backoff. Nothing is charged.
+        StreamCut = "stream_cut",
     }
 }
 
@@ -288,7 +293,7 @@ impl ModelErrorKind {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            Self::RateLimited | Self::Server | Self::Timeout | Self::Connection
+            Self::RateLimited | Self::Server | Self::Timeout | Self::Connection | Self::StreamCut
         )
     }
 }
@@ -337,7 +342,8 @@ mod tests {
                 "invalid_request",
                 "invalid_response",
                 "invalid_output",
-                "script_exhausted"
+                "script_exhausted",
+                "stream_cut"
             ]
         );
         assert_eq!(ModelErrorKind::RateLimited.to_string(), "rate_limited");
@@ -352,7 +358,8 @@ mod tests {
                 ModelErrorKind::RateLimited,
                 ModelErrorKind::Server,
                 ModelErrorKind::Timeout,
-                ModelErrorKind::Connection
+                ModelErrorKind::Connection,
+                ModelErrorKind::StreamCut
             ]
         );
     }

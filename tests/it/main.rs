@@ -4,6 +4,7 @@
 
 mod common;
 
+mod agent_drift;
 mod agent_process;
 mod agent_service;
 mod bad_input;
@@ -33,6 +34,8 @@ mod queue;
 mod queue_edges;
 mod runs;
 mod runs_edges;
+mod skills;
+mod streaming;
 mod subagents;
 mod submit_sql;
 mod tenancy;

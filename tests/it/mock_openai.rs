@@ -2,6 +2,9 @@
 //! the given tool calls, turn 1 with a final text. While `hang` is set, a turn-1 request never
 //! gets an answer (decided when it arrives), so an instance can be killed while it waits.
 //! Records the turn of every request received and of every response written.
+//!
+//! [`mock_openai_stream`] is a second mock for streaming: server-sent events, a stream cut
+//! mid-way, and 429 with `Retry-After`.
 
 #![allow(dead_code)]
 
@@ -148,6 +151,176 @@ pub async fn mock_openai(script: MockScript) -> MockOpenAi {
         requests,
         answered,
         hang,
+        task,
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// Streaming mock: server-sent events, cut streams, 429 with Retry-After
+// ------------------------------------------------------------------------------------------
+
+/// What the streaming mock does with one request (the replies are used in order; the last one
+/// repeats).
+#[derive(Clone, Debug)]
+pub enum MockReply {
+    /// Answer `chunks` of text, `gap` apart: as server-sent events (chunked transfer encoding,
+    /// then a finish reason, a usage chunk and `[DONE]`) when the request asks to stream, else
+    /// as one JSON completion.
+    Stream {
+        chunks: Vec<&'static str>,
+        gap: Duration,
+        usage: (u32, u32),
+    },
+    /// Stream `chunks`, then close the connection in the middle of the chunked body.
+    Cut { chunks: Vec<&'static str> },
+    /// HTTP 429 with this `Retry-After` value.
+    RateLimited { retry_after: String },
+}
+
+/// The running streaming mock; stops when dropped.
+pub struct StreamMock {
+    /// `http://127.0.0.1:PORT/v1`.
+    pub base_url: String,
+    /// When each request arrived, with its body.
+    pub requests: Arc<Mutex<Vec<(std::time::Instant, Value)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StreamMock {
+    /// How many requests arrived.
+    pub fn request_count(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+
+    /// The body of request `i`.
+    pub fn body(&self, i: usize) -> Value {
+        self.requests.lock().unwrap()[i].1.clone()
+    }
+
+    /// The time between request `i` and request `i + 1`.
+    pub fn gap_after(&self, i: usize) -> Duration {
+        let r = self.requests.lock().unwrap();
+        r[i + 1].0 - r[i].0
+    }
+}
+
+impl Drop for StreamMock {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn chunk_json(delta: Value, finish: Value, usage: Value) -> String {
+    let choices = if delta.is_null() {
+        json!([])
+    } else {
+        json!([{"index": 0, "delta": delta, "finish_reason": finish}])
+    };
+    json!({"id": "chatcmpl-s", "object": "chat.completion.chunk", "created": 1_700_000_000u32,
+           "model": "gpt-4o-mini", "choices": choices, "usage": usage})
+    .to_string()
+}
+
+/// One server-sent event as one HTTP chunk.
+fn sse_chunk(data: &str) -> Vec<u8> {
+    let event = format!("data: {data}\n\n");
+    format!("{:x}\r\n{event}\r\n", event.len()).into_bytes()
+}
+
+async fn answer(stream: &mut tokio::net::TcpStream, reply: &MockReply, streamed: bool) {
+    use tokio::io::AsyncWriteExt;
+    match reply {
+        MockReply::RateLimited { retry_after } => {
+            let body = r#"{"error":{"message":"slow down","type":"rate_limit_error","param":null,"code":null}}"#;
+            let head = format!(
+                "HTTP/1.1 429 Too Many Requests\r\nContent-Type: application/json\r\nRetry-After: {retry_after}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+        }
+        MockReply::Stream { chunks, usage, .. } if !streamed => {
+            let (p, c) = *usage;
+            let out = json!({
+                "id": "chatcmpl-1", "object": "chat.completion", "created": 1_700_000_000u32,
+                "model": "gpt-4o-mini",
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": chunks.concat()}}],
+                "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+            })
+            .to_string();
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{out}",
+                out.len()
+            );
+            let _ = stream.write_all(head.as_bytes()).await;
+        }
+        MockReply::Stream { chunks, .. } | MockReply::Cut { chunks } => {
+            let gap = match reply {
+                MockReply::Stream { gap, .. } => *gap,
+                _ => Duration::ZERO,
+            };
+            let head = "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+            let _ = stream.write_all(head.as_bytes()).await;
+            let first = chunk_json(
+                json!({"role": "assistant", "content": ""}),
+                Value::Null,
+                Value::Null,
+            );
+            let _ = stream.write_all(&sse_chunk(&first)).await;
+            for text in chunks {
+                tokio::time::sleep(gap).await;
+                let c = chunk_json(json!({"content": text}), Value::Null, Value::Null);
+                if stream.write_all(&sse_chunk(&c)).await.is_err() {
+                    return;
+                }
+                let _ = stream.flush().await;
+            }
+            if let MockReply::Stream { usage: (p, c), .. } = reply {
+                let fin = chunk_json(json!({}), json!("stop"), Value::Null);
+                let use_ = chunk_json(
+                    Value::Null,
+                    Value::Null,
+                    json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}),
+                );
+                let _ = stream.write_all(&sse_chunk(&fin)).await;
+                let _ = stream.write_all(&sse_chunk(&use_)).await;
+                let _ = stream.write_all(&sse_chunk("[DONE]")).await;
+                let _ = stream.write_all(b"0\r\n\r\n").await;
+            }
+        }
+    }
+    let _ = stream.flush().await;
+    let _ = stream.shutdown().await;
+}
+
+/// Start the streaming mock with `replies`.
+pub async fn mock_openai_stream(replies: Vec<MockReply>) -> StreamMock {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base_url = format!("http://{}/v1", listener.local_addr().unwrap());
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let rq = requests.clone();
+    let replies = Arc::new(replies);
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (rq, replies) = (rq.clone(), replies.clone());
+            tokio::spawn(async move {
+                let Some(body) = read_json_request(&mut stream).await else {
+                    return;
+                };
+                let streamed = body["stream"] == json!(true);
+                let n = {
+                    let mut r = rq.lock().unwrap();
+                    r.push((std::time::Instant::now(), body));
+                    r.len() - 1
+                };
+                let reply = replies[n.min(replies.len() - 1)].clone();
+                answer(&mut stream, &reply, streamed).await;
+            });
+        }
+    });
+    StreamMock {
+        base_url,
+        requests,
         task,
     }
 }

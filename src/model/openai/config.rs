@@ -18,6 +18,7 @@ pub struct OpenAiConfig {
     pub(super) max_retries: u32,
     pub(super) initial_backoff: Duration,
     pub(super) max_backoff: Duration,
+    pub(super) max_retry_after: Duration,
     pub(super) name: String,
     pub(super) max_completion_tokens: bool,
 }
@@ -40,6 +41,7 @@ impl fmt::Debug for OpenAiConfig {
             .field("max_retries", &self.max_retries)
             .field("initial_backoff", &self.initial_backoff)
             .field("max_backoff", &self.max_backoff)
+            .field("max_retry_after", &self.max_retry_after)
             .field("name", &self.name)
             .finish()
     }
@@ -56,6 +58,8 @@ impl OpenAiConfig {
     pub const DEFAULT_INITIAL_BACKOFF: Duration = Duration::from_millis(500);
     /// Default cap on one backoff: 20 s.
     pub const DEFAULT_MAX_BACKOFF: Duration = Duration::from_secs(20);
+    /// Default longest `Retry-After` honoured: 60 s.
+    pub const DEFAULT_MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
     /// Most retries accepted.
     pub const MAX_RETRIES_LIMIT: u32 = 20;
 
@@ -159,6 +163,7 @@ impl Default for OpenAiConfigBuilder {
                 max_retries: OpenAiConfig::DEFAULT_MAX_RETRIES,
                 initial_backoff: OpenAiConfig::DEFAULT_INITIAL_BACKOFF,
                 max_backoff: OpenAiConfig::DEFAULT_MAX_BACKOFF,
+                max_retry_after: OpenAiConfig::DEFAULT_MAX_RETRY_AFTER,
                 name: "openai".to_string(),
                 max_completion_tokens: false,
             },
@@ -226,6 +231,13 @@ impl OpenAiConfigBuilder {
     /// Cap on one backoff. Default: 20 s.
     pub fn max_backoff(mut self, backoff: Duration) -> Self {
         self.config.max_backoff = backoff;
+        self
+    }
+
+    /// Longest `Retry-After` (of a 429 or 503) waited before a retry; a provider asking for
+    /// longer fails the call at once. Default: 60 s.
+    pub fn max_retry_after(mut self, wait: Duration) -> Self {
+        self.config.max_retry_after = wait;
         self
     }
 

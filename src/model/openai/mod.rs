@@ -17,27 +17,39 @@
 //! # }
 //! ```
 //!
-//! Retries: 429 (rate limited), 5xx, timeouts and connection errors are retried with
-//! exponential backoff and jitter, up to `max_retries` times (so at most `max_retries + 1`
-//! HTTP requests per call). async-openai's own retry layer is replaced by a plain transport,
-//! so no request is retried twice over.
+//! Retries: 429 (rate limited), 5xx, timeouts, connection errors and cut streams are retried
+//! with exponential backoff and jitter, up to `max_retries` times (so at most `max_retries + 1`
+//! HTTP requests per call); a 429 or 503 carrying `Retry-After` (seconds or an HTTP date) waits
+//! that long instead, unless it asks for more than `max_retry_after` (the call then fails at
+//! once). async-openai's own retry layer is replaced by a plain transport, so no request is
+//! retried twice over.
+//!
+//! Streaming ([`ModelPort::stream`]): the same call with `stream: true` and
+//! `stream_options.include_usage`, over async-openai's chat completion stream; text is handed
+//! to the sink as it arrives and the result is the same [`ModelResponse`] (usage from the last
+//! chunk). A stream that breaks off is [`ModelErrorKind::StreamCut`], retried like a
+//! connection error after a [`ModelDelta::Retry`] tells the sink to drop the partial text.
 
 use std::fmt;
 
 use async_openai::config::OpenAIConfig;
 use async_openai::error::OpenAIError;
-use async_openai::middleware::ReqwestService;
 use async_openai::types::chat::CreateChatCompletionResponse;
 use async_trait::async_trait;
 use serde_json::Value;
 
 use crate::error::{Error, Result};
 use crate::model::port::{
-    ModelErrorKind, ModelPort, ModelRequest, ModelResponse, model_error, truncate,
+    DeltaSink, ModelDelta, ModelErrorKind, ModelPort, ModelRequest, ModelResponse, model_error,
+    truncate,
 };
 
 mod config;
+mod retry_after;
+mod stream;
 mod wire;
+
+pub use retry_after::parse_retry_after;
 
 pub use config::{OpenAiConfig, OpenAiConfigBuilder};
 use wire::{from_oai_response, request_body};
@@ -69,8 +81,8 @@ impl OpenAiModel {
             .with_project_id(config.project.clone().unwrap_or_default());
         // A plain transport: pgcrew does the retries (async-openai's default client would
         // retry 429/5xx a further 3 times under each of ours).
-        let client =
-            async_openai::Client::with_config(oai).with_http_service(ReqwestService::default());
+        let client = async_openai::Client::with_config(oai)
+            .with_http_service(retry_after::RetryAfterService::default());
         Self { client, config }
     }
 
@@ -91,13 +103,62 @@ impl OpenAiModel {
         match tokio::time::timeout(self.config.timeout, call).await {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) => Err(classify(e, &self.config)),
-            Err(_) => Err(model_error(
-                ModelErrorKind::Timeout,
-                format!(
-                    "no response from {} within {:?} (raise the timeout with OpenAiConfigBuilder::timeout)",
-                    self.config.base_url, self.config.timeout
-                ),
-            )),
+            Err(_) => Err(self.timed_out("no response")),
+        }
+    }
+
+    /// The timeout error: `what` did not arrive in time.
+    fn timed_out(&self, what: &str) -> Error {
+        model_error(
+            ModelErrorKind::Timeout,
+            format!(
+                "{what} from {} within {:?} (raise the timeout with OpenAiConfigBuilder::timeout)",
+                self.config.base_url, self.config.timeout
+            ),
+        )
+    }
+
+    /// Run `attempt(n)` for n = 0, 1, ... until it succeeds, fails for good or the retries are
+    /// used up; between attempts wait the response's `Retry-After` or else the backoff.
+    async fn with_retries<F, Fut>(
+        &self,
+        request: &ModelRequest,
+        mut attempt: F,
+    ) -> Result<ModelResponse>
+    where
+        F: FnMut(u32) -> Fut,
+        Fut: Future<Output = Result<ModelResponse>>,
+    {
+        let mut retry = 0u32;
+        loop {
+            let (result, retry_after) = retry_after::capture(attempt(retry)).await;
+            let e = match result {
+                Ok(r) => return Ok(r),
+                Err(e) => e,
+            };
+            let retryable = ModelErrorKind::of(&e).is_some_and(ModelErrorKind::is_retryable);
+            if !retryable || retry >= self.config.max_retries {
+                if retry > 0 {
+                    tracing::warn!(model = %request.model, attempts = retry + 1, error = %e, "model call failed");
+                }
+                return Err(e);
+            }
+            let delay = match retry_after {
+                Some(d) if d > self.config.max_retry_after => {
+                    return Err(model_error(
+                        ModelErrorKind::of(&e).unwrap_or(ModelErrorKind::RateLimited),
+                        format!(
+                            "{e} (the provider asks to retry after {d:?}, more than max_retry_after {:?})",
+                            self.config.max_retry_after
+                        ),
+                    ));
+                }
+                Some(d) => d,
+                None => self.config.backoff(retry),
+            };
+            tracing::info!(model = %request.model, retry = retry + 1, ?delay, retry_after = retry_after.is_some(), error = %e, "retrying model call");
+            tokio::time::sleep(delay).await;
+            retry += 1;
         }
     }
 }
@@ -179,25 +240,24 @@ impl ModelPort for OpenAiModel {
     async fn complete(&self, request: &ModelRequest) -> Result<ModelResponse> {
         request.validate()?;
         let body = request_body(request, self.config.max_completion_tokens)?;
-        let mut retry = 0u32;
-        loop {
-            match self.attempt(&body).await {
-                Ok(resp) => return from_oai_response(request, resp),
-                Err(e) => {
-                    let retryable =
-                        ModelErrorKind::of(&e).is_some_and(ModelErrorKind::is_retryable);
-                    if !retryable || retry >= self.config.max_retries {
-                        if retry > 0 {
-                            tracing::warn!(model = %request.model, attempts = retry + 1, error = %e, "model call failed");
-                        }
-                        return Err(e);
-                    }
-                    let delay = self.config.backoff(retry);
-                    tracing::info!(model = %request.model, retry = retry + 1, ?delay, error = %e, "retrying model call");
-                    tokio::time::sleep(delay).await;
-                    retry += 1;
-                }
+        self.with_retries(request, |_| async {
+            from_oai_response(request, self.attempt(&body).await?)
+        })
+        .await
+    }
+
+    async fn stream(&self, request: &ModelRequest, sink: &DeltaSink) -> Result<ModelResponse> {
+        request.validate()?;
+        let body = stream::stream_body(request_body(request, self.config.max_completion_tokens)?);
+        self.with_retries(request, |n| {
+            if n > 0 {
+                sink(ModelDelta::Retry {
+                    attempt: n,
+                    reason: "the previous attempt failed; its partial output is void".into(),
+                });
             }
-        }
+            self.stream_attempt(request, &body, sink)
+        })
+        .await
     }
 }

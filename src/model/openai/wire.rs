@@ -150,21 +150,7 @@ pub(super) fn from_oai_response(
     for call in msg.tool_calls.unwrap_or_default() {
         match call {
             ChatCompletionMessageToolCalls::Function(f) => {
-                let raw = f.function.arguments.trim();
-                let arguments = if raw.is_empty() {
-                    Value::Object(Default::default())
-                } else {
-                    serde_json::from_str(raw).map_err(|e| {
-                        model_error(
-                            ModelErrorKind::InvalidOutput,
-                            format!(
-                                "the model called tool `{}` with arguments that are not valid JSON ({e}): {}",
-                                f.function.name,
-                                truncate(raw, 300)
-                            ),
-                        )
-                    })?
-                };
+                let arguments = parse_arguments(&f.function.name, &f.function.arguments)?;
                 tool_calls.push(ToolCall {
                     id: f.id,
                     name: f.function.name,
@@ -183,20 +169,63 @@ pub(super) fn from_oai_response(
         (None, Some(r)) => Some(r),
         (None, None) => None,
     };
-    let finish_reason = match choice.finish_reason {
+    let finish_reason = finish_reason(choice.finish_reason, !tool_calls.is_empty());
+    let usage = resp.usage.map(|u| (u.prompt_tokens, u.completion_tokens));
+    Ok(assemble(
+        request,
+        content,
+        tool_calls,
+        finish_reason,
+        usage,
+        resp.model,
+    ))
+}
+
+/// Tool-call arguments as JSON (an empty string is `{}`); text that is not JSON is an
+/// [`ModelErrorKind::InvalidOutput`] error naming the tool.
+pub(super) fn parse_arguments(tool: &str, raw: &str) -> Result<Value> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Ok(Value::Object(Default::default()));
+    }
+    serde_json::from_str(raw).map_err(|e| {
+        model_error(
+            ModelErrorKind::InvalidOutput,
+            format!(
+                "the model called tool `{tool}` with arguments that are not valid JSON ({e}): {}",
+                truncate(raw, 300)
+            ),
+        )
+    })
+}
+
+/// pgcrew's finish reason for the provider's (`None`: tool calls when there are some).
+pub(super) fn finish_reason(reason: Option<OaiFinishReason>, has_calls: bool) -> FinishReason {
+    match reason {
         Some(OaiFinishReason::Stop) => FinishReason::Stop,
         Some(OaiFinishReason::Length) => FinishReason::Length,
         Some(OaiFinishReason::ToolCalls) | Some(OaiFinishReason::FunctionCall) => {
             FinishReason::ToolCalls
         }
         Some(OaiFinishReason::ContentFilter) => FinishReason::ContentFilter,
-        None if !tool_calls.is_empty() => FinishReason::ToolCalls,
+        None if has_calls => FinishReason::ToolCalls,
         None => FinishReason::Other,
-    };
-    let usage = match resp.usage {
-        Some(u) => Usage::new(u64::from(u.prompt_tokens), u64::from(u.completion_tokens)),
-        // No usage reported: charge the conservative bounds (never less than was really used,
-        // never more than was reserved for).
+    }
+}
+
+/// The response from its parts; `usage` is `(prompt, completion)` tokens as reported, and
+/// without it the conservative bounds are charged (never less than was really used, never
+/// more than was reserved for).
+pub(super) fn assemble(
+    request: &ModelRequest,
+    content: Option<String>,
+    tool_calls: Vec<ToolCall>,
+    finish_reason: FinishReason,
+    usage: Option<(u32, u32)>,
+    model: String,
+) -> ModelResponse {
+    let usage = match usage {
+        Some((p, c)) => Usage::new(u64::from(p), u64::from(c)),
         None => Usage {
             prompt_tokens: prompt_token_bound(request),
             completion_tokens: completion_token_bound(
@@ -207,17 +236,17 @@ pub(super) fn from_oai_response(
             estimated: true,
         },
     };
-    Ok(ModelResponse {
+    ModelResponse {
         content,
         tool_calls,
         usage,
         finish_reason,
-        model: if resp.model.is_empty() {
+        model: if model.is_empty() {
             request.model.clone()
         } else {
-            resp.model
+            model
         },
-    })
+    }
 }
 
 #[cfg(test)]

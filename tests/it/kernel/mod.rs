@@ -193,7 +193,7 @@ pub(crate) fn weather_agent() -> AgentDef {
         .max_iterations(4)
 }
 
-fn weather_script() -> Vec<ScriptedReply> {
+pub(crate) fn weather_script() -> Vec<ScriptedReply> {
     vec![
         ScriptedReply::tool_call("lookup_weather", json!({"city": "Oslo"})),
         ScriptedReply::text("It is sunny in Oslo."),
@@ -209,7 +209,7 @@ type BeforeCall = Box<
 >;
 
 /// A scripted model named `name` that runs `before` first on each call.
-struct Hooked {
+pub(crate) struct Hooked {
     name: &'static str,
     inner: ScriptedModel,
     before: BeforeCall,
@@ -228,7 +228,7 @@ impl ModelPort for Hooked {
 
 /// A model that answers the first `turns` turns from `inner` and then never answers (the
 /// instance "dies" during that call).
-fn hangs_after(inner: ScriptedModel, turns: usize) -> Hooked {
+pub(crate) fn hangs_after(inner: ScriptedModel, turns: usize) -> Hooked {
     let before: BeforeCall = Box::new(move |request: &ModelRequest| {
         let turn = request
             .messages
@@ -251,7 +251,10 @@ fn hangs_after(inner: ScriptedModel, turns: usize) -> Hooked {
 
 /// `rt` executes `run`, retrying while the lease of the instance that died is still valid
 /// (for 10 s at most).
-async fn execute_once_lease_expires(rt: &AgentRuntime, run: pgcrew::RunId) -> pgcrew::runs::Run {
+pub(crate) async fn execute_once_lease_expires(
+    rt: &AgentRuntime,
+    run: pgcrew::RunId,
+) -> pgcrew::runs::Run {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         match rt.execute(run, None).await {
