@@ -6,6 +6,7 @@
 //! [`Kernel`](crate::kernel::Kernel) (model steps, then tool steps, per iteration). The tool
 //! types live in [`crate::kernel::tool`] and are re-exported here.
 
+pub mod approval;
 pub mod def;
 pub mod demo;
 

@@ -12,6 +12,8 @@
 //! * [`artifacts`]: versioned per-run key/value JSON artifacts and typed summaries.
 //! * [`follow`]: [`follow::subscribe_run`], a gap-free stream of a run's new events.
 //! * [`watch`]: [`watch::RunWatcher`], cancellation tokens that fire when a run is cancelled.
+//! * [`signal`]: signals to runs ([`signal_run`]) and decisions on tool calls waiting for
+//!   approval ([`approve_step`], [`reject_step`]); they wake a waiting run on any instance.
 
 use crate::error::Error;
 
@@ -22,6 +24,7 @@ pub mod ledger;
 pub mod limits;
 mod maintenance;
 mod session;
+pub mod signal;
 pub mod state;
 mod transition;
 pub mod watch;
@@ -39,10 +42,11 @@ pub use ledger::{
 };
 pub use limits::RunLimits;
 pub use maintenance::{DeadInstanceLeases, RunRetention, StuckRuns, maintenance_steps};
+pub use signal::{Decision, approve_step, decide_step, reject_step, signal_run};
 pub use state::{
     LimitPolicy, NewRun, Run, RunFilter, RunOutcome, RunState, Session, StartOutcome, cancel_run,
     complete_run, create_run, fail_run, fail_stuck_runs, get_run, get_session, list_runs,
-    new_session, start_run,
+    new_session, resume_run, start_run,
 };
 pub use watch::RunWatcher;
 
@@ -75,6 +79,14 @@ pub(crate) fn map_db_error(e: Error, run: crate::ids::RunId) -> Error {
                 return Error::RunFinished {
                     run: run.to_string(),
                     state: db.detail().unwrap_or("finished").to_string(),
+                };
+            }
+            sqlstate::WAITING_FOR_OTHER_SIGNAL
+            | sqlstate::NOT_WAITING_FOR_APPROVAL
+            | sqlstate::WAIT_STEP_MISMATCH => {
+                return Error::NotWaiting {
+                    run: run.to_string(),
+                    message: db.message().to_string(),
                 };
             }
             sqlstate::CHECK_VIOLATION if db.hint() == Some("pgcrew_illegal_transition") => {

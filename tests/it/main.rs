@@ -35,3 +35,4 @@ mod tenancy;
 mod tenant_isolation;
 mod tls;
 mod tool_schema;
+mod waits;
