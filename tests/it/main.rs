@@ -5,6 +5,7 @@
 mod common;
 
 mod agent_process;
+mod approval;
 mod bad_input;
 mod budget_edges;
 mod claim_paths;
