@@ -95,9 +95,14 @@ async fn transition_steps(
             .query_opt(sql!("runs/get_run"), typed![&run])
             .await?
             .ok_or_else(|| Error::not_found("run", run))?;
-        let tenant: TenantId = row.get("tenant_id");
-        tx.execute(sql!("runs/lock_tenant"), typed![&tenant])
-            .await?;
+        // Only starting a pending run is admitted; resuming a waiting one is not (it is counted
+        // while it waits), so resumes of one tenant's runs do not queue on its lock.
+        let state: RunState = row.get("state");
+        if state == RunState::Pending {
+            let tenant: TenantId = row.get("tenant_id");
+            tx.execute(sql!("runs/lock_tenant"), typed![&tenant])
+                .await?;
+        }
     }
     tx.execute(sql!("runs/lock_run"), typed![&run]).await?;
     let row = tx
