@@ -2,8 +2,9 @@
 //! and no worker slot, and signalling them all completes them quickly.
 //!
 //! One instance (default configuration: its pool plus one LISTEN connection) works a queue of
-//! `--runs` tasks; each task drives a workflow that waits for the signal `go` (1 hour) under
-//! the run's lease, then completes its run. Once every run waits, the benchmark counts the
+//! `--runs` tasks; each task waits for the signal `go` (1 hour) under the run's lease — a bare
+//! kernel wait step, or with `--workflow` a workflow's `wait_for_signal` — then completes its
+//! run. Once every run waits, the benchmark counts the
 //! backends connected to the scratch database (`pg_stat_activity`) against the instance's
 //! connection budget, then signals every run in one SQL statement (`pgcrew.signal_run`) and
 //! measures how fast they all complete.
@@ -31,6 +32,11 @@ pub struct WaitsBenchArgs {
     /// Worker concurrency of the instance.
     #[arg(long, default_value_t = 64)]
     pub concurrency: u64,
+    /// Wait inside a workflow (`WorkflowCtx::wait_for_signal`, which also records
+    /// `run_resumed` and `workflow_completed`) instead of a bare kernel wait step
+    /// (`Kernel::wait_step`).
+    #[arg(long)]
+    pub workflow: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -40,6 +46,8 @@ pub struct WaitsBenchArgs {
 struct Report {
     runs: u64,
     concurrency: u64,
+    /// `workflow` or `wait_step`.
+    via: &'static str,
     /// Connections the instance may open (pool + LISTEN).
     instance_connection_budget: usize,
     /// Backends on the database with the instance started and idle (before any run).
@@ -78,11 +86,12 @@ pub async fn run(dsn: Option<String>, args: WaitsBenchArgs) -> Result<ExitCode> 
             // The instance's own pool: the benchmark counts its connections.
             let kernel = Kernel::new(ctx.client.db().clone(), model.clone());
             let owner = owner.clone();
+            let workflow = args.workflow;
             async move {
                 let Some(run) = ctx.run_id else {
                     return Ok(TaskOutcome::Discard("no run".into()));
                 };
-                drive(&kernel, run, &owner)
+                drive(&kernel, run, &owner, workflow)
                     .await
                     .or_else(|e| waiting_outcome(&e).ok_or_else(|| Box::new(e) as HandlerError))
             }
@@ -165,6 +174,11 @@ pub async fn run(dsn: Option<String>, args: WaitsBenchArgs) -> Result<ExitCode> 
     let report = Report {
         runs: args.runs,
         concurrency: args.concurrency,
+        via: if args.workflow {
+            "workflow"
+        } else {
+            "wait_step"
+        },
         instance_connection_budget: budget,
         connections_idle,
         connections_while_parking,
@@ -192,8 +206,9 @@ pub async fn run(dsn: Option<String>, args: WaitsBenchArgs) -> Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// One task of the benchmark: lease, start or resume, the waiting workflow, complete.
-async fn drive(kernel: &Kernel, run: RunId, owner: &str) -> Result<TaskOutcome> {
+/// One task of the benchmark: lease, start, the wait (in a workflow, or a bare wait step, which
+/// moves a waiting run back to running itself), complete.
+async fn drive(kernel: &Kernel, run: RunId, owner: &str, workflow: bool) -> Result<TaskOutcome> {
     let db = kernel.db();
     let lease = runs::acquire_run_lease(db, run, owner, Duration::from_secs(60))
         .await?
@@ -203,11 +218,18 @@ async fn drive(kernel: &Kernel, run: RunId, owner: &str) -> Result<TaskOutcome> 
         runs::start_run(db, run, None, Some(lease.token), LimitPolicy::Reject).await?;
     }
     let scope = RunScope::new(run, r.tenant_id).with_lease(lease.token);
-    kernel
-        .run_workflow(&scope, |ctx| async move {
-            ctx.wait_for_signal("go", Duration::from_secs(3600)).await
-        })
-        .await?;
+    let hour = Duration::from_secs(3600);
+    if workflow {
+        kernel
+            .run_workflow(&scope, |ctx| async move {
+                ctx.wait_for_signal("go", hour).await
+            })
+            .await?;
+    } else {
+        kernel
+            .wait_step(&scope, "wait/go", "go", hour, serde_json::json!({}))
+            .await?;
+    }
     runs::complete_run(db, run, runs::RunOutcome::default(), Some(lease.token)).await?;
     Ok(TaskOutcome::Complete)
 }
