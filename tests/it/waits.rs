@@ -416,3 +416,53 @@ async fn cli_sends_signals_and_refuses_bad_ones() {
     let ghost = cli(t.dsn(), ["run", "signal", &RunId::new().to_string(), "go"]).await;
     assert!(!ghost.status.success());
 }
+
+#[tokio::test]
+async fn a_waiting_run_keeps_its_place_under_the_tenants_run_limit_and_resumes_without_admission() {
+    let t = crate::common::test_db().await;
+    let conn = t.db.get().await.unwrap();
+    conn.execute(
+        "INSERT INTO pgcrew.tenants (id, max_concurrent_runs) VALUES ('solo', 1)",
+        &[],
+    )
+    .await
+    .unwrap();
+    drop(conn);
+    let tenant = TenantId::new("solo").unwrap();
+    let first = started_run(&t.db, &tenant).await;
+    let k = bare_kernel(&t.db);
+    let scope = RunScope::new(first, tenant.clone());
+    assert!(matches!(
+        approval_workflow(&k, &scope, Arc::new(AtomicU64::new(0))).await,
+        Err(Error::Waiting { .. })
+    ));
+    // The waiting run still counts: a second run of the tenant stays pending.
+    let second = runs::create_run(&t.db, NewRun::new(tenant.clone()))
+        .await
+        .unwrap();
+    let started = runs::start_run(&t.db, second, None, None, LimitPolicy::StayPending)
+        .await
+        .unwrap();
+    assert!(
+        matches!(
+            started,
+            runs::StartOutcome::LimitReached {
+                running: 1,
+                limit: 1
+            }
+        ),
+        "{started:?}"
+    );
+    // The waiting run resumes although the tenant is at its limit.
+    runs::signal_run(&t.db, first, "go", None).await.unwrap();
+    assert_eq!(
+        approval_workflow(&k, &scope, Arc::new(AtomicU64::new(0)))
+            .await
+            .unwrap(),
+        Some(Value::Null)
+    );
+    assert_eq!(
+        runs::get_run(&t.db, first).await.unwrap().state,
+        RunState::Running
+    );
+}
