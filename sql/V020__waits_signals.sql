@@ -251,12 +251,15 @@ BEGIN
     UPDATE pgcrew.runs
        SET state = 'waiting', lease_owner = NULL, lease_expires_at = NULL, updated_at = now()
      WHERE id = p_run;
-    -- Park the run's running task until the deadline, giving its attempt back (as a snooze).
-    -- The worker's own acknowledgement of it then finds it no longer running and changes nothing.
+    -- Park the run's running task (the earliest claimed, should the run have several) until the
+    -- deadline, giving its attempt back (as a snooze). The worker's own acknowledgement of it
+    -- then finds it no longer running and changes nothing.
     UPDATE pgcrew.tasks t
        SET state = 'scheduled', run_at = v_wait.deadline, attempts = greatest(0, t.attempts - 1),
            claim_token = NULL, heartbeat_at = NULL
-     WHERE t.run_id = p_run AND t.state = 'running'
+     WHERE t.id = (SELECT r.id FROM pgcrew.tasks r
+                    WHERE r.run_id = p_run AND r.state = 'running'
+                    ORDER BY r.claimed_at, r.id LIMIT 1)
     RETURNING t.id INTO v_task;
     IF v_task IS NOT NULL THEN
         UPDATE pgcrew.run_waits SET task_id = v_task WHERE run_id = p_run;
