@@ -15,6 +15,8 @@
 --    reservation drops by the carve and its spend grows by the child's), spend settled on a
 --    finished child later is passed up too, and a parent that is cancelled or fails cancels its
 --    unfinished children (recursively), whoever made the transition (library, CLI, plain SQL).
+--  * Unfinished means pending, running or waiting (V020's durable waits): a waiting child is
+--    cancelled with its parent, and a waiting child that fails or is cancelled returns its carve.
 
 -- pgcrew.runs carries no CHECK constraints (V015: each ledger append would prepare them); the
 -- rules of the new columns live in a BEFORE trigger that fires only when a run row has a parent
@@ -262,7 +264,7 @@ CREATE TRIGGER runs_subagent_finished AFTER UPDATE OF state ON pgcrew.runs
     FOR EACH ROW
     WHEN (NEW.parent_relation = 'subagent'
           AND NEW.state IN ('completed', 'failed', 'cancelled')
-          AND OLD.state IN ('pending', 'running'))
+          AND OLD.state IN ('pending', 'running', 'waiting'))
     EXECUTE FUNCTION pgcrew.return_subagent_budget();
 
 -- Spend settled on a child after it finished (a call in flight when it was cancelled) is passed
@@ -294,14 +296,14 @@ DECLARE
 BEGIN
     FOR c IN SELECT r.id, r.state FROM pgcrew.runs r
               WHERE r.parent_run_id = NEW.id AND r.parent_relation = 'subagent'
-                AND r.state IN ('pending', 'running')
+                AND r.state IN ('pending', 'running', 'waiting')
               ORDER BY r.created_at, r.id
     LOOP
         -- The child's ledger lock first (the order of appends and transitions), then its state
         -- again: a child that finished meanwhile is left as it is.
         PERFORM pg_advisory_xact_lock(r.lock_key) FROM pgcrew.runs r WHERE r.id = c.id;
         SELECT r.state INTO v_state FROM pgcrew.runs r WHERE r.id = c.id;
-        CONTINUE WHEN v_state NOT IN ('pending', 'running');
+        CONTINUE WHEN v_state NOT IN ('pending', 'running', 'waiting');
         PERFORM pgcrew.append_events(c.id, NULL, ARRAY['run_cancelled'], ARRAY[NULL::text],
             ARRAY[jsonb_build_object('reason', v_reason, 'from', v_state, 'to', 'cancelled',
                                      'cascaded', true, 'parent_run_id', NEW.id)],
@@ -318,7 +320,7 @@ REVOKE ALL ON FUNCTION pgcrew.cancel_subagents() FROM PUBLIC;
 
 CREATE TRIGGER runs_cancel_subagents AFTER UPDATE OF state ON pgcrew.runs
     FOR EACH ROW
-    WHEN (NEW.state IN ('cancelled', 'failed') AND OLD.state IN ('pending', 'running'))
+    WHEN (NEW.state IN ('cancelled', 'failed') AND OLD.state IN ('pending', 'running', 'waiting'))
     EXECUTE FUNCTION pgcrew.cancel_subagents();
 
 REVOKE ALL ON FUNCTION pgcrew.subagent_cycle(text) FROM PUBLIC;

@@ -289,6 +289,41 @@ pub enum Error {
         message: String,
     },
 
+    /// The run is parked at a durable wait (not a failure): whoever works on it stops, and a
+    /// signal or the wait's deadline resumes it (its task, if any, is parked until then).
+    #[error(
+        "run {run} is waiting for signal `{name}` (it resumes on that signal or in {resume_in:?})"
+    )]
+    Waiting {
+        /// The run.
+        run: String,
+        /// The signal it waits for.
+        name: String,
+        /// Time left until the wait's deadline.
+        resume_in: Duration,
+    },
+
+    /// A signal or decision for a run that is not waiting for it (SQLSTATE `PC050`: the run waits
+    /// for another signal; `PC051`: the step is not waiting for approval or was already decided;
+    /// `PC052`: the run waits at another step).
+    #[error("run {run}: {message}")]
+    NotWaiting {
+        /// The run.
+        run: String,
+        /// What it waits for instead.
+        message: String,
+    },
+
+    /// A durable wait reached its deadline without its signal, under a policy that fails the run
+    /// (the timeout is recorded as `wait_timed_out`).
+    #[error("run {run}: the wait for signal `{name}` timed out")]
+    WaitTimedOut {
+        /// The run.
+        run: String,
+        /// The signal waited for.
+        name: String,
+    },
+
     /// The operation was cancelled.
     #[error("cancelled: {0}")]
     Cancelled(String),

@@ -31,6 +31,12 @@ pub const INVALID_AMOUNT: &str = "PC030";
 pub const TOO_LARGE: &str = "PC040";
 /// PC041: the run is finished; DETAIL is its state.
 pub const RUN_FINISHED: &str = "PC041";
+/// PC050: the run is waiting for another signal (`pgcrew.signal_run`, V020); DETAIL is its name.
+pub const WAITING_FOR_OTHER_SIGNAL: &str = "PC050";
+/// PC051: the step is not waiting for approval, or is already decided (`pgcrew.decide_approval`).
+pub const NOT_WAITING_FOR_APPROVAL: &str = "PC051";
+/// PC052: the run waits at another step than the one resolving it (`pgcrew.wait_step`).
+pub const WAIT_STEP_MISMATCH: &str = "PC052";
 /// PC060: the agent is not registered (`pgcrew.submit_run`, V019).
 pub const UNKNOWN_AGENT: &str = "PC060";
 /// PC070: a sub-agent cycle (`pgcrew.set_subagents`, `pgcrew.start_child_run`, V021).

@@ -5,8 +5,10 @@
 //! - Tools: [`LOOKUP_ORDER`] (no capability), [`GET_WEATHER`] (no capability) and
 //!   [`CHARGE_CREDIT_CARD`] (requires `payments:charge`; the charge id is derived from the
 //!   step's idempotency key, so a repeated or reconciled call returns the same charge).
-//! - Agents ([`demo_agents`]): `support` (orders and weather) and `billing` (orders and
-//!   charges), both on `gpt-4o-mini` by default.
+//!   [`ISSUE_REFUND`] (requires a human approval before each call: see
+//!   [`crate::agent::approval`]).
+//! - Agents ([`demo_agents`]): `support` (orders and weather), `billing` (orders and
+//!   charges) and `refunds` (orders and approved refunds), all on `gpt-4o-mini` by default.
 //! - Task kinds ([`install_demo_tasks`]): [`DEMO_SLEEP`] (sleeps the payload's `ms`) and
 //!   [`DEMO_NOOP`].
 
@@ -29,6 +31,10 @@ pub const GET_WEATHER: &str = "get_weather";
 pub const CHARGE_CREDIT_CARD: &str = "charge_credit_card";
 /// The capability [`CHARGE_CREDIT_CARD`] requires.
 pub const PAYMENTS_CHARGE: &str = "payments:charge";
+/// Tool: refund an order (each call waits for a human approval).
+pub const ISSUE_REFUND: &str = "issue_refund";
+/// The demo refunds agent (tools: [`LOOKUP_ORDER`], [`ISSUE_REFUND`]).
+pub const REFUNDS_AGENT: &str = "refunds";
 /// The demo support agent (tools: [`LOOKUP_ORDER`], [`GET_WEATHER`]).
 pub const SUPPORT_AGENT: &str = "support";
 /// The demo billing agent (tools: [`LOOKUP_ORDER`], [`CHARGE_CREDIT_CARD`]).
@@ -164,10 +170,30 @@ pub fn demo_tools(latency: Duration) -> Result<ToolRegistry> {
             }))
         })
         .build()?;
+    let refund = Tool::builder(ISSUE_REFUND)
+        .description("Refund an order in full (a human approves each refund first)")
+        .input_schema(json!({
+            "type": "object",
+            "properties": {"order_id": {"type": "string", "description": "the order id"}},
+            "required": ["order_id"],
+            "additionalProperties": false
+        }))
+        .requires_approval()
+        .handler(move |ctx: ToolContext, args: Value| async move {
+            tokio::time::sleep(latency).await;
+            let order = text_arg(&args, "order_id")?.to_string();
+            Ok(json!({
+                "refund_id": format!("re_{}", &hex(&digest(&["refund", &ctx.idempotency_key]))[..16]),
+                "order_id": order,
+                "status": "refunded",
+            }))
+        })
+        .build()?;
     ToolRegistry::new()
         .with(lookup)?
         .with(weather)?
-        .with(charge)
+        .with(charge)?
+        .with(refund)
 }
 
 /// The demo agents on `model` (use [`DEMO_MODEL`] unless an OpenAI-compatible server serves
@@ -193,6 +219,17 @@ pub fn demo_agents(model: &str) -> Vec<AgentDef> {
             )
             .tool(LOOKUP_ORDER)
             .tool(CHARGE_CREDIT_CARD)
+            .max_tokens(300)
+            .temperature(0.0)
+            .max_iterations(4),
+        AgentDef::new(REFUNDS_AGENT, model)
+            .description("Refunds orders once a human approves each refund")
+            .system_prompt(
+                "You are a refunds agent. Refund the order with issue_refund (a human approves \
+                 it first), then confirm in one sentence.",
+            )
+            .tool(LOOKUP_ORDER)
+            .tool(ISSUE_REFUND)
             .max_tokens(300)
             .temperature(0.0)
             .max_iterations(4),
@@ -239,7 +276,8 @@ mod tests {
     #[test]
     fn tools_and_agents_are_valid() {
         let tools = demo_tools(Duration::ZERO).unwrap();
-        assert_eq!(tools.names().len(), 3);
+        assert_eq!(tools.names().len(), 4);
+        assert!(tools.get(ISSUE_REFUND).unwrap().requires_approval());
         for a in demo_agents(DEMO_MODEL) {
             a.validate().unwrap();
             for t in &a.tools {

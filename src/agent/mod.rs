@@ -9,6 +9,7 @@
 //! `fork_on_drift` is handed over to its fork (module `fork`). The tool types live in
 //! [`crate::kernel::tool`] and are re-exported here.
 
+pub mod approval;
 pub mod def;
 pub mod demo;
 mod fork;

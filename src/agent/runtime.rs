@@ -192,6 +192,8 @@ impl AgentRuntime {
                     Err(Error::LeaseLost(_)) | Err(Error::LimitReached { .. }) => {
                         Ok(TaskOutcome::Snooze(Duration::from_secs(1)))
                     }
+                    // Parked at a durable wait (the wait parked the task already).
+                    Err(Error::Waiting { resume_in, .. }) => Ok(TaskOutcome::Snooze(resume_in)),
                     Err(e) if e.is_transient() => Err(Box::new(e) as queue::HandlerError),
                     Err(e) => Ok(TaskOutcome::Discard(e.to_string())),
                 }
@@ -323,9 +325,15 @@ impl AgentRuntime {
                 return self.complete(&scope, &step).await;
             }
             for call in &step.response.tool_calls {
+                let key = format!("iter-{n}/tool-{}", call.id);
+                if let Some(rejected) =
+                    super::approval::gate(&self.kernel, &scope, &key, call).await?
+                {
+                    messages.push(Message::tool_result(call.id.clone(), rejected));
+                    continue;
+                }
                 let called = match super::subagent::find(&def, &call.name) {
                     Some(sub) => {
-                        let key = format!("iter-{n}/tool-{}", call.id);
                         self.call_subagent(&scope, sub, &key, call, cancel.clone())
                             .await
                     }
@@ -355,10 +363,14 @@ impl AgentRuntime {
     /// Start a pending run (fenced by the lease); a tenant at its concurrent-run limit is
     /// [`Error::LimitReached`] (the task is snoozed).
     async fn start(&self, current: &Run, token: Option<i64>) -> Result<()> {
+        let db = self.kernel.db();
+        if current.state == RunState::Waiting {
+            runs::resume_run(db, current.id, self.instance.as_ref(), token).await?;
+            return Ok(());
+        }
         if current.state != RunState::Pending {
             return Ok(());
         }
-        let db = self.kernel.db();
         let started = runs::start_run(
             db,
             current.id,

@@ -7,7 +7,8 @@
 //! `model_requested`, `model_completed`, `model_failed`, `budget_exceeded`, `budget_overrun`,
 //! `replayed_with_drift`, `replay_rejected`, `run_forked`, `tool_requested`, `tool_completed`,
 //! `tool_failed`, `tool_outcome_unknown`, `tool_rejected`, `capability_denied`,
-//! `output_invalid`, `workflow_step_completed`, `workflow_step_failed`, `workflow_completed`.
+//! `output_invalid`, `workflow_step_completed`, `workflow_step_failed`, `workflow_completed`,
+//! and for durable waits ([`wait`]) `wait_started`, `signal_received`, `wait_timed_out`.
 //!
 //! ```no_run
 //! use std::sync::Arc;
@@ -43,13 +44,15 @@ mod model_step;
 pub mod schema;
 pub mod tool;
 mod tool_step;
+pub mod wait;
 pub mod workflow;
 
 pub use harness::{Harness, HarnessReport, UnitCtx};
 pub use model_step::ModelStep;
 pub use tool::{Tool, ToolBuilder, ToolContext, ToolError, ToolRegistry, validate_tool_name};
 pub use tool_step::ToolStep;
-pub use workflow::WorkflowCtx;
+pub use wait::{OnTimeout, WaitOutcome};
+pub use workflow::{WorkflowCtx, waiting_outcome};
 
 /// `max_tokens` reserved for — and sent to the provider as the completion cap — when a request
 /// does not set one.

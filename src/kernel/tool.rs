@@ -22,6 +22,7 @@ use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use serde_json::Value;
 
@@ -78,6 +79,7 @@ pub struct Tool {
     description: String,
     input_schema: CompiledSchema,
     requires_capability: Option<String>,
+    approval_timeout: Option<Duration>,
     handler: Arc<Handler>,
 }
 
@@ -86,9 +88,14 @@ impl fmt::Debug for Tool {
         f.debug_struct("Tool")
             .field("name", &self.name)
             .field("requires_capability", &self.requires_capability)
+            .field("approval_timeout", &self.approval_timeout)
             .finish()
     }
 }
+
+/// How long a tool call that requires approval waits for a decision by default (24 hours); an
+/// undecided call is then returned to the model as not approved.
+pub const DEFAULT_APPROVAL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 impl Tool {
     /// Start building a tool named `name` (`^[a-zA-Z0-9_-]{1,64}$`).
@@ -98,6 +105,7 @@ impl Tool {
             description: String::new(),
             input_schema: serde_json::json!({"type": "object"}),
             requires_capability: None,
+            approval_timeout: None,
             handler: None,
         }
     }
@@ -120,6 +128,16 @@ impl Tool {
     /// The capability a tenant needs to call this tool, if any.
     pub fn requires_capability(&self) -> Option<&str> {
         self.requires_capability.as_deref()
+    }
+
+    /// Whether an agent's calls of this tool wait for a human approval first.
+    pub fn requires_approval(&self) -> bool {
+        self.approval_timeout.is_some()
+    }
+
+    /// How long a call waits for its approval (`None`: no approval needed).
+    pub fn approval_timeout(&self) -> Option<Duration> {
+        self.approval_timeout
     }
 
     /// The tool as offered to a model.
@@ -165,6 +183,7 @@ pub struct ToolBuilder {
     description: String,
     input_schema: Value,
     requires_capability: Option<String>,
+    approval_timeout: Option<Duration>,
     handler: Option<Arc<Handler>>,
 }
 
@@ -195,6 +214,20 @@ impl ToolBuilder {
         self
     }
 
+    /// Make an agent's calls of this tool wait for a human approval (`pgcrew run approve|reject
+    /// RUN STEP`, [`crate::runs::approve_step`]) before the tool runs, for at most
+    /// [`DEFAULT_APPROVAL_TIMEOUT`]; a rejected or undecided call is returned to the model as
+    /// a rejection and the tool is not called (see [`crate::agent::approval`]).
+    pub fn requires_approval(self) -> Self {
+        self.approval_timeout(DEFAULT_APPROVAL_TIMEOUT)
+    }
+
+    /// [`requires_approval`](Self::requires_approval) with this decision timeout.
+    pub fn approval_timeout(mut self, timeout: Duration) -> Self {
+        self.approval_timeout = Some(timeout);
+        self
+    }
+
     /// The async handler.
     pub fn handler<F, Fut>(mut self, f: F) -> Self
     where
@@ -222,6 +255,15 @@ impl ToolBuilder {
         if let Some(c) = &self.requires_capability {
             crate::ids::validate_text_id("requires_capability", c)?;
         }
+        if self
+            .approval_timeout
+            .is_some_and(|t| t > crate::kernel::wait::MAX_WAIT)
+        {
+            return Err(Error::invalid(
+                "approval timeout",
+                format!("tool `{}`: at most 3650 days", self.name),
+            ));
+        }
         let handler = self.handler.ok_or_else(|| {
             Error::invalid(
                 "handler",
@@ -233,6 +275,7 @@ impl ToolBuilder {
             description: self.description,
             input_schema,
             requires_capability: self.requires_capability,
+            approval_timeout: self.approval_timeout,
             handler,
         })
     }

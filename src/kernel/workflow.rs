@@ -6,16 +6,25 @@
 //! returns recorded results instead of running those steps again, so it resumes where it
 //! stopped; a workflow whose `workflow_completed` is recorded returns its recorded result
 //! without running the closure at all.
+//!
+//! A workflow can also wait durably: [`WorkflowCtx::wait_for_signal`] and [`WorkflowCtx::sleep`]
+//! park the run (`waiting`, no lease, its task scheduled until the deadline) and return
+//! [`Error::Waiting`], which the workflow passes on with `?`; a task handler returns then (map
+//! the error with [`waiting_outcome`]). A signal or the deadline resumes the run on any
+//! instance, the workflow runs again and the wait returns the signal's payload (see
+//! [`super::wait`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
 use tracing::instrument;
 
+use super::wait::OnTimeout;
 use super::{Kernel, RunScope, validate_step_key};
 use crate::db::Executor;
 use crate::error::{Error, Result};
@@ -55,6 +64,56 @@ impl WorkflowCtx {
         self.recorded.contains_key(&step_key(name))
     }
 
+    /// Wait durably for signal `name` for at most `timeout` (step `wf/signal:<name>`, a name used
+    /// once per execution): `Some(payload)` when the signal arrived (a signal sent earlier is
+    /// kept and returned at once), `None` when the timeout passed (recorded as
+    /// `wait_timed_out`). While neither happened the run is parked and this returns
+    /// [`Error::Waiting`]: return it from the workflow with `?`.
+    pub async fn wait_for_signal(&self, name: &str, timeout: Duration) -> Result<Option<Value>> {
+        self.wait_for_signal_with(name, timeout, OnTimeout::Return)
+            .await
+    }
+
+    /// [`wait_for_signal`](Self::wait_for_signal) with a timeout policy ([`OnTimeout::FailRun`]
+    /// fails the run when the timeout passes).
+    pub async fn wait_for_signal_with(
+        &self,
+        name: &str,
+        timeout: Duration,
+        on_timeout: OnTimeout,
+    ) -> Result<Option<Value>> {
+        let key = format!("wf/signal:{name}");
+        self.claim(&key)?;
+        self.kernel
+            .wait_for(&self.scope, &key, name, timeout, on_timeout)
+            .await
+    }
+
+    /// Sleep durably for `duration` (step `wf/sleep:<name>`): the run is parked meanwhile (see
+    /// [`wait_for_signal`](Self::wait_for_signal)); the signal `name` ends the sleep early.
+    pub async fn sleep(&self, name: &str, duration: Duration) -> Result<()> {
+        let key = format!("wf/sleep:{name}");
+        self.claim(&key)?;
+        self.kernel
+            .wait_for(&self.scope, &key, name, duration, OnTimeout::Return)
+            .await
+            .map(drop)
+    }
+
+    /// Mark step key `key` used in this execution ([`Error::InvalidInput`] when it already is).
+    fn claim(&self, key: &str) -> Result<()> {
+        validate_step_key(key)?;
+        let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
+        if used.insert(key.to_string()) {
+            Ok(())
+        } else {
+            Err(Error::invalid(
+                "workflow step",
+                format!("step `{key}` is used twice in one workflow: give each step a unique name"),
+            ))
+        }
+    }
+
     /// Run `f` once for this run and step `name` and checkpoint its result; on a re-run return
     /// the recorded result without calling `f`. A step name may be used once per execution
     /// ([`Error::InvalidInput`] otherwise). An error from `f` is recorded as
@@ -67,18 +126,7 @@ impl WorkflowCtx {
         Fut: Future<Output = Result<T>>,
     {
         let key = step_key(name);
-        validate_step_key(&key)?;
-        {
-            let mut used = self.used.lock().unwrap_or_else(|e| e.into_inner());
-            if !used.insert(key.clone()) {
-                return Err(Error::invalid(
-                    "workflow step",
-                    format!(
-                        "step `{name}` is used twice in one workflow: give each step a unique name"
-                    ),
-                ));
-            }
-        }
+        self.claim(&key)?;
         if let Some(v) = self.recorded.get(&key) {
             return serde_json::from_value(v.clone()).map_err(|e| Error::ReplayConsistency {
                 step_key: key.clone(),
@@ -124,6 +172,17 @@ fn step_key(name: &str) -> String {
     format!("wf/{name}")
 }
 
+/// What a task handler returns for a run that is now parked at a durable wait
+/// ([`Error::Waiting`]): `Some(snooze until the deadline)` (the wait already parked the task, so
+/// the acknowledgement changes nothing; the snooze is the fallback for a task the wait did not
+/// find), `None` for any other error.
+pub fn waiting_outcome(e: &Error) -> Option<crate::queue::TaskOutcome> {
+    match e {
+        Error::Waiting { resume_in, .. } => Some(crate::queue::TaskOutcome::Snooze(*resume_in)),
+        _ => None,
+    }
+}
+
 impl Kernel {
     /// Run a checkpointed workflow on `scope.run` (see the [module docs](self)).
     #[instrument(skip(self, f), fields(run = %scope.run), err)]
@@ -158,15 +217,19 @@ impl Kernel {
         if let Some(v) = completed {
             return Ok(serde_json::from_value(v)?);
         }
-        crate::runs::get_run(self.db(), scope.run)
-            .await
-            .and_then(|r| {
-                if r.tenant_id == scope.tenant {
-                    Ok(())
-                } else {
-                    Err(Error::not_found("run", scope.run))
-                }
-            })?;
+        let run = crate::runs::get_run(self.db(), scope.run).await?;
+        if run.tenant_id != scope.tenant {
+            return Err(Error::not_found("run", scope.run));
+        }
+        if run.state == crate::runs::RunState::Waiting {
+            crate::runs::resume_run(
+                self.db(),
+                scope.run,
+                self.instance.as_ref(),
+                scope.lease_token,
+            )
+            .await?;
+        }
         let ctx = WorkflowCtx {
             kernel: self.clone(),
             scope: scope.clone(),

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use tracing::{instrument, warn};
+use tracing::{debug, instrument, warn};
 use uuid::Uuid;
 
 use super::{Priority, TaskState, bound_error_text};
@@ -252,7 +252,12 @@ pub(crate) async fn ack_with<E: Executor + ?Sized>(
             report.applied.iter().map(|(id, _)| *id).collect();
         for a in acks {
             if !applied.contains(&a.id) {
-                warn!(task = %a.id, token = %a.token, "rejected a stale task acknowledgement (the task was rescued or is no longer running)");
+                if matches!(a.outcome, AckOutcome::Snooze(_)) {
+                    // Expected for a task parked by a durable wait (kernel::wait): benign.
+                    debug!(task = %a.id, token = %a.token, "stale snooze acknowledgement (the task is no longer running)");
+                } else {
+                    warn!(task = %a.id, token = %a.token, "rejected a stale task acknowledgement (the task was rescued or is no longer running)");
+                }
                 report.stale.push(a.id);
             }
         }

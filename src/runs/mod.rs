@@ -14,6 +14,8 @@
 //! * [`watch`]: [`watch::RunWatcher`], cancellation tokens that fire when a run is cancelled.
 //! * [`output`]: live model output of running steps ([`subscribe_output`], [`listen_output`]),
 //!   never written to the ledger.
+//! * [`signal`]: signals to runs ([`signal_run`]) and decisions on tool calls waiting for
+//!   approval ([`approve_step`], [`reject_step`]); they wake a waiting run on any instance.
 
 use crate::error::Error;
 
@@ -25,6 +27,7 @@ pub mod limits;
 mod maintenance;
 pub mod output;
 mod session;
+pub mod signal;
 pub mod state;
 mod transition;
 pub mod watch;
@@ -46,10 +49,11 @@ pub use output::{
     OutputEvent, OutputListener, OutputPublisher, OutputSubscription, RunOutput, listen_output,
     subscribe_output,
 };
+pub use signal::{Decision, approve_step, decide_step, reject_step, signal_run};
 pub use state::{
     LimitPolicy, NewRun, Run, RunFilter, RunOutcome, RunState, Session, StartOutcome, cancel_run,
     complete_run, create_run, fail_run, fail_stuck_runs, get_run, get_session, list_runs,
-    new_session, start_run,
+    new_session, resume_run, start_run,
 };
 pub use watch::RunWatcher;
 
@@ -82,6 +86,14 @@ pub(crate) fn map_db_error(e: Error, run: crate::ids::RunId) -> Error {
                 return Error::RunFinished {
                     run: run.to_string(),
                     state: db.detail().unwrap_or("finished").to_string(),
+                };
+            }
+            sqlstate::WAITING_FOR_OTHER_SIGNAL
+            | sqlstate::NOT_WAITING_FOR_APPROVAL
+            | sqlstate::WAIT_STEP_MISMATCH => {
+                return Error::NotWaiting {
+                    run: run.to_string(),
+                    message: db.message().to_string(),
                 };
             }
             sqlstate::CHECK_VIOLATION if db.hint() == Some("pgcrew_illegal_transition") => {

@@ -2,7 +2,9 @@
 //! state machine's transitions in `transition` (both re-exported here).
 //!
 //! `pending → running → completed | failed | cancelled` (and `pending → failed | cancelled`);
-//! terminal states are final. Every transition happens in one transaction that locks the run,
+//! a running run may park at a durable wait, `running → waiting`, and a signal or the wait's
+//! deadline resumes it, `waiting → running` (a waiting run can also be failed or cancelled; see
+//! [`crate::kernel::wait`]); terminal states are final. Every transition happens in one transaction that locks the run,
 //! checks the transition (an illegal one is [`Error::IllegalTransition`], never a silent update),
 //! optionally checks the caller's lease token, updates the row (the database trigger notifies
 //! `pgcrew_run_state_changed`) and appends the matching ledger event (`run_started`,
@@ -30,7 +32,7 @@ use crate::ids::{RunId, SessionId, TenantId};
 pub use super::session::{Session, get_session, new_session};
 pub use super::transition::{
     LimitPolicy, RunOutcome, StartOutcome, cancel_run, complete_run, fail_run, fail_stuck_runs,
-    start_run,
+    resume_run, start_run,
 };
 
 use crate::vocab::EventType;
@@ -54,7 +56,10 @@ impl RunState {
                 RunState::Running | RunState::Failed | RunState::Cancelled
             ) | (
                 RunState::Running,
-                RunState::Completed | RunState::Failed | RunState::Cancelled
+                RunState::Waiting | RunState::Completed | RunState::Failed | RunState::Cancelled
+            ) | (
+                RunState::Waiting,
+                RunState::Running | RunState::Failed | RunState::Cancelled
             )
         )
     }
@@ -67,7 +72,9 @@ impl FromStr for RunState {
         RunState::from_name(name).ok_or_else(|| {
             Error::invalid(
                 "run state",
-                format!("`{name}` is not one of pending, running, completed, failed, cancelled"),
+                format!(
+                    "`{name}` is not one of pending, running, waiting, completed, failed, cancelled"
+                ),
             )
         })
     }
@@ -326,14 +333,18 @@ mod tests {
     #[test]
     fn state_machine_allows_only_documented_transitions() {
         use RunState::*;
-        let all = [Pending, Running, Completed, Failed, Cancelled];
+        let all = [Pending, Running, Waiting, Completed, Failed, Cancelled];
         let allowed = [
             (Pending, Running),
             (Pending, Failed),
             (Pending, Cancelled),
+            (Running, Waiting),
             (Running, Completed),
             (Running, Failed),
             (Running, Cancelled),
+            (Waiting, Running),
+            (Waiting, Failed),
+            (Waiting, Cancelled),
         ];
         for from in all {
             for to in all {
@@ -346,6 +357,6 @@ mod tests {
             assert_eq!(from.as_str().parse::<RunState>().ok(), Some(from));
         }
         assert!("done".parse::<RunState>().is_err());
-        assert!(Completed.is_terminal() && !Running.is_terminal());
+        assert!(Completed.is_terminal() && !Running.is_terminal() && !Waiting.is_terminal());
     }
 }

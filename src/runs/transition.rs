@@ -95,9 +95,14 @@ async fn transition_steps(
             .query_opt(sql!("runs/get_run"), typed![&run])
             .await?
             .ok_or_else(|| Error::not_found("run", run))?;
-        let tenant: TenantId = row.get("tenant_id");
-        tx.execute(sql!("runs/lock_tenant"), typed![&tenant])
-            .await?;
+        // Only starting a pending run is admitted; resuming a waiting one is not (it is counted
+        // while it waits), so resumes of one tenant's runs do not queue on its lock.
+        let state: RunState = row.get("state");
+        if state == RunState::Pending {
+            let tenant: TenantId = row.get("tenant_id");
+            tx.execute(sql!("runs/lock_tenant"), typed![&tenant])
+                .await?;
+        }
     }
     tx.execute(sql!("runs/lock_run"), typed![&run]).await?;
     let row = tx
@@ -105,6 +110,12 @@ async fn transition_steps(
         .await?
         .ok_or_else(|| Error::not_found("run", run))?;
     let current = crate::db::row_as::<Run>(&row)?;
+    if to == RunState::Waiting {
+        return Err(Error::invalid(
+            "run state",
+            "a run waits through a wait step (pgcrew.wait_step), not a plain transition",
+        ));
+    }
     if !current.state.can_transition_to(to) {
         return Err(Error::IllegalTransition {
             entity: "run",
@@ -122,7 +133,8 @@ async fn transition_steps(
             current.lease_owner.as_deref().unwrap_or("none")
         )));
     }
-    if to == RunState::Running {
+    // Admission for starting runs only: a waiting run keeps its place (it is counted).
+    if to == RunState::Running && current.state == RunState::Pending {
         let row = tx
             .query_one(sql!("runs/count_running"), typed![&current.tenant_id, &run])
             .await?;
@@ -151,13 +163,14 @@ async fn transition_steps(
         obj.insert("to".into(), json!(to.as_str()));
     }
     let event_type = match to {
+        RunState::Running if current.state == RunState::Waiting => EventType::RunResumed,
         RunState::Running => EventType::RunStarted,
         RunState::Completed => EventType::RunCompleted,
         RunState::Failed => EventType::RunFailed,
         RunState::Cancelled => EventType::RunCancelled,
-        RunState::Pending => {
+        RunState::Pending | RunState::Waiting => {
             return Err(Error::Internal(format!(
-                "run {run}: no transition leads to pending"
+                "run {run}: no plain transition leads to {to}"
             )));
         }
     };
@@ -251,6 +264,37 @@ pub async fn start_run<E: Acquire + ?Sized>(
     match transition(on, run, RunState::Running, change, None).await? {
         Applied::Done(r) => Ok(StartOutcome::Started(r)),
         Applied::Limited { running, limit } => Ok(StartOutcome::LimitReached { running, limit }),
+    }
+}
+
+/// Resume a waiting run (`waiting → running`, recording `run_resumed`), as the worker that
+/// picked up its woken task does before replaying it; a run that is already running is returned
+/// as it is. No admission check: a waiting run counts towards its tenant's
+/// `max_concurrent_runs` while it waits. With `lease_token`, the caller must hold the run's lease.
+#[instrument(skip(on), err)]
+pub async fn resume_run<E: Acquire + ?Sized>(
+    on: &E,
+    run: RunId,
+    instance: Option<&InstanceId>,
+    lease_token: Option<i64>,
+) -> Result<Run> {
+    let change = Change {
+        instance: instance.map(|i| i.to_string()),
+        lease_token,
+        details: json!({ "instance_id": instance.map(|i| i.to_string()) }),
+        ..Change::default()
+    };
+    match transition(on, run, RunState::Running, change, None).await {
+        Err(Error::IllegalTransition { from, .. }) if from == RunState::Running.as_str() => {
+            let mut conn = on.acquire().await?;
+            let tx = conn.begin().await?;
+            let row = tx
+                .query_opt(sql!("runs/get_run"), typed![&run])
+                .await?
+                .ok_or_else(|| Error::not_found("run", run))?;
+            crate::db::row_as::<Run>(&row)
+        }
+        other => done(other?),
     }
 }
 

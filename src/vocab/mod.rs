@@ -149,6 +149,9 @@ vocab! {
         Pending = "pending",
         /// Being worked on.
         Running = "running",
+        /// Parked at a durable wait (a signal, an approval, a sleep): holds no worker, lease or
+        /// connection; a signal or the wait's deadline resumes it (back to running).
+        Waiting = "waiting",
         /// Finished successfully (terminal).
         Completed = "completed",
         /// Finished with an error (terminal).
@@ -242,6 +245,17 @@ vocab! {
         HarnessUnitFailed = "harness_unit_failed",
         /// A harness unit left an unclean state behind.
         HarnessUnitUnclean = "harness_unit_unclean",
+        /// A step began a durable wait for a signal (the run is parked: `waiting`).
+        WaitStarted = "wait_started",
+        /// A waiting step consumed its signal (payload: name, signal id, the signal's payload).
+        SignalReceived = "signal_received",
+        /// A waiting step's deadline passed without its signal.
+        WaitTimedOut = "wait_timed_out",
+        /// waiting → running: a worker resumed the run.
+        RunResumed = "run_resumed",
+        /// A tool call that requires approval was approved or rejected (who, why), or its
+        /// approval timed out.
+        ApprovalDecided = "approval_decided",
     }
 }
 

@@ -1,7 +1,8 @@
--- Runs of a tenant currently running, and the tenant's limit for run $2. Sub-agent runs (V021)
--- run inside their parent's slot: they are not counted, and none is held back by the limit.
+-- Runs of a tenant in flight now (running, or parked at a durable wait: a waiting run keeps its
+-- place), and the tenant's limit for run $2. Sub-agent runs (V021) run inside their parent's
+-- slot: they are not counted, and none is held back by the limit.
 SELECT (SELECT count(*) FROM pgcrew.runs
-         WHERE tenant_id = $1 AND state = 'running'
+         WHERE tenant_id = $1 AND state IN ('running', 'waiting')
            AND parent_relation IS DISTINCT FROM 'subagent'),
        (SELECT t.max_concurrent_runs FROM pgcrew.tenants t
          WHERE t.id = $1

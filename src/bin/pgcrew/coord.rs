@@ -97,17 +97,17 @@ const SERVE_EXAMPLES: &str = "Examples:
 
 /// The agent names `--agents` selects (`demo` = all demo agents).
 fn hosted_agents(requested: &[String]) -> Result<Vec<String>> {
-    use pgcrew::agent::demo::{BILLING_AGENT, SUPPORT_AGENT};
+    use pgcrew::agent::demo::{BILLING_AGENT, REFUNDS_AGENT, SUPPORT_AGENT};
     let mut out: Vec<String> = Vec::new();
     for a in requested.iter().map(|a| a.trim()).filter(|a| !a.is_empty()) {
         let names: Vec<&str> = match a {
-            "demo" => vec![SUPPORT_AGENT, BILLING_AGENT],
-            SUPPORT_AGENT | BILLING_AGENT => vec![a],
+            "demo" => vec![SUPPORT_AGENT, BILLING_AGENT, REFUNDS_AGENT],
+            SUPPORT_AGENT | BILLING_AGENT | REFUNDS_AGENT => vec![a],
             other => {
                 return Err(pgcrew::Error::invalid(
                     "agents",
                     format!(
-                        "unknown agent `{other}`: `pgcrew serve` hosts `demo` (or `{SUPPORT_AGENT}`, `{BILLING_AGENT}`); link the library to host your own agents"
+                        "unknown agent `{other}`: `pgcrew serve` hosts `demo` (or `{SUPPORT_AGENT}`, `{BILLING_AGENT}`, `{REFUNDS_AGENT}`); link the library to host your own agents"
                     ),
                 ));
             }

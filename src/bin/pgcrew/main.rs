@@ -10,6 +10,7 @@ mod doctor;
 mod init;
 mod output;
 mod run;
+mod signal;
 mod submit;
 mod tasks;
 mod tenants;

@@ -1,4 +1,4 @@
-//! `pgcrew run list|tail|status|verify-ledger|summaries|artifacts|cancel|submit`.
+//! `pgcrew run list|tail|status|verify-ledger|summaries|artifacts|signal|approve|reject|cancel|submit`.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -19,7 +19,7 @@ pub enum RunCmd {
         /// Only this tenant.
         #[arg(long)]
         tenant: Option<TenantId>,
-        /// Only this state (pending, running, completed, failed, cancelled).
+        /// Only this state (pending, running, waiting, completed, failed, cancelled).
         #[arg(long)]
         state: Option<String>,
         /// At most this many runs.
@@ -89,7 +89,14 @@ pub enum RunCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Cancel a pending or running run (the instance working on it stops promptly).
+    /// Send a signal to a run: a run waiting for it resumes on any instance; a run not waiting
+    /// yet keeps it for its next wait on that name.
+    Signal(crate::signal::SignalArgs),
+    /// Approve a tool call waiting for approval (the tool then runs).
+    Approve(crate::signal::DecideArgs),
+    /// Reject a tool call waiting for approval (the model is told; the tool is not run).
+    Reject(crate::signal::DecideArgs),
+    /// Cancel a pending, running or waiting run (the instance working on it stops promptly).
     Cancel {
         /// The run id.
         run: RunId,
@@ -129,6 +136,9 @@ pub async fn exec(dsn: Option<String>, cmd: RunCmd) -> Result<ExitCode> {
     // Validate arguments before connecting.
     if let RunCmd::List { state: Some(s), .. } = &cmd {
         s.parse::<RunState>()?;
+    }
+    if let RunCmd::Signal(a) = &cmd {
+        crate::signal::parse_payload(a.payload.as_deref())?;
     }
     // The ledger key, read before connecting (a bad key is a usage error).
     let key = match &cmd {
@@ -258,6 +268,9 @@ pub async fn exec(dsn: Option<String>, cmd: RunCmd) -> Result<ExitCode> {
             })?;
         }
         RunCmd::Submit(args) => return crate::submit::exec(&db, args).await,
+        RunCmd::Signal(a) => crate::signal::signal(&db, a).await?,
+        RunCmd::Approve(a) => crate::signal::decide(&db, a, runs::Decision::Approved).await?,
+        RunCmd::Reject(a) => crate::signal::decide(&db, a, runs::Decision::Rejected).await?,
         RunCmd::Cancel { run, reason } => {
             let r = runs::cancel_run(&db, run, &reason).await?;
             println!("{} {}", r.id, r.state);

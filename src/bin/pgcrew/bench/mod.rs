@@ -1,4 +1,4 @@
-//! `pgcrew bench [queue|ledger|fanout|failover|scale|rls|tls|budget|pgbouncer]`: benchmarks that run in their own scratch database.
+//! `pgcrew bench [queue|ledger|fanout|failover|scale|rls|tls|budget|pgbouncer|waits]`: benchmarks that run in their own scratch database.
 
 pub mod budget;
 pub mod failover;
@@ -9,6 +9,7 @@ pub mod queue;
 pub mod rls;
 pub mod scale;
 pub mod tls;
+pub mod waits;
 
 use std::process::ExitCode;
 
@@ -49,6 +50,9 @@ pub enum BenchKind {
     /// `bench queue` directly and through PgBouncer (transaction mode) in front of the same
     /// server, alternating; plus unnamed against cached statements directly.
     Pgbouncer(pgbouncer::PgBouncerBenchArgs),
+    /// Many runs parked at a durable wait on one instance: the connections they hold, then the
+    /// rate at which they complete once signalled.
+    Waits(waits::WaitsBenchArgs),
 }
 
 /// Run the chosen benchmark.
@@ -64,6 +68,7 @@ pub async fn exec(dsn: Option<String>, args: BenchArgs) -> Result<ExitCode> {
         Some(BenchKind::Tls(a)) => tls::run(dsn, a).await,
         Some(BenchKind::Budget(a)) => budget::run(dsn, a).await,
         Some(BenchKind::Pgbouncer(a)) => pgbouncer::run(dsn, a).await,
+        Some(BenchKind::Waits(a)) => waits::run(dsn, a).await,
     }
 }
 
