@@ -773,3 +773,68 @@ async fn an_instance_without_the_subagents_tools_leaves_the_child_to_one_with_th
     assert_eq!(done.state, RunState::Completed, "{:?}", done.error_message);
     assert_eq!(child_runs(&t.db, run).await.unwrap()[0].id, child[0].id);
 }
+
+/// A sub-agent parked at a durable wait (V020) is unfinished: cancelling it returns its carve
+/// to the parent, and a parent that is cancelled cancels it too.
+#[tokio::test]
+async fn a_waiting_subagent_returns_its_carve_and_is_cancelled_with_its_parent() {
+    let (t, tenant) = setup().await;
+    let parent = runs::create_run(&t.db, runs::NewRun::new(tenant).agent("lead"))
+        .await
+        .unwrap();
+    runs::start_run(&t.db, parent, None, None, runs::LimitPolicy::Reject)
+        .await
+        .unwrap();
+    let conn = t.db.get().await.unwrap();
+    conn.execute(
+        "UPDATE pgcrew.runs SET budget_usd_limit = 10 WHERE id = $1",
+        &[&parent],
+    )
+    .await
+    .unwrap();
+    let waiting_child = |key: &'static str| {
+        let conn = &conn;
+        async move {
+            let child: RunId = conn
+                .query_one(
+                    "SELECT child_id FROM pgcrew.start_child_run($1, $2, 'helper', 'do it')",
+                    &[&parent, &key],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            for state in ["running", "waiting"] {
+                conn.execute(
+                    "UPDATE pgcrew.runs SET state = $2 WHERE id = $1",
+                    &[&child, &state],
+                )
+                .await
+                .unwrap();
+            }
+            child
+        }
+    };
+    // The first child takes the parent's whole remaining budget; cancelled while it waits, it
+    // gives it back.
+    let first = waiting_child("iter-0/tool-a").await;
+    assert_eq!(run_budget(&t.db, parent).await, (Some(10.0), 0.0, 10.0));
+    runs::cancel_run(&t.db, first, "no longer needed")
+        .await
+        .unwrap();
+    assert_eq!(run_budget(&t.db, parent).await, (Some(10.0), 0.0, 0.0));
+    // The second waits when its parent is cancelled: it is cancelled with it.
+    let second = waiting_child("iter-0/tool-b").await;
+    runs::cancel_run(&t.db, parent, "stop").await.unwrap();
+    let run = runs::get_run(&t.db, second).await.unwrap();
+    assert_eq!(run.state, RunState::Cancelled);
+    let events = ledger_events(&t.db, second).await;
+    let (ty, _, payload) = events.last().unwrap();
+    assert_eq!(ty, "run_cancelled");
+    assert_eq!(
+        (&payload["from"], &payload["cascaded"]),
+        (&json!("waiting"), &json!(true))
+    );
+    for r in [parent, first, second] {
+        assert_chain_valid(&t.db, r).await;
+    }
+}
