@@ -34,5 +34,5 @@ pub use def::{
     register_tools,
 };
 pub use runtime::{AgentRunTask, AgentRuntime};
-pub use subagent::{ChildRun, Subagent, child_runs};
 pub use skills::{LOAD_SKILL_TOOL, Skill, get_skills, register_skills};
+pub use subagent::{ChildRun, Subagent, child_runs};

@@ -197,23 +197,19 @@ pub async fn serve(dsn: Option<String>, args: ServeArgs) -> Result<ExitCode> {
         return Err(pgcrew::Error::invalid("concurrency", "must be at least 1"));
     }
     b = b.task_heartbeat_timeout(args.task_heartbeat_timeout);
+    // Queues and hosted agents share one worker pool; the client builder registers the agents
+    // and tools, builds the kernel on the client's own database (so the instance stays within
+    // its connection budget) and installs the agent runtime on the pool.
     let mut pool = None;
-    // Hosted agents run on the client's own pool, so the instance stays within its budget.
-    let mut shared_db = None;
+    let mut hosted = None;
     if !agents.is_empty() || !queues.is_empty() {
-        use pgcrew::agent::{AgentRuntime, demo, register_agent, register_tools};
-        use pgcrew::kernel::Kernel;
+        use pgcrew::agent::demo;
         use pgcrew::queue::WorkerPool;
         let tools = demo::demo_tools(args.tool_latency)?;
         let defs: Vec<_> = demo::demo_agents(&args.model)
             .into_iter()
             .filter(|d| agents.contains(&d.name))
             .collect();
-        let mut tool_names: Vec<String> = defs.iter().flat_map(|d| d.tools.clone()).collect();
-        tool_names.sort();
-        tool_names.dedup();
-        b = b.agents(agents.clone()).tools(tool_names);
-        let config = b.clone().build()?;
         let mut wb = WorkerPool::builder()
             .concurrency(args.concurrency)
             .poll_interval(args.worker_poll_interval)
@@ -222,53 +218,36 @@ pub async fn serve(dsn: Option<String>, args: ServeArgs) -> Result<ExitCode> {
             wb = wb.queue(q.clone());
         }
         if queues.is_empty() {
-            // Only the agents' queues (install keeps an unnamed pool's `default` queue).
+            // Only the agents' queues (a pool naming no queue would also work `default`).
             for a in &agents {
                 wb = wb.queue(pgcrew::agent::agent_queue(a));
             }
         }
-        wb = demo::install_demo_tasks(wb);
+        pool = Some(demo::install_demo_tasks(wb));
         if !defs.is_empty() {
-            let db = pgcrew::Db::connect_with(
-                &dsn,
-                pgcrew::db::PoolOptions {
-                    size: config.pool_connections(),
-                    connect_timeout: config.connect_timeout,
-                    wait_timeout: config.pool_wait_timeout,
-                    statements: crate::output::statements(),
-                },
-            )
-            .await?;
-            shared_db = Some(db.clone());
-            if args.migrate {
-                db.migrate().await?;
-            }
-            for d in &defs {
-                register_agent(&db, d).await?;
-            }
-            register_tools(&db, &tools).await?;
             let (model, what) = model_port(&args)?;
-            let kernel = Kernel::new(db, model)
-                .with_tools(tools)
-                .with_instance(config.instance_id.clone());
-            let rt = AgentRuntime::new(kernel, config.instance_id.as_str())
-                .with_instance(config.instance_id.clone())
-                .lease_ttl(args.run_lease_ttl);
-            let names: Vec<&str> = agents.iter().map(String::as_str).collect();
-            wb = rt.install(wb, &names);
             eprintln!("pgcrew serve: hosting agents {} ({what})", agents.join(","));
+            hosted = Some((defs, tools, model));
         }
-        pool = Some(wb.build()?);
     }
     let config = b.build()?;
     let print = args.print_events;
-    let source: pgcrew::coord::client::DbSource = match shared_db {
-        Some(db) => db.into(),
-        None => dsn.into(),
-    };
-    let mut cb = Client::builder(source).config(config);
-    if let Some(p) = pool {
-        cb = cb.service(p);
+    let mut cb = Client::builder(dsn).config(config);
+    match (pool, hosted) {
+        (Some(wb), Some((defs, tools, model))) => {
+            cb = cb
+                .worker_pool(wb)
+                .model(model)
+                .run_lease_ttl(args.run_lease_ttl);
+            for d in defs {
+                cb = cb.agent(d);
+            }
+            for t in tools.iter() {
+                cb = cb.tool(t.clone());
+            }
+        }
+        (Some(wb), None) => cb = cb.service(wb.build()?),
+        (None, _) => {}
     }
     let client = cb
         .on_error(|e| eprintln!("pgcrew serve: {e}"))
