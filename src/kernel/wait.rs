@@ -18,7 +18,8 @@
 //!   `run_resumed`) and replays it: recorded steps return their results, and the wait step now
 //!   returns the signal.
 //!
-//! Replaying a resolved wait returns its recorded outcome. Send signals with
+//! Replaying a resolved wait returns its recorded outcome (the same statement reads it from the
+//! ledger). Send signals with
 //! [`crate::runs::signal_run`], `pgcrew.signal_run(run, name, payload)` or `pgcrew run signal`.
 //! In a workflow, use [`WorkflowCtx::wait_for_signal`](super::WorkflowCtx::wait_for_signal) and
 //! [`WorkflowCtx::sleep`](super::WorkflowCtx::sleep).
@@ -32,7 +33,6 @@ use super::{Kernel, RunScope, validate_step_key};
 use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::runs::map_db_error;
-use crate::vocab::EventType;
 
 /// How a wait step resolved.
 #[derive(Debug, Clone, PartialEq)]
@@ -78,17 +78,7 @@ impl Kernel {
                 format!("{timeout:?} is longer than the longest wait, 3650 days"),
             ));
         }
-        for ev in self.step_events(scope.run, step_key).await? {
-            match EventType::from_name(&ev.event_type) {
-                Some(EventType::SignalReceived) => {
-                    return Ok(WaitOutcome::Signal(
-                        ev.payload.get("payload").cloned().unwrap_or(Value::Null),
-                    ));
-                }
-                Some(EventType::WaitTimedOut) => return Ok(WaitOutcome::TimedOut),
-                _ => {}
-            }
-        }
+        // A replay of a resolved step: pgcrew.wait_step returns the recorded outcome (V024).
         let micros = crate::config::interval_micros(timeout);
         let row = self
             .db()

@@ -217,19 +217,16 @@ impl Kernel {
         if let Some(v) = completed {
             return Ok(serde_json::from_value(v)?);
         }
-        let run = crate::runs::get_run(self.db(), scope.run).await?;
-        if run.tenant_id != scope.tenant {
-            return Err(Error::not_found("run", scope.run));
-        }
-        if run.state == crate::runs::RunState::Waiting {
-            crate::runs::resume_run(
-                self.db(),
-                scope.run,
-                self.instance.as_ref(),
-                scope.lease_token,
-            )
-            .await?;
-        }
+        // Resumes a waiting run (`run_resumed`) in one statement; another tenant's run is not
+        // found and nothing changes.
+        crate::runs::resume_if_waiting(
+            self.db(),
+            scope.run,
+            Some(&scope.tenant),
+            self.instance.as_ref(),
+            scope.lease_token,
+        )
+        .await?;
         let ctx = WorkflowCtx {
             kernel: self.clone(),
             scope: scope.clone(),

@@ -57,6 +57,8 @@ pub use state::{
 };
 pub use watch::RunWatcher;
 
+pub(crate) use transition::resume_if_waiting;
+
 /// Map the ledger's and leases' custom SQLSTATEs (PC001 lease lost, PC002 run not found, PC003
 /// ledger closed, PC004 ledger written outside pgcrew) and the state-machine trigger's error to
 /// typed errors.

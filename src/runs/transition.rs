@@ -104,9 +104,9 @@ async fn transition_steps(
                 .await?;
         }
     }
-    tx.execute(sql!("runs/lock_run"), typed![&run]).await?;
+    // The run's lock, then its row for update, in one statement (V024).
     let row = tx
-        .query_opt(sql!("runs/get_run_for_update"), typed![&run])
+        .query_opt(sql!("runs/locked_run"), typed![&run])
         .await?
         .ok_or_else(|| Error::not_found("run", run))?;
     let current = crate::db::row_as::<Run>(&row)?;
@@ -178,24 +178,27 @@ async fn transition_steps(
     // Record first (the lease check needs the lease the terminal update clears, and appends to a
     // finished run are refused).
     let appended = append_rows(tx, run, &[ev], change.lease_token, MAX_EVENT_PAYLOAD_BYTES).await?;
-    tx.execute(
-        sql!("runs/update_state"),
-        typed![
-            &run,
-            &to.as_str(),
-            &change.instance,
-            &change.response_text,
-            &change.stop_reason,
-            &change.input_tokens,
-            &change.output_tokens,
-            &change.cost_usd,
-            &change.error_type,
-            &change.error_message,
-            &change.cancel_reason,
-        ],
-    )
-    .await
-    .map_err(|e| map_db_error(e, run))?;
+    let row = tx
+        .query_one(
+            sql!("runs/update_state"),
+            typed![
+                &run,
+                &to.as_str(),
+                &change.instance,
+                &change.response_text,
+                &change.stop_reason,
+                &change.input_tokens,
+                &change.output_tokens,
+                &change.cost_usd,
+                &change.error_type,
+                &change.error_message,
+                &change.cancel_reason,
+            ],
+        )
+        .await
+        .map_err(|e| map_db_error(e, run))?;
+    // The run as the update left it (the checkpoint below does not change its columns).
+    let updated = crate::db::row_as::<Run>(&row)?;
     // Sign the final head in the same transaction: a finished run's ledger is closed, and its
     // last event is covered by a checkpoint.
     if to.is_terminal()
@@ -214,11 +217,7 @@ async fn transition_steps(
             sign_head(tx, key, r.try_get(0)?, r.try_get(1)?, &hash, true).await?;
         }
     }
-    let row = tx
-        .query_one(sql!("runs/get_run"), typed![&run])
-        .await
-        .map_err(|e| map_db_error(e, run))?;
-    Ok(Applied::Done(Box::new(crate::db::row_as::<Run>(&row)?)))
+    Ok(Applied::Done(Box::new(updated)))
 }
 
 /// Apply a transition atomically on `on` (its own transaction given the pool, the caller's
@@ -271,6 +270,9 @@ pub async fn start_run<E: Acquire + ?Sized>(
 /// picked up its woken task does before replaying it; a run that is already running is returned
 /// as it is. No admission check: a waiting run counts towards its tenant's
 /// `max_concurrent_runs` while it waits. With `lease_token`, the caller must hold the run's lease.
+///
+/// One statement (`pgcrew.resume_run`, V024): the lock, the lease check, the event and the state
+/// change. A pending run goes through [`start_run`]'s path (admission, `run_started`).
 #[instrument(skip(on), err)]
 pub async fn resume_run<E: Acquire + ?Sized>(
     on: &E,
@@ -278,24 +280,48 @@ pub async fn resume_run<E: Acquire + ?Sized>(
     instance: Option<&InstanceId>,
     lease_token: Option<i64>,
 ) -> Result<Run> {
-    let change = Change {
-        instance: instance.map(|i| i.to_string()),
-        lease_token,
-        details: json!({ "instance_id": instance.map(|i| i.to_string()) }),
-        ..Change::default()
-    };
-    match transition(on, run, RunState::Running, change, None).await {
-        Err(Error::IllegalTransition { from, .. }) if from == RunState::Running.as_str() => {
-            let mut conn = on.acquire().await?;
-            let tx = conn.begin().await?;
-            let row = tx
-                .query_opt(sql!("runs/get_run"), typed![&run])
-                .await?
-                .ok_or_else(|| Error::not_found("run", run))?;
-            crate::db::row_as::<Run>(&row)
+    let instance_text = instance.map(|i| i.to_string());
+    let current = resume_if_waiting(on, run, None, instance, lease_token).await?;
+    match current.state {
+        RunState::Running => Ok(current),
+        RunState::Pending => {
+            let change = Change {
+                instance: instance_text,
+                lease_token,
+                details: json!({ "instance_id": instance.map(|i| i.to_string()) }),
+                ..Change::default()
+            };
+            done(transition(on, run, RunState::Running, change, None).await?)
         }
-        other => done(other?),
+        other => Err(Error::IllegalTransition {
+            entity: "run",
+            id: run.to_string(),
+            from: other.to_string(),
+            to: RunState::Running.to_string(),
+        }),
     }
+}
+
+/// Resume `run` when it is waiting (as [`resume_run`]) and return it, in whatever state it is
+/// (pending and finished runs unchanged); with `tenant`, a run of another tenant is not found.
+pub(crate) async fn resume_if_waiting<E: Executor + ?Sized>(
+    on: &E,
+    run: RunId,
+    tenant: Option<&TenantId>,
+    instance: Option<&InstanceId>,
+    lease_token: Option<i64>,
+) -> Result<Run> {
+    let instance = instance.map(|i| i.to_string());
+    let tenant = tenant.map(|t| t.to_string());
+    let row = on
+        .query_opt(
+            sql!("runs/resume_run"),
+            typed![&run, &lease_token, &instance, &tenant],
+        )
+        .await
+        .map_err(|e| map_db_error(e, run))?
+        .ok_or_else(|| Error::not_found("run", run))?;
+    crate::db::row_as::<Run>(&row)
 }
 
 fn done(a: Applied) -> Result<Run> {

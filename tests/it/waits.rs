@@ -466,3 +466,95 @@ async fn a_waiting_run_keeps_its_place_under_the_tenants_run_limit_and_resumes_w
         RunState::Running
     );
 }
+
+#[tokio::test]
+async fn a_resume_and_a_replayed_wait_are_one_statement_each_with_the_same_records_and_fences() {
+    let (t, tenant) = db_with_tenant("acme", &[], None).await;
+    let k = bare_kernel(&t.db);
+    let hour = Duration::from_secs(3600);
+    // Park a run at a bare wait step, then signal it.
+    let run = started_run(&t.db, &tenant).await;
+    let scope = RunScope::new(run, tenant.clone());
+    let parked = k.wait_step(&scope, "w/go", "go", hour, json!({})).await;
+    assert!(matches!(parked, Err(Error::Waiting { .. })), "{parked:?}");
+    runs::signal_run(&t.db, run, "go", Some(&json!("p")))
+        .await
+        .unwrap();
+    // pgcrew.resume_run: another tenant's run is not found and stays waiting.
+    let other = scalar(
+        &t.db,
+        &format!("SELECT count(*) FROM pgcrew.resume_run('{run}', NULL, NULL, 'someone-else')"),
+    )
+    .await;
+    assert_eq!(other, 0);
+    assert_eq!(
+        runs::get_run(&t.db, run).await.unwrap().state,
+        RunState::Waiting
+    );
+    // runs::resume_run (one statement): running, `run_resumed` recorded once with from/to.
+    let resumed = runs::resume_run(&t.db, run, None, None).await.unwrap();
+    assert_eq!(resumed.state, RunState::Running);
+    let again = runs::resume_run(&t.db, run, None, None).await.unwrap();
+    assert_eq!(again.state, RunState::Running);
+    let evs = ledger_events(&t.db, run).await;
+    assert_eq!(count(&evs, "run_resumed"), 1);
+    let (_, _, details) = evs.iter().find(|(ty, _, _)| ty == "run_resumed").unwrap();
+    assert_eq!(details["from"], "waiting");
+    assert_eq!(details["to"], "running");
+    // The wait resolves with the signal; the run completes.
+    let got = k.wait_step(&scope, "w/go", "go", hour, json!({})).await;
+    assert_eq!(
+        got.unwrap(),
+        pgcrew::kernel::WaitOutcome::Signal(json!("p"))
+    );
+    runs::complete_run(&t.db, run, runs::RunOutcome::default(), None)
+        .await
+        .unwrap();
+    // Replaying the resolved step on the finished run: the recorded outcome, from
+    // pgcrew.wait_step itself (V020's function refused a finished run with PC041).
+    let conn = t.db.get().await.unwrap();
+    let row = conn
+        .query_one(
+            "SELECT o_outcome, o_payload FROM pgcrew.wait_step($1, NULL, 'go', 'w/go', 3600000000)",
+            &[&run],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "signal");
+    assert_eq!(row.get::<_, Option<Value>>(1), Some(json!("p")));
+    let replayed = k.wait_step(&scope, "w/go", "go", hour, json!({})).await;
+    assert_eq!(
+        replayed.unwrap(),
+        pgcrew::kernel::WaitOutcome::Signal(json!("p"))
+    );
+    assert_eq!(
+        count(&ledger_events(&t.db, run).await, "signal_received"),
+        1
+    );
+    assert!(runs::verify_run_chain(&t.db, run).await.unwrap().valid);
+
+    // A resume under a lease that is no longer held is refused (LeaseLost), nothing changes.
+    let run = started_run(&t.db, &tenant).await;
+    let lease = runs::acquire_run_lease(&t.db, run, "w1", hour)
+        .await
+        .unwrap()
+        .unwrap();
+    let scope = RunScope::new(run, tenant.clone()).with_lease(lease.token);
+    let parked = k.wait_step(&scope, "w/go", "go", hour, json!({})).await;
+    assert!(matches!(parked, Err(Error::Waiting { .. })), "{parked:?}");
+    let refused = runs::resume_run(&t.db, run, None, Some(lease.token)).await;
+    assert!(matches!(refused, Err(Error::LeaseLost(_))), "{refused:?}");
+    assert_eq!(
+        runs::get_run(&t.db, run).await.unwrap().state,
+        RunState::Waiting
+    );
+    assert_eq!(count(&ledger_events(&t.db, run).await, "run_resumed"), 0);
+    // A run of another tenant through a workflow scope: not found, still waiting.
+    let wrong = RunScope::new(run, TenantId::new("default").unwrap());
+    let r = approval_workflow(&k, &wrong, Arc::new(AtomicU64::new(0))).await;
+    assert!(matches!(r, Err(Error::NotFound { .. })), "{r:?}");
+    assert_eq!(
+        runs::get_run(&t.db, run).await.unwrap().state,
+        RunState::Waiting
+    );
+}
