@@ -164,6 +164,8 @@ END $$;
 --  * otherwise: begin the wait (the first time: record `wait_started` {name, timeout_ms,
 --    deadline, details}), move the run to `waiting`, release its lease, park its running task
 --    until the deadline (attempt given back) and return ('waiting', NULL, deadline).
+--  * a replay of a step already resolved (its `signal_received` or `wait_timed_out` recorded):
+--    return that outcome first, before any state check;
 -- A resolved wait moves a waiting run back to running. The caller stops working on the run when
 -- the outcome is 'waiting'.
 CREATE FUNCTION pgcrew.wait_step(p_run uuid, p_lease_token bigint, p_name text, p_step_key text,
@@ -176,6 +178,7 @@ DECLARE
     v_wait   pgcrew.run_waits;
     v_sig    record;
     v_task   bigint;
+    v_done   record;
 BEGIN
     PERFORM pgcrew.check_signal_name(p_name);
     IF p_step_key IS NULL OR p_step_key = '' THEN
@@ -185,6 +188,20 @@ BEGIN
     IF p_timeout_us IS NULL OR p_timeout_us < 0 OR p_timeout_us > 315360000000000 THEN
         RAISE EXCEPTION 'a wait''s timeout must be between 0 and 3650 days, got % microseconds',
             p_timeout_us USING ERRCODE = '22023';
+    END IF;
+    -- A replay of a resolved step returns its recorded outcome (no lock, no state check).
+    SELECT e.event_type, e.payload INTO v_done
+      FROM pgcrew.events e
+     WHERE e.run_id = p_run AND e.step_key = p_step_key
+       AND e.event_type IN ('signal_received', 'wait_timed_out')
+     ORDER BY e.seq LIMIT 1;
+    IF FOUND THEN
+        IF v_done.event_type = 'signal_received' THEN
+            RETURN QUERY SELECT 'signal'::text, v_done.payload -> 'payload', NULL::timestamptz;
+        ELSE
+            RETURN QUERY SELECT 'timeout'::text, NULL::jsonb, NULL::timestamptz;
+        END IF;
+        RETURN;
     END IF;
     v_state := pgcrew.lock_run_state(p_run);
     IF v_state IN ('completed', 'failed', 'cancelled') THEN
