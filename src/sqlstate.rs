@@ -13,6 +13,8 @@ pub const LEDGER_CLOSED: &str = "PC003";
 pub const LEDGER_TAMPERED: &str = "PC004";
 /// PC005: a plain SQL write to a ledger head, a chain anchor or a run's lock key (only pgcrew's functions write them).
 pub const LEDGER_WRITE_REFUSED: &str = "PC005";
+/// PC006: an illegal run state transition (`pgcrew.finish_run`, V025); DETAIL is the run's state.
+pub const ILLEGAL_RUN_TRANSITION: &str = "PC006";
 /// PC010: the tenant does not exist (tenant roles, V010).
 pub const UNKNOWN_TENANT: &str = "PC010";
 /// PC020: a malformed acknowledgement batch (`pgcrew.ack_tasks`, V011).

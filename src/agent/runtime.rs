@@ -217,15 +217,26 @@ impl AgentRuntime {
     #[instrument(skip(self, cancel), err)]
     pub async fn execute(&self, run: RunId, cancel: Option<CancellationToken>) -> Result<Run> {
         let db = self.kernel.db();
-        let current = runs::get_run(db, run).await?;
-        if current.state.is_terminal() {
-            return Ok(current);
-        }
-        let lease = runs::acquire_run_lease(db, run, &self.owner, self.lease_ttl)
-            .await?
-            .ok_or_else(|| {
-                Error::LeaseLost(format!("run {run} is leased by another live instance"))
-            })?;
+        // The lease and, for a woken run whose wait resolved, its resumption: one statement
+        // (V025). A finished run is reported as it is.
+        let taken = match runs::lease_run(
+            db,
+            run,
+            &self.owner,
+            self.lease_ttl,
+            self.instance.as_ref(),
+        )
+        .await
+        {
+            Err(Error::IllegalTransition { .. }) => return runs::get_run(db, run).await,
+            other => other?,
+        };
+        let runs::LeasedRun {
+            lease,
+            run: current,
+        } = taken.ok_or_else(|| {
+            Error::LeaseLost(format!("run {run} is leased by another live instance"))
+        })?;
         // Keep the lease alive during long model calls; stopped when this future ends or is
         // dropped (a killed worker stops renewing, so another instance can take over).
         let renewer = AbortOnDrop(tokio::spawn({

@@ -14,11 +14,12 @@ use serde::Serialize;
 use tracing::instrument;
 
 use super::map_db_error;
+use super::state::Run;
 use crate::config::interval_micros;
 use crate::db::Db;
 use crate::db::Executor;
 use crate::error::{Error, Result};
-use crate::ids::RunId;
+use crate::ids::{InstanceId, RunId};
 
 /// A held run lease.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -76,6 +77,71 @@ pub async fn acquire_run_lease(
             Ok(None)
         }
     }
+}
+
+/// A run taken by [`lease_run`]: its lease and the run as the taking left it.
+#[derive(Debug, Clone, Serialize)]
+pub struct LeasedRun {
+    /// The lease now held.
+    pub lease: RunLease,
+    /// The run after the lease was taken (and, if its wait had resolved, after it resumed).
+    pub run: Run,
+}
+
+/// Take the lease on a run for `owner` for `ttl` and, when the run is waiting and its wait has
+/// resolved (a signal of the wait's name is there, or the wait's deadline has passed), resume
+/// it on `instance`: the signal is consumed and `signal_received` (or `wait_timed_out`) is
+/// recorded under the wait's step key with the new lease, and the run is running again. One
+/// statement and one commit (`pgcrew.lease_run`, V025) for what [`acquire_run_lease`], a read of
+/// the run and the wait step's resolution did in three; the wait step then answers from the
+/// ledger when the run's code reaches it again.
+///
+/// `Ok(None)` when another owner holds an unexpired lease; [`Error::IllegalTransition`] for a
+/// finished run and [`Error::NotFound`] for an unknown one. Re-taking one's own live lease keeps
+/// the token.
+#[instrument(skip(db), err)]
+pub async fn lease_run(
+    db: &Db,
+    run: RunId,
+    owner: &str,
+    ttl: Duration,
+    instance: Option<&InstanceId>,
+) -> Result<Option<LeasedRun>> {
+    crate::ids::validate_text_id("lease owner", owner)?;
+    let ttl = check_ttl(ttl)?;
+    let instance = instance.map(|i| i.to_string());
+    let row = db
+        .query_opt(
+            sql!("runs/lease_run"),
+            typed![&run, &owner, &ttl, &instance],
+        )
+        .await
+        .map_err(|e| map_db_error(e, run))?
+        .ok_or_else(|| Error::not_found("run", run))?;
+    let current = crate::db::row_as::<Run>(&row)?;
+    if current.state.is_terminal() {
+        return Err(Error::IllegalTransition {
+            entity: "run",
+            id: run.to_string(),
+            from: current.state.to_string(),
+            to: "leased".into(),
+        });
+    }
+    if current.lease_owner.as_deref() != Some(owner) || !current.lease_valid {
+        return Ok(None);
+    }
+    let (Some(expires_at), token) = (current.lease_expires_at, current.lease_token) else {
+        return Ok(None);
+    };
+    Ok(Some(LeasedRun {
+        lease: RunLease {
+            run_id: run,
+            owner: owner.to_string(),
+            token,
+            expires_at,
+        },
+        run: current,
+    }))
 }
 
 /// Extend a lease for `ttl` from now. [`Error::LeaseLost`] when it expired or was taken.

@@ -37,7 +37,9 @@ pub use artifacts::{
     list_summaries, put_artifact,
 };
 pub use follow::subscribe_run;
-pub use lease::{RunLease, acquire_run_lease, release_run_lease, renew_run_lease};
+pub use lease::{
+    LeasedRun, RunLease, acquire_run_lease, lease_run, release_run_lease, renew_run_lease,
+};
 pub use ledger::{
     AppendedEvent, ChainAnchor, ChainVerification, LedgerEvent, LedgerFormat, NewEvent,
     SignedVerification, append_event, append_events, event_hash, event_hash_v2, purge_run,

@@ -89,6 +89,9 @@ async fn transition_steps(
     change: Change,
     key: Option<&LedgerKey>,
 ) -> Result<Applied> {
+    if to.is_terminal() {
+        return finish_steps(tx, run, to, change, key).await;
+    }
     if to == RunState::Running {
         // Admission: serialise per tenant (tenant lock before run lock, always).
         let row = tx
@@ -165,19 +168,15 @@ async fn transition_steps(
     let event_type = match to {
         RunState::Running if current.state == RunState::Waiting => EventType::RunResumed,
         RunState::Running => EventType::RunStarted,
-        RunState::Completed => EventType::RunCompleted,
-        RunState::Failed => EventType::RunFailed,
-        RunState::Cancelled => EventType::RunCancelled,
-        RunState::Pending | RunState::Waiting => {
+        other => {
             return Err(Error::Internal(format!(
-                "run {run}: no plain transition leads to {to}"
+                "run {run}: no plain transition leads to {other}"
             )));
         }
     };
     let ev = NewEvent::new(event_type.as_str(), details);
-    // Record first (the lease check needs the lease the terminal update clears, and appends to a
-    // finished run are refused).
-    let appended = append_rows(tx, run, &[ev], change.lease_token, MAX_EVENT_PAYLOAD_BYTES).await?;
+    // Record first, then move the run.
+    append_rows(tx, run, &[ev], change.lease_token, MAX_EVENT_PAYLOAD_BYTES).await?;
     let row = tx
         .query_one(
             sql!("runs/update_state"),
@@ -197,27 +196,83 @@ async fn transition_steps(
         )
         .await
         .map_err(|e| map_db_error(e, run))?;
-    // The run as the update left it (the checkpoint below does not change its columns).
     let updated = crate::db::row_as::<Run>(&row)?;
-    // Sign the final head in the same transaction: a finished run's ledger is closed, and its
-    // last event is covered by a checkpoint.
-    if to.is_terminal()
-        && let (Some(key), Some(last)) = (key, appended.last())
-    {
-        sign_head(tx, key, run, last.seq, &last.hash, true).await?;
+    Ok(Applied::Done(Box::new(updated)))
+}
+
+/// A terminal transition in one statement (`pgcrew.finish_run`, V025: the lock, the checks, the
+/// event and the run row's update with its new ledger head), then the head signed and, for a
+/// cancellation or failure, the heads of the sub-agent runs the database cancelled with it.
+async fn finish_steps(
+    tx: &Atomic<'_>,
+    run: RunId,
+    to: RunState,
+    change: Change,
+    key: Option<&LedgerKey>,
+) -> Result<Applied> {
+    // The event's payload as the database will write it (details plus {from, to}), checked here
+    // against the same cap as every append.
+    // (64 bytes cover `"from": "...", "to": "..."` with the longest state names.)
+    super::limits::check(
+        "event payload",
+        super::limits::json_len(&change.details) + 64,
+        MAX_EVENT_PAYLOAD_BYTES,
+    )?;
+    let row = tx
+        .query_opt(
+            sql!("runs/finish_run"),
+            typed![
+                &run,
+                &to.as_str(),
+                &change.lease_token,
+                &change.details,
+                &change.instance,
+                &change.response_text,
+                &change.stop_reason,
+                &change.input_tokens,
+                &change.output_tokens,
+                &change.cost_usd,
+                &change.error_type,
+                &change.error_message,
+                &change.cancel_reason,
+            ],
+        )
+        .await
+        .map_err(|e| finish_error(e, run, to))?
+        .ok_or_else(|| Error::not_found("run", run))?;
+    let updated = crate::db::row_as::<Run>(&row)?;
+    if let Some(key) = key {
+        let seq: i64 = row.try_get("ledger_head_seq")?;
+        let hash: Vec<u8> = row.try_get("ledger_head_hash")?;
+        sign_head(tx, key, run, seq, &hash, true).await?;
         // Sub-agent runs the database cancelled with this one (V021) close with it.
-        let cascades = matches!(to, RunState::Cancelled | RunState::Failed);
-        let rows = if cascades {
-            tx.query(sql!("runs/cascaded_heads"), typed![&run]).await?
-        } else {
-            Vec::new()
-        };
-        for r in rows {
-            let hash: Vec<u8> = r.try_get(2)?;
-            sign_head(tx, key, r.try_get(0)?, r.try_get(1)?, &hash, true).await?;
+        if matches!(to, RunState::Cancelled | RunState::Failed) {
+            for r in tx.query(sql!("runs/cascaded_heads"), typed![&run]).await? {
+                let hash: Vec<u8> = r.try_get(2)?;
+                sign_head(tx, key, r.try_get(0)?, r.try_get(1)?, &hash, true).await?;
+            }
         }
     }
     Ok(Applied::Done(Box::new(updated)))
+}
+
+/// `pgcrew.finish_run`'s refusal of an illegal transition (PC006, DETAIL = the run's state) as
+/// [`Error::IllegalTransition`]; every other error as the ledger's and leases' errors.
+fn finish_error(e: Error, run: RunId, to: RunState) -> Error {
+    match e.into_driver() {
+        Ok(db) => match db.as_db_error() {
+            Some(d) if d.code().code() == crate::sqlstate::ILLEGAL_RUN_TRANSITION => {
+                Error::IllegalTransition {
+                    entity: "run",
+                    id: run.to_string(),
+                    from: d.detail().unwrap_or("?").to_string(),
+                    to: to.to_string(),
+                }
+            }
+            _ => map_db_error(Error::Database(db), run),
+        },
+        Err(other) => map_db_error(other, run),
+    }
 }
 
 /// Apply a transition atomically on `on` (its own transaction given the pool, the caller's

@@ -7,30 +7,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use pgcrew::kernel::{Kernel, OnTimeout, RunScope, waiting_outcome};
-use pgcrew::model::ScriptedModel;
 use pgcrew::queue::{TaskOutcome, WorkerPool};
 use pgcrew::runs::{self, LimitPolicy, NewRun, RunState};
 use pgcrew::{Db, Error, NewTask, RunId, TenantId};
 use serde_json::{Value, json};
 
 use crate::common::{
-    cli, count, db_with_tenant, fast_config, ledger_events, scalar, start_client, wait_until,
+    bare_kernel, cli, count, db_with_tenant, fast_config, ledger_events, scalar, start_client,
+    started_run, wait_until,
 };
-
-/// A started run of `tenant`.
-async fn started_run(db: &Db, tenant: &TenantId) -> RunId {
-    let run = runs::create_run(db, NewRun::new(tenant.clone()))
-        .await
-        .unwrap();
-    runs::start_run(db, run, None, None, LimitPolicy::Reject)
-        .await
-        .unwrap();
-    run
-}
-
-fn bare_kernel(db: &Db) -> Kernel {
-    Kernel::new(db.clone(), Arc::new(ScriptedModel::sequence(vec![])))
-}
 
 /// The test workflow: step `before` (counted), a wait for signal `go` (1 hour), step `after`;
 /// returns the signal's payload.

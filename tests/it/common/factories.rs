@@ -123,6 +123,25 @@ pub fn task(kind: &str) -> NewTask {
     NewTask::new(kind, &json!({})).unwrap()
 }
 
+/// A started run of `tenant`.
+pub async fn started_run(db: &Db, tenant: &TenantId) -> RunId {
+    let run = runs::create_run(db, runs::NewRun::new(tenant.clone()))
+        .await
+        .unwrap();
+    runs::start_run(db, run, None, None, runs::LimitPolicy::Reject)
+        .await
+        .unwrap();
+    run
+}
+
+/// A kernel whose model has nothing scripted (for steps that call no model).
+pub fn bare_kernel(db: &Db) -> Kernel {
+    Kernel::new(
+        db.clone(),
+        Arc::new(pgcrew::model::ScriptedModel::sequence(vec![])),
+    )
+}
+
 /// A started run of tenant `default` with `n` `note` events after its lifecycle events.
 pub async fn running_run(db: &Db, n: usize) -> RunId {
     let tenant = TenantId::new("default").unwrap();

@@ -66,6 +66,23 @@ struct Report {
     signal_seconds: f64,
     /// Completed runs per second after the signal.
     resumed_runs_per_second: f64,
+    /// CPU time of this process (the instance and the benchmark's own polling) per resumed run,
+    /// in milliseconds, from the signal to the last completion.
+    instance_cpu_ms_per_run: f64,
+}
+
+/// User + system CPU time of this process so far.
+fn process_cpu() -> Duration {
+    // SAFETY: getrusage only writes the struct it is given.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return Duration::ZERO;
+    }
+    let tv = |t: libc::timeval| {
+        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
+            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
+    };
+    tv(usage.ru_utime) + tv(usage.ru_stime)
 }
 
 const TENANT: &str = "bench-waits";
@@ -164,12 +181,14 @@ pub async fn run(dsn: Option<String>, args: WaitsBenchArgs) -> Result<ExitCode> 
 
     // Resume: one statement signals every run.
     let started = Instant::now();
+    let cpu_before = process_cpu();
     probe.query_one(&signal_all, &[&TENANT, &n]).await?;
     let signal_seconds = started.elapsed().as_secs_f64();
     while count(RunState::Completed).await? < total {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let resume_seconds = started.elapsed().as_secs_f64();
+    let resume_cpu = process_cpu().saturating_sub(cpu_before);
     client.stop().await?;
     let report = Report {
         runs: args.runs,
@@ -188,18 +207,20 @@ pub async fn run(dsn: Option<String>, args: WaitsBenchArgs) -> Result<ExitCode> 
         resume_seconds,
         signal_seconds,
         resumed_runs_per_second: args.runs as f64 / resume_seconds,
+        instance_cpu_ms_per_run: resume_cpu.as_secs_f64() * 1000.0 / args.runs as f64,
     };
     print_report(args.json, &report, |r| {
         println!(
             "{} runs waiting: {} connections (idle instance {}, budget {}), {} workers busy; \
-             signalled, all completed in {:.2} s = {:.0} runs/s",
+             signalled, all completed in {:.2} s = {:.0} runs/s ({:.2} ms instance CPU per run)",
             r.runs,
             r.connections_while_waiting,
             r.connections_idle,
             r.instance_connection_budget,
             r.workers_busy_while_waiting,
             r.resume_seconds,
-            r.resumed_runs_per_second
+            r.resumed_runs_per_second,
+            r.instance_cpu_ms_per_run
         );
         Ok(())
     })?;
@@ -210,10 +231,11 @@ pub async fn run(dsn: Option<String>, args: WaitsBenchArgs) -> Result<ExitCode> 
 /// moves a waiting run back to running itself), complete.
 async fn drive(kernel: &Kernel, run: RunId, owner: &str, workflow: bool) -> Result<TaskOutcome> {
     let db = kernel.db();
-    let lease = runs::acquire_run_lease(db, run, owner, Duration::from_secs(60))
+    // The lease, and the run resumed when its wait resolved, in one statement (V025).
+    let taken = runs::lease_run(db, run, owner, Duration::from_secs(60), None)
         .await?
         .ok_or_else(|| pgcrew::Error::LeaseLost(format!("run {run} is leased elsewhere")))?;
-    let r = runs::get_run(db, run).await?;
+    let (lease, r) = (taken.lease, taken.run);
     if r.state == RunState::Pending {
         runs::start_run(db, run, None, Some(lease.token), LimitPolicy::Reject).await?;
     }
