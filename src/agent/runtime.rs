@@ -219,18 +219,13 @@ impl AgentRuntime {
         let db = self.kernel.db();
         // The lease and, for a woken run whose wait resolved, its resumption: one statement
         // (V025). A finished run is reported as it is.
-        let taken = match runs::lease_run(
-            db,
-            run,
-            &self.owner,
-            self.lease_ttl,
-            self.instance.as_ref(),
-        )
-        .await
-        {
-            Err(Error::IllegalTransition { .. }) => return runs::get_run(db, run).await,
-            other => other?,
-        };
+        let taken =
+            match runs::lease_run(db, run, &self.owner, self.lease_ttl, self.instance.as_ref())
+                .await
+            {
+                Err(Error::IllegalTransition { .. }) => return runs::get_run(db, run).await,
+                other => other?,
+            };
         let runs::LeasedRun {
             lease,
             run: current,

@@ -203,8 +203,8 @@ async fn transition_steps(
 /// A terminal transition in one statement (`pgcrew.finish_run`, V025: the lock, the checks, the
 /// event and the run row's update with its new ledger head), then the head signed and, for a
 /// cancellation or failure, the heads of the sub-agent runs the database cancelled with it.
-async fn finish_steps(
-    tx: &Atomic<'_>,
+async fn finish_steps<E: Executor + ?Sized>(
+    tx: &E,
     run: RunId,
     to: RunState,
     change: Change,
@@ -285,9 +285,14 @@ async fn transition<E: Acquire + ?Sized>(
     change: Change,
     key: Option<&LedgerKey>,
 ) -> Result<Applied> {
+    let key = key.or_else(|| handle_of(on).db().and_then(Db::ledger_key));
+    if to.is_terminal() && key.is_none() {
+        // Nothing to sign: the one statement is atomic by itself (or joins the caller's
+        // transaction), so no transaction is begun for it.
+        return finish_steps(on, run, to, change, None).await;
+    }
     let mut conn = on.acquire().await?;
     let tx = conn.begin().await?;
-    let key = key.or_else(|| handle_of(&tx).db().and_then(Db::ledger_key));
     let applied = transition_steps(&tx, run, to, change, key).await?;
     if matches!(applied, Applied::Done(_)) {
         tx.commit().await?;
