@@ -13,7 +13,7 @@ pub(crate) fn bars(items: &[(String, f64)], unit: &str) -> Markup {
             @if items.is_empty() { text x="0" y="15" { "nothing recorded" } }
             @for (i, (label, v)) in items.iter().enumerate() {
                 @let y = i as f64 * row;
-                @let w = if max > 0.0 { 300.0 * v / max } else { 0.0 };
+                @let w = if max > 0.0 { 220.0 * v / max } else { 0.0 };
                 text x="0" y=(y + 15.0) { (short(label, 24)) }
                 rect.bar x="180" y=(y + 3.0) width=(format!("{w:.1}")) height="16" {}
                 text x=(format!("{:.1}", 186.0 + w)) y=(y + 15.0) { (format!("{v:.4} {unit}")) }
@@ -56,7 +56,7 @@ pub(crate) fn gauge(spent: f64, reserved: f64, limit: Option<f64>, status: &str)
         svg.gauge width="200" height="14" viewBox="0 0 200 14" role="img" {
             title { (format!("{spent:.4} spent + {reserved:.4} reserved of {limit:.2} USD")) }
             rect x="0" y="0" width="200" height="14" class="gauge-bg" {}
-            rect x="0" y="0" width=(format!("{sp:.1}")) height="14" class=(format!("gauge-{status}")) {}
+            rect x="0" y="0" width=(format!("{sp:.1}")) height="14" class=(format!("gauge-{}", status.to_ascii_lowercase())) {}
             rect x=(format!("{sp:.1}")) y="0" width=(format!("{rs:.1}")) height="14" class="gauge-reserved" {}
         }
     }

@@ -53,7 +53,8 @@ pub(crate) fn instance_table(
             @for i in rows {
                 tr data-instance=(i.id) {
                     td { (i.id) }
-                    td { @if i.is_leader { b { "leader" } } }
+                    td { @if i.is_leader { b { "leader" } }
+                         @else if let Some(r) = i.metadata.get("role").and_then(|r| r.as_str()) { (r) } }
                     td { (i.hostname) } td { (i.pid) } td { (i.version) }
                     td { (age(i.silent_ms as f64 / 1000.0)) }
                     td { (age(secs(i.created_at, now))) }
@@ -109,7 +110,7 @@ fn render(ctx: &Ctx, d: &Overview) -> Markup {
                      td { (charts::gauge(t.spent_usd, t.reserved_usd, t.context.budget_usd_limit, t.status.as_str())) }
                      td { (t.status.as_str()) }
                      td { (format!("{:.4}", t.spent_usd)) }
-                     td { (t.context.budget_usd_limit.map(|l| format!("{l:.2}")).unwrap_or_else(|| "-".into())) } }
+                     td { (t.context.budget_usd_limit.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into())) } }
             }
         }
         h2 { "Stuck runs" }

@@ -34,7 +34,7 @@ fn list(ctx: &Ctx, d: &Tenants) -> Markup {
                      td { (charts::gauge(t.spent_usd, t.reserved_usd, c.budget_usd_limit, t.status.as_str())) }
                      td { (t.status.as_str()) } td { (format!("{:.4}", t.spent_usd)) }
                      td { (format!("{:.4}", t.reserved_usd)) }
-                     td { (c.budget_usd_limit.map(|l| format!("{l:.2}")).unwrap_or_else(|| "-".into())) }
+                     td { (c.budget_usd_limit.map(|l| format!("{l:.4}")).unwrap_or_else(|| "-".into())) }
                      td { (opt(c.max_concurrent_runs)) " / " (opt(c.max_concurrent_tasks)) }
                      td { (c.capabilities.join(", ")) } }
             }

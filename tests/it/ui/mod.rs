@@ -3,6 +3,7 @@
 
 mod actions;
 mod browser;
+mod demo;
 mod http;
 mod live;
 
