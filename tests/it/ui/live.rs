@@ -83,3 +83,20 @@ async fn events_resync_first_then_name_what_changed_without_a_connection_per_bro
         "20 open streams add at most one database connection: {before} before, {after} after"
     );
 }
+
+#[tokio::test]
+async fn bench_ui_reports_pages_and_sse_figures() {
+    let (t, r, stderr) = crate::common::run_bench(
+        "ui --tasks 200 --runs 20 --events 60 --samples 2 --clients 5 --notifies 3",
+    )
+    .await;
+    assert_eq!(r["pages"].as_array().unwrap().len(), 14, "{r}");
+    assert!(r["worst_p95_ms"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["notify_deliveries"], 15, "{r}");
+    assert!(
+        r["connections_with_streams"].as_i64().unwrap()
+            <= r["connections_before"].as_i64().unwrap() + 1,
+        "{r}"
+    );
+    crate::common::assert_bench_database_dropped(&t, &stderr).await;
+}
