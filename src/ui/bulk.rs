@@ -232,6 +232,7 @@ pub(crate) async fn status_handler(
         .parse::<u64>()
         .ok()
         .and_then(|i| state.bulk.get(i))
+        .map(Box::new)
         .ok_or_else(|| UiError::not_found("bulk job", &id));
     ctx.respond(job, |j| super::pages::tasks::bulk_page(&ctx, j))
 }

@@ -12,6 +12,7 @@ use super::filters::{RunQuery, TaskQuery, TimeBound};
 use super::history::LeaderChange;
 use crate::coord::instance::{self, InstanceRow};
 use crate::coord::leader::{self, LeaderRow};
+use crate::db::Acquire;
 use crate::db::{Db, Executor};
 use crate::ids::{TaskId, TenantId};
 use crate::queue::{self, TaskRow};
@@ -25,7 +26,10 @@ pub(crate) async fn db_now(db: &Db) -> Res<DateTime<Utc>> {
     Ok(db.query_one(sql!("ui/now"), typed![]).await?.try_get(0)?)
 }
 
-/// One queue's depth by state.
+/// One queue's depth by state: `available` (with the oldest's age), `running`, `scheduled` and
+/// `retryable` (those due once their time comes; tasks waiting for parents are not counted
+/// here), and `completed (5 min)`, `discarded (5 min)`, `cancelled (5 min)`: finished in the
+/// last five minutes.
 #[derive(Debug, Clone, Serialize)]
 pub struct QueueSummary {
     /// The queue.
@@ -83,7 +87,8 @@ pub struct Overview {
     pub leader_history: Vec<LeaderChange>,
     /// Queues.
     pub queues: Vec<QueueSummary>,
-    /// Runs per state.
+    /// Runs per live state (`pending`, `running`, `waiting`) and finished in the last hour
+    /// (`completed (1 h)`, ...).
     pub run_states: BTreeMap<String, i64>,
     /// Tenants' budgets.
     pub tenants: Vec<Tenant>,
@@ -99,17 +104,16 @@ pub(crate) async fn overview(db: &Db, history: Vec<LeaderChange>) -> Res<Overvie
     let instances = instance::list(db).await?;
     let leaders = leader::current(db).await?;
     let mut queues: BTreeMap<String, QueueSummary> = BTreeMap::new();
-    for s in queue::stats(db).await? {
-        let q = queues
-            .entry(s.queue.clone())
-            .or_insert_with(|| QueueSummary {
-                queue: s.queue.clone(),
-                states: BTreeMap::new(),
-                oldest_available_age_s: None,
-            });
-        q.states.insert(s.state.as_str().to_string(), s.tasks);
-        if s.oldest_available_age_s.is_some() {
-            q.oldest_available_age_s = s.oldest_available_age_s;
+    for r in db.query(sql!("ui/queue_depth"), typed![]).await? {
+        let queue: String = r.try_get(0)?;
+        let q = queues.entry(queue.clone()).or_insert_with(|| QueueSummary {
+            queue,
+            states: BTreeMap::new(),
+            oldest_available_age_s: None,
+        });
+        q.states.insert(r.try_get(1)?, r.try_get(2)?);
+        if let Some(age) = r.try_get::<_, Option<f64>>(3)? {
+            q.oldest_available_age_s = Some(age);
         }
     }
     let run_states = db
@@ -173,7 +177,10 @@ pub struct RunList {
 pub(crate) async fn runs(db: &Db, filter: RunQuery) -> Res<RunList> {
     let (since_at, since_ago) = TimeBound::parts(&filter.since);
     let (until_at, until_ago) = TimeBound::parts(&filter.until);
-    let rows = db
+    let mut conn = db.acquire().await?;
+    let tx = conn.begin().await?;
+    tx.execute(sql!("ui/custom_plans"), typed![]).await?;
+    let rows = tx
         .query(
             sql!("ui/runs"),
             typed![
@@ -188,6 +195,7 @@ pub(crate) async fn runs(db: &Db, filter: RunQuery) -> Res<RunList> {
             ],
         )
         .await?;
+    tx.commit().await?;
     Ok(RunList {
         runs: crate::db::rows_as(&rows)?,
         filter,
@@ -205,7 +213,10 @@ pub struct TaskList {
 
 /// Read the task list.
 pub(crate) async fn tasks(db: &Db, filter: TaskQuery) -> Res<TaskList> {
-    let rows = db
+    let mut conn = db.acquire().await?;
+    let tx = conn.begin().await?;
+    tx.execute(sql!("ui/custom_plans"), typed![]).await?;
+    let rows = tx
         .query(
             sql!("ui/tasks"),
             typed![
@@ -218,6 +229,7 @@ pub(crate) async fn tasks(db: &Db, filter: TaskQuery) -> Res<TaskList> {
             ],
         )
         .await?;
+    tx.commit().await?;
     Ok(TaskList {
         tasks: crate::db::rows_as(&rows)?,
         filter,
@@ -226,12 +238,16 @@ pub(crate) async fn tasks(db: &Db, filter: TaskQuery) -> Res<TaskList> {
 
 /// How many tasks match a filter.
 pub(crate) async fn count_tasks(db: &Db, f: &TaskQuery) -> Res<i64> {
-    let row = db
+    let mut conn = db.acquire().await?;
+    let tx = conn.begin().await?;
+    tx.execute(sql!("ui/custom_plans"), typed![]).await?;
+    let row = tx
         .query_one(
             sql!("ui/tasks_count"),
             typed![&f.queue, &f.state, &f.tenant, &f.kind, &f.payload],
         )
         .await?;
+    tx.commit().await?;
     Ok(row.try_get(0)?)
 }
 

@@ -14,6 +14,7 @@
 //! need the token (a login cookie plus a CSRF field, or `Authorization: Bearer`).
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::Router;
 use axum::routing::{get, post};
@@ -23,6 +24,7 @@ use crate::client::Client;
 mod actions;
 mod auth;
 mod bulk;
+mod cache;
 mod charts;
 mod data;
 mod error;
@@ -40,10 +42,23 @@ pub use filters::{RunQuery, TaskQuery};
 pub const TOKEN_ENV: &str = "PGCREW_UI_TOKEN";
 
 /// Settings of the console.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct UiConfig {
     token: Option<String>,
+    cache_ttl: Duration,
 }
+
+impl Default for UiConfig {
+    fn default() -> Self {
+        UiConfig {
+            token: None,
+            cache_ttl: DEFAULT_CACHE_TTL,
+        }
+    }
+}
+
+/// How long page data is shared between browsers by default ([`UiConfig::cache_ttl`]).
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(1);
 
 impl std::fmt::Debug for UiConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -65,7 +80,19 @@ impl UiConfig {
         let token = std::env::var(TOKEN_ENV)
             .ok()
             .filter(|t| !t.trim().is_empty());
-        UiConfig { token }
+        UiConfig {
+            token,
+            ..UiConfig::default()
+        }
+    }
+
+    /// How long a page's data is shared by the browsers that ask for it (default 1 s; zero:
+    /// every request reads the database). Any notification ends the sharing at once, so a page
+    /// re-read because something changed always sees the change; the time only bounds how
+    /// stale what changes without a notification (heartbeat ages, task completions) may be.
+    pub fn cache_ttl(mut self, ttl: Duration) -> Self {
+        self.cache_ttl = ttl;
+        self
     }
 
     /// Enable actions, guarded by this token (at least 16 characters; shorter or empty tokens
@@ -101,6 +128,8 @@ pub(crate) struct UiState {
     pub(crate) auth: auth::Auth,
     pub(crate) leaders: history::LeaderHistory,
     pub(crate) bulk: bulk::Jobs,
+    pub(crate) cache: Arc<cache::PageCache>,
+    pub(crate) hub: live::Hub,
 }
 
 pub(crate) type Shared = Arc<UiState>;
@@ -126,7 +155,10 @@ pub fn router_with(client: &Client, config: UiConfig) -> Router {
         auth: auth::Auth::new(token),
         leaders: history::LeaderHistory::start(client),
         bulk: bulk::Jobs::default(),
+        cache: Arc::new(cache::PageCache::new(config.cache_ttl)),
+        hub: live::Hub::default(),
     });
+    state.hub.start(client, &state.cache);
     let pages = Router::new()
         .route("/", get(pages::overview::handler))
         .route("/overview", get(pages::overview::handler))

@@ -18,6 +18,8 @@ pub(crate) struct Ctx {
     pub base: String,
     /// Answer with JSON.
     pub json: bool,
+    /// The path within the console and the query (`/runs?state=running`): the page cache's key.
+    pub key: String,
     /// The login cookie, when sent.
     pub cookies: Vec<(String, String)>,
 }
@@ -51,6 +53,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Ctx {
         if accept.contains("application/json") && !accept.contains("text/html") {
             json = true;
         }
+        let key = match parts.uri.query() {
+            Some(q) => format!("{original}?{q}"),
+            None => original.clone(),
+        };
         let cookies = parts
             .headers
             .get_all(header::COOKIE)
@@ -65,6 +71,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Ctx {
         Ok(Ctx {
             base: prefix,
             json,
+            key,
             cookies,
         })
     }
@@ -85,13 +92,13 @@ impl Ctx {
     }
 
     /// The page for `data` (HTML through `html`, or the data as JSON), or the error page.
-    pub fn respond<T: Serialize>(
+    pub fn respond<T: Serialize, D: std::ops::Deref<Target = T>>(
         &self,
-        data: Result<T, UiError>,
+        data: Result<D, UiError>,
         html: impl FnOnce(&T) -> Markup,
     ) -> Response {
         match data {
-            Ok(d) if self.json => axum::Json(d).into_response(),
+            Ok(d) if self.json => axum::Json(&*d).into_response(),
             Ok(d) => {
                 let mut r = Html(html(&d).into_string()).into_response();
                 r.headers_mut().insert(

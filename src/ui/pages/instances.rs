@@ -11,7 +11,10 @@ use crate::ui::respond::Ctx;
 
 /// `GET /instances` and `/api/instances`.
 pub(crate) async fn handler(State(s): State<Shared>, ctx: Ctx) -> Response {
-    let d = data::instances(s.client.db()).await;
+    let d = s
+        .cache
+        .get(&ctx.key, || data::instances(s.client.db()))
+        .await;
     ctx.respond(d, |d| {
         let body = html! {
             (super::overview::leaders(&ctx, d.now, &d.leaders))

@@ -13,7 +13,12 @@ use crate::ui::respond::Ctx;
 
 /// `GET /` and `/api/overview`.
 pub(crate) async fn handler(State(s): State<Shared>, ctx: Ctx) -> Response {
-    let d = data::overview(s.client.db(), s.leaders.snapshot()).await;
+    let d = s
+        .cache
+        .get(&ctx.key, || {
+            data::overview(s.client.db(), s.leaders.snapshot())
+        })
+        .await;
     ctx.respond(d, |d| {
         super::layout::page(&ctx, "Overview", "all", render(&ctx, d))
     })

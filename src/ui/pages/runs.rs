@@ -17,7 +17,7 @@ use crate::ui::{Shared, UiState};
 /// `GET /runs` and `/api/runs`.
 pub(crate) async fn list_handler(State(s): State<Shared>, ctx: Ctx, q: Params) -> Response {
     let d = match params(q).and_then(|p| RunQuery::parse(&p)) {
-        Ok(f) => data::runs(s.client.db(), f).await,
+        Ok(f) => s.cache.get(&ctx.key, || data::runs(s.client.db(), f)).await,
         Err(e) => Err(e),
     };
     ctx.respond(d, |d| {
@@ -64,7 +64,11 @@ pub(crate) async fn detail_handler(
     Path(id): Path<String>,
 ) -> Response {
     let d = match id.parse::<RunId>() {
-        Ok(run) => timeline::run_detail(s.client.db(), run).await,
+        Ok(run) => {
+            s.cache
+                .get(&ctx.key, || timeline::run_detail(s.client.db(), run))
+                .await
+        }
         Err(_) => Err(UiError::not_found("run", &id)),
     };
     ctx.respond(d, |d| {

@@ -17,7 +17,11 @@ use crate::ui::{Shared, UiState};
 /// `GET /tasks` and `/api/tasks`.
 pub(crate) async fn list_handler(State(s): State<Shared>, ctx: Ctx, q: Params) -> Response {
     let d = match params(q).and_then(|p| TaskQuery::parse(&p)) {
-        Ok(f) => data::tasks(s.client.db(), f).await,
+        Ok(f) => {
+            s.cache
+                .get(&ctx.key, || data::tasks(s.client.db(), f))
+                .await
+        }
         Err(e) => Err(e),
     };
     let matching = match &d {
@@ -91,7 +95,7 @@ pub(crate) async fn detail_handler(
     Path(id): Path<String>,
 ) -> Response {
     let d = match id.parse::<TaskId>() {
-        Ok(t) => data::task(s.client.db(), t).await,
+        Ok(t) => s.cache.get(&ctx.key, || data::task(s.client.db(), t)).await,
         Err(_) => Err(UiError::not_found("task", &id)),
     };
     ctx.respond(d, |d| {

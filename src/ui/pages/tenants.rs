@@ -17,7 +17,7 @@ use crate::ui::respond::Ctx;
 
 /// `GET /tenants` and `/api/tenants`.
 pub(crate) async fn list_handler(State(s): State<Shared>, ctx: Ctx) -> Response {
-    let d = data::tenants(s.client.db()).await;
+    let d = s.cache.get(&ctx.key, || data::tenants(s.client.db())).await;
     ctx.respond(d, |d| {
         super::layout::page(&ctx, "Tenants", "all", list(&ctx, d))
     })
@@ -53,7 +53,14 @@ pub(crate) async fn detail_handler(
     Path(id): Path<String>,
 ) -> Response {
     let d = match TenantId::new(&id) {
-        Ok(t) => data::tenant(s.client.db(), &t).await,
+        Ok(t) => {
+            s.cache
+                .get(&ctx.key, || {
+                    let db = s.client.db().clone();
+                    async move { data::tenant(&db, &t).await }
+                })
+                .await
+        }
         Err(_) => Err(UiError::not_found("tenant", &id)),
     };
     ctx.respond(d, |d| {

@@ -157,7 +157,10 @@ async fn measure(db: &Db, client: &Client, args: &UiBenchArgs) -> Result<Report>
     let addr = listener
         .local_addr()
         .map_err(|e| Error::invalid("listen", e.to_string()))?;
-    let app = pgcrew::ui::router_with(client, pgcrew::ui::UiConfig::new());
+    let app = pgcrew::ui::router_with(
+        client,
+        pgcrew::ui::UiConfig::new().cache_ttl(Duration::ZERO),
+    );
     let server = tokio::spawn(async move {
         let _ = axum::serve(listener, app).await;
     });

@@ -1,0 +1,15 @@
+-- =============================================================================================
+-- The operations console (issue #19): indexes for its reads on large tables.
+--
+--   runs_created_idx  the run list, newest first (ORDER BY created_at DESC, id LIMIT n), with or
+--                     without a tenant / state / agent filter.
+--   runs_live_idx     runs per live state on the overview (pending, running, waiting) without
+--                     scanning finished runs.
+--
+-- Runs change state a handful of times in their life (their events go to pgcrew.events), so two
+-- more indexes on pgcrew.runs cost little; nothing is added to pgcrew.tasks, the queue's hot
+-- path: the overview reads tasks through the queue's own partial indexes.
+-- =============================================================================================
+
+CREATE INDEX runs_created_idx ON pgcrew.runs (created_at DESC, id);
+CREATE INDEX runs_live_idx ON pgcrew.runs (state) WHERE state IN ('pending', 'running', 'waiting');
