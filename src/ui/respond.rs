@@ -79,7 +79,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Ctx {
 
 impl Ctx {
     /// A link to `path` (starting with `/`) within the console.
+    /// (The overview of a console mounted at `/ops` is `/ops`: axum's `nest` does not route
+    /// `/ops/`.)
     pub fn link(&self, path: &str) -> String {
+        if path == "/" && !self.base.is_empty() {
+            return self.base.clone();
+        }
         format!("{}{}", self.base, path)
     }
 

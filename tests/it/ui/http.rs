@@ -298,3 +298,26 @@ async fn pgcrew_ui_serves_the_console_and_takes_no_leadership() {
         0
     );
 }
+
+#[tokio::test]
+async fn mounted_under_a_path_the_console_links_and_answers_there() {
+    let c = console("ui-http-nest", UiConfig::new()).await;
+    let app = axum::Router::new().nest("/ops", pgcrew::ui::router(&c.client));
+    let (addr, server) = super::serve_router(app).await;
+    let base = format!("http://{addr}/ops");
+    let (s, o) = get_json(&format!("{base}/api/overview")).await;
+    assert_eq!(s, 200, "{o}");
+    assert_eq!(o["instances"][0]["id"], "ui-http-nest");
+    let (s, html) = get_html(&format!("{base}/instances")).await;
+    assert_eq!(s, 200);
+    assert!(
+        html.contains("href=\"/ops/runs\"") && html.contains("/ops/assets/app.js"),
+        "{html}"
+    );
+    let (s, html) = get_html(&base).await;
+    assert_eq!(s, 200);
+    assert!(html.contains("href=\"/ops/tasks\"") && html.contains("href=\"/ops\""), "{html}");
+    let (s, _) = get_json(&format!("{base}/api/runs/{}", uuid::Uuid::new_v4())).await;
+    assert_eq!(s, 404);
+    server.abort();
+}
