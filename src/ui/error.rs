@@ -7,10 +7,11 @@ use axum::response::{IntoResponse, Response};
 use super::respond::Ctx;
 use crate::error::Error;
 
-/// An error answered to a browser (an HTML page) or an API client (`{"error": ..., "status":
+/// An error answered to a browser (the HTTP side of [`crate::Error`], never returned by the
+/// library's API) (an HTML page) or an API client (`{"error": ..., "status":
 /// ...}`).
 #[derive(Debug, Clone)]
-pub struct UiError {
+pub(crate) struct UiError {
     /// The HTTP status.
     pub status: StatusCode,
     /// What went wrong, for people.

@@ -119,7 +119,7 @@ fn text(field: &str, v: &str) -> Result<String, UiError> {
 
 impl RunQuery {
     /// Parse the query parameters (empty values are ignored).
-    pub fn parse(pairs: &[(String, String)]) -> Result<Self, UiError> {
+    pub(crate) fn parse(pairs: &[(String, String)]) -> Result<Self, UiError> {
         let mut q = RunQuery {
             limit: DEFAULT_LIMIT,
             ..Default::default()
@@ -146,7 +146,7 @@ impl RunQuery {
 
 impl TaskQuery {
     /// Parse the query parameters (empty values are ignored).
-    pub fn parse(pairs: &[(String, String)]) -> Result<Self, UiError> {
+    pub(crate) fn parse(pairs: &[(String, String)]) -> Result<Self, UiError> {
         let mut q = TaskQuery {
             limit: DEFAULT_LIMIT,
             ..Default::default()

@@ -35,7 +35,6 @@ mod pages;
 mod respond;
 mod timeline;
 
-pub use error::UiError;
 pub use filters::{RunQuery, TaskQuery};
 
 /// The environment variable holding the console's action token.

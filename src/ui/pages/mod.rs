@@ -57,7 +57,7 @@ pub(crate) type Params =
     Result<axum::extract::Query<Vec<(String, String)>>, axum::extract::rejection::QueryRejection>;
 
 /// The pairs, or a 400.
-pub(crate) fn params(p: Params) -> Result<Vec<(String, String)>, super::UiError> {
+pub(crate) fn params(p: Params) -> Result<Vec<(String, String)>, super::error::UiError> {
     p.map(|q| q.0)
-        .map_err(|e| super::UiError::bad_request(format!("malformed query: {e}")))
+        .map_err(|e| super::error::UiError::bad_request(format!("malformed query: {e}")))
 }
