@@ -13,3 +13,10 @@
 
 CREATE INDEX runs_created_idx ON pgcrew.runs (created_at DESC, id);
 CREATE INDEX runs_live_idx ON pgcrew.runs (state) WHERE state IN ('pending', 'running', 'waiting');
+
+-- The task list filtered by queue and state (`/tasks?queue=q&state=available`) is planned from
+-- the combined frequencies of the two columns: without them, a combination that is rare or
+-- absent (a queue whose tasks are all finished) looks common, and the planner walks the whole
+-- table newest first instead of using the queue's partial indexes (measured: 240 ms against
+-- 0.04 ms on a million tasks). Statistics cost nothing on writes, only a little at ANALYZE.
+CREATE STATISTICS pgcrew.tasks_queue_state_stats (mcv) ON queue, state FROM pgcrew.tasks;

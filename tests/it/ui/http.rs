@@ -316,7 +316,10 @@ async fn mounted_under_a_path_the_console_links_and_answers_there() {
     );
     let (s, html) = get_html(&base).await;
     assert_eq!(s, 200);
-    assert!(html.contains("href=\"/ops/tasks\"") && html.contains("href=\"/ops\""), "{html}");
+    assert!(
+        html.contains("href=\"/ops/tasks\"") && html.contains("href=\"/ops\""),
+        "{html}"
+    );
     let (s, _) = get_json(&format!("{base}/api/runs/{}", uuid::Uuid::new_v4())).await;
     assert_eq!(s, 404);
     server.abort();

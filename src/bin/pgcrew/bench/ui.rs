@@ -177,6 +177,7 @@ async fn measure(db: &Db, client: &Client, args: &UiBenchArgs) -> Result<Report>
         "/runs?agent=agent-2".into(),
         format!("/runs/{run}"),
         "/tasks".into(),
+        "/tasks?queue=q0&state=available".into(),
         "/tasks?queue=q3&state=available".into(),
         "/tasks?payload=%7B%22customer%22%3A42%7D".into(),
         "/tasks?tenant=bench-5&kind=k2".into(),
