@@ -70,15 +70,19 @@ pub async fn exec(dsn: Option<String>, args: DemoArgs) -> Result<ExitCode> {
     }
     let database = tokio::select! {
         d = setup_database(dsn, args.keep) => d?,
-        _ = tokio::signal::ctrl_c() => return Ok(interrupted()),
+        _ = tokio::signal::ctrl_c() => return Ok(interrupted(false)),
     };
     let console = match args.ui {
         Some(addr) => Some(console::open(database.scratch.dsn(), addr).await?),
         None => None,
     };
+    let mut stop = false;
     let code = tokio::select! {
         r = run(&database, &args) => r,
-        _ = tokio::signal::ctrl_c() => Ok(interrupted()),
+        _ = tokio::signal::ctrl_c() => {
+            stop = true;
+            Ok(interrupted(args.keep))
+        }
     };
     let mut database = database;
     let cluster = database._cluster.is_some();
@@ -86,7 +90,7 @@ pub async fn exec(dsn: Option<String>, args: DemoArgs) -> Result<ExitCode> {
         database.scratch.keep();
         console::print_kept(database.scratch.dsn());
     }
-    if code.is_ok() && (console.is_some() || (args.keep && cluster)) {
+    if !stop && code.is_ok() && (console.is_some() || (args.keep && cluster)) {
         println!(
             "\nCtrl-C to stop{}",
             if args.keep && cluster {
@@ -105,8 +109,15 @@ pub async fn exec(dsn: Option<String>, args: DemoArgs) -> Result<ExitCode> {
     code
 }
 
-fn interrupted() -> ExitCode {
-    eprintln!("\ninterrupted: stopping the instances and removing the demo database");
+fn interrupted(keep: bool) -> ExitCode {
+    eprintln!(
+        "\ninterrupted: stopping the instances{}",
+        if keep {
+            ""
+        } else {
+            " and removing the demo database"
+        }
+    );
     ExitCode::from(130)
 }
 
