@@ -11,27 +11,29 @@ use crate::common::{pgcrew_bin, test_db};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_with_ui_and_keep_serves_the_console_and_leaves_the_database() {
     let t = test_db().await;
-    let mut child = Command::new(pgcrew_bin())
-        .args([
-            "demo",
-            "--runs",
-            "2",
-            "--tasks",
-            "4",
-            "--ui",
-            "127.0.0.1:0",
-            "--keep",
-        ])
-        .env("DATABASE_URL", t.dsn())
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("OPENAI_BASE_URL")
-        .env_remove("PGCREW_UI_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let mut child = super::Proc(
+        Command::new(pgcrew_bin())
+            .args([
+                "demo",
+                "--runs",
+                "2",
+                "--tasks",
+                "4",
+                "--ui",
+                "127.0.0.1:0",
+                "--keep",
+            ])
+            .env("DATABASE_URL", t.dsn())
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("OPENAI_BASE_URL")
+            .env_remove("PGCREW_UI_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
     let (tx, rx) = std::sync::mpsc::channel::<String>();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -79,9 +81,9 @@ async fn demo_with_ui_and_keep_serves_the_console_and_leaves_the_database() {
     assert!(runs >= 2, "{o}");
     // Ctrl-C: the demo ends cleanly and the database stays.
     unsafe {
-        libc::kill(child.id() as i32, libc::SIGINT);
+        libc::kill(child.0.id() as i32, libc::SIGINT);
     }
-    assert!(child.wait().unwrap().success(), "{all}");
+    assert!(child.0.wait().unwrap().success(), "{all}");
     let kept = pgcrew::Db::connect(&dsn, 1, Duration::from_secs(5))
         .await
         .unwrap();

@@ -250,15 +250,17 @@ async fn a_database_that_goes_away_is_503_and_the_console_recovers() {
 async fn pgcrew_ui_serves_the_console_and_takes_no_leadership() {
     use std::io::{BufRead, BufReader};
     let t = crate::common::test_db().await;
-    let mut child = std::process::Command::new(crate::common::pgcrew_bin())
-        .env("DATABASE_URL", t.dsn())
-        .env_remove("PGCREW_UI_TOKEN")
-        .args(["ui", "--listen", "127.0.0.1:0", "--instance-id", "ui-cmd"])
-        .stdout(std::process::Stdio::piped())
-        .stdin(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
+    let mut child = super::Proc(
+        std::process::Command::new(crate::common::pgcrew_bin())
+            .env("DATABASE_URL", t.dsn())
+            .env_remove("PGCREW_UI_TOKEN")
+            .args(["ui", "--listen", "127.0.0.1:0", "--instance-id", "ui-cmd"])
+            .stdout(std::process::Stdio::piped())
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let stdout = child.0.stdout.take().unwrap();
     let url = tokio::task::spawn_blocking(move || {
         BufReader::new(stdout)
             .lines()
@@ -290,9 +292,9 @@ async fn pgcrew_ui_serves_the_console_and_takes_no_leadership() {
     assert_eq!(i["leaders"].as_array().unwrap().len(), 0);
     // SIGTERM: it deregisters and exits cleanly.
     unsafe {
-        libc::kill(child.id() as i32, libc::SIGTERM);
+        libc::kill(child.0.id() as i32, libc::SIGTERM);
     }
-    assert!(child.wait().unwrap().success());
+    assert!(child.0.wait().unwrap().success());
     assert_eq!(
         crate::common::scalar(&t, "SELECT count(*) FROM pgcrew.instances").await,
         0

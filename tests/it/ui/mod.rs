@@ -99,3 +99,14 @@ pub async fn get_html(url: &str) -> (u16, String) {
         .unwrap();
     (r.status().as_u16(), r.text().await.unwrap())
 }
+
+/// A child process, killed (SIGKILL) and reaped on drop, so a failing test leaves nothing
+/// running.
+pub struct Proc(pub std::process::Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
