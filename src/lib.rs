@@ -162,6 +162,7 @@ pub mod queue;
 pub mod runs;
 pub mod sqlstate;
 pub mod tenancy;
+pub mod ui;
 pub mod vocab;
 
 pub use agent::{AgentDef, AgentRuntime, Tool, ToolRegistry};

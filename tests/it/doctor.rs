@@ -391,14 +391,19 @@ async fn misconfigured_deployment_has_each_fault_named() {
     let report = doctor::run(&doctor_db, &options).await.unwrap();
     let f = |c| finding(&report, c);
     let latest = pgcrew::db::latest_version();
+    // The newest migration left (migration numbers may have gaps while a branch is unmerged).
+    let behind = crate::common::scalar(
+        &db,
+        "SELECT max(version)::int8 FROM pgcrew.refinery_schema_history",
+    )
+    .await;
 
     assert_eq!(f(CheckId::ServerVersion).status, Status::Pass);
     assert_names(
         f(CheckId::Migrations),
         Status::Fail,
         &[&format!(
-            "version {}; this pgcrew needs version {latest}",
-            latest - 1
+            "version {behind}; this pgcrew needs version {latest}"
         )],
     );
     assert!(

@@ -44,4 +44,5 @@ mod tenancy;
 mod tenant_isolation;
 mod tls;
 mod tool_schema;
+mod ui;
 mod waits;

@@ -86,6 +86,10 @@ pub struct ServeArgs {
     /// 17 in all.
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Serve the operations console (and the app's other HTTP routes) on this address, e.g.
+    /// 127.0.0.1:8080; actions need PGCREW_UI_TOKEN.
+    #[arg(long, value_name = "ADDR")]
+    pub http: Option<std::net::SocketAddr>,
 }
 
 const SERVE_EXAMPLES: &str = "Examples:
@@ -263,16 +267,27 @@ pub async fn serve(dsn: Option<String>, args: ServeArgs) -> Result<ExitCode> {
         })
         .build()
         .await?;
+    if args.http.is_some() {
+        pgcrew::ui::UiConfig::from_env().validate()?;
+    }
     client.start().await?;
     println!("serving instance {}", client.instance_id());
+    let server = match args.http {
+        Some(addr) => Some(crate::http::start(addr, crate::http::app(&client)).await?),
+        None => None,
+    };
     wait_for_signal().await;
     eprintln!("pgcrew serve: stopping (draining, resigning, deregistering)");
+    if let Some(s) = server {
+        s.stop().await;
+    }
     client.stop().await?;
     println!("stopped");
     Ok(ExitCode::SUCCESS)
 }
 
-async fn wait_for_signal() {
+/// Wait for SIGINT or SIGTERM.
+pub async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     match signal(SignalKind::terminate()) {
         Ok(mut term) => {

@@ -7,6 +7,7 @@ mod bench;
 mod coord;
 mod demo;
 mod doctor;
+mod http;
 mod init;
 mod output;
 mod run;
@@ -84,6 +85,9 @@ pub enum Command {
     /// Scaffold a starter service (Cargo.toml, src/main.rs with an agent, a tool and a task
     /// handler) in a new or empty directory.
     Init(init::InitArgs),
+    /// Serve the operations console (an instance that takes no leadership and runs no work)
+    /// until SIGINT/SIGTERM; actions need PGCREW_UI_TOKEN.
+    Ui(http::UiArgs),
 }
 
 fn init_tracing(filter: &str) {
@@ -140,6 +144,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Demo(args) => demo::exec(dsn, args).await,
         Command::Doctor(args) => doctor::exec(dsn, args).await,
         Command::Init(args) => init::exec(args),
+        Command::Ui(args) => http::ui(dsn, args).await,
     };
     match result {
         Ok(code) => code,

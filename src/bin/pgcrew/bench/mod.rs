@@ -1,4 +1,4 @@
-//! `pgcrew bench [queue|ledger|fanout|failover|scale|rls|tls|budget|pgbouncer|waits]`: benchmarks that run in their own scratch database.
+//! `pgcrew bench [queue|ledger|fanout|failover|scale|rls|tls|budget|pgbouncer|waits|ui]`: benchmarks that run in their own scratch database.
 
 pub mod budget;
 pub mod failover;
@@ -9,6 +9,7 @@ pub mod queue;
 pub mod rls;
 pub mod scale;
 pub mod tls;
+pub mod ui;
 pub mod waits;
 
 use std::process::ExitCode;
@@ -53,6 +54,9 @@ pub enum BenchKind {
     /// Many runs parked at a durable wait on one instance: the connections they hold, then the
     /// rate at which they complete once signalled.
     Waits(waits::WaitsBenchArgs),
+    /// The operations console on a large database: every page's response time, and 100 SSE
+    /// streams (connections added, NOTIFY-to-browser latency).
+    Ui(ui::UiBenchArgs),
 }
 
 /// Run the chosen benchmark.
@@ -69,6 +73,7 @@ pub async fn exec(dsn: Option<String>, args: BenchArgs) -> Result<ExitCode> {
         Some(BenchKind::Budget(a)) => budget::run(dsn, a).await,
         Some(BenchKind::Pgbouncer(a)) => pgbouncer::run(dsn, a).await,
         Some(BenchKind::Waits(a)) => waits::run(dsn, a).await,
+        Some(BenchKind::Ui(a)) => ui::run(dsn, a).await,
     }
 }
 

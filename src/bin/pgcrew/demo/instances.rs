@@ -116,7 +116,12 @@ pub(super) async fn start_instances(db: &Db, dsn: &str, model: &str) -> Result<O
     println!("started 3 instances: demo-1, demo-2, demo-3 (pgcrew serve --agents demo)");
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        let n = pgcrew::coord::instance::list(db).await?.len();
+        // The three demo instances (not the console of `--ui`).
+        let n = pgcrew::coord::instance::list(db)
+            .await?
+            .iter()
+            .filter(|i| i.id.starts_with("demo-") && i.id != "demo-console")
+            .count();
         let (t, _) = tick(db).await?;
         if n == 3 && t.leader.is_some() {
             let (l, term) = t.leader.unwrap_or_default();

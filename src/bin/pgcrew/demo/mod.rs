@@ -12,6 +12,7 @@ use pgcrew::{Error, Result};
 
 use crate::output::dsn_or_cluster;
 
+mod console;
 mod instances;
 mod summary;
 mod watch;
@@ -38,10 +39,19 @@ pub struct DemoArgs {
     /// Give up (exit code 1) when the workload has not finished after this many seconds.
     #[arg(long, default_value_t = 50)]
     pub timeout_secs: u64,
+    /// Serve the operations console on the demo's database (default address 127.0.0.1:8080)
+    /// while the demo runs and after it, until Ctrl-C.
+    #[arg(long, value_name = "ADDR", num_args = 0..=1, default_missing_value = "127.0.0.1:8080")]
+    pub ui: Option<std::net::SocketAddr>,
+    /// Leave the demo database in place and print its DSN and three example queries (with a
+    /// throwaway cluster: keep it running until Ctrl-C).
+    #[arg(long)]
+    pub keep: bool,
 }
 
 const DEMO_EXAMPLES: &str = "Examples:
   pgcrew demo                                  # throwaway local PostgreSQL, offline model
+  pgcrew demo --ui --keep                      # with the operations console; explore afterwards
   DATABASE_URL=postgres://me@localhost/postgres pgcrew demo   # scratch database on your server
   OPENAI_API_KEY=sk-... pgcrew demo            # real model calls (OpenAI)
   OPENAI_BASE_URL=http://localhost:11434/v1 pgcrew demo --model llama3.1   # Ollama, vLLM, ...";
@@ -58,13 +68,57 @@ pub async fn exec(dsn: Option<String>, args: DemoArgs) -> Result<ExitCode> {
     if args.tasks > 10_000 {
         return Err(Error::invalid("tasks", "must be at most 10000"));
     }
-    tokio::select! {
-        r = run(dsn, args) => r,
+    let database = tokio::select! {
+        d = setup_database(dsn, args.keep) => d?,
+        _ = tokio::signal::ctrl_c() => return Ok(interrupted(false)),
+    };
+    let console = match args.ui {
+        Some(addr) => Some(console::open(database.scratch.dsn(), addr).await?),
+        None => None,
+    };
+    let mut stop = false;
+    let code = tokio::select! {
+        r = run(&database, &args) => r,
         _ = tokio::signal::ctrl_c() => {
-            eprintln!("\ninterrupted: stopping the instances and removing the demo database");
-            Ok(ExitCode::from(130))
+            stop = true;
+            Ok(interrupted(args.keep))
         }
+    };
+    let mut database = database;
+    let cluster = database._cluster.is_some();
+    if args.keep {
+        database.scratch.keep();
+        console::print_kept(database.scratch.dsn());
     }
+    if !stop && code.is_ok() && (console.is_some() || (args.keep && cluster)) {
+        println!(
+            "\nCtrl-C to stop{}",
+            if args.keep && cluster {
+                " (the throwaway cluster and its database go with it)"
+            } else {
+                ""
+            }
+        );
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    if let Some(c) = console {
+        c.close().await;
+    }
+    database.db.pool().close();
+    drop(database);
+    code
+}
+
+fn interrupted(keep: bool) -> ExitCode {
+    eprintln!(
+        "\ninterrupted: stopping the instances{}",
+        if keep {
+            ""
+        } else {
+            " and removing the demo database"
+        }
+    );
+    ExitCode::from(130)
 }
 
 /// The demo's database: a scratch database on the given server or on a throwaway cluster.
@@ -76,7 +130,7 @@ struct Database {
 }
 
 /// Phase 1: a database that is never real data, migrated.
-async fn setup_database(dsn: Option<String>) -> Result<Database> {
+async fn setup_database(dsn: Option<String>, keep: bool) -> Result<Database> {
     let (admin_dsn, cluster) = dsn_or_cluster(dsn, || {
         println!("DATABASE_URL is not set: starting a throwaway PostgreSQL cluster ...")
     })
@@ -89,7 +143,15 @@ async fn setup_database(dsn: Option<String>) -> Result<Database> {
         );
     }
     let scratch = ScratchDatabase::create(&admin_dsn, "pgcrew_demo").await?;
-    println!("scratch database {} (dropped at the end)", scratch.name());
+    println!(
+        "scratch database {} ({})",
+        scratch.name(),
+        if keep {
+            "kept: --keep"
+        } else {
+            "dropped at the end"
+        }
+    );
     let db = Db::connect(scratch.dsn(), 8, Duration::from_secs(10)).await?;
     let report = db.migrate().await?;
     println!("migrated to schema version {}", report.to_version);
@@ -133,9 +195,8 @@ async fn register(db: &Db, model: &str) -> Result<()> {
 
 /// The tour, phase by phase: database, registrations, instances, workload, live progress with
 /// the failover, summary. Exit code 1 when a phase times out or the summary finds a fault.
-async fn run(dsn: Option<String>, args: DemoArgs) -> Result<ExitCode> {
+async fn run(database: &Database, args: &DemoArgs) -> Result<ExitCode> {
     let started = Instant::now();
-    let database = setup_database(dsn).await?;
     let db = &database.db;
     register(db, &args.model).await?;
     let Some(mut instances) = start_instances(db, database.scratch.dsn(), &args.model).await?
@@ -148,12 +209,15 @@ async fn run(dsn: Option<String>, args: DemoArgs) -> Result<ExitCode> {
     };
     let ok = summary(db, &workload, &failover).await?;
     drop(instances);
-    db.pool().close();
-    drop(database);
     println!(
-        "demo {} in {:.1}s (instances stopped, demo database removed)",
+        "demo {} in {:.1}s (instances stopped{})",
         if ok { "finished" } else { "FAILED" },
-        started.elapsed().as_secs_f64()
+        started.elapsed().as_secs_f64(),
+        if args.keep {
+            ""
+        } else {
+            ", demo database removed"
+        }
     );
     Ok(if ok {
         ExitCode::SUCCESS

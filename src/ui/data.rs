@@ -1,0 +1,338 @@
+//! What the pages show, read from the database: the overview, instances, run and task lists,
+//! task and tenant details. (The run page's ledger timeline is in `timeline`.) Every struct
+//! here is also the page's JSON.
+
+use std::collections::BTreeMap;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use super::error::UiError;
+use super::filters::{RunQuery, TaskQuery, TimeBound};
+use super::history::LeaderChange;
+use crate::coord::instance::{self, InstanceRow};
+use crate::coord::leader::{self, LeaderRow};
+use crate::db::Acquire;
+use crate::db::{Db, Executor};
+use crate::ids::{TaskId, TenantId};
+use crate::queue::{self, TaskRow};
+use crate::runs::Run;
+use crate::tenancy::{self, BudgetSnapshot, CostFilter, CostRow, Tenant};
+
+type Res<T> = Result<T, UiError>;
+
+/// The database's time.
+pub(crate) async fn db_now(db: &Db) -> Res<DateTime<Utc>> {
+    Ok(db.query_one(sql!("ui/now"), typed![]).await?.try_get(0)?)
+}
+
+/// One queue's depth by state: `available` (with the oldest's age), `running`, `scheduled` and
+/// `retryable` (those due once their time comes; tasks waiting for parents are not counted
+/// here), and `completed (5 min)`, `discarded (5 min)`, `cancelled (5 min)`: finished in the
+/// last five minutes.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueSummary {
+    /// The queue.
+    pub queue: String,
+    /// Tasks per state.
+    pub states: BTreeMap<String, i64>,
+    /// Seconds since the oldest available task became due.
+    pub oldest_available_age_s: Option<f64>,
+}
+
+/// A stuck run (`pgcrew.stuck_runs`).
+#[derive(Debug, Clone, Serialize, postgres_from_row::FromRow)]
+pub struct StuckRun {
+    /// The run.
+    pub run_id: uuid::Uuid,
+    /// Its tenant.
+    pub tenant_id: String,
+    /// Its agent.
+    pub agent_name: Option<String>,
+    /// Its state.
+    pub state: String,
+    /// The instance that ran it.
+    pub instance_id: Option<String>,
+    /// Seconds since it started (or was created).
+    pub age_s: f64,
+    /// Why it is stuck.
+    pub reason: String,
+}
+
+/// A stale instance (`pgcrew.stale_instances`).
+#[derive(Debug, Clone, Serialize, postgres_from_row::FromRow)]
+pub struct StaleInstance {
+    /// The instance.
+    pub id: String,
+    /// Its host.
+    pub hostname: String,
+    /// Its process id.
+    pub pid: i32,
+    /// Seconds since its last heartbeat.
+    pub silent_s: f64,
+    /// The lease it still holds, if any.
+    pub leader_of: Option<String>,
+}
+
+/// The overview page.
+#[derive(Debug, Clone, Serialize)]
+pub struct Overview {
+    /// The database's time.
+    pub now: DateTime<Utc>,
+    /// Live instances.
+    pub instances: Vec<InstanceRow>,
+    /// Leader leases.
+    pub leaders: Vec<LeaderRow>,
+    /// Leader changes this console has seen (newest first).
+    pub leader_history: Vec<LeaderChange>,
+    /// Queues.
+    pub queues: Vec<QueueSummary>,
+    /// Runs per live state (`pending`, `running`, `waiting`) and finished in the last hour
+    /// (`completed (1 h)`, ...).
+    pub run_states: BTreeMap<String, i64>,
+    /// Tenants' budgets.
+    pub tenants: Vec<Tenant>,
+    /// Stuck runs.
+    pub stuck_runs: Vec<StuckRun>,
+    /// Stale instances.
+    pub stale_instances: Vec<StaleInstance>,
+}
+
+/// Read the overview.
+pub(crate) async fn overview(db: &Db, history: Vec<LeaderChange>) -> Res<Overview> {
+    let now = db_now(db).await?;
+    let instances = instance::list(db).await?;
+    let leaders = leader::current(db).await?;
+    let mut queues: BTreeMap<String, QueueSummary> = BTreeMap::new();
+    for r in db.query(sql!("ui/queue_depth"), typed![]).await? {
+        let queue: String = r.try_get(0)?;
+        let q = queues.entry(queue.clone()).or_insert_with(|| QueueSummary {
+            queue,
+            states: BTreeMap::new(),
+            oldest_available_age_s: None,
+        });
+        q.states.insert(r.try_get(1)?, r.try_get(2)?);
+        if let Some(age) = r.try_get::<_, Option<f64>>(3)? {
+            q.oldest_available_age_s = Some(age);
+        }
+    }
+    let run_states = db
+        .query(sql!("ui/run_states"), typed![])
+        .await?
+        .iter()
+        .map(|r| Ok((r.try_get::<_, String>(0)?, r.try_get::<_, i64>(1)?)))
+        .collect::<Result<_, tokio_postgres::Error>>()?;
+    let tenants = tenancy::tenants::list(db).await?;
+    let stuck_runs = crate::db::rows_as(&db.query(sql!("ui/stuck_runs"), typed![]).await?)?;
+    let stale_instances =
+        crate::db::rows_as(&db.query(sql!("ui/stale_instances"), typed![]).await?)?;
+    Ok(Overview {
+        now,
+        instances,
+        leaders,
+        leader_history: history,
+        queues: queues.into_values().collect(),
+        run_states,
+        tenants,
+        stuck_runs,
+        stale_instances,
+    })
+}
+
+/// The instances page.
+#[derive(Debug, Clone, Serialize)]
+pub struct Instances {
+    /// The database's time.
+    pub now: DateTime<Utc>,
+    /// Live instances.
+    pub instances: Vec<InstanceRow>,
+    /// Leader leases.
+    pub leaders: Vec<LeaderRow>,
+    /// Stale instances.
+    pub stale_instances: Vec<StaleInstance>,
+}
+
+/// Read the instances page.
+pub(crate) async fn instances(db: &Db) -> Res<Instances> {
+    Ok(Instances {
+        now: db_now(db).await?,
+        instances: instance::list(db).await?,
+        leaders: leader::current(db).await?,
+        stale_instances: crate::db::rows_as(
+            &db.query(sql!("ui/stale_instances"), typed![]).await?,
+        )?,
+    })
+}
+
+/// The run list.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunList {
+    /// The filter applied.
+    pub filter: RunQuery,
+    /// The runs, newest first.
+    pub runs: Vec<Run>,
+}
+
+/// Read the run list.
+pub(crate) async fn runs(db: &Db, filter: RunQuery) -> Res<RunList> {
+    let (since_at, since_ago) = TimeBound::parts(&filter.since);
+    let (until_at, until_ago) = TimeBound::parts(&filter.until);
+    let mut conn = db.acquire().await?;
+    let tx = conn.begin().await?;
+    tx.execute(sql!("ui/custom_plans"), typed![]).await?;
+    let rows = tx
+        .query(
+            sql!("ui/runs"),
+            typed![
+                &filter.tenant,
+                &filter.state,
+                &filter.agent,
+                &since_at,
+                &since_ago,
+                &until_at,
+                &until_ago,
+                &filter.limit
+            ],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(RunList {
+        runs: crate::db::rows_as(&rows)?,
+        filter,
+    })
+}
+
+/// The task list.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskList {
+    /// The filter applied.
+    pub filter: TaskQuery,
+    /// The tasks, newest first.
+    pub tasks: Vec<TaskRow>,
+}
+
+/// Read the task list.
+pub(crate) async fn tasks(db: &Db, filter: TaskQuery) -> Res<TaskList> {
+    let mut conn = db.acquire().await?;
+    let tx = conn.begin().await?;
+    tx.execute(sql!("ui/custom_plans"), typed![]).await?;
+    let rows = tx
+        .query(
+            sql!("ui/tasks"),
+            typed![
+                &filter.queue,
+                &filter.state,
+                &filter.tenant,
+                &filter.kind,
+                &filter.payload,
+                &filter.limit
+            ],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(TaskList {
+        tasks: crate::db::rows_as(&rows)?,
+        filter,
+    })
+}
+
+/// How many tasks match a filter.
+pub(crate) async fn count_tasks(db: &Db, f: &TaskQuery) -> Res<i64> {
+    let mut conn = db.acquire().await?;
+    let tx = conn.begin().await?;
+    tx.execute(sql!("ui/custom_plans"), typed![]).await?;
+    let row = tx
+        .query_one(
+            sql!("ui/tasks_count"),
+            typed![&f.queue, &f.state, &f.tenant, &f.kind, &f.payload],
+        )
+        .await?;
+    tx.commit().await?;
+    Ok(row.try_get(0)?)
+}
+
+/// The next `n` task ids matching a filter after `after`.
+pub(crate) async fn task_batch(db: &Db, f: &TaskQuery, after: i64, n: i64) -> Res<Vec<TaskId>> {
+    let rows = db
+        .query(
+            sql!("ui/tasks_batch"),
+            typed![
+                &f.queue, &f.state, &f.tenant, &f.kind, &f.payload, &after, &n
+            ],
+        )
+        .await?;
+    rows.iter()
+        .map(|r| Ok(TaskId(r.try_get(0)?)))
+        .collect::<Result<_, tokio_postgres::Error>>()
+        .map_err(|e| UiError::from(crate::Error::from(e)))
+}
+
+/// A parent or child of a task.
+#[derive(Debug, Clone, Serialize, postgres_from_row::FromRow)]
+pub struct Relative {
+    /// `parent` or `child`.
+    pub relation: String,
+    /// The task.
+    pub id: i64,
+    /// Its kind.
+    pub kind: String,
+    /// Its state.
+    pub state: String,
+}
+
+/// The task page.
+#[derive(Debug, Clone, Serialize)]
+pub struct TaskDetail {
+    /// The task (attempts, errors, claim).
+    pub task: TaskRow,
+    /// Its parents and children.
+    pub relatives: Vec<Relative>,
+}
+
+/// Read a task.
+pub(crate) async fn task(db: &Db, id: TaskId) -> Res<TaskDetail> {
+    let task = queue::get(db, id).await?;
+    let parents = task.depends_on.clone().unwrap_or_default();
+    let relatives = crate::db::rows_as(
+        &db.query(sql!("ui/task_relatives"), typed![&id.0, &parents])
+            .await?,
+    )?;
+    Ok(TaskDetail { task, relatives })
+}
+
+/// The tenants page.
+#[derive(Debug, Clone, Serialize)]
+pub struct Tenants {
+    /// Every tenant with its budget figures.
+    pub tenants: Vec<Tenant>,
+}
+
+/// Read the tenants.
+pub(crate) async fn tenants(db: &Db) -> Res<Tenants> {
+    Ok(Tenants {
+        tenants: tenancy::tenants::list(db).await?,
+    })
+}
+
+/// The tenant page.
+#[derive(Debug, Clone, Serialize)]
+pub struct TenantDetail {
+    /// Configuration (capabilities, limits, thresholds, degradation rules) and figures.
+    pub tenant: Tenant,
+    /// The budget snapshot.
+    pub budget: BudgetSnapshot,
+    /// Cost by day, category and model.
+    pub costs: Vec<CostRow>,
+}
+
+/// Read a tenant.
+pub(crate) async fn tenant(db: &Db, id: &TenantId) -> Res<TenantDetail> {
+    let tenant = tenancy::tenants::get(db, id).await?;
+    let budget = tenancy::budget_status(db, id).await?;
+    let costs = tenancy::cost_breakdown(db, &CostFilter::tenant(id.clone())).await?;
+    Ok(TenantDetail {
+        tenant,
+        budget,
+        costs,
+    })
+}
