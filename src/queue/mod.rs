@@ -51,6 +51,7 @@ mod admin;
 mod claim;
 mod enqueue;
 mod maintenance;
+mod pause;
 mod payload;
 mod retry;
 mod state;
@@ -67,6 +68,7 @@ pub use claim::{
 };
 pub use enqueue::{Enqueued, enqueue, enqueue_many};
 pub use maintenance::{RescueTasks, TaskRetention, maintenance_steps};
+pub use pause::{QueueDepth, pause, queues, resume};
 pub use payload::{bound_error_text, payload_size};
 pub use retry::RetryPolicy;
 pub use state::{Priority, TaskState};

@@ -1,0 +1,409 @@
+-- pgcrew V028: queue features (issue #21): pausing a queue (for every tenant or for one),
+-- schedules (cron or fixed interval, fired by the leader, each fire once), and the queue
+-- depth view for auto-scaling.
+--
+-- SQLSTATEs: PC100 unknown queue (pause), PC101 invalid schedule (time zone, interval,
+-- misfire policy, missing spec), PC102 unknown schedule.
+--
+-- Redefines pgcrew.claim_tasks (V011's body, plus: paused queues and paused tenants of a queue
+-- are skipped; due tasks are still promoted).
+
+-- ---------------------------------------------------------------------------------------------
+-- Schedules
+-- ---------------------------------------------------------------------------------------------
+
+-- A named schedule: a cron expression (5 fields, or 6 with seconds first) evaluated in
+-- time_zone, or a fixed interval (fires at whole multiples of it since the Unix epoch), and the
+-- task each fire enqueues. The leader fires due schedules (next_fire_at <= now()); NULL
+-- next_fire_at means "not computed yet": the leader sets it to the next fire after now without
+-- firing (so enabling a schedule never fires for the time it was disabled).
+-- misfire: what happens to fires more than the grace period (5 s) late, after downtime or a
+-- long failover: 'skip' drops them, 'catch_up_one' enqueues the most recent one of them.
+-- Fires within the grace period are always enqueued.
+CREATE TABLE pgcrew.schedules (
+    name         text PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 128),
+    cron         text CHECK (length(cron) BETWEEN 1 AND 256),
+    time_zone    text NOT NULL DEFAULT 'UTC',
+    interval_us  bigint,
+    queue        text NOT NULL DEFAULT 'default' CHECK (length(queue) BETWEEN 1 AND 128),
+    kind         text NOT NULL CHECK (length(kind) BETWEEN 1 AND 128),
+    tenant_id    text NOT NULL DEFAULT 'default' REFERENCES pgcrew.tenants (id) ON DELETE CASCADE,
+    payload      jsonb NOT NULL DEFAULT '{}'::jsonb,
+    priority     smallint NOT NULL DEFAULT 2 CHECK (priority BETWEEN 0 AND 4),
+    max_attempts integer NOT NULL DEFAULT 25 CHECK (max_attempts > 0),
+    enabled      boolean NOT NULL DEFAULT true,
+    misfire      text NOT NULL DEFAULT 'skip',
+    next_fire_at timestamptz,
+    last_fire_at timestamptz,
+    created_at   timestamptz NOT NULL DEFAULT now(),
+    updated_at   timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX schedules_due_idx ON pgcrew.schedules (next_fire_at) WHERE enabled;
+
+-- Every fire, once: the primary key makes a second leader (overlap, restart, failover) unable
+-- to enqueue a fire again. task_id is the task it enqueued; manual marks `fire-now`.
+CREATE TABLE pgcrew.schedule_fires (
+    schedule   text NOT NULL REFERENCES pgcrew.schedules (name) ON DELETE CASCADE,
+    fire_at    timestamptz NOT NULL,
+    task_id    bigint,
+    manual     boolean NOT NULL DEFAULT false,
+    created_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (schedule, fire_at)
+);
+CREATE INDEX schedule_fires_created_idx ON pgcrew.schedule_fires (created_at);
+
+-- Refuse an invalid schedule (PC101): neither or both of cron and interval, an interval that
+-- is not positive, an unknown time zone or misfire policy. The cron expression itself is
+-- checked by the library (`pgcrew schedules set`); a row written by hand with an expression
+-- the leader cannot parse is logged and left alone.
+CREATE FUNCTION pgcrew.check_schedule() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF (NEW.cron IS NULL) = (NEW.interval_us IS NULL) THEN
+        RAISE EXCEPTION 'schedule %: give either a cron expression or an interval, not %',
+            NEW.name, CASE WHEN NEW.cron IS NULL THEN 'neither' ELSE 'both' END
+            USING ERRCODE = 'PC101';
+    END IF;
+    IF NEW.interval_us IS NOT NULL AND NEW.interval_us <= 0 THEN
+        RAISE EXCEPTION 'schedule %: the interval must be positive, not % µs', NEW.name, NEW.interval_us
+            USING ERRCODE = 'PC101';
+    END IF;
+    IF NEW.misfire NOT IN ('skip', 'catch_up_one') THEN
+        RAISE EXCEPTION 'schedule %: misfire policy % is unknown', NEW.name, NEW.misfire
+            USING ERRCODE = 'PC101', HINT = 'skip or catch_up_one';
+    END IF;
+    IF (TG_OP = 'INSERT' OR NEW.time_zone IS DISTINCT FROM OLD.time_zone)
+       AND NOT EXISTS (SELECT FROM pg_timezone_names z WHERE z.name = NEW.time_zone) THEN
+        RAISE EXCEPTION 'schedule %: time zone % is unknown', NEW.name, NEW.time_zone
+            USING ERRCODE = 'PC101', HINT = 'an IANA name such as UTC or Europe/Paris';
+    END IF;
+    RETURN NEW;
+END $$;
+REVOKE ALL ON FUNCTION pgcrew.check_schedule() FROM PUBLIC;
+CREATE TRIGGER schedules_check BEFORE INSERT OR UPDATE ON pgcrew.schedules
+    FOR EACH ROW EXECUTE FUNCTION pgcrew.check_schedule();
+
+-- Enqueue the fires p_fires of schedule p_name that were not enqueued before (each task as the
+-- schedule's template says) and, unless p_manual, move next_fire_at to p_next. Returns the
+-- fires enqueued now with their tasks. Unknown schedule: PC102.
+CREATE FUNCTION pgcrew.fire_schedule(p_name text, p_fires timestamptz[], p_next timestamptz,
+                                     p_manual boolean DEFAULT false)
+RETURNS TABLE (fire_at timestamptz, task_id bigint)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    s pgcrew.schedules;
+    f timestamptz;
+    v_task bigint;
+BEGIN
+    SELECT * INTO s FROM pgcrew.schedules sc WHERE sc.name = p_name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'schedule % does not exist', p_name USING ERRCODE = 'PC102';
+    END IF;
+    FOREACH f IN ARRAY coalesce(p_fires, '{}'::timestamptz[]) LOOP
+        INSERT INTO pgcrew.schedule_fires (schedule, fire_at, manual) VALUES (p_name, f, p_manual)
+        ON CONFLICT DO NOTHING;
+        IF FOUND THEN
+            SELECT e.id INTO v_task
+              FROM pgcrew.enqueue_task(p_queue => s.queue, p_kind => s.kind, p_tenant => s.tenant_id,
+                                       p_priority => s.priority::integer, p_payload => s.payload,
+                                       p_max_attempts => s.max_attempts) e;
+            UPDATE pgcrew.schedule_fires sf SET task_id = v_task
+             WHERE sf.schedule = p_name AND sf.fire_at = f;
+            RETURN QUERY SELECT f, v_task;
+        END IF;
+    END LOOP;
+    IF NOT p_manual THEN
+        UPDATE pgcrew.schedules sc
+           SET next_fire_at = p_next,
+               last_fire_at = coalesce(greatest(sc.last_fire_at, (SELECT max(x) FROM unnest(p_fires) x)),
+                                       sc.last_fire_at)
+         WHERE sc.name = p_name;
+    END IF;
+END $$;
+
+-- Enable or disable a schedule. Enabling clears next_fire_at: the leader computes the next fire
+-- after now, so the time it was disabled is never caught up. Unknown schedule: PC102.
+CREATE FUNCTION pgcrew.set_schedule_enabled(p_name text, p_enabled boolean) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_was boolean;
+BEGIN
+    SELECT sc.enabled INTO v_was FROM pgcrew.schedules sc WHERE sc.name = p_name FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'schedule % does not exist', p_name USING ERRCODE = 'PC102';
+    END IF;
+    UPDATE pgcrew.schedules sc
+       SET enabled = p_enabled, updated_at = now(),
+           next_fire_at = CASE WHEN p_enabled AND NOT v_was THEN NULL ELSE sc.next_fire_at END
+     WHERE sc.name = p_name;
+    RETURN v_was IS DISTINCT FROM p_enabled;
+END $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Pause / resume
+-- ---------------------------------------------------------------------------------------------
+
+-- One row per paused queue (tenant_id NULL: every tenant) or per paused (queue, tenant).
+-- The claim statements read it on every claim (an index probe on a table that is usually
+-- empty), so a pause holds from the first claim that starts after it commits, on every instance.
+CREATE TABLE pgcrew.queue_pauses (
+    queue     text NOT NULL CHECK (length(queue) BETWEEN 1 AND 128),
+    tenant_id text REFERENCES pgcrew.tenants (id) ON DELETE CASCADE,
+    paused_at timestamptz NOT NULL DEFAULT now(),
+    CONSTRAINT queue_pauses_unique UNIQUE NULLS NOT DISTINCT (queue, tenant_id)
+);
+
+-- Whether p_queue is known: it has tasks waiting or running, a worker pool waiting on it, a
+-- tenant limit, a schedule or a pause.
+CREATE FUNCTION pgcrew.queue_is_known(p_queue text) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT EXISTS (SELECT FROM pgcrew.tasks a WHERE a.state = 'available' AND a.queue = p_queue)
+        OR EXISTS (SELECT FROM pgcrew.tasks s WHERE s.state IN ('scheduled', 'retryable')
+                                                AND s.pending_deps = 0 AND s.queue = p_queue)
+        OR EXISTS (SELECT FROM pgcrew.tasks s WHERE s.state = 'scheduled' AND s.pending_deps > 0
+                                                AND s.queue = p_queue)
+        OR EXISTS (SELECT FROM pgcrew.tasks r WHERE r.state = 'running' AND r.queue = p_queue)
+        OR EXISTS (SELECT FROM pgcrew.queue_waiters w WHERE w.queue = p_queue)
+        OR EXISTS (SELECT FROM pgcrew.tenant_queue_limits l WHERE l.queue = p_queue)
+        OR EXISTS (SELECT FROM pgcrew.queue_pauses p WHERE p.queue = p_queue)
+        OR EXISTS (SELECT FROM pgcrew.schedules sc WHERE sc.queue = p_queue)
+$$;
+
+-- Pause p_queue (p_tenant NULL: for every tenant). Claims that start after this commits take
+-- nothing from it; running tasks finish. Returns false when it was paused already. An unknown
+-- queue is refused (PC100), an unknown tenant too (23503, hint pgcrew_unknown_tenant).
+CREATE FUNCTION pgcrew.pause_queue(p_queue text, p_tenant text DEFAULT NULL) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    IF p_queue IS NULL OR NOT pgcrew.queue_is_known(p_queue) THEN
+        RAISE EXCEPTION 'queue % is unknown: it has no tasks, worker pool, limit or schedule', p_queue
+            USING ERRCODE = 'PC100',
+                  HINT = 'check the queue name (pgcrew queues list shows the known queues)';
+    END IF;
+    IF p_tenant IS NOT NULL THEN
+        PERFORM 1 FROM pgcrew.tenants tn WHERE tn.id = p_tenant FOR KEY SHARE;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'tenant % does not exist', p_tenant
+                USING ERRCODE = 'foreign_key_violation', HINT = 'pgcrew_unknown_tenant';
+        END IF;
+    END IF;
+    INSERT INTO pgcrew.queue_pauses (queue, tenant_id) VALUES (p_queue, p_tenant)
+    ON CONFLICT ON CONSTRAINT queue_pauses_unique DO NOTHING;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    RETURN v_n > 0;
+END $$;
+
+-- Resume p_queue (p_tenant NULL: the queue-wide pause; a tenant's own pause stays). Wakes the
+-- worker pools of the queue at once (pgcrew_task_available); pools that miss it find the work
+-- at their next poll. Returns false when there was no such pause.
+CREATE FUNCTION pgcrew.resume_queue(p_queue text, p_tenant text DEFAULT NULL) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_n integer;
+BEGIN
+    DELETE FROM pgcrew.queue_pauses p
+     WHERE p.queue = p_queue AND p.tenant_id IS NOT DISTINCT FROM p_tenant;
+    GET DIAGNOSTICS v_n = ROW_COUNT;
+    IF v_n > 0 THEN
+        PERFORM pg_notify('pgcrew_task_available', json_build_object('queue', p_queue)::text);
+    END IF;
+    RETURN v_n > 0;
+END $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Queue depth (auto-scaling signal)
+-- ---------------------------------------------------------------------------------------------
+
+-- Per queue: tasks available now, scheduled (delayed, retryable, waiting on dependencies),
+-- running, the age of the oldest available task and whether the queue is paused (for every
+-- tenant; paused_tenants counts tenant pauses). `available` is the auto-scaling signal.
+CREATE VIEW pgcrew.queue_depth AS
+WITH q AS (
+    SELECT t.queue,
+           count(*) FILTER (WHERE t.state = 'available') AS available,
+           count(*) FILTER (WHERE t.state IN ('scheduled', 'retryable')) AS scheduled,
+           count(*) FILTER (WHERE t.state = 'running') AS running,
+           min(t.run_at) FILTER (WHERE t.state = 'available') AS oldest_available_run_at
+      FROM pgcrew.tasks t
+     WHERE t.state IN ('available', 'scheduled', 'retryable', 'running')
+     GROUP BY t.queue
+    UNION ALL
+    SELECT DISTINCT p.queue, 0, 0, 0, NULL::timestamptz FROM pgcrew.queue_pauses p
+     WHERE NOT EXISTS (SELECT FROM pgcrew.tasks t WHERE t.queue = p.queue
+                          AND t.state IN ('available', 'scheduled', 'retryable', 'running')))
+SELECT q.queue, q.available, q.scheduled, q.running,
+       CASE WHEN q.oldest_available_run_at IS NOT NULL
+            THEN extract(epoch FROM now() - q.oldest_available_run_at)::double precision
+       END AS oldest_available_age_s,
+       EXISTS (SELECT FROM pgcrew.queue_pauses p WHERE p.queue = q.queue AND p.tenant_id IS NULL)
+           AS paused,
+       (SELECT count(*) FROM pgcrew.queue_pauses p
+         WHERE p.queue = q.queue AND p.tenant_id IS NOT NULL) AS paused_tenants
+  FROM q;
+
+-- ---------------------------------------------------------------------------------------------
+-- Claims
+-- ---------------------------------------------------------------------------------------------
+
+-- Claims as in V011, and a paused queue (or a paused tenant of it) gives nothing. Due tasks
+-- are still promoted, so `next_due` stays accurate while paused.
+CREATE OR REPLACE FUNCTION pgcrew.claim_tasks(p_queues text[], p_limit integer, p_instance text)
+RETURNS TABLE (id bigint, queue text, kind text, tenant_id text, run_id uuid, priority smallint,
+               payload jsonb, attempts integer, max_attempts integer, claim_token uuid,
+               run_at timestamptz, created_at timestamptz, lag_us bigint)
+LANGUAGE plpgsql AS $$
+#variable_conflict use_column
+DECLARE
+    v_token uuid := gen_random_uuid();
+    v_ids bigint[];
+    v_left integer := p_limit;
+    v_q text;
+    v_tenants text[];
+    v_caps integer[];
+    v_n integer;
+    v_share integer;
+    v_start integer;
+    v_i integer;
+    v_k integer;
+    v_t text;
+    v_lim integer;
+    v_qlim integer;
+    v_running integer;
+    v_take integer;
+    v_got bigint[];
+    v_pass integer;
+    v_claimed integer;
+    v_all_paused boolean;
+    v_paused text[];
+BEGIN
+    IF p_limit IS NULL OR p_limit <= 0 OR p_queues IS NULL THEN
+        RETURN;
+    END IF;
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'pgcrew.claim_tasks needs READ COMMITTED isolation, not %',
+            current_setting('transaction_isolation')
+            USING ERRCODE = 'PC023',
+                  HINT = 'claim outside an explicit transaction or in a READ COMMITTED one: concurrency limits are counted under a lock and need a snapshot taken after it';
+    END IF;
+    FOREACH v_q IN ARRAY p_queues LOOP
+        EXIT WHEN v_left <= 0;
+        -- Promote this queue's due scheduled / retryable tasks (bounded per claim).
+        UPDATE pgcrew.tasks t SET state = 'available'
+         WHERE t.id IN (SELECT s.id FROM pgcrew.tasks s
+                         WHERE s.state IN ('scheduled', 'retryable') AND s.pending_deps = 0
+                           AND s.queue = v_q AND s.run_at <= now()
+                         ORDER BY s.run_at LIMIT 1000
+                         FOR UPDATE SKIP LOCKED);
+        -- Pauses of this queue (V028): the whole queue, or some tenants.
+        SELECT bool_or(p.tenant_id IS NULL), array_agg(p.tenant_id) FILTER (WHERE p.tenant_id IS NOT NULL)
+          INTO v_all_paused, v_paused
+          FROM pgcrew.queue_pauses p WHERE p.queue = v_q;
+        CONTINUE WHEN v_all_paused;
+        -- Tenants with available work in this queue (loose index scan).
+        WITH RECURSIVE act(tid) AS (
+            (SELECT a.tenant_id FROM pgcrew.tasks a
+              WHERE a.state = 'available' AND a.queue = v_q
+              ORDER BY a.tenant_id LIMIT 1)
+            UNION ALL
+            SELECT (SELECT a.tenant_id FROM pgcrew.tasks a
+                     WHERE a.state = 'available' AND a.queue = v_q AND a.tenant_id > act.tid
+                     ORDER BY a.tenant_id LIMIT 1)
+              FROM act WHERE act.tid IS NOT NULL)
+        SELECT array_agg(act.tid) INTO v_tenants FROM act
+         WHERE act.tid IS NOT NULL AND (v_paused IS NULL OR NOT (act.tid = ANY (v_paused)));
+        CONTINUE WHEN v_tenants IS NULL;
+        v_n := cardinality(v_tenants);
+        -- Each tenant's room this cycle: its limits minus what is running (NULL = unlimited).
+        -- What this call claimed for earlier queues is running already and counted.
+        v_caps := array_fill(NULL::integer, ARRAY[v_n]);
+        FOR v_i IN 1..v_n LOOP
+            v_t := v_tenants[v_i];
+            SELECT tn.max_concurrent_tasks INTO v_lim FROM pgcrew.tenants tn WHERE tn.id = v_t;
+            SELECT l.max_concurrent_tasks INTO v_qlim FROM pgcrew.tenant_queue_limits l
+             WHERE l.tenant_id = v_t AND l.queue = v_q;
+            IF v_lim IS NOT NULL OR v_qlim IS NOT NULL THEN
+                IF NOT pg_try_advisory_xact_lock(pgcrew.lock_key('tenant_tasks', v_t)) THEN
+                    v_caps[v_i] := 0;
+                    CONTINUE;
+                END IF;
+                v_caps[v_i] := 2147483647;
+                IF v_lim IS NOT NULL THEN
+                    SELECT count(*) INTO v_running FROM pgcrew.tasks r
+                     WHERE r.state = 'running' AND r.tenant_id = v_t;
+                    v_caps[v_i] := least(v_caps[v_i], greatest(0, v_lim - v_running));
+                END IF;
+                IF v_qlim IS NOT NULL THEN
+                    SELECT count(*) INTO v_running FROM pgcrew.tasks r
+                     WHERE r.state = 'running' AND r.tenant_id = v_t AND r.queue = v_q;
+                    v_caps[v_i] := least(v_caps[v_i], greatest(0, v_qlim - v_running));
+                END IF;
+            END IF;
+        END LOOP;
+        -- Fast path: one unlimited tenant: claim in one statement.
+        IF v_n = 1 AND v_caps[1] IS NULL THEN
+            v_t := v_tenants[1];
+            RETURN QUERY
+            WITH next AS (
+                SELECT a.id FROM pgcrew.tasks a
+                 WHERE a.state = 'available' AND a.queue = v_q AND a.tenant_id = v_t
+                 ORDER BY a.priority, a.run_at, a.id
+                 LIMIT v_left
+                 FOR UPDATE SKIP LOCKED)
+            UPDATE pgcrew.tasks t
+               SET state = 'running', attempts = t.attempts + 1, claimed_by = p_instance,
+                   claim_token = v_token, claimed_at = now(), heartbeat_at = now()
+              FROM next
+             WHERE t.id = next.id
+            RETURNING t.id, t.queue, t.kind, t.tenant_id, t.run_id, t.priority, t.payload,
+                      t.attempts, t.max_attempts, t.claim_token, t.run_at, t.created_at,
+                      (extract(epoch FROM (now() - t.run_at)) * 1000000)::bigint;
+            GET DIAGNOSTICS v_claimed = ROW_COUNT;
+            v_left := v_left - v_claimed;
+            CONTINUE;
+        END IF;
+        -- Pass 1: an equal share each (when tenants outnumber the batch, successive claims start
+        -- at successive tenants: round robin); pass 2: leftover capacity to tenants with work.
+        v_ids := '{}';
+        v_start := CASE WHEN v_n > v_left
+                        THEN (nextval('pgcrew.task_claim_rotation') % v_n)::integer ELSE 0 END;
+        FOR v_pass IN 1..2 LOOP
+            EXIT WHEN v_left <= 0;
+            v_share := CASE WHEN v_pass = 1 THEN greatest(1, ceil(v_left::numeric / v_n)::integer)
+                            ELSE v_left END;
+            FOR v_k IN 0..v_n - 1 LOOP
+                EXIT WHEN v_left <= 0;
+                v_i := ((v_start + v_k) % v_n) + 1;
+                v_take := least(v_share, v_left, coalesce(v_caps[v_i], 2147483647));
+                CONTINUE WHEN v_take <= 0;
+                v_t := v_tenants[v_i];
+                v_got := ARRAY(SELECT a.id FROM pgcrew.tasks a
+                                WHERE a.state = 'available' AND a.queue = v_q AND a.tenant_id = v_t
+                                  AND NOT (a.id = ANY (v_ids))
+                                ORDER BY a.priority, a.run_at, a.id
+                                LIMIT v_take
+                                FOR UPDATE SKIP LOCKED);
+                v_ids := v_ids || v_got;
+                v_left := v_left - cardinality(v_got);
+                IF v_caps[v_i] IS NOT NULL THEN
+                    v_caps[v_i] := v_caps[v_i] - cardinality(v_got);
+                END IF;
+                IF cardinality(v_got) < v_take THEN
+                    v_caps[v_i] := 0; -- drained (or all locked): skip in pass 2
+                END IF;
+            END LOOP;
+        END LOOP;
+        -- Running now, so the next queue's counts include them.
+        IF cardinality(v_ids) > 0 THEN
+            RETURN QUERY
+            UPDATE pgcrew.tasks t
+               SET state = 'running', attempts = t.attempts + 1, claimed_by = p_instance,
+                   claim_token = v_token, claimed_at = now(), heartbeat_at = now()
+             WHERE t.id = ANY (v_ids)
+            RETURNING t.id, t.queue, t.kind, t.tenant_id, t.run_id, t.priority, t.payload,
+                      t.attempts, t.max_attempts, t.claim_token, t.run_at, t.created_at,
+                      (extract(epoch FROM (now() - t.run_at)) * 1000000)::bigint;
+        END IF;
+    END LOOP;
+END $$;

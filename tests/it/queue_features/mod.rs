@@ -1,0 +1,6 @@
+//! Queue features of issue #21: pause/resume, schedules, and their bad input.
+
+mod bad_input;
+mod pause;
+mod schedules;
+mod schedules_process;
