@@ -5,8 +5,10 @@
 -- SQLSTATEs: PC100 unknown queue (pause), PC101 invalid schedule (time zone, interval,
 -- misfire policy, missing spec), PC102 unknown schedule.
 --
+-- Also: per-key concurrency limits (pgcrew.queue_key_limits).
+--
 -- Redefines pgcrew.claim_tasks (V011's body, plus: paused queues and paused tenants of a queue
--- are skipped; due tasks are still promoted).
+-- are skipped; due tasks are still promoted; key limits hold).
 
 -- ---------------------------------------------------------------------------------------------
 -- Schedules
@@ -140,6 +142,21 @@ BEGIN
 END $$;
 
 -- ---------------------------------------------------------------------------------------------
+-- Concurrency per key
+-- ---------------------------------------------------------------------------------------------
+
+-- At most max_running tasks of `queue` run at once per key, fleet-wide; a task's key is the
+-- value of its payload's field key_field (payload {"customer": 42} with key_field 'customer' is
+-- the key customer:42); tasks without the field are not limited. Claims of a queue with a key
+-- limit are serialised by a transaction-scoped advisory lock on the queue and count the running
+-- tasks per key under it, so the limit is exact under any number of claimers.
+CREATE TABLE pgcrew.queue_key_limits (
+    queue       text PRIMARY KEY CHECK (length(queue) BETWEEN 1 AND 128),
+    key_field   text NOT NULL CHECK (length(key_field) BETWEEN 1 AND 128),
+    max_running integer NOT NULL CONSTRAINT queue_key_limits_max_running_positive CHECK (max_running > 0)
+);
+
+-- ---------------------------------------------------------------------------------------------
 -- Pause / resume
 -- ---------------------------------------------------------------------------------------------
 
@@ -166,6 +183,7 @@ LANGUAGE sql STABLE AS $$
         OR EXISTS (SELECT FROM pgcrew.queue_waiters w WHERE w.queue = p_queue)
         OR EXISTS (SELECT FROM pgcrew.tenant_queue_limits l WHERE l.queue = p_queue)
         OR EXISTS (SELECT FROM pgcrew.queue_pauses p WHERE p.queue = p_queue)
+        OR EXISTS (SELECT FROM pgcrew.queue_key_limits k WHERE k.queue = p_queue)
         OR EXISTS (SELECT FROM pgcrew.schedules sc WHERE sc.queue = p_queue)
 $$;
 
@@ -247,8 +265,9 @@ SELECT q.queue, q.available, q.scheduled, q.running,
 -- Claims
 -- ---------------------------------------------------------------------------------------------
 
--- Claims as in V011, and a paused queue (or a paused tenant of it) gives nothing. Due tasks
--- are still promoted, so `next_due` stays accurate while paused.
+-- Claims as in V011, and: a paused queue (or a paused tenant of it) gives nothing (due tasks
+-- are still promoted, so `next_due` stays accurate while paused); in a queue with a key limit,
+-- tasks whose key has max_running tasks running are passed over.
 CREATE OR REPLACE FUNCTION pgcrew.claim_tasks(p_queues text[], p_limit integer, p_instance text)
 RETURNS TABLE (id bigint, queue text, kind text, tenant_id text, run_id uuid, priority smallint,
                payload jsonb, attempts integer, max_attempts integer, claim_token uuid,
@@ -277,6 +296,12 @@ DECLARE
     v_claimed integer;
     v_all_paused boolean;
     v_paused text[];
+    v_key_field text;
+    v_key_max integer;
+    v_key_room jsonb;
+    v_key_locked boolean := false;
+    v_room integer;
+    r record;
 BEGIN
     IF p_limit IS NULL OR p_limit <= 0 OR p_queues IS NULL THEN
         RETURN;
@@ -301,6 +326,25 @@ BEGIN
           INTO v_all_paused, v_paused
           FROM pgcrew.queue_pauses p WHERE p.queue = v_q;
         CONTINUE WHEN v_all_paused;
+        -- Concurrency per key (V028): serialise this queue's claims and count its running
+        -- tasks per key under the lock (a snapshot taken after it: READ COMMITTED). Wait for
+        -- the lock only while holding no other queue's (claims of several queues could
+        -- otherwise deadlock); else try it, and skip the queue this cycle when it is taken.
+        SELECT k.key_field, k.max_running INTO v_key_field, v_key_max
+          FROM pgcrew.queue_key_limits k WHERE k.queue = v_q;
+        IF v_key_field IS NOT NULL THEN
+            IF NOT v_key_locked THEN
+                PERFORM pg_advisory_xact_lock(pgcrew.lock_key('queue_keys', v_q));
+            ELSIF NOT pg_try_advisory_xact_lock(pgcrew.lock_key('queue_keys', v_q)) THEN
+                CONTINUE;
+            END IF;
+            v_key_locked := true;
+            SELECT coalesce(jsonb_object_agg(c.k, v_key_max - c.n), '{}'::jsonb) INTO v_key_room
+              FROM (SELECT x.payload ->> v_key_field AS k, count(*) AS n FROM pgcrew.tasks x
+                     WHERE x.state = 'running' AND x.queue = v_q
+                       AND x.payload ->> v_key_field IS NOT NULL
+                     GROUP BY 1) c;
+        END IF;
         -- Tenants with available work in this queue (loose index scan).
         WITH RECURSIVE act(tid) AS (
             (SELECT a.tenant_id FROM pgcrew.tasks a
@@ -342,7 +386,7 @@ BEGIN
             END IF;
         END LOOP;
         -- Fast path: one unlimited tenant: claim in one statement.
-        IF v_n = 1 AND v_caps[1] IS NULL THEN
+        IF v_n = 1 AND v_caps[1] IS NULL AND v_key_field IS NULL THEN
             v_t := v_tenants[1];
             RETURN QUERY
             WITH next AS (
@@ -378,12 +422,35 @@ BEGIN
                 v_take := least(v_share, v_left, coalesce(v_caps[v_i], 2147483647));
                 CONTINUE WHEN v_take <= 0;
                 v_t := v_tenants[v_i];
-                v_got := ARRAY(SELECT a.id FROM pgcrew.tasks a
-                                WHERE a.state = 'available' AND a.queue = v_q AND a.tenant_id = v_t
-                                  AND NOT (a.id = ANY (v_ids))
-                                ORDER BY a.priority, a.run_at, a.id
-                                LIMIT v_take
-                                FOR UPDATE SKIP LOCKED);
+                IF v_key_field IS NULL THEN
+                    v_got := ARRAY(SELECT a.id FROM pgcrew.tasks a
+                                    WHERE a.state = 'available' AND a.queue = v_q AND a.tenant_id = v_t
+                                      AND NOT (a.id = ANY (v_ids))
+                                    ORDER BY a.priority, a.run_at, a.id
+                                    LIMIT v_take
+                                    FOR UPDATE SKIP LOCKED);
+                ELSE
+                    -- In order, past tasks whose key is full (looking at most 1000 tasks).
+                    v_got := '{}';
+                    FOR r IN SELECT a.id, a.payload ->> v_key_field AS k FROM pgcrew.tasks a
+                              WHERE a.state = 'available' AND a.queue = v_q AND a.tenant_id = v_t
+                                AND NOT (a.id = ANY (v_ids))
+                              ORDER BY a.priority, a.run_at, a.id
+                              LIMIT 1000 LOOP
+                        EXIT WHEN cardinality(v_got) >= v_take;
+                        IF r.k IS NOT NULL THEN
+                            v_room := coalesce((v_key_room ->> r.k)::integer, v_key_max);
+                            CONTINUE WHEN v_room <= 0;
+                        END IF;
+                        PERFORM FROM pgcrew.tasks l WHERE l.id = r.id AND l.state = 'available'
+                            FOR UPDATE SKIP LOCKED;
+                        CONTINUE WHEN NOT FOUND;
+                        v_got := v_got || r.id;
+                        IF r.k IS NOT NULL THEN
+                            v_key_room := jsonb_set(v_key_room, ARRAY[r.k], to_jsonb(v_room - 1));
+                        END IF;
+                    END LOOP;
+                END IF;
                 v_ids := v_ids || v_got;
                 v_left := v_left - cardinality(v_got);
                 IF v_caps[v_i] IS NOT NULL THEN

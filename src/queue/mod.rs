@@ -50,6 +50,7 @@
 mod admin;
 mod claim;
 mod enqueue;
+mod key_limit;
 mod maintenance;
 mod pause;
 mod payload;
@@ -67,6 +68,7 @@ pub use claim::{
     Ack, AckOutcome, AckReport, ClaimedTask, HeartbeatReport, ack, claim, heartbeat, next_due,
 };
 pub use enqueue::{Enqueued, enqueue, enqueue_many};
+pub use key_limit::{KeyLimit, clear_key_limit, key_limits, set_key_limit};
 pub use maintenance::{RescueTasks, TaskRetention, maintenance_steps};
 pub use pause::{QueueDepth, pause, queues, resume};
 pub use payload::{bound_error_text, payload_size};

@@ -18,6 +18,28 @@ pub enum QueuesCmd {
     Resume(PauseArgs),
     /// Every queue with waiting or running tasks or a pause: depth and pause state.
     List(JsonFlag),
+    /// Limit the tasks of a queue running at once per key (the value of a payload field), or
+    /// `--clear` the limit; without flags, list the key limits.
+    KeyLimit(KeyLimitArgs),
+}
+
+/// Flags of `pgcrew queues key-limit`.
+#[derive(Debug, Args)]
+pub struct KeyLimitArgs {
+    /// The queue (omit to list every key limit).
+    pub queue: Option<String>,
+    /// The payload field whose value is the key (e.g. `customer`).
+    #[arg(long, requires = "queue", requires = "max", conflicts_with = "clear")]
+    pub field: Option<String>,
+    /// Tasks allowed to run at once per key (at least 1).
+    #[arg(long, requires = "field")]
+    pub max: Option<i32>,
+    /// Remove the queue's key limit.
+    #[arg(long, requires = "queue")]
+    pub clear: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags of `pgcrew queues pause|resume`.
@@ -39,7 +61,56 @@ pub async fn exec(dsn: Option<String>, cmd: QueuesCmd) -> Result<ExitCode> {
         QueuesCmd::Pause(a) => pause(dsn, a, true).await,
         QueuesCmd::Resume(a) => pause(dsn, a, false).await,
         QueuesCmd::List(f) => list(dsn, f.json).await,
+        QueuesCmd::KeyLimit(a) => key_limit(dsn, a).await,
     }
+}
+
+async fn key_limit(dsn: Option<String>, a: KeyLimitArgs) -> Result<ExitCode> {
+    if let (Some(q), Some(field), Some(max)) = (&a.queue, &a.field, a.max) {
+        // Refuse bad input before connecting.
+        if max < 1 {
+            return Err(pgcrew::Error::invalid(
+                "max_running",
+                format!("is {max}; at least 1 task per key must be allowed to run"),
+            ));
+        }
+        let db = connect(dsn).await?;
+        queue::set_key_limit(&db, q, field, max).await?;
+        println!("queue {q}: at most {max} running per {field}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let db = connect(dsn).await?;
+    if let (Some(q), true) = (&a.queue, a.clear) {
+        let removed = queue::clear_key_limit(&db, q).await?;
+        println!(
+            "queue {q}: {}",
+            if removed {
+                "key limit removed"
+            } else {
+                "had no key limit"
+            }
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let rows = queue::key_limits(&db).await?;
+    let rows: Vec<_> = rows
+        .into_iter()
+        .filter(|r| a.queue.as_ref().is_none_or(|q| *q == r.queue))
+        .collect();
+    print_rows(
+        a.json,
+        &rows,
+        Some("no key limits"),
+        &["QUEUE", "KEY FIELD", "MAX RUNNING"],
+        |r| {
+            vec![
+                r.queue.clone(),
+                r.key_field.clone(),
+                r.max_running.to_string(),
+            ]
+        },
+    )?;
+    Ok(ExitCode::SUCCESS)
 }
 
 async fn pause(dsn: Option<String>, a: PauseArgs, on: bool) -> Result<ExitCode> {

@@ -1,6 +1,7 @@
 //! Queue features of issue #21: pause/resume, schedules, and their bad input.
 
 mod bad_input;
+mod key_limit;
 mod pause;
 mod schedules;
 mod schedules_process;
