@@ -3,12 +3,13 @@
 -- depth view for auto-scaling.
 --
 -- SQLSTATEs: PC100 unknown queue (pause), PC101 invalid schedule (time zone, interval,
--- misfire policy, missing spec), PC102 unknown schedule.
+-- misfire policy, missing spec), PC102 unknown schedule, PC103 invalid rate limit.
 --
--- Also: per-key concurrency limits (pgcrew.queue_key_limits).
+-- Also: per-key concurrency limits (pgcrew.queue_key_limits) and rate limits per queue, kind
+-- and tenant (token buckets in pgcrew.rate_limits).
 --
 -- Redefines pgcrew.claim_tasks (V011's body, plus: paused queues and paused tenants of a queue
--- are skipped; due tasks are still promoted; key limits hold).
+-- are skipped; due tasks are still promoted; key limits and rate limits hold).
 
 -- ---------------------------------------------------------------------------------------------
 -- Schedules
@@ -157,6 +158,66 @@ CREATE TABLE pgcrew.queue_key_limits (
 );
 
 -- ---------------------------------------------------------------------------------------------
+-- Rate limits
+-- ---------------------------------------------------------------------------------------------
+
+-- Token buckets: claims of a queue, of a kind (in any queue) or of a tenant (in any queue) take
+-- one token each; a bucket holds at most `burst` tokens and gains `per_second` a second. A task
+-- that finds no token stays available (no attempt is used) until a later claim finds one.
+-- Every claimer takes tokens in the transaction that claims, holding the bucket row, so the
+-- rate holds across instances.
+CREATE TABLE pgcrew.rate_limits (
+    scope       text NOT NULL CHECK (scope IN ('queue', 'kind', 'tenant')),
+    name        text NOT NULL CHECK (length(name) BETWEEN 1 AND 128),
+    per_second  double precision NOT NULL CHECK (per_second > 0 AND per_second <= 1e9),
+    burst       integer NOT NULL CHECK (burst >= 1),
+    tokens      double precision NOT NULL,
+    refilled_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (scope, name)
+);
+
+-- A bucket's tokens now: what it held plus what it gained since, at most its burst.
+CREATE FUNCTION pgcrew.rate_tokens(l pgcrew.rate_limits) RETURNS double precision
+LANGUAGE sql STABLE AS $$
+    SELECT least(l.burst::double precision,
+                 l.tokens + l.per_second * greatest(0, extract(epoch FROM now() - l.refilled_at)))
+$$;
+
+-- Set (or replace) a rate limit: p_per_second claims a second of the queue, kind or tenant
+-- p_name, bursts of up to p_burst (default: one second's worth, at least 1). A rate that is
+-- not positive (or not a number), a burst below 1 or an unknown scope: PC103, nothing stored.
+CREATE FUNCTION pgcrew.set_rate_limit(p_scope text, p_name text, p_per_second double precision,
+                                      p_burst integer DEFAULT NULL) RETURNS void
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_burst integer;
+BEGIN
+    IF p_scope IS NULL OR p_scope NOT IN ('queue', 'kind', 'tenant') THEN
+        RAISE EXCEPTION 'rate limit scope % is unknown', p_scope
+            USING ERRCODE = 'PC103', HINT = 'queue, kind or tenant';
+    END IF;
+    IF p_name IS NULL OR length(p_name) NOT BETWEEN 1 AND 128 THEN
+        RAISE EXCEPTION 'rate limit: the % name must be 1 to 128 characters', p_scope
+            USING ERRCODE = 'PC103';
+    END IF;
+    IF p_per_second IS NULL OR p_per_second = 'NaN' OR p_per_second <= 0 OR p_per_second > 1e9 THEN
+        RAISE EXCEPTION 'rate limit of % %: the rate must be above 0 (and at most 1e9) per second, not %',
+            p_scope, p_name, p_per_second
+            USING ERRCODE = 'PC103', HINT = 'to stop claims, pause the queue instead';
+    END IF;
+    v_burst := coalesce(p_burst, greatest(1, ceil(p_per_second))::integer);
+    IF v_burst < 1 THEN
+        RAISE EXCEPTION 'rate limit of % %: the burst must be at least 1, not %', p_scope, p_name, v_burst
+            USING ERRCODE = 'PC103';
+    END IF;
+    INSERT INTO pgcrew.rate_limits AS l (scope, name, per_second, burst, tokens)
+    VALUES (p_scope, p_name, p_per_second, v_burst, v_burst)
+    ON CONFLICT (scope, name) DO UPDATE
+       SET per_second = EXCLUDED.per_second, burst = EXCLUDED.burst,
+           tokens = least(pgcrew.rate_tokens(l), EXCLUDED.burst), refilled_at = now();
+END $$;
+
+-- ---------------------------------------------------------------------------------------------
 -- Pause / resume
 -- ---------------------------------------------------------------------------------------------
 
@@ -184,6 +245,7 @@ LANGUAGE sql STABLE AS $$
         OR EXISTS (SELECT FROM pgcrew.tenant_queue_limits l WHERE l.queue = p_queue)
         OR EXISTS (SELECT FROM pgcrew.queue_pauses p WHERE p.queue = p_queue)
         OR EXISTS (SELECT FROM pgcrew.queue_key_limits k WHERE k.queue = p_queue)
+        OR EXISTS (SELECT FROM pgcrew.rate_limits l WHERE l.scope = 'queue' AND l.name = p_queue)
         OR EXISTS (SELECT FROM pgcrew.schedules sc WHERE sc.queue = p_queue)
 $$;
 
@@ -267,7 +329,8 @@ SELECT q.queue, q.available, q.scheduled, q.running,
 
 -- Claims as in V011, and: a paused queue (or a paused tenant of it) gives nothing (due tasks
 -- are still promoted, so `next_due` stays accurate while paused); in a queue with a key limit,
--- tasks whose key has max_running tasks running are passed over.
+-- tasks whose key has max_running tasks running are passed over; rate limits of the queue, of
+-- each tenant and of each kind cap what is claimed and take their tokens.
 CREATE OR REPLACE FUNCTION pgcrew.claim_tasks(p_queues text[], p_limit integer, p_instance text)
 RETURNS TABLE (id bigint, queue text, kind text, tenant_id text, run_id uuid, priority smallint,
                payload jsonb, attempts integer, max_attempts integer, claim_token uuid,
@@ -302,6 +365,19 @@ DECLARE
     v_key_locked boolean := false;
     v_room integer;
     r record;
+    v_rl_queue boolean;
+    v_rl_tenant boolean;
+    v_rl_kind boolean;
+    v_tok double precision;
+    v_kind_room jsonb;
+    v_kind_frac jsonb;
+    v_q_room integer;
+    v_q_frac double precision;
+    v_q_left integer;
+    v_outer_left integer;
+    v_t_room integer[];
+    v_t_frac double precision[];
+    v_taken integer[];
 BEGIN
     IF p_limit IS NULL OR p_limit <= 0 OR p_queues IS NULL THEN
         RETURN;
@@ -311,6 +387,23 @@ BEGIN
             current_setting('transaction_isolation')
             USING ERRCODE = 'PC023',
                   HINT = 'claim outside an explicit transaction or in a READ COMMITTED one: concurrency limits are counted under a lock and need a snapshot taken after it';
+    END IF;
+    -- Rate limits (V028): which scopes have any. Kind buckets are taken for the whole call:
+    -- each kind's whole tokens are its room; a bucket another claimer holds gives no room.
+    SELECT coalesce(bool_or(l.scope = 'queue'), false), coalesce(bool_or(l.scope = 'tenant'), false),
+           coalesce(bool_or(l.scope = 'kind'), false)
+      INTO v_rl_queue, v_rl_tenant, v_rl_kind
+      FROM pgcrew.rate_limits l;
+    IF v_rl_kind THEN
+        v_kind_room := '{}';
+        v_kind_frac := '{}';
+        FOR r IN SELECT l.name, pgcrew.rate_tokens(l) AS tok FROM pgcrew.rate_limits l
+                  WHERE l.scope = 'kind' ORDER BY l.name FOR UPDATE SKIP LOCKED LOOP
+            v_kind_room := v_kind_room || jsonb_build_object(r.name, floor(r.tok)::integer);
+            v_kind_frac := v_kind_frac || jsonb_build_object(r.name, r.tok - floor(r.tok));
+        END LOOP;
+        SELECT v_kind_room || coalesce(jsonb_object_agg(l.name, 0), '{}'::jsonb) INTO v_kind_room
+          FROM pgcrew.rate_limits l WHERE l.scope = 'kind' AND NOT (v_kind_room ? l.name);
     END IF;
     FOREACH v_q IN ARRAY p_queues LOOP
         EXIT WHEN v_left <= 0;
@@ -345,6 +438,22 @@ BEGIN
                        AND x.payload ->> v_key_field IS NOT NULL
                      GROUP BY 1) c;
         END IF;
+        -- The queue's rate limit (V028): this queue takes at most its whole tokens.
+        v_q_room := NULL;
+        IF v_rl_queue THEN
+            SELECT pgcrew.rate_tokens(l) INTO v_tok FROM pgcrew.rate_limits l
+             WHERE l.scope = 'queue' AND l.name = v_q FOR UPDATE SKIP LOCKED;
+            IF FOUND THEN
+                v_q_room := floor(v_tok)::integer;
+                v_q_frac := v_tok - v_q_room;
+            ELSIF EXISTS (SELECT FROM pgcrew.rate_limits l WHERE l.scope = 'queue' AND l.name = v_q) THEN
+                CONTINUE; -- another claimer is taking this queue's tokens
+            END IF;
+            CONTINUE WHEN v_q_room <= 0;
+        END IF;
+        v_outer_left := v_left;
+        v_left := least(v_left, coalesce(v_q_room, v_left));
+        v_q_left := v_left;
         -- Tenants with available work in this queue (loose index scan).
         WITH RECURSIVE act(tid) AS (
             (SELECT a.tenant_id FROM pgcrew.tasks a
@@ -357,8 +466,14 @@ BEGIN
               FROM act WHERE act.tid IS NOT NULL)
         SELECT array_agg(act.tid) INTO v_tenants FROM act
          WHERE act.tid IS NOT NULL AND (v_paused IS NULL OR NOT (act.tid = ANY (v_paused)));
-        CONTINUE WHEN v_tenants IS NULL;
+        IF v_tenants IS NULL THEN
+            v_left := v_outer_left;
+            CONTINUE;
+        END IF;
         v_n := cardinality(v_tenants);
+        v_t_room := array_fill(NULL::integer, ARRAY[v_n]);
+        v_t_frac := array_fill(NULL::double precision, ARRAY[v_n]);
+        v_taken := array_fill(0, ARRAY[v_n]);
         -- Each tenant's room this cycle: its limits minus what is running (NULL = unlimited).
         -- What this call claimed for earlier queues is running already and counted.
         v_caps := array_fill(NULL::integer, ARRAY[v_n]);
@@ -384,9 +499,21 @@ BEGIN
                     v_caps[v_i] := least(v_caps[v_i], greatest(0, v_qlim - v_running));
                 END IF;
             END IF;
+            -- The tenant's rate limit (V028).
+            IF v_rl_tenant THEN
+                SELECT pgcrew.rate_tokens(l) INTO v_tok FROM pgcrew.rate_limits l
+                 WHERE l.scope = 'tenant' AND l.name = v_t FOR UPDATE SKIP LOCKED;
+                IF FOUND THEN
+                    v_t_room[v_i] := floor(v_tok)::integer;
+                    v_t_frac[v_i] := v_tok - v_t_room[v_i];
+                    v_caps[v_i] := least(coalesce(v_caps[v_i], 2147483647), v_t_room[v_i]);
+                ELSIF EXISTS (SELECT FROM pgcrew.rate_limits l WHERE l.scope = 'tenant' AND l.name = v_t) THEN
+                    v_caps[v_i] := 0;
+                END IF;
+            END IF;
         END LOOP;
         -- Fast path: one unlimited tenant: claim in one statement.
-        IF v_n = 1 AND v_caps[1] IS NULL AND v_key_field IS NULL THEN
+        IF v_n = 1 AND v_caps[1] IS NULL AND v_key_field IS NULL AND v_kind_room IS NULL THEN
             v_t := v_tenants[1];
             RETURN QUERY
             WITH next AS (
@@ -405,8 +532,7 @@ BEGIN
                       (extract(epoch FROM (now() - t.run_at)) * 1000000)::bigint;
             GET DIAGNOSTICS v_claimed = ROW_COUNT;
             v_left := v_left - v_claimed;
-            CONTINUE;
-        END IF;
+        ELSE
         -- Pass 1: an equal share each (when tenants outnumber the batch, successive claims start
         -- at successive tenants: round robin); pass 2: leftover capacity to tenants with work.
         v_ids := '{}';
@@ -422,7 +548,7 @@ BEGIN
                 v_take := least(v_share, v_left, coalesce(v_caps[v_i], 2147483647));
                 CONTINUE WHEN v_take <= 0;
                 v_t := v_tenants[v_i];
-                IF v_key_field IS NULL THEN
+                IF v_key_field IS NULL AND v_kind_room IS NULL THEN
                     v_got := ARRAY(SELECT a.id FROM pgcrew.tasks a
                                     WHERE a.state = 'available' AND a.queue = v_q AND a.tenant_id = v_t
                                       AND NOT (a.id = ANY (v_ids))
@@ -430,9 +556,10 @@ BEGIN
                                     LIMIT v_take
                                     FOR UPDATE SKIP LOCKED);
                 ELSE
-                    -- In order, past tasks whose key is full (looking at most 1000 tasks).
+                    -- In order, past tasks whose key is full or whose kind has no tokens left
+                    -- (looking at most 1000 tasks).
                     v_got := '{}';
-                    FOR r IN SELECT a.id, a.payload ->> v_key_field AS k FROM pgcrew.tasks a
+                    FOR r IN SELECT a.id, a.kind, a.payload ->> v_key_field AS k FROM pgcrew.tasks a
                               WHERE a.state = 'available' AND a.queue = v_q AND a.tenant_id = v_t
                                 AND NOT (a.id = ANY (v_ids))
                               ORDER BY a.priority, a.run_at, a.id
@@ -442,6 +569,7 @@ BEGIN
                             v_room := coalesce((v_key_room ->> r.k)::integer, v_key_max);
                             CONTINUE WHEN v_room <= 0;
                         END IF;
+                        CONTINUE WHEN v_kind_room ? r.kind AND (v_kind_room ->> r.kind)::integer <= 0;
                         PERFORM FROM pgcrew.tasks l WHERE l.id = r.id AND l.state = 'available'
                             FOR UPDATE SKIP LOCKED;
                         CONTINUE WHEN NOT FOUND;
@@ -449,10 +577,15 @@ BEGIN
                         IF r.k IS NOT NULL THEN
                             v_key_room := jsonb_set(v_key_room, ARRAY[r.k], to_jsonb(v_room - 1));
                         END IF;
+                        IF v_kind_room ? r.kind THEN
+                            v_kind_room := jsonb_set(v_kind_room, ARRAY[r.kind],
+                                to_jsonb((v_kind_room ->> r.kind)::integer - 1));
+                        END IF;
                     END LOOP;
                 END IF;
                 v_ids := v_ids || v_got;
                 v_left := v_left - cardinality(v_got);
+                v_taken[v_i] := v_taken[v_i] + cardinality(v_got);
                 IF v_caps[v_i] IS NOT NULL THEN
                     v_caps[v_i] := v_caps[v_i] - cardinality(v_got);
                 END IF;
@@ -472,5 +605,29 @@ BEGIN
                       t.attempts, t.max_attempts, t.claim_token, t.run_at, t.created_at,
                       (extract(epoch FROM (now() - t.run_at)) * 1000000)::bigint;
         END IF;
+        END IF;
+        -- Rate limits (V028): take the tokens of what this queue claimed.
+        IF v_q_room IS NOT NULL THEN
+            UPDATE pgcrew.rate_limits l
+               SET tokens = v_q_frac + v_q_room - (v_q_left - v_left),
+                   refilled_at = greatest(l.refilled_at, now())
+             WHERE l.scope = 'queue' AND l.name = v_q;
+        END IF;
+        IF v_rl_tenant THEN
+            FOR v_i IN 1..v_n LOOP
+                CONTINUE WHEN v_t_room[v_i] IS NULL;
+                UPDATE pgcrew.rate_limits l
+                   SET tokens = v_t_frac[v_i] + v_t_room[v_i] - v_taken[v_i],
+                       refilled_at = greatest(l.refilled_at, now())
+                 WHERE l.scope = 'tenant' AND l.name = v_tenants[v_i];
+            END LOOP;
+        END IF;
+        v_left := v_outer_left - (v_q_left - v_left);
     END LOOP;
+    IF v_kind_frac IS NOT NULL THEN
+        UPDATE pgcrew.rate_limits l
+           SET tokens = (v_kind_frac ->> l.name)::double precision + (v_kind_room ->> l.name)::integer,
+               refilled_at = greatest(l.refilled_at, now())
+         WHERE l.scope = 'kind' AND v_kind_frac ? l.name;
+    END IF;
 END $$;

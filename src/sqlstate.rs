@@ -52,6 +52,8 @@ pub const UNKNOWN_QUEUE: &str = "PC100";
 pub const INVALID_SCHEDULE: &str = "PC101";
 /// PC102: the schedule does not exist (`pgcrew.fire_schedule`, `pgcrew.set_schedule_enabled`).
 pub const UNKNOWN_SCHEDULE: &str = "PC102";
+/// PC103: an invalid rate limit: rate not above 0, burst below 1, unknown scope (V028).
+pub const INVALID_RATE_LIMIT: &str = "PC103";
 
 /// 08000 connection_exception.
 pub const CONNECTION_EXCEPTION: &str = "08000";

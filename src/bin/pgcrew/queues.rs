@@ -21,6 +21,39 @@ pub enum QueuesCmd {
     /// Limit the tasks of a queue running at once per key (the value of a payload field), or
     /// `--clear` the limit; without flags, list the key limits.
     KeyLimit(KeyLimitArgs),
+    /// Limit claims per second (or minute) of a queue, a kind or a tenant, or `--clear` the
+    /// limit; without a rate, list the rate limits.
+    RateLimit(RateLimitArgs),
+}
+
+/// Flags of `pgcrew queues rate-limit`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("scope").args(["queue", "kind", "tenant"])))]
+pub struct RateLimitArgs {
+    /// Limit claims from this queue.
+    #[arg(long)]
+    pub queue: Option<String>,
+    /// Limit claims of this task kind (in any queue).
+    #[arg(long)]
+    pub kind: Option<String>,
+    /// Limit claims of this tenant's tasks (in any queue).
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Claims per second.
+    #[arg(long, requires = "scope", conflicts_with_all = ["per_minute", "clear"])]
+    pub per_second: Option<f64>,
+    /// Claims per minute.
+    #[arg(long, requires = "scope", conflicts_with = "clear")]
+    pub per_minute: Option<f64>,
+    /// Most claims at once after a quiet period (default: one second's worth).
+    #[arg(long)]
+    pub burst: Option<i32>,
+    /// Remove the limit.
+    #[arg(long, requires = "scope")]
+    pub clear: bool,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags of `pgcrew queues key-limit`.
@@ -62,6 +95,7 @@ pub async fn exec(dsn: Option<String>, cmd: QueuesCmd) -> Result<ExitCode> {
         QueuesCmd::Resume(a) => pause(dsn, a, false).await,
         QueuesCmd::List(f) => list(dsn, f.json).await,
         QueuesCmd::KeyLimit(a) => key_limit(dsn, a).await,
+        QueuesCmd::RateLimit(a) => rate_limit(dsn, a).await,
     }
 }
 
@@ -169,5 +203,58 @@ async fn list(dsn: Option<String>, json: bool) -> Result<ExitCode> {
             paused,
         ]
     })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn rate_limit(dsn: Option<String>, a: RateLimitArgs) -> Result<ExitCode> {
+    let scope = match (&a.queue, &a.kind, &a.tenant) {
+        (Some(q), _, _) => Some((queue::RateScope::Queue, q.clone())),
+        (_, Some(k), _) => Some((queue::RateScope::Kind, k.clone())),
+        (_, _, Some(t)) => Some((queue::RateScope::Tenant, t.clone())),
+        _ => None,
+    };
+    let rate = match (a.per_second, a.per_minute) {
+        (Some(n), _) => Some(queue::Rate::per_second(n)),
+        (_, Some(n)) => Some(queue::Rate::per_minute(n)),
+        _ => None,
+    }
+    .map(|r| match a.burst {
+        Some(b) => r.burst(b),
+        None => r,
+    });
+    let db = connect(dsn).await?;
+    match (scope, rate, a.clear) {
+        (Some((scope, name)), Some(rate), _) => {
+            queue::set_rate_limit(&db, scope, &name, rate).await?;
+            println!(
+                "{scope} {name}: at most {} claims a second",
+                rate.per_second
+            );
+        }
+        (Some((scope, name)), None, true) => {
+            let removed = queue::clear_rate_limit(&db, scope, &name).await?;
+            println!(
+                "{scope} {name}: {}",
+                if removed {
+                    "rate limit removed"
+                } else {
+                    "had no rate limit"
+                }
+            );
+        }
+        _ => {
+            let rows = queue::rate_limits(&db).await?;
+            let headers = ["SCOPE", "NAME", "PER SECOND", "BURST", "TOKENS"];
+            print_rows(a.json, &rows, Some("no rate limits"), &headers, |r| {
+                vec![
+                    r.scope.clone(),
+                    r.name.clone(),
+                    r.per_second.to_string(),
+                    r.burst.to_string(),
+                    format!("{:.1}", r.tokens),
+                ]
+            })?;
+        }
+    }
     Ok(ExitCode::SUCCESS)
 }

@@ -3,5 +3,6 @@
 mod bad_input;
 mod key_limit;
 mod pause;
+mod rate_limit;
 mod schedules;
 mod schedules_process;
