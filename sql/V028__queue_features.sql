@@ -5,8 +5,9 @@
 -- SQLSTATEs: PC100 unknown queue (pause), PC101 invalid schedule (time zone, interval,
 -- misfire policy, missing spec), PC102 unknown schedule, PC103 invalid rate limit.
 --
--- Also: per-key concurrency limits (pgcrew.queue_key_limits) and rate limits per queue, kind
--- and tenant (token buckets in pgcrew.rate_limits).
+-- Also: per-key concurrency limits (pgcrew.queue_key_limits), rate limits per queue, kind
+-- and tenant (token buckets in pgcrew.rate_limits) and backpressure thresholds
+-- (pgcrew.queue_backpressure).
 --
 -- Redefines pgcrew.claim_tasks (V011's body, plus: paused queues and paused tenants of a queue
 -- are skipped; due tasks are still promoted; key limits and rate limits hold).
@@ -216,6 +217,21 @@ BEGIN
        SET per_second = EXCLUDED.per_second, burst = EXCLUDED.burst,
            tokens = least(pgcrew.rate_tokens(l), EXCLUDED.burst), refilled_at = now();
 END $$;
+
+-- ---------------------------------------------------------------------------------------------
+-- Backpressure
+-- ---------------------------------------------------------------------------------------------
+
+-- Thresholds producers can ask to be held to: at most max_available tasks available in
+-- `queue` (tenant_id NULL), or of one tenant in it. Checked by the library's
+-- `enqueue_with_backpressure` before it enqueues (a soft limit: concurrent producers may pass
+-- it by a few tasks); plain enqueues ignore it.
+CREATE TABLE pgcrew.queue_backpressure (
+    queue         text NOT NULL CHECK (length(queue) BETWEEN 1 AND 128),
+    tenant_id     text REFERENCES pgcrew.tenants (id) ON DELETE CASCADE,
+    max_available bigint NOT NULL CONSTRAINT queue_backpressure_max_positive CHECK (max_available > 0),
+    CONSTRAINT queue_backpressure_unique UNIQUE NULLS NOT DISTINCT (queue, tenant_id)
+);
 
 -- ---------------------------------------------------------------------------------------------
 -- Pause / resume

@@ -48,6 +48,7 @@
 //! ```
 
 mod admin;
+mod backpressure;
 mod claim;
 mod enqueue;
 mod key_limit;
@@ -65,6 +66,9 @@ use std::time::Duration;
 pub use admin::{
     TaskRow, TaskStats, cancel, clear_queue_limit, get, list, retry, set_queue_limit, stats,
 };
+pub use backpressure::{
+    BackpressureMode, clear_backpressure, enqueue_with_backpressure, set_backpressure,
+};
 pub use claim::{
     Ack, AckOutcome, AckReport, ClaimedTask, HeartbeatReport, ack, claim, heartbeat, next_due,
 };
@@ -78,8 +82,8 @@ pub use retry::RetryPolicy;
 pub use state::{Priority, TaskState};
 pub use task::NewTask;
 pub use worker::{
-    HandlerError, TaskContext, TaskOutcome, WorkerMetrics, WorkerMetricsSnapshot, WorkerPool,
-    WorkerPoolBuilder,
+    DEFAULT_SATURATION_THRESHOLD, HandlerError, Saturation, TaskContext, TaskOutcome,
+    WorkerMetrics, WorkerMetricsSnapshot, WorkerPool, WorkerPoolBuilder,
 };
 
 /// Largest accepted task payload, in bytes of its JSON text as PostgreSQL renders the stored

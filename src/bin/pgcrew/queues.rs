@@ -24,6 +24,25 @@ pub enum QueuesCmd {
     /// Limit claims per second (or minute) of a queue, a kind or a tenant, or `--clear` the
     /// limit; without a rate, list the rate limits.
     RateLimit(RateLimitArgs),
+    /// Set (or `--clear`) the backpressure threshold of a queue (or of a tenant in it):
+    /// producers that ask for backpressure are refused once this many tasks are available.
+    Backpressure(BackpressureArgs),
+}
+
+/// Flags of `pgcrew queues backpressure`.
+#[derive(Debug, Args)]
+pub struct BackpressureArgs {
+    /// The queue.
+    pub queue: String,
+    /// Only this tenant's tasks in the queue.
+    #[arg(long)]
+    pub tenant: Option<String>,
+    /// Available tasks at which producers are held (at least 1).
+    #[arg(long, required_unless_present = "clear", conflicts_with = "clear")]
+    pub max_available: Option<i64>,
+    /// Remove the threshold.
+    #[arg(long)]
+    pub clear: bool,
 }
 
 /// Flags of `pgcrew queues rate-limit`.
@@ -96,6 +115,7 @@ pub async fn exec(dsn: Option<String>, cmd: QueuesCmd) -> Result<ExitCode> {
         QueuesCmd::List(f) => list(dsn, f.json).await,
         QueuesCmd::KeyLimit(a) => key_limit(dsn, a).await,
         QueuesCmd::RateLimit(a) => rate_limit(dsn, a).await,
+        QueuesCmd::Backpressure(a) => backpressure(dsn, a).await,
     }
 }
 
@@ -254,6 +274,36 @@ async fn rate_limit(dsn: Option<String>, a: RateLimitArgs) -> Result<ExitCode> {
                     format!("{:.1}", r.tokens),
                 ]
             })?;
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn backpressure(dsn: Option<String>, a: BackpressureArgs) -> Result<ExitCode> {
+    let tenant = a.tenant.map(TenantId::new).transpose()?;
+    if let Some(max) = a.max_available.filter(|m| *m < 1) {
+        return Err(pgcrew::Error::invalid(
+            "max_available",
+            format!("is {max}; the threshold must be at least 1"),
+        ));
+    }
+    let db = connect(dsn).await?;
+    match a.max_available {
+        Some(max) => {
+            queue::set_backpressure(&db, &a.queue, tenant.as_ref(), max).await?;
+            println!("queue {}: producers held at {max} available tasks", a.queue);
+        }
+        None => {
+            let removed = queue::clear_backpressure(&db, &a.queue, tenant.as_ref()).await?;
+            println!(
+                "queue {}: {}",
+                a.queue,
+                if removed {
+                    "backpressure removed"
+                } else {
+                    "had no backpressure threshold"
+                }
+            );
         }
     }
     Ok(ExitCode::SUCCESS)
