@@ -247,15 +247,13 @@ CREATE TABLE pgcrew.queue_pauses (
     CONSTRAINT queue_pauses_unique UNIQUE NULLS NOT DISTINCT (queue, tenant_id)
 );
 
--- Whether p_queue is known: it has tasks waiting or running, a worker pool waiting on it, a
--- tenant limit, a schedule or a pause.
+-- Whether p_queue is known: it has tasks available, due later, retrying or running (every
+-- probe on an index), a worker pool waiting on it, a limit, a schedule or a pause.
 CREATE FUNCTION pgcrew.queue_is_known(p_queue text) RETURNS boolean
 LANGUAGE sql STABLE AS $$
     SELECT EXISTS (SELECT FROM pgcrew.tasks a WHERE a.state = 'available' AND a.queue = p_queue)
         OR EXISTS (SELECT FROM pgcrew.tasks s WHERE s.state IN ('scheduled', 'retryable')
                                                 AND s.pending_deps = 0 AND s.queue = p_queue)
-        OR EXISTS (SELECT FROM pgcrew.tasks s WHERE s.state = 'scheduled' AND s.pending_deps > 0
-                                                AND s.queue = p_queue)
         OR EXISTS (SELECT FROM pgcrew.tasks r WHERE r.state = 'running' AND r.queue = p_queue)
         OR EXISTS (SELECT FROM pgcrew.queue_waiters w WHERE w.queue = p_queue)
         OR EXISTS (SELECT FROM pgcrew.tenant_queue_limits l WHERE l.queue = p_queue)
@@ -379,7 +377,6 @@ DECLARE
     v_key_max integer;
     v_key_room jsonb;
     v_key_locked boolean := false;
-    v_room integer;
     r record;
     v_rl_queue boolean;
     v_rl_tenant boolean;
@@ -572,32 +569,49 @@ BEGIN
                                     LIMIT v_take
                                     FOR UPDATE SKIP LOCKED);
                 ELSE
-                    -- In order, past tasks whose key is full or whose kind has no tokens left
-                    -- (looking at most 1000 tasks).
-                    v_got := '{}';
-                    FOR r IN SELECT a.id, a.kind, a.payload ->> v_key_field AS k FROM pgcrew.tasks a
-                              WHERE a.state = 'available' AND a.queue = v_q AND a.tenant_id = v_t
-                                AND NOT (a.id = ANY (v_ids))
-                              ORDER BY a.priority, a.run_at, a.id
-                              LIMIT 1000 LOOP
-                        EXIT WHEN cardinality(v_got) >= v_take;
-                        IF r.k IS NOT NULL THEN
-                            v_room := coalesce((v_key_room ->> r.k)::integer, v_key_max);
-                            CONTINUE WHEN v_room <= 0;
-                        END IF;
-                        CONTINUE WHEN v_kind_room ? r.kind AND (v_kind_room ->> r.kind)::integer <= 0;
-                        PERFORM FROM pgcrew.tasks l WHERE l.id = r.id AND l.state = 'available'
-                            FOR UPDATE SKIP LOCKED;
-                        CONTINUE WHEN NOT FOUND;
-                        v_got := v_got || r.id;
-                        IF r.k IS NOT NULL THEN
-                            v_key_room := jsonb_set(v_key_room, ARRAY[r.k], to_jsonb(v_room - 1));
-                        END IF;
-                        IF v_kind_room ? r.kind THEN
-                            v_kind_room := jsonb_set(v_kind_room, ARRAY[r.kind],
-                                to_jsonb((v_kind_room ->> r.kind)::integer - 1));
-                        END IF;
-                    END LOOP;
+                    -- In order, past tasks whose key is full or whose kind has no tokens
+                    -- left, in one statement over the first tasks of the tenant: a task is
+                    -- taken when its rank within its key (and within its kind) fits the room.
+                    -- Ranks count the tasks ahead that the other filter drops, so this may
+                    -- take fewer than fit, never more.
+                    v_got := ARRAY(
+                        SELECT c.id FROM (
+                            SELECT w.id, w.priority, w.run_at, w.k, w.kind,
+                                   row_number() OVER (PARTITION BY w.k ORDER BY w.priority, w.run_at, w.id) AS rk,
+                                   row_number() OVER (PARTITION BY w.kind ORDER BY w.priority, w.run_at, w.id) AS rn
+                              FROM (SELECT a.id, a.priority, a.run_at, a.kind,
+                                           a.payload ->> v_key_field AS k
+                                      FROM pgcrew.tasks a
+                                     WHERE a.state = 'available' AND a.queue = v_q AND a.tenant_id = v_t
+                                       AND NOT (a.id = ANY (v_ids))
+                                     ORDER BY a.priority, a.run_at, a.id
+                                     LIMIT least(1000, v_take * 4 + 100)) w) c
+                         WHERE (c.k IS NULL OR c.rk <= coalesce((v_key_room ->> c.k)::integer, v_key_max))
+                           AND (v_kind_room IS NULL OR NOT (v_kind_room ? c.kind)
+                                OR c.rn <= (v_kind_room ->> c.kind)::integer)
+                         ORDER BY c.priority, c.run_at, c.id
+                         LIMIT v_take);
+                    -- Their keys and kinds have that much less room (also if a lock below
+                    -- skips one: fewer taken, never more).
+                    IF v_key_field IS NOT NULL THEN
+                        SELECT v_key_room || coalesce(jsonb_object_agg(g.k,
+                                   coalesce((v_key_room ->> g.k)::integer, v_key_max) - g.n), '{}'::jsonb)
+                          INTO v_key_room
+                          FROM (SELECT x.payload ->> v_key_field AS k, count(*) AS n
+                                  FROM pgcrew.tasks x WHERE x.id = ANY (v_got)
+                                   AND x.payload ->> v_key_field IS NOT NULL GROUP BY 1) g;
+                    END IF;
+                    IF v_kind_room IS NOT NULL THEN
+                        SELECT v_kind_room || coalesce(jsonb_object_agg(g.kind,
+                                   (v_kind_room ->> g.kind)::integer - g.n), '{}'::jsonb)
+                          INTO v_kind_room
+                          FROM (SELECT x.kind, count(*) AS n FROM pgcrew.tasks x
+                                 WHERE x.id = ANY (v_got) AND v_kind_room ? x.kind GROUP BY 1) g;
+                    END IF;
+                    v_got := ARRAY(SELECT l.id FROM pgcrew.tasks l
+                                    WHERE l.id = ANY (v_got) AND l.state = 'available'
+                                    ORDER BY l.priority, l.run_at, l.id
+                                    FOR UPDATE SKIP LOCKED);
                 END IF;
                 v_ids := v_ids || v_got;
                 v_left := v_left - cardinality(v_got);

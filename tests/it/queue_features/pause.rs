@@ -100,6 +100,16 @@ async fn no_claim_starts_after_pause_and_resume_wakes_the_pool() {
             || async { claimed_after(&t, resumed_at).await > 0 },
         )
         .await;
+        let conn = t.db.get().await.unwrap();
+        let ms: f64 = conn
+            .query_one(
+                "SELECT (extract(epoch FROM min(claimed_at) - $1) * 1000)::float8 FROM pgcrew.tasks WHERE queue = 'pq' AND claimed_at > $1",
+                &[&resumed_at],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        eprintln!("round {round}: first claim {ms:.1} ms after resume was called");
     }
     producer.abort();
     assert!(
