@@ -579,13 +579,16 @@ BEGIN
                             SELECT w.id, w.priority, w.run_at, w.k, w.kind,
                                    row_number() OVER (PARTITION BY w.k ORDER BY w.priority, w.run_at, w.id) AS rk,
                                    row_number() OVER (PARTITION BY w.kind ORDER BY w.priority, w.run_at, w.id) AS rn
-                              FROM (SELECT a.id, a.priority, a.run_at, a.kind,
+                              FROM (SELECT * FROM (SELECT a.id, a.priority, a.run_at, a.kind,
                                            a.payload ->> v_key_field AS k
                                       FROM pgcrew.tasks a
                                      WHERE a.state = 'available' AND a.queue = v_q AND a.tenant_id = v_t
                                        AND NOT (a.id = ANY (v_ids))
                                      ORDER BY a.priority, a.run_at, a.id
-                                     LIMIT least(1000, v_take * 4 + 100)) w) c
+                                     -- A constant inner limit keeps the plan an index scan
+                                     -- in order; the outer one stops it early.
+                                     LIMIT 1000) w0
+                             LIMIT least(1000, v_take * 4 + 100)) w) c
                          WHERE (c.k IS NULL OR c.rk <= coalesce((v_key_room ->> c.k)::integer, v_key_max))
                            AND (v_kind_room IS NULL OR NOT (v_kind_room ? c.kind)
                                 OR c.rn <= (v_kind_room ->> c.kind)::integer)
@@ -608,10 +611,16 @@ BEGIN
                           FROM (SELECT x.kind, count(*) AS n FROM pgcrew.tasks x
                                  WHERE x.id = ANY (v_got) AND v_kind_room ? x.kind GROUP BY 1) g;
                     END IF;
-                    v_got := ARRAY(SELECT l.id FROM pgcrew.tasks l
-                                    WHERE l.id = ANY (v_got) AND l.state = 'available'
-                                    ORDER BY l.priority, l.run_at, l.id
-                                    FOR UPDATE SKIP LOCKED);
+                    -- Locked by id alone (the primary key: a filter on state could make the
+                    -- plan read the partial index of every available task), then kept if
+                    -- still available.
+                    v_got := ARRAY(SELECT x.id FROM (
+                                       SELECT l.id, l.state, l.priority, l.run_at FROM pgcrew.tasks l
+                                        WHERE l.id = ANY (v_got)
+                                       OFFSET 0 -- no pushing the state filter in here
+                                          FOR UPDATE SKIP LOCKED) x
+                                    WHERE x.state = 'available'
+                                    ORDER BY x.priority, x.run_at, x.id);
                 END IF;
                 v_ids := v_ids || v_got;
                 v_left := v_left - cardinality(v_got);
