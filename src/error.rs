@@ -113,6 +113,23 @@ pub enum Error {
         to: String,
     },
 
+    /// An enqueue that asked for backpressure was refused: the queue's available depth (or the
+    /// tenant's in it) has reached its configured threshold. Nothing was stored; retry later.
+    #[error(
+        "backpressure: queue {queue}{} has {depth} available tasks (threshold {threshold}); nothing was enqueued, retry later",
+        tenant.as_ref().map(|t| format!(" (tenant {t})")).unwrap_or_default()
+    )]
+    Backpressure {
+        /// The queue.
+        queue: String,
+        /// The tenant whose threshold was reached (`None`: the queue's own).
+        tenant: Option<String>,
+        /// The available depth counted (up to the threshold).
+        depth: i64,
+        /// The threshold.
+        threshold: i64,
+    },
+
     /// A lease (run lease, task claim or leadership) is no longer held by the caller.
     #[error("lease lost: {0}")]
     LeaseLost(String),

@@ -160,6 +160,7 @@ pub mod ledger_key;
 pub mod model;
 pub mod queue;
 pub mod runs;
+pub mod schedule;
 pub mod sqlstate;
 pub mod tenancy;
 pub mod ui;

@@ -48,6 +48,14 @@ pub const SUBAGENT_DEPTH: &str = "PC071";
 /// PC072: a sub-agent budget the parent's remaining run budget cannot cover; DETAIL is
 /// `{"limit_usd", "spent_usd", "reserved_usd", "requested_usd"}` (`pgcrew.start_child_run`, V021).
 pub const SUBAGENT_BUDGET: &str = "PC072";
+/// PC100: pausing a queue that is unknown (`pgcrew.pause_queue`, V028).
+pub const UNKNOWN_QUEUE: &str = "PC100";
+/// PC101: an invalid schedule: time zone, interval, misfire policy (`pgcrew.schedules`, V028).
+pub const INVALID_SCHEDULE: &str = "PC101";
+/// PC102: the schedule does not exist (`pgcrew.fire_schedule`, `pgcrew.set_schedule_enabled`).
+pub const UNKNOWN_SCHEDULE: &str = "PC102";
+/// PC103: an invalid rate limit: rate not above 0, burst below 1, unknown scope (V028).
+pub const INVALID_RATE_LIMIT: &str = "PC103";
 
 /// 08000 connection_exception.
 pub const CONNECTION_EXCEPTION: &str = "08000";

@@ -180,7 +180,18 @@ impl Client {
         leader::resign_on(&conn, DEFAULT_LEASE, me).await
     }
 
+    /// While leader: the maintenance passes and, beside them, the scheduler (which fires due
+    /// schedules in its own fenced transactions); both stop when the term is lost.
     async fn maintenance_loop(self, term: i64) {
+        let scheduler =
+            crate::schedule::run_scheduler(self.inner.db.clone(), self.maintenance_ctx(term));
+        tokio::select! {
+            _ = self.clone().maintenance_passes(term) => {}
+            _ = scheduler => {}
+        }
+    }
+
+    async fn maintenance_passes(self, term: i64) {
         let ctx = self.maintenance_ctx(term);
         loop {
             if self.leader_term() != Some(term) {

@@ -50,6 +50,7 @@ pub fn default_maintenance_steps() -> Vec<Arc<dyn MaintenanceStep>> {
     steps.extend(queue::maintenance_steps());
     steps.extend(crate::runs::maintenance_steps());
     steps.extend(crate::tenancy::maintenance_steps());
+    steps.push(Arc::new(crate::schedule::ScheduleFireRetention));
     steps
 }
 

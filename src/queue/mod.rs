@@ -48,10 +48,14 @@
 //! ```
 
 mod admin;
+mod backpressure;
 mod claim;
 mod enqueue;
+mod key_limit;
 mod maintenance;
+mod pause;
 mod payload;
+mod rate_limit;
 mod retry;
 mod state;
 mod task;
@@ -62,18 +66,24 @@ use std::time::Duration;
 pub use admin::{
     TaskRow, TaskStats, cancel, clear_queue_limit, get, list, retry, set_queue_limit, stats,
 };
+pub use backpressure::{
+    BackpressureMode, clear_backpressure, enqueue_with_backpressure, set_backpressure,
+};
 pub use claim::{
     Ack, AckOutcome, AckReport, ClaimedTask, HeartbeatReport, ack, claim, heartbeat, next_due,
 };
 pub use enqueue::{Enqueued, enqueue, enqueue_many};
+pub use key_limit::{KeyLimit, clear_key_limit, key_limits, set_key_limit};
 pub use maintenance::{RescueTasks, TaskRetention, maintenance_steps};
+pub use pause::{QueueDepth, pause, queues, resume};
 pub use payload::{bound_error_text, payload_size};
+pub use rate_limit::{Rate, RateLimit, RateScope, clear_rate_limit, rate_limits, set_rate_limit};
 pub use retry::RetryPolicy;
 pub use state::{Priority, TaskState};
 pub use task::NewTask;
 pub use worker::{
-    HandlerError, TaskContext, TaskOutcome, WorkerMetrics, WorkerMetricsSnapshot, WorkerPool,
-    WorkerPoolBuilder,
+    DEFAULT_SATURATION_THRESHOLD, HandlerError, Saturation, TaskContext, TaskOutcome,
+    WorkerMetrics, WorkerMetricsSnapshot, WorkerPool, WorkerPoolBuilder,
 };
 
 /// Largest accepted task payload, in bytes of its JSON text as PostgreSQL renders the stored

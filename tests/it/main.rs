@@ -34,6 +34,7 @@ mod pgbouncer;
 mod proxy;
 mod queue;
 mod queue_edges;
+mod queue_features;
 mod runs;
 mod runs_edges;
 mod skills;

@@ -1,10 +1,11 @@
 -- The worker pool's claim for a single queue, in one statement (no PL/pgSQL call), for the
 -- common case: exactly one tenant has available work in the queue, it has no concurrency limit
--- (tenant-wide or for this queue) and no scheduled / retryable task of the queue is due. Then
--- it claims up to $2 of that tenant's tasks by priority, run_at, id, exactly as
--- pgcrew.claim_tasks would. Otherwise it claims nothing, and an empty result means "no work, or
--- this path does not apply": the caller then runs pgcrew.claim_tasks (fair shares, limits,
--- promotion), which tells the two apart.
+-- (tenant-wide or for this queue), the queue is not paused for it and has no key or rate
+-- limit (V028), and no scheduled / retryable task of the queue is due. Then it claims up to
+-- $2 of that tenant's tasks by priority, run_at, id, exactly as pgcrew.claim_tasks would.
+-- Otherwise it claims nothing, and an empty result means "no work, or this path does not
+-- apply": the caller then runs pgcrew.claim_tasks (fair shares, limits, pauses, promotion),
+-- which tells the two apart.
 -- The checks are one-time filters of the locking subquery, and the UPDATE is the top-level
 -- statement (no CTE materialisation, no marker row): on a backend that was idle this is the
 -- cheapest shape measured (pgbench, 5 ms idle before each statement).
@@ -42,6 +43,18 @@ UPDATE pgcrew.tasks t
                           AND tn.max_concurrent_tasks IS NOT NULL)
        AND NOT EXISTS (SELECT FROM pgcrew.tenant_queue_limits l
                         WHERE l.tenant_id = (SELECT t1.tenant_id FROM t1) AND l.queue = $1)
+       -- The queue, or this tenant of it, is paused (V028): nothing to claim; or it has a
+       -- key limit: pgcrew.claim_tasks counts running tasks per key under a lock.
+       AND NOT EXISTS (SELECT FROM pgcrew.queue_pauses p
+                        WHERE p.queue = $1
+                          AND (p.tenant_id IS NULL OR p.tenant_id = (SELECT t1.tenant_id FROM t1)))
+       AND NOT EXISTS (SELECT FROM pgcrew.queue_key_limits k WHERE k.queue = $1)
+       -- A rate limit may apply (of the queue, the tenant or any kind): tokens are
+       -- pgcrew.claim_tasks's job.
+       AND NOT EXISTS (SELECT FROM pgcrew.rate_limits r
+                        WHERE (r.scope = 'queue' AND r.name = $1)
+                           OR (r.scope = 'tenant' AND r.name = (SELECT t1.tenant_id FROM t1))
+                           OR r.scope = 'kind')
      ORDER BY a.priority, a.run_at, a.id
      LIMIT $2::integer
      FOR UPDATE SKIP LOCKED))

@@ -10,7 +10,9 @@ mod doctor;
 mod http;
 mod init;
 mod output;
+mod queues;
 mod run;
+mod schedules;
 mod signal;
 mod submit;
 mod tasks;
@@ -72,6 +74,12 @@ pub enum Command {
     /// Inspect and control tasks.
     #[command(subcommand)]
     Tasks(tasks::TasksCmd),
+    /// Pause, resume and list queues.
+    #[command(subcommand)]
+    Queues(queues::QueuesCmd),
+    /// Manage schedules (cron or fixed interval) that enqueue tasks.
+    #[command(subcommand)]
+    Schedules(schedules::SchedulesCmd),
     /// Manage tenants.
     #[command(subcommand)]
     Tenants(tenants::TenantsCmd),
@@ -139,6 +147,8 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Leader(f) => coord::leader(dsn, f.json).await,
         Command::Run(cmd) => run::exec(dsn, cmd).await,
         Command::Tasks(cmd) => tasks::exec(dsn, cmd).await,
+        Command::Queues(cmd) => queues::exec(dsn, cmd).await,
+        Command::Schedules(cmd) => schedules::exec(dsn, cmd).await,
         Command::Tenants(cmd) => tenants::exec(dsn, cmd).await,
         Command::Bench(args) => bench::exec(dsn, args).await,
         Command::Demo(args) => demo::exec(dsn, args).await,

@@ -42,8 +42,10 @@ mod ack;
 mod builder;
 mod execute;
 mod fetch;
+mod saturation;
 
 pub use builder::WorkerPoolBuilder;
+pub use saturation::{DEFAULT_SATURATION_THRESHOLD, Saturation};
 
 /// The error type handlers return (anything convertible with `?`).
 pub type HandlerError = Box<dyn std::error::Error + Send + Sync>;

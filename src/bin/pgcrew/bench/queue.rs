@@ -44,6 +44,10 @@ pub struct QueueBenchArgs {
     /// default: a pool of 8 plus the coordination connection.
     #[arg(long, value_name = "N")]
     pub max_connections: Option<usize>,
+    /// Configure a rate limit (10 million a second) and a key limit (1000 running per payload
+    /// `i`) on the bench queue: limits above the processing rate, to measure their cost.
+    #[arg(long)]
+    pub with_limits: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -61,6 +65,7 @@ impl Default for QueueBenchArgs {
             wakeups: 1000,
             wakeup_gap: Duration::from_millis(5),
             max_connections: None,
+            with_limits: false,
             json: false,
         }
     }
@@ -115,12 +120,17 @@ pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> 
     let report = crate::bench::in_scratch(dsn, async |dsn| bench(dsn, &args).await).await?;
     super::print_report(args.json, &report, |report| {
         println!(
-            "pgcrew bench queue: {} no-op tasks, concurrency {} x {} instance(s), prefetch {}, {} connections per instance",
+            "pgcrew bench queue: {} no-op tasks, concurrency {} x {} instance(s), prefetch {}, {} connections per instance{}",
             report.tasks,
             report.concurrency,
             report.instances,
             report.prefetch,
-            report.connections_per_instance
+            report.connections_per_instance,
+            if args.with_limits {
+                ", rate limit 1e7/s + key limit 1000 per i"
+            } else {
+                ""
+            }
         );
         println!(
             "  enqueue (bulk, {} per statement, {} connections): {:>10.0} tasks/s  ({:.3} s)",
@@ -198,6 +208,16 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
     .await?;
     db.migrate_direct(target.direct_dsn).await?;
     let dsn = target.pool_dsn;
+    if args.with_limits {
+        queue::set_rate_limit(
+            &db,
+            queue::RateScope::Queue,
+            "default",
+            queue::Rate::per_second(1e7).burst(10_000_000),
+        )
+        .await?;
+        queue::set_key_limit(&db, "default", "i", 1000).await?;
+    }
 
     // 1. Bulk enqueue: whole batches from `producers` connections at once.
     eprintln!("[1/4] bulk enqueue of {} tasks ...", args.tasks);

@@ -1,0 +1,123 @@
+//! The leader's scheduler: fires due schedules in fenced transactions, then sleeps until the
+//! next fire (at most [`MAX_TICK`]).
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tracing::{debug, info, warn};
+
+use super::spec::{MisfirePolicy, ScheduleSpec, Timetable, plan};
+use crate::coord::maintenance::MaintenanceContext;
+use crate::db::{Db, Executor};
+use crate::error::{Error, Result};
+
+/// Longest sleep between two ticks: a schedule created or enabled meanwhile gets its first
+/// fire computed within this.
+pub const MAX_TICK: Duration = Duration::from_secs(1);
+
+/// Schedules handled per tick (the rest in the next, at once).
+const BATCH: i64 = 100;
+
+/// How long a schedule whose stored expression does not parse is parked before it is tried again.
+const PARK_BAD: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
+
+/// Fire due schedules while the leadership term in `ctx` holds: each tick runs in one
+/// transaction that first locks the leader row and checks the term (as maintenance steps do),
+/// so a deposed leader fires nothing. Returns [`Error::LeaseLost`] once the term is gone;
+/// other errors are logged and the tick retried.
+pub async fn run_scheduler(db: Db, ctx: MaintenanceContext) -> Result<()> {
+    loop {
+        let wait = match tick(&db, &ctx).await {
+            Ok(wait) => wait,
+            Err(Error::LeaseLost(m)) => {
+                debug!(message = %m, "scheduler stopped: lease lost");
+                return Err(Error::LeaseLost(m));
+            }
+            Err(e) => {
+                warn!(error = %e, "scheduler tick failed; retrying");
+                MAX_TICK
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
+/// One tick: fire what is due; returns how long to sleep.
+async fn tick(db: &Db, ctx: &MaintenanceContext) -> Result<Duration> {
+    let mut conn = db.get().await?;
+    let tx = conn.transaction().await?;
+    let fenced = tx
+        .query_opt(
+            sql!("coord/fence_leader"),
+            typed![&ctx.lease, &ctx.instance_id, &ctx.term],
+        )
+        .await?;
+    if fenced.is_none() {
+        return Err(Error::LeaseLost(format!(
+            "leader term {} of {} is no longer current; scheduler stopped",
+            ctx.term, ctx.instance_id
+        )));
+    }
+    let due = tx.query(sql!("schedule/due"), typed![&BATCH]).await?;
+    for row in &due {
+        let name: String = row.try_get("name")?;
+        let now: DateTime<Utc> = row.try_get("now")?;
+        let spec = match (
+            row.try_get::<_, Option<String>>("cron")?,
+            row.try_get::<_, Option<i64>>("interval_us")?,
+        ) {
+            (Some(expr), _) => ScheduleSpec::Cron {
+                expr,
+                time_zone: row.try_get("time_zone")?,
+            },
+            (None, Some(us)) => ScheduleSpec::Every(Duration::from_micros(us.max(0) as u64)),
+            (None, None) => continue,
+        };
+        let tt = match Timetable::new(&spec) {
+            Ok(tt) => tt,
+            Err(e) => {
+                warn!(schedule = %name, error = %e, "scheduler: cannot evaluate the schedule; parked for a minute");
+                tx.execute(sql!("schedule/set_next"), typed![&name, &(now + PARK_BAD)])
+                    .await?;
+                continue;
+            }
+        };
+        let policy: MisfirePolicy = row
+            .try_get::<_, String>("misfire")?
+            .parse()
+            .unwrap_or_default();
+        let next_fire_at: Option<DateTime<Utc>> = row.try_get("next_fire_at")?;
+        let p = plan(&tt, next_fire_at, now, policy);
+        let fired = tx
+            .query(
+                sql!("schedule/fire"),
+                typed![&name, &p.fires, &p.next, &false],
+            )
+            .await?;
+        if p.next.is_none() {
+            // Never fires again (a date that has passed): look again in a minute.
+            tx.execute(sql!("schedule/set_next"), typed![&name, &(now + PARK_BAD)])
+                .await?;
+        }
+        if next_fire_at.is_some() && fired.len() < p.fires.len() {
+            debug!(schedule = %name, planned = p.fires.len(), enqueued = fired.len(), "scheduler: some fires were enqueued before");
+        }
+        if let Some(late) = next_fire_at.filter(|f| p.fires.first() != Some(f)) {
+            info!(schedule = %name, missed_since = %late, policy = policy.as_str(), "scheduler: fires missed for longer than the grace period were handled by the misfire policy");
+        }
+    }
+    let more = due.len() as i64 >= BATCH;
+    let wake = tx.query_opt(sql!("schedule/next_wake"), typed![]).await?;
+    tx.commit().await?;
+    if more {
+        return Ok(Duration::ZERO);
+    }
+    Ok(match wake {
+        Some(r) => {
+            let us: i64 = r.try_get(0)?;
+            // A little past the fire, so the next tick's now() has reached it.
+            (Duration::from_micros(us.max(0) as u64) + Duration::from_millis(2)).min(MAX_TICK)
+        }
+        None => MAX_TICK,
+    })
+}

@@ -1,0 +1,9 @@
+//! Queue features of issue #21: pause/resume, schedules, and their bad input.
+
+mod backpressure;
+mod bad_input;
+mod key_limit;
+mod pause;
+mod rate_limit;
+mod schedules;
+mod schedules_process;
