@@ -157,10 +157,12 @@ pub mod error;
 pub mod ids;
 pub mod kernel;
 pub mod ledger_key;
+pub mod metrics;
 pub mod model;
 pub mod queue;
 pub mod runs;
 pub mod sqlstate;
+pub mod telemetry;
 pub mod tenancy;
 pub mod vocab;
 

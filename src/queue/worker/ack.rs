@@ -64,6 +64,9 @@ async fn deliver(
         match flush(db, conn, &part).await {
             Ok(stale) => {
                 metrics.stale_acks.fetch_add(stale, Ordering::Relaxed);
+                let tel = crate::telemetry::global();
+                tel.ack_batch.observe(part.len() as f64);
+                tel.acks_stale.inc_by(stale);
                 backoff = Duration::from_millis(50);
                 failures = 0;
             }
@@ -89,6 +92,7 @@ async fn deliver(
             }
             Err(e) if part.len() == 1 => {
                 metrics.rejected_acks.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::global().acks_rejected.inc();
                 if let Some(a) = part.first() {
                     error!(task = %a.id, token = %a.token, error = %e, "worker pool: the database rejected this task's acknowledgement; the task stays running until it is rescued after its heartbeat timeout");
                 }
