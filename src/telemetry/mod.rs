@@ -24,6 +24,19 @@ use prometheus_client::registry::Registry;
 
 pub mod trace;
 
+static RECORDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Whether this process records into its series (default on; `pgcrew bench observability`
+/// turns it off to measure what it costs).
+pub fn recording() -> bool {
+    RECORDING.load(Ordering::Relaxed)
+}
+
+/// Turn recording on or off (the series keep their values while off).
+pub fn set_recording(on: bool) {
+    RECORDING.store(on, Ordering::Relaxed);
+}
+
 /// The most label sets one family keeps; later ones are counted under `_other`.
 pub const MAX_SERIES: usize = 2000;
 
@@ -116,6 +129,9 @@ where
 
     /// Apply `f` to the series of `labels` (or of `other` once the family is full).
     pub fn with(&self, labels: L, other: impl FnOnce() -> L, f: impl FnOnce(&M)) {
+        if !recording() {
+            return;
+        }
         if let Some(m) = self.family.get(&labels) {
             f(&m);
             return;
@@ -372,6 +388,36 @@ impl Telemetry {
         });
         self.task_duration
             .with(l, other_qk, |h| h.observe(took.as_secs_f64()));
+    }
+
+    /// Count a claim that returned `n` tasks (held from now on).
+    pub fn claimed(&self, n: usize) {
+        if recording() && n > 0 {
+            self.claim_batch.observe(n as f64);
+            self.tasks_in_flight.inc_by(n as i64);
+        }
+    }
+
+    /// Count a held task released (acknowledgement queued).
+    pub fn released(&self) {
+        if recording() {
+            self.tasks_in_flight.dec();
+        }
+    }
+
+    /// Count one acknowledgement statement of `n` entries, `stale` of them stale.
+    pub fn acked(&self, n: usize, stale: u64) {
+        if recording() {
+            self.ack_batch.observe(n as f64);
+            self.acks_stale.inc_by(stale);
+        }
+    }
+
+    /// Count `n` ledger events appended.
+    pub fn appended(&self, n: u64) {
+        if recording() {
+            self.ledger_appends.inc_by(n);
+        }
     }
 
     /// Count one claimed task and its queue wait.

@@ -45,8 +45,8 @@ pub fn enabled() -> bool {
     ENABLED.load(Ordering::Relaxed)
 }
 
-/// Turn storing and restoring trace contexts on or off (for an OpenTelemetry layer installed
-/// by other means than [`otlp_layer`]).
+/// Turn tracing on or off: storing and restoring trace contexts, and the spans the layer of
+/// [`otlp_layer`] records (for a layer installed by other means, only the former).
 pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
 }
@@ -162,13 +162,33 @@ where
     if !set("OTEL_EXPORTER_OTLP_ENDPOINT") && !set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
         return None;
     }
+    Some(otlp_layer_to(service_name, None))
+}
+
+/// [`otlp_layer`] exporting to `traces_url` (the full URL, e.g.
+/// `http://127.0.0.1:4318/v1/traces`) whatever the environment says (`None`: the environment's
+/// endpoint).
+pub fn otlp_layer_to<S>(
+    service_name: &str,
+    traces_url: Option<&str>,
+) -> (
+    impl tracing_subscriber::Layer<S> + Send + Sync + 'static,
+    OtelGuard,
+)
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a> + Send + Sync,
+{
+    let url = traces_url.map(str::to_string);
     let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service_name.to_string());
     let provider = SdkTracerProvider::builder()
         .with_span_processor(BoundedExport::start(
-            || {
-                opentelemetry_otlp::SpanExporter::builder()
-                    .with_http()
-                    .build()
+            move || {
+                use opentelemetry_otlp::WithExportConfig as _;
+                let builder = opentelemetry_otlp::SpanExporter::builder().with_http();
+                match url {
+                    Some(u) => builder.with_endpoint(u).build(),
+                    None => builder.build(),
+                }
             },
             ExportSettings::from_env(),
         ))
@@ -180,9 +200,9 @@ where
     let layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
         .with_filter(tracing_subscriber::filter::filter_fn(|m| {
-            m.target().starts_with("pgcrew")
+            enabled() && m.target().starts_with("pgcrew")
         }));
-    Some((layer, OtelGuard { provider }))
+    (layer, OtelGuard { provider })
 }
 
 /// Queue and batch settings of the export (the `OTEL_BSP_*` variables).

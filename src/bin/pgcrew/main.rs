@@ -121,7 +121,10 @@ fn is_returned_error_event(meta: &tracing::Metadata<'_>) -> bool {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _otel = init_tracing(&cli.log);
+    let _otel = match &cli.command {
+        Command::Bench(b) if b.installs_tracing() => None,
+        _ => init_tracing(&cli.log),
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -64,9 +64,7 @@ async fn deliver(
         match flush(db, conn, &part).await {
             Ok(stale) => {
                 metrics.stale_acks.fetch_add(stale, Ordering::Relaxed);
-                let tel = crate::telemetry::global();
-                tel.ack_batch.observe(part.len() as f64);
-                tel.acks_stale.inc_by(stale);
+                crate::telemetry::global().acked(part.len(), stale);
                 backoff = Duration::from_millis(50);
                 failures = 0;
             }

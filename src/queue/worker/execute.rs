@@ -138,7 +138,7 @@ impl WorkerPool {
             shared.with_held(|h| h.remove(&id));
             let _ = ack_tx.send(Ack { id, token, outcome });
             m.in_flight.fetch_sub(1, Ordering::SeqCst);
-            telemetry::global().tasks_in_flight.dec();
+            telemetry::global().released();
             shared.slot_freed.notify_one();
         }
     }

@@ -75,13 +75,10 @@ impl WorkerPool {
                         .claimed
                         .fetch_add(got as u64, Ordering::Relaxed);
                     let tel = crate::telemetry::global();
-                    if got > 0 {
-                        tel.claim_batch.observe(got as f64);
-                    }
+                    tel.claimed(got);
                     super::trace::note_claims(ctx.db(), shared, &tasks).await;
                     for t in tasks {
                         self.metrics.in_flight.fetch_add(1, Ordering::SeqCst);
-                        tel.tasks_in_flight.inc();
                         tel.task_claimed(&t.queue, &t.kind, t.lag);
                         shared.with_held(|h| h.insert(t.id, CancellationToken::new()));
                         if work_tx.send(t).is_err() {

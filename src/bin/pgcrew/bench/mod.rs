@@ -4,6 +4,7 @@ pub mod budget;
 pub mod failover;
 pub mod fanout;
 pub mod ledger;
+pub mod observability;
 pub mod pgbouncer;
 pub mod queue;
 pub mod rls;
@@ -53,6 +54,17 @@ pub enum BenchKind {
     /// Many runs parked at a durable wait on one instance: the connections they hold, then the
     /// rate at which they complete once signalled.
     Waits(waits::WaitsBenchArgs),
+    /// The queue benchmark with metrics and tracing off and on (spans exported to a local
+    /// OTLP receiver), alternating, and the time of a `/metrics` scrape with many queues and
+    /// tenants.
+    Observability(observability::ObservabilityBenchArgs),
+}
+
+impl BenchArgs {
+    /// Whether the benchmark installs its own `tracing` subscriber (main then installs none).
+    pub fn installs_tracing(&self) -> bool {
+        matches!(self.which, Some(BenchKind::Observability(_)))
+    }
 }
 
 /// Run the chosen benchmark.
@@ -69,6 +81,7 @@ pub async fn exec(dsn: Option<String>, args: BenchArgs) -> Result<ExitCode> {
         Some(BenchKind::Budget(a)) => budget::run(dsn, a).await,
         Some(BenchKind::Pgbouncer(a)) => pgbouncer::run(dsn, a).await,
         Some(BenchKind::Waits(a)) => waits::run(dsn, a).await,
+        Some(BenchKind::Observability(a)) => observability::run(dsn, a).await,
     }
 }
 
