@@ -199,7 +199,9 @@ where
     use tracing_subscriber::Layer as _;
     let layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
-        .with_filter(tracing_subscriber::filter::filter_fn(|m| {
+        // Dynamic: decided per span, not cached per callsite, so set_enabled takes effect for
+        // callsites first hit while tracing was off.
+        .with_filter(tracing_subscriber::filter::dynamic_filter_fn(|m, _| {
             enabled() && m.target().starts_with("pgcrew")
         }));
     (layer, OtelGuard { provider })

@@ -85,6 +85,18 @@ fn spans(got: &Received) -> Vec<Got> {
 
 /// `pgcrew serve --agents demo` on the mock model, exporting to `endpoint` as `service`.
 fn spawn_serve(dsn: &str, id: &str, model_url: &str, endpoint: &str, stderr: Stdio) -> Serve {
+    spawn_serve_with(dsn, id, model_url, endpoint, stderr, &[])
+}
+
+/// [`spawn_serve`] with more arguments.
+fn spawn_serve_with(
+    dsn: &str,
+    id: &str,
+    model_url: &str,
+    endpoint: &str,
+    stderr: Stdio,
+    more: &[&str],
+) -> Serve {
     let child = Command::new(pgcrew_bin())
         .env("DATABASE_URL", dsn)
         .env_remove("OPENAI_API_KEY")
@@ -109,6 +121,7 @@ fn spawn_serve(dsn: &str, id: &str, model_url: &str, endpoint: &str, stderr: Std
         ])
         .args(["--tool-latency", "50ms"])
         .args(["--model-base-url", model_url])
+        .args(more)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(stderr)
@@ -361,4 +374,45 @@ impl StderrOf for std::process::Child {
         }
         s
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_task_has_a_claim_and_a_task_span_in_the_trace_of_its_enqueue() {
+    let t = test_db().await;
+    let (endpoint, got) = receiver().await;
+    let server = support_mock().await;
+    let a = spawn_serve_with(
+        t.dsn(),
+        "serve-q",
+        &server.base_url,
+        &endpoint,
+        Stdio::inherit(),
+        &["--queues", "default"],
+    );
+    wait_agents(&t.db, 1).await;
+    // Enqueued from this process inside no span: the tasks carry no trace context, and each
+    // task is a trace of its own.
+    let n = 20;
+    for _ in 0..n {
+        let task = pgcrew::NewTask::new(pgcrew::agent::demo::DEMO_NOOP, &json!({})).unwrap();
+        pgcrew::queue::enqueue(&t.db, &task).await.unwrap();
+    }
+    wait_until(
+        Duration::from_secs(30),
+        "the tasks' spans were not exported",
+        || async {
+            spans(&got)
+                .iter()
+                .filter(|s| s.name == "pgcrew.task")
+                .count()
+                >= n
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    drop(a);
+    let all = spans(&got);
+    let claims = all.iter().filter(|s| s.name == "pgcrew.claim").count();
+    let tasks = all.iter().filter(|s| s.name == "pgcrew.task").count();
+    assert_eq!((claims, tasks), (n, n), "{all:?}");
 }
