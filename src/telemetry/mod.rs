@@ -12,17 +12,22 @@
 //! rest under the value `_other`.
 
 use std::sync::OnceLock;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+mod export;
+mod labels;
+mod record;
 pub mod trace;
+
+pub use labels::{
+    Bounded, ModelLabel, ModelOutcome, ModelTokens, QueueKind, QueueLabel, StepLabel, ToolOutcome,
+};
+pub use record::AttemptOutcome;
 
 static RECORDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
@@ -42,112 +47,6 @@ pub const MAX_SERIES: usize = 2000;
 
 /// The label value that stands for every label set past [`MAX_SERIES`].
 pub const OTHER: &str = "_other";
-
-/// `{queue, kind}`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct QueueKind {
-    /// Queue.
-    pub queue: String,
-    /// Task kind.
-    pub kind: String,
-}
-
-/// `{queue}`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct QueueLabel {
-    /// Queue.
-    pub queue: String,
-}
-
-/// `{step}` (a maintenance step).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct StepLabel {
-    /// Step name.
-    pub step: String,
-}
-
-/// `{model, outcome}`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ModelOutcome {
-    /// Model name.
-    pub model: String,
-    /// `ok` or the error kind.
-    pub outcome: String,
-}
-
-/// `{model, direction}` (`prompt` or `completion`).
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ModelTokens {
-    /// Model name.
-    pub model: String,
-    /// `prompt` or `completion`.
-    pub direction: String,
-}
-
-/// `{model}`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ModelLabel {
-    /// Model name.
-    pub model: String,
-}
-
-/// `{tool, outcome}`.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ToolOutcome {
-    /// Tool name.
-    pub tool: String,
-    /// `ok`, `failed`, `unknown` or `replayed`.
-    pub outcome: String,
-}
-
-/// A labelled family that keeps at most [`MAX_SERIES`] label sets.
-#[derive(Debug)]
-pub struct Bounded<L, M>
-where
-    L: Clone + std::hash::Hash + Eq,
-{
-    family: Family<L, M, fn() -> M>,
-    series: AtomicUsize,
-}
-
-impl<L, M> Bounded<L, M>
-where
-    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
-    M: prometheus_client::metrics::TypedMetric
-        + prometheus_client::encoding::EncodeMetric
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-{
-    fn new(make: fn() -> M) -> Self {
-        Bounded {
-            family: Family::new_with_constructor(make),
-            series: AtomicUsize::new(0),
-        }
-    }
-
-    /// Apply `f` to the series of `labels` (or of `other` once the family is full).
-    pub fn with(&self, labels: L, other: impl FnOnce() -> L, f: impl FnOnce(&M)) {
-        if !recording() {
-            return;
-        }
-        if let Some(m) = self.family.get(&labels) {
-            f(&m);
-            return;
-        }
-        let labels = if self.series.fetch_add(1, Ordering::Relaxed) < MAX_SERIES {
-            labels
-        } else {
-            other()
-        };
-        f(&self.family.get_or_create(&labels));
-    }
-
-    fn register(&self, registry: &mut Registry, name: &str, help: &str) {
-        registry.register(name, help, self.family.clone());
-    }
-}
 
 fn duration_buckets() -> Histogram {
     // 1 ms .. ~65 s.
@@ -366,184 +265,6 @@ impl Telemetry {
     /// The registry holding every series above (prefix `pgcrew_`).
     pub fn registry(&self) -> &Registry {
         &self.registry
-    }
-
-    /// Count one finished task attempt and its duration.
-    pub fn task_finished(&self, queue: &str, kind: &str, outcome: AttemptOutcome, took: Duration) {
-        let l = qk(queue, kind);
-        let family = match outcome {
-            AttemptOutcome::Succeeded => &self.tasks_succeeded,
-            AttemptOutcome::Snoozed => &self.tasks_snoozed,
-            AttemptOutcome::Failed { retried } => {
-                if retried {
-                    self.tasks_retried.with(l.clone(), other_qk, |c| {
-                        c.inc();
-                    });
-                }
-                &self.tasks_failed
-            }
-        };
-        family.with(l.clone(), other_qk, |c| {
-            c.inc();
-        });
-        self.task_duration
-            .with(l, other_qk, |h| h.observe(took.as_secs_f64()));
-    }
-
-    /// Count a claim that returned `n` tasks (held from now on).
-    pub fn claimed(&self, n: usize) {
-        if recording() && n > 0 {
-            self.claim_batch.observe(n as f64);
-            self.tasks_in_flight.inc_by(n as i64);
-        }
-    }
-
-    /// Count a held task released (acknowledgement queued).
-    pub fn released(&self) {
-        if recording() {
-            self.tasks_in_flight.dec();
-        }
-    }
-
-    /// Count one acknowledgement statement of `n` entries, `stale` of them stale.
-    pub fn acked(&self, n: usize, stale: u64) {
-        if recording() {
-            self.ack_batch.observe(n as f64);
-            self.acks_stale.inc_by(stale);
-        }
-    }
-
-    /// Count `n` ledger events appended.
-    pub fn appended(&self, n: u64) {
-        if recording() {
-            self.ledger_appends.inc_by(n);
-        }
-    }
-
-    /// Count one claimed task and its queue wait.
-    pub fn task_claimed(&self, queue: &str, kind: &str, wait: Duration) {
-        self.tasks_claimed.with(qk(queue, kind), other_qk, |c| {
-            c.inc();
-        });
-        self.task_queue_wait.with(
-            QueueLabel {
-                queue: queue.to_string(),
-            },
-            || QueueLabel {
-                queue: OTHER.into(),
-            },
-            |h| h.observe(wait.as_secs_f64()),
-        );
-    }
-
-    /// Count one rescued task.
-    pub fn task_rescued(&self, queue: &str, kind: &str) {
-        self.tasks_rescued.with(qk(queue, kind), other_qk, |c| {
-            c.inc();
-        });
-    }
-
-    /// Record one maintenance step.
-    pub fn maintenance_step(&self, step: &str, took: Duration, rows: u64) {
-        let l = StepLabel { step: step.into() };
-        let other = || StepLabel { step: OTHER.into() };
-        self.maintenance_duration
-            .with(l.clone(), other, |h| h.observe(took.as_secs_f64()));
-        self.maintenance_rows.with(l, other, |c| {
-            c.inc_by(rows);
-        });
-    }
-
-    /// Record one model call (`outcome`: `ok` or an error kind).
-    pub fn model_call(&self, model: &str, outcome: &str, took: Duration) {
-        let l = ModelOutcome {
-            model: model.into(),
-            outcome: outcome.into(),
-        };
-        let other = || ModelOutcome {
-            model: OTHER.into(),
-            outcome: OTHER.into(),
-        };
-        self.model_calls.with(l.clone(), other, |c| {
-            c.inc();
-        });
-        self.model_latency
-            .with(l, other, |h| h.observe(took.as_secs_f64()));
-    }
-
-    /// Record the tokens and cost of one completed model call.
-    pub fn model_usage(&self, model: &str, prompt: u64, completion: u64, cost_usd: f64) {
-        for (direction, n) in [("prompt", prompt), ("completion", completion)] {
-            self.model_tokens.with(
-                ModelTokens {
-                    model: model.into(),
-                    direction: direction.into(),
-                },
-                || ModelTokens {
-                    model: OTHER.into(),
-                    direction: direction.into(),
-                },
-                |c| {
-                    c.inc_by(n);
-                },
-            );
-        }
-        self.model_cost_usd.with(
-            ModelLabel {
-                model: model.into(),
-            },
-            || ModelLabel {
-                model: OTHER.into(),
-            },
-            |c| {
-                c.inc_by(cost_usd.max(0.0));
-            },
-        );
-    }
-
-    /// Record one tool call (`outcome`: `ok`, `failed`, `unknown`).
-    pub fn tool_call(&self, tool: &str, outcome: &str) {
-        self.tool_calls.with(
-            ToolOutcome {
-                tool: tool.into(),
-                outcome: outcome.into(),
-            },
-            || ToolOutcome {
-                tool: OTHER.into(),
-                outcome: outcome.into(),
-            },
-            |c| {
-                c.inc();
-            },
-        );
-    }
-}
-
-/// How a task attempt ended, for [`Telemetry::task_finished`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttemptOutcome {
-    /// Completed.
-    Succeeded,
-    /// Snoozed.
-    Snoozed,
-    /// Failed; `retried` when attempts are left.
-    Failed {
-        /// Whether the task runs again.
-        retried: bool,
-    },
-}
-
-fn qk(queue: &str, kind: &str) -> QueueKind {
-    QueueKind {
-        queue: queue.to_string(),
-        kind: kind.to_string(),
-    }
-}
-
-fn other_qk() -> QueueKind {
-    QueueKind {
-        queue: OTHER.into(),
-        kind: OTHER.into(),
     }
 }
 

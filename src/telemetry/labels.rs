@@ -1,0 +1,116 @@
+//! The label sets of the series, and [`Bounded`]: a labelled family that keeps at most
+//! [`MAX_SERIES`] label sets.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+use super::{MAX_SERIES, recording};
+
+/// `{queue, kind}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueKind {
+    /// Queue.
+    pub queue: String,
+    /// Task kind.
+    pub kind: String,
+}
+
+/// `{queue}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabel {
+    /// Queue.
+    pub queue: String,
+}
+
+/// `{step}` (a maintenance step).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StepLabel {
+    /// Step name.
+    pub step: String,
+}
+
+/// `{model, outcome}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelOutcome {
+    /// Model name.
+    pub model: String,
+    /// `ok` or the error kind.
+    pub outcome: String,
+}
+
+/// `{model, direction}` (`prompt` or `completion`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelTokens {
+    /// Model name.
+    pub model: String,
+    /// `prompt` or `completion`.
+    pub direction: String,
+}
+
+/// `{model}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabel {
+    /// Model name.
+    pub model: String,
+}
+
+/// `{tool, outcome}`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ToolOutcome {
+    /// Tool name.
+    pub tool: String,
+    /// `ok`, `failed`, `unknown` or `replayed`.
+    pub outcome: String,
+}
+
+/// A labelled family that keeps at most [`MAX_SERIES`] label sets.
+#[derive(Debug)]
+pub struct Bounded<L, M>
+where
+    L: Clone + std::hash::Hash + Eq,
+{
+    family: Family<L, M, fn() -> M>,
+    series: AtomicUsize,
+}
+
+impl<L, M> Bounded<L, M>
+where
+    L: Clone + std::hash::Hash + Eq + EncodeLabelSet + std::fmt::Debug + Send + Sync + 'static,
+    M: prometheus_client::metrics::TypedMetric
+        + prometheus_client::encoding::EncodeMetric
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    pub(super) fn new(make: fn() -> M) -> Self {
+        Bounded {
+            family: Family::new_with_constructor(make),
+            series: AtomicUsize::new(0),
+        }
+    }
+
+    /// Apply `f` to the series of `labels` (or of `other` once the family is full).
+    pub fn with(&self, labels: L, other: impl FnOnce() -> L, f: impl FnOnce(&M)) {
+        if !recording() {
+            return;
+        }
+        if let Some(m) = self.family.get(&labels) {
+            f(&m);
+            return;
+        }
+        let labels = if self.series.fetch_add(1, Ordering::Relaxed) < MAX_SERIES {
+            labels
+        } else {
+            other()
+        };
+        f(&self.family.get_or_create(&labels));
+    }
+
+    pub(super) fn register(&self, registry: &mut Registry, name: &str, help: &str) {
+        registry.register(name, help, self.family.clone());
+    }
+}
