@@ -114,3 +114,47 @@ where
         registry.register(name, help, self.family.clone());
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::encoding::text::encode;
+    use prometheus_client::metrics::counter::Counter;
+
+    use super::*;
+
+    #[test]
+    fn a_family_keeps_at_most_max_series_label_sets_and_counts_the_rest_as_other() {
+        let family: Bounded<QueueLabel, Counter> = Bounded::new(Counter::default);
+        for i in 0..MAX_SERIES + 25 {
+            family.with(
+                QueueLabel {
+                    queue: format!("q{i}"),
+                },
+                || QueueLabel {
+                    queue: super::super::OTHER.into(),
+                },
+                |c| {
+                    c.inc();
+                },
+            );
+        }
+        // A label set seen before the family filled up keeps its own series.
+        family.with(
+            QueueLabel { queue: "q0".into() },
+            || QueueLabel {
+                queue: super::super::OTHER.into(),
+            },
+            |c| {
+                c.inc();
+            },
+        );
+        let mut registry = Registry::default();
+        family.register(&mut registry, "t", "test");
+        let mut out = String::new();
+        encode(&mut out, &registry).unwrap();
+        let series = out.lines().filter(|l| l.starts_with("t_total{")).count();
+        assert_eq!(series, MAX_SERIES + 1);
+        assert!(out.contains("t_total{queue=\"_other\"} 25\n"), "{out}");
+        assert!(out.contains("t_total{queue=\"q0\"} 2\n"));
+    }
+}
