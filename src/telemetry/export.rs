@@ -215,3 +215,70 @@ fn block_on<F: std::future::Future>(fut: F) -> F::Output {
         std::thread::park();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+
+    use opentelemetry::trace::{Tracer as _, TracerProvider as _};
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+
+    use super::*;
+
+    /// An exporter that waits for `go` before each export, then fails it.
+    #[derive(Debug)]
+    struct Stuck {
+        go: Mutex<mpsc::Receiver<()>>,
+        batches: Arc<Mutex<Vec<usize>>>,
+    }
+
+    impl SpanExporter for Stuck {
+        async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
+            if let Ok(rx) = self.go.lock() {
+                let _ = rx.recv();
+            }
+            if let Ok(mut b) = self.batches.lock() {
+                b.push(batch.len());
+            }
+            Err(OTelSdkError::InternalFailure("collector down".into()))
+        }
+    }
+
+    #[test]
+    fn a_full_queue_and_a_failed_export_drop_spans_counted_and_never_block() {
+        let dropped_before = crate::telemetry::global().spans_dropped.get();
+        let (go, rx) = mpsc::channel();
+        let batches = Arc::new(Mutex::new(Vec::new()));
+        let exporter = Stuck {
+            go: Mutex::new(rx),
+            batches: batches.clone(),
+        };
+        let settings = ExportSettings {
+            max_queue: 4,
+            max_batch: 1,
+            delay: Duration::from_millis(10),
+        };
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(BoundedExport::start(
+                move || Ok::<_, String>(exporter),
+                settings,
+            ))
+            .build();
+        let tracer = provider.tracer("test");
+        // The export thread takes one span and waits in the exporter; the queue holds 4; the
+        // other 15 are dropped at once (if on_end blocked, this loop would never finish).
+        for i in 0..20 {
+            tracer.in_span(format!("s{i}"), |_| {});
+        }
+        for _ in 0..64 {
+            let _ = go.send(());
+        }
+        let _ = provider.force_flush();
+        let _ = provider.shutdown();
+        let exported: usize = batches.lock().map(|b| b.iter().sum()).unwrap_or(0);
+        let dropped = crate::telemetry::global().spans_dropped.get() - dropped_before;
+        // Every span is accounted for: dropped at the queue, or dropped by the failed export.
+        assert_eq!(dropped, 20, "exported batches: {exported}");
+        assert!((1..=5).contains(&exported), "{exported}");
+    }
+}
