@@ -10,16 +10,14 @@
 
 -- The default is inline (no function to grant): a well-formed traceparent or NULL. A stable
 -- default is evaluated once for the existing rows (no table rewrite) and per insert for new ones.
+-- No CHECK constraint: pgcrew.runs carries none (each would cost every ledger append, V015),
+-- and the default only ever stores a 55-character traceparent.
 ALTER TABLE pgcrew.tasks ADD COLUMN trace_context text DEFAULT (CASE WHEN current_setting('pgcrew.trace_context', true)
                             ~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'
                        THEN current_setting('pgcrew.trace_context', true) END);
-ALTER TABLE pgcrew.tasks ADD CONSTRAINT tasks_trace_context_len
-    CHECK (length(trace_context) <= 256) NOT VALID;
 ALTER TABLE pgcrew.runs ADD COLUMN trace_context text DEFAULT (CASE WHEN current_setting('pgcrew.trace_context', true)
                             ~ '^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$'
                        THEN current_setting('pgcrew.trace_context', true) END);
-ALTER TABLE pgcrew.runs ADD CONSTRAINT runs_trace_context_len
-    CHECK (length(trace_context) <= 256) NOT VALID;
 
 -- ---------------------------------------------------------------------------------------------
 -- Per tenant
