@@ -47,9 +47,10 @@ pub fn set_enabled(on: bool) {
 }
 
 /// `on.query_one(sql, params)` (a statement that creates tasks or runs) with the current
-/// span's `traceparent` as the default trace context of the rows it inserts (V027), reset right
-/// after, on one connection (taken from the pool when `on` is the pool). Without tracing, or
-/// outside a recorded span, this is `on.query_one(sql, params)` alone.
+/// span's `traceparent` as the default trace context of the rows it inserts (V027). On the pool
+/// (`&db`): in a transaction of its own with a transaction-local setting (safe behind PgBouncer
+/// in transaction mode); on a connection or transaction: a session setting, reset right after.
+/// Without tracing, or outside a recorded span, this is `on.query_one(sql, params)` alone.
 pub async fn query_one_traced<E>(
     on: &E,
     sql: &str,
@@ -62,24 +63,20 @@ where
         return on.query_one(sql, params).await;
     };
     if let Handle::Pool(db) = handle_of(on) {
-        let conn = db.get().await?;
-        return traced(&conn, &tp, sql, params).await;
+        let mut conn = db.get().await?;
+        let tx = conn.transaction().await?;
+        tx.execute(sql!("telemetry/set_trace_context"), typed![&tp, &true])
+            .await?;
+        let row = Executor::query_one(&tx, sql, params).await?;
+        tx.commit().await?;
+        return Ok(row);
     }
-    traced(on, &tp, sql, params).await
-}
-
-async fn traced<E: Executor + ?Sized>(
-    on: &E,
-    traceparent: &String,
-    sql: &str,
-    params: &[(&(dyn ToSql + Sync), Type)],
-) -> crate::error::Result<Row> {
-    on.execute(sql!("telemetry/set_trace_context"), typed![traceparent])
+    on.execute(sql!("telemetry/set_trace_context"), typed![&tp, &false])
         .await?;
     let result = on.query_one(sql, params).await;
     let empty = String::new();
     let reset = on
-        .execute(sql!("telemetry/set_trace_context"), typed![&empty])
+        .execute(sql!("telemetry/set_trace_context"), typed![&empty, &false])
         .await;
     let row = result?;
     reset?;

@@ -397,6 +397,21 @@ async fn each_task_has_a_claim_and_a_task_span_in_the_trace_of_its_enqueue() {
         let task = pgcrew::NewTask::new(pgcrew::agent::demo::DEMO_NOOP, &json!({})).unwrap();
         pgcrew::queue::enqueue(&t.db, &task).await.unwrap();
     }
+    // And one from `pgcrew tasks enqueue` (a pooled connection) while tracing: its task
+    // continues the trace of the enqueue span.
+    let out = tokio::process::Command::new(pgcrew_bin())
+        .env("DATABASE_URL", t.dsn())
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", &endpoint)
+        .env("OTEL_SERVICE_NAME", "enqueuer")
+        .args(["tasks", "enqueue", "--kind", pgcrew::agent::demo::DEMO_NOOP])
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     wait_until(
         Duration::from_secs(30),
         "the tasks' spans were not exported",
@@ -405,7 +420,7 @@ async fn each_task_has_a_claim_and_a_task_span_in_the_trace_of_its_enqueue() {
                 .iter()
                 .filter(|s| s.name == "pgcrew.task")
                 .count()
-                >= n
+                > n
         },
     )
     .await;
@@ -414,5 +429,26 @@ async fn each_task_has_a_claim_and_a_task_span_in_the_trace_of_its_enqueue() {
     let all = spans(&got);
     let claims = all.iter().filter(|s| s.name == "pgcrew.claim").count();
     let tasks = all.iter().filter(|s| s.name == "pgcrew.task").count();
-    assert_eq!((claims, tasks), (n, n), "{all:?}");
+    assert_eq!((claims, tasks), (n + 1, n + 1), "{all:?}");
+    let enqueue = all
+        .iter()
+        .find(|s| s.service == "enqueuer" && s.name == "enqueue")
+        .expect("the enqueue span");
+    let linked: Vec<&Got> = all
+        .iter()
+        .filter(|s| s.service == "serve-q" && s.trace == enqueue.trace)
+        .collect();
+    assert!(
+        linked
+            .iter()
+            .any(|s| s.name == "pgcrew.task" && s.has_parent)
+            && linked.iter().any(|s| s.name == "pgcrew.claim"),
+        "{all:?}"
+    );
+    // The others are traces of their own.
+    let roots = all
+        .iter()
+        .filter(|s| s.name == "pgcrew.task" && !s.has_parent)
+        .count();
+    assert_eq!(roots, n);
 }
