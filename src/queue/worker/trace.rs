@@ -1,6 +1,7 @@
 //! Tracing the pool's work: each claimed task continues the trace stored with it (its run's,
-//! or its own; V027) in a `pgcrew.claim` span and a `pgcrew.task` span around the handler, on
-//! whichever instance claimed it. Only while OpenTelemetry tracing is on
+//! or its own; V027) in a `pgcrew.claim` span (a marker with the queue wait and batch size)
+//! and a `pgcrew.task` span around the handler, on whichever instance claimed it; a task
+//! without a stored trace starts one with its `pgcrew.task` span. Only while OpenTelemetry tracing is on
 //! ([`crate::telemetry::trace::enabled`]); otherwise the spans have no remote parent and
 //! nothing is read.
 
@@ -24,14 +25,15 @@ pub(super) fn task_span(task: &ClaimedTask, traceparent: Option<&str>) -> Span {
         task_id = task.id.0,
         attempt = task.attempt,
         run_id = task.run_id.map(|r| r.to_string()),
+        queue_wait_ms = task.lag.as_secs_f64() * 1000.0,
     );
     set_remote_parent(&span, traceparent);
     span
 }
 
 /// After a claim (tracing on): read the trace contexts of `tasks`, keep them for their
-/// `pgcrew.task` spans, and record a `pgcrew.claim` span in each task's trace (queue wait and
-/// batch size as attributes). A failed read only loses the links.
+/// `pgcrew.task` spans, and record a `pgcrew.claim` span in the trace of each task that has
+/// one (queue wait and batch size as attributes). A failed read only loses the links.
 pub(super) async fn note_claims(db: &Db, shared: &Shared, tasks: &[ClaimedTask]) {
     if !enabled() || tasks.is_empty() {
         return;
@@ -53,8 +55,12 @@ pub(super) async fn note_claims(db: &Db, shared: &Shared, tasks: &[ClaimedTask])
         }
         Err(e) => tracing::debug!(error = %e, "worker pool: reading trace contexts failed"),
     }
+    // A claim marker only where it links instances (a task continuing a stored trace); a task
+    // starting a trace of its own carries the queue wait on its `pgcrew.task` span.
     for t in tasks {
-        let tp = found.get(&t.id).map(String::as_str);
+        let Some(tp) = found.get(&t.id).map(String::as_str) else {
+            continue;
+        };
         let span = info_span!(
             target: "pgcrew::queue",
             "pgcrew.claim",
@@ -64,7 +70,7 @@ pub(super) async fn note_claims(db: &Db, shared: &Shared, tasks: &[ClaimedTask])
             batch = tasks.len(),
             queue_wait_ms = t.lag.as_secs_f64() * 1000.0,
         );
-        set_remote_parent(&span, tp);
+        set_remote_parent(&span, Some(tp));
         drop(span);
     }
     shared.with_traces(|m| m.extend(found));

@@ -1,7 +1,7 @@
 //! `pgcrew bench observability`: what metrics and tracing cost. The queue benchmark
-//! (`bench queue`) alternately with both off (no series recorded, no spans) and both on (every
-//! series, spans exported over OTLP/HTTP to a receiver inside this process), each run in its
-//! own scratch database; then the time of a `/metrics` render on the leader with `--queues`
+//! (`bench queue`) in rounds of three runs: both off (no series recorded, no spans), metrics
+//! only, and both on (every series, spans exported over OTLP/HTTP to a receiver inside this
+//! process), each run in its own scratch database; then the time of a `/metrics` render on the leader with `--queues`
 //! queues and `--tenants` tenants (the cluster gauges re-read from the database every time).
 
 use std::process::ExitCode;
@@ -49,10 +49,14 @@ struct Report {
     tasks: usize,
     concurrency: usize,
     off_processed_per_sec: Vec<f64>,
+    metrics_processed_per_sec: Vec<f64>,
     on_processed_per_sec: Vec<f64>,
     off_median: f64,
+    metrics_median: f64,
     on_median: f64,
-    /// On over off (medians).
+    /// Metrics only over off (medians).
+    metrics_ratio: f64,
+    /// Metrics and tracing over off (medians).
     throughput_ratio: f64,
     spans_exported: u64,
     spans_dropped: u64,
@@ -90,10 +94,10 @@ async fn receiver(requests: Arc<AtomicU64>) -> Result<String> {
     Ok(format!("http://{addr}/v1/traces"))
 }
 
-/// Switch metrics and tracing together.
-fn observe(on: bool) {
-    telemetry::set_recording(on);
-    trace::set_enabled(on);
+/// Switch metrics and tracing.
+fn observe(metrics: bool, tracing: bool) {
+    telemetry::set_recording(metrics);
+    trace::set_enabled(tracing);
 }
 
 /// Run the comparison and the scrape measurement.
@@ -127,26 +131,26 @@ pub async fn run(dsn: Option<String>, args: ObservabilityBenchArgs) -> Result<Ex
             .with(layer)
             .try_init();
     }
-    let (mut off, mut on) = (Vec::new(), Vec::new());
+    let (mut off, mut metrics, mut on) = (Vec::new(), Vec::new(), Vec::new());
     for round in 0..args.rounds {
-        for (name, enabled) in [("off", false), ("on", true)] {
-            observe(enabled);
-            eprintln!(
-                "round {}/{}: metrics and tracing {name}",
-                round + 1,
-                args.rounds
-            );
+        for (name, m, t) in [
+            ("off", false, false),
+            ("metrics only", true, false),
+            ("metrics and tracing", true, true),
+        ] {
+            observe(m, t);
+            eprintln!("round {}/{}: {name}", round + 1, args.rounds);
             let r = crate::bench::in_scratch(dsn.clone(), async |d| bench(d, &queue_args).await)
                 .await?;
             eprintln!("  {:.0} tasks/s", r.processed_per_sec);
-            if enabled {
-                on.push(r.processed_per_sec);
-            } else {
-                off.push(r.processed_per_sec);
+            match (m, t) {
+                (false, _) => off.push(r.processed_per_sec),
+                (true, false) => metrics.push(r.processed_per_sec),
+                (true, true) => on.push(r.processed_per_sec),
             }
         }
     }
-    observe(true);
+    observe(true, true);
     guard.shutdown();
     eprintln!(
         "scrape: {} queues, {} tenants, {} scrapes ...",
@@ -156,14 +160,18 @@ pub async fn run(dsn: Option<String>, args: ObservabilityBenchArgs) -> Result<Ex
         crate::bench::in_scratch(dsn, async |d| scrapes(d, &args).await).await?;
     let t = telemetry::global();
     let (off_median, on_median) = (median(off.clone()), median(on.clone()));
+    let metrics_median = median(metrics.clone());
     let report = Report {
         rounds: args.rounds,
         tasks: args.tasks,
         concurrency: args.concurrency,
         throughput_ratio: on_median / off_median,
+        metrics_ratio: metrics_median / off_median,
         off_median,
+        metrics_median,
         on_median,
         off_processed_per_sec: off,
+        metrics_processed_per_sec: metrics,
         on_processed_per_sec: on,
         spans_exported: t.spans_exported.get(),
         spans_dropped: t.spans_dropped.get(),
@@ -181,6 +189,10 @@ pub async fn run(dsn: Option<String>, args: ObservabilityBenchArgs) -> Result<Ex
             r.tasks, r.concurrency, r.rounds
         );
         println!("  metrics and tracing off: {:>8.0} tasks/s", r.off_median);
+        println!(
+            "  metrics only:            {:>8.0} tasks/s (ratio {:.3})",
+            r.metrics_median, r.metrics_ratio
+        );
         println!(
             "  metrics and tracing on:  {:>8.0} tasks/s ({} spans exported in {} OTLP requests, {} dropped)",
             r.on_median, r.spans_exported, r.otlp_requests, r.spans_dropped
