@@ -17,6 +17,7 @@ use pgcrew::runs::{self, NewRun};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+mod bench;
 mod down;
 mod workload;
 
