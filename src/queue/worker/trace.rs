@@ -16,7 +16,11 @@ use crate::queue::claim::ClaimedTask;
 use crate::telemetry::trace::{enabled, set_remote_parent};
 
 /// The span a task's handler runs in, a child of the trace context stored with the task.
+/// Without tracing, no span (a span the log layer records would cost every task).
 pub(super) fn task_span(task: &ClaimedTask, traceparent: Option<&str>) -> Span {
+    if !enabled() {
+        return Span::none();
+    }
     let span = info_span!(
         target: "pgcrew::queue",
         "pgcrew.task",
