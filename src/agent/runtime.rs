@@ -162,14 +162,13 @@ impl AgentRuntime {
         }
         get_agent(self.kernel.db(), agent).await?;
         let s = runs::get_session(self.kernel.db(), session).await?;
-        let row = self
-            .kernel
-            .db()
-            .query_one(
-                sql!("agent/create_agent_run"),
-                typed![&agent, &s.tenant_id, &session, &prompt],
-            )
-            .await?;
+        // While tracing: the run and its task store this span's trace context (V027).
+        let row = crate::telemetry::trace::query_one_traced(
+            self.kernel.db(),
+            sql!("agent/create_agent_run"),
+            typed![&agent, &s.tenant_id, &session, &prompt],
+        )
+        .await?;
         Ok(RunId(row.try_get(0)?))
     }
 

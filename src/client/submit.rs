@@ -34,13 +34,14 @@ pub async fn submit_run<E: Executor + ?Sized>(
     session: Option<&str>,
     input: &Value,
 ) -> Result<RunId> {
-    let row = on
-        .query_one(
-            sql!("agent/submit_run"),
-            typed![&agent, &tenant.as_str(), &session, input],
-        )
-        .await
-        .map_err(|e| submit_error(e, agent, tenant))?;
+    // While tracing: the run and its task store this span's trace context (V027).
+    let row = crate::telemetry::trace::query_one_traced(
+        on,
+        sql!("agent/submit_run"),
+        typed![&agent, &tenant.as_str(), &session, input],
+    )
+    .await
+    .map_err(|e| submit_error(e, agent, tenant))?;
     Ok(RunId(row.try_get(0)?))
 }
 

@@ -279,8 +279,13 @@ impl Kernel {
     ) -> Result<ModelResponse> {
         let mut capped = prepared.request.clone();
         capped.max_tokens = Some(reserved.max_tokens);
+        let started = std::time::Instant::now();
+        let model = prepared.request.model.as_str();
         let e = match self.call_port(scope, step_key, &capped).await {
-            Ok(r) => return Ok(r),
+            Ok(r) => {
+                crate::telemetry::global().model_call(model, "ok", started.elapsed());
+                return Ok(r);
+            }
             Err(e) => e,
         };
         let kind = match &e {
@@ -288,6 +293,7 @@ impl Kernel {
             Error::InvalidInput { .. } => ModelErrorKind::InvalidRequest.as_str(),
             _ => "other",
         };
+        crate::telemetry::global().model_call(model, kind, started.elapsed());
         let mut conn = self.db.get().await?;
         let tx = conn.transaction().await?;
         // Lock order: ledger lock, tenant row, run row (see kernel/lock_run.sql).
@@ -339,6 +345,12 @@ impl Kernel {
             response.usage.prompt_tokens,
             response.usage.completion_tokens,
         )?;
+        crate::telemetry::global().model_usage(
+            &request.model,
+            response.usage.prompt_tokens,
+            response.usage.completion_tokens,
+            cost,
+        );
         let input = CostInput::llm(
             request.model.clone(),
             response.usage.prompt_tokens,

@@ -182,7 +182,16 @@ impl Kernel {
             idempotency_key: key.clone(),
             reconciliation,
         };
-        match t.call(ctx, arguments).await {
+        let called = t.call(ctx, arguments).await;
+        crate::telemetry::global().tool_call(
+            t.name(),
+            match &called {
+                Ok(_) => "ok",
+                Err(ToolError::Failed(_)) => "failed",
+                Err(ToolError::UnknownOutcome(_)) => "unknown",
+            },
+        );
+        match called {
             Ok(output) => {
                 let ev = NewEvent::new(
                     EventType::ToolCompleted,

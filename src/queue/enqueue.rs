@@ -1,6 +1,7 @@
 //! Enqueueing: single (with dependencies and unique keys) and bulk, on any client or inside the
 //! caller's transaction.
 
+use crate::telemetry::trace::query_one_traced;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 use tokio_postgres::types::{ToSql, Type};
@@ -33,6 +34,9 @@ pub struct Enqueued {
 /// [`MAX_PAYLOAD_BYTES`](super::MAX_PAYLOAD_BYTES)) or a delay beyond
 /// [`MAX_TASK_DELAY`](super::MAX_TASK_DELAY) are rejected with [`Error::InvalidInput`] and
 /// nothing is written.
+///
+/// While OpenTelemetry tracing is on, the task stores the trace context of this call's span
+/// (see [`crate::telemetry::trace`]).
 #[instrument(skip(client, task), fields(kind = %task.kind, queue = %task.queue), err)]
 pub async fn enqueue<E: Executor + ?Sized>(client: &E, task: &NewTask) -> Result<Enqueued> {
     task.validate()?;
@@ -61,11 +65,9 @@ pub async fn enqueue<E: Executor + ?Sized>(client: &E, task: &NewTask) -> Result
     ];
     let row = if simple {
         // The same parameters minus the unique key and dependencies.
-        client
-            .query_one(sql!("queue/enqueue_simple"), &params[..9])
-            .await
+        query_one_traced(client, sql!("queue/enqueue_simple"), &params[..9]).await
     } else {
-        client.query_one(sql!("queue/enqueue"), params).await
+        query_one_traced(client, sql!("queue/enqueue"), params).await
     }
     .map_err(|e| map_enqueue_error(e, Some(task.tenant.as_str())))?;
     Ok(Enqueued {

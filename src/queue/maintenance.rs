@@ -19,6 +19,8 @@ maintenance_step! {
         log_rows(&rows, |r| {
             let id: i64 = r.try_get(0)?;
             let state: String = r.try_get(1)?;
+            let (queue, kind): (String, String) = (r.try_get(2)?, r.try_get(3)?);
+            crate::telemetry::global().task_rescued(&queue, &kind);
             warn!(task = id, state = %state, "maintenance: rescued an orphaned running task");
             Ok(())
         })

@@ -1,7 +1,8 @@
 -- pgcrew doctor: every role bound to a tenant, and what makes it unsafe or unusable:
 --   * superuser / BYPASSRLS / member of the role owning the pgcrew tables: RLS does not apply;
 --   * `missing`: what `pgcrew tenants grant-role` grants and the role lacks (schema usage,
---     current_tenant(), SELECT on the tenant-scoped tables and the two security_invoker views);
+--     current_tenant(), SELECT on the tenant-scoped tables and the security_invoker views:
+--     tenant_costs, budget_status and the metrics views of V027);
 --   * `extra`: privileges beyond that: any write privilege on a pgcrew table, or SELECT on a
 --     pgcrew table that row-level security does not protect.
 WITH owner AS (
@@ -9,7 +10,9 @@ WITH owner AS (
 ), readable AS (
     SELECT c.oid, c.relname::text AS relname,
            (c.relkind IN ('r', 'p') AND c.relrowsecurity AND c.relname <> 'tenant_roles')
-           OR (c.relkind = 'v' AND c.relname IN ('tenant_costs', 'budget_status')) AS granted
+           OR (c.relkind = 'v' AND c.relname IN ('tenant_costs', 'budget_status',
+                                                 'tenant_metrics', 'tenant_cost_by_category',
+                                                 'tenant_top_cost_runs', 'agent_metrics')) AS granted
       FROM pg_catalog.pg_class c
       JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
      WHERE n.nspname = 'pgcrew' AND c.relkind IN ('r', 'p', 'v', 'm')

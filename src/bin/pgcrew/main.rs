@@ -98,18 +98,28 @@ pub enum Command {
     Ui(http::UiArgs),
 }
 
-fn init_tracing(filter: &str) {
+/// Logs to stderr (filtered by `--log` / `RUST_LOG`) and, when `OTEL_EXPORTER_OTLP_ENDPOINT` is
+/// set, pgcrew's spans exported over OTLP whatever the log filter (the guard flushes them).
+fn init_tracing(filter: &str) -> Option<pgcrew::telemetry::trace::OtelGuard> {
+    use tracing_subscriber::Layer as _;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| filter.to_string());
-    let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(filter))
+    let fmt = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
-        .finish()
+        .with_filter(tracing_subscriber::EnvFilter::new(filter));
+    let (otel, guard) = match pgcrew::telemetry::trace::otlp_layer("pgcrew") {
+        Some((layer, guard)) => (Some(layer), Some(guard)),
+        None => (None, None),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(fmt)
+        .with(otel)
         .with(tracing_subscriber::filter::filter_fn(|meta| {
             !is_returned_error_event(meta)
-        }));
-    let _ = subscriber.try_init();
+        }))
+        .try_init();
+    guard
 }
 
 /// The event `#[instrument(err)]` emits when a library call returns an error: a lone `error`
@@ -123,7 +133,10 @@ fn is_returned_error_event(meta: &tracing::Metadata<'_>) -> bool {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log);
+    let _otel = match &cli.command {
+        Command::Bench(b) if b.installs_tracing() => None,
+        _ => init_tracing(&cli.log),
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -101,8 +101,16 @@ pub async fn run_once(
                 ctx.term, ctx.instance_id
             )));
         }
-        let n = step.run(&tx, ctx).await?;
+        let started = std::time::Instant::now();
+        let n = match step.run(&tx, ctx).await {
+            Ok(n) => n,
+            Err(e) => {
+                crate::telemetry::global().maintenance_errors.inc();
+                return Err(e);
+            }
+        };
         tx.commit().await?;
+        crate::telemetry::global().maintenance_step(step.name(), started.elapsed(), n);
         debug!(step = step.name(), rows = n, "maintenance step done");
         report.steps.push((step.name().to_string(), n));
     }

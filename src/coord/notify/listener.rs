@@ -32,7 +32,10 @@ pub(super) async fn run_listener(
         tick.tick().await;
         loop {
             tokio::select! {
-                _ = tick.tick() => { let _ = shared.tx.send(Event::Resync); }
+                _ = tick.tick() => {
+                    crate::telemetry::global().notifier_resyncs.inc();
+                    let _ = shared.tx.send(Event::Resync);
+                }
                 _ = shutdown.changed() => return,
             }
         }
@@ -112,9 +115,11 @@ async fn listen_once(
         info!("notifier: listening on {} channels", CHANNELS.len());
     } else {
         shared.reconnects.fetch_add(1, Ordering::Relaxed);
+        crate::telemetry::global().notifier_reconnects.inc();
         info!("notifier: reconnected; emitting resync");
     }
     // After any (re)connect, state may have changed unseen.
+    crate::telemetry::global().notifier_resyncs.inc();
     let _ = shared.tx.send(Event::Resync);
     let mut ping = tokio::time::interval(config.poll_interval);
     ping.tick().await;

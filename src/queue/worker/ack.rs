@@ -64,6 +64,7 @@ async fn deliver(
         match flush(db, conn, &part).await {
             Ok(stale) => {
                 metrics.stale_acks.fetch_add(stale, Ordering::Relaxed);
+                crate::telemetry::global().acked(part.len(), stale);
                 backoff = Duration::from_millis(50);
                 failures = 0;
             }
@@ -89,6 +90,7 @@ async fn deliver(
             }
             Err(e) if part.len() == 1 => {
                 metrics.rejected_acks.fetch_add(1, Ordering::Relaxed);
+                crate::telemetry::global().acks_rejected.inc();
                 if let Some(a) = part.first() {
                     error!(task = %a.id, token = %a.token, error = %e, "worker pool: the database rejected this task's acknowledgement; the task stays running until it is rescued after its heartbeat timeout");
                 }

@@ -8,13 +8,14 @@ use std::sync::atomic::Ordering;
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, warn};
 
 use super::{Shared, TaskContext, TaskOutcome, WorkerPool};
 use crate::coord::notify::{Event, EventKind};
 use crate::coord::service::ServiceContext;
 use crate::ids::TaskId;
 use crate::queue::claim::{Ack, AckOutcome, ClaimedTask, heartbeat};
+use crate::telemetry::{self, AttemptOutcome};
 
 impl WorkerPool {
     async fn execute(
@@ -105,7 +106,25 @@ impl WorkerPool {
             let cancel = shared
                 .with_held(|h| h.get(&id).cloned())
                 .unwrap_or_default();
-            let outcome = self.execute(&ctx, task, cancel).await;
+            let (queue, kind) = (task.queue.clone(), task.kind.clone());
+            let retries_left = task.attempt < task.max_attempts;
+            let traceparent = shared.with_traces(|m| m.remove(&id));
+            let span = super::trace::task_span(&task, traceparent.as_deref());
+            let started = std::time::Instant::now();
+            let outcome = self.execute(&ctx, task, cancel).instrument(span).await;
+            telemetry::global().task_finished(
+                &queue,
+                &kind,
+                match &outcome {
+                    AckOutcome::Complete => AttemptOutcome::Succeeded,
+                    AckOutcome::Snooze(_) => AttemptOutcome::Snoozed,
+                    AckOutcome::Fail { .. } => AttemptOutcome::Failed {
+                        retried: retries_left,
+                    },
+                    _ => AttemptOutcome::Failed { retried: false },
+                },
+                started.elapsed(),
+            );
             let m = &self.metrics;
             m.executed.fetch_add(1, Ordering::Relaxed);
             match &outcome {
@@ -119,6 +138,7 @@ impl WorkerPool {
             shared.with_held(|h| h.remove(&id));
             let _ = ack_tx.send(Ack { id, token, outcome });
             m.in_flight.fetch_sub(1, Ordering::SeqCst);
+            telemetry::global().released();
             shared.slot_freed.notify_one();
         }
     }

@@ -74,8 +74,12 @@ impl WorkerPool {
                     self.metrics
                         .claimed
                         .fetch_add(got as u64, Ordering::Relaxed);
+                    let tel = crate::telemetry::global();
+                    tel.claimed(got);
+                    super::trace::note_claims(ctx.db(), shared, &tasks).await;
                     for t in tasks {
                         self.metrics.in_flight.fetch_add(1, Ordering::SeqCst);
+                        tel.task_claimed(&t.queue, &t.kind, t.lag);
                         shared.with_held(|h| h.insert(t.id, CancellationToken::new()));
                         if work_tx.send(t).is_err() {
                             return;

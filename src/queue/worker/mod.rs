@@ -43,6 +43,7 @@ mod builder;
 mod execute;
 mod fetch;
 mod saturation;
+mod trace;
 
 pub use builder::WorkerPoolBuilder;
 pub use saturation::{DEFAULT_SATURATION_THRESHOLD, Saturation};
@@ -235,6 +236,8 @@ struct Shared {
     /// Set while stopping with a shutdown timeout: acknowledgements still failing with
     /// transient errors after this instant are given up (logged with their task ids).
     ack_deadline: Mutex<Option<tokio::time::Instant>>,
+    /// Trace contexts of held tasks (only while OpenTelemetry tracing is on).
+    traces: Mutex<HashMap<TaskId, String>>,
 }
 
 impl Shared {
@@ -250,6 +253,12 @@ impl Shared {
             Err(p) => *p.into_inner(),
         };
         deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
+    }
+    fn with_traces<R>(&self, f: impl FnOnce(&mut HashMap<TaskId, String>) -> R) -> R {
+        match self.traces.lock() {
+            Ok(mut g) => f(&mut g),
+            Err(p) => f(&mut p.into_inner()),
+        }
     }
     fn with_held<R>(&self, f: impl FnOnce(&mut HashMap<TaskId, CancellationToken>) -> R) -> R {
         match self.held.lock() {

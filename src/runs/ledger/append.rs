@@ -92,6 +92,7 @@ pub async fn append_events<E: Executor + ?Sized>(
         db.run_limits().max_event_payload_bytes
     });
     let out = append_rows(on, run, events, lease_token, max_payload).await?;
+    crate::telemetry::global().appended(out.iter().filter(|a| a.inserted).count() as u64);
     if let Handle::Pool(db) = handle
         && let Some(key) = db.ledger_key()
     {

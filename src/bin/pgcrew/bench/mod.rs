@@ -4,6 +4,7 @@ pub mod budget;
 pub mod failover;
 pub mod fanout;
 pub mod ledger;
+pub mod observability;
 pub mod pgbouncer;
 pub mod queue;
 pub mod rls;
@@ -57,6 +58,17 @@ pub enum BenchKind {
     /// The operations console on a large database: every page's response time, and 100 SSE
     /// streams (connections added, NOTIFY-to-browser latency).
     Ui(ui::UiBenchArgs),
+    /// The queue benchmark with metrics and tracing off and on (spans exported to a local
+    /// OTLP receiver), alternating, and the time of a `/metrics` scrape with many queues and
+    /// tenants.
+    Observability(observability::ObservabilityBenchArgs),
+}
+
+impl BenchArgs {
+    /// Whether the benchmark installs its own `tracing` subscriber (main then installs none).
+    pub fn installs_tracing(&self) -> bool {
+        matches!(self.which, Some(BenchKind::Observability(_)))
+    }
 }
 
 /// Run the chosen benchmark.
@@ -74,6 +86,7 @@ pub async fn exec(dsn: Option<String>, args: BenchArgs) -> Result<ExitCode> {
         Some(BenchKind::Pgbouncer(a)) => pgbouncer::run(dsn, a).await,
         Some(BenchKind::Waits(a)) => waits::run(dsn, a).await,
         Some(BenchKind::Ui(a)) => ui::run(dsn, a).await,
+        Some(BenchKind::Observability(a)) => observability::run(dsn, a).await,
     }
 }
 
