@@ -217,3 +217,4 @@ BEGIN
     PERFORM set_config('pgcrew.ledger_writer', '', true);
     RETURN NEXT v_out;
 END $$;
+

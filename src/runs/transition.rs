@@ -180,19 +180,7 @@ async fn transition_steps(
     let row = tx
         .query_one(
             sql!("runs/update_state"),
-            typed![
-                &run,
-                &to.as_str(),
-                &change.instance,
-                &change.response_text,
-                &change.stop_reason,
-                &change.input_tokens,
-                &change.output_tokens,
-                &change.cost_usd,
-                &change.error_type,
-                &change.error_message,
-                &change.cancel_reason,
-            ],
+            typed![&run, &to.as_str(), &change.instance],
         )
         .await
         .map_err(|e| map_db_error(e, run))?;

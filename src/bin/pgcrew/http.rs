@@ -13,10 +13,11 @@ use tokio::task::JoinHandle;
 
 use crate::output::{duration_arg, require_dsn};
 
-/// The HTTP app every `pgcrew` server mounts: the operations console (`pgcrew::ui`). Routers of
-/// other HTTP features are merged here, e.g. `.merge(pgcrew::metrics::router(client))`.
+/// The HTTP app every `pgcrew` server mounts: the operations console (`pgcrew::ui`) and the
+/// Prometheus endpoint `/metrics` (`pgcrew::metrics`). Routers of other HTTP features are merged
+/// here.
 pub fn app(client: &Client) -> Router {
-    pgcrew::ui::router(client)
+    pgcrew::ui::router(client).merge(pgcrew::metrics::router(client))
 }
 
 /// A running HTTP server; [`HttpServer::stop`] ends it gracefully.

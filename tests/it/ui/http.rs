@@ -290,6 +290,25 @@ async fn pgcrew_ui_serves_the_console_and_takes_no_leadership() {
     let (s, i) = get_json(&format!("{url}/api/instances")).await;
     assert_eq!(s, 200);
     assert_eq!(i["leaders"].as_array().unwrap().len(), 0);
+    // The same server answers /metrics (pgcrew::metrics, merged into the app): the Prometheus
+    // text format, this instance's series, and no leader here.
+    let m = super::http()
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(m.status().as_u16(), 200);
+    let ct = m.headers()["content-type"].to_str().unwrap().to_string();
+    assert!(ct.starts_with("text/plain"), "{ct}");
+    let body = m.text().await.unwrap();
+    assert!(
+        body.contains("pgcrew_leader{instance=\"ui-cmd\"} 0"),
+        "{body}"
+    );
+    assert!(
+        body.contains("pgcrew_leader_term{instance=\"ui-cmd\"} 0"),
+        "{body}"
+    );
     // SIGTERM: it deregisters and exits cleanly.
     unsafe {
         libc::kill(child.0.id() as i32, libc::SIGTERM);
