@@ -46,18 +46,7 @@ pub async fn run_scheduler(db: Db, ctx: MaintenanceContext) -> Result<()> {
 async fn tick(db: &Db, ctx: &MaintenanceContext) -> Result<Duration> {
     let mut conn = db.get().await?;
     let tx = conn.transaction().await?;
-    let fenced = tx
-        .query_opt(
-            sql!("coord/fence_leader"),
-            typed![&ctx.lease, &ctx.instance_id, &ctx.term],
-        )
-        .await?;
-    if fenced.is_none() {
-        return Err(Error::LeaseLost(format!(
-            "leader term {} of {} is no longer current; scheduler stopped",
-            ctx.term, ctx.instance_id
-        )));
-    }
+    ctx.fence(&tx, "scheduler").await?;
     let due = tx.query(sql!("schedule/due"), typed![&BATCH]).await?;
     for row in &due {
         let name: String = row.try_get("name")?;

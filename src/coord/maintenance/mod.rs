@@ -35,6 +35,27 @@ pub struct MaintenanceContext {
     pub term: i64,
 }
 
+impl MaintenanceContext {
+    /// Check in `tx` that this leader's term still holds (`coord/fence_leader`), so the leader's
+    /// work that follows in `tx` commits only under it; [`Error::LeaseLost`] naming `what`
+    /// (which stops) otherwise.
+    pub(crate) async fn fence<E: Executor + ?Sized>(&self, tx: &E, what: &str) -> Result<()> {
+        let fenced = tx
+            .query_opt(
+                sql!("coord/fence_leader"),
+                typed![&self.lease, &self.instance_id, &self.term],
+            )
+            .await?;
+        if fenced.is_none() {
+            return Err(Error::LeaseLost(format!(
+                "leader term {} of {} is no longer current; {what} stopped",
+                self.term, self.instance_id
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// One maintenance step. Implementations do a bounded amount of work in `tx` and return how
 /// many rows they affected.
 #[async_trait]
@@ -89,18 +110,7 @@ pub async fn run_once(
     for step in steps {
         let mut conn = db.get().await?;
         let tx = conn.transaction().await?;
-        let fenced = tx
-            .query_opt(
-                sql!("coord/fence_leader"),
-                typed![&ctx.lease, &ctx.instance_id, &ctx.term],
-            )
-            .await?;
-        if fenced.is_none() {
-            return Err(Error::LeaseLost(format!(
-                "leader term {} of {} is no longer current; maintenance stopped",
-                ctx.term, ctx.instance_id
-            )));
-        }
+        ctx.fence(&tx, "maintenance").await?;
         let started = std::time::Instant::now();
         let n = match step.run(&tx, ctx).await {
             Ok(n) => n,
