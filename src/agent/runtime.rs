@@ -23,7 +23,9 @@ use crate::ids::{InstanceId, RunId, SessionId, TenantId};
 use crate::kernel::{Kernel, ModelStep, RunScope};
 use crate::model::{Message, ModelRequest, ToolCall, ToolSpec};
 use crate::queue::{self, TaskOutcome, WorkerPoolBuilder};
-use crate::runs::{self, LimitPolicy, Run, RunLease, RunOutcome, RunState, Session, StartOutcome};
+use crate::runs::{
+    self, LimitPolicy, Run, RunLease, RunLeasing, RunOutcome, RunState, Session, StartOutcome,
+};
 
 pub use super::def::{
     AGENT_RUN_KIND, AgentDef, CapabilityDenialPolicy, DEFAULT_MAX_ITERATIONS, agent_queue,
@@ -181,11 +183,22 @@ impl AgentRuntime {
         for a in agents {
             builder = builder.also_queue(agent_queue(a));
         }
+        // The run's lease is taken with the claim (one flush per claimed batch); a runtime
+        // whose owner is not a valid lease owner takes its leases in the handler.
+        if let Ok(leasing) =
+            RunLeasing::new(self.owner.clone(), self.lease_ttl, self.instance.clone())
+        {
+            builder = builder.lease_runs_of(AGENT_RUN_KIND, leasing);
+        }
         let rt = Arc::new(self);
-        builder.handler(AGENT_RUN_KIND, move |ctx, task: AgentRunTask| {
+        builder.handler(AGENT_RUN_KIND, move |mut ctx, task: AgentRunTask| {
             let rt = rt.clone();
             async move {
-                match rt.execute(task.run_id, Some(ctx.cancel.clone())).await {
+                let taken = ctx.run_lease.take().filter(|l| l.run.id == task.run_id);
+                match rt
+                    .execute_taken(task.run_id, taken, Some(ctx.cancel.clone()))
+                    .await
+                {
                     Ok(_) => Ok(TaskOutcome::Complete),
                     // Held by another live instance: try again later.
                     Err(Error::LeaseLost(_)) | Err(Error::LimitReached { .. }) => {
@@ -215,16 +228,31 @@ impl AgentRuntime {
     /// continues there, so the run returned is then the fork (its `parent_run_id` is `run`).
     #[instrument(skip(self, cancel), err)]
     pub async fn execute(&self, run: RunId, cancel: Option<CancellationToken>) -> Result<Run> {
+        self.execute_taken(run, None, cancel).await
+    }
+
+    /// [`Self::execute`] with the run's lease already taken (by the worker pool, with the
+    /// task's claim), or `None` to take it here.
+    async fn execute_taken(
+        &self,
+        run: RunId,
+        taken: Option<runs::LeasedRun>,
+        cancel: Option<CancellationToken>,
+    ) -> Result<Run> {
         let db = self.kernel.db();
         // The lease and, for a woken run whose wait resolved, its resumption: one statement
-        // (V025). A finished run is reported as it is.
-        let taken =
-            match runs::lease_run(db, run, &self.owner, self.lease_ttl, self.instance.as_ref())
-                .await
-            {
-                Err(Error::IllegalTransition { .. }) => return runs::get_run(db, run).await,
-                other => other?,
-            };
+        // (V025), or taken with the claim (V029). A finished run is reported as it is.
+        let taken = match taken {
+            Some(t) if t.lease.owner == self.owner => Some(t),
+            _ => {
+                match runs::lease_run(db, run, &self.owner, self.lease_ttl, self.instance.as_ref())
+                    .await
+                {
+                    Err(Error::IllegalTransition { .. }) => return runs::get_run(db, run).await,
+                    other => other?,
+                }
+            }
+        };
         let runs::LeasedRun {
             lease,
             run: current,
@@ -253,7 +281,9 @@ impl AgentRuntime {
                 result = Ok(now);
             }
         }
-        if let Err(e) = runs::release_run_lease(db, &lease).await {
+        // A finished run's lease was cleared by its final transition.
+        let finished = matches!(&result, Ok(r) if r.state.is_terminal());
+        if !finished && let Err(e) = runs::release_run_lease(db, &lease).await {
             warn!(run = %run, error = %e, "could not release the run lease");
         }
         result

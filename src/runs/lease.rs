@@ -144,6 +144,89 @@ pub async fn lease_run(
     }))
 }
 
+/// How a worker pool takes the run leases of the tasks it claims, in the claim's own
+/// transaction (see `WorkerPoolBuilder::lease_runs_of`): the owner the handler takes leases
+/// as, their TTL, and the instance a resumed run moves to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunLeasing {
+    owner: String,
+    ttl: Duration,
+    instance: Option<InstanceId>,
+}
+
+impl RunLeasing {
+    /// Leases for `owner` (an instance id, optionally `instance-id/worker`) lasting `ttl`
+    /// (at least 1 ms); a resumed run moves to `instance` when given.
+    pub fn new(
+        owner: impl Into<String>,
+        ttl: Duration,
+        instance: Option<InstanceId>,
+    ) -> Result<Self> {
+        let owner = owner.into();
+        crate::ids::validate_text_id("lease owner", &owner)?;
+        check_ttl(ttl)?;
+        Ok(RunLeasing {
+            owner,
+            ttl,
+            instance,
+        })
+    }
+
+    /// The lease owner.
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+}
+
+/// Try to take the leases of `runs` (each with the tenant of the task that names it) as
+/// `leasing` says, on `on` (the claim's transaction), never waiting: a run whose lock another
+/// transaction holds, a run of another tenant, a finished run and a run another owner holds are
+/// left out (the handler takes or fails to take its lease itself). The runs whose lease is now
+/// `leasing`'s owner's, each taken (and resumed) as [`lease_run`] does (`pgcrew.lease_runs`,
+/// V029).
+pub(crate) async fn lease_runs<E: Executor + ?Sized>(
+    on: &E,
+    runs: &[(RunId, crate::ids::TenantId)],
+    leasing: &RunLeasing,
+) -> Result<Vec<LeasedRun>> {
+    if runs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<uuid::Uuid> = runs.iter().map(|(r, _)| r.0).collect();
+    let tenants: Vec<&str> = runs.iter().map(|(_, t)| t.as_str()).collect();
+    let ttl = check_ttl(leasing.ttl)?;
+    let instance = leasing.instance.as_ref().map(|i| i.to_string());
+    let rows = on
+        .query(
+            sql!("runs/lease_runs"),
+            typed![&ids, &tenants, &leasing.owner, &ttl, &instance],
+        )
+        .await?;
+    let mut taken = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let run = crate::db::row_as::<Run>(row)?;
+        if run.state.is_terminal()
+            || run.lease_owner.as_deref() != Some(leasing.owner.as_str())
+            || !run.lease_valid
+        {
+            continue;
+        }
+        let Some(expires_at) = run.lease_expires_at else {
+            continue;
+        };
+        taken.push(LeasedRun {
+            lease: RunLease {
+                run_id: run.id,
+                owner: leasing.owner.clone(),
+                token: run.lease_token,
+                expires_at,
+            },
+            run,
+        });
+    }
+    Ok(taken)
+}
+
 /// Extend a lease for `ttl` from now. [`Error::LeaseLost`] when it expired or was taken.
 #[instrument(skip(db, lease), fields(run = %lease.run_id, token = lease.token), err)]
 pub async fn renew_run_lease(db: &Db, lease: &RunLease, ttl: Duration) -> Result<RunLease> {

@@ -38,7 +38,8 @@ pub use artifacts::{
 };
 pub use follow::subscribe_run;
 pub use lease::{
-    LeasedRun, RunLease, acquire_run_lease, lease_run, release_run_lease, renew_run_lease,
+    LeasedRun, RunLease, RunLeasing, acquire_run_lease, lease_run, release_run_lease,
+    renew_run_lease,
 };
 pub use ledger::{
     AppendedEvent, ChainAnchor, ChainVerification, LedgerEvent, LedgerFormat, NewEvent,

@@ -5,30 +5,14 @@ use std::time::Duration;
 
 use pgcrew::kernel::{RunScope, WaitOutcome};
 use pgcrew::runs::{self, RunState};
-use pgcrew::{Db, Error, InstanceId, RunId, TenantId};
+use pgcrew::{Error, InstanceId, RunId};
 use serde_json::json;
 
 use crate::common::{
-    bare_kernel, count, db_with_tenant, ledger_events, scalar, started_run, test_db,
+    bare_kernel, count, db_with_tenant, ledger_events, parked_run, scalar, started_run, test_db,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
-
-/// A started run of `tenant` parked at bare wait step `w/go` for signal `go` (timeout
-/// `timeout`) by owner `w0`, which held its lease.
-async fn parked_run(db: &Db, tenant: &TenantId, timeout: Duration) -> (RunId, i64) {
-    let run = started_run(db, tenant).await;
-    let lease = runs::acquire_run_lease(db, run, "w0", HOUR)
-        .await
-        .unwrap()
-        .unwrap();
-    let scope = RunScope::new(run, tenant.clone()).with_lease(lease.token);
-    let parked = bare_kernel(db)
-        .wait_step(&scope, "w/go", "go", timeout, json!({}))
-        .await;
-    assert!(matches!(parked, Err(Error::Waiting { .. })), "{parked:?}");
-    (run, lease.token)
-}
 
 #[tokio::test]
 async fn a_signalled_run_is_leased_and_resumed_in_one_statement_and_its_wait_step_replays() {
@@ -214,6 +198,11 @@ async fn bad_leases_are_refused_and_tenant_roles_cannot_take_runs() {
         format!(
             "pgcrew.ledger_insert((SELECT r FROM pgcrew.runs r WHERE r.id = '{run}'), 'note', \
              NULL, '{{}}')"
+        ),
+        format!("pgcrew.lease_runs(ARRAY['{run}'::uuid], ARRAY['default'], 'w1', 1000000)"),
+        format!(
+            "pgcrew.lease_locked_run((SELECT r FROM pgcrew.runs r WHERE r.id = '{run}'), 'w1', \
+             1000000, NULL)"
         ),
     ] {
         let err = conn

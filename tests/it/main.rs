@@ -23,6 +23,7 @@ mod faults;
 mod faults_load;
 mod fuzz_smoke;
 mod kernel;
+mod lease_on_claim;
 mod lease_run;
 mod ledger_batch;
 mod ledger_forgery;

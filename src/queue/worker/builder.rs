@@ -11,6 +11,7 @@ use super::{Handler, HandlerError, Settings, TaskContext, TaskOutcome, WorkerMet
 use crate::error::{Error, Result};
 use crate::ids::validate_text_id;
 use crate::queue::RetryPolicy;
+use crate::runs::RunLeasing;
 
 /// Builder of a [`WorkerPool`]; see [`WorkerPool::builder`].
 pub struct WorkerPoolBuilder {
@@ -19,6 +20,7 @@ pub struct WorkerPoolBuilder {
     /// too, in front of queues added by others, such as `AgentRuntime::install`).
     queues_named: bool,
     handlers: HashMap<String, Handler>,
+    run_leasing: HashMap<String, RunLeasing>,
     settings: Settings,
     error: Option<Error>,
 }
@@ -84,6 +86,22 @@ impl WorkerPoolBuilder {
             })
         });
         self.handlers.insert(kind, h);
+        self
+    }
+
+    /// Take the run lease of every claimed task of `kind` that names a run, in the claim's own
+    /// transaction, as `leasing` says; the handler finds it in [`TaskContext::run_lease`]. A
+    /// run that waits and whose wait resolved is resumed there too (as
+    /// [`runs::lease_run`](crate::runs::lease_run) does). One WAL flush per claimed batch
+    /// then covers what took one per run (the agent runtime registers its kind this way). A run
+    /// whose lock is busy at the claim, or that another owner holds, is left to the handler
+    /// (`run_lease` is `None`).
+    pub fn lease_runs_of(mut self, kind: impl Into<String>, leasing: RunLeasing) -> Self {
+        let kind = kind.into();
+        if let Err(e) = validate_text_id("kind", &kind) {
+            self.error.get_or_insert(e);
+        }
+        self.run_leasing.insert(kind, leasing);
         self
     }
 
@@ -156,6 +174,7 @@ impl WorkerPoolBuilder {
         Ok(Arc::new(WorkerPool {
             queues: self.queues,
             handlers: self.handlers,
+            run_leasing: self.run_leasing,
             settings: self.settings,
             metrics: Arc::new(WorkerMetrics::default()),
             pool_id: uuid::Uuid::new_v4(),
@@ -170,6 +189,7 @@ impl WorkerPool {
             queues: Vec::new(),
             queues_named: false,
             handlers: HashMap::new(),
+            run_leasing: HashMap::new(),
             settings: Settings::default(),
             error: None,
         }

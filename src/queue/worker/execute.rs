@@ -23,6 +23,7 @@ impl WorkerPool {
         ctx: &ServiceContext,
         task: ClaimedTask,
         cancel: CancellationToken,
+        run_lease: Option<crate::runs::LeasedRun>,
     ) -> AckOutcome {
         let ClaimedTask {
             id,
@@ -58,6 +59,7 @@ impl WorkerPool {
             max_attempts,
             token,
             cancel: cancel.clone(),
+            run_lease,
             client: ctx.clone(),
         };
         let fut = AssertUnwindSafe(handler(task_ctx, payload)).catch_unwind();
@@ -109,9 +111,17 @@ impl WorkerPool {
             let (queue, kind) = (task.queue.clone(), task.kind.clone());
             let retries_left = task.attempt < task.max_attempts;
             let traceparent = shared.with_traces(|m| m.remove(&id));
+            let run_lease = if self.run_leasing.is_empty() {
+                None
+            } else {
+                shared.with_run_leases(|m| m.remove(&id))
+            };
             let span = super::trace::task_span(&task, traceparent.as_deref());
             let started = std::time::Instant::now();
-            let outcome = self.execute(&ctx, task, cancel).instrument(span).await;
+            let outcome = self
+                .execute(&ctx, task, cancel, run_lease)
+                .instrument(span)
+                .await;
             telemetry::global().task_finished(
                 &queue,
                 &kind,

@@ -14,7 +14,10 @@ use crate::coord::notify::{Event, Subscription};
 use crate::coord::service::ServiceContext;
 use crate::db::{Conn, Executor};
 use crate::error::Result;
+use crate::ids::{RunId, TaskId, TenantId};
 use crate::queue::claim::{ClaimedTask, claim_routed, next_due_with};
+use crate::runs::lease::lease_runs;
+use crate::runs::{LeasedRun, RunLeasing};
 
 impl WorkerPool {
     pub(super) async fn fetch_loop(
@@ -62,7 +65,10 @@ impl WorkerPool {
             let limit = free.min(self.settings.max_batch);
             // Wake-ups received so far are answered by this claim; only later ones count.
             while let Some(Some(_)) = sub.recv().now_or_never() {}
-            match self.claim_once(ctx, &mut conn, limit, &mut try_fast).await {
+            match self
+                .claim_once(ctx, shared, &mut conn, limit, &mut try_fast)
+                .await
+            {
                 Ok(tasks) => {
                     backoff = Duration::from_millis(50);
                     let got = tasks.len();
@@ -153,10 +159,14 @@ impl WorkerPool {
     /// (`queue/claim_fast`, the common single-tenant, unlimited case); when that claims nothing,
     /// the general `pgcrew.claim_tasks` runs, and if it finds work (several tenants with work,
     /// limits, due tasks), the pool uses the general path until it next runs out of work
-    /// (`try_fast`).
+    /// (`try_fast`). A pool that leases runs ([`WorkerPoolBuilder::lease_runs_of`]) claims in a
+    /// transaction that also takes those leases (see [`Self::lease_claimed`]).
+    ///
+    /// [`WorkerPoolBuilder::lease_runs_of`]: super::WorkerPoolBuilder::lease_runs_of
     async fn claim_once(
         &self,
         ctx: &ServiceContext,
+        shared: &Shared,
         conn: &mut Option<Conn>,
         limit: usize,
         try_fast: &mut bool,
@@ -164,7 +174,7 @@ impl WorkerPool {
         if conn.is_none() {
             *conn = Some(ctx.db().get().await?);
         }
-        let Some(c) = conn.as_ref() else {
+        let Some(c) = conn.as_mut() else {
             return Ok(Vec::new());
         };
         if ctx.db().statements() == crate::db::StatementMode::Unnamed {
@@ -173,16 +183,84 @@ impl WorkerPool {
             // whichever client the pooler lends that session to.
             *try_fast = false;
         }
-        claim_routed(
-            c,
-            sql!("queue/claim_fast"),
-            sql!("queue/claim"),
-            &self.queues,
-            i32::try_from(limit).unwrap_or(i32::MAX),
-            ctx.instance_id(),
-            try_fast,
-        )
-        .await
+        let limit = i32::try_from(limit).unwrap_or(i32::MAX);
+        let (fast, general) = (sql!("queue/claim_fast"), sql!("queue/claim"));
+        let instance = ctx.instance_id();
+        if self.run_leasing.is_empty() {
+            let c: &Conn = c;
+            return claim_routed(c, fast, general, &self.queues, limit, instance, try_fast).await;
+        }
+        let tx = c.transaction().await?;
+        let tasks =
+            claim_routed(&tx, fast, general, &self.queues, limit, instance, try_fast).await?;
+        let leases = self.lease_claimed(&tx, &tasks).await?;
+        tx.commit().await?;
+        if !leases.is_empty() {
+            shared.with_run_leases(|m| m.extend(leases));
+        }
+        Ok(tasks)
+    }
+
+    /// In the claim's transaction: take the run leases of the claimed tasks whose kind this
+    /// pool leases runs for. A failure here (say, a run whose ledger was tampered with) must not
+    /// undo the claim or hold back the other tasks: it is rolled back to a savepoint and logged,
+    /// and those handlers take (or fail to take) their leases themselves.
+    async fn lease_claimed(
+        &self,
+        tx: &deadpool_postgres::Transaction<'_>,
+        tasks: &[ClaimedTask],
+    ) -> Result<Vec<(TaskId, LeasedRun)>> {
+        let mut by_leasing: Vec<LeaseGroup<'_>> = Vec::new();
+        for t in tasks {
+            let (Some(run), Some(leasing)) = (t.run_id, self.run_leasing.get(&t.kind)) else {
+                continue;
+            };
+            let i = match by_leasing.iter().position(|g| g.leasing == leasing) {
+                Some(i) => i,
+                None => {
+                    by_leasing.push(LeaseGroup {
+                        leasing,
+                        runs: Vec::new(),
+                        tasks: Vec::new(),
+                    });
+                    by_leasing.len() - 1
+                }
+            };
+            by_leasing[i].runs.push((run, t.tenant.clone()));
+            by_leasing[i].tasks.push((run, t.id));
+        }
+        if by_leasing.is_empty() {
+            return Ok(Vec::new());
+        }
+        tx.batch_execute("SAVEPOINT pgcrew_lease_runs").await?;
+        let mut out = Vec::new();
+        for LeaseGroup {
+            leasing,
+            runs,
+            tasks: tasks_of,
+        } in &by_leasing
+        {
+            match lease_runs(tx, runs, leasing).await {
+                Ok(taken) => {
+                    for l in taken {
+                        // Two claimed tasks naming one run: the first (in execution order)
+                        // gets the lease, the other takes its own turn.
+                        if let Some((_, task)) = tasks_of.iter().find(|(r, _)| *r == l.lease.run_id)
+                            && !out.iter().any(|(t, _): &(TaskId, LeasedRun)| t == task)
+                        {
+                            out.push((*task, l));
+                        }
+                    }
+                }
+                Err(e) => {
+                    warn!(error = %e, "worker pool: taking run leases with the claim failed; the handlers take them");
+                    tx.batch_execute("ROLLBACK TO SAVEPOINT pgcrew_lease_runs")
+                        .await?;
+                    return Ok(Vec::new());
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// Nothing to claim: wait for a notification on one of our queues (read directly from the
@@ -226,4 +304,11 @@ impl WorkerPool {
             }
         }
     }
+}
+
+/// The claimed runs to lease as one [`RunLeasing`] says, and the task naming each.
+struct LeaseGroup<'a> {
+    leasing: &'a RunLeasing,
+    runs: Vec<(RunId, TenantId)>,
+    tasks: Vec<(RunId, TaskId)>,
 }

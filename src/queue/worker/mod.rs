@@ -84,6 +84,10 @@ pub struct TaskContext {
     /// Fires when the task is cancelled, its claim is lost, or the pool's shutdown timeout
     /// passes. The handler future is dropped right after; pass the token to sub-tasks.
     pub cancel: CancellationToken,
+    /// The run's lease, taken in the claim's transaction when the pool leases runs of this
+    /// kind ([`WorkerPoolBuilder::lease_runs_of`]) and the run could be taken then; the
+    /// handler uses it instead of taking the lease itself.
+    pub run_lease: Option<crate::runs::LeasedRun>,
     /// What the instance running the pool offers the handler (database, instance id,
     /// configuration, notifier). Named `client` for the handlers written when it was the
     /// whole client.
@@ -207,6 +211,8 @@ impl Default for Settings {
 pub struct WorkerPool {
     queues: Vec<String>,
     handlers: HashMap<String, Handler>,
+    /// Kinds whose runs are leased in the claim's transaction.
+    run_leasing: HashMap<String, crate::runs::RunLeasing>,
     settings: Settings,
     metrics: Arc<WorkerMetrics>,
     /// Identifies this pool in `pgcrew.queue_waiters`.
@@ -238,6 +244,9 @@ struct Shared {
     ack_deadline: Mutex<Option<tokio::time::Instant>>,
     /// Trace contexts of held tasks (only while OpenTelemetry tracing is on).
     traces: Mutex<HashMap<TaskId, String>>,
+    /// Run leases taken with the claims of held tasks (kinds in `run_leasing`), until their
+    /// executor starts them.
+    run_leases: Mutex<HashMap<TaskId, crate::runs::LeasedRun>>,
 }
 
 impl Shared {
@@ -256,6 +265,15 @@ impl Shared {
     }
     fn with_traces<R>(&self, f: impl FnOnce(&mut HashMap<TaskId, String>) -> R) -> R {
         match self.traces.lock() {
+            Ok(mut g) => f(&mut g),
+            Err(p) => f(&mut p.into_inner()),
+        }
+    }
+    fn with_run_leases<R>(
+        &self,
+        f: impl FnOnce(&mut HashMap<TaskId, crate::runs::LeasedRun>) -> R,
+    ) -> R {
+        match self.run_leases.lock() {
             Ok(mut g) => f(&mut g),
             Err(p) => f(&mut p.into_inner()),
         }

@@ -1,13 +1,16 @@
 //! Row factories: tenants, instances, tasks and run events.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use pgcrew::db::Conn;
+use pgcrew::kernel::RunScope;
 use pgcrew::queue::{Enqueued, TaskOutcome, WorkerPoolBuilder};
 use pgcrew::runs::{self, NewEvent};
 use pgcrew::tenancy::{self, TenantContext};
 use pgcrew::{
-    AgentRuntime, Db, InstanceId, Kernel, ModelPort, NewTask, RunId, TaskId, TenantId, ToolRegistry,
+    AgentRuntime, Db, Error, InstanceId, Kernel, ModelPort, NewTask, RunId, TaskId, TenantId,
+    ToolRegistry,
 };
 use serde_json::json;
 
@@ -222,4 +225,20 @@ pub async fn create_task_effects(db: &Db) {
 /// `n` tasks of kind `effect` on `queue`.
 pub fn effect_tasks(n: usize, queue: &str) -> Vec<NewTask> {
     (0..n).map(|_| task("effect").queue(queue)).collect()
+}
+
+/// A started run of `tenant` parked at bare wait step `w/go` for signal `go` (timeout
+/// `timeout`) by owner `w0`, which held its lease.
+pub async fn parked_run(db: &Db, tenant: &TenantId, timeout: Duration) -> (RunId, i64) {
+    let run = started_run(db, tenant).await;
+    let lease = runs::acquire_run_lease(db, run, "w0", Duration::from_secs(3600))
+        .await
+        .unwrap()
+        .unwrap();
+    let scope = RunScope::new(run, tenant.clone()).with_lease(lease.token);
+    let parked = bare_kernel(db)
+        .wait_step(&scope, "w/go", "go", timeout, json!({}))
+        .await;
+    assert!(matches!(parked, Err(Error::Waiting { .. })), "{parked:?}");
+    (run, lease.token)
 }

@@ -22,9 +22,9 @@ pub use client::{
 pub use deployment::{DEPLOYMENT_LEDGER_KEY, Deployment, healthy_deployment};
 pub use factories::{
     agent_runtime, append_notes, bare_kernel, create_task_effects, create_tenant, db_with_instance,
-    db_with_instance_conn, db_with_tenant, effect_tasks, enqueued, insert_run, recording_handler,
-    register_instance, running_run, setup_and_enqueue, started_run, submit_run, task, tenant,
-    v1_run,
+    db_with_instance_conn, db_with_tenant, effect_tasks, enqueued, insert_run, parked_run,
+    recording_handler, register_instance, running_run, setup_and_enqueue, started_run, submit_run,
+    task, tenant, v1_run,
 };
 pub use process::{
     Serve, assert_bench_database_dropped, cli, effect_worker, pgcrew_bin, run_bench, serve,

@@ -96,10 +96,17 @@ pub async fn run(dsn: Option<String>, args: WaitsBenchArgs) -> Result<ExitCode> 
     let model: std::sync::Arc<dyn pgcrew::ModelPort> =
         std::sync::Arc::new(ScriptedModel::sequence(vec![]));
     let owner = config.instance_id.to_string();
+    // The runs' leases are taken with the claims (V029), as the agent runtime takes them.
+    let leasing = runs::RunLeasing::new(
+        owner.clone(),
+        Duration::from_secs(60),
+        Some(config.instance_id.clone()),
+    )?;
     let pool = WorkerPool::builder()
         .queue("waits")
+        .lease_runs_of("bench.wait", leasing)
         .concurrency(usize::try_from(args.concurrency).unwrap_or(usize::MAX))
-        .handler("bench.wait", move |ctx, _p: serde_json::Value| {
+        .handler("bench.wait", move |mut ctx, _p: serde_json::Value| {
             // The instance's own pool: the benchmark counts its connections.
             let kernel = Kernel::new(ctx.client.db().clone(), model.clone());
             let owner = owner.clone();
@@ -108,7 +115,7 @@ pub async fn run(dsn: Option<String>, args: WaitsBenchArgs) -> Result<ExitCode> 
                 let Some(run) = ctx.run_id else {
                     return Ok(TaskOutcome::Discard("no run".into()));
                 };
-                drive(&kernel, run, &owner, workflow)
+                drive(&kernel, run, &owner, ctx.run_lease.take(), workflow)
                     .await
                     .or_else(|e| waiting_outcome(&e).ok_or_else(|| Box::new(e) as HandlerError))
             }
@@ -227,14 +234,24 @@ pub async fn run(dsn: Option<String>, args: WaitsBenchArgs) -> Result<ExitCode> 
     Ok(ExitCode::SUCCESS)
 }
 
-/// One task of the benchmark: lease, start, the wait (in a workflow, or a bare wait step, which
-/// moves a waiting run back to running itself), complete.
-async fn drive(kernel: &Kernel, run: RunId, owner: &str, workflow: bool) -> Result<TaskOutcome> {
+/// One task of the benchmark: lease (taken with the claim, else here), start, the wait (in a
+/// workflow, or a bare wait step, which moves a waiting run back to running itself), complete.
+async fn drive(
+    kernel: &Kernel,
+    run: RunId,
+    owner: &str,
+    taken: Option<runs::LeasedRun>,
+    workflow: bool,
+) -> Result<TaskOutcome> {
     let db = kernel.db();
-    // The lease, and the run resumed when its wait resolved, in one statement (V025).
-    let taken = runs::lease_run(db, run, owner, Duration::from_secs(60), None)
-        .await?
-        .ok_or_else(|| pgcrew::Error::LeaseLost(format!("run {run} is leased elsewhere")))?;
+    // The lease, and the run resumed when its wait resolved: with the claim (V029), or here
+    // in one statement (V025) when the claim could not take it.
+    let taken = match taken.filter(|t| t.run.id == run) {
+        Some(t) => t,
+        None => runs::lease_run(db, run, owner, Duration::from_secs(60), None)
+            .await?
+            .ok_or_else(|| pgcrew::Error::LeaseLost(format!("run {run} is leased elsewhere")))?,
+    };
     let (lease, r) = (taken.lease, taken.run);
     if r.state == RunState::Pending {
         runs::start_run(db, run, None, Some(lease.token), LimitPolicy::Reject).await?;
