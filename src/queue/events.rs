@@ -104,9 +104,7 @@ pub async fn act_on_task<A: Acquire + ?Sized>(
 /// The recorded actions on a task, oldest first.
 #[instrument(skip(client), err)]
 pub async fn task_events<E: Executor + ?Sized>(client: &E, id: TaskId) -> Result<Vec<TaskEvent>> {
-    let rows = client
-        .query(sql!("queue/task_events"), typed![&id])
-        .await?;
+    let rows = client.query(sql!("queue/task_events"), typed![&id]).await?;
     crate::db::rows_as(&rows)
 }
 

@@ -74,11 +74,11 @@ pub use claim::{
     Ack, AckOutcome, AckReport, ClaimedTask, HeartbeatReport, ack, claim, heartbeat, next_due,
 };
 pub use enqueue::{Enqueued, enqueue, enqueue_many};
-pub use key_limit::{KeyLimit, clear_key_limit, key_limits, set_key_limit};
 pub use events::{
     MAX_ACTOR_LEN, QueuePauseEvent, TaskAction, TaskEvent, act_on_task, queue_pause_events,
     set_paused_by, task_events,
 };
+pub use key_limit::{KeyLimit, clear_key_limit, key_limits, set_key_limit};
 pub use maintenance::{
     QueueHistoryRetention, QueueMinutes, RescueTasks, TaskRetention, maintenance_steps,
 };

@@ -152,7 +152,12 @@ async fn queue_action(
         Ok(w) => w,
         Err(e) => return ctx.error(e),
     };
-    let tenant = match form.tenant.as_deref().map(str::trim).filter(|t| !t.is_empty()) {
+    let tenant = match form
+        .tenant
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
         Some(t) => match TenantId::new(t) {
             Ok(t) => Some(t),
             Err(e) => return ctx.error(UiError::bad_request(e.to_string())),

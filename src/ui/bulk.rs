@@ -182,14 +182,8 @@ async fn start(
                     } else {
                         crate::queue::TaskAction::Cancel
                     };
-                    let r = crate::queue::act_on_task(
-                        &db,
-                        t,
-                        action,
-                        &who,
-                        super::actions::SOURCE,
-                    )
-                    .await;
+                    let r = crate::queue::act_on_task(&db, t, action, &who, super::actions::SOURCE)
+                        .await;
                     update(&jobs, id, |j| match r {
                         Ok(_) => j.applied += 1,
                         Err(e) => {

@@ -80,7 +80,13 @@ pub(crate) fn sparkline(values: &[Option<f64>], columns: bool, unit: &str, class
     let max = values.iter().flatten().fold(0.0_f64, |a, b| a.max(*b));
     let (w, h) = (120.0, 20.0);
     let step = w / SPARK_MINUTES as f64;
-    let y = |v: f64| if max > 0.0 { h - 1.0 - (h - 2.0) * v / max } else { h - 1.0 };
+    let y = |v: f64| {
+        if max > 0.0 {
+            h - 1.0 - (h - 2.0) * v / max
+        } else {
+            h - 1.0
+        }
+    };
     let last = values.iter().rev().flatten().next().copied();
     let title = format!(
         "last hour, per minute: newest {}, max {max:.1} {unit}",

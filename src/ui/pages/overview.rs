@@ -6,19 +6,17 @@ use axum::response::Response;
 use maud::{Markup, html};
 
 use super::{age, opt_time, secs, state, time};
-use crate::ui::data::QueueSummary;
-use crate::ui::{Shared, UiState};
 use crate::ui::charts;
+use crate::ui::data::QueueSummary;
 use crate::ui::data::{self, Overview};
 use crate::ui::respond::Ctx;
+use crate::ui::{Shared, UiState};
 
 /// `GET /` and `/api/overview`.
 pub(crate) async fn handler(State(s): State<Shared>, ctx: Ctx) -> Response {
     let d = s
         .cache
-        .get(&ctx.key, || {
-            data::overview(s.client.db())
-        })
+        .get(&ctx.key, || data::overview(s.client.db()))
         .await;
     ctx.respond(d, |d| {
         super::layout::page(&ctx, "Overview", "all", render(&ctx, &s, d))
@@ -93,7 +91,12 @@ fn sparklines(now: chrono::DateTime<chrono::Utc>, q: &QueueSummary) -> (Markup, 
     )
 }
 
-fn queue_row(ctx: &Ctx, s: &UiState, now: chrono::DateTime<chrono::Utc>, q: &QueueSummary) -> Markup {
+fn queue_row(
+    ctx: &Ctx,
+    s: &UiState,
+    now: chrono::DateTime<chrono::Utc>,
+    q: &QueueSummary,
+) -> Markup {
     let csrf = s.auth.csrf_for(ctx).unwrap_or("");
     let all_paused = q.pauses.iter().any(|p| p.tenant_id.is_none());
     let (throughput, latency) = sparklines(now, q);

@@ -220,7 +220,7 @@ async fn pages_open_and_a_run_changes_state_on_the_open_page_within_a_second() {
 }
 
 #[tokio::test]
-async fn cancelling_from_the_page_is_refused_without_the_token_and_works_with_it() {
+async fn cancelling_from_the_page_is_refused_without_the_token_and_works_with_it_as_do_queue_and_task_actions() {
     let c = console("ui-browser-cancel", UiConfig::new().token(TOKEN)).await;
     tenant(&c.t, "acme", &[], None).await;
     let run = runs::create_run(&c.t.db, NewRun::new(TenantId::new("acme").unwrap()))
@@ -271,6 +271,30 @@ async fn cancelling_from_the_page_is_refused_without_the_token_and_works_with_it
     let r = runs::get_run(&c.t.db, run).await.unwrap();
     assert_eq!(r.state, RunState::Cancelled);
     assert!(r.cancel_reason.unwrap().contains("by bob"));
+    // Pause and resume a queue from the overview, and cancel a task from its page: each shows
+    // who did it.
+    let mut task = pgcrew::queue::NewTask::new("send", &json!({})).unwrap();
+    task.queue = "mail".into();
+    let task = c.client.enqueue(&task).await.unwrap().id;
+    let paused = "var r = document.querySelector(\"tr[data-queue='mail']\"); return r ? r.dataset.paused : null;";
+    b.web.goto(&c.url("/")).await.unwrap();
+    b.click("tr[data-queue='mail'] .pause-queue").await;
+    assert!(b.until(paused, json!("true"), Duration::from_secs(5)).await);
+    assert!(b.text("tr[data-queue='mail']").await.contains("by bob"));
+    assert!(b.text("#queue-pause-events").await.contains("bob"));
+    b.click("tr[data-queue='mail'] .resume-queue").await;
+    assert!(b.until(paused, json!("false"), Duration::from_secs(5)).await);
+    b.web.goto(&c.url(&format!("/tasks/{task}"))).await.unwrap();
+    b.click("#cancel-task").await;
+    assert!(
+        b.until(
+            "var e = document.getElementById('task-state'); return e ? e.textContent : null;",
+            json!("cancelled"),
+            Duration::from_secs(5)
+        )
+        .await
+    );
+    assert!(b.text("#task-events").await.contains("bob"));
     b.close().await;
 }
 

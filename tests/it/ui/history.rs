@@ -12,9 +12,7 @@ use pgcrew::{Client, InstanceId, TaskId, TenantId};
 use serde_json::{Value, json};
 
 use super::{TOKEN, console, get_html, get_json, http, serve_router};
-use crate::common::{
-    eventually, fast_config, scalar, start_client, tenant, test_db, wait_leader,
-};
+use crate::common::{eventually, fast_config, scalar, start_client, tenant, test_db, wait_leader};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -38,9 +36,11 @@ async fn post(url: &str, body: &str, bearer: Option<&str>) -> (u16, Value) {
 
 /// A read-only console on `client` (any client of the database): its base URL.
 async fn console_on(client: &Client) -> (String, tokio::task::JoinHandle<()>) {
-    let (addr, server) =
-        serve_router(pgcrew::ui::router_with(client, UiConfig::new().cache_ttl(Duration::ZERO)))
-            .await;
+    let (addr, server) = serve_router(pgcrew::ui::router_with(
+        client,
+        UiConfig::new().cache_ttl(Duration::ZERO),
+    ))
+    .await;
     (format!("http://{addr}"), server)
 }
 
@@ -67,7 +67,10 @@ async fn leader_terms_are_in_the_database_on_every_console_and_after_a_restart()
     let b = start_client(t.dsn(), fast_config("hist-b").build().unwrap(), None).await;
     let viewer = start_client(
         t.dsn(),
-        fast_config("hist-view").leader_election(false).build().unwrap(),
+        fast_config("hist-view")
+            .leader_election(false)
+            .build()
+            .unwrap(),
         None,
     )
     .await;
@@ -77,7 +80,10 @@ async fn leader_terms_are_in_the_database_on_every_console_and_after_a_restart()
     wait_leader(&b, WAIT).await;
     let second = b.leader_term().unwrap();
     assert!(second > first);
-    let expected = vec![(second, "hist-b".to_string()), (first, "hist-a".to_string())];
+    let expected = vec![
+        (second, "hist-b".to_string()),
+        (first, "hist-a".to_string()),
+    ];
     let (s, o) = get_json(&format!("{one}/api/overview")).await;
     assert_eq!(s, 200, "{o}");
     assert_eq!(terms(&o), expected, "{o}");
@@ -91,7 +97,10 @@ async fn leader_terms_are_in_the_database_on_every_console_and_after_a_restart()
     viewer.stop().await.unwrap();
     let again = start_client(
         t.dsn(),
-        fast_config("hist-view-2").leader_election(false).build().unwrap(),
+        fast_config("hist-view-2")
+            .leader_election(false)
+            .build()
+            .unwrap(),
         None,
     )
     .await;
@@ -133,7 +142,11 @@ async fn leader_history_retention_deletes_old_terms_but_never_the_newest() {
         "old terms are deleted"
     );
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let kept = scalar(&t.db, "SELECT coalesce(max(term), 0) FROM pgcrew.leader_terms").await;
+    let kept = scalar(
+        &t.db,
+        "SELECT coalesce(max(term), 0) FROM pgcrew.leader_terms",
+    )
+    .await;
     assert_eq!(kept, newest);
     assert_eq!(scalar(&t.db, sql).await, 1);
     b.stop().await.unwrap();
@@ -147,7 +160,11 @@ async fn available_task(db: &pgcrew::Db, queue_name: &str) -> TaskId {
 
 #[tokio::test]
 async fn task_actions_are_recorded_with_who_and_when_and_shown_on_the_task_page() {
-    let c = console("ui-hist-task", UiConfig::new().token(TOKEN).cache_ttl(Duration::ZERO)).await;
+    let c = console(
+        "ui-hist-task",
+        UiConfig::new().token(TOKEN).cache_ttl(Duration::ZERO),
+    )
+    .await;
     let task = available_task(&c.t.db, "mail").await;
     // Refused without the token: nothing changes, nothing is recorded.
     let (s, _) = post(&c.url(&format!("/tasks/{task}/cancel")), "", None).await;
@@ -191,9 +208,24 @@ async fn task_actions_are_recorded_with_who_and_when_and_shown_on_the_task_page(
     assert_eq!(
         evs,
         vec![
-            ("cancel".into(), who.clone(), "available".into(), "cancelled".into()),
-            ("retry".into(), who.clone(), "cancelled".into(), "available".into()),
-            ("cancel".into(), who.clone(), "available".into(), "cancelled".into()),
+            (
+                "cancel".into(),
+                who.clone(),
+                "available".into(),
+                "cancelled".into()
+            ),
+            (
+                "retry".into(),
+                who.clone(),
+                "cancelled".into(),
+                "available".into()
+            ),
+            (
+                "cancel".into(),
+                who.clone(),
+                "available".into(),
+                "cancelled".into()
+            ),
         ],
         "{d}"
     );
@@ -210,13 +242,19 @@ async fn task_actions_are_recorded_with_who_and_when_and_shown_on_the_task_page(
     )
     .await;
     assert_eq!(s, 202, "{body}");
-    let sql = format!("SELECT count(*) FROM pgcrew.task_events WHERE task_id = {other} AND action = 'cancel' AND actor = 'api client'");
+    let sql = format!(
+        "SELECT count(*) FROM pgcrew.task_events WHERE task_id = {other} AND action = 'cancel' AND actor = 'api client'"
+    );
     assert!(eventually(WAIT, || async { scalar(&c.t.db, &sql).await == 1 }).await);
 }
 
 #[tokio::test]
 async fn queues_are_paused_and_resumed_only_with_the_token_and_recorded() {
-    let c = console("ui-hist-pause", UiConfig::new().token(TOKEN).cache_ttl(Duration::ZERO)).await;
+    let c = console(
+        "ui-hist-pause",
+        UiConfig::new().token(TOKEN).cache_ttl(Duration::ZERO),
+    )
+    .await;
     tenant(&c.t.db, "acme", &[], None).await;
     available_task(&c.t.db, "mail").await;
     let pauses = "SELECT count(*) FROM pgcrew.queue_pauses";
@@ -256,7 +294,11 @@ async fn queues_are_paused_and_resumed_only_with_the_token_and_recorded() {
     let (s, body) = post(&c.url("/queues/mail/resume"), "", Some(TOKEN)).await;
     assert_eq!(s, 200, "{body}");
     assert_eq!(body["changed"], true, "{body}");
-    assert_eq!(scalar(&c.t.db, pauses).await, 1, "the tenant's own pause stays");
+    assert_eq!(
+        scalar(&c.t.db, pauses).await,
+        1,
+        "the tenant's own pause stays"
+    );
     let (_, o) = get_json(&c.url("/api/overview")).await;
     let recorded: Vec<(String, Value, bool)> = o["queue_pause_events"]
         .as_array()
@@ -323,7 +365,12 @@ async fn the_leader_fills_per_minute_figures_and_the_overview_draws_sparklines()
                     .as_array()
                     .unwrap()
                     .iter()
-                    .map(|m| (m["finished"].as_i64().unwrap(), m["timed"].as_i64().unwrap()))
+                    .map(|m| {
+                        (
+                            m["finished"].as_i64().unwrap(),
+                            m["timed"].as_i64().unwrap(),
+                        )
+                    })
                     .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1))
             })
             .unwrap_or_default()
@@ -339,7 +386,10 @@ async fn the_leader_fills_per_minute_figures_and_the_overview_draws_sparklines()
     let (_, page) = get_html(&format!("{url}/")).await;
     assert!(page.contains("spark-throughput"), "{page}");
     assert!(page.contains("spark-latency"), "{page}");
-    assert!(!page.contains("data-points=\"0\""), "both sparklines have a point: {page}");
+    assert!(
+        !page.contains("data-points=\"0\""),
+        "both sparklines have a point: {page}"
+    );
     server.abort();
     leader.stop().await.unwrap();
 }
