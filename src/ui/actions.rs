@@ -3,7 +3,9 @@
 //! with who and when (the database's time) where its domain records things: a cancelled run in
 //! its ledger (`run_cancelled`, reason `cancelled in the operations console by <who>`), a task
 //! action in `pgcrew.task_events` (shown on the task page), a pause or resume in
-//! `pgcrew.queue_pause_events` (shown on the overview).
+//! `pgcrew.queue_pause_events` (shown on the overview). A successful action ends the sharing of
+//! page data at once (not every action sends a notification), so the page it redirects to
+//! shows its effect.
 
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -75,6 +77,7 @@ pub(crate) async fn cancel_run(
     }
     match crate::runs::cancel_run(state.client.db(), run, &reason).await {
         Ok(r) => {
+            state.cache.invalidate();
             tracing::info!(run = %run, who = %who, "run cancelled from the operations console");
             done(
                 &ctx,
@@ -107,6 +110,7 @@ async fn task_action(
     let result = crate::queue::act_on_task(state.client.db(), task, action, &who, SOURCE).await;
     match result {
         Ok(s) => {
+            state.cache.invalidate();
             tracing::info!(task = %task, who = %who, action = action.as_str(), "task action from the operations console");
             done(
                 &ctx,
@@ -167,6 +171,7 @@ async fn queue_action(
     let db = state.client.db();
     match crate::queue::set_paused_by(db, &queue, tenant.as_ref(), pause, &who).await {
         Ok(changed) => {
+            state.cache.invalidate();
             let action = if pause { "pause" } else { "resume" };
             tracing::info!(queue = %queue, who = %who, action, changed, "queue action from the operations console");
             done(

@@ -168,6 +168,7 @@ async fn start(
     }
     tracing::info!(job = id, action = %action, who = %who, total, "bulk task action started");
     let jobs = state.bulk.jobs.clone();
+    let cache = state.cache.clone();
     let db = db.clone();
     tokio::spawn(async move {
         let retry = action == "retry";
@@ -200,6 +201,7 @@ async fn start(
             Target::Ids(ids) => {
                 for chunk in ids.chunks(BATCH as usize) {
                     apply(chunk.to_vec()).await;
+                    cache.invalidate();
                 }
             }
             Target::Filter(f) => {
@@ -218,6 +220,7 @@ async fn start(
                     after = last.0;
                     seen += batch.len() as i64;
                     apply(batch).await;
+                    cache.invalidate();
                 }
             }
         }

@@ -220,7 +220,8 @@ async fn pages_open_and_a_run_changes_state_on_the_open_page_within_a_second() {
 }
 
 #[tokio::test]
-async fn cancelling_from_the_page_is_refused_without_the_token_and_works_with_it_as_do_queue_and_task_actions() {
+async fn cancelling_from_the_page_is_refused_without_the_token_and_works_with_it_as_do_queue_and_task_actions()
+ {
     let c = console("ui-browser-cancel", UiConfig::new().token(TOKEN)).await;
     tenant(&c.t, "acme", &[], None).await;
     let run = runs::create_run(&c.t.db, NewRun::new(TenantId::new("acme").unwrap()))
@@ -283,7 +284,10 @@ async fn cancelling_from_the_page_is_refused_without_the_token_and_works_with_it
     assert!(b.text("tr[data-queue='mail']").await.contains("by bob"));
     assert!(b.text("#queue-pause-events").await.contains("bob"));
     b.click("tr[data-queue='mail'] .resume-queue").await;
-    assert!(b.until(paused, json!("false"), Duration::from_secs(5)).await);
+    assert!(
+        b.until(paused, json!("false"), Duration::from_secs(5))
+            .await
+    );
     b.web.goto(&c.url(&format!("/tasks/{task}"))).await.unwrap();
     b.click("#cancel-task").await;
     assert!(

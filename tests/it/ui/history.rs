@@ -435,3 +435,30 @@ async fn the_tenant_page_lists_degradation_rules_and_budget_decisions() {
     assert!(page.contains("tenant budget 1.0000 USD"), "{page}");
     assert!(page.contains(&format!("/runs/{run}")), "{page}");
 }
+
+#[tokio::test]
+async fn the_leader_deletes_task_events_and_pause_records_after_their_retention() {
+    let c = console("ui-hist-ret", UiConfig::new().token(TOKEN)).await;
+    let task = available_task(&c.t.db, "mail").await;
+    let (s, _) = post(&c.url("/queues/mail/pause"), "", Some(TOKEN)).await;
+    assert_eq!(s, 200);
+    let (s, _) = post(&c.url(&format!("/tasks/{task}/cancel")), "", Some(TOKEN)).await;
+    assert_eq!(s, 200);
+    let both = "SELECT (SELECT count(*) FROM pgcrew.task_events) * 10 + (SELECT count(*) FROM pgcrew.queue_pause_events)";
+    assert_eq!(scalar(&c.t.db, both).await, 11);
+    // A leader keeping both for a day leaves them alone; one keeping them 1 ms deletes them.
+    let keep = start_client(c.t.dsn(), fast_config("ret-keep").build().unwrap(), None).await;
+    wait_leader(&keep, WAIT).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(scalar(&c.t.db, both).await, 11);
+    keep.stop().await.unwrap();
+    let short = fast_config("ret-short")
+        .task_retention(Duration::from_millis(1))
+        .history_retention(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    let prune = start_client(c.t.dsn(), short, None).await;
+    wait_leader(&prune, WAIT).await;
+    assert!(eventually(WAIT, || async { scalar(&c.t.db, both).await == 0 }).await);
+    prune.stop().await.unwrap();
+}
