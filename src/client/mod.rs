@@ -38,7 +38,7 @@ pub use builder::ClientBuilder;
 pub use submit::{submit_run, wait_for_run};
 
 /// The maintenance every client runs while it is leader, in order: coordination's stale
-/// instances, stuck runs, coordination's expired leases, then the queue's, the runs' and
+/// instances, stuck runs, coordination's expired leases and old leader terms, then the queue's, the runs' and
 /// tenancy's own steps (each module's `maintenance.rs`). [`ClientBuilder::maintenance_step`]
 /// appends more.
 pub fn default_maintenance_steps() -> Vec<Arc<dyn MaintenanceStep>> {
@@ -46,6 +46,7 @@ pub fn default_maintenance_steps() -> Vec<Arc<dyn MaintenanceStep>> {
         Arc::new(maintenance::StaleInstances),
         Arc::new(crate::runs::StuckRuns),
         Arc::new(maintenance::ExpiredLeaders),
+        Arc::new(crate::coord::leader_history::LeaderHistoryRetention),
     ];
     steps.extend(queue::maintenance_steps());
     steps.extend(crate::runs::maintenance_steps());

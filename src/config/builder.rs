@@ -64,6 +64,8 @@ impl ClientConfigBuilder {
         leader_election(value: bool) => leader_election = value;
         /// Task retention (default 24 h).
         task_retention(value: Duration) => task_retention = value;
+        /// Leader terms and console queue pause/resume records kept (default 30 days).
+        history_retention(value: Duration) => history_retention = value;
         /// Retention batch size (default 10 000).
         retention_batch_size(value: i64) => retention_batch_size = value;
         /// Task heartbeat timeout (default 2 min).

@@ -19,6 +19,7 @@
 //! | `migrate` | false | run the embedded migrations when the client is built |
 //! | `leader_election` | true | take part in leader election |
 //! | `task_retention` | 24 h | completed/discarded tasks older than this are deleted by maintenance |
+//! | `history_retention` | 30 days | leader terms (`pgcrew.leader_terms`) and the console's queue pause/resume records older than this are deleted by maintenance (a lease's newest term always stays) |
 //! | `retention_batch_size` | 10 000 | rows deleted per retention statement |
 //! | `task_heartbeat_timeout` | 2 min | running tasks whose heartbeat is older than this are rescued |
 //! | `ledger_key` | `PGCREW_LEDGER_KEY` / `PGCREW_LEDGER_KEY_FILE`, else none | signs ledger checkpoints ([`LedgerKey`]) |
@@ -112,6 +113,9 @@ pub struct ClientConfig {
     pub leader_election: bool,
     /// Age after which completed/discarded tasks are deleted.
     pub task_retention: Duration,
+    /// Age after which leader terms and the console's queue pause/resume records are deleted
+    /// (a lease's newest term always stays).
+    pub history_retention: Duration,
     /// Rows deleted per retention statement.
     pub retention_batch_size: i64,
     /// Running tasks with a heartbeat older than this are returned to the queue.
@@ -155,6 +159,7 @@ impl Default for ClientConfig {
             migrate: false,
             leader_election: true,
             task_retention: Duration::from_secs(24 * 3600),
+            history_retention: Duration::from_secs(30 * 24 * 3600),
             retention_batch_size: 10_000,
             task_heartbeat_timeout: Duration::from_secs(120),
             ledger_key: None,
@@ -190,6 +195,7 @@ impl std::fmt::Debug for ClientConfig {
             migrate,
             leader_election,
             task_retention,
+            history_retention,
             retention_batch_size,
             task_heartbeat_timeout,
             ledger_key,
@@ -222,6 +228,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("migrate", migrate)
             .field("leader_election", leader_election)
             .field("task_retention", task_retention)
+            .field("history_retention", history_retention)
             .field("retention_batch_size", retention_batch_size)
             .field("ledger_key", ledger_key)
             .field("checkpoint_interval", checkpoint_interval)

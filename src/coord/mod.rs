@@ -5,6 +5,7 @@
 
 pub mod instance;
 pub mod leader;
+pub mod leader_history;
 pub mod maintenance;
 pub mod notify;
 pub mod service;

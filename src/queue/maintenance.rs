@@ -43,8 +43,38 @@ maintenance_step! {
     }
 }
 
+maintenance_step! {
+    /// Writes the per-minute figures of finished tasks (`pgcrew.queue_minutes`: the console's
+    /// throughput and latency sparklines) for the minutes since the last pass.
+    QueueMinutes, "queue_minutes", |tx, _ctx| {
+        Ok(Executor::execute(tx, sql!("queue/minutes"), typed![]).await?)
+    }
+}
+
+maintenance_step! {
+    /// Deletes task events older than `task_retention`, queue pause records older than
+    /// `history_retention` (at most `retention_batch_size` of each per pass) and per-minute
+    /// figures older than a day.
+    QueueHistoryRetention, "queue_history_retention", |tx, ctx| {
+        let tasks = interval_micros(ctx.config.task_retention);
+        let history = interval_micros(ctx.config.history_retention);
+        let row = Executor::query_one(tx,
+            sql!("queue/history_retention"),
+            typed![&tasks, &history, &ctx.config.retention_batch_size],
+        ).await?;
+        let n: i64 = row.try_get(0)?;
+        Ok(u64::try_from(n).unwrap_or(0))
+    }
+}
+
 /// Maintenance steps this module contributes to the leader's maintenance pass: rescue of tasks
-/// of dead instances or with stale heartbeats, then retention of finished tasks.
+/// of dead instances or with stale heartbeats, retention of finished tasks, the per-minute
+/// figures, then retention of the queue's history.
 pub fn maintenance_steps() -> Vec<Arc<dyn MaintenanceStep>> {
-    vec![Arc::new(RescueTasks), Arc::new(TaskRetention)]
+    vec![
+        Arc::new(RescueTasks),
+        Arc::new(QueueMinutes),
+        Arc::new(TaskRetention),
+        Arc::new(QueueHistoryRetention),
+    ]
 }

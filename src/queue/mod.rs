@@ -51,6 +51,7 @@ mod admin;
 mod backpressure;
 mod claim;
 mod enqueue;
+mod events;
 mod key_limit;
 mod maintenance;
 mod pause;
@@ -73,8 +74,14 @@ pub use claim::{
     Ack, AckOutcome, AckReport, ClaimedTask, HeartbeatReport, ack, claim, heartbeat, next_due,
 };
 pub use enqueue::{Enqueued, enqueue, enqueue_many};
+pub use events::{
+    MAX_ACTOR_LEN, QueuePauseEvent, TaskAction, TaskEvent, act_on_task, queue_pause_events,
+    set_paused_by, task_events,
+};
 pub use key_limit::{KeyLimit, clear_key_limit, key_limits, set_key_limit};
-pub use maintenance::{RescueTasks, TaskRetention, maintenance_steps};
+pub use maintenance::{
+    QueueHistoryRetention, QueueMinutes, RescueTasks, TaskRetention, maintenance_steps,
+};
 pub use pause::{QueueDepth, pause, queues, resume};
 pub use payload::{bound_error_text, payload_size};
 pub use rate_limit::{Rate, RateLimit, RateScope, clear_rate_limit, rate_limits, set_rate_limit};

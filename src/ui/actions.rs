@@ -1,7 +1,11 @@
-//! Single actions: cancel a run, cancel or retry a task. Each needs the token (see `auth`);
-//! without it the answer is 403 and nothing changes. A cancelled run records who cancelled it
-//! in its ledger (`run_cancelled`, reason `cancelled in the operations console by <who>`, at the
-//! database's time); task actions are logged (tracing) with who.
+//! Single actions: cancel a run, cancel or retry a task, pause or resume a queue. Each needs
+//! the token (see `auth`); without it the answer is 403 and nothing changes. Each is recorded
+//! with who and when (the database's time) where its domain records things: a cancelled run in
+//! its ledger (`run_cancelled`, reason `cancelled in the operations console by <who>`), a task
+//! action in `pgcrew.task_events` (shown on the task page), a pause or resume in
+//! `pgcrew.queue_pause_events` (shown on the overview). A successful action ends the sharing of
+//! page data at once (not every action sends a notification), so the page it redirects to
+//! shows its effect.
 
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -12,7 +16,8 @@ use serde_json::json;
 use super::Shared;
 use super::error::UiError;
 use super::respond::Ctx;
-use crate::ids::{RunId, TaskId};
+use crate::ids::{RunId, TaskId, TenantId};
+use crate::queue::TaskAction;
 
 /// An action form's fields.
 #[derive(Debug, Default, Deserialize)]
@@ -23,6 +28,9 @@ pub(crate) struct ActionForm {
     /// Why (recorded with a run's cancellation).
     #[serde(default)]
     pub reason: Option<String>,
+    /// The tenant a queue is paused or resumed for alone (empty: every tenant).
+    #[serde(default)]
+    pub tenant: Option<String>,
 }
 
 fn done(ctx: &Ctx, back: &str, body: serde_json::Value) -> Response {
@@ -69,6 +77,7 @@ pub(crate) async fn cancel_run(
     }
     match crate::runs::cancel_run(state.client.db(), run, &reason).await {
         Ok(r) => {
+            state.cache.invalidate();
             tracing::info!(run = %run, who = %who, "run cancelled from the operations console");
             done(
                 &ctx,
@@ -80,13 +89,16 @@ pub(crate) async fn cancel_run(
     }
 }
 
+/// Where console actions are recorded as coming from.
+pub(crate) const SOURCE: &str = "console";
+
 async fn task_action(
     state: Shared,
     ctx: Ctx,
     id: String,
     headers: HeaderMap,
     form: ActionForm,
-    retry: bool,
+    action: TaskAction,
 ) -> Response {
     let who = match state.auth.check(&ctx, &headers, form.csrf.as_deref()) {
         Ok(w) => w,
@@ -95,16 +107,11 @@ async fn task_action(
     let Ok(task) = id.parse::<TaskId>() else {
         return ctx.error(UiError::not_found("task", &id));
     };
-    let db = state.client.db();
-    let result = if retry {
-        crate::queue::retry(db, task).await
-    } else {
-        crate::queue::cancel(db, task).await
-    };
-    let action = if retry { "retry" } else { "cancel" };
+    let result = crate::queue::act_on_task(state.client.db(), task, action, &who, SOURCE).await;
     match result {
         Ok(s) => {
-            tracing::info!(task = %task, who = %who, action, "task action from the operations console");
+            state.cache.invalidate();
+            tracing::info!(task = %task, who = %who, action = action.as_str(), "task action from the operations console");
             done(
                 &ctx,
                 &format!("/tasks/{task}"),
@@ -123,7 +130,7 @@ pub(crate) async fn cancel_task(
     headers: HeaderMap,
     form: FormResult,
 ) -> Response {
-    task_action(state, ctx, id, headers, form_of(form), false).await
+    task_action(state, ctx, id, headers, form_of(form), TaskAction::Cancel).await
 }
 
 /// `POST /tasks/{id}/retry`.
@@ -134,5 +141,68 @@ pub(crate) async fn retry_task(
     headers: HeaderMap,
     form: FormResult,
 ) -> Response {
-    task_action(state, ctx, id, headers, form_of(form), true).await
+    task_action(state, ctx, id, headers, form_of(form), TaskAction::Retry).await
+}
+
+async fn queue_action(
+    state: Shared,
+    ctx: Ctx,
+    queue: String,
+    headers: HeaderMap,
+    form: ActionForm,
+    pause: bool,
+) -> Response {
+    let who = match state.auth.check(&ctx, &headers, form.csrf.as_deref()) {
+        Ok(w) => w,
+        Err(e) => return ctx.error(e),
+    };
+    let tenant = match form
+        .tenant
+        .as_deref()
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    {
+        Some(t) => match TenantId::new(t) {
+            Ok(t) => Some(t),
+            Err(e) => return ctx.error(UiError::bad_request(e.to_string())),
+        },
+        None => None,
+    };
+    let db = state.client.db();
+    match crate::queue::set_paused_by(db, &queue, tenant.as_ref(), pause, &who).await {
+        Ok(changed) => {
+            state.cache.invalidate();
+            let action = if pause { "pause" } else { "resume" };
+            tracing::info!(queue = %queue, who = %who, action, changed, "queue action from the operations console");
+            done(
+                &ctx,
+                "/",
+                json!({"ok": true, "queue": queue, "tenant_id": tenant, "action": action,
+                       "changed": changed, "by": who}),
+            )
+        }
+        Err(e) => ctx.error(e.into()),
+    }
+}
+
+/// `POST /queues/{queue}/pause` (field `tenant`: pause for that tenant only).
+pub(crate) async fn pause_queue(
+    State(state): State<Shared>,
+    ctx: Ctx,
+    Path(queue): Path<String>,
+    headers: HeaderMap,
+    form: FormResult,
+) -> Response {
+    queue_action(state, ctx, queue, headers, form_of(form), true).await
+}
+
+/// `POST /queues/{queue}/resume` (field `tenant`: lift that tenant's own pause).
+pub(crate) async fn resume_queue(
+    State(state): State<Shared>,
+    ctx: Ctx,
+    Path(queue): Path<String>,
+    headers: HeaderMap,
+    form: FormResult,
+) -> Response {
+    queue_action(state, ctx, queue, headers, form_of(form), false).await
 }

@@ -1,7 +1,8 @@
 //! Bulk task actions: cancel or retry the selected tasks, or all tasks matching a filter (the
 //! form carries the count the operator confirmed; when a different number matches now, 409 and
 //! nothing changes). The server applies the action in bounded batches in the background and
-//! `/bulk/{id}` shows the progress (live).
+//! `/bulk/{id}` shows the progress (live). Each task's action is recorded with who in
+//! `pgcrew.task_events`, like a single action.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -167,19 +168,23 @@ async fn start(
     }
     tracing::info!(job = id, action = %action, who = %who, total, "bulk task action started");
     let jobs = state.bulk.jobs.clone();
+    let cache = state.cache.clone();
     let db = db.clone();
     tokio::spawn(async move {
         let retry = action == "retry";
         let apply = |batch: Vec<TaskId>| {
             let db = db.clone();
             let jobs = jobs.clone();
+            let who = who.clone();
             async move {
                 for t in batch {
-                    let r = if retry {
-                        crate::queue::retry(&db, t).await
+                    let action = if retry {
+                        crate::queue::TaskAction::Retry
                     } else {
-                        crate::queue::cancel(&db, t).await
+                        crate::queue::TaskAction::Cancel
                     };
+                    let r = crate::queue::act_on_task(&db, t, action, &who, super::actions::SOURCE)
+                        .await;
                     update(&jobs, id, |j| match r {
                         Ok(_) => j.applied += 1,
                         Err(e) => {
@@ -196,6 +201,7 @@ async fn start(
             Target::Ids(ids) => {
                 for chunk in ids.chunks(BATCH as usize) {
                     apply(chunk.to_vec()).await;
+                    cache.invalidate();
                 }
             }
             Target::Filter(f) => {
@@ -214,6 +220,7 @@ async fn start(
                     after = last.0;
                     seen += batch.len() as i64;
                     apply(batch).await;
+                    cache.invalidate();
                 }
             }
         }

@@ -69,3 +69,50 @@ fn short(s: &str, n: usize) -> String {
         format!("{}…", s.chars().take(n - 1).collect::<String>())
     }
 }
+
+/// Minutes a sparkline spans.
+pub(crate) const SPARK_MINUTES: usize = 60;
+
+/// A sparkline over the last [`SPARK_MINUTES`] minutes: `values[i]` is minute `i` (oldest
+/// first; `None`: nothing recorded). `columns` draws columns (counts), otherwise a line through
+/// the recorded minutes (means). The title names the newest value and the largest.
+pub(crate) fn sparkline(values: &[Option<f64>], columns: bool, unit: &str, class: &str) -> Markup {
+    let max = values.iter().flatten().fold(0.0_f64, |a, b| a.max(*b));
+    let (w, h) = (120.0, 20.0);
+    let step = w / SPARK_MINUTES as f64;
+    let y = |v: f64| {
+        if max > 0.0 {
+            h - 1.0 - (h - 2.0) * v / max
+        } else {
+            h - 1.0
+        }
+    };
+    let last = values.iter().rev().flatten().next().copied();
+    let title = format!(
+        "last hour, per minute: newest {}, max {max:.1} {unit}",
+        last.map(|v| format!("{v:.1} {unit}"))
+            .unwrap_or_else(|| "-".into())
+    );
+    let line: Vec<String> = values
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| v.map(|v| format!("{:.1},{:.1}", (i as f64 + 0.5) * step, y(v))))
+        .collect();
+    html! {
+        svg.spark class=(class) width=(w) height=(h) viewBox=(format!("0 0 {w} {h}")) role="img"
+            data-points=(values.iter().flatten().count()) {
+            title { (title) }
+            rect x="0" y="0" width=(w) height=(h) class="spark-bg" {}
+            @if columns {
+                @for (i, v) in values.iter().enumerate() {
+                    @if let Some(v) = v.filter(|v| *v > 0.0) {
+                        rect.bar x=(format!("{:.1}", i as f64 * step)) y=(format!("{:.1}", y(v)))
+                            width=(format!("{:.1}", step * 0.9)) height=(format!("{:.1}", h - 1.0 - y(v))) {}
+                    }
+                }
+            } @else if !line.is_empty() {
+                polyline points=(line.join(" ")) fill="none" stroke="#3a6ea5" stroke-width="1.2" {}
+            }
+        }
+    }
+}

@@ -9,13 +9,13 @@ use serde::Serialize;
 
 use super::error::UiError;
 use super::filters::{RunQuery, TaskQuery, TimeBound};
-use super::history::LeaderChange;
 use crate::coord::instance::{self, InstanceRow};
 use crate::coord::leader::{self, LeaderRow};
+use crate::coord::leader_history::{self, LeaderTerm};
 use crate::db::Acquire;
 use crate::db::{Db, Executor};
 use crate::ids::{TaskId, TenantId};
-use crate::queue::{self, TaskRow};
+use crate::queue::{self, QueuePauseEvent, TaskEvent, TaskRow};
 use crate::runs::Run;
 use crate::tenancy::{self, BudgetSnapshot, CostFilter, CostRow, Tenant};
 
@@ -38,6 +38,41 @@ pub struct QueueSummary {
     pub states: BTreeMap<String, i64>,
     /// Seconds since the oldest available task became due.
     pub oldest_available_age_s: Option<f64>,
+    /// Its pauses (for every tenant: `tenant_id` `None`; or for single tenants).
+    pub pauses: Vec<QueuePause>,
+    /// Tasks finished and their mean latency per minute of the last hour, oldest first
+    /// (minutes without finished tasks are absent).
+    pub minutes: Vec<QueueMinute>,
+}
+
+/// A pause of a queue.
+#[derive(Debug, Clone, Serialize, postgres_from_row::FromRow)]
+pub struct QueuePause {
+    /// The queue.
+    #[serde(skip)]
+    pub queue: String,
+    /// The tenant paused alone (`None`: every tenant).
+    pub tenant_id: Option<String>,
+    /// Since when.
+    pub paused_at: DateTime<Utc>,
+    /// Who paused it from the console, if it was paused there.
+    pub paused_by: Option<String>,
+}
+
+/// One minute of a queue's finished tasks (written by the leader's maintenance).
+#[derive(Debug, Clone, Serialize, postgres_from_row::FromRow)]
+pub struct QueueMinute {
+    /// The queue.
+    #[serde(skip)]
+    pub queue: String,
+    /// The minute's start.
+    pub minute: DateTime<Utc>,
+    /// Tasks finished in it (completed, discarded, cancelled).
+    pub finished: i64,
+    /// Completed tasks with a claim (those the latency is over).
+    pub timed: i64,
+    /// Their mean time from due to finished (wait + run), in milliseconds.
+    pub latency_ms: Option<f64>,
 }
 
 /// A stuck run (`pgcrew.stuck_runs`).
@@ -83,10 +118,12 @@ pub struct Overview {
     pub instances: Vec<InstanceRow>,
     /// Leader leases.
     pub leaders: Vec<LeaderRow>,
-    /// Leader changes this console has seen (newest first).
-    pub leader_history: Vec<LeaderChange>,
+    /// Leader terms, newest first (`pgcrew.leader_history`, the same on every instance).
+    pub leader_history: Vec<LeaderTerm>,
     /// Queues.
     pub queues: Vec<QueueSummary>,
+    /// The newest pauses and resumes of queues from the console, newest first.
+    pub queue_pause_events: Vec<QueuePauseEvent>,
     /// Runs per live state (`pending`, `running`, `waiting`) and finished in the last hour
     /// (`completed (1 h)`, ...).
     pub run_states: BTreeMap<String, i64>,
@@ -98,24 +135,44 @@ pub struct Overview {
     pub stale_instances: Vec<StaleInstance>,
 }
 
+/// Leader terms shown on the overview.
+pub const LEADER_HISTORY_LEN: i64 = 50;
+
+fn queue_entry(queues: &mut BTreeMap<String, QueueSummary>, queue: String) -> &mut QueueSummary {
+    queues.entry(queue.clone()).or_insert_with(|| QueueSummary {
+        queue,
+        states: BTreeMap::new(),
+        oldest_available_age_s: None,
+        pauses: Vec::new(),
+        minutes: Vec::new(),
+    })
+}
+
 /// Read the overview.
-pub(crate) async fn overview(db: &Db, history: Vec<LeaderChange>) -> Res<Overview> {
+pub(crate) async fn overview(db: &Db) -> Res<Overview> {
     let now = db_now(db).await?;
     let instances = instance::list(db).await?;
     let leaders = leader::current(db).await?;
+    let leader_history = leader_history::history(db, LEADER_HISTORY_LEN).await?;
     let mut queues: BTreeMap<String, QueueSummary> = BTreeMap::new();
     for r in db.query(sql!("ui/queue_depth"), typed![]).await? {
-        let queue: String = r.try_get(0)?;
-        let q = queues.entry(queue.clone()).or_insert_with(|| QueueSummary {
-            queue,
-            states: BTreeMap::new(),
-            oldest_available_age_s: None,
-        });
+        let q = queue_entry(&mut queues, r.try_get(0)?);
         q.states.insert(r.try_get(1)?, r.try_get(2)?);
         if let Some(age) = r.try_get::<_, Option<f64>>(3)? {
             q.oldest_available_age_s = Some(age);
         }
     }
+    let pauses: Vec<QueuePause> =
+        crate::db::rows_as(&db.query(sql!("ui/queue_pauses"), typed![]).await?)?;
+    for p in pauses {
+        queue_entry(&mut queues, p.queue.clone()).pauses.push(p);
+    }
+    let minutes: Vec<QueueMinute> =
+        crate::db::rows_as(&db.query(sql!("ui/queue_minutes"), typed![]).await?)?;
+    for m in minutes {
+        queue_entry(&mut queues, m.queue.clone()).minutes.push(m);
+    }
+    let queue_pause_events = queue::queue_pause_events(db, None, 20).await?;
     let run_states = db
         .query(sql!("ui/run_states"), typed![])
         .await?
@@ -130,8 +187,9 @@ pub(crate) async fn overview(db: &Db, history: Vec<LeaderChange>) -> Res<Overvie
         now,
         instances,
         leaders,
-        leader_history: history,
+        leader_history,
         queues: queues.into_values().collect(),
+        queue_pause_events,
         run_states,
         tenants,
         stuck_runs,
@@ -287,6 +345,8 @@ pub struct TaskDetail {
     pub task: TaskRow,
     /// Its parents and children.
     pub relatives: Vec<Relative>,
+    /// Actions people took on it (cancel, retry: who, when), oldest first.
+    pub events: Vec<TaskEvent>,
 }
 
 /// Read a task.
@@ -297,7 +357,12 @@ pub(crate) async fn task(db: &Db, id: TaskId) -> Res<TaskDetail> {
         &db.query(sql!("ui/task_relatives"), typed![&id.0, &parents])
             .await?,
     )?;
-    Ok(TaskDetail { task, relatives })
+    let events = queue::task_events(db, id).await?;
+    Ok(TaskDetail {
+        task,
+        relatives,
+        events,
+    })
 }
 
 /// The tenants page.
@@ -323,16 +388,44 @@ pub struct TenantDetail {
     pub budget: BudgetSnapshot,
     /// Cost by day, category and model.
     pub costs: Vec<CostRow>,
+    /// The newest budget decisions recorded in the tenant's runs' ledgers, newest first.
+    pub decisions: Vec<BudgetDecision>,
 }
+
+/// A budget decision recorded in a run's ledger: a reservation refused (`budget_exceeded`) or
+/// a settled cost past a limit, after which reservations are refused (`budget_overrun`).
+#[derive(Debug, Clone, Serialize, postgres_from_row::FromRow)]
+pub struct BudgetDecision {
+    /// The run.
+    pub run_id: uuid::Uuid,
+    /// The event's place in the run's ledger.
+    pub seq: i64,
+    /// When.
+    pub created_at: DateTime<Utc>,
+    /// `budget_exceeded` or `budget_overrun`.
+    pub event_type: String,
+    /// The step.
+    pub step_key: Option<String>,
+    /// The event's payload (scope, limit, spent, requested or cost, model, message).
+    pub payload: serde_json::Value,
+}
+
+/// Budget decisions shown on the tenant page.
+pub const DECISIONS_LEN: i64 = 50;
 
 /// Read a tenant.
 pub(crate) async fn tenant(db: &Db, id: &TenantId) -> Res<TenantDetail> {
     let tenant = tenancy::tenants::get(db, id).await?;
     let budget = tenancy::budget_status(db, id).await?;
     let costs = tenancy::cost_breakdown(db, &CostFilter::tenant(id.clone())).await?;
+    let decisions = crate::db::rows_as(
+        &db.query(sql!("ui/tenant_decisions"), typed![id, &DECISIONS_LEN])
+            .await?,
+    )?;
     Ok(TenantDetail {
         tenant,
         budget,
         costs,
+        decisions,
     })
 }

@@ -9,9 +9,12 @@
 //! the instance's own LISTEN connection (`/events`): one database connection however many
 //! browsers are open; a notification only wakes the page, which re-reads its data.
 //!
-//! Actions (cancel a run, cancel or retry tasks, in bulk too) are off unless a token is
-//! configured ([`UiConfig::token`], or `PGCREW_UI_TOKEN` through [`UiConfig::from_env`]); they
-//! need the token (a login cookie plus a CSRF field, or `Authorization: Bearer`).
+//! Actions (cancel a run, cancel or retry tasks, in bulk too, pause or resume a queue) are off
+//! unless a token is configured ([`UiConfig::token`], or `PGCREW_UI_TOKEN` through
+//! [`UiConfig::from_env`]); they need the token (a login cookie plus a CSRF field, or
+//! `Authorization: Bearer`). Each is recorded with who and when where its domain records
+//! things: a run's cancellation in its ledger, task actions in `pgcrew.task_events`, queue
+//! pauses in `pgcrew.queue_pause_events`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +32,6 @@ mod charts;
 mod data;
 mod error;
 mod filters;
-mod history;
 mod live;
 mod pages;
 mod respond;
@@ -125,7 +127,6 @@ impl UiConfig {
 pub(crate) struct UiState {
     pub(crate) client: Client,
     pub(crate) auth: auth::Auth,
-    pub(crate) leaders: history::LeaderHistory,
     pub(crate) bulk: bulk::Jobs,
     pub(crate) cache: Arc<cache::PageCache>,
     pub(crate) hub: live::Hub,
@@ -152,7 +153,6 @@ pub fn router_with(client: &Client, config: UiConfig) -> Router {
     let state: Shared = Arc::new(UiState {
         client: client.clone(),
         auth: auth::Auth::new(token),
-        leaders: history::LeaderHistory::start(client),
         bulk: bulk::Jobs::default(),
         cache: Arc::new(cache::PageCache::new(config.cache_ttl)),
         hub: live::Hub::default(),
@@ -181,6 +181,8 @@ pub fn router_with(client: &Client, config: UiConfig) -> Router {
         .route("/tasks/{id}/cancel", post(actions::cancel_task))
         .route("/tasks/{id}/retry", post(actions::retry_task))
         .route("/tasks/bulk", post(bulk::start_handler))
+        .route("/queues/{queue}/pause", post(actions::pause_queue))
+        .route("/queues/{queue}/resume", post(actions::resume_queue))
         .fallback(error::not_found)
         .with_state(state)
 }

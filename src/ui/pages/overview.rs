@@ -5,22 +5,21 @@ use axum::extract::State;
 use axum::response::Response;
 use maud::{Markup, html};
 
-use super::{age, secs, state, time};
-use crate::ui::Shared;
+use super::{age, opt_time, secs, state, time};
 use crate::ui::charts;
+use crate::ui::data::QueueSummary;
 use crate::ui::data::{self, Overview};
 use crate::ui::respond::Ctx;
+use crate::ui::{Shared, UiState};
 
 /// `GET /` and `/api/overview`.
 pub(crate) async fn handler(State(s): State<Shared>, ctx: Ctx) -> Response {
     let d = s
         .cache
-        .get(&ctx.key, || {
-            data::overview(s.client.db(), s.leaders.snapshot())
-        })
+        .get(&ctx.key, || data::overview(s.client.db()))
         .await;
     ctx.respond(d, |d| {
-        super::layout::page(&ctx, "Overview", "all", render(&ctx, d))
+        super::layout::page(&ctx, "Overview", "all", render(&ctx, &s, d))
     })
 }
 
@@ -70,16 +69,79 @@ pub(crate) fn instance_table(
     }
 }
 
-fn render(ctx: &Ctx, d: &Overview) -> Markup {
+/// A queue's throughput (finished per minute) and latency (mean due → finished) sparklines
+/// over the last hour, from `pgcrew.queue_minutes`.
+fn sparklines(now: chrono::DateTime<chrono::Utc>, q: &QueueSummary) -> (Markup, Markup) {
+    let n = charts::SPARK_MINUTES;
+    let mut finished = vec![None; n];
+    let mut latency = vec![None; n];
+    let newest = now.timestamp().div_euclid(60);
+    for m in &q.minutes {
+        let back = newest - m.minute.timestamp().div_euclid(60);
+        if let Ok(back) = usize::try_from(back)
+            && back < n
+        {
+            finished[n - 1 - back] = Some(m.finished as f64);
+            latency[n - 1 - back] = m.latency_ms;
+        }
+    }
+    (
+        charts::sparkline(&finished, true, "tasks/min", "spark-throughput"),
+        charts::sparkline(&latency, false, "ms", "spark-latency"),
+    )
+}
+
+fn queue_row(
+    ctx: &Ctx,
+    s: &UiState,
+    now: chrono::DateTime<chrono::Utc>,
+    q: &QueueSummary,
+) -> Markup {
+    let csrf = s.auth.csrf_for(ctx).unwrap_or("");
+    let all_paused = q.pauses.iter().any(|p| p.tenant_id.is_none());
+    let (throughput, latency) = sparklines(now, q);
+    let enc = crate::ui::filters::encode(&q.queue);
+    html! {
+        tr data-queue=(q.queue) data-paused=(all_paused) {
+            td { a href=(ctx.link(&format!("/tasks?queue={enc}"))) { (q.queue) } }
+            td { @for (st, n) in &q.states { (state(st)) " " (n) "  " } }
+            td { (q.oldest_available_age_s.map(age).unwrap_or_else(|| "-".into())) }
+            td { (throughput) } td { (latency) }
+            td.pauses {
+                @for p in &q.pauses {
+                    span.warn { "paused" @if let Some(t) = &p.tenant_id { " for " (t) } }
+                    " since " (time(&p.paused_at))
+                    @if let Some(b) = &p.paused_by { " by " (b) }
+                    @if s.auth.enabled() {
+                        " " form.inline method="post" action=(ctx.link(&format!("/queues/{enc}/resume"))) {
+                            input type="hidden" name="csrf" value=(csrf);
+                            @if let Some(t) = &p.tenant_id { input type="hidden" name="tenant" value=(t); }
+                            button.resume-queue type="submit" { "Resume" }
+                        }
+                    }
+                    br;
+                }
+                @if s.auth.enabled() && !all_paused {
+                    form.inline method="post" action=(ctx.link(&format!("/queues/{enc}/pause"))) {
+                        input type="hidden" name="csrf" value=(csrf);
+                        button.pause-queue type="submit" { "Pause" }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn render(ctx: &Ctx, s: &UiState, d: &Overview) -> Markup {
     html! {
         p.muted { "database time " (time(&d.now)) " UTC" }
         (leaders(ctx, d.now, &d.leaders))
         @if !d.leader_history.is_empty() {
-            details { summary { "leader changes seen by this console (" (d.leader_history.len()) ")" }
-                table { tr { th { "seen" } th { "lease" } th { "leader" } th { "term" } }
+            details #leader-history { summary { "leader history (" (d.leader_history.len()) " newest terms)" }
+                table { tr { th { "lease" } th { "term" } th { "leader" } th { "taken" } th { "held until" } }
                     @for h in &d.leader_history {
-                        tr { td { (time(&h.seen_at)) } td { (h.name) }
-                             td { (h.leader_id.as_deref().unwrap_or("(released)")) } td { (h.term) } }
+                        tr data-term=(h.term) { td { (h.name) } td { (h.term) } td { (h.leader_id) }
+                             td { (time(&h.acquired_at)) } td { (opt_time(&h.held_until)) } }
                     }
                 }
             }
@@ -97,11 +159,18 @@ fn render(ctx: &Ctx, d: &Overview) -> Markup {
         }
         h2 { "Queues" }
         table #queues {
-            tr { th { "queue" } th { "depth by state" } th { "oldest available" } }
-            @for q in &d.queues {
-                tr { td { a href=(ctx.link(&format!("/tasks?queue={}", crate::ui::filters::encode(&q.queue)))) { (q.queue) } }
-                     td { @for (s, n) in &q.states { (state(s)) " " (n) "  " } }
-                     td { (q.oldest_available_age_s.map(age).unwrap_or_else(|| "-".into())) } }
+            tr { th { "queue" } th { "depth by state" } th { "oldest available" }
+                 th { "finished / min (1 h)" } th { "latency (1 h)" } th { "paused" } }
+            @for q in &d.queues { (queue_row(ctx, s, d.now, q)) }
+        }
+        @if !d.queue_pause_events.is_empty() {
+            details #queue-pause-events { summary { "queue pauses and resumes (" (d.queue_pause_events.len()) " newest)" }
+                table { tr { th { "at" } th { "queue" } th { "tenant" } th { "action" } th { "by" } th { "changed" } }
+                    @for e in &d.queue_pause_events {
+                        tr { td { (time(&e.at)) } td { (e.queue) } td { (e.tenant_id.as_deref().unwrap_or("(all)")) }
+                             td { (e.action) } td { (e.actor) } td { (e.changed) } }
+                    }
+                }
             }
         }
         h2 { "Runs" }

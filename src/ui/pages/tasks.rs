@@ -1,5 +1,6 @@
 //! `/tasks` (filters: queue, state, tenant, kind, payload containment, limit; bulk actions),
-//! `/tasks/{id}` (attempts, errors, parents and children, claim) and `/bulk/{id}`.
+//! `/tasks/{id}` (attempts, errors, actions taken with who and when, parents and children,
+//! claim) and `/bulk/{id}`.
 
 use axum::extract::{Path, State};
 use axum::response::Response;
@@ -149,6 +150,16 @@ fn detail(ctx: &Ctx, s: &UiState, d: &TaskDetail) -> Markup {
                     tr { td { (e.get("attempt").map(|v| v.to_string()).unwrap_or_default()) }
                          td { (e.get("at").and_then(|v| v.as_str()).unwrap_or("")) }
                          td { pre { (e.get("error").and_then(|v| v.as_str()).unwrap_or("")) } } }
+                }
+            }
+        }
+        h2 { "Actions taken" }
+        @if d.events.is_empty() { p.muted { "no actions recorded" } }
+        @else {
+            table #task-events { tr { th { "at" } th { "action" } th { "by" } th { "state" } th { "from" } }
+                @for e in &d.events {
+                    tr data-action=(e.action) { td { (time(&e.at)) } td { (e.action) } td.actor { (e.actor) }
+                         td { (state(e.previous_state.as_str())) " → " (state(e.state.as_str())) } td { (e.source) } }
                 }
             }
         }

@@ -1,5 +1,6 @@
-//! `/tenants` and `/tenants/{id}` (capabilities, limits, budget, degradation rules, and cost
-//! by day, model and category as SVG charts).
+//! `/tenants` and `/tenants/{id}` (capabilities, limits, budget, degradation rules, the budget
+//! decisions recorded in the tenant's ledgers, and cost by day, model and category as SVG
+//! charts).
 
 use std::collections::BTreeMap;
 
@@ -7,7 +8,7 @@ use axum::extract::{Path, State};
 use axum::response::Response;
 use maud::{Markup, html};
 
-use super::json;
+use super::time;
 use crate::ids::TenantId;
 use crate::ui::Shared;
 use crate::ui::charts;
@@ -39,6 +40,31 @@ fn list(ctx: &Ctx, d: &Tenants) -> Markup {
                      td { (c.capabilities.join(", ")) } }
             }
         }
+    }
+}
+
+fn rule_action(a: &crate::tenancy::DegradationAction) -> String {
+    use crate::tenancy::DegradationAction as A;
+    match a {
+        A::SwitchModel { from: Some(f), to } => format!("switch model {f} to {to}"),
+        A::SwitchModel { from: None, to } => format!("switch any model to {to}"),
+        A::CapMaxTokens { max_tokens } => format!("cap max_tokens at {max_tokens}"),
+        A::SkipOptional => "skip optional steps".into(),
+    }
+}
+
+/// The rule a ledger budget decision applied: the scope's limit.
+fn decision_rule(e: &crate::ui::data::BudgetDecision) -> String {
+    let p = &e.payload;
+    let scope = p.get("scope").and_then(|s| s.as_str()).unwrap_or("budget");
+    let limit = p.get("limit_usd").and_then(|l| l.as_f64());
+    let what = match e.event_type.as_str() {
+        "budget_exceeded" => "reservation within the limit",
+        _ => "settled cost within the limit",
+    };
+    match limit {
+        Some(l) => format!("{scope} budget {l:.4} USD: {what}"),
+        None => format!("{scope} budget: {what}"),
     }
 }
 
@@ -106,7 +132,27 @@ fn detail(ctx: &Ctx, d: &TenantDetail) -> Markup {
             tr { th { "thresholds" } td { "warning " (b.thresholds.warning) ", critical " (b.thresholds.critical) } }
             tr { th { "capabilities" } td { (c.capabilities.join(", ")) } }
             tr { th { "runs / tasks at once" } td { (opt(c.max_concurrent_runs)) " / " (opt(c.max_concurrent_tasks)) } }
-            tr { th { "degradation rules" } td { (json(&serde_json::to_value(&c.degradation).unwrap_or_default())) } }
+        }
+        h2 { "Degradation rules" }
+        @if c.degradation.rules.is_empty() { p.muted { "none: model steps are never degraded" } }
+        @else {
+            table #degradation-rules { tr { th { "from status" } th { "action" } }
+                @for r in &c.degradation.rules {
+                    tr { td { (r.at.as_str()) } td { (rule_action(&r.action)) } }
+                }
+            }
+        }
+        h2 { "Budget decisions" }
+        @if d.decisions.is_empty() { p.muted { "no budget decisions recorded" } }
+        @else {
+            table #budget-decisions { tr { th { "at" } th { "rule" } th { "decision" } th { "run" } }
+                @for e in &d.decisions {
+                    tr data-event=(e.event_type) {
+                        td { (time(&e.created_at)) } td { (decision_rule(e)) }
+                        td { (e.payload.get("message").and_then(|m| m.as_str()).unwrap_or(&e.event_type)) }
+                        td { a href=(ctx.link(&format!("/runs/{}", e.run_id))) { (e.run_id) } } }
+                }
+            }
         }
         p { a href=(ctx.link(&format!("/runs?tenant={}", crate::ui::filters::encode(c.tenant_id.as_str())))) { "runs of this tenant" }
             " - " a href=(ctx.link(&format!("/tasks?tenant={}", crate::ui::filters::encode(c.tenant_id.as_str())))) { "tasks" } }

@@ -4,6 +4,7 @@
 mod actions;
 mod browser;
 mod demo;
+mod history;
 mod http;
 mod live;
 
