@@ -188,12 +188,15 @@ pub fn percentile_us(sorted: &[std::time::Duration], p: f64) -> f64 {
 }
 
 /// Resident memory of this process (the benchmark runs its instances in-process), from
-/// `/proc/self/status`: `VmRSS` now and `VmHWM` (the high-water mark since the process
+/// `/proc/self/status`: `VmRSS` now, its anonymous part `RssAnon` (heap and stacks; the rest is
+/// mostly the binary's mapped pages) and `VmHWM` (the high-water mark since the process
 /// started), in KiB. Zero where `/proc` is missing.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
 pub struct Rss {
     /// Resident set size now, KiB.
     pub rss_kib: u64,
+    /// Anonymous resident memory now, KiB.
+    pub anon_kib: u64,
     /// Peak resident set size of the process so far, KiB.
     pub hwm_kib: u64,
 }
@@ -211,6 +214,7 @@ impl Rss {
         };
         Rss {
             rss_kib: field("VmRSS:"),
+            anon_kib: field("RssAnon:"),
             hwm_kib: field("VmHWM:"),
         }
     }
@@ -231,16 +235,23 @@ pub struct Memory {
     pub load_mib: f64,
     /// `VmRSS` idle again after the load, MiB.
     pub after_mib: f64,
+    /// `RssAnon` (heap and stacks) idle before the load, MiB.
+    pub idle_anon_mib: f64,
+    /// `RssAnon` idle after the load, MiB.
+    pub after_anon_mib: f64,
 }
 
 impl Memory {
     /// Start with the idle figure read now.
     pub fn idle() -> Memory {
-        let m = Rss::now().mib();
+        let now = Rss::now();
+        let m = now.mib();
         Memory {
             idle_mib: m,
             load_mib: m,
             after_mib: m,
+            idle_anon_mib: now.anon_kib as f64 / 1024.0,
+            after_anon_mib: now.anon_kib as f64 / 1024.0,
         }
     }
 
@@ -252,14 +263,16 @@ impl Memory {
     /// The idle figure after the load.
     pub fn finish(&mut self) {
         self.sample();
-        self.after_mib = Rss::now().mib();
+        let now = Rss::now();
+        self.after_mib = now.mib();
+        self.after_anon_mib = now.anon_kib as f64 / 1024.0;
     }
 
     /// One line of text.
     pub fn line(&self) -> String {
         format!(
-            "instance process RSS: idle {:.1} MiB, under load {:.1} MiB (highest sample), idle after {:.1} MiB",
-            self.idle_mib, self.load_mib, self.after_mib
+            "instance process RSS: idle {:.1} MiB (anonymous {:.1}), under load {:.1} MiB (highest sample), idle after {:.1} MiB (anonymous {:.1})",
+            self.idle_mib, self.idle_anon_mib, self.load_mib, self.after_mib, self.after_anon_mib
         )
     }
 }

@@ -185,6 +185,10 @@ struct Summary {
     rss_load_mib: f64,
     /// Instance RSS idle after the last round's processing, MiB.
     rss_after_mib: f64,
+    /// Anonymous part (heap, stacks) of the instance RSS idle before the first round, MiB.
+    rss_idle_anon_mib: f64,
+    /// Anonymous part of the instance RSS idle after the last round's processing, MiB.
+    rss_after_anon_mib: f64,
     /// Every round.
     per_round: Vec<Report>,
 }
@@ -234,6 +238,8 @@ impl Summary {
             rss_idle_mib: rounds.first().map_or(0.0, |r| r.memory.idle_mib),
             rss_load_mib: rounds.iter().map(|r| r.memory.load_mib).fold(0.0, f64::max),
             rss_after_mib: rounds.last().map_or(0.0, |r| r.memory.after_mib),
+            rss_idle_anon_mib: rounds.first().map_or(0.0, |r| r.memory.idle_anon_mib),
+            rss_after_anon_mib: rounds.last().map_or(0.0, |r| r.memory.after_anon_mib),
             per_round: rounds,
         }
     }
@@ -351,8 +357,12 @@ pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> 
             s.wakeup_p50_ratio, s.wakeup_p99_ratio
         );
         println!(
-            "  instance process RSS: idle {:.1} MiB, under load {:.1} MiB (highest sample), idle after the last round {:.1} MiB",
-            s.rss_idle_mib, s.rss_load_mib, s.rss_after_mib
+            "  instance process RSS: idle {:.1} MiB (anonymous {:.1}), under load {:.1} MiB (highest sample), idle after the last round {:.1} MiB (anonymous {:.1})",
+            s.rss_idle_mib,
+            s.rss_idle_anon_mib,
+            s.rss_load_mib,
+            s.rss_after_mib,
+            s.rss_after_anon_mib
         );
         Ok(())
     })?;
