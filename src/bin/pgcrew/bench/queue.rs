@@ -502,10 +502,12 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
             .map(|p| p.metrics().snapshot().executed)
             .sum::<u64>()
     };
-    let deadline = Instant::now() + Duration::from_secs(600);
+    // 10 minutes, plus a second per thousand tasks (a loaded machine at a million tasks).
+    let limit = Duration::from_secs(600 + total / 1000);
+    let deadline = Instant::now() + limit;
     while executed() < total {
         if Instant::now() > deadline {
-            return Err(Error::Timeout(Duration::from_secs(600)));
+            return Err(Error::Timeout(limit));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
         memory.sample();
