@@ -268,6 +268,17 @@ impl Memory {
         self.after_anon_mib = now.anon_kib as f64 / 1024.0;
     }
 
+    /// Fold another run's figures in: the first idle figure, the highest load, the last after.
+    pub fn merge(&mut self, other: &Memory) {
+        if self.idle_mib == 0.0 {
+            self.idle_mib = other.idle_mib;
+            self.idle_anon_mib = other.idle_anon_mib;
+        }
+        self.load_mib = self.load_mib.max(other.load_mib);
+        self.after_mib = other.after_mib;
+        self.after_anon_mib = other.after_anon_mib;
+    }
+
     /// One line of text.
     pub fn line(&self) -> String {
         format!(
