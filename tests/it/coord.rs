@@ -489,3 +489,63 @@ async fn exhausted_pool_fails_after_the_wait_timeout_with_a_clear_error() {
     drop(held);
     assert!(db.get().await.is_ok());
 }
+
+/// The notifier's subscriptions filter without a database: by kind (an empty list takes all),
+/// by run, `Resync` always passes, and a subscriber that fell more than the buffer behind gets
+/// `Resync` in place of what it missed, then the newer events.
+#[tokio::test]
+async fn subscriptions_filter_by_kind_and_run_and_resync_when_behind() {
+    use futures_util::StreamExt;
+    use pgcrew::RunId;
+    use pgcrew::coord::notify::{Event, Notifier};
+
+    let hub = Notifier::new(16);
+    let (mine, other) = (RunId::new(), RunId::new());
+    let mut events = hub.subscribe(&[EventKind::RunEvent]);
+    let mut run = hub.subscribe_run(mine);
+    let mut all = hub.subscribe(&[]);
+    let sent = [
+        Event::TaskAvailable { queue: "q".into() },
+        Event::RunEvent {
+            run_id: other,
+            seq: 1,
+        },
+        Event::RunStateChanged { run_id: mine },
+        Event::Resync,
+        Event::RunEvent {
+            run_id: mine,
+            seq: 2,
+        },
+    ];
+    for ev in &sent {
+        hub.publish(ev.clone());
+    }
+    let next = async |s: &mut pgcrew::coord::notify::Subscription| {
+        tokio::time::timeout(Duration::from_secs(5), s.next())
+            .await
+            .unwrap()
+            .unwrap()
+    };
+    for ev in &sent {
+        assert_eq!(&next(&mut all).await, ev);
+    }
+    for ev in [&sent[1], &sent[3], &sent[4]] {
+        assert_eq!(&next(&mut events).await, ev);
+    }
+    for ev in [&sent[2], &sent[3], &sent[4]] {
+        assert_eq!(&next(&mut run).await, ev);
+    }
+    // 40 events into a buffer of 16: the lagging subscriber resyncs, then reads the newest.
+    for seq in 0..40 {
+        hub.publish(Event::RunEvent { run_id: mine, seq });
+    }
+    assert_eq!(next(&mut run).await, Event::Resync);
+    assert_eq!(
+        next(&mut run).await,
+        Event::RunEvent {
+            run_id: mine,
+            seq: 24
+        }
+    );
+    drop(hub);
+}

@@ -9,6 +9,7 @@ mod agent_process;
 mod agent_service;
 mod approval;
 mod bad_input;
+mod bench_cli;
 mod budget_edges;
 mod claim_paths;
 mod connection_budget;

@@ -17,6 +17,7 @@ use std::time::Duration;
 use futures_util::{Stream, StreamExt};
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinHandle;
+use tokio_util::sync::ReusableBoxFuture;
 use tracing::debug;
 
 use crate::ids::RunId;
@@ -102,14 +103,14 @@ impl Notifier {
 
     /// Subscribe to the given kinds (`Resync` is always delivered). An empty slice means all.
     pub fn subscribe(&self, kinds: &[EventKind]) -> Subscription {
-        Subscription::new(self.shared.tx.subscribe(), kinds.to_vec(), None)
+        Subscription::new(self.shared.tx.subscribe(), kinds, None)
     }
 
     /// Subscribe to everything concerning one run (state changes and ledger events).
     pub fn subscribe_run(&self, run_id: RunId) -> Subscription {
         Subscription::new(
             self.shared.tx.subscribe(),
-            vec![EventKind::RunStateChanged, EventKind::RunEvent],
+            &[EventKind::RunStateChanged, EventKind::RunEvent],
             Some(run_id),
         )
     }
@@ -171,8 +172,54 @@ impl Drop for CallbackHandle {
 }
 
 /// A stream of events of the subscribed kinds. Dropping it unsubscribes.
+///
+/// Filtering costs no allocation per event: the kinds are a bit set and the receive future's
+/// allocation is reused from one event to the next.
 pub struct Subscription {
-    inner: Pin<Box<dyn Stream<Item = Event> + Send>>,
+    recv: ReusableBoxFuture<'static, Received>,
+    filter: Filter,
+}
+
+/// What one receive gave, with the receiver back.
+type Received = (
+    std::result::Result<Event, broadcast::error::RecvError>,
+    broadcast::Receiver<Event>,
+);
+
+async fn receive(mut rx: broadcast::Receiver<Event>) -> Received {
+    let r = rx.recv().await;
+    (r, rx)
+}
+
+/// Which events a subscription passes.
+#[derive(Clone, Copy)]
+struct Filter {
+    /// Bit `1 << kind as u16` per subscribed kind; all ones when every kind is wanted.
+    kinds: u16,
+    run: Option<RunId>,
+}
+
+impl Filter {
+    fn new(kinds: &[EventKind], run: Option<RunId>) -> Filter {
+        let kinds = if kinds.is_empty() {
+            u16::MAX
+        } else {
+            kinds.iter().fold(0, |m, k| m | Self::bit(*k))
+        };
+        Filter { kinds, run }
+    }
+
+    fn bit(kind: EventKind) -> u16 {
+        1 << (kind as u16)
+    }
+
+    /// `Resync` always passes.
+    fn passes(&self, ev: &Event) -> bool {
+        let kind = ev.kind();
+        kind == EventKind::Resync
+            || (self.kinds & Self::bit(kind) != 0
+                && self.run.is_none_or(|r| ev.run_id() == Some(r)))
+    }
 }
 
 impl std::fmt::Debug for Subscription {
@@ -182,50 +229,34 @@ impl std::fmt::Debug for Subscription {
 }
 
 impl Subscription {
-    fn new(rx: broadcast::Receiver<Event>, kinds: Vec<EventKind>, run: Option<RunId>) -> Self {
-        let stream = futures_util::stream::unfold(rx, move |mut rx| {
-            let kinds = kinds.clone();
-            async move {
-                loop {
-                    match rx.recv().await {
-                        Ok(ev) => {
-                            let kind = ev.kind();
-                            if kind == EventKind::Resync {
-                                return Some((ev, rx));
-                            }
-                            if !kinds.is_empty() && !kinds.contains(&kind) {
-                                continue;
-                            }
-                            if let Some(r) = run
-                                && ev.run_id() != Some(r)
-                            {
-                                continue;
-                            }
-                            return Some((ev, rx));
-                        }
-                        Err(broadcast::error::RecvError::Lagged(n)) => {
-                            debug!(missed = n, "subscriber lagged; resync");
-                            return Some((Event::Resync, rx));
-                        }
-                        Err(broadcast::error::RecvError::Closed) => return None,
-                    }
-                }
-            }
-        });
+    fn new(rx: broadcast::Receiver<Event>, kinds: &[EventKind], run: Option<RunId>) -> Self {
         Subscription {
-            inner: Box::pin(stream),
+            recv: ReusableBoxFuture::new(receive(rx)),
+            filter: Filter::new(kinds, run),
         }
     }
 
     /// The next event; `None` when the notifier is gone.
     pub async fn recv(&mut self) -> Option<Event> {
-        self.inner.next().await
+        self.next().await
     }
 }
 
 impl Stream for Subscription {
     type Item = Event;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
-        self.inner.as_mut().poll_next(cx)
+        loop {
+            let (result, rx) = std::task::ready!(self.recv.poll(cx));
+            self.recv.set(receive(rx));
+            match result {
+                Ok(ev) if self.filter.passes(&ev) => return Poll::Ready(Some(ev)),
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    debug!(missed = n, "subscriber lagged; resync");
+                    return Poll::Ready(Some(Event::Resync));
+                }
+                Err(broadcast::error::RecvError::Closed) => return Poll::Ready(None),
+            }
+        }
     }
 }

@@ -54,23 +54,50 @@ async fn cli_tasks_enqueue_stats_list_cancel_retry() {
     assert!(err.contains("not valid JSON"), "{err}");
 }
 
-/// `pgcrew bench queue` runs end to end in its own scratch database (small sizes), reports every
-/// figure, including the plain-SQL wake-up floor, and drops its database afterwards.
+/// `pgcrew bench queue` runs end to end in its own scratch databases (small sizes, two
+/// rounds), reports every figure of every round and their medians, including the plain-SQL
+/// claim+complete limit, the wake-up floor, the ratios and the instance's memory, and drops
+/// its databases afterwards.
 #[tokio::test]
 async fn cli_bench_queue_reports_every_figure_and_cleans_up() {
-    let (t, v, stderr) =
-        run_bench("queue --tasks 300 --batch 100 --wakeups 5 --wakeup-gap 1ms").await;
+    let (t, v, stderr) = run_bench(
+        "queue --tasks 300 --batch 100 --wakeups 5 --wakeup-gap 1ms --rounds 2 --raw-batch 7",
+    )
+    .await;
     assert_eq!(v["tasks"], 300);
-    assert_eq!(v["wakeup_samples"], 5);
-    for field in [
+    assert_eq!(v["rounds"], 2);
+    assert_eq!(v["raw_batch"], 7);
+    assert_eq!(v["raw_connections"], 4, "instances x concurrency");
+    let rounds = v["per_round"].as_array().unwrap();
+    assert_eq!(rounds.len(), 2);
+    let positive = [
         "enqueue_per_sec",
         "processed_per_sec",
+        "raw_processed_per_sec",
+        "processed_ratio",
         "wakeup_p50_ms",
         "wakeup_p99_ms",
         "wakeup_after_burst_p50_ms",
         "raw_wakeup_p50_ms",
         "raw_wakeup_p99_ms",
-    ] {
+    ];
+    for round in rounds {
+        assert_eq!(round["wakeup_samples"], 5);
+        for field in positive {
+            let x = round[field].as_f64().unwrap_or(f64::NAN);
+            assert!(x.is_finite() && x > 0.0, "{field} = {:?}", round[field]);
+        }
+        for field in ["idle_mib", "load_mib", "after_mib"] {
+            let x = round["memory"][field].as_f64().unwrap_or(f64::NAN);
+            assert!(x.is_finite() && x > 0.0, "memory.{field} = {round}");
+        }
+    }
+    for field in positive.iter().chain(&[
+        "wakeup_p50_ratio",
+        "wakeup_p99_ratio",
+        "rss_idle_mib",
+        "rss_load_mib",
+    ]) {
         let x = v[field].as_f64().unwrap_or(f64::NAN);
         assert!(x.is_finite() && x > 0.0, "{field} = {:?}", v[field]);
     }
@@ -80,7 +107,15 @@ async fn cli_bench_queue_reports_every_figure_and_cleans_up() {
         let x = v[field].as_f64().unwrap_or(f64::NAN);
         assert!(x.is_finite() && x >= 0.0, "{field} = {:?}", v[field]);
     }
-    assert_bench_database_dropped(&t, &stderr).await;
+    // Every round's database is dropped.
+    let named: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.starts_with("benchmark database: "))
+        .collect();
+    assert_eq!(named.len(), 2, "{stderr}");
+    for line in named {
+        assert_bench_database_dropped(&t, line).await;
+    }
 }
 
 /// `pgcrew bench scale` runs end to end in its own scratch database (small sizes): the table

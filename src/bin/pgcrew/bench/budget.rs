@@ -41,6 +41,8 @@ struct Side {
     processed_per_sec: Vec<f64>,
     processed_per_sec_median: f64,
     wakeup_p50_ms_median: f64,
+    /// The instance process's resident memory over this side's rounds.
+    memory: crate::bench::Memory,
     wakeup_p99_ms_median: f64,
 }
 
@@ -70,6 +72,12 @@ fn side(runs: &[crate::bench::queue::Report]) -> Side {
         processed_per_sec: per_sec,
         wakeup_p50_ms_median: median(runs.iter().map(|r| r.wakeup_p50_ms).collect()),
         wakeup_p99_ms_median: median(runs.iter().map(|r| r.wakeup_p99_ms).collect()),
+        memory: runs
+            .iter()
+            .fold(crate::bench::Memory::default(), |mut m, r| {
+                m.merge(&r.memory);
+                m
+            }),
     }
 }
 
@@ -130,6 +138,7 @@ pub async fn run(dsn: Option<String>, args: BudgetBenchArgs) -> Result<ExitCode>
                 s.wakeup_p50_ms_median,
                 s.wakeup_p99_ms_median
             );
+            println!("           {}", s.memory.line());
         }
         println!(
             "  ratio budget/defaults: throughput {:.3}, wake-up p50 {:.3}",

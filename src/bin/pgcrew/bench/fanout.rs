@@ -22,6 +22,32 @@ pub struct FanoutBenchArgs {
     /// Notifications sent (one at a time, each awaited by every subscriber).
     #[arg(long, default_value_t = 200)]
     pub notifications: usize,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// The figures printed.
+#[derive(Debug, serde::Serialize)]
+struct Report {
+    subscribers: usize,
+    notifications: usize,
+    /// Deliveries measured (subscribers x notifications when none was lost).
+    deliveries: usize,
+    seconds: f64,
+    /// NOTIFY call to a subscriber's receipt, through the instance's notifier, microseconds.
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+    /// NOTIFY call to the receipt on one plain LISTEN connection, microseconds.
+    raw_p50_us: f64,
+    raw_p99_us: f64,
+    /// `p50_us / raw_p50_us`.
+    p50_ratio: f64,
+    /// `p99_us / raw_p99_us`.
+    p99_ratio: f64,
+    /// The instance process's resident memory.
+    memory: crate::bench::Memory,
 }
 
 impl Default for FanoutBenchArgs {
@@ -29,6 +55,7 @@ impl Default for FanoutBenchArgs {
         Self {
             subscribers: 1000,
             notifications: 200,
+            json: false,
         }
     }
 }
@@ -85,6 +112,8 @@ pub async fn run(dsn: Option<String>, args: FanoutBenchArgs) -> Result<ExitCode>
         }));
     }
     drop(done_tx);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut memory = crate::bench::Memory::idle();
     let conn = client.db().get().await?;
     let stmt = conn.prepare(NOTIFY_SQL).await?;
     let mut lat = Vec::with_capacity(args.subscribers * args.notifications);
@@ -102,32 +131,51 @@ pub async fn run(dsn: Option<String>, args: FanoutBenchArgs) -> Result<ExitCode>
                 _ => break,
             }
         }
+        memory.sample();
     }
     let elapsed = started.elapsed();
     for t in tasks {
         t.abort();
     }
     client.stop().await?;
+    memory.finish();
     lat.sort();
-    let deliveries = lat.len();
-    println!(
-        "fan-out: {} subscribers, {} notifications, {} deliveries in {:.2}s",
-        args.subscribers,
-        args.notifications,
-        deliveries,
-        elapsed.as_secs_f64()
-    );
-    println!(
-        "  pgcrew fan-out delivery latency: p50 {:.0} us, p99 {:.0} us, max {:.0} us",
-        percentile_us(&lat, 50.0),
-        percentile_us(&lat, 99.0),
-        percentile_us(&lat, 100.0)
-    );
-    println!(
-        "  raw single LISTEN latency:       p50 {:.0} us, p99 {:.0} us",
-        percentile_us(&raw, 50.0),
-        percentile_us(&raw, 99.0)
-    );
+    let (p50, p99) = (percentile_us(&lat, 50.0), percentile_us(&lat, 99.0));
+    let (raw50, raw99) = (percentile_us(&raw, 50.0), percentile_us(&raw, 99.0));
+    let report = Report {
+        subscribers: args.subscribers,
+        notifications: args.notifications,
+        deliveries: lat.len(),
+        seconds: elapsed.as_secs_f64(),
+        p50_us: p50,
+        p99_us: p99,
+        max_us: percentile_us(&lat, 100.0),
+        raw_p50_us: raw50,
+        raw_p99_us: raw99,
+        p50_ratio: p50 / raw50,
+        p99_ratio: p99 / raw99,
+        memory,
+    };
+    crate::bench::print_report(args.json, &report, |r| {
+        println!(
+            "fan-out: {} subscribers, {} notifications, {} deliveries in {:.2}s",
+            r.subscribers, r.notifications, r.deliveries, r.seconds
+        );
+        println!(
+            "  pgcrew fan-out delivery latency: p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+            r.p50_us, r.p99_us, r.max_us
+        );
+        println!(
+            "  raw single LISTEN latency:       p50 {:.0} us, p99 {:.0} us",
+            r.raw_p50_us, r.raw_p99_us
+        );
+        println!(
+            "  pgcrew / raw: p50 {:.2}x, p99 {:.2}x",
+            r.p50_ratio, r.p99_ratio
+        );
+        println!("  {}", r.memory.line());
+        Ok(())
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

@@ -1,5 +1,6 @@
-//! `pgcrew bench [queue|ledger|fanout|failover|scale|rls|tls|budget|pgbouncer|waits|ui]`: benchmarks that run in their own scratch database.
+//! `pgcrew bench [queue|agents|ledger|fanout|failover|scale|rls|tls|budget|pgbouncer|waits|ui]`: benchmarks that run in their own scratch database.
 
+pub mod agents;
 pub mod budget;
 pub mod failover;
 pub mod fanout;
@@ -12,6 +13,7 @@ pub mod scale;
 pub mod tls;
 pub mod ui;
 pub mod waits;
+pub mod wire;
 
 use std::process::ExitCode;
 
@@ -31,6 +33,9 @@ pub struct BenchArgs {
 pub enum BenchKind {
     /// Task queue: bulk enqueue, processing throughput, wake-up latency.
     Queue(queue::QueueBenchArgs),
+    /// Agent runs with the scripted model: runs/s, database round trips and statements per
+    /// run, and the bound that limits them, at 1 and 4 in-process instances.
+    Agents(agents::AgentsBenchArgs),
     /// Ledger: sequenced hash-chained appends, batch appends, verification.
     Ledger(ledger::LedgerBenchArgs),
     /// LISTEN/NOTIFY fan-out to many subscribers.
@@ -76,6 +81,7 @@ pub async fn exec(dsn: Option<String>, args: BenchArgs) -> Result<ExitCode> {
     match args.which {
         None => queue::run(dsn, queue::QueueBenchArgs::default()).await,
         Some(BenchKind::Queue(a)) => queue::run(dsn, a).await,
+        Some(BenchKind::Agents(a)) => agents::run(dsn, a).await,
         Some(BenchKind::Ledger(a)) => ledger::run(dsn, a).await,
         Some(BenchKind::Fanout(a)) => fanout::run(dsn, a).await,
         Some(BenchKind::Failover(a)) => failover::run(dsn, a).await,
@@ -179,4 +185,131 @@ pub fn percentile_ms(sorted: &[f64], q: f64) -> f64 {
 /// The `p`-th percentile (0..=100) of sorted samples, in microseconds (NaN when there are none).
 pub fn percentile_us(sorted: &[std::time::Duration], p: f64) -> f64 {
     quantile(sorted, p / 100.0).map_or(f64::NAN, |d| d.as_secs_f64() * 1e6)
+}
+
+/// Resident memory of this process (the benchmark runs its instances in-process), from
+/// `/proc/self/status`: `VmRSS` now, its anonymous part `RssAnon` (heap and stacks; the rest is
+/// mostly the binary's mapped pages) and `VmHWM` (the high-water mark since the process
+/// started), in KiB. Zero where `/proc` is missing.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Rss {
+    /// Resident set size now, KiB.
+    pub rss_kib: u64,
+    /// Anonymous resident memory now, KiB.
+    pub anon_kib: u64,
+    /// Peak resident set size of the process so far, KiB.
+    pub hwm_kib: u64,
+}
+
+impl Rss {
+    /// Read the figures now.
+    pub fn now() -> Rss {
+        let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+                .unwrap_or(0)
+        };
+        Rss {
+            rss_kib: field("VmRSS:"),
+            anon_kib: field("RssAnon:"),
+            hwm_kib: field("VmHWM:"),
+        }
+    }
+
+    /// `VmRSS` in MiB.
+    pub fn mib(self) -> f64 {
+        self.rss_kib as f64 / 1024.0
+    }
+}
+
+/// The instance process's resident memory: idle (instances started, no work), the highest
+/// sample under load, and idle again after the load.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct Memory {
+    /// `VmRSS` with the instance(s) started and idle, before the load, MiB.
+    pub idle_mib: f64,
+    /// The highest `VmRSS` sampled under load, MiB.
+    pub load_mib: f64,
+    /// `VmRSS` idle again after the load, MiB.
+    pub after_mib: f64,
+    /// `RssAnon` (heap and stacks) idle before the load, MiB.
+    pub idle_anon_mib: f64,
+    /// `RssAnon` idle after the load, MiB.
+    pub after_anon_mib: f64,
+}
+
+impl Memory {
+    /// Start with the idle figure read now.
+    pub fn idle() -> Memory {
+        let now = Rss::now();
+        let m = now.mib();
+        Memory {
+            idle_mib: m,
+            load_mib: m,
+            after_mib: m,
+            idle_anon_mib: now.anon_kib as f64 / 1024.0,
+            after_anon_mib: now.anon_kib as f64 / 1024.0,
+        }
+    }
+
+    /// Sample under load (keeps the highest).
+    pub fn sample(&mut self) {
+        self.load_mib = self.load_mib.max(Rss::now().mib());
+    }
+
+    /// The idle figure after the load.
+    pub fn finish(&mut self) {
+        self.sample();
+        let now = Rss::now();
+        self.after_mib = now.mib();
+        self.after_anon_mib = now.anon_kib as f64 / 1024.0;
+    }
+
+    /// Fold another run's figures in: the first idle figure, the highest load, the last after.
+    pub fn merge(&mut self, other: &Memory) {
+        if self.idle_mib == 0.0 {
+            self.idle_mib = other.idle_mib;
+            self.idle_anon_mib = other.idle_anon_mib;
+        }
+        self.load_mib = self.load_mib.max(other.load_mib);
+        self.after_mib = other.after_mib;
+        self.after_anon_mib = other.after_anon_mib;
+    }
+
+    /// One line of text.
+    pub fn line(&self) -> String {
+        format!(
+            "instance process RSS: idle {:.1} MiB (anonymous {:.1}), under load {:.1} MiB (highest sample), idle after {:.1} MiB (anonymous {:.1})",
+            self.idle_mib, self.idle_anon_mib, self.load_mib, self.after_mib, self.after_anon_mib
+        )
+    }
+}
+
+/// Median of the samples (0 when there are none).
+pub fn median(samples: &[f64]) -> f64 {
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Spread of the samples: (max - min) / median (0 when there are none).
+pub fn spread(samples: &[f64]) -> f64 {
+    let m = median(samples);
+    let (lo, hi) = samples
+        .iter()
+        .fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| {
+            (lo.min(x), hi.max(x))
+        });
+    if m > 0.0 && lo.is_finite() {
+        (hi - lo) / m
+    } else {
+        0.0
+    }
 }

@@ -67,6 +67,8 @@ struct Report {
     scrape_p99_ms: f64,
     scrape_bytes: usize,
     scrape_series: usize,
+    /// The instance process's resident memory over the rounds (tracing on in some of them).
+    memory: crate::bench::Memory,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -132,6 +134,7 @@ pub async fn run(dsn: Option<String>, args: ObservabilityBenchArgs) -> Result<Ex
             .try_init();
     }
     let (mut off, mut metrics, mut on) = (Vec::new(), Vec::new(), Vec::new());
+    let mut memory = crate::bench::Memory::default();
     for round in 0..args.rounds {
         for (name, m, t) in [
             ("off", false, false),
@@ -143,6 +146,7 @@ pub async fn run(dsn: Option<String>, args: ObservabilityBenchArgs) -> Result<Ex
             let r = crate::bench::in_scratch(dsn.clone(), async |d| bench(d, &queue_args).await)
                 .await?;
             eprintln!("  {:.0} tasks/s", r.processed_per_sec);
+            memory.merge(&r.memory);
             match (m, t) {
                 (false, _) => off.push(r.processed_per_sec),
                 (true, false) => metrics.push(r.processed_per_sec),
@@ -182,6 +186,7 @@ pub async fn run(dsn: Option<String>, args: ObservabilityBenchArgs) -> Result<Ex
         scrape_p99_ms: crate::bench::percentile_ms(&samples, 0.99),
         scrape_bytes: bytes,
         scrape_series: series,
+        memory,
     };
     super::print_report(args.json, &report, |r| {
         println!(
@@ -202,6 +207,7 @@ pub async fn run(dsn: Option<String>, args: ObservabilityBenchArgs) -> Result<Ex
             "  /metrics on the leader, {} queues, {} tenants: p50 {:.2} ms, p99 {:.2} ms ({} series, {} bytes)",
             r.queues, r.tenants, r.scrape_p50_ms, r.scrape_p99_ms, r.scrape_series, r.scrape_bytes
         );
+        println!("  {}", r.memory.line());
         Ok(())
     })?;
     Ok(ExitCode::SUCCESS)

@@ -28,6 +28,8 @@ pub struct PgBouncerBenchArgs {
 struct Rates {
     enqueue_per_sec: Vec<f64>,
     processed_per_sec: Vec<f64>,
+    /// The instance process's resident memory over this configuration's rounds.
+    memory: crate::bench::Memory,
 }
 
 impl Rates {
@@ -126,6 +128,7 @@ pub async fn run(dsn: Option<String>, args: PgBouncerBenchArgs) -> Result<ExitCo
             .await?;
             rates.enqueue_per_sec.push(report.enqueue_per_sec);
             rates.processed_per_sec.push(report.processed_per_sec);
+            rates.memory.merge(&report.memory);
         }
     }
     let m = Rates::median;
@@ -160,6 +163,7 @@ pub async fn run(dsn: Option<String>, args: PgBouncerBenchArgs) -> Result<ExitCo
                 m(&r.processed_per_sec),
                 m(&r.enqueue_per_sec)
             );
+            println!("    {}", r.memory.line());
         }
         println!(
             "  PgBouncer / direct: processed {:.2}x, enqueue {:.2}x",

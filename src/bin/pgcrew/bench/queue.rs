@@ -1,5 +1,11 @@
 //! `pgcrew bench queue`: bulk enqueue, processing throughput and idle wake-up latency, in a
 //! scratch database (on `--dsn`'s server, or a throwaway local cluster) that is dropped after.
+//!
+//! Each of `--rounds` rounds runs in a fresh scratch database and measures, beside pgcrew, the
+//! same loops in plain SQL on the same server: claim+complete by `UPDATE ... FOR UPDATE SKIP
+//! LOCKED` (`--raw-connections` connections, batches of `--raw-batch`) and the wake-up loop
+//! (INSERT + NOTIFY, LISTEN, claim). The report gives the median of the rounds, their spread,
+//! the pgcrew/raw ratios, and the instance process's resident memory idle and under load.
 
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -17,8 +23,17 @@ use crate::bench::percentile_ms;
 #[derive(Debug, Args)]
 pub struct QueueBenchArgs {
     /// Tasks to enqueue (bulk) and process.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 100_000)]
     pub tasks: usize,
+    /// Rounds (each in a fresh scratch database); the report gives their medians and spread.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
+    /// Connections of the raw claim+complete loop (default: instances x concurrency).
+    #[arg(long, value_name = "N")]
+    pub raw_connections: Option<usize>,
+    /// Rows claimed per statement by the raw claim+complete loop.
+    #[arg(long, default_value_t = 100)]
+    pub raw_batch: usize,
     /// Handlers running at once per instance.
     #[arg(long, default_value_t = 4)]
     pub concurrency: usize,
@@ -56,7 +71,10 @@ pub struct QueueBenchArgs {
 impl Default for QueueBenchArgs {
     fn default() -> Self {
         QueueBenchArgs {
-            tasks: 20_000,
+            tasks: 100_000,
+            rounds: 3,
+            raw_connections: None,
+            raw_batch: 100,
             concurrency: 4,
             instances: 1,
             prefetch: 100,
@@ -101,6 +119,130 @@ pub(crate) struct Report {
     raw_wakeup_p99_ms: f64,
     /// p50 of the plain-SQL loop from the INSERT's return (commit) to the claimed row.
     raw_wakeup_from_commit_p50_ms: f64,
+    /// Connections of the raw claim+complete loop.
+    raw_connections: usize,
+    /// Rows per claim of the raw claim+complete loop.
+    raw_batch: usize,
+    /// Seconds the raw loop took for the same number of tasks (0 when not measured).
+    raw_process_secs: f64,
+    /// Rows claimed and completed per second by the raw loop (0 when not measured).
+    pub(crate) raw_processed_per_sec: f64,
+    /// `processed_per_sec / raw_processed_per_sec` (0 when not measured).
+    processed_ratio: f64,
+    /// The instance process's resident memory (the benchmark process: its instances run in it).
+    pub(crate) memory: super::Memory,
+}
+
+impl Report {
+    /// The raw claim+complete loop's connections and batch for `args`.
+    fn raw_shape(args: &QueueBenchArgs) -> (usize, usize) {
+        (
+            args.raw_connections
+                .unwrap_or(args.instances * args.concurrency),
+            args.raw_batch,
+        )
+    }
+}
+
+/// The rounds of `pgcrew bench queue`: medians (same names as a round's figures), spreads and
+/// every round.
+#[derive(Debug, Serialize)]
+struct Summary {
+    tasks: usize,
+    concurrency: usize,
+    instances: usize,
+    prefetch: usize,
+    connections_per_instance: usize,
+    raw_connections: usize,
+    raw_batch: usize,
+    /// Number of rounds.
+    rounds: usize,
+    enqueue_per_sec: f64,
+    processed_per_sec: f64,
+    /// (max - min) / median of the rounds' processing rates.
+    processed_spread: f64,
+    raw_processed_per_sec: f64,
+    /// (max - min) / median of the rounds' raw rates.
+    raw_processed_spread: f64,
+    /// Median of the rounds' pgcrew/raw ratios (each round's pair ran back to back).
+    processed_ratio: f64,
+    wakeup_p50_ms: f64,
+    wakeup_p99_ms: f64,
+    wakeup_from_commit_p50_ms: f64,
+    wakeup_from_commit_p99_ms: f64,
+    wakeup_after_burst_p50_ms: f64,
+    wakeup_after_burst_p99_ms: f64,
+    raw_wakeup_p50_ms: f64,
+    raw_wakeup_p99_ms: f64,
+    raw_wakeup_from_commit_p50_ms: f64,
+    /// Median of the rounds' wake-up p50 / raw p50.
+    wakeup_p50_ratio: f64,
+    /// Median of the rounds' wake-up p99 / raw p99.
+    wakeup_p99_ratio: f64,
+    /// Instance RSS idle before the first round, MiB.
+    rss_idle_mib: f64,
+    /// Highest instance RSS under load over the rounds, MiB.
+    rss_load_mib: f64,
+    /// Instance RSS idle after the last round's processing, MiB.
+    rss_after_mib: f64,
+    /// Anonymous part (heap, stacks) of the instance RSS idle before the first round, MiB.
+    rss_idle_anon_mib: f64,
+    /// Anonymous part of the instance RSS idle after the last round's processing, MiB.
+    rss_after_anon_mib: f64,
+    /// Every round.
+    per_round: Vec<Report>,
+}
+
+impl Summary {
+    fn new(args: &QueueBenchArgs, rounds: Vec<Report>) -> Summary {
+        let m = |f: fn(&Report) -> f64| super::median(&rounds.iter().map(f).collect::<Vec<_>>());
+        let s = |f: fn(&Report) -> f64| super::spread(&rounds.iter().map(f).collect::<Vec<_>>());
+        let ratio = |a: f64, b: f64| if b > 0.0 { a / b } else { 0.0 };
+        let (raw_connections, raw_batch) = Report::raw_shape(args);
+        Summary {
+            tasks: args.tasks,
+            concurrency: args.concurrency,
+            instances: args.instances,
+            prefetch: args.prefetch,
+            connections_per_instance: rounds.first().map_or(0, |r| r.connections_per_instance),
+            raw_connections,
+            raw_batch,
+            rounds: rounds.len(),
+            enqueue_per_sec: m(|r| r.enqueue_per_sec),
+            processed_per_sec: m(|r| r.processed_per_sec),
+            processed_spread: s(|r| r.processed_per_sec),
+            raw_processed_per_sec: m(|r| r.raw_processed_per_sec),
+            raw_processed_spread: s(|r| r.raw_processed_per_sec),
+            processed_ratio: m(|r| r.processed_ratio),
+            wakeup_p50_ms: m(|r| r.wakeup_p50_ms),
+            wakeup_p99_ms: m(|r| r.wakeup_p99_ms),
+            wakeup_from_commit_p50_ms: m(|r| r.wakeup_from_commit_p50_ms),
+            wakeup_from_commit_p99_ms: m(|r| r.wakeup_from_commit_p99_ms),
+            wakeup_after_burst_p50_ms: m(|r| r.wakeup_after_burst_p50_ms),
+            wakeup_after_burst_p99_ms: m(|r| r.wakeup_after_burst_p99_ms),
+            raw_wakeup_p50_ms: m(|r| r.raw_wakeup_p50_ms),
+            raw_wakeup_p99_ms: m(|r| r.raw_wakeup_p99_ms),
+            raw_wakeup_from_commit_p50_ms: m(|r| r.raw_wakeup_from_commit_p50_ms),
+            wakeup_p50_ratio: super::median(
+                &rounds
+                    .iter()
+                    .map(|r| ratio(r.wakeup_p50_ms, r.raw_wakeup_p50_ms))
+                    .collect::<Vec<_>>(),
+            ),
+            wakeup_p99_ratio: super::median(
+                &rounds
+                    .iter()
+                    .map(|r| ratio(r.wakeup_p99_ms, r.raw_wakeup_p99_ms))
+                    .collect::<Vec<_>>(),
+            ),
+            rss_idle_mib: rounds.first().map_or(0.0, |r| r.memory.idle_mib),
+            rss_load_mib: rounds.iter().map(|r| r.memory.load_mib).fold(0.0, f64::max),
+            rss_after_mib: rounds.last().map_or(0.0, |r| r.memory.after_mib),
+            rss_idle_anon_mib: rounds.first().map_or(0.0, |r| r.memory.idle_anon_mib),
+            rss_after_anon_mib: rounds.last().map_or(0.0, |r| r.memory.after_anon_mib),
+            per_round: rounds,
+        }
+    }
 }
 
 /// Refuse arguments the benchmark cannot run with.
@@ -111,56 +253,116 @@ pub(crate) fn check_args(args: &QueueBenchArgs) -> Result<()> {
         ("--instances", args.instances as u64),
         ("--batch", args.batch as u64),
         ("--producers", args.producers as u64),
+        ("--rounds", args.rounds as u64),
+        ("--raw-batch", args.raw_batch as u64),
+        (
+            "--raw-connections",
+            args.raw_connections.map_or(1, |n| n as u64),
+        ),
     ])
 }
 
 /// Run the benchmark.
 pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> {
     check_args(&args)?;
-    let report = crate::bench::in_scratch(dsn, async |dsn| bench(dsn, &args).await).await?;
-    super::print_report(args.json, &report, |report| {
+    let mut rounds = Vec::with_capacity(args.rounds);
+    for r in 0..args.rounds {
+        eprintln!("round {}/{}", r + 1, args.rounds);
+        let report =
+            crate::bench::in_scratch(dsn.clone(), async |dsn| bench(dsn, &args).await).await?;
+        eprintln!(
+            "  processed {:.0} tasks/s, raw {:.0}/s ({:.2}); wake-up p50 {:.3} ms, raw {:.3} ms; RSS idle {:.1} / load {:.1} / after {:.1} MiB",
+            report.processed_per_sec,
+            report.raw_processed_per_sec,
+            report.processed_ratio,
+            report.wakeup_p50_ms,
+            report.raw_wakeup_p50_ms,
+            report.memory.idle_mib,
+            report.memory.load_mib,
+            report.memory.after_mib
+        );
+        rounds.push(report);
+    }
+    let summary = Summary::new(&args, rounds);
+    super::print_report(args.json, &summary, |s| {
         println!(
-            "pgcrew bench queue: {} no-op tasks, concurrency {} x {} instance(s), prefetch {}, {} connections per instance{}",
-            report.tasks,
-            report.concurrency,
-            report.instances,
-            report.prefetch,
-            report.connections_per_instance,
+            "pgcrew bench queue: {} no-op tasks, concurrency {} x {} instance(s), prefetch {}, {} connections per instance{}; medians of {} round(s) (spread = (max - min) / median)",
+            s.tasks,
+            s.concurrency,
+            s.instances,
+            s.prefetch,
+            s.connections_per_instance,
             if args.with_limits {
                 ", rate limit 1e7/s + key limit 1000 per i"
             } else {
                 ""
-            }
+            },
+            s.rounds
+        );
+        let list = |f: fn(&Report) -> f64, digits: usize| {
+            s.per_round
+                .iter()
+                .map(|r| format!("{:.*}", digits, f(r)))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        };
+        println!(
+            "  enqueue (bulk, {} per statement, {} connections): {:>10.0} tasks/s  [{}]",
+            args.batch,
+            args.producers,
+            s.enqueue_per_sec,
+            list(|r| r.enqueue_per_sec, 0)
         );
         println!(
-            "  enqueue (bulk, {} per statement, {} connections): {:>10.0} tasks/s  ({:.3} s)",
-            args.batch, args.producers, report.enqueue_per_sec, report.enqueue_secs
+            "  processed: {:>10.0} tasks/s, spread {:.2}  [{}]",
+            s.processed_per_sec,
+            s.processed_spread,
+            list(|r| r.processed_per_sec, 0)
         );
         println!(
-            "  processed: {:>10.0} tasks/s  ({:.3} s)",
-            report.processed_per_sec, report.process_secs
+            "  raw claim+complete (plain UPDATE ... FOR UPDATE SKIP LOCKED, batches of {}, {} connections): {:>10.0} rows/s, spread {:.2}  [{}]",
+            s.raw_batch,
+            s.raw_connections,
+            s.raw_processed_per_sec,
+            s.raw_processed_spread,
+            list(|r| r.raw_processed_per_sec, 0)
         );
         println!(
-            "  wake-up latency (idle pool after VACUUM, {} tasks one at a time, {:?} apart, enqueue call to handler start): p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
-            report.wakeup_samples,
+            "  pgcrew / raw: {:.2}  [{}]",
+            s.processed_ratio,
+            list(|r| r.processed_ratio, 2)
+        );
+        println!(
+            "  wake-up latency (idle pool after VACUUM, {} tasks one at a time, {:?} apart, enqueue call to handler start): p50 {:.3} ms, p99 {:.3} ms  [p50 {}]",
+            args.wakeups,
             args.wakeup_gap,
-            report.wakeup_p50_ms,
-            report.wakeup_p99_ms,
-            report.wakeup_max_ms
+            s.wakeup_p50_ms,
+            s.wakeup_p99_ms,
+            list(|r| r.wakeup_p50_ms, 3)
         );
         println!(
             "  wake-up latency from the enqueue's commit (call returned) to handler start: p50 {:.3} ms, p99 {:.3} ms",
-            report.wakeup_from_commit_p50_ms, report.wakeup_from_commit_p99_ms
+            s.wakeup_from_commit_p50_ms, s.wakeup_from_commit_p99_ms
         );
         println!(
             "  wake-up latency right after the burst (before VACUUM): p50 {:.3} ms, p99 {:.3} ms",
-            report.wakeup_after_burst_p50_ms, report.wakeup_after_burst_p99_ms
+            s.wakeup_after_burst_p50_ms, s.wakeup_after_burst_p99_ms
         );
         println!(
             "  raw PostgreSQL floor (plain INSERT+NOTIFY, LISTEN, UPDATE ... SKIP LOCKED claim; no handler): p50 {:.3} ms, p99 {:.3} ms; from the INSERT's commit p50 {:.3} ms",
-            report.raw_wakeup_p50_ms,
-            report.raw_wakeup_p99_ms,
-            report.raw_wakeup_from_commit_p50_ms
+            s.raw_wakeup_p50_ms, s.raw_wakeup_p99_ms, s.raw_wakeup_from_commit_p50_ms
+        );
+        println!(
+            "  wake-up / floor: p50 {:.2}x, p99 {:.2}x",
+            s.wakeup_p50_ratio, s.wakeup_p99_ratio
+        );
+        println!(
+            "  instance process RSS: idle {:.1} MiB (anonymous {:.1}), under load {:.1} MiB (highest sample), idle after the last round {:.1} MiB (anonymous {:.1})",
+            s.rss_idle_mib,
+            s.rss_idle_anon_mib,
+            s.rss_load_mib,
+            s.rss_after_mib,
+            s.rss_after_anon_mib
         );
         Ok(())
     })?;
@@ -220,25 +422,24 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
     }
 
     // 1. Bulk enqueue: whole batches from `producers` connections at once.
-    eprintln!("[1/4] bulk enqueue of {} tasks ...", args.tasks);
-    let tasks: Vec<NewTask> = (0..args.tasks)
-        .map(|i| NewTask::new("noop", &serde_json::json!({ "i": i })))
-        .collect::<Result<_>>()?;
-    let chunks: Vec<Vec<NewTask>> = tasks.chunks(args.batch).map(<[NewTask]>::to_vec).collect();
+    eprintln!("[1/5] bulk enqueue of {} tasks ...", args.tasks);
+    // Each producer builds its batches as it sends them (batch k of every `producers`), so the
+    // benchmark holds no more than one batch per producer: the memory figures are the
+    // instance's, not a list of every task.
     let mut conns = Vec::with_capacity(args.producers);
     for _ in 0..args.producers {
         conns.push(db.get().await?);
     }
     let t0 = Instant::now();
-    let mut lanes: Vec<Vec<Vec<NewTask>>> = (0..args.producers).map(|_| Vec::new()).collect();
-    for (i, c) in chunks.into_iter().enumerate() {
-        lanes[i % args.producers].push(c);
-    }
     let mut producers = Vec::new();
-    for (conn, lane) in conns.into_iter().zip(lanes) {
+    let (n, batch, lanes) = (args.tasks, args.batch, args.producers);
+    for (lane, conn) in conns.into_iter().enumerate() {
         producers.push(tokio::spawn(async move {
-            for chunk in &lane {
-                queue::enqueue_many(&conn, chunk).await?;
+            for start in (lane * batch..n).step_by(batch * lanes) {
+                let chunk = (start..(start + batch).min(n))
+                    .map(|i| NewTask::new("noop", &serde_json::json!({ "i": i })))
+                    .collect::<Result<Vec<_>>>()?;
+                queue::enqueue_many(&conn, &chunk).await?;
             }
             Ok::<_, Error>(())
         }));
@@ -250,7 +451,7 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
     let enqueue_secs = t0.elapsed().as_secs_f64();
 
     // 2. Processing across instances.
-    eprintln!("[2/4] processing them ...");
+    eprintln!("[2/5] processing them ...");
     let (wake_tx, mut wake_rx) = mpsc::unbounded_channel::<Instant>();
     let mut clients: Vec<Client> = Vec::new();
     let mut pools = Vec::new();
@@ -292,6 +493,7 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
     for c in &clients {
         c.start().await?;
     }
+    let mut memory = super::Memory::idle();
     let t1 = Instant::now();
     let total = args.tasks as u64;
     let executed = || {
@@ -300,12 +502,15 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
             .map(|p| p.metrics().snapshot().executed)
             .sum::<u64>()
     };
-    let deadline = Instant::now() + Duration::from_secs(600);
+    // 10 minutes, plus a second per thousand tasks (a loaded machine at a million tasks).
+    let limit = Duration::from_secs(600 + total / 1000);
+    let deadline = Instant::now() + limit;
     while executed() < total {
         if Instant::now() > deadline {
-            return Err(Error::Timeout(Duration::from_secs(600)));
+            return Err(Error::Timeout(limit));
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
+        memory.sample();
     }
     let process_secs = t1.elapsed().as_secs_f64();
 
@@ -313,10 +518,11 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
     // still holds the burst's dead index entries, which every claim steps over until vacuum),
     // then in the idle steady state: after the VACUUM autovacuum would run within a minute.
     eprintln!(
-        "[3/4] wake-up latency ({} tasks one at a time, after the burst, then after VACUUM) ...",
+        "[3/5] wake-up latency ({} tasks one at a time, after the burst, then after VACUUM) ...",
         args.wakeups
     );
     tokio::time::sleep(Duration::from_millis(200)).await;
+    memory.finish();
     let conn = db.get().await?;
     let (mut burst, _) = wake_samples(&conn, &mut wake_rx, args).await?;
     conn.batch_execute(pgcrew::sql!("bench/queue_vacuum"))
@@ -332,7 +538,7 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
     burst.sort_by(|a, b| a.total_cmp(b));
 
     // 4. The same wake-up loop in plain SQL, for the floor.
-    eprintln!("[4/4] raw PostgreSQL wake-up floor ...");
+    eprintln!("[4/5] raw PostgreSQL wake-up floor ...");
     let (mut raw, mut raw_commit) = if target.raw_floor {
         raw_wakeups(&db, args).await?
     } else {
@@ -340,6 +546,24 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
     };
     raw.sort_by(|a, b| a.total_cmp(b));
     raw_commit.sort_by(|a, b| a.total_cmp(b));
+
+    // 5. The same claim+complete work in plain SQL, for the limit.
+    let (raw_connections, raw_batch) = Report::raw_shape(args);
+    let raw_process_secs = if target.raw_floor {
+        eprintln!(
+            "[5/5] raw claim+complete of {} rows ({raw_connections} connections, batches of {raw_batch}) ...",
+            args.tasks
+        );
+        raw_claim_complete(&db, args.tasks, raw_connections, raw_batch).await?
+    } else {
+        0.0
+    };
+    let processed_per_sec = args.tasks as f64 / process_secs;
+    let raw_processed_per_sec = if raw_process_secs > 0.0 {
+        args.tasks as f64 / raw_process_secs
+    } else {
+        0.0
+    };
     Ok(Report {
         tasks: args.tasks,
         concurrency: args.concurrency,
@@ -351,7 +575,7 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
         enqueue_secs,
         enqueue_per_sec: args.tasks as f64 / enqueue_secs,
         process_secs,
-        processed_per_sec: args.tasks as f64 / process_secs,
+        processed_per_sec,
         wakeup_samples: samples.len(),
         wakeup_p50_ms: percentile_ms(&samples, 0.50),
         wakeup_p99_ms: percentile_ms(&samples, 0.99),
@@ -363,7 +587,81 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
         raw_wakeup_p50_ms: percentile_ms(&raw, 0.50),
         raw_wakeup_p99_ms: percentile_ms(&raw, 0.99),
         raw_wakeup_from_commit_p50_ms: percentile_ms(&raw_commit, 0.50),
+        raw_connections,
+        raw_batch,
+        raw_process_secs,
+        raw_processed_per_sec,
+        processed_ratio: if raw_processed_per_sec > 0.0 {
+            processed_per_sec / raw_processed_per_sec
+        } else {
+            0.0
+        },
+        memory,
     })
+}
+
+/// The claim+complete loop with no pgcrew code on the path: `tasks` rows in a plain table,
+/// drained by `connections` connections (tokio-postgres, prepared statements), each claiming
+/// `batch` rows by `UPDATE ... FOR UPDATE SKIP LOCKED` and completing them by id in a second
+/// statement, until none is left. Seconds from the first claim to the last completion.
+async fn raw_claim_complete(
+    db: &Db,
+    tasks: usize,
+    connections: usize,
+    batch: usize,
+) -> Result<f64> {
+    let setup = db.get().await?;
+    setup
+        .batch_execute(pgcrew::sql!("bench/queue_raw_cc_setup"))
+        .await?;
+    setup
+        .execute(pgcrew::sql!("bench/queue_raw_cc_fill"), &[&(tasks as i64)])
+        .await?;
+    setup
+        .batch_execute(pgcrew::sql!("bench/queue_raw_cc_analyze"))
+        .await?;
+    let mut conns = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        let (client, conn) = db.config().open().await?;
+        let driver = tokio::spawn(conn);
+        let claim = client
+            .prepare(pgcrew::sql!("bench/queue_raw_cc_claim"))
+            .await?;
+        let complete = client
+            .prepare(pgcrew::sql!("bench/queue_raw_cc_complete"))
+            .await?;
+        conns.push((client, driver, claim, complete));
+    }
+    let batch = batch as i64;
+    let start = Instant::now();
+    let mut workers = Vec::with_capacity(connections);
+    for (client, driver, claim, complete) in conns {
+        workers.push(tokio::spawn(async move {
+            loop {
+                let rows = client.query(&claim, &[&batch]).await?;
+                if rows.is_empty() {
+                    break;
+                }
+                let ids = rows
+                    .iter()
+                    .map(|r| r.try_get::<_, i64>(0))
+                    .collect::<std::result::Result<Vec<i64>, _>>()?;
+                client.execute(&complete, &[&ids]).await?;
+            }
+            drop(client);
+            let _ = driver.await;
+            Ok::<_, Error>(())
+        }));
+    }
+    for w in workers {
+        w.await
+            .map_err(|e| Error::Config(format!("raw claim+complete task failed: {e}")))??;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    setup
+        .batch_execute(pgcrew::sql!("bench/queue_raw_cc_teardown"))
+        .await?;
+    Ok(secs)
 }
 
 /// Enqueue `args.wakeups` tasks one at a time to the idle pool; milliseconds from each enqueue

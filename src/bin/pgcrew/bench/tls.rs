@@ -37,6 +37,8 @@ struct Mode {
     processed_per_sec_median: f64,
     enqueue_per_sec_median: f64,
     wakeup_p50_ms_median: f64,
+    /// The instance process's resident memory over this mode's samples.
+    memory: crate::bench::Memory,
 }
 
 #[derive(Debug, Serialize)]
@@ -158,6 +160,7 @@ pub async fn run(dsn: Option<String>, args: TlsBenchArgs) -> Result<ExitCode> {
             mode.processed_per_sec.push(report.processed_per_sec);
             mode.enqueue_per_sec.push(report.enqueue_per_sec);
             mode.wakeup_p50_ms.push(report.wakeup_p50_ms);
+            mode.memory.merge(&report.memory);
         }
     }
     for m in [&mut plain, &mut tls] {
@@ -194,6 +197,7 @@ pub async fn run(dsn: Option<String>, args: TlsBenchArgs) -> Result<ExitCode> {
                 m.enqueue_per_sec_median,
                 m.wakeup_p50_ms_median
             );
+            println!("    {}", m.memory.line());
         }
         println!(
             "  TLS / plaintext: processed {:.3}, enqueue {:.3} (target processed >= 0.9: {})",

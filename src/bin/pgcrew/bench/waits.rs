@@ -69,10 +69,13 @@ struct Report {
     /// CPU time of this process (the instance and the benchmark's own polling) per resumed run,
     /// in milliseconds, from the signal to the last completion.
     instance_cpu_ms_per_run: f64,
+    /// The instance process's resident memory: idle before the runs, the highest sample while
+    /// they park, wait and resume, and after.
+    memory: crate::bench::Memory,
 }
 
 /// User + system CPU time of this process so far.
-fn process_cpu() -> Duration {
+pub(crate) fn process_cpu() -> Duration {
     // SAFETY: getrusage only writes the struct it is given.
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
@@ -143,6 +146,7 @@ pub async fn run(dsn: Option<String>, args: WaitsBenchArgs) -> Result<ExitCode> 
         async || -> Result<i64> { Ok(probe.query_one(&backends, &[]).await?.try_get(0)?) };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let connections_idle = connections().await?;
+    let mut memory = crate::bench::Memory::idle();
 
     // Park: create the runs and their tasks; every run reaches its wait.
     let tenant = pgcrew::TenantId::new(TENANT)?;
@@ -173,6 +177,7 @@ pub async fn run(dsn: Option<String>, args: WaitsBenchArgs) -> Result<ExitCode> 
     let mut connections_while_parking = 0;
     while count(RunState::Waiting).await? < total {
         connections_while_parking = connections_while_parking.max(connections().await?);
+        memory.sample();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let park_seconds = started.elapsed().as_secs_f64();
@@ -192,11 +197,13 @@ pub async fn run(dsn: Option<String>, args: WaitsBenchArgs) -> Result<ExitCode> 
     probe.query_one(&signal_all, &[&TENANT, &n]).await?;
     let signal_seconds = started.elapsed().as_secs_f64();
     while count(RunState::Completed).await? < total {
+        memory.sample();
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let resume_seconds = started.elapsed().as_secs_f64();
     let resume_cpu = process_cpu().saturating_sub(cpu_before);
     client.stop().await?;
+    memory.finish();
     let report = Report {
         runs: args.runs,
         concurrency: args.concurrency,
@@ -215,6 +222,7 @@ pub async fn run(dsn: Option<String>, args: WaitsBenchArgs) -> Result<ExitCode> 
         signal_seconds,
         resumed_runs_per_second: args.runs as f64 / resume_seconds,
         instance_cpu_ms_per_run: resume_cpu.as_secs_f64() * 1000.0 / args.runs as f64,
+        memory,
     };
     print_report(args.json, &report, |r| {
         println!(
@@ -229,6 +237,7 @@ pub async fn run(dsn: Option<String>, args: WaitsBenchArgs) -> Result<ExitCode> 
             r.resumed_runs_per_second,
             r.instance_cpu_ms_per_run
         );
+        println!("  {}", r.memory.line());
         Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
