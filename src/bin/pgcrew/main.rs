@@ -13,6 +13,7 @@ mod output;
 mod queues;
 mod run;
 mod schedules;
+mod shard;
 mod signal;
 mod submit;
 mod tasks;
@@ -83,6 +84,9 @@ pub enum Command {
     /// Manage tenants.
     #[command(subcommand)]
     Tenants(tenants::TenantsCmd),
+    /// Tenants sharded across PostgreSQL clusters: check the routing map, move a tenant.
+    #[command(subcommand)]
+    Shard(shard::ShardCmd),
     /// Benchmarks in a scratch database (never touches real data); default: the queue.
     Bench(bench::BenchArgs),
     /// The guided tour: 3 instances, 2 tenants, agent runs and tasks, a leader killed mid-way
@@ -163,6 +167,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Queues(cmd) => queues::exec(dsn, cmd).await,
         Command::Schedules(cmd) => schedules::exec(dsn, cmd).await,
         Command::Tenants(cmd) => tenants::exec(dsn, cmd).await,
+        Command::Shard(cmd) => shard::exec(cmd).await,
         Command::Bench(args) => bench::exec(dsn, args).await,
         Command::Demo(args) => demo::exec(dsn, args).await,
         Command::Doctor(args) => doctor::exec(dsn, args).await,
