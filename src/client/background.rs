@@ -255,6 +255,9 @@ mod tests {
         let wait = follower_wait(Some(Duration::from_secs(30)));
         assert_eq!(wait, Duration::from_secs(30) + Duration::from_millis(5));
         assert_eq!(follower_wait(None), Duration::from_millis(5));
-        assert_eq!(follower_wait(Some(Duration::ZERO)), Duration::from_millis(5));
+        assert_eq!(
+            follower_wait(Some(Duration::ZERO)),
+            Duration::from_millis(5)
+        );
     }
 }

@@ -49,8 +49,12 @@ pub(crate) async fn elect_on(
 ) -> Result<Election> {
     let ttl_us = interval_micros(ttl);
     // One statement per attempt: take/renew, or the holder and its remaining time.
-    let row = Executor::query_opt(conn, sql!("coord/elect_or_wait"), typed![&name, id, &ttl_us])
-        .await?;
+    let row = Executor::query_opt(
+        conn,
+        sql!("coord/elect_or_wait"),
+        typed![&name, id, &ttl_us],
+    )
+    .await?;
     Ok(match row {
         Some(r) if r.get::<_, bool>(0) => Election::Leader { term: r.get(1) },
         Some(r) => {

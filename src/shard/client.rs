@@ -40,7 +40,10 @@ impl std::fmt::Debug for ShardedClientBuilder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // DSNs may carry passwords: names only.
         f.debug_struct("ShardedClientBuilder")
-            .field("shards", &self.shards.iter().map(|s| &s.0).collect::<Vec<_>>())
+            .field(
+                "shards",
+                &self.shards.iter().map(|s| &s.0).collect::<Vec<_>>(),
+            )
             .field("routes", &self.routes)
             .field("routes_file", &self.routes_file)
             .finish_non_exhaustive()

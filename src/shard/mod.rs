@@ -179,7 +179,10 @@ impl RoutingMap {
         for tenants in self.shards.values_mut() {
             tenants.retain(|t| t != tenant);
         }
-        self.shards.entry(target).or_default().push(tenant.to_string());
+        self.shards
+            .entry(target)
+            .or_default()
+            .push(tenant.to_string());
         self.index().map(|_| ())
     }
 

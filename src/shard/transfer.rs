@@ -229,9 +229,7 @@ async fn copy_verify_delete(source: &Db, target: &Db, opts: &MoveOptions) -> Res
         return Err(Error::not_found("tenant", tenant));
     }
     let (tasks, running, waiting) = {
-        let r = stx
-            .query_one(sql!("shard/tenant_activity"), &[&t])
-            .await?;
+        let r = stx.query_one(sql!("shard/tenant_activity"), &[&t]).await?;
         (r.get::<_, i64>(0), r.get::<_, i64>(1), r.get::<_, i64>(2))
     };
     if tasks != 0 || running != 0 {

@@ -10,7 +10,9 @@ async fn scale_out_reports_every_figure_and_drops_its_databases() {
     )
     .await;
     assert!(
-        report["coordination_source"].as_str().is_some_and(|s| !s.is_empty()),
+        report["coordination_source"]
+            .as_str()
+            .is_some_and(|s| !s.is_empty()),
         "{report}"
     );
     let rows = report["rows"].as_array().expect("rows");
@@ -32,8 +34,14 @@ async fn scale_out_reports_every_figure_and_drops_its_databases() {
         let pgss = report["coordination_source"] == "pg_stat_statements";
         assert_eq!(row["claim_max_ms"].is_number(), pgss, "{row}");
     }
-    assert!(rows[0]["failover_ms"].is_null(), "no failover with one instance");
-    assert!(rows[1]["failover_ms"].as_f64().is_some_and(|v| v > 0.0), "{report}");
+    assert!(
+        rows[0]["failover_ms"].is_null(),
+        "no failover with one instance"
+    );
+    assert!(
+        rows[1]["failover_ms"].as_f64().is_some_and(|v| v > 0.0),
+        "{report}"
+    );
     // One scratch database per instance count, each dropped.
     let names: Vec<&str> = stderr
         .lines()
@@ -41,7 +49,10 @@ async fn scale_out_reports_every_figure_and_drops_its_databases() {
         .collect();
     assert_eq!(names.len(), 2, "{stderr}");
     for name in names {
-        let q = format!("SELECT count(*) FROM pg_database WHERE datname = '{}'", name.trim());
+        let q = format!(
+            "SELECT count(*) FROM pg_database WHERE datname = '{}'",
+            name.trim()
+        );
         assert_eq!(scalar(&t.db, &q).await, 0, "{name} left behind");
     }
 }
@@ -60,7 +71,9 @@ async fn soak_reports_the_curve_and_loses_nothing() {
     }
     assert!(last["dead_tuples"].is_i64(), "{last}");
     assert!(
-        last["rss_mib"].as_array().is_some_and(|r| r.len() == 2 && r.iter().all(|m| m.as_f64() > Some(0.0))),
+        last["rss_mib"]
+            .as_array()
+            .is_some_and(|r| r.len() == 2 && r.iter().all(|m| m.as_f64() > Some(0.0))),
         "{last}"
     );
     assert!(report["leader_kills"].as_u64() >= Some(1), "{report}");
@@ -69,7 +82,10 @@ async fn soak_reports_the_curve_and_loses_nothing() {
     assert_eq!(report["runs_unfinished"], 0, "{report}");
     assert!(report["runs_submitted"].as_u64() > Some(0), "{report}");
     assert_eq!(report["ledgers_invalid"], 0, "{report}");
-    assert_eq!(report["ledgers_verified"], report["runs_submitted"], "{report}");
+    assert_eq!(
+        report["ledgers_verified"], report["runs_submitted"],
+        "{report}"
+    );
     for f in ["rss_growth_pct", "size_growth_pct"] {
         assert!(report[f].is_number(), "{f}: {report}");
     }

@@ -164,9 +164,14 @@ async fn each_tenants_work_lands_on_its_cluster_and_a_stopped_cluster_stops_only
     assert!(seen, "acme's run-state notification");
     for (d, mine, other) in [(&da, "acme", "globex"), (&db, "globex", "acme")] {
         for table in ["tasks", "runs", "events", "sessions"] {
-            let sql = |t: &str| format!("SELECT count(*) FROM pgcrew.{table} WHERE tenant_id = '{t}'");
+            let sql =
+                |t: &str| format!("SELECT count(*) FROM pgcrew.{table} WHERE tenant_id = '{t}'");
             assert!(scalar(d, &sql(mine)).await > 0, "{mine}'s {table}");
-            assert_eq!(scalar(d, &sql(other)).await, 0, "{other}'s {table} on {mine}'s cluster");
+            assert_eq!(
+                scalar(d, &sql(other)).await,
+                0,
+                "{other}'s {table} on {mine}'s cluster"
+            );
         }
     }
     assert_eq!(c.get_run(&acme, run_a).await.unwrap().tenant_id, acme);
@@ -190,8 +195,11 @@ async fn each_tenants_work_lands_on_its_cluster_and_a_stopped_cluster_stops_only
         .await
         .unwrap();
     assert_eq!(
-        scalar(&da, "SELECT count(*) FROM pgcrew.tasks WHERE tenant_id = 'acme' AND kind = 'noop'")
-            .await,
+        scalar(
+            &da,
+            "SELECT count(*) FROM pgcrew.tasks WHERE tenant_id = 'acme' AND kind = 'noop'"
+        )
+        .await,
         5
     );
     c.close().await;
@@ -251,7 +259,10 @@ async fn moving_a_tenant_keeps_every_chain_valid_and_switches_the_map() {
         "{e}"
     );
     assert_eq!(RoutingMap::load(&file).unwrap().moving_to("acme"), None);
-    assert_eq!(scalar(&db, "SELECT count(*) FROM pgcrew.tenants WHERE id = 'acme'").await, 0);
+    assert_eq!(
+        scalar(&db, "SELECT count(*) FROM pgcrew.tenants WHERE id = 'acme'").await,
+        0
+    );
     runs::complete_run(&keyed, parked, RunOutcome::default(), None)
         .await
         .unwrap();
@@ -275,18 +286,32 @@ async fn moving_a_tenant_keeps_every_chain_valid_and_switches_the_map() {
         assert_eq!(v.head_seq, *head);
         let sql = runs::verify_run_chain_sql(&db, *run).await.unwrap();
         assert!(sql.valid, "{run}: {sql:?}");
-        let signed = runs::verify_run_chain_signed(&db, *run, &key).await.unwrap();
+        let signed = runs::verify_run_chain_signed(&db, *run, &key)
+            .await
+            .unwrap();
         assert!(signed.valid, "{run}: {signed:?}");
     }
     // Budgets and costs came along; the source keeps nothing of acme, and all of `stay`.
     assert_eq!(
-        scalar(&db, "SELECT count(*) FROM pgcrew.tenants WHERE id = 'acme' AND budget_usd_limit = 10").await,
+        scalar(
+            &db,
+            "SELECT count(*) FROM pgcrew.tenants WHERE id = 'acme' AND budget_usd_limit = 10"
+        )
+        .await,
         1
     );
     for table in ["tenants", "runs", "events", "tasks"] {
-        let col = if table == "tenants" { "id" } else { "tenant_id" };
+        let col = if table == "tenants" {
+            "id"
+        } else {
+            "tenant_id"
+        };
         let q = format!("SELECT count(*) FROM pgcrew.{table} WHERE {col} = 'acme'");
-        assert_eq!(scalar(&da, &q).await, 0, "acme's {table} left on the source");
+        assert_eq!(
+            scalar(&da, &q).await,
+            0,
+            "acme's {table} left on the source"
+        );
     }
     assert!(runs::verify_run_chain(&da, other).await.unwrap().valid);
     // The map switched, on disk and in the client: reads go to b.
@@ -301,9 +326,14 @@ async fn moving_a_tenant_keeps_every_chain_valid_and_switches_the_map() {
 
     // Moving it back to a shard with another ledger key: checkpoints are signed again.
     let other_key = LedgerKey::new(OTHER_KEY).unwrap();
-    runs::complete_run(&db.clone().with_ledger_key(key.clone()), fresh, RunOutcome::default(), None)
-        .await
-        .unwrap();
+    runs::complete_run(
+        &db.clone().with_ledger_key(key.clone()),
+        fresh,
+        RunOutcome::default(),
+        None,
+    )
+    .await
+    .unwrap();
     let mut back = MoveOptions::new(acme.clone(), "b", "a");
     back.ledger_key = Some(key.clone());
     back.target_ledger_key = Some(other_key.clone());
@@ -311,7 +341,9 @@ async fn moving_a_tenant_keeps_every_chain_valid_and_switches_the_map() {
     let report = move_tenant(&c, &back).await.unwrap();
     assert!(report.checkpoints_resigned > 0, "{report:?}");
     for run in moved.iter().chain([&fresh]) {
-        let signed = runs::verify_run_chain_signed(&da, *run, &other_key).await.unwrap();
+        let signed = runs::verify_run_chain_signed(&da, *run, &other_key)
+            .await
+            .unwrap();
         assert!(signed.valid, "{run}: {signed:?}");
     }
     let _ = std::fs::remove_dir_all(&dir);

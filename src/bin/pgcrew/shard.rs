@@ -65,7 +65,13 @@ pub struct MoveArgs {
 pub fn shard_env(name: &str) -> String {
     let up: String = name
         .chars()
-        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
         .collect();
     format!("PGCREW_SHARD_{up}")
 }
@@ -114,7 +120,11 @@ pub async fn exec(cmd: ShardCmd) -> Result<ExitCode> {
                     println!("unreachable: {s}: {e}");
                 }
             }
-            Ok(if down.is_empty() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+            Ok(if down.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
         }
         ShardCmd::Move(a) => {
             let c = client(&a.routes)?;

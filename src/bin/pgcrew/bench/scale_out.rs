@@ -35,9 +35,12 @@ pub struct ScaleOutBenchArgs {
     /// Heartbeat interval of the instances (coordination is reported per interval).
     #[arg(long, default_value = "1s", value_parser = crate::output::duration_arg)]
     pub heartbeat_interval: Duration,
-    /// Leader lease TTL of the instances (bounds the failover time).
-    #[arg(long, default_value = "2s", value_parser = crate::output::duration_arg)]
+    /// Leader lease TTL of the instances (bounds the failover time; renewed every TTL/3).
+    #[arg(long, default_value = "3s", value_parser = crate::output::duration_arg)]
     pub leader_ttl: Duration,
+    /// Maintenance interval of the leader (`serve`'s default: 1m).
+    #[arg(long, default_value = "1m", value_parser = crate::output::duration_arg)]
+    pub maintenance_interval: Duration,
     /// Idle window over which coordination statements are counted.
     #[arg(long, default_value = "10s", value_parser = crate::output::duration_arg)]
     pub idle_window: Duration,
@@ -58,6 +61,11 @@ pub struct ScaleOutRow {
     pub tasks_per_s: f64,
     /// Ratio to the first row's `tasks_per_s` (same run).
     pub vs_first: f64,
+    /// WAL written per task processed (enqueue, claim, completion), bytes (the whole server's
+    /// WAL over the run).
+    pub wal_bytes_per_task: f64,
+    /// Statements per task processed (pg_stat_statements; `null` without it).
+    pub statements_per_task: Option<f64>,
     /// Wake-up (task created to claimed, database clock) p50, ms.
     pub wakeup_p50_ms: f64,
     /// Wake-up p99, ms.
@@ -81,6 +89,8 @@ pub struct ScaleOutRow {
     pub maintenance_per_s: Option<f64>,
     /// Idle queue polls per second (worker pools' fallback poll; not coordination).
     pub idle_polls_per_s: Option<f64>,
+    /// The most frequent statements while idle: (class, calls/s, first 100 characters).
+    pub idle_top: Vec<(String, f64, String)>,
     /// Connections to the database while idle (all instances).
     pub connections: i64,
     /// Time until another instance leads after `kill -9` of the leader, ms (`null` for N = 1).
@@ -115,6 +125,7 @@ const XACTS: &str = pgcrew::sql!("bench/scale_out_xacts");
 const CONNECTIONS: &str = pgcrew::sql!("bench/scale_out_connections");
 const FINISHED: &str = pgcrew::sql!("bench/scale_out_finished");
 const WAKEUP: &str = pgcrew::sql!("bench/scale_out_wakeup");
+const WAL: &str = pgcrew::sql!("bench/scale_out_wal");
 const CURRENT_LEADER: &str = pgcrew::sql!("bench/coord_current_leader");
 const INSTANCE_COUNT: &str = pgcrew::sql!("bench/coord_instance_count");
 
@@ -143,8 +154,18 @@ impl Fleet {
         let id = format!("bench-{}", self.next);
         self.next += 1;
         let exe = std::env::current_exe()?;
+        let mut cmd = Command::new(exe);
+        // SAFETY: prctl is async-signal-safe; the children die with the benchmark even when it
+        // is killed (no orphaned `serve` processes on the scratch database).
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
         // The DSN (with its password) goes through the environment: argv is public.
-        let child = Command::new(exe)
+        let child = cmd
             .env("DATABASE_URL", &self.dsn)
             .env_remove("OPENAI_API_KEY")
             .env_remove("OPENAI_BASE_URL")
@@ -189,7 +210,10 @@ impl Fleet {
 
     /// The processes' pids, by instance id.
     pub fn pids(&self) -> Vec<(String, u32)> {
-        self.nodes.iter().map(|(n, c)| (n.clone(), c.id())).collect()
+        self.nodes
+            .iter()
+            .map(|(n, c)| (n.clone(), c.id()))
+            .collect()
     }
 }
 
@@ -385,7 +409,7 @@ async fn measure(admin: &str, n: usize, args: &ScaleOutBenchArgs) -> Result<(Sca
         "--instance-ttl".into(),
         ms(args.heartbeat_interval * 10),
         "--maintenance-interval".into(),
-        "5s".into(),
+        ms(args.maintenance_interval),
     ];
     let mut fleet = Fleet::new(scratch.dsn(), extra);
     for _ in 0..n {
@@ -394,20 +418,28 @@ async fn measure(admin: &str, n: usize, args: &ScaleOutBenchArgs) -> Result<(Sca
     wait_instances(&db, n as i64).await?;
     wait_leader(&db, Duration::from_secs(60), |l| l.is_some()).await?;
     // Warm up every instance's connections and statements.
-    process(&db, 200 * n, 200 * n as i64).await?;
+    process(&db, 50 * n, 50 * n as i64).await?;
     reset(&db, pgss).await?;
     let done = finished(&db).await?;
+    let wal0: f64 = db.get().await?.query_one(WAL, &[]).await?.get(0);
     let took = process(&db, args.tasks, done + args.tasks as i64).await?;
+    let wal1: f64 = db.get().await?.query_one(WAL, &[]).await?.get(0);
     let tasks_per_s = args.tasks as f64 / took.as_secs_f64();
-    let (claim_mean_ms, claim_max_ms) = if pgss {
-        let claim = statements(&db)
-            .await?
+    let wal_bytes_per_task = (wal1 - wal0) / args.tasks as f64;
+    let (claim_mean_ms, claim_max_ms, statements_per_task) = if pgss {
+        let all = statements(&db).await?;
+        let calls: i64 = all.iter().map(|s| s.1).sum();
+        let claim = all
             .into_iter()
             .filter(|s| s.0.to_ascii_lowercase().contains("skip locked"))
             .max_by_key(|s| s.1);
-        (claim.as_ref().map(|s| s.4), claim.as_ref().map(|s| s.3))
+        (
+            claim.as_ref().map(|s| s.4),
+            claim.as_ref().map(|s| s.3),
+            Some(calls as f64 / args.tasks as f64),
+        )
     } else {
-        (None, None)
+        (None, None, None)
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let wake = wakeups(&db, args.wakeups).await?;
@@ -420,9 +452,16 @@ async fn measure(admin: &str, n: usize, args: &ScaleOutBenchArgs) -> Result<(Sca
     tokio::time::sleep(args.idle_window).await;
     let window = w0.elapsed().as_secs_f64();
     let mut classes = Classes::default();
+    let mut idle_top = Vec::new();
     let coordination_per_s = if pgss {
         for (q, calls, ..) in statements(&db).await? {
             let c = calls as f64 / window;
+            let short: String = q.split_whitespace().collect::<Vec<_>>().join(" ");
+            idle_top.push((
+                classify(&q).to_string(),
+                c,
+                short.chars().take(100).collect(),
+            ));
             match classify(&q) {
                 "heartbeat" => classes.heartbeats += c,
                 "election" => classes.elections += c,
@@ -437,6 +476,8 @@ async fn measure(admin: &str, n: usize, args: &ScaleOutBenchArgs) -> Result<(Sca
         let x1: i64 = db.get().await?.query_one(XACTS, &[]).await?.get(0);
         (x1 - x0) as f64 / window
     };
+    idle_top.sort_by(|a: &(String, f64, String), b| b.1.total_cmp(&a.1));
+    idle_top.truncate(8);
     let per_interval = coordination_per_s * args.heartbeat_interval.as_secs_f64() / n as f64;
     let failover_ms = if n > 1 {
         let leader = current_leader(&db).await?.unwrap_or_default();
@@ -460,6 +501,8 @@ async fn measure(admin: &str, n: usize, args: &ScaleOutBenchArgs) -> Result<(Sca
             instances: n,
             tasks_per_s,
             vs_first: 1.0,
+            wal_bytes_per_task,
+            statements_per_task,
             wakeup_p50_ms: percentile_ms(&wake, 0.5),
             wakeup_p99_ms: percentile_ms(&wake, 0.99),
             claim_mean_ms,
@@ -470,6 +513,7 @@ async fn measure(admin: &str, n: usize, args: &ScaleOutBenchArgs) -> Result<(Sca
             elections_per_s: opt(classes.elections),
             maintenance_per_s: opt(classes.maintenance),
             idle_polls_per_s: opt(classes.polls),
+            idle_top,
             connections,
             failover_ms,
         },
@@ -483,7 +527,10 @@ pub async fn run(dsn: Option<String>, args: ScaleOutBenchArgs) -> Result<ExitCod
         ("--tasks", args.tasks as u64),
         ("--wakeups", args.wakeups as u64),
         ("--concurrency", args.concurrency as u64),
-        ("--instances", args.instances.iter().min().copied().unwrap_or(0) as u64),
+        (
+            "--instances",
+            args.instances.iter().min().copied().unwrap_or(0) as u64,
+        ),
     ])?;
     if args.max_connections < 4 {
         return Err(Error::invalid(
@@ -545,11 +592,11 @@ pub async fn run(dsn: Option<String>, args: ScaleOutBenchArgs) -> Result<ExitCod
                 row.vs_first,
                 row.wakeup_p50_ms,
                 row.wakeup_p99_ms,
-                row.claim_max_ms
-                    .map_or("-".into(), |v| format!("{v:.2}ms")),
+                row.claim_max_ms.map_or("-".into(), |v| format!("{v:.2}ms")),
                 row.coordination_per_s,
                 row.coordination_per_instance_interval,
-                row.idle_polls_per_s.map_or("-".into(), |v| format!("{v:.1}")),
+                row.idle_polls_per_s
+                    .map_or("-".into(), |v| format!("{v:.1}")),
                 row.connections,
                 row.failover_ms.map_or("-".into(), |v| format!("{v:.0}ms"))
             );

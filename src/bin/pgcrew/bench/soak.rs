@@ -197,7 +197,11 @@ async fn sample(
         at_s: at,
         tasks_per_s: tasks as f64 / span,
         runs_per_s: runs as f64 / span,
-        rss_mib: fleet.pids().iter().filter_map(|(_, p)| rss_mib(*p)).collect(),
+        rss_mib: fleet
+            .pids()
+            .iter()
+            .filter_map(|(_, p)| rss_mib(*p))
+            .collect(),
         tables_mib: tables as f64 / MIB,
         indexes_mib: indexes as f64 / MIB,
         dead_tuples: dead,
@@ -310,8 +314,8 @@ pub async fn run(dsn: Option<String>, args: SoakBenchArgs) -> Result<ExitCode> {
             for i in 0..args.runs_per_s {
                 let tenant = &tenants[i % 2];
                 let input = json!({"prompt": format!("Where is order A-{}?", 1000 + seconds)});
-                let run = pgcrew::client::submit_run(&db, AGENT, tenant, Some("soak"), &input)
-                    .await?;
+                let run =
+                    pgcrew::client::submit_run(&db, AGENT, tenant, Some("soak"), &input).await?;
                 books.pending_runs.insert(run.0);
                 books.all_runs.push(run);
             }
@@ -360,7 +364,13 @@ pub async fn run(dsn: Option<String>, args: SoakBenchArgs) -> Result<ExitCode> {
             let s = sample(&db, &fleet, at, span, span_tasks, span_runs).await?;
             eprintln!(
                 "soak {:.0}s: {:.0} tasks/s, {:.1} runs/s, RSS {:?} MiB, tables {:.1} MiB, indexes {:.1} MiB, dead {}",
-                s.at_s, s.tasks_per_s, s.runs_per_s, s.rss_mib, s.tables_mib, s.indexes_mib, s.dead_tuples
+                s.at_s,
+                s.tasks_per_s,
+                s.runs_per_s,
+                s.rss_mib,
+                s.tables_mib,
+                s.indexes_mib,
+                s.dead_tuples
             );
             samples.push(s);
             (span_tasks, span_runs, last_sample) = (0, 0, Instant::now());
