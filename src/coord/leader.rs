@@ -48,19 +48,17 @@ pub(crate) async fn elect_on(
     ttl: Duration,
 ) -> Result<Election> {
     let ttl_us = interval_micros(ttl);
-    // One statement per attempt: take/renew, or the holder and its remaining time.
-    let row = Executor::query_opt(
-        conn,
-        sql!("coord/elect_or_wait"),
-        typed![&name, id, &ttl_us],
-    )
-    .await?;
+    if let Some(row) =
+        Executor::query_opt(conn, sql!("coord/elect"), typed![&name, id, &ttl_us]).await?
+    {
+        return Ok(Election::Leader { term: row.get(0) });
+    }
+    let row = Executor::query_opt(conn, sql!("coord/leader_wait"), typed![&name]).await?;
     Ok(match row {
-        Some(r) if r.get::<_, bool>(0) => Election::Leader { term: r.get(1) },
         Some(r) => {
-            let remaining: Option<i64> = r.get(3);
+            let remaining: Option<i64> = r.get(2);
             Election::Follower {
-                leader_id: r.get(2),
+                leader_id: r.get(0),
                 expires_in: remaining.map(|us| Duration::from_micros(us.max(0) as u64)),
             }
         }
