@@ -64,7 +64,7 @@ pub enum Command {
     /// Apply the embedded migrations (idempotent).
     Migrate,
     /// Run a bare instance (registration, heartbeat, election, maintenance) until SIGINT/SIGTERM.
-    Serve(coord::ServeArgs),
+    Serve(Box<coord::ServeArgs>),
     /// List registered instances.
     Instances(output::JsonFlag),
     /// Show the leader lease.
@@ -159,7 +159,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
     output::set_statements(cli.statements);
     let result = match cli.command {
         Command::Migrate => coord::migrate(dsn).await,
-        Command::Serve(args) => coord::serve(dsn, args).await,
+        Command::Serve(args) => coord::serve(dsn, *args).await,
         Command::Instances(f) => coord::instances(dsn, f.json).await,
         Command::Leader(f) => coord::leader(dsn, f.json).await,
         Command::Run(cmd) => run::exec(dsn, cmd).await,

@@ -2,7 +2,7 @@
 //! `pgcrew::shard` and docs/scaling.md). Shard DSNs come from the environment, one variable
 //! per shard: `PGCREW_SHARD_<NAME>` (the name upper-cased, `-` and `.` as `_`), never argv.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -77,9 +77,9 @@ pub fn shard_env(name: &str) -> String {
 }
 
 /// A client of the shards the routing file names, DSNs from the environment.
-fn client(routes: &PathBuf) -> Result<ShardedClient> {
+fn client(routes: &Path) -> Result<ShardedClient> {
     let map = RoutingMap::load(routes)?;
-    let mut b = ShardedClient::builder().routes_file(routes.clone());
+    let mut b = ShardedClient::builder().routes_file(routes);
     let mut names: Vec<&String> = map.shards.keys().collect();
     names.extend(map.moving.values());
     names.dedup();

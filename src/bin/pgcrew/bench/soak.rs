@@ -328,13 +328,12 @@ pub async fn run(dsn: Option<String>, args: SoakBenchArgs) -> Result<ExitCode> {
                 books.cancelled_tasks.insert(id.0);
                 enqueued += 1;
                 pgcrew::queue::cancel(&conn, id).await?;
-                if let Some(run) = books.all_runs.last().copied() {
-                    if pgcrew::runs::cancel_run(&db, run, "soak cancellation")
+                if let Some(run) = books.all_runs.last().copied()
+                    && pgcrew::runs::cancel_run(&db, run, "soak cancellation")
                         .await
                         .is_ok()
-                    {
-                        books.runs_cancelled += 1;
-                    }
+                {
+                    books.runs_cancelled += 1;
                 }
             }
         }
@@ -346,15 +345,15 @@ pub async fn run(dsn: Option<String>, args: SoakBenchArgs) -> Result<ExitCode> {
         }
         if now >= next_kill {
             next_kill += args.kill_every;
-            if let Some(leader) = current_leader(&db).await? {
-                if fleet.kill(&leader) {
-                    kills += 1;
-                    fleet.spawn()?;
-                    eprintln!(
-                        "soak {:.0}s: kill -9 leader {leader}",
-                        start.elapsed().as_secs_f64()
-                    );
-                }
+            if let Some(leader) = current_leader(&db).await?
+                && fleet.kill(&leader)
+            {
+                kills += 1;
+                fleet.spawn()?;
+                eprintln!(
+                    "soak {:.0}s: kill -9 leader {leader}",
+                    start.elapsed().as_secs_f64()
+                );
             }
         }
         if now >= next_sample {
