@@ -364,6 +364,72 @@ pub enum Error {
     /// An I/O error.
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
+
+    /// A tenant routing map names a shard that was not configured (see `pgcrew::shard`).
+    #[error(
+        "routing map names shard `{shard}`{} but no shard of that name is configured (configured: {configured}); add its DSN or fix the map",
+        tenant.as_ref().map(|t| format!(" for tenant `{t}`")).unwrap_or_default()
+    )]
+    UnknownShard {
+        /// The shard named.
+        shard: String,
+        /// The tenant routed to it, if any.
+        tenant: Option<String>,
+        /// The configured shard names, comma-separated.
+        configured: String,
+    },
+
+    /// A tenant routing map puts one tenant on two shards.
+    #[error(
+        "routing map puts tenant `{tenant}` on two shards, `{first}` and `{second}`: a tenant lives on exactly one shard"
+    )]
+    TenantInTwoShards {
+        /// The tenant.
+        tenant: String,
+        /// One shard.
+        first: String,
+        /// The other.
+        second: String,
+    },
+
+    /// The routing map has no shard for this tenant.
+    #[error("tenant `{tenant}` is not in the routing map: add it to a shard")]
+    TenantNotRouted {
+        /// The tenant.
+        tenant: String,
+    },
+
+    /// The shard holding the tenant could not be reached; other shards are unaffected.
+    #[error("shard `{shard}` is unavailable: {message}")]
+    ShardDown {
+        /// The shard.
+        shard: String,
+        /// What failed.
+        message: String,
+    },
+
+    /// The tenant is being moved between shards: new work is refused until the move ends.
+    #[error(
+        "tenant `{tenant}` is moving from shard `{from}` to `{to}`: new work is refused until the move ends (reload the routing map and retry)"
+    )]
+    TenantMoving {
+        /// The tenant.
+        tenant: String,
+        /// The source shard.
+        from: String,
+        /// The target shard.
+        to: String,
+    },
+
+    /// A tenant move between shards stopped; the message says at which step and what to do.
+    /// Nothing was deleted from the source unless the message says so.
+    #[error("moving tenant `{tenant}`: {message}")]
+    TenantTransfer {
+        /// The tenant.
+        tenant: String,
+        /// What stopped the move.
+        message: String,
+    },
 }
 
 impl Error {

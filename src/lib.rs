@@ -162,6 +162,7 @@ pub mod model;
 pub mod queue;
 pub mod runs;
 pub mod schedule;
+pub mod shard;
 pub mod sqlstate;
 pub mod telemetry;
 pub mod tenancy;
@@ -179,6 +180,7 @@ pub use kernel::{Harness, Kernel, ReplayPolicy, RunScope};
 pub use ledger_key::LedgerKey;
 pub use model::{ModelPort, ModelRequest, ModelResponse, OpenAiModel, ScriptedModel};
 pub use queue::{NewTask, Priority, TaskOutcome, WorkerPool};
+pub use shard::{RoutingMap, ShardedClient};
 pub use tenancy::{BudgetStatus, PriceTable, TenantContext};
 
 /// The README's examples, compiled as doctests.

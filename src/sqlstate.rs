@@ -110,6 +110,12 @@ pub const CRASH_SHUTDOWN: &str = "57P02";
 /// 57P03 cannot_connect_now.
 pub const CANNOT_CONNECT_NOW: &str = "57P03";
 
+/// PC130: a tenant transfer function was called outside a transaction marked by
+/// `pgcrew.begin_tenant_transfer` (V032).
+pub const NOT_IN_TENANT_TRANSFER: &str = "PC130";
+/// PC131: a tenant still has unfinished tasks or runs and cannot be deleted by a transfer (V032).
+pub const TENANT_NOT_DRAINED: &str = "PC131";
+
 /// The SQLSTATE of a driver error that carries a server response.
 pub fn of(e: &tokio_postgres::Error) -> Option<&str> {
     e.as_db_error().map(|d| d.code().code())

@@ -42,6 +42,8 @@ mod queue_edges;
 mod queue_features;
 mod runs;
 mod runs_edges;
+mod scale_bench;
+mod shard;
 mod skills;
 mod streaming;
 mod subagents;

@@ -77,6 +77,13 @@ pub struct ServeArgs {
     /// Running tasks whose heartbeat is older than this are rescued by the leader.
     #[arg(long, value_parser = duration_arg, default_value = "2m")]
     pub task_heartbeat_timeout: Duration,
+    /// Completed/discarded tasks older than this are deleted by maintenance (default 24 h).
+    #[arg(long, value_parser = duration_arg)]
+    pub task_retention: Option<Duration>,
+    /// Finished runs older than this lose their ledger (chain anchor and final checkpoint
+    /// kept), artifacts and cost entries (default: off).
+    #[arg(long, value_parser = duration_arg)]
+    pub run_retention: Option<Duration>,
     /// Fallback poll interval of the worker pool.
     #[arg(long, value_parser = duration_arg, default_value = "1s")]
     pub worker_poll_interval: Duration,
@@ -183,6 +190,12 @@ pub async fn serve(dsn: Option<String>, args: ServeArgs) -> Result<ExitCode> {
         .migrate(args.migrate);
     if let Some(n) = args.max_connections {
         b = b.max_connections(n);
+    }
+    if let Some(r) = args.task_retention {
+        b = b.task_retention(r);
+    }
+    if let Some(r) = args.run_retention {
+        b = b.run_retention(r);
     }
     if let Some(id) = args.instance_id.clone() {
         b = b.instance_id(InstanceId::new(id)?);

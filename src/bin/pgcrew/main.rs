@@ -13,6 +13,7 @@ mod output;
 mod queues;
 mod run;
 mod schedules;
+mod shard;
 mod signal;
 mod submit;
 mod tasks;
@@ -63,7 +64,7 @@ pub enum Command {
     /// Apply the embedded migrations (idempotent).
     Migrate,
     /// Run a bare instance (registration, heartbeat, election, maintenance) until SIGINT/SIGTERM.
-    Serve(coord::ServeArgs),
+    Serve(Box<coord::ServeArgs>),
     /// List registered instances.
     Instances(output::JsonFlag),
     /// Show the leader lease.
@@ -83,6 +84,9 @@ pub enum Command {
     /// Manage tenants.
     #[command(subcommand)]
     Tenants(tenants::TenantsCmd),
+    /// Tenants sharded across PostgreSQL clusters: check the routing map, move a tenant.
+    #[command(subcommand)]
+    Shard(shard::ShardCmd),
     /// Benchmarks in a scratch database (never touches real data); default: the queue.
     Bench(bench::BenchArgs),
     /// The guided tour: 3 instances, 2 tenants, agent runs and tasks, a leader killed mid-way
@@ -155,7 +159,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
     output::set_statements(cli.statements);
     let result = match cli.command {
         Command::Migrate => coord::migrate(dsn).await,
-        Command::Serve(args) => coord::serve(dsn, args).await,
+        Command::Serve(args) => coord::serve(dsn, *args).await,
         Command::Instances(f) => coord::instances(dsn, f.json).await,
         Command::Leader(f) => coord::leader(dsn, f.json).await,
         Command::Run(cmd) => run::exec(dsn, cmd).await,
@@ -163,6 +167,7 @@ async fn dispatch(cli: Cli) -> ExitCode {
         Command::Queues(cmd) => queues::exec(dsn, cmd).await,
         Command::Schedules(cmd) => schedules::exec(dsn, cmd).await,
         Command::Tenants(cmd) => tenants::exec(dsn, cmd).await,
+        Command::Shard(cmd) => shard::exec(cmd).await,
         Command::Bench(args) => bench::exec(dsn, args).await,
         Command::Demo(args) => demo::exec(dsn, args).await,
         Command::Doctor(args) => doctor::exec(dsn, args).await,

@@ -10,6 +10,8 @@ pub mod pgbouncer;
 pub mod queue;
 pub mod rls;
 pub mod scale;
+pub mod scale_out;
+pub mod soak;
 pub mod tls;
 pub mod ui;
 pub mod waits;
@@ -67,6 +69,12 @@ pub enum BenchKind {
     /// OTLP receiver), alternating, and the time of a `/metrics` scrape with many queues and
     /// tenants.
     Observability(observability::ObservabilityBenchArgs),
+    /// N `pgcrew serve` processes on one database for each N: total tasks/s, wake-up, claim,
+    /// coordination statements, connections, leader failover.
+    ScaleOut(scale_out::ScaleOutBenchArgs),
+    /// Mixed load with leader kills and retention over time: throughput, RSS, table sizes,
+    /// dead tuples; ends verifying every ledger and that no task was lost.
+    Soak(soak::SoakBenchArgs),
 }
 
 impl BenchArgs {
@@ -93,6 +101,8 @@ pub async fn exec(dsn: Option<String>, args: BenchArgs) -> Result<ExitCode> {
         Some(BenchKind::Waits(a)) => waits::run(dsn, a).await,
         Some(BenchKind::Ui(a)) => ui::run(dsn, a).await,
         Some(BenchKind::Observability(a)) => observability::run(dsn, a).await,
+        Some(BenchKind::ScaleOut(a)) => scale_out::run(dsn, a).await,
+        Some(BenchKind::Soak(a)) => soak::run(dsn, a).await,
     }
 }
 

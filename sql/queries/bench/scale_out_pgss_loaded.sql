@@ -1,0 +1,1 @@
+SELECT current_setting('shared_preload_libraries') LIKE '%pg_stat_statements%'

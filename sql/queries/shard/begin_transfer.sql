@@ -1,0 +1,1 @@
+SELECT pgcrew.begin_tenant_transfer($1)

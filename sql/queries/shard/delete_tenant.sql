@@ -1,0 +1,1 @@
+SELECT pgcrew.delete_tenant($1)

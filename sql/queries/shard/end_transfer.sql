@@ -1,0 +1,1 @@
+SELECT pgcrew.end_tenant_transfer()

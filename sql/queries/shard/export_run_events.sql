@@ -1,0 +1,1 @@
+SELECT pgcrew.export_run_events($1)

@@ -1,0 +1,1 @@
+SELECT pgcrew.export_tenant($1)

@@ -1,0 +1,1 @@
+SELECT pgcrew.import_run_events($1)

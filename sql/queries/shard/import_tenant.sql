@@ -1,0 +1,1 @@
+SELECT pgcrew.import_tenant($1)
