@@ -43,6 +43,20 @@ pub struct ClaimedTask {
     pub created_at: DateTime<Utc>,
     /// How long it waited after becoming due (database clock).
     pub lag: Duration,
+    /// The trace context stored with the task (V027), when the claim returned it (the fast
+    /// path does): lets a tracing pool skip reading it again.
+    #[serde(skip)]
+    pub(crate) stored_trace: StoredTrace,
+}
+
+/// Whether a claim returned the task's stored trace context.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) enum StoredTrace {
+    /// Not returned (the general claim): read it when tracing.
+    #[default]
+    Unknown,
+    /// Returned: the task's own (`None`: none stored).
+    Task(Option<String>),
 }
 
 impl ClaimedTask {
@@ -147,6 +161,12 @@ fn task_from_row(r: &tokio_postgres::Row) -> Result<ClaimedTask> {
         run_at: r.get("run_at"),
         created_at: r.get("created_at"),
         lag: Duration::from_micros(lag_us.max(0) as u64),
+        // Only the fast claim returns the column (pgcrew.claim_tasks's result is fixed).
+        stored_trace: if r.columns().iter().any(|c| c.name() == "trace_context") {
+            StoredTrace::Task(r.try_get("trace_context")?)
+        } else {
+            StoredTrace::Unknown
+        },
     })
 }
 
@@ -296,7 +316,8 @@ pub async fn heartbeat<E: Executor + ?Sized>(
     Ok(rep)
 }
 
-/// How long until the next scheduled or retryable task of `queues` is due (`None`: none).
+/// How long until the next scheduled or retryable task of `queues` is due, or until a rate
+/// limit that may hold back their available work has a whole token again (`None`: neither).
 #[instrument(skip(client, queues), err)]
 pub async fn next_due<E: Executor + ?Sized>(
     client: &E,

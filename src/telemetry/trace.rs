@@ -11,20 +11,29 @@
 //! task belongs to a run), so one agent run is one trace across instances, retries and
 //! failovers.
 //!
+//! Sampling is at the head and parent-based: a span with a parent (local, or the stored context
+//! of a task or run) is sampled when its parent was, so a sampled trace stays whole across
+//! instances; a trace's first span is sampled with the ratio of the standard
+//! `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` (`always_on` or unset: 1, `always_off`: 0,
+//! `traceidratio` / `parentbased_traceidratio`: the argument), or [`set_sample_ratio`]. A
+//! worker pool decides a task's root span before creating it ([`sample_root`]), so an unsampled
+//! task costs no span at all.
+//!
 //! The export never blocks a task: finished spans go into a bounded queue
 //! (`OTEL_BSP_MAX_QUEUE_SIZE`, default 2048) drained by one thread; a full queue drops the span
 //! and a failed export drops its batch, both counted in `pgcrew_otel_spans_dropped_total`; the
 //! first failure logs one warning.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use opentelemetry::Context;
+use opentelemetry::KeyValue;
 use opentelemetry::propagation::TextMapPropagator;
-use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry::trace::{Link, SpanKind, TraceContextExt, TraceId, TracerProvider as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{Sampler, SamplingResult, SdkTracerProvider, ShouldSample};
 use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -44,6 +53,75 @@ pub fn enabled() -> bool {
 /// [`otlp_layer`] records (for a layer installed by other means, only the former).
 pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::Relaxed);
+}
+
+/// The sampling ratio of traces' first spans, as `f64` bits (1.0 until set).
+static RATIO: AtomicU64 = AtomicU64::new(0x3FF0_0000_0000_0000);
+
+/// The ratio of traces sampled at their first span (0 to 1; default 1, or what
+/// `OTEL_TRACES_SAMPLER` / `OTEL_TRACES_SAMPLER_ARG` said when [`otlp_layer`] ran).
+pub fn sample_ratio() -> f64 {
+    f64::from_bits(RATIO.load(Ordering::Relaxed))
+}
+
+/// Sample this share of new traces (clamped to 0..=1; not a number: 1). Spans with a parent
+/// follow their parent's decision whatever the ratio.
+pub fn set_sample_ratio(ratio: f64) {
+    let r = if ratio.is_nan() {
+        1.0
+    } else {
+        ratio.clamp(0.0, 1.0)
+    };
+    RATIO.store(r.to_bits(), Ordering::Relaxed);
+}
+
+/// The ratio the standard variables name: `always_on` 1, `always_off` (or
+/// `parentbased_always_off`) 0, `traceidratio` / `parentbased_traceidratio` their argument
+/// (1 when it is missing or invalid, as the SDK does); `None` when the sampler is not set.
+pub(crate) fn ratio_from(sampler: Option<&str>, arg: Option<&str>) -> Option<f64> {
+    let arg = || {
+        arg.and_then(|a| a.trim().parse::<f64>().ok())
+            .filter(|r| (0.0..=1.0).contains(r))
+            .unwrap_or(1.0)
+    };
+    match sampler?.trim() {
+        "always_off" | "parentbased_always_off" => Some(0.0),
+        "traceidratio" | "parentbased_traceidratio" => Some(arg()),
+        _ => Some(1.0),
+    }
+}
+
+/// Whether a trace started now (a task without a stored trace) is sampled: a draw against
+/// [`sample_ratio`]. The span is then created and recorded (the sampler keeps the draw);
+/// otherwise the caller creates none.
+pub fn sample_root() -> bool {
+    let r = sample_ratio();
+    r >= 1.0 || (r > 0.0 && fastrand::f64() < r)
+}
+
+/// The sampler of traces' first spans (under `Sampler::ParentBased`, which applies a
+/// parent's decision): a worker pool's `pgcrew.task` root was drawn by [`sample_root`] before
+/// it was created, so it is kept; other roots are sampled by trace id at [`sample_ratio`].
+#[derive(Debug, Clone)]
+struct RootSampler;
+
+impl ShouldSample for RootSampler {
+    fn should_sample(
+        &self,
+        parent_context: Option<&Context>,
+        trace_id: TraceId,
+        name: &str,
+        span_kind: &SpanKind,
+        attributes: &[KeyValue],
+        links: &[Link],
+    ) -> SamplingResult {
+        let sampler = if name == "pgcrew.task" {
+            Sampler::AlwaysOn
+        } else {
+            Sampler::TraceIdRatioBased(sample_ratio())
+        };
+        sampler.should_sample(parent_context, trace_id, name, span_kind, attributes, links)
+    }
 }
 
 /// `on.query_one(sql, params)` (a statement that creates tasks or runs) with the current
@@ -185,16 +263,99 @@ where
             ExportSettings::from_env(),
         ))
         .with_resource(Resource::builder().with_service_name(service).build())
+        .with_sampler(Sampler::ParentBased(Box::new(RootSampler)))
         .build();
+    let var = |k: &str| std::env::var(k).ok();
+    if let Some(r) = ratio_from(
+        var("OTEL_TRACES_SAMPLER").as_deref(),
+        var("OTEL_TRACES_SAMPLER_ARG").as_deref(),
+    ) {
+        set_sample_ratio(r);
+    }
     let tracer = provider.tracer("pgcrew");
     set_enabled(true);
     use tracing_subscriber::Layer as _;
+    // Without the source location, thread and busy/idle attributes pgcrew's spans do not use:
+    // each costs every span (the task span is one per task).
     let layer = tracing_opentelemetry::layer()
         .with_tracer(tracer)
+        .with_location(false)
+        .with_threads(false)
+        .with_tracked_inactivity(false)
         // Dynamic: decided per span, not cached per callsite, so set_enabled takes effect for
         // callsites first hit while tracing was off.
         .with_filter(tracing_subscriber::filter::dynamic_filter_fn(|m, _| {
             enabled() && m.target().starts_with("pgcrew")
         }));
     (layer, OtelGuard { provider })
+}
+
+#[cfg(test)]
+mod tests {
+    use opentelemetry::trace::{SpanContext, SpanId, TraceFlags, TraceState};
+    use opentelemetry_sdk::trace::SamplingDecision;
+
+    use super::*;
+
+    fn decide(parent: Option<bool>, name: &str) -> bool {
+        let sampler = Sampler::ParentBased(Box::new(RootSampler));
+        let cx = parent.map(|sampled| {
+            let flags = if sampled {
+                TraceFlags::SAMPLED
+            } else {
+                TraceFlags::default()
+            };
+            Context::new().with_remote_span_context(SpanContext::new(
+                TraceId::from(7u128),
+                SpanId::from(9u64),
+                flags,
+                true,
+                TraceState::default(),
+            ))
+        });
+        let r = sampler.should_sample(
+            cx.as_ref(),
+            TraceId::from(0x1234_5678_9abc_def0_1234_5678_9abc_def0u128),
+            name,
+            &SpanKind::Internal,
+            &[],
+            &[],
+        );
+        r.decision == SamplingDecision::RecordAndSample
+    }
+
+    /// One test: the ratio is process-wide.
+    #[test]
+    fn parent_based_with_the_ratio_for_roots_and_the_task_roots_drawn_before() {
+        assert_eq!(ratio_from(None, Some("0.5")), None);
+        assert_eq!(ratio_from(Some("always_off"), None), Some(0.0));
+        assert_eq!(
+            ratio_from(Some("parentbased_traceidratio"), Some("0.25")),
+            Some(0.25)
+        );
+        assert_eq!(ratio_from(Some("traceidratio"), Some("2")), Some(1.0));
+        assert_eq!(ratio_from(Some("parentbased_always_on"), None), Some(1.0));
+
+        set_sample_ratio(0.0);
+        assert!(!sample_root());
+        assert!(!decide(None, "enqueue"), "a root at ratio 0");
+        assert!(decide(None, "pgcrew.task"), "a task root was drawn already");
+        assert!(
+            decide(Some(true), "pgcrew.claim"),
+            "a sampled parent's trace stays whole"
+        );
+        set_sample_ratio(1.0);
+        assert!(sample_root());
+        assert!(decide(None, "enqueue"));
+        assert!(
+            !decide(Some(false), "pgcrew.task"),
+            "an unsampled parent's trace stays out"
+        );
+        set_sample_ratio(f64::NAN);
+        assert_eq!(sample_ratio(), 1.0);
+        set_sample_ratio(0.5);
+        let drawn = (0..10_000).filter(|_| sample_root()).count();
+        assert!((4_000..6_000).contains(&drawn), "{drawn} of 10,000 at 0.5");
+        set_sample_ratio(1.0);
+    }
 }

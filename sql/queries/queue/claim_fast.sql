@@ -1,8 +1,9 @@
 -- The worker pool's claim for a single queue, in one statement (no PL/pgSQL call), for the
 -- common case: exactly one tenant has available work in the queue, it has no concurrency limit
--- (tenant-wide or for this queue), the queue is not paused for it and has no key or rate
--- limit (V028), and no scheduled / retryable task of the queue is due. Then it claims up to
--- $2 of that tenant's tasks by priority, run_at, id, exactly as pgcrew.claim_tasks would.
+-- (tenant-wide or for this queue), the queue is not paused and has no key or rate limit, no
+-- kind or tenant has a rate limit (V028, through pgcrew.claim_features, V031), and no
+-- scheduled / retryable task of the queue is due. Then it claims up to $2 of that tenant's
+-- tasks by priority, run_at, id, exactly as pgcrew.claim_tasks would.
 -- Otherwise it claims nothing, and an empty result means "no work, or this path does not
 -- apply": the caller then runs pgcrew.claim_tasks (fair shares, limits, pauses, promotion),
 -- which tells the two apart.
@@ -16,6 +17,8 @@
 -- tasks_available_idx / tasks_due_idx.
 -- The claim token comes from the caller ($4, random, one per claim as in pgcrew.claim_tasks):
 -- gen_random_uuid() cost ~0.04 ms on an idle backend, a tenth of the whole statement.
+-- It also returns the task's stored trace context (V027), so a tracing pool needs no second
+-- statement for tasks without a run.
 -- $1 queue, $2 limit, $3 claiming instance, $4 claim token.
 WITH t1 AS (
     SELECT a.tenant_id FROM pgcrew.tasks a
@@ -43,21 +46,13 @@ UPDATE pgcrew.tasks t
                           AND tn.max_concurrent_tasks IS NOT NULL)
        AND NOT EXISTS (SELECT FROM pgcrew.tenant_queue_limits l
                         WHERE l.tenant_id = (SELECT t1.tenant_id FROM t1) AND l.queue = $1)
-       -- The queue, or this tenant of it, is paused (V028): nothing to claim; or it has a
-       -- key limit: pgcrew.claim_tasks counts running tasks per key under a lock.
-       AND NOT EXISTS (SELECT FROM pgcrew.queue_pauses p
-                        WHERE p.queue = $1
-                          AND (p.tenant_id IS NULL OR p.tenant_id = (SELECT t1.tenant_id FROM t1)))
-       AND NOT EXISTS (SELECT FROM pgcrew.queue_key_limits k WHERE k.queue = $1)
-       -- A rate limit may apply (of the queue, the tenant or any kind): tokens are
-       -- pgcrew.claim_tasks's job.
-       AND NOT EXISTS (SELECT FROM pgcrew.rate_limits r
-                        WHERE (r.scope = 'queue' AND r.name = $1)
-                           OR (r.scope = 'tenant' AND r.name = (SELECT t1.tenant_id FROM t1))
-                           OR r.scope = 'kind')
+       -- The queue (or a tenant of it) is paused, or it has a key limit or a rate limit, or
+       -- some kind or tenant has a rate limit (V028; one row of pgcrew.claim_features, V031):
+       -- pauses, keys and tokens are pgcrew.claim_tasks's job.
+       AND NOT EXISTS (SELECT FROM pgcrew.claim_features f WHERE f.queue IN ($1, ''))
      ORDER BY a.priority, a.run_at, a.id
      LIMIT $2::integer
      FOR UPDATE SKIP LOCKED))
 RETURNING t.id, t.queue, t.kind, t.tenant_id, t.run_id, t.priority, t.payload, t.attempts,
           t.max_attempts, t.claim_token, t.run_at, t.created_at,
-          (extract(epoch FROM (now() - t.run_at)) * 1000000)::bigint AS lag_us
+          (extract(epoch FROM (now() - t.run_at)) * 1000000)::bigint AS lag_us, t.trace_context

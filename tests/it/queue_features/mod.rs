@@ -2,6 +2,7 @@
 
 mod backpressure;
 mod bad_input;
+mod claim_features;
 mod key_limit;
 mod pause;
 mod rate_limit;

@@ -38,6 +38,10 @@ pub struct ObservabilityBenchArgs {
     /// Scrapes timed.
     #[arg(long, default_value_t = 50)]
     pub scrapes: usize,
+    /// Share of new traces sampled while tracing (0 to 1; default: `OTEL_TRACES_SAMPLER` /
+    /// `OTEL_TRACES_SAMPLER_ARG`, else 1: every task's span exported).
+    #[arg(long)]
+    pub sample_ratio: Option<f64>,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -48,6 +52,8 @@ struct Report {
     rounds: usize,
     tasks: usize,
     concurrency: usize,
+    /// Share of new traces sampled in the traced runs.
+    sample_ratio: f64,
     off_processed_per_sec: Vec<f64>,
     metrics_processed_per_sec: Vec<f64>,
     on_processed_per_sec: Vec<f64>,
@@ -121,6 +127,15 @@ pub async fn run(dsn: Option<String>, args: ObservabilityBenchArgs) -> Result<Ex
     // This command installs its own subscriber (main leaves it to it): warnings to stderr and
     // pgcrew's spans to the receiver.
     let (layer, guard) = trace::otlp_layer_to("pgcrew-bench", Some(&url));
+    if let Some(r) = args.sample_ratio {
+        if !(0.0..=1.0).contains(&r) {
+            return Err(pgcrew::Error::Config(format!(
+                "--sample-ratio must be between 0 and 1, not {r}"
+            )));
+        }
+        trace::set_sample_ratio(r);
+    }
+    let sample_ratio = trace::sample_ratio();
     {
         use tracing_subscriber::Layer as _;
         use tracing_subscriber::layer::SubscriberExt as _;
@@ -169,6 +184,7 @@ pub async fn run(dsn: Option<String>, args: ObservabilityBenchArgs) -> Result<Ex
         rounds: args.rounds,
         tasks: args.tasks,
         concurrency: args.concurrency,
+        sample_ratio,
         throughput_ratio: on_median / off_median,
         metrics_ratio: metrics_median / off_median,
         off_median,
@@ -199,8 +215,8 @@ pub async fn run(dsn: Option<String>, args: ObservabilityBenchArgs) -> Result<Ex
             r.metrics_median, r.metrics_ratio
         );
         println!(
-            "  metrics and tracing on:  {:>8.0} tasks/s ({} spans exported in {} OTLP requests, {} dropped)",
-            r.on_median, r.spans_exported, r.otlp_requests, r.spans_dropped
+            "  metrics and tracing on:  {:>8.0} tasks/s (traces sampled at {}: {} spans exported in {} OTLP requests, {} dropped)",
+            r.on_median, r.sample_ratio, r.spans_exported, r.otlp_requests, r.spans_dropped
         );
         println!("  ratio on/off: {:.3}", r.throughput_ratio);
         println!(
