@@ -70,8 +70,9 @@ pub(super) struct Failover {
 }
 
 impl Failover {
-    /// Kill the leader once it executes a run (or after 8 s regardless), then submit the
-    /// second wave of runs.
+    /// Kill the leader once it executes a run, then submit the second wave of runs; a leader
+    /// that runs none for 8 s gets the second wave first and is killed once it runs one of
+    /// those (or after 16 s regardless).
     async fn maybe_kill(
         &mut self,
         t: &Tick,
@@ -96,10 +97,19 @@ impl Failover {
                 .collect()
         };
         let busy = busy_with(elapsed <= Duration::from_secs(4));
-        if !((!busy.is_empty() && elapsed > Duration::from_millis(1500))
-            || elapsed > Duration::from_secs(8))
-        {
-            return Ok(());
+        if busy.is_empty() || elapsed <= Duration::from_millis(1500) {
+            // The leader ran no run while the first wave lasted (on a busy machine the other
+            // instances may take them all): send the second wave now and give the leader 8 s
+            // more to take one of those, then kill it whatever it is doing.
+            if elapsed > Duration::from_secs(8) && !workload.all_submitted() {
+                println!(
+                    ">>> the leader {leader} ran no agent run during the first wave: the second wave goes now, before the kill"
+                );
+                workload.submit_second_wave().await?;
+            }
+            if elapsed <= Duration::from_secs(16) {
+                return Ok(());
+            }
         }
         instances.kill9(leader);
         println!(
@@ -112,6 +122,9 @@ impl Failover {
         );
         self.victim_runs.extend(busy);
         self.killed = Some((leader.clone(), Instant::now()));
+        if workload.all_submitted() {
+            return Ok(());
+        }
         workload.submit_second_wave().await
     }
 
