@@ -81,6 +81,24 @@ fn run_task(tenant: &pgcrew::TenantId, run: RunId) -> NewTask {
         .run(run)
 }
 
+/// Start instance `name` with [`pool`] and wait until its handler has seen two tasks.
+async fn run_both(t: &crate::common::TestDb, name: &str) -> (pgcrew::Client, Vec<Seen>) {
+    let inst = InstanceId::new(name).unwrap();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let client = start_client(
+        t.dsn(),
+        fast_config(name).build().unwrap(),
+        Some(pool(&inst, tx)),
+    )
+    .await;
+    let mut seen = Vec::new();
+    for _ in 0..2 {
+        let next = tokio::time::timeout(Duration::from_secs(20), rx.recv()).await;
+        seen.push(next.expect("both tasks are claimed and run").unwrap());
+    }
+    (client, seen)
+}
+
 async fn task_state(db: &pgcrew::Db, id: TaskId) -> String {
     let conn = db.get().await.unwrap();
     conn.query_one("SELECT state FROM pgcrew.tasks WHERE id = $1", &[&id])
@@ -101,23 +119,7 @@ async fn the_claim_takes_the_run_lease_and_resumes_a_signalled_run_in_its_own_tr
     let tasks = [run_task(&tenant, run), run_task(&tenant, fresh)];
     let ids: Vec<TaskId> = pgcrew::queue::enqueue_many(&conn, &tasks).await.unwrap();
 
-    let inst = InstanceId::new("lease-claim-1").unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let client = start_client(
-        t.dsn(),
-        fast_config("lease-claim-1").build().unwrap(),
-        Some(pool(&inst, tx)),
-    )
-    .await;
-    let mut seen = Vec::new();
-    for _ in 0..2 {
-        seen.push(
-            tokio::time::timeout(Duration::from_secs(20), rx.recv())
-                .await
-                .expect("both tasks run")
-                .unwrap(),
-        );
-    }
+    let (client, seen) = run_both(&t, "lease-claim-1").await;
     for s in &seen {
         let lease = s.lease.as_ref().expect("the lease, taken with the claim");
         assert_eq!(lease.lease.run_id, s.run);
@@ -255,23 +257,12 @@ async fn a_run_whose_lease_fails_at_the_claim_leaves_the_claim_and_its_batch_alo
             .await
             .unwrap();
 
-    let inst = InstanceId::new("lease-claim-2").unwrap();
-    let (tx, mut rx) = mpsc::unbounded_channel();
-    let client = start_client(
-        t.dsn(),
-        fast_config("lease-claim-2").build().unwrap(),
-        Some(pool(&inst, tx)),
-    )
-    .await;
-    let mut seen = Vec::new();
-    for _ in 0..2 {
-        seen.push(
-            tokio::time::timeout(Duration::from_secs(20), rx.recv())
-                .await
-                .expect("both tasks are claimed and run")
-                .unwrap(),
-        );
-    }
+    let (client, seen) = run_both(&t, "lease-claim-2").await;
+    let mut runs_seen: Vec<RunId> = seen.iter().map(|s| s.run).collect();
+    runs_seen.sort();
+    let mut both = vec![bad, good];
+    both.sort();
+    assert_eq!(runs_seen, both);
     // Both tasks were handed out; the good run completes (its handler leased it itself when
     // the claim's leases were rolled back), the bad one is refused with its tampering.
     assert!(
