@@ -284,9 +284,22 @@ where
         .with_tracked_inactivity(false)
         // Dynamic: decided per span, not cached per callsite, so set_enabled takes effect for
         // callsites first hit while tracing was off.
-        .with_filter(tracing_subscriber::filter::dynamic_filter_fn(|m, _| {
-            enabled() && m.target().starts_with("pgcrew")
-        }));
+        .with_filter(
+            tracing_subscriber::filter::dynamic_filter_fn(|m, _| {
+                enabled() && m.target().starts_with("pgcrew") && *m.level() <= tracing::Level::INFO
+            })
+            // Decided once per callsite where it can be: other crates' callsites (tokio-postgres
+            // traces every message) never reach this layer, and nothing below INFO does, so
+            // the process's level hint is not raised to TRACE for every event everywhere.
+            .with_callsite_filter(|m| {
+                if m.target().starts_with("pgcrew") && *m.level() <= tracing::Level::INFO {
+                    tracing::subscriber::Interest::sometimes()
+                } else {
+                    tracing::subscriber::Interest::never()
+                }
+            })
+            .with_max_level_hint(tracing::level_filters::LevelFilter::INFO),
+        );
     (layer, OtelGuard { provider })
 }
 
