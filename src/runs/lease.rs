@@ -127,21 +127,25 @@ pub async fn lease_run(
             to: "leased".into(),
         });
     }
-    if current.lease_owner.as_deref() != Some(owner) || !current.lease_valid {
-        return Ok(None);
+    Ok(held_by(current, owner))
+}
+
+/// `run` as `owner` holds it after a lease was taken: `None` when its lease is another owner's
+/// or no longer valid (the caller checks for a finished run).
+fn held_by(run: Run, owner: &str) -> Option<LeasedRun> {
+    if run.lease_owner.as_deref() != Some(owner) || !run.lease_valid {
+        return None;
     }
-    let (Some(expires_at), token) = (current.lease_expires_at, current.lease_token) else {
-        return Ok(None);
-    };
-    Ok(Some(LeasedRun {
+    let expires_at = run.lease_expires_at?;
+    Some(LeasedRun {
         lease: RunLease {
-            run_id: run,
+            run_id: run.id,
             owner: owner.to_string(),
-            token,
+            token: run.lease_token,
             expires_at,
         },
-        run: current,
-    }))
+        run,
+    })
 }
 
 /// How a worker pool takes the run leases of the tasks it claims, in the claim's own
@@ -205,24 +209,11 @@ pub(crate) async fn lease_runs<E: Executor + ?Sized>(
     let mut taken = Vec::with_capacity(rows.len());
     for row in &rows {
         let run = crate::db::row_as::<Run>(row)?;
-        if run.state.is_terminal()
-            || run.lease_owner.as_deref() != Some(leasing.owner.as_str())
-            || !run.lease_valid
+        if !run.state.is_terminal()
+            && let Some(l) = held_by(run, &leasing.owner)
         {
-            continue;
+            taken.push(l);
         }
-        let Some(expires_at) = run.lease_expires_at else {
-            continue;
-        };
-        taken.push(LeasedRun {
-            lease: RunLease {
-                run_id: run.id,
-                owner: leasing.owner.clone(),
-                token: run.lease_token,
-                expires_at,
-            },
-            run,
-        });
     }
     Ok(taken)
 }

@@ -264,25 +264,24 @@ impl Shared {
         deadline.is_some_and(|d| tokio::time::Instant::now() >= d)
     }
     fn with_traces<R>(&self, f: impl FnOnce(&mut HashMap<TaskId, String>) -> R) -> R {
-        match self.traces.lock() {
-            Ok(mut g) => f(&mut g),
-            Err(p) => f(&mut p.into_inner()),
-        }
+        with_lock(&self.traces, f)
     }
     fn with_run_leases<R>(
         &self,
         f: impl FnOnce(&mut HashMap<TaskId, crate::runs::LeasedRun>) -> R,
     ) -> R {
-        match self.run_leases.lock() {
-            Ok(mut g) => f(&mut g),
-            Err(p) => f(&mut p.into_inner()),
-        }
+        with_lock(&self.run_leases, f)
     }
     fn with_held<R>(&self, f: impl FnOnce(&mut HashMap<TaskId, CancellationToken>) -> R) -> R {
-        match self.held.lock() {
-            Ok(mut g) => f(&mut g),
-            Err(p) => f(&mut p.into_inner()),
-        }
+        with_lock(&self.held, f)
+    }
+}
+
+/// `f` on what `m` guards, also after a panic poisoned it (the maps stay usable).
+fn with_lock<T, R>(m: &Mutex<T>, f: impl FnOnce(&mut T) -> R) -> R {
+    match m.lock() {
+        Ok(mut g) => f(&mut g),
+        Err(p) => f(&mut p.into_inner()),
     }
 }
 
