@@ -338,7 +338,7 @@ async fn phase(
     }
     let seconds = started.elapsed().as_secs_f64();
     let counts = proxy.map(CountingProxy::take);
-    let cpu = super::waits::process_cpu();
+    let cpu = super::cpu::process_cpu();
     let backends_cpu = Sample::backends_cpu(probe).await?;
     for c in &clients {
         c.stop().await?;
@@ -446,8 +446,8 @@ impl Sample {
             wal_records: row.try_get(1)?,
             wal_bytes: row.try_get(2)?,
             wal_syncs: row.try_get(3)?,
-            backends: Self::cpu_of(row.try_get(4)?),
-            cpu: super::waits::process_cpu(),
+            backends: super::cpu::cpu_of(row.try_get(4)?),
+            cpu: super::cpu::process_cpu(),
         })
     }
 
@@ -456,13 +456,7 @@ impl Sample {
         let row = probe
             .query_one(pgcrew::sql!("bench/agents_server"), &[])
             .await?;
-        Ok(Self::cpu_of(row.try_get(4)?))
-    }
-
-    fn cpu_of(pids: Vec<i32>) -> HashMap<i32, f64> {
-        pids.into_iter()
-            .filter_map(|p| proc_cpu_secs(p).map(|s| (p, s)))
-            .collect()
+        Ok(super::cpu::cpu_of(row.try_get(4)?))
     }
 
     /// CPU seconds the database's backends used since `before` (backends that started since
@@ -473,19 +467,6 @@ impl Sample {
             .map(|(p, s)| s - before.backends.get(p).copied().unwrap_or(0.0))
             .sum()
     }
-}
-
-/// User + system CPU seconds of process `pid` from `/proc/<pid>/stat`.
-fn proc_cpu_secs(pid: i32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the command name (which is in parentheses and may hold spaces).
-    let rest = stat.rsplit_once(')')?.1;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
-    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
-    // SAFETY: sysconf reads a configuration value.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    (hz > 0).then(|| ticks / hz as f64)
 }
 
 /// The statements of the phase from `pg_stat_statements`, by kind (the benchmark's own probes

@@ -2,6 +2,7 @@
 
 pub mod agents;
 pub mod budget;
+pub(crate) mod cpu;
 pub mod failover;
 pub mod fanout;
 pub mod ledger;

@@ -20,7 +20,7 @@ use crate::bench::queue::{QueueBenchArgs, bench, check_args};
 /// Arguments of `pgcrew bench observability`.
 #[derive(Debug, Args)]
 pub struct ObservabilityBenchArgs {
-    /// Runs of each configuration (alternating: off, on, off, ...).
+    /// Runs of each configuration (off, metrics only, both; the order turns each round).
     #[arg(long, default_value_t = 3)]
     pub rounds: usize,
     /// Tasks per run.
@@ -73,13 +73,12 @@ struct Report {
     scrape_p99_ms: f64,
     scrape_bytes: usize,
     scrape_series: usize,
+    /// Median CPU per task of the instance process (µs): off, metrics only, both.
+    instance_cpu_us_per_task: [f64; 3],
+    /// Median CPU per task of the database's backends (µs): off, metrics only, both.
+    server_cpu_us_per_task: [f64; 3],
     /// The instance process's resident memory over the rounds (tracing on in some of them).
     memory: crate::bench::Memory,
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    crate::bench::percentile_ms(&v, 0.5)
 }
 
 /// An OTLP/HTTP receiver that accepts and counts requests: its traces URL.
@@ -148,27 +147,37 @@ pub async fn run(dsn: Option<String>, args: ObservabilityBenchArgs) -> Result<Ex
             .with(layer)
             .try_init();
     }
-    let (mut off, mut metrics, mut on) = (Vec::new(), Vec::new(), Vec::new());
+    // Per configuration: tasks/s, instance and server CPU µs per task, one entry per round.
+    let mut figures: [[Vec<f64>; 3]; 3] = Default::default();
     let mut memory = crate::bench::Memory::default();
+    let configs = [
+        ("off", false, false),
+        ("metrics only", true, false),
+        ("metrics and tracing", true, true),
+    ];
     for round in 0..args.rounds {
-        for (name, m, t) in [
-            ("off", false, false),
-            ("metrics only", true, false),
-            ("metrics and tracing", true, true),
-        ] {
+        // The order turns each round, so no configuration always runs first or last (the
+        // server's checkpoints and the scratch databases' creation fall on each in turn).
+        for i in 0..configs.len() {
+            let c = (i + round) % configs.len();
+            let (name, m, t) = configs[c];
             observe(m, t);
             eprintln!("round {}/{}: {name}", round + 1, args.rounds);
             let r = crate::bench::in_scratch(dsn.clone(), async |d| bench(d, &queue_args).await)
                 .await?;
-            eprintln!("  {:.0} tasks/s", r.processed_per_sec);
+            eprintln!(
+                "  {:.0} tasks/s; CPU per task: instance {:.1} µs, database {:.1} µs",
+                r.processed_per_sec, r.instance_cpu_us_per_task, r.server_cpu_us_per_task
+            );
             memory.merge(&r.memory);
-            match (m, t) {
-                (false, _) => off.push(r.processed_per_sec),
-                (true, false) => metrics.push(r.processed_per_sec),
-                (true, true) => on.push(r.processed_per_sec),
-            }
+            figures[c][0].push(r.processed_per_sec);
+            figures[c][1].push(r.instance_cpu_us_per_task);
+            figures[c][2].push(r.server_cpu_us_per_task);
         }
     }
+    let [off, metrics, on] = figures.clone().map(|[rate, _, _]| rate);
+    let cpu = figures
+        .map(|[_, inst, server]| [crate::bench::median(&inst), crate::bench::median(&server)]);
     observe(true, true);
     guard.shutdown();
     eprintln!(
@@ -178,8 +187,8 @@ pub async fn run(dsn: Option<String>, args: ObservabilityBenchArgs) -> Result<Ex
     let (samples, bytes, series) =
         crate::bench::in_scratch(dsn, async |d| scrapes(d, &args).await).await?;
     let t = telemetry::global();
-    let (off_median, on_median) = (median(off.clone()), median(on.clone()));
-    let metrics_median = median(metrics.clone());
+    let (off_median, on_median) = (crate::bench::median(&off), crate::bench::median(&on));
+    let metrics_median = crate::bench::median(&metrics);
     let report = Report {
         rounds: args.rounds,
         tasks: args.tasks,
@@ -202,6 +211,8 @@ pub async fn run(dsn: Option<String>, args: ObservabilityBenchArgs) -> Result<Ex
         scrape_p99_ms: crate::bench::percentile_ms(&samples, 0.99),
         scrape_bytes: bytes,
         scrape_series: series,
+        instance_cpu_us_per_task: cpu.map(|c| c[0]),
+        server_cpu_us_per_task: cpu.map(|c| c[1]),
         memory,
     };
     super::print_report(args.json, &report, |r| {
@@ -219,6 +230,11 @@ pub async fn run(dsn: Option<String>, args: ObservabilityBenchArgs) -> Result<Ex
             r.on_median, r.sample_ratio, r.spans_exported, r.otlp_requests, r.spans_dropped
         );
         println!("  ratio on/off: {:.3}", r.throughput_ratio);
+        let [i, m, b] = r.instance_cpu_us_per_task;
+        let [si, sm, sb] = r.server_cpu_us_per_task;
+        println!(
+            "  CPU per task, instance: off {i:.1} µs, metrics {m:.1} µs, both {b:.1} µs; database backends: {si:.1} / {sm:.1} / {sb:.1} µs"
+        );
         println!(
             "  /metrics on the leader, {} queues, {} tenants: p50 {:.2} ms, p99 {:.2} ms ({} series, {} bytes)",
             r.queues, r.tenants, r.scrape_p50_ms, r.scrape_p99_ms, r.scrape_series, r.scrape_bytes

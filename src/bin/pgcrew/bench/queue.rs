@@ -102,6 +102,11 @@ pub(crate) struct Report {
     pub(crate) enqueue_per_sec: f64,
     process_secs: f64,
     pub(crate) processed_per_sec: f64,
+    /// CPU of the instance process (this process) per task processed, µs.
+    pub(crate) instance_cpu_us_per_task: f64,
+    /// CPU of the database's backends per task processed, µs (0 when the server's processes
+    /// are not on this machine).
+    pub(crate) server_cpu_us_per_task: f64,
     wakeup_samples: usize,
     pub(crate) wakeup_p50_ms: f64,
     pub(crate) wakeup_p99_ms: f64,
@@ -161,6 +166,10 @@ struct Summary {
     processed_per_sec: f64,
     /// (max - min) / median of the rounds' processing rates.
     processed_spread: f64,
+    /// CPU of the instance process per task processed, µs.
+    instance_cpu_us_per_task: f64,
+    /// CPU of the database's backends per task processed, µs.
+    server_cpu_us_per_task: f64,
     raw_processed_per_sec: f64,
     /// (max - min) / median of the rounds' raw rates.
     raw_processed_spread: f64,
@@ -211,6 +220,8 @@ impl Summary {
             enqueue_per_sec: m(|r| r.enqueue_per_sec),
             processed_per_sec: m(|r| r.processed_per_sec),
             processed_spread: s(|r| r.processed_per_sec),
+            instance_cpu_us_per_task: m(|r| r.instance_cpu_us_per_task),
+            server_cpu_us_per_task: m(|r| r.server_cpu_us_per_task),
             raw_processed_per_sec: m(|r| r.raw_processed_per_sec),
             raw_processed_spread: s(|r| r.raw_processed_per_sec),
             processed_ratio: m(|r| r.processed_ratio),
@@ -318,6 +329,10 @@ pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> 
             s.processed_per_sec,
             s.processed_spread,
             list(|r| r.processed_per_sec, 0)
+        );
+        println!(
+            "  CPU per task processed: instance {:.1} µs, database backends {:.1} µs",
+            s.instance_cpu_us_per_task, s.server_cpu_us_per_task
         );
         println!(
             "  raw claim+complete (plain UPDATE ... FOR UPDATE SKIP LOCKED, batches of {}, {} connections): {:>10.0} rows/s, spread {:.2}  [{}]",
@@ -493,6 +508,8 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
     for c in &clients {
         c.start().await?;
     }
+    let probe = db.get().await?;
+    let cpu = super::cpu::CpuMeter::start(&probe).await?;
     let mut memory = super::Memory::idle();
     let t1 = Instant::now();
     let total = args.tasks as u64;
@@ -513,6 +530,8 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
         memory.sample();
     }
     let process_secs = t1.elapsed().as_secs_f64();
+    let cpu = cpu.used(&probe).await?;
+    drop(probe);
 
     // 3. Wake-up latency: the pools are idle now. First right after the burst (the tasks table
     // still holds the burst's dead index entries, which every claim steps over until vacuum),
@@ -576,6 +595,8 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
         enqueue_per_sec: args.tasks as f64 / enqueue_secs,
         process_secs,
         processed_per_sec,
+        instance_cpu_us_per_task: cpu.instance_secs * 1e6 / args.tasks as f64,
+        server_cpu_us_per_task: cpu.server_secs * 1e6 / args.tasks as f64,
         wakeup_samples: samples.len(),
         wakeup_p50_ms: percentile_ms(&samples, 0.50),
         wakeup_p99_ms: percentile_ms(&samples, 0.99),

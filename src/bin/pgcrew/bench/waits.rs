@@ -74,20 +74,6 @@ struct Report {
     memory: crate::bench::Memory,
 }
 
-/// User + system CPU time of this process so far.
-pub(crate) fn process_cpu() -> Duration {
-    // SAFETY: getrusage only writes the struct it is given.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
-        return Duration::ZERO;
-    }
-    let tv = |t: libc::timeval| {
-        Duration::from_secs(u64::try_from(t.tv_sec).unwrap_or(0))
-            + Duration::from_micros(u64::try_from(t.tv_usec).unwrap_or(0))
-    };
-    tv(usage.ru_utime) + tv(usage.ru_stime)
-}
-
 const TENANT: &str = "bench-waits";
 
 /// Run the benchmark.
@@ -193,7 +179,7 @@ pub async fn run(dsn: Option<String>, args: WaitsBenchArgs) -> Result<ExitCode> 
 
     // Resume: one statement signals every run.
     let started = Instant::now();
-    let cpu_before = process_cpu();
+    let cpu_before = super::cpu::process_cpu();
     probe.query_one(&signal_all, &[&TENANT, &n]).await?;
     let signal_seconds = started.elapsed().as_secs_f64();
     while count(RunState::Completed).await? < total {
@@ -201,7 +187,7 @@ pub async fn run(dsn: Option<String>, args: WaitsBenchArgs) -> Result<ExitCode> 
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let resume_seconds = started.elapsed().as_secs_f64();
-    let resume_cpu = process_cpu().saturating_sub(cpu_before);
+    let resume_cpu = super::cpu::process_cpu().saturating_sub(cpu_before);
     client.stop().await?;
     memory.finish();
     let report = Report {
