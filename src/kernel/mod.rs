@@ -5,7 +5,7 @@
 //!
 //! Ledger events written here (all carry the step key; [`crate::vocab::EventType`] names them):
 //! `model_requested`, `model_completed`, `model_failed`, `budget_exceeded`, `budget_overrun`,
-//! `replayed_with_drift`, `replay_rejected`, `run_forked`, `tool_requested`, `tool_completed`,
+//! `budget_degraded` (a tenant's degradation rules changed a model step), `replayed_with_drift`, `replay_rejected`, `run_forked`, `tool_requested`, `tool_completed`,
 //! `tool_failed`, `tool_outcome_unknown`, `tool_rejected`, `capability_denied`,
 //! `output_invalid`, `workflow_step_completed`, `workflow_step_failed`, `workflow_completed`,
 //! and for durable waits ([`wait`]) `wait_started`, `signal_received`, `wait_timed_out`.

@@ -1,9 +1,13 @@
 //! Model steps: a durable model call keyed by `(run, step_key)`. A step travels:
 //! [`Kernel::step_model`] validates and fingerprints the request once (`PreparedRequest`) →
-//! a recorded step is replayed (`replay_model`: reject, allow drift or fork) → else
-//! `reserve_model` (`budget_exceeded` when refused) → `model_requested` →
-//! `call_model` (`model_failed` and a release on error) → `complete_model`
-//! (`model_completed`, settlement and `budget_overrun` in one transaction).
+//! one read of the step's events with the tenant's budget status and degradation policy
+//! (`StepState`) → a recorded step is replayed (`replay_model`: reject, allow drift or fork) →
+//! else the degradation decision (`plan`: the one recorded for this request, or
+//! [`tenancy::decide`] now) → `reserve_model` for the model and cap decided
+//! (`budget_exceeded` when refused) → `budget_degraded` (when degraded) and `model_requested` in
+//! one append → `call_model` (`model_failed` and a release on error) → `complete_model`
+//! (`model_completed`, settlement and `budget_overrun` in one transaction). A skipped optional
+//! step records `budget_degraded` only.
 
 use serde_json::{Value, json};
 use tracing::instrument;
@@ -16,7 +20,10 @@ use crate::ids::RunId;
 use crate::model::port::prompt_token_bound;
 use crate::model::{ModelErrorKind, ModelRequest, ModelResponse};
 use crate::runs::{NewEvent, OutputPublisher, append_events};
-use crate::tenancy::{self, CostInput, Reservation, ReserveRequest};
+use crate::tenancy::{
+    self, BudgetStatus, CostInput, Decision, DegradationPolicy, Reservation, ReserveRequest,
+    StepRequest,
+};
 use crate::vocab::EventType;
 
 /// The result of [`Kernel::step_model`].
@@ -34,11 +41,23 @@ pub struct ModelStep {
     pub drift: bool,
     /// The parent run when this step forked a new run.
     pub forked_from: Option<RunId>,
+    /// True when the tenant's degradation policy skipped this optional step
+    /// ([`ModelRequest::optional`](crate::model::ModelRequest)): no model call was made and
+    /// `response` is empty (no content, no tool calls, zero usage).
+    pub skipped: bool,
+    /// The degradation applied to this step (recorded as `budget_degraded`; on replay, the
+    /// recorded one), `None` when it ran as requested.
+    pub degradation: Option<Decision>,
 }
 
 impl ModelStep {
     /// A step answered from the ledger.
-    fn replayed(run: RunId, response: ModelResponse, drift: bool) -> Self {
+    fn replayed(
+        run: RunId,
+        response: ModelResponse,
+        drift: bool,
+        degradation: Option<Decision>,
+    ) -> Self {
         Self {
             run,
             response,
@@ -46,8 +65,87 @@ impl ModelStep {
             replayed: true,
             drift,
             forked_from: None,
+            skipped: false,
+            degradation,
         }
     }
+
+    /// A step skipped by `decision` (`replayed` when the skip was recorded earlier).
+    fn skipped(run: RunId, decision: Decision, replayed: bool) -> Self {
+        Self {
+            run,
+            response: ModelResponse {
+                content: None,
+                tool_calls: Vec::new(),
+                usage: crate::model::Usage::default(),
+                finish_reason: crate::model::FinishReason::Other,
+                model: decision.model.clone(),
+            },
+            cost_usd: 0.0,
+            replayed,
+            drift: false,
+            forked_from: None,
+            skipped: true,
+            degradation: Some(decision),
+        }
+    }
+}
+
+/// A model step's recorded events with its tenant's budget status and degradation policy, read
+/// in one statement (`kernel/model_step_events`): deciding degradation costs no extra read.
+struct StepState {
+    events: Vec<StepEvent>,
+    status: BudgetStatus,
+    /// The stored policy, parsed only when a decision is taken.
+    policy: Value,
+}
+
+/// How a step that is not recorded as completed will run: the decision and whether it is new
+/// (to be recorded as `budget_degraded`) or was recorded for this request before.
+struct Plan {
+    decision: Decision,
+    record: bool,
+}
+
+/// The degradation decision recorded for the request with `fingerprint`, if the step already
+/// started with it (a resume after a crash or a failed call, or a replay): the `budget_degraded`
+/// recorded for that request (`Some(Some(_))`; without a `model_requested` it was a skip), or
+/// `Some(None)` when it started undegraded (a `model_requested` of that request and no
+/// `budget_degraded`: a decision, once recorded, is re-used, so none follows a start). `None`
+/// when the request never started.
+fn recorded_decision(events: &[StepEvent], fingerprint: &str) -> Option<Option<Decision>> {
+    let mut started = false;
+    for e in events.iter().rev() {
+        if e.text("fingerprint") != fingerprint {
+            continue;
+        }
+        if e.event_type == EventType::BudgetDegraded.as_str() {
+            if let Ok(d) = serde_json::from_value::<Decision>(e.payload.clone()) {
+                return Some(Some(d));
+            }
+        } else if e.event_type == EventType::ModelRequested.as_str() {
+            started = true;
+        }
+    }
+    started.then_some(None)
+}
+
+/// The `budget_degraded` payload: the decision (status, model, max_tokens, skip, applied rules,
+/// reason) with what was requested and the request's fingerprint (a resume finds it by it).
+fn degraded_payload(
+    prepared: &PreparedRequest<'_>,
+    requested: &StepRequest,
+    d: &Decision,
+) -> Value {
+    let mut p = serde_json::to_value(d).unwrap_or_else(|_| json!({}));
+    if let Some(o) = p.as_object_mut() {
+        o.insert("requested_model".into(), json!(requested.model));
+        o.insert("requested_max_tokens".into(), json!(requested.max_tokens));
+        o.insert("optional".into(), json!(requested.optional));
+        o.insert("fingerprint".into(), json!(prepared.fingerprint));
+        o.insert("message".into(), json!(d.reason));
+    }
+    p
 }
 
 /// A model request validated and fingerprinted once per step: every later phase (replay,
@@ -72,6 +170,8 @@ impl<'a> PreparedRequest<'a> {
 /// the provider, priced at their worst case.
 struct Reserved {
     reservation: Reservation,
+    /// The request as sent to the provider: the decided model and completion cap.
+    sent: ModelRequest,
     prompt_tokens: u64,
     max_tokens: u32,
     estimate: f64,
@@ -91,6 +191,17 @@ impl Kernel {
     /// records `model_failed` (typed kind) and releases the reservation. A provider reporting
     /// more usage than reserved is charged in full: if that passes a limit, `budget_overrun` is
     /// recorded in the same transaction and the budget refuses further reservations.
+    ///
+    /// Degradation: before the reservation the tenant's degradation policy is applied at its
+    /// budget status ([`tenancy::decide`]; status and policy come with the step's ledger read,
+    /// no extra statement): the model may be switched, `max_tokens` capped (the reservation's
+    /// worst case is priced for the model and cap actually sent) and an optional request
+    /// ([`ModelRequest::optional`](crate::model::ModelRequest)) skipped. A decision that
+    /// changes anything is recorded as `budget_degraded` in the same append as
+    /// `model_requested` (alone for a skip) and is re-used, not taken again, when the step is
+    /// resumed or replayed with the same request — whatever the status is by then. The
+    /// fingerprint stays the caller's request; `model_requested`, `model_completed` and the
+    /// cost entry name the model used.
     ///
     /// Replay (a `model_completed` is recorded for the step): no model call. The recorded
     /// output is returned when the fingerprint matches; otherwise `policy` decides.
@@ -115,19 +226,78 @@ impl Kernel {
         prepared: &PreparedRequest<'_>,
         policy: ReplayPolicy,
     ) -> Result<ModelStep> {
-        let events = self.step_events(scope.run, step_key).await?;
+        let state = self.step_state(scope, step_key).await?;
+        let events = &state.events;
         match events
             .iter()
             .rev()
             .find(|e| e.event_type == EventType::ModelCompleted.as_str())
         {
             Some(done) => {
-                let first_seq = events.first().map_or(done.seq, |e| e.seq);
-                self.replay_model(scope, step_key, prepared, done, first_seq, policy)
+                self.replay_model(scope, step_key, prepared, &state, done, policy)
                     .await
             }
-            None => self.execute_model(scope, step_key, prepared).await,
+            None => self.execute_model(scope, step_key, prepared, &state).await,
         }
+    }
+
+    /// The step's events and the tenant's budget status and degradation policy, in one read.
+    async fn step_state(&self, scope: &RunScope, step_key: &str) -> Result<StepState> {
+        let conn = self.db.get().await?;
+        let rows = conn
+            .query(
+                sql!("kernel/model_step_events"),
+                typed![&scope.run, &step_key, &scope.tenant],
+            )
+            .await?;
+        let Some(first) = rows.first() else {
+            return Err(Error::not_found("tenant", &scope.tenant));
+        };
+        let status: BudgetStatus = first.try_get("budget_status")?;
+        let policy: Value = first.try_get("degradation_policy")?;
+        let mut events = Vec::with_capacity(rows.len());
+        for r in &rows {
+            if let Some(seq) = r.try_get::<_, Option<i64>>("seq")? {
+                events.push(StepEvent {
+                    seq,
+                    event_type: r.try_get("event_type")?,
+                    payload: r.try_get("payload")?,
+                });
+            }
+        }
+        Ok(StepState {
+            events,
+            status,
+            policy,
+        })
+    }
+
+    /// The decision a step that has not completed runs with: the one recorded for this request
+    /// when it started before (resume), else the tenant's policy at its status now.
+    fn plan(state: &StepState, prepared: &PreparedRequest<'_>) -> Result<(StepRequest, Plan)> {
+        let request = prepared.request;
+        let asked = StepRequest {
+            model: request.model.clone(),
+            max_tokens: request.max_tokens.unwrap_or(DEFAULT_RESERVE_MAX_TOKENS),
+            optional: request.optional,
+        };
+        let plan = match recorded_decision(&state.events, &prepared.fingerprint) {
+            Some(Some(decision)) => Plan {
+                decision,
+                record: false,
+            },
+            Some(None) => Plan {
+                decision: tenancy::decide(&DegradationPolicy::default(), state.status, &asked),
+                record: false,
+            },
+            None => {
+                let policy: DegradationPolicy = serde_json::from_value(state.policy.clone())?;
+                let decision = tenancy::decide(&policy, state.status, &asked);
+                let record = decision.degraded();
+                Plan { decision, record }
+            }
+        };
+        Ok((asked, plan))
     }
 
     /// Answer a recorded step from the ledger; a changed fingerprint is handled by `policy`.
@@ -136,16 +306,18 @@ impl Kernel {
         scope: &RunScope,
         step_key: &str,
         prepared: &PreparedRequest<'_>,
+        state: &StepState,
         done: &StepEvent,
-        first_seq: i64,
         policy: ReplayPolicy,
     ) -> Result<ModelStep> {
+        let first_seq = state.events.first().map_or(done.seq, |e| e.seq);
         let fingerprint = &prepared.fingerprint;
         let recorded_fp = done.text("fingerprint");
         let response: ModelResponse =
             serde_json::from_value(done.payload.get("response").cloned().unwrap_or(Value::Null))?;
+        let degradation = recorded_decision(&state.events, &recorded_fp).flatten();
         if &recorded_fp == fingerprint {
-            return Ok(ModelStep::replayed(scope.run, response, false));
+            return Ok(ModelStep::replayed(scope.run, response, false, degradation));
         }
         match policy {
             ReplayPolicy::Strict => {
@@ -173,7 +345,7 @@ impl Kernel {
                     json!({"recorded_fingerprint": recorded_fp, "fingerprint": fingerprint}),
                 )
                 .await?;
-                Ok(ModelStep::replayed(scope.run, response, true))
+                Ok(ModelStep::replayed(scope.run, response, true, degradation))
             }
             ReplayPolicy::ForkOnDrift => {
                 // A fork made earlier for this step (say, by an attempt that crashed before it
@@ -198,29 +370,47 @@ impl Kernel {
         }
     }
 
-    /// First execution of a step: reserve, record the request, call, record the completion.
+    /// Execution of a step not recorded as completed: decide degradation, reserve, record the
+    /// decision and the request, call, record the completion.
     async fn execute_model(
         &self,
         scope: &RunScope,
         step_key: &str,
         prepared: &PreparedRequest<'_>,
+        state: &StepState,
     ) -> Result<ModelStep> {
-        let reserved = self
-            .reserve_model(scope, step_key, prepared.request)
-            .await?;
-        let requested = self
-            .record(
-                scope,
-                step_key,
-                EventType::ModelRequested,
-                json!({"model": prepared.request.model, "fingerprint": prepared.fingerprint,
-                       "estimate_usd": reserved.estimate,
-                       "reservation_id": reserved.reservation.id,
-                       "prompt_token_bound": reserved.prompt_tokens,
-                       "max_tokens": reserved.max_tokens,
-                       "messages": prepared.request.messages.len(), "port": self.model.name()}),
+        let (asked, plan) = Self::plan(state, prepared)?;
+        let decision = plan.decision;
+        let degraded_event = plan.record.then(|| {
+            NewEvent::new(
+                EventType::BudgetDegraded,
+                degraded_payload(prepared, &asked, &decision),
             )
-            .await;
+            .step(step_key)
+        });
+        if decision.skip {
+            if let Some(ev) = degraded_event {
+                append_events(&self.db, scope.run, &[ev], scope.lease_token).await?;
+            }
+            return Ok(ModelStep::skipped(scope.run, decision, !plan.record));
+        }
+        let reserved = self
+            .reserve_model(scope, step_key, prepared.request, &decision)
+            .await?;
+        let mut requested_payload = json!({"model": decision.model,
+               "fingerprint": prepared.fingerprint,
+               "estimate_usd": reserved.estimate,
+               "reservation_id": reserved.reservation.id,
+               "prompt_token_bound": reserved.prompt_tokens,
+               "max_tokens": reserved.max_tokens,
+               "messages": prepared.request.messages.len(), "port": self.model.name()});
+        if decision.degraded() {
+            requested_payload["requested_model"] = json!(asked.model);
+        }
+        let mut events: Vec<NewEvent> = degraded_event.into_iter().collect();
+        events.push(NewEvent::new(EventType::ModelRequested, requested_payload).step(step_key));
+        // The decision and the step's start in one append (one statement, one transaction).
+        let requested = append_events(&self.db, scope.run, &events, scope.lease_token).await;
         if let Err(e) = requested {
             let _ = tenancy::release(&self.db, &reserved.reservation).await;
             return Err(e);
@@ -228,37 +418,48 @@ impl Kernel {
         let response = self
             .call_model(scope, step_key, prepared, &reserved)
             .await?;
-        self.complete_model(scope, step_key, prepared, &reserved.reservation, response)
+        let degradation = decision.degraded().then_some(decision);
+        self.complete_model(scope, step_key, prepared, &reserved, response, degradation)
             .await
     }
 
-    /// Reserve the worst-case cost of `request`; a refusal records `budget_exceeded`.
+    /// Reserve the worst-case cost of `request` as `decision` sends it (its model and
+    /// completion cap); a refusal records `budget_exceeded`.
     async fn reserve_model(
         &self,
         scope: &RunScope,
         step_key: &str,
         request: &ModelRequest,
+        decision: &Decision,
     ) -> Result<Reserved> {
-        let prompt_tokens = prompt_token_bound(request);
-        let max_tokens = request.max_tokens.unwrap_or(DEFAULT_RESERVE_MAX_TOKENS);
+        let mut sent = request.clone();
+        sent.model = decision.model.clone();
+        sent.max_tokens = Some(decision.max_tokens);
+        let prompt_tokens = prompt_token_bound(&sent);
+        let max_tokens = decision.max_tokens;
         let estimate =
             self.prices
-                .worst_case_cost(&request.model, prompt_tokens, u64::from(max_tokens))?;
+                .worst_case_cost(&sent.model, prompt_tokens, u64::from(max_tokens))?;
         let mut req = ReserveRequest::new(scope.tenant.clone(), estimate)
             .run(scope.run)
-            .model(request.model.clone());
+            .model(sent.model.clone());
         if let Some(i) = &self.instance {
             req = req.instance(i.clone());
         }
         match tenancy::reserve(&self.db, &req).await {
             Ok(reservation) => Ok(Reserved {
                 reservation,
+                sent,
                 prompt_tokens,
                 max_tokens,
                 estimate,
             }),
             Err(e) if e.is_budget_exceeded() => {
-                let payload = budget_exceeded_payload(&e, &request.model, estimate);
+                let mut payload = budget_exceeded_payload(&e, &sent.model, estimate);
+                if decision.degraded() {
+                    payload["requested_model"] = json!(request.model);
+                    payload["degradation"] = json!(decision.reason);
+                }
                 self.record(scope, step_key, EventType::BudgetExceeded, payload)
                     .await?;
                 Err(e)
@@ -267,9 +468,9 @@ impl Kernel {
         }
     }
 
-    /// Call the model with the reserved completion cap. The fingerprint stays the caller's
-    /// request (replays stay stable); the provider gets the cap, so it cannot produce more than
-    /// was reserved. A failure releases the reservation and records `model_failed`.
+    /// Call the model with the reserved model and completion cap. The fingerprint stays the
+    /// caller's request (replays stay stable); the provider gets the cap, so it cannot produce
+    /// more than was reserved. A failure releases the reservation and records `model_failed`.
     async fn call_model(
         &self,
         scope: &RunScope,
@@ -277,11 +478,9 @@ impl Kernel {
         prepared: &PreparedRequest<'_>,
         reserved: &Reserved,
     ) -> Result<ModelResponse> {
-        let mut capped = prepared.request.clone();
-        capped.max_tokens = Some(reserved.max_tokens);
         let started = std::time::Instant::now();
-        let model = prepared.request.model.as_str();
-        let e = match self.call_port(scope, step_key, &capped).await {
+        let model = reserved.sent.model.as_str();
+        let e = match self.call_port(scope, step_key, &reserved.sent).await {
             Ok(r) => {
                 crate::telemetry::global().model_call(model, "ok", started.elapsed());
                 return Ok(r);
@@ -302,7 +501,7 @@ impl Kernel {
         tenancy::release(&tx, &reserved.reservation).await?;
         let ev = NewEvent::new(
             EventType::ModelFailed,
-            json!({"model": prepared.request.model, "fingerprint": prepared.fingerprint,
+            json!({"model": model, "fingerprint": prepared.fingerprint,
                    "kind": kind, "message": e.to_string()}),
         )
         .step(step_key);
@@ -336,36 +535,39 @@ impl Kernel {
         scope: &RunScope,
         step_key: &str,
         prepared: &PreparedRequest<'_>,
-        reservation: &Reservation,
+        reserved: &Reserved,
         response: ModelResponse,
+        degradation: Option<Decision>,
     ) -> Result<ModelStep> {
-        let request = prepared.request;
+        let reservation = &reserved.reservation;
+        let model = &reserved.sent.model;
         let cost = self.prices.cost(
-            &request.model,
+            model,
             response.usage.prompt_tokens,
             response.usage.completion_tokens,
         )?;
         crate::telemetry::global().model_usage(
-            &request.model,
+            model,
             response.usage.prompt_tokens,
             response.usage.completion_tokens,
             cost,
         );
         let input = CostInput::llm(
-            request.model.clone(),
+            model.clone(),
             response.usage.prompt_tokens,
             response.usage.completion_tokens,
             cost,
         )
         .step(step_key);
-        let ev = NewEvent::new(
-            EventType::ModelCompleted,
-            json!({"model": request.model, "fingerprint": prepared.fingerprint,
-                   "response": response, "usage": response.usage, "cost_usd": cost,
-                   "output": response.content}),
-        )
-        .step(step_key)
-        .idempotent();
+        let mut payload = json!({"model": model, "fingerprint": prepared.fingerprint,
+               "response": response, "usage": response.usage, "cost_usd": cost,
+               "output": response.content});
+        if degradation.is_some() {
+            payload["requested_model"] = json!(prepared.request.model);
+        }
+        let ev = NewEvent::new(EventType::ModelCompleted, payload)
+            .step(step_key)
+            .idempotent();
         match self
             .record_completion(scope, step_key, ev, reservation, &input)
             .await
@@ -377,6 +579,8 @@ impl Kernel {
                 replayed: false,
                 drift: false,
                 forked_from: None,
+                skipped: false,
+                degradation,
             }),
             // Another attempt recorded this step concurrently: its record stands.
             Ok(false) => {
@@ -474,6 +678,12 @@ impl Kernel {
             return Err(Error::invalid(
                 "output_schema",
                 "step_model_structured needs a request with an output schema (.output_schema(..))",
+            ));
+        }
+        if request.optional {
+            return Err(Error::invalid(
+                "optional",
+                "an optional step may be skipped and then has no output to parse: use step_model and check ModelStep::skipped",
             ));
         }
         let step = self.step_model(scope, step_key, request, policy).await?;

@@ -32,6 +32,13 @@ pub struct ModelRequest {
     /// server-specific option such as vLLM's `top_k`). They may not override the fields above.
     #[serde(default, skip_serializing_if = "Map::is_empty")]
     pub extra: Map<String, Value>,
+    /// The step may be skipped: a tenant whose degradation policy has a `skip_optional` rule
+    /// active at its budget status gets no model call for it (the kernel records
+    /// `budget_degraded` and returns a [`ModelStep`](crate::kernel::ModelStep) with `skipped`
+    /// set). Default `false`. Not sent to the provider and not part of the fingerprint (marking a
+    /// step optional does not change what is asked of the model).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub optional: bool,
 }
 
 /// Options an adapter sets itself; `extra` may not contain them.
@@ -96,6 +103,7 @@ impl ModelRequest {
             temperature: None,
             output_schema: None,
             extra: Map::new(),
+            optional: false,
         }
     }
 
@@ -151,6 +159,13 @@ impl ModelRequest {
             schema,
             strict: true,
         });
+        self
+    }
+
+    /// Mark the step optional (the `optional` field): a tenant's `skip_optional` degradation
+    /// rule may skip it.
+    pub fn optional(mut self) -> Self {
+        self.optional = true;
         self
     }
 

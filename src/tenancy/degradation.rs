@@ -2,8 +2,10 @@
 //!
 //! A policy is a list of rules, each active from a budget status upward (`at: WARNING` also
 //! applies at CRITICAL and EXCEEDED). [`decide`] is pure: it takes the tenant's status and the
-//! step's request and returns a [`Decision`] with a human-readable reason; the kernel applies it
-//! and records it in the ledger. Stored per tenant in `pgcrew.tenants.degradation_policy`.
+//! step's request and returns a [`Decision`] with a human-readable reason. The kernel applies it
+//! to every model step before the reservation ([`crate::kernel::Kernel::step_model`]) and
+//! records a decision that changes the step as a `budget_degraded` ledger event, which a resume
+//! or replay of the step re-uses. Stored per tenant in `pgcrew.tenants.degradation_policy`.
 
 use serde::{Deserialize, Serialize};
 

@@ -392,8 +392,9 @@ pub struct TenantDetail {
     pub decisions: Vec<BudgetDecision>,
 }
 
-/// A budget decision recorded in a run's ledger: a reservation refused (`budget_exceeded`) or
-/// a settled cost past a limit, after which reservations are refused (`budget_overrun`).
+/// A budget decision recorded in a run's ledger: a reservation refused (`budget_exceeded`), a
+/// settled cost past a limit, after which reservations are refused (`budget_overrun`), or a
+/// model step changed by the tenant's degradation policy (`budget_degraded`).
 #[derive(Debug, Clone, Serialize, postgres_from_row::FromRow)]
 pub struct BudgetDecision {
     /// The run.
@@ -402,11 +403,13 @@ pub struct BudgetDecision {
     pub seq: i64,
     /// When.
     pub created_at: DateTime<Utc>,
-    /// `budget_exceeded` or `budget_overrun`.
+    /// `budget_exceeded`, `budget_overrun` or `budget_degraded`.
     pub event_type: String,
     /// The step.
     pub step_key: Option<String>,
-    /// The event's payload (scope, limit, spent, requested or cost, model, message).
+    /// The event's payload (scope, limit, spent, requested or cost, model, message; for
+    /// `budget_degraded`: status, applied rules, requested and used model and max_tokens, skip,
+    /// reason).
     pub payload: serde_json::Value,
 }
 

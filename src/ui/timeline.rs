@@ -1,6 +1,7 @@
 //! The run page's data: the run, its ledger as a timeline (model steps with tokens, cost and
 //! latency; tool steps with their two-phase state; drift, forks and sub-runs as links; budget
-//! decisions), its artifacts and summaries, and the chain's verification.
+//! decisions: refusals, overruns and degradations), its artifacts and summaries, and the
+//! chain's verification.
 
 use std::collections::HashMap;
 
@@ -44,6 +45,9 @@ pub struct TimelineEntry {
     pub tool_state: Option<&'static str>,
     /// A run this event points to (fork parent or child, sub-agent run).
     pub link_run: Option<String>,
+    /// For a budget event: the decision in words (a degradation's reason, a refusal's or
+    /// overrun's message).
+    pub decision: Option<String>,
     /// The payload.
     pub payload: Value,
 }
@@ -93,7 +97,7 @@ fn category(t: &str) -> &'static str {
         | "tool_rejected"
         | "capability_denied"
         | "approval_decided" => "tool",
-        "budget_exceeded" | "budget_overrun" => "budget",
+        "budget_exceeded" | "budget_overrun" | "budget_degraded" => "budget",
         "replay_rejected" | "replayed_with_drift" => "drift",
         "run_forked" => "fork",
         "wait_started" | "signal_received" | "wait_timed_out" => "wait",
@@ -134,6 +138,7 @@ pub(crate) fn build(rows: Vec<EventRow>) -> Vec<TimelineEntry> {
             latency_ms: None,
             tool_state: None,
             link_run: None,
+            decision: None,
             event_type,
             step_key,
             payload,
@@ -156,6 +161,14 @@ pub(crate) fn build(rows: Vec<EventRow>) -> Vec<TimelineEntry> {
                 e.latency_ms = since(("model", key));
             }
             "model_failed" => e.latency_ms = since(("model", key)),
+            "budget_degraded" => {
+                e.model = text(&e.payload, &["model"]);
+                e.decision = text(&e.payload, &["reason", "message"]);
+            }
+            "budget_exceeded" | "budget_overrun" => {
+                e.model = text(&e.payload, &["model"]);
+                e.decision = text(&e.payload, &["message"]);
+            }
             "tool_requested" => {
                 requested.insert(("tool", key.clone()), at);
                 e.tool_state = Some("pending");

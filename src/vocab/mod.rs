@@ -207,6 +207,11 @@ vocab! {
         BudgetExceeded = "budget_exceeded",
         /// A settled cost was above its reservation.
         BudgetOverrun = "budget_overrun",
+        /// The tenant's degradation policy changed a model step before it ran (switched its
+        /// model, capped its `max_tokens` or skipped it): status, rules applied, requested and
+        /// used model and cap, reason. Recorded with the step's `model_requested` (or alone for
+        /// a skipped step); a replay or resume of the step re-uses it.
+        BudgetDegraded = "budget_degraded",
         /// Replay found a different request and the policy refused it.
         ReplayRejected = "replay_rejected",
         /// Replay found a different request and the policy allowed it.

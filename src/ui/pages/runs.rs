@@ -132,6 +132,7 @@ fn detail(ctx: &Ctx, s: &UiState, d: &RunDetail) -> Markup {
                         @if let Some(c) = e.cost_usd { (format!("{c:.6} USD ")) }
                         @if let Some(l) = e.latency_ms { (age(l / 1000.0)) " " }
                         @if let Some(t) = e.tool_state { "tool: " b { (t) } " " }
+                        @if let Some(d) = &e.decision { "budget: " b.decision { (d) } " " }
                         @if let Some(l) = &e.link_run { a href=(ctx.link(&format!("/runs/{l}"))) { "run " (l) } " " }
                         details { summary { "payload" } (json(&e.payload)) }
                     }

@@ -53,9 +53,26 @@ fn rule_action(a: &crate::tenancy::DegradationAction) -> String {
     }
 }
 
-/// The rule a ledger budget decision applied: the scope's limit.
+/// The rule a ledger budget decision applied: the scope's limit, or for a degradation the
+/// tenant's status and the degradation rules that changed the step.
 fn decision_rule(e: &crate::ui::data::BudgetDecision) -> String {
     let p = &e.payload;
+    if e.event_type == "budget_degraded" {
+        let status = p.get("status").and_then(|s| s.as_str()).unwrap_or("?");
+        let rules: Vec<String> = p
+            .get("applied")
+            .and_then(|a| a.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|r| {
+                        serde_json::from_value::<crate::tenancy::DegradationAction>(r.clone()).ok()
+                    })
+                    .map(|r| rule_action(&r))
+                    .collect()
+            })
+            .unwrap_or_default();
+        return format!("degradation at {status}: {}", rules.join("; "));
+    }
     let scope = p.get("scope").and_then(|s| s.as_str()).unwrap_or("budget");
     let limit = p.get("limit_usd").and_then(|l| l.as_f64());
     let what = match e.event_type.as_str() {
@@ -145,11 +162,12 @@ fn detail(ctx: &Ctx, d: &TenantDetail) -> Markup {
         h2 { "Budget decisions" }
         @if d.decisions.is_empty() { p.muted { "no budget decisions recorded" } }
         @else {
-            table #budget-decisions { tr { th { "at" } th { "rule" } th { "decision" } th { "run" } }
+            table #budget-decisions { tr { th { "at" } th { "rule" } th { "decision" } th { "step" } th { "run" } }
                 @for e in &d.decisions {
                     tr data-event=(e.event_type) {
                         td { (time(&e.created_at)) } td { (decision_rule(e)) }
                         td { (e.payload.get("message").and_then(|m| m.as_str()).unwrap_or(&e.event_type)) }
+                        td { (e.step_key.as_deref().unwrap_or("")) }
                         td { a href=(ctx.link(&format!("/runs/{}", e.run_id))) { (e.run_id) } } }
                 }
             }

@@ -1,6 +1,7 @@
 //! Kernel and agent integration tests.
 
 mod agents;
+mod degradation;
 mod model;
 mod openai;
 mod tools;

@@ -1,7 +1,8 @@
 //! What the console shows from the database's history (V030), the same on every console and
 //! after restarts: leader terms (a real failover), task actions with who and when, queue
 //! pauses and resumes (403 without the token), per-minute throughput and latency sparklines
-//! filled by the leader, and a tenant's budget decisions.
+//! filled by the leader, and a tenant's budget decisions (refusals, overruns and the
+//! degradations its rules made).
 
 use std::time::Duration;
 
@@ -434,6 +435,121 @@ async fn the_tenant_page_lists_degradation_rules_and_budget_decisions() {
     assert!(page.contains("id=\"budget-decisions\""), "{page}");
     assert!(page.contains("tenant budget 1.0000 USD"), "{page}");
     assert!(page.contains(&format!("/runs/{run}")), "{page}");
+}
+
+#[tokio::test]
+async fn the_tenant_page_and_the_run_timeline_show_degradation_decisions() {
+    use pgcrew::kernel::{Kernel, ReplayPolicy, RunScope};
+    use pgcrew::model::{ModelRequest, ScriptedModel, ScriptedReply};
+    use pgcrew::tenancy::{
+        BudgetStatus, CostCategory, CostInput, DegradationAction, DegradationPolicy,
+    };
+
+    let c = console("ui-hist-degrade", UiConfig::new().cache_ttl(Duration::ZERO)).await;
+    let t = tenant(&c.t.db, "acme", &[], Some(1.0)).await;
+    let mut ctx = pgcrew::tenancy::get(&c.t.db, &t).await.unwrap().context;
+    ctx.degradation = DegradationPolicy::default().rule(
+        BudgetStatus::Warning,
+        DegradationAction::SwitchModel {
+            from: Some("gpt-4o".into()),
+            to: "gpt-4o-mini".into(),
+        },
+    );
+    pgcrew::tenancy::upsert(&c.t.db, &ctx).await.unwrap();
+    pgcrew::tenancy::charge(
+        &c.t.db,
+        &t,
+        None,
+        &CostInput::other(CostCategory::Other, 0.85),
+    )
+    .await
+    .unwrap();
+    let run = runs::create_run(&c.t.db, NewRun::new(t.clone()))
+        .await
+        .unwrap();
+    let kernel = Kernel::new(
+        c.t.db.clone(),
+        std::sync::Arc::new(ScriptedModel::sequence(vec![ScriptedReply::text("ok")])),
+    );
+    kernel
+        .step_model(
+            &RunScope::new(run, t.clone()),
+            "answer",
+            &ModelRequest::new("gpt-4o").user("hi").max_tokens(20),
+            ReplayPolicy::Strict,
+        )
+        .await
+        .unwrap();
+
+    let (s, d) = get_json(&c.url("/api/tenants/acme")).await;
+    assert_eq!(s, 200, "{d}");
+    let decisions = d["decisions"].as_array().unwrap();
+    assert_eq!(decisions.len(), 1, "{d}");
+    let e = &decisions[0];
+    assert_eq!(e["event_type"], "budget_degraded");
+    assert_eq!(e["run_id"], run.to_string());
+    assert_eq!(e["step_key"], "answer");
+    assert_eq!(e["payload"]["status"], "WARNING");
+    assert_eq!(e["payload"]["requested_model"], "gpt-4o");
+    assert_eq!(e["payload"]["model"], "gpt-4o-mini");
+    let (_, page) = get_html(&c.url("/tenants/acme")).await;
+    assert!(page.contains("data-event=\"budget_degraded\""), "{page}");
+    assert!(
+        page.contains("degradation at WARNING: switch model gpt-4o to gpt-4o-mini"),
+        "{page}"
+    );
+    assert!(
+        page.contains("switched model gpt-4o -&gt; gpt-4o-mini"),
+        "{page}"
+    );
+
+    let (s, r) = get_json(&c.url(&format!("/api/runs/{run}"))).await;
+    assert_eq!(s, 200, "{r}");
+    let timeline = r["timeline"].as_array().unwrap();
+    let deg = timeline
+        .iter()
+        .find(|e| e["event_type"] == "budget_degraded")
+        .unwrap_or_else(|| panic!("{r}"));
+    assert_eq!(deg["category"], "budget");
+    assert_eq!(deg["model"], "gpt-4o-mini");
+    assert!(
+        deg["decision"]
+            .as_str()
+            .unwrap()
+            .contains("gpt-4o -> gpt-4o-mini"),
+        "{deg}"
+    );
+    let completed = timeline
+        .iter()
+        .find(|e| e["event_type"] == "model_completed")
+        .unwrap();
+    assert_eq!(completed["model"], "gpt-4o-mini");
+    let (_, page) = get_html(&c.url(&format!("/runs/{run}"))).await;
+    assert!(page.contains("class=\"decision\""), "{page}");
+
+    // The console's query reads the partial index, which now covers budget_degraded.
+    let conn = c.t.db.get().await.unwrap();
+    conn.batch_execute("SET enable_seqscan = off")
+        .await
+        .unwrap();
+    let plan: Vec<String> = conn
+        .query(
+            "EXPLAIN SELECT run_id FROM pgcrew.events WHERE tenant_id = 'acme' \
+             AND event_type IN ('budget_exceeded', 'budget_overrun', 'budget_degraded') \
+             ORDER BY created_at DESC LIMIT 50",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    conn.batch_execute("RESET enable_seqscan").await.unwrap();
+    assert!(
+        plan.iter()
+            .any(|l| l.contains("events_budget_decisions_idx")),
+        "{plan:?}"
+    );
 }
 
 #[tokio::test]
