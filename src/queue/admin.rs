@@ -1,4 +1,5 @@
-//! Inspecting and controlling tasks: stats, listing, cancel, retry, per-queue tenant limits.
+//! Inspecting and controlling tasks: stats, listing, cancel, retry, discard, per-queue tenant
+//! limits.
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
@@ -161,6 +162,29 @@ pub async fn retry<C: Executor + ?Sized>(client: &C, id: TaskId) -> Result<TaskS
         return Err(invalid_state(id, prev.as_str(), "available"));
     }
     Ok(row.try_get("state")?)
+}
+
+/// Discard a task by hand (V033): a task that is not running and not finished (available,
+/// scheduled, retryable) becomes [`TaskState::Discarded`] with `reason` as its last error, and
+/// its dependants not yet started are cancelled, as for any discarded parent. Returns the state
+/// after the call. A running task or one in a final state is an [`Error::IllegalTransition`]
+/// and nothing changes; an unknown task is [`Error::NotFound`].
+#[instrument(skip(client), err)]
+pub async fn discard<C: Executor + ?Sized>(
+    client: &C,
+    id: TaskId,
+    reason: &str,
+) -> Result<TaskState> {
+    let row = client
+        .query_opt(sql!("queue/discard"), typed![&id, &reason])
+        .await?
+        .ok_or_else(|| Error::not_found("task", id))?;
+    let prev: TaskState = row.try_get("previous_state")?;
+    let state: TaskState = row.try_get("state")?;
+    if state != TaskState::Discarded || prev == TaskState::Discarded {
+        return Err(invalid_state(id, prev.as_str(), "discarded"));
+    }
+    Ok(state)
 }
 
 /// Limit how many tasks of `tenant` may run at once in `queue` (in addition to the tenant's

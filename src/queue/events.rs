@@ -1,4 +1,4 @@
-//! What people did to tasks and queues, with who and when (V030): a cancel or retry of a task
+//! What people did to tasks and queues, with who and when (V030): a cancel, retry or discard (V033) of a task
 //! taken on someone's behalf (the operations console's actions) is a row of
 //! `pgcrew.task_events` written in the action's transaction; a pause or resume of a queue is a
 //! row of `pgcrew.queue_pause_events`. Task events go with the retention of tasks
@@ -24,14 +24,18 @@ pub enum TaskAction {
     Cancel,
     /// [`retry`](crate::queue::retry).
     Retry,
+    /// [`discard`](crate::queue::discard), with the reason "discarded in the operations console
+    /// by <actor>" (source `console`) or "discarded by <actor> (<source>)".
+    Discard,
 }
 
 impl TaskAction {
-    /// The stored name (`cancel`, `retry`).
+    /// The stored name (`cancel`, `retry`, `discard`).
     pub fn as_str(self) -> &'static str {
         match self {
             TaskAction::Cancel => "cancel",
             TaskAction::Retry => "retry",
+            TaskAction::Discard => "discard",
         }
     }
 }
@@ -45,7 +49,7 @@ pub struct TaskEvent {
     pub task_id: i64,
     /// When (database time).
     pub at: DateTime<Utc>,
-    /// `cancel` or `retry`.
+    /// `cancel`, `retry` or `discard`.
     pub action: String,
     /// Who.
     pub actor: String,
@@ -68,9 +72,10 @@ fn check_actor(actor: &str) -> Result<&str> {
     Ok(a)
 }
 
-/// Cancel or retry a task on behalf of `actor` and record it (`pgcrew.task_events`) in the same
-/// transaction: either both happen or neither. Errors as [`cancel`](crate::queue::cancel) and
-/// [`retry`](crate::queue::retry); an empty or longer than 200 characters `actor` is
+/// Cancel, retry or discard a task on behalf of `actor` and record it (`pgcrew.task_events`) in
+/// the same transaction: either both happen or neither. Errors as
+/// [`cancel`](crate::queue::cancel), [`retry`](crate::queue::retry) and
+/// [`discard`](crate::queue::discard) (a running or finished task is refused); an empty or longer than 200 characters `actor` is
 /// [`Error::InvalidInput`] and nothing changes. Returns the state after the action.
 #[instrument(skip(db), err)]
 pub async fn act_on_task<A: Acquire + ?Sized>(
@@ -91,6 +96,9 @@ pub async fn act_on_task<A: Acquire + ?Sized>(
     let state = match action {
         TaskAction::Cancel => crate::queue::cancel(&tx, id).await?,
         TaskAction::Retry => crate::queue::retry(&tx, id).await?,
+        TaskAction::Discard => {
+            crate::queue::discard(&tx, id, &discard_reason(actor, source)).await?
+        }
     };
     tx.execute(
         sql!("queue/record_task_event"),
@@ -99,6 +107,15 @@ pub async fn act_on_task<A: Acquire + ?Sized>(
     .await?;
     tx.commit().await?;
     Ok(state)
+}
+
+/// The reason recorded on a task discarded by `actor` from `source`.
+fn discard_reason(actor: &str, source: &str) -> String {
+    if source == "console" {
+        format!("discarded in the operations console by {actor}")
+    } else {
+        format!("discarded by {actor} ({source})")
+    }
 }
 
 /// The recorded actions on a task, oldest first.

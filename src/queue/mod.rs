@@ -65,7 +65,8 @@ mod worker;
 use std::time::Duration;
 
 pub use admin::{
-    TaskRow, TaskStats, cancel, clear_queue_limit, get, list, retry, set_queue_limit, stats,
+    TaskRow, TaskStats, cancel, clear_queue_limit, discard, get, list, retry, set_queue_limit,
+    stats,
 };
 pub use backpressure::{
     BackpressureMode, clear_backpressure, enqueue_with_backpressure, set_backpressure,

@@ -1,4 +1,4 @@
-//! Single actions: cancel a run, cancel or retry a task, pause or resume a queue. Each needs
+//! Single actions: cancel a run, cancel, retry or discard a task, pause or resume a queue. Each needs
 //! the token (see `auth`); without it the answer is 403 and nothing changes. Each is recorded
 //! with who and when (the database's time) where its domain records things: a cancelled run in
 //! its ledger (`run_cancelled`, reason `cancelled in the operations console by <who>`), a task
@@ -118,7 +118,21 @@ async fn task_action(
                 json!({"ok": true, "task_id": task, "state": s, "by": who}),
             )
         }
-        Err(e) => ctx.error(e.into()),
+        Err(e) => ctx.error(refusal(action, task, e)),
+    }
+}
+
+/// The console's answer to a refused task action: a discard of a running or finished task is a
+/// 409 that says which tasks can be discarded; other errors as they are.
+pub(crate) fn refusal(action: TaskAction, task: TaskId, e: crate::Error) -> UiError {
+    match (&e, action) {
+        (crate::Error::IllegalTransition { from, .. }, TaskAction::Discard) => UiError::new(
+            axum::http::StatusCode::CONFLICT,
+            format!(
+                "task {task} is {from}: only a task that is not running and not finished (available, scheduled, retryable) can be discarded; nothing was changed"
+            ),
+        ),
+        _ => e.into(),
     }
 }
 
@@ -142,6 +156,19 @@ pub(crate) async fn retry_task(
     form: FormResult,
 ) -> Response {
     task_action(state, ctx, id, headers, form_of(form), TaskAction::Retry).await
+}
+
+/// `POST /tasks/{id}/discard`: a task that is not running and not finished becomes
+/// `discarded`, reason "discarded in the operations console by <who>"; otherwise 409 with the
+/// reason.
+pub(crate) async fn discard_task(
+    State(state): State<Shared>,
+    ctx: Ctx,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    form: FormResult,
+) -> Response {
+    task_action(state, ctx, id, headers, form_of(form), TaskAction::Discard).await
 }
 
 async fn queue_action(

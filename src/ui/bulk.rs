@@ -1,4 +1,4 @@
-//! Bulk task actions: cancel or retry the selected tasks, or all tasks matching a filter (the
+//! Bulk task actions: cancel, retry or discard the selected tasks, or all tasks matching a filter (the
 //! form carries the count the operator confirmed; when a different number matches now, 409 and
 //! nothing changes). The server applies the action in bounded batches in the background and
 //! `/bulk/{id}` shows the progress (live). Each task's action is recorded with who in
@@ -19,6 +19,7 @@ use super::error::UiError;
 use super::filters::TaskQuery;
 use super::respond::Ctx;
 use crate::ids::TaskId;
+use crate::queue::TaskAction;
 
 /// Tasks handled per batch.
 pub const BATCH: i64 = 200;
@@ -30,7 +31,7 @@ pub const MAX_SELECTED: usize = 10_000;
 pub struct BulkJob {
     /// The job.
     pub id: u64,
-    /// `cancel` or `retry`.
+    /// `cancel`, `retry` or `discard`.
     pub action: String,
     /// Who started it.
     pub by: String,
@@ -72,7 +73,7 @@ enum Target {
     Filter(TaskQuery),
 }
 
-/// `POST /tasks/bulk`: fields `action` (`cancel`/`retry`), `csrf`, and either `ids` (repeated
+/// `POST /tasks/bulk`: fields `action` (`cancel`/`retry`/`discard`), `csrf`, and either `ids` (repeated
 /// or comma-separated) or `confirm` (the count confirmed) with the filter as `f_queue`,
 /// `f_state`, `f_tenant`, `f_kind`, `f_payload`.
 pub(crate) async fn start_handler(
@@ -99,11 +100,13 @@ async fn start(
     who: String,
 ) -> Result<BulkJob, UiError> {
     let field = |k: &str| fields.iter().find(|(n, _)| n == k).map(|(_, v)| v.trim());
-    let action = match field("action") {
-        Some(a @ ("cancel" | "retry")) => a.to_string(),
+    let (action, task_action) = match field("action") {
+        Some("cancel") => ("cancel".to_string(), TaskAction::Cancel),
+        Some("retry") => ("retry".to_string(), TaskAction::Retry),
+        Some("discard") => ("discard".to_string(), TaskAction::Discard),
         other => {
             return Err(UiError::bad_request(format!(
-                "invalid action `{}`: cancel or retry",
+                "invalid action `{}`: cancel, retry or discard",
                 other.unwrap_or("")
             )));
         }
@@ -171,26 +174,27 @@ async fn start(
     let cache = state.cache.clone();
     let db = db.clone();
     tokio::spawn(async move {
-        let retry = action == "retry";
         let apply = |batch: Vec<TaskId>| {
             let db = db.clone();
             let jobs = jobs.clone();
             let who = who.clone();
             async move {
                 for t in batch {
-                    let action = if retry {
-                        crate::queue::TaskAction::Retry
-                    } else {
-                        crate::queue::TaskAction::Cancel
-                    };
-                    let r = crate::queue::act_on_task(&db, t, action, &who, super::actions::SOURCE)
-                        .await;
+                    let r = crate::queue::act_on_task(
+                        &db,
+                        t,
+                        task_action,
+                        &who,
+                        super::actions::SOURCE,
+                    )
+                    .await;
                     update(&jobs, id, |j| match r {
                         Ok(_) => j.applied += 1,
                         Err(e) => {
                             j.skipped += 1;
                             if j.errors.len() < 5 {
-                                j.errors.push(format!("task {t}: {e}"));
+                                let why = super::actions::refusal(task_action, t, e).message;
+                                j.errors.push(format!("task {t}: {why}"));
                             }
                         }
                     });

@@ -15,7 +15,7 @@ use crate::coord::leader_history::{self, LeaderTerm};
 use crate::db::Acquire;
 use crate::db::{Db, Executor};
 use crate::ids::{TaskId, TenantId};
-use crate::queue::{self, QueuePauseEvent, TaskEvent, TaskRow};
+use crate::queue::{self, QueuePauseEvent, TaskEvent, TaskRow, TaskState};
 use crate::runs::Run;
 use crate::tenancy::{self, BudgetSnapshot, CostFilter, CostRow, Tenant};
 
@@ -267,13 +267,225 @@ pub struct TaskList {
     pub filter: TaskQuery,
     /// The tasks, newest first.
     pub tasks: Vec<TaskRow>,
+    /// With a `payload` filter: how the search was made and how far it went.
+    pub payload_search: Option<PayloadSearch>,
+    /// Where the next page starts (`before=` this id), when there may be more.
+    pub next_before: Option<i64>,
 }
 
-/// Read the task list.
-pub(crate) async fn tasks(db: &Db, filter: TaskQuery) -> Res<TaskList> {
+/// How a payload search was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SearchMode {
+    /// Through a GIN index on `pgcrew.tasks(payload)`: every task is searched.
+    Index,
+    /// No such index: at most `window` tasks were looked at (see [`WindowOver`]);
+    /// `next_before` continues further back.
+    Bounded,
+}
+
+/// What a bounded payload search's window is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowOver {
+    /// The newest tasks of all (read through the primary key); the other filters apply
+    /// inside the window.
+    AllTasks,
+    /// Every task matching the other filters (a state of `available` or `running`, with
+    /// `queue` and `tenant` at most, read through the state's partial index, when at most
+    /// `window` tasks match).
+    FilteredTasks,
+}
+
+/// A payload search's report (the page's notice, also in the JSON).
+#[derive(Debug, Clone, Serialize)]
+pub struct PayloadSearch {
+    /// `index` or `bounded`.
+    pub mode: SearchMode,
+    /// Bounded: the most tasks one search looks at.
+    pub window: Option<i64>,
+    /// Bounded: what the window is made of.
+    pub window_over: Option<WindowOver>,
+    /// Bounded: the tasks looked at (fewer than `window` once the oldest task was reached).
+    pub scanned: Option<i64>,
+    /// Bounded: how many of them matched the other filters.
+    pub filtered: Option<i64>,
+    /// Bounded: the newest and oldest task id looked at.
+    pub scanned_ids: Option<(i64, i64)>,
+    /// Whether the search reached the oldest task (nothing further back).
+    pub complete: bool,
+    /// What was searched, in words.
+    pub message: String,
+    /// Bounded: the statement that creates the index (then every task is searched).
+    pub index_sql: Option<String>,
+}
+
+/// The statement that creates the GIN index the payload filter uses when it exists.
+pub const PAYLOAD_INDEX_SQL: &str = "CREATE INDEX CONCURRENTLY tasks_payload_idx ON pgcrew.tasks USING gin (payload jsonb_path_ops);";
+
+/// The payload filter's settings and the cached catalog look-up for its index.
+#[derive(Debug)]
+pub(crate) struct PayloadSearchConfig {
+    window: i64,
+    ttl: std::time::Duration,
+    checked: std::sync::Mutex<Option<(std::time::Instant, bool)>>,
+}
+
+impl PayloadSearchConfig {
+    pub(crate) fn new(window: i64, ttl: std::time::Duration) -> Self {
+        PayloadSearchConfig {
+            window: window.max(1),
+            ttl,
+            checked: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether a GIN index on `pgcrew.tasks(payload)` exists (looked up at most once per TTL).
+    async fn has_index<E: Executor + ?Sized>(&self, tx: &E) -> Res<bool> {
+        if let Ok(c) = self.checked.lock()
+            && let Some((at, found)) = *c
+            && at.elapsed() < self.ttl
+        {
+            return Ok(found);
+        }
+        let found: bool = tx
+            .query_one(sql!("ui/payload_index"), typed![])
+            .await?
+            .try_get(0)?;
+        if let Ok(mut c) = self.checked.lock() {
+            *c = Some((std::time::Instant::now(), found));
+        }
+        Ok(found)
+    }
+}
+
+/// The bounded payload search (no GIN index on payload): see `ui/tasks_payload_window.sql`.
+async fn bounded_search<E: Executor + ?Sized>(
+    tx: &E,
+    cfg: &PayloadSearchConfig,
+    filter: &TaskQuery,
+) -> Res<TaskList> {
+    // Only filters the state's partial index answers by itself (its columns are queue and
+    // tenant), so the probe reads no more than `window + 1` index entries.
+    let over_filtered = match filter.state {
+        Some(TaskState::Available | TaskState::Running) if filter.kind.is_none() => {
+            let probe = cfg.window + 1;
+            let n: i64 = tx
+                .query_one(
+                    sql!("ui/tasks_filter_probe"),
+                    typed![
+                        &filter.queue,
+                        &filter.state,
+                        &filter.tenant,
+                        &filter.kind,
+                        &filter.before,
+                        &probe
+                    ],
+                )
+                .await?
+                .try_get(0)?;
+            n <= cfg.window
+        }
+        _ => false,
+    };
+    let rows = tx
+        .query(
+            sql!("ui/tasks_payload_window"),
+            typed![
+                &filter.queue,
+                &filter.state,
+                &filter.tenant,
+                &filter.kind,
+                &filter.payload,
+                &filter.limit,
+                &filter.before,
+                &cfg.window,
+                &over_filtered
+            ],
+        )
+        .await?;
+    let first = rows.first();
+    let scanned: i64 = first.map(|r| r.try_get(0)).transpose()?.unwrap_or(0);
+    let filtered: i64 = first.map(|r| r.try_get(1)).transpose()?.unwrap_or(0);
+    let oldest: Option<i64> = first.map(|r| r.try_get(2)).transpose()?.flatten();
+    let newest: Option<i64> = first.map(|r| r.try_get(3)).transpose()?.flatten();
+    let mut tasks: Vec<TaskRow> = Vec::with_capacity(rows.len());
+    for r in &rows {
+        if r.try_get::<_, Option<i64>>("id")?.is_some() {
+            tasks.push(crate::db::row_as(r)?);
+        }
+    }
+    let complete = over_filtered || scanned < cfg.window;
+    let next_before = if tasks.len() as i64 >= filter.limit {
+        tasks.last().map(|t| t.id.0)
+    } else if complete {
+        None
+    } else {
+        oldest
+    };
+    let range = match (newest, oldest) {
+        (Some(n), Some(o)) => format!(" (ids {n} down to {o})"),
+        _ => String::new(),
+    };
+    let below = match filter.before {
+        Some(b) => format!(" below task {b}"),
+        None => String::new(),
+    };
+    let window = cfg.window;
+    let what = if over_filtered {
+        format!("Searched all {scanned} tasks matching the other filters{below}{range}")
+    } else if narrowed(filter) {
+        format!(
+            "Searched the newest {scanned} tasks{below}{range}, {filtered} of them matching the other filters"
+        )
+    } else {
+        format!("Searched the newest {scanned} tasks{below}{range}")
+    };
+    let message = format!(
+        "{what}: the payload filter has no index, so one search looks at no more than {window} tasks. Narrow it with queue, state, tenant or kind (a state of available or running, with queue or tenant, searches every such task when at most {window} match), search further back, or create the GIN index: {PAYLOAD_INDEX_SQL}"
+    );
+    Ok(TaskList {
+        tasks,
+        payload_search: Some(PayloadSearch {
+            mode: SearchMode::Bounded,
+            window: Some(window),
+            window_over: Some(if over_filtered {
+                WindowOver::FilteredTasks
+            } else {
+                WindowOver::AllTasks
+            }),
+            scanned: Some(scanned),
+            filtered: Some(filtered),
+            scanned_ids: newest.zip(oldest),
+            complete,
+            message,
+            index_sql: Some(PAYLOAD_INDEX_SQL.to_string()),
+        }),
+        next_before,
+        filter: filter.clone(),
+    })
+}
+
+fn narrowed(f: &TaskQuery) -> bool {
+    f.queue.is_some() || f.state.is_some() || f.tenant.is_some() || f.kind.is_some()
+}
+
+/// Read the task list. A `payload` filter searches every task through a GIN index on
+/// `pgcrew.tasks(payload)` when one exists; otherwise it looks at no more than the newest
+/// `window` tasks matching the other filters and says so, with a continuation.
+pub(crate) async fn tasks(db: &Db, cfg: &PayloadSearchConfig, filter: TaskQuery) -> Res<TaskList> {
     let mut conn = db.acquire().await?;
     let tx = conn.begin().await?;
     tx.execute(sql!("ui/custom_plans"), typed![]).await?;
+    let bounded = match &filter.payload {
+        Some(_) => !cfg.has_index(&tx).await?,
+        None => false,
+    };
+    if bounded {
+        let search = bounded_search(&tx, cfg, &filter).await?;
+        tx.commit().await?;
+        return Ok(search);
+    }
     let rows = tx
         .query(
             sql!("ui/tasks"),
@@ -283,13 +495,33 @@ pub(crate) async fn tasks(db: &Db, filter: TaskQuery) -> Res<TaskList> {
                 &filter.tenant,
                 &filter.kind,
                 &filter.payload,
-                &filter.limit
+                &filter.limit,
+                &filter.before
             ],
         )
         .await?;
     tx.commit().await?;
+    let tasks: Vec<TaskRow> = crate::db::rows_as(&rows)?;
+    let next_before = if tasks.len() as i64 >= filter.limit {
+        tasks.last().map(|t| t.id.0)
+    } else {
+        None
+    };
+    let payload_search = filter.payload.as_ref().map(|_| PayloadSearch {
+        mode: SearchMode::Index,
+        window: None,
+        window_over: None,
+        scanned: None,
+        filtered: None,
+        scanned_ids: None,
+        complete: next_before.is_none(),
+        message: "Searched every task through the GIN index on payload.".to_string(),
+        index_sql: None,
+    });
     Ok(TaskList {
-        tasks: crate::db::rows_as(&rows)?,
+        tasks,
+        payload_search,
+        next_before,
         filter,
     })
 }

@@ -54,7 +54,8 @@ pub struct RunQuery {
 }
 
 /// Filters of `/tasks`: `queue`, `state`, `tenant`, `kind`, `payload` (JSON the payload must
-/// contain, e.g. `{"customer": 42}`), `limit`.
+/// contain, e.g. `{"customer": 42}`), `limit`, and `before` (a task id: only older tasks; the
+/// next page's and a payload search's continuation).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct TaskQuery {
     /// Only this queue.
@@ -69,6 +70,8 @@ pub struct TaskQuery {
     pub payload: Option<serde_json::Value>,
     /// At most this many (1..=1000, default 100).
     pub limit: i64,
+    /// Only tasks with a smaller id (the continuation cursor).
+    pub before: Option<i64>,
 }
 
 fn nonempty(pairs: &[(String, String)]) -> impl Iterator<Item = (&str, &str)> {
@@ -164,10 +167,18 @@ impl TaskQuery {
                     )
                 }
                 "limit" => q.limit = limit(v)?,
+                "before" => {
+                    q.before = Some(
+                        v.parse::<i64>()
+                            .ok()
+                            .filter(|n| *n > 0)
+                            .ok_or_else(|| bad("before", format!("`{v}` is not a task id")))?,
+                    )
+                }
                 other => {
                     return Err(bad(
                         other,
-                        "unknown filter (queue, state, tenant, kind, payload, limit)",
+                        "unknown filter (queue, state, tenant, kind, payload, limit, before)",
                     ));
                 }
             }
@@ -175,7 +186,8 @@ impl TaskQuery {
         Ok(q)
     }
 
-    /// The filter as query parameters (for links and bulk actions).
+    /// The filter as query parameters (for links and bulk actions; without `limit` and
+    /// `before`).
     pub fn to_query_string(&self) -> String {
         let mut parts: Vec<(String, String)> = Vec::new();
         if let Some(v) = &self.queue {

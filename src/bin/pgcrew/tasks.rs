@@ -1,4 +1,4 @@
-//! `pgcrew tasks stats|list|cancel|retry|enqueue` (and the hidden `work`, a worker process used
+//! `pgcrew tasks stats|list|cancel|retry|discard|enqueue` (and the hidden `work`, a worker process used
 //! by process-level tests and demos).
 
 use std::process::ExitCode;
@@ -41,6 +41,9 @@ pub enum TasksCmd {
     Cancel(IdArgs),
     /// Make a task available again now.
     Retry(IdArgs),
+    /// Discard a task that is not running and not finished (available, scheduled, retryable);
+    /// its dependants not yet started are cancelled.
+    Discard(DiscardArgs),
     /// Enqueue one task.
     Enqueue(EnqueueArgs),
     /// Run a worker pool until SIGINT/SIGTERM (testing aid: handlers record executions).
@@ -73,6 +76,19 @@ pub struct ListArgs {
 pub struct IdArgs {
     /// The task id.
     pub id: String,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Arguments of `pgcrew tasks discard`.
+#[derive(Debug, Args)]
+pub struct DiscardArgs {
+    /// The task id.
+    pub id: String,
+    /// The reason recorded as the task's last error.
+    #[arg(long, default_value = "discarded with pgcrew tasks discard")]
+    pub reason: String,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -153,6 +169,7 @@ pub async fn exec(dsn: Option<String>, cmd: TasksCmd) -> Result<ExitCode> {
         TasksCmd::List(a) => list(dsn, a).await,
         TasksCmd::Cancel(a) => change_state(dsn, a, true).await,
         TasksCmd::Retry(a) => change_state(dsn, a, false).await,
+        TasksCmd::Discard(a) => discard(dsn, a).await,
         TasksCmd::Enqueue(a) => enqueue(dsn, a).await,
         TasksCmd::Work(a) => work(dsn, a).await,
     }
@@ -228,6 +245,16 @@ async fn change_state(dsn: Option<String>, a: IdArgs, cancel: bool) -> Result<Ex
         );
         return Ok(ExitCode::SUCCESS);
     }
+    print_task_state(a.json, id, state)
+}
+
+/// `pgcrew tasks discard`: discard the task (refused for a running or finished task) and print
+/// its state afterwards.
+async fn discard(dsn: Option<String>, a: DiscardArgs) -> Result<ExitCode> {
+    let id: TaskId = a.id.parse()?;
+    let db = connect(dsn).await?;
+    let conn = db.get().await?;
+    let state = queue::discard(&conn, id, &a.reason).await?;
     print_task_state(a.json, id, state)
 }
 

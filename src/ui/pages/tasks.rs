@@ -1,4 +1,5 @@
-//! `/tasks` (filters: queue, state, tenant, kind, payload containment, limit; bulk actions),
+//! `/tasks` (filters: queue, state, tenant, kind, payload containment, limit, before; the
+//! payload search's report and continuation; bulk actions),
 //! `/tasks/{id}` (attempts, errors, actions taken with who and when, parents and children,
 //! claim) and `/bulk/{id}`.
 
@@ -9,7 +10,7 @@ use maud::{Markup, html};
 use super::{Params, json, opt_time, params, state, time};
 use crate::ids::TaskId;
 use crate::ui::bulk::BulkJob;
-use crate::ui::data::{self, TaskDetail, TaskList};
+use crate::ui::data::{self, SearchMode, TaskDetail, TaskList};
 use crate::ui::error::UiError;
 use crate::ui::filters::TaskQuery;
 use crate::ui::respond::Ctx;
@@ -20,13 +21,22 @@ pub(crate) async fn list_handler(State(s): State<Shared>, ctx: Ctx, q: Params) -
     let d = match params(q).and_then(|p| TaskQuery::parse(&p)) {
         Ok(f) => {
             s.cache
-                .get(&ctx.key, || data::tasks(s.client.db(), f))
+                .get(&ctx.key, || data::tasks(s.client.db(), &s.payload, f))
                 .await
         }
         Err(e) => Err(e),
     };
     let matching = match &d {
-        Ok(l) if s.auth.enabled() && !ctx.json => {
+        // Counting every match of a payload filter without its index would read every task:
+        // a bounded search offers the selected rows only.
+        Ok(l)
+            if s.auth.enabled()
+                && !ctx.json
+                && !l
+                    .payload_search
+                    .as_ref()
+                    .is_some_and(|p| p.mode == SearchMode::Bounded) =>
+        {
             data::count_tasks(s.client.db(), &l.filter).await.ok()
         }
         _ => None,
@@ -62,7 +72,8 @@ fn list(ctx: &Ctx, s: &UiState, d: &TaskList, matching: Option<i64>) -> Markup {
                 @if let Some(q) = &f.payload { input type="hidden" name="f_payload" value=(q.to_string()); }
                 "All " b { (n) } " matching: "
                 button name="action" value="cancel" { "Cancel all" } " "
-                button name="action" value="retry" { "Retry all" }
+                button name="action" value="retry" { "Retry all" } " "
+                button name="action" value="discard" { "Discard all" }
             }
         }
         form #bulk-selected method="post" action=(ctx.link("/tasks/bulk")) {
@@ -82,10 +93,27 @@ fn list(ctx: &Ctx, s: &UiState, d: &TaskList, matching: Option<i64>) -> Markup {
             }
             @if s.auth.enabled() && !d.tasks.is_empty() {
                 "Selected: " button name="action" value="cancel" { "Cancel selected" } " "
-                button name="action" value="retry" { "Retry selected" }
+                button name="action" value="retry" { "Retry selected" } " "
+                button name="action" value="discard" { "Discard selected" }
             }
         }
         @if d.tasks.is_empty() { p.muted { "no tasks match" } }
+        @if let Some(ps) = &d.payload_search {
+            div #payload-search data-mode=(if ps.mode == SearchMode::Bounded { "bounded" } else { "index" }) {
+                p { (ps.message) }
+                @if let Some(sql) = &ps.index_sql { pre { (sql) } }
+            }
+        }
+        @if let Some(b) = d.next_before {
+            @let more = if d.payload_search.as_ref().is_some_and(|p| p.mode == SearchMode::Bounded) {
+                "Search further back"
+            } else {
+                "Older tasks"
+            };
+            @let q = f.to_query_string();
+            @let href = ctx.link(&format!("/tasks?{q}{}limit={}&before={b}", if q.is_empty() { "" } else { "&" }, f.limit));
+            p { a #next-page href=(href) { (more) } }
+        }
     }
 }
 
@@ -133,6 +161,12 @@ fn detail(ctx: &Ctx, s: &UiState, d: &TaskDetail) -> Markup {
                 form.inline method="post" action=(ctx.link(&format!("/tasks/{}/cancel", t.id))) {
                     input type="hidden" name="csrf" value=(csrf);
                     button #cancel-task type="submit" { "Cancel task" }
+                }
+            }
+            @if matches!(t.state.as_str(), "available" | "scheduled" | "retryable") {
+                form.inline method="post" action=(ctx.link(&format!("/tasks/{}/discard", t.id))) {
+                    input type="hidden" name="csrf" value=(csrf);
+                    button #discard-task type="submit" { "Discard task" }
                 }
             }
             @if t.state.as_str() != "running" {

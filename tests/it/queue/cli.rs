@@ -3,7 +3,7 @@
 use crate::common::{assert_bench_database_dropped, pgcrew_bin, run_bench, test_db};
 
 #[tokio::test]
-async fn cli_tasks_enqueue_stats_list_cancel_retry() {
+async fn cli_tasks_enqueue_stats_list_cancel_retry_discard() {
     let t = test_db().await;
     let run = |args: &[&str]| {
         let out = std::process::Command::new(pgcrew_bin())
@@ -52,6 +52,19 @@ async fn cli_tasks_enqueue_stats_list_cancel_retry() {
     let (code, _, err) = run(&["tasks", "enqueue", "--kind", "k", "--payload", "{oops"]);
     assert_eq!(code, Some(2));
     assert!(err.contains("not valid JSON"), "{err}");
+    // Discard (V033): the available task is discarded with the reason; a second discard of
+    // the now finished task is refused and changes nothing.
+    let (code, out, err) = run(&["tasks", "discard", &id, "--reason", "bad input", "--json"]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("discarded"), "{out}");
+    let (code, out, _) = run(&["tasks", "list", "--state", "discarded", "--json"]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v[0]["id"].to_string(), id);
+    assert_eq!(v[0]["last_error"], "bad input");
+    let (code, _, err) = run(&["tasks", "discard", &id]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("discarded -> discarded"), "{err}");
 }
 
 /// `pgcrew bench queue` runs end to end in its own scratch databases (small sizes, two

@@ -90,7 +90,7 @@ async fn bench_ui_reports_pages_and_sse_figures() {
         "ui --tasks 200 --runs 20 --events 60 --samples 2 --clients 5 --notifies 3",
     )
     .await;
-    assert_eq!(r["pages"].as_array().unwrap().len(), 15, "{r}");
+    assert_eq!(r["pages"].as_array().unwrap().len(), 16, "{r}");
     assert!(r["worst_p95_ms"].as_f64().unwrap() > 0.0);
     assert_eq!(r["notify_deliveries"], 15, "{r}");
     assert!(

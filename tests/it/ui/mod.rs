@@ -7,6 +7,7 @@ mod demo;
 mod history;
 mod http;
 mod live;
+mod search;
 
 use std::net::SocketAddr;
 use std::time::Duration;

@@ -1,5 +1,6 @@
 //! `pgcrew bench ui`: the operations console on a large database (default 1,000,000 tasks,
-//! 100,000 runs, 2,000,000 ledger events, seeded with set-based SQL): the response time of
+//! 100,000 runs, 2,000,000 ledger events, seeded with set-based SQL, and the last hour of
+//! per-minute queue figures for every queue, so the overview reads its sparklines' rows): the response time of
 //! every page (p50/p95, measured by a client over loopback: an upper bound of server time),
 //! then 100 open Server-Sent Events streams: the database connections they add and the
 //! NOTIFY-to-browser latency (p50/p99).
@@ -120,10 +121,15 @@ async fn seed(db: &Db, args: &UiBenchArgs) -> Result<()> {
         &[&args.runs, &args.events],
     )
     .await?;
-    eprintln!("[2/4] seeding {} tasks and cost entries ...", args.tasks);
+    eprintln!(
+        "[2/4] seeding {} tasks, cost entries and per-minute queue figures ...",
+        args.tasks
+    );
     conn.execute(pgcrew::sql!("bench/ui_seed_tasks"), &[&args.tasks])
         .await?;
     conn.execute(pgcrew::sql!("bench/ui_seed_costs"), &[&20_000i32])
+        .await?;
+    conn.execute(pgcrew::sql!("bench/ui_seed_minutes"), &[])
         .await?;
     for t in [
         "pgcrew.runs",
@@ -180,6 +186,7 @@ async fn measure(db: &Db, client: &Client, args: &UiBenchArgs) -> Result<Report>
         "/tasks?queue=q0&state=available".into(),
         "/tasks?queue=q3&state=available".into(),
         "/tasks?payload=%7B%22customer%22%3A42%7D".into(),
+        "/tasks?payload=%7B%22customer%22%3A-1%7D".into(),
         "/tasks?tenant=bench-5&kind=k2".into(),
         format!("/tasks/{task}"),
         "/tenants".into(),
