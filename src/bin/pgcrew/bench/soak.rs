@@ -108,9 +108,9 @@ pub struct SoakReport {
     pub ledgers_invalid: usize,
     /// Leader kills.
     pub leader_kills: usize,
-    /// Growth over the last 20 minutes (or last two thirds) of the mean RSS of the warm
-    /// instances: those already alive at the previous sample (a replacement started after a
-    /// `kill -9` is left out until it has run for a sample interval), %.
+    /// Growth of the instances' RSS over the last 20 minutes (or last two thirds), the same
+    /// instances compared: from sample to sample, the instances alive in both and already warm
+    /// (a replacement started after a `kill -9` is left out while it warms up), chained, %.
     pub rss_growth_pct: f64,
     /// Growth of tables + indexes over the same span, %.
     pub size_growth_pct: f64,
@@ -246,23 +246,36 @@ fn growth(
     (b - a) / a * 100.0
 }
 
-/// Mean RSS of the instances of `s` that were alive at `prev` too (the same instances, warm:
-/// not a replacement just started after a `kill -9`), MiB; 0 when there are none.
-fn warm_rss(s: &SoakSample, prev: Option<&SoakSample>) -> f64 {
-    let Some(prev) = prev else {
+/// Growth of the instances' RSS over the same span as [`growth`], comparing only the same
+/// instances: from each sample to the next, the summed RSS of the instances alive in both and
+/// already warm (alive at the sample before too: a replacement started after a `kill -9` grows
+/// while it warms up), the ratios chained over the span, %. A step with no such instance counts
+/// as flat.
+fn rss_growth(samples: &[SoakSample], total: f64) -> f64 {
+    let from = if total > 25.0 * 60.0 {
+        total - 20.0 * 60.0
+    } else {
+        total / 3.0
+    };
+    let Some(first) = samples.iter().position(|s| s.at_s >= from) else {
         return 0.0;
     };
-    let warm: Vec<f64> = s
-        .rss_mib
-        .iter()
-        .filter(|(n, _)| prev.rss_mib.iter().any(|(p, _)| p == n))
-        .map(|(_, v)| *v)
-        .collect();
-    if warm.is_empty() {
-        0.0
-    } else {
-        warm.iter().sum::<f64>() / warm.len() as f64
+    let rss = |s: &SoakSample, n: &str| s.rss_mib.iter().find(|(m, _)| m == n).map(|(_, v)| *v);
+    let mut ratio = 1.0;
+    for i in (first + 1).max(2)..samples.len() {
+        let (a, b, c) = (&samples[i - 2], &samples[i - 1], &samples[i]);
+        let (mut before, mut after) = (0.0, 0.0);
+        for (n, v) in &c.rss_mib {
+            if let (Some(_), Some(p)) = (rss(a, n), rss(b, n)) {
+                before += p;
+                after += v;
+            }
+        }
+        if before > 0.0 {
+            ratio *= after / before;
+        }
     }
+    (ratio - 1.0) * 100.0
 }
 
 /// Run the benchmark.
@@ -442,7 +455,7 @@ pub async fn run(dsn: Option<String>, args: SoakBenchArgs) -> Result<ExitCode> {
             eprintln!("ledger of run {run} is invalid: {:?}", v.problem);
         }
     }
-    let rss_growth = growth(&samples, duration_s, warm_rss);
+    let rss_growth = rss_growth(&samples, duration_s);
     let size_growth = growth(&samples, duration_s, |s, _| s.tables_mib + s.indexes_mib);
     let report = SoakReport {
         duration_s,
@@ -550,7 +563,7 @@ mod tests {
                 &[("bench-0", 30.0), ("bench-1", 30.0), ("bench-3", 1.7)],
             ),
         ];
-        let g = growth(&samples, 180.0, warm_rss);
+        let g = rss_growth(&samples, 180.0);
         assert!(g.abs() < 0.01, "{g}");
         // Real growth of the same instances shows.
         let mut grown = samples.clone();
@@ -558,17 +571,17 @@ mod tests {
             180.0,
             &[("bench-0", 33.0), ("bench-1", 33.0), ("bench-3", 1.7)],
         );
-        let g = growth(&grown, 180.0, warm_rss);
+        let g = rss_growth(&grown, 180.0);
         assert!((g - 10.0).abs() < 0.01, "{g}");
         // Every instance replaced since the previous sample: that sample has no figure, the
         // one before it is the last compared.
         grown[3] = at(180.0, &[("bench-4", 1.7), ("bench-5", 1.8)]);
-        assert_eq!(growth(&grown, 180.0, warm_rss), 0.0);
+        assert_eq!(rss_growth(&grown, 180.0), 0.0);
         grown[2] = at(
             120.0,
             &[("bench-0", 31.5), ("bench-1", 31.5), ("bench-2", 31.5)],
         );
-        let g = growth(&grown, 180.0, warm_rss);
+        let g = rss_growth(&grown, 180.0);
         assert!((g - 5.0).abs() < 0.01, "{g}");
     }
 }
