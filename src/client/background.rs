@@ -19,7 +19,31 @@ use crate::ids::InstanceId;
 impl Client {
     pub(super) async fn heartbeat_loop(self, mut shutdown: watch::Receiver<bool>) {
         let interval = self.inner.config.heartbeat_interval;
-        while !sleep_or_shutdown(interval, &mut shutdown).await {
+        // The elector's attempts refresh the heartbeat too (one statement, `coord/elect_beat`):
+        // after one of them, wait a tenth of an interval longer, so that a leader renewing
+        // every interval (or a follower trying) is not doubled by a heartbeat racing it.
+        let slack = interval / 10;
+        let due = |beat: Option<(Instant, bool)>| match beat {
+            Some((at, by_elector)) => {
+                at + interval + if by_elector { slack } else { Duration::ZERO }
+            }
+            None => Instant::now(),
+        };
+        // Registered just now.
+        self.note_beat(Instant::now(), false);
+        loop {
+            let wake = due(self.last_beat());
+            tokio::select! {
+                _ = tokio::time::sleep_until(wake) => {}
+                _ = shutdown.changed() => {}
+            }
+            if *shutdown.borrow() {
+                break;
+            }
+            if due(self.last_beat()) > Instant::now() {
+                continue; // refreshed meanwhile by the elector
+            }
+            let sent = Instant::now();
             let beat = async {
                 let conn = self.inner.session.get().await?;
                 instance::heartbeat_on(&conn, self.instance_id()).await
@@ -35,6 +59,26 @@ impl Client {
                 }
                 Err(e) => self.report_error(&e),
             }
+            // Also after a failure: the next attempt is an interval later, as before.
+            self.note_beat(sent, false);
+        }
+    }
+
+    fn last_beat(&self) -> Option<(Instant, bool)> {
+        match self.inner.last_beat.lock() {
+            Ok(g) => *g,
+            Err(poisoned) => *poisoned.into_inner(),
+        }
+    }
+
+    /// Record a heartbeat refreshed by a statement sent at `at` (keeps a later one).
+    fn note_beat(&self, at: Instant, by_elector: bool) {
+        let mut g = match self.inner.last_beat.lock() {
+            Ok(g) => g,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if g.is_none_or(|(t, _)| t <= at) {
+            *g = Some((at, by_elector));
         }
     }
 
@@ -76,9 +120,16 @@ impl Client {
             let current = self.inner.leader.lock().ok().and_then(|g| *g);
             let deadline = current.map(|l| l.deadline);
             let sent = Instant::now();
+            // One statement: the attempt refreshes our heartbeat too.
             let elect = async {
                 let conn = self.inner.session.get().await?;
-                leader::elect_on(&conn, DEFAULT_LEASE, &me, ttl).await
+                let (election, beat) =
+                    leader::elect_and_beat_on(&conn, DEFAULT_LEASE, &me, ttl).await?;
+                if beat {
+                    // A removed row is left to the heartbeat loop, which re-registers.
+                    self.note_beat(sent, true);
+                }
+                Ok::<_, Error>(election)
             };
             let attempt = tokio::select! {
                 r = elect => Some(r),
@@ -112,10 +163,7 @@ impl Client {
                     if current.is_some() {
                         self.lose_leadership(&mut maintenance);
                     }
-                    next = match expires_in {
-                        Some(d) => (d + Duration::from_millis(5)).min(renew),
-                        None => Duration::from_millis(5),
-                    };
+                    next = follower_wait(expires_in, ttl);
                 }
                 Some(Err(e)) => {
                     if is_lock_timeout(&e) {
@@ -219,6 +267,19 @@ fn is_lock_timeout(e: &Error) -> bool {
     e.sqlstate() == Some(crate::sqlstate::LOCK_NOT_AVAILABLE)
 }
 
+/// When a follower tries again: just after the holder's lease expires (database time; a
+/// resignation wakes it earlier through `pgcrew_leader_changed`, and a renewal it did not see
+/// only makes it try early and read the new expiry), or shortly when the lease is free or its
+/// holder unknown. Never later than our own TTL. Not every renew interval: a follower's
+/// attempts are coordination statements, and with many instances they dominated (issue #22).
+fn follower_wait(expires_in: Option<Duration>, ttl: Duration) -> Duration {
+    const AFTER: Duration = Duration::from_millis(5);
+    match expires_in {
+        Some(d) => (d + AFTER).min(ttl),
+        None => AFTER,
+    }
+}
+
 async fn sleep_until_opt(deadline: Option<Instant>) {
     match deadline {
         Some(d) => tokio::time::sleep_until(d).await,
@@ -226,13 +287,22 @@ async fn sleep_until_opt(deadline: Option<Instant>) {
     }
 }
 
-/// Sleep helper of the background loops: returns `true` when shutdown was signalled.
-async fn sleep_or_shutdown(d: Duration, shutdown: &mut watch::Receiver<bool>) -> bool {
-    if *shutdown.borrow() {
-        return true;
-    }
-    tokio::select! {
-        _ = tokio::time::sleep(d) => *shutdown.borrow(),
-        _ = shutdown.changed() => true,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_follower_waits_for_the_lease_to_expire_not_for_the_renew_interval() {
+        let ttl = Duration::from_secs(30);
+        let ms = Duration::from_millis;
+        // A 30 s lease with 20 s left: the follower tries again when it expires.
+        assert_eq!(
+            follower_wait(Some(Duration::from_secs(20)), ttl),
+            Duration::from_secs(20) + ms(5)
+        );
+        assert_eq!(follower_wait(None, ttl), ms(5));
+        assert_eq!(follower_wait(Some(Duration::ZERO), ttl), ms(5));
+        // A holder with a longer lease than ours: no later than our own TTL.
+        assert_eq!(follower_wait(Some(Duration::from_secs(90)), ttl), ttl);
     }
 }

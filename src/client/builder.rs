@@ -221,6 +221,7 @@ impl ClientBuilder {
                 steps: self.steps,
                 services: self.services,
                 leader: Mutex::new(None),
+                last_beat: Mutex::new(None),
                 running: tokio::sync::Mutex::new(None),
                 is_running: AtomicBool::new(false),
             }),

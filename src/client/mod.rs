@@ -91,6 +91,10 @@ struct Inner {
     steps: Vec<Arc<dyn MaintenanceStep>>,
     services: Vec<Arc<dyn Service>>,
     leader: Mutex<Option<LeaderState>>,
+    /// When the instance's heartbeat was last refreshed (the statement's send time) and
+    /// whether by the elector (whose attempts refresh it too): the heartbeat loop beats only
+    /// when nothing else did for a heartbeat interval.
+    last_beat: Mutex<Option<(Instant, bool)>>,
     running: tokio::sync::Mutex<Option<Running>>,
     is_running: AtomicBool,
 }

@@ -83,6 +83,10 @@ impl ClientConfigBuilder {
         /// ledger (keeping a chain anchor and the final signed checkpoint), artifacts,
         /// summaries and cost entries (folding the totals into `pgcrew.cost_daily`).
         run_retention(age: Duration) => run_retention = Some(age);
+        /// Delete the rows of retained runs finalized longer ago than `age` (default: off),
+        /// with their chain anchor and checkpoints (see
+        /// [`ClientConfig::run_row_retention`]).
+        run_row_retention(age: Duration) => run_row_retention = Some(age);
         /// Separate DSN for the LISTEN connection (default: the main DSN).
         listen_dsn(dsn: impl Into<String>) => listen_dsn = Some(dsn.into());
         /// How statements go out (default [`StatementMode::Cached`]). Behind PgBouncer in

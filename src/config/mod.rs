@@ -27,6 +27,7 @@
 //! | `run_limits` | the database's hard caps (1 MiB payload/artifact/summary) | refuse larger run inputs in the library ([`RunLimits`]; lower only) |
 //! | `run_retention` | off | finished runs older than this lose their ledger (chain anchor and final checkpoint kept), artifacts, summaries and cost entries (folded into `pgcrew.cost_daily`) |
 //! | `run_retention_batch_size` | 100 | finished runs retained per maintenance pass |
+//! | `run_row_retention` | off | retained runs (see `run_retention`) finalized longer ago than this are deleted with their chain anchor and checkpoints, children before parents, never while a parent is unfinished (`pgcrew.delete_retained_runs`, V036; `run_retention_batch_size` per pass) |
 
 use std::time::Duration;
 
@@ -132,8 +133,15 @@ pub struct ClientConfig {
     /// cost entries (totals kept in `pgcrew.cost_daily`) are removed by the leader.
     /// `None` (the default): never.
     pub run_retention: Option<Duration>,
-    /// Finished runs retained per maintenance pass (at least 1).
+    /// Finished runs retained per maintenance pass (at least 1); also the run rows deleted
+    /// per pass by [`run_row_retention`](Self::run_row_retention).
     pub run_retention_batch_size: i64,
+    /// Delete the rows of runs already retained (see [`run_retention`](Self::run_retention))
+    /// that were finalized before `now() - run_row_retention`, with their chain anchor and
+    /// checkpoints: their ledger can no longer be verified afterwards. Children go before
+    /// parents; a run whose parent is unfinished, that still has events, or whose tenant is
+    /// being moved between shards stays. `None` (the default): never.
+    pub run_row_retention: Option<Duration>,
 }
 
 impl Default for ClientConfig {
@@ -167,6 +175,7 @@ impl Default for ClientConfig {
             run_limits: RunLimits::default(),
             run_retention: None,
             run_retention_batch_size: 100,
+            run_row_retention: None,
         }
     }
 }
@@ -203,6 +212,7 @@ impl std::fmt::Debug for ClientConfig {
             run_limits,
             run_retention,
             run_retention_batch_size,
+            run_row_retention,
         } = self;
         f.debug_struct("ClientConfig")
             .field("instance_id", instance_id)
@@ -236,6 +246,7 @@ impl std::fmt::Debug for ClientConfig {
             .field("run_limits", run_limits)
             .field("run_retention", run_retention)
             .field("run_retention_batch_size", run_retention_batch_size)
+            .field("run_row_retention", run_row_retention)
             .finish()
     }
 }

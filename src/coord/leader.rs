@@ -69,6 +69,41 @@ pub(crate) async fn elect_on(
     })
 }
 
+/// One election attempt of a started instance, in one statement (`coord/elect_beat`): take or
+/// renew `name` for `id` for `ttl`, refresh `id`'s heartbeat, and, when another instance holds
+/// the lease, learn who and until when. Returns the outcome and whether the instance row was
+/// there to refresh (`false`: it was removed as stale and must re-register).
+pub(crate) async fn elect_and_beat_on(
+    conn: &tokio_postgres::Client,
+    name: &str,
+    id: &InstanceId,
+    ttl: Duration,
+) -> Result<(Election, bool)> {
+    let ttl_us = interval_micros(ttl);
+    let row =
+        Executor::query_one(conn, sql!("coord/elect_beat"), typed![&name, id, &ttl_us]).await?;
+    let ours: Option<bool> = row.try_get(0)?;
+    let beat: bool = row.try_get(4)?;
+    let election = match ours {
+        Some(true) => Election::Leader {
+            term: row.try_get(1)?,
+        },
+        Some(false) => {
+            let remaining: Option<i64> = row.try_get(3)?;
+            Election::Follower {
+                leader_id: row.try_get(2)?,
+                expires_in: remaining.map(|us| Duration::from_micros(us.max(0) as u64)),
+            }
+        }
+        // No lease row and our insert lost a race: unknown holder.
+        None => Election::Follower {
+            leader_id: None,
+            expires_in: None,
+        },
+    };
+    Ok((election, beat))
+}
+
 /// Give up the lease if we hold it (DELETE fires the leader-changed NOTIFY, so followers
 /// elect at once). Returns whether we held it.
 #[instrument(skip(db), err)]

@@ -71,8 +71,39 @@ maintenance_step! {
     }
 }
 
+maintenance_step! {
+    /// Retention of run rows (`ClientConfig::run_row_retention`; off by default): one bounded
+    /// batch (`run_retention_batch_size` runs, oldest first) per pass through the SQL function
+    /// `pgcrew.delete_retained_runs` (V036). Only runs [`RunRetention`] already retained, that
+    /// no run names as parent, whose parent (if any) is finished and whose tenant is not being
+    /// moved: the row goes with its chain anchor and checkpoints (their ledger no longer
+    /// verifies).
+    RunRowRetention, "run_row_retention", |tx, ctx| {
+        let Some(age) = ctx.config.run_row_retention else {
+            return Ok(0);
+        };
+        // At most a century: `now() - age` must stay a valid timestamp.
+        let age = crate::config::interval_micros(age).min(100 * 365 * 86_400 * 1_000_000);
+        let batch = i32::try_from(ctx.config.run_retention_batch_size).unwrap_or(i32::MAX);
+        let rows = Executor::query(tx, sql!("runs/delete_retained_runs"), typed![&age, &batch]).await?;
+        log_rows(&rows, |r| {
+            let id: uuid::Uuid = r.try_get(0)?;
+            let tenant: String = r.try_get(1)?;
+            let checkpoints: i64 = r.try_get(2)?;
+            let anchors: i64 = r.try_get(3)?;
+            info!(run = %id, tenant, checkpoints, anchors,
+                "maintenance: deleted retained run row (run row retention)");
+            Ok(())
+        })
+    }
+}
+
 /// Maintenance steps this module contributes to the leader's maintenance pass after the
 /// queue's ([`StuckRuns`] runs earlier, right after coordination's stale-instance step).
 pub fn maintenance_steps() -> Vec<Arc<dyn MaintenanceStep>> {
-    vec![Arc::new(DeadInstanceLeases), Arc::new(RunRetention)]
+    vec![
+        Arc::new(DeadInstanceLeases),
+        Arc::new(RunRetention),
+        Arc::new(RunRowRetention),
+    ]
 }

@@ -47,7 +47,9 @@ pub use ledger::{
     read_events, verify_run_chain, verify_run_chain_signed, verify_run_chain_sql,
 };
 pub use limits::RunLimits;
-pub use maintenance::{DeadInstanceLeases, RunRetention, StuckRuns, maintenance_steps};
+pub use maintenance::{
+    DeadInstanceLeases, RunRetention, RunRowRetention, StuckRuns, maintenance_steps,
+};
 pub use output::{
     OutputEvent, OutputListener, OutputPublisher, OutputSubscription, RunOutput, listen_output,
     subscribe_output,

@@ -78,6 +78,71 @@ async fn partitioned_leader_steps_down_before_another_is_elected() {
     cut.stop().await.unwrap();
 }
 
+/// A maintenance step that, in its fenced transaction, tells the test it is there (once) and
+/// then waits a while before committing: the moment to cut the leader off.
+struct InsideTheFence(tokio::sync::Mutex<Option<tokio::sync::oneshot::Sender<()>>>);
+
+#[async_trait::async_trait]
+impl pgcrew::coord::maintenance::MaintenanceStep for InsideTheFence {
+    fn name(&self) -> &'static str {
+        "inside_the_fence"
+    }
+    async fn run(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        _ctx: &pgcrew::coord::maintenance::MaintenanceContext,
+    ) -> pgcrew::Result<u64> {
+        if let Some(tell) = self.0.lock().await.take() {
+            tx.execute("SELECT 1", &[]).await?;
+            let _ = tell.send(());
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        Ok(0)
+    }
+}
+
+/// The leader is cut off while its maintenance transaction holds the leader row (`FOR SHARE`,
+/// the fence): on the server the session sits idle in that transaction, its connection still
+/// open, and nobody could take the lease until the server noticed (TCP keepalive: hours). The
+/// fence limits how long a fenced transaction may sit idle (the leader TTL), so the server ends
+/// that session and the connected instance takes over.
+#[tokio::test]
+async fn a_leader_cut_off_inside_its_fenced_transaction_does_not_block_the_next() {
+    let t = test_db().await;
+    let proxy = Proxy::start(upstream(t.dsn())).await;
+    let (tell, inside) = tokio::sync::oneshot::channel();
+    let step = std::sync::Arc::new(InsideTheFence(tokio::sync::Mutex::new(Some(tell))));
+    let cut = Client::builder(with_port(t.dsn(), proxy.port()))
+        .config(config("cut"))
+        .maintenance_step(step)
+        .build()
+        .await
+        .unwrap();
+    start_leader(&cut, Duration::from_secs(5)).await;
+    let other = Client::builder(t.db.clone())
+        .config(config("other"))
+        .build()
+        .await
+        .unwrap();
+    other.start().await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), inside)
+        .await
+        .expect("the leader's maintenance reached the step")
+        .unwrap();
+    proxy.pause();
+    wait_until(
+        Duration::from_secs(10),
+        "the connected instance takes over from a leader cut off inside its fence",
+        || async { other.is_leader() },
+    )
+    .await;
+    assert!(!cut.is_leader());
+    other.stop().await.unwrap();
+    proxy.resume();
+    proxy.drop_connections();
+    cut.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn postgres_restart_reconnects_listen_and_reelects() {
     let (cluster, scratch, db) = cluster_db("pgcrew_fault").await;

@@ -719,3 +719,204 @@ async fn sql_run_row_rules_hold_without_check_constraints() {
         Some("pgcrew_illegal_transition")
     );
 }
+
+// ---------------------------------------------------------------------------------------------
+// Run row retention (issue #22, V036): the rows and anchors of long-retained runs go.
+// ---------------------------------------------------------------------------------------------
+
+async fn row_retention_pass(db: &Db, config: &ClientConfig) -> u64 {
+    let mut conn = db.get().await.unwrap();
+    let tx = conn.transaction().await.unwrap();
+    let n = runs::RunRowRetention
+        .run(&tx, &ctx(config.clone()))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    n
+}
+
+/// A run whose parent is `parent`, started under a 60 s lease: the run and its lease.
+async fn started_child(db: &Db, parent: RunId) -> (RunId, runs::RunLease) {
+    let mut new = NewRun::new(tenant()).agent("edges");
+    new.parent_run_id = Some(parent);
+    let run = runs::create_run(db, new).await.unwrap();
+    let lease = runs::acquire_run_lease(db, run, "w", Duration::from_secs(60))
+        .await
+        .unwrap()
+        .unwrap();
+    runs::start_run(
+        db,
+        run,
+        None,
+        Some(lease.token),
+        runs::LimitPolicy::StayPending,
+    )
+    .await
+    .unwrap();
+    (run, lease)
+}
+
+/// Complete `run` (one event first) and date its end `age_days` ago.
+async fn finish_aged(db: &Db, run: RunId, lease: &runs::RunLease, age_days: i32) {
+    runs::append_event(db, run, NewEvent::new("note", json!(1)), Some(lease.token))
+        .await
+        .unwrap();
+    runs::complete_run(db, run, RunOutcome::default(), Some(lease.token))
+        .await
+        .unwrap();
+    execute(
+        db,
+        "UPDATE pgcrew.runs SET finalized_at = now() - make_interval(days => $2) WHERE id = $1",
+        &[&run, &age_days],
+    )
+    .await;
+}
+
+/// What is left of a run: its row, chain anchor, checkpoints.
+async fn left_of(db: &Db, run: RunId) -> (i64, i64, i64) {
+    let row = db
+        .get()
+        .await
+        .unwrap()
+        .query_one(
+            "SELECT (SELECT count(*) FROM pgcrew.runs WHERE id = $1),
+                    (SELECT count(*) FROM pgcrew.chain_anchors WHERE run_id = $1),
+                    (SELECT count(*) FROM pgcrew.ledger_checkpoints WHERE run_id = $1)",
+            &[&run],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1), row.get(2))
+}
+
+#[tokio::test]
+async fn run_row_retention_is_off_by_default() {
+    let t = test_db().await;
+    let db = t.db.clone().with_ledger_key(LedgerKey::new(KEY).unwrap());
+    let old = finished_run(&db, 400).await;
+    let config = ClientConfig::builder()
+        .run_retention(Duration::from_secs(86_400))
+        .build()
+        .unwrap();
+    assert_eq!(config.run_row_retention, None);
+    assert_eq!(retention_pass(&db, &config).await, 1);
+    assert_eq!(row_retention_pass(&db, &config).await, 0);
+    assert_eq!(left_of(&db, old).await.0, 1);
+    assert!(
+        pgcrew::client::default_maintenance_steps()
+            .iter()
+            .any(|s| s.name() == "run_row_retention")
+    );
+}
+
+#[tokio::test]
+async fn run_row_retention_deletes_old_retained_runs_children_first_keeping_costs() {
+    let t = test_db().await;
+    let db = t.db.clone().with_ledger_key(LedgerKey::new(KEY).unwrap());
+    // Three old finished runs (with costs and a reservation naming one of them).
+    let mut old = Vec::new();
+    for _ in 0..3 {
+        old.push(finished_run(&db, 10).await);
+    }
+    execute(
+        &db,
+        "INSERT INTO pgcrew.budget_reservations (id, tenant_id, run_id, amount_usd)
+         VALUES (gen_random_uuid(), 'default', $1, 0.5)",
+        &[&old[0]],
+    )
+    .await;
+    // Retained but not old enough for row retention.
+    let recent = finished_run(&db, 3).await;
+    // An old finished parent with a running child; an old finished child of a running parent.
+    let (parent, plain) = started_run(&db).await;
+    finish_aged(&db, parent, &plain, 10).await;
+    let (child, child_lease) = started_child(&db, parent).await;
+    let (running_parent, _l) = started_run(&db).await;
+    let (orphan_child, ol) = started_child(&db, running_parent).await;
+    finish_aged(&db, orphan_child, &ol, 10).await;
+    // Never retained (run retention off for it: it is a day old only) and not finished.
+    let pending = new_run(&db).await;
+
+    let config = ClientConfig::builder()
+        .run_retention(Duration::from_secs(2 * 86_400))
+        .run_row_retention(Duration::from_secs(5 * 86_400))
+        .run_retention_batch_size(2)
+        .build()
+        .unwrap();
+    let costs_before = tenant_costs(&db).await;
+    while retention_pass(&db, &config).await > 0 {}
+    // Bounded batches: 2 + 1 (the parent has a child, the orphan's parent is running).
+    let mut passes = Vec::new();
+    loop {
+        let n = row_retention_pass(&db, &config).await;
+        passes.push(n);
+        if n == 0 {
+            break;
+        }
+    }
+    assert_eq!(passes, vec![2, 1, 0]);
+    for r in &old {
+        assert_eq!(left_of(&db, *r).await, (0, 0, 0), "run {r} deleted");
+        assert!(runs::get_run(&db, *r).await.is_err());
+    }
+    // The reservation stays, unlinked; the cost figures are unchanged.
+    assert_eq!(
+        scalar_on(
+            &db.get().await.unwrap(),
+            "SELECT count(*) FROM pgcrew.budget_reservations WHERE run_id IS NULL"
+        )
+        .await,
+        1
+    );
+    assert_eq!(tenant_costs(&db).await, costs_before);
+    for r in [recent, parent, orphan_child] {
+        assert_eq!(left_of(&db, r).await.0, 1, "run {r} kept");
+        assert!(runs::verify_run_chain(&db, r).await.unwrap().valid);
+    }
+    for r in [child, running_parent, pending] {
+        assert_eq!(left_of(&db, r).await.0, 1, "run {r} kept");
+    }
+
+    // The child finishes and ages: it goes first, then its parent.
+    finish_aged(&db, child, &child_lease, 10).await;
+    while retention_pass(&db, &config).await > 0 {}
+    assert_eq!(row_retention_pass(&db, &config).await, 1);
+    assert_eq!(left_of(&db, child).await, (0, 0, 0));
+    assert_eq!(left_of(&db, parent).await.0, 1);
+    assert_eq!(row_retention_pass(&db, &config).await, 1);
+    assert_eq!(left_of(&db, parent).await, (0, 0, 0));
+    assert_eq!(row_retention_pass(&db, &config).await, 0);
+    assert_eq!(left_of(&db, orphan_child).await.0, 1);
+}
+
+#[tokio::test]
+async fn run_row_retention_skips_a_run_still_holding_events_and_refuses_bad_input() {
+    let t = test_db().await;
+    let db = t.db.clone();
+    let old = finished_run(&db, 10).await;
+    // Marked retained by hand while its events are still there (as retention leaves a ledger
+    // that does not end at its recorded head): kept.
+    execute(
+        &db,
+        "UPDATE pgcrew.runs SET retained_at = now() WHERE id = $1",
+        &[&old],
+    )
+    .await;
+    let config = ClientConfig::builder()
+        .run_row_retention(Duration::from_secs(86_400))
+        .build()
+        .unwrap();
+    assert_eq!(row_retention_pass(&db, &config).await, 0);
+    assert_eq!(left_of(&db, old).await.0, 1);
+    let conn = db.get().await.unwrap();
+    for (age, batch) in [(-1i64, 1i32), (0, 0)] {
+        let e = conn
+            .query(
+                "SELECT * FROM pgcrew.delete_retained_runs($1, $2)",
+                &[&age, &batch],
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(sqlstate(&e), "22023");
+    }
+}

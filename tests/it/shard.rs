@@ -379,3 +379,139 @@ async fn the_transfer_functions_refuse_outside_a_transfer() {
         .unwrap_err();
     assert_eq!(e.code().map(|c| c.code()), Some("PC005"), "{e}");
 }
+
+/// `pgcrew shard <args>` with the shard DSNs `env` (`PGCREW_SHARD_<NAME>`) and no ledger key:
+/// (exit code, stdout, stderr).
+async fn shard_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(crate::common::pgcrew_bin());
+    cmd.arg("shard")
+        .args(args)
+        .env_remove("PGCREW_LEDGER_KEY")
+        .env_remove("PGCREW_LEDGER_KEY_FILE")
+        .env_remove("PGCREW_SHARD_A")
+        .env_remove("PGCREW_SHARD_B")
+        .env_remove("PGCREW_SHARD_C");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The CLI over two throwaway clusters: `shard check` and `shard move` (the run's chain valid
+/// on the target, the routing file switched), and the bad input through exit code and message:
+/// a shard with no DSN configured, a tenant in two shards, a move to an unknown shard, a shard
+/// that is down.
+#[tokio::test]
+async fn the_shard_cli_checks_and_moves_and_refuses_bad_input() {
+    let (_ca, sa, da) = shard_cluster(55470).await;
+    let (cb, sb, db) = shard_cluster(55471).await;
+    let acme = tenant(&da, "acme", &[], None).await;
+    let run = finished_run(&da, &acme, 3).await;
+    let head = runs::verify_run_chain(&da, run).await.unwrap().head_seq;
+    let dir = std::env::temp_dir().join(format!("pgcrew-cli-routes-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir(&dir).unwrap();
+    let file = dir.join("routes.json");
+    let routes = file.to_str().unwrap();
+    map(json!({"shards": {"a": ["acme"], "b": []}}))
+        .save(&file)
+        .unwrap();
+    let env = [("PGCREW_SHARD_A", sa.dsn()), ("PGCREW_SHARD_B", sb.dsn())];
+
+    // check: both shards up, where each tenant lives.
+    let (code, out, err) = shard_cli(&["check", "--routes", routes, "--json"], &env).await;
+    assert_eq!(code, 0, "{out}{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["routes"]["shards"]["a"], json!(["acme"]), "{v}");
+    assert_eq!(v["unreachable"], json!([]), "{v}");
+
+    // A move to a shard the map does not name: refused, nothing moved.
+    let (code, out, err) = shard_cli(
+        &[
+            "move", "--routes", routes, "--tenant", "acme", "--from", "a", "--to", "z",
+        ],
+        &env,
+    )
+    .await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("shard `z`"), "{err}");
+    assert_eq!(
+        scalar(&db, "SELECT count(*) FROM pgcrew.tenants WHERE id = 'acme'").await,
+        0
+    );
+
+    // move a -> b: the run's chain is valid on b at the same head; the file says b.
+    let (code, out, err) = shard_cli(
+        &[
+            "move", "--routes", routes, "--tenant", "acme", "--from", "a", "--to", "b", "--json",
+        ],
+        &env,
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["runs"], 1, "{report}");
+    let v = runs::verify_run_chain(&db, run).await.unwrap();
+    assert!(v.valid, "{v:?}");
+    assert_eq!(v.head_seq, head);
+    assert_eq!(
+        scalar(
+            &da,
+            "SELECT count(*) FROM pgcrew.runs WHERE tenant_id = 'acme'"
+        )
+        .await,
+        0
+    );
+    let moved = RoutingMap::load(&file).unwrap();
+    assert_eq!(moved.shards["b"], vec!["acme".to_string()]);
+    assert!(moved.shards["a"].is_empty());
+
+    // A shard the map names with no DSN in the environment.
+    let unknown = dir.join("unknown.json");
+    map(json!({"shards": {"a": [], "b": ["acme"], "c": ["globex"]}}))
+        .save(&unknown)
+        .unwrap();
+    let (code, out, err) = shard_cli(&["check", "--routes", unknown.to_str().unwrap()], &env).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(
+        err.contains("shard `c`") && err.contains("PGCREW_SHARD_C"),
+        "{err}"
+    );
+
+    // A tenant in two shards: the file is refused when loaded.
+    let twice = dir.join("twice.json");
+    std::fs::write(&twice, r#"{"shards": {"a": ["acme"], "b": ["acme"]}}"#).unwrap();
+    let (code, out, err) = shard_cli(&["check", "--routes", twice.to_str().unwrap()], &env).await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.contains("tenant `acme` on two shards"), "{err}");
+
+    // A shard that is down: check names it and exits 1; a move from it fails (exit 2) and
+    // leaves the file alone.
+    cb.stop_server("fast").unwrap();
+    let (code, out, err) = shard_cli(&["check", "--routes", routes], &env).await;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("unreachable: b"), "{out}");
+    assert!(out.contains("a: "), "{out}");
+    let (code, out, err) = shard_cli(
+        &[
+            "move", "--routes", routes, "--tenant", "acme", "--from", "b", "--to", "a",
+        ],
+        &env,
+    )
+    .await;
+    assert_eq!(code, 2, "{out}{err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert_eq!(
+        RoutingMap::load(&file).unwrap().shards["b"],
+        vec!["acme".to_string()]
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    drop((sa, sb, db, da));
+}

@@ -84,6 +84,10 @@ pub struct ServeArgs {
     /// kept), artifacts and cost entries (default: off).
     #[arg(long, value_parser = duration_arg)]
     pub run_retention: Option<Duration>,
+    /// Retained runs (see --run-retention) finalized longer ago than this are deleted with
+    /// their chain anchor and checkpoints; their ledger no longer verifies (default: off).
+    #[arg(long, value_parser = duration_arg)]
+    pub run_row_retention: Option<Duration>,
     /// Fallback poll interval of the worker pool.
     #[arg(long, value_parser = duration_arg, default_value = "1s")]
     pub worker_poll_interval: Duration,
@@ -196,6 +200,9 @@ pub async fn serve(dsn: Option<String>, args: ServeArgs) -> Result<ExitCode> {
     }
     if let Some(r) = args.run_retention {
         b = b.run_retention(r);
+    }
+    if let Some(r) = args.run_row_retention {
+        b = b.run_row_retention(r);
     }
     if let Some(id) = args.instance_id.clone() {
         b = b.instance_id(InstanceId::new(id)?);

@@ -40,10 +40,13 @@ impl MaintenanceContext {
     /// work that follows in `tx` commits only under it; [`Error::LeaseLost`] naming `what`
     /// (which stops) otherwise.
     pub(crate) async fn fence<E: Executor + ?Sized>(&self, tx: &E, what: &str) -> Result<()> {
+        // How long the fenced transaction may sit idle: a leader cut off inside it must not
+        // keep the row locked past its lease (see `coord/fence_leader`).
+        let idle = format!("{}ms", self.config.leader_ttl.as_millis().max(1));
         let fenced = tx
             .query_opt(
                 sql!("coord/fence_leader"),
-                typed![&self.lease, &self.instance_id, &self.term],
+                typed![&self.lease, &self.instance_id, &self.term, &idle],
             )
             .await?;
         if fenced.is_none() {

@@ -1,8 +1,9 @@
 //! `pgcrew bench scale-out --instances 1,2,4,8,16,32`: for each N, N `pgcrew serve` processes
-//! (small pools) on one scratch database: total tasks/s, wake-up p50/p99, the claim
-//! statement's time, coordination statements per second while idle (pg_stat_statements when the
-//! server loads it, else transactions from `pg_stat_database`), connections used, and leader
-//! failover time after `kill -9` of the leader.
+//! (small pools) on one scratch database: total tasks/s, wake-up p50/p99, claim p50/p99 (a
+//! probe claiming through the benchmark's own connection) and the claim statement's time,
+//! coordination statements per second while idle (pg_stat_statements when the server loads it,
+//! else transactions from `pg_stat_database`), connections used, and leader failover time after
+//! `kill -9` of the leader.
 
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -70,6 +71,14 @@ pub struct ScaleOutRow {
     pub wakeup_p50_ms: f64,
     /// Wake-up p99, ms.
     pub wakeup_p99_ms: f64,
+    /// Claim round trip p50 while the instances process the tasks, ms: a probe on the
+    /// benchmark's own connection claims one task of the same queue (`pgcrew::queue::claim`,
+    /// timed from the call to the reply) and acknowledges it, every 10 ms.
+    pub claim_p50_ms: f64,
+    /// Claim round trip p99 (the same probe), ms.
+    pub claim_p99_ms: f64,
+    /// Claims the probe timed.
+    pub claim_samples: usize,
     /// Claim statement: mean execution time over the run, ms (pg_stat_statements; `null`
     /// without it).
     pub claim_mean_ms: Option<f64>,
@@ -81,11 +90,17 @@ pub struct ScaleOutRow {
     pub coordination_per_s: f64,
     /// Coordination statements per instance per heartbeat interval.
     pub coordination_per_instance_interval: f64,
-    /// Of `coordination_per_s`: heartbeats.
+    /// Of that, what every instance sends itself (heartbeats, election attempts and renewals),
+    /// per instance per heartbeat interval: the leader-only work (maintenance passes, the
+    /// scheduler's tick), which does not grow with the instances, left out (pg_stat_statements).
+    pub instance_part_per_instance_interval: Option<f64>,
+    /// Of `coordination_per_s`: plain heartbeats.
     pub heartbeats_per_s: Option<f64>,
-    /// Of `coordination_per_s`: leader elections and renewals.
+    /// Of `coordination_per_s`: leader election attempts and renewals (since issue #22 each
+    /// one also refreshes the instance's heartbeat).
     pub elections_per_s: Option<f64>,
-    /// Of `coordination_per_s`: everything else (maintenance, bookkeeping).
+    /// Of `coordination_per_s`: the leader's fenced maintenance and scheduler transactions and
+    /// everything else (bookkeeping).
     pub maintenance_per_s: Option<f64>,
     /// Idle queue polls per second (worker pools' fallback poll; not coordination).
     pub idle_polls_per_s: Option<f64>,
@@ -277,9 +292,14 @@ struct Classes {
 
 fn classify(query: &str) -> &'static str {
     let q = query.to_ascii_lowercase();
-    if q.contains("last_heartbeat_at") && q.contains("update") && !q.contains("delete") {
+    if q.contains("insert into pgcrew.leader") || q.contains("update pgcrew.leader") {
+        // Election attempts and renewals (`coord/elect_beat` also refreshes the heartbeat).
+        "election"
+    } else if q.contains("last_heartbeat_at") && q.contains("update") && !q.contains("delete") {
         "heartbeat"
-    } else if q.contains("pgcrew.leader") {
+    } else if q.contains("pgcrew.leader") && !q.contains("for share") && !q.contains("delete") {
+        // Reads of the lease (the fence, `FOR SHARE`, opens the leader's maintenance and
+        // scheduler transactions: maintenance).
         "election"
     } else if q.contains("pgcrew.tasks") || q.contains("claim") {
         "poll"
@@ -328,6 +348,32 @@ async fn process(db: &Db, n: usize, target: i64) -> Result<Duration> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     Ok(start.elapsed())
+}
+
+/// The claim probe: until `stop`, claim one task of the queue on a connection of its own as
+/// instance `probe` (timing the round trip) and complete it, every 10 ms. Returns the claim
+/// times, ms, sorted.
+async fn claim_probe(
+    db: &Db,
+    probe: &pgcrew::InstanceId,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> Result<Vec<f64>> {
+    let conn = db.get().await?;
+    let queues = [QUEUE.to_string()];
+    let mut times = Vec::new();
+    while !*stop.borrow() {
+        let t0 = Instant::now();
+        let claimed = pgcrew::queue::claim(&conn, &queues, 1, probe).await?;
+        times.push(t0.elapsed().as_secs_f64() * 1000.0);
+        let acks: Vec<_> = claimed
+            .iter()
+            .map(|t| t.ack(pgcrew::queue::AckOutcome::Complete))
+            .collect();
+        pgcrew::queue::ack(&conn, &acks).await?;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times)
 }
 
 /// One task at a time into idle instances: created-to-claimed times, ms, sorted.
@@ -422,7 +468,20 @@ async fn measure(admin: &str, n: usize, args: &ScaleOutBenchArgs) -> Result<(Sca
     reset(&db, pgss).await?;
     let done = finished(&db).await?;
     let wal0: f64 = db.get().await?.query_one(WAL, &[]).await?.get(0);
-    let took = process(&db, args.tasks, done + args.tasks as i64).await?;
+    // The probe claims as a registered instance of its own (no heartbeats: it acknowledges
+    // each task at once and is deregistered right after).
+    let probe = probe_instance(&db).await?;
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let probe_db = db.clone();
+    let probe_id = probe.id.clone();
+    let prober = tokio::spawn(async move { claim_probe(&probe_db, &probe_id, stop_rx).await });
+    let took = process(&db, args.tasks, done + args.tasks as i64).await;
+    let _ = stop_tx.send(true);
+    let claims = prober
+        .await
+        .map_err(|e| Error::Internal(format!("claim probe: {e}")))?;
+    pgcrew::coord::instance::deregister(&db, &probe.id).await?;
+    let (took, claims) = (took?, claims?);
     let wal1: f64 = db.get().await?.query_one(WAL, &[]).await?.get(0);
     let tasks_per_s = args.tasks as f64 / took.as_secs_f64();
     let wal_bytes_per_task = (wal1 - wal0) / args.tasks as f64;
@@ -505,10 +564,16 @@ async fn measure(admin: &str, n: usize, args: &ScaleOutBenchArgs) -> Result<(Sca
             statements_per_task,
             wakeup_p50_ms: percentile_ms(&wake, 0.5),
             wakeup_p99_ms: percentile_ms(&wake, 0.99),
+            claim_p50_ms: percentile_ms(&claims, 0.5),
+            claim_p99_ms: percentile_ms(&claims, 0.99),
+            claim_samples: claims.len(),
             claim_mean_ms,
             claim_max_ms,
             coordination_per_s,
             coordination_per_instance_interval: per_interval,
+            instance_part_per_instance_interval: opt((classes.heartbeats + classes.elections)
+                * args.heartbeat_interval.as_secs_f64()
+                / n as f64),
             heartbeats_per_s: opt(classes.heartbeats),
             elections_per_s: opt(classes.elections),
             maintenance_per_s: opt(classes.maintenance),
@@ -571,30 +636,35 @@ pub async fn run(dsn: Option<String>, args: ScaleOutBenchArgs) -> Result<ExitCod
             r.coordination_source
         );
         println!(
-            "{:>4} {:>10} {:>6} {:>9} {:>9} {:>10} {:>9} {:>9} {:>11} {:>6} {:>9}",
+            "{:>4} {:>10} {:>6} {:>9} {:>9} {:>10} {:>10} {:>9} {:>9} {:>9} {:>11} {:>6} {:>9}",
             "N",
             "tasks/s",
             "x1",
             "wake p50",
             "wake p99",
+            "claim p99",
             "claim max",
             "coord/s",
             "per/inst",
+            "own/inst",
             "idle polls/s",
             "conns",
             "failover"
         );
         for row in &r.rows {
             println!(
-                "{:>4} {:>10.0} {:>6.2} {:>7.2}ms {:>7.2}ms {:>10} {:>9.1} {:>9.2} {:>11} {:>6} {:>9}",
+                "{:>4} {:>10.0} {:>6.2} {:>7.2}ms {:>7.2}ms {:>8.2}ms {:>10} {:>9.1} {:>9.2} {:>9} {:>11} {:>6} {:>9}",
                 row.instances,
                 row.tasks_per_s,
                 row.vs_first,
                 row.wakeup_p50_ms,
                 row.wakeup_p99_ms,
+                row.claim_p99_ms,
                 row.claim_max_ms.map_or("-".into(), |v| format!("{v:.2}ms")),
                 row.coordination_per_s,
                 row.coordination_per_instance_interval,
+                row.instance_part_per_instance_interval
+                    .map_or("-".into(), |v| format!("{v:.2}")),
                 row.idle_polls_per_s
                     .map_or("-".into(), |v| format!("{v:.1}")),
                 row.connections,
@@ -604,4 +674,19 @@ pub async fn run(dsn: Option<String>, args: ScaleOutBenchArgs) -> Result<ExitCod
         Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Register the claim probe's instance row (`scale-out-probe`).
+async fn probe_instance(db: &Db) -> Result<pgcrew::coord::instance::InstanceInfo> {
+    let info = pgcrew::coord::instance::InstanceInfo {
+        id: pgcrew::InstanceId::new("scale-out-probe")?,
+        hostname: pgcrew::coord::instance::hostname(),
+        pid: std::process::id() as i32,
+        version: env!("CARGO_PKG_VERSION").into(),
+        metadata: serde_json::json!({"role": "claim probe"}),
+        agents: Vec::new(),
+        tools: Vec::new(),
+    };
+    pgcrew::coord::instance::register(db, &info).await?;
+    Ok(info)
 }

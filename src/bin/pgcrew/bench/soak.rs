@@ -42,6 +42,10 @@ pub struct SoakBenchArgs {
     /// Task and run retention of the instances.
     #[arg(long, default_value = "2m", value_parser = crate::output::duration_arg)]
     pub retention: Duration,
+    /// Run row retention of the instances (`serve --run-row-retention`): retained runs
+    /// finalized longer ago than this lose their row and chain anchor.
+    #[arg(long, default_value = "5m", value_parser = crate::output::duration_arg)]
+    pub run_row_retention: Duration,
     /// Print the report as JSON.
     #[arg(long)]
     pub json: bool,
@@ -56,8 +60,8 @@ pub struct SoakSample {
     pub tasks_per_s: f64,
     /// Runs finished per second since the previous sample.
     pub runs_per_s: f64,
-    /// Each live instance's resident memory, MiB.
-    pub rss_mib: Vec<f64>,
+    /// Each live instance's resident memory, MiB, by instance.
+    pub rss_mib: Vec<(String, f64)>,
     /// All pgcrew tables (heap and TOAST), MiB.
     pub tables_mib: f64,
     /// All their indexes, MiB.
@@ -98,11 +102,15 @@ pub struct SoakReport {
     pub runs_unfinished: usize,
     /// Ledgers verified (`pgcrew::runs::verify_run_chain`) and how many were invalid.
     pub ledgers_verified: usize,
+    /// Runs whose row run row retention had deleted by the end (nothing left to verify).
+    pub runs_deleted: usize,
     /// Invalid ledgers.
     pub ledgers_invalid: usize,
     /// Leader kills.
     pub leader_kills: usize,
-    /// Growth of the summed RSS over the last 20 minutes (or last two thirds), %.
+    /// Growth of the instances' RSS over the last 20 minutes (or last two thirds), the same
+    /// instances compared: from sample to sample, the instances alive in both and already warm
+    /// (a replacement started after a `kill -9` is left out while it warms up), chained, %.
     pub rss_growth_pct: f64,
     /// Growth of tables + indexes over the same span, %.
     pub size_growth_pct: f64,
@@ -200,7 +208,7 @@ async fn sample(
         rss_mib: fleet
             .pids()
             .iter()
-            .filter_map(|(_, p)| rss_mib(*p))
+            .filter_map(|(n, p)| Some((n.clone(), rss_mib(*p)?)))
             .collect(),
         tables_mib: tables as f64 / MIB,
         indexes_mib: indexes as f64 / MIB,
@@ -209,21 +217,65 @@ async fn sample(
     })
 }
 
-fn growth(samples: &[SoakSample], total: f64, f: impl Fn(&SoakSample) -> f64) -> f64 {
-    // The last 20 minutes, or the last two thirds of a shorter run.
+/// Growth of `f` from the first sample of the last 20 minutes (the last two thirds of a
+/// shorter run) to the last sample, %; `f` sees a sample and its predecessor.
+fn growth(
+    samples: &[SoakSample],
+    total: f64,
+    f: impl Fn(&SoakSample, Option<&SoakSample>) -> f64,
+) -> f64 {
     let from = if total > 25.0 * 60.0 {
         total - 20.0 * 60.0
     } else {
         total / 3.0
     };
-    let Some(first) = samples.iter().find(|s| s.at_s >= from) else {
+    let Some(first) = samples.iter().position(|s| s.at_s >= from) else {
         return 0.0;
     };
-    let Some(last) = samples.last() else {
+    let value = |i: usize| f(&samples[i], i.checked_sub(1).map(|p| &samples[p]));
+    // The first and the last samples that have a figure (a sample where every instance was
+    // just replaced has none).
+    let Some(a) = (first..samples.len()).map(value).find(|v| *v > 0.0) else {
         return 0.0;
     };
-    let (a, b) = (f(first), f(last));
-    if a <= 0.0 { 0.0 } else { (b - a) / a * 100.0 }
+    let b = (first..samples.len())
+        .rev()
+        .map(value)
+        .find(|v| *v > 0.0)
+        .unwrap_or(a);
+    (b - a) / a * 100.0
+}
+
+/// Growth of the instances' RSS over the same span as [`growth`], comparing only the same
+/// instances: from each sample to the next, the summed RSS of the instances alive in both and
+/// already warm (alive at the sample before too: a replacement started after a `kill -9` grows
+/// while it warms up), the ratios chained over the span, %. A step with no such instance counts
+/// as flat.
+fn rss_growth(samples: &[SoakSample], total: f64) -> f64 {
+    let from = if total > 25.0 * 60.0 {
+        total - 20.0 * 60.0
+    } else {
+        total / 3.0
+    };
+    let Some(first) = samples.iter().position(|s| s.at_s >= from) else {
+        return 0.0;
+    };
+    let rss = |s: &SoakSample, n: &str| s.rss_mib.iter().find(|(m, _)| m == n).map(|(_, v)| *v);
+    let mut ratio = 1.0;
+    for i in (first + 1).max(2)..samples.len() {
+        let (a, b, c) = (&samples[i - 2], &samples[i - 1], &samples[i]);
+        let (mut before, mut after) = (0.0, 0.0);
+        for (n, v) in &c.rss_mib {
+            if let (Some(_), Some(p)) = (rss(a, n), rss(b, n)) {
+                before += p;
+                after += v;
+            }
+        }
+        if before > 0.0 {
+            ratio *= after / before;
+        }
+    }
+    (ratio - 1.0) * 100.0
 }
 
 /// Run the benchmark.
@@ -268,6 +320,8 @@ pub async fn run(dsn: Option<String>, args: SoakBenchArgs) -> Result<ExitCode> {
         &ms(args.retention),
         "--run-retention",
         &ms(args.retention),
+        "--run-row-retention",
+        &ms(args.run_row_retention),
     ]
     .iter()
     .map(|s| s.to_string())
@@ -386,15 +440,23 @@ pub async fn run(dsn: Option<String>, args: SoakBenchArgs) -> Result<ExitCode> {
     }
     fleet.stop_all();
     let mut invalid = 0;
+    let mut deleted = 0;
     for run in &books.all_runs {
-        let v = pgcrew::runs::ledger::verify_run_chain(&db, *run).await?;
+        let v = match pgcrew::runs::ledger::verify_run_chain(&db, *run).await {
+            Ok(v) => v,
+            Err(Error::NotFound { .. }) => {
+                deleted += 1;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if !v.valid {
             invalid += 1;
             eprintln!("ledger of run {run} is invalid: {:?}", v.problem);
         }
     }
-    let rss_growth = growth(&samples, duration_s, |s| s.rss_mib.iter().sum());
-    let size_growth = growth(&samples, duration_s, |s| s.tables_mib + s.indexes_mib);
+    let rss_growth = rss_growth(&samples, duration_s);
+    let size_growth = growth(&samples, duration_s, |s, _| s.tables_mib + s.indexes_mib);
     let report = SoakReport {
         duration_s,
         instances: args.instances,
@@ -408,7 +470,8 @@ pub async fn run(dsn: Option<String>, args: SoakBenchArgs) -> Result<ExitCode> {
         runs_cancelled: books.runs_cancelled,
         runs_by_state: books.runs_by_state.clone(),
         runs_unfinished: books.pending_runs.len(),
-        ledgers_verified: books.all_runs.len(),
+        ledgers_verified: books.all_runs.len() - deleted,
+        runs_deleted: deleted,
         ledgers_invalid: invalid,
         leader_kills: kills,
         rss_growth_pct: rss_growth,
@@ -428,7 +491,7 @@ pub async fn run(dsn: Option<String>, args: SoakBenchArgs) -> Result<ExitCode> {
                 s.at_s,
                 s.tasks_per_s,
                 s.runs_per_s,
-                s.rss_mib.iter().sum::<f64>(),
+                s.rss_mib.iter().map(|(_, v)| v).sum::<f64>(),
                 s.tables_mib,
                 s.indexes_mib,
                 s.dead_tuples
@@ -443,8 +506,12 @@ pub async fn run(dsn: Option<String>, args: SoakBenchArgs) -> Result<ExitCode> {
             r.runs_submitted, r.runs_cancelled, r.runs_by_state, r.runs_unfinished
         );
         println!(
-            "  ledgers: {} verified, {} invalid; growth over the last span: RSS {:+.1} %, tables+indexes {:+.1} %",
-            r.ledgers_verified, r.ledgers_invalid, r.rss_growth_pct, r.size_growth_pct
+            "  ledgers: {} verified, {} invalid, {} runs deleted by run row retention; growth over the last span: RSS per warm instance {:+.1} %, tables+indexes {:+.1} %",
+            r.ledgers_verified,
+            r.ledgers_invalid,
+            r.runs_deleted,
+            r.rss_growth_pct,
+            r.size_growth_pct
         );
         Ok(())
     })?;
@@ -455,4 +522,66 @@ pub async fn run(dsn: Option<String>, args: SoakBenchArgs) -> Result<ExitCode> {
         )));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(at_s: f64, rss: &[(&str, f64)]) -> SoakSample {
+        SoakSample {
+            at_s,
+            tasks_per_s: 0.0,
+            runs_per_s: 0.0,
+            rss_mib: rss.iter().map(|(n, v)| (n.to_string(), *v)).collect(),
+            tables_mib: 1.0,
+            indexes_mib: 1.0,
+            dead_tuples: 0,
+            largest: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn rss_growth_compares_the_same_warm_instances_not_a_replacement_just_started() {
+        // The last sample is taken just after a kill -9: bench-2 is gone, its replacement
+        // bench-3 has barely started. The instances themselves did not grow.
+        let samples = [
+            at(
+                0.0,
+                &[("bench-0", 29.0), ("bench-1", 29.0), ("bench-2", 29.0)],
+            ),
+            at(
+                60.0,
+                &[("bench-0", 30.0), ("bench-1", 30.0), ("bench-2", 30.0)],
+            ),
+            at(
+                120.0,
+                &[("bench-0", 30.0), ("bench-1", 30.0), ("bench-2", 30.0)],
+            ),
+            at(
+                180.0,
+                &[("bench-0", 30.0), ("bench-1", 30.0), ("bench-3", 1.7)],
+            ),
+        ];
+        let g = rss_growth(&samples, 180.0);
+        assert!(g.abs() < 0.01, "{g}");
+        // Real growth of the same instances shows.
+        let mut grown = samples.clone();
+        grown[3] = at(
+            180.0,
+            &[("bench-0", 33.0), ("bench-1", 33.0), ("bench-3", 1.7)],
+        );
+        let g = rss_growth(&grown, 180.0);
+        assert!((g - 10.0).abs() < 0.01, "{g}");
+        // Every instance replaced since the previous sample: that sample has no figure, the
+        // one before it is the last compared.
+        grown[3] = at(180.0, &[("bench-4", 1.7), ("bench-5", 1.8)]);
+        assert_eq!(rss_growth(&grown, 180.0), 0.0);
+        grown[2] = at(
+            120.0,
+            &[("bench-0", 31.5), ("bench-1", 31.5), ("bench-2", 31.5)],
+        );
+        let g = rss_growth(&grown, 180.0);
+        assert!((g - 5.0).abs() < 0.01, "{g}");
+    }
 }
