@@ -87,51 +87,85 @@ pub async fn claim<E: Executor + ?Sized>(
     limit: i32,
     instance: &InstanceId,
 ) -> Result<Vec<ClaimedTask>> {
-    claim_routed(
-        client,
-        sql!("queue/claim_fast"),
-        sql!("queue/claim"),
-        queues,
-        limit,
-        instance,
-        &mut true,
-    )
-    .await
+    claim_routed(client, queues, limit, instance, &mut FastRoute::default()).await
 }
 
-/// The fast path first for a single queue while `try_fast`, then (when it claimed nothing)
-/// `pgcrew.claim_tasks`. An empty fast claim means "no work, or the fast path does not apply";
-/// when the general claim then finds work, the fast path did not apply and `try_fast` turns
-/// false, so a caller that keeps it (the worker pool) goes straight to the general path until a
-/// claim comes back empty.
+/// Which one-statement claim a caller tries first for a single queue, learned from its
+/// previous claims (see [`claim_routed`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct FastRoute {
+    /// Whether the next claim tries a one-statement claim before `pgcrew.claim_tasks`.
+    enabled: bool,
+    /// Whether that is `queue/claim_fast_limited` (the queue has a rate or key limit, V035)
+    /// rather than `queue/claim_fast` (cheaper, for queues without features).
+    limited: bool,
+}
+
+impl Default for FastRoute {
+    fn default() -> Self {
+        FastRoute {
+            enabled: true,
+            limited: false,
+        }
+    }
+}
+
+impl FastRoute {
+    /// Claim with `pgcrew.claim_tasks` only (this time).
+    pub(crate) fn disable(&mut self) {
+        self.enabled = false;
+    }
+}
+
+/// The fast path first for a single queue while `route` says so, then (when it claimed
+/// nothing) `pgcrew.claim_tasks`. An empty fast claim means "no work, or the fast path does
+/// not apply"; when the general claim then finds work, the fast path did not apply, so a caller
+/// that keeps its route (the worker pool) goes straight to the general path until a claim comes
+/// back empty, and tries the limited fast statement from then on (it also claims where the
+/// plain one does, at a little more cost: it goes back to the plain one when its queue turns
+/// out to have no features).
 pub(crate) async fn claim_routed<E: Executor + ?Sized>(
     client: &E,
-    fast: &str,
-    general: &str,
     queues: &[String],
     limit: i32,
     instance: &InstanceId,
-    try_fast: &mut bool,
+    route: &mut FastRoute,
 ) -> Result<Vec<ClaimedTask>> {
     if limit <= 0 || queues.is_empty() {
         return Ok(Vec::new());
     }
+    let single = queues.len() == 1;
     if let [queue] = queues
-        && *try_fast
+        && route.enabled
     {
         // A fresh random token per claim, as pgcrew.claim_tasks draws one.
         let token = Uuid::new_v4();
+        let fast = if route.limited {
+            sql!("queue/claim_fast_limited")
+        } else {
+            sql!("queue/claim_fast")
+        };
         let rows = client
             .query(fast, typed![queue, limit, instance, token])
             .await?;
-        if !rows.is_empty() {
+        if let Some(first) = rows.first() {
+            if route.limited && !first.try_get::<_, bool>("limited")? {
+                route.limited = false;
+            }
             return in_order(&rows);
         }
     }
     let rows = client
-        .query(general, typed![queues, limit, instance])
+        .query(sql!("queue/claim"), typed![queues, limit, instance])
         .await?;
-    *try_fast = rows.is_empty();
+    if rows.is_empty() {
+        route.enabled = true;
+    } else {
+        if route.enabled && single {
+            route.limited = true;
+        }
+        route.enabled = false;
+    }
     in_order(&rows)
 }
 

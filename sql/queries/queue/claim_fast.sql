@@ -6,7 +6,8 @@
 -- tasks by priority, run_at, id, exactly as pgcrew.claim_tasks would.
 -- Otherwise it claims nothing, and an empty result means "no work, or this path does not
 -- apply": the caller then runs pgcrew.claim_tasks (fair shares, limits, pauses, promotion),
--- which tells the two apart.
+-- which tells the two apart. (A worker pool whose queue has a rate or key limit uses
+-- claim_fast_limited.sql instead, V035: it claims under those limits while they cannot bind.)
 -- The checks are one-time filters of the locking subquery, and the UPDATE is the top-level
 -- statement (no CTE materialisation, no marker row): on a backend that was idle this is the
 -- cheapest shape measured (pgbench, 5 ms idle before each statement).

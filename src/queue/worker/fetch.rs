@@ -15,7 +15,7 @@ use crate::coord::service::ServiceContext;
 use crate::db::{Conn, Executor};
 use crate::error::Result;
 use crate::ids::{RunId, TaskId, TenantId};
-use crate::queue::claim::{ClaimedTask, claim_routed, next_due_with};
+use crate::queue::claim::{ClaimedTask, FastRoute, claim_routed, next_due_with};
 use crate::runs::lease::lease_runs;
 use crate::runs::{LeasedRun, RunLeasing};
 
@@ -33,8 +33,8 @@ impl WorkerPool {
         let mut backoff = Duration::from_millis(50);
         // Whether this pool is registered in `pgcrew.queue_waiters` (so enqueues NOTIFY it).
         let mut waiting = false;
-        // Whether the next claim tries the single-statement fast path first.
-        let mut try_fast = true;
+        // Which single-statement claim the next claim tries first, if any.
+        let mut route = FastRoute::default();
         loop {
             if *shutdown.borrow() {
                 if waiting {
@@ -66,7 +66,7 @@ impl WorkerPool {
             // Wake-ups received so far are answered by this claim; only later ones count.
             while let Some(Some(_)) = sub.recv().now_or_never() {}
             match self
-                .claim_once(ctx, shared, &mut conn, limit, &mut try_fast)
+                .claim_once(ctx, shared, &mut conn, limit, &mut route)
                 .await
             {
                 Ok(tasks) => {
@@ -155,11 +155,13 @@ impl WorkerPool {
         }
     }
 
-    /// Claim up to `limit` tasks. A single-queue pool first tries the one-statement fast path
-    /// (`queue/claim_fast`, the common single-tenant, unlimited case); when that claims nothing,
-    /// the general `pgcrew.claim_tasks` runs, and if it finds work (several tenants with work,
-    /// limits, due tasks), the pool uses the general path until it next runs out of work
-    /// (`try_fast`). A pool that leases runs ([`WorkerPoolBuilder::lease_runs_of`]) claims in a
+    /// Claim up to `limit` tasks. A single-queue pool first tries a one-statement fast path
+    /// (`queue/claim_fast`, the common single-tenant, unlimited case, or
+    /// `queue/claim_fast_limited` for a queue with a rate or key limit that cannot bind); when
+    /// that claims nothing, the general `pgcrew.claim_tasks` runs, and if it finds work
+    /// (several tenants with work, limits, due tasks), the pool uses the general path until it
+    /// next runs out of work, then tries the limited fast path (`route`, see
+    /// [`claim_routed`]). A pool that leases runs ([`WorkerPoolBuilder::lease_runs_of`]) claims in a
     /// transaction that also takes those leases (see [`Self::lease_claimed`]).
     ///
     /// [`WorkerPoolBuilder::lease_runs_of`]: super::WorkerPoolBuilder::lease_runs_of
@@ -169,7 +171,7 @@ impl WorkerPool {
         shared: &Shared,
         conn: &mut Option<Conn>,
         limit: usize,
-        try_fast: &mut bool,
+        route: &mut FastRoute,
     ) -> Result<Vec<ClaimedTask>> {
         if conn.is_none() {
             *conn = Some(ctx.db().get().await?);
@@ -181,18 +183,16 @@ impl WorkerPool {
             // Unnamed statements are planned on every call: the fast path's statement would be
             // too, while `pgcrew.claim_tasks` (PL/pgSQL) keeps its plans in the server session,
             // whichever client the pooler lends that session to.
-            *try_fast = false;
+            route.disable();
         }
         let limit = i32::try_from(limit).unwrap_or(i32::MAX);
-        let (fast, general) = (sql!("queue/claim_fast"), sql!("queue/claim"));
         let instance = ctx.instance_id();
         if self.run_leasing.is_empty() {
             let c: &Conn = c;
-            return claim_routed(c, fast, general, &self.queues, limit, instance, try_fast).await;
+            return claim_routed(c, &self.queues, limit, instance, route).await;
         }
         let tx = c.transaction().await?;
-        let tasks =
-            claim_routed(&tx, fast, general, &self.queues, limit, instance, try_fast).await?;
+        let tasks = claim_routed(&tx, &self.queues, limit, instance, route).await?;
         let leases = self.lease_claimed(&tx, &tasks).await?;
         tx.commit().await?;
         if !leases.is_empty() {

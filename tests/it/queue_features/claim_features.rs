@@ -17,13 +17,24 @@ use crate::common::{
 
 /// The fast statement `queue::claim` runs first for a single queue.
 const FAST: &str = include_str!("../../../sql/queries/queue/claim_fast.sql");
+/// The fast statement a worker pool runs for a queue with a rate or key limit (V035).
+const LIMITED: &str = include_str!("../../../sql/queries/queue/claim_fast_limited.sql");
 
 /// Whether the fast statement claims one task of `queue` now (the claim is rolled back).
 async fn fast_claims(db: &Db, queue: &str, me: &InstanceId) -> bool {
+    claims_with(FAST, db, queue, me).await
+}
+
+/// Whether the fast limited statement claims one task of `queue` now (rolled back).
+async fn limited_claims(db: &Db, queue: &str, me: &InstanceId) -> bool {
+    claims_with(LIMITED, db, queue, me).await
+}
+
+async fn claims_with(statement: &str, db: &Db, queue: &str, me: &InstanceId) -> bool {
     let mut conn = db.get().await.unwrap();
     let tx = conn.transaction().await.unwrap();
     let rows = tx
-        .query(FAST, &[&queue, &1i32, &me.as_str(), &Uuid::new_v4()])
+        .query(statement, &[&queue, &1i32, &me.as_str(), &Uuid::new_v4()])
         .await
         .unwrap();
     tx.rollback().await.unwrap();
@@ -41,18 +52,24 @@ async fn fast_claim_steps_aside_exactly_while_a_feature_may_apply() {
             .unwrap();
     }
     assert!(fast_claims(&t, "fq", &me).await, "nothing configured");
+    assert!(limited_claims(&t, "fq", &me).await, "nothing configured");
     let rows = "SELECT count(*) FROM pgcrew.claim_features";
 
     // Each feature in turn: set, the fast claim steps aside (pgcrew.claim_tasks's job); clear,
     // it applies again and no feature row is left.
     queue::pause(&conn, "fq", None).await.unwrap();
     assert!(!fast_claims(&t, "fq", &me).await, "queue paused");
+    assert!(!limited_claims(&t, "fq", &me).await, "queue paused");
     queue::resume(&conn, "fq", None).await.unwrap();
     assert!(fast_claims(&t, "fq", &me).await, "queue resumed");
 
     queue::pause(&conn, "fq", Some(&other)).await.unwrap();
     assert!(
         !fast_claims(&t, "fq", &me).await,
+        "a tenant of the queue paused"
+    );
+    assert!(
+        !limited_claims(&t, "fq", &me).await,
         "a tenant of the queue paused"
     );
     queue::resume(&conn, "fq", Some(&other)).await.unwrap();
@@ -62,6 +79,11 @@ async fn fast_claim_steps_aside_exactly_while_a_feature_may_apply() {
         .await
         .unwrap();
     assert!(!fast_claims(&t, "fq", &me).await, "key limit");
+    // Far from its bound (none running, a claim of 1, limit 3): the limited statement claims.
+    assert!(
+        limited_claims(&t, "fq", &me).await,
+        "key limit far from its bound"
+    );
     assert!(queue::clear_key_limit(&conn, "fq").await.unwrap());
     assert!(fast_claims(&t, "fq", &me).await, "key limit cleared");
 
@@ -74,6 +96,13 @@ async fn fast_claim_steps_aside_exactly_while_a_feature_may_apply() {
             .await
             .unwrap();
         assert!(!fast_claims(&t, "fq", &me).await, "{scope:?} rate limit");
+        // A queue's tokens are taken by the limited statement; kind and tenant limits are
+        // pgcrew.claim_tasks's.
+        assert_eq!(
+            limited_claims(&t, "fq", &me).await,
+            scope == RateScope::Queue,
+            "{scope:?} rate limit"
+        );
         // Replacing a limit keeps it (the trigger is on the key, not on the tokens).
         queue::set_rate_limit(&conn, scope, name, Rate::per_second(7.0))
             .await

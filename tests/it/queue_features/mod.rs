@@ -4,6 +4,7 @@ mod backpressure;
 mod bad_input;
 mod claim_features;
 mod key_limit;
+mod limited_claim;
 mod pause;
 mod rate_limit;
 mod schedules;

@@ -1,0 +1,339 @@
+//! The fast limited claim (V035, `sql/queries/queue/claim_fast_limited.sql`): a key limit far
+//! from its bound and a queue rate limit are held exactly by it under 16 concurrent claimers
+//! that take it first and `pgcrew.claim_tasks` when it steps aside (as the worker pool does);
+//! and a pool held back by a key limit is woken when the key frees on another instance, not at
+//! its poll.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use pgcrew::queue::{self, NewTask, Rate, RateScope, TaskOutcome, WorkerPool};
+use serde_json::json;
+use tokio::sync::Notify;
+use uuid::Uuid;
+
+use crate::common::{self, fast_config, register_instance, scalar, test_db, wait_until};
+
+/// The fast limited statement the worker pool takes for a queue with a rate or key limit.
+const LIMITED: &str = include_str!("../../../sql/queries/queue/claim_fast_limited.sql");
+/// The general claim.
+const GENERAL: &str = include_str!("../../../sql/queries/queue/claim.sql");
+
+/// One claim as the pool routes it for a queue with limits: the limited statement, then
+/// `pgcrew.claim_tasks` when it claims nothing. Returns the (id, token) pairs claimed and
+/// whether the limited statement claimed them.
+async fn routed_claim(
+    conn: &tokio_postgres::Client,
+    queue: &str,
+    limit: i32,
+    me: &str,
+) -> (Vec<(i64, Uuid)>, bool) {
+    let rows = conn
+        .query(LIMITED, &[&queue, &limit, &me, &Uuid::new_v4()])
+        .await
+        .unwrap();
+    let fast = !rows.is_empty();
+    let rows = if fast {
+        rows
+    } else {
+        let queues = vec![queue.to_string()];
+        conn.query(GENERAL, &[&queues, &limit, &me]).await.unwrap()
+    };
+    (
+        rows.iter()
+            .map(|r| (r.get("id"), r.get("claim_token")))
+            .collect(),
+        fast,
+    )
+}
+
+/// Complete claimed tasks through `pgcrew.ack_tasks`.
+async fn complete(conn: &tokio_postgres::Client, got: &[(i64, Uuid)]) {
+    let ids: Vec<i64> = got.iter().map(|g| g.0).collect();
+    let tokens: Vec<Uuid> = got.iter().map(|g| g.1).collect();
+    let outcomes: Vec<&str> = got.iter().map(|_| "complete").collect();
+    conn.execute(
+        "SELECT pgcrew.ack_tasks($1, $2, $3, NULL, NULL)",
+        &[&ids, &tokens, &outcomes],
+    )
+    .await
+    .unwrap();
+}
+
+const MAX_PER_KEY: &str = "SELECT coalesce(max(n), 0) FROM (SELECT count(*) AS n FROM pgcrew.tasks
+    WHERE state = 'running' AND queue = 'lq' AND payload ? 'c' GROUP BY payload->>'c') c";
+
+/// Mostly one key, limit 4: the fast claim applies while the queue runs few enough tasks, the
+/// general claim counts per key otherwise; sampled, no key ever runs more than 4.
+#[tokio::test]
+async fn limited_fast_claim_holds_a_key_limit_under_sixteen_claimers() {
+    let t = test_db().await;
+    let me = register_instance(&t, "limited-keys").await;
+    let tasks: Vec<NewTask> = (0..400)
+        .map(|i| {
+            let payload = if i % 5 == 0 {
+                json!({"n": i})
+            } else {
+                json!({"c": i % 7 / 6})
+            };
+            NewTask::new("k", &payload).unwrap().queue("lq")
+        })
+        .collect();
+    queue::enqueue_many(&t.db, &tasks).await.unwrap();
+    queue::set_key_limit(&t.db, "lq", "c", 4).await.unwrap();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let seen = Arc::new(AtomicI64::new(0));
+    let sampler = {
+        let (db, stop, seen) = (t.db.clone(), stop.clone(), seen.clone());
+        tokio::spawn(async move {
+            let mut samples = 0;
+            while !stop.load(Ordering::SeqCst) {
+                let n = scalar(&db, MAX_PER_KEY).await;
+                assert!(n <= 4, "{n} tasks of one key running at once");
+                seen.fetch_max(n, Ordering::SeqCst);
+                samples += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            samples
+        })
+    };
+    let fast_claims = Arc::new(AtomicI64::new(0));
+    let claimers: Vec<_> = (0..16)
+        .map(|i| {
+            let (db, me, fast_claims) = (t.db.clone(), me.clone(), fast_claims.clone());
+            tokio::spawn(async move {
+                let conn = db.get().await.unwrap();
+                let mut idle = 0;
+                while idle < 50 {
+                    let (got, fast) = routed_claim(&conn, "lq", 1 + i % 3, me.as_str()).await;
+                    if got.is_empty() {
+                        idle += 1;
+                        tokio::time::sleep(Duration::from_millis(3)).await;
+                        continue;
+                    }
+                    idle = 0;
+                    if fast {
+                        fast_claims.fetch_add(1, Ordering::SeqCst);
+                    }
+                    tokio::time::sleep(Duration::from_millis(fastrand::u64(1..8))).await;
+                    complete(&conn, &got).await;
+                }
+            })
+        })
+        .collect();
+    for c in claimers {
+        c.await.unwrap();
+    }
+    stop.store(true, Ordering::SeqCst);
+    let samples = sampler.await.unwrap();
+    assert_eq!(
+        scalar(
+            &t,
+            "SELECT count(*) FROM pgcrew.tasks WHERE state <> 'completed'"
+        )
+        .await,
+        0,
+        "every task ran"
+    );
+    assert!(samples > 50, "{samples} samples");
+    assert_eq!(seen.load(Ordering::SeqCst), 4, "the limit was reached");
+    let fast = fast_claims.load(Ordering::SeqCst);
+    eprintln!("limited fast claims: {fast}");
+    assert!(fast > 0, "the fast limited claim took part");
+}
+
+/// 200 claims a second, bursts of 20, 16 claimers for 3 s: every window of the claims is
+/// within what the bucket allows (its burst plus the rate over the window), and the claimers
+/// got close to the rate.
+#[tokio::test]
+async fn limited_fast_claim_holds_a_rate_limit_under_sixteen_claimers() {
+    let t = test_db().await;
+    let me = register_instance(&t, "limited-rate").await;
+    queue::enqueue_many(
+        &t.db,
+        &(0..3000)
+            .map(|i| NewTask::new("r", &json!({ "i": i })).unwrap().queue("rq"))
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap();
+    queue::set_rate_limit(
+        &t.db,
+        RateScope::Queue,
+        "rq",
+        Rate::per_second(200.0).burst(20),
+    )
+    .await
+    .unwrap();
+    let from: chrono::DateTime<chrono::Utc> =
+        t.db.get()
+            .await
+            .unwrap()
+            .query_one(
+                "SELECT refilled_at FROM pgcrew.rate_limits WHERE scope = 'queue' AND name = 'rq'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+    let fast_claims = Arc::new(AtomicI64::new(0));
+    let until = Instant::now() + Duration::from_secs(3);
+    let claimers: Vec<_> = (0..16)
+        .map(|i| {
+            let (db, me, fast_claims) = (t.db.clone(), me.clone(), fast_claims.clone());
+            tokio::spawn(async move {
+                let conn = db.get().await.unwrap();
+                while Instant::now() < until {
+                    let (got, fast) = routed_claim(&conn, "rq", 1 + i % 4, me.as_str()).await;
+                    if got.is_empty() {
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                        continue;
+                    }
+                    if fast {
+                        fast_claims.fetch_add(1, Ordering::SeqCst);
+                    }
+                    complete(&conn, &got).await;
+                }
+            })
+        })
+        .collect();
+    for c in claimers {
+        c.await.unwrap();
+    }
+    let conn = t.db.get().await.unwrap();
+    // From the bucket's start (full, at `from`) to each claim: at most the burst plus the rate
+    // over that time; and in every 1 s window that starts at a claim, at most the burst plus
+    // one second's worth (tokens never go below 0). Claims are stamped with their
+    // transaction's start, a little before they take their tokens: a token or two of slack.
+    let row = conn
+        .query_one(
+            "SELECT count(*),
+                    coalesce(max(x.n_since - (20 + 200 * extract(epoch FROM x.claimed_at - $1))), 0)::float8,
+                    (SELECT max((SELECT count(*) FROM pgcrew.tasks y
+                                  WHERE y.queue = 'rq' AND y.claimed_at >= z.claimed_at
+                                    AND y.claimed_at < z.claimed_at + interval '1 second'))
+                       FROM pgcrew.tasks z WHERE z.queue = 'rq' AND z.claimed_at IS NOT NULL)
+               FROM (SELECT t.claimed_at,
+                            count(*) OVER (ORDER BY t.claimed_at
+                                           RANGE BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW) AS n_since
+                       FROM pgcrew.tasks t WHERE t.queue = 'rq' AND t.claimed_at IS NOT NULL) x",
+            &[&from],
+        )
+        .await
+        .unwrap();
+    let (n, over, window): (i64, f64, i64) = (row.get(0), row.get(1), row.get(2));
+    let fast = fast_claims.load(Ordering::SeqCst);
+    eprintln!(
+        "rate limit: {n} claims in 3 s at 200/s (burst 20), largest 1 s window {window}, {fast} fast claims"
+    );
+    assert!(over <= 2.0, "{over} claims beyond the bucket");
+    assert!(window <= 222, "{window} claims in one second");
+    assert!(n >= 400, "{n} claims in 3 s at 200/s");
+    assert!(fast > 0, "the fast limited claim took part");
+}
+
+/// Key limit 1: the first instance's pool runs a task of key c=1, the second instance's pool
+/// (polling only every 30 s) has the next task of that key and waits. When the first task
+/// finishes (the first instance stopping, so it claims nothing more), the second pool is
+/// woken by the acknowledgement and claims well before its poll.
+#[tokio::test]
+async fn a_pool_held_back_by_a_key_is_woken_when_the_key_frees_elsewhere() {
+    let t = test_db().await;
+    queue::set_key_limit(&t.db, "kw", "c", 1).await.unwrap();
+    queue::enqueue(
+        &t.db,
+        &NewTask::new("hold", &json!({"c": 1})).unwrap().queue("kw"),
+    )
+    .await
+    .unwrap();
+    let release = Arc::new(Notify::new());
+    let pool = |release: Arc<Notify>| {
+        WorkerPool::builder()
+            .queue("kw")
+            .concurrency(1)
+            .poll_interval(Duration::from_secs(30))
+            .handler("hold", move |_ctx, _p: serde_json::Value| {
+                let release = release.clone();
+                async move {
+                    release.notified().await;
+                    Ok(TaskOutcome::Complete)
+                }
+            })
+            .handler("next", |_ctx, _p: serde_json::Value| async move {
+                Ok(TaskOutcome::Complete)
+            })
+            .build()
+            .unwrap()
+    };
+    let config = |id: &str| {
+        fast_config(id)
+            .notify_poll_interval(Duration::from_secs(60))
+            .build()
+            .unwrap()
+    };
+    let first =
+        common::start_client(t.dsn(), config("key-first"), Some(pool(release.clone()))).await;
+    wait_until(Duration::from_secs(20), "the first pool runs the task", || async {
+        scalar(
+            &t,
+            "SELECT count(*) FROM pgcrew.tasks WHERE state = 'running' AND claimed_by = 'key-first'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    let second =
+        common::start_client(t.dsn(), config("key-second"), Some(pool(release.clone()))).await;
+    queue::enqueue(
+        &t.db,
+        &NewTask::new("next", &json!({"c": 1})).unwrap().queue("kw"),
+    )
+    .await
+    .unwrap();
+    // The second pool found the key full and waits for work (registered as a waiter).
+    wait_until(Duration::from_secs(20), "the second pool waits", || async {
+        scalar(
+            &t,
+            "SELECT count(*) FROM pgcrew.queue_waiters WHERE queue = 'kw'",
+        )
+        .await
+            == 1
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        scalar(
+            &t,
+            "SELECT count(*) FROM pgcrew.tasks WHERE kind = 'next' AND state = 'available'"
+        )
+        .await,
+        1
+    );
+    // Stop the first instance (its pool claims nothing more), then let its task finish.
+    let released = Instant::now();
+    tokio::join!(async { first.stop().await.unwrap() }, async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        release.notify_one();
+    });
+    wait_until(
+        Duration::from_secs(10),
+        "the second pool ran the next task (woken, not polled)",
+        || async {
+            scalar(
+                &t,
+                "SELECT count(*) FROM pgcrew.tasks WHERE kind = 'next' AND state = 'completed' \
+                 AND claimed_by = 'key-second'",
+            )
+            .await
+                == 1
+        },
+    )
+    .await;
+    eprintln!(
+        "next task of the key completed {:?} after the release (poll interval 30 s)",
+        released.elapsed()
+    );
+    second.stop().await.unwrap();
+}
