@@ -176,15 +176,22 @@ fn detail(ctx: &Ctx, s: &UiState, d: &TaskDetail) -> Markup {
                 }
             }
         }
-        h2 { "Attempts and errors" }
-        @if errors.is_empty() { p.muted { "no errors recorded" } }
-        @else {
-            table #errors { tr { th { "attempt" } th { "at" } th { "error" } }
-                @for e in &errors {
-                    tr { td { (e.get("attempt").map(|v| v.to_string()).unwrap_or_default()) }
-                         td { (e.get("at").and_then(|v| v.as_str()).unwrap_or("")) }
-                         td { pre { (e.get("error").and_then(|v| v.as_str()).unwrap_or("")) } } }
-                }
+        h2 { "Attempts and claims" }
+        p.muted { "Each attempt that did not succeed (failed, rescued from a stopped instance, cancelled or discarded) with the instance that held its claim (recorded since V037), then the last claim." }
+        table #errors { tr { th { "attempt" } th { "instance" } th { "at" } th { "outcome" } }
+            @for e in &errors {
+                tr.attempt { td { (e.get("attempt").map(|v| v.to_string()).unwrap_or_default()) }
+                     td.instance { (e.get("instance").and_then(|v| v.as_str()).unwrap_or("-")) }
+                     td { (e.get("at").and_then(|v| v.as_str()).unwrap_or("")) }
+                     td { pre { (e.get("error").and_then(|v| v.as_str()).unwrap_or("")) } } }
+            }
+            @if let Some(by) = &t.claimed_by {
+                tr #last-claim { td { (t.attempts) } td.instance { (by) }
+                     td { "last heartbeat " (opt_time(&t.heartbeat_at)) }
+                     td { "last claim: " (state(t.state.as_str())) } }
+            }
+            @if errors.is_empty() && t.claimed_by.is_none() {
+                tr { td colspan="4" { span.muted { "never claimed" } } }
             }
         }
         h2 { "Actions taken" }

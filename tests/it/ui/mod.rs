@@ -3,6 +3,7 @@
 
 mod actions;
 mod browser;
+mod claims;
 mod demo;
 mod history;
 mod http;
