@@ -192,8 +192,18 @@ impl SpanProcessor for BoundedExport {
         if self.shared.closed.swap(true, Ordering::Relaxed) {
             return Ok(());
         }
-        self.control(Msg::Shutdown, Instant::now() + timeout);
+        // A thread that never got the message (its exporter stuck past the timeout with the
+        // queue full) is left to end on its own rather than waited for without bound.
+        let deadline = Instant::now() + timeout;
+        let sent = self.control(Msg::Shutdown, deadline);
         if let Some(t) = self.thread.lock().ok().and_then(|mut g| g.take()) {
+            // The last export happens on the thread: wait for it until the deadline.
+            while sent && !t.is_finished() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            if !t.is_finished() {
+                return Err(OTelSdkError::Timeout(timeout));
+            }
             let _ = t.join();
         }
         Ok(())
@@ -379,8 +389,39 @@ mod tests {
         let _ = provider.shutdown();
     }
 
+    /// Tests that drop spans: the dropped-spans counter is process-wide.
+    static DROPPING: Mutex<()> = Mutex::new(());
+
+    #[test]
+    fn shutdown_with_a_stuck_exporter_and_a_full_queue_gives_up_at_its_timeout() {
+        let _serial = DROPPING.lock().unwrap_or_else(|p| p.into_inner());
+        let (_go, rx) = mpsc::channel();
+        let exporter = Stuck {
+            go: Mutex::new(rx),
+            batches: Arc::new(Mutex::new(Vec::new())),
+        };
+        let settings = ExportSettings {
+            max_queue: 2,
+            max_batch: 1,
+            delay: Duration::from_millis(10),
+        };
+        let export = BoundedExport::start(move || Ok::<_, String>(exporter), settings);
+        let provider = SdkTracerProvider::builder()
+            .with_span_processor(export)
+            .build();
+        let tracer = provider.tracer("test");
+        // One span in the stuck export, two filling the queue.
+        for i in 0..8 {
+            tracer.in_span(format!("s{i}"), |_| {});
+        }
+        // The export never returns (its `go` is never sent): shutdown must not wait for it.
+        let r = provider.shutdown_with_timeout(Duration::from_millis(200));
+        assert!(r.is_err(), "{r:?}");
+    }
+
     #[test]
     fn a_full_queue_and_a_failed_export_drop_spans_counted_and_never_block() {
+        let _serial = DROPPING.lock().unwrap_or_else(|p| p.into_inner());
         let dropped_before = crate::telemetry::global().spans_dropped.get();
         let (go, rx) = mpsc::channel();
         let batches = Arc::new(Mutex::new(Vec::new()));
