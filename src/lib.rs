@@ -164,6 +164,7 @@ pub mod runs;
 pub mod schedule;
 pub mod shard;
 pub mod sqlstate;
+mod sync;
 pub mod telemetry;
 pub mod tenancy;
 pub mod ui;

@@ -15,6 +15,7 @@ use crate::coord::maintenance;
 use crate::coord::notify::{Event, Subscription};
 use crate::error::{Error, Result};
 use crate::ids::InstanceId;
+use crate::sync::with_lock;
 
 impl Client {
     pub(super) async fn heartbeat_loop(self, mut shutdown: watch::Receiver<bool>) {
@@ -65,28 +66,20 @@ impl Client {
     }
 
     fn last_beat(&self) -> Option<(Instant, bool)> {
-        match self.inner.last_beat.lock() {
-            Ok(g) => *g,
-            Err(poisoned) => *poisoned.into_inner(),
-        }
+        with_lock(&self.inner.last_beat, |g| *g)
     }
 
     /// Record a heartbeat refreshed by a statement sent at `at` (keeps a later one).
     fn note_beat(&self, at: Instant, by_elector: bool) {
-        let mut g = match self.inner.last_beat.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if g.is_none_or(|(t, _)| t <= at) {
-            *g = Some((at, by_elector));
-        }
+        with_lock(&self.inner.last_beat, |g| {
+            if g.is_none_or(|(t, _)| t <= at) {
+                *g = Some((at, by_elector));
+            }
+        });
     }
 
     fn set_leader(&self, state: Option<LeaderState>) -> Option<LeaderState> {
-        match self.inner.leader.lock() {
-            Ok(mut g) => std::mem::replace(&mut *g, state),
-            Err(poisoned) => std::mem::replace(&mut *poisoned.into_inner(), state),
-        }
+        with_lock(&self.inner.leader, |g| std::mem::replace(g, state))
     }
 
     fn lose_leadership(&self, maintenance: &mut Option<JoinHandle<()>>) {

@@ -55,18 +55,19 @@ pub(crate) async fn elect_on(
     }
     let row = Executor::query_opt(conn, sql!("coord/leader_wait"), typed![&name]).await?;
     Ok(match row {
-        Some(r) => {
-            let remaining: Option<i64> = r.get(2);
-            Election::Follower {
-                leader_id: r.get(0),
-                expires_in: remaining.map(|us| Duration::from_micros(us.max(0) as u64)),
-            }
-        }
-        None => Election::Follower {
-            leader_id: None,
-            expires_in: None,
-        },
+        Some(r) => Election::follower(r.get(0), r.get(2)),
+        None => Election::follower(None, None),
     })
+}
+
+impl Election {
+    /// A follower's view: the holder and its lease's remaining time in µs, as read.
+    fn follower(leader_id: Option<String>, remaining_us: Option<i64>) -> Election {
+        Election::Follower {
+            leader_id,
+            expires_in: remaining_us.map(|us| Duration::from_micros(us.max(0) as u64)),
+        }
+    }
 }
 
 /// One election attempt of a started instance, in one statement (`coord/elect_beat`): take or
@@ -88,18 +89,9 @@ pub(crate) async fn elect_and_beat_on(
         Some(true) => Election::Leader {
             term: row.try_get(1)?,
         },
-        Some(false) => {
-            let remaining: Option<i64> = row.try_get(3)?;
-            Election::Follower {
-                leader_id: row.try_get(2)?,
-                expires_in: remaining.map(|us| Duration::from_micros(us.max(0) as u64)),
-            }
-        }
+        Some(false) => Election::follower(row.try_get(2)?, row.try_get(3)?),
         // No lease row and our insert lost a race: unknown holder.
-        None => Election::Follower {
-            leader_id: None,
-            expires_in: None,
-        },
+        None => Election::follower(None, None),
     };
     Ok((election, beat))
 }

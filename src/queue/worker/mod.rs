@@ -37,6 +37,7 @@ use crate::coord::notify::EventKind;
 use crate::coord::service::{Service, ServiceContext};
 use crate::error::Result;
 use crate::ids::{ClaimToken, RunId, TaskId, TenantId};
+use crate::sync::with_lock;
 
 mod ack;
 mod builder;
@@ -274,14 +275,6 @@ impl Shared {
     }
     fn with_held<R>(&self, f: impl FnOnce(&mut HashMap<TaskId, CancellationToken>) -> R) -> R {
         with_lock(&self.held, f)
-    }
-}
-
-/// `f` on what `m` guards, also after a panic poisoned it (the maps stay usable).
-fn with_lock<T, R>(m: &Mutex<T>, f: impl FnOnce(&mut T) -> R) -> R {
-    match m.lock() {
-        Ok(mut g) => f(&mut g),
-        Err(p) => f(&mut p.into_inner()),
     }
 }
 

@@ -213,27 +213,35 @@ pub struct Rss {
 }
 
 impl Rss {
-    /// Read the figures now.
+    /// Read the figures of this process now.
     pub fn now() -> Rss {
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-                .unwrap_or(0)
-        };
         Rss {
-            rss_kib: field("VmRSS:"),
-            anon_kib: field("RssAnon:"),
-            hwm_kib: field("VmHWM:"),
+            rss_kib: status_kib(&status, "VmRSS:").unwrap_or(0),
+            anon_kib: status_kib(&status, "RssAnon:").unwrap_or(0),
+            hwm_kib: status_kib(&status, "VmHWM:").unwrap_or(0),
         }
+    }
+
+    /// `VmRSS` of process `pid` in MiB (`None` when it is gone, or has no memory left to
+    /// report: a killed process not yet reaped).
+    pub fn of_process_mib(pid: u32) -> Option<f64> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        status_kib(&status, "VmRSS:").map(|kib| kib as f64 / 1024.0)
     }
 
     /// `VmRSS` in MiB.
     pub fn mib(self) -> f64 {
         self.rss_kib as f64 / 1024.0
     }
+}
+
+/// A `/proc/<pid>/status` field in KiB (`name` with its colon, e.g. `VmRSS:`).
+fn status_kib(status: &str, name: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }
 
 /// The instance process's resident memory: idle (instances started, no work), the highest

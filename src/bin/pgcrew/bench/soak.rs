@@ -123,13 +123,6 @@ const QUEUE: &str = "soak";
 const AGENT: &str = pgcrew::agent::demo::SUPPORT_AGENT;
 const MIB: f64 = 1024.0 * 1024.0;
 
-fn rss_mib(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = s.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
-}
-
 /// What the driver tracks.
 #[derive(Default)]
 struct Books {
@@ -208,7 +201,7 @@ async fn sample(
         rss_mib: fleet
             .pids()
             .iter()
-            .filter_map(|(n, p)| Some((n.clone(), rss_mib(*p)?)))
+            .filter_map(|(n, p)| Some((n.clone(), super::Rss::of_process_mib(*p)?)))
             .collect(),
         tables_mib: tables as f64 / MIB,
         indexes_mib: indexes as f64 / MIB,

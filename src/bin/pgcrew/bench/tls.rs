@@ -55,16 +55,6 @@ struct Report {
     meets_target: bool,
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
-}
-
 /// `dsn` with `sslmode` replaced (a later key wins, in both DSN forms).
 fn with_sslmode(dsn: &str, mode: SslMode) -> String {
     let t = dsn.trim();
@@ -164,9 +154,9 @@ pub async fn run(dsn: Option<String>, args: TlsBenchArgs) -> Result<ExitCode> {
         }
     }
     for m in [&mut plain, &mut tls] {
-        m.processed_per_sec_median = median(&m.processed_per_sec);
-        m.enqueue_per_sec_median = median(&m.enqueue_per_sec);
-        m.wakeup_p50_ms_median = median(&m.wakeup_p50_ms);
+        m.processed_per_sec_median = super::median(&m.processed_per_sec);
+        m.enqueue_per_sec_median = super::median(&m.enqueue_per_sec);
+        m.wakeup_p50_ms_median = super::median(&m.wakeup_p50_ms);
     }
     let processed_ratio = tls.processed_per_sec_median / plain.processed_per_sec_median;
     let enqueue_ratio = tls.enqueue_per_sec_median / plain.enqueue_per_sec_median;
