@@ -69,12 +69,54 @@ struct Shared {
 /// queue's rates.)
 #[derive(Debug)]
 pub(super) struct BoundedExport {
-    tx: SyncSender<Msg>,
-    shared: Arc<Shared>,
+    sink: SpanSink,
     resource: Arc<Mutex<Option<Resource>>>,
     thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+/// The sending side of the export queue: [`BoundedExport::on_end`] queues the spans of the
+/// SDK's tracer through it, and the worker pool's task spans are queued through a clone of it
+/// without going through a tracer ([`super::trace::record_span`]).
+#[derive(Debug, Clone)]
+pub(super) struct SpanSink {
+    tx: SyncSender<Msg>,
+    shared: Arc<Shared>,
     /// The export thread, to wake it (`None` when it could not be spawned).
     waker: Option<std::thread::Thread>,
+}
+
+impl SpanSink {
+    /// Queue a finished span without blocking (an unsampled one is skipped); a full queue or
+    /// a stopped export drops it and counts it.
+    pub(super) fn push(&self, span: SpanData) {
+        if !span.span_context.is_sampled() {
+            return;
+        }
+        if self.shared.closed.load(Ordering::Relaxed) {
+            super::global().spans_dropped.inc();
+            return;
+        }
+        // Counted before the send, so the export thread's decrement always follows it.
+        let queued = self.shared.pending.fetch_add(1, Ordering::Relaxed) + 1;
+        match self.tx.try_send(Msg::Span(Box::new(span))) {
+            Ok(()) => {
+                // Wake the thread once per full batch, not per span.
+                if queued == self.shared.max_batch {
+                    self.wake();
+                }
+            }
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.shared.pending.fetch_sub(1, Ordering::Relaxed);
+                super::global().spans_dropped.inc();
+            }
+        }
+    }
+
+    fn wake(&self) {
+        if let Some(t) = &self.waker {
+            t.unpark();
+        }
+    }
 }
 
 impl BoundedExport {
@@ -106,31 +148,32 @@ impl BoundedExport {
             })
             .ok();
         BoundedExport {
-            tx,
-            waker: thread.as_ref().map(|t| t.thread().clone()),
-            shared,
+            sink: SpanSink {
+                tx,
+                waker: thread.as_ref().map(|t| t.thread().clone()),
+                shared,
+            },
             resource,
             thread: Mutex::new(thread),
         }
     }
 
-    fn wake(&self) {
-        if let Some(t) = &self.waker {
-            t.unpark();
-        }
+    /// A sending handle of the queue.
+    pub(super) fn sink(&self) -> SpanSink {
+        self.sink.clone()
     }
 
     /// Send a control message (waits for queue room at most until `deadline`).
     fn control(&self, mut msg: Msg, deadline: Instant) -> bool {
         loop {
-            match self.tx.try_send(msg) {
+            match self.sink.tx.try_send(msg) {
                 Ok(()) => {
-                    self.wake();
+                    self.sink.wake();
                     return true;
                 }
                 Err(TrySendError::Full(m)) if Instant::now() < deadline => {
                     msg = m;
-                    self.wake();
+                    self.sink.wake();
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 Err(_) => return false,
@@ -141,7 +184,7 @@ impl BoundedExport {
     /// A reader of the times the export thread woke up so far.
     #[cfg(test)]
     fn wakeups(&self) -> impl Fn() -> u64 + use<> {
-        let shared = self.shared.clone();
+        let shared = self.sink.shared.clone();
         move || shared.wakeups.load(Ordering::Relaxed)
     }
 }
@@ -150,31 +193,11 @@ impl SpanProcessor for BoundedExport {
     fn on_start(&self, _span: &mut Span, _cx: &Context) {}
 
     fn on_end(&self, span: SpanData) {
-        if !span.span_context.is_sampled() {
-            return;
-        }
-        if self.shared.closed.load(Ordering::Relaxed) {
-            super::global().spans_dropped.inc();
-            return;
-        }
-        // Counted before the send, so the export thread's decrement always follows it.
-        let queued = self.shared.pending.fetch_add(1, Ordering::Relaxed) + 1;
-        match self.tx.try_send(Msg::Span(Box::new(span))) {
-            Ok(()) => {
-                // Wake the thread once per full batch, not per span.
-                if queued == self.shared.max_batch {
-                    self.wake();
-                }
-            }
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                self.shared.pending.fetch_sub(1, Ordering::Relaxed);
-                super::global().spans_dropped.inc();
-            }
-        }
+        self.sink.push(span);
     }
 
     fn force_flush(&self) -> OTelSdkResult {
-        if self.shared.closed.load(Ordering::Relaxed) {
+        if self.sink.shared.closed.load(Ordering::Relaxed) {
             return Ok(());
         }
         let (done_tx, done_rx) = sync_channel(1);
@@ -189,7 +212,7 @@ impl SpanProcessor for BoundedExport {
     }
 
     fn shutdown_with_timeout(&self, timeout: Duration) -> OTelSdkResult {
-        if self.shared.closed.swap(true, Ordering::Relaxed) {
+        if self.sink.shared.closed.swap(true, Ordering::Relaxed) {
             return Ok(());
         }
         // A thread that never got the message (its exporter stuck past the timeout with the

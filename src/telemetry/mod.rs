@@ -21,6 +21,7 @@ use prometheus_client::registry::Registry;
 
 mod export;
 mod labels;
+mod otlp;
 mod record;
 pub mod trace;
 

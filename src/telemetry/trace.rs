@@ -25,23 +25,49 @@
 //! first failure logs one warning.
 
 use std::collections::HashMap;
+use std::sync::RwLock;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use opentelemetry::Context;
-use opentelemetry::KeyValue;
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{Link, SpanKind, TraceContextExt, TraceId, TracerProvider as _};
+use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{Sampler, SamplingResult, SdkTracerProvider, ShouldSample};
+use opentelemetry_sdk::trace::{
+    Sampler, SamplingResult, SdkTracerProvider, ShouldSample, SpanData,
+};
 use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use super::export::{BoundedExport, ExportSettings};
+use super::export::{BoundedExport, ExportSettings, SpanSink};
+use super::otlp::{OtlpConfig, OtlpHttp};
 use crate::db::{Executor, Handle, handle_of};
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// The export queue of the last [`otlp_layer`] set up, for spans recorded without a tracer
+/// ([`record_span`]).
+static SINK: RwLock<Option<SpanSink>> = RwLock::new(None);
+
+/// The instrumentation scope of pgcrew's spans (the tracer's: `pgcrew`).
+pub(crate) fn scope() -> InstrumentationScope {
+    InstrumentationScope::builder("pgcrew").build()
+}
+
+/// Queue a span built by pgcrew itself (the worker pool's `pgcrew.task`, one per task: built
+/// directly as the SDK's `SpanData`, which costs a fraction of a `tracing` span through the
+/// OpenTelemetry layer) for export with the others. Dropped when no export is set up.
+pub(crate) fn record_span(span: SpanData) {
+    let sink = match SINK.read() {
+        Ok(g) => g.clone(),
+        Err(p) => p.into_inner().clone(),
+    };
+    if let Some(sink) = sink {
+        sink.push(span);
+    }
+}
 
 /// Whether an OpenTelemetry export was set up in this process ([`otlp_layer`] or
 /// [`set_enabled`]): only then are trace contexts stored and restored (no cost otherwise).
@@ -164,18 +190,24 @@ where
 /// The `traceparent` of `span` (W3C trace context), when it is recorded by an OpenTelemetry
 /// layer; `None` otherwise (no layer, or not sampled).
 pub fn traceparent_of(span: &tracing::Span) -> Option<String> {
-    let cx = span.context();
+    traceparent_in(&span.context())
+}
+
+/// The `traceparent` of the span in `cx`, when it is a valid one.
+fn traceparent_in(cx: &Context) -> Option<String> {
     if !cx.span().span_context().is_valid() {
         return None;
     }
     let mut carrier = HashMap::new();
-    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+    TraceContextPropagator::new().inject_context(cx, &mut carrier);
     carrier.remove("traceparent")
 }
 
-/// The `traceparent` of the current span (see [`traceparent_of`]).
+/// The `traceparent` of the current span (see [`traceparent_of`]); outside any recorded
+/// `tracing` span, that of the current OpenTelemetry context (a worker pool's task handler runs
+/// in its `pgcrew.task` span's context).
 pub fn current_traceparent() -> Option<String> {
-    traceparent_of(&tracing::Span::current())
+    traceparent_of(&tracing::Span::current()).or_else(|| traceparent_in(&Context::current()))
 }
 
 /// The context a stored `traceparent` names (`None` when it is not a valid one).
@@ -250,18 +282,16 @@ where
 {
     let url = traces_url.map(str::to_string);
     let service = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service_name.to_string());
+    let export = BoundedExport::start(
+        move || OtlpHttp::new(OtlpConfig::from_env(url.as_deref())),
+        ExportSettings::from_env(),
+    );
+    match SINK.write() {
+        Ok(mut g) => *g = Some(export.sink()),
+        Err(p) => *p.into_inner() = Some(export.sink()),
+    }
     let provider = SdkTracerProvider::builder()
-        .with_span_processor(BoundedExport::start(
-            move || {
-                use opentelemetry_otlp::WithExportConfig as _;
-                let builder = opentelemetry_otlp::SpanExporter::builder().with_http();
-                match url {
-                    Some(u) => builder.with_endpoint(u).build(),
-                    None => builder.build(),
-                }
-            },
-            ExportSettings::from_env(),
-        ))
+        .with_span_processor(export)
         .with_resource(Resource::builder().with_service_name(service).build())
         .with_sampler(Sampler::ParentBased(Box::new(RootSampler)))
         .build();

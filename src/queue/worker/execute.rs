@@ -6,9 +6,10 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
 use futures_util::FutureExt;
+use opentelemetry::context::FutureExt as _;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
-use tracing::{Instrument, debug, warn};
+use tracing::{debug, warn};
 
 use super::{Shared, TaskContext, TaskOutcome, WorkerPool};
 use crate::coord::notify::{Event, EventKind};
@@ -116,12 +117,21 @@ impl WorkerPool {
             } else {
                 shared.with_run_leases(|m| m.remove(&id))
             };
-            let span = super::trace::task_span(&task, traceparent.as_deref());
+            let trace = super::trace::TaskTrace::start(&task, traceparent.as_deref());
             let started = std::time::Instant::now();
-            let outcome = self
-                .execute(&ctx, task, cancel, run_lease)
-                .instrument(span)
-                .await;
+            let run = self.execute(&ctx, task, cancel, run_lease);
+            let outcome = match &trace {
+                Some(t) => run.with_context(t.context()).await,
+                None => run.await,
+            };
+            if let Some(t) = trace {
+                t.end(match &outcome {
+                    AckOutcome::Fail { error, .. } | AckOutcome::Discard { error } => {
+                        Some(error.as_str())
+                    }
+                    _ => None,
+                });
+            }
             telemetry::global().task_finished(
                 &queue,
                 &kind,

@@ -9,34 +9,124 @@
 
 use std::collections::HashMap;
 
-use tracing::{Span, info_span};
+use std::borrow::Cow;
+use std::time::SystemTime;
+
+use opentelemetry::trace::{
+    SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState,
+};
+use opentelemetry::{Context, KeyValue};
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
+use tracing::info_span;
 
 use super::Shared;
 use crate::db::{Db, Executor};
 use crate::ids::TaskId;
 use crate::queue::claim::{ClaimedTask, StoredTrace};
-use crate::telemetry::trace::{enabled, sample_root, set_remote_parent};
+use crate::telemetry::trace::{
+    context_from, enabled, record_span, sample_root, scope, set_remote_parent,
+};
 
-/// The span a task's handler runs in, a child of the trace context stored with the task.
-/// Without tracing, no span (a span the log layer records would cost every task).
-pub(super) fn task_span(task: &ClaimedTask, traceparent: Option<&str>) -> Span {
-    if !enabled() || (traceparent.is_none() && !sample_root()) {
-        return Span::none();
+/// A task's `pgcrew.task` span while its handler runs: the OpenTelemetry context the handler
+/// runs in (its spans, and the trace context of what it enqueues, are children of this span),
+/// recorded when the task ends. Built as the SDK's `SpanData` directly rather than as a
+/// `tracing` span through the OpenTelemetry layer: one span per task is tracing's largest cost
+/// at a queue's rates, and this way it costs a fraction (`bench observability`, README).
+pub(super) struct TaskTrace {
+    /// The context of the span, or of the unsampled trace it continues.
+    cx: Context,
+    /// What is recorded at the end; `None` when the trace is not sampled.
+    span: Option<SpanData>,
+}
+
+impl TaskTrace {
+    /// The trace of `task`: a child of the trace context stored with it (sampled when that
+    /// one was), or a new trace drawn at the sampling ratio. `None` without tracing, or for a
+    /// new trace not drawn (no span, no context).
+    pub(super) fn start(task: &ClaimedTask, traceparent: Option<&str>) -> Option<TaskTrace> {
+        if !enabled() {
+            return None;
+        }
+        let parent = traceparent.and_then(context_from);
+        let (trace_id, parent_id, state, sampled) = match &parent {
+            Some(cx) => {
+                let p = cx.span().span_context().clone();
+                (
+                    p.trace_id(),
+                    p.span_id(),
+                    p.trace_state().clone(),
+                    p.is_sampled(),
+                )
+            }
+            None if sample_root() => (
+                TraceId::from(fastrand::u128(1..)),
+                SpanId::INVALID,
+                TraceState::default(),
+                true,
+            ),
+            None => return None,
+        };
+        if !sampled {
+            // The children stay out of the trace too (parent-based sampling).
+            return parent.map(|cx| TaskTrace { cx, span: None });
+        }
+        let sc = SpanContext::new(
+            trace_id,
+            SpanId::from(fastrand::u64(1..)),
+            TraceFlags::SAMPLED,
+            false,
+            state,
+        );
+        let mut attributes = Vec::with_capacity(6);
+        attributes.push(KeyValue::new("queue", task.queue.clone()));
+        attributes.push(KeyValue::new("kind", task.kind.clone()));
+        attributes.push(KeyValue::new("task_id", task.id.0));
+        attributes.push(KeyValue::new("attempt", i64::from(task.attempt)));
+        if let Some(run) = task.run_id {
+            attributes.push(KeyValue::new("run_id", run.to_string()));
+        }
+        attributes.push(KeyValue::new(
+            "queue_wait_ms",
+            task.lag.as_secs_f64() * 1000.0,
+        ));
+        let now = SystemTime::now();
+        let span = SpanData {
+            span_context: sc.clone(),
+            parent_span_id: parent_id,
+            parent_span_is_remote: parent.is_some(),
+            span_kind: SpanKind::Internal,
+            name: Cow::Borrowed("pgcrew.task"),
+            start_time: now,
+            end_time: now,
+            attributes,
+            dropped_attributes_count: 0,
+            events: SpanEvents::default(),
+            links: SpanLinks::default(),
+            status: Status::Unset,
+            instrumentation_scope: scope(),
+        };
+        Some(TaskTrace {
+            cx: Context::new().with_remote_span_context(sc),
+            span: Some(span),
+        })
     }
-    // A root when no trace is stored (whatever span is current here).
-    let span = info_span!(
-        target: "pgcrew::queue",
-        parent: None,
-        "pgcrew.task",
-        queue = %task.queue,
-        kind = %task.kind,
-        task_id = task.id.0,
-        attempt = task.attempt,
-        run_id = task.run_id.map(|r| r.to_string()),
-        queue_wait_ms = task.lag.as_secs_f64() * 1000.0,
-    );
-    set_remote_parent(&span, traceparent);
-    span
+
+    /// The context the handler runs in.
+    pub(super) fn context(&self) -> Context {
+        self.cx.clone()
+    }
+
+    /// The handler returned `failed` (an error or a panic: the span's status is an error):
+    /// record the span.
+    pub(super) fn end(self, failed: Option<&str>) {
+        if let Some(mut span) = self.span {
+            span.end_time = SystemTime::now();
+            if let Some(e) = failed {
+                span.status = Status::error(e.to_string());
+            }
+            record_span(span);
+        }
+    }
 }
 
 /// After a claim (tracing on): read the trace contexts of `tasks`, keep them for their
