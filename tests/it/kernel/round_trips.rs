@@ -179,3 +179,32 @@ async fn a_one_model_step_agent_run_takes_at_most_ten_round_trips_besides_claim_
         c.statements
     );
 }
+
+/// The one-statement start of a model step is fenced: with a lease that is no longer held the
+/// step fails with `LeaseLost` before the model is called, and nothing is reserved or recorded.
+#[tokio::test]
+async fn a_model_step_started_with_a_stale_lease_reserves_and_records_nothing() {
+    let (t, scope) = setup(&[], Some(10.0)).await;
+    let lease = runs::acquire_run_lease(&t.db, scope.run, "me", Duration::from_secs(30))
+        .await
+        .unwrap()
+        .unwrap();
+    runs::release_run_lease(&t.db, &lease).await.unwrap();
+    let scope = scope.with_lease(lease.token);
+    let model = Arc::new(ScriptedModel::sequence(vec![ScriptedReply::text("never")]));
+    let k = Kernel::new(t.db.clone(), model.clone());
+    let request = ModelRequest::new(DEMO_MODEL).user("hi").max_tokens(50);
+    let err = k
+        .step_model(&scope, "m1", &request, ReplayPolicy::Strict)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Error::LeaseLost(_)), "{err}");
+    assert_eq!(model.calls(), 0);
+    let tn = tenancy::get(&t.db, &scope.tenant).await.unwrap();
+    assert_eq!(
+        (tn.spent_usd, tn.reserved_usd, tn.active_reservations),
+        (0.0, 0.0, 0)
+    );
+    let evs = events(&t.db, &scope).await;
+    assert_eq!(count(&evs, "model_requested"), 0, "{evs:?}");
+}
