@@ -116,6 +116,13 @@ pub const NOT_IN_TENANT_TRANSFER: &str = "PC130";
 /// PC131: a tenant still has unfinished tasks or runs and cannot be deleted by a transfer (V032).
 pub const TENANT_NOT_DRAINED: &str = "PC131";
 
+/// PC180: starting a pending run would pass its tenant's `max_concurrent_runs`; DETAIL is
+/// `running,limit,tenant` and nothing was written (`pgcrew.start_run_fenced`, V040).
+pub const RUN_ADMISSION_LIMIT: &str = "PC180";
+/// PC181: a model step's `model_completed` was found recorded by a writer that did not take the
+/// run's ledger lock; the settlement was undone (`pgcrew.model_step_end`, V040).
+pub const STEP_RECORDED_MEANWHILE: &str = "PC181";
+
 /// The SQLSTATE of a driver error that carries a server response.
 pub fn of(e: &tokio_postgres::Error) -> Option<&str> {
     e.as_db_error().map(|d| d.code().code())

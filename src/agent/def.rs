@@ -280,6 +280,11 @@ pub async fn get_agent(db: &crate::Db, name: &str) -> Result<AgentDef> {
         .query_opt(sql!("agent/get_agent"), typed![&name])
         .await?
         .ok_or_else(|| Error::not_found("agent", name))?;
+    agent_of_row(&row)
+}
+
+/// An agent definition from a row with agent/get_agent's columns.
+pub(crate) fn agent_of_row(row: &tokio_postgres::Row) -> Result<AgentDef> {
     let max_tokens: Option<i32> = row.try_get("max_tokens")?;
     let iterations: i32 = row.try_get("max_iterations")?;
     let policy: String = row.try_get("on_capability_denied")?;
@@ -294,7 +299,15 @@ pub async fn get_agent(db: &crate::Db, name: &str) -> Result<AgentDef> {
         temperature: row.try_get("temperature")?,
         max_iterations: u32::try_from(iterations).unwrap_or(DEFAULT_MAX_ITERATIONS),
         on_capability_denied: policy.parse()?,
-        subagents: subagent::load(db, name).await?,
+        subagents: {
+            let names: Vec<String> = row.try_get("subagent_names")?;
+            let budgets: Vec<Option<f64>> = row.try_get("subagent_budgets")?;
+            names
+                .into_iter()
+                .zip(budgets)
+                .map(|(agent, budget_usd)| subagent::Subagent { agent, budget_usd })
+                .collect()
+        },
         replay_policy: replay.parse()?,
         skills: row.try_get("skills")?,
     })

@@ -17,15 +17,12 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 use tracing::{instrument, warn};
 
-use crate::db::Executor;
 use crate::error::{Error, Result};
 use crate::ids::{InstanceId, RunId, SessionId, TenantId};
 use crate::kernel::{Kernel, ModelStep, RunScope};
 use crate::model::{Message, ModelRequest, ToolCall, ToolSpec};
 use crate::queue::{self, TaskOutcome, WorkerPoolBuilder};
-use crate::runs::{
-    self, LimitPolicy, Run, RunLease, RunLeasing, RunOutcome, RunState, Session, StartOutcome,
-};
+use crate::runs::{self, Run, RunLease, RunLeasing, RunState, Session};
 
 pub use super::def::{
     AGENT_RUN_KIND, AgentDef, CapabilityDenialPolicy, DEFAULT_MAX_ITERATIONS, agent_queue,
@@ -300,13 +297,17 @@ impl AgentRuntime {
         let db = self.kernel.db();
         let run = current.id;
         let token = Some(lease.token);
-        self.start(current, token).await?;
+        let loaded = self.start(current, token).await?;
         let scope = RunScope::new(run, current.tenant_id.clone()).with_lease(lease.token);
         let Some(agent_name) = current.agent_name.as_deref() else {
             let e = Error::invalid("agent", "the run names no agent");
             return self.fail(&scope, "unknown_agent", e).await;
         };
-        let def = match get_agent(db, agent_name).await {
+        let def = match loaded {
+            Some(def) => def,
+            None => get_agent(db, agent_name).await,
+        };
+        let def = match def {
             Ok(d) => d,
             Err(e @ Error::NotFound { .. }) => return self.fail(&scope, "unknown_agent", e).await,
             Err(e) => return Err(e),
@@ -328,10 +329,9 @@ impl AgentRuntime {
             if cancel.as_ref().is_some_and(CancellationToken::is_cancelled) {
                 return Err(Error::Cancelled(format!("run {run}: worker shutting down")));
             }
-            let now = runs::get_run(db, run).await?;
-            if now.state.is_terminal() {
-                return Ok(now);
-            }
+            // No re-read of the run here: a run finished elsewhere has lost its lease, which
+            // the step's first write (or the final transition) reports as `LeaseLost`, and
+            // `execute_taken` then returns the finished run.
             let mut request = ModelRequest::new(def.model.clone());
             request.messages = messages.clone();
             request.tools = [
@@ -395,28 +395,39 @@ impl AgentRuntime {
         self.fail(&scope, "max_iterations", e).await
     }
 
-    /// Start a pending run (fenced by the lease); a tenant at its concurrent-run limit is
-    /// [`Error::LimitReached`] (the task is snoozed).
-    async fn start(&self, current: &Run, token: Option<i64>) -> Result<()> {
+    /// Start a pending run (fenced by the lease) and read its agent's definition in the same
+    /// statement (`Some`: the definition, or [`Error::NotFound`] when the agent is not
+    /// registered; `None` when the run was not pending and nothing was read); a tenant at its
+    /// concurrent-run limit is [`Error::LimitReached`] (the task is snoozed).
+    async fn start(&self, current: &Run, token: Option<i64>) -> Result<Option<Result<AgentDef>>> {
         let db = self.kernel.db();
         if current.state == RunState::Waiting {
             runs::resume_run(db, current.id, self.instance.as_ref(), token).await?;
-            return Ok(());
+            return Ok(None);
         }
         if current.state != RunState::Pending {
-            return Ok(());
+            return Ok(None);
         }
-        let started = runs::start_run(
+        let started = runs::start_run_row(
             db,
+            sql!("agent/start_agent_run"),
             current.id,
             self.instance.as_ref(),
             token,
-            LimitPolicy::StayPending,
         )
         .await?;
         match started {
-            StartOutcome::Started(_) => Ok(()),
-            StartOutcome::LimitReached { running, limit } => Err(Error::LimitReached {
+            runs::Started::Row(row) => {
+                let name: Option<String> = row.try_get("name")?;
+                Ok(Some(match name {
+                    Some(_) => super::def::agent_of_row(&row),
+                    None => Err(Error::not_found(
+                        "agent",
+                        current.agent_name.as_deref().unwrap_or(""),
+                    )),
+                }))
+            }
+            runs::Started::Limited { running, limit } => Err(Error::LimitReached {
                 tenant: current.tenant_id.to_string(),
                 message: format!("{running} of {limit} concurrent runs"),
             }),
@@ -475,22 +486,21 @@ impl AgentRuntime {
         Ok(result?.output.to_string())
     }
 
-    /// Complete the run with the model's final answer and the run's model totals.
+    /// Complete the run with the model's final answer and the run's model totals (summed in
+    /// the completing statement).
     async fn complete(&self, scope: &RunScope, step: &ModelStep) -> Result<Run> {
-        let (input_tokens, output_tokens, cost_usd) = self.totals(scope.run).await?;
-        let outcome = RunOutcome {
-            response_text: step.response.content.clone(),
-            stop_reason: Some(
-                serde_json::to_value(step.response.finish_reason)?
-                    .as_str()
-                    .unwrap_or("stop")
-                    .to_string(),
-            ),
-            input_tokens,
-            output_tokens,
-            cost_usd,
-        };
-        runs::complete_run(self.kernel.db(), scope.run, outcome, scope.lease_token).await
+        let stop_reason = serde_json::to_value(step.response.finish_reason)?
+            .as_str()
+            .unwrap_or("stop")
+            .to_string();
+        runs::complete_with_model_totals(
+            self.kernel.db(),
+            scope.run,
+            step.response.content.as_deref(),
+            Some(&stop_reason),
+            scope.lease_token,
+        )
+        .await
     }
 
     /// Fail the run for `e` or return `e`, as `route` says.
@@ -511,17 +521,5 @@ impl AgentRuntime {
             scope.lease_token,
         )
         .await
-    }
-
-    async fn totals(&self, run: RunId) -> Result<(i64, i64, f64)> {
-        let conn = self.kernel.db().get().await?;
-        let row = conn
-            .query_one(sql!("kernel/run_model_totals"), typed![&run])
-            .await?;
-        Ok((
-            row.try_get("input_tokens")?,
-            row.try_get("output_tokens")?,
-            row.try_get::<_, f64>("cost_usd")?,
-        ))
     }
 }

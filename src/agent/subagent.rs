@@ -135,21 +135,6 @@ pub(crate) async fn store<E: Executor + ?Sized>(tx: &E, def: &AgentDef) -> Resul
     Ok(())
 }
 
-/// The sub-agents of `agent`, in definition order.
-pub(crate) async fn load<E: Executor + ?Sized>(db: &E, agent: &str) -> Result<Vec<Subagent>> {
-    let rows = db
-        .query(sql!("agent/get_subagents"), typed![&agent])
-        .await?;
-    rows.iter()
-        .map(|r| {
-            Ok(Subagent {
-                agent: r.try_get("subagent")?,
-                budget_usd: r.try_get("budget_usd")?,
-            })
-        })
-        .collect()
-}
-
 /// The sub-agent named `tool` among `def`'s, if any.
 pub(crate) fn find<'a>(def: &'a AgentDef, tool: &str) -> Option<&'a Subagent> {
     def.subagents.iter().find(|s| s.agent == tool)

@@ -19,7 +19,8 @@ use crate::error::{Error, Result};
 use crate::ids::RunId;
 use crate::model::port::prompt_token_bound;
 use crate::model::{ModelErrorKind, ModelRequest, ModelResponse};
-use crate::runs::{NewEvent, OutputPublisher, append_events};
+use crate::runs::ledger::{after_append, check_events};
+use crate::runs::{AppendedEvent, NewEvent, OutputPublisher, append_events, map_db_error};
 use crate::tenancy::{
     self, BudgetStatus, CostInput, Decision, DegradationPolicy, Reservation, ReserveRequest,
     StepRequest,
@@ -98,6 +99,41 @@ struct StepState {
     status: BudgetStatus,
     /// The stored policy, parsed only when a decision is taken.
     policy: Value,
+}
+
+/// What [`Kernel::begin_step`] found or did.
+enum Begun {
+    /// Nothing written: the step's state, for the general path.
+    State(StepState),
+    /// Reserved for the request as asked and `model_requested` appended: call the model.
+    Started(Box<Reserved>),
+}
+
+/// A [`StepState`] from the rows of a step-state read (non-empty): the columns holding the
+/// event's seq (NULL on the single row of a step with no event), type and payload, and the
+/// tenant's budget status and degradation policy.
+fn step_state_of(rows: &[tokio_postgres::Row], columns: [&str; 5]) -> Result<StepState> {
+    let [seq, event_type, payload, status, policy] = columns;
+    let Some(first) = rows.first() else {
+        return Err(Error::Internal("a step-state read returned no row".into()));
+    };
+    let status: BudgetStatus = first.try_get(status)?;
+    let policy: Value = first.try_get(policy)?;
+    let mut events = Vec::with_capacity(rows.len());
+    for r in rows {
+        if let Some(seq) = r.try_get::<_, Option<i64>>(seq)? {
+            events.push(StepEvent {
+                seq,
+                event_type: r.try_get(event_type)?,
+                payload: r.try_get(payload)?,
+            });
+        }
+    }
+    Ok(StepState {
+        events,
+        status,
+        policy,
+    })
 }
 
 /// How a step that is not recorded as completed will run: the decision and whether it is new
@@ -226,7 +262,17 @@ impl Kernel {
         prepared: &PreparedRequest<'_>,
         policy: ReplayPolicy,
     ) -> Result<ModelStep> {
-        let state = self.step_state(scope, step_key).await?;
+        let state = match self.begin_step(scope, step_key, prepared).await? {
+            Begun::State(state) => state,
+            Begun::Started(reserved) => {
+                let response = self
+                    .call_model(scope, step_key, prepared, &reserved)
+                    .await?;
+                return self
+                    .complete_model(scope, step_key, prepared, &reserved, response, None)
+                    .await;
+            }
+        };
         let events = &state.events;
         match events
             .iter()
@@ -241,6 +287,142 @@ impl Kernel {
         }
     }
 
+    /// A step not recorded yet, for a tenant with no degradation rule active at its status,
+    /// starts in one statement (`kernel/model_step_begin`, V040): the reservation for the
+    /// request as asked and `model_requested`, under the lease. Anything else (a recorded or
+    /// started step, a rule to apply, a model without a price) gets the step's state from the
+    /// same statement, or from [`Self::step_state`], for the general path; nothing is written.
+    async fn begin_step(
+        &self,
+        scope: &RunScope,
+        step_key: &str,
+        prepared: &PreparedRequest<'_>,
+    ) -> Result<Begun> {
+        let request = prepared.request;
+        let max_tokens = request.max_tokens.unwrap_or(DEFAULT_RESERVE_MAX_TOKENS);
+        let mut sent = request.clone();
+        sent.max_tokens = Some(max_tokens);
+        let prompt_tokens = prompt_token_bound(&sent);
+        let Ok(estimate) =
+            self.prices
+                .worst_case_cost(&sent.model, prompt_tokens, u64::from(max_tokens))
+        else {
+            return Ok(Begun::State(self.step_state(scope, step_key).await?));
+        };
+        let mut req = ReserveRequest::new(scope.tenant.clone(), estimate)
+            .run(scope.run)
+            .model(sent.model.clone());
+        if let Some(i) = &self.instance {
+            req = req.instance(i.clone());
+        }
+        let id = uuid::Uuid::new_v4();
+        let payload = json!({"model": sent.model,
+               "fingerprint": prepared.fingerprint,
+               "estimate_usd": estimate,
+               "reservation_id": id,
+               "prompt_token_bound": prompt_tokens,
+               "max_tokens": max_tokens,
+               "messages": request.messages.len(), "port": self.model.name()});
+        let event = NewEvent::new(EventType::ModelRequested, payload).step(step_key);
+        if req.validate().is_err() || check_events(&self.db, std::slice::from_ref(&event)).is_err()
+        {
+            return Ok(Begun::State(self.step_state(scope, step_key).await?));
+        }
+        let instance = self.instance.as_ref().map(ToString::to_string);
+        let rows = self
+            .db
+            .query(
+                sql!("kernel/model_step_begin"),
+                typed![
+                    &scope.run,
+                    &scope.tenant,
+                    &step_key,
+                    &scope.lease_token,
+                    &id,
+                    &instance,
+                    &sent.model,
+                    &estimate,
+                    &event.payload,
+                ],
+            )
+            .await
+            .map_err(|e| map_db_error(e, scope.run))?;
+        let Some(first) = rows.first() else {
+            return Err(Error::not_found("tenant", &scope.tenant));
+        };
+        let outcome: String = first.try_get("o_outcome")?;
+        let figures = || -> Result<(f64, f64, f64)> {
+            Ok((
+                first
+                    .try_get::<_, Option<f64>>("o_limit_usd")?
+                    .unwrap_or(f64::INFINITY),
+                first.try_get("o_spent_usd")?,
+                first.try_get("o_reserved_usd")?,
+            ))
+        };
+        match outcome.as_str() {
+            "reserved" => {
+                let appended = AppendedEvent {
+                    seq: first.try_get("o_seq")?,
+                    hash: first.try_get("o_hash")?,
+                    created_at: first.try_get("o_created_at")?,
+                    inserted: true,
+                };
+                after_append(&self.db, scope.run, &[appended]).await;
+                Ok(Begun::Started(Box::new(Reserved {
+                    reservation: Reservation {
+                        id,
+                        tenant_id: scope.tenant.clone(),
+                        run_id: Some(scope.run),
+                        instance_id: self.instance.clone(),
+                        model: Some(sent.model.clone()),
+                        amount_usd: first.try_get("o_amount_usd")?,
+                        created_at: first.try_get("o_reserved_at")?,
+                    },
+                    sent,
+                    prompt_tokens,
+                    max_tokens,
+                    estimate,
+                })))
+            }
+            "tenant_refused" | "run_refused" => {
+                let (limit_usd, spent_usd, reserved_usd) = figures()?;
+                let e = if outcome == "tenant_refused" {
+                    Error::BudgetExceeded {
+                        tenant: scope.tenant.to_string(),
+                        limit_usd,
+                        spent_usd,
+                        reserved_usd,
+                        requested_usd: estimate,
+                    }
+                } else {
+                    Error::RunBudgetExceeded {
+                        tenant: scope.tenant.to_string(),
+                        run: scope.run.to_string(),
+                        limit_usd,
+                        spent_usd,
+                        reserved_usd,
+                        requested_usd: estimate,
+                    }
+                };
+                let payload = budget_exceeded_payload(&e, &sent.model, estimate);
+                self.record(scope, step_key, EventType::BudgetExceeded, payload)
+                    .await?;
+                Err(e)
+            }
+            _ => Ok(Begun::State(step_state_of(
+                &rows,
+                [
+                    "o_event_seq",
+                    "o_event_type",
+                    "o_event_payload",
+                    "o_budget_status",
+                    "o_degradation_policy",
+                ],
+            )?)),
+        }
+    }
+
     /// The step's events and the tenant's budget status and degradation policy, in one read.
     async fn step_state(&self, scope: &RunScope, step_key: &str) -> Result<StepState> {
         let conn = self.db.get().await?;
@@ -250,26 +432,19 @@ impl Kernel {
                 typed![&scope.run, &step_key, &scope.tenant],
             )
             .await?;
-        let Some(first) = rows.first() else {
+        if rows.is_empty() {
             return Err(Error::not_found("tenant", &scope.tenant));
-        };
-        let status: BudgetStatus = first.try_get("budget_status")?;
-        let policy: Value = first.try_get("degradation_policy")?;
-        let mut events = Vec::with_capacity(rows.len());
-        for r in &rows {
-            if let Some(seq) = r.try_get::<_, Option<i64>>("seq")? {
-                events.push(StepEvent {
-                    seq,
-                    event_type: r.try_get("event_type")?,
-                    payload: r.try_get("payload")?,
-                });
-            }
         }
-        Ok(StepState {
-            events,
-            status,
-            policy,
-        })
+        step_state_of(
+            &rows,
+            [
+                "seq",
+                "event_type",
+                "payload",
+                "budget_status",
+                "degradation_policy",
+            ],
+        )
     }
 
     /// The decision a step that has not completed runs with: the one recorded for this request
@@ -568,10 +743,18 @@ impl Kernel {
         let ev = NewEvent::new(EventType::ModelCompleted, payload)
             .step(step_key)
             .idempotent();
-        match self
-            .record_completion(scope, step_key, ev, reservation, &input)
+        let recorded = match self
+            .end_step(scope, step_key, &ev, reservation, &input)
             .await
         {
+            Ok(Some(done)) => Ok(done),
+            Ok(None) => {
+                self.record_completion(scope, step_key, ev, reservation, &input)
+                    .await
+            }
+            Err(e) => Err(e),
+        };
+        match recorded {
             Ok(true) => Ok(ModelStep {
                 run: scope.run,
                 response,
@@ -594,6 +777,73 @@ impl Kernel {
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// Record `model_completed` and settle in one statement (`kernel/model_step_end`, V040):
+    /// `Some(true)` when recorded, `Some(false)` when the step was recorded meanwhile (the
+    /// reservation is then released and nothing charged), `None` when nothing was written
+    /// because the settlement would pass a limit (or the tenant or run is unknown):
+    /// [`Self::record_completion`] then records it with its `budget_overrun`.
+    async fn end_step(
+        &self,
+        scope: &RunScope,
+        step_key: &str,
+        ev: &NewEvent,
+        reservation: &Reservation,
+        input: &CostInput,
+    ) -> Result<Option<bool>> {
+        let Ok((prompt_tokens, completion_tokens)) = input.validate() else {
+            return Ok(None);
+        };
+        if check_events(&self.db, std::slice::from_ref(ev)).is_err() {
+            return Ok(None);
+        }
+        let row = self
+            .db
+            .query_one(
+                sql!("kernel/model_step_end"),
+                typed![
+                    &scope.run,
+                    &scope.tenant,
+                    &step_key,
+                    &scope.lease_token,
+                    &reservation.id,
+                    &input.cost_usd,
+                    &input.category.as_str(),
+                    &input.model,
+                    &prompt_tokens,
+                    &completion_tokens,
+                    &ev.payload,
+                ],
+            )
+            .await;
+        let row = match row {
+            Ok(row) => row,
+            Err(e) => {
+                let meanwhile = matches!(&e, Error::Database(d)
+                    if crate::sqlstate::of(d) == Some(crate::sqlstate::STEP_RECORDED_MEANWHILE));
+                if meanwhile {
+                    tenancy::release(&self.db, reservation).await?;
+                    return Ok(Some(false));
+                }
+                return Err(map_db_error(e, scope.run));
+            }
+        };
+        let outcome: String = row.try_get("o_outcome")?;
+        match outcome.as_str() {
+            "completed" => {
+                let appended = AppendedEvent {
+                    seq: row.try_get("o_seq")?,
+                    hash: row.try_get("o_hash")?,
+                    created_at: row.try_get("o_created_at")?,
+                    inserted: true,
+                };
+                after_append(&self.db, scope.run, &[appended]).await;
+                Ok(Some(true))
+            }
+            "recorded" => Ok(Some(false)),
+            _ => Ok(None),
         }
     }
 

@@ -62,7 +62,9 @@ pub use state::{
 };
 pub use watch::RunWatcher;
 
-pub(crate) use transition::resume_if_waiting;
+pub(crate) use transition::{
+    Started, complete_with_model_totals, resume_if_waiting, start_run_row,
+};
 
 /// Map the ledger's and leases' custom SQLSTATEs (PC001 lease lost, PC002 run not found, PC003
 /// ledger closed, PC004 ledger written outside pgcrew) and the state-machine trigger's error to

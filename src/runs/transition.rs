@@ -16,7 +16,7 @@ use super::ledger::{NewEvent, append_rows, sign_head};
 use super::limits::MAX_EVENT_PAYLOAD_BYTES;
 use super::map_db_error;
 use super::state::{Run, RunState};
-use crate::db::{Acquire, Atomic, Db, Executor, handle_of};
+use crate::db::{Acquire, Atomic, Db, Executor, Handle, handle_of};
 use crate::error::{Error, Result};
 use crate::ids::{InstanceId, RunId, TenantId};
 use crate::ledger_key::LedgerKey;
@@ -246,6 +246,142 @@ async fn finish_steps<E: Executor + ?Sized>(
 
 /// `pgcrew.finish_run`'s refusal of an illegal transition (PC006, DETAIL = the run's state) as
 /// [`Error::IllegalTransition`]; every other error as the ledger's and leases' errors.
+/// Complete `run` with `response_text` and `stop_reason` and its own model calls' tokens and
+/// cost (summed from its `model_completed` events, copies in a fork excluded), in one statement
+/// (plus the head's signature, in the same transaction, when the handle has a ledger key): the
+/// agent runtime's final transition.
+#[instrument(name = "complete_run", skip(db, response_text), err)]
+pub(crate) async fn complete_with_model_totals(
+    db: &Db,
+    run: RunId,
+    response_text: Option<&str>,
+    stop_reason: Option<&str>,
+    lease_token: Option<i64>,
+) -> Result<Run> {
+    let query = sql!("runs/complete_with_model_totals");
+    let to = RunState::Completed;
+    let Some(key) = db.ledger_key() else {
+        let row = db
+            .query_opt(
+                query,
+                typed![&run, &lease_token, &response_text, &stop_reason],
+            )
+            .await
+            .map_err(|e| finish_error(e, run, to))?
+            .ok_or_else(|| Error::not_found("run", run))?;
+        return crate::db::row_as::<Run>(&row);
+    };
+    let mut conn = db.acquire().await?;
+    let tx = conn.begin().await?;
+    let row = tx
+        .query_opt(
+            query,
+            typed![&run, &lease_token, &response_text, &stop_reason],
+        )
+        .await
+        .map_err(|e| finish_error(e, run, to))?
+        .ok_or_else(|| Error::not_found("run", run))?;
+    let updated = crate::db::row_as::<Run>(&row)?;
+    let seq: i64 = row.try_get("ledger_head_seq")?;
+    let hash: Vec<u8> = row.try_get("ledger_head_hash")?;
+    sign_head(&tx, key, run, seq, &hash, true).await?;
+    tx.commit().await?;
+    Ok(updated)
+}
+
+/// What [`start_fenced_row`] did.
+pub(crate) enum Started {
+    /// Started (or resumed): the statement's row.
+    Row(Box<tokio_postgres::Row>),
+    /// The tenant is at its limit; nothing was written.
+    Limited {
+        /// Runs of the tenant running now.
+        running: i64,
+        /// The tenant's limit.
+        limit: i64,
+    },
+}
+
+/// Start a pending run or resume a waiting one in one statement (`pgcrew.start_run_fenced`,
+/// V040): admission, transition and lease checks, the event and the row update.
+async fn start_fenced<E: Executor + ?Sized>(on: &E, run: RunId, change: Change) -> Result<Applied> {
+    let limit = change.limit;
+    match start_fenced_row(on, sql!("runs/start_run_fenced"), run, change, limit).await? {
+        Started::Row(row) => Ok(Applied::Done(Box::new(crate::db::row_as::<Run>(&row)?))),
+        Started::Limited { running, limit } => Ok(Applied::Limited { running, limit }),
+    }
+}
+
+/// Start pending run `run` on `instance` under `lease_token` through `query` (a statement over
+/// `pgcrew.start_run_fenced` with its four parameters: the agent runtime's reads the agent's
+/// definition with it): the statement's row, or the tenant's limit reached (nothing written).
+#[instrument(name = "start_run", skip(db, query), err)]
+pub(crate) async fn start_run_row(
+    db: &Db,
+    query: &str,
+    run: RunId,
+    instance: Option<&InstanceId>,
+    lease_token: Option<i64>,
+) -> Result<Started> {
+    let change = Change {
+        instance: instance.map(|i| i.to_string()),
+        lease_token,
+        details: json!({ "instance_id": instance.map(|i| i.to_string()) }),
+        ..Change::default()
+    };
+    start_fenced_row(db, query, run, change, Some(LimitPolicy::StayPending)).await
+}
+
+async fn start_fenced_row<E: Executor + ?Sized>(
+    on: &E,
+    query: &str,
+    run: RunId,
+    change: Change,
+    policy: Option<LimitPolicy>,
+) -> Result<Started> {
+    let row = on
+        .query_opt(
+            query,
+            typed![&run, &change.lease_token, &change.instance, &change.details],
+        )
+        .await;
+    let e = match row {
+        Ok(Some(row)) => return Ok(Started::Row(Box::new(row))),
+        Ok(None) => return Err(Error::not_found("run", run)),
+        Err(e) => e,
+    };
+    let db = match e.into_driver() {
+        Ok(db) => db,
+        Err(other) => return Err(map_db_error(other, run)),
+    };
+    let Some(d) = db.as_db_error() else {
+        return Err(map_db_error(Error::Database(db), run));
+    };
+    match d.code().code() {
+        crate::sqlstate::RUN_ADMISSION_LIMIT => {
+            let mut detail = d.detail().unwrap_or("").splitn(3, ',');
+            let mut number = || {
+                detail
+                    .next()
+                    .and_then(|n| n.parse::<i64>().ok())
+                    .unwrap_or(0)
+            };
+            let (running, limit) = (number(), number());
+            let tenant = detail.next().unwrap_or("").to_string();
+            match policy.unwrap_or_default() {
+                LimitPolicy::StayPending => Ok(Started::Limited { running, limit }),
+                LimitPolicy::Reject => Err(Error::LimitReached {
+                    tenant,
+                    message: format!(
+                        "max_concurrent_runs is {limit} and {running} runs are running; run {run} stays pending"
+                    ),
+                }),
+            }
+        }
+        _ => Err(finish_error(Error::Database(db), run, RunState::Running)),
+    }
+}
+
 fn finish_error(e: Error, run: RunId, to: RunState) -> Error {
     match e.into_driver() {
         Ok(db) => match db.as_db_error() {
@@ -274,6 +410,12 @@ async fn transition<E: Acquire + ?Sized>(
     key: Option<&LedgerKey>,
 ) -> Result<Applied> {
     let key = key.or_else(|| handle_of(on).db().and_then(Db::ledger_key));
+    if to == RunState::Running && matches!(handle_of(on), Handle::Pool(_)) {
+        // One statement (V040), autocommitted: nothing to sign, and a refused admission writes
+        // nothing. Inside the caller's transaction the steps below run instead, so that a
+        // refused admission leaves that transaction usable.
+        return start_fenced(on, run, change).await;
+    }
     if to.is_terminal() && key.is_none() {
         // Nothing to sign: the one statement is atomic by itself (or joins the caller's
         // transaction), so no transaction is begun for it.

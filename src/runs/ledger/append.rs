@@ -131,6 +131,22 @@ pub(crate) async fn append_rows<E: Executor + ?Sized>(
     Ok(appended(rows))
 }
 
+/// Check `events` as an append through `db` would (types, step keys, the handle's payload
+/// cap), for a statement that appends them itself (the kernel's model-step functions, V040).
+pub(crate) fn check_events(db: &Db, events: &[NewEvent]) -> Result<()> {
+    params(events, db.run_limits().max_event_payload_bytes).map(|_| ())
+}
+
+/// What an append through the pool does after its statement, for a statement that appended
+/// `appended` itself: the appended-events counter and, with a ledger key, the periodic signed
+/// checkpoint.
+pub(crate) async fn after_append(db: &Db, run: RunId, appended: &[AppendedEvent]) {
+    crate::telemetry::global().appended(appended.iter().filter(|a| a.inserted).count() as u64);
+    if let Some(key) = db.ledger_key() {
+        checkpoint_after_append(db, key, db.checkpoint_interval(), run, appended).await;
+    }
+}
+
 /// Sign the head reached by an append when the append crossed a multiple of `every` (so a run
 /// is signed at most every `every` events). The append has committed: a checkpoint that cannot
 /// be stored is logged and left to the next one (or to the run's final checkpoint).

@@ -65,8 +65,8 @@ mod hash;
 mod purge;
 mod verify;
 
+pub(crate) use append::{after_append, append_rows, check_events, sign_head};
 pub use append::{append_event, append_events, read_events};
-pub(crate) use append::{append_rows, sign_head};
 pub use hash::{LedgerFormat, event_hash, event_hash_v2};
 pub use purge::purge_run;
 pub use verify::{verify_run_chain, verify_run_chain_signed, verify_run_chain_sql};

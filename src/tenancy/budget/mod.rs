@@ -140,7 +140,7 @@ impl ReserveRequest {
         self
     }
 
-    fn validate(&self) -> Result<()> {
+    pub(crate) fn validate(&self) -> Result<()> {
         validate_amount("estimate_usd", self.estimate_usd)?;
         if let Some(m) = &self.model {
             validate_text_id("model", m)?;
@@ -221,7 +221,7 @@ impl CostInput {
         self
     }
 
-    fn validate(&self) -> Result<(i64, i64)> {
+    pub(crate) fn validate(&self) -> Result<(i64, i64)> {
         validate_amount("cost_usd", self.cost_usd)?;
         if let Some(m) = &self.model {
             validate_text_id("model", m)?;

@@ -4,6 +4,7 @@ mod agents;
 mod degradation;
 mod model;
 mod openai;
+mod round_trips;
 mod tools;
 
 use std::collections::BTreeSet;
