@@ -12,7 +12,7 @@ use super::{Client, LeaderState};
 use crate::coord::instance;
 use crate::coord::leader::{self, DEFAULT_LEASE, Election};
 use crate::coord::maintenance;
-use crate::coord::notify::{Event, Subscription};
+use crate::coord::notify::{Event, EventKind, Subscription};
 use crate::error::{Error, Result};
 use crate::ids::InstanceId;
 use crate::sync::with_lock;
@@ -222,10 +222,16 @@ impl Client {
     }
 
     /// While leader: the maintenance passes and, beside them, the scheduler (which fires due
-    /// schedules in its own fenced transactions); both stop when the term is lost.
+    /// schedules in its own fenced transactions, woken by `pgcrew_schedules_changed`); both
+    /// stop when the term is lost.
     async fn maintenance_loop(self, term: i64) {
+        // Subscribed before the scheduler's first read: a change committed after it wakes it.
+        let wake = self
+            .inner
+            .notifier
+            .subscribe(&[EventKind::SchedulesChanged]);
         let scheduler =
-            crate::schedule::run_scheduler(self.inner.db.clone(), self.maintenance_ctx(term));
+            crate::schedule::run_scheduler(self.inner.db.clone(), self.maintenance_ctx(term), wake);
         tokio::select! {
             _ = self.clone().maintenance_passes(term) => {}
             _ = scheduler => {}

@@ -22,4 +22,4 @@ pub use port::{
     ModelResponse, OutputSchema, ToolCall, ToolSpec, Usage, error_kind, parse_structured,
 };
 pub use prices::{ModelPrice, PriceTable};
-pub use scripted::{ScriptedModel, ScriptedReply};
+pub use scripted::{RECORDED_REQUESTS, ScriptedModel, ScriptedReply};

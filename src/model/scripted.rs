@@ -12,7 +12,8 @@
 //!
 //! Usage is realistic: ~4 characters per token for the prompt (messages, tools, schema) and the
 //! completion, and the completion respects `max_tokens` (a longer text answer is truncated and
-//! finishes with [`FinishReason::Length`]). Every call is counted and recorded.
+//! finishes with [`FinishReason::Length`]). Every call is counted, and the latest
+//! [`RECORDED_REQUESTS`] requests are kept ([`ScriptedModel::requests`]).
 //!
 //! ```
 //! use pgcrew::model::{ModelPort, ModelRequest, ScriptedModel, ScriptedReply};
@@ -26,6 +27,7 @@
 //! # }
 //! ```
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -101,8 +103,15 @@ pub struct ScriptedModel {
     calls: AtomicU64,
     /// Valid requests answered in sequence mode (an invalid request does not use up a reply).
     served: AtomicU64,
-    requests: Mutex<Vec<ModelRequest>>,
+    /// The latest [`RECORDED_REQUESTS`] requests, oldest first.
+    requests: Mutex<VecDeque<ModelRequest>>,
 }
+
+/// How many of the latest requests a [`ScriptedModel`] keeps for [`ScriptedModel::requests`].
+/// Bounded: `pgcrew serve` without a model key hosts the demo agent on this model for as long
+/// as it runs, and keeping every request grew its memory by every model call (issue #22's soak:
+/// about 0.5 MiB a minute per instance at 2 runs/s).
+pub const RECORDED_REQUESTS: usize = 256;
 
 impl fmt::Debug for ScriptedModel {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -137,7 +146,7 @@ impl ScriptedModel {
             delay: Duration::ZERO,
             calls: AtomicU64::new(0),
             served: AtomicU64::new(0),
-            requests: Mutex::new(Vec::new()),
+            requests: Mutex::new(VecDeque::new()),
         }
     }
 
@@ -186,12 +195,14 @@ impl ScriptedModel {
         self.calls.load(Ordering::SeqCst)
     }
 
-    /// Every request received, in order.
+    /// The requests received, in order: all of them, or the latest [`RECORDED_REQUESTS`].
     pub fn requests(&self) -> Vec<ModelRequest> {
         self.requests
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone()
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Build the response to `request` for `reply`, with realistic usage (~4 characters per
@@ -423,10 +434,13 @@ impl ModelPort for ScriptedModel {
 
     async fn complete(&self, request: &ModelRequest) -> Result<ModelResponse> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        self.requests
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(request.clone());
+        {
+            let mut recorded = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+            if recorded.len() >= RECORDED_REQUESTS {
+                recorded.pop_front();
+            }
+            recorded.push_back(request.clone());
+        }
         request.validate()?;
         if !self.delay.is_zero() {
             tokio::time::sleep(self.delay).await;

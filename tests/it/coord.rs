@@ -152,7 +152,19 @@ async fn thousand_subscribers_and_listen_reconnect_with_resync() {
 
 #[tokio::test]
 async fn callback_subscription_unsubscribes_on_drop() {
-    let (t, client) = started("callbacks").await;
+    // Not electing: a leader's scheduler subscribes for its term (to `pgcrew_schedules_changed`),
+    // which would change the count below whenever this client became leader.
+    let t = test_db().await;
+    let client = start_client(
+        t.db.clone(),
+        fast_config("callbacks")
+            .pool_size(4)
+            .leader_election(false)
+            .build()
+            .unwrap(),
+        None,
+    )
+    .await;
     let count = Arc::new(AtomicUsize::new(0));
     let c = count.clone();
     let before = client.notifier().subscriber_count();

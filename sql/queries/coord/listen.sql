@@ -6,3 +6,4 @@ LISTEN pgcrew_task_available;
 LISTEN pgcrew_run_event;
 LISTEN pgcrew_budget_status_changed;
 LISTEN pgcrew_task_cancel_requested;
+LISTEN pgcrew_schedules_changed;

@@ -14,6 +14,7 @@ pub const CHANNELS: &[&str] = &[
     "pgcrew_run_event",
     "pgcrew_budget_status_changed",
     "pgcrew_task_cancel_requested",
+    "pgcrew_schedules_changed",
 ];
 
 /// The kind of an [`Event`], used to filter subscriptions.
@@ -36,6 +37,8 @@ pub enum EventKind {
     BudgetStatusChanged,
     /// `pgcrew_task_cancel_requested`.
     TaskCancelRequested,
+    /// `pgcrew_schedules_changed`.
+    SchedulesChanged,
     /// The notifier (re)connected or the subscriber fell behind: re-read state.
     Resync,
 }
@@ -93,6 +96,10 @@ pub enum Event {
         /// The instance that claimed it (`None` if the row had no claimant).
         instance_id: Option<String>,
     },
+    /// A schedule was created, deleted, enabled or disabled, or its next fire was cleared or
+    /// moved earlier (V038): the leader's scheduler re-reads `pgcrew.schedules`. The payload
+    /// names nothing.
+    SchedulesChanged,
     /// Notifications may have been missed: re-read state.
     Resync,
 }
@@ -109,6 +116,7 @@ impl Event {
             Event::RunEvent { .. } => EventKind::RunEvent,
             Event::BudgetStatusChanged => EventKind::BudgetStatusChanged,
             Event::TaskCancelRequested { .. } => EventKind::TaskCancelRequested,
+            Event::SchedulesChanged => EventKind::SchedulesChanged,
             Event::Resync => EventKind::Resync,
         }
     }
@@ -189,6 +197,7 @@ impl Event {
                     instance_id: p.instance_id,
                 }
             }
+            "pgcrew_schedules_changed" => Event::SchedulesChanged,
             _ => return None,
         };
         Some(ev)
@@ -241,6 +250,10 @@ mod tests {
         assert_eq!(
             Event::parse("pgcrew_task_cancel_requested", r#"{"task_id":"x"}"#),
             None
+        );
+        assert_eq!(
+            Event::parse("pgcrew_schedules_changed", "{}"),
+            Some(Event::SchedulesChanged)
         );
         assert_eq!(Event::parse("pgcrew_task_available", "not json"), None);
         assert_eq!(Event::parse("other", "{}"), None);

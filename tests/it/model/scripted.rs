@@ -30,6 +30,27 @@ async fn scripted_sequence_counts_calls_and_reports_exhaustion() {
     assert_eq!(model.name(), "scripted");
 }
 
+/// Issue #22's soak: `pgcrew serve` without a model key hosts the demo agent on the scripted
+/// model for as long as it runs, and the model kept every request it received (its memory grew
+/// by every model call). It keeps the latest `RECORDED_REQUESTS`, oldest first.
+#[tokio::test]
+async fn scripted_model_keeps_only_the_latest_requests() {
+    let model = ScriptedModel::demo_agent();
+    let n = pgcrew::model::RECORDED_REQUESTS + 10;
+    for i in 0..n {
+        model
+            .complete(&ModelRequest::new("demo").user(format!("call {i}")))
+            .await
+            .unwrap();
+    }
+    assert_eq!(model.calls(), n as u64);
+    let kept = model.requests();
+    assert_eq!(kept.len(), pgcrew::model::RECORDED_REQUESTS);
+    let text = |r: &ModelRequest| serde_json::to_string(&r.messages).unwrap();
+    assert!(text(&kept[0]).contains("call 10\""), "{}", text(&kept[0]));
+    assert!(text(&kept[kept.len() - 1]).contains(&format!("call {}\"", n - 1)));
+}
+
 #[tokio::test]
 async fn scripted_by_turn_is_a_pure_function_of_the_request() {
     let script = || {

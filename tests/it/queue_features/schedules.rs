@@ -6,7 +6,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use pgcrew::schedule::{self, MisfirePolicy, NewSchedule, ScheduleSpec};
 
-use crate::common::{self, cli, fast_config, scalar, test_db, wait_until};
+use crate::common::{
+    self, cli, fast_config, own_cluster, scalar, test_db, wait_leader, wait_listening, wait_until,
+};
 
 /// Fire times recorded for `name`, oldest first, with their tasks.
 pub async fn fires(db: &pgcrew::Db, name: &str) -> Vec<(DateTime<Utc>, Option<i64>, bool)> {
@@ -150,4 +152,142 @@ async fn the_leader_fires_every_second_once() {
     assert_eq!(fires(&t, "sec").await.len(), n, "fired while disabled");
     a.stop().await.unwrap();
     b.stop().await.unwrap();
+}
+
+/// The leader's scheduler sleeps while no schedule is enabled; a schedule created, or enabled,
+/// through another pool (as from another instance) wakes it through `pgcrew_schedules_changed`
+/// and fires without waiting for the scheduler's safety poll (a minute).
+#[tokio::test]
+async fn a_schedule_created_or_enabled_elsewhere_wakes_the_sleeping_scheduler() {
+    let t = test_db().await;
+    let a = common::start_client(t.dsn(), fast_config("wake-a").build().unwrap(), None).await;
+    wait_leader(&a, Duration::from_secs(10)).await;
+    wait_listening(&a, Duration::from_secs(10)).await;
+    // Let the new leader's scheduler find no schedule and go to sleep.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = NewSchedule::new(
+        "woken",
+        ScheduleSpec::Every(Duration::from_secs(1)),
+        "woken",
+    );
+    schedule::set(&t.db, &s).await.unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "two fires of a new schedule",
+        || async { fires(&t, "woken").await.len() >= 2 },
+    )
+    .await;
+    // Disabled, then (the scheduler asleep again) enabled: fires again.
+    schedule::set_enabled(&t.db, "woken", false).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let before = fires(&t, "woken").await.len();
+    schedule::set_enabled(&t.db, "woken", true).await.unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "two fires once enabled",
+        || async { fires(&t, "woken").await.len() >= before + 2 },
+    )
+    .await;
+    schedule::set_enabled(&t.db, "woken", false).await.unwrap();
+    a.stop().await.unwrap();
+}
+
+/// Calls of the scheduler's statements (`schedule/due` and `schedule/next_wake`, the reads of
+/// `pgcrew.schedules` other than `schedule/list`) in the current database, from
+/// `pg_stat_statements`.
+async fn scheduler_statements(db: &pgcrew::Db) -> i64 {
+    scalar(
+        db,
+        "SELECT coalesce(sum(s.calls), 0)::bigint FROM pg_stat_statements s \
+           JOIN pg_database d ON d.oid = s.dbid \
+          WHERE d.datname = current_database() AND s.query LIKE '%FROM pgcrew.schedules%' \
+            AND s.query NOT LIKE '%ORDER BY name%' AND s.query NOT LIKE '%pg_stat_statements%'",
+    )
+    .await
+}
+
+/// Issue #22: at idle the leader's scheduler runs no statement (it ran a fenced transaction
+/// every second, 5 statements, with no schedule at all); with a schedule whose next fire is far
+/// away it runs one tick when the schedule is created, then sleeps until the fire (or its
+/// safety poll). Counted with `pg_stat_statements` on a throwaway cluster
+/// (`PGCREW_TEST_CLUSTER_PORT` fixes its port; default a free one).
+#[tokio::test]
+async fn at_idle_the_leader_runs_no_scheduler_statement() {
+    let (cluster, dsn) = own_cluster(pgcrew::db::TempClusterOptions {
+        settings: vec![(
+            "shared_preload_libraries".into(),
+            "pg_stat_statements".into(),
+        )],
+        port: std::env::var("PGCREW_TEST_CLUSTER_PORT")
+            .ok()
+            .and_then(|p| p.parse().ok()),
+        ..Default::default()
+    })
+    .await;
+    let scratch = pgcrew::db::ScratchDatabase::create(&dsn, "sched_idle")
+        .await
+        .unwrap();
+    let db = pgcrew::Db::connect(scratch.dsn(), 4, Duration::from_secs(5))
+        .await
+        .unwrap();
+    db.migrate().await.unwrap();
+    db.get()
+        .await
+        .unwrap()
+        .batch_execute("CREATE EXTENSION pg_stat_statements")
+        .await
+        .unwrap();
+    // A long lease: a leadership lost on a loaded machine would start a new scheduler.
+    let config = fast_config("idle-leader")
+        .leader_ttl(Duration::from_secs(10))
+        .build()
+        .unwrap();
+    let a = common::start_client(scratch.dsn(), config, None).await;
+    wait_leader(&a, Duration::from_secs(15)).await;
+    wait_listening(&a, Duration::from_secs(10)).await;
+    let term = a.leader_term();
+    wait_until(
+        Duration::from_secs(10),
+        "the scheduler's first tick",
+        || async { scheduler_statements(&db).await >= 1 },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let idle = scheduler_statements(&db).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        scheduler_statements(&db).await,
+        idle,
+        "the scheduler ran statements with no schedule"
+    );
+    // A schedule firing once a year: one tick (woken by the change) computes its next fire,
+    // then the scheduler sleeps until it.
+    let s = NewSchedule::new("yearly", ScheduleSpec::cron("0 0 1 1 *"), "yearly");
+    schedule::set(&db, &s).await.unwrap();
+    wait_until(
+        Duration::from_secs(10),
+        "the next fire computed",
+        || async {
+            schedule::get(&db, "yearly")
+                .await
+                .unwrap()
+                .next_fire_at
+                .is_some()
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let woken = scheduler_statements(&db).await;
+    assert!(woken > idle, "the change did not wake the scheduler");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        scheduler_statements(&db).await,
+        woken,
+        "the scheduler ran statements before the next fire"
+    );
+    assert_eq!(a.leader_term(), term, "leadership changed during the test");
+    a.stop().await.unwrap();
+    drop(db);
+    drop(scratch);
+    drop(cluster);
 }
