@@ -118,12 +118,14 @@ impl FastRoute {
 }
 
 /// The fast path first for a single queue while `route` says so, then (when it claimed
-/// nothing) `pgcrew.claim_tasks`. An empty fast claim means "no work, or the fast path does
-/// not apply"; when the general claim then finds work, the fast path did not apply, so a caller
-/// that keeps its route (the worker pool) goes straight to the general path until a claim comes
-/// back empty, and tries the limited fast statement from then on (it also claims where the
-/// plain one does, at a little more cost: it goes back to the plain one when its queue turns
-/// out to have no features).
+/// nothing) `pgcrew.claim_tasks`. An empty plain fast claim means "no work, or the fast path
+/// does not apply"; the limited one tells the two apart (no row: the queue has no work, and
+/// `pgcrew.claim_tasks`, which would claim nothing, is skipped; a row without a task: it
+/// stepped aside). When the general claim then finds work, the fast path did not apply, so a
+/// caller that keeps its route (the worker pool) goes straight to the general path until a
+/// claim comes back empty, and tries the limited fast statement from then on (it also claims
+/// where the plain one does, at a little more cost: it goes back to the plain one when its
+/// queue turns out to have no features).
 pub(crate) async fn claim_routed<E: Executor + ?Sized>(
     client: &E,
     queues: &[String],
@@ -148,10 +150,20 @@ pub(crate) async fn claim_routed<E: Executor + ?Sized>(
         let rows = client
             .query(fast, typed![queue, limit, instance, token])
             .await?;
-        if let Some(first) = rows.first() {
-            if route.limited && !first.try_get::<_, bool>("limited")? {
+        if route.limited {
+            // `queue/claim_fast_limited`: no row, the queue has no work (the general claim
+            // would claim nothing: skipped); one row without a task, it stepped aside; else
+            // the tasks it claimed.
+            let Some(first) = rows.first() else {
+                return Ok(Vec::new());
+            };
+            if !first.try_get::<_, bool>("limited")? {
                 route.limited = false;
             }
+            if first.try_get::<_, Option<i64>>("id")?.is_some() {
+                return in_order(&rows);
+            }
+        } else if !rows.is_empty() {
             return in_order(&rows);
         }
     }

@@ -15,6 +15,9 @@ use crate::common::{TestDb, rows_of, test_db};
 
 /// The fast statement `queue::claim` runs first for a single queue.
 const FAST: &str = include_str!("../../sql/queries/queue/claim_fast.sql");
+/// The fast statement a worker pool runs for a queue with a rate or key limit (V035); on a
+/// queue without features it claims as `FAST` does.
+const LIMITED: &str = include_str!("../../sql/queries/queue/claim_fast_limited.sql");
 /// The general claim (the SQL function is public API).
 const GENERAL: &str = "SELECT id, priority, run_at FROM pgcrew.claim_tasks($1, $2, $3)";
 /// The claiming instance (no foreign key: the name is only recorded).
@@ -133,6 +136,26 @@ async fn claim_routed(db: &Db, queues: &[String], limit: i32) -> (Vec<i64>, bool
     (claim_general(db, queues, limit).await, false)
 }
 
+/// The claim as a worker pool routes it once it uses the limited statement: for a
+/// single queue, no row means the queue has no work and nothing else runs; a row without a
+/// task means it stepped aside, and the general claim runs.
+async fn claim_routed_limited(db: &Db, queues: &[String], limit: i32) -> (Vec<i64>, bool) {
+    if let [queue] = queues {
+        let conn = db.get().await.unwrap();
+        let rows = conn
+            .query(LIMITED, &[queue, &limit, &INSTANCE, &Uuid::new_v4()])
+            .await
+            .unwrap();
+        let Some(first) = rows.first() else {
+            return (Vec::new(), false);
+        };
+        if first.get::<_, Option<i64>>("id").is_some() {
+            return (in_order(&rows), true);
+        }
+    }
+    (claim_general(db, queues, limit).await, false)
+}
+
 /// Every task row's id, queue, state, attempts and claimer.
 async fn task_rows(db: &Db) -> Vec<(i64, String, String, i32, Option<String>)> {
     let sql = "SELECT id, queue, state, attempts, claimed_by FROM pgcrew.tasks ORDER BY id";
@@ -144,6 +167,17 @@ async fn task_rows(db: &Db) -> Vec<(i64, String, String, i32, Option<String>)> {
 
 #[tokio::test]
 async fn fast_and_general_claims_take_the_same_tasks_in_the_same_order() {
+    same_tasks_in_the_same_order(false).await;
+}
+
+/// The same table through the limited statement as a pool routes it ("no row" skips
+/// the general claim): the general claim never finds what the limited statement called no work.
+#[tokio::test]
+async fn limited_and_general_claims_take_the_same_tasks_in_the_same_order() {
+    same_tasks_in_the_same_order(true).await;
+}
+
+async fn same_tasks_in_the_same_order(limited: bool) {
     let cases: Vec<Case> = serde_json::from_str(CASES).unwrap();
     assert_eq!(cases.len(), 17);
     let (routed, general): (TestDb, TestDb) = tokio::join!(test_db(), test_db());
@@ -152,7 +186,11 @@ async fn fast_and_general_claims_take_the_same_tasks_in_the_same_order() {
         build(&general.db, i, case).await;
         let queues: Vec<String> = case.queues.iter().map(|q| scoped(i, q)).collect();
         for (n, &(limit, fast_expected)) in case.claims.iter().enumerate() {
-            let (by_route, fast) = claim_routed(&routed.db, &queues, limit).await;
+            let (by_route, fast) = if limited {
+                claim_routed_limited(&routed.db, &queues, limit).await
+            } else {
+                claim_routed(&routed.db, &queues, limit).await
+            };
             let by_general = claim_general(&general.db, &queues, limit).await;
             assert_eq!(
                 by_route, by_general,

@@ -14,9 +14,16 @@
 -- moved, or the key limit may bind; pgcrew.claim_tasks then decides. A queue without features
 -- claims as claim_fast.sql (which is cheaper: the pool uses it for such queues).
 -- Every lock it takes (feature row, bucket, tasks) is taken without waiting, the rows it
--- locks before any task.
--- Besides the tasks (and their stored trace context), `limited` says whether the queue had a
--- feature row (false: claim_fast.sql would have done).
+-- locks before any task; and only while the queue has an available task: a claim of an empty
+-- queue locks and writes nothing (no transaction id, no WAL), where it used to lock the feature
+-- row and the bucket on every idle claim.
+-- Its rows: the tasks claimed (and their stored trace context); or, when it
+-- claimed none while the queue has work (an available task, or a delayed or retryable one
+-- due), one row whose columns are all NULL but `limited`: it stepped aside, and
+-- pgcrew.claim_tasks decides; or no row at all: the queue has no work, so pgcrew.claim_tasks
+-- would claim nothing and the caller need not run it (a pool going idle after each task saved
+-- that round trip, and with a key limit its write of the feature row's counter). `limited`
+-- says whether the queue had a feature row (false: claim_fast.sql would have done).
 -- $1 queue, $2 limit, $3 claiming instance, $4 claim token.
 WITH t1 AS (
     SELECT a.tenant_id FROM pgcrew.tasks a
@@ -26,15 +33,16 @@ WITH t1 AS (
 feat AS (
     SELECT f.paused, f.key_max, f.rate, f.claims FROM pgcrew.claim_features f
      WHERE f.queue = $1),
--- The newest feature row of a key-limited queue, locked (FOR UPDATE reads the newest version).
+-- The newest feature row of a key-limited queue, locked (FOR UPDATE reads the newest version)
+-- when the queue has an available task (none: nothing to claim, nothing locked).
 gate AS (
     SELECT f.claims FROM pgcrew.claim_features f
-     WHERE f.queue = $1 AND f.key_max IS NOT NULL
+     WHERE f.queue = $1 AND f.key_max IS NOT NULL AND EXISTS (SELECT FROM t1)
        FOR UPDATE SKIP LOCKED),
--- The queue's token bucket, locked, as of now.
+-- The queue's token bucket, locked, as of now (only when the queue has an available task).
 bucket AS (
     SELECT pgcrew.rate_tokens(l) AS tokens FROM pgcrew.rate_limits l
-     WHERE l.scope = 'queue' AND l.name = $1
+     WHERE l.scope = 'queue' AND l.name = $1 AND EXISTS (SELECT FROM t1)
        FOR UPDATE SKIP LOCKED),
 -- How many this statement may claim (0: step aside).
 room AS (
@@ -86,12 +94,23 @@ spend AS (
 -- A claim was made: later fast claims with an older snapshot step aside.
 bump AS (
     UPDATE pgcrew.claim_features f SET claims = f.claims + 1
-     WHERE f.queue = $1 AND EXISTS (SELECT FROM gate) AND EXISTS (SELECT FROM picked))
-UPDATE pgcrew.tasks t
-   SET state = 'running', attempts = t.attempts + 1, claimed_by = $3::text,
-       claim_token = $4::uuid, claimed_at = now(), heartbeat_at = now()
- WHERE t.id = ANY (ARRAY(SELECT p.id FROM picked p))
-RETURNING t.id, t.queue, t.kind, t.tenant_id, t.run_id, t.priority, t.payload, t.attempts,
-          t.max_attempts, t.claim_token, t.run_at, t.created_at,
-          (extract(epoch FROM (now() - t.run_at)) * 1000000)::bigint AS lag_us, t.trace_context,
-          EXISTS (SELECT FROM feat) AS limited
+     WHERE f.queue = $1 AND EXISTS (SELECT FROM gate) AND EXISTS (SELECT FROM picked)),
+claimed AS (
+    UPDATE pgcrew.tasks t
+       SET state = 'running', attempts = t.attempts + 1, claimed_by = $3::text,
+           claim_token = $4::uuid, claimed_at = now(), heartbeat_at = now()
+     WHERE t.id = ANY (ARRAY(SELECT p.id FROM picked p))
+    RETURNING t.id, t.queue, t.kind, t.tenant_id, t.run_id, t.priority, t.payload, t.attempts,
+              t.max_attempts, t.claim_token, t.run_at, t.created_at,
+              (extract(epoch FROM (now() - t.run_at)) * 1000000)::bigint AS lag_us,
+              t.trace_context)
+-- The claimed tasks; none claimed: one row of NULLs (but `limited`) while the queue has work,
+-- no row when it has none.
+SELECT c.*, EXISTS (SELECT FROM feat) AS limited
+  FROM (SELECT) AS one LEFT JOIN claimed c ON true
+ WHERE c.id IS NOT NULL
+    OR EXISTS (SELECT FROM t1)
+    OR (SELECT s.run_at FROM pgcrew.tasks s
+         WHERE s.state IN ('scheduled', 'retryable') AND s.pending_deps = 0
+           AND s.queue = $1 AND s.run_at <= now()
+         ORDER BY s.run_at LIMIT 1) IS NOT NULL

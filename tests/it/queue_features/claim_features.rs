@@ -38,7 +38,8 @@ async fn claims_with(statement: &str, db: &Db, queue: &str, me: &InstanceId) -> 
         .await
         .unwrap();
     tx.rollback().await.unwrap();
-    !rows.is_empty()
+    // The limited statement returns a row without a task when it steps aside.
+    rows.iter().any(|r| r.get::<_, Option<i64>>("id").is_some())
 }
 
 #[tokio::test]

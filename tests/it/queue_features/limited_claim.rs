@@ -21,8 +21,9 @@ const LIMITED: &str = include_str!("../../../sql/queries/queue/claim_fast_limite
 const GENERAL: &str = include_str!("../../../sql/queries/queue/claim.sql");
 
 /// One claim as the pool routes it for a queue with limits: the limited statement, then
-/// `pgcrew.claim_tasks` when it claims nothing. Returns the (id, token) pairs claimed and
-/// whether the limited statement claimed them.
+/// `pgcrew.claim_tasks` when it stepped aside (a row without a task; no row: the queue has no
+/// work, and the pool runs nothing more). Returns the (id, token) pairs claimed and whether
+/// the limited statement claimed them.
 async fn routed_claim(
     conn: &tokio_postgres::Client,
     queue: &str,
@@ -33,7 +34,10 @@ async fn routed_claim(
         .query(LIMITED, &[&queue, &limit, &me, &Uuid::new_v4()])
         .await
         .unwrap();
-    let fast = !rows.is_empty();
+    let Some(first) = rows.first() else {
+        return (Vec::new(), false);
+    };
+    let fast = first.get::<_, Option<i64>>("id").is_some();
     let rows = if fast {
         rows
     } else {
@@ -336,4 +340,134 @@ async fn a_pool_held_back_by_a_key_is_woken_when_the_key_frees_elsewhere() {
         released.elapsed()
     );
     second.stop().await.unwrap();
+}
+
+/// The limited statement on a key- and rate-limited queue with no available task locks and
+/// writes nothing (no transaction id; it used to lock the feature row and the bucket on every
+/// idle claim), and tells "no work" (no row: the pool skips `pgcrew.claim_tasks`) from
+/// "stepped aside" (one row without a task: a delayed task due to promote, a paused queue).
+#[tokio::test]
+async fn limited_claim_tells_no_work_from_stepping_aside_and_locks_nothing_when_idle() {
+    let t = test_db().await;
+    let me = register_instance(&t, "limited-idle").await;
+    queue::set_key_limit(&t.db, "iq", "c", 10).await.unwrap();
+    queue::set_rate_limit(
+        &t.db,
+        RateScope::Queue,
+        "iq",
+        Rate::per_second(100.0).burst(100),
+    )
+    .await
+    .unwrap();
+    let mut conn = t.db.get().await.unwrap();
+    // (rows, rows with a task, whether the statement took a transaction id); rolled back.
+    let mut limited = async || {
+        let tx = conn.transaction().await.unwrap();
+        let rows = tx
+            .query(LIMITED, &[&"iq", &4i32, &me.as_str(), &Uuid::new_v4()])
+            .await
+            .unwrap();
+        let xid: bool = tx
+            .query_one("SELECT pg_current_xact_id_if_assigned() IS NOT NULL", &[])
+            .await
+            .unwrap()
+            .get(0);
+        tx.rollback().await.unwrap();
+        let tasks = rows
+            .iter()
+            .filter(|r| r.get::<_, Option<i64>>("id").is_some())
+            .count();
+        assert!(rows.iter().all(|r| r.get::<_, bool>("limited")));
+        (rows.len(), tasks, xid)
+    };
+    assert_eq!(
+        limited().await,
+        (0, 0, false),
+        "no work: no row, nothing locked"
+    );
+    let due = "INSERT INTO pgcrew.tasks (queue, kind, state, run_at)
+               VALUES ('iq', 'k', 'scheduled', now() - interval '1 second')";
+    t.db.get().await.unwrap().execute(due, &[]).await.unwrap();
+    assert_eq!(
+        limited().await,
+        (1, 0, false),
+        "a due delayed task: stepped aside (pgcrew.claim_tasks promotes it)"
+    );
+    t.db.get()
+        .await
+        .unwrap()
+        .execute("DELETE FROM pgcrew.tasks WHERE queue = 'iq'", &[])
+        .await
+        .unwrap();
+    queue::enqueue(
+        &t.db,
+        &NewTask::new("k", &json!({"c": 1})).unwrap().queue("iq"),
+    )
+    .await
+    .unwrap();
+    queue::pause(&t.db, "iq", None).await.unwrap();
+    let (rows, tasks, _) = limited().await;
+    assert_eq!((rows, tasks), (1, 0), "paused with work: stepped aside");
+    queue::resume(&t.db, "iq", None).await.unwrap();
+    assert_eq!(limited().await, (1, 1, true), "claims the available task");
+}
+
+/// A worker pool on a key-limited queue runs its tasks one at a time, going idle after each:
+/// its idle claims run no `pgcrew.claim_tasks` (which raises the feature row's `claims`
+/// counter on every call, under the queue's lock), so the counter rises once per task claimed
+/// rather than also once per idle claim (before: at least twice per task).
+#[tokio::test]
+async fn an_idle_pool_on_a_limited_queue_skips_the_general_claim() {
+    let t = test_db().await;
+    queue::set_key_limit(&t.db, "gq", "c", 100).await.unwrap();
+    let pool = WorkerPool::builder()
+        .queue("gq")
+        .concurrency(1)
+        .prefetch(0)
+        .poll_interval(Duration::from_secs(30))
+        .handler("k", |_ctx, _p: serde_json::Value| async move {
+            Ok(TaskOutcome::Complete)
+        })
+        .build()
+        .unwrap();
+    let client = common::start_client(
+        t.dsn(),
+        fast_config("idle-general").build().unwrap(),
+        Some(pool),
+    )
+    .await;
+    let claims = "SELECT claims FROM pgcrew.claim_features WHERE queue = 'gq'";
+    let run_one = async |i: i64| {
+        queue::enqueue(
+            &t.db,
+            &NewTask::new("k", &json!({ "c": i })).unwrap().queue("gq"),
+        )
+        .await
+        .unwrap();
+        wait_until(Duration::from_secs(20), "the task ran", || async {
+            scalar(
+                &t,
+                "SELECT count(*) FROM pgcrew.tasks WHERE queue = 'gq' AND state = 'completed'",
+            )
+            .await
+                == i + 1
+        })
+        .await;
+    };
+    // The first tasks teach the pool's route that the queue has features.
+    for i in 0..3 {
+        run_one(i).await;
+    }
+    let before = scalar(&t, claims).await;
+    const N: i64 = 20;
+    for i in 3..3 + N {
+        run_one(i).await;
+    }
+    let raised = scalar(&t, claims).await - before;
+    eprintln!("claims counter raised {raised} times for {N} tasks");
+    assert!(
+        raised < N + N / 2,
+        "the counter rose {raised} times for {N} tasks: idle claims ran pgcrew.claim_tasks"
+    );
+    client.stop().await.unwrap();
 }
