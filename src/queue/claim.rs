@@ -378,7 +378,11 @@ pub(crate) async fn next_due_with<E: Executor + ?Sized>(
     queues: &[String],
 ) -> Result<Option<Duration>> {
     let row = client.query_opt(query, typed![queues]).await?;
-    Ok(row.map(|r| Duration::from_micros(r.get::<_, i64>(0).max(0) as u64)))
+    let us = match row {
+        Some(r) => r.try_get::<_, Option<i64>>(0)?,
+        None => None,
+    };
+    Ok(us.map(|us| Duration::from_micros(us.max(0) as u64)))
 }
 
 /// `d` in microseconds, clamped to [`MAX_TASK_DELAY`](super::MAX_TASK_DELAY).
