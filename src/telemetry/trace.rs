@@ -126,8 +126,9 @@ pub fn sample_root() -> bool {
 }
 
 /// The sampler of traces' first spans (under `Sampler::ParentBased`, which applies a
-/// parent's decision): a worker pool's `pgcrew.task` root was drawn by [`sample_root`] before
-/// it was created, so it is kept; other roots are sampled by trace id at [`sample_ratio`].
+/// parent's decision): by trace id at [`sample_ratio`], read at each decision (the ratio can be
+/// changed after the provider is built). A worker pool's `pgcrew.task` spans do not come
+/// through it: the pool draws their roots with [`sample_root`] and records them itself.
 #[derive(Debug, Clone)]
 struct RootSampler;
 
@@ -141,12 +142,14 @@ impl ShouldSample for RootSampler {
         attributes: &[KeyValue],
         links: &[Link],
     ) -> SamplingResult {
-        let sampler = if name == "pgcrew.task" {
-            Sampler::AlwaysOn
-        } else {
-            Sampler::TraceIdRatioBased(sample_ratio())
-        };
-        sampler.should_sample(parent_context, trace_id, name, span_kind, attributes, links)
+        Sampler::TraceIdRatioBased(sample_ratio()).should_sample(
+            parent_context,
+            trace_id,
+            name,
+            span_kind,
+            attributes,
+            links,
+        )
     }
 }
 
@@ -369,7 +372,7 @@ mod tests {
 
     /// One test: the ratio is process-wide.
     #[test]
-    fn parent_based_with_the_ratio_for_roots_and_the_task_roots_drawn_before() {
+    fn parent_based_with_the_ratio_for_roots() {
         assert_eq!(ratio_from(None, Some("0.5")), None);
         assert_eq!(ratio_from(Some("always_off"), None), Some(0.0));
         assert_eq!(
@@ -382,7 +385,6 @@ mod tests {
         set_sample_ratio(0.0);
         assert!(!sample_root());
         assert!(!decide(None, "enqueue"), "a root at ratio 0");
-        assert!(decide(None, "pgcrew.task"), "a task root was drawn already");
         assert!(
             decide(Some(true), "pgcrew.claim"),
             "a sampled parent's trace stays whole"
@@ -391,7 +393,7 @@ mod tests {
         assert!(sample_root());
         assert!(decide(None, "enqueue"));
         assert!(
-            !decide(Some(false), "pgcrew.task"),
+            !decide(Some(false), "step_model"),
             "an unsampled parent's trace stays out"
         );
         set_sample_ratio(f64::NAN);

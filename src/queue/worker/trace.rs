@@ -47,6 +47,15 @@ impl TaskTrace {
         if !enabled() {
             return None;
         }
+        Self::begin(task, traceparent, sample_root)
+    }
+
+    /// [`TaskTrace::start`] with tracing on and `draw` deciding a new trace's sampling.
+    fn begin(
+        task: &ClaimedTask,
+        traceparent: Option<&str>,
+        draw: impl FnOnce() -> bool,
+    ) -> Option<TaskTrace> {
         let parent = traceparent.and_then(context_from);
         let (trace_id, parent_id, state, sampled) = match &parent {
             Some(cx) => {
@@ -58,7 +67,7 @@ impl TaskTrace {
                     p.is_sampled(),
                 )
             }
-            None if sample_root() => (
+            None if draw() => (
                 TraceId::from(fastrand::u128(1..)),
                 SpanId::INVALID,
                 TraceState::default(),
@@ -119,13 +128,19 @@ impl TaskTrace {
     /// The handler returned `failed` (an error or a panic: the span's status is an error):
     /// record the span.
     pub(super) fn end(self, failed: Option<&str>) {
-        if let Some(mut span) = self.span {
-            span.end_time = SystemTime::now();
-            if let Some(e) = failed {
-                span.status = Status::error(e.to_string());
-            }
+        if let Some(span) = self.finish(failed) {
             record_span(span);
         }
+    }
+
+    /// The span to record, if the trace is sampled.
+    fn finish(self, failed: Option<&str>) -> Option<SpanData> {
+        let mut span = self.span?;
+        span.end_time = SystemTime::now();
+        if let Some(e) = failed {
+            span.status = Status::error(e.to_string());
+        }
+        Some(span)
     }
 }
 
@@ -185,4 +200,92 @@ pub(super) async fn note_claims(db: &Db, shared: &Shared, tasks: &[ClaimedTask])
         drop(span);
     }
     shared.with_traces(|m| m.extend(found));
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use opentelemetry::Value;
+
+    use super::*;
+    use crate::ids::{ClaimToken, RunId, TenantId};
+    use crate::queue::Priority;
+
+    fn task(run: Option<RunId>) -> ClaimedTask {
+        ClaimedTask {
+            id: TaskId(42),
+            queue: "q".into(),
+            kind: "k".into(),
+            tenant: TenantId::new("acme").unwrap(),
+            run_id: run,
+            priority: Priority::Normal,
+            payload: serde_json::Value::Null,
+            attempt: 2,
+            max_attempts: 5,
+            token: ClaimToken::new(),
+            run_at: chrono::Utc::now(),
+            created_at: chrono::Utc::now(),
+            lag: Duration::from_micros(1500),
+            stored_trace: StoredTrace::Unknown,
+        }
+    }
+
+    const SAMPLED: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    const UNSAMPLED: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+
+    fn attr<'a>(s: &'a SpanData, k: &str) -> Option<&'a Value> {
+        s.attributes
+            .iter()
+            .find(|kv| kv.key.as_str() == k)
+            .map(|kv| &kv.value)
+    }
+
+    #[test]
+    fn a_task_continues_its_stored_trace_or_starts_one_when_drawn() {
+        // A stored, sampled trace: a child span of it, whose context the handler runs in.
+        let run = RunId::new();
+        let t = TaskTrace::begin(&task(Some(run)), Some(SAMPLED), || false).unwrap();
+        let cx = t.context();
+        let span = t.finish(Some("boom")).unwrap();
+        assert_eq!(
+            span.span_context.trace_id(),
+            TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap()
+        );
+        assert_eq!(
+            span.parent_span_id,
+            SpanId::from_hex("b7ad6b7169203331").unwrap()
+        );
+        assert!(span.parent_span_is_remote && span.span_context.is_sampled());
+        assert_eq!(
+            cx.span().span_context().span_id(),
+            span.span_context.span_id()
+        );
+        assert_eq!(span.name, "pgcrew.task");
+        assert_eq!(span.status, Status::error("boom"));
+        assert_eq!(attr(&span, "task_id"), Some(&Value::I64(42)));
+        assert_eq!(attr(&span, "attempt"), Some(&Value::I64(2)));
+        assert_eq!(attr(&span, "queue"), Some(&Value::from("q")));
+        assert_eq!(attr(&span, "run_id"), Some(&Value::from(run.to_string())));
+        assert_eq!(attr(&span, "queue_wait_ms"), Some(&Value::F64(1.5)));
+        assert!(span.end_time >= span.start_time);
+
+        // A stored trace that was not sampled: no span, and the handler's spans stay out too.
+        let t = TaskTrace::begin(&task(None), Some(UNSAMPLED), || true).unwrap();
+        assert!(!t.context().span().span_context().is_sampled());
+        assert!(t.finish(None).is_none());
+
+        // No stored trace: a new one when drawn (a root), none at all otherwise.
+        let span = TaskTrace::begin(&task(None), None, || true)
+            .unwrap()
+            .finish(None)
+            .unwrap();
+        assert_eq!(span.parent_span_id, SpanId::INVALID);
+        assert!(!span.parent_span_is_remote);
+        assert_eq!(span.status, Status::Unset);
+        assert_eq!(attr(&span, "run_id"), None);
+        assert!(TaskTrace::begin(&task(None), None, || false).is_none());
+        // A stored value that is not a trace context counts as none.
+        assert!(TaskTrace::begin(&task(None), Some("garbage"), || false).is_none());
+    }
 }
