@@ -102,3 +102,6 @@ BEGIN
     END IF;
     RETURN v_due;
 END $$;
+
+-- The leader's alone: not for PUBLIC (tenant roles), as every function of the schema.
+REVOKE EXECUTE ON FUNCTION pgcrew.maintenance_due(text, text, bigint, bigint, bigint, bigint, bigint, bigint) FROM PUBLIC;
