@@ -86,6 +86,13 @@ macro_rules! setters {
 /// Name, "report_name", |tx, ctx| { ... } }`.
 macro_rules! maintenance_step {
     ($(#[$doc:meta])* $name:ident, $step:literal, |$tx:ident, $ctx:ident| $body:block) => {
+        maintenance_step! {
+            $(#[$doc])* $name, $step, probe: |_ctx| $crate::coord::maintenance::Probe::Always,
+            |$tx, $ctx| $body
+        }
+    };
+    ($(#[$doc:meta])* $name:ident, $step:literal, probe: |$pctx:ident| $probe:expr,
+     |$tx:ident, $ctx:ident| $body:block) => {
         $(#[$doc])*
         #[derive(Debug)]
         pub struct $name;
@@ -94,6 +101,12 @@ macro_rules! maintenance_step {
         impl $crate::coord::maintenance::MaintenanceStep for $name {
             fn name(&self) -> &'static str {
                 $step
+            }
+            fn probe(
+                &self,
+                $pctx: &$crate::coord::maintenance::MaintenanceContext,
+            ) -> $crate::coord::maintenance::Probe {
+                $probe
             }
             async fn run(
                 &self,

@@ -39,7 +39,8 @@ pub async fn history<E: Executor + ?Sized>(client: &E, limit: i64) -> Result<Vec
 maintenance_step! {
     /// Deletes leader terms taken more than `history_retention` ago (never a lease's newest),
     /// at most `retention_batch_size` per pass.
-    LeaderHistoryRetention, "leader_history_retention", |tx, ctx| {
+    LeaderHistoryRetention, "leader_history_retention", probe: |_ctx| crate::coord::maintenance::Probe::WhenDue,
+    |tx, ctx| {
         let age = interval_micros(ctx.config.history_retention);
         let n = Executor::execute(tx,
             sql!("coord/leader_terms_retention"),

@@ -12,7 +12,8 @@ maintenance_step! {
     /// Returns running tasks whose instance is gone (not in `pgcrew.instances`) or whose
     /// heartbeat is older than `task_heartbeat_timeout` to `retryable` (due now), or discards
     /// them when they are out of attempts. At most `retention_batch_size` per pass.
-    RescueTasks, "rescue_tasks", |tx, ctx| {
+    RescueTasks, "rescue_tasks", probe: |_ctx| crate::coord::maintenance::Probe::WhenDue,
+    |tx, ctx| {
         let timeout = interval_micros(ctx.config.task_heartbeat_timeout);
         let limit = i32::try_from(ctx.config.retention_batch_size).unwrap_or(i32::MAX);
         let rows = Executor::query(tx, sql!("queue/rescue"), typed![&timeout, &limit]).await?;
@@ -30,7 +31,8 @@ maintenance_step! {
 maintenance_step! {
     /// Deletes completed, discarded and cancelled tasks finalized more than `task_retention`
     /// ago, at most `retention_batch_size` per pass.
-    TaskRetention, "task_retention", |tx, ctx| {
+    TaskRetention, "task_retention", probe: |_ctx| crate::coord::maintenance::Probe::WhenDue,
+    |tx, ctx| {
         let age = interval_micros(ctx.config.task_retention);
         let n = Executor::execute(tx,
                 sql!("queue/retention"),
@@ -46,7 +48,8 @@ maintenance_step! {
 maintenance_step! {
     /// Writes the per-minute figures of finished tasks (`pgcrew.queue_minutes`: the console's
     /// throughput and latency sparklines) for the minutes since the last pass.
-    QueueMinutes, "queue_minutes", |tx, _ctx| {
+    QueueMinutes, "queue_minutes", probe: |_ctx| crate::coord::maintenance::Probe::WhenDue,
+    |tx, _ctx| {
         Ok(Executor::execute(tx, sql!("queue/minutes"), typed![]).await?)
     }
 }
@@ -55,7 +58,8 @@ maintenance_step! {
     /// Deletes task events older than `task_retention`, queue pause records older than
     /// `history_retention` (at most `retention_batch_size` of each per pass) and per-minute
     /// figures older than a day.
-    QueueHistoryRetention, "queue_history_retention", |tx, ctx| {
+    QueueHistoryRetention, "queue_history_retention", probe: |_ctx| crate::coord::maintenance::Probe::WhenDue,
+    |tx, ctx| {
         let tasks = interval_micros(ctx.config.task_retention);
         let history = interval_micros(ctx.config.history_retention);
         let row = Executor::query_one(tx,

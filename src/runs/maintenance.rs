@@ -10,7 +10,8 @@ use crate::db::Executor;
 
 maintenance_step! {
     /// Fails runs stuck in `running` longer than the stuck-run timeout with `run timed out`.
-    StuckRuns, "stuck_runs", |tx, ctx| {
+    StuckRuns, "stuck_runs", probe: |_ctx| crate::coord::maintenance::Probe::WhenDue,
+    |tx, ctx| {
         // Fails each run through the state machine, recording `run_failed` in its ledger and
         // signing the run's final head with the ledger key (when configured).
         let failed = super::fail_stuck_runs(
@@ -29,7 +30,8 @@ maintenance_step! {
 maintenance_step! {
     /// Releases run leases held by instances that are no longer in `pgcrew.instances` (the stale
     /// instance step runs first, so leases of instances it removed are freed in the same pass).
-    DeadInstanceLeases, "dead_instance_run_leases", |tx, _ctx| {
+    DeadInstanceLeases, "dead_instance_run_leases", probe: |_ctx| crate::coord::maintenance::Probe::WhenDue,
+    |tx, _ctx| {
         let rows = Executor::query(tx, sql!("runs/release_dead_leases"), typed![]).await?;
         log_rows(&rows, |r| {
             let id: uuid::Uuid = r.try_get(0)?;
@@ -47,7 +49,13 @@ maintenance_step! {
     /// final signed checkpoint; its events, artifacts, summaries, other checkpoints, prompt and
     /// response text and cost entries go (the cost totals move to `pgcrew.cost_daily`, so
     /// `pgcrew.tenant_costs` is unchanged).
-    RunRetention, "run_retention", |tx, ctx| {
+    RunRetention, "run_retention",
+    probe: |ctx| if ctx.config.run_retention.is_some() {
+        crate::coord::maintenance::Probe::Always
+    } else {
+        crate::coord::maintenance::Probe::Never
+    },
+    |tx, ctx| {
         let Some(age) = ctx.config.run_retention else {
             return Ok(0);
         };
@@ -78,7 +86,13 @@ maintenance_step! {
     /// no run names as parent, whose parent (if any) is finished and whose tenant is not being
     /// moved: the row goes with its chain anchor and checkpoints (their ledger no longer
     /// verifies).
-    RunRowRetention, "run_row_retention", |tx, ctx| {
+    RunRowRetention, "run_row_retention",
+    probe: |ctx| if ctx.config.run_row_retention.is_some() {
+        crate::coord::maintenance::Probe::Always
+    } else {
+        crate::coord::maintenance::Probe::Never
+    },
+    |tx, ctx| {
         let Some(age) = ctx.config.run_row_retention else {
             return Ok(0);
         };

@@ -94,6 +94,17 @@ impl Telemetry {
         });
     }
 
+    /// A maintenance step left out of a pass (nothing to do): its series exist (a duration count
+    /// of 0 until it first runs), no duration is observed and no row counted.
+    pub fn maintenance_step_skipped(&self, step: &str) {
+        let l = StepLabel { step: step.into() };
+        let other = || StepLabel { step: OTHER.into() };
+        self.maintenance_duration.with(l.clone(), other, |_| {});
+        self.maintenance_rows.with(l, other, |c| {
+            c.inc_by(0);
+        });
+    }
+
     /// Record one model call (`outcome`: `ok` or an error kind).
     pub fn model_call(&self, model: &str, outcome: &str, took: Duration) {
         let l = ModelOutcome {

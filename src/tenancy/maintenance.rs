@@ -9,7 +9,7 @@ use tracing::info;
 use uuid::Uuid;
 
 use crate::config::interval_micros;
-use crate::coord::maintenance::{MaintenanceContext, MaintenanceStep, log_rows};
+use crate::coord::maintenance::{MaintenanceContext, MaintenanceStep, Probe, log_rows};
 use crate::db::Executor;
 use crate::error::Result;
 
@@ -26,6 +26,14 @@ pub struct ReleaseOrphanedReservations {
 impl MaintenanceStep for ReleaseOrphanedReservations {
     fn name(&self) -> &'static str {
         "release_orphaned_reservations"
+    }
+
+    fn probe(&self, _ctx: &MaintenanceContext) -> Probe {
+        // `pgcrew.maintenance_due` tests the default age (the stuck-run timeout) only.
+        match self.max_age {
+            None => Probe::WhenDue,
+            Some(_) => Probe::Always,
+        }
     }
 
     async fn run(

@@ -561,3 +561,183 @@ async fn subscriptions_filter_by_kind_and_run_and_resync_when_behind() {
     );
     drop(hub);
 }
+
+/// Statements `db`'s database has run since the last `pg_stat_statements_reset()` (the reset
+/// and these reads left out).
+async fn statements_since_reset(db: &pgcrew::Db) -> i64 {
+    crate::common::scalar(
+        db,
+        "SELECT coalesce(sum(s.calls), 0)::bigint FROM pg_stat_statements s \
+           JOIN pg_database d ON d.oid = s.dbid \
+          WHERE d.datname = current_database() AND s.query NOT LIKE '%pg_stat_statements%'",
+    )
+    .await
+}
+
+async fn reset_statements(db: &pgcrew::Db) {
+    db.get()
+        .await
+        .unwrap()
+        .batch_execute("SELECT pg_stat_statements_reset()")
+        .await
+        .unwrap();
+}
+
+/// Issue #22: a maintenance pass with nothing to do is one statement (`pgcrew.maintenance_due`,
+/// V041); it was 13 fenced transactions of 4 statements (52). A step with work still runs in
+/// its own fenced transaction, and a deposed leader's pass runs no step. Counted with
+/// `pg_stat_statements` on a throwaway cluster (`PGCREW_TEST_CLUSTER_PORT` fixes its port).
+#[tokio::test]
+async fn a_maintenance_pass_with_nothing_to_do_is_one_statement() {
+    let (_cluster, dsn) = crate::common::own_cluster(pgcrew::db::TempClusterOptions {
+        settings: vec![(
+            "shared_preload_libraries".into(),
+            "pg_stat_statements".into(),
+        )],
+        port: std::env::var("PGCREW_TEST_CLUSTER_PORT")
+            .ok()
+            .and_then(|p| p.parse().ok()),
+        ..Default::default()
+    })
+    .await;
+    let scratch = pgcrew::db::ScratchDatabase::create(&dsn, "maint_idle")
+        .await
+        .unwrap();
+    let db = pgcrew::Db::connect(scratch.dsn(), 4, Duration::from_secs(5))
+        .await
+        .unwrap();
+    db.migrate().await.unwrap();
+    db.get()
+        .await
+        .unwrap()
+        .batch_execute("CREATE EXTENSION pg_stat_statements")
+        .await
+        .unwrap();
+    let id = InstanceId::new("janitor").unwrap();
+    let leader::Election::Leader { term } =
+        leader::elect(&db, leader::DEFAULT_LEASE, &id, Duration::from_secs(60))
+            .await
+            .unwrap()
+    else {
+        panic!("no leader on a fresh database");
+    };
+    let ctx = pgcrew::coord::maintenance::MaintenanceContext {
+        config: Arc::new(ClientConfig::default()),
+        instance_id: id.clone(),
+        lease: leader::DEFAULT_LEASE.into(),
+        term,
+    };
+    let steps = pgcrew::client::default_maintenance_steps();
+    let run = pgcrew::coord::maintenance::run_once;
+
+    reset_statements(&db).await;
+    let report = run(&db, &steps, &ctx).await.unwrap();
+    let idle = statements_since_reset(&db).await;
+    assert_eq!(report.skipped.len(), steps.len(), "{report:?}");
+    assert!(idle <= 2, "an idle maintenance pass ran {idle} statements");
+
+    // A stale instance: its step runs (fenced: BEGIN, fence, delete, COMMIT), the others not.
+    db.get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO pgcrew.instances (id, hostname, pid, version, last_heartbeat_at) \
+             VALUES ('ghost', 'h', 1, 'x', now() - interval '1 hour')",
+            &[],
+        )
+        .await
+        .unwrap();
+    reset_statements(&db).await;
+    let report = run(&db, &steps, &ctx).await.unwrap();
+    assert_eq!(report.count("stale_instances"), 1, "{report:?}");
+    assert!(!report.skipped.iter().any(|s| s == "stale_instances"));
+    let busy = statements_since_reset(&db).await;
+    assert!(
+        busy <= 6,
+        "a pass with one step to do ran {busy} statements"
+    );
+
+    // A deposed leader: the pass stops at its first statement and runs no step.
+    db.get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO pgcrew.instances (id, hostname, pid, version, last_heartbeat_at) \
+             VALUES ('ghost', 'h', 1, 'x', now() - interval '1 hour')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let deposed = pgcrew::coord::maintenance::MaintenanceContext {
+        term: term + 1,
+        ..ctx.clone()
+    };
+    let err = run(&db, &steps, &deposed).await.unwrap_err();
+    assert!(matches!(err, Error::LeaseLost(_)), "{err:?}");
+    let ghosts = crate::common::scalar(
+        &db,
+        "SELECT count(*) FROM pgcrew.instances WHERE id = 'ghost'",
+    )
+    .await;
+    assert_eq!(ghosts, 1, "a deposed leader removed an instance");
+}
+
+/// A failing maintenance step does not keep the steps after it from running; the pass still
+/// ends with its error.
+#[tokio::test]
+async fn a_failing_maintenance_step_does_not_block_the_others() {
+    struct Failing;
+    #[async_trait::async_trait]
+    impl pgcrew::coord::maintenance::MaintenanceStep for Failing {
+        fn name(&self) -> &'static str {
+            "failing"
+        }
+        async fn run(
+            &self,
+            tx: &tokio_postgres::Transaction<'_>,
+            _ctx: &pgcrew::coord::maintenance::MaintenanceContext,
+        ) -> pgcrew::Result<u64> {
+            tx.batch_execute("SELECT 1/0").await?;
+            Ok(0)
+        }
+    }
+    let t = test_db().await;
+    let id = InstanceId::new("janitor").unwrap();
+    let leader::Election::Leader { term } =
+        leader::elect(&t.db, leader::DEFAULT_LEASE, &id, Duration::from_secs(60))
+            .await
+            .unwrap()
+    else {
+        panic!("no leader on a fresh database");
+    };
+    t.db.get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO pgcrew.instances (id, hostname, pid, version, last_heartbeat_at) \
+             VALUES ('ghost', 'h', 1, 'x', now() - interval '1 hour')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let ctx = pgcrew::coord::maintenance::MaintenanceContext {
+        config: Arc::new(ClientConfig::default()),
+        instance_id: id,
+        lease: leader::DEFAULT_LEASE.into(),
+        term,
+    };
+    let steps: Vec<Arc<dyn pgcrew::coord::maintenance::MaintenanceStep>> = vec![
+        Arc::new(Failing),
+        Arc::new(pgcrew::coord::maintenance::StaleInstances),
+    ];
+    let err = pgcrew::coord::maintenance::run_once(&t.db, &steps, &ctx)
+        .await
+        .unwrap_err();
+    assert!(!matches!(err, Error::LeaseLost(_)), "{err:?}");
+    let ghosts = scalar_on(
+        &t.db.get().await.unwrap(),
+        "SELECT count(*) FROM pgcrew.instances WHERE id = 'ghost'",
+    )
+    .await;
+    assert_eq!(ghosts, 0, "the step after the failing one did not run");
+}

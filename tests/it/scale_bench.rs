@@ -42,6 +42,8 @@ async fn scale_out_reports_every_figure_and_drops_its_databases() {
             pgss,
             "{row}"
         );
+        // Claims per wake-up sample (the thundering herd's size), with pg_stat_statements.
+        assert_eq!(row["wakeup_claims_per_sample"].is_number(), pgss, "{row}");
     }
     assert!(
         rows[0]["failover_ms"].is_null(),

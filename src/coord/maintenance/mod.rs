@@ -2,6 +2,11 @@
 //! locks the leader row and checks our term (`FOR SHARE`), so a deposed leader can never act:
 //! while the step runs nobody can take the lease, and once someone has, the check fails.
 //!
+//! A pass first asks, in one statement (`pgcrew.maintenance_due`, V041), which of the built-in
+//! steps have anything to do (and whether the term still holds), and runs only those
+//! ([`Probe`]): at idle a pass is that one statement. A step that fails is reported and the
+//! others still run.
+//!
 //! This module knows steps only through [`MaintenanceStep`]: each module brings its own steps
 //! in its `maintenance.rs` (coordination's own are [`StaleInstances`] and [`ExpiredLeaders`]), and
 //! the client composes the default list.
@@ -10,9 +15,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use serde::Serialize;
-use tracing::{debug, instrument};
+use tracing::{debug, instrument, warn};
 
-use crate::config::ClientConfig;
+use crate::config::{ClientConfig, interval_micros};
 use crate::db::Db;
 use crate::db::Executor;
 use crate::error::{Error, Result};
@@ -59,12 +64,28 @@ impl MaintenanceContext {
     }
 }
 
+/// Whether a step runs in a pass.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Probe {
+    /// Every pass (the default: steps the pass's probe knows nothing about).
+    Always,
+    /// Not in this pass (e.g. the step is turned off in the configuration).
+    Never,
+    /// When `pgcrew.maintenance_due` (V041) names the step: it has rows to act on. Only for the
+    /// built-in steps whose statement that function mirrors.
+    WhenDue,
+}
+
 /// One maintenance step. Implementations do a bounded amount of work in `tx` and return how
 /// many rows they affected.
 #[async_trait]
 pub trait MaintenanceStep: Send + Sync {
     /// Short name for logs and reports.
     fn name(&self) -> &'static str;
+    /// Whether the step runs in a pass ([`Probe::Always`] unless the step says otherwise).
+    fn probe(&self, _ctx: &MaintenanceContext) -> Probe {
+        Probe::Always
+    }
     /// Do the work inside the fenced transaction.
     async fn run(
         &self,
@@ -76,8 +97,10 @@ pub trait MaintenanceStep: Send + Sync {
 /// Rows affected by each step of one maintenance pass.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct MaintenanceReport {
-    /// `(step name, rows affected)` in execution order.
+    /// `(step name, rows affected)` in execution order (a skipped step: 0).
     pub steps: Vec<(String, u64)>,
+    /// Steps left out of the pass: nothing to do ([`Probe`]).
+    pub skipped: Vec<String>,
 }
 
 impl MaintenanceReport {
@@ -101,31 +124,101 @@ pub fn log_rows(
     Ok(rows.len() as u64)
 }
 
-/// Run every step once, each in its own fenced transaction. Stops with
-/// [`Error::LeaseLost`] as soon as the term no longer holds.
+/// Ask `pgcrew.maintenance_due` (V041) which built-in steps have work: `None` when the term no
+/// longer holds.
+async fn due_steps(db: &Db, ctx: &MaintenanceContext) -> Result<Option<Vec<String>>> {
+    let c = &ctx.config;
+    let [instance_ttl, heartbeat, tasks, history, stuck] = [
+        c.instance_ttl,
+        c.task_heartbeat_timeout,
+        c.task_retention,
+        c.history_retention,
+        c.stuck_run_timeout,
+    ]
+    .map(interval_micros);
+    let row = db
+        .query_one(
+            sql!("coord/maintenance_due"),
+            typed![
+                &ctx.lease,
+                &ctx.instance_id,
+                &ctx.term,
+                &instance_ttl,
+                &heartbeat,
+                &tasks,
+                &history,
+                &stuck
+            ],
+        )
+        .await?;
+    Ok(row.try_get(0)?)
+}
+
+/// Run every step that has work once, each in its own fenced transaction: one statement asks
+/// which steps have work ([`Probe`]); the steps it leaves out send nothing. Stops with
+/// [`Error::LeaseLost`] as soon as the term no longer holds. A step that fails with another
+/// error does not stop the others: the pass then ends with the first such error, after all
+/// steps (every failure is logged and counted in `maintenance_errors`).
 #[instrument(skip(db, steps, ctx), fields(term = ctx.term), err)]
 pub async fn run_once(
     db: &Db,
     steps: &[Arc<dyn MaintenanceStep>],
     ctx: &MaintenanceContext,
 ) -> Result<MaintenanceReport> {
+    let probes: Vec<Probe> = steps.iter().map(|s| s.probe(ctx)).collect();
+    let due = if probes.contains(&Probe::WhenDue) {
+        match due_steps(db, ctx).await? {
+            Some(due) => due,
+            None => {
+                return Err(Error::LeaseLost(format!(
+                    "leader term {} of {} is no longer current; maintenance stopped",
+                    ctx.term, ctx.instance_id
+                )));
+            }
+        }
+    } else {
+        Vec::new()
+    };
     let mut report = MaintenanceReport::default();
-    for step in steps {
-        let mut conn = db.get().await?;
-        let tx = conn.transaction().await?;
-        ctx.fence(&tx, "maintenance").await?;
-        let started = std::time::Instant::now();
-        let n = match step.run(&tx, ctx).await {
-            Ok(n) => n,
+    let mut first_error = None;
+    for (step, probe) in steps.iter().zip(probes) {
+        let runs = match probe {
+            Probe::Always => true,
+            Probe::Never => false,
+            Probe::WhenDue => due.iter().any(|d| d == step.name()),
+        };
+        if !runs {
+            crate::telemetry::global().maintenance_step_skipped(step.name());
+            report.skipped.push(step.name().to_string());
+            report.steps.push((step.name().to_string(), 0));
+            continue;
+        }
+        match run_step(db, step.as_ref(), ctx).await {
+            Ok(n) => report.steps.push((step.name().to_string(), n)),
+            Err(e @ Error::LeaseLost(_)) => return Err(e),
             Err(e) => {
                 crate::telemetry::global().maintenance_errors.inc();
-                return Err(e);
+                warn!(step = step.name(), error = %e, "maintenance step failed");
+                report.steps.push((step.name().to_string(), 0));
+                first_error.get_or_insert(e);
             }
-        };
-        tx.commit().await?;
-        crate::telemetry::global().maintenance_step(step.name(), started.elapsed(), n);
-        debug!(step = step.name(), rows = n, "maintenance step done");
-        report.steps.push((step.name().to_string(), n));
+        }
     }
-    Ok(report)
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(report),
+    }
+}
+
+/// One step in its own fenced transaction; its duration and rows go to the step metrics.
+async fn run_step(db: &Db, step: &dyn MaintenanceStep, ctx: &MaintenanceContext) -> Result<u64> {
+    let mut conn = db.get().await?;
+    let tx = conn.transaction().await?;
+    ctx.fence(&tx, "maintenance").await?;
+    let started = std::time::Instant::now();
+    let n = step.run(&tx, ctx).await?;
+    tx.commit().await?;
+    crate::telemetry::global().maintenance_step(step.name(), started.elapsed(), n);
+    debug!(step = step.name(), rows = n, "maintenance step done");
+    Ok(n)
 }

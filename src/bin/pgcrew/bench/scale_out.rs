@@ -71,6 +71,13 @@ pub struct ScaleOutRow {
     pub wakeup_p50_ms: f64,
     /// Wake-up p99, ms.
     pub wakeup_p99_ms: f64,
+    /// Claim statements the instances sent per wake-up sample (pg_stat_statements over the
+    /// wake-up phase, the samples' enqueues and reads left out): with every idle instance woken
+    /// by each enqueue's NOTIFY, about one per instance (`null` without pg_stat_statements).
+    pub wakeup_claims_per_sample: Option<f64>,
+    /// All statements per wake-up sample over the same phase (the benchmark's enqueue and
+    /// polling of the task's state included).
+    pub wakeup_statements_per_sample: Option<f64>,
     /// Claim round trip p50 while the instances process the tasks, ms: a probe on the
     /// benchmark's own connection claims one task of the same queue (`pgcrew::queue::claim`,
     /// timed from the call to the reply) and acknowledges it, every 10 ms.
@@ -501,7 +508,25 @@ async fn measure(admin: &str, n: usize, args: &ScaleOutBenchArgs) -> Result<(Sca
         (None, None, None)
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
+    reset(&db, pgss).await?;
     let wake = wakeups(&db, args.wakeups).await?;
+    let (wakeup_claims_per_sample, wakeup_statements_per_sample) = if pgss {
+        let all = statements(&db).await?;
+        let samples = args.wakeups.max(1) as f64;
+        let total: i64 = all.iter().map(|s| s.1).sum();
+        let claims: i64 = all
+            .iter()
+            .filter(|s| {
+                let q = s.0.to_ascii_lowercase();
+                (q.contains("skip locked") || q.contains("claim_tasks("))
+                    && !q.contains("due_in_us")
+            })
+            .map(|s| s.1)
+            .sum();
+        (Some(claims as f64 / samples), Some(total as f64 / samples))
+    } else {
+        (None, None)
+    };
     // Idle window: coordination only.
     tokio::time::sleep(args.heartbeat_interval).await;
     let connections: i64 = db.get().await?.query_one(CONNECTIONS, &[]).await?.get(0);
@@ -564,6 +589,8 @@ async fn measure(admin: &str, n: usize, args: &ScaleOutBenchArgs) -> Result<(Sca
             statements_per_task,
             wakeup_p50_ms: percentile_ms(&wake, 0.5),
             wakeup_p99_ms: percentile_ms(&wake, 0.99),
+            wakeup_claims_per_sample,
+            wakeup_statements_per_sample,
             claim_p50_ms: percentile_ms(&claims, 0.5),
             claim_p99_ms: percentile_ms(&claims, 0.99),
             claim_samples: claims.len(),
@@ -670,6 +697,17 @@ pub async fn run(dsn: Option<String>, args: ScaleOutBenchArgs) -> Result<ExitCod
                 row.connections,
                 row.failover_ms.map_or("-".into(), |v| format!("{v:.0}ms"))
             );
+        }
+        for row in &r.rows {
+            if let (Some(c), Some(t)) = (
+                row.wakeup_claims_per_sample,
+                row.wakeup_statements_per_sample,
+            ) {
+                println!(
+                    "{:>4} instances: {c:.2} claim statements and {t:.1} statements per wake-up sample",
+                    row.instances
+                );
+            }
         }
         Ok(())
     })?;
