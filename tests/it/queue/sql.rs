@@ -409,3 +409,117 @@ async fn fast_claim_probes_stay_on_indexes_whatever_the_statistics() {
         .unwrap();
     assert!(rows.is_empty());
 }
+
+/// Issue #23: an acknowledgement finds its tasks by primary key, whatever the number of
+/// running tasks. Its plan (cached by PL/pgSQL after five calls, with statistics taken while
+/// nothing ran) joined the batch to the whole of tasks_running_idx: every running task of every
+/// queue was read for each acknowledgement (V042).
+#[tokio::test]
+async fn ack_reads_only_its_own_tasks() {
+    let t = test_db().await;
+    let c = t.get().await.unwrap();
+    c.batch_execute(
+        "INSERT INTO pgcrew.tasks (queue, kind, payload)
+         SELECT 'q', 'k', jsonb_build_object('i', g) FROM generate_series(1, 2000) g;
+         ANALYZE pgcrew.tasks;
+         UPDATE pgcrew.tasks SET state = 'running', attempts = 1, claimed_by = 'w',
+                claim_token = gen_random_uuid(), claimed_at = now(), heartbeat_at = now()
+          WHERE id <= 400;",
+    )
+    .await
+    .unwrap();
+    let running_idx_reads = async || -> i64 {
+        c.batch_execute("SELECT pg_stat_force_next_flush()")
+            .await
+            .unwrap();
+        c.batch_execute("SELECT pg_stat_clear_snapshot()")
+            .await
+            .unwrap();
+        c.query_one(
+            "SELECT idx_tup_read FROM pg_stat_user_indexes
+              WHERE indexrelname = 'tasks_running_idx'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    };
+    // Ten acknowledgements of one task each: the last ones run PL/pgSQL's cached plan.
+    let ack = "SELECT count(*) FROM pgcrew.ack_tasks(ARRAY[$1::bigint],
+                   ARRAY[(SELECT claim_token FROM pgcrew.tasks WHERE id = $1::bigint)],
+                   ARRAY['complete'], NULL, NULL)";
+    for id in 1..=8_i64 {
+        let n: i64 = c.query_one(ack, &[&id]).await.unwrap().get(0);
+        assert_eq!(n, 1);
+    }
+    let before = running_idx_reads().await;
+    for id in 9..=10_i64 {
+        let n: i64 = c.query_one(ack, &[&id]).await.unwrap().get(0);
+        assert_eq!(n, 1);
+    }
+    let read = running_idx_reads().await - before;
+    assert!(
+        read < 100,
+        "two acknowledgements read {read} entries of tasks_running_idx (390 tasks running)"
+    );
+    assert_eq!(
+        scalar(
+            &t,
+            "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed'"
+        )
+        .await,
+        10
+    );
+}
+
+/// Issue #23: a heartbeat finds the held tasks by primary key, whatever the number of running
+/// tasks (its cached generic plan read the whole of tasks_running_idx).
+#[tokio::test]
+async fn heartbeat_reads_only_the_held_tasks() {
+    let (t, me, conn) = db_with_instance_conn("w1").await;
+    let c = t.get().await.unwrap();
+    c.batch_execute(
+        "INSERT INTO pgcrew.tasks (queue, kind, payload)
+         SELECT 'q', 'k', jsonb_build_object('i', g) FROM generate_series(1, 2000) g;
+         ANALYZE pgcrew.tasks;
+         UPDATE pgcrew.tasks SET state = 'running', attempts = 1, claimed_by = 'other',
+                claim_token = gen_random_uuid(), claimed_at = now(), heartbeat_at = now()
+          WHERE id <= 400;",
+    )
+    .await
+    .unwrap();
+    let claimed = queue::claim(&conn, &q("q"), 2, &me).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    let ids: Vec<TaskId> = claimed.iter().map(|t| t.id).collect();
+    let running_idx_reads = async || -> i64 {
+        conn.batch_execute("SELECT pg_stat_force_next_flush()")
+            .await
+            .unwrap();
+        conn.batch_execute("SELECT pg_stat_clear_snapshot()")
+            .await
+            .unwrap();
+        conn.query_one(
+            "SELECT idx_tup_read FROM pg_stat_user_indexes
+              WHERE indexrelname = 'tasks_running_idx'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+    };
+    // The same prepared statement eight times: the last ones run its generic plan.
+    for _ in 0..8 {
+        let rep = queue::heartbeat(&conn, &me, &ids).await.unwrap();
+        assert_eq!(rep.alive.len(), 2);
+    }
+    let before = running_idx_reads().await;
+    for _ in 0..2 {
+        let rep = queue::heartbeat(&conn, &me, &ids).await.unwrap();
+        assert_eq!(rep.alive.len(), 2);
+    }
+    let read = running_idx_reads().await - before;
+    assert!(
+        read < 100,
+        "two heartbeats read {read} entries of tasks_running_idx (402 tasks running)"
+    );
+}
