@@ -589,30 +589,7 @@ async fn reset_statements(db: &pgcrew::Db) {
 /// `pg_stat_statements` on a throwaway cluster (`PGCREW_TEST_CLUSTER_PORT` fixes its port).
 #[tokio::test]
 async fn a_maintenance_pass_with_nothing_to_do_is_one_statement() {
-    let (_cluster, dsn) = crate::common::own_cluster(pgcrew::db::TempClusterOptions {
-        settings: vec![(
-            "shared_preload_libraries".into(),
-            "pg_stat_statements".into(),
-        )],
-        port: std::env::var("PGCREW_TEST_CLUSTER_PORT")
-            .ok()
-            .and_then(|p| p.parse().ok()),
-        ..Default::default()
-    })
-    .await;
-    let scratch = pgcrew::db::ScratchDatabase::create(&dsn, "maint_idle")
-        .await
-        .unwrap();
-    let db = pgcrew::Db::connect(scratch.dsn(), 4, Duration::from_secs(5))
-        .await
-        .unwrap();
-    db.migrate().await.unwrap();
-    db.get()
-        .await
-        .unwrap()
-        .batch_execute("CREATE EXTENSION pg_stat_statements")
-        .await
-        .unwrap();
+    let (_cluster, _scratch, db) = crate::common::statements_db("maint_idle").await;
     let id = InstanceId::new("janitor").unwrap();
     let leader::Election::Leader { term } =
         leader::elect(&db, leader::DEFAULT_LEASE, &id, Duration::from_secs(60))
@@ -637,16 +614,7 @@ async fn a_maintenance_pass_with_nothing_to_do_is_one_statement() {
     assert!(idle <= 2, "an idle maintenance pass ran {idle} statements");
 
     // A stale instance: its step runs (fenced: BEGIN, fence, delete, COMMIT), the others not.
-    db.get()
-        .await
-        .unwrap()
-        .execute(
-            "INSERT INTO pgcrew.instances (id, hostname, pid, version, last_heartbeat_at) \
-             VALUES ('ghost', 'h', 1, 'x', now() - interval '1 hour')",
-            &[],
-        )
-        .await
-        .unwrap();
+    add_stale_instance(&db).await;
     reset_statements(&db).await;
     let report = run(&db, &steps, &ctx).await.unwrap();
     assert_eq!(report.count("stale_instances"), 1, "{report:?}");
@@ -658,16 +626,7 @@ async fn a_maintenance_pass_with_nothing_to_do_is_one_statement() {
     );
 
     // A deposed leader: the pass stops at its first statement and runs no step.
-    db.get()
-        .await
-        .unwrap()
-        .execute(
-            "INSERT INTO pgcrew.instances (id, hostname, pid, version, last_heartbeat_at) \
-             VALUES ('ghost', 'h', 1, 'x', now() - interval '1 hour')",
-            &[],
-        )
-        .await
-        .unwrap();
+    add_stale_instance(&db).await;
     let deposed = pgcrew::coord::maintenance::MaintenanceContext {
         term: term + 1,
         ..ctx.clone()
@@ -680,6 +639,20 @@ async fn a_maintenance_pass_with_nothing_to_do_is_one_statement() {
     )
     .await;
     assert_eq!(ghosts, 1, "a deposed leader removed an instance");
+}
+
+/// A registered instance `ghost` whose last heartbeat was an hour ago.
+async fn add_stale_instance(db: &pgcrew::Db) {
+    db.get()
+        .await
+        .unwrap()
+        .execute(
+            "INSERT INTO pgcrew.instances (id, hostname, pid, version, last_heartbeat_at) \
+             VALUES ('ghost', 'h', 1, 'x', now() - interval '1 hour')",
+            &[],
+        )
+        .await
+        .unwrap();
 }
 
 /// A failing maintenance step does not keep the steps after it from running; the pass still

@@ -312,6 +312,35 @@ pub async fn own_cluster(
     (cluster, dsn)
 }
 
+/// A throwaway cluster with `pg_stat_statements` loaded (`PGCREW_TEST_CLUSTER_PORT` fixes its
+/// port; default a free one), a migrated scratch database `name` on it with the extension
+/// created, and a four-connection pool to that database: for tests that count statements.
+pub async fn statements_db(name: &str) -> (pgcrew::db::TempCluster, ScratchDatabase, Db) {
+    let (cluster, dsn) = own_cluster(pgcrew::db::TempClusterOptions {
+        settings: vec![(
+            "shared_preload_libraries".into(),
+            "pg_stat_statements".into(),
+        )],
+        port: std::env::var("PGCREW_TEST_CLUSTER_PORT")
+            .ok()
+            .and_then(|p| p.parse().ok()),
+        ..Default::default()
+    })
+    .await;
+    let scratch = ScratchDatabase::create(&dsn, name).await.unwrap();
+    let db = Db::connect(scratch.dsn(), 4, Duration::from_secs(5))
+        .await
+        .unwrap();
+    db.migrate().await.unwrap();
+    db.get()
+        .await
+        .unwrap()
+        .batch_execute("CREATE EXTENSION pg_stat_statements")
+        .await
+        .unwrap();
+    (cluster, scratch, db)
+}
+
 /// A throwaway cluster ([`pgcrew::db::TempCluster::start`]) with a migrated scratch database
 /// `name` on it and a four-connection pool to that database.
 pub async fn cluster_db(name: &str) -> (pgcrew::db::TempCluster, ScratchDatabase, Db) {

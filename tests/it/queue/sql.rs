@@ -418,32 +418,8 @@ async fn fast_claim_probes_stay_on_indexes_whatever_the_statistics() {
 async fn ack_reads_only_its_own_tasks() {
     let t = test_db().await;
     let c = t.get().await.unwrap();
-    c.batch_execute(
-        "INSERT INTO pgcrew.tasks (queue, kind, payload)
-         SELECT 'q', 'k', jsonb_build_object('i', g) FROM generate_series(1, 2000) g;
-         ANALYZE pgcrew.tasks;
-         UPDATE pgcrew.tasks SET state = 'running', attempts = 1, claimed_by = 'w',
-                claim_token = gen_random_uuid(), claimed_at = now(), heartbeat_at = now()
-          WHERE id <= 400;",
-    )
-    .await
-    .unwrap();
-    let running_idx_reads = async || -> i64 {
-        c.batch_execute("SELECT pg_stat_force_next_flush()")
-            .await
-            .unwrap();
-        c.batch_execute("SELECT pg_stat_clear_snapshot()")
-            .await
-            .unwrap();
-        c.query_one(
-            "SELECT idx_tup_read FROM pg_stat_user_indexes
-              WHERE indexrelname = 'tasks_running_idx'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
-    };
+    seed_running(&c, "w").await;
+    let running_idx_reads = async || running_index_reads(&c).await;
     // Ten acknowledgements of one task each: the last ones run PL/pgSQL's cached plan.
     let ack = "SELECT count(*) FROM pgcrew.ack_tasks(ARRAY[$1::bigint],
                    ARRAY[(SELECT claim_token FROM pgcrew.tasks WHERE id = $1::bigint)],
@@ -478,35 +454,11 @@ async fn ack_reads_only_its_own_tasks() {
 async fn heartbeat_reads_only_the_held_tasks() {
     let (t, me, conn) = db_with_instance_conn("w1").await;
     let c = t.get().await.unwrap();
-    c.batch_execute(
-        "INSERT INTO pgcrew.tasks (queue, kind, payload)
-         SELECT 'q', 'k', jsonb_build_object('i', g) FROM generate_series(1, 2000) g;
-         ANALYZE pgcrew.tasks;
-         UPDATE pgcrew.tasks SET state = 'running', attempts = 1, claimed_by = 'other',
-                claim_token = gen_random_uuid(), claimed_at = now(), heartbeat_at = now()
-          WHERE id <= 400;",
-    )
-    .await
-    .unwrap();
+    seed_running(&c, "other").await;
     let claimed = queue::claim(&conn, &q("q"), 2, &me).await.unwrap();
     assert_eq!(claimed.len(), 2);
     let ids: Vec<TaskId> = claimed.iter().map(|t| t.id).collect();
-    let running_idx_reads = async || -> i64 {
-        conn.batch_execute("SELECT pg_stat_force_next_flush()")
-            .await
-            .unwrap();
-        conn.batch_execute("SELECT pg_stat_clear_snapshot()")
-            .await
-            .unwrap();
-        conn.query_one(
-            "SELECT idx_tup_read FROM pg_stat_user_indexes
-              WHERE indexrelname = 'tasks_running_idx'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0)
-    };
+    let running_idx_reads = async || running_index_reads(&conn).await;
     // The same prepared statement eight times: the last ones run its generic plan.
     for _ in 0..8 {
         let rep = queue::heartbeat(&conn, &me, &ids).await.unwrap();
@@ -522,4 +474,42 @@ async fn heartbeat_reads_only_the_held_tasks() {
         read < 100,
         "two heartbeats read {read} entries of tasks_running_idx (402 tasks running)"
     );
+}
+
+/// 2,000 tasks of queue `q`, the first 400 running on instance `by`.
+async fn seed_running(c: &tokio_postgres::Client, by: &str) {
+    c.execute(
+        "INSERT INTO pgcrew.tasks (queue, kind, payload)
+         SELECT 'q', 'k', jsonb_build_object('i', g) FROM generate_series(1, 2000) g",
+        &[],
+    )
+    .await
+    .unwrap();
+    c.batch_execute("ANALYZE pgcrew.tasks").await.unwrap();
+    c.execute(
+        "UPDATE pgcrew.tasks SET state = 'running', attempts = 1, claimed_by = $1,
+                claim_token = gen_random_uuid(), claimed_at = now(), heartbeat_at = now()
+          WHERE id <= 400",
+        &[&by],
+    )
+    .await
+    .unwrap();
+}
+
+/// Index entries read from `tasks_running_idx` so far (statistics flushed first).
+async fn running_index_reads(c: &tokio_postgres::Client) -> i64 {
+    c.batch_execute("SELECT pg_stat_force_next_flush()")
+        .await
+        .unwrap();
+    c.batch_execute("SELECT pg_stat_clear_snapshot()")
+        .await
+        .unwrap();
+    c.query_one(
+        "SELECT idx_tup_read FROM pg_stat_user_indexes
+          WHERE indexrelname = 'tasks_running_idx'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
 }

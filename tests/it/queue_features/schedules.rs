@@ -7,7 +7,7 @@ use chrono::{DateTime, Utc};
 use pgcrew::schedule::{self, MisfirePolicy, NewSchedule, ScheduleSpec};
 
 use crate::common::{
-    self, cli, fast_config, own_cluster, scalar, test_db, wait_leader, wait_listening, wait_until,
+    self, cli, fast_config, scalar, test_db, wait_leader, wait_listening, wait_until,
 };
 
 /// Fire times recorded for `name`, oldest first, with their tasks.
@@ -213,30 +213,7 @@ async fn scheduler_statements(db: &pgcrew::Db) -> i64 {
 /// (`PGCREW_TEST_CLUSTER_PORT` fixes its port; default a free one).
 #[tokio::test]
 async fn at_idle_the_leader_runs_no_scheduler_statement() {
-    let (cluster, dsn) = own_cluster(pgcrew::db::TempClusterOptions {
-        settings: vec![(
-            "shared_preload_libraries".into(),
-            "pg_stat_statements".into(),
-        )],
-        port: std::env::var("PGCREW_TEST_CLUSTER_PORT")
-            .ok()
-            .and_then(|p| p.parse().ok()),
-        ..Default::default()
-    })
-    .await;
-    let scratch = pgcrew::db::ScratchDatabase::create(&dsn, "sched_idle")
-        .await
-        .unwrap();
-    let db = pgcrew::Db::connect(scratch.dsn(), 4, Duration::from_secs(5))
-        .await
-        .unwrap();
-    db.migrate().await.unwrap();
-    db.get()
-        .await
-        .unwrap()
-        .batch_execute("CREATE EXTENSION pg_stat_statements")
-        .await
-        .unwrap();
+    let (cluster, scratch, db) = common::statements_db("sched_idle").await;
     // A long lease: a leadership lost on a loaded machine would start a new scheduler.
     let config = fast_config("idle-leader")
         .leader_ttl(Duration::from_secs(10))
