@@ -209,8 +209,15 @@ struct Reserved {
     /// The request as sent to the provider: the decided model and completion cap.
     sent: ModelRequest,
     prompt_tokens: u64,
-    max_tokens: u32,
     estimate: f64,
+}
+
+/// A request sized for its reservation ([`Kernel::size`]).
+struct Sized {
+    sent: ModelRequest,
+    prompt_tokens: u64,
+    estimate: f64,
+    req: ReserveRequest,
 }
 
 impl Kernel {
@@ -300,29 +307,17 @@ impl Kernel {
     ) -> Result<Begun> {
         let request = prepared.request;
         let max_tokens = request.max_tokens.unwrap_or(DEFAULT_RESERVE_MAX_TOKENS);
-        let mut sent = request.clone();
-        sent.max_tokens = Some(max_tokens);
-        let prompt_tokens = prompt_token_bound(&sent);
-        let Ok(estimate) =
-            self.prices
-                .worst_case_cost(&sent.model, prompt_tokens, u64::from(max_tokens))
+        let Ok(Sized {
+            sent,
+            prompt_tokens,
+            estimate,
+            req,
+        }) = self.size(scope, request, &request.model, max_tokens)
         else {
             return Ok(Begun::State(self.step_state(scope, step_key).await?));
         };
-        let mut req = ReserveRequest::new(scope.tenant.clone(), estimate)
-            .run(scope.run)
-            .model(sent.model.clone());
-        if let Some(i) = &self.instance {
-            req = req.instance(i.clone());
-        }
         let id = uuid::Uuid::new_v4();
-        let payload = json!({"model": sent.model,
-               "fingerprint": prepared.fingerprint,
-               "estimate_usd": estimate,
-               "reservation_id": id,
-               "prompt_token_bound": prompt_tokens,
-               "max_tokens": max_tokens,
-               "messages": request.messages.len(), "port": self.model.name()});
+        let payload = self.requested_payload(prepared, &sent, estimate, id, prompt_tokens);
         let event = NewEvent::new(EventType::ModelRequested, payload).step(step_key);
         if req.validate().is_err() || check_events(&self.db, std::slice::from_ref(&event)).is_err()
         {
@@ -381,7 +376,6 @@ impl Kernel {
                     },
                     sent,
                     prompt_tokens,
-                    max_tokens,
                     estimate,
                 })))
             }
@@ -421,6 +415,55 @@ impl Kernel {
                 ],
             )?)),
         }
+    }
+
+    /// `request` as sent with `model` and the completion cap `max_tokens`, its prompt's upper
+    /// bound, its worst-case cost (an error for a model without a price) and the reservation
+    /// request for that cost: what both ways of starting a step reserve.
+    fn size(
+        &self,
+        scope: &RunScope,
+        request: &ModelRequest,
+        model: &str,
+        max_tokens: u32,
+    ) -> Result<Sized> {
+        let mut sent = request.clone();
+        sent.model = model.to_string();
+        sent.max_tokens = Some(max_tokens);
+        let prompt_tokens = prompt_token_bound(&sent);
+        let estimate =
+            self.prices
+                .worst_case_cost(&sent.model, prompt_tokens, u64::from(max_tokens))?;
+        let mut req = ReserveRequest::new(scope.tenant.clone(), estimate)
+            .run(scope.run)
+            .model(sent.model.clone());
+        if let Some(i) = &self.instance {
+            req = req.instance(i.clone());
+        }
+        Ok(Sized {
+            sent,
+            prompt_tokens,
+            estimate,
+            req,
+        })
+    }
+
+    /// The payload of `model_requested` for `sent` (as sent: model and completion cap).
+    fn requested_payload(
+        &self,
+        prepared: &PreparedRequest<'_>,
+        sent: &ModelRequest,
+        estimate: f64,
+        reservation_id: uuid::Uuid,
+        prompt_tokens: u64,
+    ) -> Value {
+        json!({"model": sent.model,
+               "fingerprint": prepared.fingerprint,
+               "estimate_usd": estimate,
+               "reservation_id": reservation_id,
+               "prompt_token_bound": prompt_tokens,
+               "max_tokens": sent.max_tokens,
+               "messages": prepared.request.messages.len(), "port": self.model.name()})
     }
 
     /// The step's events and the tenant's budget status and degradation policy, in one read.
@@ -572,13 +615,13 @@ impl Kernel {
         let reserved = self
             .reserve_model(scope, step_key, prepared.request, &decision)
             .await?;
-        let mut requested_payload = json!({"model": decision.model,
-               "fingerprint": prepared.fingerprint,
-               "estimate_usd": reserved.estimate,
-               "reservation_id": reserved.reservation.id,
-               "prompt_token_bound": reserved.prompt_tokens,
-               "max_tokens": reserved.max_tokens,
-               "messages": prepared.request.messages.len(), "port": self.model.name()});
+        let mut requested_payload = self.requested_payload(
+            prepared,
+            &reserved.sent,
+            reserved.estimate,
+            reserved.reservation.id,
+            reserved.prompt_tokens,
+        );
         if decision.degraded() {
             requested_payload["requested_model"] = json!(asked.model);
         }
@@ -607,26 +650,18 @@ impl Kernel {
         request: &ModelRequest,
         decision: &Decision,
     ) -> Result<Reserved> {
-        let mut sent = request.clone();
-        sent.model = decision.model.clone();
-        sent.max_tokens = Some(decision.max_tokens);
-        let prompt_tokens = prompt_token_bound(&sent);
         let max_tokens = decision.max_tokens;
-        let estimate =
-            self.prices
-                .worst_case_cost(&sent.model, prompt_tokens, u64::from(max_tokens))?;
-        let mut req = ReserveRequest::new(scope.tenant.clone(), estimate)
-            .run(scope.run)
-            .model(sent.model.clone());
-        if let Some(i) = &self.instance {
-            req = req.instance(i.clone());
-        }
+        let Sized {
+            sent,
+            prompt_tokens,
+            estimate,
+            req,
+        } = self.size(scope, request, &decision.model, max_tokens)?;
         match tenancy::reserve(&self.db, &req).await {
             Ok(reservation) => Ok(Reserved {
                 reservation,
                 sent,
                 prompt_tokens,
-                max_tokens,
                 estimate,
             }),
             Err(e) if e.is_budget_exceeded() => {
