@@ -60,11 +60,10 @@ pub(crate) fn scope() -> InstrumentationScope {
 /// directly as the SDK's `SpanData`, which costs a fraction of a `tracing` span through the
 /// OpenTelemetry layer) for export with the others. Dropped when no export is set up.
 pub(crate) fn record_span(span: SpanData) {
-    let sink = match SINK.read() {
-        Ok(g) => g.clone(),
-        Err(p) => p.into_inner().clone(),
-    };
-    if let Some(sink) = sink {
+    let guard = SINK
+        .read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(sink) = guard.as_ref() {
         sink.push(span);
     }
 }
