@@ -10,8 +10,12 @@ use std::time::{Duration, Instant};
 use opentelemetry::Context;
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{Span, SpanData, SpanExporter, SpanProcessor};
+#[cfg(test)]
+use opentelemetry_sdk::trace::SpanExporter;
+use opentelemetry_sdk::trace::{Span, SpanData, SpanProcessor};
 use tracing::warn;
+
+use super::TaskSpan;
 
 /// Queue and batch settings of the export (the `OTEL_BSP_*` variables).
 #[derive(Debug, Clone, Copy)]
@@ -43,6 +47,8 @@ impl ExportSettings {
 
 enum Msg {
     Span(Box<SpanData>),
+    /// Inline: a task span is small, and one is queued per sampled task.
+    Task(TaskSpan),
     Flush(SyncSender<()>),
     Shutdown,
 }
@@ -89,16 +95,26 @@ impl SpanSink {
     /// Queue a finished span without blocking (an unsampled one is skipped); a full queue or
     /// a stopped export drops it and counts it.
     pub(super) fn push(&self, span: SpanData) {
-        if !span.span_context.is_sampled() {
-            return;
+        if span.span_context.is_sampled() {
+            self.send(Msg::Span(Box::new(span)));
         }
+    }
+
+    /// Queue a worker pool's task span, as [`SpanSink::push`] does a span (it is sampled).
+    pub(super) fn push_task(&self, span: TaskSpan) {
+        self.send(Msg::Task(span));
+    }
+
+    /// Queue a span message without blocking; a full queue or a stopped export drops it and
+    /// counts it.
+    fn send(&self, msg: Msg) {
         if self.shared.closed.load(Ordering::Relaxed) {
             super::global().spans_dropped.inc();
             return;
         }
         // Counted before the send, so the export thread's decrement always follows it.
         let queued = self.shared.pending.fetch_add(1, Ordering::Relaxed) + 1;
-        match self.tx.try_send(Msg::Span(Box::new(span))) {
+        match self.tx.try_send(msg) {
             Ok(()) => {
                 // Wake the thread once per full batch, not per span.
                 if queued == self.shared.max_batch {
@@ -119,12 +135,46 @@ impl SpanSink {
     }
 }
 
+/// What the export thread sends its batches with: the SDK's spans and the worker pools' task
+/// spans of one batch. The OTLP exporter writes task spans straight from their fields; any
+/// other exporter would get them as `SpanData` (as the tests' do).
+pub(super) trait Export: Send + 'static {
+    /// Send one batch (blocking the export thread).
+    fn export(&mut self, spans: Vec<SpanData>, tasks: Vec<TaskSpan>) -> OTelSdkResult;
+    /// The resource of the spans.
+    fn set_resource(&mut self, resource: &Resource);
+    /// The export ends.
+    fn shutdown(&mut self) -> OTelSdkResult;
+}
+
+/// An SDK span exporter as an [`Export`] (the tests' exporters): task spans are converted to
+/// `SpanData` and follow the batch's other spans.
+#[cfg(test)]
+#[derive(Debug)]
+pub(super) struct Sdk<E>(pub(super) E);
+
+#[cfg(test)]
+impl<E: SpanExporter + 'static> Export for Sdk<E> {
+    fn export(&mut self, mut spans: Vec<SpanData>, tasks: Vec<TaskSpan>) -> OTelSdkResult {
+        spans.extend(tasks.into_iter().map(TaskSpan::into_span_data));
+        block_on(self.0.export(spans))
+    }
+
+    fn set_resource(&mut self, resource: &Resource) {
+        self.0.set_resource(resource);
+    }
+
+    fn shutdown(&mut self) -> OTelSdkResult {
+        self.0.shutdown()
+    }
+}
+
 impl BoundedExport {
     /// Start the export thread; it builds the exporter itself (an HTTP client that blocks must
     /// not be built or dropped on an async runtime's thread).
     pub(super) fn start<E, B, BE>(build: B, settings: ExportSettings) -> BoundedExport
     where
-        E: SpanExporter + 'static,
+        E: Export,
         B: FnOnce() -> std::result::Result<E, BE> + Send + 'static,
         BE: std::fmt::Display,
     {
@@ -239,7 +289,7 @@ impl SpanProcessor for BoundedExport {
     }
 }
 
-fn export_loop<E: SpanExporter>(
+fn export_loop<E: Export>(
     mut exporter: E,
     rx: Receiver<Msg>,
     settings: ExportSettings,
@@ -249,17 +299,22 @@ fn export_loop<E: SpanExporter>(
     let warned = AtomicBool::new(false);
     let mut resource_set = false;
     let mut batch: Vec<SpanData> = Vec::new();
+    let mut tasks: Vec<TaskSpan> = Vec::new();
     let mut acks: Vec<SyncSender<()>> = Vec::new();
     let mut due = Instant::now() + settings.delay;
     loop {
         // Take what is queued: spans up to a batch, and every control message before them.
         let mut ended = false;
         let mut flush = false;
-        while batch.len() < settings.max_batch {
+        while batch.len() + tasks.len() < settings.max_batch {
             match rx.try_recv() {
                 Ok(Msg::Span(s)) => {
                     shared.pending.fetch_sub(1, Ordering::Relaxed);
                     batch.push(*s);
+                }
+                Ok(Msg::Task(t)) => {
+                    shared.pending.fetch_sub(1, Ordering::Relaxed);
+                    tasks.push(t);
                 }
                 Ok(Msg::Flush(done)) => {
                     acks.push(done);
@@ -272,16 +327,17 @@ fn export_loop<E: SpanExporter>(
                 Err(TryRecvError::Empty) => break,
             }
         }
-        let full = batch.len() >= settings.max_batch;
+        let full = batch.len() + tasks.len() >= settings.max_batch;
         if full || flush || ended || Instant::now() >= due {
             if !resource_set && let Some(r) = resource.lock().ok().and_then(|g| g.clone()) {
                 exporter.set_resource(&r);
                 resource_set = true;
             }
-            if !batch.is_empty() {
+            if !batch.is_empty() || !tasks.is_empty() {
                 let spans = std::mem::take(&mut batch);
-                let n = spans.len() as u64;
-                match block_on(exporter.export(spans)) {
+                let done = std::mem::replace(&mut tasks, Vec::with_capacity(settings.max_batch));
+                let n = (spans.len() + done.len()) as u64;
+                match exporter.export(spans, done) {
                     Ok(()) => {
                         super::global().spans_exported.inc_by(n);
                     }
@@ -314,6 +370,7 @@ fn export_loop<E: SpanExporter>(
 }
 
 /// Drive a future to completion on this (export) thread.
+#[cfg(test)]
 fn block_on<F: std::future::Future>(fut: F) -> F::Output {
     struct Unpark(std::thread::Thread);
     impl std::task::Wake for Unpark {
@@ -383,7 +440,7 @@ mod tests {
             // Far away: only full batches and the flush export.
             delay: Duration::from_secs(600),
         };
-        let export = BoundedExport::start(move || Ok::<_, String>(exporter), settings);
+        let export = BoundedExport::start(move || Ok::<_, String>(Sdk(exporter)), settings);
         let wakeups = export.wakeups();
         let provider = SdkTracerProvider::builder()
             .with_span_processor(export)
@@ -428,7 +485,7 @@ mod tests {
             max_batch: 1,
             delay: Duration::from_millis(10),
         };
-        let export = BoundedExport::start(move || Ok::<_, String>(exporter), settings);
+        let export = BoundedExport::start(move || Ok::<_, String>(Sdk(exporter)), settings);
         let provider = SdkTracerProvider::builder()
             .with_span_processor(export)
             .build();
@@ -459,7 +516,7 @@ mod tests {
         };
         let provider = SdkTracerProvider::builder()
             .with_span_processor(BoundedExport::start(
-                move || Ok::<_, String>(exporter),
+                move || Ok::<_, String>(Sdk(exporter)),
                 settings,
             ))
             .build();

@@ -23,7 +23,10 @@ mod export;
 mod labels;
 mod otlp;
 mod record;
+mod task_span;
 pub mod trace;
+
+pub(crate) use task_span::TaskSpan;
 
 pub use labels::{
     Bounded, ModelLabel, ModelOutcome, ModelTokens, QueueKind, QueueLabel, StepLabel, ToolOutcome,

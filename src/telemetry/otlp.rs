@@ -20,12 +20,17 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use opentelemetry::trace::{SpanId, SpanKind, Status};
+use opentelemetry::trace::TraceState;
+use opentelemetry::trace::{SpanId, SpanKind, Status, TraceFlags};
 use opentelemetry::{Array, InstrumentationScope, Value};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
-use opentelemetry_sdk::trace::{SpanData, SpanExporter};
+use opentelemetry_sdk::trace::SpanData;
 use prost::encoding::{WireType, encode_key, encode_varint};
+
+use super::TaskSpan;
+use super::export::Export;
+use super::task_span::TASK_SPAN_NAME;
 
 /// Where and how spans are posted.
 #[derive(Debug, Clone, PartialEq)]
@@ -150,10 +155,10 @@ impl OtlpHttp {
     }
 }
 
-impl SpanExporter for OtlpHttp {
-    async fn export(&self, batch: Vec<SpanData>) -> OTelSdkResult {
-        let body = encode_request(&self.resource, &batch);
-        drop(batch);
+impl Export for OtlpHttp {
+    fn export(&mut self, spans: Vec<SpanData>, tasks: Vec<TaskSpan>) -> OTelSdkResult {
+        let body = encode_request(&self.resource, &spans, &tasks);
+        drop((spans, tasks));
         let response = self
             .client
             .post(&self.config.url)
@@ -174,6 +179,10 @@ impl SpanExporter for OtlpHttp {
     fn set_resource(&mut self, resource: &Resource) {
         self.resource = resource.clone();
     }
+
+    fn shutdown(&mut self) -> OTelSdkResult {
+        Ok(())
+    }
 }
 
 // Field numbers of opentelemetry/proto/{collector/trace,trace,common,resource}/v1.
@@ -189,13 +198,19 @@ const SCOPE_NAME: u32 = 1;
 const SCOPE_VERSION: u32 = 2;
 const SCOPE_ATTRIBUTES: u32 = 3;
 
-/// `ExportTraceServiceRequest` bytes for `spans` of `resource`, one `ScopeSpans` per
-/// instrumentation scope (in the order scopes first appear).
-pub(super) fn encode_request(resource: &Resource, spans: &[SpanData]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(256 + spans.len() * 192);
-    if spans.is_empty() {
+/// `ExportTraceServiceRequest` bytes for `spans` and the worker pools' `tasks` of `resource`,
+/// one `ScopeSpans` per instrumentation scope (in the order scopes first appear; task spans are
+/// pgcrew's, after its other spans).
+pub(super) fn encode_request(
+    resource: &Resource,
+    spans: &[SpanData],
+    tasks: &[TaskSpan],
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(256 + (spans.len() + tasks.len()) * 192);
+    if spans.is_empty() && tasks.is_empty() {
         return out;
     }
+    let pgcrew = super::trace::scope();
     nested(&mut out, REQUEST_RESOURCE_SPANS, |b| {
         nested(b, RESOURCE_SPANS_RESOURCE, |b| {
             for (k, v) in resource.iter() {
@@ -207,6 +222,9 @@ pub(super) fn encode_request(resource: &Resource, spans: &[SpanData]) -> Vec<u8>
             if !scopes.contains(&&s.instrumentation_scope) {
                 scopes.push(&s.instrumentation_scope);
             }
+        }
+        if !tasks.is_empty() && !scopes.contains(&&pgcrew) {
+            scopes.push(&pgcrew);
         }
         for scope in scopes {
             nested(b, RESOURCE_SPANS_SCOPE_SPANS, |b| {
@@ -220,6 +238,11 @@ pub(super) fn encode_request(resource: &Resource, spans: &[SpanData]) -> Vec<u8>
                 for s in spans.iter().filter(|s| &s.instrumentation_scope == scope) {
                     nested(b, SCOPE_SPANS_SPANS, |b| span(b, s));
                 }
+                if scope == &pgcrew {
+                    for t in tasks {
+                        nested(b, SCOPE_SPANS_SPANS, |b| task_span(b, t));
+                    }
+                }
                 string(
                     b,
                     SCOPE_SPANS_SCHEMA_URL,
@@ -232,6 +255,44 @@ pub(super) fn encode_request(resource: &Resource, spans: &[SpanData]) -> Vec<u8>
         }
     });
     out
+}
+
+/// One `Span` message of a worker pool's task span: the fields [`span`] writes for the same
+/// span as `SpanData` ([`TaskSpan::into_span_data`]), from the task's figures directly.
+fn task_span(b: &mut Vec<u8>, t: &TaskSpan) {
+    bytes(b, 1, &t.trace_id.to_bytes());
+    bytes(b, 2, &t.span_id.to_bytes());
+    if t.trace_state != TraceState::NONE {
+        string(b, 3, &t.trace_state.header());
+    }
+    if t.parent_span_id != SpanId::INVALID {
+        bytes(b, 4, &t.parent_span_id.to_bytes());
+    }
+    string(b, 5, TASK_SPAN_NAME);
+    varint(b, 6, kind(&SpanKind::Internal));
+    fixed64(b, 7, nanos(t.start));
+    fixed64(b, 8, nanos(t.end));
+    key_with(b, 9, "queue", |b| any_str(b, &t.queue));
+    key_with(b, 9, "kind", |b| any_str(b, &t.kind));
+    key_with(b, 9, "task_id", |b| any_i64(b, t.task_id));
+    key_with(b, 9, "attempt", |b| any_i64(b, t.attempt));
+    if let Some(run) = t.run_id {
+        let mut buf = uuid::Uuid::encode_buffer();
+        let run = run.0.hyphenated().encode_lower(&mut buf);
+        key_with(b, 9, "run_id", |b| any_str(b, run));
+    }
+    key_with(b, 9, "queue_wait_ms", |b| any_f64(b, t.queue_wait_ms));
+    nested(b, 15, |b| {
+        if let Some(e) = &t.error {
+            string(b, 2, e);
+            varint(b, 3, 2);
+        }
+    });
+    fixed32(
+        b,
+        16,
+        flags(t.parent_is_remote(), TraceFlags::SAMPLED.to_u8()),
+    );
 }
 
 /// One `Span` message.
@@ -320,10 +381,34 @@ fn nanos(t: SystemTime) -> u64 {
 
 /// A `KeyValue` message in field `tag`.
 fn key_value(b: &mut Vec<u8>, tag: u32, key: &str, value: &Value) {
+    key_with(b, tag, key, |b| any_value(b, value));
+}
+
+/// A `KeyValue` message in field `tag` whose `AnyValue` fields `value` writes.
+fn key_with(b: &mut Vec<u8>, tag: u32, key: &str, value: impl FnOnce(&mut Vec<u8>)) {
     nested(b, tag, |b| {
         string(b, 1, key);
-        nested(b, 2, |b| any_value(b, value));
+        nested(b, 2, value);
     });
+}
+
+/// `AnyValue.string_value`.
+fn any_str(b: &mut Vec<u8>, v: &str) {
+    encode_key(1, WireType::LengthDelimited, b);
+    encode_varint(v.len() as u64, b);
+    b.extend_from_slice(v.as_bytes());
+}
+
+/// `AnyValue.int_value`.
+fn any_i64(b: &mut Vec<u8>, v: i64) {
+    encode_key(3, WireType::Varint, b);
+    encode_varint(v as u64, b);
+}
+
+/// `AnyValue.double_value`.
+fn any_f64(b: &mut Vec<u8>, v: f64) {
+    encode_key(4, WireType::SixtyFourBit, b);
+    b.extend_from_slice(&v.to_le_bytes());
 }
 
 /// The fields of an `AnyValue` message.
@@ -333,19 +418,9 @@ fn any_value(b: &mut Vec<u8>, value: &Value) {
             encode_key(2, WireType::Varint, b);
             encode_varint(u64::from(*v), b);
         }
-        Value::I64(v) => {
-            encode_key(3, WireType::Varint, b);
-            encode_varint(*v as u64, b);
-        }
-        Value::F64(v) => {
-            encode_key(4, WireType::SixtyFourBit, b);
-            b.extend_from_slice(&v.to_le_bytes());
-        }
-        Value::String(v) => {
-            encode_key(1, WireType::LengthDelimited, b);
-            encode_varint(v.as_str().len() as u64, b);
-            b.extend_from_slice(v.as_str().as_bytes());
-        }
+        Value::I64(v) => any_i64(b, *v),
+        Value::F64(v) => any_f64(b, *v),
+        Value::String(v) => any_str(b, v.as_str()),
         Value::Array(a) => nested(b, 5, |b| {
             // ArrayValue.values (1), each an AnyValue.
             match a {
@@ -359,11 +434,7 @@ fn any_value(b: &mut Vec<u8>, value: &Value) {
                     nested(b, 1, |b| any_value(b, &Value::F64(*v)));
                 }),
                 Array::String(vs) => vs.iter().for_each(|v| {
-                    nested(b, 1, |b| {
-                        encode_key(1, WireType::LengthDelimited, b);
-                        encode_varint(v.as_str().len() as u64, b);
-                        b.extend_from_slice(v.as_str().as_bytes());
-                    });
+                    nested(b, 1, |b| any_str(b, v.as_str()));
                 }),
                 // A kind of array this version does not know: an empty array.
                 _ => {}
@@ -530,8 +601,9 @@ mod tests {
                 span(n, scope, [None, Some(true), Some(false)][n as usize % 3])
             })
             .collect();
-        let ours = ExportTraceServiceRequest::decode(encode_request(&resource, &spans).as_slice())
-            .expect("our bytes decode");
+        let ours =
+            ExportTraceServiceRequest::decode(encode_request(&resource, &spans, &[]).as_slice())
+                .expect("our bytes decode");
         let theirs = ExportTraceServiceRequest {
             resource_spans: group_spans_by_resource_and_scope(
                 spans.clone(),
@@ -540,13 +612,13 @@ mod tests {
         };
         assert_eq!(ours, theirs);
         assert_eq!(ours.resource_spans[0].scope_spans.len(), 2);
-        assert!(encode_request(&resource, &[]).is_empty());
+        assert!(encode_request(&resource, &[], &[]).is_empty());
         // A span big enough that nested lengths take two and three bytes.
         let mut big = span(9, &pgcrew, None);
         big.attributes
             .push(KeyValue::new("huge", "y".repeat(20_000)));
         let ours = ExportTraceServiceRequest::decode(
-            encode_request(&resource, std::slice::from_ref(&big)).as_slice(),
+            encode_request(&resource, std::slice::from_ref(&big), &[]).as_slice(),
         )
         .expect("our bytes decode");
         let theirs = ExportTraceServiceRequest {
@@ -556,6 +628,67 @@ mod tests {
             ),
         };
         assert_eq!(ours, theirs);
+    }
+
+    fn task(n: u64, remote_parent: bool, run: bool, error: bool) -> TaskSpan {
+        let start = UNIX_EPOCH + Duration::from_nanos(1_700_000_000_000_000_000 + n);
+        TaskSpan {
+            trace_id: TraceId::from(0x1111_2222_3333_4444_5555_6666_7777_8888u128 + u128::from(n)),
+            span_id: SpanId::from(0x0102_0304_0506_0708u64 + n),
+            parent_span_id: if remote_parent {
+                SpanId::from(0xaaaa + n)
+            } else {
+                SpanId::INVALID
+            },
+            trace_state: if remote_parent {
+                TraceState::from_key_value([("vendor", "v1")]).unwrap_or_default()
+            } else {
+                TraceState::default()
+            },
+            start,
+            end: start + Duration::from_micros(300 + n),
+            queue: format!("queue-{n}"),
+            kind: "é-kind".to_string(),
+            task_id: 9_000_000_000 + n as i64,
+            attempt: 1 + n as i64,
+            run_id: run.then(|| crate::ids::RunId(uuid::Uuid::from_u128(0xfeed + u128::from(n)))),
+            queue_wait_ms: 0.125 * n as f64,
+            error: error.then(|| format!("handler failed {n}")),
+        }
+    }
+
+    /// A task span written from its figures decodes to exactly what the generated types build
+    /// from the same span as `SpanData`, beside the SDK's spans of the same and another scope.
+    #[test]
+    fn task_spans_encode_as_their_span_data_does() {
+        let pgcrew = InstrumentationScope::builder("pgcrew").build();
+        let other = InstrumentationScope::builder("other").build();
+        let resource = Resource::builder().with_service_name("svc").build();
+        let tasks = vec![
+            task(1, false, false, false),
+            task(2, true, true, true),
+            task(3, true, false, false),
+            task(4, false, true, true),
+        ];
+        for spans in [
+            vec![],
+            vec![span(5, &pgcrew, None)],
+            vec![span(6, &other, Some(true)), span(7, &pgcrew, None)],
+        ] {
+            let ours = ExportTraceServiceRequest::decode(
+                encode_request(&resource, &spans, &tasks).as_slice(),
+            )
+            .expect("our bytes decode");
+            let mut all = spans.clone();
+            all.extend(tasks.iter().cloned().map(TaskSpan::into_span_data));
+            let theirs = ExportTraceServiceRequest {
+                resource_spans: group_spans_by_resource_and_scope(
+                    all,
+                    &ResourceAttributesWithSchema::from(&resource),
+                ),
+            };
+            assert_eq!(ours, theirs, "beside {} spans", spans.len());
+        }
     }
 
     #[test]

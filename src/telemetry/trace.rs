@@ -34,13 +34,12 @@ use opentelemetry::trace::{Link, SpanKind, TraceContextExt, TraceId, TracerProvi
 use opentelemetry::{InstrumentationScope, KeyValue};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
-use opentelemetry_sdk::trace::{
-    Sampler, SamplingResult, SdkTracerProvider, ShouldSample, SpanData,
-};
+use opentelemetry_sdk::trace::{Sampler, SamplingResult, SdkTracerProvider, ShouldSample};
 use tokio_postgres::Row;
 use tokio_postgres::types::{ToSql, Type};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
+use super::TaskSpan;
 use super::export::{BoundedExport, ExportSettings, SpanSink};
 use super::otlp::{OtlpConfig, OtlpHttp};
 use crate::db::{Executor, Handle, handle_of};
@@ -48,7 +47,7 @@ use crate::db::{Executor, Handle, handle_of};
 static ENABLED: AtomicBool = AtomicBool::new(false);
 
 /// The export queue of the last [`otlp_layer`] set up, for spans recorded without a tracer
-/// ([`record_span`]).
+/// ([`record_task_span`]).
 static SINK: RwLock<Option<SpanSink>> = RwLock::new(None);
 
 /// The instrumentation scope of pgcrew's spans (the tracer's: `pgcrew`).
@@ -56,15 +55,15 @@ pub(crate) fn scope() -> InstrumentationScope {
     InstrumentationScope::builder("pgcrew").build()
 }
 
-/// Queue a span built by pgcrew itself (the worker pool's `pgcrew.task`, one per task: built
-/// directly as the SDK's `SpanData`, which costs a fraction of a `tracing` span through the
+/// Queue a worker pool's `pgcrew.task` span (one per sampled task; recorded without a tracer,
+/// as the few figures of a [`TaskSpan`], which costs a fraction of a `tracing` span through the
 /// OpenTelemetry layer) for export with the others. Dropped when no export is set up.
-pub(crate) fn record_span(span: SpanData) {
+pub(crate) fn record_task_span(span: TaskSpan) {
     let guard = SINK
         .read()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     if let Some(sink) = guard.as_ref() {
-        sink.push(span);
+        sink.push_task(span);
     }
 }
 

@@ -124,14 +124,6 @@ impl WorkerPool {
                 Some(t) => run.with_context(t.context()).await,
                 None => run.await,
             };
-            if let Some(t) = trace {
-                t.end(match &outcome {
-                    AckOutcome::Fail { error, .. } | AckOutcome::Discard { error } => {
-                        Some(error.as_str())
-                    }
-                    _ => None,
-                });
-            }
             telemetry::global().task_finished(
                 &queue,
                 &kind,
@@ -145,6 +137,19 @@ impl WorkerPool {
                 },
                 started.elapsed(),
             );
+            if let Some(t) = trace {
+                // The span takes the queue and kind the metrics no longer need.
+                t.end(
+                    queue,
+                    kind,
+                    match &outcome {
+                        AckOutcome::Fail { error, .. } | AckOutcome::Discard { error } => {
+                            Some(error.as_str())
+                        }
+                        _ => None,
+                    },
+                );
+            }
             let m = &self.metrics;
             m.executed.fetch_add(1, Ordering::Relaxed);
             match &outcome {

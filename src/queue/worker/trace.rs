@@ -9,34 +9,45 @@
 
 use std::collections::HashMap;
 
-use std::borrow::Cow;
 use std::time::SystemTime;
 
-use opentelemetry::trace::{
-    SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState,
-};
-use opentelemetry::{Context, KeyValue};
-use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanLinks};
+use opentelemetry::Context;
+use opentelemetry::trace::{SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState};
 use tracing::info_span;
 
 use super::Shared;
 use crate::db::{Db, Executor};
-use crate::ids::TaskId;
+use crate::ids::{RunId, TaskId};
 use crate::queue::claim::{ClaimedTask, StoredTrace};
+use crate::telemetry::TaskSpan;
 use crate::telemetry::trace::{
-    context_from, enabled, record_span, sample_root, scope, set_remote_parent,
+    context_from, enabled, record_task_span, sample_root, set_remote_parent,
 };
 
 /// A task's `pgcrew.task` span while its handler runs: the OpenTelemetry context the handler
 /// runs in (its spans, and the trace context of what it enqueues, are children of this span),
-/// recorded when the task ends. Built as the SDK's `SpanData` directly rather than as a
-/// `tracing` span through the OpenTelemetry layer: one span per task is tracing's largest cost
-/// at a queue's rates, and this way it costs a fraction (`bench observability`, README).
+/// recorded when the task ends. Not a `tracing` span through the OpenTelemetry layer, nor even
+/// the SDK's `SpanData`: one span per task is tracing's largest cost at a queue's rates, so it is
+/// kept as the few figures a [`TaskSpan`] holds and written to OTLP from them (`bench
+/// observability`, README).
 pub(super) struct TaskTrace {
     /// The context of the span, or of the unsampled trace it continues.
     cx: Context,
     /// What is recorded at the end; `None` when the trace is not sampled.
-    span: Option<SpanData>,
+    span: Option<Started>,
+}
+
+/// A sampled task span's figures known when its handler starts.
+struct Started {
+    trace_id: TraceId,
+    span_id: SpanId,
+    parent_span_id: SpanId,
+    trace_state: TraceState,
+    start: SystemTime,
+    task_id: i64,
+    attempt: i64,
+    run_id: Option<RunId>,
+    queue_wait_ms: f64,
 }
 
 impl TaskTrace {
@@ -57,7 +68,7 @@ impl TaskTrace {
         draw: impl FnOnce() -> bool,
     ) -> Option<TaskTrace> {
         let parent = traceparent.and_then(context_from);
-        let (trace_id, parent_id, state, sampled) = match &parent {
+        let (trace_id, parent_span_id, trace_state, sampled) = match &parent {
             Some(cx) => {
                 let p = cx.span().span_context().clone();
                 (
@@ -79,44 +90,27 @@ impl TaskTrace {
             // The children stay out of the trace too (parent-based sampling).
             return parent.map(|cx| TaskTrace { cx, span: None });
         }
-        let sc = SpanContext::new(
+        let span_id = SpanId::from(fastrand::u64(1..));
+        let cx = Context::new().with_remote_span_context(SpanContext::new(
             trace_id,
-            SpanId::from(fastrand::u64(1..)),
+            span_id,
             TraceFlags::SAMPLED,
             false,
-            state,
-        );
-        let mut attributes = Vec::with_capacity(6);
-        attributes.push(KeyValue::new("queue", task.queue.clone()));
-        attributes.push(KeyValue::new("kind", task.kind.clone()));
-        attributes.push(KeyValue::new("task_id", task.id.0));
-        attributes.push(KeyValue::new("attempt", i64::from(task.attempt)));
-        if let Some(run) = task.run_id {
-            attributes.push(KeyValue::new("run_id", run.to_string()));
-        }
-        attributes.push(KeyValue::new(
-            "queue_wait_ms",
-            task.lag.as_secs_f64() * 1000.0,
+            trace_state.clone(),
         ));
-        let now = SystemTime::now();
-        let span = SpanData {
-            span_context: sc.clone(),
-            parent_span_id: parent_id,
-            parent_span_is_remote: parent.is_some(),
-            span_kind: SpanKind::Internal,
-            name: Cow::Borrowed("pgcrew.task"),
-            start_time: now,
-            end_time: now,
-            attributes,
-            dropped_attributes_count: 0,
-            events: SpanEvents::default(),
-            links: SpanLinks::default(),
-            status: Status::Unset,
-            instrumentation_scope: scope(),
-        };
         Some(TaskTrace {
-            cx: Context::new().with_remote_span_context(sc),
-            span: Some(span),
+            cx,
+            span: Some(Started {
+                trace_id,
+                span_id,
+                parent_span_id,
+                trace_state,
+                start: SystemTime::now(),
+                task_id: task.id.0,
+                attempt: i64::from(task.attempt),
+                run_id: task.run_id,
+                queue_wait_ms: task.lag.as_secs_f64() * 1000.0,
+            }),
         })
     }
 
@@ -125,22 +119,32 @@ impl TaskTrace {
         self.cx.clone()
     }
 
-    /// The handler returned `failed` (an error or a panic: the span's status is an error):
-    /// record the span.
-    pub(super) fn end(self, failed: Option<&str>) {
-        if let Some(span) = self.finish(failed) {
-            record_span(span);
+    /// The handler of the task of `queue` and `kind` returned `failed` (an error or a panic:
+    /// the span's status is an error): record the span.
+    pub(super) fn end(self, queue: String, kind: String, failed: Option<&str>) {
+        if let Some(span) = self.finish(queue, kind, failed) {
+            record_task_span(span);
         }
     }
 
     /// The span to record, if the trace is sampled.
-    fn finish(self, failed: Option<&str>) -> Option<SpanData> {
-        let mut span = self.span?;
-        span.end_time = SystemTime::now();
-        if let Some(e) = failed {
-            span.status = Status::error(e.to_string());
-        }
-        Some(span)
+    fn finish(self, queue: String, kind: String, failed: Option<&str>) -> Option<TaskSpan> {
+        let s = self.span?;
+        Some(TaskSpan {
+            trace_id: s.trace_id,
+            span_id: s.span_id,
+            parent_span_id: s.parent_span_id,
+            trace_state: s.trace_state,
+            start: s.start,
+            end: SystemTime::now(),
+            queue,
+            kind,
+            task_id: s.task_id,
+            attempt: s.attempt,
+            run_id: s.run_id,
+            queue_wait_ms: s.queue_wait_ms,
+            error: failed.map(str::to_string),
+        })
     }
 }
 
@@ -207,6 +211,8 @@ mod tests {
     use std::time::Duration;
 
     use opentelemetry::Value;
+    use opentelemetry::trace::Status;
+    use opentelemetry_sdk::trace::SpanData;
 
     use super::*;
     use crate::ids::{ClaimToken, RunId, TenantId};
@@ -247,7 +253,9 @@ mod tests {
         let run = RunId::new();
         let t = TaskTrace::begin(&task(Some(run)), Some(SAMPLED), || false).unwrap();
         let cx = t.context();
-        let span = t.finish(Some("boom")).unwrap();
+        let recorded = t.finish("q".into(), "k".into(), Some("boom")).unwrap();
+        assert_eq!(recorded.queue, "q");
+        let span = recorded.into_span_data();
         assert_eq!(
             span.span_context.trace_id(),
             TraceId::from_hex("0af7651916cd43dd8448eb211c80319c").unwrap()
@@ -273,13 +281,14 @@ mod tests {
         // A stored trace that was not sampled: no span, and the handler's spans stay out too.
         let t = TaskTrace::begin(&task(None), Some(UNSAMPLED), || true).unwrap();
         assert!(!t.context().span().span_context().is_sampled());
-        assert!(t.finish(None).is_none());
+        assert!(t.finish("q".into(), "k".into(), None).is_none());
 
         // No stored trace: a new one when drawn (a root), none at all otherwise.
         let span = TaskTrace::begin(&task(None), None, || true)
             .unwrap()
-            .finish(None)
-            .unwrap();
+            .finish("q".into(), "k".into(), None)
+            .unwrap()
+            .into_span_data();
         assert_eq!(span.parent_span_id, SpanId::INVALID);
         assert!(!span.parent_span_is_remote);
         assert_eq!(span.status, Status::Unset);
