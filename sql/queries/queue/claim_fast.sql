@@ -16,6 +16,15 @@
 -- the statistics), which reads the whole heap when the matching rows sit at its end
 -- (`pgcrew bench scale` saw claims double). ORDER BY the index's own order keeps them on
 -- tasks_available_idx / tasks_due_idx.
+-- The tenant is found from the end of the queue's range of tasks_available_idx (its highest
+-- tenant, a backward scan), and "another tenant has work" looks below it: a claimed task's
+-- entry stays in the index, dead, until VACUUM, and claims take the head of the range, so
+-- between vacuums the head is a run of dead entries as long as the tasks claimed since. The
+-- claim's own ordered scan must step over it; the tenant probe, read from the head, stepped
+-- over it a second time (issue #23: with 100,000 tasks claimed since the last vacuum, 730
+-- index pages, as many as the claim's own scan, so a claim's cost grew twice as fast with the
+-- run's length). From the end the probes read a few pages: the tail of the range is the last
+-- work to be claimed.
 -- The claim token comes from the caller ($4, random, one per claim as in pgcrew.claim_tasks):
 -- gen_random_uuid() cost ~0.04 ms on an idle backend, a tenth of the whole statement.
 -- It also returns the task's stored trace context (V027), so a tracing pool needs no second
@@ -24,7 +33,7 @@
 WITH t1 AS (
     SELECT a.tenant_id FROM pgcrew.tasks a
      WHERE a.state = 'available' AND a.queue = $1::text
-     ORDER BY a.tenant_id LIMIT 1)
+     ORDER BY a.tenant_id DESC LIMIT 1)
 UPDATE pgcrew.tasks t
    SET state = 'running', attempts = t.attempts + 1, claimed_by = $3::text,
        claim_token = $4::uuid, claimed_at = now(), heartbeat_at = now()
@@ -34,8 +43,8 @@ UPDATE pgcrew.tasks t
        -- Another tenant has work: fair shares are pgcrew.claim_tasks's job.
        AND (SELECT o.tenant_id FROM pgcrew.tasks o
              WHERE o.state = 'available' AND o.queue = $1
-               AND o.tenant_id > (SELECT t1.tenant_id FROM t1)
-             ORDER BY o.tenant_id LIMIT 1) IS NULL
+               AND o.tenant_id < (SELECT t1.tenant_id FROM t1)
+             ORDER BY o.tenant_id DESC LIMIT 1) IS NULL
        -- A delayed or retryable task is due: pgcrew.claim_tasks promotes it.
        AND (SELECT s.run_at FROM pgcrew.tasks s
              WHERE s.state IN ('scheduled', 'retryable') AND s.pending_deps = 0

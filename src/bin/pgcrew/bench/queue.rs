@@ -136,7 +136,18 @@ pub(crate) struct Report {
     processed_ratio: f64,
     /// The instance process's resident memory (the benchmark process: its instances run in it).
     pub(crate) memory: super::Memory,
+    /// Instance RSS when [`RSS_MARK`] tasks had been processed, MiB (0 when the round had
+    /// fewer tasks): the first figure of "flat between 100k and 1M tasks processed".
+    rss_at_mark_mib: f64,
+    /// Instance RSS when every task had been processed (still under load), MiB.
+    rss_at_end_mib: f64,
+    /// `rss_at_end_mib / rss_at_mark_mib - 1`, in percent (0 when there is no mark).
+    rss_growth_from_mark_pct: f64,
 }
+
+/// Tasks processed at which a round samples the instance RSS, to compare with the RSS at the
+/// end of a longer round (issue #23: flat between 100k and 1M tasks processed, one process).
+const RSS_MARK: u64 = 100_000;
 
 impl Report {
     /// The raw claim+complete loop's connections and batch for `args`.
@@ -292,6 +303,12 @@ pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> 
             report.memory.load_mib,
             report.memory.after_mib
         );
+        if report.rss_at_mark_mib > 0.0 {
+            eprintln!(
+                "  RSS at {RSS_MARK} tasks processed {:.1} MiB, at the end {:.1} MiB ({:+.1} %)",
+                report.rss_at_mark_mib, report.rss_at_end_mib, report.rss_growth_from_mark_pct
+            );
+        }
         rounds.push(report);
     }
     let summary = Summary::new(&args, rounds);
@@ -379,6 +396,20 @@ pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> 
             s.rss_after_mib,
             s.rss_after_anon_mib
         );
+        if args.tasks as u64 > RSS_MARK {
+            println!(
+                "  instance process RSS at {RSS_MARK} tasks processed / at the end ({} processed), per round: {}",
+                args.tasks,
+                s.per_round
+                    .iter()
+                    .map(|r| format!(
+                        "{:.1} / {:.1} MiB ({:+.1} %)",
+                        r.rss_at_mark_mib, r.rss_at_end_mib, r.rss_growth_from_mark_pct
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
@@ -511,6 +542,7 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
     let probe = db.get().await?;
     let cpu = super::cpu::CpuMeter::start(&probe).await?;
     let mut memory = super::Memory::idle();
+    let mut rss_at_mark = None;
     let t1 = Instant::now();
     let total = args.tasks as u64;
     let executed = || {
@@ -522,7 +554,14 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
     // 10 minutes, plus a second per thousand tasks (a loaded machine at a million tasks).
     let limit = Duration::from_secs(600 + total / 1000);
     let deadline = Instant::now() + limit;
-    while executed() < total {
+    loop {
+        let done = executed();
+        if rss_at_mark.is_none() && done >= RSS_MARK && total > RSS_MARK {
+            rss_at_mark = Some(super::Rss::now().mib());
+        }
+        if done >= total {
+            break;
+        }
         if Instant::now() > deadline {
             return Err(Error::Timeout(limit));
         }
@@ -530,6 +569,8 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
         memory.sample();
     }
     let process_secs = t1.elapsed().as_secs_f64();
+    let rss_at_end = super::Rss::now().mib();
+    let rss_at_mark = rss_at_mark.unwrap_or(0.0);
     let cpu = cpu.used(&probe).await?;
     drop(probe);
 
@@ -618,6 +659,13 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
             0.0
         },
         memory,
+        rss_at_mark_mib: rss_at_mark,
+        rss_at_end_mib: rss_at_end,
+        rss_growth_from_mark_pct: if rss_at_mark > 0.0 {
+            (rss_at_end / rss_at_mark - 1.0) * 100.0
+        } else {
+            0.0
+        },
     })
 }
 
