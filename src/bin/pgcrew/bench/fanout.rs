@@ -1,15 +1,33 @@
 //! `pgcrew bench fanout`: NOTIFY delivery latency to many in-process subscribers over one
 //! LISTEN connection, next to the raw latency of one plain LISTEN connection in the same run.
+//!
+//! Each subscriber records its own sample without taking anything shared but atomics: it reads
+//! the send time of the notification from an atomic, stores its latency in its own slot and
+//! counts itself in; the one that completes the count wakes the sender. (Until issue #23's
+//! second pass every subscriber took one shared `tokio::sync::Mutex` to read the send time and
+//! pushed its sample through an unbounded channel to the sending task, which then ran beside
+//! the subscribers draining 1,000 samples per notification: the recording serialised the
+//! subscribers and competed with them for the runtime's workers.)
+//!
+//! `--mutex-recording` records the old way (the shared mutex and the channel), so one build
+//! can show in one run what that recording adds to the figures.
+//!
+//! `--in-process` leaves PostgreSQL out: the notifications are published into a bare
+//! [`Notifier`] (what the LISTEN connection's handler does with a parsed notification), so the
+//! run measures the in-process dispatch alone. Run under `valgrind --tool=callgrind` with two
+//! values of `--notifications`, the difference of the instruction counts divided by the
+//! difference of notifications is the dispatch cost per notification, independent of load.
 
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use clap::Args;
 use futures_util::StreamExt;
-use pgcrew::coord::notify::{Event, EventKind};
+use pgcrew::coord::notify::{Event, EventKind, Notifier, Subscription};
 use pgcrew::{Client, ClientConfig, Result, RunId};
-use tokio::sync::Mutex;
+use tokio::sync::Notify;
 
 use crate::bench::{percentile_us, scratch_db};
 
@@ -22,6 +40,15 @@ pub struct FanoutBenchArgs {
     /// Notifications sent (one at a time, each awaited by every subscriber).
     #[arg(long, default_value_t = 200)]
     pub notifications: usize,
+    /// No database: publish into a bare notifier (the in-process dispatch alone; for counting
+    /// its instructions under callgrind).
+    #[arg(long)]
+    pub in_process: bool,
+    /// Record the old way, to show the artefact: every subscriber takes one shared
+    /// `tokio::sync::Mutex` to read the send time and sends its sample over an unbounded
+    /// channel to the sending task, which drains them while the others are still delivering.
+    #[arg(long)]
+    pub mutex_recording: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -55,6 +82,8 @@ impl Default for FanoutBenchArgs {
         Self {
             subscribers: 1000,
             notifications: 200,
+            in_process: false,
+            mutex_recording: false,
             json: false,
         }
     }
@@ -64,8 +93,106 @@ const NOTIFY_SQL: &str = pgcrew::sql!("bench/coord_notify");
 
 const LISTEN_SQL: &str = pgcrew::sql!("coord/listen");
 
+/// What the subscribers record into: per notification its send time and how many subscribers
+/// have seen it, per delivery its latency. Atomics only, so recording serialises nothing.
+struct Record {
+    base: Instant,
+    subscribers: usize,
+    /// Send time of notification `i`, nanoseconds after `base`.
+    sent: Vec<AtomicU64>,
+    /// Subscribers that have seen notification `i`.
+    seen: Vec<AtomicUsize>,
+    /// Latency of notification `i` at subscriber `j` at `i * subscribers + j`, nanoseconds
+    /// plus one (zero: not delivered).
+    samples: Vec<AtomicU64>,
+    /// Woken by the subscriber that completes a notification's count.
+    all_seen: Notify,
+}
+
+impl Record {
+    fn new(subscribers: usize, notifications: usize) -> Record {
+        Record {
+            base: Instant::now(),
+            subscribers,
+            sent: (0..notifications).map(|_| AtomicU64::new(0)).collect(),
+            seen: (0..notifications).map(|_| AtomicUsize::new(0)).collect(),
+            samples: (0..subscribers * notifications)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+            all_seen: Notify::new(),
+        }
+    }
+
+    fn nanos(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.base).as_nanos() as u64
+    }
+
+    fn mark_sent(&self, i: usize) {
+        self.sent[i].store(self.nanos(Instant::now()), Ordering::Release);
+    }
+
+    /// Subscriber `j` saw notification `i` at `at`.
+    fn seen(&self, i: usize, j: usize, at: Instant) {
+        let Some(sent) = self.sent.get(i) else {
+            return;
+        };
+        let lat = self.nanos(at).saturating_sub(sent.load(Ordering::Acquire));
+        self.samples[i * self.subscribers + j].store(lat + 1, Ordering::Relaxed);
+        if self.seen[i].fetch_add(1, Ordering::AcqRel) + 1 == self.subscribers {
+            self.all_seen.notify_one();
+        }
+    }
+
+    /// Wait until every subscriber has seen the notification just sent (or 5 s).
+    async fn wait_all_seen(&self) {
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.all_seen.notified()).await;
+    }
+
+    fn latencies(&self) -> Vec<Duration> {
+        let mut lat: Vec<Duration> = self
+            .samples
+            .iter()
+            .map(|s| s.load(Ordering::Relaxed))
+            .filter(|&n| n > 0)
+            .map(|n| Duration::from_nanos(n - 1))
+            .collect();
+        lat.sort();
+        lat
+    }
+}
+
+/// Spawn the subscribers: each records every `RunEvent` it sees, until it has seen `n`.
+fn spawn_subscribers(
+    subs: Vec<Subscription>,
+    record: &Arc<Record>,
+    n: usize,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    subs.into_iter()
+        .enumerate()
+        .map(|(j, mut sub)| {
+            let record = record.clone();
+            tokio::spawn(async move {
+                let mut got = 0;
+                while got < n {
+                    match sub.next().await {
+                        Some(Event::RunEvent { seq, .. }) => {
+                            record.seen(seq as usize, j, Instant::now());
+                            got += 1;
+                        }
+                        Some(_) => {}
+                        None => break,
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
 /// Run the benchmark.
 pub async fn run(dsn: Option<String>, args: FanoutBenchArgs) -> Result<ExitCode> {
+    if args.in_process {
+        return run_in_process(args).await;
+    }
     let bench = scratch_db(dsn).await?;
     let run_id = RunId::new();
 
@@ -83,63 +210,41 @@ pub async fn run(dsn: Option<String>, args: FanoutBenchArgs) -> Result<ExitCode>
         .notifier()
         .wait_connected(Duration::from_secs(5))
         .await;
-    let sent_at: Arc<Mutex<Vec<Option<Instant>>>> =
-        Arc::new(Mutex::new(vec![None; args.notifications]));
-    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<(usize, Duration)>();
-    let mut tasks = Vec::new();
-    for _ in 0..args.subscribers {
-        let mut sub = client.subscribe(&[EventKind::RunEvent]);
-        let sent_at = sent_at.clone();
-        let done = done_tx.clone();
-        let n = args.notifications;
-        tasks.push(tokio::spawn(async move {
-            let mut got = 0;
-            while got < n {
-                match sub.next().await {
-                    Some(Event::RunEvent { seq, .. }) => {
-                        let now = Instant::now();
-                        let i = seq as usize;
-                        let sent = sent_at.lock().await.get(i).copied().flatten();
-                        if let Some(s) = sent {
-                            let _ = done.send((i, now.duration_since(s)));
-                        }
-                        got += 1;
-                    }
-                    Some(_) => {}
-                    None => break,
-                }
-            }
-        }));
-    }
-    drop(done_tx);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let mut memory = crate::bench::Memory::idle();
+    let subs: Vec<Subscription> = (0..args.subscribers)
+        .map(|_| client.subscribe(&[EventKind::RunEvent]))
+        .collect();
     let conn = client.db().get().await?;
     let stmt = conn.prepare(NOTIFY_SQL).await?;
-    let mut lat = Vec::with_capacity(args.subscribers * args.notifications);
-    let started = Instant::now();
-    for i in 0..args.notifications {
-        sent_at.lock().await[i] = Some(Instant::now());
-        conn.execute(&stmt, &[&run_id.0, &(i as i64)]).await?;
-        let mut received = 0;
-        while received < args.subscribers {
-            match tokio::time::timeout(Duration::from_secs(5), done_rx.recv()).await {
-                Ok(Some((_, d))) => {
-                    lat.push(d);
-                    received += 1;
-                }
-                _ => break,
+    let (lat, elapsed, mut memory) = if args.mutex_recording {
+        mutex_recorded(subs, &args, |i| {
+            let (conn, stmt) = (&conn, &stmt);
+            async move {
+                conn.execute(stmt, &[&run_id.0, &(i as i64)]).await?;
+                Result::<()>::Ok(())
             }
+        })
+        .await?
+    } else {
+        let record = Arc::new(Record::new(args.subscribers, args.notifications));
+        let tasks = spawn_subscribers(subs, &record, args.notifications);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let mut memory = crate::bench::Memory::idle();
+        let started = Instant::now();
+        for i in 0..args.notifications {
+            record.mark_sent(i);
+            conn.execute(&stmt, &[&run_id.0, &(i as i64)]).await?;
+            record.wait_all_seen().await;
+            memory.sample();
         }
-        memory.sample();
-    }
-    let elapsed = started.elapsed();
-    for t in tasks {
-        t.abort();
-    }
+        let elapsed = started.elapsed();
+        for t in tasks {
+            t.abort();
+        }
+        (record.latencies(), elapsed, memory)
+    };
+    drop(conn);
     client.stop().await?;
     memory.finish();
-    lat.sort();
     let (p50, p99) = (percentile_us(&lat, 50.0), percentile_us(&lat, 99.0));
     let (raw50, raw99) = (percentile_us(&raw, 50.0), percentile_us(&raw, 99.0));
     let report = Report {
@@ -179,6 +284,143 @@ pub async fn run(dsn: Option<String>, args: FanoutBenchArgs) -> Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
+/// `--mutex-recording`: the recording of the bench before issue #23's second pass, kept to
+/// show its artefact (see the module doc). `send(i)` sends notification `i`.
+async fn mutex_recorded<F, Fut>(
+    subs: Vec<Subscription>,
+    args: &FanoutBenchArgs,
+    send: F,
+) -> Result<(Vec<Duration>, Duration, crate::bench::Memory)>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let sent_at: Arc<tokio::sync::Mutex<Vec<Option<Instant>>>> =
+        Arc::new(tokio::sync::Mutex::new(vec![None; args.notifications]));
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel::<Duration>();
+    let mut tasks = Vec::new();
+    for mut sub in subs {
+        let sent_at = sent_at.clone();
+        let done = done_tx.clone();
+        let n = args.notifications;
+        tasks.push(tokio::spawn(async move {
+            let mut got = 0;
+            while got < n {
+                match sub.next().await {
+                    Some(Event::RunEvent { seq, .. }) => {
+                        let now = Instant::now();
+                        let sent = sent_at.lock().await.get(seq as usize).copied().flatten();
+                        if let Some(s) = sent {
+                            let _ = done.send(now.duration_since(s));
+                        }
+                        got += 1;
+                    }
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        }));
+    }
+    drop(done_tx);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut memory = crate::bench::Memory::idle();
+    let mut lat = Vec::with_capacity(args.subscribers * args.notifications);
+    let started = Instant::now();
+    for i in 0..args.notifications {
+        sent_at.lock().await[i] = Some(Instant::now());
+        send(i).await?;
+        let mut received = 0;
+        while received < args.subscribers {
+            match tokio::time::timeout(Duration::from_secs(5), done_rx.recv()).await {
+                Ok(Some(d)) => {
+                    lat.push(d);
+                    received += 1;
+                }
+                _ => break,
+            }
+        }
+        memory.sample();
+    }
+    let elapsed = started.elapsed();
+    for t in tasks {
+        t.abort();
+    }
+    lat.sort();
+    Ok((lat, elapsed, memory))
+}
+
+/// `--in-process`: publish into a bare notifier, no database.
+async fn run_in_process(args: FanoutBenchArgs) -> Result<ExitCode> {
+    let notifier = Notifier::new(4096);
+    let run_id = RunId::new();
+    let subs: Vec<Subscription> = (0..args.subscribers)
+        .map(|_| notifier.subscribe(&[EventKind::RunEvent]))
+        .collect();
+    let publish = |i: usize| {
+        notifier.publish(Event::RunEvent {
+            run_id,
+            seq: i as i64,
+        })
+    };
+    let (lat, elapsed) = if args.mutex_recording {
+        let (lat, elapsed, _) = mutex_recorded(subs, &args, |i| {
+            publish(i);
+            std::future::ready(Result::<()>::Ok(()))
+        })
+        .await?;
+        (lat, elapsed)
+    } else {
+        let record = Arc::new(Record::new(args.subscribers, args.notifications));
+        let tasks = spawn_subscribers(subs, &record, args.notifications);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let started = Instant::now();
+        for i in 0..args.notifications {
+            record.mark_sent(i);
+            publish(i);
+            record.wait_all_seen().await;
+        }
+        let elapsed = started.elapsed();
+        for t in tasks {
+            t.abort();
+        }
+        (record.latencies(), elapsed)
+    };
+    let (p50, p99) = (percentile_us(&lat, 50.0), percentile_us(&lat, 99.0));
+    #[derive(serde::Serialize)]
+    struct InProcess {
+        subscribers: usize,
+        notifications: usize,
+        deliveries: usize,
+        seconds: f64,
+        p50_us: f64,
+        p99_us: f64,
+    }
+    let report = InProcess {
+        subscribers: args.subscribers,
+        notifications: args.notifications,
+        deliveries: lat.len(),
+        seconds: elapsed.as_secs_f64(),
+        p50_us: p50,
+        p99_us: p99,
+    };
+    crate::bench::print_report(args.json, &report, |r| {
+        println!(
+            "fan-out in process (no database): {} subscribers, {} notifications, {} deliveries in {:.3}s ({:.1} us per notification)",
+            r.subscribers,
+            r.notifications,
+            r.deliveries,
+            r.seconds,
+            r.seconds * 1e6 / r.notifications.max(1) as f64
+        );
+        println!(
+            "  publish to a subscriber's receipt: p50 {:.0} us, p99 {:.0} us",
+            r.p50_us, r.p99_us
+        );
+        Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
 async fn raw_latencies(dsn: &str, run_id: RunId, n: usize) -> Result<Vec<Duration>> {
     let cfg = pgcrew::db::parse_dsn(dsn)?;
     let (listener, driver, mut rx) = pgcrew::Db::connect_dedicated(&cfg).await?;
@@ -200,4 +442,41 @@ async fn raw_latencies(dsn: &str, run_id: RunId, n: usize) -> Result<Vec<Duratio
     sender_task.abort();
     lat.sort();
     Ok(lat)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every subscriber records every notification in its own slot, and the sender is woken
+    /// once all have seen the one it sent (no shared lock, nothing sent to the sender).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn every_subscriber_records_every_notification() {
+        let (subscribers, notifications) = (50, 20);
+        let notifier = Notifier::new(64);
+        let record = Arc::new(Record::new(subscribers, notifications));
+        let subs = (0..subscribers)
+            .map(|_| notifier.subscribe(&[EventKind::RunEvent]))
+            .collect();
+        let tasks = spawn_subscribers(subs, &record, notifications);
+        let run_id = RunId::new();
+        for i in 0..notifications {
+            record.mark_sent(i);
+            // Other kinds are not recorded.
+            notifier.publish(Event::SchedulesChanged);
+            notifier.publish(Event::RunEvent {
+                run_id,
+                seq: i as i64,
+            });
+            record.all_seen.notified().await;
+            assert_eq!(record.seen[i].load(Ordering::Acquire), subscribers);
+        }
+        for t in tasks {
+            assert!(t.await.is_ok());
+        }
+        assert_eq!(record.latencies().len(), subscribers * notifications);
+        // A sequence number out of range is ignored rather than recorded.
+        record.seen(notifications, 0, Instant::now());
+        assert_eq!(record.latencies().len(), subscribers * notifications);
+    }
 }
