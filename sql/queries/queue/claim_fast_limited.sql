@@ -1,22 +1,35 @@
 -- The worker pool's claim for a single queue that has a rate limit or a key limit (V035), in
 -- one statement, while the limits cannot bind: it claims what sql/queries/queue/claim_fast.sql
 -- would (one unlimited tenant with work, nothing due to promote), and also when the queue has
--- -- a queue rate limit: at most its whole tokens, taken in this statement (the bucket row locked
---    and read as of now, so exact across instances, with bursts, as pgcrew.claim_tasks takes
---    them);
+-- -- a queue rate limit: at most its whole tokens, taken in this statement by one UPDATE of
+--    the bucket row, made only while the row is the version this statement's snapshot saw (no
+--    claim of the queue committed since: every claim that takes tasks of a rate-limited queue
+--    writes its bucket), so the tasks the snapshot counts are the ones it locks, and exactly
+--    as many tokens are taken as tasks are claimed;
 -- -- a key limit far from its bound: the queue's running tasks plus $2 at most the limit (no
---    key can reach it, as in V031), counted with this statement's snapshot while the queue's
---    feature row is locked and its `claims` counter is the one the snapshot saw (no claim
---    committed since, none in flight: pgcrew.claim_tasks raises it under the key lock before
---    it counts, and this statement raises it when it claims).
+--    key can reach it, as in V031), counted with this statement's snapshot, the queue's
+--    feature row then written once (its `claims` counter raised), which holds it against
+--    pgcrew.claim_tasks (it raises the counter under the key lock before it counts, so its
+--    count waits for this claim's commit) and, without a rate limit, only while the counter
+--    is the one the snapshot saw (no claim committed since; with one, the bucket's version
+--    said so).
+-- Each row is written once: the UPDATE's own row lock is the only one taken on it (no
+-- `FOR UPDATE` first, which wrote the row's lock as a separate heap change and WAL record;
+-- V045 keeps the bucket's token update from preparing CHECK constraints).
+-- It steps aside when either row was locked or updated since it was written by a transaction
+-- other than its writer (see `feat`), as `SKIP LOCKED` did (a claim rolled back after writing
+-- a row leaves it so too, until pgcrew.claim_tasks, which the pool then runs, writes the row
+-- again); only a claimer that takes the row between this statement's read and
+-- its UPDATE makes it wait (and then find the row moved, and step aside). It waits holding
+-- nothing but the bucket (rows locked in the order bucket, feature row, tasks, the order
+-- pgcrew.set_rate_limit's and clear_rate_limit's triggers take them too; pgcrew.claim_tasks
+-- takes the bucket with SKIP LOCKED). Tasks are locked without waiting, after both rows.
 -- It steps aside (claims nothing) when the queue or a tenant of it is paused, a kind or tenant
--- rate limit exists, the bucket or the feature row is held by another claimer, the counter
--- moved, or the key limit may bind; pgcrew.claim_tasks then decides. A queue without features
--- claims as claim_fast.sql (which is cheaper: the pool uses it for such queues).
--- Every lock it takes (feature row, bucket, tasks) is taken without waiting, the rows it
--- locks before any task; and only while the queue has an available task: a claim of an empty
--- queue locks and writes nothing (no transaction id, no WAL), where it used to lock the feature
--- row and the bucket on every idle claim.
+-- rate limit exists, the bucket or the counter moved since its snapshot, or the key limit may
+-- bind; pgcrew.claim_tasks then decides. A queue without features claims as claim_fast.sql
+-- (which is cheaper: the pool uses it for such queues). Nothing is locked or written unless
+-- the queue has an available task this claim may take: a claim of an empty queue writes
+-- nothing (no transaction id, no WAL).
 -- Its rows: the tasks claimed (and their stored trace context); or, when it
 -- claimed none while the queue has work (an available task, or a delayed or retryable one
 -- due), one row whose columns are all NULL but `limited`: it stepped aside, and
@@ -29,72 +42,90 @@ WITH t1 AS (
     SELECT a.tenant_id FROM pgcrew.tasks a
      WHERE a.state = 'available' AND a.queue = $1::text
      ORDER BY a.tenant_id LIMIT 1),
--- The queue's features as this statement's snapshot saw them (none: no row).
+-- The queue's features as this statement's snapshot saw them (none: no row), with its token
+-- bucket's version and tokens as of now (no bucket: NULLs), and whether the bucket or (of a
+-- key-limited queue) the feature row has been locked or updated since it was written by a
+-- transaction other than its writer (`xmax` set and not `xmin`: a claimer in flight, or one
+-- that committed after this snapshot; or a lock left by a transaction that did not update
+-- the row, until the next pgcrew.claim_tasks of the queue writes it): then this steps aside
+-- rather than wait for the row, as the `SKIP LOCKED` it replaces did. (A row locked and then
+-- updated by one transaction, as pgcrew.claim_tasks does, keeps that lock in its new version:
+-- `xmax` = `xmin`, a writer that committed before this snapshot.)
 feat AS (
-    SELECT f.paused, f.key_max, f.rate, f.claims FROM pgcrew.claim_features f
+    SELECT f.paused, f.key_max, f.rate, f.claims, l.xmin AS version,
+           pgcrew.rate_tokens(l) AS tokens,
+           (f.key_max IS NOT NULL AND f.xmax <> '0'::xid AND f.xmax <> f.xmin)
+           OR (l.xmax <> '0'::xid AND l.xmax <> l.xmin) AS held
+      FROM pgcrew.claim_features f
+      LEFT JOIN pgcrew.rate_limits l ON l.scope = 'queue' AND l.name = f.queue
      WHERE f.queue = $1),
--- The newest feature row of a key-limited queue, locked (FOR UPDATE reads the newest version)
--- when the queue has an available task (none: nothing to claim, nothing locked).
-gate AS (
-    SELECT f.claims FROM pgcrew.claim_features f
-     WHERE f.queue = $1 AND f.key_max IS NOT NULL AND EXISTS (SELECT FROM t1)
-       FOR UPDATE SKIP LOCKED),
--- The queue's token bucket, locked, as of now (only when the queue has an available task).
-bucket AS (
-    SELECT pgcrew.rate_tokens(l) AS tokens FROM pgcrew.rate_limits l
-     WHERE l.scope = 'queue' AND l.name = $1 AND EXISTS (SELECT FROM t1)
-       FOR UPDATE SKIP LOCKED),
--- How many this statement may claim (0: step aside).
+-- How many this statement may claim, by its snapshot (0: step aside), and the features; one
+-- row while the queue has an available task, none otherwise.
 room AS (
-    SELECT CASE
-        -- Kind or tenant rate limits exist: pgcrew.claim_tasks takes their tokens.
-        WHEN EXISTS (SELECT FROM pgcrew.claim_features f WHERE f.queue = '') THEN 0
-        WHEN NOT EXISTS (SELECT FROM feat) THEN $2::integer
-        WHEN (SELECT f.paused FROM feat f) THEN 0
-        WHEN (SELECT f.key_max FROM feat f) IS NOT NULL
-             AND (NOT EXISTS (SELECT FROM gate)
-                  OR (SELECT g.claims FROM gate g) <> (SELECT f.claims FROM feat f)
-                  OR (SELECT count(*) FROM pgcrew.tasks x
-                       WHERE x.state = 'running' AND x.queue = $1) + $2
-                     > (SELECT f.key_max FROM feat f)) THEN 0
-        WHEN (SELECT f.rate FROM feat f) THEN
-             -- (No row: another claimer holds the bucket. LEAST would skip a NULL.)
-             coalesce((SELECT greatest(0, least($2, floor(b.tokens)))::integer FROM bucket b), 0)
-        ELSE $2 END AS n),
+    SELECT f.rate, f.key_max, f.claims, f.version, f.tokens, CASE
+        -- Paused, or kind or tenant rate limits exist (pgcrew.claim_tasks takes their tokens).
+        WHEN f.paused OR EXISTS (SELECT FROM pgcrew.claim_features g WHERE g.queue = '') THEN 0
+        -- Another tenant has work: fair shares are pgcrew.claim_tasks's job.
+        WHEN (SELECT o.tenant_id FROM pgcrew.tasks o
+               WHERE o.state = 'available' AND o.queue = $1 AND o.tenant_id > t1.tenant_id
+               ORDER BY o.tenant_id LIMIT 1) IS NOT NULL THEN 0
+        -- A delayed or retryable task is due: pgcrew.claim_tasks promotes it.
+        WHEN (SELECT s.run_at FROM pgcrew.tasks s
+               WHERE s.state IN ('scheduled', 'retryable') AND s.pending_deps = 0
+                 AND s.queue = $1 AND s.run_at <= now()
+               ORDER BY s.run_at LIMIT 1) IS NOT NULL THEN 0
+        -- The tenant is limited: pgcrew.claim_tasks counts its running tasks under a lock.
+        WHEN EXISTS (SELECT FROM pgcrew.tenants tn
+                      WHERE tn.id = t1.tenant_id AND tn.max_concurrent_tasks IS NOT NULL)
+          OR EXISTS (SELECT FROM pgcrew.tenant_queue_limits l
+                      WHERE l.tenant_id = t1.tenant_id AND l.queue = $1) THEN 0
+        -- Another transaction holds (or held) the feature row or the bucket.
+        WHEN f.held THEN 0
+        -- The key limit may bind.
+        WHEN (SELECT count(*) FROM pgcrew.tasks x
+               WHERE f.key_max IS NOT NULL AND x.state = 'running' AND x.queue = $1) + $2::integer
+             > f.key_max THEN 0
+        -- The whole tokens, and no more than the tenant's available tasks (what the claim
+        -- below locks: no claim can take them first, see `bucket`).
+        WHEN f.rate THEN greatest(0, least($2, floor(f.tokens),
+                                           (SELECT count(*) FROM (
+                                               SELECT FROM pgcrew.tasks a
+                                                WHERE a.state = 'available' AND a.queue = $1
+                                                  AND a.tenant_id = t1.tenant_id
+                                                LIMIT $2) c)))::integer
+        ELSE $2::integer END AS n
+      FROM t1 LEFT JOIN feat f ON true),
+-- The tokens of what is claimed, taken from the bucket while it is the version the snapshot
+-- saw (waiting for a claimer that holds it: then it moved, and this steps aside).
+bucket AS (
+    UPDATE pgcrew.rate_limits l
+       SET tokens = r.tokens - r.n, refilled_at = greatest(l.refilled_at, now())
+      FROM room r
+     WHERE l.scope = 'queue' AND l.name = $1 AND r.rate AND r.n > 0 AND l.xmin = r.version
+    RETURNING l.tokens),
+-- A key-limited queue: its feature row written once (after the bucket), raising the counter
+-- (later fast claims with an older snapshot step aside); without a rate limit only while the
+-- counter is the one the snapshot saw.
+gate AS (
+    UPDATE pgcrew.claim_features f SET claims = f.claims + 1
+      FROM room r
+     WHERE f.queue = $1 AND f.key_max IS NOT NULL AND r.key_max IS NOT NULL AND r.n > 0
+       AND CASE WHEN r.rate THEN EXISTS (SELECT FROM bucket) ELSE f.claims = r.claims END
+    RETURNING f.claims),
 picked AS (
     SELECT a.id FROM pgcrew.tasks a
      WHERE a.state = 'available' AND a.queue = $1 AND a.tenant_id = (SELECT t1.tenant_id FROM t1)
-       -- Another tenant has work: fair shares are pgcrew.claim_tasks's job.
-       AND (SELECT o.tenant_id FROM pgcrew.tasks o
-             WHERE o.state = 'available' AND o.queue = $1
-               AND o.tenant_id > (SELECT t1.tenant_id FROM t1)
-             ORDER BY o.tenant_id LIMIT 1) IS NULL
-       -- A delayed or retryable task is due: pgcrew.claim_tasks promotes it.
-       AND (SELECT s.run_at FROM pgcrew.tasks s
-             WHERE s.state IN ('scheduled', 'retryable') AND s.pending_deps = 0
-               AND s.queue = $1 AND s.run_at <= now()
-             ORDER BY s.run_at LIMIT 1) IS NULL
-       -- The tenant is limited: pgcrew.claim_tasks counts its running tasks under a lock.
-       AND NOT EXISTS (SELECT FROM pgcrew.tenants tn
-                        WHERE tn.id = (SELECT t1.tenant_id FROM t1)
-                          AND tn.max_concurrent_tasks IS NOT NULL)
-       AND NOT EXISTS (SELECT FROM pgcrew.tenant_queue_limits l
-                        WHERE l.tenant_id = (SELECT t1.tenant_id FROM t1) AND l.queue = $1)
      ORDER BY a.priority, a.run_at, a.id
-     -- Decided (and the feature row and bucket locked) before any task is locked.
-     LIMIT (SELECT r.n FROM room r)
+     -- How many (0: step aside), decided and the bucket and feature row written before any
+     -- task is locked. (With a rate limit the feature row is not written only when its key
+     -- limit was removed since the snapshot: the tokens are taken, the claim goes ahead.)
+     LIMIT coalesce((SELECT CASE
+                         WHEN r.rate AND NOT EXISTS (SELECT FROM bucket) THEN 0
+                         WHEN r.key_max IS NOT NULL AND NOT EXISTS (SELECT FROM gate)
+                              AND NOT r.rate THEN 0
+                         ELSE r.n END
+                       FROM room r), 0)
      FOR UPDATE SKIP LOCKED),
--- The tokens of what was claimed (only when something was).
-spend AS (
-    UPDATE pgcrew.rate_limits l
-       SET tokens = (SELECT b.tokens FROM bucket b) - (SELECT count(*) FROM picked),
-           refilled_at = greatest(l.refilled_at, now())
-     WHERE l.scope = 'queue' AND l.name = $1
-       AND EXISTS (SELECT FROM bucket) AND EXISTS (SELECT FROM picked)),
--- A claim was made: later fast claims with an older snapshot step aside.
-bump AS (
-    UPDATE pgcrew.claim_features f SET claims = f.claims + 1
-     WHERE f.queue = $1 AND EXISTS (SELECT FROM gate) AND EXISTS (SELECT FROM picked)),
 claimed AS (
     UPDATE pgcrew.tasks t
        SET state = 'running', attempts = t.attempts + 1, claimed_by = $3::text,

@@ -471,3 +471,82 @@ async fn an_idle_pool_on_a_limited_queue_skips_the_general_claim() {
     );
     client.stop().await.unwrap();
 }
+
+/// The plain one-statement claim (a queue without features).
+const PLAIN: &str = include_str!("../../../sql/queries/queue/claim_fast.sql");
+
+/// Issue #21, wake-up with limits: a limited claim of one task writes the bucket row and the
+/// feature row once each, so it writes two WAL records more than the plain claim of one task
+/// (which locks and updates the task, as the limited one does). It wrote four more: each row
+/// was locked (`FOR UPDATE SKIP LOCKED`: a heap change and a WAL record of its own) and then
+/// updated. Counted with `pg_stat_statements` on a throwaway cluster
+/// (`PGCREW_TEST_CLUSTER_PORT` fixes its port); the tokens taken are exactly the tasks claimed.
+#[tokio::test]
+async fn a_limited_claim_writes_each_limit_row_once() {
+    let (_cluster, _scratch, db) = common::statements_db("limited_wal").await;
+    let me = register_instance(&db, "limited-wal").await;
+    queue::set_key_limit(&db, "wq", "c", 1000).await.unwrap();
+    queue::set_rate_limit(
+        &db,
+        RateScope::Queue,
+        "wq",
+        Rate::per_second(0.001).burst(1000),
+    )
+    .await
+    .unwrap();
+    let conn = db.get().await.unwrap();
+    const N: i64 = 20;
+    for (queue, statement) in [("wq", LIMITED), ("pq", PLAIN)] {
+        for i in 0..N {
+            queue::enqueue(
+                &db,
+                &NewTask::new("k", &json!({ "c": i })).unwrap().queue(queue),
+            )
+            .await
+            .unwrap();
+            let rows = conn
+                .query(statement, &[&queue, &4i32, &me.as_str(), &Uuid::new_v4()])
+                .await
+                .unwrap();
+            let got: Vec<(i64, Uuid)> = rows
+                .iter()
+                .filter_map(|r| Some((r.get::<_, Option<i64>>("id")?, r.get("claim_token"))))
+                .collect();
+            assert_eq!(got.len(), 1, "{queue}: the task claimed in one statement");
+            complete(&conn, &got).await;
+        }
+    }
+    let tokens = scalar(
+        &db,
+        "SELECT floor(tokens)::bigint FROM pgcrew.rate_limits WHERE name = 'wq'",
+    )
+    .await;
+    assert_eq!(tokens, 1000 - N, "one token per task claimed");
+    let wal = async |marker: &str| {
+        let row = conn
+            .query_one(
+                "SELECT sum(s.calls)::bigint, sum(s.wal_records)::bigint
+                   FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid
+                  WHERE d.datname = current_database() AND s.query LIKE $1",
+                &[&format!("%{marker}%")],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, i64>(0), row.get::<_, i64>(1))
+    };
+    let (limited_calls, limited_wal) = wal("that has a rate limit or a key limit (V035)").await;
+    let (plain_calls, plain_wal) =
+        wal("claim for a single queue, in one statement (no PL/pgSQL call)").await;
+    eprintln!(
+        "WAL records per claim of one task: limited {:.2}, plain {:.2}",
+        limited_wal as f64 / limited_calls as f64,
+        plain_wal as f64 / plain_calls as f64
+    );
+    assert_eq!((limited_calls, plain_calls), (N, N));
+    // Two rows written once each: 2 records per claim (4 before); a page pruned on the way
+    // may add one now and then.
+    assert!(
+        limited_wal - plain_wal <= 2 * N + N / 4,
+        "{limited_wal} WAL records for {N} limited claims, {plain_wal} for {N} plain ones"
+    );
+}

@@ -157,3 +157,64 @@ fn shape(v: Vec<queue::RateLimit>) -> Vec<(String, String, f64, i32)> {
         .map(|l| (l.scope, l.name, l.per_second, l.burst))
         .collect()
 }
+
+/// V045: `pgcrew.rate_limits`'s rules are a trigger instead of CHECK constraints (a claim's
+/// token update no longer prepares them); a row written by plain SQL that breaks one is still
+/// refused with 23514 and the constraint's name, and a token update passes.
+#[tokio::test]
+async fn plain_sql_rate_limit_rows_are_checked_as_before() {
+    let t = test_db().await;
+    queue::set_rate_limit(&t.db, RateScope::Queue, "cq", Rate::per_second(5.0))
+        .await
+        .unwrap();
+    let conn = t.db.get().await.unwrap();
+    for (values, constraint) in [
+        ("('sometimes', 'x', 1, 1, 1)", "rate_limits_scope_check"),
+        ("('queue', '', 1, 1, 1)", "rate_limits_name_check"),
+        ("('queue', 'x', 0, 1, 1)", "rate_limits_per_second_check"),
+        ("('queue', 'x', 2e9, 1, 1)", "rate_limits_per_second_check"),
+        ("('queue', 'x', 1, 0, 1)", "rate_limits_burst_check"),
+    ] {
+        let e = conn
+            .execute(
+                &format!(
+                    "INSERT INTO pgcrew.rate_limits (scope, name, per_second, burst, tokens) \
+                     VALUES {values}"
+                ),
+                &[],
+            )
+            .await
+            .unwrap_err();
+        let db = e.as_db_error().unwrap();
+        assert_eq!(
+            (db.code().code(), db.constraint()),
+            ("23514", Some(constraint)),
+            "{values}"
+        );
+    }
+    let e = conn
+        .execute(
+            "UPDATE pgcrew.rate_limits SET burst = 0 WHERE name = 'cq'",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        e.as_db_error().unwrap().constraint(),
+        Some("rate_limits_burst_check")
+    );
+    conn.execute(
+        "UPDATE pgcrew.rate_limits SET tokens = 1, refilled_at = now() WHERE name = 'cq'",
+        &[],
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        scalar(
+            &t,
+            "SELECT count(*) FROM pgcrew.rate_limits WHERE name = 'x'"
+        )
+        .await,
+        0
+    );
+}
