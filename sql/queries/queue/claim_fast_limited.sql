@@ -38,10 +38,13 @@
 -- that round trip, and with a key limit its write of the feature row's counter). `limited`
 -- says whether the queue had a feature row (false: claim_fast.sql would have done).
 -- $1 queue, $2 limit, $3 claiming instance, $4 claim token.
+-- The tenant is found from the end of the queue's range of tasks_available_idx and "another
+-- tenant" looked for below it, as in claim_fast.sql (the head of the range is a run of dead
+-- entries of the tasks claimed since the last vacuum).
 WITH t1 AS (
     SELECT a.tenant_id FROM pgcrew.tasks a
      WHERE a.state = 'available' AND a.queue = $1::text
-     ORDER BY a.tenant_id LIMIT 1),
+     ORDER BY a.tenant_id DESC LIMIT 1),
 -- The queue's features as this statement's snapshot saw them (none: no row), with its token
 -- bucket's version and tokens as of now (no bucket: NULLs), and whether the bucket or (of a
 -- key-limited queue) the feature row has been locked or updated since it was written by a
@@ -67,8 +70,8 @@ room AS (
         WHEN f.paused OR EXISTS (SELECT FROM pgcrew.claim_features g WHERE g.queue = '') THEN 0
         -- Another tenant has work: fair shares are pgcrew.claim_tasks's job.
         WHEN (SELECT o.tenant_id FROM pgcrew.tasks o
-               WHERE o.state = 'available' AND o.queue = $1 AND o.tenant_id > t1.tenant_id
-               ORDER BY o.tenant_id LIMIT 1) IS NOT NULL THEN 0
+               WHERE o.state = 'available' AND o.queue = $1 AND o.tenant_id < t1.tenant_id
+               ORDER BY o.tenant_id DESC LIMIT 1) IS NOT NULL THEN 0
         -- A delayed or retryable task is due: pgcrew.claim_tasks promotes it.
         WHEN (SELECT s.run_at FROM pgcrew.tasks s
                WHERE s.state IN ('scheduled', 'retryable') AND s.pending_deps = 0
