@@ -77,7 +77,7 @@ impl ClaimedTask {
 ///
 /// A claim on a single queue first runs a one-statement fast path (no PL/pgSQL call) that
 /// applies when exactly one tenant has work there, without a concurrency limit, and no delayed
-/// or retryable task of the queue is due; when it claims nothing, `pgcrew.claim_tasks` runs,
+/// or retryable task of the queue is due; when it does not apply, `pgcrew.claim_tasks` runs,
 /// which shares the batch fairly, holds limits and promotes due tasks. Both claim the same tasks
 /// in the same order.
 #[instrument(skip(client, queues), fields(limit), err)]
@@ -117,15 +117,17 @@ impl FastRoute {
     }
 }
 
-/// The fast path first for a single queue while `route` says so, then (when it claimed
-/// nothing) `pgcrew.claim_tasks`. An empty plain fast claim means "no work, or the fast path
-/// does not apply"; the limited one tells the two apart (no row: the queue has no work, and
-/// `pgcrew.claim_tasks`, which would claim nothing, is skipped; a row without a task: it
-/// stepped aside). When the general claim then finds work, the fast path did not apply, so a
-/// caller that keeps its route (the worker pool) goes straight to the general path until a
-/// claim comes back empty, and tries the limited fast statement from then on (it also claims
-/// where the plain one does, at a little more cost: it goes back to the plain one when its
-/// queue turns out to have no features).
+/// The fast path first for a single queue while `route` says so, then (when it stepped aside)
+/// `pgcrew.claim_tasks`. Both fast statements tell "no work for any claim" from "work this
+/// path does not take": no row, the queue has no work (for the plain statement also: every
+/// task it could take is locked by another claimer), and `pgcrew.claim_tasks`, which would
+/// claim nothing, is skipped (so an idle pool woken for a task another instance's pool
+/// claimed sends one claim, not two: issue #22); a row without a task, it stepped aside. When
+/// the general claim then finds work, the fast path did not apply, so a caller that keeps its
+/// route (the worker pool) goes straight to the general path until a claim comes back empty,
+/// and tries the limited fast statement from then on (it also claims where the plain one does,
+/// at a little more cost: it goes back to the plain one when its queue turns out to have no
+/// features).
 pub(crate) async fn claim_routed<E: Executor + ?Sized>(
     client: &E,
     queues: &[String],
@@ -150,20 +152,17 @@ pub(crate) async fn claim_routed<E: Executor + ?Sized>(
         let rows = client
             .query(fast, typed![queue, limit, instance, token])
             .await?;
-        if route.limited {
-            // `queue/claim_fast_limited`: no row, the queue has no work (the general claim
-            // would claim nothing: skipped); one row without a task, it stepped aside; else
-            // the tasks it claimed.
-            let Some(first) = rows.first() else {
-                return Ok(Vec::new());
-            };
-            if !first.try_get::<_, bool>("limited")? {
-                route.limited = false;
-            }
-            if first.try_get::<_, Option<i64>>("id")?.is_some() {
-                return in_order(&rows);
-            }
-        } else if !rows.is_empty() {
+        // Both statements: no row, the queue has no work, or (the plain one) every task it
+        // could take was locked by another claimer: the general claim would claim nothing and
+        // is skipped (issue #22, the wake-up herd); one row without a task, it stepped aside;
+        // else the tasks it claimed.
+        let Some(first) = rows.first() else {
+            return Ok(Vec::new());
+        };
+        if route.limited && !first.try_get::<_, bool>("limited")? {
+            route.limited = false;
+        }
+        if first.try_get::<_, Option<i64>>("id")?.is_some() {
             return in_order(&rows);
         }
     }

@@ -2,7 +2,8 @@
 //! (`pgcrew.claim_tasks`) claim the same tasks in the same order: a table of cases
 //! (`claim_paths_cases.json`), each built the same way in two scratch databases; one database
 //! claims the way `queue::claim` routes (the fast statement for a single queue,
-//! `pgcrew.claim_tasks` when it claims nothing), the other with `pgcrew.claim_tasks` only. The
+//! `pgcrew.claim_tasks` when it steps aside; when it says the queue has no work, nothing else
+//! runs, so the general claim must never find work there), the other with `pgcrew.claim_tasks` only. The
 //! claimed ids, their execution order, and every row's state and attempts afterwards must agree;
 //! each claim also says whether the fast statement is expected to apply, so the table covers
 //! both its hits and its refusals.
@@ -120,30 +121,25 @@ async fn claim_general(db: &Db, queues: &[String], limit: i32) -> Vec<i64> {
     )
 }
 
-/// The claim as `queue::claim` routes it: the fast statement for a single queue, the general
-/// claim when it claims nothing. Also says whether the fast statement claimed.
+/// The claim as `queue::claim` routes it: the fast statement for a single queue (no row: no
+/// work, and nothing else runs; a row without a task: it stepped aside), the general claim
+/// when it stepped aside. Also says whether the fast statement claimed.
 async fn claim_routed(db: &Db, queues: &[String], limit: i32) -> (Vec<i64>, bool) {
-    if let [queue] = queues {
-        let conn = db.get().await.unwrap();
-        let rows = conn
-            .query(FAST, &[queue, &limit, &INSTANCE, &Uuid::new_v4()])
-            .await
-            .unwrap();
-        if !rows.is_empty() {
-            return (in_order(&rows), true);
-        }
-    }
-    (claim_general(db, queues, limit).await, false)
+    claim_routed_with(FAST, db, queues, limit).await
 }
 
-/// The claim as a worker pool routes it once it uses the limited statement: for a
-/// single queue, no row means the queue has no work and nothing else runs; a row without a
-/// task means it stepped aside, and the general claim runs.
+/// The claim as a worker pool routes it once it uses the limited statement (the same rule).
 async fn claim_routed_limited(db: &Db, queues: &[String], limit: i32) -> (Vec<i64>, bool) {
+    claim_routed_with(LIMITED, db, queues, limit).await
+}
+
+/// For a single queue, `fast` first: no row means the queue has no work and nothing else runs;
+/// a row without a task means it stepped aside, and the general claim runs.
+async fn claim_routed_with(fast: &str, db: &Db, queues: &[String], limit: i32) -> (Vec<i64>, bool) {
     if let [queue] = queues {
         let conn = db.get().await.unwrap();
         let rows = conn
-            .query(LIMITED, &[queue, &limit, &INSTANCE, &Uuid::new_v4()])
+            .query(fast, &[queue, &limit, &INSTANCE, &Uuid::new_v4()])
             .await
             .unwrap();
         let Some(first) = rows.first() else {
@@ -171,7 +167,8 @@ async fn fast_and_general_claims_take_the_same_tasks_in_the_same_order() {
 }
 
 /// The same table through the limited statement as a pool routes it ("no row" skips
-/// the general claim): the general claim never finds what the limited statement called no work.
+/// the general claim, as for the plain statement): the general claim never finds what the
+/// limited statement called no work.
 #[tokio::test]
 async fn limited_and_general_claims_take_the_same_tasks_in_the_same_order() {
     same_tasks_in_the_same_order(true).await;

@@ -4,13 +4,17 @@
 -- kind or tenant has a rate limit (V028, through pgcrew.claim_features, V031), and no
 -- scheduled / retryable task of the queue is due. Then it claims up to $2 of that tenant's
 -- tasks by priority, run_at, id, exactly as pgcrew.claim_tasks would.
--- Otherwise it claims nothing, and an empty result means "no work, or this path does not
--- apply": the caller then runs pgcrew.claim_tasks (fair shares, limits, pauses, promotion),
--- which tells the two apart. (A worker pool whose queue has a rate or key limit uses
+-- Its rows (as claim_fast_limited.sql's, V035): the tasks claimed; or, when the path does not
+-- apply while the queue has work (an available task, or a delayed or retryable one due), one
+-- row of NULLs: it stepped aside, and the caller runs pgcrew.claim_tasks (fair shares, limits,
+-- pauses, promotion); or no row at all: the queue has no work, or the path applied and every
+-- task it could take was locked by another claimer (which pgcrew.claim_tasks would skip too),
+-- so the caller need not run pgcrew.claim_tasks. (Issue #22: an idle pool woken by an enqueue
+-- another instance's pool won sent both statements; at 32 instances that was two claims per
+-- instance per enqueue. A worker pool whose queue has a rate or key limit uses
 -- claim_fast_limited.sql instead, V035: it claims under those limits while they cannot bind.)
--- The checks are one-time filters of the locking subquery, and the UPDATE is the top-level
--- statement (no CTE materialisation, no marker row): on a backend that was idle this is the
--- cheapest shape measured (pgbench, 5 ms idle before each statement).
+-- The checks are evaluated once (the one-row `ok`, a one-time filter of the locking subquery)
+-- and the due probe once (`due`); the stepped-aside row re-reads neither.
 -- The two probes of pgcrew.tasks are ordered LIMIT 1 subqueries, not EXISTS: for an EXISTS the
 -- planner may pick a sequential scan when it expects many matching rows (several tenants in
 -- the statistics), which reads the whole heap when the matching rows sit at its end
@@ -33,23 +37,22 @@
 WITH t1 AS (
     SELECT a.tenant_id FROM pgcrew.tasks a
      WHERE a.state = 'available' AND a.queue = $1::text
-     ORDER BY a.tenant_id DESC LIMIT 1)
-UPDATE pgcrew.tasks t
-   SET state = 'running', attempts = t.attempts + 1, claimed_by = $3::text,
-       claim_token = $4::uuid, claimed_at = now(), heartbeat_at = now()
- WHERE t.id = ANY (ARRAY(
-    SELECT a.id FROM pgcrew.tasks a
-     WHERE a.state = 'available' AND a.queue = $1 AND a.tenant_id = (SELECT t1.tenant_id FROM t1)
+     ORDER BY a.tenant_id DESC LIMIT 1),
+-- A delayed or retryable task of the queue is due: pgcrew.claim_tasks promotes it.
+due AS (
+    SELECT s.run_at FROM pgcrew.tasks s
+     WHERE s.state IN ('scheduled', 'retryable') AND s.pending_deps = 0
+       AND s.queue = $1 AND s.run_at <= now()
+     ORDER BY s.run_at LIMIT 1),
+-- Whether this path applies: one tenant has available work, nothing is due, no limit binds.
+ok AS (
+    SELECT EXISTS (SELECT FROM t1)
        -- Another tenant has work: fair shares are pgcrew.claim_tasks's job.
        AND (SELECT o.tenant_id FROM pgcrew.tasks o
              WHERE o.state = 'available' AND o.queue = $1
                AND o.tenant_id < (SELECT t1.tenant_id FROM t1)
              ORDER BY o.tenant_id DESC LIMIT 1) IS NULL
-       -- A delayed or retryable task is due: pgcrew.claim_tasks promotes it.
-       AND (SELECT s.run_at FROM pgcrew.tasks s
-             WHERE s.state IN ('scheduled', 'retryable') AND s.pending_deps = 0
-               AND s.queue = $1 AND s.run_at <= now()
-             ORDER BY s.run_at LIMIT 1) IS NULL
+       AND NOT EXISTS (SELECT FROM due)
        -- The tenant is limited: pgcrew.claim_tasks counts its running tasks under a lock.
        AND NOT EXISTS (SELECT FROM pgcrew.tenants tn
                         WHERE tn.id = (SELECT t1.tenant_id FROM t1)
@@ -60,9 +63,27 @@ UPDATE pgcrew.tasks t
        -- some kind or tenant has a rate limit (V028; one row of pgcrew.claim_features, V031):
        -- pauses, keys and tokens are pgcrew.claim_tasks's job.
        AND NOT EXISTS (SELECT FROM pgcrew.claim_features f WHERE f.queue IN ($1, ''))
-     ORDER BY a.priority, a.run_at, a.id
-     LIMIT $2::integer
-     FOR UPDATE SKIP LOCKED))
-RETURNING t.id, t.queue, t.kind, t.tenant_id, t.run_id, t.priority, t.payload, t.attempts,
-          t.max_attempts, t.claim_token, t.run_at, t.created_at,
-          (extract(epoch FROM (now() - t.run_at)) * 1000000)::bigint AS lag_us, t.trace_context
+       AS applies),
+claimed AS (
+    UPDATE pgcrew.tasks t
+       SET state = 'running', attempts = t.attempts + 1, claimed_by = $3::text,
+           claim_token = $4::uuid, claimed_at = now(), heartbeat_at = now()
+     WHERE t.id = ANY (ARRAY(
+        SELECT a.id FROM pgcrew.tasks a
+         WHERE a.state = 'available' AND a.queue = $1
+           AND a.tenant_id = (SELECT t1.tenant_id FROM t1)
+           AND (SELECT k.applies FROM ok k)
+         ORDER BY a.priority, a.run_at, a.id
+         LIMIT $2::integer
+         FOR UPDATE SKIP LOCKED))
+    RETURNING t.id, t.queue, t.kind, t.tenant_id, t.run_id, t.priority, t.payload, t.attempts,
+              t.max_attempts, t.claim_token, t.run_at, t.created_at,
+              (extract(epoch FROM (now() - t.run_at)) * 1000000)::bigint AS lag_us,
+              t.trace_context)
+-- The claimed tasks; none claimed: one row of NULLs while the queue has work this path does
+-- not take, no row otherwise.
+SELECT c.*
+  FROM (SELECT) AS one LEFT JOIN claimed c ON true
+ WHERE c.id IS NOT NULL
+    OR (NOT (SELECT k.applies FROM ok k)
+        AND (EXISTS (SELECT FROM t1) OR EXISTS (SELECT FROM due)))

@@ -158,9 +158,10 @@ impl WorkerPool {
     /// Claim up to `limit` tasks. A single-queue pool first tries a one-statement fast path
     /// (`queue/claim_fast`, the common single-tenant, unlimited case, or
     /// `queue/claim_fast_limited` for a queue with a rate or key limit that cannot bind); when
-    /// that claims nothing, the general `pgcrew.claim_tasks` runs, and if it finds work
-    /// (several tenants with work, limits, due tasks), the pool uses the general path until it
-    /// next runs out of work, then tries the limited fast path (`route`, see
+    /// that steps aside (the queue has work it does not take; when it has none, or another
+    /// claimer holds it, nothing more runs), the general `pgcrew.claim_tasks` runs, and if it
+    /// finds work (several tenants with work, limits, due tasks), the pool uses the general
+    /// path until it next runs out of work, then tries the limited fast path (`route`, see
     /// [`claim_routed`]). A pool that leases runs ([`WorkerPoolBuilder::lease_runs_of`]) claims in a
     /// transaction that also takes those leases (see [`Self::lease_claimed`]).
     ///

@@ -260,3 +260,93 @@ async fn enqueue_and_count_to(
     })
     .await;
 }
+
+/// Claim statements since the last reset of `pg_stat_statements`: (fast claims, general
+/// claims `pgcrew.claim_tasks`).
+async fn claim_statements(db: &pgcrew::Db) -> (i64, i64) {
+    let conn = db.get().await.unwrap();
+    let row = conn
+        .query_one(
+            "SELECT coalesce(sum(s.calls) FILTER (WHERE s.query LIKE '%claim_token = $4%'), 0)::bigint, \
+                    coalesce(sum(s.calls) FILTER (WHERE s.query LIKE '%pgcrew.claim_tasks(%'), 0)::bigint \
+               FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
+              WHERE d.datname = current_database() AND s.query NOT LIKE '%pg_stat_statements%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+/// Issue #22 (the wake-up herd): every enqueue wakes every idle pool of every instance; the
+/// pools that lose the race for the task must not send the general claim after their fast
+/// claim found it taken. Before, each sent both (`queue/claim_fast`, which could not tell "no
+/// work" from "work it does not take", then `pgcrew.claim_tasks`): about two claims per
+/// instance per task. Eight instances with one idle pool each, tasks enqueued one at a time;
+/// claims counted with `pg_stat_statements` on a throwaway cluster.
+#[tokio::test]
+async fn a_woken_pool_that_loses_the_task_sends_one_claim() {
+    const INSTANCES: usize = 8;
+    const TASKS: i64 = 10;
+    let (cluster, scratch, db) = crate::common::statements_db("herd").await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let mut clients = Vec::new();
+    for i in 0..INSTANCES {
+        let r = runs.clone();
+        let pool = WorkerPool::builder()
+            .queue("herd")
+            .concurrency(1)
+            // Only NOTIFY wakes the pools during the test.
+            .poll_interval(Duration::from_secs(60))
+            .handler("k", move |_ctx, _p: serde_json::Value| {
+                r.fetch_add(1, Ordering::SeqCst);
+                async move { Ok(TaskOutcome::Complete) }
+            })
+            .build()
+            .unwrap();
+        let mut cfg = crate::common::fast_config(&format!("herd-{i}"))
+            .pool_size(3)
+            .build()
+            .unwrap();
+        cfg.leader_election = false;
+        clients.push(crate::common::start_client(scratch.dsn(), cfg, Some(pool)).await);
+    }
+    for c in &clients {
+        crate::common::wait_listening(c, Duration::from_secs(10)).await;
+    }
+    let waiters = "SELECT count(*) FROM pgcrew.queue_waiters WHERE queue = 'herd'";
+    let all_idle = || async { crate::common::scalar(&db, waiters).await == INSTANCES as i64 };
+    wait_until(Duration::from_secs(10), "every pool idle", all_idle).await;
+    let conn = db.get().await.unwrap();
+    conn.execute("SELECT pg_stat_statements_reset()", &[])
+        .await
+        .unwrap();
+    for k in 1..=TASKS {
+        queue::enqueue(&conn, &task("k").queue("herd"))
+            .await
+            .unwrap();
+        wait_until(Duration::from_secs(10), "the task runs", || async {
+            runs.load(Ordering::SeqCst) as i64 == k
+        })
+        .await;
+        wait_until(Duration::from_secs(10), "every pool idle again", all_idle).await;
+    }
+    let (fast, general) = claim_statements(&db).await;
+    // Per task: one fast claim per woken pool, and the winner's claims as it goes idle again
+    // (one before and one after it registers as a waiter).
+    assert_eq!(
+        general, 0,
+        "woken pools ran pgcrew.claim_tasks ({fast} fast claims, {TASKS} tasks, {INSTANCES} instances)"
+    );
+    assert!(
+        fast <= TASKS * (INSTANCES as i64 + 3),
+        "{fast} fast claims for {TASKS} tasks at {INSTANCES} instances"
+    );
+    for c in clients {
+        c.stop().await.unwrap();
+    }
+    drop(conn);
+    drop(db);
+    drop(scratch);
+    drop(cluster);
+}
