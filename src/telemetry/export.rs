@@ -45,9 +45,13 @@ impl ExportSettings {
     }
 }
 
+// A task span is queued inline, whatever the size of the other messages: one is queued per
+// sampled task, and boxing it would cost an allocation and a free each (the queue's slots are
+// allocated once).
+#[allow(clippy::large_enum_variant)]
 enum Msg {
     Span(Box<SpanData>),
-    /// Inline: a task span is small, and one is queued per sampled task.
+    /// Inline, one per sampled task.
     Task(TaskSpan),
     Flush(SyncSender<()>),
     Shutdown,

@@ -11,22 +11,27 @@ use crate::common::{
     COMPLETED_TASKS, enqueued, register_instance, task, test_db, wait_for, wait_until,
 };
 
-#[tokio::test]
-async fn idle_pool_wakes_on_notify_and_stats_report_queues() {
-    let t = test_db().await;
-    let runs = Arc::new(AtomicUsize::new(0));
+/// A pool of `queue` running `concurrency` tasks of kind `k` at once, each counted in `runs`,
+/// whose fallback poll is far longer than a test: only NOTIFY wakes it.
+fn notify_only_pool(queue: &str, concurrency: usize, runs: &Arc<AtomicUsize>) -> Arc<WorkerPool> {
     let r = runs.clone();
-    let pool = WorkerPool::builder()
-        .queue("fast")
-        .concurrency(2)
-        // A fallback poll far longer than the test: only NOTIFY can wake the pool.
+    WorkerPool::builder()
+        .queue(queue)
+        .concurrency(concurrency)
         .poll_interval(Duration::from_secs(60))
         .handler("k", move |_ctx, _p: serde_json::Value| {
             r.fetch_add(1, Ordering::SeqCst);
             async move { Ok(TaskOutcome::Complete) }
         })
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn idle_pool_wakes_on_notify_and_stats_report_queues() {
+    let t = test_db().await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let pool = notify_only_pool("fast", 2, &runs);
     let client = start_client(&t, "idle", Some(pool.clone()), false).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let conn = t.db.get().await.unwrap();
@@ -292,18 +297,7 @@ async fn a_woken_pool_that_loses_the_task_sends_one_claim() {
     let runs = Arc::new(AtomicUsize::new(0));
     let mut clients = Vec::new();
     for i in 0..INSTANCES {
-        let r = runs.clone();
-        let pool = WorkerPool::builder()
-            .queue("herd")
-            .concurrency(1)
-            // Only NOTIFY wakes the pools during the test.
-            .poll_interval(Duration::from_secs(60))
-            .handler("k", move |_ctx, _p: serde_json::Value| {
-                r.fetch_add(1, Ordering::SeqCst);
-                async move { Ok(TaskOutcome::Complete) }
-            })
-            .build()
-            .unwrap();
+        let pool = notify_only_pool("herd", 1, &runs);
         let mut cfg = crate::common::fast_config(&format!("herd-{i}"))
             .pool_size(3)
             .build()
