@@ -184,8 +184,10 @@ async fn exactly_once_100k_tasks_16_claimers_across_instances() {
             .unwrap();
         clients.push(start_client(&t, &format!("worker-{i}"), Some(pool), i == 0).await);
     }
+    // A bound against a hang, not a speed target (speed is `pgcrew bench`'s): a debug build
+    // on a slower 2-core host took about 140-160 s (2026-11-30), so 150 s cut it off at 95 %.
     wait_for(&t, COMPLETED_TASKS)
-        .within(Duration::from_secs(150))
+        .within(Duration::from_secs(300))
         .until(|n| n == 100_000, "not all tasks completed")
         .await;
     for c in &clients {
