@@ -59,6 +59,7 @@ impl TaskSpan {
         use opentelemetry::KeyValue;
         use opentelemetry::trace::{SpanContext, SpanKind, Status, TraceFlags};
         use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
+        let remote = self.parent_is_remote();
         let mut attributes = Vec::with_capacity(6);
         attributes.push(KeyValue::new("queue", self.queue));
         attributes.push(KeyValue::new("kind", self.kind));
@@ -68,7 +69,6 @@ impl TaskSpan {
             attributes.push(KeyValue::new("run_id", run.to_string()));
         }
         attributes.push(KeyValue::new("queue_wait_ms", self.queue_wait_ms));
-        let remote = self.parent_span_id != SpanId::INVALID;
         SpanData {
             span_context: SpanContext::new(
                 self.trace_id,
