@@ -16,6 +16,12 @@ use crate::queue::claim::{Ack, ack_with};
 /// Acknowledgements per statement.
 const ACK_BATCH: usize = 1000;
 
+/// Acknowledgements queued or being delivered at which the fetcher stops claiming until a
+/// delivery: a batch being written and a batch waiting. Without it a database slow to take
+/// acknowledgements (while claims still go through) piles up running tasks behind them, which
+/// makes every count of running tasks slower still.
+pub(super) const ACK_BACKLOG: usize = 2 * ACK_BATCH;
+
 pub(super) async fn acker_loop(
     db: Db,
     mut rx: mpsc::UnboundedReceiver<Ack>,
@@ -31,7 +37,24 @@ pub(super) async fn acker_loop(
                 Err(_) => break,
             }
         }
+        let ids: Vec<_> = batch.iter().map(|a| a.id).collect();
+        shared.with_held(|h| {
+            for id in &ids {
+                if let Some(e) = h.get_mut(id) {
+                    e.ack = super::AckState::Sending;
+                }
+            }
+        });
         deliver(&db, &mut conn, batch, &metrics, &shared).await;
+        // Applied, stale, given up or refused: no longer heartbeated by this pool (a refused
+        // one is rescued after its heartbeat timeout).
+        shared.with_held(|h| {
+            for id in &ids {
+                h.remove(id);
+            }
+        });
+        shared.ack_backlog.fetch_sub(ids.len(), Ordering::SeqCst);
+        shared.slot_freed.notify_one();
         shared.wake.notify_one();
     }
 }

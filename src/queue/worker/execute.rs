@@ -107,7 +107,7 @@ impl WorkerPool {
             let id = task.id;
             let token = task.token;
             let cancel = shared
-                .with_held(|h| h.get(&id).cloned())
+                .with_held(|h| h.get(&id).map(|e| e.cancel.clone()))
                 .unwrap_or_default();
             let (queue, kind) = (task.queue.clone(), task.kind.clone());
             let retries_left = task.attempt < task.max_attempts;
@@ -160,8 +160,17 @@ impl WorkerPool {
             if let AckOutcome::Fail { error, .. } | AckOutcome::Discard { error } = &outcome {
                 debug!(task = %id, error = %error, "task attempt failed");
             }
-            shared.with_held(|h| h.remove(&id));
-            let _ = ack_tx.send(Ack { id, token, outcome });
+            // Held (and heartbeated) until the acker has delivered the acknowledgement.
+            shared.with_held(|h| {
+                if let Some(e) = h.get_mut(&id) {
+                    e.ack = super::AckState::Queued;
+                }
+            });
+            shared.ack_backlog.fetch_add(1, Ordering::SeqCst);
+            if ack_tx.send(Ack { id, token, outcome }).is_err() {
+                shared.ack_backlog.fetch_sub(1, Ordering::SeqCst);
+                shared.with_held(|h| h.remove(&id));
+            }
             m.in_flight.fetch_sub(1, Ordering::SeqCst);
             telemetry::global().released();
             shared.slot_freed.notify_one();
@@ -215,15 +224,18 @@ impl WorkerPool {
                     shared.with_held(|h| {
                         for id in &rep.cancel_requested {
                             if let Some(t) = h.get(id) {
-                                t.cancel();
+                                t.cancel.cancel();
                             }
                         }
                         for id in &ids {
+                            // A finished task's acknowledgement may have been applied since the
+                            // ids were read: only a task still running here was lost.
                             if !alive.contains(id)
                                 && let Some(t) = h.get(id)
+                                && t.ack == super::AckState::None
                             {
                                 warn!(task = %id, "task claim lost (rescued by maintenance); cancelling its handler");
-                                t.cancel();
+                                t.cancel.cancel();
                             }
                         }
                     });

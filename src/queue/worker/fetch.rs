@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use tokio::sync::{mpsc, watch};
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::{Shared, WorkerPool};
@@ -41,6 +40,18 @@ impl WorkerPool {
                     self.set_waiting(ctx, &mut conn, false).await;
                 }
                 return;
+            }
+            if shared.ack_backlog.load(Ordering::SeqCst) >= super::ack::ACK_BACKLOG {
+                // Acknowledgements are not keeping up (a slow database): claiming more would
+                // only pile up running tasks behind them. Wait for a delivery.
+                if waiting {
+                    waiting = !self.set_waiting(ctx, &mut conn, false).await;
+                }
+                tokio::select! {
+                    _ = shared.slot_freed.notified() => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
             }
             let held = self.metrics.in_flight.load(Ordering::SeqCst);
             let free = capacity.saturating_sub(held);
@@ -86,7 +97,7 @@ impl WorkerPool {
                     for t in tasks {
                         self.metrics.in_flight.fetch_add(1, Ordering::SeqCst);
                         tel.task_claimed(&t.queue, &t.kind, t.lag);
-                        shared.with_held(|h| h.insert(t.id, CancellationToken::new()));
+                        shared.with_held(|h| h.insert(t.id, super::Held::default()));
                         if work_tx.send(t).is_err() {
                             return;
                         }

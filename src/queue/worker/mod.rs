@@ -4,7 +4,9 @@
 //! Inside one instance: a fetcher claims batches sized to free capacity (nothing when full), a
 //! fixed set of executors run handlers (timeout, cancellation token, panic capture), one acker
 //! writes many acknowledgements per statement, and one heartbeat statement per interval keeps
-//! every claimed task alive and picks up cancellation requests. Idle fetchers wake on
+//! every claimed task alive (until its acknowledgement is applied) and picks up cancellation
+//! requests. When acknowledgements fall behind (two batches waiting), the fetcher stops
+//! claiming until the acker catches up. Idle fetchers wake on
 //! `pgcrew_task_available` and poll on a slow fallback interval (or when the next delayed task
 //! is due). On stop the pool drains: it claims nothing more, finishes what it holds, flushes
 //! every acknowledgement, and only then returns.
@@ -234,9 +236,14 @@ impl std::fmt::Debug for WorkerPool {
 /// State shared by the pool's loops during one `run`.
 #[derive(Default)]
 struct Shared {
-    /// Claimed tasks held (queued for an executor or running) and their cancellation tokens.
-    held: Mutex<HashMap<TaskId, CancellationToken>>,
-    /// Signalled when an executor frees a slot.
+    /// Claimed tasks held (queued for an executor, running, or finished with their
+    /// acknowledgement not yet applied): every one of them is heartbeated, so a task whose
+    /// acknowledgement waits (a slow or unreachable database) is not rescued and run again.
+    held: Mutex<HashMap<TaskId, Held>>,
+    /// Acknowledgements queued or being delivered (see [`ack::ACK_BACKLOG`]: the fetcher stops
+    /// claiming while a batch of them waits).
+    ack_backlog: AtomicUsize,
+    /// Signalled when an executor frees a slot, and when acknowledgements were delivered.
     slot_freed: Notify,
     /// Signalled by notifications and acknowledgement flushes.
     wake: Notify,
@@ -250,12 +257,35 @@ struct Shared {
     run_leases: Mutex<HashMap<TaskId, crate::runs::LeasedRun>>,
 }
 
+/// A held task: its handler's cancellation token, and where its acknowledgement is.
+#[derive(Debug, Default)]
+struct Held {
+    cancel: CancellationToken,
+    ack: AckState,
+}
+
+/// Where a held task's acknowledgement is.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+enum AckState {
+    /// None yet: the task is queued for an executor or running.
+    #[default]
+    None,
+    /// The handler finished; the acknowledgement waits for the acker.
+    Queued,
+    /// In the acker's statement, which holds the task's row until it commits (a heartbeat
+    /// of the row would only wait for it).
+    Sending,
+}
+
 impl Shared {
+    /// The held tasks to heartbeat: all but those in the acker's statement.
     fn held_ids(&self) -> Vec<TaskId> {
-        match self.held.lock() {
-            Ok(g) => g.keys().copied().collect(),
-            Err(p) => p.into_inner().keys().copied().collect(),
-        }
+        self.with_held(|h| {
+            h.iter()
+                .filter(|(_, e)| e.ack != AckState::Sending)
+                .map(|(id, _)| *id)
+                .collect()
+        })
     }
     fn ack_deadline_passed(&self) -> bool {
         let deadline = match self.ack_deadline.lock() {
@@ -273,7 +303,7 @@ impl Shared {
     ) -> R {
         with_lock(&self.run_leases, f)
     }
-    fn with_held<R>(&self, f: impl FnOnce(&mut HashMap<TaskId, CancellationToken>) -> R) -> R {
+    fn with_held<R>(&self, f: impl FnOnce(&mut HashMap<TaskId, Held>) -> R) -> R {
         with_lock(&self.held, f)
     }
 }
@@ -349,7 +379,7 @@ impl Service for WorkerPool {
             let shared = shared.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(t).await;
-                shared.with_held(|h| h.values().for_each(|c| c.cancel()));
+                shared.with_held(|h| h.values().for_each(|c| c.cancel.cancel()));
             })
         });
         for e in executors {

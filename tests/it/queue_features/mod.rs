@@ -1,5 +1,6 @@
 //! Queue features of issue #21: pause/resume, schedules, and their bad input.
 
+mod ack_backlog;
 mod backpressure;
 mod bad_input;
 mod claim_features;
