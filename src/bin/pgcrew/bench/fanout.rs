@@ -57,14 +57,9 @@ pub struct FanoutBenchArgs {
 /// The figures printed.
 #[derive(Debug, serde::Serialize)]
 struct Report {
-    subscribers: usize,
-    notifications: usize,
-    /// Deliveries measured (subscribers x notifications when none was lost).
-    deliveries: usize,
-    seconds: f64,
-    /// NOTIFY call to a subscriber's receipt, through the instance's notifier, microseconds.
-    p50_us: f64,
-    p99_us: f64,
+    /// NOTIFY call to a subscriber's receipt, through the instance's notifier.
+    #[serde(flatten)]
+    delivery: Delivery,
     max_us: f64,
     /// NOTIFY call to the receipt on one plain LISTEN connection, microseconds.
     raw_p50_us: f64,
@@ -75,6 +70,33 @@ struct Report {
     p99_ratio: f64,
     /// The instance process's resident memory.
     memory: crate::bench::Memory,
+}
+
+/// What both runs (through the database, and in process) measure of the fan-out.
+#[derive(Debug, serde::Serialize)]
+struct Delivery {
+    subscribers: usize,
+    notifications: usize,
+    /// Deliveries measured (subscribers x notifications when none was lost).
+    deliveries: usize,
+    seconds: f64,
+    /// Send to a subscriber's receipt, microseconds.
+    p50_us: f64,
+    p99_us: f64,
+}
+
+impl Delivery {
+    /// The figures of `lat` (every delivery's latency), sent in `elapsed`.
+    fn of(args: &FanoutBenchArgs, lat: &[Duration], elapsed: Duration) -> Delivery {
+        Delivery {
+            subscribers: args.subscribers,
+            notifications: args.notifications,
+            deliveries: lat.len(),
+            seconds: elapsed.as_secs_f64(),
+            p50_us: percentile_us(lat, 50.0),
+            p99_us: percentile_us(lat, 99.0),
+        }
+    }
 }
 
 impl Default for FanoutBenchArgs {
@@ -245,15 +267,11 @@ pub async fn run(dsn: Option<String>, args: FanoutBenchArgs) -> Result<ExitCode>
     drop(conn);
     client.stop().await?;
     memory.finish();
-    let (p50, p99) = (percentile_us(&lat, 50.0), percentile_us(&lat, 99.0));
+    let delivery = Delivery::of(&args, &lat, elapsed);
+    let (p50, p99) = (delivery.p50_us, delivery.p99_us);
     let (raw50, raw99) = (percentile_us(&raw, 50.0), percentile_us(&raw, 99.0));
     let report = Report {
-        subscribers: args.subscribers,
-        notifications: args.notifications,
-        deliveries: lat.len(),
-        seconds: elapsed.as_secs_f64(),
-        p50_us: p50,
-        p99_us: p99,
+        delivery,
         max_us: percentile_us(&lat, 100.0),
         raw_p50_us: raw50,
         raw_p99_us: raw99,
@@ -264,11 +282,14 @@ pub async fn run(dsn: Option<String>, args: FanoutBenchArgs) -> Result<ExitCode>
     crate::bench::print_report(args.json, &report, |r| {
         println!(
             "fan-out: {} subscribers, {} notifications, {} deliveries in {:.2}s",
-            r.subscribers, r.notifications, r.deliveries, r.seconds
+            r.delivery.subscribers,
+            r.delivery.notifications,
+            r.delivery.deliveries,
+            r.delivery.seconds
         );
         println!(
             "  pgcrew fan-out delivery latency: p50 {:.0} us, p99 {:.0} us, max {:.0} us",
-            r.p50_us, r.p99_us, r.max_us
+            r.delivery.p50_us, r.delivery.p99_us, r.max_us
         );
         println!(
             "  raw single LISTEN latency:       p50 {:.0} us, p99 {:.0} us",
@@ -385,24 +406,7 @@ async fn run_in_process(args: FanoutBenchArgs) -> Result<ExitCode> {
         }
         (record.latencies(), elapsed)
     };
-    let (p50, p99) = (percentile_us(&lat, 50.0), percentile_us(&lat, 99.0));
-    #[derive(serde::Serialize)]
-    struct InProcess {
-        subscribers: usize,
-        notifications: usize,
-        deliveries: usize,
-        seconds: f64,
-        p50_us: f64,
-        p99_us: f64,
-    }
-    let report = InProcess {
-        subscribers: args.subscribers,
-        notifications: args.notifications,
-        deliveries: lat.len(),
-        seconds: elapsed.as_secs_f64(),
-        p50_us: p50,
-        p99_us: p99,
-    };
+    let report = Delivery::of(&args, &lat, elapsed);
     crate::bench::print_report(args.json, &report, |r| {
         println!(
             "fan-out in process (no database): {} subscribers, {} notifications, {} deliveries in {:.3}s ({:.1} us per notification)",
