@@ -16,11 +16,9 @@
 -- Each row is written once: the UPDATE's own row lock is the only one taken on it (no
 -- `FOR UPDATE` first, which wrote the row's lock as a separate heap change and WAL record;
 -- V045 keeps the bucket's token update from preparing CHECK constraints).
--- It steps aside when either row was locked or updated since it was written by a transaction
--- other than its writer (see `feat`), as `SKIP LOCKED` did (a claim rolled back after writing
--- a row leaves it so too, until pgcrew.claim_tasks, which the pool then runs, writes the row
--- again); only a claimer that takes the row between this statement's read and
--- its UPDATE makes it wait (and then find the row moved, and step aside). It waits holding
+-- It steps aside when either row is held by a transaction this snapshot does not see
+-- completed (see `feat`), as `SKIP LOCKED` did; only a claimer that takes the row between this
+-- statement's read and its UPDATE makes it wait (and then find the row moved, and step aside). It waits holding
 -- nothing but the bucket (rows locked in the order bucket, feature row, tasks, the order
 -- pgcrew.set_rate_limit's and clear_rate_limit's triggers take them too; pgcrew.claim_tasks
 -- takes the bucket with SKIP LOCKED). Tasks are locked without waiting, after both rows.
@@ -47,20 +45,39 @@ WITH t1 AS (
      ORDER BY a.tenant_id DESC LIMIT 1),
 -- The queue's features as this statement's snapshot saw them (none: no row), with its token
 -- bucket's version and tokens as of now (no bucket: NULLs), and whether the bucket or (of a
--- key-limited queue) the feature row has been locked or updated since it was written by a
--- transaction other than its writer (`xmax` set and not `xmin`: a claimer in flight, or one
--- that committed after this snapshot; or a lock left by a transaction that did not update
--- the row, until the next pgcrew.claim_tasks of the queue writes it): then this steps aside
--- rather than wait for the row, as the `SKIP LOCKED` it replaces did. (A row locked and then
--- updated by one transaction, as pgcrew.claim_tasks does, keeps that lock in its new version:
--- `xmax` = `xmin`, a writer that committed before this snapshot.)
+-- key-limited queue) the feature row is held: locked or updated, since it was written, by a
+-- transaction other than its writer that this snapshot does not see completed (`xmax` set,
+-- not `xmin`, and not finished before the snapshot: a claimer in flight, or one that
+-- committed after this snapshot): then this steps aside rather than wait for the row, as the
+-- `SKIP LOCKED` it replaces did. A lock left by a transaction that finished without updating
+-- the row (an empty pgcrew.claim_tasks locks the bucket and writes nothing) holds nothing:
+-- before, it made every fast claim step aside to pgcrew.claim_tasks until that wrote the row,
+-- and a pool that ran out of work through the general claim left such a lock each time, so
+-- every wake-up took two claims. (A row locked and then updated by one transaction, as
+-- pgcrew.claim_tasks does, keeps that lock in its new version: `xmax` = `xmin`. An `xmax` that
+-- is a MultiXactId, several lockers at once, is read as a transaction id: at worst this then
+-- waits for the row instead of stepping aside, and the version check below still holds.)
 feat AS (
     SELECT f.paused, f.key_max, f.rate, f.claims, l.xmin AS version,
            pgcrew.rate_tokens(l) AS tokens,
-           (f.key_max IS NOT NULL AND f.xmax <> '0'::xid AND f.xmax <> f.xmin)
-           OR (l.xmax <> '0'::xid AND l.xmax <> l.xmin) AS held
+           (f.key_max IS NOT NULL AND CASE
+                WHEN f.xmax = '0'::xid OR f.xmax = f.xmin THEN false
+                ELSE NOT pg_visible_in_snapshot(
+                    (s.xmin + ((f.xmax::text::bigint - s.xmin % 4294967296 + 2147483648)
+                               % 4294967296 + 4294967296) % 4294967296 - 2147483648)::text::xid8,
+                    s.snap) END)
+           OR CASE
+                WHEN l.xmax = '0'::xid OR l.xmax = l.xmin THEN false
+                ELSE NOT pg_visible_in_snapshot(
+                    (s.xmin + ((l.xmax::text::bigint - s.xmin % 4294967296 + 2147483648)
+                               % 4294967296 + 4294967296) % 4294967296 - 2147483648)::text::xid8,
+                    s.snap) END AS held
       FROM pgcrew.claim_features f
       LEFT JOIN pgcrew.rate_limits l ON l.scope = 'queue' AND l.name = f.queue
+      -- This statement's snapshot, and its oldest transaction as a number (to read the rows'
+      -- 32-bit `xmax` as the 64-bit id it is within 2^31 of).
+      CROSS JOIN LATERAL (SELECT c.snap, pg_snapshot_xmin(c.snap)::text::bigint AS xmin
+                            FROM (SELECT pg_current_snapshot() AS snap) c) s
      WHERE f.queue = $1),
 -- How many this statement may claim, by its snapshot (0: step aside), and the features; one
 -- row while the queue has an available task, none otherwise.

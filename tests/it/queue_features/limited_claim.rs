@@ -550,3 +550,90 @@ async fn a_limited_claim_writes_each_limit_row_once() {
         "{limited_wal} WAL records for {N} limited claims, {plain_wal} for {N} plain ones"
     );
 }
+
+/// A pool that runs out of work through `pgcrew.claim_tasks` (the general claim it uses until
+/// then) runs it once on the empty queue, which locks the rate-limit bucket and writes nothing.
+/// That finished lock holds nothing: the next wake-up's fast limited claim takes the task (it
+/// stepped aside to `pgcrew.claim_tasks` on every wake-up before: two claims each, found by
+/// `bench queue --with-limits`). A lock of a transaction still open makes it step aside, as
+/// before, without waiting.
+#[tokio::test]
+async fn a_finished_lock_on_the_bucket_does_not_turn_the_fast_claim_aside() {
+    let t = test_db().await;
+    let me = register_instance(&t, "limited-lock").await;
+    queue::set_key_limit(&t.db, "fq", "c", 1000).await.unwrap();
+    queue::set_rate_limit(
+        &t.db,
+        RateScope::Queue,
+        "fq",
+        Rate::per_second(1e6).burst(1_000_000),
+    )
+    .await
+    .unwrap();
+    let conn = t.db.get().await.unwrap();
+    let queues = vec!["fq".to_string()];
+    let limited = async |conn: &tokio_postgres::Client| {
+        let rows = conn
+            .query(LIMITED, &[&"fq", &4i32, &me.as_str(), &Uuid::new_v4()])
+            .await
+            .unwrap();
+        rows.iter()
+            .map(|r| r.get::<_, Option<i64>>("id"))
+            .collect::<Vec<_>>()
+    };
+    let enqueue = async |c: i64| {
+        queue::enqueue(
+            &t.db,
+            &NewTask::new("k", &json!({ "c": c })).unwrap().queue("fq"),
+        )
+        .await
+        .unwrap()
+    };
+    // The general claim on the empty queue: it locks the bucket and claims nothing.
+    let none = conn
+        .query(GENERAL, &[&queues, &4i32, &me.as_str()])
+        .await
+        .unwrap();
+    assert!(none.is_empty());
+    let (xmin, xmax): (String, String) = {
+        let r = conn
+            .query_one(
+                "SELECT xmin::text, xmax::text FROM pgcrew.rate_limits WHERE name = 'fq'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert!(
+        xmax != "0" && xmax != xmin,
+        "the empty general claim left its lock on the bucket ({xmin}, {xmax})"
+    );
+    let id = enqueue(1).await;
+    assert_eq!(
+        limited(&conn).await,
+        vec![Some(id.id.0)],
+        "the fast limited claim took the task"
+    );
+
+    // A lock held by an open transaction: step aside (one row without a task), not wait.
+    let mut holder = t.db.get().await.unwrap();
+    let tx = holder.transaction().await.unwrap();
+    tx.execute(
+        "SELECT FROM pgcrew.rate_limits WHERE name = 'fq' FOR UPDATE",
+        &[],
+    )
+    .await
+    .unwrap();
+    let id = enqueue(2).await;
+    let aside = tokio::time::timeout(Duration::from_secs(5), limited(&conn))
+        .await
+        .expect("the fast limited claim waited for the bucket's lock");
+    assert_eq!(aside, vec![None], "stepped aside while the bucket is held");
+    tx.commit().await.unwrap();
+    assert_eq!(
+        limited(&conn).await,
+        vec![Some(id.id.0)],
+        "after the holder finished, the fast limited claim took the task"
+    );
+}
