@@ -41,18 +41,6 @@ impl WorkerPool {
                 }
                 return;
             }
-            if shared.ack_backlog.load(Ordering::SeqCst) >= super::ack::ACK_BACKLOG {
-                // Acknowledgements are not keeping up (a slow database): claiming more would
-                // only pile up running tasks behind them. Wait for a delivery.
-                if waiting {
-                    waiting = !self.set_waiting(ctx, &mut conn, false).await;
-                }
-                tokio::select! {
-                    _ = shared.slot_freed.notified() => {}
-                    _ = shutdown.changed() => {}
-                }
-                continue;
-            }
             let held = self.metrics.in_flight.load(Ordering::SeqCst);
             let free = capacity.saturating_sub(held);
             // Without prefetch, claim for any free slot (latency); with prefetch, refill once
@@ -62,8 +50,13 @@ impl WorkerPool {
             } else {
                 (capacity / 2).clamp(1, self.settings.max_batch)
             };
-            if free == 0 || (held > 0 && free < threshold) {
-                // Saturated: enqueues need not wake us (keeps NOTIFY off the hot path).
+            // Saturated, or acknowledgements are not keeping up (a slow database: claiming more
+            // would only pile up running tasks behind them): wait for a slot or a delivery.
+            // Enqueues need not wake us meanwhile (keeps NOTIFY off the hot path).
+            if free == 0
+                || (held > 0 && free < threshold)
+                || shared.ack_backlog.load(Ordering::SeqCst) >= super::ack::ACK_BACKLOG
+            {
                 if waiting {
                     waiting = !self.set_waiting(ctx, &mut conn, false).await;
                 }
