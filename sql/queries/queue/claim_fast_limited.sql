@@ -60,24 +60,22 @@ WITH t1 AS (
 feat AS (
     SELECT f.paused, f.key_max, f.rate, f.claims, l.xmin AS version,
            pgcrew.rate_tokens(l) AS tokens,
-           (f.key_max IS NOT NULL AND CASE
-                WHEN f.xmax = '0'::xid OR f.xmax = f.xmin THEN false
-                ELSE NOT pg_visible_in_snapshot(
-                    (s.xmin + ((f.xmax::text::bigint - s.xmin % 4294967296 + 2147483648)
-                               % 4294967296 + 4294967296) % 4294967296 - 2147483648)::text::xid8,
-                    s.snap) END)
-           OR CASE
-                WHEN l.xmax = '0'::xid OR l.xmax = l.xmin THEN false
-                ELSE NOT pg_visible_in_snapshot(
-                    (s.xmin + ((l.xmax::text::bigint - s.xmin % 4294967296 + 2147483648)
-                               % 4294967296 + 4294967296) % 4294967296 - 2147483648)::text::xid8,
-                    s.snap) END AS held
+           -- Each row's `xmax` (the feature row's only with a key limit) that is set and not
+           -- its writer's, judged against this statement's snapshot (taken only then), the
+           -- 32-bit `xmax` read as the 64-bit id it is within 2^31 of the snapshot's oldest.
+           coalesce((SELECT bool_or(NOT pg_visible_in_snapshot(
+                                (s.xmin + ((h.xmax::text::bigint - s.xmin % 4294967296
+                                            + 2147483648) % 4294967296 + 4294967296)
+                                          % 4294967296 - 2147483648)::text::xid8,
+                                s.snap))
+                       FROM (VALUES (CASE WHEN f.key_max IS NOT NULL THEN f.xmax END, f.xmin),
+                                    (l.xmax, l.xmin)) h (xmax, xmin)
+                      CROSS JOIN LATERAL (
+                            SELECT c.snap, pg_snapshot_xmin(c.snap)::text::bigint AS xmin
+                              FROM (SELECT pg_current_snapshot() AS snap OFFSET 0) c) s
+                      WHERE h.xmax <> '0'::xid AND h.xmax <> h.xmin), false) AS held
       FROM pgcrew.claim_features f
       LEFT JOIN pgcrew.rate_limits l ON l.scope = 'queue' AND l.name = f.queue
-      -- This statement's snapshot, and its oldest transaction as a number (to read the rows'
-      -- 32-bit `xmax` as the 64-bit id it is within 2^31 of).
-      CROSS JOIN LATERAL (SELECT c.snap, pg_snapshot_xmin(c.snap)::text::bigint AS xmin
-                            FROM (SELECT pg_current_snapshot() AS snap) c) s
      WHERE f.queue = $1),
 -- How many this statement may claim, by its snapshot (0: step aside), and the features; one
 -- row while the queue has an available task, none otherwise.
