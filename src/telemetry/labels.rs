@@ -110,6 +110,29 @@ where
         f(&self.family.get_or_create(&labels));
     }
 
+    /// The series of `labels` (or of `other` once the family is full), as a handle that
+    /// shares its value with the family's (for [`super::TaskSeriesCache`]).
+    pub fn handle(&self, labels: L, other: impl FnOnce() -> L) -> M
+    where
+        M: Clone,
+    {
+        if let Some(m) = self.family.get(&labels) {
+            return m.clone();
+        }
+        let labels = if self.series.fetch_add(1, Ordering::Relaxed) < MAX_SERIES {
+            labels
+        } else {
+            other()
+        };
+        self.family.get_or_create(&labels).clone()
+    }
+
+    /// Whether the family has a series for `labels`.
+    #[cfg(test)]
+    pub(super) fn contains(&self, labels: &L) -> bool {
+        self.family.get(labels).is_some()
+    }
+
     pub(super) fn register(&self, registry: &mut Registry, name: &str, help: &str) {
         registry.register(name, help, self.family.clone());
     }
@@ -148,13 +171,24 @@ mod tests {
                 c.inc();
             },
         );
+        // A handle resolved past the bound counts under `_other` too.
+        family
+            .handle(
+                QueueLabel {
+                    queue: "late".into(),
+                },
+                || QueueLabel {
+                    queue: super::super::OTHER.into(),
+                },
+            )
+            .inc();
         let mut registry = Registry::default();
         family.register(&mut registry, "t", "test");
         let mut out = String::new();
         encode(&mut out, &registry).unwrap();
         let series = out.lines().filter(|l| l.starts_with("t_total{")).count();
         assert_eq!(series, MAX_SERIES + 1);
-        assert!(out.contains("t_total{queue=\"_other\"} 25\n"), "{out}");
+        assert!(out.contains("t_total{queue=\"_other\"} 26\n"), "{out}");
         assert!(out.contains("t_total{queue=\"q0\"} 2\n"));
     }
 }

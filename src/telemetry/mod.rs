@@ -23,6 +23,7 @@ mod export;
 mod labels;
 mod otlp;
 mod record;
+mod series;
 mod task_span;
 pub mod trace;
 
@@ -31,7 +32,7 @@ pub(crate) use task_span::TaskSpan;
 pub use labels::{
     Bounded, ModelLabel, ModelOutcome, ModelTokens, QueueKind, QueueLabel, StepLabel, ToolOutcome,
 };
-pub use record::AttemptOutcome;
+pub use series::{AttemptOutcome, Slot, TaskSeriesCache};
 
 static RECORDING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 

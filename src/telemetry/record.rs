@@ -2,34 +2,12 @@
 
 use std::time::Duration;
 
+use super::series::{other_qk, qk};
 use super::{
-    ModelLabel, ModelOutcome, ModelTokens, OTHER, QueueKind, QueueLabel, StepLabel, Telemetry,
-    ToolOutcome, recording,
+    ModelLabel, ModelOutcome, ModelTokens, OTHER, StepLabel, Telemetry, ToolOutcome, recording,
 };
 
 impl Telemetry {
-    /// Count one finished task attempt and its duration.
-    pub fn task_finished(&self, queue: &str, kind: &str, outcome: AttemptOutcome, took: Duration) {
-        let l = qk(queue, kind);
-        let family = match outcome {
-            AttemptOutcome::Succeeded => &self.tasks_succeeded,
-            AttemptOutcome::Snoozed => &self.tasks_snoozed,
-            AttemptOutcome::Failed { retried } => {
-                if retried {
-                    self.tasks_retried.with(l.clone(), other_qk, |c| {
-                        c.inc();
-                    });
-                }
-                &self.tasks_failed
-            }
-        };
-        family.with(l.clone(), other_qk, |c| {
-            c.inc();
-        });
-        self.task_duration
-            .with(l, other_qk, |h| h.observe(took.as_secs_f64()));
-    }
-
     /// Count a claim that returned `n` tasks (held from now on).
     pub fn claimed(&self, n: usize) {
         if recording() && n > 0 {
@@ -58,22 +36,6 @@ impl Telemetry {
         if recording() {
             self.ledger_appends.inc_by(n);
         }
-    }
-
-    /// Count one claimed task and its queue wait.
-    pub fn task_claimed(&self, queue: &str, kind: &str, wait: Duration) {
-        self.tasks_claimed.with(qk(queue, kind), other_qk, |c| {
-            c.inc();
-        });
-        self.task_queue_wait.with(
-            QueueLabel {
-                queue: queue.to_string(),
-            },
-            || QueueLabel {
-                queue: OTHER.into(),
-            },
-            |h| h.observe(wait.as_secs_f64()),
-        );
     }
 
     /// Count one rescued task.
@@ -167,33 +129,5 @@ impl Telemetry {
                 c.inc();
             },
         );
-    }
-}
-
-/// How a task attempt ended, for [`Telemetry::task_finished`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum AttemptOutcome {
-    /// Completed.
-    Succeeded,
-    /// Snoozed.
-    Snoozed,
-    /// Failed; `retried` when attempts are left.
-    Failed {
-        /// Whether the task runs again.
-        retried: bool,
-    },
-}
-
-fn qk(queue: &str, kind: &str) -> QueueKind {
-    QueueKind {
-        queue: queue.to_string(),
-        kind: kind.to_string(),
-    }
-}
-
-fn other_qk() -> QueueKind {
-    QueueKind {
-        queue: OTHER.into(),
-        kind: OTHER.into(),
     }
 }

@@ -4,6 +4,7 @@
 //! queued inline, and the OTLP exporter writes its protobuf straight from these fields
 //! ([`super::otlp`]); the bytes equal those of the same span as the SDK's `SpanData` (tested).
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use opentelemetry::trace::{SpanId, TraceId, TraceState};
@@ -30,10 +31,10 @@ pub(crate) struct TaskSpan {
     pub start: SystemTime,
     /// When it returned.
     pub end: SystemTime,
-    /// Attribute `queue`.
-    pub queue: String,
-    /// Attribute `kind`.
-    pub kind: String,
+    /// Attribute `queue` (shared with the recording loop's series cache: no copy per task).
+    pub queue: Arc<str>,
+    /// Attribute `kind` (shared likewise).
+    pub kind: Arc<str>,
     /// Attribute `task_id`.
     pub task_id: i64,
     /// Attribute `attempt`.
@@ -61,8 +62,8 @@ impl TaskSpan {
         use opentelemetry_sdk::trace::{SpanEvents, SpanLinks};
         let remote = self.parent_is_remote();
         let mut attributes = Vec::with_capacity(6);
-        attributes.push(KeyValue::new("queue", self.queue));
-        attributes.push(KeyValue::new("kind", self.kind));
+        attributes.push(KeyValue::new("queue", self.queue.to_string()));
+        attributes.push(KeyValue::new("kind", self.kind.to_string()));
         attributes.push(KeyValue::new("task_id", self.task_id));
         attributes.push(KeyValue::new("attempt", self.attempt));
         if let Some(run) = self.run_id {

@@ -98,6 +98,8 @@ impl WorkerPool {
         work_rx: Arc<tokio::sync::Mutex<mpsc::UnboundedReceiver<ClaimedTask>>>,
         ack_tx: mpsc::UnboundedSender<Ack>,
     ) {
+        // This loop's handles on the finished tasks' series.
+        let mut series = telemetry::TaskSeriesCache::new();
         loop {
             let next = {
                 let mut rx = work_rx.lock().await;
@@ -109,7 +111,7 @@ impl WorkerPool {
             let cancel = shared
                 .with_held(|h| h.get(&id).map(|e| e.cancel.clone()))
                 .unwrap_or_default();
-            let (queue, kind) = (task.queue.clone(), task.kind.clone());
+            let slot = series.slot(&task.queue, &task.kind);
             let retries_left = task.attempt < task.max_attempts;
             let traceparent = shared.with_traces(|m| m.remove(&id));
             let run_lease = if self.run_leasing.is_empty() {
@@ -124,9 +126,8 @@ impl WorkerPool {
                 Some(t) => run.with_context(t.context()).await,
                 None => run.await,
             };
-            telemetry::global().task_finished(
-                &queue,
-                &kind,
+            series.finished(
+                slot,
                 match &outcome {
                     AckOutcome::Complete => AttemptOutcome::Succeeded,
                     AckOutcome::Snooze(_) => AttemptOutcome::Snoozed,
@@ -137,8 +138,7 @@ impl WorkerPool {
                 },
                 started.elapsed(),
             );
-            if let Some(t) = trace {
-                // The span takes the queue and kind the metrics no longer need.
+            if let (Some(t), Some((queue, kind))) = (trace, series.names(slot)) {
                 t.end(
                     queue,
                     kind,

@@ -34,6 +34,8 @@ impl WorkerPool {
         let mut waiting = false;
         // Which single-statement claim the next claim tries first, if any.
         let mut route = FastRoute::default();
+        // This loop's handles on the claimed tasks' series.
+        let mut series = crate::telemetry::TaskSeriesCache::new();
         loop {
             if *shutdown.borrow() {
                 if waiting {
@@ -89,7 +91,7 @@ impl WorkerPool {
                     super::trace::note_claims(ctx.db(), shared, &tasks).await;
                     for t in tasks {
                         self.metrics.in_flight.fetch_add(1, Ordering::SeqCst);
-                        tel.task_claimed(&t.queue, &t.kind, t.lag);
+                        series.claimed(&t.queue, &t.kind, t.lag);
                         shared.with_held(|h| h.insert(t.id, super::Held::default()));
                         if work_tx.send(t).is_err() {
                             return;

@@ -8,6 +8,7 @@
 //! tasks of a run (whose run's context comes first) or from the general claim are read again.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use std::time::SystemTime;
 
@@ -121,14 +122,14 @@ impl TaskTrace {
 
     /// The handler of the task of `queue` and `kind` returned `failed` (an error or a panic:
     /// the span's status is an error): record the span.
-    pub(super) fn end(self, queue: String, kind: String, failed: Option<&str>) {
+    pub(super) fn end(self, queue: Arc<str>, kind: Arc<str>, failed: Option<&str>) {
         if let Some(span) = self.finish(queue, kind, failed) {
             record_task_span(span);
         }
     }
 
     /// The span to record, if the trace is sampled.
-    fn finish(self, queue: String, kind: String, failed: Option<&str>) -> Option<TaskSpan> {
+    fn finish(self, queue: Arc<str>, kind: Arc<str>, failed: Option<&str>) -> Option<TaskSpan> {
         let s = self.span?;
         Some(TaskSpan {
             trace_id: s.trace_id,
@@ -254,7 +255,7 @@ mod tests {
         let t = TaskTrace::begin(&task(Some(run)), Some(SAMPLED), || false).unwrap();
         let cx = t.context();
         let recorded = t.finish("q".into(), "k".into(), Some("boom")).unwrap();
-        assert_eq!(recorded.queue, "q");
+        assert_eq!(&*recorded.queue, "q");
         let span = recorded.into_span_data();
         assert_eq!(
             span.span_context.trace_id(),

@@ -110,7 +110,8 @@ pub struct SoakReport {
     pub leader_kills: usize,
     /// Growth of the instances' RSS over the last 20 minutes (or last two thirds), the same
     /// instances compared: from sample to sample, the instances alive in both and already warm
-    /// (a replacement started after a `kill -9` is left out while it warms up), chained, %.
+    /// (a replacement started after a `kill -9` is left out for its first five minutes, while
+    /// it warms up), chained, %.
     pub rss_growth_pct: f64,
     /// Growth of tables + indexes over the same span, %.
     pub size_growth_pct: f64,
@@ -239,11 +240,15 @@ fn growth(
     (b - a) / a * 100.0
 }
 
+/// How long an instance warms up: a `kill -9` replacement grows for its first minutes (its
+/// pools, caches and prepared statements fill; about 30 to 31.5 MiB over five minutes in the
+/// 30-minute release soak) and is left out of [`rss_growth`] until then.
+const WARM_UP_S: f64 = 300.0;
+
 /// Growth of the instances' RSS over the same span as [`growth`], comparing only the same
 /// instances: from each sample to the next, the summed RSS of the instances alive in both and
-/// already warm (alive at the sample before too: a replacement started after a `kill -9` grows
-/// while it warms up), the ratios chained over the span, %. A step with no such instance counts
-/// as flat.
+/// already warm (first seen at least [`WARM_UP_S`] before the earlier sample), the ratios chained
+/// over the span, %. A step with no such instance counts as flat.
 fn rss_growth(samples: &[SoakSample], total: f64) -> f64 {
     let from = if total > 25.0 * 60.0 {
         total - 20.0 * 60.0
@@ -253,13 +258,22 @@ fn rss_growth(samples: &[SoakSample], total: f64) -> f64 {
     let Some(first) = samples.iter().position(|s| s.at_s >= from) else {
         return 0.0;
     };
+    let mut first_seen: HashMap<&str, f64> = HashMap::new();
+    for s in samples {
+        for (n, _) in &s.rss_mib {
+            first_seen.entry(n.as_str()).or_insert(s.at_s);
+        }
+    }
     let rss = |s: &SoakSample, n: &str| s.rss_mib.iter().find(|(m, _)| m == n).map(|(_, v)| *v);
     let mut ratio = 1.0;
-    for i in (first + 1).max(2)..samples.len() {
-        let (a, b, c) = (&samples[i - 2], &samples[i - 1], &samples[i]);
+    for i in (first + 1)..samples.len() {
+        let (b, c) = (&samples[i - 1], &samples[i]);
         let (mut before, mut after) = (0.0, 0.0);
         for (n, v) in &c.rss_mib {
-            if let (Some(_), Some(p)) = (rss(a, n), rss(b, n)) {
+            let warm = first_seen
+                .get(n.as_str())
+                .is_some_and(|t| *t <= b.at_s - WARM_UP_S);
+            if let (true, Some(p)) = (warm, rss(b, n)) {
                 before += p;
                 after += v;
             }
@@ -544,37 +558,56 @@ mod tests {
                 &[("bench-0", 29.0), ("bench-1", 29.0), ("bench-2", 29.0)],
             ),
             at(
-                60.0,
+                300.0,
                 &[("bench-0", 30.0), ("bench-1", 30.0), ("bench-2", 30.0)],
             ),
             at(
-                120.0,
+                360.0,
                 &[("bench-0", 30.0), ("bench-1", 30.0), ("bench-2", 30.0)],
             ),
             at(
-                180.0,
+                420.0,
                 &[("bench-0", 30.0), ("bench-1", 30.0), ("bench-3", 1.7)],
             ),
         ];
-        let g = rss_growth(&samples, 180.0);
+        let g = rss_growth(&samples, 420.0);
         assert!(g.abs() < 0.01, "{g}");
         // Real growth of the same instances shows.
         let mut grown = samples.clone();
         grown[3] = at(
-            180.0,
+            420.0,
             &[("bench-0", 33.0), ("bench-1", 33.0), ("bench-3", 1.7)],
         );
-        let g = rss_growth(&grown, 180.0);
+        let g = rss_growth(&grown, 420.0);
         assert!((g - 10.0).abs() < 0.01, "{g}");
-        // Every instance replaced since the previous sample: that sample has no figure, the
-        // one before it is the last compared.
-        grown[3] = at(180.0, &[("bench-4", 1.7), ("bench-5", 1.8)]);
-        assert_eq!(rss_growth(&grown, 180.0), 0.0);
+        // Every instance replaced since the previous sample: that step has no figure, the
+        // steps before it count.
+        grown[3] = at(420.0, &[("bench-4", 1.7), ("bench-5", 1.8)]);
+        assert_eq!(rss_growth(&grown, 420.0), 0.0);
         grown[2] = at(
-            120.0,
+            360.0,
             &[("bench-0", 31.5), ("bench-1", 31.5), ("bench-2", 31.5)],
         );
-        let g = rss_growth(&grown, 180.0);
+        let g = rss_growth(&grown, 420.0);
         assert!((g - 5.0).abs() < 0.01, "{g}");
+    }
+
+    #[test]
+    fn a_replacement_counts_only_after_its_first_five_minutes() {
+        // bench-2 is replaced by bench-3 at 360 s; bench-3 grows from 20 to 30 MiB over its
+        // first minutes, then stays flat, as do the others.
+        let mut samples = vec![at(0.0, &[("bench-0", 30.0), ("bench-2", 30.0)])];
+        let warming = [20.0, 24.0, 27.0, 29.0, 30.0, 30.0, 30.0, 30.0, 30.0];
+        for (k, v) in warming.iter().enumerate() {
+            let t = 360.0 + 60.0 * k as f64;
+            samples.push(at(t, &[("bench-0", 30.0), ("bench-3", *v)]));
+        }
+        let total = samples.last().map_or(0.0, |s| s.at_s);
+        let g = rss_growth(&samples, total);
+        assert!(g.abs() < 0.01, "a replacement warming up is no growth: {g}");
+        // Growth after its warm-up counts.
+        samples.push(at(total + 60.0, &[("bench-0", 30.0), ("bench-3", 36.0)]));
+        let g = rss_growth(&samples, total + 60.0);
+        assert!((g - 10.0).abs() < 0.01, "{g}");
     }
 }
