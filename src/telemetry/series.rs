@@ -52,7 +52,7 @@ struct TaskSeries {
 }
 
 /// The task series a recording loop has resolved, by (queue, kind). Each loop keeps its own
-/// (no sharing, no lock); recording does nothing while recording is off.
+/// (no sharing, no lock); its counts do nothing while recording is off.
 #[derive(Debug, Default)]
 pub struct TaskSeriesCache {
     entries: Vec<TaskSeries>,

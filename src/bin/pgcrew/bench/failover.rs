@@ -45,7 +45,7 @@ impl Drop for Node {
 }
 
 fn spawn(dsn: &str, id: &str, ttl: Duration) -> Result<Node> {
-    let exe = std::env::current_exe()?;
+    let exe = crate::bench::own_exe();
     // The DSN (with its password) goes through the environment: argv is public to local users.
     let child = Command::new(exe)
         .env("DATABASE_URL", dsn)

@@ -307,6 +307,14 @@ impl Memory {
     }
 }
 
+/// The program `pgcrew serve` children are started from: this process's own executable,
+/// through `/proc/self/exe`, which names the running file even after it was replaced or deleted
+/// (a `cargo build` during a 30-minute soak used to make every later `kill -9` replacement fail
+/// to start, `current_exe()` then naming a deleted path).
+pub fn own_exe() -> &'static std::path::Path {
+    std::path::Path::new("/proc/self/exe")
+}
+
 /// Median of the samples (0 when there are none).
 pub fn median(samples: &[f64]) -> f64 {
     let mut v = samples.to_vec();
@@ -330,5 +338,49 @@ pub fn spread(samples: &[f64]) -> f64 {
         (hi - lo) / m
     } else {
         0.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+
+    use super::own_exe;
+
+    const CHILD: &str = "PGCREW_OWN_EXE_CHILD";
+    const NAME: &str = "bench::tests::own_exe_starts_this_program_after_its_file_is_gone";
+
+    /// A copy of this test binary deletes its own file (as a rebuild replaces it), then starts
+    /// itself again: through `own_exe()` it starts, through `current_exe()` it does not.
+    #[test]
+    fn own_exe_starts_this_program_after_its_file_is_gone() {
+        if std::env::var_os(CHILD).is_some() {
+            let me = std::env::current_exe().unwrap();
+            std::fs::remove_file(&me).unwrap();
+            let old = std::env::current_exe().unwrap();
+            assert!(
+                Command::new(&old).arg("--list").output().is_err(),
+                "{old:?} still starts"
+            );
+            let out = Command::new(own_exe()).arg("--list").output().unwrap();
+            assert!(out.status.success(), "{out:?}");
+            assert!(String::from_utf8_lossy(&out.stdout).contains(NAME));
+            return;
+        }
+        let dir = std::env::temp_dir().join(format!("pgcrew-own-exe-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let copy = dir.join("copy");
+        std::fs::copy(std::env::current_exe().unwrap(), &copy).unwrap();
+        let out = Command::new(&copy)
+            .env(CHILD, "1")
+            .args([NAME, "--exact", "--nocapture"])
+            .output()
+            .unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(out.status.success(), "{out:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("1 passed"),
+            "{out:?}"
+        );
     }
 }

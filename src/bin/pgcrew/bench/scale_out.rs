@@ -175,7 +175,7 @@ impl Fleet {
     pub fn spawn(&mut self) -> Result<String> {
         let id = format!("bench-{}", self.next);
         self.next += 1;
-        let exe = std::env::current_exe()?;
+        let exe = crate::bench::own_exe();
         let mut cmd = Command::new(exe);
         // SAFETY: prctl is async-signal-safe; the children die with the benchmark even when it
         // is killed (no orphaned `serve` processes on the scratch database).
