@@ -367,10 +367,13 @@ mod tests {
             assert!(String::from_utf8_lossy(&out.stdout).contains(NAME));
             return;
         }
-        let dir = std::env::temp_dir().join(format!("pgcrew-own-exe-{}", std::process::id()));
+        // Beside this binary (a directory it may run from), not in a temporary directory that
+        // might be mounted without exec.
+        let me = std::env::current_exe().unwrap();
+        let dir = me.with_file_name(format!("own-exe-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let copy = dir.join("copy");
-        std::fs::copy(std::env::current_exe().unwrap(), &copy).unwrap();
+        std::fs::copy(&me, &copy).unwrap();
         let out = Command::new(&copy)
             .env(CHILD, "1")
             .args([NAME, "--exact", "--nocapture"])
