@@ -308,7 +308,10 @@ fn classify(query: &str) -> &'static str {
         // Reads of the lease (the fence, `FOR SHARE`, opens the leader's maintenance and
         // scheduler transactions: maintenance).
         "election"
-    } else if q.contains("pgcrew.tasks") || q.contains("claim") {
+    } else if q.contains("pgcrew.tasks") || q.contains("claim") || q.contains("next_due") {
+        // A worker pool's claims, and the next-due read an idle pool makes before it sleeps
+        // (`queue/next_due`: since V043 it calls `pgcrew.next_due_in` and names no table, and
+        // was counted as maintenance).
         "poll"
     } else {
         "maintenance"
@@ -727,4 +730,27 @@ async fn probe_instance(db: &Db) -> Result<pgcrew::coord::instance::InstanceInfo
     };
     pgcrew::coord::instance::register(db, &info).await?;
     Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::classify;
+
+    /// Every statement an idle instance sends, by the class the report counts it in: the
+    /// idle pool's claim and next-due read are polls, not coordination.
+    #[test]
+    fn idle_statements_are_classified_as_the_report_counts_them() {
+        let sql = |s: &str| s.to_string();
+        for (query, class) in [
+            (sql(pgcrew::sql!("queue/next_due")), "poll"),
+            (sql(pgcrew::sql!("queue/claim_fast")), "poll"),
+            (
+                sql("UPDATE pgcrew.instances SET last_heartbeat_at = now() WHERE id = $1"),
+                "heartbeat",
+            ),
+            (sql("SELECT $1"), "maintenance"),
+        ] {
+            assert_eq!(classify(&query), class, "{query}");
+        }
+    }
 }
