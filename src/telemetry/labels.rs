@@ -18,6 +18,21 @@ pub struct QueueKind {
     pub kind: String,
 }
 
+impl QueueKind {
+    /// The label set of `queue` and `kind`.
+    pub fn new(queue: &str, kind: &str) -> QueueKind {
+        QueueKind {
+            queue: queue.to_string(),
+            kind: kind.to_string(),
+        }
+    }
+
+    /// The label set every (queue, kind) past [`MAX_SERIES`] is counted under.
+    pub fn other() -> QueueKind {
+        QueueKind::new(super::OTHER, super::OTHER)
+    }
+}
+
 /// `{queue}`.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct QueueLabel {
@@ -98,16 +113,7 @@ where
         if !recording() {
             return;
         }
-        if let Some(m) = self.family.get(&labels) {
-            f(&m);
-            return;
-        }
-        let labels = if self.series.fetch_add(1, Ordering::Relaxed) < MAX_SERIES {
-            labels
-        } else {
-            other()
-        };
-        f(&self.family.get_or_create(&labels));
+        f(&self.series(labels, other));
     }
 
     /// The series of `labels` (or of `other` once the family is full), as a handle that
@@ -116,15 +122,25 @@ where
     where
         M: Clone,
     {
+        self.series(labels, other).clone()
+    }
+
+    /// The series of `labels`, created while the family has fewer than [`MAX_SERIES`] label
+    /// sets; past that, the series of `other`.
+    fn series(
+        &self,
+        labels: L,
+        other: impl FnOnce() -> L,
+    ) -> impl std::ops::Deref<Target = M> + '_ {
         if let Some(m) = self.family.get(&labels) {
-            return m.clone();
+            return m;
         }
         let labels = if self.series.fetch_add(1, Ordering::Relaxed) < MAX_SERIES {
             labels
         } else {
             other()
         };
-        self.family.get_or_create(&labels).clone()
+        self.family.get_or_create(&labels)
     }
 
     /// Whether the family has a series for `labels`.

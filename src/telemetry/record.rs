@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use super::series::{other_qk, qk};
 use super::{
-    ModelLabel, ModelOutcome, ModelTokens, OTHER, StepLabel, Telemetry, ToolOutcome, recording,
+    ModelLabel, ModelOutcome, ModelTokens, OTHER, QueueKind, StepLabel, Telemetry, ToolOutcome,
+    recording,
 };
 
 impl Telemetry {
@@ -40,9 +40,10 @@ impl Telemetry {
 
     /// Count one rescued task.
     pub fn task_rescued(&self, queue: &str, kind: &str) {
-        self.tasks_rescued.with(qk(queue, kind), other_qk, |c| {
-            c.inc();
-        });
+        self.tasks_rescued
+            .with(QueueKind::new(queue, kind), QueueKind::other, |c| {
+                c.inc();
+            });
     }
 
     /// Record one maintenance step.

@@ -15,7 +15,7 @@ use std::time::Duration;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::histogram::Histogram;
 
-use super::{OTHER, QueueKind, QueueLabel, Telemetry, global, recording};
+use super::{OTHER, QueueKind, QueueLabel, global, recording};
 
 /// The most (queue, kind) pairs one cache keeps; past it, it starts over (a pool serves a
 /// handful of kinds, so this only bounds a misuse).
@@ -72,8 +72,23 @@ impl TaskSeriesCache {
         let t = global();
         let slot = self.slot(queue, kind);
         let s = &mut self.entries[slot.0];
-        counter(&mut s.claimed, || t.tasks_claimed_series(queue, kind)).inc();
-        histogram(&mut s.queue_wait, || t.task_queue_wait_series(queue))
+        s.claimed
+            .get_or_insert_with(|| {
+                t.tasks_claimed
+                    .handle(QueueKind::new(queue, kind), QueueKind::other)
+            })
+            .inc();
+        s.queue_wait
+            .get_or_insert_with(|| {
+                t.task_queue_wait.handle(
+                    QueueLabel {
+                        queue: queue.to_string(),
+                    },
+                    || QueueLabel {
+                        queue: OTHER.into(),
+                    },
+                )
+            })
             .observe(wait.as_secs_f64());
     }
 
@@ -88,24 +103,30 @@ impl TaskSeriesCache {
             return;
         };
         let (queue, kind) = (&*s.queue, &*s.kind);
-        let (slot, family) = match outcome {
+        let (counted, family) = match outcome {
             AttemptOutcome::Succeeded => (&mut s.succeeded, &t.tasks_succeeded),
             AttemptOutcome::Snoozed => (&mut s.snoozed, &t.tasks_snoozed),
             AttemptOutcome::Failed { retried } => {
                 if retried {
-                    counter(&mut s.retried, || {
-                        t.tasks_retried.handle(qk(queue, kind), other_qk)
-                    })
-                    .inc();
+                    s.retried
+                        .get_or_insert_with(|| {
+                            t.tasks_retried
+                                .handle(QueueKind::new(queue, kind), QueueKind::other)
+                        })
+                        .inc();
                 }
                 (&mut s.failed, &t.tasks_failed)
             }
         };
-        counter(slot, || family.handle(qk(queue, kind), other_qk)).inc();
-        histogram(&mut s.duration, || {
-            t.task_duration.handle(qk(queue, kind), other_qk)
-        })
-        .observe(took.as_secs_f64());
+        counted
+            .get_or_insert_with(|| family.handle(QueueKind::new(queue, kind), QueueKind::other))
+            .inc();
+        s.duration
+            .get_or_insert_with(|| {
+                t.task_duration
+                    .handle(QueueKind::new(queue, kind), QueueKind::other)
+            })
+            .observe(took.as_secs_f64());
     }
 
     /// The queue and kind names of `slot`, shared (`None` for a slot no longer held).
@@ -147,45 +168,6 @@ impl TaskSeriesCache {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Slot(usize);
 
-impl Telemetry {
-    fn tasks_claimed_series(&self, queue: &str, kind: &str) -> Counter {
-        self.tasks_claimed.handle(qk(queue, kind), other_qk)
-    }
-
-    fn task_queue_wait_series(&self, queue: &str) -> Histogram {
-        self.task_queue_wait.handle(
-            QueueLabel {
-                queue: queue.to_string(),
-            },
-            || QueueLabel {
-                queue: OTHER.into(),
-            },
-        )
-    }
-}
-
-fn counter(slot: &mut Option<Counter>, resolve: impl FnOnce() -> Counter) -> &Counter {
-    slot.get_or_insert_with(resolve)
-}
-
-fn histogram(slot: &mut Option<Histogram>, resolve: impl FnOnce() -> Histogram) -> &Histogram {
-    slot.get_or_insert_with(resolve)
-}
-
-pub(super) fn qk(queue: &str, kind: &str) -> QueueKind {
-    QueueKind {
-        queue: queue.to_string(),
-        kind: kind.to_string(),
-    }
-}
-
-pub(super) fn other_qk() -> QueueKind {
-    QueueKind {
-        queue: OTHER.into(),
-        kind: OTHER.into(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -196,8 +178,9 @@ mod tests {
     fn cached_handles_count_into_the_families_series() {
         let t = global();
         let (q, k) = ("series-cache-q", "series-cache-k");
-        let read =
-            |c: &super::super::Bounded<QueueKind, Counter>| c.handle(qk(q, k), other_qk).get();
+        let read = |c: &super::super::Bounded<QueueKind, Counter>| {
+            c.handle(QueueKind::new(q, k), QueueKind::other).get()
+        };
         let mut a = TaskSeriesCache::new();
         let mut b = TaskSeriesCache::new();
         a.claimed(q, k, Duration::from_millis(3));
@@ -218,7 +201,7 @@ mod tests {
         );
         let (nq, nk) = a.names(sa).unwrap();
         assert_eq!((&*nq, &*nk), (q, k));
-        assert!(!t.tasks_snoozed.contains(&qk(q, k)));
+        assert!(!t.tasks_snoozed.contains(&QueueKind::new(q, k)));
         assert_eq!(read(&t.tasks_claimed), 2);
         assert_eq!(read(&t.tasks_succeeded), 1);
         assert_eq!(read(&t.tasks_failed), 2);

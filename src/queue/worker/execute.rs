@@ -138,7 +138,10 @@ impl WorkerPool {
                 },
                 started.elapsed(),
             );
-            if let (Some(t), Some((queue, kind))) = (trace, series.names(slot)) {
+            // The names are shared only for a span (not cloned per task while tracing is off).
+            if let Some(t) = trace
+                && let Some((queue, kind)) = series.names(slot)
+            {
                 t.end(
                     queue,
                     kind,

@@ -740,17 +740,16 @@ mod tests {
     /// idle pool's claim and next-due read are polls, not coordination.
     #[test]
     fn idle_statements_are_classified_as_the_report_counts_them() {
-        let sql = |s: &str| s.to_string();
         for (query, class) in [
-            (sql(pgcrew::sql!("queue/next_due")), "poll"),
-            (sql(pgcrew::sql!("queue/claim_fast")), "poll"),
+            (pgcrew::sql!("queue/next_due"), "poll"),
+            (pgcrew::sql!("queue/claim_fast"), "poll"),
             (
-                sql("UPDATE pgcrew.instances SET last_heartbeat_at = now() WHERE id = $1"),
+                "UPDATE pgcrew.instances SET last_heartbeat_at = now() WHERE id = $1",
                 "heartbeat",
             ),
-            (sql("SELECT $1"), "maintenance"),
+            ("SELECT $1", "maintenance"),
         ] {
-            assert_eq!(classify(&query), class, "{query}");
+            assert_eq!(classify(query), class, "{query}");
         }
     }
 }
