@@ -221,6 +221,12 @@ uuid_id!(
     "session id"
 );
 uuid_id!(
+    /// Identifies a worker pool of one instance: its rows in `pgcrew.queue_waiters` and the
+    /// wake-ups (`pgcrew_task_available`) that name it.
+    PoolId,
+    "pool id"
+);
+uuid_id!(
     /// A task claim token: proves that an acknowledgement comes from the current claim.
     ClaimToken,
     "claim token"

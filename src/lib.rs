@@ -189,7 +189,7 @@ pub use config::{ClientConfig, ClientConfigBuilder};
 pub use coord::notify::{Event, EventKind, Subscription};
 pub use db::Db;
 pub use error::{Error, Result};
-pub use ids::{ClaimToken, InstanceId, RunId, SessionId, TaskId, TenantId};
+pub use ids::{ClaimToken, InstanceId, PoolId, RunId, SessionId, TaskId, TenantId};
 pub use kernel::{Harness, Kernel, ReplayPolicy, RunScope};
 pub use ledger_key::LedgerKey;
 pub use model::{ModelPort, ModelRequest, ModelResponse, OpenAiModel, ScriptedModel};

@@ -234,6 +234,7 @@ impl Client {
             pg_config: self.inner.listen_config.clone(),
             poll_only: self.inner.config.poll_only,
             poll_interval: self.inner.config.notify_poll_interval,
+            instance: Some(self.instance_id().clone()),
         });
         if !self.inner.config.poll_only {
             self.inner

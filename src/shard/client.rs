@@ -389,6 +389,7 @@ impl ShardedClient {
                     pg_config: db.config().clone(),
                     poll_only: false,
                     poll_interval: poll,
+                    instance: None,
                 });
                 *shard.listener_task.lock().await = Some(task);
                 if !notifier.wait_connected(timeout).await {

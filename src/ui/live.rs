@@ -85,7 +85,7 @@ fn to_sse(e: &Event) -> SseEvent {
     if let Some(r) = e.run_id() {
         data["run_id"] = json!(r.to_string());
     }
-    if let Event::TaskAvailable { queue } = e {
+    if let Event::TaskAvailable { queue, .. } = e {
         data["queue"] = json!(queue);
     }
     SseEvent::default().event("change").data(data.to_string())

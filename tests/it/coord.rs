@@ -517,7 +517,11 @@ async fn subscriptions_filter_by_kind_and_run_and_resync_when_behind() {
     let mut run = hub.subscribe_run(mine);
     let mut all = hub.subscribe(&[]);
     let sent = [
-        Event::TaskAvailable { queue: "q".into() },
+        Event::TaskAvailable {
+            queue: "q".into(),
+            pool: None,
+            backup: None,
+        },
         Event::RunEvent {
             run_id: other,
             seq: 1,

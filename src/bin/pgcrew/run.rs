@@ -352,6 +352,7 @@ async fn follow_run(db: &pgcrew::Db, run: RunId, after: i64, json: bool) -> Resu
         pg_config: db.config().clone(),
         poll_only: false,
         poll_interval: Duration::from_secs(2),
+        instance: None,
     });
     let stream = runs::subscribe_run(
         db.clone(),

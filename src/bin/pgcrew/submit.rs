@@ -46,6 +46,7 @@ pub async fn exec(db: &Db, args: SubmitArgs) -> Result<ExitCode> {
             pg_config: db.config().clone(),
             poll_only: false,
             poll_interval: Duration::from_secs(1),
+            instance: None,
         })
     });
     if listener.is_some() {

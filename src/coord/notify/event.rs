@@ -2,7 +2,7 @@
 
 use serde::Deserialize;
 
-use crate::ids::{RunId, TaskId};
+use crate::ids::{InstanceId, PoolId, RunId, TaskId};
 
 /// Every NOTIFY channel pgcrew uses.
 pub const CHANNELS: &[&str] = &[
@@ -16,6 +16,20 @@ pub const CHANNELS: &[&str] = &[
     "pgcrew_task_cancel_requested",
     "pgcrew_schedules_changed",
 ];
+
+/// Prefix of an instance's own wake-up channel (see [`wake_channel`]).
+pub const WAKE_CHANNEL_PREFIX: &str = "pgcrew_wake_";
+
+/// The channel on which single-task enqueues wake the pools of `instance` by name:
+/// `pgcrew_wake_` and the first 32 hex digits of the SHA-256 of the instance id (instance ids
+/// are free text, channel names at most 63 bytes). `queue/enqueue_simple.sql` computes the same
+/// name from `pgcrew.queue_waiters.instance_id`. Only the named instances' LISTEN connections
+/// receive such a wake-up, so an enqueue into N idle instances wakes one process, not N.
+pub fn wake_channel(instance: &InstanceId) -> String {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(instance.as_str().as_bytes());
+    format!("{WAKE_CHANNEL_PREFIX}{}", hex::encode(&digest[..16]))
+}
 
 /// The kind of an [`Event`], used to filter subscriptions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -77,6 +91,15 @@ pub enum Event {
     TaskAvailable {
         /// The queue.
         queue: String,
+        /// The waiting pool the enqueue named to claim at once (`queue/enqueue_simple` names
+        /// one of the queue's waiters in turn, on its instance's [`wake_channel`]); the other
+        /// waiting pools leave the task to it. `None` (`pgcrew_task_available`): every waiting
+        /// pool of the queue claims (bulk enqueues, SQL functions, `pgcrew.wake_queues`, a pool
+        /// handing on work it cannot take).
+        pool: Option<PoolId>,
+        /// A second waiting pool, named to claim after a short delay in case the first cannot
+        /// (its instance was killed before it was reaped, or it filled up meanwhile).
+        backup: Option<PoolId>,
     },
     /// A run's ledger got a new event.
     RunEvent {
@@ -149,6 +172,10 @@ impl Event {
         #[derive(Deserialize)]
         struct Task {
             queue: String,
+            #[serde(default)]
+            pool: Option<PoolId>,
+            #[serde(default)]
+            backup: Option<PoolId>,
         }
         #[derive(Deserialize)]
         struct RunEv {
@@ -179,9 +206,14 @@ impl Event {
                     term: p.term,
                 }
             }
-            "pgcrew_task_available" => Event::TaskAvailable {
-                queue: serde_json::from_str::<Task>(payload).ok()?.queue,
-            },
+            c if c == "pgcrew_task_available" || c.starts_with(WAKE_CHANNEL_PREFIX) => {
+                let p: Task = serde_json::from_str(payload).ok()?;
+                Event::TaskAvailable {
+                    queue: p.queue,
+                    pool: p.pool,
+                    backup: p.backup,
+                }
+            }
             "pgcrew_run_event" => {
                 let p: RunEv = serde_json::from_str(payload).ok()?;
                 Event::RunEvent {
@@ -256,6 +288,75 @@ mod tests {
             Some(Event::SchedulesChanged)
         );
         assert_eq!(Event::parse("pgcrew_task_available", "not json"), None);
+        // Unnamed (every waiting pool claims), as before V047's naming and from bulk enqueues.
+        assert_eq!(
+            Event::parse("pgcrew_task_available", r#"{"queue":"q"}"#),
+            Some(Event::TaskAvailable {
+                queue: "q".into(),
+                pool: None,
+                backup: None
+            })
+        );
+        let (a, b) = (PoolId::new(), PoolId::new());
+        assert_eq!(
+            Event::parse(
+                "pgcrew_task_available",
+                &format!(r#"{{"queue":"q","pool":"{a}","backup":"{b}"}}"#)
+            ),
+            Some(Event::TaskAvailable {
+                queue: "q".into(),
+                pool: Some(a),
+                backup: Some(b)
+            })
+        );
+        assert_eq!(
+            Event::parse(
+                "pgcrew_task_available",
+                &format!(r#"{{"queue":"q","pool":"{a}","backup":null}}"#)
+            ),
+            Some(Event::TaskAvailable {
+                queue: "q".into(),
+                pool: Some(a),
+                backup: None
+            })
+        );
+        assert_eq!(
+            Event::parse("pgcrew_task_available", r#"{"queue":"q","pool":"x"}"#),
+            None
+        );
+        // An instance's wake channel carries the same payload.
+        let ch = wake_channel(&InstanceId::new("i-1").unwrap());
+        assert_eq!(
+            Event::parse(
+                &ch,
+                &format!(r#"{{"queue":"q","pool":"{a}","backup":null}}"#)
+            ),
+            Some(Event::TaskAvailable {
+                queue: "q".into(),
+                pool: Some(a),
+                backup: None
+            })
+        );
+    }
+
+    #[test]
+    fn wake_channels_are_short_safe_and_distinct() {
+        let long = "x".repeat(128);
+        for id in ["a", "i-1", "名前 with spaces; DROP TABLE x", long.as_str()] {
+            let ch = wake_channel(&InstanceId::new(id).unwrap());
+            assert!(ch.len() <= 63, "{ch}");
+            assert!(ch.starts_with(WAKE_CHANNEL_PREFIX));
+            assert!(
+                ch[WAKE_CHANNEL_PREFIX.len()..]
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)),
+                "{ch}"
+            );
+        }
+        assert_ne!(
+            wake_channel(&InstanceId::new("a").unwrap()),
+            wake_channel(&InstanceId::new("b").unwrap())
+        );
         assert_eq!(Event::parse("other", "{}"), None);
     }
 }

@@ -20,6 +20,11 @@ pub struct NotifierConfig {
     pub poll_only: bool,
     /// Fallback poll interval (a `Resync` tick in poll-only mode).
     pub poll_interval: Duration,
+    /// The instance whose pools enqueues wake by name: its [`wake_channel`] is LISTENed too.
+    /// `None` for a notifier hosting no worker pool.
+    ///
+    /// [`wake_channel`]: super::wake_channel
+    pub instance: Option<crate::ids::InstanceId>,
 }
 
 pub(super) async fn run_listener(
@@ -103,7 +108,17 @@ async fn listen_once(
                 return ListenEnd::Lost { was_up: false };
             }
         };
-    if let Err(e) = client.batch_execute(sql!("coord/listen")).await {
+    // The wake channel is `pgcrew_wake_` and 32 hex digits (see `wake_channel`): nothing to
+    // quote, and LISTEN takes no parameter.
+    let listen = match &config.instance {
+        Some(i) => format!(
+            "{}\nLISTEN {};",
+            sql!("coord/listen"),
+            super::wake_channel(i)
+        ),
+        None => sql!("coord/listen").to_string(),
+    };
+    if let Err(e) = client.batch_execute(&listen).await {
         warn!(error = %e, "notifier: LISTEN failed; retrying");
         driver.abort();
         return ListenEnd::Lost { was_up: false };
@@ -112,7 +127,8 @@ async fn listen_once(
     let _ = shared.session.send(Some(client.clone()));
     let _ = shared.connected.send(true);
     if first {
-        info!("notifier: listening on {} channels", CHANNELS.len());
+        let own = usize::from(config.instance.is_some());
+        info!("notifier: listening on {} channels", CHANNELS.len() + own);
     } else {
         shared.reconnects.fetch_add(1, Ordering::Relaxed);
         crate::telemetry::global().notifier_reconnects.inc();

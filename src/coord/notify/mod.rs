@@ -25,7 +25,7 @@ use crate::ids::RunId;
 mod event;
 mod listener;
 
-pub use event::{CHANNELS, Event, EventKind};
+pub use event::{CHANNELS, Event, EventKind, WAKE_CHANNEL_PREFIX, wake_channel};
 pub use listener::NotifierConfig;
 
 struct Shared {

@@ -177,7 +177,7 @@ impl WorkerPoolBuilder {
             run_leasing: self.run_leasing,
             settings: self.settings,
             metrics: Arc::new(WorkerMetrics::default()),
-            pool_id: uuid::Uuid::new_v4(),
+            pool_id: crate::ids::PoolId::new(),
         }))
     }
 }

@@ -13,7 +13,7 @@ use crate::coord::notify::{Event, Subscription};
 use crate::coord::service::ServiceContext;
 use crate::db::{Conn, Executor};
 use crate::error::Result;
-use crate::ids::{RunId, TaskId, TenantId};
+use crate::ids::{PoolId, RunId, TaskId, TenantId};
 use crate::queue::claim::{ClaimedTask, FastRoute, claim_routed, next_due_with};
 use crate::runs::lease::lease_runs;
 use crate::runs::{LeasedRun, RunLeasing};
@@ -300,7 +300,18 @@ impl WorkerPool {
         loop {
             tokio::select! {
                 ev = sub.recv(), if listening => match ev {
-                    Some(Event::TaskAvailable { queue }) if !self.queues.contains(&queue) => {}
+                    Some(Event::TaskAvailable { queue, pool, backup }) => {
+                        match self.named(&queue, pool, backup) {
+                            Named::Now => return,
+                            Named::Backup => {
+                                let at = tokio::time::Instant::now() + BACKUP_DELAY;
+                                if at < sleep.deadline() {
+                                    sleep.as_mut().reset(at);
+                                }
+                            }
+                            Named::Not => {}
+                        }
+                    }
                     Some(_) => return,
                     // The notifier is gone: rely on the poll.
                     None => listening = false,
@@ -311,6 +322,35 @@ impl WorkerPool {
             }
         }
     }
+
+    /// What a wake-up for `queue` naming `pool` (and `backup`) asks of this pool.
+    fn named(&self, queue: &str, pool: Option<PoolId>, backup: Option<PoolId>) -> Named {
+        if !self.queues.iter().any(|q| q == queue) {
+            Named::Not
+        } else if pool.is_none() || pool == Some(self.pool_id) {
+            Named::Now
+        } else if backup == Some(self.pool_id) {
+            Named::Backup
+        } else {
+            Named::Not
+        }
+    }
+}
+
+/// How long a pool named as a wake-up's backup waits before it claims: long enough that the
+/// named pool has claimed the task when it is alive (about a millisecond), short enough that a
+/// task named to a pool killed before it was reaped is taken at once for a person.
+const BACKUP_DELAY: Duration = Duration::from_millis(20);
+
+/// What a wake-up asks of the pool that received it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Named {
+    /// Claim now: the wake-up names this pool, or no pool.
+    Now,
+    /// Claim after [`BACKUP_DELAY`] unless something else wakes it first.
+    Backup,
+    /// Another queue's, or another pool's.
+    Not,
 }
 
 /// The claimed runs to lease as one [`RunLeasing`] says, and the task naming each.

@@ -219,7 +219,7 @@ pub struct WorkerPool {
     settings: Settings,
     metrics: Arc<WorkerMetrics>,
     /// Identifies this pool in `pgcrew.queue_waiters`.
-    pool_id: uuid::Uuid,
+    pool_id: crate::ids::PoolId,
 }
 
 impl std::fmt::Debug for WorkerPool {

@@ -142,6 +142,14 @@ async fn every_enqueue_path_notifies_waiting_queues_and_only_those() {
     let t = test_db().await;
     let (listener, driver, mut notes) = listen_task_available(&t).await;
     let inst = register_instance(&t, "waiting").await;
+    // Single enqueues name the waiting pool on its instance's own channel.
+    listener
+        .batch_execute(&format!(
+            "LISTEN {}",
+            pgcrew::coord::notify::wake_channel(&inst)
+        ))
+        .await
+        .unwrap();
     let mut conn = t.db.get().await.unwrap();
     for q in ["w1", "w2"] {
         conn.execute(
@@ -217,7 +225,8 @@ async fn every_enqueue_path_notifies_waiting_queues_and_only_those() {
     queue::enqueue_many(&conn, &only_delayed).await.unwrap();
     assert!(woken().await.is_empty(), "bulk of delayed tasks");
 
-    // Several enqueues in one transaction: one NOTIFY per queue, sent at commit.
+    // Several enqueues in one transaction: sent at commit, identical payloads folded. The single
+    // enqueues name the queue's one waiting pool (one NOTIFY), the bulk one names none (another).
     let tx = conn.transaction().await.unwrap();
     for _ in 0..3 {
         queue::enqueue(&tx, &task("k").queue("w2")).await.unwrap();
@@ -227,7 +236,11 @@ async fn every_enqueue_path_notifies_waiting_queues_and_only_those() {
         .unwrap();
     assert!(woken().await.is_empty(), "nothing before commit");
     tx.commit().await.unwrap();
-    assert_eq!(woken().await, ["w2"], "one per queue per transaction");
+    assert_eq!(
+        woken().await,
+        ["w2", "w2"],
+        "one per payload per transaction"
+    );
 
     // Plain SQL writes are silent until pgcrew.wake_queues is called.
     conn.execute(
@@ -283,14 +296,15 @@ async fn claim_statements(db: &pgcrew::Db) -> (i64, i64) {
     (row.get(0), row.get(1))
 }
 
-/// Issue #22 (the wake-up herd): every enqueue wakes every idle pool of every instance; the
-/// pools that lose the race for the task must not send the general claim after their fast
-/// claim found it taken. Before, each sent both (`queue/claim_fast`, which could not tell "no
-/// work" from "work it does not take", then `pgcrew.claim_tasks`): about two claims per
-/// instance per task. Eight instances with one idle pool each, tasks enqueued one at a time;
-/// claims counted with `pg_stat_statements` on a throwaway cluster.
+/// Issue #22 (the wake-up herd): an enqueue into N idle instances woke every waiting pool, and
+/// each sent a claim (about N + 3 claims per task: one per woken pool, and the winner's as it
+/// goes idle again). The enqueue now names one waiting pool, and a backup that claims after a
+/// short delay: about 4 claims per task whatever N (the winner's claim, its two as it goes idle
+/// again, the backup's). The pools that lose the race (here, the backup) must not send the
+/// general `pgcrew.claim_tasks` either. Eight instances with one idle pool each, tasks enqueued
+/// one at a time; claims counted with `pg_stat_statements` on a throwaway cluster.
 #[tokio::test]
-async fn a_woken_pool_that_loses_the_task_sends_one_claim() {
+async fn an_enqueue_wakes_one_named_pool_and_its_backup_not_every_pool() {
     const INSTANCES: usize = 8;
     const TASKS: i64 = 10;
     let (cluster, scratch, db) = crate::common::statements_db("herd").await;
@@ -326,15 +340,15 @@ async fn a_woken_pool_that_loses_the_task_sends_one_claim() {
         wait_until(Duration::from_secs(10), "every pool idle again", all_idle).await;
     }
     let (fast, general) = claim_statements(&db).await;
-    // Per task: one fast claim per woken pool, and the winner's claims as it goes idle again
-    // (one before and one after it registers as a waiter).
+    // Per task: the named pool's claim, its claims as it goes idle again (one before and one
+    // after it registers as a waiter), the backup's; one more for slack.
     assert_eq!(
         general, 0,
         "woken pools ran pgcrew.claim_tasks ({fast} fast claims, {TASKS} tasks, {INSTANCES} instances)"
     );
     assert!(
-        fast <= TASKS * (INSTANCES as i64 + 3),
-        "{fast} fast claims for {TASKS} tasks at {INSTANCES} instances"
+        fast <= TASKS * 5,
+        "{fast} fast claims for {TASKS} tasks at {INSTANCES} instances: every pool was woken"
     );
     for c in clients {
         c.stop().await.unwrap();
@@ -343,4 +357,121 @@ async fn a_woken_pool_that_loses_the_task_sends_one_claim() {
     drop(db);
     drop(scratch);
     drop(cluster);
+}
+
+/// A pool of `queue` whose `concurrency` tasks of kind `k` each count in `started`, then block
+/// until `release` gives a permit; only NOTIFY wakes it (the poll is a minute).
+fn blocking_pool(
+    queue: &str,
+    concurrency: usize,
+    started: &Arc<AtomicUsize>,
+    release: &Arc<tokio::sync::Semaphore>,
+) -> Arc<WorkerPool> {
+    let (st, rel) = (started.clone(), release.clone());
+    WorkerPool::builder()
+        .queue(queue)
+        .concurrency(concurrency)
+        .poll_interval(Duration::from_secs(60))
+        .handler("k", move |_ctx, _p: serde_json::Value| {
+            st.fetch_add(1, Ordering::SeqCst);
+            let rel = rel.clone();
+            async move {
+                let _permit = rel.acquire().await;
+                Ok(TaskOutcome::Complete)
+            }
+        })
+        .build()
+        .unwrap()
+}
+
+/// A wake-up names a pool and a backup. The named pool's instance was killed (`kill -9` of a
+/// `pgcrew serve` process) and not yet reaped, so its row stays in `pgcrew.queue_waiters` and
+/// enqueues keep naming it in turn: the backup claims those tasks after its short delay. Without
+/// the backup they would wait for the other pool's poll (a minute here).
+#[tokio::test]
+async fn tasks_named_to_a_killed_instance_are_claimed_by_the_backup() {
+    let t = test_db().await;
+    let mut victim = crate::common::serve(t.dsn(), "named-victim")
+        .args(["--queues", "named", "--worker-poll-interval", "60s"])
+        .args(["--instance-ttl", "1h", "--leader-ttl", "1h"])
+        .quiet()
+        .spawn();
+    let victims_row = "SELECT count(*) FROM pgcrew.queue_waiters \
+                       WHERE queue = 'named' AND instance_id = 'named-victim'";
+    wait_for(&t, victims_row)
+        .within(Duration::from_secs(30))
+        .until(|n| n == 1, "the serve process waits on queue named")
+        .await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let pool = notify_only_pool("named", 4, &runs);
+    let client = start_client(&t, "named-backup", Some(pool), false).await;
+    wait_for(
+        &t,
+        "SELECT count(*) FROM pgcrew.queue_waiters WHERE queue = 'named'",
+    )
+    .within(Duration::from_secs(10))
+    .until(|n| n == 2, "both pools wait on queue named")
+    .await;
+    victim.child.kill().unwrap();
+    victim.child.wait().unwrap();
+    let conn = t.db.get().await.unwrap();
+    for i in 1..=10 {
+        let what = format!("task #{i} is claimed though every other one names the dead pool");
+        enqueue_and_count_to(&conn, &task("k").queue("named"), &runs, i, &what).await;
+    }
+    assert_eq!(
+        crate::common::scalar(&t.db, victims_row).await,
+        1,
+        "the killed instance's pool was named all along"
+    );
+    client.stop().await.unwrap();
+}
+
+/// Several single-statement enqueues in one transaction whose wake-ups name the same pool fold
+/// into one NOTIFY. That pool takes what it can, fills up and leaves the waiters; as work is
+/// left on its queue, leaving wakes the other waiting pools (not only the backup), which take
+/// the rest at once instead of at their poll.
+#[tokio::test]
+async fn a_named_pool_that_fills_up_hands_the_rest_to_the_other_waiters() {
+    let t = test_db().await;
+    let started = Arc::new(AtomicUsize::new(0));
+    let release = Arc::new(tokio::sync::Semaphore::new(0));
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let pool = blocking_pool("handon", 1, &started, &release);
+        clients.push(start_client(&t, &format!("handon-{i}"), Some(pool), false).await);
+    }
+    wait_for(
+        &t,
+        "SELECT count(*) FROM pgcrew.queue_waiters WHERE queue = 'handon'",
+    )
+    .within(Duration::from_secs(10))
+    .until(|n| n == 3, "three pools wait on queue handon")
+    .await;
+    // Task ids three apart (a task elsewhere in between) name the same pool and backup.
+    let mut conn = t.db.get().await.unwrap();
+    let tx = conn.transaction().await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..7 {
+        let q = if i % 3 == 0 { "handon" } else { "elsewhere" };
+        let id = queue::enqueue(&tx, &task("k").queue(q)).await.unwrap().id;
+        if i % 3 == 0 {
+            ids.push(id.0);
+        }
+    }
+    tx.commit().await.unwrap();
+    assert!(
+        ids.iter().all(|id| id % 3 == ids[0] % 3),
+        "the three tasks name one pool: {ids:?}"
+    );
+    wait_until(
+        Duration::from_secs(5),
+        "every pool takes a task",
+        || async { started.load(Ordering::SeqCst) == 3 },
+    )
+    .await;
+    release.add_permits(100);
+    for c in clients {
+        c.stop().await.unwrap();
+    }
 }

@@ -317,6 +317,7 @@ async fn cancel_latency(db: &Db, samples: usize) -> Result<(f64, f64)> {
         pg_config: db.config().clone(),
         poll_only: false,
         poll_interval: Duration::from_secs(5),
+        instance: None,
     });
     if !notifier.wait_connected(Duration::from_secs(10)).await {
         listener.stop().await;
