@@ -32,6 +32,9 @@ impl WorkerPool {
         let mut backoff = Duration::from_millis(50);
         // Whether this pool is registered in `pgcrew.queue_waiters` (so enqueues NOTIFY it).
         let mut waiting = false;
+        // Just registered: look again at this time (see [`RECHECK`]) unless a claim started
+        // after it already did.
+        let mut recheck_at: Option<tokio::time::Instant> = None;
         // Which single-statement claim the next claim tries first, if any.
         let mut route = FastRoute::default();
         // This loop's handles on the claimed tasks' series.
@@ -71,6 +74,7 @@ impl WorkerPool {
             let limit = free.min(self.settings.max_batch);
             // Wake-ups received so far are answered by this claim; only later ones count.
             while let Some(Some(_)) = sub.recv().now_or_never() {}
+            let claim_started = tokio::time::Instant::now();
             match self
                 .claim_once(ctx, shared, &mut conn, limit, &mut route)
                 .await
@@ -107,10 +111,19 @@ impl WorkerPool {
                             // enqueued before the registration is not left to the poll.
                             waiting = self.set_waiting(ctx, &mut conn, true).await;
                             if waiting {
+                                recheck_at = Some(tokio::time::Instant::now() + RECHECK);
                                 continue;
                             }
                         }
-                        self.idle_wait(&mut conn, shared, sub, shutdown).await;
+                        let mut wait = self.settings.poll_interval;
+                        match recheck_at {
+                            Some(at) if claim_started < at => {
+                                let now = tokio::time::Instant::now();
+                                wait = wait.min(at.saturating_duration_since(now));
+                            }
+                            _ => recheck_at = None,
+                        }
+                        self.idle_wait(&mut conn, shared, sub, shutdown, wait).await;
                     }
                 }
                 Err(e) => {
@@ -271,16 +284,16 @@ impl WorkerPool {
     }
 
     /// Nothing to claim: wait for a notification on one of our queues (read directly from the
-    /// subscription: no extra task hop), an acknowledgement flush, the next due task, the
-    /// fallback poll, or stop.
+    /// subscription: no extra task hop), an acknowledgement flush, the next due task, `wait`
+    /// (the fallback poll, or [`RECHECK`]), or stop.
     async fn idle_wait(
         &self,
         conn: &mut Option<Conn>,
         shared: &Shared,
         sub: &mut Subscription,
         shutdown: &mut watch::Receiver<bool>,
+        mut wait: Duration,
     ) {
-        let mut wait = self.settings.poll_interval;
         if let Some(c) = conn.as_ref() {
             let due = next_due_with(c, sql!("queue/next_due"), &self.queues).await;
             match due {
@@ -336,6 +349,13 @@ impl WorkerPool {
         }
     }
 }
+
+/// How soon a pool that has just registered as a waiter looks for work once more. An enqueue
+/// reads the waiters when its statement starts and commits (and NOTIFYs) when it ends: one that
+/// started before the registration was committed and committed after the pool's claim that
+/// followed it notifies nobody, and its task would wait for the poll. Enqueues take far less
+/// than this, so the second look finds it.
+const RECHECK: Duration = Duration::from_millis(100);
 
 /// How long a pool named as a wake-up's backup waits before it claims: long enough that the
 /// named pool has claimed the task when it is alive (about a millisecond), short enough that a
