@@ -25,7 +25,7 @@ pub enum TaskAction {
     /// [`retry`](crate::queue::retry).
     Retry,
     /// [`discard`](crate::queue::discard), with the reason "discarded in the operations console
-    /// by <actor>" (source `console`) or "discarded by <actor> (<source>)".
+    /// by `<actor>`" (source `console`) or "discarded by `<actor>` (`<source>`)".
     Discard,
 }
 

@@ -35,7 +35,7 @@ const PARK_BAD: chrono::TimeDelta = chrono::TimeDelta::minutes(1);
 /// other errors are logged and the tick retried.
 ///
 /// Between ticks it sleeps until the next fire of an enabled schedule (with none, until
-/// woken), at most [`SAFETY_POLL`]. `wake` (subscribe it to
+/// woken), at most `SAFETY_POLL` (one minute). `wake` (subscribe it to
 /// [`EventKind::SchedulesChanged`](crate::coord::notify::EventKind::SchedulesChanged) before
 /// the call, so nothing committed meanwhile is missed) ends the sleep at once: a schedule
 /// created or enabled on any instance gets its first fire computed without waiting.

@@ -134,7 +134,7 @@ async fn drain(db: &Db, opts: &MoveOptions) -> Result<Duration> {
     }
 }
 
-/// Move a tenant between shards of `client` (see the [module docs](self) for the steps).
+/// Move a tenant between shards of `client` (the steps: `docs/scaling.md`, "Moving a tenant").
 /// The client's routing map (and the routing file, when given) is switched at the end.
 ///
 /// Errors: [`Error::TenantNotRouted`] / [`Error::UnknownShard`] for a tenant or shard the map
