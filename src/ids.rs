@@ -222,7 +222,8 @@ uuid_id!(
 );
 uuid_id!(
     /// Identifies a worker pool of one instance: its rows in `pgcrew.queue_waiters` and the
-    /// wake-ups (`pgcrew_task_available`) that name it.
+    /// wake-ups that name it (on its instance's `pgcrew_wake_…` channel, see
+    /// [`wake_channel`](crate::coord::notify::wake_channel)).
     PoolId,
     "pool id"
 );

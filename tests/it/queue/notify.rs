@@ -74,26 +74,21 @@ async fn idle_pool_wakes_on_notify_and_stats_report_queues() {
 #[tokio::test]
 async fn saturated_pools_get_no_notifications_idle_ones_do() {
     let t = test_db().await;
-    // Count NOTIFYs on the wake-up channel from a separate LISTEN connection.
+    // Count NOTIFYs from a separate LISTEN connection: on the shared channel, and on the
+    // instance's own channel, where single enqueues name its pool.
     let (listener, driver, mut notes) = listen_task_available(&t).await;
+    let instance = pgcrew::InstanceId::new("saturated").unwrap();
+    listener
+        .batch_execute(&format!(
+            "LISTEN {}",
+            pgcrew::coord::notify::wake_channel(&instance)
+        ))
+        .await
+        .unwrap();
     let release = Arc::new(tokio::sync::Semaphore::new(0));
     let started = Arc::new(AtomicUsize::new(0));
-    let (rel, st) = (release.clone(), started.clone());
-    let pool = WorkerPool::builder()
-        .queue("busy")
-        .concurrency(1)
-        .poll_interval(Duration::from_secs(60))
-        .handler("block", move |_ctx, _p: serde_json::Value| {
-            let rel = rel.clone();
-            st.fetch_add(1, Ordering::SeqCst);
-            async move {
-                let _permit = rel.acquire().await;
-                Ok(TaskOutcome::Complete)
-            }
-        })
-        .build()
-        .unwrap();
-    let client = start_client(&t, "saturated", Some(pool), false).await;
+    let pool = blocking_pool("busy", 1, &started, &release);
+    let client = start_client(&t, instance.as_str(), Some(pool), false).await;
     // Idle: the pool registers as a waiter, and an enqueue wakes it through NOTIFY.
     let waiters = "SELECT count(*) FROM pgcrew.queue_waiters";
     wait_for(&t, &format!("{waiters} WHERE queue = 'busy'"))
@@ -102,7 +97,7 @@ async fn saturated_pools_get_no_notifications_idle_ones_do() {
         .await;
     let conn = t.db.get().await.unwrap();
     let what = "the blocking handler started";
-    enqueue_and_count_to(&conn, &task("block").queue("busy"), &started, 1, what).await;
+    enqueue_and_count_to(&conn, &task("k").queue("busy"), &started, 1, what).await;
     // Saturated (its one slot is blocked): it leaves the waiters, and enqueues send no NOTIFY.
     wait_for(&t, waiters)
         .within(Duration::from_secs(3))
@@ -113,7 +108,7 @@ async fn saturated_pools_get_no_notifications_idle_ones_do() {
         .is_ok()
     {}
     for _ in 0..20 {
-        queue::enqueue(&conn, &task("block").queue("busy"))
+        queue::enqueue(&conn, &task("k").queue("busy"))
             .await
             .unwrap();
     }
