@@ -24,6 +24,11 @@ async fn scale_out_reports_every_figure_and_drops_its_databases() {
             "vs_first",
             "wakeup_p50_ms",
             "wakeup_p99_ms",
+            // The plain-SQL floor, measured beside pgcrew with the same instances idle.
+            "floor_wakeup_p50_ms",
+            "floor_wakeup_p99_ms",
+            "floor_wakeup_seen_p50_ms",
+            "floor_wakeup_seen_p99_ms",
             "coordination_per_s",
             "coordination_per_instance_interval",
             "claim_p50_ms",

@@ -16,6 +16,7 @@ pub mod soak;
 pub mod tls;
 pub mod ui;
 pub mod waits;
+pub(crate) mod wake_floor;
 pub mod wire;
 
 use std::process::ExitCode;

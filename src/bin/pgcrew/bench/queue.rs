@@ -759,56 +759,18 @@ async fn wake_samples(
     Ok((samples, from_commit))
 }
 
-/// The wake-up loop with no pgcrew code on the path: a prepared INSERT that NOTIFYs in the same
-/// statement, a dedicated LISTEN connection, and a prepared one-row `SKIP LOCKED` claim on a
-/// third connection once the notification arrives. Milliseconds from the INSERT call to the
-/// claim's row.
+/// The wake-up loop with no pgcrew code on the path ([`super::wake_floor`]): milliseconds from
+/// the INSERT call, and from its return, to the claim's row.
 async fn raw_wakeups(db: &Db, args: &QueueBenchArgs) -> Result<(Vec<f64>, Vec<f64>)> {
-    let setup = db.get().await?;
-    setup
-        .batch_execute(pgcrew::sql!("bench/queue_raw_setup"))
-        .await?;
-    let (listener, driver, mut notes) = Db::connect_dedicated(db.config()).await?;
-    listener
-        .batch_execute(pgcrew::sql!("bench/queue_raw_listen"))
-        .await?;
-    let producer = db.get().await?;
-    let claimer = db.get().await?;
-    let insert = producer
-        .prepare(pgcrew::sql!("bench/queue_raw_insert"))
-        .await?;
-    let claim = claimer
-        .prepare(pgcrew::sql!("bench/queue_raw_claim"))
-        .await?;
+    let mut floor = super::wake_floor::WakeFloor::start(db).await?;
     let mut samples = Vec::with_capacity(args.wakeups);
     let mut from_commit = Vec::with_capacity(args.wakeups);
-    for i in 0..args.wakeups {
-        let payload = serde_json::json!({ "i": i });
-        let sent = Instant::now();
-        producer.query_one(&insert, &[&payload]).await?;
-        let committed = Instant::now();
-        loop {
-            match tokio::time::timeout(Duration::from_secs(10), notes.recv()).await {
-                Ok(Some(tokio_postgres::AsyncMessage::Notification(_))) => break,
-                Ok(Some(_)) => {}
-                _ => return Err(Error::Timeout(Duration::from_secs(10))),
-            }
-        }
-        let rows = claimer.query(&claim, &[]).await?;
-        if rows.len() != 1 {
-            return Err(Error::Config(format!(
-                "raw wake-up loop claimed {} rows instead of 1",
-                rows.len()
-            )));
-        }
-        samples.push(sent.elapsed().as_secs_f64() * 1000.0);
-        from_commit.push(committed.elapsed().as_secs_f64() * 1000.0);
+    for _ in 0..args.wakeups {
+        let s = floor.sample().await?;
+        samples.push(s.from_call_ms);
+        from_commit.push(s.from_commit_ms);
         tokio::time::sleep(args.wakeup_gap).await;
     }
-    drop(listener);
-    let _ = driver.await;
-    setup
-        .batch_execute(pgcrew::sql!("bench/queue_raw_teardown"))
-        .await?;
+    floor.stop().await?;
     Ok((samples, from_commit))
 }

@@ -3,7 +3,8 @@
 //! probe claiming through the benchmark's own connection) and the claim statement's time,
 //! coordination statements per second while idle (pg_stat_statements when the server loads it,
 //! else transactions from `pg_stat_database`), connections used, and leader failover time after
-//! `kill -9` of the leader.
+//! `kill -9` of the leader. Beside pgcrew's wake-up, the wake-up floor ([`super::wake_floor`])
+//! on the same database with the same instances idle, samples alternating.
 
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
@@ -77,6 +78,18 @@ pub struct ScaleOutRow {
     pub wakeup_seen_p50_ms: f64,
     /// Wake-up as the enqueuer sees it, p99, ms.
     pub wakeup_seen_p99_ms: f64,
+    /// The wake-up floor with the same instances idle on the same database (plain INSERT +
+    /// NOTIFY, one more LISTEN connection, plain one-row `SKIP LOCKED` claim; samples
+    /// alternating with pgcrew's): row created to claimed (database clock) p50, ms. Every
+    /// NOTIFY in a database wakes every backend LISTENing in it (PostgreSQL 15), whatever the
+    /// channel, so the instances' idle LISTEN connections slow the floor as they slow pgcrew.
+    pub floor_wakeup_p50_ms: f64,
+    /// The floor's created-to-claimed p99, ms.
+    pub floor_wakeup_p99_ms: f64,
+    /// The floor from the INSERT call to the claim's reply (client clock, no polling) p50, ms.
+    pub floor_wakeup_seen_p50_ms: f64,
+    /// The floor from the INSERT call to the claim's reply p99, ms.
+    pub floor_wakeup_seen_p99_ms: f64,
     /// Claim statements the instances sent per wake-up sample (pg_stat_statements over the
     /// wake-up phase, the samples' enqueues and reads left out): with every idle instance woken
     /// by each enqueue's NOTIFY, about one per instance (`null` without pg_stat_statements).
@@ -392,13 +405,26 @@ async fn claim_probe(
     Ok(times)
 }
 
-/// One task at a time into idle instances: created-to-claimed times (database clock) and
-/// enqueue-call-to-seen-claimed times (client clock), ms, each sorted.
-async fn wakeups(db: &Db, samples: usize) -> Result<(Vec<f64>, Vec<f64>)> {
+/// Wake-up samples, ms, each sorted: pgcrew's and, alternating with them on the same
+/// database while the same instances idle, the floor's ([`super::wake_floor`]).
+#[derive(Default)]
+struct Wakes {
+    /// pgcrew: task created to claimed (database clock).
+    created_to_claimed: Vec<f64>,
+    /// pgcrew: enqueue call to the benchmark's first read of the task as claimed.
+    seen: Vec<f64>,
+    /// The floor: row created to claimed (database clock).
+    floor: Vec<f64>,
+    /// The floor: INSERT call to the claim's reply (client clock).
+    floor_seen: Vec<f64>,
+}
+
+/// One task at a time into idle instances, each followed by one wake-up of the floor loop.
+async fn wakeups(db: &Db, samples: usize) -> Result<Wakes> {
     let task = NewTask::new(pgcrew::agent::demo::DEMO_NOOP, &serde_json::json!({}))?.queue(QUEUE);
     let conn = db.get().await?;
-    let mut out = Vec::with_capacity(samples);
-    let mut seen = Vec::with_capacity(samples);
+    let mut floor = super::wake_floor::WakeFloor::start(db).await?;
+    let mut w = Wakes::default();
     for _ in 0..samples {
         let called = Instant::now();
         let id = pgcrew::queue::enqueue(&conn, &task).await?.id;
@@ -407,9 +433,9 @@ async fn wakeups(db: &Db, samples: usize) -> Result<(Vec<f64>, Vec<f64>)> {
             let row = conn.query_one(WAKEUP, &[&id.0]).await?;
             let state: String = row.get(0);
             if state != "available" {
-                seen.push(called.elapsed().as_secs_f64() * 1000.0);
+                w.seen.push(called.elapsed().as_secs_f64() * 1000.0);
                 if let Some(ms) = row.get::<_, Option<f64>>(1) {
-                    out.push(ms);
+                    w.created_to_claimed.push(ms);
                 }
                 break;
             }
@@ -419,10 +445,26 @@ async fn wakeups(db: &Db, samples: usize) -> Result<(Vec<f64>, Vec<f64>)> {
             tokio::time::sleep(Duration::from_micros(500)).await;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
+        let f = floor.sample().await?;
+        w.floor.push(f.created_to_claimed_ms);
+        w.floor_seen.push(f.from_call_ms);
+        tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    out.sort_by(f64::total_cmp);
-    seen.sort_by(f64::total_cmp);
-    Ok((out, seen))
+    floor.stop().await?;
+    for v in [
+        &mut w.created_to_claimed,
+        &mut w.seen,
+        &mut w.floor,
+        &mut w.floor_seen,
+    ] {
+        v.sort_by(f64::total_cmp);
+    }
+    Ok(w)
+}
+
+/// Whether a statement is the wake-up floor's (left out of pgcrew's per-wake-up counts).
+fn is_floor(query: &str) -> bool {
+    query.contains("bench_wake_floor")
 }
 
 /// The server: the DSN, or a throwaway cluster (fsync on, pg_stat_statements loaded, 400
@@ -523,9 +565,10 @@ async fn measure(admin: &str, n: usize, args: &ScaleOutBenchArgs) -> Result<(Sca
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     reset(&db, pgss).await?;
-    let (wake, seen) = wakeups(&db, args.wakeups).await?;
+    let wakes = wakeups(&db, args.wakeups).await?;
     let (wakeup_claims_per_sample, wakeup_statements_per_sample) = if pgss {
-        let all = statements(&db).await?;
+        let mut all = statements(&db).await?;
+        all.retain(|s| !is_floor(&s.0));
         let samples = args.wakeups.max(1) as f64;
         let total: i64 = all.iter().map(|s| s.1).sum();
         let claims: i64 = all
@@ -601,10 +644,14 @@ async fn measure(admin: &str, n: usize, args: &ScaleOutBenchArgs) -> Result<(Sca
             vs_first: 1.0,
             wal_bytes_per_task,
             statements_per_task,
-            wakeup_p50_ms: percentile_ms(&wake, 0.5),
-            wakeup_p99_ms: percentile_ms(&wake, 0.99),
-            wakeup_seen_p50_ms: percentile_ms(&seen, 0.5),
-            wakeup_seen_p99_ms: percentile_ms(&seen, 0.99),
+            wakeup_p50_ms: percentile_ms(&wakes.created_to_claimed, 0.5),
+            wakeup_p99_ms: percentile_ms(&wakes.created_to_claimed, 0.99),
+            wakeup_seen_p50_ms: percentile_ms(&wakes.seen, 0.5),
+            wakeup_seen_p99_ms: percentile_ms(&wakes.seen, 0.99),
+            floor_wakeup_p50_ms: percentile_ms(&wakes.floor, 0.5),
+            floor_wakeup_p99_ms: percentile_ms(&wakes.floor, 0.99),
+            floor_wakeup_seen_p50_ms: percentile_ms(&wakes.floor_seen, 0.5),
+            floor_wakeup_seen_p99_ms: percentile_ms(&wakes.floor_seen, 0.99),
             wakeup_claims_per_sample,
             wakeup_statements_per_sample,
             claim_p50_ms: percentile_ms(&claims, 0.5),
@@ -726,6 +773,18 @@ pub async fn run(dsn: Option<String>, args: ScaleOutBenchArgs) -> Result<ExitCod
                 );
             }
         }
+        for row in &r.rows {
+            println!(
+                "{:>4} instances: wake-up floor (plain SQL, same instances idle) created to claimed p50 {:.2} ms, p99 {:.2} ms \
+                 (pgcrew p99 {:.2}x); INSERT call to claimed p50 {:.2} ms, p99 {:.2} ms",
+                row.instances,
+                row.floor_wakeup_p50_ms,
+                row.floor_wakeup_p99_ms,
+                row.wakeup_p99_ms / row.floor_wakeup_p99_ms,
+                row.floor_wakeup_seen_p50_ms,
+                row.floor_wakeup_seen_p99_ms
+            );
+        }
         Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
@@ -748,7 +807,26 @@ async fn probe_instance(db: &Db) -> Result<pgcrew::coord::instance::InstanceInfo
 
 #[cfg(test)]
 mod tests {
-    use super::classify;
+    use super::{classify, is_floor};
+
+    /// The floor's statements are told apart from pgcrew's, so the per-wake-up counts leave
+    /// them out (its claim is a `SKIP LOCKED` claim too).
+    #[test]
+    fn the_floors_statements_are_left_out_of_pgcrews_counts() {
+        for q in [
+            pgcrew::sql!("bench/wake_floor_insert"),
+            pgcrew::sql!("bench/wake_floor_claim"),
+        ] {
+            assert!(is_floor(q), "{q}");
+        }
+        for q in [
+            pgcrew::sql!("queue/claim_fast"),
+            pgcrew::sql!("queue/enqueue_simple"),
+            pgcrew::sql!("queue/claim"),
+        ] {
+            assert!(!is_floor(q), "{q}");
+        }
+    }
 
     /// Every statement an idle instance sends, by the class the report counts it in: the
     /// idle pool's claim and next-due read are polls, not coordination.
