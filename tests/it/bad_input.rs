@@ -540,4 +540,12 @@ async fn bench_sizes_out_of_range_are_refused_before_anything_is_created() {
     cli_refuses(&t, &["bench", "scale", "--batch", "0"], "--batch").await;
     cli_refuses(&t, &["bench", "scale", "--batch", "1001"], "--batch").await;
     cli_refuses(&t, &["bench", "scale", "--samples", "0"], "--samples").await;
+    for flag in [
+        "--subscribers",
+        "--notifications",
+        "--raw-samples",
+        "--rounds",
+    ] {
+        cli_refuses(&t, &["bench", "fanout", flag, "0"], flag).await;
+    }
 }

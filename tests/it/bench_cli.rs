@@ -60,20 +60,34 @@ async fn bench_agents_reports_runs_statements_and_bound() {
     assert_bench_database_dropped(&t, &stderr).await;
 }
 
-/// `pgcrew bench fanout` delivers every notification to every subscriber and reports the
-/// latencies beside a raw LISTEN's, their ratios and the instance's memory.
+/// `pgcrew bench fanout` delivers every notification to every subscriber in every round and
+/// reports the latencies beside a raw LISTEN's, their ratios (medians of the rounds, and each
+/// round's) and the instance's memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_fanout_reports_every_figure() {
-    let (t, v, stderr) = run_bench("fanout --subscribers 20 --notifications 10").await;
-    assert_eq!(v["deliveries"], 200, "{v}");
-    for f in [
+    let (t, v, stderr) =
+        run_bench("fanout --subscribers 20 --notifications 10 --raw-samples 30 --rounds 2").await;
+    assert_eq!(v["deliveries"], 400, "{v}");
+    assert_eq!(v["raw_samples"], 60, "{v}");
+    assert_eq!(v["rounds"], 2, "{v}");
+    let rounds = v["per_round"].as_array().expect("per_round");
+    assert_eq!(rounds.len(), 2, "{v}");
+    let fields = [
         "p50_us",
         "p99_us",
         "raw_p50_us",
         "raw_p99_us",
         "p50_ratio",
         "p99_ratio",
-    ] {
+    ];
+    for round in rounds {
+        assert_eq!(round["deliveries"], 200, "{round}");
+        assert_eq!(round["raw_samples"], 30, "{round}");
+        for f in fields {
+            positive(round, f);
+        }
+    }
+    for f in fields {
         positive(&v, f);
     }
     for f in ["idle_mib", "load_mib", "after_mib"] {

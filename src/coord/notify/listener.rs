@@ -39,7 +39,7 @@ pub(super) async fn run_listener(
             tokio::select! {
                 _ = tick.tick() => {
                     crate::telemetry::global().notifier_resyncs.inc();
-                    let _ = shared.tx.send(Event::Resync);
+                    shared.hub.publish(Event::Resync);
                 }
                 _ = shutdown.changed() => return,
             }
@@ -82,16 +82,14 @@ async fn listen_once(
     shutdown: &mut watch::Receiver<bool>,
     first: bool,
 ) -> ListenEnd {
-    // The connection's driver task parses and broadcasts each notification itself: one task
-    // hop from the socket to the subscribers.
-    let tx = shared.tx.clone();
+    // The connection's driver task parses each notification and publishes it into the hub
+    // itself: one task hop from the socket to the subscribers.
+    let hub = shared.hub.clone();
     let (client, mut driver) =
         match crate::db::connect_with_handler(&config.pg_config, move |msg| {
             if let tokio_postgres::AsyncMessage::Notification(n) = msg {
                 match Event::parse(n.channel(), n.payload()) {
-                    Some(ev) => {
-                        let _ = tx.send(ev);
-                    }
+                    Some(ev) => hub.publish(ev),
                     None => debug!(
                         channel = n.channel(),
                         payload = n.payload(),
@@ -136,7 +134,7 @@ async fn listen_once(
     }
     // After any (re)connect, state may have changed unseen.
     crate::telemetry::global().notifier_resyncs.inc();
-    let _ = shared.tx.send(Event::Resync);
+    shared.hub.publish(Event::Resync);
     let mut ping = tokio::time::interval(config.poll_interval);
     ping.tick().await;
     loop {

@@ -1,7 +1,8 @@
 //! LISTEN/NOTIFY fan-out.
 //!
 //! One dedicated connection per instance (outside the pool) LISTENs on every pgcrew channel and
-//! fans notifications out to any number of in-process subscribers. NOTIFY is only a wake-up:
+//! fans notifications out to any number of in-process subscribers (through the hub: one ring of
+//! recent events, one waker per subscriber). NOTIFY is only a wake-up:
 //! subscribers re-read state from the tables. When the LISTEN connection is lost the notifier
 //! reconnects with backoff, LISTENs again and emits [`Event::Resync`] so subscribers re-read
 //! everything they care about; a subscriber that falls behind also gets `Resync` instead of the
@@ -15,26 +16,32 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
-use tokio::sync::{broadcast, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_util::sync::ReusableBoxFuture;
-use tracing::debug;
 
 use crate::ids::RunId;
 
 mod event;
+mod hub;
 mod listener;
 
 pub use event::{CHANNELS, Event, EventKind, WAKE_CHANNEL_PREFIX, wake_channel};
 pub use listener::NotifierConfig;
 
 struct Shared {
-    tx: broadcast::Sender<Event>,
+    hub: Arc<hub::Hub>,
     reconnects: AtomicU64,
     connected: watch::Sender<bool>,
     /// The live LISTEN connection, shared with the client's coordination work (heartbeats and
     /// leader renewals run on it, so they need no connection of their own).
     session: watch::Sender<Option<Arc<tokio_postgres::Client>>>,
+}
+
+impl Drop for Shared {
+    /// The last handle that could publish is gone: subscribers end after the events left.
+    fn drop(&mut self) {
+        self.hub.close();
+    }
 }
 
 /// The per-instance notification hub. Cheap to clone.
@@ -46,7 +53,7 @@ pub struct Notifier {
 impl std::fmt::Debug for Notifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Notifier")
-            .field("subscribers", &self.shared.tx.receiver_count())
+            .field("subscribers", &self.shared.hub.subscribers())
             .finish()
     }
 }
@@ -71,12 +78,11 @@ impl Notifier {
     /// behind gets [`Event::Resync`]). It delivers nothing until a listener is spawned with
     /// [`Notifier::spawn_listener`] or events are [published](Notifier::publish).
     pub fn new(capacity: usize) -> Notifier {
-        let (tx, _) = broadcast::channel(capacity.max(16));
         let (connected, _) = watch::channel(false);
         let (session, _) = watch::channel(None);
         Notifier {
             shared: Arc::new(Shared {
-                tx,
+                hub: Arc::new(hub::Hub::new(capacity.max(16))),
                 reconnects: AtomicU64::new(0),
                 connected,
                 session,
@@ -98,18 +104,18 @@ impl Notifier {
 
     /// Deliver an event to local subscribers (as if it had been notified).
     pub fn publish(&self, event: Event) {
-        let _ = self.shared.tx.send(event);
+        self.shared.hub.publish(event);
     }
 
     /// Subscribe to the given kinds (`Resync` is always delivered). An empty slice means all.
     pub fn subscribe(&self, kinds: &[EventKind]) -> Subscription {
-        Subscription::new(self.shared.tx.subscribe(), kinds, None)
+        Subscription::new(self.shared.hub.subscribe(), kinds, None)
     }
 
     /// Subscribe to everything concerning one run (state changes and ledger events).
     pub fn subscribe_run(&self, run_id: RunId) -> Subscription {
         Subscription::new(
-            self.shared.tx.subscribe(),
+            self.shared.hub.subscribe(),
             &[EventKind::RunStateChanged, EventKind::RunEvent],
             Some(run_id),
         )
@@ -136,7 +142,7 @@ impl Notifier {
 
     /// Number of live subscribers.
     pub fn subscriber_count(&self) -> usize {
-        self.shared.tx.receiver_count()
+        self.shared.hub.subscribers()
     }
 
     /// How many times the LISTEN connection has been re-established.
@@ -173,22 +179,11 @@ impl Drop for CallbackHandle {
 
 /// A stream of events of the subscribed kinds. Dropping it unsubscribes.
 ///
-/// Filtering costs no allocation per event: the kinds are a bit set and the receive future's
-/// allocation is reused from one event to the next.
+/// Receiving costs no allocation and takes no lock another subscriber waits on (see the
+/// hub's module docs); filtering is a bit set test.
 pub struct Subscription {
-    recv: ReusableBoxFuture<'static, Received>,
+    cursor: hub::Cursor,
     filter: Filter,
-}
-
-/// What one receive gave, with the receiver back.
-type Received = (
-    std::result::Result<Event, broadcast::error::RecvError>,
-    broadcast::Receiver<Event>,
-);
-
-async fn receive(mut rx: broadcast::Receiver<Event>) -> Received {
-    let r = rx.recv().await;
-    (r, rx)
 }
 
 /// Which events a subscription passes.
@@ -229,9 +224,9 @@ impl std::fmt::Debug for Subscription {
 }
 
 impl Subscription {
-    fn new(rx: broadcast::Receiver<Event>, kinds: &[EventKind], run: Option<RunId>) -> Self {
+    fn new(cursor: hub::Cursor, kinds: &[EventKind], run: Option<RunId>) -> Self {
         Subscription {
-            recv: ReusableBoxFuture::new(receive(rx)),
+            cursor,
             filter: Filter::new(kinds, run),
         }
     }
@@ -246,16 +241,10 @@ impl Stream for Subscription {
     type Item = Event;
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
         loop {
-            let (result, rx) = std::task::ready!(self.recv.poll(cx));
-            self.recv.set(receive(rx));
-            match result {
-                Ok(ev) if self.filter.passes(&ev) => return Poll::Ready(Some(ev)),
-                Ok(_) => {}
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    debug!(missed = n, "subscriber lagged; resync");
-                    return Poll::Ready(Some(Event::Resync));
-                }
-                Err(broadcast::error::RecvError::Closed) => return Poll::Ready(None),
+            match std::task::ready!(self.cursor.poll_recv(cx)) {
+                Some(ev) if self.filter.passes(&ev) => return Poll::Ready(Some(ev)),
+                Some(_) => {}
+                None => return Poll::Ready(None),
             }
         }
     }

@@ -40,6 +40,14 @@ pub struct FanoutBenchArgs {
     /// Notifications sent (one at a time, each awaited by every subscriber).
     #[arg(long, default_value_t = 200)]
     pub notifications: usize,
+    /// Notifications timed on the single LISTEN connection beside it (its p99 is the ratio's
+    /// denominator: with 200 samples, the second slowest, which moved 230–490 µs between runs).
+    #[arg(long, default_value_t = 1000)]
+    pub raw_samples: usize,
+    /// Rounds (each the single LISTEN's samples, then the fan-out's, with new subscribers);
+    /// the report gives their medians. The in-process run has one.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: usize,
     /// No database: publish into a bare notifier (the in-process dispatch alone; for counting
     /// its instructions under callgrind).
     #[arg(long)]
@@ -54,7 +62,8 @@ pub struct FanoutBenchArgs {
     pub json: bool,
 }
 
-/// The figures printed.
+/// The figures printed: medians of the rounds (deliveries, seconds and raw samples summed,
+/// `max_us` the highest), each round's figures, and the instance process's memory.
 #[derive(Debug, serde::Serialize)]
 struct Report {
     /// NOTIFY call to a subscriber's receipt, through the instance's notifier.
@@ -64,12 +73,51 @@ struct Report {
     /// NOTIFY call to the receipt on one plain LISTEN connection, microseconds.
     raw_p50_us: f64,
     raw_p99_us: f64,
+    /// Notifications timed on the single LISTEN connection.
+    raw_samples: usize,
+    /// Median of the rounds' `p50_us / raw_p50_us`.
+    p50_ratio: f64,
+    /// Median of the rounds' `p99_us / raw_p99_us`.
+    p99_ratio: f64,
+    /// (max - min) / median of the rounds' p99 ratios.
+    p99_ratio_spread: f64,
+    rounds: usize,
+    per_round: Vec<Round>,
+    /// The instance process's resident memory over all rounds.
+    memory: crate::bench::Memory,
+}
+
+/// One round: the single LISTEN's samples, then the fan-out's, back to back.
+#[derive(Debug, serde::Serialize)]
+struct Round {
+    #[serde(flatten)]
+    delivery: Delivery,
+    max_us: f64,
+    raw_p50_us: f64,
+    raw_p99_us: f64,
+    raw_samples: usize,
     /// `p50_us / raw_p50_us`.
     p50_ratio: f64,
     /// `p99_us / raw_p99_us`.
     p99_ratio: f64,
-    /// The instance process's resident memory.
-    memory: crate::bench::Memory,
+}
+
+impl Round {
+    /// The round's figures from every delivery's latency `lat` (sent in `elapsed`) and the
+    /// single LISTEN's `raw` latencies, both sorted.
+    fn of(args: &FanoutBenchArgs, lat: &[Duration], elapsed: Duration, raw: &[Duration]) -> Round {
+        let delivery = Delivery::of(args, lat, elapsed);
+        let (raw50, raw99) = (percentile_us(raw, 50.0), percentile_us(raw, 99.0));
+        Round {
+            max_us: percentile_us(lat, 100.0),
+            raw_p50_us: raw50,
+            raw_p99_us: raw99,
+            raw_samples: raw.len(),
+            p50_ratio: delivery.p50_us / raw50,
+            p99_ratio: delivery.p99_us / raw99,
+            delivery,
+        }
+    }
 }
 
 /// What both runs (through the database, and in process) measure of the fan-out.
@@ -104,6 +152,8 @@ impl Default for FanoutBenchArgs {
         Self {
             subscribers: 1000,
             notifications: 200,
+            raw_samples: 1000,
+            rounds: 3,
             in_process: false,
             mutex_recording: false,
             json: false,
@@ -212,14 +262,17 @@ fn spawn_subscribers(
 
 /// Run the benchmark.
 pub async fn run(dsn: Option<String>, args: FanoutBenchArgs) -> Result<ExitCode> {
+    crate::bench::at_least_one(&[
+        ("--subscribers", args.subscribers as u64),
+        ("--notifications", args.notifications as u64),
+        ("--raw-samples", args.raw_samples as u64),
+        ("--rounds", args.rounds as u64),
+    ])?;
     if args.in_process {
         return run_in_process(args).await;
     }
     let bench = scratch_db(dsn).await?;
     let run_id = RunId::new();
-
-    // Raw: one plain LISTEN connection, no fan-out.
-    let raw = raw_latencies(&bench.dsn, run_id, args.notifications).await?;
 
     // pgcrew: one LISTEN connection per instance, N subscribers.
     let client = Client::connect(
@@ -232,58 +285,64 @@ pub async fn run(dsn: Option<String>, args: FanoutBenchArgs) -> Result<ExitCode>
         .notifier()
         .wait_connected(Duration::from_secs(5))
         .await;
-    let subs: Vec<Subscription> = (0..args.subscribers)
-        .map(|_| client.subscribe(&[EventKind::RunEvent]))
-        .collect();
     let conn = client.db().get().await?;
     let stmt = conn.prepare(NOTIFY_SQL).await?;
-    let (lat, elapsed, mut memory) = if args.mutex_recording {
-        mutex_recorded(subs, &args, |i| {
+    let mut memory = crate::bench::Memory::default();
+    let mut per_round = Vec::with_capacity(args.rounds);
+    for _ in 0..args.rounds {
+        // Raw: one plain LISTEN connection, no fan-out.
+        let raw = raw_latencies(&bench.dsn, run_id, args.raw_samples).await?;
+        let subs: Vec<Subscription> = (0..args.subscribers)
+            .map(|_| client.subscribe(&[EventKind::RunEvent]))
+            .collect();
+        let send = |i: usize| {
             let (conn, stmt) = (&conn, &stmt);
             async move {
                 conn.execute(stmt, &[&run_id.0, &(i as i64)]).await?;
                 Result::<()>::Ok(())
             }
-        })
-        .await?
-    } else {
-        let record = Arc::new(Record::new(args.subscribers, args.notifications));
-        let tasks = spawn_subscribers(subs, &record, args.notifications);
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let mut memory = crate::bench::Memory::idle();
-        let started = Instant::now();
-        for i in 0..args.notifications {
-            record.mark_sent(i);
-            conn.execute(&stmt, &[&run_id.0, &(i as i64)]).await?;
-            record.wait_all_seen().await;
-            memory.sample();
-        }
-        let elapsed = started.elapsed();
-        for t in tasks {
-            t.abort();
-        }
-        (record.latencies(), elapsed, memory)
-    };
+        };
+        let (lat, elapsed, mem) = if args.mutex_recording {
+            mutex_recorded(subs, &args, send).await?
+        } else {
+            atomics_recorded(subs, &args, send).await?
+        };
+        memory.merge(&mem);
+        per_round.push(Round::of(&args, &lat, elapsed, &raw));
+    }
     drop(conn);
     client.stop().await?;
     memory.finish();
-    let delivery = Delivery::of(&args, &lat, elapsed);
-    let (p50, p99) = (delivery.p50_us, delivery.p99_us);
-    let (raw50, raw99) = (percentile_us(&raw, 50.0), percentile_us(&raw, 99.0));
+    let m =
+        |f: fn(&Round) -> f64| crate::bench::median(&per_round.iter().map(f).collect::<Vec<_>>());
     let report = Report {
-        delivery,
-        max_us: percentile_us(&lat, 100.0),
-        raw_p50_us: raw50,
-        raw_p99_us: raw99,
-        p50_ratio: p50 / raw50,
-        p99_ratio: p99 / raw99,
+        delivery: Delivery {
+            subscribers: args.subscribers,
+            notifications: args.notifications,
+            deliveries: per_round.iter().map(|r| r.delivery.deliveries).sum(),
+            seconds: per_round.iter().map(|r| r.delivery.seconds).sum(),
+            p50_us: m(|r| r.delivery.p50_us),
+            p99_us: m(|r| r.delivery.p99_us),
+        },
+        max_us: per_round.iter().map(|r| r.max_us).fold(0.0, f64::max),
+        raw_p50_us: m(|r| r.raw_p50_us),
+        raw_p99_us: m(|r| r.raw_p99_us),
+        raw_samples: per_round.iter().map(|r| r.raw_samples).sum(),
+        p50_ratio: m(|r| r.p50_ratio),
+        p99_ratio: m(|r| r.p99_ratio),
+        p99_ratio_spread: crate::bench::spread(
+            &per_round.iter().map(|r| r.p99_ratio).collect::<Vec<_>>(),
+        ),
+        rounds: args.rounds,
+        per_round,
         memory,
     };
     crate::bench::print_report(args.json, &report, |r| {
         println!(
-            "fan-out: {} subscribers, {} notifications, {} deliveries in {:.2}s",
+            "fan-out: {} subscribers, {} notifications per round, {} rounds, {} deliveries in {:.2}s (medians of the rounds)",
             r.delivery.subscribers,
             r.delivery.notifications,
+            r.rounds,
             r.delivery.deliveries,
             r.delivery.seconds
         );
@@ -292,17 +351,59 @@ pub async fn run(dsn: Option<String>, args: FanoutBenchArgs) -> Result<ExitCode>
             r.delivery.p50_us, r.delivery.p99_us, r.max_us
         );
         println!(
-            "  raw single LISTEN latency:       p50 {:.0} us, p99 {:.0} us",
-            r.raw_p50_us, r.raw_p99_us
+            "  raw single LISTEN latency:       p50 {:.0} us, p99 {:.0} us ({} notifications)",
+            r.raw_p50_us, r.raw_p99_us, r.raw_samples
         );
         println!(
-            "  pgcrew / raw: p50 {:.2}x, p99 {:.2}x",
-            r.p50_ratio, r.p99_ratio
+            "  pgcrew / raw: p50 {:.2}x, p99 {:.2}x (spread of the p99 ratios {:.2})",
+            r.p50_ratio, r.p99_ratio, r.p99_ratio_spread
         );
+        for (i, round) in r.per_round.iter().enumerate() {
+            println!(
+                "  round {}: p50 {:.0} / {:.0} us, p99 {:.0} / {:.0} us: p50 {:.2}x, p99 {:.2}x",
+                i + 1,
+                round.delivery.p50_us,
+                round.raw_p50_us,
+                round.delivery.p99_us,
+                round.raw_p99_us,
+                round.p50_ratio,
+                round.p99_ratio
+            );
+        }
         println!("  {}", r.memory.line());
         Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The atomics recording (see the module doc): spawn the subscribers, then send notification
+/// `i` (`send(i)`) once every subscriber has seen the one before. Every delivery's latency,
+/// sorted, the time the notifications took and the process's memory.
+async fn atomics_recorded<F, Fut>(
+    subs: Vec<Subscription>,
+    args: &FanoutBenchArgs,
+    send: F,
+) -> Result<(Vec<Duration>, Duration, crate::bench::Memory)>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = Result<()>>,
+{
+    let record = Arc::new(Record::new(args.subscribers, args.notifications));
+    let tasks = spawn_subscribers(subs, &record, args.notifications);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut memory = crate::bench::Memory::idle();
+    let started = Instant::now();
+    for i in 0..args.notifications {
+        record.mark_sent(i);
+        send(i).await?;
+        record.wait_all_seen().await;
+        memory.sample();
+    }
+    let elapsed = started.elapsed();
+    for t in tasks {
+        t.abort();
+    }
+    Ok((record.latencies(), elapsed, memory))
 }
 
 /// `--mutex-recording`: the recording of the bench before issue #23's second pass, kept to
@@ -383,28 +484,14 @@ async fn run_in_process(args: FanoutBenchArgs) -> Result<ExitCode> {
             seq: i as i64,
         })
     };
-    let (lat, elapsed) = if args.mutex_recording {
-        let (lat, elapsed, _) = mutex_recorded(subs, &args, |i| {
-            publish(i);
-            std::future::ready(Result::<()>::Ok(()))
-        })
-        .await?;
-        (lat, elapsed)
+    let send = |i: usize| {
+        publish(i);
+        std::future::ready(Result::<()>::Ok(()))
+    };
+    let (lat, elapsed, _) = if args.mutex_recording {
+        mutex_recorded(subs, &args, send).await?
     } else {
-        let record = Arc::new(Record::new(args.subscribers, args.notifications));
-        let tasks = spawn_subscribers(subs, &record, args.notifications);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let started = Instant::now();
-        for i in 0..args.notifications {
-            record.mark_sent(i);
-            publish(i);
-            record.wait_all_seen().await;
-        }
-        let elapsed = started.elapsed();
-        for t in tasks {
-            t.abort();
-        }
-        (record.latencies(), elapsed)
+        atomics_recorded(subs, &args, send).await?
     };
     let report = Delivery::of(&args, &lat, elapsed);
     crate::bench::print_report(args.json, &report, |r| {
