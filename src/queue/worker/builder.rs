@@ -123,6 +123,15 @@ impl WorkerPoolBuilder {
         /// Fallback poll interval of an idle pool (default 1 s).
         poll_interval(d: Duration) => poll_interval = d;
 
+        /// How soon a pool that has just registered as a waiter looks for work once more,
+        /// whatever wakes it meanwhile (default 100 ms). An enqueue reads the waiters when its
+        /// statement starts and NOTIFYs when its transaction commits: one that read them before
+        /// the registration committed and commits after the claim that follows the
+        /// registration notifies nobody, and its task would wait for the poll. The second look
+        /// finds the tasks of such transactions that commit within this time; raise it when
+        /// tasks are enqueued inside longer transactions (one claim more per idle transition).
+        recheck_after(d: Duration) => recheck_after = d;
+
         /// Task heartbeat interval (default 5 s; keep it well under the client's
         /// `task_heartbeat_timeout`). Cancellation requests arrive at once through
         /// `pgcrew_task_cancel_requested`; this interval is their fallback if a notification
@@ -161,6 +170,7 @@ impl WorkerPoolBuilder {
         }
         for (field, d) in [
             ("poll_interval", self.settings.poll_interval),
+            ("recheck_after", self.settings.recheck_after),
             ("heartbeat_interval", self.settings.heartbeat_interval),
         ] {
             if d.is_zero() {
@@ -192,6 +202,43 @@ impl WorkerPool {
             run_leasing: HashMap::new(),
             settings: Settings::default(),
             error: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{TaskOutcome, WorkerPool, WorkerPoolBuilder};
+
+    /// A change to a builder.
+    type Set = fn(WorkerPoolBuilder) -> WorkerPoolBuilder;
+
+    fn builder() -> WorkerPoolBuilder {
+        WorkerPool::builder().handler("k", |_ctx, _p: serde_json::Value| async {
+            Ok(TaskOutcome::Complete)
+        })
+    }
+
+    /// Zero sizes and intervals are refused by name; the defaults build.
+    #[test]
+    fn zero_settings_are_refused_by_name() {
+        assert!(builder().build().is_ok());
+        let refused: [(&str, Set); 5] = [
+            ("concurrency", |b| b.concurrency(0)),
+            ("max_batch", |b| b.max_batch(0)),
+            ("poll_interval", |b| b.poll_interval(Duration::ZERO)),
+            ("recheck_after", |b| b.recheck_after(Duration::ZERO)),
+            ("heartbeat_interval", |b| {
+                b.heartbeat_interval(Duration::ZERO)
+            }),
+        ];
+        for (field, set) in refused {
+            match set(builder()).build() {
+                Err(e) => assert!(e.to_string().contains(field), "{field}: {e}"),
+                Ok(_) => panic!("{field} = 0 was accepted"),
+            }
         }
     }
 }

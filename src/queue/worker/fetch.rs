@@ -32,8 +32,10 @@ impl WorkerPool {
         let mut backoff = Duration::from_millis(50);
         // Whether this pool is registered in `pgcrew.queue_waiters` (so enqueues NOTIFY it).
         let mut waiting = false;
-        // Just registered: look again at this time (see [`RECHECK`]) unless a claim started
-        // after it already did.
+        // Just registered: look again at this time (the pool's `recheck_after`, see
+        // [`WorkerPoolBuilder::recheck_after`]) unless a claim started after it already did.
+        //
+        // [`WorkerPoolBuilder::recheck_after`]: super::WorkerPoolBuilder::recheck_after
         let mut recheck_at: Option<tokio::time::Instant> = None;
         // Which single-statement claim the next claim tries first, if any.
         let mut route = FastRoute::default();
@@ -111,7 +113,8 @@ impl WorkerPool {
                             // enqueued before the registration is not left to the poll.
                             waiting = self.set_waiting(ctx, &mut conn, true).await;
                             if waiting {
-                                recheck_at = Some(tokio::time::Instant::now() + RECHECK);
+                                recheck_at =
+                                    Some(tokio::time::Instant::now() + self.settings.recheck_after);
                                 continue;
                             }
                         }
@@ -285,7 +288,7 @@ impl WorkerPool {
 
     /// Nothing to claim: wait for a notification on one of our queues (read directly from the
     /// subscription: no extra task hop), an acknowledgement flush, the next due task, `wait`
-    /// (the fallback poll, or [`RECHECK`]), or stop.
+    /// (the fallback poll, or the second look after registering), or stop.
     async fn idle_wait(
         &self,
         conn: &mut Option<Conn>,
@@ -349,13 +352,6 @@ impl WorkerPool {
         }
     }
 }
-
-/// How soon a pool that has just registered as a waiter looks for work once more. An enqueue
-/// reads the waiters when its statement starts and commits (and NOTIFYs) when it ends: one that
-/// started before the registration was committed and committed after the pool's claim that
-/// followed it notifies nobody, and its task would wait for the poll. Enqueues take far less
-/// than this, so the second look finds it.
-const RECHECK: Duration = Duration::from_millis(100);
 
 /// How long a pool named as a wake-up's backup waits before it claims: long enough that the
 /// named pool has claimed the task when it is alive (about a millisecond), short enough that a

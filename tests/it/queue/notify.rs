@@ -371,6 +371,18 @@ fn blocking_pool(
     started: &Arc<AtomicUsize>,
     release: &Arc<tokio::sync::Semaphore>,
 ) -> Arc<WorkerPool> {
+    blocking_builder(queue, concurrency, started, release)
+        .build()
+        .unwrap()
+}
+
+/// [`blocking_pool`]'s builder, for a test that sets more.
+fn blocking_builder(
+    queue: &str,
+    concurrency: usize,
+    started: &Arc<AtomicUsize>,
+    release: &Arc<tokio::sync::Semaphore>,
+) -> pgcrew::queue::WorkerPoolBuilder {
     let (st, rel) = (started.clone(), release.clone());
     WorkerPool::builder()
         .queue(queue)
@@ -384,8 +396,6 @@ fn blocking_pool(
                 Ok(TaskOutcome::Complete)
             }
         })
-        .build()
-        .unwrap()
 }
 
 /// A wake-up names a pool and a backup. The named pool's instance was killed (`kill -9` of a
@@ -473,16 +483,19 @@ async fn a_named_pool_that_fills_up_hands_the_rest_to_the_other_waiters() {
 /// the pool had freed its slot, registered, claimed once more and been woken by its
 /// acknowledgement's flush (finding nothing each time: the task was not committed yet) notified
 /// nobody, and the task waited for the pool's poll (a minute here). A pool that has just
-/// registered looks once more 100 ms after. The test must commit within those 100 ms of the
-/// registration; on a loaded machine its own steps can take longer (it failed so in one CI
-/// run), so it runs on demand: `cargo test -- --ignored an_enqueue_racing`.
+/// registered looks once more `recheck_after` later (100 ms by default). The test commits a few
+/// milliseconds after the registration; the pool's second look is set 3 s out, so a loaded
+/// machine cannot make the commit miss it (at 100 ms it once did in CI). The task is claimed
+/// at that second look; without it, at the poll a minute later.
 #[tokio::test]
-#[ignore = "timing: commits within 100 ms of a pool's registration; run on a quiet machine"]
 async fn an_enqueue_racing_a_pools_registration_is_found_by_its_second_look() {
     let t = test_db().await;
     let started = Arc::new(AtomicUsize::new(0));
     let release = Arc::new(tokio::sync::Semaphore::new(0));
-    let pool = blocking_pool("race", 1, &started, &release);
+    let pool = blocking_builder("race", 1, &started, &release)
+        .recheck_after(Duration::from_secs(3))
+        .build()
+        .unwrap();
     let client = start_client(&t, "race", Some(pool), false).await;
     wait_waiters(&t, "race", 1).await;
     let conn = t.db.get().await.unwrap();
@@ -504,9 +517,11 @@ async fn an_enqueue_racing_a_pools_registration_is_found_by_its_second_look() {
     }
     tokio::time::sleep(Duration::from_millis(5)).await;
     tx.commit().await.unwrap();
-    wait_until(Duration::from_secs(5), "the racing task starts", || async {
-        started.load(Ordering::SeqCst) == 2
-    })
+    wait_until(
+        Duration::from_secs(15),
+        "the racing task starts",
+        || async { started.load(Ordering::SeqCst) == 2 },
+    )
     .await;
     release.add_permits(10);
     client.stop().await.unwrap();
