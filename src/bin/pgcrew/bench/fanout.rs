@@ -233,11 +233,15 @@ impl Record {
     }
 }
 
-/// Spawn the subscribers: each records every `RunEvent` it sees, until it has seen `n`.
+/// Spawn the subscribers: each records every `RunEvent` of `run` it sees, until it has seen
+/// `n`. (Events of other runs are not the round's: the single LISTEN's notifications, sent
+/// with another run id on the same channel, can still be arriving when a round's subscribers
+/// start.)
 fn spawn_subscribers(
     subs: Vec<Subscription>,
     record: &Arc<Record>,
     n: usize,
+    run: RunId,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     subs.into_iter()
         .enumerate()
@@ -247,7 +251,7 @@ fn spawn_subscribers(
                 let mut got = 0;
                 while got < n {
                     match sub.next().await {
-                        Some(Event::RunEvent { seq, .. }) => {
+                        Some(Event::RunEvent { run_id, seq }) if run_id == run => {
                             record.seen(seq as usize, j, Instant::now());
                             got += 1;
                         }
@@ -272,7 +276,9 @@ pub async fn run(dsn: Option<String>, args: FanoutBenchArgs) -> Result<ExitCode>
         return run_in_process(args).await;
     }
     let bench = scratch_db(dsn).await?;
-    let run_id = RunId::new();
+    // The single LISTEN's notifications carry a run id of their own: the client LISTENs on
+    // their channel too, and a round's subscribers record only the round's run.
+    let raw_run = RunId::new();
 
     // pgcrew: one LISTEN connection per instance, N subscribers.
     let client = Client::connect(
@@ -291,7 +297,8 @@ pub async fn run(dsn: Option<String>, args: FanoutBenchArgs) -> Result<ExitCode>
     let mut per_round = Vec::with_capacity(args.rounds);
     for _ in 0..args.rounds {
         // Raw: one plain LISTEN connection, no fan-out.
-        let raw = raw_latencies(&bench.dsn, run_id, args.raw_samples).await?;
+        let raw = raw_latencies(&bench.dsn, raw_run, args.raw_samples).await?;
+        let run_id = RunId::new();
         let subs: Vec<Subscription> = (0..args.subscribers)
             .map(|_| client.subscribe(&[EventKind::RunEvent]))
             .collect();
@@ -303,9 +310,9 @@ pub async fn run(dsn: Option<String>, args: FanoutBenchArgs) -> Result<ExitCode>
             }
         };
         let (lat, elapsed, mem) = if args.mutex_recording {
-            mutex_recorded(subs, &args, send).await?
+            mutex_recorded(subs, &args, run_id, send).await?
         } else {
-            atomics_recorded(subs, &args, send).await?
+            atomics_recorded(subs, &args, run_id, send).await?
         };
         memory.merge(&mem);
         per_round.push(Round::of(&args, &lat, elapsed, &raw));
@@ -382,6 +389,7 @@ pub async fn run(dsn: Option<String>, args: FanoutBenchArgs) -> Result<ExitCode>
 async fn atomics_recorded<F, Fut>(
     subs: Vec<Subscription>,
     args: &FanoutBenchArgs,
+    run: RunId,
     send: F,
 ) -> Result<(Vec<Duration>, Duration, crate::bench::Memory)>
 where
@@ -389,7 +397,7 @@ where
     Fut: std::future::Future<Output = Result<()>>,
 {
     let record = Arc::new(Record::new(args.subscribers, args.notifications));
-    let tasks = spawn_subscribers(subs, &record, args.notifications);
+    let tasks = spawn_subscribers(subs, &record, args.notifications, run);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let mut memory = crate::bench::Memory::idle();
     let started = Instant::now();
@@ -411,6 +419,7 @@ where
 async fn mutex_recorded<F, Fut>(
     subs: Vec<Subscription>,
     args: &FanoutBenchArgs,
+    run: RunId,
     send: F,
 ) -> Result<(Vec<Duration>, Duration, crate::bench::Memory)>
 where
@@ -429,7 +438,7 @@ where
             let mut got = 0;
             while got < n {
                 match sub.next().await {
-                    Some(Event::RunEvent { seq, .. }) => {
+                    Some(Event::RunEvent { run_id, seq }) if run_id == run => {
                         let now = Instant::now();
                         let sent = sent_at.lock().await.get(seq as usize).copied().flatten();
                         if let Some(s) = sent {
@@ -489,9 +498,9 @@ async fn run_in_process(args: FanoutBenchArgs) -> Result<ExitCode> {
         std::future::ready(Result::<()>::Ok(()))
     };
     let (lat, elapsed, _) = if args.mutex_recording {
-        mutex_recorded(subs, &args, send).await?
+        mutex_recorded(subs, &args, run_id, send).await?
     } else {
-        atomics_recorded(subs, &args, send).await?
+        atomics_recorded(subs, &args, run_id, send).await?
     };
     let report = Delivery::of(&args, &lat, elapsed);
     crate::bench::print_report(args.json, &report, |r| {
@@ -549,17 +558,23 @@ mod tests {
         let subs = (0..subscribers)
             .map(|_| notifier.subscribe(&[EventKind::RunEvent]))
             .collect();
-        let tasks = spawn_subscribers(subs, &record, notifications);
-        let run_id = RunId::new();
+        let (run_id, other) = (RunId::new(), RunId::new());
+        let tasks = spawn_subscribers(subs, &record, notifications, run_id);
         for i in 0..notifications {
             record.mark_sent(i);
-            // Other kinds are not recorded.
+            // Other kinds, and other runs' events (the single LISTEN's, in the bench), are not
+            // recorded.
             notifier.publish(Event::SchedulesChanged);
+            notifier.publish(Event::RunEvent {
+                run_id: other,
+                seq: i as i64,
+            });
             notifier.publish(Event::RunEvent {
                 run_id,
                 seq: i as i64,
             });
-            record.all_seen.notified().await;
+            let all = tokio::time::timeout(Duration::from_secs(5), record.all_seen.notified());
+            assert!(all.await.is_ok(), "notification {i} not seen by all");
             assert_eq!(record.seen[i].load(Ordering::Acquire), subscribers);
         }
         for t in tasks {
