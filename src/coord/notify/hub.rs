@@ -14,11 +14,14 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use futures_util::task::AtomicWaker;
 
 use super::Event;
+
+/// Wakers taken per hold of the slots' read lock when publishing.
+const WAKE_BATCH: usize = 32;
 
 /// The ring, the subscribers' wakers and whether the hub is closed.
 pub(super) struct Hub {
@@ -70,10 +73,31 @@ impl Hub {
         self.wake_all();
     }
 
+    /// Wake every waiting subscriber. The wakers are taken under the slots' read lock
+    /// [`WAKE_BATCH`] at a time and called with it released, so a waker that subscribes or
+    /// unsubscribes as it runs (the slots' write lock) cannot deadlock against this.
     fn wake_all(&self) {
-        let slots = self.slots.read().unwrap_or_else(PoisonError::into_inner);
-        for w in slots.wakers.iter().flatten() {
-            w.wake();
+        let mut next = 0;
+        loop {
+            let mut batch: [Option<Waker>; WAKE_BATCH] = Default::default();
+            let mut taken = 0;
+            let more = {
+                let slots = self.slots.read().unwrap_or_else(PoisonError::into_inner);
+                while taken < WAKE_BATCH && next < slots.wakers.len() {
+                    if let Some(w) = slots.wakers[next].as_ref().and_then(|w| w.take()) {
+                        batch[taken] = Some(w);
+                        taken += 1;
+                    }
+                    next += 1;
+                }
+                next < slots.wakers.len()
+            };
+            for w in batch.into_iter().flatten() {
+                w.wake();
+            }
+            if !more {
+                return;
+            }
         }
     }
 
@@ -249,6 +273,49 @@ mod tests {
         assert_eq!(behind.next().await, None);
         let ended = tokio::time::timeout(Duration::from_secs(5), waiter).await;
         assert!(matches!(ended, Ok(Ok(None))), "{ended:?}");
+    }
+
+    /// A waker that, as it is woken, drops the subscription it holds (unsubscribes).
+    struct Unsubscribes(std::sync::Mutex<Option<crate::coord::notify::Subscription>>);
+
+    impl std::task::Wake for Unsubscribes {
+        fn wake(self: std::sync::Arc<Self>) {
+            if let Ok(mut held) = self.0.lock() {
+                held.take();
+            }
+        }
+    }
+
+    /// Wakers are called with the slots' lock released: one that unsubscribes as it is woken
+    /// (taking that lock to write) does not deadlock the publisher.
+    #[test]
+    fn a_waker_that_unsubscribes_as_it_is_woken_does_not_block_the_publisher() {
+        use std::pin::Pin;
+        use std::sync::{Arc, Mutex};
+        use std::task::{Context, Waker};
+
+        use futures_util::Stream;
+
+        let notifier = Notifier::new(16);
+        let mut waiting = notifier.subscribe(&[]);
+        let held = notifier.subscribe(&[]);
+        let waker = Waker::from(Arc::new(Unsubscribes(Mutex::new(Some(held)))));
+        let mut cx = Context::from_waker(&waker);
+        assert!(Pin::new(&mut waiting).poll_next(&mut cx).is_pending());
+        let (done, published) = std::sync::mpsc::channel();
+        let publisher = notifier.clone();
+        std::thread::spawn(move || {
+            publisher.publish(ev(RunId::new(), 1));
+            let _ = done.send(());
+        });
+        if published.recv_timeout(Duration::from_secs(5)).is_err() {
+            // The publisher is stuck holding the slots' lock: leave alone what would take it,
+            // so the test fails rather than hangs.
+            std::mem::forget(waiting);
+            std::mem::forget(notifier);
+            panic!("publish did not return within 5 s: a waker ran under the slots' lock");
+        }
+        assert_eq!(notifier.subscriber_count(), 1);
     }
 
     /// A dropped subscription leaves: the count falls and its slot is taken by the next one,
