@@ -44,18 +44,21 @@ async fn wait_state(t: &TestDb, id: TaskId, state: TaskState, timeout: Duration,
     common::wait_until(timeout, what, || async { state_of(t, id).await == state }).await
 }
 
-/// A connection of its own listening on `pgcrew_task_available`, to see every wake-up NOTIFY
-/// whatever the pools do: (client, connection driver, notifications).
-async fn listen_task_available(
+/// A connection of its own listening on `pgcrew_task_available` and on `instance`'s wake
+/// channel (where single enqueues name its pools), to see every wake-up NOTIFY whatever the
+/// pools do: (client, connection driver, notifications).
+async fn listen_wake_ups(
     t: &TestDb,
+    instance: &pgcrew::InstanceId,
 ) -> (
     tokio_postgres::Client,
     tokio::task::JoinHandle<()>,
     tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::AsyncMessage>,
 ) {
     let (listener, driver, notes) = pgcrew::Db::connect_dedicated(t.db.config()).await.unwrap();
+    let wake = pgcrew::coord::notify::wake_channel(instance);
     listener
-        .batch_execute("LISTEN pgcrew_task_available")
+        .batch_execute(&format!("LISTEN pgcrew_task_available; LISTEN {wake}"))
         .await
         .unwrap();
     (listener, driver, notes)

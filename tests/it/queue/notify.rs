@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use pgcrew::queue::{self, NewTask, TaskOutcome, WorkerPool};
 
-use super::{listen_task_available, start_client};
+use super::{listen_wake_ups, start_client};
 use crate::common::{
     COMPLETED_TASKS, enqueued, register_instance, task, test_db, wait_for, wait_until,
 };
@@ -76,15 +76,8 @@ async fn saturated_pools_get_no_notifications_idle_ones_do() {
     let t = test_db().await;
     // Count NOTIFYs from a separate LISTEN connection: on the shared channel, and on the
     // instance's own channel, where single enqueues name its pool.
-    let (listener, driver, mut notes) = listen_task_available(&t).await;
     let instance = pgcrew::InstanceId::new("saturated").unwrap();
-    listener
-        .batch_execute(&format!(
-            "LISTEN {}",
-            pgcrew::coord::notify::wake_channel(&instance)
-        ))
-        .await
-        .unwrap();
+    let (listener, driver, mut notes) = listen_wake_ups(&t, &instance).await;
     let release = Arc::new(tokio::sync::Semaphore::new(0));
     let started = Arc::new(AtomicUsize::new(0));
     let pool = blocking_pool("busy", 1, &started, &release);
@@ -135,16 +128,9 @@ async fn saturated_pools_get_no_notifications_idle_ones_do() {
 #[tokio::test]
 async fn every_enqueue_path_notifies_waiting_queues_and_only_those() {
     let t = test_db().await;
-    let (listener, driver, mut notes) = listen_task_available(&t).await;
     let inst = register_instance(&t, "waiting").await;
     // Single enqueues name the waiting pool on its instance's own channel.
-    listener
-        .batch_execute(&format!(
-            "LISTEN {}",
-            pgcrew::coord::notify::wake_channel(&inst)
-        ))
-        .await
-        .unwrap();
+    let (listener, driver, mut notes) = listen_wake_ups(&t, &inst).await;
     let mut conn = t.db.get().await.unwrap();
     for q in ["w1", "w2"] {
         conn.execute(
