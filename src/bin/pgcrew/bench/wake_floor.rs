@@ -50,15 +50,10 @@ impl WakeFloor {
         listener
             .batch_execute(pgcrew::sql!("bench/wake_floor_listen"))
             .await?;
-        let mut drivers = vec![listen_driver];
-        let (producer, conn) = db.config().open().await?;
-        drivers.push(tokio::spawn(async move {
-            let _ = conn.await;
-        }));
-        let (claimer, conn) = db.config().open().await?;
-        drivers.push(tokio::spawn(async move {
-            let _ = conn.await;
-        }));
+        // Neither of these receives asynchronous messages: theirs are dropped.
+        let (producer, producer_driver, _) = Db::connect_dedicated(db.config()).await?;
+        let (claimer, claimer_driver, _) = Db::connect_dedicated(db.config()).await?;
+        let drivers = vec![listen_driver, producer_driver, claimer_driver];
         let insert = producer
             .prepare(pgcrew::sql!("bench/wake_floor_insert"))
             .await?;
