@@ -34,22 +34,34 @@
 -- It also returns the task's stored trace context (V027), so a tracing pool needs no second
 -- statement for tasks without a run.
 -- $1 queue, $2 limit, $3 claiming instance, $4 claim token.
-WITH t1 AS (
+-- One plan (issue #23). PostgreSQL plans a prepared statement for its values five times,
+-- then keeps its generic plan unless that looks costlier than those. This one looked
+-- costlier when the values gave better estimates (a short queue's share of the rows, a
+-- small LIMIT), or when the first calls saw a shorter queue than the generic plan did
+-- (the locking scan's LIMIT, unknown, is costed as a tenth of the queue): then it was
+-- planned on every call, ~0.5 ms each time, more than running it (6,300-6,450 plans in
+-- 7,170 calls of a `bench queue` round). So the queue is read through `arg`, unknown to
+-- every plan, and the locking scan is bounded by a constant LIMIT of 1,000 (a fast claim
+-- takes at most 1,000 tasks; the fetcher claims again for the rest): every plan costs the
+-- same, and the generic one is kept from the sixth call (test:
+-- queue::plans::fast_claims_keep_their_generic_plan).
+WITH arg AS MATERIALIZED (SELECT $1::text AS queue, $2::integer AS n),
+t1 AS (
     SELECT a.tenant_id FROM pgcrew.tasks a
-     WHERE a.state = 'available' AND a.queue = $1::text
+     WHERE a.state = 'available' AND a.queue = (SELECT arg.queue FROM arg)
      ORDER BY a.tenant_id DESC LIMIT 1),
 -- A delayed or retryable task of the queue is due: pgcrew.claim_tasks promotes it.
 due AS (
     SELECT s.run_at FROM pgcrew.tasks s
      WHERE s.state IN ('scheduled', 'retryable') AND s.pending_deps = 0
-       AND s.queue = $1 AND s.run_at <= now()
+       AND s.queue = (SELECT arg.queue FROM arg) AND s.run_at <= now()
      ORDER BY s.run_at LIMIT 1),
 -- Whether this path applies: one tenant has available work, nothing is due, no limit binds.
 ok AS (
     SELECT EXISTS (SELECT FROM t1)
        -- Another tenant has work: fair shares are pgcrew.claim_tasks's job.
        AND (SELECT o.tenant_id FROM pgcrew.tasks o
-             WHERE o.state = 'available' AND o.queue = $1
+             WHERE o.state = 'available' AND o.queue = (SELECT arg.queue FROM arg)
                AND o.tenant_id < (SELECT t1.tenant_id FROM t1)
              ORDER BY o.tenant_id DESC LIMIT 1) IS NULL
        AND NOT EXISTS (SELECT FROM due)
@@ -58,24 +70,31 @@ ok AS (
                         WHERE tn.id = (SELECT t1.tenant_id FROM t1)
                           AND tn.max_concurrent_tasks IS NOT NULL)
        AND NOT EXISTS (SELECT FROM pgcrew.tenant_queue_limits l
-                        WHERE l.tenant_id = (SELECT t1.tenant_id FROM t1) AND l.queue = $1)
+                        WHERE l.tenant_id = (SELECT t1.tenant_id FROM t1)
+                          AND l.queue = (SELECT arg.queue FROM arg))
        -- The queue (or a tenant of it) is paused, or it has a key limit or a rate limit, or
        -- some kind or tenant has a rate limit (V028; one row of pgcrew.claim_features, V031):
        -- pauses, keys and tokens are pgcrew.claim_tasks's job.
-       AND NOT EXISTS (SELECT FROM pgcrew.claim_features f WHERE f.queue IN ($1, ''))
+       AND NOT EXISTS (SELECT FROM pgcrew.claim_features f
+                        WHERE f.queue IN ((SELECT arg.queue FROM arg), ''))
        AS applies),
 claimed AS (
     UPDATE pgcrew.tasks t
        SET state = 'running', attempts = t.attempts + 1, claimed_by = $3::text,
            claim_token = $4::uuid, claimed_at = now(), heartbeat_at = now()
      WHERE t.id = ANY (ARRAY(
-        SELECT a.id FROM pgcrew.tasks a
-         WHERE a.state = 'available' AND a.queue = $1
-           AND a.tenant_id = (SELECT t1.tenant_id FROM t1)
-           AND (SELECT k.applies FROM ok k)
-         ORDER BY a.priority, a.run_at, a.id
-         LIMIT $2::integer
-         FOR UPDATE SKIP LOCKED))
+        -- The outer LIMIT takes the tasks from the locking scan one by one: only those it
+        -- takes are locked. The inner one, a constant, bounds what the planner expects the
+        -- scan to read (see `arg` above): at most 1,000 tasks per statement.
+        SELECT c.id FROM (
+            SELECT a.id FROM pgcrew.tasks a
+             WHERE a.state = 'available' AND a.queue = (SELECT arg.queue FROM arg)
+               AND a.tenant_id = (SELECT t1.tenant_id FROM t1)
+               AND (SELECT k.applies FROM ok k)
+             ORDER BY a.priority, a.run_at, a.id
+             LIMIT 1000
+             FOR UPDATE SKIP LOCKED) c
+         LIMIT (SELECT arg.n FROM arg)))
     RETURNING t.id, t.queue, t.kind, t.tenant_id, t.run_id, t.priority, t.payload, t.attempts,
               t.max_attempts, t.claim_token, t.run_at, t.created_at,
               (extract(epoch FROM (now() - t.run_at)) * 1000000)::bigint AS lag_us,

@@ -117,7 +117,9 @@ impl WorkerPoolBuilder {
         /// of holding up to that many tasks that another instance could have run.
         prefetch(n: usize) => prefetch = n;
 
-        /// Largest claim batch (default 100).
+        /// Largest claim batch (default 100). A single-queue pool's one-statement claim takes
+        /// at most 1,000 tasks a statement (a bound that keeps its plan cached); a larger batch
+        /// is claimed over several statements.
         max_batch(n: usize) => max_batch = n;
 
         /// Fallback poll interval of an idle pool (default 1 s).

@@ -6,6 +6,7 @@ mod crash;
 mod lifecycle;
 mod load;
 mod notify;
+mod plans;
 mod pool;
 mod sql;
 
