@@ -6,6 +6,7 @@
 //! (for 0.005 ms of work). Counted, not timed: `pg_prepared_statements` for the claims, the
 //! planner's statistics log lines for the acknowledgement.
 
+use pgcrew::queue;
 use tokio_postgres::AsyncMessage;
 
 use crate::common::{register_instance, test_db};
@@ -106,23 +107,14 @@ async fn acknowledgements_plan_nothing_once_warm() {
         )
         .await
         .unwrap();
+    let me = register_instance(&t, "w").await;
+    let queues = ["default".to_string()];
     let mut plans = Vec::new();
     for _ in 0..10 {
         // 50 tasks claimed (on another connection), as a worker pool's batch.
-        let row = conn
-            .query_one(
-                "WITH c AS (UPDATE pgcrew.tasks SET state = 'running', attempts = 1, \
-                                   claimed_by = 'w', claim_token = gen_random_uuid(), \
-                                   claimed_at = now(), heartbeat_at = now() \
-                             WHERE id IN (SELECT id FROM pgcrew.tasks WHERE state = 'available' \
-                                           ORDER BY id LIMIT 50) \
-                            RETURNING id, claim_token) \
-                 SELECT array_agg(id), array_agg(claim_token) FROM c",
-                &[],
-            )
-            .await
-            .unwrap();
-        let (ids, tokens): (Vec<i64>, Vec<uuid::Uuid>) = (row.get(0), row.get(1));
+        let claimed = queue::claim(&conn, &queues, 50, &me).await.unwrap();
+        let ids: Vec<i64> = claimed.iter().map(|c| c.id.0).collect();
+        let tokens: Vec<uuid::Uuid> = claimed.iter().map(|c| c.token.as_uuid()).collect();
         while notes.try_recv().is_ok() {}
         let acked: i64 = c.query_one(&ack, &[&ids, &tokens]).await.unwrap().get(0);
         assert_eq!(acked, 50);
