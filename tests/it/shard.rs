@@ -411,8 +411,8 @@ async fn shard_cli(args: &[&str], env: &[(&str, &str)]) -> (i32, String, String)
 /// that is down.
 #[tokio::test]
 async fn the_shard_cli_checks_and_moves_and_refuses_bad_input() {
-    let (_ca, sa, da) = shard_cluster(55470).await;
-    let (cb, sb, db) = shard_cluster(55471).await;
+    let (_ca, sa, da) = shard_cluster(5534).await;
+    let (cb, sb, db) = shard_cluster(5535).await;
     let acme = tenant(&da, "acme", &[], None).await;
     let run = finished_run(&da, &acme, 3).await;
     let head = runs::verify_run_chain(&da, run).await.unwrap().head_seq;
