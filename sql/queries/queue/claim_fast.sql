@@ -1,4 +1,5 @@
--- The worker pool's claim for a single queue, in one statement (no PL/pgSQL call), for the
+-- The worker pool's claim for a single queue, in one round trip (one statement in
+-- pgcrew.claim_fast, V048; not the general pgcrew.claim_tasks), for the
 -- common case: exactly one tenant has available work in the queue, it has no concurrency limit
 -- (tenant-wide or for this queue), the queue is not paused and has no key or rate limit, no
 -- kind or tenant has a rate limit (V028, through pgcrew.claim_features, V031), and no
@@ -34,75 +35,14 @@
 -- It also returns the task's stored trace context (V027), so a tracing pool needs no second
 -- statement for tasks without a run.
 -- $1 queue, $2 limit, $3 claiming instance, $4 claim token.
--- One plan (issue #23). PostgreSQL plans a prepared statement for its values five times,
--- then keeps its generic plan unless that looks costlier than those. This one looked
--- costlier when the values gave better estimates (a short queue's share of the rows, a
--- small LIMIT), or when the first calls saw a shorter queue than the generic plan did
--- (the locking scan's LIMIT, unknown, is costed as a tenth of the queue): then it was
--- planned on every call, ~0.5 ms each time, more than running it (6,300-6,450 plans in
--- 7,170 calls of a `bench queue` round). So the queue is read through `arg`, unknown to
--- every plan, and the locking scan is bounded by a constant LIMIT of 1,000 (a fast claim
--- takes at most 1,000 tasks; the fetcher claims again for the rest): every plan costs the
--- same, and the generic one is kept from the sixth call (test:
--- queue::plans::fast_claims_keep_their_generic_plan).
-WITH arg AS MATERIALIZED (SELECT $1::text AS queue, $2::integer AS n),
-t1 AS (
-    SELECT a.tenant_id FROM pgcrew.tasks a
-     WHERE a.state = 'available' AND a.queue = (SELECT arg.queue FROM arg)
-     ORDER BY a.tenant_id DESC LIMIT 1),
--- A delayed or retryable task of the queue is due: pgcrew.claim_tasks promotes it.
-due AS (
-    SELECT s.run_at FROM pgcrew.tasks s
-     WHERE s.state IN ('scheduled', 'retryable') AND s.pending_deps = 0
-       AND s.queue = (SELECT arg.queue FROM arg) AND s.run_at <= now()
-     ORDER BY s.run_at LIMIT 1),
--- Whether this path applies: one tenant has available work, nothing is due, no limit binds.
-ok AS (
-    SELECT EXISTS (SELECT FROM t1)
-       -- Another tenant has work: fair shares are pgcrew.claim_tasks's job.
-       AND (SELECT o.tenant_id FROM pgcrew.tasks o
-             WHERE o.state = 'available' AND o.queue = (SELECT arg.queue FROM arg)
-               AND o.tenant_id < (SELECT t1.tenant_id FROM t1)
-             ORDER BY o.tenant_id DESC LIMIT 1) IS NULL
-       AND NOT EXISTS (SELECT FROM due)
-       -- The tenant is limited: pgcrew.claim_tasks counts its running tasks under a lock.
-       AND NOT EXISTS (SELECT FROM pgcrew.tenants tn
-                        WHERE tn.id = (SELECT t1.tenant_id FROM t1)
-                          AND tn.max_concurrent_tasks IS NOT NULL)
-       AND NOT EXISTS (SELECT FROM pgcrew.tenant_queue_limits l
-                        WHERE l.tenant_id = (SELECT t1.tenant_id FROM t1)
-                          AND l.queue = (SELECT arg.queue FROM arg))
-       -- The queue (or a tenant of it) is paused, or it has a key limit or a rate limit, or
-       -- some kind or tenant has a rate limit (V028; one row of pgcrew.claim_features, V031):
-       -- pauses, keys and tokens are pgcrew.claim_tasks's job.
-       AND NOT EXISTS (SELECT FROM pgcrew.claim_features f
-                        WHERE f.queue IN ((SELECT arg.queue FROM arg), ''))
-       AS applies),
-claimed AS (
-    UPDATE pgcrew.tasks t
-       SET state = 'running', attempts = t.attempts + 1, claimed_by = $3::text,
-           claim_token = $4::uuid, claimed_at = now(), heartbeat_at = now()
-     WHERE t.id = ANY (ARRAY(
-        -- The outer LIMIT takes the tasks from the locking scan one by one: only those it
-        -- takes are locked. The inner one, a constant, bounds what the planner expects the
-        -- scan to read (see `arg` above): at most 1,000 tasks per statement.
-        SELECT c.id FROM (
-            SELECT a.id FROM pgcrew.tasks a
-             WHERE a.state = 'available' AND a.queue = (SELECT arg.queue FROM arg)
-               AND a.tenant_id = (SELECT t1.tenant_id FROM t1)
-               AND (SELECT k.applies FROM ok k)
-             ORDER BY a.priority, a.run_at, a.id
-             LIMIT 1000
-             FOR UPDATE SKIP LOCKED) c
-         LIMIT (SELECT arg.n FROM arg)))
-    RETURNING t.id, t.queue, t.kind, t.tenant_id, t.run_id, t.priority, t.payload, t.attempts,
-              t.max_attempts, t.claim_token, t.run_at, t.created_at,
-              (extract(epoch FROM (now() - t.run_at)) * 1000000)::bigint AS lag_us,
-              t.trace_context)
--- The claimed tasks; none claimed: one row of NULLs while the queue has work this path does
--- not take, no row otherwise.
-SELECT c.*
-  FROM (SELECT) AS one LEFT JOIN claimed c ON true
- WHERE c.id IS NOT NULL
-    OR (NOT (SELECT k.applies FROM ok k)
-        AND (EXISTS (SELECT FROM t1) OR EXISTS (SELECT FROM due)))
+-- One plan (issue #23). The queue is read through `arg`, and the locking scan is bounded by
+-- a constant LIMIT of 1,000 (a fast claim takes at most 1,000 tasks; the fetcher claims again
+-- for the rest), so no plan depends on the values (the 2026-11-30 pass; before, the values
+-- gave better estimates and it was planned on every call: 6,300-6,450 plans in 7,170 calls
+-- of a `bench queue` round, ~0.5 ms each). As a prepared statement of its own it could still
+-- fall into plans for the values for good once the statistics changed (V048 says how), so the
+-- statement is now the body of pgcrew.claim_fast, whose SET clause keeps its generic plan for
+-- the session (tests: queue::plans::fast_claims_keep_their_generic_plan,
+-- claims_are_not_planned_again_once_the_queue_changes).
+-- $1 queue, $2 limit, $3 claiming instance, $4 claim token.
+SELECT * FROM pgcrew.claim_fast($1::text, $2::integer, $3::text, $4::uuid)

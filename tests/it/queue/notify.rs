@@ -266,7 +266,7 @@ async fn claim_statements(db: &pgcrew::Db) -> (i64, i64) {
     let conn = db.get().await.unwrap();
     let row = conn
         .query_one(
-            "SELECT coalesce(sum(s.calls) FILTER (WHERE s.query LIKE '%claim_token = $4%'), 0)::bigint, \
+            "SELECT coalesce(sum(s.calls) FILTER (WHERE s.query LIKE '%pgcrew.claim_fast%'), 0)::bigint, \
                     coalesce(sum(s.calls) FILTER (WHERE s.query LIKE '%pgcrew.claim_tasks(%'), 0)::bigint \
                FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
               WHERE d.datname = current_database() AND s.query NOT LIKE '%pg_stat_statements%'",

@@ -3,8 +3,10 @@
 //! keeps the generic plan only if it does not look costlier than those. The fast claims and
 //! the acknowledgement's key-limit check looked costlier, so they were planned again on every
 //! call: ~0.5 ms for a claim (more than running it), ~0.16 ms for an acknowledgement's check
-//! (for 0.005 ms of work). Counted, not timed: `pg_prepared_statements` for the claims, the
-//! planner's statistics log lines for the acknowledgement.
+//! (for 0.005 ms of work). A claim could also fall into plans made for its values for good
+//! once the statistics changed (V048): the claims' statements now run in PL/pgSQL functions
+//! that keep their generic plans. Counted, not timed: `pg_prepared_statements` for the
+//! prepared statements, the planner's statistics log lines for everything a call plans.
 
 use pgcrew::queue;
 use tokio_postgres::AsyncMessage;
@@ -22,6 +24,8 @@ const SEED: &str = "INSERT INTO pgcrew.tasks (queue, kind, payload) \
 /// five calls are planned for their values (as every prepared statement's); from the sixth the
 /// generic plan is used. Before, every call was planned: the values gave better estimates, or
 /// the generic plan, costed on the long queue, looked dearer than the first calls' plans.
+/// (Since V048 the statements prepared are calls of `pgcrew.claim_fast` and
+/// `claim_fast_limited`; what those plan is counted by the next test.)
 #[tokio::test]
 async fn fast_claims_keep_their_generic_plan() {
     let t = test_db().await;
@@ -85,6 +89,101 @@ async fn fast_claims_keep_their_generic_plan() {
         .await
         .unwrap();
     assert_eq!(claimed.len(), 1000);
+}
+
+/// The plan cache's trap (V048): a claim prepared while the queue was empty, then run once
+/// the statistics show a table full of other queues' work, then again once those are gone.
+/// As a prepared statement of its own the claim went over to plans made for its values in the
+/// second step (the generic plan, built then, cost more than the empty queue's plans) and
+/// never came back, since the cache costs a generic plan again only when it builds one: every
+/// claim of the third step was planned (~0.5 ms each on a wake-up's path). Now each statement
+/// of the claim is planned only when its plan is invalidated (the first call after an
+/// ANALYZE). Counted from the planner's statistics lines, both claims, prepared with the
+/// types a worker pool's fetcher gives them.
+#[tokio::test]
+async fn claims_are_not_planned_again_once_the_queue_changes() {
+    use tokio_postgres::types::Type;
+
+    let t = test_db().await;
+    let conn = t.db.get().await.unwrap();
+    let me = register_instance(&t, "w").await;
+    let (c, _driver, mut notes) = pgcrew::Db::connect_dedicated(t.db.config()).await.unwrap();
+    c.batch_execute("SET log_planner_stats = on; SET client_min_messages = log")
+        .await
+        .unwrap();
+    for (name, sql) in [
+        (
+            "claim_fast",
+            include_str!("../../../sql/queries/queue/claim_fast.sql"),
+        ),
+        (
+            "claim_fast_limited",
+            include_str!("../../../sql/queries/queue/claim_fast_limited.sql"),
+        ),
+    ] {
+        conn.batch_execute("DELETE FROM pgcrew.tasks; ANALYZE pgcrew.tasks")
+            .await
+            .unwrap();
+        let stmt = c
+            .prepare_typed(sql, &[Type::TEXT, Type::INT4, Type::TEXT, Type::UUID])
+            .await
+            .unwrap();
+        let mut claim = async || {
+            while notes.try_recv().is_ok() {}
+            let token = uuid::Uuid::new_v4();
+            let rows = c
+                .query(&stmt, &[&"default", &100i32, &me.as_str(), &token])
+                .await
+                .unwrap();
+            let mut planned = 0;
+            while let Ok(m) = notes.try_recv() {
+                if matches!(&m, AsyncMessage::Notice(n) if n.message() == "PLANNER STATISTICS") {
+                    planned += 1;
+                }
+            }
+            (rows.len(), planned)
+        };
+        // 1. The pool's first claims, of an empty queue.
+        let mut first = 0;
+        for _ in 0..6 {
+            first += claim().await.1;
+        }
+        assert!(
+            first > 0,
+            "{name}: no planning reported at all: the test does not see the planner's log lines"
+        );
+        // 2. Other queues' work fills the table and the statistics show it.
+        conn.batch_execute(
+            "INSERT INTO pgcrew.tasks (queue, kind, payload) \
+               SELECT 'q' || (g % 50), 'k', '{}' FROM generate_series(1, 20000) g; \
+             ANALYZE pgcrew.tasks",
+        )
+        .await
+        .unwrap();
+        for _ in 0..2 {
+            claim().await;
+        }
+        // 3. It is gone again; one task at a time arrives and is claimed, as wake-ups.
+        conn.batch_execute("DELETE FROM pgcrew.tasks; ANALYZE pgcrew.tasks")
+            .await
+            .unwrap();
+        let mut plans = Vec::new();
+        for _ in 0..10 {
+            conn.batch_execute(
+                "INSERT INTO pgcrew.tasks (queue, kind, payload) VALUES ('default', 'k', '{}')",
+            )
+            .await
+            .unwrap();
+            let (claimed, planned) = claim().await;
+            assert_eq!(claimed, 1, "{name}");
+            plans.push(planned);
+        }
+        assert_eq!(
+            plans[2..],
+            [0; 8],
+            "{name}: statements planned per wake-up claim, call by call: {plans:?}"
+        );
+    }
 }
 
 /// An acknowledgement of a queue without key limits, once its session has made its plans,

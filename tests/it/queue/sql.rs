@@ -372,7 +372,8 @@ async fn fast_claim_probes_stay_on_indexes_whatever_the_statistics() {
     )
     .await
     .unwrap();
-    let claim_fast = include_str!("../../../sql/queries/queue/claim_fast.sql");
+    // The statement in pgcrew.claim_fast; the function itself plans it generically (V048).
+    let claim_fast = claim_fast_statement(&conn).await;
     for mode in ["force_generic_plan", "force_custom_plan"] {
         conn.batch_execute(&format!(
             "SET plan_cache_mode = {mode}; \
@@ -404,7 +405,10 @@ async fn fast_claim_probes_stay_on_indexes_whatever_the_statistics() {
     let me = register_instance(&t, "w").await;
     let token = uuid::Uuid::new_v4();
     let rows = conn
-        .query(claim_fast, &[&"default", &10i32, &me.as_str(), &token])
+        .query(
+            include_str!("../../../sql/queries/queue/claim_fast.sql"),
+            &[&"default", &10i32, &me.as_str(), &token],
+        )
         .await
         .unwrap();
     assert_eq!(rows.len(), 1);
@@ -438,7 +442,8 @@ async fn fast_claim_probes_skip_the_entries_of_claimed_tasks() {
     let me = register_instance(&t, "w").await;
     let claim_fast = include_str!("../../../sql/queries/queue/claim_fast.sql");
     // A first claim marks the claimed tasks' entries dead (as the pool's claims do), then a
-    // second one is measured, rolled back.
+    // second one is measured, rolled back: the statement in pgcrew.claim_fast (V048), whose
+    // plan the call's EXPLAIN does not show.
     let token = uuid::Uuid::new_v4();
     let rows = conn
         .query(claim_fast, &[&"default", &100i32, &me.as_str(), &token])
@@ -446,7 +451,10 @@ async fn fast_claim_probes_skip_the_entries_of_claimed_tasks() {
         .unwrap();
     assert_eq!(rows.len(), 100);
     conn.batch_execute("BEGIN").await.unwrap();
-    let explain = format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {claim_fast}");
+    let explain = format!(
+        "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}",
+        claim_fast_statement(&conn).await
+    );
     let plan: serde_json::Value = conn
         .query_one(&explain, &[&"default", &100i32, &me.as_str(), &token])
         .await
@@ -583,4 +591,27 @@ async fn running_index_reads(c: &tokio_postgres::Client) -> i64 {
     .await
     .unwrap()
     .get(0)
+}
+
+/// The statement `pgcrew.claim_fast` runs (V048), as the database holds it, with the
+/// function's arguments turned back into parameters `$1`-`$4`: what its plans are read from.
+async fn claim_fast_statement(conn: &pgcrew::db::Conn) -> String {
+    let src: String = conn
+        .query_one(
+            "SELECT prosrc FROM pg_proc WHERE oid = 'pgcrew.claim_fast'::regproc",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    let start = src
+        .find("RETURN QUERY")
+        .expect("RETURN QUERY in pgcrew.claim_fast")
+        + 12;
+    let end = src.rfind("END").expect("END in pgcrew.claim_fast");
+    let body = src[start..end].trim().trim_end_matches(';');
+    body.replace("p_queue", "$1::text")
+        .replace("p_limit", "$2::integer")
+        .replace("p_instance", "$3::text")
+        .replace("p_token", "$4::uuid")
 }

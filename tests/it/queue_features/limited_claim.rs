@@ -535,8 +535,7 @@ async fn a_limited_claim_writes_each_limit_row_once() {
         (row.get::<_, i64>(0), row.get::<_, i64>(1))
     };
     let (limited_calls, limited_wal) = wal("that has a rate limit or a key limit (V035)").await;
-    let (plain_calls, plain_wal) =
-        wal("claim for a single queue, in one statement (no PL/pgSQL call)").await;
+    let (plain_calls, plain_wal) = wal("claim for a single queue, in one round trip").await;
     eprintln!(
         "WAL records per claim of one task: limited {:.2}, plain {:.2}",
         limited_wal as f64 / limited_calls as f64,

@@ -553,7 +553,11 @@ async fn measure(admin: &str, n: usize, args: &ScaleOutBenchArgs) -> Result<(Sca
         let calls: i64 = all.iter().map(|s| s.1).sum();
         let claim = all
             .into_iter()
-            .filter(|s| s.0.to_ascii_lowercase().contains("skip locked"))
+            .filter(|s| {
+                // The fast claims run in `pgcrew.claim_fast` / `claim_fast_limited` (V048).
+                let q = s.0.to_ascii_lowercase();
+                q.contains("skip locked") || q.contains("pgcrew.claim_fast")
+            })
             .max_by_key(|s| s.1);
         (
             claim.as_ref().map(|s| s.4),
@@ -575,7 +579,10 @@ async fn measure(admin: &str, n: usize, args: &ScaleOutBenchArgs) -> Result<(Sca
             .iter()
             .filter(|s| {
                 let q = s.0.to_ascii_lowercase();
-                (q.contains("skip locked") || q.contains("claim_tasks("))
+                // The fast claims run in `pgcrew.claim_fast` / `claim_fast_limited` (V048).
+                (q.contains("skip locked")
+                    || q.contains("claim_tasks(")
+                    || q.contains("pgcrew.claim_fast"))
                     && !q.contains("due_in_us")
             })
             .map(|s| s.1)
