@@ -10,7 +10,7 @@
 -- it compared their cost with that stale generic cost, which it computes again only when it
 -- builds a generic plan, which it no longer did. Every claim was then planned: ~0.5 ms of
 -- planning (more than running it) on the path of every wake-up. Seen in `pgcrew bench
--- queue`: 4,000-4,800 plans in 6,000 wake-up claims in some runs, in others none (which
+-- queue`: 3,967-5,368 plans in 6,001 wake-up claims in some runs, in others 1 and 53 (which
 -- runs fell in depended on when the statistics changed). The plan does not depend on the
 -- values (the queue is read through `arg`, the locking scan is bounded by a constant), so the
 -- generic one is always right: a PL/pgSQL function keeps its statements' plans for the
