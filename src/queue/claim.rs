@@ -78,9 +78,8 @@ impl ClaimedTask {
 /// A claim on a single queue first runs a one-round-trip fast path (`pgcrew.claim_fast`,
 /// V048) that applies when exactly one tenant has work there, without a concurrency limit, and
 /// no delayed or retryable task of the queue is due; when it does not apply,
-/// `pgcrew.claim_tasks` runs,
-/// which shares the batch fairly, holds limits and promotes due tasks. Both claim the same tasks
-/// in the same order.
+/// `pgcrew.claim_tasks` runs, which shares the batch fairly, holds limits and promotes due
+/// tasks. Both claim the same tasks in the same order.
 #[instrument(skip(client, queues), fields(limit), err)]
 pub async fn claim<E: Executor + ?Sized>(
     client: &E,

@@ -13,6 +13,39 @@ use tokio_postgres::AsyncMessage;
 
 use crate::common::{register_instance, test_db};
 
+/// The two single-statement claims (calls of `pgcrew.claim_fast` and `claim_fast_limited`
+/// since V048), by name.
+const CLAIMS: [(&str, &str); 2] = [
+    (
+        "claim_fast",
+        include_str!("../../../sql/queries/queue/claim_fast.sql"),
+    ),
+    (
+        "claim_fast_limited",
+        include_str!("../../../sql/queries/queue/claim_fast_limited.sql"),
+    ),
+];
+
+/// The session's messages: every planning of one of its statements arrives as a LOG line
+/// (`log_planner_stats`, `client_min_messages = log`).
+type Notes = tokio::sync::mpsc::UnboundedReceiver<AsyncMessage>;
+
+/// Forget what the session has reported so far.
+fn drain(notes: &mut Notes) {
+    while notes.try_recv().is_ok() {}
+}
+
+/// Statements planned since the last look: the planner's statistics lines among the messages.
+fn planned(notes: &mut Notes) -> usize {
+    let mut n = 0;
+    while let Ok(m) = notes.try_recv() {
+        if matches!(&m, AsyncMessage::Notice(notice) if notice.message() == "PLANNER STATISTICS") {
+            n += 1;
+        }
+    }
+    n
+}
+
 /// Available tasks of queue `default`, a long queue as the plan cache saw it under load.
 const SEED: &str = "INSERT INTO pgcrew.tasks (queue, kind, payload) \
                       SELECT 'default', 'k', jsonb_build_object('i', g) \
@@ -32,16 +65,7 @@ async fn fast_claims_keep_their_generic_plan() {
     let conn = t.db.get().await.unwrap();
     let me = register_instance(&t, "w").await;
     let (c, _driver, _notes) = pgcrew::Db::connect_dedicated(t.db.config()).await.unwrap();
-    for (name, sql) in [
-        (
-            "claim_fast",
-            include_str!("../../../sql/queries/queue/claim_fast.sql"),
-        ),
-        (
-            "claim_fast_limited",
-            include_str!("../../../sql/queries/queue/claim_fast_limited.sql"),
-        ),
-    ] {
+    for (name, sql) in CLAIMS {
         conn.batch_execute(
             "DELETE FROM pgcrew.tasks; \
              INSERT INTO pgcrew.tasks (queue, kind) SELECT 'default', 'k' FROM generate_series(1, 20); \
@@ -111,16 +135,7 @@ async fn claims_are_not_planned_again_once_the_queue_changes() {
     c.batch_execute("SET log_planner_stats = on; SET client_min_messages = log")
         .await
         .unwrap();
-    for (name, sql) in [
-        (
-            "claim_fast",
-            include_str!("../../../sql/queries/queue/claim_fast.sql"),
-        ),
-        (
-            "claim_fast_limited",
-            include_str!("../../../sql/queries/queue/claim_fast_limited.sql"),
-        ),
-    ] {
+    for (name, sql) in CLAIMS {
         conn.batch_execute("DELETE FROM pgcrew.tasks; ANALYZE pgcrew.tasks")
             .await
             .unwrap();
@@ -129,19 +144,13 @@ async fn claims_are_not_planned_again_once_the_queue_changes() {
             .await
             .unwrap();
         let mut claim = async || {
-            while notes.try_recv().is_ok() {}
+            drain(&mut notes);
             let token = uuid::Uuid::new_v4();
             let rows = c
                 .query(&stmt, &[&"default", &100i32, &me.as_str(), &token])
                 .await
                 .unwrap();
-            let mut planned = 0;
-            while let Ok(m) = notes.try_recv() {
-                if matches!(&m, AsyncMessage::Notice(n) if n.message() == "PLANNER STATISTICS") {
-                    planned += 1;
-                }
-            }
-            (rows.len(), planned)
+            (rows.len(), planned(&mut notes))
         };
         // 1. The pool's first claims, of an empty queue.
         let mut first = 0;
@@ -214,16 +223,10 @@ async fn acknowledgements_plan_nothing_once_warm() {
         let claimed = queue::claim(&conn, &queues, 50, &me).await.unwrap();
         let ids: Vec<i64> = claimed.iter().map(|c| c.id.0).collect();
         let tokens: Vec<uuid::Uuid> = claimed.iter().map(|c| c.token.as_uuid()).collect();
-        while notes.try_recv().is_ok() {}
+        drain(&mut notes);
         let acked: i64 = c.query_one(&ack, &[&ids, &tokens]).await.unwrap().get(0);
         assert_eq!(acked, 50);
-        let mut planned = 0;
-        while let Ok(m) = notes.try_recv() {
-            if matches!(&m, AsyncMessage::Notice(n) if n.message() == "PLANNER STATISTICS") {
-                planned += 1;
-            }
-        }
-        plans.push(planned);
+        plans.push(planned(&mut notes));
     }
     assert!(
         plans[..5].iter().sum::<usize>() > 0,

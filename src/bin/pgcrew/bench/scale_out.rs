@@ -462,6 +462,13 @@ async fn wakeups(db: &Db, samples: usize) -> Result<Wakes> {
     Ok(w)
 }
 
+/// Whether `q` (lower case) is a `SKIP LOCKED` claim: the wake-up floor's, or a worker
+/// pool's single-statement claim, which runs in `pgcrew.claim_fast` / `claim_fast_limited`
+/// (V048).
+fn is_fast_claim(q: &str) -> bool {
+    q.contains("skip locked") || q.contains("pgcrew.claim_fast")
+}
+
 /// Whether a statement is the wake-up floor's (left out of pgcrew's per-wake-up counts).
 fn is_floor(query: &str) -> bool {
     query.contains("bench_wake_floor")
@@ -553,11 +560,7 @@ async fn measure(admin: &str, n: usize, args: &ScaleOutBenchArgs) -> Result<(Sca
         let calls: i64 = all.iter().map(|s| s.1).sum();
         let claim = all
             .into_iter()
-            .filter(|s| {
-                // The fast claims run in `pgcrew.claim_fast` / `claim_fast_limited` (V048).
-                let q = s.0.to_ascii_lowercase();
-                q.contains("skip locked") || q.contains("pgcrew.claim_fast")
-            })
+            .filter(|s| is_fast_claim(&s.0.to_ascii_lowercase()))
             .max_by_key(|s| s.1);
         (
             claim.as_ref().map(|s| s.4),
@@ -579,11 +582,7 @@ async fn measure(admin: &str, n: usize, args: &ScaleOutBenchArgs) -> Result<(Sca
             .iter()
             .filter(|s| {
                 let q = s.0.to_ascii_lowercase();
-                // The fast claims run in `pgcrew.claim_fast` / `claim_fast_limited` (V048).
-                (q.contains("skip locked")
-                    || q.contains("claim_tasks(")
-                    || q.contains("pgcrew.claim_fast"))
-                    && !q.contains("due_in_us")
+                (is_fast_claim(&q) || q.contains("claim_tasks(")) && !q.contains("due_in_us")
             })
             .map(|s| s.1)
             .sum();
