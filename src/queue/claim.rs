@@ -110,13 +110,6 @@ impl Default for FastRoute {
     }
 }
 
-impl FastRoute {
-    /// Claim with `pgcrew.claim_tasks` only (this time).
-    pub(crate) fn disable(&mut self) {
-        self.enabled = false;
-    }
-}
-
 /// The fast path first for a single queue while `route` says so, then (when it stepped aside)
 /// `pgcrew.claim_tasks`. Both fast statements tell "no work for any claim" from "work this
 /// path does not take": no row, the queue has no work (for the plain statement also: every

@@ -1,4 +1,4 @@
-//! Smoke tests of `pgcrew bench agents` and `pgcrew bench fanout` at small sizes: they run end
+//! Smoke tests of `pgcrew bench agents`, `fanout` and `pgbouncer` at small sizes: they run end
 //! to end in their own scratch database, report every figure, and drop the database. No timed
 //! assertions.
 
@@ -94,4 +94,57 @@ async fn bench_fanout_reports_every_figure() {
         positive(&v["memory"], f);
     }
     assert_bench_database_dropped(&t, &stderr).await;
+}
+
+/// `pgcrew bench pgbouncer` runs `bench queue` direct (cached and unnamed statements) and
+/// through PgBouncer, `--rounds` times each, and reports every configuration's rates, wake-up
+/// and memory. (It failed to parse its own arguments: its `--rounds` and the queue bench's
+/// were two arguments of one name.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bench_pgbouncer_reports_every_configuration() {
+    if pgcrew::db::TempPgBouncer::binary().is_none() {
+        if std::env::var_os("PGCREW_REQUIRE_FAULT_TOOLS").is_some() {
+            panic!("pgbouncer is not installed (apt-get install pgbouncer)");
+        }
+        eprintln!("\n*** SKIPPED: pgbouncer is not installed (apt-get install pgbouncer) ***\n");
+        return;
+    }
+    let (t, v, stderr) =
+        run_bench("pgbouncer --rounds 2 --tasks 300 --batch 100 --wakeups 5").await;
+    assert_eq!(v["rounds"], 2, "{v}");
+    assert_eq!(v["tasks"], 300, "{v}");
+    for c in ["direct_cached", "direct_unnamed", "pgbouncer_unnamed"] {
+        for f in ["enqueue_per_sec", "processed_per_sec", "wakeup_p50_ms"] {
+            let per_round = v[c][f]
+                .as_array()
+                .unwrap_or_else(|| panic!("{c}.{f} in {v}"));
+            assert_eq!(per_round.len(), 2, "{c}.{f} in {v}");
+            for x in per_round {
+                assert!(x.as_f64().is_some_and(|x| x > 0.0), "{c}.{f} in {v}");
+            }
+        }
+        positive(&v[c]["memory"], "load_mib");
+    }
+    for f in [
+        "pgbouncer_over_direct_processed",
+        "pgbouncer_over_direct_enqueue",
+        "unnamed_over_cached_processed",
+        "unnamed_over_cached_enqueue",
+    ] {
+        positive(&v, f);
+    }
+    // Six scratch databases, each dropped.
+    let names: Vec<&str> = stderr
+        .lines()
+        .filter_map(|l| l.strip_prefix("benchmark database: "))
+        .collect();
+    assert_eq!(names.len(), 6, "{stderr}");
+    for name in names {
+        let left = crate::common::scalar(
+            &t.db,
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'"),
+        )
+        .await;
+        assert_eq!(left, 0, "{name} left behind");
+    }
 }

@@ -37,6 +37,14 @@ impl Bounced {
 /// `None` (after a loud message) when pgbouncer is missing and PGCREW_REQUIRE_FAULT_TOOLS is
 /// unset; a failure when it is set.
 async fn bounced() -> Option<Bounced> {
+    let t = test_db().await;
+    let bouncer = bouncer_in_front_of(t.dsn()).await?;
+    Some(Bounced { t, bouncer })
+}
+
+/// A PgBouncer (transaction mode) in front of the server of `dsn`; `None` (after a loud
+/// message) when pgbouncer is missing and PGCREW_REQUIRE_FAULT_TOOLS is unset.
+async fn bouncer_in_front_of(dsn: &str) -> Option<TempPgBouncer> {
     if TempPgBouncer::binary().is_none() {
         if std::env::var_os("PGCREW_REQUIRE_FAULT_TOOLS").is_some() {
             panic!("pgbouncer is not installed (apt-get install pgbouncer)");
@@ -47,14 +55,13 @@ async fn bounced() -> Option<Bounced> {
         );
         return None;
     }
-    let t = test_db().await;
-    let dsn = t.dsn().to_string();
+    let dsn = dsn.to_string();
     let bouncer =
         tokio::task::spawn_blocking(move || TempPgBouncer::start(&dsn, PoolMode::Transaction))
             .await
             .unwrap()
             .expect("start pgbouncer");
-    Some(Bounced { t, bouncer })
+    Some(bouncer)
 }
 
 async fn unnamed_db(dsn: &str, size: usize) -> Db {
@@ -284,6 +291,85 @@ async fn queue_enqueue_claim_ack_and_retries_through_pgbouncer() {
     for h in handles {
         h.await.unwrap();
     }
+}
+
+/// Issue #23: behind PgBouncer (unnamed statements) the worker pool claimed every batch with
+/// the general `pgcrew.claim_tasks`, because the one-statement fast claim would have been
+/// planned on every call. Since V048 the fast claims are PL/pgSQL functions, whose plans the
+/// server session keeps whichever client PgBouncer lends it to, so the pool takes them there
+/// too. A single-tenant queue without limits, processed through PgBouncer: every claim is a
+/// fast one (counted with `pg_stat_statements` on a throwaway cluster), and every task runs
+/// once.
+#[tokio::test]
+async fn a_worker_pool_takes_the_fast_claims_through_pgbouncer() {
+    const TASKS: usize = 300;
+    let (cluster, scratch, db) = crate::common::statements_db("bounced_fast").await;
+    let Some(bouncer) = bouncer_in_front_of(scratch.dsn()).await else {
+        return;
+    };
+    let runs = Arc::new(AtomicU64::new(0));
+    let r = runs.clone();
+    let pool = pgcrew::queue::WorkerPool::builder()
+        .queue("bounced")
+        .concurrency(4)
+        .handler("k", move |_ctx, _p: serde_json::Value| {
+            r.fetch_add(1, Ordering::SeqCst);
+            async move { Ok(pgcrew::queue::TaskOutcome::Complete) }
+        })
+        .build()
+        .unwrap();
+    let config = fast_config("bounced-fast")
+        .pool_size(4)
+        .statements(StatementMode::Unnamed)
+        .listen_dsn(scratch.dsn())
+        .build()
+        .unwrap();
+    let client =
+        crate::common::start_client(bouncer.dsn_for(scratch.name()), config, Some(pool)).await;
+    wait_listening(&client, Duration::from_secs(10)).await;
+    let conn = db.get().await.unwrap();
+    conn.execute("SELECT pg_stat_statements_reset()", &[])
+        .await
+        .unwrap();
+    // A burst (bulk enqueue), then wake-ups of the idle pool one task at a time.
+    queue::enqueue_many(
+        &conn,
+        &(0..TASKS - 10)
+            .map(|_| task("k").queue("bounced"))
+            .collect::<Vec<_>>(),
+    )
+    .await
+    .unwrap();
+    crate::common::wait_until(Duration::from_secs(30), "the burst runs", || async {
+        runs.load(Ordering::SeqCst) == (TASKS - 10) as u64
+    })
+    .await;
+    for k in TASKS - 9..=TASKS {
+        queue::enqueue(&conn, &task("k").queue("bounced"))
+            .await
+            .unwrap();
+        crate::common::wait_until(Duration::from_secs(10), "the task runs", || async {
+            runs.load(Ordering::SeqCst) == k as u64
+        })
+        .await;
+    }
+    let (fast, general) = crate::common::claim_statements(&db).await;
+    assert!(
+        fast > 0 && general == 0,
+        "through PgBouncer: {fast} fast claims, {general} pgcrew.claim_tasks calls"
+    );
+    let done = crate::common::scalar(
+        &db,
+        "SELECT count(*) FROM pgcrew.tasks WHERE state = 'completed' AND attempts = 1",
+    )
+    .await;
+    assert_eq!(done, TASKS as i64);
+    client.stop().await.unwrap();
+    drop(conn);
+    drop(db);
+    drop(bouncer);
+    drop(scratch);
+    drop(cluster);
 }
 
 #[tokio::test]

@@ -185,7 +185,10 @@ impl WorkerPool {
     /// finds work (several tenants with work, limits, due tasks), the pool uses the general
     /// path until it next runs out of work, then tries the limited fast path (`route`, see
     /// [`claim_routed`]). A pool that leases runs ([`WorkerPoolBuilder::lease_runs_of`]) claims in a
-    /// transaction that also takes those leases (see [`Self::lease_claimed`]).
+    /// transaction that also takes those leases (see [`Self::lease_claimed`]). The same holds
+    /// behind PgBouncer ([`crate::db::StatementMode::Unnamed`]): the fast claims are PL/pgSQL
+    /// functions (V048), whose plans stay in the server session whichever client the pooler
+    /// lends it to; only their one-line call is planned each time.
     ///
     /// [`WorkerPoolBuilder::lease_runs_of`]: super::WorkerPoolBuilder::lease_runs_of
     async fn claim_once(
@@ -202,12 +205,6 @@ impl WorkerPool {
         let Some(c) = conn.as_mut() else {
             return Ok(Vec::new());
         };
-        if ctx.db().statements() == crate::db::StatementMode::Unnamed {
-            // Unnamed statements are planned on every call: the fast path's statement would be
-            // too, while `pgcrew.claim_tasks` (PL/pgSQL) keeps its plans in the server session,
-            // whichever client the pooler lends that session to.
-            route.disable();
-        }
         let limit = i32::try_from(limit).unwrap_or(i32::MAX);
         let instance = ctx.instance_id();
         if self.run_leasing.is_empty() {

@@ -341,6 +341,23 @@ pub async fn statements_db(name: &str) -> (pgcrew::db::TempCluster, ScratchDatab
     (cluster, scratch, db)
 }
 
+/// Claim statements since the last reset of `pg_stat_statements`: (fast claims, general
+/// claims `pgcrew.claim_tasks`).
+pub async fn claim_statements(db: &Db) -> (i64, i64) {
+    let conn = db.get().await.unwrap();
+    let row = conn
+        .query_one(
+            "SELECT coalesce(sum(s.calls) FILTER (WHERE s.query LIKE '%pgcrew.claim_fast%'), 0)::bigint, \
+                    coalesce(sum(s.calls) FILTER (WHERE s.query LIKE '%pgcrew.claim_tasks(%'), 0)::bigint \
+               FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
+              WHERE d.datname = current_database() AND s.query NOT LIKE '%pg_stat_statements%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
 /// A throwaway cluster ([`pgcrew::db::TempCluster::start`]) with a migrated scratch database
 /// `name` on it and a four-connection pool to that database.
 pub async fn cluster_db(name: &str) -> (pgcrew::db::TempCluster, ScratchDatabase, Db) {

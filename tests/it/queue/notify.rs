@@ -260,23 +260,6 @@ async fn enqueue_and_count_to(
     .await;
 }
 
-/// Claim statements since the last reset of `pg_stat_statements`: (fast claims, general
-/// claims `pgcrew.claim_tasks`).
-async fn claim_statements(db: &pgcrew::Db) -> (i64, i64) {
-    let conn = db.get().await.unwrap();
-    let row = conn
-        .query_one(
-            "SELECT coalesce(sum(s.calls) FILTER (WHERE s.query LIKE '%pgcrew.claim_fast%'), 0)::bigint, \
-                    coalesce(sum(s.calls) FILTER (WHERE s.query LIKE '%pgcrew.claim_tasks(%'), 0)::bigint \
-               FROM pg_stat_statements s JOIN pg_database d ON d.oid = s.dbid \
-              WHERE d.datname = current_database() AND s.query NOT LIKE '%pg_stat_statements%'",
-            &[],
-        )
-        .await
-        .unwrap();
-    (row.get(0), row.get(1))
-}
-
 /// Issue #22 (the wake-up herd): an enqueue into N idle instances woke every waiting pool, and
 /// each sent a claim (about N + 3 claims per task: one per woken pool, and the winner's as it
 /// goes idle again). The enqueue now names one waiting pool, and a backup that claims after a
@@ -321,7 +304,7 @@ async fn an_enqueue_wakes_one_named_pool_and_its_backup_not_every_pool() {
         .await;
         wait_until(Duration::from_secs(10), "every pool idle again", all_idle).await;
     }
-    let (fast, general) = claim_statements(&db).await;
+    let (fast, general) = crate::common::claim_statements(&db).await;
     // Per task: the named pool's claim, its claims as it goes idle again (before and after it
     // registers as a waiter, and its second look), the backup's; one more for slack.
     assert_eq!(

@@ -43,10 +43,11 @@ pub(crate) fn cpu_of(pids: Vec<i32>) -> HashMap<i32, f64> {
         .collect()
 }
 
-/// The process ids of the current database's backends other than `probe`'s own.
+/// The process ids of the current database's backends other than `probe`'s own. Through the
+/// pool's executor (an unnamed statement where the pool says so: behind PgBouncer a prepared
+/// one is lost between its Parse and its Execute).
 async fn backend_pids(probe: &pgcrew::db::Conn) -> Result<Vec<i32>> {
-    let row = probe
-        .query_one(pgcrew::sql!("bench/database_backends"), &[])
+    let row = pgcrew::db::Executor::query_one(probe, pgcrew::sql!("bench/database_backends"), &[])
         .await?;
     Ok(row.try_get(0)?)
 }

@@ -15,10 +15,8 @@ use crate::bench::queue::{QueueBenchArgs, Target, bench_on};
 /// Arguments of `pgcrew bench pgbouncer`.
 #[derive(Debug, Args)]
 pub struct PgBouncerBenchArgs {
-    /// Rounds; each runs direct (cached), direct (unnamed) and through PgBouncer once.
-    #[arg(long, default_value_t = 3)]
-    pub rounds: usize,
-    /// The queue benchmark's settings.
+    /// The queue benchmark's settings. Its `--rounds` counts the rounds here: each runs direct
+    /// (cached), direct (unnamed) and through PgBouncer once, one `bench queue` round each.
     #[command(flatten)]
     pub queue: QueueBenchArgs,
 }
@@ -28,6 +26,8 @@ pub struct PgBouncerBenchArgs {
 struct Rates {
     enqueue_per_sec: Vec<f64>,
     processed_per_sec: Vec<f64>,
+    /// Wake-up latency p50 of each round (idle pool, enqueue call to handler start), ms.
+    wakeup_p50_ms: Vec<f64>,
     /// The instance process's resident memory over this configuration's rounds.
     memory: crate::bench::Memory,
 }
@@ -61,7 +61,7 @@ struct Report {
 
 /// Run the benchmark.
 pub async fn run(dsn: Option<String>, args: PgBouncerBenchArgs) -> Result<ExitCode> {
-    crate::bench::at_least_one(&[("--rounds", args.rounds as u64)])?;
+    crate::bench::queue::check_args(&args.queue)?;
     let exe = TempPgBouncer::binary().ok_or_else(|| {
         pgcrew::Error::Config("pgbouncer is not installed (apt-get install pgbouncer)".into())
     })?;
@@ -86,7 +86,7 @@ pub async fn run(dsn: Option<String>, args: PgBouncerBenchArgs) -> Result<ExitCo
     let mut direct_cached = Rates::default();
     let mut direct_unnamed = Rates::default();
     let mut through = Rates::default();
-    for round in 1..=args.rounds {
+    for round in 1..=args.queue.rounds {
         for (label, mode, via_bouncer, rates) in [
             (
                 "direct, cached",
@@ -107,7 +107,7 @@ pub async fn run(dsn: Option<String>, args: PgBouncerBenchArgs) -> Result<ExitCo
                 &mut through,
             ),
         ] {
-            eprintln!("round {round}/{}: {label}", args.rounds);
+            eprintln!("round {round}/{}: {label}", args.queue.rounds);
             let report = crate::bench::in_scratch(Some(admin.clone()), async |direct| {
                 let db_name = pgcrew::db::parse_dsn(direct)?
                     .get_dbname()
@@ -128,13 +128,14 @@ pub async fn run(dsn: Option<String>, args: PgBouncerBenchArgs) -> Result<ExitCo
             .await?;
             rates.enqueue_per_sec.push(report.enqueue_per_sec);
             rates.processed_per_sec.push(report.processed_per_sec);
+            rates.wakeup_p50_ms.push(report.wakeup_p50_ms);
             rates.memory.merge(&report.memory);
         }
     }
     let m = Rates::median;
     let report = Report {
         pgbouncer_version: version,
-        rounds: args.rounds,
+        rounds: args.queue.rounds,
         tasks: args.queue.tasks,
         pgbouncer_over_direct_processed: m(&through.processed_per_sec)
             / m(&direct_cached.processed_per_sec),
@@ -159,9 +160,10 @@ pub async fn run(dsn: Option<String>, args: PgBouncerBenchArgs) -> Result<ExitCo
             ("through PgBouncer, unnamed", &report.pgbouncer_unnamed),
         ] {
             println!(
-                "  {label:<38} processed {:>8.0} tasks/s  enqueue {:>8.0} tasks/s  (medians)",
+                "  {label:<38} processed {:>8.0} tasks/s  enqueue {:>8.0} tasks/s  wake-up p50 {:.3} ms  (medians)",
                 m(&r.processed_per_sec),
-                m(&r.enqueue_per_sec)
+                m(&r.enqueue_per_sec),
+                m(&r.wakeup_p50_ms)
             );
             println!("    {}", r.memory.line());
         }
