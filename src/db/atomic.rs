@@ -116,6 +116,14 @@ impl Sealed for Atomic<'_> {
     fn handle(&self) -> Handle<'_> {
         self.handle
     }
+
+    fn caches_statements(&self) -> bool {
+        match &self.inner {
+            AtomicInner::Own(tx) => tx.caches_statements(),
+            AtomicInner::Plain(tx) => tx.caches_statements(),
+            AtomicInner::Pooled(tx) => tx.caches_statements(),
+        }
+    }
 }
 
 /// Forward one executor method to the unit's transaction.

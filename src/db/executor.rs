@@ -108,7 +108,21 @@ pub(crate) mod private {
         fn handle(&self) -> super::Handle<'_> {
             super::Handle::None
         }
+
+        /// Whether statements on this executor are prepared once and kept (a pooled kind in
+        /// [`StatementMode::Cached`](super::StatementMode::Cached)); `false` where each one goes
+        /// out unnamed and is parsed and planned on every call. A statement with a function
+        /// form of its own (V049) is sent as that function's call where this is `false`.
+        fn caches_statements(&self) -> bool {
+            false
+        }
     }
+}
+
+/// Whether statements on `on` are prepared once and kept (see
+/// [`private::Sealed::caches_statements`]).
+pub(crate) fn caches_statements<E: Executor + ?Sized>(on: &E) -> bool {
+    on.caches_statements()
 }
 
 /// Which [`Db`] handle's settings apply on an executor (crate-internal; see [`handle_of`]).
@@ -264,7 +278,11 @@ macro_rules! plain_executor {
 
 macro_rules! pooled_executor {
     ($($ty:ty => $plain:ty),*) => {$(
-        impl private::Sealed for $ty {}
+        impl private::Sealed for $ty {
+            fn caches_statements(&self) -> bool {
+                !is_unnamed(&self.statement_cache)
+            }
+        }
         impl Executor for $ty {
             for_each_method!(pooled_methods, $plain);
         }
@@ -285,7 +303,12 @@ fn split<'a>(
 }
 
 /// A pooled connection: its [`deadpool_postgres::ClientWrapper`]'s statements.
-impl private::Sealed for deadpool_postgres::Object {}
+impl private::Sealed for deadpool_postgres::Object {
+    fn caches_statements(&self) -> bool {
+        let wrapper: &deadpool_postgres::ClientWrapper = self;
+        wrapper.caches_statements()
+    }
+}
 impl Executor for deadpool_postgres::Object {
     for_each_method!(object_methods);
 }
@@ -295,6 +318,10 @@ impl Executor for deadpool_postgres::Object {
 impl private::Sealed for Db {
     fn handle(&self) -> Handle<'_> {
         Handle::Pool(self)
+    }
+
+    fn caches_statements(&self) -> bool {
+        self.statements() == StatementMode::Cached
     }
 }
 impl Executor for Db {

@@ -41,7 +41,7 @@ pub use scratch::ScratchDatabase;
 pub use secret::redact_dsn;
 pub use tls::{PgConfig, PgConnection, RootCert, SslMode, TlsSettings};
 
-pub(crate) use executor::{Handle, handle_of, typed_params};
+pub(crate) use executor::{Handle, caches_statements, handle_of, typed_params};
 pub(crate) use pooler::cached_statements_lost;
 
 use crate::error::{Error, Result};

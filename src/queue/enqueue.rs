@@ -9,7 +9,7 @@ use tracing::instrument;
 use uuid::Uuid;
 
 use super::{NewTask, TaskState};
-use crate::db::Executor;
+use crate::db::{Executor, caches_statements};
 use crate::error::{Error, Result};
 use crate::ids::TaskId;
 
@@ -64,8 +64,15 @@ pub async fn enqueue<E: Executor + ?Sized>(client: &E, task: &NewTask) -> Result
         (&deps, Type::INT8_ARRAY),
     ];
     let row = if simple {
-        // The same parameters minus the unique key and dependencies.
-        query_one_traced(client, sql!("queue/enqueue_simple"), &params[..9]).await
+        // The same parameters minus the unique key and dependencies. Where statements are not
+        // kept (unnamed, or a plain client), the statement's function form (V049): sent itself
+        // it would be planned on every call.
+        let sql = if caches_statements(client) {
+            sql!("queue/enqueue_simple")
+        } else {
+            sql!("queue/enqueue_simple_call")
+        };
+        query_one_traced(client, sql, &params[..9]).await
     } else {
         query_one_traced(client, sql!("queue/enqueue"), params).await
     }
