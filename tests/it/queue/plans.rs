@@ -387,3 +387,53 @@ async fn the_enqueue_function_runs_the_files_statement() {
     let words = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");
     assert_eq!(words(&body), words(&statement));
 }
+
+/// Issue #23: the general claim (`pgcrew.claim_tasks`: several tenants with work, limits, due
+/// tasks) takes each tenant's share with a locking scan whose values reached its plan; the plan
+/// cache planned it again on every call, once per tenant with work (4,001 plans in 4,000 scans
+/// over 2,000 claims of two tenants). V050 reads them through a one-row `arg` under a constant
+/// bound, as the fast claims do. Two tenants with work, twelve claims of 10 on a session of
+/// their own: from the eighth on, a claim plans nothing.
+#[tokio::test]
+async fn general_claims_plan_their_tenant_scans_once() {
+    let t = test_db().await;
+    let conn = t.db.get().await.unwrap();
+    crate::common::create_tenant(&t, "second", None).await;
+    conn.batch_execute(
+        "INSERT INTO pgcrew.tasks (queue, kind, tenant_id, payload) \
+         SELECT 'default', 'k', CASE WHEN g % 2 = 0 THEN 'default' ELSE 'second' END, '{}' \
+           FROM generate_series(1, 20000) g; \
+         ANALYZE pgcrew.tasks",
+    )
+    .await
+    .unwrap();
+    register_instance(&t, "w").await;
+    let (c, _driver, mut notes) = pgcrew::Db::connect_dedicated(t.db.config()).await.unwrap();
+    c.batch_execute("SET log_planner_stats = on; SET client_min_messages = log")
+        .await
+        .unwrap();
+    let claim = c
+        .prepare(
+            "SELECT count(*), count(DISTINCT tenant_id) \
+               FROM pgcrew.claim_tasks(ARRAY['default'], 10, 'w')",
+        )
+        .await
+        .unwrap();
+    let mut plans = Vec::new();
+    for _ in 0..12 {
+        drain(&mut notes);
+        let row = c.query_one(&claim, &[]).await.unwrap();
+        let (claimed, tenants): (i64, i64) = (row.get(0), row.get(1));
+        assert_eq!((claimed, tenants), (10, 2), "a fair claim of both tenants");
+        plans.push(planned(&mut notes));
+    }
+    assert!(
+        plans[..5].iter().sum::<usize>() > 0,
+        "no planning reported at all ({plans:?}): the test does not see the planner's log lines"
+    );
+    assert_eq!(
+        plans[7..],
+        [0, 0, 0, 0, 0],
+        "statements planned per general claim, call by call: {plans:?}"
+    );
+}
