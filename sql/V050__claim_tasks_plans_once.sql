@@ -6,10 +6,13 @@
 -- (the LIMIT it could see), so PostgreSQL's plan cache planned it again on every call
 -- (pg_stat_statements with nested statements, two tenants with work, 2,000 claims of 10:
 -- 4,001 plans in 4,000 scans, 0.054 ms each against 0.069 ms of execution; a claim over N tenants
--- plans N times). Redefined with that scan, when it takes at most 1,000 tasks, reading its values
--- through a one-row `arg` and bounded by a constant LIMIT under the share, as V048's fast claims:
--- every plan costs the same, and the generic one is kept from the sixth call. A share of more
--- than 1,000 tasks takes the scan as before. The rest of the function is V035's, unchanged.
+-- plans N times). So did its claim of a single unlimited tenant (2,001 plans in 2,000 claims,
+-- 0.09 ms each), which a worker pool reaches when the fast claim steps aside for a due retry
+-- and then keeps until its queue runs dry. Redefined with both, when they take at most 1,000
+-- tasks, reading their values through a one-row `arg` and bounded by a constant LIMIT under the
+-- share, as V048's fast claims: every plan costs the same, and the generic one is kept from
+-- the sixth call. More than 1,000 tasks take the statements as before. The rest of the
+-- function is V035's, unchanged.
 -- Test: queue::plans::general_claims_plan_their_tenant_scans_once.
 
 CREATE OR REPLACE FUNCTION pgcrew.claim_tasks(p_queues text[], p_limit integer, p_instance text)
@@ -207,6 +210,28 @@ BEGIN
         -- Fast path: one unlimited tenant: claim in one statement.
         IF v_n = 1 AND v_caps[1] IS NULL AND v_key_field IS NULL AND v_kind_room IS NULL THEN
             v_t := v_tenants[1];
+            IF v_left <= 1000 THEN
+            -- V050: as the per-tenant scan below.
+            RETURN QUERY
+            WITH arg AS MATERIALIZED (SELECT v_q AS queue, v_t AS tenant, v_left AS n),
+            next AS (
+                SELECT c.id FROM (
+                    SELECT a.id FROM pgcrew.tasks a
+                     WHERE a.state = 'available' AND a.queue = (SELECT arg.queue FROM arg)
+                       AND a.tenant_id = (SELECT arg.tenant FROM arg)
+                     ORDER BY a.priority, a.run_at, a.id
+                     LIMIT 1000
+                     FOR UPDATE SKIP LOCKED) c
+                 LIMIT (SELECT arg.n FROM arg))
+            UPDATE pgcrew.tasks t
+               SET state = 'running', attempts = t.attempts + 1, claimed_by = p_instance,
+                   claim_token = v_token, claimed_at = now(), heartbeat_at = now()
+              FROM next
+             WHERE t.id = next.id
+            RETURNING t.id, t.queue, t.kind, t.tenant_id, t.run_id, t.priority, t.payload,
+                      t.attempts, t.max_attempts, t.claim_token, t.run_at, t.created_at,
+                      (extract(epoch FROM (now() - t.run_at)) * 1000000)::bigint;
+            ELSE
             RETURN QUERY
             WITH next AS (
                 SELECT a.id FROM pgcrew.tasks a
@@ -222,6 +247,7 @@ BEGIN
             RETURNING t.id, t.queue, t.kind, t.tenant_id, t.run_id, t.priority, t.payload,
                       t.attempts, t.max_attempts, t.claim_token, t.run_at, t.created_at,
                       (extract(epoch FROM (now() - t.run_at)) * 1000000)::bigint;
+            END IF;
             GET DIAGNOSTICS v_claimed = ROW_COUNT;
             v_left := v_left - v_claimed;
         ELSE
