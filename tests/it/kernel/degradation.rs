@@ -426,3 +426,92 @@ async fn an_agent_run_of_a_tenant_at_warning_runs_its_model_steps_degraded() {
             .all(|(_, _, p)| p["model"] == "gpt-4o-mini")
     );
 }
+
+/// Issue #23: `pgcrew.no_degradation_at`, asked by every model step's start whether the
+/// tenant's policy has a rule active at its budget status, was a SQL function PostgreSQL cannot
+/// inline, so each call parsed and planned its body again, once per transaction (2,000 plans in
+/// 2,000 calls of `bench agents`). Now a PL/pgSQL function (V052) that keeps its plans for the
+/// session. Its answers are unchanged; thirty calls from PL/pgSQL, each its own statement, with
+/// the policy in a record as `pgcrew.model_step_begin` passes it: from the 21st on, a call plans
+/// nothing (before, one plan each).
+#[tokio::test]
+async fn the_degradation_check_plans_once_per_session() {
+    let t = crate::common::test_db().await;
+    let conn = t.db.get().await.unwrap();
+    let rule = r#"{"rules": [{"at": "CRITICAL", "action": "skip_optional"}]}"#;
+    for (policy, status, expected) in [
+        (None, "HEALTHY", false),
+        (Some("{}"), "HEALTHY", true),
+        (Some(r#"{"rules": null}"#), "EXCEEDED", true),
+        (Some(r#"{"rules": 5}"#), "HEALTHY", false),
+        (Some("[]"), "HEALTHY", false),
+        (Some(rule), "WARNING", true),
+        (Some(rule), "CRITICAL", false),
+        (Some(rule), "EXCEEDED", false),
+        (Some(rule), "NO SUCH STATUS", false),
+    ] {
+        let policy: Option<Value> = policy.map(|p| serde_json::from_str(p).unwrap());
+        let got: bool = conn
+            .query_one(
+                "SELECT pgcrew.no_degradation_at($1::jsonb, $2::text)",
+                &[&policy, &status.to_string()],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(got, expected, "{policy:?} at {status}");
+    }
+    // As pgcrew.model_step_begin asks it: from PL/pgSQL, the policy and status in a record
+    // read from a row, once per statement (each its own transaction).
+    conn.batch_execute(
+        "CREATE FUNCTION public.degradation_probe(p jsonb, s text) RETURNS boolean \
+         LANGUAGE plpgsql AS $$ DECLARE t record; BEGIN \
+           SELECT p AS degradation_policy, s AS budget_status INTO t; \
+           RETURN NOT pgcrew.no_degradation_at(t.degradation_policy, t.budget_status); \
+         END $$",
+    )
+    .await
+    .unwrap();
+    let (c, _driver, mut notes) = pgcrew::Db::connect_dedicated(t.db.config()).await.unwrap();
+    c.batch_execute("SET log_planner_stats = on; SET client_min_messages = log")
+        .await
+        .unwrap();
+    let probe = c
+        .prepare("SELECT public.degradation_probe($1::jsonb, $2::text)")
+        .await
+        .unwrap();
+    let policy: Value = serde_json::from_str(rule).unwrap();
+    let mut degraded = 0;
+    let mut plans = Vec::new();
+    for i in 0..30 {
+        while notes.try_recv().is_ok() {}
+        let status = ["HEALTHY", "WARNING", "CRITICAL"][i % 3].to_string();
+        let yes: bool = c
+            .query_one(&probe, &[&policy, &status])
+            .await
+            .unwrap()
+            .get(0);
+        degraded += usize::from(yes);
+        let mut planned = 0;
+        while let Ok(m) = notes.try_recv() {
+            if matches!(&m, tokio_postgres::AsyncMessage::Notice(n) if n.message() == "PLANNER STATISTICS")
+            {
+                planned += 1;
+            }
+        }
+        plans.push(planned);
+    }
+    assert_eq!(
+        degraded, 10,
+        "a rule at CRITICAL is active in one status of three"
+    );
+    assert!(
+        plans[..5].iter().sum::<usize>() > 0,
+        "no planning reported ({plans:?}): the test does not see the planner's log lines"
+    );
+    assert_eq!(
+        plans[20..],
+        [0; 10],
+        "statements planned per degradation check, call by call: {plans:?}"
+    );
+}
