@@ -203,10 +203,12 @@ async fn claims_are_not_planned_again_once_the_queue_changes() {
 /// pool, an agent run): the update itself was planned again for every batch of one, whose plan
 /// for the values looked cheaper than the generic one (V051; 1,872 plans in 1,871
 /// acknowledgements of `bench agents`).
+/// In a queue with a key limit, the check whether the batch freed a key at its bound was
+/// planned on every call too (V047 left it so; V051 reads its values through `arg`).
 #[tokio::test]
 async fn acknowledgements_plan_nothing_once_warm() {
-    for batch in [50, 1] {
-        let plans = ack_plans(batch).await;
+    for (batch, key_limit) in [(50, false), (1, false), (1, true)] {
+        let plans = ack_plans(batch, key_limit).await;
         assert!(
             plans[..5].iter().sum::<usize>() > 0,
             "no planning reported at all ({plans:?}): the test does not see the planner's log lines"
@@ -214,17 +216,23 @@ async fn acknowledgements_plan_nothing_once_warm() {
         assert_eq!(
             plans[7..],
             [0, 0, 0],
-            "statements planned per acknowledgement of {batch}, call by call: {plans:?}"
+            "statements planned per acknowledgement of {batch} (key limit: {key_limit}), call by call: {plans:?}"
         );
     }
 }
 
 /// Statements planned by each of ten acknowledgements of `batch` tasks (claimed on another
-/// connection, as a worker pool's batch) on a session of their own.
-async fn ack_plans(batch: i32) -> Vec<usize> {
+/// connection, as a worker pool's batch) on a session of their own; with `key_limit`, the queue
+/// has one (1,000 running per payload `i`, which no acknowledgement here brings to its bound).
+async fn ack_plans(batch: i32, key_limit: bool) -> Vec<usize> {
     let t = test_db().await;
     let conn = t.db.get().await.unwrap();
     conn.batch_execute(SEED).await.unwrap();
+    if key_limit {
+        queue::set_key_limit(&t.db, "default", "i", 1000)
+            .await
+            .unwrap();
+    }
     let (c, _driver, mut notes) = pgcrew::Db::connect_dedicated(t.db.config()).await.unwrap();
     // Every planning of a statement of this session is reported to it as a LOG line.
     c.batch_execute("SET log_planner_stats = on; SET client_min_messages = log")
