@@ -134,17 +134,9 @@ async fn bench_pgbouncer_reports_every_configuration() {
         positive(&v, f);
     }
     // Six scratch databases, each dropped.
-    let names: Vec<&str> = stderr
-        .lines()
-        .filter_map(|l| l.strip_prefix("benchmark database: "))
-        .collect();
-    assert_eq!(names.len(), 6, "{stderr}");
-    for name in names {
-        let left = crate::common::scalar(
-            &t.db,
-            &format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'"),
-        )
-        .await;
-        assert_eq!(left, 0, "{name} left behind");
-    }
+    assert_eq!(
+        assert_bench_database_dropped(&t, &stderr).await,
+        6,
+        "{stderr}"
+    );
 }

@@ -358,6 +358,28 @@ pub async fn claim_statements(db: &Db) -> (i64, i64) {
     (row.get(0), row.get(1))
 }
 
+/// A session's messages: every planning of one of its statements arrives as a LOG line
+/// (`log_planner_stats`, `client_min_messages = log`).
+pub type Notes = tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::AsyncMessage>;
+
+/// Forget what the session has reported so far.
+pub fn drain(notes: &mut Notes) {
+    while notes.try_recv().is_ok() {}
+}
+
+/// Statements planned since the last look: the planner's statistics lines among the messages.
+pub fn planned(notes: &mut Notes) -> usize {
+    let mut n = 0;
+    while let Ok(m) = notes.try_recv() {
+        if matches!(&m, tokio_postgres::AsyncMessage::Notice(notice)
+                if notice.message() == "PLANNER STATISTICS")
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
 /// A throwaway cluster ([`pgcrew::db::TempCluster::start`]) with a migrated scratch database
 /// `name` on it and a four-connection pool to that database.
 pub async fn cluster_db(name: &str) -> (pgcrew::db::TempCluster, ScratchDatabase, Db) {

@@ -140,23 +140,27 @@ pub async fn run_bench(args: &str) -> (TestDb, serde_json::Value, String) {
     (t, serde_json::from_slice(&out.stdout).unwrap(), stderr)
 }
 
-/// The scratch database a bench named on stderr no longer exists.
-pub async fn assert_bench_database_dropped(db: &Db, stderr: &str) {
-    let name = stderr
+/// Every scratch database a bench named on stderr (at least one) no longer exists; how many
+/// it named.
+pub async fn assert_bench_database_dropped(db: &Db, stderr: &str) -> usize {
+    let names: Vec<&str> = stderr
         .lines()
-        .find_map(|l| l.strip_prefix("benchmark database: "))
-        .expect("the bench names its database")
-        .trim()
-        .to_string();
-    assert_eq!(
-        scalar(
-            db,
-            &format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'")
-        )
-        .await,
-        0,
-        "the benchmark database {name} was not dropped"
-    );
+        .filter_map(|l| l.strip_prefix("benchmark database: "))
+        .map(str::trim)
+        .collect();
+    assert!(!names.is_empty(), "the bench names its database");
+    for name in &names {
+        assert_eq!(
+            scalar(
+                db,
+                &format!("SELECT count(*) FROM pg_database WHERE datname = '{name}'")
+            )
+            .await,
+            0,
+            "the benchmark database {name} was not dropped"
+        );
+    }
+    names.len()
 }
 
 /// `pgcrew tasks work --record-effects` on `dsn` for the `effect` tasks of `queue` (eight at a

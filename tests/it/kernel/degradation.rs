@@ -484,7 +484,7 @@ async fn the_degradation_check_plans_once_per_session() {
     let mut degraded = 0;
     let mut plans = Vec::new();
     for i in 0..30 {
-        while notes.try_recv().is_ok() {}
+        crate::common::drain(&mut notes);
         let status = ["HEALTHY", "WARNING", "CRITICAL"][i % 3].to_string();
         let yes: bool = c
             .query_one(&probe, &[&policy, &status])
@@ -492,14 +492,7 @@ async fn the_degradation_check_plans_once_per_session() {
             .unwrap()
             .get(0);
         degraded += usize::from(yes);
-        let mut planned = 0;
-        while let Ok(m) = notes.try_recv() {
-            if matches!(&m, tokio_postgres::AsyncMessage::Notice(n) if n.message() == "PLANNER STATISTICS")
-            {
-                planned += 1;
-            }
-        }
-        plans.push(planned);
+        plans.push(crate::common::planned(&mut notes));
     }
     assert_eq!(
         degraded, 10,

@@ -11,9 +11,8 @@
 //! for everything a call plans, `pg_stat_statements` for the enqueue's plans.
 
 use pgcrew::queue;
-use tokio_postgres::AsyncMessage;
 
-use crate::common::{register_instance, test_db};
+use crate::common::{drain, planned, register_instance, test_db};
 
 /// The two single-statement claims (calls of `pgcrew.claim_fast` and `claim_fast_limited`
 /// since V048), by name.
@@ -27,26 +26,6 @@ const CLAIMS: [(&str, &str); 2] = [
         include_str!("../../../sql/queries/queue/claim_fast_limited.sql"),
     ),
 ];
-
-/// The session's messages: every planning of one of its statements arrives as a LOG line
-/// (`log_planner_stats`, `client_min_messages = log`).
-type Notes = tokio::sync::mpsc::UnboundedReceiver<AsyncMessage>;
-
-/// Forget what the session has reported so far.
-fn drain(notes: &mut Notes) {
-    while notes.try_recv().is_ok() {}
-}
-
-/// Statements planned since the last look: the planner's statistics lines among the messages.
-fn planned(notes: &mut Notes) -> usize {
-    let mut n = 0;
-    while let Ok(m) = notes.try_recv() {
-        if matches!(&m, AsyncMessage::Notice(notice) if notice.message() == "PLANNER STATISTICS") {
-            n += 1;
-        }
-    }
-    n
-}
 
 /// Available tasks of queue `default`, a long queue as the plan cache saw it under load.
 const SEED: &str = "INSERT INTO pgcrew.tasks (queue, kind, payload) \
