@@ -101,7 +101,7 @@ fn is_unnamed(cache: &Arc<StatementCache>) -> bool {
 }
 
 pub(crate) mod private {
-    /// Seals [`Executor`](super::Executor); its method is crate-internal plumbing.
+    /// Seals [`Executor`](super::Executor); its methods are crate-internal plumbing.
     pub trait Sealed {
         /// The handle whose settings (ledger key, checkpoint interval, run limits) apply to
         /// statements on this executor, if any.
