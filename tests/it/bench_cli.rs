@@ -102,11 +102,7 @@ async fn bench_fanout_reports_every_figure() {
 /// were two arguments of one name.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bench_pgbouncer_reports_every_configuration() {
-    if pgcrew::db::TempPgBouncer::binary().is_none() {
-        if std::env::var_os("PGCREW_REQUIRE_FAULT_TOOLS").is_some() {
-            panic!("pgbouncer is not installed (apt-get install pgbouncer)");
-        }
-        eprintln!("\n*** SKIPPED: pgbouncer is not installed (apt-get install pgbouncer) ***\n");
+    if !crate::common::pgbouncer_installed() {
         return;
     }
     let (t, v, stderr) =

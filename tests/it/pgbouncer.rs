@@ -45,14 +45,7 @@ async fn bounced() -> Option<Bounced> {
 /// A PgBouncer (transaction mode) in front of the server of `dsn`; `None` (after a loud
 /// message) when pgbouncer is missing and PGCREW_REQUIRE_FAULT_TOOLS is unset.
 async fn bouncer_in_front_of(dsn: &str) -> Option<TempPgBouncer> {
-    if TempPgBouncer::binary().is_none() {
-        if std::env::var_os("PGCREW_REQUIRE_FAULT_TOOLS").is_some() {
-            panic!("pgbouncer is not installed (apt-get install pgbouncer)");
-        }
-        eprintln!(
-            "\n*** SKIPPED: pgbouncer is not installed (apt-get install pgbouncer); \
-             set PGCREW_REQUIRE_FAULT_TOOLS=1 to make this a failure ***\n"
-        );
+    if !crate::common::pgbouncer_installed() {
         return None;
     }
     let dsn = dsn.to_string();

@@ -358,9 +358,61 @@ pub async fn claim_statements(db: &Db) -> (i64, i64) {
     (row.get(0), row.get(1))
 }
 
+/// Whether pgbouncer is installed. Missing, it is a failure when PGCREW_REQUIRE_FAULT_TOOLS is
+/// set (CI), and otherwise a loud message: the caller skips its test.
+pub fn pgbouncer_installed() -> bool {
+    if pgcrew::db::TempPgBouncer::binary().is_some() {
+        return true;
+    }
+    if std::env::var_os("PGCREW_REQUIRE_FAULT_TOOLS").is_some() {
+        panic!("pgbouncer is not installed (apt-get install pgbouncer)");
+    }
+    eprintln!(
+        "\n*** SKIPPED: pgbouncer is not installed (apt-get install pgbouncer); \
+         set PGCREW_REQUIRE_FAULT_TOOLS=1 to make this a failure ***\n"
+    );
+    false
+}
+
 /// A session's messages: every planning of one of its statements arrives as a LOG line
 /// (`log_planner_stats`, `client_min_messages = log`).
 pub type Notes = tokio::sync::mpsc::UnboundedReceiver<tokio_postgres::AsyncMessage>;
+
+/// A dedicated session to `db`'s database that reports every planning of one of its
+/// statements as a LOG line (`log_planner_stats`), read with [`drain`] and [`planned`].
+pub async fn planner_session(
+    db: &Db,
+) -> (tokio_postgres::Client, tokio::task::JoinHandle<()>, Notes) {
+    let (c, driver, notes) = Db::connect_dedicated(db.config()).await.unwrap();
+    c.batch_execute("SET log_planner_stats = on; SET client_min_messages = log")
+        .await
+        .unwrap();
+    (c, driver, notes)
+}
+
+/// The statement PL/pgSQL function `function` runs (`RETURN QUERY ...;`), as the database holds
+/// it, with each of its arguments replaced by the text it is paired with in `args` (in order:
+/// a name that is a prefix of another comes after it).
+pub async fn function_statement(db: &Db, function: &str, args: &[(&str, &str)]) -> String {
+    let src: String = value_on(
+        &db.get().await.unwrap(),
+        &format!("SELECT prosrc FROM pg_proc WHERE oid = '{function}'::regproc"),
+        0,
+    )
+    .await;
+    let start = src
+        .find("RETURN QUERY")
+        .unwrap_or_else(|| panic!("RETURN QUERY in {function}"))
+        + "RETURN QUERY".len();
+    let end = src
+        .rfind("END")
+        .unwrap_or_else(|| panic!("END in {function}"));
+    let mut body = src[start..end].trim().trim_end_matches(';').to_string();
+    for (arg, with) in args {
+        body = body.replace(arg, with);
+    }
+    body
+}
 
 /// Forget what the session has reported so far.
 pub fn drain(notes: &mut Notes) {

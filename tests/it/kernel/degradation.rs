@@ -472,10 +472,7 @@ async fn the_degradation_check_plans_once_per_session() {
     )
     .await
     .unwrap();
-    let (c, _driver, mut notes) = pgcrew::Db::connect_dedicated(t.db.config()).await.unwrap();
-    c.batch_execute("SET log_planner_stats = on; SET client_min_messages = log")
-        .await
-        .unwrap();
+    let (c, _driver, mut notes) = crate::common::planner_session(&t.db).await;
     let probe = c
         .prepare("SELECT public.degradation_probe($1::jsonb, $2::text)")
         .await

@@ -112,10 +112,7 @@ async fn claims_are_not_planned_again_once_the_queue_changes() {
     let t = test_db().await;
     let conn = t.db.get().await.unwrap();
     let me = register_instance(&t, "w").await;
-    let (c, _driver, mut notes) = pgcrew::Db::connect_dedicated(t.db.config()).await.unwrap();
-    c.batch_execute("SET log_planner_stats = on; SET client_min_messages = log")
-        .await
-        .unwrap();
+    let (c, _driver, mut notes) = crate::common::planner_session(&t.db).await;
     for (name, sql) in CLAIMS {
         conn.batch_execute("DELETE FROM pgcrew.tasks; ANALYZE pgcrew.tasks")
             .await
@@ -212,11 +209,7 @@ async fn ack_plans(batch: i32, key_limit: bool) -> Vec<usize> {
             .await
             .unwrap();
     }
-    let (c, _driver, mut notes) = pgcrew::Db::connect_dedicated(t.db.config()).await.unwrap();
-    // Every planning of a statement of this session is reported to it as a LOG line.
-    c.batch_execute("SET log_planner_stats = on; SET client_min_messages = log")
-        .await
-        .unwrap();
+    let (c, _driver, mut notes) = crate::common::planner_session(&t.db).await;
     let ack = c
         .prepare(
             "SELECT count(*) FROM pgcrew.ack_tasks($1::bigint[], $2::uuid[], \
@@ -353,29 +346,23 @@ async fn enqueues_sent_unnamed_plan_their_statement_once() {
 #[tokio::test]
 async fn the_enqueue_function_runs_the_files_statement() {
     let t = test_db().await;
-    let src: String = crate::common::value_on(
-        &t.db.get().await.unwrap(),
-        "SELECT prosrc FROM pg_proc WHERE oid = 'pgcrew.enqueue_simple'::regproc",
-        0,
+    // Longest names first: p_run is a prefix of p_run_at.
+    let body = crate::common::function_statement(
+        &t.db,
+        "pgcrew.enqueue_simple",
+        &[
+            ("p_max_attempts", "$9"),
+            ("p_run_at", "$8"),
+            ("p_delay_us", "$7"),
+            ("p_payload", "$6"),
+            ("p_priority", "$5"),
+            ("p_tenant", "$3"),
+            ("p_queue", "$1"),
+            ("p_kind", "$2"),
+            ("p_run", "$4"),
+        ],
     )
     .await;
-    let start = src.find("RETURN QUERY").expect("RETURN QUERY") + "RETURN QUERY".len();
-    let end = src.rfind("END").expect("END");
-    let mut body = src[start..end].trim().trim_end_matches(';').to_string();
-    // Longest names first: p_run is a prefix of p_run_at.
-    for (arg, param) in [
-        ("p_max_attempts", "$9"),
-        ("p_run_at", "$8"),
-        ("p_delay_us", "$7"),
-        ("p_payload", "$6"),
-        ("p_priority", "$5"),
-        ("p_tenant", "$3"),
-        ("p_queue", "$1"),
-        ("p_kind", "$2"),
-        ("p_run", "$4"),
-    ] {
-        body = body.replace(arg, param);
-    }
     let file = include_str!("../../../sql/queries/queue/enqueue_simple.sql");
     let statement: String = file
         .lines()
@@ -426,10 +413,7 @@ async fn general_claim_plans(tenants: i32) -> Vec<usize> {
     .unwrap();
     conn.batch_execute("ANALYZE pgcrew.tasks").await.unwrap();
     register_instance(&t, "w").await;
-    let (c, _driver, mut notes) = pgcrew::Db::connect_dedicated(t.db.config()).await.unwrap();
-    c.batch_execute("SET log_planner_stats = on; SET client_min_messages = log")
-        .await
-        .unwrap();
+    let (c, _driver, mut notes) = crate::common::planner_session(&t.db).await;
     let claim = c
         .prepare(
             "SELECT count(*), count(DISTINCT tenant_id) \

@@ -373,7 +373,7 @@ async fn fast_claim_probes_stay_on_indexes_whatever_the_statistics() {
     .await
     .unwrap();
     // The statement in pgcrew.claim_fast; the function itself plans it generically (V048).
-    let claim_fast = claim_fast_statement(&conn).await;
+    let claim_fast = claim_fast_statement(&t.db).await;
     for mode in ["force_generic_plan", "force_custom_plan"] {
         conn.batch_execute(&format!(
             "SET plan_cache_mode = {mode}; \
@@ -453,7 +453,7 @@ async fn fast_claim_probes_skip_the_entries_of_claimed_tasks() {
     conn.batch_execute("BEGIN").await.unwrap();
     let explain = format!(
         "EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) {}",
-        claim_fast_statement(&conn).await
+        claim_fast_statement(&t.db).await
     );
     let plan: serde_json::Value = conn
         .query_one(&explain, &[&"default", &100i32, &me.as_str(), &token])
@@ -595,23 +595,16 @@ async fn running_index_reads(c: &tokio_postgres::Client) -> i64 {
 
 /// The statement `pgcrew.claim_fast` runs (V048), as the database holds it, with the
 /// function's arguments turned back into parameters `$1`-`$4`: what its plans are read from.
-async fn claim_fast_statement(conn: &pgcrew::db::Conn) -> String {
-    let src: String = conn
-        .query_one(
-            "SELECT prosrc FROM pg_proc WHERE oid = 'pgcrew.claim_fast'::regproc",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    let start = src
-        .find("RETURN QUERY")
-        .expect("RETURN QUERY in pgcrew.claim_fast")
-        + 12;
-    let end = src.rfind("END").expect("END in pgcrew.claim_fast");
-    let body = src[start..end].trim().trim_end_matches(';');
-    body.replace("p_queue", "$1::text")
-        .replace("p_limit", "$2::integer")
-        .replace("p_instance", "$3::text")
-        .replace("p_token", "$4::uuid")
+async fn claim_fast_statement(db: &pgcrew::Db) -> String {
+    crate::common::function_statement(
+        db,
+        "pgcrew.claim_fast",
+        &[
+            ("p_queue", "$1::text"),
+            ("p_limit", "$2::integer"),
+            ("p_instance", "$3::text"),
+            ("p_token", "$4::uuid"),
+        ],
+    )
+    .await
 }
