@@ -138,11 +138,18 @@ async fn transition_steps(
     }
     // Admission for starting runs only: a waiting run keeps its place (it is counted).
     if to == RunState::Running && current.state == RunState::Pending {
-        let row = tx
-            .query_one(sql!("runs/count_running"), typed![&current.tenant_id, &run])
-            .await?;
-        let running: i64 = row.get(0);
-        let limit: Option<i32> = row.get(1);
+        // The runs in flight are counted only under a limit (V053 does the same).
+        let limit: Option<i32> = tx
+            .query_one(sql!("runs/run_limit"), typed![&current.tenant_id, &run])
+            .await?
+            .try_get(0)?;
+        let running = match limit {
+            Some(_) => tx
+                .query_one(sql!("runs/count_running"), typed![&current.tenant_id])
+                .await?
+                .try_get::<_, i64>(0)?,
+            None => 0,
+        };
         if let Some(limit) = limit
             && running >= i64::from(limit)
         {

@@ -1,6 +1,7 @@
 //! Runs, sessions, the hash-chained ledger, leases, cancellation, artifacts, summaries, the run
 //! CLI — against a real PostgreSQL.
 
+mod admission;
 mod ledger;
 mod lifecycle;
 mod reading;
