@@ -99,6 +99,10 @@ pub(crate) struct FastRoute {
     /// Whether that is `queue/claim_fast_limited` (the queue has a rate or key limit, V035)
     /// rather than `queue/claim_fast` (cheaper, for queues without features).
     limited: bool,
+    /// Whether the last claim saw the queue drained: the plain fast statement found no work,
+    /// or claimed fewer tasks than asked (it takes every available task of the queue's only
+    /// tenant that no other claimer holds, so another claim now would find nothing).
+    drained: bool,
 }
 
 impl Default for FastRoute {
@@ -106,7 +110,22 @@ impl Default for FastRoute {
         FastRoute {
             enabled: true,
             limited: false,
+            drained: false,
         }
+    }
+}
+
+impl FastRoute {
+    /// Whether the next claim goes to the plain fast statement (`queue/claim_fast`: one tenant
+    /// with work, no limit, nothing due).
+    pub(crate) fn plain(&self) -> bool {
+        self.enabled && !self.limited
+    }
+
+    /// Whether the last claim saw its queue drained (see the field): only more work than it
+    /// saw, announced by NOTIFY, makes another claim worth sending.
+    pub(crate) fn drained(&self) -> bool {
+        self.drained
     }
 }
 
@@ -132,9 +151,11 @@ pub(crate) async fn claim_routed<E: Executor + ?Sized>(
         return Ok(Vec::new());
     }
     let single = queues.len() == 1;
+    route.drained = false;
     if let [queue] = queues
         && route.enabled
     {
+        let plain = !route.limited;
         // A fresh random token per claim, as pgcrew.claim_tasks draws one.
         let token = Uuid::new_v4();
         let fast = if route.limited {
@@ -150,12 +171,14 @@ pub(crate) async fn claim_routed<E: Executor + ?Sized>(
         // is skipped (issue #22, the wake-up herd); one row without a task, it stepped aside;
         // else the tasks it claimed.
         let Some(first) = rows.first() else {
+            route.drained = plain;
             return Ok(Vec::new());
         };
         if route.limited && !first.try_get::<_, bool>("limited")? {
             route.limited = false;
         }
         if first.try_get::<_, Option<i64>>("id")?.is_some() {
+            route.drained = plain && rows.len() < usize::try_from(limit).unwrap_or(usize::MAX);
             return in_order(&rows);
         }
     }

@@ -11,7 +11,7 @@ use tracing::{debug, error, warn};
 use super::{Shared, WorkerMetrics};
 use crate::db::{Conn, Db};
 use crate::error::Result;
-use crate::queue::claim::{Ack, ack_with};
+use crate::queue::claim::{Ack, AckOutcome, ack_with};
 
 /// Acknowledgements per statement.
 const ACK_BATCH: usize = 1000;
@@ -38,6 +38,8 @@ pub(super) async fn acker_loop(
             }
         }
         let ids: Vec<_> = batch.iter().map(|a| a.id).collect();
+        let wake = !shared.completions_free_nothing.load(Ordering::SeqCst)
+            || batch.iter().any(|a| a.outcome != AckOutcome::Complete);
         shared.with_held(|h| {
             for id in &ids {
                 if let Some(e) = h.get_mut(id) {
@@ -55,7 +57,9 @@ pub(super) async fn acker_loop(
         });
         shared.ack_backlog.fetch_sub(ids.len(), Ordering::SeqCst);
         shared.slot_freed.notify_one();
-        shared.wake.notify_one();
+        if wake {
+            shared.wake.notify_one();
+        }
     }
 }
 

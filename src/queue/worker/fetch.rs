@@ -84,6 +84,13 @@ impl WorkerPool {
                 Ok(tasks) => {
                     backoff = Duration::from_millis(50);
                     let got = tasks.len();
+                    // Out of work: nothing claimed, or the plain fast statement claimed fewer
+                    // tasks than asked, so another claim now would find none (it is not sent:
+                    // a lone task costs one claim, not two).
+                    let drained = got == 0 || (got < limit && route.drained());
+                    shared
+                        .completions_free_nothing
+                        .store(route.plain(), Ordering::SeqCst);
                     if let Some(max_lag) = tasks.iter().map(|t| t.lag).max() {
                         self.metrics
                             .lag_us
@@ -107,7 +114,7 @@ impl WorkerPool {
                         // Let the executors pick the tasks up before the next claim is sent.
                         tokio::task::yield_now().await;
                     }
-                    if got == 0 {
+                    if drained {
                         if !waiting {
                             // Out of work: ask for wake-ups, then claim once more so a task
                             // enqueued before the registration is not left to the poll.

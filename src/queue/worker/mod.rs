@@ -23,7 +23,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -247,8 +247,16 @@ struct Shared {
     ack_backlog: AtomicUsize,
     /// Signalled when an executor frees a slot, and when acknowledgements were delivered.
     slot_freed: Notify,
-    /// Signalled by notifications and acknowledgement flushes.
+    /// Signalled by acknowledgement flushes that may have made work claimable for this pool.
     wake: Notify,
+    /// Set by the fetcher while its claims go to the plain fast statement (one tenant with
+    /// work, no limit, nothing due: see [`FastRoute::plain`]): a completed task then frees
+    /// nothing it could claim, so the acker wakes it only for other outcomes (a retry or a
+    /// snooze changes when work is next due). Work that completions do make available
+    /// (dependants, keys at their bound) is announced by NOTIFY.
+    ///
+    /// [`FastRoute::plain`]: crate::queue::claim::FastRoute::plain
+    completions_free_nothing: AtomicBool,
     /// Set while stopping with a shutdown timeout: acknowledgements still failing with
     /// transient errors after this instant are given up (logged with their task ids).
     ack_deadline: Mutex<Option<tokio::time::Instant>>,

@@ -324,6 +324,95 @@ async fn an_enqueue_wakes_one_named_pool_and_its_backup_not_every_pool() {
     drop(cluster);
 }
 
+/// Issue #23: an idle pool woken for a lone task sent three claims for it: the claim that took
+/// it, another at once (though the first had claimed fewer tasks than it asked for, so the
+/// queue was drained), and a third when the task's acknowledgement was written (an
+/// acknowledgement flush woke the pool, though a completed task frees nothing a pool on the
+/// plain fast claim could take). Now it sends one; a snooze still wakes it (the task is due
+/// again). Claims counted with `pg_stat_statements` on a throwaway cluster.
+#[tokio::test]
+async fn a_lone_task_costs_an_idle_pool_one_claim() {
+    const TASKS: i64 = 10;
+    let (cluster, scratch, db) = crate::common::statements_db("lone").await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let snoozed = Arc::new(AtomicUsize::new(0));
+    let (r, f) = (runs.clone(), snoozed.clone());
+    let pool = WorkerPool::builder()
+        .queue("lone")
+        .concurrency(4)
+        .poll_interval(Duration::from_secs(60))
+        .handler("k", move |_ctx, p: serde_json::Value| {
+            r.fetch_add(1, Ordering::SeqCst);
+            let again = p["again"].as_bool() == Some(true) && f.fetch_add(1, Ordering::SeqCst) == 0;
+            async move {
+                if again {
+                    Ok(TaskOutcome::Snooze(Duration::from_millis(200)))
+                } else {
+                    Ok(TaskOutcome::Complete)
+                }
+            }
+        })
+        .build()
+        .unwrap();
+    let mut cfg = crate::common::fast_config("lone").build().unwrap();
+    cfg.leader_election = false;
+    let client = crate::common::start_client(scratch.dsn(), cfg, Some(pool)).await;
+    crate::common::wait_listening(&client, Duration::from_secs(10)).await;
+    let waiting = || async {
+        crate::common::scalar(
+            &db,
+            "SELECT count(*) FROM pgcrew.queue_waiters WHERE queue = 'lone'",
+        )
+        .await
+            == 1
+    };
+    wait_until(Duration::from_secs(10), "the pool idle", waiting).await;
+    // Past the pool's second look after it registered.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let conn = db.get().await.unwrap();
+    conn.execute("SELECT pg_stat_statements_reset()", &[])
+        .await
+        .unwrap();
+    for k in 1..=TASKS {
+        queue::enqueue(&conn, &task("k").queue("lone"))
+            .await
+            .unwrap();
+        wait_until(Duration::from_secs(10), "the task runs", || async {
+            runs.load(Ordering::SeqCst) as i64 == k
+        })
+        .await;
+        wait_for(&db, COMPLETED_TASKS)
+            .until(|c| c == k, "the task completed")
+            .await;
+        // Whatever the acknowledgement sets off has happened.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (fast, general) = crate::common::claim_statements(&db).await;
+    assert_eq!(general, 0, "{fast} fast claims");
+    assert!(
+        fast <= TASKS + 1,
+        "{fast} claims for {TASKS} lone tasks enqueued to an idle pool"
+    );
+    // A snoozed task wakes the pool when it is due again: it runs twice and completes.
+    queue::enqueue(
+        &conn,
+        &NewTask::new("k", &serde_json::json!({ "again": true }))
+            .unwrap()
+            .queue("lone"),
+    )
+    .await
+    .unwrap();
+    wait_for(&db, COMPLETED_TASKS)
+        .until(|c| c == TASKS + 1, "the snoozed task completed")
+        .await;
+    assert_eq!(runs.load(Ordering::SeqCst) as i64, TASKS + 2);
+    client.stop().await.unwrap();
+    drop(conn);
+    drop(db);
+    drop(scratch);
+    drop(cluster);
+}
+
 /// Wait (up to 10 s) until `n` pools wait on `queue`.
 async fn wait_waiters(db: &pgcrew::Db, queue: &str, n: i64) {
     let sql = format!("SELECT count(*) FROM pgcrew.queue_waiters WHERE queue = '{queue}'");
