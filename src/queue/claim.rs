@@ -90,6 +90,10 @@ pub async fn claim<E: Executor + ?Sized>(
     claim_routed(client, queues, limit, instance, &mut FastRoute::default()).await
 }
 
+/// The most tasks one fast claim takes, whatever its limit: the constant bound of its locking
+/// scan (V048), which keeps its plan generic.
+const FAST_CLAIM_BOUND: usize = 1000;
+
 /// Which one-statement claim a caller tries first for a single queue, learned from its
 /// previous claims (see [`claim_routed`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -100,8 +104,9 @@ pub(crate) struct FastRoute {
     /// rather than `queue/claim_fast` (cheaper, for queues without features).
     limited: bool,
     /// Whether the last claim saw the queue drained: the plain fast statement found no work,
-    /// or claimed fewer tasks than asked (it takes every available task of the queue's only
-    /// tenant that no other claimer holds, so another claim now would find nothing).
+    /// or claimed fewer tasks than asked and than [`FAST_CLAIM_BOUND`] (it takes every
+    /// available task of the queue's only tenant that no other claimer holds, so another claim
+    /// now would find nothing).
     drained: bool,
 }
 
@@ -178,7 +183,10 @@ pub(crate) async fn claim_routed<E: Executor + ?Sized>(
             route.limited = false;
         }
         if first.try_get::<_, Option<i64>>("id")?.is_some() {
-            route.drained = plain && rows.len() < usize::try_from(limit).unwrap_or(usize::MAX);
+            let asked = usize::try_from(limit)
+                .unwrap_or(usize::MAX)
+                .min(FAST_CLAIM_BOUND);
+            route.drained = plain && rows.len() < asked;
             return in_order(&rows);
         }
     }

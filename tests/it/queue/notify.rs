@@ -413,6 +413,52 @@ async fn a_lone_task_costs_an_idle_pool_one_claim() {
     drop(cluster);
 }
 
+/// A fast claim takes at most 1,000 tasks whatever it asks for: an idle pool asking for more,
+/// woken once for more, must not take the short claim for a drained queue and wait for its poll
+/// (a minute here) with the rest of the tasks left behind.
+#[tokio::test]
+async fn a_pool_asking_for_more_than_a_fast_claim_takes_drains_a_bulk_enqueue() {
+    const TASKS: usize = 1500;
+    let t = test_db().await;
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r = runs.clone();
+    let pool = WorkerPool::builder()
+        .queue("big")
+        .concurrency(4)
+        .prefetch(2000)
+        .max_batch(2000)
+        .poll_interval(Duration::from_secs(60))
+        .handler("k", move |_ctx, _p: serde_json::Value| {
+            r.fetch_add(1, Ordering::SeqCst);
+            async move { Ok(TaskOutcome::Complete) }
+        })
+        .build()
+        .unwrap();
+    let client = start_client(&t, "big", Some(pool), false).await;
+    wait_waiters(&t.db, "big", 1).await;
+    // Past the pool's second look after it registered.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Written in SQL, then one wake-up (a bulk enqueue's notifications may trickle in and
+    // wake the pool again by chance).
+    t.db.get()
+        .await
+        .unwrap()
+        .batch_execute(&format!(
+            "INSERT INTO pgcrew.tasks (queue, kind, payload) \
+             SELECT 'big', 'k', '{{}}' FROM generate_series(1, {TASKS}); \
+             SELECT pgcrew.wake_queues(ARRAY['big'])"
+        ))
+        .await
+        .unwrap();
+    wait_until(
+        Duration::from_secs(20),
+        "every task of the bulk enqueue runs",
+        || async { runs.load(Ordering::SeqCst) == TASKS },
+    )
+    .await;
+    client.stop().await.unwrap();
+}
+
 /// Wait (up to 10 s) until `n` pools wait on `queue`.
 async fn wait_waiters(db: &pgcrew::Db, queue: &str, n: i64) {
     let sql = format!("SELECT count(*) FROM pgcrew.queue_waiters WHERE queue = '{queue}'");
