@@ -578,15 +578,6 @@ async fn statements_since_reset(db: &pgcrew::Db) -> i64 {
     .await
 }
 
-async fn reset_statements(db: &pgcrew::Db) {
-    db.get()
-        .await
-        .unwrap()
-        .batch_execute("SELECT pg_stat_statements_reset()")
-        .await
-        .unwrap();
-}
-
 /// Issue #22: a maintenance pass with nothing to do is one statement (`pgcrew.maintenance_due`,
 /// V041); it was 13 fenced transactions of 4 statements (52). A step with work still runs in
 /// its own fenced transaction, and a deposed leader's pass runs no step. Counted with
@@ -611,7 +602,7 @@ async fn a_maintenance_pass_with_nothing_to_do_is_one_statement() {
     let steps = pgcrew::client::default_maintenance_steps();
     let run = pgcrew::coord::maintenance::run_once;
 
-    reset_statements(&db).await;
+    crate::common::reset_statements(&db).await;
     let report = run(&db, &steps, &ctx).await.unwrap();
     let idle = statements_since_reset(&db).await;
     assert_eq!(report.skipped.len(), steps.len(), "{report:?}");
@@ -619,7 +610,7 @@ async fn a_maintenance_pass_with_nothing_to_do_is_one_statement() {
 
     // A stale instance: its step runs (fenced: BEGIN, fence, delete, COMMIT), the others not.
     add_stale_instance(&db).await;
-    reset_statements(&db).await;
+    crate::common::reset_statements(&db).await;
     let report = run(&db, &steps, &ctx).await.unwrap();
     assert_eq!(report.count("stale_instances"), 1, "{report:?}");
     assert!(!report.skipped.iter().any(|s| s == "stale_instances"));

@@ -341,6 +341,16 @@ pub async fn statements_db(name: &str) -> (pgcrew::db::TempCluster, ScratchDatab
     (cluster, scratch, db)
 }
 
+/// Forget the statements `pg_stat_statements` has counted so far (every database's).
+pub async fn reset_statements(db: &Db) {
+    db.get()
+        .await
+        .unwrap()
+        .batch_execute("SELECT pg_stat_statements_reset()")
+        .await
+        .unwrap();
+}
+
 /// Claim statements since the last reset of `pg_stat_statements`: (fast claims, general
 /// claims `pgcrew.claim_tasks`).
 pub async fn claim_statements(db: &Db) -> (i64, i64) {

@@ -20,13 +20,22 @@ async fn counts_of_runs_in_flight(db: &Db) -> i64 {
     .await
 }
 
-async fn reset_statements(db: &Db) {
-    db.get()
-        .await
-        .unwrap()
-        .batch_execute("SELECT pg_stat_statements_reset()")
-        .await
-        .unwrap();
+/// Start pending run `run` through the one statement (`pgcrew.start_run_fenced`) or, with
+/// `in_a_transaction`, inside the caller's transaction (committed).
+async fn start(
+    db: &Db,
+    run: pgcrew::RunId,
+    in_a_transaction: bool,
+    policy: LimitPolicy,
+) -> pgcrew::Result<StartOutcome> {
+    if !in_a_transaction {
+        return runs::start_run(db, run, None, None, policy).await;
+    }
+    let mut conn = db.acquire().await.unwrap();
+    let tx = conn.begin().await.unwrap();
+    let outcome = runs::start_run(&tx, run, None, None, policy).await;
+    tx.commit().await.unwrap();
+    outcome
 }
 
 async fn pending_runs(db: &Db, tenant_id: &str, n: usize) -> Vec<pgcrew::RunId> {
@@ -68,17 +77,9 @@ async fn starts_count_runs_in_flight_only_under_a_limit() {
     let capped = pending_runs(&db, "capped", 5).await;
 
     // No limit: every run starts, through the one statement and in the caller's transaction.
-    reset_statements(&db).await;
+    crate::common::reset_statements(&db).await;
     for (i, id) in free.iter().enumerate() {
-        let outcome = if i % 2 == 0 {
-            runs::start_run(&db, *id, None, None, LimitPolicy::Reject).await
-        } else {
-            let mut conn = db.acquire().await.unwrap();
-            let tx = conn.begin().await.unwrap();
-            let outcome = runs::start_run(&tx, *id, None, None, LimitPolicy::Reject).await;
-            tx.commit().await.unwrap();
-            outcome
-        };
+        let outcome = start(&db, *id, i % 2 == 1, LimitPolicy::Reject).await;
         assert!(
             matches!(outcome, Ok(StartOutcome::Started(_))),
             "{outcome:?}"
@@ -91,18 +92,10 @@ async fn starts_count_runs_in_flight_only_under_a_limit() {
     );
 
     // Under a limit of 3: three start, the others stay pending, on both paths.
-    reset_statements(&db).await;
+    crate::common::reset_statements(&db).await;
     let mut started = 0;
     for (i, id) in capped.iter().enumerate() {
-        let outcome = if i % 2 == 0 {
-            runs::start_run(&db, *id, None, None, LimitPolicy::StayPending).await
-        } else {
-            let mut conn = db.acquire().await.unwrap();
-            let tx = conn.begin().await.unwrap();
-            let outcome = runs::start_run(&tx, *id, None, None, LimitPolicy::StayPending).await;
-            tx.commit().await.unwrap();
-            outcome
-        };
+        let outcome = start(&db, *id, i % 2 == 1, LimitPolicy::StayPending).await;
         match outcome.unwrap() {
             StartOutcome::Started(_) => started += 1,
             StartOutcome::LimitReached { running, limit } => {
