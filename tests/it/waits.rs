@@ -186,6 +186,75 @@ async fn a_waiting_run_holds_no_worker_lease_or_claim_and_a_signal_resumes_it_on
     assert!(runs::verify_run_chain(&t.db, run).await.unwrap().valid);
 }
 
+/// A waiting run that was cancelled kept its wait row until retention, and its parked task
+/// stayed scheduled until the wait's deadline (an hour here), when a worker would claim it only
+/// to find the run finished. Now both end with the run's change; a run failed while it waits
+/// (no task parked: the wait reached by hand) loses its wait row too.
+#[tokio::test]
+async fn a_waiting_run_that_is_cancelled_ends_its_wait_and_its_parked_task() {
+    let (t, tenant) = db_with_tenant("acme", &[], None).await;
+    let run = runs::create_run(&t.db, NewRun::new(tenant.clone()))
+        .await
+        .unwrap();
+    let task = NewTask::new("wf.run", &json!({}))
+        .unwrap()
+        .queue("wf")
+        .tenant(tenant.clone())
+        .run(run);
+    let task_id = pgcrew::queue::enqueue(&t.db, &task).await.unwrap().id;
+    let a = start_client(
+        t.dsn(),
+        fast_config("wait-cancel").build().unwrap(),
+        Some(workflow_pool(
+            &t.db,
+            "wait-cancel",
+            Arc::new(AtomicU64::new(0)),
+        )),
+    )
+    .await;
+    let parked =
+        format!("SELECT count(*) FROM pgcrew.tasks WHERE id = {task_id} AND state = 'scheduled'");
+    wait_until(
+        Duration::from_secs(20),
+        "the run waits, its task parked",
+        || async {
+            runs::get_run(&t.db, run).await.unwrap().state == RunState::Waiting
+                && scalar(&t.db, &parked).await == 1
+        },
+    )
+    .await;
+    a.stop().await.unwrap();
+    let waits = |r: RunId| format!("SELECT count(*) FROM pgcrew.run_waits WHERE run_id = '{r}'");
+    assert_eq!(scalar(&t.db, &waits(run)).await, 1);
+
+    let r = runs::cancel_run(&t.db, run, "changed my mind")
+        .await
+        .unwrap();
+    assert_eq!(r.state, RunState::Cancelled);
+    assert_eq!(scalar(&t.db, &waits(run)).await, 0, "the wait row stayed");
+    let cancelled = format!(
+        "SELECT count(*) FROM pgcrew.tasks WHERE id = {task_id} AND state = 'cancelled' \
+         AND finalized_at IS NOT NULL"
+    );
+    assert_eq!(scalar(&t.db, &cancelled).await, 1, "the parked task stayed");
+    assert!(runs::verify_run_chain(&t.db, run).await.unwrap().valid);
+
+    // Failed while it waits, with no task parked.
+    let other = started_run(&t.db, &tenant).await;
+    let k = bare_kernel(&t.db);
+    let scope = RunScope::new(other, tenant.clone());
+    let e = approval_workflow(&k, &scope, Arc::new(AtomicU64::new(0)))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Waiting { .. }), "{e}");
+    assert_eq!(scalar(&t.db, &waits(other)).await, 1);
+    let f = runs::fail_run(&t.db, other, "operator", "given up", None)
+        .await
+        .unwrap();
+    assert_eq!(f.state, RunState::Failed);
+    assert_eq!(scalar(&t.db, &waits(other)).await, 0, "the wait row stayed");
+}
+
 #[tokio::test]
 async fn a_signal_sent_before_the_wait_is_kept_and_consumed_without_parking() {
     let (t, tenant) = db_with_tenant("acme", &[], None).await;
