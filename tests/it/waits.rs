@@ -76,6 +76,19 @@ fn workflow_pool(db: &Db, owner: &str, before_runs: Arc<AtomicU64>) -> Arc<Worke
         .unwrap()
 }
 
+/// A new run of `tenant` and its task (kind `wf.run`, queue `wf`) for [`workflow_pool`].
+async fn run_with_task(db: &Db, tenant: &TenantId) -> (RunId, pgcrew::TaskId) {
+    let run = runs::create_run(db, NewRun::new(tenant.clone()))
+        .await
+        .unwrap();
+    let task = NewTask::new("wf.run", &json!({}))
+        .unwrap()
+        .queue("wf")
+        .tenant(tenant.clone())
+        .run(run);
+    (run, pgcrew::queue::enqueue(db, &task).await.unwrap().id)
+}
+
 fn event_types(evs: &[(String, Option<String>, Value)]) -> Vec<&str> {
     evs.iter().map(|(t, _, _)| t.as_str()).collect()
 }
@@ -85,15 +98,7 @@ async fn a_waiting_run_holds_no_worker_lease_or_claim_and_a_signal_resumes_it_on
 {
     let (t, tenant) = db_with_tenant("acme", &[], None).await;
     let before_runs = Arc::new(AtomicU64::new(0));
-    let run = runs::create_run(&t.db, NewRun::new(tenant.clone()))
-        .await
-        .unwrap();
-    let task = NewTask::new("wf.run", &json!({}))
-        .unwrap()
-        .queue("wf")
-        .tenant(tenant.clone())
-        .run(run);
-    let task_id = pgcrew::queue::enqueue(&t.db, &task).await.unwrap().id;
+    let (run, task_id) = run_with_task(&t.db, &tenant).await;
 
     // Instance A runs the workflow up to its wait.
     let a = start_client(
@@ -193,15 +198,7 @@ async fn a_waiting_run_holds_no_worker_lease_or_claim_and_a_signal_resumes_it_on
 #[tokio::test]
 async fn a_waiting_run_that_is_cancelled_ends_its_wait_and_its_parked_task() {
     let (t, tenant) = db_with_tenant("acme", &[], None).await;
-    let run = runs::create_run(&t.db, NewRun::new(tenant.clone()))
-        .await
-        .unwrap();
-    let task = NewTask::new("wf.run", &json!({}))
-        .unwrap()
-        .queue("wf")
-        .tenant(tenant.clone())
-        .run(run);
-    let task_id = pgcrew::queue::enqueue(&t.db, &task).await.unwrap().id;
+    let (run, task_id) = run_with_task(&t.db, &tenant).await;
     let a = start_client(
         t.dsn(),
         fast_config("wait-cancel").build().unwrap(),
