@@ -62,14 +62,15 @@ BEGIN
                      WHERE x.tenant_id = r.tenant_id AND x.state IN ('running', 'waiting')
                        AND x.parent_relation IS DISTINCT FROM 'subagent'
                      LIMIT v_limit) s;
-        END IF;
-        IF v_limit IS NOT NULL AND v_running >= v_limit THEN
-            SELECT count(*) INTO v_running FROM pgcrew.runs x
-             WHERE x.tenant_id = r.tenant_id AND x.state IN ('running', 'waiting')
-               AND x.parent_relation IS DISTINCT FROM 'subagent';
-            RAISE EXCEPTION 'tenant %: % of % concurrent runs; run % stays pending',
-                r.tenant_id, v_running, v_limit, p_run
-                USING ERRCODE = 'PC180', DETAIL = v_running || ',' || v_limit || ',' || r.tenant_id;
+            IF v_running >= v_limit THEN
+                SELECT count(*) INTO v_running FROM pgcrew.runs x
+                 WHERE x.tenant_id = r.tenant_id AND x.state IN ('running', 'waiting')
+                   AND x.parent_relation IS DISTINCT FROM 'subagent';
+                RAISE EXCEPTION 'tenant %: % of % concurrent runs; run % stays pending',
+                    r.tenant_id, v_running, v_limit, p_run
+                    USING ERRCODE = 'PC180',
+                          DETAIL = v_running || ',' || v_limit || ',' || r.tenant_id;
+            END IF;
         END IF;
     END IF;
     SELECT i.o_seq, i.o_hash INTO v_seq, v_hash

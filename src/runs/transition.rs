@@ -143,28 +143,25 @@ async fn transition_steps(
             .query_one(sql!("runs/run_limit"), typed![&current.tenant_id, &run])
             .await?
             .try_get(0)?;
-        let running = match limit {
-            Some(_) => tx
+        if let Some(limit) = limit {
+            let running: i64 = tx
                 .query_one(sql!("runs/count_running"), typed![&current.tenant_id])
                 .await?
-                .try_get::<_, i64>(0)?,
-            None => 0,
-        };
-        if let Some(limit) = limit
-            && running >= i64::from(limit)
-        {
-            return match change.limit.unwrap_or_default() {
-                LimitPolicy::StayPending => Ok(Applied::Limited {
-                    running,
-                    limit: i64::from(limit),
-                }),
-                LimitPolicy::Reject => Err(Error::LimitReached {
-                    tenant: current.tenant_id.to_string(),
-                    message: format!(
-                        "max_concurrent_runs is {limit} and {running} runs are running; run {run} stays pending"
-                    ),
-                }),
-            };
+                .try_get(0)?;
+            if running >= i64::from(limit) {
+                return match change.limit.unwrap_or_default() {
+                    LimitPolicy::StayPending => Ok(Applied::Limited {
+                        running,
+                        limit: i64::from(limit),
+                    }),
+                    LimitPolicy::Reject => Err(Error::LimitReached {
+                        tenant: current.tenant_id.to_string(),
+                        message: format!(
+                            "max_concurrent_runs is {limit} and {running} runs are running; run {run} stays pending"
+                        ),
+                    }),
+                };
+            }
         }
     }
     let mut details = change.details;

@@ -549,15 +549,7 @@ async fn a_role_without_privileges_gets_warnings_per_check_not_a_crash() {
     // it is not hidden from the doctor). Wait until only the pool's session is left.
     let sessions = "SELECT count(*) FROM pg_stat_activity WHERE usename = 'doctor_nobody'";
     let one = crate::common::eventually(Duration::from_secs(10), || async {
-        let n: i64 = db
-            .get()
-            .await
-            .unwrap()
-            .query_one(sessions, &[])
-            .await
-            .unwrap()
-            .get(0);
-        n == 1
+        crate::common::scalar(&db, sessions).await == 1
     })
     .await;
     assert!(one, "doctor_nobody's sessions other than the pool's ended");
@@ -590,18 +582,7 @@ async fn a_role_without_privileges_gets_warnings_per_check_not_a_crash() {
     // warnings only.
     drop(nobody);
     let gone = crate::common::eventually(Duration::from_secs(10), || async {
-        let n: i64 = db
-            .get()
-            .await
-            .unwrap()
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE usename = 'doctor_nobody'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        n == 0
+        crate::common::scalar(&db, sessions).await == 0
     })
     .await;
     assert!(gone, "the library's session of doctor_nobody ended");
