@@ -132,8 +132,11 @@ async fn worker_pool_retries_with_backoff_times_out_and_cancels() {
                 Ok(TaskOutcome::Complete)
             }
         })
-        .handler("panics", |_ctx, _p: serde_json::Value| async move {
-            if fastrand::u8(..) < 255 {
+        // Panics on every attempt (an attempt is never 0; the condition keeps the completion
+        // below reachable for the compiler). It once panicked with a probability of 255/256, so
+        // one run in 256 completed the task and failed the wait for its discard.
+        .handler("panics", |ctx, _p: serde_json::Value| async move {
+            if ctx.attempt > 0 {
                 panic!("handler bug");
             }
             Ok(TaskOutcome::Complete)
