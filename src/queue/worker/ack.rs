@@ -56,6 +56,7 @@ pub(super) async fn acker_loop(
             }
         });
         shared.ack_backlog.fetch_sub(ids.len(), Ordering::SeqCst);
+        shared.vacuum.acked(ids.len(), &db, &metrics);
         shared.slot_freed.notify_one();
         if wake {
             shared.wake.notify_one();

@@ -134,6 +134,16 @@ impl WorkerPoolBuilder {
         /// tasks are enqueued inside longer transactions (one claim more per idle transition).
         recheck_after(d: Duration) => recheck_after = d;
 
+        /// Whether the pool vacuums `pgcrew.tasks` while it is busy (default on): every 5,000
+        /// acknowledgements it looks whether the table has as many dead rows as its own
+        /// autovacuum threshold and was not vacuumed in the last second, and vacuums it then,
+        /// beside the acknowledgements. Claims step over the dead index entries that tasks
+        /// claimed since the last vacuum leave, and autovacuum visits a database only once a
+        /// minute by default (see `queue::worker::vacuum` in the source). Needs the role that
+        /// owns the table (else the pool says so once and stops trying). Turn it off where
+        /// vacuums are scheduled otherwise.
+        vacuum_tasks(on: bool) => vacuum_tasks = on;
+
         /// Task heartbeat interval (default 5 s; keep it well under the client's
         /// `task_heartbeat_timeout`). Cancellation requests arrive at once through
         /// `pgcrew_task_cancel_requested`; this interval is their fallback if a notification

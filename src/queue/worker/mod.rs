@@ -47,6 +47,7 @@ mod execute;
 mod fetch;
 mod saturation;
 mod trace;
+mod vacuum;
 
 pub use builder::WorkerPoolBuilder;
 pub use saturation::{DEFAULT_SATURATION_THRESHOLD, Saturation};
@@ -114,6 +115,7 @@ pub struct WorkerMetrics {
     rejected_acks: AtomicU64,
     in_flight: AtomicUsize,
     lag_us: AtomicU64,
+    vacuums: AtomicU64,
 }
 
 impl Default for WorkerMetrics {
@@ -129,6 +131,7 @@ impl Default for WorkerMetrics {
             rejected_acks: AtomicU64::new(0),
             in_flight: AtomicUsize::new(0),
             lag_us: AtomicU64::new(0),
+            vacuums: AtomicU64::new(0),
         }
     }
 }
@@ -158,6 +161,9 @@ pub struct WorkerMetricsSnapshot {
     pub throughput_per_sec: f64,
     /// Queue lag of the most recent claim: how long its oldest task waited after becoming due.
     pub queue_lag_ms: f64,
+    /// Vacuums of `pgcrew.tasks` this pool ran (see [`WorkerPoolBuilder::vacuum_tasks`]); one
+    /// that found another session vacuuming the table, and so skipped it, counts too.
+    pub vacuums: u64,
 }
 
 impl WorkerMetrics {
@@ -176,6 +182,7 @@ impl WorkerMetrics {
             in_flight: self.in_flight.load(Ordering::Relaxed),
             throughput_per_sec: executed as f64 / secs,
             queue_lag_ms: self.lag_us.load(Ordering::Relaxed) as f64 / 1000.0,
+            vacuums: self.vacuums.load(Ordering::Relaxed),
         }
     }
 }
@@ -192,6 +199,7 @@ struct Settings {
     timeout: Option<Duration>,
     shutdown_timeout: Option<Duration>,
     retry: RetryPolicy,
+    vacuum_tasks: bool,
 }
 
 impl Default for Settings {
@@ -206,6 +214,7 @@ impl Default for Settings {
             timeout: None,
             shutdown_timeout: None,
             retry: RetryPolicy::default(),
+            vacuum_tasks: true,
         }
     }
 }
@@ -265,6 +274,8 @@ struct Shared {
     /// Run leases taken with the claims of held tasks (kinds in `run_leasing`), until their
     /// executor starts them.
     run_leases: Mutex<HashMap<TaskId, crate::runs::LeasedRun>>,
+    /// The vacuum of `pgcrew.tasks` between autovacuum's visits (the `vacuum` module).
+    vacuum: Arc<vacuum::TasksVacuum>,
 }
 
 /// A held task: its handler's cancellation token, and where its acknowledgement is.
@@ -354,6 +365,7 @@ impl Service for WorkerPool {
             );
         }
         let shared = Arc::new(Shared::default());
+        shared.vacuum.enable(self.settings.vacuum_tasks);
         let (ack_tx, ack_rx) = mpsc::unbounded_channel::<Ack>();
         let (work_tx, work_rx) = mpsc::unbounded_channel::<ClaimedTask>();
         let work_rx = Arc::new(tokio::sync::Mutex::new(work_rx));

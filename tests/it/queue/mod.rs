@@ -9,6 +9,7 @@ mod notify;
 mod plans;
 mod pool;
 mod sql;
+mod vacuum;
 
 use std::sync::Arc;
 use std::time::Duration;

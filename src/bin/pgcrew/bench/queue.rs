@@ -102,6 +102,8 @@ pub(crate) struct Report {
     pub(crate) enqueue_per_sec: f64,
     process_secs: f64,
     pub(crate) processed_per_sec: f64,
+    /// Vacuums of `pgcrew.tasks` the pools ran while processing (`WorkerPoolBuilder::vacuum_tasks`).
+    vacuums: u64,
     /// CPU of the instance process (this process) per task processed, µs.
     pub(crate) instance_cpu_us_per_task: f64,
     /// CPU of the database's backends per task processed, µs (0 when the server's processes
@@ -293,8 +295,9 @@ pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> 
         let report =
             crate::bench::in_scratch(dsn.clone(), async |dsn| bench(dsn, &args).await).await?;
         eprintln!(
-            "  processed {:.0} tasks/s, raw {:.0}/s ({:.2}); wake-up p50 {:.3} ms, raw {:.3} ms; RSS idle {:.1} / load {:.1} / after {:.1} MiB",
+            "  processed {:.0} tasks/s ({} vacuums of pgcrew.tasks by the pool), raw {:.0}/s ({:.2}); wake-up p50 {:.3} ms, raw {:.3} ms; RSS idle {:.1} / load {:.1} / after {:.1} MiB",
             report.processed_per_sec,
+            report.vacuums,
             report.raw_processed_per_sec,
             report.processed_ratio,
             report.wakeup_p50_ms,
@@ -569,6 +572,10 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
         memory.sample();
     }
     let process_secs = t1.elapsed().as_secs_f64();
+    let vacuums = pools
+        .iter()
+        .map(|p| p.metrics().snapshot().vacuums)
+        .sum::<u64>();
     let rss_at_end = super::Rss::now().mib();
     let rss_at_mark = rss_at_mark.unwrap_or(0.0);
     let cpu = cpu.used(&probe).await?;
@@ -636,6 +643,7 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
         enqueue_per_sec: args.tasks as f64 / enqueue_secs,
         process_secs,
         processed_per_sec,
+        vacuums,
         instance_cpu_us_per_task: cpu.instance_secs * 1e6 / args.tasks as f64,
         server_cpu_us_per_task: cpu.server_secs * 1e6 / args.tasks as f64,
         wakeup_samples: samples.len(),
