@@ -27,6 +27,7 @@ use std::time::Duration;
 use tracing::{debug, warn};
 
 use super::WorkerMetrics;
+use crate::config::interval_micros;
 use crate::db::{Db, Executor};
 use crate::error::Result;
 
@@ -103,7 +104,7 @@ enum Looked {
 
 async fn vacuum_if_due(db: &Db) -> Result<Looked> {
     let conn = db.get().await?;
-    let gap = i64::try_from(MIN_GAP.as_micros()).unwrap_or(i64::MAX);
+    let gap = interval_micros(MIN_GAP);
     let row = conn
         .query_one(sql!("queue/vacuum_due"), typed![&gap])
         .await?;

@@ -22,17 +22,14 @@ const MANUAL_VACUUMS: &str = "SELECT pg_stat_get_vacuum_count('pgcrew.tasks'::re
 /// statistics reach other sessions within about a second), and the pool's own count.
 async fn process(n: usize, vacuum: bool) -> (i64, u64) {
     let t = test_db().await;
+    let conn = t.db.get().await.unwrap();
     // Autovacuum would only blur what the pool does (and make its SKIP_LOCKED vacuums skip).
-    t.db.get()
-        .await
-        .unwrap()
-        .batch_execute("ALTER TABLE pgcrew.tasks SET (autovacuum_enabled = false)")
+    conn.batch_execute("ALTER TABLE pgcrew.tasks SET (autovacuum_enabled = false)")
         .await
         .unwrap();
-    let conn = t.db.get().await.unwrap();
-    for chunk in (0..n).collect::<Vec<_>>().chunks(5_000) {
-        let tasks: Vec<_> = chunk.iter().map(|_| task("noop")).collect();
-        queue::enqueue_many(&conn, &tasks).await.unwrap();
+    let tasks: Vec<_> = (0..n).map(|_| task("noop")).collect();
+    for chunk in tasks.chunks(5_000) {
+        queue::enqueue_many(&conn, chunk).await.unwrap();
     }
     let pool = WorkerPool::builder()
         .concurrency(8)
