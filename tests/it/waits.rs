@@ -37,6 +37,18 @@ async fn approval_workflow(
     .await
 }
 
+/// Run the test workflow of `run` with a kernel of its own until it parks at its wait (it must
+/// end with `Waiting`); the kernel and scope, to resume it later.
+async fn park(db: &Db, run: RunId, tenant: &TenantId) -> (Kernel, RunScope) {
+    let k = bare_kernel(db);
+    let scope = RunScope::new(run, tenant.clone());
+    let e = approval_workflow(&k, &scope, Arc::new(AtomicU64::new(0)))
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Waiting { .. }), "{e}");
+    (k, scope)
+}
+
 /// A worker pool on queue `wf` whose `wf.run` tasks drive the test workflow of their run under
 /// the run's lease, completing the run with the workflow's output.
 fn workflow_pool(db: &Db, owner: &str, before_runs: Arc<AtomicU64>) -> Arc<WorkerPool> {
@@ -238,12 +250,7 @@ async fn a_waiting_run_that_is_cancelled_ends_its_wait_and_its_parked_task() {
 
     // Failed while it waits, with no task parked.
     let other = started_run(&t.db, &tenant).await;
-    let k = bare_kernel(&t.db);
-    let scope = RunScope::new(other, tenant.clone());
-    let e = approval_workflow(&k, &scope, Arc::new(AtomicU64::new(0)))
-        .await
-        .unwrap_err();
-    assert!(matches!(e, Error::Waiting { .. }), "{e}");
+    park(&t.db, other, &tenant).await;
     assert_eq!(scalar(&t.db, &waits(other)).await, 1);
     let f = runs::fail_run(&t.db, other, "operator", "given up", None)
         .await
@@ -379,12 +386,7 @@ async fn bad_signals_are_refused_with_clear_errors_and_sqlstates() {
     let e = runs::signal_run(&t.db, run, "", None).await.unwrap_err();
     assert!(matches!(e, Error::InvalidInput { .. }), "{e}");
     // A run waiting for another signal.
-    let k = bare_kernel(&t.db);
-    let scope = RunScope::new(run, tenant.clone());
-    let e = approval_workflow(&k, &scope, Arc::new(AtomicU64::new(0)))
-        .await
-        .unwrap_err();
-    assert!(matches!(e, Error::Waiting { .. }), "{e}");
+    park(&t.db, run, &tenant).await;
     let e = runs::signal_run(&t.db, run, "stop", None)
         .await
         .unwrap_err();
@@ -426,12 +428,7 @@ async fn bad_signals_are_refused_with_clear_errors_and_sqlstates() {
 async fn cli_sends_signals_and_refuses_bad_ones() {
     let (t, tenant) = db_with_tenant("acme", &[], None).await;
     let run = started_run(&t.db, &tenant).await;
-    let k = bare_kernel(&t.db);
-    let scope = RunScope::new(run, tenant.clone());
-    assert!(matches!(
-        approval_workflow(&k, &scope, Arc::new(AtomicU64::new(0))).await,
-        Err(Error::Waiting { .. })
-    ));
+    let (k, scope) = park(&t.db, run, &tenant).await;
     let run_s = run.to_string();
     let bad = cli(
         t.dsn(),
@@ -481,12 +478,7 @@ async fn a_waiting_run_keeps_its_place_under_the_tenants_run_limit_and_resumes_w
     drop(conn);
     let tenant = TenantId::new("solo").unwrap();
     let first = started_run(&t.db, &tenant).await;
-    let k = bare_kernel(&t.db);
-    let scope = RunScope::new(first, tenant.clone());
-    assert!(matches!(
-        approval_workflow(&k, &scope, Arc::new(AtomicU64::new(0))).await,
-        Err(Error::Waiting { .. })
-    ));
+    let (k, scope) = park(&t.db, first, &tenant).await;
     // The waiting run still counts: a second run of the tenant stays pending.
     let second = runs::create_run(&t.db, NewRun::new(tenant.clone()))
         .await
