@@ -103,6 +103,8 @@ pub const DUPLICATE_PREPARED_STATEMENT: &str = "42P05";
 pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
 /// 55P03 lock_not_available.
 pub const LOCK_NOT_AVAILABLE: &str = "55P03";
+/// 57014 query_canceled (`statement_timeout`, or `pg_cancel_backend`).
+pub const QUERY_CANCELED: &str = "57014";
 /// 57P01 admin_shutdown.
 pub const ADMIN_SHUTDOWN: &str = "57P01";
 /// 57P02 crash_shutdown.

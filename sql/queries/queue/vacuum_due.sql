@@ -5,13 +5,15 @@
 -- (its `autovacuum_vacuum_threshold` + `autovacuum_vacuum_scale_factor` x its rows, the table's
 -- settings or else the server's: V003 sets 1,000 + 1 %), and no vacuum of it, by hand or by
 -- autovacuum, finished in the last $1 microseconds.
+-- Also the session's statement_timeout, for the pool's warning when it cancels the vacuum.
 -- $1 the least gap between two vacuums, microseconds.
 SELECT coalesce(pg_stat_get_dead_tuples(c.oid)
                     >= s.threshold + s.scale_factor * greatest(c.reltuples, 0), false)
        AND coalesce(greatest(pg_stat_get_last_vacuum_time(c.oid),
                              pg_stat_get_last_autovacuum_time(c.oid))
                         < now() - $1::int8 * interval '1 microsecond', true) AS due,
-       pg_has_role(c.relowner, 'USAGE') AS owner
+       pg_has_role(c.relowner, 'USAGE') AS owner,
+       current_setting('statement_timeout') AS statement_timeout
   FROM pg_class c
  CROSS JOIN LATERAL (
        SELECT coalesce(max(o.option_value) FILTER (

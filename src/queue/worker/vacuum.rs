@@ -30,6 +30,7 @@ use super::WorkerMetrics;
 use crate::config::interval_micros;
 use crate::db::{Db, Executor};
 use crate::error::Result;
+use crate::sqlstate;
 
 /// Acknowledgements between two looks at whether the table is due for a vacuum.
 pub(super) const CHECK_EVERY: u64 = 5_000;
@@ -84,6 +85,17 @@ impl TasksVacuum {
                         "worker pool: this role does not own pgcrew.tasks, so the pool cannot vacuum it between autovacuum's visits; claims get slower as dead index entries pile up in a busy queue (lower autovacuum_naptime, or run the pool as the role that ran the migrations)"
                     );
                 }
+                Ok(Looked::Cancelled {
+                    after,
+                    statement_timeout,
+                }) => {
+                    this.on.store(false, Ordering::SeqCst);
+                    warn!(
+                        after = ?after,
+                        statement_timeout = %statement_timeout,
+                        "worker pool: its VACUUM of pgcrew.tasks was cancelled (statement_timeout here: {statement_timeout}), so it stops vacuuming the table until it is started again, and claims get slower as dead index entries pile up between autovacuum's visits; raise or turn off statement_timeout for the role pgcrew connects as (ALTER ROLE ... SET statement_timeout), or turn the pool's vacuum off (WorkerPoolBuilder::vacuum_tasks(false)) and lower autovacuum_naptime"
+                    );
+                }
                 Err(e) => debug!(error = %e, "worker pool: vacuum of pgcrew.tasks failed"),
             }
             this.busy.store(false, Ordering::Release);
@@ -92,7 +104,7 @@ impl TasksVacuum {
 }
 
 /// What a look at the table found (and did).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Looked {
     /// Due, and vacuumed (or skipped at once: another session was vacuuming it).
     Vacuumed,
@@ -100,6 +112,14 @@ enum Looked {
     NotDue,
     /// This role may not vacuum the table.
     NotOwner,
+    /// The vacuum was cancelled (SQLSTATE 57014) after `after`, under this session's
+    /// `statement_timeout` (`0` when there is none: an operator cancelled it).
+    Cancelled {
+        /// How long it ran.
+        after: Duration,
+        /// The session's `statement_timeout`, as `SHOW` gives it.
+        statement_timeout: String,
+    },
 }
 
 async fn vacuum_if_due(db: &Db) -> Result<Looked> {
@@ -116,7 +136,15 @@ async fn vacuum_if_due(db: &Db) -> Result<Looked> {
     }
     let started = std::time::Instant::now();
     // VACUUM cannot run in a transaction block or as a prepared statement: a simple query.
-    conn.batch_execute(sql!("queue/vacuum_tasks")).await?;
-    debug!(elapsed = ?started.elapsed(), "worker pool: vacuumed pgcrew.tasks");
-    Ok(Looked::Vacuumed)
+    match conn.batch_execute(sql!("queue/vacuum_tasks")).await {
+        Ok(()) => {
+            debug!(elapsed = ?started.elapsed(), "worker pool: vacuumed pgcrew.tasks");
+            Ok(Looked::Vacuumed)
+        }
+        Err(e) if sqlstate::of(&e) == Some(sqlstate::QUERY_CANCELED) => Ok(Looked::Cancelled {
+            after: started.elapsed(),
+            statement_timeout: row.try_get("statement_timeout")?,
+        }),
+        Err(e) => Err(e.into()),
+    }
 }

@@ -2,12 +2,14 @@
 //! index entries of the tasks claimed since the table's last vacuum, and autovacuum visits a
 //! database once a minute by default.
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::time::Duration;
 
 use pgcrew::queue::{self, TaskOutcome, WorkerPool};
 
 use super::start_client;
-use crate::common::{COMPLETED_TASKS, scalar, task, test_db, wait_for, wait_until};
+use crate::common::{COMPLETED_TASKS, TestDb, scalar, task, test_db, wait_for, wait_until};
 
 /// The pool's look at the table (`due`, `owner`), with the least gap between vacuums (µs).
 const LOOK: &str = include_str!("../../../sql/queries/queue/vacuum_due.sql");
@@ -25,9 +27,28 @@ const MANUAL_VACUUMS: &str = "SELECT pg_stat_get_vacuum_count('pgcrew.tasks'::re
 /// last wave, and the pool's own count.
 async fn process(waves: usize, vacuum: bool) -> (i64, u64) {
     let t = test_db().await;
+    let (client, pool) = start_pool(&t, vacuum).await;
     let conn = t.db.get().await.unwrap();
-    // Autovacuum would only blur what the pool does (and make its SKIP_LOCKED vacuums skip).
-    conn.batch_execute("ALTER TABLE pgcrew.tasks SET (autovacuum_enabled = false)")
+    for i in 1..=waves {
+        wave(&t, &conn, i).await;
+        if vacuum && pool.metrics().snapshot().vacuums > 0 {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let vacuums = scalar(&t.db, MANUAL_VACUUMS).await;
+    client.stop().await.unwrap();
+    (vacuums, pool.metrics().snapshot().vacuums)
+}
+
+/// A client whose pool runs no-op tasks and vacuums the table or not (`vacuum`), on `t` with
+/// autovacuum off on `pgcrew.tasks` (it would only blur what the pool does, and make its
+/// SKIP_LOCKED vacuums skip).
+async fn start_pool(t: &TestDb, vacuum: bool) -> (pgcrew::Client, Arc<WorkerPool>) {
+    t.db.get()
+        .await
+        .unwrap()
+        .batch_execute("ALTER TABLE pgcrew.tasks SET (autovacuum_enabled = false)")
         .await
         .unwrap();
     let pool = WorkerPool::builder()
@@ -39,25 +60,21 @@ async fn process(waves: usize, vacuum: bool) -> (i64, u64) {
         })
         .build()
         .unwrap();
-    let client = start_client(&t, "vacuum", Some(pool.clone()), false).await;
+    let client = start_client(t, "vacuum", Some(pool.clone()), false).await;
+    (client, pool)
+}
+
+/// Enqueue wave `i` (5,000 no-op tasks) on `conn` and wait until all of them completed.
+async fn wave(t: &TestDb, conn: &tokio_postgres::Client, i: usize) {
     let wave: Vec<_> = (0..5_000).map(|_| task("noop")).collect();
-    for i in 1..=waves {
-        queue::enqueue_many(&conn, &wave).await.unwrap();
-        wait_for(&t.db, COMPLETED_TASKS)
-            .within(Duration::from_secs(120))
-            .until(
-                |c| c == 5_000 * i as i64,
-                "every task of the wave completes",
-            )
-            .await;
-        if vacuum && pool.metrics().snapshot().vacuums > 0 {
-            break;
-        }
-    }
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let vacuums = scalar(&t.db, MANUAL_VACUUMS).await;
-    client.stop().await.unwrap();
-    (vacuums, pool.metrics().snapshot().vacuums)
+    queue::enqueue_many(conn, &wave).await.unwrap();
+    wait_for(&t.db, COMPLETED_TASKS)
+        .within(Duration::from_secs(120))
+        .until(
+            |c| c == 5_000 * i as i64,
+            "every task of the wave completes",
+        )
+        .await;
 }
 
 #[tokio::test]
@@ -135,5 +152,98 @@ async fn the_vacuum_look_counts_dead_rows_waits_its_gap_and_knows_the_owner() {
     assert!(
         !owner,
         "a role that does not own pgcrew.tasks may not vacuum it"
+    );
+}
+
+/// The start times of the pool's VACUUMs of `pgcrew.tasks` seen running so far.
+type Attempts = Arc<std::sync::Mutex<HashSet<String>>>;
+
+/// Watch `pg_stat_activity` every 20 ms on a connection of its own and note each VACUUM of the
+/// pool's (by its start time) until the returned task is aborted.
+async fn watch_vacuums(t: &TestDb) -> (Attempts, tokio::task::JoinHandle<()>) {
+    let seen: Attempts = Arc::default();
+    let conn = t.db.get().await.unwrap();
+    let noted = seen.clone();
+    let watcher = tokio::spawn(async move {
+        loop {
+            let rows = conn
+                .query(
+                    "SELECT query_start::text FROM pg_stat_activity \
+                      WHERE datname = current_database() AND pid <> pg_backend_pid() \
+                        AND query LIKE '%VACUUM (SKIP_LOCKED, INDEX_CLEANUP ON%' \
+                        AND state = 'active'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            noted
+                .lock()
+                .unwrap()
+                .extend(rows.iter().map(|r| r.get::<_, String>(0)));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    (seen, watcher)
+}
+
+/// A role (or database) `statement_timeout` shorter than the pool's vacuum: the vacuum is
+/// cancelled, and before the fix every later look (each 5,000 acknowledgements) started it
+/// again, to be cancelled again, for as long as the pool ran: the table's dead rows only grow,
+/// so it stays due. Now the pool warns once and stops vacuuming for the run.
+#[tokio::test]
+async fn a_vacuum_cancelled_by_statement_timeout_is_not_started_again() {
+    let t = test_db().await;
+    // New sessions of this database (the pool's) time out after 1 s, and their VACUUMs sleep
+    // 50 ms per 200 cost units (a dirtied page costs 20): a vacuum of the first waves' dead
+    // rows takes seconds.
+    t.db.get()
+        .await
+        .unwrap()
+        .batch_execute(
+            "DO $$ BEGIN
+               EXECUTE format('ALTER DATABASE %I SET statement_timeout = %L',
+                              current_database(), '1s');
+               EXECUTE format('ALTER DATABASE %I SET vacuum_cost_delay = %L',
+                              current_database(), '50ms');
+             END $$",
+        )
+        .await
+        .unwrap();
+    let conn = t.db.get().await.unwrap();
+    conn.batch_execute("SET statement_timeout = 0")
+        .await
+        .unwrap();
+    let (seen, watcher) = watch_vacuums(&t).await;
+    let (client, pool) = start_pool(&t, true).await;
+    let mut i = 0;
+    while seen.lock().unwrap().is_empty() && i < 16 {
+        i += 1;
+        wave(&t, &conn, i).await;
+    }
+    assert!(
+        !seen.lock().unwrap().is_empty(),
+        "{i} waves of 5,000 tasks and the pool never started a vacuum"
+    );
+    // Each of these waves is a look at a table that is still due (nothing removed its dead
+    // rows), taken after the previous vacuum was cancelled (1 s).
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        i += 1;
+        wave(&t, &conn, i).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    watcher.abort();
+    client.stop().await.unwrap();
+    let attempts = seen.lock().unwrap().len();
+    assert_eq!(
+        attempts, 1,
+        "the pool started its vacuum {attempts} times; each was cancelled by the 1 s \
+         statement_timeout"
+    );
+    assert_eq!(pool.metrics().snapshot().vacuums, 0, "no vacuum completed");
+    assert_eq!(
+        scalar(&t.db, MANUAL_VACUUMS).await,
+        0,
+        "no vacuum of the table completed"
     );
 }
