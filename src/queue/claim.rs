@@ -361,9 +361,17 @@ pub struct HeartbeatReport {
     pub alive: Vec<TaskId>,
     /// Of those, the ones whose cancellation was requested.
     pub cancel_requested: Vec<TaskId>,
+    /// Of `alive`, the ones another transaction held locked (an acknowledgement in flight, a
+    /// transaction enqueuing a dependant, a cancellation request): the heartbeat does not wait
+    /// for them, so they keep their previous `heartbeat_at` until the next heartbeat. They are
+    /// reported as the statement's snapshot saw them, still claimed by this instance.
+    pub busy: Vec<TaskId>,
 }
 
-/// Refresh the heartbeat of every task `instance` is running, in one statement.
+/// Refresh the heartbeat of every task `instance` is running, in one statement that never
+/// waits for a row lock: a task another transaction holds locked is reported
+/// [`busy`](HeartbeatReport::busy) instead of waited for (waiting could deadlock, 40P01, with a
+/// transaction that locks two of the tasks in the other order).
 #[instrument(skip(client, ids), fields(n = ids.len()), err)]
 pub async fn heartbeat<E: Executor + ?Sized>(
     client: &E,
@@ -376,10 +384,13 @@ pub async fn heartbeat<E: Executor + ?Sized>(
         .await?;
     let mut rep = HeartbeatReport::default();
     for r in &rows {
-        let id = TaskId(r.get("id"));
+        let id = TaskId(r.try_get("id")?);
         rep.alive.push(id);
-        if r.get::<_, bool>("cancel_requested") {
+        if r.try_get::<_, bool>("cancel_requested")? {
             rep.cancel_requested.push(id);
+        }
+        if r.try_get::<_, bool>("busy")? {
+            rep.busy.push(id);
         }
     }
     Ok(rep)

@@ -555,6 +555,76 @@ async fn heartbeat_reads_only_the_held_tasks() {
     );
 }
 
+/// A heartbeat never waits for a held task another transaction has locked (40P01 seen in CI
+/// logs): it skipped nothing and waited, in id order, so a transaction that enqueues dependants
+/// of two held tasks, the higher id first, deadlocked with it. Now the locked task is reported
+/// busy (still alive), the other one is heartbeated, and the transaction goes through.
+#[tokio::test]
+async fn a_heartbeat_does_not_wait_for_a_held_task_another_transaction_locked() {
+    let (t, me, conn) = db_with_instance_conn("w1").await;
+    enqueued(&conn, &task("k").queue("q")).await;
+    enqueued(&conn, &task("k").queue("q")).await;
+    let mut claimed = queue::claim(&conn, &q("q"), 2, &me).await.unwrap();
+    claimed.sort_by_key(|c| c.id);
+    let (low, high) = (claimed[0].id, claimed[1].id);
+
+    // A transaction enqueues a dependant of the higher task first: it holds that task's row.
+    let mut dependants = t.db.get().await.unwrap();
+    let tx = dependants.transaction().await.unwrap();
+    enqueued(&*tx, &task("child").queue("children").depends_on([high])).await;
+
+    // The heartbeat of both, beside it.
+    let beat = {
+        let (db, me) = (t.db.clone(), me.clone());
+        tokio::spawn(async move {
+            let c = db.get().await.unwrap();
+            queue::heartbeat(&c, &me, &[low, high]).await
+        })
+    };
+    // Until the heartbeat has answered or waits for a lock.
+    for _ in 0..500 {
+        let waiting = scalar(
+            &t,
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'",
+        )
+        .await;
+        if beat.is_finished() || waiting > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Then the transaction enqueues a dependant of the lower task, and commits.
+    let second = queue::enqueue(&*tx, &task("child").queue("children").depends_on([low])).await;
+    let committed = match second {
+        Ok(_) => tx.commit().await.map_err(Error::from),
+        Err(e) => Err(e),
+    };
+    let rep = beat.await.unwrap();
+    assert!(
+        committed.is_ok(),
+        "the enqueuing transaction failed: {committed:?}"
+    );
+    let rep = rep.expect("the heartbeat failed");
+    let mut alive = rep.alive.clone();
+    alive.sort();
+    assert_eq!(alive, vec![low, high], "both tasks are still held");
+    assert_eq!(rep.busy, vec![high], "the locked task is reported busy");
+    assert!(rep.cancel_requested.is_empty());
+    assert_eq!(
+        scalar(
+            &t,
+            "SELECT count(*) FROM pgcrew.tasks WHERE queue = 'children' AND state = 'scheduled'"
+        )
+        .await,
+        2
+    );
+    // Unlocked, the next heartbeat writes both.
+    let rep = queue::heartbeat(&conn, &me, &[low, high]).await.unwrap();
+    assert_eq!(rep.alive.len(), 2);
+    assert!(rep.busy.is_empty());
+}
+
 /// 2,000 tasks of queue `q`, the first 400 running on instance `by`.
 async fn seed_running(c: &tokio_postgres::Client, by: &str) {
     c.execute(
