@@ -133,6 +133,29 @@ async fn cli_bench_queue_reports_every_figure_and_cleans_up() {
     }
 }
 
+/// `pgcrew bench queue --retained N --pool-vacuum false` writes the N finished tasks before the
+/// round, runs with the pools' vacuum off, says both in its report, and drops its database.
+#[tokio::test]
+async fn cli_bench_queue_with_retained_tasks_and_no_pool_vacuum() {
+    let (t, v, stderr) = run_bench(
+        "queue --tasks 200 --batch 100 --wakeups 3 --wakeup-gap 1ms --rounds 1 --retained 700 --pool-vacuum false",
+    )
+    .await;
+    assert_eq!(v["retained"], 700, "{v}");
+    assert_eq!(v["pool_vacuum"], false, "{v}");
+    let round = &v["per_round"][0];
+    assert_eq!(round["retained"], 700, "{round}");
+    assert_eq!(round["pool_vacuum"], false, "{round}");
+    assert_eq!(round["vacuums"], 0, "{round}");
+    let x = round["processed_per_sec"].as_f64().unwrap_or(f64::NAN);
+    assert!(x.is_finite() && x > 0.0, "{round}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("benchmark database: "))
+        .unwrap_or_else(|| panic!("{stderr}"));
+    assert_bench_database_dropped(&t, line).await;
+}
+
 /// `pgcrew bench scale` runs end to end in its own scratch database (small sizes): the table
 /// grows phase by phase as asked, every claim is measured, the late tenant's single task is
 /// claimed within one claim cycle, and the database is dropped afterwards.

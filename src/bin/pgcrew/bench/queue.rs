@@ -63,6 +63,15 @@ pub struct QueueBenchArgs {
     /// `i`) on the bench queue: limits above the processing rate, to measure their cost.
     #[arg(long)]
     pub with_limits: bool,
+    /// Finished tasks already in `pgcrew.tasks` before the run (completed, in another queue):
+    /// the table a deployment that keeps its finished tasks for a while works on. The raw
+    /// claim+complete loop's table is not filled.
+    #[arg(long, default_value_t = 0)]
+    pub retained: u64,
+    /// Whether the worker pools vacuum `pgcrew.tasks` between autovacuum's visits
+    /// (`WorkerPoolBuilder::vacuum_tasks`).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub pool_vacuum: bool,
     /// Print JSON.
     #[arg(long)]
     pub json: bool,
@@ -84,6 +93,8 @@ impl Default for QueueBenchArgs {
             wakeup_gap: Duration::from_millis(5),
             max_connections: None,
             with_limits: false,
+            retained: 0,
+            pool_vacuum: true,
             json: false,
         }
     }
@@ -104,6 +115,10 @@ pub(crate) struct Report {
     pub(crate) processed_per_sec: f64,
     /// Vacuums of `pgcrew.tasks` the pools ran while processing (`WorkerPoolBuilder::vacuum_tasks`).
     vacuums: u64,
+    /// Finished tasks written into the table before the run (`--retained`).
+    retained: u64,
+    /// Whether the pools vacuumed the table (`--pool-vacuum`).
+    pool_vacuum: bool,
     /// CPU of the instance process (this process) per task processed, µs.
     pub(crate) instance_cpu_us_per_task: f64,
     /// CPU of the database's backends per task processed, µs (0 when the server's processes
@@ -173,6 +188,10 @@ struct Summary {
     connections_per_instance: usize,
     raw_connections: usize,
     raw_batch: usize,
+    /// Finished tasks in the table before each round (`--retained`).
+    retained: u64,
+    /// Whether the pools vacuumed the table (`--pool-vacuum`).
+    pool_vacuum: bool,
     /// Number of rounds.
     rounds: usize,
     enqueue_per_sec: f64,
@@ -229,6 +248,8 @@ impl Summary {
             connections_per_instance: rounds.first().map_or(0, |r| r.connections_per_instance),
             raw_connections,
             raw_batch,
+            retained: args.retained,
+            pool_vacuum: args.pool_vacuum,
             rounds: rounds.len(),
             enqueue_per_sec: m(|r| r.enqueue_per_sec),
             processed_per_sec: m(|r| r.processed_per_sec),
@@ -317,7 +338,7 @@ pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> 
     let summary = Summary::new(&args, rounds);
     super::print_report(args.json, &summary, |s| {
         println!(
-            "pgcrew bench queue: {} no-op tasks, concurrency {} x {} instance(s), prefetch {}, {} connections per instance{}; medians of {} round(s) (spread = (max - min) / median)",
+            "pgcrew bench queue: {} no-op tasks, concurrency {} x {} instance(s), prefetch {}, {} connections per instance{}{}{}; medians of {} round(s) (spread = (max - min) / median)",
             s.tasks,
             s.concurrency,
             s.instances,
@@ -327,6 +348,16 @@ pub async fn run(dsn: Option<String>, args: QueueBenchArgs) -> Result<ExitCode> 
                 ", rate limit 1e7/s + key limit 1000 per i"
             } else {
                 ""
+            },
+            if args.retained > 0 {
+                format!(", {} finished tasks retained", args.retained)
+            } else {
+                String::new()
+            },
+            if args.pool_vacuum {
+                ""
+            } else {
+                ", pool vacuum off"
             },
             s.rounds
         );
@@ -470,6 +501,22 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
         queue::set_key_limit(&db, "default", "i", 1000).await?;
     }
 
+    let mut retained = 0;
+    if args.retained > 0 {
+        eprintln!(
+            "[0/5] {} finished tasks already in the table ...",
+            args.retained
+        );
+        let conn = db.get().await?;
+        let n = i64::try_from(args.retained)
+            .map_err(|_| Error::Config("--retained: too many tasks".into()))?;
+        retained = conn
+            .execute(pgcrew::sql!("bench/queue_retained"), &[&n])
+            .await?;
+        conn.batch_execute(pgcrew::sql!("bench/queue_vacuum"))
+            .await?;
+    }
+
     // 1. Bulk enqueue: whole batches from `producers` connections at once.
     eprintln!("[1/5] bulk enqueue of {} tasks ...", args.tasks);
     // Each producer builds its batches as it sends them (batch k of every `producers`), so the
@@ -511,6 +558,7 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
             .concurrency(args.concurrency)
             .prefetch(args.prefetch)
             .poll_interval(Duration::from_secs(1))
+            .vacuum_tasks(args.pool_vacuum)
             .handler("noop", |_ctx, _p: serde_json::Value| async move {
                 Ok(TaskOutcome::Complete)
             })
@@ -644,6 +692,8 @@ pub(crate) async fn bench_on(target: Target<'_>, args: &QueueBenchArgs) -> Resul
         process_secs,
         processed_per_sec,
         vacuums,
+        retained,
+        pool_vacuum: args.pool_vacuum,
         instance_cpu_us_per_task: cpu.instance_secs * 1e6 / args.tasks as f64,
         server_cpu_us_per_task: cpu.server_secs * 1e6 / args.tasks as f64,
         wakeup_samples: samples.len(),
